@@ -10,6 +10,8 @@ mod decode;
 mod encode;
 mod error;
 mod packet;
+mod props;
+mod wire;
 
 pub use decode::{decode, frame_len};
 pub use encode::{encode, encoded_len};
