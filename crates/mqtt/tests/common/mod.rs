@@ -1,6 +1,7 @@
 //! Shared by the integration tests: the table of hand-encoded vectors and small helpers.
 #![allow(dead_code)]
 
+pub mod strategies;
 pub mod vectors;
 
 use beckon_mqtt::{DecodeError, Packet, ProtocolVersion, decode};
@@ -9,7 +10,10 @@ use bytes::BytesMut;
 /// Parses "10 0c 00 04" style hex (spaces and newlines ignored).
 pub fn hex(s: &str) -> Vec<u8> {
     let digits: Vec<u8> = s.bytes().filter(|b| b.is_ascii_hexdigit()).collect();
-    assert!(digits.len() % 2 == 0, "odd number of hex digits in {s:?}");
+    assert!(
+        digits.len().is_multiple_of(2),
+        "odd number of hex digits in {s:?}"
+    );
     digits
         .chunks(2)
         .map(|pair| {
