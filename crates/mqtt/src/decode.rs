@@ -131,6 +131,11 @@ pub fn decode(
         15 => {
             let (code, properties) = reason_and_properties(&mut r, v5, props::AUTH)?;
             r.finish("AUTH longer than its fields")?;
+            if code != ReasonCode::SUCCESS && properties.authentication_method.is_none() {
+                return Err(DecodeError::Protocol(
+                    "AUTH continuing or restarting authentication without an authentication method (section 3.15.2.2.2)",
+                ));
+            }
             Packet::Auth(Auth { code, properties })
         }
         // check_first_byte rejected type 0; a nibble cannot exceed 15.

@@ -374,8 +374,13 @@ pub fn packet(version: ProtocolVersion) -> BoxedStrategy<Packet> {
         disconnect.boxed(),
     ];
     if v5 {
-        let auth = (reason(true), props(true, AUTH))
-            .prop_map(|(code, properties)| Packet::Auth(Auth { code, properties }));
+        let auth = (reason(true), props(true, AUTH)).prop_map(|(code, mut properties)| {
+            // Continue and re-authenticate name their method (section 3.15.2.2.2).
+            if code != ReasonCode::SUCCESS && properties.authentication_method.is_none() {
+                properties.authentication_method = Some("SCRAM-SHA-1".into());
+            }
+            Packet::Auth(Auth { code, properties })
+        });
         choices.push(auth.boxed());
     }
     proptest::strategy::Union::new(choices).boxed()

@@ -971,6 +971,12 @@ pub fn all() -> Vec<Vector> {
         MALFORMED,
     ));
     v.push(err(
+        "AUTH continue without an authentication method (section 3.15.2.2.2)",
+        V5,
+        "f0 01 18",
+        PROTOCOL,
+    ));
+    v.push(err(
         "AUTH with data but no method (section 3.15.2.2.3)",
         V5,
         "f0 06 18 04 16 00 01 ff",
