@@ -1,1 +1,54 @@
-//! beckon-net
+//! beckon-net: the client side of Beckon's wire.
+//!
+//! Every program that connects to a broker (the agent, the doctor, the bench, the console's own
+//! broker connection) builds its connection from the same parts, so that what the doctor tests
+//! is exactly what the agent does:
+//!
+//! - [`tcp`]: name resolution (reported on its own, so "the name does not resolve" is a
+//!   separate finding) and TCP connect with timeouts and an optional local source address;
+//! - [`proxy`]: HTTP `CONNECT` through a proxy, without authentication;
+//! - [`tls`]: the TLS client (rustls with aws-lc-rs), ALPN, certificate checks with plain-words
+//!   errors, and what was negotiated;
+//! - [`ws`]: MQTT over WebSocket as a plain byte stream;
+//! - [`path`]: the ways to reach a broker (transport x route) and their presence labels;
+//! - [`ladder`]: the connection ladder that tries those paths in the agreed order;
+//! - [`backoff`]: exponential reconnect backoff with full jitter.
+//!
+//! All waits are bounded by explicit timeouts; all errors say what failed, where, and the
+//! likely fix.
+
+#![forbid(unsafe_code)]
+
+pub mod backoff;
+pub mod ladder;
+pub mod path;
+pub mod proxy;
+pub mod stream;
+pub mod tcp;
+pub mod time;
+pub mod tls;
+pub mod ws;
+
+pub use backoff::{Backoff, BackoffConfig, InvalidBackoff};
+pub use ladder::{
+    Connected, ConnectionLadder, LadderConfig, LadderError, PathError, RungError, RungFailure,
+    Stage, Timeouts, Timings, connect_path,
+};
+pub use path::{Path, PathParseError, Route, Transport};
+pub use proxy::{PrefixedStream, ProxyError, ProxyUrl, ProxyUrlError, http_connect};
+pub use stream::{BoxedStream, ByteStream};
+pub use tcp::{ResolveError, TcpError, TcpOptions, connect_addrs, resolve};
+pub use tls::{
+    ClientIdentity, PeerCertificate, TlsClient, TlsConfigError, TlsError, TlsSessionInfo,
+    TlsSettings, TlsVersion, TrustAnchors,
+};
+pub use ws::{WsByteStream, WsError, WsSettings, websocket_handshake};
+
+#[cfg(test)]
+mod test_support {
+    /// A loopback port on which nothing listens: bind, read the port, close.
+    pub(crate) fn refused_port() -> u16 {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a loopback port");
+        listener.local_addr().expect("local address").port()
+    }
+}
