@@ -293,7 +293,8 @@ class MosquittoSub:
 
     def __init__(self, broker, version: str, tls: bool, topic: str, qos: int = 2, extra: list[str] | None = None,
                  wait_subscribed: bool = True):
-        cmd = ["mosquitto_sub", *cli_connection_args(broker, version, tls), "-d", "-t", topic, "-q", str(qos),
+        # Line-buffered stdout (stdbuf), so the debug line for SUBACK arrives as it happens.
+        cmd = ["stdbuf", "-oL", "mosquitto_sub", *cli_connection_args(broker, version, tls), "-d", "-t", topic, "-q", str(qos),
                "-F", SUB_FORMAT, *(extra or [])]
         self.cmd = cmd
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
