@@ -37,6 +37,8 @@ class Received:
     qos: int
     retain: bool
     properties: Properties | None = None
+    dup: bool = False
+    mid: int = 0
 
     def prop(self, name: str, default=None):
         if self.properties is None:
@@ -73,7 +75,8 @@ def props(packet_type: int, **values) -> Properties:
 class PahoClient:
     """A paho-mqtt client whose network loop runs in a background thread."""
 
-    def __init__(self, broker, version: str, client_id: str | None = None, tls: bool = False, clean_session: bool = True):
+    def __init__(self, broker, version: str, client_id: str | None = None, tls: bool = False, clean_session: bool = True,
+                 manual_ack: bool = False):
         self.broker = broker
         self.version = version
         self.v5 = version == "v5"
@@ -87,6 +90,7 @@ class PahoClient:
             client_id=self.client_id,
             protocol=VERSIONS[version],
             reconnect_on_failure=False,
+            manual_ack=manual_ack,
             **kwargs,
         )
         if tls:
@@ -115,7 +119,7 @@ class PahoClient:
 
     def _on_message(self, client, userdata, msg):
         props_ = getattr(msg, "properties", None) if self.v5 else None
-        self.messages.put(Received(msg.topic, bytes(msg.payload), msg.qos, bool(msg.retain), props_))
+        self.messages.put(Received(msg.topic, bytes(msg.payload), msg.qos, bool(msg.retain), props_, bool(msg.dup), msg.mid))
 
     def _on_subscribe(self, client, userdata, mid, reason_codes, properties):
         with self._acks:
@@ -163,6 +167,18 @@ class PahoClient:
         with self._acks:
             if not self._acks.wait_for(lambda: mid in self._subacks, timeout=WAIT):
                 raise AssertionError(f"{self.client_id}: no SUBACK for {topic} within {WAIT}s")
+            return self._subacks.pop(mid)
+
+    def subscribe_many(self, filters: list[tuple[str, int]]) -> list[int]:
+        """One SUBSCRIBE carrying several (filter, qos) pairs; returns the SUBACK's codes in order."""
+        if self.v5:
+            rc, mid = self.client.subscribe([(f, SubscribeOptions(qos=q)) for f, q in filters])
+        else:
+            rc, mid = self.client.subscribe(filters)
+        assert rc == mqtt.MQTT_ERR_SUCCESS, f"subscribe({filters}) failed locally: {mqtt.error_string(rc)}"
+        with self._acks:
+            if not self._acks.wait_for(lambda: mid in self._subacks, timeout=WAIT):
+                raise AssertionError(f"{self.client_id}: no SUBACK for {filters} within {WAIT}s")
             return self._subacks.pop(mid)
 
     def unsubscribe(self, topic: str) -> None:
@@ -237,6 +253,10 @@ class PahoClient:
         except OSError:
             pass
         self.expect_disconnect()
+        self._stop_loop()
+
+    def go_silent(self) -> None:
+        """Stop the network loop but keep the socket open: no more PINGREQ, no DISCONNECT."""
         self._stop_loop()
 
     def _stop_loop(self) -> None:

@@ -115,3 +115,49 @@ def test_dollar_topics_not_matched_by_wildcards(clients, topic, version):
     got = everything.drain()
     assert [m.topic for m in got] == [f"{topic}/x"], got
     plus.expect_none()
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_unsubscribe_stops_delivery(clients, topic, version):
+    sub = clients(version)
+    sub.connect()
+    sub.subscribe(f"{topic}/u", qos=1)
+    sub.subscribe(f"{topic}/keep", qos=1)
+    pub = clients(version)
+    pub.connect()
+    pub.publish(f"{topic}/u", b"before", qos=1)
+    assert sub.expect_one().payload == b"before"
+    sub.unsubscribe(f"{topic}/u")
+    pub.publish(f"{topic}/u", b"after", qos=1)
+    pub.publish(f"{topic}/keep", b"still", qos=1)
+    assert sub.expect_one().payload == b"still"
+    sub.expect_none()
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_empty_and_large_payloads(clients, topic, version):
+    """A zero-length (non-retained) payload and a 64 KiB one both arrive intact."""
+    sub = clients(version)
+    sub.connect()
+    sub.subscribe(f"{topic}/#", qos=1)
+    pub = clients(version)
+    pub.connect()
+    big = bytes(i % 251 for i in range(64 * 1024))
+    pub.publish(f"{topic}/empty", b"", qos=1)
+    pub.publish(f"{topic}/big", big, qos=1)
+    empty, large = sub.expect(2)
+    assert (empty.topic, empty.payload) == (f"{topic}/empty", b"")
+    assert (large.topic, large.payload) == (f"{topic}/big", big)
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_subscribe_several_filters_at_once(clients, topic, version):
+    """One SUBACK for a SUBSCRIBE with several filters, one granted QoS per filter in order."""
+    sub = clients(version)
+    sub.connect()
+    assert sub.subscribe_many([(f"{topic}/a", 0), (f"{topic}/b", 1), (f"{topic}/c", 2)]) == [0, 1, 2]
+    pub = clients(version)
+    pub.connect()
+    for name in "abc":
+        pub.publish(f"{topic}/{name}", name.encode(), qos=2)
+    assert sorted((m.payload, m.qos) for m in sub.expect(3)) == [(b"a", 0), (b"b", 1), (b"c", 2)]

@@ -58,6 +58,20 @@ def test_retained_will(clients, topic, version):
     assert (msg.payload, msg.retain) == (b"offline", True)
 
 
+@pytest.mark.parametrize("version", VERSIONS)
+def test_keepalive_timeout_publishes_will(clients, topic, version):
+    """A client that goes silent past 1.5 x keepalive is dropped by the broker, and its will published."""
+    watcher = clients(version)
+    watcher.connect()
+    watcher.subscribe(f"{topic}/will", qos=1)
+    silent = clients(version)
+    silent.set_will(f"{topic}/will", b"timed out", qos=1)
+    silent.connect(keepalive=1)
+    silent.go_silent()
+    msg = watcher.expect_one(timeout=6.0)
+    assert msg.payload == b"timed out"
+
+
 def test_v5_will_delay(clients, topic):
     """v5 Will Delay Interval: the will is held back for the delay, then published."""
     watcher = clients("v5")
@@ -143,6 +157,35 @@ def test_persistent_session_resumes_with_queued_messages(clients, topic, version
     # The subscription itself survived too.
     pub.publish(f"{topic}/q", b"live", qos=1)
     assert back.expect_one().payload == b"live"
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_unacknowledged_qos1_redelivered_on_resume(clients, topic, version):
+    """A QoS 1 message received but never acknowledged is sent again, with DUP set, when the session resumes."""
+    if version == "v5":
+        first = clients("v5", manual_ack=True)
+        how = dict(clean_start=False, properties=props(PacketTypes.CONNECT, SessionExpiryInterval=300))
+    else:
+        first = clients("v311", clean_session=False, manual_ack=True)
+        how = {}
+    first.connect(**how)
+    first.subscribe(f"{topic}/r", qos=1)
+    pub = clients(version)
+    pub.connect()
+    pub.publish(f"{topic}/r", b"at-least-once", qos=1)
+    msg = first.expect_one()
+    assert (msg.payload, msg.dup) == (b"at-least-once", False)
+    first.kill_socket()  # no PUBACK was sent
+
+    if version == "v5":
+        back = clients("v5", client_id=first.client_id)
+    else:
+        back = clients("v311", client_id=first.client_id, clean_session=False)
+    ack = back.connect(**how)
+    assert ack.session_present
+    again = back.expect_one()
+    assert (again.payload, again.qos, again.dup) == (b"at-least-once", 1, True)
+    back.expect_none()
 
 
 @pytest.mark.parametrize("version", VERSIONS)
