@@ -1,1 +1,167 @@
-//! beckon-agent
+//! The Beckon endpoint agent: keeps one MQTT connection to the push service, acts on signed
+//! wake-up calls, acknowledges them, and reports its state.
+//!
+//! - [`config`]: the TOML configuration (`docs/agent.md` lists every key).
+//! - [`connector`]: how a byte stream to the broker is opened (the connection ladder plugs in
+//!   here).
+//! - [`session`]: the MQTT 5 client session over any stream.
+//! - [`runtime`]: reconnect loop, wake-up handling, action worker, check-in scheduler.
+//! - [`actions`]: the command and HTTP actions.
+//! - [`state`], [`status`]: the state folder and `beckon agent status`.
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+pub mod actions;
+pub mod backoff;
+pub mod config;
+pub mod connector;
+pub mod runtime;
+pub mod session;
+pub mod state;
+pub mod status;
+pub mod timefmt;
+pub mod wakeup;
+
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::Context as _;
+
+pub use config::AgentConfig;
+pub use connector::{BoxedStream, ConnectError, Connection, Connector, PlainTcpConnector};
+pub use runtime::{AgentError, run_agent};
+pub use wakeup::{AckMessage, AckStage, UnsignedWakeUpCheck, WakeUp, WakeUpCheck, WakeUpRejected};
+
+/// `beckon agent ...`
+#[derive(Debug, clap::Subcommand)]
+pub enum AgentCommand {
+    /// Run the agent: keep the push connection and act on wake-up calls.
+    Run {
+        /// The agent's configuration file.
+        #[arg(long, default_value = config::DEFAULT_CONFIG_FILE, env = "BECKON_AGENT_CONFIG")]
+        config: PathBuf,
+    },
+    /// Print the agent's state: connected or not, path, last wake-up, last error.
+    Status {
+        /// The agent's state folder (default: state_dir from --config, else /var/lib/beckon-agent).
+        #[arg(long, conflicts_with = "config")]
+        state_dir: Option<PathBuf>,
+        /// Read state_dir from this configuration file.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// Runs an agent subcommand; builds its own (single-threaded) tokio runtime for `run`.
+pub fn run(cmd: AgentCommand) -> anyhow::Result<()> {
+    match cmd {
+        AgentCommand::Run { config } => {
+            let config = AgentConfig::load(&config)?;
+            let _ = tracing_subscriber::fmt()
+                .with_env_filter(
+                    tracing_subscriber::EnvFilter::try_from_default_env()
+                        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+                )
+                .try_init();
+            // One thread is plenty for one connection and keeps the idle agent small.
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .context("cannot start the agent's async runtime")?;
+            runtime.block_on(run_configured(config))
+        }
+        AgentCommand::Status {
+            state_dir,
+            config,
+            json,
+        } => {
+            let dir = match (state_dir, config) {
+                (Some(dir), _) => dir,
+                (None, Some(file)) => AgentConfig::load(&file)?.state_dir,
+                (None, None) => PathBuf::from(config::DEFAULT_STATE_DIR),
+            };
+            let text = if json {
+                status::status_json(&dir)
+            } else {
+                status::status_text(&dir)
+            };
+            let text = text.with_context(|| {
+                format!(
+                    "cannot read the agent state in {}; run as the agent's user or root, or pass --state-dir",
+                    dir.display()
+                )
+            })?;
+            print!("{text}");
+            if json {
+                println!();
+            }
+            Ok(())
+        }
+    }
+}
+
+/// Builds connector and wake-up check from the configuration and runs until SIGINT/SIGTERM.
+async fn run_configured(config: AgentConfig) -> anyhow::Result<()> {
+    if config.wakeup.require_signature {
+        anyhow::bail!(
+            "wake-up signatures cannot be verified by this build yet (the signed wake-up format \
+             of beckon-identity is not wired in); refusing to run unverified wake-ups. For a \
+             development setup only, set `require_signature = false` under [wakeup]"
+        );
+    }
+    let check: Arc<dyn WakeUpCheck> =
+        Arc::new(UnsignedWakeUpCheck::new(&config.agent_id, &config.tenant));
+    let Some(port) = config.broker.plain_port else {
+        anyhow::bail!(
+            "TLS connections to the push service (ports {} and {}) need the connection ladder of \
+             beckon-net, which this build does not include yet; for a loopback development \
+             broker set broker.plain_port",
+            config.broker.port,
+            config.broker.fallback_port
+        );
+    };
+    if !config
+        .broker
+        .host
+        .parse::<IpAddr>()
+        .is_ok_and(|ip| ip.is_loopback())
+        && config.broker.host != "localhost"
+    {
+        tracing::warn!(
+            host = %config.broker.host,
+            "broker.plain_port sends MQTT unencrypted; use it only on loopback for development"
+        );
+    }
+    let connector =
+        PlainTcpConnector::new(&config.broker.host, port, config.broker.connect_timeout);
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        wait_for_stop_signal().await;
+        tracing::info!("stop signal received");
+        let _ = stop_tx.send(true);
+        // Keep the sender alive: dropping it also means "stop", but say it once, clearly.
+        std::future::pending::<()>().await;
+    });
+    run_agent(config, connector, check, stop_rx).await?;
+    Ok(())
+}
+
+async fn wait_for_stop_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot watch SIGTERM; only Ctrl-C stops the agent");
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}

@@ -1,0 +1,548 @@
+//! The agent's life: a random delay at start, then connect, run the session, record why it
+//! ended, wait (backoff with jitter, longer when the broker is busy, at the cap when the
+//! credentials are refused, soon after a redirect) and connect again, forever. Beside it, the
+//! action worker runs wake-ups one batch at a time, and the check-in scheduler.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::sync::{Notify, watch};
+use tokio::time::Instant;
+
+use crate::actions::{self, ActionOutcome};
+use crate::backoff::{Backoff, random_up_to};
+use crate::config::{AgentConfig, ConfigError, parse_http_url};
+use crate::connector::Connector;
+use crate::session::{MqttSession, Outbox, SessionEnd, SessionOptions};
+use crate::state::{LastResult, LastWakeUp, StateError, StateStore};
+use crate::timefmt::unix_now;
+use crate::wakeup::{AckMessage, AckStage, WakeUp, WakeUpCheck};
+use beckon_mqtt::ReasonCode;
+
+/// Why the agent could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    /// The configuration is not usable.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// The state folder is not usable.
+    #[error("{0}; the agent needs a writable state folder (state_dir)")]
+    State(#[from] StateError),
+    /// The configuration asks for something this build cannot do yet.
+    #[error("{0}")]
+    Unsupported(String),
+}
+
+/// Wake-ups accepted but not yet acted on; everything here merges into the next run.
+#[derive(Default)]
+pub struct PendingWakeUps {
+    queue: Mutex<Vec<WakeUp>>,
+    notify: Notify,
+}
+
+impl PendingWakeUps {
+    fn push(&self, wakeup: WakeUp) {
+        self.queue
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(wakeup);
+        self.notify.notify_one();
+    }
+
+    fn take(&self) -> Vec<WakeUp> {
+        std::mem::take(&mut *self.queue.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+}
+
+/// Runs the agent until `shutdown` turns true (or its sender is dropped).
+pub async fn run_agent<C: Connector>(
+    config: AgentConfig,
+    mut connector: C,
+    check: Arc<dyn WakeUpCheck>,
+    mut shutdown: watch::Receiver<bool>,
+) -> Result<(), AgentError> {
+    let config = Arc::new(config);
+    let state = Arc::new(StateStore::open(&config.state_dir, &config.agent_id)?);
+    if let Some(path) = state.snapshot().last_working_path {
+        connector.prefer(&path);
+    }
+    let password = config.token()?.map(Bytes::from);
+    let outbox = Arc::new(Outbox::new(1024));
+    let pending = Arc::new(PendingWakeUps::default());
+
+    if config.actions.command.is_none()
+        && config.actions.http.is_none()
+        && !(config.checkin.on_wakeup && config.checkin.console_url.is_some())
+    {
+        tracing::warn!("no action configured: wake-ups will be acknowledged and do nothing");
+    }
+    let worker = tokio::spawn(action_worker(
+        Arc::clone(&config),
+        Arc::clone(&pending),
+        Arc::clone(&outbox),
+        Arc::clone(&state),
+        password.clone(),
+        shutdown.clone(),
+    ));
+    let checkin = config.checkin.console_url.is_some().then(|| {
+        tokio::spawn(checkin_scheduler(
+            Arc::clone(&config),
+            password.clone(),
+            shutdown.clone(),
+        ))
+    });
+
+    let start_delay = random_up_to(config.reconnect.start_delay_max);
+    tracing::info!(agent_id = %config.agent_id, delay_ms = start_delay.as_millis() as u64, "agent starting");
+    if !sleep_or_shutdown(start_delay, &mut shutdown).await {
+        let mut backoff = Backoff::new(config.reconnect.backoff_base, config.reconnect.backoff_cap);
+        loop {
+            let wait = connect_once(
+                &config,
+                &mut connector,
+                &check,
+                &state,
+                &outbox,
+                &pending,
+                password.clone(),
+                &mut backoff,
+                &mut shutdown,
+            )
+            .await;
+            if stopping(&shutdown) {
+                break;
+            }
+            tracing::info!(
+                wait_ms = wait.as_millis() as u64,
+                "reconnecting after a pause"
+            );
+            if sleep_or_shutdown(wait, &mut shutdown).await {
+                break;
+            }
+        }
+    }
+    state.update_logged(|s| {
+        s.connected = false;
+        s.since = Some(unix_now());
+        s.pid = None;
+    });
+    worker.abort();
+    if let Some(checkin) = checkin {
+        checkin.abort();
+    }
+    tracing::info!("agent stopped");
+    Ok(())
+}
+
+/// One connection attempt and, if it succeeds, the whole session. Returns the wait before
+/// the next attempt.
+#[allow(clippy::too_many_arguments)]
+async fn connect_once<C: Connector>(
+    config: &AgentConfig,
+    connector: &mut C,
+    check: &Arc<dyn WakeUpCheck>,
+    state: &StateStore,
+    outbox: &Outbox,
+    pending: &Arc<PendingWakeUps>,
+    password: Option<Bytes>,
+    backoff: &mut Backoff,
+    shutdown: &mut watch::Receiver<bool>,
+) -> Duration {
+    // The connector times its own steps; this bounds a whole ladder walk.
+    let ladder_limit = config.broker.connect_timeout.saturating_mul(8);
+    let connection = tokio::select! {
+        c = tokio::time::timeout(ladder_limit, connector.connect()) => c,
+        _ = shutdown.changed() => return Duration::ZERO,
+    };
+    let connection = match connection {
+        Ok(Ok(c)) => c,
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, "cannot reach the push service");
+            state.record_error(e.0);
+            return backoff.next_wait();
+        }
+        Err(_) => {
+            let message = format!(
+                "no path to the push service opened within {ladder_limit:?}; run `beckon doctor` to see which step fails"
+            );
+            tracing::warn!("{message}");
+            state.record_error(message);
+            return backoff.next_wait();
+        }
+    };
+    let path = connection.path.clone();
+    let options = SessionOptions {
+        client_id: config.agent_id.clone(),
+        username: password.as_ref().map(|_| config.agent_id.clone()),
+        password,
+        keepalive: if connection.fallback {
+            config.broker.keepalive_fallback
+        } else {
+            config.broker.keepalive_direct
+        },
+        ping_timeout: config.broker.ping_timeout,
+        connect_timeout: config.broker.connect_timeout,
+        session_expiry: u32::try_from(config.broker.session_expiry.as_secs()).unwrap_or(u32::MAX),
+        wake_topic: config.wake_topic(),
+        ack_topic: config.ack_topic(),
+    };
+    let end = match MqttSession::establish(connection.stream, options).await {
+        Err(end) => end,
+        Ok((session, established)) => {
+            tracing::info!(
+                path = %path,
+                keepalive_s = established.keepalive.as_secs(),
+                session_present = established.session_present,
+                "connected to the push service"
+            );
+            state.update_logged(|s| {
+                s.connected = true;
+                s.path = Some(path.clone());
+                s.last_working_path = Some(path.clone());
+                s.since = Some(unix_now());
+            });
+            connector.prefer(&path);
+            let connected_at = Instant::now();
+            let mut on_wake = wake_handler(config, check, state, outbox, pending);
+            let end = session.run(outbox, &mut on_wake, shutdown).await;
+            if connected_at.elapsed() >= config.reconnect.reset_after {
+                backoff.reset();
+            }
+            state.update_logged(|s| {
+                s.connected = false;
+                s.since = Some(unix_now());
+            });
+            end
+        }
+    };
+    if end == SessionEnd::Shutdown {
+        return Duration::ZERO;
+    }
+    let message = format!("{end} (path {path})");
+    tracing::warn!("{message}");
+    state.record_error(message);
+    wait_after(&end, config, connector, backoff)
+}
+
+/// How long to wait after a session ended this way.
+fn wait_after<C: Connector>(
+    end: &SessionEnd,
+    config: &AgentConfig,
+    connector: &mut C,
+    backoff: &mut Backoff,
+) -> Duration {
+    let (code, reference) = match end {
+        SessionEnd::Refused {
+            code,
+            server_reference,
+            ..
+        }
+        | SessionEnd::Disconnected {
+            code,
+            server_reference,
+            ..
+        } => (Some(*code), server_reference.as_deref()),
+        SessionEnd::SubscribeRefused(_) => return backoff.at_cap(),
+        SessionEnd::Shutdown => return Duration::ZERO,
+        _ => (None, None),
+    };
+    match (code, reference) {
+        (Some(ReasonCode::SERVER_BUSY | ReasonCode::CONNECTION_RATE_EXCEEDED), _) => {
+            backoff.busy_wait(config.reconnect.busy_wait_min)
+        }
+        (Some(ReasonCode::USE_ANOTHER_SERVER | ReasonCode::SERVER_MOVED), Some(reference)) => {
+            tracing::info!(
+                server_reference = reference,
+                "following the broker's redirect"
+            );
+            connector.redirect(reference);
+            // Soon, but jittered: a whole fleet is being redirected at once.
+            random_up_to(config.reconnect.backoff_base)
+        }
+        (
+            Some(
+                ReasonCode::CLIENT_IDENTIFIER_NOT_VALID
+                | ReasonCode::BAD_USER_NAME_OR_PASSWORD
+                | ReasonCode::NOT_AUTHORIZED
+                | ReasonCode::BANNED
+                | ReasonCode::BAD_AUTHENTICATION_METHOD,
+            ),
+            _,
+        ) if matches!(end, SessionEnd::Refused { .. }) => {
+            tracing::error!(
+                "the broker refuses this agent's credentials; retrying rarely (about every {:?}) until an administrator fixes it",
+                config.reconnect.backoff_cap
+            );
+            backoff.at_cap()
+        }
+        _ => backoff.next_wait(),
+    }
+}
+
+/// What the session calls for each wake-up payload, before it sends PUBACK.
+fn wake_handler<'a>(
+    config: &'a AgentConfig,
+    check: &'a Arc<dyn WakeUpCheck>,
+    state: &'a StateStore,
+    outbox: &'a Outbox,
+    pending: &'a Arc<PendingWakeUps>,
+) -> impl FnMut(Bytes) + Send + 'a {
+    move |payload: Bytes| {
+        let now = unix_now();
+        let wakeup = match check.check(&payload, now) {
+            Ok(w) => w,
+            Err(e) => {
+                tracing::warn!(error = %e, "wake-up refused");
+                state.record_error(e.to_string());
+                return;
+            }
+        };
+        let replay = state.update_logged(|s| {
+            if s.seen(&wakeup.id) {
+                return true;
+            }
+            s.remember(
+                &wakeup.id,
+                wakeup.expires_at,
+                now,
+                config.wakeup.replay_memory,
+            );
+            s.last_wakeup = Some(LastWakeUp {
+                id: wakeup.id.clone(),
+                reason: wakeup.reason.clone(),
+                received_at: now,
+            });
+            false
+        });
+        if replay {
+            tracing::info!(id = %wakeup.id, "wake-up already received; replay dropped");
+            return;
+        }
+        tracing::info!(id = %wakeup.id, reason = %wakeup.reason, "wake-up received");
+        outbox
+            .push(AckMessage::new(&wakeup.id, &config.agent_id, AckStage::Received, now).to_json());
+        pending.push(wakeup);
+    }
+}
+
+/// Runs wake-ups one batch at a time: everything that arrives while a run is going on merges
+/// into the one follow-up run.
+async fn action_worker(
+    config: Arc<AgentConfig>,
+    pending: Arc<PendingWakeUps>,
+    outbox: Arc<Outbox>,
+    state: Arc<StateStore>,
+    token: Option<Bytes>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    loop {
+        tokio::select! {
+            () = pending.notify.notified() => {}
+            _ = shutdown.changed() => return,
+        }
+        let mut batch = pending.take();
+        let Some(latest) = batch.last() else { continue };
+        let spread = Duration::from_secs(latest.spread).min(config.wakeup.max_spread);
+        let delay = random_up_to(spread);
+        if !delay.is_zero() {
+            tracing::info!(
+                delay_ms = delay.as_millis() as u64,
+                "spreading the wake-up action"
+            );
+            if sleep_or_shutdown(delay, &mut shutdown).await {
+                return;
+            }
+            // Wake-ups that came during the spread delay are answered by this same run.
+            batch.extend(pending.take());
+        }
+        let now = unix_now();
+        for w in &batch {
+            outbox.push(AckMessage::new(&w.id, &config.agent_id, AckStage::Started, now).to_json());
+        }
+        let outcome = tokio::select! {
+            outcome = run_actions(&config, &batch, token.as_ref()) => outcome,
+            _ = shutdown.changed() => return,
+        };
+        let now = unix_now();
+        let merged = (batch.len() > 1).then_some(batch.len());
+        for w in &batch {
+            let mut ack = AckMessage::new(&w.id, &config.agent_id, AckStage::Finished, now);
+            ack.status = Some(outcome.status.to_owned());
+            ack.exit_code = outcome.exit_code;
+            ack.duration_ms = Some(outcome.duration.as_millis() as u64);
+            ack.detail = outcome.detail.clone();
+            ack.merged = merged;
+            outbox.push(ack.to_json());
+        }
+        tracing::info!(
+            status = outcome.status,
+            exit_code = ?outcome.exit_code,
+            duration_ms = outcome.duration.as_millis() as u64,
+            wakeups = batch.len(),
+            "wake-up action finished"
+        );
+        state.update_logged(|s| {
+            s.last_result = Some(LastResult {
+                wakeup_ids: batch.iter().map(|w| w.id.clone()).collect(),
+                status: outcome.status.to_owned(),
+                exit_code: outcome.exit_code,
+                duration_ms: outcome.duration.as_millis() as u64,
+                finished_at: now,
+                detail: outcome.detail.clone(),
+            });
+            if let Some(detail) = &outcome.detail
+                && !outcome.ok()
+            {
+                s.last_error = Some(crate::state::LastError {
+                    message: format!("wake-up action: {detail}"),
+                    at: now,
+                });
+            }
+        });
+    }
+}
+
+/// Runs every configured action for one batch; the combined outcome is the first failure.
+async fn run_actions(
+    config: &AgentConfig,
+    batch: &[WakeUp],
+    token: Option<&Bytes>,
+) -> ActionOutcome {
+    let started = std::time::Instant::now();
+    let mut outcomes = Vec::new();
+    let latest = batch.last();
+    if config.checkin.on_wakeup && config.checkin.console_url.is_some() {
+        outcomes.push(checkin(config, token, latest.map(|w| w.id.as_str())).await);
+    }
+    if let Some(command) = &config.actions.command {
+        let env = actions::wakeup_env(batch, &config.agent_id, &config.tenant);
+        let stdin = latest.map(|w| w.raw.as_slice()).unwrap_or_default();
+        outcomes.push(actions::run_command(command, &env, stdin, &config.state_dir).await);
+    }
+    if let Some(http) = &config.actions.http {
+        match parse_http_url(&http.url) {
+            Some(url) => {
+                let headers: Vec<(&str, String)> = latest
+                    .map(|w| {
+                        vec![
+                            ("X-Beckon-Wakeup-Id", w.id.clone()),
+                            ("X-Beckon-Wakeup-Count", batch.len().to_string()),
+                        ]
+                    })
+                    .unwrap_or_default();
+                let body = latest.map(|w| w.raw.as_slice()).unwrap_or_default();
+                outcomes.push(
+                    actions::run_http(&url, &http.method, http.timeout, &headers, body).await,
+                );
+            }
+            None => outcomes.push(ActionOutcome {
+                status: "error",
+                exit_code: None,
+                detail: Some(format!("actions.http.url {:?} is not usable", http.url)),
+                duration: Duration::ZERO,
+            }),
+        }
+    }
+    let exit_code = outcomes.iter().find_map(|o| o.exit_code);
+    let failure = outcomes.iter().find(|o| !o.ok());
+    ActionOutcome {
+        status: failure.map_or("ok", |o| o.status),
+        exit_code,
+        detail: failure.and_then(|o| o.detail.clone()),
+        duration: started.elapsed(),
+    }
+}
+
+/// One check-in with the console: `POST {console_url}/api/v1/agents/{id}/checkin`.
+async fn checkin(
+    config: &AgentConfig,
+    token: Option<&Bytes>,
+    wakeup_id: Option<&str>,
+) -> ActionOutcome {
+    let Some(base) = config.checkin.console_url.as_deref() else {
+        return ActionOutcome {
+            status: "ok",
+            exit_code: None,
+            detail: None,
+            duration: Duration::ZERO,
+        };
+    };
+    let url = format!(
+        "{}/api/v1/agents/{}/checkin",
+        base.trim_end_matches('/'),
+        config.agent_id
+    );
+    let Some(url) = parse_http_url(&url) else {
+        return ActionOutcome {
+            status: "error",
+            exit_code: None,
+            detail: Some(format!("check-in URL {url:?} is not usable")),
+            duration: Duration::ZERO,
+        };
+    };
+    let body = serde_json::json!({
+        "agent_id": config.agent_id,
+        "tenant": config.tenant,
+        "hostname": hostname(),
+        "wakeup_id": wakeup_id,
+        "at": crate::timefmt::format_rfc3339(unix_now()),
+    });
+    let mut headers = Vec::new();
+    if let Some(token) = token {
+        headers.push((
+            "Authorization",
+            format!("Bearer {}", String::from_utf8_lossy(token)),
+        ));
+    }
+    let body = serde_json::to_vec(&body).unwrap_or_default();
+    actions::run_http(&url, "POST", config.checkin.timeout, &headers, &body).await
+}
+
+/// Checks in every `interval ± jitter`, whether or not the push connection is up.
+async fn checkin_scheduler(
+    config: Arc<AgentConfig>,
+    token: Option<Bytes>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    loop {
+        let jitter = random_up_to(config.checkin.jitter.saturating_mul(2));
+        let wait = config
+            .checkin
+            .interval
+            .saturating_sub(config.checkin.jitter)
+            + jitter;
+        if sleep_or_shutdown(wait, &mut shutdown).await {
+            return;
+        }
+        let outcome = checkin(&config, token.as_ref(), None).await;
+        if outcome.ok() {
+            tracing::debug!("checked in with the console");
+        } else {
+            tracing::warn!(detail = ?outcome.detail, "check-in with the console failed");
+        }
+    }
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .or_else(|_| std::fs::read_to_string("/etc/hostname"))
+        .map(|h| h.trim().to_owned())
+        .unwrap_or_default()
+}
+
+/// True when the agent must stop (asked to, or nobody can ask any more).
+fn stopping(shutdown: &watch::Receiver<bool>) -> bool {
+    *shutdown.borrow() || shutdown.has_changed().is_err()
+}
+
+/// Sleeps; true when shutdown came first.
+async fn sleep_or_shutdown(wait: Duration, shutdown: &mut watch::Receiver<bool>) -> bool {
+    if stopping(shutdown) {
+        return true;
+    }
+    tokio::select! {
+        () = tokio::time::sleep(wait) => *shutdown.borrow(),
+        changed = shutdown.changed() => changed.is_err() || *shutdown.borrow(),
+    }
+}

@@ -1,0 +1,194 @@
+//! `beckon agent status`: what the state folder says, in plain words. Reads the file only; it
+//! never talks to the running agent, so it works whether the agent is up or not.
+
+use std::fmt::Write as _;
+use std::path::Path;
+
+use crate::state::{AgentState, STATE_FILE, StateError};
+use crate::timefmt::{format_rfc3339, unix_now};
+
+/// Whether the process that wrote the state still runs (Linux `/proc`).
+fn process_alive(pid: u32) -> bool {
+    Path::new(&format!("/proc/{pid}")).exists()
+}
+
+/// `3m 20s ago` style age.
+fn age(at: i64, now: i64) -> String {
+    let secs = (now - at).max(0);
+    let text = match secs {
+        0..60 => format!("{secs}s"),
+        60..3600 => format!("{}m {}s", secs / 60, secs % 60),
+        3600..86_400 => format!("{}h {}m", secs / 3600, (secs / 60) % 60),
+        _ => format!("{}d {}h", secs / 86_400, (secs / 3600) % 24),
+    };
+    format!("{} ({text} ago)", format_rfc3339(at))
+}
+
+/// The status text for a state folder.
+pub fn status_text(state_dir: &Path) -> Result<String, StateError> {
+    let Some(state) = AgentState::read(state_dir)? else {
+        return Ok(format!(
+            "Agent:        never ran here (no {STATE_FILE} in {})\n",
+            state_dir.display()
+        ));
+    };
+    Ok(render(
+        &state,
+        unix_now(),
+        state.pid.is_some_and(process_alive),
+    ))
+}
+
+/// The status as JSON: the state plus whether the agent process is running.
+pub fn status_json(state_dir: &Path) -> Result<String, StateError> {
+    let state = AgentState::read(state_dir)?.unwrap_or_default();
+    let running = state.pid.is_some_and(process_alive);
+    let mut value = serde_json::to_value(&state).unwrap_or_default();
+    if let Some(map) = value.as_object_mut() {
+        map.remove("seen_wakeups");
+        map.insert("running".into(), running.into());
+        map.insert("connected".into(), (running && state.connected).into());
+    }
+    Ok(serde_json::to_string_pretty(&value).unwrap_or_default())
+}
+
+/// Renders a state; `running` says whether its writer is still alive.
+pub fn render(state: &AgentState, now: i64, running: bool) -> String {
+    let mut out = String::new();
+    let id = state.agent_id.as_deref().unwrap_or("?");
+    let process = match (state.pid, running) {
+        (Some(pid), true) => format!("running (pid {pid})"),
+        (Some(pid), false) => format!("NOT running (pid {pid} is gone; it did not stop cleanly)"),
+        (None, _) => "NOT running (stopped)".to_owned(),
+    };
+    let _ = writeln!(out, "Agent:        {id}, {process}");
+    let since = state
+        .since
+        .map(|t| age(t, now))
+        .unwrap_or_else(|| "?".into());
+    let connection = if running && state.connected {
+        format!(
+            "connected via {} since {since}",
+            state.path.as_deref().unwrap_or("?")
+        )
+    } else if running {
+        format!("NOT connected since {since}")
+    } else {
+        "NOT connected (agent not running)".to_owned()
+    };
+    let _ = writeln!(out, "Push service: {connection}");
+    let _ = writeln!(
+        out,
+        "Last path:    {}",
+        state.last_working_path.as_deref().unwrap_or("none yet")
+    );
+    match &state.last_wakeup {
+        Some(w) => {
+            let reason = if w.reason.is_empty() {
+                "no reason given"
+            } else {
+                &w.reason
+            };
+            let _ = writeln!(
+                out,
+                "Last wake-up: {} ({reason}) at {}",
+                w.id,
+                age(w.received_at, now)
+            );
+        }
+        None => {
+            let _ = writeln!(out, "Last wake-up: none");
+        }
+    }
+    match &state.last_result {
+        Some(r) => {
+            let code = r
+                .exit_code
+                .map(|c| format!(", exit code {c}"))
+                .unwrap_or_default();
+            let merged = if r.wakeup_ids.len() > 1 {
+                format!(", {} wake-ups merged", r.wakeup_ids.len())
+            } else {
+                String::new()
+            };
+            let _ = writeln!(
+                out,
+                "Last result:  {}{code}, {} ms{merged}, at {}",
+                r.status,
+                r.duration_ms,
+                age(r.finished_at, now)
+            );
+            if let Some(detail) = &r.detail {
+                let _ = writeln!(out, "              {detail}");
+            }
+        }
+        None => {
+            let _ = writeln!(out, "Last result:  none");
+        }
+    }
+    match &state.last_error {
+        Some(e) => {
+            let _ = writeln!(out, "Last error:   {} at {}", e.message, age(e.at, now));
+        }
+        None => {
+            let _ = writeln!(out, "Last error:   none");
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::{LastError, LastResult, LastWakeUp};
+
+    #[test]
+    fn names_every_part_of_the_state() {
+        let state = AgentState {
+            pid: Some(1),
+            agent_id: Some("laptop-42".into()),
+            connected: true,
+            path: Some("direct:8883".into()),
+            last_working_path: Some("direct:8883".into()),
+            since: Some(1000),
+            last_wakeup: Some(LastWakeUp {
+                id: "w-1".into(),
+                reason: "policy changed".into(),
+                received_at: 1100,
+            }),
+            last_result: Some(LastResult {
+                wakeup_ids: vec!["w-1".into()],
+                status: "failed".into(),
+                exit_code: Some(3),
+                duration_ms: 42,
+                finished_at: 1101,
+                detail: Some("/usr/bin/x exited with code 3".into()),
+            }),
+            last_error: Some(LastError {
+                message: "broker refused the connection: server busy".into(),
+                at: 900,
+            }),
+            ..AgentState::default()
+        };
+        let text = render(&state, 1200, true);
+        for needle in [
+            "laptop-42",
+            "running (pid 1)",
+            "connected via direct:8883 since 1970-01-01T00:16:40Z (3m 20s ago)",
+            "w-1 (policy changed)",
+            "failed, exit code 3, 42 ms",
+            "server busy",
+        ] {
+            assert!(text.contains(needle), "missing {needle:?} in\n{text}");
+        }
+        let dead = render(&state, 1200, false);
+        assert!(dead.contains("NOT connected (agent not running)"), "{dead}");
+    }
+
+    #[test]
+    fn empty_folder_says_never_ran() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let text = status_text(dir.path()).expect("status");
+        assert!(text.contains("never ran"), "{text}");
+    }
+}
