@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from mqtt_clients import PahoClient
+from mqtt_clients import PahoClient, die_with_parent
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 MOSQUITTO_BIN = os.environ.get("MOSQUITTO_BIN", "/usr/sbin/mosquitto")
@@ -146,8 +146,10 @@ def _start_mosquitto(tmp: Path, certs: Certificates, port: int, tls_port: int, l
         f"certfile {certs.cert}\n"
         f"keyfile {certs.key}\n"
     )
-    out = log.open("wb")
-    return subprocess.Popen([MOSQUITTO_BIN, "-c", str(conf)], stdout=out, stderr=subprocess.STDOUT)
+    with log.open("wb") as out:
+        return subprocess.Popen(
+            [MOSQUITTO_BIN, "-c", str(conf)], stdout=out, stderr=subprocess.STDOUT, preexec_fn=die_with_parent
+        )
 
 
 def _beckon_bin() -> Path:
@@ -167,7 +169,6 @@ def _start_beckon(tmp: Path, certs: Certificates, port: int, tls_port: int, log:
         )
     data = tmp / "beckon-data"
     data.mkdir()
-    out = log.open("wb")
     cmd = [
         str(binary), "broker",
         "--mqtt", f"127.0.0.1:{port}",
@@ -177,7 +178,8 @@ def _start_beckon(tmp: Path, certs: Certificates, port: int, tls_port: int, log:
         "--allow-anonymous",
         "--data", str(data),
     ]
-    return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
+    with log.open("wb") as out:
+        return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, preexec_fn=die_with_parent)
 
 
 @pytest.fixture(params=["mosquitto", "beckon"])

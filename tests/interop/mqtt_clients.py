@@ -8,7 +8,9 @@ callbacks into queues and events, so that every wait in a test has a timeout.
 
 from __future__ import annotations
 
+import ctypes
 import queue
+import signal
 import socket
 import subprocess
 import threading
@@ -62,6 +64,15 @@ class Disconnect:
     reason_code: int
     from_server: bool
     properties: Properties | None = field(default=None)
+
+
+def die_with_parent() -> None:
+    """Run in a child before exec: SIGKILL it if the test process dies, so nothing is left running."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
 
 
 def props(packet_type: int, **values) -> Properties:
@@ -317,7 +328,8 @@ class MosquittoSub:
         cmd = ["stdbuf", "-oL", "mosquitto_sub", *cli_connection_args(broker, version, tls), "-d", "-t", topic, "-q", str(qos),
                "-F", SUB_FORMAT, *(extra or [])]
         self.cmd = cmd
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
+                                     preexec_fn=die_with_parent)
         self.lines: queue.Queue[str] = queue.Queue()
         self.output: list[str] = []
         self._subscribed = threading.Event()
