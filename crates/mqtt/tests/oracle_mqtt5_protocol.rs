@@ -24,7 +24,7 @@ use beckon_mqtt::{
     Unsubscribe, Will, decode, encode,
 };
 use bytes::{Buf, Bytes, BytesMut};
-use common::strategies::versioned_packet;
+use common::strategies::{versioned_packet, with_defined_codes};
 use common::vectors::{self, Expect};
 use mqtt5_protocol as m5;
 use mqtt5_protocol::packet::MqttPacket;
@@ -237,56 +237,6 @@ fn convert(p: &m5::Packet, version: ProtocolVersion) -> Packet {
             properties: props(&a.properties),
         }),
     }
-}
-
-/// Reason codes each v5 packet type defines (sections 3.2.2.2, 3.4.2.1, ... 3.15.2.1).
-fn valid_codes(packet: &Packet) -> &'static [u8] {
-    match packet {
-        Packet::ConnAck(_) => &[
-            0x00, 0x80, 0x81, 0x82, 0x83, 0x84, 0x85, 0x86, 0x87, 0x88, 0x89, 0x8A, 0x8C, 0x90,
-            0x95, 0x97, 0x99, 0x9A, 0x9B, 0x9C, 0x9D, 0x9F,
-        ],
-        Packet::PubAck(_) | Packet::PubRec(_) => {
-            &[0x00, 0x10, 0x80, 0x83, 0x87, 0x90, 0x91, 0x97, 0x99]
-        }
-        Packet::PubRel(_) | Packet::PubComp(_) => &[0x00, 0x92],
-        Packet::SubAck(_) => &[
-            0x00, 0x01, 0x02, 0x80, 0x83, 0x87, 0x8F, 0x91, 0x97, 0x9E, 0xA1, 0xA2,
-        ],
-        Packet::UnsubAck(_) => &[0x00, 0x11, 0x80, 0x83, 0x87, 0x8F, 0x91],
-        Packet::Disconnect(_) => &[
-            0x00, 0x04, 0x80, 0x81, 0x82, 0x83, 0x87, 0x89, 0x8B, 0x8D, 0x8E, 0x8F, 0x90, 0x93,
-            0x94, 0x95, 0x96, 0x97, 0x98, 0x99, 0x9A, 0x9B, 0x9C, 0x9D, 0x9E, 0x9F, 0xA0, 0xA1,
-            0xA2,
-        ],
-        Packet::Auth(_) => &[0x00, 0x18, 0x19],
-        _ => &[],
-    }
-}
-
-/// Replaces every reason code by one the packet type defines (picked by the generated value).
-fn with_defined_codes(mut packet: Packet) -> Packet {
-    let codes = valid_codes(&packet);
-    let fix = |c: &mut ReasonCode| {
-        if !codes.is_empty() && !codes.contains(&c.0) {
-            c.0 = codes[usize::from(c.0) % codes.len()];
-        }
-    };
-    match &mut packet {
-        Packet::ConnAck(c) => {
-            fix(&mut c.code);
-            c.session_present &= c.code == ReasonCode::SUCCESS;
-        }
-        Packet::PubAck(a) | Packet::PubRec(a) | Packet::PubRel(a) | Packet::PubComp(a) => {
-            fix(&mut a.code);
-        }
-        Packet::SubAck(s) => s.codes.iter_mut().for_each(fix),
-        Packet::UnsubAck(u) => u.codes.iter_mut().for_each(fix),
-        Packet::Disconnect(d) => fix(&mut d.code),
-        Packet::Auth(a) => fix(&mut a.code),
-        _ => {}
-    }
-    packet
 }
 
 /// Known oracle faults on valid input, by packet: `true` skips the comparison.
