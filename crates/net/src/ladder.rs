@@ -232,6 +232,9 @@ pub struct Connected {
     pub tls: TlsSessionInfo,
     /// How long each step took.
     pub timings: Timings,
+    /// The rungs that failed before this one, in the order tried (empty from
+    /// [`connect_path`]); worth logging, and showing in the agent's status.
+    pub failed_before: Vec<RungFailure>,
 }
 
 impl fmt::Debug for Connected {
@@ -241,6 +244,7 @@ impl fmt::Debug for Connected {
             .field("peer", &self.peer)
             .field("tls", &self.tls)
             .field("timings", &self.timings)
+            .field("failed_before", &self.failed_before)
             .finish_non_exhaustive()
     }
 }
@@ -341,6 +345,7 @@ pub async fn connect_path(
         peer,
         tls: info,
         timings,
+        failed_before: Vec::new(),
     })
 }
 
@@ -482,7 +487,7 @@ impl ConnectionLadder {
                 continue;
             }
             match connect_path(&self.config, &self.tls, &path).await {
-                Ok(connected) => {
+                Ok(mut connected) => {
                     tracing::info!(
                         path = %connected.path.label(),
                         peer = %connected.peer,
@@ -490,6 +495,7 @@ impl ConnectionLadder {
                         "connected to the broker"
                     );
                     self.last_working = Some(connected.path.clone());
+                    connected.failed_before = failures;
                     return Ok(connected);
                 }
                 Err(error) => {
