@@ -1,0 +1,395 @@
+//! Test support: an MQTT peer speaking through the codec (the broker side of an in-memory
+//! stream, or a server client of a real broker), a connector that hands out in-memory
+//! streams, a Mosquitto process killed on drop, and agent configs.
+#![allow(dead_code)]
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use beckon_agent::{AgentConfig, ConnectError, Connection, Connector};
+use beckon_mqtt::{
+    Ack, ConnAck, Connect, Packet, Properties, ProtocolVersion, Publish, QoS, ReasonCode, SubAck,
+    Subscribe, Subscription, SubscriptionOptions,
+};
+use bytes::{Bytes, BytesMut};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, DuplexStream};
+use tokio::sync::mpsc;
+
+/// Every wait in these tests is bounded by this.
+pub const WAIT: Duration = Duration::from_secs(10);
+
+/// One end of an MQTT conversation, packets in and out through the codec.
+pub struct Peer<S> {
+    stream: S,
+    buf: BytesMut,
+    /// Ack publishes that arrived while waiting for something else.
+    held: std::collections::VecDeque<Publish>,
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> Peer<S> {
+    pub fn new(stream: S) -> Self {
+        Self {
+            stream,
+            buf: BytesMut::new(),
+            held: std::collections::VecDeque::new(),
+        }
+    }
+
+    pub async fn send(&mut self, packet: Packet) {
+        let mut out = BytesMut::new();
+        beckon_mqtt::encode(&packet, ProtocolVersion::V5, &mut out).expect("encode");
+        self.stream.write_all(&out).await.expect("write to agent");
+        self.stream.flush().await.expect("flush");
+    }
+
+    /// The next packet, `None` on end of stream; panics after `WAIT`.
+    pub async fn try_recv(&mut self) -> Option<Packet> {
+        tokio::time::timeout(WAIT, async {
+            loop {
+                if let Some(p) = beckon_mqtt::decode(&mut self.buf, ProtocolVersion::V5, 1 << 20)
+                    .expect("decode")
+                {
+                    return Some(p);
+                }
+                match self.stream.read_buf(&mut self.buf).await {
+                    Ok(0) | Err(_) => return None,
+                    Ok(_) => {}
+                }
+            }
+        })
+        .await
+        .expect("no packet within the test's wait")
+    }
+
+    pub async fn recv(&mut self) -> Packet {
+        self.try_recv()
+            .await
+            .expect("stream closed while a packet was expected")
+    }
+
+    /// The next packet that is not a PINGREQ (answered).
+    pub async fn recv_answering_pings(&mut self) -> Packet {
+        loop {
+            match self.recv().await {
+                Packet::PingReq => self.send(Packet::PingResp).await,
+                other => return other,
+            }
+        }
+    }
+
+    /// Broker side: reads CONNECT, answers CONNACK success, reads SUBSCRIBE, answers SUBACK.
+    pub async fn accept_agent(&mut self) -> Connect {
+        let Packet::Connect(connect) = self.recv().await else {
+            panic!("agent did not start with CONNECT");
+        };
+        self.send(Packet::ConnAck(ConnAck::default())).await;
+        let Packet::Subscribe(sub) = self.recv().await else {
+            panic!("agent did not SUBSCRIBE after CONNACK");
+        };
+        self.send(Packet::SubAck(SubAck {
+            packet_id: sub.packet_id,
+            codes: vec![ReasonCode::GRANTED_QOS_1],
+            properties: Properties::default(),
+        }))
+        .await;
+        *connect
+    }
+
+    /// Broker side: a QoS 1 wake-up; waits for its PUBACK.
+    pub async fn send_wakeup(&mut self, packet_id: u16, agent_id: &str, payload: &[u8]) {
+        self.send(publish(
+            &format!("agents/{agent_id}/wake"),
+            packet_id,
+            payload,
+        ))
+        .await;
+        loop {
+            match self.recv_answering_pings().await {
+                Packet::PubAck(ack) if ack.packet_id == packet_id => return,
+                Packet::Publish(p) => self.held.push_back(p),
+                other => panic!("expected PUBACK {packet_id}, got {other:?}"),
+            }
+        }
+    }
+
+    /// Broker side: the next ack publish (PUBACKed), as JSON.
+    pub async fn next_ack(&mut self) -> (serde_json::Value, Publish) {
+        let next = match self.held.pop_front() {
+            Some(p) => Packet::Publish(p),
+            None => self.recv_answering_pings().await,
+        };
+        match next {
+            Packet::Publish(p) => {
+                if let Some(id) = p.packet_id {
+                    self.send(Packet::PubAck(Ack::new(id))).await;
+                }
+                let json = serde_json::from_slice(&p.payload).expect("ack is JSON");
+                (json, p)
+            }
+            other => panic!("expected an ack PUBLISH, got {other:?}"),
+        }
+    }
+
+    /// Client side of a real broker: CONNECT (clean), wait CONNACK.
+    pub async fn client_connect(&mut self, client_id: &str) {
+        self.send(Packet::Connect(Box::new(Connect {
+            protocol: ProtocolVersion::V5,
+            clean_start: true,
+            keep_alive: 60,
+            client_id: client_id.into(),
+            will: None,
+            username: None,
+            password: None,
+            properties: Properties::default(),
+        })))
+        .await;
+        match self.recv().await {
+            Packet::ConnAck(c) if !c.code.is_error() => {}
+            other => panic!("server client not accepted: {other:?}"),
+        }
+    }
+
+    /// Client side: SUBSCRIBE QoS 1, wait SUBACK.
+    pub async fn client_subscribe(&mut self, filter: &str) {
+        self.send(Packet::Subscribe(Subscribe {
+            packet_id: 1,
+            subscriptions: vec![Subscription {
+                filter: filter.into(),
+                options: SubscriptionOptions {
+                    qos: QoS::AtLeastOnce,
+                    ..SubscriptionOptions::default()
+                },
+            }],
+            properties: Properties::default(),
+        }))
+        .await;
+        match self.recv().await {
+            Packet::SubAck(s) if s.codes.iter().all(|c| !c.is_error()) => {}
+            other => panic!("subscription refused: {other:?}"),
+        }
+    }
+
+    pub fn into_inner(self) -> S {
+        self.stream
+    }
+}
+
+pub fn publish(topic: &str, packet_id: u16, payload: &[u8]) -> Packet {
+    Packet::Publish(Publish {
+        dup: false,
+        qos: QoS::AtLeastOnce,
+        retain: false,
+        topic: topic.into(),
+        packet_id: Some(packet_id),
+        payload: Bytes::copy_from_slice(payload),
+        properties: Properties::default(),
+    })
+}
+
+/// A wake-up payload valid for ten minutes.
+pub fn wakeup_json(id: &str, reason: &str, spread: u64) -> Vec<u8> {
+    let now = beckon_agent::timefmt::unix_now();
+    serde_json::to_vec(&serde_json::json!({
+        "v": 1,
+        "id": id,
+        "reason": reason,
+        "issued_at": beckon_agent::timefmt::format_rfc3339(now),
+        "expires_at": beckon_agent::timefmt::format_rfc3339(now + 600),
+        "spread": spread,
+        "action": "checkin",
+        "agent_id": "a1",
+        "tenant": "acme",
+    }))
+    .expect("json")
+}
+
+/// What the in-memory connector was asked to do.
+#[derive(Default)]
+pub struct ConnectorLog {
+    pub connects: usize,
+    pub redirects: Vec<String>,
+    pub preferred: Vec<String>,
+}
+
+/// Hands the agent one end of a fresh in-memory stream per connect; the test gets the other.
+pub struct ChannelConnector {
+    pub to_test: mpsc::UnboundedSender<DuplexStream>,
+    pub log: Arc<Mutex<ConnectorLog>>,
+}
+
+pub fn channel_connector() -> (
+    ChannelConnector,
+    mpsc::UnboundedReceiver<DuplexStream>,
+    Arc<Mutex<ConnectorLog>>,
+) {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let log = Arc::new(Mutex::new(ConnectorLog::default()));
+    (
+        ChannelConnector {
+            to_test: tx,
+            log: Arc::clone(&log),
+        },
+        rx,
+        log,
+    )
+}
+
+impl Connector for ChannelConnector {
+    async fn connect(&mut self) -> Result<Connection, ConnectError> {
+        let (agent_end, broker_end) = tokio::io::duplex(64 * 1024);
+        self.log.lock().expect("log").connects += 1;
+        self.to_test
+            .send(broker_end)
+            .map_err(|_| ConnectError("test broker gone".into()))?;
+        Ok(Connection {
+            stream: Box::new(agent_end),
+            path: "memory".into(),
+            fallback: false,
+        })
+    }
+
+    fn prefer(&mut self, path: &str) {
+        self.log.lock().expect("log").preferred.push(path.into());
+    }
+
+    fn redirect(&mut self, server_reference: &str) {
+        self.log
+            .lock()
+            .expect("log")
+            .redirects
+            .push(server_reference.into());
+    }
+}
+
+/// The next connection the agent opens, as the broker's peer.
+pub async fn next_connection(rx: &mut mpsc::UnboundedReceiver<DuplexStream>) -> Peer<DuplexStream> {
+    let stream = tokio::time::timeout(WAIT, rx.recv())
+        .await
+        .expect("agent did not connect in time")
+        .expect("connector dropped");
+    Peer::new(stream)
+}
+
+/// An agent config for tests: fast backoff, no start delay, unsigned wake-ups.
+pub fn test_config(state_dir: &Path, extra: &str) -> AgentConfig {
+    let text = format!(
+        r#"
+agent_id = "a1"
+tenant = "acme"
+state_dir = "{}"
+
+[broker]
+host = "127.0.0.1"
+keepalive_direct = "60s"
+ping_timeout = "1s"
+connect_timeout = "5s"
+
+[reconnect]
+backoff_base = "20ms"
+backoff_cap = "200ms"
+start_delay_max = "0s"
+busy_wait_min = "100ms"
+
+[wakeup]
+require_signature = false
+{extra}
+"#,
+        state_dir.display()
+    );
+    AgentConfig::parse(&text, Path::new("test.toml")).expect("test config")
+}
+
+/// `[actions.command]` running `script` with `/bin/sh -c` in `dir`. (The agent never uses a
+/// shell itself; the test's program happens to be one.)
+pub fn command_action(dir: &Path, script: &str, timeout: &str) -> String {
+    let argv = serde_json::to_string(&vec!["/bin/sh", "-c", script]).expect("json");
+    format!(
+        "[actions.command]\nargv = {argv}\ntimeout = \"{timeout}\"\nworking_dir = \"{}\"\n",
+        dir.display()
+    )
+}
+
+/// Polls `cond` every 20 ms until it holds; panics after `WAIT`.
+pub async fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !cond() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A free loopback port.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port()
+}
+
+/// A Mosquitto broker on a loopback port, killed on drop.
+pub struct Mosquitto {
+    child: Child,
+    pub port: u16,
+    _dir: tempfile::TempDir,
+}
+
+pub const MOSQUITTO: &str = "/usr/sbin/mosquitto";
+
+impl Mosquitto {
+    /// `None` (the test then says it skipped) when Mosquitto is not installed.
+    pub fn start(port: u16) -> Option<Self> {
+        if !Path::new(MOSQUITTO).exists() {
+            eprintln!("SKIPPED: {MOSQUITTO} not installed");
+            return None;
+        }
+        let dir = tempfile::tempdir().expect("tempdir");
+        let conf: PathBuf = dir.path().join("mosquitto.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nlog_dest stderr\nlog_type error\n"
+            ),
+        )
+        .expect("write mosquitto.conf");
+        let child = Command::new(MOSQUITTO)
+            .arg("-c")
+            .arg(&conf)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start mosquitto");
+        let m = Self {
+            child,
+            port,
+            _dir: dir,
+        };
+        // Ready when it accepts TCP.
+        let deadline = std::time::Instant::now() + WAIT;
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "mosquitto did not listen on {port}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Some(m)
+    }
+
+    pub fn stop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Mosquitto {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}

@@ -1,0 +1,426 @@
+//! The agent against an in-memory broker peer: the test plays the broker through the codec
+//! over `tokio::io::duplex` streams handed out by a test connector.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use beckon_agent::state::AgentState;
+use beckon_agent::{UnsignedWakeUpCheck, WakeUpCheck, run_agent};
+use beckon_mqtt::{ConnAck, Disconnect, Packet, Properties, ReasonCode};
+use common::*;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+struct RunningAgent {
+    stop: watch::Sender<bool>,
+    task: JoinHandle<Result<(), beckon_agent::AgentError>>,
+}
+
+impl RunningAgent {
+    async fn stop(self) {
+        let _ = self.stop.send(true);
+        tokio::time::timeout(WAIT, self.task)
+            .await
+            .expect("agent did not stop in time")
+            .expect("agent task panicked")
+            .expect("agent failed");
+    }
+}
+
+fn start(config: beckon_agent::AgentConfig, connector: ChannelConnector) -> RunningAgent {
+    let check: Arc<dyn WakeUpCheck> = Arc::new(UnsignedWakeUpCheck::new("a1", "acme"));
+    let (stop, stop_rx) = watch::channel(false);
+    let task = tokio::spawn(run_agent(config, connector, check, stop_rx));
+    RunningAgent { stop, task }
+}
+
+fn state(dir: &std::path::Path) -> AgentState {
+    AgentState::read(dir)
+        .expect("read state")
+        .expect("state written")
+}
+
+/// Reads acks until each id in `ids` has `finished`; returns them in arrival order.
+async fn acks_until_finished(
+    broker: &mut Peer<tokio::io::DuplexStream>,
+    ids: &[&str],
+) -> Vec<serde_json::Value> {
+    let mut acks = Vec::new();
+    while !ids.iter().all(|id| {
+        acks.iter()
+            .any(|a: &serde_json::Value| a["id"] == *id && a["stage"] == "finished")
+    }) {
+        let (ack, publish) = broker.next_ack().await;
+        assert_eq!(publish.topic, "agents/a1/ack");
+        acks.push(ack);
+    }
+    acks
+}
+
+fn stages_of(acks: &[serde_json::Value], id: &str) -> Vec<String> {
+    acks.iter()
+        .filter(|a| a["id"] == id)
+        .map(|a| a["stage"].as_str().unwrap_or("?").to_owned())
+        .collect()
+}
+
+#[tokio::test]
+async fn wakeup_runs_the_command_once_with_environment_and_stdin() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let script = r#"env | grep '^BECKON_' | sort > "env-$BECKON_WAKEUP_ID"; cat > "stdin-$BECKON_WAKEUP_ID"; echo run >> runs"#;
+    let config = test_config(dir.path(), &command_action(dir.path(), script, "10s"));
+    let (connector, mut conns, log) = channel_connector();
+    let agent = start(config, connector);
+
+    let mut broker = next_connection(&mut conns).await;
+    let connect = broker.accept_agent().await;
+    assert_eq!(connect.client_id, "a1");
+    assert!(
+        !connect.clean_start,
+        "persistent session so wake-ups queue while offline"
+    );
+    assert_eq!(connect.properties.session_expiry_interval, Some(86_400));
+    assert_eq!(connect.keep_alive, 60);
+
+    let payload = wakeup_json("w-1", "policy changed", 0);
+    broker.send_wakeup(7, "a1", &payload).await;
+    let acks = acks_until_finished(&mut broker, &["w-1"]).await;
+    assert_eq!(stages_of(&acks, "w-1"), ["received", "started", "finished"]);
+    let finished = &acks[2];
+    assert_eq!(finished["status"], "ok");
+    assert_eq!(finished["exit_code"], 0);
+    assert!(finished["duration_ms"].is_u64());
+
+    let runs = std::fs::read_to_string(dir.path().join("runs")).expect("command ran");
+    assert_eq!(runs.lines().count(), 1, "exactly one run");
+    let env = std::fs::read_to_string(dir.path().join("env-w-1")).expect("env written");
+    for line in [
+        "BECKON_WAKEUP_ID=w-1",
+        "BECKON_WAKEUP_REASON=policy changed",
+        "BECKON_WAKEUP_ACTION=checkin",
+        "BECKON_WAKEUP_COUNT=1",
+        "BECKON_AGENT_ID=a1",
+        "BECKON_TENANT=acme",
+    ] {
+        assert!(env.lines().any(|l| l == line), "missing {line:?} in\n{env}");
+    }
+    let stdin = std::fs::read(dir.path().join("stdin-w-1")).expect("stdin written");
+    assert_eq!(stdin, payload, "the wake-up JSON on stdin");
+
+    // The same wake-up again (a replay) is acknowledged at MQTT level and otherwise dropped.
+    broker.send_wakeup(8, "a1", &payload).await;
+    let again = wakeup_json("w-2", "second", 0);
+    broker.send_wakeup(9, "a1", &again).await;
+    let acks = acks_until_finished(&mut broker, &["w-2"]).await;
+    assert!(
+        acks.iter().all(|a| a["id"] == "w-2"),
+        "no ack for the replay: {acks:?}"
+    );
+    let runs = std::fs::read_to_string(dir.path().join("runs")).expect("runs");
+    assert_eq!(runs.lines().count(), 2);
+
+    let s = state(dir.path());
+    assert!(s.connected);
+    assert_eq!(s.path.as_deref(), Some("memory"));
+    assert_eq!(s.last_wakeup.as_ref().map(|w| w.id.as_str()), Some("w-2"));
+    assert_eq!(
+        s.last_result.as_ref().map(|r| r.status.as_str()),
+        Some("ok")
+    );
+    let text = beckon_agent::status::status_text(dir.path()).expect("status");
+    assert!(text.contains("connected via memory"), "{text}");
+    assert!(text.contains("w-2 (second)"), "{text}");
+    assert!(
+        log.lock()
+            .expect("log")
+            .preferred
+            .contains(&"memory".to_owned())
+    );
+
+    agent.stop().await;
+    assert!(
+        matches!(broker.try_recv().await, Some(Packet::Disconnect(_))),
+        "agent says DISCONNECT when it stops"
+    );
+    let text = beckon_agent::status::status_text(dir.path()).expect("status");
+    assert!(text.contains("NOT running"), "{text}");
+}
+
+#[tokio::test]
+async fn wakeups_during_a_run_merge_into_one_follow_up_run() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    // Records how many wake-ups each run answers, and is slow enough to overlap.
+    let script = r#"echo "$BECKON_WAKEUP_COUNT $BECKON_WAKEUP_IDS" >> runs; sleep 1"#;
+    let config = test_config(dir.path(), &command_action(dir.path(), script, "10s"));
+    let (connector, mut conns, _log) = channel_connector();
+    let agent = start(config, connector);
+    let mut broker = next_connection(&mut conns).await;
+    broker.accept_agent().await;
+
+    broker
+        .send_wakeup(1, "a1", &wakeup_json("first", "r", 0))
+        .await;
+    let (received, _) = broker.next_ack().await;
+    assert_eq!(
+        (received["id"].as_str(), received["stage"].as_str()),
+        (Some("first"), Some("received"))
+    );
+    let (started, _) = broker.next_ack().await;
+    assert_eq!(started["stage"], "started", "the first run is going on");
+
+    let later = ["m1", "m2", "m3", "m4", "m5"];
+    for (i, id) in later.iter().enumerate() {
+        broker
+            .send_wakeup(10 + i as u16, "a1", &wakeup_json(id, "r", 0))
+            .await;
+    }
+    let mut all = vec!["first"];
+    all.extend(later);
+    let acks = acks_until_finished(&mut broker, &all).await;
+    let runs = std::fs::read_to_string(dir.path().join("runs")).expect("runs");
+    let runs: Vec<&str> = runs.lines().collect();
+    assert_eq!(
+        runs,
+        ["1 first", "5 m1,m2,m3,m4,m5"],
+        "one run, then ONE follow-up run"
+    );
+    for id in later {
+        assert_eq!(
+            stages_of(&acks, id),
+            ["received", "started", "finished"],
+            "{id}"
+        );
+        let finished = acks
+            .iter()
+            .find(|a| a["id"] == id && a["stage"] == "finished")
+            .expect("finished");
+        assert_eq!(finished["merged"], 5);
+        assert_eq!(finished["status"], "ok");
+    }
+    let last = state(dir.path()).last_result.expect("result");
+    assert_eq!(last.wakeup_ids.len(), 5);
+    agent.stop().await;
+}
+
+#[tokio::test]
+async fn failing_and_hanging_commands_are_reported() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let script = r#"if [ "$BECKON_WAKEUP_ID" = fail ]; then exit 3; fi; sleep 30"#;
+    let config = test_config(dir.path(), &command_action(dir.path(), script, "500ms"));
+    let (connector, mut conns, _log) = channel_connector();
+    let agent = start(config, connector);
+    let mut broker = next_connection(&mut conns).await;
+    broker.accept_agent().await;
+
+    broker
+        .send_wakeup(1, "a1", &wakeup_json("fail", "r", 0))
+        .await;
+    let acks = acks_until_finished(&mut broker, &["fail"]).await;
+    let finished = acks.last().expect("finished");
+    assert_eq!(finished["status"], "failed");
+    assert_eq!(finished["exit_code"], 3);
+
+    broker
+        .send_wakeup(2, "a1", &wakeup_json("hang", "r", 0))
+        .await;
+    let acks = acks_until_finished(&mut broker, &["hang"]).await;
+    let finished = acks.last().expect("finished");
+    assert_eq!(finished["status"], "timeout", "{finished}");
+    assert!(
+        finished["detail"]
+            .as_str()
+            .is_some_and(|d| d.contains("killed"))
+    );
+    let s = state(dir.path());
+    assert!(s.last_error.expect("error").message.contains("killed"));
+    agent.stop().await;
+}
+
+#[tokio::test]
+async fn refused_wakeups_are_acknowledged_but_not_run() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = test_config(
+        dir.path(),
+        &command_action(dir.path(), "echo run >> runs", "5s"),
+    );
+    let (connector, mut conns, _log) = channel_connector();
+    let agent = start(config, connector);
+    let mut broker = next_connection(&mut conns).await;
+    broker.accept_agent().await;
+
+    let expired = br#"{"v":1,"id":"old","issued_at":1,"expires_at":2}"#;
+    broker.send_wakeup(1, "a1", expired).await;
+    broker.send_wakeup(2, "a1", b"not json at all").await;
+    let now = beckon_agent::timefmt::unix_now();
+    let other = format!(
+        r#"{{"id":"x","issued_at":{now},"expires_at":{},"agent_id":"a2"}}"#,
+        now + 60
+    );
+    broker.send_wakeup(3, "a1", other.as_bytes()).await;
+    // A valid one afterwards proves nothing else was queued before it.
+    broker
+        .send_wakeup(4, "a1", &wakeup_json("ok", "r", 0))
+        .await;
+    let acks = acks_until_finished(&mut broker, &["ok"]).await;
+    assert!(acks.iter().all(|a| a["id"] == "ok"), "{acks:?}");
+    let runs = std::fs::read_to_string(dir.path().join("runs")).expect("runs");
+    assert_eq!(runs.lines().count(), 1);
+    let error = state(dir.path())
+        .last_error
+        .expect("error recorded")
+        .message;
+    assert!(error.contains("addressed to"), "{error}");
+    agent.stop().await;
+}
+
+#[tokio::test]
+async fn missing_pingresp_means_dead_connection_and_the_agent_reconnects() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut config = test_config(dir.path(), "");
+    config.broker.keepalive_direct = Duration::from_secs(1);
+    let (connector, mut conns, log) = channel_connector();
+    let agent = start(config, connector);
+
+    let mut broker = next_connection(&mut conns).await;
+    let connect = broker.accept_agent().await;
+    assert_eq!(connect.keep_alive, 1);
+    // The agent pings within its keepalive; the broker keeps silent.
+    assert_eq!(broker.recv().await, Packet::PingReq);
+    let mut second = next_connection(&mut conns).await;
+    second.accept_agent().await;
+    assert_eq!(log.lock().expect("log").connects, 2);
+    let error = state(dir.path()).last_error.expect("error").message;
+    assert!(error.contains("keepalive ping"), "{error}");
+    // The new connection is healthy: pings answered, no third connection.
+    assert_eq!(second.recv().await, Packet::PingReq);
+    second.send(Packet::PingResp).await;
+    assert_eq!(second.recv().await, Packet::PingReq);
+    second.send(Packet::PingResp).await;
+    assert!(
+        conns.try_recv().is_err(),
+        "no reconnect while pings are answered"
+    );
+    // The first stream was dropped by the agent.
+    assert!(broker.try_recv().await.is_none());
+    agent.stop().await;
+}
+
+#[tokio::test]
+async fn server_busy_redirect_and_refused_credentials_are_handled() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (connector, mut conns, log) = channel_connector();
+    let agent = start(test_config(dir.path(), ""), connector);
+
+    // 1. Use another server: the connector is told where.
+    let mut b = next_connection(&mut conns).await;
+    assert!(matches!(b.recv().await, Packet::Connect(_)));
+    b.send(Packet::ConnAck(ConnAck {
+        session_present: false,
+        code: ReasonCode::USE_ANOTHER_SERVER,
+        properties: Properties {
+            server_reference: Some("b2.example.com:8883".into()),
+            ..Properties::default()
+        },
+    }))
+    .await;
+
+    // 2. Server busy: the agent waits at least busy_wait_min (100 ms) before coming back.
+    let mut b = next_connection(&mut conns).await;
+    assert_eq!(log.lock().expect("log").redirects, ["b2.example.com:8883"]);
+    assert!(matches!(b.recv().await, Packet::Connect(_)));
+    b.send(Packet::ConnAck(ConnAck {
+        session_present: false,
+        code: ReasonCode::SERVER_BUSY,
+        properties: Properties::default(),
+    }))
+    .await;
+    let refused_at = tokio::time::Instant::now();
+    let mut b = next_connection(&mut conns).await;
+    let waited = refused_at.elapsed();
+    assert!(
+        waited >= Duration::from_millis(100),
+        "busy wait was only {waited:?}"
+    );
+    let error = state(dir.path()).last_error.expect("error").message;
+    assert!(error.contains("server busy"), "{error}");
+
+    // 3. Bad credentials: logged clearly, retried near the cap (200 ms), not given up.
+    assert!(matches!(b.recv().await, Packet::Connect(_)));
+    b.send(Packet::ConnAck(ConnAck {
+        session_present: false,
+        code: ReasonCode::BAD_USER_NAME_OR_PASSWORD,
+        properties: Properties::default(),
+    }))
+    .await;
+    let refused_at = tokio::time::Instant::now();
+    let mut b = next_connection(&mut conns).await;
+    let waited = refused_at.elapsed();
+    assert!(
+        waited >= Duration::from_millis(100),
+        "credential wait was only {waited:?}"
+    );
+    let error = state(dir.path()).last_error.expect("error").message;
+    assert!(error.contains("bad credentials"), "{error}");
+
+    // 4. A server DISCONNECT with "server moved" mid-session is followed too.
+    b.accept_agent().await;
+    b.send(Packet::Disconnect(Disconnect {
+        code: ReasonCode::SERVER_MOVED,
+        properties: Properties {
+            server_reference: Some("b3.example.com".into()),
+            ..Properties::default()
+        },
+    }))
+    .await;
+    let mut b = next_connection(&mut conns).await;
+    assert_eq!(
+        log.lock().expect("log").redirects,
+        ["b2.example.com:8883", "b3.example.com"]
+    );
+    b.accept_agent().await;
+    agent.stop().await;
+}
+
+#[tokio::test]
+async fn unacknowledged_acks_are_resent_after_a_reconnect() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = test_config(dir.path(), &command_action(dir.path(), "true", "5s"));
+    let (connector, mut conns, _log) = channel_connector();
+    let agent = start(config, connector);
+    let mut broker = next_connection(&mut conns).await;
+    broker.accept_agent().await;
+    broker.send_wakeup(1, "a1", &wakeup_json("w", "r", 0)).await;
+    // Read the three acks without PUBACKing them, then cut the connection.
+    let mut first = Vec::new();
+    while first.len() < 3 {
+        match broker.recv_answering_pings().await {
+            Packet::Publish(p) => first.push(p),
+            other => panic!("expected ack, got {other:?}"),
+        }
+    }
+    drop(broker);
+    let mut broker = next_connection(&mut conns).await;
+    broker.accept_agent().await;
+    let mut again = Vec::new();
+    for _ in 0..3 {
+        let (json, p) = broker.next_ack().await;
+        assert!(p.dup, "resent with DUP");
+        again.push((
+            json["stage"].as_str().unwrap_or("?").to_owned(),
+            p.packet_id,
+        ));
+    }
+    let ids: Vec<_> = first.iter().map(|p| p.packet_id).collect();
+    assert_eq!(
+        again,
+        vec![
+            ("received".to_owned(), ids[0]),
+            ("started".to_owned(), ids[1]),
+            ("finished".to_owned(), ids[2])
+        ],
+        "same order, same packet ids"
+    );
+    agent.stop().await;
+}
