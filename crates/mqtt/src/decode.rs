@@ -43,6 +43,11 @@ fn fixed_header(buf: &[u8], max_packet_size: u32) -> Result<Option<(usize, usize
 /// The length of the first whole frame in `buf` (fixed header included), `Ok(None)` when more
 /// bytes are needed. Checks the remaining length encoding and `max_packet_size` from the fixed
 /// header alone, so a caller can refuse an oversized packet before buffering it.
+///
+/// `max_packet_size` bounds the whole packet, fixed header included (the v5 Maximum Packet
+/// Size); `u32::MAX` leaves only the protocol's own limit. Errors: `PacketTooLarge` (0x95) as
+/// soon as the remaining length is known, `Malformed` (0x81) for a remaining length longer
+/// than four bytes or not in its shortest form.
 pub fn frame_len(buf: &[u8], max_packet_size: u32) -> Result<Option<usize>, DecodeError> {
     Ok(fixed_header(buf, max_packet_size)?.map(|(header, remaining)| header + remaining))
 }
@@ -82,6 +87,16 @@ fn check_first_byte(first: u8, version: ProtocolVersion) -> Result<(), DecodeErr
 /// when the frame is not complete yet. `version` is the connection's negotiated version; a
 /// CONNECT is decoded by the version it names itself. After an error the connection must be
 /// closed: the buffer is left in an unspecified state.
+///
+/// The first header byte is checked before the rest of the frame arrives (packet type 0,
+/// reserved flags, QoS 3), and the size limit as soon as the fixed header is complete, so
+/// nothing is buffered for a packet that will be refused. Payloads and binary properties are
+/// slices of the frame (no copy); strings are checked (well-formed UTF-8, no U+0000) and owned.
+///
+/// Not judged here, because the answer depends on session state or direction: topic filter
+/// syntax (SUBACK 0x8F), `$share` with No Local, topic alias above the negotiated maximum,
+/// subscription identifiers in a client's PUBLISH, client identifier rules, and whether a
+/// reason code is one the packet type defines (codes are kept as numbers).
 pub fn decode(
     buf: &mut BytesMut,
     version: ProtocolVersion,

@@ -26,33 +26,6 @@ fn props_field(len: usize) -> usize {
     wire::varint_len(len) + len
 }
 
-/// Maps a CONNACK reason code to its MQTT 3.1.1 return code: values 0..=5 are already v3.1.1
-/// return codes; v5 codes map to the nearest meaning.
-pub(crate) fn connack_code_v311(code: ReasonCode) -> u8 {
-    match code.0 {
-        c @ 0..=5 => c,
-        // Unsupported protocol version -> unacceptable protocol version.
-        0x84 => 1,
-        // Client identifier not valid -> identifier rejected.
-        0x85 => 2,
-        // Bad user name or password -> bad user name or password.
-        0x86 => 4,
-        // Not authorized, banned, bad authentication method -> not authorized.
-        0x87 | 0x8A | 0x8C => 5,
-        // Server unavailable, busy and every other failure -> server unavailable.
-        _ => 3,
-    }
-}
-
-/// Maps a SUBACK reason code to its MQTT 3.1.1 return code: granted QoS 0..=2 stay, every
-/// failure becomes 0x80 [MQTT-3.9.3-2].
-pub(crate) fn suback_code_v311(code: ReasonCode) -> u8 {
-    match code.0 {
-        c @ 0..=2 => c,
-        _ => 0x80,
-    }
-}
-
 /// The v5 reason code and properties tail of acks, DISCONNECT and AUTH: left out entirely when
 /// the code is 0 and there are no properties, the properties left out when empty.
 fn tail_len(
@@ -296,7 +269,7 @@ fn write(packet: &Packet, version: ProtocolVersion, lens: Lens, buf: &mut BytesM
                 buf.put_u8(c.code.0);
                 props::put(buf, &c.properties, lens.props);
             } else {
-                buf.put_u8(connack_code_v311(c.code));
+                buf.put_u8(c.code.to_v311_connack());
             }
         }
         Packet::Publish(p) => {
@@ -341,7 +314,7 @@ fn write(packet: &Packet, version: ProtocolVersion, lens: Lens, buf: &mut BytesM
                 }
             } else {
                 for &c in &s.codes {
-                    buf.put_u8(suback_code_v311(c));
+                    buf.put_u8(c.to_v311_suback());
                 }
             }
         }

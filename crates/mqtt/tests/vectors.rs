@@ -213,6 +213,13 @@ fn connack_v5_codes_map_to_v311_return_codes() {
             "CONNACK {v5:#04x}"
         );
     }
+    // Naming a decoded v3.1.1 return code with its v5 meaning, and back.
+    for v311 in 0u8..=5 {
+        let named = ReasonCode::from_v311_connack(v311);
+        assert_eq!(named.to_v311_connack(), v311);
+        assert_eq!(named.is_error(), v311 != 0);
+    }
+    assert_eq!(ReasonCode::from_v311_connack(5), ReasonCode::NOT_AUTHORIZED);
     // v5 keeps the reason code and adds the property length.
     let packet = Packet::ConnAck(ConnAck {
         code: ReasonCode::BANNED,
