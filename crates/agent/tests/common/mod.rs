@@ -64,6 +64,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Peer<S> {
         .expect("no packet within the test's wait")
     }
 
+    /// The next packet within `limit`, `None` on timeout or end of stream.
+    pub async fn recv_within(&mut self, limit: Duration) -> Option<Packet> {
+        tokio::time::timeout(limit, self.try_recv())
+            .await
+            .ok()
+            .flatten()
+    }
+
     pub async fn recv(&mut self) -> Packet {
         self.try_recv()
             .await

@@ -1,0 +1,191 @@
+//! The agent against a real broker, Debian's Mosquitto (started on a free loopback port,
+//! killed on drop). The test's "server" is a plain MQTT client that publishes wake-ups and
+//! reads the acks.
+
+mod common;
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use beckon_agent::state::AgentState;
+use beckon_agent::{PlainTcpConnector, UnsignedWakeUpCheck, WakeUpCheck, run_agent};
+use beckon_mqtt::Packet;
+use common::*;
+use tokio::net::TcpStream;
+use tokio::sync::watch;
+
+fn agent_config(dir: &Path, port: u16) -> beckon_agent::AgentConfig {
+    let script = r#"echo "$BECKON_WAKEUP_ID" >> runs; cat > "stdin-$BECKON_WAKEUP_ID""#;
+    let mut config = test_config(dir, &command_action(dir, script, "10s"));
+    config.broker.plain_port = Some(port);
+    config
+}
+
+fn start_agent(
+    config: beckon_agent::AgentConfig,
+    port: u16,
+) -> (
+    watch::Sender<bool>,
+    tokio::task::JoinHandle<Result<(), beckon_agent::AgentError>>,
+) {
+    let connector = PlainTcpConnector::new("127.0.0.1", port, Duration::from_secs(2));
+    let check: Arc<dyn WakeUpCheck> = Arc::new(UnsignedWakeUpCheck::new("a1", "acme"));
+    let (stop, stop_rx) = watch::channel(false);
+    (
+        stop,
+        tokio::spawn(run_agent(config, connector, check, stop_rx)),
+    )
+}
+
+fn connected(dir: &Path) -> bool {
+    AgentState::read(dir)
+        .ok()
+        .flatten()
+        .is_some_and(|s| s.connected)
+}
+
+async fn server_client(port: u16, name: &str) -> Peer<TcpStream> {
+    let stream = tokio::time::timeout(WAIT, TcpStream::connect(("127.0.0.1", port)))
+        .await
+        .expect("connect in time")
+        .expect("connect to mosquitto");
+    let mut peer = Peer::new(stream);
+    peer.client_connect(name).await;
+    peer.client_subscribe("agents/a1/ack").await;
+    peer
+}
+
+/// Publishes the wake-up until the agent acknowledges receiving it (the agent's subscription
+/// may not be in place the very first moment), then returns every ack up to `finished`.
+async fn wake(server: &mut Peer<TcpStream>, id: &str, packet_id: u16) -> Vec<serde_json::Value> {
+    let payload = wakeup_json(id, "test", 0);
+    let mut acks: Vec<serde_json::Value> = Vec::new();
+    'publish: for _ in 0..5 {
+        server
+            .send(publish("agents/a1/wake", packet_id, &payload))
+            .await;
+        loop {
+            match server.recv_within(Duration::from_secs(2)).await {
+                None => continue 'publish,
+                Some(Packet::PubAck(_)) => {}
+                Some(Packet::Publish(p)) => {
+                    if let Some(pid) = p.packet_id {
+                        server
+                            .send(Packet::PubAck(beckon_mqtt::Ack::new(pid)))
+                            .await;
+                    }
+                    let ack: serde_json::Value = serde_json::from_slice(&p.payload).expect("json");
+                    let done = ack["id"] == id && ack["stage"] == "finished";
+                    acks.push(ack);
+                    if done {
+                        return acks;
+                    }
+                }
+                Some(other) => panic!("unexpected {other:?}"),
+            }
+        }
+    }
+    panic!("the agent never acknowledged wake-up {id}");
+}
+
+fn stages(acks: &[serde_json::Value]) -> Vec<&str> {
+    acks.iter().filter_map(|a| a["stage"].as_str()).collect()
+}
+
+#[tokio::test]
+async fn agent_survives_a_broker_restart_through_mosquitto() {
+    let port = free_port();
+    let Some(mut broker) = Mosquitto::start(port) else {
+        return;
+    };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (stop, task) = start_agent(agent_config(dir.path(), port), port);
+
+    eventually("agent connected", || connected(dir.path())).await;
+    let mut server = server_client(port, "console").await;
+    let acks = wake(&mut server, "before", 1).await;
+    assert_eq!(stages(&acks), ["received", "started", "finished"]);
+
+    // The broker goes away: the agent notices and says so.
+    broker.stop();
+    eventually("agent noticed the broker is gone", || {
+        !connected(dir.path())
+    })
+    .await;
+    let text = beckon_agent::status::status_text(dir.path()).expect("status");
+    assert!(text.contains("NOT connected"), "{text}");
+    assert!(
+        text.contains("Last error:   broker closed the connection")
+            || text.contains("connection failed"),
+        "{text}"
+    );
+
+    // It comes back: the agent reconnects by itself and wake-ups work again.
+    let _broker = Mosquitto::start(port).expect("restart mosquitto");
+    eventually("agent reconnected", || connected(dir.path())).await;
+    let mut server = server_client(port, "console-2").await;
+    let acks = wake(&mut server, "after", 2).await;
+    assert_eq!(stages(&acks), ["received", "started", "finished"]);
+    let runs = std::fs::read_to_string(dir.path().join("runs")).expect("runs");
+    assert_eq!(runs.lines().collect::<Vec<_>>(), ["before", "after"]);
+
+    let _ = stop.send(true);
+    tokio::time::timeout(WAIT, task)
+        .await
+        .expect("stops")
+        .expect("no panic")
+        .expect("ok");
+}
+
+#[tokio::test]
+async fn wakeups_sent_while_the_agent_is_offline_wait_in_its_session() {
+    let port = free_port();
+    let Some(_broker) = Mosquitto::start(port) else {
+        return;
+    };
+    let dir = tempfile::tempdir().expect("tempdir");
+
+    // First run: the persistent session and its subscription are created.
+    let (stop, task) = start_agent(agent_config(dir.path(), port), port);
+    eventually("agent connected", || connected(dir.path())).await;
+    let mut server = server_client(port, "console").await;
+    wake(&mut server, "online", 1).await;
+    let _ = stop.send(true);
+    tokio::time::timeout(WAIT, task)
+        .await
+        .expect("stops")
+        .expect("no panic")
+        .expect("ok");
+
+    // While it is away, a wake-up is published (QoS 1): the broker queues it.
+    let payload = wakeup_json("queued", "while offline", 0);
+    server.send(publish("agents/a1/wake", 2, &payload)).await;
+
+    // Second run: the queued wake-up arrives and runs.
+    let (stop, task) = start_agent(agent_config(dir.path(), port), port);
+    let mut finished = false;
+    while !finished {
+        match server.recv().await {
+            Packet::Publish(p) => {
+                if let Some(pid) = p.packet_id {
+                    server
+                        .send(Packet::PubAck(beckon_mqtt::Ack::new(pid)))
+                        .await;
+                }
+                let ack: serde_json::Value = serde_json::from_slice(&p.payload).expect("json");
+                finished = ack["id"] == "queued" && ack["stage"] == "finished";
+            }
+            Packet::PubAck(_) => {}
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    let stdin = std::fs::read(dir.path().join("stdin-queued")).expect("queued wake-up ran");
+    assert_eq!(stdin, payload);
+    let _ = stop.send(true);
+    tokio::time::timeout(WAIT, task)
+        .await
+        .expect("stops")
+        .expect("no panic")
+        .expect("ok");
+}
