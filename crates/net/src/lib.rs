@@ -16,6 +16,43 @@
 //!
 //! All waits are bounded by explicit timeouts; all errors say what failed, where, and the
 //! likely fix.
+//!
+//! An agent's connection loop, in short:
+//!
+//! ```no_run
+//! use std::sync::Arc;
+//! use std::time::Instant;
+//! use beckon_net::{Backoff, BackoffConfig, ConnectionLadder, LadderConfig, TlsClient};
+//! use beckon_net::{TlsSettings, TrustAnchors};
+//!
+//! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+//! let tls = Arc::new(TlsClient::new(&TlsSettings {
+//!     trust: TrustAnchors::CaFile("state/ca.pem".into()),
+//!     ..TlsSettings::default()
+//! })?);
+//! let mut config = LadderConfig::new("broker.example");
+//! config.proxy = Some("http://proxy.example:3128".parse()?);
+//! let stored: Option<String> = None; // the path that worked last time, from the state folder
+//! let mut ladder = ConnectionLadder::new(config, tls)
+//!     .with_last_working(stored.and_then(|s| s.parse().ok()));
+//! let mut backoff = Backoff::new(BackoffConfig::default())?;
+//! tokio::time::sleep(backoff.startup_delay()).await;
+//! let connected = loop {
+//!     match ladder.connect().await {
+//!         Ok(connected) => break connected,
+//!         Err(every_rung) => {
+//!             eprintln!("{every_rung}");
+//!             tokio::time::sleep(backoff.next_delay()).await;
+//!         }
+//!     }
+//! };
+//! // Store `connected.path.to_string()`; speak MQTT on `connected.stream` with keepalive
+//! // `connected.path.recommended_keepalive()`; after CONNACK:
+//! backoff.connected(Instant::now());
+//! // ... and when the connection drops:
+//! backoff.disconnected(Instant::now());
+//! # Ok(()) }
+//! ```
 
 #![forbid(unsafe_code)]
 

@@ -140,8 +140,9 @@ impl fmt::Display for ProxyUrl {
     }
 }
 
-/// `host:port`, with brackets around an IPv6 literal.
+/// `host:port`, with brackets around an IPv6 literal (given with or without brackets).
 pub(crate) fn authority(host: &str, port: u16) -> String {
+    let host = host.trim_start_matches('[').trim_end_matches(']');
     if host.contains(':') {
         format!("[{host}]:{port}")
     } else {
@@ -536,6 +537,13 @@ mod tests {
         let mut early = [0u8; 5];
         tunnel.read_exact(&mut early).await.expect("leftover bytes");
         assert_eq!(&early, b"EARLY");
+    }
+
+    #[test]
+    fn authority_brackets_ipv6_once() {
+        assert_eq!(authority("broker.example", 8883), "broker.example:8883");
+        assert_eq!(authority("::1", 443), "[::1]:443");
+        assert_eq!(authority("[::1]", 443), "[::1]:443");
     }
 
     #[tokio::test]

@@ -558,7 +558,7 @@ fn from_certificate_error(server: String, error: &CertificateError) -> TlsError 
         },
         CertificateError::NotValidForNameContext { presented, .. } => TlsError::WrongHostName {
             server,
-            presented: presented.clone(),
+            presented: presented.iter().map(|n| plain_name(n)).collect(),
         },
         CertificateError::InvalidPurpose | CertificateError::InvalidPurposeContext { .. } => {
             TlsError::BadCertificate {
@@ -583,6 +583,24 @@ fn from_certificate_error(server: String, error: &CertificateError) -> TlsError 
             detail: rustls::Error::InvalidCertificate(other.clone()).to_string(),
         },
     }
+}
+
+/// The verifier lists presented names in its debug form (`DnsName("a.example")`,
+/// `IpAddress(192.0.2.1)`); an operator wants just the names.
+fn plain_name(presented: &str) -> String {
+    if let Some(dns) = presented
+        .strip_prefix("DnsName(\"")
+        .and_then(|r| r.strip_suffix("\")"))
+    {
+        return dns.to_owned();
+    }
+    if let Some(ip) = presented
+        .strip_prefix("IpAddress(")
+        .and_then(|r| r.strip_suffix(')'))
+    {
+        return ip.to_owned();
+    }
+    presented.to_owned()
 }
 
 fn load_roots(trust: &TrustAnchors) -> Result<RootCertStore, TlsConfigError> {
@@ -678,4 +696,16 @@ fn load_identity(identity: &ClientIdentity) -> Result<Identity, TlsConfigError> 
         detail: format!("holds no usable private key: {e}"),
     })?;
     Ok((chain, key))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn presented_names_are_plain() {
+        assert_eq!(plain_name("DnsName(\"broker.example\")"), "broker.example");
+        assert_eq!(plain_name("IpAddress(192.0.2.1)"), "192.0.2.1");
+        assert_eq!(plain_name("DirectoryName"), "DirectoryName");
+    }
 }

@@ -379,3 +379,36 @@ async fn connects_from_a_chosen_source_address() {
     let mut connected = ladder.connect().await.expect("connects");
     round_trip(&mut connected).await;
 }
+
+#[tokio::test]
+async fn one_path_at_a_time_for_the_doctor() {
+    let ca = TestCa::new("CA");
+    // A TLS server that chooses no ALPN at all and echoes whatever it gets.
+    let plain_tls = start_tls_server(server_config(
+        ca.server_cert(&["localhost", "127.0.0.1"]),
+        &[],
+    ))
+    .await;
+    let cfg = config("127.0.0.1", refused_port(), plain_tls.port());
+    let tls = tls_client(&ca);
+
+    let err = beckon_net::connect_path(&cfg, &tls, &Path::direct(Transport::Mqtts))
+        .await
+        .expect_err("refused");
+    assert_eq!(err.stage(), Stage::Tcp);
+
+    let err = beckon_net::connect_path(&cfg, &tls, &Path::direct(Transport::AlpnMqtt))
+        .await
+        .expect_err("no ALPN chosen");
+    assert_eq!(err.stage(), Stage::Tls);
+    assert!(
+        matches!(err, PathError::AlpnNotNegotiated { chosen: None, .. }),
+        "{err}"
+    );
+    assert!(err.to_string().contains("it chose none"), "{err}");
+
+    let err = beckon_net::connect_path(&cfg, &tls, &Path::direct(Transport::WebSocket))
+        .await
+        .expect_err("an echo is no WebSocket upgrade");
+    assert_eq!(err.stage(), Stage::WebSocket, "{err}");
+}
