@@ -247,7 +247,6 @@ impl ProxyError {
         matches!(
             self,
             Self::AuthenticationRequired { .. }
-                | Self::Closed { .. }
                 | Self::HeaderTooLarge { .. }
                 | Self::Malformed { .. }
         )

@@ -352,6 +352,17 @@ impl TlsClient {
         })
     }
 
+    /// Wraps a rustls configuration built elsewhere (for example by the PKI crate). Its ALPN
+    /// list is replaced per connection; `min_version` is only used in error messages, the
+    /// versions are those `config` allows.
+    pub fn from_config(config: ClientConfig, min_version: TlsVersion) -> Self {
+        Self {
+            base: Arc::new(config),
+            min_version,
+            by_alpn: Mutex::new(Vec::new()),
+        }
+    }
+
     /// The oldest TLS version this client accepts.
     pub fn min_version(&self) -> TlsVersion {
         self.min_version

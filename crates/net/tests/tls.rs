@@ -394,3 +394,22 @@ fn a_key_that_does_not_match_its_certificate_is_refused() {
     .expect_err("mismatched key");
     assert!(matches!(err, TlsConfigError::Rejected(_)), "{err}");
 }
+
+#[tokio::test]
+async fn a_configuration_built_elsewhere_can_be_used() {
+    let ca = TestCa::new("CA");
+    let server = start_tls_server(server_config(ca.server_cert(&["localhost"]), &["mqtt"])).await;
+    let config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::aws_lc_rs::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .expect("versions")
+    .with_root_certificates(ca.root_store())
+    .with_no_client_auth();
+    let client = TlsClient::from_config(config, TlsVersion::Tls12);
+    let (_stream, info) = client
+        .connect(tcp(&server).await, "localhost", &["mqtt"], WAIT)
+        .await
+        .expect("handshake");
+    assert_eq!(info.alpn.as_deref(), Some("mqtt"));
+}
