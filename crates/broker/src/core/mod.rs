@@ -5,10 +5,28 @@
 //! The tokio layer (`crate::server`) owns one [`BrokerCore`] in one task, feeds it the decoded
 //! packets of every connection and carries out the actions it returns.
 
+mod message;
+mod retained;
+mod session;
+mod topic_tree;
+
+#[cfg(test)]
+mod tests;
+
+use std::collections::{BTreeSet, HashMap};
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use beckon_mqtt::{Connect, Packet, QoS};
+use beckon_mqtt::{
+    Ack, ConnAck, Connect, Disconnect, Packet, Properties, ProtocolVersion, Publish, QoS,
+    ReasonCode, RetainHandling, SubAck, Subscribe, UnsubAck, Unsubscribe, Will,
+};
+
+use message::Message;
+use retained::RetainedStore;
+use session::{Link, Pending, Session};
+use topic_tree::{Hit, SessionKey, SubEntry, TopicTree, parse_filter};
 
 /// Identifies one network connection for the lifetime of the process (never reused).
 pub type ConnId = u64;
@@ -78,6 +96,8 @@ pub enum CloseReason {
 }
 
 /// An instruction from the core to the network layer.
+// Boxing the packet would cost an allocation per action on the hot path.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq)]
 pub enum Action {
     /// Encode and send this packet on the connection (in order of the actions).
@@ -95,16 +115,81 @@ pub enum Action {
     },
 }
 
+/// Counters of the core, for metrics. Every field only grows.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CoreStats {
+    /// PUBLISH packets accepted from clients (duplicates of QoS 2 retransmissions excluded).
+    pub publishes_received: u64,
+    /// PUBLISH packets sent to clients (redeliveries included).
+    pub publishes_sent: u64,
+    /// Will messages published.
+    pub wills_published: u64,
+    /// QoS 1/2 deliveries dropped because the session's queue was full.
+    pub dropped_queue_full: u64,
+    /// Deliveries dropped because they exceeded the client's Maximum Packet Size.
+    pub dropped_too_large: u64,
+    /// Deliveries dropped because the message expired before it could be sent.
+    pub dropped_expired: u64,
+    /// QoS 0 deliveries dropped because the persistent session was offline.
+    pub dropped_qos0_offline: u64,
+    /// Connections closed because another connection took their session over.
+    pub sessions_taken_over: u64,
+    /// Offline sessions ended by their expiry interval.
+    pub sessions_expired: u64,
+    /// Connections closed by the core for a protocol error.
+    pub protocol_errors: u64,
+}
+
 /// The broker's whole protocol state.
+///
+/// Choices where the specification leaves room (and how they compare with Mosquitto):
+/// - A message matching several subscriptions of one client is sent once, with the highest
+///   granted QoS and all their Subscription Identifiers ([MQTT-3.3.4-2], [MQTT-3.3.4-4]);
+///   Mosquitto 2.0 sends v5 clients one copy per subscription. A shared subscription that
+///   matches gets its own copy.
+/// - Inbound QoS 2 messages are forwarded on PUBLISH and only the packet id is kept until
+///   PUBREL (the specification's method B); Mosquitto holds the message until PUBREL.
+/// - QoS 0 messages are not queued for offline sessions (as Mosquitto by default).
+/// - On takeover the old connection's will is published only when its session ends (new
+///   clean start, or the old session's expiry was 0), as Mosquitto does: the new connection
+///   arrives before any will delay elapsed ([MQTT-3.1.2-8]).
+/// - v3.1.1 clients with keep alive 0 or above `max_keep_alive` are refused (return code 2),
+///   as Mosquitto does, since v3.1.1 cannot tell them another value.
+/// - Unacknowledged QoS 1/2 messages that expired while the client was away are not resent.
+/// - On shutdown wills are not published.
 #[derive(Debug)]
 pub struct BrokerCore {
-    _config: CoreConfig,
+    config: CoreConfig,
+    sessions: HashMap<SessionKey, Session>,
+    by_client_id: HashMap<String, SessionKey>,
+    conns: HashMap<ConnId, SessionKey>,
+    tree: TopicTree,
+    retained: RetainedStore,
+    /// Offline sessions with a delayed will or an expiry, by deadline.
+    timers: BTreeSet<(Instant, SessionKey)>,
+    next_session: SessionKey,
+    next_assigned_id: u64,
+    stats: CoreStats,
+    /// Reused buffer for the subscriptions matching one publish.
+    hits: Vec<Hit>,
 }
 
 impl BrokerCore {
     /// A broker with no sessions, subscriptions or retained messages.
     pub fn new(config: CoreConfig) -> Self {
-        Self { _config: config }
+        Self {
+            config,
+            sessions: HashMap::new(),
+            by_client_id: HashMap::new(),
+            conns: HashMap::new(),
+            tree: TopicTree::default(),
+            retained: RetainedStore::default(),
+            timers: BTreeSet::new(),
+            next_session: 1,
+            next_assigned_id: 1,
+            stats: CoreStats::default(),
+            hits: Vec::new(),
+        }
     }
 
     /// A CONNECT arrived on a new connection (already authenticated by the network layer).
@@ -119,8 +204,207 @@ impl BrokerCore {
         info: ConnectionInfo,
         out: &mut Vec<Action>,
     ) {
-        let _ = (now, conn, connect, info, out);
-        todo!("broker core")
+        if self.conns.contains_key(&conn) {
+            // A second CONNECT on one connection is a protocol error [MQTT-3.1.0-2].
+            self.kick(now, conn, ReasonCode::PROTOCOL_ERROR, out);
+            return;
+        }
+        if let Some(code) = self.refusal(&connect) {
+            out.push(Action::Send {
+                conn,
+                packet: Packet::ConnAck(ConnAck {
+                    session_present: false,
+                    code,
+                    properties: Properties::default(),
+                }),
+            });
+            out.push(Action::Close { conn });
+            return;
+        }
+        let mut connect = connect;
+        let v5 = connect.protocol == ProtocolVersion::V5;
+        let assigned = connect.client_id.is_empty();
+        let client_id = if assigned {
+            self.assign_client_id()
+        } else {
+            std::mem::take(&mut connect.client_id)
+        };
+        let requested_expiry = if v5 {
+            connect.properties.session_expiry_interval.unwrap_or(0)
+        } else if connect.clean_start {
+            0
+        } else {
+            // A v3.1.1 persistent session lasts as long as the broker allows.
+            u32::MAX
+        };
+        let expiry = requested_expiry.min(self.config.max_session_expiry);
+
+        let mut session_present = false;
+        let existing = self.by_client_id.get(&client_id).copied();
+        let key = match existing.and_then(|key| self.take_over(now, key, connect.clean_start, out))
+        {
+            Some(key) => {
+                session_present = true;
+                key
+            }
+            None => {
+                let key = self.next_session;
+                self.next_session += 1;
+                self.sessions
+                    .insert(key, Session::new(client_id.clone(), connect.protocol));
+                self.by_client_id.insert(client_id.clone(), key);
+                key
+            }
+        };
+
+        let config = &self.config;
+        let Some(session) = self.sessions.get_mut(&key) else {
+            return;
+        };
+        session.protocol = connect.protocol;
+        session.conn = Some(conn);
+        session.expiry = expiry;
+        session.connect_expiry_zero = requested_expiry == 0;
+        session.link = Link {
+            receive_maximum: if v5 {
+                connect.properties.receive_maximum.unwrap_or(u16::MAX)
+            } else {
+                u16::MAX
+            },
+            max_packet_size: if v5 {
+                connect.properties.maximum_packet_size
+            } else {
+                None
+            },
+            aliases: HashMap::new(),
+            info: Some(info),
+        };
+        session.will = connect.will.take().map(|mut will| {
+            // Only v3.1.1 gets here with these (v5 was refused): downgrade silently.
+            will.qos = will.qos.min(config.max_qos);
+            will.retain &= config.retain_available;
+            will
+        });
+        self.conns.insert(conn, key);
+
+        let mut properties = Properties::default();
+        if v5 {
+            if assigned {
+                properties.assigned_client_identifier = Some(client_id);
+            }
+            if expiry != requested_expiry {
+                properties.session_expiry_interval = Some(expiry);
+            }
+            properties.receive_maximum = Some(config.receive_maximum.max(1));
+            if config.max_qos < QoS::ExactlyOnce {
+                properties.maximum_qos = Some(config.max_qos as u8);
+            }
+            if !config.retain_available {
+                properties.retain_available = Some(0);
+            }
+            properties.maximum_packet_size = Some(config.max_packet_size);
+            if config.topic_alias_maximum > 0 {
+                properties.topic_alias_maximum = Some(config.topic_alias_maximum);
+            }
+            if let Some(max) = config.max_keep_alive
+                && (connect.keep_alive == 0 || connect.keep_alive > max)
+            {
+                properties.server_keep_alive = Some(max);
+            }
+            properties.wildcard_subscription_available = Some(1);
+            properties.subscription_identifier_available = Some(1);
+            properties.shared_subscription_available = Some(1);
+        }
+        out.push(Action::Send {
+            conn,
+            packet: Packet::ConnAck(ConnAck {
+                session_present,
+                code: ReasonCode::SUCCESS,
+                properties,
+            }),
+        });
+        if session_present {
+            session.resume(now, config, &mut self.stats, out);
+        }
+    }
+
+    /// Why a CONNECT is refused before any session state is touched, if it is.
+    fn refusal(&self, connect: &Connect) -> Option<ReasonCode> {
+        let config = &self.config;
+        match connect.protocol {
+            ProtocolVersion::V5 => {
+                if connect.properties.authentication_method.is_some() {
+                    // No enhanced authentication is offered.
+                    return Some(ReasonCode::BAD_AUTHENTICATION_METHOD);
+                }
+                if let Some(will) = &connect.will {
+                    if will.qos > config.max_qos {
+                        return Some(ReasonCode::QOS_NOT_SUPPORTED);
+                    }
+                    if will.retain && !config.retain_available {
+                        return Some(ReasonCode::RETAIN_NOT_SUPPORTED);
+                    }
+                }
+                None
+            }
+            ProtocolVersion::V311 => {
+                if connect.client_id.is_empty() && !connect.clean_start {
+                    // [MQTT-3.1.3-8]: return code 2, identifier rejected.
+                    return Some(ReasonCode::CLIENT_IDENTIFIER_NOT_VALID);
+                }
+                if let Some(max) = config.max_keep_alive
+                    && (connect.keep_alive == 0 || connect.keep_alive > max)
+                {
+                    return Some(ReasonCode::CLIENT_IDENTIFIER_NOT_VALID);
+                }
+                None
+            }
+        }
+    }
+
+    /// A new connection claims the session `key`: closes its old connection, if any, and
+    /// either ends the session (returns `None`; the old will is published) or keeps it for the
+    /// new connection (returns `Some(key)`; the old will is discarded).
+    fn take_over(
+        &mut self,
+        now: Instant,
+        key: SessionKey,
+        clean_start: bool,
+        out: &mut Vec<Action>,
+    ) -> Option<SessionKey> {
+        let session = self.sessions.get_mut(&key)?;
+        if let Some(old) = session.conn.take() {
+            self.conns.remove(&old);
+            if session.protocol == ProtocolVersion::V5 {
+                out.push(disconnect(old, ReasonCode::SESSION_TAKEN_OVER));
+            }
+            out.push(Action::Close { conn: old });
+            self.stats.sessions_taken_over += 1;
+        }
+        let will = session.will.take();
+        session.will_at = None;
+        session.expires_at = None;
+        let ends = clean_start || session.expiry == 0;
+        self.reschedule(key);
+        if ends {
+            self.end_session(key);
+            if let Some(will) = will {
+                self.publish_will(now, key, will, out);
+            }
+            None
+        } else {
+            Some(key)
+        }
+    }
+
+    fn assign_client_id(&mut self) -> String {
+        loop {
+            let id = format!("beckon-auto-{:08x}", self.next_assigned_id);
+            self.next_assigned_id += 1;
+            if !self.by_client_id.contains_key(&id) {
+                return id;
+            }
+        }
     }
 
     /// Any packet after CONNECT on an established connection.
@@ -131,8 +415,493 @@ impl BrokerCore {
         packet: Packet,
         out: &mut Vec<Action>,
     ) {
-        let _ = (now, conn, packet, out);
-        todo!("broker core")
+        let Some(&key) = self.conns.get(&conn) else {
+            // Not (or no longer) connected: the network layer will drop the connection.
+            return;
+        };
+        match packet {
+            Packet::Publish(publish) => self.on_publish(now, conn, key, publish, out),
+            Packet::PubAck(ack) => {
+                if let Some(session) = self.sessions.get_mut(&key)
+                    && session.on_puback(ack.packet_id)
+                {
+                    session.pump(now, &self.config, &mut self.stats, out);
+                }
+            }
+            Packet::PubRec(ack) => {
+                if let Some(session) = self.sessions.get_mut(&key) {
+                    if let Some(release) = session.on_pubrec(ack.packet_id, ack.code) {
+                        out.push(Action::Send {
+                            conn,
+                            packet: Packet::PubRel(release),
+                        });
+                    }
+                    session.pump(now, &self.config, &mut self.stats, out);
+                }
+            }
+            Packet::PubComp(ack) => {
+                if let Some(session) = self.sessions.get_mut(&key)
+                    && session.on_pubcomp(ack.packet_id)
+                {
+                    session.pump(now, &self.config, &mut self.stats, out);
+                }
+            }
+            Packet::PubRel(ack) => {
+                if let Some(session) = self.sessions.get_mut(&key) {
+                    let known = session.incoming_qos2.remove(&ack.packet_id);
+                    let code = if known || session.protocol == ProtocolVersion::V311 {
+                        ReasonCode::SUCCESS
+                    } else {
+                        ReasonCode::PACKET_IDENTIFIER_NOT_FOUND
+                    };
+                    out.push(Action::Send {
+                        conn,
+                        packet: Packet::PubComp(Ack {
+                            code,
+                            ..Ack::new(ack.packet_id)
+                        }),
+                    });
+                }
+            }
+            Packet::Subscribe(subscribe) => self.on_subscribe(now, conn, key, subscribe, out),
+            Packet::Unsubscribe(unsubscribe) => self.on_unsubscribe(conn, key, unsubscribe, out),
+            Packet::PingReq => out.push(Action::Send {
+                conn,
+                packet: Packet::PingResp,
+            }),
+            Packet::Disconnect(d) => self.on_disconnect(now, conn, key, d, out),
+            // A second CONNECT, AUTH without enhanced authentication, or a packet only a
+            // server sends.
+            Packet::Connect(_)
+            | Packet::Auth(_)
+            | Packet::ConnAck(_)
+            | Packet::SubAck(_)
+            | Packet::UnsubAck(_)
+            | Packet::PingResp => self.kick(now, conn, ReasonCode::PROTOCOL_ERROR, out),
+        }
+    }
+
+    fn on_publish(
+        &mut self,
+        now: Instant,
+        conn: ConnId,
+        key: SessionKey,
+        mut publish: Publish,
+        out: &mut Vec<Action>,
+    ) {
+        let Some(session) = self.sessions.get_mut(&key) else {
+            return;
+        };
+        let v5 = session.protocol == ProtocolVersion::V5;
+        if let Some(alias) = publish.properties.topic_alias {
+            if alias == 0 || alias > self.config.topic_alias_maximum {
+                self.kick(now, conn, ReasonCode::TOPIC_ALIAS_INVALID, out);
+                return;
+            }
+            if publish.topic.is_empty() {
+                match session.link.aliases.get(&alias) {
+                    Some(topic) => publish.topic.clone_from(topic),
+                    None => {
+                        self.kick(now, conn, ReasonCode::PROTOCOL_ERROR, out);
+                        return;
+                    }
+                }
+            } else {
+                session.link.aliases.insert(alias, publish.topic.clone());
+            }
+        }
+        if publish.topic.is_empty() || publish.topic.contains(['+', '#', '\0']) {
+            self.kick(now, conn, ReasonCode::TOPIC_NAME_INVALID, out);
+            return;
+        }
+        if publish.qos > self.config.max_qos {
+            self.kick(now, conn, ReasonCode::QOS_NOT_SUPPORTED, out);
+            return;
+        }
+        if publish.retain && !self.config.retain_available {
+            self.kick(now, conn, ReasonCode::RETAIN_NOT_SUPPORTED, out);
+            return;
+        }
+        let packet_id = match (publish.qos, publish.packet_id) {
+            (QoS::AtMostOnce, _) => 0,
+            (_, Some(id)) if id != 0 => id,
+            _ => {
+                self.kick(now, conn, ReasonCode::PROTOCOL_ERROR, out);
+                return;
+            }
+        };
+        if publish.qos == QoS::ExactlyOnce && session.incoming_qos2.contains(&packet_id) {
+            // A retransmission before PUBREL: acknowledge again, deliver nothing.
+            out.push(Action::Send {
+                conn,
+                packet: Packet::PubRec(Ack::new(packet_id)),
+            });
+            return;
+        }
+        if publish.qos != QoS::AtMostOnce
+            && session.incoming_qos2.len() >= usize::from(self.config.receive_maximum.max(1))
+        {
+            self.kick(now, conn, ReasonCode::RECEIVE_MAXIMUM_EXCEEDED, out);
+            return;
+        }
+        if publish.qos == QoS::ExactlyOnce {
+            session.incoming_qos2.insert(packet_id);
+        }
+        self.stats.publishes_received += 1;
+        let qos = publish.qos;
+        let message = Message::new(
+            now,
+            publish.topic,
+            publish.payload,
+            publish.qos,
+            publish.retain,
+            publish.properties,
+        );
+        let matched = self.publish_message(now, Some(key), Arc::new(message), out);
+        let code = if v5 && !matched {
+            ReasonCode::NO_MATCHING_SUBSCRIBERS
+        } else {
+            ReasonCode::SUCCESS
+        };
+        let ack = Ack {
+            code,
+            ..Ack::new(packet_id)
+        };
+        match qos {
+            QoS::AtMostOnce => {}
+            QoS::AtLeastOnce => out.push(Action::Send {
+                conn,
+                packet: Packet::PubAck(ack),
+            }),
+            QoS::ExactlyOnce => out.push(Action::Send {
+                conn,
+                packet: Packet::PubRec(ack),
+            }),
+        }
+    }
+
+    /// Stores (if retained) and routes a message to every matching subscription. Returns
+    /// whether at least one subscription received it.
+    fn publish_message(
+        &mut self,
+        now: Instant,
+        publisher: Option<SessionKey>,
+        message: Arc<Message>,
+        out: &mut Vec<Action>,
+    ) -> bool {
+        if message.retain && self.config.retain_available {
+            self.retained.store(&message);
+        }
+        let mut hits = std::mem::take(&mut self.hits);
+        hits.clear();
+        let sessions = &self.sessions;
+        self.tree.matches(
+            &message.topic,
+            &|key| sessions.get(&key).is_some_and(|s| s.conn.is_some()),
+            &mut hits,
+        );
+        if hits.len() > 1 {
+            // Normal subscriptions of one session next to each other, to merge them.
+            hits.sort_unstable_by_key(|h| (h.shared, h.entry.session));
+        }
+        let mut matched = false;
+        let mut i = 0;
+        while i < hits.len() {
+            let first = hits[i];
+            let mut qos = None;
+            let mut retain_as_published = false;
+            let mut sub_ids = Vec::new();
+            let mut j = i;
+            while j < hits.len()
+                && (j == i || (!first.shared && !hits[j].shared))
+                && hits[j].entry.session == first.entry.session
+            {
+                let entry = hits[j].entry;
+                j += 1;
+                if entry.no_local && Some(entry.session) == publisher {
+                    continue;
+                }
+                qos = qos.max(Some(entry.qos));
+                retain_as_published |= entry.retain_as_published;
+                sub_ids.extend(entry.id);
+            }
+            i = j;
+            let Some(qos) = qos else {
+                continue;
+            };
+            let Some(session) = self.sessions.get_mut(&first.entry.session) else {
+                continue;
+            };
+            matched = true;
+            let delivery = Pending {
+                msg: Arc::clone(&message),
+                qos: qos.min(message.qos),
+                retain: message.retain && retain_as_published,
+                sub_ids,
+            };
+            session.deliver(now, delivery, &self.config, &mut self.stats, out);
+        }
+        self.hits = hits;
+        matched
+    }
+
+    fn publish_will(
+        &mut self,
+        now: Instant,
+        publisher: SessionKey,
+        will: Will,
+        out: &mut Vec<Action>,
+    ) {
+        self.stats.wills_published += 1;
+        let message = Message::new(
+            now,
+            will.topic,
+            will.payload,
+            will.qos,
+            will.retain,
+            will.properties,
+        );
+        self.publish_message(now, Some(publisher), Arc::new(message), out);
+    }
+
+    fn on_subscribe(
+        &mut self,
+        now: Instant,
+        conn: ConnId,
+        key: SessionKey,
+        subscribe: Subscribe,
+        out: &mut Vec<Action>,
+    ) {
+        let shared_no_local = subscribe.subscriptions.iter().any(|s| {
+            s.options.no_local && parse_filter(&s.filter).is_some_and(|f| f.share_group.is_some())
+        });
+        if shared_no_local {
+            // [MQTT-3.8.3-4]
+            self.kick(now, conn, ReasonCode::PROTOCOL_ERROR, out);
+            return;
+        }
+        let Some(session) = self.sessions.get_mut(&key) else {
+            return;
+        };
+        let v5 = session.protocol == ProtocolVersion::V5;
+        let sub_id = subscribe
+            .properties
+            .subscription_identifiers
+            .first()
+            .copied();
+        let mut codes = Vec::with_capacity(subscribe.subscriptions.len());
+        let mut retained = Vec::new();
+        for sub in &subscribe.subscriptions {
+            let Some(filter) = parse_filter(&sub.filter) else {
+                codes.push(if v5 {
+                    ReasonCode::TOPIC_FILTER_INVALID
+                } else {
+                    ReasonCode::UNSPECIFIED_ERROR
+                });
+                continue;
+            };
+            let qos = sub.options.qos.min(self.config.max_qos);
+            let existed = self.tree.insert(
+                filter,
+                SubEntry {
+                    session: key,
+                    qos,
+                    no_local: sub.options.no_local,
+                    retain_as_published: sub.options.retain_as_published,
+                    id: sub_id,
+                },
+            );
+            if !existed {
+                session.subscriptions.push(sub.filter.as_str().into());
+            }
+            codes.push(ReasonCode(qos as u8));
+            // Retained messages are never sent for shared subscriptions.
+            let send_retained = filter.share_group.is_none()
+                && match sub.options.retain_handling {
+                    RetainHandling::SendAtSubscribe => true,
+                    RetainHandling::SendAtSubscribeIfNew => !existed,
+                    RetainHandling::DoNotSend => false,
+                };
+            if send_retained {
+                for msg in self.retained.matching(filter.filter, now) {
+                    retained.push(Pending {
+                        qos: msg.qos.min(qos),
+                        retain: true,
+                        sub_ids: sub_id.into_iter().collect(),
+                        msg,
+                    });
+                }
+            }
+        }
+        out.push(Action::Send {
+            conn,
+            packet: Packet::SubAck(SubAck {
+                packet_id: subscribe.packet_id,
+                codes,
+                properties: Properties::default(),
+            }),
+        });
+        for delivery in retained {
+            session.deliver(now, delivery, &self.config, &mut self.stats, out);
+        }
+    }
+
+    fn on_unsubscribe(
+        &mut self,
+        conn: ConnId,
+        key: SessionKey,
+        unsubscribe: Unsubscribe,
+        out: &mut Vec<Action>,
+    ) {
+        let Some(session) = self.sessions.get_mut(&key) else {
+            return;
+        };
+        let v5 = session.protocol == ProtocolVersion::V5;
+        let mut codes = Vec::new();
+        for raw in &unsubscribe.filters {
+            let position = session.subscriptions.iter().position(|f| **f == **raw);
+            let removed = match (position, parse_filter(raw)) {
+                (Some(index), Some(filter)) => {
+                    session.subscriptions.swap_remove(index);
+                    self.tree.remove(filter, key)
+                }
+                _ => false,
+            };
+            if v5 {
+                codes.push(if removed {
+                    ReasonCode::SUCCESS
+                } else {
+                    ReasonCode::NO_SUBSCRIPTION_EXISTED
+                });
+            }
+        }
+        out.push(Action::Send {
+            conn,
+            packet: Packet::UnsubAck(UnsubAck {
+                packet_id: unsubscribe.packet_id,
+                codes,
+                properties: Properties::default(),
+            }),
+        });
+    }
+
+    fn on_disconnect(
+        &mut self,
+        now: Instant,
+        conn: ConnId,
+        key: SessionKey,
+        d: Disconnect,
+        out: &mut Vec<Action>,
+    ) {
+        let Some(session) = self.sessions.get_mut(&key) else {
+            return;
+        };
+        if session.protocol == ProtocolVersion::V5
+            && let Some(expiry) = d.properties.session_expiry_interval
+        {
+            if session.connect_expiry_zero && expiry != 0 {
+                // [MQTT-3.14.2-2]
+                self.kick(now, conn, ReasonCode::PROTOCOL_ERROR, out);
+                return;
+            }
+            session.expiry = expiry.min(self.config.max_session_expiry);
+        }
+        let with_will =
+            session.protocol == ProtocolVersion::V5 && d.code == ReasonCode::DISCONNECT_WITH_WILL;
+        if !with_will {
+            // [MQTT-3.14.4-3]: a normal disconnection discards the will.
+            session.will = None;
+        }
+        self.conns.remove(&conn);
+        out.push(Action::Close { conn });
+        self.detach(now, key, out);
+    }
+
+    /// Closes a connection for a protocol error found by the core: DISCONNECT with `code`
+    /// to a v5 client, then Close; the will is published.
+    fn kick(&mut self, now: Instant, conn: ConnId, code: ReasonCode, out: &mut Vec<Action>) {
+        self.stats.protocol_errors += 1;
+        let Some(key) = self.conns.remove(&conn) else {
+            out.push(Action::Close { conn });
+            return;
+        };
+        if self
+            .sessions
+            .get(&key)
+            .is_some_and(|s| s.protocol == ProtocolVersion::V5)
+        {
+            out.push(disconnect(conn, code));
+        }
+        out.push(Action::Close { conn });
+        self.detach(now, key, out);
+    }
+
+    /// The session's connection is gone (already removed from `conns`): publishes or delays
+    /// the will, and ends the session or starts its expiry.
+    fn detach(&mut self, now: Instant, key: SessionKey, out: &mut Vec<Action>) {
+        let Some(session) = self.sessions.get_mut(&key) else {
+            return;
+        };
+        session.conn = None;
+        session.link.aliases = HashMap::new();
+        let will = session.will.take();
+        if session.expiry == 0 {
+            self.end_session(key);
+            if let Some(will) = will {
+                self.publish_will(now, key, will, out);
+            }
+            return;
+        }
+        let expiry = Duration::from_secs(u64::from(session.expiry));
+        session.expires_at = (session.expiry != u32::MAX).then(|| now + expiry);
+        if let Some(will) = will {
+            let delay = will.properties.will_delay_interval.unwrap_or(0);
+            if delay == 0 {
+                self.publish_will(now, key, will, out);
+            } else if let Some(session) = self.sessions.get_mut(&key) {
+                // Published when the delay elapses or the session ends, whichever is first.
+                let delay = Duration::from_secs(u64::from(delay)).min(expiry);
+                session.will = Some(will);
+                session.will_at = Some(now + delay);
+            }
+        }
+        self.reschedule(key);
+    }
+
+    /// Re-registers the session's next deadline (delayed will or expiry) in the timer set.
+    fn reschedule(&mut self, key: SessionKey) {
+        let Some(session) = self.sessions.get_mut(&key) else {
+            return;
+        };
+        if let Some(old) = session.timer.take() {
+            self.timers.remove(&(old, key));
+        }
+        let next = match (session.will_at, session.expires_at) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        if let Some(at) = next {
+            self.timers.insert((at, key));
+            session.timer = Some(at);
+        }
+    }
+
+    /// Forgets a session: its subscriptions, queues and timers.
+    fn end_session(&mut self, key: SessionKey) {
+        let Some(session) = self.sessions.remove(&key) else {
+            return;
+        };
+        if self.by_client_id.get(&session.client_id) == Some(&key) {
+            self.by_client_id.remove(&session.client_id);
+        }
+        if let Some(at) = session.timer {
+            self.timers.remove(&(at, key));
+        }
+        for raw in &session.subscriptions {
+            if let Some(filter) = parse_filter(raw) {
+                self.tree.remove(filter, key);
+            }
+        }
     }
 
     /// The connection is gone. Publishes the will (after its delay) unless the client sent a
@@ -144,33 +913,144 @@ impl BrokerCore {
         reason: CloseReason,
         out: &mut Vec<Action>,
     ) {
-        let _ = (now, conn, reason, out);
-        todo!("broker core")
+        // Every reason publishes the will: a normal DISCONNECT already removed it, and a
+        // connection the core closed itself is no longer known here.
+        let _ = reason;
+        if let Some(key) = self.conns.remove(&conn) {
+            self.detach(now, key, out);
+        }
     }
 
     /// Advances time: delayed wills, session expiry, message expiry. Returns when it next
     /// needs to be called.
     pub fn tick(&mut self, now: Instant, out: &mut Vec<Action>) -> Option<Instant> {
-        let _ = (now, out);
-        todo!("broker core")
+        while let Some(&(at, key)) = self.timers.first() {
+            if at > now {
+                break;
+            }
+            self.timers.pop_first();
+            let Some(session) = self.sessions.get_mut(&key) else {
+                continue;
+            };
+            session.timer = None;
+            if session.conn.is_some() {
+                continue;
+            }
+            if session.will_at.is_some_and(|t| t <= now) {
+                session.will_at = None;
+                if let Some(will) = session.will.take() {
+                    self.publish_will(now, key, will, out);
+                }
+            }
+            let expired = self
+                .sessions
+                .get(&key)
+                .is_some_and(|s| s.expires_at.is_some_and(|t| t <= now));
+            if expired {
+                self.stats.sessions_expired += 1;
+                self.end_session(key);
+            } else {
+                self.reschedule(key);
+            }
+        }
+        self.retained.purge(now);
+        let sessions = self.timers.first().map(|(at, _)| *at);
+        match (sessions, self.retained.next_expiry()) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
     }
 
     /// Graceful shutdown: DISCONNECT 0x8B (Server shutting down) to every v5 client, then
     /// Close for every connection.
     pub fn shutdown(&mut self, out: &mut Vec<Action>) {
-        let _ = out;
-        todo!("broker core")
+        let mut conns: Vec<(ConnId, SessionKey)> = self.conns.drain().collect();
+        conns.sort_unstable();
+        for (conn, key) in conns {
+            let Some(session) = self.sessions.get_mut(&key) else {
+                out.push(Action::Close { conn });
+                continue;
+            };
+            if session.protocol == ProtocolVersion::V5 {
+                out.push(disconnect(conn, ReasonCode::SERVER_SHUTTING_DOWN));
+            }
+            out.push(Action::Close { conn });
+            session.conn = None;
+            session.will = None;
+            if session.expiry == 0 {
+                self.end_session(key);
+            }
+        }
     }
 
     /// Number of live connections the core knows.
     pub fn connection_count(&self) -> usize {
-        todo!("broker core")
+        self.conns.len()
+    }
+
+    /// Number of sessions, online and offline.
+    pub fn session_count(&self) -> usize {
+        self.sessions.len()
+    }
+
+    /// Number of subscriptions (shared group members included).
+    pub fn subscription_count(&self) -> usize {
+        self.tree.len()
+    }
+
+    /// Number of retained messages.
+    pub fn retained_count(&self) -> usize {
+        self.retained.len()
+    }
+
+    /// Messages waiting in session queues (offline sessions or full windows); walks all
+    /// sessions, so call it for a metrics scrape, not per packet.
+    pub fn queued_messages(&self) -> usize {
+        self.sessions.values().map(|s| s.queue.len()).sum()
+    }
+
+    /// QoS 1/2 messages sent and not yet acknowledged, over all sessions; walks all sessions.
+    pub fn inflight_messages(&self) -> usize {
+        self.sessions.values().map(|s| s.inflight.len()).sum()
+    }
+
+    /// The counters since start.
+    pub fn stats(&self) -> &CoreStats {
+        &self.stats
+    }
+
+    /// The client id of a live connection (the assigned one for an empty CONNECT id).
+    pub fn client_id(&self, conn: ConnId) -> Option<&str> {
+        let key = self.conns.get(&conn)?;
+        self.sessions.get(key).map(|s| s.client_id.as_str())
+    }
+
+    /// Address and path of a live connection, as given to [`BrokerCore::handle_connect`].
+    pub fn connection_info(&self, conn: ConnId) -> Option<&ConnectionInfo> {
+        let key = self.conns.get(&conn)?;
+        self.sessions.get(key)?.link.info.as_ref()
+    }
+
+    /// The configuration in force.
+    pub fn config(&self) -> &CoreConfig {
+        &self.config
+    }
+}
+
+/// A DISCONNECT with `code`, for a v5 connection.
+fn disconnect(conn: ConnId, code: ReasonCode) -> Action {
+    Action::Send {
+        conn,
+        packet: Packet::Disconnect(Disconnect {
+            code,
+            properties: Properties::default(),
+        }),
     }
 }
 
 /// Effective keep alive of a connection, as announced in the CONNACK that the core sent:
 /// the Server Keep Alive property if present, else the client's value. `None` when 0 (off).
-pub fn effective_keep_alive(connect: &Connect, connack: &beckon_mqtt::ConnAck) -> Option<Duration> {
+pub fn effective_keep_alive(connect: &Connect, connack: &ConnAck) -> Option<Duration> {
     let secs = connack
         .properties
         .server_keep_alive

@@ -1,0 +1,1405 @@
+//! Behaviour of the core as clients see it: an in-memory harness feeds CONNECT and packets,
+//! advances a fake clock, and inspects the actions that come out. No sockets, no real time.
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::time::{Duration, Instant};
+
+use beckon_mqtt::{
+    Ack, Auth, ConnAck, Connect, Disconnect, Packet, Properties, ProtocolVersion, Publish, QoS,
+    ReasonCode, RetainHandling, Subscribe, Subscription, SubscriptionOptions, Unsubscribe, Will,
+};
+use bytes::Bytes;
+
+use super::{
+    Action, BrokerCore, CloseReason, ConnId, ConnectionInfo, CoreConfig, effective_keep_alive,
+};
+
+/// A broker core with a fake clock and numbered connections.
+struct Harness {
+    core: BrokerCore,
+    now: Instant,
+    next_conn: ConnId,
+}
+
+impl Harness {
+    fn new() -> Self {
+        Self::with_config(CoreConfig::default())
+    }
+
+    fn with_config(config: CoreConfig) -> Self {
+        Self {
+            core: BrokerCore::new(config),
+            now: Instant::now(),
+            next_conn: 1,
+        }
+    }
+
+    /// Opens a connection with `connect`; returns its id and the actions (CONNACK first).
+    fn connect(&mut self, connect: Connect) -> (ConnId, Vec<Action>) {
+        let conn = self.next_conn;
+        self.next_conn += 1;
+        let mut out = Vec::new();
+        let info = ConnectionInfo {
+            remote_addr: SocketAddr::from((Ipv4Addr::LOCALHOST, 40000)),
+            path: "8883",
+        };
+        self.core
+            .handle_connect(self.now, conn, connect, info, &mut out);
+        (conn, out)
+    }
+
+    /// Connects and asserts success; returns the connection and its CONNACK.
+    fn connect_ok(&mut self, connect: Connect) -> (ConnId, ConnAck, Vec<Action>) {
+        let (conn, out) = self.connect(connect);
+        let Some(Packet::ConnAck(ack)) = packets(&out, conn).first().cloned() else {
+            panic!("no CONNACK first: {out:?}");
+        };
+        assert_eq!(ack.code, ReasonCode::SUCCESS, "{ack:?}");
+        (conn, ack, out)
+    }
+
+    fn send(&mut self, conn: ConnId, packet: Packet) -> Vec<Action> {
+        let mut out = Vec::new();
+        self.core.handle_packet(self.now, conn, packet, &mut out);
+        out
+    }
+
+    fn close(&mut self, conn: ConnId) -> Vec<Action> {
+        let mut out = Vec::new();
+        self.core
+            .handle_close(self.now, conn, CloseReason::Transport, &mut out);
+        out
+    }
+
+    fn advance(&mut self, secs: u64) -> Vec<Action> {
+        self.now += Duration::from_secs(secs);
+        let mut out = Vec::new();
+        self.core.tick(self.now, &mut out);
+        out
+    }
+
+    /// Subscribes `conn` to `filter` and returns the actions (SUBACK, retained messages).
+    fn subscribe(&mut self, conn: ConnId, filter: &str, qos: QoS) -> Vec<Action> {
+        self.send(conn, subscribe(1, filter, options(qos)))
+    }
+}
+
+fn v5(client_id: &str) -> Connect {
+    Connect {
+        protocol: ProtocolVersion::V5,
+        clean_start: true,
+        keep_alive: 60,
+        client_id: client_id.into(),
+        will: None,
+        username: None,
+        password: None,
+        properties: Properties::default(),
+    }
+}
+
+/// A v5 CONNECT that resumes (clean start 0) with a session expiry interval.
+fn v5_persistent(client_id: &str, expiry: u32) -> Connect {
+    let mut c = v5(client_id);
+    c.clean_start = false;
+    c.properties.session_expiry_interval = Some(expiry);
+    c
+}
+
+fn v3(client_id: &str, clean: bool) -> Connect {
+    Connect {
+        protocol: ProtocolVersion::V311,
+        clean_start: clean,
+        ..v5(client_id)
+    }
+}
+
+fn with_will(mut c: Connect, topic: &str, delay: Option<u32>) -> Connect {
+    c.will = Some(Will {
+        topic: topic.into(),
+        payload: Bytes::from_static(b"gone"),
+        qos: QoS::AtLeastOnce,
+        retain: false,
+        properties: Properties {
+            will_delay_interval: delay,
+            ..Properties::default()
+        },
+    });
+    c
+}
+
+fn options(qos: QoS) -> SubscriptionOptions {
+    SubscriptionOptions {
+        qos,
+        ..SubscriptionOptions::default()
+    }
+}
+
+fn subscribe(packet_id: u16, filter: &str, options: SubscriptionOptions) -> Packet {
+    Packet::Subscribe(Subscribe {
+        packet_id,
+        subscriptions: vec![Subscription {
+            filter: filter.into(),
+            options,
+        }],
+        properties: Properties::default(),
+    })
+}
+
+fn publish(topic: &str, payload: &'static str, qos: QoS, packet_id: Option<u16>) -> Publish {
+    Publish {
+        dup: false,
+        qos,
+        retain: false,
+        topic: topic.into(),
+        packet_id,
+        payload: Bytes::from_static(payload.as_bytes()),
+        properties: Properties::default(),
+    }
+}
+
+fn pub_packet(topic: &str, payload: &'static str, qos: QoS, packet_id: Option<u16>) -> Packet {
+    Packet::Publish(publish(topic, payload, qos, packet_id))
+}
+
+fn packets(actions: &[Action], conn: ConnId) -> Vec<Packet> {
+    actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::Send { conn: c, packet } if *c == conn => Some(packet.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
+fn publishes(actions: &[Action], conn: ConnId) -> Vec<Publish> {
+    packets(actions, conn)
+        .into_iter()
+        .filter_map(|p| match p {
+            Packet::Publish(p) => Some(p),
+            _ => None,
+        })
+        .collect()
+}
+
+fn payloads(actions: &[Action], conn: ConnId) -> Vec<String> {
+    publishes(actions, conn)
+        .iter()
+        .map(|p| String::from_utf8_lossy(&p.payload).into_owned())
+        .collect()
+}
+
+fn closed(actions: &[Action], conn: ConnId) -> bool {
+    actions
+        .iter()
+        .any(|a| matches!(a, Action::Close { conn: c } if *c == conn))
+}
+
+/// The reason code of the DISCONNECT sent to `conn`, if one was sent.
+fn disconnect_code(actions: &[Action], conn: ConnId) -> Option<ReasonCode> {
+    packets(actions, conn).into_iter().find_map(|p| match p {
+        Packet::Disconnect(d) => Some(d.code),
+        _ => None,
+    })
+}
+
+// ---------------------------------------------------------------------------------------
+// CONNECT and CONNACK
+
+#[test]
+fn v5_connack_announces_the_limits() {
+    let mut h = Harness::with_config(CoreConfig {
+        max_keep_alive: Some(30),
+        ..CoreConfig::default()
+    });
+    let connect = v5("agent-1");
+    let (_, ack, _) = h.connect_ok(connect.clone());
+    let p = &ack.properties;
+    assert!(!ack.session_present);
+    assert_eq!(p.receive_maximum, Some(64));
+    assert_eq!(p.maximum_packet_size, Some(1024 * 1024));
+    assert_eq!(p.topic_alias_maximum, Some(64));
+    assert_eq!(p.maximum_qos, None, "QoS 2 is supported: no Maximum QoS");
+    assert_eq!(p.retain_available, None);
+    assert_eq!(p.wildcard_subscription_available, Some(1));
+    assert_eq!(p.subscription_identifier_available, Some(1));
+    assert_eq!(p.shared_subscription_available, Some(1));
+    assert_eq!(
+        p.server_keep_alive,
+        Some(30),
+        "client asked 60, the server caps at 30"
+    );
+    assert_eq!(
+        effective_keep_alive(&connect, &ack),
+        Some(Duration::from_secs(30))
+    );
+    assert_eq!(p.assigned_client_identifier, None);
+}
+
+#[test]
+fn v5_connack_reports_reduced_capabilities() {
+    let mut h = Harness::with_config(CoreConfig {
+        max_qos: QoS::AtLeastOnce,
+        retain_available: false,
+        topic_alias_maximum: 0,
+        max_session_expiry: 100,
+        ..CoreConfig::default()
+    });
+    let (_, ack, _) = h.connect_ok(v5_persistent("a", 1000));
+    assert_eq!(ack.properties.maximum_qos, Some(1));
+    assert_eq!(ack.properties.retain_available, Some(0));
+    assert_eq!(ack.properties.topic_alias_maximum, None);
+    assert_eq!(
+        ack.properties.session_expiry_interval,
+        Some(100),
+        "capped expiry announced"
+    );
+    assert_eq!(ack.properties.server_keep_alive, None);
+}
+
+#[test]
+fn v3_connack_has_no_properties_and_keeps_client_keep_alive() {
+    let mut h = Harness::new();
+    let connect = v3("agent-1", true);
+    let (conn, ack, _) = h.connect_ok(connect.clone());
+    assert!(ack.properties.is_empty());
+    assert_eq!(
+        effective_keep_alive(&connect, &ack),
+        Some(Duration::from_secs(60))
+    );
+    assert_eq!(h.core.connection_count(), 1);
+    assert_eq!(h.core.client_id(conn), Some("agent-1"));
+    assert_eq!(h.core.connection_info(conn).map(|i| i.path), Some("8883"));
+}
+
+#[test]
+fn v3_keep_alive_above_server_maximum_is_refused() {
+    let mut h = Harness::with_config(CoreConfig {
+        max_keep_alive: Some(30),
+        ..CoreConfig::default()
+    });
+    let (conn, out) = h.connect(v3("a", true));
+    assert!(
+        matches!(&packets(&out, conn)[0], Packet::ConnAck(a) if a.code == ReasonCode::CLIENT_IDENTIFIER_NOT_VALID)
+    );
+    assert!(closed(&out, conn));
+    let mut ok = v3("b", true);
+    ok.keep_alive = 30;
+    h.connect_ok(ok);
+}
+
+#[test]
+fn empty_client_id_gets_a_unique_assigned_id() {
+    let mut h = Harness::new();
+    let (c1, a1, _) = h.connect_ok(v5(""));
+    let (c2, a2, _) = h.connect_ok(v5(""));
+    let id1 = a1
+        .properties
+        .assigned_client_identifier
+        .expect("assigned id");
+    let id2 = a2
+        .properties
+        .assigned_client_identifier
+        .expect("assigned id");
+    assert_ne!(id1, id2);
+    assert_eq!(h.core.client_id(c1), Some(id1.as_str()));
+    assert_eq!(h.core.client_id(c2), Some(id2.as_str()));
+    // v3.1.1: accepted with clean session 1 (no property to tell the id), refused with 0.
+    let (c3, a3, _) = h.connect_ok(v3("", true));
+    assert!(a3.properties.assigned_client_identifier.is_none());
+    assert!(h.core.client_id(c3).is_some_and(|id| !id.is_empty()));
+    let (c4, out) = h.connect(v3("", false));
+    assert!(
+        matches!(&packets(&out, c4)[0], Packet::ConnAck(a) if a.code == ReasonCode::CLIENT_IDENTIFIER_NOT_VALID)
+    );
+    assert!(closed(&out, c4));
+    assert_eq!(h.core.connection_count(), 3);
+}
+
+#[test]
+fn enhanced_authentication_is_refused() {
+    let mut h = Harness::new();
+    let mut c = v5("a");
+    c.properties.authentication_method = Some("SCRAM-SHA-1".into());
+    let (conn, out) = h.connect(c);
+    assert!(
+        matches!(&packets(&out, conn)[0], Packet::ConnAck(a) if a.code == ReasonCode::BAD_AUTHENTICATION_METHOD)
+    );
+    assert!(closed(&out, conn));
+    assert_eq!(h.core.connection_count(), 0);
+
+    let (conn, _, _) = h.connect_ok(v5("b"));
+    let out = h.send(conn, Packet::Auth(Auth::default()));
+    assert_eq!(
+        disconnect_code(&out, conn),
+        Some(ReasonCode::PROTOCOL_ERROR)
+    );
+    assert!(closed(&out, conn));
+    assert_eq!(h.core.connection_count(), 0);
+}
+
+#[test]
+fn second_connect_on_a_connection_is_a_protocol_error() {
+    let mut h = Harness::new();
+    let (conn, _, _) = h.connect_ok(v5("a"));
+    let out = h.send(conn, Packet::Connect(Box::new(v5("a"))));
+    assert_eq!(
+        disconnect_code(&out, conn),
+        Some(ReasonCode::PROTOCOL_ERROR)
+    );
+    assert!(closed(&out, conn));
+    assert_eq!(h.core.connection_count(), 0);
+    assert_eq!(h.core.stats().protocol_errors, 1);
+    // Packets for a connection the core forgot produce nothing.
+    assert!(h.send(conn, Packet::PingReq).is_empty());
+    assert!(h.close(conn).is_empty());
+}
+
+#[test]
+fn will_qos_or_retain_beyond_capabilities_is_refused_in_v5() {
+    let mut h = Harness::with_config(CoreConfig {
+        max_qos: QoS::AtMostOnce,
+        retain_available: false,
+        ..CoreConfig::default()
+    });
+    let (conn, out) = h.connect(with_will(v5("a"), "w", None));
+    assert!(
+        matches!(&packets(&out, conn)[0], Packet::ConnAck(a) if a.code == ReasonCode::QOS_NOT_SUPPORTED)
+    );
+    let mut c = with_will(v5("b"), "w", None);
+    if let Some(w) = c.will.as_mut() {
+        w.qos = QoS::AtMostOnce;
+        w.retain = true;
+    }
+    let (conn, out) = h.connect(c);
+    assert!(
+        matches!(&packets(&out, conn)[0], Packet::ConnAck(a) if a.code == ReasonCode::RETAIN_NOT_SUPPORTED)
+    );
+    assert!(closed(&out, conn));
+}
+
+#[test]
+fn ping_gets_pong() {
+    let mut h = Harness::new();
+    let (conn, _, _) = h.connect_ok(v3("a", true));
+    assert_eq!(
+        packets(&h.send(conn, Packet::PingReq), conn),
+        vec![Packet::PingResp]
+    );
+}
+
+// ---------------------------------------------------------------------------------------
+// Sessions
+
+#[test]
+fn clean_start_discards_the_stored_session() {
+    let mut h = Harness::new();
+    let (c, _, _) = h.connect_ok(v5_persistent("agent", 300));
+    h.subscribe(c, "agents/agent/wake", QoS::AtLeastOnce);
+    h.close(c);
+    assert_eq!(h.core.session_count(), 1);
+    let (p, _, _) = h.connect_ok(v5("server"));
+    h.send(
+        p,
+        pub_packet("agents/agent/wake", "w", QoS::AtLeastOnce, Some(1)),
+    );
+    let mut fresh = v5_persistent("agent", 300);
+    fresh.clean_start = true;
+    let (c2, ack, out) = h.connect_ok(fresh);
+    assert!(!ack.session_present);
+    assert!(
+        publishes(&out, c2).is_empty(),
+        "queued message went with the old session"
+    );
+    let out = h.send(
+        p,
+        pub_packet("agents/agent/wake", "w", QoS::AtLeastOnce, Some(2)),
+    );
+    assert!(
+        publishes(&out, c2).is_empty(),
+        "subscription went with the old session"
+    );
+}
+
+#[test]
+fn persistent_session_resumes_with_queued_messages() {
+    let mut h = Harness::new();
+    let (c, _, _) = h.connect_ok(v5_persistent("agent", 300));
+    h.subscribe(c, "agents/agent/wake", QoS::AtLeastOnce);
+    h.close(c);
+    let (p, _, _) = h.connect_ok(v5("server"));
+    let out = h.send(
+        p,
+        pub_packet("agents/agent/wake", "one", QoS::AtLeastOnce, Some(1)),
+    );
+    assert_eq!(
+        packets(&out, p),
+        vec![Packet::PubAck(Ack::new(1))],
+        "an offline subscriber counts as matching"
+    );
+    h.send(
+        p,
+        pub_packet("agents/agent/wake", "two", QoS::AtLeastOnce, Some(2)),
+    );
+    h.send(
+        p,
+        pub_packet("agents/agent/wake", "lost", QoS::AtMostOnce, None),
+    );
+    assert_eq!(h.core.queued_messages(), 2);
+    assert_eq!(
+        h.core.stats().dropped_qos0_offline,
+        1,
+        "QoS 0 is not queued for offline clients"
+    );
+    let (c2, ack, out) = h.connect_ok(v5_persistent("agent", 300));
+    assert!(ack.session_present);
+    assert_eq!(payloads(&out, c2), vec!["one", "two"]);
+    assert!(
+        publishes(&out, c2)
+            .iter()
+            .all(|p| !p.dup && p.qos == QoS::AtLeastOnce)
+    );
+}
+
+#[test]
+fn v5_session_expires_after_its_interval() {
+    let mut h = Harness::new();
+    let (c, _, _) = h.connect_ok(v5_persistent("agent", 10));
+    h.subscribe(c, "t", QoS::AtLeastOnce);
+    h.close(c);
+    h.advance(9);
+    assert_eq!(h.core.session_count(), 1);
+    assert_eq!(h.core.subscription_count(), 1);
+    h.advance(1);
+    assert_eq!(h.core.session_count(), 0);
+    assert_eq!(h.core.subscription_count(), 0);
+    assert_eq!(h.core.stats().sessions_expired, 1);
+    let (_, ack, _) = h.connect_ok(v5_persistent("agent", 10));
+    assert!(!ack.session_present);
+}
+
+#[test]
+fn tick_reports_the_next_deadline() {
+    let mut h = Harness::new();
+    let (c, _, _) = h.connect_ok(v5_persistent("agent", 10));
+    let mut out = Vec::new();
+    assert_eq!(h.core.tick(h.now, &mut out), None);
+    h.close(c);
+    assert_eq!(
+        h.core.tick(h.now, &mut out),
+        Some(h.now + Duration::from_secs(10))
+    );
+}
+
+#[test]
+fn session_with_expiry_zero_ends_at_close() {
+    let mut h = Harness::new();
+    let (c, _, _) = h.connect_ok(v5("a"));
+    h.subscribe(c, "t", QoS::AtLeastOnce);
+    h.close(c);
+    assert_eq!(h.core.session_count(), 0);
+    assert_eq!(h.core.subscription_count(), 0);
+}
+
+#[test]
+fn v3_persistent_session_is_bounded_by_max_session_expiry() {
+    let mut h = Harness::with_config(CoreConfig {
+        max_session_expiry: 100,
+        ..CoreConfig::default()
+    });
+    let (c, _, _) = h.connect_ok(v3("old-agent", false));
+    h.subscribe(c, "t", QoS::AtLeastOnce);
+    h.close(c);
+    h.advance(99);
+    let (c2, ack, _) = h.connect_ok(v3("old-agent", false));
+    assert!(ack.session_present);
+    h.close(c2);
+    h.advance(100);
+    assert_eq!(h.core.session_count(), 0);
+    // v3.1.1 clean session 1 ends at close.
+    let (c3, _, _) = h.connect_ok(v3("clean", true));
+    h.close(c3);
+    assert_eq!(h.core.session_count(), 0);
+}
+
+#[test]
+fn disconnect_may_change_session_expiry() {
+    let mut h = Harness::new();
+    // Raising a zero expiry at DISCONNECT is a protocol error.
+    let (c, _, _) = h.connect_ok(v5("a"));
+    let d = Disconnect {
+        properties: Properties {
+            session_expiry_interval: Some(60),
+            ..Properties::default()
+        },
+        ..Disconnect::default()
+    };
+    let out = h.send(c, Packet::Disconnect(d.clone()));
+    assert_eq!(disconnect_code(&out, c), Some(ReasonCode::PROTOCOL_ERROR));
+    assert!(closed(&out, c));
+    // Lowering to zero ends the session at close.
+    let (c, _, _) = h.connect_ok(v5_persistent("b", 60));
+    let d0 = Disconnect {
+        properties: Properties {
+            session_expiry_interval: Some(0),
+            ..Properties::default()
+        },
+        ..Disconnect::default()
+    };
+    let out = h.send(c, Packet::Disconnect(d0));
+    assert!(closed(&out, c));
+    assert_eq!(
+        disconnect_code(&out, c),
+        None,
+        "the server does not answer a DISCONNECT"
+    );
+    assert_eq!(h.core.session_count(), 0);
+    // Changing a non-zero expiry is allowed.
+    let (c, _, _) = h.connect_ok(v5_persistent("c", 10));
+    h.send(c, Packet::Disconnect(d));
+    h.advance(30);
+    assert_eq!(h.core.session_count(), 1, "expiry raised to 60 s");
+    h.advance(30);
+    assert_eq!(h.core.session_count(), 0);
+}
+
+#[test]
+fn offline_queue_is_bounded_and_overflow_counted() {
+    let mut h = Harness::with_config(CoreConfig {
+        max_queued_messages: 3,
+        ..CoreConfig::default()
+    });
+    let (c, _, _) = h.connect_ok(v5_persistent("agent", 300));
+    h.subscribe(c, "t", QoS::AtLeastOnce);
+    h.close(c);
+    let (p, _, _) = h.connect_ok(v5("server"));
+    for (i, payload) in ["1", "2", "3", "4", "5"].into_iter().enumerate() {
+        h.send(
+            p,
+            pub_packet("t", payload, QoS::AtLeastOnce, Some(i as u16 + 1)),
+        );
+    }
+    assert_eq!(h.core.stats().dropped_queue_full, 2);
+    let (c2, _, out) = h.connect_ok(v5_persistent("agent", 300));
+    assert_eq!(payloads(&out, c2), vec!["1", "2", "3"]);
+}
+
+#[test]
+fn takeover_disconnects_the_old_connection_and_keeps_the_session() {
+    let mut h = Harness::new();
+    let (watcher, _, _) = h.connect_ok(v5("watcher"));
+    h.subscribe(watcher, "wills/#", QoS::AtLeastOnce);
+    let (old, _, _) = h.connect_ok(with_will(v5_persistent("agent", 300), "wills/agent", None));
+    h.subscribe(old, "t", QoS::AtLeastOnce);
+    let (new, out) = h.connect(v5_persistent("agent", 300));
+    assert_eq!(
+        disconnect_code(&out, old),
+        Some(ReasonCode::SESSION_TAKEN_OVER)
+    );
+    assert!(closed(&out, old));
+    let order: Vec<bool> = out
+        .iter()
+        .map(|a| matches!(a, Action::Close { .. }))
+        .collect();
+    assert_eq!(order.iter().filter(|c| **c).count(), 1);
+    assert!(matches!(&packets(&out, new)[0], Packet::ConnAck(a) if a.session_present));
+    assert!(
+        publishes(&out, watcher).is_empty(),
+        "session continues: old will not published"
+    );
+    assert_eq!(h.core.connection_count(), 2);
+    assert_eq!(h.core.stats().sessions_taken_over, 1);
+    // The subscription moved to the new connection.
+    let out = h.send(watcher, pub_packet("t", "x", QoS::AtMostOnce, None));
+    assert_eq!(payloads(&out, new), vec!["x"]);
+    // A late close report for the old connection changes nothing.
+    assert!(h.close(old).is_empty());
+    assert_eq!(h.core.connection_count(), 2);
+}
+
+#[test]
+fn takeover_with_clean_start_publishes_the_old_will() {
+    let mut h = Harness::new();
+    let (watcher, _, _) = h.connect_ok(v5("watcher"));
+    h.subscribe(watcher, "wills/#", QoS::AtLeastOnce);
+    let (old, _, _) = h.connect_ok(with_will(v3("agent", true), "wills/agent", None));
+    let (new, out) = h.connect(v5("agent"));
+    assert_eq!(
+        disconnect_code(&out, old),
+        None,
+        "v3.1.1 has no DISCONNECT from the server"
+    );
+    assert!(closed(&out, old));
+    assert!(matches!(&packets(&out, new)[0], Packet::ConnAck(a) if !a.session_present));
+    assert_eq!(payloads(&out, watcher), vec!["gone"]);
+}
+
+// ---------------------------------------------------------------------------------------
+// QoS flows
+
+#[test]
+fn inbound_qos1_is_acknowledged_with_matching_state() {
+    let mut h = Harness::new();
+    let (p, _, _) = h.connect_ok(v5("pub"));
+    let out = h.send(p, pub_packet("nobody", "x", QoS::AtLeastOnce, Some(7)));
+    assert_eq!(
+        packets(&out, p),
+        vec![Packet::PubAck(Ack {
+            code: ReasonCode::NO_MATCHING_SUBSCRIBERS,
+            ..Ack::new(7)
+        })]
+    );
+    let (p3, _, _) = h.connect_ok(v3("pub3", true));
+    let out = h.send(p3, pub_packet("nobody", "x", QoS::AtLeastOnce, Some(7)));
+    assert_eq!(packets(&out, p3), vec![Packet::PubAck(Ack::new(7))]);
+    assert_eq!(h.core.stats().publishes_received, 2);
+}
+
+#[test]
+fn inbound_qos2_is_delivered_once() {
+    let mut h = Harness::new();
+    let (s, _, _) = h.connect_ok(v5("sub"));
+    h.subscribe(s, "t", QoS::ExactlyOnce);
+    let (p, _, _) = h.connect_ok(v5("pub"));
+    let out = h.send(p, pub_packet("t", "once", QoS::ExactlyOnce, Some(5)));
+    assert_eq!(packets(&out, p), vec![Packet::PubRec(Ack::new(5))]);
+    assert_eq!(payloads(&out, s), vec!["once"]);
+    let mut dup = publish("t", "once", QoS::ExactlyOnce, Some(5));
+    dup.dup = true;
+    let out = h.send(p, Packet::Publish(dup));
+    assert_eq!(packets(&out, p), vec![Packet::PubRec(Ack::new(5))]);
+    assert!(
+        publishes(&out, s).is_empty(),
+        "retransmission not delivered twice"
+    );
+    let out = h.send(p, Packet::PubRel(Ack::new(5)));
+    assert_eq!(packets(&out, p), vec![Packet::PubComp(Ack::new(5))]);
+    // After the exchange ends the id is free for a new message.
+    let out = h.send(p, pub_packet("t", "again", QoS::ExactlyOnce, Some(5)));
+    assert_eq!(payloads(&out, s), vec!["again"]);
+    // PUBREL for an unknown id.
+    let out = h.send(p, Packet::PubRel(Ack::new(99)));
+    assert_eq!(
+        packets(&out, p),
+        vec![Packet::PubComp(Ack {
+            code: ReasonCode::PACKET_IDENTIFIER_NOT_FOUND,
+            ..Ack::new(99)
+        })]
+    );
+}
+
+#[test]
+fn inbound_receive_maximum_exceeded_disconnects() {
+    let mut h = Harness::with_config(CoreConfig {
+        receive_maximum: 2,
+        ..CoreConfig::default()
+    });
+    let (p, _, _) = h.connect_ok(v5("pub"));
+    h.send(p, pub_packet("t", "1", QoS::ExactlyOnce, Some(1)));
+    h.send(p, pub_packet("t", "2", QoS::ExactlyOnce, Some(2)));
+    let out = h.send(p, pub_packet("t", "3", QoS::AtLeastOnce, Some(3)));
+    assert_eq!(
+        disconnect_code(&out, p),
+        Some(ReasonCode::RECEIVE_MAXIMUM_EXCEEDED)
+    );
+    assert!(closed(&out, p));
+}
+
+#[test]
+fn outbound_window_follows_client_receive_maximum() {
+    let mut h = Harness::new();
+    let mut c = v5("sub");
+    c.properties.receive_maximum = Some(2);
+    let (s, _, _) = h.connect_ok(c);
+    h.subscribe(s, "t", QoS::AtLeastOnce);
+    let (p, _, _) = h.connect_ok(v5("pub"));
+    let mut sent = Vec::new();
+    for i in 1..=5u16 {
+        let out = h.send(p, pub_packet("t", "m", QoS::AtLeastOnce, Some(i)));
+        sent.extend(publishes(&out, s));
+    }
+    assert_eq!(sent.len(), 2, "window of 2");
+    assert_eq!(h.core.inflight_messages(), 2);
+    assert_eq!(h.core.queued_messages(), 3);
+    let ids: Vec<u16> = sent.iter().filter_map(|p| p.packet_id).collect();
+    assert!(ids.iter().all(|id| *id != 0));
+    assert_ne!(ids[0], ids[1]);
+    let out = h.send(s, Packet::PubAck(Ack::new(ids[0])));
+    let next = publishes(&out, s);
+    assert_eq!(next.len(), 1, "one ack frees one slot");
+    assert!(next[0].packet_id.is_some_and(|id| id != ids[1]));
+    // An ack for an unknown id is ignored.
+    assert!(h.send(s, Packet::PubAck(Ack::new(999))).is_empty());
+}
+
+#[test]
+fn config_max_inflight_caps_the_window() {
+    let mut h = Harness::with_config(CoreConfig {
+        max_inflight: 3,
+        ..CoreConfig::default()
+    });
+    let (s, _, _) = h.connect_ok(v3("sub", true));
+    h.subscribe(s, "t", QoS::AtLeastOnce);
+    let (p, _, _) = h.connect_ok(v3("pub", true));
+    let mut count = 0;
+    for i in 1..=10u16 {
+        count += publishes(
+            &h.send(p, pub_packet("t", "m", QoS::AtLeastOnce, Some(i))),
+            s,
+        )
+        .len();
+    }
+    assert_eq!(count, 3);
+}
+
+#[test]
+fn outbound_qos2_full_exchange() {
+    let mut h = Harness::new();
+    let (s, _, _) = h.connect_ok(v5("sub"));
+    h.subscribe(s, "t", QoS::ExactlyOnce);
+    let (p, _, _) = h.connect_ok(v5("pub"));
+    let out = h.send(p, pub_packet("t", "m", QoS::ExactlyOnce, Some(1)));
+    let id = publishes(&out, s)[0].packet_id.expect("QoS 2 has an id");
+    let out = h.send(s, Packet::PubRec(Ack::new(id)));
+    assert_eq!(packets(&out, s), vec![Packet::PubRel(Ack::new(id))]);
+    assert_eq!(h.core.inflight_messages(), 1);
+    h.send(s, Packet::PubComp(Ack::new(id)));
+    assert_eq!(h.core.inflight_messages(), 0);
+    // A PUBREC with an error code ends the exchange without PUBREL.
+    let out = h.send(p, pub_packet("t", "m", QoS::ExactlyOnce, Some(2)));
+    let id = publishes(&out, s)[0].packet_id.expect("id");
+    let refused = Ack {
+        code: ReasonCode::UNSPECIFIED_ERROR,
+        ..Ack::new(id)
+    };
+    assert!(packets(&h.send(s, Packet::PubRec(refused)), s).is_empty());
+    assert_eq!(h.core.inflight_messages(), 0);
+}
+
+#[test]
+fn unacknowledged_messages_are_redelivered_on_resume() {
+    let mut h = Harness::new();
+    let (s, _, _) = h.connect_ok(v5_persistent("sub", 300));
+    h.subscribe(s, "q1", QoS::AtLeastOnce);
+    h.subscribe(s, "q2", QoS::ExactlyOnce);
+    let (p, _, _) = h.connect_ok(v5("pub"));
+    let out = h.send(p, pub_packet("q1", "a", QoS::AtLeastOnce, Some(1)));
+    let id1 = publishes(&out, s)[0].packet_id.expect("id");
+    let out = h.send(p, pub_packet("q2", "b", QoS::ExactlyOnce, Some(2)));
+    let id2 = publishes(&out, s)[0].packet_id.expect("id");
+    let out = h.send(p, pub_packet("q2", "c", QoS::ExactlyOnce, Some(3)));
+    let id3 = publishes(&out, s)[0].packet_id.expect("id");
+    h.send(s, Packet::PubRec(Ack::new(id2)));
+    h.close(s);
+    let (s2, ack, out) = h.connect_ok(v5_persistent("sub", 300));
+    assert!(ack.session_present);
+    let resent = packets(&out, s2);
+    assert_eq!(
+        resent.len(),
+        4,
+        "CONNACK, PUBLISH a, PUBREL b, PUBLISH c: {resent:?}"
+    );
+    let Packet::Publish(a) = &resent[1] else {
+        panic!("expected PUBLISH");
+    };
+    assert!(a.dup);
+    assert_eq!(a.packet_id, Some(id1));
+    assert_eq!(resent[2], Packet::PubRel(Ack::new(id2)));
+    let Packet::Publish(c) = &resent[3] else {
+        panic!("expected PUBLISH");
+    };
+    assert!(c.dup);
+    assert_eq!(c.packet_id, Some(id3));
+    assert_eq!(c.qos, QoS::ExactlyOnce);
+}
+
+#[test]
+fn delivery_qos_is_capped_by_subscription_and_server() {
+    let mut h = Harness::with_config(CoreConfig {
+        max_qos: QoS::AtLeastOnce,
+        ..CoreConfig::default()
+    });
+    let (s0, _, _) = h.connect_ok(v5("s0"));
+    h.subscribe(s0, "t", QoS::AtMostOnce);
+    let (s2, _, _) = h.connect_ok(v5("s2"));
+    let out = h.subscribe(s2, "t", QoS::ExactlyOnce);
+    assert!(
+        matches!(&packets(&out, s2)[0], Packet::SubAck(a) if a.codes == vec![ReasonCode::GRANTED_QOS_1])
+    );
+    let (p, _, _) = h.connect_ok(v5("pub"));
+    let out = h.send(p, pub_packet("t", "m", QoS::AtLeastOnce, Some(1)));
+    assert_eq!(publishes(&out, s0)[0].qos, QoS::AtMostOnce);
+    assert_eq!(publishes(&out, s0)[0].packet_id, None);
+    assert_eq!(publishes(&out, s2)[0].qos, QoS::AtLeastOnce);
+    let out = h.send(p, pub_packet("t", "m", QoS::AtMostOnce, None));
+    assert_eq!(publishes(&out, s2)[0].qos, QoS::AtMostOnce);
+    // Publishing above the server's maximum QoS is refused.
+    let out = h.send(p, pub_packet("t", "m", QoS::ExactlyOnce, Some(2)));
+    assert_eq!(
+        disconnect_code(&out, p),
+        Some(ReasonCode::QOS_NOT_SUPPORTED)
+    );
+}
+
+// ---------------------------------------------------------------------------------------
+// Retained messages and expiry
+
+fn retained(topic: &str, payload: &'static str, qos: QoS, id: Option<u16>) -> Packet {
+    let mut p = publish(topic, payload, qos, id);
+    p.retain = true;
+    Packet::Publish(p)
+}
+
+#[test]
+fn retained_messages_are_stored_replaced_and_deleted() {
+    let mut h = Harness::new();
+    let (p, _, _) = h.connect_ok(v5("pub"));
+    h.send(p, retained("status/a", "old", QoS::AtLeastOnce, Some(1)));
+    h.send(p, retained("status/a", "new", QoS::AtLeastOnce, Some(2)));
+    h.send(p, retained("status/b", "b", QoS::AtMostOnce, None));
+    assert_eq!(h.core.retained_count(), 2);
+    let (s, _, _) = h.connect_ok(v5("sub"));
+    let out = h.subscribe(s, "status/+", QoS::AtLeastOnce);
+    assert!(
+        matches!(&packets(&out, s)[0], Packet::SubAck(_)),
+        "SUBACK before retained"
+    );
+    let got = publishes(&out, s);
+    assert_eq!(got.len(), 2);
+    assert!(got.iter().all(|m| m.retain));
+    assert_eq!(String::from_utf8_lossy(&got[0].payload), "new");
+    assert_eq!(got[0].qos, QoS::AtLeastOnce);
+    assert_eq!(got[1].qos, QoS::AtMostOnce, "min of stored and granted QoS");
+    // A normal delivery of a retained publish has RETAIN 0 without retain-as-published.
+    let out = h.send(p, retained("status/a", "live", QoS::AtMostOnce, None));
+    assert!(!publishes(&out, s)[0].retain);
+    // An empty retained payload deletes and is still delivered.
+    let out = h.send(p, retained("status/a", "", QoS::AtMostOnce, None));
+    assert_eq!(publishes(&out, s).len(), 1);
+    assert_eq!(h.core.retained_count(), 1);
+    let (s2, _, _) = h.connect_ok(v3("sub2", true));
+    let out = h.subscribe(s2, "status/a", QoS::AtLeastOnce);
+    assert!(publishes(&out, s2).is_empty());
+}
+
+#[test]
+fn retain_handling_and_retain_as_published() {
+    let mut h = Harness::new();
+    let (p, _, _) = h.connect_ok(v5("pub"));
+    h.send(p, retained("r", "x", QoS::AtMostOnce, None));
+    let (s, _, _) = h.connect_ok(v5("sub"));
+    let if_new = SubscriptionOptions {
+        retain_handling: RetainHandling::SendAtSubscribeIfNew,
+        retain_as_published: true,
+        ..options(QoS::AtLeastOnce)
+    };
+    assert_eq!(publishes(&h.send(s, subscribe(1, "r", if_new)), s).len(), 1);
+    assert_eq!(
+        publishes(&h.send(s, subscribe(2, "r", if_new)), s).len(),
+        0,
+        "not new"
+    );
+    let always = SubscriptionOptions {
+        retain_handling: RetainHandling::SendAtSubscribe,
+        ..if_new
+    };
+    assert_eq!(publishes(&h.send(s, subscribe(3, "r", always)), s).len(), 1);
+    let never = SubscriptionOptions {
+        retain_handling: RetainHandling::DoNotSend,
+        ..if_new
+    };
+    let (s2, _, _) = h.connect_ok(v5("sub2"));
+    assert_eq!(
+        publishes(&h.send(s2, subscribe(1, "r", never)), s2).len(),
+        0
+    );
+    // Retain as published keeps RETAIN 1 on normal deliveries.
+    let out = h.send(p, retained("r", "y", QoS::AtMostOnce, None));
+    assert!(publishes(&out, s)[0].retain);
+    assert!(publishes(&out, s2)[0].retain);
+}
+
+#[test]
+fn retained_not_stored_when_unavailable() {
+    let mut h = Harness::with_config(CoreConfig {
+        retain_available: false,
+        ..CoreConfig::default()
+    });
+    let (p, _, _) = h.connect_ok(v5("pub"));
+    let out = h.send(p, retained("r", "x", QoS::AtMostOnce, None));
+    assert_eq!(
+        disconnect_code(&out, p),
+        Some(ReasonCode::RETAIN_NOT_SUPPORTED)
+    );
+    assert_eq!(h.core.retained_count(), 0);
+}
+
+fn expiring(topic: &str, payload: &'static str, secs: u32, retain: bool, id: u16) -> Packet {
+    let mut p = publish(topic, payload, QoS::AtLeastOnce, Some(id));
+    p.retain = retain;
+    p.properties.message_expiry_interval = Some(secs);
+    Packet::Publish(p)
+}
+
+#[test]
+fn message_expiry_is_reduced_and_expired_messages_dropped() {
+    let mut h = Harness::new();
+    let (s, _, _) = h.connect_ok(v5_persistent("agent", 3600));
+    h.subscribe(s, "wake", QoS::AtLeastOnce);
+    h.close(s);
+    let (p, _, _) = h.connect_ok(v5("server"));
+    h.send(p, expiring("wake", "short", 5, false, 1));
+    h.send(p, expiring("wake", "long", 600, false, 2));
+    h.advance(10);
+    let (s2, _, out) = h.connect_ok(v5_persistent("agent", 3600));
+    let got = publishes(&out, s2);
+    assert_eq!(got.len(), 1, "expired wake-up dropped: {got:?}");
+    assert_eq!(String::from_utf8_lossy(&got[0].payload), "long");
+    assert_eq!(got[0].properties.message_expiry_interval, Some(590));
+    assert_eq!(h.core.stats().dropped_expired, 1);
+}
+
+#[test]
+fn retained_messages_expire() {
+    let mut h = Harness::new();
+    let (p, _, _) = h.connect_ok(v5("pub"));
+    h.send(p, expiring("r/a", "x", 5, true, 1));
+    h.advance(3);
+    let (s, _, _) = h.connect_ok(v5("s"));
+    let got = publishes(&h.subscribe(s, "r/a", QoS::AtLeastOnce), s);
+    assert_eq!(got[0].properties.message_expiry_interval, Some(2));
+    h.advance(2);
+    let (s2, _, _) = h.connect_ok(v5("s2"));
+    assert!(publishes(&h.subscribe(s2, "r/#", QoS::AtLeastOnce), s2).is_empty());
+    assert_eq!(h.core.retained_count(), 0, "tick purged it");
+}
+
+// ---------------------------------------------------------------------------------------
+// Wills
+
+fn will_watcher(h: &mut Harness) -> ConnId {
+    let (w, _, _) = h.connect_ok(v5("watcher"));
+    h.subscribe(w, "wills/#", QoS::AtLeastOnce);
+    w
+}
+
+#[test]
+fn will_is_published_on_connection_loss_only() {
+    let mut h = Harness::new();
+    let w = will_watcher(&mut h);
+    let (a, _, _) = h.connect_ok(with_will(v5("a"), "wills/a", None));
+    let out = h.close(a);
+    let got = publishes(&out, w);
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].topic, "wills/a");
+    assert_eq!(got[0].qos, QoS::AtLeastOnce);
+    // Normal DISCONNECT: no will.
+    let (b, _, _) = h.connect_ok(with_will(v5("b"), "wills/b", None));
+    let out = h.send(b, Packet::Disconnect(Disconnect::default()));
+    assert!(closed(&out, b));
+    assert!(publishes(&out, w).is_empty());
+    // v3.1.1 DISCONNECT: no will.
+    let (b3, _, _) = h.connect_ok(with_will(v3("b3", true), "wills/b3", None));
+    assert!(publishes(&h.send(b3, Packet::Disconnect(Disconnect::default())), w).is_empty());
+    // DISCONNECT 0x04: will.
+    let (c, _, _) = h.connect_ok(with_will(v5("c"), "wills/c", None));
+    let out = h.send(
+        c,
+        Packet::Disconnect(Disconnect {
+            code: ReasonCode::DISCONNECT_WITH_WILL,
+            ..Disconnect::default()
+        }),
+    );
+    assert_eq!(payloads(&out, w), vec!["gone"]);
+    // Protocol error found by the core: will.
+    let (d, _, _) = h.connect_ok(with_will(v5("d"), "wills/d", None));
+    let out = h.send(d, Packet::PingResp);
+    assert_eq!(disconnect_code(&out, d), Some(ReasonCode::PROTOCOL_ERROR));
+    assert_eq!(payloads(&out, w), vec!["gone"]);
+    assert_eq!(h.core.stats().wills_published, 3);
+}
+
+#[test]
+fn will_delay_waits_and_is_cancelled_by_reconnect() {
+    let mut h = Harness::new();
+    let w = will_watcher(&mut h);
+    let (a, _, _) = h.connect_ok(with_will(v5_persistent("a", 300), "wills/a", Some(5)));
+    assert!(publishes(&h.close(a), w).is_empty());
+    assert!(publishes(&h.advance(4), w).is_empty());
+    assert_eq!(
+        publishes(&h.advance(1), w).len(),
+        1,
+        "published after the delay"
+    );
+    // Reconnecting within the delay cancels it.
+    let (b, _, _) = h.connect_ok(with_will(v5_persistent("b", 300), "wills/b", Some(5)));
+    h.close(b);
+    h.advance(2);
+    let (_, _, out) = h.connect_ok(v5_persistent("b", 300));
+    assert!(publishes(&out, w).is_empty());
+    assert!(publishes(&h.advance(10), w).is_empty());
+}
+
+#[test]
+fn will_is_published_when_session_ends_before_delay() {
+    let mut h = Harness::new();
+    let w = will_watcher(&mut h);
+    let (a, _, _) = h.connect_ok(with_will(v5_persistent("a", 10), "wills/a", Some(100)));
+    h.close(a);
+    assert!(publishes(&h.advance(9), w).is_empty());
+    assert_eq!(publishes(&h.advance(1), w).len(), 1);
+    assert_eq!(h.core.session_count(), 1, "only the watcher is left");
+    // Session expiry 0 ends at close: the will goes out at once despite the delay.
+    let (b, _, _) = h.connect_ok(with_will(v5("b"), "wills/b", Some(100)));
+    assert_eq!(publishes(&h.close(b), w).len(), 1);
+}
+
+#[test]
+fn will_retain_is_stored() {
+    let mut h = Harness::new();
+    let mut c = with_will(v5("a"), "wills/a", None);
+    if let Some(will) = c.will.as_mut() {
+        will.retain = true;
+    }
+    let (a, _, _) = h.connect_ok(c);
+    h.close(a);
+    assert_eq!(h.core.retained_count(), 1);
+    let (s, _, _) = h.connect_ok(v5("late"));
+    let got = publishes(&h.subscribe(s, "wills/+", QoS::AtLeastOnce), s);
+    assert_eq!(got.len(), 1);
+    assert!(got[0].retain);
+}
+
+// ---------------------------------------------------------------------------------------
+// Subscriptions
+
+#[test]
+fn wildcards_and_dollar_topics_route_correctly() {
+    let mut h = Harness::new();
+    let (all, _, _) = h.connect_ok(v5("all"));
+    h.subscribe(all, "#", QoS::AtMostOnce);
+    let (plus, _, _) = h.connect_ok(v5("plus"));
+    h.subscribe(plus, "agents/+/wake", QoS::AtMostOnce);
+    let (sys, _, _) = h.connect_ok(v5("sys"));
+    h.subscribe(sys, "$SYS/#", QoS::AtMostOnce);
+    let (p, _, _) = h.connect_ok(v5("pub"));
+    let out = h.send(p, pub_packet("agents/7/wake", "w", QoS::AtMostOnce, None));
+    assert_eq!(publishes(&out, all).len(), 1);
+    assert_eq!(publishes(&out, plus).len(), 1);
+    assert!(publishes(&out, sys).is_empty());
+    let out = h.send(p, pub_packet("$SYS/load", "l", QoS::AtMostOnce, None));
+    assert!(publishes(&out, all).is_empty(), "# does not match $ topics");
+    assert_eq!(publishes(&out, sys).len(), 1);
+}
+
+#[test]
+fn invalid_filters_fail_in_suback() {
+    let mut h = Harness::new();
+    let (s, _, _) = h.connect_ok(v5("s"));
+    let sub = Packet::Subscribe(Subscribe {
+        packet_id: 9,
+        subscriptions: vec![
+            Subscription {
+                filter: "a/#/b".into(),
+                options: options(QoS::AtLeastOnce),
+            },
+            Subscription {
+                filter: "ok/+".into(),
+                options: options(QoS::ExactlyOnce),
+            },
+        ],
+        properties: Properties::default(),
+    });
+    let out = h.send(s, sub.clone());
+    let Packet::SubAck(ack) = &packets(&out, s)[0] else {
+        panic!("no SUBACK");
+    };
+    assert_eq!(ack.packet_id, 9);
+    assert_eq!(
+        ack.codes,
+        vec![ReasonCode::TOPIC_FILTER_INVALID, ReasonCode::GRANTED_QOS_2]
+    );
+    let (s3, _, _) = h.connect_ok(v3("s3", true));
+    let Packet::SubAck(ack) = &packets(&h.send(s3, sub), s3)[0] else {
+        panic!("no SUBACK");
+    };
+    assert_eq!(ack.codes, vec![ReasonCode(0x80), ReasonCode::GRANTED_QOS_2]);
+}
+
+#[test]
+fn overlapping_subscriptions_give_one_message_with_all_identifiers() {
+    let mut h = Harness::new();
+    let (s, _, _) = h.connect_ok(v5("s"));
+    for (id, filter, qos) in [
+        (1, "a/+", QoS::AtMostOnce),
+        (2, "a/#", QoS::ExactlyOnce),
+        (3, "a/b", QoS::AtLeastOnce),
+    ] {
+        let mut sub = subscribe(id as u16, filter, options(qos));
+        if let Packet::Subscribe(s) = &mut sub {
+            s.properties.subscription_identifiers = vec![id];
+        }
+        h.send(s, sub);
+    }
+    let (p, _, _) = h.connect_ok(v5("p"));
+    let out = h.send(p, pub_packet("a/b", "m", QoS::ExactlyOnce, Some(1)));
+    let got = publishes(&out, s);
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].qos, QoS::ExactlyOnce);
+    let mut ids = got[0].properties.subscription_identifiers.clone();
+    ids.sort_unstable();
+    assert_eq!(ids, vec![1, 2, 3]);
+    // Re-subscribing replaces the identifier.
+    let mut sub = subscribe(9, "a/#", options(QoS::AtMostOnce));
+    if let Packet::Subscribe(s) = &mut sub {
+        s.properties.subscription_identifiers = vec![20];
+    }
+    h.send(s, sub);
+    let out = h.send(p, pub_packet("a/c", "m", QoS::AtMostOnce, None));
+    let mut ids = publishes(&out, s)[0]
+        .properties
+        .subscription_identifiers
+        .clone();
+    ids.sort_unstable();
+    assert_eq!(ids, vec![1, 20], "a/+ (1) and a/# (now 20) match a/c");
+}
+
+#[test]
+fn shared_subscriptions_deliver_to_one_member_round_robin() {
+    let mut h = Harness::new();
+    let (m1, _, _) = h.connect_ok(v5("m1"));
+    let (m2, _, _) = h.connect_ok(v3("m2", true));
+    let (plain, _, _) = h.connect_ok(v5("plain"));
+    let (p, _, _) = h.connect_ok(v5("p"));
+    h.send(p, retained("jobs/1", "old", QoS::AtMostOnce, None));
+    let out = h.subscribe(m1, "$share/workers/jobs/+", QoS::AtLeastOnce);
+    assert!(
+        publishes(&out, m1).is_empty(),
+        "no retained messages for shared subscriptions"
+    );
+    h.subscribe(m2, "$share/workers/jobs/+", QoS::AtLeastOnce);
+    h.subscribe(plain, "jobs/+", QoS::AtMostOnce);
+    let mut counts = [0, 0];
+    for i in 1..=4u16 {
+        let out = h.send(p, pub_packet("jobs/x", "j", QoS::AtLeastOnce, Some(i)));
+        counts[0] += publishes(&out, m1).len();
+        counts[1] += publishes(&out, m2).len();
+        assert_eq!(
+            publishes(&out, plain).len(),
+            1,
+            "normal subscribers get every message"
+        );
+    }
+    assert_eq!(counts, [2, 2]);
+    // Offline members are skipped while an online one exists.
+    h.close(m2);
+    let mut got = 0;
+    for i in 5..=8u16 {
+        got += publishes(
+            &h.send(p, pub_packet("jobs/x", "j", QoS::AtLeastOnce, Some(i))),
+            m1,
+        )
+        .len();
+    }
+    assert_eq!(got, 4);
+    // No Local on a shared subscription is a protocol error.
+    let nl = SubscriptionOptions {
+        no_local: true,
+        ..options(QoS::AtLeastOnce)
+    };
+    let out = h.send(m1, subscribe(3, "$share/g/x", nl));
+    assert_eq!(disconnect_code(&out, m1), Some(ReasonCode::PROTOCOL_ERROR));
+}
+
+#[test]
+fn no_local_skips_own_messages() {
+    let mut h = Harness::new();
+    let (a, _, _) = h.connect_ok(v5("a"));
+    let nl = SubscriptionOptions {
+        no_local: true,
+        ..options(QoS::AtMostOnce)
+    };
+    h.send(a, subscribe(1, "chat", nl));
+    let (b, _, _) = h.connect_ok(v5("b"));
+    h.subscribe(b, "chat", QoS::AtMostOnce);
+    let out = h.send(a, pub_packet("chat", "hi", QoS::AtMostOnce, None));
+    assert!(publishes(&out, a).is_empty());
+    assert_eq!(publishes(&out, b).len(), 1);
+    let out = h.send(b, pub_packet("chat", "yo", QoS::AtMostOnce, None));
+    assert_eq!(publishes(&out, a).len(), 1);
+}
+
+#[test]
+fn properties_pass_through_unchanged() {
+    let mut h = Harness::new();
+    let (s, _, _) = h.connect_ok(v5("s"));
+    h.subscribe(s, "req", QoS::AtMostOnce);
+    let (p, _, _) = h.connect_ok(v5("p"));
+    let mut m = publish("req", "{}", QoS::AtMostOnce, None);
+    m.properties = Properties {
+        payload_format_indicator: Some(1),
+        content_type: Some("application/json".into()),
+        response_topic: Some("resp/p".into()),
+        correlation_data: Some(Bytes::from_static(b"\x01\x02")),
+        user_properties: vec![("k".into(), "v".into()), ("k".into(), "w".into())],
+        ..Properties::default()
+    };
+    let expected = m.properties.clone();
+    let got = publishes(&h.send(p, Packet::Publish(m)), s);
+    assert_eq!(got[0].properties, expected);
+}
+
+#[test]
+fn unsubscribe_reports_per_filter() {
+    let mut h = Harness::new();
+    let (s, _, _) = h.connect_ok(v5("s"));
+    h.subscribe(s, "a", QoS::AtMostOnce);
+    let out = h.send(
+        s,
+        Packet::Unsubscribe(Unsubscribe {
+            packet_id: 4,
+            filters: vec!["a".into(), "b".into()],
+            properties: Properties::default(),
+        }),
+    );
+    let Packet::UnsubAck(ack) = &packets(&out, s)[0] else {
+        panic!("no UNSUBACK");
+    };
+    assert_eq!(ack.packet_id, 4);
+    assert_eq!(
+        ack.codes,
+        vec![ReasonCode::SUCCESS, ReasonCode::NO_SUBSCRIPTION_EXISTED]
+    );
+    let (p, _, _) = h.connect_ok(v5("p"));
+    assert!(publishes(&h.send(p, pub_packet("a", "x", QoS::AtMostOnce, None)), s).is_empty());
+    assert_eq!(h.core.subscription_count(), 0);
+    let (s3, _, _) = h.connect_ok(v3("s3", true));
+    let out = h.send(
+        s3,
+        Packet::Unsubscribe(Unsubscribe {
+            packet_id: 5,
+            filters: vec!["a".into()],
+            properties: Properties::default(),
+        }),
+    );
+    assert!(matches!(&packets(&out, s3)[0], Packet::UnsubAck(a) if a.codes.is_empty()));
+}
+
+// ---------------------------------------------------------------------------------------
+// Topic aliases, packet size, shutdown
+
+#[test]
+fn inbound_topic_aliases() {
+    let mut h = Harness::with_config(CoreConfig {
+        topic_alias_maximum: 2,
+        ..CoreConfig::default()
+    });
+    let (s, _, _) = h.connect_ok(v5("s"));
+    h.subscribe(s, "long/topic/name", QoS::AtMostOnce);
+    let (p, _, _) = h.connect_ok(v5("p"));
+    let mut first = publish("long/topic/name", "1", QoS::AtMostOnce, None);
+    first.properties.topic_alias = Some(2);
+    let out = h.send(p, Packet::Publish(first));
+    let got = publishes(&out, s);
+    assert_eq!(got[0].topic, "long/topic/name");
+    assert_eq!(got[0].properties.topic_alias, None, "no outbound aliases");
+    let mut second = publish("", "2", QoS::AtMostOnce, None);
+    second.properties.topic_alias = Some(2);
+    let got = publishes(&h.send(p, Packet::Publish(second)), s);
+    assert_eq!(got[0].topic, "long/topic/name");
+    let mut unknown = publish("", "3", QoS::AtMostOnce, None);
+    unknown.properties.topic_alias = Some(1);
+    let out = h.send(p, Packet::Publish(unknown));
+    assert_eq!(disconnect_code(&out, p), Some(ReasonCode::PROTOCOL_ERROR));
+    let (p2, _, _) = h.connect_ok(v5("p2"));
+    let mut too_big = publish("x", "4", QoS::AtMostOnce, None);
+    too_big.properties.topic_alias = Some(3);
+    let out = h.send(p2, Packet::Publish(too_big));
+    assert_eq!(
+        disconnect_code(&out, p2),
+        Some(ReasonCode::TOPIC_ALIAS_INVALID)
+    );
+    assert!(closed(&out, p2));
+}
+
+#[test]
+fn messages_larger_than_client_maximum_are_dropped() {
+    let mut h = Harness::new();
+    let mut c = v5("small");
+    c.properties.maximum_packet_size = Some(30);
+    let (s, _, _) = h.connect_ok(c);
+    h.subscribe(s, "t", QoS::AtLeastOnce);
+    let (p, _, _) = h.connect_ok(v5("p"));
+    let out = h.send(
+        p,
+        pub_packet(
+            "t",
+            "this payload is far too long for thirty bytes",
+            QoS::AtLeastOnce,
+            Some(1),
+        ),
+    );
+    assert!(publishes(&out, s).is_empty());
+    assert_eq!(h.core.stats().dropped_too_large, 1);
+    assert_eq!(h.core.inflight_messages(), 0, "dropped as if delivered");
+    let out = h.send(p, pub_packet("t", "short", QoS::AtLeastOnce, Some(2)));
+    assert_eq!(payloads(&out, s), vec!["short"]);
+}
+
+#[test]
+fn shutdown_disconnects_everyone() {
+    let mut h = Harness::new();
+    let (a, _, _) = h.connect_ok(v5("a"));
+    let (b, _, _) = h.connect_ok(v3("b", true));
+    let (c, _, _) = h.connect_ok(v5_persistent("c", 100));
+    let mut out = Vec::new();
+    h.core.shutdown(&mut out);
+    assert_eq!(
+        disconnect_code(&out, a),
+        Some(ReasonCode::SERVER_SHUTTING_DOWN)
+    );
+    assert_eq!(disconnect_code(&out, b), None);
+    assert!(closed(&out, a) && closed(&out, b) && closed(&out, c));
+    assert_eq!(h.core.connection_count(), 0);
+    assert_eq!(h.core.session_count(), 1, "the persistent session stays");
+}
+
+#[test]
+fn twenty_thousand_agents_each_get_their_own_wake_up() {
+    let mut h = Harness::new();
+    let agents: Vec<ConnId> = (0..20_000)
+        .map(|i| {
+            let (conn, _, _) = h.connect_ok(v5_persistent(&format!("agent-{i}"), 3600));
+            h.subscribe(conn, &format!("agents/agent-{i}/wake"), QoS::AtLeastOnce);
+            conn
+        })
+        .collect();
+    let (server, _, _) = h.connect_ok(v5("console"));
+    let started = Instant::now();
+    let mut out = Vec::new();
+    for i in 0..19_000u32 {
+        let topic = format!("agents/agent-{i}/wake");
+        let id = (i % 65_535) as u16 + 1;
+        h.core.handle_packet(
+            h.now,
+            server,
+            pub_packet(&topic, "wake", QoS::AtLeastOnce, Some(id)),
+            &mut out,
+        );
+    }
+    let elapsed = started.elapsed();
+    println!("routed 19,000 QoS 1 wake-ups to 20,000 sessions in {elapsed:?} (debug build)");
+    let mut per_conn = std::collections::HashMap::new();
+    for a in &out {
+        if let Action::Send {
+            conn,
+            packet: Packet::Publish(_),
+        } = a
+        {
+            *per_conn.entry(*conn).or_insert(0) += 1;
+        }
+    }
+    assert_eq!(per_conn.len(), 19_000);
+    assert!(per_conn.values().all(|n| *n == 1));
+    assert!(agents[..19_000].iter().all(|c| per_conn.contains_key(c)));
+    assert!(agents[19_000..].iter().all(|c| !per_conn.contains_key(c)));
+}
