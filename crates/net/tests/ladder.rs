@@ -412,3 +412,27 @@ async fn one_path_at_a_time_for_the_doctor() {
         .expect_err("an echo is no WebSocket upgrade");
     assert_eq!(err.stage(), Stage::WebSocket, "{err}");
 }
+
+#[tokio::test]
+async fn proxy_allowing_8883_is_the_first_choice() {
+    let ca = TestCa::new("CA");
+    let mut primary = broker(&ca).await;
+    let fallback = broker(&ca).await;
+    let proxy = Tinyproxy::start(&[primary.port(), fallback.port()]).await;
+    let mut cfg = config("127.0.0.1", primary.port(), fallback.port());
+    cfg.proxy = Some(proxy.url());
+    let mut ladder = ConnectionLadder::new(cfg, tls_client(&ca));
+    let mut connected = ladder
+        .connect()
+        .await
+        .unwrap_or_else(|e| panic!("{e}\ntinyproxy said:\n{}", proxy.output()));
+    assert_eq!(connected.path.label(), "8883 via proxy");
+    assert!(connected.failed_before.is_empty());
+    assert_eq!(
+        connected.path.recommended_keepalive(),
+        Duration::from_secs(30)
+    );
+    round_trip(&mut connected).await;
+    drop(connected);
+    assert!(matches!(primary.next_served().await, Served::Raw { .. }));
+}
