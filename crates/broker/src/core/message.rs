@@ -207,4 +207,42 @@ mod tests {
             1 + 2 + 2 + 3 + 2 + 200
         );
     }
+
+    proptest::proptest! {
+        #[test]
+        fn publish_len_agrees_with_the_encoder(
+            topic in "[a-z/]{1,40}",
+            payload_len in 0usize..70_000,
+            qos in 0u8..3,
+            expiry in proptest::option::of(proptest::num::u32::ANY),
+            sub_ids in proptest::collection::vec(1u32..268_435_455, 0..4),
+            user in proptest::collection::vec(("[a-z]{0,10}", "[a-z]{0,300}"), 0..3),
+            content_type in proptest::option::of("[a-z/]{0,20}"),
+            correlation in proptest::option::of(proptest::collection::vec(proptest::num::u8::ANY, 0..20)),
+        ) {
+            let qos = QoS::from_u8(qos).unwrap_or_default();
+            let publish = Publish {
+                dup: false,
+                qos,
+                retain: false,
+                topic,
+                packet_id: (qos != QoS::AtMostOnce).then_some(1),
+                payload: Bytes::from(vec![7u8; payload_len]),
+                properties: Properties {
+                    message_expiry_interval: expiry,
+                    subscription_identifiers: sub_ids,
+                    user_properties: user,
+                    content_type,
+                    correlation_data: correlation.map(Bytes::from),
+                    payload_format_indicator: Some(1),
+                    ..Properties::default()
+                },
+            };
+            let packet = beckon_mqtt::Packet::Publish(publish.clone());
+            for version in [ProtocolVersion::V311, ProtocolVersion::V5] {
+                let encoded = beckon_mqtt::encoded_len(&packet, version).expect("encodable");
+                proptest::prop_assert_eq!(publish_len(&publish, version), encoded);
+            }
+        }
+    }
 }

@@ -283,7 +283,7 @@ impl BrokerCore {
             // Only v3.1.1 gets here with these (v5 was refused): downgrade silently.
             will.qos = will.qos.min(config.max_qos);
             will.retain &= config.retain_available;
-            will
+            Box::new(will)
         });
         self.conns.insert(conn, key);
 
@@ -649,7 +649,7 @@ impl BrokerCore {
         &mut self,
         now: Instant,
         publisher: SessionKey,
-        will: Will,
+        will: Box<Will>,
         out: &mut Vec<Action>,
     ) {
         self.stats.wills_published += 1;
@@ -806,10 +806,9 @@ impl BrokerCore {
             }
             session.expiry = expiry.min(self.config.max_session_expiry);
         }
-        let with_will =
-            session.protocol == ProtocolVersion::V5 && d.code == ReasonCode::DISCONNECT_WITH_WILL;
-        if !with_will {
-            // [MQTT-3.14.4-3]: a normal disconnection discards the will.
+        // [MQTT-3.14.4-3]: only a normal disconnection (0x00, and every v3.1.1 DISCONNECT)
+        // discards the will; 0x04 and the error codes keep it.
+        if session.protocol == ProtocolVersion::V311 || d.code == ReasonCode::NORMAL_DISCONNECTION {
             session.will = None;
         }
         self.conns.remove(&conn);

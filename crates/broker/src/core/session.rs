@@ -59,8 +59,9 @@ pub(crate) struct Session {
     pub expiry: u32,
     /// The CONNECT asked for expiry 0 (then DISCONNECT may not raise it, [MQTT-3.14.2-2]).
     pub connect_expiry_zero: bool,
-    /// The will of the live connection, or a delayed will waiting for `will_at`.
-    pub will: Option<Will>,
+    /// The will of the live connection, or a delayed will waiting for `will_at` (boxed: most
+    /// sessions have none, and a will with its properties is large).
+    pub will: Option<Box<Will>>,
     /// When a delayed will is due (offline sessions only).
     pub will_at: Option<Instant>,
     /// When the offline session ends.

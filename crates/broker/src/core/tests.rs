@@ -1010,12 +1010,22 @@ fn will_is_published_on_connection_loss_only() {
         }),
     );
     assert_eq!(payloads(&out, w), vec!["gone"]);
+    // A DISCONNECT with an error code is not a normal disconnection: will.
+    let (e, _, _) = h.connect_ok(with_will(v5("e"), "wills/e", None));
+    let out = h.send(
+        e,
+        Packet::Disconnect(Disconnect {
+            code: ReasonCode::UNSPECIFIED_ERROR,
+            ..Disconnect::default()
+        }),
+    );
+    assert_eq!(payloads(&out, w), vec!["gone"]);
     // Protocol error found by the core: will.
     let (d, _, _) = h.connect_ok(with_will(v5("d"), "wills/d", None));
     let out = h.send(d, Packet::PingResp);
     assert_eq!(disconnect_code(&out, d), Some(ReasonCode::PROTOCOL_ERROR));
     assert_eq!(payloads(&out, w), vec!["gone"]);
-    assert_eq!(h.core.stats().wills_published, 3);
+    assert_eq!(h.core.stats().wills_published, 4);
 }
 
 #[test]
@@ -1402,4 +1412,12 @@ fn twenty_thousand_agents_each_get_their_own_wake_up() {
     assert!(per_conn.values().all(|n| *n == 1));
     assert!(agents[..19_000].iter().all(|c| per_conn.contains_key(c)));
     assert!(agents[19_000..].iter().all(|c| !per_conn.contains_key(c)));
+}
+
+#[test]
+fn idle_session_stays_small() {
+    // Queues, alias tables and QoS 2 ids allocate only when used; the will is boxed.
+    let size = std::mem::size_of::<super::session::Session>();
+    println!("Session: {size} bytes inline");
+    assert!(size <= 512, "Session grew to {size} bytes");
 }
