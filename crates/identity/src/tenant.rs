@@ -482,7 +482,7 @@ fn load_tenant_file(
         if tenant.token_keys.insert(kid.clone(), key).is_some() {
             return Err(err(
                 Some(format!("token_key[{i}].kid")),
-                format!("key id {kid:?} appears twice; key ids must be unique within a tenant"),
+                format!("key id \"{kid}\" appears twice; key ids must be unique within a tenant"),
             ));
         }
     }
