@@ -1,5 +1,16 @@
 //! The Beckon broker: the MQTT protocol core as plain state ([`core`]) and the tokio layer
-//! that puts it on the network.
-#![forbid(unsafe_code)]
+//! that puts it on the network ([`Server`], [`run`]).
+//!
+//! `unsafe` is denied everywhere except the one module that reads the file descriptor limit
+//! through `libc` ([`fdlimit`]).
+#![deny(unsafe_code)]
 
+pub mod config;
+mod connection;
 pub mod core;
+pub mod fdlimit;
+mod outbox;
+mod server;
+
+pub use config::{BrokerConfig, ConfigError, Listen};
+pub use server::{Bound, Server, ServerError, ServerHandle, default_certificate_names, run};

@@ -1,0 +1,479 @@
+//! The broker's configuration: a TOML file where every key has a default, environment
+//! overrides for the keys an operator changes most, and errors that name the file, the key
+//! and the reason.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use beckon_mqtt::QoS;
+use serde::{Deserialize, Deserializer};
+
+use crate::core::CoreConfig;
+
+/// Why the configuration could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The configuration file could not be read.
+    #[error("cannot read the configuration file {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The operating system's error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML or a key is unknown or has the wrong type.
+    #[error("configuration file {path}: {message}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// The parser's message: line, column, key and reason.
+        message: String,
+    },
+    /// An environment variable holds a value that does not fit its key.
+    #[error("environment variable {var}={value:?}: {reason}")]
+    Env {
+        /// The variable.
+        var: &'static str,
+        /// Its value.
+        value: String,
+        /// Why it does not fit.
+        reason: String,
+    },
+    /// A value is out of range or keys contradict each other.
+    #[error("configuration key {key}: {reason}")]
+    Invalid {
+        /// The key, in TOML dotted form.
+        key: &'static str,
+        /// What is wrong and what to do.
+        reason: String,
+    },
+}
+
+/// A listening address, or off. Written in TOML as `"0.0.0.0:8883"` or `"off"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Listen(pub Option<SocketAddr>);
+
+impl Listen {
+    /// Parses `"off"` (or an empty string) or a socket address.
+    pub fn parse(s: &str) -> Result<Self, String> {
+        let s = s.trim();
+        if s.is_empty() || s.eq_ignore_ascii_case("off") {
+            return Ok(Self(None));
+        }
+        s.parse::<SocketAddr>().map(|a| Self(Some(a))).map_err(|_| {
+            format!(
+                "{s:?} is not an address: write IP:PORT (e.g. 0.0.0.0:8883 or [::]:8883) or \"off\""
+            )
+        })
+    }
+}
+
+impl<'de> Deserialize<'de> for Listen {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        Self::parse(&s).map_err(serde::de::Error::custom)
+    }
+}
+
+/// The whole broker configuration.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BrokerConfig {
+    /// Folder for generated certificates and (later) state. Default `./beckon-data`.
+    pub data_dir: PathBuf,
+    /// Accept clients without authentication (development and conformance tests only; logged
+    /// loudly at start). Default false.
+    pub allow_anonymous: bool,
+    /// Listening addresses.
+    pub listeners: ListenersConfig,
+    /// Certificates.
+    pub tls: TlsConfig,
+    /// Limits of the network layer and of the protocol core.
+    pub limits: LimitsConfig,
+}
+
+/// `[listeners]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ListenersConfig {
+    /// MQTT over TLS. Default `0.0.0.0:8883`.
+    pub mqtts: Listen,
+    /// Plain MQTT (no encryption): for loopback and development only. Default off.
+    pub mqtt: Listen,
+}
+
+impl Default for ListenersConfig {
+    fn default() -> Self {
+        Self {
+            mqtts: Listen(Some(SocketAddr::from(([0, 0, 0, 0], 8883)))),
+            mqtt: Listen(None),
+        }
+    }
+}
+
+/// `[tls]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TlsConfig {
+    /// Server certificate chain (PEM). Default: none, the broker then uses (and on first run
+    /// creates) `server.pem` signed by its own CA in the data folder.
+    pub cert: Option<PathBuf>,
+    /// Private key of `cert` (PEM). Required with `cert`.
+    pub key: Option<PathBuf>,
+    /// CA (PEM) whose client certificates authenticate clients. Default: the broker's own CA
+    /// (`ca.pem` in the data folder) when the broker generated its certificate; none otherwise.
+    pub client_ca: Option<PathBuf>,
+    /// Lowest TLS version accepted: "1.2" or "1.3". Default "1.2".
+    pub min_version: String,
+    /// How often certificate files are checked for changes, in seconds (0 = only on SIGHUP).
+    /// Default 5.
+    pub reload_interval_secs: u64,
+}
+
+impl Default for TlsConfig {
+    fn default() -> Self {
+        Self {
+            cert: None,
+            key: None,
+            client_ca: None,
+            min_version: "1.2".into(),
+            reload_interval_secs: 5,
+        }
+    }
+}
+
+/// `[limits]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    /// Most simultaneous connections (including those still in TLS or CONNECT); beyond it a
+    /// client gets CONNACK 0x89 Server busy (v3.1.1: return code 3). 0 = as many as the file
+    /// descriptor limit allows. Default 0.
+    pub max_connections: usize,
+    /// Seconds a new connection has to finish TLS and send a whole CONNECT. Default 10.
+    pub connect_timeout_secs: u64,
+    /// Largest packet accepted, in bytes (announced to v5 clients). Default 1048576.
+    pub max_packet_size: u32,
+    /// Packets waiting to be written to one connection; beyond it QoS 0 messages are dropped and
+    /// any other packet closes the connection as a slow consumer. Default 1000.
+    pub max_outbound_packets: usize,
+    /// Receive Maximum announced to v5 clients. Default 64.
+    pub receive_maximum: u16,
+    /// QoS 1/2 messages in flight towards one client. Default 32.
+    pub max_inflight: u16,
+    /// Messages queued per session while offline or while its window is full. Default 1000.
+    pub max_queued_messages: usize,
+    /// Longest session expiry a client may ask for, in seconds. Default 604800 (7 days).
+    pub max_session_expiry_secs: u32,
+    /// Topic aliases accepted from each v5 client (0 = off). Default 64.
+    pub topic_alias_maximum: u16,
+    /// Caps the clients' keep alive, in seconds (Server Keep Alive); 0 = no cap. Default 0.
+    pub max_keep_alive_secs: u16,
+    /// Whether retained messages are supported. Default true.
+    pub retain_available: bool,
+    /// Highest QoS granted: 0, 1 or 2. Default 2.
+    pub max_qos: u8,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        let core = CoreConfig::default();
+        Self {
+            max_connections: 0,
+            connect_timeout_secs: 10,
+            max_packet_size: core.max_packet_size,
+            max_outbound_packets: 1000,
+            receive_maximum: core.receive_maximum,
+            max_inflight: core.max_inflight,
+            max_queued_messages: core.max_queued_messages,
+            max_session_expiry_secs: core.max_session_expiry,
+            topic_alias_maximum: core.topic_alias_maximum,
+            max_keep_alive_secs: core.max_keep_alive.unwrap_or(0),
+            retain_available: core.retain_available,
+            max_qos: core.max_qos as u8,
+        }
+    }
+}
+
+impl Default for BrokerConfig {
+    fn default() -> Self {
+        Self {
+            data_dir: PathBuf::from("./beckon-data"),
+            allow_anonymous: false,
+            listeners: ListenersConfig::default(),
+            tls: TlsConfig::default(),
+            limits: LimitsConfig::default(),
+        }
+    }
+}
+
+/// The environment variables read by [`BrokerConfig::apply_env`], with their keys.
+pub const ENV_OVERRIDES: &[(&str, &str)] = &[
+    ("BECKON_DATA_DIR", "data_dir"),
+    ("BECKON_ALLOW_ANONYMOUS", "allow_anonymous"),
+    ("BECKON_MQTTS", "listeners.mqtts"),
+    ("BECKON_MQTT", "listeners.mqtt"),
+    ("BECKON_TLS_CERT", "tls.cert"),
+    ("BECKON_TLS_KEY", "tls.key"),
+    ("BECKON_TLS_CLIENT_CA", "tls.client_ca"),
+    ("BECKON_TLS_MIN_VERSION", "tls.min_version"),
+    ("BECKON_MAX_CONNECTIONS", "limits.max_connections"),
+    ("BECKON_CONNECT_TIMEOUT_SECS", "limits.connect_timeout_secs"),
+    ("BECKON_MAX_PACKET_SIZE", "limits.max_packet_size"),
+];
+
+impl BrokerConfig {
+    /// Reads a TOML file; missing keys take their defaults, unknown keys are errors.
+    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::from_toml(&text).map_err(|message| ConfigError::Parse {
+            path: path.to_owned(),
+            message,
+        })
+    }
+
+    /// Parses TOML text (the error is the parser's message with line and key).
+    pub fn from_toml(text: &str) -> Result<Self, String> {
+        toml::from_str(text).map_err(|e| e.to_string().trim_end().to_owned())
+    }
+
+    /// Applies the `BECKON_...` overrides of [`ENV_OVERRIDES`] read through `var` (pass
+    /// `|k| std::env::var(k).ok()` for the process environment).
+    pub fn apply_env(&mut self, var: impl Fn(&str) -> Option<String>) -> Result<(), ConfigError> {
+        fn parse<T: std::str::FromStr>(var: &'static str, value: &str) -> Result<T, ConfigError>
+        where
+            T::Err: std::fmt::Display,
+        {
+            value.trim().parse::<T>().map_err(|e| ConfigError::Env {
+                var,
+                value: value.to_owned(),
+                reason: e.to_string(),
+            })
+        }
+        for &(name, _) in ENV_OVERRIDES {
+            let Some(value) = var(name) else { continue };
+            match name {
+                "BECKON_DATA_DIR" => self.data_dir = PathBuf::from(value),
+                "BECKON_ALLOW_ANONYMOUS" => {
+                    self.allow_anonymous = match value.trim().to_ascii_lowercase().as_str() {
+                        "1" | "true" | "yes" | "on" => true,
+                        "0" | "false" | "no" | "off" | "" => false,
+                        _ => {
+                            return Err(ConfigError::Env {
+                                var: name,
+                                value,
+                                reason: "expected true or false".into(),
+                            });
+                        }
+                    }
+                }
+                "BECKON_MQTTS" | "BECKON_MQTT" => {
+                    let listen = Listen::parse(&value).map_err(|reason| ConfigError::Env {
+                        var: name,
+                        value: value.clone(),
+                        reason,
+                    })?;
+                    if name == "BECKON_MQTTS" {
+                        self.listeners.mqtts = listen;
+                    } else {
+                        self.listeners.mqtt = listen;
+                    }
+                }
+                "BECKON_TLS_CERT" => self.tls.cert = Some(PathBuf::from(value)),
+                "BECKON_TLS_KEY" => self.tls.key = Some(PathBuf::from(value)),
+                "BECKON_TLS_CLIENT_CA" => self.tls.client_ca = Some(PathBuf::from(value)),
+                "BECKON_TLS_MIN_VERSION" => self.tls.min_version = value,
+                "BECKON_MAX_CONNECTIONS" => self.limits.max_connections = parse(name, &value)?,
+                "BECKON_CONNECT_TIMEOUT_SECS" => {
+                    self.limits.connect_timeout_secs = parse(name, &value)?;
+                }
+                "BECKON_MAX_PACKET_SIZE" => self.limits.max_packet_size = parse(name, &value)?,
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// Checks ranges and combinations; call after file, environment and flags are applied.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |key, reason: &str| {
+            Err(ConfigError::Invalid {
+                key,
+                reason: reason.to_owned(),
+            })
+        };
+        if self.listeners.mqtts.0.is_none() && self.listeners.mqtt.0.is_none() {
+            return invalid(
+                "listeners",
+                "both listeners are off: set listeners.mqtts (e.g. \"0.0.0.0:8883\")",
+            );
+        }
+        if self.tls.cert.is_some() != self.tls.key.is_some() {
+            return invalid(
+                "tls.cert",
+                "tls.cert and tls.key go together: set both, or neither to use the generated certificate",
+            );
+        }
+        if self.min_tls_version().is_none() {
+            return invalid("tls.min_version", "expected \"1.2\" or \"1.3\"");
+        }
+        let l = &self.limits;
+        if l.connect_timeout_secs == 0 {
+            return invalid("limits.connect_timeout_secs", "must be at least 1");
+        }
+        if l.max_packet_size < 64 {
+            return invalid(
+                "limits.max_packet_size",
+                "must be at least 64 bytes (a CONNECT must fit)",
+            );
+        }
+        if l.max_outbound_packets == 0 {
+            return invalid("limits.max_outbound_packets", "must be at least 1");
+        }
+        if l.receive_maximum == 0 {
+            return invalid("limits.receive_maximum", "must be at least 1");
+        }
+        if l.max_inflight == 0 {
+            return invalid("limits.max_inflight", "must be at least 1");
+        }
+        if QoS::from_u8(l.max_qos).is_none() {
+            return invalid("limits.max_qos", "must be 0, 1 or 2");
+        }
+        Ok(())
+    }
+
+    /// The lowest TLS version from `tls.min_version`.
+    pub fn min_tls_version(&self) -> Option<beckon_pki::TlsVersion> {
+        match self.tls.min_version.trim() {
+            "1.2" => Some(beckon_pki::TlsVersion::Tls12),
+            "1.3" => Some(beckon_pki::TlsVersion::Tls13),
+            _ => None,
+        }
+    }
+
+    /// The protocol core's share of the limits.
+    pub fn core_config(&self) -> CoreConfig {
+        let l = &self.limits;
+        CoreConfig {
+            max_packet_size: l.max_packet_size,
+            receive_maximum: l.receive_maximum,
+            max_inflight: l.max_inflight,
+            max_queued_messages: l.max_queued_messages,
+            max_session_expiry: l.max_session_expiry_secs,
+            topic_alias_maximum: l.topic_alias_maximum,
+            max_keep_alive: (l.max_keep_alive_secs != 0).then_some(l.max_keep_alive_secs),
+            retain_available: l.retain_available,
+            max_qos: QoS::from_u8(l.max_qos).unwrap_or(QoS::ExactlyOnce),
+        }
+    }
+
+    /// `limits.connect_timeout_secs` as a duration.
+    pub fn connect_timeout(&self) -> Duration {
+        Duration::from_secs(self.limits.connect_timeout_secs)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_file_gives_the_defaults() {
+        let c = BrokerConfig::from_toml("").expect("empty");
+        assert_eq!(
+            c.listeners.mqtts.0,
+            Some("0.0.0.0:8883".parse().expect("addr"))
+        );
+        assert_eq!(c.listeners.mqtt.0, None);
+        assert_eq!(c.limits.connect_timeout_secs, 10);
+        assert_eq!(c.data_dir, PathBuf::from("./beckon-data"));
+        assert!(!c.allow_anonymous);
+        c.validate().expect("defaults are valid");
+    }
+
+    #[test]
+    fn keys_are_read() {
+        let c = BrokerConfig::from_toml(
+            r#"
+            data_dir = "/var/lib/beckon"
+            allow_anonymous = true
+            [listeners]
+            mqtts = "off"
+            mqtt = "127.0.0.1:1883"
+            [tls]
+            min_version = "1.3"
+            [limits]
+            max_connections = 5
+            max_qos = 1
+            "#,
+        )
+        .expect("parse");
+        assert_eq!(c.listeners.mqtts.0, None);
+        assert_eq!(
+            c.listeners.mqtt.0,
+            Some("127.0.0.1:1883".parse().expect("addr"))
+        );
+        assert_eq!(c.limits.max_connections, 5);
+        assert_eq!(c.core_config().max_qos, QoS::AtLeastOnce);
+        assert_eq!(c.min_tls_version(), Some(beckon_pki::TlsVersion::Tls13));
+        c.validate().expect("valid");
+    }
+
+    #[test]
+    fn unknown_key_and_bad_value_are_named() {
+        let err = BrokerConfig::from_toml("[limits]\nmax_conections = 5\n").expect_err("unknown");
+        assert!(err.contains("max_conections"), "{err}");
+        let err = BrokerConfig::from_toml("[listeners]\nmqtts = \"8883\"\n").expect_err("bad addr");
+        assert!(err.contains("mqtts") || err.contains("IP:PORT"), "{err}");
+
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("broker.toml");
+        std::fs::write(&path, "allow_anonymous = \"maybe\"\n").expect("write");
+        let err = BrokerConfig::from_file(&path)
+            .expect_err("bad type")
+            .to_string();
+        assert!(
+            err.contains("broker.toml") && err.contains("allow_anonymous"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn environment_overrides_the_file() {
+        let mut c = BrokerConfig::from_toml("[limits]\nmax_connections = 5\n").expect("parse");
+        let env = |k: &str| match k {
+            "BECKON_MAX_CONNECTIONS" => Some("7".to_owned()),
+            "BECKON_MQTT" => Some("127.0.0.1:0".to_owned()),
+            "BECKON_ALLOW_ANONYMOUS" => Some("true".to_owned()),
+            _ => None,
+        };
+        c.apply_env(env).expect("env");
+        assert_eq!(c.limits.max_connections, 7);
+        assert!(c.allow_anonymous);
+        assert_eq!(
+            c.listeners.mqtt.0,
+            Some("127.0.0.1:0".parse().expect("addr"))
+        );
+        let err = c
+            .apply_env(|k| (k == "BECKON_MAX_PACKET_SIZE").then(|| "big".to_owned()))
+            .expect_err("bad number")
+            .to_string();
+        assert!(err.contains("BECKON_MAX_PACKET_SIZE"), "{err}");
+    }
+
+    #[test]
+    fn contradictions_are_refused() {
+        let mut c = BrokerConfig::default();
+        c.tls.cert = Some("a.pem".into());
+        let err = c.validate().expect_err("cert without key").to_string();
+        assert!(err.contains("tls.cert"), "{err}");
+        let mut c = BrokerConfig::default();
+        c.listeners.mqtts = Listen(None);
+        assert!(c.validate().is_err());
+    }
+}

@@ -1,0 +1,606 @@
+//! One client connection: TLS, the CONNECT phase (timeout, admission, authentication), then
+//! reading frames into events for the core and writing what the core queues.
+//!
+//! Memory per idle connection is kept small on purpose: no read or write buffer is held
+//! while idle (reads go through a temporary stack buffer and only a partial frame is kept),
+//! the outbound queue is empty without allocation, and the task keeps only a few words of
+//! state besides the stream itself.
+
+use std::future::poll_fn;
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::task::Poll;
+use std::time::Duration;
+
+use beckon_mqtt::{
+    ConnAck, Connect, DecodeError, Disconnect, Packet, Properties, ProtocolVersion, ReasonCode,
+    decode, encode, frame_len,
+};
+use beckon_pki::ReloadingServerConfig;
+use bytes::BytesMut;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, watch};
+use tokio::time::{Instant, sleep_until, timeout, timeout_at};
+
+use crate::core::{CloseReason, ConnId, ConnectionInfo, effective_keep_alive};
+use crate::outbox::{Outbox, OutboxState};
+use crate::server::Event;
+
+/// Largest single read from the socket; also the stack buffer of each read.
+const READ_CHUNK: usize = 8 * 1024;
+/// rustls' outgoing buffer bound per connection (its default is 64 KiB).
+const TLS_BUFFER_LIMIT: usize = 16 * 1024;
+/// How long a closing connection may take to flush and say goodbye.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Which listener a connection came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ListenerKind {
+    /// MQTT over TLS.
+    Tls,
+    /// Plain MQTT.
+    Plain,
+}
+
+impl ListenerKind {
+    /// The path name used in presence events and logs.
+    pub(crate) fn path(self) -> &'static str {
+        match self {
+            Self::Tls => "8883",
+            Self::Plain => "1883",
+        }
+    }
+}
+
+/// What every connection task shares.
+#[derive(Debug)]
+pub(crate) struct Shared {
+    pub(crate) tls: Option<Arc<ReloadingServerConfig>>,
+    pub(crate) allow_anonymous: bool,
+    pub(crate) connect_timeout: Duration,
+    pub(crate) max_packet_size: u32,
+    pub(crate) max_outbound_packets: usize,
+    pub(crate) max_connections: usize,
+    /// Connection tasks alive (in TLS, CONNECT or established).
+    pub(crate) active: AtomicUsize,
+    pub(crate) next_id: AtomicU64,
+    pub(crate) shutdown: watch::Receiver<bool>,
+}
+
+/// Decrements the live-connection count when a connection task ends.
+pub(crate) struct ActiveGuard(pub(crate) Arc<Shared>);
+
+impl Drop for ActiveGuard {
+    fn drop(&mut self) {
+        self.0.active.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Reads what the socket has into `buf`, through a temporary stack buffer so that nothing is
+/// held while the socket is idle. Returns the number of bytes read (0 at end of stream).
+async fn read_some<S: AsyncRead + Unpin>(stream: &mut S, buf: &mut BytesMut) -> io::Result<usize> {
+    poll_fn(|cx| {
+        let mut chunk = [0u8; READ_CHUNK];
+        let mut rb = ReadBuf::new(&mut chunk);
+        match Pin::new(&mut *stream).poll_read(cx, &mut rb) {
+            Poll::Ready(Ok(())) => {
+                let filled = rb.filled();
+                buf.extend_from_slice(filled);
+                Poll::Ready(Ok(filled.len()))
+            }
+            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+            Poll::Pending => Poll::Pending,
+        }
+    })
+    .await
+}
+
+/// The next whole packet in `buf`, if any. Refuses an oversized packet from its fixed header
+/// alone, and reserves room for a partial frame once its length is known.
+fn next_packet(
+    buf: &mut BytesMut,
+    version: ProtocolVersion,
+    max_packet_size: u32,
+) -> Result<Option<Packet>, DecodeError> {
+    match frame_len(buf, max_packet_size)? {
+        Some(len) if buf.len() >= len => decode(buf, version, max_packet_size),
+        Some(len) => {
+            buf.reserve(len - buf.len());
+            Ok(None)
+        }
+        None => Ok(None),
+    }
+}
+
+/// The protocol version a (possibly malformed) CONNECT names, read from its raw bytes, so
+/// that a refusal can be written in the client's version.
+fn sniff_connect_version(buf: &[u8]) -> Option<ProtocolVersion> {
+    if buf.first()? >> 4 != 1 {
+        return None;
+    }
+    let mut i = 1;
+    loop {
+        let b = *buf.get(i)?;
+        i += 1;
+        if b & 0x80 == 0 {
+            break;
+        }
+        if i > 4 {
+            return None;
+        }
+    }
+    if buf.get(i..i + 6)? != [0, 4, b'M', b'Q', b'T', b'T'] {
+        return None;
+    }
+    match buf.get(i + 6)? {
+        5 => Some(ProtocolVersion::V5),
+        4 => Some(ProtocolVersion::V311),
+        _ => None,
+    }
+}
+
+/// Writes one packet and flushes, bounded in time (used on the way out).
+async fn send_final<S: AsyncWrite + Unpin>(
+    stream: &mut S,
+    packet: &Packet,
+    version: ProtocolVersion,
+) {
+    let mut buf = BytesMut::new();
+    if encode(packet, version, &mut buf).is_ok() {
+        let _ = timeout(CLOSE_TIMEOUT, async {
+            stream.write_all(&buf).await?;
+            stream.flush().await?;
+            stream.shutdown().await
+        })
+        .await;
+    }
+}
+
+fn connack(code: ReasonCode, reason: &str, version: ProtocolVersion) -> Packet {
+    let mut properties = Properties::default();
+    if version == ProtocolVersion::V5 {
+        properties.reason_string = Some(reason.to_owned());
+    }
+    Packet::ConnAck(ConnAck {
+        session_present: false,
+        code,
+        properties,
+    })
+}
+
+fn disconnect(code: ReasonCode) -> Packet {
+    Packet::Disconnect(Disconnect {
+        code,
+        properties: Properties::default(),
+    })
+}
+
+/// Serves one accepted TCP connection to its end.
+pub(crate) async fn serve(
+    shared: Arc<Shared>,
+    events: mpsc::Sender<Event>,
+    tcp: TcpStream,
+    remote: SocketAddr,
+    kind: ListenerKind,
+    conn: ConnId,
+    over_limit: bool,
+) {
+    let _ = tcp.set_nodelay(true);
+    let deadline = Instant::now() + shared.connect_timeout;
+    let mut shutdown = shared.shutdown.clone();
+    match (kind, &shared.tls) {
+        (ListenerKind::Tls, Some(tls)) => {
+            let acceptor = tokio_rustls::TlsAcceptor::from(tls.current());
+            let accepted = tokio::select! {
+                r = timeout_at(deadline, acceptor.accept(tcp)) => r,
+                _ = shutdown.changed() => return,
+            };
+            let mut stream = match accepted {
+                Ok(Ok(s)) => s,
+                Ok(Err(e)) => {
+                    tracing::debug!(error = %e, "TLS handshake failed");
+                    return;
+                }
+                Err(_) => {
+                    tracing::debug!(
+                        "TLS handshake not finished within the connect timeout; closed"
+                    );
+                    return;
+                }
+            };
+            let session = stream.get_mut().1;
+            session.set_buffer_limit(Some(TLS_BUFFER_LIMIT));
+            let alpn = session
+                .alpn_protocol()
+                .map(|p| String::from_utf8_lossy(p).into_owned());
+            let cert_name = session
+                .peer_certificates()
+                .and_then(|c| c.first())
+                .and_then(|c| beckon_pki::certificate_identity(c).ok())
+                .and_then(|id| id.common_name);
+            tracing::debug!(
+                alpn = alpn.as_deref().unwrap_or("none"),
+                client_cert = cert_name.as_deref().unwrap_or("none"),
+                "TLS established"
+            );
+            run_mqtt(
+                &shared, events, stream, remote, kind, conn, over_limit, cert_name, deadline,
+                shutdown,
+            )
+            .await;
+        }
+        _ => {
+            run_mqtt(
+                &shared, events, tcp, remote, kind, conn, over_limit, None, deadline, shutdown,
+            )
+            .await;
+        }
+    }
+}
+
+/// How the CONNECT phase ended. Short-lived, so its size does not matter.
+#[allow(clippy::large_enum_variant)]
+enum ConnectPhase {
+    Packet(Packet),
+    Invalid(DecodeError, Option<ProtocolVersion>),
+    Eof,
+    Io(io::Error),
+}
+
+async fn read_connect<S: AsyncRead + Unpin>(
+    stream: &mut S,
+    buf: &mut BytesMut,
+    max_packet_size: u32,
+) -> ConnectPhase {
+    loop {
+        let sniffed = sniff_connect_version(buf);
+        match next_packet(buf, ProtocolVersion::V311, max_packet_size) {
+            Ok(Some(p)) => return ConnectPhase::Packet(p),
+            Ok(None) => {}
+            Err(e) => return ConnectPhase::Invalid(e, sniffed),
+        }
+        match read_some(stream, buf).await {
+            Ok(0) => return ConnectPhase::Eof,
+            Ok(_) => {}
+            Err(e) => return ConnectPhase::Io(e),
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn run_mqtt<S: AsyncRead + AsyncWrite + Unpin>(
+    shared: &Arc<Shared>,
+    events: mpsc::Sender<Event>,
+    mut stream: S,
+    remote: SocketAddr,
+    kind: ListenerKind,
+    conn: ConnId,
+    over_limit: bool,
+    cert_name: Option<String>,
+    deadline: Instant,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let max = shared.max_packet_size;
+    let mut rbuf = BytesMut::new();
+    let phase = tokio::select! {
+        r = timeout_at(deadline, read_connect(&mut stream, &mut rbuf, max)) => r,
+        _ = shutdown.changed() => return,
+    };
+    let mut connect: Box<Connect> = match phase {
+        Err(_) => {
+            tracing::info!(
+                timeout_secs = shared.connect_timeout.as_secs(),
+                "no complete CONNECT within the connect timeout; closed"
+            );
+            return;
+        }
+        Ok(ConnectPhase::Packet(Packet::Connect(c))) => c,
+        Ok(ConnectPhase::Packet(other)) => {
+            tracing::info!(
+                packet_type = other.packet_type(),
+                "first packet is not CONNECT; closed"
+            );
+            return;
+        }
+        Ok(ConnectPhase::Invalid(e, sniffed)) => {
+            tracing::info!(error = %e, "invalid CONNECT; closed");
+            match (&e, sniffed) {
+                (DecodeError::UnsupportedProtocolVersion { .. }, _) => {
+                    // Answered in v3.1.1 form (return code 1), which every version reads.
+                    let p = connack(e.reason_code(), "", ProtocolVersion::V311);
+                    send_final(&mut stream, &p, ProtocolVersion::V311).await;
+                }
+                (_, Some(ProtocolVersion::V5)) => {
+                    let p = connack(e.reason_code(), &e.to_string(), ProtocolVersion::V5);
+                    send_final(&mut stream, &p, ProtocolVersion::V5).await;
+                }
+                _ => {}
+            }
+            return;
+        }
+        Ok(ConnectPhase::Eof) => {
+            tracing::debug!("closed by the client before CONNECT");
+            return;
+        }
+        Ok(ConnectPhase::Io(e)) => {
+            tracing::debug!(error = %e, "read failed before CONNECT");
+            return;
+        }
+    };
+    let version = connect.protocol;
+    let span = tracing::Span::current();
+
+    // Admission: connection limit, then authentication.
+    if over_limit {
+        tracing::warn!(
+            max_connections = shared.max_connections,
+            "connection limit reached; refused with Server busy"
+        );
+        let p = connack(
+            ReasonCode::SERVER_BUSY,
+            "connection limit reached, retry later",
+            version,
+        );
+        send_final(&mut stream, &p, version).await;
+        return;
+    }
+    if !shared.allow_anonymous {
+        let refusal = match &cert_name {
+            None => Some(match kind {
+                ListenerKind::Tls => "no client certificate issued by the broker's CA (and anonymous access is off)".to_owned(),
+                ListenerKind::Plain => "plain MQTT listener cannot carry a client certificate (and anonymous access is off)".to_owned(),
+            }),
+            Some(cn) if !connect.client_id.is_empty() && connect.client_id != *cn => Some(format!(
+                "client id {:?} differs from the certificate's identity {cn:?}",
+                connect.client_id
+            )),
+            Some(_) => None,
+        };
+        if let Some(why) = refusal {
+            tracing::info!(client_id = %connect.client_id, reason = %why, "refused: not authorized");
+            let p = connack(ReasonCode::NOT_AUTHORIZED, &why, version);
+            send_final(&mut stream, &p, version).await;
+            return;
+        }
+        if let Some(cn) = &cert_name {
+            // The certificate is the identity; an empty client id takes it.
+            connect.client_id.clone_from(cn);
+        }
+    }
+    span.record("client_id", connect.client_id.as_str());
+    let client_keep_alive = connect.keep_alive;
+    tracing::debug!(?version, keep_alive = client_keep_alive, "CONNECT accepted");
+
+    let outbox = Arc::new(Outbox::new(shared.max_outbound_packets));
+    let info = ConnectionInfo {
+        remote_addr: remote,
+        path: kind.path(),
+    };
+    if events
+        .send(Event::Connect {
+            conn,
+            connect,
+            info,
+            outbox: outbox.clone(),
+        })
+        .await
+        .is_err()
+    {
+        return; // the server is stopping
+    }
+
+    let reason = established(
+        &mut stream,
+        &events,
+        &outbox,
+        &mut rbuf,
+        conn,
+        version,
+        client_keep_alive,
+        max,
+    )
+    .await;
+    if let Some(reason) = reason {
+        tracing::debug!(?reason, "connection closed");
+        // Tell the core unless it closed the connection itself (it already forgot it then).
+        if outbox.state() == OutboxState::Open {
+            let _ = events.send(Event::Closed { conn, reason }).await;
+        }
+    } else {
+        tracing::debug!("connection closed by the broker");
+    }
+}
+
+/// The established phase. Returns why the connection ended, or `None` when the broker
+/// closed it (after `Action::Close`, a slow-consumer abort, or shutdown).
+#[allow(clippy::too_many_arguments)]
+async fn established<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: &mut S,
+    events: &mpsc::Sender<Event>,
+    outbox: &Outbox,
+    rbuf: &mut BytesMut,
+    conn: ConnId,
+    version: ProtocolVersion,
+    client_keep_alive: u16,
+    max: u32,
+) -> Option<CloseReason> {
+    // Until the CONNACK sets it, no keep-alive deadline applies.
+    let mut keep_alive: Option<Duration> = None;
+    let far = Duration::from_secs(100 * 365 * 24 * 3600);
+    let ka_sleep = sleep_until(Instant::now() + far);
+    tokio::pin!(ka_sleep);
+    loop {
+        // Whole packets already buffered (e.g. sent right behind CONNECT) first.
+        loop {
+            match next_packet(rbuf, version, max) {
+                Ok(Some(packet)) => {
+                    if let Some(ka) = keep_alive {
+                        ka_sleep.as_mut().reset(Instant::now() + ka * 3 / 2);
+                    }
+                    if events.send(Event::Packet { conn, packet }).await.is_err() {
+                        return None;
+                    }
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    tracing::info!(error = %e, "malformed packet; closing");
+                    if version == ProtocolVersion::V5 {
+                        send_final(stream, &disconnect(e.reason_code()), version).await;
+                    }
+                    return Some(CloseReason::ProtocolViolation);
+                }
+            }
+        }
+        if rbuf.is_empty() && rbuf.capacity() > 0 {
+            // Release the read buffer while idle.
+            *rbuf = BytesMut::new();
+        }
+        tokio::select! {
+            biased;
+            () = outbox.changed() => {
+                match flush(stream, outbox, version, client_keep_alive, &mut keep_alive).await {
+                    Flushed::Open => {
+                        // The first CONNACK starts the keep-alive clock.
+                        if let Some(ka) = keep_alive
+                            && ka_sleep.deadline() > Instant::now() + ka * 3 / 2
+                        {
+                            ka_sleep.as_mut().reset(Instant::now() + ka * 3 / 2);
+                        }
+                    }
+                    Flushed::ClosedByBroker => return None,
+                    Flushed::WriteFailed => return Some(CloseReason::Transport),
+                }
+            }
+            r = read_some(stream, rbuf) => match r {
+                Ok(0) => return Some(CloseReason::Transport),
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::debug!(error = %e, "read failed");
+                    return Some(CloseReason::Transport);
+                }
+            },
+            () = &mut ka_sleep, if keep_alive.is_some() => {
+                tracing::info!(
+                    keep_alive_secs = keep_alive.map(|k| k.as_secs()),
+                    "no packet within 1.5 times the keep alive; closing"
+                );
+                if version == ProtocolVersion::V5 {
+                    send_final(stream, &disconnect(ReasonCode::KEEP_ALIVE_TIMEOUT), version).await;
+                }
+                return Some(CloseReason::KeepAliveTimeout);
+            }
+        }
+    }
+}
+
+enum Flushed {
+    Open,
+    ClosedByBroker,
+    WriteFailed,
+}
+
+/// Writes everything queued; handles the close and abort states.
+async fn flush<S: AsyncWrite + Unpin>(
+    stream: &mut S,
+    outbox: &Outbox,
+    version: ProtocolVersion,
+    client_keep_alive: u16,
+    keep_alive: &mut Option<Duration>,
+) -> Flushed {
+    loop {
+        let (packets, state, dropped) = outbox.take();
+        if dropped > 0 {
+            tracing::debug!(
+                dropped,
+                "QoS 0 messages dropped: the client reads too slowly"
+            );
+        }
+        if state == OutboxState::Aborted {
+            tracing::warn!("closing: the client does not read (outbound queue full)");
+            return Flushed::ClosedByBroker;
+        }
+        if packets.is_empty() {
+            if state == OutboxState::Closing {
+                let _ = timeout(CLOSE_TIMEOUT, stream.shutdown()).await;
+                return Flushed::ClosedByBroker;
+            }
+            return Flushed::Open;
+        }
+        let mut wbuf = BytesMut::new();
+        for packet in &packets {
+            if let Packet::ConnAck(ack) = packet
+                && !ack.code.is_error()
+            {
+                // Only the keep alive matters to effective_keep_alive; the rest is filler.
+                let probe = Connect {
+                    protocol: version,
+                    clean_start: true,
+                    keep_alive: client_keep_alive,
+                    client_id: String::new(),
+                    will: None,
+                    username: None,
+                    password: None,
+                    properties: Properties::default(),
+                };
+                *keep_alive = effective_keep_alive(&probe, ack);
+            }
+            if let Err(e) = encode(packet, version, &mut wbuf) {
+                tracing::warn!(error = %e, packet_type = packet.packet_type(), "packet cannot be encoded; skipped");
+            }
+        }
+        drop(packets);
+        let write = async {
+            stream.write_all(&wbuf).await?;
+            stream.flush().await
+        };
+        tokio::pin!(write);
+        // A client that stops reading blocks this write; an abort from the core ends it.
+        let result = loop {
+            tokio::select! {
+                r = &mut write => break r,
+                () = outbox.changed() => {
+                    if outbox.state() == OutboxState::Aborted {
+                        tracing::warn!("closing: the client does not read (outbound queue full)");
+                        return Flushed::ClosedByBroker;
+                    }
+                }
+            }
+        };
+        if let Err(e) = result {
+            tracing::debug!(error = %e, "write failed");
+            return if state == OutboxState::Open {
+                Flushed::WriteFailed
+            } else {
+                Flushed::ClosedByBroker
+            };
+        }
+        if state == OutboxState::Closing {
+            // Anything queued after the close is not sent.
+            let _ = timeout(CLOSE_TIMEOUT, stream.shutdown()).await;
+            return Flushed::ClosedByBroker;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sniffs_the_version_of_a_connect() {
+        let v5 = [0x10, 0x10, 0, 4, b'M', b'Q', b'T', b'T', 5, 2, 0, 60];
+        assert_eq!(sniff_connect_version(&v5), Some(ProtocolVersion::V5));
+        let v4 = [0x10, 0x0c, 0, 4, b'M', b'Q', b'T', b'T', 4, 2, 0, 60];
+        assert_eq!(sniff_connect_version(&v4), Some(ProtocolVersion::V311));
+        assert_eq!(sniff_connect_version(&[0x30, 0x00]), None);
+        assert_eq!(
+            sniff_connect_version(&[0x10, 0xff, 0xff, 0xff, 0xff, 0xff]),
+            None
+        );
+        assert_eq!(sniff_connect_version(&[0x10]), None);
+    }
+}

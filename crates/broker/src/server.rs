@@ -1,0 +1,597 @@
+//! The tokio layer: listeners, the task that owns the [`BrokerCore`], certificate reloads
+//! and graceful shutdown.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use beckon_mqtt::Connect;
+use beckon_pki::{PkiError, ReloadingServerConfig, ServerTlsOptions, TlsFiles};
+use tokio::net::{TcpListener, TcpSocket};
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+use tracing::Instrument;
+
+use crate::config::{BrokerConfig, ConfigError};
+use crate::connection::{ActiveGuard, ListenerKind, Shared, serve};
+use crate::core::{Action, BrokerCore, CloseReason, ConnId, ConnectionInfo};
+use crate::fdlimit;
+use crate::outbox::{Outbox, Pushed};
+
+/// Events queued from connection tasks to the core task. Bounded: a busy core slows the
+/// readers down instead of growing memory.
+const EVENT_QUEUE: usize = 4096;
+/// Listen backlog: room for a reconnect storm.
+const BACKLOG: u32 = 4096;
+/// How long shutdown waits for connections to flush their last packets.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+/// The core is ticked at least this often (expiry, delayed wills).
+const MAX_TICK: Duration = Duration::from_secs(1);
+
+/// Why the server could not start or stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    /// The configuration is not usable.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// A listener could not be opened.
+    #[error(
+        "cannot listen on {addr} ({listener}): {source}; is another broker running there, or is the port privileged?"
+    )]
+    Bind {
+        /// Which listener.
+        listener: &'static str,
+        /// The address.
+        addr: SocketAddr,
+        /// The operating system's error.
+        #[source]
+        source: io::Error,
+    },
+    /// Certificates could not be created or loaded.
+    #[error("TLS: {0}")]
+    Tls(#[from] PkiError),
+    /// The protocol core stopped unexpectedly (a bug); the broker cannot continue.
+    #[error("the broker core stopped unexpectedly: {0}")]
+    CoreStopped(String),
+}
+
+/// From a connection task to the core task.
+#[derive(Debug)]
+#[allow(clippy::large_enum_variant)] // packets are not boxed twice; the queue is bounded
+pub(crate) enum Event {
+    /// An admitted CONNECT.
+    Connect {
+        conn: ConnId,
+        connect: Box<Connect>,
+        info: ConnectionInfo,
+        outbox: Arc<Outbox>,
+    },
+    /// A packet after CONNECT.
+    Packet {
+        conn: ConnId,
+        packet: beckon_mqtt::Packet,
+    },
+    /// The connection ended on the client's side or by a protocol error.
+    Closed { conn: ConnId, reason: CloseReason },
+}
+
+/// What a started server listens on.
+#[derive(Debug, Clone)]
+pub struct Bound {
+    /// The MQTT-over-TLS address, when that listener is on.
+    pub mqtts: Option<SocketAddr>,
+    /// The plain MQTT address, when that listener is on.
+    pub mqtt: Option<SocketAddr>,
+    /// The CA certificate clients must trust, when the broker uses its generated
+    /// certificate (in the data folder).
+    pub generated_ca: Option<PathBuf>,
+    /// The connection limit in force.
+    pub max_connections: usize,
+    /// The file descriptor limit read at start, if it could be read.
+    pub fd_limit: Option<fdlimit::FdLimit>,
+}
+
+/// Controls a running server.
+#[derive(Debug)]
+pub struct ServerHandle {
+    shutdown: watch::Sender<bool>,
+    core_task: JoinHandle<Result<(), String>>,
+    tasks: Vec<JoinHandle<()>>,
+    tls: Option<Arc<ReloadingServerConfig>>,
+    shared: Arc<Shared>,
+}
+
+impl ServerHandle {
+    /// Loads the certificate files again now (as SIGHUP does). Live connections keep theirs;
+    /// on error the old certificate stays in use.
+    pub fn reload_certificates(&self) -> Result<(), PkiError> {
+        match &self.tls {
+            Some(tls) => tls.reload(),
+            None => Ok(()),
+        }
+    }
+
+    /// Connections alive, including those still in TLS or CONNECT.
+    pub fn connection_count(&self) -> usize {
+        self.shared.active.load(Ordering::Relaxed)
+    }
+
+    /// Graceful shutdown: stop accepting, DISCONNECT 0x8B (Server shutting down) to every v5
+    /// client, flush, close; waits at most a few seconds for slow clients.
+    pub async fn shutdown(self) -> Result<(), ServerError> {
+        let _ = self.shutdown.send(true);
+        for t in self.tasks {
+            let _ = t.await;
+        }
+        match self.core_task.await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(ServerError::CoreStopped(e)),
+            Err(e) => Err(ServerError::CoreStopped(e.to_string())),
+        }
+    }
+
+    /// Resolves when the core task ends on its own (it only does so after a panic).
+    pub async fn stopped(&mut self) -> ServerError {
+        match (&mut self.core_task).await {
+            Ok(Ok(())) => ServerError::CoreStopped("ended".into()),
+            Ok(Err(e)) => ServerError::CoreStopped(e),
+            Err(e) => ServerError::CoreStopped(e.to_string()),
+        }
+    }
+}
+
+/// The broker's network server.
+#[derive(Debug)]
+pub struct Server;
+
+/// The names a generated server certificate carries: localhost, loopback addresses and the
+/// host name.
+pub fn default_certificate_names() -> Vec<String> {
+    let mut names = vec![
+        "localhost".to_owned(),
+        "127.0.0.1".to_owned(),
+        "::1".to_owned(),
+    ];
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .map(|h| h.trim().to_owned())
+        .unwrap_or_default();
+    if !host.is_empty() && !names.contains(&host) && !host.contains(char::is_whitespace) {
+        names.push(host);
+    }
+    names
+}
+
+fn bind_listener(listener: &'static str, addr: SocketAddr) -> Result<TcpListener, ServerError> {
+    let err = |source| ServerError::Bind {
+        listener,
+        addr,
+        source,
+    };
+    let socket = if addr.is_ipv4() {
+        TcpSocket::new_v4()
+    } else {
+        TcpSocket::new_v6()
+    }
+    .map_err(err)?;
+    socket.set_reuseaddr(true).map_err(err)?;
+    socket.bind(addr).map_err(err)?;
+    socket.listen(BACKLOG).map_err(err)
+}
+
+impl Server {
+    /// Validates the configuration, prepares certificates (creating a CA and server
+    /// certificate in the data folder when none is configured), binds the listeners and starts
+    /// serving. Use port 0 for ephemeral ports; [`Bound`] tells the real addresses.
+    pub async fn bind(config: BrokerConfig) -> Result<(Bound, ServerHandle), ServerError> {
+        config.validate()?;
+
+        // File descriptors bound the connections one process holds: raise the soft limit to
+        // the hard one and say what that allows.
+        let fd_limit = match fdlimit::raise_to_hard().or_else(|_| fdlimit::read()) {
+            Ok(l) => Some(l),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the file descriptor limit");
+                None
+            }
+        };
+        let room = fd_limit.map_or(usize::MAX, |l| {
+            usize::try_from(l.connection_room()).unwrap_or(usize::MAX)
+        });
+        let max_connections = match config.limits.max_connections {
+            0 => room,
+            n => n,
+        };
+        if let Some(l) = fd_limit {
+            tracing::info!(
+                soft = l.soft,
+                hard = l.hard,
+                room,
+                max_connections,
+                "file descriptor limit {} (hard {}): room for about {} connections; max_connections = {}",
+                l.soft,
+                l.hard,
+                room,
+                max_connections
+            );
+            if max_connections > room {
+                tracing::warn!(
+                    max_connections,
+                    room,
+                    "limits.max_connections is above what the file descriptor limit allows; accepts will pause when descriptors run out (raise LimitNOFILE)"
+                );
+            }
+        }
+        if config.allow_anonymous {
+            tracing::warn!(
+                "ANONYMOUS ACCESS IS ON (--allow-anonymous): any client may connect, subscribe and publish without authentication. Use it for development and tests only."
+            );
+        }
+
+        // Certificates.
+        let mut generated_ca = None;
+        let tls = match config.listeners.mqtts.0 {
+            None => None,
+            Some(_) => {
+                let files = match (&config.tls.cert, &config.tls.key) {
+                    (Some(cert), Some(key)) => TlsFiles {
+                        cert: cert.clone(),
+                        key: key.clone(),
+                        client_ca: config.tls.client_ca.clone(),
+                    },
+                    _ => {
+                        let names = default_certificate_names();
+                        let certs = beckon_pki::ensure_broker_certs(&config.data_dir, &names)?;
+                        if certs.created_ca {
+                            tracing::info!(ca = %certs.ca_cert.display(), "created a certificate authority for this broker");
+                        }
+                        if certs.issued_server {
+                            tracing::info!(cert = %certs.server_cert.display(), names = ?names, "issued the broker's server certificate");
+                        }
+                        generated_ca = Some(certs.ca_cert.clone());
+                        TlsFiles {
+                            cert: certs.server_cert,
+                            key: certs.server_key,
+                            client_ca: Some(config.tls.client_ca.clone().unwrap_or(certs.ca_cert)),
+                        }
+                    }
+                };
+                if files.client_ca.is_none() && !config.allow_anonymous {
+                    tracing::warn!(
+                        "no tls.client_ca configured and anonymous access is off: no client can authenticate yet"
+                    );
+                }
+                let options = ServerTlsOptions {
+                    alpn: vec![b"mqtt".to_vec()],
+                    min_version: config.min_tls_version().unwrap_or_default(),
+                };
+                Some(Arc::new(ReloadingServerConfig::new(files, options)?))
+            }
+        };
+
+        // Listeners.
+        let mut listeners = Vec::new();
+        let mut bound = Bound {
+            mqtts: None,
+            mqtt: None,
+            generated_ca,
+            max_connections,
+            fd_limit,
+        };
+        if let Some(addr) = config.listeners.mqtts.0 {
+            let l = bind_listener("listeners.mqtts", addr)?;
+            let local = l.local_addr().map_err(|source| ServerError::Bind {
+                listener: "listeners.mqtts",
+                addr,
+                source,
+            })?;
+            tracing::info!(addr = %local, "listening for MQTT over TLS");
+            bound.mqtts = Some(local);
+            listeners.push((l, ListenerKind::Tls));
+        }
+        if let Some(addr) = config.listeners.mqtt.0 {
+            let l = bind_listener("listeners.mqtt", addr)?;
+            let local = l.local_addr().map_err(|source| ServerError::Bind {
+                listener: "listeners.mqtt",
+                addr,
+                source,
+            })?;
+            tracing::info!(addr = %local, "listening for plain MQTT (unencrypted)");
+            if !local.ip().is_loopback() {
+                tracing::warn!(addr = %local, "plain MQTT is reachable beyond loopback: traffic is not encrypted");
+            }
+            if !config.allow_anonymous {
+                tracing::warn!(addr = %local, "on the plain listener clients cannot show a certificate; with anonymous access off they are refused");
+            }
+            bound.mqtt = Some(local);
+            listeners.push((l, ListenerKind::Plain));
+        }
+
+        let (shutdown_tx, shutdown_rx) = watch::channel(false);
+        let shared = Arc::new(Shared {
+            tls: tls.clone(),
+            allow_anonymous: config.allow_anonymous,
+            connect_timeout: config.connect_timeout(),
+            max_packet_size: config.limits.max_packet_size,
+            max_outbound_packets: config.limits.max_outbound_packets,
+            max_connections,
+            active: AtomicUsize::new(0),
+            next_id: AtomicU64::new(1),
+            shutdown: shutdown_rx.clone(),
+        });
+        let (events_tx, events_rx) = mpsc::channel(EVENT_QUEUE);
+        let core = BrokerCore::new(config.core_config());
+        let core_task = tokio::spawn(
+            core_loop(core, events_rx, shutdown_rx.clone()).instrument(tracing::info_span!("core")),
+        );
+        let mut tasks = Vec::new();
+        for (listener, kind) in listeners {
+            tasks.push(tokio::spawn(accept_loop(
+                listener,
+                kind,
+                shared.clone(),
+                events_tx.clone(),
+                shutdown_rx.clone(),
+            )));
+        }
+        drop(events_tx);
+        if let Some(tls) = &tls {
+            tasks.push(tokio::spawn(reload_loop(
+                tls.clone(),
+                Duration::from_secs(config.tls.reload_interval_secs),
+                shutdown_rx,
+            )));
+        }
+        Ok((
+            bound,
+            ServerHandle {
+                shutdown: shutdown_tx,
+                core_task,
+                tasks,
+                tls,
+                shared,
+            },
+        ))
+    }
+}
+
+/// Runs a broker until `shutdown` resolves, then shuts it down gracefully.
+pub async fn run(
+    config: BrokerConfig,
+    shutdown: impl Future<Output = ()>,
+) -> Result<Bound, ServerError> {
+    let (bound, mut handle) = Server::bind(config).await?;
+    tokio::select! {
+        () = shutdown => {
+            tracing::info!("shutting down: disconnecting clients");
+            handle.shutdown().await?;
+            tracing::info!("shut down");
+            Ok(bound)
+        }
+        e = handle.stopped() => Err(e),
+    }
+}
+
+fn is_fd_exhaustion(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
+    )
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    kind: ListenerKind,
+    shared: Arc<Shared>,
+    events: mpsc::Sender<Event>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    // Above the limit, a few extra sockets are still read so they can be told "busy";
+    // beyond this slack they are closed at once.
+    let slack = (shared.max_connections / 100).max(16);
+    let mut backoff = Duration::ZERO;
+    let mut last_warn: Option<Instant> = None;
+    let mut suppressed = 0u64;
+    loop {
+        let accepted = tokio::select! {
+            r = listener.accept() => r,
+            _ = shutdown.changed() => break,
+        };
+        match accepted {
+            Ok((tcp, remote)) => {
+                backoff = Duration::ZERO;
+                let active = shared.active.fetch_add(1, Ordering::Relaxed) + 1;
+                let guard = ActiveGuard(shared.clone());
+                if active > shared.max_connections.saturating_add(slack) {
+                    tracing::debug!(%remote, "far above the connection limit; closed at once");
+                    drop(tcp);
+                    drop(guard);
+                    continue;
+                }
+                let over_limit = active > shared.max_connections;
+                let conn = shared.next_id.fetch_add(1, Ordering::Relaxed);
+                let span = tracing::info_span!(
+                    "conn",
+                    id = conn,
+                    remote = %remote,
+                    path = kind.path(),
+                    client_id = tracing::field::Empty
+                );
+                let shared = shared.clone();
+                let events = events.clone();
+                tokio::spawn(
+                    async move {
+                        let _guard = guard;
+                        serve(shared, events, tcp, remote, kind, conn, over_limit).await;
+                    }
+                    .instrument(span),
+                );
+            }
+            Err(e) if is_fd_exhaustion(&e) => {
+                // Out of descriptors (or kernel memory): pause accepting instead of spinning;
+                // pending clients wait in the backlog.
+                backoff = (backoff * 2).clamp(Duration::from_millis(50), Duration::from_secs(1));
+                let now = Instant::now();
+                if last_warn.is_none_or(|t| now.duration_since(t) >= Duration::from_secs(10)) {
+                    tracing::warn!(
+                        error = %e,
+                        connections = shared.active.load(Ordering::Relaxed),
+                        pause_ms = backoff.as_millis() as u64,
+                        suppressed,
+                        "cannot accept: out of file descriptors; pausing accepts (raise LimitNOFILE or lower limits.max_connections)"
+                    );
+                    last_warn = Some(now);
+                    suppressed = 0;
+                } else {
+                    suppressed += 1;
+                }
+                tokio::select! {
+                    () = tokio::time::sleep(backoff) => {}
+                    _ = shutdown.changed() => break,
+                }
+            }
+            Err(e) => {
+                // Per-connection failures (reset before accept, ...): go on, without spinning.
+                tracing::debug!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
+    }
+}
+
+async fn reload_loop(
+    tls: Arc<ReloadingServerConfig>,
+    interval: Duration,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut hangup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+        Ok(s) => Some(s),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot listen for SIGHUP; certificate files are still watched");
+            None
+        }
+    };
+    let mut ticker = (!interval.is_zero()).then(|| {
+        let mut t = tokio::time::interval(interval);
+        t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        t
+    });
+    loop {
+        tokio::select! {
+            _ = async { match &mut ticker { Some(t) => { t.tick().await; } None => std::future::pending::<()>().await } } => {
+                // Errors are logged by the holder; the old certificate stays.
+                let _ = tls.reload_if_changed();
+            }
+            _ = async { match &mut hangup { Some(h) => { h.recv().await; } None => std::future::pending::<()>().await } } => {
+                tracing::info!("SIGHUP: reloading certificates");
+                let _ = tls.reload();
+            }
+            _ = shutdown.changed() => break,
+        }
+    }
+}
+
+/// Carries out the core's actions. Slow consumers found on the way are closed and reported
+/// back to the core, which may produce more actions; the loop runs until none are left.
+fn apply(core: &mut BrokerCore, conns: &mut HashMap<ConnId, Arc<Outbox>>, out: &mut Vec<Action>) {
+    while !out.is_empty() {
+        let mut slow = Vec::new();
+        for action in out.drain(..) {
+            match action {
+                Action::Send { conn, packet } => {
+                    let Some(outbox) = conns.get(&conn) else {
+                        continue;
+                    };
+                    if outbox.push(packet) == Pushed::Overflow {
+                        conns.remove(&conn);
+                        slow.push(conn);
+                    }
+                }
+                Action::Close { conn } => {
+                    if let Some(outbox) = conns.remove(&conn) {
+                        outbox.close();
+                    }
+                }
+            }
+        }
+        let now = std::time::Instant::now();
+        for conn in slow {
+            tracing::warn!(
+                conn,
+                "outbound queue full: closing a client that does not read"
+            );
+            core.handle_close(now, conn, CloseReason::Transport, out);
+        }
+    }
+}
+
+async fn core_loop(
+    mut core: BrokerCore,
+    mut events: mpsc::Receiver<Event>,
+    mut shutdown: watch::Receiver<bool>,
+) -> Result<(), String> {
+    let mut conns: HashMap<ConnId, Arc<Outbox>> = HashMap::new();
+    let mut out = Vec::new();
+    let mut next_tick = Instant::now() + MAX_TICK;
+    loop {
+        tokio::select! {
+            biased;
+            _ = shutdown.changed() => break,
+            ev = events.recv() => {
+                let Some(ev) = ev else { break };
+                let now = std::time::Instant::now();
+                match ev {
+                    Event::Connect { conn, connect, info, outbox } => {
+                        conns.insert(conn, outbox);
+                        core.handle_connect(now, conn, *connect, info, &mut out);
+                    }
+                    Event::Packet { conn, packet } => {
+                        if conns.contains_key(&conn) {
+                            core.handle_packet(now, conn, packet, &mut out);
+                        }
+                    }
+                    Event::Closed { conn, reason } => {
+                        if conns.remove(&conn).is_some() {
+                            core.handle_close(now, conn, reason, &mut out);
+                        }
+                    }
+                }
+                apply(&mut core, &mut conns, &mut out);
+            }
+            () = tokio::time::sleep_until(next_tick) => {
+                let now = std::time::Instant::now();
+                let next = core.tick(now, &mut out);
+                apply(&mut core, &mut conns, &mut out);
+                let cap = Instant::now() + MAX_TICK;
+                next_tick = next
+                    .map(|n| Instant::from_std(n).min(cap))
+                    .unwrap_or(cap);
+            }
+        }
+    }
+
+    // Graceful shutdown: the core says goodbye to everyone (DISCONNECT 0x8B to v5 clients).
+    core.shutdown(&mut out);
+    apply(&mut core, &mut conns, &mut out);
+    for outbox in conns.values() {
+        outbox.close();
+    }
+    conns.clear();
+    // Wait until every connection task has flushed and ended (each holds an event sender),
+    // bounded so that a client that does not read cannot hold the exit.
+    let drained = tokio::time::timeout(DRAIN_TIMEOUT, async {
+        while events.recv().await.is_some() {}
+    })
+    .await;
+    if drained.is_err() {
+        tracing::warn!("some connections did not finish within {DRAIN_TIMEOUT:?}; closing them");
+    }
+    Ok(())
+}
