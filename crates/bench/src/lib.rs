@@ -1,1 +1,104 @@
-//! beckon-bench
+//! `beckon bench`: a fleet of simulated agents against an MQTT broker, and the same fleet
+//! against Mosquitto and Beckon side by side.
+//!
+//! A fleet run has four phases, each optional but the first:
+//! - **connect**: every agent connects (TCP, TLS, CONNECT) and subscribes to its own topic
+//!   `agents/{id}/wake` at QoS 1: connect rate, latency, failures;
+//! - **idle**: after a settle time, the broker's RSS per connection and CPU per connect;
+//! - **fan-out**: one QoS 1 wake-up per agent from one publisher: time to the last arrival,
+//!   latency percentiles (the payload carries the send time), broker CPU per wake-up, misses;
+//! - **storm**: the broker restarts (or every connection is cut) and each agent comes back
+//!   with the agent's full-jitter backoff: time to 99% back, peak connect rate, stragglers.
+//!
+//! The agents live in worker processes (this same program, run as `bench worker`), each
+//! binding its sockets to several source addresses in 127.0.0.0/8 when the broker is on
+//! loopback, so that neither the per-process file limit nor one address's ephemeral ports
+//! caps the fleet. Workers and parent speak JSON lines ([`protocol`]).
+#![forbid(unsafe_code)]
+
+pub mod agent;
+pub mod backoff;
+pub mod certs;
+pub mod cli;
+pub mod compare;
+pub mod conn;
+pub mod fleet;
+pub mod procstat;
+pub mod protocol;
+pub mod publisher;
+pub mod report;
+pub mod worker;
+
+use anyhow::{Context, bail};
+
+pub use cli::{CompareArgs, FleetArgs, LoadArgs, Phase, WorkerArgs};
+pub use fleet::{WorkerLauncher, agent_id};
+
+/// `beckon bench ...`.
+#[derive(Debug, Clone, clap::Subcommand)]
+pub enum BenchCommand {
+    /// Simulated agents against any MQTT broker: connect, idle, fan-out and storm phases.
+    Fleet(FleetArgs),
+    /// The same fleet against Mosquitto and Beckon, started here, side by side.
+    Compare(CompareArgs),
+    /// One worker process of a fleet (started by fleet and compare).
+    #[command(hide = true)]
+    Worker(WorkerArgs),
+}
+
+/// Runs a bench command; builds its own async runtime.
+pub fn run(command: BenchCommand) -> anyhow::Result<()> {
+    match command {
+        BenchCommand::Worker(_) => worker::run_worker(),
+        BenchCommand::Fleet(args) => {
+            let launcher = WorkerLauncher::current_exe()?;
+            runtime()?.block_on(fleet_command(&args, &launcher))
+        }
+        BenchCommand::Compare(args) => {
+            let launcher = WorkerLauncher::current_exe()?;
+            runtime()?.block_on(compare_command(&args, &launcher))
+        }
+    }
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")
+}
+
+async fn fleet_command(args: &FleetArgs, launcher: &WorkerLauncher) -> anyhow::Result<()> {
+    if args.target.tls && args.target.ca.is_none() {
+        bail!("--tls needs --ca FILE: the CA certificate that signs the broker's certificate");
+    }
+    let target = args.target.target();
+    let mut broker = fleet::ExternalBroker {
+        pid: args.broker_pid,
+        label: args.label.clone(),
+    };
+    let report = fleet::run_fleet(&target, &args.load, &mut broker, launcher).await?;
+    if args.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&report).context("encoding the report")?
+        );
+    } else {
+        print!("{}", report.table());
+    }
+    Ok(())
+}
+
+async fn compare_command(args: &CompareArgs, launcher: &WorkerLauncher) -> anyhow::Result<()> {
+    let report = compare::run_compare(args, launcher).await?;
+    if args.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&report).context("encoding the report")?
+        );
+    } else {
+        print!("{}", report.table());
+    }
+    Ok(())
+}

@@ -1,0 +1,281 @@
+//! One simulated agent: connect, subscribe to its own wake-up topic, acknowledge wake-ups, keep
+//! the connection alive, and after a lost connection come back with the agent's backoff.
+
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use beckon_mqtt::{Ack, Packet, QoS};
+use tokio::sync::{Semaphore, mpsc, watch};
+
+use crate::backoff::FullJitter;
+use crate::conn::{ClientError, Connector, MqttConn, wake_topic};
+use crate::protocol::unix_ns;
+
+/// What the worker tells all its agents at once.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Control {
+    /// Raised by one to make every agent drop its connection (a cut).
+    pub cut_generation: u64,
+    /// Disconnect and stop.
+    pub shutdown: bool,
+}
+
+/// What an agent tells its worker.
+#[derive(Debug)]
+pub enum AgentEvent {
+    /// The first connect finished: the latency to CONNACK, or why it failed.
+    Initial {
+        /// Local agent index.
+        agent: usize,
+        /// Latency or error message.
+        result: Result<Duration, String>,
+        /// When (Unix ns).
+        at_unix_ns: u64,
+    },
+    /// A wake-up arrived.
+    Wakeup {
+        /// Local agent index.
+        agent: usize,
+        /// Send time read from the payload (Unix ns), if readable.
+        sent_unix_ns: Option<u64>,
+        /// Arrival time (Unix ns).
+        arrived_unix_ns: u64,
+    },
+    /// The connection was lost or cut.
+    Down {
+        /// Local agent index.
+        agent: usize,
+    },
+    /// A reconnect attempt failed.
+    AttemptFailed {
+        /// Local agent index.
+        agent: usize,
+        /// Why.
+        error: String,
+    },
+    /// The agent is connected and subscribed again.
+    Up {
+        /// Local agent index.
+        agent: usize,
+        /// When (Unix ns).
+        at_unix_ns: u64,
+    },
+}
+
+/// What all agents of a worker share.
+pub struct AgentContext {
+    /// Opens connections.
+    pub connector: Connector,
+    /// Bounds the connects running at once in the connect phase (not in a storm: a storm is
+    /// every agent on its own schedule, as in the field).
+    pub connect_gate: Semaphore,
+    /// The reconnect schedule.
+    pub backoff: FullJitter,
+    /// Where events go.
+    pub events: mpsc::UnboundedSender<AgentEvent>,
+    /// Keep alive interval; zero for none.
+    pub keep_alive: Duration,
+    /// Bound on SUBSCRIBE to SUBACK.
+    pub subscribe_timeout: Duration,
+}
+
+/// One agent's identity.
+pub struct AgentSpec {
+    /// Index within the worker.
+    pub local: usize,
+    /// Client identifier.
+    pub client_id: String,
+    /// Source address to bind.
+    pub source: Option<IpAddr>,
+}
+
+enum End {
+    Shutdown,
+    Cut,
+    Lost,
+}
+
+/// Runs one agent until shutdown.
+pub async fn run(ctx: Arc<AgentContext>, spec: AgentSpec, mut control: watch::Receiver<Control>) {
+    let topic = wake_topic(&spec.client_id);
+    let first = {
+        let permit = ctx.connect_gate.acquire().await;
+        let started = Instant::now();
+        let result = establish(&ctx, &spec, &topic).await;
+        drop(permit);
+        result.map(|(conn, connack)| (conn, connack.duration_since(started)))
+    };
+    let mut conn = match first {
+        Ok((conn, latency)) => {
+            let _ = ctx.events.send(AgentEvent::Initial {
+                agent: spec.local,
+                result: Ok(latency),
+                at_unix_ns: unix_ns(),
+            });
+            conn
+        }
+        Err(error) => {
+            let _ = ctx.events.send(AgentEvent::Initial {
+                agent: spec.local,
+                result: Err(error.to_string()),
+                at_unix_ns: unix_ns(),
+            });
+            return;
+        }
+    };
+    let mut seen_cut = control.borrow().cut_generation;
+    loop {
+        match serve(&ctx, &spec, &mut conn, &mut control, &mut seen_cut).await {
+            End::Shutdown => {
+                conn.close().await;
+                return;
+            }
+            // Dropping the stream closes the socket without DISCONNECT: the broker sees the
+            // connection vanish, as after a network cut.
+            End::Cut | End::Lost => drop(conn),
+        }
+        let _ = ctx.events.send(AgentEvent::Down { agent: spec.local });
+        conn = match reconnect(&ctx, &spec, &topic, &mut control).await {
+            Some(conn) => conn,
+            None => return,
+        };
+        seen_cut = control.borrow().cut_generation;
+        let _ = ctx.events.send(AgentEvent::Up {
+            agent: spec.local,
+            at_unix_ns: unix_ns(),
+        });
+    }
+}
+
+/// Connects and subscribes; returns the connection and the moment CONNACK arrived.
+async fn establish(
+    ctx: &AgentContext,
+    spec: &AgentSpec,
+    topic: &str,
+) -> Result<(MqttConn, Instant), ClientError> {
+    let mut conn = ctx.connector.connect(spec.source, &spec.client_id).await?;
+    let connack = Instant::now();
+    conn.subscribe(topic, ctx.subscribe_timeout).await?;
+    Ok((conn, connack))
+}
+
+/// Reconnects with full-jitter backoff until it works or the worker shuts down.
+async fn reconnect(
+    ctx: &AgentContext,
+    spec: &AgentSpec,
+    topic: &str,
+    control: &mut watch::Receiver<Control>,
+) -> Option<MqttConn> {
+    let mut attempt: u32 = 0;
+    loop {
+        let delay = ctx.backoff.delay(attempt, &mut rand::rng());
+        let attempt_result = tokio::select! {
+            biased;
+            () = shutdown(control) => return None,
+            result = async {
+                tokio::time::sleep(delay).await;
+                establish(ctx, spec, topic).await
+            } => result,
+        };
+        match attempt_result {
+            Ok((conn, _)) => return Some(conn),
+            Err(error) => {
+                let _ = ctx.events.send(AgentEvent::AttemptFailed {
+                    agent: spec.local,
+                    error: error.to_string(),
+                });
+                attempt = attempt.saturating_add(1);
+            }
+        }
+    }
+}
+
+/// Resolves when the worker asks for shutdown (or is gone).
+async fn shutdown(control: &mut watch::Receiver<Control>) {
+    let _ = control.wait_for(|c| c.shutdown).await;
+}
+
+/// Serves an open connection until it ends.
+async fn serve(
+    ctx: &AgentContext,
+    spec: &AgentSpec,
+    conn: &mut MqttConn,
+    control: &mut watch::Receiver<Control>,
+    seen_cut: &mut u64,
+) -> End {
+    let mut ping = (!ctx.keep_alive.is_zero()).then(|| {
+        tokio::time::interval_at(tokio::time::Instant::now() + ctx.keep_alive, ctx.keep_alive)
+    });
+    loop {
+        // Handle every whole packet already buffered before waiting again.
+        loop {
+            match conn.try_next() {
+                Ok(Some(packet)) => {
+                    if handle(ctx, spec, conn, packet).await.is_err() {
+                        return End::Lost;
+                    }
+                }
+                Ok(None) => break,
+                Err(_) => return End::Lost,
+            }
+        }
+        tokio::select! {
+            read = conn.fill() => {
+                if read.is_err() {
+                    return End::Lost;
+                }
+            }
+            () = async {
+                match ping.as_mut() {
+                    Some(ping) => { ping.tick().await; }
+                    None => std::future::pending::<()>().await,
+                }
+            } => {
+                if conn.send(&Packet::PingReq).await.is_err() {
+                    return End::Lost;
+                }
+            }
+            changed = control.changed() => {
+                let now = *control.borrow_and_update();
+                if changed.is_err() || now.shutdown {
+                    return End::Shutdown;
+                }
+                if now.cut_generation != *seen_cut {
+                    *seen_cut = now.cut_generation;
+                    return End::Cut;
+                }
+            }
+        }
+    }
+}
+
+async fn handle(
+    ctx: &AgentContext,
+    spec: &AgentSpec,
+    conn: &mut MqttConn,
+    packet: Packet,
+) -> Result<(), ClientError> {
+    match packet {
+        Packet::Publish(publish) => {
+            let arrived_unix_ns = unix_ns();
+            if publish.qos == QoS::AtLeastOnce
+                && let Some(id) = publish.packet_id
+            {
+                conn.send(&Packet::PubAck(Ack::new(id))).await?;
+            }
+            let sent_unix_ns = std::str::from_utf8(&publish.payload)
+                .ok()
+                .and_then(|text| text.strip_prefix(crate::publisher::WAKE_PREFIX))
+                .and_then(|ns| ns.trim().parse::<u64>().ok());
+            let _ = ctx.events.send(AgentEvent::Wakeup {
+                agent: spec.local,
+                sent_unix_ns,
+                arrived_unix_ns,
+            });
+            Ok(())
+        }
+        Packet::Disconnect(d) => Err(ClientError::Disconnected(d.code)),
+        _ => Ok(()),
+    }
+}

@@ -1,0 +1,195 @@
+//! Command-line arguments of `beckon bench`.
+
+use std::path::PathBuf;
+
+use crate::conn::{MqttVersion, Target, TlsSettings};
+
+/// The phases of a fleet run, in the order they run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, clap::ValueEnum)]
+pub enum Phase {
+    /// Connect and subscribe every agent (always runs: the others need it).
+    Connect,
+    /// Wait, then read the broker's memory and CPU per connection.
+    Idle,
+    /// One QoS 1 wake-up per agent from one publisher.
+    Fanout,
+    /// Restart the broker (or cut every connection) and time the agents' return.
+    Storm,
+}
+
+/// The broker to reach (fleet only: compare starts its own).
+#[derive(Debug, Clone, clap::Args)]
+pub struct TargetArgs {
+    /// Broker host name or IP address.
+    #[arg(long, default_value = "127.0.0.1")]
+    pub host: String,
+    /// Broker port.
+    #[arg(long, default_value_t = 1883)]
+    pub port: u16,
+    /// Speak TLS (implied by --ca).
+    #[arg(long)]
+    pub tls: bool,
+    /// PEM file of the CA that signs the broker's certificate.
+    #[arg(long, value_name = "FILE")]
+    pub ca: Option<PathBuf>,
+    /// Name to check the broker's certificate against (default: --host).
+    #[arg(long)]
+    pub server_name: Option<String>,
+    /// PEM client certificate (chain) to present.
+    #[arg(long, value_name = "FILE", requires = "client_key")]
+    pub client_cert: Option<PathBuf>,
+    /// PEM private key of --client-cert.
+    #[arg(long, value_name = "FILE", requires = "client_cert")]
+    pub client_key: Option<PathBuf>,
+    /// User name for CONNECT.
+    #[arg(long)]
+    pub username: Option<String>,
+    /// Password for CONNECT.
+    #[arg(long, env = "BECKON_BENCH_PASSWORD", hide_env_values = true)]
+    pub password: Option<String>,
+    #[command(flatten)]
+    pub session: SessionArgs,
+}
+
+/// How each agent speaks, for fleet and compare alike.
+#[derive(Debug, Clone, clap::Args)]
+pub struct SessionArgs {
+    /// MQTT protocol version.
+    #[arg(long, value_enum, default_value = "3.1.1")]
+    pub mqtt_version: MqttVersion,
+    /// Keep alive each agent announces, seconds.
+    #[arg(long, default_value_t = 300)]
+    pub keep_alive: u16,
+    /// Bound on one connection attempt (TCP, TLS, CONNECT to CONNACK; and SUBSCRIBE to
+    /// SUBACK), seconds.
+    #[arg(long, default_value_t = 10.0)]
+    pub connect_timeout_secs: f64,
+}
+
+/// The size and shape of the load, shared by fleet and compare.
+#[derive(Debug, Clone, clap::Args)]
+pub struct LoadArgs {
+    /// Simulated agents.
+    #[arg(long, default_value_t = 1000)]
+    pub agents: usize,
+    /// Agents per worker process (a process may open only so many files).
+    #[arg(long, default_value_t = 5000)]
+    pub agents_per_worker: usize,
+    /// Agents per source address (127.0.0.2, .3, ... when the broker is on loopback; one
+    /// address has about 28,000 ephemeral ports).
+    #[arg(long, default_value_t = 5000)]
+    pub agents_per_source_address: usize,
+    /// Connects in flight at once in the connect phase, over all workers.
+    #[arg(long, default_value_t = 64)]
+    pub connect_concurrency: usize,
+    /// Phases to run (connect always runs).
+    #[arg(
+        long,
+        value_enum,
+        value_delimiter = ',',
+        default_value = "connect,idle,fanout,storm"
+    )]
+    pub phases: Vec<Phase>,
+    /// Idle phase: wait after connecting before reading the broker, seconds.
+    #[arg(long, default_value_t = 5.0)]
+    pub settle_secs: f64,
+    /// Fan-out: unacknowledged wake-ups the publisher keeps in flight (capped by the
+    /// broker's Receive Maximum in MQTT 5).
+    #[arg(long, default_value_t = 1000)]
+    pub publish_window: usize,
+    /// Fan-out: bound on the wait for every wake-up to arrive, seconds.
+    #[arg(long, default_value_t = 30.0)]
+    pub fanout_wait_secs: f64,
+    /// Storm: how long the broker stays down when the bench restarts it, seconds.
+    #[arg(long, default_value_t = 10.0)]
+    pub outage_secs: f64,
+    /// Storm: bound on the wait for the agents to come back, seconds.
+    #[arg(long, default_value_t = 120.0)]
+    pub storm_wait_secs: f64,
+    /// Agent reconnect backoff: base, milliseconds (full jitter, doubling).
+    #[arg(long, default_value_t = 1000)]
+    pub backoff_base_ms: u64,
+    /// Agent reconnect backoff: cap, seconds.
+    #[arg(long, default_value_t = 300)]
+    pub backoff_cap_secs: u64,
+    /// Client identifiers are this prefix and the agent's number.
+    #[arg(long, default_value = "bench-")]
+    pub client_id_prefix: String,
+}
+
+/// `beckon bench fleet`: simulated agents against any MQTT broker.
+#[derive(Debug, Clone, clap::Args)]
+pub struct FleetArgs {
+    #[command(flatten)]
+    pub target: TargetArgs,
+    #[command(flatten)]
+    pub load: LoadArgs,
+    /// The broker's process id, to read its memory and CPU from /proc (same machine only).
+    #[arg(long)]
+    pub broker_pid: Option<u32>,
+    /// The broker's name in the report.
+    #[arg(long, default_value = "broker")]
+    pub label: String,
+    /// Print the report as JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `beckon bench compare`: the same fleet against Mosquitto and Beckon, started here.
+#[derive(Debug, Clone, clap::Args)]
+pub struct CompareArgs {
+    #[command(flatten)]
+    pub load: LoadArgs,
+    #[command(flatten)]
+    pub session: SessionArgs,
+    /// Plain MQTT instead of TLS.
+    #[arg(long)]
+    pub plain: bool,
+    /// Mosquitto executable.
+    #[arg(long, value_name = "PATH", default_value = "/usr/sbin/mosquitto")]
+    pub mosquitto_bin: PathBuf,
+    /// Beckon executable that runs `broker` (default: this program).
+    #[arg(long, value_name = "PATH")]
+    pub beckon_bin: Option<PathBuf>,
+    /// Runs per broker; the brokers alternate and the summary takes the median.
+    #[arg(long, default_value_t = 1)]
+    pub rounds: usize,
+    /// Print the report as JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `beckon bench worker` (internal): one worker process of a fleet.
+#[derive(Debug, Clone, clap::Args)]
+pub struct WorkerArgs {}
+
+impl SessionArgs {
+    /// The connect timeout in milliseconds, at least one.
+    pub fn connect_timeout_ms(&self) -> u64 {
+        (self.connect_timeout_secs.max(0.001) * 1000.0) as u64
+    }
+}
+
+impl TargetArgs {
+    /// The target these arguments name.
+    pub fn target(&self) -> Target {
+        let tls = (self.tls || self.ca.is_some()).then(|| TlsSettings {
+            // Without --ca the system has no CA to offer here: the bench is for brokers with
+            // a known CA. An empty path fails with a clear message when loaded.
+            ca_file: self.ca.clone().unwrap_or_default(),
+            server_name: self.server_name.clone(),
+            client_cert: self.client_cert.clone(),
+            client_key: self.client_key.clone(),
+        });
+        Target {
+            host: self.host.clone(),
+            port: self.port,
+            tls,
+            version: self.session.mqtt_version,
+            username: self.username.clone(),
+            password: self.password.clone(),
+            keep_alive: self.session.keep_alive,
+            connect_timeout_ms: self.session.connect_timeout_ms(),
+        }
+    }
+}

@@ -1,0 +1,610 @@
+//! The fleet run: spawn the workers, drive the phases, read the broker, build the report.
+
+use std::collections::BTreeSet;
+use std::net::{IpAddr, Ipv4Addr};
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::process::{Child, ChildStdin};
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+
+use crate::cli::{LoadArgs, Phase};
+use crate::conn::{Connector, Target};
+use crate::procstat::{ProcReader, ProcSample};
+use crate::protocol::{
+    Command, ConnectOutcome, Reply, StormOutcome, WakeupOutcome, WorkerConfig, unix_ns,
+};
+use crate::publisher::publish_wakeups;
+use crate::report::{
+    ConnectReport, FanoutReport, FleetReport, IdleReport, Percentiles, StormReport,
+};
+
+/// The broker under test, as far as the bench can see and steer it.
+pub trait BrokerControl {
+    /// A name for the report.
+    fn label(&self) -> String;
+    /// Its process id, to read its memory and CPU; `None` when unknown.
+    fn pid(&self) -> Option<u32>;
+    /// Whether [`BrokerControl::restart`] works (the bench started the broker).
+    fn can_restart(&self) -> bool;
+    /// Stops the broker, waits `outage`, starts it again and waits until it listens. Returns
+    /// when it stopped and when it listened again (Unix ns).
+    fn restart(&mut self, outage: Duration) -> anyhow::Result<(u64, u64)>;
+}
+
+/// A broker the bench did not start: it can be read (given its pid), not restarted.
+#[derive(Debug, Clone)]
+pub struct ExternalBroker {
+    /// Its pid, if given.
+    pub pid: Option<u32>,
+    /// Its name in the report.
+    pub label: String,
+}
+
+impl BrokerControl for ExternalBroker {
+    fn label(&self) -> String {
+        self.label.clone()
+    }
+    fn pid(&self) -> Option<u32> {
+        self.pid
+    }
+    fn can_restart(&self) -> bool {
+        false
+    }
+    fn restart(&mut self, _outage: Duration) -> anyhow::Result<(u64, u64)> {
+        bail!("the bench did not start this broker and cannot restart it")
+    }
+}
+
+/// How worker processes are started: `program` followed by `args`, then the worker reads its
+/// configuration from stdin.
+#[derive(Debug, Clone)]
+pub struct WorkerLauncher {
+    /// The executable (by default this very program).
+    pub program: PathBuf,
+    /// Arguments that select the worker mode.
+    pub args: Vec<String>,
+}
+
+impl WorkerLauncher {
+    /// This executable, as `<exe> bench worker`.
+    pub fn current_exe() -> anyhow::Result<Self> {
+        Ok(Self {
+            program: std::env::current_exe()
+                .context("cannot find this program's path to start worker processes")?,
+            args: vec!["bench".to_owned(), "worker".to_owned()],
+        })
+    }
+}
+
+struct WorkerProc {
+    index: usize,
+    child: Child,
+    stdin: ChildStdin,
+    replies: mpsc::UnboundedReceiver<Result<Reply, String>>,
+}
+
+impl WorkerProc {
+    async fn spawn(launcher: &WorkerLauncher, config: &WorkerConfig) -> anyhow::Result<Self> {
+        let mut child = tokio::process::Command::new(&launcher.program)
+            .args(&launcher.args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true)
+            .spawn()
+            .with_context(|| {
+                format!(
+                    "cannot start worker process {} {}",
+                    launcher.program.display(),
+                    launcher.args.join(" ")
+                )
+            })?;
+        let mut stdin = child.stdin.take().context("worker stdin missing")?;
+        let stdout = child.stdout.take().context("worker stdout missing")?;
+        let (tx, replies) = mpsc::unbounded_channel();
+        let index = config.worker;
+        // Read replies all the time, so that a worker never blocks on a full pipe while the
+        // parent waits on another one.
+        tokio::spawn(async move {
+            let mut lines = BufReader::new(stdout).lines();
+            loop {
+                match lines.next_line().await {
+                    Ok(Some(line)) => {
+                        let reply = serde_json::from_str::<Reply>(&line).map_err(|e| {
+                            format!("worker {index} wrote an unreadable line ({e}): {line:.200}")
+                        });
+                        if tx.send(reply).is_err() {
+                            return;
+                        }
+                    }
+                    Ok(None) => {
+                        let _ = tx.send(Err(format!("worker {index} exited")));
+                        return;
+                    }
+                    Err(e) => {
+                        let _ = tx.send(Err(format!("reading worker {index}: {e}")));
+                        return;
+                    }
+                }
+            }
+        });
+        let mut line = serde_json::to_string(config).context("encoding a worker configuration")?;
+        line.push('\n');
+        stdin
+            .write_all(line.as_bytes())
+            .await
+            .with_context(|| format!("cannot send its configuration to worker {index}"))?;
+        Ok(Self {
+            index,
+            child,
+            stdin,
+            replies,
+        })
+    }
+
+    async fn send(&mut self, command: &Command) -> anyhow::Result<()> {
+        let mut line = serde_json::to_string(command).context("encoding a worker command")?;
+        line.push('\n');
+        self.stdin
+            .write_all(line.as_bytes())
+            .await
+            .with_context(|| format!("worker {} does not take commands (exited?)", self.index))
+    }
+
+    async fn reply(&mut self, deadline: Instant, waiting_for: &str) -> anyhow::Result<Reply> {
+        match tokio::time::timeout_at(deadline, self.replies.recv()).await {
+            Err(_) => bail!(
+                "worker {} did not answer ({waiting_for}) in time",
+                self.index
+            ),
+            Ok(None) => bail!("worker {} is gone", self.index),
+            Ok(Some(Err(message))) => bail!("{message} ({waiting_for})"),
+            Ok(Some(Ok(Reply::Failed { message }))) => {
+                bail!("worker {} failed ({waiting_for}): {message}", self.index)
+            }
+            Ok(Some(Ok(reply))) => Ok(reply),
+        }
+    }
+}
+
+struct Fleet {
+    workers: Vec<WorkerProc>,
+}
+
+impl Fleet {
+    async fn broadcast(&mut self, command: &Command) -> anyhow::Result<()> {
+        for worker in &mut self.workers {
+            worker.send(command).await?;
+        }
+        Ok(())
+    }
+
+    async fn gather(&mut self, within: Duration, waiting_for: &str) -> anyhow::Result<Vec<Reply>> {
+        let deadline = Instant::now() + within;
+        let mut replies = Vec::with_capacity(self.workers.len());
+        for worker in &mut self.workers {
+            replies.push(worker.reply(deadline, waiting_for).await?);
+        }
+        Ok(replies)
+    }
+
+    async fn shutdown(mut self) {
+        let _ = self.broadcast(&Command::Shutdown).await;
+        let deadline = Instant::now() + Duration::from_secs(15);
+        for worker in &mut self.workers {
+            if tokio::time::timeout_at(deadline, worker.child.wait())
+                .await
+                .is_err()
+            {
+                let _ = worker.child.kill().await;
+            }
+        }
+    }
+}
+
+/// The source addresses for `agents` sockets to a broker at `broker`: 127.0.0.2, .3, ... when
+/// the broker is on loopback, none otherwise (the kernel then picks).
+fn source_addresses(broker: IpAddr, agents: usize, per_address: usize) -> Vec<Ipv4Addr> {
+    if !broker.is_loopback() {
+        return Vec::new();
+    }
+    let count = agents.div_ceil(per_address.max(1)).clamp(1, 250);
+    (0..count)
+        .map(|i| Ipv4Addr::new(127, 0, 0, u8::try_from(i + 2).unwrap_or(252)))
+        .collect()
+}
+
+/// The client id of agent `index`.
+pub fn agent_id(prefix: &str, index: usize) -> String {
+    format!("{prefix}{index:06}")
+}
+
+/// Runs the fleet phases against one broker.
+pub async fn run_fleet(
+    target: &Target,
+    load: &LoadArgs,
+    broker: &mut dyn BrokerControl,
+    launcher: &WorkerLauncher,
+) -> anyhow::Result<FleetReport> {
+    let phases: BTreeSet<Phase> = load.phases.iter().copied().collect();
+    let agents = load.agents;
+    if agents == 0 {
+        bail!("--agents must be at least 1");
+    }
+    let per_worker = load.agents_per_worker.clamp(1, 19_000);
+    let worker_count = agents.div_ceil(per_worker);
+    let connector = Connector::new(target)
+        .await
+        .with_context(|| format!("broker {}:{}", target.host, target.port))?;
+    let sources = source_addresses(
+        connector.addr().ip(),
+        agents,
+        load.agents_per_source_address,
+    );
+    let reader = ProcReader::new();
+    let pid = broker.pid();
+    let sample = |what: &str| -> anyhow::Result<Option<ProcSample>> {
+        pid.map(|pid| {
+            reader
+                .sample(pid)
+                .with_context(|| format!("reading the broker {what}"))
+        })
+        .transpose()
+    };
+
+    let mut fleet = Fleet {
+        workers: Vec::with_capacity(worker_count),
+    };
+    let concurrency = load
+        .connect_concurrency
+        .max(1)
+        .div_ceil(worker_count)
+        .max(1);
+    for worker in 0..worker_count {
+        let first_agent = worker * per_worker;
+        let config = WorkerConfig {
+            worker,
+            first_agent,
+            agents: per_worker.min(agents - first_agent),
+            client_id_prefix: load.client_id_prefix.clone(),
+            target: target.clone(),
+            source_addresses: sources.clone(),
+            agents_per_source_address: load.agents_per_source_address.max(1),
+            connect_concurrency: concurrency,
+            backoff_base_ms: load.backoff_base_ms,
+            backoff_cap_ms: load.backoff_cap_secs.saturating_mul(1000),
+        };
+        fleet
+            .workers
+            .push(WorkerProc::spawn(launcher, &config).await?);
+    }
+    let result = drive(
+        &mut fleet, &phases, target, load, broker, &connector, &sample,
+    )
+    .await;
+    fleet.shutdown().await;
+    let mut report = result?;
+    report.workers = worker_count;
+    report.source_addresses = sources.len();
+    Ok(report)
+}
+
+async fn drive(
+    fleet: &mut Fleet,
+    phases: &BTreeSet<Phase>,
+    target: &Target,
+    load: &LoadArgs,
+    broker: &mut dyn BrokerControl,
+    connector: &Connector,
+    sample: &dyn Fn(&str) -> anyhow::Result<Option<ProcSample>>,
+) -> anyhow::Result<FleetReport> {
+    let agents = load.agents;
+    fleet
+        .gather(Duration::from_secs(30), "start-up")
+        .await
+        .context("starting the worker processes")?;
+    let mut report = FleetReport {
+        broker: broker.label(),
+        agents,
+        tls: target.tls.is_some(),
+        mqtt_version: target.version,
+        workers: 0,
+        source_addresses: 0,
+        connect: None,
+        idle: None,
+        fanout: None,
+        storm: None,
+    };
+
+    // Connect (always: every other phase needs the fleet connected).
+    let before_connect = sample("before the connect phase")?;
+    fleet.broadcast(&Command::Connect).await?;
+    // Each agent's connect is bounded; the phase is bounded by the slowest wave of them.
+    let waves = agents.div_ceil(load.connect_concurrency.max(1));
+    let connect_bound = target
+        .connect_timeout()
+        .saturating_mul(2)
+        .saturating_mul(u32::try_from(waves).unwrap_or(u32::MAX))
+        .min(Duration::from_secs(3600))
+        + Duration::from_secs(30);
+    let connected: Vec<ConnectOutcome> = fleet
+        .gather(connect_bound, "connect phase")
+        .await?
+        .into_iter()
+        .filter_map(|r| match r {
+            Reply::Connected(c) => Some(c),
+            _ => None,
+        })
+        .collect();
+    let connect = merge_connect(&connected);
+    let connected_count = connect.connected;
+    report.connect = Some(connect);
+
+    if phases.contains(&Phase::Idle) {
+        let settle = Duration::from_secs_f64(load.settle_secs.max(0.0));
+        tokio::time::sleep(settle).await;
+        let after = sample("after the idle settle time")?;
+        report.idle = Some(idle_report(
+            before_connect,
+            after,
+            connected_count,
+            load.settle_secs,
+        ));
+    }
+
+    if phases.contains(&Phase::Fanout) {
+        report.fanout = Some(fan_out(fleet, connector, load, sample).await?);
+    }
+
+    if phases.contains(&Phase::Storm) {
+        report.storm = Some(storm(fleet, broker, load).await?);
+    }
+    Ok(report)
+}
+
+fn merge_connect(outcomes: &[ConnectOutcome]) -> ConnectReport {
+    let mut latencies: Vec<u64> = outcomes
+        .iter()
+        .flat_map(|o| o.latencies_us.iter().copied())
+        .collect();
+    let started = outcomes
+        .iter()
+        .map(|o| o.started_unix_ns)
+        .min()
+        .unwrap_or(0);
+    let finished = outcomes
+        .iter()
+        .map(|o| o.finished_unix_ns)
+        .max()
+        .unwrap_or(0);
+    let connected: usize = outcomes.iter().map(|o| o.connected).sum();
+    let duration_s = finished.saturating_sub(started) as f64 / 1e9;
+    ConnectReport {
+        attempted: outcomes.iter().map(|o| o.attempted).sum(),
+        connected,
+        failed: outcomes.iter().map(|o| o.failed).sum(),
+        first_error: outcomes.iter().find_map(|o| o.first_error.clone()),
+        duration_s,
+        rate_per_s: (duration_s > 0.0).then(|| connected as f64 / duration_s),
+        latency_ms: Percentiles::of_micros(&mut latencies),
+    }
+}
+
+fn idle_report(
+    before: Option<ProcSample>,
+    after: Option<ProcSample>,
+    connected: usize,
+    settle_secs: f64,
+) -> IdleReport {
+    let (rss_per_connection_kib, cpu_per_connect_us, rss_before_kib, rss_after_kib) =
+        match (before, after) {
+            (Some(b), Some(a)) if connected > 0 => (
+                Some((a.rss_kib as f64 - b.rss_kib as f64) / connected as f64),
+                Some(a.cpu.saturating_sub(b.cpu).as_secs_f64() * 1e6 / connected as f64),
+                Some(b.rss_kib),
+                Some(a.rss_kib),
+            ),
+            _ => (
+                None,
+                None,
+                before.map(|b| b.rss_kib),
+                after.map(|a| a.rss_kib),
+            ),
+        };
+    IdleReport {
+        settle_s: settle_secs,
+        rss_before_kib,
+        rss_after_kib,
+        rss_per_connection_kib,
+        cpu_per_connect_us,
+    }
+}
+
+async fn fan_out(
+    fleet: &mut Fleet,
+    connector: &Connector,
+    load: &LoadArgs,
+    sample: &dyn Fn(&str) -> anyhow::Result<Option<ProcSample>>,
+) -> anyhow::Result<FanoutReport> {
+    let ids: Vec<String> = (0..load.agents)
+        .map(|i| agent_id(&load.client_id_prefix, i))
+        .collect();
+    fleet.broadcast(&Command::ArmWakeups).await?;
+    fleet
+        .gather(Duration::from_secs(30), "arming the fan-out")
+        .await?;
+    let wait = Duration::from_secs_f64(load.fanout_wait_secs.max(0.1));
+    let before = sample("before the fan-out")?;
+    let published = publish_wakeups(
+        connector,
+        &format!("{}publisher", load.client_id_prefix),
+        &ids,
+        load.publish_window,
+        wait,
+    )
+    .await
+    .context("the fan-out publisher could not connect")?;
+    fleet
+        .broadcast(&Command::CollectWakeups {
+            wait_ms: u64::try_from(wait.as_millis()).unwrap_or(u64::MAX),
+        })
+        .await?;
+    let outcomes: Vec<WakeupOutcome> = fleet
+        .gather(wait + Duration::from_secs(30), "fan-out")
+        .await?
+        .into_iter()
+        .filter_map(|r| match r {
+            Reply::Wakeups(w) => Some(w),
+            _ => None,
+        })
+        .collect();
+    let after = sample("after the fan-out")?;
+    let mut latencies: Vec<u64> = outcomes
+        .iter()
+        .flat_map(|o| o.latencies_us.iter().copied())
+        .collect();
+    let expected: usize = outcomes.iter().map(|o| o.expected).sum();
+    let delivered: usize = outcomes.iter().map(|o| o.received).sum();
+    let last = outcomes.iter().filter_map(|o| o.last_arrival_unix_ns).max();
+    Ok(FanoutReport {
+        published: published.sent,
+        acknowledged: published.acked,
+        window: published.window,
+        publisher_error: published.error,
+        expected,
+        delivered,
+        missing: expected.saturating_sub(delivered),
+        duplicates: outcomes.iter().map(|o| o.duplicates).sum(),
+        publish_s: published
+            .written_unix_ns
+            .saturating_sub(published.started_unix_ns) as f64
+            / 1e9,
+        last_arrival_s: last.map(|t| t.saturating_sub(published.started_unix_ns) as f64 / 1e9),
+        latency_ms: Percentiles::of_micros(&mut latencies),
+        cpu_per_wakeup_us: match (before, after) {
+            (Some(b), Some(a)) if delivered > 0 => {
+                Some(a.cpu.saturating_sub(b.cpu).as_secs_f64() * 1e6 / delivered as f64)
+            }
+            _ => None,
+        },
+        wait_s: wait.as_secs_f64(),
+    })
+}
+
+async fn storm(
+    fleet: &mut Fleet,
+    broker: &mut dyn BrokerControl,
+    load: &LoadArgs,
+) -> anyhow::Result<StormReport> {
+    let restart = broker.can_restart();
+    let cut_unix_ns = unix_ns();
+    fleet
+        .broadcast(&Command::ArmStorm { cut: !restart })
+        .await?;
+    fleet
+        .gather(Duration::from_secs(30), "arming the storm")
+        .await?;
+    let outage = Duration::from_secs_f64(load.outage_secs.max(0.0));
+    let (down_unix_ns, up_unix_ns) = if restart {
+        tokio::task::block_in_place(|| broker.restart(outage))
+            .context("restarting the broker for the storm")?
+    } else {
+        (cut_unix_ns, cut_unix_ns)
+    };
+    let wait = Duration::from_secs_f64(load.storm_wait_secs.max(1.0));
+    fleet
+        .broadcast(&Command::CollectStorm {
+            wait_ms: u64::try_from(wait.as_millis()).unwrap_or(u64::MAX),
+        })
+        .await?;
+    let outcomes: Vec<StormOutcome> = fleet
+        .gather(wait + Duration::from_secs(30), "storm")
+        .await?
+        .into_iter()
+        .filter_map(|r| match r {
+            Reply::Storm(s) => Some(s),
+            _ => None,
+        })
+        .collect();
+    let mut back_times: Vec<u64> = outcomes
+        .iter()
+        .flat_map(|o| o.back_unix_ns.iter().copied())
+        .collect();
+    back_times.sort_unstable();
+    let expected: usize = outcomes.iter().map(|o| o.expected).sum();
+    let back: usize = outcomes.iter().map(|o| o.back).sum();
+    // The 99th percentile of the whole fleet, not of those that came back.
+    let needed = (expected as f64 * 0.99).ceil() as usize;
+    let at_99 = (needed > 0)
+        .then(|| back_times.get(needed - 1).copied())
+        .flatten();
+    let peak = peak_rate(&back_times);
+    Ok(StormReport {
+        method: if restart { "restart" } else { "cut" }.to_owned(),
+        outage_s: if restart { load.outage_secs } else { 0.0 },
+        expected,
+        back,
+        not_back: expected.saturating_sub(back),
+        back_99_after_up_s: at_99.map(|t| t.saturating_sub(up_unix_ns) as f64 / 1e9),
+        back_99_after_down_s: at_99.map(|t| t.saturating_sub(down_unix_ns) as f64 / 1e9),
+        back_all_after_up_s: (back == expected && expected > 0)
+            .then(|| {
+                back_times
+                    .last()
+                    .map(|t| t.saturating_sub(up_unix_ns) as f64 / 1e9)
+            })
+            .flatten(),
+        peak_connects_per_s: peak,
+        attempts: outcomes.iter().map(|o| o.attempts).sum(),
+        first_error: outcomes.iter().find_map(|o| o.first_error.clone()),
+        wait_s: wait.as_secs_f64(),
+    })
+}
+
+/// The most reconnections completed within any one second.
+fn peak_rate(sorted_times: &[u64]) -> usize {
+    let mut peak = 0;
+    let mut start = 0;
+    // A sliding window over the sorted times gives the true peak, not one bound to buckets.
+    for (end, &t) in sorted_times.iter().enumerate() {
+        while sorted_times[start] + 1_000_000_000 <= t {
+            start += 1;
+        }
+        peak = peak.max(end + 1 - start);
+    }
+    peak
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn loopback_brokers_get_several_source_addresses() {
+        let addrs = source_addresses(IpAddr::V4(Ipv4Addr::LOCALHOST), 19_000, 5_000);
+        assert_eq!(
+            addrs,
+            vec![
+                Ipv4Addr::new(127, 0, 0, 2),
+                Ipv4Addr::new(127, 0, 0, 3),
+                Ipv4Addr::new(127, 0, 0, 4),
+                Ipv4Addr::new(127, 0, 0, 5)
+            ]
+        );
+        assert!(source_addresses(IpAddr::V4(Ipv4Addr::new(192, 0, 2, 1)), 10, 5).is_empty());
+    }
+
+    #[test]
+    fn peak_rate_counts_the_busiest_second() {
+        let s = 1_000_000_000;
+        let times = [0, s * 6 / 10, s + s / 4, s + s / 3, s + s / 2, 5 * s];
+        // From 0.6 s to 1.5 s: four reconnections.
+        assert_eq!(peak_rate(&times), 4);
+        assert_eq!(peak_rate(&[]), 0);
+    }
+}

@@ -1,0 +1,395 @@
+//! What a run found, as JSON (`--json`) and as a table for people.
+
+use std::fmt::Write as _;
+
+use serde::{Deserialize, Serialize};
+
+use crate::conn::MqttVersion;
+
+/// Latency percentiles in milliseconds.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Percentiles {
+    /// Median.
+    pub p50_ms: f64,
+    /// 99th percentile.
+    pub p99_ms: f64,
+    /// Largest.
+    pub max_ms: f64,
+    /// Number of samples.
+    pub samples: usize,
+}
+
+impl Percentiles {
+    /// Nearest-rank percentiles of samples in microseconds (sorts them); `None` when empty.
+    pub fn of_micros(samples: &mut [u64]) -> Option<Self> {
+        if samples.is_empty() {
+            return None;
+        }
+        samples.sort_unstable();
+        let rank = |p: f64| {
+            let index = ((p * samples.len() as f64).ceil() as usize).clamp(1, samples.len()) - 1;
+            samples[index] as f64 / 1000.0
+        };
+        Some(Self {
+            p50_ms: rank(0.50),
+            p99_ms: rank(0.99),
+            max_ms: rank(1.0),
+            samples: samples.len(),
+        })
+    }
+}
+
+/// The connect phase.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ConnectReport {
+    /// Agents that tried.
+    pub attempted: usize,
+    /// Agents connected and subscribed.
+    pub connected: usize,
+    /// Agents that failed.
+    pub failed: usize,
+    /// The first failure.
+    pub first_error: Option<String>,
+    /// From the first connect to the last subscription, seconds.
+    pub duration_s: f64,
+    /// Connected agents per second over that time.
+    pub rate_per_s: Option<f64>,
+    /// TCP connect to CONNACK.
+    pub latency_ms: Option<Percentiles>,
+}
+
+/// The idle phase: what the connected fleet costs the broker.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct IdleReport {
+    /// Wait after the connect phase before reading the broker, seconds.
+    pub settle_s: f64,
+    /// Broker RSS before the connect phase, KiB.
+    pub rss_before_kib: Option<u64>,
+    /// Broker RSS after the settle time, KiB.
+    pub rss_after_kib: Option<u64>,
+    /// RSS growth divided by connected agents, KiB.
+    pub rss_per_connection_kib: Option<f64>,
+    /// Broker CPU time (user + system) from before the connect phase to after the settle
+    /// time, divided by connected agents, microseconds. Includes TLS, CONNECT and SUBSCRIBE.
+    pub cpu_per_connect_us: Option<f64>,
+}
+
+/// The fan-out phase.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct FanoutReport {
+    /// Wake-ups the publisher wrote (one per agent).
+    pub published: usize,
+    /// Of those, acknowledged by the broker.
+    pub acknowledged: usize,
+    /// Publisher window (unacknowledged messages in flight).
+    pub window: usize,
+    /// Why the publisher stopped early, if it did.
+    pub publisher_error: Option<String>,
+    /// Connected agents, each expecting one wake-up.
+    pub expected: usize,
+    /// Agents that received theirs.
+    pub delivered: usize,
+    /// Agents that did not within the wait.
+    pub missing: usize,
+    /// Extra copies received.
+    pub duplicates: usize,
+    /// From the first to the last write of the publisher, seconds.
+    pub publish_s: f64,
+    /// From the first write to the last arrival, seconds.
+    pub last_arrival_s: Option<f64>,
+    /// Send (timestamp in the payload) to arrival, per agent.
+    pub latency_ms: Option<Percentiles>,
+    /// Broker CPU time during the fan-out divided by wake-ups delivered, microseconds.
+    pub cpu_per_wakeup_us: Option<f64>,
+    /// The bound on the wait for arrivals, seconds.
+    pub wait_s: f64,
+}
+
+/// The reconnect storm.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StormReport {
+    /// "restart" (the bench restarted the broker) or "cut" (the agents dropped their
+    /// connections at once).
+    pub method: String,
+    /// How long the broker was down, seconds (0 for a cut).
+    pub outage_s: f64,
+    /// Agents that should come back.
+    pub expected: usize,
+    /// Agents that came back within the wait.
+    pub back: usize,
+    /// Agents that had not come back when the wait ended (gave up or still backing off).
+    pub not_back: usize,
+    /// From the broker listening again to 99% of agents back, seconds.
+    pub back_99_after_up_s: Option<f64>,
+    /// From the broker going down (or the cut) to 99% of agents back, seconds.
+    pub back_99_after_down_s: Option<f64>,
+    /// From the broker listening again to the last agent back, seconds.
+    pub back_all_after_up_s: Option<f64>,
+    /// Most reconnections completed within one second.
+    pub peak_connects_per_s: usize,
+    /// Connection attempts, failed and successful.
+    pub attempts: u64,
+    /// The first failed attempt.
+    pub first_error: Option<String>,
+    /// The bound on the wait, seconds.
+    pub wait_s: f64,
+}
+
+/// One fleet run against one broker.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct FleetReport {
+    /// The broker's name.
+    pub broker: String,
+    /// Agents simulated.
+    pub agents: usize,
+    /// Whether the agents used TLS.
+    pub tls: bool,
+    /// Protocol version.
+    pub mqtt_version: MqttVersion,
+    /// Worker processes.
+    pub workers: usize,
+    /// Source addresses the sockets were spread over (0: chosen by the kernel).
+    pub source_addresses: usize,
+    /// Connect phase.
+    pub connect: Option<ConnectReport>,
+    /// Idle phase.
+    pub idle: Option<IdleReport>,
+    /// Fan-out phase.
+    pub fanout: Option<FanoutReport>,
+    /// Storm phase.
+    pub storm: Option<StormReport>,
+}
+
+/// One line of a table: a figure, its unit, and its value if measured.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Figure {
+    /// What it is.
+    pub name: String,
+    /// Its unit.
+    pub unit: String,
+    /// Its value.
+    pub value: Option<f64>,
+    /// Whether a lower value is better (for ratios).
+    pub lower_is_better: bool,
+}
+
+fn figure(name: &str, unit: &str, value: Option<f64>, lower_is_better: bool) -> Figure {
+    Figure {
+        name: name.to_owned(),
+        unit: unit.to_owned(),
+        value,
+        lower_is_better,
+    }
+}
+
+impl FleetReport {
+    /// The report as a flat list of figures, in the order of the phases.
+    pub fn figures(&self) -> Vec<Figure> {
+        let mut out = Vec::new();
+        if let Some(c) = &self.connect {
+            out.push(figure(
+                "agents connected",
+                "",
+                Some(c.connected as f64),
+                false,
+            ));
+            out.push(figure("connect failures", "", Some(c.failed as f64), true));
+            out.push(figure("connect rate", "/s", c.rate_per_s, false));
+            out.push(figure(
+                "connect latency p50",
+                "ms",
+                c.latency_ms.map(|p| p.p50_ms),
+                true,
+            ));
+            out.push(figure(
+                "connect latency p99",
+                "ms",
+                c.latency_ms.map(|p| p.p99_ms),
+                true,
+            ));
+        }
+        if let Some(i) = &self.idle {
+            out.push(figure(
+                "broker RSS per connection",
+                "KiB",
+                i.rss_per_connection_kib,
+                true,
+            ));
+            out.push(figure(
+                "broker CPU per connect",
+                "us",
+                i.cpu_per_connect_us,
+                true,
+            ));
+        }
+        if let Some(f) = &self.fanout {
+            out.push(figure(
+                "wake-ups delivered",
+                "",
+                Some(f.delivered as f64),
+                false,
+            ));
+            out.push(figure("wake-ups missing", "", Some(f.missing as f64), true));
+            out.push(figure(
+                "wake-up duplicates",
+                "",
+                Some(f.duplicates as f64),
+                true,
+            ));
+            out.push(figure("fan-out: last arrival", "s", f.last_arrival_s, true));
+            out.push(figure(
+                "wake-up latency p50",
+                "ms",
+                f.latency_ms.map(|p| p.p50_ms),
+                true,
+            ));
+            out.push(figure(
+                "wake-up latency p99",
+                "ms",
+                f.latency_ms.map(|p| p.p99_ms),
+                true,
+            ));
+            out.push(figure(
+                "wake-up latency max",
+                "ms",
+                f.latency_ms.map(|p| p.max_ms),
+                true,
+            ));
+            out.push(figure(
+                "broker CPU per wake-up",
+                "us",
+                f.cpu_per_wakeup_us,
+                true,
+            ));
+        }
+        if let Some(s) = &self.storm {
+            out.push(figure("storm: agents back", "", Some(s.back as f64), false));
+            out.push(figure("storm: not back", "", Some(s.not_back as f64), true));
+            out.push(figure(
+                "storm: 99% back after broker up",
+                "s",
+                s.back_99_after_up_s,
+                true,
+            ));
+            out.push(figure(
+                "storm: 99% back after down",
+                "s",
+                s.back_99_after_down_s,
+                true,
+            ));
+            out.push(figure(
+                "storm: peak connect rate",
+                "/s",
+                Some(s.peak_connects_per_s as f64),
+                false,
+            ));
+        }
+        out
+    }
+
+    /// A human-readable table.
+    pub fn table(&self) -> String {
+        let mut out = String::new();
+        let _ = writeln!(out, "{}", self.headline());
+        let figures = self.figures();
+        let width = figures.iter().map(|f| f.name.len()).max().unwrap_or(10);
+        for f in &figures {
+            let _ = writeln!(
+                out,
+                "  {:<width$}  {:>12} {}",
+                f.name,
+                format_value(f.value),
+                f.unit
+            );
+        }
+        for note in self.notes() {
+            let _ = writeln!(out, "  note: {note}");
+        }
+        out
+    }
+
+    fn headline(&self) -> String {
+        format!(
+            "{}: {} agents, {}, MQTT {}, {} worker process(es), {} source address(es)",
+            self.broker,
+            self.agents,
+            if self.tls { "TLS" } else { "plain TCP" },
+            match self.mqtt_version {
+                MqttVersion::V311 => "3.1.1",
+                MqttVersion::V5 => "5",
+            },
+            self.workers,
+            self.source_addresses
+        )
+    }
+
+    /// Things the figures alone do not say: first errors, missing broker readings.
+    pub fn notes(&self) -> Vec<String> {
+        let mut notes = Vec::new();
+        if let Some(e) = self.connect.as_ref().and_then(|c| c.first_error.as_ref()) {
+            notes.push(format!("first connect failure: {e}"));
+        }
+        if self
+            .idle
+            .as_ref()
+            .is_some_and(|i| i.rss_per_connection_kib.is_none())
+        {
+            notes
+                .push("no broker readings: give --broker-pid to measure memory and CPU".to_owned());
+        }
+        if let Some(e) = self
+            .fanout
+            .as_ref()
+            .and_then(|f| f.publisher_error.as_ref())
+        {
+            notes.push(format!("publisher stopped early: {e}"));
+        }
+        if let Some(s) = &self.storm {
+            if s.method == "cut" {
+                notes.push(
+                    "storm by cut: the bench did not start the broker, so the agents dropped their connections instead of a restart".to_owned(),
+                );
+            }
+            if let Some(e) = &s.first_error {
+                notes.push(format!("first failed reconnect attempt: {e}"));
+            }
+        }
+        notes
+    }
+}
+
+/// A value for a table: integers without decimals, small numbers with more precision.
+pub fn format_value(value: Option<f64>) -> String {
+    match value {
+        None => "-".to_owned(),
+        Some(v) if v.fract() == 0.0 && v.abs() < 1e12 => format!("{v:.0}"),
+        Some(v) if v.abs() >= 100.0 => format!("{v:.0}"),
+        Some(v) if v.abs() >= 10.0 => format!("{v:.1}"),
+        Some(v) => format!("{v:.2}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percentiles_use_nearest_rank() {
+        let mut samples: Vec<u64> = (1..=100).map(|ms| ms * 1000).collect();
+        let p = Percentiles::of_micros(&mut samples).expect("samples");
+        assert_eq!(p.p50_ms, 50.0);
+        assert_eq!(p.p99_ms, 99.0);
+        assert_eq!(p.max_ms, 100.0);
+        assert_eq!(p.samples, 100);
+        assert!(Percentiles::of_micros(&mut []).is_none());
+    }
+
+    #[test]
+    fn values_print_with_sensible_precision() {
+        assert_eq!(format_value(None), "-");
+        assert_eq!(format_value(Some(19000.0)), "19000");
+        assert_eq!(format_value(Some(291.4)), "291");
+        assert_eq!(format_value(Some(15.44)), "15.4");
+        assert_eq!(format_value(Some(0.456)), "0.46");
+    }
+}

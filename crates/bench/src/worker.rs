@@ -1,0 +1,347 @@
+//! A worker process: runs its share of the agents and answers the parent's commands.
+//!
+//! The fleet is split over processes because one process may open only so many files; each
+//! worker reads its [`WorkerConfig`] from the first line of stdin, then commands, and writes
+//! one JSON reply per command on stdout. Logs and errors go to stderr.
+
+use std::io::Write;
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio::sync::{Semaphore, mpsc, watch};
+use tokio::time::Instant;
+
+use crate::agent::{self, AgentContext, AgentEvent, AgentSpec, Control};
+use crate::backoff::FullJitter;
+use crate::conn::Connector;
+use crate::protocol::{
+    Command, ConnectOutcome, Reply, StormOutcome, WakeupOutcome, WorkerConfig, unix_ns,
+};
+
+/// Bound on the whole connect phase of one worker; an agent's own connect is bounded by the
+/// connect timeout, so this only guards against a bench bug.
+const CONNECT_PHASE_LIMIT: Duration = Duration::from_secs(3600);
+
+/// Bound on how long the worker waits for its agents to close at shutdown.
+const SHUTDOWN_LIMIT: Duration = Duration::from_secs(5);
+
+#[derive(Debug, Clone, Copy, Default)]
+struct Slot {
+    connected: bool,
+    initial_ok: bool,
+    wakeups: u32,
+    back: bool,
+}
+
+/// What the worker waits for before it answers.
+enum Pending {
+    Connect,
+    Wakeups { deadline: Instant },
+    Storm { deadline: Instant },
+}
+
+struct State {
+    slots: Vec<Slot>,
+    initial_reported: usize,
+    connect: ConnectOutcome,
+    wake: WakeupOutcome,
+    wake_expected: usize,
+    storm: StormOutcome,
+    storm_armed: bool,
+}
+
+/// Runs a worker on the current thread until the parent says shutdown or closes stdin.
+pub fn run_worker() -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("worker: cannot start the async runtime")?;
+    runtime.block_on(worker_main())
+}
+
+/// Lines of stdin, read on their own thread (stdin is a blocking file); the channel closes
+/// when stdin does.
+fn stdin_lines() -> mpsc::UnboundedReceiver<String> {
+    let (tx, rx) = mpsc::unbounded_channel();
+    std::thread::spawn(move || {
+        for line in std::io::stdin().lines() {
+            let Ok(line) = line else { return };
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    rx
+}
+
+fn reply(reply: &Reply) -> anyhow::Result<()> {
+    let mut line = serde_json::to_string(reply).context("worker: cannot encode a reply")?;
+    line.push('\n');
+    let mut stdout = std::io::stdout().lock();
+    stdout
+        .write_all(line.as_bytes())
+        .and_then(|()| stdout.flush())
+        .context("worker: the parent stopped reading (stdout closed)")
+}
+
+async fn worker_main() -> anyhow::Result<()> {
+    let mut lines = stdin_lines();
+    let first = lines
+        .recv()
+        .await
+        .context("worker: stdin closed before the configuration line")?;
+    let config: WorkerConfig =
+        serde_json::from_str(&first).context("worker: the configuration line is not valid")?;
+    let connector = match Connector::new(&config.target).await {
+        Ok(c) => c,
+        Err(e) => {
+            reply(&Reply::Failed {
+                message: format!("worker {}: {e}", config.worker),
+            })?;
+            return Err(e.into());
+        }
+    };
+    let backoff = FullJitter::new(
+        Duration::from_millis(config.backoff_base_ms),
+        Duration::from_millis(config.backoff_cap_ms),
+    )
+    .context("worker: backoff base must be above zero and at most the cap")?;
+    let (events_tx, mut events) = mpsc::unbounded_channel();
+    let ctx = Arc::new(AgentContext {
+        connector,
+        connect_gate: Semaphore::new(config.connect_concurrency.max(1)),
+        backoff,
+        events: events_tx,
+        keep_alive: Duration::from_secs(u64::from(config.target.keep_alive)),
+        subscribe_timeout: config.target.connect_timeout(),
+    });
+    let (control_tx, control_rx) = watch::channel(Control::default());
+    let mut agents = tokio::task::JoinSet::new();
+    let mut state = State {
+        slots: vec![Slot::default(); config.agents],
+        initial_reported: 0,
+        connect: ConnectOutcome::default(),
+        wake: WakeupOutcome::default(),
+        wake_expected: 0,
+        storm: StormOutcome::default(),
+        storm_armed: false,
+    };
+    let mut pending: Option<Pending> = None;
+    let mut started = false;
+    reply(&Reply::Ready {
+        pid: std::process::id(),
+    })?;
+
+    loop {
+        // Answer as soon as what is pending is complete.
+        if let Some(p) = &pending
+            && let Some(answer) = complete(p, &mut state, false)
+        {
+            reply(&answer)?;
+            pending = None;
+        }
+        let deadline = match &pending {
+            Some(Pending::Wakeups { deadline } | Pending::Storm { deadline }) => *deadline,
+            Some(Pending::Connect) => Instant::now() + CONNECT_PHASE_LIMIT,
+            None => Instant::now() + Duration::from_secs(86_400),
+        };
+        tokio::select! {
+            line = lines.recv() => {
+                // The parent is gone: stop.
+                let Some(line) = line else { break };
+                let command: Command = match serde_json::from_str(&line) {
+                    Ok(c) => c,
+                    Err(e) => {
+                        reply(&Reply::Failed { message: format!("worker {}: bad command: {e}", config.worker) })?;
+                        continue;
+                    }
+                };
+                match command {
+                    Command::Connect => {
+                        if started {
+                            reply(&Reply::Failed { message: "connect asked twice".to_owned() })?;
+                            continue;
+                        }
+                        started = true;
+                        state.connect.attempted = config.agents;
+                        state.connect.started_unix_ns = unix_ns();
+                        for local in 0..config.agents {
+                            let spec = agent_spec(&config, local);
+                            agents.spawn(agent::run(ctx.clone(), spec, control_rx.clone()));
+                        }
+                        pending = Some(Pending::Connect);
+                    }
+                    Command::ArmWakeups => {
+                        state.wake = WakeupOutcome::default();
+                        for slot in &mut state.slots {
+                            slot.wakeups = 0;
+                        }
+                        state.wake_expected = state.slots.iter().filter(|s| s.connected).count();
+                        state.wake.expected = state.wake_expected;
+                        reply(&Reply::WakeupsArmed { expected: state.wake_expected })?;
+                    }
+                    Command::CollectWakeups { wait_ms } => {
+                        pending = Some(Pending::Wakeups { deadline: Instant::now() + Duration::from_millis(wait_ms) });
+                    }
+                    Command::ArmStorm { cut } => {
+                        state.storm = StormOutcome::default();
+                        for slot in &mut state.slots {
+                            slot.back = false;
+                        }
+                        state.storm.expected = state.slots.iter().filter(|s| s.initial_ok).count();
+                        state.storm_armed = true;
+                        if cut {
+                            control_tx.send_modify(|c| c.cut_generation += 1);
+                        }
+                        reply(&Reply::StormArmed { expected: state.storm.expected })?;
+                    }
+                    Command::CollectStorm { wait_ms } => {
+                        pending = Some(Pending::Storm { deadline: Instant::now() + Duration::from_millis(wait_ms) });
+                    }
+                    Command::Shutdown => break,
+                }
+            }
+            event = events.recv() => {
+                if let Some(event) = event {
+                    record(&mut state, event);
+                }
+            }
+            () = tokio::time::sleep_until(deadline), if pending.is_some() => {
+                if let Some(p) = &pending
+                    && let Some(answer) = complete(p, &mut state, true)
+                {
+                    reply(&answer)?;
+                    pending = None;
+                }
+            }
+        }
+    }
+
+    control_tx.send_modify(|c| c.shutdown = true);
+    let _ = tokio::time::timeout(SHUTDOWN_LIMIT, async {
+        while agents.join_next().await.is_some() {}
+    })
+    .await;
+    agents.abort_all();
+    // The parent may be gone already; nothing to do about a failed goodbye.
+    let _ = reply(&Reply::Bye);
+    Ok(())
+}
+
+fn agent_spec(config: &WorkerConfig, local: usize) -> AgentSpec {
+    let global = config.first_agent + local;
+    let source = if config.source_addresses.is_empty() {
+        None
+    } else {
+        let slot = global / config.agents_per_source_address.max(1);
+        Some(IpAddr::V4(
+            config.source_addresses[slot % config.source_addresses.len()],
+        ))
+    };
+    AgentSpec {
+        local,
+        client_id: crate::agent_id(&config.client_id_prefix, global),
+        source,
+    }
+}
+
+fn record(state: &mut State, event: AgentEvent) {
+    match event {
+        AgentEvent::Initial {
+            agent,
+            result,
+            at_unix_ns,
+        } => {
+            state.initial_reported += 1;
+            state.connect.finished_unix_ns = state.connect.finished_unix_ns.max(at_unix_ns);
+            match result {
+                Ok(latency) => {
+                    state.connect.connected += 1;
+                    state
+                        .connect
+                        .latencies_us
+                        .push(u64::try_from(latency.as_micros()).unwrap_or(u64::MAX));
+                    if let Some(slot) = state.slots.get_mut(agent) {
+                        slot.connected = true;
+                        slot.initial_ok = true;
+                    }
+                }
+                Err(error) => {
+                    state.connect.failed += 1;
+                    state.connect.first_error.get_or_insert(error);
+                }
+            }
+        }
+        AgentEvent::Wakeup {
+            agent,
+            sent_unix_ns,
+            arrived_unix_ns,
+        } => {
+            let Some(slot) = state.slots.get_mut(agent) else {
+                return;
+            };
+            slot.wakeups += 1;
+            if slot.wakeups > 1 {
+                state.wake.duplicates += 1;
+                return;
+            }
+            state.wake.received += 1;
+            state.wake.last_arrival_unix_ns = Some(
+                state
+                    .wake
+                    .last_arrival_unix_ns
+                    .map_or(arrived_unix_ns, |t| t.max(arrived_unix_ns)),
+            );
+            match sent_unix_ns {
+                Some(sent) => state
+                    .wake
+                    .latencies_us
+                    .push(arrived_unix_ns.saturating_sub(sent) / 1000),
+                None => state.wake.unreadable += 1,
+            }
+        }
+        AgentEvent::Down { agent } => {
+            if let Some(slot) = state.slots.get_mut(agent) {
+                slot.connected = false;
+            }
+        }
+        AgentEvent::AttemptFailed { error, .. } => {
+            if state.storm_armed {
+                state.storm.attempts += 1;
+                state.storm.first_error.get_or_insert(error);
+            }
+        }
+        AgentEvent::Up { agent, at_unix_ns } => {
+            let Some(slot) = state.slots.get_mut(agent) else {
+                return;
+            };
+            slot.connected = true;
+            if state.storm_armed {
+                state.storm.attempts += 1;
+                if slot.initial_ok && !slot.back {
+                    slot.back = true;
+                    state.storm.back += 1;
+                    state.storm.back_unix_ns.push(at_unix_ns);
+                }
+            }
+        }
+    }
+}
+
+/// The answer to what is pending, if it is complete (or `timed_out`).
+fn complete(pending: &Pending, state: &mut State, timed_out: bool) -> Option<Reply> {
+    match pending {
+        Pending::Connect => (state.initial_reported == state.slots.len() || timed_out)
+            .then(|| Reply::Connected(std::mem::take(&mut state.connect))),
+        Pending::Wakeups { .. } => (state.wake.received >= state.wake_expected || timed_out)
+            .then(|| Reply::Wakeups(std::mem::take(&mut state.wake))),
+        Pending::Storm { .. } => {
+            (state.storm.back >= state.storm.expected || timed_out).then(|| {
+                state.storm_armed = false;
+                Reply::Storm(std::mem::take(&mut state.storm))
+            })
+        }
+    }
+}

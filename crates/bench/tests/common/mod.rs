@@ -1,0 +1,130 @@
+//! Shared by the bench's test programs. They run without the libtest harness so that the
+//! fleet under test can start this very program again as its worker processes
+//! (`<test program> bench worker`), as it starts `beckon bench worker` in production.
+
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode, Stdio};
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+
+#[derive(Parser)]
+struct Cli {
+    #[command(subcommand)]
+    top: Top,
+}
+
+#[derive(clap::Subcommand)]
+enum Top {
+    #[command(subcommand)]
+    Bench(beckon_bench::BenchCommand),
+}
+
+/// Runs the tests, or, when started as `bench ...` by a fleet, the bench itself.
+pub fn main_with(tests: &[(&str, fn())]) -> ExitCode {
+    let args: Vec<String> = std::env::args().collect();
+    if args.get(1).map(String::as_str) == Some("bench") {
+        let Cli {
+            top: Top::Bench(command),
+        } = Cli::parse();
+        return match beckon_bench::run(command) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                ExitCode::FAILURE
+            }
+        };
+    }
+    if args.iter().any(|a| a == "--list") {
+        for (name, _) in tests {
+            println!("{name}: test");
+        }
+        return ExitCode::SUCCESS;
+    }
+    let filter = args.iter().skip(1).find(|a| !a.starts_with('-'));
+    let mut failed = Vec::new();
+    for (name, test) in tests {
+        if filter.is_some_and(|f| !name.contains(f.as_str())) {
+            continue;
+        }
+        eprintln!("test {name} ...");
+        let started = Instant::now();
+        match std::panic::catch_unwind(test) {
+            Ok(()) => eprintln!(
+                "test {name} ... ok ({:.1} s)",
+                started.elapsed().as_secs_f64()
+            ),
+            Err(_) => {
+                eprintln!("test {name} ... FAILED");
+                failed.push(*name);
+            }
+        }
+    }
+    if failed.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        eprintln!("failed: {}", failed.join(", "));
+        ExitCode::FAILURE
+    }
+}
+
+/// Mosquitto from Debian's package; the test fails (not skips) without it.
+pub fn mosquitto_bin() -> PathBuf {
+    let path = PathBuf::from(
+        std::env::var_os("MOSQUITTO_BIN").unwrap_or_else(|| "/usr/sbin/mosquitto".into()),
+    );
+    assert!(
+        path.is_file(),
+        "Mosquitto not found at {}: install it (apt-get install mosquitto) or set MOSQUITTO_BIN",
+        path.display()
+    );
+    path
+}
+
+/// Runs this program as `bench <args>`, killed if it outlives `limit`; returns stdout after
+/// asserting exit 0.
+pub fn run_bench(args: &[&str], limit: Duration) -> String {
+    let exe = std::env::current_exe().expect("own path");
+    let out_dir = tempfile::tempdir().expect("temp dir");
+    let out_path = out_dir.path().join("stdout");
+    let out_file = std::fs::File::create(&out_path).expect("stdout file");
+    let mut child = Command::new(exe)
+        .arg("bench")
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(out_file)
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("start the bench");
+    let started = Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait for the bench") {
+            break status;
+        }
+        if started.elapsed() > limit {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("bench {args:?} ran longer than {limit:?}; killed");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let stdout = read(&out_path);
+    assert!(
+        status.success(),
+        "bench {args:?} exited with {status}; stdout:\n{stdout}"
+    );
+    stdout
+}
+
+fn read(path: &Path) -> String {
+    std::fs::read_to_string(path).expect("read the bench's stdout")
+}
+
+/// The number at `pointer` in `json`, failing with the document when absent.
+pub fn number(json: &serde_json::Value, pointer: &str) -> f64 {
+    json.pointer(pointer)
+        .and_then(serde_json::Value::as_f64)
+        .unwrap_or_else(|| panic!("no number at {pointer} in:\n{json:#}"))
+}
