@@ -10,6 +10,9 @@
 //! | agent X | `agents/X/ack`, `agents/X/relay-result` | `agents/X/wake`, `agents/X/relay` (exact filters) |
 //! | server | `agents/{id}/wake`, `agents/{id}/relay` | any filter, wildcards included, inside its tenant |
 //! | broker | `agents/{id}/presence`, `servers/{id}/presence` (see [`presence_topic`]) | – |
+//!
+//! Anonymous clients (development flag only) get their own namespace `anon/...` beside the
+//! tenants ([`anonymous_to_internal`]).
 
 use std::fmt;
 
@@ -269,6 +272,51 @@ pub fn to_internal(
         return Err(malformed("too long once mapped into the tenant namespace"));
     }
     Ok(internal)
+}
+
+/// First level of the namespace for anonymous clients, allowed only behind the broker's
+/// development flag. It sits beside the tenants' `t/`, so anonymous clients never see them.
+pub const ANONYMOUS_ROOT: &str = "anon";
+
+/// Maps a topic or filter of an anonymous client (development flag only) into `anon/...`.
+/// Anything syntactically valid is allowed there; nothing there is a tenant's.
+pub fn anonymous_to_internal(access: Access, topic_or_filter: &str) -> Result<String, AclDenied> {
+    let malformed = |reason| AclDenied::Malformed {
+        access,
+        topic: shorten(topic_or_filter),
+        reason,
+    };
+    let (group, topic) = match access {
+        Access::Publish => {
+            check_topic_name(topic_or_filter).map_err(malformed)?;
+            (None, topic_or_filter)
+        }
+        Access::Subscribe => match split_shared(topic_or_filter).map_err(malformed)? {
+            Some((group, inner)) => (Some(group), inner),
+            None => (None, topic_or_filter),
+        },
+    };
+    if access == Access::Subscribe {
+        check_filter(topic).map_err(malformed)?;
+    }
+    let internal = match group {
+        Some(group) => format!("$share/{group}/{ANONYMOUS_ROOT}/{topic}"),
+        None => format!("{ANONYMOUS_ROOT}/{topic}"),
+    };
+    if internal.len() > MAX_TOPIC_LEN {
+        return Err(malformed(
+            "too long once mapped into the anonymous namespace",
+        ));
+    }
+    Ok(internal)
+}
+
+/// Maps an internal topic back for an anonymous client, or `None` if it is not in `anon/`.
+pub fn anonymous_to_external(internal_topic: &str) -> Option<&str> {
+    internal_topic
+        .strip_prefix(ANONYMOUS_ROOT)?
+        .strip_prefix('/')
+        .filter(|rest| !rest.is_empty())
 }
 
 /// Maps an internal topic name back to what `identity`'s client sees, or `None` when the

@@ -762,6 +762,18 @@ mod tests {
         let w = f.verifier.verify(&payload, NOW, &mut f.guard).unwrap();
         assert_eq!(w.action.as_deref(), Some("inventory"));
         assert_eq!(w.reason, "manual");
+        // A signed field a version-1 agent does not know is ignored, not fatal.
+        let newer = inner
+            .replace(
+                "01999999-9999-7999-8999-999999999999",
+                "01999999-9999-7999-8999-999999999998",
+            )
+            .replace(r#""spread":0"#, r#""spread":0,"priority":"high""#);
+        assert!(
+            f.verifier
+                .verify(&hand_made(&newer, f.signer.key()), NOW, &mut f.guard)
+                .is_ok()
+        );
     }
 
     #[test]

@@ -1,8 +1,8 @@
 //! Topic namespace and access rules, as a broker would apply them.
 
 use beckon_identity::acl::{
-    ConnectionPath, PresenceEvent, PresenceState, presence_topic, tenant_of, to_external,
-    to_internal, wake_topic,
+    ConnectionPath, PresenceEvent, PresenceState, anonymous_to_external, anonymous_to_internal,
+    presence_topic, tenant_of, to_external, to_internal, wake_topic,
 };
 use beckon_identity::{Access, AclDenied, Identity};
 use proptest::prelude::*;
@@ -198,6 +198,32 @@ fn external_topics_round_trip_and_never_cross_tenants() {
 }
 
 #[test]
+fn anonymous_clients_may_use_any_topic_in_their_own_namespace() {
+    assert_eq!(
+        anonymous_to_internal(Access::Subscribe, "#").unwrap(),
+        "anon/#"
+    );
+    assert_eq!(
+        anonymous_to_internal(Access::Publish, "test/topic").unwrap(),
+        "anon/test/topic"
+    );
+    assert_eq!(
+        anonymous_to_internal(Access::Subscribe, "$share/g/test/+").unwrap(),
+        "$share/g/anon/test/+"
+    );
+    assert_eq!(anonymous_to_external("anon/test/topic"), Some("test/topic"));
+    assert_eq!(anonymous_to_external("t/acme/agents/x/wake"), None);
+    for (access, bad) in [
+        (Access::Publish, "a/+"),
+        (Access::Subscribe, "a/#/b"),
+        (Access::Subscribe, "$share/g"),
+        (Access::Publish, ""),
+    ] {
+        assert!(anonymous_to_internal(access, bad).is_err(), "{bad}");
+    }
+}
+
+#[test]
 fn presence_events_serialize_to_the_documented_json() {
     let event = PresenceEvent {
         state: PresenceState::Disconnected,
@@ -325,6 +351,26 @@ proptest! {
             // Any topic B could possibly own, wildcard-free, with an arbitrary suffix.
             let raw = format!("t/globex/{}", topic.replace(['+', '#'], "x"));
             prop_assert!(!matches(&internal_filter, &raw), "{internal_filter} matches {raw}");
+        }
+    }
+
+    /// Anonymous development clients live beside the tenants, never inside one.
+    #[test]
+    fn anonymous_clients_never_reach_a_tenant(
+        b in any_identity("globex"),
+        filter in text(),
+        topic in topic_text(),
+    ) {
+        if let Ok(internal_filter) = anonymous_to_internal(Access::Subscribe, &filter) {
+            if let Ok(internal_topic) = to_internal(&b, Access::Publish, &topic) {
+                prop_assert!(!matches(&internal_filter, &internal_topic));
+                prop_assert_eq!(anonymous_to_external(&internal_topic), None);
+            }
+            prop_assert!(!matches(&internal_filter, &presence_topic(&b)));
+        }
+        if let Ok(internal_topic) = anonymous_to_internal(Access::Publish, &topic) {
+            prop_assert_eq!(anonymous_to_external(&internal_topic), Some(topic.as_str()));
+            prop_assert_eq!(to_external(&b, &internal_topic), None);
         }
     }
 
