@@ -1,0 +1,740 @@
+//! The real server on 127.0.0.1:0, spoken to with raw bytes (and TLS with the generated CA).
+//! Every wait is bounded.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use beckon_broker::{Bound, BrokerConfig, Listen, Server, ServerHandle};
+use beckon_mqtt::{
+    Connect, Packet, Properties, ProtocolVersion, Publish, QoS, ReasonCode, Subscribe,
+    Subscription, SubscriptionOptions, decode, encode,
+};
+use bytes::BytesMut;
+use rand::{Rng, SeedableRng};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_rustls::rustls;
+
+const WAIT: Duration = Duration::from_secs(10);
+
+struct TestServer {
+    bound: Bound,
+    handle: Option<ServerHandle>,
+    dir: tempfile::TempDir,
+}
+
+impl TestServer {
+    async fn start(tweak: impl FnOnce(&mut BrokerConfig)) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut config = BrokerConfig {
+            data_dir: dir.path().join("data"),
+            ..BrokerConfig::default()
+        };
+        config.listeners.mqtts = Listen(Some("127.0.0.1:0".parse().expect("addr")));
+        config.listeners.mqtt = Listen(Some("127.0.0.1:0".parse().expect("addr")));
+        config.allow_anonymous = true;
+        config.limits.connect_timeout_secs = 2;
+        tweak(&mut config);
+        let (bound, handle) = Server::bind(config).await.expect("server starts");
+        Self {
+            bound,
+            handle: Some(handle),
+            dir,
+        }
+    }
+
+    fn plain(&self) -> SocketAddr {
+        self.bound.mqtt.expect("plain listener")
+    }
+
+    fn tls(&self) -> SocketAddr {
+        self.bound.mqtts.expect("TLS listener")
+    }
+
+    fn handle(&self) -> &ServerHandle {
+        self.handle.as_ref().expect("running")
+    }
+
+    async fn stop(&mut self) {
+        if let Some(h) = self.handle.take() {
+            tokio::time::timeout(WAIT, h.shutdown())
+                .await
+                .expect("shutdown in time")
+                .expect("clean shutdown");
+        }
+    }
+}
+
+/// A client speaking raw MQTT over any stream.
+struct Client<S> {
+    stream: S,
+    buf: BytesMut,
+    version: ProtocolVersion,
+}
+
+fn connect_packet(version: ProtocolVersion, client_id: &str, keep_alive: u16) -> Packet {
+    Packet::Connect(Box::new(Connect {
+        protocol: version,
+        clean_start: true,
+        keep_alive,
+        client_id: client_id.to_owned(),
+        will: None,
+        username: None,
+        password: None,
+        properties: Properties::default(),
+    }))
+}
+
+fn bytes_of(packet: &Packet, version: ProtocolVersion) -> Vec<u8> {
+    let mut b = BytesMut::new();
+    encode(packet, version, &mut b).expect("encode");
+    b.to_vec()
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
+    fn new(stream: S, version: ProtocolVersion) -> Self {
+        Self {
+            stream,
+            buf: BytesMut::new(),
+            version,
+        }
+    }
+
+    async fn send(&mut self, packet: &Packet) {
+        let bytes = bytes_of(packet, self.version);
+        self.send_raw(&bytes).await;
+    }
+
+    async fn send_raw(&mut self, bytes: &[u8]) {
+        tokio::time::timeout(WAIT, self.stream.write_all(bytes))
+            .await
+            .expect("write in time")
+            .expect("write");
+    }
+
+    /// The next packet, or `None` when the server closed the connection.
+    async fn recv(&mut self) -> Option<Packet> {
+        tokio::time::timeout(WAIT, async {
+            loop {
+                if let Some(p) =
+                    decode(&mut self.buf, self.version, 1 << 24).expect("valid from server")
+                {
+                    return Some(p);
+                }
+                let mut chunk = [0u8; 4096];
+                match self.stream.read(&mut chunk).await {
+                    Ok(0) | Err(_) => return None,
+                    Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
+                }
+            }
+        })
+        .await
+        .expect("server answered in time")
+    }
+
+    /// Raw bytes until the server closes.
+    async fn read_to_close(&mut self) -> Vec<u8> {
+        let mut all = self.buf.to_vec();
+        tokio::time::timeout(WAIT, async {
+            let mut chunk = [0u8; 4096];
+            loop {
+                match self.stream.read(&mut chunk).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => all.extend_from_slice(&chunk[..n]),
+                }
+            }
+        })
+        .await
+        .expect("server closed in time");
+        all
+    }
+
+    async fn connect(&mut self, client_id: &str, keep_alive: u16) -> beckon_mqtt::ConnAck {
+        self.send(&connect_packet(self.version, client_id, keep_alive))
+            .await;
+        match self.recv().await {
+            Some(Packet::ConnAck(ack)) => ack,
+            other => panic!("expected CONNACK, got {other:?}"),
+        }
+    }
+
+    async fn ping(&mut self) {
+        self.send(&Packet::PingReq).await;
+        assert_eq!(self.recv().await, Some(Packet::PingResp));
+    }
+}
+
+async fn plain_client(addr: SocketAddr, version: ProtocolVersion) -> Client<TcpStream> {
+    let tcp = tokio::time::timeout(WAIT, TcpStream::connect(addr))
+        .await
+        .expect("connect in time")
+        .expect("connect");
+    Client::new(tcp, version)
+}
+
+async fn connected(addr: SocketAddr, version: ProtocolVersion, id: &str) -> Client<TcpStream> {
+    let mut c = plain_client(addr, version).await;
+    let ack = c.connect(id, 60).await;
+    assert_eq!(ack.code, ReasonCode::SUCCESS, "{ack:?}");
+    c
+}
+
+fn client_tls_config(
+    ca_pem: &Path,
+    alpn: &[&[u8]],
+    identity: Option<&beckon_pki::IssuedCertificate>,
+) -> rustls::ClientConfig {
+    use rustls::pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    for c in beckon_pki::load_certificates(ca_pem).expect("ca") {
+        roots.add(c).expect("root");
+    }
+    let builder = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::aws_lc_rs::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .expect("versions")
+    .with_root_certificates(roots);
+    let mut config = match identity {
+        None => builder.with_no_client_auth(),
+        Some(id) => builder
+            .with_client_auth_cert(
+                vec![id.cert_der().expect("der")],
+                rustls::pki_types::PrivateKeyDer::from_pem_slice(id.key_pem.as_bytes())
+                    .expect("key"),
+            )
+            .expect("client cert"),
+    };
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    config
+}
+
+async fn tls_client(
+    addr: SocketAddr,
+    config: rustls::ClientConfig,
+    version: ProtocolVersion,
+) -> std::io::Result<Client<tokio_rustls::client::TlsStream<TcpStream>>> {
+    let tcp = TcpStream::connect(addr).await?;
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let name = rustls::pki_types::ServerName::try_from("localhost").expect("name");
+    let tls = tokio::time::timeout(WAIT, connector.connect(name, tcp))
+        .await
+        .expect("handshake in time")?;
+    Ok(Client::new(tls, version))
+}
+
+fn generated_ca(server: &TestServer) -> std::path::PathBuf {
+    server.bound.generated_ca.clone().expect("generated CA")
+}
+
+#[tokio::test]
+async fn silent_socket_is_closed_at_the_connect_timeout() {
+    let mut server = TestServer::start(|_| {}).await;
+    let mut c = plain_client(server.plain(), ProtocolVersion::V5).await;
+    let start = Instant::now();
+    let bytes = c.read_to_close().await;
+    let elapsed = start.elapsed();
+    assert!(
+        bytes.is_empty(),
+        "nothing is sent to a silent socket: {bytes:?}"
+    );
+    assert!(
+        elapsed >= Duration::from_millis(1500) && elapsed < Duration::from_secs(6),
+        "closed after {elapsed:?}, timeout is 2 s"
+    );
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn connect_dribbled_one_byte_per_second_is_closed_at_the_timeout() {
+    let mut server = TestServer::start(|c| c.limits.connect_timeout_secs = 3).await;
+    let mut c = plain_client(server.plain(), ProtocolVersion::V5).await;
+    let bytes = bytes_of(
+        &connect_packet(ProtocolVersion::V5, "slow", 60),
+        ProtocolVersion::V5,
+    );
+    assert!(
+        bytes.len() > 6,
+        "CONNECT longer than the timeout in seconds"
+    );
+    let start = Instant::now();
+    let mut closed_at = None;
+    for b in bytes {
+        if c.stream.write_all(&[b]).await.is_err() {
+            closed_at = Some(start.elapsed());
+            break;
+        }
+        // A closed socket shows as EOF on read; poll it briefly between bytes.
+        let mut probe = [0u8; 16];
+        match tokio::time::timeout(Duration::from_secs(1), c.stream.read(&mut probe)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => {
+                closed_at = Some(start.elapsed());
+                break;
+            }
+            Ok(Ok(n)) => panic!("unexpected {n} bytes from the server"),
+            Err(_) => {}
+        }
+        if start.elapsed() > Duration::from_secs(8) {
+            break;
+        }
+    }
+    let closed_at = closed_at.expect("the server closed the dribbling client");
+    assert!(
+        closed_at >= Duration::from_millis(2500) && closed_at < Duration::from_secs(6),
+        "closed after {closed_at:?}, timeout is 3 s"
+    );
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn malformed_v5_packet_gets_disconnect_0x81_while_others_are_served() {
+    let mut server = TestServer::start(|_| {}).await;
+    let mut healthy = connected(server.plain(), ProtocolVersion::V5, "healthy").await;
+    let mut bad = connected(server.plain(), ProtocolVersion::V5, "bad").await;
+    // PUBLISH with QoS 3 is malformed.
+    bad.send_raw(&[0x36, 0x05, 0x00, 0x01, b't', 0x00, 0x01])
+        .await;
+    match bad.recv().await {
+        Some(Packet::Disconnect(d)) => assert_eq!(d.code, ReasonCode::MALFORMED_PACKET),
+        other => panic!("expected DISCONNECT 0x81, got {other:?}"),
+    }
+    assert_eq!(bad.recv().await, None, "then closed");
+    healthy.ping().await;
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn oversized_remaining_length_gets_disconnect_0x95_before_the_body() {
+    let mut server = TestServer::start(|c| c.limits.max_packet_size = 1024).await;
+    let mut healthy = connected(server.plain(), ProtocolVersion::V5, "healthy").await;
+    let mut big = connected(server.plain(), ProtocolVersion::V5, "big").await;
+    // PUBLISH announcing 2 MiB; only the fixed header is sent.
+    big.send_raw(&[0x30, 0x80, 0x80, 0x80, 0x01]).await;
+    match big.recv().await {
+        Some(Packet::Disconnect(d)) => assert_eq!(d.code, ReasonCode::PACKET_TOO_LARGE),
+        other => panic!("expected DISCONNECT 0x95, got {other:?}"),
+    }
+    assert_eq!(big.recv().await, None);
+    healthy.ping().await;
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn malformed_connect_v5_gets_connack_with_the_reason_and_v311_is_just_closed() {
+    let mut server = TestServer::start(|_| {}).await;
+    // v5 CONNECT with the reserved connect flag set (malformed).
+    let mut good = bytes_of(
+        &connect_packet(ProtocolVersion::V5, "x", 60),
+        ProtocolVersion::V5,
+    );
+    good[9] |= 0x01;
+    let mut c = plain_client(server.plain(), ProtocolVersion::V5).await;
+    c.send_raw(&good).await;
+    match c.recv().await {
+        Some(Packet::ConnAck(ack)) => assert_eq!(ack.code, ReasonCode::MALFORMED_PACKET),
+        other => panic!("expected CONNACK 0x81, got {other:?}"),
+    }
+    assert_eq!(c.recv().await, None);
+
+    let mut bad311 = bytes_of(
+        &connect_packet(ProtocolVersion::V311, "x", 60),
+        ProtocolVersion::V311,
+    );
+    bad311[9] |= 0x01;
+    let mut c = plain_client(server.plain(), ProtocolVersion::V311).await;
+    c.send_raw(&bad311).await;
+    assert!(
+        c.read_to_close().await.is_empty(),
+        "v3.1.1: closed without an answer"
+    );
+
+    // Protocol level 3 (MQIsdp era) is answered with return code 1.
+    let mut level3 = bytes_of(
+        &connect_packet(ProtocolVersion::V311, "x", 60),
+        ProtocolVersion::V311,
+    );
+    level3[8] = 3;
+    let mut c = plain_client(server.plain(), ProtocolVersion::V311).await;
+    c.send_raw(&level3).await;
+    assert_eq!(c.read_to_close().await, vec![0x20, 0x02, 0x00, 0x01]);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn thousands_of_random_byte_strings_never_take_the_server_down() {
+    let mut server = TestServer::start(|c| c.limits.connect_timeout_secs = 1).await;
+    let mut healthy = connected(server.plain(), ProtocolVersion::V5, "healthy").await;
+    let connect = bytes_of(
+        &connect_packet(ProtocolVersion::V5, "", 60),
+        ProtocolVersion::V5,
+    );
+    let addr = server.plain();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(0x5eed_bec0);
+    let mut cases = Vec::new();
+    for i in 0..3000u32 {
+        let len = rng.random_range(0..96);
+        let mut bytes: Vec<u8> = (0..len).map(|_| rng.random()).collect();
+        if i % 2 == 0 {
+            // Half start with a valid CONNECT so the established path is fuzzed too.
+            let mut c = connect.clone();
+            c.extend_from_slice(&bytes);
+            bytes = c;
+        }
+        cases.push(bytes);
+    }
+    let started = Instant::now();
+    for chunk in cases.chunks(100) {
+        let mut tasks = tokio::task::JoinSet::new();
+        for bytes in chunk.iter().cloned() {
+            tasks.spawn(async move {
+                let Ok(mut tcp) = TcpStream::connect(addr).await else {
+                    return;
+                };
+                let _ = tcp.write_all(&bytes).await;
+                let mut sink = [0u8; 1024];
+                // Read until the server closes or a short while passes.
+                let _ = tokio::time::timeout(Duration::from_millis(300), async {
+                    while let Ok(n) = tcp.read(&mut sink).await {
+                        if n == 0 {
+                            break;
+                        }
+                    }
+                })
+                .await;
+            });
+        }
+        while tasks.join_next().await.is_some() {}
+        healthy.ping().await;
+    }
+    println!("3000 random inputs in {:?}", started.elapsed());
+    healthy.ping().await;
+    let mut fresh = connected(server.plain(), ProtocolVersion::V311, "fresh").await;
+    fresh.ping().await;
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn connections_beyond_the_limit_are_refused_as_busy() {
+    let mut server = TestServer::start(|c| c.limits.max_connections = 2).await;
+    let mut a = connected(server.plain(), ProtocolVersion::V5, "a").await;
+    let _b = connected(server.plain(), ProtocolVersion::V311, "b").await;
+    let mut c = plain_client(server.plain(), ProtocolVersion::V5).await;
+    let ack = c.connect("c", 60).await;
+    assert_eq!(ack.code, ReasonCode::SERVER_BUSY);
+    assert_eq!(c.recv().await, None);
+    let mut d = plain_client(server.plain(), ProtocolVersion::V311).await;
+    d.send(&connect_packet(ProtocolVersion::V311, "d", 60))
+        .await;
+    assert_eq!(d.read_to_close().await, vec![0x20, 0x02, 0x00, 0x03]);
+    a.ping().await;
+    // Room again once one leaves.
+    drop(a);
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let mut e = plain_client(server.plain(), ProtocolVersion::V5).await;
+        let ack = e.connect("e", 60).await;
+        if ack.code == ReasonCode::SUCCESS {
+            break;
+        }
+        assert!(Instant::now() < deadline, "a freed slot is never reused");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn keep_alive_is_enforced_at_one_and_a_half_times() {
+    let mut server = TestServer::start(|_| {}).await;
+    let mut c = plain_client(server.plain(), ProtocolVersion::V5).await;
+    let ack = c.connect("sleepy", 1).await;
+    assert_eq!(ack.code, ReasonCode::SUCCESS);
+    let start = Instant::now();
+    match c.recv().await {
+        Some(Packet::Disconnect(d)) => assert_eq!(d.code, ReasonCode::KEEP_ALIVE_TIMEOUT),
+        other => panic!("expected DISCONNECT 0x8D, got {other:?}"),
+    }
+    let elapsed = start.elapsed();
+    assert!(
+        elapsed >= Duration::from_millis(1300) && elapsed < Duration::from_secs(4),
+        "closed after {elapsed:?} for keep alive 1 s"
+    );
+    // A client that pings in time stays.
+    let mut p = plain_client(server.plain(), ProtocolVersion::V311).await;
+    p.connect("pinger", 1).await;
+    for _ in 0..4 {
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        p.ping().await;
+    }
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn messages_flow_between_clients() {
+    let mut server = TestServer::start(|_| {}).await;
+    let mut sub = connected(server.plain(), ProtocolVersion::V5, "sub").await;
+    sub.send(&Packet::Subscribe(Subscribe {
+        packet_id: 1,
+        subscriptions: vec![Subscription {
+            filter: "agents/+/wake".into(),
+            options: SubscriptionOptions {
+                qos: QoS::AtLeastOnce,
+                ..Default::default()
+            },
+        }],
+        properties: Properties::default(),
+    }))
+    .await;
+    assert!(matches!(sub.recv().await, Some(Packet::SubAck(_))));
+    let mut publisher = connected(server.plain(), ProtocolVersion::V311, "pub").await;
+    publisher
+        .send(&Packet::Publish(Publish {
+            dup: false,
+            qos: QoS::AtLeastOnce,
+            retain: false,
+            topic: "agents/a1/wake".into(),
+            packet_id: Some(7),
+            payload: bytes::Bytes::from_static(b"{\"v\":1}"),
+            properties: Properties::default(),
+        }))
+        .await;
+    assert!(matches!(publisher.recv().await, Some(Packet::PubAck(a)) if a.packet_id == 7));
+    match sub.recv().await {
+        Some(Packet::Publish(p)) => {
+            assert_eq!(p.topic, "agents/a1/wake");
+            assert_eq!(&p.payload[..], b"{\"v\":1}");
+        }
+        other => panic!("expected the PUBLISH, got {other:?}"),
+    }
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn tls_works_with_and_without_alpn_mqtt() {
+    let mut server = TestServer::start(|_| {}).await;
+    let ca = generated_ca(&server);
+    let mut with = tls_client(
+        server.tls(),
+        client_tls_config(&ca, &[b"mqtt"], None),
+        ProtocolVersion::V5,
+    )
+    .await
+    .expect("TLS with ALPN mqtt");
+    assert_eq!(with.stream.get_ref().1.alpn_protocol(), Some(&b"mqtt"[..]));
+    assert_eq!(with.connect("alpn", 60).await.code, ReasonCode::SUCCESS);
+    with.ping().await;
+    let mut without = tls_client(
+        server.tls(),
+        client_tls_config(&ca, &[], None),
+        ProtocolVersion::V311,
+    )
+    .await
+    .expect("TLS without ALPN");
+    assert_eq!(without.stream.get_ref().1.alpn_protocol(), None);
+    assert_eq!(
+        without.connect("no-alpn", 60).await.code,
+        ReasonCode::SUCCESS
+    );
+    without.ping().await;
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn without_anonymous_access_a_ca_issued_certificate_is_the_identity() {
+    let mut server = TestServer::start(|c| c.allow_anonymous = false).await;
+    let ca_path = generated_ca(&server);
+    let ca = beckon_pki::CertificateAuthority::load(&ca_path, &ca_path.with_file_name("ca.key"))
+        .expect("load CA");
+    let agent = ca
+        .issue_client(
+            "agent-1",
+            Some("tenant-a"),
+            Some("agent"),
+            Duration::from_secs(3600),
+        )
+        .expect("client cert");
+
+    // With the certificate and an empty client id: accepted as agent-1.
+    let mut ok = tls_client(
+        server.tls(),
+        client_tls_config(&ca_path, &[b"mqtt"], Some(&agent)),
+        ProtocolVersion::V5,
+    )
+    .await
+    .expect("mTLS");
+    let ack = ok.connect("", 60).await;
+    assert_eq!(ack.code, ReasonCode::SUCCESS, "{ack:?}");
+    ok.ping().await;
+
+    // With the certificate but another client id: refused.
+    let mut other = tls_client(
+        server.tls(),
+        client_tls_config(&ca_path, &[], Some(&agent)),
+        ProtocolVersion::V5,
+    )
+    .await
+    .expect("mTLS");
+    assert_eq!(
+        other.connect("agent-2", 60).await.code,
+        ReasonCode::NOT_AUTHORIZED
+    );
+
+    // Without a certificate: v5 0x87, v3.1.1 return code 5; plain TCP likewise.
+    let mut none = tls_client(
+        server.tls(),
+        client_tls_config(&ca_path, &[], None),
+        ProtocolVersion::V5,
+    )
+    .await
+    .expect("TLS");
+    assert_eq!(none.connect("x", 60).await.code, ReasonCode::NOT_AUTHORIZED);
+    let mut none3 = tls_client(
+        server.tls(),
+        client_tls_config(&ca_path, &[], None),
+        ProtocolVersion::V311,
+    )
+    .await
+    .expect("TLS");
+    none3
+        .send(&connect_packet(ProtocolVersion::V311, "x", 60))
+        .await;
+    assert_eq!(none3.read_to_close().await, vec![0x20, 0x02, 0x00, 0x05]);
+    let mut plain = plain_client(server.plain(), ProtocolVersion::V5).await;
+    assert_eq!(
+        plain.connect("x", 60).await.code,
+        ReasonCode::NOT_AUTHORIZED
+    );
+
+    // A certificate from another CA fails the handshake itself.
+    let stranger =
+        beckon_pki::CertificateAuthority::generate("stranger", Duration::from_secs(3600))
+            .expect("CA");
+    let foreign = stranger
+        .issue_client("agent-1", None, None, Duration::from_secs(3600))
+        .expect("cert");
+    let refused = async {
+        let mut c = tls_client(
+            server.tls(),
+            client_tls_config(&ca_path, &[], Some(&foreign)),
+            ProtocolVersion::V5,
+        )
+        .await?;
+        // TLS 1.3: the client learns of the refusal on its first read.
+        c.send(&connect_packet(ProtocolVersion::V5, "agent-1", 60))
+            .await;
+        let mut b = [0u8; 8];
+        match c.stream.read(&mut b).await {
+            Ok(0) => Err(std::io::Error::other("closed")),
+            Ok(_) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+    .await;
+    assert!(
+        refused.is_err(),
+        "a foreign certificate must not be accepted"
+    );
+    ok.ping().await;
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn new_certificate_is_used_for_new_connections_and_live_ones_stay() {
+    let mut server = TestServer::start(|c| c.tls.reload_interval_secs = 1).await;
+    let old_ca = generated_ca(&server);
+    let mut live = tls_client(
+        server.tls(),
+        client_tls_config(&old_ca, &[b"mqtt"], None),
+        ProtocolVersion::V5,
+    )
+    .await
+    .expect("TLS");
+    assert_eq!(live.connect("live", 60).await.code, ReasonCode::SUCCESS);
+
+    // Replace the server certificate with one from a new CA; the file watcher picks it up.
+    let new_ca = beckon_pki::CertificateAuthority::generate("rotated", Duration::from_secs(3600))
+        .expect("CA");
+    let new_ca_path = server.dir.path().join("new-ca.pem");
+    std::fs::write(&new_ca_path, new_ca.cert_pem()).expect("write CA");
+    let data = server.dir.path().join("data");
+    new_ca
+        .issue_server(&["localhost".to_owned()], Duration::from_secs(3600))
+        .expect("issue")
+        .save(&data.join("server.pem"), &data.join("server.key"))
+        .expect("save");
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let attempt = tls_client(
+            server.tls(),
+            client_tls_config(&new_ca_path, &[b"mqtt"], None),
+            ProtocolVersion::V5,
+        )
+        .await;
+        if attempt.is_ok() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "new certificate never served");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(
+        tls_client(
+            server.tls(),
+            client_tls_config(&old_ca, &[b"mqtt"], None),
+            ProtocolVersion::V5
+        )
+        .await
+        .is_err(),
+        "the old certificate is no longer served"
+    );
+    live.ping().await;
+
+    // A broken file keeps the current certificate.
+    std::fs::write(data.join("server.pem"), "not a certificate").expect("write");
+    assert!(server.handle().reload_certificates().is_err());
+    let mut after = tls_client(
+        server.tls(),
+        client_tls_config(&new_ca_path, &[b"mqtt"], None),
+        ProtocolVersion::V5,
+    )
+    .await
+    .expect("still served");
+    assert_eq!(after.connect("after", 60).await.code, ReasonCode::SUCCESS);
+    live.ping().await;
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn graceful_shutdown_sends_0x8b_to_v5_clients() {
+    let mut server = TestServer::start(|_| {}).await;
+    let mut v5 = connected(server.plain(), ProtocolVersion::V5, "five").await;
+    let mut v3 = connected(server.plain(), ProtocolVersion::V311, "three").await;
+    let ca = generated_ca(&server);
+    let mut tls5 = tls_client(
+        server.tls(),
+        client_tls_config(&ca, &[b"mqtt"], None),
+        ProtocolVersion::V5,
+    )
+    .await
+    .expect("TLS");
+    assert_eq!(tls5.connect("tls-five", 60).await.code, ReasonCode::SUCCESS);
+    let silent = plain_client(server.plain(), ProtocolVersion::V5).await;
+    server.stop().await;
+    match v5.recv().await {
+        Some(Packet::Disconnect(d)) => assert_eq!(d.code, ReasonCode::SERVER_SHUTTING_DOWN),
+        other => panic!("expected DISCONNECT 0x8B, got {other:?}"),
+    }
+    assert_eq!(v5.recv().await, None);
+    match tls5.recv().await {
+        Some(Packet::Disconnect(d)) => assert_eq!(d.code, ReasonCode::SERVER_SHUTTING_DOWN),
+        other => panic!("expected DISCONNECT 0x8B over TLS, got {other:?}"),
+    }
+    assert!(
+        v3.read_to_close().await.is_empty(),
+        "v3.1.1 clients are just closed"
+    );
+    let mut silent = silent;
+    assert!(silent.read_to_close().await.is_empty());
+    // The port is free again.
+    assert!(TcpStream::connect(server.plain()).await.is_err());
+}
