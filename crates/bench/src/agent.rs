@@ -5,10 +5,10 @@ use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use beckon_mqtt::{Ack, Packet, QoS};
+use beckon_mqtt::{Ack, Packet, QoS, ReasonCode};
+use beckon_net::{Backoff, BackoffConfig};
 use tokio::sync::{Semaphore, mpsc, watch};
 
-use crate::backoff::FullJitter;
 use crate::conn::{ClientError, Connector, MqttConn, wake_topic};
 use crate::protocol::unix_ns;
 
@@ -70,8 +70,8 @@ pub struct AgentContext {
     /// Bounds the connects running at once in the connect phase (not in a storm: a storm is
     /// every agent on its own schedule, as in the field).
     pub connect_gate: Semaphore,
-    /// The reconnect schedule.
-    pub backoff: FullJitter,
+    /// The agent's reconnect schedule (each agent keeps its own state).
+    pub backoff: BackoffConfig,
     /// Where events go.
     pub events: mpsc::UnboundedSender<AgentEvent>,
     /// Keep alive interval; zero for none.
@@ -124,6 +124,11 @@ pub async fn run(ctx: Arc<AgentContext>, spec: AgentSpec, mut control: watch::Re
             return;
         }
     };
+    // The agent's own backoff, used as the agent uses it: connected, lost, next delay.
+    let Ok(mut backoff) = Backoff::new(ctx.backoff) else {
+        return;
+    };
+    backoff.connected(Instant::now());
     let mut seen_cut = control.borrow().cut_generation;
     loop {
         match serve(&ctx, &spec, &mut conn, &mut control, &mut seen_cut).await {
@@ -135,11 +140,13 @@ pub async fn run(ctx: Arc<AgentContext>, spec: AgentSpec, mut control: watch::Re
             // connection vanish, as after a network cut.
             End::Cut | End::Lost => drop(conn),
         }
+        backoff.disconnected(Instant::now());
         let _ = ctx.events.send(AgentEvent::Down { agent: spec.local });
-        conn = match reconnect(&ctx, &spec, &topic, &mut control).await {
+        conn = match reconnect(&ctx, &spec, &topic, &mut backoff, &mut control).await {
             Some(conn) => conn,
             None => return,
         };
+        backoff.connected(Instant::now());
         seen_cut = control.borrow().cut_generation;
         let _ = ctx.events.send(AgentEvent::Up {
             agent: spec.local,
@@ -160,16 +167,18 @@ async fn establish(
     Ok((conn, connack))
 }
 
-/// Reconnects with full-jitter backoff until it works or the worker shuts down.
+/// Reconnects with the agent's backoff until it works or the worker shuts down: a full-jitter
+/// wait before each attempt, and the longer "busy" wait after a broker refused with server
+/// busy or connection rate exceeded, as the agent does.
 async fn reconnect(
     ctx: &AgentContext,
     spec: &AgentSpec,
     topic: &str,
+    backoff: &mut Backoff,
     control: &mut watch::Receiver<Control>,
 ) -> Option<MqttConn> {
-    let mut attempt: u32 = 0;
+    let mut delay = backoff.next_delay();
     loop {
-        let delay = ctx.backoff.delay(attempt, &mut rand::rng());
         let attempt_result = tokio::select! {
             biased;
             () = shutdown(control) => return None,
@@ -181,11 +190,16 @@ async fn reconnect(
         match attempt_result {
             Ok((conn, _)) => return Some(conn),
             Err(error) => {
+                delay = match error {
+                    ClientError::Refused(
+                        ReasonCode::SERVER_BUSY | ReasonCode::CONNECTION_RATE_EXCEEDED,
+                    ) => backoff.next_busy_delay(),
+                    _ => backoff.next_delay(),
+                };
                 let _ = ctx.events.send(AgentEvent::AttemptFailed {
                     agent: spec.local,
                     error: error.to_string(),
                 });
-                attempt = attempt.saturating_add(1);
             }
         }
     }

@@ -17,7 +17,6 @@
 #![forbid(unsafe_code)]
 
 pub mod agent;
-pub mod backoff;
 pub mod certs;
 pub mod cli;
 pub mod compare;

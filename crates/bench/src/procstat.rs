@@ -83,9 +83,27 @@ impl ProcReader {
         })?;
         let stat = read("stat")?;
         let ticks = parse_cpu_ticks(&stat).ok_or(ProcError::Format { pid, file: "stat" })?;
-        let cpu = Duration::from_nanos(ticks.saturating_mul(1_000_000_000) / self.hz);
+        let ticked = Duration::from_nanos(ticks.saturating_mul(1_000_000_000) / self.hz);
+        // The tick count has a 10 ms grain, too coarse for a few hundred wake-ups; the
+        // scheduler's nanosecond run time of the living threads is exact but forgets threads
+        // that exited. The larger of the two is the better estimate.
+        let cpu = ticked.max(threads_run_time(pid));
         Ok(ProcSample { rss_kib, cpu })
     }
+}
+
+/// The summed run time of the living threads of `pid` (`/proc/PID/task/*/schedstat`, first
+/// field, nanoseconds); zero when unreadable.
+fn threads_run_time(pid: u32) -> Duration {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return Duration::ZERO;
+    };
+    let nanos: u64 = tasks
+        .filter_map(Result::ok)
+        .filter_map(|task| std::fs::read_to_string(task.path().join("schedstat")).ok())
+        .filter_map(|text| text.split_whitespace().next()?.parse::<u64>().ok())
+        .sum();
+    Duration::from_nanos(nanos)
 }
 
 /// `VmRSS:    12345 kB` → 12345.

@@ -14,7 +14,6 @@ use tokio::sync::{Semaphore, mpsc, watch};
 use tokio::time::Instant;
 
 use crate::agent::{self, AgentContext, AgentEvent, AgentSpec, Control};
-use crate::backoff::FullJitter;
 use crate::conn::Connector;
 use crate::protocol::{
     Command, ConnectOutcome, Reply, StormOutcome, WakeupOutcome, WorkerConfig, unix_ns,
@@ -103,11 +102,17 @@ async fn worker_main() -> anyhow::Result<()> {
             return Err(e.into());
         }
     };
-    let backoff = FullJitter::new(
-        Duration::from_millis(config.backoff_base_ms),
-        Duration::from_millis(config.backoff_cap_ms),
-    )
-    .context("worker: backoff base must be above zero and at most the cap")?;
+    let backoff = beckon_net::BackoffConfig {
+        base: Duration::from_millis(config.backoff_base_ms),
+        cap: Duration::from_millis(config.backoff_cap_ms),
+        ..beckon_net::BackoffConfig::default()
+    };
+    if let Err(e) = beckon_net::Backoff::new(backoff) {
+        reply(&Reply::Failed {
+            message: format!("worker {}: reconnect backoff: {e}", config.worker),
+        })?;
+        return Err(e.into());
+    }
     let (events_tx, mut events) = mpsc::unbounded_channel();
     let ctx = Arc::new(AgentContext {
         connector,
