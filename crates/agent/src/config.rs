@@ -76,6 +76,9 @@ pub struct AgentConfig {
 pub struct BrokerConfig {
     /// Host name (or address) of the push service.
     pub host: String,
+    /// The name checked in the broker's certificate (default: `host`).
+    #[serde(default)]
+    pub server_name: Option<String>,
     /// MQTT over TLS port.
     #[serde(default = "default_port_mqtts")]
     pub port: u16,
@@ -284,6 +287,19 @@ impl Default for CheckinConfig {
     }
 }
 
+impl ReconnectConfig {
+    /// The reconnect backoff settings of `beckon-net`.
+    pub fn backoff(&self) -> beckon_net::BackoffConfig {
+        beckon_net::BackoffConfig {
+            base: self.backoff_base,
+            cap: self.backoff_cap,
+            busy_floor: self.busy_wait_min,
+            reset_after: self.reset_after,
+            startup_spread: self.start_delay_max,
+        }
+    }
+}
+
 impl AgentConfig {
     /// Reads and validates a config file.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
@@ -328,12 +344,9 @@ impl AgentConfig {
             ));
         }
         if let Some(proxy) = &self.broker.proxy
-            && parse_http_url(proxy).is_none()
+            && let Err(e) = proxy.parse::<beckon_net::ProxyUrl>()
         {
-            return Err(invalid(
-                "broker.proxy",
-                format!("{proxy:?} is not an http://host:port URL"),
-            ));
+            return Err(invalid("broker.proxy", e.to_string()));
         }
         for (key, d) in [
             ("broker.keepalive_direct", self.broker.keepalive_direct),
@@ -349,13 +362,8 @@ impl AgentConfig {
                 "ping_timeout and connect_timeout must be above zero".into(),
             ));
         }
-        if self.reconnect.backoff_base.is_zero()
-            || self.reconnect.backoff_base > self.reconnect.backoff_cap
-        {
-            return Err(invalid(
-                "reconnect.backoff_base",
-                "must be above zero and at most reconnect.backoff_cap".into(),
-            ));
+        if let Err(e) = self.reconnect.backoff().validate() {
+            return Err(invalid("reconnect", e.to_string()));
         }
         if let Some(cmd) = &self.actions.command {
             if cmd.argv.first().is_none_or(|p| p.is_empty()) {

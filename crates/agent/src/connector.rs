@@ -1,19 +1,20 @@
 //! How the agent gets a byte stream to the broker. The reconnect loop only knows this trait,
-//! so tests drive it with in-memory streams and the production build plugs in the connection
-//! ladder of `beckon-net`.
+//! so tests drive it with in-memory streams; the production agent uses [`LadderConnector`],
+//! the connection ladder of `beckon-net` (8883, 443 ALPN `mqtt`, 443 WebSocket; through the
+//! proxy first when one is configured; starting from the path that last worked).
 
 use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::io::{AsyncRead, AsyncWrite};
+use beckon_net::{
+    ClientIdentity, ConnectionLadder, LadderConfig, Path, ProxyUrl, TlsClient, TlsSettings,
+    TrustAnchors,
+};
+
 use tokio::net::TcpStream;
 
-/// Any bidirectional byte stream the MQTT session can run over.
-pub trait ByteStream: AsyncRead + AsyncWrite + Unpin + Send {}
-impl<T: AsyncRead + AsyncWrite + Unpin + Send> ByteStream for T {}
-
-/// A boxed [`ByteStream`].
-pub type BoxedStream = Box<dyn ByteStream>;
+pub use beckon_net::{BoxedStream, ByteStream};
 
 /// A stream to the broker and how it was reached.
 pub struct Connection {
@@ -92,6 +93,122 @@ impl Connector for PlainTcpConnector {
             self.host = host;
             self.port = port;
         }
+    }
+}
+
+/// The connection ladder of `beckon-net`: TLS to the broker by every path the agent may use.
+pub struct LadderConnector {
+    ladder: ConnectionLadder,
+    tls: Arc<TlsClient>,
+}
+
+/// Why the ladder could not be set up (bad CA, certificate, key or proxy).
+#[derive(Debug, thiserror::Error)]
+pub enum LadderSetupError {
+    /// The TLS client could not load its CA or identity.
+    #[error("TLS setup for the push service: {0}")]
+    Tls(#[from] beckon_net::TlsConfigError),
+    /// The proxy address is not usable.
+    #[error("broker.proxy: {0}")]
+    Proxy(#[from] beckon_net::ProxyUrlError),
+}
+
+impl LadderConnector {
+    /// A ladder to `config.broker` with its CA, client certificate and proxy.
+    pub fn new(config: &crate::AgentConfig) -> Result<Self, LadderSetupError> {
+        let broker = &config.broker;
+        let settings = TlsSettings {
+            trust: match &broker.ca_file {
+                Some(file) => TrustAnchors::CaFile(file.clone()),
+                None => TrustAnchors::System,
+            },
+            identity: match (&broker.client_cert, &broker.client_key) {
+                (Some(cert), Some(key)) => Some(ClientIdentity::Files {
+                    cert: cert.clone(),
+                    key: key.clone(),
+                }),
+                _ => None,
+            },
+            ..TlsSettings::default()
+        };
+        let tls = Arc::new(TlsClient::new(&settings)?);
+        let mut ladder_config = LadderConfig::new(broker.host.clone());
+        ladder_config.server_name = broker.server_name.clone();
+        ladder_config.primary_port = broker.port;
+        ladder_config.fallback_port = broker.fallback_port;
+        ladder_config.proxy = match &broker.proxy {
+            Some(proxy) => Some(proxy.parse::<ProxyUrl>()?),
+            None => None,
+        };
+        Ok(Self {
+            ladder: ConnectionLadder::new(ladder_config, Arc::clone(&tls)),
+            tls,
+        })
+    }
+
+    /// The paths in the order the next attempt tries them.
+    pub fn attempt_order(&self) -> Vec<String> {
+        self.ladder
+            .attempt_order()
+            .iter()
+            .map(ToString::to_string)
+            .collect()
+    }
+
+    fn rebuild(&mut self, config: LadderConfig, last: Option<Path>) {
+        self.ladder = ConnectionLadder::new(config, Arc::clone(&self.tls)).with_last_working(last);
+    }
+}
+
+impl Connector for LadderConnector {
+    async fn connect(&mut self) -> Result<Connection, ConnectError> {
+        match self.ladder.connect().await {
+            Ok(connected) => {
+                for failure in &connected.failed_before {
+                    tracing::warn!(path = %failure.path.label(), error = %failure.error, "path to the push service failed");
+                }
+                tracing::debug!(
+                    peer = %connected.peer,
+                    tls = ?connected.tls,
+                    timings = ?connected.timings,
+                    "TLS connection to the push service"
+                );
+                let path = &connected.path;
+                Ok(Connection {
+                    fallback: path.transport.uses_fallback_port() || path.is_proxied(),
+                    path: path.to_string(),
+                    stream: connected.stream,
+                })
+            }
+            Err(e) => Err(ConnectError(format!(
+                "{e}\nrun `beckon doctor` for the fix of each step"
+            ))),
+        }
+    }
+
+    fn prefer(&mut self, path: &str) {
+        match path.parse::<Path>() {
+            Ok(path) => {
+                if self.ladder.last_working() != Some(&path) {
+                    self.rebuild(self.ladder.config().clone(), Some(path));
+                }
+            }
+            Err(e) => tracing::debug!(error = %e, "stored path not usable; starting from the top"),
+        }
+    }
+
+    fn redirect(&mut self, server_reference: &str) {
+        let mut config = self.ladder.config().clone();
+        let Some((host, port)) = parse_server_reference(server_reference, config.primary_port)
+        else {
+            tracing::warn!(server_reference, "unusable server reference ignored");
+            return;
+        };
+        config.broker_host = host;
+        config.server_name = None;
+        config.primary_port = port;
+        let last = self.ladder.last_working().cloned();
+        self.rebuild(config, last);
     }
 }
 

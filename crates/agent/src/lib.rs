@@ -12,9 +12,9 @@
 #![warn(missing_docs)]
 
 pub mod actions;
-pub mod backoff;
 pub mod config;
 pub mod connector;
+pub mod jitter;
 pub mod runtime;
 pub mod session;
 pub mod state;
@@ -29,7 +29,9 @@ use std::sync::Arc;
 use anyhow::Context as _;
 
 pub use config::AgentConfig;
-pub use connector::{BoxedStream, ConnectError, Connection, Connector, PlainTcpConnector};
+pub use connector::{
+    BoxedStream, ConnectError, Connection, Connector, LadderConnector, PlainTcpConnector,
+};
 pub use runtime::{AgentError, run_agent};
 pub use wakeup::{AckMessage, AckStage, UnsignedWakeUpCheck, WakeUp, WakeUpCheck, WakeUpRejected};
 
@@ -115,29 +117,6 @@ async fn run_configured(config: AgentConfig) -> anyhow::Result<()> {
     }
     let check: Arc<dyn WakeUpCheck> =
         Arc::new(UnsignedWakeUpCheck::new(&config.agent_id, &config.tenant));
-    let Some(port) = config.broker.plain_port else {
-        anyhow::bail!(
-            "TLS connections to the push service (ports {} and {}) need the connection ladder of \
-             beckon-net, which this build does not include yet; for a loopback development \
-             broker set broker.plain_port",
-            config.broker.port,
-            config.broker.fallback_port
-        );
-    };
-    if !config
-        .broker
-        .host
-        .parse::<IpAddr>()
-        .is_ok_and(|ip| ip.is_loopback())
-        && config.broker.host != "localhost"
-    {
-        tracing::warn!(
-            host = %config.broker.host,
-            "broker.plain_port sends MQTT unencrypted; use it only on loopback for development"
-        );
-    }
-    let connector =
-        PlainTcpConnector::new(&config.broker.host, port, config.broker.connect_timeout);
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     tokio::spawn(async move {
         wait_for_stop_signal().await;
@@ -146,7 +125,30 @@ async fn run_configured(config: AgentConfig) -> anyhow::Result<()> {
         // Keep the sender alive: dropping it also means "stop", but say it once, clearly.
         std::future::pending::<()>().await;
     });
-    run_agent(config, connector, check, stop_rx).await?;
+    match config.broker.plain_port {
+        Some(port) => {
+            let loopback = config.broker.host == "localhost"
+                || config
+                    .broker
+                    .host
+                    .parse::<IpAddr>()
+                    .is_ok_and(|ip| ip.is_loopback());
+            if !loopback {
+                tracing::warn!(
+                    host = %config.broker.host,
+                    "broker.plain_port sends MQTT unencrypted; use it only on loopback for development"
+                );
+            }
+            let connector =
+                PlainTcpConnector::new(&config.broker.host, port, config.broker.connect_timeout);
+            run_agent(config, connector, check, stop_rx).await?;
+        }
+        None => {
+            let connector = LadderConnector::new(&config)?;
+            tracing::info!(order = ?connector.attempt_order(), "connection ladder");
+            run_agent(config, connector, check, stop_rx).await?;
+        }
+    }
     Ok(())
 }
 

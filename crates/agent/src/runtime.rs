@@ -8,17 +8,17 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use tokio::sync::{Notify, watch};
-use tokio::time::Instant;
 
 use crate::actions::{self, ActionOutcome};
-use crate::backoff::{Backoff, random_up_to};
 use crate::config::{AgentConfig, ConfigError, parse_http_url};
 use crate::connector::Connector;
+use crate::jitter::{near_cap, random_up_to};
 use crate::session::{MqttSession, Outbox, SessionEnd, SessionOptions};
 use crate::state::{LastResult, LastWakeUp, StateError, StateStore};
 use crate::timefmt::unix_now;
 use crate::wakeup::{AckMessage, AckStage, WakeUp, WakeUpCheck};
 use beckon_mqtt::ReasonCode;
+use beckon_net::Backoff;
 
 /// Why the agent could not run.
 #[derive(Debug, thiserror::Error)]
@@ -93,10 +93,11 @@ pub async fn run_agent<C: Connector>(
         ))
     });
 
-    let start_delay = random_up_to(config.reconnect.start_delay_max);
+    let mut backoff = Backoff::new(config.reconnect.backoff())
+        .map_err(|e| AgentError::Unsupported(format!("reconnect settings: {e}")))?;
+    let start_delay = backoff.startup_delay();
     tracing::info!(agent_id = %config.agent_id, delay_ms = start_delay.as_millis() as u64, "agent starting");
     if !sleep_or_shutdown(start_delay, &mut shutdown).await {
-        let mut backoff = Backoff::new(config.reconnect.backoff_base, config.reconnect.backoff_cap);
         loop {
             let wait = connect_once(
                 &config,
@@ -160,7 +161,7 @@ async fn connect_once<C: Connector>(
         Ok(Err(e)) => {
             tracing::warn!(error = %e, "cannot reach the push service");
             state.record_error(e.0);
-            return backoff.next_wait();
+            return backoff.next_delay();
         }
         Err(_) => {
             let message = format!(
@@ -168,7 +169,7 @@ async fn connect_once<C: Connector>(
             );
             tracing::warn!("{message}");
             state.record_error(message);
-            return backoff.next_wait();
+            return backoff.next_delay();
         }
     };
     let path = connection.path.clone();
@@ -203,12 +204,11 @@ async fn connect_once<C: Connector>(
                 s.since = Some(unix_now());
             });
             connector.prefer(&path);
-            let connected_at = Instant::now();
+            backoff.connected(std::time::Instant::now());
             let mut on_wake = wake_handler(config, check, state, outbox, pending);
             let end = session.run(outbox, &mut on_wake, shutdown).await;
-            if connected_at.elapsed() >= config.reconnect.reset_after {
-                backoff.reset();
-            }
+            // Resets the backoff only if the connection lived `reset_after`.
+            backoff.disconnected(std::time::Instant::now());
             state.update_logged(|s| {
                 s.connected = false;
                 s.since = Some(unix_now());
@@ -243,13 +243,16 @@ fn wait_after<C: Connector>(
             server_reference,
             ..
         } => (Some(*code), server_reference.as_deref()),
-        SessionEnd::SubscribeRefused(_) => return backoff.at_cap(),
+        SessionEnd::SubscribeRefused(_) => {
+            backoff.next_delay();
+            return near_cap(config.reconnect.backoff_cap);
+        }
         SessionEnd::Shutdown => return Duration::ZERO,
         _ => (None, None),
     };
     match (code, reference) {
         (Some(ReasonCode::SERVER_BUSY | ReasonCode::CONNECTION_RATE_EXCEEDED), _) => {
-            backoff.busy_wait(config.reconnect.busy_wait_min)
+            backoff.next_busy_delay()
         }
         (Some(ReasonCode::USE_ANOTHER_SERVER | ReasonCode::SERVER_MOVED), Some(reference)) => {
             tracing::info!(
@@ -274,9 +277,11 @@ fn wait_after<C: Connector>(
                 "the broker refuses this agent's credentials; retrying rarely (about every {:?}) until an administrator fixes it",
                 config.reconnect.backoff_cap
             );
-            backoff.at_cap()
+            // Counts as a failure; the wait itself stays near the cap.
+            backoff.next_delay();
+            near_cap(config.reconnect.backoff_cap)
         }
-        _ => backoff.next_wait(),
+        _ => backoff.next_delay(),
     }
 }
 

@@ -116,8 +116,12 @@ async fn agent_survives_a_broker_restart_through_mosquitto() {
     let text = beckon_agent::status::status_text(dir.path()).expect("status");
     assert!(text.contains("NOT connected"), "{text}");
     assert!(
+        // The loss itself, or, a moment later, the failing reconnects.
         text.contains("Last error:   broker closed the connection")
-            || text.contains("connection failed"),
+            || text.contains("Last error:   connection failed")
+            || text.contains(&format!(
+                "Last error:   TCP connection to 127.0.0.1:{port} failed"
+            )),
         "{text}"
     );
 
@@ -182,6 +186,81 @@ async fn wakeups_sent_while_the_agent_is_offline_wait_in_its_session() {
     }
     let stdin = std::fs::read(dir.path().join("stdin-queued")).expect("queued wake-up ran");
     assert_eq!(stdin, payload);
+    let _ = stop.send(true);
+    tokio::time::timeout(WAIT, task)
+        .await
+        .expect("stops")
+        .expect("no panic")
+        .expect("ok");
+}
+
+/// A CA, a server certificate for 127.0.0.1/localhost and a client certificate, as PEM files.
+fn write_pki(dir: &Path) {
+    use rcgen::{
+        BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose,
+        IsCa, KeyPair, KeyUsagePurpose,
+    };
+    let mut ca = CertificateParams::new(Vec::<String>::new()).expect("CA params");
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    ca.distinguished_name.push(DnType::CommonName, "test CA");
+    let ca = CertifiedIssuer::self_signed(ca, KeyPair::generate().expect("key")).expect("CA");
+    std::fs::write(dir.join("ca.pem"), ca.pem()).expect("write");
+
+    let mut server = CertificateParams::new(vec!["localhost".to_owned(), "127.0.0.1".to_owned()])
+        .expect("server params");
+    server.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+    let key = KeyPair::generate().expect("key");
+    let cert = server.signed_by(&key, &*ca).expect("server cert");
+    std::fs::write(dir.join("server.pem"), cert.pem()).expect("write");
+    std::fs::write(dir.join("server.key"), key.serialize_pem()).expect("write");
+
+    let mut client = CertificateParams::new(Vec::<String>::new()).expect("client params");
+    client.distinguished_name.push(DnType::CommonName, "a1");
+    client.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+    let key = KeyPair::generate().expect("key");
+    let cert = client.signed_by(&key, &*ca).expect("client cert");
+    std::fs::write(dir.join("client.pem"), cert.pem()).expect("write");
+    std::fs::write(dir.join("client.key"), key.serialize_pem()).expect("write");
+}
+
+#[tokio::test]
+async fn agent_connects_over_tls_with_a_client_certificate_through_the_ladder() {
+    let pki = tempfile::tempdir().expect("tempdir");
+    write_pki(pki.path());
+    let plain_port = free_port();
+    let tls_port = free_port();
+    let p = pki.path().display();
+    let extra = format!(
+        "listener {tls_port} 127.0.0.1\ncafile {p}/ca.pem\ncertfile {p}/server.pem\nkeyfile {p}/server.key\nrequire_certificate true\n"
+    );
+    let Some(_broker) = Mosquitto::start_with(plain_port, &extra) else {
+        return;
+    };
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut config = agent_config(dir.path(), plain_port);
+    config.broker.plain_port = None;
+    config.broker.port = tls_port;
+    // Nothing listens there: the 443 rungs would fail, but the first rung works.
+    config.broker.fallback_port = free_port();
+    config.broker.server_name = Some("localhost".into());
+    config.broker.ca_file = Some(pki.path().join("ca.pem"));
+    config.broker.client_cert = Some(pki.path().join("client.pem"));
+    config.broker.client_key = Some(pki.path().join("client.key"));
+    let connector = beckon_agent::LadderConnector::new(&config).expect("ladder");
+    let check: Arc<dyn WakeUpCheck> = Arc::new(UnsignedWakeUpCheck::new("a1", "acme"));
+    let (stop, stop_rx) = watch::channel(false);
+    let task = tokio::spawn(run_agent(config, connector, check, stop_rx));
+
+    eventually("agent connected over TLS", || connected(dir.path())).await;
+    let state = AgentState::read(dir.path()).expect("read").expect("state");
+    assert_eq!(state.path.as_deref(), Some("8883"), "the primary TLS path");
+    assert_eq!(state.last_working_path.as_deref(), Some("8883"));
+    let mut server = server_client(plain_port, "console").await;
+    let acks = wake(&mut server, "over-tls", 1).await;
+    assert_eq!(stages(&acks), ["received", "started", "finished"]);
+
     let _ = stop.send(true);
     tokio::time::timeout(WAIT, task)
         .await

@@ -353,6 +353,11 @@ pub const MOSQUITTO: &str = "/usr/sbin/mosquitto";
 impl Mosquitto {
     /// `None` (the test then says it skipped) when Mosquitto is not installed.
     pub fn start(port: u16) -> Option<Self> {
+        Self::start_with(port, "")
+    }
+
+    /// Like [`Mosquitto::start`], with more configuration lines (more listeners).
+    pub fn start_with(port: u16, extra: &str) -> Option<Self> {
         if !Path::new(MOSQUITTO).exists() {
             eprintln!("SKIPPED: {MOSQUITTO} not installed");
             return None;
@@ -362,7 +367,7 @@ impl Mosquitto {
         std::fs::write(
             &conf,
             format!(
-                "listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nlog_dest stderr\nlog_type error\n"
+                "allow_anonymous true\npersistence false\nlog_dest stderr\nlog_type error\nlistener {port} 127.0.0.1\n{extra}"
             ),
         )
         .expect("write mosquitto.conf");
