@@ -1397,7 +1397,12 @@ fn twenty_thousand_agents_each_get_their_own_wake_up() {
         );
     }
     let elapsed = started.elapsed();
-    println!("routed 19,000 QoS 1 wake-ups to 20,000 sessions in {elapsed:?} (debug build)");
+    let profile = if cfg!(debug_assertions) {
+        "debug"
+    } else {
+        "release"
+    };
+    println!("routed 19,000 QoS 1 wake-ups to 20,000 sessions in {elapsed:?} ({profile} build)");
     let mut per_conn = std::collections::HashMap::new();
     for a in &out {
         if let Action::Send {
@@ -1417,7 +1422,75 @@ fn twenty_thousand_agents_each_get_their_own_wake_up() {
 #[test]
 fn idle_session_stays_small() {
     // Queues, alias tables and QoS 2 ids allocate only when used; the will is boxed.
-    let size = std::mem::size_of::<super::session::Session>();
+    let size = size_of::<super::session::Session>();
     println!("Session: {size} bytes inline");
     assert!(size <= 512, "Session grew to {size} bytes");
+}
+
+#[test]
+fn inbound_qos2_state_survives_a_reconnect() {
+    let mut h = Harness::new();
+    let (s, _, _) = h.connect_ok(v5("sub"));
+    h.subscribe(s, "t", QoS::ExactlyOnce);
+    let (p, _, _) = h.connect_ok(v5_persistent("pub", 300));
+    assert_eq!(
+        payloads(
+            &h.send(p, pub_packet("t", "x", QoS::ExactlyOnce, Some(5))),
+            s
+        ),
+        vec!["x"]
+    );
+    h.close(p);
+    let (p2, _, _) = h.connect_ok(v5_persistent("pub", 300));
+    let mut again = publish("t", "x", QoS::ExactlyOnce, Some(5));
+    again.dup = true;
+    let out = h.send(p2, Packet::Publish(again));
+    assert_eq!(packets(&out, p2), vec![Packet::PubRec(Ack::new(5))]);
+    assert!(
+        publishes(&out, s).is_empty(),
+        "exactly once across the reconnect"
+    );
+    assert_eq!(
+        packets(&h.send(p2, Packet::PubRel(Ack::new(5))), p2),
+        vec![Packet::PubComp(Ack::new(5))]
+    );
+}
+
+#[test]
+fn takeover_of_a_session_that_ends_at_close_starts_fresh() {
+    let mut h = Harness::new();
+    let w = will_watcher(&mut h);
+    let (old, _, _) = h.connect_ok(with_will(v5("agent"), "wills/agent", None));
+    h.subscribe(old, "t", QoS::AtLeastOnce);
+    let (new, out) = h.connect(v5_persistent("agent", 300));
+    assert_eq!(
+        disconnect_code(&out, old),
+        Some(ReasonCode::SESSION_TAKEN_OVER)
+    );
+    assert!(matches!(&packets(&out, new)[0], Packet::ConnAck(a) if !a.session_present));
+    assert_eq!(
+        payloads(&out, w),
+        vec!["gone"],
+        "the old session ended: its will goes out"
+    );
+    assert_eq!(
+        h.core.subscription_count(),
+        1,
+        "only the watcher's subscription is left"
+    );
+}
+
+#[test]
+fn unacknowledged_message_that_expired_is_not_resent() {
+    let mut h = Harness::new();
+    let (s, _, _) = h.connect_ok(v5_persistent("sub", 300));
+    h.subscribe(s, "t", QoS::AtLeastOnce);
+    let (p, _, _) = h.connect_ok(v5("pub"));
+    let out = h.send(p, expiring("t", "soon", 5, false, 1));
+    assert_eq!(publishes(&out, s).len(), 1);
+    h.close(s);
+    h.advance(6);
+    let (s2, _, out) = h.connect_ok(v5_persistent("sub", 300));
+    assert!(publishes(&out, s2).is_empty());
+    assert_eq!(h.core.inflight_messages(), 0);
 }
