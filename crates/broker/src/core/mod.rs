@@ -953,6 +953,13 @@ impl BrokerCore {
             }
         }
         self.retained.purge(now);
+        self.next_deadline()
+    }
+
+    /// When [`BrokerCore::tick`] next has work (a delayed will, a session expiry, a retained
+    /// message expiry). Handling a packet or a close may bring it forward (a client going
+    /// offline starts its session expiry), so a caller can check it after each event.
+    pub fn next_deadline(&self) -> Option<Instant> {
         let sessions = self.timers.first().map(|(at, _)| *at);
         match (sessions, self.retained.next_expiry()) {
             (Some(a), Some(b)) => Some(a.min(b)),

@@ -485,6 +485,10 @@ fn tick_reports_the_next_deadline() {
     assert_eq!(h.core.tick(h.now, &mut out), None);
     h.close(c);
     assert_eq!(
+        h.core.next_deadline(),
+        Some(h.now + Duration::from_secs(10))
+    );
+    assert_eq!(
         h.core.tick(h.now, &mut out),
         Some(h.now + Duration::from_secs(10))
     );
