@@ -1,0 +1,119 @@
+//! `beckon broker`.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use beckon_broker::{BrokerConfig, Listen, Server};
+
+/// Flags of `beckon broker`. They override the configuration file and `BECKON_...`
+/// environment variables (precedence: defaults < file < environment < flags).
+#[derive(Debug, clap::Args)]
+pub struct BrokerArgs {
+    /// TOML configuration file (every key has a default; see docs/configuration.md).
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Plain MQTT listener address, e.g. 127.0.0.1:1883 ("off" to disable; off by default).
+    #[arg(long, value_name = "ADDR", value_parser = parse_listen)]
+    mqtt: Option<Listen>,
+    /// MQTT over TLS listener address (default 0.0.0.0:8883; "off" to disable).
+    #[arg(long, value_name = "ADDR", value_parser = parse_listen)]
+    mqtts: Option<Listen>,
+    /// Server certificate chain (PEM). Without it the broker uses its own CA and certificate
+    /// in the data folder, creating them on first run.
+    #[arg(long, value_name = "FILE", requires = "key")]
+    cert: Option<PathBuf>,
+    /// Private key of --cert (PEM).
+    #[arg(long, value_name = "FILE", requires = "cert")]
+    key: Option<PathBuf>,
+    /// Accept clients without authentication. Development and tests only: logged loudly.
+    #[arg(long)]
+    allow_anonymous: bool,
+    /// Data folder: generated CA and certificates (default ./beckon-data).
+    #[arg(long, value_name = "DIR")]
+    data: Option<PathBuf>,
+}
+
+fn parse_listen(s: &str) -> Result<Listen, String> {
+    Listen::parse(s)
+}
+
+/// Defaults, then the file, then the environment, then the flags.
+fn build_config(args: &BrokerArgs) -> anyhow::Result<BrokerConfig> {
+    let mut config = match &args.config {
+        Some(path) => BrokerConfig::from_file(path)?,
+        None => BrokerConfig::default(),
+    };
+    config.apply_env(|k| std::env::var(k).ok())?;
+    if let Some(dir) = &args.data {
+        config.data_dir.clone_from(dir);
+    }
+    if let Some(l) = args.mqtt {
+        config.listeners.mqtt = l;
+    }
+    if let Some(l) = args.mqtts {
+        config.listeners.mqtts = l;
+    }
+    if let (Some(cert), Some(key)) = (&args.cert, &args.key) {
+        config.tls.cert = Some(cert.clone());
+        config.tls.key = Some(key.clone());
+    }
+    if args.allow_anonymous {
+        config.allow_anonymous = true;
+    }
+    config.validate()?;
+    Ok(config)
+}
+
+async fn shutdown_signal() -> anyhow::Result<&'static str> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).context("listening for SIGTERM")?;
+    let mut int = signal(SignalKind::interrupt()).context("listening for SIGINT")?;
+    Ok(tokio::select! {
+        _ = term.recv() => "SIGTERM",
+        _ = int.recv() => "SIGINT",
+    })
+}
+
+/// Runs the broker until SIGTERM or SIGINT, then drains gracefully and returns.
+pub fn main(args: BrokerArgs) -> anyhow::Result<()> {
+    let config = build_config(&args)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(async move {
+        let (bound, mut handle) = Server::bind(config).await?;
+        if let Some(l) = bound.fd_limit {
+            println!(
+                "beckon broker: file descriptor limit {} (hard {}): room for about {} connections; max_connections = {}",
+                l.soft,
+                l.hard,
+                l.connection_room(),
+                bound.max_connections
+            );
+        }
+        if let Some(addr) = bound.mqtts {
+            println!("beckon broker: MQTT over TLS on {addr}");
+        }
+        if let Some(addr) = bound.mqtt {
+            println!("beckon broker: plain MQTT on {addr}");
+        }
+        if let Some(ca) = &bound.generated_ca {
+            println!(
+                "beckon broker: clients must trust the CA certificate {}",
+                ca.display()
+            );
+        }
+        println!("beckon broker: ready");
+        tokio::select! {
+            signal = shutdown_signal() => {
+                let signal = signal?;
+                tracing::info!(signal, "shutting down: disconnecting clients");
+                handle.shutdown().await?;
+                tracing::info!("shut down");
+                Ok(())
+            }
+            e = handle.stopped() => Err(e.into()),
+        }
+    })
+}
