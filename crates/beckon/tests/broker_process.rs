@@ -1,0 +1,377 @@
+//! `beckon broker` as a process: first run, flags, config errors, SIGHUP reload and SIGTERM
+//! drain. Children are killed on drop; every wait is bounded.
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use beckon_mqtt::{Connect, Packet, Properties, ProtocolVersion, ReasonCode, decode, encode};
+use bytes::BytesMut;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_rustls::rustls;
+
+const WAIT: Duration = Duration::from_secs(15);
+
+struct Broker {
+    child: Child,
+    lines: mpsc::Receiver<String>,
+    stdout: Vec<String>,
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Broker {
+    fn start(args: &[&str]) -> Self {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_beckon"))
+            .arg("broker")
+            .args(args)
+            .env("RUST_LOG", "info")
+            .env_remove("BECKON_MQTTS")
+            .env_remove("BECKON_MQTT")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn beckon");
+        let stdout = child.stdout.take().expect("stdout");
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut broker = Self {
+            child,
+            lines: rx,
+            stdout: Vec::new(),
+        };
+        broker.wait_for("beckon broker: ready");
+        broker
+    }
+
+    fn wait_for(&mut self, needle: &str) {
+        let deadline = Instant::now() + WAIT;
+        while !self.stdout.iter().any(|l| l.contains(needle)) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) => self.stdout.push(line),
+                Err(_) => panic!("no {needle:?} on stdout; got {:?}", self.stdout),
+            }
+        }
+    }
+
+    fn line_after(&self, prefix: &str) -> String {
+        self.stdout
+            .iter()
+            .find_map(|l| l.strip_prefix(prefix))
+            .unwrap_or_else(|| panic!("no line starting {prefix:?} in {:?}", self.stdout))
+            .trim()
+            .to_owned()
+    }
+
+    fn tls_addr(&self) -> SocketAddr {
+        self.line_after("beckon broker: MQTT over TLS on ")
+            .parse()
+            .expect("address")
+    }
+
+    fn plain_addr(&self) -> SocketAddr {
+        self.line_after("beckon broker: plain MQTT on ")
+            .parse()
+            .expect("address")
+    }
+
+    fn signal(&self, name: &str) {
+        let status = Command::new("kill")
+            .arg(format!("-{name}"))
+            .arg(self.child.id().to_string())
+            .status()
+            .expect("run kill");
+        assert!(status.success());
+    }
+
+    fn wait_exit(&mut self) -> std::process::ExitStatus {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                return status;
+            }
+            assert!(Instant::now() < deadline, "broker did not exit");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+fn connect_bytes(version: ProtocolVersion, id: &str) -> Vec<u8> {
+    let mut b = BytesMut::new();
+    encode(
+        &Packet::Connect(Box::new(Connect {
+            protocol: version,
+            clean_start: true,
+            keep_alive: 60,
+            client_id: id.to_owned(),
+            will: None,
+            username: None,
+            password: None,
+            properties: Properties::default(),
+        })),
+        version,
+        &mut b,
+    )
+    .expect("encode");
+    b.to_vec()
+}
+
+async fn recv<S: AsyncRead + Unpin>(s: &mut S, buf: &mut BytesMut) -> Option<Packet> {
+    tokio::time::timeout(WAIT, async {
+        loop {
+            if let Some(p) = decode(buf, ProtocolVersion::V5, 1 << 20).expect("valid") {
+                return Some(p);
+            }
+            let mut chunk = [0u8; 2048];
+            match s.read(&mut chunk).await {
+                Ok(0) | Err(_) => return None,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+        }
+    })
+    .await
+    .expect("answer in time")
+}
+
+async fn mqtt_v5<S: AsyncRead + AsyncWrite + Unpin>(s: &mut S, id: &str) -> BytesMut {
+    s.write_all(&connect_bytes(ProtocolVersion::V5, id))
+        .await
+        .expect("write");
+    let mut buf = BytesMut::new();
+    match recv(s, &mut buf).await {
+        Some(Packet::ConnAck(a)) => assert_eq!(a.code, ReasonCode::SUCCESS, "{a:?}"),
+        other => panic!("expected CONNACK, got {other:?}"),
+    }
+    buf
+}
+
+async fn ping<S: AsyncRead + AsyncWrite + Unpin>(s: &mut S, buf: &mut BytesMut) {
+    s.write_all(&[0xC0, 0x00]).await.expect("write");
+    assert_eq!(recv(s, buf).await, Some(Packet::PingResp));
+}
+
+fn tls_config(ca: &Path) -> Arc<rustls::ClientConfig> {
+    let mut roots = rustls::RootCertStore::empty();
+    for c in beckon_pki::load_certificates(ca).expect("ca") {
+        roots.add(c).expect("root");
+    }
+    let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::aws_lc_rs::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .expect("versions")
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    config.alpn_protocols = vec![b"mqtt".to_vec()];
+    Arc::new(config)
+}
+
+async fn tls_connect(
+    addr: SocketAddr,
+    ca: &Path,
+) -> std::io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
+    let tcp = TcpStream::connect(addr).await?;
+    let name = rustls::pki_types::ServerName::try_from("localhost").expect("name");
+    tokio::time::timeout(
+        WAIT,
+        tokio_rustls::TlsConnector::from(tls_config(ca)).connect(name, tcp),
+    )
+    .await
+    .expect("handshake in time")
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime")
+}
+
+#[test]
+fn bare_broker_creates_its_ca_once_and_serves_tls() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("data");
+    let data_arg = data.to_str().expect("utf-8 path");
+    let args = [
+        "--data",
+        data_arg,
+        "--mqtts",
+        "127.0.0.1:0",
+        "--allow-anonymous",
+    ];
+    let mut broker = Broker::start(&args);
+    let ca =
+        PathBuf::from(broker.line_after("beckon broker: clients must trust the CA certificate "));
+    assert_eq!(ca, data.join("ca.pem"));
+    for f in ["ca.pem", "ca.key", "server.pem", "server.key"] {
+        assert!(data.join(f).exists(), "{f} created");
+    }
+    assert!(
+        broker
+            .stdout
+            .iter()
+            .any(|l| l.contains("file descriptor limit") && l.contains("connections")),
+        "fd limit printed: {:?}",
+        broker.stdout
+    );
+    let ca_before = std::fs::read(&ca).expect("read");
+    let addr = broker.tls_addr();
+    runtime().block_on(async {
+        let mut tls = tls_connect(addr, &ca)
+            .await
+            .expect("TLS with the printed CA");
+        let mut buf = mqtt_v5(&mut tls, "first").await;
+        ping(&mut tls, &mut buf).await;
+    });
+    broker.signal("TERM");
+    assert!(broker.wait_exit().success());
+    drop(broker);
+
+    // Second run: same CA.
+    let mut again = Broker::start(&args);
+    assert_eq!(std::fs::read(&ca).expect("read"), ca_before, "CA reused");
+    again.signal("INT");
+    assert!(again.wait_exit().success());
+}
+
+#[test]
+fn sigterm_drains_with_0x8b_and_exits_zero() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("data");
+    let mut broker = Broker::start(&[
+        "--data",
+        data.to_str().expect("path"),
+        "--mqtts",
+        "off",
+        "--mqtt",
+        "127.0.0.1:0",
+        "--allow-anonymous",
+    ]);
+    let addr = broker.plain_addr();
+    let rt = runtime();
+    let (mut tcp, mut buf) = rt.block_on(async {
+        let mut tcp = TcpStream::connect(addr).await.expect("connect");
+        let buf = mqtt_v5(&mut tcp, "drained").await;
+        (tcp, buf)
+    });
+    broker.signal("TERM");
+    rt.block_on(async {
+        match recv(&mut tcp, &mut buf).await {
+            Some(Packet::Disconnect(d)) => assert_eq!(d.code, ReasonCode::SERVER_SHUTTING_DOWN),
+            other => panic!("expected DISCONNECT 0x8B, got {other:?}"),
+        }
+        assert_eq!(recv(&mut tcp, &mut buf).await, None);
+    });
+    let status = broker.wait_exit();
+    assert!(status.success(), "exit status {status:?}");
+}
+
+#[test]
+fn sighup_reloads_certificates_without_dropping_connections() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let day = Duration::from_secs(24 * 3600);
+    let old_ca = beckon_pki::CertificateAuthority::generate("old", day).expect("ca");
+    let new_ca = beckon_pki::CertificateAuthority::generate("new", day).expect("ca");
+    let (old_ca_path, new_ca_path) = (dir.path().join("old-ca.pem"), dir.path().join("new-ca.pem"));
+    std::fs::write(&old_ca_path, old_ca.cert_pem()).expect("write");
+    std::fs::write(&new_ca_path, new_ca.cert_pem()).expect("write");
+    let (cert, key) = (dir.path().join("server.pem"), dir.path().join("server.key"));
+    let names = vec!["localhost".to_owned()];
+    old_ca
+        .issue_server(&names, day)
+        .expect("issue")
+        .save(&cert, &key)
+        .expect("save");
+    // Polling off: only SIGHUP reloads.
+    let config = dir.path().join("broker.toml");
+    std::fs::write(&config, "[tls]\nreload_interval_secs = 0\n").expect("write");
+    let mut broker = Broker::start(&[
+        "--config",
+        config.to_str().expect("path"),
+        "--data",
+        dir.path().join("data").to_str().expect("path"),
+        "--mqtts",
+        "127.0.0.1:0",
+        "--cert",
+        cert.to_str().expect("path"),
+        "--key",
+        key.to_str().expect("path"),
+        "--allow-anonymous",
+    ]);
+    let addr = broker.tls_addr();
+    let rt = runtime();
+    let (mut live, mut live_buf) = rt.block_on(async {
+        let mut tls = tls_connect(addr, &old_ca_path).await.expect("TLS");
+        let buf = mqtt_v5(&mut tls, "live").await;
+        (tls, buf)
+    });
+    new_ca
+        .issue_server(&names, day)
+        .expect("issue")
+        .save(&cert, &key)
+        .expect("save");
+    // Not reloaded without the signal.
+    std::thread::sleep(Duration::from_millis(1500));
+    rt.block_on(async {
+        assert!(
+            tls_connect(addr, &new_ca_path).await.is_err(),
+            "no reload before SIGHUP"
+        );
+    });
+    broker.signal("HUP");
+    rt.block_on(async {
+        let deadline = Instant::now() + WAIT;
+        while tls_connect(addr, &new_ca_path).await.is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "new certificate never served after SIGHUP"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        ping(&mut live, &mut live_buf).await;
+    });
+    broker.signal("TERM");
+    assert!(broker.wait_exit().success());
+}
+
+#[test]
+fn bad_configuration_names_file_and_key() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = dir.path().join("broken.toml");
+    std::fs::write(&config, "[limits]\nmax_conections = 3\n").expect("write");
+    let out = Command::new(env!("CARGO_BIN_EXE_beckon"))
+        .args(["broker", "--config", config.to_str().expect("path")])
+        .output()
+        .expect("run");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("broken.toml") && err.contains("max_conections"),
+        "{err}"
+    );
+
+    let out = Command::new(env!("CARGO_BIN_EXE_beckon"))
+        .args(["broker", "--mqtts", "8883"])
+        .output()
+        .expect("run");
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("IP:PORT"));
+}
