@@ -95,7 +95,13 @@ impl ManagedBroker {
                 "--key".to_owned(),
                 certs.key.display().to_string(),
             ]),
-            None => args.extend(["--mqtt".to_owned(), listen]),
+            // The TLS listener is on by default; the plain comparison turns it off.
+            None => args.extend([
+                "--mqtt".to_owned(),
+                listen,
+                "--mqtts".to_owned(),
+                "off".to_owned(),
+            ]),
         }
         args.extend([
             "--allow-anonymous".to_owned(),
@@ -319,29 +325,29 @@ impl CompareReport {
             out.push_str(&format!("round {}: {}", run.round + 1, run.report.table()));
             out.push('\n');
         }
-        let width = self
+        let names: Vec<String> = self
             .summary
             .iter()
-            .map(|r| r.name.len())
-            .max()
-            .unwrap_or(10);
+            .map(|row| {
+                if row.unit.is_empty() {
+                    row.name.clone()
+                } else {
+                    format!("{} ({})", row.name, row.unit)
+                }
+            })
+            .collect();
+        let width = names.iter().map(String::len).max().unwrap_or(10);
         out.push_str(&format!(
             "{:<width$}  {:>12}  {:>12}  {:>9}\n",
             "figure", "mosquitto", "beckon", "beckon/m"
         ));
-        for row in &self.summary {
-            let name = if row.unit.is_empty() {
-                row.name.clone()
-            } else {
-                format!("{} ({})", row.name, row.unit)
-            };
+        for (name, row) in names.iter().zip(&self.summary) {
             out.push_str(&format!(
                 "{name:<width$}  {:>12}  {:>12}  {:>9}\n",
                 format_value(row.mosquitto),
                 format_value(row.beckon),
                 row.ratio
                     .map_or_else(|| "-".to_owned(), |r| format!("{r:.2}x")),
-                width = width + 6,
             ));
         }
         out
