@@ -67,7 +67,8 @@ pub fn wakeup_env(batch: &[WakeUp], agent_id: &str, tenant: &str) -> Vec<(String
             ("BECKON_WAKEUP_REASON".to_owned(), latest.reason.clone()),
             (
                 "BECKON_WAKEUP_ACTION".to_owned(),
-                latest.action.clone().unwrap_or_default(),
+                // Every distinct action of the batch, in arrival order.
+                distinct_actions(batch).join(","),
             ),
             (
                 "BECKON_WAKEUP_ISSUED_AT".to_owned(),
@@ -81,6 +82,16 @@ pub fn wakeup_env(batch: &[WakeUp], agent_id: &str, tenant: &str) -> Vec<(String
         ]);
     }
     env
+}
+
+fn distinct_actions(batch: &[WakeUp]) -> Vec<&str> {
+    let mut actions: Vec<&str> = Vec::new();
+    for action in batch.iter().filter_map(|w| w.action.as_deref()) {
+        if !actions.contains(&action) {
+            actions.push(action);
+        }
+    }
+    actions
 }
 
 /// Runs the configured program once for `batch`; `stdin` is the latest wake-up's JSON.

@@ -1,6 +1,7 @@
 //! The agent's configuration file (TOML). Every key and its default is documented in
 //! `docs/agent.md`; a bad file names the file, the key and the reason.
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -148,10 +149,8 @@ pub struct ReconnectConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct WakeUpConfig {
-    /// The console's wake-up signing key (public part).
-    pub console_key: Option<PathBuf>,
-    /// Refuse wake-ups whose signature cannot be checked. Turn off only in tests.
-    pub require_signature: bool,
+    /// The console's wake-up signing keys: key id = base64url Ed25519 public key.
+    pub console_keys: BTreeMap<String, String>,
     /// Upper bound on a wake-up's `spread`, whatever the wake-up says.
     #[serde(deserialize_with = "duration")]
     pub max_spread: Duration,
@@ -267,10 +266,9 @@ impl Default for ReconnectConfig {
 impl Default for WakeUpConfig {
     fn default() -> Self {
         Self {
-            console_key: None,
-            require_signature: true,
+            console_keys: BTreeMap::new(),
             max_spread: Duration::from_secs(3600),
-            replay_memory: 1024,
+            replay_memory: beckon_identity::wakeup::DEFAULT_REPLAY_CAPACITY,
         }
     }
 }
@@ -326,8 +324,12 @@ impl AgentConfig {
             key,
             reason,
         };
-        check_name(&self.agent_id).map_err(|r| invalid("agent_id", r))?;
-        check_name(&self.tenant).map_err(|r| invalid("tenant", r))?;
+        beckon_identity::validate_id(&self.agent_id)
+            .map_err(|e| invalid("agent_id", e.to_string()))?;
+        beckon_identity::TenantId::new(self.tenant.as_str())
+            .map_err(|e| invalid("tenant", e.to_string()))?;
+        crate::wakeup::verifier(&self.tenant, &self.agent_id, &self.wakeup.console_keys)
+            .map_err(|e| invalid("wakeup.console_keys", e.to_string()))?;
         if self.broker.host.trim().is_empty() {
             return Err(invalid("broker.host", "must not be empty".into()));
         }
@@ -439,22 +441,6 @@ impl AgentConfig {
     }
 }
 
-/// Agent ids and tenants become topic levels: no `/`, `+`, `#`, no spaces.
-fn check_name(name: &str) -> Result<(), String> {
-    if name.is_empty() || name.len() > 128 {
-        return Err("must be 1 to 128 characters".into());
-    }
-    if !name
-        .bytes()
-        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':' | b'@'))
-    {
-        return Err(format!(
-            "{name:?} may only hold letters, digits and - _ . : @ (it becomes an MQTT topic level)"
-        ));
-    }
-    Ok(())
-}
-
 /// A parsed `http://host[:port]/path` URL.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HttpUrl {
@@ -557,6 +543,8 @@ agent_id = "laptop-42"
 tenant = "acme"
 [broker]
 host = "push.example.com"
+[wakeup.console_keys]
+console-2026 = "6kpsY-KcUgq-9VB7Ey7F-ZVHdq6-vnuSQh7qaRRG0iw"
 "#;
 
     #[test]
@@ -571,7 +559,7 @@ host = "push.example.com"
         assert_eq!(c.reconnect.reset_after, Duration::from_secs(60));
         assert_eq!(c.checkin.interval, Duration::from_secs(600));
         assert_eq!(c.state_dir, PathBuf::from(DEFAULT_STATE_DIR));
-        assert!(c.wakeup.require_signature);
+        assert_eq!(c.wakeup.replay_memory, 4096);
         assert_eq!(c.wake_topic(), "agents/laptop-42/wake");
         assert_eq!(c.ack_topic(), "agents/laptop-42/ack");
     }
@@ -586,17 +574,27 @@ host = "push.example.com"
             "{text}"
         );
 
-        let unknown = format!("{MINIMAL}colour = 1\n");
+        let no_keys = MINIMAL.replace(
+            "console-2026 = \"6kpsY-KcUgq-9VB7Ey7F-ZVHdq6-vnuSQh7qaRRG0iw\"",
+            "",
+        );
+        let err = AgentConfig::parse(&no_keys, Path::new("x.toml")).expect_err("no console key");
+        assert!(err.to_string().contains("wakeup.console_keys"), "{err}");
+
+        let unknown = MINIMAL.replace("[broker]", "colour = 1\n[broker]");
         let err = AgentConfig::parse(&unknown, Path::new("x.toml")).expect_err("unknown key");
         assert!(err.to_string().contains("colour"), "{err}");
 
         let empty_argv = format!("{MINIMAL}[actions.command]\nargv = []\n");
+        let bad_tenant = MINIMAL.replace("tenant = \"acme\"", "tenant = \"Acme Corp\"");
+        let err = AgentConfig::parse(&bad_tenant, Path::new("x.toml")).expect_err("bad tenant");
+        assert!(err.to_string().contains("key `tenant`"), "{err}");
         let err = AgentConfig::parse(&empty_argv, Path::new("x.toml")).expect_err("empty argv");
         assert!(err.to_string().contains("actions.command.argv"), "{err}");
 
-        let bad_duration = format!("{MINIMAL}keepalive_direct = \"soon\"\n").replace(
-            "[broker]\nhost = \"push.example.com\"\nkeepalive_direct",
-            "[broker]\nhost = \"push.example.com\"\nkeepalive_direct",
+        let bad_duration = MINIMAL.replace(
+            "host = \"push.example.com\"",
+            "host = \"push.example.com\"\nkeepalive_direct = \"soon\"",
         );
         let err = AgentConfig::parse(&bad_duration, Path::new("x.toml")).expect_err("bad duration");
         assert!(err.to_string().contains("soon"), "{err}");

@@ -33,7 +33,7 @@ pub use connector::{
     BoxedStream, ConnectError, Connection, Connector, LadderConnector, PlainTcpConnector,
 };
 pub use runtime::{AgentError, run_agent};
-pub use wakeup::{AckMessage, AckStage, UnsignedWakeUpCheck, WakeUp, WakeUpCheck, WakeUpRejected};
+pub use wakeup::{WakeUp, WakeUpCheck, WakeUpRejected};
 
 /// `beckon agent ...`
 #[derive(Debug, clap::Subcommand)]
@@ -108,15 +108,11 @@ pub fn run(cmd: AgentCommand) -> anyhow::Result<()> {
 
 /// Builds connector and wake-up check from the configuration and runs until SIGINT/SIGTERM.
 async fn run_configured(config: AgentConfig) -> anyhow::Result<()> {
-    if config.wakeup.require_signature {
-        anyhow::bail!(
-            "wake-up signatures cannot be verified by this build yet (the signed wake-up format \
-             of beckon-identity is not wired in); refusing to run unverified wake-ups. For a \
-             development setup only, set `require_signature = false` under [wakeup]"
-        );
-    }
-    let check: Arc<dyn WakeUpCheck> =
-        Arc::new(UnsignedWakeUpCheck::new(&config.agent_id, &config.tenant));
+    let check: Arc<dyn WakeUpCheck> = Arc::new(wakeup::verifier(
+        &config.tenant,
+        &config.agent_id,
+        &config.wakeup.console_keys,
+    )?);
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     tokio::spawn(async move {
         wait_for_stop_signal().await;

@@ -15,8 +15,9 @@ use crate::connector::Connector;
 use crate::jitter::{near_cap, random_up_to};
 use crate::session::{MqttSession, Outbox, SessionEnd, SessionOptions};
 use crate::state::{LastResult, LastWakeUp, StateError, StateStore};
-use crate::timefmt::unix_now;
-use crate::wakeup::{AckMessage, AckStage, WakeUp, WakeUpCheck};
+use crate::timefmt::{unix_now, unix_now_ms};
+use crate::wakeup::{WakeUp, WakeUpCheck, WakeUpRejected, finished_ack, received_ack, started_ack};
+use beckon_identity::wakeup::ReplayGuard;
 use beckon_mqtt::ReasonCode;
 use beckon_net::Backoff;
 
@@ -64,6 +65,11 @@ pub async fn run_agent<C: Connector>(
 ) -> Result<(), AgentError> {
     let config = Arc::new(config);
     let state = Arc::new(StateStore::open(&config.state_dir, &config.agent_id)?);
+    state.update(|s| {
+        if s.replay_guard.is_empty() {
+            s.replay_guard = ReplayGuard::new(config.wakeup.replay_memory);
+        }
+    })?;
     if let Some(path) = state.snapshot().last_working_path {
         connector.prefer(&path);
     }
@@ -205,7 +211,7 @@ async fn connect_once<C: Connector>(
             });
             connector.prefer(&path);
             backoff.connected(std::time::Instant::now());
-            let mut on_wake = wake_handler(config, check, state, outbox, pending);
+            let mut on_wake = wake_handler(check, state, outbox, pending);
             let end = session.run(outbox, &mut on_wake, shutdown).await;
             // Resets the backoff only if the connection lived `reset_after`.
             backoff.disconnected(std::time::Instant::now());
@@ -287,7 +293,6 @@ fn wait_after<C: Connector>(
 
 /// What the session calls for each wake-up payload, before it sends PUBACK.
 fn wake_handler<'a>(
-    config: &'a AgentConfig,
     check: &'a Arc<dyn WakeUpCheck>,
     state: &'a StateStore,
     outbox: &'a Outbox,
@@ -295,39 +300,33 @@ fn wake_handler<'a>(
 ) -> impl FnMut(Bytes) + Send + 'a {
     move |payload: Bytes| {
         let now = unix_now();
-        let wakeup = match check.check(&payload, now) {
-            Ok(w) => w,
+        let result = state.update_logged(|s| {
+            let result = check.check(&payload, now, &mut s.replay_guard);
+            if let Ok(w) = &result {
+                s.last_wakeup = Some(LastWakeUp {
+                    id: w.id.clone(),
+                    reason: w.reason.clone(),
+                    received_at: now,
+                });
+            }
+            result
+        });
+        match result {
+            Ok(wakeup) => {
+                tracing::info!(id = %wakeup.id, reason = %wakeup.reason, "wake-up received");
+                outbox.push(received_ack(&wakeup.id, unix_now_ms()));
+                pending.push(wakeup);
+            }
+            Err(WakeUpRejected::Replayed(id)) => {
+                // A QoS 1 redelivery after a lost PUBACK looks the same: not an error.
+                tracing::info!(%id, "wake-up already received; replay dropped");
+            }
             Err(e) => {
+                // Not acked: the id of a payload that failed its checks cannot be trusted.
                 tracing::warn!(error = %e, "wake-up refused");
                 state.record_error(e.to_string());
-                return;
             }
-        };
-        let replay = state.update_logged(|s| {
-            if s.seen(&wakeup.id) {
-                return true;
-            }
-            s.remember(
-                &wakeup.id,
-                wakeup.expires_at,
-                now,
-                config.wakeup.replay_memory,
-            );
-            s.last_wakeup = Some(LastWakeUp {
-                id: wakeup.id.clone(),
-                reason: wakeup.reason.clone(),
-                received_at: now,
-            });
-            false
-        });
-        if replay {
-            tracing::info!(id = %wakeup.id, "wake-up already received; replay dropped");
-            return;
         }
-        tracing::info!(id = %wakeup.id, reason = %wakeup.reason, "wake-up received");
-        outbox
-            .push(AckMessage::new(&wakeup.id, &config.agent_id, AckStage::Received, now).to_json());
-        pending.push(wakeup);
     }
 }
 
@@ -347,8 +346,11 @@ async fn action_worker(
             _ = shutdown.changed() => return,
         }
         let mut batch = pending.take();
-        let Some(latest) = batch.last() else { continue };
-        let spread = Duration::from_secs(latest.spread).min(config.wakeup.max_spread);
+        // The most urgent call of the batch sets the pace.
+        let Some(merged) = WakeUp::merge(&batch) else {
+            continue;
+        };
+        let spread = Duration::from_secs(u64::from(merged.spread)).min(config.wakeup.max_spread);
         let delay = random_up_to(spread);
         if !delay.is_zero() {
             tracing::info!(
@@ -361,24 +363,16 @@ async fn action_worker(
             // Wake-ups that came during the spread delay are answered by this same run.
             batch.extend(pending.take());
         }
-        let now = unix_now();
         for w in &batch {
-            outbox.push(AckMessage::new(&w.id, &config.agent_id, AckStage::Started, now).to_json());
+            outbox.push(started_ack(&w.id, unix_now_ms()));
         }
         let outcome = tokio::select! {
             outcome = run_actions(&config, &batch, token.as_ref()) => outcome,
             _ = shutdown.changed() => return,
         };
         let now = unix_now();
-        let merged = (batch.len() > 1).then_some(batch.len());
         for w in &batch {
-            let mut ack = AckMessage::new(&w.id, &config.agent_id, AckStage::Finished, now);
-            ack.status = Some(outcome.status.to_owned());
-            ack.exit_code = outcome.exit_code;
-            ack.duration_ms = Some(outcome.duration.as_millis() as u64);
-            ack.detail = outcome.detail.clone();
-            ack.merged = merged;
-            outbox.push(ack.to_json());
+            outbox.push(finished_ack(&w.id, &outcome, unix_now_ms()));
         }
         tracing::info!(
             status = outcome.status,
@@ -417,13 +411,16 @@ async fn run_actions(
     let started = std::time::Instant::now();
     let mut outcomes = Vec::new();
     let latest = batch.last();
+    // The latest wake-up's (verified) JSON goes to the command's stdin and the HTTP body.
+    let latest_json = latest
+        .map(|w| serde_json::to_vec(w).unwrap_or_default())
+        .unwrap_or_default();
     if config.checkin.on_wakeup && config.checkin.console_url.is_some() {
         outcomes.push(checkin(config, token, latest.map(|w| w.id.as_str())).await);
     }
     if let Some(command) = &config.actions.command {
         let env = actions::wakeup_env(batch, &config.agent_id, &config.tenant);
-        let stdin = latest.map(|w| w.raw.as_slice()).unwrap_or_default();
-        outcomes.push(actions::run_command(command, &env, stdin, &config.state_dir).await);
+        outcomes.push(actions::run_command(command, &env, &latest_json, &config.state_dir).await);
     }
     if let Some(http) = &config.actions.http {
         match parse_http_url(&http.url) {
@@ -436,9 +433,9 @@ async fn run_actions(
                         ]
                     })
                     .unwrap_or_default();
-                let body = latest.map(|w| w.raw.as_slice()).unwrap_or_default();
                 outcomes.push(
-                    actions::run_http(&url, &http.method, http.timeout, &headers, body).await,
+                    actions::run_http(&url, &http.method, http.timeout, &headers, &latest_json)
+                        .await,
                 );
             }
             None => outcomes.push(ActionOutcome {

@@ -37,15 +37,6 @@ pub enum StateError {
     },
 }
 
-/// A wake-up id remembered against replays until its expiry.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct SeenWakeUp {
-    /// The wake-up id.
-    pub id: String,
-    /// Its expiry, Unix seconds; after it the wake-up is refused as expired anyway.
-    pub expires_at: i64,
-}
-
 /// The last wake-up accepted.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LastWakeUp {
@@ -105,8 +96,8 @@ pub struct AgentState {
     pub last_result: Option<LastResult>,
     /// The last error.
     pub last_error: Option<LastError>,
-    /// Seen wake-up ids (replay guard), oldest first.
-    pub seen_wakeups: Vec<SeenWakeUp>,
+    /// Ids of accepted wake-ups, kept until they expire (a restart opens no replay window).
+    pub replay_guard: beckon_identity::wakeup::ReplayGuard,
     /// When the file was written, Unix seconds.
     pub updated_at: i64,
 }
@@ -147,25 +138,6 @@ impl AgentState {
         file.sync_all().map_err(io(&tmp))?;
         drop(file);
         std::fs::rename(&tmp, &path).map_err(io(&path))
-    }
-
-    /// True when `id` was seen already (a replay).
-    pub fn seen(&self, id: &str) -> bool {
-        self.seen_wakeups.iter().any(|s| s.id == id)
-    }
-
-    /// Remembers `id`, forgetting expired ids and the oldest beyond `capacity`.
-    pub fn remember(&mut self, id: &str, expires_at: i64, now: i64, capacity: usize) {
-        self.seen_wakeups.retain(|s| s.expires_at >= now);
-        self.seen_wakeups.push(SeenWakeUp {
-            id: id.to_owned(),
-            expires_at,
-        });
-        let capacity = capacity.max(1);
-        if self.seen_wakeups.len() > capacity {
-            let extra = self.seen_wakeups.len() - capacity;
-            self.seen_wakeups.drain(..extra);
-        }
     }
 }
 
@@ -262,6 +234,8 @@ mod tests {
     use super::*;
     use std::os::unix::fs::PermissionsExt;
 
+    const ID: &str = "0190d6e0-0000-7000-8000-000000000001";
+
     #[test]
     fn written_atomically_with_mode_0600_and_read_back() {
         let dir = tempfile::tempdir().expect("tempdir");
@@ -270,7 +244,9 @@ mod tests {
             .update(|s| {
                 s.connected = true;
                 s.path = Some("direct:8883".into());
-                s.remember("w1", unix_now() + 60, unix_now(), 8);
+                s.replay_guard
+                    .admit(ID, unix_now() + 60, unix_now())
+                    .expect("new id");
             })
             .expect("update");
         let path = dir.path().join(STATE_FILE);
@@ -278,7 +254,12 @@ mod tests {
         assert_eq!(mode, 0o600);
         let read = AgentState::read(dir.path()).expect("read").expect("exists");
         assert!(read.connected);
-        assert!(read.seen("w1"));
+        assert!(
+            read.replay_guard
+                .clone()
+                .admit(ID, unix_now() + 60, unix_now())
+                .is_err()
+        );
         // No temporary file left behind.
         let names: Vec<_> = std::fs::read_dir(dir.path())
             .expect("ls")
@@ -288,20 +269,14 @@ mod tests {
         // Reopening keeps the replay guard but not the connection.
         drop(store);
         let store = StateStore::open(dir.path(), "a1").expect("reopen");
-        let s = store.snapshot();
-        assert!(s.seen("w1") && !s.connected);
-    }
-
-    #[test]
-    fn replay_memory_forgets_expired_and_oldest() {
-        let mut s = AgentState::default();
-        s.remember("old", 10, 5, 3);
-        s.remember("a", 100, 50, 3);
-        assert!(!s.seen("old"), "expired id forgotten");
-        s.remember("b", 100, 50, 3);
-        s.remember("c", 100, 50, 3);
-        s.remember("d", 100, 50, 3);
-        assert!(!s.seen("a") && s.seen("b") && s.seen("d"));
+        let mut s = store.snapshot();
+        assert!(!s.connected);
+        assert!(
+            s.replay_guard
+                .admit(ID, unix_now() + 60, unix_now())
+                .is_err(),
+            "the replay guard survives a restart"
+        );
     }
 
     #[test]

@@ -5,18 +5,17 @@
 mod common;
 
 use std::path::Path;
-use std::sync::Arc;
 use std::time::Duration;
 
 use beckon_agent::state::AgentState;
-use beckon_agent::{PlainTcpConnector, UnsignedWakeUpCheck, WakeUpCheck, run_agent};
+use beckon_agent::{PlainTcpConnector, run_agent};
 use beckon_mqtt::Packet;
 use common::*;
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 
 fn agent_config(dir: &Path, port: u16) -> beckon_agent::AgentConfig {
-    let script = r#"echo "$BECKON_WAKEUP_ID" >> runs; cat > "stdin-$BECKON_WAKEUP_ID""#;
+    let script = r#"echo "$BECKON_WAKEUP_REASON" >> runs; cat > "stdin-$BECKON_WAKEUP_REASON""#;
     let mut config = test_config(dir, &command_action(dir, script, "10s"));
     config.broker.plain_port = Some(port);
     config
@@ -30,7 +29,7 @@ fn start_agent(
     tokio::task::JoinHandle<Result<(), beckon_agent::AgentError>>,
 ) {
     let connector = PlainTcpConnector::new("127.0.0.1", port, Duration::from_secs(2));
-    let check: Arc<dyn WakeUpCheck> = Arc::new(UnsignedWakeUpCheck::new("a1", "acme"));
+    let check = test_check();
     let (stop, stop_rx) = watch::channel(false);
     (
         stop,
@@ -58,8 +57,13 @@ async fn server_client(port: u16, name: &str) -> Peer<TcpStream> {
 
 /// Publishes the wake-up until the agent acknowledges receiving it (the agent's subscription
 /// may not be in place the very first moment), then returns every ack up to `finished`.
-async fn wake(server: &mut Peer<TcpStream>, id: &str, packet_id: u16) -> Vec<serde_json::Value> {
-    let payload = wakeup_json(id, "test", 0);
+async fn wake(
+    server: &mut Peer<TcpStream>,
+    reason: &str,
+    packet_id: u16,
+) -> Vec<serde_json::Value> {
+    let (id, payload) = signed_wakeup(reason, 0);
+    let id = id.as_str();
     let mut acks: Vec<serde_json::Value> = Vec::new();
     'publish: for _ in 0..5 {
         server
@@ -76,7 +80,7 @@ async fn wake(server: &mut Peer<TcpStream>, id: &str, packet_id: u16) -> Vec<ser
                             .await;
                     }
                     let ack: serde_json::Value = serde_json::from_slice(&p.payload).expect("json");
-                    let done = ack["id"] == id && ack["stage"] == "finished";
+                    let done = ack["wakeup_id"] == id && ack["stage"] == "finished";
                     acks.push(ack);
                     if done {
                         return acks;
@@ -163,7 +167,8 @@ async fn wakeups_sent_while_the_agent_is_offline_wait_in_its_session() {
         .expect("ok");
 
     // While it is away, a wake-up is published (QoS 1): the broker queues it.
-    let payload = wakeup_json("queued", "while offline", 0);
+    let queued = wakeup("queued", 0);
+    let payload = sign(&queued);
     server.send(publish("agents/a1/wake", 2, &payload)).await;
 
     // Second run: the queued wake-up arrives and runs.
@@ -178,14 +183,15 @@ async fn wakeups_sent_while_the_agent_is_offline_wait_in_its_session() {
                         .await;
                 }
                 let ack: serde_json::Value = serde_json::from_slice(&p.payload).expect("json");
-                finished = ack["id"] == "queued" && ack["stage"] == "finished";
+                finished = ack["wakeup_id"] == *queued.id && ack["stage"] == "finished";
             }
             Packet::PubAck(_) => {}
             other => panic!("unexpected {other:?}"),
         }
     }
     let stdin = std::fs::read(dir.path().join("stdin-queued")).expect("queued wake-up ran");
-    assert_eq!(stdin, payload);
+    let stdin: beckon_identity::wakeup::WakeUp = serde_json::from_slice(&stdin).expect("json");
+    assert_eq!(stdin, queued);
     let _ = stop.send(true);
     tokio::time::timeout(WAIT, task)
         .await
@@ -249,7 +255,7 @@ async fn agent_connects_over_tls_with_a_client_certificate_through_the_ladder() 
     config.broker.client_cert = Some(pki.path().join("client.pem"));
     config.broker.client_key = Some(pki.path().join("client.key"));
     let connector = beckon_agent::LadderConnector::new(&config).expect("ladder");
-    let check: Arc<dyn WakeUpCheck> = Arc::new(UnsignedWakeUpCheck::new("a1", "acme"));
+    let check = test_check();
     let (stop, stop_rx) = watch::channel(false);
     let task = tokio::spawn(run_agent(config, connector, check, stop_rx));
 

@@ -3,11 +3,10 @@
 
 mod common;
 
-use std::sync::Arc;
 use std::time::Duration;
 
+use beckon_agent::run_agent;
 use beckon_agent::state::AgentState;
-use beckon_agent::{UnsignedWakeUpCheck, WakeUpCheck, run_agent};
 use beckon_mqtt::{ConnAck, Disconnect, Packet, Properties, ReasonCode};
 use common::*;
 use tokio::sync::watch;
@@ -30,7 +29,7 @@ impl RunningAgent {
 }
 
 fn start(config: beckon_agent::AgentConfig, connector: ChannelConnector) -> RunningAgent {
-    let check: Arc<dyn WakeUpCheck> = Arc::new(UnsignedWakeUpCheck::new("a1", "acme"));
+    let check = test_check();
     let (stop, stop_rx) = watch::channel(false);
     let task = tokio::spawn(run_agent(config, connector, check, stop_rx));
     RunningAgent { stop, task }
@@ -50,7 +49,7 @@ async fn acks_until_finished(
     let mut acks = Vec::new();
     while !ids.iter().all(|id| {
         acks.iter()
-            .any(|a: &serde_json::Value| a["id"] == *id && a["stage"] == "finished")
+            .any(|a: &serde_json::Value| a["wakeup_id"] == *id && a["stage"] == "finished")
     }) {
         let (ack, publish) = broker.next_ack().await;
         assert_eq!(publish.topic, "agents/a1/ack");
@@ -61,7 +60,7 @@ async fn acks_until_finished(
 
 fn stages_of(acks: &[serde_json::Value], id: &str) -> Vec<String> {
     acks.iter()
-        .filter(|a| a["id"] == id)
+        .filter(|a| a["wakeup_id"] == id)
         .map(|a| a["stage"].as_str().unwrap_or("?").to_owned())
         .collect()
 }
@@ -84,10 +83,11 @@ async fn wakeup_runs_the_command_once_with_environment_and_stdin() {
     assert_eq!(connect.properties.session_expiry_interval, Some(86_400));
     assert_eq!(connect.keep_alive, 60);
 
-    let payload = wakeup_json("w-1", "policy changed", 0);
-    broker.send_wakeup(7, "a1", &payload).await;
-    let acks = acks_until_finished(&mut broker, &["w-1"]).await;
-    assert_eq!(stages_of(&acks, "w-1"), ["received", "started", "finished"]);
+    let first = wakeup("policy changed", 0);
+    let w1 = first.id.clone();
+    broker.send_wakeup(7, "a1", &sign(&first)).await;
+    let acks = acks_until_finished(&mut broker, &[&w1]).await;
+    assert_eq!(stages_of(&acks, &w1), ["received", "started", "finished"]);
     let finished = &acks[2];
     assert_eq!(finished["status"], "ok");
     assert_eq!(finished["exit_code"], 0);
@@ -95,9 +95,9 @@ async fn wakeup_runs_the_command_once_with_environment_and_stdin() {
 
     let runs = std::fs::read_to_string(dir.path().join("runs")).expect("command ran");
     assert_eq!(runs.lines().count(), 1, "exactly one run");
-    let env = std::fs::read_to_string(dir.path().join("env-w-1")).expect("env written");
+    let env = std::fs::read_to_string(dir.path().join(format!("env-{w1}"))).expect("env written");
     for line in [
-        "BECKON_WAKEUP_ID=w-1",
+        &format!("BECKON_WAKEUP_ID={w1}"),
         "BECKON_WAKEUP_REASON=policy changed",
         "BECKON_WAKEUP_ACTION=checkin",
         "BECKON_WAKEUP_COUNT=1",
@@ -106,16 +106,18 @@ async fn wakeup_runs_the_command_once_with_environment_and_stdin() {
     ] {
         assert!(env.lines().any(|l| l == line), "missing {line:?} in\n{env}");
     }
-    let stdin = std::fs::read(dir.path().join("stdin-w-1")).expect("stdin written");
-    assert_eq!(stdin, payload, "the wake-up JSON on stdin");
+    let stdin = std::fs::read(dir.path().join(format!("stdin-{w1}"))).expect("stdin written");
+    let stdin: beckon_identity::wakeup::WakeUp =
+        serde_json::from_slice(&stdin).expect("the wake-up JSON on stdin");
+    assert_eq!(stdin, first);
 
     // The same wake-up again (a replay) is acknowledged at MQTT level and otherwise dropped.
-    broker.send_wakeup(8, "a1", &payload).await;
-    let again = wakeup_json("w-2", "second", 0);
+    broker.send_wakeup(8, "a1", &sign(&first)).await;
+    let (w2, again) = signed_wakeup("second", 0);
     broker.send_wakeup(9, "a1", &again).await;
-    let acks = acks_until_finished(&mut broker, &["w-2"]).await;
+    let acks = acks_until_finished(&mut broker, &[&w2]).await;
     assert!(
-        acks.iter().all(|a| a["id"] == "w-2"),
+        acks.iter().all(|a| a["wakeup_id"] == *w2),
         "no ack for the replay: {acks:?}"
     );
     let runs = std::fs::read_to_string(dir.path().join("runs")).expect("runs");
@@ -124,14 +126,17 @@ async fn wakeup_runs_the_command_once_with_environment_and_stdin() {
     let s = state(dir.path());
     assert!(s.connected);
     assert_eq!(s.path.as_deref(), Some("memory"));
-    assert_eq!(s.last_wakeup.as_ref().map(|w| w.id.as_str()), Some("w-2"));
+    assert_eq!(
+        s.last_wakeup.as_ref().map(|w| w.id.as_str()),
+        Some(w2.as_str())
+    );
     assert_eq!(
         s.last_result.as_ref().map(|r| r.status.as_str()),
         Some("ok")
     );
     let text = beckon_agent::status::status_text(dir.path()).expect("status");
     assert!(text.contains("connected via memory"), "{text}");
-    assert!(text.contains("w-2 (second)"), "{text}");
+    assert!(text.contains(&format!("{w2} (second)")), "{text}");
     assert!(
         log.lock()
             .expect("log")
@@ -159,34 +164,33 @@ async fn wakeups_during_a_run_merge_into_one_follow_up_run() {
     let mut broker = next_connection(&mut conns).await;
     broker.accept_agent().await;
 
-    broker
-        .send_wakeup(1, "a1", &wakeup_json("first", "r", 0))
-        .await;
+    let (first, payload) = signed_wakeup("r", 0);
+    broker.send_wakeup(1, "a1", &payload).await;
     let (received, _) = broker.next_ack().await;
     assert_eq!(
-        (received["id"].as_str(), received["stage"].as_str()),
-        (Some("first"), Some("received"))
+        (received["wakeup_id"].as_str(), received["stage"].as_str()),
+        (Some(first.as_str()), Some("received"))
     );
     let (started, _) = broker.next_ack().await;
     assert_eq!(started["stage"], "started", "the first run is going on");
 
-    let later = ["m1", "m2", "m3", "m4", "m5"];
-    for (i, id) in later.iter().enumerate() {
-        broker
-            .send_wakeup(10 + i as u16, "a1", &wakeup_json(id, "r", 0))
-            .await;
+    let mut later = Vec::new();
+    for i in 0..5u16 {
+        let (id, payload) = signed_wakeup("r", 0);
+        broker.send_wakeup(10 + i, "a1", &payload).await;
+        later.push(id);
     }
-    let mut all = vec!["first"];
-    all.extend(later);
+    let mut all = vec![first.as_str()];
+    all.extend(later.iter().map(String::as_str));
     let acks = acks_until_finished(&mut broker, &all).await;
     let runs = std::fs::read_to_string(dir.path().join("runs")).expect("runs");
     let runs: Vec<&str> = runs.lines().collect();
     assert_eq!(
         runs,
-        ["1 first", "5 m1,m2,m3,m4,m5"],
+        [format!("1 {first}"), format!("5 {}", later.join(","))],
         "one run, then ONE follow-up run"
     );
-    for id in later {
+    for id in &later {
         assert_eq!(
             stages_of(&acks, id),
             ["received", "started", "finished"],
@@ -194,9 +198,8 @@ async fn wakeups_during_a_run_merge_into_one_follow_up_run() {
         );
         let finished = acks
             .iter()
-            .find(|a| a["id"] == id && a["stage"] == "finished")
+            .find(|a| a["wakeup_id"] == **id && a["stage"] == "finished")
             .expect("finished");
-        assert_eq!(finished["merged"], 5);
         assert_eq!(finished["status"], "ok");
     }
     let last = state(dir.path()).last_result.expect("result");
@@ -207,27 +210,25 @@ async fn wakeups_during_a_run_merge_into_one_follow_up_run() {
 #[tokio::test]
 async fn failing_and_hanging_commands_are_reported() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let script = r#"if [ "$BECKON_WAKEUP_ID" = fail ]; then exit 3; fi; sleep 30"#;
+    let script = r#"if [ "$BECKON_WAKEUP_REASON" = fail ]; then exit 3; fi; sleep 30"#;
     let config = test_config(dir.path(), &command_action(dir.path(), script, "500ms"));
     let (connector, mut conns, _log) = channel_connector();
     let agent = start(config, connector);
     let mut broker = next_connection(&mut conns).await;
     broker.accept_agent().await;
 
-    broker
-        .send_wakeup(1, "a1", &wakeup_json("fail", "r", 0))
-        .await;
-    let acks = acks_until_finished(&mut broker, &["fail"]).await;
+    let (fail, payload) = signed_wakeup("fail", 0);
+    broker.send_wakeup(1, "a1", &payload).await;
+    let acks = acks_until_finished(&mut broker, &[&fail]).await;
     let finished = acks.last().expect("finished");
     assert_eq!(finished["status"], "failed");
     assert_eq!(finished["exit_code"], 3);
 
-    broker
-        .send_wakeup(2, "a1", &wakeup_json("hang", "r", 0))
-        .await;
-    let acks = acks_until_finished(&mut broker, &["hang"]).await;
+    let (hang, payload) = signed_wakeup("hang", 0);
+    broker.send_wakeup(2, "a1", &payload).await;
+    let acks = acks_until_finished(&mut broker, &[&hang]).await;
     let finished = acks.last().expect("finished");
-    assert_eq!(finished["status"], "timeout", "{finished}");
+    assert_eq!(finished["status"], "timed_out", "{finished}");
     assert!(
         finished["detail"]
             .as_str()
@@ -239,7 +240,7 @@ async fn failing_and_hanging_commands_are_reported() {
 }
 
 #[tokio::test]
-async fn refused_wakeups_are_acknowledged_but_not_run() {
+async fn refused_wakeups_get_no_ack_and_do_not_run() {
     let dir = tempfile::tempdir().expect("tempdir");
     let config = test_config(
         dir.path(),
@@ -250,28 +251,56 @@ async fn refused_wakeups_are_acknowledged_but_not_run() {
     let mut broker = next_connection(&mut conns).await;
     broker.accept_agent().await;
 
-    let expired = br#"{"v":1,"id":"old","issued_at":1,"expires_at":2}"#;
-    broker.send_wakeup(1, "a1", expired).await;
-    broker.send_wakeup(2, "a1", b"not json at all").await;
-    let now = beckon_agent::timefmt::unix_now();
-    let other = format!(
-        r#"{{"id":"x","issued_at":{now},"expires_at":{},"agent_id":"a2"}}"#,
-        now + 60
+    // Expired an hour ago.
+    let mut expired = wakeup("old", 0);
+    expired.issued_at -= 3600;
+    expired.expires_at -= 3600;
+    // For another agent of the tenant.
+    let tenant = beckon_identity::TenantId::new("acme").expect("tenant");
+    let other = beckon_identity::wakeup::WakeUp::new(
+        &tenant,
+        "a2",
+        "not yours",
+        beckon_agent::timefmt::unix_now_ms(),
+        600,
+        0,
+    )
+    .expect("wake-up");
+    // Signed by a key the agent does not trust.
+    let stranger = beckon_identity::wakeup::WakeUpSigner::new(
+        beckon_identity::SigningKey::generate(
+            beckon_identity::KeyId::new("console-test").expect("kid"),
+        )
+        .expect("key"),
     );
-    broker.send_wakeup(3, "a1", other.as_bytes()).await;
-    // A valid one afterwards proves nothing else was queued before it.
-    broker
-        .send_wakeup(4, "a1", &wakeup_json("ok", "r", 0))
-        .await;
-    let acks = acks_until_finished(&mut broker, &["ok"]).await;
-    assert!(acks.iter().all(|a| a["id"] == "ok"), "{acks:?}");
+    let forged = stranger.sign(&wakeup("forged", 0)).expect("sign");
+    // Altered after signing.
+    let altered = String::from_utf8(sign(&wakeup("tampered", 0)))
+        .expect("utf8")
+        .replace("tampered", "tampere2");
+    let cases: [(&str, Vec<u8>); 5] = [
+        ("expired", sign(&expired)),
+        ("malformed", b"not json at all".to_vec()),
+        ("does not verify", forged),
+        ("does not verify", altered.into_bytes()),
+        ("is for agent \"a2\"", sign(&other)),
+    ];
+    for (i, (why, payload)) in cases.iter().enumerate() {
+        // The PUBACK comes after the wake-up was checked and the refusal recorded.
+        broker.send_wakeup(1 + i as u16, "a1", payload).await;
+        let recorded = state(dir.path()).last_error.map(|e| e.message);
+        assert!(
+            recorded.as_deref().is_some_and(|m| m.contains(why)),
+            "expected a refusal naming {why:?}, recorded {recorded:?}"
+        );
+    }
+    // A valid one afterwards proves that nothing else was acked or queued before it.
+    let (ok, payload) = signed_wakeup("r", 0);
+    broker.send_wakeup(10, "a1", &payload).await;
+    let acks = acks_until_finished(&mut broker, &[&ok]).await;
+    assert!(acks.iter().all(|a| a["wakeup_id"] == *ok), "{acks:?}");
     let runs = std::fs::read_to_string(dir.path().join("runs")).expect("runs");
     assert_eq!(runs.lines().count(), 1);
-    let error = state(dir.path())
-        .last_error
-        .expect("error recorded")
-        .message;
-    assert!(error.contains("addressed to"), "{error}");
     agent.stop().await;
 }
 
@@ -391,7 +420,8 @@ async fn unacknowledged_acks_are_resent_after_a_reconnect() {
     let agent = start(config, connector);
     let mut broker = next_connection(&mut conns).await;
     broker.accept_agent().await;
-    broker.send_wakeup(1, "a1", &wakeup_json("w", "r", 0)).await;
+    let (_, payload) = signed_wakeup("r", 0);
+    broker.send_wakeup(1, "a1", &payload).await;
     // Read the three acks without PUBACKing them, then cut the connection.
     let mut first = Vec::new();
     while first.len() < 3 {

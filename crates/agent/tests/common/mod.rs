@@ -10,6 +10,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use beckon_agent::{AgentConfig, ConnectError, Connection, Connector};
+use beckon_identity::wakeup::{WakeUp, WakeUpSigner};
+use beckon_identity::{KeyId, SigningKey, TenantId};
 use beckon_mqtt::{
     Ack, ConnAck, Connect, Packet, Properties, ProtocolVersion, Publish, QoS, ReasonCode, SubAck,
     Subscribe, Subscription, SubscriptionOptions,
@@ -197,21 +199,44 @@ pub fn publish(topic: &str, packet_id: u16, payload: &[u8]) -> Packet {
     })
 }
 
-/// A wake-up payload valid for ten minutes.
-pub fn wakeup_json(id: &str, reason: &str, spread: u64) -> Vec<u8> {
-    let now = beckon_agent::timefmt::unix_now();
-    serde_json::to_vec(&serde_json::json!({
-        "v": 1,
-        "id": id,
-        "reason": reason,
-        "issued_at": beckon_agent::timefmt::format_rfc3339(now),
-        "expires_at": beckon_agent::timefmt::format_rfc3339(now + 600),
-        "spread": spread,
-        "action": "checkin",
-        "agent_id": "a1",
-        "tenant": "acme",
-    }))
-    .expect("json")
+/// The console's signing key for these tests.
+pub static CONSOLE: std::sync::LazyLock<WakeUpSigner> = std::sync::LazyLock::new(|| {
+    WakeUpSigner::new(SigningKey::generate(KeyId::new("console-test").expect("kid")).expect("key"))
+});
+
+/// A wake-up for agent `a1` of `acme`, valid for ten minutes.
+pub fn wakeup(reason: &str, spread: u32) -> WakeUp {
+    let tenant = TenantId::new("acme").expect("tenant");
+    WakeUp::new(
+        &tenant,
+        "a1",
+        reason,
+        beckon_agent::timefmt::unix_now_ms(),
+        600,
+        spread,
+    )
+    .expect("wake-up")
+    .with_action("checkin")
+}
+
+/// Signs a wake-up with the test console key.
+pub fn sign(wakeup: &WakeUp) -> Vec<u8> {
+    CONSOLE.sign(wakeup).expect("sign")
+}
+
+/// A signed wake-up: its id and its payload.
+pub fn signed_wakeup(reason: &str, spread: u32) -> (String, Vec<u8>) {
+    let w = wakeup(reason, spread);
+    (w.id.clone(), sign(&w))
+}
+
+/// The verifier an agent configured by [`test_config`] uses.
+pub fn test_check() -> Arc<dyn beckon_agent::WakeUpCheck> {
+    let keys = std::collections::BTreeMap::from([(
+        "console-test".to_owned(),
+        CONSOLE.key().public_key().to_base64(),
+    )]);
+    Arc::new(beckon_agent::wakeup::verifier("acme", "a1", &keys).expect("verifier"))
 }
 
 /// What the in-memory connector was asked to do.
@@ -281,7 +306,7 @@ pub async fn next_connection(rx: &mut mpsc::UnboundedReceiver<DuplexStream>) -> 
     Peer::new(stream)
 }
 
-/// An agent config for tests: fast backoff, no start delay, unsigned wake-ups.
+/// An agent config for tests: fast backoff, no start delay, the test console's key.
 pub fn test_config(state_dir: &Path, extra: &str) -> AgentConfig {
     let text = format!(
         r#"
@@ -301,11 +326,13 @@ backoff_cap = "200ms"
 start_delay_max = "0s"
 busy_wait_min = "100ms"
 
-[wakeup]
-require_signature = false
+[wakeup.console_keys]
+console-test = "{}"
+
 {extra}
 "#,
-        state_dir.display()
+        state_dir.display(),
+        CONSOLE.key().public_key().to_base64()
     );
     AgentConfig::parse(&text, Path::new("test.toml")).expect("test config")
 }
