@@ -454,3 +454,118 @@ async fn unacknowledged_acks_are_resent_after_a_reconnect() {
     );
     agent.stop().await;
 }
+
+/// A one-request-per-connection HTTP server on loopback that answers `status` and hands each
+/// request (head and body) to the test.
+async fn http_server(status: u16) -> (u16, tokio::sync::mpsc::UnboundedReceiver<String>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let mut buf = Vec::new();
+            let mut chunk = [0u8; 1024];
+            // Head, then as many body bytes as Content-Length says.
+            let request = loop {
+                match stream.read(&mut chunk).await {
+                    Ok(0) | Err(_) => break None,
+                    Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                }
+                let text = String::from_utf8_lossy(&buf).into_owned();
+                if let Some(head_end) = text.find("\r\n\r\n") {
+                    let length = text[..head_end]
+                        .lines()
+                        .find_map(|l| l.strip_prefix("Content-Length: "))
+                        .and_then(|v| v.trim().parse::<usize>().ok())
+                        .unwrap_or(0);
+                    if buf.len() >= head_end + 4 + length {
+                        break Some(text);
+                    }
+                }
+            };
+            let reply = format!("HTTP/1.1 {status} Whatever\r\nContent-Length: 0\r\n\r\n");
+            let _ = stream.write_all(reply.as_bytes()).await;
+            if let Some(request) = request {
+                let _ = tx.send(request);
+            }
+        }
+    });
+    (port, rx)
+}
+
+#[tokio::test]
+async fn wakeup_checks_in_and_calls_the_local_http_endpoint() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (port, mut requests) = http_server(200).await;
+    let extra = format!(
+        "[actions.http]\nurl = \"http://127.0.0.1:{port}/hook\"\ntimeout = \"5s\"\n\n[checkin]\nconsole_url = \"http://127.0.0.1:{port}\"\n"
+    );
+    let config = test_config(dir.path(), &extra);
+    let (connector, mut conns, _log) = channel_connector();
+    let agent = start(config, connector);
+    let mut broker = next_connection(&mut conns).await;
+    broker.accept_agent().await;
+
+    let w = wakeup("inventory", 0);
+    broker.send_wakeup(1, "a1", &sign(&w)).await;
+    let acks = acks_until_finished(&mut broker, &[&w.id]).await;
+    assert_eq!(acks.last().expect("finished")["status"], "ok");
+
+    let mut seen = Vec::new();
+    for _ in 0..2 {
+        let request = tokio::time::timeout(WAIT, requests.recv())
+            .await
+            .expect("request in time")
+            .expect("server running");
+        seen.push(request);
+    }
+    let checkin = seen
+        .iter()
+        .find(|r| r.starts_with("POST /api/v1/agents/a1/checkin HTTP/1.1\r\n"))
+        .expect("built-in check-in with the console");
+    assert!(
+        checkin.contains(&format!("\"wakeup_id\":\"{}\"", w.id)),
+        "{checkin}"
+    );
+    let hook = seen
+        .iter()
+        .find(|r| r.starts_with("POST /hook HTTP/1.1\r\n"))
+        .expect("the local HTTP action");
+    assert!(
+        hook.contains(&format!("X-Beckon-Wakeup-Id: {}\r\n", w.id)),
+        "{hook}"
+    );
+    let body = &hook[hook.find("\r\n\r\n").expect("head end") + 4..];
+    let sent: beckon_identity::wakeup::WakeUp =
+        serde_json::from_str(body).expect("wake-up JSON body");
+    assert_eq!(sent, w);
+    agent.stop().await;
+}
+
+#[tokio::test]
+async fn http_error_answers_fail_the_run() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (port, _requests) = http_server(503).await;
+    let extra = format!("[actions.http]\nurl = \"http://127.0.0.1:{port}/hook\"\n");
+    let (connector, mut conns, _log) = channel_connector();
+    let agent = start(test_config(dir.path(), &extra), connector);
+    let mut broker = next_connection(&mut conns).await;
+    broker.accept_agent().await;
+    let (id, payload) = signed_wakeup("r", 0);
+    broker.send_wakeup(1, "a1", &payload).await;
+    let acks = acks_until_finished(&mut broker, &[&id]).await;
+    let finished = acks.last().expect("finished");
+    assert_eq!(finished["status"], "failed");
+    assert!(
+        finished["detail"]
+            .as_str()
+            .is_some_and(|d| d.contains("HTTP 503")),
+        "{finished}"
+    );
+    let text = beckon_agent::status::status_text(dir.path()).expect("status");
+    assert!(text.contains("Last result:  failed"), "{text}");
+    agent.stop().await;
+}
