@@ -163,3 +163,68 @@ async fn wait_for_stop_signal() {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Debug, clap::Parser)]
+    struct Cli {
+        #[command(subcommand)]
+        agent: AgentCommand,
+    }
+
+    #[test]
+    fn command_line_parses_as_documented() {
+        let cli = Cli::try_parse_from(["beckon", "run", "--config", "/etc/a.toml"]).expect("run");
+        assert!(
+            matches!(cli.agent, AgentCommand::Run { config } if config == PathBuf::from("/etc/a.toml"))
+        );
+        let cli = Cli::try_parse_from(["beckon", "status", "--state-dir", "/x", "--json"])
+            .expect("status");
+        assert!(matches!(
+            cli.agent,
+            AgentCommand::Status {
+                state_dir: Some(_),
+                config: None,
+                json: true
+            }
+        ));
+        assert!(
+            Cli::try_parse_from(["beckon", "status", "--state-dir", "/x", "--config", "/y"])
+                .is_err(),
+            "one source of the state folder"
+        );
+    }
+
+    #[test]
+    fn run_with_a_missing_config_names_the_file() {
+        let err = run(AgentCommand::Run {
+            config: PathBuf::from("/nonexistent/beckon-agent.toml"),
+        })
+        .expect_err("no such file");
+        assert!(
+            err.to_string().contains("/nonexistent/beckon-agent.toml"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn status_json_reports_running_and_connection() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = state::StateStore::open(dir.path(), "a1").expect("open");
+        store
+            .update(|s| {
+                s.connected = true;
+                s.path = Some("8883".into());
+            })
+            .expect("update");
+        let json: serde_json::Value =
+            serde_json::from_str(&status::status_json(dir.path()).expect("json")).expect("valid");
+        assert_eq!(json["running"], true, "this test process wrote it");
+        assert_eq!(json["connected"], true);
+        assert_eq!(json["path"], "8883");
+        assert!(json.get("replay_guard").is_none(), "internal data left out");
+    }
+}

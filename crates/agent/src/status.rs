@@ -45,7 +45,7 @@ pub fn status_json(state_dir: &Path) -> Result<String, StateError> {
     let running = state.pid.is_some_and(process_alive);
     let mut value = serde_json::to_value(&state).unwrap_or_default();
     if let Some(map) = value.as_object_mut() {
-        map.remove("seen_wakeups");
+        map.remove("replay_guard");
         map.insert("running".into(), running.into());
         map.insert("connected".into(), (running && state.connected).into());
     }
