@@ -179,7 +179,7 @@ mod tests {
     fn command_line_parses_as_documented() {
         let cli = Cli::try_parse_from(["beckon", "run", "--config", "/etc/a.toml"]).expect("run");
         assert!(
-            matches!(cli.agent, AgentCommand::Run { config } if config == PathBuf::from("/etc/a.toml"))
+            matches!(cli.agent, AgentCommand::Run { config } if config == std::path::Path::new("/etc/a.toml"))
         );
         let cli = Cli::try_parse_from(["beckon", "status", "--state-dir", "/x", "--json"])
             .expect("status");
