@@ -569,3 +569,43 @@ async fn http_error_answers_fail_the_run() {
     assert!(text.contains("Last result:  failed"), "{text}");
     agent.stop().await;
 }
+
+#[tokio::test]
+async fn keepalive_follows_the_path_and_the_brokers_server_keep_alive() {
+    // Via 443 or a proxy the agent asks for the shorter keepalive.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (mut connector, mut conns, _log) = channel_connector();
+    connector.fallback = true;
+    let agent = start(test_config(dir.path(), ""), connector);
+    let mut broker = next_connection(&mut conns).await;
+    let connect = broker.accept_agent().await;
+    assert_eq!(connect.keep_alive, 30);
+    agent.stop().await;
+
+    // The broker's Server Keep Alive wins: 1 s here, so a ping comes well before 60 s.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (connector, mut conns, _log) = channel_connector();
+    let agent = start(test_config(dir.path(), ""), connector);
+    let mut broker = next_connection(&mut conns).await;
+    let Packet::Connect(connect) = broker.recv().await else {
+        panic!("CONNECT expected");
+    };
+    assert_eq!(connect.keep_alive, 60);
+    broker
+        .send(Packet::ConnAck(ConnAck {
+            session_present: false,
+            code: ReasonCode::SUCCESS,
+            properties: Properties {
+                server_keep_alive: Some(1),
+                ..Properties::default()
+            },
+        }))
+        .await;
+    assert!(matches!(broker.recv().await, Packet::Subscribe(_)));
+    assert_eq!(
+        broker.recv().await,
+        Packet::PingReq,
+        "pinged at the broker's pace"
+    );
+    agent.stop().await;
+}

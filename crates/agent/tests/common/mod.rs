@@ -251,6 +251,8 @@ pub struct ConnectorLog {
 pub struct ChannelConnector {
     pub to_test: mpsc::UnboundedSender<DuplexStream>,
     pub log: Arc<Mutex<ConnectorLog>>,
+    /// Report the path as one through 443 or a proxy.
+    pub fallback: bool,
 }
 
 pub fn channel_connector() -> (
@@ -264,6 +266,7 @@ pub fn channel_connector() -> (
         ChannelConnector {
             to_test: tx,
             log: Arc::clone(&log),
+            fallback: false,
         },
         rx,
         log,
@@ -280,7 +283,7 @@ impl Connector for ChannelConnector {
         Ok(Connection {
             stream: Box::new(agent_end),
             path: "memory".into(),
-            fallback: false,
+            fallback: self.fallback,
         })
     }
 
