@@ -64,14 +64,28 @@ fn build_config(args: &BrokerArgs) -> anyhow::Result<BrokerConfig> {
     Ok(config)
 }
 
-async fn shutdown_signal() -> anyhow::Result<&'static str> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate()).context("listening for SIGTERM")?;
-    let mut int = signal(SignalKind::interrupt()).context("listening for SIGINT")?;
-    Ok(tokio::select! {
-        _ = term.recv() => "SIGTERM",
-        _ = int.recv() => "SIGINT",
-    })
+/// SIGTERM and SIGINT, registered before the broker reports ready so that a signal sent
+/// right after start is a graceful shutdown too (not the default kill).
+struct ShutdownSignals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl ShutdownSignals {
+    fn register() -> anyhow::Result<Self> {
+        use tokio::signal::unix::{SignalKind, signal};
+        Ok(Self {
+            term: signal(SignalKind::terminate()).context("listening for SIGTERM")?,
+            int: signal(SignalKind::interrupt()).context("listening for SIGINT")?,
+        })
+    }
+
+    async fn recv(&mut self) -> &'static str {
+        tokio::select! {
+            _ = self.term.recv() => "SIGTERM",
+            _ = self.int.recv() => "SIGINT",
+        }
+    }
 }
 
 /// Runs the broker until SIGTERM or SIGINT, then drains gracefully and returns.
@@ -82,6 +96,7 @@ pub fn main(args: BrokerArgs) -> anyhow::Result<()> {
         .build()
         .context("starting the async runtime")?;
     runtime.block_on(async move {
+        let mut signals = ShutdownSignals::register()?;
         let (bound, mut handle) = Server::bind(config).await?;
         if let Some(l) = bound.fd_limit {
             println!(
@@ -106,8 +121,7 @@ pub fn main(args: BrokerArgs) -> anyhow::Result<()> {
         }
         println!("beckon broker: ready");
         tokio::select! {
-            signal = shutdown_signal() => {
-                let signal = signal?;
+            signal = signals.recv() => {
                 tracing::info!(signal, "shutting down: disconnecting clients");
                 handle.shutdown().await?;
                 tracing::info!("shut down");

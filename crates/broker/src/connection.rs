@@ -146,11 +146,11 @@ fn sniff_connect_version(buf: &[u8]) -> Option<ProtocolVersion> {
 /// Writes one packet and flushes, bounded in time (used on the way out).
 async fn send_final<S: AsyncWrite + Unpin>(
     stream: &mut S,
-    packet: &Packet,
+    packet: Packet,
     version: ProtocolVersion,
 ) {
     let mut buf = BytesMut::new();
-    if encode(packet, version, &mut buf).is_ok() {
+    if encode(&packet, version, &mut buf).is_ok() {
         let _ = timeout(CLOSE_TIMEOUT, async {
             stream.write_all(&buf).await?;
             stream.flush().await?;
@@ -191,55 +191,73 @@ pub(crate) async fn serve(
 ) {
     let _ = tcp.set_nodelay(true);
     let deadline = Instant::now() + shared.connect_timeout;
-    let mut shutdown = shared.shutdown.clone();
     match (kind, &shared.tls) {
         (ListenerKind::Tls, Some(tls)) => {
+            // The handshake runs boxed and hands over a boxed stream: an async fn keeps the
+            // storage of large values it moved, so keeping them out of this (long-lived)
+            // state is what makes an idle connection small.
             let acceptor = tokio_rustls::TlsAcceptor::from(tls.current());
-            let accepted = tokio::select! {
-                r = timeout_at(deadline, acceptor.accept(tcp)) => r,
-                _ = shutdown.changed() => return,
+            let shutdown = shared.shutdown.clone();
+            let Some((stream, cert_name)) =
+                Box::pin(tls_handshake(acceptor, tcp, deadline, shutdown)).await
+            else {
+                return;
             };
-            let mut stream = match accepted {
-                Ok(Ok(s)) => s,
-                Ok(Err(e)) => {
-                    tracing::debug!(error = %e, "TLS handshake failed");
-                    return;
-                }
-                Err(_) => {
-                    tracing::debug!(
-                        "TLS handshake not finished within the connect timeout; closed"
-                    );
-                    return;
-                }
-            };
-            let session = stream.get_mut().1;
-            session.set_buffer_limit(Some(TLS_BUFFER_LIMIT));
-            let alpn = session
-                .alpn_protocol()
-                .map(|p| String::from_utf8_lossy(p).into_owned());
-            let cert_name = session
-                .peer_certificates()
-                .and_then(|c| c.first())
-                .and_then(|c| beckon_pki::certificate_identity(c).ok())
-                .and_then(|id| id.common_name);
-            tracing::debug!(
-                alpn = alpn.as_deref().unwrap_or("none"),
-                client_cert = cert_name.as_deref().unwrap_or("none"),
-                "TLS established"
-            );
             run_mqtt(
                 &shared, events, stream, remote, kind, conn, over_limit, cert_name, deadline,
-                shutdown,
             )
             .await;
         }
         _ => {
             run_mqtt(
-                &shared, events, tcp, remote, kind, conn, over_limit, None, deadline, shutdown,
+                &shared, events, tcp, remote, kind, conn, over_limit, None, deadline,
             )
             .await;
         }
     }
+}
+
+type TlsStream = tokio_rustls::server::TlsStream<TcpStream>;
+
+/// TLS handshake within the connect deadline. Returns the stream (boxed) and the common name
+/// of a client certificate verified by the configured client CA.
+async fn tls_handshake(
+    acceptor: tokio_rustls::TlsAcceptor,
+    tcp: TcpStream,
+    deadline: Instant,
+    mut shutdown: watch::Receiver<bool>,
+) -> Option<(Box<TlsStream>, Option<String>)> {
+    let accepted = tokio::select! {
+        r = timeout_at(deadline, acceptor.accept(tcp)) => r,
+        _ = shutdown.changed() => return None,
+    };
+    let mut stream = match accepted {
+        Ok(Ok(s)) => Box::new(s),
+        Ok(Err(e)) => {
+            tracing::debug!(error = %e, "TLS handshake failed");
+            return None;
+        }
+        Err(_) => {
+            tracing::debug!("TLS handshake not finished within the connect timeout; closed");
+            return None;
+        }
+    };
+    let session = stream.get_mut().1;
+    session.set_buffer_limit(Some(TLS_BUFFER_LIMIT));
+    let alpn = session
+        .alpn_protocol()
+        .map(|p| String::from_utf8_lossy(p).into_owned());
+    let cert_name = session
+        .peer_certificates()
+        .and_then(|c| c.first())
+        .and_then(|c| beckon_pki::certificate_identity(c).ok())
+        .and_then(|id| id.common_name);
+    tracing::debug!(
+        alpn = alpn.as_deref().unwrap_or("none"),
+        client_cert = cert_name.as_deref().unwrap_or("none"),
+        "TLS established"
+    );
+    Some((stream, cert_name))
 }
 
 /// How the CONNECT phase ended. Short-lived, so its size does not matter.
@@ -271,24 +289,24 @@ async fn read_connect<S: AsyncRead + Unpin>(
     }
 }
 
+/// The CONNECT phase: reads the CONNECT within the deadline, answers malformed ones, checks
+/// the connection limit and authentication. Returns the admitted CONNECT. Boxed by the
+/// caller, so its state is freed once the connection is established.
 #[allow(clippy::too_many_arguments)]
-async fn run_mqtt<S: AsyncRead + AsyncWrite + Unpin>(
-    shared: &Arc<Shared>,
-    events: mpsc::Sender<Event>,
-    mut stream: S,
-    remote: SocketAddr,
+async fn admit<S: AsyncRead + AsyncWrite + Unpin>(
+    shared: &Shared,
+    stream: &mut S,
+    rbuf: &mut BytesMut,
     kind: ListenerKind,
-    conn: ConnId,
     over_limit: bool,
     cert_name: Option<String>,
     deadline: Instant,
     mut shutdown: watch::Receiver<bool>,
-) {
+) -> Option<Box<Connect>> {
     let max = shared.max_packet_size;
-    let mut rbuf = BytesMut::new();
     let phase = tokio::select! {
-        r = timeout_at(deadline, read_connect(&mut stream, &mut rbuf, max)) => r,
-        _ = shutdown.changed() => return,
+        r = Box::pin(timeout_at(deadline, read_connect(stream, rbuf, max))) => r,
+        _ = shutdown.changed() => return None,
     };
     let mut connect: Box<Connect> = match phase {
         Err(_) => {
@@ -296,7 +314,7 @@ async fn run_mqtt<S: AsyncRead + AsyncWrite + Unpin>(
                 timeout_secs = shared.connect_timeout.as_secs(),
                 "no complete CONNECT within the connect timeout; closed"
             );
-            return;
+            return None;
         }
         Ok(ConnectPhase::Packet(Packet::Connect(c))) => c,
         Ok(ConnectPhase::Packet(other)) => {
@@ -304,7 +322,7 @@ async fn run_mqtt<S: AsyncRead + AsyncWrite + Unpin>(
                 packet_type = other.packet_type(),
                 "first packet is not CONNECT; closed"
             );
-            return;
+            return None;
         }
         Ok(ConnectPhase::Invalid(e, sniffed)) => {
             tracing::info!(error = %e, "invalid CONNECT; closed");
@@ -312,27 +330,26 @@ async fn run_mqtt<S: AsyncRead + AsyncWrite + Unpin>(
                 (DecodeError::UnsupportedProtocolVersion { .. }, _) => {
                     // Answered in v3.1.1 form (return code 1), which every version reads.
                     let p = connack(e.reason_code(), "", ProtocolVersion::V311);
-                    send_final(&mut stream, &p, ProtocolVersion::V311).await;
+                    Box::pin(send_final(stream, p, ProtocolVersion::V311)).await;
                 }
                 (_, Some(ProtocolVersion::V5)) => {
                     let p = connack(e.reason_code(), &e.to_string(), ProtocolVersion::V5);
-                    send_final(&mut stream, &p, ProtocolVersion::V5).await;
+                    Box::pin(send_final(stream, p, ProtocolVersion::V5)).await;
                 }
                 _ => {}
             }
-            return;
+            return None;
         }
         Ok(ConnectPhase::Eof) => {
             tracing::debug!("closed by the client before CONNECT");
-            return;
+            return None;
         }
         Ok(ConnectPhase::Io(e)) => {
             tracing::debug!(error = %e, "read failed before CONNECT");
-            return;
+            return None;
         }
     };
     let version = connect.protocol;
-    let span = tracing::Span::current();
 
     // Admission: connection limit, then authentication.
     if over_limit {
@@ -345,8 +362,8 @@ async fn run_mqtt<S: AsyncRead + AsyncWrite + Unpin>(
             "connection limit reached, retry later",
             version,
         );
-        send_final(&mut stream, &p, version).await;
-        return;
+        Box::pin(send_final(stream, p, version)).await;
+        return None;
     }
     if !shared.allow_anonymous {
         let refusal = match &cert_name {
@@ -363,15 +380,46 @@ async fn run_mqtt<S: AsyncRead + AsyncWrite + Unpin>(
         if let Some(why) = refusal {
             tracing::info!(client_id = %connect.client_id, reason = %why, "refused: not authorized");
             let p = connack(ReasonCode::NOT_AUTHORIZED, &why, version);
-            send_final(&mut stream, &p, version).await;
-            return;
+            Box::pin(send_final(stream, p, version)).await;
+            return None;
         }
         if let Some(cn) = &cert_name {
             // The certificate is the identity; an empty client id takes it.
             connect.client_id.clone_from(cn);
         }
     }
-    span.record("client_id", connect.client_id.as_str());
+    Some(connect)
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn run_mqtt<S: AsyncRead + AsyncWrite + Unpin>(
+    shared: &Arc<Shared>,
+    events: mpsc::Sender<Event>,
+    mut stream: S,
+    remote: SocketAddr,
+    kind: ListenerKind,
+    conn: ConnId,
+    over_limit: bool,
+    cert_name: Option<String>,
+    deadline: Instant,
+) {
+    let max = shared.max_packet_size;
+    let shutdown = shared.shutdown.clone();
+    let mut rbuf = BytesMut::new();
+    let admitted = Box::pin(admit(
+        shared,
+        &mut stream,
+        &mut rbuf,
+        kind,
+        over_limit,
+        cert_name,
+        deadline,
+        shutdown,
+    ))
+    .await;
+    let Some(connect) = admitted else { return };
+    let version = connect.protocol;
+    tracing::Span::current().record("client_id", connect.client_id.as_str());
     let client_keep_alive = connect.keep_alive;
     tracing::debug!(?version, keep_alive = client_keep_alive, "CONNECT accepted");
 
@@ -380,15 +428,18 @@ async fn run_mqtt<S: AsyncRead + AsyncWrite + Unpin>(
         remote_addr: remote,
         path: kind.path(),
     };
-    if events
-        .send(Event::Connect {
+    // Boxed send: an event is large and must not stay in this long-lived future's state.
+    if send_boxed(
+        &events,
+        Event::Connect {
             conn,
             connect,
             info,
             outbox: outbox.clone(),
-        })
-        .await
-        .is_err()
+        },
+    )
+    .await
+    .is_err()
     {
         return; // the server is stopping
     }
@@ -408,11 +459,20 @@ async fn run_mqtt<S: AsyncRead + AsyncWrite + Unpin>(
         tracing::debug!(?reason, "connection closed");
         // Tell the core unless it closed the connection itself (it already forgot it then).
         if outbox.state() == OutboxState::Open {
-            let _ = events.send(Event::Closed { conn, reason }).await;
+            let _ = send_boxed(&events, Event::Closed { conn, reason }).await;
         }
     } else {
         tracing::debug!("connection closed by the broker");
     }
+}
+
+/// Sends an event through a boxed future, so that the event's storage is not part of the
+/// caller's state.
+fn send_boxed(
+    events: &mpsc::Sender<Event>,
+    event: Event,
+) -> Pin<Box<dyn Future<Output = Result<(), mpsc::error::SendError<Event>>> + Send + '_>> {
+    Box::pin(events.send(event))
 }
 
 /// The established phase. Returns why the connection ended, or `None` when the broker
@@ -436,20 +496,31 @@ async fn established<S: AsyncRead + AsyncWrite + Unpin>(
     loop {
         // Whole packets already buffered (e.g. sent right behind CONNECT) first.
         loop {
+            // Take a slot in the core's queue before decoding, so that no decoded packet is
+            // held across an await (it would enlarge every connection's state).
+            let whole = matches!(frame_len(rbuf, max), Ok(Some(n)) if rbuf.len() >= n);
+            let permit = if whole {
+                match events.reserve().await {
+                    Ok(p) => Some(p),
+                    Err(_) => return None,
+                }
+            } else {
+                None
+            };
             match next_packet(rbuf, version, max) {
                 Ok(Some(packet)) => {
                     if let Some(ka) = keep_alive {
                         ka_sleep.as_mut().reset(Instant::now() + ka * 3 / 2);
                     }
-                    if events.send(Event::Packet { conn, packet }).await.is_err() {
-                        return None;
+                    if let Some(permit) = permit {
+                        permit.send(Event::Packet { conn, packet });
                     }
                 }
                 Ok(None) => break,
                 Err(e) => {
                     tracing::info!(error = %e, "malformed packet; closing");
                     if version == ProtocolVersion::V5 {
-                        send_final(stream, &disconnect(e.reason_code()), version).await;
+                        Box::pin(send_final(stream, disconnect(e.reason_code()), version)).await;
                     }
                     return Some(CloseReason::ProtocolViolation);
                 }
@@ -462,7 +533,7 @@ async fn established<S: AsyncRead + AsyncWrite + Unpin>(
         tokio::select! {
             biased;
             () = outbox.changed() => {
-                match flush(stream, outbox, version, client_keep_alive, &mut keep_alive).await {
+                match Box::pin(flush(stream, outbox, version, client_keep_alive, &mut keep_alive)).await {
                     Flushed::Open => {
                         // The first CONNACK starts the keep-alive clock.
                         if let Some(ka) = keep_alive
@@ -489,7 +560,7 @@ async fn established<S: AsyncRead + AsyncWrite + Unpin>(
                     "no packet within 1.5 times the keep alive; closing"
                 );
                 if version == ProtocolVersion::V5 {
-                    send_final(stream, &disconnect(ReasonCode::KEEP_ALIVE_TIMEOUT), version).await;
+                    Box::pin(send_final(stream, disconnect(ReasonCode::KEEP_ALIVE_TIMEOUT), version)).await;
                 }
                 return Some(CloseReason::KeepAliveTimeout);
             }

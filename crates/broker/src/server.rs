@@ -346,6 +346,7 @@ impl Server {
             tasks.push(tokio::spawn(reload_loop(
                 tls.clone(),
                 Duration::from_secs(config.tls.reload_interval_secs),
+                register_hangup(),
                 shutdown_rx,
             )));
         }
@@ -466,18 +467,24 @@ async fn accept_loop(
     }
 }
 
-async fn reload_loop(
-    tls: Arc<ReloadingServerConfig>,
-    interval: Duration,
-    mut shutdown: watch::Receiver<bool>,
-) {
-    let mut hangup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+/// SIGHUP, registered while binding (before the caller reports ready), so that an early
+/// SIGHUP reloads instead of terminating the process.
+fn register_hangup() -> Option<tokio::signal::unix::Signal> {
+    match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
         Ok(s) => Some(s),
         Err(e) => {
             tracing::warn!(error = %e, "cannot listen for SIGHUP; certificate files are still watched");
             None
         }
-    };
+    }
+}
+
+async fn reload_loop(
+    tls: Arc<ReloadingServerConfig>,
+    interval: Duration,
+    mut hangup: Option<tokio::signal::unix::Signal>,
+    mut shutdown: watch::Receiver<bool>,
+) {
     let mut ticker = (!interval.is_zero()).then(|| {
         let mut t = tokio::time::interval(interval);
         t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
