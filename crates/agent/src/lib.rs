@@ -58,7 +58,8 @@ pub enum AgentCommand {
     },
 }
 
-/// Runs an agent subcommand; builds its own (single-threaded) tokio runtime for `run`.
+/// Runs an agent subcommand. `run` builds its own single-threaded tokio runtime (on a thread
+/// of its own when called from inside a runtime) and returns when SIGTERM or SIGINT stops it.
 pub fn run(cmd: AgentCommand) -> anyhow::Result<()> {
     match cmd {
         AgentCommand::Run { config } => {
@@ -69,12 +70,25 @@ pub fn run(cmd: AgentCommand) -> anyhow::Result<()> {
                         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
                 )
                 .try_init();
-            // One thread is plenty for one connection and keeps the idle agent small.
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .context("cannot start the agent's async runtime")?;
-            runtime.block_on(run_configured(config))
+            let run_here = move || -> anyhow::Result<()> {
+                // One thread is plenty for one connection and keeps the idle agent small.
+                let runtime = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .context("cannot start the agent's async runtime")?;
+                runtime.block_on(run_configured(config))
+            };
+            if tokio::runtime::Handle::try_current().is_ok() {
+                // Called from inside a runtime (a tokio main): a runtime cannot block inside
+                // another, so the agent gets its own thread.
+                return std::thread::Builder::new()
+                    .name("beckon-agent".into())
+                    .spawn(run_here)
+                    .context("cannot start the agent's thread")?
+                    .join()
+                    .map_err(|_| anyhow::anyhow!("the agent's thread panicked"))?;
+            }
+            run_here()
         }
         AgentCommand::Status {
             state_dir,

@@ -470,6 +470,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> MqttSession<S> {
             if *shutdown.borrow() {
                 return Ok(());
             }
+            // Packets first: PUBACKs free in-flight slots for the acks sent next.
+            while let Some(packet) = self.decode_one()? {
+                self.handle(packet, outbox, on_wake).await?;
+            }
             for out in outbox.take_sendable(self.inflight_limit) {
                 let publish = Packet::Publish(Publish {
                     dup: out.dup,
@@ -485,9 +489,6 @@ impl<S: AsyncRead + AsyncWrite + Unpin> MqttSession<S> {
                     },
                 });
                 self.send(&publish).await?;
-            }
-            while let Some(packet) = self.decode_one()? {
-                self.handle(packet, outbox, on_wake).await?;
             }
             let timer = match self.ping_sent {
                 Some(sent) => sent + self.opts.ping_timeout,

@@ -609,3 +609,45 @@ async fn keepalive_follows_the_path_and_the_brokers_server_keep_alive() {
     );
     agent.stop().await;
 }
+
+#[tokio::test]
+async fn acks_beyond_the_in_flight_limit_follow_as_soon_as_slots_free_up() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = test_config(dir.path(), &command_action(dir.path(), "true", "5s"));
+    let (connector, mut conns, _log) = channel_connector();
+    let agent = start(config, connector);
+    let mut broker = next_connection(&mut conns).await;
+    broker.accept_agent().await;
+    // Six wake-ups make 18 acks; the broker acknowledges none of them for now.
+    for i in 0..6u16 {
+        let (_, payload) = signed_wakeup("r", 0);
+        broker.send_wakeup(1 + i, "a1", &payload).await;
+    }
+    let mut unacked = Vec::new();
+    let mut total = 0;
+    while unacked.len() < 16 {
+        match broker.held_or_recv().await {
+            Packet::Publish(p) => unacked.push(p.packet_id.expect("QoS 1")),
+            Packet::PingReq => broker.send(Packet::PingResp).await,
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    total += unacked.len();
+    // At most 16 in flight: nothing more until the broker acknowledges.
+    assert!(
+        broker
+            .recv_within(Duration::from_millis(300))
+            .await
+            .is_none(),
+        "more than 16 acks in flight"
+    );
+    for id in unacked {
+        broker.send(Packet::PubAck(beckon_mqtt::Ack::new(id))).await;
+    }
+    // The rest follows at once (well before the 60 s keepalive would wake the session).
+    while total < 18 {
+        let (_, _) = broker.next_ack().await;
+        total += 1;
+    }
+    agent.stop().await;
+}

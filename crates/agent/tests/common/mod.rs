@@ -125,6 +125,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Peer<S> {
         }
     }
 
+    /// The next packet, held publishes first.
+    pub async fn held_or_recv(&mut self) -> Packet {
+        match self.held.pop_front() {
+            Some(p) => Packet::Publish(p),
+            None => self.recv().await,
+        }
+    }
+
     /// Broker side: the next ack publish (PUBACKed), as JSON.
     pub async fn next_ack(&mut self) -> (serde_json::Value, Publish) {
         let next = match self.held.pop_front() {
