@@ -375,3 +375,113 @@ fn bad_configuration_names_file_and_key() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("IP:PORT"));
 }
+
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("stat");
+    // Fields after the parenthesised command name; utime and stime are fields 14 and 15.
+    let rest = &stat[stat.rfind(')').expect("comm") + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    fields[11].parse::<u64>().expect("utime") + fields[12].parse::<u64>().expect("stime")
+}
+
+#[test]
+fn running_out_of_file_descriptors_pauses_accepts_and_recovers() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = dir.path().join("broker.toml");
+    // Above what 48 descriptors allow, so that accept() itself hits EMFILE.
+    std::fs::write(&config, "[limits]\nmax_connections = 1000\n").expect("write");
+    let stderr_path = dir.path().join("stderr.log");
+    let stderr = std::fs::File::create(&stderr_path).expect("stderr file");
+    let mut child = Command::new("sh")
+        .arg("-c")
+        .arg("ulimit -n 48 && exec \"$0\" \"$@\"")
+        .arg(env!("CARGO_BIN_EXE_beckon"))
+        .args(["broker", "--config"])
+        .arg(&config)
+        .arg("--data")
+        .arg(dir.path().join("data"))
+        .args([
+            "--mqtts",
+            "off",
+            "--mqtt",
+            "127.0.0.1:0",
+            "--allow-anonymous",
+        ])
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::piped())
+        .stderr(stderr)
+        .spawn()
+        .expect("spawn");
+    let stdout = child.stdout.take().expect("stdout");
+    let (tx, lines) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let mut broker = Broker {
+        child,
+        lines,
+        stdout: Vec::new(),
+    };
+    broker.wait_for("beckon broker: ready");
+    assert!(
+        broker
+            .stdout
+            .iter()
+            .any(|l| l.contains("file descriptor limit 48")),
+        "{:?}",
+        broker.stdout
+    );
+    let addr = broker.plain_addr();
+    let pid = broker.child.id();
+    let rt = runtime();
+    rt.block_on(async {
+        // Far more clients than descriptors: the broker serves what it can and pauses.
+        let mut clients = Vec::new();
+        for _ in 0..80 {
+            let tcp = tokio::time::timeout(WAIT, TcpStream::connect(addr))
+                .await
+                .expect("connect in time (backlog)")
+                .expect("connect");
+            clients.push(tcp);
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let before = cpu_ticks(pid);
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let used = cpu_ticks(pid) - before;
+        // 2 s at 100 ticks/s: a spinning accept loop would use about 200 ticks.
+        assert!(used < 100, "accept loop spins: {used} ticks in 2 s");
+        assert!(
+            broker.child.try_wait().expect("try_wait").is_none(),
+            "broker died"
+        );
+        drop(clients);
+        // Once descriptors are free again, a new client is served.
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let attempt = async {
+                let mut tcp = TcpStream::connect(addr).await.ok()?;
+                tcp.write_all(&connect_bytes(ProtocolVersion::V5, "after"))
+                    .await
+                    .ok()?;
+                let mut buf = BytesMut::new();
+                recv(&mut tcp, &mut buf).await
+            };
+            if let Ok(Some(Packet::ConnAck(a))) =
+                tokio::time::timeout(Duration::from_secs(2), attempt).await
+            {
+                assert_eq!(a.code, ReasonCode::SUCCESS);
+                break;
+            }
+            assert!(Instant::now() < deadline, "broker never recovered");
+        }
+    });
+    let log = std::fs::read_to_string(&stderr_path).expect("log");
+    assert!(log.contains("out of file descriptors"), "{log}");
+    broker.signal("TERM");
+    assert!(broker.wait_exit().success());
+}
