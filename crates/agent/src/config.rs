@@ -416,12 +416,12 @@ impl AgentConfig {
 
     /// The topic the agent subscribes to.
     pub fn wake_topic(&self) -> String {
-        format!("agents/{}/wake", self.agent_id)
+        beckon_identity::acl::wake_topic(&self.agent_id)
     }
 
     /// The topic the agent publishes its acks to.
     pub fn ack_topic(&self) -> String {
-        format!("agents/{}/ack", self.agent_id)
+        beckon_identity::acl::ack_topic(&self.agent_id)
     }
 
     /// The MQTT password: the token, read from `token_file` if set.
