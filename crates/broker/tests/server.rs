@@ -387,7 +387,8 @@ async fn thousands_of_random_byte_strings_never_take_the_server_down() {
     let started = Instant::now();
     for chunk in cases.chunks(100) {
         let mut tasks = tokio::task::JoinSet::new();
-        for bytes in chunk.iter().cloned() {
+        for bytes in chunk {
+            let bytes = bytes.clone();
             tasks.spawn(async move {
                 let Ok(mut tcp) = TcpStream::connect(addr).await else {
                     return;
@@ -737,4 +738,97 @@ async fn graceful_shutdown_sends_0x8b_to_v5_clients() {
     assert!(silent.read_to_close().await.is_empty());
     // The port is free again.
     assert!(TcpStream::connect(server.plain()).await.is_err());
+}
+
+fn subscribe(filter: &str, qos: QoS) -> Packet {
+    Packet::Subscribe(Subscribe {
+        packet_id: 1,
+        subscriptions: vec![Subscription {
+            filter: filter.into(),
+            options: SubscriptionOptions {
+                qos,
+                ..Default::default()
+            },
+        }],
+        properties: Properties::default(),
+    })
+}
+
+fn publish(topic: &str, qos: QoS, id: u16, size: usize) -> Packet {
+    Packet::Publish(Publish {
+        dup: false,
+        qos,
+        retain: false,
+        topic: topic.into(),
+        packet_id: (qos != QoS::AtMostOnce).then_some(id),
+        payload: bytes::Bytes::from(vec![b'x'; size]),
+        properties: Properties::default(),
+    })
+}
+
+/// Publishes `count` messages without waiting for acknowledgements.
+async fn flood(publisher: &mut Client<TcpStream>, topic: &str, qos: QoS, count: u16) {
+    let mut all = Vec::new();
+    for i in 1..=count {
+        all.extend(bytes_of(&publish(topic, qos, i, 1024), ProtocolVersion::V5));
+    }
+    publisher.send_raw(&all).await;
+}
+
+#[tokio::test]
+async fn slow_consumer_loses_qos0_but_stays_and_is_closed_when_qos1_backs_up() {
+    let mut server = TestServer::start(|c| {
+        c.limits.max_outbound_packets = 8;
+        c.limits.receive_maximum = 10_000;
+    })
+    .await;
+    // A QoS 0 subscriber that does not read while 20 MB are published.
+    let mut lazy = connected(server.plain(), ProtocolVersion::V5, "lazy").await;
+    lazy.send(&subscribe("bulk", QoS::AtMostOnce)).await;
+    assert!(matches!(lazy.recv().await, Some(Packet::SubAck(_))));
+    let mut publisher = connected(server.plain(), ProtocolVersion::V5, "pub").await;
+    flood(&mut publisher, "bulk", QoS::AtMostOnce, 20_000).await;
+    publisher.ping().await;
+    // The broker kept serving; the lazy client is still connected and gets what was kept.
+    let mut received = 0u32;
+    loop {
+        match tokio::time::timeout(Duration::from_millis(500), lazy.recv()).await {
+            Ok(Some(Packet::Publish(_))) => received += 1,
+            Ok(other) => panic!("unexpected {other:?}"),
+            Err(_) => break,
+        }
+    }
+    assert!(
+        received > 0 && received < 20_000,
+        "received {received} of 20000"
+    );
+    lazy.ping().await;
+
+    // A client that sends QoS 1 messages without reading: its PUBACKs pile up beyond the
+    // outbound queue (8 here), and PUBACKs may not be dropped, so the broker closes it rather
+    // than wait for it (before reading all it sent: the client sees a reset).
+    let mut deaf = connected(server.plain(), ProtocolVersion::V5, "deaf").await;
+    let mut all = Vec::new();
+    for i in 1..=5000u16 {
+        all.extend(bytes_of(
+            &publish("nobody", QoS::AtLeastOnce, i, 1024),
+            ProtocolVersion::V5,
+        ));
+    }
+    // The write itself may fail once the broker has closed the connection.
+    let _ = tokio::time::timeout(WAIT, deaf.stream.write_all(&all)).await;
+    let closed = tokio::time::timeout(WAIT, async {
+        let mut chunk = vec![0u8; 64 * 1024];
+        loop {
+            match deaf.stream.read(&mut chunk).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await;
+    assert!(closed.is_ok(), "a client that does not read is closed");
+    lazy.ping().await;
+    publisher.ping().await;
+    server.stop().await;
 }
