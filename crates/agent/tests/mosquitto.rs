@@ -55,44 +55,6 @@ async fn server_client(port: u16, name: &str) -> Peer<TcpStream> {
     peer
 }
 
-/// Publishes the wake-up until the agent acknowledges receiving it (the agent's subscription
-/// may not be in place the very first moment), then returns every ack up to `finished`.
-async fn wake(
-    server: &mut Peer<TcpStream>,
-    reason: &str,
-    packet_id: u16,
-) -> Vec<serde_json::Value> {
-    let (id, payload) = signed_wakeup(reason, 0);
-    let id = id.as_str();
-    let mut acks: Vec<serde_json::Value> = Vec::new();
-    'publish: for _ in 0..5 {
-        server
-            .send(publish("agents/a1/wake", packet_id, &payload))
-            .await;
-        loop {
-            match server.recv_within(Duration::from_secs(2)).await {
-                None => continue 'publish,
-                Some(Packet::PubAck(_)) => {}
-                Some(Packet::Publish(p)) => {
-                    if let Some(pid) = p.packet_id {
-                        server
-                            .send(Packet::PubAck(beckon_mqtt::Ack::new(pid)))
-                            .await;
-                    }
-                    let ack: serde_json::Value = serde_json::from_slice(&p.payload).expect("json");
-                    let done = ack["wakeup_id"] == id && ack["stage"] == "finished";
-                    acks.push(ack);
-                    if done {
-                        return acks;
-                    }
-                }
-                Some(other) => panic!("unexpected {other:?}"),
-            }
-        }
-    }
-    panic!("the agent never acknowledged wake-up {id}");
-}
-
 fn stages(acks: &[serde_json::Value]) -> Vec<&str> {
     acks.iter().filter_map(|a| a["stage"].as_str()).collect()
 }
@@ -108,7 +70,7 @@ async fn agent_survives_a_broker_restart_through_mosquitto() {
 
     eventually("agent connected", || connected(dir.path())).await;
     let mut server = server_client(port, "console").await;
-    let acks = wake(&mut server, "before", 1).await;
+    let acks = wake_until_acked(&mut server, "before", 1).await;
     assert_eq!(stages(&acks), ["received", "started", "finished"]);
 
     // The broker goes away: the agent notices and says so.
@@ -133,7 +95,7 @@ async fn agent_survives_a_broker_restart_through_mosquitto() {
     let _broker = Mosquitto::start(port).expect("restart mosquitto");
     eventually("agent reconnected", || connected(dir.path())).await;
     let mut server = server_client(port, "console-2").await;
-    let acks = wake(&mut server, "after", 2).await;
+    let acks = wake_until_acked(&mut server, "after", 2).await;
     assert_eq!(stages(&acks), ["received", "started", "finished"]);
     let runs = std::fs::read_to_string(dir.path().join("runs")).expect("runs");
     assert_eq!(runs.lines().collect::<Vec<_>>(), ["before", "after"]);
@@ -158,7 +120,7 @@ async fn wakeups_sent_while_the_agent_is_offline_wait_in_its_session() {
     let (stop, task) = start_agent(agent_config(dir.path(), port), port);
     eventually("agent connected", || connected(dir.path())).await;
     let mut server = server_client(port, "console").await;
-    wake(&mut server, "online", 1).await;
+    wake_until_acked(&mut server, "online", 1).await;
     let _ = stop.send(true);
     tokio::time::timeout(WAIT, task)
         .await
@@ -264,7 +226,7 @@ async fn agent_connects_over_tls_with_a_client_certificate_through_the_ladder() 
     assert_eq!(state.path.as_deref(), Some("8883"), "the primary TLS path");
     assert_eq!(state.last_working_path.as_deref(), Some("8883"));
     let mut server = server_client(plain_port, "console").await;
-    let acks = wake(&mut server, "over-tls", 1).await;
+    let acks = wake_until_acked(&mut server, "over-tls", 1).await;
     assert_eq!(stages(&acks), ["received", "started", "finished"]);
 
     let _ = stop.send(true);
