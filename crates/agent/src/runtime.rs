@@ -64,6 +64,8 @@ pub async fn run_agent<C: Connector>(
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<(), AgentError> {
     let config = Arc::new(config);
+    let mut backoff = Backoff::new(config.reconnect.backoff())
+        .map_err(|e| AgentError::Unsupported(format!("reconnect settings: {e}")))?;
     let state = Arc::new(StateStore::open(&config.state_dir, &config.agent_id)?);
     state.update(|s| {
         if s.replay_guard.is_empty() {
@@ -99,8 +101,6 @@ pub async fn run_agent<C: Connector>(
         ))
     });
 
-    let mut backoff = Backoff::new(config.reconnect.backoff())
-        .map_err(|e| AgentError::Unsupported(format!("reconnect settings: {e}")))?;
     let start_delay = backoff.startup_delay();
     tracing::info!(agent_id = %config.agent_id, delay_ms = start_delay.as_millis() as u64, "agent starting");
     if !sleep_or_shutdown(start_delay, &mut shutdown).await {

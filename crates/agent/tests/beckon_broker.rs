@@ -112,3 +112,61 @@ async fn agent_works_with_the_beckon_broker_and_survives_its_restart() {
         .expect("shutdown in time")
         .expect("clean shutdown");
 }
+
+#[tokio::test]
+async fn agent_goes_through_the_proxy_and_direct_when_the_proxy_is_gone() {
+    let data = tempfile::tempdir().expect("tempdir");
+    let (tls, plain) = (
+        SocketAddr::from(([127, 0, 0, 1], free_port())),
+        SocketAddr::from(([127, 0, 0, 1], free_port())),
+    );
+    let (bound, handle) = start_broker(data.path(), tls, plain).await;
+    let Some(mut proxy) = Tinyproxy::start(&[tls.port()]) else {
+        return;
+    };
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut config = test_config(dir.path(), &command_action(dir.path(), "true", "10s"));
+    config.broker.port = tls.port();
+    config.broker.fallback_port = free_port();
+    config.broker.server_name = Some("localhost".into());
+    config.broker.ca_file = bound.generated_ca.clone();
+    config.broker.proxy = Some(format!("http://127.0.0.1:{}", proxy.port));
+    let connector = LadderConnector::new(&config).expect("ladder");
+    let (stop, stop_rx) = watch::channel(false);
+    let task = tokio::spawn(run_agent(config, connector, test_check(), stop_rx));
+
+    let via_proxy = format!("8883 via http://127.0.0.1:{}", proxy.port);
+    eventually("agent connected through the proxy", || {
+        AgentState::read(dir.path())
+            .ok()
+            .flatten()
+            .is_some_and(|s| s.connected && s.path.as_deref() == Some(via_proxy.as_str()))
+    })
+    .await;
+    let acks = wake(plain, "console", "through the proxy").await;
+    assert_eq!(acks.last().expect("finished")["status"], "ok");
+
+    // The proxy dies (and with it the tunnel): the agent goes direct.
+    proxy.stop();
+    eventually("agent reconnected directly", || {
+        AgentState::read(dir.path())
+            .ok()
+            .flatten()
+            .is_some_and(|s| s.connected && s.path.as_deref() == Some("8883"))
+    })
+    .await;
+    let acks = wake(plain, "console-2", "direct").await;
+    assert_eq!(acks.last().expect("finished")["status"], "ok");
+
+    let _ = stop.send(true);
+    tokio::time::timeout(WAIT, task)
+        .await
+        .expect("stops")
+        .expect("no panic")
+        .expect("ok");
+    tokio::time::timeout(WAIT, handle.shutdown())
+        .await
+        .expect("shutdown in time")
+        .expect("clean shutdown");
+}

@@ -480,3 +480,69 @@ pub async fn wake_until_acked(
     }
     panic!("the agent never acknowledged wake-up {id}");
 }
+
+/// Debian's tinyproxy on a free loopback port, allowing CONNECT to `connect_ports` only.
+/// Killed on drop. `None` (the test then says it skipped) when it is not installed.
+pub struct Tinyproxy {
+    child: Child,
+    pub port: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl Tinyproxy {
+    pub fn start(connect_ports: &[u16]) -> Option<Self> {
+        let binary = ["/usr/bin/tinyproxy", "/usr/sbin/tinyproxy"]
+            .into_iter()
+            .map(PathBuf::from)
+            .find(|p| p.is_file());
+        let Some(binary) = binary else {
+            eprintln!("SKIPPED: tinyproxy not installed");
+            return None;
+        };
+        let dir = tempfile::tempdir().expect("tempdir");
+        let port = free_port();
+        let mut config = format!(
+            "Port {port}\nListen 127.0.0.1\nTimeout 30\nMaxClients 20\nLogLevel Error\nPidFile \"{}\"\nAllow 127.0.0.1\n",
+            dir.path().join("tinyproxy.pid").display()
+        );
+        for p in connect_ports {
+            config.push_str(&format!("ConnectPort {p}\n"));
+        }
+        let conf = dir.path().join("tinyproxy.conf");
+        std::fs::write(&conf, config).expect("write tinyproxy.conf");
+        let child = Command::new(binary)
+            .arg("-d")
+            .arg("-c")
+            .arg(&conf)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start tinyproxy");
+        let proxy = Self {
+            child,
+            port,
+            _dir: dir,
+        };
+        let deadline = std::time::Instant::now() + WAIT;
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "tinyproxy did not listen on {port}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Some(proxy)
+    }
+
+    pub fn stop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Tinyproxy {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
