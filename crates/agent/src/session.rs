@@ -382,7 +382,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> MqttSession<S> {
         session.send(&connect).await?;
         let deadline = Instant::now() + session.opts.connect_timeout;
         let connack = loop {
-            if let Some(packet) = session.decode_one()? {
+            if let Some(packet) = session.decode_one().await? {
                 break packet;
             }
             match tokio::time::timeout_at(deadline, session.stream.read_buf(&mut session.read_buf))
@@ -471,7 +471,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> MqttSession<S> {
                 return Ok(());
             }
             // Packets first: PUBACKs free in-flight slots for the acks sent next.
-            while let Some(packet) = self.decode_one()? {
+            while let Some(packet) = self.decode_one().await? {
                 self.handle(packet, outbox, on_wake).await?;
             }
             for out in outbox.take_sendable(self.inflight_limit) {
@@ -575,10 +575,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin> MqttSession<S> {
         Ok(())
     }
 
-    fn decode_one(&mut self) -> Result<Option<Packet>, SessionEnd> {
+    /// The next whole packet in the buffer. A packet that cannot be decoded ends the session
+    /// with a DISCONNECT naming the reason (malformed, too large, ...), as MQTT 5 asks.
+    async fn decode_one(&mut self) -> Result<Option<Packet>, SessionEnd> {
         match beckon_mqtt::decode(&mut self.read_buf, ProtocolVersion::V5, MAX_INCOMING_PACKET) {
             Ok(packet) => Ok(packet),
-            Err(e) => Err(decode_failure(&e)),
+            Err(e) => {
+                self.protocol_disconnect(e.reason_code()).await;
+                Err(decode_failure(&e))
+            }
         }
     }
 

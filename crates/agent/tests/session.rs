@@ -651,3 +651,29 @@ async fn acks_beyond_the_in_flight_limit_follow_as_soon_as_slots_free_up() {
     }
     agent.stop().await;
 }
+
+#[tokio::test]
+async fn an_undecodable_packet_gets_a_disconnect_with_its_reason_and_a_reconnect() {
+    use tokio::io::AsyncWriteExt;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (connector, mut conns, _log) = channel_connector();
+    let agent = start(test_config(dir.path(), ""), connector);
+    let mut broker = next_connection(&mut conns).await;
+    broker.accept_agent().await;
+    // A PUBLISH announcing 100 KiB: beyond the 64 KiB the agent accepts.
+    let mut stream = broker.into_inner();
+    stream
+        .write_all(&[0x30, 0x80, 0x80, 0x06])
+        .await
+        .expect("write");
+    let mut broker = Peer::new(stream);
+    match broker.recv().await {
+        Packet::Disconnect(d) => assert_eq!(d.code, ReasonCode::PACKET_TOO_LARGE),
+        other => panic!("expected DISCONNECT 0x95, got {other:?}"),
+    }
+    let mut again = next_connection(&mut conns).await;
+    again.accept_agent().await;
+    let error = state(dir.path()).last_error.expect("error").message;
+    assert!(error.contains("undecodable packet"), "{error}");
+    agent.stop().await;
+}
