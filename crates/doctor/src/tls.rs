@@ -1,0 +1,260 @@
+//! The doctor's TLS client: the agent's (same trust anchors, same client certificate, the same
+//! webpki verification), plus a record of the chain the broker presented, so that a failed
+//! check can say which certificate expired, who issued an untrusted one, and which names a
+//! certificate carries.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use beckon_net::time::format_utc;
+use beckon_net::{
+    ClientIdentity, TlsClient, TlsConfigError, TlsSettings, TlsVersion, TrustAnchors,
+};
+use rustls::client::WebPkiServerVerifier;
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use rustls::{DigitallySignedStruct, RootCertStore, SignatureScheme};
+
+use crate::report::CertificateFacts;
+
+/// The chain of the last handshake, leaf first.
+type Seen = Arc<Mutex<Vec<CertificateDer<'static>>>>;
+
+/// Verifies like rustls' webpki verifier and keeps the chain it was shown.
+#[derive(Debug)]
+struct RecordingVerifier {
+    inner: Arc<WebPkiServerVerifier>,
+    seen: Seen,
+}
+
+impl ServerCertVerifier for RecordingVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        {
+            let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
+            seen.clear();
+            seen.push(end_entity.clone().into_owned());
+            seen.extend(intermediates.iter().map(|c| c.clone().into_owned()));
+        }
+        self.inner
+            .verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
+}
+
+/// The TLS client the doctor connects with.
+#[derive(Debug)]
+pub(crate) struct ProbeTls {
+    /// The client, built on the recording verifier.
+    pub client: TlsClient,
+    seen: Seen,
+    /// Subjects of the configured CA certificates (for "the CA file does not sign ...").
+    pub ca_subjects: Vec<String>,
+}
+
+impl ProbeTls {
+    /// Loads trust anchors and identity as the agent does (`beckon_net::TlsClient::new`
+    /// checks them first, so a bad file is reported in the agent's words).
+    pub fn new(settings: &TlsSettings) -> Result<Self, TlsConfigError> {
+        TlsClient::new(settings)?;
+        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+        let (roots, ca_subjects) = load_roots(&settings.trust)?;
+        let inner = WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+            .build()
+            .map_err(|e| TlsConfigError::InvalidPem {
+                what: String::from("trusted CA certificates"),
+                detail: e.to_string(),
+            })?;
+        let seen: Seen = Arc::default();
+        let verifier = Arc::new(RecordingVerifier {
+            inner,
+            seen: Arc::clone(&seen),
+        });
+        let versions: &[&'static rustls::SupportedProtocolVersion] = match settings.min_version {
+            TlsVersion::Tls13 => &[&rustls::version::TLS13],
+            TlsVersion::Tls12 => &[&rustls::version::TLS13, &rustls::version::TLS12],
+        };
+        let builder = rustls::ClientConfig::builder_with_provider(provider)
+            .with_protocol_versions(versions)
+            .map_err(TlsConfigError::Rejected)?
+            .dangerous()
+            .with_custom_certificate_verifier(verifier);
+        let config = match &settings.identity {
+            None => builder.with_no_client_auth(),
+            Some(identity) => {
+                let (chain, key) = load_identity(identity)?;
+                builder
+                    .with_client_auth_cert(chain, key)
+                    .map_err(TlsConfigError::Rejected)?
+            }
+        };
+        Ok(Self {
+            client: TlsClient::from_config(config, settings.min_version),
+            seen,
+            ca_subjects,
+        })
+    }
+
+    /// Forgets the chain of the previous handshake.
+    pub fn clear(&self) {
+        self.seen.lock().unwrap_or_else(|e| e.into_inner()).clear();
+    }
+
+    /// The chain the broker presented in the last handshake, described.
+    pub fn last_chain(&self) -> Vec<CertificateFacts> {
+        let seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
+        seen.iter().filter_map(|der| describe(der)).collect()
+    }
+}
+
+/// Subject, issuer, validity and names of a certificate; `None` if it does not parse.
+pub(crate) fn describe(der: &CertificateDer<'_>) -> Option<CertificateFacts> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der.as_ref()).ok()?;
+    let mut names = Vec::new();
+    if let Ok(Some(san)) = cert.subject_alternative_name() {
+        for name in &san.value.general_names {
+            match name {
+                x509_parser::extensions::GeneralName::DNSName(dns) => names.push((*dns).to_owned()),
+                x509_parser::extensions::GeneralName::IPAddress(bytes) => {
+                    if let Some(ip) = ip_from_bytes(bytes) {
+                        names.push(ip.to_string());
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+    Some(CertificateFacts {
+        subject: cert.subject().to_string(),
+        issuer: cert.issuer().to_string(),
+        not_before: format_utc(from_unix(cert.validity().not_before.timestamp())),
+        not_after: format_utc(from_unix(cert.validity().not_after.timestamp())),
+        names,
+    })
+}
+
+/// Whether a certificate's end of validity (as reported) is before now.
+pub(crate) fn has_expired(not_after: &str) -> bool {
+    format_utc(SystemTime::now()).as_str() > not_after
+}
+
+/// Whether a certificate's start of validity (as reported) is after now.
+pub(crate) fn not_yet_valid(not_before: &str) -> bool {
+    format_utc(SystemTime::now()).as_str() < not_before
+}
+
+fn ip_from_bytes(bytes: &[u8]) -> Option<std::net::IpAddr> {
+    match bytes.len() {
+        4 => <[u8; 4]>::try_from(bytes).ok().map(std::net::IpAddr::from),
+        16 => <[u8; 16]>::try_from(bytes).ok().map(std::net::IpAddr::from),
+        _ => None,
+    }
+}
+
+fn from_unix(secs: i64) -> SystemTime {
+    if secs >= 0 {
+        UNIX_EPOCH + Duration::from_secs(secs.unsigned_abs())
+    } else {
+        UNIX_EPOCH
+            .checked_sub(Duration::from_secs(secs.unsigned_abs()))
+            .unwrap_or(UNIX_EPOCH)
+    }
+}
+
+fn invalid(what: &str, detail: impl Into<String>) -> TlsConfigError {
+    TlsConfigError::InvalidPem {
+        what: what.to_owned(),
+        detail: detail.into(),
+    }
+}
+
+fn read(what: &'static str, path: &std::path::Path) -> Result<Vec<u8>, TlsConfigError> {
+    std::fs::read(path).map_err(|source| TlsConfigError::FileUnreadable {
+        what,
+        path: path.to_owned(),
+        source,
+    })
+}
+
+fn load_roots(trust: &TrustAnchors) -> Result<(RootCertStore, Vec<String>), TlsConfigError> {
+    let mut roots = RootCertStore::empty();
+    let mut subjects = Vec::new();
+    let pem_roots =
+        |pem: &[u8], what: &str, roots: &mut RootCertStore, subjects: &mut Vec<String>| {
+            for cert in CertificateDer::pem_slice_iter(pem) {
+                let cert = cert.map_err(|e| invalid(what, format!("not valid PEM: {e}")))?;
+                if let Some(facts) = describe(&cert) {
+                    subjects.push(facts.subject);
+                }
+                roots.add(cert).map_err(|e| {
+                    invalid(what, format!("a certificate cannot be used as a CA: {e}"))
+                })?;
+            }
+            Ok::<(), TlsConfigError>(())
+        };
+    match trust {
+        TrustAnchors::System => {
+            let found = rustls_native_certs::load_native_certs();
+            roots.add_parsable_certificates(found.certs);
+        }
+        TrustAnchors::CaFile(path) => {
+            let pem = read("CA", path)?;
+            pem_roots(
+                &pem,
+                &format!("CA file {}", path.display()),
+                &mut roots,
+                &mut subjects,
+            )?;
+        }
+        TrustAnchors::CaPem(pem) => pem_roots(pem, "CA (in memory)", &mut roots, &mut subjects)?,
+    }
+    if roots.is_empty() {
+        return Err(invalid("trusted CA certificates", "none could be loaded"));
+    }
+    Ok((roots, subjects))
+}
+
+type Identity = (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>);
+
+fn load_identity(identity: &ClientIdentity) -> Result<Identity, TlsConfigError> {
+    let (cert_pem, key_pem) = match identity {
+        ClientIdentity::Files { cert, key } => {
+            (read("client certificate", cert)?, read("client key", key)?)
+        }
+        ClientIdentity::Pem { cert, key } => (cert.clone(), key.clone()),
+    };
+    let chain = CertificateDer::pem_slice_iter(&cert_pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| invalid("client certificate", format!("not valid PEM: {e}")))?;
+    let key = PrivateKeyDer::from_pem_slice(&key_pem)
+        .map_err(|e| invalid("client key", format!("holds no usable private key: {e}")))?;
+    Ok((chain, key))
+}

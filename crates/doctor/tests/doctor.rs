@@ -1,0 +1,446 @@
+//! One test per failure class the doctor names, each checking the verdict and the fix
+//! sentence, plus a fully working path through a real Mosquitto. Peers are real where users
+//! have real ones: tinyproxy, Mosquitto; rustls servers with rcgen certificates for TLS.
+
+mod support;
+
+use beckon_doctor::{DoctorArgs, StepName, Verdict, diagnose};
+use clap::Parser;
+use support::*;
+
+#[tokio::test]
+async fn a_name_that_does_not_resolve() {
+    let report = diagnose(&config("no-such-broker.invalid", 8883, 443)).await;
+    assert!(!report.ok);
+    let dns = assert_fails(
+        &report,
+        "8883",
+        StepName::Dns,
+        &["broker name no-such-broker.invalid", "DNS"],
+    );
+    assert!(
+        dns.detail.contains("no-such-broker.invalid"),
+        "{}",
+        dns.detail
+    );
+    // The other paths would ask the same question: not asked again, still a failure.
+    let again = step(path(&report, "443-mqtt"), StepName::Dns);
+    assert_eq!(again.verdict, Verdict::Fail);
+    assert!(
+        again.detail.starts_with("not run again, as on 8883"),
+        "{}",
+        again.detail
+    );
+    assert!(
+        report
+            .summary
+            .starts_with("No path to no-such-broker.invalid works"),
+        "{}",
+        report.summary
+    );
+}
+
+#[tokio::test]
+async fn a_refused_port() {
+    let (primary, fallback) = (refused_port(), refused_port());
+    let report = diagnose(&config("127.0.0.1", primary, fallback)).await;
+    assert_eq!(
+        step(path(&report, "8883"), StepName::Dns).verdict,
+        Verdict::Pass
+    );
+    let tcp = assert_fails(
+        &report,
+        "8883",
+        StepName::Tcp,
+        &[
+            &format!("Nothing accepts TCP port {primary} on 127.0.0.1"),
+            &format!("rely on the fallback port {fallback}"),
+        ],
+    );
+    assert!(tcp.detail.contains("refused"), "{}", tcp.detail);
+    assert_fails(
+        &report,
+        "443-mqtt",
+        StepName::Tcp,
+        &[&format!("Nothing accepts TCP port {fallback}")],
+    );
+    assert!(!report.ok);
+    assert!(report.path_in_use.is_none());
+
+    // The JSON form carries the same verdicts.
+    let json = serde_json::to_value(&report).expect("JSON");
+    assert_eq!(json["ok"], false);
+    assert_eq!(json["paths"][0]["path"], "8883");
+    assert_eq!(json["paths"][0]["steps"][0]["step"], "dns");
+    assert_eq!(json["paths"][0]["steps"][0]["verdict"], "pass");
+    assert_eq!(json["paths"][0]["steps"][1]["step"], "tcp");
+    assert_eq!(json["paths"][0]["steps"][1]["verdict"], "fail");
+    assert_eq!(json["paths"][0]["steps"][2]["verdict"], "skipped");
+    assert!(json["paths"][0]["steps"][1]["fix"].as_str().is_some());
+}
+
+#[tokio::test]
+async fn a_filtered_port() {
+    // A real "filtered" port: the TCP connect itself gets no answer (see support::filtered_port).
+    let filtered = filtered_port().await;
+    let report = diagnose(&config("127.0.0.1", filtered.port, refused_port())).await;
+    let tcp = assert_fails(
+        &report,
+        "8883",
+        StepName::Tcp,
+        &[
+            &format!("Open outbound TCP port {} to 127.0.0.1", filtered.port),
+            "drops packets",
+        ],
+    );
+    assert!(tcp.detail.contains("no answer"), "{}", tcp.detail);
+}
+
+#[tokio::test]
+async fn a_port_that_accepts_but_never_speaks_tls() {
+    let (silent, _task) = start_silent_server().await;
+    let report = diagnose(&config("127.0.0.1", silent.port(), refused_port())).await;
+    assert_eq!(
+        step(path(&report, "8883"), StepName::Tcp).verdict,
+        Verdict::Pass
+    );
+    let tls = assert_fails(
+        &report,
+        "8883",
+        StepName::Tls,
+        &[&format!(
+            "Port {} on 127.0.0.1 accepted TCP but never answered the TLS handshake",
+            silent.port()
+        )],
+    );
+    assert!(
+        tls.detail.contains("did not finish within 2 s"),
+        "{}",
+        tls.detail
+    );
+}
+
+#[tokio::test]
+async fn a_proxy_that_wants_authentication() {
+    let (proxy, _task) = start_scripted_server(
+        b"HTTP/1.1 407 Proxy Authentication Required\r\nProxy-Authenticate: Basic realm=\"corp\"\r\nContent-Length: 0\r\n\r\n",
+    )
+    .await;
+    let mut config = config("127.0.0.1", refused_port(), refused_port());
+    config.proxy = Some(beckon_net::ProxyUrl::new("127.0.0.1", proxy.port()));
+    let report = diagnose(&config).await;
+    let labels: Vec<&str> = report.paths.iter().map(|p| p.path.as_str()).collect();
+    assert_eq!(
+        labels,
+        [
+            "8883 via proxy",
+            "443-mqtt via proxy",
+            "443-websocket via proxy",
+            "8883",
+            "443-mqtt",
+            "443-websocket"
+        ]
+    );
+    assert_fails(
+        &report,
+        "8883 via proxy",
+        StepName::ProxyConnect,
+        &[
+            &format!(
+                "The proxy http://127.0.0.1:{} requires authentication, which Beckon does not support",
+                proxy.port()
+            ),
+            "so that they go direct",
+        ],
+    );
+    // A proxy-wide refusal is not asked again on the other proxied paths.
+    let again = step(
+        path(&report, "443-websocket via proxy"),
+        StepName::ProxyConnect,
+    );
+    assert!(
+        again.detail.starts_with("not run again"),
+        "{}",
+        again.detail
+    );
+    // The direct paths are checked after the proxied ones.
+    assert_eq!(
+        step(path(&report, "8883"), StepName::Tcp).verdict,
+        Verdict::Fail
+    );
+}
+
+#[tokio::test]
+async fn a_proxy_that_forbids_the_port() {
+    let proxy = Tinyproxy::start(&[443]).await;
+    let primary = refused_port();
+    let mut config = config("127.0.0.1", primary, refused_port());
+    config.proxy = Some(proxy.url());
+    let report = diagnose(&config).await;
+    let forbidden = assert_fails(
+        &report,
+        "8883 via proxy",
+        StepName::ProxyConnect,
+        &[
+            &format!(
+                "Allow CONNECT to port {primary} on the proxy {}",
+                proxy.url()
+            ),
+            &format!("acl SSL_ports port {primary}"),
+            &format!("ConnectPort {primary}"),
+        ],
+    );
+    assert!(
+        forbidden.detail.contains("403"),
+        "{}\ntinyproxy:\n{}",
+        forbidden.detail,
+        proxy.output()
+    );
+    assert_eq!(
+        step(path(&report, "8883 via proxy"), StepName::Tcp).verdict,
+        Verdict::Pass
+    );
+}
+
+#[tokio::test]
+async fn a_certificate_from_another_ca() {
+    let ours = TestCa::new("our CA");
+    let theirs = TestCa::new("someone else's CA");
+    let server = start_tls_server(theirs.server_cert(&["127.0.0.1"])).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = config("127.0.0.1", server.addr.port(), refused_port())
+        .with_ca_file(ours.write(dir.path()));
+    let report = diagnose(&config).await;
+    let tls = assert_fails(
+        &report,
+        "8883",
+        StepName::Tls,
+        &[
+            "The CA file",
+            "CN=our CA",
+            "does not sign the certificate of 127.0.0.1",
+            "issued by CN=someone else's CA",
+        ],
+    );
+    let facts = tls.tls.as_ref().expect("the chain seen is reported");
+    assert!(
+        facts.chain[0].issuer.contains("someone else's CA"),
+        "{facts:?}"
+    );
+}
+
+#[tokio::test]
+async fn an_expired_certificate() {
+    let ca = TestCa::new("Beckon test CA");
+    let server =
+        start_tls_server(ca.server_cert_valid(&["127.0.0.1"], (2019, 1, 1), (2021, 3, 4))).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config =
+        config("127.0.0.1", server.addr.port(), refused_port()).with_ca_file(ca.write(dir.path()));
+    let report = diagnose(&config).await;
+    assert_fails(
+        &report,
+        "8883",
+        StepName::Tls,
+        &[
+            "Renew the certificate CN=test broker",
+            "expired on 2021-03-04",
+        ],
+    );
+}
+
+#[tokio::test]
+async fn a_certificate_for_another_name() {
+    let ca = TestCa::new("Beckon test CA");
+    let server = start_tls_server(ca.server_cert(&["broker.example", "push.example"])).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config =
+        config("127.0.0.1", server.addr.port(), refused_port()).with_ca_file(ca.write(dir.path()));
+    let report = diagnose(&config).await;
+    assert_fails(
+        &report,
+        "8883",
+        StepName::Tls,
+        &[
+            "names broker.example, push.example, not 127.0.0.1",
+            "subject alternative names",
+        ],
+    );
+}
+
+#[tokio::test]
+async fn credentials_refused_by_mosquitto() {
+    let ca = TestCa::new("Beckon test CA");
+    let broker = Mosquitto::start_tls(
+        &ca.server_cert(&["localhost", "127.0.0.1"]),
+        "agent-7",
+        "right-token",
+    )
+    .await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut config =
+        config("127.0.0.1", broker.port, refused_port()).with_ca_file(ca.write(dir.path()));
+    config.username = Some("agent-7".into());
+    config.password = Some("wrong-token".into());
+    let report = diagnose(&config).await;
+    assert_eq!(
+        step(path(&report, "8883"), StepName::Tls).verdict,
+        Verdict::Pass,
+        "{}\nmosquitto:\n{}",
+        report.to_human(),
+        broker.output()
+    );
+    let refused = assert_fails(
+        &report,
+        "8883",
+        StepName::MqttConnect,
+        &[
+            "The broker refused the credentials with reason 0x87 (not authorized)",
+            "agent-7",
+        ],
+    );
+    assert_eq!(refused.reason_code, Some(0x87));
+    assert!(!report.ok);
+}
+
+#[tokio::test]
+async fn a_working_path_through_mosquitto() {
+    let ca = TestCa::new("Beckon test CA");
+    let broker = Mosquitto::start_tls(
+        &ca.server_cert(&["localhost", "127.0.0.1"]),
+        "agent-7",
+        "right-token",
+    )
+    .await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut config =
+        config("127.0.0.1", broker.port, refused_port()).with_ca_file(ca.write(dir.path()));
+    config.username = Some("agent-7".into());
+    config.password = Some("right-token".into());
+    let report = diagnose(&config).await;
+    let human = report.to_human();
+    let p = path(&report, "8883");
+    assert!(p.ok, "{human}\nmosquitto:\n{}", broker.output());
+    assert!(
+        p.steps.iter().all(|s| s.verdict == Verdict::Pass),
+        "{human}"
+    );
+    let tls = step(p, StepName::Tls).tls.as_ref().expect("TLS facts");
+    assert_eq!(tls.version.as_deref(), Some("TLS 1.3"));
+    assert!(tls.chain[0].subject.contains("test broker"), "{tls:?}");
+    assert_eq!(step(p, StepName::MqttConnect).reason_code, Some(0));
+    let round_trip = &step(p, StepName::RoundTrip).detail;
+    assert!(round_trip.contains("PINGRESP"), "{round_trip}");
+    assert!(round_trip.contains("received it back"), "{round_trip}");
+    assert!(report.ok);
+    assert_eq!(report.path_in_use.as_deref(), Some("8883"));
+    assert!(
+        report
+            .summary
+            .starts_with("Agents will use 8883 (MQTT over TLS to 127.0.0.1:"),
+        "{}",
+        report.summary
+    );
+    assert!(human.contains("✓ 8883: MQTT over TLS"), "{human}");
+    assert!(human.contains("✗ 443-mqtt"), "{human}");
+}
+
+#[derive(Parser)]
+struct Cli {
+    #[command(flatten)]
+    doctor: DoctorArgs,
+}
+
+#[tokio::test]
+async fn an_agent_identity_from_its_config_file() {
+    let ca = TestCa::new("Beckon test CA");
+    let broker = Mosquitto::start_tls(
+        &ca.server_cert(&["localhost", "127.0.0.1"]),
+        "laptop-42",
+        "t0ken",
+    )
+    .await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ca_file = ca.write(dir.path());
+    let token_file = dir.path().join("token");
+    std::fs::write(&token_file, "t0ken\n").expect("token file");
+    let agent_config = dir.path().join("agent.toml");
+    std::fs::write(
+        &agent_config,
+        format!(
+            "agent_id = \"laptop-42\"\ntenant = \"acme\"\n[broker]\nhost = \"127.0.0.1\"\nport = {}\nfallback_port = {}\nca_file = \"{}\"\ntoken_file = \"{}\"\n[reconnect]\nbackoff_base = \"1s\"\n",
+            broker.port,
+            refused_port(),
+            ca_file.display(),
+            token_file.display()
+        ),
+    )
+    .expect("agent config");
+    let cli = Cli::try_parse_from([
+        "doctor",
+        "--agent-config",
+        agent_config.to_str().expect("utf-8 path"),
+        "--echo-topic",
+        "agents/laptop-42/doctor",
+        "--timeout",
+        "2",
+    ])
+    .expect("arguments");
+    let config = cli.doctor.to_config().expect("config");
+    assert_eq!(config.client_id.as_deref(), Some("laptop-42"));
+    assert_eq!(config.username.as_deref(), Some("laptop-42"));
+    let report = diagnose(&config).await;
+    let human = report.to_human();
+    assert!(report.ok, "{human}\nmosquitto:\n{}", broker.output());
+    assert_eq!(report.client_id, "laptop-42");
+    let round_trip = &step(path(&report, "8883"), StepName::RoundTrip).detail;
+    assert!(
+        round_trip.contains("subscribed to agents/laptop-42/wake"),
+        "{round_trip}"
+    );
+    assert!(
+        round_trip.contains("published to agents/laptop-42/doctor and received it back"),
+        "{round_trip}"
+    );
+}
+
+#[test]
+fn bad_arguments_are_errors_not_panics() {
+    let parse = |args: &[&str]| {
+        let mut all = vec!["doctor"];
+        all.extend_from_slice(args);
+        Cli::try_parse_from(all).map(|c| c.doctor.to_config())
+    };
+    let err = parse(&[]).expect("parses").expect_err("no broker");
+    assert!(err.to_string().contains("--broker HOST"), "{err}");
+    let err = parse(&["--broker", "b", "--proxy", "http://u:p@proxy:3128"])
+        .expect("parses")
+        .expect_err("credentials in the proxy URL");
+    assert!(
+        format!("{err:#}").contains("proxy authentication is not supported"),
+        "{err:#}"
+    );
+    let err = parse(&["--broker", "b", "--timeout", "0"])
+        .expect("parses")
+        .expect_err("zero timeout");
+    assert!(err.to_string().contains("--timeout"), "{err}");
+    let err = parse(&["--agent-config", "/nonexistent/agent.toml"])
+        .expect("parses")
+        .expect_err("missing file");
+    assert!(
+        err.to_string()
+            .contains("cannot read the agent configuration"),
+        "{err}"
+    );
+    let config = parse(&["--broker", "b", "--ports", "9883"])
+        .expect("parses")
+        .expect("config");
+    assert_eq!((config.primary_port, config.fallback_port), (9883, None));
+    // Three ports: clap refuses them, or the doctor does.
+    assert!(parse(&["--broker", "b", "--ports", "1,2,3"]).map_or(true, |c| c.is_err()));
+    assert!(
+        parse(&["--broker", "b", "--ports", "0,443"])
+            .expect("parses")
+            .is_err()
+    );
+}
