@@ -39,6 +39,19 @@ pub fn free_port() -> anyhow::Result<u16> {
 }
 
 impl ManagedBroker {
+    /// Any broker started as `program args...`, listening on 127.0.0.1:`port`, its output
+    /// appended to `log`.
+    pub fn new(label: &str, program: &Path, args: Vec<String>, port: u16, log: PathBuf) -> Self {
+        Self {
+            label: label.to_owned(),
+            program: program.to_owned(),
+            args,
+            port,
+            log,
+            child: None,
+        }
+    }
+
     /// Mosquitto with a generated configuration in `dir`: one listener on 127.0.0.1:`port`,
     /// TLS with `certs` (plain without), anonymous clients allowed, no connection limit,
     /// persistence off. It runs with the same per-process file limit as everything here.

@@ -18,7 +18,7 @@ use crate::procstat::{ProcReader, ProcSample};
 use crate::protocol::{
     Command, ConnectOutcome, Reply, StormOutcome, WakeupOutcome, WorkerConfig, unix_ns,
 };
-use crate::publisher::publish_wakeups;
+use crate::publisher::{PublishOutcome, publish_wakeups};
 use crate::report::{
     ConnectReport, FanoutReport, FleetReport, IdleReport, Percentiles, StormReport,
 };
@@ -448,10 +448,27 @@ async fn fan_out(
         wait,
     )
     .await
-    .context("the fan-out publisher could not connect")?;
+    .unwrap_or_else(|e| {
+        // Reported, not fatal: the other phases still tell something.
+        let now = unix_ns();
+        PublishOutcome {
+            sent: 0,
+            acked: 0,
+            window: 0,
+            started_unix_ns: now,
+            written_unix_ns: now,
+            error: Some(format!("the publisher could not connect: {e}")),
+        }
+    });
+    // Nothing was sent: nothing to wait for.
+    let collect_wait = if published.sent == 0 {
+        Duration::ZERO
+    } else {
+        wait
+    };
     fleet
         .broadcast(&Command::CollectWakeups {
-            wait_ms: u64::try_from(wait.as_millis()).unwrap_or(u64::MAX),
+            wait_ms: u64::try_from(collect_wait.as_millis()).unwrap_or(u64::MAX),
         })
         .await?;
     let outcomes: Vec<WakeupOutcome> = fleet

@@ -22,6 +22,10 @@ fn main() -> ExitCode {
             "fleet_mqtt5_survives_a_broker_restart",
             fleet_mqtt5_survives_a_broker_restart,
         ),
+        (
+            "fleet_presents_client_certificate_and_password",
+            fleet_presents_client_certificate_and_password,
+        ),
     ])
 }
 
@@ -147,4 +151,105 @@ fn fleet_mqtt5_survives_a_broker_restart() {
     assert_eq!(storm.back, 200, "every agent reconnects after the restart");
     assert_eq!(storm.not_back, 0);
     assert!(storm.back_99_after_up_s.is_some());
+}
+
+/// Client certificates and user names reach the broker: a Mosquitto that requires a
+/// certificate (its name becomes the user name) and a password admits the fleet that
+/// presents both, and the report names the refusal when the password is wrong.
+fn fleet_presents_client_certificate_and_password() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let ca = beckon_bench::certs::BenchCa::new().expect("CA");
+    let server = ca.issue_server(dir.path()).expect("server certificate");
+    let client = ca
+        .issue_client(dir.path(), "fleet")
+        .expect("client certificate");
+    let passwords = dir.path().join("passwords");
+    std::fs::write(&passwords, "").expect("password file");
+    let status = std::process::Command::new("mosquitto_passwd")
+        .args(["-b"])
+        .arg(&passwords)
+        .args(["fleet", "s3cret"])
+        .status()
+        .expect("mosquitto_passwd runs (apt-get install mosquitto)");
+    assert!(status.success(), "mosquitto_passwd failed");
+    let port = free_port().expect("port");
+    let config = dir.path().join("mosquitto.conf");
+    std::fs::write(
+        &config,
+        format!(
+            "per_listener_settings false\nallow_anonymous false\npassword_file {}\nuser root\n\
+             log_dest stderr\nlistener {port} 127.0.0.1\ncertfile {}\nkeyfile {}\ncafile {}\n\
+             require_certificate true\n",
+            passwords.display(),
+            server.cert.display(),
+            server.key.display(),
+            server.ca.display()
+        ),
+    )
+    .expect("config");
+    let mut broker = ManagedBroker::new(
+        "mosquitto",
+        &common::mosquitto_bin(),
+        vec!["-c".to_owned(), config.display().to_string()],
+        port,
+        dir.path().join("mosquitto.log"),
+    );
+    broker.start().expect("mosquitto starts");
+
+    let port = port.to_string();
+    let ca_file = server.ca.display().to_string();
+    let cert = client.cert.display().to_string();
+    let key = client.key.display().to_string();
+    let run = |password: &str| {
+        let stdout = common::run_bench(
+            &[
+                "fleet",
+                "--port",
+                &port,
+                "--ca",
+                &ca_file,
+                "--server-name",
+                "localhost",
+                "--client-cert",
+                &cert,
+                "--client-key",
+                &key,
+                "--username",
+                "fleet",
+                "--password",
+                password,
+                "--mqtt-version",
+                "5",
+                "--agents",
+                "50",
+                "--phases",
+                "connect,fanout",
+                "--json",
+            ],
+            Duration::from_secs(120),
+        );
+        serde_json::from_str::<serde_json::Value>(&stdout)
+            .unwrap_or_else(|e| panic!("the report is not JSON ({e}):\n{stdout}"))
+    };
+    let admitted = run("s3cret");
+    assert_eq!(common::number(&admitted, "/connect/connected"), 50.0);
+    assert_eq!(common::number(&admitted, "/fanout/delivered"), 50.0);
+
+    let refused = run("wrong");
+    assert_eq!(common::number(&refused, "/connect/connected"), 0.0);
+    assert_eq!(common::number(&refused, "/connect/failed"), 50.0);
+    let error = refused["connect"]["first_error"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(
+        error.contains("refused CONNECT"),
+        "the first error names the refusal: {error}"
+    );
+    let publisher = refused["fanout"]["publisher_error"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(
+        publisher.contains("refused CONNECT"),
+        "the fan-out reports its refused publisher: {publisher}"
+    );
 }
