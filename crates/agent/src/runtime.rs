@@ -218,6 +218,13 @@ async fn connect_once<C: Connector>(
             state.update_logged(|s| {
                 s.connected = false;
                 s.since = Some(unix_now());
+                if end != SessionEnd::Shutdown {
+                    // Kept apart from last_error, which the reconnect attempts overwrite.
+                    s.last_disconnect = Some(crate::state::LastError {
+                        message: format!("{end} (path {path})"),
+                        at: unix_now(),
+                    });
+                }
             });
             end
         }

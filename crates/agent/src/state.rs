@@ -96,6 +96,8 @@ pub struct AgentState {
     pub last_result: Option<LastResult>,
     /// The last error.
     pub last_error: Option<LastError>,
+    /// Why the last established connection ended.
+    pub last_disconnect: Option<LastError>,
     /// Ids of accepted wake-ups, kept until they expire (a restart opens no replay window).
     pub replay_guard: beckon_identity::wakeup::ReplayGuard,
     /// When the file was written, Unix seconds.

@@ -126,6 +126,9 @@ pub fn render(state: &AgentState, now: i64, running: bool) -> String {
             let _ = writeln!(out, "Last result:  none");
         }
     }
+    if let Some(d) = &state.last_disconnect {
+        let _ = writeln!(out, "Last drop:    {} at {}", d.message, age(d.at, now));
+    }
     match &state.last_error {
         Some(e) => {
             let _ = writeln!(out, "Last error:   {} at {}", e.message, age(e.at, now));
@@ -168,6 +171,10 @@ mod tests {
                 message: "broker refused the connection: server busy".into(),
                 at: 900,
             }),
+            last_disconnect: Some(LastError {
+                message: "broker closed the session: server shutting down (0x8B)".into(),
+                at: 800,
+            }),
             ..AgentState::default()
         };
         let text = render(&state, 1200, true);
@@ -178,6 +185,7 @@ mod tests {
             "w-1 (policy changed)",
             "failed, exit code 3, 42 ms",
             "server busy",
+            "Last drop:    broker closed the session: server shutting down (0x8B) at",
         ] {
             assert!(text.contains(needle), "missing {needle:?} in\n{text}");
         }

@@ -83,14 +83,16 @@ async fn agent_works_with_the_beckon_broker_and_survives_its_restart() {
         .expect("shutdown in time")
         .expect("clean shutdown");
     eventually("agent noticed the shutdown", || !connected(dir.path())).await;
-    let error = AgentState::read(dir.path())
+    let dropped = AgentState::read(dir.path())
         .expect("read")
-        .and_then(|s| s.last_error)
-        .expect("error")
+        .and_then(|s| s.last_disconnect)
+        .expect("the drop is recorded")
         .message;
+    assert!(dropped.contains("server shutting down (0x8B)"), "{dropped}");
+    let text = beckon_agent::status::status_text(dir.path()).expect("status");
     assert!(
-        error.contains("server shutting down (0x8B)") || error.contains("TCP"),
-        "{error}"
+        text.contains("Last drop:    broker closed the session: server shutting down"),
+        "{text}"
     );
 
     // The broker comes back on the same ports: the agent reconnects by itself.
