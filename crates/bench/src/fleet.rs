@@ -519,6 +519,12 @@ async fn storm(
     load: &LoadArgs,
 ) -> anyhow::Result<StormReport> {
     let restart = broker.can_restart();
+    let reader = ProcReader::new();
+    let read_broker =
+        |broker: &dyn BrokerControl| broker.pid().and_then(|pid| reader.sample(pid).ok());
+    // CPU of the storm: from just before the cut, or from the restarted broker's first
+    // moment of listening (its start-up left out), to the end of the wait.
+    let mut before = if restart { None } else { read_broker(broker) };
     let cut_unix_ns = unix_ns();
     fleet
         .broadcast(&Command::ArmStorm { cut: !restart })
@@ -528,8 +534,10 @@ async fn storm(
         .await?;
     let outage = Duration::from_secs_f64(load.outage_secs.max(0.0));
     let (down_unix_ns, up_unix_ns) = if restart {
-        tokio::task::block_in_place(|| broker.restart(outage))
-            .context("restarting the broker for the storm")?
+        let times = tokio::task::block_in_place(|| broker.restart(outage))
+            .context("restarting the broker for the storm")?;
+        before = read_broker(broker);
+        times
     } else {
         (cut_unix_ns, cut_unix_ns)
     };
@@ -548,6 +556,7 @@ async fn storm(
             _ => None,
         })
         .collect();
+    let after = read_broker(broker);
     let mut back_times: Vec<u64> = outcomes
         .iter()
         .flat_map(|o| o.back_unix_ns.iter().copied())
@@ -577,6 +586,12 @@ async fn storm(
             })
             .flatten(),
         peak_connects_per_s: peak,
+        cpu_per_reconnect_us: match (before, after) {
+            (Some(b), Some(a)) if back > 0 => {
+                Some(a.cpu.saturating_sub(b.cpu).as_secs_f64() * 1e6 / back as f64)
+            }
+            _ => None,
+        },
         attempts: outcomes.iter().map(|o| o.attempts).sum(),
         first_error: outcomes.iter().find_map(|o| o.first_error.clone()),
         wait_s: wait.as_secs_f64(),

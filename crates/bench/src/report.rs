@@ -127,6 +127,9 @@ pub struct StormReport {
     pub back_all_after_up_s: Option<f64>,
     /// Most reconnections completed within one second.
     pub peak_connects_per_s: usize,
+    /// Broker CPU time during the storm (from the cut, or from the restarted broker
+    /// listening, to the end of the wait) divided by agents back, microseconds.
+    pub cpu_per_reconnect_us: Option<f64>,
     /// Connection attempts, failed and successful.
     pub attempts: u64,
     /// The first failed attempt.
@@ -282,6 +285,12 @@ impl FleetReport {
                 "/s",
                 Some(s.peak_connects_per_s as f64),
                 false,
+            ));
+            out.push(figure(
+                "storm: broker CPU per reconnect",
+                "us",
+                s.cpu_per_reconnect_us,
+                true,
             ));
         }
         out
