@@ -320,3 +320,59 @@ fn duration(value: &toml::Value) -> Option<Duration> {
         _ => None,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_what_the_doctor_needs_from_an_agent_config() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let token = dir.path().join("token");
+        std::fs::write(&token, "  abc.def  \n").expect("token");
+        let text = format!(
+            "agent_id = \"laptop-42\"\ntenant = \"acme\"\n[broker]\nhost = \"push.example\"\nport = 9883\nca_file = \"ca.pem\"\ntoken_file = \"{}\"\nproxy = \"http://proxy.example:3128\"\nsession_expiry = \"2h\"\nkeepalive_direct = 60\n[actions.command]\nargv = [\"/bin/true\"]\n",
+            token.display()
+        );
+        let agent = AgentBrokerSettings::parse(&text, FsPath::new("agent.toml")).expect("valid");
+        assert_eq!(agent.port, 9883);
+        assert_eq!(agent.fallback_port, 443);
+        assert_eq!(agent.token.as_deref(), Some("abc.def"));
+        assert_eq!(agent.session_expiry, Duration::from_secs(7200));
+        let config = DoctorConfig::from_agent_config(&agent);
+        assert_eq!(config.client_id.as_deref(), Some("laptop-42"));
+        assert_eq!(config.username.as_deref(), Some("laptop-42"));
+        assert_eq!(config.password.as_deref(), Some("abc.def"));
+        assert_eq!(config.proxy, Some(ProxyUrl::new("proxy.example", 3128)));
+        assert_eq!(config.tls.trust, TrustAnchors::CaFile("ca.pem".into()));
+        assert!(config.trust_label().contains("broker.ca_file"));
+    }
+
+    #[test]
+    fn a_bad_agent_config_names_file_and_key() {
+        let cases = [
+            ("agent_id = \"a\"\n", "missing field `broker`"),
+            (
+                "agent_id = \"a\"\n[broker]\nhost = \"h\"\nclient_cert = \"c.pem\"\n",
+                "broker.client_key",
+            ),
+            (
+                "agent_id = \"a\"\n[broker]\nhost = \"h\"\nproxy = \"https://p:1\"\n",
+                "broker.proxy",
+            ),
+            (
+                "agent_id = \"a\"\n[broker]\nhost = \"h\"\nsession_expiry = \"soon\"\n",
+                "broker.session_expiry",
+            ),
+            (
+                "agent_id = \"a\"\n[broker]\nhost = \"h\"\ntoken_file = \"/nonexistent/token\"\n",
+                "cannot read the token file",
+            ),
+        ];
+        for (text, expected) in cases {
+            let err = AgentBrokerSettings::parse(text, FsPath::new("x.toml")).expect_err(text);
+            let message = err.to_string();
+            assert!(message.contains(expected), "{text}: {message}");
+        }
+    }
+}

@@ -396,7 +396,12 @@ impl PathChecker<'_> {
             }
         };
         let facts = tls_facts(&info, &chain);
-        let summary = tls_summary(&facts);
+        let mut summary = tls_summary(&facts);
+        if let Some(days) = days_left(&info).filter(|d| *d < RENEW_WARNING_DAYS) {
+            summary.push_str(&format!(
+                " (in {days} days: renew the broker's certificate soon, or agents stop connecting then)"
+            ));
+        }
         if path.transport == Transport::AlpnMqtt && info.alpn.as_deref() != Some("mqtt") {
             let step = steps.fail(
                 StepName::Tls,
@@ -693,6 +698,19 @@ fn tls_facts(info: &TlsSessionInfo, chain: &[crate::report::CertificateFacts]) -
         chain_expires: info.chain_expiry().map(beckon_net::time::format_utc),
     }
 }
+
+/// Days until the chain's earliest expiry (negative once expired), if known.
+fn days_left(info: &TlsSessionInfo) -> Option<i64> {
+    let expiry = info.chain_expiry()?;
+    let secs = match expiry.duration_since(std::time::SystemTime::now()) {
+        Ok(ahead) => i64::try_from(ahead.as_secs()).unwrap_or(i64::MAX),
+        Err(past) => -i64::try_from(past.duration().as_secs()).unwrap_or(i64::MAX),
+    };
+    Some(secs.div_euclid(86_400))
+}
+
+/// Renewal warning for a chain that expires within this many days.
+const RENEW_WARNING_DAYS: i64 = 21;
 
 fn tls_summary(facts: &TlsFacts) -> String {
     let mut parts = vec![

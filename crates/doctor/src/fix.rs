@@ -261,8 +261,8 @@ pub(crate) fn websocket(error: &WsError, host: &str, port: u16) -> String {
         WsError::Subprotocol { path, .. } => format!(
             "Serve the WebSocket subprotocol mqtt at {path} on {host}:{port}: the endpoint there is not an MQTT one."
         ),
-        WsError::Closed { .. } | WsError::TimedOut { .. } => format!(
-            "Let WebSocket upgrades to {host}:{port} through the proxies and filters on the way: the upgrade did not complete."
+        WsError::Closed { path } | WsError::TimedOut { path, .. } => format!(
+            "Make sure {host}:{port} serves MQTT over WebSocket at {path} (a plain MQTT port closes on the HTTP request) and that no proxy or filter on the way blocks WebSocket upgrades."
         ),
         WsError::Protocol { .. } | WsError::Io(_) => format!(
             "Look in the broker's log for this WebSocket connection to port {port} and remove the cause it names."
@@ -387,5 +387,76 @@ fn capitalize(text: &str) -> String {
     match chars.next() {
         Some(first) => first.to_uppercase().chain(chars).collect(),
         None => String::new(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ctx() -> ConnectContext<'static> {
+        ConnectContext {
+            client_id: "laptop-42",
+            username: Some("laptop-42"),
+            has_password: true,
+            has_client_cert: false,
+        }
+    }
+
+    #[test]
+    fn connack_refusals_name_the_reason_and_the_fix() {
+        let cases: [(u8, Option<&str>, &[&str]); 6] = [
+            (
+                0x86,
+                None,
+                &[
+                    "reason 0x86 (bad user name or password)",
+                    "the user name laptop-42 and its token",
+                ],
+            ),
+            (
+                0x87,
+                None,
+                &["reason 0x87 (not authorized)", "client id laptop-42"],
+            ),
+            (0x84, None, &["MQTT 5", "upgrade"]),
+            (
+                0x89,
+                None,
+                &["reason 0x89 (server busy)", "retry by themselves"],
+            ),
+            (
+                0x9C,
+                Some("other.example:8883"),
+                &["reason 0x9C (use another server), to other.example:8883"],
+            ),
+            (0x8A, None, &["banned", "laptop-42"]),
+        ];
+        for (code, reference, words) in cases {
+            let fix = connack(ReasonCode(code), reference, &ctx());
+            for word in words {
+                assert!(fix.contains(word), "0x{code:02X}: {fix}");
+            }
+            // Each fix is one full sentence.
+            assert!(fix.ends_with('.'), "{fix}");
+        }
+    }
+
+    #[test]
+    fn proxy_refusals_name_the_rule_to_change() {
+        let proxy = ProxyUrl::new("proxy.example", 3128);
+        let bad_gateway = ProxyError::Refused {
+            proxy: proxy.to_string(),
+            target: "broker.example:8883".into(),
+            status: 502,
+            reason: "Bad Gateway".into(),
+        };
+        let fix = self::proxy(&bad_gateway, &proxy, 8883);
+        assert!(
+            fix.contains(
+                "Let the proxy http://proxy.example:3128 itself reach the broker on port 8883"
+            ),
+            "{fix}"
+        );
     }
 }

@@ -405,3 +405,171 @@ pub(crate) fn reason_name(code: ReasonCode) -> &'static str {
 pub(crate) fn describe_code(code: ReasonCode) -> String {
     format!("0x{:02X} ({})", code.0, reason_name(code))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use beckon_mqtt::{Ack, ConnAck};
+    use tokio::io::{DuplexStream, duplex};
+
+    const T: Duration = Duration::from_secs(5);
+
+    fn probe(client: DuplexStream) -> MqttProbe<DuplexStream> {
+        MqttProbe::new(client, T, "broker.example", TlsVersion::Tls12)
+    }
+
+    fn agent() -> MqttIdentity {
+        MqttIdentity {
+            client_id: "laptop-42".into(),
+            named: true,
+            username: Some("laptop-42".into()),
+            password: Some("token".into()),
+            session_expiry: Duration::from_secs(3600),
+        }
+    }
+
+    /// The broker side: reads packets the doctor sent.
+    struct Broker {
+        stream: DuplexStream,
+        buf: BytesMut,
+    }
+
+    impl Broker {
+        async fn recv(&mut self) -> Packet {
+            loop {
+                if let Some(p) = beckon_mqtt::decode(&mut self.buf, ProtocolVersion::V5, MAX_PACKET)
+                    .expect("the doctor sends valid MQTT 5")
+                {
+                    return p;
+                }
+                let mut chunk = [0u8; 1024];
+                let n = tokio::time::timeout(T, self.stream.read(&mut chunk))
+                    .await
+                    .expect("in time")
+                    .expect("read");
+                assert!(n > 0, "the doctor closed the stream");
+                self.buf.extend_from_slice(&chunk[..n]);
+            }
+        }
+
+        async fn send(&mut self, packet: Packet) {
+            let mut out = BytesMut::new();
+            beckon_mqtt::encode(&packet, ProtocolVersion::V5, &mut out).expect("encode");
+            self.stream.write_all(&out).await.expect("write");
+        }
+    }
+
+    #[tokio::test]
+    async fn an_agent_session_is_resumed_and_its_wake_ups_left_alone() {
+        let (client, server) = duplex(64 * 1024);
+        let mut broker = Broker {
+            stream: server,
+            buf: BytesMut::new(),
+        };
+        let doctor = tokio::spawn(async move {
+            let mut probe = probe(client);
+            let ack = probe.connect(&agent()).await.expect("CONNACK");
+            let rtt = probe.ping().await.expect("PINGRESP");
+            probe.disconnect().await;
+            (ack, rtt)
+        });
+        let Packet::Connect(connect) = broker.recv().await else {
+            panic!("CONNECT first");
+        };
+        assert!(
+            !connect.clean_start,
+            "an agent's session must not be cleaned"
+        );
+        assert_eq!(connect.properties.session_expiry_interval, Some(3600));
+        assert_eq!(connect.client_id, "laptop-42");
+        assert_eq!(connect.username.as_deref(), Some("laptop-42"));
+        broker
+            .send(Packet::ConnAck(ConnAck {
+                session_present: true,
+                ..ConnAck::default()
+            }))
+            .await;
+        // A wake-up queued in the agent's session arrives before the PINGRESP.
+        assert_eq!(broker.recv().await, Packet::PingReq);
+        broker
+            .send(Packet::Publish(Publish {
+                dup: false,
+                qos: QoS::AtLeastOnce,
+                retain: false,
+                topic: "agents/laptop-42/wake".into(),
+                packet_id: Some(7),
+                payload: Bytes::from_static(b"{}"),
+                properties: Properties::default(),
+            }))
+            .await;
+        broker.send(Packet::PingResp).await;
+        // The doctor's next packet is its DISCONNECT: no PUBACK for the agent's wake-up.
+        match broker.recv().await {
+            Packet::Disconnect(d) => assert_eq!(d.code, ReasonCode::NORMAL_DISCONNECTION),
+            other => panic!("expected DISCONNECT, got {other:?}"),
+        }
+        let (ack, _) = doctor.await.expect("doctor task");
+        assert!(ack.session_present);
+    }
+
+    #[tokio::test]
+    async fn a_broker_that_speaks_only_mqtt_3_is_named() {
+        let (client, mut server) = duplex(4096);
+        let doctor = tokio::spawn(async move { probe(client).connect(&agent()).await });
+        let mut buf = [0u8; 512];
+        let _ = server.read(&mut buf).await.expect("CONNECT");
+        // v3.1.1 CONNACK, return code 1: unacceptable protocol version.
+        server
+            .write_all(&[0x20, 0x02, 0x00, 0x01])
+            .await
+            .expect("write");
+        let err = doctor.await.expect("task").expect_err("v3 only");
+        assert!(matches!(err, MqttError::V311(1)), "{err}");
+    }
+
+    #[tokio::test]
+    async fn a_silent_broker_times_out_and_an_echo_is_acknowledged() {
+        let (client, server) = duplex(4096);
+        let mut doctor = MqttProbe::new(client, Duration::from_millis(200), "b", TlsVersion::Tls12);
+        let err = doctor.ping().await.expect_err("no PINGRESP");
+        assert!(
+            matches!(
+                err,
+                MqttError::TimedOut {
+                    what: "PINGRESP",
+                    ..
+                }
+            ),
+            "{err}"
+        );
+
+        // The echo: PUBACK and the message back; the doctor acknowledges its own message.
+        let mut broker = Broker {
+            stream: server,
+            buf: BytesMut::new(),
+        };
+        assert_eq!(broker.recv().await, Packet::PingReq);
+        let mut doctor = MqttProbe::new(doctor.stream, T, "b", TlsVersion::Tls12);
+        let payload = Bytes::from_static(b"echo 1");
+        let echo = tokio::spawn(async move {
+            let result = doctor.echo("beckon-doctor/x", &payload).await;
+            (result, doctor)
+        });
+        let Packet::Publish(p) = broker.recv().await else {
+            panic!("PUBLISH");
+        };
+        let id = p.packet_id.expect("QoS 1");
+        broker.send(Packet::PubAck(Ack::new(id))).await;
+        broker
+            .send(Packet::Publish(Publish {
+                packet_id: Some(99),
+                ..p
+            }))
+            .await;
+        assert_eq!(broker.recv().await, Packet::PubAck(Ack::new(99)));
+        let (result, _doctor) = echo.await.expect("task");
+        let (code, _, back) = result.expect("echo");
+        assert_eq!(code, ReasonCode::SUCCESS);
+        assert!(back.is_some());
+    }
+}

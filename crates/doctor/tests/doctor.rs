@@ -313,12 +313,32 @@ async fn a_working_path_through_mosquitto() {
     )
     .await;
     let dir = tempfile::tempdir().expect("tempdir");
+    // Mosquitto on both ports: its TLS listener is no shared 443-style port (no ALPN mqtt,
+    // no WebSocket), which the fallback paths must say.
     let mut config =
-        config("127.0.0.1", broker.port, refused_port()).with_ca_file(ca.write(dir.path()));
+        config("127.0.0.1", broker.port, broker.port).with_ca_file(ca.write(dir.path()));
     config.username = Some("agent-7".into());
     config.password = Some("right-token".into());
     let report = diagnose(&config).await;
     let human = report.to_human();
+    assert_fails(
+        &report,
+        "443-mqtt",
+        StepName::Tls,
+        &[&format!(
+            "Serve MQTT with ALPN mqtt on 127.0.0.1:{}",
+            broker.port
+        )],
+    );
+    assert_fails(
+        &report,
+        "443-websocket",
+        StepName::WebSocket,
+        &[&format!(
+            "Make sure 127.0.0.1:{} serves MQTT over WebSocket at /mqtt",
+            broker.port
+        )],
+    );
     let p = path(&report, "8883");
     assert!(p.ok, "{human}\nmosquitto:\n{}", broker.output());
     assert!(
@@ -442,5 +462,41 @@ fn bad_arguments_are_errors_not_panics() {
         parse(&["--broker", "b", "--ports", "0,443"])
             .expect("parses")
             .is_err()
+    );
+}
+
+#[tokio::test]
+async fn a_working_path_through_tinyproxy() {
+    let ca = TestCa::new("Beckon test CA");
+    let broker = Mosquitto::start_tls(
+        &ca.server_cert(&["localhost", "127.0.0.1"]),
+        "agent-7",
+        "right-token",
+    )
+    .await;
+    let proxy = Tinyproxy::start(&[broker.port]).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut config =
+        config("127.0.0.1", broker.port, refused_port()).with_ca_file(ca.write(dir.path()));
+    config.proxy = Some(proxy.url());
+    config.username = Some("agent-7".into());
+    config.password = Some("right-token".into());
+    let report = diagnose(&config).await;
+    let human = report.to_human();
+    let first = path(&report, "8883 via proxy");
+    assert!(first.ok, "{human}\ntinyproxy:\n{}", proxy.output());
+    assert_eq!(step(first, StepName::ProxyConnect).verdict, Verdict::Pass);
+    assert_eq!(report.path_in_use.as_deref(), Some("8883 via proxy"));
+    assert!(
+        report.summary.starts_with("Agents will use 8883 via proxy"),
+        "{}",
+        report.summary
+    );
+    // The direct 8883 path works too; the 443 ones do not (nothing listens there).
+    assert!(path(&report, "8883").ok, "{human}");
+    assert!(
+        report.summary.contains("2 of 6 paths work"),
+        "{}",
+        report.summary
     );
 }
