@@ -269,6 +269,45 @@ async fn a_certificate_for_another_name() {
 }
 
 #[tokio::test]
+async fn a_broker_that_wants_a_client_certificate() {
+    let ca = TestCa::new("Beckon test CA");
+    let tenant_ca = TestCa::new("tenant CA");
+    let server = start_mtls_server(ca.server_cert(&["127.0.0.1"]), &tenant_ca).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config =
+        config("127.0.0.1", server.addr.port(), refused_port()).with_ca_file(ca.write(dir.path()));
+
+    // No certificate: with TLS 1.3 the broker's refusal arrives after the handshake, on the
+    // first read, so it is the MQTT CONNECT step that reports it.
+    let report = diagnose(&config).await;
+    assert_eq!(
+        step(path(&report, "8883"), StepName::Tls).verdict,
+        Verdict::Pass
+    );
+    assert_fails(
+        &report,
+        "8883",
+        StepName::MqttConnect,
+        &["The broker requires a client certificate", "--client-cert"],
+    );
+
+    // A certificate from another CA.
+    let mut with_cert = config.clone();
+    let (cert, key) = TestCa::new("another tenant's CA").write_client_cert(dir.path(), "laptop-42");
+    with_cert.tls.identity = Some(beckon_net::ClientIdentity::Files { cert, key });
+    let report = diagnose(&with_cert).await;
+    assert_fails(
+        &report,
+        "8883",
+        StepName::MqttConnect,
+        &[
+            "The broker rejected the client certificate",
+            "enroll the agent again",
+        ],
+    );
+}
+
+#[tokio::test]
 async fn credentials_refused_by_mosquitto() {
     let ca = TestCa::new("Beckon test CA");
     let broker = Mosquitto::start_tls(

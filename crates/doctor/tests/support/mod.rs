@@ -153,6 +153,22 @@ impl TestCa {
         }
     }
 
+    /// A client certificate and key in PEM, written to `dir/{name}.pem` and `dir/{name}.key`.
+    pub fn write_client_cert(&self, dir: &FsPath, name: &str) -> (PathBuf, PathBuf) {
+        let mut params = CertificateParams::new(Vec::<String>::new()).expect("client params");
+        params.distinguished_name.push(DnType::CommonName, name);
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        let key = KeyPair::generate().expect("client key");
+        let cert = params
+            .signed_by(&key, &*self.issuer)
+            .expect("client certificate");
+        let cert_path = dir.join(format!("{name}.pem"));
+        let key_path = dir.join(format!("{name}.key"));
+        std::fs::write(&cert_path, cert.pem()).expect("write client certificate");
+        std::fs::write(&key_path, key.serialize_pem()).expect("write client key");
+        (cert_path, key_path)
+    }
+
     /// A server certificate for `names`, valid 2020 to 2099.
     pub fn server_cert(&self, names: &[&str]) -> ServerIdentity {
         self.server_cert_valid(names, (2020, 1, 1), (2099, 12, 31))
@@ -173,11 +189,34 @@ impl Drop for TlsServer {
 }
 
 pub async fn start_tls_server(identity: ServerIdentity) -> TlsServer {
+    serve_tls(identity, None).await
+}
+
+/// Like [`start_tls_server`], requiring a client certificate issued by `client_ca`.
+pub async fn start_mtls_server(identity: ServerIdentity, client_ca: &TestCa) -> TlsServer {
+    serve_tls(identity, Some(client_ca)).await
+}
+
+async fn serve_tls(identity: ServerIdentity, client_ca: Option<&TestCa>) -> TlsServer {
     let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+    let builder = rustls::ServerConfig::builder_with_provider(Arc::clone(&provider))
         .with_safe_default_protocol_versions()
-        .expect("versions")
-        .with_no_client_auth()
+        .expect("versions");
+    let builder = match client_ca {
+        None => builder.with_no_client_auth(),
+        Some(ca) => {
+            let mut roots = rustls::RootCertStore::empty();
+            roots.add(ca.issuer.der().clone()).expect("client CA");
+            let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+                Arc::new(roots),
+                provider,
+            )
+            .build()
+            .expect("client verifier");
+            builder.with_client_cert_verifier(verifier)
+        }
+    };
+    let mut config = builder
         .with_single_cert(identity.chain, identity.key)
         .expect("server certificate");
     config.alpn_protocols = vec![b"mqtt".to_vec()];
