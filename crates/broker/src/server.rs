@@ -31,7 +31,7 @@ const EVENT_QUEUE: usize = 4096;
 const BACKLOG: u32 = 4096;
 /// How long shutdown waits for connections to flush their last packets.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
-/// The core is ticked at least this often (expiry, delayed wills).
+/// The core is ticked when its next deadline is due, and at least this often.
 const MAX_TICK: Duration = Duration::from_secs(1);
 
 /// Why the server could not start or stopped.
@@ -571,6 +571,10 @@ async fn core_loop(
                     }
                 }
                 apply(&mut core, &mut conns, &mut out);
+                // An event may bring timed work forward (a will delay, a session expiry).
+                if let Some(due) = core.next_deadline() {
+                    next_tick = next_tick.min(Instant::from_std(due));
+                }
             }
             () = tokio::time::sleep_until(next_tick) => {
                 let now = std::time::Instant::now();

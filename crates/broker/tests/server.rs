@@ -832,3 +832,65 @@ async fn slow_consumer_loses_qos0_but_stays_and_is_closed_when_qos1_backs_up() {
     publisher.ping().await;
     server.stop().await;
 }
+
+#[tokio::test]
+async fn will_is_published_when_a_client_vanishes_and_after_its_delay() {
+    let mut server = TestServer::start(|_| {}).await;
+    let mut watcher = connected(server.plain(), ProtocolVersion::V5, "watcher").await;
+    watcher
+        .send(&subscribe("presence/+", QoS::AtLeastOnce))
+        .await;
+    assert!(matches!(watcher.recv().await, Some(Packet::SubAck(_))));
+    for (id, delay) in [("gone-now", None), ("gone-later", Some(1u32))] {
+        let mut c = plain_client(server.plain(), ProtocolVersion::V5).await;
+        let mut will_props = Properties::default();
+        will_props.will_delay_interval = delay;
+        let mut connect_props = Properties::default();
+        connect_props.session_expiry_interval = Some(60);
+        c.send(&Packet::Connect(Box::new(Connect {
+            protocol: ProtocolVersion::V5,
+            clean_start: true,
+            keep_alive: 60,
+            client_id: id.to_owned(),
+            will: Some(beckon_mqtt::Will {
+                topic: format!("presence/{id}"),
+                payload: bytes::Bytes::from_static(b"offline"),
+                qos: QoS::AtLeastOnce,
+                retain: false,
+                properties: will_props,
+            }),
+            username: None,
+            password: None,
+            properties: connect_props,
+        })))
+        .await;
+        assert!(
+            matches!(c.recv().await, Some(Packet::ConnAck(a)) if a.code == ReasonCode::SUCCESS)
+        );
+        let start = Instant::now();
+        drop(c); // the socket closes without DISCONNECT
+        match watcher.recv().await {
+            Some(Packet::Publish(p)) => {
+                assert_eq!(p.topic, format!("presence/{id}"));
+                if let Some(id) = p.packet_id {
+                    watcher
+                        .send(&Packet::PubAck(beckon_mqtt::Ack::new(id)))
+                        .await;
+                }
+            }
+            other => panic!("expected the will of {id}, got {other:?}"),
+        }
+        let waited = start.elapsed();
+        if delay.is_some() {
+            assert!(
+                waited >= Duration::from_millis(900),
+                "{id}: will after {waited:?}"
+            );
+        }
+        assert!(
+            waited < Duration::from_secs(4),
+            "{id}: will after {waited:?}"
+        );
+    }
+    server.stop().await;
+}
