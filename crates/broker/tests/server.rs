@@ -843,10 +843,14 @@ async fn will_is_published_when_a_client_vanishes_and_after_its_delay() {
     assert!(matches!(watcher.recv().await, Some(Packet::SubAck(_))));
     for (id, delay) in [("gone-now", None), ("gone-later", Some(1u32))] {
         let mut c = plain_client(server.plain(), ProtocolVersion::V5).await;
-        let mut will_props = Properties::default();
-        will_props.will_delay_interval = delay;
-        let mut connect_props = Properties::default();
-        connect_props.session_expiry_interval = Some(60);
+        let will_props = Properties {
+            will_delay_interval: delay,
+            ..Properties::default()
+        };
+        let connect_props = Properties {
+            session_expiry_interval: Some(60),
+            ..Properties::default()
+        };
         c.send(&Packet::Connect(Box::new(Connect {
             protocol: ProtocolVersion::V5,
             clean_start: true,
