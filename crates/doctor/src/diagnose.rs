@@ -273,11 +273,16 @@ impl PathChecker<'_> {
                 } else {
                     String::new()
                 };
-                let step = steps.pass(
-                    StepName::Dns,
-                    started,
-                    format!("{whose} {host} is {}{note}", list.join(", ")),
-                );
+                let found = if host
+                    .trim_matches(|c| c == '[' || c == ']')
+                    .parse::<std::net::IpAddr>()
+                    .is_ok()
+                {
+                    format!("{whose} {host} is an IP address, no lookup needed")
+                } else {
+                    format!("{whose} {host} is {}", list.join(", "))
+                };
+                let step = steps.pass(StepName::Dns, started, format!("{found}{note}"));
                 step.addresses = list;
                 addrs
             }
@@ -736,6 +741,22 @@ fn summarize(report: &mut Report) {
             "Agents will use {} ({}), the first path that works in ladder order; {working} of {total} paths work.",
             first.path, first.description
         );
+        // A configured proxy that works for no path is bypassed: worth saying.
+        if let Some(proxy) = &report.proxy
+            && !first.proxied
+        {
+            let why = report
+                .paths
+                .iter()
+                .filter(|p| p.proxied)
+                .find_map(|p| p.failure())
+                .and_then(|s| s.fix.clone());
+            if let Some(why) = why {
+                report.summary.push_str(&format!(
+                    " The proxy {proxy} works for no path, so agents go direct: {why}"
+                ));
+            }
+        }
         return;
     }
     report.ok = false;

@@ -173,10 +173,31 @@ async fn a_proxy_that_wants_authentication() {
 #[tokio::test]
 async fn a_proxy_that_forbids_the_port() {
     let proxy = Tinyproxy::start(&[443]).await;
-    let primary = refused_port();
-    let mut config = config("127.0.0.1", primary, refused_port());
+    // A broker that works directly: agents then bypass the proxy, and the summary says why.
+    let ca = TestCa::new("Beckon test CA");
+    let broker = Mosquitto::start_tls(&ca.server_cert(&["127.0.0.1"]), "u", "p").await;
+    let primary = broker.port;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut config =
+        config("127.0.0.1", primary, refused_port()).with_ca_file(ca.write(dir.path()));
     config.proxy = Some(proxy.url());
+    config.username = Some("u".into());
+    config.password = Some("p".into());
     let report = diagnose(&config).await;
+    assert_eq!(
+        report.path_in_use.as_deref(),
+        Some("8883"),
+        "{}",
+        report.to_human()
+    );
+    assert!(
+        report.summary.contains(&format!(
+            "The proxy {} works for no path, so agents go direct: Allow CONNECT to port {primary}",
+            proxy.url()
+        )),
+        "{}",
+        report.summary
+    );
     let forbidden = assert_fails(
         &report,
         "8883 via proxy",
@@ -199,6 +220,13 @@ async fn a_proxy_that_forbids_the_port() {
     assert_eq!(
         step(path(&report, "8883 via proxy"), StepName::Tcp).verdict,
         Verdict::Pass
+    );
+    let dns = step(path(&report, "8883 via proxy"), StepName::Dns);
+    assert!(
+        dns.detail
+            .contains("the proxy resolves the broker's name 127.0.0.1 itself"),
+        "{}",
+        dns.detail
     );
 }
 
