@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use crate::conn::{MqttVersion, Target, TlsSettings};
+use crate::conn::{KeyExchange, MqttVersion, Target, TlsSettings};
 
 /// The phases of a fleet run, in the order they run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, clap::ValueEnum)]
@@ -64,6 +64,10 @@ pub struct SessionArgs {
     /// SUBACK), seconds.
     #[arg(long, default_value_t = 10.0)]
     pub connect_timeout_secs: f64,
+    /// TLS key exchange offered: x25519 (the same handshake for every broker) or
+    /// provider-default (post-quantum hybrid first, as the agent offers).
+    #[arg(long, value_enum, default_value = "x25519")]
+    pub tls_key_exchange: KeyExchange,
 }
 
 /// The size and shape of the load, shared by fleet and compare.
@@ -180,6 +184,7 @@ impl TargetArgs {
             server_name: self.server_name.clone(),
             client_cert: self.client_cert.clone(),
             client_key: self.client_key.clone(),
+            key_exchange: self.session.tls_key_exchange,
         });
         Target {
             host: self.host.clone(),

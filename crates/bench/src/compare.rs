@@ -428,6 +428,7 @@ pub async fn run_compare(
                     server_name: Some(certs::SERVER_NAME.to_owned()),
                     client_cert: None,
                     client_key: None,
+                    key_exchange: args.session.tls_key_exchange,
                 }),
                 version: args.session.mqtt_version,
                 username: None,

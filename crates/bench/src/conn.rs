@@ -53,6 +53,21 @@ impl MqttVersion {
     }
 }
 
+/// The TLS key exchange the agents offer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
+pub enum KeyExchange {
+    /// X25519 only: the same handshake for every broker, whatever its TLS library supports.
+    #[default]
+    #[value(name = "x25519")]
+    #[serde(rename = "x25519")]
+    X25519,
+    /// The TLS provider's default preference (post-quantum hybrid X25519MLKEM768 first, then
+    /// X25519, ...), as the agent offers; a broker that supports the hybrid then does more work.
+    #[value(name = "provider-default")]
+    #[serde(rename = "provider-default")]
+    ProviderDefault,
+}
+
 /// TLS settings of a target broker.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct TlsSettings {
@@ -64,6 +79,9 @@ pub struct TlsSettings {
     pub client_cert: Option<PathBuf>,
     /// PEM private key of `client_cert`.
     pub client_key: Option<PathBuf>,
+    /// Key exchange groups offered.
+    #[serde(default)]
+    pub key_exchange: KeyExchange,
 }
 
 /// Where and how to reach the broker under test.
@@ -285,7 +303,11 @@ fn tls_connector(
             settings.ca_file.display()
         )));
     }
-    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let mut provider = rustls::crypto::aws_lc_rs::default_provider();
+    if settings.key_exchange == KeyExchange::X25519 {
+        provider.kx_groups = vec![rustls::crypto::aws_lc_rs::kx_group::X25519];
+    }
+    let provider = Arc::new(provider);
     let builder = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .map_err(|e| config_error(e.to_string()))?

@@ -312,6 +312,7 @@ async fn drive(
         broker: broker.label(),
         agents,
         tls: target.tls.is_some(),
+        tls_key_exchange: target.tls.as_ref().map(|t| t.key_exchange),
         mqtt_version: target.version,
         workers: 0,
         source_addresses: 0,

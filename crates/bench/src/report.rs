@@ -4,7 +4,7 @@ use std::fmt::Write as _;
 
 use serde::{Deserialize, Serialize};
 
-use crate::conn::MqttVersion;
+use crate::conn::{KeyExchange, MqttVersion};
 
 /// Latency percentiles in milliseconds.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -147,6 +147,8 @@ pub struct FleetReport {
     pub agents: usize,
     /// Whether the agents used TLS.
     pub tls: bool,
+    /// The TLS key exchange offered, when TLS.
+    pub tls_key_exchange: Option<KeyExchange>,
     /// Protocol version.
     pub mqtt_version: MqttVersion,
     /// Worker processes.
@@ -322,7 +324,11 @@ impl FleetReport {
             "{}: {} agents, {}, MQTT {}, {} worker process(es), {} source address(es)",
             self.broker,
             self.agents,
-            if self.tls { "TLS" } else { "plain TCP" },
+            match self.tls_key_exchange {
+                _ if !self.tls => "plain TCP",
+                Some(KeyExchange::ProviderDefault) => "TLS (provider-default key exchange)",
+                _ => "TLS (X25519)",
+            },
             match self.mqtt_version {
                 MqttVersion::V311 => "3.1.1",
                 MqttVersion::V5 => "5",
