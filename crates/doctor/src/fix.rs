@@ -91,7 +91,7 @@ pub(crate) fn proxy(error: &ProxyError, proxy: &ProxyUrl, port: u16) -> String {
             "The proxy {proxy} requires authentication, which Beckon does not support: allow the agents' addresses through it without authentication (in squid, an `http_access allow` rule for them before the authentication rule), or remove the proxy from the agents' policy so that they go direct."
         ),
         ProxyError::Forbidden { .. } => format!(
-            "Allow CONNECT to port {port} on the proxy {proxy} (squid: `acl SSL_ports port {port}`, which `http_access deny CONNECT !SSL_ports` then lets through; tinyproxy: `ConnectPort {port}`)."
+            "Allow CONNECT to port {port} on the proxy {proxy} (squid: `acl SSL_ports port {port}`, which `http_access deny CONNECT !SSL_ports` then lets through; Apache httpd: `AllowCONNECT 443 {port}`; tinyproxy: `ConnectPort {port}`)."
         ),
         ProxyError::Refused { status, .. } if matches!(status, 502 | 504) => format!(
             "Let the proxy {proxy} itself reach the broker on port {port} (the proxy's own firewall and DNS): it answered {status} because it could not."

@@ -31,6 +31,7 @@ pub enum StepName {
     /// The TLS handshake: version, suite, ALPN, certificate chain, expiry, host name.
     Tls,
     /// The WebSocket upgrade (`GET /mqtt`, subprotocol `mqtt`).
+    #[serde(rename = "websocket")]
     WebSocket,
     /// MQTT 5 CONNECT and the broker's CONNACK reason code.
     MqttConnect,

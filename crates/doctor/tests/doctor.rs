@@ -406,6 +406,24 @@ async fn a_working_path_through_mosquitto() {
             broker.port
         )],
     );
+    let json = serde_json::to_value(&report).expect("JSON");
+    let ws_steps: Vec<&str> = json["paths"][2]["steps"]
+        .as_array()
+        .expect("steps")
+        .iter()
+        .filter_map(|s| s["step"].as_str())
+        .collect();
+    assert_eq!(
+        ws_steps,
+        [
+            "dns",
+            "tcp",
+            "tls",
+            "websocket",
+            "mqtt_connect",
+            "round_trip"
+        ]
+    );
     let p = path(&report, "8883");
     assert!(p.ok, "{human}\nmosquitto:\n{}", broker.output());
     assert!(
