@@ -12,7 +12,7 @@ use crate::config::{AgentBrokerSettings, DoctorConfig};
 /// `beckon doctor`: checks every path an agent would use to reach the broker (DNS, TCP,
 /// proxy CONNECT, TLS, WebSocket, MQTT CONNECT, a round trip) and names the fix for each
 /// failure. Exit status 0 when at least one path works, 1 when none does.
-#[derive(Debug, Clone, clap::Args)]
+#[derive(Clone, clap::Args)]
 pub struct DoctorArgs {
     /// The broker's host name or IP address (default: broker.host of --agent-config).
     #[arg(long, value_name = "HOST")]
@@ -127,8 +127,9 @@ impl DoctorArgs {
         if self.token.is_some() {
             config.password.clone_from(&self.token);
         }
-        if self.client_id.is_some() {
-            config.client_id.clone_from(&self.client_id);
+        if let Some(id) = &self.client_id {
+            config.client_id = Some(id.clone());
+            config.wake_topic = Some(crate::config::wake_topic(id));
         }
         if self.echo_topic.is_some() {
             config.echo_topic.clone_from(&self.echo_topic);
@@ -138,6 +139,25 @@ impl DoctorArgs {
         }
         config.step_timeout = Duration::from_secs_f64(self.timeout);
         Ok(config)
+    }
+}
+
+/// The token is left out.
+impl std::fmt::Debug for DoctorArgs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DoctorArgs")
+            .field("broker", &self.broker)
+            .field("ports", &self.ports)
+            .field("proxy", &self.proxy)
+            .field("ca", &self.ca)
+            .field("client_cert", &self.client_cert)
+            .field("username", &self.username)
+            .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .field("client_id", &self.client_id)
+            .field("agent_config", &self.agent_config)
+            .field("json", &self.json)
+            .field("timeout", &self.timeout)
+            .finish_non_exhaustive()
     }
 }
 

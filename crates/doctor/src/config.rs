@@ -15,7 +15,7 @@ pub const DEFAULT_STEP_TIMEOUT: Duration = Duration::from_secs(10);
 pub const DEFAULT_RESUMED_SESSION_EXPIRY: Duration = Duration::from_secs(86_400);
 
 /// Everything [`diagnose`](crate::diagnose) needs.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq)]
 pub struct DoctorConfig {
     /// The broker's host name or IP address.
     pub broker_host: String,
@@ -36,10 +36,15 @@ pub struct DoctorConfig {
     pub username: Option<String>,
     /// The token, sent as the MQTT password.
     pub password: Option<String>,
-    /// The MQTT client id. When set (an agent's id), the doctor connects as that client and
-    /// checks what an agent needs: its subscription to `agents/{id}/wake`. When `None`, a
-    /// throw-away id `beckon-doctor-<random>` is used with a clean session.
+    /// The MQTT client id. When set, the doctor connects as that client and resumes its
+    /// session rather than cleaning it (a running client with this id is taken over for the
+    /// moment of the check). When `None`, a throw-away id `beckon-doctor-<random>` is used
+    /// with a clean session.
     pub client_id: Option<String>,
+    /// A topic the identity must be allowed to subscribe to: an agent's `agents/{id}/wake`
+    /// (set by [`from_agent_config`](Self::from_agent_config) and by `--client-id`). `None`
+    /// for other identities (the console's own, say).
+    pub wake_topic: Option<String>,
     /// Session expiry when resuming a named client's session (see
     /// [`DEFAULT_RESUMED_SESSION_EXPIRY`]).
     pub session_expiry: Duration,
@@ -65,6 +70,7 @@ impl DoctorConfig {
             username: None,
             password: None,
             client_id: None,
+            wake_topic: None,
             session_expiry: DEFAULT_RESUMED_SESSION_EXPIRY,
             echo_topic: None,
             step_timeout: DEFAULT_STEP_TIMEOUT,
@@ -98,6 +104,7 @@ impl DoctorConfig {
         // The agent sends its id as the user name with a token.
         config.username = agent.token.as_ref().map(|_| agent.agent_id.clone());
         config.client_id = Some(agent.agent_id.clone());
+        config.wake_topic = Some(wake_topic(&agent.agent_id));
         config.session_expiry = agent.session_expiry;
         config
     }
@@ -120,6 +127,31 @@ impl DoctorConfig {
             TrustAnchors::CaFile(file) => format!("the CA file {}", display(file)),
             TrustAnchors::CaPem(_) => String::from("the configured CA"),
         }
+    }
+}
+
+/// The topic an agent receives its wake-ups on.
+pub fn wake_topic(agent_id: &str) -> String {
+    format!("agents/{agent_id}/wake")
+}
+
+/// The token is left out: reports and logs must not carry it.
+impl std::fmt::Debug for DoctorConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DoctorConfig")
+            .field("broker_host", &self.broker_host)
+            .field("server_name", &self.server_name)
+            .field("primary_port", &self.primary_port)
+            .field("fallback_port", &self.fallback_port)
+            .field("proxy", &self.proxy)
+            .field("tls", &self.tls)
+            .field("username", &self.username)
+            .field("password", &self.password.as_ref().map(|_| "<redacted>"))
+            .field("client_id", &self.client_id)
+            .field("wake_topic", &self.wake_topic)
+            .field("echo_topic", &self.echo_topic)
+            .field("step_timeout", &self.step_timeout)
+            .finish_non_exhaustive()
     }
 }
 
@@ -346,6 +378,12 @@ mod tests {
         assert_eq!(config.proxy, Some(ProxyUrl::new("proxy.example", 3128)));
         assert_eq!(config.tls.trust, TrustAnchors::CaFile("ca.pem".into()));
         assert!(config.trust_label().contains("broker.ca_file"));
+        assert_eq!(config.wake_topic.as_deref(), Some("agents/laptop-42/wake"));
+        let debug = format!("{config:?}");
+        assert!(
+            !debug.contains("abc.def") && debug.contains("<redacted>"),
+            "{debug}"
+        );
     }
 
     #[test]

@@ -578,9 +578,9 @@ impl PathChecker<'_> {
             }
         }
 
-        if identity.named {
-            let topic = format!("agents/{}/wake", identity.client_id);
-            match probe.subscribe(&topic).await {
+        if let Some(topic) = &self.config.wake_topic {
+            let topic = topic.as_str();
+            match probe.subscribe(topic).await {
                 Ok((code, _)) if !code.is_error() => {
                     done.push(format!("subscribed to {topic} ({})", describe_code(code)));
                 }

@@ -4,8 +4,8 @@
 //! What the round trip checks:
 //! 1. PINGREQ -> PINGRESP: the broker answers on this path after CONNECT (some devices cut a
 //!    connection once it carries more than a TLS handshake).
-//! 2. For a named client (an agent's id): SUBSCRIBE to `agents/{id}/wake` at QoS 1 must be
-//!    granted; without it the agent never receives a wake-up.
+//! 2. For an agent's identity (`DoctorConfig::wake_topic`): SUBSCRIBE to `agents/{id}/wake`
+//!    at QoS 1 must be granted; without it the agent never receives a wake-up.
 //! 3. The echo: SUBSCRIBE to the echo topic, PUBLISH a random payload there at QoS 1 (PUBACK
 //!    reason code checked), wait for it to come back, then UNSUBSCRIBE. The echo topic is
 //!    `--echo-topic`, or `beckon-doctor/{client id}` for the doctor's own throw-away client. A
@@ -321,8 +321,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> MqttProbe<S> {
         let mut back: Option<(Duration, Option<u16>)> = None;
         let deadline = Instant::now() + self.timeout;
         while puback.is_none() || back.is_none() {
+            // A refused message, or one the broker says nobody receives, will not come back.
             if let Some((code, _)) = &puback
-                && code.is_error()
+                && (code.is_error() || *code == ReasonCode::NO_MATCHING_SUBSCRIBERS)
             {
                 break;
             }
