@@ -15,6 +15,8 @@ pub enum Phase {
     Fanout,
     /// Restart the broker (or cut every connection) and time the agents' return.
     Storm,
+    /// After the storm, the fan-out again: every agent must be subscribed again.
+    FanoutAfterStorm,
 }
 
 /// The broker to reach (fleet only: compare starts its own).
@@ -91,7 +93,7 @@ pub struct LoadArgs {
         long,
         value_enum,
         value_delimiter = ',',
-        default_value = "connect,idle,fanout,storm"
+        default_value = "connect,idle,fanout,storm,fanout-after-storm"
     )]
     pub phases: Vec<Phase>,
     /// Idle phase: wait after connecting before reading the broker, seconds.

@@ -247,15 +247,6 @@ pub async fn run_fleet(
         load.agents_per_source_address,
     );
     let reader = ProcReader::new();
-    let pid = broker.pid();
-    let sample = |what: &str| -> anyhow::Result<Option<ProcSample>> {
-        pid.map(|pid| {
-            reader
-                .sample(pid)
-                .with_context(|| format!("reading the broker {what}"))
-        })
-        .transpose()
-    };
 
     let mut fleet = Fleet {
         workers: Vec::with_capacity(worker_count),
@@ -284,7 +275,7 @@ pub async fn run_fleet(
             .push(WorkerProc::spawn(launcher, &config).await?);
     }
     let result = drive(
-        &mut fleet, &phases, target, load, broker, &connector, &sample,
+        &mut fleet, &phases, target, load, broker, &connector, &reader,
     )
     .await;
     fleet.shutdown().await;
@@ -301,7 +292,7 @@ async fn drive(
     load: &LoadArgs,
     broker: &mut dyn BrokerControl,
     connector: &Connector,
-    sample: &dyn Fn(&str) -> anyhow::Result<Option<ProcSample>>,
+    reader: &ProcReader,
 ) -> anyhow::Result<FleetReport> {
     let agents = load.agents;
     fleet
@@ -320,10 +311,11 @@ async fn drive(
         idle: None,
         fanout: None,
         storm: None,
+        fanout_after_storm: None,
     };
 
     // Connect (always: every other phase needs the fleet connected).
-    let before_connect = sample("before the connect phase")?;
+    let before_connect = read_broker(reader, broker, "before the connect phase")?;
     fleet.broadcast(&Command::Connect).await?;
     // Each agent's connect is bounded; the phase is bounded by the slowest wave of them.
     let waves = agents.div_ceil(load.connect_concurrency.max(1));
@@ -349,7 +341,7 @@ async fn drive(
     if phases.contains(&Phase::Idle) {
         let settle = Duration::from_secs_f64(load.settle_secs.max(0.0));
         tokio::time::sleep(settle).await;
-        let after = sample("after the idle settle time")?;
+        let after = read_broker(reader, broker, "after the idle settle time")?;
         report.idle = Some(idle_report(
             before_connect,
             after,
@@ -359,13 +351,34 @@ async fn drive(
     }
 
     if phases.contains(&Phase::Fanout) {
-        report.fanout = Some(fan_out(fleet, connector, load, sample).await?);
+        report.fanout = Some(fan_out(fleet, connector, load, broker, reader).await?);
     }
 
     if phases.contains(&Phase::Storm) {
         report.storm = Some(storm(fleet, broker, load).await?);
+        if phases.contains(&Phase::FanoutAfterStorm) {
+            report.fanout_after_storm =
+                Some(fan_out(fleet, connector, load, broker, reader).await?);
+        }
     }
     Ok(report)
+}
+
+/// Reads the broker's memory and CPU, when its pid is known (asked each time: a restart
+/// changes it).
+fn read_broker(
+    reader: &ProcReader,
+    broker: &dyn BrokerControl,
+    what: &str,
+) -> anyhow::Result<Option<ProcSample>> {
+    broker
+        .pid()
+        .map(|pid| {
+            reader
+                .sample(pid)
+                .with_context(|| format!("reading the broker {what}"))
+        })
+        .transpose()
 }
 
 fn merge_connect(outcomes: &[ConnectOutcome]) -> ConnectReport {
@@ -430,7 +443,8 @@ async fn fan_out(
     fleet: &mut Fleet,
     connector: &Connector,
     load: &LoadArgs,
-    sample: &dyn Fn(&str) -> anyhow::Result<Option<ProcSample>>,
+    broker: &dyn BrokerControl,
+    reader: &ProcReader,
 ) -> anyhow::Result<FanoutReport> {
     let ids: Vec<String> = (0..load.agents)
         .map(|i| agent_id(&load.client_id_prefix, i))
@@ -440,7 +454,7 @@ async fn fan_out(
         .gather(Duration::from_secs(30), "arming the fan-out")
         .await?;
     let wait = Duration::from_secs_f64(load.fanout_wait_secs.max(0.1));
-    let before = sample("before the fan-out")?;
+    let before = read_broker(reader, broker, "before the fan-out")?;
     let published = publish_wakeups(
         connector,
         &format!("{}publisher", load.client_id_prefix),
@@ -481,7 +495,7 @@ async fn fan_out(
             _ => None,
         })
         .collect();
-    let after = sample("after the fan-out")?;
+    let after = read_broker(reader, broker, "after the fan-out")?;
     let mut latencies: Vec<u64> = outcomes
         .iter()
         .flat_map(|o| o.latencies_us.iter().copied())

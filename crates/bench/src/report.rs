@@ -163,6 +163,8 @@ pub struct FleetReport {
     pub fanout: Option<FanoutReport>,
     /// Storm phase.
     pub storm: Option<StormReport>,
+    /// The fan-out again after the storm.
+    pub fanout_after_storm: Option<FanoutReport>,
 }
 
 /// One line of a table: a figure, its unit, and its value if measured.
@@ -292,6 +294,26 @@ impl FleetReport {
                 "storm: broker CPU per reconnect",
                 "us",
                 s.cpu_per_reconnect_us,
+                true,
+            ));
+        }
+        if let Some(f) = &self.fanout_after_storm {
+            out.push(figure(
+                "after storm: wake-ups delivered",
+                "",
+                Some(f.delivered as f64),
+                false,
+            ));
+            out.push(figure(
+                "after storm: wake-ups missing",
+                "",
+                Some(f.missing as f64),
+                true,
+            ));
+            out.push(figure(
+                "after storm: wake-up latency p99",
+                "ms",
+                f.latency_ms.map(|p| p.p99_ms),
                 true,
             ));
         }

@@ -80,6 +80,11 @@ fn compare_over_tls_at_small_scale() {
         assert_eq!(common::number(report, "/storm/back"), 300.0, "{name}");
         assert_eq!(common::number(report, "/storm/not_back"), 0.0, "{name}");
         common::number(report, "/idle/rss_per_connection_kib");
+        assert_eq!(
+            common::number(report, "/fanout_after_storm/delivered"),
+            300.0,
+            "{name}: every agent subscribed again after the restart"
+        );
     }
     let summary = json["summary"].as_array().expect("summary");
     assert!(

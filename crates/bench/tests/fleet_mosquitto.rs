@@ -88,10 +88,15 @@ fn fleet_over_tls_reports_every_phase() {
     assert_eq!(json["storm"]["method"], "cut");
     assert_eq!(common::number(&json, "/storm/back"), 300.0);
     assert_eq!(common::number(&json, "/storm/not_back"), 0.0);
+    assert_eq!(
+        common::number(&json, "/fanout_after_storm/delivered"),
+        300.0,
+        "every agent subscribed again after the cut"
+    );
 }
 
 /// The library path with a broker the bench restarts: MQTT 5, plain, a one-second outage,
-/// every agent back and still receiving its wake-ups... of the earlier fan-out.
+/// every agent back and receiving its wake-up from the restarted broker.
 fn fleet_mqtt5_survives_a_broker_restart() {
     let dir = tempfile::tempdir().expect("temp dir");
     let port = free_port().expect("port");
@@ -113,7 +118,12 @@ fn fleet_mqtt5_survives_a_broker_restart() {
         agents_per_worker: 100,
         agents_per_source_address: 5000,
         connect_concurrency: 32,
-        phases: vec![Phase::Connect, Phase::Fanout, Phase::Storm],
+        phases: vec![
+            Phase::Connect,
+            Phase::Fanout,
+            Phase::Storm,
+            Phase::FanoutAfterStorm,
+        ],
         settle_secs: 0.0,
         publish_window: 1000,
         fanout_wait_secs: 20.0,
@@ -151,6 +161,12 @@ fn fleet_mqtt5_survives_a_broker_restart() {
     assert_eq!(storm.back, 200, "every agent reconnects after the restart");
     assert_eq!(storm.not_back, 0);
     assert!(storm.back_99_after_up_s.is_some());
+    let again = report.fanout_after_storm.expect("fan-out after the storm");
+    assert_eq!(
+        again.delivered, 200,
+        "every agent subscribed to the new broker"
+    );
+    assert_eq!(again.missing, 0);
 }
 
 /// Client certificates and user names reach the broker: a Mosquitto that requires a
