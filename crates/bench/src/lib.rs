@@ -14,6 +14,20 @@
 //! binding its sockets to several source addresses in 127.0.0.0/8 when the broker is on
 //! loopback, so that neither the per-process file limit nor one address's ephemeral ports
 //! caps the fleet. Workers and parent speak JSON lines ([`protocol`]).
+//!
+//! Wiring it into a binary: the worker processes are started as `<this exe> bench worker`,
+//! so the binary must route `bench` to [`run`]:
+//!
+//! ```ignore
+//! #[derive(clap::Subcommand)]
+//! enum Command {
+//!     /// Fleet load generator.
+//!     #[command(subcommand)]
+//!     Bench(beckon_bench::BenchCommand),
+//! }
+//! // ...
+//! Command::Bench(command) => beckon_bench::run(command),
+//! ```
 #![forbid(unsafe_code)]
 
 pub mod agent;
