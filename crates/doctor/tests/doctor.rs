@@ -585,3 +585,67 @@ async fn a_working_path_through_tinyproxy() {
         report.summary
     );
 }
+
+#[tokio::test]
+async fn the_fallback_port_with_alpn_mqtt() {
+    let ca = TestCa::new("Beckon test CA");
+    let broker = start_fake_broker(ca.server_cert(&["127.0.0.1"]), true).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    // 8883 filtered-by-refusal; the shared port works.
+    let config =
+        config("127.0.0.1", refused_port(), broker.addr.port()).with_ca_file(ca.write(dir.path()));
+    let report = diagnose(&config).await;
+    let human = report.to_human();
+    assert_eq!(report.path_in_use.as_deref(), Some("443-mqtt"), "{human}");
+    let tls = step(path(&report, "443-mqtt"), StepName::Tls);
+    assert_eq!(
+        tls.tls.as_ref().and_then(|t| t.alpn.as_deref()),
+        Some("mqtt")
+    );
+    assert!(path(&report, "443-websocket").ok, "{human}");
+    assert!(
+        step(path(&report, "443-websocket"), StepName::RoundTrip)
+            .detail
+            .contains("received it back"),
+        "{human}"
+    );
+    assert!(
+        report.summary.starts_with("Agents will use 443-mqtt"),
+        "{}",
+        report.summary
+    );
+}
+
+#[tokio::test]
+async fn a_fallback_port_that_serves_only_websocket() {
+    let ca = TestCa::new("Beckon test CA");
+    let broker = start_fake_broker(ca.server_cert(&["127.0.0.1"]), false).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config =
+        config("127.0.0.1", refused_port(), broker.addr.port()).with_ca_file(ca.write(dir.path()));
+    let report = diagnose(&config).await;
+    assert_fails(
+        &report,
+        "443-mqtt",
+        StepName::Tls,
+        &[&format!(
+            "Port {} on 127.0.0.1 does not accept the application protocol mqtt",
+            broker.addr.port()
+        )],
+    );
+    assert_eq!(
+        report.path_in_use.as_deref(),
+        Some("443-websocket"),
+        "{}",
+        report.to_human()
+    );
+    let ws = step(path(&report, "443-websocket"), StepName::WebSocket);
+    assert_eq!(ws.verdict, Verdict::Pass);
+    assert!(
+        report
+            .summary
+            .starts_with("Agents will use 443-websocket (MQTT over WebSocket to wss://127.0.0.1:"),
+        "{}",
+        report.summary
+    );
+}

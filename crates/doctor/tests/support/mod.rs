@@ -493,3 +493,182 @@ fn set_mode(path: &FsPath, mode: u32) {
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).expect("chmod");
 }
+
+/// A stand-in for a Beckon broker's shared 443 port: TLS with ALPN `mqtt` (raw MQTT 5) and
+/// `http/1.1` (MQTT over WebSocket at `/mqtt`), answering CONNECT, PINGREQ, SUBSCRIBE,
+/// UNSUBSCRIBE and QoS 1 PUBLISH (echoed to a matching subscription). With `alpn_mqtt`
+/// false it offers only `http/1.1`, like a port that serves WebSocket alone.
+pub async fn start_fake_broker(identity: ServerIdentity, alpn_mqtt: bool) -> TlsServer {
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .expect("versions")
+        .with_no_client_auth()
+        .with_single_cert(identity.chain, identity.key)
+        .expect("server certificate");
+    config.alpn_protocols = if alpn_mqtt {
+        vec![b"mqtt".to_vec(), b"http/1.1".to_vec()]
+    } else {
+        vec![b"http/1.1".to_vec()]
+    };
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("address");
+    let task = tokio::spawn(async move {
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else {
+                return;
+            };
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let Ok(Ok(tls)) = tokio::time::timeout(WAIT, acceptor.accept(tcp)).await else {
+                    return;
+                };
+                let alpn = tls.get_ref().1.alpn_protocol().map(<[u8]>::to_vec);
+                if alpn.as_deref() == Some(b"http/1.1") {
+                    serve_mqtt_websocket(tls).await;
+                } else {
+                    serve_mqtt_raw(tls).await;
+                }
+            });
+        }
+    });
+    TlsServer { addr, task }
+}
+
+/// The fake broker's answers to one packet.
+struct FakeSession {
+    subscriptions: Vec<String>,
+}
+
+impl FakeSession {
+    fn answer(&mut self, packet: beckon_mqtt::Packet) -> Option<Vec<beckon_mqtt::Packet>> {
+        use beckon_mqtt::{Ack, ConnAck, Packet, ReasonCode, SubAck, UnsubAck};
+        Some(match packet {
+            Packet::Connect(_) => vec![Packet::ConnAck(ConnAck::default())],
+            Packet::PingReq => vec![Packet::PingResp],
+            Packet::Subscribe(s) => {
+                let codes = s
+                    .subscriptions
+                    .iter()
+                    .map(|_| ReasonCode::GRANTED_QOS_1)
+                    .collect();
+                self.subscriptions
+                    .extend(s.subscriptions.into_iter().map(|x| x.filter));
+                vec![Packet::SubAck(SubAck {
+                    packet_id: s.packet_id,
+                    codes,
+                    properties: Default::default(),
+                })]
+            }
+            Packet::Unsubscribe(u) => {
+                self.subscriptions.retain(|f| !u.filters.contains(f));
+                vec![Packet::UnsubAck(UnsubAck {
+                    packet_id: u.packet_id,
+                    codes: vec![ReasonCode::SUCCESS; u.filters.len()],
+                    properties: Default::default(),
+                })]
+            }
+            Packet::Publish(p) => {
+                let mut out = Vec::new();
+                if let Some(id) = p.packet_id {
+                    out.push(Packet::PubAck(Ack::new(id)));
+                }
+                if self.subscriptions.contains(&p.topic) {
+                    out.push(Packet::Publish(beckon_mqtt::Publish {
+                        packet_id: Some(1),
+                        qos: beckon_mqtt::QoS::AtLeastOnce,
+                        ..p
+                    }));
+                }
+                out
+            }
+            Packet::Disconnect(_) => return None,
+            _ => Vec::new(),
+        })
+    }
+}
+
+fn encode_all(packets: &[beckon_mqtt::Packet]) -> Vec<u8> {
+    let mut out = bytes::BytesMut::new();
+    for p in packets {
+        beckon_mqtt::encode(p, beckon_mqtt::ProtocolVersion::V5, &mut out).expect("encode");
+    }
+    out.to_vec()
+}
+
+async fn serve_mqtt_raw(mut tls: tokio_rustls::server::TlsStream<TcpStream>) {
+    let mut session = FakeSession {
+        subscriptions: Vec::new(),
+    };
+    let mut buf = bytes::BytesMut::new();
+    loop {
+        while let Ok(Some(packet)) =
+            beckon_mqtt::decode(&mut buf, beckon_mqtt::ProtocolVersion::V5, 1 << 20)
+        {
+            let Some(answers) = session.answer(packet) else {
+                return;
+            };
+            if tls.write_all(&encode_all(&answers)).await.is_err() {
+                return;
+            }
+        }
+        let mut chunk = [0u8; 4096];
+        match tokio::time::timeout(WAIT, tls.read(&mut chunk)).await {
+            Ok(Ok(n)) if n > 0 => buf.extend_from_slice(&chunk[..n]),
+            _ => return,
+        }
+    }
+}
+
+// The callback's error type is tungstenite's, not ours to shrink.
+#[allow(clippy::result_large_err)]
+async fn serve_mqtt_websocket(tls: tokio_rustls::server::TlsStream<TcpStream>) {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
+    use tokio_tungstenite::tungstenite::http::{HeaderValue, StatusCode};
+
+    let callback = |request: &Request, mut response: Response| {
+        if request.uri().path() != "/mqtt" {
+            let mut refusal = ErrorResponse::new(Some("no such endpoint".into()));
+            *refusal.status_mut() = StatusCode::NOT_FOUND;
+            return Err(refusal);
+        }
+        response
+            .headers_mut()
+            .insert("Sec-WebSocket-Protocol", HeaderValue::from_static("mqtt"));
+        Ok(response)
+    };
+    let Ok(Ok(mut ws)) =
+        tokio::time::timeout(WAIT, tokio_tungstenite::accept_hdr_async(tls, callback)).await
+    else {
+        return;
+    };
+    let mut session = FakeSession {
+        subscriptions: Vec::new(),
+    };
+    let mut buf = bytes::BytesMut::new();
+    loop {
+        match tokio::time::timeout(WAIT, ws.next()).await {
+            Ok(Some(Ok(Message::Binary(data)))) => buf.extend_from_slice(&data),
+            Ok(Some(Ok(Message::Ping(_) | Message::Pong(_)))) => continue,
+            _ => return,
+        }
+        while let Ok(Some(packet)) =
+            beckon_mqtt::decode(&mut buf, beckon_mqtt::ProtocolVersion::V5, 1 << 20)
+        {
+            let Some(answers) = session.answer(packet) else {
+                return;
+            };
+            if !answers.is_empty()
+                && ws
+                    .send(Message::Binary(encode_all(&answers).into()))
+                    .await
+                    .is_err()
+            {
+                return;
+            }
+        }
+    }
+}
