@@ -31,6 +31,7 @@ pub async fn diagnose(config: &DoctorConfig) -> Report {
         proxy: config.proxy.as_ref().map(ToString::to_string),
         client_id: identity.client_id.clone(),
         setup_error: None,
+        setup_fix: None,
         paths: Vec::new(),
         path_in_use: None,
         summary: String::new(),
@@ -39,9 +40,10 @@ pub async fn diagnose(config: &DoctorConfig) -> Report {
     let tls = match ProbeTls::new(&config.tls) {
         Ok(tls) => tls,
         Err(e) => {
-            let error = e.to_string();
-            report.summary = format!("The checks could not start: {error}.");
-            report.setup_error = Some(error);
+            let fix = fix::setup(&e);
+            report.summary = format!("The checks could not start: {fix}");
+            report.setup_error = Some(e.to_string());
+            report.setup_fix = Some(fix);
             return report;
         }
     };

@@ -8,6 +8,26 @@ use crate::mqtt::{MqttError, describe_code};
 use crate::report::CertificateFacts;
 use crate::tls::{has_expired, not_yet_valid};
 
+/// The TLS client could not be set up from the configured files.
+pub(crate) fn setup(error: &beckon_net::TlsConfigError) -> String {
+    use beckon_net::TlsConfigError;
+    match error {
+        TlsConfigError::FileUnreadable { what, path, source } => format!(
+            "Check that the {what} file {} exists and that this user may read it ({source}); it comes from --ca, --client-cert or --client-key, or from broker.ca_file, client_cert or client_key in the agent's configuration.",
+            path.display()
+        ),
+        TlsConfigError::InvalidPem { what, detail } => {
+            format!("Give a PEM file with -----BEGIN ...----- blocks for the {what} ({detail}).")
+        }
+        TlsConfigError::NoSystemRoots { .. } => String::from(
+            "Install the ca-certificates package, or give the broker's CA file with --ca.",
+        ),
+        TlsConfigError::Rejected(e) => {
+            format!("Give a client key that belongs to the client certificate ({e}).")
+        }
+    }
+}
+
 /// The DNS step failed for `host`; `whose` is "broker" or "proxy".
 pub(crate) fn resolve(error: &ResolveError, whose: &str) -> String {
     match error {

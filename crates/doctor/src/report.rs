@@ -173,6 +173,9 @@ pub struct Report {
     /// its fix.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub setup_error: Option<String>,
+    /// What to do about the setup error, in one sentence.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub setup_fix: Option<String>,
     /// Each path, in ladder order.
     pub paths: Vec<PathReport>,
     /// The path agents will use: the first that passes, in ladder order.
@@ -202,6 +205,9 @@ impl Report {
         let _ = writeln!(out, ", client id {}", self.client_id);
         if let Some(error) = &self.setup_error {
             let _ = writeln!(out, "\n✗ cannot start the checks: {error}");
+            if let Some(fix) = &self.setup_fix {
+                let _ = writeln!(out, "  fix: {fix}");
+            }
         }
         let width = self
             .paths

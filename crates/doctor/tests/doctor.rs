@@ -649,3 +649,23 @@ async fn a_fallback_port_that_serves_only_websocket() {
         report.summary
     );
 }
+
+#[tokio::test]
+async fn an_unreadable_ca_file_stops_before_any_check() {
+    let config =
+        config("127.0.0.1", refused_port(), refused_port()).with_ca_file("/nonexistent/ca.pem");
+    let report = diagnose(&config).await;
+    assert!(!report.ok);
+    assert!(report.paths.is_empty());
+    let fix = report.setup_fix.as_deref().expect("a fix");
+    assert!(
+        fix.contains("Check that the CA file /nonexistent/ca.pem exists"),
+        "{fix}"
+    );
+    assert!(report.to_human().contains(&format!("fix: {fix}")));
+    assert!(
+        report.summary.starts_with("The checks could not start"),
+        "{}",
+        report.summary
+    );
+}
