@@ -1,1 +1,382 @@
-//! beckon-console
+//! The Beckon console: the management server's agent registry, enrollment, wake-up calls,
+//! Wake-on-LAN, settings and its HTTP API (`/api/v1`, described in `docs/api.md` and served
+//! as OpenAPI at `/api/v1/openapi.json`).
+//!
+//! - [`store`]: the [`Store`](store::Store) trait and its SQLite implementation;
+//! - [`api`]: the axum router;
+//! - [`dispatch`]: the console's own MQTT connection that publishes signed wake-ups and
+//!   follows acks and presence;
+//! - [`wol`]: the Wake-on-LAN magic packet and its sender;
+//! - [`Console::start`]: everything together, for `beckon console` and `beckon up`.
+#![forbid(unsafe_code)]
+
+pub mod api;
+mod cli;
+pub mod dispatch;
+pub mod model;
+pub mod openapi;
+mod secrets;
+pub mod settings;
+pub mod store;
+mod tls;
+pub mod wol;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use beckon_identity::wakeup::WakeUpSigner;
+use beckon_identity::{KeyId, SigningKey, TenantId};
+use beckon_pki::CertificateAuthority;
+use tokio::sync::{broadcast, mpsc, watch};
+
+pub use cli::{ConsoleArgs, run};
+
+use crate::model::CallEvent;
+use crate::store::{SqliteStore, StoreHandle};
+
+/// How the console reaches the broker for its own connection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BrokerLink {
+    /// No broker connection: calls stay queued (tests, or a console without a broker yet).
+    None,
+    /// Plain MQTT without authentication (`mqtt://host:port`): development brokers only.
+    Anonymous {
+        /// `host:port`.
+        address: String,
+    },
+    /// MQTT over TLS (`mqtts://host[:port]`) with a client certificate issued by the
+    /// console's CA (OU=server): the connection ladder 8883, then 443.
+    Tls {
+        /// Broker host name.
+        host: String,
+        /// Primary port (8883).
+        port: u16,
+        /// The broker's CA (PEM file); default: the console's own CA.
+        ca_file: Option<PathBuf>,
+    },
+}
+
+impl std::str::FromStr for BrokerLink {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        if text.is_empty() || text == "none" {
+            return Ok(BrokerLink::None);
+        }
+        if let Some(rest) = text.strip_prefix("mqtt://") {
+            settings::parse_host_port(rest)?;
+            return Ok(BrokerLink::Anonymous {
+                address: rest.to_owned(),
+            });
+        }
+        if let Some(rest) = text.strip_prefix("mqtts://") {
+            let (host, port) = if rest.contains(':') {
+                settings::parse_host_port(rest)?
+            } else {
+                (rest.to_owned(), 8883)
+            };
+            return Ok(BrokerLink::Tls {
+                host,
+                port,
+                ca_file: None,
+            });
+        }
+        Err(format!(
+            "{text:?} is not a broker URL: use mqtts://host[:port] (TLS, certificate from the console's CA) or mqtt://host:port (plain, development only)"
+        ))
+    }
+}
+
+/// The console's configuration.
+#[derive(Debug, Clone)]
+pub struct ConsoleConfig {
+    /// Folder for the database, the tenant CA, the signing key and the HTTPS certificate.
+    pub data_dir: PathBuf,
+    /// HTTP(S) listen address.
+    pub listen: SocketAddr,
+    /// The HTTPS certificate and key (PEM); default: issued by the console's CA for
+    /// `server_names` on first start.
+    pub tls_files: Option<(PathBuf, PathBuf)>,
+    /// Serve plain HTTP. Refused unless `listen` is a loopback address.
+    pub plain_http: bool,
+    /// Names for the generated HTTPS certificate.
+    pub server_names: Vec<String>,
+    /// The tenant this console manages.
+    pub tenant: String,
+    /// The console's broker connection.
+    pub broker: BrokerLink,
+    /// Broker endpoints handed to agents while the settings name none.
+    pub default_broker_endpoints: Vec<String>,
+    /// Largest request body accepted, in bytes.
+    pub max_body_bytes: usize,
+    /// Name of the first user, created with a random password when there is none.
+    pub admin_user: String,
+}
+
+impl ConsoleConfig {
+    /// Defaults for a console in `data_dir`: loopback port 8080 over plain HTTP, tenant
+    /// `default`, no broker.
+    pub fn new(data_dir: impl Into<PathBuf>) -> Self {
+        Self {
+            data_dir: data_dir.into(),
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            tls_files: None,
+            plain_http: true,
+            server_names: vec!["localhost".into(), "127.0.0.1".into()],
+            tenant: "default".into(),
+            broker: BrokerLink::None,
+            default_broker_endpoints: vec!["localhost:8883".into(), "localhost:8443".into()],
+            max_body_bytes: 64 * 1024,
+            admin_user: "admin".into(),
+        }
+    }
+}
+
+/// Why the console could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ConsoleError {
+    /// The configuration is not usable.
+    #[error("console configuration: {0}")]
+    Config(String),
+    /// The store could not be opened.
+    #[error(transparent)]
+    Store(#[from] store::StoreError),
+    /// Certificates could not be made or read.
+    #[error(transparent)]
+    Pki(#[from] beckon_pki::PkiError),
+    /// A file could not be read or written.
+    #[error("{context} {path}: {source}")]
+    Io {
+        /// What was being done.
+        context: &'static str,
+        /// Which file.
+        path: PathBuf,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// The listen address could not be bound.
+    #[error("cannot listen on {addr}: {source}; choose another port with --listen")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// The error.
+        source: std::io::Error,
+    },
+}
+
+/// The console's push-service connection as last seen.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct PushStatus {
+    /// Connected to the broker.
+    pub connected: bool,
+    /// `Push service servers are not reachable` and why, when down.
+    pub message: String,
+    /// The last error.
+    pub last_error: Option<String>,
+    /// Since when (unix ms).
+    pub since: model::Millis,
+}
+
+/// What the HTTP handlers and the dispatcher share.
+#[derive(Clone)]
+pub struct AppState {
+    /// The store.
+    pub store: StoreHandle,
+    /// The tenant CA that signs agent certificates.
+    pub ca: Arc<CertificateAuthority>,
+    /// Signs wake-ups.
+    pub signer: Arc<WakeUpSigner>,
+    /// The tenant.
+    pub tenant: TenantId,
+    /// Live call updates.
+    pub events: broadcast::Sender<CallEvent>,
+    /// Wakes the dispatcher when calls are created.
+    pub dispatch: mpsc::UnboundedSender<dispatch::Command>,
+    /// The push-service status.
+    pub push: Arc<Mutex<PushStatus>>,
+    /// Configuration.
+    pub config: Arc<ConsoleConfig>,
+}
+
+/// A running console.
+pub struct ConsoleHandle {
+    /// The bound HTTP(S) address.
+    pub local_addr: SocketAddr,
+    /// `https` or `http`.
+    pub scheme: &'static str,
+    /// The first user's password when this start created it (print it once).
+    pub initial_admin_password: Option<String>,
+    /// Shared state (for embedding and tests).
+    pub state: AppState,
+    shutdown: watch::Sender<bool>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl ConsoleHandle {
+    /// The base URL, e.g. `https://127.0.0.1:8080`.
+    pub fn url(&self) -> String {
+        format!("{}://{}", self.scheme, self.local_addr)
+    }
+
+    /// Creates an API token named `name` and returns its secret (shown once).
+    pub async fn create_api_token(&self, name: &str) -> Result<String, store::StoreError> {
+        api::create_api_token(&self.state.store, name).await
+    }
+
+    /// Stops serving and waits (at most 5 s) for the tasks to end.
+    pub async fn shutdown(self) {
+        let _ = self.shutdown.send(true);
+        for t in self.tasks {
+            let _ = tokio::time::timeout(Duration::from_secs(5), t).await;
+        }
+    }
+
+    /// Waits until the console stops (it stops only on shutdown or a fatal error).
+    pub async fn wait(&mut self) {
+        for t in self.tasks.drain(..) {
+            let _ = t.await;
+        }
+    }
+}
+
+/// The console.
+pub struct Console;
+
+impl Console {
+    /// Opens the data folder (creating the CA, signing key, HTTPS certificate, database and
+    /// first user as needed), then serves the API and runs the broker connection.
+    pub async fn start(config: ConsoleConfig) -> Result<ConsoleHandle, ConsoleError> {
+        if config.plain_http && config.tls_files.is_none() && !config.listen.ip().is_loopback() {
+            return Err(ConsoleError::Config(format!(
+                "plain HTTP is only allowed on a loopback address, not {}: drop --plain-http to serve HTTPS",
+                config.listen
+            )));
+        }
+        let tenant = TenantId::new(config.tenant.as_str())
+            .map_err(|e| ConsoleError::Config(format!("tenant: {e}")))?;
+        create_private_dir(&config.data_dir)?;
+        let ca = load_or_create_ca(&config.data_dir)?;
+        let signer = WakeUpSigner::new(load_or_create_signing_key(&config.data_dir)?);
+        let db_path = config.data_dir.join("console.db");
+        let sqlite = tokio::task::spawn_blocking(move || SqliteStore::open(&db_path))
+            .await
+            .map_err(|e| ConsoleError::Config(format!("opening the database: {e}")))??;
+        let store = StoreHandle::new(Arc::new(sqlite));
+        let initial_admin_password = api::ensure_first_user(&store, &config.admin_user).await?;
+
+        let listener = tokio::net::TcpListener::bind(config.listen)
+            .await
+            .map_err(|source| ConsoleError::Bind {
+                addr: config.listen,
+                source,
+            })?;
+        let local_addr = listener.local_addr().map_err(|source| ConsoleError::Bind {
+            addr: config.listen,
+            source,
+        })?;
+        let tls = if config.plain_http && config.tls_files.is_none() {
+            None
+        } else {
+            Some(tls::server_config(&config, &ca)?)
+        };
+
+        let (events, _) = broadcast::channel(4096);
+        let (dispatch_tx, dispatch_rx) = mpsc::unbounded_channel();
+        let (shutdown, shutdown_rx) = watch::channel(false);
+        let state = AppState {
+            store,
+            ca: Arc::new(ca),
+            signer: Arc::new(signer),
+            tenant,
+            events,
+            dispatch: dispatch_tx,
+            push: Arc::new(Mutex::new(PushStatus {
+                connected: false,
+                message:
+                    "Push service servers are not reachable: the console has not connected yet"
+                        .into(),
+                last_error: None,
+                since: model::now_ms(),
+            })),
+            config: Arc::new(config),
+        };
+        let router = api::router(state.clone());
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        let tasks = vec![
+            tokio::spawn(tls::serve(listener, tls, router, shutdown_rx.clone())),
+            tokio::spawn(dispatch::run(state.clone(), dispatch_rx, shutdown_rx)),
+        ];
+        tracing::info!(%local_addr, scheme, "console listening");
+        Ok(ConsoleHandle {
+            local_addr,
+            scheme,
+            initial_admin_password,
+            state,
+            shutdown,
+            tasks,
+        })
+    }
+}
+
+fn create_private_dir(dir: &Path) -> Result<(), ConsoleError> {
+    if dir.is_dir() {
+        return Ok(());
+    }
+    let mut b = std::fs::DirBuilder::new();
+    b.recursive(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::DirBuilderExt;
+        b.mode(0o700);
+    }
+    b.create(dir).map_err(|source| ConsoleError::Io {
+        context: "cannot create the data folder",
+        path: dir.to_owned(),
+        source,
+    })
+}
+
+/// The tenant CA: `tenant-ca.pem` and `tenant-ca.key` (0600) in the data folder.
+fn load_or_create_ca(dir: &Path) -> Result<CertificateAuthority, ConsoleError> {
+    let cert = dir.join("tenant-ca.pem");
+    let key = dir.join("tenant-ca.key");
+    if cert.exists() || key.exists() {
+        return Ok(CertificateAuthority::load(&cert, &key)?);
+    }
+    let ca = CertificateAuthority::generate(
+        "Beckon tenant CA",
+        Duration::from_secs(10 * 365 * 24 * 3600),
+    )?;
+    ca.save(&cert, &key)?;
+    Ok(ca)
+}
+
+/// The wake-up signing key: `wakeup-signing.key` (PKCS#8, 0600) with key id `console-1`.
+fn load_or_create_signing_key(dir: &Path) -> Result<SigningKey, ConsoleError> {
+    let path = dir.join("wakeup-signing.key");
+    let kid = KeyId::new("console-1").map_err(|e| ConsoleError::Config(e.to_string()))?;
+    let bytes = match std::fs::read(&path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let doc =
+                SigningKey::generate_pkcs8().map_err(|e| ConsoleError::Config(e.to_string()))?;
+            beckon_pki::write_atomic(&path, &doc, 0o600)?;
+            doc
+        }
+        Err(source) => {
+            return Err(ConsoleError::Io {
+                context: "cannot read the wake-up signing key",
+                path,
+                source,
+            });
+        }
+    };
+    SigningKey::from_pkcs8(kid, &bytes).map_err(|e| {
+        ConsoleError::Config(format!(
+            "{}: {e}; restore it from a backup (agents trust this key)",
+            path.display()
+        ))
+    })
+}

@@ -1,0 +1,88 @@
+//! `beckon console`: command-line arguments and the blocking entry point.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use crate::{BrokerLink, Console, ConsoleConfig};
+
+/// Arguments of `beckon console`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ConsoleArgs {
+    /// Data folder: database, tenant CA, wake-up signing key, HTTPS certificate.
+    #[arg(long, env = "BECKON_CONSOLE_DATA", default_value = "beckon-console")]
+    pub data_dir: PathBuf,
+    /// Listen address of the API and web UI.
+    #[arg(long, env = "BECKON_CONSOLE_LISTEN", default_value = "127.0.0.1:8080")]
+    pub listen: SocketAddr,
+    /// HTTPS certificate (PEM); default: one issued by the console's CA.
+    #[arg(long, requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// HTTPS private key (PEM).
+    #[arg(long, requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// Serve plain HTTP (loopback addresses only).
+    #[arg(long)]
+    pub plain_http: bool,
+    /// Names (DNS or IP) for the generated HTTPS certificate.
+    #[arg(long = "server-name", default_values = ["localhost", "127.0.0.1"])]
+    pub server_names: Vec<String>,
+    /// The tenant this console manages.
+    #[arg(long, env = "BECKON_TENANT", default_value = "default")]
+    pub tenant: String,
+    /// The console's broker connection: mqtts://host[:port], mqtt://host:port (plain,
+    /// development only) or none.
+    #[arg(long, env = "BECKON_CONSOLE_BROKER", default_value = "none")]
+    pub broker: BrokerLink,
+    /// CA file that signed the broker's certificate (default: the console's CA).
+    #[arg(long)]
+    pub broker_ca: Option<PathBuf>,
+    /// Broker endpoints given to agents until the settings name some (host:port).
+    #[arg(long = "agent-broker-endpoint", default_values = ["localhost:8883", "localhost:8443"])]
+    pub agent_broker_endpoints: Vec<String>,
+}
+
+impl ConsoleArgs {
+    /// The configuration these arguments describe.
+    pub fn to_config(&self) -> ConsoleConfig {
+        let mut c = ConsoleConfig::new(self.data_dir.clone());
+        c.listen = self.listen;
+        c.tls_files = self.tls_cert.clone().zip(self.tls_key.clone());
+        c.plain_http = self.plain_http;
+        c.server_names = self.server_names.clone();
+        c.tenant = self.tenant.clone();
+        c.broker = match (&self.broker, &self.broker_ca) {
+            (BrokerLink::Tls { host, port, .. }, Some(ca)) => BrokerLink::Tls {
+                host: host.clone(),
+                port: *port,
+                ca_file: Some(ca.clone()),
+            },
+            (b, _) => b.clone(),
+        };
+        c.default_broker_endpoints = self.agent_broker_endpoints.clone();
+        c
+    }
+}
+
+/// Runs the console until Ctrl-C or SIGTERM.
+pub fn run(args: ConsoleArgs) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async move {
+        let handle = Console::start(args.to_config()).await?;
+        println!("Beckon console at {}", handle.url());
+        if let Some(pw) = &handle.initial_admin_password {
+            println!(
+                "First start: user {:?}, password {pw} (shown once; change it after logging in)",
+                handle.state.config.admin_user
+            );
+        }
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+        handle.shutdown().await;
+        Ok(())
+    })
+}

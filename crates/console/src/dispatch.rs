@@ -1,0 +1,686 @@
+//! The console's own broker connection: publishes signed wake-ups (QoS 1, with message
+//! expiry) to `agents/{id}/wake`, marks them `sent` on PUBACK, follows `agents/+/ack` and
+//! `agents/+/presence`, resends what is still pending when an agent comes online (several
+//! pending wake-ups for one agent go out as one message), and expires what is overdue.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use beckon_identity::acl::PresenceEvent;
+use beckon_identity::wakeup::{Ack, AckStage, AckStatus, MAX_TEXT_LEN, WakeUp};
+use beckon_identity::{ConnectionPath, PresenceState};
+use beckon_mqtt::{
+    Connect, Packet, Properties, ProtocolVersion, Publish, QoS, RetainHandling, Subscribe,
+    Subscription, SubscriptionOptions,
+};
+use bytes::{Bytes, BytesMut};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::{mpsc, watch};
+
+use crate::model::*;
+use crate::store::{DeliveryUpdate, StoreResult};
+use crate::{AppState, BrokerLink};
+
+/// Largest packet the console accepts from the broker.
+const MAX_PACKET: u32 = 256 * 1024;
+/// Keep alive of the console's connection, seconds.
+const KEEP_ALIVE: u16 = 30;
+/// The console's MQTT client id (its server identity id).
+pub const CLIENT_ID: &str = "console";
+
+/// Work for the dispatcher.
+#[derive(Debug)]
+pub enum Command {
+    /// These agents have new queued wake-ups.
+    Send(Vec<String>),
+}
+
+/// Resolves once `shutdown` turns true (or its sender is gone).
+pub(crate) async fn stopped(shutdown: &mut watch::Receiver<bool>) {
+    let _ = shutdown.wait_for(|s| *s).await.map(drop);
+}
+
+/// Runs until `shutdown`: keeps the broker connection (reconnecting with backoff) and the
+/// expiry sweep.
+pub async fn run(
+    st: AppState,
+    mut commands: mpsc::UnboundedReceiver<Command>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut backoff = beckon_net::Backoff::new(beckon_net::BackoffConfig {
+        base: Duration::from_millis(500),
+        cap: Duration::from_secs(30),
+        ..Default::default()
+    })
+    .ok();
+    loop {
+        if *shutdown.borrow() {
+            return;
+        }
+        let result = match &st.config.broker {
+            BrokerLink::None => idle(&st, &mut commands, &mut shutdown).await,
+            link => session(&st, link, &mut commands, &mut shutdown).await,
+        };
+        if *shutdown.borrow() {
+            return;
+        }
+        let error = match result {
+            Ok(()) => "the connection closed".to_owned(),
+            Err(e) => e,
+        };
+        set_status(&st, false, Some(error.clone()));
+        tracing::warn!(%error, "push service connection lost");
+        let wait = backoff
+            .as_mut()
+            .map_or(Duration::from_secs(1), |b| b.next_delay());
+        tokio::select! {
+            () = tokio::time::sleep(wait) => {}
+            _ = stopped(&mut shutdown) => return,
+        }
+    }
+}
+
+fn set_status(st: &AppState, connected: bool, error: Option<String>) {
+    if let Ok(mut p) = st.push.lock() {
+        if p.connected != connected || error.is_some() {
+            p.since = now_ms();
+        }
+        p.connected = connected;
+        p.message = if connected {
+            "Push service servers are reachable".into()
+        } else {
+            format!(
+                "Push service servers are not reachable: {}",
+                error.as_deref().unwrap_or("not connected")
+            )
+        };
+        if error.is_some() {
+            p.last_error = error;
+        }
+    }
+}
+
+/// Without a broker: keep expiring calls, drop send requests (they stay queued).
+async fn idle(
+    st: &AppState,
+    commands: &mut mpsc::UnboundedReceiver<Command>,
+    shutdown: &mut watch::Receiver<bool>,
+) -> Result<(), String> {
+    set_status(st, false, Some("no broker connection is configured".into()));
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tokio::select! {
+            _ = tick.tick() => expire(st).await,
+            c = commands.recv() => if c.is_none() { return Ok(()) },
+            _ = stopped(shutdown) => return Ok(()),
+        }
+    }
+}
+
+async fn expire(st: &AppState) {
+    match st.store.run(|s| s.expire_due(now_ms())).await {
+        Ok(changed) => publish_events(st, &changed),
+        Err(e) => tracing::warn!(error = %e, "expiring wake-ups failed"),
+    }
+}
+
+fn publish_events(st: &AppState, changed: &[CallDelivery]) {
+    for d in changed {
+        let _ = st.events.send(CallEvent {
+            call_id: d.call_id.clone(),
+            agent_id: d.agent_id.clone(),
+            state: d.state,
+            at: now_ms(),
+        });
+    }
+}
+
+async fn connect(st: &AppState, link: &BrokerLink) -> Result<beckon_net::BoxedStream, String> {
+    match link {
+        BrokerLink::None => Err("no broker configured".into()),
+        BrokerLink::Anonymous { address } => {
+            let tcp = tokio::time::timeout(
+                Duration::from_secs(10),
+                tokio::net::TcpStream::connect(address.as_str()),
+            )
+            .await
+            .map_err(|_| format!("TCP connect to {address} timed out"))?
+            .map_err(|e| format!("TCP connect to {address} failed: {e}"))?;
+            let _ = tcp.set_nodelay(true);
+            Ok(Box::new(tcp))
+        }
+        BrokerLink::Tls {
+            host,
+            port,
+            ca_file,
+        } => {
+            // The console's server identity: a client certificate from its own CA, made
+            // fresh for each connection (cheap, and never stale).
+            let issued = st
+                .ca
+                .issue_client(
+                    CLIENT_ID,
+                    Some(st.tenant.as_str()),
+                    Some("server"),
+                    Duration::from_secs(7 * 24 * 3600),
+                )
+                .map_err(|e| format!("cannot issue the console's client certificate: {e}"))?;
+            let trust = match ca_file {
+                Some(p) => beckon_net::TrustAnchors::CaFile(p.clone()),
+                None => beckon_net::TrustAnchors::CaPem(st.ca.cert_pem().as_bytes().to_vec()),
+            };
+            let tls = beckon_net::TlsClient::new(&beckon_net::TlsSettings {
+                trust,
+                identity: Some(beckon_net::ClientIdentity::Pem {
+                    cert: issued.cert_pem.into_bytes(),
+                    key: issued.key_pem.into_bytes(),
+                }),
+                ..Default::default()
+            })
+            .map_err(|e| e.to_string())?;
+            let mut config = beckon_net::LadderConfig::new(host.clone());
+            config.primary_port = *port;
+            let mut ladder = beckon_net::ConnectionLadder::new(config, std::sync::Arc::new(tls));
+            let connected = ladder.connect().await.map_err(|e| e.to_string())?;
+            Ok(connected.stream)
+        }
+    }
+}
+
+struct Conn {
+    stream: beckon_net::BoxedStream,
+    rbuf: BytesMut,
+    next_id: u16,
+    /// PUBLISH packet id -> (agent, carrier wake-up id) waiting for PUBACK.
+    inflight: HashMap<u16, (String, String)>,
+}
+
+impl Conn {
+    async fn send(&mut self, packet: &Packet) -> Result<(), String> {
+        let mut buf = BytesMut::new();
+        beckon_mqtt::encode(packet, ProtocolVersion::V5, &mut buf)
+            .map_err(|e| format!("cannot encode a packet: {e}"))?;
+        self.stream
+            .write_all(&buf)
+            .await
+            .map_err(|e| format!("writing to the broker failed: {e}"))
+    }
+
+    fn packet_id(&mut self) -> u16 {
+        loop {
+            self.next_id = self.next_id.wrapping_add(1).max(1);
+            if !self.inflight.contains_key(&self.next_id) {
+                return self.next_id;
+            }
+        }
+    }
+
+    async fn read_packet(&mut self) -> Result<Packet, String> {
+        loop {
+            match beckon_mqtt::decode(&mut self.rbuf, ProtocolVersion::V5, MAX_PACKET) {
+                Ok(Some(p)) => return Ok(p),
+                Ok(None) => {}
+                Err(e) => return Err(format!("the broker sent a malformed packet: {e}")),
+            }
+            let n = self
+                .stream
+                .read_buf(&mut self.rbuf)
+                .await
+                .map_err(|e| format!("reading from the broker failed: {e}"))?;
+            if n == 0 {
+                return Err("the broker closed the connection".into());
+            }
+        }
+    }
+}
+
+async fn session(
+    st: &AppState,
+    link: &BrokerLink,
+    commands: &mut mpsc::UnboundedReceiver<Command>,
+    shutdown: &mut watch::Receiver<bool>,
+) -> Result<(), String> {
+    let stream = connect(st, link).await?;
+    let mut conn = Conn {
+        stream,
+        rbuf: BytesMut::with_capacity(8192),
+        next_id: 0,
+        inflight: HashMap::new(),
+    };
+    let connect = Connect {
+        protocol: ProtocolVersion::V5,
+        clean_start: false,
+        keep_alive: KEEP_ALIVE,
+        client_id: CLIENT_ID.into(),
+        will: None,
+        username: None,
+        password: None,
+        properties: Properties {
+            // Keep the subscriptions, and the acks that arrive, for an hour while away.
+            session_expiry_interval: Some(3600),
+            maximum_packet_size: Some(MAX_PACKET),
+            ..Default::default()
+        },
+    };
+    conn.send(&Packet::Connect(Box::new(connect))).await?;
+    let connack = tokio::time::timeout(Duration::from_secs(10), conn.read_packet())
+        .await
+        .map_err(|_| "the broker did not answer CONNECT within 10 s".to_owned())??;
+    match connack {
+        Packet::ConnAck(ack) if !ack.code.is_error() => {}
+        Packet::ConnAck(ack) => {
+            return Err(format!(
+                "the broker refused the console's connection (reason 0x{:02X}{})",
+                ack.code.0,
+                ack.properties
+                    .reason_string
+                    .map(|r| format!(": {r}"))
+                    .unwrap_or_default()
+            ));
+        }
+        other => {
+            return Err(format!(
+                "the broker answered CONNECT with packet type {}",
+                other.packet_type()
+            ));
+        }
+    }
+    let options = SubscriptionOptions {
+        qos: QoS::AtLeastOnce,
+        no_local: false,
+        retain_as_published: false,
+        retain_handling: RetainHandling::SendAtSubscribe,
+    };
+    let sub = Subscribe {
+        packet_id: conn.packet_id(),
+        subscriptions: ["agents/+/ack", "agents/+/presence"]
+            .into_iter()
+            .map(|f| Subscription {
+                filter: f.into(),
+                options,
+            })
+            .collect(),
+        properties: Properties::default(),
+    };
+    conn.send(&Packet::Subscribe(sub)).await?;
+    set_status(st, true, None);
+    tracing::info!("connected to the push service");
+
+    // Everything still queued goes out now.
+    let queued = st
+        .store
+        .run(|s| s.agents_with_queued(now_ms()))
+        .await
+        .map_err(|e| e.to_string())?;
+    for agent in queued {
+        send_pending(st, &mut conn, &agent, false).await?;
+    }
+
+    let mut ping = tokio::time::interval(Duration::from_secs(u64::from(KEEP_ALIVE) / 2));
+    ping.tick().await;
+    let mut sweep = tokio::time::interval(Duration::from_secs(1));
+    let mut last_heard = tokio::time::Instant::now();
+    loop {
+        tokio::select! {
+            packet = conn.read_packet() => {
+                last_heard = tokio::time::Instant::now();
+                handle_packet(st, &mut conn, packet?).await?;
+            }
+            c = commands.recv() => match c {
+                Some(Command::Send(agents)) => {
+                    let mut agents = agents;
+                    agents.sort();
+                    agents.dedup();
+                    for a in agents {
+                        send_pending(st, &mut conn, &a, false).await?;
+                    }
+                }
+                None => return Ok(()),
+            },
+            _ = ping.tick() => {
+                if last_heard.elapsed() > Duration::from_secs(u64::from(KEEP_ALIVE) * 3 / 2) {
+                    return Err("the broker stopped answering (no PINGRESP)".into());
+                }
+                conn.send(&Packet::PingReq).await?;
+            }
+            _ = sweep.tick() => expire(st).await,
+            _ = stopped(shutdown) => {
+                let _ = conn.send(&Packet::Disconnect(beckon_mqtt::Disconnect {
+                    code: beckon_mqtt::ReasonCode::SUCCESS,
+                    properties: Properties::default(),
+                })).await;
+                return Ok(());
+            }
+        }
+    }
+}
+
+async fn handle_packet(st: &AppState, conn: &mut Conn, packet: Packet) -> Result<(), String> {
+    match packet {
+        Packet::PubAck(ack) => {
+            if let Some((agent, wakeup_id)) = conn.inflight.remove(&ack.packet_id) {
+                let (state, detail) = if ack.code.is_error() {
+                    (
+                        CallState::Failed,
+                        Some(format!(
+                            "the broker refused the wake-up (reason 0x{:02X}); check the console's permissions on the broker",
+                            ack.code.0
+                        )),
+                    )
+                } else {
+                    (CallState::Sent, None)
+                };
+                advance(
+                    st,
+                    &agent,
+                    &wakeup_id,
+                    state,
+                    DeliveryUpdate {
+                        detail,
+                        ..Default::default()
+                    },
+                )
+                .await;
+            }
+        }
+        Packet::Publish(p) => {
+            if let (QoS::AtLeastOnce, Some(id)) = (p.qos, p.packet_id) {
+                conn.send(&Packet::PubAck(beckon_mqtt::Ack::new(id)))
+                    .await?;
+            }
+            handle_publish(st, conn, &p).await?;
+        }
+        Packet::Disconnect(d) => {
+            return Err(format!(
+                "the broker disconnected the console (reason 0x{:02X}{})",
+                d.code.0,
+                d.properties
+                    .reason_string
+                    .map(|r| format!(": {r}"))
+                    .unwrap_or_default()
+            ));
+        }
+        // QoS 2 is never subscribed to; PINGRESP and SUBACK need nothing.
+        _ => {}
+    }
+    Ok(())
+}
+
+async fn handle_publish(st: &AppState, conn: &mut Conn, p: &Publish) -> Result<(), String> {
+    let mut levels = p.topic.split('/');
+    let (Some("agents"), Some(agent), Some(kind), None) =
+        (levels.next(), levels.next(), levels.next(), levels.next())
+    else {
+        return Ok(());
+    };
+    let agent = agent.to_owned();
+    match kind {
+        "ack" => {
+            let ack = match Ack::from_json(&p.payload) {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::warn!(%agent, error = %e, "ignoring a malformed ack");
+                    return Ok(());
+                }
+            };
+            let state = match ack.stage {
+                AckStage::Received => CallState::Delivered,
+                AckStage::Started => CallState::Started,
+                AckStage::Finished => CallState::Finished,
+            };
+            let update = DeliveryUpdate {
+                status: ack.status.map(|s| {
+                    match s {
+                        AckStatus::Ok => "ok",
+                        AckStatus::Failed => "failed",
+                        AckStatus::TimedOut => "timed_out",
+                    }
+                    .to_owned()
+                }),
+                exit_code: ack.exit_code,
+                duration_ms: ack.duration_ms,
+                detail: ack.detail,
+            };
+            advance(st, &agent, &ack.wakeup_id, state, update).await;
+        }
+        "presence" => {
+            if p.payload.is_empty() {
+                return Ok(());
+            }
+            let ev = match PresenceEvent::from_json(&p.payload) {
+                Ok(e) => e,
+                Err(e) => {
+                    tracing::warn!(%agent, error = %e, "ignoring a malformed presence event");
+                    return Ok(());
+                }
+            };
+            let presence = match ev.state {
+                PresenceState::Connected => Presence::Online,
+                PresenceState::Disconnected => Presence::Offline,
+            };
+            let path = match ev.path {
+                ConnectionPath::Mqtts => "8883",
+                ConnectionPath::SharedMqtt => "443-mqtt",
+                ConnectionPath::SharedWebSocket => "443-websocket",
+                ConnectionPath::Plain => "1883",
+            };
+            let path = if ev.via_proxy == Some(true) {
+                format!("{path} via proxy")
+            } else {
+                path.to_owned()
+            };
+            let a = agent.clone();
+            let remote = ev.remote_addr.clone();
+            if let Err(e) = st
+                .store
+                .run(move |s| s.set_presence(&a, presence, ev.at, Some(path), Some(remote)))
+                .await
+            {
+                tracing::warn!(error = %e, "recording presence failed");
+            }
+            if presence == Presence::Online {
+                // The agent is back: what it has not received yet goes out again, as one.
+                send_pending(st, conn, &agent, true).await?;
+            }
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
+async fn advance(
+    st: &AppState,
+    agent: &str,
+    wakeup_id: &str,
+    state: CallState,
+    update: DeliveryUpdate,
+) {
+    let (a, w) = (agent.to_owned(), wakeup_id.to_owned());
+    match st
+        .store
+        .run(move |s| s.advance_delivery(&a, &w, state, update, now_ms()))
+        .await
+    {
+        Ok(changed) => publish_events(st, &changed),
+        Err(e) => tracing::warn!(error = %e, "updating a delivery failed"),
+    }
+}
+
+/// One wake-up message to publish, standing for one or more pending deliveries.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutgoingWakeUp {
+    /// The delivery whose wake-up id the message carries (the newest).
+    pub carrier: CallDelivery,
+    /// Wake-up ids of the other deliveries the message stands for.
+    pub carried: Vec<String>,
+    /// The distinct reasons, joined.
+    pub reason: String,
+    /// The latest expiry, unix ms.
+    pub expires_at: Millis,
+    /// The smallest spread.
+    pub spread: u32,
+    /// The shared action.
+    pub action: Option<String>,
+}
+
+type Pending<'a> = Vec<&'a (WakeCall, CallDelivery)>;
+
+/// The messages to publish for an agent's pending deliveries: one per distinct action (the
+/// wake-up format carries one action), each carried by the newest delivery of its group.
+pub fn merge_pending(pending: &[(WakeCall, CallDelivery)]) -> Vec<OutgoingWakeUp> {
+    let mut groups: Vec<(Option<String>, Pending<'_>)> = Vec::new();
+    for p in pending {
+        match groups.iter_mut().find(|(a, _)| *a == p.0.action) {
+            Some((_, v)) => v.push(p),
+            None => groups.push((p.0.action.clone(), vec![p])),
+        }
+    }
+    groups
+        .into_iter()
+        .filter_map(|(action, items)| {
+            let (_, carrier) = items.last()?;
+            let mut reasons: Vec<&str> = Vec::new();
+            for (c, _) in &items {
+                if !c.reason.is_empty() && !reasons.contains(&c.reason.as_str()) {
+                    reasons.push(&c.reason);
+                }
+            }
+            let mut reason = reasons.join(", ");
+            if reason.len() > MAX_TEXT_LEN {
+                reason.truncate(reason.floor_char_boundary(MAX_TEXT_LEN));
+            }
+            let expires_at = items.iter().map(|(c, _)| c.expires_at).max()?;
+            let spread = items.iter().map(|(c, _)| c.spread).min()?;
+            let carried: Vec<String> = items
+                .iter()
+                .filter(|(_, d)| d.wakeup_id != carrier.wakeup_id)
+                .map(|(_, d)| d.wakeup_id.clone())
+                .collect();
+            Some(OutgoingWakeUp {
+                carrier: carrier.clone(),
+                carried,
+                reason,
+                expires_at,
+                spread,
+                action,
+            })
+        })
+        .collect()
+}
+
+async fn send_pending(
+    st: &AppState,
+    conn: &mut Conn,
+    agent: &str,
+    include_sent: bool,
+) -> Result<(), String> {
+    let a = agent.to_owned();
+    let pending: StoreResult<Vec<(WakeCall, CallDelivery)>> = st
+        .store
+        .run(move |s| s.pending_for_agent(&a, now_ms()))
+        .await;
+    let pending: Vec<_> = match pending {
+        Ok(p) => p
+            .into_iter()
+            .filter(|(_, d)| include_sent || d.state == CallState::Queued)
+            .collect(),
+        Err(e) => {
+            tracing::warn!(error = %e, "reading pending wake-ups failed");
+            return Ok(());
+        }
+    };
+    for OutgoingWakeUp {
+        carrier,
+        carried,
+        reason,
+        expires_at,
+        spread,
+        action,
+    } in merge_pending(&pending)
+    {
+        let now = now_ms();
+        let wakeup = WakeUp {
+            v: beckon_identity::wakeup::WAKEUP_VERSION,
+            id: carrier.wakeup_id.clone(),
+            tenant: st.tenant.to_string(),
+            agent: agent.to_owned(),
+            reason,
+            issued_at: now.div_euclid(1000),
+            expires_at: expires_at.div_euclid(1000),
+            spread,
+            action,
+        };
+        let payload = match st.signer.sign(&wakeup) {
+            Ok(p) => p,
+            Err(e) => {
+                let update = DeliveryUpdate {
+                    detail: Some(format!("the wake-up could not be signed: {e}")),
+                    ..Default::default()
+                };
+                advance(st, agent, &carrier.wakeup_id, CallState::Failed, update).await;
+                continue;
+            }
+        };
+        if !carried.is_empty() {
+            let (c, w) = (carried.clone(), carrier.wakeup_id.clone());
+            if let Err(e) = st.store.run(move |s| s.set_carried_by(&c, &w)).await {
+                tracing::warn!(error = %e, "recording merged wake-ups failed");
+            }
+        }
+        let expiry_secs = ((expires_at - now) / 1000).max(1);
+        let pid = conn.packet_id();
+        let publish = Publish {
+            dup: false,
+            qos: QoS::AtLeastOnce,
+            retain: false,
+            topic: beckon_identity::acl::wake_topic(agent),
+            packet_id: Some(pid),
+            payload: Bytes::from(payload),
+            properties: Properties {
+                message_expiry_interval: Some(u32::try_from(expiry_secs).unwrap_or(u32::MAX)),
+                payload_format_indicator: Some(1),
+                content_type: Some("application/json".into()),
+                ..Default::default()
+            },
+        };
+        conn.inflight
+            .insert(pid, (agent.to_owned(), carrier.wakeup_id.clone()));
+        conn.send(&Packet::Publish(publish)).await?;
+    }
+    Ok(())
+}
+
+/// Sends Wake-on-LAN for each MAC of `agent` to each destination, recording every send.
+pub async fn wake_on_lan(
+    st: &AppState,
+    agent: &Agent,
+    call_id: Option<String>,
+) -> StoreResult<Vec<WolSend>> {
+    let settings = st.store.run(|s| s.settings()).await?;
+    let wol = settings.wol;
+    let secureon = crate::wol::parse_secureon(&wol.secureon).unwrap_or(None);
+    let destinations = crate::wol::destinations(&agent.inventory.addresses, &wol);
+    let mut sends = Vec::new();
+    for mac_text in &agent.inventory.macs {
+        let Ok(mac) = mac_text.parse::<crate::wol::MacAddress>() else {
+            continue;
+        };
+        let packet = crate::wol::magic_packet(mac, secureon.as_deref());
+        for dest in &destinations {
+            let outcome = crate::wol::send_packet(&packet, *dest, wol.repeats).await;
+            let send = WolSend {
+                agent_id: agent.id.clone(),
+                call_id: call_id.clone(),
+                mac: mac.to_string(),
+                destination: dest.to_string(),
+                at: now_ms(),
+                packets: outcome.packets,
+                error: outcome.error,
+            };
+            let s2 = send.clone();
+            st.store.run(move |s| s.record_wol_send(&s2)).await?;
+            sends.push(send);
+        }
+    }
+    Ok(sends)
+}

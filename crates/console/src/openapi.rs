@@ -1,0 +1,205 @@
+//! The OpenAPI 3.1 document served at `/api/v1/openapi.json`. It lists every route of
+//! [`crate::api::routes`]; a test walks both and fails when they drift apart.
+
+use serde_json::{Value, json};
+
+/// (path, method, summary, needs admin auth, has JSON body)
+const OPERATIONS: &[(&str, &str, &str, bool, bool)] = &[
+    ("/api/v1/openapi.json", "get", "This document", false, false),
+    (
+        "/api/v1/login",
+        "post",
+        "Log in with user and password; sets the session cookie",
+        false,
+        true,
+    ),
+    ("/api/v1/logout", "post", "End the session", false, false),
+    (
+        "/api/v1/enroll",
+        "post",
+        "Enroll an agent with an enrollment token and a CSR; returns its certificate, the CA, broker endpoints, proxy policy, wake-up key and check-in token",
+        false,
+        true,
+    ),
+    (
+        "/api/v1/agents/{id}/checkin",
+        "post",
+        "Agent check-in (Authorization: Bearer <checkin_token>)",
+        false,
+        true,
+    ),
+    (
+        "/api/v1/enrollment-tokens",
+        "get",
+        "List enrollment tokens",
+        true,
+        false,
+    ),
+    (
+        "/api/v1/enrollment-tokens",
+        "post",
+        "Create an enrollment token (the secret is returned once)",
+        true,
+        true,
+    ),
+    (
+        "/api/v1/enrollment-tokens/{id}",
+        "delete",
+        "Revoke an enrollment token",
+        true,
+        false,
+    ),
+    (
+        "/api/v1/agents",
+        "get",
+        "List agents (search, group, presence, include_revoked, limit, offset)",
+        true,
+        false,
+    ),
+    ("/api/v1/agents/{id}", "get", "One agent", true, false),
+    (
+        "/api/v1/agents/{id}",
+        "patch",
+        "Rename an agent or set its groups",
+        true,
+        true,
+    ),
+    (
+        "/api/v1/agents/{id}",
+        "delete",
+        "Revoke (delete) an agent",
+        true,
+        false,
+    ),
+    (
+        "/api/v1/agents/{id}/wol",
+        "get",
+        "Wake-on-LAN sends for an agent",
+        true,
+        false,
+    ),
+    (
+        "/api/v1/agents/{id}/wol",
+        "post",
+        "Send Wake-on-LAN to an agent now",
+        true,
+        false,
+    ),
+    ("/api/v1/groups", "get", "List groups", true, false),
+    ("/api/v1/groups", "post", "Create a group", true, true),
+    (
+        "/api/v1/groups/{name}",
+        "delete",
+        "Delete a group",
+        true,
+        false,
+    ),
+    (
+        "/api/v1/calls",
+        "get",
+        "List wake-up calls, newest first",
+        true,
+        false,
+    ),
+    (
+        "/api/v1/calls",
+        "post",
+        "Create a wake-up call to agents, a group or all",
+        true,
+        true,
+    ),
+    (
+        "/api/v1/calls/{id}",
+        "get",
+        "A call with its per-agent states",
+        true,
+        false,
+    ),
+    (
+        "/api/v1/calls/{id}/events",
+        "get",
+        "Server-Sent Events: live state changes of a call",
+        true,
+        false,
+    ),
+    (
+        "/api/v1/events",
+        "get",
+        "Server-Sent Events: live state changes of every call",
+        true,
+        false,
+    ),
+    ("/api/v1/settings", "get", "Current settings", true, false),
+    (
+        "/api/v1/settings",
+        "put",
+        "Replace settings (validated; audited)",
+        true,
+        true,
+    ),
+    (
+        "/api/v1/audit",
+        "get",
+        "Audit log, newest first",
+        true,
+        false,
+    ),
+    ("/api/v1/status", "get", "Push-service status", true, false),
+    ("/api/v1/api-tokens", "get", "List API tokens", true, false),
+    (
+        "/api/v1/api-tokens",
+        "post",
+        "Create an API token (the secret is returned once)",
+        true,
+        true,
+    ),
+    (
+        "/api/v1/api-tokens/{id}",
+        "delete",
+        "Revoke an API token",
+        true,
+        false,
+    ),
+];
+
+/// The document.
+pub fn document() -> Value {
+    let mut paths = serde_json::Map::new();
+    for (path, method, summary, admin, body) in OPERATIONS {
+        let params: Vec<Value> = path
+            .split('/')
+            .filter_map(|l| l.strip_prefix('{')?.strip_suffix('}'))
+            .map(|name| json!({"name": name, "in": "path", "required": true, "schema": {"type": "string"}}))
+            .collect();
+        let mut op = json!({
+            "summary": summary,
+            "parameters": params,
+            "responses": {
+                "200": {"description": "Success (201 for creations, 204 for deletions)"},
+                "4XX": {"description": "The request cannot be served", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}},
+            },
+        });
+        if *admin {
+            op["security"] = json!([{"bearer": []}, {"session": []}]);
+        }
+        if *body {
+            op["requestBody"] = json!({"required": true, "content": {"application/json": {"schema": {"type": "object"}}}});
+        }
+        let entry = paths.entry(path.to_string()).or_insert_with(|| json!({}));
+        entry[*method] = op;
+    }
+    json!({
+        "openapi": "3.1.0",
+        "info": {"title": "Beckon console API", "version": "1"},
+        "paths": paths,
+        "components": {
+            "securitySchemes": {
+                "bearer": {"type": "http", "scheme": "bearer", "description": "An API token (bkt_...)"},
+                "session": {"type": "apiKey", "in": "cookie", "name": "beckon_session"},
+            },
+            "schemas": {
+                "Error": {"type": "object", "required": ["error"], "properties": {"error": {"type": "string"}}},
+            },
+        },
+    })
+}

@@ -1,0 +1,343 @@
+//! The console's store: a [`Store`] trait with the operations the console needs, and its
+//! SQLite implementation ([`SqliteStore`]).
+//!
+//! Every operation that changes more than one row runs in one transaction, so that a crash
+//! (or `kill -9`) leaves either all of it or none of it. The store is synchronous: async code
+//! calls it through [`StoreHandle`], which runs each call on tokio's blocking pool.
+
+mod sqlite;
+
+use std::sync::Arc;
+
+pub use sqlite::{SCHEMA_VERSION, SqliteStore};
+
+use crate::model::*;
+use crate::settings::Settings;
+
+/// Why a store operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The record does not exist.
+    #[error("{what} {id:?} does not exist")]
+    NotFound {
+        /// Kind of record, e.g. "agent".
+        what: &'static str,
+        /// Its id.
+        id: String,
+    },
+    /// The change conflicts with what is stored (a duplicate name, ...).
+    #[error("{0}")]
+    Conflict(String),
+    /// An enrollment token, API token or session was refused.
+    #[error("{0}")]
+    Refused(String),
+    /// The request is not valid.
+    #[error("{0}")]
+    Invalid(String),
+    /// The database file was written by a newer Beckon.
+    #[error(
+        "the database {path} has schema version {found}, newer than this Beckon supports ({supported}): run the newer Beckon, or restore a backup made for this version"
+    )]
+    NewerSchema {
+        /// The database file.
+        path: String,
+        /// Its `user_version`.
+        found: i64,
+        /// What this build knows.
+        supported: i64,
+    },
+    /// SQLite failed.
+    #[error("database error while {context}: {source}")]
+    Sqlite {
+        /// What the store was doing.
+        context: &'static str,
+        /// The error.
+        source: rusqlite::Error,
+    },
+    /// A file operation failed.
+    #[error("{context} {path}: {source}")]
+    Io {
+        /// What the store was doing.
+        context: &'static str,
+        /// The file.
+        path: String,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// The blocking task running the store call died.
+    #[error("the database task stopped unexpectedly: {0}")]
+    Task(String),
+}
+
+/// Result of store operations.
+pub type StoreResult<T> = Result<T, StoreError>;
+
+/// A new enrollment token.
+#[derive(Debug, Clone)]
+pub struct NewEnrollmentToken {
+    /// Public id.
+    pub id: String,
+    /// SHA-256 of the secret.
+    pub hash: [u8; 32],
+    /// Label.
+    pub label: String,
+    /// Author.
+    pub created_by: String,
+    /// Expiry.
+    pub expires_at: Option<Millis>,
+    /// Use limit.
+    pub max_uses: Option<u32>,
+    /// Groups for agents enrolled with it.
+    pub groups: Vec<String>,
+}
+
+/// A new agent, as enrollment records it.
+#[derive(Debug, Clone)]
+pub struct NewAgent {
+    /// Identity id.
+    pub id: String,
+    /// Display name.
+    pub name: String,
+    /// Reported inventory.
+    pub inventory: Inventory,
+    /// SHA-256 of the agent's check-in secret.
+    pub secret_hash: [u8; 32],
+}
+
+/// Filters for listing agents.
+#[derive(Debug, Clone, Default)]
+pub struct AgentFilter {
+    /// Substring of id, name, host name or an address.
+    pub search: Option<String>,
+    /// Member of this group.
+    pub group: Option<String>,
+    /// With this presence.
+    pub presence: Option<Presence>,
+    /// Include revoked agents.
+    pub include_revoked: bool,
+    /// At most this many.
+    pub limit: u32,
+    /// Skip this many.
+    pub offset: u32,
+}
+
+/// A new wake-up call with one delivery per agent.
+#[derive(Debug, Clone)]
+pub struct NewCall {
+    /// Call id.
+    pub id: String,
+    /// Author.
+    pub created_by: String,
+    /// Reason.
+    pub reason: String,
+    /// Action.
+    pub action: Option<String>,
+    /// Who it addresses.
+    pub target: CallTarget,
+    /// Expiry.
+    pub expires_at: Millis,
+    /// Spread window in seconds.
+    pub spread: u32,
+}
+
+/// An ack or broker event that moves a delivery forward.
+#[derive(Debug, Clone, Default)]
+pub struct DeliveryUpdate {
+    /// `finished` status.
+    pub status: Option<String>,
+    /// Exit code.
+    pub exit_code: Option<i32>,
+    /// Duration.
+    pub duration_ms: Option<u64>,
+    /// Note.
+    pub detail: Option<String>,
+}
+
+/// What a session or bearer token resolves to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Principal {
+    /// Shown as `created_by` and in the audit log: `user:alice` or `token:ci`.
+    pub name: String,
+}
+
+/// The console's persistent state.
+pub trait Store: Send + Sync {
+    // Enrollment tokens.
+    /// Records a new enrollment token; its groups must exist.
+    fn create_enrollment_token(&self, token: NewEnrollmentToken) -> StoreResult<EnrollmentToken>;
+    /// Lists tokens, newest first.
+    fn list_enrollment_tokens(&self) -> StoreResult<Vec<EnrollmentToken>>;
+    /// Revokes a token.
+    fn revoke_enrollment_token(&self, id: &str) -> StoreResult<()>;
+    /// Checks the token with `token_hash` and, in the same transaction, uses it once and
+    /// records the agent (joining the token's groups). Refused tokens change nothing.
+    fn enroll_agent(
+        &self,
+        token_hash: &[u8; 32],
+        agent: NewAgent,
+        now: Millis,
+    ) -> StoreResult<Agent>;
+
+    // Agents.
+    /// One agent (revoked ones included).
+    fn agent(&self, id: &str) -> StoreResult<Agent>;
+    /// Agents matching the filter, by name.
+    fn list_agents(&self, filter: &AgentFilter) -> StoreResult<Vec<Agent>>;
+    /// Renames and/or sets the groups of an agent (groups must exist).
+    fn update_agent(
+        &self,
+        id: &str,
+        name: Option<String>,
+        groups: Option<Vec<String>>,
+    ) -> StoreResult<Agent>;
+    /// Revokes an agent: it may no longer check in and pending deliveries fail.
+    fn revoke_agent(&self, id: &str, now: Millis) -> StoreResult<()>;
+    /// The agent whose check-in secret hashes to `hash`, if not revoked.
+    fn agent_by_secret(&self, id: &str, hash: &[u8; 32]) -> StoreResult<Agent>;
+    /// Records a check-in, with the inventory if the agent sent one.
+    fn record_checkin(
+        &self,
+        id: &str,
+        inventory: Option<Inventory>,
+        now: Millis,
+    ) -> StoreResult<Agent>;
+    /// Records a presence change.
+    fn set_presence(
+        &self,
+        id: &str,
+        presence: Presence,
+        at: Millis,
+        path: Option<String>,
+        remote_addr: Option<String>,
+    ) -> StoreResult<()>;
+
+    // Groups.
+    /// Creates a group.
+    fn create_group(&self, name: &str, description: &str, now: Millis) -> StoreResult<Group>;
+    /// Lists groups.
+    fn list_groups(&self) -> StoreResult<Vec<Group>>;
+    /// Deletes a group (agents leave it).
+    fn delete_group(&self, name: &str) -> StoreResult<()>;
+
+    // Wake-up calls.
+    /// Records a call and one queued delivery per addressed, non-revoked agent, with fresh
+    /// wake-up ids from `new_wakeup_id`. Fails when the target resolves to no agent.
+    fn create_call(
+        &self,
+        call: NewCall,
+        now: Millis,
+        new_wakeup_id: &mut dyn FnMut() -> String,
+    ) -> StoreResult<(WakeCall, Vec<CallDelivery>)>;
+    /// One call with its deliveries.
+    fn call(&self, id: &str) -> StoreResult<(WakeCall, Vec<CallDelivery>)>;
+    /// Calls, newest first.
+    fn list_calls(&self, limit: u32) -> StoreResult<Vec<WakeCall>>;
+    /// Moves `agent_id`'s delivery with this wake-up id (and those it carried) to `state` if that is
+    /// progress; returns the deliveries that changed.
+    fn advance_delivery(
+        &self,
+        agent_id: &str,
+        wakeup_id: &str,
+        state: CallState,
+        update: DeliveryUpdate,
+        at: Millis,
+    ) -> StoreResult<Vec<CallDelivery>>;
+    /// Deliveries of an agent not yet delivered (queued or sent) and not expired at `now`,
+    /// with their calls, oldest first.
+    fn pending_for_agent(
+        &self,
+        agent_id: &str,
+        now: Millis,
+    ) -> StoreResult<Vec<(WakeCall, CallDelivery)>>;
+    /// Every agent with a queued delivery not expired at `now`.
+    fn agents_with_queued(&self, now: Millis) -> StoreResult<Vec<String>>;
+    /// Records that the deliveries `carried` went out inside the message of `carrier`.
+    fn set_carried_by(&self, carried: &[String], carrier: &str) -> StoreResult<()>;
+    /// Marks queued or sent deliveries whose call expired by `now` as expired.
+    fn expire_due(&self, now: Millis) -> StoreResult<Vec<CallDelivery>>;
+
+    // Settings and audit.
+    /// Current settings (defaults for groups never set).
+    fn settings(&self) -> StoreResult<Settings>;
+    /// Replaces settings, writing one audit entry per changed group, in one transaction.
+    fn put_settings(&self, settings: &Settings, who: &str, now: Millis) -> StoreResult<Settings>;
+    /// Appends an audit entry.
+    fn audit(
+        &self,
+        who: &str,
+        what: &str,
+        detail: serde_json::Value,
+        now: Millis,
+    ) -> StoreResult<()>;
+    /// Audit entries, newest first.
+    fn audit_log(&self, limit: u32) -> StoreResult<Vec<AuditEntry>>;
+
+    // Users, sessions, API tokens.
+    /// Creates a user with a password hash (PHC string).
+    fn create_user(&self, name: &str, password_hash: &str, now: Millis) -> StoreResult<()>;
+    /// How many users exist.
+    fn user_count(&self) -> StoreResult<u64>;
+    /// A user's password hash.
+    fn password_hash(&self, name: &str) -> StoreResult<String>;
+    /// Records a login session.
+    fn create_session(
+        &self,
+        hash: &[u8; 32],
+        user: &str,
+        now: Millis,
+        expires_at: Millis,
+    ) -> StoreResult<()>;
+    /// The user of a live session.
+    fn session(&self, hash: &[u8; 32], now: Millis) -> StoreResult<Principal>;
+    /// Ends a session.
+    fn delete_session(&self, hash: &[u8; 32]) -> StoreResult<()>;
+    /// Records an API token.
+    fn create_api_token(
+        &self,
+        id: &str,
+        hash: &[u8; 32],
+        name: &str,
+        now: Millis,
+    ) -> StoreResult<ApiToken>;
+    /// The principal of a live API token.
+    fn api_token(&self, hash: &[u8; 32]) -> StoreResult<Principal>;
+    /// Lists API tokens.
+    fn list_api_tokens(&self) -> StoreResult<Vec<ApiToken>>;
+    /// Revokes an API token.
+    fn revoke_api_token(&self, id: &str) -> StoreResult<()>;
+
+    // Wake-on-LAN.
+    /// Records a Wake-on-LAN send.
+    fn record_wol_send(&self, send: &WolSend) -> StoreResult<()>;
+    /// Wake-on-LAN sends for an agent, newest first.
+    fn wol_sends(&self, agent_id: &str, limit: u32) -> StoreResult<Vec<WolSend>>;
+}
+
+/// A shared store for async code: each call runs on the blocking pool, so SQLite's
+/// `fsync` never stalls the runtime's worker threads.
+#[derive(Clone)]
+pub struct StoreHandle(Arc<dyn Store>);
+
+impl StoreHandle {
+    /// Wraps a store.
+    pub fn new(store: Arc<dyn Store>) -> Self {
+        Self(store)
+    }
+
+    /// The store itself, for synchronous callers.
+    pub fn inner(&self) -> &Arc<dyn Store> {
+        &self.0
+    }
+
+    /// Runs `f` with the store on the blocking pool.
+    pub async fn run<T, F>(&self, f: F) -> StoreResult<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&dyn Store) -> StoreResult<T> + Send + 'static,
+    {
+        let store = self.0.clone();
+        tokio::task::spawn_blocking(move || f(store.as_ref()))
+            .await
+            .map_err(|e| StoreError::Task(e.to_string()))?
+    }
+}
