@@ -242,8 +242,12 @@ fn log_tail(path: &Path, from: u64) -> String {
 pub struct CompareRun {
     /// Round number, from 0.
     pub round: usize,
-    /// Its report.
-    pub report: FleetReport,
+    /// The broker's name.
+    pub broker: String,
+    /// Its report, when the run finished.
+    pub report: Option<FleetReport>,
+    /// Why the run did not finish (the broker would not start, a worker died, ...).
+    pub error: Option<String>,
 }
 
 /// A figure for both brokers.
@@ -294,21 +298,21 @@ fn median(mut values: Vec<f64>) -> Option<f64> {
 }
 
 fn summarize(runs: &[CompareRun]) -> Vec<CompareRow> {
-    let Some(first) = runs.first() else {
+    let Some(first) = runs.iter().find_map(|r| r.report.as_ref()) else {
         return Vec::new();
     };
     let values = |broker: &str, name: &str| {
         median(
             runs.iter()
-                .filter(|r| r.report.broker == broker)
-                .flat_map(|r| r.report.figures())
+                .filter_map(|r| r.report.as_ref())
+                .filter(|r| r.broker == broker)
+                .flat_map(FleetReport::figures)
                 .filter(|f| f.name == name)
                 .filter_map(|f| f.value)
                 .collect(),
         )
     };
     first
-        .report
         .figures()
         .into_iter()
         .map(|f| {
@@ -335,7 +339,17 @@ impl CompareReport {
     pub fn table(&self) -> String {
         let mut out = String::new();
         for run in &self.runs {
-            out.push_str(&format!("round {}: {}", run.round + 1, run.report.table()));
+            match (&run.report, &run.error) {
+                (Some(report), _) => {
+                    out.push_str(&format!("round {}: {}", run.round + 1, report.table()));
+                }
+                (None, error) => out.push_str(&format!(
+                    "round {}: {}: FAILED: {}\n",
+                    run.round + 1,
+                    run.broker,
+                    error.as_deref().unwrap_or("unknown error")
+                )),
+            }
             out.push('\n');
         }
         let names: Vec<String> = self
@@ -419,28 +433,19 @@ pub async fn run_compare(
             [&mut beckon, &mut mosquitto]
         };
         for broker in order {
-            broker.start()?;
-            let target = Target {
-                host: Ipv4Addr::LOCALHOST.to_string(),
-                port: broker.port(),
-                tls: certs.as_ref().map(|c| TlsSettings {
-                    ca_file: c.ca.clone(),
-                    server_name: Some(certs::SERVER_NAME.to_owned()),
-                    client_cert: None,
-                    client_key: None,
-                    key_exchange: args.session.tls_key_exchange,
-                }),
-                version: args.session.mqtt_version,
-                username: None,
-                password: None,
-                keep_alive: args.session.keep_alive,
-                connect_timeout_ms: args.session.connect_timeout_ms(),
-            };
-            let report = run_fleet(&target, &args.load, broker, launcher)
-                .await
-                .with_context(|| format!("fleet run against {}", broker.label()))?;
+            let result = run_one(args, broker, certs.as_ref(), launcher).await;
             broker.stop();
-            runs.push(CompareRun { round, report });
+            // One broker failing does not hide the other's figures.
+            let (report, error) = match result {
+                Ok(report) => (Some(report), None),
+                Err(e) => (None, Some(format!("{e:#}"))),
+            };
+            runs.push(CompareRun {
+                round,
+                broker: broker.label(),
+                report,
+                error,
+            });
         }
     }
     let summary = summarize(&runs);
@@ -452,6 +457,35 @@ pub async fn run_compare(
         runs,
         summary,
     })
+}
+
+/// Starts `broker` and runs the fleet against it.
+async fn run_one(
+    args: &CompareArgs,
+    broker: &mut ManagedBroker,
+    certs: Option<&ServerCerts>,
+    launcher: &WorkerLauncher,
+) -> anyhow::Result<FleetReport> {
+    broker.start()?;
+    let target = Target {
+        host: Ipv4Addr::LOCALHOST.to_string(),
+        port: broker.port(),
+        tls: certs.map(|c| TlsSettings {
+            ca_file: c.ca.clone(),
+            server_name: Some(certs::SERVER_NAME.to_owned()),
+            client_cert: None,
+            client_key: None,
+            key_exchange: args.session.tls_key_exchange,
+        }),
+        version: args.session.mqtt_version,
+        username: None,
+        password: None,
+        keep_alive: args.session.keep_alive,
+        connect_timeout_ms: args.session.connect_timeout_ms(),
+    };
+    run_fleet(&target, &args.load, broker, launcher)
+        .await
+        .with_context(|| format!("fleet run against {}", broker.label()))
 }
 
 #[cfg(test)]

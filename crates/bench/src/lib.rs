@@ -113,5 +113,17 @@ async fn compare_command(args: &CompareArgs, launcher: &WorkerLauncher) -> anyho
     } else {
         print!("{}", report.table());
     }
+    let failed: Vec<String> = report
+        .runs
+        .iter()
+        .filter_map(|r| {
+            r.error
+                .as_ref()
+                .map(|e| format!("{} (round {}): {e}", r.broker, r.round + 1))
+        })
+        .collect();
+    if !failed.is_empty() {
+        bail!("{} run(s) failed: {}", failed.len(), failed.join("; "));
+    }
     Ok(())
 }

@@ -9,10 +9,16 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 fn main() -> ExitCode {
-    common::main_with(&[(
-        "compare_over_tls_at_small_scale",
-        compare_over_tls_at_small_scale,
-    )])
+    common::main_with(&[
+        (
+            "a_broker_that_fails_does_not_hide_the_other",
+            a_broker_that_fails_does_not_hide_the_other,
+        ),
+        (
+            "compare_over_tls_at_small_scale",
+            compare_over_tls_at_small_scale,
+        ),
+    ])
 }
 
 fn beckon_bin() -> PathBuf {
@@ -62,7 +68,7 @@ fn compare_over_tls_at_small_scale() {
     let runs = json["runs"].as_array().expect("runs");
     let brokers: Vec<&str> = runs
         .iter()
-        .map(|r| r["report"]["broker"].as_str().expect("broker name"))
+        .map(|r| r["broker"].as_str().expect("broker name"))
         .collect();
     assert_eq!(brokers, ["mosquitto", "beckon"]);
     for run in runs {
@@ -92,5 +98,47 @@ fn compare_over_tls_at_small_scale() {
             && row["mosquitto"] == 300.0
             && row["beckon"] == 300.0),
         "the summary sets both brokers side by side"
+    );
+}
+
+/// A Beckon that will not start (here: a program that exits at once) makes the comparison
+/// fail, but Mosquitto's figures are still printed and the failure is named.
+fn a_broker_that_fails_does_not_hide_the_other() {
+    let mosquitto = common::mosquitto_bin().display().to_string();
+    let (status, stdout) = common::run_bench_status(
+        &[
+            "compare",
+            "--plain",
+            "--agents",
+            "50",
+            "--phases",
+            "connect,fanout",
+            "--mosquitto-bin",
+            &mosquitto,
+            "--beckon-bin",
+            "/bin/false",
+            "--json",
+        ],
+        Duration::from_secs(120),
+    );
+    assert!(
+        !status.success(),
+        "a failed run makes the exit status non-zero"
+    );
+    let json: serde_json::Value = serde_json::from_str(&stdout)
+        .unwrap_or_else(|e| panic!("the report is not JSON ({e}):\n{stdout}"));
+    let runs = json["runs"].as_array().expect("runs");
+    assert_eq!(runs.len(), 2);
+    assert_eq!(runs[0]["broker"], "mosquitto");
+    assert_eq!(
+        common::number(&runs[0]["report"], "/fanout/delivered"),
+        50.0
+    );
+    assert_eq!(runs[1]["broker"], "beckon");
+    assert!(runs[1]["report"].is_null());
+    let error = runs[1]["error"].as_str().unwrap_or_default();
+    assert!(
+        error.contains("exited at start"),
+        "the failure is named: {error}"
     );
 }

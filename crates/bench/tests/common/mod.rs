@@ -86,6 +86,17 @@ pub fn mosquitto_bin() -> PathBuf {
 /// Runs this program as `bench <args>`, killed if it outlives `limit`; returns stdout after
 /// asserting exit 0.
 pub fn run_bench(args: &[&str], limit: Duration) -> String {
+    let (status, stdout) = run_bench_status(args, limit);
+    assert!(
+        status.success(),
+        "bench {args:?} exited with {status}; stdout:\n{stdout}"
+    );
+    stdout
+}
+
+/// Runs this program as `bench <args>`, killed if it outlives `limit`; returns its exit
+/// status and stdout.
+pub fn run_bench_status(args: &[&str], limit: Duration) -> (std::process::ExitStatus, String) {
     let exe = std::env::current_exe().expect("own path");
     let out_dir = tempfile::tempdir().expect("temp dir");
     let out_path = out_dir.path().join("stdout");
@@ -110,12 +121,7 @@ pub fn run_bench(args: &[&str], limit: Duration) -> String {
         }
         std::thread::sleep(Duration::from_millis(100));
     };
-    let stdout = read(&out_path);
-    assert!(
-        status.success(),
-        "bench {args:?} exited with {status}; stdout:\n{stdout}"
-    );
-    stdout
+    (status, read(&out_path))
 }
 
 fn read(path: &Path) -> String {
