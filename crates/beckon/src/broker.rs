@@ -66,13 +66,13 @@ fn build_config(args: &BrokerArgs) -> anyhow::Result<BrokerConfig> {
 
 /// SIGTERM and SIGINT, registered before the broker reports ready so that a signal sent
 /// right after start is a graceful shutdown too (not the default kill).
-struct ShutdownSignals {
+pub(crate) struct ShutdownSignals {
     term: tokio::signal::unix::Signal,
     int: tokio::signal::unix::Signal,
 }
 
 impl ShutdownSignals {
-    fn register() -> anyhow::Result<Self> {
+    pub(crate) fn register() -> anyhow::Result<Self> {
         use tokio::signal::unix::{SignalKind, signal};
         Ok(Self {
             term: signal(SignalKind::terminate()).context("listening for SIGTERM")?,
@@ -80,7 +80,7 @@ impl ShutdownSignals {
         })
     }
 
-    async fn recv(&mut self) -> &'static str {
+    pub(crate) async fn recv(&mut self) -> &'static str {
         tokio::select! {
             _ = self.term.recv() => "SIGTERM",
             _ = self.int.recv() => "SIGINT",

@@ -2,6 +2,7 @@
 #![forbid(unsafe_code)]
 
 mod broker;
+mod up;
 
 use std::process::ExitCode;
 
@@ -30,6 +31,22 @@ enum LogFormat {
 enum Command {
     /// Run the push service: an MQTT 3.1.1 and 5.0 broker over TLS.
     Broker(broker::BrokerArgs),
+    /// Broker and console in one process on ./beckon-data, on loopback: nothing to set up.
+    Up(up::UpArgs),
+    /// The endpoint agent: keeps the push connection and acts on wake-up calls.
+    Agent {
+        #[command(subcommand)]
+        command: beckon_agent::AgentCommand,
+    },
+    /// The management console: registry, wake-up calls, Wake-on-LAN, HTTP API.
+    Console(beckon_console::ConsoleArgs),
+    /// Check every network path an agent would use to reach the broker, and name the fix.
+    Doctor(beckon_doctor::DoctorArgs),
+    /// Load generator: simulated agent fleets against any MQTT broker.
+    Bench {
+        #[command(subcommand)]
+        command: beckon_bench::BenchCommand,
+    },
 }
 
 fn init_logging(format: LogFormat) {
@@ -50,6 +67,11 @@ fn main() -> ExitCode {
     init_logging(cli.log_format);
     let result = match cli.command {
         Command::Broker(args) => broker::main(args),
+        Command::Up(args) => up::main(args),
+        Command::Agent { command } => beckon_agent::run(command),
+        Command::Console(args) => beckon_console::run(args),
+        Command::Doctor(args) => return report(beckon_doctor::run(args)),
+        Command::Bench { command } => beckon_bench::run(command),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -58,6 +80,14 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// The exit code a command chose, or failure with its error printed.
+fn report(result: anyhow::Result<ExitCode>) -> ExitCode {
+    result.unwrap_or_else(|e| {
+        eprintln!("error: {}", error_chain(&e));
+        ExitCode::from(2)
+    })
 }
 
 /// The error and its causes, each cause only when its text is not already in the message

@@ -1,0 +1,122 @@
+//! `beckon up`: the embedded default. Console and broker in one process on one data folder,
+//! on loopback, with nothing to configure.
+//!
+//! One CA serves the whole installation: the console's tenant CA (created by the console on
+//! first start) signs the broker's server certificate and every client certificate, so an
+//! agent trusts one file and the broker trusts the console's agents and the console itself.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::Context;
+use beckon_broker::{BrokerConfig, Listen, Server};
+use beckon_console::{BrokerLink, Console, ConsoleConfig};
+use beckon_pki::CertificateAuthority;
+
+/// Flags of `beckon up`.
+#[derive(Debug, clap::Args)]
+pub struct UpArgs {
+    /// Data folder: certificates, database, keys (created on first run, reused after).
+    #[arg(long, value_name = "DIR", default_value = "beckon-data")]
+    data: PathBuf,
+    /// MQTT over TLS listener (loopback by default).
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:8883")]
+    mqtts: SocketAddr,
+    /// Console (web UI and API) listener, plain HTTP on loopback.
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:8080")]
+    console: SocketAddr,
+}
+
+/// Server certificate lifetime; renewed by deleting `broker/server.pem` (a later issue
+/// renews automatically).
+const SERVER_CERT_VALIDITY: Duration = Duration::from_secs(825 * 24 * 3600);
+
+/// Runs console and broker until SIGTERM or SIGINT.
+pub fn main(args: UpArgs) -> anyhow::Result<()> {
+    if !args.console.ip().is_loopback() || !args.mqtts.ip().is_loopback() {
+        anyhow::bail!(
+            "beckon up listens on loopback only (it serves the console over plain HTTP); \
+             run `beckon broker` and `beckon console` for a deployment"
+        );
+    }
+    let console_dir = args.data.join("console");
+    let broker_dir = args.data.join("broker");
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(async move {
+        let mut signals = crate::broker::ShutdownSignals::register()?;
+
+        let mut console_config = ConsoleConfig::new(&console_dir);
+        console_config.listen = args.console;
+        console_config.plain_http = true;
+        console_config.broker = BrokerLink::Tls {
+            host: "localhost".into(),
+            port: args.mqtts.port(),
+            ca_file: None,
+        };
+        console_config.default_broker_endpoints = vec![format!("localhost:{}", args.mqtts.port())];
+        let console = Console::start(console_config)
+            .await
+            .with_context(|| format!("starting the console in {}", console_dir.display()))?;
+
+        let (cert, key, ca_file) = ensure_broker_certificate(&console_dir, &broker_dir)?;
+        let mut broker_config = BrokerConfig::default();
+        broker_config.data_dir.clone_from(&broker_dir);
+        broker_config.listeners.mqtts = Listen(Some(args.mqtts));
+        broker_config.tls.cert = Some(cert);
+        broker_config.tls.key = Some(key);
+        broker_config.tls.client_ca = Some(ca_file.clone());
+        broker_config.validate()?;
+        let (bound, mut broker) = Server::bind(broker_config)
+            .await
+            .context("starting the broker")?;
+
+        println!("Beckon is up (data in {})", args.data.display());
+        println!("  console:  {}", console.url());
+        if let Some(password) = &console.initial_admin_password {
+            println!("  login:    user admin, password {password}  (shown only this once)");
+        }
+        if let Some(addr) = bound.mqtts {
+            println!("  broker:   MQTT over TLS on {addr}");
+        }
+        println!("  CA:       {} (what agents trust)", ca_file.display());
+        println!("beckon up: ready");
+
+        let result = tokio::select! {
+            signal = signals.recv() => {
+                tracing::info!(signal, "shutting down");
+                Ok(())
+            }
+            e = broker.stopped() => Err(anyhow::Error::from(e)),
+        };
+        broker.shutdown().await.ok();
+        console.shutdown().await;
+        result
+    })
+}
+
+/// The broker's server certificate, issued by the console's CA on first run and reused
+/// after. Returns (certificate, key, CA file).
+fn ensure_broker_certificate(
+    console_dir: &Path,
+    broker_dir: &Path,
+) -> anyhow::Result<(PathBuf, PathBuf, PathBuf)> {
+    let ca_cert = console_dir.join("tenant-ca.pem");
+    let ca_key = console_dir.join("tenant-ca.key");
+    let cert = broker_dir.join("server.pem");
+    let key = broker_dir.join("server.key");
+    if !(cert.exists() && key.exists()) {
+        std::fs::create_dir_all(broker_dir)
+            .with_context(|| format!("creating {}", broker_dir.display()))?;
+        let ca = CertificateAuthority::load(&ca_cert, &ca_key)
+            .with_context(|| format!("loading the console's CA {}", ca_cert.display()))?;
+        let names = ["localhost", "127.0.0.1", "::1"].map(String::from);
+        ca.issue_server(&names, SERVER_CERT_VALIDITY)?
+            .save(&cert, &key)
+            .with_context(|| format!("writing {}", cert.display()))?;
+    }
+    Ok((cert, key, ca_cert))
+}
