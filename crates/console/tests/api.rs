@@ -1,0 +1,830 @@
+//! The HTTP API through the real router: routes vs the OpenAPI document, enrollment,
+//! check-in, sessions, calls, settings, and bad input on every endpoint.
+
+use std::collections::BTreeSet;
+
+use axum::body::Body;
+use axum::http::{Method, Request, StatusCode};
+use beckon_console::{Console, ConsoleConfig, ConsoleHandle};
+use serde_json::{Value, json};
+use tower::ServiceExt;
+
+struct Api {
+    handle: ConsoleHandle,
+    router: axum::Router,
+    token: String,
+    _dir: tempfile::TempDir,
+}
+
+async fn start() -> Api {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = ConsoleConfig::new(dir.path().join("data"));
+    config.listen = "127.0.0.1:0".parse().unwrap();
+    let handle = Console::start(config).await.unwrap();
+    let token = handle.create_api_token("tests").await.unwrap();
+    let router = beckon_console::api::router(handle.state.clone());
+    Api {
+        handle,
+        router,
+        token,
+        _dir: dir,
+    }
+}
+
+impl Api {
+    async fn raw(&self, req: Request<Body>) -> (StatusCode, Vec<(String, String)>, Value) {
+        let resp = self.router.clone().oneshot(req).await.unwrap();
+        let status = resp.status();
+        let headers = resp
+            .headers()
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_str().unwrap_or("").to_owned()))
+            .collect();
+        let bytes = axum::body::to_bytes(resp.into_body(), 1 << 20)
+            .await
+            .unwrap();
+        let body = if bytes.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_slice(&bytes)
+                .unwrap_or_else(|_| panic!("not JSON: {}", String::from_utf8_lossy(&bytes)))
+        };
+        (status, headers, body)
+    }
+
+    async fn call(&self, method: &str, path: &str, body: Option<Value>) -> (StatusCode, Value) {
+        let auth = format!("Bearer {}", self.token);
+        self.call_as(method, path, body, Some(&auth)).await
+    }
+
+    async fn call_as(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<Value>,
+        auth: Option<&str>,
+    ) -> (StatusCode, Value) {
+        let mut b = Request::builder().method(method).uri(path);
+        if let Some(a) = auth {
+            b = b.header("authorization", a);
+        }
+        let req = match body {
+            Some(v) => b
+                .header("content-type", "application/json")
+                .body(Body::from(v.to_string()))
+                .unwrap(),
+            None => b.body(Body::empty()).unwrap(),
+        };
+        let (s, _, v) = self.raw(req).await;
+        (s, v)
+    }
+}
+
+fn csr() -> String {
+    let key = rcgen::KeyPair::generate().unwrap();
+    rcgen::CertificateParams::new(Vec::<String>::new())
+        .unwrap()
+        .serialize_request(&key)
+        .unwrap()
+        .pem()
+        .unwrap()
+}
+
+fn inventory() -> Value {
+    json!({
+        "hostname": "pc-42.example",
+        "os": "Debian 13",
+        "addresses": [{"address": "192.168.1.23", "prefix_len": 24}],
+        "macs": ["00:11:22:33:44:55"],
+    })
+}
+
+#[tokio::test]
+async fn the_openapi_document_lists_exactly_the_routes() {
+    let api = start().await;
+    let (status, doc) = api.call_as("GET", "/api/v1/openapi.json", None, None).await;
+    assert_eq!(status, StatusCode::OK);
+    let mut documented = BTreeSet::new();
+    for (path, ops) in doc["paths"].as_object().unwrap() {
+        for method in ops.as_object().unwrap().keys() {
+            documented.insert((path.clone(), method.clone()));
+        }
+    }
+    let mut routed = BTreeSet::new();
+    for (path, methods, _) in beckon_console::api::routes() {
+        for m in methods {
+            routed.insert((path.to_owned(), m.to_string()));
+        }
+    }
+    assert_eq!(documented, routed);
+    // Every documented operation reaches a handler (no "no such route", no 405).
+    for (path, method) in &documented {
+        let uri = path.replace("{id}", "x").replace("{name}", "x");
+        let req = Request::builder()
+            .method(Method::from_bytes(method.to_uppercase().as_bytes()).unwrap())
+            .uri(uri)
+            .header("authorization", format!("Bearer {}", api.token))
+            .body(Body::empty())
+            .unwrap();
+        let resp = api.router.clone().oneshot(req).await.unwrap();
+        let status = resp.status();
+        assert_ne!(status, StatusCode::METHOD_NOT_ALLOWED, "{method} {path}");
+        if resp
+            .headers()
+            .get("content-type")
+            .is_some_and(|v| v == "text/event-stream")
+        {
+            // A live stream never ends: reaching it is enough.
+            assert_eq!(status, StatusCode::OK);
+            continue;
+        }
+        let bytes = axum::body::to_bytes(resp.into_body(), 1 << 20)
+            .await
+            .unwrap();
+        let text = String::from_utf8_lossy(&bytes);
+        assert!(
+            !text.contains("no such API route"),
+            "{method} {path}: {text}"
+        );
+    }
+    // And the others do not.
+    let (status, body) = api.call("GET", "/api/v1/nope", None).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert!(body["error"].as_str().unwrap().contains("openapi.json"));
+    let (status, body) = api.call("PUT", "/api/v1/agents", Some(json!({}))).await;
+    assert_eq!(status, StatusCode::METHOD_NOT_ALLOWED);
+    assert!(body["error"].is_string());
+}
+
+#[tokio::test]
+async fn an_agent_enrolls_with_a_csr_gets_its_certificate_and_checks_in() {
+    let api = start().await;
+    let (s, _) = api
+        .call("POST", "/api/v1/groups", Some(json!({"name": "laptops"})))
+        .await;
+    assert_eq!(s, StatusCode::CREATED);
+    let (s, t) = api
+        .call(
+            "POST",
+            "/api/v1/enrollment-tokens",
+            Some(json!({"label": "office", "groups": ["laptops"], "expires_in_secs": 3600})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{t}");
+    let secret = t["token"].as_str().unwrap().to_owned();
+    let (s, e) = api
+        .call_as(
+            "POST",
+            "/api/v1/enroll",
+            Some(json!({"token": secret, "agent_id": "pc-42", "csr": csr(), "inventory": inventory()})),
+            None,
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{e}");
+    assert_eq!(e["agent_id"], "pc-42");
+    assert_eq!(e["tenant"], "default");
+    assert!(e["ca"].as_str().unwrap().contains("BEGIN CERTIFICATE"));
+    assert_eq!(e["wakeup_key"]["kid"], "console-1");
+    assert!(!e["broker_endpoints"].as_array().unwrap().is_empty());
+    // The certificate names the agent: CN = id, O = tenant, OU = agent.
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject;
+    let der =
+        CertificateDer::from_pem_slice(e["certificate"].as_str().unwrap().as_bytes()).unwrap();
+    let id = beckon_pki::certificate_identity(&der).unwrap();
+    assert_eq!(id.common_name.as_deref(), Some("pc-42"));
+    assert_eq!(id.organization.as_deref(), Some("default"));
+    assert_eq!(id.org_unit.as_deref(), Some("agent"));
+
+    // The one-time token is used up.
+    let (s, err) = api
+        .call_as(
+            "POST",
+            "/api/v1/enroll",
+            Some(json!({"token": secret, "agent_id": "pc-43", "csr": csr()})),
+            None,
+        )
+        .await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED);
+    assert!(err["error"].as_str().unwrap().contains("used up"), "{err}");
+
+    let (s, a) = api.call("GET", "/api/v1/agents/pc-42", None).await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(a["groups"], json!(["laptops"]));
+    assert_eq!(a["hostname"], "pc-42.example");
+    let (_, list) = api.call("GET", "/api/v1/agents?group=laptops", None).await;
+    assert_eq!(list.as_array().unwrap().len(), 1);
+    let (_, list) = api
+        .call("GET", "/api/v1/agents?presence=online", None)
+        .await;
+    assert_eq!(list.as_array().unwrap().len(), 0);
+
+    // Check-in with the token from enrollment, with the agent runtime's body.
+    let checkin = format!("Bearer {}", e["checkin_token"].as_str().unwrap());
+    let body = json!({"agent_id": "pc-42", "tenant": "default", "hostname": "pc-42.example", "wakeup_id": null, "at": "2026-11-27T10:00:00Z"});
+    let (s, c) = api
+        .call_as(
+            "POST",
+            "/api/v1/agents/pc-42/checkin",
+            Some(body.clone()),
+            Some(&checkin),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{c}");
+    let (_, a) = api.call("GET", "/api/v1/agents/pc-42", None).await;
+    assert!(a["last_checkin"].is_i64());
+    // Wrong token, another agent's URL, no token: refused.
+    for (path, auth) in [
+        ("/api/v1/agents/pc-42/checkin", Some("Bearer bka_wrong")),
+        ("/api/v1/agents/pc-43/checkin", Some(checkin.as_str())),
+        ("/api/v1/agents/pc-42/checkin", None),
+    ] {
+        let (s, err) = api.call_as("POST", path, Some(json!({})), auth).await;
+        assert_eq!(s, StatusCode::UNAUTHORIZED, "{path} {auth:?}: {err}");
+        assert!(err["error"].is_string());
+    }
+    // After revocation, check-in is refused.
+    let (s, _) = api.call("DELETE", "/api/v1/agents/pc-42", None).await;
+    assert_eq!(s, StatusCode::NO_CONTENT);
+    let (s, _) = api
+        .call_as(
+            "POST",
+            "/api/v1/agents/pc-42/checkin",
+            Some(body),
+            Some(&checkin),
+        )
+        .await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED);
+    api.handle.shutdown().await;
+}
+
+#[tokio::test]
+async fn users_log_in_with_a_session_cookie_and_log_out() {
+    let api = start().await;
+    let password = api.handle.initial_admin_password.clone().unwrap();
+    let login = |pw: String| {
+        Request::builder()
+            .method("POST")
+            .uri("/api/v1/login")
+            .header("content-type", "application/json")
+            .body(Body::from(
+                json!({"user": "admin", "password": pw}).to_string(),
+            ))
+            .unwrap()
+    };
+    let (s, _, body) = api.raw(login("wrong".into())).await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED);
+    assert!(
+        body["error"]
+            .as_str()
+            .unwrap()
+            .contains("wrong user name or password")
+    );
+    let (s, headers, _) = api.raw(login(password)).await;
+    assert_eq!(s, StatusCode::OK);
+    let cookie = headers
+        .iter()
+        .find(|(k, _)| k == "set-cookie")
+        .map(|(_, v)| v.split(';').next().unwrap().to_owned())
+        .unwrap();
+    assert!(headers.iter().any(|(k, v)| k == "set-cookie"
+        && v.contains("HttpOnly")
+        && v.contains("SameSite=Strict")));
+    let with_cookie = |m: &str, p: &str| {
+        Request::builder()
+            .method(m)
+            .uri(p)
+            .header("cookie", cookie.clone())
+            .body(Body::empty())
+            .unwrap()
+    };
+    let (s, _, _) = api.raw(with_cookie("GET", "/api/v1/agents")).await;
+    assert_eq!(s, StatusCode::OK);
+    let (s, _, _) = api.raw(with_cookie("POST", "/api/v1/logout")).await;
+    assert_eq!(s, StatusCode::NO_CONTENT);
+    let (s, _, body) = api.raw(with_cookie("GET", "/api/v1/agents")).await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED);
+    assert!(body["error"].as_str().unwrap().contains("log in again"));
+}
+
+#[tokio::test]
+async fn settings_are_validated_and_audited() {
+    let api = start().await;
+    let (s, before) = api.call("GET", "/api/v1/settings", None).await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(before["wol"]["port"], 9);
+    let mut new = before.clone();
+    new["wol"]["addresses"] = json!(["10.1.255.255", "ff02::1"]);
+    new["wol"]["repeats"] = json!(5);
+    new["broker"]["endpoints"] = json!(["push.example.com:8883"]);
+    let (s, saved) = api.call("PUT", "/api/v1/settings", Some(new.clone())).await;
+    assert_eq!(s, StatusCode::OK, "{saved}");
+    let (_, now) = api.call("GET", "/api/v1/settings", None).await;
+    assert_eq!(now, new);
+    let (_, audit) = api.call("GET", "/api/v1/audit", None).await;
+    let whats: Vec<&str> = audit
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["what"].as_str().unwrap())
+        .collect();
+    assert!(
+        whats.contains(&"settings.wol") && whats.contains(&"settings.broker"),
+        "{whats:?}"
+    );
+    assert!(audit[0]["who"].as_str().unwrap().starts_with("token:"));
+
+    for (field, value, expect) in [
+        ("port", json!(0), "wol.port"),
+        ("repeats", json!(11), "wol.repeats"),
+        ("addresses", json!(["0.0.0.0"]), "wol.addresses[0]"),
+        ("addresses", json!(["not-an-ip"]), "does not fit"),
+        ("secureon", json!("aa:bb"), "wol.secureon"),
+    ] {
+        let mut bad = new.clone();
+        bad["wol"][field] = value;
+        let (s, err) = api.call("PUT", "/api/v1/settings", Some(bad)).await;
+        assert!(s.is_client_error(), "{field}: {s}");
+        assert!(
+            err["error"].as_str().unwrap().contains(expect),
+            "{field}: {err}"
+        );
+    }
+    let mut bad = new.clone();
+    bad["wakeup"]["default_expiry_secs"] = json!(5);
+    let (s, _) = api.call("PUT", "/api/v1/settings", Some(bad)).await;
+    assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY);
+    let (_, after) = api.call("GET", "/api/v1/settings", None).await;
+    assert_eq!(after, new, "refused settings changed nothing");
+}
+
+#[tokio::test]
+async fn bad_input_gets_a_clear_4xx_and_changes_nothing() {
+    let api = start().await;
+    let (_, t) = api
+        .call(
+            "POST",
+            "/api/v1/enrollment-tokens",
+            Some(json!({"max_uses": 0})),
+        )
+        .await;
+    let secret = t["token"].as_str().unwrap().to_owned();
+    let (s, _) = api
+        .call_as(
+            "POST",
+            "/api/v1/enroll",
+            Some(json!({"token": secret, "agent_id": "a1", "csr": csr()})),
+            None,
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED);
+    let snapshot = || async {
+        (
+            api.call("GET", "/api/v1/agents?include_revoked=true", None)
+                .await
+                .1,
+            api.call("GET", "/api/v1/enrollment-tokens", None).await.1,
+            api.call("GET", "/api/v1/groups", None).await.1,
+            api.call("GET", "/api/v1/calls", None).await.1,
+            api.call("GET", "/api/v1/settings", None).await.1,
+        )
+    };
+    let before = snapshot().await;
+    let token = format!("Bearer {}", api.token);
+    let big = "x".repeat(100 * 1024);
+    type Case<'a> = (
+        &'a str,
+        &'a str,
+        Option<String>,
+        Option<&'a str>,
+        StatusCode,
+        &'a str,
+    );
+    let cases: Vec<Case<'_>> = vec![
+        (
+            "GET",
+            "/api/v1/agents",
+            None,
+            None,
+            StatusCode::UNAUTHORIZED,
+            "authentication required",
+        ),
+        (
+            "GET",
+            "/api/v1/agents",
+            None,
+            Some("Bearer bkt_nope"),
+            StatusCode::UNAUTHORIZED,
+            "not valid",
+        ),
+        (
+            "GET",
+            "/api/v1/agents",
+            None,
+            Some("Bearer something"),
+            StatusCode::UNAUTHORIZED,
+            "bkt_",
+        ),
+        (
+            "POST",
+            "/api/v1/groups",
+            Some("{".into()),
+            Some(&token),
+            StatusCode::BAD_REQUEST,
+            "not valid JSON",
+        ),
+        (
+            "POST",
+            "/api/v1/groups",
+            Some(r#"{"name":"g","colour":1}"#.into()),
+            Some(&token),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "colour",
+        ),
+        (
+            "POST",
+            "/api/v1/groups",
+            Some(r#"{"name":"a b"}"#.into()),
+            Some(&token),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "not valid",
+        ),
+        (
+            "POST",
+            "/api/v1/groups",
+            Some(format!(r#"{{"name":"g","description":"{big}"}}"#)),
+            Some(&token),
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "too large",
+        ),
+        (
+            "GET",
+            "/api/v1/agents/zz",
+            None,
+            Some(&token),
+            StatusCode::NOT_FOUND,
+            "does not exist",
+        ),
+        (
+            "PATCH",
+            "/api/v1/agents/zz",
+            Some(r#"{"name":"x"}"#.into()),
+            Some(&token),
+            StatusCode::NOT_FOUND,
+            "does not exist",
+        ),
+        (
+            "PATCH",
+            "/api/v1/agents/a1",
+            Some(r#"{"groups":["missing"]}"#.into()),
+            Some(&token),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "create it first",
+        ),
+        (
+            "DELETE",
+            "/api/v1/agents/zz",
+            None,
+            Some(&token),
+            StatusCode::NOT_FOUND,
+            "does not exist",
+        ),
+        (
+            "DELETE",
+            "/api/v1/groups/zz",
+            None,
+            Some(&token),
+            StatusCode::NOT_FOUND,
+            "does not exist",
+        ),
+        (
+            "DELETE",
+            "/api/v1/enrollment-tokens/zz",
+            None,
+            Some(&token),
+            StatusCode::NOT_FOUND,
+            "does not exist",
+        ),
+        (
+            "DELETE",
+            "/api/v1/api-tokens/zz",
+            None,
+            Some(&token),
+            StatusCode::NOT_FOUND,
+            "does not exist",
+        ),
+        (
+            "GET",
+            "/api/v1/calls/zz",
+            None,
+            Some(&token),
+            StatusCode::NOT_FOUND,
+            "does not exist",
+        ),
+        (
+            "GET",
+            "/api/v1/calls/zz/events",
+            None,
+            Some(&token),
+            StatusCode::NOT_FOUND,
+            "does not exist",
+        ),
+        (
+            "GET",
+            "/api/v1/agents/zz/wol",
+            None,
+            Some(&token),
+            StatusCode::NOT_FOUND,
+            "does not exist",
+        ),
+        (
+            "POST",
+            "/api/v1/agents/zz/wol",
+            None,
+            Some(&token),
+            StatusCode::NOT_FOUND,
+            "does not exist",
+        ),
+        (
+            "GET",
+            "/api/v1/agents?limit=0",
+            None,
+            Some(&token),
+            StatusCode::BAD_REQUEST,
+            "limit",
+        ),
+        (
+            "GET",
+            "/api/v1/agents?presence=maybe",
+            None,
+            Some(&token),
+            StatusCode::BAD_REQUEST,
+            "query string",
+        ),
+        (
+            "POST",
+            "/api/v1/calls",
+            Some(r#"{"target":{"agents":["zz"]}}"#.into()),
+            Some(&token),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "not enrolled",
+        ),
+        (
+            "POST",
+            "/api/v1/calls",
+            Some(r#"{"target":{"agents":[]}}"#.into()),
+            Some(&token),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "at least one",
+        ),
+        (
+            "POST",
+            "/api/v1/calls",
+            Some(r#"{"target":{"group":"zz"}}"#.into()),
+            Some(&token),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "does not exist",
+        ),
+        (
+            "POST",
+            "/api/v1/calls",
+            Some(r#"{"target":"all","expires_in_secs":1}"#.into()),
+            Some(&token),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "expires_in_secs",
+        ),
+        (
+            "POST",
+            "/api/v1/calls",
+            Some(r#"{"target":"everyone"}"#.into()),
+            Some(&token),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "does not fit",
+        ),
+        (
+            "POST",
+            "/api/v1/enroll",
+            Some(format!(
+                r#"{{"token":"{secret}","agent_id":"a/b","csr":"x"}}"#
+            )),
+            None,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "agent_id",
+        ),
+        (
+            "POST",
+            "/api/v1/enroll",
+            Some(format!(
+                r#"{{"token":"{secret}","agent_id":"a2","csr":"-----BEGIN CERTIFICATE REQUEST-----\nAAAA\n-----END CERTIFICATE REQUEST-----"}}"#
+            )),
+            None,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "csr",
+        ),
+        (
+            "POST",
+            "/api/v1/enroll",
+            Some(format!(
+                r#"{{"token":"{secret}","agent_id":"a2","csr":"x","inventory":{{"macs":["zz"]}}}}"#
+            )),
+            None,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "MAC",
+        ),
+        (
+            "POST",
+            "/api/v1/enroll",
+            Some(r#"{"token":"bke_unknown","agent_id":"a2","csr":"x"}"#.into()),
+            None,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "csr",
+        ),
+        (
+            "POST",
+            "/api/v1/enroll",
+            Some(format!(
+                r#"{{"token":"{secret}","agent_id":"a1","csr":{}}}"#,
+                serde_json::to_string(&csr()).unwrap()
+            )),
+            None,
+            StatusCode::CONFLICT,
+            "already enrolled",
+        ),
+        (
+            "POST",
+            "/api/v1/enrollment-tokens",
+            Some(r#"{"groups":["missing"]}"#.into()),
+            Some(&token),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "create it first",
+        ),
+        (
+            "POST",
+            "/api/v1/enrollment-tokens",
+            Some(r#"{"expires_in_secs":0}"#.into()),
+            Some(&token),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "at least 1",
+        ),
+    ];
+    for (method, path, body, auth, want, text) in cases {
+        let mut b = Request::builder().method(method).uri(path);
+        if let Some(a) = auth {
+            b = b.header("authorization", a);
+        }
+        let req = match body {
+            Some(body) => b
+                .header("content-type", "application/json")
+                .body(Body::from(body))
+                .unwrap(),
+            None => b.body(Body::empty()).unwrap(),
+        };
+        let (status, _, body) = api.raw(req).await;
+        assert_eq!(status, want, "{method} {path}: {body}");
+        let msg = body["error"]
+            .as_str()
+            .unwrap_or_else(|| panic!("{method} {path}: no error in {body}"));
+        assert!(
+            msg.contains(text),
+            "{method} {path}: {msg:?} lacks {text:?}"
+        );
+    }
+    // Missing content type.
+    let req = Request::builder()
+        .method("POST")
+        .uri("/api/v1/groups")
+        .header("authorization", &token)
+        .body(Body::from(r#"{"name":"g"}"#))
+        .unwrap();
+    let (s, _, body) = api.raw(req).await;
+    assert_eq!(s, StatusCode::UNSUPPORTED_MEDIA_TYPE);
+    assert!(body["error"].as_str().unwrap().contains("Content-Type"));
+    assert_eq!(snapshot().await, before, "refused requests changed nothing");
+}
+
+#[tokio::test]
+async fn calls_record_one_delivery_per_agent_and_show_their_states() {
+    let api = start().await;
+    let (_, t) = api
+        .call(
+            "POST",
+            "/api/v1/enrollment-tokens",
+            Some(json!({"max_uses": 0})),
+        )
+        .await;
+    let secret = t["token"].as_str().unwrap().to_owned();
+    for id in ["a1", "a2", "a3"] {
+        let (s, _) = api
+            .call_as(
+                "POST",
+                "/api/v1/enroll",
+                Some(json!({"token": secret, "agent_id": id, "csr": csr()})),
+                None,
+            )
+            .await;
+        assert_eq!(s, StatusCode::CREATED);
+    }
+    api.call("POST", "/api/v1/groups", Some(json!({"name": "g"})))
+        .await;
+    api.call("PATCH", "/api/v1/agents/a2", Some(json!({"groups": ["g"]})))
+        .await;
+    let (s, c) = api
+        .call(
+            "POST",
+            "/api/v1/calls",
+            Some(json!({"target": {"group": "g"}, "reason": "policy-changed"})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{c}");
+    assert_eq!(c["agents"], 1);
+    assert_eq!(c["target"], "group g");
+    let (s, c) = api
+        .call(
+            "POST",
+            "/api/v1/calls",
+            Some(json!({"target": "all", "reason": "inventory", "spread_secs": 30})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED);
+    assert_eq!(c["agents"], 3);
+    assert_eq!(c["spread"], 30);
+    let (_, got) = api
+        .call(
+            "GET",
+            &format!("/api/v1/calls/{}", c["id"].as_str().unwrap()),
+            None,
+        )
+        .await;
+    let deliveries = got["deliveries"].as_array().unwrap();
+    assert_eq!(deliveries.len(), 3);
+    // Without a broker they stay queued.
+    assert!(deliveries.iter().all(|d| d["state"] == "queued"));
+    let (_, list) = api.call("GET", "/api/v1/calls", None).await;
+    assert_eq!(list.as_array().unwrap().len(), 2);
+    let (_, status) = api.call("GET", "/api/v1/status", None).await;
+    assert_eq!(status["push_service"]["connected"], false);
+    assert!(
+        status["push_service"]["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("Push service servers are not reachable")
+    );
+}
+
+#[tokio::test]
+async fn plain_http_is_refused_off_loopback_and_https_is_served_with_the_consoles_certificate() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = ConsoleConfig::new(dir.path().join("data"));
+    config.listen = "0.0.0.0:0".parse().unwrap();
+    let err = Console::start(config.clone()).await.err().expect("refused");
+    assert!(err.to_string().contains("loopback"), "{err}");
+
+    config.listen = "127.0.0.1:0".parse().unwrap();
+    config.plain_http = false;
+    let handle = Console::start(config).await.unwrap();
+    assert_eq!(handle.scheme, "https");
+    let ca = std::fs::read(dir.path().join("data/tenant-ca.pem")).unwrap();
+    let mut roots = rustls::RootCertStore::empty();
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject;
+    for c in CertificateDer::pem_slice_iter(&ca) {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let client = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::aws_lc_rs::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(client));
+    let tcp = tokio::net::TcpStream::connect(handle.local_addr)
+        .await
+        .unwrap();
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let mut tls = tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        connector.connect(name, tcp),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    tls.write_all(
+        b"GET /api/v1/openapi.json HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let mut out = Vec::new();
+    tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        tls.read_to_end(&mut out),
+    )
+    .await
+    .unwrap()
+    .ok();
+    let text = String::from_utf8_lossy(&out);
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    assert!(text.contains("\"openapi\":\"3.1.0\""));
+    handle.shutdown().await;
+}

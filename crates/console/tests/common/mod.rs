@@ -1,0 +1,200 @@
+//! Test helpers: a console with an API client, raw MQTT peers, Mosquitto killed on drop.
+#![allow(dead_code)]
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::http::{Request, StatusCode};
+use beckon_console::{Console, ConsoleConfig, ConsoleHandle};
+use beckon_mqtt::{Packet, ProtocolVersion};
+use bytes::BytesMut;
+use serde_json::Value;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tower::ServiceExt;
+
+/// Every wait is bounded by this.
+pub const WAIT: Duration = Duration::from_secs(10);
+
+pub struct Api {
+    pub handle: ConsoleHandle,
+    pub router: axum::Router,
+    pub token: String,
+    pub dir: tempfile::TempDir,
+}
+
+pub async fn start_with(f: impl FnOnce(&mut ConsoleConfig)) -> Api {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = ConsoleConfig::new(dir.path().join("data"));
+    config.listen = "127.0.0.1:0".parse().unwrap();
+    f(&mut config);
+    let handle = Console::start(config).await.unwrap();
+    let token = handle.create_api_token("tests").await.unwrap();
+    let router = beckon_console::api::router(handle.state.clone());
+    Api {
+        handle,
+        router,
+        token,
+        dir,
+    }
+}
+
+impl Api {
+    pub async fn call(&self, method: &str, path: &str, body: Option<Value>) -> (StatusCode, Value) {
+        let mut b = Request::builder()
+            .method(method)
+            .uri(path)
+            .header("authorization", format!("Bearer {}", self.token));
+        let req = match body {
+            Some(v) => {
+                b = b.header("content-type", "application/json");
+                b.body(Body::from(v.to_string())).unwrap()
+            }
+            None => b.body(Body::empty()).unwrap(),
+        };
+        let resp = self.router.clone().oneshot(req).await.unwrap();
+        let status = resp.status();
+        let bytes = axum::body::to_bytes(resp.into_body(), 1 << 20)
+            .await
+            .unwrap();
+        let v = if bytes.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_slice(&bytes).unwrap()
+        };
+        (status, v)
+    }
+
+    /// Enrolls `id` with inventory `inv`; returns the enrollment response.
+    pub async fn enroll(&self, id: &str, inv: Value) -> Value {
+        let (_, t) = self
+            .call(
+                "POST",
+                "/api/v1/enrollment-tokens",
+                Some(serde_json::json!({})),
+            )
+            .await;
+        let (s, e) = self
+            .call(
+                "POST",
+                "/api/v1/enroll",
+                Some(serde_json::json!({"token": t["token"], "agent_id": id, "csr": csr(), "inventory": inv})),
+            )
+            .await;
+        assert_eq!(s, StatusCode::CREATED, "{e}");
+        e
+    }
+}
+
+pub fn csr() -> String {
+    let key = rcgen::KeyPair::generate().unwrap();
+    rcgen::CertificateParams::new(Vec::<String>::new())
+        .unwrap()
+        .serialize_request(&key)
+        .unwrap()
+        .pem()
+        .unwrap()
+}
+
+/// A raw MQTT 5 client.
+pub struct Peer {
+    stream: TcpStream,
+    buf: BytesMut,
+}
+
+impl Peer {
+    pub async fn connect(port: u16) -> Self {
+        let stream = tokio::time::timeout(WAIT, TcpStream::connect(("127.0.0.1", port)))
+            .await
+            .unwrap()
+            .unwrap();
+        Self {
+            stream,
+            buf: BytesMut::new(),
+        }
+    }
+
+    pub async fn send(&mut self, p: Packet) {
+        let mut out = BytesMut::new();
+        beckon_mqtt::encode(&p, ProtocolVersion::V5, &mut out).unwrap();
+        self.stream.write_all(&out).await.unwrap();
+    }
+
+    pub async fn recv_within(&mut self, limit: Duration) -> Option<Packet> {
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            if let Some(p) =
+                beckon_mqtt::decode(&mut self.buf, ProtocolVersion::V5, 1 << 20).unwrap()
+            {
+                return Some(p);
+            }
+            match tokio::time::timeout_at(deadline, self.stream.read_buf(&mut self.buf)).await {
+                Ok(Ok(n)) if n > 0 => {}
+                _ => return None,
+            }
+        }
+    }
+
+    pub async fn recv(&mut self) -> Packet {
+        self.recv_within(WAIT)
+            .await
+            .expect("a packet within the wait")
+    }
+}
+
+/// A Mosquitto broker on a loopback port, killed on drop.
+pub struct Mosquitto {
+    child: Child,
+    pub port: u16,
+    _dir: tempfile::TempDir,
+}
+
+pub const MOSQUITTO: &str = "/usr/sbin/mosquitto";
+
+impl Mosquitto {
+    /// `None` (the test then says it skipped) when Mosquitto is not installed.
+    pub fn start() -> Option<Self> {
+        if !Path::new(MOSQUITTO).exists() {
+            eprintln!("SKIPPED: {MOSQUITTO} not installed");
+            return None;
+        }
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let dir = tempfile::tempdir().unwrap();
+        let conf = dir.path().join("mosquitto.conf");
+        std::fs::write(
+            &conf,
+            format!("allow_anonymous true\npersistence false\nlog_dest stderr\nlog_type error\nlistener {port} 127.0.0.1\n"),
+        )
+        .unwrap();
+        let child = Command::new(MOSQUITTO)
+            .arg("-c")
+            .arg(&conf)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let started = std::time::Instant::now();
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(started.elapsed() < WAIT, "mosquitto did not start");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Some(Self {
+            child,
+            port,
+            _dir: dir,
+        })
+    }
+}
+
+impl Drop for Mosquitto {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
