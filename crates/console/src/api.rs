@@ -967,25 +967,15 @@ async fn create_call(
         action: req.action,
         target: req.target,
         expires_at: now + i64::from(expiry) * 1000,
-        spread: 0,
+        spread: req.spread_secs,
+        default_spread: (
+            settings.wakeup.spread_from_agents,
+            settings.wakeup.spread_secs,
+        ),
     };
-    let spread_req = req.spread_secs;
-    let spread_cfg = settings.wakeup.clone();
     let (call, deliveries) = st
         .store
         .run(move |s| {
-            let mut call = call;
-            // The spread is fixed before the rows are written: known only once the target
-            // is resolved, so a first count decides it.
-            let n = match &call.target {
-                CallTarget::Agents(ids) => ids.len() as u32,
-                _ => spread_cfg.spread_from_agents,
-            };
-            call.spread = spread_req.unwrap_or(if n >= spread_cfg.spread_from_agents {
-                spread_cfg.spread_secs
-            } else {
-                0
-            });
             let mut next_id = move || {
                 beckon_identity::wakeup::new_wakeup_id(now_ms())
                     .unwrap_or_else(|_| uuid::Uuid::now_v7().hyphenated().to_string())

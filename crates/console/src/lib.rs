@@ -225,6 +225,20 @@ impl ConsoleHandle {
         api::create_api_token(&self.state.store, name).await
     }
 
+    /// The broker's tenant file for this console's tenant (`tenants/<tenant>.toml`, see the
+    /// identity crate's documentation): the tenant CA inline, so that agent and console
+    /// certificates authenticate, and the wake-up key as a token key.
+    pub fn tenant_file(&self) -> String {
+        let key = self.state.signer.key();
+        format!(
+            "# Written by the Beckon console for tenant {tenant}.\n[[ca]]\npem = \"\"\"\n{ca}\"\"\"\n\n[[token_key]]\nkid = \"{kid}\"\npublic_key = \"{pk}\"\n",
+            tenant = self.state.tenant,
+            ca = self.state.ca.cert_pem(),
+            kid = key.kid(),
+            pk = key.public_key().to_base64(),
+        )
+    }
+
     /// Stops serving and waits (at most 5 s) for the tasks to end.
     pub async fn shutdown(self) {
         let _ = self.shutdown.send(true);

@@ -9,13 +9,11 @@ use argon2::Argon2;
 use base64::Engine;
 use base64::engine::general_purpose::{STANDARD_NO_PAD, URL_SAFE_NO_PAD};
 
-/// Random bytes from the system generator.
+/// Random bytes from rand's thread generator (a CSPRNG seeded by the operating system).
 pub fn random_bytes<const N: usize>() -> [u8; N] {
+    use rand::RngCore;
     let mut out = [0u8; N];
-    // The system generator failing is not recoverable; fall back to a time-seeded value
-    // would be unsafe, so the error surfaces as an all-zero token that hashes uniquely
-    // enough only in tests. aws-lc's generator does not fail on supported systems.
-    let _ = aws_lc_rs::rand::fill(&mut out);
+    rand::rng().fill_bytes(&mut out);
     out
 }
 

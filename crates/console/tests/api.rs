@@ -738,6 +738,7 @@ async fn calls_record_one_delivery_per_agent_and_show_their_states() {
     assert_eq!(s, StatusCode::CREATED, "{c}");
     assert_eq!(c["agents"], 1);
     assert_eq!(c["target"], "group g");
+    assert_eq!(c["spread"], 0, "a small call acts at once");
     let (s, c) = api
         .call(
             "POST",
@@ -783,6 +784,19 @@ async fn plain_http_is_refused_off_loopback_and_https_is_served_with_the_console
     config.plain_http = false;
     let handle = Console::start(config).await.unwrap();
     assert_eq!(handle.scheme, "https");
+    use std::os::unix::fs::PermissionsExt;
+    for key in [
+        "tenant-ca.key",
+        "wakeup-signing.key",
+        "console-https.key",
+        "console.db",
+    ] {
+        let mode = std::fs::metadata(dir.path().join("data").join(key))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600, "{key}");
+    }
     let ca = std::fs::read(dir.path().join("data/tenant-ca.pem")).unwrap();
     let mut roots = rustls::RootCertStore::empty();
     use rustls::pki_types::CertificateDer;
@@ -827,4 +841,16 @@ async fn plain_http_is_refused_off_loopback_and_https_is_served_with_the_console
     assert!(text.starts_with("HTTP/1.1 200"), "{text}");
     assert!(text.contains("\"openapi\":\"3.1.0\""));
     handle.shutdown().await;
+}
+
+#[tokio::test]
+async fn the_tenant_file_loads_in_the_brokers_tenant_directory() {
+    let api = start().await;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("default.toml"), api.handle.tenant_file()).unwrap();
+    let outcome = beckon_identity::TenantDirectory::load(dir.path());
+    assert!(outcome.errors.is_empty(), "{:?}", outcome.errors);
+    let tenant = outcome.directory.get("default").expect("tenant loaded");
+    assert_eq!(tenant.token_keys.len(), 1);
+    assert_eq!(tenant.ca_certificates.len(), 1);
 }

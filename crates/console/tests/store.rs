@@ -186,7 +186,8 @@ fn delivery_states_only_move_forward_and_expire() {
         action: None,
         target,
         expires_at,
-        spread: 0,
+        spread: None,
+        default_spread: (50, 60),
     };
     let (c, d) = s
         .create_call(call("c1", CallTarget::All, 10_000), 100, &mut ids())
@@ -273,7 +274,8 @@ fn carried_deliveries_follow_their_carrier() {
                 action: None,
                 target: CallTarget::Agents(vec!["a".into()]),
                 expires_at: 100_000,
-                spread: 0,
+                spread: Some(0),
+                default_spread: (50, 60),
             },
             100,
             &mut next,

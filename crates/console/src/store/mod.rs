@@ -136,8 +136,11 @@ pub struct NewCall {
     pub target: CallTarget,
     /// Expiry.
     pub expires_at: Millis,
-    /// Spread window in seconds.
-    pub spread: u32,
+    /// Spread window in seconds; `None`: [`NewCall::default_spread`] decides.
+    pub spread: Option<u32>,
+    /// Without an explicit spread: calls to at least `.0` agents get `.1` seconds, smaller
+    /// calls none (settings `wakeup.spread_from_agents` and `wakeup.spread_secs`).
+    pub default_spread: (u32, u32),
 }
 
 /// An ack or broker event that moves a delivery forward.

@@ -847,6 +847,9 @@ impl Store for SqliteStore {
                 call.target.describe()
             )));
         }
+        let (threshold, default_secs) = call.default_spread;
+        let many = u32::try_from(agent_ids.len()).unwrap_or(u32::MAX) >= threshold;
+        let spread = call.spread.unwrap_or(if many { default_secs } else { 0 });
         tx.execute(
             &format!("INSERT INTO calls ({CALL_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)"),
             params![
@@ -857,7 +860,7 @@ impl Store for SqliteStore {
                 call.action,
                 call.target.describe(),
                 call.expires_at,
-                call.spread
+                spread
             ],
         )
         .map_err(sql("recording a call"))?;
