@@ -331,7 +331,17 @@ async fn login(State(st): State<AppState>, Body(req): Body<LoginRequest>) -> Api
         Ok(hash) => tokio::task::spawn_blocking(move || verify_password(&password, &hash))
             .await
             .unwrap_or(false),
-        Err(StoreError::NotFound { .. }) => false,
+        Err(StoreError::NotFound { .. }) => {
+            // Same work as for a known user, so that timing does not tell which names exist.
+            let _ = tokio::task::spawn_blocking(move || {
+                verify_password(
+                    &password,
+                    "argon2id$AAAAAAAAAAAAAAAAAAAAAA$AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA",
+                )
+            })
+            .await;
+            false
+        }
         Err(e) => return Err(e.into()),
     };
     if !ok {

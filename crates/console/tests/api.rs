@@ -854,3 +854,72 @@ async fn the_tenant_file_loads_in_the_brokers_tenant_directory() {
     assert_eq!(tenant.token_keys.len(), 1);
     assert_eq!(tenant.ca_certificates.len(), 1);
 }
+
+#[tokio::test]
+async fn live_call_updates_stream_as_server_sent_events_and_overdue_calls_expire() {
+    use beckon_console::model::{CallState, CallTarget, now_ms};
+    use beckon_console::store::NewCall;
+    use futures_util::StreamExt;
+    let api = start().await;
+    let (_, t) = api
+        .call("POST", "/api/v1/enrollment-tokens", Some(json!({})))
+        .await;
+    let (s, _) = api
+        .call_as(
+            "POST",
+            "/api/v1/enroll",
+            Some(json!({"token": t["token"], "agent_id": "pc-1", "csr": csr()})),
+            None,
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED);
+    // A call that expires in half a second (the API's minimum is 10 s), made in the store.
+    let (call, _) = api
+        .handle
+        .state
+        .store
+        .run(|s| {
+            let now = now_ms();
+            let mut n = 0;
+            s.create_call(
+                NewCall {
+                    id: "c-short".into(),
+                    created_by: "test".into(),
+                    reason: "r".into(),
+                    action: None,
+                    target: CallTarget::Agents(vec!["pc-1".into()]),
+                    expires_at: now + 500,
+                    spread: None,
+                    default_spread: (50, 60),
+                },
+                now,
+                &mut || {
+                    n += 1;
+                    format!("w{n}")
+                },
+            )
+        })
+        .await
+        .unwrap();
+    let req = Request::builder()
+        .uri(format!("/api/v1/calls/{}/events", call.id))
+        .header("authorization", format!("Bearer {}", api.token))
+        .body(Body::empty())
+        .unwrap();
+    let resp = api.router.clone().oneshot(req).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(resp.headers()["content-type"], "text/event-stream");
+    let mut stream = resp.into_body().into_data_stream();
+    // Without a broker the call stays queued, then the dispatcher's sweep expires it.
+    let frame = tokio::time::timeout(std::time::Duration::from_secs(10), stream.next())
+        .await
+        .expect("an event within 10 s")
+        .unwrap()
+        .unwrap();
+    let text = String::from_utf8_lossy(&frame);
+    assert!(text.contains("event: delivery"), "{text}");
+    assert!(text.contains(r#""state":"expired""#), "{text}");
+    assert!(text.contains(r#""agent_id":"pc-1""#), "{text}");
+    let (_, got) = api.call("GET", "/api/v1/calls/c-short", None).await;
+    assert_eq!(got["deliveries"][0]["state"], CallState::Expired.as_str());
+}
