@@ -28,6 +28,9 @@ const KEEP_ALIVE: u16 = 30;
 /// The console's MQTT client id (its server identity id).
 pub const CLIENT_ID: &str = "console";
 
+/// How often the doctor runs while the push service stays unreachable.
+const DIAGNOSIS_EVERY: Duration = Duration::from_secs(60);
+
 /// Work for the dispatcher.
 #[derive(Debug)]
 pub enum Command {
@@ -53,6 +56,7 @@ pub async fn run(
         ..Default::default()
     })
     .ok();
+    let mut last_diagnosis = None;
     loop {
         if *shutdown.borrow() {
             return;
@@ -70,6 +74,23 @@ pub async fn run(
         };
         set_status(&st, false, Some(error.clone()));
         tracing::warn!(%error, "push service connection lost");
+        if let BrokerLink::Tls { .. } = &st.config.broker
+            && last_diagnosis.is_none_or(|t: tokio::time::Instant| t.elapsed() > DIAGNOSIS_EVERY)
+        {
+            last_diagnosis = Some(tokio::time::Instant::now());
+            let report = tokio::select! {
+                r = diagnose(&st) => r,
+                () = stopped(&mut shutdown) => return,
+            };
+            if let Ok(mut p) = st.push.lock()
+                && !p.connected
+            {
+                if let Some((summary, value)) = report {
+                    p.message = format!("Push service servers are not reachable: {summary}");
+                    p.diagnosis = Some(value);
+                }
+            }
+        }
         let wait = backoff
             .as_mut()
             .map_or(Duration::from_secs(1), |b| b.next_delay());
@@ -86,6 +107,9 @@ fn set_status(st: &AppState, connected: bool, error: Option<String>) {
             p.since = now_ms();
         }
         p.connected = connected;
+        if connected {
+            p.diagnosis = None;
+        }
         p.message = if connected {
             "Push service servers are reachable".into()
         } else {
@@ -185,6 +209,48 @@ async fn connect(st: &AppState, link: &BrokerLink) -> Result<beckon_net::BoxedSt
             Ok(connected.stream)
         }
     }
+}
+
+/// Runs the doctor's checks on the broker paths with the console's own identity; returns
+/// the summary line and the report.
+async fn diagnose(st: &AppState) -> Option<(String, serde_json::Value)> {
+    let BrokerLink::Tls {
+        host,
+        port,
+        ca_file,
+    } = &st.config.broker
+    else {
+        return None;
+    };
+    let issued = st
+        .ca
+        .issue_client(
+            CLIENT_ID,
+            Some(st.tenant.as_str()),
+            Some("server"),
+            Duration::from_secs(24 * 3600),
+        )
+        .ok()?;
+    let mut config = beckon_doctor::DoctorConfig::new(host.clone());
+    config.primary_port = *port;
+    config.tls.trust = match ca_file {
+        Some(p) => beckon_net::TrustAnchors::CaFile(p.clone()),
+        None => beckon_net::TrustAnchors::CaPem(st.ca.cert_pem().as_bytes().to_vec()),
+    };
+    config.ca_label = Some(match ca_file {
+        Some(p) => format!("the broker CA file {} (--broker-ca)", p.display()),
+        None => "the console's tenant CA (set --broker-ca if the broker's certificate comes from another CA)".into(),
+    });
+    config.tls.identity = Some(beckon_net::ClientIdentity::Pem {
+        cert: issued.cert_pem.into_bytes(),
+        key: issued.key_pem.into_bytes(),
+    });
+    // The console is not connected, so checking under its own client id takes nothing over.
+    config.client_id = Some(CLIENT_ID.into());
+    config.step_timeout = Duration::from_secs(5);
+    let report = beckon_doctor::diagnose(&config).await;
+    let value = serde_json::to_value(&report).ok()?;
+    Some((report.summary.clone(), value))
 }
 
 struct Conn {

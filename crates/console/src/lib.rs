@@ -177,6 +177,9 @@ pub struct PushStatus {
     pub last_error: Option<String>,
     /// Since when (unix ms).
     pub since: model::Millis,
+    /// The doctor's report on the broker paths, made when a TLS connection failed (at most
+    /// once a minute while down); `None` while connected.
+    pub diagnosis: Option<serde_json::Value>,
 }
 
 /// What the HTTP handlers and the dispatcher share.
@@ -313,6 +316,7 @@ impl Console {
                         .into(),
                 last_error: None,
                 since: model::now_ms(),
+                diagnosis: None,
             })),
             config: Arc::new(config),
         };

@@ -316,3 +316,47 @@ async fn the_status_says_when_the_push_service_is_not_reachable() {
     }
     api.handle.shutdown().await;
 }
+
+#[tokio::test]
+async fn an_unreachable_tls_broker_gets_the_doctors_diagnosis_in_the_status() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let api = common::start_with(|c| {
+        c.broker = BrokerLink::Tls {
+            host: "127.0.0.1".into(),
+            port,
+            ca_file: None,
+        }
+    })
+    .await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let (_, status) = api.call("GET", "/api/v1/status", None).await;
+        let push = &status["push_service"];
+        if push["diagnosis"].is_object() {
+            assert_eq!(push["connected"], false);
+            assert_eq!(push["diagnosis"]["ok"], false, "{push}");
+            assert!(
+                push["message"]
+                    .as_str()
+                    .unwrap()
+                    .starts_with("Push service servers are not reachable"),
+                "{push}"
+            );
+            assert!(
+                !push["diagnosis"]["paths"].as_array().unwrap().is_empty(),
+                "{push}"
+            );
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no diagnosis: {status}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    api.handle.shutdown().await;
+}
