@@ -84,11 +84,10 @@ pub async fn run(
             };
             if let Ok(mut p) = st.push.lock()
                 && !p.connected
+                && let Some((summary, value)) = report
             {
-                if let Some((summary, value)) = report {
-                    p.message = format!("Push service servers are not reachable: {summary}");
-                    p.diagnosis = Some(value);
-                }
+                p.message = format!("Push service servers are not reachable: {summary}");
+                p.diagnosis = Some(value);
             }
         }
         let wait = backoff
