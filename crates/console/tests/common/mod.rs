@@ -69,6 +69,12 @@ impl Api {
 
     /// Enrolls `id` with inventory `inv`; returns the enrollment response.
     pub async fn enroll(&self, id: &str, inv: Value) -> Value {
+        self.enroll_with_key(id, inv, &rcgen::KeyPair::generate().unwrap())
+            .await
+    }
+
+    /// Like [`Api::enroll`] with the agent's own key pair.
+    pub async fn enroll_with_key(&self, id: &str, inv: Value, key: &rcgen::KeyPair) -> Value {
         let (_, t) = self
             .call(
                 "POST",
@@ -80,7 +86,7 @@ impl Api {
             .call(
                 "POST",
                 "/api/v1/enroll",
-                Some(serde_json::json!({"token": t["token"], "agent_id": id, "csr": csr(), "inventory": inv})),
+                Some(serde_json::json!({"token": t["token"], "agent_id": id, "csr": csr_for(key), "inventory": inv})),
             )
             .await;
         assert_eq!(s, StatusCode::CREATED, "{e}");
@@ -89,27 +95,39 @@ impl Api {
 }
 
 pub fn csr() -> String {
-    let key = rcgen::KeyPair::generate().unwrap();
+    csr_for(&rcgen::KeyPair::generate().unwrap())
+}
+
+pub fn csr_for(key: &rcgen::KeyPair) -> String {
     rcgen::CertificateParams::new(Vec::<String>::new())
         .unwrap()
-        .serialize_request(&key)
+        .serialize_request(key)
         .unwrap()
         .pem()
         .unwrap()
 }
 
 /// A raw MQTT 5 client.
-pub struct Peer {
-    stream: TcpStream,
+pub struct Peer<S = TcpStream> {
+    stream: S,
     buf: BytesMut,
 }
 
-impl Peer {
+impl Peer<TcpStream> {
     pub async fn connect(port: u16) -> Self {
         let stream = tokio::time::timeout(WAIT, TcpStream::connect(("127.0.0.1", port)))
             .await
             .unwrap()
             .unwrap();
+        Self {
+            stream,
+            buf: BytesMut::new(),
+        }
+    }
+}
+
+impl<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin> Peer<S> {
+    pub fn new(stream: S) -> Self {
         Self {
             stream,
             buf: BytesMut::new(),
