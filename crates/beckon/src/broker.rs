@@ -25,6 +25,10 @@ pub struct BrokerArgs {
     /// Private key of --cert (PEM).
     #[arg(long, value_name = "FILE", requires = "cert")]
     key: Option<PathBuf>,
+    /// Folder of tenant files (`<tenant>.toml`): clients then authenticate as tenant
+    /// identities by client certificate or token. Reloaded on change.
+    #[arg(long, value_name = "DIR")]
+    tenants_dir: Option<PathBuf>,
     /// Accept clients without authentication. Development and tests only: logged loudly.
     #[arg(long)]
     allow_anonymous: bool,
@@ -56,6 +60,9 @@ fn build_config(args: &BrokerArgs) -> anyhow::Result<BrokerConfig> {
     if let (Some(cert), Some(key)) = (&args.cert, &args.key) {
         config.tls.cert = Some(cert.clone());
         config.tls.key = Some(key.clone());
+    }
+    if let Some(dir) = &args.tenants_dir {
+        config.tenants_dir = Some(dir.clone());
     }
     if args.allow_anonymous {
         config.allow_anonymous = true;

@@ -86,6 +86,13 @@ pub struct BrokerConfig {
     /// Accept clients without authentication (development and conformance tests only; logged
     /// loudly at start). Default false.
     pub allow_anonymous: bool,
+    /// Folder of tenant files (`<tenant>.toml`, see docs/tenants.md). When set, every client
+    /// authenticates as a tenant identity (client certificate from a tenant's CA, or a token
+    /// as MQTT password) and lives in its tenant's topic namespace. Default: none (clients
+    /// authenticate with certificates of the broker's own CA and see plain topics).
+    pub tenants_dir: Option<PathBuf>,
+    /// How often the tenant folder is checked for changes, in seconds. Default 5.
+    pub tenants_reload_interval_secs: u64,
     /// Listening addresses.
     pub listeners: ListenersConfig,
     /// Certificates.
@@ -202,6 +209,8 @@ impl Default for BrokerConfig {
         Self {
             data_dir: PathBuf::from("./beckon-data"),
             allow_anonymous: false,
+            tenants_dir: None,
+            tenants_reload_interval_secs: 5,
             listeners: ListenersConfig::default(),
             tls: TlsConfig::default(),
             limits: LimitsConfig::default(),
@@ -213,6 +222,7 @@ impl Default for BrokerConfig {
 pub const ENV_OVERRIDES: &[(&str, &str)] = &[
     ("BECKON_DATA_DIR", "data_dir"),
     ("BECKON_ALLOW_ANONYMOUS", "allow_anonymous"),
+    ("BECKON_TENANTS_DIR", "tenants_dir"),
     ("BECKON_MQTTS", "listeners.mqtts"),
     ("BECKON_MQTT", "listeners.mqtt"),
     ("BECKON_TLS_CERT", "tls.cert"),
@@ -284,6 +294,7 @@ impl BrokerConfig {
                         self.listeners.mqtt = listen;
                     }
                 }
+                "BECKON_TENANTS_DIR" => self.tenants_dir = Some(PathBuf::from(value)),
                 "BECKON_TLS_CERT" => self.tls.cert = Some(PathBuf::from(value)),
                 "BECKON_TLS_KEY" => self.tls.key = Some(PathBuf::from(value)),
                 "BECKON_TLS_CLIENT_CA" => self.tls.client_ca = Some(PathBuf::from(value)),

@@ -21,6 +21,7 @@ use beckon_mqtt::{
 };
 use beckon_pki::ReloadingServerConfig;
 use bytes::BytesMut;
+use rustls::pki_types::CertificateDer;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, watch};
@@ -29,6 +30,7 @@ use tokio::time::{Instant, sleep_until, timeout, timeout_at};
 use crate::core::{CloseReason, ConnId, ConnectionInfo, effective_keep_alive};
 use crate::outbox::{Outbox, OutboxState};
 use crate::server::Event;
+use crate::tenancy::{Inbound, Scope, Tenancy, TenantSlot, TopicMap};
 
 /// Largest single read from the socket; also the stack buffer of each read.
 const READ_CHUNK: usize = 8 * 1024;
@@ -61,6 +63,8 @@ impl ListenerKind {
 pub(crate) struct Shared {
     pub(crate) tls: Option<Arc<ReloadingServerConfig>>,
     pub(crate) allow_anonymous: bool,
+    /// Tenants, when `tenants_dir` is configured.
+    pub(crate) tenancy: Option<Arc<Tenancy>>,
     pub(crate) connect_timeout: Duration,
     pub(crate) max_packet_size: u32,
     pub(crate) max_outbound_packets: usize,
@@ -196,15 +200,19 @@ pub(crate) async fn serve(
             // The handshake runs boxed and hands over a boxed stream: an async fn keeps the
             // storage of large values it moved, so keeping them out of this (long-lived)
             // state is what makes an idle connection small.
-            let acceptor = tokio_rustls::TlsAcceptor::from(tls.current());
+            let config = match &shared.tenancy {
+                Some(t) => t.server_config(tls.current()),
+                None => tls.current(),
+            };
+            let acceptor = tokio_rustls::TlsAcceptor::from(config);
             let shutdown = shared.shutdown.clone();
-            let Some((stream, cert_name)) =
+            let Some((stream, leaf)) =
                 Box::pin(tls_handshake(acceptor, tcp, deadline, shutdown)).await
             else {
                 return;
             };
             run_mqtt(
-                &shared, events, stream, remote, kind, conn, over_limit, cert_name, deadline,
+                &shared, events, stream, remote, kind, conn, over_limit, leaf, deadline,
             )
             .await;
         }
@@ -219,14 +227,14 @@ pub(crate) async fn serve(
 
 type TlsStream = tokio_rustls::server::TlsStream<TcpStream>;
 
-/// TLS handshake within the connect deadline. Returns the stream (boxed) and the common name
-/// of a client certificate verified by the configured client CA.
+/// TLS handshake within the connect deadline. Returns the stream (boxed) and the leaf of a
+/// client certificate verified by the configured client CAs.
 async fn tls_handshake(
     acceptor: tokio_rustls::TlsAcceptor,
     tcp: TcpStream,
     deadline: Instant,
     mut shutdown: watch::Receiver<bool>,
-) -> Option<(Box<TlsStream>, Option<String>)> {
+) -> Option<(Box<TlsStream>, Option<Vec<u8>>)> {
     let accepted = tokio::select! {
         r = timeout_at(deadline, acceptor.accept(tcp)) => r,
         _ = shutdown.changed() => return None,
@@ -247,17 +255,16 @@ async fn tls_handshake(
     let alpn = session
         .alpn_protocol()
         .map(|p| String::from_utf8_lossy(p).into_owned());
-    let cert_name = session
+    let leaf = session
         .peer_certificates()
         .and_then(|c| c.first())
-        .and_then(|c| beckon_pki::certificate_identity(c).ok())
-        .and_then(|id| id.common_name);
+        .map(|c| c.as_ref().to_vec());
     tracing::debug!(
         alpn = alpn.as_deref().unwrap_or("none"),
-        client_cert = cert_name.as_deref().unwrap_or("none"),
+        client_cert = leaf.is_some(),
         "TLS established"
     );
-    Some((stream, cert_name))
+    Some((stream, leaf))
 }
 
 /// How the CONNECT phase ended. Short-lived, so its size does not matter.
@@ -299,10 +306,10 @@ async fn admit<S: AsyncRead + AsyncWrite + Unpin>(
     rbuf: &mut BytesMut,
     kind: ListenerKind,
     over_limit: bool,
-    cert_name: Option<String>,
+    leaf: Option<Vec<u8>>,
     deadline: Instant,
     mut shutdown: watch::Receiver<bool>,
-) -> Option<Box<Connect>> {
+) -> Option<Admitted> {
     let max = shared.max_packet_size;
     let phase = tokio::select! {
         r = Box::pin(timeout_at(deadline, read_connect(stream, rbuf, max))) => r,
@@ -365,30 +372,97 @@ async fn admit<S: AsyncRead + AsyncWrite + Unpin>(
         Box::pin(send_final(stream, p, version)).await;
         return None;
     }
-    if !shared.allow_anonymous {
-        let refusal = match &cert_name {
-            None => Some(match kind {
-                ListenerKind::Tls => "no client certificate issued by the broker's CA (and anonymous access is off)".to_owned(),
-                ListenerKind::Plain => "plain MQTT listener cannot carry a client certificate (and anonymous access is off)".to_owned(),
-            }),
-            Some(cn) if !connect.client_id.is_empty() && connect.client_id != *cn => Some(format!(
-                "client id {:?} differs from the certificate's identity {cn:?}",
-                connect.client_id
-            )),
-            Some(_) => None,
-        };
-        if let Some(why) = refusal {
-            tracing::info!(client_id = %connect.client_id, reason = %why, "refused: not authorized");
-            let p = connack(ReasonCode::NOT_AUTHORIZED, &why, version);
-            Box::pin(send_final(stream, p, version)).await;
-            return None;
+    let (map, slot) = match &shared.tenancy {
+        None => {
+            if !shared.allow_anonymous {
+                let cert_name = leaf
+                    .as_deref()
+                    .and_then(|der| {
+                        beckon_pki::certificate_identity(&CertificateDer::from(der)).ok()
+                    })
+                    .and_then(|id| id.common_name);
+                let refusal = match &cert_name {
+                    None => Some(match kind {
+                        ListenerKind::Tls => "no client certificate issued by the broker's CA (and anonymous access is off)".to_owned(),
+                        ListenerKind::Plain => "plain MQTT listener cannot carry a client certificate (and anonymous access is off)".to_owned(),
+                    }),
+                    Some(cn) if !connect.client_id.is_empty() && connect.client_id != *cn => Some(format!(
+                        "client id {:?} differs from the certificate's identity {cn:?}",
+                        connect.client_id
+                    )),
+                    Some(_) => None,
+                };
+                if let Some(why) = refusal {
+                    tracing::info!(client_id = %connect.client_id, reason = %why, "refused: not authorized");
+                    let p = connack(ReasonCode::NOT_AUTHORIZED, &why, version);
+                    Box::pin(send_final(stream, p, version)).await;
+                    return None;
+                }
+                if let Some(cn) = &cert_name {
+                    // The certificate is the identity; an empty client id takes it.
+                    connect.client_id.clone_from(cn);
+                }
+            }
+            (TopicMap::new(Scope::Plain), None)
         }
-        if let Some(cn) = &cert_name {
-            // The certificate is the identity; an empty client id takes it.
-            connect.client_id.clone_from(cn);
+        Some(tenancy) => {
+            let has_password = connect.password.as_ref().is_some_and(|p| !p.is_empty());
+            if leaf.is_none() && !has_password && shared.allow_anonymous {
+                if connect.client_id.contains('/') {
+                    let why = "client ids containing '/' are reserved for tenant identities";
+                    tracing::info!(client_id = %connect.client_id, code = "0x85", reason = why, "refused: client identifier not valid");
+                    let p = connack(ReasonCode::CLIENT_IDENTIFIER_NOT_VALID, why, version);
+                    Box::pin(send_final(stream, p, version)).await;
+                    return None;
+                }
+                (TopicMap::new(Scope::Anonymous), None)
+            } else {
+                match tenancy.admit(&mut connect, leaf.as_deref()) {
+                    Ok((identity, assigned, slot)) => {
+                        tracing::info!(identity = %identity, "authenticated");
+                        (
+                            TopicMap::new(Scope::Tenant {
+                                identity: Box::new(identity),
+                                assigned,
+                            }),
+                            Some(slot),
+                        )
+                    }
+                    Err(refused) => {
+                        tracing::info!(
+                            client_id = %connect.client_id,
+                            code = %format_args!("0x{:02X}", refused.code.0),
+                            v3_return_code = refused.code.to_v311_connack(),
+                            reason = %refused.why,
+                            "refused CONNECT"
+                        );
+                        let p = connack(refused.code, &refused.why, version);
+                        Box::pin(send_final(stream, p, version)).await;
+                        return None;
+                    }
+                }
+            }
         }
+    };
+    if let Err(denied) = map.map_will(&mut connect) {
+        let why = format!("will topic: {denied}");
+        tracing::info!(code = "0x87", reason = %why, "refused CONNECT");
+        let p = connack(ReasonCode::NOT_AUTHORIZED, &why, version);
+        Box::pin(send_final(stream, p, version)).await;
+        return None;
     }
-    Some(connect)
+    Some(Admitted {
+        connect,
+        map,
+        _slot: slot,
+    })
+}
+
+/// An admitted CONNECT with its topic mapping and quota slot.
+struct Admitted {
+    connect: Box<Connect>,
+    map: TopicMap,
+    _slot: Option<TenantSlot>,
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -400,7 +474,7 @@ async fn run_mqtt<S: AsyncRead + AsyncWrite + Unpin>(
     kind: ListenerKind,
     conn: ConnId,
     over_limit: bool,
-    cert_name: Option<String>,
+    leaf: Option<Vec<u8>>,
     deadline: Instant,
 ) {
     let max = shared.max_packet_size;
@@ -412,14 +486,22 @@ async fn run_mqtt<S: AsyncRead + AsyncWrite + Unpin>(
         &mut rbuf,
         kind,
         over_limit,
-        cert_name,
+        leaf,
         deadline,
         shutdown,
     ))
     .await;
-    let Some(connect) = admitted else { return };
+    let Some(Admitted {
+        connect,
+        mut map,
+        _slot,
+    }) = admitted
+    else {
+        return;
+    };
     let version = connect.protocol;
     tracing::Span::current().record("client_id", connect.client_id.as_str());
+    let identity = map.identity().map(|i| Box::new(i.clone()));
     let client_keep_alive = connect.keep_alive;
     tracing::debug!(?version, keep_alive = client_keep_alive, "CONNECT accepted");
 
@@ -436,6 +518,7 @@ async fn run_mqtt<S: AsyncRead + AsyncWrite + Unpin>(
             connect,
             info,
             outbox: outbox.clone(),
+            identity,
         },
     )
     .await
@@ -448,6 +531,7 @@ async fn run_mqtt<S: AsyncRead + AsyncWrite + Unpin>(
         &mut stream,
         &events,
         &outbox,
+        &mut map,
         &mut rbuf,
         conn,
         version,
@@ -482,6 +566,7 @@ async fn established<S: AsyncRead + AsyncWrite + Unpin>(
     stream: &mut S,
     events: &mpsc::Sender<Event>,
     outbox: &Outbox,
+    map: &mut TopicMap,
     rbuf: &mut BytesMut,
     conn: ConnId,
     version: ProtocolVersion,
@@ -512,8 +597,18 @@ async fn established<S: AsyncRead + AsyncWrite + Unpin>(
                     if let Some(ka) = keep_alive {
                         ka_sleep.as_mut().reset(Instant::now() + ka * 3 / 2);
                     }
-                    if let Some(permit) = permit {
-                        permit.send(Event::Packet { conn, packet });
+                    match map.inbound(packet) {
+                        Inbound::Forward(packet) => {
+                            if let Some(permit) = permit {
+                                permit.send(Event::Packet { conn, packet });
+                            }
+                        }
+                        Inbound::Reply(packet) => {
+                            // Refusals are few and small; a full queue means the client
+                            // does not read, which the core's next push notices.
+                            let _ = outbox.push(packet);
+                        }
+                        Inbound::Drop => {}
                     }
                 }
                 Ok(None) => break,
@@ -533,7 +628,7 @@ async fn established<S: AsyncRead + AsyncWrite + Unpin>(
         tokio::select! {
             biased;
             () = outbox.changed() => {
-                match Box::pin(flush(stream, outbox, version, client_keep_alive, &mut keep_alive)).await {
+                match Box::pin(flush(stream, outbox, map, version, client_keep_alive, &mut keep_alive)).await {
                     Flushed::Open => {
                         // The first CONNACK starts the keep-alive clock.
                         if let Some(ka) = keep_alive
@@ -578,12 +673,14 @@ enum Flushed {
 async fn flush<S: AsyncWrite + Unpin>(
     stream: &mut S,
     outbox: &Outbox,
+    map: &mut TopicMap,
     version: ProtocolVersion,
     client_keep_alive: u16,
     keep_alive: &mut Option<Duration>,
 ) -> Flushed {
     loop {
-        let (packets, state, dropped) = outbox.take();
+        let (mut packets, state, dropped) = outbox.take();
+        packets.retain_mut(|p| map.outbound(p));
         if dropped > 0 {
             tracing::debug!(
                 dropped,

@@ -10,7 +10,9 @@ mod connection;
 pub mod core;
 pub mod fdlimit;
 mod outbox;
+mod presence;
 mod server;
+mod tenancy;
 
 pub use config::{BrokerConfig, ConfigError, Listen};
 pub use server::{Bound, Server, ServerError, ServerHandle, default_certificate_names, run};

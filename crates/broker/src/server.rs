@@ -23,6 +23,10 @@ use crate::connection::{ActiveGuard, ListenerKind, Shared, serve};
 use crate::core::{Action, BrokerCore, CloseReason, ConnId, ConnectionInfo};
 use crate::fdlimit;
 use crate::outbox::{Outbox, Pushed};
+use crate::presence::{self, Presence, reason};
+use crate::tenancy::Tenancy;
+use beckon_identity::Identity;
+use beckon_mqtt::Packet;
 
 /// Events queued from connection tasks to the core task. Bounded: a busy core slows the
 /// readers down instead of growing memory.
@@ -71,12 +75,11 @@ pub(crate) enum Event {
         connect: Box<Connect>,
         info: ConnectionInfo,
         outbox: Arc<Outbox>,
+        /// The tenant identity, when the connection authenticated as one.
+        identity: Option<Box<Identity>>,
     },
     /// A packet after CONNECT.
-    Packet {
-        conn: ConnId,
-        packet: beckon_mqtt::Packet,
-    },
+    Packet { conn: ConnId, packet: Packet },
     /// The connection ended on the client's side or by a protocol error.
     Closed { conn: ConnId, reason: CloseReason },
 }
@@ -314,10 +317,18 @@ impl Server {
             listeners.push((l, ListenerKind::Plain));
         }
 
+        let tenancy = config.tenants_dir.as_deref().map(|folder| {
+            Arc::new(Tenancy::load(
+                folder,
+                config.min_tls_version().unwrap_or_default() == beckon_pki::TlsVersion::Tls13,
+            ))
+        });
+
         let (shutdown_tx, shutdown_rx) = watch::channel(false);
         let shared = Arc::new(Shared {
             tls: tls.clone(),
             allow_anonymous: config.allow_anonymous,
+            tenancy: tenancy.clone(),
             connect_timeout: config.connect_timeout(),
             max_packet_size: config.limits.max_packet_size,
             max_outbound_packets: config.limits.max_outbound_packets,
@@ -342,6 +353,13 @@ impl Server {
             )));
         }
         drop(events_tx);
+        if let Some(tenancy) = &tenancy {
+            tasks.push(tokio::spawn(tenant_reload_loop(
+                tenancy.clone(),
+                Tenancy::poll_interval(config.tenants_reload_interval_secs),
+                shutdown_rx.clone(),
+            )));
+        }
         if let Some(tls) = &tls {
             tasks.push(tokio::spawn(reload_loop(
                 tls.clone(),
@@ -479,6 +497,26 @@ fn register_hangup() -> Option<tokio::signal::unix::Signal> {
     }
 }
 
+async fn tenant_reload_loop(
+    tenancy: Arc<Tenancy>,
+    interval: Duration,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut ticker = tokio::time::interval(interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    ticker.tick().await;
+    loop {
+        tokio::select! {
+            _ = ticker.tick() => {
+                // Reading a folder of small files: off the async threads.
+                let t = tenancy.clone();
+                let _ = tokio::task::spawn_blocking(move || t.reload_if_changed()).await;
+            }
+            _ = shutdown.changed() => break,
+        }
+    }
+}
+
 async fn reload_loop(
     tls: Arc<ReloadingServerConfig>,
     interval: Duration,
@@ -507,7 +545,14 @@ async fn reload_loop(
 
 /// Carries out the core's actions. Slow consumers found on the way are closed and reported
 /// back to the core, which may produce more actions; the loop runs until none are left.
-fn apply(core: &mut BrokerCore, conns: &mut HashMap<ConnId, Arc<Outbox>>, out: &mut Vec<Action>) {
+fn apply(
+    core: &mut BrokerCore,
+    conns: &mut HashMap<ConnId, Arc<Outbox>>,
+    presence: &mut Presence,
+    why: &'static str,
+    ended: &mut Vec<(presence::Present, &'static str)>,
+    out: &mut Vec<Action>,
+) {
     while !out.is_empty() {
         let mut slow = Vec::new();
         for action in out.drain(..) {
@@ -525,6 +570,9 @@ fn apply(core: &mut BrokerCore, conns: &mut HashMap<ConnId, Arc<Outbox>>, out: &
                     if let Some(outbox) = conns.remove(&conn) {
                         outbox.close();
                     }
+                    if let Some(p) = presence.end(conn) {
+                        ended.push((p, why));
+                    }
                 }
             }
         }
@@ -534,8 +582,46 @@ fn apply(core: &mut BrokerCore, conns: &mut HashMap<ConnId, Arc<Outbox>>, out: &
                 conn,
                 "outbound queue full: closing a client that does not read"
             );
+            if let Some(p) = presence.end(conn) {
+                ended.push((p, reason::CONNECTION_LOST));
+            }
             core.handle_close(now, conn, CloseReason::Transport, out);
         }
+    }
+}
+
+/// Carries out the core's actions and publishes the disconnected events of the tenant
+/// identities whose connections ended on the way (`why` for those the core closed).
+fn settle(
+    core: &mut BrokerCore,
+    conns: &mut HashMap<ConnId, Arc<Outbox>>,
+    presence: &mut Presence,
+    why: &'static str,
+    out: &mut Vec<Action>,
+) {
+    let mut ended = Vec::new();
+    apply(core, conns, presence, why, &mut ended, out);
+    while !ended.is_empty() {
+        let now = std::time::Instant::now();
+        for (p, why) in ended.drain(..) {
+            presence::disconnected(core, now, &p, why, out);
+        }
+        apply(
+            core,
+            conns,
+            presence,
+            reason::CONNECTION_LOST,
+            &mut ended,
+            out,
+        );
+    }
+}
+
+fn close_reason(reason: CloseReason) -> &'static str {
+    match reason {
+        CloseReason::KeepAliveTimeout => reason::KEEPALIVE_TIMEOUT,
+        CloseReason::ProtocolViolation => reason::PROTOCOL_ERROR,
+        CloseReason::Transport | CloseReason::Closed => reason::CONNECTION_LOST,
     }
 }
 
@@ -545,6 +631,7 @@ async fn core_loop(
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<(), String> {
     let mut conns: HashMap<ConnId, Arc<Outbox>> = HashMap::new();
+    let mut presence = Presence::default();
     let mut out = Vec::new();
     let mut next_tick = Instant::now() + MAX_TICK;
     loop {
@@ -555,22 +642,41 @@ async fn core_loop(
                 let Some(ev) = ev else { break };
                 let now = std::time::Instant::now();
                 match ev {
-                    Event::Connect { conn, connect, info, outbox } => {
+                    Event::Connect { conn, connect, info, outbox, identity } => {
                         conns.insert(conn, outbox);
+                        let presence_info = identity.is_some().then(|| info.clone());
                         core.handle_connect(now, conn, *connect, info, &mut out);
+                        let accepted = out.iter().any(|a| matches!(a,
+                            Action::Send { conn: c, packet: Packet::ConnAck(ack) }
+                                if *c == conn && !ack.code.is_error()));
+                        // A takeover closes the old connection here: its disconnected event
+                        // goes out before the new connected one, which stays retained.
+                        settle(&mut core, &mut conns, &mut presence, reason::TAKEN_OVER, &mut out);
+                        if let (true, Some(identity), Some(info)) = (accepted, identity, presence_info) {
+                            presence.connected(&mut core, now, conn, identity, &info, None, &mut out);
+                        }
                     }
                     Event::Packet { conn, packet } => {
                         if conns.contains_key(&conn) {
+                            let why = if matches!(packet, Packet::Disconnect(_)) {
+                                reason::CLIENT_DISCONNECT
+                            } else {
+                                reason::PROTOCOL_ERROR
+                            };
                             core.handle_packet(now, conn, packet, &mut out);
+                            settle(&mut core, &mut conns, &mut presence, why, &mut out);
                         }
                     }
                     Event::Closed { conn, reason } => {
                         if conns.remove(&conn).is_some() {
                             core.handle_close(now, conn, reason, &mut out);
+                            if let Some(p) = presence.end(conn) {
+                                presence::disconnected(&mut core, now, &p, close_reason(reason), &mut out);
+                            }
                         }
                     }
                 }
-                apply(&mut core, &mut conns, &mut out);
+                settle(&mut core, &mut conns, &mut presence, reason::CONNECTION_LOST, &mut out);
                 // An event may bring timed work forward (a will delay, a session expiry).
                 if let Some(due) = core.next_deadline() {
                     next_tick = next_tick.min(Instant::from_std(due));
@@ -579,7 +685,7 @@ async fn core_loop(
             () = tokio::time::sleep_until(next_tick) => {
                 let now = std::time::Instant::now();
                 let next = core.tick(now, &mut out);
-                apply(&mut core, &mut conns, &mut out);
+                settle(&mut core, &mut conns, &mut presence, reason::CONNECTION_LOST, &mut out);
                 let cap = Instant::now() + MAX_TICK;
                 next_tick = next
                     .map(|n| Instant::from_std(n).min(cap))
@@ -589,8 +695,26 @@ async fn core_loop(
     }
 
     // Graceful shutdown: the core says goodbye to everyone (DISCONNECT 0x8B to v5 clients).
+    // Tenant servers still connected learn that every identity goes away.
+    let now = std::time::Instant::now();
+    for p in presence.end_all() {
+        presence::disconnected(&mut core, now, &p, reason::SERVER_SHUTDOWN, &mut out);
+    }
+    settle(
+        &mut core,
+        &mut conns,
+        &mut presence,
+        reason::SERVER_SHUTDOWN,
+        &mut out,
+    );
     core.shutdown(&mut out);
-    apply(&mut core, &mut conns, &mut out);
+    settle(
+        &mut core,
+        &mut conns,
+        &mut presence,
+        reason::SERVER_SHUTDOWN,
+        &mut out,
+    );
     for outbox in conns.values() {
         outbox.close();
     }

@@ -23,6 +23,7 @@ use beckon_mqtt::{
     ReasonCode, RetainHandling, SubAck, Subscribe, UnsubAck, Unsubscribe, Will,
 };
 
+use bytes::Bytes;
 use message::Message;
 use retained::RetainedStore;
 use session::{Link, Pending, Session};
@@ -643,6 +644,23 @@ impl BrokerCore {
         }
         self.hits = hits;
         matched
+    }
+
+    /// Publishes a message on the broker's own behalf (presence events): stored if retained
+    /// and routed to every matching subscription, with no publishing session. Returns whether
+    /// at least one subscription received it.
+    pub fn publish_from_broker(
+        &mut self,
+        now: Instant,
+        topic: String,
+        payload: Bytes,
+        qos: QoS,
+        retain: bool,
+        out: &mut Vec<Action>,
+    ) -> bool {
+        let qos = qos.min(self.config.max_qos);
+        let message = Message::new(now, topic, payload, qos, retain, Properties::default());
+        self.publish_message(now, None, Arc::new(message), out)
     }
 
     fn publish_will(

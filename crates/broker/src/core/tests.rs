@@ -1498,3 +1498,32 @@ fn unacknowledged_message_that_expired_is_not_resent() {
     assert!(publishes(&out, s2).is_empty());
     assert_eq!(h.core.inflight_messages(), 0);
 }
+
+#[test]
+fn broker_message_is_retained_and_reaches_subscribers_and_later_ones() {
+    let mut h = Harness::new();
+    let (early, _, _) = h.connect_ok(v5("early"));
+    h.send(
+        early,
+        subscribe(1, "t/acme/agents/+/presence", options(QoS::AtLeastOnce)),
+    );
+    let mut out = Vec::new();
+    let matched = h.core.publish_from_broker(
+        h.now,
+        "t/acme/agents/pc-1/presence".into(),
+        Bytes::from_static(b"{\"state\":\"connected\"}"),
+        QoS::AtLeastOnce,
+        true,
+        &mut out,
+    );
+    assert!(matched);
+    let got = publishes(&out, early);
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].qos, QoS::AtLeastOnce);
+    assert_eq!(got[0].topic, "t/acme/agents/pc-1/presence");
+
+    // A later subscriber gets the retained state.
+    let (late, _, _) = h.connect_ok(v5("late"));
+    let out = h.send(late, subscribe(1, "t/acme/#", options(QoS::AtLeastOnce)));
+    assert_eq!(payloads(&out, late), vec!["{\"state\":\"connected\"}"]);
+}

@@ -1,0 +1,566 @@
+//! Tenants in the broker: the tenant directory (reloaded by polling), the TLS configuration
+//! whose client-certificate roots are the tenants' CAs, authentication at CONNECT, per-tenant
+//! connection counts, and the topic mapping of each connection ([`TopicMap`]).
+//!
+//! The protocol core knows nothing of tenants: every topic and filter is mapped into the
+//! tenant's namespace (`t/{tenant}/...`) before it reaches the core, and mapped back before a
+//! packet is written. Sessions of tenant identities are keyed by `tenant/role/id`.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use arc_swap::ArcSwap;
+use beckon_identity::{
+    Access, AclDenied, Authenticator, Credentials, Identity, TenantDirectory, acl, check_quota,
+};
+use beckon_mqtt::{Ack, Connect, Packet, Properties, ReasonCode, SubAck, UnsubAck};
+use rustls::pki_types::CertificateDer;
+use rustls::server::WebPkiClientVerifier;
+use rustls::{RootCertStore, ServerConfig};
+
+/// The tenant directory and what hangs on it.
+#[derive(Debug)]
+pub(crate) struct Tenancy {
+    folder: PathBuf,
+    directory: ArcSwap<TenantDirectory>,
+    authenticator: Authenticator,
+    /// Connections admitted per tenant on this node (for `max_connections` quotas).
+    counts: Mutex<HashMap<String, usize>>,
+    tls13_only: bool,
+    /// The last TLS configuration built: (base, directory, result).
+    tls_cache: Mutex<Option<TlsCacheEntry>>,
+}
+
+type TlsCacheEntry = (Arc<ServerConfig>, Arc<TenantDirectory>, Arc<ServerConfig>);
+
+/// Unix seconds now (0 if the clock is before 1970).
+pub(crate) fn unix_now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+}
+
+/// Unix milliseconds now.
+pub(crate) fn unix_now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
+impl Tenancy {
+    /// Loads the tenant folder; problems are logged, valid tenants are used.
+    pub(crate) fn load(folder: &Path, tls13_only: bool) -> Self {
+        let outcome = TenantDirectory::load(folder);
+        for e in &outcome.errors {
+            tracing::warn!(error = %e, "tenant file not used");
+        }
+        tracing::info!(
+            folder = %folder.display(),
+            tenants = outcome.directory.len(),
+            "tenants loaded: clients authenticate as tenant identities"
+        );
+        if outcome.directory.is_empty() {
+            tracing::warn!(folder = %folder.display(), "no tenant loaded yet: every authenticated client is refused until a tenant file is added");
+        }
+        Self {
+            folder: folder.to_owned(),
+            directory: ArcSwap::from_pointee(outcome.directory),
+            authenticator: Authenticator::default(),
+            counts: Mutex::new(HashMap::new()),
+            tls13_only,
+            tls_cache: Mutex::new(None),
+        }
+    }
+
+    /// The tenants in force.
+    pub(crate) fn directory(&self) -> Arc<TenantDirectory> {
+        self.directory.load_full()
+    }
+
+    /// Re-reads the folder if a file changed; returns whether something was reloaded.
+    pub(crate) fn reload_if_changed(&self) -> bool {
+        let Some(outcome) = self.directory.load().reload_if_changed() else {
+            return false;
+        };
+        for e in &outcome.errors {
+            tracing::warn!(error = %e, "tenant file not used");
+        }
+        tracing::info!(
+            folder = %self.folder.display(),
+            tenants = outcome.directory.len(),
+            "tenant folder changed: reloaded"
+        );
+        self.directory.store(Arc::new(outcome.directory));
+        true
+    }
+
+    /// The TLS configuration for a new connection: `base` (certificate, ALPN, tickets) with a
+    /// client-certificate verifier whose roots are the tenants' CAs (clients without a
+    /// certificate are still accepted, they may show a token). Rebuilt when the certificate
+    /// or the tenants change; `base` itself when no tenant has a CA.
+    pub(crate) fn server_config(&self, base: Arc<ServerConfig>) -> Arc<ServerConfig> {
+        let directory = self.directory();
+        let Ok(mut cache) = self.tls_cache.lock() else {
+            return base;
+        };
+        if let Some((b, d, built)) = cache.as_ref()
+            && Arc::ptr_eq(b, &base)
+            && Arc::ptr_eq(d, &directory)
+        {
+            return built.clone();
+        }
+        let built = match self.build(&base, &directory) {
+            Ok(Some(c)) => Arc::new(c),
+            Ok(None) => base.clone(),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot use the tenants' CAs for client certificates; only tokens authenticate until this is fixed");
+                base.clone()
+            }
+        };
+        *cache = Some((base, directory, built.clone()));
+        built
+    }
+
+    fn build(
+        &self,
+        base: &ServerConfig,
+        directory: &TenantDirectory,
+    ) -> Result<Option<ServerConfig>, String> {
+        let mut roots = RootCertStore::empty();
+        for der in directory.client_ca_certificates() {
+            if let Err(e) = roots.add(CertificateDer::from(der.to_vec())) {
+                tracing::warn!(error = %e, "a tenant CA certificate cannot be a TLS trust anchor; skipped");
+            }
+        }
+        if roots.is_empty() {
+            return Ok(None);
+        }
+        let provider = base.crypto_provider().clone();
+        let verifier =
+            WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+                .allow_unauthenticated()
+                .build()
+                .map_err(|e| e.to_string())?;
+        let versions: &[&'static rustls::SupportedProtocolVersion] = if self.tls13_only {
+            &[&rustls::version::TLS13]
+        } else {
+            &[&rustls::version::TLS13, &rustls::version::TLS12]
+        };
+        let mut config = ServerConfig::builder_with_provider(provider)
+            .with_protocol_versions(versions)
+            .map_err(|e| e.to_string())?
+            .with_client_cert_verifier(verifier)
+            .with_cert_resolver(base.cert_resolver.clone());
+        config.alpn_protocols.clone_from(&base.alpn_protocols);
+        config.ticketer = base.ticketer.clone();
+        config.session_storage = base.session_storage.clone();
+        Ok(Some(config))
+    }
+
+    /// Authenticates a CONNECT and takes a slot in its tenant's quota. On success the
+    /// CONNECT's client id becomes the session key `tenant/role/id`.
+    pub(crate) fn admit(
+        self: &Arc<Self>,
+        connect: &mut Connect,
+        leaf: Option<&[u8]>,
+    ) -> Result<(Identity, bool, TenantSlot), Refused> {
+        let directory = self.directory();
+        let credentials = Credentials {
+            client_certificate: leaf,
+            password: connect.password.as_deref(),
+            client_id: &connect.client_id,
+        };
+        let auth = self
+            .authenticator
+            .authenticate(&directory, &credentials, unix_now())
+            .map_err(|r| Refused {
+                code: ReasonCode(r.reason_code()),
+                why: r.to_string(),
+            })?;
+        let tenant_key = auth.identity.tenant.as_str().to_owned();
+        let Some(tenant) = directory.get(&tenant_key) else {
+            return Err(Refused {
+                code: ReasonCode::NOT_AUTHORIZED,
+                why: format!("tenant {tenant_key:?} was removed"),
+            });
+        };
+        {
+            let mut counts = self.counts.lock().map_err(|_| Refused {
+                code: ReasonCode::SERVER_UNAVAILABLE,
+                why: "internal state poisoned".into(),
+            })?;
+            let current = counts.get(&tenant_key).copied().unwrap_or(0);
+            check_quota(tenant, current).map_err(|r| Refused {
+                code: ReasonCode(r.reason_code()),
+                why: r.to_string(),
+            })?;
+            *counts.entry(tenant_key.clone()).or_insert(0) += 1;
+        }
+        connect.client_id = auth.identity.session_key();
+        Ok((
+            auth.identity,
+            auth.client_id_assigned,
+            TenantSlot {
+                tenancy: self.clone(),
+                tenant: tenant_key,
+            },
+        ))
+    }
+
+    /// How often to poll the folder.
+    pub(crate) fn poll_interval(secs: u64) -> Duration {
+        Duration::from_secs(secs.max(1))
+    }
+}
+
+/// Why a CONNECT was refused: the code for CONNACK (v3.1.1 clients get its return code) and
+/// the sentence for the log and the v5 reason string.
+#[derive(Debug)]
+pub(crate) struct Refused {
+    pub(crate) code: ReasonCode,
+    pub(crate) why: String,
+}
+
+/// One connection's place in its tenant's quota; released when dropped.
+#[derive(Debug)]
+pub(crate) struct TenantSlot {
+    tenancy: Arc<Tenancy>,
+    tenant: String,
+}
+
+impl Drop for TenantSlot {
+    fn drop(&mut self) {
+        if let Ok(mut counts) = self.tenancy.counts.lock()
+            && let Some(n) = counts.get_mut(&self.tenant)
+        {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                counts.remove(&self.tenant);
+            }
+        }
+    }
+}
+
+/// Whose topics a connection uses.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Scope {
+    /// Topics as they are (no tenants configured: conformance and legacy certificates).
+    Plain,
+    /// An anonymous client beside tenants: its topics live under `anon/`.
+    Anonymous,
+    /// A tenant identity: its topics live under `t/{tenant}/`.
+    Tenant {
+        /// Who.
+        identity: Box<Identity>,
+        /// Whether the client sent an empty client id (v5 clients are told the id).
+        assigned: bool,
+    },
+}
+
+/// What to do with a packet read from the client.
+#[derive(Debug)]
+pub(crate) enum Inbound {
+    /// Hand it (mapped) to the core.
+    Forward(Packet),
+    /// Answer the client directly (a refusal); the core never sees the packet.
+    Reply(Packet),
+    /// Drop it (a QoS 0 publish that is not allowed).
+    Drop,
+}
+
+/// Which acknowledgement a splice belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum AckKind {
+    Sub,
+    Unsub,
+}
+
+/// Refusals to put back into one SUBACK/UNSUBACK: (kind, packet id, (index, code)...).
+type Splice = (AckKind, u16, Vec<(usize, ReasonCode)>);
+
+/// The topic mapping of one connection, with the refusals to put back into the core's
+/// SUBACK/UNSUBACK when only part of a SUBSCRIBE was allowed.
+#[derive(Debug)]
+pub(crate) struct TopicMap {
+    pub(crate) scope: Scope,
+    splices: Vec<Splice>,
+}
+
+impl TopicMap {
+    pub(crate) fn new(scope: Scope) -> Self {
+        Self {
+            scope,
+            splices: Vec::new(),
+        }
+    }
+
+    /// The identity, if a tenant's.
+    pub(crate) fn identity(&self) -> Option<&Identity> {
+        match &self.scope {
+            Scope::Tenant { identity, .. } => Some(identity),
+            _ => None,
+        }
+    }
+
+    fn to_internal(&self, access: Access, topic: &str) -> Result<Option<String>, AclDenied> {
+        match &self.scope {
+            Scope::Plain => Ok(None),
+            Scope::Anonymous => acl::anonymous_to_internal(access, topic).map(Some),
+            Scope::Tenant { identity, .. } => acl::to_internal(identity, access, topic).map(Some),
+        }
+    }
+
+    /// Maps a will topic; `Err` refuses the CONNECT.
+    pub(crate) fn map_will(&self, connect: &mut Connect) -> Result<(), AclDenied> {
+        if let Some(will) = connect.will.as_mut()
+            && let Some(mapped) = self.to_internal(Access::Publish, &will.topic)?
+        {
+            will.topic = mapped;
+        }
+        Ok(())
+    }
+
+    /// Maps a packet from the client into the internal namespace, or refuses it.
+    pub(crate) fn inbound(&mut self, packet: Packet) -> Inbound {
+        if self.scope == Scope::Plain {
+            return Inbound::Forward(packet);
+        }
+        match packet {
+            // An empty topic stands for a topic alias the core resolves: the alias was set by
+            // an earlier, mapped, PUBLISH.
+            Packet::Publish(mut p) if !p.topic.is_empty() => {
+                match self.to_internal(Access::Publish, &p.topic) {
+                    Ok(Some(t)) => {
+                        p.topic = t;
+                        Inbound::Forward(Packet::Publish(p))
+                    }
+                    Ok(None) => Inbound::Forward(Packet::Publish(p)),
+                    Err(denied) => {
+                        tracing::info!(reason = %denied, "publish refused");
+                        let code = ReasonCode(denied.reason_code());
+                        let ack = |packet_id| Ack {
+                            packet_id,
+                            code,
+                            properties: Properties::default(),
+                        };
+                        match (p.qos as u8, p.packet_id) {
+                            (1, Some(id)) => Inbound::Reply(Packet::PubAck(ack(id))),
+                            (2, Some(id)) => Inbound::Reply(Packet::PubRec(ack(id))),
+                            _ => Inbound::Drop,
+                        }
+                    }
+                }
+            }
+            Packet::Subscribe(mut s) => {
+                let mut denied = Vec::new();
+                let mut kept = Vec::with_capacity(s.subscriptions.len());
+                for (i, mut sub) in std::mem::take(&mut s.subscriptions).into_iter().enumerate() {
+                    match self.to_internal(Access::Subscribe, &sub.filter) {
+                        Ok(mapped) => {
+                            if let Some(f) = mapped {
+                                sub.filter = f;
+                            }
+                            kept.push(sub);
+                        }
+                        Err(d) => {
+                            tracing::info!(reason = %d, "subscription refused");
+                            denied.push((i, ReasonCode(d.reason_code())));
+                        }
+                    }
+                }
+                if kept.is_empty() {
+                    return Inbound::Reply(Packet::SubAck(SubAck {
+                        packet_id: s.packet_id,
+                        codes: denied.into_iter().map(|(_, c)| c).collect(),
+                        properties: Properties::default(),
+                    }));
+                }
+                if !denied.is_empty() {
+                    self.splices.push((AckKind::Sub, s.packet_id, denied));
+                }
+                s.subscriptions = kept;
+                Inbound::Forward(Packet::Subscribe(s))
+            }
+            Packet::Unsubscribe(mut u) => {
+                let mut denied = Vec::new();
+                let mut kept = Vec::with_capacity(u.filters.len());
+                for (i, filter) in std::mem::take(&mut u.filters).into_iter().enumerate() {
+                    match self.to_internal(Access::Subscribe, &filter) {
+                        Ok(mapped) => kept.push(mapped.unwrap_or(filter)),
+                        Err(d) => denied.push((i, ReasonCode(d.reason_code()))),
+                    }
+                }
+                if kept.is_empty() {
+                    return Inbound::Reply(Packet::UnsubAck(UnsubAck {
+                        packet_id: u.packet_id,
+                        codes: denied.into_iter().map(|(_, c)| c).collect(),
+                        properties: Properties::default(),
+                    }));
+                }
+                if !denied.is_empty() {
+                    self.splices.push((AckKind::Unsub, u.packet_id, denied));
+                }
+                u.filters = kept;
+                Inbound::Forward(Packet::Unsubscribe(u))
+            }
+            other => Inbound::Forward(other),
+        }
+    }
+
+    /// Maps a packet for the client back into its view. Returns `false` when it must not be
+    /// sent (a topic outside the client's namespace; the core never routes one there).
+    pub(crate) fn outbound(&mut self, packet: &mut Packet) -> bool {
+        match (&self.scope, packet) {
+            (Scope::Plain, _) => true,
+            (scope, Packet::Publish(p)) if !p.topic.is_empty() => {
+                let external = match scope {
+                    Scope::Tenant { identity, .. } => acl::to_external(identity, &p.topic),
+                    _ => acl::anonymous_to_external(&p.topic).map(str::to_owned),
+                };
+                match external {
+                    Some(t) => {
+                        p.topic = t;
+                        true
+                    }
+                    None => {
+                        tracing::warn!(topic = %p.topic, "a message outside the client's namespace was not delivered");
+                        false
+                    }
+                }
+            }
+            (_, Packet::SubAck(ack)) => {
+                self.splice(AckKind::Sub, ack.packet_id, &mut ack.codes);
+                true
+            }
+            (_, Packet::UnsubAck(ack)) => {
+                self.splice(AckKind::Unsub, ack.packet_id, &mut ack.codes);
+                true
+            }
+            (Scope::Tenant { identity, assigned }, Packet::ConnAck(ack)) => {
+                if *assigned && !ack.code.is_error() {
+                    ack.properties.assigned_client_identifier = Some(identity.id().to_owned());
+                }
+                true
+            }
+            _ => true,
+        }
+    }
+
+    fn splice(&mut self, kind: AckKind, packet_id: u16, codes: &mut Vec<ReasonCode>) {
+        let Some(pos) = self
+            .splices
+            .iter()
+            .position(|(k, id, _)| *k == kind && *id == packet_id)
+        else {
+            return;
+        };
+        let (_, _, denied) = self.splices.swap_remove(pos);
+        // v3.1.1 UNSUBACK has no codes: nothing to splice into.
+        if kind == AckKind::Unsub && codes.is_empty() {
+            return;
+        }
+        for (i, code) in denied {
+            let at = i.min(codes.len());
+            codes.insert(at, code);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use beckon_identity::{Role, TenantId};
+    use beckon_mqtt::{QoS, Subscribe, Subscription, SubscriptionOptions};
+
+    fn agent(id: &str) -> TopicMap {
+        TopicMap::new(Scope::Tenant {
+            identity: Box::new(
+                Identity::new(TenantId::new("acme").expect("tenant"), Role::Agent, id)
+                    .expect("identity"),
+            ),
+            assigned: false,
+        })
+    }
+
+    fn sub(filter: &str) -> Subscription {
+        Subscription {
+            filter: filter.into(),
+            options: SubscriptionOptions::default(),
+        }
+    }
+
+    #[test]
+    fn a_partly_refused_subscribe_gets_its_codes_back_in_order() {
+        let mut map = agent("pc-1");
+        let packet = Packet::Subscribe(Subscribe {
+            packet_id: 7,
+            subscriptions: vec![sub("agents/pc-2/wake"), sub("agents/pc-1/wake"), sub("#")],
+            properties: Properties::default(),
+        });
+        let Inbound::Forward(Packet::Subscribe(s)) = map.inbound(packet) else {
+            panic!("the allowed filter is forwarded");
+        };
+        assert_eq!(s.subscriptions.len(), 1);
+        assert_eq!(s.subscriptions[0].filter, "t/acme/agents/pc-1/wake");
+        let mut ack = Packet::SubAck(SubAck {
+            packet_id: 7,
+            codes: vec![ReasonCode(1)],
+            properties: Properties::default(),
+        });
+        assert!(map.outbound(&mut ack));
+        let Packet::SubAck(ack) = ack else { panic!() };
+        assert_eq!(
+            ack.codes,
+            vec![
+                ReasonCode::NOT_AUTHORIZED,
+                ReasonCode(1),
+                ReasonCode::NOT_AUTHORIZED
+            ]
+        );
+    }
+
+    #[test]
+    fn a_refused_qos1_publish_is_answered_0x87_and_qos0_is_dropped() {
+        let mut map = agent("pc-1");
+        let publish = |qos, packet_id| {
+            Packet::Publish(beckon_mqtt::Publish {
+                dup: false,
+                qos,
+                retain: false,
+                topic: "agents/pc-2/ack".into(),
+                packet_id,
+                payload: bytes::Bytes::new(),
+                properties: Properties::default(),
+            })
+        };
+        match map.inbound(publish(QoS::AtLeastOnce, Some(3))) {
+            Inbound::Reply(Packet::PubAck(a)) => {
+                assert_eq!((a.packet_id, a.code), (3, ReasonCode::NOT_AUTHORIZED));
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(
+            map.inbound(publish(QoS::AtMostOnce, None)),
+            Inbound::Drop
+        ));
+    }
+
+    #[test]
+    fn delivered_topics_lose_their_tenant_prefix() {
+        let mut map = agent("pc-1");
+        let mut p = Packet::Publish(beckon_mqtt::Publish {
+            dup: false,
+            qos: QoS::AtLeastOnce,
+            retain: false,
+            topic: "t/acme/agents/pc-1/wake".into(),
+            packet_id: Some(1),
+            payload: bytes::Bytes::new(),
+            properties: Properties::default(),
+        });
+        assert!(map.outbound(&mut p));
+        let Packet::Publish(p) = p else { panic!() };
+        assert_eq!(p.topic, "agents/pc-1/wake");
+    }
+}

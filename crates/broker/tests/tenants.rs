@@ -1,0 +1,881 @@
+//! Tenants, identities, isolation and presence through the real server on 127.0.0.1:0:
+//! clients authenticate with tenant client certificates or tokens, over TLS. Every wait is
+//! bounded.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use beckon_broker::{Bound, BrokerConfig, Listen, Server, ServerHandle};
+use beckon_identity::{
+    KeyId, PresenceEvent, PresenceState, Role, SigningKey, TenantId, TokenSigner,
+};
+use beckon_mqtt::{
+    Connect, Packet, Properties, ProtocolVersion, Publish, QoS, ReasonCode, Subscribe,
+    Subscription, SubscriptionOptions, decode, encode,
+};
+use beckon_pki::{CertificateAuthority, IssuedCertificate};
+use bytes::{Bytes, BytesMut};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_rustls::rustls;
+
+const WAIT: Duration = Duration::from_secs(10);
+
+fn now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .expect("clock")
+        .as_secs() as i64
+}
+
+/// A tenant made for a test: its CA (for client certificates) and its token key.
+struct TestTenant {
+    id: &'static str,
+    ca: CertificateAuthority,
+    signer: TokenSigner,
+}
+
+impl TestTenant {
+    fn create(folder: &Path, id: &'static str) -> Self {
+        let ca =
+            CertificateAuthority::generate(&format!("{id} agents CA"), Duration::from_secs(86_400))
+                .expect("tenant CA");
+        std::fs::write(folder.join(format!("{id}-ca.pem")), ca.cert_pem()).expect("write CA");
+        let key = SigningKey::generate(KeyId::new("k1").expect("kid")).expect("key");
+        let toml = format!(
+            "name = \"{id}\"\n[[ca]]\nfile = \"{id}-ca.pem\"\n[[token_key]]\nkid = \"k1\"\npublic_key = \"{}\"\n",
+            key.public_key().to_base64()
+        );
+        std::fs::write(folder.join(format!("{id}.toml")), toml).expect("write tenant");
+        Self {
+            id,
+            ca,
+            signer: TokenSigner::new(TenantId::new(id).expect("tenant id"), key),
+        }
+    }
+
+    fn token(&self, role: Role, id: &str) -> String {
+        self.signer.issue(role, id, now(), 3600).expect("token")
+    }
+
+    fn certificate(&self, role: &str, id: &str) -> IssuedCertificate {
+        self.ca
+            .issue_client(id, Some(self.id), Some(role), Duration::from_secs(3600))
+            .expect("client certificate")
+    }
+}
+
+struct TestBroker {
+    bound: Bound,
+    handle: Option<ServerHandle>,
+    _dir: tempfile::TempDir,
+    tenants: PathBuf,
+}
+
+impl TestBroker {
+    /// A broker with a tenant folder holding `names`.
+    async fn start(names: &[&'static str]) -> (Self, Vec<TestTenant>) {
+        Self::start_with(names, |_| {}).await
+    }
+
+    async fn start_with(
+        names: &[&'static str],
+        tweak: impl FnOnce(&mut BrokerConfig),
+    ) -> (Self, Vec<TestTenant>) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let tenants = dir.path().join("tenants");
+        std::fs::create_dir_all(&tenants).expect("tenants folder");
+        let made = names
+            .iter()
+            .map(|n| TestTenant::create(&tenants, n))
+            .collect();
+        let mut config = BrokerConfig {
+            data_dir: dir.path().join("data"),
+            tenants_dir: Some(tenants.clone()),
+            tenants_reload_interval_secs: 1,
+            ..BrokerConfig::default()
+        };
+        config.listeners.mqtts = Listen(Some("127.0.0.1:0".parse().expect("addr")));
+        config.listeners.mqtt = Listen(None);
+        config.limits.connect_timeout_secs = 5;
+        tweak(&mut config);
+        let (bound, handle) = Server::bind(config).await.expect("server starts");
+        (
+            Self {
+                bound,
+                handle: Some(handle),
+                _dir: dir,
+                tenants,
+            },
+            made,
+        )
+    }
+
+    fn addr(&self) -> SocketAddr {
+        self.bound.mqtts.expect("TLS listener")
+    }
+
+    fn server_ca(&self) -> PathBuf {
+        self.bound.generated_ca.clone().expect("generated CA")
+    }
+
+    async fn stop(&mut self) {
+        if let Some(h) = self.handle.take() {
+            tokio::time::timeout(WAIT, h.shutdown())
+                .await
+                .expect("shutdown in time")
+                .expect("clean shutdown");
+        }
+    }
+}
+
+type Tls = tokio_rustls::client::TlsStream<TcpStream>;
+
+struct Client {
+    stream: Tls,
+    buf: BytesMut,
+    version: ProtocolVersion,
+}
+
+fn tls_config(ca_pem: &Path, identity: Option<&IssuedCertificate>) -> rustls::ClientConfig {
+    use rustls::pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    for c in beckon_pki::load_certificates(ca_pem).expect("ca") {
+        roots.add(c).expect("root");
+    }
+    let builder = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::aws_lc_rs::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .expect("versions")
+    .with_root_certificates(roots);
+    let mut config = match identity {
+        None => builder.with_no_client_auth(),
+        Some(id) => builder
+            .with_client_auth_cert(
+                vec![id.cert_der().expect("der")],
+                rustls::pki_types::PrivateKeyDer::from_pem_slice(id.key_pem.as_bytes())
+                    .expect("key"),
+            )
+            .expect("client cert"),
+    };
+    config.alpn_protocols = vec![b"mqtt".to_vec()];
+    config
+}
+
+/// How a test client proves who it is.
+enum Cred<'a> {
+    None,
+    Cert(&'a IssuedCertificate),
+    Token(String),
+}
+
+impl Client {
+    async fn open(broker: &TestBroker, cred: &Cred<'_>, version: ProtocolVersion) -> Self {
+        let cert = match cred {
+            Cred::Cert(c) => Some(*c),
+            _ => None,
+        };
+        let tcp = tokio::time::timeout(WAIT, TcpStream::connect(broker.addr()))
+            .await
+            .expect("connect in time")
+            .expect("connect");
+        let connector =
+            tokio_rustls::TlsConnector::from(Arc::new(tls_config(&broker.server_ca(), cert)));
+        let name = rustls::pki_types::ServerName::try_from("localhost").expect("name");
+        let stream = tokio::time::timeout(WAIT, connector.connect(name, tcp))
+            .await
+            .expect("handshake in time")
+            .expect("handshake");
+        Self {
+            stream,
+            buf: BytesMut::new(),
+            version,
+        }
+    }
+
+    async fn send(&mut self, packet: &Packet) {
+        let mut b = BytesMut::new();
+        encode(packet, self.version, &mut b).expect("encode");
+        tokio::time::timeout(WAIT, self.stream.write_all(&b))
+            .await
+            .expect("write in time")
+            .expect("write");
+    }
+
+    /// The next packet, or `None` when the server closed the connection.
+    async fn recv_within(&mut self, wait: Duration) -> Option<Option<Packet>> {
+        tokio::time::timeout(wait, async {
+            loop {
+                if let Some(p) =
+                    decode(&mut self.buf, self.version, 1 << 24).expect("valid from server")
+                {
+                    return Some(p);
+                }
+                let mut chunk = [0u8; 4096];
+                match self.stream.read(&mut chunk).await {
+                    Ok(0) | Err(_) => return None,
+                    Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
+                }
+            }
+        })
+        .await
+        .ok()
+    }
+
+    async fn recv(&mut self) -> Option<Packet> {
+        self.recv_within(WAIT)
+            .await
+            .expect("server answered in time")
+    }
+
+    async fn connect_with(
+        &mut self,
+        client_id: &str,
+        cred: &Cred<'_>,
+        keep_alive: u16,
+    ) -> beckon_mqtt::ConnAck {
+        let password = match cred {
+            Cred::Token(t) => Some(Bytes::from(t.clone().into_bytes())),
+            _ => None,
+        };
+        let connect = Packet::Connect(Box::new(Connect {
+            protocol: self.version,
+            clean_start: true,
+            keep_alive,
+            client_id: client_id.to_owned(),
+            will: None,
+            username: password.as_ref().map(|_| "beckon".to_owned()),
+            password,
+            properties: Properties::default(),
+        }));
+        self.send(&connect).await;
+        match self.recv().await {
+            Some(Packet::ConnAck(ack)) => ack,
+            other => panic!("expected CONNACK, got {other:?}"),
+        }
+    }
+
+    async fn subscribe(&mut self, packet_id: u16, filters: &[&str]) -> Vec<ReasonCode> {
+        self.send(&Packet::Subscribe(Subscribe {
+            packet_id,
+            subscriptions: filters
+                .iter()
+                .map(|f| Subscription {
+                    filter: (*f).to_owned(),
+                    options: SubscriptionOptions {
+                        qos: QoS::AtLeastOnce,
+                        ..SubscriptionOptions::default()
+                    },
+                })
+                .collect(),
+            properties: Properties::default(),
+        }))
+        .await;
+        loop {
+            match self.recv().await {
+                Some(Packet::SubAck(ack)) if ack.packet_id == packet_id => return ack.codes,
+                Some(Packet::Publish(_)) => {} // retained presence may come first
+                other => panic!("expected SUBACK, got {other:?}"),
+            }
+        }
+    }
+
+    /// Publishes at QoS 1 and returns the PUBACK code (publishes received meanwhile are
+    /// acknowledged and dropped).
+    async fn publish(&mut self, packet_id: u16, topic: &str, payload: &'static [u8]) -> ReasonCode {
+        self.send(&Packet::Publish(Publish {
+            dup: false,
+            qos: QoS::AtLeastOnce,
+            retain: false,
+            topic: topic.into(),
+            packet_id: Some(packet_id),
+            payload: Bytes::from_static(payload),
+            properties: Properties::default(),
+        }))
+        .await;
+        loop {
+            match self.recv().await {
+                // "No matching subscribers" is a success too.
+                Some(Packet::PubAck(ack)) if ack.packet_id == packet_id => {
+                    return if ack.code == ReasonCode::NO_MATCHING_SUBSCRIBERS {
+                        ReasonCode::SUCCESS
+                    } else {
+                        ack.code
+                    };
+                }
+                Some(Packet::Publish(p)) => self.ack(&p).await,
+                other => panic!("expected PUBACK, got {other:?}"),
+            }
+        }
+    }
+
+    async fn ack(&mut self, p: &Publish) {
+        if let Some(id) = p.packet_id {
+            self.send(&Packet::PubAck(beckon_mqtt::Ack {
+                packet_id: id,
+                code: ReasonCode::SUCCESS,
+                properties: Properties::default(),
+            }))
+            .await;
+        }
+    }
+
+    /// The next PUBLISH (acknowledged).
+    async fn next_publish(&mut self) -> Publish {
+        loop {
+            match self.recv().await {
+                Some(Packet::Publish(p)) => {
+                    self.ack(&p).await;
+                    return p;
+                }
+                Some(_) => {}
+                None => panic!("connection closed while waiting for a PUBLISH"),
+            }
+        }
+    }
+
+    /// Every PUBLISH before the PINGRESP of a ping sent now.
+    async fn publishes_until_ping(&mut self) -> Vec<Publish> {
+        self.send(&Packet::PingReq).await;
+        let mut got = Vec::new();
+        loop {
+            match self.recv().await {
+                Some(Packet::PingResp) => return got,
+                Some(Packet::Publish(p)) => {
+                    self.ack(&p).await;
+                    got.push(p);
+                }
+                Some(_) => {}
+                None => panic!("connection closed"),
+            }
+        }
+    }
+
+    async fn disconnect(mut self) {
+        self.send(&Packet::Disconnect(beckon_mqtt::Disconnect {
+            code: ReasonCode::SUCCESS,
+            properties: Properties::default(),
+        }))
+        .await;
+        let _ = self.recv_within(WAIT).await;
+    }
+}
+
+async fn connected(broker: &TestBroker, cred: Cred<'_>, client_id: &str) -> Client {
+    let mut c = Client::open(broker, &cred, ProtocolVersion::V5).await;
+    let ack = c.connect_with(client_id, &cred, 60).await;
+    assert_eq!(ack.code, ReasonCode::SUCCESS, "{ack:?}");
+    c
+}
+
+/// The CONNACK code a client with `cred` gets (v3.1.1: the return code as is).
+async fn connack_code(
+    broker: &TestBroker,
+    cred: Cred<'_>,
+    client_id: &str,
+    version: ProtocolVersion,
+) -> ReasonCode {
+    let mut c = Client::open(broker, &cred, version).await;
+    c.connect_with(client_id, &cred, 60).await.code
+}
+
+#[tokio::test]
+async fn a_wake_up_flows_from_a_token_server_to_a_certificate_agent() {
+    let (mut broker, tenants) = TestBroker::start(&["acme"]).await;
+    let acme = &tenants[0];
+
+    let agent_cert = acme.certificate("agent", "pc-1");
+    let mut agent = Client::open(&broker, &Cred::Cert(&agent_cert), ProtocolVersion::V5).await;
+    let ack = agent.connect_with("", &Cred::None, 60).await;
+    assert_eq!(ack.code, ReasonCode::SUCCESS, "{ack:?}");
+    assert_eq!(
+        ack.properties.assigned_client_identifier.as_deref(),
+        Some("pc-1"),
+        "an empty client id becomes the identity's id"
+    );
+    assert_eq!(
+        agent.subscribe(1, &["agents/pc-1/wake"]).await,
+        vec![ReasonCode(1)]
+    );
+
+    let mut server = connected(
+        &broker,
+        Cred::Token(acme.token(Role::Server, "console")),
+        "console",
+    )
+    .await;
+    assert_eq!(
+        server.publish(1, "agents/pc-1/wake", b"wake up").await,
+        ReasonCode::SUCCESS
+    );
+
+    let p = agent.next_publish().await;
+    assert_eq!(
+        p.topic, "agents/pc-1/wake",
+        "the tenant prefix is not shown"
+    );
+    assert_eq!(&p.payload[..], b"wake up");
+
+    // The agent's ack reaches the server.
+    assert_eq!(
+        server.subscribe(2, &["agents/+/ack"]).await,
+        vec![ReasonCode(1)]
+    );
+    assert_eq!(
+        agent.publish(2, "agents/pc-1/ack", b"received").await,
+        ReasonCode::SUCCESS
+    );
+    let p = server.next_publish().await;
+    assert_eq!(
+        (p.topic.as_str(), &p.payload[..]),
+        ("agents/pc-1/ack", &b"received"[..])
+    );
+    broker.stop().await;
+}
+
+#[tokio::test]
+async fn refused_connects_carry_the_reason_code_of_what_failed() {
+    let (mut broker, tenants) = TestBroker::start(&["acme", "globex"]).await;
+    let (acme, globex) = (&tenants[0], &tenants[1]);
+    let v5 = ProtocolVersion::V5;
+    let v3 = ProtocolVersion::V311;
+
+    // No credentials: not authorized (v3.1.1: 5).
+    assert_eq!(
+        connack_code(&broker, Cred::None, "pc-1", v5).await,
+        ReasonCode::NOT_AUTHORIZED
+    );
+    assert_eq!(
+        connack_code(&broker, Cred::None, "pc-1", v3).await,
+        ReasonCode(5)
+    );
+
+    // A token that does not verify: bad user name or password (v3.1.1: 4).
+    let garbage = || Cred::Token("bkn1.garbage.garbage".into());
+    assert_eq!(
+        connack_code(&broker, garbage(), "pc-1", v5).await,
+        ReasonCode::BAD_USER_NAME_OR_PASSWORD
+    );
+    assert_eq!(
+        connack_code(&broker, garbage(), "pc-1", v3).await,
+        ReasonCode(4)
+    );
+
+    // Tenant A's key cannot sign for tenant B.
+    let forged = TokenSigner::new(
+        TenantId::new("globex").expect("id"),
+        SigningKey::generate(KeyId::new("k1").expect("kid")).expect("key"),
+    )
+    .issue(Role::Server, "console", now(), 3600)
+    .expect("token");
+    assert_eq!(
+        connack_code(&broker, Cred::Token(forged), "console", v5).await,
+        ReasonCode::BAD_USER_NAME_OR_PASSWORD
+    );
+    let acme_token_as_globex = acme.token(Role::Server, "console");
+    let mut c = Client::open(&broker, &Cred::None, v5).await;
+    let ack = c
+        .connect_with("console", &Cred::Token(acme_token_as_globex), 60)
+        .await;
+    assert_eq!(ack.code, ReasonCode::SUCCESS, "acme's token opens acme");
+    c.disconnect().await;
+
+    // A certificate from tenant B's CA claiming tenant A: not authorized.
+    let wrong_ca = globex
+        .ca
+        .issue_client(
+            "pc-1",
+            Some("acme"),
+            Some("agent"),
+            Duration::from_secs(3600),
+        )
+        .expect("cert");
+    assert_eq!(
+        connack_code(&broker, Cred::Cert(&wrong_ca), "pc-1", v5).await,
+        ReasonCode::NOT_AUTHORIZED
+    );
+
+    // A client id other than the identity's: 0x85 (v3.1.1: 2).
+    let cert = acme.certificate("agent", "pc-1");
+    assert_eq!(
+        connack_code(&broker, Cred::Cert(&cert), "pc-2", v5).await,
+        ReasonCode::CLIENT_IDENTIFIER_NOT_VALID
+    );
+    assert_eq!(
+        connack_code(&broker, Cred::Cert(&cert), "pc-2", v3).await,
+        ReasonCode(2)
+    );
+
+    // An expired token.
+    let old = acme
+        .signer
+        .issue(Role::Agent, "pc-1", now() - 7200, 60)
+        .expect("token");
+    assert_eq!(
+        connack_code(&broker, Cred::Token(old), "pc-1", v5).await,
+        ReasonCode::BAD_USER_NAME_OR_PASSWORD
+    );
+    broker.stop().await;
+}
+
+#[tokio::test]
+async fn tenants_are_isolated_and_agents_reach_only_their_own_topics() {
+    let (mut broker, tenants) = TestBroker::start(&["acme", "globex"]).await;
+    let (acme, globex) = (&tenants[0], &tenants[1]);
+
+    let mut acme_server = connected(
+        &broker,
+        Cred::Token(acme.token(Role::Server, "console")),
+        "console",
+    )
+    .await;
+    assert_eq!(acme_server.subscribe(1, &["#"]).await, vec![ReasonCode(1)]);
+    let _ = acme_server.publishes_until_ping().await; // retained presence of acme
+
+    // Globex traffic: an agent and a server with the same ids as acme's.
+    let gx_cert = globex.certificate("agent", "pc-1");
+    let mut gx_agent = connected(&broker, Cred::Cert(&gx_cert), "pc-1").await;
+    assert_eq!(
+        gx_agent.subscribe(1, &["agents/pc-1/wake"]).await,
+        vec![ReasonCode(1)]
+    );
+    let mut gx_server = connected(
+        &broker,
+        Cred::Token(globex.token(Role::Server, "console")),
+        "console",
+    )
+    .await;
+    assert_eq!(
+        gx_server
+            .publish(1, "agents/pc-1/wake", b"globex-secret")
+            .await,
+        ReasonCode::SUCCESS
+    );
+    assert_eq!(&gx_agent.next_publish().await.payload[..], b"globex-secret");
+    assert_eq!(
+        gx_agent.publish(2, "agents/pc-1/ack", b"globex-ack").await,
+        ReasonCode::SUCCESS
+    );
+
+    let seen = acme_server.publishes_until_ping().await;
+    for p in &seen {
+        assert!(
+            &p.payload[..] != b"globex-secret" && &p.payload[..] != b"globex-ack",
+            "acme's server saw globex traffic: {p:?}"
+        );
+    }
+    // Nothing of globex's agent pc-1 (its presence included) reached acme.
+    assert!(
+        !seen.iter().any(|p| p.topic.starts_with("agents/pc-1/")),
+        "acme saw globex's pc-1: {seen:?}"
+    );
+
+    // Agent rules inside one tenant.
+    let x_cert = acme.certificate("agent", "x");
+    let mut x = connected(&broker, Cred::Cert(&x_cert), "x").await;
+    assert_eq!(
+        x.subscribe(1, &["agents/y/wake", "agents/x/wake", "agents/+/wake"])
+            .await,
+        vec![
+            ReasonCode::NOT_AUTHORIZED,
+            ReasonCode(1),
+            ReasonCode::NOT_AUTHORIZED
+        ],
+        "only its own wake-ups, no wildcards"
+    );
+    assert_eq!(
+        x.publish(1, "agents/y/ack", b"forged ack").await,
+        ReasonCode::NOT_AUTHORIZED
+    );
+    assert_eq!(
+        x.publish(2, "agents/x/presence", b"{\"state\":\"connected\"}")
+            .await,
+        ReasonCode::NOT_AUTHORIZED
+    );
+    assert_eq!(
+        x.publish(3, "agents/y/wake", b"wake y").await,
+        ReasonCode::NOT_AUTHORIZED
+    );
+    assert_eq!(
+        x.publish(4, "agents/x/ack", b"real ack").await,
+        ReasonCode::SUCCESS
+    );
+    let seen = acme_server.publishes_until_ping().await;
+    assert!(
+        seen.iter().any(|p| &p.payload[..] == b"real ack"),
+        "{seen:?}"
+    );
+    assert!(
+        !seen.iter().any(|p| &p.payload[..] == b"forged ack"
+            || &p.payload[..] == b"{\"state\":\"connected\"}"
+            || &p.payload[..] == b"wake y"),
+        "forged traffic reached the server: {seen:?}"
+    );
+
+    // v3.1.1: a refused subscription is 0x80.
+    let y_cert = acme.certificate("agent", "y");
+    let mut y = Client::open(&broker, &Cred::Cert(&y_cert), ProtocolVersion::V311).await;
+    assert_eq!(
+        y.connect_with("y", &Cred::None, 60).await.code,
+        ReasonCode::SUCCESS
+    );
+    let codes = y.subscribe(1, &["agents/x/wake"]).await;
+    assert!(codes[0].0 >= 0x80, "{codes:?}");
+    broker.stop().await;
+}
+
+fn presence(p: &Publish) -> PresenceEvent {
+    PresenceEvent::from_json(&p.payload).expect("presence JSON")
+}
+
+/// The next presence event of `topic`.
+async fn next_presence(server: &mut Client, topic: &str) -> PresenceEvent {
+    loop {
+        let p = server.next_publish().await;
+        if p.topic == topic {
+            return presence(&p);
+        }
+    }
+}
+
+#[tokio::test]
+async fn presence_follows_connect_disconnect_keepalive_and_takeover() {
+    let (mut broker, tenants) = TestBroker::start(&["acme"]).await;
+    let acme = &tenants[0];
+    let mut server = connected(
+        &broker,
+        Cred::Token(acme.token(Role::Server, "console")),
+        "console",
+    )
+    .await;
+    assert_eq!(
+        server.subscribe(1, &["agents/+/presence"]).await,
+        vec![ReasonCode(1)]
+    );
+    let topic = "agents/pc-1/presence";
+    let cert = acme.certificate("agent", "pc-1");
+
+    // Connect, then a clean disconnect.
+    let agent = connected(&broker, Cred::Cert(&cert), "pc-1").await;
+    let e = next_presence(&mut server, topic).await;
+    assert_eq!(e.state, PresenceState::Connected);
+    assert_eq!(serde_json_path(&e), "8883");
+    assert!(e.remote_addr.starts_with("127.0.0.1:"), "{e:?}");
+    agent.disconnect().await;
+    let e = next_presence(&mut server, topic).await;
+    assert_eq!(
+        (e.state, e.reason.as_deref()),
+        (PresenceState::Disconnected, Some("client_disconnect"))
+    );
+
+    // A keep alive of 1 s and silence: closed after 1.5 s.
+    let mut silent = Client::open(&broker, &Cred::Cert(&cert), ProtocolVersion::V5).await;
+    assert_eq!(
+        silent.connect_with("pc-1", &Cred::None, 1).await.code,
+        ReasonCode::SUCCESS
+    );
+    assert_eq!(
+        next_presence(&mut server, topic).await.state,
+        PresenceState::Connected
+    );
+    let e = next_presence(&mut server, topic).await;
+    assert_eq!(
+        (e.state, e.reason.as_deref()),
+        (PresenceState::Disconnected, Some("keepalive_timeout"))
+    );
+    drop(silent);
+
+    // Takeover: the old connection's event first, the new one last (and retained).
+    let _first = connected(&broker, Cred::Cert(&cert), "pc-1").await;
+    assert_eq!(
+        next_presence(&mut server, topic).await.state,
+        PresenceState::Connected
+    );
+    let _second = connected(&broker, Cred::Cert(&cert), "pc-1").await;
+    let e = next_presence(&mut server, topic).await;
+    assert_eq!(
+        (e.state, e.reason.as_deref()),
+        (PresenceState::Disconnected, Some("taken_over"))
+    );
+    assert_eq!(
+        next_presence(&mut server, topic).await.state,
+        PresenceState::Connected
+    );
+
+    // A server subscribing later sees the current state: connected.
+    let mut late = connected(
+        &broker,
+        Cred::Token(acme.token(Role::Server, "late")),
+        "late",
+    )
+    .await;
+    assert_eq!(late.subscribe(1, &[topic]).await, vec![ReasonCode(1)]);
+    let e = next_presence(&mut late, topic).await;
+    assert_eq!(e.state, PresenceState::Connected);
+
+    // Transport closed without DISCONNECT.
+    drop(_second);
+    let e = next_presence(&mut server, topic).await;
+    assert_eq!(
+        (e.state, e.reason.as_deref()),
+        (PresenceState::Disconnected, Some("connection_lost"))
+    );
+    broker.stop().await;
+}
+
+fn serde_json_path(e: &PresenceEvent) -> String {
+    let json = String::from_utf8(e.to_json()).expect("utf-8");
+    let start = json.find("\"path\":\"").expect("path") + 8;
+    json[start..].split('"').next().expect("value").to_owned()
+}
+
+#[tokio::test]
+async fn a_tenant_added_while_running_is_used_without_restart() {
+    let (mut broker, _) = TestBroker::start(&["acme"]).await;
+    let folder = broker.tenants.clone();
+    // Created after start: unknown at first.
+    let elsewhere = tempfile::tempdir().expect("tmp");
+    let initech = TestTenant::create(elsewhere.path(), "initech");
+    let token = initech.token(Role::Server, "console");
+    assert_eq!(
+        connack_code(
+            &broker,
+            Cred::Token(token.clone()),
+            "console",
+            ProtocolVersion::V5
+        )
+        .await,
+        ReasonCode::BAD_USER_NAME_OR_PASSWORD
+    );
+    let toml = format!(
+        "[[token_key]]\nkid = \"k1\"\npublic_key = \"{}\"\n",
+        initech.signer.key().public_key().to_base64()
+    );
+    std::fs::write(folder.join("initech.toml"), toml).expect("write");
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let code = connack_code(
+            &broker,
+            Cred::Token(token.clone()),
+            "console",
+            ProtocolVersion::V5,
+        )
+        .await;
+        if code == ReasonCode::SUCCESS {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the new tenant was not picked up: {code:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    broker.stop().await;
+}
+
+#[tokio::test]
+async fn quota_full_tenant_refuses_with_0x97() {
+    let (mut broker, tenants) = TestBroker::start(&["acme"]).await;
+    let acme = &tenants[0];
+    let path = broker.tenants.join("acme.toml");
+    let text = std::fs::read_to_string(&path).expect("read");
+    std::fs::write(&path, format!("max_connections = 1\n{text}")).expect("write");
+    // Wait until the quota is in force: a second connection gets 0x97.
+    let _first = connected(&broker, Cred::Token(acme.token(Role::Agent, "a1")), "a1").await;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let code = connack_code(
+            &broker,
+            Cred::Token(acme.token(Role::Agent, "a2")),
+            "a2",
+            ProtocolVersion::V5,
+        )
+        .await;
+        if code == ReasonCode::QUOTA_EXCEEDED {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "quota not applied: {code:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    broker.stop().await;
+}
+
+#[tokio::test]
+async fn mosquitto_sub_with_a_tenant_client_certificate_receives_a_wake_up() {
+    let mosquitto_sub = Path::new("/usr/bin/mosquitto_sub");
+    if !mosquitto_sub.exists() {
+        eprintln!("mosquitto_sub not installed; skipped");
+        return;
+    }
+    let (mut broker, tenants) = TestBroker::start(&["acme"]).await;
+    let acme = &tenants[0];
+    let dir = tempfile::tempdir().expect("tmp");
+    let cert = acme.certificate("agent", "pc-9");
+    std::fs::write(dir.path().join("c.pem"), &cert.cert_pem).expect("cert");
+    std::fs::write(dir.path().join("k.pem"), &cert.key_pem).expect("key");
+    let mut child = tokio::process::Command::new(mosquitto_sub)
+        .arg("-h")
+        .arg("127.0.0.1")
+        .arg("-p")
+        .arg(broker.addr().port().to_string())
+        .arg("--cafile")
+        .arg(broker.server_ca())
+        .arg("--cert")
+        .arg(dir.path().join("c.pem"))
+        .arg("--key")
+        .arg(dir.path().join("k.pem"))
+        .args([
+            "-i",
+            "pc-9",
+            "-t",
+            "agents/pc-9/wake",
+            "-q",
+            "1",
+            "-C",
+            "1",
+            "-V",
+            "mqttv311",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("mosquitto_sub starts");
+    let mut server = connected(
+        &broker,
+        Cred::Token(acme.token(Role::Server, "console")),
+        "console",
+    )
+    .await;
+    // mosquitto_sub subscribes at its own pace: publish until it has one and exits.
+    let mut id = 1;
+    let status = loop {
+        if let Ok(Some(status)) = child.try_wait() {
+            break status;
+        }
+        assert!(id < 50, "mosquitto_sub got nothing");
+        assert_eq!(
+            server.publish(id, "agents/pc-9/wake", b"wake pc-9").await,
+            ReasonCode::SUCCESS
+        );
+        id += 1;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let out = tokio::time::timeout(WAIT, child.wait_with_output())
+        .await
+        .expect("exit in time")
+        .expect("output");
+    assert!(
+        status.success(),
+        "mosquitto_sub failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "wake pc-9");
+    broker.stop().await;
+}
