@@ -1000,9 +1000,9 @@ async fn create_call(
         json!({"id": call.id, "target": call.target}),
     )
     .await;
-    let _ = st.dispatch.send(dispatch::Command::Send(
-        deliveries.iter().map(|d| d.agent_id.clone()).collect(),
-    ));
+    let _ = st
+        .dispatch
+        .send(dispatch::Command::Publish(call.clone(), deliveries.clone()));
     if req.wake_on_lan {
         let st2 = st.clone();
         let call_id = call.id.clone();

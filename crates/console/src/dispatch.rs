@@ -34,8 +34,8 @@ const DIAGNOSIS_EVERY: Duration = Duration::from_secs(60);
 /// Work for the dispatcher.
 #[derive(Debug)]
 pub enum Command {
-    /// These agents have new queued wake-ups.
-    Send(Vec<String>),
+    /// A new call: publish one wake-up per delivery.
+    Publish(WakeCall, Vec<CallDelivery>),
 }
 
 /// Resolves once `shutdown` turns true (or its sender is gone).
@@ -258,6 +258,10 @@ struct Conn {
     next_id: u16,
     /// PUBLISH packet id -> (agent, carrier wake-up id) waiting for PUBACK.
     inflight: HashMap<u16, (String, String)>,
+    /// The broker's Receive Maximum: at most this many QoS 1 publishes unacknowledged.
+    receive_max: usize,
+    /// Packets read while waiting for PUBACKs, handled next.
+    deferred: std::collections::VecDeque<Packet>,
 }
 
 impl Conn {
@@ -311,6 +315,8 @@ async fn session(
         rbuf: BytesMut::with_capacity(8192),
         next_id: 0,
         inflight: HashMap::new(),
+        receive_max: usize::from(u16::MAX),
+        deferred: std::collections::VecDeque::new(),
     };
     let connect = Connect {
         protocol: ProtocolVersion::V5,
@@ -332,7 +338,11 @@ async fn session(
         .await
         .map_err(|_| "the broker did not answer CONNECT within 10 s".to_owned())??;
     match connack {
-        Packet::ConnAck(ack) if !ack.code.is_error() => {}
+        Packet::ConnAck(ack) if !ack.code.is_error() => {
+            if let Some(max) = ack.properties.receive_maximum {
+                conn.receive_max = usize::from(max.max(1));
+            }
+        }
         Packet::ConnAck(ack) => {
             return Err(format!(
                 "the broker refused the console's connection (reason 0x{:02X}{})",
@@ -386,18 +396,27 @@ async fn session(
     let mut sweep = tokio::time::interval(Duration::from_secs(1));
     let mut last_heard = tokio::time::Instant::now();
     loop {
+        while let Some(p) = conn.deferred.pop_front() {
+            handle_packet(st, &mut conn, p).await?;
+        }
         tokio::select! {
             packet = conn.read_packet() => {
                 last_heard = tokio::time::Instant::now();
                 handle_packet(st, &mut conn, packet?).await?;
             }
             c = commands.recv() => match c {
-                Some(Command::Send(agents)) => {
-                    let mut agents = agents;
-                    agents.sort();
-                    agents.dedup();
-                    for a in agents {
-                        send_pending(st, &mut conn, &a, false).await?;
+                Some(Command::Publish(call, deliveries)) => {
+                    for d in deliveries {
+                        let agent = d.agent_id.clone();
+                        let out = OutgoingWakeUp {
+                            carrier: d,
+                            carried: Vec::new(),
+                            reason: call.reason.clone(),
+                            expires_at: call.expires_at,
+                            spread: call.spread,
+                            action: call.action.clone(),
+                        };
+                        publish_wakeup(st, &mut conn, &agent, out).await?;
                     }
                 }
                 None => return Ok(()),
@@ -420,34 +439,30 @@ async fn session(
     }
 }
 
+/// PUBACK: the broker took the wake-up (`sent`), or refused it (`failed`).
+async fn handle_puback(st: &AppState, conn: &mut Conn, ack: beckon_mqtt::Ack) {
+    let Some((agent, wakeup_id)) = conn.inflight.remove(&ack.packet_id) else {
+        return;
+    };
+    let (state, detail) = if ack.code.is_error() {
+        let detail = format!(
+            "the broker refused the wake-up (reason 0x{:02X}); check the console's permissions on the broker",
+            ack.code.0
+        );
+        (CallState::Failed, Some(detail))
+    } else {
+        (CallState::Sent, None)
+    };
+    let update = DeliveryUpdate {
+        detail,
+        ..Default::default()
+    };
+    advance(st, &agent, &wakeup_id, state, update).await;
+}
+
 async fn handle_packet(st: &AppState, conn: &mut Conn, packet: Packet) -> Result<(), String> {
     match packet {
-        Packet::PubAck(ack) => {
-            if let Some((agent, wakeup_id)) = conn.inflight.remove(&ack.packet_id) {
-                let (state, detail) = if ack.code.is_error() {
-                    (
-                        CallState::Failed,
-                        Some(format!(
-                            "the broker refused the wake-up (reason 0x{:02X}); check the console's permissions on the broker",
-                            ack.code.0
-                        )),
-                    )
-                } else {
-                    (CallState::Sent, None)
-                };
-                advance(
-                    st,
-                    &agent,
-                    &wakeup_id,
-                    state,
-                    DeliveryUpdate {
-                        detail,
-                        ..Default::default()
-                    },
-                )
-                .await;
-            }
-        }
+        Packet::PubAck(ack) => handle_puback(st, conn, ack).await,
         Packet::Publish(p) => {
             if let (QoS::AtLeastOnce, Some(id)) = (p.qos, p.packet_id) {
                 conn.send(&Packet::PubAck(beckon_mqtt::Ack::new(id)))
@@ -654,65 +669,82 @@ async fn send_pending(
             return Ok(());
         }
     };
-    for OutgoingWakeUp {
+    for out in merge_pending(&pending) {
+        publish_wakeup(st, conn, agent, out).await?;
+    }
+    Ok(())
+}
+
+/// Signs and publishes one wake-up (QoS 1, message expiry = time left), keeping within the
+/// broker's Receive Maximum: when that many are unacknowledged, PUBACKs are awaited first.
+async fn publish_wakeup(
+    st: &AppState,
+    conn: &mut Conn,
+    agent: &str,
+    out: OutgoingWakeUp,
+) -> Result<(), String> {
+    let OutgoingWakeUp {
         carrier,
         carried,
         reason,
         expires_at,
         spread,
         action,
-    } in merge_pending(&pending)
-    {
-        let now = now_ms();
-        let wakeup = WakeUp {
-            v: beckon_identity::wakeup::WAKEUP_VERSION,
-            id: carrier.wakeup_id.clone(),
-            tenant: st.tenant.to_string(),
-            agent: agent.to_owned(),
-            reason,
-            issued_at: now.div_euclid(1000),
-            expires_at: expires_at.div_euclid(1000),
-            spread,
-            action,
-        };
-        let payload = match st.signer.sign(&wakeup) {
-            Ok(p) => p,
-            Err(e) => {
-                let update = DeliveryUpdate {
-                    detail: Some(format!("the wake-up could not be signed: {e}")),
-                    ..Default::default()
-                };
-                advance(st, agent, &carrier.wakeup_id, CallState::Failed, update).await;
-                continue;
-            }
-        };
-        if !carried.is_empty() {
-            let (c, w) = (carried.clone(), carrier.wakeup_id.clone());
-            if let Err(e) = st.store.run(move |s| s.set_carried_by(&c, &w)).await {
-                tracing::warn!(error = %e, "recording merged wake-ups failed");
-            }
-        }
-        let expiry_secs = ((expires_at - now) / 1000).max(1);
-        let pid = conn.packet_id();
-        let publish = Publish {
-            dup: false,
-            qos: QoS::AtLeastOnce,
-            retain: false,
-            topic: beckon_identity::acl::wake_topic(agent),
-            packet_id: Some(pid),
-            payload: Bytes::from(payload),
-            properties: Properties {
-                message_expiry_interval: Some(u32::try_from(expiry_secs).unwrap_or(u32::MAX)),
-                payload_format_indicator: Some(1),
-                content_type: Some("application/json".into()),
+    } = out;
+    let now = now_ms();
+    let wakeup = WakeUp {
+        v: beckon_identity::wakeup::WAKEUP_VERSION,
+        id: carrier.wakeup_id.clone(),
+        tenant: st.tenant.to_string(),
+        agent: agent.to_owned(),
+        reason,
+        issued_at: now.div_euclid(1000),
+        expires_at: expires_at.div_euclid(1000),
+        spread,
+        action,
+    };
+    let payload = match st.signer.sign(&wakeup) {
+        Ok(p) => p,
+        Err(e) => {
+            let update = DeliveryUpdate {
+                detail: Some(format!("the wake-up could not be signed: {e}")),
                 ..Default::default()
-            },
-        };
-        conn.inflight
-            .insert(pid, (agent.to_owned(), carrier.wakeup_id.clone()));
-        conn.send(&Packet::Publish(publish)).await?;
+            };
+            advance(st, agent, &carrier.wakeup_id, CallState::Failed, update).await;
+            return Ok(());
+        }
+    };
+    if !carried.is_empty() {
+        let (c, w) = (carried.clone(), carrier.wakeup_id.clone());
+        if let Err(e) = st.store.run(move |s| s.set_carried_by(&c, &w)).await {
+            tracing::warn!(error = %e, "recording merged wake-ups failed");
+        }
     }
-    Ok(())
+    while conn.inflight.len() >= conn.receive_max {
+        match conn.read_packet().await? {
+            Packet::PubAck(ack) => handle_puback(st, conn, ack).await,
+            other => conn.deferred.push_back(other),
+        }
+    }
+    let expiry_secs = ((expires_at - now) / 1000).max(1);
+    let pid = conn.packet_id();
+    let publish = Publish {
+        dup: false,
+        qos: QoS::AtLeastOnce,
+        retain: false,
+        topic: beckon_identity::acl::wake_topic(agent),
+        packet_id: Some(pid),
+        payload: Bytes::from(payload),
+        properties: Properties {
+            message_expiry_interval: Some(u32::try_from(expiry_secs).unwrap_or(u32::MAX)),
+            payload_format_indicator: Some(1),
+            content_type: Some("application/json".into()),
+            ..Default::default()
+        },
+    };
+    conn.inflight
+        .insert(pid, (agent.to_owned(), carrier.wakeup_id.clone()));
+    conn.send(&Packet::Publish(publish)).await
 }
 
 /// Sends Wake-on-LAN for each MAC of `agent` to each destination, recording every send.
