@@ -18,6 +18,10 @@ pub struct BrokerArgs {
     /// MQTT over TLS listener address (default 0.0.0.0:8883; "off" to disable).
     #[arg(long, value_name = "ADDR", value_parser = parse_listen)]
     mqtts: Option<Listen>,
+    /// The HTTPS port shared by MQTT (ALPN mqtt), MQTT over WebSocket (/mqtt) and health
+    /// endpoints, e.g. 0.0.0.0:443 or 127.0.0.1:8443 (off by default).
+    #[arg(long, value_name = "ADDR", value_parser = parse_listen)]
+    fallback: Option<Listen>,
     /// Server certificate chain (PEM). Without it the broker uses its own CA and certificate
     /// in the data folder, creating them on first run.
     #[arg(long, value_name = "FILE", requires = "key")]
@@ -56,6 +60,9 @@ fn build_config(args: &BrokerArgs) -> anyhow::Result<BrokerConfig> {
     }
     if let Some(l) = args.mqtts {
         config.listeners.mqtts = l;
+    }
+    if let Some(l) = args.fallback {
+        config.listeners.fallback = l;
     }
     if let (Some(cert), Some(key)) = (&args.cert, &args.key) {
         config.tls.cert = Some(cert.clone());
@@ -116,6 +123,9 @@ pub fn main(args: BrokerArgs) -> anyhow::Result<()> {
         }
         if let Some(addr) = bound.mqtts {
             println!("beckon broker: MQTT over TLS on {addr}");
+        }
+        if let Some(addr) = bound.fallback {
+            println!("beckon broker: shared HTTPS port (MQTT, WebSocket /mqtt, /healthz) on {addr}");
         }
         if let Some(addr) = bound.mqtt {
             println!("beckon broker: plain MQTT on {addr}");

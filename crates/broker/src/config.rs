@@ -109,6 +109,9 @@ pub struct ListenersConfig {
     pub mqtts: Listen,
     /// Plain MQTT (no encryption): for loopback and development only. Default off.
     pub mqtt: Listen,
+    /// The HTTPS port shared by MQTT (ALPN `mqtt`), MQTT over WebSocket (`/mqtt`) and health
+    /// endpoints; `0.0.0.0:443` in production, `127.0.0.1:8443` unprivileged. Default off.
+    pub fallback: Listen,
 }
 
 impl Default for ListenersConfig {
@@ -116,6 +119,7 @@ impl Default for ListenersConfig {
         Self {
             mqtts: Listen(Some(SocketAddr::from(([0, 0, 0, 0], 8883)))),
             mqtt: Listen(None),
+            fallback: Listen(None),
         }
     }
 }
@@ -225,6 +229,7 @@ pub const ENV_OVERRIDES: &[(&str, &str)] = &[
     ("BECKON_TENANTS_DIR", "tenants_dir"),
     ("BECKON_MQTTS", "listeners.mqtts"),
     ("BECKON_MQTT", "listeners.mqtt"),
+    ("BECKON_FALLBACK", "listeners.fallback"),
     ("BECKON_TLS_CERT", "tls.cert"),
     ("BECKON_TLS_KEY", "tls.key"),
     ("BECKON_TLS_CLIENT_CA", "tls.client_ca"),
@@ -282,16 +287,16 @@ impl BrokerConfig {
                         }
                     }
                 }
-                "BECKON_MQTTS" | "BECKON_MQTT" => {
+                "BECKON_MQTTS" | "BECKON_MQTT" | "BECKON_FALLBACK" => {
                     let listen = Listen::parse(&value).map_err(|reason| ConfigError::Env {
                         var: name,
                         value: value.clone(),
                         reason,
                     })?;
-                    if name == "BECKON_MQTTS" {
-                        self.listeners.mqtts = listen;
-                    } else {
-                        self.listeners.mqtt = listen;
+                    match name {
+                        "BECKON_MQTTS" => self.listeners.mqtts = listen,
+                        "BECKON_FALLBACK" => self.listeners.fallback = listen,
+                        _ => self.listeners.mqtt = listen,
                     }
                 }
                 "BECKON_TENANTS_DIR" => self.tenants_dir = Some(PathBuf::from(value)),

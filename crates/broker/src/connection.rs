@@ -21,6 +21,7 @@ use beckon_mqtt::{
 };
 use beckon_pki::ReloadingServerConfig;
 use bytes::BytesMut;
+use rustls::ServerConfig;
 use rustls::pki_types::CertificateDer;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
@@ -46,6 +47,8 @@ pub(crate) enum ListenerKind {
     Tls,
     /// Plain MQTT.
     Plain,
+    /// The shared HTTPS port: TLS, then raw MQTT, MQTT over WebSocket or HTTP.
+    Fallback,
 }
 
 impl ListenerKind {
@@ -54,6 +57,7 @@ impl ListenerKind {
         match self {
             Self::Tls => "8883",
             Self::Plain => "1883",
+            Self::Fallback => "443",
         }
     }
 }
@@ -65,6 +69,9 @@ pub(crate) struct Shared {
     pub(crate) allow_anonymous: bool,
     /// Tenants, when `tenants_dir` is configured.
     pub(crate) tenancy: Option<Arc<Tenancy>>,
+    /// The shared port's TLS configuration (ALPN `mqtt` and `http/1.1`), derived from the
+    /// current one: (base, derived).
+    pub(crate) fallback_tls: std::sync::Mutex<Option<(Arc<ServerConfig>, Arc<ServerConfig>)>>,
     pub(crate) connect_timeout: Duration,
     pub(crate) max_packet_size: u32,
     pub(crate) max_outbound_packets: usize,
@@ -73,6 +80,32 @@ pub(crate) struct Shared {
     pub(crate) active: AtomicUsize,
     pub(crate) next_id: AtomicU64,
     pub(crate) shutdown: watch::Receiver<bool>,
+}
+
+impl Shared {
+    /// The TLS configuration for a new connection on `kind`.
+    fn tls_config(&self, tls: &ReloadingServerConfig, kind: ListenerKind) -> Arc<ServerConfig> {
+        let base = match &self.tenancy {
+            Some(t) => t.server_config(tls.current()),
+            None => tls.current(),
+        };
+        if kind != ListenerKind::Fallback {
+            return base;
+        }
+        let Ok(mut cache) = self.fallback_tls.lock() else {
+            return base;
+        };
+        if let Some((b, derived)) = cache.as_ref()
+            && Arc::ptr_eq(b, &base)
+        {
+            return derived.clone();
+        }
+        let mut config = (*base).clone();
+        config.alpn_protocols = vec![b"mqtt".to_vec(), b"http/1.1".to_vec()];
+        let derived = Arc::new(config);
+        *cache = Some((base, derived.clone()));
+        derived
+    }
 }
 
 /// Decrements the live-connection count when a connection task ends.
@@ -196,29 +229,58 @@ pub(crate) async fn serve(
     let _ = tcp.set_nodelay(true);
     let deadline = Instant::now() + shared.connect_timeout;
     match (kind, &shared.tls) {
+        (ListenerKind::Fallback, Some(tls)) => {
+            let acceptor = tokio_rustls::TlsAcceptor::from(shared.tls_config(tls, kind));
+            let shutdown = shared.shutdown.clone();
+            let Some((stream, leaf, alpn_mqtt)) =
+                Box::pin(tls_handshake(acceptor, tcp, deadline, shutdown)).await
+            else {
+                return;
+            };
+            Box::pin(serve_shared_port(
+                &shared, events, stream, remote, conn, over_limit, leaf, alpn_mqtt, deadline,
+            ))
+            .await;
+        }
         (ListenerKind::Tls, Some(tls)) => {
             // The handshake runs boxed and hands over a boxed stream: an async fn keeps the
             // storage of large values it moved, so keeping them out of this (long-lived)
             // state is what makes an idle connection small.
-            let config = match &shared.tenancy {
-                Some(t) => t.server_config(tls.current()),
-                None => tls.current(),
-            };
-            let acceptor = tokio_rustls::TlsAcceptor::from(config);
+            let acceptor = tokio_rustls::TlsAcceptor::from(shared.tls_config(tls, kind));
             let shutdown = shared.shutdown.clone();
-            let Some((stream, leaf)) =
+            let Some((stream, leaf, _)) =
                 Box::pin(tls_handshake(acceptor, tcp, deadline, shutdown)).await
             else {
                 return;
             };
             run_mqtt(
-                &shared, events, stream, remote, kind, conn, over_limit, leaf, deadline,
+                &shared,
+                events,
+                stream,
+                remote,
+                kind,
+                conn,
+                over_limit,
+                leaf,
+                deadline,
+                kind.path(),
+                BytesMut::new(),
             )
             .await;
         }
         _ => {
             run_mqtt(
-                &shared, events, tcp, remote, kind, conn, over_limit, None, deadline,
+                &shared,
+                events,
+                tcp,
+                remote,
+                kind,
+                conn,
+                over_limit,
+                None,
+                deadline,
+                kind.path(),
+                BytesMut::new(),
             )
             .await;
         }
@@ -234,7 +296,7 @@ async fn tls_handshake(
     tcp: TcpStream,
     deadline: Instant,
     mut shutdown: watch::Receiver<bool>,
-) -> Option<(Box<TlsStream>, Option<Vec<u8>>)> {
+) -> Option<(Box<TlsStream>, Option<Vec<u8>>, bool)> {
     let accepted = tokio::select! {
         r = timeout_at(deadline, acceptor.accept(tcp)) => r,
         _ = shutdown.changed() => return None,
@@ -264,7 +326,8 @@ async fn tls_handshake(
         client_cert = leaf.is_some(),
         "TLS established"
     );
-    Some((stream, leaf))
+    let alpn_mqtt = alpn.as_deref() == Some("mqtt");
+    Some((stream, leaf, alpn_mqtt))
 }
 
 /// How the CONNECT phase ended. Short-lived, so its size does not matter.
@@ -383,7 +446,7 @@ async fn admit<S: AsyncRead + AsyncWrite + Unpin>(
                     .and_then(|id| id.common_name);
                 let refusal = match &cert_name {
                     None => Some(match kind {
-                        ListenerKind::Tls => "no client certificate issued by the broker's CA (and anonymous access is off)".to_owned(),
+                        ListenerKind::Tls | ListenerKind::Fallback => "no client certificate issued by the broker's CA (and anonymous access is off)".to_owned(),
                         ListenerKind::Plain => "plain MQTT listener cannot carry a client certificate (and anonymous access is off)".to_owned(),
                     }),
                     Some(cn) if !connect.client_id.is_empty() && connect.client_id != *cn => Some(format!(
@@ -476,10 +539,11 @@ async fn run_mqtt<S: AsyncRead + AsyncWrite + Unpin>(
     over_limit: bool,
     leaf: Option<Vec<u8>>,
     deadline: Instant,
+    path: &'static str,
+    mut rbuf: BytesMut,
 ) {
     let max = shared.max_packet_size;
     let shutdown = shared.shutdown.clone();
-    let mut rbuf = BytesMut::new();
     let admitted = Box::pin(admit(
         shared,
         &mut stream,
@@ -508,7 +572,7 @@ async fn run_mqtt<S: AsyncRead + AsyncWrite + Unpin>(
     let outbox = Arc::new(Outbox::new(shared.max_outbound_packets));
     let info = ConnectionInfo {
         remote_addr: remote,
-        path: kind.path(),
+        path,
     };
     // Boxed send: an event is large and must not stay in this long-lived future's state.
     if send_boxed(
@@ -547,6 +611,59 @@ async fn run_mqtt<S: AsyncRead + AsyncWrite + Unpin>(
         }
     } else {
         tracing::debug!("connection closed by the broker");
+    }
+}
+
+/// The shared HTTPS port after TLS: ALPN `mqtt` or a first byte 0x10 is raw MQTT; anything
+/// else is HTTP (health, info, or MQTT over WebSocket at `/mqtt`).
+#[allow(clippy::too_many_arguments)]
+async fn serve_shared_port(
+    shared: &Arc<Shared>,
+    events: mpsc::Sender<Event>,
+    mut stream: Box<TlsStream>,
+    remote: SocketAddr,
+    conn: ConnId,
+    over_limit: bool,
+    leaf: Option<Vec<u8>>,
+    alpn_mqtt: bool,
+    deadline: Instant,
+) {
+    let kind = ListenerKind::Fallback;
+    let mut buf = BytesMut::new();
+    if !alpn_mqtt {
+        match timeout_at(deadline, read_some(&mut stream, &mut buf)).await {
+            Ok(Ok(n)) if n > 0 => {}
+            _ => return,
+        }
+    }
+    if alpn_mqtt || buf.first() == Some(&0x10) {
+        tracing::Span::current().record("path", "443-mqtt");
+        run_mqtt(
+            shared, events, stream, remote, kind, conn, over_limit, leaf, deadline, "443-mqtt", buf,
+        )
+        .await;
+        return;
+    }
+    let ready = !*shared.shutdown.borrow();
+    match Box::pin(crate::shared_port::serve_http(stream, buf, deadline, ready)).await {
+        crate::shared_port::HttpOutcome::WebSocket(ws) => {
+            tracing::Span::current().record("path", "443-websocket");
+            run_mqtt(
+                shared,
+                events,
+                ws,
+                remote,
+                kind,
+                conn,
+                over_limit,
+                leaf,
+                deadline,
+                "443-websocket",
+                BytesMut::new(),
+            )
+            .await;
+        }
+        crate::shared_port::HttpOutcome::Done => {}
     }
 }
 

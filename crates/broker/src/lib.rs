@@ -12,6 +12,7 @@ pub mod fdlimit;
 mod outbox;
 mod presence;
 mod server;
+mod shared_port;
 mod tenancy;
 
 pub use config::{BrokerConfig, ConfigError, Listen};

@@ -57,6 +57,19 @@ pub enum ServerError {
         #[source]
         source: io::Error,
     },
+    /// A privileged port could not be opened.
+    #[error(
+        "cannot listen on {addr} ({listener}): permission denied; ports below 1024 need privilege: use --fallback 127.0.0.1:8443 (listeners.fallback) or grant the binary CAP_NET_BIND_SERVICE"
+    )]
+    Privileged {
+        /// Which listener.
+        listener: &'static str,
+        /// The address.
+        addr: SocketAddr,
+        /// The operating system's error.
+        #[source]
+        source: io::Error,
+    },
     /// Certificates could not be created or loaded.
     #[error("TLS: {0}")]
     Tls(#[from] PkiError),
@@ -91,6 +104,8 @@ pub struct Bound {
     pub mqtts: Option<SocketAddr>,
     /// The plain MQTT address, when that listener is on.
     pub mqtt: Option<SocketAddr>,
+    /// The shared HTTPS port (MQTT, WebSocket, health), when that listener is on.
+    pub fallback: Option<SocketAddr>,
     /// The CA certificate clients must trust, when the broker uses its generated
     /// certificate (in the data folder).
     pub generated_ca: Option<PathBuf>,
@@ -173,10 +188,20 @@ pub fn default_certificate_names() -> Vec<String> {
 }
 
 fn bind_listener(listener: &'static str, addr: SocketAddr) -> Result<TcpListener, ServerError> {
-    let err = |source| ServerError::Bind {
-        listener,
-        addr,
-        source,
+    let err = |source: io::Error| {
+        if source.kind() == io::ErrorKind::PermissionDenied && addr.port() < 1024 {
+            ServerError::Privileged {
+                listener,
+                addr,
+                source,
+            }
+        } else {
+            ServerError::Bind {
+                listener,
+                addr,
+                source,
+            }
+        }
     };
     let socket = if addr.is_ipv4() {
         TcpSocket::new_v4()
@@ -240,7 +265,7 @@ impl Server {
 
         // Certificates.
         let mut generated_ca = None;
-        let tls = match config.listeners.mqtts.0 {
+        let tls = match config.listeners.mqtts.0.or(config.listeners.fallback.0) {
             None => None,
             Some(_) => {
                 let files = match (&config.tls.cert, &config.tls.key) {
@@ -284,6 +309,7 @@ impl Server {
         let mut bound = Bound {
             mqtts: None,
             mqtt: None,
+            fallback: None,
             generated_ca,
             max_connections,
             fd_limit,
@@ -324,11 +350,24 @@ impl Server {
             ))
         });
 
+        if let Some(addr) = config.listeners.fallback.0 {
+            let l = bind_listener("listeners.fallback", addr)?;
+            let local = l.local_addr().map_err(|source| ServerError::Bind {
+                listener: "listeners.fallback",
+                addr,
+                source,
+            })?;
+            tracing::info!(addr = %local, "listening on the shared HTTPS port: MQTT (ALPN mqtt), MQTT over WebSocket (/mqtt), health (/healthz)");
+            bound.fallback = Some(local);
+            listeners.push((l, ListenerKind::Fallback));
+        }
+
         let (shutdown_tx, shutdown_rx) = watch::channel(false);
         let shared = Arc::new(Shared {
             tls: tls.clone(),
             allow_anonymous: config.allow_anonymous,
             tenancy: tenancy.clone(),
+            fallback_tls: std::sync::Mutex::new(None),
             connect_timeout: config.connect_timeout(),
             max_packet_size: config.limits.max_packet_size,
             max_outbound_packets: config.limits.max_outbound_packets,

@@ -117,6 +117,10 @@ impl TestBroker {
         self.bound.mqtts.expect("TLS listener")
     }
 
+    fn fallback(&self) -> SocketAddr {
+        self.bound.fallback.expect("shared port")
+    }
+
     fn server_ca(&self) -> PathBuf {
         self.bound.generated_ca.clone().expect("generated CA")
     }
@@ -131,15 +135,25 @@ impl TestBroker {
     }
 }
 
-type Tls = tokio_rustls::client::TlsStream<TcpStream>;
+/// Any byte stream a test client speaks MQTT over (TLS, WebSocket).
+trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Io for T {}
 
 struct Client {
-    stream: Tls,
+    stream: Box<dyn Io>,
     buf: BytesMut,
     version: ProtocolVersion,
 }
 
 fn tls_config(ca_pem: &Path, identity: Option<&IssuedCertificate>) -> rustls::ClientConfig {
+    tls_config_alpn(ca_pem, identity, &[b"mqtt"])
+}
+
+fn tls_config_alpn(
+    ca_pem: &Path,
+    identity: Option<&IssuedCertificate>,
+    alpn: &[&[u8]],
+) -> rustls::ClientConfig {
     use rustls::pki_types::pem::PemObject;
     let mut roots = rustls::RootCertStore::empty();
     for c in beckon_pki::load_certificates(ca_pem).expect("ca") {
@@ -161,8 +175,31 @@ fn tls_config(ca_pem: &Path, identity: Option<&IssuedCertificate>) -> rustls::Cl
             )
             .expect("client cert"),
     };
-    config.alpn_protocols = vec![b"mqtt".to_vec()];
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
     config
+}
+
+/// TLS to `addr` with the given ALPN list.
+async fn tls_to(
+    broker: &TestBroker,
+    addr: SocketAddr,
+    cert: Option<&IssuedCertificate>,
+    alpn: &[&[u8]],
+) -> tokio_rustls::client::TlsStream<TcpStream> {
+    let tcp = tokio::time::timeout(WAIT, TcpStream::connect(addr))
+        .await
+        .expect("connect in time")
+        .expect("connect");
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(tls_config_alpn(
+        &broker.server_ca(),
+        cert,
+        alpn,
+    )));
+    let name = rustls::pki_types::ServerName::try_from("localhost").expect("name");
+    tokio::time::timeout(WAIT, connector.connect(name, tcp))
+        .await
+        .expect("handshake in time")
+        .expect("handshake")
 }
 
 /// How a test client proves who it is.
@@ -189,6 +226,10 @@ impl Client {
             .await
             .expect("handshake in time")
             .expect("handshake");
+        Self::over(Box::new(stream), version)
+    }
+
+    fn over(stream: Box<dyn Io>, version: ProtocolVersion) -> Self {
         Self {
             stream,
             buf: BytesMut::new(),
@@ -877,5 +918,131 @@ async fn mosquitto_sub_with_a_tenant_client_certificate_receives_a_wake_up() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "wake pc-9");
+    broker.stop().await;
+}
+
+async fn https_get(broker: &TestBroker, path: &str) -> String {
+    let mut tls = tls_to(broker, broker.fallback(), None, &[b"http/1.1"]).await;
+    let request = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
+    tls.write_all(request.as_bytes()).await.expect("write");
+    let mut response = Vec::new();
+    tokio::time::timeout(WAIT, tls.read_to_end(&mut response))
+        .await
+        .expect("response in time")
+        .ok();
+    String::from_utf8_lossy(&response).into_owned()
+}
+
+#[tokio::test]
+async fn the_shared_port_carries_mqtt_by_alpn_and_sniffing_websocket_and_https() {
+    let (mut broker, tenants) = TestBroker::start_with(&["acme"], |c| {
+        c.listeners.fallback = Listen(Some("127.0.0.1:0".parse().expect("addr")));
+    })
+    .await;
+    let acme = &tenants[0];
+    let mut server = connected(
+        &broker,
+        Cred::Token(acme.token(Role::Server, "console")),
+        "console",
+    )
+    .await;
+    assert_eq!(
+        server.subscribe(1, &["agents/+/presence"]).await,
+        vec![ReasonCode(1)]
+    );
+
+    // 1. ALPN mqtt with a client certificate.
+    let cert = acme.certificate("agent", "alpn");
+    let tls = tls_to(&broker, broker.fallback(), Some(&cert), &[b"mqtt"]).await;
+    let mut alpn = Client::over(Box::new(tls), ProtocolVersion::V5);
+    assert_eq!(
+        alpn.connect_with("alpn", &Cred::None, 60).await.code,
+        ReasonCode::SUCCESS
+    );
+    assert_eq!(
+        alpn.subscribe(1, &["agents/alpn/wake"]).await,
+        vec![ReasonCode(1)]
+    );
+    let e = next_presence(&mut server, "agents/alpn/presence").await;
+    assert_eq!(
+        (e.state, serde_json_path(&e)),
+        (PresenceState::Connected, "443-mqtt".into())
+    );
+
+    // 2. No ALPN: the first byte (CONNECT) decides; a token this time.
+    let tls = tls_to(&broker, broker.fallback(), None, &[]).await;
+    let mut sniffed = Client::over(Box::new(tls), ProtocolVersion::V311);
+    let token = Cred::Token(acme.token(Role::Agent, "sniffed"));
+    assert_eq!(
+        sniffed.connect_with("sniffed", &token, 60).await.code,
+        ReasonCode::SUCCESS
+    );
+    assert_eq!(
+        sniffed.subscribe(1, &["agents/sniffed/wake"]).await,
+        vec![ReasonCode(1)]
+    );
+
+    // 3. WebSocket at /mqtt (subprotocol mqtt) after ALPN http/1.1.
+    let tls = tls_to(&broker, broker.fallback(), None, &[b"http/1.1"]).await;
+    let ws = beckon_net::websocket_handshake(
+        tls,
+        "localhost",
+        broker.fallback().port(),
+        &beckon_net::WsSettings::default(),
+        WAIT,
+    )
+    .await
+    .expect("WebSocket upgrade");
+    let mut websocket = Client::over(Box::new(ws), ProtocolVersion::V5);
+    let token = Cred::Token(acme.token(Role::Agent, "ws"));
+    assert_eq!(
+        websocket.connect_with("ws", &token, 30).await.code,
+        ReasonCode::SUCCESS
+    );
+    assert_eq!(
+        websocket.subscribe(1, &["agents/ws/wake"]).await,
+        vec![ReasonCode(1)]
+    );
+    let e = next_presence(&mut server, "agents/ws/presence").await;
+    assert_eq!(serde_json_path(&e), "443-websocket");
+
+    // Each gets its wake-up end to end.
+    for (i, (client, id)) in [
+        (&mut alpn, "alpn"),
+        (&mut sniffed, "sniffed"),
+        (&mut websocket, "ws"),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let topic = format!("agents/{id}/wake");
+        let packet_id = 10 + i as u16;
+        assert_eq!(
+            server.publish(packet_id, &topic, b"wake").await,
+            ReasonCode::SUCCESS
+        );
+        let p = client.next_publish().await;
+        assert_eq!(
+            (p.topic.as_str(), &p.payload[..]),
+            (topic.as_str(), &b"wake"[..])
+        );
+    }
+
+    // 4. HTTPS on the same port.
+    let health = https_get(&broker, "/healthz").await;
+    assert!(health.starts_with("HTTP/1.1 200"), "{health}");
+    assert!(health.contains("\"ok\""), "{health}");
+    let ready = https_get(&broker, "/readyz").await;
+    assert!(ready.starts_with("HTTP/1.1 200"), "{ready}");
+    let info = https_get(&broker, "/").await;
+    assert!(
+        info.starts_with("HTTP/1.1 200") && info.contains("Beckon"),
+        "{info}"
+    );
+    let missing = https_get(&broker, "/nothing").await;
+    assert!(missing.starts_with("HTTP/1.1 404"), "{missing}");
+
+    // The MQTT clients are still served after the HTTP requests.
+    websocket.publishes_until_ping().await;
     broker.stop().await;
 }

@@ -1,0 +1,262 @@
+//! The shared HTTPS port (443, or e.g. 8443 unprivileged): after TLS, ALPN `mqtt` is raw
+//! MQTT; otherwise the first decrypted byte decides: 0x10 (CONNECT) is raw MQTT, anything
+//! else is HTTP. Over HTTP, `GET /mqtt` with a WebSocket upgrade carries MQTT in binary
+//! frames; `/healthz`, `/readyz` and `/` answer short texts.
+
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
+
+use bytes::{Buf, Bytes, BytesMut};
+use futures_util::{Sink, Stream};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::time::{Instant, timeout, timeout_at};
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::handshake::server::{
+    ErrorResponse, Request as WsRequest, Response as WsResponse,
+};
+use tokio_tungstenite::tungstenite::http::HeaderValue;
+
+/// Largest HTTP request head read.
+const MAX_HEAD: usize = 16 * 1024;
+
+/// A stream that first yields bytes already read (the sniffed request), then the inner stream.
+#[derive(Debug)]
+pub(crate) struct Prefixed<S> {
+    prefix: Bytes,
+    inner: S,
+}
+
+impl<S> Prefixed<S> {
+    pub(crate) fn new(prefix: Bytes, inner: S) -> Self {
+        Self { prefix, inner }
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Prefixed<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        if !self.prefix.is_empty() {
+            let n = self.prefix.len().min(buf.remaining());
+            buf.put_slice(&self.prefix[..n]);
+            self.prefix.advance(n);
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Prefixed<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// MQTT bytes carried in WebSocket binary frames, as a byte stream.
+pub(crate) struct WsBytes<S> {
+    ws: WebSocketStream<S>,
+    pending: Bytes,
+}
+
+impl<S> WsBytes<S> {
+    fn new(ws: WebSocketStream<S>) -> Self {
+        Self {
+            ws,
+            pending: Bytes::new(),
+        }
+    }
+}
+
+fn ws_err(e: tokio_tungstenite::tungstenite::Error) -> io::Error {
+    io::Error::other(e)
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for WsBytes<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        loop {
+            if !self.pending.is_empty() {
+                let n = self.pending.len().min(buf.remaining());
+                buf.put_slice(&self.pending[..n]);
+                self.pending.advance(n);
+                return Poll::Ready(Ok(()));
+            }
+            match ready!(Pin::new(&mut self.ws).poll_next(cx)) {
+                Some(Ok(Message::Binary(data))) => self.pending = data,
+                // Pings are answered by tungstenite itself.
+                Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => {}
+                Some(Ok(Message::Text(_))) => {
+                    return Poll::Ready(Err(io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        "MQTT over WebSocket uses binary frames; a text frame arrived",
+                    )));
+                }
+                Some(Ok(Message::Close(_))) | None => return Poll::Ready(Ok(())),
+                Some(Err(e)) => return Poll::Ready(Err(ws_err(e))),
+            }
+        }
+    }
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for WsBytes<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        ready!(Pin::new(&mut self.ws).poll_ready(cx)).map_err(ws_err)?;
+        Pin::new(&mut self.ws)
+            .start_send(Message::Binary(Bytes::copy_from_slice(buf)))
+            .map_err(ws_err)?;
+        Poll::Ready(Ok(buf.len()))
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.ws).poll_flush(cx).map_err(ws_err)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.ws).poll_close(cx).map_err(ws_err)
+    }
+}
+
+/// What an HTTP request on the shared port turned into.
+pub(crate) enum HttpOutcome<S> {
+    /// `GET /mqtt` upgraded: MQTT follows.
+    WebSocket(Box<WsBytes<Prefixed<S>>>),
+    /// Answered (or failed); the connection is done.
+    Done,
+}
+
+/// Reads the request head after `buf` (which holds the first bytes already read), then
+/// answers it or upgrades it to WebSocket, within `deadline`.
+pub(crate) async fn serve_http<S: AsyncRead + AsyncWrite + Unpin>(
+    mut stream: S,
+    mut buf: BytesMut,
+    deadline: Instant,
+    ready: bool,
+) -> HttpOutcome<S> {
+    // Read until the head is complete.
+    let (path, method, upgrade) = loop {
+        let mut headers = [httparse::EMPTY_HEADER; 64];
+        let mut req = httparse::Request::new(&mut headers);
+        match req.parse(&buf) {
+            Ok(httparse::Status::Complete(_)) => {
+                let upgrade = req.headers.iter().any(|h| {
+                    h.name.eq_ignore_ascii_case("upgrade")
+                        && String::from_utf8_lossy(h.value).eq_ignore_ascii_case("websocket")
+                });
+                break (
+                    req.path.unwrap_or("/").to_owned(),
+                    req.method.unwrap_or("GET").to_owned(),
+                    upgrade,
+                );
+            }
+            Ok(httparse::Status::Partial) if buf.len() < MAX_HEAD => {
+                let mut chunk = [0u8; 4096];
+                match timeout_at(
+                    deadline,
+                    tokio::io::AsyncReadExt::read(&mut stream, &mut chunk),
+                )
+                .await
+                {
+                    Ok(Ok(n)) if n > 0 => buf.extend_from_slice(&chunk[..n]),
+                    _ => return HttpOutcome::Done,
+                }
+            }
+            _ => {
+                tracing::debug!("not MQTT and not a valid HTTP request; answered 400");
+                respond(&mut stream, 400, "text/plain", "bad request\n").await;
+                return HttpOutcome::Done;
+            }
+        }
+    };
+    let route = path.split('?').next().unwrap_or("/");
+    if route == "/mqtt" && upgrade && method == "GET" {
+        // The callback's signature is tungstenite's.
+        #[allow(clippy::result_large_err)]
+        let callback =
+            |req: &WsRequest, mut resp: WsResponse| -> Result<WsResponse, ErrorResponse> {
+                let offers_mqtt = req
+                    .headers()
+                    .get_all("sec-websocket-protocol")
+                    .iter()
+                    .filter_map(|v| v.to_str().ok())
+                    .flat_map(|v| v.split(','))
+                    .any(|p| p.trim().eq_ignore_ascii_case("mqtt"));
+                if offers_mqtt {
+                    resp.headers_mut()
+                        .insert("sec-websocket-protocol", HeaderValue::from_static("mqtt"));
+                }
+                Ok(resp)
+            };
+        let io = Prefixed::new(buf.freeze(), stream);
+        return match timeout_at(deadline, tokio_tungstenite::accept_hdr_async(io, callback)).await {
+            Ok(Ok(ws)) => HttpOutcome::WebSocket(Box::new(WsBytes::new(ws))),
+            Ok(Err(e)) => {
+                tracing::debug!(error = %e, "WebSocket upgrade failed");
+                HttpOutcome::Done
+            }
+            Err(_) => HttpOutcome::Done,
+        };
+    }
+    let head = method == "HEAD";
+    if method != "GET" && !head {
+        respond(&mut stream, 405, "text/plain", "only GET is served here\n").await;
+        return HttpOutcome::Done;
+    }
+    let (status, kind, body): (u16, &str, &str) = match route {
+        "/healthz" => (200, "application/json", "{\"status\":\"ok\"}\n"),
+        "/readyz" if ready => (200, "application/json", "{\"status\":\"ready\"}\n"),
+        "/readyz" => (503, "application/json", "{\"status\":\"stopping\"}\n"),
+        "/" => (
+            200,
+            "text/plain; charset=utf-8",
+            "Beckon push service.\nMQTT: ALPN \"mqtt\" on this port, or WebSocket at /mqtt (subprotocol mqtt).\nHealth: /healthz, /readyz.\n",
+        ),
+        "/mqtt" => (
+            426,
+            "text/plain",
+            "MQTT over WebSocket: send a WebSocket upgrade with subprotocol mqtt\n",
+        ),
+        _ => (404, "text/plain", "not found\n"),
+    };
+    respond(&mut stream, status, kind, if head { "" } else { body }).await;
+    HttpOutcome::Done
+}
+
+async fn respond<S: AsyncWrite + Unpin>(stream: &mut S, status: u16, kind: &str, body: &str) {
+    let reason = match status {
+        200 => "OK",
+        400 => "Bad Request",
+        404 => "Not Found",
+        405 => "Method Not Allowed",
+        426 => "Upgrade Required",
+        _ => "Service Unavailable",
+    };
+    let text = format!(
+        "HTTP/1.1 {status} {reason}\r\ncontent-type: {kind}\r\ncontent-length: {}\r\nconnection: close\r\ncache-control: no-store\r\n\r\n{body}",
+        body.len()
+    );
+    let _ = timeout(std::time::Duration::from_secs(5), async {
+        stream.write_all(text.as_bytes()).await?;
+        stream.flush().await?;
+        stream.shutdown().await
+    })
+    .await;
+}
