@@ -18,7 +18,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{mpsc, watch};
 
 use crate::model::*;
-use crate::store::{DeliveryUpdate, StoreResult};
+use crate::store::{DeliveryAdvance, DeliveryUpdate, StoreResult};
 use crate::{AppState, BrokerLink};
 
 /// Largest packet the console accepts from the broker.
@@ -262,6 +262,8 @@ struct Conn {
     receive_max: usize,
     /// Packets read while waiting for PUBACKs, handled next.
     deferred: std::collections::VecDeque<Packet>,
+    /// State changes from PUBACKs and acks, written in one transaction by [`flush`].
+    updates: Vec<DeliveryAdvance>,
 }
 
 impl Conn {
@@ -317,7 +319,21 @@ async fn session(
         inflight: HashMap::new(),
         receive_max: usize::from(u16::MAX),
         deferred: std::collections::VecDeque::new(),
+        updates: Vec::new(),
     };
+    let result = connected(st, &mut conn, commands, shutdown).await;
+    // What was acknowledged before the connection ended is still written.
+    flush(st, &mut conn).await;
+    result
+}
+
+/// The conversation with the broker, from CONNECT until the connection ends.
+async fn connected(
+    st: &AppState,
+    conn: &mut Conn,
+    commands: &mut mpsc::UnboundedReceiver<Command>,
+    shutdown: &mut watch::Receiver<bool>,
+) -> Result<(), String> {
     let connect = Connect {
         protocol: ProtocolVersion::V5,
         clean_start: false,
@@ -388,22 +404,28 @@ async fn session(
         .await
         .map_err(|e| e.to_string())?;
     for agent in queued {
-        send_pending(st, &mut conn, &agent, false).await?;
+        send_pending(st, conn, &agent, false).await?;
     }
 
     let mut ping = tokio::time::interval(Duration::from_secs(u64::from(KEEP_ALIVE) / 2));
     ping.tick().await;
     let mut sweep = tokio::time::interval(Duration::from_secs(1));
+    // State changes are written in batches: one transaction per tick rather than per ack.
+    let mut write = tokio::time::interval(Duration::from_millis(25));
     let mut last_heard = tokio::time::Instant::now();
     loop {
         while let Some(p) = conn.deferred.pop_front() {
-            handle_packet(st, &mut conn, p).await?;
+            handle_packet(st, conn, p).await?;
         }
         tokio::select! {
             packet = conn.read_packet() => {
                 last_heard = tokio::time::Instant::now();
-                handle_packet(st, &mut conn, packet?).await?;
+                handle_packet(st, conn, packet?).await?;
+                if conn.updates.len() >= 1000 {
+                    flush(st, conn).await;
+                }
             }
+            _ = write.tick() => flush(st, conn).await,
             c = commands.recv() => match c {
                 Some(Command::Publish(call, deliveries)) => {
                     for d in deliveries {
@@ -416,7 +438,7 @@ async fn session(
                             spread: call.spread,
                             action: call.action.clone(),
                         };
-                        publish_wakeup(st, &mut conn, &agent, out).await?;
+                        publish_wakeup(st, conn, &agent, out).await?;
                     }
                 }
                 None => return Ok(()),
@@ -427,7 +449,10 @@ async fn session(
                 }
                 conn.send(&Packet::PingReq).await?;
             }
-            _ = sweep.tick() => expire(st).await,
+            _ = sweep.tick() => {
+                flush(st, conn).await;
+                expire(st).await;
+            }
             _ = stopped(shutdown) => {
                 let _ = conn.send(&Packet::Disconnect(beckon_mqtt::Disconnect {
                     code: beckon_mqtt::ReasonCode::SUCCESS,
@@ -440,7 +465,7 @@ async fn session(
 }
 
 /// PUBACK: the broker took the wake-up (`sent`), or refused it (`failed`).
-async fn handle_puback(st: &AppState, conn: &mut Conn, ack: beckon_mqtt::Ack) {
+fn handle_puback(conn: &mut Conn, ack: beckon_mqtt::Ack) {
     let Some((agent, wakeup_id)) = conn.inflight.remove(&ack.packet_id) else {
         return;
     };
@@ -457,12 +482,12 @@ async fn handle_puback(st: &AppState, conn: &mut Conn, ack: beckon_mqtt::Ack) {
         detail,
         ..Default::default()
     };
-    advance(st, &agent, &wakeup_id, state, update).await;
+    advance(conn, &agent, &wakeup_id, state, update);
 }
 
 async fn handle_packet(st: &AppState, conn: &mut Conn, packet: Packet) -> Result<(), String> {
     match packet {
-        Packet::PubAck(ack) => handle_puback(st, conn, ack).await,
+        Packet::PubAck(ack) => handle_puback(conn, ack),
         Packet::Publish(p) => {
             if let (QoS::AtLeastOnce, Some(id)) = (p.qos, p.packet_id) {
                 conn.send(&Packet::PubAck(beckon_mqtt::Ack::new(id)))
@@ -521,7 +546,7 @@ async fn handle_publish(st: &AppState, conn: &mut Conn, p: &Publish) -> Result<(
                 duration_ms: ack.duration_ms,
                 detail: ack.detail,
             };
-            advance(st, &agent, &ack.wakeup_id, state, update).await;
+            advance(conn, &agent, &ack.wakeup_id, state, update);
         }
         "presence" => {
             if p.payload.is_empty() {
@@ -568,21 +593,32 @@ async fn handle_publish(st: &AppState, conn: &mut Conn, p: &Publish) -> Result<(
     Ok(())
 }
 
-async fn advance(
-    st: &AppState,
+/// Queues a state change; [`flush`] writes the queue.
+fn advance(
+    conn: &mut Conn,
     agent: &str,
     wakeup_id: &str,
     state: CallState,
     update: DeliveryUpdate,
 ) {
-    let (a, w) = (agent.to_owned(), wakeup_id.to_owned());
-    match st
-        .store
-        .run(move |s| s.advance_delivery(&a, &w, state, update, now_ms()))
-        .await
-    {
+    conn.updates.push(DeliveryAdvance {
+        agent_id: agent.to_owned(),
+        wakeup_id: wakeup_id.to_owned(),
+        state,
+        update,
+        at: now_ms(),
+    });
+}
+
+/// Writes the queued state changes in one transaction and tells live listeners.
+async fn flush(st: &AppState, conn: &mut Conn) {
+    if conn.updates.is_empty() {
+        return;
+    }
+    let batch = std::mem::take(&mut conn.updates);
+    match st.store.run(move |s| s.advance_deliveries(batch)).await {
         Ok(changed) => publish_events(st, &changed),
-        Err(e) => tracing::warn!(error = %e, "updating a delivery failed"),
+        Err(e) => tracing::warn!(error = %e, "updating deliveries failed"),
     }
 }
 
@@ -654,6 +690,8 @@ async fn send_pending(
     agent: &str,
     include_sent: bool,
 ) -> Result<(), String> {
+    // The pending list must see the latest states (a `sent` not yet written would go out twice).
+    flush(st, conn).await;
     let a = agent.to_owned();
     let pending: StoreResult<Vec<(WakeCall, CallDelivery)>> = st
         .store
@@ -710,7 +748,7 @@ async fn publish_wakeup(
                 detail: Some(format!("the wake-up could not be signed: {e}")),
                 ..Default::default()
             };
-            advance(st, agent, &carrier.wakeup_id, CallState::Failed, update).await;
+            advance(conn, agent, &carrier.wakeup_id, CallState::Failed, update);
             return Ok(());
         }
     };
@@ -722,7 +760,7 @@ async fn publish_wakeup(
     }
     while conn.inflight.len() >= conn.receive_max {
         match conn.read_packet().await? {
-            Packet::PubAck(ack) => handle_puback(st, conn, ack).await,
+            Packet::PubAck(ack) => handle_puback(conn, ack),
             other => conn.deferred.push_back(other),
         }
     }

@@ -156,6 +156,21 @@ pub struct DeliveryUpdate {
     pub detail: Option<String>,
 }
 
+/// One queued state change for [`Store::advance_deliveries`].
+#[derive(Debug, Clone)]
+pub struct DeliveryAdvance {
+    /// The agent the ack or PUBACK is about.
+    pub agent_id: String,
+    /// The wake-up id.
+    pub wakeup_id: String,
+    /// The new state.
+    pub state: CallState,
+    /// Ack details.
+    pub update: DeliveryUpdate,
+    /// When.
+    pub at: Millis,
+}
+
 /// What a session or bearer token resolves to.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Principal {
@@ -245,6 +260,9 @@ pub trait Store: Send + Sync {
         update: DeliveryUpdate,
         at: Millis,
     ) -> StoreResult<Vec<CallDelivery>>;
+    /// Several [`advance_delivery`](Store::advance_delivery) in one transaction (one commit
+    /// for a burst of PUBACKs or acks); returns every delivery that changed.
+    fn advance_deliveries(&self, batch: Vec<DeliveryAdvance>) -> StoreResult<Vec<CallDelivery>>;
     /// Deliveries of an agent not yet delivered (queued or sent) and not expired at `now`,
     /// with their calls, oldest first.
     fn pending_for_agent(

@@ -426,6 +426,62 @@ fn state_column(state: CallState) -> Option<&'static str> {
     }
 }
 
+fn advance_in(
+    tx: &Transaction<'_>,
+    agent_id: &str,
+    wakeup_id: &str,
+    state: CallState,
+    update: &DeliveryUpdate,
+    at: Millis,
+) -> StoreResult<Vec<CallDelivery>> {
+    let candidates: Vec<CallDelivery> = {
+        let mut stmt = tx
+            .prepare_cached(&format!(
+                "SELECT {DELIVERY_COLUMNS} FROM deliveries WHERE (wakeup_id = ?1 OR carried_by = ?1) AND agent_id = ?2"
+            ))
+            .map_err(sql("reading a delivery"))?;
+        stmt.query_map([wakeup_id, agent_id], delivery_from_row)
+            .and_then(|rows| rows.collect::<rusqlite::Result<_>>())
+            .map_err(sql("reading a delivery"))?
+    };
+    let mut changed = Vec::new();
+    for mut d in candidates {
+        if !d.state.may_become(state) {
+            continue;
+        }
+        let set_time = state_column(state)
+            .map(|c| format!(", {c} = ?2"))
+            .unwrap_or_default();
+        tx.prepare_cached(&format!(
+            "UPDATE deliveries SET state = ?1{set_time}, status = COALESCE(?3, status), exit_code = COALESCE(?4, exit_code), duration_ms = COALESCE(?5, duration_ms), detail = COALESCE(?6, detail) WHERE wakeup_id = ?7"
+        ))
+        .and_then(|mut stmt| {
+            stmt.execute(params![
+                state.as_str(),
+                at,
+                update.status,
+                update.exit_code,
+                update.duration_ms.map(|d| i64::try_from(d).unwrap_or(i64::MAX)),
+                update.detail,
+                d.wakeup_id
+            ])
+        })
+        .map_err(sql("updating a delivery"))?;
+        d.state = state;
+        match state {
+            CallState::Sent => d.sent_at = Some(at),
+            CallState::Delivered => d.delivered_at = Some(at),
+            CallState::Started => d.started_at = Some(at),
+            CallState::Finished | CallState::Expired | CallState::Failed => {
+                d.finished_at = Some(at)
+            }
+            CallState::Queued => {}
+        }
+        changed.push(d);
+    }
+    Ok(changed)
+}
+
 impl Store for SqliteStore {
     fn create_enrollment_token(&self, t: NewEnrollmentToken) -> StoreResult<EnrollmentToken> {
         let mut conn = self.conn();
@@ -941,51 +997,26 @@ impl Store for SqliteStore {
     ) -> StoreResult<Vec<CallDelivery>> {
         let mut conn = self.conn();
         let tx = conn.transaction().map_err(sql("starting a transaction"))?;
-        let candidates: Vec<CallDelivery> = {
-            let mut stmt = tx
-                .prepare_cached(&format!(
-                    "SELECT {DELIVERY_COLUMNS} FROM deliveries WHERE (wakeup_id = ?1 OR carried_by = ?1) AND agent_id = ?2"
-                ))
-                .map_err(sql("reading a delivery"))?;
-            stmt.query_map([wakeup_id, agent_id], delivery_from_row)
-                .and_then(|rows| rows.collect::<rusqlite::Result<_>>())
-                .map_err(sql("reading a delivery"))?
-        };
-        let mut changed = Vec::new();
-        for mut d in candidates {
-            if !d.state.may_become(state) {
-                continue;
-            }
-            let column = state_column(state);
-            let set_time = column.map(|c| format!(", {c} = ?2")).unwrap_or_default();
-            tx.execute(
-                &format!(
-                    "UPDATE deliveries SET state = ?1{set_time}, status = COALESCE(?3, status), exit_code = COALESCE(?4, exit_code), duration_ms = COALESCE(?5, duration_ms), detail = COALESCE(?6, detail) WHERE wakeup_id = ?7"
-                ),
-                params![
-                    state.as_str(),
-                    at,
-                    update.status,
-                    update.exit_code,
-                    update.duration_ms.map(|d| i64::try_from(d).unwrap_or(i64::MAX)),
-                    update.detail,
-                    d.wakeup_id
-                ],
-            )
-            .map_err(sql("updating a delivery"))?;
-            d.state = state;
-            match state {
-                CallState::Sent => d.sent_at = Some(at),
-                CallState::Delivered => d.delivered_at = Some(at),
-                CallState::Started => d.started_at = Some(at),
-                CallState::Finished | CallState::Expired | CallState::Failed => {
-                    d.finished_at = Some(at)
-                }
-                CallState::Queued => {}
-            }
-            changed.push(d);
-        }
+        let changed = advance_in(&tx, agent_id, wakeup_id, state, &update, at)?;
         tx.commit().map_err(sql("updating a delivery"))?;
+        Ok(changed)
+    }
+
+    fn advance_deliveries(&self, batch: Vec<DeliveryAdvance>) -> StoreResult<Vec<CallDelivery>> {
+        let mut conn = self.conn();
+        let tx = conn.transaction().map_err(sql("starting a transaction"))?;
+        let mut changed = Vec::new();
+        for a in &batch {
+            changed.extend(advance_in(
+                &tx,
+                &a.agent_id,
+                &a.wakeup_id,
+                a.state,
+                &a.update,
+                a.at,
+            )?);
+        }
+        tx.commit().map_err(sql("updating deliveries"))?;
         Ok(changed)
     }
 
