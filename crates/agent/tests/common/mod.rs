@@ -389,7 +389,7 @@ pub struct Mosquitto {
 pub const MOSQUITTO: &str = "/usr/sbin/mosquitto";
 
 impl Mosquitto {
-    /// `None` (the test then says it skipped) when Mosquitto is not installed.
+    /// Fails the test when Mosquitto is not installed (a missing peer is no pass).
     pub fn start(port: u16) -> Option<Self> {
         Self::start_with(port, "")
     }
@@ -397,8 +397,7 @@ impl Mosquitto {
     /// Like [`Mosquitto::start`], with more configuration lines (more listeners).
     pub fn start_with(port: u16, extra: &str) -> Option<Self> {
         if !Path::new(MOSQUITTO).exists() {
-            eprintln!("SKIPPED: {MOSQUITTO} not installed");
-            return None;
+            panic!("{MOSQUITTO} is not installed: `apt-get install mosquitto` (scripts/test does)");
         }
         let dir = tempfile::tempdir().expect("tempdir");
         let conf: PathBuf = dir.path().join("mosquitto.conf");
@@ -496,8 +495,7 @@ impl Tinyproxy {
             .map(PathBuf::from)
             .find(|p| p.is_file());
         let Some(binary) = binary else {
-            eprintln!("SKIPPED: tinyproxy not installed");
-            return None;
+            panic!("tinyproxy is not installed: `apt-get install tinyproxy` (scripts/test does)");
         };
         let dir = tempfile::tempdir().expect("tempdir");
         let port = free_port();
