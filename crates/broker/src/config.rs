@@ -186,6 +186,16 @@ pub struct LimitsConfig {
     pub retain_available: bool,
     /// Highest QoS granted: 0, 1 or 2. Default 2.
     pub max_qos: u8,
+    /// New connections per second across the broker (token bucket); beyond it a client gets
+    /// CONNACK 0x9F Connection rate exceeded (v3.1.1: return code 3). 0 = no limit. Default 0.
+    pub connect_rate: u32,
+    /// Connections accepted at once above `connect_rate` (0 = one second's worth). Default 0.
+    pub connect_burst: u32,
+    /// New connections per second from one source address (0 = no limit). Default 0: agents
+    /// behind one NAT share an address.
+    pub connect_rate_per_address: u32,
+    /// Burst of `connect_rate_per_address` (0 = one second's worth). Default 0.
+    pub connect_burst_per_address: u32,
 }
 
 impl Default for LimitsConfig {
@@ -204,6 +214,10 @@ impl Default for LimitsConfig {
             max_keep_alive_secs: core.max_keep_alive.unwrap_or(0),
             retain_available: core.retain_available,
             max_qos: core.max_qos as u8,
+            connect_rate: 0,
+            connect_burst: 0,
+            connect_rate_per_address: 0,
+            connect_burst_per_address: 0,
         }
     }
 }

@@ -62,6 +62,15 @@ impl ListenerKind {
     }
 }
 
+/// Why a connection is answered "busy" at CONNECT.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Busy {
+    /// Over `limits.max_connections` (0x89 Server busy).
+    Connections,
+    /// Over a connect rate (0x9F Connection rate exceeded).
+    Rate(crate::ratelimit::RateExceeded),
+}
+
 /// What every connection task shares.
 #[derive(Debug)]
 pub(crate) struct Shared {
@@ -76,6 +85,8 @@ pub(crate) struct Shared {
     pub(crate) max_packet_size: u32,
     pub(crate) max_outbound_packets: usize,
     pub(crate) max_connections: usize,
+    /// Connect-rate limits.
+    pub(crate) connect_limiter: crate::ratelimit::ConnectLimiter,
     /// Connection tasks alive (in TLS, CONNECT or established).
     pub(crate) active: AtomicUsize,
     pub(crate) next_id: AtomicU64,
@@ -224,7 +235,7 @@ pub(crate) async fn serve(
     remote: SocketAddr,
     kind: ListenerKind,
     conn: ConnId,
-    over_limit: bool,
+    over_limit: Option<Busy>,
 ) {
     let _ = tcp.set_nodelay(true);
     let deadline = Instant::now() + shared.connect_timeout;
@@ -368,7 +379,7 @@ async fn admit<S: AsyncRead + AsyncWrite + Unpin>(
     stream: &mut S,
     rbuf: &mut BytesMut,
     kind: ListenerKind,
-    over_limit: bool,
+    over_limit: Option<Busy>,
     leaf: Option<Vec<u8>>,
     deadline: Instant,
     mut shutdown: watch::Receiver<bool>,
@@ -422,16 +433,30 @@ async fn admit<S: AsyncRead + AsyncWrite + Unpin>(
     let version = connect.protocol;
 
     // Admission: connection limit, then authentication.
-    if over_limit {
-        tracing::warn!(
-            max_connections = shared.max_connections,
-            "connection limit reached; refused with Server busy"
-        );
-        let p = connack(
-            ReasonCode::SERVER_BUSY,
-            "connection limit reached, retry later",
-            version,
-        );
+    if let Some(busy) = over_limit {
+        let (code, why) = match busy {
+            Busy::Connections => {
+                tracing::warn!(
+                    max_connections = shared.max_connections,
+                    "connection limit reached; refused with Server busy"
+                );
+                (
+                    ReasonCode::SERVER_BUSY,
+                    "connection limit reached, retry later",
+                )
+            }
+            Busy::Rate(which) => {
+                tracing::info!(
+                    limit = ?which,
+                    "connect rate exceeded; refused with 0x9F (v3.1.1: return code 3)"
+                );
+                (
+                    ReasonCode::CONNECTION_RATE_EXCEEDED,
+                    "connection rate exceeded, retry later",
+                )
+            }
+        };
+        let p = connack(code, why, version);
         Box::pin(send_final(stream, p, version)).await;
         return None;
     }
@@ -536,7 +561,7 @@ async fn run_mqtt<S: AsyncRead + AsyncWrite + Unpin>(
     remote: SocketAddr,
     kind: ListenerKind,
     conn: ConnId,
-    over_limit: bool,
+    over_limit: Option<Busy>,
     leaf: Option<Vec<u8>>,
     deadline: Instant,
     path: &'static str,
@@ -623,7 +648,7 @@ async fn serve_shared_port(
     mut stream: Box<TlsStream>,
     remote: SocketAddr,
     conn: ConnId,
-    over_limit: bool,
+    over_limit: Option<Busy>,
     leaf: Option<Vec<u8>>,
     alpn_mqtt: bool,
     deadline: Instant,

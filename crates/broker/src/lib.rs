@@ -11,6 +11,7 @@ pub mod core;
 pub mod fdlimit;
 mod outbox;
 mod presence;
+mod ratelimit;
 mod server;
 mod shared_port;
 mod tenancy;

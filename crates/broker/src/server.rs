@@ -19,7 +19,7 @@ use tokio::time::Instant;
 use tracing::Instrument;
 
 use crate::config::{BrokerConfig, ConfigError};
-use crate::connection::{ActiveGuard, ListenerKind, Shared, serve};
+use crate::connection::{ActiveGuard, Busy, ListenerKind, Shared, serve};
 use crate::core::{Action, BrokerCore, CloseReason, ConnId, ConnectionInfo};
 use crate::fdlimit;
 use crate::outbox::{Outbox, Pushed};
@@ -372,6 +372,16 @@ impl Server {
             max_packet_size: config.limits.max_packet_size,
             max_outbound_packets: config.limits.max_outbound_packets,
             max_connections,
+            connect_limiter: crate::ratelimit::ConnectLimiter::new(
+                crate::ratelimit::Rate::new(
+                    config.limits.connect_rate,
+                    config.limits.connect_burst,
+                ),
+                crate::ratelimit::Rate::new(
+                    config.limits.connect_rate_per_address,
+                    config.limits.connect_burst_per_address,
+                ),
+            ),
             active: AtomicUsize::new(0),
             next_id: AtomicU64::new(1),
             shutdown: shutdown_rx.clone(),
@@ -473,7 +483,15 @@ async fn accept_loop(
                     drop(guard);
                     continue;
                 }
-                let over_limit = active > shared.max_connections;
+                let over_limit = if active > shared.max_connections {
+                    Some(Busy::Connections)
+                } else {
+                    shared
+                        .connect_limiter
+                        .admit(remote.ip(), std::time::Instant::now())
+                        .err()
+                        .map(Busy::Rate)
+                };
                 let conn = shared.next_id.fetch_add(1, Ordering::Relaxed);
                 let span = tracing::info_span!(
                     "conn",
