@@ -1141,15 +1141,8 @@ async fn status(State(st): State<AppState>, _a: Admin) -> Json<serde_json::Value
     let push = st.push.lock().map(|p| p.clone()).ok();
     let online = st
         .store
-        .run(|s| {
-            s.list_agents(&AgentFilter {
-                presence: Some(Presence::Online),
-                limit: 100_000,
-                ..Default::default()
-            })
-        })
+        .run(|s| s.count_agents(Presence::Online))
         .await
-        .map(|a| a.len())
         .unwrap_or(0);
     let states: BTreeSet<&str> = CallState::ALL.iter().map(|s| s.as_str()).collect();
     Json(json!({

@@ -278,6 +278,8 @@ async fn pending_calls_go_out_as_one_when_the_agent_comes_online() {
     }
     let (_, a) = api.call("GET", "/api/v1/agents/pc-2", None).await;
     assert_eq!(a["presence"], "online");
+    let (_, status) = api.call("GET", "/api/v1/status", None).await;
+    assert_eq!(status["agents_online"], 1);
     assert_eq!(a["path"], "1883");
     api.handle.shutdown().await;
 }

@@ -201,6 +201,8 @@ pub trait Store: Send + Sync {
     fn agent(&self, id: &str) -> StoreResult<Agent>;
     /// Agents matching the filter, by name.
     fn list_agents(&self, filter: &AgentFilter) -> StoreResult<Vec<Agent>>;
+    /// How many non-revoked agents have this presence.
+    fn count_agents(&self, presence: Presence) -> StoreResult<u64>;
     /// Renames and/or sets the groups of an agent (groups must exist).
     fn update_agent(
         &self,

@@ -666,6 +666,17 @@ impl Store for SqliteStore {
         Ok(agents)
     }
 
+    fn count_agents(&self, presence: Presence) -> StoreResult<u64> {
+        self.conn()
+            .query_row(
+                "SELECT COUNT(*) FROM agents WHERE revoked = 0 AND presence = ?1",
+                [presence.as_str()],
+                |r| r.get::<_, i64>(0),
+            )
+            .map(|n| n.max(0) as u64)
+            .map_err(sql("counting agents"))
+    }
+
     fn update_agent(
         &self,
         id: &str,
