@@ -192,6 +192,8 @@ pub fn routes() -> Vec<(
         ("/api/v1/openapi.json", &["get"], get(openapi)),
         ("/api/v1/login", &["post"], post(login)),
         ("/api/v1/logout", &["post"], post(logout)),
+        ("/api/v1/users", &["post"], post(create_user)),
+        ("/api/v1/account/password", &["post"], post(change_password)),
         ("/api/v1/enroll", &["post"], post(enroll)),
         ("/api/v1/agents/{id}/checkin", &["post"], post(checkin)),
         (
@@ -369,6 +371,89 @@ async fn logout(State(st): State<AppState>, headers: HeaderMap) -> ApiResult<Res
     }
     let cookie = format!("{SESSION_COOKIE}=; HttpOnly; SameSite=Strict; Path=/; Max-Age=0");
     Ok(([(SET_COOKIE, cookie)], StatusCode::NO_CONTENT).into_response())
+}
+
+/// Shortest password accepted.
+const MIN_PASSWORD_CHARS: usize = 10;
+
+fn check_password(password: &str) -> ApiResult<()> {
+    if password.chars().count() < MIN_PASSWORD_CHARS || password.len() > 1024 {
+        return Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            format!("the password must be {MIN_PASSWORD_CHARS} to 1024 characters long"),
+        ));
+    }
+    Ok(())
+}
+
+async fn hash(password: String) -> ApiResult<String> {
+    tokio::task::spawn_blocking(move || hash_password(&password))
+        .await
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NewUserRequest {
+    name: String,
+    password: String,
+}
+
+async fn create_user(
+    State(st): State<AppState>,
+    Admin(who): Admin,
+    Body(req): Body<NewUserRequest>,
+) -> ApiResult<(StatusCode, Json<serde_json::Value>)> {
+    check_group_name(&req.name).map_err(|_| {
+        ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "user name must be 1 to 64 ASCII letters, digits, '-', '_' or '.'",
+        )
+    })?;
+    check_password(&req.password)?;
+    let hashed = hash(req.password).await?;
+    let name = req.name.clone();
+    st.store
+        .run(move |s| s.create_user(&name, &hashed, now_ms()))
+        .await?;
+    audit(&st, &who, "user.create", json!({"name": req.name})).await;
+    Ok((StatusCode::CREATED, Json(json!({"name": req.name}))))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PasswordChange {
+    current: String,
+    new: String,
+}
+
+async fn change_password(
+    State(st): State<AppState>,
+    Admin(who): Admin,
+    Body(req): Body<PasswordChange>,
+) -> ApiResult<StatusCode> {
+    let Some(user) = who.name.strip_prefix("user:").map(str::to_owned) else {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "API tokens have no password: log in as the user to change it",
+        ));
+    };
+    let u = user.clone();
+    let stored = st.store.run(move |s| s.password_hash(&u)).await?;
+    let current = req.current;
+    let ok = tokio::task::spawn_blocking(move || verify_password(&current, &stored))
+        .await
+        .unwrap_or(false);
+    if !ok {
+        return Err(ApiError::unauthorized("the current password is wrong"));
+    }
+    check_password(&req.new)?;
+    let hashed = hash(req.new).await?;
+    let u = user.clone();
+    st.store.run(move |s| s.set_password(&u, &hashed)).await?;
+    audit(&st, &who, "user.password", json!({"name": user})).await;
+    Ok(StatusCode::NO_CONTENT)
 }
 
 #[derive(Deserialize)]

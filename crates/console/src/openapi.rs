@@ -15,6 +15,20 @@ const OPERATIONS: &[(&str, &str, &str, bool, bool)] = &[
     ),
     ("/api/v1/logout", "post", "End the session", false, false),
     (
+        "/api/v1/users",
+        "post",
+        "Create a user (name, password of at least 10 characters)",
+        true,
+        true,
+    ),
+    (
+        "/api/v1/account/password",
+        "post",
+        "Change the logged-in user's password (ends the user's sessions)",
+        true,
+        true,
+    ),
+    (
         "/api/v1/enroll",
         "post",
         "Enroll an agent with an enrollment token and a CSR; returns its certificate, the CA, broker endpoints, proxy policy, wake-up key and check-in token",

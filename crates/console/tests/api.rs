@@ -280,6 +280,7 @@ async fn users_log_in_with_a_session_cookie_and_log_out() {
             .unwrap()
             .contains("wrong user name or password")
     );
+    let password2 = password.clone();
     let (s, headers, _) = api.raw(login(password)).await;
     assert_eq!(s, StatusCode::OK);
     let cookie = headers
@@ -300,6 +301,76 @@ async fn users_log_in_with_a_session_cookie_and_log_out() {
     };
     let (s, _, _) = api.raw(with_cookie("GET", "/api/v1/agents")).await;
     assert_eq!(s, StatusCode::OK);
+    // Changing the password needs the current one, and ends the sessions.
+    let change = |current: &str, new: &str| {
+        Request::builder()
+            .method("POST")
+            .uri("/api/v1/account/password")
+            .header("cookie", cookie.clone())
+            .header("content-type", "application/json")
+            .body(Body::from(
+                json!({"current": current, "new": new}).to_string(),
+            ))
+            .unwrap()
+    };
+    let (s, _, body) = api.raw(change("nope", "a long new password")).await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED, "{body}");
+    let (s, _, body) = api.raw(change(&password2, "short")).await;
+    assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
+    let (s, _, _) = api.raw(change(&password2, "a long new password")).await;
+    assert_eq!(s, StatusCode::NO_CONTENT);
+    let (s, _, _) = api.raw(with_cookie("GET", "/api/v1/agents")).await;
+    assert_eq!(
+        s,
+        StatusCode::UNAUTHORIZED,
+        "sessions ended with the password change"
+    );
+    let (s, _, _) = api.raw(login(password2.clone())).await;
+    assert_eq!(
+        s,
+        StatusCode::UNAUTHORIZED,
+        "the old password no longer works"
+    );
+    let (s, headers, _) = api.raw(login("a long new password".into())).await;
+    assert_eq!(s, StatusCode::OK);
+    let cookie = headers
+        .iter()
+        .find(|(k, _)| k == "set-cookie")
+        .map(|(_, v)| v.split(';').next().unwrap().to_owned())
+        .unwrap();
+    let with_cookie = |m: &str, p: &str| {
+        Request::builder()
+            .method(m)
+            .uri(p)
+            .header("cookie", cookie.clone())
+            .body(Body::empty())
+            .unwrap()
+    };
+    // A second user, made by an administrator.
+    let (s, body) = api
+        .call(
+            "POST",
+            "/api/v1/users",
+            Some(json!({"name": "alice", "password": "alice's long password"})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{body}");
+    let (s, _) = api
+        .call(
+            "POST",
+            "/api/v1/users",
+            Some(json!({"name": "alice", "password": "another long one"})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CONFLICT);
+    let (s, _) = api
+        .call(
+            "POST",
+            "/api/v1/account/password",
+            Some(json!({"current": "x", "new": "y"})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::FORBIDDEN, "API tokens have no password");
     let (s, _, _) = api.raw(with_cookie("POST", "/api/v1/logout")).await;
     assert_eq!(s, StatusCode::NO_CONTENT);
     let (s, _, body) = api.raw(with_cookie("GET", "/api/v1/agents")).await;

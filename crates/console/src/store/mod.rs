@@ -298,6 +298,8 @@ pub trait Store: Send + Sync {
     // Users, sessions, API tokens.
     /// Creates a user with a password hash (PHC string).
     fn create_user(&self, name: &str, password_hash: &str, now: Millis) -> StoreResult<()>;
+    /// Replaces a user's password hash and ends all of the user's sessions.
+    fn set_password(&self, name: &str, password_hash: &str) -> StoreResult<()>;
     /// How many users exist.
     fn user_count(&self) -> StoreResult<u64>;
     /// A user's password hash.

@@ -1265,6 +1265,26 @@ impl Store for SqliteStore {
         Ok(())
     }
 
+    fn set_password(&self, name: &str, password_hash: &str) -> StoreResult<()> {
+        let mut conn = self.conn();
+        let tx = conn.transaction().map_err(sql("starting a transaction"))?;
+        let n = tx
+            .execute(
+                "UPDATE users SET password_hash = ?1 WHERE name = ?2",
+                params![password_hash, name],
+            )
+            .map_err(sql("changing a password"))?;
+        if n == 0 {
+            return Err(StoreError::NotFound {
+                what: "user",
+                id: name.to_owned(),
+            });
+        }
+        tx.execute("DELETE FROM sessions WHERE user_name = ?1", [name])
+            .map_err(sql("ending a user's sessions"))?;
+        tx.commit().map_err(sql("changing a password"))
+    }
+
     fn user_count(&self) -> StoreResult<u64> {
         self.conn()
             .query_row("SELECT COUNT(*) FROM users", [], |r| r.get::<_, i64>(0))
