@@ -86,3 +86,66 @@ pub fn run(args: ConsoleArgs) -> anyhow::Result<()> {
         Ok(())
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        console: ConsoleArgs,
+    }
+
+    #[test]
+    fn arguments_become_the_configuration() {
+        let cli = Cli::try_parse_from([
+            "console",
+            "--data-dir",
+            "d",
+            "--listen",
+            "127.0.0.1:9090",
+            "--broker",
+            "mqtts://push.example:8884",
+            "--broker-ca",
+            "ca.pem",
+            "--tenant",
+            "acme",
+            "--agent-broker-endpoint",
+            "push.example:8884",
+        ])
+        .unwrap();
+        let c = cli.console.to_config();
+        assert_eq!(c.listen.port(), 9090);
+        assert_eq!(c.tenant, "acme");
+        assert!(!c.plain_http);
+        assert_eq!(c.default_broker_endpoints, ["push.example:8884"]);
+        assert_eq!(
+            c.broker,
+            BrokerLink::Tls {
+                host: "push.example".into(),
+                port: 8884,
+                ca_file: Some("ca.pem".into()),
+            }
+        );
+        let cli = Cli::try_parse_from(["console", "--broker", "mqtt://127.0.0.1:1883"]).unwrap();
+        assert_eq!(
+            cli.console.broker,
+            BrokerLink::Anonymous {
+                address: "127.0.0.1:1883".into()
+            }
+        );
+        let err = Cli::try_parse_from(["console", "--broker", "http://x"])
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(err.contains("mqtts://host"), "{err}");
+        let err = Cli::try_parse_from(["console", "--tls-cert", "c.pem"])
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(err.contains("--tls-key"), "{err}");
+    }
+}
