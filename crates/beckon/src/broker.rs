@@ -22,6 +22,10 @@ pub struct BrokerArgs {
     /// endpoints, e.g. 0.0.0.0:443 or 127.0.0.1:8443 (off by default).
     #[arg(long, value_name = "ADDR", value_parser = parse_listen)]
     fallback: Option<Listen>,
+    /// Admin HTTP listener for Prometheus /metrics and /healthz, e.g. 127.0.0.1:9883 (off by
+    /// default).
+    #[arg(long, value_name = "ADDR", value_parser = parse_listen)]
+    admin: Option<Listen>,
     /// Server certificate chain (PEM). Without it the broker uses its own CA and certificate
     /// in the data folder, creating them on first run.
     #[arg(long, value_name = "FILE", requires = "key")]
@@ -63,6 +67,9 @@ fn build_config(args: &BrokerArgs) -> anyhow::Result<BrokerConfig> {
     }
     if let Some(l) = args.fallback {
         config.listeners.fallback = l;
+    }
+    if let Some(l) = args.admin {
+        config.listeners.admin = l;
     }
     if let (Some(cert), Some(key)) = (&args.cert, &args.key) {
         config.tls.cert = Some(cert.clone());
@@ -126,6 +133,9 @@ pub fn main(args: BrokerArgs) -> anyhow::Result<()> {
         }
         if let Some(addr) = bound.fallback {
             println!("beckon broker: shared HTTPS port (MQTT, WebSocket /mqtt, /healthz) on {addr}");
+        }
+        if let Some(addr) = bound.admin {
+            println!("beckon broker: metrics on http://{addr}/metrics");
         }
         if let Some(addr) = bound.mqtt {
             println!("beckon broker: plain MQTT on {addr}");

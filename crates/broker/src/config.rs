@@ -112,6 +112,9 @@ pub struct ListenersConfig {
     /// The HTTPS port shared by MQTT (ALPN `mqtt`), MQTT over WebSocket (`/mqtt`) and health
     /// endpoints; `0.0.0.0:443` in production, `127.0.0.1:8443` unprivileged. Default off.
     pub fallback: Listen,
+    /// Plain HTTP admin listener: Prometheus `/metrics` and `/healthz`. Keep it on loopback
+    /// or a management network. Default off.
+    pub admin: Listen,
 }
 
 impl Default for ListenersConfig {
@@ -120,6 +123,7 @@ impl Default for ListenersConfig {
             mqtts: Listen(Some(SocketAddr::from(([0, 0, 0, 0], 8883)))),
             mqtt: Listen(None),
             fallback: Listen(None),
+            admin: Listen(None),
         }
     }
 }
@@ -244,6 +248,7 @@ pub const ENV_OVERRIDES: &[(&str, &str)] = &[
     ("BECKON_MQTTS", "listeners.mqtts"),
     ("BECKON_MQTT", "listeners.mqtt"),
     ("BECKON_FALLBACK", "listeners.fallback"),
+    ("BECKON_ADMIN", "listeners.admin"),
     ("BECKON_TLS_CERT", "tls.cert"),
     ("BECKON_TLS_KEY", "tls.key"),
     ("BECKON_TLS_CLIENT_CA", "tls.client_ca"),
@@ -301,7 +306,7 @@ impl BrokerConfig {
                         }
                     }
                 }
-                "BECKON_MQTTS" | "BECKON_MQTT" | "BECKON_FALLBACK" => {
+                "BECKON_MQTTS" | "BECKON_MQTT" | "BECKON_FALLBACK" | "BECKON_ADMIN" => {
                     let listen = Listen::parse(&value).map_err(|reason| ConfigError::Env {
                         var: name,
                         value: value.clone(),
@@ -310,6 +315,7 @@ impl BrokerConfig {
                     match name {
                         "BECKON_MQTTS" => self.listeners.mqtts = listen,
                         "BECKON_FALLBACK" => self.listeners.fallback = listen,
+                        "BECKON_ADMIN" => self.listeners.admin = listen,
                         _ => self.listeners.mqtt = listen,
                     }
                 }

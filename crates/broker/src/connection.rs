@@ -85,6 +85,8 @@ pub(crate) struct Shared {
     pub(crate) max_packet_size: u32,
     pub(crate) max_outbound_packets: usize,
     pub(crate) max_connections: usize,
+    /// Prometheus metrics.
+    pub(crate) metrics: Arc<crate::metrics::Metrics>,
     /// Connect-rate limits.
     pub(crate) connect_limiter: crate::ratelimit::ConnectLimiter,
     /// Connection tasks alive (in TLS, CONNECT or established).
@@ -243,8 +245,14 @@ pub(crate) async fn serve(
         (ListenerKind::Fallback, Some(tls)) => {
             let acceptor = tokio_rustls::TlsAcceptor::from(shared.tls_config(tls, kind));
             let shutdown = shared.shutdown.clone();
-            let Some((stream, leaf, alpn_mqtt)) =
-                Box::pin(tls_handshake(acceptor, tcp, deadline, shutdown)).await
+            let Some((stream, leaf, alpn_mqtt)) = Box::pin(tls_handshake(
+                &shared.metrics,
+                acceptor,
+                tcp,
+                deadline,
+                shutdown,
+            ))
+            .await
             else {
                 return;
             };
@@ -259,8 +267,14 @@ pub(crate) async fn serve(
             // state is what makes an idle connection small.
             let acceptor = tokio_rustls::TlsAcceptor::from(shared.tls_config(tls, kind));
             let shutdown = shared.shutdown.clone();
-            let Some((stream, leaf, _)) =
-                Box::pin(tls_handshake(acceptor, tcp, deadline, shutdown)).await
+            let Some((stream, leaf, _)) = Box::pin(tls_handshake(
+                &shared.metrics,
+                acceptor,
+                tcp,
+                deadline,
+                shutdown,
+            ))
+            .await
             else {
                 return;
             };
@@ -303,6 +317,7 @@ type TlsStream = tokio_rustls::server::TlsStream<TcpStream>;
 /// TLS handshake within the connect deadline. Returns the stream (boxed) and the leaf of a
 /// client certificate verified by the configured client CAs.
 async fn tls_handshake(
+    metrics: &crate::metrics::Metrics,
     acceptor: tokio_rustls::TlsAcceptor,
     tcp: TcpStream,
     deadline: Instant,
@@ -315,10 +330,12 @@ async fn tls_handshake(
     let mut stream = match accepted {
         Ok(Ok(s)) => Box::new(s),
         Ok(Err(e)) => {
+            metrics.tls_failure();
             tracing::debug!(error = %e, "TLS handshake failed");
             return None;
         }
         Err(_) => {
+            metrics.tls_failure();
             tracing::debug!("TLS handshake not finished within the connect timeout; closed");
             return None;
         }
@@ -411,10 +428,12 @@ async fn admit<S: AsyncRead + AsyncWrite + Unpin>(
                 (DecodeError::UnsupportedProtocolVersion { .. }, _) => {
                     // Answered in v3.1.1 form (return code 1), which every version reads.
                     let p = connack(e.reason_code(), "", ProtocolVersion::V311);
+                    shared.metrics.connack_packet(&p);
                     Box::pin(send_final(stream, p, ProtocolVersion::V311)).await;
                 }
                 (_, Some(ProtocolVersion::V5)) => {
                     let p = connack(e.reason_code(), &e.to_string(), ProtocolVersion::V5);
+                    shared.metrics.connack_packet(&p);
                     Box::pin(send_final(stream, p, ProtocolVersion::V5)).await;
                 }
                 _ => {}
@@ -457,6 +476,7 @@ async fn admit<S: AsyncRead + AsyncWrite + Unpin>(
             }
         };
         let p = connack(code, why, version);
+        shared.metrics.connack_packet(&p);
         Box::pin(send_final(stream, p, version)).await;
         return None;
     }
@@ -483,6 +503,7 @@ async fn admit<S: AsyncRead + AsyncWrite + Unpin>(
                 if let Some(why) = refusal {
                     tracing::info!(client_id = %connect.client_id, reason = %why, "refused: not authorized");
                     let p = connack(ReasonCode::NOT_AUTHORIZED, &why, version);
+                    shared.metrics.connack_packet(&p);
                     Box::pin(send_final(stream, p, version)).await;
                     return None;
                 }
@@ -500,6 +521,7 @@ async fn admit<S: AsyncRead + AsyncWrite + Unpin>(
                     let why = "client ids containing '/' are reserved for tenant identities";
                     tracing::info!(client_id = %connect.client_id, code = "0x85", reason = why, "refused: client identifier not valid");
                     let p = connack(ReasonCode::CLIENT_IDENTIFIER_NOT_VALID, why, version);
+                    shared.metrics.connack_packet(&p);
                     Box::pin(send_final(stream, p, version)).await;
                     return None;
                 }
@@ -525,6 +547,7 @@ async fn admit<S: AsyncRead + AsyncWrite + Unpin>(
                             "refused CONNECT"
                         );
                         let p = connack(refused.code, &refused.why, version);
+                        shared.metrics.connack_packet(&p);
                         Box::pin(send_final(stream, p, version)).await;
                         return None;
                     }
@@ -536,6 +559,7 @@ async fn admit<S: AsyncRead + AsyncWrite + Unpin>(
         let why = format!("will topic: {denied}");
         tracing::info!(code = "0x87", reason = %why, "refused CONNECT");
         let p = connack(ReasonCode::NOT_AUTHORIZED, &why, version);
+        shared.metrics.connack_packet(&p);
         Box::pin(send_final(stream, p, version)).await;
         return None;
     }
@@ -591,6 +615,13 @@ async fn run_mqtt<S: AsyncRead + AsyncWrite + Unpin>(
     let version = connect.protocol;
     tracing::Span::current().record("client_id", connect.client_id.as_str());
     let identity = map.identity().map(|i| Box::new(i.clone()));
+    let tenant_label = match &map.scope {
+        Scope::Tenant { identity, .. } => identity.tenant.as_str().to_owned(),
+        Scope::Anonymous => "anonymous".to_owned(),
+        Scope::Plain => "-".to_owned(),
+    };
+    let _gauge = shared.metrics.connection(path, &tenant_label);
+    drop(tenant_label);
     let client_keep_alive = connect.keep_alive;
     tracing::debug!(?version, keep_alive = client_keep_alive, "CONNECT accepted");
 
@@ -617,6 +648,7 @@ async fn run_mqtt<S: AsyncRead + AsyncWrite + Unpin>(
     }
 
     let reason = established(
+        &shared.metrics,
         &mut stream,
         &events,
         &outbox,
@@ -705,6 +737,7 @@ fn send_boxed(
 /// closed it (after `Action::Close`, a slow-consumer abort, or shutdown).
 #[allow(clippy::too_many_arguments)]
 async fn established<S: AsyncRead + AsyncWrite + Unpin>(
+    metrics: &crate::metrics::Metrics,
     stream: &mut S,
     events: &mpsc::Sender<Event>,
     outbox: &Outbox,
@@ -746,11 +779,15 @@ async fn established<S: AsyncRead + AsyncWrite + Unpin>(
                             }
                         }
                         Inbound::Reply(packet) => {
+                            metrics.denied(match packet {
+                                Packet::SubAck(_) | Packet::UnsubAck(_) => "subscribe",
+                                _ => "publish",
+                            });
                             // Refusals are few and small; a full queue means the client
                             // does not read, which the core's next push notices.
                             let _ = outbox.push(packet);
                         }
-                        Inbound::Drop => {}
+                        Inbound::Drop => metrics.denied("publish"),
                     }
                 }
                 Ok(None) => break,
@@ -770,7 +807,7 @@ async fn established<S: AsyncRead + AsyncWrite + Unpin>(
         tokio::select! {
             biased;
             () = outbox.changed() => {
-                match Box::pin(flush(stream, outbox, map, version, client_keep_alive, &mut keep_alive)).await {
+                match Box::pin(flush(metrics, stream, outbox, map, version, client_keep_alive, &mut keep_alive)).await {
                     Flushed::Open => {
                         // The first CONNACK starts the keep-alive clock.
                         if let Some(ka) = keep_alive
@@ -813,6 +850,7 @@ enum Flushed {
 
 /// Writes everything queued; handles the close and abort states.
 async fn flush<S: AsyncWrite + Unpin>(
+    metrics: &crate::metrics::Metrics,
     stream: &mut S,
     outbox: &Outbox,
     map: &mut TopicMap,
@@ -842,6 +880,15 @@ async fn flush<S: AsyncWrite + Unpin>(
         }
         let mut wbuf = BytesMut::new();
         for packet in &packets {
+            match packet {
+                Packet::ConnAck(ack) => metrics.connack(ack.code),
+                Packet::Publish(p)
+                    if p.topic.starts_with("agents/") && p.topic.ends_with("/wake") =>
+                {
+                    metrics.wakeup_delivered();
+                }
+                _ => {}
+            }
             if let Packet::ConnAck(ack) = packet
                 && !ack.code.is_error()
             {

@@ -9,6 +9,7 @@ pub mod config;
 mod connection;
 pub mod core;
 pub mod fdlimit;
+mod metrics;
 mod outbox;
 mod presence;
 mod ratelimit;

@@ -106,6 +106,8 @@ pub struct Bound {
     pub mqtt: Option<SocketAddr>,
     /// The shared HTTPS port (MQTT, WebSocket, health), when that listener is on.
     pub fallback: Option<SocketAddr>,
+    /// The admin HTTP listener (`/metrics`, `/healthz`), when on.
+    pub admin: Option<SocketAddr>,
     /// The CA certificate clients must trust, when the broker uses its generated
     /// certificate (in the data folder).
     pub generated_ca: Option<PathBuf>,
@@ -310,6 +312,7 @@ impl Server {
             mqtts: None,
             mqtt: None,
             fallback: None,
+            admin: None,
             generated_ca,
             max_connections,
             fd_limit,
@@ -362,12 +365,29 @@ impl Server {
             listeners.push((l, ListenerKind::Fallback));
         }
 
+        let admin = match config.listeners.admin.0 {
+            None => None,
+            Some(addr) => {
+                let l = bind_listener("listeners.admin", addr)?;
+                let local = l.local_addr().map_err(|source| ServerError::Bind {
+                    listener: "listeners.admin",
+                    addr,
+                    source,
+                })?;
+                tracing::info!(addr = %local, "admin HTTP: /metrics (Prometheus), /healthz");
+                bound.admin = Some(local);
+                Some(l)
+            }
+        };
+        let metrics = Arc::new(crate::metrics::Metrics::new());
+
         let (shutdown_tx, shutdown_rx) = watch::channel(false);
         let shared = Arc::new(Shared {
             tls: tls.clone(),
             allow_anonymous: config.allow_anonymous,
             tenancy: tenancy.clone(),
             fallback_tls: std::sync::Mutex::new(None),
+            metrics: metrics.clone(),
             connect_timeout: config.connect_timeout(),
             max_packet_size: config.limits.max_packet_size,
             max_outbound_packets: config.limits.max_outbound_packets,
@@ -389,7 +409,8 @@ impl Server {
         let (events_tx, events_rx) = mpsc::channel(EVENT_QUEUE);
         let core = BrokerCore::new(config.core_config());
         let core_task = tokio::spawn(
-            core_loop(core, events_rx, shutdown_rx.clone()).instrument(tracing::info_span!("core")),
+            core_loop(core, events_rx, shutdown_rx.clone(), metrics.clone())
+                .instrument(tracing::info_span!("core")),
         );
         let mut tasks = Vec::new();
         for (listener, kind) in listeners {
@@ -402,6 +423,13 @@ impl Server {
             )));
         }
         drop(events_tx);
+        if let Some(l) = admin {
+            tasks.push(tokio::spawn(admin_loop(
+                l,
+                metrics.clone(),
+                shutdown_rx.clone(),
+            )));
+        }
         if let Some(tenancy) = &tenancy {
             tasks.push(tokio::spawn(tenant_reload_loop(
                 tenancy.clone(),
@@ -554,6 +582,52 @@ fn register_hangup() -> Option<tokio::signal::unix::Signal> {
     }
 }
 
+/// The admin listener: `/metrics` and `/healthz` over plain HTTP.
+async fn admin_loop(
+    listener: TcpListener,
+    metrics: Arc<crate::metrics::Metrics>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    loop {
+        let accepted = tokio::select! {
+            r = listener.accept() => r,
+            _ = shutdown.changed() => break,
+        };
+        let Ok((mut tcp, _)) = accepted else {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        };
+        let metrics = metrics.clone();
+        tokio::spawn(async move {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            let mut buf = bytes::BytesMut::new();
+            let Some((method, path, _)) =
+                crate::shared_port::read_head(&mut tcp, &mut buf, deadline).await
+            else {
+                return;
+            };
+            let route = path.split('?').next().unwrap_or("/");
+            let (status, kind, body) = match (method.as_str(), route) {
+                ("GET", "/metrics") => (
+                    200,
+                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                    metrics.render(),
+                ),
+                ("GET", "/healthz") => {
+                    (200, "application/json", "{\"status\":\"ok\"}\n".to_owned())
+                }
+                ("GET", _) => (
+                    404,
+                    "text/plain",
+                    "not found: try /metrics or /healthz\n".to_owned(),
+                ),
+                _ => (405, "text/plain", "only GET is served here\n".to_owned()),
+            };
+            crate::shared_port::respond(&mut tcp, status, kind, &body).await;
+        });
+    }
+}
+
 async fn tenant_reload_loop(
     tenancy: Arc<Tenancy>,
     interval: Duration,
@@ -686,8 +760,10 @@ async fn core_loop(
     mut core: BrokerCore,
     mut events: mpsc::Receiver<Event>,
     mut shutdown: watch::Receiver<bool>,
+    metrics: Arc<crate::metrics::Metrics>,
 ) -> Result<(), String> {
     let mut conns: HashMap<ConnId, Arc<Outbox>> = HashMap::new();
+    let mut last_sync = Instant::now();
     let mut presence = Presence::default();
     let mut out = Vec::new();
     let mut next_tick = Instant::now() + MAX_TICK;
@@ -743,6 +819,11 @@ async fn core_loop(
                 let now = std::time::Instant::now();
                 let next = core.tick(now, &mut out);
                 settle(&mut core, &mut conns, &mut presence, reason::CONNECTION_LOST, &mut out);
+                // Walks every session: at most once a second.
+                if last_sync.elapsed() >= Duration::from_secs(1) {
+                    metrics.sync_core(&core);
+                    last_sync = Instant::now();
+                }
                 let cap = Instant::now() + MAX_TICK;
                 next_tick = next
                     .map(|n| Instant::from_std(n).min(cap))

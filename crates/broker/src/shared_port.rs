@@ -151,40 +151,8 @@ pub(crate) async fn serve_http<S: AsyncRead + AsyncWrite + Unpin>(
     deadline: Instant,
     ready: bool,
 ) -> HttpOutcome<S> {
-    // Read until the head is complete.
-    let (path, method, upgrade) = loop {
-        let mut headers = [httparse::EMPTY_HEADER; 64];
-        let mut req = httparse::Request::new(&mut headers);
-        match req.parse(&buf) {
-            Ok(httparse::Status::Complete(_)) => {
-                let upgrade = req.headers.iter().any(|h| {
-                    h.name.eq_ignore_ascii_case("upgrade")
-                        && String::from_utf8_lossy(h.value).eq_ignore_ascii_case("websocket")
-                });
-                break (
-                    req.path.unwrap_or("/").to_owned(),
-                    req.method.unwrap_or("GET").to_owned(),
-                    upgrade,
-                );
-            }
-            Ok(httparse::Status::Partial) if buf.len() < MAX_HEAD => {
-                let mut chunk = [0u8; 4096];
-                match timeout_at(
-                    deadline,
-                    tokio::io::AsyncReadExt::read(&mut stream, &mut chunk),
-                )
-                .await
-                {
-                    Ok(Ok(n)) if n > 0 => buf.extend_from_slice(&chunk[..n]),
-                    _ => return HttpOutcome::Done,
-                }
-            }
-            _ => {
-                tracing::debug!("not MQTT and not a valid HTTP request; answered 400");
-                respond(&mut stream, 400, "text/plain", "bad request\n").await;
-                return HttpOutcome::Done;
-            }
-        }
+    let Some((method, path, upgrade)) = read_head(&mut stream, &mut buf, deadline).await else {
+        return HttpOutcome::Done;
     };
     let route = path.split('?').next().unwrap_or("/");
     if route == "/mqtt" && upgrade && method == "GET" {
@@ -240,7 +208,53 @@ pub(crate) async fn serve_http<S: AsyncRead + AsyncWrite + Unpin>(
     HttpOutcome::Done
 }
 
-async fn respond<S: AsyncWrite + Unpin>(stream: &mut S, status: u16, kind: &str, body: &str) {
+/// Reads an HTTP/1.1 request head (after the bytes already in `buf`) within `deadline`:
+/// method, path and whether it asks for a WebSocket upgrade. A malformed or oversized head is
+/// answered 400; `None` then, and when the client goes away.
+pub(crate) async fn read_head<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: &mut S,
+    buf: &mut BytesMut,
+    deadline: Instant,
+) -> Option<(String, String, bool)> {
+    loop {
+        let mut headers = [httparse::EMPTY_HEADER; 64];
+        let mut req = httparse::Request::new(&mut headers);
+        match req.parse(buf) {
+            Ok(httparse::Status::Complete(_)) => {
+                let upgrade = req.headers.iter().any(|h| {
+                    h.name.eq_ignore_ascii_case("upgrade")
+                        && String::from_utf8_lossy(h.value).eq_ignore_ascii_case("websocket")
+                });
+                return Some((
+                    req.method.unwrap_or("GET").to_owned(),
+                    req.path.unwrap_or("/").to_owned(),
+                    upgrade,
+                ));
+            }
+            Ok(httparse::Status::Partial) if buf.len() < MAX_HEAD => {
+                let mut chunk = [0u8; 4096];
+                match timeout_at(deadline, tokio::io::AsyncReadExt::read(stream, &mut chunk)).await
+                {
+                    Ok(Ok(n)) if n > 0 => buf.extend_from_slice(&chunk[..n]),
+                    _ => return None,
+                }
+            }
+            _ => {
+                tracing::debug!("not MQTT and not a valid HTTP request; answered 400");
+                respond(stream, 400, "text/plain", "bad request\n").await;
+                return None;
+            }
+        }
+    }
+}
+
+/// Writes a whole HTTP response and closes.
+pub(crate) async fn respond<S: AsyncWrite + Unpin>(
+    stream: &mut S,
+    status: u16,
+    kind: &str,
+    body: &str,
+) {
     let reason = match status {
         200 => "OK",
         400 => "Bad Request",

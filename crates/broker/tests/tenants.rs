@@ -1046,3 +1046,83 @@ async fn the_shared_port_carries_mqtt_by_alpn_and_sniffing_websocket_and_https()
     websocket.publishes_until_ping().await;
     broker.stop().await;
 }
+
+async fn http_get(addr: SocketAddr, path: &str) -> String {
+    let mut tcp = tokio::time::timeout(WAIT, TcpStream::connect(addr))
+        .await
+        .expect("connect in time")
+        .expect("connect");
+    let request = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n");
+    tcp.write_all(request.as_bytes()).await.expect("write");
+    let mut response = Vec::new();
+    tokio::time::timeout(WAIT, tcp.read_to_end(&mut response))
+        .await
+        .expect("response in time")
+        .expect("read");
+    String::from_utf8_lossy(&response).into_owned()
+}
+
+#[tokio::test]
+async fn metrics_count_connections_refusals_wake_ups_and_descriptors() {
+    let (mut broker, tenants) = TestBroker::start_with(&["acme"], |c| {
+        c.listeners.admin = Listen(Some("127.0.0.1:0".parse().expect("addr")));
+    })
+    .await;
+    let admin = broker.bound.admin.expect("admin listener");
+    let acme = &tenants[0];
+    let cert = acme.certificate("agent", "pc-1");
+    let mut agent = connected(&broker, Cred::Cert(&cert), "pc-1").await;
+    assert_eq!(
+        agent.subscribe(1, &["agents/pc-1/wake"]).await,
+        vec![ReasonCode(1)]
+    );
+    let mut server = connected(
+        &broker,
+        Cred::Token(acme.token(Role::Server, "console")),
+        "console",
+    )
+    .await;
+    assert_eq!(
+        server.publish(1, "agents/pc-1/wake", b"wake").await,
+        ReasonCode::SUCCESS
+    );
+    agent.next_publish().await;
+    assert_eq!(
+        connack_code(&broker, Cred::None, "x", ProtocolVersion::V5).await,
+        ReasonCode::NOT_AUTHORIZED
+    );
+    assert_eq!(
+        agent.publish(2, "agents/other/ack", b"no").await,
+        ReasonCode::NOT_AUTHORIZED
+    );
+
+    let health = http_get(admin, "/healthz").await;
+    assert!(health.starts_with("HTTP/1.1 200"), "{health}");
+    // Core counters are copied about once a second.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let text = loop {
+        let text = http_get(admin, "/metrics").await;
+        if text.contains("beckon_broker_messages_in_total 1") {
+            break text;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "messages_in never 1:\n{text}"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+    for expected in [
+        "HTTP/1.1 200",
+        r#"beckon_broker_connections{path="8883",tenant="acme"} 2"#,
+        r#"beckon_broker_connects_total{reason="accepted"} 2"#,
+        r#"beckon_broker_connects_total{reason="not_authorized"} 1"#,
+        r#"beckon_broker_denied_total{access="publish"} 1"#,
+        "beckon_broker_wakeups_delivered_total 1",
+        "beckon_broker_open_fds ",
+        "beckon_broker_fd_limit ",
+        "beckon_broker_queued_messages ",
+    ] {
+        assert!(text.contains(expected), "missing {expected:?} in:\n{text}");
+    }
+    broker.stop().await;
+}
