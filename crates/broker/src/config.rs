@@ -115,6 +115,10 @@ pub struct ListenersConfig {
     /// Plain HTTP admin listener: Prometheus `/metrics` and `/healthz`. Keep it on loopback
     /// or a management network. Default off.
     pub admin: Listen,
+    /// Listeners (`"mqtts"`, `"fallback"`, `"mqtt"`) where every connection starts with a
+    /// PROXY protocol header (v1 or v2) from a TCP load balancer; connections without one are
+    /// closed. Default none.
+    pub proxy_protocol: Vec<String>,
 }
 
 impl Default for ListenersConfig {
@@ -124,6 +128,7 @@ impl Default for ListenersConfig {
             mqtt: Listen(None),
             fallback: Listen(None),
             admin: Listen(None),
+            proxy_protocol: Vec::new(),
         }
     }
 }
@@ -343,11 +348,27 @@ impl BrokerConfig {
                 reason: reason.to_owned(),
             })
         };
-        if self.listeners.mqtts.0.is_none() && self.listeners.mqtt.0.is_none() {
+        if self.listeners.mqtts.0.is_none()
+            && self.listeners.mqtt.0.is_none()
+            && self.listeners.fallback.0.is_none()
+        {
             return invalid(
                 "listeners",
-                "both listeners are off: set listeners.mqtts (e.g. \"0.0.0.0:8883\")",
+                "every MQTT listener is off: set listeners.mqtts (e.g. \"0.0.0.0:8883\")",
             );
+        }
+        if let Some(bad) = self
+            .listeners
+            .proxy_protocol
+            .iter()
+            .find(|n| !matches!(n.as_str(), "mqtts" | "fallback" | "mqtt"))
+        {
+            return Err(ConfigError::Invalid {
+                key: "listeners.proxy_protocol",
+                reason: format!(
+                    "unknown listener {bad:?}: expected \"mqtts\", \"fallback\" or \"mqtt\""
+                ),
+            });
         }
         if self.tls.cert.is_some() != self.tls.key.is_some() {
             return invalid(

@@ -85,6 +85,8 @@ pub(crate) struct Shared {
     pub(crate) max_packet_size: u32,
     pub(crate) max_outbound_packets: usize,
     pub(crate) max_connections: usize,
+    /// Listeners whose connections start with a PROXY protocol header.
+    pub(crate) proxy_protocol: Vec<ListenerKind>,
     /// Prometheus metrics.
     pub(crate) metrics: Arc<crate::metrics::Metrics>,
     /// Connect-rate limits.
@@ -241,6 +243,25 @@ pub(crate) async fn serve(
 ) {
     let _ = tcp.set_nodelay(true);
     let deadline = Instant::now() + shared.connect_timeout;
+    let mut tcp = tcp;
+    let mut remote = remote;
+    if shared.proxy_protocol.contains(&kind) {
+        match timeout_at(deadline, crate::proxy_protocol::read_header(&mut tcp)).await {
+            Ok(Ok(Some(client))) => {
+                tracing::Span::current().record("remote", tracing::field::display(client));
+                remote = client;
+            }
+            Ok(Ok(None)) => {}
+            Ok(Err(e)) => {
+                tracing::info!(error = %e, "closed");
+                return;
+            }
+            Err(_) => {
+                tracing::info!("no PROXY protocol header within the connect timeout; closed");
+                return;
+            }
+        }
+    }
     match (kind, &shared.tls) {
         (ListenerKind::Fallback, Some(tls)) => {
             let acceptor = tokio_rustls::TlsAcceptor::from(shared.tls_config(tls, kind));

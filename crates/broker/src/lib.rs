@@ -12,6 +12,7 @@ pub mod fdlimit;
 mod metrics;
 mod outbox;
 mod presence;
+mod proxy_protocol;
 mod ratelimit;
 mod server;
 mod shared_port;

@@ -387,6 +387,17 @@ impl Server {
             allow_anonymous: config.allow_anonymous,
             tenancy: tenancy.clone(),
             fallback_tls: std::sync::Mutex::new(None),
+            proxy_protocol: config
+                .listeners
+                .proxy_protocol
+                .iter()
+                .filter_map(|n| match n.as_str() {
+                    "mqtts" => Some(ListenerKind::Tls),
+                    "fallback" => Some(ListenerKind::Fallback),
+                    "mqtt" => Some(ListenerKind::Plain),
+                    _ => None,
+                })
+                .collect(),
             metrics: metrics.clone(),
             connect_timeout: config.connect_timeout(),
             max_packet_size: config.limits.max_packet_size,

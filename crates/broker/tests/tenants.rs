@@ -190,6 +190,16 @@ async fn tls_to(
         .await
         .expect("connect in time")
         .expect("connect");
+    tls_over(broker, tcp, cert, alpn).await.expect("handshake")
+}
+
+/// TLS over an open TCP connection.
+async fn tls_over(
+    broker: &TestBroker,
+    tcp: TcpStream,
+    cert: Option<&IssuedCertificate>,
+    alpn: &[&[u8]],
+) -> std::io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
     let connector = tokio_rustls::TlsConnector::from(Arc::new(tls_config_alpn(
         &broker.server_ca(),
         cert,
@@ -199,7 +209,6 @@ async fn tls_to(
     tokio::time::timeout(WAIT, connector.connect(name, tcp))
         .await
         .expect("handshake in time")
-        .expect("handshake")
 }
 
 /// How a test client proves who it is.
@@ -1124,5 +1133,66 @@ async fn metrics_count_connections_refusals_wake_ups_and_descriptors() {
     ] {
         assert!(text.contains(expected), "missing {expected:?} in:\n{text}");
     }
+    broker.stop().await;
+}
+
+#[tokio::test]
+async fn a_proxy_protocol_header_gives_the_client_address_in_presence() {
+    let (mut broker, tenants) = TestBroker::start_with(&["acme"], |c| {
+        c.listeners.fallback = Listen(Some("127.0.0.1:0".parse().expect("addr")));
+        c.listeners.proxy_protocol = vec!["fallback".into()];
+    })
+    .await;
+    let acme = &tenants[0];
+    // 8883 does not expect a header.
+    let mut server = connected(
+        &broker,
+        Cred::Token(acme.token(Role::Server, "console")),
+        "console",
+    )
+    .await;
+    assert_eq!(
+        server.subscribe(1, &["agents/+/presence"]).await,
+        vec![ReasonCode(1)]
+    );
+
+    let mut v2 = Vec::from(*b"\r\n\r\n\0\r\nQUIT\n");
+    v2.extend_from_slice(&[
+        0x21, 0x11, 0, 12, 198, 51, 100, 9, 127, 0, 0, 1, 0x9C, 0x40, 0x01, 0xBB,
+    ]);
+    let headers: [(&str, Vec<u8>, &str); 2] = [
+        (
+            "pc-1",
+            b"PROXY TCP4 203.0.113.7 127.0.0.1 50122 443\r\n".to_vec(),
+            "203.0.113.7:50122",
+        ),
+        ("pc-2", v2, "198.51.100.9:40000"),
+    ];
+    let mut keep = Vec::new();
+    for (id, header, expected) in headers {
+        let mut tcp = TcpStream::connect(broker.fallback())
+            .await
+            .expect("connect");
+        tcp.write_all(&header).await.expect("header");
+        let cert = acme.certificate("agent", id);
+        let tls = tls_over(&broker, tcp, Some(&cert), &[b"mqtt"])
+            .await
+            .expect("TLS");
+        let mut agent = Client::over(Box::new(tls), ProtocolVersion::V5);
+        assert_eq!(
+            agent.connect_with(id, &Cred::None, 60).await.code,
+            ReasonCode::SUCCESS
+        );
+        let e = next_presence(&mut server, &format!("agents/{id}/presence")).await;
+        assert_eq!(e.remote_addr, expected);
+        assert_eq!(serde_json_path(&e), "443-mqtt");
+        keep.push(agent);
+    }
+
+    // Without the header the connection is closed before TLS.
+    let tcp = TcpStream::connect(broker.fallback())
+        .await
+        .expect("connect");
+    assert!(tls_over(&broker, tcp, None, &[b"mqtt"]).await.is_err());
     broker.stop().await;
 }
