@@ -202,8 +202,13 @@ pub struct HttpAction {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct CheckinConfig {
-    /// Console base URL (`http://host:port`); no check-in when absent.
+    /// Console base URL (`http(s)://host[:port]`); no check-in when absent.
     pub console_url: Option<String>,
+    /// File holding the check-in secret enrollment gave (`Authorization: Bearer`); without
+    /// it the broker token, if any, is sent.
+    pub token_file: Option<PathBuf>,
+    /// PEM CA file for an `https://` console with a private CA (default: the system store).
+    pub ca_file: Option<PathBuf>,
     /// Mean time between check-ins.
     #[serde(deserialize_with = "duration")]
     pub interval: Duration,
@@ -277,6 +282,8 @@ impl Default for CheckinConfig {
     fn default() -> Self {
         Self {
             console_url: None,
+            token_file: None,
+            ca_file: None,
             interval: Duration::from_secs(600),
             jitter: Duration::from_secs(60),
             on_wakeup: true,
@@ -396,13 +403,8 @@ impl AgentConfig {
             }
         }
         if let Some(url) = &self.checkin.console_url {
-            if parse_http_url(url).is_none() {
-                return Err(invalid(
-                    "checkin.console_url",
-                    format!(
-                        "{url:?} is not an http://host[:port] URL (https arrives with enrollment)"
-                    ),
-                ));
+            if let Err(e) = crate::http::Url::parse(url) {
+                return Err(invalid("checkin.console_url", e));
             }
             if self.checkin.interval.is_zero() || self.checkin.jitter >= self.checkin.interval {
                 return Err(invalid(
@@ -422,6 +424,19 @@ impl AgentConfig {
     /// The topic the agent publishes its acks to.
     pub fn ack_topic(&self) -> String {
         beckon_identity::acl::ack_topic(&self.agent_id)
+    }
+
+    /// The check-in secret: `checkin.token_file` if set, else the MQTT token.
+    pub fn checkin_token(&self) -> Result<Option<String>, ConfigError> {
+        match &self.checkin.token_file {
+            Some(file) => std::fs::read_to_string(file)
+                .map(|t| Some(t.trim().to_owned()))
+                .map_err(|source| ConfigError::Read {
+                    path: file.clone(),
+                    source,
+                }),
+            None => self.token(),
+        }
     }
 
     /// The MQTT password: the token, read from `token_file` if set.

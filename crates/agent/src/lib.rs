@@ -8,12 +8,17 @@
 //! - [`runtime`]: reconnect loop, wake-up handling, action worker, check-in scheduler.
 //! - [`actions`]: the command and HTTP actions.
 //! - [`state`], [`status`]: the state folder and `beckon agent status`.
+//! - [`enroll`], [`inventory`], [`http`]: `beckon agent enroll` (key pair, signing request,
+//!   inventory, the console's answer stored in the state folder, a ready configuration).
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
 pub mod actions;
 pub mod config;
 pub mod connector;
+pub mod enroll;
+pub mod http;
+pub mod inventory;
 pub mod jitter;
 pub mod runtime;
 pub mod session;
@@ -43,6 +48,39 @@ pub enum AgentCommand {
         /// The agent's configuration file.
         #[arg(long, default_value = config::DEFAULT_CONFIG_FILE, env = "BECKON_AGENT_CONFIG")]
         config: PathBuf,
+    },
+    /// Enroll this machine with a console: make a key pair, have the console sign it, store
+    /// certificate, CA, broker endpoints and wake-up key, write a ready configuration.
+    Enroll {
+        /// The console's URL, e.g. https://console.example.com:8080.
+        #[arg(long, value_name = "URL")]
+        console: String,
+        /// The enrollment token (bke_...) from the console's Enrollment tokens page.
+        #[arg(
+            long,
+            value_name = "TOKEN",
+            env = "BECKON_ENROLL_TOKEN",
+            hide_env_values = true
+        )]
+        token: String,
+        /// The agent's state folder: key, certificates, tokens, state.
+        #[arg(long, value_name = "DIR", default_value = config::DEFAULT_STATE_DIR)]
+        state_dir: PathBuf,
+        /// Where to write the agent configuration.
+        #[arg(long, value_name = "FILE", default_value = config::DEFAULT_CONFIG_FILE)]
+        config_out: PathBuf,
+        /// Name shown in the console (default: the host name).
+        #[arg(long)]
+        name: Option<String>,
+        /// Agent id to ask for (default: the console makes one).
+        #[arg(long, value_name = "ID")]
+        agent_id: Option<String>,
+        /// PEM CA file for an https console with a private CA (default: the system store).
+        #[arg(long, value_name = "FILE")]
+        ca: Option<PathBuf>,
+        /// Enroll again even though the state folder holds an enrollment.
+        #[arg(long)]
+        force: bool,
     },
     /// Print the agent's state: connected or not, path, last wake-up, last error.
     Status {
@@ -89,6 +127,53 @@ pub fn run(cmd: AgentCommand) -> anyhow::Result<()> {
                     .map_err(|_| anyhow::anyhow!("the agent's thread panicked"))?;
             }
             run_here()
+        }
+        AgentCommand::Enroll {
+            console,
+            token,
+            state_dir,
+            config_out,
+            name,
+            agent_id,
+            ca,
+            force,
+        } => {
+            let mut opts = enroll::EnrollOptions::new(console, token, state_dir, config_out);
+            opts.name = name;
+            opts.agent_id = agent_id;
+            opts.console_ca = ca;
+            opts.force = force;
+            let enroll_here = move || -> anyhow::Result<enroll::Enrolled> {
+                let runtime = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .context("cannot start the async runtime")?;
+                Ok(runtime.block_on(enroll::enroll(&opts))?)
+            };
+            let enrolled = if tokio::runtime::Handle::try_current().is_ok() {
+                std::thread::spawn(enroll_here)
+                    .join()
+                    .map_err(|_| anyhow::anyhow!("the enrollment thread panicked"))??
+            } else {
+                enroll_here()?
+            };
+            println!(
+                "enrolled as agent {} in tenant {}",
+                enrolled.agent_id, enrolled.tenant
+            );
+            println!("  state:  {}", enrolled.config.state_dir.display());
+            println!(
+                "  broker: {}:{} (fallback {})",
+                enrolled.config.broker.host,
+                enrolled.config.broker.port,
+                enrolled.config.broker.fallback_port
+            );
+            println!("  config: {}", enrolled.config_file.display());
+            println!(
+                "start it: beckon agent run --config {}",
+                enrolled.config_file.display()
+            );
+            Ok(())
         }
         AgentCommand::Status {
             state_dir,

@@ -76,6 +76,7 @@ pub async fn run_agent<C: Connector>(
         connector.prefer(&path);
     }
     let password = config.token()?.map(Bytes::from);
+    let checkin_client = CheckinClient::new(&config)?.map(Arc::new);
     let outbox = Arc::new(Outbox::new(1024));
     let pending = Arc::new(PendingWakeUps::default());
 
@@ -90,13 +91,13 @@ pub async fn run_agent<C: Connector>(
         Arc::clone(&pending),
         Arc::clone(&outbox),
         Arc::clone(&state),
-        password.clone(),
+        checkin_client.clone(),
         shutdown.clone(),
     ));
-    let checkin = config.checkin.console_url.is_some().then(|| {
+    let checkin = checkin_client.clone().map(|client| {
         tokio::spawn(checkin_scheduler(
             Arc::clone(&config),
-            password.clone(),
+            client,
             shutdown.clone(),
         ))
     });
@@ -344,7 +345,7 @@ async fn action_worker(
     pending: Arc<PendingWakeUps>,
     outbox: Arc<Outbox>,
     state: Arc<StateStore>,
-    token: Option<Bytes>,
+    checkin: Option<Arc<CheckinClient>>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     loop {
@@ -374,7 +375,7 @@ async fn action_worker(
             outbox.push(started_ack(&w.id, unix_now_ms()));
         }
         let outcome = tokio::select! {
-            outcome = run_actions(&config, &batch, token.as_ref()) => outcome,
+            outcome = run_actions(&config, &batch, checkin.as_deref()) => outcome,
             _ = shutdown.changed() => return,
         };
         let now = unix_now();
@@ -413,7 +414,7 @@ async fn action_worker(
 async fn run_actions(
     config: &AgentConfig,
     batch: &[WakeUp],
-    token: Option<&Bytes>,
+    checkin: Option<&CheckinClient>,
 ) -> ActionOutcome {
     let started = std::time::Instant::now();
     let mut outcomes = Vec::new();
@@ -422,8 +423,10 @@ async fn run_actions(
     let latest_json = latest
         .map(|w| serde_json::to_vec(w).unwrap_or_default())
         .unwrap_or_default();
-    if config.checkin.on_wakeup && config.checkin.console_url.is_some() {
-        outcomes.push(checkin(config, token, latest.map(|w| w.id.as_str())).await);
+    if config.checkin.on_wakeup
+        && let Some(client) = checkin
+    {
+        outcomes.push(client.checkin(config, latest.map(|w| w.id.as_str())).await);
     }
     if let Some(command) = &config.actions.command {
         let env = actions::wakeup_env(batch, &config.agent_id, &config.tenant);
@@ -463,55 +466,97 @@ async fn run_actions(
     }
 }
 
-/// One check-in with the console: `POST {console_url}/api/v1/agents/{id}/checkin`.
-async fn checkin(
-    config: &AgentConfig,
-    token: Option<&Bytes>,
-    wakeup_id: Option<&str>,
-) -> ActionOutcome {
-    let Some(base) = config.checkin.console_url.as_deref() else {
-        return ActionOutcome {
-            status: "ok",
-            exit_code: None,
-            detail: None,
-            duration: Duration::ZERO,
+/// Checks in with the console: `POST {console_url}/api/v1/agents/{id}/checkin`, over HTTP
+/// or HTTPS, with the check-in secret as bearer token.
+pub struct CheckinClient {
+    url: crate::http::Url,
+    token: Option<String>,
+    tls: Option<beckon_net::TlsClient>,
+}
+
+impl CheckinClient {
+    /// The client for `config.checkin`; `None` when no console URL is set.
+    pub fn new(config: &AgentConfig) -> Result<Option<Self>, AgentError> {
+        let Some(base) = config.checkin.console_url.as_deref() else {
+            return Ok(None);
         };
-    };
-    let url = format!(
-        "{}/api/v1/agents/{}/checkin",
-        base.trim_end_matches('/'),
-        config.agent_id
-    );
-    let Some(url) = parse_http_url(&url) else {
-        return ActionOutcome {
-            status: "error",
-            exit_code: None,
-            detail: Some(format!("check-in URL {url:?} is not usable")),
-            duration: Duration::ZERO,
-        };
-    };
-    let body = serde_json::json!({
-        "agent_id": config.agent_id,
-        "tenant": config.tenant,
-        "hostname": hostname(),
-        "wakeup_id": wakeup_id,
-        "at": crate::timefmt::format_rfc3339(unix_now()),
-    });
-    let mut headers = Vec::new();
-    if let Some(token) = token {
-        headers.push((
-            "Authorization",
-            format!("Bearer {}", String::from_utf8_lossy(token)),
+        let base = crate::http::Url::parse(base.trim_end_matches('/'))
+            .map_err(|e| AgentError::Unsupported(format!("checkin.console_url: {e}")))?;
+        let url = base.with_path(&format!(
+            "{}/api/v1/agents/{}/checkin",
+            base.path.trim_end_matches('/'),
+            config.agent_id
         ));
+        let tls = match url.scheme {
+            crate::http::Scheme::Http => None,
+            crate::http::Scheme::Https => Some(
+                beckon_net::TlsClient::new(&beckon_net::TlsSettings {
+                    trust: match &config.checkin.ca_file {
+                        Some(f) => beckon_net::TrustAnchors::CaFile(f.clone()),
+                        None => beckon_net::TrustAnchors::System,
+                    },
+                    ..beckon_net::TlsSettings::default()
+                })
+                .map_err(|e| AgentError::Unsupported(format!("checkin.ca_file: {e}")))?,
+            ),
+        };
+        Ok(Some(Self {
+            url,
+            token: config.checkin_token()?,
+            tls,
+        }))
     }
-    let body = serde_json::to_vec(&body).unwrap_or_default();
-    actions::run_http(&url, "POST", config.checkin.timeout, &headers, &body).await
+
+    /// One check-in; `wakeup_id` names the wake-up that caused it.
+    pub async fn checkin(&self, config: &AgentConfig, wakeup_id: Option<&str>) -> ActionOutcome {
+        let started = std::time::Instant::now();
+        let body = serde_json::json!({
+            "agent_id": config.agent_id,
+            "tenant": config.tenant,
+            "hostname": hostname(),
+            "wakeup_id": wakeup_id,
+            "at": crate::timefmt::format_rfc3339(unix_now()),
+        });
+        let mut headers = Vec::new();
+        if let Some(token) = &self.token {
+            headers.push(("Authorization", format!("Bearer {token}")));
+        }
+        let body = serde_json::to_vec(&body).unwrap_or_default();
+        let result = crate::http::request(
+            &self.url,
+            "POST",
+            &headers,
+            &body,
+            self.tls.as_ref(),
+            config.checkin.timeout,
+        )
+        .await;
+        let (status, detail) = match result {
+            Ok(r) if (200..300).contains(&r.status) => ("ok", None),
+            Ok(r) => (
+                "failed",
+                Some(format!(
+                    "check-in at {} answered HTTP {}: {}",
+                    self.url,
+                    r.status,
+                    r.error_message()
+                )),
+            ),
+            Err(e) => ("error", Some(format!("check-in: {e}"))),
+        };
+        ActionOutcome {
+            status,
+            exit_code: None,
+            detail,
+            duration: started.elapsed(),
+        }
+    }
 }
 
 /// Checks in every `interval ± jitter`, whether or not the push connection is up.
 async fn checkin_scheduler(
     config: Arc<AgentConfig>,
-    token: Option<Bytes>,
+    client: Arc<CheckinClient>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     loop {
@@ -524,7 +569,7 @@ async fn checkin_scheduler(
         if sleep_or_shutdown(wait, &mut shutdown).await {
             return;
         }
-        let outcome = checkin(&config, token.as_ref(), None).await;
+        let outcome = client.checkin(&config, None).await;
         if outcome.ok() {
             tracing::debug!("checked in with the console");
         } else {

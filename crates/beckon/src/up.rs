@@ -14,6 +14,8 @@ use beckon_broker::{BrokerConfig, Listen, Server};
 use beckon_console::{BrokerLink, Console, ConsoleConfig};
 use beckon_pki::CertificateAuthority;
 
+mod demo;
+
 /// Flags of `beckon up`.
 #[derive(Debug, clap::Args)]
 pub struct UpArgs {
@@ -23,9 +25,22 @@ pub struct UpArgs {
     /// MQTT over TLS listener (loopback by default).
     #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:8883")]
     mqtts: SocketAddr,
+    /// The 443 fallback: one TLS port for MQTT (ALPN mqtt), MQTT over WebSocket and health
+    /// ("off" to disable).
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:8443", value_parser = parse_listen)]
+    fallback: Listen,
     /// Console (web UI and API) listener, plain HTTP on loopback.
     #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:8080")]
     console: SocketAddr,
+    /// Also run N demo agents in this process (enrolled once through the console's API,
+    /// kept in <data>/demo-agents and reused), so that wake-ups can be tried at once.
+    #[arg(long, value_name = "N", default_value_t = 0,
+          value_parser = clap::value_parser!(u16).range(0..=i64::from(demo::MAX_DEMO_AGENTS)))]
+    demo_agents: u16,
+}
+
+fn parse_listen(s: &str) -> Result<Listen, String> {
+    Listen::parse(s)
 }
 
 /// Server certificate lifetime; renewed by deleting `broker/server.pem` (a later issue
@@ -34,7 +49,10 @@ const SERVER_CERT_VALIDITY: Duration = Duration::from_secs(825 * 24 * 3600);
 
 /// Runs console and broker until SIGTERM or SIGINT.
 pub fn main(args: UpArgs) -> anyhow::Result<()> {
-    if !args.console.ip().is_loopback() || !args.mqtts.ip().is_loopback() {
+    if !args.console.ip().is_loopback()
+        || !args.mqtts.ip().is_loopback()
+        || args.fallback.0.is_some_and(|a| !a.ip().is_loopback())
+    {
         anyhow::bail!(
             "beckon up listens on loopback only (it serves the console over plain HTTP); \
              run `beckon broker` and `beckon console` for a deployment"
@@ -57,15 +75,22 @@ pub fn main(args: UpArgs) -> anyhow::Result<()> {
             port: args.mqtts.port(),
             ca_file: None,
         };
-        console_config.default_broker_endpoints = vec![format!("localhost:{}", args.mqtts.port())];
+        console_config.default_broker_endpoints = std::iter::once(args.mqtts)
+            .chain(args.fallback.0)
+            .map(|a| format!("localhost:{}", a.port()))
+            .collect();
+        let tenant = console_config.tenant.clone();
         let console = Console::start(console_config)
             .await
             .with_context(|| format!("starting the console in {}", console_dir.display()))?;
 
         let (cert, key, ca_file) = ensure_broker_certificate(&console_dir, &broker_dir)?;
+        let tenants_dir = write_tenant_file(&broker_dir, &tenant, &ca_file)?;
         let mut broker_config = BrokerConfig::default();
         broker_config.data_dir.clone_from(&broker_dir);
+        broker_config.tenants_dir = Some(tenants_dir);
         broker_config.listeners.mqtts = Listen(Some(args.mqtts));
+        broker_config.listeners.fallback = args.fallback;
         broker_config.tls.cert = Some(cert);
         broker_config.tls.key = Some(key);
         broker_config.tls.client_ca = Some(ca_file.clone());
@@ -73,6 +98,26 @@ pub fn main(args: UpArgs) -> anyhow::Result<()> {
         let (bound, mut broker) = Server::bind(broker_config)
             .await
             .context("starting the broker")?;
+
+        let (stop_agents, agents_stop) = tokio::sync::watch::channel(false);
+        let demo = if args.demo_agents > 0 {
+            Some(
+                demo::start(
+                    &console,
+                    &args.data,
+                    args.demo_agents,
+                    demo::BrokerPorts {
+                        mqtts: bound.mqtts.map_or_else(|| args.mqtts.port(), |a| a.port()),
+                        fallback: bound.fallback.map(|a| a.port()),
+                    },
+                    agents_stop,
+                )
+                    .await
+                    .context("starting the demo agents")?,
+            )
+        } else {
+            None
+        };
 
         println!("Beckon is up (data in {})", args.data.display());
         println!("  console:  {}", console.url());
@@ -82,7 +127,22 @@ pub fn main(args: UpArgs) -> anyhow::Result<()> {
         if let Some(addr) = bound.mqtts {
             println!("  broker:   MQTT over TLS on {addr}");
         }
+        if let Some(addr) = bound.fallback {
+            println!("  fallback: {addr} (MQTT over TLS with ALPN mqtt, WebSocket /mqtt)");
+        }
         println!("  CA:       {} (what agents trust)", ca_file.display());
+        match &demo {
+            Some(d) => println!(
+                "  demo:     {} demo agents running ({} enrolled now, the rest reused), in {}; each checks in when woken",
+                d.running,
+                d.enrolled_now,
+                d.dir.display()
+            ),
+            None => println!(
+                "  agents:   create an enrollment token in the console, then on each machine:\n            beckon agent enroll --console {} --token bke_...",
+                console.url()
+            ),
+        }
         println!("beckon up: ready");
 
         let result = tokio::select! {
@@ -92,10 +152,50 @@ pub fn main(args: UpArgs) -> anyhow::Result<()> {
             }
             e = broker.stopped() => Err(anyhow::Error::from(e)),
         };
+        // Agents first, so that they say goodbye to a broker that is still there.
+        let _ = stop_agents.send(true);
+        if let Some(d) = demo {
+            d.stopped(Duration::from_secs(5)).await;
+        }
         broker.shutdown().await.ok();
         console.shutdown().await;
         result
     })
+}
+
+/// The broker's tenant folder with the one tenant of this installation: the console's
+/// tenant, whose clients (agents and the console itself) hold certificates of the console's
+/// CA. Rewritten on each start, so that it always names the CA in force.
+fn write_tenant_file(broker_dir: &Path, tenant: &str, ca_file: &Path) -> anyhow::Result<PathBuf> {
+    let dir = broker_dir.join("tenants");
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let ca =
+        std::path::absolute(ca_file).with_context(|| format!("resolving {}", ca_file.display()))?;
+    let text = format!(
+        "# Written by `beckon up` at each start: the console's tenant and its CA.\nname = \"beckon up\"\n\n[[ca]]\nfile = {}\n",
+        toml_string(&ca.to_string_lossy())
+    );
+    let file = dir.join(format!("{tenant}.toml"));
+    if std::fs::read_to_string(&file).ok().as_deref() != Some(text.as_str()) {
+        beckon_pki::write_atomic(&file, text.as_bytes(), 0o644)
+            .with_context(|| format!("writing {}", file.display()))?;
+    }
+    Ok(dir)
+}
+
+/// A TOML basic string.
+fn toml_string(s: &str) -> String {
+    let mut out = String::from("\"");
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            c if c.is_control() => out.push_str(&format!("\\u{:04X}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
 }
 
 /// The broker's server certificate, issued by the console's CA on first run and reused

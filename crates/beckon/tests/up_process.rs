@@ -35,10 +35,18 @@ impl Up {
     fn start(data: &Path) -> Self {
         let console = format!("127.0.0.1:{}", free_port());
         let mqtts = format!("127.0.0.1:{}", free_port());
+        let fallback = format!("127.0.0.1:{}", free_port());
         let mut child = Command::new(env!("CARGO_BIN_EXE_beckon"))
             .args(["up", "--data"])
             .arg(data)
-            .args(["--console", &console, "--mqtts", &mqtts])
+            .args([
+                "--console",
+                &console,
+                "--mqtts",
+                &mqtts,
+                "--fallback",
+                &fallback,
+            ])
             .env("RUST_LOG", "warn")
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
@@ -55,7 +63,10 @@ impl Up {
         });
         let deadline = Instant::now() + WAIT;
         let mut stdout = Vec::new();
-        while !stdout.iter().any(|l: &String| l.contains("beckon up: ready")) {
+        while !stdout
+            .iter()
+            .any(|l: &String| l.contains("beckon up: ready"))
+        {
             let left = deadline.saturating_duration_since(Instant::now());
             match rx.recv_timeout(left) {
                 Ok(line) => stdout.push(line),
@@ -92,7 +103,10 @@ impl Up {
             "POST /api/v1/login HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
             body.len()
         ));
-        assert!(response.starts_with("HTTP/1.1 200"), "login refused: {response}");
+        assert!(
+            response.starts_with("HTTP/1.1 200"),
+            "login refused: {response}"
+        );
         response
             .lines()
             .find_map(|l| l.strip_prefix("set-cookie: "))
