@@ -1196,3 +1196,115 @@ async fn a_proxy_protocol_header_gives_the_client_address_in_presence() {
     assert!(tls_over(&broker, tcp, None, &[b"mqtt"]).await.is_err());
     broker.stop().await;
 }
+
+#[tokio::test]
+async fn shutdown_tells_connected_servers_that_every_identity_goes() {
+    let (mut broker, tenants) = TestBroker::start(&["acme"]).await;
+    let acme = &tenants[0];
+    let mut server = connected(
+        &broker,
+        Cred::Token(acme.token(Role::Server, "console")),
+        "console",
+    )
+    .await;
+    assert_eq!(
+        server.subscribe(1, &["agents/+/presence"]).await,
+        vec![ReasonCode(1)]
+    );
+    let cert = acme.certificate("agent", "pc-1");
+    let _agent = connected(&broker, Cred::Cert(&cert), "pc-1").await;
+    assert_eq!(
+        next_presence(&mut server, "agents/pc-1/presence")
+            .await
+            .state,
+        PresenceState::Connected
+    );
+    let stop = tokio::spawn(async move {
+        broker.stop().await;
+    });
+    // The event, then DISCONNECT 0x8B to the server itself (nothing is acknowledged: the
+    // broker is going away).
+    let mut event = None;
+    loop {
+        match server.recv().await {
+            Some(Packet::Publish(p)) if p.topic == "agents/pc-1/presence" => {
+                event = Some(presence(&p));
+            }
+            Some(Packet::Disconnect(d)) => {
+                assert_eq!(d.code, ReasonCode::SERVER_SHUTTING_DOWN);
+                break;
+            }
+            Some(_) => {}
+            None => panic!("closed without DISCONNECT"),
+        }
+    }
+    let e = event.expect("a presence event before the DISCONNECT");
+    assert_eq!(
+        (e.state, e.reason.as_deref()),
+        (PresenceState::Disconnected, Some("server_shutdown"))
+    );
+    tokio::time::timeout(WAIT, stop)
+        .await
+        .expect("stopped in time")
+        .expect("stop task");
+}
+
+#[tokio::test]
+async fn anonymous_clients_beside_tenants_see_plain_topics_and_never_a_tenants() {
+    let (mut broker, tenants) =
+        TestBroker::start_with(&["acme"], |c| c.allow_anonymous = true).await;
+    let acme = &tenants[0];
+    let mut anon = connected(&broker, Cred::None, "dev-1").await;
+    assert_eq!(anon.subscribe(1, &["#"]).await, vec![ReasonCode(1)]);
+    let mut anon2 = connected(&broker, Cred::None, "dev-2").await;
+    assert_eq!(
+        anon2.publish(1, "demo/topic", b"hello").await,
+        ReasonCode::SUCCESS
+    );
+    let p = anon.next_publish().await;
+    assert_eq!(
+        (p.topic.as_str(), &p.payload[..]),
+        ("demo/topic", &b"hello"[..])
+    );
+
+    // Tenant traffic never reaches the anonymous namespace.
+    let cert = acme.certificate("agent", "pc-1");
+    let mut agent = connected(&broker, Cred::Cert(&cert), "pc-1").await;
+    assert_eq!(
+        agent.subscribe(1, &["agents/pc-1/wake"]).await,
+        vec![ReasonCode(1)]
+    );
+    let mut server = connected(
+        &broker,
+        Cred::Token(acme.token(Role::Server, "console")),
+        "console",
+    )
+    .await;
+    assert_eq!(
+        server.publish(1, "agents/pc-1/wake", b"secret").await,
+        ReasonCode::SUCCESS
+    );
+    assert_eq!(&agent.next_publish().await.payload[..], b"secret");
+    let seen = anon.publishes_until_ping().await;
+    assert!(
+        seen.is_empty(),
+        "anonymous client saw tenant traffic: {seen:?}"
+    );
+    // And an anonymous publish to a tenant-looking topic stays anonymous.
+    assert_eq!(
+        anon2.publish(2, "agents/pc-1/wake", b"fake").await,
+        ReasonCode::SUCCESS
+    );
+    let seen = agent.publishes_until_ping().await;
+    assert!(
+        seen.is_empty(),
+        "an anonymous publish reached a tenant agent: {seen:?}"
+    );
+
+    // Client ids with '/' are reserved for identities.
+    assert_eq!(
+        connack_code(&broker, Cred::None, "acme/agent/pc-1", ProtocolVersion::V5).await,
+        ReasonCode::CLIENT_IDENTIFIER_NOT_VALID
+    );
+    broker.stop().await;
+}
