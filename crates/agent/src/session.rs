@@ -347,7 +347,7 @@ pub struct MqttSession<S> {
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> MqttSession<S> {
-    /// Sends CONNECT, waits for CONNACK, subscribes to the wake topic.
+    /// Sends CONNECT and the wake-topic SUBSCRIBE, then waits for CONNACK.
     pub async fn establish(
         stream: S,
         opts: SessionOptions,
@@ -379,7 +379,26 @@ impl<S: AsyncRead + AsyncWrite + Unpin> MqttSession<S> {
                 ..Properties::default()
             },
         }));
+        let subscribe = Packet::Subscribe(Subscribe {
+            packet_id: SUBSCRIBE_PACKET_ID,
+            subscriptions: vec![Subscription {
+                filter: session.opts.wake_topic.clone(),
+                options: SubscriptionOptions {
+                    qos: QoS::AtLeastOnce,
+                    no_local: false,
+                    retain_as_published: false,
+                    retain_handling: RetainHandling::DoNotSend,
+                },
+            }],
+            properties: Properties::default(),
+        });
         session.send(&connect).await?;
+        // SUBSCRIBE goes right behind CONNECT, without waiting for CONNACK (MQTT allows
+        // it; a refused CONNECT makes the broker ignore it). The broker announces the agent
+        // online when it accepts CONNECT, and the console then resends pending wake-ups: on a
+        // fresh session the subscription must already be in place when they arrive. A write
+        // error here is reported after the CONNACK, which may say why the broker closed.
+        let subscribed = session.send(&subscribe).await;
         let deadline = Instant::now() + session.opts.connect_timeout;
         let connack = loop {
             if let Some(packet) = session.decode_one().await? {
@@ -407,6 +426,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> MqttSession<S> {
                 server_reference: connack.properties.server_reference,
             });
         }
+        subscribed?;
         if let Some(server_keepalive) = connack.properties.server_keep_alive
             && server_keepalive > 0
         {
@@ -415,20 +435,6 @@ impl<S: AsyncRead + AsyncWrite + Unpin> MqttSession<S> {
         if let Some(receive_max) = connack.properties.receive_maximum {
             session.inflight_limit = usize::from(receive_max).clamp(1, MAX_INFLIGHT);
         }
-        let subscribe = Packet::Subscribe(Subscribe {
-            packet_id: SUBSCRIBE_PACKET_ID,
-            subscriptions: vec![Subscription {
-                filter: session.opts.wake_topic.clone(),
-                options: SubscriptionOptions {
-                    qos: QoS::AtLeastOnce,
-                    no_local: false,
-                    retain_as_published: false,
-                    retain_handling: RetainHandling::DoNotSend,
-                },
-            }],
-            properties: Properties::default(),
-        });
-        session.send(&subscribe).await?;
         let established = Established {
             session_present: connack.session_present,
             keepalive: session.keepalive,
