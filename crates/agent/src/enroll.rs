@@ -285,6 +285,9 @@ pub async fn enroll(opts: &EnrollOptions) -> Result<Enrolled, EnrollError> {
         .await
         .map_err(|source| {
             let hint = match &source {
+                http::HttpError::Tls(beckon_net::TlsError::NotTls { .. }) => {
+                    "; the console serves plain HTTP there: use http://"
+                }
                 http::HttpError::Tls(_) if opts.console_ca.is_none() => {
                     "; for a console with its own CA, pass that CA's PEM file with --ca"
                 }
