@@ -22,6 +22,7 @@ pub(crate) mod reason {
     pub(crate) const CONNECTION_LOST: &str = "connection_lost";
     pub(crate) const PROTOCOL_ERROR: &str = "protocol_error";
     pub(crate) const SERVER_SHUTDOWN: &str = "server_shutdown";
+    pub(crate) const TENANT_REMOVED: &str = "tenant_removed";
 }
 
 /// A connected tenant identity.
@@ -85,6 +86,15 @@ impl Presence {
             self.by_key.remove(&key);
         }
         Some(present)
+    }
+
+    /// Connections of identities of the given tenants.
+    pub(crate) fn conns_of_tenants(&self, tenants: &[String]) -> Vec<ConnId> {
+        self.by_conn
+            .iter()
+            .filter(|(_, p)| tenants.iter().any(|t| t == p.identity.tenant.as_str()))
+            .map(|(c, _)| *c)
+            .collect()
     }
 
     /// Every connection, ended (shutdown).

@@ -95,6 +95,8 @@ pub(crate) enum Event {
     Packet { conn: ConnId, packet: Packet },
     /// The connection ended on the client's side or by a protocol error.
     Closed { conn: ConnId, reason: CloseReason },
+    /// Tenant files were removed: their connections are closed.
+    TenantsRemoved(Vec<String>),
 }
 
 /// What a started server listens on.
@@ -433,7 +435,6 @@ impl Server {
                 shutdown_rx.clone(),
             )));
         }
-        drop(events_tx);
         if let Some(l) = admin {
             tasks.push(tokio::spawn(admin_loop(
                 l,
@@ -444,10 +445,12 @@ impl Server {
         if let Some(tenancy) = &tenancy {
             tasks.push(tokio::spawn(tenant_reload_loop(
                 tenancy.clone(),
+                events_tx.clone(),
                 Tenancy::poll_interval(config.tenants_reload_interval_secs),
                 shutdown_rx.clone(),
             )));
         }
+        drop(events_tx);
         if let Some(tls) = &tls {
             tasks.push(tokio::spawn(reload_loop(
                 tls.clone(),
@@ -641,6 +644,7 @@ async fn admin_loop(
 
 async fn tenant_reload_loop(
     tenancy: Arc<Tenancy>,
+    events: mpsc::Sender<Event>,
     interval: Duration,
     mut shutdown: watch::Receiver<bool>,
 ) {
@@ -652,7 +656,12 @@ async fn tenant_reload_loop(
             _ = ticker.tick() => {
                 // Reading a folder of small files: off the async threads.
                 let t = tenancy.clone();
-                let _ = tokio::task::spawn_blocking(move || t.reload_if_changed()).await;
+                if let Ok(removed) = tokio::task::spawn_blocking(move || t.reload_if_changed()).await
+                    && !removed.is_empty()
+                    && events.send(Event::TenantsRemoved(removed)).await.is_err()
+                {
+                    break;
+                }
             }
             _ = shutdown.changed() => break,
         }
@@ -809,6 +818,17 @@ async fn core_loop(
                             };
                             core.handle_packet(now, conn, packet, &mut out);
                             settle(&mut core, &mut conns, &mut presence, why, &mut out);
+                        }
+                    }
+                    Event::TenantsRemoved(tenants) => {
+                        for conn in presence.conns_of_tenants(&tenants) {
+                            if let Some(outbox) = conns.remove(&conn) {
+                                outbox.close();
+                            }
+                            core.handle_close(now, conn, CloseReason::Closed, &mut out);
+                            if let Some(p) = presence.end(conn) {
+                                presence::disconnected(&mut core, now, &p, reason::TENANT_REMOVED, &mut out);
+                            }
                         }
                     }
                     Event::Closed { conn, reason } => {

@@ -79,11 +79,17 @@ impl Tenancy {
         self.directory.load_full()
     }
 
-    /// Re-reads the folder if a file changed; returns whether something was reloaded.
-    pub(crate) fn reload_if_changed(&self) -> bool {
-        let Some(outcome) = self.directory.load().reload_if_changed() else {
-            return false;
+    /// Re-reads the folder if a file changed; returns the ids of tenants that were removed.
+    pub(crate) fn reload_if_changed(&self) -> Vec<String> {
+        let before = self.directory.load_full();
+        let Some(outcome) = before.reload_if_changed() else {
+            return Vec::new();
         };
+        let removed: Vec<String> = before
+            .iter()
+            .filter(|t| outcome.directory.get(t.id.as_str()).is_none())
+            .map(|t| t.id.as_str().to_owned())
+            .collect();
         for e in &outcome.errors {
             tracing::warn!(error = %e, "tenant file not used");
         }
@@ -92,8 +98,11 @@ impl Tenancy {
             tenants = outcome.directory.len(),
             "tenant folder changed: reloaded"
         );
+        if !removed.is_empty() {
+            tracing::warn!(tenants = ?removed, "tenants removed: their connections are closed");
+        }
         self.directory.store(Arc::new(outcome.directory));
-        true
+        removed
     }
 
     /// The TLS configuration for a new connection: `base` (certificate, ALPN, tickets) with a

@@ -1308,3 +1308,36 @@ async fn anonymous_clients_beside_tenants_see_plain_topics_and_never_a_tenants()
     );
     broker.stop().await;
 }
+
+#[tokio::test]
+async fn removing_a_tenant_file_closes_its_connections_and_refuses_new_ones() {
+    let (mut broker, tenants) = TestBroker::start(&["acme", "globex"]).await;
+    let (acme, globex) = (&tenants[0], &tenants[1]);
+    let acme_cert = acme.certificate("agent", "pc-1");
+    let mut acme_agent = connected(&broker, Cred::Cert(&acme_cert), "pc-1").await;
+    let mut gx_server = connected(
+        &broker,
+        Cred::Token(globex.token(Role::Server, "console")),
+        "console",
+    )
+    .await;
+
+    std::fs::remove_file(broker.tenants.join("acme.toml")).expect("remove tenant file");
+    // Closed within a few polls (1 s each).
+    loop {
+        match acme_agent.recv_within(WAIT).await {
+            Some(None) => break,
+            Some(Some(_)) => {}
+            None => panic!("the removed tenant's agent is still connected"),
+        }
+    }
+    let token = acme.token(Role::Agent, "pc-1");
+    assert_eq!(
+        connack_code(&broker, Cred::Token(token), "pc-1", ProtocolVersion::V5).await,
+        ReasonCode::BAD_USER_NAME_OR_PASSWORD,
+        "the removed tenant's tokens no longer verify"
+    );
+    // Other tenants are untouched.
+    gx_server.publishes_until_ping().await;
+    broker.stop().await;
+}
