@@ -533,4 +533,54 @@ mod tests {
         c.listeners.mqtts = Listen(None);
         assert!(c.validate().is_err());
     }
+
+    #[test]
+    fn push_service_keys_are_read_and_checked() {
+        let c = BrokerConfig::from_toml(
+            "tenants_dir = \"/etc/beckon/tenants\"\ntenants_reload_interval_secs = 2\n[listeners]\nfallback = \"127.0.0.1:8443\"\nadmin = \"127.0.0.1:9883\"\nproxy_protocol = [\"fallback\"]\n[limits]\nconnect_rate = 100\nconnect_burst_per_address = 3\n",
+        )
+        .expect("parse");
+        assert_eq!(c.tenants_dir, Some(PathBuf::from("/etc/beckon/tenants")));
+        assert_eq!(c.tenants_reload_interval_secs, 2);
+        assert_eq!(
+            c.listeners.fallback.0,
+            Some("127.0.0.1:8443".parse().expect("addr"))
+        );
+        assert_eq!(
+            c.listeners.admin.0,
+            Some("127.0.0.1:9883".parse().expect("addr"))
+        );
+        assert_eq!(c.limits.connect_rate, 100);
+        assert_eq!(c.limits.connect_burst_per_address, 3);
+        assert!(c.validate().is_ok());
+
+        let mut bad = c.clone();
+        bad.listeners.proxy_protocol = vec!["https".into()];
+        let err = bad.validate().expect_err("unknown listener").to_string();
+        assert!(
+            err.contains("proxy_protocol") && err.contains("https"),
+            "{err}"
+        );
+
+        // The shared port alone is enough to serve MQTT.
+        let mut only_fallback = BrokerConfig::default();
+        only_fallback.listeners.mqtts = Listen(None);
+        only_fallback.listeners.fallback = Listen(Some("127.0.0.1:8443".parse().expect("addr")));
+        assert!(only_fallback.validate().is_ok());
+
+        let mut env = BrokerConfig::default();
+        env.apply_env(|k| match k {
+            "BECKON_TENANTS_DIR" => Some("tenants".to_owned()),
+            "BECKON_FALLBACK" => Some("127.0.0.1:8443".to_owned()),
+            "BECKON_ADMIN" => Some("off".to_owned()),
+            _ => None,
+        })
+        .expect("env");
+        assert_eq!(env.tenants_dir, Some(PathBuf::from("tenants")));
+        assert_eq!(
+            env.listeners.fallback.0,
+            Some("127.0.0.1:8443".parse().expect("addr"))
+        );
+        assert_eq!(env.listeners.admin.0, None);
+    }
 }
