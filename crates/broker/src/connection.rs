@@ -33,6 +33,10 @@ use crate::outbox::{Outbox, OutboxState};
 use crate::server::Event;
 use crate::tenancy::{Inbound, Scope, Tenancy, TenantSlot, TopicMap};
 
+/// The CONNECT user property (MQTT 5) by which a client tells whether it came through an
+/// HTTP proxy: `"true"` or `"false"`. It ends up in presence events as `via_proxy`.
+pub const VIA_PROXY_PROPERTY: &str = "beckon-via-proxy";
+
 /// Largest single read from the socket; also the stack buffer of each read.
 const READ_CHUNK: usize = 8 * 1024;
 /// rustls' outgoing buffer bound per connection (its default is 64 KiB).
@@ -636,6 +640,18 @@ async fn run_mqtt<S: AsyncRead + AsyncWrite + Unpin>(
     let version = connect.protocol;
     tracing::Span::current().record("client_id", connect.client_id.as_str());
     let identity = map.identity().map(|i| Box::new(i.clone()));
+    // Agents say whether they came through an HTTP proxy (MQTT 5 user property); the broker
+    // cannot see it.
+    let via_proxy = connect
+        .properties
+        .user_properties
+        .iter()
+        .find(|(k, _)| k == VIA_PROXY_PROPERTY)
+        .and_then(|(_, v)| match v.as_str() {
+            "true" => Some(true),
+            "false" => Some(false),
+            _ => None,
+        });
     let tenant_label = match &map.scope {
         Scope::Tenant { identity, .. } => identity.tenant.as_str().to_owned(),
         Scope::Anonymous => "anonymous".to_owned(),
@@ -660,6 +676,7 @@ async fn run_mqtt<S: AsyncRead + AsyncWrite + Unpin>(
             info,
             outbox: outbox.clone(),
             identity,
+            via_proxy,
         },
     )
     .await

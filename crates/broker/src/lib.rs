@@ -19,4 +19,5 @@ mod shared_port;
 mod tenancy;
 
 pub use config::{BrokerConfig, ConfigError, Listen};
+pub use connection::VIA_PROXY_PROPERTY;
 pub use server::{Bound, Server, ServerError, ServerHandle, default_certificate_names, run};

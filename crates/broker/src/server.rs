@@ -90,6 +90,9 @@ pub(crate) enum Event {
         outbox: Arc<Outbox>,
         /// The tenant identity, when the connection authenticated as one.
         identity: Option<Box<Identity>>,
+        /// Whether the client says it came through an HTTP proxy (CONNECT user property
+        /// `beckon-via-proxy`).
+        via_proxy: Option<bool>,
     },
     /// A packet after CONNECT.
     Packet { conn: ConnId, packet: Packet },
@@ -795,7 +798,7 @@ async fn core_loop(
                 let Some(ev) = ev else { break };
                 let now = std::time::Instant::now();
                 match ev {
-                    Event::Connect { conn, connect, info, outbox, identity } => {
+                    Event::Connect { conn, connect, info, outbox, identity, via_proxy } => {
                         conns.insert(conn, outbox);
                         let presence_info = identity.is_some().then(|| info.clone());
                         core.handle_connect(now, conn, *connect, info, &mut out);
@@ -806,7 +809,7 @@ async fn core_loop(
                         // goes out before the new connected one, which stays retained.
                         settle(&mut core, &mut conns, &mut presence, reason::TAKEN_OVER, &mut out);
                         if let (true, Some(identity), Some(info)) = (accepted, identity, presence_info) {
-                            presence.connected(&mut core, now, conn, identity, &info, None, &mut out);
+                            presence.connected(&mut core, now, conn, identity, &info, via_proxy, &mut out);
                         }
                     }
                     Event::Packet { conn, packet } => {

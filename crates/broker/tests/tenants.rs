@@ -1341,3 +1341,47 @@ async fn removing_a_tenant_file_closes_its_connections_and_refuses_new_ones() {
     gx_server.publishes_until_ping().await;
     broker.stop().await;
 }
+
+#[tokio::test]
+async fn an_agent_that_says_it_came_through_a_proxy_is_shown_so_in_presence() {
+    let (mut broker, tenants) = TestBroker::start(&["acme"]).await;
+    let acme = &tenants[0];
+    let mut server = connected(
+        &broker,
+        Cred::Token(acme.token(Role::Server, "console")),
+        "console",
+    )
+    .await;
+    assert_eq!(
+        server.subscribe(1, &["agents/+/presence"]).await,
+        vec![ReasonCode(1)]
+    );
+    let cert = acme.certificate("agent", "pc-1");
+    let mut agent = Client::open(&broker, &Cred::Cert(&cert), ProtocolVersion::V5).await;
+    let mut properties = Properties::default();
+    properties.user_properties.push((
+        beckon_broker::VIA_PROXY_PROPERTY.to_owned(),
+        "true".to_owned(),
+    ));
+    agent
+        .send(&Packet::Connect(Box::new(Connect {
+            protocol: ProtocolVersion::V5,
+            clean_start: true,
+            keep_alive: 60,
+            client_id: "pc-1".into(),
+            will: None,
+            username: None,
+            password: None,
+            properties,
+        })))
+        .await;
+    assert!(
+        matches!(agent.recv().await, Some(Packet::ConnAck(a)) if a.code == ReasonCode::SUCCESS)
+    );
+    let e = next_presence(&mut server, "agents/pc-1/presence").await;
+    assert_eq!(
+        (e.state, e.via_proxy),
+        (PresenceState::Connected, Some(true))
+    );
+    broker.stop().await;
+}
