@@ -7,6 +7,7 @@
 //! - [`dispatch`]: the console's own MQTT connection that publishes signed wake-ups and
 //!   follows acks and presence;
 //! - [`wol`]: the Wake-on-LAN magic packet and its sender;
+//! - [`ui`]: the web console (embedded HTML, CSS, JavaScript) at `/`;
 //! - [`Console::start`]: everything together, for `beckon console` and `beckon up`.
 #![forbid(unsafe_code)]
 
@@ -19,6 +20,7 @@ mod secrets;
 pub mod settings;
 pub mod store;
 mod tls;
+pub mod ui;
 pub mod wol;
 
 use std::net::SocketAddr;
@@ -320,7 +322,7 @@ impl Console {
             })),
             config: Arc::new(config),
         };
-        let router = api::router(state.clone());
+        let router = api::router(state.clone()).merge(ui::router());
         let scheme = if tls.is_some() { "https" } else { "http" };
         let tasks = vec![
             tokio::spawn(tls::serve(listener, tls, router, shutdown_rx.clone())),

@@ -1,0 +1,121 @@
+//! The web console: plain HTML, CSS and JavaScript modules from `crates/console/ui/`,
+//! embedded in the binary (no build step, nothing loaded from elsewhere) and served at `/`
+//! and `/ui/...` with a strict Content-Security-Policy.
+
+use axum::Router;
+use axum::http::header::{CACHE_CONTROL, CONTENT_SECURITY_POLICY, CONTENT_TYPE};
+use axum::http::{HeaderName, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+
+/// Only the console's own scripts, styles and API: no inline code, no other origin, no
+/// framing, no plugins.
+pub const CONTENT_SECURITY_POLICY_VALUE: &str = "default-src 'none'; script-src 'self'; \
+     style-src 'self'; img-src 'self' data:; connect-src 'self'; form-action 'self'; \
+     frame-ancestors 'none'; base-uri 'none'";
+
+/// One embedded file: its URL path, media type and content.
+struct Asset {
+    path: &'static str,
+    media_type: &'static str,
+    body: &'static str,
+}
+
+/// Every file of the UI.
+const ASSETS: &[Asset] = &[
+    Asset {
+        path: "/",
+        media_type: "text/html; charset=utf-8",
+        body: include_str!("../ui/index.html"),
+    },
+    Asset {
+        path: "/ui/app.css",
+        media_type: "text/css; charset=utf-8",
+        body: include_str!("../ui/app.css"),
+    },
+    Asset {
+        path: "/ui/app.js",
+        media_type: "text/javascript; charset=utf-8",
+        body: include_str!("../ui/app.js"),
+    },
+    Asset {
+        path: "/ui/api.js",
+        media_type: "text/javascript; charset=utf-8",
+        body: include_str!("../ui/api.js"),
+    },
+    Asset {
+        path: "/ui/favicon.svg",
+        media_type: "image/svg+xml",
+        body: include_str!("../ui/favicon.svg"),
+    },
+];
+
+fn respond(asset: &'static Asset) -> Response {
+    (
+        StatusCode::OK,
+        [
+            (CONTENT_TYPE, HeaderValue::from_static(asset.media_type)),
+            (
+                CONTENT_SECURITY_POLICY,
+                HeaderValue::from_static(CONTENT_SECURITY_POLICY_VALUE),
+            ),
+            // The page changes with the binary: always revalidate.
+            (CACHE_CONTROL, HeaderValue::from_static("no-cache")),
+            (
+                HeaderName::from_static("x-content-type-options"),
+                HeaderValue::from_static("nosniff"),
+            ),
+            (
+                HeaderName::from_static("referrer-policy"),
+                HeaderValue::from_static("no-referrer"),
+            ),
+            (
+                HeaderName::from_static("x-frame-options"),
+                HeaderValue::from_static("DENY"),
+            ),
+        ],
+        asset.body,
+    )
+        .into_response()
+}
+
+/// The UI's routes (no state, no fallback: merged with the API router).
+pub fn router() -> Router {
+    let mut r = Router::new();
+    for asset in ASSETS {
+        r = r.route(asset.path, get(move || async move { respond(asset) }));
+    }
+    r
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_script_and_style_the_page_names_is_served() {
+        let page = ASSETS[0].body;
+        for needle in ["/ui/app.js", "/ui/app.css", "/ui/favicon.svg"] {
+            assert!(page.contains(needle), "index.html does not load {needle}");
+        }
+        // The CSP forbids inline code: the page must not carry any.
+        assert!(!page.contains("<script>"), "inline script in index.html");
+        assert!(!page.contains("style="), "inline style in index.html");
+        assert!(!page.contains("onclick"), "inline handler in index.html");
+        for a in ASSETS {
+            for remote in [
+                "src=\"http",
+                "href=\"http",
+                "url(http",
+                "from \"http",
+                "//cdn",
+            ] {
+                assert!(
+                    !a.body.contains(remote),
+                    "{} loads from another origin",
+                    a.path
+                );
+            }
+        }
+    }
+}

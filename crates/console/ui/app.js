@@ -1,0 +1,691 @@
+// The Beckon console's pages. One page is shown at a time, chosen by the URL fragment
+// (#/agents, #/calls/<id>, ...). Everything the API returns is put into the page with
+// textContent, never as HTML.
+import { api, ApiError, query } from "./api.js";
+
+const $ = (id) => document.getElementById(id);
+
+/** Creates an element with attributes and children (strings become text). */
+function el(tag, attrs = {}, ...children) {
+  const e = document.createElement(tag);
+  for (const [k, v] of Object.entries(attrs)) {
+    if (v === undefined || v === null || v === false) continue;
+    if (k === "class") e.className = v;
+    else if (k === "dataset") Object.assign(e.dataset, v);
+    else if (k.startsWith("on")) e.addEventListener(k.slice(2), v);
+    else if (v === true) e.setAttribute(k, "");
+    else e.setAttribute(k, String(v));
+  }
+  for (const c of children.flat()) {
+    if (c === undefined || c === null) continue;
+    e.append(typeof c === "string" || typeof c === "number" ? String(c) : c);
+  }
+  return e;
+}
+
+function when(ms) {
+  if (ms === null || ms === undefined) return "–";
+  const d = new Date(ms);
+  const ago = Math.round((Date.now() - ms) / 1000);
+  const time = d.toLocaleString(undefined, { dateStyle: "short", timeStyle: "medium" });
+  if (ago >= 0 && ago < 60) return `${time} (${ago} s ago)`;
+  return time;
+}
+
+function badge(state, text) {
+  return el("span", { class: "badge", "data-state": state, "data-testid": "state" }, text ?? state);
+}
+
+function showError(node, error) {
+  if (!error) {
+    node.hidden = true;
+    node.textContent = "";
+    return;
+  }
+  node.textContent = error instanceof Error ? error.message : String(error);
+  node.hidden = false;
+}
+
+/** Runs `fn`; a lost session sends the user to the login page, other errors go to `node`. */
+async function guarded(node, fn) {
+  try {
+    const r = await fn();
+    if (node) showError(node, null);
+    return r;
+  } catch (e) {
+    if (e instanceof ApiError && e.status === 401 && state.view !== "login") {
+      showLogin("Your session ended: log in again.");
+      return undefined;
+    }
+    if (node) showError(node, e);
+    else showError($("global-error"), e);
+    return undefined;
+  }
+}
+
+const state = {
+  view: null,
+  timer: null,
+  events: null,
+  agents: [],
+  selected: new Set(),
+  user: null,
+};
+
+function stopLive() {
+  if (state.timer) clearInterval(state.timer);
+  state.timer = null;
+  if (state.events) state.events.close();
+  state.events = null;
+}
+
+function show(view) {
+  for (const s of document.querySelectorAll("main > section.view")) {
+    s.hidden = s.id !== "view-" + view;
+  }
+  $("top").hidden = view === "login";
+  const navView = view === "call" ? "calls" : view;
+  for (const a of document.querySelectorAll(".top nav a")) {
+    if (a.dataset.view === navView) a.setAttribute("aria-current", "page");
+    else a.removeAttribute("aria-current");
+  }
+  state.view = view;
+}
+
+// --- Login ---
+
+function showLogin(message) {
+  stopLive();
+  show("login");
+  showError($("login-error"), message || null);
+  $("login-password").value = "";
+  $("login-password").focus();
+}
+
+$("login-form").addEventListener("submit", async (ev) => {
+  ev.preventDefault();
+  const user = $("login-user").value.trim();
+  const password = $("login-password").value;
+  if (!user || !password) {
+    showError($("login-error"), "Enter the user name and the password.");
+    return;
+  }
+  $("login-submit").disabled = true;
+  try {
+    const r = await api("POST", "/login", { user, password });
+    state.user = r && r.user;
+    $("who").textContent = state.user ? "Logged in as " + state.user : "";
+    showError($("login-error"), null);
+    $("login-password").value = "";
+    if (!location.hash || location.hash === "#/login") location.hash = "#/dashboard";
+    else route();
+  } catch (e) {
+    showError($("login-error"), e.status === 401
+      ? "Wrong user name or password. Try again."
+      : e.message);
+    $("login-password").select();
+  } finally {
+    $("login-submit").disabled = false;
+  }
+});
+
+$("logout").addEventListener("click", async () => {
+  await guarded(null, () => api("POST", "/logout"));
+  state.user = null;
+  location.hash = "#/login";
+});
+
+// --- Dashboard ---
+
+function stateCounts(counts) {
+  const span = el("span", { class: "counts" });
+  for (const [k, v] of Object.entries(counts || {})) span.append(badge(k, `${v} ${k}`));
+  return span;
+}
+
+async function loadDashboard() {
+  const err = $("global-error");
+  const [status, online, offline, unknown, calls] = await Promise.all([
+    guarded(err, () => api("GET", "/status")),
+    guarded(err, () => api("GET", "/agents" + query({ presence: "online", limit: 1000 }))),
+    guarded(err, () => api("GET", "/agents" + query({ presence: "offline", limit: 1000 }))),
+    guarded(err, () => api("GET", "/agents" + query({ presence: "unknown", limit: 1000 }))),
+    guarded(err, () => api("GET", "/calls" + query({ limit: 5 }))),
+  ]);
+  if (state.view !== "dashboard") return;
+  const count = (list, fallback) => (list ? (list.length >= 1000 ? "1000+" : list.length) : fallback);
+  $("dash-online").textContent = status ? status.agents_online : count(online, "?");
+  $("dash-offline").textContent = count(offline, "?");
+  $("dash-unknown").textContent = count(unknown, "?");
+  if (status) renderPush(status.push_service);
+  if (calls) {
+    const body = $("dash-calls").tBodies[0];
+    body.replaceChildren(...calls.map(callRow(false)));
+    $("dash-calls-empty").hidden = calls.length > 0;
+  }
+}
+
+function renderPush(push) {
+  const box = $("push-status");
+  if (!push) {
+    box.dataset.state = "unknown";
+    $("push-summary").textContent = "The console did not report its push-service connection.";
+    $("push-notice").hidden = true;
+    return;
+  }
+  if (push.connected) {
+    box.dataset.state = "connected";
+    $("push-summary").textContent = `Connected to the push service since ${when(push.since)}.`;
+    $("push-notice").hidden = true;
+    return;
+  }
+  box.dataset.state = "down";
+  $("push-summary").textContent = `Not connected since ${when(push.since)}. Wake-up calls stay queued until the console reconnects.`;
+  $("push-message").textContent = push.message || "Push service servers are not reachable";
+  $("push-fix").textContent = pushFix(push);
+  const diag = push.diagnosis;
+  $("push-diagnosis-box").hidden = !diag;
+  $("push-diagnosis").textContent = diag ? JSON.stringify(diag, null, 2) : "";
+  $("push-notice").hidden = false;
+}
+
+/** What to do about a push-service connection that is down, from its last error. */
+function pushFix(push) {
+  const text = `${push.message || ""} ${push.last_error || ""}`.toLowerCase();
+  const tail = push.last_error ? ` Last error: ${push.last_error}.` : "";
+  if (text.includes("not connected yet")) {
+    return "The console is still connecting; this page refreshes by itself." + tail;
+  }
+  if (text.includes("certificate") || text.includes("tls")) {
+    return "Fix: the broker's certificate is not trusted or names another host. Check --broker and --broker-ca of the console, then run `beckon doctor` from this machine." + tail;
+  }
+  if (text.includes("refused") || text.includes("timed out") || text.includes("unreachable") || text.includes("resolve")) {
+    return "Fix: start the broker or open the path to it (ports 8883 and 443 from the console's machine; a firewall or proxy may block them), then run `beckon doctor` for a step-by-step diagnosis." + tail;
+  }
+  return "Fix: check that the broker runs and that the console's --broker address is right; `beckon doctor` diagnoses the path step by step." + tail;
+}
+
+// --- Calls ---
+
+function callRow(withAuthor) {
+  return (c) => el("tr", { "data-testid": "call-row", "data-call-id": c.id },
+    el("td", {}, el("a", { href: "#/calls/" + encodeURIComponent(c.id) }, when(c.created_at))),
+    el("td", {}, c.target),
+    el("td", {}, c.reason || "–"),
+    withAuthor ? el("td", {}, c.created_by) : null,
+    el("td", {}, stateCounts(c.counts)));
+}
+
+async function loadCalls() {
+  const calls = await guarded($("calls-error"), () => api("GET", "/calls" + query({ limit: 100 })));
+  if (!calls || state.view !== "calls") return;
+  $("calls-table").tBodies[0].replaceChildren(...calls.map(callRow(true)));
+  $("calls-empty").hidden = calls.length > 0;
+}
+
+const STATE_RANK = { queued: 0, sent: 1, delivered: 2, started: 3, finished: 4, expired: 4, failed: 4 };
+
+function deliveryRow(d) {
+  const result = d.state === "finished"
+    ? `${d.status ?? ""}${d.exit_code !== null && d.exit_code !== undefined ? " (exit " + d.exit_code + ")" : ""}${d.duration_ms !== null && d.duration_ms !== undefined ? ", " + d.duration_ms + " ms" : ""}`
+    : (d.detail || "");
+  return el("tr", { "data-testid": "delivery-row", "data-agent-id": d.agent_id, "data-state": d.state },
+    el("td", { class: "mono" }, d.agent_id),
+    el("td", { class: "delivery-state" }, badge(d.state)),
+    el("td", {}, when(d.sent_at)),
+    el("td", {}, when(d.delivered_at)),
+    el("td", {}, when(d.finished_at)),
+    el("td", {}, result || "–"));
+}
+
+function setDeliveryState(agentId, newState) {
+  for (const row of $("call-deliveries").tBodies[0].rows) {
+    if (row.dataset.agentId !== agentId) continue;
+    if ((STATE_RANK[newState] ?? 0) < (STATE_RANK[row.dataset.state] ?? 0)) return;
+    row.dataset.state = newState;
+    row.cells[1].replaceChildren(badge(newState));
+  }
+}
+
+async function loadCall(id) {
+  const call = await guarded($("call-error"), () => api("GET", "/calls/" + encodeURIComponent(id)));
+  if (!call || state.view !== "call") return null;
+  const facts = [
+    ["Target", call.target], ["Reason", call.reason || "–"], ["Action", call.action || "check in"],
+    ["Created", `${when(call.created_at)} by ${call.created_by}`], ["Expires", when(call.expires_at)],
+    ["Spread window", `${call.spread} s`],
+  ];
+  $("call-summary").replaceChildren(...facts.flatMap(([k, v]) => [el("dt", {}, k), el("dd", {}, v)]),
+    el("dt", {}, "States"), el("dd", { id: "call-counts" }, stateCounts(call.counts)));
+  $("call-deliveries").tBodies[0].replaceChildren(...call.deliveries.map(deliveryRow));
+  return call;
+}
+
+function openCall(id) {
+  show("call");
+  $("call-summary").replaceChildren();
+  $("call-deliveries").tBodies[0].replaceChildren();
+  // Listen first, then read the call: no change falls between the two.
+  const es = new EventSource("/api/v1/calls/" + encodeURIComponent(id) + "/events");
+  state.events = es;
+  let refresh = null;
+  es.addEventListener("open", () => { $("call-live").textContent = "Live: states update as the agents answer."; });
+  es.addEventListener("error", () => {
+    $("call-live").textContent = "Live updates interrupted; reconnecting…";
+  });
+  es.addEventListener("delivery", (ev) => {
+    let d;
+    try { d = JSON.parse(ev.data); } catch (e) { return; }
+    setDeliveryState(d.agent_id, d.state);
+    // The event carries the state only; fetch the details (times, result) shortly after.
+    clearTimeout(refresh);
+    refresh = setTimeout(() => loadCall(id), 300);
+  });
+  es.addEventListener("lagged", () => loadCall(id));
+  loadCall(id);
+}
+
+// --- Agents ---
+
+function filters() {
+  return {
+    search: $("agent-search").value.trim(),
+    group: $("agent-group").value,
+    presence: $("agent-presence").value,
+    path: $("agent-path").value,
+  };
+}
+
+async function loadGroups() {
+  const groups = await guarded($("agents-error"), () => api("GET", "/groups"));
+  if (!groups) return;
+  const sel = $("agent-group");
+  const keep = sel.value;
+  sel.replaceChildren(el("option", { value: "" }, "All groups"),
+    ...groups.map((g) => el("option", { value: g.name }, `${g.name} (${g.members})`)));
+  sel.value = keep;
+}
+
+async function loadAgents() {
+  const f = filters();
+  const agents = await guarded($("agents-error"), () =>
+    api("GET", "/agents" + query({ search: f.search, group: f.group, presence: f.presence, limit: 1000 })));
+  if (!agents || state.view !== "agents") return;
+  // Path is not an API filter: the list is filtered here.
+  const paths = new Set(agents.map((a) => a.path).filter(Boolean));
+  const pathSel = $("agent-path");
+  for (const p of paths) {
+    if (![...pathSel.options].some((o) => o.value === p)) pathSel.append(el("option", { value: p }, p));
+  }
+  state.agents = f.path ? agents.filter((a) => a.path === f.path) : agents;
+  const shown = new Set(state.agents.map((a) => a.id));
+  for (const id of [...state.selected]) if (!shown.has(id)) state.selected.delete(id);
+  renderAgents();
+}
+
+function renderAgents() {
+  const body = $("agents-table").tBodies[0];
+  const focused = document.activeElement && document.activeElement.dataset.agentId;
+  body.replaceChildren(...state.agents.map((a) => {
+    const box = el("input", {
+      type: "checkbox", class: "agent-select", "data-agent-id": a.id,
+      "aria-label": "Select " + a.name, "data-testid": "agent-select",
+    });
+    box.checked = state.selected.has(a.id);
+    box.addEventListener("change", () => {
+      if (box.checked) state.selected.add(a.id); else state.selected.delete(a.id);
+      box.closest("tr").classList.toggle("selected", box.checked);
+      updateSelection();
+    });
+    const addrs = (a.addresses || []).map((x) => `${x.address}/${x.prefix_len}`).join(", ");
+    return el("tr", {
+      "data-testid": "agent-row", "data-agent-id": a.id, "data-presence": a.presence,
+      class: state.selected.has(a.id) ? "selected" : null,
+    },
+    el("td", {}, box),
+    el("td", {}, el("strong", {}, a.name), el("span", { class: "sub mono" }, a.id)),
+    el("td", { class: "presence" }, badge(a.presence, a.presence === "unknown" ? "never connected" : a.presence),
+      el("span", { class: "sub" }, a.presence_at ? when(a.presence_at) : "")),
+    el("td", {}, a.path || "–"),
+    el("td", {}, a.hostname || "–", el("span", { class: "sub" }, a.os || "")),
+    el("td", { class: "mono" }, addrs || "–", el("span", { class: "sub" }, (a.macs || []).join(", "))),
+    el("td", {}, (a.groups || []).join(", ") || "–"),
+    el("td", {}, when(a.last_checkin)));
+  }));
+  if (focused) {
+    const again = body.querySelector(`input[data-agent-id="${CSS.escape(focused)}"]`);
+    if (again) again.focus();
+  }
+  $("agents-empty").hidden = state.agents.length > 0;
+  updateSelection();
+}
+
+function updateSelection() {
+  const n = state.selected.size;
+  $("agents-selected-count").textContent = `${n} selected`;
+  for (const id of ["action-wake", "action-wol", "action-revoke"]) $(id).disabled = n === 0;
+  const all = $("agents-select-all");
+  all.checked = n > 0 && n === state.agents.length;
+  all.indeterminate = n > 0 && n < state.agents.length;
+}
+
+$("agents-select-all").addEventListener("change", (ev) => {
+  state.selected = ev.target.checked ? new Set(state.agents.map((a) => a.id)) : new Set();
+  renderAgents();
+});
+
+let searchDelay = null;
+$("agent-search").addEventListener("input", () => {
+  clearTimeout(searchDelay);
+  searchDelay = setTimeout(loadAgents, 250);
+});
+for (const id of ["agent-group", "agent-presence", "agent-path"]) {
+  $(id).addEventListener("change", () => {
+    const f = filters();
+    const params = query({ presence: f.presence, group: f.group, path: f.path });
+    history.replaceState(null, "", "#/agents" + params);
+    loadAgents();
+  });
+}
+$("agent-filters").addEventListener("submit", (ev) => { ev.preventDefault(); loadAgents(); });
+
+$("action-wake").addEventListener("click", async () => {
+  const ids = [...state.selected];
+  $("agents-message").textContent = "";
+  const call = await guarded($("agents-error"), () => api("POST", "/calls", {
+    target: { agents: ids }, reason: $("wake-reason").value.trim(),
+  }));
+  if (call) location.hash = "#/calls/" + encodeURIComponent(call.id);
+});
+
+$("action-wol").addEventListener("click", async () => {
+  const ids = [...state.selected];
+  $("agents-message").textContent = "";
+  showError($("agents-error"), null);
+  const failures = [];
+  let sent = 0;
+  for (const id of ids) {
+    try {
+      const sends = await api("POST", `/agents/${encodeURIComponent(id)}/wol`);
+      sent += sends.length;
+    } catch (e) {
+      if (e instanceof ApiError && e.status === 401) { showLogin("Your session ended: log in again."); return; }
+      failures.push(`${id}: ${e.message}`);
+    }
+  }
+  if (failures.length) showError($("agents-error"), "Wake-on-LAN not sent to " + failures.join("; "));
+  if (sent) $("agents-message").textContent = `Wake-on-LAN: ${sent} send(s) recorded.`;
+  await showWolHistory(ids);
+});
+
+async function showWolHistory(ids) {
+  const rows = [];
+  for (const id of ids) {
+    const sends = await guarded($("agents-error"), () => api("GET", `/agents/${encodeURIComponent(id)}/wol`));
+    if (sends) rows.push(...sends);
+  }
+  rows.sort((a, b) => b.at - a.at);
+  $("wol-table").tBodies[0].replaceChildren(...rows.map((s) => el("tr", { "data-testid": "wol-row", "data-agent-id": s.agent_id },
+    el("td", {}, when(s.at)), el("td", { class: "mono" }, s.agent_id), el("td", { class: "mono" }, s.mac),
+    el("td", { class: "mono" }, s.destination), el("td", {}, s.packets),
+    el("td", {}, s.error ? el("span", { class: "error" }, s.error) : "sent"))));
+  $("wol-panel").hidden = false;
+}
+
+$("action-revoke").addEventListener("click", async () => {
+  const ids = [...state.selected];
+  if (!confirm(`Delete ${ids.length} agent(s)? They can no longer check in and get no wake-ups; they must enroll again.`)) return;
+  for (const id of ids) {
+    const ok = await guarded($("agents-error"), () => api("DELETE", `/agents/${encodeURIComponent(id)}`));
+    if (ok === undefined && !$("agents-error").hidden) break;
+    state.selected.delete(id);
+  }
+  $("agents-message").textContent = `Deleted ${ids.length - state.selected.size} agent(s).`;
+  loadAgents();
+});
+
+function openAgents(params) {
+  show("agents");
+  $("agent-presence").value = params.get("presence") || "";
+  const path = params.get("path") || "";
+  if (path && ![...$("agent-path").options].some((o) => o.value === path)) {
+    $("agent-path").append(el("option", { value: path }, path));
+  }
+  $("agent-path").value = path;
+  loadGroups().then(() => { $("agent-group").value = params.get("group") || ""; loadAgents(); });
+  state.timer = setInterval(loadAgents, 3000);
+}
+
+// --- Enrollment ---
+
+async function loadTokens() {
+  const tokens = await guarded($("tokens-error"), () => api("GET", "/enrollment-tokens"));
+  if (!tokens || state.view !== "enroll") return;
+  $("tokens-table").tBodies[0].replaceChildren(...tokens.map((t) => {
+    const expired = t.expires_at !== null && t.expires_at < Date.now();
+    const usedUp = t.max_uses !== null && t.uses >= t.max_uses;
+    const st = t.revoked ? "revoked" : expired ? "expired" : usedUp ? "used up" : "valid";
+    const revoke = el("button", { type: "button", class: "small danger", "aria-label": "Revoke token " + (t.label || t.id) }, "Revoke");
+    revoke.disabled = st !== "valid";
+    revoke.addEventListener("click", async () => {
+      await guarded($("tokens-error"), () => api("DELETE", `/enrollment-tokens/${encodeURIComponent(t.id)}`));
+      loadTokens();
+    });
+    return el("tr", { "data-testid": "token-row" },
+      el("td", {}, t.label || "–"), el("td", {}, when(t.created_at)),
+      el("td", {}, t.expires_at ? when(t.expires_at) : "never"),
+      el("td", {}, `${t.uses} of ${t.max_uses ?? "∞"}`), el("td", {}, t.groups.join(", ") || "–"),
+      el("td", {}, badge(st === "valid" ? "online" : "offline", st)), el("td", {}, revoke));
+  }));
+}
+
+/** Quotes a word for a POSIX shell when it needs it. */
+function shellWord(s) {
+  return /^[A-Za-z0-9_.:\/=@%+-]+$/.test(s) ? s : "'" + s.replace(/'/g, "'\\''") + "'";
+}
+
+$("enroll-form").addEventListener("submit", async (ev) => {
+  ev.preventDefault();
+  const body = { label: $("enroll-label").value.trim() };
+  const uses = $("enroll-max-uses").value.trim();
+  const hours = $("enroll-expires").value.trim();
+  const groups = $("enroll-groups").value.split(",").map((g) => g.trim()).filter(Boolean);
+  if (uses !== "") {
+    if (!/^\d+$/.test(uses)) { showError($("enroll-error"), "Uses must be a whole number (0: unlimited)."); $("enroll-max-uses").focus(); return; }
+    body.max_uses = Number(uses);
+  }
+  if (hours !== "" && hours !== "0") {
+    const h = Number(hours);
+    if (!(h > 0)) { showError($("enroll-error"), "Expiry must be a positive number of hours (0 or empty: never)."); $("enroll-expires").focus(); return; }
+    body.expires_in_secs = Math.round(h * 3600);
+  }
+  if (groups.length) body.groups = groups;
+  $("enroll-create").disabled = true;
+  try {
+    const t = await guarded($("enroll-error"), () => api("POST", "/enrollment-tokens", body));
+    if (!t) return;
+    $("enroll-command").textContent =
+      `beckon agent enroll --console ${shellWord(location.origin)} --token ${shellWord(t.token)}`;
+    $("enroll-copy-status").textContent = "";
+    $("enroll-result").hidden = false;
+    $("enroll-copy").focus();
+    loadTokens();
+  } finally {
+    $("enroll-create").disabled = false;
+  }
+});
+
+$("enroll-copy").addEventListener("click", async () => {
+  const text = $("enroll-command").textContent;
+  try {
+    await navigator.clipboard.writeText(text);
+    $("enroll-copy-status").textContent = "Copied.";
+  } catch (e) {
+    // No clipboard access (e.g. plain HTTP on another host): select it for Ctrl+C.
+    const range = document.createRange();
+    range.selectNodeContents($("enroll-command"));
+    const sel = getSelection();
+    sel.removeAllRanges();
+    sel.addRange(range);
+    $("enroll-copy-status").textContent = "Selected: press Ctrl+C to copy.";
+  }
+});
+
+// --- Settings ---
+
+const lines = (text) => text.split(/[\n,]/).map((s) => s.trim()).filter(Boolean);
+
+function fillSettings(s) {
+  $("set-wol-addresses").value = s.wol.addresses.join("\n");
+  $("set-wol-subnet").checked = s.wol.subnet_broadcast;
+  $("set-wol-port").value = s.wol.port;
+  $("set-wol-repeats").value = s.wol.repeats;
+  $("set-wol-secureon").value = s.wol.secureon;
+  $("set-wakeup-expiry").value = s.wakeup.default_expiry_secs;
+  $("set-wakeup-spread").value = s.wakeup.spread_secs;
+  $("set-wakeup-spread-from").value = s.wakeup.spread_from_agents;
+  $("set-broker-endpoints").value = s.broker.endpoints.join("\n");
+  $("set-proxy-url").value = s.proxy.url;
+  $("set-proxy-direct").checked = s.proxy.direct_fallback;
+}
+
+function clearFieldErrors() {
+  for (const p of document.querySelectorAll("#settings-form .field-error")) {
+    p.hidden = true;
+    p.textContent = "";
+    const input = document.querySelector(`[aria-describedby~="${p.id}"]`);
+    if (input) input.removeAttribute("aria-invalid");
+  }
+  showError($("settings-error"), null);
+}
+
+/** Shows an error next to its field: `field` as the API names it (`wol.addresses[1]`). */
+function fieldError(field, message) {
+  const base = field.replace(/\[\d+\]$/, "");
+  const p = document.querySelector(`#settings-form .field-error[data-field="${CSS.escape(base)}"]`);
+  if (!p) {
+    showError($("settings-error"), message);
+    return;
+  }
+  p.textContent = message;
+  p.hidden = false;
+  const input = document.querySelector(`[aria-describedby~="${p.id}"]`);
+  if (input) {
+    input.setAttribute("aria-invalid", "true");
+    input.focus();
+  }
+}
+
+function integer(id, field) {
+  const v = $(id).value.trim();
+  if (!/^\d+$/.test(v)) throw { field, message: "Enter a whole number." };
+  return Number(v);
+}
+
+async function loadSettings() {
+  clearFieldErrors();
+  $("settings-message").textContent = "";
+  const s = await guarded($("settings-error"), () => api("GET", "/settings"));
+  if (s && state.view === "settings") fillSettings(s);
+}
+
+$("settings-form").addEventListener("submit", async (ev) => {
+  ev.preventDefault();
+  clearFieldErrors();
+  $("settings-message").textContent = "";
+  let body;
+  try {
+    body = {
+      wol: {
+        addresses: lines($("set-wol-addresses").value),
+        subnet_broadcast: $("set-wol-subnet").checked,
+        port: integer("set-wol-port", "wol.port"),
+        repeats: integer("set-wol-repeats", "wol.repeats"),
+        secureon: $("set-wol-secureon").value.trim(),
+      },
+      wakeup: {
+        default_expiry_secs: integer("set-wakeup-expiry", "wakeup.default_expiry_secs"),
+        spread_secs: integer("set-wakeup-spread", "wakeup.spread_secs"),
+        spread_from_agents: integer("set-wakeup-spread-from", "wakeup.spread_from_agents"),
+      },
+      broker: { endpoints: lines($("set-broker-endpoints").value) },
+      proxy: { url: $("set-proxy-url").value.trim(), direct_fallback: $("set-proxy-direct").checked },
+    };
+  } catch (e) {
+    fieldError(e.field, e.message);
+    return;
+  }
+  $("settings-save").disabled = true;
+  try {
+    const saved = await api("PUT", "/settings", body);
+    fillSettings(saved);
+    $("settings-message").textContent = "Settings saved.";
+  } catch (e) {
+    if (e instanceof ApiError && e.status === 401) { showLogin("Your session ended: log in again."); return; }
+    // "setting wol.addresses[0]: ..." names the field; other refusals (e.g. an address that
+    // is not an IP literal fails JSON parsing) are matched by the field they mention.
+    const m = /^setting ([a-z_.]+(?:\[\d+\])?): (.*)$/s.exec(e.message);
+    if (m) fieldError(m[1], m[2]);
+    else {
+      const named = ["wol.addresses", "wol.secureon", "wol.port", "wol.repeats", "wakeup.default_expiry_secs",
+        "wakeup.spread_secs", "wakeup.spread_from_agents", "broker.endpoints", "proxy.url"]
+        .find((f) => e.message.includes(f));
+      if (named) fieldError(named, e.message);
+      else if (/IP address|invalid IP/i.test(e.message)) fieldError("wol.addresses", e.message);
+      else showError($("settings-error"), e);
+    }
+  } finally {
+    $("settings-save").disabled = false;
+  }
+});
+
+// --- Routing ---
+
+async function route() {
+  stopLive();
+  showError($("global-error"), null);
+  const hash = location.hash || "#/dashboard";
+  const [path, q] = hash.slice(1).split("?");
+  const params = new URLSearchParams(q || "");
+  const parts = path.split("/").filter(Boolean);
+  if (parts[0] === "login") {
+    showLogin();
+    return;
+  }
+  // Is the session still valid? The status call answers 401 when not.
+  if (!state.user) {
+    try {
+      await api("GET", "/status");
+      state.user = "(session)";
+    } catch (e) {
+      if (e instanceof ApiError && e.status === 401) { showLogin(); return; }
+      showError($("global-error"), e);
+    }
+  }
+  switch (parts[0]) {
+    case "agents":
+      openAgents(params);
+      break;
+    case "calls":
+      if (parts[1]) openCall(decodeURIComponent(parts[1]));
+      else { show("calls"); loadCalls(); state.timer = setInterval(loadCalls, 5000); }
+      break;
+    case "enroll":
+      show("enroll");
+      loadTokens();
+      break;
+    case "settings":
+      show("settings");
+      loadSettings();
+      break;
+    default:
+      show("dashboard");
+      loadDashboard();
+      state.timer = setInterval(loadDashboard, 3000);
+  }
+  const h1 = document.querySelector("main > section.view:not([hidden]) h1");
+  if (h1 && document.activeElement === document.body) h1.setAttribute("tabindex", "-1");
+}
+
+window.addEventListener("hashchange", route);
+route();
