@@ -438,8 +438,7 @@ fn write_files(
 
 /// `scheme://host:port` of the console.
 fn console_base(console: &Url) -> String {
-    let s = console.to_string();
-    s.trim_end_matches('/').to_owned()
+    console.origin()
 }
 
 /// Broker host, primary port and fallback port from the endpoint list (`host:port`,
@@ -603,6 +602,53 @@ mod tests {
             ("::1".into(), 8883, 443)
         );
         assert_eq!(broker_target(&[], &console), ("10.0.0.5".into(), 8883, 443));
+    }
+
+    #[test]
+    fn the_written_config_quotes_paths_and_carries_the_proxy() {
+        let answer = EnrollAnswer {
+            agent_id: "pc-1".into(),
+            tenant: "acme".into(),
+            certificate: String::new(),
+            ca: String::new(),
+            broker_endpoints: vec!["push.example.com:8883".into()],
+            proxy: ProxyPolicy {
+                url: "http://proxy.example:3128".into(),
+                direct_fallback: true,
+            },
+            wakeup_key: WakeUpKey {
+                kid: "console-1".into(),
+                public_key: "6kpsY-KcUgq-9VB7Ey7F-ZVHdq6-vnuSQh7qaRRG0iw".into(),
+            },
+            checkin_token: "bka_x".into(),
+            checkin_url: None,
+        };
+        let console = Url::parse("https://console.example.com").expect("url");
+        let mut opts = EnrollOptions::new(console.to_string(), "bke_x", "/s", "/c");
+        opts.console_ca = Some(PathBuf::from("/tmp/ca.pem"));
+        let state = Path::new("/var/lib/odd \"name\" \\ dir");
+        let text = config_text(&opts, state, &answer, &console).expect("text");
+        let config = AgentConfig::parse(&text, Path::new("x.toml")).expect("valid");
+        assert_eq!(config.state_dir, state);
+        assert_eq!(config.broker.client_key, Some(state.join("agent.key")));
+        assert_eq!(
+            config.broker.proxy.as_deref(),
+            Some("http://proxy.example:3128")
+        );
+        assert_eq!(
+            (
+                config.broker.host.as_str(),
+                config.broker.port,
+                config.broker.fallback_port
+            ),
+            ("push.example.com", 8883, 443)
+        );
+        assert_eq!(
+            config.checkin.console_url.as_deref(),
+            Some("https://console.example.com")
+        );
+        assert_eq!(config.checkin.ca_file, Some(state.join("console-ca.pem")));
+        assert_eq!(config.checkin.token_file, Some(state.join("checkin.token")));
     }
 
     #[tokio::test]

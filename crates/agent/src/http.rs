@@ -94,6 +94,15 @@ impl Url {
         }
     }
 
+    /// `scheme://host[:port]`, the port only when it is not the scheme's default.
+    pub fn origin(&self) -> String {
+        let scheme = match self.scheme {
+            Scheme::Http => "http",
+            Scheme::Https => "https",
+        };
+        format!("{scheme}://{}", self.host_header())
+    }
+
     fn host_header(&self) -> String {
         let default = match self.scheme {
             Scheme::Http => 80,
