@@ -181,18 +181,34 @@ function renderPush(push) {
   }
   box.dataset.state = "down";
   $("push-summary").textContent = `Not connected since ${when(push.since)}. Wake-up calls stay queued until the console reconnects.`;
-  $("push-message").textContent = push.message || "Push service servers are not reachable";
-  $("push-fix").textContent = pushFix(push);
+  // "Push service servers are not reachable: <why>": the notice as headline, the why below.
+  const headline = "Push service servers are not reachable";
+  const message = push.message || headline;
+  const why = message.startsWith(headline) ? message.slice(headline.length).replace(/^[:\s]+/, "") : message;
+  $("push-message").textContent = headline;
+  $("push-why").textContent = why;
+  $("push-why").hidden = !why;
   const diag = push.diagnosis;
+  const paths = diag && Array.isArray(diag.paths) ? diag.paths : [];
+  // The doctor's own advice, one line per failing step, when it ran; else a general hint.
+  const fixes = [...new Set(paths.flatMap((p) => (p.steps || []).filter((st) => st.verdict === "fail" && st.fix).map((st) => st.fix)))];
+  $("push-fix").replaceChildren(...(fixes.length
+    ? [el("strong", {}, "Fix: "), el("ul", {}, fixes.map((f) => el("li", {}, f)))]
+    : [pushFix(push, why)]));
   $("push-diagnosis-box").hidden = !diag;
-  $("push-diagnosis").textContent = diag ? JSON.stringify(diag, null, 2) : "";
+  $("push-diagnosis").replaceChildren(...paths.map((p) => el("div", { class: "diag-path" },
+    el("p", {}, badge(p.ok ? "online" : "offline", p.ok ? "works" : "fails"), " ", p.description || p.path || ""),
+    el("ol", {}, (p.steps || []).map((st) => el("li", {},
+      badge(st.verdict === "pass" ? "online" : st.verdict === "fail" ? "offline" : "queued", st.verdict),
+      ` ${st.step}: ${st.detail || ""}`))))));
+  if (diag && !paths.length) $("push-diagnosis").textContent = JSON.stringify(diag, null, 2);
   $("push-notice").hidden = false;
 }
 
 /** What to do about a push-service connection that is down, from its last error. */
-function pushFix(push) {
+function pushFix(push, shown) {
   const text = `${push.message || ""} ${push.last_error || ""}`.toLowerCase();
-  const tail = push.last_error ? ` Last error: ${push.last_error}.` : "";
+  const tail = push.last_error && !(shown || "").includes(push.last_error) ? ` Last error: ${push.last_error}.` : "";
   if (text.includes("not connected yet")) {
     return "The console is still connecting; this page refreshes by itself." + tail;
   }
@@ -446,6 +462,9 @@ $("action-revoke").addEventListener("click", async () => {
 
 function openAgents(params) {
   show("agents");
+  state.selected = new Set();
+  $("agents-message").textContent = "";
+  $("wol-panel").hidden = true;
   $("agent-presence").value = params.get("presence") || "";
   const path = params.get("path") || "";
   if (path && ![...$("agent-path").options].some((o) => o.value === path)) {
@@ -625,8 +644,15 @@ $("settings-form").addEventListener("submit", async (ev) => {
     // "setting wol.addresses[0]: ..." names the field; other refusals (e.g. an address that
     // is not an IP literal fails JSON parsing) are matched by the field they mention.
     const m = /^setting ([a-z_.]+(?:\[\d+\])?): (.*)$/s.exec(e.message);
+    // Values that do not even parse: "...: wol.addresses[1]: invalid IP address syntax at line 1 column 40".
+    const parse = /: ([a-z_]+\.[a-z_]+)(?:\[(\d+)\])?: (.+?)(?: at line \d+ column \d+)?$/s.exec(e.message);
     if (m) fieldError(m[1], m[2]);
-    else {
+    else if (parse) {
+      const [, field, index, reason] = parse;
+      const list = field === "wol.addresses" ? body.wol.addresses : field === "broker.endpoints" ? body.broker.endpoints : null;
+      const which = index !== undefined && list ? `line ${Number(index) + 1} (${JSON.stringify(list[Number(index)])}): ` : "";
+      fieldError(field, which + reason);
+    } else {
       const named = ["wol.addresses", "wol.secureon", "wol.port", "wol.repeats", "wakeup.default_expiry_secs",
         "wakeup.spread_secs", "wakeup.spread_from_agents", "broker.endpoints", "proxy.url"]
         .find((f) => e.message.includes(f));
