@@ -85,7 +85,7 @@ pub fn main(args: UpArgs) -> anyhow::Result<()> {
             .with_context(|| format!("starting the console in {}", console_dir.display()))?;
 
         let (cert, key, ca_file) = ensure_broker_certificate(&console_dir, &broker_dir)?;
-        let tenants_dir = write_tenant_file(&broker_dir, &tenant, &ca_file)?;
+        let tenants_dir = write_tenant_file(&broker_dir, &tenant, &console.tenant_file())?;
         let mut broker_config = BrokerConfig::default();
         broker_config.data_dir.clone_from(&broker_dir);
         broker_config.tenants_dir = Some(tenants_dir);
@@ -164,38 +164,17 @@ pub fn main(args: UpArgs) -> anyhow::Result<()> {
 }
 
 /// The broker's tenant folder with the one tenant of this installation: the console's
-/// tenant, whose clients (agents and the console itself) hold certificates of the console's
-/// CA. Rewritten on each start, so that it always names the CA in force.
-fn write_tenant_file(broker_dir: &Path, tenant: &str, ca_file: &Path) -> anyhow::Result<PathBuf> {
+/// tenant file (its CA, which signs the agents' and the console's certificates, and its
+/// token key). Rewritten when it differs, so that it always names the CA and key in force.
+fn write_tenant_file(broker_dir: &Path, tenant: &str, text: &str) -> anyhow::Result<PathBuf> {
     let dir = broker_dir.join("tenants");
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-    let ca =
-        std::path::absolute(ca_file).with_context(|| format!("resolving {}", ca_file.display()))?;
-    let text = format!(
-        "# Written by `beckon up` at each start: the console's tenant and its CA.\nname = \"beckon up\"\n\n[[ca]]\nfile = {}\n",
-        toml_string(&ca.to_string_lossy())
-    );
     let file = dir.join(format!("{tenant}.toml"));
-    if std::fs::read_to_string(&file).ok().as_deref() != Some(text.as_str()) {
+    if std::fs::read_to_string(&file).ok().as_deref() != Some(text) {
         beckon_pki::write_atomic(&file, text.as_bytes(), 0o644)
             .with_context(|| format!("writing {}", file.display()))?;
     }
     Ok(dir)
-}
-
-/// A TOML basic string.
-fn toml_string(s: &str) -> String {
-    let mut out = String::from("\"");
-    for c in s.chars() {
-        match c {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            c if c.is_control() => out.push_str(&format!("\\u{:04X}", c as u32)),
-            c => out.push(c),
-        }
-    }
-    out.push('"');
-    out
 }
 
 /// The broker's server certificate, issued by the console's CA on first run and reused
