@@ -127,6 +127,25 @@ def test_wake_up_call_to_one_agent_reaches_finished_live(browser, beckon):
          "the call is not in the calls list")
 
 
+def test_selected_agents_join_a_group_and_the_group_filter_lists_them(browser, beckon):
+    go(browser, beckon, "agents")
+    wait(browser, lambda b: len(listed_agents(b)) == 3, "agents never listed")
+    for agent_id in ("demo-01", "demo-03"):
+        browser.find_element(By.CSS_SELECTOR, f"input.agent-select[data-agent-id='{agent_id}']").click()
+    wait(browser, lambda b: b.find_element(By.ID, "agents-selected-count").text == "2 selected",
+         "selection count did not show 2")
+    browser.find_element(By.ID, "group-name").send_keys("lab")
+    browser.find_element(By.ID, "action-group").click()
+    wait(browser, lambda b: "Added 2 agent(s) to group lab" in b.find_element(By.ID, "agents-message").text,
+         "adding to the group was not confirmed")
+    wait(browser, lambda b: any(o.get_attribute("value") == "lab"
+                                for o in b.find_elements(By.CSS_SELECTOR, "#agent-group option")),
+         "the new group is not offered in the group filter")
+    Select(browser.find_element(By.ID, "agent-group")).select_by_value("lab")
+    wait(browser, lambda b: sorted(listed_agents(b)) == ["demo-01", "demo-03"],
+         "the group filter does not list exactly the two agents")
+
+
 @pytest.fixture(scope="module")
 def extra_agent_dir(tmp_path_factory):
     return tmp_path_factory.mktemp("extra-agent")

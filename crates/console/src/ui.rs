@@ -91,6 +91,38 @@ pub fn router() -> Router {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use axum::body::Body;
+    use axum::http::Request;
+    use tower::ServiceExt;
+
+    #[tokio::test]
+    async fn the_page_and_its_scripts_are_served_with_the_policy() {
+        for (path, media) in [
+            ("/", "text/html"),
+            ("/ui/app.js", "text/javascript"),
+            ("/ui/api.js", "text/javascript"),
+            ("/ui/app.css", "text/css"),
+        ] {
+            let req = Request::get(path).body(Body::empty()).expect("request");
+            let resp = router().oneshot(req).await.expect("response");
+            assert_eq!(resp.status(), StatusCode::OK, "{path}");
+            let h = resp.headers();
+            let ct = h.get(CONTENT_TYPE).and_then(|v| v.to_str().ok());
+            assert!(ct.is_some_and(|c| c.starts_with(media)), "{path}: {ct:?}");
+            let csp = h.get(CONTENT_SECURITY_POLICY).and_then(|v| v.to_str().ok());
+            assert_eq!(csp, Some(CONTENT_SECURITY_POLICY_VALUE), "{path}");
+            assert_eq!(
+                h.get("x-content-type-options")
+                    .and_then(|v| v.to_str().ok()),
+                Some("nosniff")
+            );
+        }
+        let req = Request::get("/ui/nothing.js")
+            .body(Body::empty())
+            .expect("request");
+        let resp = router().oneshot(req).await.expect("response");
+        assert_eq!(resp.status(), StatusCode::NOT_FOUND);
+    }
 
     #[test]
     fn every_script_and_style_the_page_names_is_served() {

@@ -320,6 +320,8 @@ async function loadGroups() {
   sel.replaceChildren(el("option", { value: "" }, "All groups"),
     ...groups.map((g) => el("option", { value: g.name }, `${g.name} (${g.members})`)));
   sel.value = keep;
+  $("group-names").replaceChildren(...groups.map((g) => el("option", { value: g.name })));
+  state.groups = groups.map((g) => g.name);
 }
 
 async function loadAgents() {
@@ -379,7 +381,7 @@ function renderAgents() {
 function updateSelection() {
   const n = state.selected.size;
   $("agents-selected-count").textContent = `${n} selected`;
-  for (const id of ["action-wake", "action-wol", "action-revoke"]) $(id).disabled = n === 0;
+  for (const id of ["action-wake", "action-wol", "action-group", "action-revoke"]) $(id).disabled = n === 0;
   const all = $("agents-select-all");
   all.checked = n > 0 && n === state.agents.length;
   all.indeterminate = n > 0 && n < state.agents.length;
@@ -447,6 +449,32 @@ async function showWolHistory(ids) {
     el("td", {}, s.error ? el("span", { class: "error" }, s.error) : "sent"))));
   $("wol-panel").hidden = false;
 }
+
+$("action-group").addEventListener("click", async () => {
+  const name = $("group-name").value.trim();
+  $("agents-message").textContent = "";
+  if (!name) {
+    showError($("agents-error"), "Enter a group name to add the selected agents to.");
+    $("group-name").focus();
+    return;
+  }
+  // A new name makes the group first.
+  if (!(state.groups || []).includes(name)) {
+    const made = await guarded($("agents-error"), () => api("POST", "/groups", { name }));
+    if (!made) return;
+  }
+  let added = 0;
+  for (const a of state.agents.filter((x) => state.selected.has(x.id))) {
+    if (a.groups.includes(name)) continue;
+    const ok = await guarded($("agents-error"), () =>
+      api("PATCH", `/agents/${encodeURIComponent(a.id)}`, { groups: [...a.groups, name] }));
+    if (!ok) return;
+    added += 1;
+  }
+  $("agents-message").textContent = `Added ${added} agent(s) to group ${name}.`;
+  await loadGroups();
+  loadAgents();
+});
 
 $("action-revoke").addEventListener("click", async () => {
   const ids = [...state.selected];
