@@ -1142,30 +1142,40 @@ fn event_stream(
     call_id: Option<String>,
 ) -> Sse<impl Stream<Item = Result<Event, Infallible>> + use<>> {
     let rx = st.events.subscribe();
-    let stream = futures_util::stream::unfold((rx, call_id), |(mut rx, call_id)| async move {
-        loop {
-            match rx.recv().await {
-                Ok(ev) => {
-                    if call_id.as_ref().is_some_and(|c| *c != ev.call_id) {
-                        continue;
+    let stop = st.shutdown.clone();
+    let stream = futures_util::stream::unfold(
+        (rx, call_id, stop),
+        |(mut rx, call_id, mut stop)| async move {
+            loop {
+                // The stream ends when the console stops, so that shutdown does not wait for
+                // browsers to go away.
+                let received = tokio::select! {
+                    r = rx.recv() => r,
+                    _ = dispatch::stopped(&mut stop) => return None,
+                };
+                match received {
+                    Ok(ev) => {
+                        if call_id.as_ref().is_some_and(|c| *c != ev.call_id) {
+                            continue;
+                        }
+                        let data = serde_json::to_string(&ev).unwrap_or_default();
+                        return Some((
+                            Ok(Event::default().event("delivery").data(data)),
+                            (rx, call_id, stop),
+                        ));
                     }
-                    let data = serde_json::to_string(&ev).unwrap_or_default();
-                    return Some((
-                        Ok(Event::default().event("delivery").data(data)),
-                        (rx, call_id),
-                    ));
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                        let data = json!({"missed": n}).to_string();
+                        return Some((
+                            Ok(Event::default().event("lagged").data(data)),
+                            (rx, call_id, stop),
+                        ));
+                    }
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => return None,
                 }
-                Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
-                    let data = json!({"missed": n}).to_string();
-                    return Some((
-                        Ok(Event::default().event("lagged").data(data)),
-                        (rx, call_id),
-                    ));
-                }
-                Err(tokio::sync::broadcast::error::RecvError::Closed) => return None,
             }
-        }
-    });
+        },
+    );
     Sse::new(stream).keep_alive(KeepAlive::default())
 }
 

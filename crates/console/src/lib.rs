@@ -203,6 +203,9 @@ pub struct AppState {
     pub push: Arc<Mutex<PushStatus>>,
     /// Configuration.
     pub config: Arc<ConsoleConfig>,
+    /// Becomes true when the console stops: ends the live event streams, which would
+    /// otherwise hold the HTTP server's graceful shutdown open.
+    pub shutdown: watch::Receiver<bool>,
 }
 
 /// A running console.
@@ -321,6 +324,7 @@ impl Console {
                 diagnosis: None,
             })),
             config: Arc::new(config),
+            shutdown: shutdown_rx.clone(),
         };
         let router = api::router(state.clone()).merge(ui::router());
         let scheme = if tls.is_some() { "https" } else { "http" };

@@ -994,3 +994,62 @@ async fn live_call_updates_stream_as_server_sent_events_and_overdue_calls_expire
     let (_, got) = api.call("GET", "/api/v1/calls/c-short", None).await;
     assert_eq!(got["deliveries"][0]["state"], CallState::Expired.as_str());
 }
+
+/// A browser left on a live call page must not hold the console open: shutting down ends the
+/// event streams, and the web UI is served by the same listener.
+#[tokio::test]
+async fn shutdown_ends_open_event_streams_and_the_ui_is_served_on_the_api_port() {
+    use std::time::Duration;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let api = start().await;
+    let addr = api.handle.local_addr;
+    let token = api.token.clone();
+
+    let mut page = tokio::net::TcpStream::connect(addr).await.unwrap();
+    page.write_all(b"GET / HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut text = String::new();
+    tokio::time::timeout(Duration::from_secs(10), page.read_to_string(&mut text))
+        .await
+        .expect("the page within 10 s")
+        .unwrap();
+    assert!(text.starts_with("HTTP/1.1 200"), "{text:.200}");
+    assert!(
+        text.to_ascii_lowercase()
+            .contains("content-security-policy: default-src 'none'")
+    );
+    assert!(text.contains("/ui/app.js"));
+
+    let mut sse = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let req = format!(
+        "GET /api/v1/events HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {token}\r\n\r\n"
+    );
+    sse.write_all(req.as_bytes()).await.unwrap();
+    let mut buf = vec![0u8; 4096];
+    let n = tokio::time::timeout(Duration::from_secs(10), sse.read(&mut buf))
+        .await
+        .expect("the stream's headers within 10 s")
+        .unwrap();
+    let head = String::from_utf8_lossy(&buf[..n]).to_ascii_lowercase();
+    assert!(head.contains("text/event-stream"), "{head}");
+
+    let Api { handle, _dir, .. } = api;
+    let stop = tokio::spawn(handle.shutdown());
+    // The stream ends (EOF) instead of staying open until the shutdown gives up.
+    let ended = tokio::time::timeout(Duration::from_secs(4), async {
+        loop {
+            match sse.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(_) => continue,
+            }
+        }
+    })
+    .await;
+    assert!(ended.is_ok(), "the event stream stayed open after shutdown");
+    tokio::time::timeout(Duration::from_secs(10), stop)
+        .await
+        .expect("shutdown within 10 s")
+        .unwrap();
+}
