@@ -312,3 +312,15 @@ def test_push_service_down_shows_the_notice_and_its_fix(browser, tmp_path):
         proc.wait(timeout=10)
         if proc.stdout:
             proc.stdout.close()
+
+
+def test_logout_ends_the_session(browser, beckon):
+    browser.delete_all_cookies()
+    browser.get(beckon.url + "/")
+    visible(browser, "login-password").send_keys(beckon.password, Keys.ENTER)
+    visible(browser, "view-dashboard")
+    browser.find_element(By.ID, "logout").click()
+    visible(browser, "view-login")
+    go(browser, beckon, "agents")
+    visible(browser, "view-login")
+    assert not browser.find_element(By.ID, "view-agents").is_displayed()

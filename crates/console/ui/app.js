@@ -412,6 +412,7 @@ $("action-wake").addEventListener("click", async () => {
   $("agents-message").textContent = "";
   const call = await guarded($("agents-error"), () => api("POST", "/calls", {
     target: { agents: ids }, reason: $("wake-reason").value.trim(),
+    wake_on_lan: $("wake-with-wol").checked,
   }));
   if (call) location.hash = "#/calls/" + encodeURIComponent(call.id);
 });
