@@ -1,0 +1,361 @@
+//! The connection ladder against Beckon's real broker with tenants: an agent with a tenant
+//! client certificate (O=tenant, OU=agent, CN=id) finds its path (8883, the shared fallback
+//! port with ALPN mqtt, through tinyproxy, or direct when the proxy is down or asks for
+//! credentials), a wake-up published by a server identity reaches it, and
+//! `beckon agent status` names the path. Every wait is bounded.
+//!
+//! Not produced here: "fallback port without ALPN mqtt, WebSocket only". Beckon's broker
+//! always accepts ALPN mqtt on its shared port, so the WebSocket rung is never reached against
+//! it; that rung is tested against a scripted server in `beckon-net`'s ladder tests.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use beckon_agent::state::AgentState;
+use beckon_agent::{Connector, LadderConnector, run_agent};
+use beckon_broker::{Bound, BrokerConfig, Listen, Server, ServerHandle};
+use beckon_identity::{KeyId, Role, SigningKey, TenantId, TokenSigner};
+use beckon_mqtt::{Connect, Packet, Properties, ProtocolVersion};
+use beckon_pki::CertificateAuthority;
+use bytes::Bytes;
+use common::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::watch;
+
+/// A broker with tenant `acme` on 8883-like and fallback listeners, and what the agent needs.
+struct TenantBroker {
+    bound: Bound,
+    handle: Option<ServerHandle>,
+    signer: TokenSigner,
+    _dir: tempfile::TempDir,
+    agent_cert: PathBuf,
+    agent_key: PathBuf,
+}
+
+impl TenantBroker {
+    async fn start() -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let tenants = dir.path().join("tenants");
+        std::fs::create_dir_all(&tenants).expect("tenants folder");
+        let ca = CertificateAuthority::generate("acme agents CA", Duration::from_secs(86_400))
+            .expect("tenant CA");
+        std::fs::write(tenants.join("acme-ca.pem"), ca.cert_pem()).expect("write CA");
+        let key = SigningKey::generate(KeyId::new("k1").expect("kid")).expect("key");
+        std::fs::write(
+            tenants.join("acme.toml"),
+            format!(
+                "name = \"acme\"\n[[ca]]\nfile = \"acme-ca.pem\"\n[[token_key]]\nkid = \"k1\"\npublic_key = \"{}\"\n",
+                key.public_key().to_base64()
+            ),
+        )
+        .expect("write tenant");
+        let signer = TokenSigner::new(TenantId::new("acme").expect("tenant"), key);
+
+        // The agent's certificate: O=acme OU=agent CN=a1.
+        let issued = ca
+            .issue_client("a1", Some("acme"), Some("agent"), Duration::from_secs(3600))
+            .expect("agent certificate");
+        let agent_cert = dir.path().join("agent.pem");
+        let agent_key = dir.path().join("agent.key");
+        std::fs::write(&agent_cert, &issued.cert_pem).expect("write cert");
+        std::fs::write(&agent_key, &issued.key_pem).expect("write key");
+
+        let mut config = BrokerConfig {
+            data_dir: dir.path().join("data"),
+            tenants_dir: Some(tenants),
+            ..BrokerConfig::default()
+        };
+        config.listeners.mqtts = Listen(Some("127.0.0.1:0".parse().expect("addr")));
+        config.listeners.fallback = Listen(Some("127.0.0.1:0".parse().expect("addr")));
+        config.listeners.mqtt = Listen(None);
+        config.limits.connect_timeout_secs = 5;
+        let (bound, handle) = tokio::time::timeout(WAIT, Server::bind(config))
+            .await
+            .expect("broker starts in time")
+            .expect("broker starts");
+        Self {
+            bound,
+            handle: Some(handle),
+            signer,
+            _dir: dir,
+            agent_cert,
+            agent_key,
+        }
+    }
+
+    fn mqtts(&self) -> SocketAddr {
+        self.bound.mqtts.expect("TLS listener")
+    }
+
+    fn fallback(&self) -> SocketAddr {
+        self.bound.fallback.expect("shared port")
+    }
+
+    fn server_ca(&self) -> PathBuf {
+        self.bound.generated_ca.clone().expect("generated CA")
+    }
+
+    /// The agent's `[broker]` pointing at this broker's ports, with its certificate.
+    fn agent_config(
+        &self,
+        state_dir: &Path,
+        primary: u16,
+        proxy: Option<String>,
+    ) -> beckon_agent::AgentConfig {
+        let mut config = test_config(
+            state_dir,
+            &command_action(state_dir, r#"echo "$BECKON_WAKEUP_REASON" >> runs"#, "10s"),
+        );
+        config.broker.port = primary;
+        config.broker.fallback_port = self.fallback().port();
+        config.broker.server_name = Some("localhost".into());
+        config.broker.ca_file = Some(self.server_ca());
+        config.broker.client_cert = Some(self.agent_cert.clone());
+        config.broker.client_key = Some(self.agent_key.clone());
+        config.broker.proxy = proxy;
+        config
+    }
+
+    /// A server identity (token, role server) over TLS on 8883, subscribed to the acks.
+    async fn server_client(&self) -> Peer<beckon_agent::connector::BoxedStream> {
+        let state = tempfile::tempdir().expect("tempdir");
+        let mut config = test_config(state.path(), "");
+        config.broker.port = self.mqtts().port();
+        config.broker.fallback_port = free_port();
+        config.broker.server_name = Some("localhost".into());
+        config.broker.ca_file = Some(self.server_ca());
+        let mut connector = LadderConnector::new(&config).expect("ladder");
+        let connection = tokio::time::timeout(WAIT, connector.connect())
+            .await
+            .expect("server connects in time")
+            .expect("server connects");
+        let mut peer = Peer::new(connection.stream);
+        let token = self
+            .signer
+            .issue(
+                Role::Server,
+                "console",
+                beckon_agent::timefmt::unix_now(),
+                3600,
+            )
+            .expect("token");
+        peer.send(Packet::Connect(Box::new(Connect {
+            protocol: ProtocolVersion::V5,
+            clean_start: true,
+            keep_alive: 60,
+            client_id: "console".into(),
+            will: None,
+            username: Some("beckon".into()),
+            password: Some(Bytes::from(token.into_bytes())),
+            properties: Properties::default(),
+        })))
+        .await;
+        match peer.recv().await {
+            Packet::ConnAck(c) if !c.code.is_error() => {}
+            other => panic!("server identity not accepted: {other:?}"),
+        }
+        peer.client_subscribe("agents/a1/ack").await;
+        peer
+    }
+
+    async fn stop(&mut self) {
+        if let Some(h) = self.handle.take() {
+            tokio::time::timeout(WAIT, h.shutdown())
+                .await
+                .expect("shutdown in time")
+                .expect("clean shutdown");
+        }
+    }
+}
+
+/// A running agent; stopped (and awaited) by [`RunningAgent::stop`].
+struct RunningAgent {
+    state: tempfile::TempDir,
+    stop: watch::Sender<bool>,
+    task: tokio::task::JoinHandle<Result<(), beckon_agent::AgentError>>,
+}
+
+impl RunningAgent {
+    fn start(broker: &TenantBroker, primary: u16, proxy: Option<String>) -> Self {
+        let state = tempfile::tempdir().expect("tempdir");
+        let config = broker.agent_config(state.path(), primary, proxy);
+        let connector = LadderConnector::new(&config).expect("ladder");
+        let (stop, stop_rx) = watch::channel(false);
+        let task = tokio::spawn(run_agent(config, connector, test_check(), stop_rx));
+        Self { state, stop, task }
+    }
+
+    fn dir(&self) -> &Path {
+        self.state.path()
+    }
+
+    /// Waits until the agent is connected by `path`.
+    async fn connected_via(&self, path: &str) {
+        let dir = self.dir();
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            let state = AgentState::read(dir).ok().flatten();
+            if state
+                .as_ref()
+                .is_some_and(|s| s.connected && s.path.as_deref() == Some(path))
+            {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "agent not connected via {path}; state: {state:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    async fn stop(self) {
+        let _ = self.stop.send(true);
+        tokio::time::timeout(WAIT, self.task)
+            .await
+            .expect("agent stops in time")
+            .expect("no panic")
+            .expect("agent ends cleanly");
+    }
+}
+
+/// The server wakes `a1`; the agent's command runs (its reason lands in `runs`), and the
+/// server sees `finished` with status ok.
+async fn wake_and_check_it_ran(broker: &TenantBroker, agent: &RunningAgent, reason: &str) {
+    let mut server = broker.server_client().await;
+    let acks = wake_until_acked_over(&mut server, reason, 1).await;
+    let finished = acks.last().expect("acks");
+    assert_eq!(finished["stage"], "finished");
+    assert_eq!(finished["status"], "ok", "{finished}");
+    let runs = std::fs::read_to_string(agent.dir().join("runs")).expect("the command ran");
+    assert!(runs.lines().any(|l| l == reason), "{runs}");
+}
+
+/// What `beckon agent status --state-dir DIR` prints.
+fn status(agent: &RunningAgent) -> String {
+    beckon_agent::status::status_text(agent.dir()).expect("status")
+}
+
+#[tokio::test]
+async fn with_8883_refused_the_agent_lands_on_443_mqtt_and_is_woken_there() {
+    let mut broker = TenantBroker::start().await;
+    // Nothing listens on the primary port: the ladder's next rung is ALPN mqtt on the
+    // broker's shared fallback port.
+    let agent = RunningAgent::start(&broker, free_port(), None);
+    agent.connected_via("443-mqtt").await;
+    wake_and_check_it_ran(&broker, &agent, "via the fallback port").await;
+    let text = status(&agent);
+    assert!(text.contains("connected via 443-mqtt since"), "{text}");
+    agent.stop().await;
+    broker.stop().await;
+}
+
+#[tokio::test]
+async fn with_8883_open_the_agent_uses_it_and_status_says_so() {
+    let mut broker = TenantBroker::start().await;
+    let agent = RunningAgent::start(&broker, broker.mqtts().port(), None);
+    agent.connected_via("8883").await;
+    wake_and_check_it_ran(&broker, &agent, "direct").await;
+    let text = status(&agent);
+    assert!(text.contains("connected via 8883 since"), "{text}");
+    agent.stop().await;
+    broker.stop().await;
+}
+
+#[tokio::test]
+async fn tinyproxy_allowing_the_mqtts_port_carries_8883() {
+    let mut broker = TenantBroker::start().await;
+    let Some(proxy) = Tinyproxy::start(&[broker.mqtts().port()]) else {
+        return;
+    };
+    let url = format!("http://127.0.0.1:{}", proxy.port);
+    let agent = RunningAgent::start(&broker, broker.mqtts().port(), Some(url.clone()));
+    let path = format!("8883 via {url}");
+    agent.connected_via(&path).await;
+    wake_and_check_it_ran(&broker, &agent, "through the proxy to 8883").await;
+    let text = status(&agent);
+    assert!(
+        text.contains(&format!("connected via {path} since")),
+        "{text}"
+    );
+    agent.stop().await;
+    broker.stop().await;
+}
+
+#[tokio::test]
+async fn tinyproxy_allowing_only_the_fallback_port_carries_443_mqtt() {
+    let mut broker = TenantBroker::start().await;
+    // Squid's default: CONNECT to 443 (here: the fallback port) only.
+    let Some(proxy) = Tinyproxy::start(&[broker.fallback().port()]) else {
+        return;
+    };
+    let url = format!("http://127.0.0.1:{}", proxy.port);
+    let agent = RunningAgent::start(&broker, broker.mqtts().port(), Some(url.clone()));
+    let path = format!("443-mqtt via {url}");
+    agent.connected_via(&path).await;
+    wake_and_check_it_ran(&broker, &agent, "through the proxy to 443").await;
+    let text = status(&agent);
+    assert!(
+        text.contains(&format!("connected via {path} since")),
+        "{text}"
+    );
+    agent.stop().await;
+    broker.stop().await;
+}
+
+#[tokio::test]
+async fn a_proxy_that_is_down_means_direct_8883() {
+    let mut broker = TenantBroker::start().await;
+    let url = format!("http://127.0.0.1:{}", free_port());
+    let agent = RunningAgent::start(&broker, broker.mqtts().port(), Some(url));
+    agent.connected_via("8883").await;
+    wake_and_check_it_ran(&broker, &agent, "proxy down, direct").await;
+    let text = status(&agent);
+    assert!(text.contains("connected via 8883 since"), "{text}");
+    agent.stop().await;
+    broker.stop().await;
+}
+
+/// A proxy that answers every request with 407 (authentication), which Beckon does not do.
+async fn proxy_asking_for_credentials() -> (SocketAddr, tokio::task::JoinHandle<()>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let task = tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = [0u8; 2048];
+                let _ = tokio::time::timeout(WAIT, stream.read(&mut buf)).await;
+                let _ = stream
+                    .write_all(
+                        b"HTTP/1.1 407 Proxy Authentication Required\r\nProxy-Authenticate: Negotiate\r\nContent-Length: 0\r\n\r\n",
+                    )
+                    .await;
+                let _ = stream.shutdown().await;
+            });
+        }
+    });
+    (addr, task)
+}
+
+#[tokio::test]
+async fn a_proxy_asking_for_credentials_means_direct_8883() {
+    let mut broker = TenantBroker::start().await;
+    let (proxy, proxy_task) = proxy_asking_for_credentials().await;
+    let agent = RunningAgent::start(
+        &broker,
+        broker.mqtts().port(),
+        Some(format!("http://{proxy}")),
+    );
+    agent.connected_via("8883").await;
+    wake_and_check_it_ran(&broker, &agent, "proxy wants credentials, direct").await;
+    let text = status(&agent);
+    assert!(text.contains("connected via 8883 since"), "{text}");
+    agent.stop().await;
+    proxy_task.abort();
+    broker.stop().await;
+}
