@@ -230,8 +230,9 @@ def clients(broker):
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_runtest_makereport(item, call):
-    """On failure, attach the broker's log tail to the report."""
+    """On failure, attach the broker's log tail to the report (`push_broker`: test_push_service.py)."""
     if call.when == "call" and call.excinfo is not None:
-        b = item.funcargs.get("broker")
-        if isinstance(b, Broker):
-            item.add_report_section("call", f"{b.name} log", b.log_tail())
+        for name in ("broker", "push_broker"):
+            b = item.funcargs.get(name)
+            if b is not None and hasattr(b, "log_tail"):
+                item.add_report_section("call", f"{b.name} log", b.log_tail())

@@ -87,7 +87,7 @@ class PahoClient:
     """A paho-mqtt client whose network loop runs in a background thread."""
 
     def __init__(self, broker, version: str, client_id: str | None = None, tls: bool = False, clean_session: bool = True,
-                 manual_ack: bool = False):
+                 manual_ack: bool = False, transport: str = "tcp"):
         self.broker = broker
         self.version = version
         self.v5 = version == "v5"
@@ -102,6 +102,7 @@ class PahoClient:
             protocol=VERSIONS[version],
             reconnect_on_failure=False,
             manual_ack=manual_ack,
+            transport=transport,
             **kwargs,
         )
         if tls:
@@ -144,13 +145,18 @@ class PahoClient:
 
     # --- actions ------------------------------------------------------------
 
+    def endpoint(self) -> tuple[str, int]:
+        """Host and port to connect to: the TLS listener by its certificate's name, or the plain one."""
+        if self.tls:
+            return "localhost", self.broker.tls_port
+        return self.broker.host, self.broker.port
+
     def set_will(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False, properties: Properties | None = None):
         self.client.will_set(topic, payload, qos=qos, retain=retain, properties=properties)
 
     def connect(self, clean_start: bool = True, properties: Properties | None = None, keepalive: int = 30, expect_success: bool = True) -> Connack:
         """Connect (plain or TLS), start the loop thread and wait for CONNACK."""
-        port = self.broker.tls_port if self.tls else self.broker.port
-        host = "localhost" if self.tls else self.broker.host
+        host, port = self.endpoint()
         kwargs = {"keepalive": keepalive}
         if self.v5:
             kwargs["clean_start"] = clean_start
