@@ -298,9 +298,14 @@ impl Server {
                         }
                     }
                 };
-                if files.client_ca.is_none() && !config.allow_anonymous {
+                // Tenants bring their own CAs and token keys; only without them is a
+                // broker with neither a client CA nor anonymous access closed to everyone.
+                if files.client_ca.is_none()
+                    && !config.allow_anonymous
+                    && config.tenants_dir.is_none()
+                {
                     tracing::warn!(
-                        "no tls.client_ca configured and anonymous access is off: no client can authenticate yet"
+                        "no tls.client_ca, no tenants_dir and anonymous access is off: no client can authenticate yet"
                     );
                 }
                 let options = ServerTlsOptions {
