@@ -38,6 +38,11 @@ pub fn main_with(tests: &[(&str, fn())]) -> ExitCode {
         };
     }
     if args.iter().any(|a| a == "--list") {
+        // None of these is ignored: a runner asking for the ignored ones gets an empty list
+        // (otherwise nextest would file every test as ignored and skip it).
+        if args.iter().any(|a| a == "--ignored") {
+            return ExitCode::SUCCESS;
+        }
         for (name, _) in tests {
             println!("{name}: test");
         }
