@@ -24,6 +24,8 @@ pub struct Connection {
     pub path: String,
     /// True for paths whose idle connections get cut (443, any proxy): shorter keepalive.
     pub fallback: bool,
+    /// True when the stream goes through an HTTP proxy (told to the broker for presence).
+    pub via_proxy: bool,
 }
 
 /// Why no stream could be opened, in plain words with the fix.
@@ -74,6 +76,7 @@ impl Connector for PlainTcpConnector {
                     stream: Box::new(stream),
                     path: format!("plain:{}", self.port),
                     fallback: false,
+                    via_proxy: false,
                 })
             }
             Ok(Err(e)) => Err(ConnectError(format!(
@@ -176,6 +179,7 @@ impl Connector for LadderConnector {
                 let path = &connected.path;
                 Ok(Connection {
                     fallback: path.transport.uses_fallback_port() || path.is_proxied(),
+                    via_proxy: path.is_proxied(),
                     path: path.to_string(),
                     stream: connected.stream,
                 })

@@ -194,6 +194,7 @@ async fn connect_once<C: Connector>(
         session_expiry: u32::try_from(config.broker.session_expiry.as_secs()).unwrap_or(u32::MAX),
         wake_topic: config.wake_topic(),
         ack_topic: config.ack_topic(),
+        via_proxy: connection.via_proxy,
     };
     let end = match MqttSession::establish(connection.stream, options).await {
         Err(end) => end,

@@ -24,6 +24,10 @@ const MAX_INFLIGHT: usize = 16;
 /// The packet id of the SUBSCRIBE; the outbox never uses it.
 const SUBSCRIBE_PACKET_ID: u16 = u16::MAX;
 
+/// CONNECT user property telling the broker the connection came through an HTTP proxy
+/// (the broker's presence events carry it; the name is the broker's `VIA_PROXY_PROPERTY`).
+pub const VIA_PROXY_PROPERTY: &str = "beckon-via-proxy";
+
 /// What the session needs to know.
 #[derive(Debug, Clone)]
 pub struct SessionOptions {
@@ -45,6 +49,9 @@ pub struct SessionOptions {
     pub wake_topic: String,
     /// `agents/{id}/ack`.
     pub ack_topic: String,
+    /// The stream goes through an HTTP proxy: told to the broker in CONNECT, which cannot
+    /// see it, so that the agent's presence says so.
+    pub via_proxy: bool,
 }
 
 /// What CONNACK settled.
@@ -376,6 +383,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> MqttSession<S> {
                 maximum_packet_size: Some(MAX_INCOMING_PACKET),
                 receive_maximum: Some(MAX_INFLIGHT as u16),
                 request_problem_information: Some(1),
+                user_properties: vec![(
+                    VIA_PROXY_PROPERTY.to_owned(),
+                    session.opts.via_proxy.to_string(),
+                )],
                 ..Properties::default()
             },
         }));

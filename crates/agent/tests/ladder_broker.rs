@@ -234,6 +234,23 @@ async fn wake_and_check_it_ran(broker: &TenantBroker, agent: &RunningAgent, reas
     assert!(runs.lines().any(|l| l == reason), "{runs}");
 }
 
+/// The retained presence event the broker holds for `a1`, as a server sees it.
+async fn presence_of_a1(broker: &TenantBroker) -> serde_json::Value {
+    let mut server = broker.server_client().await;
+    server.client_subscribe("agents/a1/presence").await;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        match server.recv_within(left).await {
+            Some(Packet::Publish(p)) if p.topic == "agents/a1/presence" => {
+                return serde_json::from_slice(&p.payload).expect("presence is JSON");
+            }
+            Some(_) => {}
+            None => panic!("no retained presence event for a1"),
+        }
+    }
+}
+
 /// What `beckon agent status --state-dir DIR` prints.
 fn status(agent: &RunningAgent) -> String {
     beckon_agent::status::status_text(agent.dir()).expect("status")
@@ -259,6 +276,9 @@ async fn with_8883_open_the_agent_uses_it_and_status_says_so() {
     let agent = RunningAgent::start(&broker, broker.mqtts().port(), None);
     agent.connected_via("8883").await;
     wake_and_check_it_ran(&broker, &agent, "direct").await;
+    let presence = presence_of_a1(&broker).await;
+    assert_eq!(presence["state"], "connected", "{presence}");
+    assert_eq!(presence["via_proxy"], false, "{presence}");
     let text = status(&agent);
     assert!(text.contains("connected via 8883 since"), "{text}");
     agent.stop().await;
@@ -276,6 +296,11 @@ async fn tinyproxy_allowing_the_mqtts_port_carries_8883() {
     let path = format!("8883 via {url}");
     agent.connected_via(&path).await;
     wake_and_check_it_ran(&broker, &agent, "through the proxy to 8883").await;
+    let presence = presence_of_a1(&broker).await;
+    assert_eq!(
+        presence["via_proxy"], true,
+        "the broker's presence says proxied: {presence}"
+    );
     let text = status(&agent);
     assert!(
         text.contains(&format!("connected via {path} since")),

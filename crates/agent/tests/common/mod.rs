@@ -292,6 +292,7 @@ impl Connector for ChannelConnector {
             stream: Box::new(agent_end),
             path: "memory".into(),
             fallback: self.fallback,
+            via_proxy: false,
         })
     }
 
