@@ -17,7 +17,7 @@ pub const DEFAULT_CONFIG_FILE: &str = "/etc/beckon-agent/agent.toml";
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     /// The file could not be read.
-    #[error("cannot read agent config {path}: {source}")]
+    #[error("cannot read {}: {source}", path.display())]
     Read {
         /// The file.
         path: PathBuf,

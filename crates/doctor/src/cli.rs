@@ -5,9 +5,10 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::{Context as _, bail};
+use beckon_agent::config::AgentConfig;
 use beckon_net::{ClientIdentity, ProxyUrl};
 
-use crate::config::{AgentBrokerSettings, DoctorConfig};
+use crate::config::DoctorConfig;
 
 /// `beckon doctor`: checks every path an agent would use to reach the broker (DNS, TCP,
 /// proxy CONNECT, TLS, WebSocket, MQTT CONNECT, a round trip) and names the fix for each
@@ -73,8 +74,8 @@ impl DoctorArgs {
     pub fn to_config(&self) -> anyhow::Result<DoctorConfig> {
         let mut config = match &self.agent_config {
             Some(file) => {
-                let agent = AgentBrokerSettings::load(file)?;
-                DoctorConfig::from_agent_config(&agent)
+                let agent = AgentConfig::load(file)?;
+                DoctorConfig::from_agent_config(&agent)?
             }
             None => {
                 let Some(broker) = &self.broker else {
@@ -129,7 +130,7 @@ impl DoctorArgs {
         }
         if let Some(id) = &self.client_id {
             config.client_id = Some(id.clone());
-            config.wake_topic = Some(crate::config::wake_topic(id));
+            config.wake_topic = Some(beckon_identity::acl::wake_topic(id));
         }
         if self.echo_topic.is_some() {
             config.echo_topic.clone_from(&self.echo_topic);

@@ -4,8 +4,8 @@
 use std::path::{Path as FsPath, PathBuf};
 use std::time::Duration;
 
+use beckon_agent::config::{AgentConfig, ConfigError};
 use beckon_net::{ClientIdentity, ProxyUrl, TlsSettings, TrustAnchors};
-use serde::Deserialize;
 
 /// Default wait for each step (DNS, TCP, proxy, TLS, WebSocket, each MQTT answer).
 pub const DEFAULT_STEP_TIMEOUT: Duration = Duration::from_secs(10);
@@ -83,30 +83,33 @@ impl DoctorConfig {
     }
 
     /// Takes broker, ports, proxy, CA, client certificate, token and client id from an agent's
-    /// configuration (the token read from its `token_file` if set).
-    pub fn from_agent_config(agent: &AgentBrokerSettings) -> Self {
-        let mut config = Self::new(agent.host.clone());
-        config.server_name = agent.server_name.clone();
-        config.primary_port = agent.port;
-        config.fallback_port = Some(agent.fallback_port);
-        config.proxy = agent.proxy.clone();
-        if let Some(ca) = &agent.ca_file {
+    /// configuration (the token read from its `token_file` if set), so that the doctor checks
+    /// exactly what the agent uses.
+    pub fn from_agent_config(agent: &AgentConfig) -> Result<Self, ConfigError> {
+        let b = &agent.broker;
+        let mut config = Self::new(b.host.clone());
+        config.server_name = b.server_name.clone();
+        config.primary_port = b.port;
+        config.fallback_port = Some(b.fallback_port);
+        // The agent validated the proxy URL when it loaded the file.
+        config.proxy = b.proxy.as_deref().and_then(|p| p.parse::<ProxyUrl>().ok());
+        if let Some(ca) = &b.ca_file {
             config.tls.trust = TrustAnchors::CaFile(ca.clone());
             config.ca_label = Some(format!("the CA file {} (broker.ca_file)", ca.display()));
         }
-        if let (Some(cert), Some(key)) = (&agent.client_cert, &agent.client_key) {
+        if let (Some(cert), Some(key)) = (&b.client_cert, &b.client_key) {
             config.tls.identity = Some(ClientIdentity::Files {
                 cert: cert.clone(),
                 key: key.clone(),
             });
         }
-        config.password = agent.token.clone();
+        config.password = agent.token()?;
         // The agent sends its id as the user name with a token.
-        config.username = agent.token.as_ref().map(|_| agent.agent_id.clone());
+        config.username = config.password.as_ref().map(|_| agent.agent_id.clone());
         config.client_id = Some(agent.agent_id.clone());
-        config.wake_topic = Some(wake_topic(&agent.agent_id));
-        config.session_expiry = agent.session_expiry;
-        config
+        config.wake_topic = Some(agent.wake_topic());
+        config.session_expiry = b.session_expiry;
+        Ok(config)
     }
 
     /// Uses the CA in `file`.
@@ -128,11 +131,6 @@ impl DoctorConfig {
             TrustAnchors::CaPem(_) => String::from("the configured CA"),
         }
     }
-}
-
-/// The topic an agent receives its wake-ups on.
-pub fn wake_topic(agent_id: &str) -> String {
-    format!("agents/{agent_id}/wake")
 }
 
 /// The token is left out: reports and logs must not carry it.
@@ -159,219 +157,27 @@ fn display(path: &FsPath) -> String {
     path.display().to_string()
 }
 
-/// An agent's configuration file could not be used.
-#[derive(Debug, thiserror::Error)]
-pub enum AgentConfigError {
-    /// The file (or its token file) could not be read.
-    #[error("cannot read {what} {}: {source}", path.display())]
-    Read {
-        /// "the agent configuration" or "the token file".
-        what: &'static str,
-        /// The file.
-        path: PathBuf,
-        /// The system's error.
-        source: std::io::Error,
-    },
-    /// The file is not valid TOML or a key has the wrong type.
-    #[error("agent configuration {}: {message}", path.display())]
-    Parse {
-        /// The file.
-        path: PathBuf,
-        /// What the parser says, with line and key.
-        message: String,
-    },
-    /// A value is well typed but not usable.
-    #[error("agent configuration {}: key `{key}`: {reason}", path.display())]
-    Invalid {
-        /// The file.
-        path: PathBuf,
-        /// The key, dotted.
-        key: &'static str,
-        /// Why, and what to write instead.
-        reason: String,
-    },
-}
-
-/// What the doctor needs from an agent's configuration file (the agent's TOML format, see
-/// `docs/agent.md`): its id and its `[broker]` table. Other keys are ignored here; the agent
-/// itself checks them.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct AgentBrokerSettings {
-    /// `agent_id`: the MQTT client id, user name with a token, and topic level.
-    pub agent_id: String,
-    /// `broker.host`.
-    pub host: String,
-    /// `broker.server_name`.
-    pub server_name: Option<String>,
-    /// `broker.port` (default 8883).
-    pub port: u16,
-    /// `broker.fallback_port` (default 443).
-    pub fallback_port: u16,
-    /// `broker.ca_file`.
-    pub ca_file: Option<PathBuf>,
-    /// `broker.client_cert`.
-    pub client_cert: Option<PathBuf>,
-    /// `broker.client_key`.
-    pub client_key: Option<PathBuf>,
-    /// `broker.token`, or the content of `broker.token_file`.
-    pub token: Option<String>,
-    /// `broker.proxy`.
-    pub proxy: Option<ProxyUrl>,
-    /// `broker.session_expiry` (default one day).
-    pub session_expiry: Duration,
-}
-
-#[derive(Deserialize)]
-struct RawAgentConfig {
-    agent_id: String,
-    broker: RawBroker,
-}
-
-#[derive(Deserialize)]
-struct RawBroker {
-    host: String,
-    server_name: Option<String>,
-    port: Option<u16>,
-    fallback_port: Option<u16>,
-    ca_file: Option<PathBuf>,
-    client_cert: Option<PathBuf>,
-    client_key: Option<PathBuf>,
-    token_file: Option<PathBuf>,
-    token: Option<String>,
-    proxy: Option<String>,
-    session_expiry: Option<toml::Value>,
-}
-
-impl AgentBrokerSettings {
-    /// Reads the settings from an agent's configuration file.
-    pub fn load(path: &FsPath) -> Result<Self, AgentConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| AgentConfigError::Read {
-            what: "the agent configuration",
-            path: path.to_owned(),
-            source,
-        })?;
-        Self::parse(&text, path)
-    }
-
-    /// Parses configuration text; `path` names the file in errors and token files are read
-    /// from disk.
-    pub fn parse(text: &str, path: &FsPath) -> Result<Self, AgentConfigError> {
-        let raw: RawAgentConfig = toml::from_str(text).map_err(|e| AgentConfigError::Parse {
-            path: path.to_owned(),
-            message: e.to_string(),
-        })?;
-        let invalid = |key: &'static str, reason: String| AgentConfigError::Invalid {
-            path: path.to_owned(),
-            key,
-            reason,
-        };
-        let b = raw.broker;
-        if b.host.trim().is_empty() {
-            return Err(invalid("broker.host", "must not be empty".into()));
-        }
-        if b.client_cert.is_some() != b.client_key.is_some() {
-            return Err(invalid(
-                "broker.client_key",
-                "client_cert and client_key go together: set both or neither".into(),
-            ));
-        }
-        let proxy = match &b.proxy {
-            None => None,
-            Some(p) => Some(
-                p.parse::<ProxyUrl>()
-                    .map_err(|e| invalid("broker.proxy", e.to_string()))?,
-            ),
-        };
-        let token = match (b.token, &b.token_file) {
-            (Some(_), Some(_)) => {
-                return Err(invalid(
-                    "broker.token",
-                    "set either token or token_file, not both".into(),
-                ));
-            }
-            (Some(token), None) => Some(token.trim().to_owned()),
-            (None, Some(file)) => Some(
-                std::fs::read_to_string(file)
-                    .map_err(|source| AgentConfigError::Read {
-                        what: "the token file",
-                        path: file.clone(),
-                        source,
-                    })?
-                    .trim()
-                    .to_owned(),
-            ),
-            (None, None) => None,
-        };
-        let session_expiry = match &b.session_expiry {
-            None => DEFAULT_RESUMED_SESSION_EXPIRY,
-            Some(value) => duration(value).ok_or_else(|| {
-                invalid(
-                    "broker.session_expiry",
-                    format!("{value} is not a duration: write seconds (86400) or a number with s, m, h or d (\"1d\")"),
-                )
-            })?,
-        };
-        Ok(Self {
-            agent_id: raw.agent_id,
-            host: b.host,
-            server_name: b.server_name,
-            port: b.port.unwrap_or(8883),
-            fallback_port: b.fallback_port.unwrap_or(443),
-            ca_file: b.ca_file,
-            client_cert: b.client_cert,
-            client_key: b.client_key,
-            token,
-            proxy,
-            session_expiry,
-        })
-    }
-}
-
-/// A duration as the agent writes it: whole seconds, or text with a unit (`30s`, `5m`, `1d`).
-fn duration(value: &toml::Value) -> Option<Duration> {
-    match value {
-        toml::Value::Integer(secs) => u64::try_from(*secs).ok().map(Duration::from_secs),
-        toml::Value::String(text) => {
-            let text = text.trim();
-            let split = text
-                .find(|c: char| !c.is_ascii_digit() && c != '.')
-                .unwrap_or(text.len());
-            let (number, unit) = text.split_at(split);
-            let value: f64 = number.parse().ok()?;
-            let scale = match unit.trim() {
-                "ms" => 0.001,
-                "" | "s" => 1.0,
-                "m" | "min" => 60.0,
-                "h" => 3600.0,
-                "d" => 86_400.0,
-                _ => return None,
-            };
-            let secs = value * scale;
-            (secs.is_finite() && (0.0..1e12).contains(&secs)).then(|| Duration::from_secs_f64(secs))
-        }
-        _ => None,
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    const KEYS: &str =
+        "[wakeup.console_keys]\nconsole-2026 = \"6kpsY-KcUgq-9VB7Ey7F-ZVHdq6-vnuSQh7qaRRG0iw\"\n";
+
     #[test]
-    fn reads_what_the_doctor_needs_from_an_agent_config() {
+    fn takes_what_the_doctor_needs_from_an_agent_config() {
         let dir = tempfile::tempdir().expect("tempdir");
         let token = dir.path().join("token");
         std::fs::write(&token, "  abc.def  \n").expect("token");
         let text = format!(
-            "agent_id = \"laptop-42\"\ntenant = \"acme\"\n[broker]\nhost = \"push.example\"\nport = 9883\nca_file = \"ca.pem\"\ntoken_file = \"{}\"\nproxy = \"http://proxy.example:3128\"\nsession_expiry = \"2h\"\nkeepalive_direct = 60\n[actions.command]\nargv = [\"/bin/true\"]\n",
+            "agent_id = \"laptop-42\"\ntenant = \"acme\"\n[broker]\nhost = \"push.example\"\nport = 9883\nca_file = \"ca.pem\"\ntoken_file = \"{}\"\nproxy = \"http://proxy.example:3128\"\nsession_expiry = \"2h\"\nkeepalive_direct = 60\n[actions.command]\nargv = [\"/bin/true\"]\n{KEYS}",
             token.display()
         );
-        let agent = AgentBrokerSettings::parse(&text, FsPath::new("agent.toml")).expect("valid");
-        assert_eq!(agent.port, 9883);
-        assert_eq!(agent.fallback_port, 443);
-        assert_eq!(agent.token.as_deref(), Some("abc.def"));
-        assert_eq!(agent.session_expiry, Duration::from_secs(7200));
-        let config = DoctorConfig::from_agent_config(&agent);
+        let agent = AgentConfig::parse(&text, FsPath::new("agent.toml")).expect("valid");
+        let config = DoctorConfig::from_agent_config(&agent).expect("token readable");
+        assert_eq!(config.primary_port, 9883);
+        assert_eq!(config.fallback_port, Some(443));
+        assert_eq!(config.session_expiry, Duration::from_secs(7200));
         assert_eq!(config.client_id.as_deref(), Some("laptop-42"));
         assert_eq!(config.username.as_deref(), Some("laptop-42"));
         assert_eq!(config.password.as_deref(), Some("abc.def"));
@@ -387,30 +193,12 @@ mod tests {
     }
 
     #[test]
-    fn a_bad_agent_config_names_file_and_key() {
-        let cases = [
-            ("agent_id = \"a\"\n", "missing field `broker`"),
-            (
-                "agent_id = \"a\"\n[broker]\nhost = \"h\"\nclient_cert = \"c.pem\"\n",
-                "broker.client_key",
-            ),
-            (
-                "agent_id = \"a\"\n[broker]\nhost = \"h\"\nproxy = \"https://p:1\"\n",
-                "broker.proxy",
-            ),
-            (
-                "agent_id = \"a\"\n[broker]\nhost = \"h\"\nsession_expiry = \"soon\"\n",
-                "broker.session_expiry",
-            ),
-            (
-                "agent_id = \"a\"\n[broker]\nhost = \"h\"\ntoken_file = \"/nonexistent/token\"\n",
-                "cannot read the token file",
-            ),
-        ];
-        for (text, expected) in cases {
-            let err = AgentBrokerSettings::parse(text, FsPath::new("x.toml")).expect_err(text);
-            let message = err.to_string();
-            assert!(message.contains(expected), "{text}: {message}");
-        }
+    fn an_unreadable_token_file_is_named() {
+        let text = format!(
+            "agent_id = \"a\"\ntenant = \"acme\"\n[broker]\nhost = \"h\"\ntoken_file = \"/nonexistent/token\"\n{KEYS}"
+        );
+        let agent = AgentConfig::parse(&text, FsPath::new("x.toml")).expect("valid");
+        let err = DoctorConfig::from_agent_config(&agent).expect_err("no token file");
+        assert!(err.to_string().contains("/nonexistent/token"), "{err}");
     }
 }

@@ -43,9 +43,6 @@ mod report;
 mod tls;
 
 pub use cli::{DoctorArgs, run};
-pub use config::{
-    AgentBrokerSettings, AgentConfigError, DEFAULT_RESUMED_SESSION_EXPIRY, DEFAULT_STEP_TIMEOUT,
-    DoctorConfig,
-};
+pub use config::{DEFAULT_RESUMED_SESSION_EXPIRY, DEFAULT_STEP_TIMEOUT, DoctorConfig};
 pub use diagnose::diagnose;
 pub use report::{CertificateFacts, PathReport, Report, StepName, StepReport, TlsFacts, Verdict};

@@ -473,7 +473,7 @@ async fn an_agent_identity_from_its_config_file() {
     std::fs::write(
         &agent_config,
         format!(
-            "agent_id = \"laptop-42\"\ntenant = \"acme\"\n[broker]\nhost = \"127.0.0.1\"\nport = {}\nfallback_port = {}\nca_file = \"{}\"\ntoken_file = \"{}\"\n[reconnect]\nbackoff_base = \"1s\"\n",
+            "agent_id = \"laptop-42\"\ntenant = \"acme\"\n[broker]\nhost = \"127.0.0.1\"\nport = {}\nfallback_port = {}\nca_file = \"{}\"\ntoken_file = \"{}\"\n[reconnect]\nbackoff_base = \"1s\"\n[wakeup.console_keys]\nconsole-2026 = \"6kpsY-KcUgq-9VB7Ey7F-ZVHdq6-vnuSQh7qaRRG0iw\"\n",
             broker.port,
             refused_port(),
             ca_file.display(),
@@ -534,7 +534,7 @@ fn bad_arguments_are_errors_not_panics() {
         .expect_err("missing file");
     assert!(
         err.to_string()
-            .contains("cannot read the agent configuration"),
+            .contains("cannot read /nonexistent/agent.toml"),
         "{err}"
     );
     let config = parse(&["--broker", "b", "--ports", "9883"])
