@@ -172,15 +172,15 @@ async fn a_proxy_that_wants_authentication() {
 
 #[tokio::test]
 async fn a_proxy_that_forbids_the_port() {
-    let proxy = Tinyproxy::start(&[443]).await;
+    let proxy = Tinyproxy::start(&[443]);
     // A broker that works directly: agents then bypass the proxy, and the summary says why.
     let ca = TestCa::new("Beckon test CA");
-    let broker = Mosquitto::start_tls(&ca.server_cert(&["127.0.0.1"]), "u", "p").await;
+    let broker = Mosquitto::start_tls(&ca.server_cert(&["127.0.0.1"]), "u", "p");
     let primary = broker.port;
     let dir = tempfile::tempdir().expect("tempdir");
-    let mut config =
-        config("127.0.0.1", primary, refused_port()).with_ca_file(ca.write(dir.path()));
-    config.proxy = Some(proxy.url());
+    let mut config = config("127.0.0.1", primary, refused_port())
+        .with_ca_file(ca.write_pem(dir.path(), "ca.pem"));
+    config.proxy = Some(proxy_url(&proxy));
     config.username = Some("u".into());
     config.password = Some("p".into());
     let report = diagnose(&config).await;
@@ -193,7 +193,7 @@ async fn a_proxy_that_forbids_the_port() {
     assert!(
         report.summary.contains(&format!(
             "The proxy {} works for no path, so agents go direct: Allow CONNECT to port {primary}",
-            proxy.url()
+            proxy_url(&proxy)
         )),
         "{}",
         report.summary
@@ -205,7 +205,7 @@ async fn a_proxy_that_forbids_the_port() {
         &[
             &format!(
                 "Allow CONNECT to port {primary} on the proxy {}",
-                proxy.url()
+                proxy_url(&proxy)
             ),
             &format!("acl SSL_ports port {primary}"),
             &format!("ConnectPort {primary}"),
@@ -237,7 +237,7 @@ async fn a_certificate_from_another_ca() {
     let server = start_tls_server(theirs.server_cert(&["127.0.0.1"])).await;
     let dir = tempfile::tempdir().expect("tempdir");
     let config = config("127.0.0.1", server.addr.port(), refused_port())
-        .with_ca_file(ours.write(dir.path()));
+        .with_ca_file(ours.write_pem(dir.path(), "ca.pem"));
     let report = diagnose(&config).await;
     let tls = assert_fails(
         &report,
@@ -263,8 +263,8 @@ async fn an_expired_certificate() {
     let server =
         start_tls_server(ca.server_cert_valid(&["127.0.0.1"], (2019, 1, 1), (2021, 3, 4))).await;
     let dir = tempfile::tempdir().expect("tempdir");
-    let config =
-        config("127.0.0.1", server.addr.port(), refused_port()).with_ca_file(ca.write(dir.path()));
+    let config = config("127.0.0.1", server.addr.port(), refused_port())
+        .with_ca_file(ca.write_pem(dir.path(), "ca.pem"));
     let report = diagnose(&config).await;
     assert_fails(
         &report,
@@ -282,8 +282,8 @@ async fn a_certificate_for_another_name() {
     let ca = TestCa::new("Beckon test CA");
     let server = start_tls_server(ca.server_cert(&["broker.example", "push.example"])).await;
     let dir = tempfile::tempdir().expect("tempdir");
-    let config =
-        config("127.0.0.1", server.addr.port(), refused_port()).with_ca_file(ca.write(dir.path()));
+    let config = config("127.0.0.1", server.addr.port(), refused_port())
+        .with_ca_file(ca.write_pem(dir.path(), "ca.pem"));
     let report = diagnose(&config).await;
     assert_fails(
         &report,
@@ -302,8 +302,8 @@ async fn a_broker_that_wants_a_client_certificate() {
     let tenant_ca = TestCa::new("tenant CA");
     let server = start_mtls_server(ca.server_cert(&["127.0.0.1"]), &tenant_ca).await;
     let dir = tempfile::tempdir().expect("tempdir");
-    let config =
-        config("127.0.0.1", server.addr.port(), refused_port()).with_ca_file(ca.write(dir.path()));
+    let config = config("127.0.0.1", server.addr.port(), refused_port())
+        .with_ca_file(ca.write_pem(dir.path(), "ca.pem"));
 
     // No certificate: with TLS 1.3 the broker's refusal arrives after the handshake, on the
     // first read, so it is the MQTT CONNECT step that reports it.
@@ -342,11 +342,10 @@ async fn credentials_refused_by_mosquitto() {
         &ca.server_cert(&["localhost", "127.0.0.1"]),
         "agent-7",
         "right-token",
-    )
-    .await;
+    );
     let dir = tempfile::tempdir().expect("tempdir");
-    let mut config =
-        config("127.0.0.1", broker.port, refused_port()).with_ca_file(ca.write(dir.path()));
+    let mut config = config("127.0.0.1", broker.port, refused_port())
+        .with_ca_file(ca.write_pem(dir.path(), "ca.pem"));
     config.username = Some("agent-7".into());
     config.password = Some("wrong-token".into());
     let report = diagnose(&config).await;
@@ -377,13 +376,12 @@ async fn a_working_path_through_mosquitto() {
         &ca.server_cert(&["localhost", "127.0.0.1"]),
         "agent-7",
         "right-token",
-    )
-    .await;
+    );
     let dir = tempfile::tempdir().expect("tempdir");
     // Mosquitto on both ports: its TLS listener is no shared 443-style port (no ALPN mqtt,
     // no WebSocket), which the fallback paths must say.
-    let mut config =
-        config("127.0.0.1", broker.port, broker.port).with_ca_file(ca.write(dir.path()));
+    let mut config = config("127.0.0.1", broker.port, broker.port)
+        .with_ca_file(ca.write_pem(dir.path(), "ca.pem"));
     config.username = Some("agent-7".into());
     config.password = Some("right-token".into());
     let report = diagnose(&config).await;
@@ -463,10 +461,9 @@ async fn an_agent_identity_from_its_config_file() {
         &ca.server_cert(&["localhost", "127.0.0.1"]),
         "laptop-42",
         "t0ken",
-    )
-    .await;
+    );
     let dir = tempfile::tempdir().expect("tempdir");
-    let ca_file = ca.write(dir.path());
+    let ca_file = ca.write_pem(dir.path(), "ca.pem");
     let token_file = dir.path().join("token");
     std::fs::write(&token_file, "t0ken\n").expect("token file");
     let agent_config = dir.path().join("agent.toml");
@@ -557,13 +554,12 @@ async fn a_working_path_through_tinyproxy() {
         &ca.server_cert(&["localhost", "127.0.0.1"]),
         "agent-7",
         "right-token",
-    )
-    .await;
-    let proxy = Tinyproxy::start(&[broker.port]).await;
+    );
+    let proxy = Tinyproxy::start(&[broker.port]);
     let dir = tempfile::tempdir().expect("tempdir");
-    let mut config =
-        config("127.0.0.1", broker.port, refused_port()).with_ca_file(ca.write(dir.path()));
-    config.proxy = Some(proxy.url());
+    let mut config = config("127.0.0.1", broker.port, refused_port())
+        .with_ca_file(ca.write_pem(dir.path(), "ca.pem"));
+    config.proxy = Some(proxy_url(&proxy));
     config.username = Some("agent-7".into());
     config.password = Some("right-token".into());
     let report = diagnose(&config).await;
@@ -592,8 +588,8 @@ async fn the_fallback_port_with_alpn_mqtt() {
     let broker = start_fake_broker(ca.server_cert(&["127.0.0.1"]), true).await;
     let dir = tempfile::tempdir().expect("tempdir");
     // 8883 filtered-by-refusal; the shared port works.
-    let config =
-        config("127.0.0.1", refused_port(), broker.addr.port()).with_ca_file(ca.write(dir.path()));
+    let config = config("127.0.0.1", refused_port(), broker.addr.port())
+        .with_ca_file(ca.write_pem(dir.path(), "ca.pem"));
     let report = diagnose(&config).await;
     let human = report.to_human();
     assert_eq!(report.path_in_use.as_deref(), Some("443-mqtt"), "{human}");
@@ -621,8 +617,8 @@ async fn a_fallback_port_that_serves_only_websocket() {
     let ca = TestCa::new("Beckon test CA");
     let broker = start_fake_broker(ca.server_cert(&["127.0.0.1"]), false).await;
     let dir = tempfile::tempdir().expect("tempdir");
-    let config =
-        config("127.0.0.1", refused_port(), broker.addr.port()).with_ca_file(ca.write(dir.path()));
+    let config = config("127.0.0.1", refused_port(), broker.addr.port())
+        .with_ca_file(ca.write_pem(dir.path(), "ca.pem"));
     let report = diagnose(&config).await;
     assert_fails(
         &report,

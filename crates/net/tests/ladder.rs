@@ -229,9 +229,9 @@ async fn proxy_forbidding_8883_is_passed_on_443_like_squid() {
     let primary = broker(&ca).await;
     let mut fallback = broker(&ca).await;
     // The proxy allows CONNECT only to the fallback port, as squid's default allows only 443.
-    let proxy = Tinyproxy::start(&[fallback.port()]).await;
+    let proxy = Tinyproxy::start(&[fallback.port()]);
     let mut cfg = config("127.0.0.1", primary.port(), fallback.port());
-    cfg.proxy = Some(proxy.url());
+    cfg.proxy = Some(proxy_url(&proxy));
     cfg.server_name = Some("localhost".into());
     let mut ladder = ConnectionLadder::new(cfg, tls_client(&ca));
     let mut connected = ladder
@@ -239,7 +239,10 @@ async fn proxy_forbidding_8883_is_passed_on_443_like_squid() {
         .await
         .unwrap_or_else(|e| panic!("{e}\ntinyproxy said:\n{}", proxy.output()));
     assert_eq!(connected.path.label(), "443-mqtt via proxy");
-    assert_eq!(connected.path, Path::via(Transport::AlpnMqtt, proxy.url()));
+    assert_eq!(
+        connected.path,
+        Path::via(Transport::AlpnMqtt, proxy_url(&proxy))
+    );
     assert_eq!(
         connected.peer.port(),
         proxy.port,
@@ -276,12 +279,12 @@ async fn websocket_through_tinyproxy() {
     let ca = TestCa::new("CA");
     let mut web_only =
         start_tls_server(server_config(ca.server_cert(&["localhost"]), &["http/1.1"])).await;
-    let proxy = Tinyproxy::start(&[web_only.port()]).await;
+    let proxy = Tinyproxy::start(&[web_only.port()]);
     let mut cfg = config("127.0.0.1", refused_port(), web_only.port());
-    cfg.proxy = Some(proxy.url());
+    cfg.proxy = Some(proxy_url(&proxy));
     cfg.server_name = Some("localhost".into());
     let mut ladder = ConnectionLadder::new(cfg, tls_client(&ca))
-        .with_last_working(Some(Path::via(Transport::WebSocket, proxy.url())));
+        .with_last_working(Some(Path::via(Transport::WebSocket, proxy_url(&proxy))));
     let mut connected = ladder
         .connect()
         .await
@@ -418,9 +421,9 @@ async fn proxy_allowing_8883_is_the_first_choice() {
     let ca = TestCa::new("CA");
     let mut primary = broker(&ca).await;
     let fallback = broker(&ca).await;
-    let proxy = Tinyproxy::start(&[primary.port(), fallback.port()]).await;
+    let proxy = Tinyproxy::start(&[primary.port(), fallback.port()]);
     let mut cfg = config("127.0.0.1", primary.port(), fallback.port());
-    cfg.proxy = Some(proxy.url());
+    cfg.proxy = Some(proxy_url(&proxy));
     let mut ladder = ConnectionLadder::new(cfg, tls_client(&ca));
     let mut connected = ladder
         .connect()

@@ -11,13 +11,13 @@ use tokio::net::TcpStream;
 #[tokio::test]
 async fn tinyproxy_tunnels_to_an_allowed_port() {
     let (echo, _task) = start_echo_server().await;
-    let proxy = Tinyproxy::start(&[echo.port()]).await;
+    let proxy = Tinyproxy::start(&[echo.port()]);
     let tcp = TcpStream::connect(("127.0.0.1", proxy.port))
         .await
         .expect("connect to tinyproxy");
     let mut tunnel = http_connect(
         tcp,
-        &proxy.url().to_string(),
+        &proxy_url(&proxy).to_string(),
         "127.0.0.1",
         echo.port(),
         WAIT,
@@ -37,13 +37,13 @@ async fn tinyproxy_tunnels_to_an_allowed_port() {
 async fn tinyproxy_forbidding_the_port_is_explained() {
     let (echo, _task) = start_echo_server().await;
     let allowed = refused_port();
-    let proxy = Tinyproxy::start(&[allowed]).await;
+    let proxy = Tinyproxy::start(&[allowed]);
     let tcp = TcpStream::connect(("127.0.0.1", proxy.port))
         .await
         .expect("connect to tinyproxy");
     let err = http_connect(
         tcp,
-        &proxy.url().to_string(),
+        &proxy_url(&proxy).to_string(),
         "127.0.0.1",
         echo.port(),
         WAIT,

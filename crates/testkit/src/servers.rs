@@ -1,0 +1,50 @@
+//! Scripted TCP servers for the failure cases: one that answers with fixed bytes, one that
+//! never says anything.
+
+use std::net::SocketAddr;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+
+use crate::WAIT;
+
+/// A TCP server on loopback that answers every connection with `answer` (after reading the
+/// request's first bytes: a ClientHello or a CONNECT) and closes. Stops when the task is
+/// aborted or dropped with the runtime.
+pub async fn start_scripted_server(
+    answer: &'static [u8],
+) -> (SocketAddr, tokio::task::JoinHandle<()>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("address");
+    let task = tokio::spawn(async move {
+        loop {
+            let Ok((mut tcp, _)) = listener.accept().await else {
+                return;
+            };
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                let _ = tokio::time::timeout(WAIT, tcp.read(&mut buf)).await;
+                let _ = tcp.write_all(answer).await;
+                let _ = tcp.shutdown().await;
+            });
+        }
+    });
+    (addr, task)
+}
+
+/// A TCP server on loopback that accepts and never says anything; it holds every connection
+/// until the task ends.
+pub async fn start_silent_server() -> (SocketAddr, tokio::task::JoinHandle<()>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("address");
+    let task = tokio::spawn(async move {
+        let mut held = Vec::new();
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else {
+                return;
+            };
+            held.push(tcp);
+        }
+    });
+    (addr, task)
+}
