@@ -637,6 +637,9 @@ async fn run_mqtt<S: AsyncRead + AsyncWrite + Unpin>(
     else {
         return;
     };
+    if let Some(slot) = &_slot {
+        slot.attach(conn);
+    }
     let version = connect.protocol;
     tracing::Span::current().record("client_id", connect.client_id.as_str());
     let identity = map.identity().map(|i| Box::new(i.clone()));

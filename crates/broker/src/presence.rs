@@ -23,6 +23,7 @@ pub(crate) mod reason {
     pub(crate) const PROTOCOL_ERROR: &str = "protocol_error";
     pub(crate) const SERVER_SHUTDOWN: &str = "server_shutdown";
     pub(crate) const TENANT_REMOVED: &str = "tenant_removed";
+    pub(crate) const REVOKED: &str = "revoked";
 }
 
 /// A connected tenant identity.

@@ -100,6 +100,8 @@ pub(crate) enum Event {
     Closed { conn: ConnId, reason: CloseReason },
     /// Tenant files were removed: their connections are closed.
     TenantsRemoved(Vec<String>),
+    /// These connections' credentials were revoked (tenant file `[[revoked]]`): closed.
+    Revoked(Vec<ConnId>),
 }
 
 /// What a started server listens on.
@@ -664,9 +666,16 @@ async fn tenant_reload_loop(
             _ = ticker.tick() => {
                 // Reading a folder of small files: off the async threads.
                 let t = tenancy.clone();
-                if let Ok(removed) = tokio::task::spawn_blocking(move || t.reload_if_changed()).await
-                    && !removed.is_empty()
-                    && events.send(Event::TenantsRemoved(removed)).await.is_err()
+                let Ok(reloaded) = tokio::task::spawn_blocking(move || t.reload_if_changed()).await else {
+                    continue;
+                };
+                if !reloaded.removed.is_empty()
+                    && events.send(Event::TenantsRemoved(reloaded.removed)).await.is_err()
+                {
+                    break;
+                }
+                if !reloaded.revoked.is_empty()
+                    && events.send(Event::Revoked(reloaded.revoked)).await.is_err()
                 {
                     break;
                 }
@@ -836,6 +845,17 @@ async fn core_loop(
                             core.handle_close(now, conn, CloseReason::Closed, &mut out);
                             if let Some(p) = presence.end(conn) {
                                 presence::disconnected(&mut core, now, &p, reason::TENANT_REMOVED, &mut out);
+                            }
+                        }
+                    }
+                    Event::Revoked(revoked) => {
+                        for conn in revoked {
+                            if let Some(outbox) = conns.remove(&conn) {
+                                outbox.close();
+                                core.handle_close(now, conn, CloseReason::Closed, &mut out);
+                            }
+                            if let Some(p) = presence.end(conn) {
+                                presence::disconnected(&mut core, now, &p, reason::REVOKED, &mut out);
                             }
                         }
                     }

@@ -13,8 +13,11 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use arc_swap::ArcSwap;
 use beckon_identity::{
-    Access, AclDenied, Authenticator, Credentials, Identity, TenantDirectory, acl, check_quota,
+    Access, AclDenied, Authenticator, Credential, Credentials, Identity, TenantDirectory, acl,
+    check_quota,
 };
+
+use crate::core::ConnId;
 use beckon_mqtt::{Ack, Connect, Packet, Properties, ReasonCode, SubAck, UnsubAck};
 use rustls::pki_types::CertificateDer;
 use rustls::server::WebPkiClientVerifier;
@@ -31,6 +34,34 @@ pub(crate) struct Tenancy {
     tls13_only: bool,
     /// The last TLS configuration built: (base, directory, result).
     tls_cache: Mutex<Option<TlsCacheEntry>>,
+    /// The credentials of every admitted tenant connection, by slot: a reload that revokes
+    /// one of them closes its connection.
+    live: Mutex<LiveCredentials>,
+}
+
+/// What each admitted connection authenticated with.
+#[derive(Debug, Default)]
+struct LiveCredentials {
+    next_slot: u64,
+    by_slot: HashMap<u64, LiveCredential>,
+}
+
+#[derive(Debug)]
+struct LiveCredential {
+    identity: Identity,
+    certificate_serial: Option<String>,
+    token_issued_at: Option<i64>,
+    /// Set once the connection task knows its id ([`TenantSlot::attach`]).
+    conn: Option<ConnId>,
+}
+
+/// What a reload of the tenant folder changed for live connections.
+#[derive(Debug, Default)]
+pub(crate) struct Reloaded {
+    /// Tenants whose file was removed: all their connections close.
+    pub(crate) removed: Vec<String>,
+    /// Connections whose credentials a `[[revoked]]` entry now names.
+    pub(crate) revoked: Vec<ConnId>,
 }
 
 type TlsCacheEntry = (Arc<ServerConfig>, Arc<TenantDirectory>, Arc<ServerConfig>);
@@ -71,6 +102,7 @@ impl Tenancy {
             counts: Mutex::new(HashMap::new()),
             tls13_only,
             tls_cache: Mutex::new(None),
+            live: Mutex::new(LiveCredentials::default()),
         }
     }
 
@@ -79,11 +111,12 @@ impl Tenancy {
         self.directory.load_full()
     }
 
-    /// Re-reads the folder if a file changed; returns the ids of tenants that were removed.
-    pub(crate) fn reload_if_changed(&self) -> Vec<String> {
+    /// Re-reads the folder if a file changed; returns the tenants that were removed and the
+    /// connections whose credentials were revoked.
+    pub(crate) fn reload_if_changed(&self) -> Reloaded {
         let before = self.directory.load_full();
         let Some(outcome) = before.reload_if_changed() else {
-            return Vec::new();
+            return Reloaded::default();
         };
         let removed: Vec<String> = before
             .iter()
@@ -101,8 +134,46 @@ impl Tenancy {
         if !removed.is_empty() {
             tracing::warn!(tenants = ?removed, "tenants removed: their connections are closed");
         }
+        let revoked = self.revoked_connections(&outcome.directory);
         self.directory.store(Arc::new(outcome.directory));
-        removed
+        Reloaded { removed, revoked }
+    }
+
+    /// The live connections whose credentials `directory` revokes (each logged).
+    fn revoked_connections(&self, directory: &TenantDirectory) -> Vec<ConnId> {
+        let Ok(live) = self.live.lock() else {
+            return Vec::new();
+        };
+        let mut closed = Vec::new();
+        for credential in live.by_slot.values() {
+            let Some(conn) = credential.conn else {
+                continue;
+            };
+            let identity = &credential.identity;
+            let Some(tenant) = directory.get(identity.tenant.as_str()) else {
+                continue;
+            };
+            let presented = credential
+                .certificate_serial
+                .as_deref()
+                .map(Credential::Certificate)
+                .into_iter()
+                .chain(credential.token_issued_at.map(Credential::Token));
+            for c in presented {
+                if tenant.revocation(identity.role, identity.id(), c).is_some() {
+                    tracing::warn!(
+                        tenant = %identity.tenant,
+                        role = %identity.role,
+                        id = identity.id(),
+                        credential = %c,
+                        "credential revoked: closing the connection"
+                    );
+                    closed.push(conn);
+                    break;
+                }
+            }
+        }
+        closed
     }
 
     /// The TLS configuration for a new connection: `base` (certificate, ALPN, tickets) with a
@@ -207,6 +278,23 @@ impl Tenancy {
             })?;
             *counts.entry(tenant_key.clone()).or_insert(0) += 1;
         }
+        let slot = match self.live.lock() {
+            Ok(mut live) => {
+                live.next_slot += 1;
+                let slot = live.next_slot;
+                live.by_slot.insert(
+                    slot,
+                    LiveCredential {
+                        identity: auth.identity.clone(),
+                        certificate_serial: auth.certificate_serial.clone(),
+                        token_issued_at: auth.token_issued_at,
+                        conn: None,
+                    },
+                );
+                slot
+            }
+            Err(_) => 0,
+        };
         connect.client_id = auth.identity.session_key();
         Ok((
             auth.identity,
@@ -214,6 +302,7 @@ impl Tenancy {
             TenantSlot {
                 tenancy: self.clone(),
                 tenant: tenant_key,
+                slot,
             },
         ))
     }
@@ -237,10 +326,27 @@ pub(crate) struct Refused {
 pub(crate) struct TenantSlot {
     tenancy: Arc<Tenancy>,
     tenant: String,
+    /// Key of this connection's credentials in [`Tenancy::live`].
+    slot: u64,
+}
+
+impl TenantSlot {
+    /// Tells the tenancy which connection holds this slot, so that revoking its credentials
+    /// can close it.
+    pub(crate) fn attach(&self, conn: ConnId) {
+        if let Ok(mut live) = self.tenancy.live.lock()
+            && let Some(c) = live.by_slot.get_mut(&self.slot)
+        {
+            c.conn = Some(conn);
+        }
+    }
 }
 
 impl Drop for TenantSlot {
     fn drop(&mut self) {
+        if let Ok(mut live) = self.tenancy.live.lock() {
+            live.by_slot.remove(&self.slot);
+        }
         if let Ok(mut counts) = self.tenancy.counts.lock()
             && let Some(n) = counts.get_mut(&self.tenant)
         {

@@ -7,7 +7,7 @@ use x509_parser::certificate::X509Certificate;
 use x509_parser::prelude::FromDer;
 
 use crate::identity::{Identity, IdentityError, Role, TenantId};
-use crate::tenant::{Tenant, TenantDirectory};
+use crate::tenant::{Credential, Tenant, TenantDirectory, serial_hex};
 use crate::token::{TokenVerifier, VerifiedToken};
 
 /// Why a CONNECT was refused. [`reason_code`](Self::reason_code) gives the MQTT 5 CONNACK
@@ -138,6 +138,17 @@ pub enum Refusal {
         /// The broker's clock.
         now: i64,
     },
+    /// The credential was revoked (a `[[revoked]]` entry of the tenant file, written by the
+    /// console when an agent is removed).
+    #[error(
+        "{identity} (tenant {}, {} {}) is revoked: its {credential} is listed under [[revoked]] in the tenant file; enroll the agent again to give it a new identity", identity.tenant, identity.role, identity.id()
+    )]
+    Revoked {
+        /// Who presented it.
+        identity: Identity,
+        /// Which credential (`certificate with serial ...`, `token issued at ...`).
+        credential: String,
+    },
     /// Certificate and token were both presented and name different identities.
     #[error("client certificate names {certificate} but the token names {token}")]
     CredentialsDisagree {
@@ -194,6 +205,7 @@ impl Refusal {
             | Refusal::CertificateSubject { .. }
             | Refusal::CertificateUnknownTenant(_)
             | Refusal::CertificateUnknownCa { .. }
+            | Refusal::Revoked { .. }
             | Refusal::CredentialsDisagree { .. } => NOT_AUTHORIZED,
             Refusal::WrongClientId { .. } => CLIENT_IDENTIFIER_NOT_VALID,
             Refusal::QuotaExceeded { .. } => QUOTA_EXCEEDED,
@@ -260,6 +272,12 @@ pub struct Authenticated {
     /// When the token expires (unix seconds), if a token was used. Tokens are checked at
     /// CONNECT only; an established session outlives its token.
     pub token_expires_at: Option<i64>,
+    /// When the token was issued (unix seconds), if a token was used: revocation lists
+    /// name tokens by their issue time.
+    pub token_issued_at: Option<i64>,
+    /// The client certificate's serial number (canonical hex, see
+    /// [`certificate_serial`](crate::certificate_serial)), if a certificate was used.
+    pub certificate_serial: Option<String>,
 }
 
 /// Authenticates CONNECTs against a [`TenantDirectory`].
@@ -282,24 +300,19 @@ impl Authenticator {
         now: i64,
     ) -> Result<Authenticated, Refusal> {
         let password = credentials.password.filter(|p| !p.is_empty());
-        let (identity, method, token_expires_at) = match (credentials.client_certificate, password)
-        {
+        let (identity, method, token, serial) = match (credentials.client_certificate, password) {
             (None, None) => return Err(Refusal::NoCredentials),
-            (Some(leaf), None) => (
-                identity_from_certificate(directory, leaf, now)?,
-                AuthMethod::Certificate,
-                None,
-            ),
+            (Some(leaf), None) => {
+                let (identity, serial) = certificate_identity(directory, leaf, now)?;
+                check_revoked(directory, &identity, Credential::Certificate(&serial))?;
+                (identity, AuthMethod::Certificate, None, Some(serial))
+            }
             (None, Some(token)) => {
-                let VerifiedToken {
-                    identity,
-                    expires_at,
-                    ..
-                } = self.tokens.verify(directory, token, now)?;
-                (identity, AuthMethod::Token, Some(expires_at))
+                let token = self.tokens.verify(directory, token, now)?;
+                (token.identity.clone(), AuthMethod::Token, Some(token), None)
             }
             (Some(leaf), Some(token)) => {
-                let certificate = identity_from_certificate(directory, leaf, now)?;
+                let (certificate, serial) = certificate_identity(directory, leaf, now)?;
                 let token = self.tokens.verify(directory, token, now)?;
                 if token.identity != certificate {
                     return Err(Refusal::CredentialsDisagree {
@@ -307,13 +320,20 @@ impl Authenticator {
                         token: token.identity,
                     });
                 }
+                check_revoked(directory, &certificate, Credential::Certificate(&serial))?;
                 (
                     certificate,
                     AuthMethod::CertificateAndToken,
-                    Some(token.expires_at),
+                    Some(token),
+                    Some(serial),
                 )
             }
         };
+        if let Some(VerifiedToken { issued_at, .. }) = &token {
+            check_revoked(directory, &identity, Credential::Token(*issued_at))?;
+        }
+        let token_expires_at = token.as_ref().map(|t| t.expires_at);
+        let token_issued_at = token.map(|t| t.issued_at);
         let client_id_assigned = check_client_id(&identity, credentials.client_id)?;
         Ok(Authenticated {
             client_id: identity.id().to_owned(),
@@ -321,6 +341,8 @@ impl Authenticator {
             client_id_assigned,
             method,
             token_expires_at,
+            token_issued_at,
+            certificate_serial: serial,
         })
     }
 }
@@ -338,6 +360,25 @@ pub fn check_client_id(identity: &Identity, client_id: &str) -> Result<bool, Ref
             client_id: client_id.chars().take(200).collect(),
         })
     }
+}
+
+/// Refuses a credential that its tenant's `[[revoked]]` list names.
+fn check_revoked(
+    directory: &TenantDirectory,
+    identity: &Identity,
+    credential: Credential<'_>,
+) -> Result<(), Refusal> {
+    let revoked = directory
+        .get(identity.tenant.as_str())
+        .and_then(|t| t.revocation(identity.role, identity.id(), credential))
+        .is_some();
+    if revoked {
+        return Err(Refusal::Revoked {
+            identity: identity.clone(),
+            credential: credential.to_string(),
+        });
+    }
+    Ok(())
 }
 
 /// Checks the tenant's connection quota: `current` is how many connections the tenant holds
@@ -382,6 +423,15 @@ pub fn identity_from_certificate(
     leaf_der: &[u8],
     now: i64,
 ) -> Result<Identity, Refusal> {
+    certificate_identity(directory, leaf_der, now).map(|(identity, _)| identity)
+}
+
+/// [`identity_from_certificate`], with the certificate's serial in canonical hex.
+fn certificate_identity(
+    directory: &TenantDirectory,
+    leaf_der: &[u8],
+    now: i64,
+) -> Result<(Identity, String), Refusal> {
     let (_, leaf) = X509Certificate::from_der(leaf_der)
         .map_err(|e| Refusal::CertificateMalformed(e.to_string()))?;
     let name = leaf.subject();
@@ -441,5 +491,5 @@ pub fn identity_from_certificate(
             now,
         });
     }
-    Ok(identity)
+    Ok((identity, serial_hex(leaf.raw_serial())))
 }

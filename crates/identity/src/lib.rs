@@ -29,7 +29,10 @@ pub use identity::{
     Identity, IdentityError, MAX_ID_LEN, MAX_TENANT_LEN, Role, TenantId, validate_id,
 };
 pub use keys::{KeyError, KeyId, PublicKey, SigningKey};
-pub use tenant::{CaCertificate, CaError, LoadOutcome, Tenant, TenantDirectory, TenantFileError};
+pub use tenant::{
+    CaCertificate, CaError, Credential, LoadOutcome, Revocation, Tenant, TenantDirectory,
+    TenantFileError, canonical_serial, certificate_serial,
+};
 pub use token::{
     DEFAULT_CLOCK_SKEW_SECS, MAX_TOKEN_LEN, TOKEN_PREFIX, TokenClaims, TokenIssueError,
     TokenSigner, TokenVerifier, VerifiedToken,

@@ -12,7 +12,7 @@ use serde::Deserialize;
 use x509_parser::certificate::X509Certificate;
 use x509_parser::prelude::FromDer;
 
-use crate::identity::TenantId;
+use crate::identity::{Role, TenantId, validate_id};
 use crate::keys::{KeyId, PublicKey};
 
 /// Largest tenant file or CA file read, in bytes: anything bigger is a mistake.
@@ -163,6 +163,93 @@ pub struct Tenant {
     pub token_keys: BTreeMap<KeyId, PublicKey>,
     /// Most simultaneous connections the tenant may hold on one broker node; `None`: no quota.
     pub max_connections: Option<u32>,
+    /// Revoked credentials (`[[revoked]]`), by role and id: the broker refuses them at
+    /// CONNECT and closes their connections when the list grows.
+    pub revoked: BTreeMap<(Role, String), Revocation>,
+}
+
+/// The revoked credentials of one identity (a `[[revoked]]` entry of a tenant file).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Revocation {
+    /// Serial numbers (canonical hex, see [`certificate_serial`]) of the revoked
+    /// certificates; `None`: every certificate of the identity.
+    pub serials: Option<std::collections::BTreeSet<String>>,
+    /// Tokens issued at or before this time (unix seconds, the `iat` claim) are revoked;
+    /// `None`: every token of the identity.
+    pub tokens_issued_until: Option<i64>,
+}
+
+/// Which credential a connection presented, as far as revocation is concerned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Credential<'a> {
+    /// A certificate with this serial (canonical hex).
+    Certificate(&'a str),
+    /// A token issued at this time (unix seconds).
+    Token(i64),
+}
+
+impl fmt::Display for Credential<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Credential::Certificate(serial) => write!(f, "certificate with serial {serial}"),
+            Credential::Token(iat) => write!(f, "token issued at unix time {iat}"),
+        }
+    }
+}
+
+impl Revocation {
+    /// Whether this entry revokes `credential`.
+    pub fn revokes(&self, credential: Credential<'_>) -> bool {
+        match credential {
+            Credential::Certificate(serial) => self
+                .serials
+                .as_ref()
+                .is_none_or(|serials| serials.contains(serial)),
+            Credential::Token(iat) => self.tokens_issued_until.is_none_or(|until| iat <= until),
+        }
+    }
+}
+
+/// The canonical form of a certificate serial number: lowercase hex of its bytes without
+/// leading zero bytes or separators (`5f1c0a...`). Accepts what operators paste (colons,
+/// upper case, a leading `0x`); `None` when it is not hex or longer than 20 bytes (RFC 5280).
+pub fn canonical_serial(text: &str) -> Option<String> {
+    let t = text.trim();
+    let t = t
+        .strip_prefix("0x")
+        .or_else(|| t.strip_prefix("0X"))
+        .unwrap_or(t);
+    let hex: String = t
+        .chars()
+        .filter(|c| *c != ':')
+        .map(|c| c.to_ascii_lowercase())
+        .collect();
+    if hex.is_empty() || !hex.chars().all(|c| c.is_ascii_hexdigit()) {
+        return None;
+    }
+    let trimmed = hex.trim_start_matches('0');
+    // Whole bytes: an odd count gets its leading zero back.
+    let canonical = if trimmed.is_empty() {
+        "00".to_owned()
+    } else if trimmed.len() % 2 == 1 {
+        format!("0{trimmed}")
+    } else {
+        trimmed.to_owned()
+    };
+    (canonical.len() <= 40).then_some(canonical)
+}
+
+/// The serial number of a certificate (DER) in canonical hex, as [`canonical_serial`] writes
+/// it; `None` when the DER is not a certificate.
+pub fn certificate_serial(der: &[u8]) -> Option<String> {
+    let (_, cert) = X509Certificate::from_der(der).ok()?;
+    Some(serial_hex(cert.raw_serial()))
+}
+
+pub(crate) fn serial_hex(raw: &[u8]) -> String {
+    let start = raw.iter().position(|b| *b != 0).unwrap_or(raw.len());
+    let hex: String = raw[start..].iter().map(|b| format!("{b:02x}")).collect();
+    if hex.is_empty() { "00".into() } else { hex }
 }
 
 impl Tenant {
@@ -174,7 +261,20 @@ impl Tenant {
             ca_certificates: Vec::new(),
             token_keys: BTreeMap::new(),
             max_connections: None,
+            revoked: BTreeMap::new(),
         }
+    }
+
+    /// The revocation entry that refuses `credential` of the identity `(role, id)`, if any.
+    pub fn revocation(
+        &self,
+        role: Role,
+        id: &str,
+        credential: Credential<'_>,
+    ) -> Option<&Revocation> {
+        self.revoked
+            .get(&(role, id.to_owned()))
+            .filter(|r| r.revokes(credential))
     }
 }
 
@@ -402,6 +502,17 @@ struct TenantFile {
     ca: Vec<CaEntry>,
     #[serde(default)]
     token_key: Vec<TokenKeyEntry>,
+    #[serde(default)]
+    revoked: Vec<RevokedEntry>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RevokedEntry {
+    id: String,
+    role: Option<String>,
+    serials: Option<Vec<String>>,
+    tokens_issued_until: Option<i64>,
 }
 
 #[derive(Deserialize)]
@@ -483,6 +594,49 @@ fn load_tenant_file(
             return Err(err(
                 Some(format!("token_key[{i}].kid")),
                 format!("key id \"{kid}\" appears twice; key ids must be unique within a tenant"),
+            ));
+        }
+    }
+    for (i, entry) in parsed.revoked.into_iter().enumerate() {
+        let key = |field: &str| Some(format!("revoked[{i}].{field}"));
+        validate_id(&entry.id).map_err(|e| err(key("id"), e.to_string()))?;
+        let role = match entry.role.as_deref() {
+            None => Role::Agent,
+            Some(r) => r.parse().map_err(|e| err(key("role"), format!("{e}")))?,
+        };
+        let serials = match entry.serials {
+            None => None,
+            Some(list) => {
+                let mut set = std::collections::BTreeSet::new();
+                for (j, s) in list.iter().enumerate() {
+                    let canonical = canonical_serial(s).ok_or_else(|| {
+                        err(
+                            Some(format!("revoked[{i}].serials[{j}]")),
+                            format!(
+                                "{s:?} is not a certificate serial: write it in hex (up to 20 bytes, colons allowed)"
+                            ),
+                        )
+                    })?;
+                    set.insert(canonical);
+                }
+                Some(set)
+            }
+        };
+        let revocation = Revocation {
+            serials,
+            tokens_issued_until: entry.tokens_issued_until,
+        };
+        if tenant
+            .revoked
+            .insert((role, entry.id.clone()), revocation)
+            .is_some()
+        {
+            return Err(err(
+                key("id"),
+                format!(
+                    "{role}/{} appears twice; give each identity one [[revoked]] entry",
+                    entry.id
+                ),
             ));
         }
     }
