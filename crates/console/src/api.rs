@@ -4,7 +4,6 @@
 
 use std::collections::BTreeSet;
 use std::convert::Infallible;
-use std::time::Duration;
 
 use axum::extract::rejection::{JsonRejection, QueryRejection};
 use axum::extract::{DefaultBodyLimit, FromRequest, FromRequestParts, Path, Request, State};
@@ -23,14 +22,13 @@ use serde_json::json;
 use crate::model::*;
 use crate::secrets::{hash_password, new_id, new_token, token_hash, verify_password};
 use crate::store::{
-    AgentFilter, NewAgent, NewCall, NewEnrollmentToken, Principal, StoreError, StoreHandle,
+    AgentFilter, CertificateRecord, NewAgent, NewCall, NewEnrollmentToken, Principal, StoreError,
+    StoreHandle,
 };
 use crate::{AppState, ConsoleError, dispatch};
 
 /// Session lifetime: 12 hours.
 const SESSION_TTL_MS: i64 = 12 * 3600 * 1000;
-/// Validity of agent certificates issued at enrollment: one year.
-const AGENT_CERT_VALIDITY: Duration = Duration::from_secs(365 * 24 * 3600);
 /// Name of the session cookie.
 const SESSION_COOKIE: &str = "beckon_session";
 
@@ -196,6 +194,12 @@ pub fn routes() -> Vec<(
         ("/api/v1/account/password", &["post"], post(change_password)),
         ("/api/v1/enroll", &["post"], post(enroll)),
         ("/api/v1/agents/{id}/checkin", &["post"], post(checkin)),
+        (
+            "/api/v1/agents/{id}/certificate",
+            &["post"],
+            post(renew_certificate),
+        ),
+        ("/api/v1/tenant-file", &["get"], get(get_tenant_file)),
         (
             "/api/v1/enrollment-tokens",
             &["get", "post"],
@@ -725,7 +729,7 @@ async fn enroll(
             &agent_id,
             Some(st.tenant.as_str()),
             Some("agent"),
-            AGENT_CERT_VALIDITY,
+            st.config.agent_certificate_validity,
         )
         .map_err(|e| {
             ApiError::new(
@@ -733,12 +737,14 @@ async fn enroll(
                 format!("csr could not be signed: {e}"),
             )
         })?;
+    let record = certificate_record(&certificate)?;
     let checkin_token = new_token("bka_");
     let new = NewAgent {
         id: agent_id.clone(),
         name,
         inventory: req.inventory,
         secret_hash: token_hash(&checkin_token),
+        certificate: Some(record),
     };
     let token_h = token_hash(&req.token);
     let agent = st
@@ -778,6 +784,112 @@ async fn enroll(
             checkin_url: format!("{scheme}://{host}"),
         }),
     ))
+}
+
+/// Serial and validity of a certificate the console just issued.
+fn certificate_record(issued: &beckon_pki::IssuedCertificate) -> ApiResult<CertificateRecord> {
+    let internal = |what: &str| {
+        tracing::error!(what, "a certificate the console issued cannot be read back");
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "the console could not read the certificate it issued; see the console's log",
+        )
+    };
+    let der = issued.cert_der().map_err(|_| internal("pem"))?;
+    let serial = beckon_identity::certificate_serial(&der).ok_or_else(|| internal("serial"))?;
+    let not_after = beckon_pki::not_after(&der)
+        .ok()
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        .ok_or_else(|| internal("not_after"))?;
+    Ok(CertificateRecord {
+        serial,
+        issued_at: now_ms(),
+        not_after,
+    })
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RenewRequest {
+    /// A PEM certificate signing request for a fresh key pair.
+    csr: String,
+}
+
+/// A renewed agent certificate.
+#[derive(Serialize)]
+struct RenewResponse {
+    agent_id: String,
+    certificate: String,
+    ca: String,
+    /// End of the new certificate's validity, unix ms.
+    not_after: Millis,
+}
+
+/// Renews an agent's certificate: authenticated by its check-in token, refused for revoked
+/// and unknown agents; the new certificate is recorded (so that removing the agent revokes
+/// it too). The old one stays valid until it expires.
+async fn renew_certificate(
+    State(st): State<AppState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    Body(req): Body<RenewRequest>,
+) -> ApiResult<Json<RenewResponse>> {
+    let Some(token) = bearer(&headers) else {
+        return Err(ApiError::unauthorized(
+            "certificate renewal needs Authorization: Bearer <the checkin_token from enrollment>",
+        ));
+    };
+    let hash = token_hash(token);
+    let i = id.clone();
+    st.store.run(move |s| s.agent_by_secret(&i, &hash)).await?;
+    if req.csr.len() > 16 * 1024 || !req.csr.contains("CERTIFICATE REQUEST") {
+        return Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "csr must be a PEM certificate signing request (-----BEGIN CERTIFICATE REQUEST-----)",
+        ));
+    }
+    let certificate = st
+        .ca
+        .issue_client_for_csr(
+            &req.csr,
+            &id,
+            Some(st.tenant.as_str()),
+            Some("agent"),
+            st.config.agent_certificate_validity,
+        )
+        .map_err(|e| {
+            ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                format!("csr could not be signed: {e}"),
+            )
+        })?;
+    let record = certificate_record(&certificate)?;
+    let not_after = record.not_after;
+    let i = id.clone();
+    st.store
+        .run(move |s| s.record_certificate(&i, &record))
+        .await?;
+    tracing::info!(agent = %id, "agent certificate renewed");
+    Ok(Json(RenewResponse {
+        agent_id: id,
+        certificate: certificate.cert_pem,
+        ca: st.ca.cert_pem().to_owned(),
+        not_after,
+    }))
+}
+
+/// The broker's tenant file for this tenant, with the revocations in force (TOML).
+async fn get_tenant_file(State(st): State<AppState>, _a: Admin) -> ApiResult<Response> {
+    let text = crate::tenant_file::current(&st).await?;
+    Ok((
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "application/toml; charset=utf-8",
+        )],
+        text,
+    )
+        .into_response())
 }
 
 /// The check-in body: the agent runtime's fields, plus an optional fresh inventory.
@@ -906,6 +1018,15 @@ async fn revoke_agent(
     let i = id.clone();
     st.store.run(move |s| s.revoke_agent(&i, now_ms())).await?;
     audit(&st, &who, "agent.revoke", json!({"id": id})).await;
+    // The broker learns it from its tenant file; the console restarts rewrite it too.
+    match crate::tenant_file::publish(&st).await {
+        Ok(written) => {
+            tracing::info!(agent = %id, tenant_file_written = written, "agent removed: revoked");
+        }
+        Err(e) => {
+            tracing::error!(agent = %id, error = %e, "agent revoked in the console, but the broker does not know yet: fix the tenant file path; it is written again at the next removal or start");
+        }
+    }
     Ok(StatusCode::NO_CONTENT)
 }
 

@@ -39,6 +39,16 @@ pub struct ConsoleArgs {
     /// Broker endpoints given to agents until the settings name some (host:port).
     #[arg(long = "agent-broker-endpoint", default_values = ["localhost:8883", "localhost:8443"])]
     pub agent_broker_endpoints: Vec<String>,
+    /// The broker's tenant file for this tenant (`<broker tenants folder>/<tenant>.toml`),
+    /// rewritten when an agent is removed so that the broker refuses it. Without it, copy
+    /// `GET /api/v1/tenant-file` to the broker (see docs/console.md).
+    #[arg(long, env = "BECKON_CONSOLE_TENANT_FILE", value_name = "FILE")]
+    pub broker_tenant_file: Option<PathBuf>,
+    /// Validity of the agent certificates the console issues, in seconds (agents renew
+    /// when a third is left). Short values are for tests.
+    #[arg(long, value_name = "SECS", default_value_t = 365 * 24 * 3600,
+          value_parser = clap::value_parser!(u64).range(60..=10 * 365 * 24 * 3600))]
+    pub agent_cert_validity_secs: u64,
 }
 
 impl ConsoleArgs {
@@ -59,6 +69,9 @@ impl ConsoleArgs {
             (b, _) => b.clone(),
         };
         c.default_broker_endpoints = self.agent_broker_endpoints.clone();
+        c.broker_tenant_file.clone_from(&self.broker_tenant_file);
+        c.agent_certificate_validity =
+            std::time::Duration::from_secs(self.agent_cert_validity_secs);
         c
     }
 }

@@ -19,6 +19,7 @@ pub mod openapi;
 mod secrets;
 pub mod settings;
 pub mod store;
+pub mod tenant_file;
 mod tls;
 pub mod ui;
 pub mod wol;
@@ -115,6 +116,12 @@ pub struct ConsoleConfig {
     pub max_body_bytes: usize,
     /// Name of the first user, created with a random password when there is none.
     pub admin_user: String,
+    /// The broker's tenant file for this tenant (`<broker tenants folder>/<tenant>.toml`):
+    /// written at start and whenever an agent is removed, so that the broker refuses removed
+    /// agents. `None`: the operator copies it (`GET /api/v1/tenant-file`).
+    pub broker_tenant_file: Option<PathBuf>,
+    /// Validity of agent certificates (enrollment and renewal).
+    pub agent_certificate_validity: Duration,
 }
 
 impl ConsoleConfig {
@@ -132,6 +139,8 @@ impl ConsoleConfig {
             default_broker_endpoints: vec!["localhost:8883".into(), "localhost:8443".into()],
             max_body_bytes: 64 * 1024,
             admin_user: "admin".into(),
+            broker_tenant_file: None,
+            agent_certificate_validity: Duration::from_secs(365 * 24 * 3600),
         }
     }
 }
@@ -234,17 +243,11 @@ impl ConsoleHandle {
     }
 
     /// The broker's tenant file for this console's tenant (`tenants/<tenant>.toml`, see the
-    /// identity crate's documentation): the tenant CA inline, so that agent and console
-    /// certificates authenticate, and the wake-up key as a token key.
+    /// identity crate's documentation) without revocations: the tenant CA inline, so that
+    /// agent and console certificates authenticate, and the wake-up key as a token key.
+    /// [`tenant_file::current`] adds the `[[revoked]]` entries of removed agents.
     pub fn tenant_file(&self) -> String {
-        let key = self.state.signer.key();
-        format!(
-            "# Written by the Beckon console for tenant {tenant}.\n[[ca]]\npem = \"\"\"\n{ca}\"\"\"\n\n[[token_key]]\nkid = \"{kid}\"\npublic_key = \"{pk}\"\n",
-            tenant = self.state.tenant,
-            ca = self.state.ca.cert_pem(),
-            kid = key.kid(),
-            pk = key.public_key().to_base64(),
-        )
+        tenant_file::render(&self.state, &[])
     }
 
     /// Stops serving and waits (at most 5 s) for the tasks to end.
@@ -326,6 +329,11 @@ impl Console {
             config: Arc::new(config),
             shutdown: shutdown_rx.clone(),
         };
+        if let Err(e) = tenant_file::publish(&state).await {
+            return Err(ConsoleError::Config(format!(
+                "{e}; check --broker-tenant-file"
+            )));
+        }
         let router = api::router(state.clone()).merge(ui::router());
         let scheme = if tls.is_some() { "https" } else { "http" };
         let tasks = vec![

@@ -43,6 +43,20 @@ const OPERATIONS: &[(&str, &str, &str, bool, bool)] = &[
         true,
     ),
     (
+        "/api/v1/agents/{id}/certificate",
+        "post",
+        "Renew an agent's certificate with a CSR for a fresh key pair (Authorization: Bearer <checkin_token>); refused for removed agents",
+        false,
+        true,
+    ),
+    (
+        "/api/v1/tenant-file",
+        "get",
+        "The broker's tenant file for this tenant (TOML): CA, token key and the revoked credentials of removed agents",
+        true,
+        false,
+    ),
+    (
         "/api/v1/enrollment-tokens",
         "get",
         "List enrollment tokens",

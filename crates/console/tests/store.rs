@@ -34,6 +34,7 @@ fn agent(id: &str) -> NewAgent {
             macs: vec!["00:11:22:33:44:55".into()],
         },
         secret_hash: [9; 32],
+        certificate: None,
     }
 }
 

@@ -102,6 +102,31 @@ pub struct NewAgent {
     pub inventory: Inventory,
     /// SHA-256 of the agent's check-in secret.
     pub secret_hash: [u8; 32],
+    /// The certificate issued at enrollment (recorded so that removing the agent revokes it).
+    pub certificate: Option<CertificateRecord>,
+}
+
+/// A certificate issued to an agent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CertificateRecord {
+    /// Serial number, canonical hex (`beckon_identity::certificate_serial`).
+    pub serial: String,
+    /// When it was issued.
+    pub issued_at: Millis,
+    /// End of its validity.
+    pub not_after: Millis,
+}
+
+/// A removed agent's revoked credentials, as the broker's tenant file lists them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RevokedAgent {
+    /// The agent id.
+    pub id: String,
+    /// Serials of its revoked certificates still within their validity; `None`: every
+    /// certificate of the id (agents enrolled before certificates were recorded).
+    pub serials: Option<Vec<String>>,
+    /// When it was revoked: tokens issued until then are refused; `None`: every token.
+    pub revoked_at: Option<Millis>,
 }
 
 /// Filters for listing agents.
@@ -212,6 +237,11 @@ pub trait Store: Send + Sync {
     ) -> StoreResult<Agent>;
     /// Revokes an agent: it may no longer check in and pending deliveries fail.
     fn revoke_agent(&self, id: &str, now: Millis) -> StoreResult<()>;
+    /// The revoked agents' credentials for the broker's tenant file: certificates revoked and
+    /// not yet expired at `now`, and agents revoked without a recorded certificate.
+    fn revocations(&self, now: Millis) -> StoreResult<Vec<RevokedAgent>>;
+    /// Records a certificate issued to an enrolled, not revoked agent (renewal).
+    fn record_certificate(&self, id: &str, certificate: &CertificateRecord) -> StoreResult<()>;
     /// The agent whose check-in secret hashes to `hash`, if not revoked.
     fn agent_by_secret(&self, id: &str, hash: &[u8; 32]) -> StoreResult<Agent>;
     /// Records a check-in, with the inventory if the agent sent one.

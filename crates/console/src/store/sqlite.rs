@@ -21,10 +21,11 @@ use rusqlite::{Connection, OptionalExtension, Row, Transaction, params};
 use super::*;
 
 /// The schema version this build writes.
-pub const SCHEMA_VERSION: i64 = 1;
+pub const SCHEMA_VERSION: i64 = 2;
 
 /// Schema scripts: `MIGRATIONS[n]` moves version `n` to `n + 1`.
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE enrollment_tokens (
     id TEXT PRIMARY KEY,
     hash BLOB NOT NULL UNIQUE,
@@ -134,7 +135,21 @@ CREATE TABLE wol_sends (
     error TEXT
 );
 CREATE INDEX wol_sends_agent ON wol_sends(agent_id, at);
-"#];
+"#,
+    r#"
+-- Version 2: the certificates issued to agents, so that removing an agent revokes them by
+-- serial (the broker's tenant file lists them) while the id may enroll again afresh.
+CREATE TABLE agent_certificates (
+    serial TEXT PRIMARY KEY,
+    agent_id TEXT NOT NULL,
+    issued_at INTEGER NOT NULL,
+    not_after INTEGER NOT NULL,
+    revoked_at INTEGER
+);
+CREATE INDEX agent_certificates_by_agent ON agent_certificates (agent_id);
+ALTER TABLE agents ADD COLUMN revoked_at INTEGER;
+"#,
+];
 
 /// The SQLite store (one connection behind a mutex: SQLite serializes writers anyway, and the
 /// console's reads are short).
@@ -239,6 +254,15 @@ fn migrate(conn: &mut Connection, shown_path: &str) -> StoreResult<()> {
             .map_err(sql("recording the schema version"))?;
         tx.commit().map_err(sql("committing a schema migration"))?;
     }
+    Ok(())
+}
+
+fn insert_certificate(tx: &Transaction<'_>, agent: &str, c: &CertificateRecord) -> StoreResult<()> {
+    tx.execute(
+        "INSERT INTO agent_certificates (serial, agent_id, issued_at, not_after) VALUES (?1, ?2, ?3, ?4)",
+        params![c.serial, agent, c.issued_at, c.not_after],
+    )
+    .map_err(sql("recording an agent certificate"))?;
     Ok(())
 }
 
@@ -614,6 +638,9 @@ impl Store for SqliteStore {
             [&token.id],
         )
         .map_err(sql("using an enrollment token"))?;
+        if let Some(c) = &agent.certificate {
+            insert_certificate(&tx, &agent.id, c)?;
+        }
         set_groups(&tx, &agent.id, &token.groups)?;
         let stored = load_agent(&tx, &agent.id)?;
         tx.commit().map_err(sql("committing an enrollment"))?;
@@ -712,10 +739,17 @@ impl Store for SqliteStore {
         let tx = conn.transaction().map_err(sql("starting a transaction"))?;
         let n = tx
             .execute(
-                "UPDATE agents SET revoked = 1 WHERE id = ?1 AND revoked = 0",
-                [id],
+                "UPDATE agents SET revoked = 1, revoked_at = ?2 WHERE id = ?1 AND revoked = 0",
+                params![id, now],
             )
             .map_err(sql("revoking an agent"))?;
+        if n > 0 {
+            tx.execute(
+                "UPDATE agent_certificates SET revoked_at = ?2 WHERE agent_id = ?1 AND revoked_at IS NULL",
+                params![id, now],
+            )
+            .map_err(sql("revoking an agent's certificates"))?;
+        }
         if n == 0 {
             return Err(StoreError::NotFound {
                 what: "agent",
@@ -728,6 +762,82 @@ impl Store for SqliteStore {
         )
         .map_err(sql("failing a revoked agent's wake-ups"))?;
         tx.commit().map_err(sql("revoking an agent"))?;
+        Ok(())
+    }
+
+    fn revocations(&self, now: Millis) -> StoreResult<Vec<RevokedAgent>> {
+        let conn = self.conn();
+        let mut out: std::collections::BTreeMap<String, RevokedAgent> = Default::default();
+        // Certificates past their end need no listing: the broker refuses them anyway.
+        let mut stmt = conn
+            .prepare(
+                "SELECT agent_id, serial, revoked_at FROM agent_certificates WHERE revoked_at IS NOT NULL AND not_after > ?1 ORDER BY agent_id, serial",
+            )
+            .map_err(sql("reading revoked certificates"))?;
+        let rows = stmt
+            .query_map([now], |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, Millis>(2)?,
+                ))
+            })
+            .map_err(sql("reading revoked certificates"))?;
+        for row in rows {
+            let (agent, serial, at) = row.map_err(sql("reading revoked certificates"))?;
+            let entry = out.entry(agent.clone()).or_insert_with(|| RevokedAgent {
+                id: agent,
+                serials: Some(Vec::new()),
+                revoked_at: Some(at),
+            });
+            if let Some(s) = entry.serials.as_mut() {
+                s.push(serial);
+            }
+            entry.revoked_at = entry.revoked_at.max(Some(at));
+        }
+        // Agents revoked without a recorded certificate (enrolled before certificates were
+        // recorded): every credential of the id is refused until it enrolls again.
+        let mut stmt = conn
+            .prepare(
+                "SELECT a.id, a.revoked_at FROM agents a WHERE a.revoked = 1 AND NOT EXISTS (SELECT 1 FROM agent_certificates c WHERE c.agent_id = a.id) ORDER BY a.id",
+            )
+            .map_err(sql("reading revoked agents"))?;
+        let rows = stmt
+            .query_map([], |r| {
+                Ok((r.get::<_, String>(0)?, r.get::<_, Option<Millis>>(1)?))
+            })
+            .map_err(sql("reading revoked agents"))?;
+        for row in rows {
+            let (agent, _) = row.map_err(sql("reading revoked agents"))?;
+            out.insert(
+                agent.clone(),
+                RevokedAgent {
+                    id: agent,
+                    serials: None,
+                    revoked_at: None,
+                },
+            );
+        }
+        Ok(out.into_values().collect())
+    }
+
+    fn record_certificate(&self, id: &str, certificate: &CertificateRecord) -> StoreResult<()> {
+        let mut conn = self.conn();
+        let tx = conn.transaction().map_err(sql("starting a transaction"))?;
+        let revoked: Option<bool> = tx
+            .query_row("SELECT revoked FROM agents WHERE id = ?1", [id], |r| {
+                r.get(0)
+            })
+            .optional()
+            .map_err(sql("checking an agent"))?;
+        if revoked != Some(false) {
+            return Err(StoreError::NotFound {
+                what: "agent",
+                id: id.to_owned(),
+            });
+        }
+        insert_certificate(&tx, id, certificate)?;
+        tx.commit().map_err(sql("recording a certificate"))?;
         Ok(())
     }
 
