@@ -103,6 +103,15 @@ impl Connector for PlainTcpConnector {
 pub struct LadderConnector {
     ladder: ConnectionLadder,
     tls: Arc<TlsClient>,
+    /// What `tls` was built from, to build it again when the certificate is renewed.
+    settings: TlsSettings,
+    /// Size and modification time of the client certificate file `tls` holds.
+    cert_stamp: Option<(std::time::SystemTime, u64)>,
+}
+
+fn file_stamp(path: &std::path::Path) -> Option<(std::time::SystemTime, u64)> {
+    let meta = std::fs::metadata(path).ok()?;
+    Some((meta.modified().ok()?, meta.len()))
 }
 
 /// Why the ladder could not be set up (bad CA, certificate, key or proxy).
@@ -135,6 +144,7 @@ impl LadderConnector {
             ..TlsSettings::default()
         };
         let tls = Arc::new(TlsClient::new(&settings)?);
+        let cert_stamp = broker.client_cert.as_deref().and_then(file_stamp);
         let mut ladder_config = LadderConfig::new(broker.host.clone());
         ladder_config.server_name = broker.server_name.clone();
         ladder_config.primary_port = broker.port;
@@ -146,7 +156,34 @@ impl LadderConnector {
         Ok(Self {
             ladder: ConnectionLadder::new(ladder_config, Arc::clone(&tls)),
             tls,
+            settings,
+            cert_stamp,
         })
+    }
+
+    /// Loads the client certificate and key again when the certificate file changed (a
+    /// renewal). A pair that does not load (the renewal is between its two writes) keeps
+    /// the one in use; the next connect looks again.
+    fn refresh_identity(&mut self) {
+        let Some(ClientIdentity::Files { cert, .. }) = &self.settings.identity else {
+            return;
+        };
+        let stamp = file_stamp(cert);
+        if stamp == self.cert_stamp {
+            return;
+        }
+        match TlsClient::new(&self.settings) {
+            Ok(tls) => {
+                tracing::info!(certificate = %cert.display(), "client certificate changed: using the new one");
+                self.tls = Arc::new(tls);
+                self.cert_stamp = stamp;
+                let last = self.ladder.last_working().cloned();
+                self.rebuild(self.ladder.config().clone(), last);
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "the changed client certificate does not load yet; keeping the current one");
+            }
+        }
     }
 
     /// The paths in the order the next attempt tries them.
@@ -165,6 +202,7 @@ impl LadderConnector {
 
 impl Connector for LadderConnector {
     async fn connect(&mut self) -> Result<Connection, ConnectError> {
+        self.refresh_identity();
         match self.ladder.connect().await {
             Ok(connected) => {
                 for failure in &connected.failed_before {

@@ -20,6 +20,7 @@ pub mod enroll;
 pub mod http;
 pub mod inventory;
 pub mod jitter;
+pub mod renew;
 pub mod runtime;
 pub mod session;
 pub mod state;

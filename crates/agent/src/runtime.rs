@@ -101,6 +101,14 @@ pub async fn run_agent<C: Connector>(
             shutdown.clone(),
         ))
     });
+    // Certificates issued by the console are renewed through it before they run out.
+    let renewal = (config.checkin.console_url.is_some() && config.broker.client_cert.is_some())
+        .then(|| {
+            tokio::spawn(crate::renew::renewal_loop(
+                Arc::clone(&config),
+                shutdown.clone(),
+            ))
+        });
 
     let start_delay = backoff.startup_delay();
     tracing::info!(agent_id = %config.agent_id, delay_ms = start_delay.as_millis() as u64, "agent starting");
@@ -138,6 +146,9 @@ pub async fn run_agent<C: Connector>(
     worker.abort();
     if let Some(checkin) = checkin {
         checkin.abort();
+    }
+    if let Some(renewal) = renewal {
+        renewal.abort();
     }
     tracing::info!("agent stopped");
     Ok(())

@@ -1,0 +1,255 @@
+//! Certificate renewal: before its certificate runs out, the agent makes a fresh key pair,
+//! sends a certificate signing request to the console
+//! (`POST /api/v1/agents/{id}/certificate`, authenticated by its check-in token) and
+//! replaces `agent.key` and `agent.pem` (each written atomically: temporary file, then
+//! rename). The connection to the broker picks the new pair up at its next connect.
+//!
+//! When: once less than a third of the certificate's lifetime (not-before to not-after) is
+//! left ([`renewal_due_at`]); a failed attempt is retried after a tenth of the time left
+//! (at least 30 s, at most an hour). A console that answers 401 or 404 (the agent was
+//! removed) is logged as such: removal is not undone by renewing.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use beckon_net::{ClientIdentity, TlsClient, TlsSettings, TrustAnchors};
+use serde::Deserialize;
+use tokio::sync::watch;
+
+use crate::config::AgentConfig;
+use crate::http::{self, Url};
+
+/// Why a renewal failed.
+#[derive(Debug, thiserror::Error)]
+pub enum RenewError {
+    /// The agent has no console URL, client certificate or check-in token configured.
+    #[error(
+        "certificate renewal needs checkin.console_url, broker.client_cert/client_key and a check-in token: {0}"
+    )]
+    NotConfigured(String),
+    /// The current certificate could not be read.
+    #[error("cannot read the agent certificate {path}: {reason}")]
+    Certificate {
+        /// The file.
+        path: PathBuf,
+        /// What went wrong.
+        reason: String,
+    },
+    /// A key pair or request could not be made.
+    #[error("making a key pair and certificate request: {0}")]
+    Key(String),
+    /// The console could not be reached.
+    #[error("renewal at {url}: {source}")]
+    Unreachable {
+        /// The URL.
+        url: String,
+        /// What failed.
+        source: http::HttpError,
+    },
+    /// The console refused (401: unknown or removed agent, wrong token; 422: bad request).
+    #[error("the console refused the renewal (HTTP {status}): {message}")]
+    Refused {
+        /// HTTP status.
+        status: u16,
+        /// The console's message.
+        message: String,
+    },
+    /// The answer is not a usable certificate for our new key.
+    #[error("the console's renewal answer is not usable: {0}")]
+    BadAnswer(String),
+    /// The new files could not be written.
+    #[error("writing {path}: {reason}")]
+    Write {
+        /// The file.
+        path: PathBuf,
+        /// What went wrong.
+        reason: String,
+    },
+}
+
+/// Validity of a certificate, unix seconds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Validity {
+    /// Start.
+    pub not_before: i64,
+    /// End.
+    pub not_after: i64,
+}
+
+/// Reads the validity of the first certificate of a PEM file.
+pub fn certificate_validity(path: &Path) -> Result<Validity, RenewError> {
+    let bad = |reason: String| RenewError::Certificate {
+        path: path.to_owned(),
+        reason,
+    };
+    let certs = beckon_pki::load_certificates(path).map_err(|e| bad(e.to_string()))?;
+    let first = certs
+        .first()
+        .ok_or_else(|| bad("no certificate in the file".into()))?;
+    let (_, cert) = x509_parser::parse_x509_certificate(first.as_ref())
+        .map_err(|e| bad(format!("not an X.509 certificate: {e}")))?;
+    Ok(Validity {
+        not_before: cert.validity().not_before.timestamp(),
+        not_after: cert.validity().not_after.timestamp(),
+    })
+}
+
+/// When a certificate should be renewed: when a third of its lifetime is left.
+pub fn renewal_due_at(v: Validity) -> i64 {
+    let lifetime = (v.not_after - v.not_before).max(0);
+    v.not_after - lifetime / 3
+}
+
+#[derive(Deserialize)]
+struct RenewAnswer {
+    agent_id: String,
+    certificate: String,
+}
+
+/// Renews the certificate now: new key pair, CSR, the console signs, files replaced.
+/// Returns the new certificate's validity.
+pub async fn renew(config: &AgentConfig) -> Result<Validity, RenewError> {
+    let (Some(cert_path), Some(key_path)) = (&config.broker.client_cert, &config.broker.client_key)
+    else {
+        return Err(RenewError::NotConfigured("no client certificate".into()));
+    };
+    let Some(base) = config.checkin.console_url.as_deref() else {
+        return Err(RenewError::NotConfigured("no checkin.console_url".into()));
+    };
+    let token = config
+        .checkin_token()
+        .map_err(|e| RenewError::NotConfigured(e.to_string()))?
+        .ok_or_else(|| RenewError::NotConfigured("no check-in token".into()))?;
+    let base = Url::parse(base.trim_end_matches('/'))
+        .map_err(|e| RenewError::NotConfigured(format!("checkin.console_url: {e}")))?;
+    let url = base.with_path(&format!(
+        "{}/api/v1/agents/{}/certificate",
+        base.path.trim_end_matches('/'),
+        config.agent_id
+    ));
+    let tls = match url.scheme {
+        http::Scheme::Http => None,
+        http::Scheme::Https => Some(
+            TlsClient::new(&TlsSettings {
+                trust: match &config.checkin.ca_file {
+                    Some(f) => TrustAnchors::CaFile(f.clone()),
+                    None => TrustAnchors::System,
+                },
+                ..TlsSettings::default()
+            })
+            .map_err(|e| RenewError::NotConfigured(format!("checkin.ca_file: {e}")))?,
+        ),
+    };
+
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
+        .map_err(|e| RenewError::Key(e.to_string()))?;
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new())
+        .map_err(|e| RenewError::Key(e.to_string()))?;
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, config.agent_id.as_str());
+    let csr = params
+        .serialize_request(&key)
+        .and_then(|r| r.pem())
+        .map_err(|e| RenewError::Key(e.to_string()))?;
+    let key_pem = key.serialize_pem();
+    let body = serde_json::to_vec(&serde_json::json!({ "csr": csr }))
+        .map_err(|e| RenewError::Key(e.to_string()))?;
+    let response = http::request(
+        &url,
+        "POST",
+        &[("Authorization", format!("Bearer {token}"))],
+        &body,
+        tls.as_ref(),
+        config.checkin.timeout,
+    )
+    .await
+    .map_err(|source| RenewError::Unreachable {
+        url: url.to_string(),
+        source,
+    })?;
+    if !(200..300).contains(&response.status) {
+        return Err(RenewError::Refused {
+            status: response.status,
+            message: response.error_message(),
+        });
+    }
+    let answer: RenewAnswer = serde_json::from_slice(&response.body)
+        .map_err(|e| RenewError::BadAnswer(format!("not a renewal answer: {e}")))?;
+    if answer.agent_id != config.agent_id {
+        return Err(RenewError::BadAnswer(format!(
+            "it is for agent {:?}, not {:?}",
+            answer.agent_id, config.agent_id
+        )));
+    }
+    // rustls checks that the certificate carries our new public key; the broker's CA file
+    // must still trust it.
+    TlsClient::new(&TlsSettings {
+        trust: match &config.broker.ca_file {
+            Some(f) => TrustAnchors::CaFile(f.clone()),
+            None => TrustAnchors::System,
+        },
+        identity: Some(ClientIdentity::Pem {
+            cert: answer.certificate.as_bytes().to_vec(),
+            key: key_pem.as_bytes().to_vec(),
+        }),
+        ..TlsSettings::default()
+    })
+    .map_err(|e| RenewError::BadAnswer(format!("certificate: {e}")))?;
+    let write = |path: &Path, text: &str, mode: u32| {
+        beckon_pki::write_atomic(path, text.as_bytes(), mode).map_err(|e| RenewError::Write {
+            path: path.to_owned(),
+            reason: e.to_string(),
+        })
+    };
+    // The key first: until the certificate follows, a connect that reads the new key with
+    // the old certificate fails to load and keeps the pair it has in memory.
+    write(key_path, &key_pem, 0o600)?;
+    write(cert_path, &answer.certificate, 0o644)?;
+    certificate_validity(cert_path)
+}
+
+/// Renews the certificate whenever it is due, until shutdown.
+pub async fn renewal_loop(config: Arc<AgentConfig>, mut shutdown: watch::Receiver<bool>) {
+    let Some(cert_path) = config.broker.client_cert.clone() else {
+        return;
+    };
+    loop {
+        let now = crate::timefmt::unix_now();
+        let wait = match certificate_validity(&cert_path) {
+            Ok(v) if renewal_due_at(v) <= now => match renew(&config).await {
+                Ok(new) => {
+                    tracing::info!(
+                        not_after = %crate::timefmt::format_rfc3339(new.not_after),
+                        "agent certificate renewed; the next connection uses it"
+                    );
+                    // Never renew in a tight loop, even with a strange lifetime.
+                    Duration::from_secs(10)
+                }
+                Err(e) => {
+                    let left = u64::try_from(v.not_after - now).unwrap_or(0);
+                    let retry = Duration::from_secs((left / 10).clamp(30, 3600));
+                    tracing::warn!(error = %e, retry_in = ?retry, "certificate renewal failed");
+                    retry
+                }
+            },
+            Ok(v) => {
+                // Wake at the due time, and at least every six hours (clock changes).
+                let until = u64::try_from(renewal_due_at(v) - now).unwrap_or(0);
+                Duration::from_secs(until.clamp(1, 6 * 3600))
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot check the certificate's expiry");
+                Duration::from_secs(3600)
+            }
+        };
+        tokio::select! {
+            () = tokio::time::sleep(wait) => {}
+            _ = shutdown.changed() => return,
+        }
+        if *shutdown.borrow() {
+            return;
+        }
+    }
+}
