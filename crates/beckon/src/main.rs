@@ -3,6 +3,7 @@
 
 mod broker;
 mod up;
+mod wake;
 
 use std::process::ExitCode;
 
@@ -42,6 +43,8 @@ enum Command {
     Console(beckon_console::ConsoleArgs),
     /// Check every network path an agent would use to reach the broker, and name the fix.
     Doctor(beckon_doctor::DoctorArgs),
+    /// Make a wake-up call through the console's API, optionally waiting for each agent.
+    Wake(wake::WakeArgs),
     /// Load generator: simulated agent fleets against any MQTT broker.
     Bench {
         #[command(subcommand)]
@@ -71,6 +74,7 @@ fn main() -> ExitCode {
         Command::Agent { command } => beckon_agent::run(command),
         Command::Console(args) => beckon_console::run(args),
         Command::Doctor(args) => return report(beckon_doctor::run(args)),
+        Command::Wake(args) => return wake::main(args),
         Command::Bench { command } => beckon_bench::run(command),
     };
     match result {

@@ -79,13 +79,15 @@ pub fn main(args: UpArgs) -> anyhow::Result<()> {
             .chain(args.fallback.0)
             .map(|a| format!("localhost:{}", a.port()))
             .collect();
-        let tenant = console_config.tenant.clone();
+        // The console keeps the broker's tenant file (CA, token key, removed agents).
+        let tenants_dir = broker_dir.join("tenants");
+        console_config.broker_tenant_file =
+            Some(tenants_dir.join(format!("{}.toml", console_config.tenant)));
         let console = Console::start(console_config)
             .await
             .with_context(|| format!("starting the console in {}", console_dir.display()))?;
 
         let (cert, key, ca_file) = ensure_broker_certificate(&console_dir, &broker_dir)?;
-        let tenants_dir = write_tenant_file(&broker_dir, &tenant, &console.tenant_file())?;
         let mut broker_config = BrokerConfig::default();
         broker_config.data_dir.clone_from(&broker_dir);
         broker_config.tenants_dir = Some(tenants_dir);
@@ -161,20 +163,6 @@ pub fn main(args: UpArgs) -> anyhow::Result<()> {
         console.shutdown().await;
         result
     })
-}
-
-/// The broker's tenant folder with the one tenant of this installation: the console's
-/// tenant file (its CA, which signs the agents' and the console's certificates, and its
-/// token key). Rewritten when it differs, so that it always names the CA and key in force.
-fn write_tenant_file(broker_dir: &Path, tenant: &str, text: &str) -> anyhow::Result<PathBuf> {
-    let dir = broker_dir.join("tenants");
-    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-    let file = dir.join(format!("{tenant}.toml"));
-    if std::fs::read_to_string(&file).ok().as_deref() != Some(text) {
-        beckon_pki::write_atomic(&file, text.as_bytes(), 0o644)
-            .with_context(|| format!("writing {}", file.display()))?;
-    }
-    Ok(dir)
 }
 
 /// The broker's server certificate, issued by the console's CA on first run and reused
