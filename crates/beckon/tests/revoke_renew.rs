@@ -70,7 +70,10 @@ async fn setup(cert_validity: Duration) -> Setup {
     console
         .state
         .ca
-        .issue_server(&["localhost".into(), "127.0.0.1".into()], Duration::from_secs(3600))
+        .issue_server(
+            &["localhost".into(), "127.0.0.1".into()],
+            Duration::from_secs(3600),
+        )
         .expect("server certificate")
         .save(&cert, &key)
         .expect("saved");
@@ -82,7 +85,9 @@ async fn setup(cert_validity: Duration) -> Setup {
     broker_config.tls.cert = Some(cert);
     broker_config.tls.key = Some(key);
     broker_config.tls.client_ca = Some(dir.join("console/tenant-ca.pem"));
-    let (_, broker) = Server::bind(broker_config.clone()).await.expect("broker starts");
+    let (_, broker) = Server::bind(broker_config.clone())
+        .await
+        .expect("broker starts");
     let (stop_agents, _) = watch::channel(false);
     Setup {
         _dir: tmp,
@@ -98,7 +103,9 @@ async fn setup(cert_validity: Duration) -> Setup {
 
 impl Setup {
     async fn api(&self, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
-        let url = Url::parse(&self.console.url()).expect("url").with_path(path);
+        let url = Url::parse(&self.console.url())
+            .expect("url")
+            .with_path(path);
         let body = body.map(|b| b.to_string()).unwrap_or_default();
         let r = http::request(
             &url,
@@ -169,14 +176,21 @@ impl Setup {
     /// A wake-up call to `id` that reaches `finished`.
     async fn woken(&self, id: &str) {
         let (s, call) = self
-            .api("POST", "/api/v1/calls", Some(json!({"target": {"agents": [id]}})))
+            .api(
+                "POST",
+                "/api/v1/calls",
+                Some(json!({"target": {"agents": [id]}})),
+            )
             .await;
         assert_eq!(s, 201, "{call}");
         let path = format!("/api/v1/calls/{}", call["id"].as_str().expect("id"));
         let start = Instant::now();
         loop {
             let (_, c) = self.api("GET", &path, None).await;
-            let state = c["deliveries"][0]["state"].as_str().unwrap_or_default().to_owned();
+            let state = c["deliveries"][0]["state"]
+                .as_str()
+                .unwrap_or_default()
+                .to_owned();
             if state == "finished" {
                 return;
             }
@@ -197,7 +211,14 @@ impl Setup {
 
 /// CONNECT with the certificate and key files, in `version`; the CONNACK's code (v5 reason
 /// code or v3.1.1 return code).
-async fn connack_code(mqtts: SocketAddr, ca: &Path, cert: &Path, key: &Path, id: &str, version: ProtocolVersion) -> u8 {
+async fn connack_code(
+    mqtts: SocketAddr,
+    ca: &Path,
+    cert: &Path,
+    key: &Path,
+    id: &str,
+    version: ProtocolVersion,
+) -> u8 {
     let tls = beckon_net::TlsClient::new(&beckon_net::TlsSettings {
         trust: beckon_net::TrustAnchors::CaFile(ca.to_owned()),
         identity: Some(beckon_net::ClientIdentity::Files {
@@ -239,7 +260,9 @@ async fn connack_code(mqtts: SocketAddr, ca: &Path, cert: &Path, key: &Path, id:
             if version == ProtocolVersion::V5
                 && let Some(p) = decode(&mut buf, version, 1 << 20).expect("valid packet")
             {
-                let Packet::ConnAck(a) = p else { panic!("not a CONNACK: {p:?}") };
+                let Packet::ConnAck(a) = p else {
+                    panic!("not a CONNACK: {p:?}")
+                };
                 return a.code.0;
             }
             let mut chunk = [0u8; 1024];
@@ -284,15 +307,36 @@ async fn a_removed_agent_is_cut_off_and_refused_while_others_carry_on() {
         assert_eq!(s.presence("pc-1").await, "offline", "pc-1 must stay out");
     }
     assert_eq!(
-        connack_code(s.mqtts, &ca, &old_cert, &old_key, "pc-1", ProtocolVersion::V5).await,
+        connack_code(
+            s.mqtts,
+            &ca,
+            &old_cert,
+            &old_key,
+            "pc-1",
+            ProtocolVersion::V5
+        )
+        .await,
         ReasonCode::NOT_AUTHORIZED.0
     );
     assert_eq!(
-        connack_code(s.mqtts, &ca, &old_cert, &old_key, "pc-1", ProtocolVersion::V311).await,
+        connack_code(
+            s.mqtts,
+            &ca,
+            &old_cert,
+            &old_key,
+            "pc-1",
+            ProtocolVersion::V311
+        )
+        .await,
         5
     );
-    let state = AgentState::read(&s.dir.join("agents/pc-1")).expect("state").expect("written");
-    assert!(!state.connected, "the agent knows it is not connected: {state:?}");
+    let state = AgentState::read(&s.dir.join("agents/pc-1"))
+        .expect("state")
+        .expect("written");
+    assert!(
+        !state.connected,
+        "the agent knows it is not connected: {state:?}"
+    );
     // The other agent was not touched: still online, still woken.
     assert_eq!(s.presence("pc-2").await, "online");
     s.woken("pc-2").await;
@@ -311,7 +355,15 @@ async fn a_removed_agent_is_cut_off_and_refused_while_others_carry_on() {
     s.wait_presence("pc-1", "online").await;
     s.woken("pc-1").await;
     assert_eq!(
-        connack_code(s.mqtts, &ca, &old_cert, &old_key, "pc-1", ProtocolVersion::V5).await,
+        connack_code(
+            s.mqtts,
+            &ca,
+            &old_cert,
+            &old_key,
+            "pc-1",
+            ProtocolVersion::V5
+        )
+        .await,
         ReasonCode::NOT_AUTHORIZED.0
     );
     s.stop().await;
@@ -329,7 +381,9 @@ async fn an_agent_renews_its_certificate_and_connects_with_the_new_one() {
     let config = s.enroll("pc-r").await;
     let (_, cert, _) = files(&s.dir, "pc-r");
     let first = serial(&cert);
-    let first_end = beckon_agent::renew::certificate_validity(&cert).expect("validity").not_after;
+    let first_end = beckon_agent::renew::certificate_validity(&cert)
+        .expect("validity")
+        .not_after;
     let _agent = s.run(config);
     s.wait_presence("pc-r", "online").await;
     let start = Instant::now();
@@ -338,11 +392,17 @@ async fn an_agent_renews_its_certificate_and_connects_with_the_new_one() {
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
     let renewed = beckon_agent::renew::certificate_validity(&cert).expect("validity");
-    assert!(renewed.not_after > first_end, "{renewed:?} after {first_end}");
+    assert!(
+        renewed.not_after > first_end,
+        "{renewed:?} after {first_end}"
+    );
     // The key was replaced too (0600), and the pair loads.
     let (ca, cert, key) = files(&s.dir, "pc-r");
     use std::os::unix::fs::PermissionsExt;
-    assert_eq!(std::fs::metadata(&key).expect("key").permissions().mode() & 0o777, 0o600);
+    assert_eq!(
+        std::fs::metadata(&key).expect("key").permissions().mode() & 0o777,
+        0o600
+    );
 
     // Stop the broker until the first certificate has expired, then start it again: the
     // agent can only come back with the renewed certificate.
@@ -355,7 +415,9 @@ async fn an_agent_renews_its_certificate_and_connects_with_the_new_one() {
         .as_secs() as i64;
     let wait = (first_end - now + 2).max(0) as u64;
     tokio::time::sleep(Duration::from_secs(wait)).await;
-    let (_, broker) = Server::bind(s.broker_config.clone()).await.expect("broker again");
+    let (_, broker) = Server::bind(s.broker_config.clone())
+        .await
+        .expect("broker again");
     s.broker = Some(broker);
     let start = Instant::now();
     loop {

@@ -46,7 +46,14 @@ impl Up {
         let mut child = Command::new(beckon_bin())
             .args(["up", "--data"])
             .arg(data)
-            .args(["--console", &console, "--mqtts", &mqtts, "--fallback", "off"])
+            .args([
+                "--console",
+                &console,
+                "--mqtts",
+                &mqtts,
+                "--fallback",
+                "off",
+            ])
             .args(["--demo-agents", &demo_agents.to_string()])
             .env("RUST_LOG", "warn")
             .stdout(Stdio::piped())
@@ -64,7 +71,10 @@ impl Up {
         });
         let deadline = Instant::now() + WAIT;
         let mut stdout = Vec::new();
-        while !stdout.iter().any(|l: &String| l.contains("beckon up: ready")) {
+        while !stdout
+            .iter()
+            .any(|l: &String| l.contains("beckon up: ready"))
+        {
             let left = deadline.saturating_duration_since(Instant::now());
             match rx.recv_timeout(left) {
                 Ok(line) => stdout.push(line),
@@ -81,7 +91,8 @@ impl Up {
     /// One HTTP/1.1 request; returns (status, JSON body, raw head).
     fn request(&self, method: &str, path: &str, cookie: &str, body: &str) -> (u16, Value, String) {
         let mut s = TcpStream::connect(&self.console).expect("connect to the console");
-        s.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
+        s.set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("timeout");
         let cookie = if cookie.is_empty() {
             String::new()
         } else {
@@ -100,7 +111,11 @@ impl Up {
             .nth(1)
             .and_then(|s| s.parse().ok())
             .unwrap_or(0);
-        (status, serde_json::from_str(body).unwrap_or(Value::Null), head.to_owned())
+        (
+            status,
+            serde_json::from_str(body).unwrap_or(Value::Null),
+            head.to_owned(),
+        )
     }
 
     /// Logs in with the printed password and makes an API token.
@@ -108,7 +123,13 @@ impl Up {
         let password = self
             .stdout
             .iter()
-            .find_map(|l| l.split("password ").nth(1)?.split_whitespace().next().map(str::to_owned))
+            .find_map(|l| {
+                l.split("password ")
+                    .nth(1)?
+                    .split_whitespace()
+                    .next()
+                    .map(str::to_owned)
+            })
             .unwrap_or_else(|| panic!("no admin password printed: {:?}", self.stdout));
         let body = format!(r#"{{"user":"admin","password":"{password}"}}"#);
         let (status, _, head) = self.request("POST", "/api/v1/login", "", &body);
@@ -119,7 +140,8 @@ impl Up {
             .and_then(|c| c.split(';').next())
             .expect("a session cookie")
             .to_owned();
-        let (status, t, _) = self.request("POST", "/api/v1/api-tokens", &cookie, r#"{"name":"wake"}"#);
+        let (status, t, _) =
+            self.request("POST", "/api/v1/api-tokens", &cookie, r#"{"name":"wake"}"#);
         assert_eq!(status, 201, "{t}");
         (t["token"].as_str().expect("token").to_owned(), cookie)
     }
@@ -177,15 +199,32 @@ fn wake_calls_follows_and_explains_refusals() {
     let url = format!("http://{}", up.console);
 
     // One agent, followed to the end.
-    let o = wake(&["--console", &url, "--token", &token, "demo-01", "--reason", "cli", "--wait"]);
+    let o = wake(&[
+        "--console",
+        &url,
+        "--token",
+        &token,
+        "demo-01",
+        "--reason",
+        "cli",
+        "--wait",
+    ]);
     let (out, err) = text(&o);
     assert_eq!(o.status.code(), Some(0), "stdout: {out}\nstderr: {err}");
     let mut lines = out.lines();
     let id = lines.next().expect("the call id");
     assert_eq!(id.len(), 36, "a UUID: {out}");
-    assert!(lines.next().is_some_and(|h| h.starts_with("AGENT") && h.contains("STATE")), "{out}");
+    assert!(
+        lines
+            .next()
+            .is_some_and(|h| h.starts_with("AGENT") && h.contains("STATE")),
+        "{out}"
+    );
     let row = lines.next().expect("a row");
-    assert!(row.starts_with("demo-01") && row.contains("finished") && row.contains("ok"), "{out}");
+    assert!(
+        row.starts_with("demo-01") && row.contains("finished") && row.contains("ok"),
+        "{out}"
+    );
     let (status, call, _) = up.request("GET", &format!("/api/v1/calls/{id}"), &cookie, "");
     assert_eq!(status, 200);
     assert_eq!(call["reason"], "cli", "{call}");
@@ -199,12 +238,25 @@ fn wake_calls_follows_and_explains_refusals() {
     let o = wake(&["--console", &url, "--token", &token, "--all", "--wait"]);
     let (out, err) = text(&o);
     assert_eq!(o.status.code(), Some(0), "stdout: {out}\nstderr: {err}");
-    assert_eq!(out.lines().filter(|l| l.contains("finished")).count(), 2, "{out}");
+    assert_eq!(
+        out.lines().filter(|l| l.contains("finished")).count(),
+        2,
+        "{out}"
+    );
 
     // A spread window longer than the wait: not final in time, exit 1, the table says where
     // it stands.
     let o = wake(&[
-        "--console", &url, "--token", &token, "demo-02", "--spread", "60s", "--wait", "--timeout", "2s",
+        "--console",
+        &url,
+        "--token",
+        &token,
+        "demo-02",
+        "--spread",
+        "60s",
+        "--wait",
+        "--timeout",
+        "2s",
     ]);
     let (out, err) = text(&o);
     assert_eq!(o.status.code(), Some(1), "stdout: {out}\nstderr: {err}");
@@ -217,20 +269,34 @@ fn wake_calls_follows_and_explains_refusals() {
         (vec!["--token", "bkt_wrong", "demo-01"], "401"),
         (vec!["--token", &token, "no-such-agent"], "no-such-agent"),
         (vec!["--token", &token, "--group", "nobody"], "nobody"),
-        (vec!["--token", "bke_enrollment", "demo-01"], "must be an API token"),
-        (vec!["--token", &token, "demo-01", "--expiry", "soon"], "not a duration"),
+        (
+            vec!["--token", "bke_enrollment", "demo-01"],
+            "must be an API token",
+        ),
+        (
+            vec!["--token", &token, "demo-01", "--expiry", "soon"],
+            "not a duration",
+        ),
     ];
     for (args, needle) in cases {
         let mut all = vec!["--console", url.as_str()];
         all.extend(args.iter());
         let o = wake(&all);
         let (out, err) = text(&o);
-        assert_eq!(o.status.code(), Some(2), "{args:?}: stdout {out} stderr {err}");
+        assert_eq!(
+            o.status.code(),
+            Some(2),
+            "{args:?}: stdout {out} stderr {err}"
+        );
         assert!(err.contains(needle), "{args:?}: {err}");
         assert!(out.is_empty(), "{args:?}: {out}");
     }
     let (_, after, _) = up.request("GET", "/api/v1/calls", &cookie, "");
-    assert_eq!(before.as_array().map(Vec::len), after.as_array().map(Vec::len), "no call was made");
+    assert_eq!(
+        before.as_array().map(Vec::len),
+        after.as_array().map(Vec::len),
+        "no call was made"
+    );
 
     // No target at all; a console that is not there.
     let o = wake(&["--console", &url, "--token", &token]);
@@ -239,5 +305,8 @@ fn wake_calls_follows_and_explains_refusals() {
     let o = wake(&["--console", &closed, "--token", &token, "--all"]);
     let (_, err) = text(&o);
     assert_eq!(o.status.code(), Some(2), "{err}");
-    assert!(err.contains("cannot reach the console") && err.contains(&closed), "{err}");
+    assert!(
+        err.contains("cannot reach the console") && err.contains(&closed),
+        "{err}"
+    );
 }

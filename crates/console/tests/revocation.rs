@@ -10,7 +10,13 @@ use serde_json::{Value, json};
 use tower::ServiceExt;
 
 /// (status, body as text) of a request through the router.
-async fn raw(api: &common::Api, method: &str, path: &str, auth: Option<&str>, body: Option<&str>) -> (StatusCode, String) {
+async fn raw(
+    api: &common::Api,
+    method: &str,
+    path: &str,
+    auth: Option<&str>,
+    body: Option<&str>,
+) -> (StatusCode, String) {
     let mut b = Request::builder().method(method).uri(path);
     if let Some(a) = auth {
         b = b.header("authorization", a);
@@ -24,7 +30,9 @@ async fn raw(api: &common::Api, method: &str, path: &str, auth: Option<&str>, bo
     };
     let resp = api.router.clone().oneshot(req).await.unwrap();
     let status = resp.status();
-    let bytes = axum::body::to_bytes(resp.into_body(), 1 << 20).await.unwrap();
+    let bytes = axum::body::to_bytes(resp.into_body(), 1 << 20)
+        .await
+        .unwrap();
     (status, String::from_utf8_lossy(&bytes).into_owned())
 }
 
@@ -37,7 +45,10 @@ fn serial_of(pem: &str) -> String {
 
 fn error_of(text: &str) -> String {
     let v: Value = serde_json::from_str(text).unwrap_or_else(|_| panic!("not JSON: {text}"));
-    v["error"].as_str().unwrap_or_else(|| panic!("no error: {text}")).to_owned()
+    v["error"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no error: {text}"))
+        .to_owned()
 }
 
 #[tokio::test]
@@ -54,7 +65,14 @@ async fn removal_revokes_in_the_tenant_file_and_renewal_needs_a_live_agent() {
     let written = std::fs::read_to_string(&tenant_file).expect("tenant file written at start");
     let directory = TenantDirectory::load(tenant_file.parent().unwrap());
     assert!(directory.errors.is_empty(), "{:?}", directory.errors);
-    assert!(directory.directory.get("default").unwrap().revoked.is_empty());
+    assert!(
+        directory
+            .directory
+            .get("default")
+            .unwrap()
+            .revoked
+            .is_empty()
+    );
 
     let pc1 = api.enroll("pc-1", json!({})).await;
     let pc2 = api.enroll("pc-2", json!({})).await;
@@ -68,9 +86,24 @@ async fn removal_revokes_in_the_tenant_file_and_renewal_needs_a_live_agent() {
     // field, unknown agent: each a 4xx with a message.
     for (path, auth, body, want) in [
         (renew, None, good.as_str(), StatusCode::UNAUTHORIZED),
-        (renew, Some("Bearer bka_wrong"), good.as_str(), StatusCode::UNAUTHORIZED),
-        (renew, Some(auth2.as_str()), good.as_str(), StatusCode::UNAUTHORIZED),
-        (renew, Some(auth1.as_str()), r#"{"csr":"not a csr"}"#, StatusCode::UNPROCESSABLE_ENTITY),
+        (
+            renew,
+            Some("Bearer bka_wrong"),
+            good.as_str(),
+            StatusCode::UNAUTHORIZED,
+        ),
+        (
+            renew,
+            Some(auth2.as_str()),
+            good.as_str(),
+            StatusCode::UNAUTHORIZED,
+        ),
+        (
+            renew,
+            Some(auth1.as_str()),
+            r#"{"csr":"not a csr"}"#,
+            StatusCode::UNPROCESSABLE_ENTITY,
+        ),
         (
             renew,
             Some(auth1.as_str()),
@@ -78,8 +111,18 @@ async fn removal_revokes_in_the_tenant_file_and_renewal_needs_a_live_agent() {
             StatusCode::UNPROCESSABLE_ENTITY,
         ),
         (renew, Some(auth1.as_str()), "{", StatusCode::BAD_REQUEST),
-        (renew, Some(auth1.as_str()), r#"{"csr":"x","days":3}"#, StatusCode::UNPROCESSABLE_ENTITY),
-        ("/api/v1/agents/pc-9/certificate", Some(auth1.as_str()), good.as_str(), StatusCode::UNAUTHORIZED),
+        (
+            renew,
+            Some(auth1.as_str()),
+            r#"{"csr":"x","days":3}"#,
+            StatusCode::UNPROCESSABLE_ENTITY,
+        ),
+        (
+            "/api/v1/agents/pc-9/certificate",
+            Some(auth1.as_str()),
+            good.as_str(),
+            StatusCode::UNAUTHORIZED,
+        ),
     ] {
         let (s, text) = raw(&api, "POST", path, auth, Some(body)).await;
         assert_eq!(s, want, "{path} {auth:?} {body}: {text}");
@@ -95,7 +138,10 @@ async fn removal_revokes_in_the_tenant_file_and_renewal_needs_a_live_agent() {
     assert_ne!(renewed_serial, enrolled_serial);
     let not_after = renewed["not_after"].as_i64().unwrap();
     let left = not_after - beckon_console::model::now_ms();
-    assert!((3_500_000..=3_600_000).contains(&left), "validity as configured: {left} ms");
+    assert!(
+        (3_500_000..=3_600_000).contains(&left),
+        "validity as configured: {left} ms"
+    );
     assert_eq!(renewed["ca"].as_str(), pc1["ca"].as_str());
     // Nothing so far changed the tenant file.
     assert_eq!(std::fs::read_to_string(&tenant_file).unwrap(), written);
@@ -108,13 +154,29 @@ async fn removal_revokes_in_the_tenant_file_and_renewal_needs_a_live_agent() {
     let tenant = loaded.directory.get("default").unwrap().clone();
     assert_eq!(tenant.revoked.len(), 1, "only pc-1");
     for serial in [&enrolled_serial, &renewed_serial] {
-        assert!(tenant.revocation(Role::Agent, "pc-1", Credential::Certificate(serial)).is_some());
+        assert!(
+            tenant
+                .revocation(Role::Agent, "pc-1", Credential::Certificate(serial))
+                .is_some()
+        );
     }
     let pc2_serial = serial_of(pc2["certificate"].as_str().unwrap());
-    assert!(tenant.revocation(Role::Agent, "pc-2", Credential::Certificate(&pc2_serial)).is_none());
+    assert!(
+        tenant
+            .revocation(Role::Agent, "pc-2", Credential::Certificate(&pc2_serial))
+            .is_none()
+    );
     let now = beckon_console::model::now_ms() / 1000;
-    assert!(tenant.revocation(Role::Agent, "pc-1", Credential::Token(now - 5)).is_some());
-    assert!(tenant.revocation(Role::Agent, "pc-1", Credential::Token(now + 5)).is_none());
+    assert!(
+        tenant
+            .revocation(Role::Agent, "pc-1", Credential::Token(now - 5))
+            .is_some()
+    );
+    assert!(
+        tenant
+            .revocation(Role::Agent, "pc-1", Credential::Token(now + 5))
+            .is_none()
+    );
 
     // The same text over the API, for a broker on another host; administrators only.
     let admin = format!("Bearer {}", api.token);
@@ -142,8 +204,20 @@ async fn removal_revokes_in_the_tenant_file_and_renewal_needs_a_live_agent() {
         .get("default")
         .unwrap()
         .clone();
-    assert!(tenant.revocation(Role::Agent, "pc-1", Credential::Certificate(&new_serial)).is_none());
-    assert!(tenant.revocation(Role::Agent, "pc-1", Credential::Certificate(&enrolled_serial)).is_some());
+    assert!(
+        tenant
+            .revocation(Role::Agent, "pc-1", Credential::Certificate(&new_serial))
+            .is_none()
+    );
+    assert!(
+        tenant
+            .revocation(
+                Role::Agent,
+                "pc-1",
+                Credential::Certificate(&enrolled_serial)
+            )
+            .is_some()
+    );
     api.handle.shutdown().await;
 }
 
@@ -161,5 +235,8 @@ async fn an_unwritable_tenant_file_stops_the_start_with_its_path() {
         panic!("the console must not start");
     };
     let text = e.to_string();
-    assert!(text.contains("default.toml") && text.contains("--broker-tenant-file"), "{text}");
+    assert!(
+        text.contains("default.toml") && text.contains("--broker-tenant-file"),
+        "{text}"
+    );
 }

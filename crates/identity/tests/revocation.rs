@@ -7,8 +7,8 @@ mod common;
 use std::fs;
 
 use beckon_identity::{
-    Authenticator, Credentials, KeyId, Refusal, Role, SigningKey, TenantDirectory, TokenSigner,
-    TenantId, canonical_serial, certificate_serial,
+    Authenticator, Credentials, KeyId, Refusal, Role, SigningKey, TenantDirectory, TenantId,
+    TokenSigner, canonical_serial, certificate_serial,
 };
 use common::{NOW, TestCa};
 
@@ -84,7 +84,9 @@ fn a_revoked_certificate_and_old_tokens_are_refused_and_the_rest_is_not() {
     assert_eq!(refused.return_code_v3(), 5);
     let line = refused.to_string();
     assert!(
-        line.contains("acme/agent/pc-1") && line.contains("tenant acme") && line.contains(&old_serial),
+        line.contains("acme/agent/pc-1")
+            && line.contains("tenant acme")
+            && line.contains(&old_serial),
         "{line}"
     );
     // A new certificate for the same id (re-enrolled or renewed) and other agents connect.
@@ -161,12 +163,20 @@ fn bad_revoked_entries_name_file_and_key_and_keep_the_previous_version() {
             "revoked[1].id",
             "appears twice",
         ),
-        ("[[revoked]]\nid = \"pc-1\"\nserial = \"0a\"\n", "", "unknown field `serial`"),
+        (
+            "[[revoked]]\nid = \"pc-1\"\nserial = \"0a\"\n",
+            "",
+            "unknown field `serial`",
+        ),
     ];
     let mut directory = loaded.directory;
     for (i, (entry, key, reason)) in cases.iter().enumerate() {
         // Bigger each time, so that the poller sees a change even within one second.
-        let text = format!("{}{}# {i}\n", tenant_text(&ca, &public_key, entry), "#".repeat(i));
+        let text = format!(
+            "{}{}# {i}\n",
+            tenant_text(&ca, &public_key, entry),
+            "#".repeat(i)
+        );
         fs::write(&file, text).unwrap();
         let outcome = directory.reload();
         assert_eq!(outcome.errors.len(), 1, "{entry}");
@@ -176,7 +186,10 @@ fn bad_revoked_entries_name_file_and_key_and_keep_the_previous_version() {
         assert!(line.contains(reason), "{entry}: {line}");
         assert!(line.contains("previous version"), "{line}");
         // The tenant stays, without revocations.
-        let acme = outcome.directory.get("acme").expect("previous version kept");
+        let acme = outcome
+            .directory
+            .get("acme")
+            .expect("previous version kept");
         assert!(acme.revoked.is_empty());
         directory = outcome.directory;
     }
