@@ -77,10 +77,12 @@ async fn setup(cert_validity: Duration) -> Setup {
         .expect("server certificate")
         .save(&cert, &key)
         .expect("saved");
-    let mut broker_config = BrokerConfig::default();
-    broker_config.data_dir = dir.join("broker");
-    broker_config.tenants_dir = Some(tenants);
-    broker_config.tenants_reload_interval_secs = 1;
+    let mut broker_config = BrokerConfig {
+        data_dir: dir.join("broker"),
+        tenants_dir: Some(tenants),
+        tenants_reload_interval_secs: 1,
+        ..BrokerConfig::default()
+    };
     broker_config.listeners.mqtts = Listen(Some(mqtts));
     broker_config.tls.cert = Some(cert);
     broker_config.tls.key = Some(key);

@@ -1385,3 +1385,71 @@ async fn an_agent_that_says_it_came_through_a_proxy_is_shown_so_in_presence() {
     );
     broker.stop().await;
 }
+
+#[tokio::test]
+async fn a_revoked_token_is_cut_off_and_refused_while_newer_ones_and_others_connect() {
+    let (mut broker, tenants) = TestBroker::start(&["acme"]).await;
+    let acme = &tenants[0];
+    let mut server = connected(
+        &broker,
+        Cred::Token(acme.token(Role::Server, "console")),
+        "console",
+    )
+    .await;
+    assert_eq!(
+        server.subscribe(1, &["agents/+/presence"]).await,
+        vec![ReasonCode(1)]
+    );
+    let old = |id: &str| {
+        acme.signer
+            .issue(Role::Agent, id, now() - 100, 3600)
+            .expect("token")
+    };
+    let mut pc1 = connected(&broker, Cred::Token(old("pc-1")), "pc-1").await;
+    let mut pc2 = connected(&broker, Cred::Token(old("pc-2")), "pc-2").await;
+    let topic = "agents/pc-1/presence";
+    assert_eq!(
+        next_presence(&mut server, topic).await.state,
+        PresenceState::Connected
+    );
+
+    // The console removes pc-1: tokens issued until 50 s ago are revoked.
+    let file = broker.tenants.join("acme.toml");
+    let mut text = std::fs::read_to_string(&file).expect("tenant file");
+    text.push_str(&format!(
+        "\n[[revoked]]\nid = \"pc-1\"\ntokens_issued_until = {}\n",
+        now() - 50
+    ));
+    std::fs::write(&file, text).expect("rewrite tenant file");
+    loop {
+        match pc1.recv_within(WAIT).await {
+            Some(None) => break,
+            Some(Some(_)) => {}
+            None => panic!("the revoked agent is still connected"),
+        }
+    }
+    let e = next_presence(&mut server, topic).await;
+    assert_eq!(
+        (e.state, e.reason.as_deref()),
+        (PresenceState::Disconnected, Some("revoked"))
+    );
+    for (version, code) in [
+        (ProtocolVersion::V5, ReasonCode::NOT_AUTHORIZED),
+        (ProtocolVersion::V311, ReasonCode(5)),
+    ] {
+        assert_eq!(
+            connack_code(&broker, Cred::Token(old("pc-1")), "pc-1", version).await,
+            code
+        );
+    }
+    // A token issued after the removal is a new credential; pc-2 was never touched.
+    let fresh = connected(
+        &broker,
+        Cred::Token(acme.token(Role::Agent, "pc-1")),
+        "pc-1",
+    )
+    .await;
+    pc2.publishes_until_ping().await;
+    fresh.disconnect().await;
+    broker.stop().await;
+}
