@@ -32,11 +32,35 @@ pub fn status_text(state_dir: &Path) -> Result<String, StateError> {
             state_dir.display()
         ));
     };
-    Ok(render(
-        &state,
-        unix_now(),
-        state.pid.is_some_and(process_alive),
-    ))
+    let mut text = render(&state, unix_now(), state.pid.is_some_and(process_alive));
+    text.push_str(&certificate_line(&state_dir.join("agent.pem"), unix_now()));
+    Ok(text)
+}
+
+/// `Certificate:` with its end and when renewal starts, for an enrolled agent's
+/// `agent.pem`; empty when there is none.
+pub fn certificate_line(cert: &Path, now: i64) -> String {
+    if !cert.exists() {
+        return String::new();
+    }
+    match crate::renew::certificate_validity(cert) {
+        Ok(v) => {
+            let due = crate::renew::renewal_due_at(v);
+            let state = if v.not_after < now {
+                "EXPIRED: enroll again (beckon agent enroll --force)"
+            } else if due <= now {
+                "renewal due: the running agent renews it through the console"
+            } else {
+                "renewed automatically when a third of its lifetime is left"
+            };
+            format!(
+                "Certificate:  valid until {}, renewal from {} ({state})\n",
+                format_rfc3339(v.not_after),
+                format_rfc3339(due)
+            )
+        }
+        Err(e) => format!("Certificate:  {e}\n"),
+    }
 }
 
 /// The status as JSON: the state plus whether the agent process is running.
@@ -144,6 +168,7 @@ pub fn render(state: &AgentState, now: i64, running: bool) -> String {
 mod tests {
     use super::*;
     use crate::state::{LastError, LastResult, LastWakeUp};
+    use std::time::Duration;
 
     #[test]
     fn names_every_part_of_the_state() {
@@ -191,6 +216,31 @@ mod tests {
         }
         let dead = render(&state, 1200, false);
         assert!(dead.contains("NOT connected (agent not running)"), "{dead}");
+    }
+
+    #[test]
+    fn the_certificate_line_says_when_renewal_starts() {
+        let dir = tempfile::tempdir().unwrap();
+        let cert = dir.path().join("agent.pem");
+        assert_eq!(certificate_line(&cert, 0), "");
+        let ca =
+            beckon_pki::CertificateAuthority::generate("t", Duration::from_secs(3600)).unwrap();
+        let issued = ca
+            .issue_client(
+                "pc-1",
+                Some("acme"),
+                Some("agent"),
+                Duration::from_secs(3000),
+            )
+            .unwrap();
+        std::fs::write(&cert, &issued.cert_pem).unwrap();
+        let now = unix_now();
+        let line = certificate_line(&cert, now);
+        assert!(line.contains("renewed automatically"), "{line}");
+        assert!(certificate_line(&cert, now + 2500).contains("renewal due"));
+        assert!(certificate_line(&cert, now + 4000).contains("EXPIRED"));
+        std::fs::write(&cert, "garbage").unwrap();
+        assert!(certificate_line(&cert, now).contains("agent.pem"));
     }
 
     #[test]
