@@ -210,8 +210,13 @@ pub async fn renew(config: &AgentConfig) -> Result<Validity, RenewError> {
     certificate_validity(cert_path)
 }
 
-/// Renews the certificate whenever it is due, until shutdown.
-pub async fn renewal_loop(config: Arc<AgentConfig>, mut shutdown: watch::Receiver<bool>) {
+/// Renews the certificate whenever it is due, until shutdown. Failures go to the log and,
+/// when `state` is given, to the state folder (`beckon agent status` shows them).
+pub async fn renewal_loop(
+    config: Arc<AgentConfig>,
+    state: Option<Arc<crate::state::StateStore>>,
+    mut shutdown: watch::Receiver<bool>,
+) {
     let Some(cert_path) = config.broker.client_cert.clone() else {
         return;
     };
@@ -231,6 +236,9 @@ pub async fn renewal_loop(config: Arc<AgentConfig>, mut shutdown: watch::Receive
                     let left = u64::try_from(v.not_after - now).unwrap_or(0);
                     let retry = Duration::from_secs((left / 10).clamp(30, 3600));
                     tracing::warn!(error = %e, retry_in = ?retry, "certificate renewal failed");
+                    if let Some(state) = &state {
+                        state.record_error(format!("certificate renewal: {e}"));
+                    }
                     retry
                 }
             },

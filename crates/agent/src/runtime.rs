@@ -106,6 +106,7 @@ pub async fn run_agent<C: Connector>(
         .then(|| {
             tokio::spawn(crate::renew::renewal_loop(
                 Arc::clone(&config),
+                Some(Arc::clone(&state)),
                 shutdown.clone(),
             ))
         });

@@ -287,6 +287,7 @@ async fn a_removed_agent_is_cut_off_and_refused_while_others_carry_on() {
     let s = setup(Duration::from_secs(3600)).await;
     let pc1 = s.enroll("pc-1").await;
     let pc2 = s.enroll("pc-2").await;
+    let pc1_config = pc1.clone();
     let a1 = s.run(pc1);
     let _a2 = s.run(pc2);
     s.wait_presence("pc-1", "online").await;
@@ -332,6 +333,18 @@ async fn a_removed_agent_is_cut_off_and_refused_while_others_carry_on() {
         .await,
         5
     );
+    // The removed agent cannot renew its way back in; its files stay as they are.
+    let before = std::fs::read(&cert).expect("cert");
+    match beckon_agent::renew::renew(&pc1_config).await {
+        Err(beckon_agent::renew::RenewError::Refused {
+            status: 401,
+            message,
+        }) => {
+            assert!(message.contains("pc-1"), "{message}");
+        }
+        other => panic!("renewal of a removed agent: {other:?}"),
+    }
+    assert_eq!(std::fs::read(&cert).expect("cert"), before);
     let state = AgentState::read(&s.dir.join("agents/pc-1"))
         .expect("state")
         .expect("written");

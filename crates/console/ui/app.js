@@ -479,7 +479,7 @@ $("action-group").addEventListener("click", async () => {
 
 $("action-revoke").addEventListener("click", async () => {
   const ids = [...state.selected];
-  if (!confirm(`Delete ${ids.length} agent(s)? They can no longer check in and get no wake-ups; they must enroll again.`)) return;
+  if (!confirm(`Delete ${ids.length} agent(s)? Their certificates are revoked: the push service refuses them from then on, they can no longer check in and get no wake-ups; they must enroll again.`)) return;
   for (const id of ids) {
     const ok = await guarded($("agents-error"), () => api("DELETE", `/agents/${encodeURIComponent(id)}`));
     if (ok === undefined && !$("agents-error").hidden) break;
