@@ -129,6 +129,7 @@ impl LadderConnector {
     /// A ladder to `config.broker` with its CA, client certificate and proxy.
     pub fn new(config: &crate::AgentConfig) -> Result<Self, LadderSetupError> {
         let broker = &config.broker;
+        crate::renew::complete_interrupted(broker);
         let settings = TlsSettings {
             trust: match &broker.ca_file {
                 Some(file) => TrustAnchors::CaFile(file.clone()),

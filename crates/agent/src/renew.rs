@@ -1,8 +1,9 @@
 //! Certificate renewal: before its certificate runs out, the agent makes a fresh key pair,
 //! sends a certificate signing request to the console
 //! (`POST /api/v1/agents/{id}/certificate`, authenticated by its check-in token) and
-//! replaces `agent.key` and `agent.pem` (each written atomically: temporary file, then
-//! rename). The connection to the broker picks the new pair up at its next connect.
+//! replaces `agent.key` and `agent.pem` (both written completely as `<file>.next` first,
+//! then renamed into place; an interruption between the renames is finished at the next
+//! start, [`complete_interrupted`]). The connection to the broker picks the new pair up at its next connect.
 //!
 //! When: once less than a third of the certificate's lifetime (not-before to not-after) is
 //! left ([`renewal_due_at`]); a failed attempt is retried after a tenth of the time left
@@ -203,11 +204,72 @@ pub async fn renew(config: &AgentConfig) -> Result<Validity, RenewError> {
             reason: e.to_string(),
         })
     };
-    // The key first: until the certificate follows, a connect that reads the new key with
-    // the old certificate fails to load and keeps the pair it has in memory.
-    write(key_path, &key_pem, 0o600)?;
-    write(cert_path, &answer.certificate, 0o644)?;
+    // Both new files complete beside the old ones first, then the key, then the certificate
+    // take their place. A connect between the two renames reads a pair that does not load
+    // and keeps the one it has in memory; a crash between them is finished by
+    // [`complete_interrupted`] at the next start.
+    let (key_next, cert_next) = (next_path(key_path), next_path(cert_path));
+    write(&key_next, &key_pem, 0o600)?;
+    write(&cert_next, &answer.certificate, 0o644)?;
+    let rename = |from: &Path, to: &Path| {
+        std::fs::rename(from, to).map_err(|e| RenewError::Write {
+            path: to.to_owned(),
+            reason: e.to_string(),
+        })
+    };
+    rename(&key_next, key_path)?;
+    rename(&cert_next, cert_path)?;
     certificate_validity(cert_path)
+}
+
+/// `<file>.next`: where a renewal puts a new file before it replaces `file`.
+fn next_path(path: &Path) -> PathBuf {
+    let mut name = path.file_name().unwrap_or_default().to_os_string();
+    name.push(".next");
+    path.with_file_name(name)
+}
+
+/// Finishes or undoes a renewal that was interrupted (the process died between writing the
+/// new key and certificate and putting both in place): when `<cert>.next` belongs to the key
+/// in place, it takes the certificate's place; leftovers that do not match are removed (the
+/// old pair is still whole then, and renewal runs again). Called before the agent loads its
+/// certificate.
+pub fn complete_interrupted(broker: &crate::config::BrokerConfig) {
+    let (Some(cert), Some(key)) = (&broker.client_cert, &broker.client_key) else {
+        return;
+    };
+    let (cert_next, key_next) = (next_path(cert), next_path(key));
+    if !cert_next.exists() && !key_next.exists() {
+        return;
+    }
+    let loads = |cert: &Path, key: &Path| {
+        TlsClient::new(&TlsSettings {
+            identity: Some(ClientIdentity::Files {
+                cert: cert.to_owned(),
+                key: key.to_owned(),
+            }),
+            ..TlsSettings::default()
+        })
+        .is_ok()
+    };
+    if key_next.exists() && cert_next.exists() {
+        // Neither was moved yet: the old pair is whole; start again later.
+        let _ = std::fs::remove_file(&key_next);
+        let _ = std::fs::remove_file(&cert_next);
+        tracing::warn!(certificate = %cert.display(), "an interrupted certificate renewal was dropped; the agent renews again");
+    } else if cert_next.exists() && loads(&cert_next, key) {
+        match std::fs::rename(&cert_next, cert) {
+            Ok(()) => {
+                tracing::info!(certificate = %cert.display(), "an interrupted certificate renewal was completed")
+            }
+            Err(e) => {
+                tracing::warn!(certificate = %cert.display(), error = %e, "cannot complete an interrupted certificate renewal")
+            }
+        }
+    } else {
+        let _ = std::fs::remove_file(&cert_next);
+        let _ = std::fs::remove_file(&key_next);
+    }
 }
 
 /// Renews the certificate whenever it is due, until shutdown. Failures go to the log and,
@@ -259,5 +321,79 @@ pub async fn renewal_loop(
         if *shutdown.borrow() {
             return;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pair(ca: &beckon_pki::CertificateAuthority) -> beckon_pki::IssuedCertificate {
+        ca.issue_client(
+            "pc-1",
+            Some("acme"),
+            Some("agent"),
+            Duration::from_secs(3600),
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn an_interrupted_renewal_is_completed_or_dropped_never_left_half_done() {
+        let ca =
+            beckon_pki::CertificateAuthority::generate("t", Duration::from_secs(7200)).unwrap();
+        let (old, new) = (pair(&ca), pair(&ca));
+        let dir = tempfile::tempdir().unwrap();
+        let (cert, key) = (dir.path().join("agent.pem"), dir.path().join("agent.key"));
+        let mut broker: crate::config::BrokerConfig =
+            toml::from_str("host = \"localhost\"").unwrap();
+        broker.client_cert = Some(cert.clone());
+        broker.client_key = Some(key.clone());
+        let put = |path: &Path, text: &str| std::fs::write(path, text).unwrap();
+        let read = |path: &Path| std::fs::read_to_string(path).unwrap();
+
+        // Died after the key's rename: the certificate follows.
+        put(&cert, &old.cert_pem);
+        put(&key, &new.key_pem);
+        put(&next_path(&cert), &new.cert_pem);
+        complete_interrupted(&broker);
+        assert_eq!(read(&cert), new.cert_pem);
+        assert!(!next_path(&cert).exists());
+
+        // Died before any rename: the old pair stays, the leftovers go.
+        put(&cert, &old.cert_pem);
+        put(&key, &old.key_pem);
+        put(&next_path(&cert), &new.cert_pem);
+        put(&next_path(&key), &new.key_pem);
+        complete_interrupted(&broker);
+        assert_eq!(
+            (read(&cert), read(&key)),
+            (old.cert_pem.clone(), old.key_pem.clone())
+        );
+        assert!(!next_path(&cert).exists() && !next_path(&key).exists());
+
+        // A stray certificate that is not the key's: removed, the pair untouched.
+        put(&next_path(&cert), &new.cert_pem);
+        complete_interrupted(&broker);
+        assert_eq!(read(&cert), old.cert_pem);
+        assert!(!next_path(&cert).exists());
+    }
+
+    #[test]
+    fn renewal_is_due_with_a_third_of_the_lifetime_left() {
+        let v = Validity {
+            not_before: 1000,
+            not_after: 4000,
+        };
+        assert_eq!(renewal_due_at(v), 3000);
+        let odd = Validity {
+            not_before: 10,
+            not_after: 5,
+        };
+        assert_eq!(
+            renewal_due_at(odd),
+            5,
+            "a reversed validity is due at its end"
+        );
     }
 }
