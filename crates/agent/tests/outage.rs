@@ -133,8 +133,9 @@ async fn a_fleet_comes_back_after_a_broker_outage_without_a_stampede() {
     let gave_up = agents.iter().filter(|a| a.is_finished()).count();
     assert_eq!(gave_up, 0, "{gave_up} agents stopped trying");
 
-    // The spread: the busiest 100 ms holds a small share of the reconnects, and the first and
-    // last are well apart.
+    // The spread: the busiest 100 ms holds at most half of the reconnects (a stampede puts
+    // nearly all of them there; the bound leaves room for a busy machine, where the broker
+    // accepts in clumps whatever the agents do), and the first and last are well apart.
     let busiest = times
         .iter()
         .map(|&t| {
@@ -151,7 +152,7 @@ async fn a_fleet_comes_back_after_a_broker_outage_without_a_stampede() {
         "{FLEET} agents back; first reconnect {first:?}, last {last:?} after the restart; busiest 100 ms: {busiest}"
     );
     assert!(
-        busiest * 100 <= FLEET * 25,
+        busiest * 2 <= FLEET,
         "{busiest} of {FLEET} reconnects within one 100 ms window: a stampede"
     );
     assert!(
