@@ -186,9 +186,10 @@ impl CallReport {
             ("acks published", self.acks.clone()),
             (
                 "load average (1/5/15 min)",
-                self.load_average.map_or("-".into(), |l| {
-                    format!("{:.2} {:.2} {:.2}", l[0], l[1], l[2])
-                }),
+                self.load_average.map_or_else(
+                    || "-".into(),
+                    |l| format!("{:.2} {:.2} {:.2}", l[0], l[1], l[2]),
+                ),
             ),
             ("enrolled through the API", self.enrolled.to_string()),
             ("enrollment: all (s)", f(Some(self.enroll_s))),
@@ -692,7 +693,6 @@ pub async fn run_call(args: &CallArgs) -> anyhow::Result<CallReport> {
 
     let result = measure(
         args,
-        &program,
         console_addr,
         broker_addr,
         &password,
@@ -707,7 +707,6 @@ pub async fn run_call(args: &CallArgs) -> anyhow::Result<CallReport> {
 
 async fn measure(
     args: &CallArgs,
-    program: &Path,
     console_addr: SocketAddr,
     broker_addr: SocketAddr,
     password: &str,
@@ -788,7 +787,9 @@ async fn measure(
         .context("no enrollment token in the answer")?
         .to_owned();
 
-    // Workers.
+    // Workers: this program (the bench under test), whatever runs console and broker.
+    let worker_program =
+        std::env::current_exe().context("cannot find this program's path to start workers")?;
     let per_worker = args.agents_per_worker.clamp(1, 19_000);
     let count = args.agents.div_ceil(per_worker);
     let per_address = args.agents_per_source_address.max(1);
@@ -814,7 +815,9 @@ async fn measure(
             connect_timeout_ms: 30_000,
             acks: args.acks,
         };
-        workers.0.push(CallWorker::spawn(program, &config).await?);
+        workers
+            .0
+            .push(CallWorker::spawn(&worker_program, &config).await?);
     }
     let outcome = async {
         for w in &mut workers.0 {
@@ -1035,7 +1038,7 @@ async fn the_call(
         report.all_sent_ms = last_sent.map(ms_since_t0);
         report.all_delivered_ms = (delivered_live >= target)
             .then_some(())
-            .and(last_delivered.map(ms_since_t0));
+            .and_then(|()| last_delivered.map(ms_since_t0));
     }
     if let (Some(before), Some((after, broker_after))) = (console_before, end_sample) {
         let cpu = after.cpu.saturating_sub(before.cpu).as_secs_f64() * 1000.0;
