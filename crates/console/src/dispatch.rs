@@ -7,18 +7,19 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use beckon_identity::acl::PresenceEvent;
-use beckon_identity::wakeup::{Ack, AckStage, AckStatus, MAX_TEXT_LEN, WakeUp};
+use beckon_identity::wakeup::{Ack, AckStage, AckStatus, MAX_TEXT_LEN, WakeUp, WakeUpSigner};
 use beckon_identity::{ConnectionPath, PresenceState};
 use beckon_mqtt::{
     Connect, Packet, Properties, ProtocolVersion, Publish, QoS, RetainHandling, Subscribe,
     Subscription, SubscriptionOptions,
 };
 use bytes::{Bytes, BytesMut};
+use futures_util::FutureExt as _;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::model::*;
-use crate::store::{DeliveryAdvance, DeliveryUpdate, StoreResult};
+use crate::store::{DeliveryAdvance, DeliveryUpdate, PresenceUpdate, StoreResult};
 use crate::{AppState, BrokerLink};
 
 /// Largest packet the console accepts from the broker.
@@ -252,29 +253,103 @@ async fn diagnose(st: &AppState) -> Option<(String, serde_json::Value)> {
     Some((report.summary.clone(), value))
 }
 
+/// State changes and presence for the store, written by [`write_states`].
+enum WriteJob {
+    Advance(Vec<DeliveryAdvance>),
+    Presence(Vec<PresenceUpdate>),
+    /// Answered once everything sent before it is written.
+    Sync(oneshot::Sender<()>),
+}
+
+/// Most state changes written in one transaction.
+const MAX_WRITE_BATCH: usize = 10_000;
+
+/// Writes state changes and presence beside the broker connection, so that reading acks and
+/// publishing never wait for the database: whatever arrived while one transaction ran goes
+/// into the next (group commit). Live listeners hear of a change once it is written.
+async fn write_states(st: AppState, mut jobs: mpsc::UnboundedReceiver<WriteJob>) {
+    while let Some(first) = jobs.recv().await {
+        let mut advances = Vec::new();
+        let mut presence = Vec::new();
+        let mut syncs = Vec::new();
+        let mut next = Some(first);
+        while let Some(job) = next.take() {
+            match job {
+                WriteJob::Advance(a) => advances.extend(a),
+                WriteJob::Presence(p) => presence.extend(p),
+                WriteJob::Sync(s) => syncs.push(s),
+            }
+            if advances.len() + presence.len() < MAX_WRITE_BATCH {
+                next = jobs.try_recv().ok();
+            }
+        }
+        if !advances.is_empty() || !presence.is_empty() {
+            let result = st
+                .store
+                .run(move |s| {
+                    if !presence.is_empty() {
+                        s.set_presences(presence)?;
+                    }
+                    s.advance_deliveries(advances)
+                })
+                .await;
+            match result {
+                Ok(changed) => publish_events(&st, &changed),
+                Err(e) => tracing::warn!(error = %e, "updating deliveries failed"),
+            }
+        }
+        for s in syncs {
+            let _ = s.send(());
+        }
+    }
+}
+
 struct Conn {
     stream: beckon_net::BoxedStream,
     rbuf: BytesMut,
+    /// Packets encoded but not written yet: written together by [`Conn::write_out`].
+    wbuf: BytesMut,
     next_id: u16,
     /// PUBLISH packet id -> (agent, carrier wake-up id) waiting for PUBACK.
     inflight: HashMap<u16, (String, String)>,
     /// The broker's Receive Maximum: at most this many QoS 1 publishes unacknowledged.
     receive_max: usize,
-    /// Packets read while waiting for PUBACKs, handled next.
-    deferred: std::collections::VecDeque<Packet>,
-    /// State changes from PUBACKs and acks, written in one transaction by [`flush`].
+    /// State changes from PUBACKs and acks, not yet handed to the writer.
     updates: Vec<DeliveryAdvance>,
+    /// Presence changes, not yet handed to the writer.
+    presence: Vec<PresenceUpdate>,
+    /// Agents that came online: what they have not received goes out again.
+    came_online: Vec<String>,
+    /// The state writer.
+    writer: mpsc::UnboundedSender<WriteJob>,
 }
 
 impl Conn {
-    async fn send(&mut self, packet: &Packet) -> Result<(), String> {
-        let mut buf = BytesMut::new();
-        beckon_mqtt::encode(packet, ProtocolVersion::V5, &mut buf)
-            .map_err(|e| format!("cannot encode a packet: {e}"))?;
+    /// Encodes a packet for the next [`write_out`](Self::write_out).
+    fn queue(&mut self, packet: &Packet) -> Result<(), String> {
+        beckon_mqtt::encode(packet, ProtocolVersion::V5, &mut self.wbuf)
+            .map_err(|e| format!("cannot encode a packet: {e}"))
+    }
+
+    /// Writes every queued packet (one write for many: one TLS record, one system call).
+    async fn write_out(&mut self) -> Result<(), String> {
+        if self.wbuf.is_empty() {
+            return Ok(());
+        }
+        let out = self.wbuf.split();
         self.stream
-            .write_all(&buf)
+            .write_all(&out)
+            .await
+            .map_err(|e| format!("writing to the broker failed: {e}"))?;
+        self.stream
+            .flush()
             .await
             .map_err(|e| format!("writing to the broker failed: {e}"))
+    }
+
+    async fn send(&mut self, packet: &Packet) -> Result<(), String> {
+        self.queue(packet)?;
+        self.write_out().await
     }
 
     fn packet_id(&mut self) -> u16 {
@@ -286,22 +361,72 @@ impl Conn {
         }
     }
 
+    /// Reads what the broker sent (at least one byte). Cancel safe.
+    async fn read_more(&mut self) -> Result<(), String> {
+        let n = self
+            .stream
+            .read_buf(&mut self.rbuf)
+            .await
+            .map_err(|e| format!("reading from the broker failed: {e}"))?;
+        if n == 0 {
+            return Err("the broker closed the connection".into());
+        }
+        Ok(())
+    }
+
+    /// The next whole packet already read.
+    fn next_packet(&mut self) -> Result<Option<Packet>, String> {
+        beckon_mqtt::decode(&mut self.rbuf, ProtocolVersion::V5, MAX_PACKET)
+            .map_err(|e| format!("the broker sent a malformed packet: {e}"))
+    }
+
     async fn read_packet(&mut self) -> Result<Packet, String> {
         loop {
-            match beckon_mqtt::decode(&mut self.rbuf, ProtocolVersion::V5, MAX_PACKET) {
-                Ok(Some(p)) => return Ok(p),
-                Ok(None) => {}
-                Err(e) => return Err(format!("the broker sent a malformed packet: {e}")),
+            if let Some(p) = self.next_packet()? {
+                return Ok(p);
             }
-            let n = self
-                .stream
-                .read_buf(&mut self.rbuf)
-                .await
-                .map_err(|e| format!("reading from the broker failed: {e}"))?;
-            if n == 0 {
-                return Err("the broker closed the connection".into());
-            }
+            self.read_more().await?;
         }
+    }
+
+    /// Handles every whole packet read so far.
+    fn drain_packets(&mut self) -> Result<(), String> {
+        while let Some(p) = self.next_packet()? {
+            handle_packet(self, p)?;
+        }
+        Ok(())
+    }
+
+    /// Hands the collected changes to the writer (without waiting for it).
+    fn hand_over(&mut self) {
+        if !self.presence.is_empty() {
+            let _ = self
+                .writer
+                .send(WriteJob::Presence(std::mem::take(&mut self.presence)));
+        }
+        if !self.updates.is_empty() {
+            let _ = self
+                .writer
+                .send(WriteJob::Advance(std::mem::take(&mut self.updates)));
+        }
+    }
+
+    /// Waits until every change collected so far is written.
+    async fn sync(&mut self) {
+        self.hand_over();
+        let (tx, rx) = oneshot::channel();
+        if self.writer.send(WriteJob::Sync(tx)).is_ok() {
+            let _ = rx.await;
+        }
+    }
+
+    /// Reads and handles whatever the broker already sent, without waiting.
+    async fn take_in_ready(&mut self) -> Result<(), String> {
+        while let Some(read) = self.read_more().now_or_never() {
+            read?;
+            self.drain_packets()?;
+        }
+        Ok(())
     }
 }
 
@@ -312,18 +437,25 @@ async fn session(
     shutdown: &mut watch::Receiver<bool>,
 ) -> Result<(), String> {
     let stream = connect(st, link).await?;
+    let (writer, jobs) = mpsc::unbounded_channel();
+    let writing = tokio::spawn(write_states(st.clone(), jobs));
     let mut conn = Conn {
         stream,
-        rbuf: BytesMut::with_capacity(8192),
+        rbuf: BytesMut::with_capacity(64 * 1024),
+        wbuf: BytesMut::with_capacity(64 * 1024),
         next_id: 0,
         inflight: HashMap::new(),
         receive_max: usize::from(u16::MAX),
-        deferred: std::collections::VecDeque::new(),
         updates: Vec::new(),
+        presence: Vec::new(),
+        came_online: Vec::new(),
+        writer,
     };
     let result = connected(st, &mut conn, commands, shutdown).await;
     // What was acknowledged before the connection ended is still written.
-    flush(st, &mut conn).await;
+    conn.sync().await;
+    drop(conn);
+    let _ = writing.await;
     result
 }
 
@@ -403,43 +535,45 @@ async fn connected(
         .run(|s| s.agents_with_queued(now_ms()))
         .await
         .map_err(|e| e.to_string())?;
-    for agent in queued {
-        send_pending(st, conn, &agent, false).await?;
-    }
+    send_pending(st, conn, queued, false).await?;
 
     let mut ping = tokio::time::interval(Duration::from_secs(u64::from(KEEP_ALIVE) / 2));
     ping.tick().await;
     let mut sweep = tokio::time::interval(Duration::from_secs(1));
-    // State changes are written in batches: one transaction per tick rather than per ack.
-    let mut write = tokio::time::interval(Duration::from_millis(25));
     let mut last_heard = tokio::time::Instant::now();
     loop {
-        while let Some(p) = conn.deferred.pop_front() {
-            handle_packet(st, conn, p).await?;
+        if !conn.came_online.is_empty() {
+            // The agents are back: what they have not received yet goes out again, as one.
+            let agents = std::mem::take(&mut conn.came_online);
+            send_pending(st, conn, agents, true).await?;
         }
         tokio::select! {
-            packet = conn.read_packet() => {
+            read = conn.read_more() => {
+                read?;
                 last_heard = tokio::time::Instant::now();
-                handle_packet(st, conn, packet?).await?;
-                if conn.updates.len() >= 1000 {
-                    flush(st, conn).await;
-                }
+                conn.drain_packets()?;
+                conn.write_out().await?;
+                conn.hand_over();
             }
-            _ = write.tick() => flush(st, conn).await,
             c = commands.recv() => match c {
                 Some(Command::Publish(call, deliveries)) => {
-                    for d in deliveries {
-                        let agent = d.agent_id.clone();
-                        let out = OutgoingWakeUp {
-                            carrier: d,
-                            carried: Vec::new(),
-                            reason: call.reason.clone(),
-                            expires_at: call.expires_at,
-                            spread: call.spread,
-                            action: call.action.clone(),
-                        };
-                        publish_wakeup(st, conn, &agent, out).await?;
-                    }
+                    let messages = deliveries
+                        .into_iter()
+                        .map(|d| {
+                            let agent = d.agent_id.clone();
+                            let out = OutgoingWakeUp {
+                                carrier: d,
+                                carried: Vec::new(),
+                                reason: call.reason.clone(),
+                                expires_at: call.expires_at,
+                                spread: call.spread,
+                                action: call.action.clone(),
+                            };
+                            (agent, out)
+                        })
+                        .collect();
+                    publish_all(st, conn, messages).await?;
+                    last_heard = tokio::time::Instant::now();
                 }
                 None => return Ok(()),
             },
@@ -450,7 +584,7 @@ async fn connected(
                 conn.send(&Packet::PingReq).await?;
             }
             _ = sweep.tick() => {
-                flush(st, conn).await;
+                conn.sync().await;
                 expire(st).await;
             }
             _ = stopped(shutdown) => {
@@ -485,15 +619,17 @@ fn handle_puback(conn: &mut Conn, ack: beckon_mqtt::Ack) {
     advance(conn, &agent, &wakeup_id, state, update);
 }
 
-async fn handle_packet(st: &AppState, conn: &mut Conn, packet: Packet) -> Result<(), String> {
+/// Handles one packet from the broker without waiting for anything: replies are queued for
+/// [`Conn::write_out`], state changes for the writer, agents that came online for
+/// [`send_pending`].
+fn handle_packet(conn: &mut Conn, packet: Packet) -> Result<(), String> {
     match packet {
         Packet::PubAck(ack) => handle_puback(conn, ack),
         Packet::Publish(p) => {
             if let (QoS::AtLeastOnce, Some(id)) = (p.qos, p.packet_id) {
-                conn.send(&Packet::PubAck(beckon_mqtt::Ack::new(id)))
-                    .await?;
+                conn.queue(&Packet::PubAck(beckon_mqtt::Ack::new(id)))?;
             }
-            handle_publish(st, conn, &p).await?;
+            handle_publish(conn, &p);
         }
         Packet::Disconnect(d) => {
             return Err(format!(
@@ -511,12 +647,12 @@ async fn handle_packet(st: &AppState, conn: &mut Conn, packet: Packet) -> Result
     Ok(())
 }
 
-async fn handle_publish(st: &AppState, conn: &mut Conn, p: &Publish) -> Result<(), String> {
+fn handle_publish(conn: &mut Conn, p: &Publish) {
     let mut levels = p.topic.split('/');
     let (Some("agents"), Some(agent), Some(kind), None) =
         (levels.next(), levels.next(), levels.next(), levels.next())
     else {
-        return Ok(());
+        return;
     };
     let agent = agent.to_owned();
     match kind {
@@ -525,7 +661,7 @@ async fn handle_publish(st: &AppState, conn: &mut Conn, p: &Publish) -> Result<(
                 Ok(a) => a,
                 Err(e) => {
                     tracing::warn!(%agent, error = %e, "ignoring a malformed ack");
-                    return Ok(());
+                    return;
                 }
             };
             let state = match ack.stage {
@@ -550,13 +686,13 @@ async fn handle_publish(st: &AppState, conn: &mut Conn, p: &Publish) -> Result<(
         }
         "presence" => {
             if p.payload.is_empty() {
-                return Ok(());
+                return;
             }
             let ev = match PresenceEvent::from_json(&p.payload) {
                 Ok(e) => e,
                 Err(e) => {
                     tracing::warn!(%agent, error = %e, "ignoring a malformed presence event");
-                    return Ok(());
+                    return;
                 }
             };
             let presence = match ev.state {
@@ -574,26 +710,22 @@ async fn handle_publish(st: &AppState, conn: &mut Conn, p: &Publish) -> Result<(
             } else {
                 path.to_owned()
             };
-            let a = agent.clone();
-            let remote = ev.remote_addr.clone();
-            if let Err(e) = st
-                .store
-                .run(move |s| s.set_presence(&a, presence, ev.at, Some(path), Some(remote)))
-                .await
-            {
-                tracing::warn!(error = %e, "recording presence failed");
+            if presence == Presence::Online && !conn.came_online.contains(&agent) {
+                conn.came_online.push(agent.clone());
             }
-            if presence == Presence::Online {
-                // The agent is back: what it has not received yet goes out again, as one.
-                send_pending(st, conn, &agent, true).await?;
-            }
+            conn.presence.push(PresenceUpdate {
+                agent_id: agent,
+                presence,
+                at: ev.at,
+                path: Some(path),
+                remote_addr: Some(ev.remote_addr),
+            });
         }
         _ => {}
     }
-    Ok(())
 }
 
-/// Queues a state change; [`flush`] writes the queue.
+/// Queues a state change for the writer.
 fn advance(
     conn: &mut Conn,
     agent: &str,
@@ -608,18 +740,6 @@ fn advance(
         update,
         at: now_ms(),
     });
-}
-
-/// Writes the queued state changes in one transaction and tells live listeners.
-async fn flush(st: &AppState, conn: &mut Conn) {
-    if conn.updates.is_empty() {
-        return;
-    }
-    let batch = std::mem::take(&mut conn.updates);
-    match st.store.run(move |s| s.advance_deliveries(batch)).await {
-        Ok(changed) => publish_events(st, &changed),
-        Err(e) => tracing::warn!(error = %e, "updating deliveries failed"),
-    }
 }
 
 /// One wake-up message to publish, standing for one or more pending deliveries.
@@ -684,87 +804,188 @@ pub fn merge_pending(pending: &[(WakeCall, CallDelivery)]) -> Vec<OutgoingWakeUp
         .collect()
 }
 
+/// Publishes what `agents` have not received yet (`queued`, and with `include_sent` also
+/// `sent`): one store trip for all of them, then one message per agent and distinct action.
 async fn send_pending(
     st: &AppState,
     conn: &mut Conn,
-    agent: &str,
+    mut agents: Vec<String>,
     include_sent: bool,
 ) -> Result<(), String> {
-    // The pending list must see the latest states (a `sent` not yet written would go out twice).
-    flush(st, conn).await;
-    let a = agent.to_owned();
-    let pending: StoreResult<Vec<(WakeCall, CallDelivery)>> = st
+    if agents.is_empty() {
+        return Ok(());
+    }
+    agents.sort_unstable();
+    agents.dedup();
+    // The pending list must see the latest states (a `sent` not yet written would go out
+    // twice) and the presence just received.
+    conn.sync().await;
+    let pending = st
         .store
-        .run(move |s| s.pending_for_agent(&a, now_ms()))
+        .run(move |s| s.pending_for_agents(&agents, now_ms()))
         .await;
-    let pending: Vec<_> = match pending {
-        Ok(p) => p
-            .into_iter()
-            .filter(|(_, d)| include_sent || d.state == CallState::Queued)
-            .collect(),
+    let pending = match pending {
+        Ok(p) => p,
         Err(e) => {
             tracing::warn!(error = %e, "reading pending wake-ups failed");
             return Ok(());
         }
     };
-    for out in merge_pending(&pending) {
-        publish_wakeup(st, conn, agent, out).await?;
+    let mut messages = Vec::new();
+    let mut merged: Vec<(Vec<String>, String)> = Vec::new();
+    for (agent, list) in pending {
+        let list: Vec<_> = list
+            .into_iter()
+            .filter(|(_, d)| include_sent || d.state == CallState::Queued)
+            .collect();
+        for out in merge_pending(&list) {
+            if !out.carried.is_empty() {
+                merged.push((out.carried.clone(), out.carrier.wakeup_id.clone()));
+            }
+            messages.push((agent.clone(), out));
+        }
     }
+    if !merged.is_empty()
+        && let Err(e) = st
+            .store
+            .run(move |s| {
+                for (carried, carrier) in &merged {
+                    s.set_carried_by(carried, carrier)?;
+                }
+                Ok(())
+            })
+            .await
+    {
+        tracing::warn!(error = %e, "recording merged wake-ups failed");
+    }
+    publish_all(st, conn, messages).await
+}
+
+/// Wake-ups signed per batch on the blocking pool.
+const SIGN_BATCH: usize = 256;
+/// Batches signed ahead of the one being written.
+const SIGN_AHEAD: usize = 3;
+/// Queued output written once it reaches this size.
+const WRITE_CHUNK: usize = 64 * 1024;
+
+/// The signed payload of one wake-up.
+fn sign_wakeup(
+    signer: &WakeUpSigner,
+    tenant: &str,
+    agent: &str,
+    out: &OutgoingWakeUp,
+    now: Millis,
+) -> Result<Vec<u8>, String> {
+    let wakeup = WakeUp {
+        v: beckon_identity::wakeup::WAKEUP_VERSION,
+        id: out.carrier.wakeup_id.clone(),
+        tenant: tenant.to_owned(),
+        agent: agent.to_owned(),
+        reason: out.reason.clone(),
+        issued_at: now.div_euclid(1000),
+        expires_at: out.expires_at.div_euclid(1000),
+        spread: out.spread,
+        action: out.action.clone(),
+    };
+    signer.sign(&wakeup).map_err(|e| e.to_string())
+}
+
+type Signed = Vec<(String, OutgoingWakeUp, Result<Vec<u8>, String>)>;
+
+/// Signs and publishes wake-ups (QoS 1, message expiry = time left), each signed on its own
+/// as `wake-up.md` describes. Signing runs on the blocking pool a few batches ahead of the
+/// writing, so that it overlaps with the broker's work and uses every core; the writing
+/// keeps within the broker's Receive Maximum, reading PUBACKs and acks while it waits.
+async fn publish_all(
+    st: &AppState,
+    conn: &mut Conn,
+    messages: Vec<(String, OutgoingWakeUp)>,
+) -> Result<(), String> {
+    let mut batches = Vec::new();
+    let mut rest = messages.into_iter().peekable();
+    while rest.peek().is_some() {
+        batches.push(rest.by_ref().take(SIGN_BATCH).collect::<Vec<_>>());
+    }
+    let mut batches = batches.into_iter();
+    let mut signing: std::collections::VecDeque<tokio::task::JoinHandle<Signed>> =
+        std::collections::VecDeque::new();
+    let start_signing = |batch: Vec<(String, OutgoingWakeUp)>| {
+        let signer = st.signer.clone();
+        let tenant = st.tenant.to_string();
+        tokio::task::spawn_blocking(move || {
+            let now = now_ms();
+            batch
+                .into_iter()
+                .map(|(agent, out)| {
+                    let payload = sign_wakeup(&signer, &tenant, &agent, &out, now);
+                    (agent, out, payload)
+                })
+                .collect::<Signed>()
+        })
+    };
+    loop {
+        while signing.len() <= SIGN_AHEAD {
+            match batches.next() {
+                Some(b) => signing.push_back(start_signing(b)),
+                None => break,
+            }
+        }
+        let Some(next) = signing.pop_front() else {
+            break;
+        };
+        let signed = next
+            .await
+            .map_err(|e| format!("signing wake-ups stopped: {e}"))?;
+        for (agent, out, payload) in signed {
+            match payload {
+                Ok(payload) => publish_signed(conn, &agent, &out, payload).await?,
+                Err(e) => {
+                    let update = DeliveryUpdate {
+                        detail: Some(format!("the wake-up could not be signed: {e}")),
+                        ..Default::default()
+                    };
+                    advance(
+                        conn,
+                        &agent,
+                        &out.carrier.wakeup_id,
+                        CallState::Failed,
+                        update,
+                    );
+                }
+            }
+        }
+        // Between batches: out with what is queued, in with what the broker sent.
+        conn.write_out().await?;
+        conn.take_in_ready().await?;
+        conn.write_out().await?;
+        conn.hand_over();
+    }
+    conn.write_out().await?;
+    conn.hand_over();
     Ok(())
 }
 
-/// Signs and publishes one wake-up (QoS 1, message expiry = time left), keeping within the
-/// broker's Receive Maximum: when that many are unacknowledged, PUBACKs are awaited first.
-async fn publish_wakeup(
-    st: &AppState,
+/// Queues one signed wake-up, first waiting (reading PUBACKs and acks) while the broker's
+/// Receive Maximum is used up.
+async fn publish_signed(
     conn: &mut Conn,
     agent: &str,
-    out: OutgoingWakeUp,
+    out: &OutgoingWakeUp,
+    payload: Vec<u8>,
 ) -> Result<(), String> {
-    let OutgoingWakeUp {
-        carrier,
-        carried,
-        reason,
-        expires_at,
-        spread,
-        action,
-    } = out;
-    let now = now_ms();
-    let wakeup = WakeUp {
-        v: beckon_identity::wakeup::WAKEUP_VERSION,
-        id: carrier.wakeup_id.clone(),
-        tenant: st.tenant.to_string(),
-        agent: agent.to_owned(),
-        reason,
-        issued_at: now.div_euclid(1000),
-        expires_at: expires_at.div_euclid(1000),
-        spread,
-        action,
-    };
-    let payload = match st.signer.sign(&wakeup) {
-        Ok(p) => p,
-        Err(e) => {
-            let update = DeliveryUpdate {
-                detail: Some(format!("the wake-up could not be signed: {e}")),
-                ..Default::default()
-            };
-            advance(conn, agent, &carrier.wakeup_id, CallState::Failed, update);
-            return Ok(());
-        }
-    };
-    if !carried.is_empty() {
-        let (c, w) = (carried.clone(), carrier.wakeup_id.clone());
-        if let Err(e) = st.store.run(move |s| s.set_carried_by(&c, &w)).await {
-            tracing::warn!(error = %e, "recording merged wake-ups failed");
-        }
-    }
     while conn.inflight.len() >= conn.receive_max {
-        match conn.read_packet().await? {
-            Packet::PubAck(ack) => handle_puback(conn, ack),
-            other => conn.deferred.push_back(other),
-        }
+        conn.write_out().await?;
+        tokio::time::timeout(
+            Duration::from_secs(u64::from(KEEP_ALIVE) * 3 / 2),
+            conn.read_more(),
+        )
+        .await
+        .map_err(|_| "the broker stopped acknowledging wake-ups (no PUBACK)".to_owned())??;
+        conn.drain_packets()?;
+        conn.hand_over();
     }
-    let expiry_secs = ((expires_at - now) / 1000).max(1);
+    let now = now_ms();
+    let expiry_secs = ((out.expires_at - now) / 1000).max(1);
     let pid = conn.packet_id();
     let publish = Publish {
         dup: false,
@@ -780,9 +1001,13 @@ async fn publish_wakeup(
             ..Default::default()
         },
     };
+    conn.queue(&Packet::Publish(publish))?;
     conn.inflight
-        .insert(pid, (agent.to_owned(), carrier.wakeup_id.clone()));
-    conn.send(&Packet::Publish(publish)).await
+        .insert(pid, (agent.to_owned(), out.carrier.wakeup_id.clone()));
+    if conn.wbuf.len() >= WRITE_CHUNK {
+        conn.write_out().await?;
+    }
+    Ok(())
 }
 
 /// Sends Wake-on-LAN for each MAC of `agent` to each destination, recording every send.
