@@ -197,6 +197,9 @@ pub struct DeliveryAdvance {
 }
 
 /// What a session or bearer token resolves to.
+/// One agent's pending wake-ups: its id, then each call and delivery.
+pub type AgentPending = (String, Vec<(WakeCall, CallDelivery)>);
+
 /// A presence change to record (see [`Store::set_presence`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PresenceUpdate {
@@ -332,7 +335,7 @@ pub trait Store: Send + Sync {
         &self,
         agent_ids: &[String],
         now: Millis,
-    ) -> StoreResult<Vec<(String, Vec<(WakeCall, CallDelivery)>)>> {
+    ) -> StoreResult<Vec<AgentPending>> {
         let mut out = Vec::with_capacity(agent_ids.len());
         for id in agent_ids {
             let pending = self.pending_for_agent(id, now)?;
