@@ -14,7 +14,6 @@ use beckon_mqtt::{
     Subscription, SubscriptionOptions,
 };
 use bytes::{Bytes, BytesMut};
-use futures_util::FutureExt as _;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{mpsc, oneshot, watch};
 
@@ -305,9 +304,13 @@ async fn write_states(st: AppState, mut jobs: mpsc::UnboundedReceiver<WriteJob>)
 }
 
 struct Conn {
-    stream: beckon_net::BoxedStream,
-    rbuf: BytesMut,
-    /// Packets encoded but not written yet: written together by [`Conn::write_out`].
+    /// Bytes for the socket writer ([`write_packets`]).
+    out: mpsc::UnboundedSender<Bytes>,
+    /// Packets from the socket reader ([`read_packets`]), or why reading stopped.
+    incoming: mpsc::UnboundedReceiver<Result<Packet, String>>,
+    /// Packets received and not handled yet.
+    ready: std::collections::VecDeque<Packet>,
+    /// Packets encoded but not handed to the socket writer yet.
     wbuf: BytesMut,
     next_id: u16,
     /// PUBLISH packet id -> (agent, carrier wake-up id) waiting for PUBACK.
@@ -324,6 +327,91 @@ struct Conn {
     writer: mpsc::UnboundedSender<WriteJob>,
 }
 
+/// Reads the broker's packets as they come, whatever the dispatcher is doing, so that the
+/// broker never sees a console that does not read (it would close it, or drop acks queued
+/// for it). QoS 1 messages (acks, presence) are acknowledged here at once, which keeps the
+/// broker's window towards the console open; their state changes are recorded by the
+/// dispatcher as before.
+async fn read_packets(
+    mut read: tokio::io::ReadHalf<beckon_net::BoxedStream>,
+    out: mpsc::UnboundedSender<Bytes>,
+    packets: mpsc::UnboundedSender<Result<Packet, String>>,
+) {
+    let mut buf = BytesMut::with_capacity(64 * 1024);
+    loop {
+        match read.read_buf(&mut buf).await {
+            Ok(0) => {
+                let _ = packets.send(Err("the broker closed the connection".into()));
+                return;
+            }
+            Ok(_) => {}
+            Err(e) => {
+                let _ = packets.send(Err(format!("reading from the broker failed: {e}")));
+                return;
+            }
+        }
+        let mut acks = BytesMut::new();
+        loop {
+            match beckon_mqtt::decode(&mut buf, ProtocolVersion::V5, MAX_PACKET) {
+                Ok(Some(p)) => {
+                    if let Packet::Publish(Publish {
+                        qos: QoS::AtLeastOnce,
+                        packet_id: Some(id),
+                        ..
+                    }) = &p
+                    {
+                        // Encoding a PUBACK cannot fail.
+                        let _ = beckon_mqtt::encode(
+                            &Packet::PubAck(beckon_mqtt::Ack::new(*id)),
+                            ProtocolVersion::V5,
+                            &mut acks,
+                        );
+                    }
+                    if packets.send(Ok(p)).is_err() {
+                        return;
+                    }
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    let _ = packets.send(Err(format!("the broker sent a malformed packet: {e}")));
+                    return;
+                }
+            }
+        }
+        if !acks.is_empty() && out.send(acks.freeze()).is_err() {
+            return;
+        }
+    }
+}
+
+/// Writes what the dispatcher and the reader queue, many packets per write.
+async fn write_packets(
+    mut write: tokio::io::WriteHalf<beckon_net::BoxedStream>,
+    mut out: mpsc::UnboundedReceiver<Bytes>,
+    errors: mpsc::UnboundedSender<Result<Packet, String>>,
+) {
+    let mut buf = BytesMut::with_capacity(64 * 1024);
+    while let Some(first) = out.recv().await {
+        buf.extend_from_slice(&first);
+        while buf.len() < 256 * 1024 {
+            match out.try_recv() {
+                Ok(more) => buf.extend_from_slice(&more),
+                Err(_) => break,
+            }
+        }
+        let written = async {
+            write.write_all(&buf).await?;
+            write.flush().await
+        }
+        .await;
+        if let Err(e) = written {
+            let _ = errors.send(Err(format!("writing to the broker failed: {e}")));
+            return;
+        }
+        buf.clear();
+    }
+}
+
 impl Conn {
     /// Encodes a packet for the next [`write_out`](Self::write_out).
     fn queue(&mut self, packet: &Packet) -> Result<(), String> {
@@ -331,20 +419,16 @@ impl Conn {
             .map_err(|e| format!("cannot encode a packet: {e}"))
     }
 
-    /// Writes every queued packet (one write for many: one TLS record, one system call).
+    /// Hands every queued packet to the socket writer (which writes many at once: one TLS
+    /// record, one system call).
     async fn write_out(&mut self) -> Result<(), String> {
         if self.wbuf.is_empty() {
             return Ok(());
         }
-        let out = self.wbuf.split();
-        self.stream
-            .write_all(&out)
-            .await
-            .map_err(|e| format!("writing to the broker failed: {e}"))?;
-        self.stream
-            .flush()
-            .await
-            .map_err(|e| format!("writing to the broker failed: {e}"))
+        let out = self.wbuf.split().freeze();
+        self.out
+            .send(out)
+            .map_err(|_| "writing to the broker failed: the connection is closed".to_owned())
     }
 
     async fn send(&mut self, packet: &Packet) -> Result<(), String> {
@@ -361,23 +445,28 @@ impl Conn {
         }
     }
 
-    /// Reads what the broker sent (at least one byte). Cancel safe.
+    /// Waits for the next packet from the broker. Cancel safe.
     async fn read_more(&mut self) -> Result<(), String> {
-        let n = self
-            .stream
-            .read_buf(&mut self.rbuf)
-            .await
-            .map_err(|e| format!("reading from the broker failed: {e}"))?;
-        if n == 0 {
-            return Err("the broker closed the connection".into());
+        match self.incoming.recv().await {
+            Some(Ok(p)) => {
+                self.ready.push_back(p);
+                Ok(())
+            }
+            Some(Err(e)) => Err(e),
+            None => Err("the broker connection's reader stopped".into()),
         }
-        Ok(())
     }
 
-    /// The next whole packet already read.
+    /// The next packet already received, if any.
     fn next_packet(&mut self) -> Result<Option<Packet>, String> {
-        beckon_mqtt::decode(&mut self.rbuf, ProtocolVersion::V5, MAX_PACKET)
-            .map_err(|e| format!("the broker sent a malformed packet: {e}"))
+        if let Some(p) = self.ready.pop_front() {
+            return Ok(Some(p));
+        }
+        match self.incoming.try_recv() {
+            Ok(Ok(p)) => Ok(Some(p)),
+            Ok(Err(e)) => Err(e),
+            Err(_) => Ok(None),
+        }
     }
 
     async fn read_packet(&mut self) -> Result<Packet, String> {
@@ -389,7 +478,7 @@ impl Conn {
         }
     }
 
-    /// Handles every whole packet read so far.
+    /// Handles every packet received so far.
     fn drain_packets(&mut self) -> Result<(), String> {
         while let Some(p) = self.next_packet()? {
             handle_packet(self, p)?;
@@ -420,13 +509,9 @@ impl Conn {
         }
     }
 
-    /// Reads and handles whatever the broker already sent, without waiting.
+    /// Handles whatever the broker already sent, without waiting.
     async fn take_in_ready(&mut self) -> Result<(), String> {
-        while let Some(read) = self.read_more().now_or_never() {
-            read?;
-            self.drain_packets()?;
-        }
-        Ok(())
+        self.drain_packets()
     }
 }
 
@@ -437,11 +522,17 @@ async fn session(
     shutdown: &mut watch::Receiver<bool>,
 ) -> Result<(), String> {
     let stream = connect(st, link).await?;
+    let (read, write) = tokio::io::split(stream);
+    let (out_tx, out_rx) = mpsc::unbounded_channel();
+    let (in_tx, in_rx) = mpsc::unbounded_channel();
+    let reading = tokio::spawn(read_packets(read, out_tx.clone(), in_tx.clone()));
+    let writing = tokio::spawn(write_packets(write, out_rx, in_tx));
     let (writer, jobs) = mpsc::unbounded_channel();
-    let writing = tokio::spawn(write_states(st.clone(), jobs));
+    let storing = tokio::spawn(write_states(st.clone(), jobs));
     let mut conn = Conn {
-        stream,
-        rbuf: BytesMut::with_capacity(64 * 1024),
+        out: out_tx,
+        incoming: in_rx,
+        ready: std::collections::VecDeque::new(),
         wbuf: BytesMut::with_capacity(64 * 1024),
         next_id: 0,
         inflight: HashMap::new(),
@@ -455,7 +546,11 @@ async fn session(
     // What was acknowledged before the connection ended is still written.
     conn.sync().await;
     drop(conn);
-    let _ = writing.await;
+    reading.abort();
+    // The last packets (a DISCONNECT) go out before the socket closes; the writer ends once
+    // the reader's sender is gone too.
+    let _ = tokio::time::timeout(Duration::from_secs(2), writing).await;
+    let _ = storing.await;
     result
 }
 
@@ -625,12 +720,8 @@ fn handle_puback(conn: &mut Conn, ack: beckon_mqtt::Ack) {
 fn handle_packet(conn: &mut Conn, packet: Packet) -> Result<(), String> {
     match packet {
         Packet::PubAck(ack) => handle_puback(conn, ack),
-        Packet::Publish(p) => {
-            if let (QoS::AtLeastOnce, Some(id)) = (p.qos, p.packet_id) {
-                conn.queue(&Packet::PubAck(beckon_mqtt::Ack::new(id)))?;
-            }
-            handle_publish(conn, &p);
-        }
+        // Acknowledged by the reader already.
+        Packet::Publish(p) => handle_publish(conn, &p),
         Packet::Disconnect(d) => {
             return Err(format!(
                 "the broker disconnected the console (reason 0x{:02X}{})",

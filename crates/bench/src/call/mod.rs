@@ -79,9 +79,10 @@ pub struct CallArgs {
     /// afterwards, by default. It must not exist or be empty.
     #[arg(long, value_name = "DIR")]
     pub data_dir: Option<PathBuf>,
-    /// The broker's Receive Maximum (`limits.receive_maximum`); default: the broker's own.
-    #[arg(long, value_name = "N")]
-    pub broker_receive_maximum: Option<u16>,
+    /// A broker limit for this run, `KEY=VALUE` of the `[limits]` table (e.g.
+    /// `receive_maximum=1000`); repeat for several. Default: the broker's own limits.
+    #[arg(long, value_name = "KEY=VALUE", value_parser = parse_limit)]
+    pub broker_limit: Vec<(String, u64)>,
     /// Wait before the call, once every agent is online in the console, seconds.
     #[arg(long, default_value_t = 2.0)]
     pub settle_secs: f64,
@@ -159,6 +160,9 @@ pub struct CallReport {
     pub console_rss_before_kib: Option<u64>,
     /// Console RSS when all were delivered, KiB.
     pub console_rss_after_kib: Option<u64>,
+    /// Messages the broker dropped over the whole run (its metrics: queue full, expired,
+    /// too large).
+    pub broker_messages_dropped: Option<u64>,
     /// First failure of enrollment or connect, if any.
     pub first_error: Option<String>,
 }
@@ -221,6 +225,11 @@ impl CallReport {
                 f(self.console_cpu_per_agent_us),
             ),
             ("broker CPU (ms)", f(self.broker_cpu_ms)),
+            (
+                "broker: messages dropped",
+                self.broker_messages_dropped
+                    .map_or_else(|| "-".into(), |d| d.to_string()),
+            ),
             (
                 "console RSS before / after (MiB)",
                 format!(
@@ -311,6 +320,23 @@ impl Service {
 fn free_port() -> anyhow::Result<u16> {
     let l = TcpListener::bind("127.0.0.1:0").context("finding a free port on 127.0.0.1")?;
     Ok(l.local_addr()?.port())
+}
+
+fn parse_limit(text: &str) -> Result<(String, u64), String> {
+    let (key, value) = text
+        .split_once('=')
+        .ok_or_else(|| format!("{text:?} is not KEY=VALUE"))?;
+    let key = key.trim();
+    if key.is_empty() || !key.chars().all(|c| c.is_ascii_lowercase() || c == '_') {
+        return Err(format!(
+            "{key:?} is not a key of the broker's [limits] table"
+        ));
+    }
+    let value = value
+        .trim()
+        .parse::<u64>()
+        .map_err(|e| format!("{key}: {value:?} is not a whole number: {e}"))?;
+    Ok((key.to_owned(), value))
 }
 
 /// Starts `program args`, logs to `log`, and waits (at most 60 s) for a stdout line
@@ -671,13 +697,20 @@ pub async fn run_call(args: &CallArgs) -> anyhow::Result<CallReport> {
         "--data".into(),
         broker_dir.display().to_string(),
     ];
-    if let Some(max) = args.broker_receive_maximum {
+    if !args.broker_limit.is_empty() {
         let file = broker_dir.join("broker.toml");
-        std::fs::write(&file, format!("[limits]\nreceive_maximum = {max}\n"))
-            .context("writing the broker's configuration")?;
+        let mut text = String::from("[limits]\n");
+        for (key, value) in &args.broker_limit {
+            text.push_str(&format!("{key} = {value}\n"));
+        }
+        std::fs::write(&file, text).context("writing the broker's configuration")?;
         broker_args.push("--config".into());
         broker_args.push(file.display().to_string());
     }
+    // Its metrics tell whether it dropped messages (a full queue towards the console).
+    let admin_port = free_port()?;
+    broker_args.push("--admin".into());
+    broker_args.push(format!("127.0.0.1:{admin_port}"));
     let (broker, _) = start_service(
         "broker",
         &program,
@@ -691,8 +724,10 @@ pub async fn run_call(args: &CallArgs) -> anyhow::Result<CallReport> {
     )
     .await?;
 
+    let admin_addr = SocketAddr::from((Ipv4Addr::LOCALHOST, admin_port));
     let result = measure(
         args,
+        admin_addr,
         console_addr,
         broker_addr,
         &password,
@@ -707,6 +742,7 @@ pub async fn run_call(args: &CallArgs) -> anyhow::Result<CallReport> {
 
 async fn measure(
     args: &CallArgs,
+    broker_admin: SocketAddr,
     console_addr: SocketAddr,
     broker_addr: SocketAddr,
     password: &str,
@@ -863,11 +899,30 @@ async fn measure(
             console,
             broker,
         )
-        .await
+        .await?;
+        report.broker_messages_dropped = broker_dropped(broker_admin).await;
+        Ok(())
     }
     .await;
     workers.shutdown().await;
     outcome.map(|()| report)
+}
+
+/// The broker's count of messages it dropped (queue full, expired, too large), from its
+/// metrics.
+async fn broker_dropped(admin: SocketAddr) -> Option<u64> {
+    // The broker copies its counters into the metrics once a second.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let mut client = HttpClient::new(admin);
+    let r = client
+        .request("GET", "/metrics", None, Duration::from_secs(10))
+        .await
+        .ok()?;
+    let text = String::from_utf8_lossy(&r.body);
+    text.lines()
+        .find_map(|l| l.strip_prefix("beckon_broker_messages_dropped_total "))
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .map(|v| v as u64)
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -1031,6 +1086,12 @@ async fn the_call(
         }
     }
     reader.abort();
+    if end_sample.is_none() {
+        end_sample = reader_procs
+            .sample(console.pid)
+            .ok()
+            .map(|c| (c, reader_procs.sample(broker.pid).ok()));
+    }
     let _ = sent_live;
     report.events_missed = live.missed;
     let ms_since_t0 = |at: u64| at.saturating_sub(t0) as f64 / 1e6;
