@@ -156,6 +156,9 @@ pub struct CallReport {
     pub console_cpu_per_agent_us: Option<f64>,
     /// Broker CPU time over the same span, milliseconds.
     pub broker_cpu_ms: Option<f64>,
+    /// CPU time of the simulated agents (the bench's workers: TLS, signature checks, acks)
+    /// over the same span, milliseconds: work that shares the machine's cores.
+    pub agents_cpu_ms: Option<f64>,
     /// Console RSS before the call, KiB.
     pub console_rss_before_kib: Option<u64>,
     /// Console RSS when all were delivered, KiB.
@@ -225,6 +228,7 @@ impl CallReport {
                 f(self.console_cpu_per_agent_us),
             ),
             ("broker CPU (ms)", f(self.broker_cpu_ms)),
+            ("simulated agents' CPU (ms)", f(self.agents_cpu_ms)),
             (
                 "broker: messages dropped",
                 self.broker_messages_dropped
@@ -417,6 +421,7 @@ fn tenant_file(ca_pem: &str, key: &SigningKey, tenant: &str) -> String {
 
 struct CallWorker {
     index: usize,
+    pid: Option<u32>,
     child: Child,
     stdin: ChildStdin,
     replies: mpsc::UnboundedReceiver<Result<CallReply, String>>,
@@ -460,6 +465,7 @@ impl CallWorker {
             .with_context(|| format!("sending call worker {index} its configuration"))?;
         Ok(Self {
             index,
+            pid: child.id(),
             child,
             stdin,
             replies,
@@ -1004,6 +1010,15 @@ async fn the_call(
     }
     let reader_procs = ProcReader::new();
     let console_before = reader_procs.sample(console.pid).ok();
+    let worker_pids: Vec<u32> = workers.0.iter().filter_map(|w| w.pid).collect();
+    let workers_cpu = |reader: &ProcReader| -> Option<f64> {
+        let mut total = 0.0;
+        for pid in &worker_pids {
+            total += reader.sample(*pid).ok()?.cpu.as_secs_f64();
+        }
+        Some(total)
+    };
+    let workers_before = workers_cpu(&reader_procs);
     let broker_before = reader_procs.sample(broker.pid).ok();
     report.console_rss_before_kib = console_before.map(|s| s.rss_kib);
     report.load_average = load_average();
@@ -1100,6 +1115,9 @@ async fn the_call(
         report.all_delivered_ms = (delivered_live >= target)
             .then_some(())
             .and_then(|()| last_delivered.map(ms_since_t0));
+    }
+    if let (Some(before), Some(after)) = (workers_before, workers_cpu(&reader_procs)) {
+        report.agents_cpu_ms = Some((after - before) * 1000.0);
     }
     if let (Some(before), Some((after, broker_after))) = (console_before, end_sample) {
         let cpu = after.cpu.saturating_sub(before.cpu).as_secs_f64() * 1000.0;
