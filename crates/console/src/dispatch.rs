@@ -260,8 +260,9 @@ enum WriteJob {
     Sync(oneshot::Sender<()>),
 }
 
-/// Most state changes written in one transaction.
-const MAX_WRITE_BATCH: usize = 10_000;
+/// Most state changes written in one transaction (below the live-event channel's 4096, so
+/// that one transaction's events never overrun a listener that keeps up).
+const MAX_WRITE_BATCH: usize = 2048;
 
 /// Writes state changes and presence beside the broker connection, so that reading acks and
 /// publishing never wait for the database: whatever arrived while one transaction ran goes
