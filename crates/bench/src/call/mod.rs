@@ -90,7 +90,7 @@ pub struct CallArgs {
     #[arg(long, default_value_t = 60.0)]
     pub wait_secs: f64,
     /// Agent ids are this prefix and the agent's number.
-    #[arg(long, default_value = "callbench-")]
+    #[arg(long, default_value = "call-agent-")]
     pub id_prefix: String,
     /// Print the report as JSON instead of a table.
     #[arg(long)]
