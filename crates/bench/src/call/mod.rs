@@ -32,7 +32,6 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
-use beckon_identity::{KeyId, SigningKey};
 use beckon_pki::CertificateAuthority;
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
@@ -409,16 +408,6 @@ async fn start_service(
     Ok((Service { child, pid }, seen))
 }
 
-/// The console's broker tenant file, as `ConsoleHandle::tenant_file` writes it for
-/// `beckon up`: its CA inline and its wake-up key as token key.
-fn tenant_file(ca_pem: &str, key: &SigningKey, tenant: &str) -> String {
-    format!(
-        "# Written by beckon bench call for tenant {tenant}.\n[[ca]]\npem = \"\"\"\n{ca_pem}\"\"\"\n\n[[token_key]]\nkid = \"{kid}\"\npublic_key = \"{pk}\"\n",
-        kid = key.kid(),
-        pk = key.public_key().to_base64(),
-    )
-}
-
 struct CallWorker {
     index: usize,
     pid: Option<u32>,
@@ -646,6 +635,9 @@ pub async fn run_call(args: &CallArgs) -> anyhow::Result<CallReport> {
         &format!("mqtts://localhost:{broker_port}"),
         "--agent-broker-endpoint",
         &format!("localhost:{broker_port}"),
+        // The console writes the broker's tenant file itself, before it listens.
+        "--broker-tenant-file",
+        &tenants_dir.join("default.toml").display().to_string(),
     ]
     .iter()
     .map(|s| s.to_string())
@@ -681,15 +673,6 @@ pub async fn run_call(args: &CallArgs) -> anyhow::Result<CallReport> {
             &broker_dir.join("server.key"),
         )
         .context("writing the broker's certificate")?;
-    let key_bytes = std::fs::read(console_dir.join("wakeup-signing.key"))
-        .context("reading the console's wake-up signing key")?;
-    let key = SigningKey::from_pkcs8(KeyId::new("console-1")?, &key_bytes)
-        .context("the console's wake-up signing key")?;
-    std::fs::write(
-        tenants_dir.join("default.toml"),
-        tenant_file(ca.cert_pem(), &key, "default"),
-    )
-    .context("writing the tenant file")?;
     let mut broker_args: Vec<String> = vec![
         "broker".into(),
         "--mqtts".into(),
