@@ -186,6 +186,42 @@ pub struct CoreStats {
     pub protocol_errors: u64,
 }
 
+/// What a clustered core hands to the cluster link (see [`BrokerCore::enable_cluster`]).
+#[derive(Debug, Clone, PartialEq)]
+pub enum ClusterOut {
+    /// A message published on this node, for the other nodes' subscribers. Its Message
+    /// Expiry Interval is what is left of it now.
+    Publish {
+        /// The message as a PUBLISH with the internal topic (no packet id).
+        publish: Publish,
+        /// A PUBACK/PUBREC the core did not send: it goes to `conn` once the message left for
+        /// the cluster ([`BrokerCore::cluster_ack`] gives it back).
+        ack: Option<(ConnId, Packet)>,
+    },
+    /// The first session subscribed to `filter` (`added`), or the last one left it.
+    Interest {
+        /// The topic filter, without a `$share/{group}/` prefix.
+        filter: String,
+        /// Added or removed.
+        added: bool,
+    },
+    /// A connection for `client_id` was accepted on this node: other nodes drop theirs.
+    Claim {
+        /// The client id.
+        client_id: String,
+        /// Whether the new connection started clean.
+        clean_start: bool,
+    },
+}
+
+/// The cluster side of a core: what waits to go out, and the filters subscribed here.
+#[derive(Debug, Default)]
+struct ClusterState {
+    out: Vec<ClusterOut>,
+    /// Sessions subscribed per filter (without share prefix), to tell first and last apart.
+    interest: HashMap<String, usize>,
+}
+
 /// The broker's whole protocol state.
 ///
 /// Choices where the specification leaves room (and how they compare with Mosquitto):
@@ -218,6 +254,8 @@ pub struct BrokerCore {
     stats: CoreStats,
     /// Reused buffer for the subscriptions matching one publish.
     hits: Vec<Hit>,
+    /// Set when the broker is a cluster node.
+    cluster: Option<ClusterState>,
 }
 
 impl BrokerCore {
@@ -235,6 +273,137 @@ impl BrokerCore {
             next_assigned_id: 1,
             stats: CoreStats::default(),
             hits: Vec::new(),
+            cluster: None,
+        }
+    }
+
+    /// Makes this core a cluster node: from now on it hands out what other nodes must know
+    /// ([`BrokerCore::take_cluster_out`]): messages published here (QoS 1/2 acknowledgements
+    /// held until the cluster took the message), the filters its sessions subscribe to, and
+    /// the client ids it accepts. Call it before the first connection.
+    pub fn enable_cluster(&mut self) {
+        self.cluster = Some(ClusterState::default());
+    }
+
+    /// What waits to go to the cluster, in order; empty when not clustered.
+    pub fn take_cluster_out(&mut self) -> Vec<ClusterOut> {
+        self.cluster
+            .as_mut()
+            .map(|c| std::mem::take(&mut c.out))
+            .unwrap_or_default()
+    }
+
+    /// A message published on another node: stored if retained and delivered to the
+    /// matching local subscriptions only (never handed back to the cluster). Returns whether
+    /// a local subscription received it.
+    pub fn handle_remote_publish(
+        &mut self,
+        now: Instant,
+        publish: Publish,
+        out: &mut Vec<Action>,
+    ) -> bool {
+        if publish.topic.is_empty() || publish.topic.contains(['+', '#', '\0']) {
+            return false;
+        }
+        let qos = publish.qos.min(self.config.max_qos);
+        let message = Message::new(
+            now,
+            publish.topic,
+            publish.payload,
+            qos,
+            publish.retain,
+            publish.properties,
+        );
+        self.route(now, None, Arc::new(message), out)
+    }
+
+    /// Another node accepted a connection for `client_id`: the connection held here, if any,
+    /// gets DISCONNECT 0x8E (Session taken over, v5) and is closed, and the session ends here
+    /// (its state does not move between nodes). The old will is published when the new
+    /// connection started clean or the old session had no expiry, as for a local takeover.
+    /// Returns the connection that was closed.
+    pub fn handle_remote_claim(
+        &mut self,
+        now: Instant,
+        client_id: &str,
+        clean_start: bool,
+        out: &mut Vec<Action>,
+    ) -> Option<ConnId> {
+        let key = *self.by_client_id.get(client_id)?;
+        let conn = self.sessions.get(&key).and_then(|s| s.conn);
+        if self.take_over(now, key, clean_start, out).is_some() {
+            self.end_session(key);
+        }
+        conn
+    }
+
+    /// The connection holding `client_id` here, if any.
+    pub fn connection_of(&self, client_id: &str) -> Option<ConnId> {
+        let key = self.by_client_id.get(client_id)?;
+        self.sessions.get(key)?.conn
+    }
+
+    /// The payload of the retained message on `topic`, if any.
+    pub fn retained_payload(&self, topic: &str, now: Instant) -> Option<Bytes> {
+        self.retained
+            .matching(topic, now)
+            .into_iter()
+            .find(|m| m.topic == topic)
+            .map(|m| m.payload.clone())
+    }
+
+    /// Retained messages matching `filter`: (topic, payload).
+    pub fn retained_matching(&self, filter: &str, now: Instant) -> Vec<(String, Bytes)> {
+        self.retained
+            .matching(filter, now)
+            .into_iter()
+            .map(|m| (m.topic.clone(), m.payload.clone()))
+            .collect()
+    }
+
+    /// Publishes a message on the broker's own behalf to this node's subscribers and
+    /// retained store only (each node does the same on its own, e.g. when another node went
+    /// silent and its identities are released).
+    pub fn publish_from_broker_local(
+        &mut self,
+        now: Instant,
+        topic: String,
+        payload: Bytes,
+        qos: QoS,
+        retain: bool,
+        out: &mut Vec<Action>,
+    ) -> bool {
+        let qos = qos.min(self.config.max_qos);
+        let message = Message::new(now, topic, payload, qos, retain, Properties::default());
+        self.route(now, None, Arc::new(message), out)
+    }
+
+    /// A PUBACK/PUBREC held for the cluster may now go out ([`ClusterOut::Publish`]).
+    pub fn cluster_ack(&self, conn: ConnId, packet: Packet, out: &mut Vec<Action>) {
+        if self.conns.contains_key(&conn) {
+            out.push(Action::Send { conn, packet });
+        }
+    }
+
+    /// Hands a message to the cluster, if clustered; `ack` waits for it there. Returns the
+    /// ack when it cannot wait (not clustered, or the message already expired).
+    fn to_cluster(
+        &mut self,
+        now: Instant,
+        message: &Message,
+        ack: Option<(ConnId, Packet)>,
+    ) -> Option<(ConnId, Packet)> {
+        let Some(cluster) = &mut self.cluster else {
+            return ack;
+        };
+        // Packet id 1 only so that the PUBLISH is well formed; the link rewrites it.
+        let packet_id = (message.qos != QoS::AtMostOnce).then_some(1);
+        match message.to_publish(now, message.qos, message.retain, packet_id, &[]) {
+            Some(publish) => {
+                cluster.out.push(ClusterOut::Publish { publish, ack });
+                None
+            }
+            None => ack,
         }
     }
 
@@ -334,6 +503,12 @@ impl BrokerCore {
             Box::new(will)
         });
         self.conns.insert(conn, key);
+        if let Some(cluster) = &mut self.cluster {
+            cluster.out.push(ClusterOut::Claim {
+                client_id: session.client_id.clone(),
+                clean_start: connect.clean_start,
+            });
+        }
 
         let mut properties = Properties::default();
         if v5 {
@@ -606,8 +781,10 @@ impl BrokerCore {
             publish.retain,
             publish.properties,
         );
-        let matched = self.publish_message(now, Some(key), Arc::new(message), out);
-        let code = if v5 && !matched {
+        let message = Arc::new(message);
+        let matched = self.route(now, Some(key), Arc::clone(&message), out);
+        // A cluster node cannot know whether another node's clients match.
+        let code = if v5 && !matched && self.cluster.is_none() {
             ReasonCode::NO_MATCHING_SUBSCRIBERS
         } else {
             ReasonCode::SUCCESS
@@ -616,22 +793,20 @@ impl BrokerCore {
             code,
             ..Ack::new(packet_id)
         };
-        match qos {
-            QoS::AtMostOnce => {}
-            QoS::AtLeastOnce => out.push(Action::Send {
-                conn,
-                packet: Packet::PubAck(ack),
-            }),
-            QoS::ExactlyOnce => out.push(Action::Send {
-                conn,
-                packet: Packet::PubRec(ack),
-            }),
+        let ack = match qos {
+            QoS::AtMostOnce => None,
+            QoS::AtLeastOnce => Some((conn, Packet::PubAck(ack))),
+            QoS::ExactlyOnce => Some((conn, Packet::PubRec(ack))),
+        };
+        // Clustered: the acknowledgement waits until the message left for the other nodes.
+        if let Some((conn, packet)) = self.to_cluster(now, &message, ack) {
+            out.push(Action::Send { conn, packet });
         }
     }
 
-    /// Stores (if retained) and routes a message to every matching subscription. Returns
-    /// whether at least one subscription received it.
-    fn publish_message(
+    /// Stores (if retained) and routes a message to every matching local subscription.
+    /// Returns whether at least one subscription received it.
+    fn route(
         &mut self,
         now: Instant,
         publisher: Option<SessionKey>,
@@ -707,8 +882,16 @@ impl BrokerCore {
         out: &mut Vec<Action>,
     ) -> bool {
         let qos = qos.min(self.config.max_qos);
-        let message = Message::new(now, topic, payload, qos, retain, Properties::default());
-        self.publish_message(now, None, Arc::new(message), out)
+        let message = Arc::new(Message::new(
+            now,
+            topic,
+            payload,
+            qos,
+            retain,
+            Properties::default(),
+        ));
+        self.to_cluster(now, &message, None);
+        self.route(now, None, message, out)
     }
 
     fn publish_will(
@@ -727,7 +910,9 @@ impl BrokerCore {
             will.retain,
             will.properties,
         );
-        self.publish_message(now, Some(publisher), Arc::new(message), out);
+        let message = Arc::new(message);
+        self.to_cluster(now, &message, None);
+        self.route(now, Some(publisher), message, out);
     }
 
     fn on_subscribe(
@@ -779,6 +964,9 @@ impl BrokerCore {
             );
             if !existed {
                 session.subscriptions.push(sub.filter.as_str().into());
+                if let Some(cluster) = &mut self.cluster {
+                    note_interest(cluster, &sub.filter, true);
+                }
             }
             codes.push(ReasonCode(qos as u8));
             // Retained messages are never sent for shared subscriptions.
@@ -829,6 +1017,9 @@ impl BrokerCore {
             let removed = match (position, parse_filter(raw)) {
                 (Some(index), Some(filter)) => {
                     session.subscriptions.swap_remove(index);
+                    if let Some(cluster) = &mut self.cluster {
+                        note_interest(cluster, raw, false);
+                    }
                     self.tree.remove(filter, key)
                 }
                 _ => false,
@@ -965,6 +1156,9 @@ impl BrokerCore {
         for raw in &session.subscriptions {
             if let Some(filter) = parse_filter(raw) {
                 self.tree.remove(filter, key);
+            }
+            if let Some(cluster) = &mut self.cluster {
+                note_interest(cluster, raw, false);
             }
         }
     }
@@ -1106,6 +1300,34 @@ impl BrokerCore {
     /// The configuration in force.
     pub fn config(&self) -> &CoreConfig {
         &self.config
+    }
+}
+
+/// Counts a session's subscription to `raw` (maybe shared) that began or ended, and tells
+/// the cluster when a filter gets its first or loses its last subscriber on this node.
+fn note_interest(cluster: &mut ClusterState, raw: &str, added: bool) {
+    let Some(filter) = parse_filter(raw) else {
+        return;
+    };
+    let key = filter.filter;
+    if added {
+        let count = cluster.interest.entry(key.to_owned()).or_insert(0);
+        *count += 1;
+        if *count == 1 {
+            cluster.out.push(ClusterOut::Interest {
+                filter: key.to_owned(),
+                added: true,
+            });
+        }
+    } else if let Some(count) = cluster.interest.get_mut(key) {
+        *count -= 1;
+        if *count == 0 {
+            cluster.interest.remove(key);
+            cluster.out.push(ClusterOut::Interest {
+                filter: key.to_owned(),
+                added: false,
+            });
+        }
     }
 }
 
