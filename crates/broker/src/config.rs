@@ -138,7 +138,11 @@ fn host_node_name() -> String {
         .chars()
         .filter(|c| c.is_ascii_alphanumeric() || *c == '-' || *c == '_')
         .collect();
-    if name.is_empty() { "node-1".to_owned() } else { name }
+    if name.is_empty() {
+        "node-1".to_owned()
+    } else {
+        name
+    }
 }
 
 impl Default for ClusterConfig {

@@ -197,7 +197,14 @@ pub(crate) fn release_elsewhere(
     event.state = PresenceState::Disconnected;
     event.at = unix_now_ms();
     event.reason = Some(reason::TAKEN_OVER.to_owned());
-    core.publish_from_broker(now, topic, Bytes::from(event.to_json()), QoS::AtLeastOnce, true, out);
+    core.publish_from_broker(
+        now,
+        topic,
+        Bytes::from(event.to_json()),
+        QoS::AtLeastOnce,
+        true,
+        out,
+    );
 }
 
 /// Cluster: node `lost` went silent. Every identity this node's retained presence shows

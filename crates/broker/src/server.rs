@@ -464,8 +464,14 @@ impl Server {
             }
         };
         let core_task = tokio::spawn(
-            core_loop(core, events_rx, shutdown_rx.clone(), metrics.clone(), cluster)
-                .instrument(tracing::info_span!("core")),
+            core_loop(
+                core,
+                events_rx,
+                shutdown_rx.clone(),
+                metrics.clone(),
+                cluster,
+            )
+            .instrument(tracing::info_span!("core")),
         );
         let mut tasks = Vec::new();
         for (listener, kind) in listeners {
@@ -863,7 +869,9 @@ impl ClusterSide {
                 },
             };
             if let Err(command) = self.link.send(command) {
-                tracing::warn!("cluster link queue full: a message, subscription or claim did not reach the other nodes");
+                tracing::warn!(
+                    "cluster link queue full: a message, subscription or claim did not reach the other nodes"
+                );
                 if let Outgoing::Publish {
                     token: Some(token), ..
                 } = command
@@ -1002,6 +1010,9 @@ async fn core_loop(
                         settle(&mut core, &mut conns, &mut presence, reason::TAKEN_OVER, &mut out);
                         if let (true, Some(identity), Some(info)) = (accepted, identity, presence_info) {
                             if cluster.is_some() {
+                                if identity.role == beckon_identity::Role::Agent {
+                                    core.hold_interest(conn, &format!("t/{}/agents/{}/+", identity.tenant.as_str(), identity.id()));
+                                }
                                 presence::release_elsewhere(&mut core, now, &identity, &mut out);
                             }
                             presence.connected(&mut core, now, conn, identity, &info, via_proxy, &mut out);

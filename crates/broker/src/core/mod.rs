@@ -220,6 +220,8 @@ struct ClusterState {
     out: Vec<ClusterOut>,
     /// Sessions subscribed per filter (without share prefix), to tell first and last apart.
     interest: HashMap<String, usize>,
+    /// Interest a session holds from its CONNECT on (see [`BrokerCore::hold_interest`]).
+    held: HashMap<SessionKey, Box<str>>,
 }
 
 /// The broker's whole protocol state.
@@ -335,6 +337,23 @@ impl BrokerCore {
             self.end_session(key);
         }
         conn
+    }
+
+    /// Clustered: the session of `conn` holds interest in `filter` for as long as it exists,
+    /// whatever it subscribes to. The network layer gives a tenant agent its own topics
+    /// (`t/{tenant}/agents/{id}/+`) at CONNECT, before its connected event goes out, so that a
+    /// server that sends a wake-up on seeing that event is sure to reach this node.
+    pub fn hold_interest(&mut self, conn: ConnId, filter: &str) {
+        let (Some(cluster), Some(&key)) = (&mut self.cluster, self.conns.get(&conn)) else {
+            return;
+        };
+        if cluster.held.get(&key).is_some_and(|f| **f == *filter) {
+            return;
+        }
+        note_interest(cluster, filter, true);
+        if let Some(old) = cluster.held.insert(key, filter.into()) {
+            note_interest(cluster, &old, false);
+        }
     }
 
     /// The connection holding `client_id` here, if any.
@@ -1160,6 +1179,11 @@ impl BrokerCore {
             if let Some(cluster) = &mut self.cluster {
                 note_interest(cluster, raw, false);
             }
+        }
+        if let Some(cluster) = &mut self.cluster
+            && let Some(held) = cluster.held.remove(&key)
+        {
+            note_interest(cluster, &held, false);
         }
     }
 

@@ -1768,3 +1768,24 @@ fn retained_messages_from_other_nodes_are_kept_here() {
     let out = h.subscribe(s, "t/acme/agents/+/presence", QoS::AtLeastOnce);
     assert_eq!(payloads(&out, s), ["{\"state\":\"connected\"}"]);
 }
+
+#[test]
+fn interest_held_from_connect_lasts_as_long_as_the_session() {
+    let mut h = clustered();
+    let (a, _, _) = h.connect_ok(v5("acme/agent/a1"));
+    h.core.take_cluster_out();
+    h.core.hold_interest(a, "t/acme/agents/a1/+");
+    // Its own subscription to the same topic adds no second NATS interest.
+    h.subscribe(a, "t/acme/agents/a1/+", QoS::AtLeastOnce);
+    let out = h.core.take_cluster_out();
+    assert!(
+        matches!(out.as_slice(), [ClusterOut::Interest { filter, added: true }] if filter == "t/acme/agents/a1/+"),
+        "{out:?}"
+    );
+    h.close(a);
+    let out = h.core.take_cluster_out();
+    assert!(
+        matches!(out.as_slice(), [ClusterOut::Interest { added: false, .. }]),
+        "{out:?}"
+    );
+}
