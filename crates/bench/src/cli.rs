@@ -49,6 +49,11 @@ pub struct TargetArgs {
     /// Password for CONNECT.
     #[arg(long, env = "BECKON_BENCH_PASSWORD", hide_env_values = true)]
     pub password: Option<String>,
+    /// Another node of a cluster, `HOST:PORT` (repeat for each): the agents are spread over
+    /// --host:--port and these, worker process by worker process, round-robin, while the
+    /// publisher stays on --host:--port, so that most wake-ups cross nodes.
+    #[arg(long = "endpoint", value_name = "HOST:PORT")]
+    pub endpoints: Vec<String>,
     #[command(flatten)]
     pub session: SessionArgs,
 }
@@ -177,6 +182,27 @@ impl SessionArgs {
 }
 
 impl TargetArgs {
+    /// The first target (--host, --port), then one per --endpoint, alike but for host and
+    /// port. Errors name the endpoint that is not `HOST:PORT`.
+    pub fn targets(&self) -> Result<Vec<Target>, String> {
+        let first = self.target();
+        let mut targets = vec![first.clone()];
+        for endpoint in &self.endpoints {
+            let (host, port) = endpoint
+                .rsplit_once(':')
+                .and_then(|(h, p)| Some((h.trim_matches(['[', ']']), p.parse::<u16>().ok()?)))
+                .filter(|(h, _)| !h.is_empty())
+                .ok_or_else(|| {
+                    format!("--endpoint {endpoint:?}: write HOST:PORT, e.g. 127.0.0.1:8884")
+                })?;
+            let mut target = first.clone();
+            target.host = host.to_owned();
+            target.port = port;
+            targets.push(target);
+        }
+        Ok(targets)
+    }
+
     /// The target these arguments name.
     pub fn target(&self) -> Target {
         let tls = (self.tls || self.ca.is_some()).then(|| TlsSettings {

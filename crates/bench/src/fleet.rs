@@ -231,12 +231,30 @@ pub async fn run_fleet(
     broker: &mut dyn BrokerControl,
     launcher: &WorkerLauncher,
 ) -> anyhow::Result<FleetReport> {
+    run_fleet_spread(std::slice::from_ref(target), load, broker, launcher).await
+}
+
+/// Runs the fleet phases against the nodes of a cluster: worker processes connect to the
+/// targets in turn (at least one worker per target), the publisher and the broker readings
+/// use the first.
+pub async fn run_fleet_spread(
+    targets: &[Target],
+    load: &LoadArgs,
+    broker: &mut dyn BrokerControl,
+    launcher: &WorkerLauncher,
+) -> anyhow::Result<FleetReport> {
+    let Some(target) = targets.first() else {
+        bail!("no broker to reach");
+    };
     let phases: BTreeSet<Phase> = load.phases.iter().copied().collect();
     let agents = load.agents;
     if agents == 0 {
         bail!("--agents must be at least 1");
     }
-    let per_worker = load.agents_per_worker.clamp(1, 19_000);
+    let per_worker = load
+        .agents_per_worker
+        .clamp(1, 19_000)
+        .min(agents.div_ceil(targets.len()));
     let worker_count = agents.div_ceil(per_worker);
     let connector = Connector::new(target)
         .await
@@ -263,7 +281,7 @@ pub async fn run_fleet(
             first_agent,
             agents: per_worker.min(agents - first_agent),
             client_id_prefix: load.client_id_prefix.clone(),
-            target: target.clone(),
+            target: targets[worker % targets.len()].clone(),
             source_addresses: sources.clone(),
             agents_per_source_address: load.agents_per_source_address.max(1),
             connect_concurrency: concurrency,
@@ -280,6 +298,7 @@ pub async fn run_fleet(
     .await;
     fleet.shutdown().await;
     let mut report = result?;
+    report.nodes = targets.len();
     report.workers = worker_count;
     report.source_addresses = sources.len();
     Ok(report)
@@ -306,6 +325,7 @@ async fn drive(
         tls_key_exchange: target.tls.as_ref().map(|t| t.key_exchange),
         mqtt_version: target.version,
         workers: 0,
+        nodes: 1,
         source_addresses: 0,
         connect: None,
         idle: None,

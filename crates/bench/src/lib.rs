@@ -95,12 +95,12 @@ async fn fleet_command(args: &FleetArgs, launcher: &WorkerLauncher) -> anyhow::R
     if args.target.tls && args.target.ca.is_none() {
         bail!("--tls needs --ca FILE: the CA certificate that signs the broker's certificate");
     }
-    let target = args.target.target();
+    let targets = args.target.targets().map_err(anyhow::Error::msg)?;
     let mut broker = fleet::ExternalBroker {
         pid: args.broker_pid,
         label: args.label.clone(),
     };
-    let report = fleet::run_fleet(&target, &args.load, &mut broker, launcher).await?;
+    let report = fleet::run_fleet_spread(&targets, &args.load, &mut broker, launcher).await?;
     if args.json {
         println!(
             "{}",

@@ -153,6 +153,9 @@ pub struct FleetReport {
     pub mqtt_version: MqttVersion,
     /// Worker processes.
     pub workers: usize,
+    /// Broker nodes the agents were spread over (a cluster when above 1).
+    #[serde(default = "one")]
+    pub nodes: usize,
     /// Source addresses the sockets were spread over (0: chosen by the kernel).
     pub source_addresses: usize,
     /// Connect phase.
@@ -165,6 +168,10 @@ pub struct FleetReport {
     pub storm: Option<StormReport>,
     /// The fan-out again after the storm.
     pub fanout_after_storm: Option<FanoutReport>,
+}
+
+fn one() -> usize {
+    1
 }
 
 /// One line of a table: a figure, its unit, and its value if measured.
@@ -357,7 +364,14 @@ impl FleetReport {
             },
             self.workers,
             self.source_addresses
-        )
+        ) + &if self.nodes > 1 {
+            format!(
+                ", spread over {} cluster nodes (publisher on the first)",
+                self.nodes
+            )
+        } else {
+            String::new()
+        }
     }
 
     /// Things the figures alone do not say: first errors, missing broker readings.

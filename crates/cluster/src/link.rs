@@ -64,6 +64,8 @@ pub enum ClusterError {
 }
 
 /// From the broker to the link.
+// Messages are not boxed: they pass one bounded queue, once.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
 pub enum Outgoing {
     /// A message published on this node (by a client, a will or the broker itself).
@@ -91,6 +93,7 @@ pub enum Outgoing {
 }
 
 /// From the link to the broker.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
 pub enum Incoming {
     /// A message published on another node that matches a local subscription or is retained.
@@ -120,6 +123,7 @@ pub struct ClusterLink {
 
 impl ClusterLink {
     /// Queues a command without waiting; gives it back when the link is not keeping up.
+    #[allow(clippy::result_large_err)] // the command comes back unboxed, as it went in
     pub fn send(&self, command: Outgoing) -> Result<(), Outgoing> {
         self.commands.try_send(command).map_err(|e| match e {
             mpsc::error::TrySendError::Full(c) | mpsc::error::TrySendError::Closed(c) => c,

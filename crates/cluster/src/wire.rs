@@ -119,10 +119,12 @@ mod tests {
 
     #[test]
     fn a_message_survives_the_hop_with_its_properties() {
-        let mut properties = Properties::default();
-        properties.message_expiry_interval = Some(600);
-        properties.content_type = Some("application/json".into());
-        properties.user_properties = vec![("k".into(), "v".into())];
+        let properties = Properties {
+            message_expiry_interval: Some(600),
+            content_type: Some("application/json".into()),
+            user_properties: vec![("k".into(), "v".into())],
+            ..Properties::default()
+        };
         let msg = ClusterMessage {
             origin: "node-a".into(),
             seq: 42,

@@ -187,6 +187,7 @@ pub struct CoreStats {
 }
 
 /// What a clustered core hands to the cluster link (see [`BrokerCore::enable_cluster`]).
+#[allow(clippy::large_enum_variant)] // as Action: no allocation per message
 #[derive(Debug, Clone, PartialEq)]
 pub enum ClusterOut {
     /// A message published on this node, for the other nodes' subscribers. Its Message
@@ -406,7 +407,7 @@ impl BrokerCore {
 
     /// Hands a message to the cluster, if clustered; `ack` waits for it there. Returns the
     /// ack when it cannot wait (not clustered, or the message already expired).
-    fn to_cluster(
+    fn hand_to_cluster(
         &mut self,
         now: Instant,
         message: &Message,
@@ -818,7 +819,7 @@ impl BrokerCore {
             QoS::ExactlyOnce => Some((conn, Packet::PubRec(ack))),
         };
         // Clustered: the acknowledgement waits until the message left for the other nodes.
-        if let Some((conn, packet)) = self.to_cluster(now, &message, ack) {
+        if let Some((conn, packet)) = self.hand_to_cluster(now, &message, ack) {
             out.push(Action::Send { conn, packet });
         }
     }
@@ -909,7 +910,7 @@ impl BrokerCore {
             retain,
             Properties::default(),
         ));
-        self.to_cluster(now, &message, None);
+        self.hand_to_cluster(now, &message, None);
         self.route(now, None, message, out)
     }
 
@@ -930,7 +931,7 @@ impl BrokerCore {
             will.properties,
         );
         let message = Arc::new(message);
-        self.to_cluster(now, &message, None);
+        self.hand_to_cluster(now, &message, None);
         self.route(now, Some(publisher), message, out);
     }
 
