@@ -202,6 +202,7 @@ impl Node {
 struct Cluster {
     nodes: Vec<Node>,
     tenant: Tenant,
+    nats_url: String,
     _nats: Process,
 }
 
@@ -215,6 +216,7 @@ impl Cluster {
         Self {
             nodes,
             tenant,
+            nats_url: url,
             _nats: nats,
         }
     }
@@ -650,21 +652,57 @@ async fn wake_ups_cross_nodes_and_a_connection_on_another_node_takes_the_session
     assert_eq!(msg.payload, &b"w2"[..]);
 
     // A server connecting later, on another node, finds the retained presence of every agent.
-    let token = cluster.tenant.token(Role::Server, "late");
-    let mut late = Client::connect(cluster.nodes[1].addr, &token)
-        .await
-        .expect("late server");
-    late.subscribe("agents/+/presence").await;
-    let mut retained = HashMap::new();
-    while retained.len() < 6 {
-        let msg = late.message(WAIT).await.expect("retained presence");
-        let event = PresenceEvent::from_json(&msg.payload).expect("JSON");
-        retained.insert(msg.topic.clone(), (event.state, event.node));
-    }
+    let retained = retained_presence(cluster.nodes[1].addr, &cluster.tenant, 6).await;
     assert_eq!(
         retained.get("agents/pc-1/presence"),
         Some(&(PresenceState::Connected, Some("n2".to_owned())))
     );
+
+    // A node that joins now gets the cluster's retained messages: presence included.
+    let mut cluster = cluster;
+    let joined = Node::start("n3", &cluster.nats_url, cluster.tenant.dir.path());
+    let retained = retained_presence(joined.addr, &cluster.tenant, 6).await;
+    for k in 0..6 {
+        let expected = if k == 1 {
+            "n2".to_owned()
+        } else {
+            format!("n{}", k % 3)
+        };
+        assert_eq!(
+            retained.get(&format!("agents/pc-{k}/presence")),
+            Some(&(PresenceState::Connected, Some(expected))),
+            "{retained:?}"
+        );
+    }
+    cluster.nodes.push(joined);
+}
+
+/// The retained presence a server connecting to `addr` finds: at least `count` topics, within
+/// `WAIT` (a node that just joined may still be receiving the snapshot: retried).
+async fn retained_presence(
+    addr: SocketAddr,
+    tenant: &Tenant,
+    count: usize,
+) -> HashMap<String, (PresenceState, Option<String>)> {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let token = tenant.token(Role::Server, "late");
+        let mut late = Client::connect(addr, &token).await.expect("late server");
+        late.subscribe("agents/+/presence").await;
+        let mut retained = HashMap::new();
+        while let Ok(msg) = late.message(Duration::from_millis(500)).await {
+            let event = PresenceEvent::from_json(&msg.payload).expect("JSON");
+            retained.insert(msg.topic.clone(), (event.state, event.node));
+        }
+        if retained.len() >= count {
+            return retained;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "only {} retained presence events on {addr} within {WAIT:?}: {retained:?}",
+            retained.len()
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -974,6 +974,21 @@ fn cluster_incoming(
             }
         }
         Incoming::Reconnected => presence.republish(core, now, out),
+        Incoming::SnapshotRequest { reply } => {
+            let retained = core.retained_snapshot(now);
+            if cluster
+                .link
+                .send(beckon_cluster::Outgoing::Snapshot { reply, retained })
+                .is_err()
+            {
+                tracing::warn!(
+                    "cluster link queue full: a joining node gets no retained messages from this one"
+                );
+            }
+        }
+        Incoming::Retained(publish) => {
+            core.store_retained_if_absent(now, publish);
+        }
     }
 }
 

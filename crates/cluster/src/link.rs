@@ -83,6 +83,14 @@ pub enum Outgoing {
         /// Added or removed.
         added: bool,
     },
+    /// The retained messages this node holds, for a node that joined (answer to
+    /// [`Incoming::SnapshotRequest`]).
+    Snapshot {
+        /// Where to send them.
+        reply: String,
+        /// The messages (retained, internal topics, remaining expiry).
+        retained: Vec<Publish>,
+    },
     /// A connection for `client_id` was accepted here.
     Claim {
         /// The client id.
@@ -100,6 +108,15 @@ pub enum Incoming {
     Message(Publish),
     /// Another node accepted a connection for a client id.
     Claim(Claim),
+    /// A node joined and asks for the retained messages: answer with
+    /// [`Outgoing::Snapshot`] to `reply`.
+    SnapshotRequest {
+        /// The reply subject.
+        reply: String,
+    },
+    /// One retained message of the snapshot this node asked for when it joined: to be
+    /// stored unless a newer one arrived live.
+    Retained(Publish),
     /// A node stopped sending heartbeats (or restarted): the identities it held are gone.
     NodeLost(String),
     /// Messages with these tokens were written to NATS (`ok`), or could not be (`!ok`).
@@ -142,6 +159,8 @@ enum Kind {
     Message,
     Claim,
     Heartbeat,
+    SnapshotRequest,
+    Snapshot,
 }
 
 /// Connects to NATS (in the background: a node starts even when NATS is not reachable yet,
@@ -190,12 +209,23 @@ pub async fn join(
     let (raw_tx, raw_rx) = mpsc::channel(RECEIVE_QUEUE);
     let root = &options.subject_root;
     let mut fixed = Vec::new();
+    let inbox = client.new_inbox();
     for (subject, kind) in [
         (format!("{root}.r"), Kind::Message),
         (format!("{root}.claim"), Kind::Claim),
         (format!("{root}.hb"), Kind::Heartbeat),
+        (format!("{root}.sync"), Kind::SnapshotRequest),
+        (inbox.clone(), Kind::Snapshot),
     ] {
         fixed.push(subscribe(&client, subject, kind, raw_tx.clone()).await?);
+    }
+    // Retained messages (presence among them) published before this node joined: every
+    // node answers, the first to answer is used.
+    if let Err(e) = client
+        .publish_with_reply(format!("{root}.sync"), inbox, bytes::Bytes::new())
+        .await
+    {
+        tracing::warn!(error = %e, "cluster: cannot ask the other nodes for their retained messages");
     }
     let (commands_tx, commands_rx) = mpsc::channel(COMMAND_QUEUE);
     let link = Link {
@@ -212,6 +242,8 @@ pub async fn join(
         seen: HashSet::new(),
         seen_order: VecDeque::new(),
         seq: 0,
+        snapshot_from: None,
+        snapshot_count: 0,
         incoming: incoming_tx,
         _fixed: fixed,
     };
@@ -280,6 +312,9 @@ struct Link {
     seen: HashSet<(String, u64)>,
     seen_order: VecDeque<(String, u64)>,
     seq: u64,
+    /// The node whose retained snapshot is used (the first to answer).
+    snapshot_from: Option<String>,
+    snapshot_count: usize,
     incoming: mpsc::Sender<Incoming>,
     _fixed: Vec<AbortOnDrop>,
 }
@@ -293,18 +328,20 @@ impl Link {
         let mut heartbeat = tokio::time::interval(self.options.heartbeat);
         heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut tokens = Vec::new();
+        // Whether every message of the current batch reached the NATS client.
+        let mut batch_ok = true;
         loop {
             tokio::select! {
                 command = commands.recv() => {
                     let Some(command) = command else { break };
-                    self.command(command, &mut tokens).await;
+                    batch_ok &= self.command(command, &mut tokens).await;
                     // A burst (a fan-out's PUBACKs) shares one flush.
                     while tokens.len() < 4096 {
                         let Ok(command) = commands.try_recv() else { break };
-                        self.command(command, &mut tokens).await;
+                        batch_ok &= self.command(command, &mut tokens).await;
                     }
                     if !tokens.is_empty() {
-                        let ok = matches!(
+                        let ok = std::mem::replace(&mut batch_ok, true) && matches!(
                             tokio::time::timeout(self.options.flush_timeout, self.client.flush()).await,
                             Ok(Ok(()))
                         );
@@ -334,7 +371,10 @@ impl Link {
         let _ = tokio::time::timeout(self.options.flush_timeout, self.client.flush()).await;
     }
 
-    async fn command(&mut self, command: Outgoing, tokens: &mut Vec<u64>) {
+    /// Carries out one command; returns false when a message could not be handed to the
+    /// NATS client in time (its client buffer stays full while NATS is unreachable).
+    async fn command(&mut self, command: Outgoing, tokens: &mut Vec<u64>) -> bool {
+        let mut ok = true;
         match command {
             Outgoing::Publish { publish, token } => {
                 self.seq += 1;
@@ -350,8 +390,14 @@ impl Link {
                 };
                 match msg.encode() {
                     Ok(bytes) => {
-                        if let Err(e) = self.client.publish(subject, bytes).await {
-                            tracing::warn!(error = %e, "cluster: cannot publish to NATS");
+                        let sent = tokio::time::timeout(
+                            self.options.flush_timeout,
+                            self.client.publish(subject, bytes),
+                        )
+                        .await;
+                        if !matches!(sent, Ok(Ok(()))) {
+                            ok = false;
+                            tracing::warn!("cluster: cannot hand a message to NATS (unreachable?)");
                         }
                     }
                     Err(e) => {
@@ -390,6 +436,26 @@ impl Link {
                     }
                 }
             }
+            Outgoing::Snapshot { reply, retained } => {
+                let count = retained.len();
+                for publish in retained {
+                    self.seq += 1;
+                    let msg = ClusterMessage {
+                        origin: self.options.node.clone(),
+                        seq: self.seq,
+                        publish,
+                    };
+                    if let Ok(bytes) = msg.encode() {
+                        let _ = self.client.publish(reply.clone(), bytes).await;
+                    }
+                }
+                // An empty message ends the snapshot.
+                let _ = self.client.publish(reply, bytes::Bytes::new()).await;
+                tracing::info!(
+                    retained = count,
+                    "cluster: sent the retained messages to a node that joined"
+                );
+            }
             Outgoing::Claim {
                 client_id,
                 clean_start,
@@ -409,6 +475,7 @@ impl Link {
                 }
             }
         }
+        ok
     }
 
     /// Returns `Err` when the broker is gone.
@@ -437,6 +504,40 @@ impl Link {
                 }
                 self.incoming
                     .send(Incoming::Message(msg.publish))
+                    .await
+                    .map_err(|_| ())
+            }
+            Kind::SnapshotRequest => match msg.reply {
+                Some(reply) => self
+                    .incoming
+                    .send(Incoming::SnapshotRequest {
+                        reply: reply.to_string(),
+                    })
+                    .await
+                    .map_err(|_| ()),
+                None => Ok(()),
+            },
+            Kind::Snapshot => {
+                if msg.payload.is_empty() {
+                    if self.snapshot_from.is_some() {
+                        tracing::info!(retained = self.snapshot_count, from = ?self.snapshot_from, "cluster: retained messages of the cluster received");
+                    }
+                    return Ok(());
+                }
+                let msg = match ClusterMessage::decode(&msg.payload) {
+                    Ok(m) => m,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cluster: dropped a malformed retained message");
+                        return Ok(());
+                    }
+                };
+                let from = self.snapshot_from.get_or_insert_with(|| msg.origin.clone());
+                if *from != msg.origin {
+                    return Ok(());
+                }
+                self.snapshot_count += 1;
+                self.incoming
+                    .send(Incoming::Retained(msg.publish))
                     .await
                     .map_err(|_| ())
             }

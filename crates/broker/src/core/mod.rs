@@ -372,6 +372,42 @@ impl BrokerCore {
             .map(|m| m.payload.clone())
     }
 
+    /// Every unexpired retained message as a PUBLISH (internal topic, remaining expiry), for
+    /// a node that joins the cluster.
+    pub fn retained_snapshot(&self, now: Instant) -> Vec<Publish> {
+        self.retained
+            .matching("#", now)
+            .into_iter()
+            .filter_map(|m| {
+                let packet_id = (m.qos != QoS::AtMostOnce).then_some(1);
+                m.to_publish(now, m.qos, true, packet_id, &[])
+            })
+            .collect()
+    }
+
+    /// A retained message from another node's snapshot: stored unless this node already has
+    /// one on that topic (what arrived live is newer than a snapshot). Not delivered.
+    pub fn store_retained_if_absent(&mut self, now: Instant, publish: Publish) -> bool {
+        if !self.config.retain_available
+            || publish.payload.is_empty()
+            || publish.topic.is_empty()
+            || publish.topic.contains(['+', '#', '\0'])
+            || self.retained.contains(&publish.topic)
+        {
+            return false;
+        }
+        let message = Message::new(
+            now,
+            publish.topic,
+            publish.payload,
+            publish.qos.min(self.config.max_qos),
+            true,
+            publish.properties,
+        );
+        self.retained.store(&Arc::new(message));
+        true
+    }
+
     /// Retained messages matching `filter`: (topic, payload).
     pub fn retained_matching(&self, filter: &str, now: Instant) -> Vec<(String, Bytes)> {
         self.retained
