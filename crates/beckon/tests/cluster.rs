@@ -829,3 +829,79 @@ async fn a_node_dies_its_agents_move_presence_follows_and_no_valid_wake_up_is_lo
     }
     let _ = &cluster.nodes[0].name;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_nats_each_node_serves_its_own_clients_and_the_cluster_heals() {
+    let mut cluster = Cluster::start();
+    let mut server = Server::start(&cluster, 0).await;
+    let mut agents = Vec::new();
+    for (id, node) in [("pc-0", 0), ("pc-1", 1)] {
+        let token = cluster.tenant.token(Role::Agent, id);
+        let mut c = Client::connect(cluster.nodes[node].addr, &token)
+            .await
+            .expect("agent connects");
+        c.subscribe(&format!("agents/{id}/wake")).await;
+        agents.push(c);
+    }
+    server
+        .until("both agents connected", |s| s.connected_on.len() == 2)
+        .await;
+
+    // NATS goes away: a wake-up from n0 to the agent on n0 still arrives.
+    drop(std::mem::replace(
+        &mut cluster._nats,
+        Process(Command::new("true").spawn().expect("true")),
+    ));
+    server
+        .client
+        .send(&Packet::Publish(Publish {
+            dup: false,
+            qos: QoS::AtLeastOnce,
+            retain: false,
+            topic: "agents/pc-0/wake".into(),
+            packet_id: Some(900),
+            payload: Bytes::from_static(b"local"),
+            properties: Properties::default(),
+        }))
+        .await
+        .expect("publish");
+    let msg = agents[0]
+        .message(WAIT)
+        .await
+        .expect("local wake-up without NATS");
+    assert_eq!(msg.payload, &b"local"[..]);
+
+    // NATS comes back on the same address: messages cross nodes again.
+    let port = cluster
+        .nats_url
+        .rsplit(':')
+        .next()
+        .and_then(|p| p.parse::<u16>().ok())
+        .expect("port");
+    let child = Command::new(nats_server_binary())
+        .args(["-a", "127.0.0.1", "-p", &port.to_string()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("restart nats-server");
+    cluster._nats = Process(child);
+    wait_for_port(SocketAddr::from(([127, 0, 0, 1], port)), "nats-server");
+    // The publisher whose PUBACK could not be kept was disconnected to resend; a new one.
+    let mut server = Server::start(&cluster, 0).await;
+    let deadline = Instant::now() + WAIT;
+    let mut n = 0;
+    loop {
+        n += 1;
+        let id = format!("healed-{n}");
+        server.wake("pc-1", &id).await;
+        match agents[1].message(Duration::from_secs(1)).await {
+            Ok(msg) if msg.payload == id.as_bytes() => break,
+            Ok(_) | Err(ReadEnd::TimedOut) => {}
+            Err(ReadEnd::Closed) => panic!("the agent on n1 lost its connection"),
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no wake-up crossed from n0 to n1 within {WAIT:?} after NATS came back"
+        );
+    }
+}

@@ -177,6 +177,10 @@ pub async fn join(
         .no_echo()
         .retry_on_initial_connect()
         .max_reconnects(None)
+        // NATS is close by: come back within a second of it, not the client's default 4 s.
+        .reconnect_delay_callback(|attempts| {
+            Duration::from_millis((100 * attempts as u64).min(1000))
+        })
         .connection_timeout(Duration::from_secs(5))
         .ping_interval(Duration::from_secs(10))
         .event_callback(move |event| {
