@@ -442,7 +442,7 @@ impl Server {
         let cluster = match &config.cluster {
             None => None,
             Some(c) => {
-                core.enable_cluster();
+                core.enable_cluster(&c.node);
                 let options = beckon_cluster::ClusterOptions {
                     servers: c.nats.clone(),
                     node: c.node.clone(),

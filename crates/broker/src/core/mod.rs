@@ -223,6 +223,9 @@ struct ClusterState {
     interest: HashMap<String, usize>,
     /// Interest a session holds from its CONNECT on (see [`BrokerCore::hold_interest`]).
     held: HashMap<SessionKey, Box<str>>,
+    /// This node's name: assigned client ids carry it, so that two nodes never assign the
+    /// same one (which would take the other's client over).
+    node: String,
 }
 
 /// The broker's whole protocol state.
@@ -283,9 +286,13 @@ impl BrokerCore {
     /// Makes this core a cluster node: from now on it hands out what other nodes must know
     /// ([`BrokerCore::take_cluster_out`]): messages published here (QoS 1/2 acknowledgements
     /// held until the cluster took the message), the filters its sessions subscribe to, and
-    /// the client ids it accepts. Call it before the first connection.
-    pub fn enable_cluster(&mut self) {
-        self.cluster = Some(ClusterState::default());
+    /// the client ids it accepts. `node` is this node's name, unique in the cluster. Call it
+    /// before the first connection.
+    pub fn enable_cluster(&mut self, node: &str) {
+        self.cluster = Some(ClusterState {
+            node: node.to_owned(),
+            ..ClusterState::default()
+        });
     }
 
     /// What waits to go to the cluster, in order; empty when not clustered.
@@ -678,7 +685,10 @@ impl BrokerCore {
 
     fn assign_client_id(&mut self) -> String {
         loop {
-            let id = format!("beckon-auto-{:08x}", self.next_assigned_id);
+            let id = match &self.cluster {
+                Some(c) => format!("beckon-auto-{}-{:08x}", c.node, self.next_assigned_id),
+                None => format!("beckon-auto-{:08x}", self.next_assigned_id),
+            };
             self.next_assigned_id += 1;
             if !self.by_client_id.contains_key(&id) {
                 return id;

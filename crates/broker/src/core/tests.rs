@@ -1597,7 +1597,7 @@ use super::ClusterOut;
 
 fn clustered() -> Harness {
     let mut h = Harness::new();
-    h.core.enable_cluster();
+    h.core.enable_cluster("n1");
     h
 }
 
@@ -1788,4 +1788,12 @@ fn interest_held_from_connect_lasts_as_long_as_the_session() {
         matches!(out.as_slice(), [ClusterOut::Interest { added: false, .. }]),
         "{out:?}"
     );
+}
+
+#[test]
+fn assigned_client_ids_name_the_node() {
+    let mut h = clustered();
+    let (_, ack, _) = h.connect_ok(v5(""));
+    let id = ack.properties.assigned_client_identifier.expect("assigned");
+    assert!(id.starts_with("beckon-auto-n1-"), "{id}");
 }
