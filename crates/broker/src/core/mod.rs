@@ -27,7 +27,7 @@ use bytes::Bytes;
 use message::Message;
 use retained::RetainedStore;
 use session::{Link, Pending, Session};
-use topic_tree::{Hit, SessionKey, SubEntry, TopicTree, parse_filter};
+use topic_tree::{Hit, SessionKey, SubEntry, TopicTree, filter_matches, parse_filter};
 
 /// Identifies one network connection for the lifetime of the process (never reused).
 pub type ConnId = u64;
@@ -355,13 +355,13 @@ impl BrokerCore {
         let (Some(cluster), Some(&key)) = (&mut self.cluster, self.conns.get(&conn)) else {
             return;
         };
-        if cluster.held.get(&key).is_some_and(|f| **f == *filter) {
+        // Set once per session (its client id is its identity); the session's own
+        // subscriptions inside it were counted against it.
+        if cluster.held.contains_key(&key) {
             return;
         }
         note_interest(cluster, filter, true);
-        if let Some(old) = cluster.held.insert(key, filter.into()) {
-            note_interest(cluster, &old, false);
-        }
+        cluster.held.insert(key, filter.into());
     }
 
     /// The connection holding `client_id` here, if any.
@@ -1031,7 +1031,7 @@ impl BrokerCore {
             if !existed {
                 session.subscriptions.push(sub.filter.as_str().into());
                 if let Some(cluster) = &mut self.cluster {
-                    note_interest(cluster, &sub.filter, true);
+                    note_session_interest(cluster, key, &sub.filter, true);
                 }
             }
             codes.push(ReasonCode(qos as u8));
@@ -1084,7 +1084,7 @@ impl BrokerCore {
                 (Some(index), Some(filter)) => {
                     session.subscriptions.swap_remove(index);
                     if let Some(cluster) = &mut self.cluster {
-                        note_interest(cluster, raw, false);
+                        note_session_interest(cluster, key, raw, false);
                     }
                     self.tree.remove(filter, key)
                 }
@@ -1224,7 +1224,7 @@ impl BrokerCore {
                 self.tree.remove(filter, key);
             }
             if let Some(cluster) = &mut self.cluster {
-                note_interest(cluster, raw, false);
+                note_session_interest(cluster, key, raw, false);
             }
         }
         if let Some(cluster) = &mut self.cluster
@@ -1371,6 +1371,18 @@ impl BrokerCore {
     /// The configuration in force.
     pub fn config(&self) -> &CoreConfig {
         &self.config
+    }
+}
+
+/// A session's own subscription that began or ended: not counted when the interest the
+/// session holds from its CONNECT already covers it (an agent's own wake topic), so that an
+/// agent costs its node one NATS subscription, not two.
+fn note_session_interest(cluster: &mut ClusterState, key: SessionKey, raw: &str, added: bool) {
+    let covered = cluster.held.get(&key).is_some_and(|held| {
+        !raw.contains(['+', '#']) && !raw.starts_with("$share/") && filter_matches(held, raw)
+    });
+    if !covered {
+        note_interest(cluster, raw, added);
     }
 }
 

@@ -1775,8 +1775,9 @@ fn interest_held_from_connect_lasts_as_long_as_the_session() {
     let (a, _, _) = h.connect_ok(v5("acme/agent/a1"));
     h.core.take_cluster_out();
     h.core.hold_interest(a, "t/acme/agents/a1/+");
-    // Its own subscription to the same topic adds no second NATS interest.
+    // Its own subscriptions inside it add no second NATS interest; others do.
     h.subscribe(a, "t/acme/agents/a1/+", QoS::AtLeastOnce);
+    h.subscribe(a, "t/acme/agents/a1/wake", QoS::AtLeastOnce);
     let out = h.core.take_cluster_out();
     assert!(
         matches!(out.as_slice(), [ClusterOut::Interest { filter, added: true }] if filter == "t/acme/agents/a1/+"),
