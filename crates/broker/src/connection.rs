@@ -39,8 +39,6 @@ pub const VIA_PROXY_PROPERTY: &str = "beckon-via-proxy";
 
 /// Largest single read from the socket; also the stack buffer of each read.
 const READ_CHUNK: usize = 8 * 1024;
-/// rustls' outgoing buffer bound per connection (its default is 64 KiB).
-const TLS_BUFFER_LIMIT: usize = 16 * 1024;
 /// How long a closing connection may take to flush and say goodbye.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -272,11 +270,11 @@ pub(crate) async fn serve(
     }
     match (kind, &shared.tls) {
         (ListenerKind::Fallback, Some(tls)) => {
-            let acceptor = tokio_rustls::TlsAcceptor::from(shared.tls_config(tls, kind));
+            let config = shared.tls_config(tls, kind);
             let shutdown = shared.shutdown.clone();
             let Some((stream, leaf, alpn_mqtt)) = Box::pin(tls_handshake(
                 &shared.metrics,
-                acceptor,
+                config,
                 tcp,
                 deadline,
                 shutdown,
@@ -294,11 +292,11 @@ pub(crate) async fn serve(
             // The handshake runs boxed and hands over a boxed stream: an async fn keeps the
             // storage of large values it moved, so keeping them out of this (long-lived)
             // state is what makes an idle connection small.
-            let acceptor = tokio_rustls::TlsAcceptor::from(shared.tls_config(tls, kind));
+            let config = shared.tls_config(tls, kind);
             let shutdown = shared.shutdown.clone();
             let Some((stream, leaf, _)) = Box::pin(tls_handshake(
                 &shared.metrics,
-                acceptor,
+                config,
                 tcp,
                 deadline,
                 shutdown,
@@ -341,22 +339,22 @@ pub(crate) async fn serve(
     }
 }
 
-type TlsStream = tokio_rustls::server::TlsStream<TcpStream>;
+use crate::tls_stream::TlsStream;
 
 /// TLS handshake within the connect deadline. Returns the stream (boxed) and the leaf of a
 /// client certificate verified by the configured client CAs.
 async fn tls_handshake(
     metrics: &crate::metrics::Metrics,
-    acceptor: tokio_rustls::TlsAcceptor,
+    config: Arc<ServerConfig>,
     tcp: TcpStream,
     deadline: Instant,
     mut shutdown: watch::Receiver<bool>,
 ) -> Option<(Box<TlsStream>, Option<Vec<u8>>, bool)> {
     let accepted = tokio::select! {
-        r = timeout_at(deadline, acceptor.accept(tcp)) => r,
+        r = timeout_at(deadline, crate::tls_stream::accept(config, tcp)) => r,
         _ = shutdown.changed() => return None,
     };
-    let mut stream = match accepted {
+    let stream = match accepted {
         Ok(Ok(s)) => Box::new(s),
         Ok(Err(e)) => {
             metrics.tls_failure();
@@ -369,12 +367,10 @@ async fn tls_handshake(
             return None;
         }
     };
-    let session = stream.get_mut().1;
-    session.set_buffer_limit(Some(TLS_BUFFER_LIMIT));
-    let alpn = session
+    let alpn = stream
         .alpn_protocol()
         .map(|p| String::from_utf8_lossy(p).into_owned());
-    let leaf = session
+    let leaf = stream
         .peer_certificates()
         .and_then(|c| c.first())
         .map(|c| c.as_ref().to_vec());
