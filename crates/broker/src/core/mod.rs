@@ -248,7 +248,8 @@ struct ClusterState {
 #[derive(Debug)]
 pub struct BrokerCore {
     config: CoreConfig,
-    sessions: HashMap<SessionKey, Session>,
+    /// Boxed: a table of inline sessions keeps room for up to twice as many as it holds.
+    sessions: HashMap<SessionKey, Box<Session>>,
     by_client_id: HashMap<String, SessionKey>,
     conns: HashMap<ConnId, SessionKey>,
     tree: TopicTree,
@@ -528,8 +529,10 @@ impl BrokerCore {
             None => {
                 let key = self.next_session;
                 self.next_session += 1;
-                self.sessions
-                    .insert(key, Session::new(client_id.clone(), connect.protocol));
+                self.sessions.insert(
+                    key,
+                    Box::new(Session::new(client_id.clone(), connect.protocol)),
+                );
                 self.by_client_id.insert(client_id.clone(), key);
                 key
             }
