@@ -354,8 +354,8 @@ async fn tls_handshake(
         r = timeout_at(deadline, crate::tls_stream::accept(config, tcp)) => r,
         _ = shutdown.changed() => return None,
     };
-    let stream = match accepted {
-        Ok(Ok(s)) => Box::new(s),
+    let accepted = match accepted {
+        Ok(Ok(a)) => a,
         Ok(Err(e)) => {
             metrics.tls_failure();
             tracing::debug!(error = %e, "TLS handshake failed");
@@ -367,13 +367,11 @@ async fn tls_handshake(
             return None;
         }
     };
-    let alpn = stream
-        .alpn_protocol()
-        .map(|p| String::from_utf8_lossy(p).into_owned());
-    let leaf = stream
-        .peer_certificates()
-        .and_then(|c| c.first())
-        .map(|c| c.as_ref().to_vec());
+    let stream = Box::new(accepted.stream);
+    let alpn = accepted
+        .alpn
+        .map(|p| String::from_utf8_lossy(&p).into_owned());
+    let leaf = accepted.client_certificate;
     tracing::debug!(
         alpn = alpn.as_deref().unwrap_or("none"),
         client_cert = leaf.is_some(),

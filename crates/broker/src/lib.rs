@@ -17,6 +17,7 @@ mod ratelimit;
 mod server;
 mod shared_port;
 mod tenancy;
+mod tls13_records;
 mod tls_stream;
 
 pub use config::{BrokerConfig, ConfigError, Listen};

@@ -8,6 +8,10 @@
 //! place; the heap holds only what is really pending: a partial record, decrypted bytes the
 //! reader has not taken yet, and encrypted bytes the socket has not accepted yet. Each of
 //! these is freed as soon as it is empty, so an idle connection keeps none of them.
+//!
+//! After a TLS 1.3 handshake, rustls' connection state is let go as well: its traffic
+//! secrets go to the broker's own record layer ([`crate::tls13_records`]), which keeps only
+//! the keys. TLS 1.2 connections stay with rustls to the end.
 
 use std::io;
 use std::mem::MaybeUninit;
@@ -15,15 +19,16 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 
-use rustls::ServerConfig;
-use rustls::pki_types::CertificateDer;
 use rustls::server::{ServerConnectionData, UnbufferedServerConnection};
 use rustls::unbuffered::{
     ConnectionState, EncodeError, EncodeTlsData, EncryptError, InsufficientSizeError,
     UnbufferedStatus, WriteTraffic,
 };
+use rustls::{ProtocolVersion, ServerConfig};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
+
+use crate::tls13_records::Tls13Records;
 
 /// Bytes read from the socket at once, on the stack: one whole TLS record of the largest
 /// size (16 KiB of plaintext plus overhead) fits.
@@ -36,10 +41,18 @@ const MAX_PENDING_TLS: usize = 96 * 1024;
 /// write or flush, so this bounds the outgoing queue of a connection.
 const MAX_WRITE: usize = 16 * 1024;
 
+/// Who protects the records.
+enum Engine {
+    /// rustls: the handshake, and TLS 1.2 connections throughout.
+    Rustls(Box<UnbufferedServerConnection>),
+    /// The broker's TLS 1.3 record layer after the handshake.
+    Tls13(Box<Tls13Records>),
+}
+
 /// A server-side TLS connection over TCP; see the module documentation.
 pub(crate) struct TlsStream {
     tcp: TcpStream,
-    conn: UnbufferedServerConnection,
+    engine: Engine,
     /// Received TLS bytes rustls has not consumed: a partial record, or during the handshake
     /// a partial flight. Empty, with no allocation, between whole records.
     incoming: Vec<u8>,
@@ -59,7 +72,7 @@ impl std::fmt::Debug for TlsStream {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("TlsStream")
             .field("tcp", &self.tcp)
-            .field("handshaking", &self.conn.is_handshaking())
+            .field("handshaking", &self.is_handshaking())
             .field("incoming", &self.incoming.len())
             .field("plaintext", &(self.plaintext.len() - self.plaintext_pos))
             .field("outgoing", &(self.outgoing.len() - self.outgoing_pos))
@@ -67,12 +80,25 @@ impl std::fmt::Debug for TlsStream {
     }
 }
 
+/// A connection after its handshake, with what the handshake settled.
+pub(crate) struct Accepted {
+    pub(crate) stream: TlsStream,
+    /// The ALPN protocol agreed.
+    pub(crate) alpn: Option<Vec<u8>>,
+    /// The client's certificate (DER), when it sent one and it was verified.
+    pub(crate) client_certificate: Option<Vec<u8>>,
+}
+
 /// Runs the TLS handshake on `tcp` with `config`. The caller bounds it in time.
-pub(crate) async fn accept(config: Arc<ServerConfig>, tcp: TcpStream) -> io::Result<TlsStream> {
+///
+/// With `config.enable_secret_extraction` set, a TLS 1.3 connection then continues on the
+/// broker's own record layer; otherwise (and for TLS 1.2) rustls keeps the connection.
+pub(crate) async fn accept(config: Arc<ServerConfig>, tcp: TcpStream) -> io::Result<Accepted> {
+    let take_over = config.enable_secret_extraction;
     let conn = UnbufferedServerConnection::new(config).map_err(tls_error)?;
     let mut stream = TlsStream {
         tcp,
-        conn,
+        engine: Engine::Rustls(Box::new(conn)),
         incoming: Vec::new(),
         plaintext: Vec::new(),
         plaintext_pos: 0,
@@ -82,7 +108,27 @@ pub(crate) async fn accept(config: Arc<ServerConfig>, tcp: TcpStream) -> io::Res
         close_notify_queued: false,
     };
     std::future::poll_fn(|cx| stream.poll_handshake(cx)).await?;
-    Ok(stream)
+    let Engine::Rustls(conn) = stream.engine else {
+        return Err(io::Error::other("TLS handshake state lost"));
+    };
+    let alpn = conn.alpn_protocol().map(<[u8]>::to_vec);
+    let client_certificate = conn
+        .peer_certificates()
+        .and_then(|chain| chain.first())
+        .map(|leaf| leaf.as_ref().to_vec());
+    stream.engine = if take_over && conn.protocol_version() == Some(ProtocolVersion::TLSv1_3) {
+        let (secrets, kernel) = conn.dangerous_into_kernel_connection().map_err(tls_error)?;
+        Engine::Tls13(Box::new(
+            Tls13Records::new(secrets, kernel).map_err(tls_error)?,
+        ))
+    } else {
+        Engine::Rustls(conn)
+    };
+    Ok(Accepted {
+        stream,
+        alpn,
+        client_certificate,
+    })
 }
 
 /// What to do once rustls reaches the state in which application data may be written.
@@ -262,45 +308,66 @@ fn tls_error(e: rustls::Error) -> io::Error {
 }
 
 impl TlsStream {
-    /// The ALPN protocol agreed in the handshake.
-    pub(crate) fn alpn_protocol(&self) -> Option<&[u8]> {
-        self.conn.alpn_protocol()
+    fn is_handshaking(&self) -> bool {
+        match &self.engine {
+            Engine::Rustls(conn) => conn.is_handshaking(),
+            Engine::Tls13(_) => false,
+        }
     }
 
-    /// The client's certificate chain, leaf first, when it sent one (and it was verified).
-    pub(crate) fn peer_certificates(&self) -> Option<&[CertificateDer<'static>]> {
-        self.conn.peer_certificates()
-    }
-
-    fn parts(&mut self) -> (Parts<'_>, &mut Vec<u8>) {
-        (
-            Parts {
-                conn: &mut self.conn,
+    /// Processes `received` (whole records at its front; the rest is left) and does `want`.
+    /// Returns how many bytes were consumed and whether `want` was done.
+    fn process(
+        &mut self,
+        received: &mut [u8],
+        want: Want<'_>,
+    ) -> Result<(usize, bool), rustls::Error> {
+        match &mut self.engine {
+            Engine::Rustls(conn) => Parts {
+                conn,
                 plaintext: &mut self.plaintext,
                 outgoing: &mut self.outgoing,
                 read_closed: &mut self.read_closed,
+            }
+            .drive(received, want),
+            Engine::Tls13(records) => match want {
+                Want::Read => {
+                    if self.read_closed {
+                        // Nothing counts after close_notify.
+                        return Ok((received.len(), true));
+                    }
+                    let opened = records.open(received, &mut self.plaintext, &mut self.outgoing)?;
+                    self.read_closed |= opened.closed;
+                    Ok((opened.consumed, true))
+                }
+                Want::Encrypt(data) => records.seal(data, &mut self.outgoing).map(|()| (0, true)),
+                Want::CloseNotify => records.close_notify(&mut self.outgoing).map(|()| (0, true)),
             },
-            &mut self.incoming,
-        )
+        }
     }
 
-    /// Runs rustls over what is pending in `incoming`; says whether `want` was done.
+    /// Processes what is pending in `incoming` and does `want`; says whether it was done.
     fn drive_pending(&mut self, want: Want<'_>) -> Result<bool, rustls::Error> {
-        let (mut parts, incoming) = self.parts();
-        let (consumed, wanted) = parts.drive(incoming, want)?;
-        incoming.drain(..consumed);
-        release_if_empty(incoming);
-        Ok(wanted)
+        let mut incoming = std::mem::take(&mut self.incoming);
+        let result = self.process(&mut incoming, want);
+        if let Ok((consumed, _)) = result {
+            incoming.drain(..consumed);
+        }
+        release_if_empty(&mut incoming);
+        self.incoming = incoming;
+        result.map(|(_, wanted)| wanted)
     }
 
     /// On a TLS error, sends the alert rustls prepared (best effort, without waiting) and
     /// turns the error into an I/O error.
     fn fail(&mut self, cx: &mut Context<'_>, e: rustls::Error) -> io::Error {
-        let mut nothing: [u8; 0] = [];
-        if let Ok(ConnectionState::EncodeTlsData(mut alert)) =
-            self.conn.process_tls_records(&mut nothing).state
-        {
-            let _ = encode_into(&mut self.outgoing, &mut alert);
+        if let Engine::Rustls(conn) = &mut self.engine {
+            let mut nothing: [u8; 0] = [];
+            if let Ok(ConnectionState::EncodeTlsData(mut alert)) =
+                conn.process_tls_records(&mut nothing).state
+            {
+                let _ = encode_into(&mut self.outgoing, &mut alert);
+            }
         }
         let _ = self.poll_write_outgoing(cx);
         tls_error(e)
@@ -326,10 +393,9 @@ impl TlsStream {
         let result = if self.incoming.is_empty() {
             // The common case: whole records, processed where they were read.
             let n = received.len();
-            let (mut parts, incoming) = self.parts();
-            parts.drive(received, Want::Read).map(|(consumed, _)| {
+            self.process(received, Want::Read).map(|(consumed, _)| {
                 if consumed < n {
-                    incoming.extend_from_slice(&received[consumed..]);
+                    self.incoming.extend_from_slice(&received[consumed..]);
                 }
             })
         } else if self.incoming.len() + received.len() > MAX_PENDING_TLS {
@@ -370,7 +436,7 @@ impl TlsStream {
         loop {
             // The client waits for our flight before it sends more.
             ready!(self.poll_write_outgoing(cx))?;
-            if !self.conn.is_handshaking() {
+            if !self.is_handshaking() {
                 return Poll::Ready(Ok(()));
             }
             ready!(self.poll_read_tls(cx))?;
@@ -476,7 +542,7 @@ mod tests {
     use std::time::Duration;
 
     use rustls::pki_types::pem::PemObject;
-    use rustls::pki_types::{PrivateKeyDer, ServerName};
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::TcpListener;
     use tokio::time::timeout;
@@ -513,6 +579,7 @@ mod tests {
         if let Ok(ticketer) = rustls::crypto::aws_lc_rs::Ticketer::new() {
             config.ticketer = ticketer;
         }
+        config.enable_secret_extraction = true;
         let mut roots = rustls::RootCertStore::empty();
         roots
             .add(CertificateDer::from_pem_slice(ca.cert_pem().as_bytes()).expect("ca der"))
@@ -546,10 +613,14 @@ mod tests {
     async fn echo_server(
         listener: TcpListener,
         config: Arc<ServerConfig>,
-    ) -> io::Result<(Option<Vec<u8>>, bool)> {
+    ) -> io::Result<(Option<Vec<u8>>, bool, bool)> {
         let (tcp, _) = listener.accept().await?;
-        let mut tls = accept(config, tcp).await?;
-        let alpn = tls.alpn_protocol().map(<[u8]>::to_vec);
+        let Accepted {
+            stream: mut tls,
+            alpn,
+            ..
+        } = accept(config, tcp).await?;
+        let own_records = matches!(tls.engine, Engine::Tls13(_));
         let mut idle_without_buffers = true;
         let mut buf = vec![0u8; 7000];
         loop {
@@ -567,7 +638,7 @@ mod tests {
             tls.flush().await?;
         }
         tls.shutdown().await?;
-        Ok((alpn, idle_without_buffers))
+        Ok((alpn, idle_without_buffers, own_records))
     }
 
     async fn echo_roundtrip(version: &'static rustls::SupportedProtocolVersion) {
@@ -601,7 +672,7 @@ mod tests {
             .expect("close in time")
             .expect("clean TLS close");
         assert!(rest.is_empty());
-        let (alpn, idle) = timeout(WAIT, server)
+        let (alpn, idle, own_records) = timeout(WAIT, server)
             .await
             .expect("server ends")
             .expect("task")
@@ -611,6 +682,8 @@ mod tests {
             idle,
             "an idle connection holds no receive, plaintext or send buffer"
         );
+        // TLS 1.3 continues on the broker's record layer; TLS 1.2 stays with rustls.
+        assert_eq!(own_records, version == &rustls::version::TLS13);
     }
 
     #[tokio::test]
@@ -674,12 +747,16 @@ mod tests {
                 .expect("key update");
         }
         client.shutdown().await.expect("close");
-        let (_, idle) = timeout(WAIT, server)
+        let (_, idle, own_records) = timeout(WAIT, server)
             .await
             .expect("server ends")
             .expect("task")
             .expect("server");
         assert!(idle);
+        assert!(
+            own_records,
+            "key updates went through the broker's record layer"
+        );
     }
 
     #[tokio::test]
