@@ -551,8 +551,8 @@ mod tests {
 
     const WAIT: Duration = Duration::from_secs(10);
 
-    struct Pki {
-        server: Arc<ServerConfig>,
+    pub(super) struct Pki {
+        pub(super) server: Arc<ServerConfig>,
         roots: rustls::RootCertStore,
     }
 
@@ -560,7 +560,7 @@ mod tests {
         Arc::new(rustls::crypto::aws_lc_rs::default_provider())
     }
 
-    fn pki(versions: &[&'static rustls::SupportedProtocolVersion]) -> Pki {
+    pub(super) fn pki(versions: &[&'static rustls::SupportedProtocolVersion]) -> Pki {
         let ca = beckon_pki::CertificateAuthority::generate("test CA", Duration::from_secs(3600))
             .expect("CA");
         let leaf = ca
@@ -590,7 +590,7 @@ mod tests {
         }
     }
 
-    fn connector(
+    pub(super) fn connector(
         pki: &Pki,
         version: &'static rustls::SupportedProtocolVersion,
     ) -> tokio_rustls::TlsConnector {
@@ -603,14 +603,14 @@ mod tests {
         tokio_rustls::TlsConnector::from(Arc::new(config))
     }
 
-    fn localhost() -> ServerName<'static> {
+    pub(super) fn localhost() -> ServerName<'static> {
         ServerName::try_from("localhost").expect("name")
     }
 
     /// A server that echoes everything back until the client closes, then closes with
     /// close_notify. Returns what it saw: the ALPN protocol and whether its buffers were all
     /// released while waiting for more (checked before every read).
-    async fn echo_server(
+    pub(super) async fn echo_server(
         listener: TcpListener,
         config: Arc<ServerConfig>,
     ) -> io::Result<(Option<Vec<u8>>, bool, bool)> {
@@ -810,5 +810,70 @@ mod tests {
             result.expect_err("incomplete").kind(),
             io::ErrorKind::UnexpectedEof
         );
+    }
+}
+
+#[cfg(test)]
+mod hostile_records {
+    use std::time::Duration;
+
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpListener;
+    use tokio::time::timeout;
+
+    use super::tests::{connector, echo_server, localhost, pki};
+    use super::*;
+
+    /// After a TLS 1.3 handshake, the client's socket carries `raw` instead of a proper
+    /// record; the server must fail with an error (no panic, no hang) and close.
+    async fn server_fails_on(raw: &[u8]) -> io::Error {
+        let pki = pki(&[&rustls::version::TLS13]);
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let server = tokio::spawn(echo_server(listener, pki.server.clone()));
+        let tcp = TcpStream::connect(addr).await.expect("connect");
+        let mut client = timeout(
+            WAIT,
+            connector(&pki, &rustls::version::TLS13).connect(localhost(), tcp),
+        )
+        .await
+        .expect("handshake in time")
+        .expect("handshake");
+        // One proper round first, so the server is on its own record layer.
+        client.write_all(b"ping").await.expect("write");
+        client.flush().await.expect("flush");
+        let mut back = [0u8; 4];
+        timeout(WAIT, client.read_exact(&mut back))
+            .await
+            .expect("echo in time")
+            .expect("echo");
+        client.get_mut().0.write_all(raw).await.expect("raw write");
+        let result = timeout(WAIT, server)
+            .await
+            .expect("server ends")
+            .expect("task");
+        result.expect_err("the server must refuse the record")
+    }
+
+    const WAIT: Duration = Duration::from_secs(10);
+
+    #[tokio::test]
+    async fn a_forged_record_fails_decryption() {
+        let mut raw = vec![0x17, 3, 3, 0, 40];
+        raw.extend((0..40u8).map(|i| i.wrapping_mul(37)));
+        let e = server_fails_on(&raw).await;
+        assert_eq!(e.kind(), io::ErrorKind::InvalidData, "{e}");
+    }
+
+    #[tokio::test]
+    async fn an_oversized_record_is_refused_before_it_arrives() {
+        let e = server_fails_on(&[0x17, 3, 3, 0xff, 0xff]).await;
+        assert_eq!(e.kind(), io::ErrorKind::InvalidData, "{e}");
+    }
+
+    #[tokio::test]
+    async fn a_plaintext_handshake_record_after_the_handshake_is_refused() {
+        let e = server_fails_on(&[0x16, 3, 3, 0, 4, 1, 0, 0, 0]).await;
+        assert_eq!(e.kind(), io::ErrorKind::InvalidData, "{e}");
     }
 }
