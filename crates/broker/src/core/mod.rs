@@ -5,6 +5,7 @@
 //! The tokio layer (`crate::server`) owns one [`BrokerCore`] in one task, feeds it the decoded
 //! packets of every connection and carries out the actions it returns.
 
+mod idmap;
 mod message;
 mod retained;
 mod session;
@@ -12,6 +13,8 @@ mod topic_tree;
 
 #[cfg(test)]
 mod tests;
+
+pub(crate) use idmap::IdMap;
 
 use std::collections::{BTreeSet, HashMap};
 use std::net::SocketAddr;
@@ -248,9 +251,9 @@ struct ClusterState {
 #[derive(Debug)]
 pub struct BrokerCore {
     config: CoreConfig,
-    sessions: HashMap<SessionKey, Session>,
+    sessions: IdMap<Session>,
     by_client_id: HashMap<String, SessionKey>,
-    conns: HashMap<ConnId, SessionKey>,
+    conns: IdMap<SessionKey>,
     tree: TopicTree,
     retained: RetainedStore,
     /// Offline sessions with a delayed will or an expiry, by deadline.
@@ -269,9 +272,9 @@ impl BrokerCore {
     pub fn new(config: CoreConfig) -> Self {
         Self {
             config,
-            sessions: HashMap::new(),
+            sessions: IdMap::default(),
             by_client_id: HashMap::new(),
-            conns: HashMap::new(),
+            conns: IdMap::default(),
             tree: TopicTree::default(),
             retained: RetainedStore::default(),
             timers: BTreeSet::new(),
