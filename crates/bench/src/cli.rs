@@ -11,7 +11,7 @@ pub enum Phase {
     Connect,
     /// Wait, then read the broker's memory and CPU per connection.
     Idle,
-    /// One QoS 1 wake-up per agent from one publisher.
+    /// One QoS 1 wake-up per agent, from `--publishers` connections.
     Fanout,
     /// Restart the broker (or cut every connection) and time the agents' return.
     Storm,
@@ -104,9 +104,13 @@ pub struct LoadArgs {
     /// Idle phase: wait after connecting before reading the broker, seconds.
     #[arg(long, default_value_t = 5.0)]
     pub settle_secs: f64,
-    /// Fan-out: unacknowledged wake-ups the publisher keeps in flight (capped by the
-    /// broker's Receive Maximum in MQTT 5).
-    #[arg(long, default_value_t = 1000)]
+    /// Fan-out: publisher connections; each sends the wake-ups of every n-th agent, all
+    /// starting at the same moment.
+    #[arg(long, default_value_t = 4, value_parser = clap::builder::TypedValueParser::map(clap::value_parser!(u16).range(1..=256), usize::from))]
+    pub publishers: usize,
+    /// Fan-out: unacknowledged wake-ups each publisher connection keeps in flight (at most
+    /// 65,535, and capped by the broker's Receive Maximum in MQTT 5).
+    #[arg(long, default_value_t = 10_000)]
     pub publish_window: usize,
     /// Fan-out: bound on the wait for every wake-up to arrive, seconds.
     #[arg(long, default_value_t = 30.0)]

@@ -256,9 +256,11 @@ pub async fn run_fleet_spread(
         .clamp(1, 19_000)
         .min(agents.div_ceil(targets.len()));
     let worker_count = agents.div_ceil(per_worker);
-    let connector = Connector::new(target)
-        .await
-        .with_context(|| format!("broker {}:{}", target.host, target.port))?;
+    let connector = std::sync::Arc::new(
+        Connector::new(target)
+            .await
+            .with_context(|| format!("broker {}:{}", target.host, target.port))?,
+    );
     let sources = source_addresses(
         connector.addr().ip(),
         agents,
@@ -310,7 +312,7 @@ async fn drive(
     target: &Target,
     load: &LoadArgs,
     broker: &mut dyn BrokerControl,
-    connector: &Connector,
+    connector: &std::sync::Arc<Connector>,
     reader: &ProcReader,
 ) -> anyhow::Result<FleetReport> {
     let agents = load.agents;
@@ -461,7 +463,7 @@ fn idle_report(
 
 async fn fan_out(
     fleet: &mut Fleet,
-    connector: &Connector,
+    connector: &std::sync::Arc<Connector>,
     load: &LoadArgs,
     broker: &dyn BrokerControl,
     reader: &ProcReader,
@@ -479,21 +481,17 @@ async fn fan_out(
         connector,
         &format!("{}publisher", load.client_id_prefix),
         &ids,
+        load.publishers,
         load.publish_window,
         wait,
     )
     .await
     .unwrap_or_else(|e| {
         // Reported, not fatal: the other phases still tell something.
-        let now = unix_ns();
-        PublishOutcome {
-            sent: 0,
-            acked: 0,
-            window: 0,
-            started_unix_ns: now,
-            written_unix_ns: now,
-            error: Some(format!("the publisher could not connect: {e}")),
-        }
+        PublishOutcome::failed(
+            load.publishers,
+            format!("the publisher could not connect: {e}"),
+        )
     });
     // Nothing was sent: nothing to wait for.
     let collect_wait = if published.sent == 0 {
@@ -525,6 +523,7 @@ async fn fan_out(
     let last = outcomes.iter().filter_map(|o| o.last_arrival_unix_ns).max();
     Ok(FanoutReport {
         published: published.sent,
+        publishers: published.publishers,
         acknowledged: published.acked,
         window: published.window,
         publisher_error: published.error,

@@ -234,7 +234,8 @@ pub struct LimitsConfig {
     /// Largest packet accepted, in bytes (announced to v5 clients). Default 1048576.
     pub max_packet_size: u32,
     /// Packets waiting to be written to one connection; beyond it QoS 0 messages are dropped and
-    /// any other packet closes the connection as a slow consumer. Default 1000.
+    /// a QoS 1/2 message closes the connection as a slow consumer (answers to the client's own
+    /// packets may go 8,192 further). Default 1000.
     pub max_outbound_packets: usize,
     /// Receive Maximum announced to v5 clients. Default 64.
     pub receive_maximum: u16,

@@ -5,6 +5,7 @@
 //! The tokio layer (`crate::server`) owns one [`BrokerCore`] in one task, feeds it the decoded
 //! packets of every connection and carries out the actions it returns.
 
+mod idmap;
 mod message;
 mod retained;
 mod session;
@@ -12,6 +13,8 @@ mod topic_tree;
 
 #[cfg(test)]
 mod tests;
+
+pub(crate) use idmap::IdMap;
 
 use std::collections::{BTreeSet, HashMap};
 use std::net::SocketAddr;
@@ -249,9 +252,9 @@ struct ClusterState {
 pub struct BrokerCore {
     config: CoreConfig,
     /// Boxed: a table of inline sessions keeps room for up to twice as many as it holds.
-    sessions: HashMap<SessionKey, Box<Session>>,
+    sessions: IdMap<Box<Session>>,
     by_client_id: HashMap<String, SessionKey>,
-    conns: HashMap<ConnId, SessionKey>,
+    conns: IdMap<SessionKey>,
     tree: TopicTree,
     retained: RetainedStore,
     /// Offline sessions with a delayed will or an expiry, by deadline.
@@ -270,9 +273,9 @@ impl BrokerCore {
     pub fn new(config: CoreConfig) -> Self {
         Self {
             config,
-            sessions: HashMap::new(),
+            sessions: IdMap::default(),
             by_client_id: HashMap::new(),
-            conns: HashMap::new(),
+            conns: IdMap::default(),
             tree: TopicTree::default(),
             retained: RetainedStore::default(),
             timers: BTreeSet::new(),
