@@ -36,6 +36,8 @@ const DIAGNOSIS_EVERY: Duration = Duration::from_secs(60);
 pub enum Command {
     /// A new call: publish one wake-up per delivery.
     Publish(WakeCall, Vec<CallDelivery>),
+    /// The broker is listening now (see [`ConsoleConfig::broker_starts_later`](crate::ConsoleConfig::broker_starts_later)).
+    BrokerReady,
 }
 
 /// Resolves once `shutdown` turns true (or its sender is gone).
@@ -57,6 +59,21 @@ pub async fn run(
     })
     .ok();
     let mut last_diagnosis = None;
+    if st.config.broker_starts_later && st.config.broker != BrokerLink::None {
+        // `beckon up` starts the broker after the console (the broker needs the console's
+        // CA): trying before it listens would only log a failure at every start.
+        loop {
+            tokio::select! {
+                c = commands.recv() => match c {
+                    Some(Command::BrokerReady) => break,
+                    // Calls stay queued; they go out when the connection comes up.
+                    Some(Command::Publish(..)) => {}
+                    None => return,
+                },
+                () = stopped(&mut shutdown) => return,
+            }
+        }
+    }
     loop {
         if *shutdown.borrow() {
             return;
@@ -264,6 +281,16 @@ struct Conn {
     deferred: std::collections::VecDeque<Packet>,
     /// State changes from PUBACKs and acks, written in one transaction by [`flush`].
     updates: Vec<DeliveryAdvance>,
+    /// While the console takes in what the broker holds for it after (re)connecting: the
+    /// agents whose retained presence says connected.
+    snapshot: Option<Vec<String>>,
+    /// Agents that came online (live events) while the snapshot was read: their pending
+    /// wake-ups go out once the acks queued for the console have been applied.
+    came_online: Vec<String>,
+    /// Wake-up ids published by a resend (queued at connect, an agent coming back) and when:
+    /// a call's own publish command, still waiting in the channel, skips them, so that no
+    /// wake-up goes out twice. Pruned once the channel is empty.
+    resent: HashMap<String, tokio::time::Instant>,
 }
 
 impl Conn {
@@ -320,6 +347,9 @@ async fn session(
         receive_max: usize::from(u16::MAX),
         deferred: std::collections::VecDeque::new(),
         updates: Vec::new(),
+        snapshot: None,
+        came_online: Vec::new(),
+        resent: HashMap::new(),
     };
     let result = connected(st, &mut conn, commands, shutdown).await;
     // What was acknowledged before the connection ended is still written.
@@ -394,6 +424,46 @@ async fn connected(
         properties: Properties::default(),
     };
     conn.send(&Packet::Subscribe(sub)).await?;
+    // Before sending anything, take in what the broker holds for the console: the acks
+    // queued in its session while it was away (so that nothing an agent already received
+    // goes out again) and the retained presence of every agent (the registry's presence is
+    // then current, not what it was when the console stopped). PINGREQ is the barrier: the
+    // broker answers it after the session's queue and the SUBSCRIBE's retained messages.
+    conn.send(&Packet::PingReq).await?;
+    conn.snapshot = Some(Vec::new());
+    loop {
+        let packet = tokio::time::timeout(Duration::from_secs(10), conn.read_packet())
+            .await
+            .map_err(|_| {
+                "the broker did not answer PINGREQ within 10 s after the console connected"
+                    .to_owned()
+            })??;
+        if matches!(packet, Packet::PingResp) {
+            break;
+        }
+        handle_packet(st, conn, packet).await?;
+    }
+    flush(st, conn).await;
+    let seen_online = conn.snapshot.take().unwrap_or_default();
+    // Only Beckon's broker with tenants (the TLS link) publishes presence; a development
+    // broker has none, so its silence says nothing.
+    if let BrokerLink::Tls { .. } = &st.config.broker {
+        let at = now_ms();
+        match st
+            .store
+            .run(move |s| s.reconcile_presence(&seen_online, at))
+            .await
+        {
+            Ok(gone) if !gone.is_empty() => {
+                tracing::info!(
+                    agents = gone.len(),
+                    "agents recorded online have no presence at the broker: marked offline"
+                );
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "reconciling presence failed"),
+        }
+    }
     set_status(st, true, None);
     tracing::info!("connected to the push service");
 
@@ -405,6 +475,9 @@ async fn connected(
         .map_err(|e| e.to_string())?;
     for agent in queued {
         send_pending(st, conn, &agent, false).await?;
+    }
+    for agent in std::mem::take(&mut conn.came_online) {
+        send_pending(st, conn, &agent, true).await?;
     }
 
     let mut ping = tokio::time::interval(Duration::from_secs(u64::from(KEEP_ALIVE) / 2));
@@ -429,6 +502,9 @@ async fn connected(
             c = commands.recv() => match c {
                 Some(Command::Publish(call, deliveries)) => {
                     for d in deliveries {
+                        if conn.resent.remove(&d.wakeup_id).is_some() {
+                            continue;
+                        }
                         let agent = d.agent_id.clone();
                         let out = OutgoingWakeUp {
                             carrier: d,
@@ -441,6 +517,7 @@ async fn connected(
                         publish_wakeup(st, conn, &agent, out).await?;
                     }
                 }
+                Some(Command::BrokerReady) => {}
                 None => return Ok(()),
             },
             _ = ping.tick() => {
@@ -452,6 +529,12 @@ async fn connected(
             _ = sweep.tick() => {
                 flush(st, conn).await;
                 expire(st).await;
+                if commands.is_empty() {
+                    // Every command made before now has been handled (the API sends it
+                    // right after recording the call).
+                    conn.resent
+                        .retain(|_, at| at.elapsed() < Duration::from_secs(10));
+                }
             }
             _ = stopped(shutdown) => {
                 let _ = conn.send(&Packet::Disconnect(beckon_mqtt::Disconnect {
@@ -584,8 +667,15 @@ async fn handle_publish(st: &AppState, conn: &mut Conn, p: &Publish) -> Result<(
                 tracing::warn!(error = %e, "recording presence failed");
             }
             if presence == Presence::Online {
-                // The agent is back: what it has not received yet goes out again, as one.
-                send_pending(st, conn, &agent, true).await?;
+                match (&mut conn.snapshot, p.retain) {
+                    // The broker's retained state, sent at SUBSCRIBE: the agent did not just
+                    // come back, and what it was sent waits in its session at the broker.
+                    (Some(seen), true) => seen.push(agent),
+                    (None, true) => {}
+                    (Some(_), false) => conn.came_online.push(agent),
+                    // The agent is back: what it has not received yet goes out again, as one.
+                    (None, false) => send_pending(st, conn, &agent, true).await?,
+                }
             }
         }
         _ => {}
@@ -708,6 +798,11 @@ async fn send_pending(
         }
     };
     for out in merge_pending(&pending) {
+        let now = tokio::time::Instant::now();
+        conn.resent.insert(out.carrier.wakeup_id.clone(), now);
+        for id in &out.carried {
+            conn.resent.insert(id.clone(), now);
+        }
         publish_wakeup(st, conn, agent, out).await?;
     }
     Ok(())

@@ -260,6 +260,10 @@ pub trait Store: Send + Sync {
         path: Option<String>,
         remote_addr: Option<String>,
     ) -> StoreResult<()>;
+    /// Marks every agent recorded `online` that is not in `still_online` as `offline` at
+    /// `at` (unless a newer event is recorded): the broker's retained presence, read after
+    /// the console (re)connects, is the whole truth. Returns the agents changed.
+    fn reconcile_presence(&self, still_online: &[String], at: Millis) -> StoreResult<Vec<String>>;
 
     // Groups.
     /// Creates a group.

@@ -891,6 +891,35 @@ impl Store for SqliteStore {
         load_agent(&conn, id)
     }
 
+    fn reconcile_presence(&self, still_online: &[String], at: Millis) -> StoreResult<Vec<String>> {
+        let mut conn = self.conn();
+        let tx = conn.transaction().map_err(sql("starting a transaction"))?;
+        let online: Vec<String> = {
+            let mut stmt = tx
+                .prepare("SELECT id FROM agents WHERE presence = 'online'")
+                .map_err(sql("reading presence"))?;
+            stmt.query_map([], |r| r.get(0))
+                .and_then(|rows| rows.collect::<Result<Vec<String>, _>>())
+                .map_err(sql("reading presence"))?
+        };
+        let keep: std::collections::HashSet<&str> =
+            still_online.iter().map(String::as_str).collect();
+        let mut changed = Vec::new();
+        for id in online.into_iter().filter(|id| !keep.contains(id.as_str())) {
+            let n = tx
+                .execute(
+                    "UPDATE agents SET presence = 'offline', presence_at = ?1 WHERE id = ?2 AND presence = 'online' AND (presence_at IS NULL OR presence_at <= ?1)",
+                    params![at, id],
+                )
+                .map_err(sql("recording presence"))?;
+            if n > 0 {
+                changed.push(id);
+            }
+        }
+        tx.commit().map_err(sql("recording presence"))?;
+        Ok(changed)
+    }
+
     fn set_presence(
         &self,
         id: &str,
