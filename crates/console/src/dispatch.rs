@@ -36,6 +36,17 @@ const DIAGNOSIS_EVERY: Duration = Duration::from_secs(60);
 pub enum Command {
     /// A new call: publish one wake-up per delivery.
     Publish(WakeCall, Vec<CallDelivery>),
+    /// Publish a signed Wake-on-LAN relay request to `agents/{agent}/relay`.
+    Relay {
+        /// The relaying agent.
+        agent: String,
+        /// The request id (the sends recorded for it are updated on failure or answer).
+        request_id: String,
+        /// The signed request.
+        payload: Vec<u8>,
+        /// Message expiry, seconds.
+        expiry_secs: u32,
+    },
     /// The broker is listening now (see [`ConsoleConfig::broker_starts_later`](crate::ConsoleConfig::broker_starts_later)).
     BrokerReady,
 }
@@ -68,6 +79,7 @@ pub async fn run(
                     Some(Command::BrokerReady) => break,
                     // Calls stay queued; they go out when the connection comes up.
                     Some(Command::Publish(..)) => {}
+                    Some(Command::Relay { request_id, .. }) => relay_not_sent(&st, request_id).await,
                     None => return,
                 },
                 () = stopped(&mut shutdown) => return,
@@ -151,9 +163,25 @@ async fn idle(
     loop {
         tokio::select! {
             _ = tick.tick() => expire(st).await,
-            c = commands.recv() => if c.is_none() { return Ok(()) },
+            c = commands.recv() => match c {
+                None => return Ok(()),
+                Some(Command::Relay { request_id, .. }) => relay_not_sent(st, request_id).await,
+                Some(_) => {}
+            },
             _ = stopped(shutdown) => return Ok(()),
         }
+    }
+}
+
+/// A relay request that could not go out: its sends say why.
+async fn relay_not_sent(st: &AppState, request_id: String) {
+    let error = "not sent: the console is not connected to the push service";
+    if let Err(e) = st
+        .store
+        .run(move |s| s.fail_relay(&request_id, error))
+        .await
+    {
+        tracing::warn!(error = %e, "recording a relay failure failed");
     }
 }
 
@@ -275,12 +303,16 @@ struct Conn {
     next_id: u16,
     /// PUBLISH packet id -> (agent, carrier wake-up id) waiting for PUBACK.
     inflight: HashMap<u16, (String, String)>,
+    /// PUBLISH packet id -> relay request id waiting for PUBACK.
+    relay_inflight: HashMap<u16, String>,
     /// The broker's Receive Maximum: at most this many QoS 1 publishes unacknowledged.
     receive_max: usize,
     /// Packets read while waiting for PUBACKs, handled next.
     deferred: std::collections::VecDeque<Packet>,
     /// State changes from PUBACKs and acks, written in one transaction by [`flush`].
     updates: Vec<DeliveryAdvance>,
+    /// Relay requests the broker refused: (request id, why), written by [`flush`].
+    relay_failures: Vec<(String, String)>,
     /// While the console takes in what the broker holds for it after (re)connecting: the
     /// agents whose retained presence says connected.
     snapshot: Option<Vec<String>>,
@@ -307,7 +339,9 @@ impl Conn {
     fn packet_id(&mut self) -> u16 {
         loop {
             self.next_id = self.next_id.wrapping_add(1).max(1);
-            if !self.inflight.contains_key(&self.next_id) {
+            if !self.inflight.contains_key(&self.next_id)
+                && !self.relay_inflight.contains_key(&self.next_id)
+            {
                 return self.next_id;
             }
         }
@@ -344,9 +378,11 @@ async fn session(
         rbuf: BytesMut::with_capacity(8192),
         next_id: 0,
         inflight: HashMap::new(),
+        relay_inflight: HashMap::new(),
         receive_max: usize::from(u16::MAX),
         deferred: std::collections::VecDeque::new(),
         updates: Vec::new(),
+        relay_failures: Vec::new(),
         snapshot: None,
         came_online: Vec::new(),
         resent: HashMap::new(),
@@ -414,7 +450,7 @@ async fn connected(
     };
     let sub = Subscribe {
         packet_id: conn.packet_id(),
-        subscriptions: ["agents/+/ack", "agents/+/presence"]
+        subscriptions: ["agents/+/ack", "agents/+/presence", "agents/+/relay-result"]
             .into_iter()
             .map(|f| Subscription {
                 filter: f.into(),
@@ -517,6 +553,9 @@ async fn connected(
                         publish_wakeup(st, conn, &agent, out).await?;
                     }
                 }
+                Some(Command::Relay { agent, request_id, payload, expiry_secs }) => {
+                    publish_relay(conn, &agent, request_id, payload, expiry_secs).await?;
+                }
                 Some(Command::BrokerReady) => {}
                 None => return Ok(()),
             },
@@ -549,6 +588,18 @@ async fn connected(
 
 /// PUBACK: the broker took the wake-up (`sent`), or refused it (`failed`).
 fn handle_puback(conn: &mut Conn, ack: beckon_mqtt::Ack) {
+    if let Some(request_id) = conn.relay_inflight.remove(&ack.packet_id) {
+        if ack.code.is_error() {
+            conn.relay_failures.push((
+                request_id,
+                format!(
+                    "the broker refused the relay request (reason 0x{:02X}); check the console's permissions on the broker",
+                    ack.code.0
+                ),
+            ));
+        }
+        return;
+    }
     let Some((agent, wakeup_id)) = conn.inflight.remove(&ack.packet_id) else {
         return;
     };
@@ -631,6 +682,33 @@ async fn handle_publish(st: &AppState, conn: &mut Conn, p: &Publish) -> Result<(
             };
             advance(conn, &agent, &ack.wakeup_id, state, update);
         }
+        "relay-result" => {
+            let result = match beckon_identity::relay::RelayResult::from_json(&p.payload) {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::warn!(%agent, error = %e, "ignoring a malformed relay result");
+                    return Ok(());
+                }
+            };
+            let sends: Vec<(String, String, u32, Option<String>)> = result
+                .sends
+                .into_iter()
+                .map(|s| (s.mac, s.destination, s.packets, s.error))
+                .collect();
+            let (a, id) = (agent.clone(), result.request_id);
+            match st
+                .store
+                .run(move |s| s.record_relay_result(&a, &id, &sends))
+                .await
+            {
+                Ok(recorded) => {
+                    for r in &recorded {
+                        tracing::info!(via = %agent, target = %r.agent_id, mac = %r.mac, destination = %r.destination, packets = r.packets, error = ?r.error, "Wake-on-LAN relayed");
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "recording a relay result failed"),
+            }
+        }
         "presence" => {
             if p.payload.is_empty() {
                 return Ok(());
@@ -702,6 +780,15 @@ fn advance(
 
 /// Writes the queued state changes in one transaction and tells live listeners.
 async fn flush(st: &AppState, conn: &mut Conn) {
+    for (request_id, error) in std::mem::take(&mut conn.relay_failures) {
+        if let Err(e) = st
+            .store
+            .run(move |s| s.fail_relay(&request_id, &error))
+            .await
+        {
+            tracing::warn!(error = %e, "recording a relay failure failed");
+        }
+    }
     if conn.updates.is_empty() {
         return;
     }
@@ -853,12 +940,7 @@ async fn publish_wakeup(
             tracing::warn!(error = %e, "recording merged wake-ups failed");
         }
     }
-    while conn.inflight.len() >= conn.receive_max {
-        match conn.read_packet().await? {
-            Packet::PubAck(ack) => handle_puback(conn, ack),
-            other => conn.deferred.push_back(other),
-        }
-    }
+    wait_for_window(conn).await?;
     let expiry_secs = ((expires_at - now) / 1000).max(1);
     let pid = conn.packet_id();
     let publish = Publish {
@@ -879,6 +961,48 @@ async fn publish_wakeup(
         .insert(pid, (agent.to_owned(), carrier.wakeup_id.clone()));
     conn.send(&Packet::Publish(publish)).await
 }
+
+/// Waits until one more QoS 1 publish fits in the broker's Receive Maximum.
+async fn wait_for_window(conn: &mut Conn) -> Result<(), String> {
+    while conn.inflight.len() + conn.relay_inflight.len() >= conn.receive_max {
+        match conn.read_packet().await? {
+            Packet::PubAck(ack) => handle_puback(conn, ack),
+            other => conn.deferred.push_back(other),
+        }
+    }
+    Ok(())
+}
+
+/// Publishes a signed relay request (QoS 1, message expiry: the request's lifetime).
+async fn publish_relay(
+    conn: &mut Conn,
+    agent: &str,
+    request_id: String,
+    payload: Vec<u8>,
+    expiry_secs: u32,
+) -> Result<(), String> {
+    wait_for_window(conn).await?;
+    let pid = conn.packet_id();
+    let publish = Publish {
+        dup: false,
+        qos: QoS::AtLeastOnce,
+        retain: false,
+        topic: beckon_identity::relay::relay_topic(agent),
+        packet_id: Some(pid),
+        payload: Bytes::from(payload),
+        properties: Properties {
+            message_expiry_interval: Some(expiry_secs.max(1)),
+            payload_format_indicator: Some(1),
+            content_type: Some("application/json".into()),
+            ..Default::default()
+        },
+    };
+    conn.relay_inflight.insert(pid, request_id);
+    conn.send(&Packet::Publish(publish)).await
+}
+
+/// How long a relay request stays valid, seconds: a relay is for "wake it now".
+pub const RELAY_LIFETIME_SECS: u32 = 120;
 
 /// Sends Wake-on-LAN for each MAC of `agent` to each destination, recording every send.
 pub async fn wake_on_lan(
@@ -906,10 +1030,105 @@ pub async fn wake_on_lan(
                 at: now_ms(),
                 packets: outcome.packets,
                 error: outcome.error,
+                via_agent: None,
+                relay_id: None,
+                relay_state: None,
             };
             let s2 = send.clone();
             st.store.run(move |s| s.record_wol_send(&s2)).await?;
             sends.push(send);
+        }
+    }
+    if wol.relay {
+        sends.extend(request_relays(st, agent, call_id, &wol).await?);
+    }
+    Ok(sends)
+}
+
+/// Asks an online agent on each subnet of `agent` to send its magic packets there, and
+/// records one send per MAC (`relay_state` `requested` until the relay agent answers).
+async fn request_relays(
+    st: &AppState,
+    agent: &Agent,
+    call_id: Option<String>,
+    wol: &crate::settings::WolSettings,
+) -> StoreResult<Vec<WolSend>> {
+    let macs: Vec<String> = agent
+        .inventory
+        .macs
+        .iter()
+        .filter_map(|m| m.parse::<crate::wol::MacAddress>().ok())
+        .map(|m| m.to_string())
+        .take(beckon_identity::relay::MAX_RELAY_MACS)
+        .collect();
+    if macs.is_empty() {
+        return Ok(Vec::new());
+    }
+    let filter = crate::store::AgentFilter {
+        presence: Some(Presence::Online),
+        limit: 1000,
+        ..Default::default()
+    };
+    let online = st.store.run(move |s| s.list_agents(&filter)).await?;
+    let relays = crate::wol::choose_relays(agent, &online, st.config.wol_relay_loopback);
+    let mut sends = Vec::new();
+    for (relay, broadcast) in relays {
+        let now = now_ms();
+        let Ok(request_id) = beckon_identity::wakeup::new_wakeup_id(now) else {
+            continue;
+        };
+        let request = beckon_identity::relay::RelayRequest {
+            v: beckon_identity::relay::RELAY_VERSION,
+            id: request_id.clone(),
+            tenant: st.tenant.to_string(),
+            agent: relay.clone(),
+            target: agent.id.clone(),
+            issued_at: now.div_euclid(1000),
+            expires_at: now.div_euclid(1000) + i64::from(RELAY_LIFETIME_SECS),
+            macs: macs.clone(),
+            secureon: (!wol.secureon.trim().is_empty()).then(|| wol.secureon.trim().to_owned()),
+            broadcast: broadcast.into(),
+            port: wol.port,
+            repeats: wol.repeats,
+        };
+        let signed = st.signer.sign_relay(&request);
+        for mac in &macs {
+            let send = WolSend {
+                agent_id: agent.id.clone(),
+                call_id: call_id.clone(),
+                mac: mac.clone(),
+                destination: std::net::SocketAddr::new(broadcast.into(), wol.port).to_string(),
+                at: now,
+                packets: 0,
+                error: signed
+                    .as_ref()
+                    .err()
+                    .map(|e| format!("the relay request could not be signed: {e}")),
+                via_agent: Some(relay.clone()),
+                relay_id: Some(request_id.clone()),
+                relay_state: Some(
+                    if signed.is_ok() {
+                        "requested"
+                    } else {
+                        "failed"
+                    }
+                    .into(),
+                ),
+            };
+            let s2 = send.clone();
+            st.store.run(move |s| s.record_wol_send(&s2)).await?;
+            sends.push(send);
+        }
+        if let Ok(payload) = signed {
+            let command = Command::Relay {
+                agent: relay,
+                request_id,
+                payload,
+                expiry_secs: RELAY_LIFETIME_SECS,
+            };
+            if st.dispatch.send(command).is_err() {
+                tracing::warn!("the dispatcher is gone: relay request not sent");
+            }
         }
     }
     Ok(sends)

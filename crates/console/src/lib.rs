@@ -125,6 +125,10 @@ pub struct ConsoleConfig {
     /// The broker starts after the console (`beckon up`, where the broker needs the
     /// console's CA): the broker connection waits for [`ConsoleHandle::broker_ready`].
     pub broker_starts_later: bool,
+    /// Development and tests only: loopback addresses count as a subnet when choosing a
+    /// Wake-on-LAN relay agent. Every machine has 127.0.0.1, so in production they never
+    /// say that two agents share a network.
+    pub wol_relay_loopback: bool,
 }
 
 impl ConsoleConfig {
@@ -145,6 +149,7 @@ impl ConsoleConfig {
             broker_tenant_file: None,
             agent_certificate_validity: Duration::from_secs(365 * 24 * 3600),
             broker_starts_later: false,
+            wol_relay_loopback: false,
         }
     }
 }

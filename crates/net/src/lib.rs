@@ -59,13 +59,13 @@
 
 pub mod backoff;
 pub mod ladder;
-pub mod wol;
 pub mod path;
 pub mod proxy;
 pub mod stream;
 pub mod tcp;
 pub mod time;
 pub mod tls;
+pub mod wol;
 pub mod ws;
 
 pub use backoff::{Backoff, BackoffConfig, InvalidBackoff};

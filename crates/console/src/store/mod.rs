@@ -368,6 +368,17 @@ pub trait Store: Send + Sync {
     // Wake-on-LAN.
     /// Records a Wake-on-LAN send.
     fn record_wol_send(&self, send: &WolSend) -> StoreResult<()>;
+    /// Records an agent's answer to relay request `relay_id`: each (MAC, destination,
+    /// packets, error) on the send recorded for that MAC. Only the agent the request went
+    /// to can answer it. Returns the sends updated.
+    fn record_relay_result(
+        &self,
+        via_agent: &str,
+        relay_id: &str,
+        sends: &[(String, String, u32, Option<String>)],
+    ) -> StoreResult<Vec<WolSend>>;
+    /// Marks the sends of relay request `relay_id` as failed with `error`.
+    fn fail_relay(&self, relay_id: &str, error: &str) -> StoreResult<()>;
     /// Wake-on-LAN sends for an agent, newest first.
     fn wol_sends(&self, agent_id: &str, limit: u32) -> StoreResult<Vec<WolSend>>;
 }
