@@ -311,6 +311,9 @@ struct Conn {
     deferred: std::collections::VecDeque<Packet>,
     /// State changes from PUBACKs and acks, written in one transaction by [`flush`].
     updates: Vec<DeliveryAdvance>,
+    /// Packet ids of received QoS 1 messages, acknowledged by [`flush`] after their state
+    /// changes are written.
+    pubacks: Vec<u16>,
     /// Relay requests the broker refused: (request id, why), written by [`flush`].
     relay_failures: Vec<(String, String)>,
     /// While the console takes in what the broker holds for it after (re)connecting: the
@@ -383,6 +386,7 @@ async fn session(
         deferred: std::collections::VecDeque::new(),
         updates: Vec::new(),
         relay_failures: Vec::new(),
+        pubacks: Vec::new(),
         snapshot: None,
         came_online: Vec::new(),
         resent: HashMap::new(),
@@ -623,11 +627,12 @@ async fn handle_packet(st: &AppState, conn: &mut Conn, packet: Packet) -> Result
     match packet {
         Packet::PubAck(ack) => handle_puback(conn, ack),
         Packet::Publish(p) => {
-            if let (QoS::AtLeastOnce, Some(id)) = (p.qos, p.packet_id) {
-                conn.send(&Packet::PubAck(beckon_mqtt::Ack::new(id)))
-                    .await?;
-            }
             handle_publish(st, conn, &p).await?;
+            if let (QoS::AtLeastOnce, Some(id)) = (p.qos, p.packet_id) {
+                // Acknowledged once what it changed is written (by `flush`): if the console
+                // dies before, the broker delivers it again on the next connection.
+                conn.pubacks.push(id);
+            }
         }
         Packet::Disconnect(d) => {
             return Err(format!(
@@ -789,13 +794,27 @@ async fn flush(st: &AppState, conn: &mut Conn) {
             tracing::warn!(error = %e, "recording a relay failure failed");
         }
     }
-    if conn.updates.is_empty() {
-        return;
+    if !conn.updates.is_empty() {
+        let batch = std::mem::take(&mut conn.updates);
+        match st.store.run(move |s| s.advance_deliveries(batch)).await {
+            Ok(changed) => publish_events(st, &changed),
+            Err(e) => {
+                // Not acknowledged: the broker delivers these acks again after a reconnect.
+                tracing::warn!(error = %e, "updating deliveries failed");
+                conn.pubacks.clear();
+                return;
+            }
+        }
     }
-    let batch = std::mem::take(&mut conn.updates);
-    match st.store.run(move |s| s.advance_deliveries(batch)).await {
-        Ok(changed) => publish_events(st, &changed),
-        Err(e) => tracing::warn!(error = %e, "updating deliveries failed"),
+    for id in std::mem::take(&mut conn.pubacks) {
+        // A failed write shows up as a read error on the connection right after.
+        if conn
+            .send(&Packet::PubAck(beckon_mqtt::Ack::new(id)))
+            .await
+            .is_err()
+        {
+            break;
+        }
     }
 }
 
