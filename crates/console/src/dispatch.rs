@@ -350,6 +350,12 @@ impl Conn {
         }
     }
 
+    /// The next packet already in the read buffer, if a whole one is there.
+    fn try_decode(&mut self) -> Result<Option<Packet>, String> {
+        beckon_mqtt::decode(&mut self.rbuf, ProtocolVersion::V5, MAX_PACKET)
+            .map_err(|e| format!("the broker sent a malformed packet: {e}"))
+    }
+
     async fn read_packet(&mut self) -> Result<Packet, String> {
         loop {
             match beckon_mqtt::decode(&mut self.rbuf, ProtocolVersion::V5, MAX_PACKET) {
@@ -467,24 +473,61 @@ async fn connected(
     // Before sending anything, take in what the broker holds for the console: the acks
     // queued in its session while it was away (so that nothing an agent already received
     // goes out again) and the retained presence of every agent (the registry's presence is
-    // then current, not what it was when the console stopped). PINGREQ is the barrier: the
-    // broker answers it after the session's queue and the SUBSCRIBE's retained messages.
-    conn.send(&Packet::PingReq).await?;
+    // then current, not what it was when the console stopped). The barrier: with Beckon's
+    // broker (TLS link), a second SUBSCRIBE to the console's own retained presence, which the
+    // broker queues behind everything above (QoS 1 deliveries to a session are in order);
+    // with a development broker, which has no presence, PINGREQ (answered at once, so only
+    // what fits in the broker's in-flight window is sure to come before it).
+    let own_presence = format!("servers/{CLIENT_ID}/presence");
+    let tls = matches!(st.config.broker, BrokerLink::Tls { .. });
+    if tls {
+        let barrier = Subscribe {
+            packet_id: conn.packet_id(),
+            subscriptions: vec![Subscription {
+                filter: own_presence.clone(),
+                options,
+            }],
+            properties: Properties::default(),
+        };
+        conn.send(&Packet::Subscribe(barrier)).await?;
+    } else {
+        conn.send(&Packet::PingReq).await?;
+    }
     conn.snapshot = Some(Vec::new());
     loop {
-        let packet = tokio::time::timeout(Duration::from_secs(10), conn.read_packet())
-            .await
-            .map_err(|_| {
-                "the broker did not answer PINGREQ within 10 s after the console connected"
-                    .to_owned()
-            })??;
-        if matches!(packet, Packet::PingResp) {
-            break;
+        let packet = match conn.try_decode()? {
+            Some(p) => p,
+            None => {
+                // Nothing buffered: write what was read and acknowledge it, so that the
+                // broker's in-flight window keeps moving.
+                flush(st, conn).await;
+                tokio::time::timeout(Duration::from_secs(10), conn.read_packet())
+                    .await
+                    .map_err(|_| {
+                        "the broker sent nothing for 10 s while the console read its session after connecting"
+                            .to_owned()
+                    })??
+            }
+        };
+        match packet {
+            Packet::PingResp if !tls => break,
+            // Retained: sent for this SUBSCRIBE (the live event of this very connection comes
+            // first when the session kept the subscription from an earlier run).
+            Packet::Publish(p) if tls && p.retain && p.topic == own_presence => {
+                if let (QoS::AtLeastOnce, Some(id)) = (p.qos, p.packet_id) {
+                    conn.pubacks.push(id);
+                }
+                break;
+            }
+            other => handle_packet(st, conn, other).await?,
         }
-        handle_packet(st, conn, packet).await?;
     }
     flush(st, conn).await;
     let seen_online = conn.snapshot.take().unwrap_or_default();
+    tracing::info!(
+        agents_connected = seen_online.len(),
+        "read the broker's presence after connecting"
+    );
     // Only Beckon's broker with tenants (the TLS link) publishes presence; a development
     // broker has none, so its silence says nothing.
     if let BrokerLink::Tls { .. } = &st.config.broker {
