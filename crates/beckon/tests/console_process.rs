@@ -283,11 +283,12 @@ impl Installation {
 struct Identity {
     id: String,
     cert: String,
+    key: String,
 }
 
 /// Starts the console (first start: CA, keys, password), issues the broker's certificate
 /// from its CA, enrolls `n` agents, writes the broker's tenant file and starts the broker.
-async fn install(n: usize) -> (Installation, Proc, Proc, Vec<Identity>, rcgen::KeyPair) {
+async fn install(n: usize) -> (Installation, Proc, Proc, Vec<Identity>) {
     let mut inst = Installation {
         dir: tempfile::tempdir().expect("tempdir"),
         broker_port: free_port(),
@@ -333,18 +334,18 @@ async fn install(n: usize) -> (Installation, Proc, Proc, Vec<Identity>, rcgen::K
         .await;
     assert_eq!(status, 201, "{token}");
     let token = token["token"].as_str().unwrap().to_owned();
-    // One key pair for all the simulated agents; each gets its own certificate (identity).
-    let key = rcgen::KeyPair::generate().unwrap();
-    let csr = rcgen::CertificateParams::new(Vec::<String>::new())
-        .unwrap()
-        .serialize_request(&key)
-        .unwrap()
-        .pem()
-        .unwrap();
     let mut agents = Vec::new();
     let mut wakeup_key = Value::Null;
     for i in 0..n {
         let id = format!("pc-{i:03}");
+        // Each agent makes its own key pair, as `beckon agent enroll` does.
+        let key = rcgen::KeyPair::generate().unwrap();
+        let csr = rcgen::CertificateParams::new(Vec::<String>::new())
+            .unwrap()
+            .serialize_request(&key)
+            .unwrap()
+            .pem()
+            .unwrap();
         let (status, e) = inst
             .api(
                 "POST",
@@ -357,6 +358,7 @@ async fn install(n: usize) -> (Installation, Proc, Proc, Vec<Identity>, rcgen::K
         agents.push(Identity {
             id,
             cert: e["certificate"].as_str().unwrap().to_owned(),
+            key: key.serialize_pem(),
         });
     }
     let tenants = inst.dir.path().join("tenants");
@@ -373,7 +375,7 @@ async fn install(n: usize) -> (Installation, Proc, Proc, Vec<Identity>, rcgen::K
     .unwrap();
     let broker = inst.start_broker();
     broker.wait_line("beckon broker: ready").await;
-    (inst, console, broker, agents, key)
+    (inst, console, broker, agents)
 }
 
 /// Wake-ups received, per agent: wake-up id -> how many times.
@@ -384,7 +386,6 @@ type Received = Arc<Mutex<HashMap<String, HashMap<String, u32>>>>;
 /// `received`, `started` and `finished`. Reconnects until `stop`.
 async fn sim_agent(
     who: Identity,
-    key_pem: String,
     ca: PathBuf,
     port: u16,
     received: Received,
@@ -394,7 +395,7 @@ async fn sim_agent(
         trust: beckon_net::TrustAnchors::CaFile(ca),
         identity: Some(beckon_net::ClientIdentity::Pem {
             cert: who.cert.clone().into_bytes(),
-            key: key_pem.into_bytes(),
+            key: who.key.clone().into_bytes(),
         }),
         ..Default::default()
     })
@@ -517,7 +518,6 @@ async fn session(id: &str, tls: &beckon_net::TlsClient, port: u16, received: &Re
 fn start_agents(
     inst: &Installation,
     agents: Vec<Identity>,
-    key: &rcgen::KeyPair,
 ) -> (Received, tokio::sync::watch::Sender<bool>) {
     let received: Received = Arc::default();
     let (stop, stopped) = tokio::sync::watch::channel(false);
@@ -525,7 +525,6 @@ fn start_agents(
     for who in agents {
         tokio::spawn(sim_agent(
             who,
-            key.serialize_pem(),
             ca.clone(),
             inst.broker_port,
             Arc::clone(&received),
@@ -537,8 +536,8 @@ fn start_agents(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_broker_stopped_is_reported_and_a_call_made_meanwhile_goes_out_when_it_is_back() {
-    let (inst, _console, mut broker, agents, key) = install(1).await;
-    let (received, _stop) = start_agents(&inst, agents, &key);
+    let (inst, _console, mut broker, agents) = install(1).await;
+    let (received, _stop) = start_agents(&inst, agents);
     inst.wait("reachable with the agent online", "/api/v1/status", |s| {
         s["push_service"]["connected"] == true && s["agents_online"] == 1
     })
@@ -606,8 +605,8 @@ async fn the_broker_stopped_is_reported_and_a_call_made_meanwhile_goes_out_when_
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_console_killed_during_a_large_call_loses_nothing_and_wakes_no_agent_twice() {
     const AGENTS: usize = 300;
-    let (inst, mut console, _broker, agents, key) = install(AGENTS).await;
-    let (received, _stop) = start_agents(&inst, agents, &key);
+    let (inst, mut console, _broker, agents) = install(AGENTS).await;
+    let (received, _stop) = start_agents(&inst, agents);
     inst.wait("all agents online", "/api/v1/status", |s| {
         s["push_service"]["connected"] == true && s["agents_online"] == AGENTS
     })
