@@ -564,6 +564,7 @@ async fn the_broker_stopped_is_reported_and_a_call_made_meanwhile_goes_out_when_
         })
         .await;
     let m = diagnosed["push_service"]["message"].as_str().unwrap();
+    println!("status while the broker is down: {m}");
     assert!(
         m.contains(&inst.broker_port.to_string()),
         "names the broker port: {m}"
