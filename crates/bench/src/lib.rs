@@ -31,6 +31,7 @@
 #![forbid(unsafe_code)]
 
 pub mod agent;
+pub mod call;
 pub mod certs;
 pub mod cli;
 pub mod compare;
@@ -54,15 +55,23 @@ pub enum BenchCommand {
     Fleet(FleetArgs),
     /// The same fleet against Mosquitto and Beckon, started here, side by side.
     Compare(CompareArgs),
+    /// One wake-up call to a fleet through the console: time from the API request until
+    /// every agent is `delivered` (starts its own console and broker).
+    Call(call::CallArgs),
     /// One worker process of a fleet (started by fleet and compare).
     #[command(hide = true)]
     Worker(WorkerArgs),
+    /// One worker process of a call bench (started by call).
+    #[command(hide = true)]
+    CallWorker,
 }
 
 /// Runs a bench command; builds its own async runtime.
 pub fn run(command: BenchCommand) -> anyhow::Result<()> {
     match command {
         BenchCommand::Worker(_) => worker::run_worker(),
+        BenchCommand::CallWorker => call::run_call_worker(),
+        BenchCommand::Call(args) => runtime()?.block_on(call::call_command(&args)),
         BenchCommand::Fleet(args) => {
             let launcher = WorkerLauncher::current_exe()?;
             runtime()?.block_on(fleet_command(&args, &launcher))

@@ -185,6 +185,15 @@ pub struct LimitsConfig {
     pub max_inflight: u16,
     /// Messages queued per session while offline or while its window is full. Default 1000.
     pub max_queued_messages: usize,
+    /// Receive Maximum announced to server identities (consoles), which publish one wake-up
+    /// per agent of a call. Default 1024.
+    pub server_receive_maximum: u16,
+    /// QoS 1/2 messages in flight towards a server identity, which receives the acks and
+    /// presence of a whole fleet. Default 1024.
+    pub server_max_inflight: u16,
+    /// Messages queued for a server identity's session while it is away or busy: size it to
+    /// three acks per agent. Default 200000.
+    pub server_max_queued_messages: usize,
     /// Longest session expiry a client may ask for, in seconds. Default 604800 (7 days).
     pub max_session_expiry_secs: u32,
     /// Topic aliases accepted from each v5 client (0 = off). Default 64.
@@ -218,6 +227,9 @@ impl Default for LimitsConfig {
             receive_maximum: core.receive_maximum,
             max_inflight: core.max_inflight,
             max_queued_messages: core.max_queued_messages,
+            server_receive_maximum: core.server_receive_maximum,
+            server_max_inflight: core.server_max_inflight,
+            server_max_queued_messages: core.server_max_queued_messages,
             max_session_expiry_secs: core.max_session_expiry,
             topic_alias_maximum: core.topic_alias_maximum,
             max_keep_alive_secs: core.max_keep_alive.unwrap_or(0),
@@ -392,6 +404,9 @@ impl BrokerConfig {
         if l.max_outbound_packets == 0 {
             return invalid("limits.max_outbound_packets", "must be at least 1");
         }
+        if l.server_receive_maximum == 0 {
+            return invalid("limits.server_receive_maximum", "must be at least 1");
+        }
         if l.receive_maximum == 0 {
             return invalid("limits.receive_maximum", "must be at least 1");
         }
@@ -421,6 +436,9 @@ impl BrokerConfig {
             receive_maximum: l.receive_maximum,
             max_inflight: l.max_inflight,
             max_queued_messages: l.max_queued_messages,
+            server_receive_maximum: l.server_receive_maximum,
+            server_max_inflight: l.server_max_inflight,
+            server_max_queued_messages: l.server_max_queued_messages,
             max_session_expiry: l.max_session_expiry_secs,
             topic_alias_maximum: l.topic_alias_maximum,
             max_keep_alive: (l.max_keep_alive_secs != 0).then_some(l.max_keep_alive_secs),

@@ -88,6 +88,10 @@ pub(crate) struct Shared {
     pub(crate) connect_timeout: Duration,
     pub(crate) max_packet_size: u32,
     pub(crate) max_outbound_packets: usize,
+    /// `limits.server_receive_maximum` (sizes a console's outbox).
+    pub(crate) server_receive_maximum: u16,
+    /// `limits.server_max_inflight` (sizes a console's outbox).
+    pub(crate) server_max_inflight: u16,
     pub(crate) max_connections: usize,
     /// Listeners whose connections start with a PROXY protocol header.
     pub(crate) proxy_protocol: Vec<ListenerKind>,
@@ -665,10 +669,22 @@ async fn run_mqtt<S: AsyncRead + AsyncWrite + Unpin>(
     let client_keep_alive = connect.keep_alive;
     tracing::debug!(?version, keep_alive = client_keep_alive, "CONNECT accepted");
 
-    let outbox = Arc::new(Outbox::new(shared.max_outbound_packets));
+    let server = matches!(&map.scope, Scope::Tenant { identity, .. } if identity.role == beckon_identity::Role::Server);
+    // A console may have a whole window of wake-ups and of acks towards it at once: its PUBACKs
+    // and messages must fit in the outbox beside the usual slack.
+    let outbox_size = if server {
+        shared.max_outbound_packets.max(
+            2 * (usize::from(shared.server_receive_maximum)
+                + usize::from(shared.server_max_inflight)),
+        )
+    } else {
+        shared.max_outbound_packets
+    };
+    let outbox = Arc::new(Outbox::new(outbox_size));
     let info = ConnectionInfo {
         remote_addr: remote,
         path,
+        server,
     };
     // Boxed send: an event is large and must not stay in this long-lived future's state.
     if send_boxed(

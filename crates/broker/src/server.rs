@@ -414,6 +414,8 @@ impl Server {
             connect_timeout: config.connect_timeout(),
             max_packet_size: config.limits.max_packet_size,
             max_outbound_packets: config.limits.max_outbound_packets,
+            server_receive_maximum: config.limits.server_receive_maximum,
+            server_max_inflight: config.limits.server_max_inflight,
             max_connections,
             connect_limiter: crate::ratelimit::ConnectLimiter::new(
                 crate::ratelimit::Rate::new(

@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use beckon_identity::acl::PresenceEvent;
-use beckon_identity::wakeup::{Ack, AckStage, AckStatus, MAX_TEXT_LEN, WakeUp};
+use beckon_identity::wakeup::{Ack, AckStage, AckStatus, MAX_TEXT_LEN, WakeUp, WakeUpSigner};
 use beckon_identity::{ConnectionPath, PresenceState};
 use beckon_mqtt::{
     Connect, Packet, Properties, ProtocolVersion, Publish, QoS, RetainHandling, Subscribe,
@@ -15,10 +15,10 @@ use beckon_mqtt::{
 };
 use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::model::*;
-use crate::store::{DeliveryAdvance, DeliveryUpdate, StoreResult};
+use crate::store::{DeliveryAdvance, DeliveryUpdate, PresenceUpdate, StoreResult};
 use crate::{AppState, BrokerLink};
 
 /// Largest packet the console accepts from the broker.
@@ -297,9 +297,165 @@ async fn diagnose(st: &AppState) -> Option<(String, serde_json::Value)> {
     Some((report.summary.clone(), value))
 }
 
+/// What the dispatcher collected since it last handed over to [`write_states`].
+#[derive(Default)]
+struct Changes {
+    /// State changes from PUBACKs and acks.
+    advances: Vec<DeliveryAdvance>,
+    /// Presence changes.
+    presence: Vec<PresenceUpdate>,
+    /// Answers of relaying agents: (agent, request id, (MAC, destination, packets, error)).
+    relay_results: Vec<RelayAnswer>,
+    /// Relay requests the broker refused: (request id, why).
+    relay_failures: Vec<(String, String)>,
+    /// Packet ids of the QoS 1 messages (acks, presence, relay results) these changes come
+    /// from: acknowledged once the changes are written, so that a console killed before
+    /// gets them again from its session at the broker.
+    pubacks: Vec<u16>,
+}
+
+type RelayAnswer = (String, String, Vec<(String, String, u32, Option<String>)>);
+
+impl Changes {
+    fn is_empty(&self) -> bool {
+        self.advances.is_empty()
+            && self.presence.is_empty()
+            && self.relay_results.is_empty()
+            && self.relay_failures.is_empty()
+            && self.pubacks.is_empty()
+    }
+
+    /// Rows to write.
+    fn len(&self) -> usize {
+        self.advances.len()
+            + self.presence.len()
+            + self.relay_results.len()
+            + self.relay_failures.len()
+    }
+
+    fn append(&mut self, mut other: Changes) {
+        self.advances.append(&mut other.advances);
+        self.presence.append(&mut other.presence);
+        self.relay_results.append(&mut other.relay_results);
+        self.relay_failures.append(&mut other.relay_failures);
+        self.pubacks.append(&mut other.pubacks);
+    }
+}
+
+/// Work for [`write_states`].
+enum WriteJob {
+    Changes(Changes),
+    /// Answered once everything sent before it is written.
+    Sync(oneshot::Sender<()>),
+}
+
+/// Most state changes written in one transaction (below the live-event channel's 4096, so
+/// that one transaction's events never overrun a listener that keeps up).
+const MAX_WRITE_BATCH: usize = 2048;
+
+/// Writes state changes and presence beside the broker connection, so that reading acks and
+/// publishing never wait for the database: whatever arrived while one transaction ran goes
+/// into the next (group commit). Live listeners hear of a change once it is written, and the
+/// broker gets the PUBACKs of the messages a batch came from once it is written (all of them
+/// in one write to `out`, so that its in-flight window towards the console keeps moving).
+async fn write_states(
+    st: AppState,
+    mut jobs: mpsc::UnboundedReceiver<WriteJob>,
+    out: mpsc::UnboundedSender<Bytes>,
+) {
+    while let Some(first) = jobs.recv().await {
+        let mut batch = Changes::default();
+        let mut syncs = Vec::new();
+        let mut next = Some(first);
+        while let Some(job) = next.take() {
+            match job {
+                WriteJob::Changes(c) => batch.append(c),
+                WriteJob::Sync(s) => syncs.push(s),
+            }
+            if batch.len() < MAX_WRITE_BATCH {
+                next = jobs.try_recv().ok();
+            }
+        }
+        let Changes {
+            advances,
+            presence,
+            relay_results,
+            relay_failures,
+            pubacks,
+        } = batch;
+        let mut written = true;
+        if !advances.is_empty()
+            || !presence.is_empty()
+            || !relay_results.is_empty()
+            || !relay_failures.is_empty()
+        {
+            let result = st
+                .store
+                .run(move |s| {
+                    // Relay records are kept apart: one that cannot be written is logged
+                    // and does not hold back the acks of everything else.
+                    for (request_id, error) in &relay_failures {
+                        if let Err(e) = s.fail_relay(request_id, error) {
+                            tracing::warn!(error = %e, "recording a relay failure failed");
+                        }
+                    }
+                    for (via, request_id, sends) in &relay_results {
+                        match s.record_relay_result(via, request_id, sends) {
+                            Ok(recorded) => {
+                                for r in &recorded {
+                                    tracing::info!(via = %via, target = %r.agent_id, mac = %r.mac, destination = %r.destination, packets = r.packets, error = ?r.error, "Wake-on-LAN relayed");
+                                }
+                            }
+                            Err(e) => tracing::warn!(error = %e, "recording a relay result failed"),
+                        }
+                    }
+                    if !presence.is_empty() {
+                        s.set_presences(presence)?;
+                    }
+                    if advances.is_empty() {
+                        return Ok(Vec::new());
+                    }
+                    s.advance_deliveries(advances)
+                })
+                .await;
+            match result {
+                Ok(changed) => publish_events(&st, &changed),
+                Err(e) => {
+                    // Not acknowledged: the broker delivers these messages again after the
+                    // next reconnect.
+                    tracing::warn!(error = %e, "updating deliveries failed");
+                    written = false;
+                }
+            }
+        }
+        if written && !pubacks.is_empty() {
+            let mut acks = BytesMut::with_capacity(pubacks.len() * 4);
+            for id in pubacks {
+                // Encoding a PUBACK cannot fail.
+                let _ = beckon_mqtt::encode(
+                    &Packet::PubAck(beckon_mqtt::Ack::new(id)),
+                    ProtocolVersion::V5,
+                    &mut acks,
+                );
+            }
+            // A closed connection shows up on the dispatcher's side.
+            let _ = out.send(acks.freeze());
+        }
+        for s in syncs {
+            let _ = s.send(());
+        }
+    }
+}
+
 struct Conn {
-    stream: beckon_net::BoxedStream,
-    rbuf: BytesMut,
+    /// Bytes for the socket writer ([`write_packets`]).
+    out: mpsc::UnboundedSender<Bytes>,
+    /// Packets from the socket reader ([`read_packets`]), or why reading stopped.
+    incoming: mpsc::UnboundedReceiver<Result<Packet, String>>,
+    /// Packets received and not handled yet.
+    ready: std::collections::VecDeque<Packet>,
+    /// Packets encoded but not handed to the socket writer yet.
+    wbuf: BytesMut,
     next_id: u16,
     /// PUBLISH packet id -> (agent, carrier wake-up id) waiting for PUBACK.
     inflight: HashMap<u16, (String, String)>,
@@ -307,36 +463,110 @@ struct Conn {
     relay_inflight: HashMap<u16, String>,
     /// The broker's Receive Maximum: at most this many QoS 1 publishes unacknowledged.
     receive_max: usize,
-    /// Packets read while waiting for PUBACKs, handled next.
-    deferred: std::collections::VecDeque<Packet>,
-    /// State changes from PUBACKs and acks, written in one transaction by [`flush`].
-    updates: Vec<DeliveryAdvance>,
-    /// Packet ids of received QoS 1 messages, acknowledged by [`flush`] after their state
-    /// changes are written.
-    pubacks: Vec<u16>,
-    /// Relay requests the broker refused: (request id, why), written by [`flush`].
-    relay_failures: Vec<(String, String)>,
+    /// Changes (and the PUBACKs that wait for them) not yet handed to the writer.
+    changes: Changes,
+    /// Agents that came online: what they have not received goes out again.
+    came_online: Vec<String>,
     /// While the console takes in what the broker holds for it after (re)connecting: the
     /// agents whose retained presence says connected.
     snapshot: Option<Vec<String>>,
-    /// Agents that came online (live events) while the snapshot was read: their pending
-    /// wake-ups go out once the acks queued for the console have been applied.
-    came_online: Vec<String>,
     /// Wake-up ids published by a resend (queued at connect, an agent coming back) and when:
     /// a call's own publish command, still waiting in the channel, skips them, so that no
     /// wake-up goes out twice. Pruned once the channel is empty.
     resent: HashMap<String, tokio::time::Instant>,
+    /// The state writer.
+    writer: mpsc::UnboundedSender<WriteJob>,
+}
+
+/// Reads the broker's packets as they come, whatever the dispatcher is doing, so that the
+/// broker never sees a console that does not read (it would close it, or drop acks queued
+/// for it). QoS 1 messages (acks, presence) are acknowledged by [`write_states`] once what
+/// they change is written; the broker's in-flight window for a server identity is large
+/// enough to keep them flowing meanwhile.
+async fn read_packets(
+    mut read: tokio::io::ReadHalf<beckon_net::BoxedStream>,
+    packets: mpsc::UnboundedSender<Result<Packet, String>>,
+) {
+    let mut buf = BytesMut::with_capacity(64 * 1024);
+    loop {
+        match read.read_buf(&mut buf).await {
+            Ok(0) => {
+                let _ = packets.send(Err("the broker closed the connection".into()));
+                return;
+            }
+            Ok(_) => {}
+            Err(e) => {
+                let _ = packets.send(Err(format!("reading from the broker failed: {e}")));
+                return;
+            }
+        }
+        loop {
+            match beckon_mqtt::decode(&mut buf, ProtocolVersion::V5, MAX_PACKET) {
+                Ok(Some(p)) => {
+                    if packets.send(Ok(p)).is_err() {
+                        return;
+                    }
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    let _ = packets.send(Err(format!("the broker sent a malformed packet: {e}")));
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// Writes what the dispatcher and the reader queue, many packets per write.
+async fn write_packets(
+    mut write: tokio::io::WriteHalf<beckon_net::BoxedStream>,
+    mut out: mpsc::UnboundedReceiver<Bytes>,
+    errors: mpsc::UnboundedSender<Result<Packet, String>>,
+) {
+    let mut buf = BytesMut::with_capacity(64 * 1024);
+    while let Some(first) = out.recv().await {
+        buf.extend_from_slice(&first);
+        while buf.len() < 256 * 1024 {
+            match out.try_recv() {
+                Ok(more) => buf.extend_from_slice(&more),
+                Err(_) => break,
+            }
+        }
+        let written = async {
+            write.write_all(&buf).await?;
+            write.flush().await
+        }
+        .await;
+        if let Err(e) = written {
+            let _ = errors.send(Err(format!("writing to the broker failed: {e}")));
+            return;
+        }
+        buf.clear();
+    }
 }
 
 impl Conn {
+    /// Encodes a packet for the next [`write_out`](Self::write_out).
+    fn queue(&mut self, packet: &Packet) -> Result<(), String> {
+        beckon_mqtt::encode(packet, ProtocolVersion::V5, &mut self.wbuf)
+            .map_err(|e| format!("cannot encode a packet: {e}"))
+    }
+
+    /// Hands every queued packet to the socket writer (which writes many at once: one TLS
+    /// record, one system call).
+    async fn write_out(&mut self) -> Result<(), String> {
+        if self.wbuf.is_empty() {
+            return Ok(());
+        }
+        let out = self.wbuf.split().freeze();
+        self.out
+            .send(out)
+            .map_err(|_| "writing to the broker failed: the connection is closed".to_owned())
+    }
+
     async fn send(&mut self, packet: &Packet) -> Result<(), String> {
-        let mut buf = BytesMut::new();
-        beckon_mqtt::encode(packet, ProtocolVersion::V5, &mut buf)
-            .map_err(|e| format!("cannot encode a packet: {e}"))?;
-        self.stream
-            .write_all(&buf)
-            .await
-            .map_err(|e| format!("writing to the broker failed: {e}"))
+        self.queue(packet)?;
+        self.write_out().await
     }
 
     fn packet_id(&mut self) -> u16 {
@@ -350,28 +580,68 @@ impl Conn {
         }
     }
 
-    /// The next packet already in the read buffer, if a whole one is there.
-    fn try_decode(&mut self) -> Result<Option<Packet>, String> {
-        beckon_mqtt::decode(&mut self.rbuf, ProtocolVersion::V5, MAX_PACKET)
-            .map_err(|e| format!("the broker sent a malformed packet: {e}"))
+    /// Waits for the next packet from the broker. Cancel safe.
+    async fn read_more(&mut self) -> Result<(), String> {
+        match self.incoming.recv().await {
+            Some(Ok(p)) => {
+                self.ready.push_back(p);
+                Ok(())
+            }
+            Some(Err(e)) => Err(e),
+            None => Err("the broker connection's reader stopped".into()),
+        }
+    }
+
+    /// The next packet already received, if any.
+    fn next_packet(&mut self) -> Result<Option<Packet>, String> {
+        if let Some(p) = self.ready.pop_front() {
+            return Ok(Some(p));
+        }
+        match self.incoming.try_recv() {
+            Ok(Ok(p)) => Ok(Some(p)),
+            Ok(Err(e)) => Err(e),
+            Err(_) => Ok(None),
+        }
     }
 
     async fn read_packet(&mut self) -> Result<Packet, String> {
         loop {
-            match beckon_mqtt::decode(&mut self.rbuf, ProtocolVersion::V5, MAX_PACKET) {
-                Ok(Some(p)) => return Ok(p),
-                Ok(None) => {}
-                Err(e) => return Err(format!("the broker sent a malformed packet: {e}")),
+            if let Some(p) = self.next_packet()? {
+                return Ok(p);
             }
-            let n = self
-                .stream
-                .read_buf(&mut self.rbuf)
-                .await
-                .map_err(|e| format!("reading from the broker failed: {e}"))?;
-            if n == 0 {
-                return Err("the broker closed the connection".into());
-            }
+            self.read_more().await?;
         }
+    }
+
+    /// Handles every packet received so far.
+    fn drain_packets(&mut self) -> Result<(), String> {
+        while let Some(p) = self.next_packet()? {
+            handle_packet(self, p)?;
+        }
+        Ok(())
+    }
+
+    /// Hands the collected changes to the writer (without waiting for it).
+    fn hand_over(&mut self) {
+        if !self.changes.is_empty() {
+            let _ = self
+                .writer
+                .send(WriteJob::Changes(std::mem::take(&mut self.changes)));
+        }
+    }
+
+    /// Waits until every change collected so far is written.
+    async fn sync(&mut self) {
+        self.hand_over();
+        let (tx, rx) = oneshot::channel();
+        if self.writer.send(WriteJob::Sync(tx)).is_ok() {
+            let _ = rx.await;
+        }
+    }
+
+    /// Handles whatever the broker already sent, without waiting.
+    async fn take_in_ready(&mut self) -> Result<(), String> {
+        self.drain_packets()
     }
 }
 
@@ -382,24 +652,38 @@ async fn session(
     shutdown: &mut watch::Receiver<bool>,
 ) -> Result<(), String> {
     let stream = connect(st, link).await?;
+    let (read, write) = tokio::io::split(stream);
+    let (out_tx, out_rx) = mpsc::unbounded_channel();
+    let (in_tx, in_rx) = mpsc::unbounded_channel();
+    let reading = tokio::spawn(read_packets(read, in_tx.clone()));
+    let writing = tokio::spawn(write_packets(write, out_rx, in_tx));
+    let (writer, jobs) = mpsc::unbounded_channel();
+    let storing = tokio::spawn(write_states(st.clone(), jobs, out_tx.clone()));
     let mut conn = Conn {
-        stream,
-        rbuf: BytesMut::with_capacity(8192),
+        out: out_tx,
+        incoming: in_rx,
+        ready: std::collections::VecDeque::new(),
+        wbuf: BytesMut::with_capacity(64 * 1024),
         next_id: 0,
         inflight: HashMap::new(),
         relay_inflight: HashMap::new(),
         receive_max: usize::from(u16::MAX),
-        deferred: std::collections::VecDeque::new(),
-        updates: Vec::new(),
-        relay_failures: Vec::new(),
-        pubacks: Vec::new(),
-        snapshot: None,
+        changes: Changes::default(),
         came_online: Vec::new(),
+        snapshot: None,
         resent: HashMap::new(),
+        writer,
     };
     let result = connected(st, &mut conn, commands, shutdown).await;
     // What was acknowledged before the connection ended is still written.
-    flush(st, &mut conn).await;
+    conn.sync().await;
+    drop(conn);
+    reading.abort();
+    // The state writer ends with the dispatcher's sender (everything was written above).
+    let _ = storing.await;
+    // The last packets (a DISCONNECT) go out before the socket closes; the socket writer
+    // ends once the reader's and the state writer's senders are gone too.
+    let _ = tokio::time::timeout(Duration::from_secs(2), writing).await;
     result
 }
 
@@ -470,14 +754,107 @@ async fn connected(
         properties: Properties::default(),
     };
     conn.send(&Packet::Subscribe(sub)).await?;
-    // Before sending anything, take in what the broker holds for the console: the acks
-    // queued in its session while it was away (so that nothing an agent already received
-    // goes out again) and the retained presence of every agent (the registry's presence is
-    // then current, not what it was when the console stopped). The barrier: with Beckon's
-    // broker (TLS link), a second SUBSCRIBE to the console's own retained presence, which the
-    // broker queues behind everything above (QoS 1 deliveries to a session are in order);
-    // with a development broker, which has no presence, PINGREQ (answered at once, so only
-    // what fits in the broker's in-flight window is sure to come before it).
+    take_in_held(st, conn, options).await?;
+    set_status(st, true, None);
+    tracing::info!("connected to the push service");
+
+    // Everything still queued goes out now.
+    let queued = st
+        .store
+        .run(|s| s.agents_with_queued(now_ms()))
+        .await
+        .map_err(|e| e.to_string())?;
+    send_pending(st, conn, queued, false).await?;
+
+    let mut ping = tokio::time::interval(Duration::from_secs(u64::from(KEEP_ALIVE) / 2));
+    ping.tick().await;
+    let mut sweep = tokio::time::interval(Duration::from_secs(1));
+    let mut last_heard = tokio::time::Instant::now();
+    loop {
+        if !conn.came_online.is_empty() {
+            // The agents are back: what they have not received yet goes out again, as one.
+            let agents = std::mem::take(&mut conn.came_online);
+            send_pending(st, conn, agents, true).await?;
+        }
+        tokio::select! {
+            read = conn.read_more() => {
+                read?;
+                last_heard = tokio::time::Instant::now();
+                conn.drain_packets()?;
+                conn.write_out().await?;
+                conn.hand_over();
+            }
+            c = commands.recv() => match c {
+                Some(Command::Publish(call, deliveries)) => {
+                    let messages = deliveries
+                        .into_iter()
+                        // Already out with a resend (queued at connect, an agent coming back).
+                        .filter(|d| conn.resent.remove(&d.wakeup_id).is_none())
+                        .map(|d| {
+                            let agent = d.agent_id.clone();
+                            let out = OutgoingWakeUp {
+                                carrier: d,
+                                carried: Vec::new(),
+                                reason: call.reason.clone(),
+                                expires_at: call.expires_at,
+                                spread: call.spread,
+                                action: call.action.clone(),
+                            };
+                            (agent, out)
+                        })
+                        .collect();
+                    publish_all(st, conn, messages).await?;
+                    last_heard = tokio::time::Instant::now();
+                }
+                Some(Command::Relay { agent, request_id, payload, expiry_secs }) => {
+                    publish_relay(conn, &agent, request_id, payload, expiry_secs).await?;
+                }
+                Some(Command::BrokerReady) => {}
+                None => return Ok(()),
+            },
+            _ = ping.tick() => {
+                if last_heard.elapsed() > Duration::from_secs(u64::from(KEEP_ALIVE) * 3 / 2) {
+                    return Err("the broker stopped answering (no PINGRESP)".into());
+                }
+                conn.send(&Packet::PingReq).await?;
+            }
+            _ = sweep.tick() => {
+                conn.sync().await;
+                expire(st).await;
+                if commands.is_empty() {
+                    // Every command made before now has been handled (the API sends it
+                    // right after recording the call).
+                    conn.resent
+                        .retain(|_, at| at.elapsed() < Duration::from_secs(10));
+                }
+            }
+            _ = stopped(shutdown) => {
+                // What was read is written and acknowledged before the DISCONNECT.
+                conn.drain_packets()?;
+                conn.sync().await;
+                let _ = conn.send(&Packet::Disconnect(beckon_mqtt::Disconnect {
+                    code: beckon_mqtt::ReasonCode::SUCCESS,
+                    properties: Properties::default(),
+                })).await;
+                return Ok(());
+            }
+        }
+    }
+}
+
+/// Before sending anything, takes in what the broker holds for the console: the acks
+/// queued in its session while it was away (so that nothing an agent already received goes
+/// out again) and the retained presence of every agent (the registry's presence is then
+/// current, not what it was when the console stopped). The barrier: with Beckon's broker
+/// (TLS link), a second SUBSCRIBE to the console's own retained presence, which the broker
+/// queues behind everything above (QoS 1 deliveries to a session are in order); with a
+/// development broker, which has no presence, PINGREQ (answered at once, so only what fits
+/// in the broker's in-flight window is sure to come before it).
+async fn take_in_held(
+    st: &AppState,
+    conn: &mut Conn,
+    options: SubscriptionOptions,
+) -> Result<(), String> {
     let own_presence = format!("servers/{CLIENT_ID}/presence");
     let tls = matches!(st.config.broker, BrokerLink::Tls { .. });
     if tls {
@@ -496,22 +873,22 @@ async fn connected(
     conn.snapshot = Some(Vec::new());
     let mut barrier_reached = true;
     loop {
-        let packet = match conn.try_decode()? {
-            Some(p) => p,
-            None => {
-                // Nothing buffered: write what was read and acknowledge it, so that the
-                // broker's in-flight window keeps moving.
-                flush(st, conn).await;
-                match tokio::time::timeout(Duration::from_secs(10), conn.read_packet()).await {
-                    Ok(p) => p?,
-                    Err(_) => {
-                        // A TLS broker without tenants publishes no presence: go on without.
-                        tracing::warn!(
-                            "the broker sent nothing for 10 s after the console connected, not even the console's own presence (is it Beckon's broker with this tenant's file?); the registry's presence is not checked against it"
-                        );
-                        barrier_reached = false;
-                        break;
-                    }
+        let Some(packet) = conn.next_packet()? else {
+            // All read is handled: have it written and acknowledged (one PUBACK batch), so
+            // that the broker's in-flight window keeps moving.
+            conn.hand_over();
+            match tokio::time::timeout(Duration::from_secs(10), conn.read_more()).await {
+                Ok(read) => {
+                    read?;
+                    continue;
+                }
+                Err(_) => {
+                    // A TLS broker without tenants publishes no presence: go on without.
+                    tracing::warn!(
+                        "the broker sent nothing for 10 s after the console connected, not even the console's own presence (is it Beckon's broker with this tenant's file?); the registry's presence is not checked against it"
+                    );
+                    barrier_reached = false;
+                    break;
                 }
             }
         };
@@ -521,14 +898,15 @@ async fn connected(
             // first when the session kept the subscription from an earlier run).
             Packet::Publish(p) if tls && p.retain && p.topic == own_presence => {
                 if let (QoS::AtLeastOnce, Some(id)) = (p.qos, p.packet_id) {
-                    conn.pubacks.push(id);
+                    conn.changes.pubacks.push(id);
                 }
                 break;
             }
-            other => handle_packet(st, conn, other).await?,
+            other => handle_packet(conn, other)?,
         }
     }
-    flush(st, conn).await;
+    // The presence read is written before it is compared.
+    conn.sync().await;
     let seen_online = conn.snapshot.take().unwrap_or_default();
     tracing::info!(
         agents_connected = seen_online.len(),
@@ -553,97 +931,14 @@ async fn connected(
             Err(e) => tracing::warn!(error = %e, "reconciling presence failed"),
         }
     }
-    set_status(st, true, None);
-    tracing::info!("connected to the push service");
-
-    // Everything still queued goes out now.
-    let queued = st
-        .store
-        .run(|s| s.agents_with_queued(now_ms()))
-        .await
-        .map_err(|e| e.to_string())?;
-    for agent in queued {
-        send_pending(st, conn, &agent, false).await?;
-    }
-    for agent in std::mem::take(&mut conn.came_online) {
-        send_pending(st, conn, &agent, true).await?;
-    }
-
-    let mut ping = tokio::time::interval(Duration::from_secs(u64::from(KEEP_ALIVE) / 2));
-    ping.tick().await;
-    let mut sweep = tokio::time::interval(Duration::from_secs(1));
-    // State changes are written in batches: one transaction per tick rather than per ack.
-    let mut write = tokio::time::interval(Duration::from_millis(25));
-    let mut last_heard = tokio::time::Instant::now();
-    loop {
-        while let Some(p) = conn.deferred.pop_front() {
-            handle_packet(st, conn, p).await?;
-        }
-        tokio::select! {
-            packet = conn.read_packet() => {
-                last_heard = tokio::time::Instant::now();
-                handle_packet(st, conn, packet?).await?;
-                if conn.updates.len() >= 1000 {
-                    flush(st, conn).await;
-                }
-            }
-            _ = write.tick() => flush(st, conn).await,
-            c = commands.recv() => match c {
-                Some(Command::Publish(call, deliveries)) => {
-                    for d in deliveries {
-                        if conn.resent.remove(&d.wakeup_id).is_some() {
-                            continue;
-                        }
-                        let agent = d.agent_id.clone();
-                        let out = OutgoingWakeUp {
-                            carrier: d,
-                            carried: Vec::new(),
-                            reason: call.reason.clone(),
-                            expires_at: call.expires_at,
-                            spread: call.spread,
-                            action: call.action.clone(),
-                        };
-                        publish_wakeup(st, conn, &agent, out).await?;
-                    }
-                }
-                Some(Command::Relay { agent, request_id, payload, expiry_secs }) => {
-                    publish_relay(conn, &agent, request_id, payload, expiry_secs).await?;
-                }
-                Some(Command::BrokerReady) => {}
-                None => return Ok(()),
-            },
-            _ = ping.tick() => {
-                if last_heard.elapsed() > Duration::from_secs(u64::from(KEEP_ALIVE) * 3 / 2) {
-                    return Err("the broker stopped answering (no PINGRESP)".into());
-                }
-                conn.send(&Packet::PingReq).await?;
-            }
-            _ = sweep.tick() => {
-                flush(st, conn).await;
-                expire(st).await;
-                if commands.is_empty() {
-                    // Every command made before now has been handled (the API sends it
-                    // right after recording the call).
-                    conn.resent
-                        .retain(|_, at| at.elapsed() < Duration::from_secs(10));
-                }
-            }
-            _ = stopped(shutdown) => {
-                let _ = conn.send(&Packet::Disconnect(beckon_mqtt::Disconnect {
-                    code: beckon_mqtt::ReasonCode::SUCCESS,
-                    properties: Properties::default(),
-                })).await;
-                return Ok(());
-            }
-        }
-    }
+    Ok(())
 }
 
 /// PUBACK: the broker took the wake-up (`sent`), or refused it (`failed`).
 fn handle_puback(conn: &mut Conn, ack: beckon_mqtt::Ack) {
     if let Some(request_id) = conn.relay_inflight.remove(&ack.packet_id) {
         if ack.code.is_error() {
-            conn.relay_failures.push((
+            conn.changes.relay_failures.push((
                 request_id,
                 format!(
                     "the broker refused the relay request (reason 0x{:02X}); check the console's permissions on the broker",
@@ -672,15 +967,18 @@ fn handle_puback(conn: &mut Conn, ack: beckon_mqtt::Ack) {
     advance(conn, &agent, &wakeup_id, state, update);
 }
 
-async fn handle_packet(st: &AppState, conn: &mut Conn, packet: Packet) -> Result<(), String> {
+/// Handles one packet from the broker without waiting for anything: state changes and the
+/// PUBACKs that wait for them are queued for the writer, agents that came online for
+/// [`send_pending`].
+fn handle_packet(conn: &mut Conn, packet: Packet) -> Result<(), String> {
     match packet {
         Packet::PubAck(ack) => handle_puback(conn, ack),
         Packet::Publish(p) => {
-            handle_publish(st, conn, &p).await?;
+            handle_publish(conn, &p);
             if let (QoS::AtLeastOnce, Some(id)) = (p.qos, p.packet_id) {
-                // Acknowledged once what it changed is written (by `flush`): if the console
-                // dies before, the broker delivers it again on the next connection.
-                conn.pubacks.push(id);
+                // Acknowledged once what it changed is written (by `write_states`): if the
+                // console dies before, the broker delivers it again on the next connection.
+                conn.changes.pubacks.push(id);
             }
         }
         Packet::Disconnect(d) => {
@@ -699,12 +997,12 @@ async fn handle_packet(st: &AppState, conn: &mut Conn, packet: Packet) -> Result
     Ok(())
 }
 
-async fn handle_publish(st: &AppState, conn: &mut Conn, p: &Publish) -> Result<(), String> {
+fn handle_publish(conn: &mut Conn, p: &Publish) {
     let mut levels = p.topic.split('/');
     let (Some("agents"), Some(agent), Some(kind), None) =
         (levels.next(), levels.next(), levels.next(), levels.next())
     else {
-        return Ok(());
+        return;
     };
     let agent = agent.to_owned();
     match kind {
@@ -713,7 +1011,7 @@ async fn handle_publish(st: &AppState, conn: &mut Conn, p: &Publish) -> Result<(
                 Ok(a) => a,
                 Err(e) => {
                     tracing::warn!(%agent, error = %e, "ignoring a malformed ack");
-                    return Ok(());
+                    return;
                 }
             };
             let state = match ack.stage {
@@ -741,37 +1039,27 @@ async fn handle_publish(st: &AppState, conn: &mut Conn, p: &Publish) -> Result<(
                 Ok(r) => r,
                 Err(e) => {
                     tracing::warn!(%agent, error = %e, "ignoring a malformed relay result");
-                    return Ok(());
+                    return;
                 }
             };
-            let sends: Vec<(String, String, u32, Option<String>)> = result
+            let sends = result
                 .sends
                 .into_iter()
                 .map(|s| (s.mac, s.destination, s.packets, s.error))
                 .collect();
-            let (a, id) = (agent.clone(), result.request_id);
-            match st
-                .store
-                .run(move |s| s.record_relay_result(&a, &id, &sends))
-                .await
-            {
-                Ok(recorded) => {
-                    for r in &recorded {
-                        tracing::info!(via = %agent, target = %r.agent_id, mac = %r.mac, destination = %r.destination, packets = r.packets, error = ?r.error, "Wake-on-LAN relayed");
-                    }
-                }
-                Err(e) => tracing::warn!(error = %e, "recording a relay result failed"),
-            }
+            conn.changes
+                .relay_results
+                .push((agent, result.request_id, sends));
         }
         "presence" => {
             if p.payload.is_empty() {
-                return Ok(());
+                return;
             }
             let ev = match PresenceEvent::from_json(&p.payload) {
                 Ok(e) => e,
                 Err(e) => {
                     tracing::warn!(%agent, error = %e, "ignoring a malformed presence event");
-                    return Ok(());
+                    return;
                 }
             };
             let presence = match ev.state {
@@ -789,33 +1077,30 @@ async fn handle_publish(st: &AppState, conn: &mut Conn, p: &Publish) -> Result<(
             } else {
                 path.to_owned()
             };
-            let a = agent.clone();
-            let remote = ev.remote_addr.clone();
-            if let Err(e) = st
-                .store
-                .run(move |s| s.set_presence(&a, presence, ev.at, Some(path), Some(remote)))
-                .await
-            {
-                tracing::warn!(error = %e, "recording presence failed");
-            }
             if presence == Presence::Online {
-                match (&mut conn.snapshot, p.retain) {
+                if p.retain {
                     // The broker's retained state, sent at SUBSCRIBE: the agent did not just
                     // come back, and what it was sent waits in its session at the broker.
-                    (Some(seen), true) => seen.push(agent),
-                    (None, true) => {}
-                    (Some(_), false) => conn.came_online.push(agent),
-                    // The agent is back: what it has not received yet goes out again, as one.
-                    (None, false) => send_pending(st, conn, &agent, true).await?,
+                    if let Some(seen) = &mut conn.snapshot {
+                        seen.push(agent.clone());
+                    }
+                } else if !conn.came_online.contains(&agent) {
+                    conn.came_online.push(agent.clone());
                 }
             }
+            conn.changes.presence.push(PresenceUpdate {
+                agent_id: agent,
+                presence,
+                at: ev.at,
+                path: Some(path),
+                remote_addr: Some(ev.remote_addr),
+            });
         }
         _ => {}
     }
-    Ok(())
 }
 
-/// Queues a state change; [`flush`] writes the queue.
+/// Queues a state change for the writer.
 fn advance(
     conn: &mut Conn,
     agent: &str,
@@ -823,48 +1108,13 @@ fn advance(
     state: CallState,
     update: DeliveryUpdate,
 ) {
-    conn.updates.push(DeliveryAdvance {
+    conn.changes.advances.push(DeliveryAdvance {
         agent_id: agent.to_owned(),
         wakeup_id: wakeup_id.to_owned(),
         state,
         update,
         at: now_ms(),
     });
-}
-
-/// Writes the queued state changes in one transaction and tells live listeners.
-async fn flush(st: &AppState, conn: &mut Conn) {
-    for (request_id, error) in std::mem::take(&mut conn.relay_failures) {
-        if let Err(e) = st
-            .store
-            .run(move |s| s.fail_relay(&request_id, &error))
-            .await
-        {
-            tracing::warn!(error = %e, "recording a relay failure failed");
-        }
-    }
-    if !conn.updates.is_empty() {
-        let batch = std::mem::take(&mut conn.updates);
-        match st.store.run(move |s| s.advance_deliveries(batch)).await {
-            Ok(changed) => publish_events(st, &changed),
-            Err(e) => {
-                // Not acknowledged: the broker delivers these acks again after a reconnect.
-                tracing::warn!(error = %e, "updating deliveries failed");
-                conn.pubacks.clear();
-                return;
-            }
-        }
-    }
-    for id in std::mem::take(&mut conn.pubacks) {
-        // A failed write shows up as a read error on the connection right after.
-        if conn
-            .send(&Packet::PubAck(beckon_mqtt::Ack::new(id)))
-            .await
-            .is_err()
-        {
-            break;
-        }
-    }
 }
 
 /// One wake-up message to publish, standing for one or more pending deliveries.
@@ -929,87 +1179,183 @@ pub fn merge_pending(pending: &[(WakeCall, CallDelivery)]) -> Vec<OutgoingWakeUp
         .collect()
 }
 
+/// Publishes what `agents` have not received yet (`queued`, and with `include_sent` also
+/// `sent`): one store trip for all of them, then one message per agent and distinct action.
 async fn send_pending(
     st: &AppState,
     conn: &mut Conn,
-    agent: &str,
+    mut agents: Vec<String>,
     include_sent: bool,
 ) -> Result<(), String> {
-    // The pending list must see the latest states (a `sent` not yet written would go out twice).
-    flush(st, conn).await;
-    let a = agent.to_owned();
-    let pending: StoreResult<Vec<(WakeCall, CallDelivery)>> = st
+    if agents.is_empty() {
+        return Ok(());
+    }
+    agents.sort_unstable();
+    agents.dedup();
+    // The pending list must see the latest states (a `sent` not yet written would go out
+    // twice) and the presence just received.
+    conn.sync().await;
+    let pending = st
         .store
-        .run(move |s| s.pending_for_agent(&a, now_ms()))
+        .run(move |s| s.pending_for_agents(&agents, now_ms()))
         .await;
-    let pending: Vec<_> = match pending {
-        Ok(p) => p
-            .into_iter()
-            .filter(|(_, d)| include_sent || d.state == CallState::Queued)
-            .collect(),
+    let pending = match pending {
+        Ok(p) => p,
         Err(e) => {
             tracing::warn!(error = %e, "reading pending wake-ups failed");
             return Ok(());
         }
     };
-    for out in merge_pending(&pending) {
-        let now = tokio::time::Instant::now();
-        conn.resent.insert(out.carrier.wakeup_id.clone(), now);
-        for id in &out.carried {
-            conn.resent.insert(id.clone(), now);
+    let mut messages = Vec::new();
+    let mut merged: Vec<(Vec<String>, String)> = Vec::new();
+    for (agent, list) in pending {
+        let list: Vec<_> = list
+            .into_iter()
+            .filter(|(_, d)| include_sent || d.state == CallState::Queued)
+            .collect();
+        for out in merge_pending(&list) {
+            let now = tokio::time::Instant::now();
+            conn.resent.insert(out.carrier.wakeup_id.clone(), now);
+            for id in &out.carried {
+                conn.resent.insert(id.clone(), now);
+            }
+            if !out.carried.is_empty() {
+                merged.push((out.carried.clone(), out.carrier.wakeup_id.clone()));
+            }
+            messages.push((agent.clone(), out));
         }
-        publish_wakeup(st, conn, agent, out).await?;
     }
+    if !merged.is_empty()
+        && let Err(e) = st
+            .store
+            .run(move |s| {
+                for (carried, carrier) in &merged {
+                    s.set_carried_by(carried, carrier)?;
+                }
+                Ok(())
+            })
+            .await
+    {
+        tracing::warn!(error = %e, "recording merged wake-ups failed");
+    }
+    publish_all(st, conn, messages).await
+}
+
+/// Wake-ups signed per batch on the blocking pool.
+const SIGN_BATCH: usize = 256;
+/// Batches signed ahead of the one being written.
+const SIGN_AHEAD: usize = 3;
+/// Queued output written once it reaches this size.
+const WRITE_CHUNK: usize = 64 * 1024;
+
+/// The signed payload of one wake-up.
+fn sign_wakeup(
+    signer: &WakeUpSigner,
+    tenant: &str,
+    agent: &str,
+    out: &OutgoingWakeUp,
+    now: Millis,
+) -> Result<Vec<u8>, String> {
+    let wakeup = WakeUp {
+        v: beckon_identity::wakeup::WAKEUP_VERSION,
+        id: out.carrier.wakeup_id.clone(),
+        tenant: tenant.to_owned(),
+        agent: agent.to_owned(),
+        reason: out.reason.clone(),
+        issued_at: now.div_euclid(1000),
+        expires_at: out.expires_at.div_euclid(1000),
+        spread: out.spread,
+        action: out.action.clone(),
+    };
+    signer.sign(&wakeup).map_err(|e| e.to_string())
+}
+
+type Signed = Vec<(String, OutgoingWakeUp, Result<Vec<u8>, String>)>;
+
+/// Signs and publishes wake-ups (QoS 1, message expiry = time left), each signed on its own
+/// as `wake-up.md` describes. Signing runs on the blocking pool a few batches ahead of the
+/// writing, so that it overlaps with the broker's work and uses every core; the writing
+/// keeps within the broker's Receive Maximum, reading PUBACKs and acks while it waits.
+async fn publish_all(
+    st: &AppState,
+    conn: &mut Conn,
+    messages: Vec<(String, OutgoingWakeUp)>,
+) -> Result<(), String> {
+    let mut batches = Vec::new();
+    let mut rest = messages.into_iter().peekable();
+    while rest.peek().is_some() {
+        batches.push(rest.by_ref().take(SIGN_BATCH).collect::<Vec<_>>());
+    }
+    let mut batches = batches.into_iter();
+    let mut signing: std::collections::VecDeque<tokio::task::JoinHandle<Signed>> =
+        std::collections::VecDeque::new();
+    let start_signing = |batch: Vec<(String, OutgoingWakeUp)>| {
+        let signer = st.signer.clone();
+        let tenant = st.tenant.to_string();
+        tokio::task::spawn_blocking(move || {
+            let now = now_ms();
+            batch
+                .into_iter()
+                .map(|(agent, out)| {
+                    let payload = sign_wakeup(&signer, &tenant, &agent, &out, now);
+                    (agent, out, payload)
+                })
+                .collect::<Signed>()
+        })
+    };
+    loop {
+        while signing.len() <= SIGN_AHEAD {
+            match batches.next() {
+                Some(b) => signing.push_back(start_signing(b)),
+                None => break,
+            }
+        }
+        let Some(next) = signing.pop_front() else {
+            break;
+        };
+        let signed = next
+            .await
+            .map_err(|e| format!("signing wake-ups stopped: {e}"))?;
+        for (agent, out, payload) in signed {
+            match payload {
+                Ok(payload) => publish_signed(conn, &agent, &out, payload).await?,
+                Err(e) => {
+                    let update = DeliveryUpdate {
+                        detail: Some(format!("the wake-up could not be signed: {e}")),
+                        ..Default::default()
+                    };
+                    advance(
+                        conn,
+                        &agent,
+                        &out.carrier.wakeup_id,
+                        CallState::Failed,
+                        update,
+                    );
+                }
+            }
+        }
+        // Between batches: out with what is queued, in with what the broker sent.
+        conn.write_out().await?;
+        conn.take_in_ready().await?;
+        conn.write_out().await?;
+        conn.hand_over();
+    }
+    conn.write_out().await?;
+    conn.hand_over();
     Ok(())
 }
 
-/// Signs and publishes one wake-up (QoS 1, message expiry = time left), keeping within the
-/// broker's Receive Maximum: when that many are unacknowledged, PUBACKs are awaited first.
-async fn publish_wakeup(
-    st: &AppState,
+/// Queues one signed wake-up, first waiting (reading PUBACKs and acks) while the broker's
+/// Receive Maximum is used up.
+async fn publish_signed(
     conn: &mut Conn,
     agent: &str,
-    out: OutgoingWakeUp,
+    out: &OutgoingWakeUp,
+    payload: Vec<u8>,
 ) -> Result<(), String> {
-    let OutgoingWakeUp {
-        carrier,
-        carried,
-        reason,
-        expires_at,
-        spread,
-        action,
-    } = out;
-    let now = now_ms();
-    let wakeup = WakeUp {
-        v: beckon_identity::wakeup::WAKEUP_VERSION,
-        id: carrier.wakeup_id.clone(),
-        tenant: st.tenant.to_string(),
-        agent: agent.to_owned(),
-        reason,
-        issued_at: now.div_euclid(1000),
-        expires_at: expires_at.div_euclid(1000),
-        spread,
-        action,
-    };
-    let payload = match st.signer.sign(&wakeup) {
-        Ok(p) => p,
-        Err(e) => {
-            let update = DeliveryUpdate {
-                detail: Some(format!("the wake-up could not be signed: {e}")),
-                ..Default::default()
-            };
-            advance(conn, agent, &carrier.wakeup_id, CallState::Failed, update);
-            return Ok(());
-        }
-    };
-    if !carried.is_empty() {
-        let (c, w) = (carried.clone(), carrier.wakeup_id.clone());
-        if let Err(e) = st.store.run(move |s| s.set_carried_by(&c, &w)).await {
-            tracing::warn!(error = %e, "recording merged wake-ups failed");
-        }
-    }
     wait_for_window(conn).await?;
-    let expiry_secs = ((expires_at - now) / 1000).max(1);
+    let now = now_ms();
+    let expiry_secs = ((out.expires_at - now) / 1000).max(1);
     let pid = conn.packet_id();
     let publish = Publish {
         dup: false,
@@ -1025,18 +1371,28 @@ async fn publish_wakeup(
             ..Default::default()
         },
     };
+    conn.queue(&Packet::Publish(publish))?;
     conn.inflight
-        .insert(pid, (agent.to_owned(), carrier.wakeup_id.clone()));
-    conn.send(&Packet::Publish(publish)).await
+        .insert(pid, (agent.to_owned(), out.carrier.wakeup_id.clone()));
+    if conn.wbuf.len() >= WRITE_CHUNK {
+        conn.write_out().await?;
+    }
+    Ok(())
 }
 
-/// Waits until one more QoS 1 publish fits in the broker's Receive Maximum.
+/// Waits (reading PUBACKs and acks, and handing their changes to the writer, which
+/// acknowledges the acks) until one more QoS 1 publish fits in the broker's Receive Maximum.
 async fn wait_for_window(conn: &mut Conn) -> Result<(), String> {
     while conn.inflight.len() + conn.relay_inflight.len() >= conn.receive_max {
-        match conn.read_packet().await? {
-            Packet::PubAck(ack) => handle_puback(conn, ack),
-            other => conn.deferred.push_back(other),
-        }
+        conn.write_out().await?;
+        tokio::time::timeout(
+            Duration::from_secs(u64::from(KEEP_ALIVE) * 3 / 2),
+            conn.read_more(),
+        )
+        .await
+        .map_err(|_| "the broker stopped acknowledging wake-ups (no PUBACK)".to_owned())??;
+        conn.drain_packets()?;
+        conn.hand_over();
     }
     Ok(())
 }
@@ -1065,8 +1421,11 @@ async fn publish_relay(
             ..Default::default()
         },
     };
+    conn.queue(&Packet::Publish(publish))?;
     conn.relay_inflight.insert(pid, request_id);
-    conn.send(&Packet::Publish(publish)).await
+    conn.write_out().await?;
+    conn.hand_over();
+    Ok(())
 }
 
 /// How long a relay request stays valid, seconds: a relay is for "wake it now".

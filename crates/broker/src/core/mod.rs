@@ -43,6 +43,16 @@ pub struct CoreConfig {
     /// Upper bound of QoS 1/2 messages in flight towards one client, also capped by the
     /// client's own Receive Maximum (default 32).
     pub max_inflight: u16,
+    /// [`receive_maximum`](Self::receive_maximum) for server identities (a console publishes
+    /// one wake-up per agent of a call; default 1024).
+    pub server_receive_maximum: u16,
+    /// [`max_inflight`](Self::max_inflight) for server identities (a console receives the
+    /// acks and presence of a whole fleet; default 1024).
+    pub server_max_inflight: u16,
+    /// [`max_queued_messages`](Self::max_queued_messages) for the sessions of server
+    /// identities: what a console misses while busy or away, up to three acks per agent of a
+    /// call (default 200000).
+    pub server_max_queued_messages: usize,
     /// Messages queued for one session while it is offline or its in-flight window is full;
     /// beyond it new messages are dropped and counted (default 1000).
     pub max_queued_messages: usize,
@@ -58,12 +68,44 @@ pub struct CoreConfig {
     pub max_qos: QoS,
 }
 
+impl CoreConfig {
+    /// The Receive Maximum announced to a client (`server`: a server identity).
+    pub fn receive_maximum_for(&self, server: bool) -> u16 {
+        if server {
+            self.server_receive_maximum
+        } else {
+            self.receive_maximum
+        }
+    }
+
+    /// Messages in flight towards a client at most.
+    pub fn max_inflight_for(&self, server: bool) -> u16 {
+        if server {
+            self.server_max_inflight
+        } else {
+            self.max_inflight
+        }
+    }
+
+    /// Messages queued for a session at most.
+    pub fn max_queued_for(&self, server: bool) -> usize {
+        if server {
+            self.server_max_queued_messages
+        } else {
+            self.max_queued_messages
+        }
+    }
+}
+
 impl Default for CoreConfig {
     fn default() -> Self {
         Self {
             max_packet_size: 1024 * 1024,
             receive_maximum: 64,
             max_inflight: 32,
+            server_receive_maximum: 1024,
+            server_max_inflight: 1024,
+            server_max_queued_messages: 200_000,
             max_queued_messages: 1000,
             max_session_expiry: 7 * 24 * 3600,
             topic_alias_maximum: 64,
@@ -81,6 +123,9 @@ pub struct ConnectionInfo {
     pub remote_addr: SocketAddr,
     /// The path it came in on, e.g. "8883", "443-mqtt", "443-websocket", "1883".
     pub path: &'static str,
+    /// The client authenticated as a server identity (a console): its session gets the
+    /// `server_*` limits.
+    pub server: bool,
 }
 
 /// Why a connection ended, as the network layer saw it.
@@ -263,6 +308,8 @@ impl BrokerCore {
             return;
         };
         session.protocol = connect.protocol;
+        let info_server = info.server;
+        session.server = info_server;
         session.conn = Some(conn);
         session.expiry = expiry;
         session.connect_expiry_zero = requested_expiry == 0;
@@ -296,7 +343,7 @@ impl BrokerCore {
             if expiry != requested_expiry {
                 properties.session_expiry_interval = Some(expiry);
             }
-            properties.receive_maximum = Some(config.receive_maximum.max(1));
+            properties.receive_maximum = Some(config.receive_maximum_for(info_server).max(1));
             if config.max_qos < QoS::ExactlyOnce {
                 properties.maximum_qos = Some(config.max_qos as u8);
             }
@@ -540,7 +587,8 @@ impl BrokerCore {
             return;
         }
         if publish.qos != QoS::AtMostOnce
-            && session.incoming_qos2.len() >= usize::from(self.config.receive_maximum.max(1))
+            && session.incoming_qos2.len()
+                >= usize::from(self.config.receive_maximum_for(session.server).max(1))
         {
             self.kick(now, conn, ReasonCode::RECEIVE_MAXIMUM_EXCEEDED, out);
             return;

@@ -55,6 +55,9 @@ pub(crate) struct Session {
     /// The live connection, `None` while the (persistent) session is offline.
     pub conn: Option<ConnId>,
     pub link: Link,
+    /// A server identity's session (set at each CONNECT, kept while offline): the
+    /// `server_*` limits apply.
+    pub server: bool,
     /// Effective Session Expiry Interval in seconds; `u32::MAX` never expires.
     pub expiry: u32,
     /// The CONNECT asked for expiry 0 (then DISCONNECT may not raise it, [MQTT-3.14.2-2]).
@@ -87,6 +90,7 @@ impl Session {
             protocol,
             conn: None,
             link: Link::default(),
+            server: false,
             expiry: 0,
             connect_expiry_zero: true,
             will: None,
@@ -103,7 +107,12 @@ impl Session {
 
     /// How many QoS 1/2 messages may be in flight towards the client.
     fn window(&self, config: &CoreConfig) -> usize {
-        usize::from(self.link.receive_maximum.min(config.max_inflight).max(1))
+        usize::from(
+            self.link
+                .receive_maximum
+                .min(config.max_inflight_for(self.server))
+                .max(1),
+        )
     }
 
     /// Routes one delivery to this session: sent at once when online and the window has
@@ -133,7 +142,7 @@ impl Session {
     }
 
     fn enqueue(&mut self, delivery: Pending, config: &CoreConfig, stats: &mut CoreStats) {
-        if self.queue.len() >= config.max_queued_messages {
+        if self.queue.len() >= config.max_queued_for(self.server) {
             stats.dropped_queue_full += 1;
         } else {
             self.queue.push_back(delivery);

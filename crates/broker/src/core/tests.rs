@@ -42,6 +42,7 @@ impl Harness {
         let info = ConnectionInfo {
             remote_addr: SocketAddr::from((Ipv4Addr::LOCALHOST, 40000)),
             path: "8883",
+            server: false,
         };
         self.core
             .handle_connect(self.now, conn, connect, info, &mut out);
@@ -49,6 +50,25 @@ impl Harness {
     }
 
     /// Connects and asserts success; returns the connection and its CONNACK.
+    /// Opens a connection of a server identity (a console).
+    fn connect_server(&mut self, connect: Connect) -> (ConnId, ConnAck, Vec<Action>) {
+        let conn = self.next_conn;
+        self.next_conn += 1;
+        let mut out = Vec::new();
+        let info = ConnectionInfo {
+            remote_addr: SocketAddr::from((Ipv4Addr::LOCALHOST, 40001)),
+            path: "8883",
+            server: true,
+        };
+        self.core
+            .handle_connect(self.now, conn, connect, info, &mut out);
+        let Some(Packet::ConnAck(ack)) = packets(&out, conn).first().cloned() else {
+            panic!("no CONNACK first: {out:?}");
+        };
+        assert_eq!(ack.code, ReasonCode::SUCCESS, "{ack:?}");
+        (conn, ack, out)
+    }
+
     fn connect_ok(&mut self, connect: Connect) -> (ConnId, ConnAck, Vec<Action>) {
         let (conn, out) = self.connect(connect);
         let Some(Packet::ConnAck(ack)) = packets(&out, conn).first().cloned() else {
@@ -585,6 +605,49 @@ fn offline_queue_is_bounded_and_overflow_counted() {
     assert_eq!(h.core.stats().dropped_queue_full, 2);
     let (c2, _, out) = h.connect_ok(v5_persistent("agent", 300));
     assert_eq!(payloads(&out, c2), vec!["1", "2", "3"]);
+}
+
+#[test]
+fn a_server_identity_gets_the_larger_window_and_queue_of_a_console() {
+    let mut h = Harness::with_config(CoreConfig {
+        receive_maximum: 4,
+        max_inflight: 2,
+        max_queued_messages: 3,
+        server_receive_maximum: 50,
+        server_max_inflight: 10,
+        server_max_queued_messages: 100,
+        ..CoreConfig::default()
+    });
+    let (console, ack, _) = h.connect_server(v5_persistent("console", 300));
+    assert_eq!(ack.properties.receive_maximum, Some(50));
+    h.subscribe(console, "agents/+/ack", QoS::AtLeastOnce);
+    let (agent, ack, _) = h.connect_ok(v5("agent"));
+    assert_eq!(ack.properties.receive_maximum, Some(4));
+    // 60 acks while the console reads nothing: 10 in flight, 50 queued, none dropped (an
+    // agent's session would hold 2 + 3 and drop the rest).
+    let mut delivered = 0;
+    for i in 0..60u16 {
+        let out = h.send(
+            agent,
+            pub_packet("agents/a/ack", "ok", QoS::AtLeastOnce, Some(i + 1)),
+        );
+        delivered += payloads(&out, console).len();
+    }
+    assert_eq!(delivered, 10);
+    assert_eq!(h.core.stats().dropped_queue_full, 0);
+    // Away, the console's session keeps queueing up to its own bound.
+    h.close(console);
+    for i in 0..60u16 {
+        h.send(
+            agent,
+            pub_packet("agents/a/ack", "ok", QoS::AtLeastOnce, Some(i + 100)),
+        );
+    }
+    assert_eq!(
+        h.core.stats().dropped_queue_full,
+        10,
+        "50 + 60 queued, bound 100"
+    );
 }
 
 #[test]

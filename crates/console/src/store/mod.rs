@@ -197,6 +197,24 @@ pub struct DeliveryAdvance {
 }
 
 /// What a session or bearer token resolves to.
+/// One agent's pending wake-ups: its id, then each call and delivery.
+pub type AgentPending = (String, Vec<(WakeCall, CallDelivery)>);
+
+/// A presence change to record (see [`Store::set_presence`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PresenceUpdate {
+    /// The agent.
+    pub agent_id: String,
+    /// Online or offline.
+    pub presence: Presence,
+    /// When the broker saw it (unix ms).
+    pub at: Millis,
+    /// The connection path.
+    pub path: Option<String>,
+    /// The remote address.
+    pub remote_addr: Option<String>,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Principal {
     /// Shown as `created_by` and in the audit log: `user:alice` or `token:ci`.
@@ -265,6 +283,14 @@ pub trait Store: Send + Sync {
     /// the console (re)connects, is the whole truth. Returns the agents changed.
     fn reconcile_presence(&self, still_online: &[String], at: Millis) -> StoreResult<Vec<String>>;
 
+    /// Records several presence changes, in one transaction where the store can.
+    fn set_presences(&self, updates: Vec<PresenceUpdate>) -> StoreResult<()> {
+        for u in updates {
+            self.set_presence(&u.agent_id, u.presence, u.at, u.path, u.remote_addr)?;
+        }
+        Ok(())
+    }
+
     // Groups.
     /// Creates a group.
     fn create_group(&self, name: &str, description: &str, now: Millis) -> StoreResult<Group>;
@@ -307,6 +333,22 @@ pub trait Store: Send + Sync {
         now: Millis,
     ) -> StoreResult<Vec<(WakeCall, CallDelivery)>>;
     /// Every agent with a queued delivery not expired at `now`.
+    /// [`pending_for_agent`](Self::pending_for_agent) for several agents at once (one trip
+    /// to the store for a batch of agents coming online).
+    fn pending_for_agents(
+        &self,
+        agent_ids: &[String],
+        now: Millis,
+    ) -> StoreResult<Vec<AgentPending>> {
+        let mut out = Vec::with_capacity(agent_ids.len());
+        for id in agent_ids {
+            let pending = self.pending_for_agent(id, now)?;
+            if !pending.is_empty() {
+                out.push((id.clone(), pending));
+            }
+        }
+        Ok(out)
+    }
     fn agents_with_queued(&self, now: Millis) -> StoreResult<Vec<String>>;
     /// Records that the deliveries `carried` went out inside the message of `carrier`.
     fn set_carried_by(&self, carried: &[String], carrier: &str) -> StoreResult<()>;

@@ -945,6 +945,29 @@ impl Store for SqliteStore {
         Ok(())
     }
 
+    fn set_presences(&self, updates: Vec<PresenceUpdate>) -> StoreResult<()> {
+        let mut conn = self.conn();
+        let tx = conn.transaction().map_err(sql("starting a transaction"))?;
+        {
+            let mut stmt = tx
+                .prepare_cached(
+                    "UPDATE agents SET presence = ?1, presence_at = ?2, path = COALESCE(?3, path), remote_addr = COALESCE(?4, remote_addr) WHERE id = ?5 AND (presence_at IS NULL OR presence_at <= ?2)",
+                )
+                .map_err(sql("recording presence"))?;
+            for u in updates {
+                stmt.execute(params![
+                    u.presence.as_str(),
+                    u.at,
+                    u.path,
+                    u.remote_addr,
+                    u.agent_id
+                ])
+                .map_err(sql("recording presence"))?;
+            }
+        }
+        tx.commit().map_err(sql("recording presence"))
+    }
+
     fn create_group(&self, name: &str, description: &str, now: Millis) -> StoreResult<Group> {
         let conn = self.conn();
         let exists: bool = conn
@@ -1189,7 +1212,7 @@ impl Store for SqliteStore {
             .collect::<Vec<_>>()
             .join(", ");
         let mut stmt = conn
-            .prepare(&format!(
+            .prepare_cached(&format!(
                 "SELECT {cols}, c.id, c.created_at, c.created_by, c.reason, c.action, c.target, c.expires_at, c.spread FROM deliveries d JOIN calls c ON c.id = d.call_id WHERE d.agent_id = ?1 AND d.state IN ('queued', 'sent') AND c.expires_at > ?2 ORDER BY d.queued_at, d.wakeup_id"
             ))
             .map_err(sql("reading pending wake-ups"))?;

@@ -1,0 +1,111 @@
+//! `beckon bench call` at a small scale with the `beckon` binary named by `BECKON_BIN` as
+//! console and broker: every agent enrolled through the API, connected with its own
+//! certificate, every wake-up verified by its agent and the call `finished` for all, the JSON
+//! parses, exit 0. Correctness only: the figures are printed, never asserted.
+
+mod common;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+fn main() -> ExitCode {
+    common::main_with(&[
+        (
+            "one_call_reaches_every_enrolled_agent",
+            one_call_reaches_every_enrolled_agent,
+        ),
+        (
+            "a_missing_console_program_is_named",
+            a_missing_console_program_is_named,
+        ),
+    ])
+}
+
+fn beckon_bin() -> PathBuf {
+    let path = std::env::var_os("BECKON_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            panic!(
+                "BECKON_BIN is not set: build the beckon binary (cargo build -p beckon) and set \
+             BECKON_BIN to its path, e.g. BECKON_BIN=target/debug/beckon"
+            )
+        });
+    assert!(
+        path.is_file(),
+        "BECKON_BIN={} is not a file: build it with cargo build -p beckon",
+        path.display()
+    );
+    path
+}
+
+fn one_call_reaches_every_enrolled_agent() {
+    let beckon = beckon_bin().display().to_string();
+    let stdout = common::run_bench(
+        &[
+            "call",
+            "--agents",
+            "300",
+            "--agents-per-worker",
+            "150",
+            "--agents-per-source-address",
+            "100",
+            "--acks",
+            "finished",
+            "--settle-secs",
+            "0.2",
+            "--wait-secs",
+            "60",
+            "--beckon-bin",
+            &beckon,
+            "--json",
+        ],
+        Duration::from_secs(300),
+    );
+    let json: serde_json::Value = serde_json::from_str(&stdout)
+        .unwrap_or_else(|e| panic!("the report is not JSON ({e}):\n{stdout}"));
+    eprintln!("{json:#}");
+    for (pointer, want) in [
+        ("/agents", 300.0),
+        ("/enrolled", 300.0),
+        ("/connected", 300.0),
+        ("/console_online", 300.0),
+        ("/call_agents", 300.0),
+        ("/delivered", 300.0),
+        ("/states/finished", 300.0),
+        ("/missing", 0.0),
+        ("/rejected", 0.0),
+        ("/duplicates", 0.0),
+    ] {
+        assert_eq!(
+            common::number(&json, pointer),
+            want,
+            "{pointer} in:\n{json:#}"
+        );
+    }
+    assert_eq!(
+        common::number(&json, "/arrival_ms/samples"),
+        300.0,
+        "every agent's arrival is timed"
+    );
+    assert_eq!(
+        common::number(&json, "/delivered_latency_ms/samples"),
+        300.0
+    );
+    assert!(common::number(&json, "/api_response_ms") > 0.0);
+    assert!(json["call_id"].is_string(), "{json:#}");
+}
+
+fn a_missing_console_program_is_named() {
+    let (status, stdout) = common::run_bench_status(
+        &[
+            "call",
+            "--agents",
+            "3",
+            "--beckon-bin",
+            "/nonexistent/beckon",
+        ],
+        Duration::from_secs(60),
+    );
+    assert!(!status.success(), "exit 0 without a console: {stdout}");
+}
