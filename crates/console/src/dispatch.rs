@@ -423,7 +423,10 @@ async fn write_states(
                 Err(e) => {
                     // Not acknowledged: the broker delivers these messages again after the
                     // next reconnect.
-                    tracing::warn!(error = %e, "updating deliveries failed");
+                    tracing::warn!(
+                        error = %e,
+                        "recording delivery states and presence failed; the broker delivers the messages again after the next reconnect"
+                    );
                     written = false;
                 }
             }
