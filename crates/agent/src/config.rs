@@ -77,6 +77,11 @@ pub struct AgentConfig {
 pub struct BrokerConfig {
     /// Host name (or address) of the push service.
     pub host: String,
+    /// More push-service nodes of a cluster (host names or addresses, same ports), tried in
+    /// turn after the whole ladder failed against the current one: an agent whose node went
+    /// away moves to the next. Empty by default (one name, e.g. a load balancer).
+    #[serde(default)]
+    pub more_hosts: Vec<String>,
     /// The name checked in the broker's certificate (default: `host`).
     #[serde(default)]
     pub server_name: Option<String>,

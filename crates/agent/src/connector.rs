@@ -107,6 +107,10 @@ pub struct LadderConnector {
     settings: TlsSettings,
     /// Size and modification time of the client certificate file `tls` holds.
     cert_stamp: Option<(std::time::SystemTime, u64)>,
+    /// `broker.host` then `broker.more_hosts`: the cluster nodes tried in turn.
+    hosts: Vec<String>,
+    /// Index in `hosts` of the node the ladder aims at.
+    current: usize,
 }
 
 fn file_stamp(path: &std::path::Path) -> Option<(std::time::SystemTime, u64)> {
@@ -154,12 +158,23 @@ impl LadderConnector {
             Some(proxy) => Some(proxy.parse::<ProxyUrl>()?),
             None => None,
         };
+        let hosts = std::iter::once(broker.host.clone())
+            .chain(broker.more_hosts.iter().cloned())
+            .collect();
         Ok(Self {
             ladder: ConnectionLadder::new(ladder_config, Arc::clone(&tls)),
             tls,
             settings,
             cert_stamp,
+            hosts,
+            current: 0,
         })
+    }
+
+    /// The push-service node the next attempt aims at (`broker.host` or one of
+    /// `broker.more_hosts`).
+    pub fn current_host(&self) -> &str {
+        &self.ladder.config().broker_host
     }
 
     /// Loads the client certificate and key again when the certificate file changed (a
@@ -223,9 +238,22 @@ impl Connector for LadderConnector {
                     stream: connected.stream,
                 })
             }
-            Err(e) => Err(ConnectError(format!(
-                "{e}\nrun `beckon doctor` for the fix of each step"
-            ))),
+            Err(e) => {
+                if self.hosts.len() > 1 {
+                    // This node is gone or unreachable by every path: the next attempt (after
+                    // the backoff) goes to the next node of the cluster.
+                    let failed = self.hosts[self.current].clone();
+                    self.current = (self.current + 1) % self.hosts.len();
+                    let mut config = self.ladder.config().clone();
+                    config.broker_host = self.hosts[self.current].clone();
+                    let last = self.ladder.last_working().cloned();
+                    self.rebuild(config, last);
+                    tracing::warn!(failed = %failed, next = %self.hosts[self.current], "push-service node unreachable; moving to the next");
+                }
+                Err(ConnectError(format!(
+                    "{e}\nrun `beckon doctor` for the fix of each step"
+                )))
+            }
         }
     }
 
@@ -294,5 +322,26 @@ mod tests {
         );
         assert_eq!(parse_server_reference("b2:port", 8883), None);
         assert_eq!(parse_server_reference("  ", 8883), None);
+    }
+
+    /// An agent with several nodes moves to the next when every path to its node fails,
+    /// and comes round again.
+    #[tokio::test]
+    async fn an_unreachable_node_sends_the_next_attempt_to_the_next_node() {
+        let closed = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .expect("a port");
+        let text = format!(
+            "agent_id = \"pc-1\"\ntenant = \"acme\"\n[broker]\nhost = \"127.0.0.1\"\nmore_hosts = [\"127.0.0.2\", \"127.0.0.3\"]\nport = {closed}\nfallback_port = {closed}\nconnect_timeout = \"2s\"\n[wakeup.console_keys]\nk = \"6kpsY-KcUgq-9VB7Ey7F-ZVHdq6-vnuSQh7qaRRG0iw\"\n"
+        );
+        let config =
+            crate::AgentConfig::parse(&text, std::path::Path::new("agent.toml")).expect("config");
+        let mut connector = LadderConnector::new(&config).expect("ladder");
+        assert_eq!(connector.current_host(), "127.0.0.1");
+        for next in ["127.0.0.2", "127.0.0.3", "127.0.0.1"] {
+            assert!(connector.connect().await.is_err());
+            assert_eq!(connector.current_host(), next);
+        }
     }
 }

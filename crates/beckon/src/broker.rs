@@ -146,6 +146,9 @@ pub fn main(args: BrokerArgs) -> anyhow::Result<()> {
                 ca.display()
             );
         }
+        if let Some(node) = &bound.cluster_node {
+            println!("beckon broker: cluster node {node}");
+        }
         println!("beckon broker: ready");
         tokio::select! {
             signal = signals.recv() => {

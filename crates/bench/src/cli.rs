@@ -11,7 +11,7 @@ pub enum Phase {
     Connect,
     /// Wait, then read the broker's memory and CPU per connection.
     Idle,
-    /// One QoS 1 wake-up per agent from one publisher.
+    /// One QoS 1 wake-up per agent, from `--publishers` connections.
     Fanout,
     /// Restart the broker (or cut every connection) and time the agents' return.
     Storm,
@@ -49,6 +49,11 @@ pub struct TargetArgs {
     /// Password for CONNECT.
     #[arg(long, env = "BECKON_BENCH_PASSWORD", hide_env_values = true)]
     pub password: Option<String>,
+    /// Another node of a cluster, `HOST:PORT` (repeat for each): the agents are spread over
+    /// --host:--port and these, worker process by worker process, round-robin, while the
+    /// publisher stays on --host:--port, so that most wake-ups cross nodes.
+    #[arg(long = "endpoint", value_name = "HOST:PORT")]
+    pub endpoints: Vec<String>,
     #[command(flatten)]
     pub session: SessionArgs,
 }
@@ -99,9 +104,13 @@ pub struct LoadArgs {
     /// Idle phase: wait after connecting before reading the broker, seconds.
     #[arg(long, default_value_t = 5.0)]
     pub settle_secs: f64,
-    /// Fan-out: unacknowledged wake-ups the publisher keeps in flight (capped by the
-    /// broker's Receive Maximum in MQTT 5).
-    #[arg(long, default_value_t = 1000)]
+    /// Fan-out: publisher connections; each sends the wake-ups of every n-th agent, all
+    /// starting at the same moment.
+    #[arg(long, default_value_t = 4, value_parser = clap::builder::TypedValueParser::map(clap::value_parser!(u16).range(1..=256), usize::from))]
+    pub publishers: usize,
+    /// Fan-out: unacknowledged wake-ups each publisher connection keeps in flight (at most
+    /// 65,535, and capped by the broker's Receive Maximum in MQTT 5).
+    #[arg(long, default_value_t = 10_000)]
     pub publish_window: usize,
     /// Fan-out: bound on the wait for every wake-up to arrive, seconds.
     #[arg(long, default_value_t = 30.0)]
@@ -177,6 +186,27 @@ impl SessionArgs {
 }
 
 impl TargetArgs {
+    /// The first target (--host, --port), then one per --endpoint, alike but for host and
+    /// port. Errors name the endpoint that is not `HOST:PORT`.
+    pub fn targets(&self) -> Result<Vec<Target>, String> {
+        let first = self.target();
+        let mut targets = vec![first.clone()];
+        for endpoint in &self.endpoints {
+            let (host, port) = endpoint
+                .rsplit_once(':')
+                .and_then(|(h, p)| Some((h.trim_matches(['[', ']']), p.parse::<u16>().ok()?)))
+                .filter(|(h, _)| !h.is_empty())
+                .ok_or_else(|| {
+                    format!("--endpoint {endpoint:?}: write HOST:PORT, e.g. 127.0.0.1:8884")
+                })?;
+            let mut target = first.clone();
+            target.host = host.to_owned();
+            target.port = port;
+            targets.push(target);
+        }
+        Ok(targets)
+    }
+
     /// The target these arguments name.
     pub fn target(&self) -> Target {
         let tls = (self.tls || self.ca.is_some()).then(|| TlsSettings {

@@ -231,16 +231,36 @@ pub async fn run_fleet(
     broker: &mut dyn BrokerControl,
     launcher: &WorkerLauncher,
 ) -> anyhow::Result<FleetReport> {
+    run_fleet_spread(std::slice::from_ref(target), load, broker, launcher).await
+}
+
+/// Runs the fleet phases against the nodes of a cluster: worker processes connect to the
+/// targets in turn (at least one worker per target), the publisher and the broker readings
+/// use the first.
+pub async fn run_fleet_spread(
+    targets: &[Target],
+    load: &LoadArgs,
+    broker: &mut dyn BrokerControl,
+    launcher: &WorkerLauncher,
+) -> anyhow::Result<FleetReport> {
+    let Some(target) = targets.first() else {
+        bail!("no broker to reach");
+    };
     let phases: BTreeSet<Phase> = load.phases.iter().copied().collect();
     let agents = load.agents;
     if agents == 0 {
         bail!("--agents must be at least 1");
     }
-    let per_worker = load.agents_per_worker.clamp(1, 19_000);
+    let per_worker = load
+        .agents_per_worker
+        .clamp(1, 19_000)
+        .min(agents.div_ceil(targets.len()));
     let worker_count = agents.div_ceil(per_worker);
-    let connector = Connector::new(target)
-        .await
-        .with_context(|| format!("broker {}:{}", target.host, target.port))?;
+    let connector = std::sync::Arc::new(
+        Connector::new(target)
+            .await
+            .with_context(|| format!("broker {}:{}", target.host, target.port))?,
+    );
     let sources = source_addresses(
         connector.addr().ip(),
         agents,
@@ -263,7 +283,7 @@ pub async fn run_fleet(
             first_agent,
             agents: per_worker.min(agents - first_agent),
             client_id_prefix: load.client_id_prefix.clone(),
-            target: target.clone(),
+            target: targets[worker % targets.len()].clone(),
             source_addresses: sources.clone(),
             agents_per_source_address: load.agents_per_source_address.max(1),
             connect_concurrency: concurrency,
@@ -280,6 +300,7 @@ pub async fn run_fleet(
     .await;
     fleet.shutdown().await;
     let mut report = result?;
+    report.nodes = targets.len();
     report.workers = worker_count;
     report.source_addresses = sources.len();
     Ok(report)
@@ -291,7 +312,7 @@ async fn drive(
     target: &Target,
     load: &LoadArgs,
     broker: &mut dyn BrokerControl,
-    connector: &Connector,
+    connector: &std::sync::Arc<Connector>,
     reader: &ProcReader,
 ) -> anyhow::Result<FleetReport> {
     let agents = load.agents;
@@ -306,6 +327,7 @@ async fn drive(
         tls_key_exchange: target.tls.as_ref().map(|t| t.key_exchange),
         mqtt_version: target.version,
         workers: 0,
+        nodes: 1,
         source_addresses: 0,
         connect: None,
         idle: None,
@@ -441,7 +463,7 @@ fn idle_report(
 
 async fn fan_out(
     fleet: &mut Fleet,
-    connector: &Connector,
+    connector: &std::sync::Arc<Connector>,
     load: &LoadArgs,
     broker: &dyn BrokerControl,
     reader: &ProcReader,
@@ -459,21 +481,17 @@ async fn fan_out(
         connector,
         &format!("{}publisher", load.client_id_prefix),
         &ids,
+        load.publishers,
         load.publish_window,
         wait,
     )
     .await
     .unwrap_or_else(|e| {
         // Reported, not fatal: the other phases still tell something.
-        let now = unix_ns();
-        PublishOutcome {
-            sent: 0,
-            acked: 0,
-            window: 0,
-            started_unix_ns: now,
-            written_unix_ns: now,
-            error: Some(format!("the publisher could not connect: {e}")),
-        }
+        PublishOutcome::failed(
+            load.publishers,
+            format!("the publisher could not connect: {e}"),
+        )
     });
     // Nothing was sent: nothing to wait for.
     let collect_wait = if published.sent == 0 {
@@ -505,6 +523,7 @@ async fn fan_out(
     let last = outcomes.iter().filter_map(|o| o.last_arrival_unix_ns).max();
     Ok(FanoutReport {
         published: published.sent,
+        publishers: published.publishers,
         acknowledged: published.acked,
         window: published.window,
         publisher_error: published.error,

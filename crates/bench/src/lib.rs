@@ -5,8 +5,9 @@
 //! - **connect**: every agent connects (TCP, TLS, CONNECT) and subscribes to its own topic
 //!   `agents/{id}/wake` at QoS 1: connect rate, latency, failures;
 //! - **idle**: after a settle time, the broker's RSS per connection and CPU per connect;
-//! - **fan-out**: one QoS 1 wake-up per agent from one publisher: time to the last arrival,
-//!   latency percentiles (the payload carries the send time), broker CPU per wake-up, misses;
+//! - **fan-out**: one QoS 1 wake-up per agent from several publisher connections: time to
+//!   the last arrival, latency percentiles (the payload carries the send time), broker CPU
+//!   per wake-up, misses, and the publishers' own write time;
 //! - **storm**: the broker restarts (or every connection is cut) and each agent comes back
 //!   with the agent's full-jitter backoff: time to 99% back, peak connect rate, stragglers.
 //!
@@ -95,12 +96,12 @@ async fn fleet_command(args: &FleetArgs, launcher: &WorkerLauncher) -> anyhow::R
     if args.target.tls && args.target.ca.is_none() {
         bail!("--tls needs --ca FILE: the CA certificate that signs the broker's certificate");
     }
-    let target = args.target.target();
+    let targets = args.target.targets().map_err(anyhow::Error::msg)?;
     let mut broker = fleet::ExternalBroker {
         pid: args.broker_pid,
         label: args.label.clone(),
     };
-    let report = fleet::run_fleet(&target, &args.load, &mut broker, launcher).await?;
+    let report = fleet::run_fleet_spread(&targets, &args.load, &mut broker, launcher).await?;
     if args.json {
         println!(
             "{}",

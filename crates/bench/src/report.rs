@@ -77,11 +77,14 @@ pub struct IdleReport {
 /// The fan-out phase.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct FanoutReport {
-    /// Wake-ups the publisher wrote (one per agent).
+    /// Wake-ups the publishers wrote (one per agent).
     pub published: usize,
+    /// Publisher connections.
+    #[serde(default)]
+    pub publishers: usize,
     /// Of those, acknowledged by the broker.
     pub acknowledged: usize,
-    /// Publisher window (unacknowledged messages in flight).
+    /// Window of each publisher connection (unacknowledged messages in flight).
     pub window: usize,
     /// Why the publisher stopped early, if it did.
     pub publisher_error: Option<String>,
@@ -93,7 +96,8 @@ pub struct FanoutReport {
     pub missing: usize,
     /// Extra copies received.
     pub duplicates: usize,
-    /// From the first to the last write of the publisher, seconds.
+    /// From the first to the last write of the publishers, seconds: when it is close to
+    /// the last arrival, the publishers and not the broker set the pace.
     pub publish_s: f64,
     /// From the first write to the last arrival, seconds.
     pub last_arrival_s: Option<f64>,
@@ -153,6 +157,9 @@ pub struct FleetReport {
     pub mqtt_version: MqttVersion,
     /// Worker processes.
     pub workers: usize,
+    /// Broker nodes the agents were spread over (a cluster when above 1).
+    #[serde(default = "one")]
+    pub nodes: usize,
     /// Source addresses the sockets were spread over (0: chosen by the kernel).
     pub source_addresses: usize,
     /// Connect phase.
@@ -165,6 +172,10 @@ pub struct FleetReport {
     pub storm: Option<StormReport>,
     /// The fan-out again after the storm.
     pub fanout_after_storm: Option<FanoutReport>,
+}
+
+fn one() -> usize {
+    1
 }
 
 /// One line of a table: a figure, its unit, and its value if measured.
@@ -244,6 +255,12 @@ impl FleetReport {
                 true,
             ));
             out.push(figure("fan-out: last arrival", "s", f.last_arrival_s, true));
+            out.push(figure(
+                "fan-out: publishers' write time",
+                "s",
+                Some(f.publish_s),
+                true,
+            ));
             out.push(figure(
                 "wake-up latency p50",
                 "ms",
@@ -357,7 +374,14 @@ impl FleetReport {
             },
             self.workers,
             self.source_addresses
-        )
+        ) + &if self.nodes > 1 {
+            format!(
+                ", spread over {} cluster nodes (publisher on the first)",
+                self.nodes
+            )
+        } else {
+            String::new()
+        }
     }
 
     /// Things the figures alone do not say: first errors, missing broker readings.

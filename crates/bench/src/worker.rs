@@ -135,6 +135,12 @@ async fn worker_main() -> anyhow::Result<()> {
     };
     let mut pending: Option<Pending> = None;
     let mut started = false;
+    // One timer for the loop, moved only when the deadline changes: a fresh sleep per agent
+    // event would register and cancel a timer for every wake-up the fleet receives.
+    let mut deadline = Instant::now() + Duration::from_secs(86_400);
+    let timer = tokio::time::sleep_until(deadline);
+    tokio::pin!(timer);
+    let mut batch = Vec::with_capacity(256);
     reply(&Reply::Ready {
         pid: std::process::id(),
     })?;
@@ -147,11 +153,16 @@ async fn worker_main() -> anyhow::Result<()> {
             reply(&answer)?;
             pending = None;
         }
-        let deadline = match &pending {
-            Some(Pending::Wakeups { deadline } | Pending::Storm { deadline }) => *deadline,
-            Some(Pending::Connect) => Instant::now() + CONNECT_PHASE_LIMIT,
-            None => Instant::now() + Duration::from_secs(86_400),
+        let wanted = match &pending {
+            Some(Pending::Wakeups { deadline } | Pending::Storm { deadline }) => Some(*deadline),
+            Some(Pending::Connect) => Some(deadline.min(Instant::now() + CONNECT_PHASE_LIMIT)),
+            None => None,
         };
+        let wanted = wanted.unwrap_or(deadline);
+        if wanted != deadline {
+            deadline = wanted;
+            timer.as_mut().reset(deadline);
+        }
         tokio::select! {
             line = lines.recv() => {
                 // The parent is gone: stop.
@@ -208,12 +219,14 @@ async fn worker_main() -> anyhow::Result<()> {
                     Command::Shutdown => break,
                 }
             }
-            event = events.recv() => {
-                if let Some(event) = event {
-                    record(&mut state, event);
+            n = events.recv_many(&mut batch, 256) => {
+                if n > 0 {
+                    for event in batch.drain(..) {
+                        record(&mut state, event);
+                    }
                 }
             }
-            () = tokio::time::sleep_until(deadline), if pending.is_some() => {
+            () = &mut timer, if pending.is_some() => {
                 if let Some(p) = &pending
                     && let Some(answer) = complete(p, &mut state, true)
                 {

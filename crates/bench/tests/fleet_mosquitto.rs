@@ -125,6 +125,7 @@ fn fleet_mqtt5_survives_a_broker_restart() {
             Phase::FanoutAfterStorm,
         ],
         settle_secs: 0.0,
+        publishers: 2,
         publish_window: 1000,
         fanout_wait_secs: 20.0,
         outage_secs: 1.0,

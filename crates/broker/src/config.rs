@@ -99,6 +99,63 @@ pub struct BrokerConfig {
     pub tls: TlsConfig,
     /// Limits of the network layer and of the protocol core.
     pub limits: LimitsConfig,
+    /// Cluster membership through NATS (`[cluster]`, see docs/cluster.md). Default: off, a
+    /// single node.
+    pub cluster: Option<ClusterConfig>,
+}
+
+/// `[cluster]`: this broker is one node of several sharing messages, client ids and presence
+/// through NATS.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClusterConfig {
+    /// NATS server URLs, e.g. `["nats://10.0.0.5:4222", "nats://10.0.0.6:4222"]`. Required.
+    pub nats: Vec<String>,
+    /// This node's name, unique in the cluster; shown in presence events (`node`). Default:
+    /// the host name.
+    pub node: String,
+    /// First token of every NATS subject, so that several Beckon clusters can share one NATS.
+    /// Default `beckon`.
+    pub name: String,
+    /// How often the node says it is alive, in milliseconds. Default 1000.
+    pub heartbeat_ms: u64,
+    /// After how long without a heartbeat another node counts as gone and the identities it
+    /// held are published as disconnected, in milliseconds. Default 5000.
+    pub node_timeout_ms: u64,
+    /// How long writing to NATS may take before the PUBACKs waiting on it are given up (the
+    /// publishers are disconnected and resend), in milliseconds. Default 5000.
+    pub flush_timeout_ms: u64,
+}
+
+/// The host name's first label, as a node name (`node-1` when there is none).
+fn host_node_name() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    let name: String = host
+        .trim()
+        .split('.')
+        .next()
+        .unwrap_or_default()
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric() || *c == '-' || *c == '_')
+        .collect();
+    if name.is_empty() {
+        "node-1".to_owned()
+    } else {
+        name
+    }
+}
+
+impl Default for ClusterConfig {
+    fn default() -> Self {
+        Self {
+            nats: Vec::new(),
+            node: host_node_name(),
+            name: "beckon".to_owned(),
+            heartbeat_ms: 1000,
+            node_timeout_ms: 5000,
+            flush_timeout_ms: 5000,
+        }
+    }
 }
 
 /// `[listeners]`.
@@ -177,7 +234,8 @@ pub struct LimitsConfig {
     /// Largest packet accepted, in bytes (announced to v5 clients). Default 1048576.
     pub max_packet_size: u32,
     /// Packets waiting to be written to one connection; beyond it QoS 0 messages are dropped and
-    /// any other packet closes the connection as a slow consumer. Default 1000.
+    /// a QoS 1/2 message closes the connection as a slow consumer (answers to the client's own
+    /// packets may go 8,192 further). Default 1000.
     pub max_outbound_packets: usize,
     /// Receive Maximum announced to v5 clients. Default 64.
     pub receive_maximum: u16,
@@ -253,6 +311,7 @@ impl Default for BrokerConfig {
             listeners: ListenersConfig::default(),
             tls: TlsConfig::default(),
             limits: LimitsConfig::default(),
+            cluster: None,
         }
     }
 }
@@ -360,6 +419,37 @@ impl BrokerConfig {
                 reason: reason.to_owned(),
             })
         };
+        if let Some(cluster) = &self.cluster {
+            if cluster.nats.is_empty() {
+                return invalid(
+                    "cluster.nats",
+                    "a cluster needs at least one NATS server URL, e.g. nats = [\"nats://127.0.0.1:4222\"]; remove [cluster] for a single node",
+                );
+            }
+            let token_ok = |t: &str| {
+                !t.is_empty()
+                    && t.bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+            };
+            if !token_ok(&cluster.node) || cluster.node.len() > 200 {
+                return invalid(
+                    "cluster.node",
+                    "a node name is 1 to 200 letters, digits, '-' or '_', unique in the cluster",
+                );
+            }
+            if !token_ok(&cluster.name) {
+                return invalid(
+                    "cluster.name",
+                    "the cluster name is letters, digits, '-' or '_' (it starts every NATS subject)",
+                );
+            }
+            if cluster.heartbeat_ms == 0 || cluster.node_timeout_ms < 2 * cluster.heartbeat_ms {
+                return invalid(
+                    "cluster.node_timeout_ms",
+                    "must be at least twice cluster.heartbeat_ms (which must not be 0), or nodes are declared gone between two heartbeats",
+                );
+            }
+        }
         if self.listeners.mqtts.0.is_none()
             && self.listeners.mqtt.0.is_none()
             && self.listeners.fallback.0.is_none()

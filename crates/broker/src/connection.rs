@@ -39,8 +39,6 @@ pub const VIA_PROXY_PROPERTY: &str = "beckon-via-proxy";
 
 /// Largest single read from the socket; also the stack buffer of each read.
 const READ_CHUNK: usize = 8 * 1024;
-/// rustls' outgoing buffer bound per connection (its default is 64 KiB).
-const TLS_BUFFER_LIMIT: usize = 16 * 1024;
 /// How long a closing connection may take to flush and say goodbye.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -144,8 +142,10 @@ impl Drop for ActiveGuard {
 /// held while the socket is idle. Returns the number of bytes read (0 at end of stream).
 async fn read_some<S: AsyncRead + Unpin>(stream: &mut S, buf: &mut BytesMut) -> io::Result<usize> {
     poll_fn(|cx| {
-        let mut chunk = [0u8; READ_CHUNK];
-        let mut rb = ReadBuf::new(&mut chunk);
+        // Left uninitialised: zeroing 8 KiB on every poll (most polls find nothing to read)
+        // was the largest single item of the connection tasks' own instructions.
+        let mut chunk = [std::mem::MaybeUninit::<u8>::uninit(); READ_CHUNK];
+        let mut rb = ReadBuf::uninit(&mut chunk);
         match Pin::new(&mut *stream).poll_read(cx, &mut rb) {
             Poll::Ready(Ok(())) => {
                 let filled = rb.filled();
@@ -272,11 +272,11 @@ pub(crate) async fn serve(
     }
     match (kind, &shared.tls) {
         (ListenerKind::Fallback, Some(tls)) => {
-            let acceptor = tokio_rustls::TlsAcceptor::from(shared.tls_config(tls, kind));
+            let config = shared.tls_config(tls, kind);
             let shutdown = shared.shutdown.clone();
             let Some((stream, leaf, alpn_mqtt)) = Box::pin(tls_handshake(
                 &shared.metrics,
-                acceptor,
+                config,
                 tcp,
                 deadline,
                 shutdown,
@@ -294,11 +294,11 @@ pub(crate) async fn serve(
             // The handshake runs boxed and hands over a boxed stream: an async fn keeps the
             // storage of large values it moved, so keeping them out of this (long-lived)
             // state is what makes an idle connection small.
-            let acceptor = tokio_rustls::TlsAcceptor::from(shared.tls_config(tls, kind));
+            let config = shared.tls_config(tls, kind);
             let shutdown = shared.shutdown.clone();
             let Some((stream, leaf, _)) = Box::pin(tls_handshake(
                 &shared.metrics,
-                acceptor,
+                config,
                 tcp,
                 deadline,
                 shutdown,
@@ -341,23 +341,23 @@ pub(crate) async fn serve(
     }
 }
 
-type TlsStream = tokio_rustls::server::TlsStream<TcpStream>;
+use crate::tls_stream::TlsStream;
 
 /// TLS handshake within the connect deadline. Returns the stream (boxed) and the leaf of a
 /// client certificate verified by the configured client CAs.
 async fn tls_handshake(
     metrics: &crate::metrics::Metrics,
-    acceptor: tokio_rustls::TlsAcceptor,
+    config: Arc<ServerConfig>,
     tcp: TcpStream,
     deadline: Instant,
     mut shutdown: watch::Receiver<bool>,
 ) -> Option<(Box<TlsStream>, Option<Vec<u8>>, bool)> {
     let accepted = tokio::select! {
-        r = timeout_at(deadline, acceptor.accept(tcp)) => r,
+        r = timeout_at(deadline, crate::tls_stream::accept(config, tcp)) => r,
         _ = shutdown.changed() => return None,
     };
-    let mut stream = match accepted {
-        Ok(Ok(s)) => Box::new(s),
+    let accepted = match accepted {
+        Ok(Ok(a)) => a,
         Ok(Err(e)) => {
             metrics.tls_failure();
             tracing::debug!(error = %e, "TLS handshake failed");
@@ -369,15 +369,11 @@ async fn tls_handshake(
             return None;
         }
     };
-    let session = stream.get_mut().1;
-    session.set_buffer_limit(Some(TLS_BUFFER_LIMIT));
-    let alpn = session
-        .alpn_protocol()
-        .map(|p| String::from_utf8_lossy(p).into_owned());
-    let leaf = session
-        .peer_certificates()
-        .and_then(|c| c.first())
-        .map(|c| c.as_ref().to_vec());
+    let stream = Box::new(accepted.stream);
+    let alpn = accepted
+        .alpn
+        .map(|p| String::from_utf8_lossy(&p).into_owned());
+    let leaf = accepted.client_certificate;
     tracing::debug!(
         alpn = alpn.as_deref().unwrap_or("none"),
         client_cert = leaf.is_some(),
@@ -817,9 +813,24 @@ async fn established<S: AsyncRead + AsyncWrite + Unpin>(
             // held across an await (it would enlarge every connection's state).
             let whole = matches!(frame_len(rbuf, max), Ok(Some(n)) if rbuf.len() >= n);
             let permit = if whole {
-                match events.reserve().await {
-                    Ok(p) => Some(p),
-                    Err(_) => return None,
+                // While the core's queue is full, keep writing what the core sends: a client
+                // that pipelines many QoS 1 messages would otherwise see its acknowledgements
+                // pile up unwritten until the outbound limit took it for a slow consumer.
+                loop {
+                    tokio::select! {
+                        biased;
+                        p = events.reserve() => match p {
+                            Ok(p) => break Some(p),
+                            Err(_) => return None,
+                        },
+                        () = outbox.changed() => {
+                            match Box::pin(flush(metrics, stream, outbox, map, version, client_keep_alive, &mut keep_alive)).await {
+                                Flushed::Open => {}
+                                Flushed::ClosedByBroker => return None,
+                                Flushed::WriteFailed => return Some(CloseReason::Transport),
+                            }
+                        }
+                    }
                 }
             } else {
                 None

@@ -17,6 +17,8 @@ mod ratelimit;
 mod server;
 mod shared_port;
 mod tenancy;
+mod tls13_records;
+mod tls_stream;
 
 pub use config::{BrokerConfig, ConfigError, Listen};
 pub use connection::VIA_PROXY_PROPERTY;

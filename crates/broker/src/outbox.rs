@@ -5,16 +5,26 @@
 //! holds no allocation: the queue is taken whole, so its buffer goes with it.
 //!
 //! Slow-consumer policy: the queue holds at most `limit` packets. When it is full, a QoS 0
-//! PUBLISH is dropped (and counted); any other packet means the client has stopped reading,
+//! PUBLISH is dropped (and counted); a QoS 1/2 PUBLISH means the client has stopped reading,
 //! so the connection is aborted without a flush and the core treats it as a transport loss
 //! (the will is published, the session is kept for its expiry and QoS 1/2 messages are
 //! delivered again when the client comes back).
+//!
+//! Answers to the client's own packets (PUBACK, SUBACK, PINGRESP, ...) get a further
+//! [`RESPONSE_ALLOWANCE`] above the limit: a publisher that pipelines thousands of QoS 1
+//! messages receives as many acknowledgements at once, and is reading them. Their number is
+//! bounded all the same: a connection that cannot write stops reading, so it forwards no
+//! more packets to answer than the core's queue holds.
 
 use std::collections::VecDeque;
 use std::sync::Mutex;
 
 use beckon_mqtt::{Packet, QoS};
 use tokio::sync::Notify;
+
+/// How far answers to the client's own packets may go beyond the queue limit: more than the
+/// core's event queue holds, so that everything a pipelining client has sent can be answered.
+pub(crate) const RESPONSE_ALLOWANCE: usize = 8192;
 
 /// What the connection task should do after writing what is queued.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -81,7 +91,10 @@ impl Outbox {
             if inner.state != OutboxState::Open {
                 return Pushed::Closed;
             }
-            if inner.queue.len() < self.limit {
+            let publish = matches!(&packet, Packet::Publish(_));
+            if inner.queue.len() < self.limit
+                || (!publish && inner.queue.len() < self.limit + RESPONSE_ALLOWANCE)
+            {
                 inner.queue.push_back(packet);
                 Pushed::Queued
             } else if matches!(&packet, Packet::Publish(p) if p.qos == QoS::AtMostOnce) {
@@ -145,7 +158,7 @@ mod tests {
     }
 
     #[test]
-    fn full_queue_drops_qos0_and_aborts_on_anything_else() {
+    fn full_queue_drops_qos0_and_aborts_on_qos1() {
         let outbox = Outbox::new(2);
         assert_eq!(outbox.push(Packet::PingResp), Pushed::Queued);
         assert_eq!(outbox.push(publish(QoS::AtMostOnce)), Pushed::Queued);
@@ -158,6 +171,19 @@ mod tests {
         assert_eq!(outbox.state(), OutboxState::Aborted);
         assert_eq!(outbox.push(Packet::PingResp), Pushed::Closed);
         assert!(outbox.take().0.is_empty());
+    }
+
+    #[test]
+    fn acknowledgements_to_a_pipelining_client_go_beyond_the_limit_but_not_forever() {
+        let outbox = Outbox::new(2);
+        let ack = || Packet::PubAck(beckon_mqtt::Ack::new(1));
+        for _ in 0..2 + RESPONSE_ALLOWANCE {
+            assert_eq!(outbox.push(ack()), Pushed::Queued);
+        }
+        // Messages from the broker still see the limit.
+        assert_eq!(outbox.push(publish(QoS::AtMostOnce)), Pushed::Dropped);
+        assert_eq!(outbox.push(ack()), Pushed::Overflow);
+        assert_eq!(outbox.state(), OutboxState::Aborted);
     }
 
     #[test]

@@ -5,6 +5,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Instant;
 
 use beckon_identity::{ConnectionPath, Identity, PresenceEvent, PresenceState, acl};
@@ -24,6 +25,8 @@ pub(crate) mod reason {
     pub(crate) const SERVER_SHUTDOWN: &str = "server_shutdown";
     pub(crate) const TENANT_REMOVED: &str = "tenant_removed";
     pub(crate) const REVOKED: &str = "revoked";
+    /// The cluster node that held the connection went silent (crashed or cut off).
+    pub(crate) const NODE_LOST: &str = "node_lost";
 }
 
 /// A connected tenant identity.
@@ -33,6 +36,7 @@ pub(crate) struct Present {
     remote: SocketAddr,
     path: ConnectionPath,
     via_proxy: Option<bool>,
+    node: Option<Arc<str>>,
 }
 
 /// The connected identities, by connection and by session key.
@@ -40,6 +44,8 @@ pub(crate) struct Present {
 pub(crate) struct Presence {
     by_conn: HashMap<ConnId, Present>,
     by_key: HashMap<String, ConnId>,
+    /// This node's name when clustered: written into every event.
+    node: Option<Arc<str>>,
 }
 
 fn path_of(path: &str) -> ConnectionPath {
@@ -52,6 +58,22 @@ fn path_of(path: &str) -> ConnectionPath {
 }
 
 impl Presence {
+    /// Presence of a cluster node named `node` (or of a single broker with `None`).
+    pub(crate) fn new(node: Option<&str>) -> Self {
+        Self {
+            node: node.map(Arc::from),
+            ..Self::default()
+        }
+    }
+
+    /// Publishes the connected event of every identity held here again (after this node was
+    /// cut off from the cluster, whose other nodes may have declared it gone).
+    pub(crate) fn republish(&self, core: &mut BrokerCore, now: Instant, out: &mut Vec<Action>) {
+        for present in self.by_conn.values() {
+            publish(core, now, present, PresenceState::Connected, None, out);
+        }
+    }
+
     /// `identity` completed CONNECT on `conn`; publishes its connected event.
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn connected(
@@ -69,6 +91,7 @@ impl Presence {
             remote: info.remote_addr,
             path: path_of(info.path),
             via_proxy,
+            node: self.node.clone(),
         };
         publish(core, now, &present, PresenceState::Connected, None, out);
         let key = present.identity.session_key();
@@ -138,7 +161,7 @@ fn publish(
         remote_addr: present.remote.to_string(),
         path: present.path,
         via_proxy: present.via_proxy,
-        node: None,
+        node: present.node.as_deref().map(str::to_owned),
     };
     tracing::debug!(identity = %present.identity, ?state, reason = why.unwrap_or(""), "presence");
     core.publish_from_broker(
@@ -149,4 +172,72 @@ fn publish(
         true,
         out,
     );
+}
+
+/// Cluster: before `identity` is announced connected here, the retained presence this node
+/// has for it may still say connected on another node (a takeover across nodes, or a move
+/// from a node that died): publish that node's disconnected event first, so that every
+/// subscriber sees disconnected, then connected, and the retained state ends connected.
+pub(crate) fn release_elsewhere(
+    core: &mut BrokerCore,
+    now: Instant,
+    identity: &Identity,
+    out: &mut Vec<Action>,
+) {
+    let topic = acl::presence_topic(identity);
+    let Some(payload) = core.retained_payload(&topic, now) else {
+        return;
+    };
+    let Ok(mut event) = PresenceEvent::from_json(&payload) else {
+        return;
+    };
+    if event.state != PresenceState::Connected {
+        return;
+    }
+    event.state = PresenceState::Disconnected;
+    event.at = unix_now_ms();
+    event.reason = Some(reason::TAKEN_OVER.to_owned());
+    core.publish_from_broker(
+        now,
+        topic,
+        Bytes::from(event.to_json()),
+        QoS::AtLeastOnce,
+        true,
+        out,
+    );
+}
+
+/// Cluster: node `lost` went silent. Every identity this node's retained presence shows
+/// connected on it is published disconnected (`node_lost`) to this node's subscribers and
+/// retained store; every surviving node does the same on its own, so nothing crosses NATS.
+pub(crate) fn release_node(
+    core: &mut BrokerCore,
+    now: Instant,
+    lost: &str,
+    out: &mut Vec<Action>,
+) -> usize {
+    let mut released = 0;
+    for filter in ["t/+/agents/+/presence", "t/+/servers/+/presence"] {
+        for (topic, payload) in core.retained_matching(filter, now) {
+            let Ok(mut event) = PresenceEvent::from_json(&payload) else {
+                continue;
+            };
+            if event.state != PresenceState::Connected || event.node.as_deref() != Some(lost) {
+                continue;
+            }
+            event.state = PresenceState::Disconnected;
+            event.at = unix_now_ms();
+            event.reason = Some(reason::NODE_LOST.to_owned());
+            core.publish_from_broker_local(
+                now,
+                topic,
+                Bytes::from(event.to_json()),
+                QoS::AtLeastOnce,
+                true,
+                out,
+            );
+            released += 1;
+        }
+    }
+    released
 }

@@ -20,7 +20,7 @@ use tracing::Instrument;
 
 use crate::config::{BrokerConfig, ConfigError};
 use crate::connection::{ActiveGuard, Busy, ListenerKind, Shared, serve};
-use crate::core::{Action, BrokerCore, CloseReason, ConnId, ConnectionInfo};
+use crate::core::{Action, BrokerCore, CloseReason, ClusterOut, ConnId, ConnectionInfo};
 use crate::fdlimit;
 use crate::outbox::{Outbox, Pushed};
 use crate::presence::{self, Presence, reason};
@@ -73,6 +73,9 @@ pub enum ServerError {
     /// Certificates could not be created or loaded.
     #[error("TLS: {0}")]
     Tls(#[from] PkiError),
+    /// The cluster link could not start.
+    #[error(transparent)]
+    Cluster(#[from] beckon_cluster::ClusterError),
     /// The protocol core stopped unexpectedly (a bug); the broker cannot continue.
     #[error("the broker core stopped unexpectedly: {0}")]
     CoreStopped(String),
@@ -122,6 +125,8 @@ pub struct Bound {
     pub max_connections: usize,
     /// The file descriptor limit read at start, if it could be read.
     pub fd_limit: Option<fdlimit::FdLimit>,
+    /// This node's name when it is part of a cluster.
+    pub cluster_node: Option<String>,
 }
 
 /// Controls a running server.
@@ -328,6 +333,7 @@ impl Server {
             generated_ca,
             max_connections,
             fd_limit,
+            cluster_node: None,
         };
         if let Some(addr) = config.listeners.mqtts.0 {
             let l = bind_listener("listeners.mqtts", addr)?;
@@ -432,10 +438,40 @@ impl Server {
             shutdown: shutdown_rx.clone(),
         });
         let (events_tx, events_rx) = mpsc::channel(EVENT_QUEUE);
-        let core = BrokerCore::new(config.core_config());
+        let mut core = BrokerCore::new(config.core_config());
+        let cluster = match &config.cluster {
+            None => None,
+            Some(c) => {
+                core.enable_cluster(&c.node);
+                let options = beckon_cluster::ClusterOptions {
+                    servers: c.nats.clone(),
+                    node: c.node.clone(),
+                    subject_root: c.name.clone(),
+                    heartbeat: Duration::from_millis(c.heartbeat_ms),
+                    node_timeout: Duration::from_millis(c.node_timeout_ms),
+                    flush_timeout: Duration::from_millis(c.flush_timeout_ms),
+                };
+                let (link, incoming, task) = beckon_cluster::join(options).await?;
+                tracing::info!(node = %c.node, nats = ?c.nats, cluster = %c.name, "cluster node: messages, client ids and presence shared through NATS");
+                bound.cluster_node = Some(c.node.clone());
+                Some(ClusterSide {
+                    link,
+                    incoming,
+                    task,
+                    pending: HashMap::new(),
+                    next_token: 1,
+                })
+            }
+        };
         let core_task = tokio::spawn(
-            core_loop(core, events_rx, shutdown_rx.clone(), metrics.clone())
-                .instrument(tracing::info_span!("core")),
+            core_loop(
+                core,
+                events_rx,
+                shutdown_rx.clone(),
+                metrics.clone(),
+                cluster,
+            )
+            .instrument(tracing::info_span!("core")),
         );
         let mut tasks = Vec::new();
         for (listener, kind) in listeners {
@@ -795,15 +831,178 @@ fn close_reason(reason: CloseReason) -> &'static str {
     }
 }
 
+/// The core task's side of the cluster link.
+struct ClusterSide {
+    link: beckon_cluster::ClusterLink,
+    incoming: mpsc::Receiver<beckon_cluster::Incoming>,
+    task: JoinHandle<()>,
+    /// PUBACK/PUBREC packets waiting for their message to leave for NATS, by token.
+    pending: HashMap<u64, (ConnId, Packet)>,
+    next_token: u64,
+}
+
+impl ClusterSide {
+    /// Hands what the core produced for the cluster to the link. Returns the connections
+    /// whose acknowledgement cannot be kept (the link is not keeping up): they are closed so
+    /// that their clients resend.
+    fn forward(&mut self, core: &mut BrokerCore) -> Vec<ConnId> {
+        use beckon_cluster::Outgoing;
+        let mut failed = Vec::new();
+        for item in core.take_cluster_out() {
+            let command = match item {
+                ClusterOut::Publish { publish, ack } => {
+                    let token = ack.map(|ack| {
+                        let token = self.next_token;
+                        self.next_token += 1;
+                        self.pending.insert(token, ack);
+                        token
+                    });
+                    Outgoing::Publish { publish, token }
+                }
+                ClusterOut::Interest { filter, added } => Outgoing::Interest { filter, added },
+                ClusterOut::Claim {
+                    client_id,
+                    clean_start,
+                } => Outgoing::Claim {
+                    client_id,
+                    clean_start,
+                },
+            };
+            if let Err(command) = self.link.send(command) {
+                tracing::warn!(
+                    "cluster link queue full: a message, subscription or claim did not reach the other nodes"
+                );
+                if let Outgoing::Publish {
+                    token: Some(token), ..
+                } = command
+                    && let Some((conn, _)) = self.pending.remove(&token)
+                {
+                    failed.push(conn);
+                }
+            }
+        }
+        failed
+    }
+}
+
+async fn next_incoming(cluster: &mut Option<ClusterSide>) -> Option<beckon_cluster::Incoming> {
+    match cluster {
+        Some(c) => c.incoming.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Closes a connection the broker gives up on (its PUBACK cannot be kept): the client
+/// reconnects and resends.
+fn drop_connection(
+    core: &mut BrokerCore,
+    conns: &mut HashMap<ConnId, Arc<Outbox>>,
+    presence: &mut Presence,
+    conn: ConnId,
+    out: &mut Vec<Action>,
+) {
+    if let Some(outbox) = conns.remove(&conn) {
+        outbox.close();
+        let now = std::time::Instant::now();
+        core.handle_close(now, conn, CloseReason::Closed, out);
+        if let Some(p) = presence.end(conn) {
+            presence::disconnected(core, now, &p, reason::CONNECTION_LOST, out);
+        }
+    }
+}
+
+/// Settles the core's actions and hands the cluster what it must know, until both are done.
+fn settle_all(
+    core: &mut BrokerCore,
+    conns: &mut HashMap<ConnId, Arc<Outbox>>,
+    presence: &mut Presence,
+    cluster: &mut Option<ClusterSide>,
+    out: &mut Vec<Action>,
+) {
+    settle(core, conns, presence, reason::CONNECTION_LOST, out);
+    if let Some(c) = cluster {
+        loop {
+            let failed = c.forward(core);
+            if failed.is_empty() {
+                break;
+            }
+            for conn in failed {
+                drop_connection(core, conns, presence, conn, out);
+            }
+            settle(core, conns, presence, reason::CONNECTION_LOST, out);
+        }
+    }
+}
+
+/// What the cluster link reports.
+fn cluster_incoming(
+    core: &mut BrokerCore,
+    conns: &mut HashMap<ConnId, Arc<Outbox>>,
+    presence: &mut Presence,
+    cluster: &mut ClusterSide,
+    incoming: beckon_cluster::Incoming,
+    out: &mut Vec<Action>,
+) {
+    use beckon_cluster::Incoming;
+    let now = std::time::Instant::now();
+    match incoming {
+        Incoming::Message(publish) => {
+            core.handle_remote_publish(now, publish, out);
+        }
+        Incoming::Claim(claim) => {
+            if let Some(conn) = core.connection_of(&claim.client_id) {
+                // The node that took the client over publishes the disconnected event.
+                presence.end(conn);
+                tracing::info!(conn, client_id = %claim.client_id, node = %claim.node, "session taken over on another node");
+            }
+            core.handle_remote_claim(now, &claim.client_id, claim.clean_start, out);
+        }
+        Incoming::NodeLost(node) => {
+            let released = presence::release_node(core, now, &node, out);
+            tracing::warn!(node = %node, identities = released, "cluster node gone: its identities are disconnected");
+        }
+        Incoming::Flushed { tokens, ok } => {
+            for token in tokens {
+                let Some((conn, packet)) = cluster.pending.remove(&token) else {
+                    continue;
+                };
+                if ok {
+                    core.cluster_ack(conn, packet, out);
+                } else {
+                    drop_connection(core, conns, presence, conn, out);
+                }
+            }
+        }
+        Incoming::Reconnected => presence.republish(core, now, out),
+        Incoming::SnapshotRequest { reply } => {
+            let retained = core.retained_snapshot(now);
+            if cluster
+                .link
+                .send(beckon_cluster::Outgoing::Snapshot { reply, retained })
+                .is_err()
+            {
+                tracing::warn!(
+                    "cluster link queue full: a joining node gets no retained messages from this one"
+                );
+            }
+        }
+        Incoming::Retained(publish) => {
+            core.store_retained_if_absent(now, publish);
+        }
+    }
+}
+
 async fn core_loop(
     mut core: BrokerCore,
     mut events: mpsc::Receiver<Event>,
     mut shutdown: watch::Receiver<bool>,
     metrics: Arc<crate::metrics::Metrics>,
+    mut cluster: Option<ClusterSide>,
 ) -> Result<(), String> {
     let mut conns: HashMap<ConnId, Arc<Outbox>> = HashMap::new();
     let mut last_sync = Instant::now();
-    let mut presence = Presence::default();
+    let node = cluster.as_ref().map(|c| c.link.node().to_owned());
+    let mut presence = Presence::new(node.as_deref());
     let mut out = Vec::new();
     let mut next_tick = Instant::now() + MAX_TICK;
     loop {
@@ -825,6 +1024,12 @@ async fn core_loop(
                         // goes out before the new connected one, which stays retained.
                         settle(&mut core, &mut conns, &mut presence, reason::TAKEN_OVER, &mut out);
                         if let (true, Some(identity), Some(info)) = (accepted, identity, presence_info) {
+                            if cluster.is_some() {
+                                if identity.role == beckon_identity::Role::Agent {
+                                    core.hold_interest(conn, &format!("t/{}/agents/{}/+", identity.tenant.as_str(), identity.id()));
+                                }
+                                presence::release_elsewhere(&mut core, now, &identity, &mut out);
+                            }
                             presence.connected(&mut core, now, conn, identity, &info, via_proxy, &mut out);
                         }
                     }
@@ -870,8 +1075,19 @@ async fn core_loop(
                         }
                     }
                 }
-                settle(&mut core, &mut conns, &mut presence, reason::CONNECTION_LOST, &mut out);
+                settle_all(&mut core, &mut conns, &mut presence, &mut cluster, &mut out);
                 // An event may bring timed work forward (a will delay, a session expiry).
+                if let Some(due) = core.next_deadline() {
+                    next_tick = next_tick.min(Instant::from_std(due));
+                }
+            }
+            incoming = next_incoming(&mut cluster) => {
+                let Some(c) = cluster.as_mut() else { continue };
+                let Some(incoming) = incoming else {
+                    return Err("the cluster link stopped".to_owned());
+                };
+                cluster_incoming(&mut core, &mut conns, &mut presence, c, incoming, &mut out);
+                settle_all(&mut core, &mut conns, &mut presence, &mut cluster, &mut out);
                 if let Some(due) = core.next_deadline() {
                     next_tick = next_tick.min(Instant::from_std(due));
                 }
@@ -879,7 +1095,7 @@ async fn core_loop(
             () = tokio::time::sleep_until(next_tick) => {
                 let now = std::time::Instant::now();
                 let next = core.tick(now, &mut out);
-                settle(&mut core, &mut conns, &mut presence, reason::CONNECTION_LOST, &mut out);
+                settle_all(&mut core, &mut conns, &mut presence, &mut cluster, &mut out);
                 // Walks every session: at most once a second.
                 if last_sync.elapsed() >= Duration::from_secs(1) {
                     metrics.sync_core(&core);
@@ -914,6 +1130,15 @@ async fn core_loop(
         reason::SERVER_SHUTDOWN,
         &mut out,
     );
+    // The last presence events go to the other nodes before the link closes.
+    if let Some(mut c) = cluster.take() {
+        c.forward(&mut core);
+        let ClusterSide { link, task, .. } = c;
+        drop(link);
+        if tokio::time::timeout(DRAIN_TIMEOUT, task).await.is_err() {
+            tracing::warn!("the cluster link did not finish within {DRAIN_TIMEOUT:?}");
+        }
+    }
     for outbox in conns.values() {
         outbox.close();
     }

@@ -776,10 +776,14 @@ async fn flood(publisher: &mut Client<TcpStream>, topic: &str, qos: QoS, count: 
 }
 
 #[tokio::test]
-async fn slow_consumer_loses_qos0_but_stays_and_is_closed_when_qos1_backs_up() {
+async fn slow_consumer_loses_qos0_but_stays_and_is_closed_when_qos1_backs_up_but_a_pipelining_publisher_is_served()
+ {
     let mut server = TestServer::start(|c| {
         c.limits.max_outbound_packets = 8;
         c.limits.receive_maximum = 10_000;
+        // A window wide enough for QoS 1 messages to back up behind a client that does not
+        // read (the default, 32, would hold them in the session instead).
+        c.limits.max_inflight = 20_000;
     })
     .await;
     // A QoS 0 subscriber that does not read while 20 MB are published.
@@ -804,19 +808,26 @@ async fn slow_consumer_loses_qos0_but_stays_and_is_closed_when_qos1_backs_up() {
     );
     lazy.ping().await;
 
-    // A client that sends QoS 1 messages without reading: its PUBACKs pile up beyond the
-    // outbound queue (8 here), and PUBACKs may not be dropped, so the broker closes it rather
-    // than wait for it (before reading all it sent: the client sees a reset).
-    let mut deaf = connected(server.plain(), ProtocolVersion::V5, "deaf").await;
-    let mut all = Vec::new();
-    for i in 1..=5000u16 {
-        all.extend(bytes_of(
-            &publish("nobody", QoS::AtLeastOnce, i, 1024),
-            ProtocolVersion::V5,
-        ));
+    // A client that pipelines thousands of QoS 1 messages gets every acknowledgement, far
+    // beyond the outbound queue (8 here): it reads them, it is no slow consumer.
+    let mut pipelining = connected(server.plain(), ProtocolVersion::V5, "pipelining").await;
+    flood(&mut pipelining, "nobody", QoS::AtLeastOnce, 5000).await;
+    for n in 0..5000 {
+        match pipelining.recv().await {
+            Some(Packet::PubAck(_)) => {}
+            other => panic!("expected PUBACK {n} of 5000, got {other:?}"),
+        }
     }
-    // The write itself may fail once the broker has closed the connection.
-    let _ = tokio::time::timeout(WAIT, deaf.stream.write_all(&all)).await;
+    pipelining.ping().await;
+
+    // A QoS 1 subscriber that does not read: its messages may not be dropped, so once they
+    // back up beyond the outbound queue (20 MB sent to it, more than the socket buffers
+    // hold), the broker closes it rather than wait for it.
+    let mut deaf = connected(server.plain(), ProtocolVersion::V5, "deaf").await;
+    deaf.send(&subscribe("deaf", QoS::AtLeastOnce)).await;
+    assert!(matches!(deaf.recv().await, Some(Packet::SubAck(_))));
+    let mut sender = connected(server.plain(), ProtocolVersion::V5, "sender").await;
+    flood(&mut sender, "deaf", QoS::AtLeastOnce, 20_000).await;
     let closed = tokio::time::timeout(WAIT, async {
         let mut chunk = vec![0u8; 64 * 1024];
         loop {
@@ -828,6 +839,15 @@ async fn slow_consumer_loses_qos0_but_stays_and_is_closed_when_qos1_backs_up() {
     })
     .await;
     assert!(closed.is_ok(), "a client that does not read is closed");
+    // The sender was served all along: its acknowledgements, then a ping.
+    sender.send(&Packet::PingReq).await;
+    loop {
+        match sender.recv().await {
+            Some(Packet::PubAck(_)) => {}
+            Some(Packet::PingResp) => break,
+            other => panic!("unexpected {other:?}"),
+        }
+    }
     lazy.ping().await;
     publisher.ping().await;
     server.stop().await;

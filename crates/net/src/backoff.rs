@@ -2,6 +2,16 @@
 //! `min(cap, base * 2^failures)`), so that a fleet that lost its broker at the same moment
 //! does not come back at the same moment.
 //!
+//! The ceiling is also never longer than the time already spent offline (from the loss of
+//! the last connection that reset the backoff): `min(cap, base * 2^failures, max(base,
+//! offline))`. Refused connects fail in a millisecond, so during a short outage the failure
+//! count runs ahead of the clock: an agent whose first waits happened to be short could find
+//! itself, ten seconds into an outage, waiting up to two minutes (seven quick failures) after
+//! the broker is back, and a fleet of 19,000 always holds a few such agents. Bounding the
+//! ceiling by the time offline keeps the return after an outage of length `T` within about
+//! `T` of the broker's return, while the fleet's attempts still spread over that whole time
+//! (about `2N/T` per second for `N` agents) and long outages still reach the cap.
+//!
 //! The model is linkerd2-proxy's `exp-backoff`: bounds validated at construction, and
 //! properties tested.
 
@@ -105,6 +115,9 @@ pub struct Backoff {
     config: BackoffConfig,
     failures: u32,
     connected_at: Option<Instant>,
+    /// When the trouble began: the loss of the last connection that reset the backoff (or the
+    /// first loss ever). A short connection in between does not move it.
+    offline_since: Option<Instant>,
     rng: StdRng,
 }
 
@@ -127,6 +140,7 @@ impl Backoff {
             config,
             failures: 0,
             connected_at: None,
+            offline_since: None,
             rng,
         }
     }
@@ -141,16 +155,31 @@ impl Backoff {
         self.failures
     }
 
-    /// The ceiling of the next wait: `min(cap, base * 2^failures)`.
+    /// The exponential ceiling of the next wait: `min(cap, base * 2^failures)`.
     pub fn ceiling(&self) -> Duration {
         let factor = 1u32.checked_shl(self.failures).unwrap_or(u32::MAX);
         self.config.base.saturating_mul(factor).min(self.config.cap)
     }
 
-    /// The wait before the next attempt after a failure: uniform in `[0, ceiling]`. Counts the
-    /// failure.
+    /// The ceiling of the next wait at `now`: the exponential ceiling, and no more than the
+    /// time offline since the trouble began (at least `base`), once a connection was lost.
+    pub fn ceiling_at(&self, now: Instant) -> Duration {
+        let ceiling = self.ceiling();
+        match self.offline_since {
+            Some(since) => ceiling.min(now.saturating_duration_since(since).max(self.config.base)),
+            None => ceiling,
+        }
+    }
+
+    /// The wait before the next attempt after a failure: uniform in `[0, ceiling_at(now)]`.
+    /// Counts the failure.
     pub fn next_delay(&mut self) -> Duration {
-        let delay = self.jitter(self.ceiling());
+        self.next_delay_at(Instant::now())
+    }
+
+    /// [`Backoff::next_delay`] at a given moment (for tests and simulations).
+    pub fn next_delay_at(&mut self, now: Instant) -> Duration {
+        let delay = self.jitter(self.ceiling_at(now));
         self.failures = self.failures.saturating_add(1);
         delay
     }
@@ -177,7 +206,8 @@ impl Backoff {
 
     /// Call when an established connection is lost. The backoff starts afresh only if the
     /// connection lasted at least `reset_after`, so a broker that accepts and then drops at
-    /// once does not get a reconnect flood. Returns true when it reset.
+    /// once does not get a reconnect flood; for the same reason only such a loss (or the
+    /// first) starts the offline time that bounds the ceiling. Returns true when it reset.
     pub fn disconnected(&mut self, now: Instant) -> bool {
         let lasted = self
             .connected_at
@@ -187,6 +217,9 @@ impl Backoff {
         if reset {
             self.failures = 0;
         }
+        if reset || self.offline_since.is_none() {
+            self.offline_since = Some(now);
+        }
         reset
     }
 
@@ -194,6 +227,7 @@ impl Backoff {
     pub fn reset(&mut self) {
         self.failures = 0;
         self.connected_at = None;
+        self.offline_since = None;
     }
 
     fn jitter(&mut self, upper: Duration) -> Duration {
@@ -287,6 +321,66 @@ mod tests {
         b.next_delay();
         assert!(!b.disconnected(t0 + Duration::from_secs(600)));
         assert_eq!(b.failures(), 1);
+    }
+
+    #[test]
+    fn the_ceiling_never_exceeds_the_time_offline() {
+        let mut b = Backoff::with_seed(BackoffConfig::default(), 5).expect("valid");
+        let t0 = Instant::now();
+        b.connected(t0);
+        assert!(b.disconnected(t0 + Duration::from_secs(3600)));
+        let lost = t0 + Duration::from_secs(3600);
+        // Ten quick refusals in the first second of an outage: the exponential ceiling is
+        // past the cap, the wait is bounded by the time offline (at least the base).
+        for _ in 0..10 {
+            assert!(b.next_delay_at(lost + Duration::from_millis(100)) <= Duration::from_secs(1));
+        }
+        assert_eq!(b.ceiling(), Duration::from_secs(300));
+        assert_eq!(b.ceiling_at(lost), Duration::from_secs(1));
+        assert_eq!(
+            b.ceiling_at(lost + Duration::from_secs(10)),
+            Duration::from_secs(10)
+        );
+        assert_eq!(
+            b.ceiling_at(lost + Duration::from_secs(3600)),
+            Duration::from_secs(300)
+        );
+        // A connection too short to reset the backoff does not restart the offline time: a
+        // broker that accepts and drops at once meets longer and longer waits.
+        b.connected(lost + Duration::from_secs(20));
+        assert!(!b.disconnected(lost + Duration::from_secs(21)));
+        assert_eq!(
+            b.ceiling_at(lost + Duration::from_secs(21)),
+            Duration::from_secs(21)
+        );
+        b.reset();
+        assert_eq!(b.ceiling_at(lost), Duration::from_secs(1));
+    }
+
+    #[test]
+    fn a_fleet_returns_within_about_the_outage_after_the_broker_does() {
+        // 19,000 agents lose the broker at once; it is back 10 s later; refused connects
+        // fail at once. Every agent's first attempt after the return comes within the
+        // outage's length of it (with the failure-count ceiling alone, a few waited over a
+        // minute).
+        let config = BackoffConfig::default();
+        let lost = Instant::now();
+        let up = lost + Duration::from_secs(10);
+        let mut latest = Duration::ZERO;
+        for agent in 0..19_000u64 {
+            let mut b = Backoff::with_seed(config, agent).expect("valid");
+            b.connected(lost - Duration::from_secs(600));
+            b.disconnected(lost);
+            let mut t = lost;
+            loop {
+                t += b.next_delay_at(t);
+                if t >= up {
+                    break;
+                }
+            }
+            latest = latest.max(t - up);
+        }
+        assert!(latest <= Duration::from_secs(10), "{latest:?}");
     }
 
     #[test]

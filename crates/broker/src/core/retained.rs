@@ -42,6 +42,11 @@ impl RetainedStore {
         }
     }
 
+    /// Whether a retained message is stored on `topic`.
+    pub fn contains(&self, topic: &str) -> bool {
+        self.messages.contains_key(topic)
+    }
+
     /// The unexpired retained messages whose topic matches the (non-shared) `filter`.
     pub fn matching(&self, filter: &str, now: Instant) -> Vec<Arc<Message>> {
         if !filter.contains(['+', '#']) {

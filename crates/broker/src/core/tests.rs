@@ -1590,3 +1590,211 @@ fn broker_message_is_retained_and_reaches_subscribers_and_later_ones() {
     let out = h.send(late, subscribe(1, "t/acme/#", options(QoS::AtLeastOnce)));
     assert_eq!(payloads(&out, late), vec!["{\"state\":\"connected\"}"]);
 }
+
+// ---- cluster node ----
+
+use super::ClusterOut;
+
+fn clustered() -> Harness {
+    let mut h = Harness::new();
+    h.core.enable_cluster("n1");
+    h
+}
+
+#[test]
+fn a_single_node_hands_nothing_to_a_cluster() {
+    let mut h = Harness::new();
+    let (c, _, _) = h.connect_ok(v5("a"));
+    h.subscribe(c, "x/#", QoS::AtLeastOnce);
+    let out = h.send(c, pub_packet("x/y", "m", QoS::AtLeastOnce, Some(3)));
+    assert!(
+        matches!(packets(&out, c).last(), Some(Packet::PubAck(_))),
+        "{out:?}"
+    );
+    assert!(h.core.take_cluster_out().is_empty());
+}
+
+#[test]
+fn a_node_tells_the_cluster_its_interest_once_per_filter() {
+    let mut h = clustered();
+    let (a, _, _) = h.connect_ok(v5("a"));
+    let (b, _, _) = h.connect_ok(v5("b"));
+    h.subscribe(a, "t/acme/agents/+/wake", QoS::AtLeastOnce);
+    h.subscribe(b, "t/acme/agents/+/wake", QoS::AtLeastOnce);
+    h.send(
+        b,
+        subscribe(2, "$share/g/t/acme/#", options(QoS::AtLeastOnce)),
+    );
+    let out = h.core.take_cluster_out();
+    let interest: Vec<_> = out
+        .iter()
+        .filter_map(|o| match o {
+            ClusterOut::Interest { filter, added } => Some((filter.clone(), *added)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        interest,
+        [
+            ("t/acme/agents/+/wake".to_owned(), true),
+            ("t/acme/#".to_owned(), true)
+        ]
+    );
+    let claims = out
+        .iter()
+        .filter(|o| matches!(o, ClusterOut::Claim { client_id, .. } if client_id == "a" || client_id == "b"))
+        .count();
+    assert_eq!(claims, 2, "each accepted connection claims its client id");
+    // The first leaves: interest stays; the last leaves: the filter is withdrawn.
+    h.close(a);
+    assert!(h.core.take_cluster_out().is_empty());
+    h.close(b);
+    let out = h.core.take_cluster_out();
+    assert_eq!(out.len(), 2, "{out:?}");
+    assert!(
+        out.iter()
+            .all(|o| matches!(o, ClusterOut::Interest { added: false, .. }))
+    );
+}
+
+#[test]
+fn a_node_acknowledges_a_qos1_publish_only_after_the_cluster_took_it() {
+    let mut h = clustered();
+    let (p, _, _) = h.connect_ok(v5("publisher"));
+    let (s, _, _) = h.connect_ok(v5("local"));
+    h.subscribe(s, "agents/+/wake", QoS::AtLeastOnce);
+    h.core.take_cluster_out();
+    let mut msg = publish("agents/a1/wake", "w", QoS::AtLeastOnce, Some(9));
+    msg.properties.message_expiry_interval = Some(600);
+    let out = h.send(p, Packet::Publish(msg));
+    assert_eq!(payloads(&out, s), ["w"], "local subscribers get it at once");
+    assert!(packets(&out, p).is_empty(), "no PUBACK yet: {out:?}");
+    let mut cluster = h.core.take_cluster_out();
+    let Some(ClusterOut::Publish {
+        publish,
+        ack: Some((conn, ack)),
+    }) = cluster.pop()
+    else {
+        panic!("expected the message with its held ack: {cluster:?}");
+    };
+    assert_eq!(publish.topic, "agents/a1/wake");
+    assert_eq!(publish.qos, QoS::AtLeastOnce);
+    assert_eq!(publish.properties.message_expiry_interval, Some(600));
+    assert_eq!(conn, p);
+    let mut out = Vec::new();
+    h.core.cluster_ack(conn, ack, &mut out);
+    assert!(
+        matches!(packets(&out, p).as_slice(), [Packet::PubAck(a)] if a.packet_id == 9 && a.code == ReasonCode::SUCCESS)
+    );
+}
+
+#[test]
+fn a_message_from_another_node_reaches_local_subscribers_and_is_not_sent_back() {
+    let mut h = clustered();
+    let (s, _, _) = h.connect_ok(v5("agent"));
+    h.subscribe(s, "t/acme/agents/a1/wake", QoS::AtLeastOnce);
+    h.core.take_cluster_out();
+    let mut out = Vec::new();
+    let mut remote = publish("t/acme/agents/a1/wake", "hello", QoS::AtLeastOnce, Some(1));
+    remote.properties.message_expiry_interval = Some(30);
+    assert!(h.core.handle_remote_publish(h.now, remote, &mut out));
+    let got = publishes(&out, s);
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].qos, QoS::AtLeastOnce, "QoS 1 kept across nodes");
+    assert_eq!(got[0].properties.message_expiry_interval, Some(30));
+    assert!(h.core.take_cluster_out().is_empty(), "not forwarded again");
+    // Expired by the time it would be resent: the normal expiry applies.
+    h.core
+        .handle_close(h.now, s, CloseReason::Transport, &mut Vec::new());
+}
+
+#[test]
+fn a_claim_from_another_node_takes_the_session_over() {
+    let mut h = clustered();
+    let (old, _, _) = h.connect_ok(v5_persistent("acme/agent/a1", 600));
+    h.subscribe(old, "t/acme/agents/a1/wake", QoS::AtLeastOnce);
+    h.core.take_cluster_out();
+    let mut out = Vec::new();
+    assert_eq!(h.core.connection_of("acme/agent/a1"), Some(old));
+    let closed_conn = h
+        .core
+        .handle_remote_claim(h.now, "acme/agent/a1", false, &mut out);
+    assert_eq!(closed_conn, Some(old));
+    assert_eq!(
+        disconnect_code(&out, old),
+        Some(ReasonCode::SESSION_TAKEN_OVER)
+    );
+    assert!(closed(&out, old));
+    assert_eq!(
+        h.core.session_count(),
+        0,
+        "the session moved to the other node"
+    );
+    let withdrawn = h.core.take_cluster_out();
+    assert!(
+        matches!(
+            withdrawn.as_slice(),
+            [ClusterOut::Interest { added: false, .. }]
+        ),
+        "{withdrawn:?}"
+    );
+    // A claim for an id this node does not hold changes nothing.
+    assert_eq!(
+        h.core
+            .handle_remote_claim(h.now, "acme/agent/zz", true, &mut out),
+        None
+    );
+}
+
+#[test]
+fn retained_messages_from_other_nodes_are_kept_here() {
+    let mut h = clustered();
+    let mut out = Vec::new();
+    let mut remote = publish(
+        "t/acme/agents/a1/presence",
+        "{\"state\":\"connected\"}",
+        QoS::AtLeastOnce,
+        Some(1),
+    );
+    remote.retain = true;
+    h.core.handle_remote_publish(h.now, remote, &mut out);
+    assert_eq!(
+        h.core
+            .retained_payload("t/acme/agents/a1/presence", h.now)
+            .as_deref(),
+        Some(&b"{\"state\":\"connected\"}"[..])
+    );
+    let (s, _, _) = h.connect_ok(v5("server"));
+    let out = h.subscribe(s, "t/acme/agents/+/presence", QoS::AtLeastOnce);
+    assert_eq!(payloads(&out, s), ["{\"state\":\"connected\"}"]);
+}
+
+#[test]
+fn interest_held_from_connect_lasts_as_long_as_the_session() {
+    let mut h = clustered();
+    let (a, _, _) = h.connect_ok(v5("acme/agent/a1"));
+    h.core.take_cluster_out();
+    h.core.hold_interest(a, "t/acme/agents/a1/+");
+    // Its own subscriptions inside it add no second NATS interest; others do.
+    h.subscribe(a, "t/acme/agents/a1/+", QoS::AtLeastOnce);
+    h.subscribe(a, "t/acme/agents/a1/wake", QoS::AtLeastOnce);
+    let out = h.core.take_cluster_out();
+    assert!(
+        matches!(out.as_slice(), [ClusterOut::Interest { filter, added: true }] if filter == "t/acme/agents/a1/+"),
+        "{out:?}"
+    );
+    h.close(a);
+    let out = h.core.take_cluster_out();
+    assert!(
+        matches!(out.as_slice(), [ClusterOut::Interest { added: false, .. }]),
+        "{out:?}"
+    );
+}
+
+#[test]
+fn assigned_client_ids_name_the_node() {
+    let mut h = clustered();
+    let (_, ack, _) = h.connect_ok(v5(""));
+    let id = ack.properties.assigned_client_identifier.expect("assigned");
+    assert!(id.starts_with("beckon-auto-n1-"), "{id}");
+}

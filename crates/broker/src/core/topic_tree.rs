@@ -121,11 +121,95 @@ struct SharedGroup {
     next: usize,
 }
 
+/// Up to this many exact next levels are kept in a list; more go in a hash map.
+const FEW_CHILDREN: usize = 8;
+
+/// The exact next levels of a node. Most nodes have one (below `agents/{id}` there is only
+/// `wake`), and a hash map allocates room for several entries at once, so a short list
+/// holds them until there are more than [`FEW_CHILDREN`]: that is a few hundred bytes less
+/// per subscribed agent.
+#[derive(Debug)]
+enum Children {
+    Few(Vec<(Box<str>, Node)>),
+    Many(HashMap<Box<str>, Node>),
+}
+
+impl Default for Children {
+    fn default() -> Self {
+        Self::Few(Vec::new())
+    }
+}
+
+impl Children {
+    fn is_empty(&self) -> bool {
+        match self {
+            Self::Few(list) => list.is_empty(),
+            Self::Many(map) => map.is_empty(),
+        }
+    }
+
+    fn get_mut(&mut self, level: &str) -> Option<&mut Node> {
+        match self {
+            Self::Few(list) => list
+                .iter_mut()
+                .find(|(name, _)| &**name == level)
+                .map(|(_, node)| node),
+            Self::Many(map) => map.get_mut(level),
+        }
+    }
+
+    fn get_or_insert(&mut self, level: &str) -> &mut Node {
+        if let Self::Few(list) = self
+            && list.len() >= FEW_CHILDREN
+            && !list.iter().any(|(name, _)| &**name == level)
+        {
+            *self = Self::Many(std::mem::take(list).into_iter().collect());
+        }
+        match self {
+            Self::Few(list) => {
+                let i = match list.iter().position(|(name, _)| &**name == level) {
+                    Some(i) => i,
+                    None => {
+                        if list.is_empty() {
+                            // Exactly one: most nodes never get a second child.
+                            list.reserve_exact(1);
+                        }
+                        list.push((level.into(), Node::default()));
+                        list.len() - 1
+                    }
+                };
+                &mut list[i].1
+            }
+            Self::Many(map) => map.entry(level.into()).or_default(),
+        }
+    }
+
+    fn remove(&mut self, level: &str) {
+        match self {
+            Self::Few(list) => {
+                if let Some(i) = list.iter().position(|(name, _)| &**name == level) {
+                    list.swap_remove(i);
+                }
+                if list.is_empty() {
+                    *list = Vec::new();
+                }
+            }
+            Self::Many(map) => {
+                map.remove(level);
+                if map.is_empty() {
+                    // Give back the table of a level that held many clients.
+                    *self = Self::default();
+                }
+            }
+        }
+    }
+}
+
 /// One level of the trie.
 #[derive(Debug, Default)]
 struct Node {
     /// Exact next levels.
-    children: HashMap<Box<str>, Node>,
+    children: Children,
     /// The `+` next level.
     plus: Option<Box<Node>>,
     /// Filters that end here.
@@ -177,7 +261,7 @@ impl TopicTree {
                     break;
                 }
                 "+" => node = node.plus.get_or_insert_with(Box::default),
-                exact => node = node.children.entry(exact.into()).or_default(),
+                exact => node = node.children.get_or_insert(exact),
             }
         }
         let slot = if ends_multi {
@@ -207,6 +291,10 @@ impl TopicTree {
             *existing = entry;
             true
         } else {
+            if list.is_empty() {
+                // Most filters have one subscriber (an agent's own topic).
+                list.reserve_exact(1);
+            }
             list.push(entry);
             self.count += 1;
             false
@@ -267,10 +355,6 @@ fn remove_in(
             let removed = remove_in(child, levels, group, session);
             if child.is_empty() {
                 node.children.remove(level);
-                if node.children.is_empty() {
-                    // Give back the table of a level that held many clients.
-                    node.children = HashMap::new();
-                }
             }
             removed
         }
@@ -528,6 +612,40 @@ mod tests {
         }
         assert_eq!(sessions_matching(&mut tree, "agents/4242/wake"), vec![4242]);
         assert!(sessions_matching(&mut tree, "agents/4242/ack").is_empty());
+    }
+
+    #[test]
+    fn levels_grow_from_a_list_into_a_map_and_shrink_back() {
+        let mut tree = TopicTree::default();
+        let n = 3 * FEW_CHILDREN as u64;
+        for i in 0..n {
+            tree.insert(plain(&format!("agents/{i}/wake")), entry(i));
+            // Every earlier agent still gets its own wake-ups, and nobody else's.
+            for j in 0..=i {
+                assert_eq!(
+                    sessions_matching(&mut tree, &format!("agents/{j}/wake")),
+                    vec![j]
+                );
+            }
+        }
+        tree.insert(plain("agents/+/wake"), entry(1000));
+        assert_eq!(sessions_matching(&mut tree, "agents/5/wake"), vec![5, 1000]);
+        assert!(tree.remove(plain("agents/+/wake"), 1000));
+        for i in (0..n).rev() {
+            assert!(tree.remove(plain(&format!("agents/{i}/wake")), i));
+            assert!(sessions_matching(&mut tree, &format!("agents/{i}/wake")).is_empty());
+            for j in 0..i {
+                assert_eq!(
+                    sessions_matching(&mut tree, &format!("agents/{j}/wake")),
+                    vec![j]
+                );
+            }
+        }
+        assert_eq!(tree.len(), 0);
+        assert!(
+            tree.root.is_empty(),
+            "the emptied trie is pruned to its root"
+        );
     }
 
     fn level() -> impl Strategy<Value = String> {

@@ -1,0 +1,907 @@
+//! The push service as a cluster: a nats-server and three `beckon broker` nodes started by
+//! the test (real processes on loopback, random free ports, killed on drop, every wait
+//! bounded). Agents spread over the nodes; a wake-up published on one node reaches an agent
+//! on another; a connection on one node takes over the session held on another (0x8E);
+//! a node killed: its agents move to the others, presence follows (disconnected, then
+//! connected on the new node) and every wake-up still valid arrives.
+//!
+//! nats-server must be installed (Debian package `nats-server`; scripts/test installs it):
+//! without it these tests fail and say so.
+
+use std::collections::{HashMap, HashSet};
+use std::io::{BufRead, BufReader};
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use beckon_identity::{
+    KeyId, PresenceEvent, PresenceState, Role, SigningKey, TenantId, TokenSigner,
+};
+use beckon_mqtt::{
+    Ack, Connect, Packet, Properties, ProtocolVersion, Publish, QoS, ReasonCode, Subscribe,
+    Subscription, SubscriptionOptions, decode, encode,
+};
+use bytes::{Bytes, BytesMut};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, watch};
+
+/// Every wait in these tests is bounded by this.
+const WAIT: Duration = Duration::from_secs(30);
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port on loopback")
+        .port()
+}
+
+fn unix_now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or_default()
+}
+
+/// A child process killed (SIGKILL) and reaped on drop.
+struct Process(Child);
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The nats-server binary: on the PATH, or where Debian puts it.
+fn nats_server_binary() -> PathBuf {
+    let on_path = std::env::var_os("PATH")
+        .map(|p| {
+            std::env::split_paths(&p)
+                .map(|d| d.join("nats-server"))
+                .collect::<Vec<_>>()
+        })
+        .unwrap_or_default();
+    on_path
+        .into_iter()
+        .chain([PathBuf::from("/usr/sbin/nats-server"), PathBuf::from("/usr/bin/nats-server")])
+        .find(|p| p.is_file())
+        .unwrap_or_else(|| {
+            panic!(
+                "nats-server is not installed: the cluster tests need it. Install the Debian package `nats-server` (scripts/test does)"
+            )
+        })
+}
+
+fn wait_for_port(addr: SocketAddr, what: &str) {
+    let deadline = Instant::now() + WAIT;
+    while std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "{what} did not listen on {addr} within {WAIT:?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A nats-server on a free loopback port.
+fn start_nats() -> (Process, String) {
+    let port = free_port();
+    let child = Command::new(nats_server_binary())
+        .args(["-a", "127.0.0.1", "-p", &port.to_string()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start nats-server: {e}"));
+    let nats = Process(child);
+    wait_for_port(SocketAddr::from(([127, 0, 0, 1], port)), "nats-server");
+    (nats, format!("nats://127.0.0.1:{port}"))
+}
+
+/// The tenant `acme` with a token key: agents and the test's server authenticate with tokens.
+struct Tenant {
+    dir: tempfile::TempDir,
+    signer: TokenSigner,
+}
+
+impl Tenant {
+    fn create() -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let key = SigningKey::generate(KeyId::new("k1").expect("kid")).expect("key");
+        let toml = format!(
+            "name = \"acme\"\n[[token_key]]\nkid = \"k1\"\npublic_key = \"{}\"\n",
+            key.public_key().to_base64()
+        );
+        std::fs::write(dir.path().join("acme.toml"), toml).expect("tenant file");
+        Self {
+            dir,
+            signer: TokenSigner::new(TenantId::new("acme").expect("tenant"), key),
+        }
+    }
+
+    fn token(&self, role: Role, id: &str) -> String {
+        self.signer
+            .issue(role, id, unix_now(), 3600)
+            .expect("token")
+    }
+}
+
+/// One `beckon broker` process, a cluster node with a plain MQTT listener on loopback.
+struct Node {
+    name: String,
+    addr: SocketAddr,
+    process: Option<Process>,
+    _dir: tempfile::TempDir,
+}
+
+impl Node {
+    fn start(name: &str, nats: &str, tenants: &Path) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        let config = dir.path().join("broker.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "data_dir = {data:?}\ntenants_dir = {tenants:?}\n\n[listeners]\nmqtts = \"off\"\nmqtt = \"{addr}\"\n\n[cluster]\nnats = [\"{nats}\"]\nnode = \"{name}\"\nheartbeat_ms = 200\nnode_timeout_ms = 1500\n",
+                data = dir.path().join("data"),
+            ),
+        )
+        .expect("config");
+        let mut child = Command::new(env!("CARGO_BIN_EXE_beckon"))
+            .args(["broker", "--config"])
+            .arg(&config)
+            .env("RUST_LOG", "warn")
+            .env_remove("BECKON_MQTTS")
+            .env_remove("BECKON_MQTT")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn beckon broker");
+        let stdout = child.stdout.take().expect("stdout");
+        let process = Process(child);
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let deadline = Instant::now() + WAIT;
+        let mut seen = Vec::new();
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match rx.recv_timeout(left) {
+                Ok(line) if line.contains("beckon broker: ready") => break,
+                Ok(line) => seen.push(line),
+                Err(_) => panic!("node {name} did not report ready within {WAIT:?}: {seen:?}"),
+            }
+        }
+        assert!(
+            seen.iter()
+                .any(|l| l.contains(&format!("cluster node {name}"))),
+            "node {name} did not say it joined the cluster: {seen:?}"
+        );
+        Self {
+            name: name.to_owned(),
+            addr,
+            process: Some(process),
+            _dir: dir,
+        }
+    }
+
+    /// SIGKILL: the node dies without saying goodbye to anyone.
+    fn kill(&mut self) {
+        drop(self.process.take());
+    }
+}
+
+/// A NATS server and three nodes.
+struct Cluster {
+    nodes: Vec<Node>,
+    tenant: Tenant,
+    nats_url: String,
+    _nats: Process,
+}
+
+impl Cluster {
+    fn start() -> Self {
+        let (nats, url) = start_nats();
+        let tenant = Tenant::create();
+        let nodes = (0..3)
+            .map(|i| Node::start(&format!("n{i}"), &url, tenant.dir.path()))
+            .collect();
+        Self {
+            nodes,
+            tenant,
+            nats_url: url,
+            _nats: nats,
+        }
+    }
+}
+
+/// What ended a read.
+#[derive(Debug)]
+enum ReadEnd {
+    TimedOut,
+    Closed,
+}
+
+/// An MQTT 5 client on a plain TCP connection, through Beckon's codec.
+struct Client {
+    stream: TcpStream,
+    buf: BytesMut,
+    next_id: u16,
+    /// Packets that arrived while waiting for an acknowledgement.
+    held: std::collections::VecDeque<Packet>,
+}
+
+impl Client {
+    async fn connect(addr: SocketAddr, token: &str) -> Result<Self, String> {
+        let stream = tokio::time::timeout(Duration::from_secs(3), TcpStream::connect(addr))
+            .await
+            .map_err(|_| format!("connect to {addr} timed out"))?
+            .map_err(|e| format!("connect to {addr}: {e}"))?;
+        let mut client = Self {
+            stream,
+            buf: BytesMut::new(),
+            next_id: 1,
+            held: Default::default(),
+        };
+        client
+            .send(&Packet::Connect(Box::new(Connect {
+                protocol: ProtocolVersion::V5,
+                clean_start: true,
+                keep_alive: 30,
+                client_id: String::new(),
+                will: None,
+                username: Some("beckon".into()),
+                password: Some(Bytes::from(token.to_owned())),
+                properties: Properties::default(),
+            })))
+            .await
+            .map_err(|e| format!("send CONNECT: {e}"))?;
+        match client.read(Duration::from_secs(5)).await {
+            Ok(Packet::ConnAck(a)) if a.code == ReasonCode::SUCCESS => Ok(client),
+            other => Err(format!("CONNECT to {addr} not accepted: {other:?}")),
+        }
+    }
+
+    async fn send(&mut self, packet: &Packet) -> std::io::Result<()> {
+        let mut out = BytesMut::new();
+        encode(packet, ProtocolVersion::V5, &mut out).expect("encode");
+        self.stream.write_all(&out).await
+    }
+
+    /// The next packet from the network (not the held ones).
+    async fn read(&mut self, limit: Duration) -> Result<Packet, ReadEnd> {
+        tokio::time::timeout(limit, async {
+            loop {
+                match decode(&mut self.buf, ProtocolVersion::V5, 1 << 20) {
+                    Ok(Some(p)) => return Ok(p),
+                    Ok(None) => {}
+                    Err(_) => return Err(ReadEnd::Closed),
+                }
+                match self.stream.read_buf(&mut self.buf).await {
+                    Ok(0) | Err(_) => return Err(ReadEnd::Closed),
+                    Ok(_) => {}
+                }
+            }
+        })
+        .await
+        .unwrap_or(Err(ReadEnd::TimedOut))
+    }
+
+    /// The next packet, held ones first.
+    async fn next(&mut self, limit: Duration) -> Result<Packet, ReadEnd> {
+        match self.held.pop_front() {
+            Some(p) => Ok(p),
+            None => self.read(limit).await,
+        }
+    }
+
+    fn packet_id(&mut self) -> u16 {
+        let id = self.next_id;
+        self.next_id = self.next_id.wrapping_add(1).max(1);
+        id
+    }
+
+    async fn subscribe(&mut self, filter: &str) {
+        let packet_id = self.packet_id();
+        self.send(&Packet::Subscribe(Subscribe {
+            packet_id,
+            subscriptions: vec![Subscription {
+                filter: filter.into(),
+                options: SubscriptionOptions {
+                    qos: QoS::AtLeastOnce,
+                    ..SubscriptionOptions::default()
+                },
+            }],
+            properties: Properties::default(),
+        }))
+        .await
+        .expect("send SUBSCRIBE");
+        loop {
+            match self.read(WAIT).await {
+                Ok(Packet::SubAck(s)) if s.packet_id == packet_id => {
+                    assert!(s.codes.iter().all(|c| !c.is_error()), "{filter}: {s:?}");
+                    return;
+                }
+                Ok(other) => self.held.push_back(other),
+                Err(e) => panic!("no SUBACK for {filter}: {e:?}"),
+            }
+        }
+    }
+
+    /// QoS 1 PUBLISH; returns once the broker acknowledged it.
+    async fn publish(&mut self, topic: &str, payload: &str, expiry: Option<u32>) {
+        let packet_id = self.packet_id();
+        self.send(&Packet::Publish(Publish {
+            dup: false,
+            qos: QoS::AtLeastOnce,
+            retain: false,
+            topic: topic.into(),
+            packet_id: Some(packet_id),
+            payload: Bytes::from(payload.to_owned()),
+            properties: Properties {
+                message_expiry_interval: expiry,
+                ..Properties::default()
+            },
+        }))
+        .await
+        .expect("send PUBLISH");
+        loop {
+            match self.read(WAIT).await {
+                Ok(Packet::PubAck(a)) if a.packet_id == packet_id => {
+                    assert!(!a.code.is_error(), "{topic}: {a:?}");
+                    return;
+                }
+                Ok(other) => self.held.push_back(other),
+                Err(e) => panic!("no PUBACK for {topic}: {e:?}"),
+            }
+        }
+    }
+
+    /// The next application message (PUBACKed), answering nothing else.
+    async fn message(&mut self, limit: Duration) -> Result<Publish, ReadEnd> {
+        let deadline = Instant::now() + limit;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.next(left).await? {
+                Packet::Publish(p) => {
+                    if let Some(id) = p.packet_id {
+                        let _ = self.send(&Packet::PubAck(Ack::new(id))).await;
+                    }
+                    return Ok(p);
+                }
+                Packet::PingResp | Packet::PubAck(_) => {}
+                other => self.held.push_back(other),
+            }
+        }
+    }
+}
+
+/// A presence event as the test's server saw it.
+#[derive(Debug, Clone)]
+struct Seen {
+    agent: String,
+    state: PresenceState,
+    node: Option<String>,
+    reason: Option<String>,
+}
+
+/// The test's server: like the console, it subscribes to presence and acks, sends wake-ups
+/// (QoS 1, 10 minutes expiry), and resends the ones not yet acknowledged when presence says
+/// their agent connected (the console's rule).
+struct Server {
+    client: Client,
+    /// Wake-up ids sent and not yet acknowledged, by agent.
+    pending: HashMap<String, HashSet<String>>,
+    presence: Vec<Seen>,
+    connected_on: HashMap<String, String>,
+}
+
+impl Server {
+    async fn start(cluster: &Cluster, node: usize) -> Self {
+        let token = cluster.tenant.token(Role::Server, "console");
+        let mut client = Client::connect(cluster.nodes[node].addr, &token)
+            .await
+            .expect("server connects");
+        client.subscribe("agents/+/presence").await;
+        client.subscribe("agents/+/ack").await;
+        Self {
+            client,
+            pending: HashMap::new(),
+            presence: Vec::new(),
+            connected_on: HashMap::new(),
+        }
+    }
+
+    async fn wake(&mut self, agent: &str, id: &str) {
+        self.pending
+            .entry(agent.to_owned())
+            .or_default()
+            .insert(id.to_owned());
+        self.client
+            .publish(&format!("agents/{agent}/wake"), id, Some(600))
+            .await;
+    }
+
+    /// Handles messages until `done` holds; panics after `WAIT` saying `what`.
+    async fn until(&mut self, what: &str, done: impl Fn(&Self) -> bool) {
+        let deadline = Instant::now() + WAIT;
+        while !done(self) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let msg = match self.client.message(left).await {
+                Ok(m) => m,
+                Err(e) => panic!(
+                    "{what}: not within {WAIT:?} ({e:?}); presence seen {:#?}, pending {:?}",
+                    self.presence, self.pending
+                ),
+            };
+            let mut levels = msg.topic.split('/');
+            let (Some("agents"), Some(agent), Some(kind)) =
+                (levels.next(), levels.next(), levels.next())
+            else {
+                continue;
+            };
+            let agent = agent.to_owned();
+            match kind {
+                "presence" => {
+                    let event = PresenceEvent::from_json(&msg.payload).expect("presence JSON");
+                    self.presence.push(Seen {
+                        agent: agent.clone(),
+                        state: event.state,
+                        node: event.node.clone(),
+                        reason: event.reason.clone(),
+                    });
+                    if event.state == PresenceState::Connected {
+                        self.connected_on
+                            .insert(agent.clone(), event.node.clone().unwrap_or_default());
+                        let ids: Vec<String> = self
+                            .pending
+                            .get(&agent)
+                            .map(|p| p.iter().cloned().collect())
+                            .unwrap_or_default();
+                        for id in ids {
+                            self.client
+                                .publish(&format!("agents/{agent}/wake"), &id, Some(600))
+                                .await;
+                        }
+                    } else {
+                        self.connected_on.remove(&agent);
+                    }
+                }
+                "ack" => {
+                    let id = String::from_utf8_lossy(&msg.payload).into_owned();
+                    if let Some(p) = self.pending.get_mut(&agent) {
+                        p.remove(&id);
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+
+    fn all_acked(&self) -> bool {
+        self.pending.values().all(HashSet::is_empty)
+    }
+
+    /// The presence events of `agent` seen from index `from` on.
+    fn history(&self, agent: &str, from: usize) -> Vec<Seen> {
+        self.presence[from..]
+            .iter()
+            .filter(|s| s.agent == agent)
+            .cloned()
+            .collect()
+    }
+}
+
+/// What a simulated agent reports.
+#[derive(Debug)]
+struct Received {
+    agent: String,
+    wake_id: String,
+    node: usize,
+    qos: QoS,
+}
+
+/// A simulated agent: connects to the first endpoint of its list that works, subscribes to
+/// its wake-ups, acknowledges each (QoS 1 PUBACK, then an ack message with the wake-up id),
+/// and moves on to the next endpoint when its connection ends, as the agent's ladder does
+/// with several broker endpoints.
+async fn run_agent(
+    id: String,
+    token: String,
+    endpoints: Vec<(usize, SocketAddr)>,
+    report: mpsc::UnboundedSender<Received>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut i = 0;
+    loop {
+        if *stop.borrow() {
+            return;
+        }
+        let (node, addr) = endpoints[i % endpoints.len()];
+        i += 1;
+        let Ok(mut client) = Client::connect(addr, &token).await else {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            continue;
+        };
+        client.subscribe(&format!("agents/{id}/wake")).await;
+        loop {
+            tokio::select! {
+                _ = stop.changed() => return,
+                msg = client.message(Duration::from_secs(3600)) => {
+                    let Ok(msg) = msg else { break };
+                    let wake_id = String::from_utf8_lossy(&msg.payload).into_owned();
+                    let _ = report.send(Received { agent: id.clone(), wake_id: wake_id.clone(), node, qos: msg.qos });
+                    let packet_id = client.packet_id();
+                    let _ = client
+                        .send(&Packet::Publish(Publish {
+                            dup: false,
+                            qos: QoS::AtLeastOnce,
+                            retain: false,
+                            topic: format!("agents/{id}/ack"),
+                            packet_id: Some(packet_id),
+                            payload: Bytes::from(wake_id),
+                            properties: Properties::default(),
+                        }))
+                        .await;
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wake_ups_cross_nodes_and_a_connection_on_another_node_takes_the_session_over() {
+    let cluster = Cluster::start();
+    let mut server = Server::start(&cluster, 0).await;
+
+    // Six agents, two per node, each holding one connection.
+    let mut agents = Vec::new();
+    for k in 0..6 {
+        let id = format!("pc-{k}");
+        let node = k % 3;
+        let token = cluster.tenant.token(Role::Agent, &id);
+        let mut c = Client::connect(cluster.nodes[node].addr, &token)
+            .await
+            .expect("agent connects");
+        c.subscribe(&format!("agents/{id}/wake")).await;
+        agents.push((id, node, c));
+    }
+    server
+        .until("every agent connected, on its own node", |s| {
+            (0..6).all(|k| s.connected_on.get(&format!("pc-{k}")) == Some(&format!("n{}", k % 3)))
+        })
+        .await;
+
+    // A wake-up published on n0 reaches the agents on n1 and n2, at QoS 1 with its expiry.
+    for (id, _, _) in &agents {
+        server.wake(id, &format!("w1-{id}")).await;
+    }
+    for (id, node, c) in &mut agents {
+        let msg = c
+            .message(WAIT)
+            .await
+            .unwrap_or_else(|e| panic!("{id} on n{node} got no wake-up published on n0: {e:?}"));
+        assert_eq!(msg.topic, format!("agents/{id}/wake"));
+        assert_eq!(msg.payload, format!("w1-{id}").into_bytes());
+        assert_eq!(msg.qos, QoS::AtLeastOnce, "QoS 1 end to end");
+        let expiry = msg.properties.message_expiry_interval.expect("expiry kept");
+        assert!((590..=600).contains(&expiry), "expiry {expiry}");
+        // An ack published on the agent's node reaches the server on n0 (wildcard filter).
+        c.publish(&format!("agents/{id}/ack"), &format!("w1-{id}"), None)
+            .await;
+    }
+    server
+        .until("every ack arrived on n0", Server::all_acked)
+        .await;
+
+    // pc-1 lives on n1; a second connection with its identity on n2 takes the session over.
+    let mark = server.presence.len();
+    let token = cluster.tenant.token(Role::Agent, "pc-1");
+    let mut moved = Client::connect(cluster.nodes[2].addr, &token)
+        .await
+        .expect("second connection accepted on n2");
+    moved.subscribe("agents/pc-1/wake").await;
+    let (_, _, old) = &mut agents[1];
+    let mut old_code = None;
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match old.next(left).await {
+            Ok(Packet::Disconnect(d)) => old_code = Some(d.code),
+            Ok(_) => continue,
+            Err(ReadEnd::Closed) => break,
+            Err(ReadEnd::TimedOut) => panic!("the connection on n1 was not closed"),
+        }
+    }
+    assert_eq!(
+        old_code,
+        Some(ReasonCode::SESSION_TAKEN_OVER),
+        "0x8E across nodes"
+    );
+    server
+        .until("pc-1 connected on n2", |s| {
+            s.connected_on.get("pc-1").map(String::as_str) == Some("n2")
+        })
+        .await;
+    let history = server.history("pc-1", mark);
+    let states: Vec<_> = history
+        .iter()
+        .map(|s| (s.state, s.node.as_deref()))
+        .collect();
+    assert_eq!(
+        states,
+        [
+            (PresenceState::Disconnected, Some("n1")),
+            (PresenceState::Connected, Some("n2"))
+        ],
+        "{history:?}"
+    );
+    assert_eq!(history[0].reason.as_deref(), Some("taken_over"));
+
+    // The next wake-up for pc-1 goes to n2.
+    server.wake("pc-1", "w2").await;
+    let msg = moved.message(WAIT).await.expect("wake-up on the new node");
+    assert_eq!(msg.payload, &b"w2"[..]);
+
+    // A server connecting later, on another node, finds the retained presence of every agent.
+    let retained = retained_presence(cluster.nodes[1].addr, &cluster.tenant, 6).await;
+    assert_eq!(
+        retained.get("agents/pc-1/presence"),
+        Some(&(PresenceState::Connected, Some("n2".to_owned())))
+    );
+
+    // A node that joins now gets the cluster's retained messages: presence included.
+    let mut cluster = cluster;
+    let joined = Node::start("n3", &cluster.nats_url, cluster.tenant.dir.path());
+    let retained = retained_presence(joined.addr, &cluster.tenant, 6).await;
+    for k in 0..6 {
+        let expected = if k == 1 {
+            "n2".to_owned()
+        } else {
+            format!("n{}", k % 3)
+        };
+        assert_eq!(
+            retained.get(&format!("agents/pc-{k}/presence")),
+            Some(&(PresenceState::Connected, Some(expected))),
+            "{retained:?}"
+        );
+    }
+    cluster.nodes.push(joined);
+}
+
+/// The retained presence a server connecting to `addr` finds: at least `count` topics, within
+/// `WAIT` (a node that just joined may still be receiving the snapshot: retried).
+async fn retained_presence(
+    addr: SocketAddr,
+    tenant: &Tenant,
+    count: usize,
+) -> HashMap<String, (PresenceState, Option<String>)> {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let token = tenant.token(Role::Server, "late");
+        let mut late = Client::connect(addr, &token).await.expect("late server");
+        late.subscribe("agents/+/presence").await;
+        let mut retained = HashMap::new();
+        while let Ok(msg) = late.message(Duration::from_millis(500)).await {
+            let event = PresenceEvent::from_json(&msg.payload).expect("JSON");
+            retained.insert(msg.topic.clone(), (event.state, event.node));
+        }
+        if retained.len() >= count {
+            return retained;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "only {} retained presence events on {addr} within {WAIT:?}: {retained:?}",
+            retained.len()
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_dies_its_agents_move_presence_follows_and_no_valid_wake_up_is_lost() {
+    let mut cluster = Cluster::start();
+    let mut server = Server::start(&cluster, 0).await;
+    let (report_tx, mut report) = mpsc::unbounded_channel();
+    let (stop, stop_rx) = watch::channel(false);
+
+    // Six agents spread over the nodes, each with the list of all nodes starting at its own;
+    // one more on n1 that knows no other endpoint (it cannot move).
+    let endpoints: Vec<(usize, SocketAddr)> = cluster
+        .nodes
+        .iter()
+        .enumerate()
+        .map(|(i, n)| (i, n.addr))
+        .collect();
+    let mut ids = Vec::new();
+    for k in 0..6 {
+        let id = format!("pc-{k}");
+        let mut list = endpoints.clone();
+        list.rotate_left(k % 3);
+        let token = cluster.tenant.token(Role::Agent, &id);
+        tokio::spawn(run_agent(
+            id.clone(),
+            token,
+            list,
+            report_tx.clone(),
+            stop_rx.clone(),
+        ));
+        ids.push(id);
+    }
+    let token = cluster.tenant.token(Role::Agent, "stuck");
+    tokio::spawn(run_agent(
+        "stuck".into(),
+        token,
+        vec![endpoints[1]],
+        report_tx.clone(),
+        stop_rx.clone(),
+    ));
+    server
+        .until("every agent connected", |s| {
+            (0..6).all(|k| s.connected_on.get(&format!("pc-{k}")) == Some(&format!("n{}", k % 3)))
+                && s.connected_on.get("stuck").map(String::as_str) == Some("n1")
+        })
+        .await;
+    for id in &ids {
+        server.wake(id, &format!("before-{id}")).await;
+    }
+    server
+        .until("the first wake-ups acknowledged", Server::all_acked)
+        .await;
+
+    // n1 dies. Wake-ups go out at once, while its agents are still moving.
+    let mark = server.presence.len();
+    cluster.nodes[1].kill();
+    for id in &ids {
+        server.wake(id, &format!("after-{id}")).await;
+    }
+    server
+        .until(
+            "every wake-up acknowledged, n1's agents connected elsewhere, stuck released",
+            |s| {
+                s.all_acked()
+                    && ["pc-1", "pc-4"]
+                        .iter()
+                        .all(|a| s.connected_on.get(*a).is_some_and(|n| n != "n1"))
+                    && s.history("stuck", mark)
+                        .iter()
+                        .any(|e| e.state == PresenceState::Disconnected)
+            },
+        )
+        .await;
+
+    // Presence of the moved agents: disconnected (from n1), then connected on a live node.
+    for agent in ["pc-1", "pc-4"] {
+        let history = server.history(agent, mark);
+        let first_connected = history
+            .iter()
+            .position(|e| e.state == PresenceState::Connected)
+            .unwrap_or_else(|| panic!("{agent}: no connected event after the kill: {history:?}"));
+        assert!(
+            history[..first_connected]
+                .iter()
+                .any(|e| e.state == PresenceState::Disconnected && e.node.as_deref() == Some("n1")),
+            "{agent}: disconnected from n1 before connected elsewhere: {history:?}"
+        );
+        assert_ne!(history[first_connected].node.as_deref(), Some("n1"));
+    }
+    // The agent that could not move is released by the survivors when n1 goes silent.
+    let stuck = server.history("stuck", mark);
+    assert!(
+        stuck.iter().any(|e| e.state == PresenceState::Disconnected
+            && e.reason.as_deref() == Some("node_lost")
+            && e.node.as_deref() == Some("n1")),
+        "{stuck:?}"
+    );
+    // Agents on the surviving nodes saw no presence change.
+    for agent in ["pc-0", "pc-2", "pc-3", "pc-5"] {
+        assert!(
+            server.history(agent, mark).is_empty(),
+            "{agent}: {:?}",
+            server.history(agent, mark)
+        );
+    }
+
+    // Every wake-up reached its agent at QoS 1; the moved agents got theirs on a live node.
+    let _ = stop.send(true);
+    drop(report_tx);
+    let mut got: HashMap<String, HashSet<String>> = HashMap::new();
+    while let Ok(r) = report.try_recv() {
+        assert_eq!(r.qos, QoS::AtLeastOnce, "{r:?}");
+        if r.wake_id.starts_with("after-") && (r.agent == "pc-1" || r.agent == "pc-4") {
+            assert_ne!(r.node, 1, "{r:?} arrived through the dead node");
+        }
+        got.entry(r.agent).or_default().insert(r.wake_id);
+    }
+    for id in &ids {
+        let mine = got.get(id).cloned().unwrap_or_default();
+        assert!(
+            mine.contains(&format!("before-{id}")) && mine.contains(&format!("after-{id}")),
+            "{id} got {mine:?}"
+        );
+    }
+    let _ = &cluster.nodes[0].name;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_nats_each_node_serves_its_own_clients_and_the_cluster_heals() {
+    let mut cluster = Cluster::start();
+    let mut server = Server::start(&cluster, 0).await;
+    let mut agents = Vec::new();
+    for (id, node) in [("pc-0", 0), ("pc-1", 1)] {
+        let token = cluster.tenant.token(Role::Agent, id);
+        let mut c = Client::connect(cluster.nodes[node].addr, &token)
+            .await
+            .expect("agent connects");
+        c.subscribe(&format!("agents/{id}/wake")).await;
+        agents.push(c);
+    }
+    server
+        .until("both agents connected", |s| s.connected_on.len() == 2)
+        .await;
+
+    // NATS goes away: a wake-up from n0 to the agent on n0 still arrives.
+    drop(std::mem::replace(
+        &mut cluster._nats,
+        Process(Command::new("true").spawn().expect("true")),
+    ));
+    server
+        .client
+        .send(&Packet::Publish(Publish {
+            dup: false,
+            qos: QoS::AtLeastOnce,
+            retain: false,
+            topic: "agents/pc-0/wake".into(),
+            packet_id: Some(900),
+            payload: Bytes::from_static(b"local"),
+            properties: Properties::default(),
+        }))
+        .await
+        .expect("publish");
+    let msg = agents[0]
+        .message(WAIT)
+        .await
+        .expect("local wake-up without NATS");
+    assert_eq!(msg.payload, &b"local"[..]);
+
+    // NATS comes back on the same address: messages cross nodes again.
+    let port = cluster
+        .nats_url
+        .rsplit(':')
+        .next()
+        .and_then(|p| p.parse::<u16>().ok())
+        .expect("port");
+    let child = Command::new(nats_server_binary())
+        .args(["-a", "127.0.0.1", "-p", &port.to_string()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("restart nats-server");
+    cluster._nats = Process(child);
+    wait_for_port(SocketAddr::from(([127, 0, 0, 1], port)), "nats-server");
+    // The publisher whose PUBACK could not be kept was disconnected to resend; a new one.
+    let mut server = Server::start(&cluster, 0).await;
+    let deadline = Instant::now() + WAIT;
+    let mut n = 0;
+    loop {
+        n += 1;
+        let id = format!("healed-{n}");
+        server.wake("pc-1", &id).await;
+        match agents[1].message(Duration::from_secs(1)).await {
+            Ok(msg) if msg.payload == id.as_bytes() => break,
+            Ok(_) | Err(ReadEnd::TimedOut) => {}
+            Err(ReadEnd::Closed) => panic!("the agent on n1 lost its connection"),
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no wake-up crossed from n0 to n1 within {WAIT:?} after NATS came back"
+        );
+    }
+}

@@ -1,0 +1,18 @@
+//! The Beckon push service's cluster link: several broker nodes behind one name share
+//! messages, client ids and presence through NATS (core NATS; JetStream is not needed).
+//!
+//! - [`subject`]: MQTT topics and filters as NATS subjects, so that NATS routes each message
+//!   only to the nodes whose clients subscribed to a matching filter.
+//! - [`wire`]: the message, claim and heartbeat formats.
+//! - [`link`]: the task between one node's broker core and NATS.
+//!
+//! The broker core stays free of I/O: it hands the link what must go to other nodes and
+//! takes in what comes from them (`beckon-broker`'s `core` module).
+#![forbid(unsafe_code)]
+
+pub mod link;
+pub mod subject;
+pub mod wire;
+
+pub use link::{ClusterError, ClusterLink, ClusterOptions, Incoming, Outgoing, join};
+pub use wire::{Claim, ClusterMessage, Heartbeat};
