@@ -161,6 +161,9 @@ pub struct WakeUpConfig {
     pub max_spread: Duration,
     /// How many seen wake-up ids are remembered against replays.
     pub replay_memory: usize,
+    /// Send Wake-on-LAN packets on this machine's network when the console asks (a signed
+    /// relay request on `agents/{id}/relay`). Default true.
+    pub relay: bool,
 }
 
 /// What the agent does on a wake-up.
@@ -279,6 +282,7 @@ impl Default for WakeUpConfig {
             console_keys: BTreeMap::new(),
             max_spread: Duration::from_secs(3600),
             replay_memory: beckon_identity::wakeup::DEFAULT_REPLAY_CAPACITY,
+            relay: true,
         }
     }
 }

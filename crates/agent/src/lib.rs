@@ -6,6 +6,7 @@
 //!   here).
 //! - [`session`]: the MQTT 5 client session over any stream.
 //! - [`runtime`]: reconnect loop, wake-up handling, action worker, check-in scheduler.
+//! - [`relay`]: Wake-on-LAN sent on this machine's network when the console asks.
 //! - [`actions`]: the command and HTTP actions.
 //! - [`state`], [`status`]: the state folder and `beckon agent status`.
 //! - [`enroll`], [`inventory`], [`http`]: `beckon agent enroll` (key pair, signing request,
@@ -20,6 +21,7 @@ pub mod enroll;
 pub mod http;
 pub mod inventory;
 pub mod jitter;
+pub mod relay;
 pub mod renew;
 pub mod runtime;
 pub mod session;

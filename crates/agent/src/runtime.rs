@@ -13,10 +13,11 @@ use crate::actions::{self, ActionOutcome};
 use crate::config::{AgentConfig, ConfigError, parse_http_url};
 use crate::connector::Connector;
 use crate::jitter::{near_cap, random_up_to};
-use crate::session::{MqttSession, Outbox, SessionEnd, SessionOptions};
+use crate::session::{Incoming, MqttSession, Outbox, SessionEnd, SessionOptions};
 use crate::state::{LastResult, LastWakeUp, StateError, StateStore};
 use crate::timefmt::{unix_now, unix_now_ms};
 use crate::wakeup::{WakeUp, WakeUpCheck, WakeUpRejected, finished_ack, received_ack, started_ack};
+use beckon_identity::relay::RelayRequest;
 use beckon_identity::wakeup::ReplayGuard;
 use beckon_mqtt::ReasonCode;
 use beckon_net::Backoff;
@@ -79,6 +80,14 @@ pub async fn run_agent<C: Connector>(
     let checkin_client = CheckinClient::new(&config)?.map(Arc::new);
     let outbox = Arc::new(Outbox::new(1024));
     let pending = Arc::new(PendingWakeUps::default());
+    let (relay_tx, relay_rx) = tokio::sync::mpsc::unbounded_channel();
+    let relay = config.wakeup.relay.then(|| {
+        tokio::spawn(relay_worker(
+            relay_rx,
+            Arc::clone(&outbox),
+            Arc::clone(&state),
+        ))
+    });
 
     if config.actions.command.is_none()
         && config.actions.http.is_none()
@@ -122,6 +131,7 @@ pub async fn run_agent<C: Connector>(
                 &state,
                 &outbox,
                 &pending,
+                &relay_tx,
                 password.clone(),
                 &mut backoff,
                 &mut shutdown,
@@ -145,6 +155,9 @@ pub async fn run_agent<C: Connector>(
         s.pid = None;
     });
     worker.abort();
+    if let Some(relay) = relay {
+        relay.abort();
+    }
     if let Some(checkin) = checkin {
         checkin.abort();
     }
@@ -165,6 +178,7 @@ async fn connect_once<C: Connector>(
     state: &StateStore,
     outbox: &Outbox,
     pending: &Arc<PendingWakeUps>,
+    relay: &tokio::sync::mpsc::UnboundedSender<RelayRequest>,
     password: Option<Bytes>,
     backoff: &mut Backoff,
     shutdown: &mut watch::Receiver<bool>,
@@ -206,6 +220,12 @@ async fn connect_once<C: Connector>(
         session_expiry: u32::try_from(config.broker.session_expiry.as_secs()).unwrap_or(u32::MAX),
         wake_topic: config.wake_topic(),
         ack_topic: config.ack_topic(),
+        relay_topics: config.wakeup.relay.then(|| {
+            (
+                beckon_identity::relay::relay_topic(&config.agent_id),
+                beckon_identity::relay::relay_result_topic(&config.agent_id),
+            )
+        }),
         via_proxy: connection.via_proxy,
     };
     let end = match MqttSession::establish(connection.stream, options).await {
@@ -225,7 +245,7 @@ async fn connect_once<C: Connector>(
             });
             connector.prefer(&path);
             backoff.connected(std::time::Instant::now());
-            let mut on_wake = wake_handler(check, state, outbox, pending);
+            let mut on_wake = wake_handler(check, state, outbox, pending, relay);
             let end = session.run(outbox, &mut on_wake, shutdown).await;
             // Resets the backoff only if the connection lived `reset_after`.
             backoff.disconnected(std::time::Instant::now());
@@ -312,14 +332,39 @@ fn wait_after<C: Connector>(
     }
 }
 
-/// What the session calls for each wake-up payload, before it sends PUBACK.
+/// What the session calls for each wake-up or relay payload, before it sends PUBACK.
 fn wake_handler<'a>(
     check: &'a Arc<dyn WakeUpCheck>,
     state: &'a StateStore,
     outbox: &'a Outbox,
     pending: &'a Arc<PendingWakeUps>,
-) -> impl FnMut(Bytes) + Send + 'a {
-    move |payload: Bytes| {
+    relay: &'a tokio::sync::mpsc::UnboundedSender<RelayRequest>,
+) -> impl FnMut(Incoming) + Send + 'a {
+    move |incoming: Incoming| {
+        let payload = match incoming {
+            Incoming::WakeUp(payload) => payload,
+            Incoming::Relay(payload) => {
+                let now = unix_now();
+                let result =
+                    state.update_logged(|s| check.check_relay(&payload, now, &mut s.replay_guard));
+                match result {
+                    Ok(request) => {
+                        tracing::info!(id = %request.id, target = %request.target, broadcast = %request.broadcast, "Wake-on-LAN relay request received");
+                        let _ = relay.send(request);
+                    }
+                    Err(WakeUpRejected::Replayed(id)) => {
+                        tracing::info!(%id, "relay request already received; replay dropped");
+                    }
+                    Err(e) => {
+                        // Not answered: the id of a request that failed its checks cannot
+                        // be trusted.
+                        tracing::warn!(error = %e, "Wake-on-LAN relay request refused");
+                        state.record_error(format!("relay request refused: {e}"));
+                    }
+                }
+                return;
+            }
+        };
         let now = unix_now();
         let result = state.update_logged(|s| {
             let result = check.check(&payload, now, &mut s.replay_guard);
@@ -348,6 +393,32 @@ fn wake_handler<'a>(
                 state.record_error(e.to_string());
             }
         }
+    }
+}
+
+/// Sends the magic packets of verified relay requests, one request at a time, and queues
+/// each result for `agents/{id}/relay-result`.
+async fn relay_worker(
+    mut requests: tokio::sync::mpsc::UnboundedReceiver<RelayRequest>,
+    outbox: Arc<Outbox>,
+    state: Arc<StateStore>,
+) {
+    while let Some(request) = requests.recv().await {
+        // The machine's own subnets, read now: addresses change (DHCP, VPN, roaming).
+        let own = crate::relay::own_broadcasts(&crate::inventory::Inventory::gather().addresses);
+        let result = crate::relay::perform(&request, &own, unix_now_ms()).await;
+        for send in &result.sends {
+            match &send.error {
+                None => {
+                    tracing::info!(mac = %send.mac, destination = %send.destination, packets = send.packets, target = %request.target, "Wake-on-LAN relayed")
+                }
+                Some(e) => {
+                    tracing::warn!(mac = %send.mac, destination = %send.destination, error = %e, "Wake-on-LAN relay failed");
+                    state.record_error(format!("Wake-on-LAN relay: {e}"));
+                }
+            }
+        }
+        outbox.push_relay_result(result.to_json());
     }
 }
 

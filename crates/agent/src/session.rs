@@ -49,6 +49,9 @@ pub struct SessionOptions {
     pub wake_topic: String,
     /// `agents/{id}/ack`.
     pub ack_topic: String,
+    /// `agents/{id}/relay` and `agents/{id}/relay-result`: Wake-on-LAN relay requests in,
+    /// results out. `None`: the agent does not relay.
+    pub relay_topics: Option<(String, String)>,
     /// The stream goes through an HTTP proxy: told to the broker in CONNECT, which cannot
     /// see it, so that the agent's presence says so.
     pub via_proxy: bool,
@@ -198,6 +201,22 @@ pub fn describe_code(code: ReasonCode) -> String {
     }
 }
 
+/// A message the broker delivered on one of the agent's topics.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Incoming {
+    /// On `agents/{id}/wake`.
+    WakeUp(Bytes),
+    /// On `agents/{id}/relay`.
+    Relay(Bytes),
+}
+
+/// Where an outbox entry goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum OutTopic {
+    Ack,
+    RelayResult,
+}
+
 /// QoS 1 acks waiting to be published, in order. Survives reconnects: entries stay until
 /// the broker's PUBACK, and are resent (DUP, same packet id) on the next session.
 pub struct Outbox {
@@ -212,6 +231,7 @@ struct OutboxInner {
 }
 
 struct OutEntry {
+    topic: OutTopic,
     payload: Bytes,
     packet_id: Option<u16>,
     sent_this_session: bool,
@@ -219,6 +239,7 @@ struct OutEntry {
 
 /// One PUBLISH to send.
 struct Outgoing {
+    topic: OutTopic,
     packet_id: u16,
     payload: Bytes,
     dup: bool,
@@ -239,6 +260,15 @@ impl Outbox {
 
     /// Queues a payload for the ack topic.
     pub fn push(&self, payload: Vec<u8>) {
+        self.push_to(OutTopic::Ack, payload);
+    }
+
+    /// Queues a payload for the relay-result topic.
+    pub fn push_relay_result(&self, payload: Vec<u8>) {
+        self.push_to(OutTopic::RelayResult, payload);
+    }
+
+    fn push_to(&self, topic: OutTopic, payload: Vec<u8>) {
         {
             let mut inner = self.lock();
             if inner.entries.len() >= self.capacity {
@@ -249,6 +279,7 @@ impl Outbox {
                 );
             }
             inner.entries.push_back(OutEntry {
+                topic,
                 payload: Bytes::from(payload),
                 packet_id: None,
                 sent_this_session: false,
@@ -297,6 +328,7 @@ impl Outbox {
             inner.entries[i].sent_this_session = true;
             in_flight += 1;
             out.push(Outgoing {
+                topic: inner.entries[i].topic,
                 packet_id,
                 payload: inner.entries[i].payload.clone(),
                 dup,
@@ -390,17 +422,25 @@ impl<S: AsyncRead + AsyncWrite + Unpin> MqttSession<S> {
                 ..Properties::default()
             },
         }));
+        let options = SubscriptionOptions {
+            qos: QoS::AtLeastOnce,
+            no_local: false,
+            retain_as_published: false,
+            retain_handling: RetainHandling::DoNotSend,
+        };
+        let mut subscriptions = vec![Subscription {
+            filter: session.opts.wake_topic.clone(),
+            options,
+        }];
+        if let Some((relay, _)) = &session.opts.relay_topics {
+            subscriptions.push(Subscription {
+                filter: relay.clone(),
+                options,
+            });
+        }
         let subscribe = Packet::Subscribe(Subscribe {
             packet_id: SUBSCRIBE_PACKET_ID,
-            subscriptions: vec![Subscription {
-                filter: session.opts.wake_topic.clone(),
-                options: SubscriptionOptions {
-                    qos: QoS::AtLeastOnce,
-                    no_local: false,
-                    retain_as_published: false,
-                    retain_handling: RetainHandling::DoNotSend,
-                },
-            }],
+            subscriptions,
             properties: Properties::default(),
         });
         session.send(&connect).await?;
@@ -454,12 +494,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> MqttSession<S> {
         Ok((session, established))
     }
 
-    /// Runs until the connection ends: hands wake-up payloads to `on_wake` (PUBACK follows
-    /// its return), publishes the outbox, pings. Returns why it ended.
+    /// Runs until the connection ends: hands wake-ups and relay requests to `on_wake`
+    /// (PUBACK follows its return), publishes the outbox, pings. Returns why it ended.
     pub async fn run(
         mut self,
         outbox: &Outbox,
-        on_wake: &mut (dyn FnMut(Bytes) + Send),
+        on_wake: &mut (dyn FnMut(Incoming) + Send),
         shutdown: &mut watch::Receiver<bool>,
     ) -> SessionEnd {
         outbox.new_session();
@@ -480,7 +520,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> MqttSession<S> {
     async fn run_inner(
         &mut self,
         outbox: &Outbox,
-        on_wake: &mut (dyn FnMut(Bytes) + Send),
+        on_wake: &mut (dyn FnMut(Incoming) + Send),
         shutdown: &mut watch::Receiver<bool>,
     ) -> Result<(), SessionEnd> {
         loop {
@@ -496,7 +536,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> MqttSession<S> {
                     dup: out.dup,
                     qos: QoS::AtLeastOnce,
                     retain: false,
-                    topic: self.opts.ack_topic.clone(),
+                    topic: match (out.topic, &self.opts.relay_topics) {
+                        (OutTopic::RelayResult, Some((_, result))) => result.clone(),
+                        _ => self.opts.ack_topic.clone(),
+                    },
                     packet_id: Some(out.packet_id),
                     payload: out.payload,
                     properties: Properties {
@@ -538,13 +581,20 @@ impl<S: AsyncRead + AsyncWrite + Unpin> MqttSession<S> {
         &mut self,
         packet: Packet,
         outbox: &Outbox,
-        on_wake: &mut (dyn FnMut(Bytes) + Send),
+        on_wake: &mut (dyn FnMut(Incoming) + Send),
     ) -> Result<(), SessionEnd> {
         match packet {
             Packet::PingResp => self.ping_sent = None,
             Packet::Publish(publish) => {
                 if publish.topic == self.opts.wake_topic {
-                    on_wake(publish.payload);
+                    on_wake(Incoming::WakeUp(publish.payload));
+                } else if self
+                    .opts
+                    .relay_topics
+                    .as_ref()
+                    .is_some_and(|(relay, _)| publish.topic == *relay)
+                {
+                    on_wake(Incoming::Relay(publish.payload));
                 } else {
                     tracing::warn!(topic = %publish.topic, "message on an unexpected topic ignored");
                 }
@@ -568,8 +618,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> MqttSession<S> {
                 }
             }
             Packet::SubAck(suback) if suback.packet_id == SUBSCRIBE_PACKET_ID => {
-                if let Some(code) = suback.codes.iter().find(|c| c.is_error()) {
+                // The wake topic comes first: without it the agent is useless.
+                if let Some(code) = suback.codes.first().filter(|c| c.is_error()) {
                     return Err(SessionEnd::SubscribeRefused(*code));
+                }
+                // Without relay the agent still does its main job.
+                if let Some(code) = suback.codes.get(1).filter(|c| c.is_error()) {
+                    tracing::warn!(code = %describe_code(*code), "the broker refused the Wake-on-LAN relay subscription; this agent will not relay");
                 }
             }
             Packet::SubAck(_) | Packet::UnsubAck(_) | Packet::PubRec(_) | Packet::PubComp(_) => {}

@@ -7,6 +7,7 @@
 
 use std::collections::BTreeMap;
 
+use beckon_identity::relay::RelayRequest;
 pub use beckon_identity::wakeup::{
     Ack, AckStage, AckStatus, MergedWakeUp, ReplayGuard, WakeUp, WakeUpRejected, WakeUpVerifier,
 };
@@ -26,6 +27,20 @@ pub trait WakeUpCheck: Send + Sync + 'static {
         now: i64,
         replay: &mut ReplayGuard,
     ) -> Result<WakeUp, WakeUpRejected>;
+
+    /// Checks a Wake-on-LAN relay request the same way; on success its id is in `replay`.
+    /// By default relay requests are refused (a check that cannot verify them).
+    fn check_relay(
+        &self,
+        payload: &[u8],
+        now: i64,
+        replay: &mut ReplayGuard,
+    ) -> Result<RelayRequest, WakeUpRejected> {
+        let _ = (payload, now, replay);
+        Err(WakeUpRejected::Malformed(
+            "this agent cannot verify Wake-on-LAN relay requests".into(),
+        ))
+    }
 }
 
 impl WakeUpCheck for WakeUpVerifier {
@@ -36,6 +51,15 @@ impl WakeUpCheck for WakeUpVerifier {
         replay: &mut ReplayGuard,
     ) -> Result<WakeUp, WakeUpRejected> {
         self.verify(payload, now, replay)
+    }
+
+    fn check_relay(
+        &self,
+        payload: &[u8],
+        now: i64,
+        replay: &mut ReplayGuard,
+    ) -> Result<RelayRequest, WakeUpRejected> {
+        self.verify_relay(payload, now, replay)
     }
 }
 

@@ -83,6 +83,9 @@ pub fn main(args: UpArgs) -> anyhow::Result<()> {
         let tenants_dir = broker_dir.join("tenants");
         console_config.broker_tenant_file =
             Some(tenants_dir.join(format!("{}.toml", console_config.tenant)));
+        // The broker needs the console's CA and tenant file, so it starts second; the
+        // console connects to it once it listens (no failed first attempt to warn about).
+        console_config.broker_starts_later = true;
         let console = Console::start(console_config)
             .await
             .with_context(|| format!("starting the console in {}", console_dir.display()))?;
@@ -100,6 +103,7 @@ pub fn main(args: UpArgs) -> anyhow::Result<()> {
         let (bound, mut broker) = Server::bind(broker_config)
             .await
             .context("starting the broker")?;
+        console.broker_ready();
 
         let (stop_agents, agents_stop) = tokio::sync::watch::channel(false);
         let demo = if args.demo_agents > 0 {

@@ -1,12 +1,13 @@
 //! `beckon up` as a process, as a newcomer runs it: the first start creates everything and
 //! prints the admin password once; the console reaches its own broker; a second start on the
-//! same folder reuses everything and prints no new password. Every wait is bounded.
+//! same folder reuses everything and prints no new password. A normal start logs no warning
+//! (the console connects to its broker once it listens). Every wait is bounded.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
+use std::sync::{Arc, Mutex, mpsc};
 use std::time::{Duration, Instant};
 
 const WAIT: Duration = Duration::from_secs(30);
@@ -14,6 +15,7 @@ const WAIT: Duration = Duration::from_secs(30);
 struct Up {
     child: Child,
     stdout: Vec<String>,
+    stderr: Arc<Mutex<Vec<String>>>,
     console: String,
 }
 
@@ -49,9 +51,17 @@ impl Up {
             ])
             .env("RUST_LOG", "warn")
             .stdout(Stdio::piped())
-            .stderr(Stdio::null())
+            .stderr(Stdio::piped())
             .spawn()
             .expect("spawn beckon up");
+        let stderr = Arc::new(Mutex::new(Vec::new()));
+        let err = child.stderr.take().expect("stderr");
+        let lines = Arc::clone(&stderr);
+        std::thread::spawn(move || {
+            for line in BufReader::new(err).lines().map_while(Result::ok) {
+                lines.lock().unwrap_or_else(|p| p.into_inner()).push(line);
+            }
+        });
         let out = child.stdout.take().expect("stdout");
         let (tx, rx) = mpsc::channel();
         std::thread::spawn(move || {
@@ -76,8 +86,20 @@ impl Up {
         Self {
             child,
             stdout,
+            stderr,
             console,
         }
+    }
+
+    /// The warnings and errors logged so far.
+    fn warnings(&self) -> Vec<String> {
+        self.stderr
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .filter(|l| l.contains("WARN") || l.contains("ERROR"))
+            .cloned()
+            .collect()
     }
 
     fn password(&self) -> Option<String> {
@@ -145,6 +167,13 @@ fn first_start_creates_everything_and_the_second_reuses_it() {
         .unwrap_or_else(|| panic!("no admin password printed: {:?}", first.stdout));
     let cookie = first.login(&password);
     first.wait_push_connected(&cookie);
+    // A moment for anything that would still be logged about the start.
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(
+        first.warnings(),
+        Vec::<String>::new(),
+        "a normal start logs no warning"
+    );
     assert!(data.join("console/tenant-ca.pem").exists());
     let server_cert = std::fs::read(data.join("broker/server.pem")).unwrap();
     drop(first);
@@ -163,4 +192,10 @@ fn first_start_creates_everything_and_the_second_reuses_it() {
     );
     let cookie = second.login(&password);
     second.wait_push_connected(&cookie);
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(
+        second.warnings(),
+        Vec::<String>::new(),
+        "a second start logs no warning"
+    );
 }

@@ -36,6 +36,19 @@ const DIAGNOSIS_EVERY: Duration = Duration::from_secs(60);
 pub enum Command {
     /// A new call: publish one wake-up per delivery.
     Publish(WakeCall, Vec<CallDelivery>),
+    /// Publish a signed Wake-on-LAN relay request to `agents/{agent}/relay`.
+    Relay {
+        /// The relaying agent.
+        agent: String,
+        /// The request id (the sends recorded for it are updated on failure or answer).
+        request_id: String,
+        /// The signed request.
+        payload: Vec<u8>,
+        /// Message expiry, seconds.
+        expiry_secs: u32,
+    },
+    /// The broker is listening now (see [`ConsoleConfig::broker_starts_later`](crate::ConsoleConfig::broker_starts_later)).
+    BrokerReady,
 }
 
 /// Resolves once `shutdown` turns true (or its sender is gone).
@@ -57,6 +70,22 @@ pub async fn run(
     })
     .ok();
     let mut last_diagnosis = None;
+    if st.config.broker_starts_later && st.config.broker != BrokerLink::None {
+        // `beckon up` starts the broker after the console (the broker needs the console's
+        // CA): trying before it listens would only log a failure at every start.
+        loop {
+            tokio::select! {
+                c = commands.recv() => match c {
+                    Some(Command::BrokerReady) => break,
+                    // Calls stay queued; they go out when the connection comes up.
+                    Some(Command::Publish(..)) => {}
+                    Some(Command::Relay { request_id, .. }) => relay_not_sent(&st, request_id).await,
+                    None => return,
+                },
+                () = stopped(&mut shutdown) => return,
+            }
+        }
+    }
     loop {
         if *shutdown.borrow() {
             return;
@@ -134,9 +163,25 @@ async fn idle(
     loop {
         tokio::select! {
             _ = tick.tick() => expire(st).await,
-            c = commands.recv() => if c.is_none() { return Ok(()) },
+            c = commands.recv() => match c {
+                None => return Ok(()),
+                Some(Command::Relay { request_id, .. }) => relay_not_sent(st, request_id).await,
+                Some(_) => {}
+            },
             _ = stopped(shutdown) => return Ok(()),
         }
+    }
+}
+
+/// A relay request that could not go out: its sends say why.
+async fn relay_not_sent(st: &AppState, request_id: String) {
+    let error = "not sent: the console is not connected to the push service";
+    if let Err(e) = st
+        .store
+        .run(move |s| s.fail_relay(&request_id, error))
+        .await
+    {
+        tracing::warn!(error = %e, "recording a relay failure failed");
     }
 }
 
@@ -252,10 +297,54 @@ async fn diagnose(st: &AppState) -> Option<(String, serde_json::Value)> {
     Some((report.summary.clone(), value))
 }
 
-/// State changes and presence for the store, written by [`write_states`].
+/// What the dispatcher collected since it last handed over to [`write_states`].
+#[derive(Default)]
+struct Changes {
+    /// State changes from PUBACKs and acks.
+    advances: Vec<DeliveryAdvance>,
+    /// Presence changes.
+    presence: Vec<PresenceUpdate>,
+    /// Answers of relaying agents: (agent, request id, (MAC, destination, packets, error)).
+    relay_results: Vec<RelayAnswer>,
+    /// Relay requests the broker refused: (request id, why).
+    relay_failures: Vec<(String, String)>,
+    /// Packet ids of the QoS 1 messages (acks, presence, relay results) these changes come
+    /// from: acknowledged once the changes are written, so that a console killed before
+    /// gets them again from its session at the broker.
+    pubacks: Vec<u16>,
+}
+
+type RelayAnswer = (String, String, Vec<(String, String, u32, Option<String>)>);
+
+impl Changes {
+    fn is_empty(&self) -> bool {
+        self.advances.is_empty()
+            && self.presence.is_empty()
+            && self.relay_results.is_empty()
+            && self.relay_failures.is_empty()
+            && self.pubacks.is_empty()
+    }
+
+    /// Rows to write.
+    fn len(&self) -> usize {
+        self.advances.len()
+            + self.presence.len()
+            + self.relay_results.len()
+            + self.relay_failures.len()
+    }
+
+    fn append(&mut self, mut other: Changes) {
+        self.advances.append(&mut other.advances);
+        self.presence.append(&mut other.presence);
+        self.relay_results.append(&mut other.relay_results);
+        self.relay_failures.append(&mut other.relay_failures);
+        self.pubacks.append(&mut other.pubacks);
+    }
+}
+
+/// Work for [`write_states`].
 enum WriteJob {
-    Advance(Vec<DeliveryAdvance>),
-    Presence(Vec<PresenceUpdate>),
+    Changes(Changes),
     /// Answered once everything sent before it is written.
     Sync(oneshot::Sender<()>),
 }
@@ -266,37 +355,94 @@ const MAX_WRITE_BATCH: usize = 2048;
 
 /// Writes state changes and presence beside the broker connection, so that reading acks and
 /// publishing never wait for the database: whatever arrived while one transaction ran goes
-/// into the next (group commit). Live listeners hear of a change once it is written.
-async fn write_states(st: AppState, mut jobs: mpsc::UnboundedReceiver<WriteJob>) {
+/// into the next (group commit). Live listeners hear of a change once it is written, and the
+/// broker gets the PUBACKs of the messages a batch came from once it is written (all of them
+/// in one write to `out`, so that its in-flight window towards the console keeps moving).
+async fn write_states(
+    st: AppState,
+    mut jobs: mpsc::UnboundedReceiver<WriteJob>,
+    out: mpsc::UnboundedSender<Bytes>,
+) {
     while let Some(first) = jobs.recv().await {
-        let mut advances = Vec::new();
-        let mut presence = Vec::new();
+        let mut batch = Changes::default();
         let mut syncs = Vec::new();
         let mut next = Some(first);
         while let Some(job) = next.take() {
             match job {
-                WriteJob::Advance(a) => advances.extend(a),
-                WriteJob::Presence(p) => presence.extend(p),
+                WriteJob::Changes(c) => batch.append(c),
                 WriteJob::Sync(s) => syncs.push(s),
             }
-            if advances.len() + presence.len() < MAX_WRITE_BATCH {
+            if batch.len() < MAX_WRITE_BATCH {
                 next = jobs.try_recv().ok();
             }
         }
-        if !advances.is_empty() || !presence.is_empty() {
+        let Changes {
+            advances,
+            presence,
+            relay_results,
+            relay_failures,
+            pubacks,
+        } = batch;
+        let mut written = true;
+        if !advances.is_empty()
+            || !presence.is_empty()
+            || !relay_results.is_empty()
+            || !relay_failures.is_empty()
+        {
             let result = st
                 .store
                 .run(move |s| {
+                    // Relay records are kept apart: one that cannot be written is logged
+                    // and does not hold back the acks of everything else.
+                    for (request_id, error) in &relay_failures {
+                        if let Err(e) = s.fail_relay(request_id, error) {
+                            tracing::warn!(error = %e, "recording a relay failure failed");
+                        }
+                    }
+                    for (via, request_id, sends) in &relay_results {
+                        match s.record_relay_result(via, request_id, sends) {
+                            Ok(recorded) => {
+                                for r in &recorded {
+                                    tracing::info!(via = %via, target = %r.agent_id, mac = %r.mac, destination = %r.destination, packets = r.packets, error = ?r.error, "Wake-on-LAN relayed");
+                                }
+                            }
+                            Err(e) => tracing::warn!(error = %e, "recording a relay result failed"),
+                        }
+                    }
                     if !presence.is_empty() {
                         s.set_presences(presence)?;
+                    }
+                    if advances.is_empty() {
+                        return Ok(Vec::new());
                     }
                     s.advance_deliveries(advances)
                 })
                 .await;
             match result {
                 Ok(changed) => publish_events(&st, &changed),
-                Err(e) => tracing::warn!(error = %e, "updating deliveries failed"),
+                Err(e) => {
+                    // Not acknowledged: the broker delivers these messages again after the
+                    // next reconnect.
+                    tracing::warn!(
+                        error = %e,
+                        "recording delivery states and presence failed; the broker delivers the messages again after the next reconnect"
+                    );
+                    written = false;
+                }
             }
+        }
+        if written && !pubacks.is_empty() {
+            let mut acks = BytesMut::with_capacity(pubacks.len() * 4);
+            for id in pubacks {
+                // Encoding a PUBACK cannot fail.
+                let _ = beckon_mqtt::encode(
+                    &Packet::PubAck(beckon_mqtt::Ack::new(id)),
+                    ProtocolVersion::V5,
+                    &mut acks,
+                );
+            }
+            // A closed connection shows up on the dispatcher's side.
+            let _ = out.send(acks.freeze());
         }
         for s in syncs {
             let _ = s.send(());
@@ -316,26 +462,32 @@ struct Conn {
     next_id: u16,
     /// PUBLISH packet id -> (agent, carrier wake-up id) waiting for PUBACK.
     inflight: HashMap<u16, (String, String)>,
+    /// PUBLISH packet id -> relay request id waiting for PUBACK.
+    relay_inflight: HashMap<u16, String>,
     /// The broker's Receive Maximum: at most this many QoS 1 publishes unacknowledged.
     receive_max: usize,
-    /// State changes from PUBACKs and acks, not yet handed to the writer.
-    updates: Vec<DeliveryAdvance>,
-    /// Presence changes, not yet handed to the writer.
-    presence: Vec<PresenceUpdate>,
+    /// Changes (and the PUBACKs that wait for them) not yet handed to the writer.
+    changes: Changes,
     /// Agents that came online: what they have not received goes out again.
     came_online: Vec<String>,
+    /// While the console takes in what the broker holds for it after (re)connecting: the
+    /// agents whose retained presence says connected.
+    snapshot: Option<Vec<String>>,
+    /// Wake-up ids published by a resend (queued at connect, an agent coming back) and when:
+    /// a call's own publish command, still waiting in the channel, skips them, so that no
+    /// wake-up goes out twice. Pruned once the channel is empty.
+    resent: HashMap<String, tokio::time::Instant>,
     /// The state writer.
     writer: mpsc::UnboundedSender<WriteJob>,
 }
 
 /// Reads the broker's packets as they come, whatever the dispatcher is doing, so that the
 /// broker never sees a console that does not read (it would close it, or drop acks queued
-/// for it). QoS 1 messages (acks, presence) are acknowledged here at once, which keeps the
-/// broker's window towards the console open; their state changes are recorded by the
-/// dispatcher as before.
+/// for it). QoS 1 messages (acks, presence) are acknowledged by [`write_states`] once what
+/// they change is written; the broker's in-flight window for a server identity is large
+/// enough to keep them flowing meanwhile.
 async fn read_packets(
     mut read: tokio::io::ReadHalf<beckon_net::BoxedStream>,
-    out: mpsc::UnboundedSender<Bytes>,
     packets: mpsc::UnboundedSender<Result<Packet, String>>,
 ) {
     let mut buf = BytesMut::with_capacity(64 * 1024);
@@ -351,23 +503,9 @@ async fn read_packets(
                 return;
             }
         }
-        let mut acks = BytesMut::new();
         loop {
             match beckon_mqtt::decode(&mut buf, ProtocolVersion::V5, MAX_PACKET) {
                 Ok(Some(p)) => {
-                    if let Packet::Publish(Publish {
-                        qos: QoS::AtLeastOnce,
-                        packet_id: Some(id),
-                        ..
-                    }) = &p
-                    {
-                        // Encoding a PUBACK cannot fail.
-                        let _ = beckon_mqtt::encode(
-                            &Packet::PubAck(beckon_mqtt::Ack::new(*id)),
-                            ProtocolVersion::V5,
-                            &mut acks,
-                        );
-                    }
                     if packets.send(Ok(p)).is_err() {
                         return;
                     }
@@ -378,9 +516,6 @@ async fn read_packets(
                     return;
                 }
             }
-        }
-        if !acks.is_empty() && out.send(acks.freeze()).is_err() {
-            return;
         }
     }
 }
@@ -440,7 +575,9 @@ impl Conn {
     fn packet_id(&mut self) -> u16 {
         loop {
             self.next_id = self.next_id.wrapping_add(1).max(1);
-            if !self.inflight.contains_key(&self.next_id) {
+            if !self.inflight.contains_key(&self.next_id)
+                && !self.relay_inflight.contains_key(&self.next_id)
+            {
                 return self.next_id;
             }
         }
@@ -489,15 +626,10 @@ impl Conn {
 
     /// Hands the collected changes to the writer (without waiting for it).
     fn hand_over(&mut self) {
-        if !self.presence.is_empty() {
+        if !self.changes.is_empty() {
             let _ = self
                 .writer
-                .send(WriteJob::Presence(std::mem::take(&mut self.presence)));
-        }
-        if !self.updates.is_empty() {
-            let _ = self
-                .writer
-                .send(WriteJob::Advance(std::mem::take(&mut self.updates)));
+                .send(WriteJob::Changes(std::mem::take(&mut self.changes)));
         }
     }
 
@@ -526,10 +658,10 @@ async fn session(
     let (read, write) = tokio::io::split(stream);
     let (out_tx, out_rx) = mpsc::unbounded_channel();
     let (in_tx, in_rx) = mpsc::unbounded_channel();
-    let reading = tokio::spawn(read_packets(read, out_tx.clone(), in_tx.clone()));
+    let reading = tokio::spawn(read_packets(read, in_tx.clone()));
     let writing = tokio::spawn(write_packets(write, out_rx, in_tx));
     let (writer, jobs) = mpsc::unbounded_channel();
-    let storing = tokio::spawn(write_states(st.clone(), jobs));
+    let storing = tokio::spawn(write_states(st.clone(), jobs, out_tx.clone()));
     let mut conn = Conn {
         out: out_tx,
         incoming: in_rx,
@@ -537,10 +669,12 @@ async fn session(
         wbuf: BytesMut::with_capacity(64 * 1024),
         next_id: 0,
         inflight: HashMap::new(),
+        relay_inflight: HashMap::new(),
         receive_max: usize::from(u16::MAX),
-        updates: Vec::new(),
-        presence: Vec::new(),
+        changes: Changes::default(),
         came_online: Vec::new(),
+        snapshot: None,
+        resent: HashMap::new(),
         writer,
     };
     let result = connected(st, &mut conn, commands, shutdown).await;
@@ -548,10 +682,11 @@ async fn session(
     conn.sync().await;
     drop(conn);
     reading.abort();
-    // The last packets (a DISCONNECT) go out before the socket closes; the writer ends once
-    // the reader's sender is gone too.
-    let _ = tokio::time::timeout(Duration::from_secs(2), writing).await;
+    // The state writer ends with the dispatcher's sender (everything was written above).
     let _ = storing.await;
+    // The last packets (a DISCONNECT) go out before the socket closes; the socket writer
+    // ends once the reader's and the state writer's senders are gone too.
+    let _ = tokio::time::timeout(Duration::from_secs(2), writing).await;
     result
 }
 
@@ -612,7 +747,7 @@ async fn connected(
     };
     let sub = Subscribe {
         packet_id: conn.packet_id(),
-        subscriptions: ["agents/+/ack", "agents/+/presence"]
+        subscriptions: ["agents/+/ack", "agents/+/presence", "agents/+/relay-result"]
             .into_iter()
             .map(|f| Subscription {
                 filter: f.into(),
@@ -622,6 +757,7 @@ async fn connected(
         properties: Properties::default(),
     };
     conn.send(&Packet::Subscribe(sub)).await?;
+    take_in_held(st, conn, options).await?;
     set_status(st, true, None);
     tracing::info!("connected to the push service");
 
@@ -655,6 +791,8 @@ async fn connected(
                 Some(Command::Publish(call, deliveries)) => {
                     let messages = deliveries
                         .into_iter()
+                        // Already out with a resend (queued at connect, an agent coming back).
+                        .filter(|d| conn.resent.remove(&d.wakeup_id).is_none())
                         .map(|d| {
                             let agent = d.agent_id.clone();
                             let out = OutgoingWakeUp {
@@ -671,6 +809,10 @@ async fn connected(
                     publish_all(st, conn, messages).await?;
                     last_heard = tokio::time::Instant::now();
                 }
+                Some(Command::Relay { agent, request_id, payload, expiry_secs }) => {
+                    publish_relay(conn, &agent, request_id, payload, expiry_secs).await?;
+                }
+                Some(Command::BrokerReady) => {}
                 None => return Ok(()),
             },
             _ = ping.tick() => {
@@ -682,8 +824,17 @@ async fn connected(
             _ = sweep.tick() => {
                 conn.sync().await;
                 expire(st).await;
+                if commands.is_empty() {
+                    // Every command made before now has been handled (the API sends it
+                    // right after recording the call).
+                    conn.resent
+                        .retain(|_, at| at.elapsed() < Duration::from_secs(10));
+                }
             }
             _ = stopped(shutdown) => {
+                // What was read is written and acknowledged before the DISCONNECT.
+                conn.drain_packets()?;
+                conn.sync().await;
                 let _ = conn.send(&Packet::Disconnect(beckon_mqtt::Disconnect {
                     code: beckon_mqtt::ReasonCode::SUCCESS,
                     properties: Properties::default(),
@@ -694,8 +845,112 @@ async fn connected(
     }
 }
 
+/// Before sending anything, takes in what the broker holds for the console: the acks
+/// queued in its session while it was away (so that nothing an agent already received goes
+/// out again) and the retained presence of every agent (the registry's presence is then
+/// current, not what it was when the console stopped). The barrier: with Beckon's broker
+/// (TLS link), a second SUBSCRIBE to the console's own retained presence, which the broker
+/// queues behind everything above (QoS 1 deliveries to a session are in order); with a
+/// development broker, which has no presence, PINGREQ (answered at once, so only what fits
+/// in the broker's in-flight window is sure to come before it).
+async fn take_in_held(
+    st: &AppState,
+    conn: &mut Conn,
+    options: SubscriptionOptions,
+) -> Result<(), String> {
+    let own_presence = format!("servers/{CLIENT_ID}/presence");
+    let tls = matches!(st.config.broker, BrokerLink::Tls { .. });
+    if tls {
+        let barrier = Subscribe {
+            packet_id: conn.packet_id(),
+            subscriptions: vec![Subscription {
+                filter: own_presence.clone(),
+                options,
+            }],
+            properties: Properties::default(),
+        };
+        conn.send(&Packet::Subscribe(barrier)).await?;
+    } else {
+        conn.send(&Packet::PingReq).await?;
+    }
+    conn.snapshot = Some(Vec::new());
+    let mut barrier_reached = true;
+    loop {
+        let Some(packet) = conn.next_packet()? else {
+            // All read is handled: have it written and acknowledged (one PUBACK batch), so
+            // that the broker's in-flight window keeps moving.
+            conn.hand_over();
+            match tokio::time::timeout(Duration::from_secs(10), conn.read_more()).await {
+                Ok(read) => {
+                    read?;
+                    continue;
+                }
+                Err(_) => {
+                    // A TLS broker without tenants publishes no presence: go on without.
+                    tracing::warn!(
+                        "the broker sent nothing for 10 s after the console connected, not even the console's own presence (is it Beckon's broker with this tenant's file?); the registry's presence is not checked against it"
+                    );
+                    barrier_reached = false;
+                    break;
+                }
+            }
+        };
+        match packet {
+            Packet::PingResp if !tls => break,
+            // Retained: sent for this SUBSCRIBE (the live event of this very connection comes
+            // first when the session kept the subscription from an earlier run).
+            Packet::Publish(p) if tls && p.retain && p.topic == own_presence => {
+                if let (QoS::AtLeastOnce, Some(id)) = (p.qos, p.packet_id) {
+                    conn.changes.pubacks.push(id);
+                }
+                break;
+            }
+            other => handle_packet(conn, other)?,
+        }
+    }
+    // The presence read is written before it is compared.
+    conn.sync().await;
+    let seen_online = conn.snapshot.take().unwrap_or_default();
+    tracing::info!(
+        agents_connected = seen_online.len(),
+        "read the broker's presence after connecting"
+    );
+    // Only Beckon's broker with tenants (the TLS link) publishes presence; a development
+    // broker has none, so its silence says nothing.
+    if barrier_reached && tls {
+        let at = now_ms();
+        match st
+            .store
+            .run(move |s| s.reconcile_presence(&seen_online, at))
+            .await
+        {
+            Ok(gone) if !gone.is_empty() => {
+                tracing::info!(
+                    agents = gone.len(),
+                    "agents recorded online have no presence at the broker: marked offline"
+                );
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "reconciling presence failed"),
+        }
+    }
+    Ok(())
+}
+
 /// PUBACK: the broker took the wake-up (`sent`), or refused it (`failed`).
 fn handle_puback(conn: &mut Conn, ack: beckon_mqtt::Ack) {
+    if let Some(request_id) = conn.relay_inflight.remove(&ack.packet_id) {
+        if ack.code.is_error() {
+            conn.changes.relay_failures.push((
+                request_id,
+                format!(
+                    "the broker refused the relay request (reason 0x{:02X}); check the console's permissions on the broker",
+                    ack.code.0
+                ),
+            ));
+        }
+        return;
+    }
     let Some((agent, wakeup_id)) = conn.inflight.remove(&ack.packet_id) else {
         return;
     };
@@ -715,14 +970,20 @@ fn handle_puback(conn: &mut Conn, ack: beckon_mqtt::Ack) {
     advance(conn, &agent, &wakeup_id, state, update);
 }
 
-/// Handles one packet from the broker without waiting for anything: replies are queued for
-/// [`Conn::write_out`], state changes for the writer, agents that came online for
+/// Handles one packet from the broker without waiting for anything: state changes and the
+/// PUBACKs that wait for them are queued for the writer, agents that came online for
 /// [`send_pending`].
 fn handle_packet(conn: &mut Conn, packet: Packet) -> Result<(), String> {
     match packet {
         Packet::PubAck(ack) => handle_puback(conn, ack),
-        // Acknowledged by the reader already.
-        Packet::Publish(p) => handle_publish(conn, &p),
+        Packet::Publish(p) => {
+            handle_publish(conn, &p);
+            if let (QoS::AtLeastOnce, Some(id)) = (p.qos, p.packet_id) {
+                // Acknowledged once what it changed is written (by `write_states`): if the
+                // console dies before, the broker delivers it again on the next connection.
+                conn.changes.pubacks.push(id);
+            }
+        }
         Packet::Disconnect(d) => {
             return Err(format!(
                 "the broker disconnected the console (reason 0x{:02X}{})",
@@ -776,6 +1037,23 @@ fn handle_publish(conn: &mut Conn, p: &Publish) {
             };
             advance(conn, &agent, &ack.wakeup_id, state, update);
         }
+        "relay-result" => {
+            let result = match beckon_identity::relay::RelayResult::from_json(&p.payload) {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::warn!(%agent, error = %e, "ignoring a malformed relay result");
+                    return;
+                }
+            };
+            let sends = result
+                .sends
+                .into_iter()
+                .map(|s| (s.mac, s.destination, s.packets, s.error))
+                .collect();
+            conn.changes
+                .relay_results
+                .push((agent, result.request_id, sends));
+        }
         "presence" => {
             if p.payload.is_empty() {
                 return;
@@ -802,10 +1080,18 @@ fn handle_publish(conn: &mut Conn, p: &Publish) {
             } else {
                 path.to_owned()
             };
-            if presence == Presence::Online && !conn.came_online.contains(&agent) {
-                conn.came_online.push(agent.clone());
+            if presence == Presence::Online {
+                if p.retain {
+                    // The broker's retained state, sent at SUBSCRIBE: the agent did not just
+                    // come back, and what it was sent waits in its session at the broker.
+                    if let Some(seen) = &mut conn.snapshot {
+                        seen.push(agent.clone());
+                    }
+                } else if !conn.came_online.contains(&agent) {
+                    conn.came_online.push(agent.clone());
+                }
             }
-            conn.presence.push(PresenceUpdate {
+            conn.changes.presence.push(PresenceUpdate {
                 agent_id: agent,
                 presence,
                 at: ev.at,
@@ -825,7 +1111,7 @@ fn advance(
     state: CallState,
     update: DeliveryUpdate,
 ) {
-    conn.updates.push(DeliveryAdvance {
+    conn.changes.advances.push(DeliveryAdvance {
         agent_id: agent.to_owned(),
         wakeup_id: wakeup_id.to_owned(),
         state,
@@ -931,6 +1217,11 @@ async fn send_pending(
             .filter(|(_, d)| include_sent || d.state == CallState::Queued)
             .collect();
         for out in merge_pending(&list) {
+            let now = tokio::time::Instant::now();
+            conn.resent.insert(out.carrier.wakeup_id.clone(), now);
+            for id in &out.carried {
+                conn.resent.insert(id.clone(), now);
+            }
             if !out.carried.is_empty() {
                 merged.push((out.carried.clone(), out.carrier.wakeup_id.clone()));
             }
@@ -1065,17 +1356,7 @@ async fn publish_signed(
     out: &OutgoingWakeUp,
     payload: Vec<u8>,
 ) -> Result<(), String> {
-    while conn.inflight.len() >= conn.receive_max {
-        conn.write_out().await?;
-        tokio::time::timeout(
-            Duration::from_secs(u64::from(KEEP_ALIVE) * 3 / 2),
-            conn.read_more(),
-        )
-        .await
-        .map_err(|_| "the broker stopped acknowledging wake-ups (no PUBACK)".to_owned())??;
-        conn.drain_packets()?;
-        conn.hand_over();
-    }
+    wait_for_window(conn).await?;
     let now = now_ms();
     let expiry_secs = ((out.expires_at - now) / 1000).max(1);
     let pid = conn.packet_id();
@@ -1101,6 +1382,57 @@ async fn publish_signed(
     }
     Ok(())
 }
+
+/// Waits (reading PUBACKs and acks, and handing their changes to the writer, which
+/// acknowledges the acks) until one more QoS 1 publish fits in the broker's Receive Maximum.
+async fn wait_for_window(conn: &mut Conn) -> Result<(), String> {
+    while conn.inflight.len() + conn.relay_inflight.len() >= conn.receive_max {
+        conn.write_out().await?;
+        tokio::time::timeout(
+            Duration::from_secs(u64::from(KEEP_ALIVE) * 3 / 2),
+            conn.read_more(),
+        )
+        .await
+        .map_err(|_| "the broker stopped acknowledging wake-ups (no PUBACK)".to_owned())??;
+        conn.drain_packets()?;
+        conn.hand_over();
+    }
+    Ok(())
+}
+
+/// Publishes a signed relay request (QoS 1, message expiry: the request's lifetime).
+async fn publish_relay(
+    conn: &mut Conn,
+    agent: &str,
+    request_id: String,
+    payload: Vec<u8>,
+    expiry_secs: u32,
+) -> Result<(), String> {
+    wait_for_window(conn).await?;
+    let pid = conn.packet_id();
+    let publish = Publish {
+        dup: false,
+        qos: QoS::AtLeastOnce,
+        retain: false,
+        topic: beckon_identity::relay::relay_topic(agent),
+        packet_id: Some(pid),
+        payload: Bytes::from(payload),
+        properties: Properties {
+            message_expiry_interval: Some(expiry_secs.max(1)),
+            payload_format_indicator: Some(1),
+            content_type: Some("application/json".into()),
+            ..Default::default()
+        },
+    };
+    conn.queue(&Packet::Publish(publish))?;
+    conn.relay_inflight.insert(pid, request_id);
+    conn.write_out().await?;
+    conn.hand_over();
+    Ok(())
+}
+
+/// How long a relay request stays valid, seconds: a relay is for "wake it now".
+pub const RELAY_LIFETIME_SECS: u32 = 120;
 
 /// Sends Wake-on-LAN for each MAC of `agent` to each destination, recording every send.
 pub async fn wake_on_lan(
@@ -1128,10 +1460,105 @@ pub async fn wake_on_lan(
                 at: now_ms(),
                 packets: outcome.packets,
                 error: outcome.error,
+                via_agent: None,
+                relay_id: None,
+                relay_state: None,
             };
             let s2 = send.clone();
             st.store.run(move |s| s.record_wol_send(&s2)).await?;
             sends.push(send);
+        }
+    }
+    if wol.relay {
+        sends.extend(request_relays(st, agent, call_id, &wol).await?);
+    }
+    Ok(sends)
+}
+
+/// Asks an online agent on each subnet of `agent` to send its magic packets there, and
+/// records one send per MAC (`relay_state` `requested` until the relay agent answers).
+async fn request_relays(
+    st: &AppState,
+    agent: &Agent,
+    call_id: Option<String>,
+    wol: &crate::settings::WolSettings,
+) -> StoreResult<Vec<WolSend>> {
+    let macs: Vec<String> = agent
+        .inventory
+        .macs
+        .iter()
+        .filter_map(|m| m.parse::<crate::wol::MacAddress>().ok())
+        .map(|m| m.to_string())
+        .take(beckon_identity::relay::MAX_RELAY_MACS)
+        .collect();
+    if macs.is_empty() {
+        return Ok(Vec::new());
+    }
+    let filter = crate::store::AgentFilter {
+        presence: Some(Presence::Online),
+        limit: 1000,
+        ..Default::default()
+    };
+    let online = st.store.run(move |s| s.list_agents(&filter)).await?;
+    let relays = crate::wol::choose_relays(agent, &online, st.config.wol_relay_loopback);
+    let mut sends = Vec::new();
+    for (relay, broadcast) in relays {
+        let now = now_ms();
+        let Ok(request_id) = beckon_identity::wakeup::new_wakeup_id(now) else {
+            continue;
+        };
+        let request = beckon_identity::relay::RelayRequest {
+            v: beckon_identity::relay::RELAY_VERSION,
+            id: request_id.clone(),
+            tenant: st.tenant.to_string(),
+            agent: relay.clone(),
+            target: agent.id.clone(),
+            issued_at: now.div_euclid(1000),
+            expires_at: now.div_euclid(1000) + i64::from(RELAY_LIFETIME_SECS),
+            macs: macs.clone(),
+            secureon: (!wol.secureon.trim().is_empty()).then(|| wol.secureon.trim().to_owned()),
+            broadcast: broadcast.into(),
+            port: wol.port,
+            repeats: wol.repeats,
+        };
+        let signed = st.signer.sign_relay(&request);
+        for mac in &macs {
+            let send = WolSend {
+                agent_id: agent.id.clone(),
+                call_id: call_id.clone(),
+                mac: mac.clone(),
+                destination: std::net::SocketAddr::new(broadcast.into(), wol.port).to_string(),
+                at: now,
+                packets: 0,
+                error: signed
+                    .as_ref()
+                    .err()
+                    .map(|e| format!("the relay request could not be signed: {e}")),
+                via_agent: Some(relay.clone()),
+                relay_id: Some(request_id.clone()),
+                relay_state: Some(
+                    if signed.is_ok() {
+                        "requested"
+                    } else {
+                        "failed"
+                    }
+                    .into(),
+                ),
+            };
+            let s2 = send.clone();
+            st.store.run(move |s| s.record_wol_send(&s2)).await?;
+            sends.push(send);
+        }
+        if let Ok(payload) = signed {
+            let command = Command::Relay {
+                agent: relay,
+                request_id,
+                payload,
+                expiry_secs: RELAY_LIFETIME_SECS,
+            };
+            if st.dispatch.send(command).is_err() {
+                tracing::warn!("the dispatcher is gone: relay request not sent");
+            }
         }
     }
     Ok(sends)

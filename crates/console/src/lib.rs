@@ -122,6 +122,13 @@ pub struct ConsoleConfig {
     pub broker_tenant_file: Option<PathBuf>,
     /// Validity of agent certificates (enrollment and renewal).
     pub agent_certificate_validity: Duration,
+    /// The broker starts after the console (`beckon up`, where the broker needs the
+    /// console's CA): the broker connection waits for [`ConsoleHandle::broker_ready`].
+    pub broker_starts_later: bool,
+    /// Development and tests only: loopback addresses count as a subnet when choosing a
+    /// Wake-on-LAN relay agent. Every machine has 127.0.0.1, so in production they never
+    /// say that two agents share a network.
+    pub wol_relay_loopback: bool,
 }
 
 impl ConsoleConfig {
@@ -141,6 +148,8 @@ impl ConsoleConfig {
             admin_user: "admin".into(),
             broker_tenant_file: None,
             agent_certificate_validity: Duration::from_secs(365 * 24 * 3600),
+            broker_starts_later: false,
+            wol_relay_loopback: false,
         }
     }
 }
@@ -248,6 +257,12 @@ impl ConsoleHandle {
     /// [`tenant_file::current`] adds the `[[revoked]]` entries of removed agents.
     pub fn tenant_file(&self) -> String {
         tenant_file::render(&self.state, &[])
+    }
+
+    /// Tells the console that its broker listens now (with
+    /// [`ConsoleConfig::broker_starts_later`]): the broker connection starts.
+    pub fn broker_ready(&self) {
+        let _ = self.state.dispatch.send(dispatch::Command::BrokerReady);
     }
 
     /// Stops serving and waits (at most 5 s) for the tasks to end.

@@ -348,4 +348,16 @@ pub struct WolSend {
     pub packets: u32,
     /// The send error, if it failed.
     pub error: Option<String>,
+    /// When relayed: the agent asked to send the packets on its network (`None`: the
+    /// console sent them itself).
+    #[serde(default)]
+    pub via_agent: Option<String>,
+    /// When relayed: the relay request's id.
+    #[serde(default)]
+    pub relay_id: Option<String>,
+    /// When relayed: `requested` (published to the agent, no answer yet), `answered` (the
+    /// agent's result is recorded in `packets` and `error`) or `failed` (the request could
+    /// not be sent; `error` says why).
+    #[serde(default)]
+    pub relay_state: Option<String>,
 }

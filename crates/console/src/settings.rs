@@ -33,6 +33,9 @@ pub struct WolSettings {
     pub repeats: u8,
     /// SecureOn password, 4 or 6 bytes as hex with `:` or `-` separators; empty: none.
     pub secureon: String,
+    /// Also ask an online agent on the same subnet to send the packets on its network
+    /// (over the push channel). Default true.
+    pub relay: bool,
 }
 
 impl Default for WolSettings {
@@ -43,6 +46,7 @@ impl Default for WolSettings {
             port: 9,
             repeats: 3,
             secureon: String::new(),
+            relay: true,
         }
     }
 }

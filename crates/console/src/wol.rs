@@ -1,107 +1,14 @@
-//! Wake-on-LAN: the magic packet and sending it by UDP.
-//!
-//! The packet is 6 bytes `0xFF` then the MAC address 16 times (102 bytes), followed by an
-//! optional SecureOn password of 4 or 6 bytes. It goes to each destination `repeats` times
-//! (UDP may drop one). Sockets come from socket2 so that broadcast is allowed and multicast
-//! gets a hop limit; IPv6 multicast (`ff02::1`) works too.
+//! Wake-on-LAN destinations: an agent's subnet broadcast and the configured addresses. The
+//! magic packet and its UDP sender live in `beckon_net::wol` (re-exported here), shared with
+//! the agent, which sends the same packet when the console asks it to relay.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::time::Duration;
 
-use socket2::{Domain, Protocol, Socket, Type};
+pub use beckon_net::wol::{
+    MAGIC_PACKET_LEN, MacAddress, WolOutcome, magic_packet, parse_secureon, send_packet,
+};
 
 use crate::model::AgentAddress;
-
-/// Length of a magic packet without password.
-pub const MAGIC_PACKET_LEN: usize = 102;
-
-/// A MAC address.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct MacAddress(pub [u8; 6]);
-
-impl std::fmt::Display for MacAddress {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let m = self.0;
-        write!(
-            f,
-            "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
-            m[0], m[1], m[2], m[3], m[4], m[5]
-        )
-    }
-}
-
-fn parse_hex_bytes(text: &str) -> Option<Vec<u8>> {
-    let text = text.trim();
-    let parts: Vec<&str> = if text.contains([':', '-']) {
-        text.split([':', '-']).collect()
-    } else if text.len().is_multiple_of(2) {
-        (0..text.len())
-            .step_by(2)
-            .filter_map(|i| text.get(i..i + 2))
-            .collect()
-    } else {
-        return None;
-    };
-    parts
-        .iter()
-        .map(|p| {
-            if p.len() == 2 {
-                u8::from_str_radix(p, 16).ok()
-            } else {
-                None
-            }
-        })
-        .collect()
-}
-
-impl std::str::FromStr for MacAddress {
-    type Err = String;
-
-    /// `aa:bb:cc:dd:ee:ff`, `aa-bb-cc-dd-ee-ff` or `aabbccddeeff`.
-    fn from_str(text: &str) -> Result<Self, Self::Err> {
-        let bytes = parse_hex_bytes(text)
-            .filter(|b| b.len() == 6)
-            .ok_or_else(|| {
-                format!(
-                    "{text:?} is not a MAC address: write six hex bytes, e.g. 00:11:22:33:44:55"
-                )
-            })?;
-        let mut mac = [0u8; 6];
-        mac.copy_from_slice(&bytes);
-        if mac == [0; 6] || mac == [0xff; 6] || mac[0] & 1 == 1 {
-            return Err(format!(
-                "{text:?} is not a network card's address (zero, broadcast or multicast)"
-            ));
-        }
-        Ok(Self(mac))
-    }
-}
-
-/// Parses a SecureOn password: empty (none), or 4 or 6 hex bytes.
-pub fn parse_secureon(text: &str) -> Result<Option<Vec<u8>>, String> {
-    if text.trim().is_empty() {
-        return Ok(None);
-    }
-    match parse_hex_bytes(text) {
-        Some(b) if b.len() == 4 || b.len() == 6 => Ok(Some(b)),
-        _ => Err(format!(
-            "{text:?} is not a SecureOn password: write 4 or 6 hex bytes, e.g. 01:02:03:04:05:06"
-        )),
-    }
-}
-
-/// The magic packet for `mac`, with the SecureOn password appended when given.
-pub fn magic_packet(mac: MacAddress, secureon: Option<&[u8]>) -> Vec<u8> {
-    let mut packet = Vec::with_capacity(MAGIC_PACKET_LEN + 6);
-    packet.extend_from_slice(&[0xFF; 6]);
-    for _ in 0..16 {
-        packet.extend_from_slice(&mac.0);
-    }
-    if let Some(pw) = secureon {
-        packet.extend_from_slice(pw);
-    }
-    packet
-}
 
 /// The directed broadcast address of an agent's IPv4 subnet (`192.168.1.23/24` ->
 /// `192.168.1.255`). `None` for IPv6 (which has no broadcast), host routes (/31, /32),
@@ -117,71 +24,69 @@ pub fn subnet_broadcast(addr: &AgentAddress) -> Option<IpAddr> {
     Some(IpAddr::V4(Ipv4Addr::from(u32::from(v4) | !mask)))
 }
 
-/// The result of sending to one destination.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct WolOutcome {
-    /// Where.
-    pub destination: SocketAddr,
-    /// How many packets were sent.
-    pub packets: u32,
-    /// The error, if sending failed.
-    pub error: Option<String>,
-}
-
-/// Sends `packet` `repeats` times to `destination` (a pause of 50 ms between repeats), from
-/// a fresh UDP socket with broadcast allowed and multicast hop limit 1 (stays on the link).
-pub async fn send_packet(packet: &[u8], destination: SocketAddr, repeats: u8) -> WolOutcome {
-    let mut outcome = WolOutcome {
-        destination,
-        packets: 0,
-        error: None,
-    };
-    let socket = match wol_socket(destination) {
-        Ok(s) => s,
-        Err(e) => {
-            outcome.error = Some(format!("cannot open a UDP socket for {destination}: {e}"));
-            return outcome;
+/// The IPv4 subnets of an agent a relay can serve: (network, prefix length, broadcast) for
+/// each address with a prefix of /1 to /30, not link-local, and not loopback unless
+/// `allow_loopback` (development: every machine has 127.0.0.1).
+pub fn relay_subnets(
+    addresses: &[AgentAddress],
+    allow_loopback: bool,
+) -> Vec<(Ipv4Addr, u8, Ipv4Addr)> {
+    let mut out = Vec::new();
+    for a in addresses {
+        let IpAddr::V4(v4) = a.address else { continue };
+        if !(1..=30).contains(&a.prefix_len)
+            || v4.is_link_local()
+            || (v4.is_loopback() && !allow_loopback)
+        {
+            continue;
         }
-    };
-    for i in 0..repeats.max(1) {
-        if i > 0 {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        match socket.send_to(packet, destination).await {
-            Ok(_) => outcome.packets += 1,
-            Err(e) => {
-                outcome.error = Some(format!("sending to {destination} failed: {e}"));
-                break;
-            }
+        let mask = u32::MAX << (32 - u32::from(a.prefix_len));
+        let network = Ipv4Addr::from(u32::from(v4) & mask);
+        let broadcast = Ipv4Addr::from(u32::from(v4) | !mask);
+        if !out
+            .iter()
+            .any(|(n, p, _)| *n == network && *p == a.prefix_len)
+        {
+            out.push((network, a.prefix_len, broadcast));
         }
     }
-    outcome
+    out
 }
 
-fn wol_socket(destination: SocketAddr) -> std::io::Result<tokio::net::UdpSocket> {
-    let domain = if destination.is_ipv4() {
-        Domain::IPV4
-    } else {
-        Domain::IPV6
-    };
-    let socket = Socket::new(domain, Type::DGRAM, Some(Protocol::UDP))?;
-    match destination.ip() {
-        IpAddr::V4(ip) => {
-            socket.set_broadcast(true)?;
-            if ip.is_multicast() {
-                socket.set_multicast_ttl_v4(1)?;
-            }
-            socket.bind(&SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0)).into())?;
-        }
-        IpAddr::V6(ip) => {
-            if ip.is_multicast() {
-                socket.set_multicast_hops_v6(1)?;
-            }
-            socket.bind(&SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, 0)).into())?;
+/// For each relay subnet of `target`, the agent to relay through: one of `candidates`
+/// (online agents) other than the target with an address in that subnet, the most recently
+/// seen first. Returns (relay agent id, subnet broadcast).
+pub fn choose_relays(
+    target: &crate::model::Agent,
+    candidates: &[crate::model::Agent],
+    allow_loopback: bool,
+) -> Vec<(String, Ipv4Addr)> {
+    let mut out: Vec<(String, Ipv4Addr)> = Vec::new();
+    for (network, prefix_len, broadcast) in
+        relay_subnets(&target.inventory.addresses, allow_loopback)
+    {
+        let mask = u32::MAX << (32 - u32::from(prefix_len));
+        let relay = candidates
+            .iter()
+            .filter(|c| {
+                c.id != target.id
+                    && !c.revoked
+                    && c.presence == crate::model::Presence::Online
+                    && c.inventory.addresses.iter().any(|a| match a.address {
+                        IpAddr::V4(v4) => {
+                            u32::from(v4) & mask == u32::from(network) && v4 != broadcast
+                        }
+                        IpAddr::V6(_) => false,
+                    })
+            })
+            .max_by_key(|c| c.presence_at.unwrap_or(0));
+        if let Some(relay) = relay
+            && !out.iter().any(|(_, b)| *b == broadcast)
+        {
+            out.push((relay.id.clone(), broadcast));
         }
     }
-    socket.set_nonblocking(true)?;
-    tokio::net::UdpSocket::from_std(socket.into())
+    out
 }
 
 /// Every destination for an agent: its subnet broadcasts (when enabled) and the configured
@@ -215,26 +120,6 @@ mod tests {
     use super::*;
 
     #[test]
-    fn macs_parse_in_the_usual_spellings_and_bad_ones_are_refused() {
-        let want = MacAddress([0x00, 0x11, 0x22, 0xaa, 0xbb, 0xcc]);
-        for text in ["00:11:22:aa:bb:cc", "00-11-22-AA-BB-CC", "001122aabbcc"] {
-            assert_eq!(text.parse::<MacAddress>().unwrap(), want, "{text}");
-        }
-        for bad in [
-            "",
-            "00:11:22:33:44",
-            "00:11:22:33:44:55:66",
-            "zz:11:22:33:44:55",
-            "ff:ff:ff:ff:ff:ff",
-            "01:00:5e:00:00:01",
-            "0:1:2:3:4:5",
-        ] {
-            assert!(bad.parse::<MacAddress>().is_err(), "{bad}");
-        }
-        assert_eq!(want.to_string(), "00:11:22:aa:bb:cc");
-    }
-
-    #[test]
     fn subnet_broadcasts_follow_the_prefix() {
         let a = |s: &str, p| AgentAddress {
             address: s.parse().unwrap(),
@@ -253,15 +138,57 @@ mod tests {
         assert_eq!(subnet_broadcast(&a("fe80::1", 64)), None);
     }
 
+    fn agent(id: &str, addr: &str, prefix_len: u8, online: bool, at: i64) -> crate::model::Agent {
+        crate::model::Agent {
+            id: id.into(),
+            name: id.into(),
+            inventory: crate::model::Inventory {
+                addresses: vec![AgentAddress {
+                    address: addr.parse().unwrap(),
+                    prefix_len,
+                }],
+                macs: vec!["00:11:22:33:44:55".into()],
+                ..Default::default()
+            },
+            groups: Vec::new(),
+            enrolled_at: 0,
+            last_checkin: None,
+            presence: if online {
+                crate::model::Presence::Online
+            } else {
+                crate::model::Presence::Offline
+            },
+            presence_at: Some(at),
+            path: None,
+            remote_addr: None,
+            revoked: false,
+        }
+    }
+
     #[test]
-    fn secureon_passwords_are_four_or_six_bytes() {
-        assert_eq!(parse_secureon("").unwrap(), None);
+    fn the_relay_is_an_online_agent_of_the_same_subnet_most_recent_first() {
+        let target = agent("sleeper", "192.168.1.23", 24, false, 0);
+        let candidates = vec![
+            agent("sleeper", "192.168.1.23", 24, true, 50),
+            agent("other-net", "192.168.2.7", 24, true, 40),
+            agent("old", "192.168.1.8", 24, true, 10),
+            agent("newer", "192.168.1.9", 16, true, 20),
+            agent("offline", "192.168.1.10", 24, false, 30),
+        ];
         assert_eq!(
-            parse_secureon("01:02:03:04").unwrap(),
-            Some(vec![1, 2, 3, 4])
+            choose_relays(&target, &candidates, false),
+            vec![("newer".to_owned(), "192.168.1.255".parse().unwrap())]
         );
-        assert_eq!(parse_secureon("010203040506").unwrap().unwrap().len(), 6);
-        assert!(parse_secureon("01:02:03").is_err());
-        assert!(parse_secureon("01:02:03:04:05").is_err());
+        assert!(choose_relays(&target, &candidates[..2], false).is_empty());
+        let looped = agent("sleeper", "127.0.0.2", 30, false, 0);
+        let peer = [agent("peer", "127.0.0.1", 30, true, 1)];
+        assert!(
+            choose_relays(&looped, &peer, false).is_empty(),
+            "loopback is no subnet"
+        );
+        assert_eq!(
+            choose_relays(&looped, &peer, true),
+            vec![("peer".to_owned(), "127.0.0.3".parse().unwrap())]
+        );
     }
 }

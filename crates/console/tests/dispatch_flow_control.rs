@@ -47,6 +47,9 @@ async fn a_large_call_never_has_more_publishes_in_flight_than_the_broker_allows(
             properties: Properties::default(),
         }))
         .await;
+    // The console's barrier after connecting: answered as a broker does.
+    assert!(matches!(broker.recv().await, Packet::PingReq));
+    broker.send(Packet::PingResp).await;
 
     for i in 0..6 {
         api.enroll(&format!("pc-{i}"), json!({})).await;

@@ -374,3 +374,66 @@ fn a_process_killed_mid_write_loses_nothing_it_committed() {
         .unwrap();
     assert_eq!(check, "ok");
 }
+
+#[test]
+fn a_relay_result_counts_only_from_the_agent_asked_and_a_failure_marks_what_was_requested() {
+    let s = SqliteStore::open_in_memory().unwrap();
+    let requested = |mac: &str, relay_id: &str| WolSend {
+        agent_id: "sleeper".into(),
+        call_id: None,
+        mac: mac.into(),
+        destination: "192.168.1.255:9".into(),
+        at: 5,
+        packets: 0,
+        error: None,
+        via_agent: Some("relay-1".into()),
+        relay_id: Some(relay_id.into()),
+        relay_state: Some("requested".into()),
+    };
+    s.record_wol_send(&requested("00:11:22:33:44:55", "r1"))
+        .unwrap();
+    s.record_wol_send(&requested("00:11:22:33:44:66", "r1"))
+        .unwrap();
+    s.record_wol_send(&requested("00:11:22:33:44:55", "r2"))
+        .unwrap();
+    let answer = vec![(
+        "00:11:22:33:44:55".to_owned(),
+        "192.168.1.255:9".to_owned(),
+        3,
+        None,
+    )];
+    // Another agent cannot answer for relay-1.
+    assert!(
+        s.record_relay_result("intruder", "r1", &answer)
+            .unwrap()
+            .is_empty()
+    );
+    let changed = s.record_relay_result("relay-1", "r1", &answer).unwrap();
+    assert_eq!(changed.len(), 1);
+    assert_eq!(changed[0].packets, 3);
+    assert_eq!(changed[0].relay_state.as_deref(), Some("answered"));
+    s.fail_relay(
+        "r2",
+        "not sent: the console is not connected to the push service",
+    )
+    .unwrap();
+    // An answered send is not failed afterwards.
+    s.fail_relay("r1", "late").unwrap();
+    let sends = s.wol_sends("sleeper", 10).unwrap();
+    let state = |mac: &str, id: &str| {
+        sends
+            .iter()
+            .find(|w| w.mac == mac && w.relay_id.as_deref() == Some(id))
+            .map(|w| (w.relay_state.clone().unwrap(), w.packets, w.error.clone()))
+            .unwrap()
+    };
+    assert_eq!(
+        state("00:11:22:33:44:55", "r1"),
+        ("answered".into(), 3, None)
+    );
+    assert_eq!(
+        state("00:11:22:33:44:66", "r1"),
+        ("failed".into(), 0, Some("late".into()))
+    );
+    assert_eq!(state("00:11:22:33:44:55", "r2").0, "failed");
+}

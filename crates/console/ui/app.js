@@ -446,8 +446,10 @@ async function showWolHistory(ids) {
   rows.sort((a, b) => b.at - a.at);
   $("wol-table").tBodies[0].replaceChildren(...rows.map((s) => el("tr", { "data-testid": "wol-row", "data-agent-id": s.agent_id },
     el("td", {}, when(s.at)), el("td", { class: "mono" }, s.agent_id), el("td", { class: "mono" }, s.mac),
-    el("td", { class: "mono" }, s.destination), el("td", {}, s.packets),
-    el("td", {}, s.error ? el("span", { class: "error" }, s.error) : "sent"))));
+    el("td", { class: "mono" }, s.via_agent ? `via agent ${s.via_agent} to ${s.destination}` : s.destination),
+    el("td", {}, s.packets),
+    el("td", {}, s.error ? el("span", { class: "error" }, s.error)
+      : s.relay_state === "requested" ? "asked, no answer yet" : "sent"))));
   $("wol-panel").hidden = false;
 }
 
@@ -586,6 +588,7 @@ const lines = (text) => text.split(/[\n,]/).map((s) => s.trim()).filter(Boolean)
 function fillSettings(s) {
   $("set-wol-addresses").value = s.wol.addresses.join("\n");
   $("set-wol-subnet").checked = s.wol.subnet_broadcast;
+  $("set-wol-relay").checked = s.wol.relay;
   $("set-wol-port").value = s.wol.port;
   $("set-wol-repeats").value = s.wol.repeats;
   $("set-wol-secureon").value = s.wol.secureon;
@@ -647,6 +650,7 @@ $("settings-form").addEventListener("submit", async (ev) => {
       wol: {
         addresses: lines($("set-wol-addresses").value),
         subnet_broadcast: $("set-wol-subnet").checked,
+        relay: $("set-wol-relay").checked,
         port: integer("set-wol-port", "wol.port"),
         repeats: integer("set-wol-repeats", "wol.repeats"),
         secureon: $("set-wol-secureon").value.trim(),

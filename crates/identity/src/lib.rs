@@ -6,7 +6,8 @@
 //!   MQTT reason code;
 //! - [`TokenSigner`] / [`TokenVerifier`]: the signed, expiring token used as MQTT password;
 //! - [`acl`]: the tenant topic namespace, publish/subscribe rules and presence events;
-//! - [`wakeup`]: the signed wake-up message, its verification and replay guard, and acks.
+//! - [`wakeup`]: the signed wake-up message, its verification and replay guard, and acks;
+//! - [`relay`]: the signed Wake-on-LAN relay request and the agent's result.
 //!
 //! Formats are documented in `docs/tenants.md` and `docs/wake-up.md`.
 #![forbid(unsafe_code)]
@@ -15,6 +16,7 @@ pub mod acl;
 mod auth;
 mod identity;
 mod keys;
+pub mod relay;
 mod tenant;
 mod token;
 pub mod wakeup;

@@ -366,48 +366,87 @@ impl WakeUpVerifier {
         }
         let envelope: Envelope = serde_json::from_slice(payload)
             .map_err(|e| WakeUpRejected::Malformed(format!("not the signed envelope: {e}")))?;
-        let key = KeyId::new(envelope.kid.as_str())
-            .ok()
-            .and_then(|kid| self.keys.get(&kid))
-            .ok_or_else(|| WakeUpRejected::UnknownKey(envelope.kid.chars().take(64).collect()))?;
-        let sig = b64url_decode(envelope.sig.as_bytes())
-            .filter(|s| s.len() == SIGNATURE_LEN)
-            .ok_or_else(|| WakeUpRejected::Malformed("sig is not base64url of 64 bytes".into()))?;
-        if !key.verifies(&signed_message(&envelope.wakeup), &sig) {
-            return Err(WakeUpRejected::BadSignature(envelope.kid));
-        }
+        self.check_signature(
+            &envelope.kid,
+            &envelope.sig,
+            &signed_message(&envelope.wakeup),
+        )?;
         let wakeup: WakeUp = serde_json::from_str(&envelope.wakeup)
             .map_err(|e| WakeUpRejected::Malformed(format!("signed wake-up is not valid: {e}")))?;
         wakeup.check_fields().map_err(WakeUpRejected::Invalid)?;
-        if wakeup.tenant != self.tenant.as_str() {
+        self.check_target_and_time(
+            &wakeup.tenant,
+            &wakeup.agent,
+            &wakeup.id,
+            wakeup.issued_at,
+            wakeup.expires_at,
+            now,
+            replay,
+        )?;
+        Ok(wakeup)
+    }
+
+    /// A trusted key id, then the signature (base64url) over `message` verifies with it.
+    pub(crate) fn check_signature(
+        &self,
+        kid: &str,
+        sig: &str,
+        message: &[u8],
+    ) -> Result<(), WakeUpRejected> {
+        let key = KeyId::new(kid)
+            .ok()
+            .and_then(|kid| self.keys.get(&kid))
+            .ok_or_else(|| WakeUpRejected::UnknownKey(kid.chars().take(64).collect()))?;
+        let sig = b64url_decode(sig.as_bytes())
+            .filter(|s| s.len() == SIGNATURE_LEN)
+            .ok_or_else(|| WakeUpRejected::Malformed("sig is not base64url of 64 bytes".into()))?;
+        if !key.verifies(message, &sig) {
+            return Err(WakeUpRejected::BadSignature(kid.to_owned()));
+        }
+        Ok(())
+    }
+
+    /// For this agent of this tenant, not issued in the future, not expired, not a replay
+    /// (then remembered in `replay`).
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn check_target_and_time(
+        &self,
+        tenant: &str,
+        agent: &str,
+        id: &str,
+        issued_at: i64,
+        expires_at: i64,
+        now: i64,
+        replay: &mut ReplayGuard,
+    ) -> Result<(), WakeUpRejected> {
+        if tenant != self.tenant.as_str() {
             return Err(WakeUpRejected::WrongTenant {
                 expected: self.tenant.to_string(),
-                got: wakeup.tenant,
+                got: tenant.to_owned(),
             });
         }
-        if wakeup.agent != self.agent {
+        if agent != self.agent {
             return Err(WakeUpRejected::WrongAgent {
                 expected: self.agent.clone(),
-                got: wakeup.agent,
+                got: agent.to_owned(),
             });
         }
-        if wakeup.issued_at > now.saturating_add(self.clock_skew_secs) {
+        if issued_at > now.saturating_add(self.clock_skew_secs) {
             return Err(WakeUpRejected::NotYetValid {
-                id: wakeup.id,
-                issued_at: wakeup.issued_at,
+                id: id.to_owned(),
+                issued_at,
                 now,
             });
         }
-        let accepted_until = wakeup.expires_at.saturating_add(self.clock_skew_secs);
+        let accepted_until = expires_at.saturating_add(self.clock_skew_secs);
         if now >= accepted_until {
             return Err(WakeUpRejected::Expired {
-                id: wakeup.id,
-                expires_at: wakeup.expires_at,
+                id: id.to_owned(),
+                expires_at,
                 now,
             });
         }
-        replay.admit(&wakeup.id, accepted_until, now)?;
-        Ok(wakeup)
+        replay.admit(id, accepted_until, now)
     }
 }
 

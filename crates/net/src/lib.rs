@@ -12,7 +12,8 @@
 //! - [`ws`]: MQTT over WebSocket as a plain byte stream;
 //! - [`path`]: the ways to reach a broker (transport x route) and their presence labels;
 //! - [`ladder`]: the connection ladder that tries those paths in the agreed order;
-//! - [`backoff`]: exponential reconnect backoff with full jitter.
+//! - [`backoff`]: exponential reconnect backoff with full jitter;
+//! - [`wol`]: the Wake-on-LAN magic packet and its UDP sender (console and relaying agent).
 //!
 //! All waits are bounded by explicit timeouts; all errors say what failed, where, and the
 //! likely fix.
@@ -64,6 +65,7 @@ pub mod stream;
 pub mod tcp;
 pub mod time;
 pub mod tls;
+pub mod wol;
 pub mod ws;
 
 pub use backoff::{Backoff, BackoffConfig, InvalidBackoff};

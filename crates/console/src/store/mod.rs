@@ -278,6 +278,10 @@ pub trait Store: Send + Sync {
         path: Option<String>,
         remote_addr: Option<String>,
     ) -> StoreResult<()>;
+    /// Marks every agent recorded `online` that is not in `still_online` as `offline` at
+    /// `at` (unless a newer event is recorded): the broker's retained presence, read after
+    /// the console (re)connects, is the whole truth. Returns the agents changed.
+    fn reconcile_presence(&self, still_online: &[String], at: Millis) -> StoreResult<Vec<String>>;
 
     /// Records several presence changes, in one transaction where the store can.
     fn set_presences(&self, updates: Vec<PresenceUpdate>) -> StoreResult<()> {
@@ -406,6 +410,17 @@ pub trait Store: Send + Sync {
     // Wake-on-LAN.
     /// Records a Wake-on-LAN send.
     fn record_wol_send(&self, send: &WolSend) -> StoreResult<()>;
+    /// Records an agent's answer to relay request `relay_id`: each (MAC, destination,
+    /// packets, error) on the send recorded for that MAC. Only the agent the request went
+    /// to can answer it. Returns the sends updated.
+    fn record_relay_result(
+        &self,
+        via_agent: &str,
+        relay_id: &str,
+        sends: &[(String, String, u32, Option<String>)],
+    ) -> StoreResult<Vec<WolSend>>;
+    /// Marks the sends of relay request `relay_id` as failed with `error`.
+    fn fail_relay(&self, relay_id: &str, error: &str) -> StoreResult<()>;
     /// Wake-on-LAN sends for an agent, newest first.
     fn wol_sends(&self, agent_id: &str, limit: u32) -> StoreResult<Vec<WolSend>>;
 }

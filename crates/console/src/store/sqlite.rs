@@ -21,7 +21,7 @@ use rusqlite::{Connection, OptionalExtension, Row, Transaction, params};
 use super::*;
 
 /// The schema version this build writes.
-pub const SCHEMA_VERSION: i64 = 2;
+pub const SCHEMA_VERSION: i64 = 3;
 
 /// Schema scripts: `MIGRATIONS[n]` moves version `n` to `n + 1`.
 const MIGRATIONS: &[&str] = &[
@@ -148,6 +148,13 @@ CREATE TABLE agent_certificates (
 );
 CREATE INDEX agent_certificates_by_agent ON agent_certificates (agent_id);
 ALTER TABLE agents ADD COLUMN revoked_at INTEGER;
+"#,
+    r#"
+-- Version 3: Wake-on-LAN sends relayed by an agent.
+ALTER TABLE wol_sends ADD COLUMN via_agent TEXT;
+ALTER TABLE wol_sends ADD COLUMN relay_id TEXT;
+ALTER TABLE wol_sends ADD COLUMN relay_state TEXT;
+CREATE INDEX wol_sends_relay ON wol_sends(relay_id);
 "#,
 ];
 
@@ -891,6 +898,35 @@ impl Store for SqliteStore {
         load_agent(&conn, id)
     }
 
+    fn reconcile_presence(&self, still_online: &[String], at: Millis) -> StoreResult<Vec<String>> {
+        let mut conn = self.conn();
+        let tx = conn.transaction().map_err(sql("starting a transaction"))?;
+        let online: Vec<String> = {
+            let mut stmt = tx
+                .prepare("SELECT id FROM agents WHERE presence = 'online'")
+                .map_err(sql("reading presence"))?;
+            stmt.query_map([], |r| r.get(0))
+                .and_then(|rows| rows.collect::<Result<Vec<String>, _>>())
+                .map_err(sql("reading presence"))?
+        };
+        let keep: std::collections::HashSet<&str> =
+            still_online.iter().map(String::as_str).collect();
+        let mut changed = Vec::new();
+        for id in online.into_iter().filter(|id| !keep.contains(id.as_str())) {
+            let n = tx
+                .execute(
+                    "UPDATE agents SET presence = 'offline', presence_at = ?1 WHERE id = ?2 AND presence = 'online' AND (presence_at IS NULL OR presence_at <= ?1)",
+                    params![at, id],
+                )
+                .map_err(sql("recording presence"))?;
+            if n > 0 {
+                changed.push(id);
+            }
+        }
+        tx.commit().map_err(sql("recording presence"))?;
+        Ok(changed)
+    }
+
     fn set_presence(
         &self,
         id: &str,
@@ -1559,32 +1595,80 @@ impl Store for SqliteStore {
     fn record_wol_send(&self, s: &WolSend) -> StoreResult<()> {
         self.conn()
             .execute(
-                "INSERT INTO wol_sends (agent_id, call_id, mac, destination, at, packets, error) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-                params![s.agent_id, s.call_id, s.mac, s.destination, s.at, s.packets, s.error],
+                "INSERT INTO wol_sends (agent_id, call_id, mac, destination, at, packets, error, via_agent, relay_id, relay_state) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+                params![s.agent_id, s.call_id, s.mac, s.destination, s.at, s.packets, s.error, s.via_agent, s.relay_id, s.relay_state],
             )
             .map_err(sql("recording a Wake-on-LAN send"))?;
+        Ok(())
+    }
+
+    fn record_relay_result(
+        &self,
+        via_agent: &str,
+        relay_id: &str,
+        sends: &[(String, String, u32, Option<String>)],
+    ) -> StoreResult<Vec<WolSend>> {
+        let mut conn = self.conn();
+        let tx = conn.transaction().map_err(sql("starting a transaction"))?;
+        let mut changed = Vec::new();
+        for (mac, destination, packets, error) in sends {
+            tx.execute(
+                "UPDATE wol_sends SET destination = ?1, packets = ?2, error = ?3, relay_state = 'answered' WHERE relay_id = ?4 AND via_agent = ?5 AND mac = ?6",
+                params![destination, packets, error, relay_id, via_agent, mac],
+            )
+            .map_err(sql("recording a Wake-on-LAN relay result"))?;
+        }
+        {
+            let mut stmt = tx
+                .prepare(&format!("{WOL_SELECT} WHERE relay_id = ?1 AND via_agent = ?2 AND relay_state = 'answered' ORDER BY id"))
+                .map_err(sql("reading Wake-on-LAN sends"))?;
+            let rows = stmt
+                .query_map(params![relay_id, via_agent], wol_row)
+                .and_then(|rows| rows.collect::<Result<Vec<_>, _>>())
+                .map_err(sql("reading Wake-on-LAN sends"))?;
+            changed.extend(rows);
+        }
+        tx.commit()
+            .map_err(sql("recording a Wake-on-LAN relay result"))?;
+        Ok(changed)
+    }
+
+    fn fail_relay(&self, relay_id: &str, error: &str) -> StoreResult<()> {
+        self.conn()
+            .execute(
+                "UPDATE wol_sends SET error = ?1, relay_state = 'failed' WHERE relay_id = ?2 AND relay_state = 'requested'",
+                params![error, relay_id],
+            )
+            .map_err(sql("recording a Wake-on-LAN relay failure"))?;
         Ok(())
     }
 
     fn wol_sends(&self, agent_id: &str, limit: u32) -> StoreResult<Vec<WolSend>> {
         let conn = self.conn();
         let mut stmt = conn
-            .prepare(
-                "SELECT agent_id, call_id, mac, destination, at, packets, error FROM wol_sends WHERE agent_id = ?1 ORDER BY id DESC LIMIT ?2",
-            )
+            .prepare(&format!(
+                "{WOL_SELECT} WHERE agent_id = ?1 ORDER BY id DESC LIMIT ?2"
+            ))
             .map_err(sql("reading Wake-on-LAN sends"))?;
-        stmt.query_map(params![agent_id, limit.max(1)], |r| {
-            Ok(WolSend {
-                agent_id: r.get(0)?,
-                call_id: r.get(1)?,
-                mac: r.get(2)?,
-                destination: r.get(3)?,
-                at: r.get(4)?,
-                packets: r.get(5)?,
-                error: r.get(6)?,
-            })
-        })
-        .and_then(|rows| rows.collect())
-        .map_err(sql("reading Wake-on-LAN sends"))
+        stmt.query_map(params![agent_id, limit.max(1)], wol_row)
+            .and_then(|rows| rows.collect())
+            .map_err(sql("reading Wake-on-LAN sends"))
     }
+}
+
+const WOL_SELECT: &str = "SELECT agent_id, call_id, mac, destination, at, packets, error, via_agent, relay_id, relay_state FROM wol_sends";
+
+fn wol_row(r: &Row<'_>) -> rusqlite::Result<WolSend> {
+    Ok(WolSend {
+        agent_id: r.get(0)?,
+        call_id: r.get(1)?,
+        mac: r.get(2)?,
+        destination: r.get(3)?,
+        at: r.get(4)?,
+        packets: r.get(5)?,
+        error: r.get(6)?,
+        via_agent: r.get(7)?,
+        relay_id: r.get(8)?,
+        relay_state: r.get(9)?,
+    })
 }
