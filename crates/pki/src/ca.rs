@@ -255,7 +255,24 @@ fn client_params(
     Ok(params)
 }
 
+/// A random 127-bit serial. RFC 5280 wants serials unique per CA; rcgen's default derives
+/// the serial from the public key, so a key signed twice (an agent that retries its
+/// enrollment, or renews, with the same key) would get the serial of its first certificate,
+/// and the console's list of issued certificates (revocation) would collide.
+fn set_unique_serial(params: &mut CertificateParams) -> Result<(), PkiError> {
+    let mut bytes = [0u8; 16];
+    rustls::crypto::aws_lc_rs::default_provider()
+        .secure_random
+        .fill(&mut bytes)
+        .map_err(|_| PkiError::Invalid("no random bytes for a certificate serial".into()))?;
+    // Positive (top bit clear) and of full length (next bit set).
+    bytes[0] = (bytes[0] & 0x3f) | 0x40;
+    params.serial_number = Some(rcgen::SerialNumber::from_slice(&bytes));
+    Ok(())
+}
+
 fn set_validity(params: &mut CertificateParams, validity: Duration) -> Result<(), PkiError> {
+    set_unique_serial(params)?;
     if validity.is_zero() {
         return Err(PkiError::Invalid(
             "validity must be longer than zero".into(),

@@ -208,6 +208,30 @@ fn csr_is_signed_with_the_subject_the_ca_chooses() {
 }
 
 #[test]
+fn a_key_signed_twice_gets_two_serials() {
+    let s = setup();
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).expect("key");
+    let csr = rcgen::CertificateParams::default()
+        .serialize_request(&key)
+        .expect("csr")
+        .pem()
+        .expect("pem");
+    let serial = |issued: &IssuedCertificate| {
+        let der = der(issued);
+        let (_, cert) = x509_parser::parse_x509_certificate(&der).expect("certificate");
+        cert.raw_serial().to_vec()
+    };
+    let first =
+        s.ca.issue_client_for_csr(&csr, "agent-7", None, None, DAY)
+            .expect("first");
+    let again =
+        s.ca.issue_client_for_csr(&csr, "agent-7", None, None, DAY)
+            .expect("again");
+    assert_ne!(serial(&first), serial(&again));
+    assert_eq!(serial(&first).len(), 16);
+}
+
+#[test]
 fn ca_saves_and_loads_with_owner_only_key() {
     let dir = tempfile::tempdir().expect("tempdir");
     let ca = CertificateAuthority::generate("roundtrip", DAY).expect("ca");
