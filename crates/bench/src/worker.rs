@@ -62,7 +62,7 @@ pub fn run_worker() -> anyhow::Result<()> {
 
 /// Lines of stdin, read on their own thread (stdin is a blocking file); the channel closes
 /// when stdin does.
-fn stdin_lines() -> mpsc::UnboundedReceiver<String> {
+pub(crate) fn stdin_lines() -> mpsc::UnboundedReceiver<String> {
     let (tx, rx) = mpsc::unbounded_channel();
     std::thread::spawn(move || {
         for line in std::io::stdin().lines() {
@@ -75,7 +75,8 @@ fn stdin_lines() -> mpsc::UnboundedReceiver<String> {
     rx
 }
 
-fn reply(reply: &Reply) -> anyhow::Result<()> {
+/// Sends one reply line to the parent (the fleet's and the call's workers alike).
+pub(crate) fn reply(reply: &impl serde::Serialize) -> anyhow::Result<()> {
     let mut line = serde_json::to_string(reply).context("worker: cannot encode a reply")?;
     line.push('\n');
     let mut stdout = std::io::stdout().lock();

@@ -4,7 +4,6 @@
 //! acknowledge. Commands and replies are JSON lines on stdin and stdout, as for the fleet's
 //! workers.
 
-use std::io::Write as _;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
@@ -26,6 +25,7 @@ use tokio::sync::{Semaphore, mpsc, watch};
 
 use super::http::HttpClient;
 use crate::protocol::unix_ns;
+use crate::worker::{reply, stdin_lines};
 
 /// Largest packet an agent accepts (a wake-up is at most 8 KiB).
 const MAX_PACKET: u32 = 64 * 1024;
@@ -177,29 +177,6 @@ pub fn run_call_worker() -> anyhow::Result<()> {
         .build()
         .context("call worker: cannot start the async runtime")?;
     runtime.block_on(worker_main())
-}
-
-fn stdin_lines() -> mpsc::UnboundedReceiver<String> {
-    let (tx, rx) = mpsc::unbounded_channel();
-    std::thread::spawn(move || {
-        for line in std::io::stdin().lines() {
-            let Ok(line) = line else { return };
-            if tx.send(line).is_err() {
-                return;
-            }
-        }
-    });
-    rx
-}
-
-fn reply(reply: &CallReply) -> anyhow::Result<()> {
-    let mut line = serde_json::to_string(reply).context("call worker: cannot encode a reply")?;
-    line.push('\n');
-    let mut stdout = std::io::stdout().lock();
-    stdout
-        .write_all(line.as_bytes())
-        .and_then(|()| stdout.flush())
-        .context("call worker: the parent stopped reading (stdout closed)")
 }
 
 async fn worker_main() -> anyhow::Result<()> {
