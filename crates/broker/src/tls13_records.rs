@@ -16,6 +16,7 @@ use aws_lc_rs::aead::{
     AES_128_GCM, AES_256_GCM, Aad, Algorithm, CHACHA20_POLY1305, LessSafeKey, NONCE_LEN, Nonce,
     UnboundKey,
 };
+use rustls::crypto::cipher::AeadKey;
 use rustls::kernel::KernelConnection;
 use rustls::server::ServerConnectionData;
 use rustls::{AlertDescription, ConnectionTrafficSecrets, Error, ExtractedSecrets};
@@ -33,9 +34,16 @@ const TAG_LEN: usize = 16;
 /// limit of 2^24.5 records (RFC 8446 5.5).
 const RECORDS_PER_KEY: u64 = 1 << 23;
 
-/// One direction's key, IV and next sequence number.
+/// One direction's traffic key, IV and next sequence number.
+///
+/// The key is kept as its bytes, and the AEAD key schedule (aws-lc's AES key expansion and
+/// GHASH table, about 600 bytes) is built for each batch of records and dropped after it:
+/// an idle connection then holds 60 bytes per direction instead of 650, for about a tenth
+/// of a microsecond per batch.
 struct DirectionKeys {
-    key: LessSafeKey,
+    algorithm: &'static Algorithm,
+    /// Zeroed when dropped.
+    key: AeadKey,
     iv: [u8; NONCE_LEN],
     seq: u64,
 }
@@ -48,17 +56,26 @@ impl DirectionKeys {
             ConnectionTrafficSecrets::Chacha20Poly1305 { key, iv } => (&CHACHA20_POLY1305, key, iv),
             _ => return Err(Error::General("unsupported TLS 1.3 cipher".into())),
         };
-        let key = UnboundKey::new(algorithm, key.as_ref())
-            .map_err(|_| Error::General("TLS traffic key of the wrong length".into()))?;
         let iv: [u8; NONCE_LEN] = iv
             .as_ref()
             .try_into()
             .map_err(|_| Error::General("TLS traffic IV of the wrong length".into()))?;
-        Ok(Self {
-            key: LessSafeKey::new(key),
+        let keys = Self {
+            algorithm,
+            key,
             iv,
             seq,
-        })
+        };
+        // Checked once here, so that a later bind cannot fail on the length.
+        keys.bind()?;
+        Ok(keys)
+    }
+
+    /// The key schedule for a batch of records.
+    fn bind(&self) -> Result<LessSafeKey, Error> {
+        let key = UnboundKey::new(self.algorithm, self.key.as_ref())
+            .map_err(|_| Error::General("TLS traffic key of the wrong length".into()))?;
+        Ok(LessSafeKey::new(key))
     }
 
     /// The nonce of the next record, and the sequence number moved on.
@@ -72,6 +89,29 @@ impl DirectionKeys {
         }
         self.seq = self.seq.checked_add(1).ok_or(Error::EncryptError)?;
         Ok(Nonce::assume_unique_for_key(nonce))
+    }
+
+    /// Seals one record of `content_type` with `fragment` onto `outgoing`.
+    fn seal_record(
+        &mut self,
+        key: &LessSafeKey,
+        content_type: u8,
+        fragment: &[u8],
+        outgoing: &mut Vec<u8>,
+    ) -> Result<(), Error> {
+        let len = fragment.len() + 1 + TAG_LEN;
+        let header = [APPLICATION_DATA, 3, 3, (len >> 8) as u8, len as u8];
+        let start = outgoing.len();
+        outgoing.reserve(5 + len);
+        outgoing.extend_from_slice(&header);
+        outgoing.extend_from_slice(fragment);
+        outgoing.push(content_type);
+        let nonce = self.next_nonce()?;
+        let tag = key
+            .seal_in_place_separate_tag(nonce, Aad::from(header), &mut outgoing[start + 5..])
+            .map_err(|_| Error::EncryptError)?;
+        outgoing.extend_from_slice(tag.as_ref());
+        Ok(())
     }
 }
 
@@ -107,64 +147,34 @@ impl Tls13Records {
 
     /// Appends `data` to `outgoing` as application data records.
     pub(crate) fn seal(&mut self, data: &[u8], outgoing: &mut Vec<u8>) -> Result<(), Error> {
+        let mut key = self.tx.bind()?;
         for chunk in data.chunks(MAX_FRAGMENT) {
-            self.seal_record(APPLICATION_DATA, chunk, outgoing)?;
+            if self.tx.seq >= RECORDS_PER_KEY {
+                self.update_tx_key(&key, outgoing)?;
+                key = self.tx.bind()?;
+            }
+            self.tx
+                .seal_record(&key, APPLICATION_DATA, chunk, outgoing)?;
         }
         Ok(())
     }
 
     /// Appends a close_notify alert to `outgoing`.
     pub(crate) fn close_notify(&mut self, outgoing: &mut Vec<u8>) -> Result<(), Error> {
-        self.seal_record(
+        let key = self.tx.bind()?;
+        self.tx.seal_record(
+            &key,
             ALERT,
             &[1, u8::from(AlertDescription::CloseNotify)],
             outgoing,
         )
     }
 
-    fn seal_record(
-        &mut self,
-        content_type: u8,
-        fragment: &[u8],
-        outgoing: &mut Vec<u8>,
-    ) -> Result<(), Error> {
-        if self.tx.seq >= RECORDS_PER_KEY {
-            self.update_tx_key(outgoing)?;
-        }
-        let len = fragment.len() + 1 + TAG_LEN;
-        let header = [APPLICATION_DATA, 3, 3, (len >> 8) as u8, len as u8];
-        let start = outgoing.len();
-        outgoing.reserve(5 + len);
-        outgoing.extend_from_slice(&header);
-        outgoing.extend_from_slice(fragment);
-        outgoing.push(content_type);
-        let nonce = self.tx.next_nonce()?;
-        let tag = self
-            .tx
-            .key
-            .seal_in_place_separate_tag(nonce, Aad::from(header), &mut outgoing[start + 5..])
-            .map_err(|_| Error::EncryptError)?;
-        outgoing.extend_from_slice(tag.as_ref());
-        Ok(())
-    }
-
-    /// Sends KeyUpdate (update_not_requested) under the current key, then moves to the next.
-    fn update_tx_key(&mut self, outgoing: &mut Vec<u8>) -> Result<(), Error> {
-        // Sealed under the old key: reset the counter check by sealing directly.
-        let message = [KEY_UPDATE, 0, 0, 1, 0];
-        let len = message.len() + 1 + TAG_LEN;
-        let header = [APPLICATION_DATA, 3, 3, 0, len as u8];
-        let start = outgoing.len();
-        outgoing.extend_from_slice(&header);
-        outgoing.extend_from_slice(&message);
-        outgoing.push(HANDSHAKE);
-        let nonce = self.tx.next_nonce()?;
-        let tag = self
-            .tx
-            .key
-            .seal_in_place_separate_tag(nonce, Aad::from(header), &mut outgoing[start + 5..])
-            .map_err(|_| Error::EncryptError)?;
-        outgoing.extend_from_slice(tag.as_ref());
+    /// Sends KeyUpdate (update_not_requested) under the current key `key`, then moves to the
+    /// next.
+    fn update_tx_key(&mut self, key: &LessSafeKey, outgoing: &mut Vec<u8>) -> Result<(), Error> {
+        self.tx
+            .seal_record(key, HANDSHAKE, &[KEY_UPDATE, 0, 0, 1, 0], outgoing)?;
         let (seq, secrets) = self.kernel.update_tx_secret()?;
         self.tx = DirectionKeys::new(seq, secrets)?;
         Ok(())
@@ -179,6 +189,8 @@ impl Tls13Records {
         outgoing: &mut Vec<u8>,
     ) -> Result<Opened, Error> {
         let mut consumed = 0;
+        // Bound at the first whole record, and again after a KeyUpdate from the peer.
+        let mut key: Option<LessSafeKey> = None;
         loop {
             let rest = &mut received[consumed..];
             let Some(header) = rest.get(..5) else {
@@ -205,11 +217,14 @@ impl Tls13Records {
                 });
             };
             let nonce = self.rx.next_nonce()?;
-            let inner = self
-                .rx
-                .key
+            let bound = match key.take() {
+                Some(bound) => bound,
+                None => self.rx.bind()?,
+            };
+            let inner = bound
                 .open_in_place(nonce, Aad::from(header), body)
                 .map_err(|_| Error::DecryptError)?;
+            key = Some(bound);
             // The content type is the last non-zero byte; zeros after it are padding.
             let Some(type_at) = inner.iter().rposition(|&b| b != 0) else {
                 return Err(Error::General("TLS record without a content type".into()));
@@ -236,6 +251,7 @@ impl Tls13Records {
                 HANDSHAKE => {
                     let content = content.to_vec();
                     self.handshake_messages(&content, outgoing)?;
+                    key = None;
                 }
                 other => {
                     return Err(Error::General(format!(
@@ -267,7 +283,8 @@ impl Tls13Records {
                     let (seq, secrets) = self.kernel.update_rx_secret()?;
                     self.rx = DirectionKeys::new(seq, secrets)?;
                     if *requested == 1 {
-                        self.update_tx_key(outgoing)?;
+                        let key = self.tx.bind()?;
+                        self.update_tx_key(&key, outgoing)?;
                     }
                 }
                 _ => {
