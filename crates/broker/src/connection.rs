@@ -868,8 +868,9 @@ async fn established<S: AsyncRead + AsyncWrite + Unpin>(
                 }
             }
         }
-        if rbuf.is_empty() && rbuf.capacity() > 0 {
-            // Release the read buffer while idle.
+        if rbuf.is_empty() {
+            // Release the read buffer while idle. Once a packet was split off, an empty
+            // buffer may show no capacity and still keep the whole read alive.
             *rbuf = BytesMut::new();
         }
         tokio::select! {
