@@ -3,16 +3,10 @@
 //! else is HTTP. Over HTTP, `GET /mqtt` with a WebSocket upgrade carries MQTT in binary
 //! frames; `/healthz`, `/readyz` and `/` answer short texts.
 
-use std::io;
-use std::pin::Pin;
-use std::task::{Context, Poll, ready};
-
-use bytes::{Buf, Bytes, BytesMut};
-use futures_util::{Sink, Stream};
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
+use beckon_net::{PrefixedStream, WsByteStream};
+use bytes::BytesMut;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::time::{Instant, timeout, timeout_at};
-use tokio_tungstenite::WebSocketStream;
-use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::handshake::server::{
     ErrorResponse, Request as WsRequest, Response as WsResponse,
 };
@@ -21,124 +15,10 @@ use tokio_tungstenite::tungstenite::http::HeaderValue;
 /// Largest HTTP request head read.
 const MAX_HEAD: usize = 16 * 1024;
 
-/// A stream that first yields bytes already read (the sniffed request), then the inner stream.
-#[derive(Debug)]
-pub(crate) struct Prefixed<S> {
-    prefix: Bytes,
-    inner: S,
-}
-
-impl<S> Prefixed<S> {
-    pub(crate) fn new(prefix: Bytes, inner: S) -> Self {
-        Self { prefix, inner }
-    }
-}
-
-impl<S: AsyncRead + Unpin> AsyncRead for Prefixed<S> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        if !self.prefix.is_empty() {
-            let n = self.prefix.len().min(buf.remaining());
-            buf.put_slice(&self.prefix[..n]);
-            self.prefix.advance(n);
-            return Poll::Ready(Ok(()));
-        }
-        Pin::new(&mut self.inner).poll_read(cx, buf)
-    }
-}
-
-impl<S: AsyncWrite + Unpin> AsyncWrite for Prefixed<S> {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, buf)
-    }
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
-    }
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
-    }
-}
-
-/// MQTT bytes carried in WebSocket binary frames, as a byte stream.
-pub(crate) struct WsBytes<S> {
-    ws: WebSocketStream<S>,
-    pending: Bytes,
-}
-
-impl<S> WsBytes<S> {
-    fn new(ws: WebSocketStream<S>) -> Self {
-        Self {
-            ws,
-            pending: Bytes::new(),
-        }
-    }
-}
-
-fn ws_err(e: tokio_tungstenite::tungstenite::Error) -> io::Error {
-    io::Error::other(e)
-}
-
-impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for WsBytes<S> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        loop {
-            if !self.pending.is_empty() {
-                let n = self.pending.len().min(buf.remaining());
-                buf.put_slice(&self.pending[..n]);
-                self.pending.advance(n);
-                return Poll::Ready(Ok(()));
-            }
-            match ready!(Pin::new(&mut self.ws).poll_next(cx)) {
-                Some(Ok(Message::Binary(data))) => self.pending = data,
-                // Pings are answered by tungstenite itself.
-                Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => {}
-                Some(Ok(Message::Text(_))) => {
-                    return Poll::Ready(Err(io::Error::new(
-                        io::ErrorKind::InvalidData,
-                        "MQTT over WebSocket uses binary frames; a text frame arrived",
-                    )));
-                }
-                Some(Ok(Message::Close(_))) | None => return Poll::Ready(Ok(())),
-                Some(Err(e)) => return Poll::Ready(Err(ws_err(e))),
-            }
-        }
-    }
-}
-
-impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for WsBytes<S> {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        ready!(Pin::new(&mut self.ws).poll_ready(cx)).map_err(ws_err)?;
-        Pin::new(&mut self.ws)
-            .start_send(Message::Binary(Bytes::copy_from_slice(buf)))
-            .map_err(ws_err)?;
-        Poll::Ready(Ok(buf.len()))
-    }
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.ws).poll_flush(cx).map_err(ws_err)
-    }
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.ws).poll_close(cx).map_err(ws_err)
-    }
-}
-
 /// What an HTTP request on the shared port turned into.
 pub(crate) enum HttpOutcome<S> {
     /// `GET /mqtt` upgraded: MQTT follows.
-    WebSocket(Box<WsBytes<Prefixed<S>>>),
+    WebSocket(Box<WsByteStream<PrefixedStream<S>>>),
     /// Answered (or failed); the connection is done.
     Done,
 }
@@ -173,9 +53,10 @@ pub(crate) async fn serve_http<S: AsyncRead + AsyncWrite + Unpin>(
                 }
                 Ok(resp)
             };
-        let io = Prefixed::new(buf.freeze(), stream);
+        // The sniffed bytes are read again by the handshake.
+        let io = PrefixedStream::new(buf.freeze(), stream);
         return match timeout_at(deadline, tokio_tungstenite::accept_hdr_async(io, callback)).await {
-            Ok(Ok(ws)) => HttpOutcome::WebSocket(Box::new(WsBytes::new(ws))),
+            Ok(Ok(ws)) => HttpOutcome::WebSocket(Box::new(WsByteStream::new(ws))),
             Ok(Err(e)) => {
                 tracing::debug!(error = %e, "WebSocket upgrade failed");
                 HttpOutcome::Done

@@ -221,28 +221,18 @@ fn encode_into(
     outgoing: &mut Vec<u8>,
     data: &mut EncodeTlsData<'_, ServerConnectionData>,
 ) -> Result<(), rustls::Error> {
-    let start = outgoing.len();
-    let mut room = 1024;
-    loop {
-        outgoing.resize(start + room, 0);
-        match data.encode(&mut outgoing[start..]) {
-            Ok(n) => {
-                outgoing.truncate(start + n);
-                return Ok(());
+    append_with(
+        outgoing,
+        1024,
+        "encoding a TLS record",
+        |buf| data.encode(buf),
+        |e| match e {
+            EncodeError::InsufficientSize(InsufficientSizeError { required_size }) => {
+                Some(*required_size)
             }
-            Err(EncodeError::InsufficientSize(InsufficientSizeError { required_size }))
-                if required_size > room =>
-            {
-                room = required_size;
-            }
-            Err(e) => {
-                outgoing.truncate(start);
-                return Err(rustls::Error::General(format!(
-                    "encoding a TLS record: {e}"
-                )));
-            }
-        }
-    }
+            _ => None,
+        },
+    )
 }
 
 /// Appends `data`, encrypted, to `outgoing`.
@@ -251,27 +241,15 @@ fn encrypt_into(
     traffic: &mut WriteTraffic<'_, ServerConnectionData>,
     data: &[u8],
 ) -> Result<(), rustls::Error> {
-    let start = outgoing.len();
     // Record header, content type and AEAD tag per 16 KiB record; retried if too small.
-    let mut room = data.len() + (data.len() / (16 * 1024) + 1) * 64;
-    loop {
-        outgoing.resize(start + room, 0);
-        match traffic.encrypt(data, &mut outgoing[start..]) {
-            Ok(n) => {
-                outgoing.truncate(start + n);
-                return Ok(());
-            }
-            Err(EncryptError::InsufficientSize(InsufficientSizeError { required_size }))
-                if required_size > room =>
-            {
-                room = required_size;
-            }
-            Err(e) => {
-                outgoing.truncate(start);
-                return Err(rustls::Error::General(format!("encrypting: {e}")));
-            }
-        }
-    }
+    let room = data.len() + (data.len() / (16 * 1024) + 1) * 64;
+    append_with(
+        outgoing,
+        room,
+        "encrypting",
+        |buf| traffic.encrypt(data, buf),
+        encrypt_room,
+    )
 }
 
 /// Appends a close_notify alert to `outgoing`.
@@ -279,26 +257,49 @@ fn close_notify_into(
     outgoing: &mut Vec<u8>,
     traffic: &mut WriteTraffic<'_, ServerConnectionData>,
 ) -> Result<(), rustls::Error> {
+    append_with(
+        outgoing,
+        64,
+        "encrypting close_notify",
+        |buf| traffic.queue_close_notify(buf),
+        encrypt_room,
+    )
+}
+
+fn encrypt_room(e: &EncryptError) -> Option<usize> {
+    match e {
+        EncryptError::InsufficientSize(InsufficientSizeError { required_size }) => {
+            Some(*required_size)
+        }
+        _ => None,
+    }
+}
+
+/// Appends to `outgoing` what `write` puts into the slice it is given (rustls' unbuffered
+/// API writes into the caller's buffer), starting with `room` bytes and growing to what
+/// `needed` reads from a too-small error.
+fn append_with<E: std::fmt::Display>(
+    outgoing: &mut Vec<u8>,
+    mut room: usize,
+    what: &str,
+    mut write: impl FnMut(&mut [u8]) -> Result<usize, E>,
+    needed: impl Fn(&E) -> Option<usize>,
+) -> Result<(), rustls::Error> {
     let start = outgoing.len();
-    let mut room = 64;
     loop {
         outgoing.resize(start + room, 0);
-        match traffic.queue_close_notify(&mut outgoing[start..]) {
+        match write(&mut outgoing[start..]) {
             Ok(n) => {
                 outgoing.truncate(start + n);
                 return Ok(());
             }
-            Err(EncryptError::InsufficientSize(InsufficientSizeError { required_size }))
-                if required_size > room =>
-            {
-                room = required_size;
-            }
-            Err(e) => {
-                outgoing.truncate(start);
-                return Err(rustls::Error::General(format!(
-                    "encrypting close_notify: {e}"
-                )));
-            }
+            Err(e) => match needed(&e) {
+                Some(required) if required > room => room = required,
+                _ => {
+                    outgoing.truncate(start);
+                    return Err(rustls::Error::General(format!("{what}: {e}")));
+                }
+            },
         }
     }
 }

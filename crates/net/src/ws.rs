@@ -191,7 +191,9 @@ pub struct WsByteStream<S> {
 }
 
 impl<S> WsByteStream<S> {
-    fn new(ws: WebSocketStream<S>) -> Self {
+    /// Carries MQTT bytes over `ws`, an established WebSocket (either side: the broker's
+    /// shared port uses it for the connections it accepts).
+    pub fn new(ws: WebSocketStream<S>) -> Self {
         Self {
             ws,
             pending: Bytes::new(),
@@ -245,7 +247,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for WsByteStream<S> {
                 Some(Ok(Message::Text(_))) => {
                     return Poll::Ready(Err(io::Error::new(
                         io::ErrorKind::InvalidData,
-                        "the server sent a WebSocket text message; MQTT over WebSocket uses binary messages only",
+                        "the peer sent a WebSocket text message; MQTT over WebSocket uses binary messages only",
                     )));
                 }
                 Some(Err(e)) => return Poll::Ready(Err(to_io(e))),
