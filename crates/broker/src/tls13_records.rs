@@ -4,8 +4,9 @@
 //! Why: after the handshake rustls still keeps its whole connection state (over 2 KB: the
 //! handshake deframer's span list, buffers' queues, the state machine) for every idle
 //! connection. The kernel does not offer TLS offload on every machine (`tcp_available_ulp`
-//! may lack `tls`), so the broker does what kTLS would do: it keeps only the two AEAD keys,
-//! their IVs and sequence numbers, and rustls' small [`KernelConnection`] for key updates.
+//! may lack `tls`), so the broker does what kTLS would do: it keeps only the two traffic
+//! keys (as bytes: each batch of records builds its key schedule), their IVs and sequence
+//! numbers, and rustls' small [`KernelConnection`] for key updates.
 //!
 //! What it does (RFC 8446 section 5): application data records in and out, close_notify,
 //! other alerts as errors, and KeyUpdate in both directions (answering a requested update).
