@@ -201,7 +201,12 @@ pub fn default_certificate_names() -> Vec<String> {
     names
 }
 
-fn bind_listener(listener: &'static str, addr: SocketAddr) -> Result<TcpListener, ServerError> {
+/// Binds and listens on `addr`; returns the listener and the address it got (the port, when
+/// `addr` asked for any).
+fn bind_listener(
+    listener: &'static str,
+    addr: SocketAddr,
+) -> Result<(TcpListener, SocketAddr), ServerError> {
     let err = |source: io::Error| {
         if source.kind() == io::ErrorKind::PermissionDenied && addr.port() < 1024 {
             ServerError::Privileged {
@@ -225,7 +230,9 @@ fn bind_listener(listener: &'static str, addr: SocketAddr) -> Result<TcpListener
     .map_err(err)?;
     socket.set_reuseaddr(true).map_err(err)?;
     socket.bind(addr).map_err(err)?;
-    socket.listen(BACKLOG).map_err(err)
+    let l = socket.listen(BACKLOG).map_err(err)?;
+    let local = l.local_addr().map_err(err)?;
+    Ok((l, local))
 }
 
 impl Server {
@@ -336,23 +343,13 @@ impl Server {
             cluster_node: None,
         };
         if let Some(addr) = config.listeners.mqtts.0 {
-            let l = bind_listener("listeners.mqtts", addr)?;
-            let local = l.local_addr().map_err(|source| ServerError::Bind {
-                listener: "listeners.mqtts",
-                addr,
-                source,
-            })?;
+            let (l, local) = bind_listener("listeners.mqtts", addr)?;
             tracing::info!(addr = %local, "listening for MQTT over TLS");
             bound.mqtts = Some(local);
             listeners.push((l, ListenerKind::Tls));
         }
         if let Some(addr) = config.listeners.mqtt.0 {
-            let l = bind_listener("listeners.mqtt", addr)?;
-            let local = l.local_addr().map_err(|source| ServerError::Bind {
-                listener: "listeners.mqtt",
-                addr,
-                source,
-            })?;
+            let (l, local) = bind_listener("listeners.mqtt", addr)?;
             tracing::info!(addr = %local, "listening for plain MQTT (unencrypted)");
             if !local.ip().is_loopback() {
                 tracing::warn!(addr = %local, "plain MQTT is reachable beyond loopback: traffic is not encrypted");
@@ -372,12 +369,7 @@ impl Server {
         });
 
         if let Some(addr) = config.listeners.fallback.0 {
-            let l = bind_listener("listeners.fallback", addr)?;
-            let local = l.local_addr().map_err(|source| ServerError::Bind {
-                listener: "listeners.fallback",
-                addr,
-                source,
-            })?;
+            let (l, local) = bind_listener("listeners.fallback", addr)?;
             tracing::info!(addr = %local, "listening on the shared HTTPS port: MQTT (ALPN mqtt), MQTT over WebSocket (/mqtt), health (/healthz)");
             bound.fallback = Some(local);
             listeners.push((l, ListenerKind::Fallback));
@@ -386,12 +378,7 @@ impl Server {
         let admin = match config.listeners.admin.0 {
             None => None,
             Some(addr) => {
-                let l = bind_listener("listeners.admin", addr)?;
-                let local = l.local_addr().map_err(|source| ServerError::Bind {
-                    listener: "listeners.admin",
-                    addr,
-                    source,
-                })?;
+                let (l, local) = bind_listener("listeners.admin", addr)?;
                 tracing::info!(addr = %local, "admin HTTP: /metrics (Prometheus), /healthz");
                 bound.admin = Some(local);
                 Some(l)
