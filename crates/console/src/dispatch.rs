@@ -1081,13 +1081,15 @@ fn handle_publish(conn: &mut Conn, p: &Publish) {
                 path.to_owned()
             };
             if presence == Presence::Online {
-                if p.retain {
-                    // The broker's retained state, sent at SUBSCRIBE: the agent did not just
-                    // come back, and what it was sent waits in its session at the broker.
-                    if let Some(seen) = &mut conn.snapshot {
-                        seen.push(agent.clone());
-                    }
-                } else if !conn.came_online.contains(&agent) {
+                // While the console takes in the broker's presence after connecting, an agent
+                // online by the retained state or by a live event in the meantime is online:
+                // the reconciliation must not mark it offline.
+                if let Some(seen) = &mut conn.snapshot {
+                    seen.push(agent.clone());
+                }
+                // Only a live event says the agent just came (back): what it was sent goes
+                // out again. With the retained state it waits in its session at the broker.
+                if !p.retain && !conn.came_online.contains(&agent) {
                     conn.came_online.push(agent.clone());
                 }
             }
