@@ -123,9 +123,7 @@ async fn agent_goes_through_the_proxy_and_direct_when_the_proxy_is_gone() {
         SocketAddr::from(([127, 0, 0, 1], free_port())),
     );
     let (bound, handle) = start_broker(data.path(), tls, plain).await;
-    let Some(mut proxy) = Tinyproxy::start(&[tls.port()]) else {
-        return;
-    };
+    let mut proxy = Tinyproxy::start(&[tls.port()]);
 
     let dir = tempfile::tempdir().expect("tempdir");
     let mut config = test_config(dir.path(), &command_action(dir.path(), "true", "10s"));

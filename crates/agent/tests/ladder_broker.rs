@@ -288,9 +288,7 @@ async fn with_8883_open_the_agent_uses_it_and_status_says_so() {
 #[tokio::test]
 async fn tinyproxy_allowing_the_mqtts_port_carries_8883() {
     let mut broker = TenantBroker::start().await;
-    let Some(proxy) = Tinyproxy::start(&[broker.mqtts().port()]) else {
-        return;
-    };
+    let proxy = Tinyproxy::start(&[broker.mqtts().port()]);
     let url = format!("http://127.0.0.1:{}", proxy.port);
     let agent = RunningAgent::start(&broker, broker.mqtts().port(), Some(url.clone()));
     let path = format!("8883 via {url}");
@@ -314,9 +312,7 @@ async fn tinyproxy_allowing_the_mqtts_port_carries_8883() {
 async fn tinyproxy_allowing_only_the_fallback_port_carries_443_mqtt() {
     let mut broker = TenantBroker::start().await;
     // Squid's default: CONNECT to 443 (here: the fallback port) only.
-    let Some(proxy) = Tinyproxy::start(&[broker.fallback().port()]) else {
-        return;
-    };
+    let proxy = Tinyproxy::start(&[broker.fallback().port()]);
     let url = format!("http://127.0.0.1:{}", proxy.port);
     let agent = RunningAgent::start(&broker, broker.mqtts().port(), Some(url.clone()));
     let path = format!("443-mqtt via {url}");

@@ -1,8 +1,7 @@
-//! Test helpers: a console with an API client, raw MQTT peers, Mosquitto killed on drop.
+//! Test helpers: a console with an API client, raw MQTT peers; Mosquitto (killed on drop)
+//! from beckon-testkit.
 #![allow(dead_code)]
 
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use axum::body::Body;
@@ -14,6 +13,10 @@ use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tower::ServiceExt;
+
+// Not every test program uses every one.
+#[allow(unused_imports)]
+pub use beckon_testkit::Mosquitto;
 
 /// Every wait is bounded by this.
 pub const WAIT: Duration = Duration::from_secs(10);
@@ -159,59 +162,5 @@ impl<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin> Peer<S> {
         self.recv_within(WAIT)
             .await
             .expect("a packet within the wait")
-    }
-}
-
-/// A Mosquitto broker on a loopback port, killed on drop.
-pub struct Mosquitto {
-    child: Child,
-    pub port: u16,
-    _dir: tempfile::TempDir,
-}
-
-pub const MOSQUITTO: &str = "/usr/sbin/mosquitto";
-
-impl Mosquitto {
-    /// Fails the test when Mosquitto is not installed (a missing peer is no pass).
-    pub fn start() -> Option<Self> {
-        if !Path::new(MOSQUITTO).exists() {
-            panic!("{MOSQUITTO} is not installed: `apt-get install mosquitto` (scripts/test does)");
-        }
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let dir = tempfile::tempdir().unwrap();
-        let conf = dir.path().join("mosquitto.conf");
-        std::fs::write(
-            &conf,
-            format!("allow_anonymous true\npersistence false\nlog_dest stderr\nlog_type error\nlistener {port} 127.0.0.1\n"),
-        )
-        .unwrap();
-        let child = Command::new(MOSQUITTO)
-            .arg("-c")
-            .arg(&conf)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let started = std::time::Instant::now();
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(started.elapsed() < WAIT, "mosquitto did not start");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        Some(Self {
-            child,
-            port,
-            _dir: dir,
-        })
-    }
-}
-
-impl Drop for Mosquitto {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
