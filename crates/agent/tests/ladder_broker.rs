@@ -226,7 +226,7 @@ impl RunningAgent {
 /// server sees `finished` with status ok.
 async fn wake_and_check_it_ran(broker: &TenantBroker, agent: &RunningAgent, reason: &str) {
     let mut server = broker.server_client().await;
-    let acks = wake_until_acked_over(&mut server, reason, 1).await;
+    let acks = wake_until_acked(&mut server, reason, 1).await;
     let finished = acks.last().expect("acks");
     assert_eq!(finished["stage"], "finished");
     assert_eq!(finished["status"], "ok", "{finished}");

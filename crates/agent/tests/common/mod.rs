@@ -375,42 +375,8 @@ pub async fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
 
 /// Publishes the wake-up until the agent acknowledges receiving it (the agent's subscription
 /// may not be in place the very first moment), then returns every ack up to `finished`.
-pub async fn wake_until_acked(
-    server: &mut Peer<tokio::net::TcpStream>,
-    reason: &str,
-    packet_id: u16,
-) -> Vec<serde_json::Value> {
-    let (id, payload) = signed_wakeup(reason, 0);
-    let id = id.as_str();
-    let mut acks: Vec<serde_json::Value> = Vec::new();
-    'publish: for _ in 0..5 {
-        server
-            .send(publish("agents/a1/wake", packet_id, &payload))
-            .await;
-        loop {
-            match server.recv_within(Duration::from_secs(2)).await {
-                None => continue 'publish,
-                Some(Packet::PubAck(_)) => {}
-                Some(Packet::Publish(p)) => {
-                    if let Some(pid) = p.packet_id {
-                        server.send(Packet::PubAck(Ack::new(pid))).await;
-                    }
-                    let ack: serde_json::Value = serde_json::from_slice(&p.payload).expect("json");
-                    let done = ack["wakeup_id"] == id && ack["stage"] == "finished";
-                    acks.push(ack);
-                    if done {
-                        return acks;
-                    }
-                }
-                Some(other) => panic!("unexpected {other:?}"),
-            }
-        }
-    }
-    panic!("the agent never acknowledged wake-up {id}");
-}
-
-/// [`wake_until_acked`] for a server client over any stream (TLS to a broker with tenants).
-pub async fn wake_until_acked_over<S: AsyncRead + AsyncWrite + Unpin>(
+/// `server` is a server client over any stream (plain TCP, or TLS to a broker with tenants).
+pub async fn wake_until_acked<S: AsyncRead + AsyncWrite + Unpin>(
     server: &mut Peer<S>,
     reason: &str,
     packet_id: u16,
