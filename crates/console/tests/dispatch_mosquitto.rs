@@ -11,43 +11,15 @@ use axum::http::StatusCode;
 use beckon_console::BrokerLink;
 use beckon_identity::wakeup::{Ack, AckStatus, ReplayGuard, WakeUpVerifier};
 use beckon_identity::{KeyId, PublicKey, TenantId};
-use beckon_mqtt::{
-    Connect, Packet, Properties, ProtocolVersion, Publish, QoS, RetainHandling, Subscribe,
-    Subscription, SubscriptionOptions,
-};
+use beckon_mqtt::{Packet, Properties, Publish, QoS};
 use bytes::Bytes;
 use common::{Api, Mosquitto, Peer, WAIT};
 use serde_json::{Value, json};
 
 async fn agent_peer(port: u16, id: &str) -> Peer {
     let mut p = Peer::connect(port).await;
-    p.send(Packet::Connect(Box::new(Connect {
-        protocol: ProtocolVersion::V5,
-        clean_start: true,
-        keep_alive: 60,
-        client_id: id.into(),
-        will: None,
-        username: None,
-        password: None,
-        properties: Properties::default(),
-    })))
-    .await;
-    assert!(matches!(p.recv().await, Packet::ConnAck(a) if !a.code.is_error()));
-    p.send(Packet::Subscribe(Subscribe {
-        packet_id: 1,
-        subscriptions: vec![Subscription {
-            filter: format!("agents/{id}/wake"),
-            options: SubscriptionOptions {
-                qos: QoS::AtLeastOnce,
-                no_local: false,
-                retain_as_published: false,
-                retain_handling: RetainHandling::SendAtSubscribe,
-            },
-        }],
-        properties: Properties::default(),
-    }))
-    .await;
-    assert!(matches!(p.recv().await, Packet::SubAck(_)));
+    p.connect_as(id).await;
+    p.subscribe_wake(id).await;
     p
 }
 

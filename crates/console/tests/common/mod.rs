@@ -2,12 +2,17 @@
 //! from beckon-testkit.
 #![allow(dead_code)]
 
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use axum::body::Body;
 use axum::http::{Request, StatusCode};
+use beckon_broker::{Bound, BrokerConfig, Listen, Server, ServerHandle};
 use beckon_console::{Console, ConsoleConfig, ConsoleHandle};
-use beckon_mqtt::{Packet, ProtocolVersion};
+use beckon_mqtt::{
+    Connect, Packet, Properties, ProtocolVersion, QoS, RetainHandling, Subscribe, Subscription,
+    SubscriptionOptions,
+};
 use bytes::BytesMut;
 use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -68,6 +73,20 @@ impl Api {
             serde_json::from_slice(&bytes).unwrap()
         };
         (status, v)
+    }
+
+    /// Polls GET `path` until `f` holds for its body, and returns it; fails the test with
+    /// `what` after 30 s.
+    pub async fn wait_for(&self, what: &str, path: &str, f: impl Fn(&Value) -> bool) -> Value {
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let (_, v) = self.call("GET", path, None).await;
+            if f(&v) {
+                return v;
+            }
+            assert!(std::time::Instant::now() < deadline, "{what}: {v}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
 
     /// Enrolls `id` with inventory `inv`; returns the enrollment response.
@@ -163,4 +182,93 @@ impl<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin> Peer<S> {
             .await
             .expect("a packet within the wait")
     }
+
+    /// CONNECT as `client_id` (MQTT 5, clean start); fails the test unless the CONNACK
+    /// accepts it.
+    pub async fn connect_as(&mut self, client_id: &str) {
+        self.send(Packet::Connect(Box::new(Connect {
+            protocol: ProtocolVersion::V5,
+            clean_start: true,
+            keep_alive: 60,
+            client_id: client_id.into(),
+            will: None,
+            username: None,
+            password: None,
+            properties: Properties::default(),
+        })))
+        .await;
+        match self.recv().await {
+            Packet::ConnAck(a) => assert!(!a.code.is_error(), "{client_id} refused: {a:?}"),
+            other => panic!("{client_id}: {other:?} instead of a CONNACK"),
+        }
+    }
+
+    /// Subscribes to agent `id`'s wake-ups (QoS 1) and waits for the SUBACK.
+    pub async fn subscribe_wake(&mut self, id: &str) {
+        self.send(Packet::Subscribe(Subscribe {
+            packet_id: 1,
+            subscriptions: vec![Subscription {
+                filter: format!("agents/{id}/wake"),
+                options: SubscriptionOptions {
+                    qos: QoS::AtLeastOnce,
+                    no_local: false,
+                    retain_as_published: false,
+                    retain_handling: RetainHandling::SendAtSubscribe,
+                },
+            }],
+            properties: Properties::default(),
+        }))
+        .await;
+        assert!(matches!(self.recv().await, Packet::SubAck(_)));
+    }
+}
+
+/// An agent enrolled by the console (`enrolled`, with its `key`), connected as `id` over TLS
+/// to the broker at 127.0.0.1:`port` (trusting `ca`) with the certificate it got.
+pub async fn tls_agent(
+    port: u16,
+    ca: &Path,
+    id: &str,
+    enrolled: &Value,
+    key: &rcgen::KeyPair,
+) -> Peer<beckon_net::BoxedStream> {
+    let tls = beckon_net::TlsClient::new(&beckon_net::TlsSettings {
+        trust: beckon_net::TrustAnchors::CaFile(ca.to_owned()),
+        identity: Some(beckon_net::ClientIdentity::Pem {
+            cert: enrolled["certificate"]
+                .as_str()
+                .unwrap()
+                .as_bytes()
+                .to_vec(),
+            key: key.serialize_pem().into_bytes(),
+        }),
+        ..Default::default()
+    })
+    .unwrap();
+    let tcp = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    let (stream, _) = tls
+        .connect(tcp, "127.0.0.1", &["mqtt"], WAIT)
+        .await
+        .unwrap();
+    let mut peer = Peer::new(Box::new(stream) as beckon_net::BoxedStream);
+    peer.connect_as(id).await;
+    peer
+}
+
+/// Beckon's broker reading tenant files from `dir/tenants` (every second), MQTT over TLS on
+/// 127.0.0.1:`port` (0: any) only, with the CA it generates; returns the CA file too.
+pub async fn tenant_broker(dir: &Path, port: u16) -> (Bound, ServerHandle, PathBuf) {
+    let tenants = dir.join("tenants");
+    std::fs::create_dir_all(&tenants).unwrap();
+    let mut config = BrokerConfig {
+        data_dir: dir.join("broker"),
+        tenants_dir: Some(tenants),
+        tenants_reload_interval_secs: 1,
+        ..BrokerConfig::default()
+    };
+    config.listeners.mqtts = Listen(Some(([127, 0, 0, 1], port).into()));
+    config.listeners.mqtt = Listen(None);
+    let (bound, handle) = Server::bind(config).await.expect("broker starts");
+    let ca = bound.generated_ca.clone().unwrap();
+    (bound, handle, ca)
 }
