@@ -50,29 +50,55 @@ pub async fn start_with(f: impl FnOnce(&mut ConsoleConfig)) -> Api {
 }
 
 impl Api {
-    pub async fn call(&self, method: &str, path: &str, body: Option<Value>) -> (StatusCode, Value) {
-        let mut b = Request::builder()
-            .method(method)
-            .uri(path)
-            .header("authorization", format!("Bearer {}", self.token));
-        let req = match body {
-            Some(v) => {
-                b = b.header("content-type", "application/json");
-                b.body(Body::from(v.to_string())).unwrap()
-            }
-            None => b.body(Body::empty()).unwrap(),
-        };
+    /// One request through the router: status, headers and the JSON body (`Null` when
+    /// empty; a body that is not JSON fails the test).
+    pub async fn raw(&self, req: Request<Body>) -> (StatusCode, Vec<(String, String)>, Value) {
         let resp = self.router.clone().oneshot(req).await.unwrap();
         let status = resp.status();
+        let headers = resp
+            .headers()
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_str().unwrap_or("").to_owned()))
+            .collect();
         let bytes = axum::body::to_bytes(resp.into_body(), 1 << 20)
             .await
             .unwrap();
-        let v = if bytes.is_empty() {
+        let body = if bytes.is_empty() {
             Value::Null
         } else {
-            serde_json::from_slice(&bytes).unwrap()
+            serde_json::from_slice(&bytes)
+                .unwrap_or_else(|_| panic!("not JSON: {}", String::from_utf8_lossy(&bytes)))
         };
-        (status, v)
+        (status, headers, body)
+    }
+
+    /// A request with the API token.
+    pub async fn call(&self, method: &str, path: &str, body: Option<Value>) -> (StatusCode, Value) {
+        let auth = format!("Bearer {}", self.token);
+        self.call_as(method, path, body, Some(&auth)).await
+    }
+
+    /// A request with `auth` as its Authorization header (none: without).
+    pub async fn call_as(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<Value>,
+        auth: Option<&str>,
+    ) -> (StatusCode, Value) {
+        let mut b = Request::builder().method(method).uri(path);
+        if let Some(a) = auth {
+            b = b.header("authorization", a);
+        }
+        let req = match body {
+            Some(v) => b
+                .header("content-type", "application/json")
+                .body(Body::from(v.to_string()))
+                .unwrap(),
+            None => b.body(Body::empty()).unwrap(),
+        };
+        let (s, _, v) = self.raw(req).await;
+        (s, v)
     }
 
     /// Polls GET `path` until `f` holds for its body, and returns it; fails the test with
@@ -89,6 +115,15 @@ impl Api {
         }
     }
 
+    /// A new enrollment token made with the options in `body`.
+    pub async fn enrollment_token(&self, body: Value) -> String {
+        let (s, t) = self
+            .call("POST", "/api/v1/enrollment-tokens", Some(body))
+            .await;
+        assert_eq!(s, StatusCode::CREATED, "{t}");
+        t["token"].as_str().expect("the token").to_owned()
+    }
+
     /// Enrolls `id` with inventory `inv`; returns the enrollment response.
     pub async fn enroll(&self, id: &str, inv: Value) -> Value {
         self.enroll_with_key(id, inv, &rcgen::KeyPair::generate().unwrap())
@@ -97,18 +132,12 @@ impl Api {
 
     /// Like [`Api::enroll`] with the agent's own key pair.
     pub async fn enroll_with_key(&self, id: &str, inv: Value, key: &rcgen::KeyPair) -> Value {
-        let (_, t) = self
-            .call(
-                "POST",
-                "/api/v1/enrollment-tokens",
-                Some(serde_json::json!({})),
-            )
-            .await;
+        let token = self.enrollment_token(serde_json::json!({})).await;
         let (s, e) = self
             .call(
                 "POST",
                 "/api/v1/enroll",
-                Some(serde_json::json!({"token": t["token"], "agent_id": id, "csr": csr_for(key), "inventory": inv})),
+                Some(serde_json::json!({"token": token, "agent_id": id, "csr": csr_for(key), "inventory": inv})),
             )
             .await;
         assert_eq!(s, StatusCode::CREATED, "{e}");
