@@ -213,12 +213,7 @@ impl RunningAgent {
     }
 
     async fn stop(self) {
-        let _ = self.stop.send(true);
-        tokio::time::timeout(WAIT, self.task)
-            .await
-            .expect("agent stops in time")
-            .expect("no panic")
-            .expect("agent ends cleanly");
+        stop_agent(&self.stop, self.task).await;
     }
 }
 

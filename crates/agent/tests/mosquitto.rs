@@ -95,12 +95,7 @@ async fn agent_survives_a_broker_restart_through_mosquitto() {
     let runs = std::fs::read_to_string(dir.path().join("runs")).expect("runs");
     assert_eq!(runs.lines().collect::<Vec<_>>(), ["before", "after"]);
 
-    let _ = stop.send(true);
-    tokio::time::timeout(WAIT, task)
-        .await
-        .expect("stops")
-        .expect("no panic")
-        .expect("ok");
+    stop_agent(&stop, task).await;
 }
 
 #[tokio::test]
@@ -114,12 +109,7 @@ async fn wakeups_sent_while_the_agent_is_offline_wait_in_its_session() {
     eventually("agent connected", || connected(dir.path())).await;
     let mut server = server_client(port, "console").await;
     wake_until_acked(&mut server, "online", 1).await;
-    let _ = stop.send(true);
-    tokio::time::timeout(WAIT, task)
-        .await
-        .expect("stops")
-        .expect("no panic")
-        .expect("ok");
+    stop_agent(&stop, task).await;
 
     // While it is away, a wake-up is published (QoS 1): the broker queues it.
     let queued = wakeup("queued", 0);
@@ -147,12 +137,7 @@ async fn wakeups_sent_while_the_agent_is_offline_wait_in_its_session() {
     let stdin = std::fs::read(dir.path().join("stdin-queued")).expect("queued wake-up ran");
     let stdin: beckon_identity::wakeup::WakeUp = serde_json::from_slice(&stdin).expect("json");
     assert_eq!(stdin, queued);
-    let _ = stop.send(true);
-    tokio::time::timeout(WAIT, task)
-        .await
-        .expect("stops")
-        .expect("no panic")
-        .expect("ok");
+    stop_agent(&stop, task).await;
 }
 
 /// A CA, a server certificate for 127.0.0.1/localhost and a client certificate, as PEM files.
@@ -202,10 +187,5 @@ async fn agent_connects_over_tls_with_a_client_certificate_through_the_ladder() 
     let acks = wake_until_acked(&mut server, "over-tls", 1).await;
     assert_eq!(stages(&acks), ["received", "started", "finished"]);
 
-    let _ = stop.send(true);
-    tokio::time::timeout(WAIT, task)
-        .await
-        .expect("stops")
-        .expect("no panic")
-        .expect("ok");
+    stop_agent(&stop, task).await;
 }

@@ -361,6 +361,20 @@ pub fn command_action(dir: &Path, script: &str, timeout: &str) -> String {
     )
 }
 
+/// Tells an agent started with `run_agent` to stop, and fails the test unless its task ends
+/// cleanly within `WAIT`.
+pub async fn stop_agent(
+    stop: &tokio::sync::watch::Sender<bool>,
+    task: tokio::task::JoinHandle<Result<(), beckon_agent::AgentError>>,
+) {
+    let _ = stop.send(true);
+    tokio::time::timeout(WAIT, task)
+        .await
+        .expect("the agent did not stop in time")
+        .expect("the agent task panicked")
+        .expect("the agent ended with an error");
+}
+
 /// Polls `cond` every 20 ms until it holds; panics after `WAIT`.
 pub async fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
     let deadline = tokio::time::Instant::now() + WAIT;
