@@ -17,6 +17,9 @@ use std::time::{Duration, Instant};
 pub use beckon_testkit::{find_program, free_port};
 use serde_json::Value;
 
+/// How long one API request may take.
+const API_WAIT: Duration = Duration::from_secs(20);
+
 /// How long `beckon up` may take to report ready.
 const READY_WAIT: Duration = Duration::from_secs(40);
 
@@ -308,5 +311,56 @@ impl Up {
             .and_then(|c| c.split(';').next())
             .expect("a session cookie")
             .to_owned()
+    }
+}
+
+/// The console's API called with an API token, through the agent's own HTTP client.
+pub struct ConsoleApi {
+    base: beckon_agent::http::Url,
+    token: String,
+}
+
+impl ConsoleApi {
+    /// The API of the console at `url` (`http://127.0.0.1:port`), with the API `token`.
+    pub fn new(url: &str, token: &str) -> Self {
+        Self {
+            base: beckon_agent::http::Url::parse(url).expect("the console's URL"),
+            token: token.to_owned(),
+        }
+    }
+
+    /// One request; returns the status and the JSON body (`Null` when it is not JSON).
+    pub async fn call(&self, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
+        let body = body.map(|b| b.to_string()).unwrap_or_default();
+        let mut headers = vec![("Authorization", format!("Bearer {}", self.token))];
+        if !body.is_empty() {
+            headers.push(("Content-Type", "application/json".into()));
+        }
+        let r = beckon_agent::http::request(
+            &self.base.with_path(path),
+            method,
+            &headers,
+            body.as_bytes(),
+            None,
+            API_WAIT,
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{method} {path}: {e}"));
+        let v = serde_json::from_slice(&r.body).unwrap_or(Value::Null);
+        (r.status, v)
+    }
+
+    /// Polls GET `path` until `f` holds for its body, and returns it; fails the test with
+    /// `what` after 30 s.
+    pub async fn wait(&self, what: &str, path: &str, f: impl Fn(&Value) -> bool) -> Value {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let (_, v) = self.call("GET", path, None).await;
+            if f(&v) {
+                return v;
+            }
+            assert!(Instant::now() < deadline, "{what}: {v}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
 }
