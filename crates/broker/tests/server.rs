@@ -1,8 +1,9 @@
 //! The real server on 127.0.0.1:0, spoken to with raw bytes (and TLS with the generated CA).
 //! Every wait is bounded.
 
+mod common;
+
 use std::net::SocketAddr;
-use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -16,6 +17,8 @@ use rand::{Rng, SeedableRng};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_rustls::rustls;
+
+use common::client_tls_config;
 
 const WAIT: Duration = Duration::from_secs(10);
 
@@ -179,36 +182,6 @@ async fn connected(addr: SocketAddr, version: ProtocolVersion, id: &str) -> Clie
     let ack = c.connect(id, 60).await;
     assert_eq!(ack.code, ReasonCode::SUCCESS, "{ack:?}");
     c
-}
-
-fn client_tls_config(
-    ca_pem: &Path,
-    alpn: &[&[u8]],
-    identity: Option<&beckon_pki::IssuedCertificate>,
-) -> rustls::ClientConfig {
-    use rustls::pki_types::pem::PemObject;
-    let mut roots = rustls::RootCertStore::empty();
-    for c in beckon_pki::load_certificates(ca_pem).expect("ca") {
-        roots.add(c).expect("root");
-    }
-    let builder = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::aws_lc_rs::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .expect("versions")
-    .with_root_certificates(roots);
-    let mut config = match identity {
-        None => builder.with_no_client_auth(),
-        Some(id) => builder
-            .with_client_auth_cert(
-                vec![id.cert_der().expect("der")],
-                rustls::pki_types::PrivateKeyDer::from_pem_slice(id.key_pem.as_bytes())
-                    .expect("key"),
-            )
-            .expect("client cert"),
-    };
-    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
-    config
 }
 
 async fn tls_client(

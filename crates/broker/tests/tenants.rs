@@ -2,6 +2,8 @@
 //! clients authenticate with tenant client certificates or tokens, over TLS. Every wait is
 //! bounded.
 
+mod common;
+
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -20,6 +22,8 @@ use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_rustls::rustls;
+
+use common::client_tls_config;
 
 const WAIT: Duration = Duration::from_secs(10);
 
@@ -146,37 +150,7 @@ struct Client {
 }
 
 fn tls_config(ca_pem: &Path, identity: Option<&IssuedCertificate>) -> rustls::ClientConfig {
-    tls_config_alpn(ca_pem, identity, &[b"mqtt"])
-}
-
-fn tls_config_alpn(
-    ca_pem: &Path,
-    identity: Option<&IssuedCertificate>,
-    alpn: &[&[u8]],
-) -> rustls::ClientConfig {
-    use rustls::pki_types::pem::PemObject;
-    let mut roots = rustls::RootCertStore::empty();
-    for c in beckon_pki::load_certificates(ca_pem).expect("ca") {
-        roots.add(c).expect("root");
-    }
-    let builder = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::aws_lc_rs::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .expect("versions")
-    .with_root_certificates(roots);
-    let mut config = match identity {
-        None => builder.with_no_client_auth(),
-        Some(id) => builder
-            .with_client_auth_cert(
-                vec![id.cert_der().expect("der")],
-                rustls::pki_types::PrivateKeyDer::from_pem_slice(id.key_pem.as_bytes())
-                    .expect("key"),
-            )
-            .expect("client cert"),
-    };
-    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
-    config
+    client_tls_config(ca_pem, &[b"mqtt"], identity)
 }
 
 /// TLS to `addr` with the given ALPN list.
@@ -200,10 +174,10 @@ async fn tls_over(
     cert: Option<&IssuedCertificate>,
     alpn: &[&[u8]],
 ) -> std::io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
-    let connector = tokio_rustls::TlsConnector::from(Arc::new(tls_config_alpn(
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(client_tls_config(
         &broker.server_ca(),
-        cert,
         alpn,
+        cert,
     )));
     let name = rustls::pki_types::ServerName::try_from("localhost").expect("name");
     tokio::time::timeout(WAIT, connector.connect(name, tcp))
