@@ -1,5 +1,5 @@
-//! Scripted TCP servers for the failure cases: one that answers with fixed bytes, one that
-//! never says anything.
+//! Scripted TCP servers: one that answers with fixed bytes, one that never says anything (the
+//! failure cases), and one that echoes what it gets.
 
 use std::net::SocketAddr;
 
@@ -26,6 +26,25 @@ pub async fn start_scripted_server(
                 let _ = tokio::time::timeout(WAIT, tcp.read(&mut buf)).await;
                 let _ = tcp.write_all(answer).await;
                 let _ = tcp.shutdown().await;
+            });
+        }
+    });
+    (addr, task)
+}
+
+/// A TCP server on loopback that sends back what it receives, on every connection (each for
+/// at most [`WAIT`]).
+pub async fn start_echo_server() -> (SocketAddr, tokio::task::JoinHandle<()>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("address");
+    let task = tokio::spawn(async move {
+        loop {
+            let Ok((mut tcp, _)) = listener.accept().await else {
+                return;
+            };
+            tokio::spawn(async move {
+                let (mut r, mut w) = tcp.split();
+                let _ = tokio::time::timeout(WAIT, tokio::io::copy(&mut r, &mut w)).await;
             });
         }
     });
