@@ -99,11 +99,8 @@ async fn an_agent_enrolls_with_a_csr_gets_its_certificate_and_checks_in() {
     assert_eq!(s, StatusCode::CREATED, "{t}");
     let secret = t["token"].as_str().unwrap().to_owned();
     let (s, e) = api
-        .call_as(
-            "POST",
-            "/api/v1/enroll",
-            Some(json!({"token": secret, "agent_id": "pc-42", "csr": csr(), "inventory": inventory()})),
-            None,
+        .enroll_unauthenticated(
+            json!({"token": secret, "agent_id": "pc-42", "csr": csr(), "inventory": inventory()}),
         )
         .await;
     assert_eq!(s, StatusCode::CREATED, "{e}");
@@ -124,12 +121,7 @@ async fn an_agent_enrolls_with_a_csr_gets_its_certificate_and_checks_in() {
 
     // The one-time token is used up.
     let (s, err) = api
-        .call_as(
-            "POST",
-            "/api/v1/enroll",
-            Some(json!({"token": secret, "agent_id": "pc-43", "csr": csr()})),
-            None,
-        )
+        .enroll_unauthenticated(json!({"token": secret, "agent_id": "pc-43", "csr": csr()}))
         .await;
     assert_eq!(s, StatusCode::UNAUTHORIZED);
     assert!(err["error"].as_str().unwrap().contains("used up"), "{err}");
@@ -360,12 +352,7 @@ async fn bad_input_gets_a_clear_4xx_and_changes_nothing() {
     let api = start().await;
     let secret = api.enrollment_token(json!({"max_uses": 0})).await;
     let (s, _) = api
-        .call_as(
-            "POST",
-            "/api/v1/enroll",
-            Some(json!({"token": secret, "agent_id": "a1", "csr": csr()})),
-            None,
-        )
+        .enroll_unauthenticated(json!({"token": secret, "agent_id": "a1", "csr": csr()}))
         .await;
     assert_eq!(s, StatusCode::CREATED);
     let snapshot = || async {
@@ -698,12 +685,7 @@ async fn calls_record_one_delivery_per_agent_and_show_their_states() {
     let secret = api.enrollment_token(json!({"max_uses": 0})).await;
     for id in ["a1", "a2", "a3"] {
         let (s, _) = api
-            .call_as(
-                "POST",
-                "/api/v1/enroll",
-                Some(json!({"token": secret, "agent_id": id, "csr": csr()})),
-                None,
-            )
+            .enroll_unauthenticated(json!({"token": secret, "agent_id": id, "csr": csr()}))
             .await;
         assert_eq!(s, StatusCode::CREATED);
     }
@@ -848,12 +830,7 @@ async fn live_call_updates_stream_as_server_sent_events_and_overdue_calls_expire
         .call("POST", "/api/v1/enrollment-tokens", Some(json!({})))
         .await;
     let (s, _) = api
-        .call_as(
-            "POST",
-            "/api/v1/enroll",
-            Some(json!({"token": t["token"], "agent_id": "pc-1", "csr": csr()})),
-            None,
-        )
+        .enroll_unauthenticated(json!({"token": t["token"], "agent_id": "pc-1", "csr": csr()}))
         .await;
     assert_eq!(s, StatusCode::CREATED);
     // A call that expires in half a second (the API's minimum is 10 s), made in the store.

@@ -6,17 +6,13 @@
 mod common;
 
 use beckon_console::{BrokerLink, Console, ConsoleConfig};
-use common::{WAIT, tenant_broker, tls_agent};
+use common::{WAIT, free_port, tenant_broker, tls_agent};
 use serde_json::json;
 
 #[tokio::test]
 async fn after_a_restart_the_registry_shows_the_brokers_presence_not_the_old_one() {
     let dir = tempfile::tempdir().unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port();
     let (_, first_broker, ca) = tenant_broker(dir.path(), port).await;
     let link = BrokerLink::Tls {
         host: "127.0.0.1".into(),

@@ -21,7 +21,7 @@ use tower::ServiceExt;
 
 // Not every test program uses every one.
 #[allow(unused_imports)]
-pub use beckon_testkit::Mosquitto;
+pub use beckon_testkit::{Mosquitto, free_port};
 
 /// Every wait is bounded by this.
 pub const WAIT: Duration = Duration::from_secs(10);
@@ -113,6 +113,12 @@ impl Api {
             assert!(std::time::Instant::now() < deadline, "{what}: {v}");
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
+    }
+
+    /// POST /api/v1/enroll with `body`, as an agent does: without the API token.
+    pub async fn enroll_unauthenticated(&self, body: Value) -> (StatusCode, Value) {
+        self.call_as("POST", "/api/v1/enroll", Some(body), None)
+            .await
     }
 
     /// A new enrollment token made with the options in `body`.
