@@ -26,7 +26,7 @@ use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::watch;
 
-use common::ConsoleApi;
+use common::{ConsoleApi, free_port};
 
 const LIMIT: Duration = Duration::from_secs(20);
 /// Agents reconnect fast here (a fleet waits up to 30 s at start and backs off to 5 min).
@@ -41,14 +41,6 @@ struct Setup {
     broker_config: BrokerConfig,
     mqtts: SocketAddr,
     stop_agents: watch::Sender<bool>,
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("addr")
-        .port()
 }
 
 async fn setup(cert_validity: Duration) -> Setup {
