@@ -50,9 +50,8 @@ pub async fn start_with(f: impl FnOnce(&mut ConsoleConfig)) -> Api {
 }
 
 impl Api {
-    /// One request through the router: status, headers and the JSON body (`Null` when
-    /// empty; a body that is not JSON fails the test).
-    pub async fn raw(&self, req: Request<Body>) -> (StatusCode, Vec<(String, String)>, Value) {
+    /// One request through the router: status, headers and the body's bytes.
+    async fn respond(&self, req: Request<Body>) -> (StatusCode, Vec<(String, String)>, Vec<u8>) {
         let resp = self.router.clone().oneshot(req).await.unwrap();
         let status = resp.status();
         let headers = resp
@@ -63,6 +62,13 @@ impl Api {
         let bytes = axum::body::to_bytes(resp.into_body(), 1 << 20)
             .await
             .unwrap();
+        (status, headers, bytes.to_vec())
+    }
+
+    /// One request through the router: status, headers and the JSON body (`Null` when
+    /// empty; a body that is not JSON fails the test).
+    pub async fn raw(&self, req: Request<Body>) -> (StatusCode, Vec<(String, String)>, Value) {
+        let (status, headers, bytes) = self.respond(req).await;
         let body = if bytes.is_empty() {
             Value::Null
         } else {
@@ -70,6 +76,20 @@ impl Api {
                 .unwrap_or_else(|_| panic!("not JSON: {}", String::from_utf8_lossy(&bytes)))
         };
         (status, headers, body)
+    }
+
+    /// A request with `auth` as its Authorization header (none: without) and the JSON text
+    /// `body`; returns the status and the body as text.
+    pub async fn text(
+        &self,
+        method: &str,
+        path: &str,
+        auth: Option<&str>,
+        body: Option<&str>,
+    ) -> (StatusCode, String) {
+        let req = request(method, path, auth, body.map(str::to_owned));
+        let (status, _, bytes) = self.respond(req).await;
+        (status, String::from_utf8_lossy(&bytes).into_owned())
     }
 
     /// A request with the API token.
@@ -86,17 +106,7 @@ impl Api {
         body: Option<Value>,
         auth: Option<&str>,
     ) -> (StatusCode, Value) {
-        let mut b = Request::builder().method(method).uri(path);
-        if let Some(a) = auth {
-            b = b.header("authorization", a);
-        }
-        let req = match body {
-            Some(v) => b
-                .header("content-type", "application/json")
-                .body(Body::from(v.to_string()))
-                .unwrap(),
-            None => b.body(Body::empty()).unwrap(),
-        };
+        let req = request(method, path, auth, body.map(|v| v.to_string()));
         let (s, _, v) = self.raw(req).await;
         (s, v)
     }
@@ -148,6 +158,22 @@ impl Api {
             .await;
         assert_eq!(s, StatusCode::CREATED, "{e}");
         e
+    }
+}
+
+/// A request with `auth` as its Authorization header (none: without) and the JSON text
+/// `body`.
+fn request(method: &str, path: &str, auth: Option<&str>, body: Option<String>) -> Request<Body> {
+    let mut b = Request::builder().method(method).uri(path);
+    if let Some(a) = auth {
+        b = b.header("authorization", a);
+    }
+    match body {
+        Some(text) => b
+            .header("content-type", "application/json")
+            .body(Body::from(text))
+            .unwrap(),
+        None => b.body(Body::empty()).unwrap(),
     }
 }
 
