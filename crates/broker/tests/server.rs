@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use beckon_broker::{Bound, BrokerConfig, Listen, Server, ServerHandle};
 use beckon_mqtt::{
     Connect, Packet, Properties, ProtocolVersion, Publish, QoS, ReasonCode, Subscribe,
-    Subscription, SubscriptionOptions, decode, encode,
+    Subscription, SubscriptionOptions, encode,
 };
 use bytes::BytesMut;
 use rand::{Rng, SeedableRng};
@@ -18,9 +18,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_rustls::rustls;
 
-use common::client_tls_config;
-
-const WAIT: Duration = Duration::from_secs(10);
+use common::{Client, WAIT, client_tls_config};
 
 struct TestServer {
     bound: Bound,
@@ -70,13 +68,6 @@ impl TestServer {
     }
 }
 
-/// A client speaking raw MQTT over any stream.
-struct Client<S> {
-    stream: S,
-    buf: BytesMut,
-    version: ProtocolVersion,
-}
-
 fn connect_packet(version: ProtocolVersion, client_id: &str, keep_alive: u16) -> Packet {
     Packet::Connect(Box::new(Connect {
         protocol: version,
@@ -97,63 +88,6 @@ fn bytes_of(packet: &Packet, version: ProtocolVersion) -> Vec<u8> {
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
-    fn new(stream: S, version: ProtocolVersion) -> Self {
-        Self {
-            stream,
-            buf: BytesMut::new(),
-            version,
-        }
-    }
-
-    async fn send(&mut self, packet: &Packet) {
-        let bytes = bytes_of(packet, self.version);
-        self.send_raw(&bytes).await;
-    }
-
-    async fn send_raw(&mut self, bytes: &[u8]) {
-        tokio::time::timeout(WAIT, self.stream.write_all(bytes))
-            .await
-            .expect("write in time")
-            .expect("write");
-    }
-
-    /// The next packet, or `None` when the server closed the connection.
-    async fn recv(&mut self) -> Option<Packet> {
-        tokio::time::timeout(WAIT, async {
-            loop {
-                if let Some(p) =
-                    decode(&mut self.buf, self.version, 1 << 24).expect("valid from server")
-                {
-                    return Some(p);
-                }
-                let mut chunk = [0u8; 4096];
-                match self.stream.read(&mut chunk).await {
-                    Ok(0) | Err(_) => return None,
-                    Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
-                }
-            }
-        })
-        .await
-        .expect("server answered in time")
-    }
-
-    /// Raw bytes until the server closes.
-    async fn read_to_close(&mut self) -> Vec<u8> {
-        let mut all = self.buf.to_vec();
-        tokio::time::timeout(WAIT, async {
-            let mut chunk = [0u8; 4096];
-            loop {
-                match self.stream.read(&mut chunk).await {
-                    Ok(0) | Err(_) => break,
-                    Ok(n) => all.extend_from_slice(&chunk[..n]),
-                }
-            }
-        })
-        .await
-        .expect("server closed in time");
-        all
-    }
-
     async fn connect(&mut self, client_id: &str, keep_alive: u16) -> beckon_mqtt::ConnAck {
         self.send(&connect_packet(self.version, client_id, keep_alive))
             .await;

@@ -15,17 +15,15 @@ use beckon_identity::{
 };
 use beckon_mqtt::{
     Connect, Packet, Properties, ProtocolVersion, Publish, QoS, ReasonCode, Subscribe,
-    Subscription, SubscriptionOptions, decode, encode,
+    Subscription, SubscriptionOptions,
 };
 use beckon_pki::{CertificateAuthority, IssuedCertificate};
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_rustls::rustls;
 
-use common::client_tls_config;
-
-const WAIT: Duration = Duration::from_secs(10);
+use common::{WAIT, client_tls_config};
 
 fn now() -> i64 {
     SystemTime::now()
@@ -143,11 +141,8 @@ impl TestBroker {
 trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
 impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Io for T {}
 
-struct Client {
-    stream: Box<dyn Io>,
-    buf: BytesMut,
-    version: ProtocolVersion,
-}
+/// A client of the broker over TLS, plain TCP or WebSocket.
+type Client = common::Client<Box<dyn Io>>;
 
 fn tls_config(ca_pem: &Path, identity: Option<&IssuedCertificate>) -> rustls::ClientConfig {
     client_tls_config(ca_pem, &[b"mqtt"], identity)
@@ -213,46 +208,7 @@ impl Client {
     }
 
     fn over(stream: Box<dyn Io>, version: ProtocolVersion) -> Self {
-        Self {
-            stream,
-            buf: BytesMut::new(),
-            version,
-        }
-    }
-
-    async fn send(&mut self, packet: &Packet) {
-        let mut b = BytesMut::new();
-        encode(packet, self.version, &mut b).expect("encode");
-        tokio::time::timeout(WAIT, self.stream.write_all(&b))
-            .await
-            .expect("write in time")
-            .expect("write");
-    }
-
-    /// The next packet, or `None` when the server closed the connection.
-    async fn recv_within(&mut self, wait: Duration) -> Option<Option<Packet>> {
-        tokio::time::timeout(wait, async {
-            loop {
-                if let Some(p) =
-                    decode(&mut self.buf, self.version, 1 << 24).expect("valid from server")
-                {
-                    return Some(p);
-                }
-                let mut chunk = [0u8; 4096];
-                match self.stream.read(&mut chunk).await {
-                    Ok(0) | Err(_) => return None,
-                    Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
-                }
-            }
-        })
-        .await
-        .ok()
-    }
-
-    async fn recv(&mut self) -> Option<Packet> {
-        self.recv_within(WAIT)
-            .await
-            .expect("server answered in time")
+        Self::new(stream, version)
     }
 
     async fn connect_with(
