@@ -103,12 +103,7 @@ async fn agent_works_with_the_beckon_broker_and_survives_its_restart() {
     let runs = std::fs::read_to_string(dir.path().join("runs")).expect("runs");
     assert_eq!(runs.lines().collect::<Vec<_>>(), ["first", "second"]);
 
-    let _ = stop.send(true);
-    tokio::time::timeout(WAIT, task)
-        .await
-        .expect("stops")
-        .expect("no panic")
-        .expect("ok");
+    stop_agent(&stop, task).await;
     tokio::time::timeout(WAIT, handle.shutdown())
         .await
         .expect("shutdown in time")
@@ -123,9 +118,7 @@ async fn agent_goes_through_the_proxy_and_direct_when_the_proxy_is_gone() {
         SocketAddr::from(([127, 0, 0, 1], free_port())),
     );
     let (bound, handle) = start_broker(data.path(), tls, plain).await;
-    let Some(mut proxy) = Tinyproxy::start(&[tls.port()]) else {
-        return;
-    };
+    let mut proxy = Tinyproxy::start(&[tls.port()]);
 
     let dir = tempfile::tempdir().expect("tempdir");
     let mut config = test_config(dir.path(), &command_action(dir.path(), "true", "10s"));
@@ -161,12 +154,7 @@ async fn agent_goes_through_the_proxy_and_direct_when_the_proxy_is_gone() {
     let acks = wake(plain, "console-2", "direct").await;
     assert_eq!(acks.last().expect("finished")["status"], "ok");
 
-    let _ = stop.send(true);
-    tokio::time::timeout(WAIT, task)
-        .await
-        .expect("stops")
-        .expect("no panic")
-        .expect("ok");
+    stop_agent(&stop, task).await;
     tokio::time::timeout(WAIT, handle.shutdown())
         .await
         .expect("shutdown in time")

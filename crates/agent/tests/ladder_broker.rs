@@ -213,12 +213,7 @@ impl RunningAgent {
     }
 
     async fn stop(self) {
-        let _ = self.stop.send(true);
-        tokio::time::timeout(WAIT, self.task)
-            .await
-            .expect("agent stops in time")
-            .expect("no panic")
-            .expect("agent ends cleanly");
+        stop_agent(&self.stop, self.task).await;
     }
 }
 
@@ -226,7 +221,7 @@ impl RunningAgent {
 /// server sees `finished` with status ok.
 async fn wake_and_check_it_ran(broker: &TenantBroker, agent: &RunningAgent, reason: &str) {
     let mut server = broker.server_client().await;
-    let acks = wake_until_acked_over(&mut server, reason, 1).await;
+    let acks = wake_until_acked(&mut server, reason, 1).await;
     let finished = acks.last().expect("acks");
     assert_eq!(finished["stage"], "finished");
     assert_eq!(finished["status"], "ok", "{finished}");
@@ -252,8 +247,13 @@ async fn presence_of_a1(broker: &TenantBroker) -> serde_json::Value {
 }
 
 /// What `beckon agent status --state-dir DIR` prints.
-fn status(agent: &RunningAgent) -> String {
-    beckon_agent::status::status_text(agent.dir()).expect("status")
+/// Asserts that `beckon agent status` says the agent is connected via `path`.
+fn assert_status_connected_via(agent: &RunningAgent, path: &str) {
+    let text = beckon_agent::status::status_text(agent.dir()).expect("status");
+    assert!(
+        text.contains(&format!("connected via {path} since")),
+        "{text}"
+    );
 }
 
 #[tokio::test]
@@ -264,8 +264,7 @@ async fn with_8883_refused_the_agent_lands_on_443_mqtt_and_is_woken_there() {
     let agent = RunningAgent::start(&broker, free_port(), None);
     agent.connected_via("443-mqtt").await;
     wake_and_check_it_ran(&broker, &agent, "via the fallback port").await;
-    let text = status(&agent);
-    assert!(text.contains("connected via 443-mqtt since"), "{text}");
+    assert_status_connected_via(&agent, "443-mqtt");
     agent.stop().await;
     broker.stop().await;
 }
@@ -279,8 +278,7 @@ async fn with_8883_open_the_agent_uses_it_and_status_says_so() {
     let presence = presence_of_a1(&broker).await;
     assert_eq!(presence["state"], "connected", "{presence}");
     assert_eq!(presence["via_proxy"], false, "{presence}");
-    let text = status(&agent);
-    assert!(text.contains("connected via 8883 since"), "{text}");
+    assert_status_connected_via(&agent, "8883");
     agent.stop().await;
     broker.stop().await;
 }
@@ -288,9 +286,7 @@ async fn with_8883_open_the_agent_uses_it_and_status_says_so() {
 #[tokio::test]
 async fn tinyproxy_allowing_the_mqtts_port_carries_8883() {
     let mut broker = TenantBroker::start().await;
-    let Some(proxy) = Tinyproxy::start(&[broker.mqtts().port()]) else {
-        return;
-    };
+    let proxy = Tinyproxy::start(&[broker.mqtts().port()]);
     let url = format!("http://127.0.0.1:{}", proxy.port);
     let agent = RunningAgent::start(&broker, broker.mqtts().port(), Some(url.clone()));
     let path = format!("8883 via {url}");
@@ -301,11 +297,7 @@ async fn tinyproxy_allowing_the_mqtts_port_carries_8883() {
         presence["via_proxy"], true,
         "the broker's presence says proxied: {presence}"
     );
-    let text = status(&agent);
-    assert!(
-        text.contains(&format!("connected via {path} since")),
-        "{text}"
-    );
+    assert_status_connected_via(&agent, &path);
     agent.stop().await;
     broker.stop().await;
 }
@@ -314,19 +306,13 @@ async fn tinyproxy_allowing_the_mqtts_port_carries_8883() {
 async fn tinyproxy_allowing_only_the_fallback_port_carries_443_mqtt() {
     let mut broker = TenantBroker::start().await;
     // Squid's default: CONNECT to 443 (here: the fallback port) only.
-    let Some(proxy) = Tinyproxy::start(&[broker.fallback().port()]) else {
-        return;
-    };
+    let proxy = Tinyproxy::start(&[broker.fallback().port()]);
     let url = format!("http://127.0.0.1:{}", proxy.port);
     let agent = RunningAgent::start(&broker, broker.mqtts().port(), Some(url.clone()));
     let path = format!("443-mqtt via {url}");
     agent.connected_via(&path).await;
     wake_and_check_it_ran(&broker, &agent, "through the proxy to 443").await;
-    let text = status(&agent);
-    assert!(
-        text.contains(&format!("connected via {path} since")),
-        "{text}"
-    );
+    assert_status_connected_via(&agent, &path);
     agent.stop().await;
     broker.stop().await;
 }
@@ -338,8 +324,7 @@ async fn a_proxy_that_is_down_means_direct_8883() {
     let agent = RunningAgent::start(&broker, broker.mqtts().port(), Some(url));
     agent.connected_via("8883").await;
     wake_and_check_it_ran(&broker, &agent, "proxy down, direct").await;
-    let text = status(&agent);
-    assert!(text.contains("connected via 8883 since"), "{text}");
+    assert_status_connected_via(&agent, "8883");
     agent.stop().await;
     broker.stop().await;
 }
@@ -378,8 +363,7 @@ async fn a_proxy_asking_for_credentials_means_direct_8883() {
     );
     agent.connected_via("8883").await;
     wake_and_check_it_ran(&broker, &agent, "proxy wants credentials, direct").await;
-    let text = status(&agent);
-    assert!(text.contains("connected via 8883 since"), "{text}");
+    assert_status_connected_via(&agent, "8883");
     agent.stop().await;
     proxy_task.abort();
     broker.stop().await;

@@ -10,6 +10,7 @@ use std::time::Duration;
 use beckon_agent::state::AgentState;
 use beckon_agent::{PlainTcpConnector, run_agent};
 use beckon_mqtt::Packet;
+use beckon_testkit::TestCa;
 use common::*;
 use tokio::net::TcpStream;
 use tokio::sync::watch;
@@ -62,9 +63,7 @@ fn stages(acks: &[serde_json::Value]) -> Vec<&str> {
 #[tokio::test]
 async fn agent_survives_a_broker_restart_through_mosquitto() {
     let port = free_port();
-    let Some(mut broker) = Mosquitto::start(port) else {
-        return;
-    };
+    let mut broker = Mosquitto::start_on(port, "");
     let dir = tempfile::tempdir().expect("tempdir");
     let (stop, task) = start_agent(agent_config(dir.path(), port), port);
 
@@ -88,7 +87,7 @@ async fn agent_survives_a_broker_restart_through_mosquitto() {
     );
 
     // It comes back: the agent reconnects by itself and wake-ups work again.
-    let _broker = Mosquitto::start(port).expect("restart mosquitto");
+    let _broker = Mosquitto::start_on(port, "");
     eventually("agent reconnected", || connected(dir.path())).await;
     let mut server = server_client(port, "console-2").await;
     let acks = wake_until_acked(&mut server, "after", 2).await;
@@ -96,20 +95,13 @@ async fn agent_survives_a_broker_restart_through_mosquitto() {
     let runs = std::fs::read_to_string(dir.path().join("runs")).expect("runs");
     assert_eq!(runs.lines().collect::<Vec<_>>(), ["before", "after"]);
 
-    let _ = stop.send(true);
-    tokio::time::timeout(WAIT, task)
-        .await
-        .expect("stops")
-        .expect("no panic")
-        .expect("ok");
+    stop_agent(&stop, task).await;
 }
 
 #[tokio::test]
 async fn wakeups_sent_while_the_agent_is_offline_wait_in_its_session() {
     let port = free_port();
-    let Some(_broker) = Mosquitto::start(port) else {
-        return;
-    };
+    let _broker = Mosquitto::start_on(port, "");
     let dir = tempfile::tempdir().expect("tempdir");
 
     // First run: the persistent session and its subscription are created.
@@ -117,12 +109,7 @@ async fn wakeups_sent_while_the_agent_is_offline_wait_in_its_session() {
     eventually("agent connected", || connected(dir.path())).await;
     let mut server = server_client(port, "console").await;
     wake_until_acked(&mut server, "online", 1).await;
-    let _ = stop.send(true);
-    tokio::time::timeout(WAIT, task)
-        .await
-        .expect("stops")
-        .expect("no panic")
-        .expect("ok");
+    stop_agent(&stop, task).await;
 
     // While it is away, a wake-up is published (QoS 1): the broker queues it.
     let queued = wakeup("queued", 0);
@@ -150,42 +137,19 @@ async fn wakeups_sent_while_the_agent_is_offline_wait_in_its_session() {
     let stdin = std::fs::read(dir.path().join("stdin-queued")).expect("queued wake-up ran");
     let stdin: beckon_identity::wakeup::WakeUp = serde_json::from_slice(&stdin).expect("json");
     assert_eq!(stdin, queued);
-    let _ = stop.send(true);
-    tokio::time::timeout(WAIT, task)
-        .await
-        .expect("stops")
-        .expect("no panic")
-        .expect("ok");
+    stop_agent(&stop, task).await;
 }
 
 /// A CA, a server certificate for 127.0.0.1/localhost and a client certificate, as PEM files.
 fn write_pki(dir: &Path) {
-    use rcgen::{
-        BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose,
-        IsCa, KeyPair, KeyUsagePurpose,
-    };
-    let mut ca = CertificateParams::new(Vec::<String>::new()).expect("CA params");
-    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-    ca.distinguished_name.push(DnType::CommonName, "test CA");
-    let ca = CertifiedIssuer::self_signed(ca, KeyPair::generate().expect("key")).expect("CA");
-    std::fs::write(dir.join("ca.pem"), ca.pem()).expect("write");
-
-    let mut server = CertificateParams::new(vec!["localhost".to_owned(), "127.0.0.1".to_owned()])
-        .expect("server params");
-    server.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
-    let key = KeyPair::generate().expect("key");
-    let cert = server.signed_by(&key, &*ca).expect("server cert");
-    std::fs::write(dir.join("server.pem"), cert.pem()).expect("write");
-    std::fs::write(dir.join("server.key"), key.serialize_pem()).expect("write");
-
-    let mut client = CertificateParams::new(Vec::<String>::new()).expect("client params");
-    client.distinguished_name.push(DnType::CommonName, "a1");
-    client.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
-    let key = KeyPair::generate().expect("key");
-    let cert = client.signed_by(&key, &*ca).expect("client cert");
-    std::fs::write(dir.join("client.pem"), cert.pem()).expect("write");
-    std::fs::write(dir.join("client.key"), key.serialize_pem()).expect("write");
+    let ca = TestCa::new("test CA");
+    ca.write_pem(dir, "ca.pem");
+    let server = ca.server_cert(&["localhost", "127.0.0.1"]);
+    std::fs::write(dir.join("server.pem"), server.cert_pem).expect("write");
+    std::fs::write(dir.join("server.key"), server.key_pem).expect("write");
+    let (cert, key) = ca.client_cert_pem("a1");
+    std::fs::write(dir.join("client.pem"), cert).expect("write");
+    std::fs::write(dir.join("client.key"), key).expect("write");
 }
 
 #[tokio::test]
@@ -198,9 +162,7 @@ async fn agent_connects_over_tls_with_a_client_certificate_through_the_ladder() 
     let extra = format!(
         "listener {tls_port} 127.0.0.1\ncafile {p}/ca.pem\ncertfile {p}/server.pem\nkeyfile {p}/server.key\nrequire_certificate true\n"
     );
-    let Some(_broker) = Mosquitto::start_with(plain_port, &extra) else {
-        return;
-    };
+    let _broker = Mosquitto::start_on(plain_port, &extra);
 
     let dir = tempfile::tempdir().expect("tempdir");
     let mut config = agent_config(dir.path(), plain_port);
@@ -225,10 +187,5 @@ async fn agent_connects_over_tls_with_a_client_certificate_through_the_ladder() 
     let acks = wake_until_acked(&mut server, "over-tls", 1).await;
     assert_eq!(stages(&acks), ["received", "started", "finished"]);
 
-    let _ = stop.send(true);
-    tokio::time::timeout(WAIT, task)
-        .await
-        .expect("stops")
-        .expect("no panic")
-        .expect("ok");
+    stop_agent(&stop, task).await;
 }

@@ -9,6 +9,7 @@ use beckon_agent::run_agent;
 use beckon_agent::state::AgentState;
 use beckon_mqtt::{ConnAck, Disconnect, Packet, Properties, ReasonCode};
 use common::*;
+use tokio::io::DuplexStream;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
@@ -19,13 +20,28 @@ struct RunningAgent {
 
 impl RunningAgent {
     async fn stop(self) {
-        let _ = self.stop.send(true);
-        tokio::time::timeout(WAIT, self.task)
-            .await
-            .expect("agent did not stop in time")
-            .expect("agent task panicked")
-            .expect("agent failed");
+        stop_agent(&self.stop, self.task).await;
     }
+}
+
+/// Answers the agent's CONNECT on `broker` with a CONNACK refusing it with `code`; returns
+/// the agent's next connection and how long the agent waited before opening it.
+async fn refuse_and_await_retry(
+    broker: &mut Peer<DuplexStream>,
+    conns: &mut tokio::sync::mpsc::UnboundedReceiver<DuplexStream>,
+    code: ReasonCode,
+) -> (Peer<DuplexStream>, Duration) {
+    assert!(matches!(broker.recv().await, Packet::Connect(_)));
+    broker
+        .send(Packet::ConnAck(ConnAck {
+            session_present: false,
+            code,
+            properties: Properties::default(),
+        }))
+        .await;
+    let refused_at = tokio::time::Instant::now();
+    let next = next_connection(conns).await;
+    (next, refused_at.elapsed())
 }
 
 fn start(config: beckon_agent::AgentConfig, connector: ChannelConnector) -> RunningAgent {
@@ -43,7 +59,7 @@ fn state(dir: &std::path::Path) -> AgentState {
 
 /// Reads acks until each id in `ids` has `finished`; returns them in arrival order.
 async fn acks_until_finished(
-    broker: &mut Peer<tokio::io::DuplexStream>,
+    broker: &mut Peer<DuplexStream>,
     ids: &[&str],
 ) -> Vec<serde_json::Value> {
     let mut acks = Vec::new();
@@ -358,16 +374,7 @@ async fn server_busy_redirect_and_refused_credentials_are_handled() {
     // 2. Server busy: the agent waits at least busy_wait_min (100 ms) before coming back.
     let mut b = next_connection(&mut conns).await;
     assert_eq!(log.lock().expect("log").redirects, ["b2.example.com:8883"]);
-    assert!(matches!(b.recv().await, Packet::Connect(_)));
-    b.send(Packet::ConnAck(ConnAck {
-        session_present: false,
-        code: ReasonCode::SERVER_BUSY,
-        properties: Properties::default(),
-    }))
-    .await;
-    let refused_at = tokio::time::Instant::now();
-    let mut b = next_connection(&mut conns).await;
-    let waited = refused_at.elapsed();
+    let (mut b, waited) = refuse_and_await_retry(&mut b, &mut conns, ReasonCode::SERVER_BUSY).await;
     assert!(
         waited >= Duration::from_millis(100),
         "busy wait was only {waited:?}"
@@ -376,16 +383,8 @@ async fn server_busy_redirect_and_refused_credentials_are_handled() {
     assert!(error.contains("server busy"), "{error}");
 
     // 3. Bad credentials: logged clearly, retried near the cap (200 ms), not given up.
-    assert!(matches!(b.recv().await, Packet::Connect(_)));
-    b.send(Packet::ConnAck(ConnAck {
-        session_present: false,
-        code: ReasonCode::BAD_USER_NAME_OR_PASSWORD,
-        properties: Properties::default(),
-    }))
-    .await;
-    let refused_at = tokio::time::Instant::now();
-    let mut b = next_connection(&mut conns).await;
-    let waited = refused_at.elapsed();
+    let (mut b, waited) =
+        refuse_and_await_retry(&mut b, &mut conns, ReasonCode::BAD_USER_NAME_OR_PASSWORD).await;
     assert!(
         waited >= Duration::from_millis(100),
         "credential wait was only {waited:?}"

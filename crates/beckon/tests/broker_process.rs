@@ -1,12 +1,12 @@
 //! `beckon broker` as a process: first run, flags, config errors, SIGHUP reload and SIGTERM
 //! drain. Children are killed on drop; every wait is bounded.
 
-use std::io::{BufRead, BufReader};
+mod common;
+
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::Arc;
-use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use beckon_mqtt::{Connect, Packet, Properties, ProtocolVersion, ReasonCode, decode, encode};
@@ -15,103 +15,46 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_rustls::rustls;
 
+use common::{Process, beckon_bin, beckon_command};
+
 const WAIT: Duration = Duration::from_secs(15);
 
-struct Broker {
-    child: Child,
-    lines: mpsc::Receiver<String>,
-    stdout: Vec<String>,
+/// `beckon broker ARGS` started and reported ready.
+fn start_broker(args: &[&str]) -> Process {
+    let mut command = beckon_command(["broker"]);
+    command
+        .args(args)
+        .env("RUST_LOG", "info")
+        .stderr(Stdio::null());
+    ready(Process::spawn("beckon broker", command))
 }
 
-impl Drop for Broker {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+fn ready(broker: Process) -> Process {
+    broker.wait_stdout("beckon broker: ready", WAIT);
+    broker
 }
 
-impl Broker {
-    fn start(args: &[&str]) -> Self {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_beckon"))
-            .arg("broker")
-            .args(args)
-            .env("RUST_LOG", "info")
-            .env_remove("BECKON_MQTTS")
-            .env_remove("BECKON_MQTT")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawn beckon");
-        let stdout = child.stdout.take().expect("stdout");
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        let mut broker = Self {
-            child,
-            lines: rx,
-            stdout: Vec::new(),
-        };
-        broker.wait_for("beckon broker: ready");
-        broker
-    }
+/// The rest of the stdout line starting with `prefix`.
+fn line_after(broker: &Process, prefix: &str) -> String {
+    let stdout = broker.stdout();
+    stdout
+        .iter()
+        .find_map(|l| l.strip_prefix(prefix))
+        .unwrap_or_else(|| panic!("no line starting {prefix:?} in {stdout:?}"))
+        .trim()
+        .to_owned()
+}
 
-    fn wait_for(&mut self, needle: &str) {
-        let deadline = Instant::now() + WAIT;
-        while !self.stdout.iter().any(|l| l.contains(needle)) {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.lines.recv_timeout(left) {
-                Ok(line) => self.stdout.push(line),
-                Err(_) => panic!("no {needle:?} on stdout; got {:?}", self.stdout),
-            }
-        }
-    }
+fn tls_addr(broker: &Process) -> SocketAddr {
+    line_after(broker, "beckon broker: MQTT over TLS on ")
+        .parse()
+        .expect("address")
+}
 
-    fn line_after(&self, prefix: &str) -> String {
-        self.stdout
-            .iter()
-            .find_map(|l| l.strip_prefix(prefix))
-            .unwrap_or_else(|| panic!("no line starting {prefix:?} in {:?}", self.stdout))
-            .trim()
-            .to_owned()
-    }
-
-    fn tls_addr(&self) -> SocketAddr {
-        self.line_after("beckon broker: MQTT over TLS on ")
-            .parse()
-            .expect("address")
-    }
-
-    fn plain_addr(&self) -> SocketAddr {
-        self.line_after("beckon broker: plain MQTT on ")
-            .parse()
-            .expect("address")
-    }
-
-    fn signal(&self, name: &str) {
-        let status = Command::new("kill")
-            .arg(format!("-{name}"))
-            .arg(self.child.id().to_string())
-            .status()
-            .expect("run kill");
-        assert!(status.success());
-    }
-
-    fn wait_exit(&mut self) -> std::process::ExitStatus {
-        let deadline = Instant::now() + WAIT;
-        loop {
-            if let Some(status) = self.child.try_wait().expect("try_wait") {
-                return status;
-            }
-            assert!(Instant::now() < deadline, "broker did not exit");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
+fn plain_addr(broker: &Process) -> SocketAddr {
+    line_after(broker, "beckon broker: plain MQTT on ")
+        .parse()
+        .expect("address")
 }
 
 fn connect_bytes(version: ProtocolVersion, id: &str) -> Vec<u8> {
@@ -217,23 +160,24 @@ fn bare_broker_creates_its_ca_once_and_serves_tls() {
         "127.0.0.1:0",
         "--allow-anonymous",
     ];
-    let mut broker = Broker::start(&args);
-    let ca =
-        PathBuf::from(broker.line_after("beckon broker: clients must trust the CA certificate "));
+    let mut broker = start_broker(&args);
+    let ca = PathBuf::from(line_after(
+        &broker,
+        "beckon broker: clients must trust the CA certificate ",
+    ));
     assert_eq!(ca, data.join("ca.pem"));
     for f in ["ca.pem", "ca.key", "server.pem", "server.key"] {
         assert!(data.join(f).exists(), "{f} created");
     }
+    let stdout = broker.stdout();
     assert!(
-        broker
-            .stdout
+        stdout
             .iter()
             .any(|l| l.contains("file descriptor limit") && l.contains("connections")),
-        "fd limit printed: {:?}",
-        broker.stdout
+        "fd limit printed: {stdout:?}"
     );
     let ca_before = std::fs::read(&ca).expect("read");
-    let addr = broker.tls_addr();
+    let addr = tls_addr(&broker);
     runtime().block_on(async {
         let mut tls = tls_connect(addr, &ca)
             .await
@@ -242,21 +186,21 @@ fn bare_broker_creates_its_ca_once_and_serves_tls() {
         ping(&mut tls, &mut buf).await;
     });
     broker.signal("TERM");
-    assert!(broker.wait_exit().success());
+    assert!(broker.wait_exit(WAIT).success());
     drop(broker);
 
     // Second run: same CA.
-    let mut again = Broker::start(&args);
+    let mut again = start_broker(&args);
     assert_eq!(std::fs::read(&ca).expect("read"), ca_before, "CA reused");
     again.signal("INT");
-    assert!(again.wait_exit().success());
+    assert!(again.wait_exit(WAIT).success());
 }
 
 #[test]
 fn sigterm_drains_with_0x8b_and_exits_zero() {
     let dir = tempfile::tempdir().expect("tempdir");
     let data = dir.path().join("data");
-    let mut broker = Broker::start(&[
+    let mut broker = start_broker(&[
         "--data",
         data.to_str().expect("path"),
         "--mqtts",
@@ -265,7 +209,7 @@ fn sigterm_drains_with_0x8b_and_exits_zero() {
         "127.0.0.1:0",
         "--allow-anonymous",
     ]);
-    let addr = broker.plain_addr();
+    let addr = plain_addr(&broker);
     let rt = runtime();
     let (mut tcp, mut buf) = rt.block_on(async {
         let mut tcp = TcpStream::connect(addr).await.expect("connect");
@@ -280,7 +224,7 @@ fn sigterm_drains_with_0x8b_and_exits_zero() {
         }
         assert_eq!(recv(&mut tcp, &mut buf).await, None);
     });
-    let status = broker.wait_exit();
+    let status = broker.wait_exit(WAIT);
     assert!(status.success(), "exit status {status:?}");
 }
 
@@ -303,7 +247,7 @@ fn sighup_reloads_certificates_without_dropping_connections() {
     // Polling off: only SIGHUP reloads.
     let config = dir.path().join("broker.toml");
     std::fs::write(&config, "[tls]\nreload_interval_secs = 0\n").expect("write");
-    let mut broker = Broker::start(&[
+    let mut broker = start_broker(&[
         "--config",
         config.to_str().expect("path"),
         "--data",
@@ -316,7 +260,7 @@ fn sighup_reloads_certificates_without_dropping_connections() {
         key.to_str().expect("path"),
         "--allow-anonymous",
     ]);
-    let addr = broker.tls_addr();
+    let addr = tls_addr(&broker);
     let rt = runtime();
     let (mut live, mut live_buf) = rt.block_on(async {
         let mut tls = tls_connect(addr, &old_ca_path).await.expect("TLS");
@@ -349,7 +293,7 @@ fn sighup_reloads_certificates_without_dropping_connections() {
         ping(&mut live, &mut live_buf).await;
     });
     broker.signal("TERM");
-    assert!(broker.wait_exit().success());
+    assert!(broker.wait_exit(WAIT).success());
 }
 
 #[test]
@@ -392,10 +336,11 @@ fn running_out_of_file_descriptors_pauses_accepts_and_recovers() {
     std::fs::write(&config, "[limits]\nmax_connections = 1000\n").expect("write");
     let stderr_path = dir.path().join("stderr.log");
     let stderr = std::fs::File::create(&stderr_path).expect("stderr file");
-    let mut child = Command::new("sh")
+    let mut command = Command::new("sh");
+    command
         .arg("-c")
         .arg("ulimit -n 48 && exec \"$0\" \"$@\"")
-        .arg(env!("CARGO_BIN_EXE_beckon"))
+        .arg(beckon_bin())
         .args(["broker", "--config"])
         .arg(&config)
         .arg("--data")
@@ -408,36 +353,17 @@ fn running_out_of_file_descriptors_pauses_accepts_and_recovers() {
             "--allow-anonymous",
         ])
         .env("RUST_LOG", "info")
-        .stdout(Stdio::piped())
-        .stderr(stderr)
-        .spawn()
-        .expect("spawn");
-    let stdout = child.stdout.take().expect("stdout");
-    let (tx, lines) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines() {
-            let Ok(line) = line else { break };
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
-    let mut broker = Broker {
-        child,
-        lines,
-        stdout: Vec::new(),
-    };
-    broker.wait_for("beckon broker: ready");
+        .stderr(stderr);
+    let mut broker = ready(Process::spawn("beckon broker", command));
+    let stdout = broker.stdout();
     assert!(
-        broker
-            .stdout
+        stdout
             .iter()
             .any(|l| l.contains("file descriptor limit 48")),
-        "{:?}",
-        broker.stdout
+        "{stdout:?}"
     );
-    let addr = broker.plain_addr();
-    let pid = broker.child.id();
+    let addr = plain_addr(&broker);
+    let pid = broker.id();
     let rt = runtime();
     rt.block_on(async {
         // Far more clients than descriptors: the broker serves what it can and pauses.
@@ -455,10 +381,7 @@ fn running_out_of_file_descriptors_pauses_accepts_and_recovers() {
         let used = cpu_ticks(pid) - before;
         // 2 s at 100 ticks/s: a spinning accept loop would use about 200 ticks.
         assert!(used < 100, "accept loop spins: {used} ticks in 2 s");
-        assert!(
-            broker.child.try_wait().expect("try_wait").is_none(),
-            "broker died"
-        );
+        assert!(broker.is_running(), "broker died");
         drop(clients);
         // Once descriptors are free again, a new client is served.
         let deadline = Instant::now() + WAIT;
@@ -483,5 +406,5 @@ fn running_out_of_file_descriptors_pauses_accepts_and_recovers() {
     let log = std::fs::read_to_string(&stderr_path).expect("log");
     assert!(log.contains("out of file descriptors"), "{log}");
     broker.signal("TERM");
-    assert!(broker.wait_exit().success());
+    assert!(broker.wait_exit(WAIT).success());
 }

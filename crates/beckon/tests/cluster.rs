@@ -8,11 +8,12 @@
 //! nats-server must be installed (Debian package `nats-server`; scripts/test installs it):
 //! without it these tests fail and say so.
 
+mod common;
+
 use std::collections::{HashMap, HashSet};
-use std::io::{BufRead, BufReader};
-use std::net::{SocketAddr, TcpListener};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use beckon_identity::{
@@ -27,15 +28,10 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, watch};
 
+use common::{Process, beckon_command, find_program, free_port};
+
 /// Every wait in these tests is bounded by this.
 const WAIT: Duration = Duration::from_secs(30);
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free port on loopback")
-        .port()
-}
 
 fn unix_now() -> i64 {
     SystemTime::now()
@@ -44,34 +40,13 @@ fn unix_now() -> i64 {
         .unwrap_or_default()
 }
 
-/// A child process killed (SIGKILL) and reaped on drop.
-struct Process(Child);
-
-impl Drop for Process {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 /// The nats-server binary: on the PATH, or where Debian puts it.
 fn nats_server_binary() -> PathBuf {
-    let on_path = std::env::var_os("PATH")
-        .map(|p| {
-            std::env::split_paths(&p)
-                .map(|d| d.join("nats-server"))
-                .collect::<Vec<_>>()
-        })
-        .unwrap_or_default();
-    on_path
-        .into_iter()
-        .chain([PathBuf::from("/usr/sbin/nats-server"), PathBuf::from("/usr/bin/nats-server")])
-        .find(|p| p.is_file())
-        .unwrap_or_else(|| {
-            panic!(
-                "nats-server is not installed: the cluster tests need it. Install the Debian package `nats-server` (scripts/test does)"
-            )
-        })
+    find_program(
+        "nats-server",
+        &["/usr/sbin/nats-server", "/usr/bin/nats-server"],
+        "nats-server",
+    )
 }
 
 fn wait_for_port(addr: SocketAddr, what: &str) {
@@ -88,15 +63,18 @@ fn wait_for_port(addr: SocketAddr, what: &str) {
 /// A nats-server on a free loopback port.
 fn start_nats() -> (Process, String) {
     let port = free_port();
-    let child = Command::new(nats_server_binary())
+    (start_nats_on(port), format!("nats://127.0.0.1:{port}"))
+}
+
+/// A nats-server on `port` of loopback, once it listens.
+fn start_nats_on(port: u16) -> Process {
+    let mut command = Command::new(nats_server_binary());
+    command
         .args(["-a", "127.0.0.1", "-p", &port.to_string()])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap_or_else(|e| panic!("cannot start nats-server: {e}"));
-    let nats = Process(child);
+        .stderr(Stdio::null());
+    let nats = Process::spawn("nats-server", command);
     wait_for_port(SocketAddr::from(([127, 0, 0, 1], port)), "nats-server");
-    (nats, format!("nats://127.0.0.1:{port}"))
+    nats
 }
 
 /// The tenant `acme` with a token key: agents and the test's server authenticate with tokens.
@@ -148,37 +126,14 @@ impl Node {
             ),
         )
         .expect("config");
-        let mut child = Command::new(env!("CARGO_BIN_EXE_beckon"))
-            .args(["broker", "--config"])
+        let mut command = beckon_command(["broker", "--config"]);
+        command
             .arg(&config)
             .env("RUST_LOG", "warn")
-            .env_remove("BECKON_MQTTS")
-            .env_remove("BECKON_MQTT")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawn beckon broker");
-        let stdout = child.stdout.take().expect("stdout");
-        let process = Process(child);
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        let deadline = Instant::now() + WAIT;
-        let mut seen = Vec::new();
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match rx.recv_timeout(left) {
-                Ok(line) if line.contains("beckon broker: ready") => break,
-                Ok(line) => seen.push(line),
-                Err(_) => panic!("node {name} did not report ready within {WAIT:?}: {seen:?}"),
-            }
-        }
+            .stderr(Stdio::null());
+        let process = Process::spawn(&format!("node {name}"), command);
+        process.wait_stdout("beckon broker: ready", WAIT);
+        let seen = process.stdout();
         assert!(
             seen.iter()
                 .any(|l| l.contains(&format!("cluster node {name}"))),
@@ -203,7 +158,7 @@ struct Cluster {
     nodes: Vec<Node>,
     tenant: Tenant,
     nats_url: String,
-    _nats: Process,
+    nats: Option<Process>,
 }
 
 impl Cluster {
@@ -217,7 +172,7 @@ impl Cluster {
             nodes,
             tenant,
             nats_url: url,
-            _nats: nats,
+            nats: Some(nats),
         }
     }
 }
@@ -848,10 +803,7 @@ async fn without_nats_each_node_serves_its_own_clients_and_the_cluster_heals() {
         .await;
 
     // NATS goes away: a wake-up from n0 to the agent on n0 still arrives.
-    drop(std::mem::replace(
-        &mut cluster._nats,
-        Process(Command::new("true").spawn().expect("true")),
-    ));
+    drop(cluster.nats.take());
     server
         .client
         .send(&Packet::Publish(Publish {
@@ -878,14 +830,7 @@ async fn without_nats_each_node_serves_its_own_clients_and_the_cluster_heals() {
         .next()
         .and_then(|p| p.parse::<u16>().ok())
         .expect("port");
-    let child = Command::new(nats_server_binary())
-        .args(["-a", "127.0.0.1", "-p", &port.to_string()])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("restart nats-server");
-    cluster._nats = Process(child);
-    wait_for_port(SocketAddr::from(([127, 0, 0, 1], port)), "nats-server");
+    cluster.nats = Some(start_nats_on(port));
     // The publisher whose PUBACK could not be kept was disconnected to resend; a new one.
     let mut server = Server::start(&cluster, 0).await;
     let deadline = Instant::now() + WAIT;

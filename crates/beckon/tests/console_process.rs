@@ -11,10 +11,11 @@
 //!
 //! Children are killed on drop; every wait is bounded.
 
+mod common;
+
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -26,88 +27,15 @@ use bytes::{Bytes, BytesMut};
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+use common::{Process, beckon_command, free_port};
+
 const LIMIT: Duration = Duration::from_secs(60);
 
-/// A child process with its output lines collected; killed on drop.
-struct Proc {
-    name: &'static str,
-    child: Child,
-    lines: Arc<Mutex<Vec<String>>>,
-}
-
-impl Proc {
-    fn spawn(name: &'static str, args: &[String]) -> Self {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_beckon"))
-            .args(args)
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn beckon");
-        let lines = Arc::new(Mutex::new(Vec::new()));
-        let out = child.stdout.take().expect("stdout");
-        let err = child.stderr.take().expect("stderr");
-        for stream in [
-            Box::new(out) as Box<dyn std::io::Read + Send>,
-            Box::new(err) as Box<dyn std::io::Read + Send>,
-        ] {
-            let lines = Arc::clone(&lines);
-            std::thread::spawn(move || {
-                for line in BufReader::new(stream).lines().map_while(Result::ok) {
-                    lines.lock().unwrap_or_else(|p| p.into_inner()).push(line);
-                }
-            });
-        }
-        Self { name, child, lines }
-    }
-
-    fn text(&self) -> String {
-        let lines = self.lines.lock().unwrap_or_else(|p| p.into_inner());
-        let start = lines.len().saturating_sub(40);
-        lines[start..].join("\n")
-    }
-
-    async fn wait_line(&self, needle: &str) -> String {
-        let deadline = Instant::now() + LIMIT;
-        loop {
-            if let Some(l) = self
-                .lines
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .iter()
-                .find(|l| l.contains(needle))
-            {
-                return l.clone();
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{}: no line with {needle:?}:\n{}",
-                self.name,
-                self.text()
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-
-    /// SIGKILL, and reaped.
-    fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free loopback port")
-        .port()
+/// `beckon ARGS` with its output (both streams) collected; killed on drop.
+fn spawn(name: &str, args: &[String]) -> Process {
+    let mut command = beckon_command(args);
+    command.env("RUST_LOG", "info").stderr(Stdio::piped());
+    Process::spawn(name, command)
 }
 
 /// One HTTP/1.1 request to the console; returns status, body and a `set-cookie` value.
@@ -181,8 +109,8 @@ impl Installation {
         self.dir.path().join("console")
     }
 
-    fn start_console(&self) -> Proc {
-        Proc::spawn(
+    fn start_console(&self) -> Process {
+        spawn(
             "console",
             &[
                 "console".into(),
@@ -199,9 +127,9 @@ impl Installation {
         )
     }
 
-    fn start_broker(&self) -> Proc {
+    fn start_broker(&self) -> Process {
         let broker = self.dir.path().join("broker");
-        Proc::spawn(
+        spawn(
             "broker",
             &[
                 "broker".into(),
@@ -288,7 +216,7 @@ struct Identity {
 
 /// Starts the console (first start: CA, keys, password), issues the broker's certificate
 /// from its CA, enrolls `n` agents, writes the broker's tenant file and starts the broker.
-async fn install(n: usize) -> (Installation, Proc, Proc, Vec<Identity>) {
+async fn install(n: usize) -> (Installation, Process, Process, Vec<Identity>) {
     let mut inst = Installation {
         dir: tempfile::tempdir().expect("tempdir"),
         broker_port: free_port(),
@@ -297,7 +225,7 @@ async fn install(n: usize) -> (Installation, Proc, Proc, Vec<Identity>) {
         password: String::new(),
     };
     let console = inst.start_console();
-    let line = console.wait_line("password ").await;
+    let line = console.wait_output("password ", LIMIT).await;
     inst.password = line
         .split("password ")
         .nth(1)
@@ -374,7 +302,7 @@ async fn install(n: usize) -> (Installation, Proc, Proc, Vec<Identity>) {
     )
     .unwrap();
     let broker = inst.start_broker();
-    broker.wait_line("beckon broker: ready").await;
+    broker.wait_output("beckon broker: ready", LIMIT).await;
     (inst, console, broker, agents)
 }
 
@@ -584,7 +512,7 @@ async fn the_broker_stopped_is_reported_and_a_call_made_meanwhile_goes_out_when_
     assert_eq!(c["deliveries"][0]["state"], "queued", "{c}");
 
     let broker = inst.start_broker();
-    broker.wait_line("beckon broker: ready").await;
+    broker.wait_output("beckon broker: ready", LIMIT).await;
     inst.wait("reachable again", "/api/v1/status", |s| {
         s["push_service"]["connected"] == true
             && s["push_service"]["message"] == "Push service servers are reachable"

@@ -8,22 +8,25 @@
 //!
 //! Every wait is bounded.
 
+mod common;
+
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use beckon_agent::enroll::{EnrollOptions, enroll};
-use beckon_agent::http::{self, Url};
 use beckon_agent::state::AgentState;
 use beckon_agent::{AgentConfig, LadderConnector, WakeUpCheck, run_agent};
 use beckon_broker::{BrokerConfig, Listen, Server, ServerHandle};
 use beckon_console::{BrokerLink, Console, ConsoleConfig, ConsoleHandle};
 use beckon_mqtt::{Connect, Packet, Properties, ProtocolVersion, ReasonCode, decode, encode};
 use bytes::BytesMut;
-use serde_json::{Value, json};
+use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::watch;
+
+use common::{ConsoleApi, free_port};
 
 const LIMIT: Duration = Duration::from_secs(20);
 /// Agents reconnect fast here (a fleet waits up to 30 s at start and backs off to 5 min).
@@ -33,19 +36,11 @@ struct Setup {
     _dir: tempfile::TempDir,
     dir: PathBuf,
     console: ConsoleHandle,
-    api_token: String,
+    api: ConsoleApi,
     broker: Option<ServerHandle>,
     broker_config: BrokerConfig,
     mqtts: SocketAddr,
     stop_agents: watch::Sender<bool>,
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("addr")
-        .port()
 }
 
 async fn setup(cert_validity: Duration) -> Setup {
@@ -65,6 +60,7 @@ async fn setup(cert_validity: Duration) -> Setup {
     config.agent_certificate_validity = cert_validity;
     let console = Console::start(config).await.expect("console starts");
     let api_token = console.create_api_token("test").await.expect("token");
+    let api = ConsoleApi::new(&console.url(), &api_token);
 
     let (cert, key) = (dir.join("broker/server.pem"), dir.join("broker/server.key"));
     console
@@ -95,7 +91,7 @@ async fn setup(cert_validity: Duration) -> Setup {
         _dir: tmp,
         dir,
         console,
-        api_token,
+        api,
         broker: Some(broker),
         broker_config,
         mqtts,
@@ -104,29 +100,11 @@ async fn setup(cert_validity: Duration) -> Setup {
 }
 
 impl Setup {
-    async fn api(&self, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
-        let url = Url::parse(&self.console.url())
-            .expect("url")
-            .with_path(path);
-        let body = body.map(|b| b.to_string()).unwrap_or_default();
-        let r = http::request(
-            &url,
-            method,
-            &[("Authorization", format!("Bearer {}", self.api_token))],
-            body.as_bytes(),
-            None,
-            LIMIT,
-        )
-        .await
-        .expect("console answers");
-        let v = serde_json::from_slice(&r.body).unwrap_or(Value::Null);
-        (r.status, v)
-    }
-
     /// Enrolls `id` into `<dir>/agents/<id>` (replacing an earlier enrollment there).
     async fn enroll(&self, id: &str) -> AgentConfig {
         let (s, t) = self
-            .api("POST", "/api/v1/enrollment-tokens", Some(json!({})))
+            .api
+            .call("POST", "/api/v1/enrollment-tokens", Some(json!({})))
             .await;
         assert_eq!(s, 201, "{t}");
         let state = self.dir.join("agents").join(id);
@@ -159,7 +137,10 @@ impl Setup {
     }
 
     async fn presence(&self, id: &str) -> String {
-        let (_, a) = self.api("GET", &format!("/api/v1/agents/{id}"), None).await;
+        let (_, a) = self
+            .api
+            .call("GET", &format!("/api/v1/agents/{id}"), None)
+            .await;
         a["presence"].as_str().unwrap_or_default().to_owned()
     }
 
@@ -178,7 +159,8 @@ impl Setup {
     /// A wake-up call to `id` that reaches `finished`.
     async fn woken(&self, id: &str) {
         let (s, call) = self
-            .api(
+            .api
+            .call(
                 "POST",
                 "/api/v1/calls",
                 Some(json!({"target": {"agents": [id]}})),
@@ -188,7 +170,7 @@ impl Setup {
         let path = format!("/api/v1/calls/{}", call["id"].as_str().expect("id"));
         let start = Instant::now();
         loop {
-            let (_, c) = self.api("GET", &path, None).await;
+            let (_, c) = self.api.call("GET", &path, None).await;
             let state = c["deliveries"][0]["state"]
                 .as_str()
                 .unwrap_or_default()
@@ -299,8 +281,11 @@ async fn a_removed_agent_is_cut_off_and_refused_while_others_carry_on() {
     std::fs::copy(&cert, kept.join("agent.pem")).expect("copy");
     std::fs::copy(&key, kept.join("agent.key")).expect("copy");
     let (old_cert, old_key) = (kept.join("agent.pem"), kept.join("agent.key"));
+    // The CONNACK code for the removed pc-1's old certificate.
+    let old_pc1_connack =
+        |version| connack_code(s.mqtts, &ca, &old_cert, &old_key, "pc-1", version);
 
-    let (status, _) = s.api("DELETE", "/api/v1/agents/pc-1", None).await;
+    let (status, _) = s.api.call("DELETE", "/api/v1/agents/pc-1", None).await;
     assert_eq!(status, 204);
     // The broker reloads the tenant file, closes pc-1's connection and says so.
     s.wait_presence("pc-1", "offline").await;
@@ -310,29 +295,10 @@ async fn a_removed_agent_is_cut_off_and_refused_while_others_carry_on() {
         assert_eq!(s.presence("pc-1").await, "offline", "pc-1 must stay out");
     }
     assert_eq!(
-        connack_code(
-            s.mqtts,
-            &ca,
-            &old_cert,
-            &old_key,
-            "pc-1",
-            ProtocolVersion::V5
-        )
-        .await,
+        old_pc1_connack(ProtocolVersion::V5).await,
         ReasonCode::NOT_AUTHORIZED.0
     );
-    assert_eq!(
-        connack_code(
-            s.mqtts,
-            &ca,
-            &old_cert,
-            &old_key,
-            "pc-1",
-            ProtocolVersion::V311
-        )
-        .await,
-        5
-    );
+    assert_eq!(old_pc1_connack(ProtocolVersion::V311).await, 5);
     // The removed agent cannot renew its way back in; its files stay as they are.
     let before = std::fs::read(&cert).expect("cert");
     match beckon_agent::renew::renew(&pc1_config).await {
@@ -370,15 +336,7 @@ async fn a_removed_agent_is_cut_off_and_refused_while_others_carry_on() {
     s.wait_presence("pc-1", "online").await;
     s.woken("pc-1").await;
     assert_eq!(
-        connack_code(
-            s.mqtts,
-            &ca,
-            &old_cert,
-            &old_key,
-            "pc-1",
-            ProtocolVersion::V5
-        )
-        .await,
+        old_pc1_connack(ProtocolVersion::V5).await,
         ReasonCode::NOT_AUTHORIZED.0
     );
     s.stop().await;

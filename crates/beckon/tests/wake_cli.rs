@@ -4,158 +4,36 @@
 //! and refusals that name the fault (exit 2): a wrong token, an unknown agent, an
 //! unreachable console, a token of the wrong kind. Every wait is bounded.
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{TcpListener, TcpStream};
-use std::path::Path;
-use std::process::{Child, Command, Output, Stdio};
-use std::sync::mpsc;
+mod common;
+
+use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use serde_json::Value;
+use common::{Up, beckon_bin, free_port};
 
 const WAIT: Duration = Duration::from_secs(40);
 
-fn beckon_bin() -> String {
-    std::env::var("BECKON_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_beckon").to_owned())
+/// Logs in with the printed password and makes an API token; returns it and the session
+/// cookie.
+fn api_token(up: &Up) -> (String, String) {
+    let password = up
+        .password()
+        .unwrap_or_else(|| panic!("no admin password printed: {:?}", up.stdout));
+    let cookie = up.login(&password);
+    let (status, t, _) = up.request("POST", "/api/v1/api-tokens", &cookie, r#"{"name":"wake"}"#);
+    assert_eq!(status, 201, "{t}");
+    (t["token"].as_str().expect("token").to_owned(), cookie)
 }
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free loopback port")
-        .port()
-}
-
-struct Up {
-    child: Child,
-    stdout: Vec<String>,
-    console: String,
-}
-
-impl Drop for Up {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Up {
-    fn start(data: &Path, demo_agents: u16) -> Self {
-        let console = format!("127.0.0.1:{}", free_port());
-        let mqtts = format!("127.0.0.1:{}", free_port());
-        let mut child = Command::new(beckon_bin())
-            .args(["up", "--data"])
-            .arg(data)
-            .args([
-                "--console",
-                &console,
-                "--mqtts",
-                &mqtts,
-                "--fallback",
-                "off",
-            ])
-            .args(["--demo-agents", &demo_agents.to_string()])
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawn beckon up");
-        let out = child.stdout.take().expect("stdout");
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(out).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        let deadline = Instant::now() + WAIT;
-        let mut stdout = Vec::new();
-        while !stdout
-            .iter()
-            .any(|l: &String| l.contains("beckon up: ready"))
-        {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match rx.recv_timeout(left) {
-                Ok(line) => stdout.push(line),
-                Err(_) => panic!("beckon up did not report ready; stdout: {stdout:?}"),
-            }
+fn wait_online(up: &Up, cookie: &str, n: usize) {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let (_, agents, _) = up.request("GET", "/api/v1/agents?presence=online", cookie, "");
+        if agents.as_array().is_some_and(|a| a.len() == n) {
+            return;
         }
-        Self {
-            child,
-            stdout,
-            console,
-        }
-    }
-
-    /// One HTTP/1.1 request; returns (status, JSON body, raw head).
-    fn request(&self, method: &str, path: &str, cookie: &str, body: &str) -> (u16, Value, String) {
-        let mut s = TcpStream::connect(&self.console).expect("connect to the console");
-        s.set_read_timeout(Some(Duration::from_secs(10)))
-            .expect("timeout");
-        let cookie = if cookie.is_empty() {
-            String::new()
-        } else {
-            format!("Cookie: {cookie}\r\n")
-        };
-        let request = format!(
-            "{method} {path} HTTP/1.1\r\nHost: x\r\n{cookie}Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-            body.len()
-        );
-        s.write_all(request.as_bytes()).expect("send request");
-        let mut response = String::new();
-        let _ = s.read_to_string(&mut response);
-        let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
-        let status = head
-            .split_whitespace()
-            .nth(1)
-            .and_then(|s| s.parse().ok())
-            .unwrap_or(0);
-        (
-            status,
-            serde_json::from_str(body).unwrap_or(Value::Null),
-            head.to_owned(),
-        )
-    }
-
-    /// Logs in with the printed password and makes an API token.
-    fn api_token(&self) -> (String, String) {
-        let password = self
-            .stdout
-            .iter()
-            .find_map(|l| {
-                l.split("password ")
-                    .nth(1)?
-                    .split_whitespace()
-                    .next()
-                    .map(str::to_owned)
-            })
-            .unwrap_or_else(|| panic!("no admin password printed: {:?}", self.stdout));
-        let body = format!(r#"{{"user":"admin","password":"{password}"}}"#);
-        let (status, _, head) = self.request("POST", "/api/v1/login", "", &body);
-        assert_eq!(status, 200, "login refused: {head}");
-        let cookie = head
-            .lines()
-            .find_map(|l| l.strip_prefix("set-cookie: "))
-            .and_then(|c| c.split(';').next())
-            .expect("a session cookie")
-            .to_owned();
-        let (status, t, _) =
-            self.request("POST", "/api/v1/api-tokens", &cookie, r#"{"name":"wake"}"#);
-        assert_eq!(status, 201, "{t}");
-        (t["token"].as_str().expect("token").to_owned(), cookie)
-    }
-
-    fn wait_online(&self, cookie: &str, n: usize) {
-        let deadline = Instant::now() + WAIT;
-        loop {
-            let (_, agents, _) = self.request("GET", "/api/v1/agents?presence=online", cookie, "");
-            if agents.as_array().is_some_and(|a| a.len() == n) {
-                return;
-            }
-            assert!(Instant::now() < deadline, "agents not online: {agents}");
-            std::thread::sleep(Duration::from_millis(250));
-        }
+        assert!(Instant::now() < deadline, "agents not online: {agents}");
+        std::thread::sleep(Duration::from_millis(250));
     }
 }
 
@@ -193,9 +71,9 @@ fn text(o: &Output) -> (String, String) {
 #[test]
 fn wake_calls_follows_and_explains_refusals() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let up = Up::start(&dir.path().join("data"), 2);
-    let (token, cookie) = up.api_token();
-    up.wait_online(&cookie, 2);
+    let up = Up::start(&dir.path().join("data"), 2, false);
+    let (token, cookie) = api_token(&up);
+    wait_online(&up, &cookie, 2);
     let url = format!("http://{}", up.console);
 
     // One agent, followed to the end.

@@ -6,58 +6,22 @@
 //! 127.0.0.3: nothing leaves this machine), and the console records the send "via agent
 //! relay-1 to 127.0.0.3:port" with the agent's answer. Every wait is bounded.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use beckon_agent::enroll::{EnrollOptions, enroll};
-use beckon_agent::http::{self, Url};
 use beckon_agent::inventory::{InterfaceAddress, Inventory};
 use beckon_agent::{AgentConfig, LadderConnector, WakeUpCheck, run_agent};
 use beckon_broker::{BrokerConfig, Listen, Server};
 use beckon_console::{BrokerLink, Console, ConsoleConfig};
-use serde_json::{Value, json};
+use serde_json::json;
+
+use common::ConsoleApi;
 
 const LIMIT: Duration = Duration::from_secs(30);
-
-struct Client {
-    base: Url,
-    auth: Vec<(&'static str, String)>,
-}
-
-impl Client {
-    async fn call(&self, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
-        let body = body.map(|b| b.to_string()).unwrap_or_default();
-        let mut headers = self.auth.clone();
-        if !body.is_empty() {
-            headers.push(("Content-Type", "application/json".into()));
-        }
-        let r = http::request(
-            &self.base.with_path(path),
-            method,
-            &headers,
-            body.as_bytes(),
-            None,
-            Duration::from_secs(10),
-        )
-        .await
-        .unwrap_or_else(|e| panic!("{method} {path}: {e}"));
-        let v = serde_json::from_slice(&r.body).unwrap_or(Value::Null);
-        (r.status, v)
-    }
-
-    async fn wait(&self, what: &str, path: &str, f: impl Fn(&Value) -> bool) -> Value {
-        let deadline = Instant::now() + LIMIT;
-        loop {
-            let (_, v) = self.call("GET", path, None).await;
-            if f(&v) {
-                return v;
-            }
-            assert!(Instant::now() < deadline, "{what}: {v}");
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    }
-}
 
 fn inventory(host: &str, address: &str, mac: &str) -> Inventory {
     Inventory {
@@ -125,13 +89,8 @@ async fn an_online_agent_relays_the_magic_packet_and_the_console_records_it() {
     config.wol_relay_loopback = true;
     let console = Console::start(config).await.expect("console starts");
     std::fs::write(tenants.join("default.toml"), console.tenant_file()).unwrap();
-    let api = Client {
-        base: Url::parse(&console.url()).unwrap(),
-        auth: vec![(
-            "Authorization",
-            format!("Bearer {}", console.create_api_token("test").await.unwrap()),
-        )],
-    };
+    let token = console.create_api_token("test").await.unwrap();
+    let api = ConsoleApi::new(&console.url(), &token);
     api.wait("console connects", "/api/v1/status", |s| {
         s["push_service"]["connected"] == true
     })

@@ -4,7 +4,6 @@
 
 mod common;
 
-use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -21,25 +20,8 @@ fn main() -> ExitCode {
     ])
 }
 
-fn beckon_bin() -> PathBuf {
-    let path = std::env::var_os("BECKON_BIN")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            panic!(
-                "BECKON_BIN is not set: build the beckon binary (cargo build -p beckon) and set \
-             BECKON_BIN to its path, e.g. BECKON_BIN=target/debug/beckon"
-            )
-        });
-    assert!(
-        path.is_file(),
-        "BECKON_BIN={} is not a file: build it with cargo build -p beckon",
-        path.display()
-    );
-    path
-}
-
 fn compare_over_tls_at_small_scale() {
-    let beckon = beckon_bin().display().to_string();
+    let beckon = common::beckon_bin().display().to_string();
     let mosquitto = common::mosquitto_bin().display().to_string();
     let stdout = common::run_bench(
         &[

@@ -11,6 +11,7 @@ use beckon_bench::cli::{LoadArgs, Phase};
 use beckon_bench::compare::{ManagedBroker, free_port};
 use beckon_bench::conn::{MqttVersion, Target};
 use beckon_bench::fleet::{WorkerLauncher, run_fleet};
+use beckon_testkit::{Mosquitto, TestCa};
 
 fn main() -> ExitCode {
     common::main_with(&[
@@ -175,48 +176,20 @@ fn fleet_mqtt5_survives_a_broker_restart() {
 /// presents both, and the report names the refusal when the password is wrong.
 fn fleet_presents_client_certificate_and_password() {
     let dir = tempfile::tempdir().expect("temp dir");
-    let ca = beckon_bench::certs::BenchCa::new().expect("CA");
-    let server = ca.issue_server(dir.path()).expect("server certificate");
-    let client = ca
-        .issue_client(dir.path(), "fleet")
-        .expect("client certificate");
-    let passwords = dir.path().join("passwords");
-    std::fs::write(&passwords, "").expect("password file");
-    let status = std::process::Command::new("mosquitto_passwd")
-        .args(["-b"])
-        .arg(&passwords)
-        .args(["fleet", "s3cret"])
-        .status()
-        .expect("mosquitto_passwd runs (apt-get install mosquitto)");
-    assert!(status.success(), "mosquitto_passwd failed");
-    let port = free_port().expect("port");
-    let config = dir.path().join("mosquitto.conf");
-    std::fs::write(
-        &config,
-        format!(
-            "per_listener_settings false\nallow_anonymous false\npassword_file {}\nuser root\n\
-             log_dest stderr\nlistener {port} 127.0.0.1\ncertfile {}\nkeyfile {}\ncafile {}\n\
-             require_certificate true\n",
-            passwords.display(),
-            server.cert.display(),
-            server.key.display(),
-            server.ca.display()
-        ),
-    )
-    .expect("config");
-    let mut broker = ManagedBroker::new(
-        "mosquitto",
-        &common::mosquitto_bin(),
-        vec!["-c".to_owned(), config.display().to_string()],
-        port,
-        dir.path().join("mosquitto.log"),
+    let ca = TestCa::new("fleet test CA");
+    let broker = Mosquitto::start_tls_requiring_client_cert(
+        &ca.server_cert(&["localhost", "127.0.0.1"]),
+        &ca,
+        "fleet",
+        "s3cret",
     );
-    broker.start().expect("mosquitto starts");
+    let ca_file = ca.write_pem(dir.path(), "ca.pem");
+    let (cert, key) = ca.write_client_cert(dir.path(), "fleet");
 
-    let port = port.to_string();
-    let ca_file = server.ca.display().to_string();
-    let cert = client.cert.display().to_string();
-    let key = client.key.display().to_string();
+    let port = broker.port.to_string();
+    let ca_file = ca_file.display().to_string();
+    let cert = cert.display().to_string();
+    let key = key.display().to_string();
     let run = |password: &str| {
         let stdout = common::run_bench(
             &[

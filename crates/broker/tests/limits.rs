@@ -2,60 +2,24 @@
 //! clients): a burst over the rate gets 0x9F, clients already connected are still served.
 //! Every wait is bounded.
 
+mod common;
+
 use std::net::SocketAddr;
 use std::time::Duration;
 
 use beckon_broker::{BrokerConfig, Listen, Server};
-use beckon_mqtt::{Connect, Packet, Properties, ProtocolVersion, ReasonCode, decode, encode};
-use bytes::BytesMut;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use beckon_mqtt::{Connect, Packet, Properties, ProtocolVersion, ReasonCode};
 use tokio::net::TcpStream;
 
-const WAIT: Duration = Duration::from_secs(10);
+use common::{Client, WAIT};
 
-struct Client {
-    tcp: TcpStream,
-    buf: BytesMut,
-    version: ProtocolVersion,
-}
-
-impl Client {
+impl Client<TcpStream> {
     async fn open(addr: SocketAddr, version: ProtocolVersion) -> Self {
         let tcp = tokio::time::timeout(WAIT, TcpStream::connect(addr))
             .await
             .expect("connect in time")
             .expect("connect");
-        Self {
-            tcp,
-            buf: BytesMut::new(),
-            version,
-        }
-    }
-
-    async fn send(&mut self, packet: &Packet) {
-        let mut b = BytesMut::new();
-        encode(packet, self.version, &mut b).expect("encode");
-        tokio::time::timeout(WAIT, self.tcp.write_all(&b))
-            .await
-            .expect("write in time")
-            .expect("write");
-    }
-
-    async fn recv(&mut self) -> Option<Packet> {
-        tokio::time::timeout(WAIT, async {
-            loop {
-                if let Some(p) = decode(&mut self.buf, self.version, 1 << 20).expect("valid") {
-                    return Some(p);
-                }
-                let mut chunk = [0u8; 1024];
-                match self.tcp.read(&mut chunk).await {
-                    Ok(0) | Err(_) => return None,
-                    Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
-                }
-            }
-        })
-        .await
-        .expect("answer in time")
+        Self::new(tcp, version)
     }
 
     async fn connect(&mut self, id: &str) -> ReasonCode {

@@ -1,15 +1,16 @@
 //! The real server on 127.0.0.1:0, spoken to with raw bytes (and TLS with the generated CA).
 //! Every wait is bounded.
 
+mod common;
+
 use std::net::SocketAddr;
-use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use beckon_broker::{Bound, BrokerConfig, Listen, Server, ServerHandle};
 use beckon_mqtt::{
     Connect, Packet, Properties, ProtocolVersion, Publish, QoS, ReasonCode, Subscribe,
-    Subscription, SubscriptionOptions, decode, encode,
+    Subscription, SubscriptionOptions, encode,
 };
 use bytes::BytesMut;
 use rand::{Rng, SeedableRng};
@@ -17,7 +18,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_rustls::rustls;
 
-const WAIT: Duration = Duration::from_secs(10);
+use common::{Client, WAIT, client_tls_config};
 
 struct TestServer {
     bound: Bound,
@@ -67,13 +68,6 @@ impl TestServer {
     }
 }
 
-/// A client speaking raw MQTT over any stream.
-struct Client<S> {
-    stream: S,
-    buf: BytesMut,
-    version: ProtocolVersion,
-}
-
 fn connect_packet(version: ProtocolVersion, client_id: &str, keep_alive: u16) -> Packet {
     Packet::Connect(Box::new(Connect {
         protocol: version,
@@ -94,63 +88,6 @@ fn bytes_of(packet: &Packet, version: ProtocolVersion) -> Vec<u8> {
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
-    fn new(stream: S, version: ProtocolVersion) -> Self {
-        Self {
-            stream,
-            buf: BytesMut::new(),
-            version,
-        }
-    }
-
-    async fn send(&mut self, packet: &Packet) {
-        let bytes = bytes_of(packet, self.version);
-        self.send_raw(&bytes).await;
-    }
-
-    async fn send_raw(&mut self, bytes: &[u8]) {
-        tokio::time::timeout(WAIT, self.stream.write_all(bytes))
-            .await
-            .expect("write in time")
-            .expect("write");
-    }
-
-    /// The next packet, or `None` when the server closed the connection.
-    async fn recv(&mut self) -> Option<Packet> {
-        tokio::time::timeout(WAIT, async {
-            loop {
-                if let Some(p) =
-                    decode(&mut self.buf, self.version, 1 << 24).expect("valid from server")
-                {
-                    return Some(p);
-                }
-                let mut chunk = [0u8; 4096];
-                match self.stream.read(&mut chunk).await {
-                    Ok(0) | Err(_) => return None,
-                    Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
-                }
-            }
-        })
-        .await
-        .expect("server answered in time")
-    }
-
-    /// Raw bytes until the server closes.
-    async fn read_to_close(&mut self) -> Vec<u8> {
-        let mut all = self.buf.to_vec();
-        tokio::time::timeout(WAIT, async {
-            let mut chunk = [0u8; 4096];
-            loop {
-                match self.stream.read(&mut chunk).await {
-                    Ok(0) | Err(_) => break,
-                    Ok(n) => all.extend_from_slice(&chunk[..n]),
-                }
-            }
-        })
-        .await
-        .expect("server closed in time");
-        all
-    }
-
     async fn connect(&mut self, client_id: &str, keep_alive: u16) -> beckon_mqtt::ConnAck {
         self.send(&connect_packet(self.version, client_id, keep_alive))
             .await;
@@ -179,36 +116,6 @@ async fn connected(addr: SocketAddr, version: ProtocolVersion, id: &str) -> Clie
     let ack = c.connect(id, 60).await;
     assert_eq!(ack.code, ReasonCode::SUCCESS, "{ack:?}");
     c
-}
-
-fn client_tls_config(
-    ca_pem: &Path,
-    alpn: &[&[u8]],
-    identity: Option<&beckon_pki::IssuedCertificate>,
-) -> rustls::ClientConfig {
-    use rustls::pki_types::pem::PemObject;
-    let mut roots = rustls::RootCertStore::empty();
-    for c in beckon_pki::load_certificates(ca_pem).expect("ca") {
-        roots.add(c).expect("root");
-    }
-    let builder = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::aws_lc_rs::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .expect("versions")
-    .with_root_certificates(roots);
-    let mut config = match identity {
-        None => builder.with_no_client_auth(),
-        Some(id) => builder
-            .with_client_auth_cert(
-                vec![id.cert_der().expect("der")],
-                rustls::pki_types::PrivateKeyDer::from_pem_slice(id.key_pem.as_bytes())
-                    .expect("key"),
-            )
-            .expect("client cert"),
-    };
-    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
-    config
 }
 
 async fn tls_client(

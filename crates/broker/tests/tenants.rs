@@ -2,6 +2,8 @@
 //! clients authenticate with tenant client certificates or tokens, over TLS. Every wait is
 //! bounded.
 
+mod common;
+
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -13,15 +15,15 @@ use beckon_identity::{
 };
 use beckon_mqtt::{
     Connect, Packet, Properties, ProtocolVersion, Publish, QoS, ReasonCode, Subscribe,
-    Subscription, SubscriptionOptions, decode, encode,
+    Subscription, SubscriptionOptions,
 };
 use beckon_pki::{CertificateAuthority, IssuedCertificate};
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_rustls::rustls;
 
-const WAIT: Duration = Duration::from_secs(10);
+use common::{WAIT, client_tls_config};
 
 fn now() -> i64 {
     SystemTime::now()
@@ -139,44 +141,11 @@ impl TestBroker {
 trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
 impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Io for T {}
 
-struct Client {
-    stream: Box<dyn Io>,
-    buf: BytesMut,
-    version: ProtocolVersion,
-}
+/// A client of the broker over TLS, plain TCP or WebSocket.
+type Client = common::Client<Box<dyn Io>>;
 
 fn tls_config(ca_pem: &Path, identity: Option<&IssuedCertificate>) -> rustls::ClientConfig {
-    tls_config_alpn(ca_pem, identity, &[b"mqtt"])
-}
-
-fn tls_config_alpn(
-    ca_pem: &Path,
-    identity: Option<&IssuedCertificate>,
-    alpn: &[&[u8]],
-) -> rustls::ClientConfig {
-    use rustls::pki_types::pem::PemObject;
-    let mut roots = rustls::RootCertStore::empty();
-    for c in beckon_pki::load_certificates(ca_pem).expect("ca") {
-        roots.add(c).expect("root");
-    }
-    let builder = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::aws_lc_rs::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .expect("versions")
-    .with_root_certificates(roots);
-    let mut config = match identity {
-        None => builder.with_no_client_auth(),
-        Some(id) => builder
-            .with_client_auth_cert(
-                vec![id.cert_der().expect("der")],
-                rustls::pki_types::PrivateKeyDer::from_pem_slice(id.key_pem.as_bytes())
-                    .expect("key"),
-            )
-            .expect("client cert"),
-    };
-    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
-    config
+    client_tls_config(ca_pem, &[b"mqtt"], identity)
 }
 
 /// TLS to `addr` with the given ALPN list.
@@ -200,10 +169,10 @@ async fn tls_over(
     cert: Option<&IssuedCertificate>,
     alpn: &[&[u8]],
 ) -> std::io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
-    let connector = tokio_rustls::TlsConnector::from(Arc::new(tls_config_alpn(
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(client_tls_config(
         &broker.server_ca(),
-        cert,
         alpn,
+        cert,
     )));
     let name = rustls::pki_types::ServerName::try_from("localhost").expect("name");
     tokio::time::timeout(WAIT, connector.connect(name, tcp))
@@ -239,46 +208,7 @@ impl Client {
     }
 
     fn over(stream: Box<dyn Io>, version: ProtocolVersion) -> Self {
-        Self {
-            stream,
-            buf: BytesMut::new(),
-            version,
-        }
-    }
-
-    async fn send(&mut self, packet: &Packet) {
-        let mut b = BytesMut::new();
-        encode(packet, self.version, &mut b).expect("encode");
-        tokio::time::timeout(WAIT, self.stream.write_all(&b))
-            .await
-            .expect("write in time")
-            .expect("write");
-    }
-
-    /// The next packet, or `None` when the server closed the connection.
-    async fn recv_within(&mut self, wait: Duration) -> Option<Option<Packet>> {
-        tokio::time::timeout(wait, async {
-            loop {
-                if let Some(p) =
-                    decode(&mut self.buf, self.version, 1 << 24).expect("valid from server")
-                {
-                    return Some(p);
-                }
-                let mut chunk = [0u8; 4096];
-                match self.stream.read(&mut chunk).await {
-                    Ok(0) | Err(_) => return None,
-                    Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
-                }
-            }
-        })
-        .await
-        .ok()
-    }
-
-    async fn recv(&mut self) -> Option<Packet> {
-        self.recv_within(WAIT)
-            .await
-            .expect("server answered in time")
+        Self::new(stream, version)
     }
 
     async fn connect_with(
@@ -421,6 +351,59 @@ async fn connected(broker: &TestBroker, cred: Cred<'_>, client_id: &str) -> Clie
     c
 }
 
+/// The tenant's console: a server connected with a token, client id `console`.
+async fn console(broker: &TestBroker, tenant: &TestTenant) -> Client {
+    connected(
+        broker,
+        Cred::Token(tenant.token(Role::Server, "console")),
+        "console",
+    )
+    .await
+}
+
+/// The tenant's console, subscribed to every agent's presence.
+async fn presence_watcher(broker: &TestBroker, tenant: &TestTenant) -> Client {
+    let mut server = console(broker, tenant).await;
+    assert_eq!(
+        server.subscribe(1, &["agents/+/presence"]).await,
+        vec![ReasonCode(1)]
+    );
+    server
+}
+
+/// Waits until the broker closes `client`'s connection; fails the test with `what` after
+/// [`WAIT`].
+async fn closed_by_the_broker(client: &mut Client, what: &str) {
+    loop {
+        match client.recv_within(WAIT).await {
+            Some(None) => break,
+            Some(Some(_)) => {}
+            None => panic!("{what} is still connected"),
+        }
+    }
+}
+
+/// Connects with `cred()` (a new credential each attempt) until the CONNACK code is `want`
+/// (the broker applies a changed tenant file within a poll); fails the test with `what`
+/// after [`WAIT`].
+async fn wait_for_connack(
+    broker: &TestBroker,
+    cred: impl Fn() -> Cred<'static>,
+    client_id: &str,
+    want: ReasonCode,
+    what: &str,
+) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let code = connack_code(broker, cred(), client_id, ProtocolVersion::V5).await;
+        if code == want {
+            return;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{what}: {code:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 /// The CONNACK code a client with `cred` gets (v3.1.1: the return code as is).
 async fn connack_code(
     broker: &TestBroker,
@@ -451,12 +434,7 @@ async fn a_wake_up_flows_from_a_token_server_to_a_certificate_agent() {
         vec![ReasonCode(1)]
     );
 
-    let mut server = connected(
-        &broker,
-        Cred::Token(acme.token(Role::Server, "console")),
-        "console",
-    )
-    .await;
+    let mut server = console(&broker, acme).await;
     assert_eq!(
         server.publish(1, "agents/pc-1/wake", b"wake up").await,
         ReasonCode::SUCCESS
@@ -576,12 +554,7 @@ async fn tenants_are_isolated_and_agents_reach_only_their_own_topics() {
     let (mut broker, tenants) = TestBroker::start(&["acme", "globex"]).await;
     let (acme, globex) = (&tenants[0], &tenants[1]);
 
-    let mut acme_server = connected(
-        &broker,
-        Cred::Token(acme.token(Role::Server, "console")),
-        "console",
-    )
-    .await;
+    let mut acme_server = console(&broker, acme).await;
     assert_eq!(acme_server.subscribe(1, &["#"]).await, vec![ReasonCode(1)]);
     let _ = acme_server.publishes_until_ping().await; // retained presence of acme
 
@@ -592,12 +565,7 @@ async fn tenants_are_isolated_and_agents_reach_only_their_own_topics() {
         gx_agent.subscribe(1, &["agents/pc-1/wake"]).await,
         vec![ReasonCode(1)]
     );
-    let mut gx_server = connected(
-        &broker,
-        Cred::Token(globex.token(Role::Server, "console")),
-        "console",
-    )
-    .await;
+    let mut gx_server = console(&broker, globex).await;
     assert_eq!(
         gx_server
             .publish(1, "agents/pc-1/wake", b"globex-secret")
@@ -695,16 +663,7 @@ async fn next_presence(server: &mut Client, topic: &str) -> PresenceEvent {
 async fn presence_follows_connect_disconnect_keepalive_and_takeover() {
     let (mut broker, tenants) = TestBroker::start(&["acme"]).await;
     let acme = &tenants[0];
-    let mut server = connected(
-        &broker,
-        Cred::Token(acme.token(Role::Server, "console")),
-        "console",
-    )
-    .await;
-    assert_eq!(
-        server.subscribe(1, &["agents/+/presence"]).await,
-        vec![ReasonCode(1)]
-    );
+    let mut server = presence_watcher(&broker, acme).await;
     let topic = "agents/pc-1/presence";
     let cert = acme.certificate("agent", "pc-1");
 
@@ -805,24 +764,14 @@ async fn a_tenant_added_while_running_is_used_without_restart() {
         initech.signer.key().public_key().to_base64()
     );
     std::fs::write(folder.join("initech.toml"), toml).expect("write");
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
-        let code = connack_code(
-            &broker,
-            Cred::Token(token.clone()),
-            "console",
-            ProtocolVersion::V5,
-        )
-        .await;
-        if code == ReasonCode::SUCCESS {
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the new tenant was not picked up: {code:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    wait_for_connack(
+        &broker,
+        || Cred::Token(token.clone()),
+        "console",
+        ReasonCode::SUCCESS,
+        "the new tenant was not picked up",
+    )
+    .await;
     broker.stop().await;
 }
 
@@ -835,24 +784,14 @@ async fn quota_full_tenant_refuses_with_0x97() {
     std::fs::write(&path, format!("max_connections = 1\n{text}")).expect("write");
     // Wait until the quota is in force: a second connection gets 0x97.
     let _first = connected(&broker, Cred::Token(acme.token(Role::Agent, "a1")), "a1").await;
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
-        let code = connack_code(
-            &broker,
-            Cred::Token(acme.token(Role::Agent, "a2")),
-            "a2",
-            ProtocolVersion::V5,
-        )
-        .await;
-        if code == ReasonCode::QUOTA_EXCEEDED {
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "quota not applied: {code:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    wait_for_connack(
+        &broker,
+        || Cred::Token(acme.token(Role::Agent, "a2")),
+        "a2",
+        ReasonCode::QUOTA_EXCEEDED,
+        "quota not applied",
+    )
+    .await;
     broker.stop().await;
 }
 
@@ -897,12 +836,7 @@ async fn mosquitto_sub_with_a_tenant_client_certificate_receives_a_wake_up() {
         .kill_on_drop(true)
         .spawn()
         .expect("mosquitto_sub starts");
-    let mut server = connected(
-        &broker,
-        Cred::Token(acme.token(Role::Server, "console")),
-        "console",
-    )
-    .await;
+    let mut server = console(&broker, acme).await;
     // mosquitto_sub subscribes at its own pace: publish until it has one and exits.
     let mut id = 1;
     let status = loop {
@@ -949,16 +883,7 @@ async fn the_shared_port_carries_mqtt_by_alpn_and_sniffing_websocket_and_https()
     })
     .await;
     let acme = &tenants[0];
-    let mut server = connected(
-        &broker,
-        Cred::Token(acme.token(Role::Server, "console")),
-        "console",
-    )
-    .await;
-    assert_eq!(
-        server.subscribe(1, &["agents/+/presence"]).await,
-        vec![ReasonCode(1)]
-    );
+    let mut server = presence_watcher(&broker, acme).await;
 
     // 1. ALPN mqtt with a client certificate.
     let cert = acme.certificate("agent", "alpn");
@@ -1085,12 +1010,7 @@ async fn metrics_count_connections_refusals_wake_ups_and_descriptors() {
         agent.subscribe(1, &["agents/pc-1/wake"]).await,
         vec![ReasonCode(1)]
     );
-    let mut server = connected(
-        &broker,
-        Cred::Token(acme.token(Role::Server, "console")),
-        "console",
-    )
-    .await;
+    let mut server = console(&broker, acme).await;
     assert_eq!(
         server.publish(1, "agents/pc-1/wake", b"wake").await,
         ReasonCode::SUCCESS
@@ -1145,16 +1065,7 @@ async fn a_proxy_protocol_header_gives_the_client_address_in_presence() {
     .await;
     let acme = &tenants[0];
     // 8883 does not expect a header.
-    let mut server = connected(
-        &broker,
-        Cred::Token(acme.token(Role::Server, "console")),
-        "console",
-    )
-    .await;
-    assert_eq!(
-        server.subscribe(1, &["agents/+/presence"]).await,
-        vec![ReasonCode(1)]
-    );
+    let mut server = presence_watcher(&broker, acme).await;
 
     let mut v2 = Vec::from(*b"\r\n\r\n\0\r\nQUIT\n");
     v2.extend_from_slice(&[
@@ -1201,16 +1112,7 @@ async fn a_proxy_protocol_header_gives_the_client_address_in_presence() {
 async fn shutdown_tells_connected_servers_that_every_identity_goes() {
     let (mut broker, tenants) = TestBroker::start(&["acme"]).await;
     let acme = &tenants[0];
-    let mut server = connected(
-        &broker,
-        Cred::Token(acme.token(Role::Server, "console")),
-        "console",
-    )
-    .await;
-    assert_eq!(
-        server.subscribe(1, &["agents/+/presence"]).await,
-        vec![ReasonCode(1)]
-    );
+    let mut server = presence_watcher(&broker, acme).await;
     let cert = acme.certificate("agent", "pc-1");
     let _agent = connected(&broker, Cred::Cert(&cert), "pc-1").await;
     assert_eq!(
@@ -1274,12 +1176,7 @@ async fn anonymous_clients_beside_tenants_see_plain_topics_and_never_a_tenants()
         agent.subscribe(1, &["agents/pc-1/wake"]).await,
         vec![ReasonCode(1)]
     );
-    let mut server = connected(
-        &broker,
-        Cred::Token(acme.token(Role::Server, "console")),
-        "console",
-    )
-    .await;
+    let mut server = console(&broker, acme).await;
     assert_eq!(
         server.publish(1, "agents/pc-1/wake", b"secret").await,
         ReasonCode::SUCCESS
@@ -1315,22 +1212,11 @@ async fn removing_a_tenant_file_closes_its_connections_and_refuses_new_ones() {
     let (acme, globex) = (&tenants[0], &tenants[1]);
     let acme_cert = acme.certificate("agent", "pc-1");
     let mut acme_agent = connected(&broker, Cred::Cert(&acme_cert), "pc-1").await;
-    let mut gx_server = connected(
-        &broker,
-        Cred::Token(globex.token(Role::Server, "console")),
-        "console",
-    )
-    .await;
+    let mut gx_server = console(&broker, globex).await;
 
     std::fs::remove_file(broker.tenants.join("acme.toml")).expect("remove tenant file");
     // Closed within a few polls (1 s each).
-    loop {
-        match acme_agent.recv_within(WAIT).await {
-            Some(None) => break,
-            Some(Some(_)) => {}
-            None => panic!("the removed tenant's agent is still connected"),
-        }
-    }
+    closed_by_the_broker(&mut acme_agent, "the removed tenant's agent").await;
     let token = acme.token(Role::Agent, "pc-1");
     assert_eq!(
         connack_code(&broker, Cred::Token(token), "pc-1", ProtocolVersion::V5).await,
@@ -1346,16 +1232,7 @@ async fn removing_a_tenant_file_closes_its_connections_and_refuses_new_ones() {
 async fn an_agent_that_says_it_came_through_a_proxy_is_shown_so_in_presence() {
     let (mut broker, tenants) = TestBroker::start(&["acme"]).await;
     let acme = &tenants[0];
-    let mut server = connected(
-        &broker,
-        Cred::Token(acme.token(Role::Server, "console")),
-        "console",
-    )
-    .await;
-    assert_eq!(
-        server.subscribe(1, &["agents/+/presence"]).await,
-        vec![ReasonCode(1)]
-    );
+    let mut server = presence_watcher(&broker, acme).await;
     let cert = acme.certificate("agent", "pc-1");
     let mut agent = Client::open(&broker, &Cred::Cert(&cert), ProtocolVersion::V5).await;
     let mut properties = Properties::default();
@@ -1390,16 +1267,7 @@ async fn an_agent_that_says_it_came_through_a_proxy_is_shown_so_in_presence() {
 async fn a_revoked_token_is_cut_off_and_refused_while_newer_ones_and_others_connect() {
     let (mut broker, tenants) = TestBroker::start(&["acme"]).await;
     let acme = &tenants[0];
-    let mut server = connected(
-        &broker,
-        Cred::Token(acme.token(Role::Server, "console")),
-        "console",
-    )
-    .await;
-    assert_eq!(
-        server.subscribe(1, &["agents/+/presence"]).await,
-        vec![ReasonCode(1)]
-    );
+    let mut server = presence_watcher(&broker, acme).await;
     let old = |id: &str| {
         acme.signer
             .issue(Role::Agent, id, now() - 100, 3600)
@@ -1421,13 +1289,7 @@ async fn a_revoked_token_is_cut_off_and_refused_while_newer_ones_and_others_conn
         now() - 50
     ));
     std::fs::write(&file, text).expect("rewrite tenant file");
-    loop {
-        match pc1.recv_within(WAIT).await {
-            Some(None) => break,
-            Some(Some(_)) => {}
-            None => panic!("the revoked agent is still connected"),
-        }
-    }
+    closed_by_the_broker(&mut pc1, "the revoked agent").await;
     let e = next_presence(&mut server, topic).await;
     assert_eq!(
         (e.state, e.reason.as_deref()),

@@ -715,29 +715,8 @@ async fn enroll(
             }
         });
     check_text("name", &name, 1, 200)?;
-    if req.csr.len() > 16 * 1024 || !req.csr.contains("CERTIFICATE REQUEST") {
-        return Err(ApiError::new(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            "csr must be a PEM certificate signing request (-----BEGIN CERTIFICATE REQUEST-----)",
-        ));
-    }
     // Sign first: a bad CSR must not use up the token.
-    let certificate = st
-        .ca
-        .issue_client_for_csr(
-            &req.csr,
-            &agent_id,
-            Some(st.tenant.as_str()),
-            Some("agent"),
-            st.config.agent_certificate_validity,
-        )
-        .map_err(|e| {
-            ApiError::new(
-                StatusCode::UNPROCESSABLE_ENTITY,
-                format!("csr could not be signed: {e}"),
-            )
-        })?;
-    let record = certificate_record(&certificate)?;
+    let (certificate, record) = sign_agent_csr(&st, &req.csr, &agent_id)?;
     let checkin_token = new_token("bka_");
     let new = NewAgent {
         id: agent_id.clone(),
@@ -784,6 +763,38 @@ async fn enroll(
             checkin_url: format!("{scheme}://{host}"),
         }),
     ))
+}
+
+/// The agent certificate for `csr` (a PEM signing request, checked for size and form first)
+/// issued by the tenant CA to `agent_id`, and its serial and validity to record.
+fn sign_agent_csr(
+    st: &AppState,
+    csr: &str,
+    agent_id: &str,
+) -> ApiResult<(beckon_pki::IssuedCertificate, CertificateRecord)> {
+    if csr.len() > 16 * 1024 || !csr.contains("CERTIFICATE REQUEST") {
+        return Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "csr must be a PEM certificate signing request (-----BEGIN CERTIFICATE REQUEST-----)",
+        ));
+    }
+    let certificate = st
+        .ca
+        .issue_client_for_csr(
+            csr,
+            agent_id,
+            Some(st.tenant.as_str()),
+            Some("agent"),
+            st.config.agent_certificate_validity,
+        )
+        .map_err(|e| {
+            ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                format!("csr could not be signed: {e}"),
+            )
+        })?;
+    let record = certificate_record(&certificate)?;
+    Ok((certificate, record))
 }
 
 /// Serial and validity of a certificate the console just issued.
@@ -843,28 +854,7 @@ async fn renew_certificate(
     let hash = token_hash(token);
     let i = id.clone();
     st.store.run(move |s| s.agent_by_secret(&i, &hash)).await?;
-    if req.csr.len() > 16 * 1024 || !req.csr.contains("CERTIFICATE REQUEST") {
-        return Err(ApiError::new(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            "csr must be a PEM certificate signing request (-----BEGIN CERTIFICATE REQUEST-----)",
-        ));
-    }
-    let certificate = st
-        .ca
-        .issue_client_for_csr(
-            &req.csr,
-            &id,
-            Some(st.tenant.as_str()),
-            Some("agent"),
-            st.config.agent_certificate_validity,
-        )
-        .map_err(|e| {
-            ApiError::new(
-                StatusCode::UNPROCESSABLE_ENTITY,
-                format!("csr could not be signed: {e}"),
-            )
-        })?;
-    let record = certificate_record(&certificate)?;
+    let (certificate, record) = sign_agent_csr(&st, &req.csr, &id)?;
     let not_after = record.not_after;
     let i = id.clone();
     st.store

@@ -1,93 +1,19 @@
 //! The HTTP API through the real router: routes vs the OpenAPI document, enrollment,
 //! check-in, sessions, calls, settings, and bad input on every endpoint.
 
+mod common;
+
 use std::collections::BTreeSet;
 
 use axum::body::Body;
 use axum::http::{Method, Request, StatusCode};
-use beckon_console::{Console, ConsoleConfig, ConsoleHandle};
+use beckon_console::{Console, ConsoleConfig};
+use common::{Api, csr};
 use serde_json::{Value, json};
 use tower::ServiceExt;
 
-struct Api {
-    handle: ConsoleHandle,
-    router: axum::Router,
-    token: String,
-    _dir: tempfile::TempDir,
-}
-
 async fn start() -> Api {
-    let dir = tempfile::tempdir().unwrap();
-    let mut config = ConsoleConfig::new(dir.path().join("data"));
-    config.listen = "127.0.0.1:0".parse().unwrap();
-    let handle = Console::start(config).await.unwrap();
-    let token = handle.create_api_token("tests").await.unwrap();
-    let router = beckon_console::api::router(handle.state.clone());
-    Api {
-        handle,
-        router,
-        token,
-        _dir: dir,
-    }
-}
-
-impl Api {
-    async fn raw(&self, req: Request<Body>) -> (StatusCode, Vec<(String, String)>, Value) {
-        let resp = self.router.clone().oneshot(req).await.unwrap();
-        let status = resp.status();
-        let headers = resp
-            .headers()
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_str().unwrap_or("").to_owned()))
-            .collect();
-        let bytes = axum::body::to_bytes(resp.into_body(), 1 << 20)
-            .await
-            .unwrap();
-        let body = if bytes.is_empty() {
-            Value::Null
-        } else {
-            serde_json::from_slice(&bytes)
-                .unwrap_or_else(|_| panic!("not JSON: {}", String::from_utf8_lossy(&bytes)))
-        };
-        (status, headers, body)
-    }
-
-    async fn call(&self, method: &str, path: &str, body: Option<Value>) -> (StatusCode, Value) {
-        let auth = format!("Bearer {}", self.token);
-        self.call_as(method, path, body, Some(&auth)).await
-    }
-
-    async fn call_as(
-        &self,
-        method: &str,
-        path: &str,
-        body: Option<Value>,
-        auth: Option<&str>,
-    ) -> (StatusCode, Value) {
-        let mut b = Request::builder().method(method).uri(path);
-        if let Some(a) = auth {
-            b = b.header("authorization", a);
-        }
-        let req = match body {
-            Some(v) => b
-                .header("content-type", "application/json")
-                .body(Body::from(v.to_string()))
-                .unwrap(),
-            None => b.body(Body::empty()).unwrap(),
-        };
-        let (s, _, v) = self.raw(req).await;
-        (s, v)
-    }
-}
-
-fn csr() -> String {
-    let key = rcgen::KeyPair::generate().unwrap();
-    rcgen::CertificateParams::new(Vec::<String>::new())
-        .unwrap()
-        .serialize_request(&key)
-        .unwrap()
-        .pem()
-        .unwrap()
+    common::start_with(|_| {}).await
 }
 
 fn inventory() -> Value {
@@ -173,11 +99,8 @@ async fn an_agent_enrolls_with_a_csr_gets_its_certificate_and_checks_in() {
     assert_eq!(s, StatusCode::CREATED, "{t}");
     let secret = t["token"].as_str().unwrap().to_owned();
     let (s, e) = api
-        .call_as(
-            "POST",
-            "/api/v1/enroll",
-            Some(json!({"token": secret, "agent_id": "pc-42", "csr": csr(), "inventory": inventory()})),
-            None,
+        .enroll_unauthenticated(
+            json!({"token": secret, "agent_id": "pc-42", "csr": csr(), "inventory": inventory()}),
         )
         .await;
     assert_eq!(s, StatusCode::CREATED, "{e}");
@@ -198,12 +121,7 @@ async fn an_agent_enrolls_with_a_csr_gets_its_certificate_and_checks_in() {
 
     // The one-time token is used up.
     let (s, err) = api
-        .call_as(
-            "POST",
-            "/api/v1/enroll",
-            Some(json!({"token": secret, "agent_id": "pc-43", "csr": csr()})),
-            None,
-        )
+        .enroll_unauthenticated(json!({"token": secret, "agent_id": "pc-43", "csr": csr()}))
         .await;
     assert_eq!(s, StatusCode::UNAUTHORIZED);
     assert!(err["error"].as_str().unwrap().contains("used up"), "{err}");
@@ -432,21 +350,9 @@ async fn settings_are_validated_and_audited() {
 #[tokio::test]
 async fn bad_input_gets_a_clear_4xx_and_changes_nothing() {
     let api = start().await;
-    let (_, t) = api
-        .call(
-            "POST",
-            "/api/v1/enrollment-tokens",
-            Some(json!({"max_uses": 0})),
-        )
-        .await;
-    let secret = t["token"].as_str().unwrap().to_owned();
+    let secret = api.enrollment_token(json!({"max_uses": 0})).await;
     let (s, _) = api
-        .call_as(
-            "POST",
-            "/api/v1/enroll",
-            Some(json!({"token": secret, "agent_id": "a1", "csr": csr()})),
-            None,
-        )
+        .enroll_unauthenticated(json!({"token": secret, "agent_id": "a1", "csr": csr()}))
         .await;
     assert_eq!(s, StatusCode::CREATED);
     let snapshot = || async {
@@ -776,22 +682,10 @@ async fn bad_input_gets_a_clear_4xx_and_changes_nothing() {
 #[tokio::test]
 async fn calls_record_one_delivery_per_agent_and_show_their_states() {
     let api = start().await;
-    let (_, t) = api
-        .call(
-            "POST",
-            "/api/v1/enrollment-tokens",
-            Some(json!({"max_uses": 0})),
-        )
-        .await;
-    let secret = t["token"].as_str().unwrap().to_owned();
+    let secret = api.enrollment_token(json!({"max_uses": 0})).await;
     for id in ["a1", "a2", "a3"] {
         let (s, _) = api
-            .call_as(
-                "POST",
-                "/api/v1/enroll",
-                Some(json!({"token": secret, "agent_id": id, "csr": csr()})),
-                None,
-            )
+            .enroll_unauthenticated(json!({"token": secret, "agent_id": id, "csr": csr()}))
             .await;
         assert_eq!(s, StatusCode::CREATED);
     }
@@ -936,12 +830,7 @@ async fn live_call_updates_stream_as_server_sent_events_and_overdue_calls_expire
         .call("POST", "/api/v1/enrollment-tokens", Some(json!({})))
         .await;
     let (s, _) = api
-        .call_as(
-            "POST",
-            "/api/v1/enroll",
-            Some(json!({"token": t["token"], "agent_id": "pc-1", "csr": csr()})),
-            None,
-        )
+        .enroll_unauthenticated(json!({"token": t["token"], "agent_id": "pc-1", "csr": csr()}))
         .await;
     assert_eq!(s, StatusCode::CREATED);
     // A call that expires in half a second (the API's minimum is 10 s), made in the store.
@@ -1035,7 +924,9 @@ async fn shutdown_ends_open_event_streams_and_the_ui_is_served_on_the_api_port()
     let head = String::from_utf8_lossy(&buf[..n]).to_ascii_lowercase();
     assert!(head.contains("text/event-stream"), "{head}");
 
-    let Api { handle, _dir, .. } = api;
+    let Api {
+        handle, dir: _dir, ..
+    } = api;
     let stop = tokio::spawn(handle.shutdown());
     // The stream ends (EOF) instead of staying open until the shutdown gives up.
     let ended = tokio::time::timeout(Duration::from_secs(4), async {

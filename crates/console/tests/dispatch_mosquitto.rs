@@ -11,43 +11,15 @@ use axum::http::StatusCode;
 use beckon_console::BrokerLink;
 use beckon_identity::wakeup::{Ack, AckStatus, ReplayGuard, WakeUpVerifier};
 use beckon_identity::{KeyId, PublicKey, TenantId};
-use beckon_mqtt::{
-    Connect, Packet, Properties, ProtocolVersion, Publish, QoS, RetainHandling, Subscribe,
-    Subscription, SubscriptionOptions,
-};
+use beckon_mqtt::{Packet, Properties, Publish, QoS};
 use bytes::Bytes;
-use common::{Api, Mosquitto, Peer, WAIT};
+use common::{Api, Mosquitto, Peer, WAIT, free_port};
 use serde_json::{Value, json};
 
 async fn agent_peer(port: u16, id: &str) -> Peer {
     let mut p = Peer::connect(port).await;
-    p.send(Packet::Connect(Box::new(Connect {
-        protocol: ProtocolVersion::V5,
-        clean_start: true,
-        keep_alive: 60,
-        client_id: id.into(),
-        will: None,
-        username: None,
-        password: None,
-        properties: Properties::default(),
-    })))
-    .await;
-    assert!(matches!(p.recv().await, Packet::ConnAck(a) if !a.code.is_error()));
-    p.send(Packet::Subscribe(Subscribe {
-        packet_id: 1,
-        subscriptions: vec![Subscription {
-            filter: format!("agents/{id}/wake"),
-            options: SubscriptionOptions {
-                qos: QoS::AtLeastOnce,
-                no_local: false,
-                retain_as_published: false,
-                retain_handling: RetainHandling::SendAtSubscribe,
-            },
-        }],
-        properties: Properties::default(),
-    }))
-    .await;
-    assert!(matches!(p.recv().await, Packet::SubAck(_)));
+    p.connect_as(id).await;
+    p.subscribe_wake(id).await;
     p
 }
 
@@ -146,9 +118,7 @@ async fn wait_connected(api: &Api) {
 
 #[tokio::test]
 async fn a_wake_up_goes_out_signed_and_follows_the_agents_acks() {
-    let Some(broker) = Mosquitto::start() else {
-        return;
-    };
+    let broker = Mosquitto::start();
     let api = common::start_with(|c| {
         c.broker = BrokerLink::Anonymous {
             address: format!("127.0.0.1:{}", broker.port),
@@ -228,9 +198,7 @@ async fn a_wake_up_goes_out_signed_and_follows_the_agents_acks() {
 
 #[tokio::test]
 async fn pending_calls_go_out_as_one_when_the_agent_comes_online() {
-    let Some(broker) = Mosquitto::start() else {
-        return;
-    };
+    let broker = Mosquitto::start();
     let api = common::start_with(|c| {
         c.broker = BrokerLink::Anonymous {
             address: format!("127.0.0.1:{}", broker.port),
@@ -287,45 +255,33 @@ async fn pending_calls_go_out_as_one_when_the_agent_comes_online() {
 #[tokio::test]
 async fn the_status_says_when_the_push_service_is_not_reachable() {
     // A port where nothing listens.
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port();
     let api = common::start_with(|c| {
         c.broker = BrokerLink::Anonymous {
             address: format!("127.0.0.1:{port}"),
         }
     })
     .await;
-    let deadline = std::time::Instant::now() + WAIT;
-    loop {
-        let (_, status) = api.call("GET", "/api/v1/status", None).await;
-        let msg = status["push_service"]["message"]
-            .as_str()
-            .unwrap()
-            .to_owned();
-        if msg.contains("TCP connect") {
-            assert!(
-                msg.starts_with("Push service servers are not reachable"),
-                "{msg}"
-            );
-            assert_eq!(status["push_service"]["connected"], false);
-            break;
-        }
-        assert!(std::time::Instant::now() < deadline, "{status}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let status = api
+        .wait_for("the TCP connect failure", "/api/v1/status", |s| {
+            s["push_service"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("TCP connect")
+        })
+        .await;
+    let msg = status["push_service"]["message"].as_str().unwrap();
+    assert!(
+        msg.starts_with("Push service servers are not reachable"),
+        "{msg}"
+    );
+    assert_eq!(status["push_service"]["connected"], false);
     api.handle.shutdown().await;
 }
 
 #[tokio::test]
 async fn an_unreachable_tls_broker_gets_the_doctors_diagnosis_in_the_status() {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port();
     let api = common::start_with(|c| {
         c.broker = BrokerLink::Tls {
             host: "127.0.0.1".into(),
@@ -334,31 +290,24 @@ async fn an_unreachable_tls_broker_gets_the_doctors_diagnosis_in_the_status() {
         }
     })
     .await;
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        let (_, status) = api.call("GET", "/api/v1/status", None).await;
-        let push = &status["push_service"];
-        if push["diagnosis"].is_object() {
-            assert_eq!(push["connected"], false);
-            assert_eq!(push["diagnosis"]["ok"], false, "{push}");
-            assert!(
-                push["message"]
-                    .as_str()
-                    .unwrap()
-                    .starts_with("Push service servers are not reachable"),
-                "{push}"
-            );
-            assert!(
-                !push["diagnosis"]["paths"].as_array().unwrap().is_empty(),
-                "{push}"
-            );
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "no diagnosis: {status}"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    let status = api
+        .wait_for("no diagnosis", "/api/v1/status", |s| {
+            s["push_service"]["diagnosis"].is_object()
+        })
+        .await;
+    let push = &status["push_service"];
+    assert_eq!(push["connected"], false);
+    assert_eq!(push["diagnosis"]["ok"], false, "{push}");
+    assert!(
+        push["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("Push service servers are not reachable"),
+        "{push}"
+    );
+    assert!(
+        !push["diagnosis"]["paths"].as_array().unwrap().is_empty(),
+        "{push}"
+    );
     api.handle.shutdown().await;
 }

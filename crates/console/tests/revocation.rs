@@ -3,38 +3,9 @@
 
 mod common;
 
-use axum::body::Body;
-use axum::http::{Request, StatusCode};
+use axum::http::StatusCode;
 use beckon_identity::{Credential, Role, TenantDirectory, certificate_serial};
 use serde_json::{Value, json};
-use tower::ServiceExt;
-
-/// (status, body as text) of a request through the router.
-async fn raw(
-    api: &common::Api,
-    method: &str,
-    path: &str,
-    auth: Option<&str>,
-    body: Option<&str>,
-) -> (StatusCode, String) {
-    let mut b = Request::builder().method(method).uri(path);
-    if let Some(a) = auth {
-        b = b.header("authorization", a);
-    }
-    let req = match body {
-        Some(text) => b
-            .header("content-type", "application/json")
-            .body(Body::from(text.to_owned()))
-            .unwrap(),
-        None => b.body(Body::empty()).unwrap(),
-    };
-    let resp = api.router.clone().oneshot(req).await.unwrap();
-    let status = resp.status();
-    let bytes = axum::body::to_bytes(resp.into_body(), 1 << 20)
-        .await
-        .unwrap();
-    (status, String::from_utf8_lossy(&bytes).into_owned())
-}
 
 fn serial_of(pem: &str) -> String {
     use beckon_pki::rustls::pki_types::CertificateDer;
@@ -124,13 +95,13 @@ async fn removal_revokes_in_the_tenant_file_and_renewal_needs_a_live_agent() {
             StatusCode::UNAUTHORIZED,
         ),
     ] {
-        let (s, text) = raw(&api, "POST", path, auth, Some(body)).await;
+        let (s, text) = api.text("POST", path, auth, Some(body)).await;
         assert_eq!(s, want, "{path} {auth:?} {body}: {text}");
         assert!(!error_of(&text).is_empty());
     }
 
     // A good renewal: a new certificate for the same identity, with another serial.
-    let (s, text) = raw(&api, "POST", renew, Some(&auth1), Some(&good)).await;
+    let (s, text) = api.text("POST", renew, Some(&auth1), Some(&good)).await;
     assert_eq!(s, StatusCode::OK, "{text}");
     let renewed: Value = serde_json::from_str(&text).unwrap();
     assert_eq!(renewed["agent_id"], "pc-1");
@@ -180,15 +151,17 @@ async fn removal_revokes_in_the_tenant_file_and_renewal_needs_a_live_agent() {
 
     // The same text over the API, for a broker on another host; administrators only.
     let admin = format!("Bearer {}", api.token);
-    let (s, text) = raw(&api, "GET", "/api/v1/tenant-file", Some(&admin), None).await;
+    let (s, text) = api
+        .text("GET", "/api/v1/tenant-file", Some(&admin), None)
+        .await;
     assert_eq!(s, StatusCode::OK);
     assert_eq!(text, std::fs::read_to_string(&tenant_file).unwrap());
-    let (s, text) = raw(&api, "GET", "/api/v1/tenant-file", None, None).await;
+    let (s, text) = api.text("GET", "/api/v1/tenant-file", None, None).await;
     assert_eq!(s, StatusCode::UNAUTHORIZED);
     assert!(error_of(&text).contains("authentication required"));
 
     // A removed agent cannot renew; deleting it again is a 404 and changes nothing.
-    let (s, text) = raw(&api, "POST", renew, Some(&auth1), Some(&good)).await;
+    let (s, text) = api.text("POST", renew, Some(&auth1), Some(&good)).await;
     assert_eq!(s, StatusCode::UNAUTHORIZED, "{text}");
     let before = std::fs::read_to_string(&tenant_file).unwrap();
     let (s, _) = api.call("DELETE", "/api/v1/agents/pc-1", None).await;

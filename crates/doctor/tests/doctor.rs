@@ -31,13 +31,7 @@ async fn a_name_that_does_not_resolve() {
         "{}",
         again.detail
     );
-    assert!(
-        report
-            .summary
-            .starts_with("No path to no-such-broker.invalid works"),
-        "{}",
-        report.summary
-    );
+    assert_summary_starts(&report, "No path to no-such-broker.invalid works");
 }
 
 #[tokio::test]
@@ -178,8 +172,7 @@ async fn a_proxy_that_forbids_the_port() {
     let broker = Mosquitto::start_tls(&ca.server_cert(&["127.0.0.1"]), "u", "p");
     let primary = broker.port;
     let dir = tempfile::tempdir().expect("tempdir");
-    let mut config = config("127.0.0.1", primary, refused_port())
-        .with_ca_file(ca.write_pem(dir.path(), "ca.pem"));
+    let mut config = config_trusting(&ca, dir.path(), primary, refused_port());
     config.proxy = Some(proxy_url(&proxy));
     config.username = Some("u".into());
     config.password = Some("p".into());
@@ -236,8 +229,7 @@ async fn a_certificate_from_another_ca() {
     let theirs = TestCa::new("someone else's CA");
     let server = start_tls_server(theirs.server_cert(&["127.0.0.1"])).await;
     let dir = tempfile::tempdir().expect("tempdir");
-    let config = config("127.0.0.1", server.addr.port(), refused_port())
-        .with_ca_file(ours.write_pem(dir.path(), "ca.pem"));
+    let config = config_trusting(&ours, dir.path(), server.addr.port(), refused_port());
     let report = diagnose(&config).await;
     let tls = assert_fails(
         &report,
@@ -263,8 +255,7 @@ async fn an_expired_certificate() {
     let server =
         start_tls_server(ca.server_cert_valid(&["127.0.0.1"], (2019, 1, 1), (2021, 3, 4))).await;
     let dir = tempfile::tempdir().expect("tempdir");
-    let config = config("127.0.0.1", server.addr.port(), refused_port())
-        .with_ca_file(ca.write_pem(dir.path(), "ca.pem"));
+    let config = config_trusting(&ca, dir.path(), server.addr.port(), refused_port());
     let report = diagnose(&config).await;
     assert_fails(
         &report,
@@ -282,8 +273,7 @@ async fn a_certificate_for_another_name() {
     let ca = TestCa::new("Beckon test CA");
     let server = start_tls_server(ca.server_cert(&["broker.example", "push.example"])).await;
     let dir = tempfile::tempdir().expect("tempdir");
-    let config = config("127.0.0.1", server.addr.port(), refused_port())
-        .with_ca_file(ca.write_pem(dir.path(), "ca.pem"));
+    let config = config_trusting(&ca, dir.path(), server.addr.port(), refused_port());
     let report = diagnose(&config).await;
     assert_fails(
         &report,
@@ -302,8 +292,7 @@ async fn a_broker_that_wants_a_client_certificate() {
     let tenant_ca = TestCa::new("tenant CA");
     let server = start_mtls_server(ca.server_cert(&["127.0.0.1"]), &tenant_ca).await;
     let dir = tempfile::tempdir().expect("tempdir");
-    let config = config("127.0.0.1", server.addr.port(), refused_port())
-        .with_ca_file(ca.write_pem(dir.path(), "ca.pem"));
+    let config = config_trusting(&ca, dir.path(), server.addr.port(), refused_port());
 
     // No certificate: with TLS 1.3 the broker's refusal arrives after the handshake, on the
     // first read, so it is the MQTT CONNECT step that reports it.
@@ -344,8 +333,7 @@ async fn credentials_refused_by_mosquitto() {
         "right-token",
     );
     let dir = tempfile::tempdir().expect("tempdir");
-    let mut config = config("127.0.0.1", broker.port, refused_port())
-        .with_ca_file(ca.write_pem(dir.path(), "ca.pem"));
+    let mut config = config_trusting(&ca, dir.path(), broker.port, refused_port());
     config.username = Some("agent-7".into());
     config.password = Some("wrong-token".into());
     let report = diagnose(&config).await;
@@ -380,8 +368,7 @@ async fn a_working_path_through_mosquitto() {
     let dir = tempfile::tempdir().expect("tempdir");
     // Mosquitto on both ports: its TLS listener is no shared 443-style port (no ALPN mqtt,
     // no WebSocket), which the fallback paths must say.
-    let mut config = config("127.0.0.1", broker.port, broker.port)
-        .with_ca_file(ca.write_pem(dir.path(), "ca.pem"));
+    let mut config = config_trusting(&ca, dir.path(), broker.port, broker.port);
     config.username = Some("agent-7".into());
     config.password = Some("right-token".into());
     let report = diagnose(&config).await;
@@ -437,13 +424,7 @@ async fn a_working_path_through_mosquitto() {
     assert!(round_trip.contains("received it back"), "{round_trip}");
     assert!(report.ok);
     assert_eq!(report.path_in_use.as_deref(), Some("8883"));
-    assert!(
-        report
-            .summary
-            .starts_with("Agents will use 8883 (MQTT over TLS to 127.0.0.1:"),
-        "{}",
-        report.summary
-    );
+    assert_summary_starts(&report, "Agents will use 8883 (MQTT over TLS to 127.0.0.1:");
     assert!(human.contains("✓ 8883: MQTT over TLS"), "{human}");
     assert!(human.contains("✗ 443-mqtt"), "{human}");
 }
@@ -557,8 +538,7 @@ async fn a_working_path_through_tinyproxy() {
     );
     let proxy = Tinyproxy::start(&[broker.port]);
     let dir = tempfile::tempdir().expect("tempdir");
-    let mut config = config("127.0.0.1", broker.port, refused_port())
-        .with_ca_file(ca.write_pem(dir.path(), "ca.pem"));
+    let mut config = config_trusting(&ca, dir.path(), broker.port, refused_port());
     config.proxy = Some(proxy_url(&proxy));
     config.username = Some("agent-7".into());
     config.password = Some("right-token".into());
@@ -568,11 +548,7 @@ async fn a_working_path_through_tinyproxy() {
     assert!(first.ok, "{human}\ntinyproxy:\n{}", proxy.output());
     assert_eq!(step(first, StepName::ProxyConnect).verdict, Verdict::Pass);
     assert_eq!(report.path_in_use.as_deref(), Some("8883 via proxy"));
-    assert!(
-        report.summary.starts_with("Agents will use 8883 via proxy"),
-        "{}",
-        report.summary
-    );
+    assert_summary_starts(&report, "Agents will use 8883 via proxy");
     // The direct 8883 path works too; the 443 ones do not (nothing listens there).
     assert!(path(&report, "8883").ok, "{human}");
     assert!(
@@ -588,8 +564,7 @@ async fn the_fallback_port_with_alpn_mqtt() {
     let broker = start_fake_broker(ca.server_cert(&["127.0.0.1"]), true).await;
     let dir = tempfile::tempdir().expect("tempdir");
     // 8883 filtered-by-refusal; the shared port works.
-    let config = config("127.0.0.1", refused_port(), broker.addr.port())
-        .with_ca_file(ca.write_pem(dir.path(), "ca.pem"));
+    let config = config_trusting(&ca, dir.path(), refused_port(), broker.addr.port());
     let report = diagnose(&config).await;
     let human = report.to_human();
     assert_eq!(report.path_in_use.as_deref(), Some("443-mqtt"), "{human}");
@@ -605,11 +580,7 @@ async fn the_fallback_port_with_alpn_mqtt() {
             .contains("received it back"),
         "{human}"
     );
-    assert!(
-        report.summary.starts_with("Agents will use 443-mqtt"),
-        "{}",
-        report.summary
-    );
+    assert_summary_starts(&report, "Agents will use 443-mqtt");
 }
 
 #[tokio::test]
@@ -617,8 +588,7 @@ async fn a_fallback_port_that_serves_only_websocket() {
     let ca = TestCa::new("Beckon test CA");
     let broker = start_fake_broker(ca.server_cert(&["127.0.0.1"]), false).await;
     let dir = tempfile::tempdir().expect("tempdir");
-    let config = config("127.0.0.1", refused_port(), broker.addr.port())
-        .with_ca_file(ca.write_pem(dir.path(), "ca.pem"));
+    let config = config_trusting(&ca, dir.path(), refused_port(), broker.addr.port());
     let report = diagnose(&config).await;
     assert_fails(
         &report,
@@ -637,12 +607,9 @@ async fn a_fallback_port_that_serves_only_websocket() {
     );
     let ws = step(path(&report, "443-websocket"), StepName::WebSocket);
     assert_eq!(ws.verdict, Verdict::Pass);
-    assert!(
-        report
-            .summary
-            .starts_with("Agents will use 443-websocket (MQTT over WebSocket to wss://127.0.0.1:"),
-        "{}",
-        report.summary
+    assert_summary_starts(
+        &report,
+        "Agents will use 443-websocket (MQTT over WebSocket to wss://127.0.0.1:",
     );
 }
 
@@ -659,9 +626,5 @@ async fn an_unreadable_ca_file_stops_before_any_check() {
         "{fix}"
     );
     assert!(report.to_human().contains(&format!("fix: {fix}")));
-    assert!(
-        report.summary.starts_with("The checks could not start"),
-        "{}",
-        report.summary
-    );
+    assert_summary_starts(&report, "The checks could not start");
 }

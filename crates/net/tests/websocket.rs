@@ -3,7 +3,9 @@
 
 mod support;
 
-use beckon_net::{TlsClient, TlsSettings, TrustAnchors, WsError, WsSettings, websocket_handshake};
+use beckon_net::{
+    TlsClient, TlsSettings, TrustAnchors, WsByteStream, WsError, WsSettings, websocket_handshake,
+};
 use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -23,6 +25,16 @@ async fn tls_to(server: &TlsServer, ca: &TestCa) -> beckon_net::tls::TlsStream<T
     tls
 }
 
+/// A TLS connection to `server`, upgraded to WebSocket with `settings`.
+async fn upgrade(
+    server: &TlsServer,
+    ca: &TestCa,
+    settings: &WsSettings,
+) -> Result<WsByteStream<beckon_net::tls::TlsStream<TcpStream>>, WsError> {
+    let tls = tls_to(server, ca).await;
+    websocket_handshake(tls, "localhost", server.port(), settings, WAIT).await
+}
+
 async fn server_with(ca: &TestCa, behaviour: WsBehaviour) -> TlsServer {
     start_tls_server_with(
         server_config(ca.server_cert(&["localhost"]), &["mqtt", "http/1.1"]),
@@ -35,16 +47,9 @@ async fn server_with(ca: &TestCa, behaviour: WsBehaviour) -> TlsServer {
 async fn carries_bytes_both_ways() {
     let ca = TestCa::new("CA");
     let mut server = server_with(&ca, WsBehaviour::Echo).await;
-    let tls = tls_to(&server, &ca).await;
-    let mut ws = websocket_handshake(
-        tls,
-        "localhost",
-        server.port(),
-        &WsSettings::default(),
-        WAIT,
-    )
-    .await
-    .expect("upgrade");
+    let mut ws = upgrade(&server, &ca, &WsSettings::default())
+        .await
+        .expect("upgrade");
 
     // A CONNECT-like packet, sent without a flush (as on TCP, a write goes out at once),
     // then a payload larger than one read buffer: the reader must hand it out in pieces,
@@ -77,16 +82,9 @@ async fn carries_bytes_both_ways() {
 async fn server_close_is_end_of_stream() {
     let ca = TestCa::new("CA");
     let server = server_with(&ca, WsBehaviour::Close).await;
-    let tls = tls_to(&server, &ca).await;
-    let mut ws = websocket_handshake(
-        tls,
-        "localhost",
-        server.port(),
-        &WsSettings::default(),
-        WAIT,
-    )
-    .await
-    .expect("upgrade");
+    let mut ws = upgrade(&server, &ca, &WsSettings::default())
+        .await
+        .expect("upgrade");
     let mut buf = [0u8; 8];
     let n = tokio::time::timeout(WAIT, ws.read(&mut buf))
         .await
@@ -99,16 +97,9 @@ async fn server_close_is_end_of_stream() {
 async fn text_messages_are_an_error() {
     let ca = TestCa::new("CA");
     let server = server_with(&ca, WsBehaviour::SendText).await;
-    let tls = tls_to(&server, &ca).await;
-    let mut ws = websocket_handshake(
-        tls,
-        "localhost",
-        server.port(),
-        &WsSettings::default(),
-        WAIT,
-    )
-    .await
-    .expect("upgrade");
+    let mut ws = upgrade(&server, &ca, &WsSettings::default())
+        .await
+        .expect("upgrade");
     let mut buf = [0u8; 8];
     let err = tokio::time::timeout(WAIT, ws.read(&mut buf))
         .await
@@ -121,16 +112,9 @@ async fn text_messages_are_an_error() {
 async fn a_server_without_the_mqtt_subprotocol_is_refused() {
     let ca = TestCa::new("CA");
     let server = server_with(&ca, WsBehaviour::NoSubprotocol).await;
-    let tls = tls_to(&server, &ca).await;
-    let err = websocket_handshake(
-        tls,
-        "localhost",
-        server.port(),
-        &WsSettings::default(),
-        WAIT,
-    )
-    .await
-    .expect_err("no subprotocol");
+    let err = upgrade(&server, &ca, &WsSettings::default())
+        .await
+        .expect_err("no subprotocol");
     assert!(matches!(err, WsError::Subprotocol { .. }), "{err}");
     assert!(err.to_string().contains("subprotocol mqtt"), "{err}");
 }
@@ -139,14 +123,11 @@ async fn a_server_without_the_mqtt_subprotocol_is_refused() {
 async fn a_wrong_path_is_reported_with_its_status() {
     let ca = TestCa::new("CA");
     let server = server_with(&ca, WsBehaviour::Echo).await;
-    let tls = tls_to(&server, &ca).await;
     let settings = WsSettings {
         path: "/not-mqtt".into(),
         ..WsSettings::default()
     };
-    let err = websocket_handshake(tls, "localhost", server.port(), &settings, WAIT)
-        .await
-        .expect_err("404");
+    let err = upgrade(&server, &ca, &settings).await.expect_err("404");
     assert!(
         matches!(err, WsError::Rejected { status: 404, .. }),
         "{err}"

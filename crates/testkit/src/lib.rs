@@ -1,7 +1,8 @@
 //! Test peers shared by Beckon's test suites, so that each suite does not grow its own copy:
 //! a test CA made with rcgen, Debian's tinyproxy and Mosquitto started on free loopback ports
-//! (killed on drop), and small scripted TCP servers. Every wait is bounded by [`WAIT`]. A
-//! missing program fails the test with the package to install: a missing peer is no pass.
+//! (killed on drop), and small scripted TCP servers (an echo server among them). Every wait is
+//! bounded by [`WAIT`]. A missing program fails the test with the package to install: a
+//! missing peer is no pass.
 //!
 //! Only for tests: it panics on every failure, as a test should.
 
@@ -14,7 +15,7 @@ mod servers;
 
 pub use ca::{ServerIdentity, TestCa};
 pub use process::{Mosquitto, Tinyproxy, find_program, wait_listening};
-pub use servers::{start_scripted_server, start_silent_server};
+pub use servers::{start_echo_server, start_scripted_server, start_silent_server};
 
 use std::time::Duration;
 

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::{ServerIdentity, WAIT, free_port};
+use crate::{ServerIdentity, TestCa, WAIT, free_port};
 
 /// The program `name` from `PATH` or one of `places`; fails the test naming the Debian
 /// `package` to install when it is not there.
@@ -145,6 +145,26 @@ impl Mosquitto {
 
     /// TLS on a free port with the server `identity`, and the one user `user`/`password`.
     pub fn start_tls(identity: &ServerIdentity, user: &str, password: &str) -> Self {
+        Self::start_tls_checking(identity, None, user, password)
+    }
+
+    /// Like [`Mosquitto::start_tls`], also requiring a client certificate issued by
+    /// `client_ca`.
+    pub fn start_tls_requiring_client_cert(
+        identity: &ServerIdentity,
+        client_ca: &TestCa,
+        user: &str,
+        password: &str,
+    ) -> Self {
+        Self::start_tls_checking(identity, Some(client_ca), user, password)
+    }
+
+    fn start_tls_checking(
+        identity: &ServerIdentity,
+        client_ca: Option<&TestCa>,
+        user: &str,
+        password: &str,
+    ) -> Self {
         let passwd = find_program(
             "mosquitto_passwd",
             &["/usr/bin/mosquitto_passwd"],
@@ -165,9 +185,13 @@ impl Mosquitto {
                 .expect("run mosquitto_passwd");
             assert!(status.success(), "mosquitto_passwd failed: {status}");
             set_mode(&pwfile, 0o644);
+            let client_certs = client_ca.map_or_else(String::new, |ca| {
+                let cafile = readable_file(dir, "client-ca.pem", &ca.pem());
+                format!("cafile {}\nrequire_certificate true\n", cafile.display())
+            });
             format!(
                 "listener {port} 127.0.0.1\ncertfile {}\nkeyfile {}\nallow_anonymous false\n\
-                 password_file {}\n",
+                 password_file {}\n{client_certs}",
                 cert.display(),
                 key.display(),
                 pwfile.display()

@@ -1,11 +1,9 @@
 //! Test support: an MQTT peer speaking through the codec (the broker side of an in-memory
 //! stream, or a server client of a real broker), a connector that hands out in-memory
-//! streams, a Mosquitto process killed on drop, and agent configs.
+//! streams, and agent configs. Mosquitto, tinyproxy and free ports come from beckon-testkit.
 #![allow(dead_code)]
 
-use std::net::TcpListener;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -19,6 +17,10 @@ use beckon_mqtt::{
 use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, DuplexStream};
 use tokio::sync::mpsc;
+
+// Not every test program uses every one.
+#[allow(unused_imports)]
+pub use beckon_testkit::{Mosquitto, Tinyproxy, free_port};
 
 /// Every wait in these tests is bounded by this.
 pub const WAIT: Duration = Duration::from_secs(10);
@@ -359,6 +361,20 @@ pub fn command_action(dir: &Path, script: &str, timeout: &str) -> String {
     )
 }
 
+/// Tells an agent started with `run_agent` to stop, and fails the test unless its task ends
+/// cleanly within `WAIT`.
+pub async fn stop_agent(
+    stop: &tokio::sync::watch::Sender<bool>,
+    task: tokio::task::JoinHandle<Result<(), beckon_agent::AgentError>>,
+) {
+    let _ = stop.send(true);
+    tokio::time::timeout(WAIT, task)
+        .await
+        .expect("the agent did not stop in time")
+        .expect("the agent task panicked")
+        .expect("the agent ended with an error");
+}
+
 /// Polls `cond` every 20 ms until it holds; panics after `WAIT`.
 pub async fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
     let deadline = tokio::time::Instant::now() + WAIT;
@@ -371,183 +387,10 @@ pub async fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
     }
 }
 
-/// A free loopback port.
-pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("addr")
-        .port()
-}
-
-/// A Mosquitto broker on a loopback port, killed on drop.
-pub struct Mosquitto {
-    child: Child,
-    pub port: u16,
-    _dir: tempfile::TempDir,
-}
-
-pub const MOSQUITTO: &str = "/usr/sbin/mosquitto";
-
-impl Mosquitto {
-    /// Fails the test when Mosquitto is not installed (a missing peer is no pass).
-    pub fn start(port: u16) -> Option<Self> {
-        Self::start_with(port, "")
-    }
-
-    /// Like [`Mosquitto::start`], with more configuration lines (more listeners).
-    pub fn start_with(port: u16, extra: &str) -> Option<Self> {
-        if !Path::new(MOSQUITTO).exists() {
-            panic!("{MOSQUITTO} is not installed: `apt-get install mosquitto` (scripts/test does)");
-        }
-        let dir = tempfile::tempdir().expect("tempdir");
-        let conf: PathBuf = dir.path().join("mosquitto.conf");
-        std::fs::write(
-            &conf,
-            format!(
-                "allow_anonymous true\npersistence false\nlog_dest stderr\nlog_type error\nlistener {port} 127.0.0.1\n{extra}"
-            ),
-        )
-        .expect("write mosquitto.conf");
-        let child = Command::new(MOSQUITTO)
-            .arg("-c")
-            .arg(&conf)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start mosquitto");
-        let m = Self {
-            child,
-            port,
-            _dir: dir,
-        };
-        // Ready when it accepts TCP.
-        let deadline = std::time::Instant::now() + WAIT;
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "mosquitto did not listen on {port}"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Some(m)
-    }
-
-    pub fn stop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for Mosquitto {
-    fn drop(&mut self) {
-        self.stop();
-    }
-}
-
 /// Publishes the wake-up until the agent acknowledges receiving it (the agent's subscription
 /// may not be in place the very first moment), then returns every ack up to `finished`.
-pub async fn wake_until_acked(
-    server: &mut Peer<tokio::net::TcpStream>,
-    reason: &str,
-    packet_id: u16,
-) -> Vec<serde_json::Value> {
-    let (id, payload) = signed_wakeup(reason, 0);
-    let id = id.as_str();
-    let mut acks: Vec<serde_json::Value> = Vec::new();
-    'publish: for _ in 0..5 {
-        server
-            .send(publish("agents/a1/wake", packet_id, &payload))
-            .await;
-        loop {
-            match server.recv_within(Duration::from_secs(2)).await {
-                None => continue 'publish,
-                Some(Packet::PubAck(_)) => {}
-                Some(Packet::Publish(p)) => {
-                    if let Some(pid) = p.packet_id {
-                        server.send(Packet::PubAck(Ack::new(pid))).await;
-                    }
-                    let ack: serde_json::Value = serde_json::from_slice(&p.payload).expect("json");
-                    let done = ack["wakeup_id"] == id && ack["stage"] == "finished";
-                    acks.push(ack);
-                    if done {
-                        return acks;
-                    }
-                }
-                Some(other) => panic!("unexpected {other:?}"),
-            }
-        }
-    }
-    panic!("the agent never acknowledged wake-up {id}");
-}
-
-/// Debian's tinyproxy on a free loopback port, allowing CONNECT to `connect_ports` only.
-/// Killed on drop. `None` (the test then says it skipped) when it is not installed.
-pub struct Tinyproxy {
-    child: Child,
-    pub port: u16,
-    _dir: tempfile::TempDir,
-}
-
-impl Tinyproxy {
-    pub fn start(connect_ports: &[u16]) -> Option<Self> {
-        let binary = ["/usr/bin/tinyproxy", "/usr/sbin/tinyproxy"]
-            .into_iter()
-            .map(PathBuf::from)
-            .find(|p| p.is_file());
-        let Some(binary) = binary else {
-            panic!("tinyproxy is not installed: `apt-get install tinyproxy` (scripts/test does)");
-        };
-        let dir = tempfile::tempdir().expect("tempdir");
-        let port = free_port();
-        let mut config = format!(
-            "Port {port}\nListen 127.0.0.1\nTimeout 30\nMaxClients 20\nLogLevel Error\nPidFile \"{}\"\nAllow 127.0.0.1\n",
-            dir.path().join("tinyproxy.pid").display()
-        );
-        for p in connect_ports {
-            config.push_str(&format!("ConnectPort {p}\n"));
-        }
-        let conf = dir.path().join("tinyproxy.conf");
-        std::fs::write(&conf, config).expect("write tinyproxy.conf");
-        let child = Command::new(binary)
-            .arg("-d")
-            .arg("-c")
-            .arg(&conf)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start tinyproxy");
-        let proxy = Self {
-            child,
-            port,
-            _dir: dir,
-        };
-        let deadline = std::time::Instant::now() + WAIT;
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "tinyproxy did not listen on {port}"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Some(proxy)
-    }
-
-    pub fn stop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for Tinyproxy {
-    fn drop(&mut self) {
-        self.stop();
-    }
-}
-
-/// [`wake_until_acked`] for a server client over any stream (TLS to a broker with tenants).
-pub async fn wake_until_acked_over<S: AsyncRead + AsyncWrite + Unpin>(
+/// `server` is a server client over any stream (plain TCP, or TLS to a broker with tenants).
+pub async fn wake_until_acked<S: AsyncRead + AsyncWrite + Unpin>(
     server: &mut Peer<S>,
     reason: &str,
     packet_id: u16,

@@ -88,6 +88,24 @@ pub fn mosquitto_bin() -> PathBuf {
     path
 }
 
+/// The `beckon` binary named by `BECKON_BIN`; the test fails (not skips) without it.
+pub fn beckon_bin() -> PathBuf {
+    let path = std::env::var_os("BECKON_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            panic!(
+                "BECKON_BIN is not set: build the beckon binary (cargo build -p beckon) and set \
+             BECKON_BIN to its path, e.g. BECKON_BIN=target/debug/beckon"
+            )
+        });
+    assert!(
+        path.is_file(),
+        "BECKON_BIN={} is not a file: build it with cargo build -p beckon",
+        path.display()
+    );
+    path
+}
+
 /// Runs this program as `bench <args>`, killed if it outlives `limit`; returns stdout after
 /// asserting exit 0.
 pub fn run_bench(args: &[&str], limit: Duration) -> String {

@@ -1,19 +1,27 @@
-//! Test helpers: a console with an API client, raw MQTT peers, Mosquitto killed on drop.
+//! Test helpers: a console with an API client, raw MQTT peers; Mosquitto (killed on drop)
+//! from beckon-testkit.
 #![allow(dead_code)]
 
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use axum::body::Body;
 use axum::http::{Request, StatusCode};
+use beckon_broker::{Bound, BrokerConfig, Listen, Server, ServerHandle};
 use beckon_console::{Console, ConsoleConfig, ConsoleHandle};
-use beckon_mqtt::{Packet, ProtocolVersion};
+use beckon_mqtt::{
+    Connect, Packet, Properties, ProtocolVersion, QoS, RetainHandling, Subscribe, Subscription,
+    SubscriptionOptions,
+};
 use bytes::BytesMut;
 use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tower::ServiceExt;
+
+// Not every test program uses every one.
+#[allow(unused_imports)]
+pub use beckon_testkit::{Mosquitto, free_port};
 
 /// Every wait is bounded by this.
 pub const WAIT: Duration = Duration::from_secs(10);
@@ -42,29 +50,94 @@ pub async fn start_with(f: impl FnOnce(&mut ConsoleConfig)) -> Api {
 }
 
 impl Api {
-    pub async fn call(&self, method: &str, path: &str, body: Option<Value>) -> (StatusCode, Value) {
-        let mut b = Request::builder()
-            .method(method)
-            .uri(path)
-            .header("authorization", format!("Bearer {}", self.token));
-        let req = match body {
-            Some(v) => {
-                b = b.header("content-type", "application/json");
-                b.body(Body::from(v.to_string())).unwrap()
-            }
-            None => b.body(Body::empty()).unwrap(),
-        };
+    /// One request through the router: status, headers and the body's bytes.
+    async fn respond(&self, req: Request<Body>) -> (StatusCode, Vec<(String, String)>, Vec<u8>) {
         let resp = self.router.clone().oneshot(req).await.unwrap();
         let status = resp.status();
+        let headers = resp
+            .headers()
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_str().unwrap_or("").to_owned()))
+            .collect();
         let bytes = axum::body::to_bytes(resp.into_body(), 1 << 20)
             .await
             .unwrap();
-        let v = if bytes.is_empty() {
+        (status, headers, bytes.to_vec())
+    }
+
+    /// One request through the router: status, headers and the JSON body (`Null` when
+    /// empty; a body that is not JSON fails the test).
+    pub async fn raw(&self, req: Request<Body>) -> (StatusCode, Vec<(String, String)>, Value) {
+        let (status, headers, bytes) = self.respond(req).await;
+        let body = if bytes.is_empty() {
             Value::Null
         } else {
-            serde_json::from_slice(&bytes).unwrap()
+            serde_json::from_slice(&bytes)
+                .unwrap_or_else(|_| panic!("not JSON: {}", String::from_utf8_lossy(&bytes)))
         };
-        (status, v)
+        (status, headers, body)
+    }
+
+    /// A request with `auth` as its Authorization header (none: without) and the JSON text
+    /// `body`; returns the status and the body as text.
+    pub async fn text(
+        &self,
+        method: &str,
+        path: &str,
+        auth: Option<&str>,
+        body: Option<&str>,
+    ) -> (StatusCode, String) {
+        let req = request(method, path, auth, body.map(str::to_owned));
+        let (status, _, bytes) = self.respond(req).await;
+        (status, String::from_utf8_lossy(&bytes).into_owned())
+    }
+
+    /// A request with the API token.
+    pub async fn call(&self, method: &str, path: &str, body: Option<Value>) -> (StatusCode, Value) {
+        let auth = format!("Bearer {}", self.token);
+        self.call_as(method, path, body, Some(&auth)).await
+    }
+
+    /// A request with `auth` as its Authorization header (none: without).
+    pub async fn call_as(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<Value>,
+        auth: Option<&str>,
+    ) -> (StatusCode, Value) {
+        let req = request(method, path, auth, body.map(|v| v.to_string()));
+        let (s, _, v) = self.raw(req).await;
+        (s, v)
+    }
+
+    /// Polls GET `path` until `f` holds for its body, and returns it; fails the test with
+    /// `what` after 30 s.
+    pub async fn wait_for(&self, what: &str, path: &str, f: impl Fn(&Value) -> bool) -> Value {
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let (_, v) = self.call("GET", path, None).await;
+            if f(&v) {
+                return v;
+            }
+            assert!(std::time::Instant::now() < deadline, "{what}: {v}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// POST /api/v1/enroll with `body`, as an agent does: without the API token.
+    pub async fn enroll_unauthenticated(&self, body: Value) -> (StatusCode, Value) {
+        self.call_as("POST", "/api/v1/enroll", Some(body), None)
+            .await
+    }
+
+    /// A new enrollment token made with the options in `body`.
+    pub async fn enrollment_token(&self, body: Value) -> String {
+        let (s, t) = self
+            .call("POST", "/api/v1/enrollment-tokens", Some(body))
+            .await;
+        assert_eq!(s, StatusCode::CREATED, "{t}");
+        t["token"].as_str().expect("the token").to_owned()
     }
 
     /// Enrolls `id` with inventory `inv`; returns the enrollment response.
@@ -75,22 +148,32 @@ impl Api {
 
     /// Like [`Api::enroll`] with the agent's own key pair.
     pub async fn enroll_with_key(&self, id: &str, inv: Value, key: &rcgen::KeyPair) -> Value {
-        let (_, t) = self
-            .call(
-                "POST",
-                "/api/v1/enrollment-tokens",
-                Some(serde_json::json!({})),
-            )
-            .await;
+        let token = self.enrollment_token(serde_json::json!({})).await;
         let (s, e) = self
             .call(
                 "POST",
                 "/api/v1/enroll",
-                Some(serde_json::json!({"token": t["token"], "agent_id": id, "csr": csr_for(key), "inventory": inv})),
+                Some(serde_json::json!({"token": token, "agent_id": id, "csr": csr_for(key), "inventory": inv})),
             )
             .await;
         assert_eq!(s, StatusCode::CREATED, "{e}");
         e
+    }
+}
+
+/// A request with `auth` as its Authorization header (none: without) and the JSON text
+/// `body`.
+fn request(method: &str, path: &str, auth: Option<&str>, body: Option<String>) -> Request<Body> {
+    let mut b = Request::builder().method(method).uri(path);
+    if let Some(a) = auth {
+        b = b.header("authorization", a);
+    }
+    match body {
+        Some(text) => b
+            .header("content-type", "application/json")
+            .body(Body::from(text))
+            .unwrap(),
+        None => b.body(Body::empty()).unwrap(),
     }
 }
 
@@ -160,58 +243,93 @@ impl<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin> Peer<S> {
             .await
             .expect("a packet within the wait")
     }
-}
 
-/// A Mosquitto broker on a loopback port, killed on drop.
-pub struct Mosquitto {
-    child: Child,
-    pub port: u16,
-    _dir: tempfile::TempDir,
-}
-
-pub const MOSQUITTO: &str = "/usr/sbin/mosquitto";
-
-impl Mosquitto {
-    /// Fails the test when Mosquitto is not installed (a missing peer is no pass).
-    pub fn start() -> Option<Self> {
-        if !Path::new(MOSQUITTO).exists() {
-            panic!("{MOSQUITTO} is not installed: `apt-get install mosquitto` (scripts/test does)");
+    /// CONNECT as `client_id` (MQTT 5, clean start); fails the test unless the CONNACK
+    /// accepts it.
+    pub async fn connect_as(&mut self, client_id: &str) {
+        self.send(Packet::Connect(Box::new(Connect {
+            protocol: ProtocolVersion::V5,
+            clean_start: true,
+            keep_alive: 60,
+            client_id: client_id.into(),
+            will: None,
+            username: None,
+            password: None,
+            properties: Properties::default(),
+        })))
+        .await;
+        match self.recv().await {
+            Packet::ConnAck(a) => assert!(!a.code.is_error(), "{client_id} refused: {a:?}"),
+            other => panic!("{client_id}: {other:?} instead of a CONNACK"),
         }
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let dir = tempfile::tempdir().unwrap();
-        let conf = dir.path().join("mosquitto.conf");
-        std::fs::write(
-            &conf,
-            format!("allow_anonymous true\npersistence false\nlog_dest stderr\nlog_type error\nlistener {port} 127.0.0.1\n"),
-        )
+    }
+
+    /// Subscribes to agent `id`'s wake-ups (QoS 1) and waits for the SUBACK.
+    pub async fn subscribe_wake(&mut self, id: &str) {
+        self.send(Packet::Subscribe(Subscribe {
+            packet_id: 1,
+            subscriptions: vec![Subscription {
+                filter: format!("agents/{id}/wake"),
+                options: SubscriptionOptions {
+                    qos: QoS::AtLeastOnce,
+                    no_local: false,
+                    retain_as_published: false,
+                    retain_handling: RetainHandling::SendAtSubscribe,
+                },
+            }],
+            properties: Properties::default(),
+        }))
+        .await;
+        assert!(matches!(self.recv().await, Packet::SubAck(_)));
+    }
+}
+
+/// An agent enrolled by the console (`enrolled`, with its `key`), connected as `id` over TLS
+/// to the broker at 127.0.0.1:`port` (trusting `ca`) with the certificate it got.
+pub async fn tls_agent(
+    port: u16,
+    ca: &Path,
+    id: &str,
+    enrolled: &Value,
+    key: &rcgen::KeyPair,
+) -> Peer<beckon_net::BoxedStream> {
+    let tls = beckon_net::TlsClient::new(&beckon_net::TlsSettings {
+        trust: beckon_net::TrustAnchors::CaFile(ca.to_owned()),
+        identity: Some(beckon_net::ClientIdentity::Pem {
+            cert: enrolled["certificate"]
+                .as_str()
+                .unwrap()
+                .as_bytes()
+                .to_vec(),
+            key: key.serialize_pem().into_bytes(),
+        }),
+        ..Default::default()
+    })
+    .unwrap();
+    let tcp = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    let (stream, _) = tls
+        .connect(tcp, "127.0.0.1", &["mqtt"], WAIT)
+        .await
         .unwrap();
-        let child = Command::new(MOSQUITTO)
-            .arg("-c")
-            .arg(&conf)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let started = std::time::Instant::now();
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(started.elapsed() < WAIT, "mosquitto did not start");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        Some(Self {
-            child,
-            port,
-            _dir: dir,
-        })
-    }
+    let mut peer = Peer::new(Box::new(stream) as beckon_net::BoxedStream);
+    peer.connect_as(id).await;
+    peer
 }
 
-impl Drop for Mosquitto {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// Beckon's broker reading tenant files from `dir/tenants` (every second), MQTT over TLS on
+/// 127.0.0.1:`port` (0: any) only, with the CA it generates; returns the CA file too.
+pub async fn tenant_broker(dir: &Path, port: u16) -> (Bound, ServerHandle, PathBuf) {
+    let tenants = dir.join("tenants");
+    std::fs::create_dir_all(&tenants).unwrap();
+    let mut config = BrokerConfig {
+        data_dir: dir.join("broker"),
+        tenants_dir: Some(tenants),
+        tenants_reload_interval_secs: 1,
+        ..BrokerConfig::default()
+    };
+    config.listeners.mqtts = Listen(Some(([127, 0, 0, 1], port).into()));
+    config.listeners.mqtt = Listen(None);
+    let (bound, handle) = Server::bind(config).await.expect("broker starts");
+    let ca = bound.generated_ca.clone().unwrap();
+    (bound, handle, ca)
 }

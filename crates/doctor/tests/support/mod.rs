@@ -5,6 +5,7 @@
 #![allow(dead_code)] // each test uses a different part
 
 use std::net::SocketAddr;
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -32,6 +33,16 @@ pub fn config(host: &str, primary: u16, fallback: u16) -> DoctorConfig {
     config.fallback_port = Some(fallback);
     config.step_timeout = STEP;
     config
+}
+
+/// [`config`] for 127.0.0.1 trusting `ca`, whose certificate is written to `dir/ca.pem`.
+pub fn config_trusting(ca: &TestCa, dir: &Path, primary: u16, fallback: u16) -> DoctorConfig {
+    config("127.0.0.1", primary, fallback).with_ca_file(ca.write_pem(dir, "ca.pem"))
+}
+
+/// Asserts that the report's summary starts with `prefix`.
+pub fn assert_summary_starts(report: &Report, prefix: &str) {
+    assert!(report.summary.starts_with(prefix), "{}", report.summary);
 }
 
 /// The path with this label.
@@ -128,6 +139,20 @@ async fn serve_tls(identity: ServerIdentity, client_ca: Option<&TestCa>) -> TlsS
         .with_single_cert(identity.chain, identity.key)
         .expect("server certificate");
     config.alpn_protocols = vec![b"mqtt".to_vec()];
+    serve(config, |mut tls| async move {
+        let mut buf = [0u8; 1024];
+        let _ = tokio::time::timeout(WAIT, tls.read(&mut buf)).await;
+    })
+    .await
+}
+
+/// A TLS server on loopback with `config`: every connection, once its handshake is done
+/// (within [`WAIT`]), is handed to `session` on a task of its own.
+async fn serve<F, S>(config: rustls::ServerConfig, session: F) -> TlsServer
+where
+    F: Fn(tokio_rustls::server::TlsStream<TcpStream>) -> S + Copy + Send + 'static,
+    S: Future<Output = ()> + Send + 'static,
+{
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("address");
@@ -138,9 +163,8 @@ async fn serve_tls(identity: ServerIdentity, client_ca: Option<&TestCa>) -> TlsS
             };
             let acceptor = acceptor.clone();
             tokio::spawn(async move {
-                if let Ok(Ok(mut tls)) = tokio::time::timeout(WAIT, acceptor.accept(tcp)).await {
-                    let mut buf = [0u8; 1024];
-                    let _ = tokio::time::timeout(WAIT, tls.read(&mut buf)).await;
+                if let Ok(Ok(tls)) = tokio::time::timeout(WAIT, acceptor.accept(tcp)).await {
+                    session(tls).await;
                 }
             });
         }
@@ -211,29 +235,15 @@ pub async fn start_fake_broker(identity: ServerIdentity, alpn_mqtt: bool) -> Tls
     } else {
         vec![b"http/1.1".to_vec()]
     };
-    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let addr = listener.local_addr().expect("address");
-    let task = tokio::spawn(async move {
-        loop {
-            let Ok((tcp, _)) = listener.accept().await else {
-                return;
-            };
-            let acceptor = acceptor.clone();
-            tokio::spawn(async move {
-                let Ok(Ok(tls)) = tokio::time::timeout(WAIT, acceptor.accept(tcp)).await else {
-                    return;
-                };
-                let alpn = tls.get_ref().1.alpn_protocol().map(<[u8]>::to_vec);
-                if alpn.as_deref() == Some(b"http/1.1") {
-                    serve_mqtt_websocket(tls).await;
-                } else {
-                    serve_mqtt_raw(tls).await;
-                }
-            });
+    serve(config, |tls| async move {
+        let alpn = tls.get_ref().1.alpn_protocol().map(<[u8]>::to_vec);
+        if alpn.as_deref() == Some(b"http/1.1") {
+            serve_mqtt_websocket(tls).await;
+        } else {
+            serve_mqtt_raw(tls).await;
         }
-    });
-    TlsServer { addr, task }
+    })
+    .await
 }
 
 /// The fake broker's answers to one packet.

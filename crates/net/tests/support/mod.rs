@@ -19,8 +19,8 @@ use futures_util::{SinkExt, StreamExt};
 
 #[allow(unused_imports)] // each test file uses a different part
 pub use beckon_testkit::{
-    ServerIdentity, TestCa, Tinyproxy, WAIT, free_port as refused_port, start_scripted_server,
-    start_silent_server,
+    ServerIdentity, TestCa, Tinyproxy, WAIT, free_port as refused_port, start_echo_server,
+    start_scripted_server, start_silent_server,
 };
 
 fn provider() -> Arc<rustls::crypto::CryptoProvider> {
@@ -249,24 +249,6 @@ async fn serve_websocket(
         },
     }
     Served::WebSocket
-}
-
-/// A plain TCP echo server.
-pub async fn start_echo_server() -> (SocketAddr, tokio::task::JoinHandle<()>) {
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let addr = listener.local_addr().expect("address");
-    let task = tokio::spawn(async move {
-        loop {
-            let Ok((mut tcp, _)) = listener.accept().await else {
-                return;
-            };
-            tokio::spawn(async move {
-                let (mut r, mut w) = tcp.split();
-                let _ = tokio::time::timeout(WAIT, tokio::io::copy(&mut r, &mut w)).await;
-            });
-        }
-    });
-    (addr, task)
 }
 
 /// The proxy URL of a tinyproxy started by the test.

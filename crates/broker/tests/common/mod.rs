@@ -1,0 +1,131 @@
+//! What the broker's test programs share: a client speaking raw MQTT over any stream, and a
+//! TLS client configuration for the broker. Every wait is bounded by [`WAIT`].
+
+// Each test program uses its own part.
+#![allow(dead_code)]
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use beckon_mqtt::{Packet, ProtocolVersion, decode, encode};
+use bytes::BytesMut;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio_rustls::rustls;
+
+/// Every wait in the broker's tests.
+pub const WAIT: Duration = Duration::from_secs(10);
+
+/// A client speaking raw MQTT over any stream, through Beckon's codec.
+pub struct Client<S> {
+    /// The connection.
+    pub stream: S,
+    /// Bytes read and not decoded yet.
+    pub buf: BytesMut,
+    /// The protocol version packets are encoded and decoded in.
+    pub version: ProtocolVersion,
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
+    /// A client on `stream`, speaking `version`.
+    pub fn new(stream: S, version: ProtocolVersion) -> Self {
+        Self {
+            stream,
+            buf: BytesMut::new(),
+            version,
+        }
+    }
+
+    /// Sends `packet` (encoded in the client's version).
+    pub async fn send(&mut self, packet: &Packet) {
+        let mut b = BytesMut::new();
+        encode(packet, self.version, &mut b).expect("encode");
+        self.send_raw(&b).await;
+    }
+
+    /// Sends bytes as they are.
+    pub async fn send_raw(&mut self, bytes: &[u8]) {
+        tokio::time::timeout(WAIT, self.stream.write_all(bytes))
+            .await
+            .expect("write in time")
+            .expect("write");
+    }
+
+    /// The next packet within `wait`: `None` when none came in time, `Some(None)` when the
+    /// server closed the connection.
+    pub async fn recv_within(&mut self, wait: Duration) -> Option<Option<Packet>> {
+        tokio::time::timeout(wait, async {
+            loop {
+                if let Some(p) =
+                    decode(&mut self.buf, self.version, 1 << 24).expect("valid from server")
+                {
+                    return Some(p);
+                }
+                let mut chunk = [0u8; 4096];
+                match self.stream.read(&mut chunk).await {
+                    Ok(0) | Err(_) => return None,
+                    Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
+                }
+            }
+        })
+        .await
+        .ok()
+    }
+
+    /// The next packet, or `None` when the server closed the connection; fails the test
+    /// after [`WAIT`].
+    pub async fn recv(&mut self) -> Option<Packet> {
+        self.recv_within(WAIT)
+            .await
+            .expect("server answered in time")
+    }
+
+    /// Raw bytes until the server closes.
+    pub async fn read_to_close(&mut self) -> Vec<u8> {
+        let mut all = self.buf.to_vec();
+        tokio::time::timeout(WAIT, async {
+            let mut chunk = [0u8; 4096];
+            loop {
+                match self.stream.read(&mut chunk).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => all.extend_from_slice(&chunk[..n]),
+                }
+            }
+        })
+        .await
+        .expect("server closed in time");
+        all
+    }
+}
+
+/// A rustls client trusting the CA in `ca_pem`, offering the `alpn` protocols, with the
+/// client certificate `identity` when given.
+pub fn client_tls_config(
+    ca_pem: &Path,
+    alpn: &[&[u8]],
+    identity: Option<&beckon_pki::IssuedCertificate>,
+) -> rustls::ClientConfig {
+    use rustls::pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    for c in beckon_pki::load_certificates(ca_pem).expect("ca") {
+        roots.add(c).expect("root");
+    }
+    let builder = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::aws_lc_rs::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .expect("versions")
+    .with_root_certificates(roots);
+    let mut config = match identity {
+        None => builder.with_no_client_auth(),
+        Some(id) => builder
+            .with_client_auth_cert(
+                vec![id.cert_der().expect("der")],
+                rustls::pki_types::PrivateKeyDer::from_pem_slice(id.key_pem.as_bytes())
+                    .expect("key"),
+            )
+            .expect("client cert"),
+    };
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    config
+}
