@@ -1565,3 +1565,104 @@ async fn request_relays(
     }
     Ok(sends)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A connection's dispatcher state without sockets or tasks behind it.
+    fn conn() -> Conn {
+        let (out, _) = mpsc::unbounded_channel();
+        let (_, incoming) = mpsc::unbounded_channel();
+        let (writer, _) = mpsc::unbounded_channel();
+        Conn {
+            out,
+            incoming,
+            ready: std::collections::VecDeque::new(),
+            wbuf: BytesMut::new(),
+            next_id: 0,
+            inflight: HashMap::new(),
+            relay_inflight: HashMap::new(),
+            receive_max: usize::from(u16::MAX),
+            changes: Changes::default(),
+            came_online: Vec::new(),
+            snapshot: None,
+            resent: HashMap::new(),
+            writer,
+        }
+    }
+
+    fn presence(agent: &str, state: PresenceState, retain: bool, packet_id: u16) -> Packet {
+        let event = PresenceEvent {
+            state,
+            at: 1_000,
+            reason: None,
+            remote_addr: "127.0.0.1:40000".into(),
+            path: ConnectionPath::Mqtts,
+            via_proxy: Some(false),
+            node: None,
+        };
+        Packet::Publish(Publish {
+            dup: false,
+            qos: QoS::AtLeastOnce,
+            retain,
+            topic: format!("agents/{agent}/presence"),
+            packet_id: Some(packet_id),
+            payload: Bytes::from(event.to_json()),
+            properties: Properties::default(),
+        })
+    }
+
+    #[test]
+    fn agents_coming_online_while_presence_is_taken_in_count_as_online() {
+        let mut conn = conn();
+        conn.snapshot = Some(Vec::new());
+        // Retained state: online before the console connected.
+        handle_packet(&mut conn, presence("a1", PresenceState::Connected, true, 1)).unwrap();
+        // Live, during the take-in: connected just now.
+        handle_packet(
+            &mut conn,
+            presence("a2", PresenceState::Connected, false, 2),
+        )
+        .unwrap();
+        // Live, during the take-in: gone.
+        handle_packet(
+            &mut conn,
+            presence("a3", PresenceState::Disconnected, false, 3),
+        )
+        .unwrap();
+        assert_eq!(
+            conn.snapshot.as_deref(),
+            Some(&["a1".to_owned(), "a2".to_owned()][..])
+        );
+        // Only the live arrival gets what it was sent again.
+        assert_eq!(conn.came_online, ["a2".to_owned()]);
+        let recorded: Vec<(&str, Presence)> = conn
+            .changes
+            .presence
+            .iter()
+            .map(|p| (p.agent_id.as_str(), p.presence))
+            .collect();
+        assert_eq!(
+            recorded,
+            [
+                ("a1", Presence::Online),
+                ("a2", Presence::Online),
+                ("a3", Presence::Offline)
+            ]
+        );
+        assert_eq!(conn.changes.pubacks, [1, 2, 3]);
+    }
+
+    #[test]
+    fn outside_the_take_in_a_live_arrival_is_only_a_comeback() {
+        let mut conn = conn();
+        handle_packet(
+            &mut conn,
+            presence("a2", PresenceState::Connected, false, 7),
+        )
+        .unwrap();
+        assert!(conn.snapshot.is_none());
+        assert_eq!(conn.came_online, ["a2".to_owned()]);
+    }
+}
