@@ -13,10 +13,11 @@ use std::net::IpAddr;
 use serde::{Deserialize, Serialize};
 
 use crate::acl::{RELAY, RELAY_RESULT};
-use crate::identity::{TenantId, validate_id};
+use crate::identity::validate_id;
 use crate::keys::b64url;
 use crate::wakeup::{
-    MAX_LIFETIME_SECS, ReplayGuard, WakeUpError, WakeUpRejected, WakeUpSigner, WakeUpVerifier,
+    ReplayGuard, WakeUpError, WakeUpRejected, WakeUpSigner, WakeUpVerifier, check_header,
+    check_lifetime, invalid, signed_message,
 };
 
 /// The version written in `v`.
@@ -72,25 +73,10 @@ pub struct RelayRequest {
     pub repeats: u8,
 }
 
-fn invalid(field: &'static str, reason: impl Into<String>) -> WakeUpError {
-    WakeUpError::InvalidField {
-        field,
-        reason: reason.into(),
-    }
-}
-
 impl RelayRequest {
     /// Checks every field against the format's rules (not the time, not the target).
     pub fn check_fields(&self) -> Result<(), WakeUpError> {
-        if self.v != RELAY_VERSION {
-            return Err(invalid("v", format!("version {} is not supported", self.v)));
-        }
-        match uuid::Uuid::try_parse(&self.id) {
-            Ok(u) if u.get_version_num() == 7 && self.id.len() == 36 => {}
-            _ => return Err(invalid("id", "not a hyphenated UUID v7")),
-        }
-        TenantId::new(self.tenant.as_str()).map_err(|e| invalid("tenant", e.to_string()))?;
-        validate_id(&self.agent).map_err(|e| invalid("agent", e.to_string()))?;
+        check_header(self.v, RELAY_VERSION, &self.id, &self.tenant, &self.agent)?;
         validate_id(&self.target).map_err(|e| invalid("target", e.to_string()))?;
         if self.macs.is_empty() || self.macs.len() > MAX_RELAY_MACS {
             return Err(invalid(
@@ -113,13 +99,7 @@ impl RelayRequest {
                 format!("must be 1 to {MAX_RELAY_REPEATS}"),
             ));
         }
-        let lifetime = self.expires_at.saturating_sub(self.issued_at);
-        if lifetime <= 0 || lifetime > MAX_LIFETIME_SECS {
-            return Err(invalid(
-                "expires_at",
-                format!("must be 1 s to {MAX_LIFETIME_SECS} s after issued_at"),
-            ));
-        }
+        check_lifetime(self.issued_at, self.expires_at)?;
         Ok(())
     }
 }
@@ -133,19 +113,14 @@ struct RelayEnvelope {
     sig: String,
 }
 
-fn signed_message(inner: &str) -> Vec<u8> {
-    let mut message = Vec::with_capacity(RELAY_SIGNING_CONTEXT.len() + inner.len());
-    message.extend_from_slice(RELAY_SIGNING_CONTEXT);
-    message.extend_from_slice(inner.as_bytes());
-    message
-}
-
 impl WakeUpSigner {
     /// Checks the fields and returns the signed payload to publish to `agents/{agent}/relay`.
     pub fn sign_relay(&self, request: &RelayRequest) -> Result<Vec<u8>, WakeUpError> {
         request.check_fields()?;
         let inner = serde_json::to_string(request).unwrap_or_default();
-        let sig = self.key().sign(&signed_message(&inner));
+        let sig = self
+            .key()
+            .sign(&signed_message(RELAY_SIGNING_CONTEXT, &inner));
         let envelope = RelayEnvelope {
             relay: inner,
             kid: self.key().kid().to_string(),
@@ -173,7 +148,7 @@ impl WakeUpVerifier {
         self.check_signature(
             &envelope.kid,
             &envelope.sig,
-            &signed_message(&envelope.relay),
+            &signed_message(RELAY_SIGNING_CONTEXT, &envelope.relay),
         )?;
         let request: RelayRequest = serde_json::from_str(&envelope.relay).map_err(|e| {
             WakeUpRejected::Malformed(format!("signed relay request is not valid: {e}"))
@@ -269,6 +244,7 @@ impl RelayResult {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::identity::TenantId;
     use crate::keys::{KeyId, SigningKey};
     use crate::wakeup::new_wakeup_id;
 

@@ -77,11 +77,52 @@ pub enum WakeUpError {
     Random,
 }
 
-fn invalid(field: &'static str, reason: impl Into<String>) -> WakeUpError {
+pub(crate) fn invalid(field: &'static str, reason: impl Into<String>) -> WakeUpError {
     WakeUpError::InvalidField {
         field,
         reason: reason.into(),
     }
+}
+
+/// The first checks of every signed message of this format (wake-up, relay request):
+/// version, id (a hyphenated UUID v7), tenant and agent.
+pub(crate) fn check_header(
+    v: u32,
+    supported: u32,
+    id: &str,
+    tenant: &str,
+    agent: &str,
+) -> Result<(), WakeUpError> {
+    if v != supported {
+        return Err(invalid("v", format!("version {v} is not supported")));
+    }
+    match uuid::Uuid::try_parse(id) {
+        Ok(u) if u.get_version_num() == 7 && id.len() == 36 => {}
+        _ => return Err(invalid("id", "not a hyphenated UUID v7")),
+    }
+    TenantId::new(tenant).map_err(|e| invalid("tenant", e.to_string()))?;
+    validate_id(agent).map_err(|e| invalid("agent", e.to_string()))
+}
+
+/// The lifetime rule of every signed message: expires 1 s to [`MAX_LIFETIME_SECS`] after
+/// it was issued.
+pub(crate) fn check_lifetime(issued_at: i64, expires_at: i64) -> Result<(), WakeUpError> {
+    let lifetime = expires_at.saturating_sub(issued_at);
+    if lifetime <= 0 || lifetime > MAX_LIFETIME_SECS {
+        return Err(invalid(
+            "expires_at",
+            format!("must be 1 s to {MAX_LIFETIME_SECS} s after issued_at"),
+        ));
+    }
+    Ok(())
+}
+
+/// What is signed: the context (which kind of message), then the inner JSON.
+pub(crate) fn signed_message(context: &[u8], inner: &str) -> Vec<u8> {
+    let mut message = Vec::with_capacity(context.len() + inner.len());
+    message.extend_from_slice(context);
+    message.extend_from_slice(inner.as_bytes());
+    message
 }
 
 /// A new UUID v7 for the wake-up issued at `now_ms` (unix milliseconds).
@@ -130,15 +171,7 @@ impl WakeUp {
 
     /// Checks every field against the format's rules (not the time, not the target).
     pub fn check_fields(&self) -> Result<(), WakeUpError> {
-        if self.v != WAKEUP_VERSION {
-            return Err(invalid("v", format!("version {} is not supported", self.v)));
-        }
-        match uuid::Uuid::try_parse(&self.id) {
-            Ok(u) if u.get_version_num() == 7 && self.id.len() == 36 => {}
-            _ => return Err(invalid("id", "not a hyphenated UUID v7")),
-        }
-        TenantId::new(self.tenant.as_str()).map_err(|e| invalid("tenant", e.to_string()))?;
-        validate_id(&self.agent).map_err(|e| invalid("agent", e.to_string()))?;
+        check_header(self.v, WAKEUP_VERSION, &self.id, &self.tenant, &self.agent)?;
         if self.reason.len() > MAX_TEXT_LEN {
             return Err(invalid(
                 "reason",
@@ -153,13 +186,7 @@ impl WakeUp {
                 format!("must be 1 to {MAX_TEXT_LEN} bytes (omit it for the default action)"),
             ));
         }
-        let lifetime = self.expires_at.saturating_sub(self.issued_at);
-        if lifetime <= 0 || lifetime > MAX_LIFETIME_SECS {
-            return Err(invalid(
-                "expires_at",
-                format!("must be 1 s to {MAX_LIFETIME_SECS} s after issued_at"),
-            ));
-        }
+        check_lifetime(self.issued_at, self.expires_at)?;
         if self.spread > MAX_SPREAD_SECS {
             return Err(invalid(
                 "spread",
@@ -221,13 +248,6 @@ struct Envelope {
     sig: String,
 }
 
-fn signed_message(inner: &str) -> Vec<u8> {
-    let mut message = Vec::with_capacity(SIGNING_CONTEXT.len() + inner.len());
-    message.extend_from_slice(SIGNING_CONTEXT);
-    message.extend_from_slice(inner.as_bytes());
-    message
-}
-
 /// Signs wake-ups with the console's key (console side).
 #[derive(Debug)]
 pub struct WakeUpSigner {
@@ -249,7 +269,7 @@ impl WakeUpSigner {
     pub fn sign(&self, wakeup: &WakeUp) -> Result<Vec<u8>, WakeUpError> {
         wakeup.check_fields()?;
         let inner = serde_json::to_string(wakeup).unwrap_or_default();
-        let sig = self.key.sign(&signed_message(&inner));
+        let sig = self.key.sign(&signed_message(SIGNING_CONTEXT, &inner));
         let envelope = Envelope {
             wakeup: inner,
             kid: self.key.kid().to_string(),
@@ -369,7 +389,7 @@ impl WakeUpVerifier {
         self.check_signature(
             &envelope.kid,
             &envelope.sig,
-            &signed_message(&envelope.wakeup),
+            &signed_message(SIGNING_CONTEXT, &envelope.wakeup),
         )?;
         let wakeup: WakeUp = serde_json::from_str(&envelope.wakeup)
             .map_err(|e| WakeUpRejected::Malformed(format!("signed wake-up is not valid: {e}")))?;
