@@ -263,9 +263,15 @@ function setDeliveryState(agentId, newState) {
   }
 }
 
+// Reads of the call view are numbered: an answer older than one already shown is dropped.
+let callReads = 0;
+let callShown = 0;
+
 async function loadCall(id) {
+  const read = ++callReads;
   const call = await guarded($("call-error"), () => api("GET", "/calls/" + encodeURIComponent(id)));
-  if (!call || state.view !== "call") return null;
+  if (!call || state.view !== "call" || read < callShown) return null;
+  callShown = read;
   const facts = [
     ["Target", call.target], ["Reason", call.reason || "–"], ["Action", call.action || "check in"],
     ["Created", `${when(call.created_at)} by ${call.created_by}`], ["Expires", when(call.expires_at)],
@@ -281,11 +287,16 @@ function openCall(id) {
   show("call");
   $("call-summary").replaceChildren();
   $("call-deliveries").tBodies[0].replaceChildren();
-  // Listen first, then read the call: no change falls between the two.
+  // The call is read at once, and again each time the event stream is open (the server
+  // listens by then): a change between the first read and the stream's start, or while it
+  // reconnected, is not missed.
   const es = new EventSource("/api/v1/calls/" + encodeURIComponent(id) + "/events");
   state.events = es;
   let refresh = null;
-  es.addEventListener("open", () => { $("call-live").textContent = "Live: states update as the agents answer."; });
+  es.addEventListener("open", () => {
+    $("call-live").textContent = "Live: states update as the agents answer.";
+    loadCall(id);
+  });
   es.addEventListener("error", () => {
     $("call-live").textContent = "Live updates interrupted; reconnecting…";
   });
