@@ -549,6 +549,30 @@ async fn write_packets(
 }
 
 impl Conn {
+    /// A fresh connection's state over the socket writer's, socket reader's and state
+    /// writer's channels.
+    fn new(
+        out: mpsc::UnboundedSender<Bytes>,
+        incoming: mpsc::UnboundedReceiver<Result<Packet, String>>,
+        writer: mpsc::UnboundedSender<WriteJob>,
+    ) -> Self {
+        Self {
+            out,
+            incoming,
+            ready: std::collections::VecDeque::new(),
+            wbuf: BytesMut::with_capacity(64 * 1024),
+            next_id: 0,
+            inflight: HashMap::new(),
+            relay_inflight: HashMap::new(),
+            receive_max: usize::from(u16::MAX),
+            changes: Changes::default(),
+            came_online: Vec::new(),
+            snapshot: None,
+            resent: HashMap::new(),
+            writer,
+        }
+    }
+
     /// Encodes a packet for the next [`write_out`](Self::write_out).
     fn queue(&mut self, packet: &Packet) -> Result<(), String> {
         beckon_mqtt::encode(packet, ProtocolVersion::V5, &mut self.wbuf)
@@ -662,21 +686,7 @@ async fn session(
     let writing = tokio::spawn(write_packets(write, out_rx, in_tx));
     let (writer, jobs) = mpsc::unbounded_channel();
     let storing = tokio::spawn(write_states(st.clone(), jobs, out_tx.clone()));
-    let mut conn = Conn {
-        out: out_tx,
-        incoming: in_rx,
-        ready: std::collections::VecDeque::new(),
-        wbuf: BytesMut::with_capacity(64 * 1024),
-        next_id: 0,
-        inflight: HashMap::new(),
-        relay_inflight: HashMap::new(),
-        receive_max: usize::from(u16::MAX),
-        changes: Changes::default(),
-        came_online: Vec::new(),
-        snapshot: None,
-        resent: HashMap::new(),
-        writer,
-    };
+    let mut conn = Conn::new(out_tx, in_rx, writer);
     let result = connected(st, &mut conn, commands, shutdown).await;
     // What was acknowledged before the connection ended is still written.
     conn.sync().await;
@@ -1575,21 +1585,7 @@ mod tests {
         let (out, _) = mpsc::unbounded_channel();
         let (_, incoming) = mpsc::unbounded_channel();
         let (writer, _) = mpsc::unbounded_channel();
-        Conn {
-            out,
-            incoming,
-            ready: std::collections::VecDeque::new(),
-            wbuf: BytesMut::new(),
-            next_id: 0,
-            inflight: HashMap::new(),
-            relay_inflight: HashMap::new(),
-            receive_max: usize::from(u16::MAX),
-            changes: Changes::default(),
-            came_online: Vec::new(),
-            snapshot: None,
-            resent: HashMap::new(),
-            writer,
-        }
+        Conn::new(out, incoming, writer)
     }
 
     fn presence(agent: &str, state: PresenceState, retain: bool, packet_id: u16) -> Packet {
