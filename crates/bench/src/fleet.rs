@@ -209,7 +209,7 @@ impl Fleet {
 
 /// The source addresses for `agents` sockets to a broker at `broker`: 127.0.0.2, .3, ... when
 /// the broker is on loopback, none otherwise (the kernel then picks).
-fn source_addresses(broker: IpAddr, agents: usize, per_address: usize) -> Vec<Ipv4Addr> {
+pub(crate) fn source_addresses(broker: IpAddr, agents: usize, per_address: usize) -> Vec<Ipv4Addr> {
     if !broker.is_loopback() {
         return Vec::new();
     }

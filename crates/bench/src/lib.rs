@@ -38,6 +38,7 @@ pub mod cli;
 pub mod compare;
 pub mod conn;
 pub mod fleet;
+pub mod floor;
 pub mod procstat;
 pub mod protocol;
 pub mod publisher;
@@ -59,6 +60,12 @@ pub enum BenchCommand {
     /// One wake-up call to a fleet through the console: time from the API request until
     /// every agent is `delivered` (starts its own console and broker).
     Call(call::CallArgs),
+    /// What the kernel alone charges a broker per wake-up on this machine: one thread
+    /// writes a message to each of N idle loopback TCP connections and reads a reply.
+    Floor(floor::FloorArgs),
+    /// One peer process of a floor run (started by floor).
+    #[command(hide = true)]
+    FloorPeer(floor::FloorPeerArgs),
     /// One worker process of a fleet (started by fleet and compare).
     #[command(hide = true)]
     Worker(WorkerArgs),
@@ -72,6 +79,21 @@ pub fn run(command: BenchCommand) -> anyhow::Result<()> {
     match command {
         BenchCommand::Worker(_) => worker::run_worker(),
         BenchCommand::CallWorker => call::run_call_worker(),
+        BenchCommand::FloorPeer(args) => floor::run_floor_peer(&args),
+        BenchCommand::Floor(args) => {
+            let program = std::env::current_exe()
+                .context("cannot find this program's path to start peer processes")?;
+            let report = floor::run_floor(&args, &program)?;
+            if args.json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&report).context("encoding the report")?
+                );
+            } else {
+                print!("{}", report.table());
+            }
+            Ok(())
+        }
         BenchCommand::Call(args) => runtime()?.block_on(call::call_command(&args)),
         BenchCommand::Fleet(args) => {
             let launcher = WorkerLauncher::current_exe()?;

@@ -115,15 +115,20 @@ fn parse_vm_rss(status: &str) -> Option<u64> {
         .and_then(|n| n.parse().ok())
 }
 
-/// utime + stime (fields 14 and 15) of `/proc/PID/stat`. The command name (field 2) may hold
-/// spaces and parentheses, so the fields are counted after its last `)`.
+/// utime + stime of `/proc/PID/stat`.
 fn parse_cpu_ticks(stat: &str) -> Option<u64> {
+    parse_user_system_ticks(stat).map(|(user, system)| user + system)
+}
+
+/// utime and stime (fields 14 and 15) of a `/proc/.../stat` line, in ticks. The command name
+/// (field 2) may hold spaces and parentheses, so the fields are counted after its last `)`.
+pub(crate) fn parse_user_system_ticks(stat: &str) -> Option<(u64, u64)> {
     let after_name = &stat[stat.rfind(')')? + 1..];
     let mut fields = after_name.split_whitespace();
     // After the name come field 3 (state) onwards: utime is field 14, the 12th here.
     let utime: u64 = fields.nth(11)?.parse().ok()?;
     let stime: u64 = fields.next()?.parse().ok()?;
-    Some(utime + stime)
+    Some((utime, stime))
 }
 
 #[cfg(test)]

@@ -17,7 +17,45 @@ fn main() -> ExitCode {
             "compare_over_tls_at_small_scale",
             compare_over_tls_at_small_scale,
         ),
+        ("floor_at_small_scale", floor_at_small_scale),
     ])
+}
+
+/// `bench floor`: every connection got its message and answered (the run ends only when
+/// every reply was read), spread over the peer processes asked for; JSON parses. The
+/// figures are printed, never judged.
+fn floor_at_small_scale() {
+    let stdout = common::run_bench(
+        &[
+            "floor",
+            "--agents",
+            "300",
+            "--agents-per-worker",
+            "120",
+            "--settle-secs",
+            "0.3",
+            "--json",
+        ],
+        Duration::from_secs(60),
+    );
+    let json: serde_json::Value = serde_json::from_str(&stdout)
+        .unwrap_or_else(|e| panic!("the report is not JSON ({e}):\n{stdout}"));
+    eprintln!("{json:#}");
+    assert_eq!(common::number(&json, "/connections"), 300.0);
+    assert_eq!(common::number(&json, "/workers"), 3.0);
+    let send = common::number(&json, "/send_cpu_us");
+    let receive = common::number(&json, "/receive_cpu_us");
+    let both = common::number(&json, "/per_wakeup_us");
+    assert!(send > 0.0 && receive > 0.0, "{json:#}");
+    assert!((both - (send + receive)).abs() < 0.01, "{json:#}");
+    assert!(
+        common::number(&json, "/last_reply_s") >= common::number(&json, "/all_written_s"),
+        "{json:#}"
+    );
+
+    let (status, stdout) =
+        common::run_bench_status(&["floor", "--agents", "0"], Duration::from_secs(30));
+    assert!(!status.success(), "no connections is refused: {stdout}");
 }
 
 fn compare_over_tls_at_small_scale() {
