@@ -14,12 +14,14 @@
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream};
 use std::process::{Child, Command, Stdio};
+use std::sync::Barrier;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use serde::Serialize;
 
 use crate::fleet::source_addresses;
+use crate::procstat::ProcReader;
 
 /// `beckon bench floor`.
 #[derive(Debug, Clone, clap::Args)]
@@ -43,6 +45,9 @@ pub struct FloorArgs {
     /// every connection is as idle as an agent's when its wake-up comes.
     #[arg(long, default_value_t = 1.0)]
     pub settle_secs: f64,
+    /// Sending threads, each with an equal share of the connections (2: one per core here).
+    #[arg(long, default_value_t = 1)]
+    pub threads: usize,
     /// Print JSON instead of a table.
     #[arg(long)]
     pub json: bool,
@@ -76,6 +81,8 @@ pub struct FloorReport {
     pub reply_bytes: u16,
     /// Peer processes.
     pub workers: usize,
+    /// Sending threads.
+    pub threads: usize,
     /// The sending thread's CPU per message written, microseconds.
     pub send_cpu_us: f64,
     /// Of it, the share in the kernel: a split of clock ticks (10 ms), so absent when the
@@ -85,6 +92,9 @@ pub struct FloorReport {
     pub receive_cpu_us: f64,
     /// Both: the kernel's floor per delivered wake-up for a broker on this machine.
     pub per_wakeup_us: f64,
+    /// The peer processes' CPU per message (read it, write the reply), microseconds: what
+    /// the agents' side costs at the least.
+    pub peer_cpu_us: f64,
     /// From the first write to the last, seconds.
     pub all_written_s: f64,
     /// From the first write to the last reply read, seconds.
@@ -97,6 +107,7 @@ impl FloorReport {
         let rows = [
             ("connections", format!("{}", self.connections), ""),
             ("peer processes", format!("{}", self.workers), ""),
+            ("sending threads", format!("{}", self.threads), ""),
             (
                 "message / reply",
                 format!("{} / {}", self.message_bytes, self.reply_bytes),
@@ -123,12 +134,16 @@ impl FloorReport {
                 format!("{:.2}", self.per_wakeup_us),
                 "us",
             ),
+            (
+                "peers' CPU per message",
+                format!("{:.2}", self.peer_cpu_us),
+                "us",
+            ),
             ("all written", format!("{:.3}", self.all_written_s), "s"),
             ("last reply read", format!("{:.3}", self.last_reply_s), "s"),
         ];
-        let mut out = String::from(
-            "kernel floor: one thread, idle TCP connections on loopback, no TLS, no MQTT\n",
-        );
+        let mut out =
+            String::from("kernel floor: idle TCP connections on loopback, no TLS, no MQTT\n");
         for (name, value, unit) in rows {
             out.push_str(&format!("  {name:<30} {value:>12} {unit}\n"));
         }
@@ -225,45 +240,112 @@ pub fn run_floor(args: &FloorArgs, program: &std::path::Path) -> anyhow::Result<
     }
     std::thread::sleep(Duration::from_secs_f64(args.settle_secs.max(0.0)));
 
+    let reader = ProcReader::new();
+    let peers_cpu = |peers: &[Peer]| -> Duration {
+        peers
+            .iter()
+            .filter_map(|p| reader.sample(p.child.id()).ok())
+            .map(|sample| sample.cpu)
+            .sum()
+    };
     let message = vec![b'w'; usize::from(args.message_bytes)];
-    let mut reply = vec![0u8; usize::from(args.reply_bytes)];
-    let started = Instant::now();
-    let before = ThreadCpu::now()?;
-    for (i, mut tcp) in connections.iter().enumerate() {
-        tcp.write_all(&message)
-            .with_context(|| format!("writing to connection {i}"))?;
-    }
-    let written = ThreadCpu::now()?;
-    let all_written = started.elapsed();
-    // Replies not there yet block the read; waiting costs no CPU, so it is not counted.
-    for (i, mut tcp) in connections.iter().enumerate() {
-        tcp.read_exact(&mut reply)
-            .with_context(|| format!("reading the reply of connection {i}"))?;
-    }
-    let read = ThreadCpu::now()?;
-    let last_reply = started.elapsed();
+    let threads = args.threads.clamp(1, args.agents);
+    let share = args.agents.div_ceil(threads);
+    let start = Barrier::new(threads + 1);
+    let (driven, peer_cpu) = std::thread::scope(|scope| {
+        let handles: Vec<_> = connections
+            .chunks(share)
+            .map(|chunk| {
+                let (message, start) = (&message, &start);
+                scope.spawn(move || drive(chunk, message, args.reply_bytes, start))
+            })
+            .collect();
+        let peers_before = peers_cpu(&peers);
+        start.wait();
+        let driven: anyhow::Result<Vec<Driven>> = handles
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| bail!("a sending thread panicked"))
+            })
+            .collect();
+        (driven, peers_cpu(&peers).saturating_sub(peers_before))
+    });
+    let driven = driven?;
     drop(connections);
     for peer in &mut peers {
         peer.finish();
     }
 
     let n = args.agents as f64;
-    let send_cpu = written.run.saturating_sub(before.run);
-    let receive_cpu = read.run.saturating_sub(written.run);
-    let send_user = written.user_ticks.saturating_sub(before.user_ticks);
-    let send_system = written.system_ticks.saturating_sub(before.system_ticks);
+    let send_cpu: Duration = driven.iter().map(|d| d.send_cpu).sum();
+    let receive_cpu: Duration = driven.iter().map(|d| d.receive_cpu).sum();
+    let (user, system) = driven.iter().fold((0, 0), |(u, s), d| {
+        (u + d.send_user_ticks, s + d.send_system_ticks)
+    });
     Ok(FloorReport {
         connections: args.agents,
         message_bytes: args.message_bytes,
         reply_bytes: args.reply_bytes,
         workers: peers.len(),
+        threads: driven.len(),
         send_cpu_us: send_cpu.as_secs_f64() * 1e6 / n,
-        send_system_share: (send_user + send_system >= 10)
-            .then(|| send_system as f64 / (send_user + send_system) as f64),
+        send_system_share: (user + system >= 10).then(|| system as f64 / (user + system) as f64),
         receive_cpu_us: receive_cpu.as_secs_f64() * 1e6 / n,
         per_wakeup_us: (send_cpu + receive_cpu).as_secs_f64() * 1e6 / n,
-        all_written_s: all_written.as_secs_f64(),
-        last_reply_s: last_reply.as_secs_f64(),
+        peer_cpu_us: peer_cpu.as_secs_f64() * 1e6 / n,
+        all_written_s: driven
+            .iter()
+            .map(|d| d.written_at.as_secs_f64())
+            .fold(0.0, f64::max),
+        last_reply_s: driven
+            .iter()
+            .map(|d| d.done_at.as_secs_f64())
+            .fold(0.0, f64::max),
+    })
+}
+
+/// What one sending thread did.
+struct Driven {
+    send_cpu: Duration,
+    receive_cpu: Duration,
+    send_user_ticks: u64,
+    send_system_ticks: u64,
+    /// From the common start to this thread's last write, and to its last reply read.
+    written_at: Duration,
+    done_at: Duration,
+}
+
+/// Writes `message` to each connection, then reads one reply from each, timing its own CPU.
+fn drive(
+    connections: &[TcpStream],
+    message: &[u8],
+    reply_bytes: u16,
+    start: &Barrier,
+) -> anyhow::Result<Driven> {
+    let mut reply = vec![0u8; usize::from(reply_bytes)];
+    start.wait();
+    let started = Instant::now();
+    let before = ThreadCpu::now()?;
+    for (i, mut tcp) in connections.iter().enumerate() {
+        tcp.write_all(message)
+            .with_context(|| format!("writing to connection {i}"))?;
+    }
+    let written = ThreadCpu::now()?;
+    let written_at = started.elapsed();
+    // Replies not there yet block the read; waiting costs no CPU, so it is not counted.
+    for (i, mut tcp) in connections.iter().enumerate() {
+        tcp.read_exact(&mut reply)
+            .with_context(|| format!("reading the reply of connection {i}"))?;
+    }
+    let read = ThreadCpu::now()?;
+    Ok(Driven {
+        send_cpu: written.run.saturating_sub(before.run),
+        receive_cpu: read.run.saturating_sub(written.run),
+        send_user_ticks: written.user_ticks.saturating_sub(before.user_ticks),
+        send_system_ticks: written.system_ticks.saturating_sub(before.system_ticks),
+        written_at,
+        done_at: started.elapsed(),
     })
 }
 

@@ -22,7 +22,8 @@ fn main() -> ExitCode {
 }
 
 /// `bench floor`: every connection got its message and answered (the run ends only when
-/// every reply was read), spread over the peer processes asked for; JSON parses. The
+/// every reply was read), spread over the peer processes and sending threads asked for;
+/// JSON parses. The
 /// figures are printed, never judged.
 fn floor_at_small_scale() {
     let stdout = common::run_bench(
@@ -34,6 +35,8 @@ fn floor_at_small_scale() {
             "120",
             "--settle-secs",
             "0.3",
+            "--threads",
+            "2",
             "--json",
         ],
         Duration::from_secs(60),
@@ -43,10 +46,12 @@ fn floor_at_small_scale() {
     eprintln!("{json:#}");
     assert_eq!(common::number(&json, "/connections"), 300.0);
     assert_eq!(common::number(&json, "/workers"), 3.0);
+    assert_eq!(common::number(&json, "/threads"), 2.0);
     let send = common::number(&json, "/send_cpu_us");
     let receive = common::number(&json, "/receive_cpu_us");
     let both = common::number(&json, "/per_wakeup_us");
     assert!(send > 0.0 && receive > 0.0, "{json:#}");
+    assert!(common::number(&json, "/peer_cpu_us") > 0.0, "{json:#}");
     assert!((both - (send + receive)).abs() < 0.01, "{json:#}");
     assert!(
         common::number(&json, "/last_reply_s") >= common::number(&json, "/all_written_s"),
