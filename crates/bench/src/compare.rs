@@ -9,13 +9,17 @@ use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
+use beckon_mqtt::{Ack, Packet, Properties, Publish, QoS};
+use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
 use crate::certs::{self, ServerCerts};
-use crate::cli::CompareArgs;
-use crate::conn::{MqttVersion, Target, TlsSettings};
-use crate::fleet::{BrokerControl, WorkerLauncher, run_fleet};
+use crate::cli::{CompareArgs, Phase};
+use crate::conn::{MqttVersion, Target, TlsSettings, wake_topic};
+use crate::fleet::{BrokerControl, WorkerLauncher, agent_id, run_fleet};
+use crate::floor::{FloorArgs, FloorReport, run_floor};
 use crate::protocol::unix_ns;
+use crate::publisher::WAKE_PREFIX;
 use crate::report::{FleetReport, format_value};
 
 /// Bound on a broker's start-up (until its port accepts connections).
@@ -282,6 +286,11 @@ pub struct CompareReport {
     pub runs: Vec<CompareRun>,
     /// Figures side by side.
     pub summary: Vec<CompareRow>,
+    /// The kernel's floor at the same scale (`bench floor`, run after both brokers, with a
+    /// wake-up's and a PUBACK's size on the wire), when the fan-out phase ran.
+    pub floor: Option<FloorReport>,
+    /// Why the floor could not be measured.
+    pub floor_error: Option<String>,
 }
 
 fn median(mut values: Vec<f64>) -> Option<f64> {
@@ -377,8 +386,52 @@ impl CompareReport {
                     .map_or_else(|| "-".to_owned(), |r| format!("{r:.2}x")),
             ));
         }
+        match (&self.floor, &self.floor_error) {
+            (Some(floor), _) => out.push_str(&format!(
+                "\nkernel floor at the same scale (no broker, no TLS, no MQTT: one thread writes \
+                 {} bytes to each of {} idle connections and reads {} back):\n  \
+                 {:.2} us per wake-up ({:.2} write + {:.2} read), peers {:.2} us; \
+                 all written after {:.3} s, last reply after {:.3} s\n",
+                floor.message_bytes,
+                floor.connections,
+                floor.reply_bytes,
+                floor.per_wakeup_us,
+                floor.send_cpu_us,
+                floor.receive_cpu_us,
+                floor.peer_cpu_us,
+                floor.all_written_s,
+                floor.last_reply_s,
+            )),
+            (None, Some(error)) => {
+                out.push_str(&format!("\nkernel floor: not measured: {error}\n"));
+            }
+            (None, None) => {}
+        }
         out
     }
+}
+
+/// The sizes on the wire of one wake-up and its PUBACK as the fleet sends them (a TLS 1.3
+/// record adds 22 bytes to each), for the floor.
+fn wire_sizes(args: &CompareArgs) -> anyhow::Result<(u16, u16)> {
+    let version = args.session.mqtt_version.protocol();
+    let publish = Packet::Publish(Publish {
+        dup: false,
+        qos: QoS::AtLeastOnce,
+        retain: false,
+        topic: wake_topic(&agent_id(&args.load.client_id_prefix, 0)),
+        packet_id: Some(1),
+        // The send time in Unix nanoseconds has 19 digits until 2286.
+        payload: Bytes::from(format!("{WAKE_PREFIX}{}", "1".repeat(19))),
+        properties: Properties::default(),
+    });
+    let puback = Packet::PubAck(Ack::new(1));
+    let tls = if args.plain { 0 } else { 22 };
+    let size = |packet: &Packet| -> anyhow::Result<u16> {
+        let len = beckon_mqtt::encoded_len(packet, version).context("encoding a wake-up")?;
+        u16::try_from(len + tls).context("a wake-up larger than 64 KiB")
+    };
+    Ok((size(&publish)?, size(&puback)?))
 }
 
 /// Runs the comparison.
@@ -449,6 +502,27 @@ pub async fn run_compare(
         }
     }
     let summary = summarize(&runs);
+    let (floor, floor_error) = if args.load.phases.contains(&Phase::Fanout) {
+        let (message_bytes, reply_bytes) = wire_sizes(args)?;
+        let floor_args = FloorArgs {
+            agents: args.load.agents,
+            message_bytes,
+            reply_bytes,
+            agents_per_worker: args.load.agents_per_worker,
+            agents_per_source_address: args.load.agents_per_source_address,
+            settle_secs: 1.0,
+            threads: 1,
+            json: false,
+        };
+        let program = launcher.program.clone();
+        match tokio::task::spawn_blocking(move || run_floor(&floor_args, &program)).await {
+            Ok(Ok(report)) => (Some(report), None),
+            Ok(Err(e)) => (None, Some(format!("{e:#}"))),
+            Err(e) => (None, Some(format!("the floor's thread failed: {e}"))),
+        }
+    } else {
+        (None, None)
+    };
     Ok(CompareReport {
         agents: args.load.agents,
         tls: !args.plain,
@@ -456,6 +530,8 @@ pub async fn run_compare(
         rounds,
         runs,
         summary,
+        floor,
+        floor_error,
     })
 }
 
@@ -491,6 +567,30 @@ async fn run_one(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[derive(clap::Parser)]
+    struct Cli {
+        #[command(flatten)]
+        compare: CompareArgs,
+    }
+
+    fn args(argv: &[&str]) -> CompareArgs {
+        <Cli as clap::Parser>::parse_from(std::iter::once("compare").chain(argv.iter().copied()))
+            .compare
+    }
+
+    #[test]
+    fn the_floor_uses_the_sizes_the_fleet_puts_on_the_wire() {
+        // Seen with strace on a broker during a TLS fan-out: each wake-up went out as one
+        // 76-byte write, each PUBACK came in as one 26-byte read.
+        assert_eq!(wire_sizes(&args(&[])).unwrap(), (76, 26));
+        assert_eq!(wire_sizes(&args(&["--plain"])).unwrap(), (54, 4));
+        // MQTT 5 adds the properties length to the PUBLISH; a success PUBACK stays short.
+        assert_eq!(
+            wire_sizes(&args(&["--mqtt-version", "5"])).unwrap(),
+            (77, 26)
+        );
+    }
 
     #[test]
     fn median_of_odd_and_even_counts() {

@@ -18,7 +18,7 @@ use std::sync::Barrier;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::fleet::source_addresses;
 use crate::procstat::ProcReader;
@@ -71,7 +71,7 @@ pub struct FloorPeerArgs {
 }
 
 /// What `floor` measured.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct FloorReport {
     /// Connections.
     pub connections: usize,

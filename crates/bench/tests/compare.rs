@@ -117,6 +117,13 @@ fn compare_over_tls_at_small_scale() {
             "{name}: every agent subscribed again after the restart"
         );
     }
+    let floor = &json["floor"];
+    assert_eq!(
+        common::number(floor, "/connections"),
+        300.0,
+        "the kernel floor ran at the same scale: {json:#}"
+    );
+    assert!(common::number(floor, "/per_wakeup_us") > 0.0, "{json:#}");
     let summary = json["summary"].as_array().expect("summary");
     assert!(
         summary.iter().any(|row| row["name"] == "wake-ups delivered"
