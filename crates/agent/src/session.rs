@@ -410,7 +410,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> MqttSession<S> {
             will: None,
             username: session.opts.username.clone(),
             password: session.opts.password.clone(),
-            properties: Properties {
+            properties: Properties::from(beckon_mqtt::PropertySet {
                 session_expiry_interval: Some(session.opts.session_expiry),
                 maximum_packet_size: Some(MAX_INCOMING_PACKET),
                 receive_maximum: Some(MAX_INFLIGHT as u16),
@@ -419,8 +419,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> MqttSession<S> {
                     VIA_PROXY_PROPERTY.to_owned(),
                     session.opts.via_proxy.to_string(),
                 )],
-                ..Properties::default()
-            },
+                ..Default::default()
+            }),
         }));
         let options = SubscriptionOptions {
             qos: QoS::AtLeastOnce,
@@ -471,10 +471,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> MqttSession<S> {
             )));
         };
         if connack.code.is_error() {
+            let properties = connack.properties.into_set();
             return Err(SessionEnd::Refused {
                 code: connack.code,
-                reason: connack.properties.reason_string,
-                server_reference: connack.properties.server_reference,
+                reason: properties.reason_string,
+                server_reference: properties.server_reference,
             });
         }
         subscribed?;
@@ -542,11 +543,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> MqttSession<S> {
                     },
                     packet_id: Some(out.packet_id),
                     payload: out.payload,
-                    properties: Properties {
+                    properties: Properties::from(beckon_mqtt::PropertySet {
                         payload_format_indicator: Some(1),
                         content_type: Some("application/json".into()),
-                        ..Properties::default()
-                    },
+                        ..Default::default()
+                    }),
                 });
                 self.send(&publish).await?;
             }
@@ -629,10 +630,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> MqttSession<S> {
             }
             Packet::SubAck(_) | Packet::UnsubAck(_) | Packet::PubRec(_) | Packet::PubComp(_) => {}
             Packet::Disconnect(d) => {
+                let properties = d.properties.into_set();
                 return Err(SessionEnd::Disconnected {
                     code: d.code,
-                    reason: d.properties.reason_string,
-                    server_reference: d.properties.server_reference,
+                    reason: properties.reason_string,
+                    server_reference: properties.server_reference,
                 });
             }
             other => {

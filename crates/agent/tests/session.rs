@@ -364,10 +364,10 @@ async fn server_busy_redirect_and_refused_credentials_are_handled() {
     b.send(Packet::ConnAck(ConnAck {
         session_present: false,
         code: ReasonCode::USE_ANOTHER_SERVER,
-        properties: Properties {
+        properties: Properties::from(beckon_mqtt::PropertySet {
             server_reference: Some("b2.example.com:8883".into()),
-            ..Properties::default()
-        },
+            ..Default::default()
+        }),
     }))
     .await;
 
@@ -396,10 +396,10 @@ async fn server_busy_redirect_and_refused_credentials_are_handled() {
     b.accept_agent().await;
     b.send(Packet::Disconnect(Disconnect {
         code: ReasonCode::SERVER_MOVED,
-        properties: Properties {
+        properties: Properties::from(beckon_mqtt::PropertySet {
             server_reference: Some("b3.example.com".into()),
-            ..Properties::default()
-        },
+            ..Default::default()
+        }),
     }))
     .await;
     let mut b = next_connection(&mut conns).await;
@@ -594,10 +594,10 @@ async fn keepalive_follows_the_path_and_the_brokers_server_keep_alive() {
         .send(Packet::ConnAck(ConnAck {
             session_present: false,
             code: ReasonCode::SUCCESS,
-            properties: Properties {
+            properties: Properties::from(beckon_mqtt::PropertySet {
                 server_keep_alive: Some(1),
-                ..Properties::default()
-            },
+                ..Default::default()
+            }),
         }))
         .await;
     assert!(matches!(broker.recv().await, Packet::Subscribe(_)));

@@ -300,10 +300,10 @@ impl Client {
             topic: topic.into(),
             packet_id: Some(packet_id),
             payload: Bytes::from(payload.to_owned()),
-            properties: Properties {
+            properties: Properties::from(beckon_mqtt::PropertySet {
                 message_expiry_interval: expiry,
-                ..Properties::default()
-            },
+                ..Default::default()
+            }),
         }))
         .await
         .expect("send PUBLISH");

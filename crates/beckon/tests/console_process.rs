@@ -368,10 +368,10 @@ async fn session(id: &str, tls: &beckon_net::TlsClient, port: u16, received: &Re
         will: None,
         username: None,
         password: None,
-        properties: Properties {
+        properties: Properties::from(beckon_mqtt::PropertySet {
             session_expiry_interval: Some(3600),
             ..Default::default()
-        },
+        }),
     })));
     out.extend_from_slice(&send(Packet::Subscribe(Subscribe {
         packet_id: 1,

@@ -770,14 +770,14 @@ async fn will_is_published_when_a_client_vanishes_and_after_its_delay() {
     assert!(matches!(watcher.recv().await, Some(Packet::SubAck(_))));
     for (id, delay) in [("gone-now", None), ("gone-later", Some(1u32))] {
         let mut c = plain_client(server.plain(), ProtocolVersion::V5).await;
-        let will_props = Properties {
+        let will_props = Properties::from(beckon_mqtt::PropertySet {
             will_delay_interval: delay,
-            ..Properties::default()
-        };
-        let connect_props = Properties {
+            ..Default::default()
+        });
+        let connect_props = Properties::from(beckon_mqtt::PropertySet {
             session_expiry_interval: Some(60),
-            ..Properties::default()
-        };
+            ..Default::default()
+        });
         c.send(&Packet::Connect(Box::new(Connect {
             protocol: ProtocolVersion::V5,
             clean_start: true,

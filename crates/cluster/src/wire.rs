@@ -119,12 +119,12 @@ mod tests {
 
     #[test]
     fn a_message_survives_the_hop_with_its_properties() {
-        let properties = Properties {
+        let properties = Properties::from(beckon_mqtt::PropertySet {
             message_expiry_interval: Some(600),
             content_type: Some("application/json".into()),
             user_properties: vec![("k".into(), "v".into())],
-            ..Properties::default()
-        };
+            ..Default::default()
+        });
         let msg = ClusterMessage {
             origin: "node-a".into(),
             seq: 42,

@@ -715,12 +715,12 @@ async fn connected(
         will: None,
         username: None,
         password: None,
-        properties: Properties {
+        properties: Properties::from(beckon_mqtt::PropertySet {
             // Keep the subscriptions, and the acks that arrive, for an hour while away.
             session_expiry_interval: Some(3600),
             maximum_packet_size: Some(MAX_PACKET),
             ..Default::default()
-        },
+        }),
     };
     conn.send(&Packet::Connect(Box::new(connect))).await?;
     let connack = tokio::time::timeout(Duration::from_secs(10), conn.read_packet())
@@ -738,6 +738,7 @@ async fn connected(
                 ack.code.0,
                 ack.properties
                     .reason_string
+                    .as_ref()
                     .map(|r| format!(": {r}"))
                     .unwrap_or_default()
             ));
@@ -1000,6 +1001,7 @@ fn handle_packet(conn: &mut Conn, packet: Packet) -> Result<(), String> {
                 d.code.0,
                 d.properties
                     .reason_string
+                    .as_ref()
                     .map(|r| format!(": {r}"))
                     .unwrap_or_default()
             ));
@@ -1379,12 +1381,12 @@ async fn publish_signed(
         topic: beckon_identity::acl::wake_topic(agent),
         packet_id: Some(pid),
         payload: Bytes::from(payload),
-        properties: Properties {
+        properties: Properties::from(beckon_mqtt::PropertySet {
             message_expiry_interval: Some(u32::try_from(expiry_secs).unwrap_or(u32::MAX)),
             payload_format_indicator: Some(1),
             content_type: Some("application/json".into()),
             ..Default::default()
-        },
+        }),
     };
     conn.queue(&Packet::Publish(publish))?;
     conn.inflight
@@ -1429,12 +1431,12 @@ async fn publish_relay(
         topic: beckon_identity::relay::relay_topic(agent),
         packet_id: Some(pid),
         payload: Bytes::from(payload),
-        properties: Properties {
+        properties: Properties::from(beckon_mqtt::PropertySet {
             message_expiry_interval: Some(expiry_secs.max(1)),
             payload_format_indicator: Some(1),
             content_type: Some("application/json".into()),
             ..Default::default()
-        },
+        }),
     };
     conn.queue(&Packet::Publish(publish))?;
     conn.relay_inflight.insert(pid, request_id);

@@ -31,10 +31,10 @@ async fn a_large_call_never_has_more_publishes_in_flight_than_the_broker_allows(
         .send(Packet::ConnAck(ConnAck {
             session_present: false,
             code: ReasonCode::SUCCESS,
-            properties: Properties {
+            properties: Properties::from(beckon_mqtt::PropertySet {
                 receive_maximum: Some(2),
                 ..Default::default()
-            },
+            }),
         }))
         .await;
     let Packet::Subscribe(sub) = broker.recv().await else {

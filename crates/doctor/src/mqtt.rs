@@ -201,14 +201,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> MqttProbe<S> {
         &mut self,
         identity: &MqttIdentity,
     ) -> Result<beckon_mqtt::ConnAck, MqttError> {
-        let properties = Properties {
+        let properties = Properties::from(beckon_mqtt::PropertySet {
             session_expiry_interval: identity
                 .named
                 .then(|| u32::try_from(identity.session_expiry.as_secs()).unwrap_or(u32::MAX)),
             request_problem_information: Some(1),
             maximum_packet_size: Some(MAX_PACKET),
-            ..Properties::default()
-        };
+            ..Default::default()
+        });
         let connect = Connect {
             protocol: ProtocolVersion::V5,
             clean_start: !identity.named,
@@ -311,10 +311,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> MqttProbe<S> {
             topic: topic.to_owned(),
             packet_id: Some(packet_id),
             payload: payload.clone(),
-            properties: Properties {
+            properties: Properties::from(beckon_mqtt::PropertySet {
                 message_expiry_interval: Some(60),
-                ..Properties::default()
-            },
+                ..Default::default()
+            }),
         };
         self.send(Packet::Publish(publish), "PUBACK").await?;
         let mut puback: Option<(ReasonCode, Option<String>)> = None;

@@ -59,13 +59,13 @@ fn main() {
         properties: Properties::default(),
     };
     let with_props = Publish {
-        properties: Properties {
+        properties: Properties::from(beckon_mqtt::PropertySet {
             message_expiry_interval: Some(300),
             content_type: Some("application/json".into()),
             correlation_data: Some(Bytes::from_static(b"0123456789abcdef")),
             user_properties: vec![("tenant".into(), "acme".into())],
             ..Default::default()
-        },
+        }),
         ..wake.clone()
     };
     println!(

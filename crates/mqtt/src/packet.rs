@@ -109,10 +109,20 @@ impl ReasonCode {
     }
 }
 
-/// MQTT 5 properties. One struct for every packet: the decoder rejects a property that the
+/// MQTT 5 properties. One set for every packet: the decoder rejects a property that the
 /// packet may not carry, and the encoder writes only the fields that are set.
+///
+/// Most packets carry none (every MQTT 3.1.1 packet, and most MQTT 5 ones), so the set lives
+/// behind a pointer that is only allocated once a property is written: a packet moves
+/// through several queues on its way, and 344 bytes of empty properties in each was most of
+/// what those moves copied. Fields read through `Deref` (an absent set reads as empty) and
+/// written through `DerefMut` (which allocates the set).
+#[derive(Clone, Default)]
+pub struct Properties(Option<Box<PropertySet>>);
+
+/// The values of [`Properties`].
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct Properties {
+pub struct PropertySet {
     /// 0x01 Payload Format Indicator (PUBLISH, Will).
     pub payload_format_indicator: Option<u8>,
     /// 0x02 Message Expiry Interval in seconds (PUBLISH, Will).
@@ -170,10 +180,85 @@ pub struct Properties {
     pub shared_subscription_available: Option<u8>,
 }
 
+impl PropertySet {
+    /// No property set.
+    pub const EMPTY: PropertySet = PropertySet {
+        payload_format_indicator: None,
+        message_expiry_interval: None,
+        content_type: None,
+        response_topic: None,
+        correlation_data: None,
+        subscription_identifiers: Vec::new(),
+        session_expiry_interval: None,
+        assigned_client_identifier: None,
+        server_keep_alive: None,
+        authentication_method: None,
+        authentication_data: None,
+        request_problem_information: None,
+        will_delay_interval: None,
+        request_response_information: None,
+        response_information: None,
+        server_reference: None,
+        reason_string: None,
+        receive_maximum: None,
+        topic_alias_maximum: None,
+        topic_alias: None,
+        maximum_qos: None,
+        retain_available: None,
+        user_properties: Vec::new(),
+        maximum_packet_size: None,
+        wildcard_subscription_available: None,
+        subscription_identifier_available: None,
+        shared_subscription_available: None,
+    };
+}
+
 impl Properties {
     /// True when no property is set (the encoder then writes a zero property length).
     pub fn is_empty(&self) -> bool {
-        *self == Self::default()
+        self.0
+            .as_deref()
+            .is_none_or(|set| *set == PropertySet::EMPTY)
+    }
+
+    /// The values, taken out (empty when none was set).
+    pub fn into_set(self) -> PropertySet {
+        self.0.map_or(PropertySet::EMPTY, |set| *set)
+    }
+}
+
+impl From<PropertySet> for Properties {
+    fn from(set: PropertySet) -> Self {
+        Self(Some(Box::new(set)))
+    }
+}
+
+impl std::ops::Deref for Properties {
+    type Target = PropertySet;
+
+    fn deref(&self) -> &PropertySet {
+        static EMPTY: PropertySet = PropertySet::EMPTY;
+        self.0.as_deref().unwrap_or(&EMPTY)
+    }
+}
+
+impl std::ops::DerefMut for Properties {
+    fn deref_mut(&mut self) -> &mut PropertySet {
+        self.0.get_or_insert_with(|| Box::new(PropertySet::EMPTY))
+    }
+}
+
+impl PartialEq for Properties {
+    fn eq(&self, other: &Self) -> bool {
+        **self == **other
+    }
+}
+
+impl Eq for Properties {}
+
+impl std::fmt::Debug for Properties {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        (**self).fmt(f)
     }
 }
 

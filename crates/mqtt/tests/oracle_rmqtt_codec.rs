@@ -182,7 +182,7 @@ fn v5_convert(p: &v5::Packet) -> Packet {
                 payload: w.message.clone(),
                 qos: qos(w.qos),
                 retain: w.retain,
-                properties: Properties {
+                properties: Properties::from(beckon_mqtt::PropertySet {
                     will_delay_interval: w.will_delay_interval_sec,
                     correlation_data: w.correlation_data.clone(),
                     message_expiry_interval: w.message_expiry_interval.map(|n| n.get()),
@@ -191,11 +191,11 @@ fn v5_convert(p: &v5::Packet) -> Packet {
                     payload_format_indicator: w.is_utf8_payload.map(u8::from),
                     response_topic: w.response_topic.as_ref().map(text),
                     ..Default::default()
-                },
+                }),
             }),
             username: c.username.as_ref().map(text),
             password: c.password.clone(),
-            properties: Properties {
+            properties: Properties::from(beckon_mqtt::PropertySet {
                 session_expiry_interval: Some(c.session_expiry_interval_secs),
                 authentication_method: c.auth_method.as_ref().map(text),
                 authentication_data: c.auth_data.clone(),
@@ -204,12 +204,12 @@ fn v5_convert(p: &v5::Packet) -> Packet {
                 user_properties: users(&c.user_properties),
                 maximum_packet_size: c.max_packet_size.map(|n| n.get()),
                 ..Default::default()
-            },
+            }),
         })),
         P::ConnectAck(a) => Packet::ConnAck(ConnAck {
             session_present: a.session_present,
             code: ReasonCode(a.reason_code as u8),
-            properties: Properties {
+            properties: Properties::from(beckon_mqtt::PropertySet {
                 session_expiry_interval: a.session_expiry_interval_secs,
                 maximum_packet_size: a.max_packet_size,
                 assigned_client_identifier: a.assigned_client_id.as_ref().map(text),
@@ -221,7 +221,7 @@ fn v5_convert(p: &v5::Packet) -> Packet {
                 reason_string: a.reason_string.as_ref().map(text),
                 user_properties: users(&a.user_properties),
                 ..Default::default()
-            },
+            }),
         }),
         P::Publish(p) => {
             let props = &p.properties;
@@ -234,19 +234,21 @@ fn v5_convert(p: &v5::Packet) -> Packet {
                 payload: p.payload.clone(),
                 properties: props
                     .as_ref()
-                    .map(|props| Properties {
-                        topic_alias: props.topic_alias.map(id),
-                        correlation_data: props.correlation_data.clone(),
-                        message_expiry_interval: props.message_expiry_interval.map(|n| n.get()),
-                        content_type: props.content_type.as_ref().map(text),
-                        user_properties: users(&props.user_properties),
-                        response_topic: props.response_topic.as_ref().map(text),
-                        subscription_identifiers: props
-                            .subscription_ids
-                            .iter()
-                            .map(|n| n.get())
-                            .collect(),
-                        ..Default::default()
+                    .map(|props| {
+                        Properties::from(beckon_mqtt::PropertySet {
+                            topic_alias: props.topic_alias.map(id),
+                            correlation_data: props.correlation_data.clone(),
+                            message_expiry_interval: props.message_expiry_interval.map(|n| n.get()),
+                            content_type: props.content_type.as_ref().map(text),
+                            user_properties: users(&props.user_properties),
+                            response_topic: props.response_topic.as_ref().map(text),
+                            subscription_identifiers: props
+                                .subscription_ids
+                                .iter()
+                                .map(|n| n.get())
+                                .collect(),
+                            ..Default::default()
+                        })
                     })
                     .unwrap_or_default(),
             })
@@ -274,59 +276,59 @@ fn v5_convert(p: &v5::Packet) -> Packet {
                     },
                 })
                 .collect(),
-            properties: Properties {
+            properties: Properties::from(beckon_mqtt::PropertySet {
                 subscription_identifiers: s.id.map(|n| n.get()).into_iter().collect(),
                 user_properties: users(&s.user_properties),
                 ..Default::default()
-            },
+            }),
         }),
         P::SubscribeAck(a) => Packet::SubAck(SubAck {
             packet_id: id(a.packet_id),
             codes: a.status.iter().map(|c| ReasonCode(*c as u8)).collect(),
-            properties: Properties {
+            properties: Properties::from(beckon_mqtt::PropertySet {
                 reason_string: a.reason_string.as_ref().map(text),
                 user_properties: users(&a.properties),
                 ..Default::default()
-            },
+            }),
         }),
         P::Unsubscribe(u) => Packet::Unsubscribe(Unsubscribe {
             packet_id: id(u.packet_id),
             filters: u.topic_filters.iter().map(text).collect(),
-            properties: Properties {
+            properties: Properties::from(beckon_mqtt::PropertySet {
                 user_properties: users(&u.user_properties),
                 ..Default::default()
-            },
+            }),
         }),
         P::UnsubscribeAck(a) => Packet::UnsubAck(UnsubAck {
             packet_id: id(a.packet_id),
             codes: a.status.iter().map(|c| ReasonCode(*c as u8)).collect(),
-            properties: Properties {
+            properties: Properties::from(beckon_mqtt::PropertySet {
                 reason_string: a.reason_string.as_ref().map(text),
                 user_properties: users(&a.properties),
                 ..Default::default()
-            },
+            }),
         }),
         P::PingRequest => Packet::PingReq,
         P::PingResponse => Packet::PingResp,
         P::Disconnect(d) => Packet::Disconnect(Disconnect {
             code: ReasonCode(d.reason_code as u8),
-            properties: Properties {
+            properties: Properties::from(beckon_mqtt::PropertySet {
                 session_expiry_interval: d.session_expiry_interval_secs,
                 server_reference: d.server_reference.as_ref().map(text),
                 reason_string: d.reason_string.as_ref().map(text),
                 user_properties: users(&d.user_properties),
                 ..Default::default()
-            },
+            }),
         }),
         P::Auth(a) => Packet::Auth(Auth {
             code: ReasonCode(a.reason_code as u8),
-            properties: Properties {
+            properties: Properties::from(beckon_mqtt::PropertySet {
                 authentication_method: a.auth_method.as_ref().map(text),
                 authentication_data: a.auth_data.clone(),
                 reason_string: a.reason_string.as_ref().map(text),
                 user_properties: users(&a.user_properties),
                 ..Default::default()
-            },
+            }),
         }),
     }
 }
@@ -335,11 +337,11 @@ fn ack(a: &v5::PublishAck) -> Ack {
     Ack {
         packet_id: id(a.packet_id),
         code: ReasonCode(a.reason_code as u8),
-        properties: Properties {
+        properties: Properties::from(beckon_mqtt::PropertySet {
             reason_string: a.reason_string.as_ref().map(text),
             user_properties: users(&a.properties),
             ..Default::default()
-        },
+        }),
     }
 }
 
@@ -347,11 +349,11 @@ fn ack2(a: &v5::PublishAck2) -> Ack {
     Ack {
         packet_id: id(a.packet_id),
         code: ReasonCode(a.reason_code as u8),
-        properties: Properties {
+        properties: Properties::from(beckon_mqtt::PropertySet {
             reason_string: a.reason_string.as_ref().map(text),
             user_properties: users(&a.properties),
             ..Default::default()
-        },
+        }),
     }
 }
 
@@ -362,7 +364,7 @@ fn project(packet: &Packet) -> Packet {
     match &mut p {
         Packet::Connect(c) => {
             let pr = &c.properties;
-            c.properties = Properties {
+            c.properties = Properties::from(beckon_mqtt::PropertySet {
                 // A plain u32 and u16 in the oracle: absent reads as 0.
                 session_expiry_interval: Some(pr.session_expiry_interval.unwrap_or(0)),
                 topic_alias_maximum: Some(pr.topic_alias_maximum.unwrap_or(0)),
@@ -372,7 +374,7 @@ fn project(packet: &Packet) -> Packet {
                 user_properties: pr.user_properties.clone(),
                 maximum_packet_size: pr.maximum_packet_size,
                 ..Default::default()
-            };
+            });
             if let Some(w) = &mut c.will {
                 w.properties.message_expiry_interval =
                     nonzero(w.properties.message_expiry_interval);
@@ -380,7 +382,7 @@ fn project(packet: &Packet) -> Packet {
         }
         Packet::ConnAck(a) => {
             let pr = &a.properties;
-            a.properties = Properties {
+            a.properties = Properties::from(beckon_mqtt::PropertySet {
                 session_expiry_interval: pr.session_expiry_interval,
                 maximum_packet_size: pr.maximum_packet_size,
                 assigned_client_identifier: pr.assigned_client_identifier.clone(),
@@ -392,7 +394,7 @@ fn project(packet: &Packet) -> Packet {
                 reason_string: pr.reason_string.clone(),
                 user_properties: pr.user_properties.clone(),
                 ..Default::default()
-            };
+            });
         }
         Packet::Publish(p) => {
             // The payload format indicator is a bool defaulting to false.

@@ -241,10 +241,10 @@ fn suback_failures_are_0x80_in_v311() {
             ReasonCode::GRANTED_QOS_0,
             ReasonCode::TOPIC_FILTER_INVALID,
         ],
-        properties: Properties {
+        properties: Properties::from(beckon_mqtt::PropertySet {
             reason_string: Some("left out in 3.1.1".into()),
             ..Default::default()
-        },
+        }),
     });
     assert_eq!(
         encode_vec(&packet, ProtocolVersion::V311),
@@ -303,10 +303,10 @@ fn encoder_refuses_what_it_cannot_express_and_leaves_the_buffer_untouched() {
         (Packet::Auth(Default::default()), v311),
         (
             Packet::PubAck(Ack {
-                properties: Properties {
+                properties: Properties::from(beckon_mqtt::PropertySet {
                     topic_alias: Some(1),
                     ..Default::default()
-                },
+                }),
                 ..Ack::new(1)
             }),
             v5,

@@ -151,10 +151,10 @@ mod tests {
     #[test]
     fn expiry_is_reduced_by_waiting_time_and_rounded_up() {
         let t0 = Instant::now();
-        let props = Properties {
+        let props = Properties::from(beckon_mqtt::PropertySet {
             message_expiry_interval: Some(10),
-            ..Properties::default()
-        };
+            ..Default::default()
+        });
         let m = Message::new(t0, "t".into(), Bytes::new(), QoS::AtLeastOnce, false, props);
         let p = m
             .to_publish(
@@ -228,15 +228,15 @@ mod tests {
                 topic,
                 packet_id: (qos != QoS::AtMostOnce).then_some(1),
                 payload: Bytes::from(vec![7u8; payload_len]),
-                properties: Properties {
+                properties: Properties::from(beckon_mqtt::PropertySet {
                     message_expiry_interval: expiry,
                     subscription_identifiers: sub_ids,
                     user_properties: user,
                     content_type,
                     correlation_data: correlation.map(Bytes::from),
                     payload_format_indicator: Some(1),
-                    ..Properties::default()
-                },
+                    ..Default::default()
+                }),
             };
             let packet = beckon_mqtt::Packet::Publish(publish.clone());
             for version in [ProtocolVersion::V311, ProtocolVersion::V5] {

@@ -681,7 +681,7 @@ impl BrokerCore {
         if ends {
             self.end_session(key);
             if let Some(will) = will {
-                self.publish_will(now, key, will, out);
+                self.publish_will(now, key, *will, out);
             }
             None
         } else {
@@ -970,7 +970,7 @@ impl BrokerCore {
         &mut self,
         now: Instant,
         publisher: SessionKey,
-        will: Box<Will>,
+        will: Will,
         out: &mut Vec<Action>,
     ) {
         self.stats.wills_published += 1;
@@ -1176,7 +1176,7 @@ impl BrokerCore {
         if session.expiry == 0 {
             self.end_session(key);
             if let Some(will) = will {
-                self.publish_will(now, key, will, out);
+                self.publish_will(now, key, *will, out);
             }
             return;
         }
@@ -1185,7 +1185,7 @@ impl BrokerCore {
         if let Some(will) = will {
             let delay = will.properties.will_delay_interval.unwrap_or(0);
             if delay == 0 {
-                self.publish_will(now, key, will, out);
+                self.publish_will(now, key, *will, out);
             } else if let Some(session) = self.sessions.get_mut(&key) {
                 // Published when the delay elapses or the session ends, whichever is first.
                 let delay = Duration::from_secs(u64::from(delay)).min(expiry);
@@ -1275,7 +1275,7 @@ impl BrokerCore {
             if session.will_at.is_some_and(|t| t <= now) {
                 session.will_at = None;
                 if let Some(will) = session.will.take() {
-                    self.publish_will(now, key, will, out);
+                    self.publish_will(now, key, *will, out);
                 }
             }
             let expired = self

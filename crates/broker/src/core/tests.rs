@@ -139,10 +139,10 @@ fn with_will(mut c: Connect, topic: &str, delay: Option<u32>) -> Connect {
         payload: Bytes::from_static(b"gone"),
         qos: QoS::AtLeastOnce,
         retain: false,
-        properties: Properties {
+        properties: Properties::from(beckon_mqtt::PropertySet {
             will_delay_interval: delay,
-            ..Properties::default()
-        },
+            ..Default::default()
+        }),
     });
     c
 }
@@ -315,10 +315,12 @@ fn empty_client_id_gets_a_unique_assigned_id() {
     let id1 = a1
         .properties
         .assigned_client_identifier
+        .clone()
         .expect("assigned id");
     let id2 = a2
         .properties
         .assigned_client_identifier
+        .clone()
         .expect("assigned id");
     assert_ne!(id1, id2);
     assert_eq!(h.core.client_id(c1), Some(id1.as_str()));
@@ -551,10 +553,10 @@ fn disconnect_may_change_session_expiry() {
     // Raising a zero expiry at DISCONNECT is a protocol error.
     let (c, _, _) = h.connect_ok(v5("a"));
     let d = Disconnect {
-        properties: Properties {
+        properties: Properties::from(beckon_mqtt::PropertySet {
             session_expiry_interval: Some(60),
-            ..Properties::default()
-        },
+            ..Default::default()
+        }),
         ..Disconnect::default()
     };
     let out = h.send(c, Packet::Disconnect(d.clone()));
@@ -563,10 +565,10 @@ fn disconnect_may_change_session_expiry() {
     // Lowering to zero ends the session at close.
     let (c, _, _) = h.connect_ok(v5_persistent("b", 60));
     let d0 = Disconnect {
-        properties: Properties {
+        properties: Properties::from(beckon_mqtt::PropertySet {
             session_expiry_interval: Some(0),
-            ..Properties::default()
-        },
+            ..Default::default()
+        }),
         ..Disconnect::default()
     };
     let out = h.send(c, Packet::Disconnect(d0));
@@ -1312,14 +1314,14 @@ fn properties_pass_through_unchanged() {
     h.subscribe(s, "req", QoS::AtMostOnce);
     let (p, _, _) = h.connect_ok(v5("p"));
     let mut m = publish("req", "{}", QoS::AtMostOnce, None);
-    m.properties = Properties {
+    m.properties = Properties::from(beckon_mqtt::PropertySet {
         payload_format_indicator: Some(1),
         content_type: Some("application/json".into()),
         response_topic: Some("resp/p".into()),
         correlation_data: Some(Bytes::from_static(b"\x01\x02")),
         user_properties: vec![("k".into(), "v".into()), ("k".into(), "w".into())],
-        ..Properties::default()
-    };
+        ..Default::default()
+    });
     let expected = m.properties.clone();
     let got = publishes(&h.send(p, Packet::Publish(m)), s);
     assert_eq!(got[0].properties, expected);
@@ -1795,6 +1797,10 @@ fn interest_held_from_connect_lasts_as_long_as_the_session() {
 fn assigned_client_ids_name_the_node() {
     let mut h = clustered();
     let (_, ack, _) = h.connect_ok(v5(""));
-    let id = ack.properties.assigned_client_identifier.expect("assigned");
+    let id = ack
+        .properties
+        .assigned_client_identifier
+        .clone()
+        .expect("assigned");
     assert!(id.starts_with("beckon-auto-n1-"), "{id}");
 }

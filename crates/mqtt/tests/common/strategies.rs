@@ -73,41 +73,44 @@ pub fn any_properties() -> impl Strategy<Value = Properties> {
         opt(1u32..),
     );
     let c = (flag(), flag(), flag());
-    (a, b, c).prop_map(|(a, b, c)| Properties {
-        payload_format_indicator: a.0,
-        message_expiry_interval: a.1,
-        content_type: a.2,
-        response_topic: a.3,
-        correlation_data: a.4,
-        subscription_identifiers: a.5,
-        session_expiry_interval: a.6,
-        assigned_client_identifier: a.7,
-        server_keep_alive: a.8,
-        authentication_method: a.9,
-        authentication_data: a.10,
-        request_problem_information: a.11,
-        will_delay_interval: b.0,
-        request_response_information: b.1,
-        response_information: b.2,
-        server_reference: b.3,
-        reason_string: b.4,
-        receive_maximum: b.5,
-        topic_alias_maximum: b.6,
-        topic_alias: b.7,
-        maximum_qos: b.8,
-        retain_available: b.9,
-        user_properties: b.10,
-        maximum_packet_size: b.11,
-        wildcard_subscription_available: c.0,
-        subscription_identifier_available: c.1,
-        shared_subscription_available: c.2,
+    (a, b, c).prop_map(|(a, b, c)| {
+        Properties::from(beckon_mqtt::PropertySet {
+            payload_format_indicator: a.0,
+            message_expiry_interval: a.1,
+            content_type: a.2,
+            response_topic: a.3,
+            correlation_data: a.4,
+            subscription_identifiers: a.5,
+            session_expiry_interval: a.6,
+            assigned_client_identifier: a.7,
+            server_keep_alive: a.8,
+            authentication_method: a.9,
+            authentication_data: a.10,
+            request_problem_information: a.11,
+            will_delay_interval: b.0,
+            request_response_information: b.1,
+            response_information: b.2,
+            server_reference: b.3,
+            reason_string: b.4,
+            receive_maximum: b.5,
+            topic_alias_maximum: b.6,
+            topic_alias: b.7,
+            maximum_qos: b.8,
+            retain_available: b.9,
+            user_properties: b.10,
+            maximum_packet_size: b.11,
+            wildcard_subscription_available: c.0,
+            subscription_identifier_available: c.1,
+            shared_subscription_available: c.2,
+        })
     })
 }
 
 /// Keeps only the properties with the given identifiers.
 pub fn keep(p: Properties, ids: &[u8]) -> Properties {
     let has = |id: u8| ids.contains(&id);
-    let mut p = Properties {
+    let p = p.into_set();
+    let mut p = beckon_mqtt::PropertySet {
         payload_format_indicator: p.payload_format_indicator.filter(|_| has(0x01)),
         message_expiry_interval: p.message_expiry_interval.filter(|_| has(0x02)),
         content_type: p.content_type.filter(|_| has(0x03)),
@@ -150,7 +153,7 @@ pub fn keep(p: Properties, ids: &[u8]) -> Properties {
     if p.authentication_method.is_none() {
         p.authentication_data = None;
     }
-    p
+    Properties::from(p)
 }
 
 pub const CONNECT: &[u8] = &[0x11, 0x15, 0x16, 0x17, 0x19, 0x21, 0x22, 0x26, 0x27];

@@ -279,7 +279,7 @@ pub fn all() -> Vec<Vector> {
                 payload: Bytes::from_static(b"ok"),
                 qos: QoS::AtLeastOnce,
                 retain: true,
-                properties: Properties {
+                properties: Properties::from(beckon_mqtt::PropertySet {
                     will_delay_interval: Some(5),
                     payload_format_indicator: Some(1),
                     message_expiry_interval: Some(60),
@@ -288,11 +288,11 @@ pub fn all() -> Vec<Vector> {
                     correlation_data: Some(Bytes::from_static(&[0xab, 0xcd])),
                     user_properties: vec![("a".into(), "b".into())],
                     ..Default::default()
-                },
+                }),
             }),
             username: Some("u".into()),
             password: Some(Bytes::from_static(b"pw")),
-            properties: Properties {
+            properties: Properties::from(beckon_mqtt::PropertySet {
                 session_expiry_interval: Some(120),
                 receive_maximum: Some(16),
                 maximum_packet_size: Some(4096),
@@ -303,7 +303,7 @@ pub fn all() -> Vec<Vector> {
                 authentication_method: Some("PLAIN".into()),
                 authentication_data: Some(Bytes::from_static(&[1, 2])),
                 ..Default::default()
-            },
+            }),
         })),
     ));
     v.push(err(
@@ -323,10 +323,10 @@ pub fn all() -> Vec<Vector> {
         V5,
         "10 11 00 04 4d 51 54 54 05 02 00 3c 03 22 00 00 00 01 61",
         Packet::Connect(Box::new(Connect {
-            properties: Properties {
+            properties: Properties::from(beckon_mqtt::PropertySet {
                 topic_alias_maximum: Some(0),
                 ..Default::default()
-            },
+            }),
             ..connect(V5, "a")
         })),
     ));
@@ -409,11 +409,11 @@ pub fn all() -> Vec<Vector> {
         V5,
         "20 08 00 00 05 21 00 0a 24 01",
         Packet::ConnAck(ConnAck {
-            properties: Properties {
+            properties: Properties::from(beckon_mqtt::PropertySet {
                 receive_maximum: Some(10),
                 maximum_qos: Some(1),
                 ..Default::default()
-            },
+            }),
             ..Default::default()
         }),
     ));
@@ -517,10 +517,10 @@ pub fn all() -> Vec<Vector> {
         V5,
         "30 06 00 00 03 23 00 01",
         Packet::Publish(Publish {
-            properties: Properties {
+            properties: Properties::from(beckon_mqtt::PropertySet {
                 topic_alias: Some(1),
                 ..Default::default()
-            },
+            }),
             ..publish0("", b"")
         }),
     ));
@@ -550,7 +550,7 @@ pub fn all() -> Vec<Vector> {
             topic: "t".into(),
             packet_id: Some(1),
             payload: Bytes::from_static(b"p"),
-            properties: Properties {
+            properties: Properties::from(beckon_mqtt::PropertySet {
                 payload_format_indicator: Some(1),
                 message_expiry_interval: Some(10),
                 content_type: Some("json".into()),
@@ -560,7 +560,7 @@ pub fn all() -> Vec<Vector> {
                 topic_alias: Some(2),
                 user_properties: vec![("k".into(), "v".into())],
                 ..Default::default()
-            },
+            }),
         }),
     ));
     v.push(err(
@@ -580,10 +580,10 @@ pub fn all() -> Vec<Vector> {
         V5,
         "30 13 00 01 74 0e 26 00 01 6b 00 01 31 26 00 01 6b 00 01 32 78",
         Packet::Publish(Publish {
-            properties: Properties {
+            properties: Properties::from(beckon_mqtt::PropertySet {
                 user_properties: vec![("k".into(), "1".into()), ("k".into(), "2".into())],
                 ..Default::default()
-            },
+            }),
             ..publish0("t", b"x")
         }),
     ));
@@ -636,10 +636,10 @@ pub fn all() -> Vec<Vector> {
         V5,
         "50 08 00 01 80 04 1f 00 01 78",
         Packet::PubRec(Ack {
-            properties: Properties {
+            properties: Properties::from(beckon_mqtt::PropertySet {
                 reason_string: Some("x".into()),
                 ..Default::default()
-            },
+            }),
             ..ack(1, 0x80)
         }),
     ));
@@ -742,10 +742,10 @@ pub fn all() -> Vec<Vector> {
                     retain_handling: RetainHandling::DoNotSend,
                 },
             )],
-            properties: Properties {
+            properties: Properties::from(beckon_mqtt::PropertySet {
                 subscription_identifiers: vec![7],
                 ..Default::default()
-            },
+            }),
         }),
     ));
     v.push(err(
@@ -918,11 +918,11 @@ pub fn all() -> Vec<Vector> {
         "e0 0c 8e 0a 11 00 00 00 3c 1f 00 02 62 79",
         Packet::Disconnect(Disconnect {
             code: ReasonCode::SESSION_TAKEN_OVER,
-            properties: Properties {
+            properties: Properties::from(beckon_mqtt::PropertySet {
                 session_expiry_interval: Some(60),
                 reason_string: Some("by".into()),
                 ..Default::default()
-            },
+            }),
         }),
     ));
     v.push(ok(
@@ -957,11 +957,11 @@ pub fn all() -> Vec<Vector> {
         "f0 0e 18 0c 15 00 05 50 4c 41 49 4e 16 00 01 ff",
         Packet::Auth(Auth {
             code: ReasonCode::CONTINUE_AUTHENTICATION,
-            properties: Properties {
+            properties: Properties::from(beckon_mqtt::PropertySet {
                 authentication_method: Some("PLAIN".into()),
                 authentication_data: Some(Bytes::from_static(&[0xff])),
                 ..Default::default()
-            },
+            }),
         }),
     ));
     v.push(err(
