@@ -221,6 +221,18 @@ impl Properties {
             .is_none_or(|set| *set == PropertySet::EMPTY)
     }
 
+    /// The values for changing them, without allocating when none is set.
+    pub fn existing_mut(&mut self) -> Option<&mut PropertySet> {
+        self.0.as_deref_mut()
+    }
+
+    /// Frees the set when nothing is left in it, so that copies do not allocate.
+    pub fn compact(&mut self) {
+        if self.is_empty() {
+            self.0 = None;
+        }
+    }
+
     /// The values, taken out (empty when none was set).
     pub fn into_set(self) -> PropertySet {
         self.0.map_or(PropertySet::EMPTY, |set| *set)
@@ -503,5 +515,61 @@ impl Packet {
             Self::Disconnect(_) => 14,
             Self::Auth(_) => 15,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn absent_properties_read_and_compare_as_empty() {
+        let absent = Properties::default();
+        assert!(absent.is_empty());
+        assert_eq!(absent.reason_string, None);
+        assert!(absent.user_properties.is_empty());
+        // A set that was written and emptied again equals one never written.
+        let mut emptied = Properties::default();
+        emptied.topic_alias = Some(3);
+        assert_ne!(emptied, absent);
+        emptied.topic_alias = None;
+        assert!(emptied.is_empty());
+        assert_eq!(emptied, absent);
+        assert_eq!(format!("{emptied:?}"), format!("{absent:?}"));
+    }
+
+    #[test]
+    fn only_a_write_allocates_the_set() {
+        let mut props = Properties::default();
+        assert!(props.existing_mut().is_none());
+        props.compact();
+        assert!(props.0.is_none());
+        props.reason_string = Some("why".into());
+        assert_eq!(
+            props.existing_mut().and_then(|s| s.reason_string.take()),
+            Some("why".into())
+        );
+        assert!(props.0.is_some());
+        props.compact();
+        assert!(props.0.is_none(), "an emptied set is freed");
+        let built = Properties::from(PropertySet {
+            message_expiry_interval: Some(60),
+            ..Default::default()
+        });
+        assert_eq!(built.message_expiry_interval, Some(60));
+        assert_eq!(built.clone().into_set().message_expiry_interval, Some(60));
+        assert_eq!(Properties::default().into_set(), PropertySet::EMPTY);
+    }
+
+    #[test]
+    fn packets_stay_small() {
+        // Packets are moved through several queues per message; properties were 344 bytes
+        // of each before they moved behind a pointer.
+        assert!(std::mem::size_of::<Properties>() <= 8);
+        assert!(
+            std::mem::size_of::<Packet>() <= 96,
+            "{}",
+            std::mem::size_of::<Packet>()
+        );
     }
 }

@@ -36,14 +36,19 @@ impl Message {
         retain: bool,
         mut properties: Properties,
     ) -> Self {
-        let expires_at = properties
-            .message_expiry_interval
-            .take()
-            .map(|secs| now + Duration::from_secs(u64::from(secs)));
-        // Properties that belong to one hop, not to the message.
-        properties.topic_alias = None;
-        properties.subscription_identifiers = Vec::new();
-        properties.will_delay_interval = None;
+        // Changed without allocating a property set where the publish brought none.
+        let mut expires_at = None;
+        if let Some(set) = properties.existing_mut() {
+            expires_at = set
+                .message_expiry_interval
+                .take()
+                .map(|secs| now + Duration::from_secs(u64::from(secs)));
+            // Properties that belong to one hop, not to the message.
+            set.topic_alias = None;
+            set.subscription_identifiers = Vec::new();
+            set.will_delay_interval = None;
+        }
+        properties.compact();
         Self {
             topic,
             payload,
@@ -76,7 +81,10 @@ impl Message {
             let secs = left.as_secs() + u64::from(left.subsec_nanos() > 0);
             properties.message_expiry_interval = Some(u32::try_from(secs).unwrap_or(u32::MAX));
         }
-        properties.subscription_identifiers = sub_ids.to_vec();
+        // Written only when there are some: a write allocates the property set.
+        if !sub_ids.is_empty() {
+            properties.subscription_identifiers = sub_ids.to_vec();
+        }
         Some(Publish {
             dup: false,
             qos,
