@@ -565,11 +565,7 @@ mod tests {
     fn packets_stay_small() {
         // Packets are moved through several queues per message; properties were 344 bytes
         // of each before they moved behind a pointer.
-        assert!(std::mem::size_of::<Properties>() <= 8);
-        assert!(
-            std::mem::size_of::<Packet>() <= 96,
-            "{}",
-            std::mem::size_of::<Packet>()
-        );
+        assert!(size_of::<Properties>() <= 8);
+        assert!(size_of::<Packet>() <= 96, "{}", size_of::<Packet>());
     }
 }
