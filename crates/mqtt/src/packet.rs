@@ -530,6 +530,7 @@ mod tests {
         assert!(absent.user_properties.is_empty());
         // A set that was written and emptied again equals one never written.
         let mut emptied = Properties::default();
+        assert!(emptied.existing_mut().is_none());
         emptied.topic_alias = Some(3);
         assert_ne!(emptied, absent);
         emptied.topic_alias = None;
