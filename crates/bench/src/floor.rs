@@ -181,12 +181,35 @@ impl ThreadCpu {
     }
 }
 
+/// The soft limit on open files of this process (`/proc/self/limits`).
+fn open_files_limit() -> Option<u64> {
+    let limits = std::fs::read_to_string("/proc/self/limits").ok()?;
+    let line = limits.lines().find(|l| l.starts_with("Max open files"))?;
+    line["Max open files".len()..]
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
 /// Runs `floor`, starting peers as `program bench floor-peer ...`.
 pub fn run_floor(args: &FloorArgs, program: &std::path::Path) -> anyhow::Result<FloorReport> {
     if args.agents == 0 {
         bail!("--agents must be at least 1");
     }
     let per_worker = args.agents_per_worker.max(1);
+    // This process holds one socket per connection, and each peer its share.
+    if let Some(limit) = open_files_limit() {
+        let most = usize::try_from(limit).unwrap_or(usize::MAX);
+        if args.agents + 64 > most || per_worker + 64 > most {
+            bail!(
+                "the file limit is {limit} per process: this process holds one socket per \
+                 connection and each peer --agents-per-worker; lower --agents (at most {}) \
+                 and --agents-per-worker, or raise the limit (ulimit -n)",
+                most.saturating_sub(64)
+            );
+        }
+    }
     // Accepting needs a backlog deeper than std's 128: the peers connect all at once.
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_io()

@@ -61,6 +61,13 @@ fn floor_at_small_scale() {
     let (status, stdout) =
         common::run_bench_status(&["floor", "--agents", "0"], Duration::from_secs(30));
     assert!(!status.success(), "no connections is refused: {stdout}");
+    // More connections than this process may hold: refused before any peer starts.
+    let (status, stdout) =
+        common::run_bench_status(&["floor", "--agents", "2000000"], Duration::from_secs(30));
+    assert!(
+        !status.success(),
+        "over the file limit is refused: {stdout}"
+    );
 }
 
 fn compare_over_tls_at_small_scale() {
