@@ -181,6 +181,9 @@ impl ThreadCpu {
     }
 }
 
+/// Bound on the wait for one reply once every message was written.
+const REPLY_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// The soft limit on open files of this process (`/proc/self/limits`).
 fn open_files_limit() -> Option<u64> {
     let limits = std::fs::read_to_string("/proc/self/limits").ok()?;
@@ -252,6 +255,8 @@ pub fn run_floor(args: &FloorArgs, program: &std::path::Path) -> anyhow::Result<
             tcp.set_nodelay(true)?;
             let tcp = tcp.into_std()?;
             tcp.set_nonblocking(false)?;
+            // A peer that stops answering ends the run with an error, not a hang.
+            tcp.set_read_timeout(Some(REPLY_TIMEOUT))?;
             out.push(tcp);
         }
         anyhow::Ok(out)
@@ -272,9 +277,9 @@ pub fn run_floor(args: &FloorArgs, program: &std::path::Path) -> anyhow::Result<
             .sum()
     };
     let message = vec![b'w'; usize::from(args.message_bytes)];
-    let threads = args.threads.clamp(1, args.agents);
-    let share = args.agents.div_ceil(threads);
-    let start = Barrier::new(threads + 1);
+    let share = args.agents.div_ceil(args.threads.clamp(1, args.agents));
+    // One party per chunk (fewer than --threads when the connections do not divide evenly).
+    let start = Barrier::new(args.agents.div_ceil(share) + 1);
     let (driven, peer_cpu) = std::thread::scope(|scope| {
         let handles: Vec<_> = connections
             .chunks(share)

@@ -58,6 +58,28 @@ fn floor_at_small_scale() {
         "{json:#}"
     );
 
+    // Connections that do not divide evenly among the threads: 5 over 4 is 2, 2 and 1.
+    let stdout = common::run_bench(
+        &[
+            "floor",
+            "--agents",
+            "5",
+            "--agents-per-worker",
+            "2",
+            "--settle-secs",
+            "0",
+            "--threads",
+            "4",
+            "--json",
+        ],
+        Duration::from_secs(60),
+    );
+    let json: serde_json::Value = serde_json::from_str(&stdout)
+        .unwrap_or_else(|e| panic!("the report is not JSON ({e}):\n{stdout}"));
+    assert_eq!(common::number(&json, "/connections"), 5.0, "{json:#}");
+    assert_eq!(common::number(&json, "/workers"), 3.0, "{json:#}");
+    assert_eq!(common::number(&json, "/threads"), 3.0, "{json:#}");
+
     let (status, stdout) =
         common::run_bench_status(&["floor", "--agents", "0"], Duration::from_secs(30));
     assert!(!status.success(), "no connections is refused: {stdout}");
