@@ -18,7 +18,7 @@ use beckon_agent::state::AgentState;
 use beckon_agent::{Connector, LadderConnector, run_agent};
 use beckon_broker::{Bound, BrokerConfig, Listen, Server, ServerHandle};
 use beckon_identity::{KeyId, Role, SigningKey, TenantId, TokenSigner};
-use beckon_mqtt::{Connect, Packet, Properties, ProtocolVersion};
+use beckon_mqtt::{Connect, Packet, ProtocolVersion};
 use beckon_pki::CertificateAuthority;
 use bytes::Bytes;
 use common::*;
@@ -143,14 +143,9 @@ impl TenantBroker {
             )
             .expect("token");
         peer.send(Packet::Connect(Box::new(Connect {
-            protocol: ProtocolVersion::V5,
-            clean_start: true,
-            keep_alive: 60,
-            client_id: "console".into(),
-            will: None,
             username: Some("beckon".into()),
             password: Some(Bytes::from(token.into_bytes())),
-            properties: Properties::default(),
+            ..Connect::new(ProtocolVersion::V5, "console", 60)
         })))
         .await;
         match peer.recv().await {

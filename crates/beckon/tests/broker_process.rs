@@ -9,7 +9,7 @@ use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use beckon_mqtt::{Connect, Packet, Properties, ProtocolVersion, ReasonCode, decode, encode};
+use beckon_mqtt::{Connect, Packet, ProtocolVersion, ReasonCode, decode, encode};
 use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -60,16 +60,7 @@ fn plain_addr(broker: &Process) -> SocketAddr {
 fn connect_bytes(version: ProtocolVersion, id: &str) -> Vec<u8> {
     let mut b = BytesMut::new();
     encode(
-        &Packet::Connect(Box::new(Connect {
-            protocol: version,
-            clean_start: true,
-            keep_alive: 60,
-            client_id: id.to_owned(),
-            will: None,
-            username: None,
-            password: None,
-            properties: Properties::default(),
-        })),
+        &Packet::Connect(Box::new(Connect::new(version, id.to_owned(), 60))),
         version,
         &mut b,
     )

@@ -207,14 +207,9 @@ impl Client {
         };
         client
             .send(&Packet::Connect(Box::new(Connect {
-                protocol: ProtocolVersion::V5,
-                clean_start: true,
-                keep_alive: 30,
-                client_id: String::new(),
-                will: None,
                 username: Some("beckon".into()),
                 password: Some(Bytes::from(token.to_owned())),
-                properties: Properties::default(),
+                ..Connect::new(ProtocolVersion::V5, "", 30)
             })))
             .await
             .map_err(|e| format!("send CONNECT: {e}"))?;

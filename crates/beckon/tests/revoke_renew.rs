@@ -20,7 +20,7 @@ use beckon_agent::state::AgentState;
 use beckon_agent::{AgentConfig, LadderConnector, WakeUpCheck, run_agent};
 use beckon_broker::{BrokerConfig, Listen, Server, ServerHandle};
 use beckon_console::{BrokerLink, Console, ConsoleConfig, ConsoleHandle};
-use beckon_mqtt::{Connect, Packet, Properties, ProtocolVersion, ReasonCode, decode, encode};
+use beckon_mqtt::{Connect, Packet, ProtocolVersion, ReasonCode, decode, encode};
 use bytes::BytesMut;
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -219,16 +219,7 @@ async fn connack_code(
         .expect("handshake");
     let mut out = BytesMut::new();
     encode(
-        &Packet::Connect(Box::new(Connect {
-            protocol: version,
-            clean_start: true,
-            keep_alive: 60,
-            client_id: id.into(),
-            will: None,
-            username: None,
-            password: None,
-            properties: Properties::default(),
-        })),
+        &Packet::Connect(Box::new(Connect::new(version, id, 60))),
         version,
         &mut out,
     )

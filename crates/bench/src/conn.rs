@@ -253,18 +253,13 @@ impl Connector {
             receive_maximum: None,
         };
         let connect = Connect {
-            protocol: version,
-            clean_start: true,
-            keep_alive: self.target.keep_alive,
-            client_id: client_id.to_owned(),
-            will: None,
             username: self.target.username.clone(),
             password: self
                 .target
                 .password
                 .as_ref()
                 .map(|p| Bytes::copy_from_slice(p.as_bytes())),
-            properties: Properties::default(),
+            ..Connect::new(version, client_id.to_owned(), self.target.keep_alive)
         };
         conn.send(&Packet::Connect(Box::new(connect))).await?;
         match conn.recv().await? {

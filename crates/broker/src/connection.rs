@@ -962,16 +962,7 @@ async fn flush<S: AsyncWrite + Unpin>(
                 && !ack.code.is_error()
             {
                 // Only the keep alive matters to effective_keep_alive; the rest is filler.
-                let probe = Connect {
-                    protocol: version,
-                    clean_start: true,
-                    keep_alive: client_keep_alive,
-                    client_id: String::new(),
-                    will: None,
-                    username: None,
-                    password: None,
-                    properties: Properties::default(),
-                };
+                let probe = Connect::new(version, "", client_keep_alive);
                 *keep_alive = effective_keep_alive(&probe, ack);
             }
             if let Err(e) = encode(packet, version, &mut wbuf) {

@@ -8,7 +8,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use beckon_broker::{BrokerConfig, Listen, Server};
-use beckon_mqtt::{Connect, Packet, Properties, ProtocolVersion, ReasonCode};
+use beckon_mqtt::{Connect, Packet, ProtocolVersion, ReasonCode};
 use tokio::net::TcpStream;
 
 use common::{Client, WAIT};
@@ -23,16 +23,11 @@ impl Client<TcpStream> {
     }
 
     async fn connect(&mut self, id: &str) -> ReasonCode {
-        self.send(&Packet::Connect(Box::new(Connect {
-            protocol: self.version,
-            clean_start: true,
-            keep_alive: 60,
-            client_id: id.into(),
-            will: None,
-            username: None,
-            password: None,
-            properties: Properties::default(),
-        })))
+        self.send(&Packet::Connect(Box::new(Connect::new(
+            self.version,
+            id,
+            60,
+        ))))
         .await;
         match self.recv().await {
             Some(Packet::ConnAck(ack)) => ack.code,

@@ -69,16 +69,11 @@ impl TestServer {
 }
 
 fn connect_packet(version: ProtocolVersion, client_id: &str, keep_alive: u16) -> Packet {
-    Packet::Connect(Box::new(Connect {
-        protocol: version,
-        clean_start: true,
+    Packet::Connect(Box::new(Connect::new(
+        version,
+        client_id.to_owned(),
         keep_alive,
-        client_id: client_id.to_owned(),
-        will: None,
-        username: None,
-        password: None,
-        properties: Properties::default(),
-    }))
+    )))
 }
 
 fn bytes_of(packet: &Packet, version: ProtocolVersion) -> Vec<u8> {
@@ -779,10 +774,6 @@ async fn will_is_published_when_a_client_vanishes_and_after_its_delay() {
             ..Default::default()
         });
         c.send(&Packet::Connect(Box::new(Connect {
-            protocol: ProtocolVersion::V5,
-            clean_start: true,
-            keep_alive: 60,
-            client_id: id.to_owned(),
             will: Some(beckon_mqtt::Will {
                 topic: format!("presence/{id}"),
                 payload: bytes::Bytes::from_static(b"offline"),
@@ -790,9 +781,8 @@ async fn will_is_published_when_a_client_vanishes_and_after_its_delay() {
                 retain: false,
                 properties: will_props,
             }),
-            username: None,
-            password: None,
             properties: connect_props,
+            ..Connect::new(ProtocolVersion::V5, id.to_owned(), 60)
         })))
         .await;
         assert!(

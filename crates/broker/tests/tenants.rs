@@ -222,14 +222,9 @@ impl Client {
             _ => None,
         };
         let connect = Packet::Connect(Box::new(Connect {
-            protocol: self.version,
-            clean_start: true,
-            keep_alive,
-            client_id: client_id.to_owned(),
-            will: None,
             username: password.as_ref().map(|_| "beckon".to_owned()),
             password,
-            properties: Properties::default(),
+            ..Connect::new(self.version, client_id.to_owned(), keep_alive)
         }));
         self.send(&connect).await;
         match self.recv().await {
@@ -1242,14 +1237,8 @@ async fn an_agent_that_says_it_came_through_a_proxy_is_shown_so_in_presence() {
     ));
     agent
         .send(&Packet::Connect(Box::new(Connect {
-            protocol: ProtocolVersion::V5,
-            clean_start: true,
-            keep_alive: 60,
-            client_id: "pc-1".into(),
-            will: None,
-            username: None,
-            password: None,
             properties,
+            ..Connect::new(ProtocolVersion::V5, "pc-1", 60)
         })))
         .await;
     assert!(

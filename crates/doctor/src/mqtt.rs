@@ -210,14 +210,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin> MqttProbe<S> {
             ..Default::default()
         });
         let connect = Connect {
-            protocol: ProtocolVersion::V5,
             clean_start: !identity.named,
-            keep_alive: KEEP_ALIVE_SECS,
-            client_id: identity.client_id.clone(),
-            will: None,
             username: identity.username.clone(),
             password: identity.password.clone().map(Bytes::from),
             properties,
+            ..Connect::new(
+                ProtocolVersion::V5,
+                identity.client_id.clone(),
+                KEEP_ALIVE_SECS,
+            )
         };
         self.send(Packet::Connect(Box::new(connect)), "CONNACK")
             .await?;

@@ -311,6 +311,23 @@ pub struct Connect {
     pub properties: Properties,
 }
 
+impl Connect {
+    /// A CONNECT with a clean start and no will, credentials or properties: the usual shape,
+    /// the rest set by field (`Connect { username, ..Connect::new(..) }`).
+    pub fn new(protocol: ProtocolVersion, client_id: impl Into<String>, keep_alive: u16) -> Self {
+        Self {
+            protocol,
+            clean_start: true,
+            keep_alive,
+            client_id: client_id.into(),
+            will: None,
+            username: None,
+            password: None,
+            properties: Properties::default(),
+        }
+    }
+}
+
 /// CONNACK. In v3.1.1 the reason code is the return code (0..=5); the encoder maps v5 codes
 /// to the nearest v3.1.1 return code when the connection speaks v3.1.1.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]

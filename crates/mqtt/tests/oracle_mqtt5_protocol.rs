@@ -141,10 +141,7 @@ fn convert(p: &m5::Packet, version: ProtocolVersion) -> Packet {
                 ProtocolVersion::V311
             };
             Packet::Connect(Box::new(Connect {
-                protocol,
                 clean_start: c.clean_start,
-                keep_alive: c.keep_alive,
-                client_id: c.client_id.clone(),
                 will: c.will.as_ref().map(|w| Will {
                     topic: w.topic.clone(),
                     payload: Bytes::from(w.payload.clone()),
@@ -155,6 +152,7 @@ fn convert(p: &m5::Packet, version: ProtocolVersion) -> Packet {
                 username: c.username.clone(),
                 password: c.password.clone().map(Bytes::from),
                 properties: props(&c.properties),
+                ..Connect::new(protocol, c.client_id.clone(), c.keep_alive)
             }))
         }
         m5::Packet::ConnAck(c) => {

@@ -68,10 +68,7 @@ fn v3_convert(p: &v3::Packet) -> Packet {
     use v3::Packet as P;
     match p {
         P::Connect(c) => Packet::Connect(Box::new(Connect {
-            protocol: ProtocolVersion::V311,
             clean_start: c.clean_session,
-            keep_alive: c.keep_alive,
-            client_id: text(&c.client_id),
             will: c.last_will.as_ref().map(|w| Will {
                 topic: text(&w.topic),
                 payload: w.message.clone(),
@@ -81,7 +78,7 @@ fn v3_convert(p: &v3::Packet) -> Packet {
             }),
             username: c.username.as_ref().map(text),
             password: c.password.clone(),
-            properties: Properties::default(),
+            ..Connect::new(ProtocolVersion::V311, text(&c.client_id), c.keep_alive)
         })),
         P::ConnectAck(a) => Packet::ConnAck(ConnAck {
             session_present: a.session_present,

@@ -155,16 +155,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Peer<S> {
 
     /// Client side of a real broker: CONNECT (clean), wait CONNACK.
     pub async fn client_connect(&mut self, client_id: &str) {
-        self.send(Packet::Connect(Box::new(Connect {
-            protocol: ProtocolVersion::V5,
-            clean_start: true,
-            keep_alive: 60,
-            client_id: client_id.into(),
-            will: None,
-            username: None,
-            password: None,
-            properties: Properties::default(),
-        })))
+        self.send(Packet::Connect(Box::new(Connect::new(
+            ProtocolVersion::V5,
+            client_id,
+            60,
+        ))))
         .await;
         match self.recv().await {
             Packet::ConnAck(c) if !c.code.is_error() => {}

@@ -544,16 +544,11 @@ async fn open(
         wbuf: BytesMut::with_capacity(512),
         next_id: 0,
     };
-    link.queue(&Packet::Connect(Box::new(Connect {
-        protocol: ProtocolVersion::V5,
-        clean_start: true,
-        keep_alive: 300,
-        client_id: creds.id.clone(),
-        will: None,
-        username: None,
-        password: None,
-        properties: Properties::default(),
-    })))?;
+    link.queue(&Packet::Connect(Box::new(Connect::new(
+        ProtocolVersion::V5,
+        creds.id.clone(),
+        300,
+    ))))?;
     link.flush().await?;
     match link.recv().await? {
         Packet::ConnAck(ack) if !ack.code.is_error() => {}

@@ -105,16 +105,7 @@ impl Harness {
 }
 
 fn v5(client_id: &str) -> Connect {
-    Connect {
-        protocol: ProtocolVersion::V5,
-        clean_start: true,
-        keep_alive: 60,
-        client_id: client_id.into(),
-        will: None,
-        username: None,
-        password: None,
-        properties: Properties::default(),
-    }
+    Connect::new(ProtocolVersion::V5, client_id, 60)
 }
 
 /// A v5 CONNECT that resumes (clean start 0) with a session expiry interval.

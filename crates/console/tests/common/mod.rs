@@ -247,16 +247,11 @@ impl<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin> Peer<S> {
     /// CONNECT as `client_id` (MQTT 5, clean start); fails the test unless the CONNACK
     /// accepts it.
     pub async fn connect_as(&mut self, client_id: &str) {
-        self.send(Packet::Connect(Box::new(Connect {
-            protocol: ProtocolVersion::V5,
-            clean_start: true,
-            keep_alive: 60,
-            client_id: client_id.into(),
-            will: None,
-            username: None,
-            password: None,
-            properties: Properties::default(),
-        })))
+        self.send(Packet::Connect(Box::new(Connect::new(
+            ProtocolVersion::V5,
+            client_id,
+            60,
+        ))))
         .await;
         match self.recv().await {
             Packet::ConnAck(a) => assert!(!a.code.is_error(), "{client_id} refused: {a:?}"),

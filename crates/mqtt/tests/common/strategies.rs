@@ -222,14 +222,12 @@ fn connect(version: ProtocolVersion) -> impl Strategy<Value = Packet> {
                     username = Some("user".into());
                 }
                 Packet::Connect(Box::new(Connect {
-                    protocol: version,
                     clean_start,
-                    keep_alive,
-                    client_id,
                     will,
                     username,
                     password,
                     properties,
+                    ..Connect::new(version, client_id, keep_alive)
                 }))
             },
         )

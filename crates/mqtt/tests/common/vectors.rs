@@ -80,16 +80,7 @@ fn err(name: &'static str, version: ProtocolVersion, bytes: &str, code: u8) -> V
 }
 
 fn connect(protocol: ProtocolVersion, client_id: &str) -> Connect {
-    Connect {
-        protocol,
-        clean_start: true,
-        keep_alive: 60,
-        client_id: client_id.into(),
-        will: None,
-        username: None,
-        password: None,
-        properties: Properties::default(),
-    }
+    Connect::new(protocol, client_id, 60)
 }
 
 fn publish0(topic: &str, payload: &'static [u8]) -> Publish {
