@@ -84,14 +84,7 @@ pub fn run(command: BenchCommand) -> anyhow::Result<()> {
             let program = std::env::current_exe()
                 .context("cannot find this program's path to start peer processes")?;
             let report = floor::run_floor(&args, &program)?;
-            if args.json {
-                println!(
-                    "{}",
-                    serde_json::to_string_pretty(&report).context("encoding the report")?
-                );
-            } else {
-                print!("{}", report.table());
-            }
+            print_report(&report, args.json, report.table())?;
             Ok(())
         }
         BenchCommand::Call(args) => runtime()?.block_on(call::call_command(&args)),
@@ -104,6 +97,23 @@ pub fn run(command: BenchCommand) -> anyhow::Result<()> {
             runtime()?.block_on(compare_command(&args, &launcher))
         }
     }
+}
+
+/// Prints a report as pretty JSON, or as its table.
+pub(crate) fn print_report(
+    report: &impl serde::Serialize,
+    json: bool,
+    table: String,
+) -> anyhow::Result<()> {
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(report).context("encoding the report")?
+        );
+    } else {
+        print!("{table}");
+    }
+    Ok(())
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
@@ -124,27 +134,13 @@ async fn fleet_command(args: &FleetArgs, launcher: &WorkerLauncher) -> anyhow::R
         label: args.label.clone(),
     };
     let report = fleet::run_fleet_spread(&targets, &args.load, &mut broker, launcher).await?;
-    if args.json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&report).context("encoding the report")?
-        );
-    } else {
-        print!("{}", report.table());
-    }
+    print_report(&report, args.json, report.table())?;
     Ok(())
 }
 
 async fn compare_command(args: &CompareArgs, launcher: &WorkerLauncher) -> anyhow::Result<()> {
     let report = compare::run_compare(args, launcher).await?;
-    if args.json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&report).context("encoding the report")?
-        );
-    } else {
-        print!("{}", report.table());
-    }
+    print_report(&report, args.json, report.table())?;
     let failed: Vec<String> = report
         .runs
         .iter()

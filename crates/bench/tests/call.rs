@@ -44,8 +44,7 @@ fn one_call_reaches_every_enrolled_agent() {
         ],
         Duration::from_secs(300),
     );
-    let json: serde_json::Value = serde_json::from_str(&stdout)
-        .unwrap_or_else(|e| panic!("the report is not JSON ({e}):\n{stdout}"));
+    let json = common::report_json(&stdout);
     eprintln!("{json:#}");
     for (pointer, want) in [
         ("/agents", 300.0),

@@ -26,23 +26,25 @@ fn main() -> ExitCode {
 /// JSON parses. The
 /// figures are printed, never judged.
 fn floor_at_small_scale() {
-    let stdout = common::run_bench(
-        &[
-            "floor",
-            "--agents",
-            "300",
-            "--agents-per-worker",
-            "120",
-            "--settle-secs",
-            "0.3",
-            "--threads",
-            "2",
-            "--json",
-        ],
-        Duration::from_secs(60),
-    );
-    let json: serde_json::Value = serde_json::from_str(&stdout)
-        .unwrap_or_else(|e| panic!("the report is not JSON ({e}):\n{stdout}"));
+    let floor = |args: &[&str]| {
+        let args: Vec<&str> = ["floor"]
+            .iter()
+            .chain(args)
+            .chain(&["--json"])
+            .copied()
+            .collect();
+        common::report_json(&common::run_bench(&args, Duration::from_secs(60)))
+    };
+    let json = floor(&[
+        "--agents",
+        "300",
+        "--agents-per-worker",
+        "120",
+        "--settle-secs",
+        "0.3",
+        "--threads",
+        "2",
+    ]);
     eprintln!("{json:#}");
     assert_eq!(common::number(&json, "/connections"), 300.0);
     assert_eq!(common::number(&json, "/workers"), 3.0);
@@ -59,23 +61,16 @@ fn floor_at_small_scale() {
     );
 
     // Connections that do not divide evenly among the threads: 5 over 4 is 2, 2 and 1.
-    let stdout = common::run_bench(
-        &[
-            "floor",
-            "--agents",
-            "5",
-            "--agents-per-worker",
-            "2",
-            "--settle-secs",
-            "0",
-            "--threads",
-            "4",
-            "--json",
-        ],
-        Duration::from_secs(60),
-    );
-    let json: serde_json::Value = serde_json::from_str(&stdout)
-        .unwrap_or_else(|e| panic!("the report is not JSON ({e}):\n{stdout}"));
+    let json = floor(&[
+        "--agents",
+        "5",
+        "--agents-per-worker",
+        "2",
+        "--settle-secs",
+        "0",
+        "--threads",
+        "4",
+    ]);
     assert_eq!(common::number(&json, "/connections"), 5.0, "{json:#}");
     assert_eq!(common::number(&json, "/workers"), 3.0, "{json:#}");
     assert_eq!(common::number(&json, "/threads"), 3.0, "{json:#}");
@@ -116,8 +111,7 @@ fn compare_over_tls_at_small_scale() {
         ],
         Duration::from_secs(420),
     );
-    let json: serde_json::Value = serde_json::from_str(&stdout)
-        .unwrap_or_else(|e| panic!("the report is not JSON ({e}):\n{stdout}"));
+    let json = common::report_json(&stdout);
     eprintln!("{json:#}");
     let runs = json["runs"].as_array().expect("runs");
     let brokers: Vec<&str> = runs
@@ -186,8 +180,7 @@ fn a_broker_that_fails_does_not_hide_the_other() {
         !status.success(),
         "a failed run makes the exit status non-zero"
     );
-    let json: serde_json::Value = serde_json::from_str(&stdout)
-        .unwrap_or_else(|e| panic!("the report is not JSON ({e}):\n{stdout}"));
+    let json = common::report_json(&stdout);
     let runs = json["runs"].as_array().expect("runs");
     assert_eq!(runs.len(), 2);
     assert_eq!(runs[0]["broker"], "mosquitto");

@@ -72,8 +72,7 @@ fn fleet_over_tls_reports_every_phase() {
         ],
         Duration::from_secs(240),
     );
-    let json: serde_json::Value = serde_json::from_str(&stdout)
-        .unwrap_or_else(|e| panic!("the report is not JSON ({e}):\n{stdout}"));
+    let json = common::report_json(&stdout);
     eprintln!("{json:#}");
     assert_eq!(json["workers"], 3, "300 agents at 120 per worker");
     assert_eq!(json["source_addresses"], 3, "300 agents at 100 per address");
@@ -218,8 +217,7 @@ fn fleet_presents_client_certificate_and_password() {
             ],
             Duration::from_secs(120),
         );
-        serde_json::from_str::<serde_json::Value>(&stdout)
-            .unwrap_or_else(|e| panic!("the report is not JSON ({e}):\n{stdout}"))
+        common::report_json(&stdout)
     };
     let admitted = run("s3cret");
     assert_eq!(common::number(&admitted, "/connect/connected"), 50.0);

@@ -285,14 +285,7 @@ impl CallReport {
 /// Runs `beckon bench call` and prints its report.
 pub async fn call_command(args: &CallArgs) -> anyhow::Result<()> {
     let report = run_call(args).await?;
-    if args.json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&report).context("encoding the report")?
-        );
-    } else {
-        print!("{}", report.table());
-    }
+    crate::print_report(&report, args.json, report.table())?;
     if let Some(why) = report.failure() {
         bail!("the call did not reach every agent: {why}");
     }

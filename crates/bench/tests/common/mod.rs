@@ -151,6 +151,12 @@ fn read(path: &Path) -> String {
     std::fs::read_to_string(path).expect("read the bench's stdout")
 }
 
+/// A bench's `--json` output, failing with the output when it does not parse.
+pub fn report_json(stdout: &str) -> serde_json::Value {
+    serde_json::from_str(stdout)
+        .unwrap_or_else(|e| panic!("the report is not JSON ({e}):\n{stdout}"))
+}
+
 /// The number at `pointer` in `json`, failing with the document when absent.
 pub fn number(json: &serde_json::Value, pointer: &str) -> f64 {
     json.pointer(pointer)
