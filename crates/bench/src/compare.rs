@@ -9,8 +9,7 @@ use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use beckon_mqtt::{Ack, Packet, Properties, Publish, QoS};
-use bytes::Bytes;
+use beckon_mqtt::{Ack, Packet};
 use serde::{Deserialize, Serialize};
 
 use crate::certs::{self, ServerCerts};
@@ -19,7 +18,7 @@ use crate::conn::{MqttVersion, Target, TlsSettings, wake_topic};
 use crate::fleet::{BrokerControl, WorkerLauncher, agent_id, run_fleet};
 use crate::floor::{FloorArgs, FloorReport, run_floor};
 use crate::protocol::unix_ns;
-use crate::publisher::WAKE_PREFIX;
+use crate::publisher::wakeup;
 use crate::report::{FleetReport, format_value};
 
 /// Bound on a broker's start-up (until its port accepts connections).
@@ -415,16 +414,12 @@ impl CompareReport {
 /// record adds 22 bytes to each), for the floor.
 fn wire_sizes(args: &CompareArgs) -> anyhow::Result<(u16, u16)> {
     let version = args.session.mqtt_version.protocol();
-    let publish = Packet::Publish(Publish {
-        dup: false,
-        qos: QoS::AtLeastOnce,
-        retain: false,
-        topic: wake_topic(&agent_id(&args.load.client_id_prefix, 0)),
-        packet_id: Some(1),
-        // The send time in Unix nanoseconds has 19 digits until 2286.
-        payload: Bytes::from(format!("{WAKE_PREFIX}{}", "1".repeat(19))),
-        properties: Properties::default(),
-    });
+    // The send time in Unix nanoseconds has 19 digits until 2286.
+    let publish = Packet::Publish(wakeup(
+        wake_topic(&agent_id(&args.load.client_id_prefix, 0)),
+        1,
+        1_000_000_000_000_000_000,
+    ));
     let puback = Packet::PubAck(Ack::new(1));
     let tls = if args.plain { 0 } else { 22 };
     let size = |packet: &Packet| -> anyhow::Result<u16> {

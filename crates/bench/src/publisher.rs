@@ -23,6 +23,19 @@ use crate::protocol::unix_ns;
 /// A wake-up payload is this prefix followed by the send time in Unix nanoseconds.
 pub const WAKE_PREFIX: &str = "wake ";
 
+/// One wake-up as the publishers send it: QoS 1, the send time in the payload.
+pub fn wakeup(topic: String, packet_id: u16, sent_unix_ns: u64) -> Publish {
+    Publish {
+        dup: false,
+        qos: QoS::AtLeastOnce,
+        retain: false,
+        topic,
+        packet_id: Some(packet_id),
+        payload: Bytes::from(format!("{WAKE_PREFIX}{sent_unix_ns}")),
+        properties: Properties::default(),
+    }
+}
+
 /// Flush the write buffer once it holds this much.
 const WRITE_BATCH: usize = 32 * 1024;
 
@@ -227,17 +240,10 @@ async fn publish_share(
             }
         };
         permit.forget();
-        let publish = Publish {
-            dup: false,
-            qos: QoS::AtLeastOnce,
-            retain: false,
-            topic,
-            // Identifiers cycle through 1..=65535; with at most `window` (<= 65,535) in
-            // flight, an identifier comes back only after its acknowledgement.
-            packet_id: Some(u16::try_from(n % 65_535 + 1).unwrap_or(1)),
-            payload: Bytes::from(format!("{WAKE_PREFIX}{}", unix_ns())),
-            properties: Properties::default(),
-        };
+        // Identifiers cycle through 1..=65535; with at most `window` (<= 65,535) in
+        // flight, an identifier comes back only after its acknowledgement.
+        let packet_id = u16::try_from(n % 65_535 + 1).unwrap_or(1);
+        let publish = wakeup(topic, packet_id, unix_ns());
         if let Err(e) = beckon_mqtt::encode(&Packet::Publish(publish), version, &mut out) {
             error = Some(e.to_string());
             break;
