@@ -17,7 +17,7 @@ use crate::identity::validate_id;
 use crate::keys::b64url;
 use crate::wakeup::{
     ReplayGuard, WakeUpError, WakeUpRejected, WakeUpSigner, WakeUpVerifier, check_header,
-    check_lifetime, invalid, signed_message,
+    check_lifetime, invalid, signed_message, to_signed_json,
 };
 
 /// The version written in `v`.
@@ -117,7 +117,7 @@ impl WakeUpSigner {
     /// Checks the fields and returns the signed payload to publish to `agents/{agent}/relay`.
     pub fn sign_relay(&self, request: &RelayRequest) -> Result<Vec<u8>, WakeUpError> {
         request.check_fields()?;
-        let inner = serde_json::to_string(request).unwrap_or_default();
+        let inner = to_signed_json("relay request", request)?;
         let sig = self
             .key()
             .sign(&signed_message(RELAY_SIGNING_CONTEXT, &inner));
@@ -126,7 +126,7 @@ impl WakeUpSigner {
             kid: self.key().kid().to_string(),
             sig: b64url(&sig),
         };
-        Ok(serde_json::to_vec(&envelope).unwrap_or_default())
+        Ok(to_signed_json("relay envelope", &envelope)?.into_bytes())
     }
 }
 

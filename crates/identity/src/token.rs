@@ -43,6 +43,9 @@ pub enum TokenIssueError {
     /// A token must live at least one second.
     #[error("cannot issue a token with a lifetime of 0 seconds")]
     ZeroLifetime,
+    /// The claims could not be serialized; nothing was signed.
+    #[error("cannot issue a token: serializing its claims failed: {0}")]
+    Serialize(String),
 }
 
 /// Issues tokens for one tenant (console side).
@@ -85,8 +88,8 @@ impl TokenSigner {
             exp: issued_at.saturating_add(i64::from(lifetime_secs)),
             kid: self.key.kid().to_string(),
         };
-        // Serializing a struct of strings and integers cannot fail.
-        let json = serde_json::to_vec(&claims).unwrap_or_default();
+        let json =
+            serde_json::to_vec(&claims).map_err(|e| TokenIssueError::Serialize(e.to_string()))?;
         let signing_input = format!("{TOKEN_PREFIX}.{}", b64url(&json));
         let signature = self.key.sign(signing_input.as_bytes());
         Ok(format!("{signing_input}.{}", b64url(&signature)))

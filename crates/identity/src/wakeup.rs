@@ -75,6 +75,25 @@ pub enum WakeUpError {
     /// The system random generator failed while making the id.
     #[error("could not make a wake-up id: the system random generator failed")]
     Random,
+    /// The message could not be serialized for signing; nothing was signed.
+    #[error("could not serialize the {what} for signing: {reason}")]
+    Serialize {
+        /// What was being serialized ("wake-up", "relay request", "envelope").
+        what: &'static str,
+        /// serde_json's error.
+        reason: String,
+    },
+}
+
+/// Serializes `value` for a signing path: an error instead of signing an empty body.
+pub(crate) fn to_signed_json<T: Serialize + ?Sized>(
+    what: &'static str,
+    value: &T,
+) -> Result<String, WakeUpError> {
+    serde_json::to_string(value).map_err(|e| WakeUpError::Serialize {
+        what,
+        reason: e.to_string(),
+    })
 }
 
 pub(crate) fn invalid(field: &'static str, reason: impl Into<String>) -> WakeUpError {
@@ -268,14 +287,14 @@ impl WakeUpSigner {
     /// Checks the fields and returns the signed payload to publish to `agents/{agent}/wake`.
     pub fn sign(&self, wakeup: &WakeUp) -> Result<Vec<u8>, WakeUpError> {
         wakeup.check_fields()?;
-        let inner = serde_json::to_string(wakeup).unwrap_or_default();
+        let inner = to_signed_json("wake-up", wakeup)?;
         let sig = self.key.sign(&signed_message(SIGNING_CONTEXT, &inner));
         let envelope = Envelope {
             wakeup: inner,
             kid: self.key.kid().to_string(),
             sig: b64url(&sig),
         };
-        Ok(serde_json::to_vec(&envelope).unwrap_or_default())
+        Ok(to_signed_json("wake-up envelope", &envelope)?.into_bytes())
     }
 }
 

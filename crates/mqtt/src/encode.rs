@@ -8,7 +8,7 @@ use bytes::{BufMut, BytesMut};
 
 use crate::props;
 use crate::wire::{self, VARINT_MAX};
-use crate::{EncodeError, Packet, Properties, ProtocolVersion, QoS, ReasonCode};
+use crate::{Connect, EncodeError, Packet, Properties, ProtocolVersion, Publish, QoS, ReasonCode};
 
 /// Lengths found by the measuring pass, reused by the writing pass.
 #[derive(Debug, Default, Clone, Copy)]
@@ -57,39 +57,7 @@ fn measure(packet: &Packet, version: ProtocolVersion) -> Result<Lens, EncodeErro
     let v5 = version == ProtocolVersion::V5;
     let mut lens = Lens::default();
     let remaining = match packet {
-        Packet::Connect(c) => {
-            if c.protocol != version {
-                return Err(EncodeError::Invalid(
-                    "CONNECT names a protocol version other than the one it is encoded for",
-                ));
-            }
-            if !v5 && c.password.is_some() && c.username.is_none() {
-                return Err(EncodeError::Invalid(
-                    "an MQTT 3.1.1 CONNECT cannot carry a password without a user name",
-                ));
-            }
-            // Protocol name, level, flags, keep alive.
-            let mut n = 6 + 1 + 1 + 2;
-            if v5 {
-                lens.props = props::len(&c.properties, props::CONNECT)?;
-                n += props_field(lens.props);
-            }
-            n += wire::str_len(&c.client_id)?;
-            if let Some(w) = &c.will {
-                if v5 {
-                    lens.will_props = props::len(&w.properties, props::WILL)?;
-                    n += props_field(lens.will_props);
-                }
-                n += wire::str_len(&w.topic)? + wire::bin_len(&w.payload)?;
-            }
-            if let Some(u) = &c.username {
-                n += wire::str_len(u)?;
-            }
-            if let Some(p) = &c.password {
-                n += wire::bin_len(p)?;
-            }
-            n
-        }
+        Packet::Connect(c) => measure_connect(c, version, &mut lens)?,
         Packet::ConnAck(c) => {
             let mut n = 2;
             if v5 {
@@ -98,35 +66,7 @@ fn measure(packet: &Packet, version: ProtocolVersion) -> Result<Lens, EncodeErro
             }
             n
         }
-        Packet::Publish(p) => {
-            match (p.qos, p.packet_id) {
-                (QoS::AtMostOnce, Some(_)) => {
-                    return Err(EncodeError::Invalid(
-                        "QoS 0 PUBLISH with a packet identifier",
-                    ));
-                }
-                (QoS::AtLeastOnce | QoS::ExactlyOnce, None | Some(0)) => {
-                    return Err(EncodeError::Invalid(
-                        "QoS 1 or 2 PUBLISH without a non-zero packet identifier",
-                    ));
-                }
-                _ => {}
-            }
-            if p.dup && p.qos == QoS::AtMostOnce {
-                return Err(EncodeError::Invalid(
-                    "QoS 0 PUBLISH with the DUP flag [MQTT-3.3.1-2]",
-                ));
-            }
-            let mut n = wire::str_len(&p.topic)?;
-            if p.packet_id.is_some() {
-                n += 2;
-            }
-            if v5 {
-                lens.props = props::len(&p.properties, props::PUBLISH)?;
-                n += props_field(lens.props);
-            }
-            n.saturating_add(p.payload.len())
-        }
+        Packet::Publish(p) => measure_publish(p, v5, &mut lens)?,
         Packet::PubAck(a) | Packet::PubRec(a) | Packet::PubRel(a) | Packet::PubComp(a) => {
             let mut n = 2;
             if v5 {
@@ -207,6 +147,77 @@ fn measure(packet: &Packet, version: ProtocolVersion) -> Result<Lens, EncodeErro
     }
     lens.remaining = remaining;
     Ok(lens)
+}
+
+/// The remaining length of a CONNECT, its property lengths into `lens`.
+fn measure_connect(
+    c: &Connect,
+    version: ProtocolVersion,
+    lens: &mut Lens,
+) -> Result<usize, EncodeError> {
+    let v5 = version == ProtocolVersion::V5;
+    if c.protocol != version {
+        return Err(EncodeError::Invalid(
+            "CONNECT names a protocol version other than the one it is encoded for",
+        ));
+    }
+    if !v5 && c.password.is_some() && c.username.is_none() {
+        return Err(EncodeError::Invalid(
+            "an MQTT 3.1.1 CONNECT cannot carry a password without a user name",
+        ));
+    }
+    // Protocol name, level, flags, keep alive.
+    let mut n = 6 + 1 + 1 + 2;
+    if v5 {
+        lens.props = props::len(&c.properties, props::CONNECT)?;
+        n += props_field(lens.props);
+    }
+    n += wire::str_len(&c.client_id)?;
+    if let Some(w) = &c.will {
+        if v5 {
+            lens.will_props = props::len(&w.properties, props::WILL)?;
+            n += props_field(lens.will_props);
+        }
+        n += wire::str_len(&w.topic)? + wire::bin_len(&w.payload)?;
+    }
+    if let Some(u) = &c.username {
+        n += wire::str_len(u)?;
+    }
+    if let Some(p) = &c.password {
+        n += wire::bin_len(p)?;
+    }
+    Ok(n)
+}
+
+/// The remaining length of a PUBLISH, its property length into `lens`.
+fn measure_publish(p: &Publish, v5: bool, lens: &mut Lens) -> Result<usize, EncodeError> {
+    match (p.qos, p.packet_id) {
+        (QoS::AtMostOnce, Some(_)) => {
+            return Err(EncodeError::Invalid(
+                "QoS 0 PUBLISH with a packet identifier",
+            ));
+        }
+        (QoS::AtLeastOnce | QoS::ExactlyOnce, None | Some(0)) => {
+            return Err(EncodeError::Invalid(
+                "QoS 1 or 2 PUBLISH without a non-zero packet identifier",
+            ));
+        }
+        _ => {}
+    }
+    if p.dup && p.qos == QoS::AtMostOnce {
+        return Err(EncodeError::Invalid(
+            "QoS 0 PUBLISH with the DUP flag [MQTT-3.3.1-2]",
+        ));
+    }
+    let mut n = wire::str_len(&p.topic)?;
+    if p.packet_id.is_some() {
+        n += 2;
+    }
+    if v5 {
+        lens.props = props::len(&p.properties, props::PUBLISH)?;
+        n += props_field(lens.props);
+    }
+    Ok(n.saturating_add(p.payload.len()))
 }
 
 /// The first header byte: packet type and flags.
