@@ -29,8 +29,8 @@ use tokio::sync::{mpsc, watch};
 use tokio::time::{Instant, sleep_until, timeout, timeout_at};
 
 use crate::core::{CloseReason, ConnId, ConnectionInfo, effective_keep_alive};
+use crate::core_task::Event;
 use crate::outbox::{Outbox, OutboxState};
-use crate::server::Event;
 use crate::tenancy::{Inbound, Scope, Tenancy, TenantSlot, TopicMap};
 
 /// The CONNECT user property (MQTT 5) by which a client tells whether it came through an
@@ -681,6 +681,8 @@ async fn run_mqtt<S: AsyncRead + AsyncWrite + Unpin>(
         remote_addr: remote,
         path,
         server,
+        identity,
+        via_proxy,
     };
     // Boxed send: an event is large and must not stay in this long-lived future's state.
     if send_boxed(
@@ -690,8 +692,6 @@ async fn run_mqtt<S: AsyncRead + AsyncWrite + Unpin>(
             connect,
             info,
             outbox: outbox.clone(),
-            identity,
-            via_proxy,
         },
     )
     .await

@@ -1,7 +1,6 @@
 //! The tokio layer: listeners, the task that owns the [`BrokerCore`], certificate reloads
 //! and graceful shutdown.
 
-use std::collections::HashMap;
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
@@ -10,7 +9,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
-use beckon_mqtt::Connect;
 use beckon_pki::{PkiError, ReloadingServerConfig, ServerTlsOptions, TlsFiles};
 use tokio::net::{TcpListener, TcpSocket};
 use tokio::sync::{mpsc, watch};
@@ -20,23 +18,13 @@ use tracing::Instrument;
 
 use crate::config::{BrokerConfig, ConfigError};
 use crate::connection::{ActiveGuard, Busy, ListenerKind, Shared, serve};
-use crate::core::{Action, BrokerCore, CloseReason, ClusterOut, ConnId, ConnectionInfo};
+use crate::core::BrokerCore;
+use crate::core_task::{ClusterSide, CoreTask, EVENT_QUEUE, Event};
 use crate::fdlimit;
-use crate::outbox::{Outbox, Pushed};
-use crate::presence::{self, Presence, reason};
 use crate::tenancy::Tenancy;
-use beckon_identity::Identity;
-use beckon_mqtt::Packet;
 
-/// Events queued from connection tasks to the core task. Bounded: a busy core slows the
-/// readers down instead of growing memory.
-const EVENT_QUEUE: usize = 4096;
 /// Listen backlog: room for a reconnect storm.
 const BACKLOG: u32 = 4096;
-/// How long shutdown waits for connections to flush their last packets.
-const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
-/// The core is ticked when its next deadline is due, and at least this often.
-const MAX_TICK: Duration = Duration::from_secs(1);
 
 /// Why the server could not start or stopped.
 #[derive(Debug, thiserror::Error)]
@@ -79,32 +67,6 @@ pub enum ServerError {
     /// The protocol core stopped unexpectedly (a bug); the broker cannot continue.
     #[error("the broker core stopped unexpectedly: {0}")]
     CoreStopped(String),
-}
-
-/// From a connection task to the core task.
-#[derive(Debug)]
-#[allow(clippy::large_enum_variant)] // packets are not boxed twice; the queue is bounded
-pub(crate) enum Event {
-    /// An admitted CONNECT.
-    Connect {
-        conn: ConnId,
-        connect: Box<Connect>,
-        info: ConnectionInfo,
-        outbox: Arc<Outbox>,
-        /// The tenant identity, when the connection authenticated as one.
-        identity: Option<Box<Identity>>,
-        /// Whether the client says it came through an HTTP proxy (CONNECT user property
-        /// `beckon-via-proxy`).
-        via_proxy: Option<bool>,
-    },
-    /// A packet after CONNECT.
-    Packet { conn: ConnId, packet: Packet },
-    /// The connection ended on the client's side or by a protocol error.
-    Closed { conn: ConnId, reason: CloseReason },
-    /// Tenant files were removed: their connections are closed.
-    TenantsRemoved(Vec<String>),
-    /// These connections' credentials were revoked (tenant file `[[revoked]]`): closed.
-    Revoked(Vec<ConnId>),
 }
 
 /// What a started server listens on.
@@ -441,25 +403,17 @@ impl Server {
                 let (link, incoming, task) = beckon_cluster::join(options).await?;
                 tracing::info!(node = %c.node, nats = ?c.nats, cluster = %c.name, "cluster node: messages, client ids and presence shared through NATS");
                 bound.cluster_node = Some(c.node.clone());
-                Some(ClusterSide {
-                    link,
-                    incoming,
-                    task,
-                    pending: HashMap::new(),
-                    next_token: 1,
-                })
+                Some(ClusterSide::new(link, incoming, task))
             }
         };
-        let core_task = tokio::spawn(
-            core_loop(
-                core,
-                events_rx,
-                shutdown_rx.clone(),
-                metrics.clone(),
-                cluster,
-            )
-            .instrument(tracing::info_span!("core")),
+        let core_task = CoreTask::new(
+            core,
+            events_rx,
+            shutdown_rx.clone(),
+            metrics.clone(),
+            cluster,
         );
+        let core_task = tokio::spawn(core_task.run().instrument(tracing::info_span!("core")));
         let mut tasks = Vec::new();
         for (listener, kind) in listeners {
             tasks.push(tokio::spawn(accept_loop(
@@ -734,410 +688,4 @@ async fn reload_loop(
             _ = shutdown.changed() => break,
         }
     }
-}
-
-/// Carries out the core's actions. Slow consumers found on the way are closed and reported
-/// back to the core, which may produce more actions; the loop runs until none are left.
-fn apply(
-    core: &mut BrokerCore,
-    conns: &mut HashMap<ConnId, Arc<Outbox>>,
-    presence: &mut Presence,
-    why: &'static str,
-    ended: &mut Vec<(presence::Present, &'static str)>,
-    out: &mut Vec<Action>,
-) {
-    while !out.is_empty() {
-        let mut slow = Vec::new();
-        for action in out.drain(..) {
-            match action {
-                Action::Send { conn, packet } => {
-                    let Some(outbox) = conns.get(&conn) else {
-                        continue;
-                    };
-                    if outbox.push(packet) == Pushed::Overflow {
-                        conns.remove(&conn);
-                        slow.push(conn);
-                    }
-                }
-                Action::Close { conn } => {
-                    if let Some(outbox) = conns.remove(&conn) {
-                        outbox.close();
-                    }
-                    if let Some(p) = presence.end(conn) {
-                        ended.push((p, why));
-                    }
-                }
-            }
-        }
-        let now = std::time::Instant::now();
-        for conn in slow {
-            tracing::warn!(
-                conn,
-                "outbound queue full: closing a client that does not read"
-            );
-            if let Some(p) = presence.end(conn) {
-                ended.push((p, reason::CONNECTION_LOST));
-            }
-            core.handle_close(now, conn, CloseReason::Transport, out);
-        }
-    }
-}
-
-/// Carries out the core's actions and publishes the disconnected events of the tenant
-/// identities whose connections ended on the way (`why` for those the core closed).
-fn settle(
-    core: &mut BrokerCore,
-    conns: &mut HashMap<ConnId, Arc<Outbox>>,
-    presence: &mut Presence,
-    why: &'static str,
-    out: &mut Vec<Action>,
-) {
-    let mut ended = Vec::new();
-    apply(core, conns, presence, why, &mut ended, out);
-    while !ended.is_empty() {
-        let now = std::time::Instant::now();
-        for (p, why) in ended.drain(..) {
-            presence::disconnected(core, now, &p, why, out);
-        }
-        apply(
-            core,
-            conns,
-            presence,
-            reason::CONNECTION_LOST,
-            &mut ended,
-            out,
-        );
-    }
-}
-
-fn close_reason(reason: CloseReason) -> &'static str {
-    match reason {
-        CloseReason::KeepAliveTimeout => reason::KEEPALIVE_TIMEOUT,
-        CloseReason::ProtocolViolation => reason::PROTOCOL_ERROR,
-        CloseReason::Transport | CloseReason::Closed => reason::CONNECTION_LOST,
-    }
-}
-
-/// The core task's side of the cluster link.
-struct ClusterSide {
-    link: beckon_cluster::ClusterLink,
-    incoming: mpsc::Receiver<beckon_cluster::Incoming>,
-    task: JoinHandle<()>,
-    /// PUBACK/PUBREC packets waiting for their message to leave for NATS, by token.
-    pending: HashMap<u64, (ConnId, Packet)>,
-    next_token: u64,
-}
-
-impl ClusterSide {
-    /// Hands what the core produced for the cluster to the link. Returns the connections
-    /// whose acknowledgement cannot be kept (the link is not keeping up): they are closed so
-    /// that their clients resend.
-    fn forward(&mut self, core: &mut BrokerCore) -> Vec<ConnId> {
-        use beckon_cluster::Outgoing;
-        let mut failed = Vec::new();
-        for item in core.take_cluster_out() {
-            let command = match item {
-                ClusterOut::Publish { publish, ack } => {
-                    let token = ack.map(|ack| {
-                        let token = self.next_token;
-                        self.next_token += 1;
-                        self.pending.insert(token, ack);
-                        token
-                    });
-                    Outgoing::Publish { publish, token }
-                }
-                ClusterOut::Interest { filter, added } => Outgoing::Interest { filter, added },
-                ClusterOut::Claim {
-                    client_id,
-                    clean_start,
-                } => Outgoing::Claim {
-                    client_id,
-                    clean_start,
-                },
-            };
-            if let Err(command) = self.link.send(command) {
-                tracing::warn!(
-                    "cluster link queue full: a message, subscription or claim did not reach the other nodes"
-                );
-                if let Outgoing::Publish {
-                    token: Some(token), ..
-                } = command
-                    && let Some((conn, _)) = self.pending.remove(&token)
-                {
-                    failed.push(conn);
-                }
-            }
-        }
-        failed
-    }
-}
-
-async fn next_incoming(cluster: &mut Option<ClusterSide>) -> Option<beckon_cluster::Incoming> {
-    match cluster {
-        Some(c) => c.incoming.recv().await,
-        None => std::future::pending().await,
-    }
-}
-
-/// Closes a connection the broker gives up on (its PUBACK cannot be kept): the client
-/// reconnects and resends.
-fn drop_connection(
-    core: &mut BrokerCore,
-    conns: &mut HashMap<ConnId, Arc<Outbox>>,
-    presence: &mut Presence,
-    conn: ConnId,
-    out: &mut Vec<Action>,
-) {
-    if let Some(outbox) = conns.remove(&conn) {
-        outbox.close();
-        let now = std::time::Instant::now();
-        core.handle_close(now, conn, CloseReason::Closed, out);
-        if let Some(p) = presence.end(conn) {
-            presence::disconnected(core, now, &p, reason::CONNECTION_LOST, out);
-        }
-    }
-}
-
-/// Settles the core's actions and hands the cluster what it must know, until both are done.
-fn settle_all(
-    core: &mut BrokerCore,
-    conns: &mut HashMap<ConnId, Arc<Outbox>>,
-    presence: &mut Presence,
-    cluster: &mut Option<ClusterSide>,
-    out: &mut Vec<Action>,
-) {
-    settle(core, conns, presence, reason::CONNECTION_LOST, out);
-    if let Some(c) = cluster {
-        loop {
-            let failed = c.forward(core);
-            if failed.is_empty() {
-                break;
-            }
-            for conn in failed {
-                drop_connection(core, conns, presence, conn, out);
-            }
-            settle(core, conns, presence, reason::CONNECTION_LOST, out);
-        }
-    }
-}
-
-/// What the cluster link reports.
-fn cluster_incoming(
-    core: &mut BrokerCore,
-    conns: &mut HashMap<ConnId, Arc<Outbox>>,
-    presence: &mut Presence,
-    cluster: &mut ClusterSide,
-    incoming: beckon_cluster::Incoming,
-    out: &mut Vec<Action>,
-) {
-    use beckon_cluster::Incoming;
-    let now = std::time::Instant::now();
-    match incoming {
-        Incoming::Message(publish) => {
-            core.handle_remote_publish(now, publish, out);
-        }
-        Incoming::Claim(claim) => {
-            if let Some(conn) = core.connection_of(&claim.client_id) {
-                // The node that took the client over publishes the disconnected event.
-                presence.end(conn);
-                tracing::info!(conn, client_id = %claim.client_id, node = %claim.node, "session taken over on another node");
-            }
-            core.handle_remote_claim(now, &claim.client_id, claim.clean_start, out);
-        }
-        Incoming::NodeLost(node) => {
-            let released = presence::release_node(core, now, &node, out);
-            tracing::warn!(node = %node, identities = released, "cluster node gone: its identities are disconnected");
-        }
-        Incoming::Flushed { tokens, ok } => {
-            for token in tokens {
-                let Some((conn, packet)) = cluster.pending.remove(&token) else {
-                    continue;
-                };
-                if ok {
-                    core.cluster_ack(conn, packet, out);
-                } else {
-                    drop_connection(core, conns, presence, conn, out);
-                }
-            }
-        }
-        Incoming::Reconnected => presence.republish(core, now, out),
-        Incoming::SnapshotRequest { reply } => {
-            let retained = core.retained_snapshot(now);
-            if cluster
-                .link
-                .send(beckon_cluster::Outgoing::Snapshot { reply, retained })
-                .is_err()
-            {
-                tracing::warn!(
-                    "cluster link queue full: a joining node gets no retained messages from this one"
-                );
-            }
-        }
-        Incoming::Retained(publish) => {
-            core.store_retained_if_absent(now, publish);
-        }
-    }
-}
-
-async fn core_loop(
-    mut core: BrokerCore,
-    mut events: mpsc::Receiver<Event>,
-    mut shutdown: watch::Receiver<bool>,
-    metrics: Arc<crate::metrics::Metrics>,
-    mut cluster: Option<ClusterSide>,
-) -> Result<(), String> {
-    let mut conns: HashMap<ConnId, Arc<Outbox>> = HashMap::new();
-    let mut last_sync = Instant::now();
-    let node = cluster.as_ref().map(|c| c.link.node().to_owned());
-    let mut presence = Presence::new(node.as_deref());
-    let mut out = Vec::new();
-    let mut next_tick = Instant::now() + MAX_TICK;
-    loop {
-        tokio::select! {
-            biased;
-            _ = shutdown.changed() => break,
-            ev = events.recv() => {
-                let Some(ev) = ev else { break };
-                let now = std::time::Instant::now();
-                match ev {
-                    Event::Connect { conn, connect, info, outbox, identity, via_proxy } => {
-                        conns.insert(conn, outbox);
-                        let presence_info = identity.is_some().then(|| info.clone());
-                        core.handle_connect(now, conn, *connect, info, &mut out);
-                        let accepted = out.iter().any(|a| matches!(a,
-                            Action::Send { conn: c, packet: Packet::ConnAck(ack) }
-                                if *c == conn && !ack.code.is_error()));
-                        // A takeover closes the old connection here: its disconnected event
-                        // goes out before the new connected one, which stays retained.
-                        settle(&mut core, &mut conns, &mut presence, reason::TAKEN_OVER, &mut out);
-                        if let (true, Some(identity), Some(info)) = (accepted, identity, presence_info) {
-                            if cluster.is_some() {
-                                if identity.role == beckon_identity::Role::Agent {
-                                    core.hold_interest(conn, &format!("t/{}/agents/{}/+", identity.tenant.as_str(), identity.id()));
-                                }
-                                presence::release_elsewhere(&mut core, now, &identity, &mut out);
-                            }
-                            presence.connected(&mut core, now, conn, identity, &info, via_proxy, &mut out);
-                        }
-                    }
-                    Event::Packet { conn, packet } => {
-                        if conns.contains_key(&conn) {
-                            let why = if matches!(packet, Packet::Disconnect(_)) {
-                                reason::CLIENT_DISCONNECT
-                            } else {
-                                reason::PROTOCOL_ERROR
-                            };
-                            core.handle_packet(now, conn, packet, &mut out);
-                            settle(&mut core, &mut conns, &mut presence, why, &mut out);
-                        }
-                    }
-                    Event::TenantsRemoved(tenants) => {
-                        for conn in presence.conns_of_tenants(&tenants) {
-                            if let Some(outbox) = conns.remove(&conn) {
-                                outbox.close();
-                            }
-                            core.handle_close(now, conn, CloseReason::Closed, &mut out);
-                            if let Some(p) = presence.end(conn) {
-                                presence::disconnected(&mut core, now, &p, reason::TENANT_REMOVED, &mut out);
-                            }
-                        }
-                    }
-                    Event::Revoked(revoked) => {
-                        for conn in revoked {
-                            if let Some(outbox) = conns.remove(&conn) {
-                                outbox.close();
-                                core.handle_close(now, conn, CloseReason::Closed, &mut out);
-                            }
-                            if let Some(p) = presence.end(conn) {
-                                presence::disconnected(&mut core, now, &p, reason::REVOKED, &mut out);
-                            }
-                        }
-                    }
-                    Event::Closed { conn, reason } => {
-                        if conns.remove(&conn).is_some() {
-                            core.handle_close(now, conn, reason, &mut out);
-                            if let Some(p) = presence.end(conn) {
-                                presence::disconnected(&mut core, now, &p, close_reason(reason), &mut out);
-                            }
-                        }
-                    }
-                }
-                settle_all(&mut core, &mut conns, &mut presence, &mut cluster, &mut out);
-                // An event may bring timed work forward (a will delay, a session expiry).
-                if let Some(due) = core.next_deadline() {
-                    next_tick = next_tick.min(Instant::from_std(due));
-                }
-            }
-            incoming = next_incoming(&mut cluster) => {
-                let Some(c) = cluster.as_mut() else { continue };
-                let Some(incoming) = incoming else {
-                    return Err("the cluster link stopped".to_owned());
-                };
-                cluster_incoming(&mut core, &mut conns, &mut presence, c, incoming, &mut out);
-                settle_all(&mut core, &mut conns, &mut presence, &mut cluster, &mut out);
-                if let Some(due) = core.next_deadline() {
-                    next_tick = next_tick.min(Instant::from_std(due));
-                }
-            }
-            () = tokio::time::sleep_until(next_tick) => {
-                let now = std::time::Instant::now();
-                let next = core.tick(now, &mut out);
-                settle_all(&mut core, &mut conns, &mut presence, &mut cluster, &mut out);
-                // Walks every session: at most once a second.
-                if last_sync.elapsed() >= Duration::from_secs(1) {
-                    metrics.sync_core(&core);
-                    last_sync = Instant::now();
-                }
-                let cap = Instant::now() + MAX_TICK;
-                next_tick = next
-                    .map(|n| Instant::from_std(n).min(cap))
-                    .unwrap_or(cap);
-            }
-        }
-    }
-
-    // Graceful shutdown: the core says goodbye to everyone (DISCONNECT 0x8B to v5 clients).
-    // Tenant servers still connected learn that every identity goes away.
-    let now = std::time::Instant::now();
-    for p in presence.end_all() {
-        presence::disconnected(&mut core, now, &p, reason::SERVER_SHUTDOWN, &mut out);
-    }
-    settle(
-        &mut core,
-        &mut conns,
-        &mut presence,
-        reason::SERVER_SHUTDOWN,
-        &mut out,
-    );
-    core.shutdown(&mut out);
-    settle(
-        &mut core,
-        &mut conns,
-        &mut presence,
-        reason::SERVER_SHUTDOWN,
-        &mut out,
-    );
-    // The last presence events go to the other nodes before the link closes.
-    if let Some(mut c) = cluster.take() {
-        c.forward(&mut core);
-        let ClusterSide { link, task, .. } = c;
-        drop(link);
-        if tokio::time::timeout(DRAIN_TIMEOUT, task).await.is_err() {
-            tracing::warn!("the cluster link did not finish within {DRAIN_TIMEOUT:?}");
-        }
-    }
-    for outbox in conns.values() {
-        outbox.close();
-    }
-    conns.clear();
-    // Wait until every connection task has flushed and ended (each holds an event sender),
-    // bounded so that a client that does not read cannot hold the exit.
-    let drained = tokio::time::timeout(DRAIN_TIMEOUT, async {
-        while events.recv().await.is_some() {}
-    })
-    .await;
-    if drained.is_err() {
-        tracing::warn!("some connections did not finish within {DRAIN_TIMEOUT:?}; closing them");
-    }
-    Ok(())
 }

@@ -66,6 +66,7 @@ impl BrokerCore {
             node: node.to_owned(),
             ..ClusterState::default()
         });
+        self.presence.set_node(node);
     }
 
     /// What waits to go to the cluster, in order; empty when not clustered.
@@ -114,6 +115,10 @@ impl BrokerCore {
     ) -> Option<ConnId> {
         let key = *self.by_client_id.get(client_id)?;
         let conn = self.sessions.get(&key).and_then(|s| s.conn);
+        if let Some(conn) = conn {
+            // The node that took the client over publishes the disconnected event.
+            self.presence.end(conn);
+        }
         if self.take_over(now, key, clean_start, out).is_some() {
             self.end_session(key);
         }

@@ -6,15 +6,18 @@ use std::time::{Duration, Instant};
 use beckon_mqtt::{ConnAck, Connect, Packet, Properties, ProtocolVersion, QoS, ReasonCode};
 
 use super::cluster::ClusterOut;
+use super::presence::{Arrival, PresenceReason};
 use super::session::{Link, Session};
 use super::topic_tree::SessionKey;
-use super::{Action, BrokerCore, ConnId, ConnectionInfo, disconnect};
+use super::{Action, BrokerCore, ConnId, ConnectionInfo, CoreConfig, disconnect};
 
 impl BrokerCore {
     /// A CONNECT arrived on a new connection (already authenticated by the network layer).
     /// Emits the CONNACK (with assigned client id, server keep alive, limits for v5), resumes
     /// or discards the session, takes over an existing connection of the same client id
-    /// (DISCONNECT 0x8E to a v5 client, then Close) and redelivers in-flight messages.
+    /// (DISCONNECT 0x8E to a v5 client, then Close; its identity's disconnected event
+    /// `taken_over`), redelivers in-flight messages and publishes the connected event of a
+    /// tenant identity. Returns what was accepted, or the refusal's reason code.
     pub fn handle_connect(
         &mut self,
         now: Instant,
@@ -22,11 +25,11 @@ impl BrokerCore {
         connect: Connect,
         info: ConnectionInfo,
         out: &mut Vec<Action>,
-    ) {
+    ) -> Result<Accepted, ReasonCode> {
         if self.conns.contains_key(&conn) {
             // A second CONNECT on one connection is a protocol error [MQTT-3.1.0-2].
             self.kick(now, conn, ReasonCode::PROTOCOL_ERROR, out);
-            return;
+            return Err(ReasonCode::PROTOCOL_ERROR);
         }
         if let Some(code) = self.refusal(&connect) {
             out.push(Action::Send {
@@ -38,17 +41,23 @@ impl BrokerCore {
                 }),
             });
             out.push(Action::Close { conn });
-            return;
+            return Err(code);
         }
         let mut connect = connect;
-        let v5 = connect.protocol == ProtocolVersion::V5;
+        let mut info = info;
+        let identity = info.identity.take();
+        let arrival = Arrival {
+            remote: info.remote_addr,
+            path: info.path,
+            via_proxy: info.via_proxy,
+        };
         let assigned = connect.client_id.is_empty();
         let client_id = if assigned {
             self.assign_client_id()
         } else {
             std::mem::take(&mut connect.client_id)
         };
-        let requested_expiry = if v5 {
+        let requested_expiry = if connect.protocol == ProtocolVersion::V5 {
             connect.properties.session_expiry_interval.unwrap_or(0)
         } else if connect.clean_start {
             0
@@ -56,38 +65,60 @@ impl BrokerCore {
             // A v3.1.1 persistent session lasts as long as the broker allows.
             u32::MAX
         };
-        let expiry = requested_expiry.min(self.config.max_session_expiry);
-
-        let mut session_present = false;
         let existing = self.by_client_id.get(&client_id).copied();
-        let key = match existing.and_then(|key| self.take_over(now, key, connect.clean_start, out))
-        {
-            Some(key) => {
-                session_present = true;
-                key
-            }
-            None => {
-                let key = self.next_session;
-                self.next_session += 1;
-                self.sessions.insert(
-                    key,
-                    Box::new(Session::new(client_id.clone(), connect.protocol)),
-                );
-                self.by_client_id.insert(client_id.clone(), key);
-                key
-            }
+        let taken_over = existing.and_then(|key| self.sessions.get(&key)?.conn);
+        let (key, session_present) =
+            match existing.and_then(|key| self.take_over(now, key, connect.clean_start, out)) {
+                Some(key) => (key, true),
+                None => {
+                    let key = self.next_session;
+                    self.next_session += 1;
+                    let session = Session::new(client_id.clone(), connect.protocol);
+                    self.sessions.insert(key, Box::new(session));
+                    self.by_client_id.insert(client_id.clone(), key);
+                    (key, false)
+                }
+            };
+        let terms = Terms {
+            info,
+            requested_expiry,
+            expiry: requested_expiry.min(self.config.max_session_expiry),
+            assigned: assigned.then_some(client_id),
+            session_present,
         };
+        let Some(accepted) = self.open_session(now, conn, key, &mut connect, terms, out) else {
+            return Err(ReasonCode::UNSPECIFIED_ERROR);
+        };
+        if let Some(old) = taken_over {
+            self.presence_ended(now, old, PresenceReason::TakenOver, out);
+        }
+        if let Some(identity) = identity {
+            self.presence_connected(now, conn, identity, arrival, out);
+        }
+        Ok(accepted)
+    }
 
+    /// Binds session `key` to `conn` with the terms of this CONNECT, sends the CONNACK and
+    /// resumes the session when it was present.
+    fn open_session(
+        &mut self,
+        now: Instant,
+        conn: ConnId,
+        key: SessionKey,
+        connect: &mut Connect,
+        terms: Terms,
+        out: &mut Vec<Action>,
+    ) -> Option<Accepted> {
         let config = &self.config;
-        let Some(session) = self.sessions.get_mut(&key) else {
-            return;
-        };
+        let v5 = connect.protocol == ProtocolVersion::V5;
+        let server = terms.info.server;
+        let receive_maximum = config.receive_maximum_for(server).max(1);
+        let session = self.sessions.get_mut(&key)?;
         session.protocol = connect.protocol;
-        let info_server = info.server;
-        session.server = info_server;
+        session.server = server;
         session.conn = Some(conn);
-        session.expiry = expiry;
-        session.connect_expiry_zero = requested_expiry == 0;
+        session.expiry = terms.expiry;
+        session.connect_expiry_zero = terms.requested_expiry == 0;
         session.link = Link {
             receive_maximum: if v5 {
                 connect.properties.receive_maximum.unwrap_or(u16::MAX)
@@ -100,7 +131,7 @@ impl BrokerCore {
                 None
             },
             aliases: HashMap::new(),
-            info: Some(info),
+            info: Some(terms.info.clone()),
         };
         session.will = connect.will.take().map(|mut will| {
             // Only v3.1.1 gets here with these (v5 was refused): downgrade silently.
@@ -115,46 +146,29 @@ impl BrokerCore {
                 clean_start: connect.clean_start,
             });
         }
-
         let mut properties = Properties::default();
         if v5 {
-            if assigned {
-                properties.assigned_client_identifier = Some(client_id);
-            }
-            if expiry != requested_expiry {
-                properties.session_expiry_interval = Some(expiry);
-            }
-            properties.receive_maximum = Some(config.receive_maximum_for(info_server).max(1));
-            if config.max_qos < QoS::ExactlyOnce {
-                properties.maximum_qos = Some(config.max_qos as u8);
-            }
-            if !config.retain_available {
-                properties.retain_available = Some(0);
-            }
-            properties.maximum_packet_size = Some(config.max_packet_size);
-            if config.topic_alias_maximum > 0 {
-                properties.topic_alias_maximum = Some(config.topic_alias_maximum);
-            }
-            if let Some(max) = config.max_keep_alive
-                && (connect.keep_alive == 0 || connect.keep_alive > max)
-            {
-                properties.server_keep_alive = Some(max);
-            }
-            properties.wildcard_subscription_available = Some(1);
-            properties.subscription_identifier_available = Some(1);
-            properties.shared_subscription_available = Some(1);
+            connack_properties(config, connect, &terms, receive_maximum, &mut properties);
         }
+        let keep_alive = properties.server_keep_alive.unwrap_or(connect.keep_alive);
         out.push(Action::Send {
             conn,
             packet: Packet::ConnAck(ConnAck {
-                session_present,
+                session_present: terms.session_present,
                 code: ReasonCode::SUCCESS,
                 properties,
             }),
         });
-        if session_present {
+        if terms.session_present {
             session.resume(now, config, &mut self.stats, out);
         }
+        Some(Accepted {
+            session_present: terms.session_present,
+            keep_alive: (keep_alive != 0).then(|| Duration::from_secs(u64::from(keep_alive))),
+            assigned_client_id: terms.assigned.is_some(),
+            session_expiry: terms.expiry,
+            receive_maximum,
+        })
     }
 
     /// Why a CONNECT is refused before any session state is touched, if it is.
@@ -238,6 +252,70 @@ impl BrokerCore {
             }
         }
     }
+}
+
+/// The terms [`BrokerCore::handle_connect`] settled before the session is bound.
+struct Terms {
+    /// Address, path and kind of the connection (its identity already taken).
+    info: ConnectionInfo,
+    /// The Session Expiry Interval the client asked for (u32::MAX: a v3.1.1 persistent session).
+    requested_expiry: u32,
+    /// The one in force.
+    expiry: u32,
+    /// The client id the broker assigned, when the CONNECT's was empty.
+    assigned: Option<String>,
+    /// A session of this client id was resumed.
+    session_present: bool,
+}
+
+/// What [`BrokerCore::handle_connect`] accepted: the terms of the connection as its CONNACK
+/// announced them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Accepted {
+    /// A session of this client id was resumed.
+    pub session_present: bool,
+    /// The keep alive in force (the Server Keep Alive when the broker set one); `None` when
+    /// off.
+    pub keep_alive: Option<Duration>,
+    /// The broker assigned the client id (the CONNECT's was empty).
+    pub assigned_client_id: bool,
+    /// The Session Expiry Interval in force, in seconds (u32::MAX: never expires).
+    pub session_expiry: u32,
+    /// How many QoS 1/2 messages the client may send before their acknowledgement.
+    pub receive_maximum: u16,
+}
+
+/// The v5 CONNACK properties: assigned id, reduced expiry, limits and capabilities.
+fn connack_properties(
+    config: &CoreConfig,
+    connect: &Connect,
+    terms: &Terms,
+    receive_maximum: u16,
+    properties: &mut Properties,
+) {
+    properties.assigned_client_identifier = terms.assigned.clone();
+    if terms.expiry != terms.requested_expiry {
+        properties.session_expiry_interval = Some(terms.expiry);
+    }
+    properties.receive_maximum = Some(receive_maximum);
+    if config.max_qos < QoS::ExactlyOnce {
+        properties.maximum_qos = Some(config.max_qos as u8);
+    }
+    if !config.retain_available {
+        properties.retain_available = Some(0);
+    }
+    properties.maximum_packet_size = Some(config.max_packet_size);
+    if config.topic_alias_maximum > 0 {
+        properties.topic_alias_maximum = Some(config.topic_alias_maximum);
+    }
+    if let Some(max) = config.max_keep_alive
+        && (connect.keep_alive == 0 || connect.keep_alive > max)
+    {
+        properties.server_keep_alive = Some(max);
+    }
+    properties.wildcard_subscription_available = Some(1);
+    properties.subscription_identifier_available = Some(1);
+    properties.shared_subscription_available = Some(1);
 }
 
 /// Effective keep alive of a connection, as announced in the CONNACK that the core sent:

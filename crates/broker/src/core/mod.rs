@@ -9,6 +9,7 @@ mod cluster;
 mod connect;
 mod idmap;
 mod message;
+mod presence;
 mod retained;
 mod session;
 mod topic_tree;
@@ -17,8 +18,9 @@ mod topic_tree;
 mod tests;
 
 pub use cluster::ClusterOut;
-pub use connect::effective_keep_alive;
+pub use connect::{Accepted, effective_keep_alive};
 pub(crate) use idmap::IdMap;
+pub use presence::PresenceReason;
 
 use cluster::{ClusterState, note_interest, note_session_interest};
 
@@ -135,6 +137,12 @@ pub struct ConnectionInfo {
     /// The client authenticated as a server identity (a console): its session gets the
     /// `server_*` limits.
     pub server: bool,
+    /// The tenant identity the client authenticated as: its presence is published while it
+    /// is connected. Taken by [`BrokerCore::handle_connect`] (not kept in the session).
+    pub identity: Option<Box<beckon_identity::Identity>>,
+    /// Whether the client says it came through an HTTP proxy (CONNECT user property
+    /// `beckon-via-proxy`), for its presence events.
+    pub via_proxy: Option<bool>,
 }
 
 /// Why a connection ended, as the network layer saw it.
@@ -230,6 +238,8 @@ pub struct BrokerCore {
     hits: Vec<Hit>,
     /// Set when the broker is a cluster node.
     cluster: Option<ClusterState>,
+    /// The tenant identities connected here.
+    presence: presence::Presence,
 }
 
 impl BrokerCore {
@@ -248,6 +258,7 @@ impl BrokerCore {
             stats: CoreStats::default(),
             hits: Vec::new(),
             cluster: None,
+            presence: presence::Presence::default(),
         }
     }
 
@@ -679,7 +690,8 @@ impl BrokerCore {
         {
             if session.connect_expiry_zero && expiry != 0 {
                 // [MQTT-3.14.2-2]
-                self.kick(now, conn, ReasonCode::PROTOCOL_ERROR, out);
+                let why = PresenceReason::ClientDisconnect;
+                self.kick_as(now, conn, ReasonCode::PROTOCOL_ERROR, why, out);
                 return;
             }
             session.expiry = expiry.min(self.config.max_session_expiry);
@@ -692,14 +704,28 @@ impl BrokerCore {
         self.conns.remove(&conn);
         out.push(Action::Close { conn });
         self.detach(now, key, out);
+        self.presence_ended(now, conn, PresenceReason::ClientDisconnect, out);
     }
 
     /// Closes a connection for a protocol error found by the core: DISCONNECT with `code`
     /// to a v5 client, then Close; the will is published.
     fn kick(&mut self, now: Instant, conn: ConnId, code: ReasonCode, out: &mut Vec<Action>) {
+        self.kick_as(now, conn, code, PresenceReason::ProtocolError, out);
+    }
+
+    /// [`BrokerCore::kick`], with the reason its identity's disconnected event gives.
+    fn kick_as(
+        &mut self,
+        now: Instant,
+        conn: ConnId,
+        code: ReasonCode,
+        why: PresenceReason,
+        out: &mut Vec<Action>,
+    ) {
         self.stats.protocol_errors += 1;
         let Some(key) = self.conns.remove(&conn) else {
             out.push(Action::Close { conn });
+            self.presence_ended(now, conn, why, out);
             return;
         };
         if self
@@ -711,6 +737,7 @@ impl BrokerCore {
         }
         out.push(Action::Close { conn });
         self.detach(now, key, out);
+        self.presence_ended(now, conn, why, out);
     }
 
     /// The session's connection is gone (already removed from `conns`): publishes or delays
@@ -790,7 +817,8 @@ impl BrokerCore {
     }
 
     /// The connection is gone. Publishes the will (after its delay) unless the client sent a
-    /// normal DISCONNECT, and keeps or ends the session by its expiry.
+    /// normal DISCONNECT, keeps or ends the session by its expiry, then publishes its
+    /// identity's disconnected event (the reason follows `reason`).
     pub fn handle_close(
         &mut self,
         now: Instant,
@@ -800,10 +828,10 @@ impl BrokerCore {
     ) {
         // Every reason publishes the will: a normal DISCONNECT already removed it, and a
         // connection the core closed itself is no longer known here.
-        let _ = reason;
         if let Some(key) = self.conns.remove(&conn) {
             self.detach(now, key, out);
         }
+        self.presence_ended(now, conn, reason.into(), out);
     }
 
     /// Advances time: delayed wills, session expiry, message expiry. Returns when it next
@@ -853,9 +881,11 @@ impl BrokerCore {
         }
     }
 
-    /// Graceful shutdown: DISCONNECT 0x8B (Server shutting down) to every v5 client, then
-    /// Close for every connection.
-    pub fn shutdown(&mut self, out: &mut Vec<Action>) {
+    /// Graceful shutdown: every tenant identity is published disconnected
+    /// (`server_shutdown`) while its subscribers are still connected, then DISCONNECT 0x8B
+    /// (Server shutting down) to every v5 client and Close for every connection.
+    pub fn shutdown(&mut self, now: Instant, out: &mut Vec<Action>) {
+        self.presence_shutdown(now, out);
         let mut conns: Vec<(ConnId, SessionKey)> = self.conns.drain().collect();
         conns.sort_unstable();
         for (conn, key) in conns {
