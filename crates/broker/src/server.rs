@@ -17,7 +17,7 @@ use tokio::time::Instant;
 use tracing::Instrument;
 
 use crate::config::{BrokerConfig, ConfigError};
-use crate::connection::{ActiveGuard, Busy, ListenerKind, Shared, serve};
+use crate::connection::{ActiveGuard, Busy, ConnectionContext, ListenerKind, Peer, serve};
 use crate::core::BrokerCore;
 use crate::core_task::{ClusterSide, CoreTask, EVENT_QUEUE, Event};
 use crate::fdlimit;
@@ -98,7 +98,9 @@ pub struct ServerHandle {
     core_task: JoinHandle<Result<(), String>>,
     tasks: Vec<JoinHandle<()>>,
     tls: Option<Arc<ReloadingServerConfig>>,
-    shared: Arc<Shared>,
+    /// Also holds the core task's event queue: dropped at shutdown, so that the core sees
+    /// the queue close once the last connection ended.
+    context: Arc<ConnectionContext>,
 }
 
 impl ServerHandle {
@@ -113,17 +115,25 @@ impl ServerHandle {
 
     /// Connections alive, including those still in TLS or CONNECT.
     pub fn connection_count(&self) -> usize {
-        self.shared.active.load(Ordering::Relaxed)
+        self.context.active.load(Ordering::Relaxed)
     }
 
     /// Graceful shutdown: stop accepting, DISCONNECT 0x8B (Server shutting down) to every v5
     /// client, flush, close; waits at most a few seconds for slow clients.
     pub async fn shutdown(self) -> Result<(), ServerError> {
-        let _ = self.shutdown.send(true);
-        for t in self.tasks {
+        let Self {
+            shutdown,
+            core_task,
+            tasks,
+            context,
+            ..
+        } = self;
+        let _ = shutdown.send(true);
+        drop(context);
+        for t in tasks {
             let _ = t.await;
         }
-        match self.core_task.await {
+        match core_task.await {
             Ok(Ok(())) => Ok(()),
             Ok(Err(e)) => Err(ServerError::CoreStopped(e)),
             Err(e) => Err(ServerError::CoreStopped(e.to_string())),
@@ -349,7 +359,8 @@ impl Server {
         let metrics = Arc::new(crate::metrics::Metrics::new());
 
         let (shutdown_tx, shutdown_rx) = watch::channel(false);
-        let shared = Arc::new(Shared {
+        let (events_tx, events_rx) = mpsc::channel(EVENT_QUEUE);
+        let context = Arc::new(ConnectionContext {
             tls: tls.clone(),
             allow_anonymous: config.allow_anonymous,
             tenancy: tenancy.clone(),
@@ -385,8 +396,8 @@ impl Server {
             active: AtomicUsize::new(0),
             next_id: AtomicU64::new(1),
             shutdown: shutdown_rx.clone(),
+            events: events_tx.clone(),
         });
-        let (events_tx, events_rx) = mpsc::channel(EVENT_QUEUE);
         let mut core = BrokerCore::new(config.core_config());
         let cluster = match &config.cluster {
             None => None,
@@ -419,8 +430,7 @@ impl Server {
             tasks.push(tokio::spawn(accept_loop(
                 listener,
                 kind,
-                shared.clone(),
-                events_tx.clone(),
+                context.clone(),
                 shutdown_rx.clone(),
             )));
         }
@@ -455,7 +465,7 @@ impl Server {
                 core_task,
                 tasks,
                 tls,
-                shared,
+                context,
             },
         ))
     }
@@ -488,13 +498,12 @@ fn is_fd_exhaustion(e: &io::Error) -> bool {
 async fn accept_loop(
     listener: TcpListener,
     kind: ListenerKind,
-    shared: Arc<Shared>,
-    events: mpsc::Sender<Event>,
+    context: Arc<ConnectionContext>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     // Above the limit, a few extra sockets are still read so they can be told "busy";
     // beyond this slack they are closed at once.
-    let slack = (shared.max_connections / 100).max(16);
+    let slack = (context.max_connections / 100).max(16);
     let mut backoff = Duration::ZERO;
     let mut last_warn: Option<Instant> = None;
     let mut suppressed = 0u64;
@@ -506,24 +515,24 @@ async fn accept_loop(
         match accepted {
             Ok((tcp, remote)) => {
                 backoff = Duration::ZERO;
-                let active = shared.active.fetch_add(1, Ordering::Relaxed) + 1;
-                let guard = ActiveGuard(shared.clone());
-                if active > shared.max_connections.saturating_add(slack) {
+                let active = context.active.fetch_add(1, Ordering::Relaxed) + 1;
+                let guard = ActiveGuard(context.clone());
+                if active > context.max_connections.saturating_add(slack) {
                     tracing::debug!(%remote, "far above the connection limit; closed at once");
                     drop(tcp);
                     drop(guard);
                     continue;
                 }
-                let over_limit = if active > shared.max_connections {
+                let over_limit = if active > context.max_connections {
                     Some(Busy::Connections)
                 } else {
-                    shared
+                    context
                         .connect_limiter
                         .admit(remote.ip(), std::time::Instant::now())
                         .err()
                         .map(Busy::Rate)
                 };
-                let conn = shared.next_id.fetch_add(1, Ordering::Relaxed);
+                let conn = context.next_id.fetch_add(1, Ordering::Relaxed);
                 let span = tracing::info_span!(
                     "conn",
                     id = conn,
@@ -531,12 +540,12 @@ async fn accept_loop(
                     path = kind.path(),
                     client_id = tracing::field::Empty
                 );
-                let shared = shared.clone();
-                let events = events.clone();
+                let peer = Peer::accepted(&context, conn, remote, kind, over_limit);
+                let context = context.clone();
                 tokio::spawn(
                     async move {
                         let _guard = guard;
-                        serve(shared, events, tcp, remote, kind, conn, over_limit).await;
+                        serve(context, tcp, peer).await;
                     }
                     .instrument(span),
                 );
@@ -549,7 +558,7 @@ async fn accept_loop(
                 if last_warn.is_none_or(|t| now.duration_since(t) >= Duration::from_secs(10)) {
                     tracing::warn!(
                         error = %e,
-                        connections = shared.active.load(Ordering::Relaxed),
+                        connections = context.active.load(Ordering::Relaxed),
                         pause_ms = backoff.as_millis() as u64,
                         suppressed,
                         "cannot accept: out of file descriptors; pausing accepts (raise LimitNOFILE or lower limits.max_connections)"
