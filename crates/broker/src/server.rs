@@ -214,96 +214,15 @@ impl Server {
     pub async fn bind(config: BrokerConfig) -> Result<(Bound, ServerHandle), ServerError> {
         config.validate()?;
 
-        // File descriptors bound the connections one process holds: raise the soft limit to
-        // the hard one and say what that allows.
-        let fd_limit = match fdlimit::raise_to_hard().or_else(|_| fdlimit::read()) {
-            Ok(l) => Some(l),
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot read the file descriptor limit");
-                None
-            }
-        };
-        let room = fd_limit.map_or(usize::MAX, |l| {
-            usize::try_from(l.connection_room()).unwrap_or(usize::MAX)
-        });
-        let max_connections = match config.limits.max_connections {
-            0 => room,
-            n => n,
-        };
-        if let Some(l) = fd_limit {
-            tracing::info!(
-                soft = l.soft,
-                hard = l.hard,
-                room,
-                max_connections,
-                "file descriptor limit {} (hard {}): room for about {} connections; max_connections = {}",
-                l.soft,
-                l.hard,
-                room,
-                max_connections
-            );
-            if max_connections > room {
-                tracing::warn!(
-                    max_connections,
-                    room,
-                    "limits.max_connections is above what the file descriptor limit allows; accepts will pause when descriptors run out (raise LimitNOFILE)"
-                );
-            }
-        }
+        let (fd_limit, max_connections) = connection_limit(&config);
         if config.allow_anonymous {
             tracing::warn!(
                 "ANONYMOUS ACCESS IS ON (--allow-anonymous): any client may connect, subscribe and publish without authentication. Use it for development and tests only."
             );
         }
 
-        // Certificates.
-        let mut generated_ca = None;
-        let tls = match config.listeners.mqtts.0.or(config.listeners.fallback.0) {
-            None => None,
-            Some(_) => {
-                let files = match (&config.tls.cert, &config.tls.key) {
-                    (Some(cert), Some(key)) => TlsFiles {
-                        cert: cert.clone(),
-                        key: key.clone(),
-                        client_ca: config.tls.client_ca.clone(),
-                    },
-                    _ => {
-                        let names = default_certificate_names();
-                        let certs = beckon_pki::ensure_broker_certs(&config.data_dir, &names)?;
-                        if certs.created_ca {
-                            tracing::info!(ca = %certs.ca_cert.display(), "created a certificate authority for this broker");
-                        }
-                        if certs.issued_server {
-                            tracing::info!(cert = %certs.server_cert.display(), names = ?names, "issued the broker's server certificate");
-                        }
-                        generated_ca = Some(certs.ca_cert.clone());
-                        TlsFiles {
-                            cert: certs.server_cert,
-                            key: certs.server_key,
-                            client_ca: Some(config.tls.client_ca.clone().unwrap_or(certs.ca_cert)),
-                        }
-                    }
-                };
-                // Tenants bring their own CAs and token keys; only without them is a
-                // broker with neither a client CA nor anonymous access closed to everyone.
-                if files.client_ca.is_none()
-                    && !config.allow_anonymous
-                    && config.tenants_dir.is_none()
-                {
-                    tracing::warn!(
-                        "no tls.client_ca, no tenants_dir and anonymous access is off: no client can authenticate yet"
-                    );
-                }
-                let options = ServerTlsOptions {
-                    alpn: vec![b"mqtt".to_vec()],
-                    min_version: config.min_tls_version().unwrap_or_default(),
-                };
-                Some(Arc::new(ReloadingServerConfig::new(files, options)?))
-            }
-        };
+        let (tls, generated_ca) = server_tls(&config)?;
 
-        // Listeners.
-        let mut listeners = Vec::new();
         let mut bound = Bound {
             mqtts: None,
             mqtt: None,
@@ -314,109 +233,28 @@ impl Server {
             fd_limit,
             cluster_node: None,
         };
-        if let Some(addr) = config.listeners.mqtts.0 {
-            let (l, local) = bind_listener("listeners.mqtts", addr)?;
-            tracing::info!(addr = %local, "listening for MQTT over TLS");
-            bound.mqtts = Some(local);
-            listeners.push((l, ListenerKind::Tls));
-        }
-        if let Some(addr) = config.listeners.mqtt.0 {
-            let (l, local) = bind_listener("listeners.mqtt", addr)?;
-            tracing::info!(addr = %local, "listening for plain MQTT (unencrypted)");
-            if !local.ip().is_loopback() {
-                tracing::warn!(addr = %local, "plain MQTT is reachable beyond loopback: traffic is not encrypted");
-            }
-            if !config.allow_anonymous {
-                tracing::warn!(addr = %local, "on the plain listener clients cannot show a certificate; with anonymous access off they are refused");
-            }
-            bound.mqtt = Some(local);
-            listeners.push((l, ListenerKind::Plain));
-        }
-
+        let listeners = bind_listeners(&config, &mut bound)?;
         let tenancy = config.tenants_dir.as_deref().map(|folder| {
             Arc::new(Tenancy::load(
                 folder,
                 config.min_tls_version().unwrap_or_default() == beckon_pki::TlsVersion::Tls13,
             ))
         });
-
-        if let Some(addr) = config.listeners.fallback.0 {
-            let (l, local) = bind_listener("listeners.fallback", addr)?;
-            tracing::info!(addr = %local, "listening on the shared HTTPS port: MQTT (ALPN mqtt), MQTT over WebSocket (/mqtt), health (/healthz)");
-            bound.fallback = Some(local);
-            listeners.push((l, ListenerKind::Fallback));
-        }
-
-        let admin = match config.listeners.admin.0 {
-            None => None,
-            Some(addr) => {
-                let (l, local) = bind_listener("listeners.admin", addr)?;
-                tracing::info!(addr = %local, "admin HTTP: /metrics (Prometheus), /healthz");
-                bound.admin = Some(local);
-                Some(l)
-            }
-        };
         let metrics = Arc::new(crate::metrics::Metrics::new());
 
         let (shutdown_tx, shutdown_rx) = watch::channel(false);
         let (events_tx, events_rx) = mpsc::channel(EVENT_QUEUE);
-        let context = Arc::new(ConnectionContext {
-            tls: tls.clone(),
-            allow_anonymous: config.allow_anonymous,
-            tenancy: tenancy.clone(),
-            fallback_tls: std::sync::Mutex::new(None),
-            proxy_protocol: config
-                .listeners
-                .proxy_protocol
-                .iter()
-                .filter_map(|n| match n.as_str() {
-                    "mqtts" => Some(ListenerKind::Tls),
-                    "fallback" => Some(ListenerKind::Fallback),
-                    "mqtt" => Some(ListenerKind::Plain),
-                    _ => None,
-                })
-                .collect(),
-            metrics: metrics.clone(),
-            connect_timeout: config.connect_timeout(),
-            max_packet_size: config.limits.max_packet_size,
-            max_outbound_packets: config.limits.max_outbound_packets,
-            server_receive_maximum: config.limits.server_receive_maximum,
-            server_max_inflight: config.limits.server_max_inflight,
+        let context = Arc::new(connection_context(
+            &config,
+            tls.clone(),
+            tenancy.clone(),
             max_connections,
-            connect_limiter: crate::ratelimit::ConnectLimiter::new(
-                crate::ratelimit::Rate::new(
-                    config.limits.connect_rate,
-                    config.limits.connect_burst,
-                ),
-                crate::ratelimit::Rate::new(
-                    config.limits.connect_rate_per_address,
-                    config.limits.connect_burst_per_address,
-                ),
-            ),
-            active: AtomicUsize::new(0),
-            next_id: AtomicU64::new(1),
-            shutdown: shutdown_rx.clone(),
-            events: events_tx.clone(),
-        });
+            metrics.clone(),
+            shutdown_rx.clone(),
+            events_tx.clone(),
+        ));
         let mut core = BrokerCore::new(config.core_config());
-        let cluster = match &config.cluster {
-            None => None,
-            Some(c) => {
-                core.enable_cluster(&c.node);
-                let options = beckon_cluster::ClusterOptions {
-                    servers: c.nats.clone(),
-                    node: c.node.clone(),
-                    subject_root: c.name.clone(),
-                    heartbeat: Duration::from_millis(c.heartbeat_ms),
-                    node_timeout: Duration::from_millis(c.node_timeout_ms),
-                    flush_timeout: Duration::from_millis(c.flush_timeout_ms),
-                };
-                let (link, incoming, task) = beckon_cluster::join(options).await?;
-                tracing::info!(node = %c.node, nats = ?c.nats, cluster = %c.name, "cluster node: messages, client ids and presence shared through NATS");
-                bound.cluster_node = Some(c.node.clone());
-                Some(ClusterSide::new(link, incoming, task))
-            }
-        };
+        let cluster = join_cluster(&config, &mut core, &mut bound).await?;
         let core_task = CoreTask::new(
             core,
             events_rx,
@@ -426,7 +264,7 @@ impl Server {
         );
         let core_task = tokio::spawn(core_task.run().instrument(tracing::info_span!("core")));
         let mut tasks = Vec::new();
-        for (listener, kind) in listeners {
+        for (listener, kind) in listeners.mqtt {
             tasks.push(tokio::spawn(accept_loop(
                 listener,
                 kind,
@@ -434,7 +272,7 @@ impl Server {
                 shutdown_rx.clone(),
             )));
         }
-        if let Some(l) = admin {
+        if let Some(l) = listeners.admin {
             tasks.push(tokio::spawn(admin_loop(
                 l,
                 metrics.clone(),
@@ -469,6 +307,227 @@ impl Server {
             },
         ))
     }
+}
+
+/// The file descriptor limit (raised to the hard one) and the connection limit in force:
+/// `limits.max_connections`, or what the descriptors allow when it is 0.
+fn connection_limit(config: &BrokerConfig) -> (Option<fdlimit::FdLimit>, usize) {
+    // File descriptors bound the connections one process holds: raise the soft limit to
+    // the hard one and say what that allows.
+    let fd_limit = match fdlimit::raise_to_hard().or_else(|_| fdlimit::read()) {
+        Ok(l) => Some(l),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot read the file descriptor limit");
+            None
+        }
+    };
+    let room = fd_limit.map_or(usize::MAX, |l| {
+        usize::try_from(l.connection_room()).unwrap_or(usize::MAX)
+    });
+    let max_connections = match config.limits.max_connections {
+        0 => room,
+        n => n,
+    };
+    if let Some(l) = fd_limit {
+        tracing::info!(
+            soft = l.soft,
+            hard = l.hard,
+            room,
+            max_connections,
+            "file descriptor limit {} (hard {}): room for about {} connections; max_connections = {}",
+            l.soft,
+            l.hard,
+            room,
+            max_connections
+        );
+        if max_connections > room {
+            tracing::warn!(
+                max_connections,
+                room,
+                "limits.max_connections is above what the file descriptor limit allows; accepts will pause when descriptors run out (raise LimitNOFILE)"
+            );
+        }
+    }
+    (fd_limit, max_connections)
+}
+
+/// The server TLS configuration when a TLS listener is on (certificates created in the data
+/// folder when none is configured), and the generated CA clients must trust, if any.
+fn server_tls(
+    config: &BrokerConfig,
+) -> Result<(Option<Arc<ReloadingServerConfig>>, Option<PathBuf>), ServerError> {
+    // Certificates.
+    let mut generated_ca = None;
+    let tls = match config.listeners.mqtts.0.or(config.listeners.fallback.0) {
+        None => None,
+        Some(_) => {
+            let files = match (&config.tls.cert, &config.tls.key) {
+                (Some(cert), Some(key)) => TlsFiles {
+                    cert: cert.clone(),
+                    key: key.clone(),
+                    client_ca: config.tls.client_ca.clone(),
+                },
+                _ => {
+                    let names = default_certificate_names();
+                    let certs = beckon_pki::ensure_broker_certs(&config.data_dir, &names)?;
+                    if certs.created_ca {
+                        tracing::info!(ca = %certs.ca_cert.display(), "created a certificate authority for this broker");
+                    }
+                    if certs.issued_server {
+                        tracing::info!(cert = %certs.server_cert.display(), names = ?names, "issued the broker's server certificate");
+                    }
+                    generated_ca = Some(certs.ca_cert.clone());
+                    TlsFiles {
+                        cert: certs.server_cert,
+                        key: certs.server_key,
+                        client_ca: Some(config.tls.client_ca.clone().unwrap_or(certs.ca_cert)),
+                    }
+                }
+            };
+            // Tenants bring their own CAs and token keys; only without them is a
+            // broker with neither a client CA nor anonymous access closed to everyone.
+            if files.client_ca.is_none() && !config.allow_anonymous && config.tenants_dir.is_none()
+            {
+                tracing::warn!(
+                    "no tls.client_ca, no tenants_dir and anonymous access is off: no client can authenticate yet"
+                );
+            }
+            let options = ServerTlsOptions {
+                alpn: vec![b"mqtt".to_vec()],
+                min_version: config.min_tls_version().unwrap_or_default(),
+            };
+            Some(Arc::new(ReloadingServerConfig::new(files, options)?))
+        }
+    };
+    Ok((tls, generated_ca))
+}
+
+/// The bound listeners.
+struct Listeners {
+    /// The MQTT listeners (TLS, plain, shared port) with their kind.
+    mqtt: Vec<(TcpListener, ListenerKind)>,
+    /// The admin HTTP listener.
+    admin: Option<TcpListener>,
+}
+
+/// Binds the MQTT listeners and the admin listener; notes their addresses in `bound`.
+fn bind_listeners(config: &BrokerConfig, bound: &mut Bound) -> Result<Listeners, ServerError> {
+    let mut listeners = Vec::new();
+    if let Some(addr) = config.listeners.mqtts.0 {
+        let (l, local) = bind_listener("listeners.mqtts", addr)?;
+        tracing::info!(addr = %local, "listening for MQTT over TLS");
+        bound.mqtts = Some(local);
+        listeners.push((l, ListenerKind::Tls));
+    }
+    if let Some(addr) = config.listeners.mqtt.0 {
+        let (l, local) = bind_listener("listeners.mqtt", addr)?;
+        tracing::info!(addr = %local, "listening for plain MQTT (unencrypted)");
+        if !local.ip().is_loopback() {
+            tracing::warn!(addr = %local, "plain MQTT is reachable beyond loopback: traffic is not encrypted");
+        }
+        if !config.allow_anonymous {
+            tracing::warn!(addr = %local, "on the plain listener clients cannot show a certificate; with anonymous access off they are refused");
+        }
+        bound.mqtt = Some(local);
+        listeners.push((l, ListenerKind::Plain));
+    }
+
+    if let Some(addr) = config.listeners.fallback.0 {
+        let (l, local) = bind_listener("listeners.fallback", addr)?;
+        tracing::info!(addr = %local, "listening on the shared HTTPS port: MQTT (ALPN mqtt), MQTT over WebSocket (/mqtt), health (/healthz)");
+        bound.fallback = Some(local);
+        listeners.push((l, ListenerKind::Fallback));
+    }
+
+    let admin = match config.listeners.admin.0 {
+        None => None,
+        Some(addr) => {
+            let (l, local) = bind_listener("listeners.admin", addr)?;
+            tracing::info!(addr = %local, "admin HTTP: /metrics (Prometheus), /healthz");
+            bound.admin = Some(local);
+            Some(l)
+        }
+    };
+    Ok(Listeners {
+        mqtt: listeners,
+        admin,
+    })
+}
+
+/// What every connection task shares: limits, TLS, tenants, metrics, the shutdown signal
+/// and the core task's event queue (`core`).
+fn connection_context(
+    config: &BrokerConfig,
+    tls: Option<Arc<ReloadingServerConfig>>,
+    tenancy: Option<Arc<Tenancy>>,
+    max_connections: usize,
+    metrics: Arc<crate::metrics::Metrics>,
+    shutdown: watch::Receiver<bool>,
+    events: mpsc::Sender<Event>,
+) -> ConnectionContext {
+    ConnectionContext {
+        tls,
+        allow_anonymous: config.allow_anonymous,
+        tenancy,
+        fallback_tls: std::sync::Mutex::new(None),
+        proxy_protocol: config
+            .listeners
+            .proxy_protocol
+            .iter()
+            .filter_map(|n| match n.as_str() {
+                "mqtts" => Some(ListenerKind::Tls),
+                "fallback" => Some(ListenerKind::Fallback),
+                "mqtt" => Some(ListenerKind::Plain),
+                _ => None,
+            })
+            .collect(),
+        metrics,
+        connect_timeout: config.connect_timeout(),
+        max_packet_size: config.limits.max_packet_size,
+        max_outbound_packets: config.limits.max_outbound_packets,
+        server_receive_maximum: config.limits.server_receive_maximum,
+        server_max_inflight: config.limits.server_max_inflight,
+        max_connections,
+        connect_limiter: crate::ratelimit::ConnectLimiter::new(
+            crate::ratelimit::Rate::new(config.limits.connect_rate, config.limits.connect_burst),
+            crate::ratelimit::Rate::new(
+                config.limits.connect_rate_per_address,
+                config.limits.connect_burst_per_address,
+            ),
+        ),
+        active: AtomicUsize::new(0),
+        next_id: AtomicU64::new(1),
+        shutdown,
+        events,
+    }
+}
+
+/// Joins the cluster when one is configured: the core becomes a node and the task gets its
+/// side of the link.
+async fn join_cluster(
+    config: &BrokerConfig,
+    core: &mut BrokerCore,
+    bound: &mut Bound,
+) -> Result<Option<ClusterSide>, ServerError> {
+    let cluster = match &config.cluster {
+        None => None,
+        Some(c) => {
+            core.enable_cluster(&c.node);
+            let options = beckon_cluster::ClusterOptions {
+                servers: c.nats.clone(),
+                node: c.node.clone(),
+                subject_root: c.name.clone(),
+                heartbeat: Duration::from_millis(c.heartbeat_ms),
+                node_timeout: Duration::from_millis(c.node_timeout_ms),
+                flush_timeout: Duration::from_millis(c.flush_timeout_ms),
+            };
+            let (link, incoming, task) = beckon_cluster::join(options).await?;
+            tracing::info!(node = %c.node, nats = ?c.nats, cluster = %c.name, "cluster node: messages, client ids and presence shared through NATS");
+            bound.cluster_node = Some(c.node.clone());
+            Some(ClusterSide::new(link, incoming, task))
+        }
+    };
+    Ok(cluster)
 }
 
 /// Runs a broker until `shutdown` resolves, then shuts it down gracefully.
