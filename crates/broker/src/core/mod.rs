@@ -1,9 +1,11 @@
-//! The broker's protocol core: sessions, the topic tree, QoS flows, retained and will messages
-//! as plain state. Packets and time go in, [`Action`]s come out; no sockets, no clock, no
-//! async, so that every rule is tested deterministically without a network.
+//! The broker's protocol core: sessions, the topic tree, QoS flows, retained and will
+//! messages, and the presence of tenant identities as plain state. Packets and time go in,
+//! [`Action`]s come out; no sockets, no async, and no clock but the wall-clock time stamp of
+//! presence events (replaceable, [`BrokerCore::set_wall_clock`]), so that every rule is
+//! tested deterministically without a network.
 //!
-//! The tokio layer (`crate::server`) owns one [`BrokerCore`] in one task, feeds it the decoded
-//! packets of every connection and carries out the actions it returns.
+//! The tokio layer (`crate::core_task`) owns one [`BrokerCore`] in one task, feeds it the
+//! decoded packets of every connection and carries out the actions it returns.
 
 mod cluster;
 mod connect;
@@ -240,6 +242,8 @@ pub struct BrokerCore {
     cluster: Option<ClusterState>,
     /// The tenant identities connected here.
     presence: presence::Presence,
+    /// Unix milliseconds now, for the `at` of presence events.
+    wall_clock: fn() -> i64,
 }
 
 impl BrokerCore {
@@ -259,7 +263,14 @@ impl BrokerCore {
             hits: Vec::new(),
             cluster: None,
             presence: presence::Presence::default(),
+            wall_clock: crate::tenancy::unix_now_ms,
         }
+    }
+
+    /// Replaces the clock that time-stamps presence events (unix milliseconds; the system
+    /// clock by default).
+    pub fn set_wall_clock(&mut self, clock: fn() -> i64) {
+        self.wall_clock = clock;
     }
 
     /// Any packet after CONNECT on an established connection.

@@ -14,7 +14,6 @@ use beckon_mqtt::QoS;
 use bytes::Bytes;
 
 use super::{Action, BrokerCore, CloseReason, ConnId};
-use crate::tenancy::unix_now_ms;
 
 /// Why a tenant identity went away, as written into its disconnected event (`reason`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -214,9 +213,10 @@ impl BrokerCore {
     /// cut off from the cluster, whose other nodes may have declared it gone).
     pub fn republish_presence(&mut self, now: Instant, out: &mut Vec<Action>) {
         let node = self.presence.node.as_deref();
+        let at = (self.wall_clock)();
         let mut events: Vec<(ConnId, String, Bytes)> = (self.presence.by_conn.iter())
             .map(|(conn, p)| {
-                let (topic, payload) = event_of(node, p, PresenceState::Connected, None);
+                let (topic, payload) = event_of(node, at, p, PresenceState::Connected, None);
                 (*conn, topic, payload)
             })
             .collect();
@@ -234,7 +234,8 @@ impl BrokerCore {
         why: Option<PresenceReason>,
         out: &mut Vec<Action>,
     ) {
-        let (topic, payload) = event_of(self.presence.node.as_deref(), present, state, why);
+        let node = self.presence.node.as_deref();
+        let (topic, payload) = event_of(node, (self.wall_clock)(), present, state, why);
         self.publish_from_broker(now, topic, payload, QoS::AtLeastOnce, true, out);
     }
 
@@ -255,7 +256,7 @@ impl BrokerCore {
             return;
         }
         event.state = PresenceState::Disconnected;
-        event.at = unix_now_ms();
+        event.at = (self.wall_clock)();
         event.reason = Some(PresenceReason::TakenOver.as_str().to_owned());
         let payload = Bytes::from(event.to_json());
         self.publish_from_broker(now, topic, payload, QoS::AtLeastOnce, true, out);
@@ -276,7 +277,7 @@ impl BrokerCore {
                     continue;
                 }
                 event.state = PresenceState::Disconnected;
-                event.at = unix_now_ms();
+                event.at = (self.wall_clock)();
                 event.reason = Some(PresenceReason::NodeLost.as_str().to_owned());
                 let payload = Bytes::from(event.to_json());
                 self.publish_from_broker_local(now, topic, payload, QoS::AtLeastOnce, true, out);
@@ -290,13 +291,14 @@ impl BrokerCore {
 /// The topic and payload of `present`'s event.
 fn event_of(
     node: Option<&str>,
+    at: i64,
     present: &Present,
     state: PresenceState,
     why: Option<PresenceReason>,
 ) -> (String, Bytes) {
     let event = PresenceEvent {
         state,
-        at: unix_now_ms(),
+        at,
         reason: why.map(|w| w.as_str().to_owned()),
         remote_addr: present.remote.to_string(),
         path: present.path,

@@ -1943,6 +1943,7 @@ fn info_of(server: bool) -> ConnectionInfo {
 #[test]
 fn presence_of_a_clean_disconnect() {
     let mut h = Harness::new();
+    h.core.set_wall_clock(|| 1_700_000_000_123);
     let w = presence_watcher(&mut h);
     let mut out = Vec::new();
     let (a, _) = connect_identity(&mut h, agent("a1"), 50001, "443-websocket", &mut out);
@@ -1954,7 +1955,7 @@ fn presence_of_a_clean_disconnect() {
     assert_eq!(event.path, beckon_identity::ConnectionPath::SharedWebSocket);
     assert_eq!(event.via_proxy, Some(true));
     assert_eq!(event.node, None);
-    assert!(event.at > 0);
+    assert_eq!(event.at, 1_700_000_000_123);
 
     let out = h.send(a, Packet::Disconnect(Disconnect::default()));
     assert!(closed(&out, a));
