@@ -8,10 +8,10 @@
 pub mod config;
 mod connection;
 pub mod core;
+mod core_task;
 pub mod fdlimit;
 mod metrics;
 mod outbox;
-mod presence;
 mod proxy_protocol;
 mod ratelimit;
 mod server;

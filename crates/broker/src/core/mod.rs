@@ -1,12 +1,17 @@
-//! The broker's protocol core: sessions, the topic tree, QoS flows, retained and will messages
-//! as plain state. Packets and time go in, [`Action`]s come out; no sockets, no clock, no
-//! async, so that every rule is tested deterministically without a network.
+//! The broker's protocol core: sessions, the topic tree, QoS flows, retained and will
+//! messages, and the presence of tenant identities as plain state. Packets and time go in,
+//! [`Action`]s come out; no sockets, no async, and no clock but the wall-clock time stamp of
+//! presence events (replaceable, [`BrokerCore::set_wall_clock`]), so that every rule is
+//! tested deterministically without a network.
 //!
-//! The tokio layer (`crate::server`) owns one [`BrokerCore`] in one task, feeds it the decoded
-//! packets of every connection and carries out the actions it returns.
+//! The tokio layer (`crate::core_task`) owns one [`BrokerCore`] in one task, feeds it the
+//! decoded packets of every connection and carries out the actions it returns.
 
+mod cluster;
+mod connect;
 mod idmap;
 mod message;
+mod presence;
 mod retained;
 mod session;
 mod topic_tree;
@@ -14,7 +19,12 @@ mod topic_tree;
 #[cfg(test)]
 mod tests;
 
+pub use cluster::ClusterOut;
+pub use connect::{Accepted, effective_keep_alive};
 pub(crate) use idmap::IdMap;
+pub use presence::PresenceReason;
+
+use cluster::{ClusterState, note_interest, note_session_interest};
 
 use std::collections::{BTreeSet, HashMap};
 use std::net::SocketAddr;
@@ -22,15 +32,15 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use beckon_mqtt::{
-    Ack, ConnAck, Connect, Disconnect, Packet, Properties, ProtocolVersion, Publish, QoS,
-    ReasonCode, RetainHandling, SubAck, Subscribe, UnsubAck, Unsubscribe, Will,
+    Ack, Disconnect, Packet, Properties, ProtocolVersion, Publish, QoS, ReasonCode, RetainHandling,
+    SubAck, Subscribe, UnsubAck, Unsubscribe, Will,
 };
 
 use bytes::Bytes;
 use message::Message;
 use retained::RetainedStore;
-use session::{Link, Pending, Session};
-use topic_tree::{Hit, SessionKey, SubEntry, TopicTree, filter_matches, parse_filter};
+use session::{Pending, Session};
+use topic_tree::{Hit, SessionKey, SubEntry, TopicTree, parse_filter};
 
 /// Identifies one network connection for the lifetime of the process (never reused).
 pub type ConnId = u64;
@@ -129,6 +139,12 @@ pub struct ConnectionInfo {
     /// The client authenticated as a server identity (a console): its session gets the
     /// `server_*` limits.
     pub server: bool,
+    /// The tenant identity the client authenticated as: its presence is published while it
+    /// is connected. Taken by [`BrokerCore::handle_connect`] (not kept in the session).
+    pub identity: Option<Box<beckon_identity::Identity>>,
+    /// Whether the client says it came through an HTTP proxy (CONNECT user property
+    /// `beckon-via-proxy`), for its presence events.
+    pub via_proxy: Option<bool>,
 }
 
 /// Why a connection ended, as the network layer saw it.
@@ -189,48 +205,6 @@ pub struct CoreStats {
     pub protocol_errors: u64,
 }
 
-/// What a clustered core hands to the cluster link (see [`BrokerCore::enable_cluster`]).
-#[allow(clippy::large_enum_variant)] // as Action: no allocation per message
-#[derive(Debug, Clone, PartialEq)]
-pub enum ClusterOut {
-    /// A message published on this node, for the other nodes' subscribers. Its Message
-    /// Expiry Interval is what is left of it now.
-    Publish {
-        /// The message as a PUBLISH with the internal topic (no packet id).
-        publish: Publish,
-        /// A PUBACK/PUBREC the core did not send: it goes to `conn` once the message left for
-        /// the cluster ([`BrokerCore::cluster_ack`] gives it back).
-        ack: Option<(ConnId, Packet)>,
-    },
-    /// The first session subscribed to `filter` (`added`), or the last one left it.
-    Interest {
-        /// The topic filter, without a `$share/{group}/` prefix.
-        filter: String,
-        /// Added or removed.
-        added: bool,
-    },
-    /// A connection for `client_id` was accepted on this node: other nodes drop theirs.
-    Claim {
-        /// The client id.
-        client_id: String,
-        /// Whether the new connection started clean.
-        clean_start: bool,
-    },
-}
-
-/// The cluster side of a core: what waits to go out, and the filters subscribed here.
-#[derive(Debug, Default)]
-struct ClusterState {
-    out: Vec<ClusterOut>,
-    /// Sessions subscribed per filter (without share prefix), to tell first and last apart.
-    interest: HashMap<String, usize>,
-    /// Interest a session holds from its CONNECT on (see [`BrokerCore::hold_interest`]).
-    held: HashMap<SessionKey, Box<str>>,
-    /// This node's name: assigned client ids carry it, so that two nodes never assign the
-    /// same one (which would take the other's client over).
-    node: String,
-}
-
 /// The broker's whole protocol state.
 ///
 /// Choices where the specification leaves room (and how they compare with Mosquitto):
@@ -266,6 +240,10 @@ pub struct BrokerCore {
     hits: Vec<Hit>,
     /// Set when the broker is a cluster node.
     cluster: Option<ClusterState>,
+    /// The tenant identities connected here.
+    presence: presence::Presence,
+    /// Unix milliseconds now, for the `at` of presence events.
+    wall_clock: fn() -> i64,
 }
 
 impl BrokerCore {
@@ -284,422 +262,15 @@ impl BrokerCore {
             stats: CoreStats::default(),
             hits: Vec::new(),
             cluster: None,
+            presence: presence::Presence::default(),
+            wall_clock: crate::tenancy::unix_now_ms,
         }
     }
 
-    /// Makes this core a cluster node: from now on it hands out what other nodes must know
-    /// ([`BrokerCore::take_cluster_out`]): messages published here (QoS 1/2 acknowledgements
-    /// held until the cluster took the message), the filters its sessions subscribe to, and
-    /// the client ids it accepts. `node` is this node's name, unique in the cluster. Call it
-    /// before the first connection.
-    pub fn enable_cluster(&mut self, node: &str) {
-        self.cluster = Some(ClusterState {
-            node: node.to_owned(),
-            ..ClusterState::default()
-        });
-    }
-
-    /// What waits to go to the cluster, in order; empty when not clustered.
-    pub fn take_cluster_out(&mut self) -> Vec<ClusterOut> {
-        self.cluster
-            .as_mut()
-            .map(|c| std::mem::take(&mut c.out))
-            .unwrap_or_default()
-    }
-
-    /// A message published on another node: stored if retained and delivered to the
-    /// matching local subscriptions only (never handed back to the cluster). Returns whether
-    /// a local subscription received it.
-    pub fn handle_remote_publish(
-        &mut self,
-        now: Instant,
-        publish: Publish,
-        out: &mut Vec<Action>,
-    ) -> bool {
-        if publish.topic.is_empty() || publish.topic.contains(['+', '#', '\0']) {
-            return false;
-        }
-        let qos = publish.qos.min(self.config.max_qos);
-        let message = Message::new(
-            now,
-            publish.topic,
-            publish.payload,
-            qos,
-            publish.retain,
-            publish.properties,
-        );
-        self.route(now, None, Arc::new(message), out)
-    }
-
-    /// Another node accepted a connection for `client_id`: the connection held here, if any,
-    /// gets DISCONNECT 0x8E (Session taken over, v5) and is closed, and the session ends here
-    /// (its state does not move between nodes). The old will is published when the new
-    /// connection started clean or the old session had no expiry, as for a local takeover.
-    /// Returns the connection that was closed.
-    pub fn handle_remote_claim(
-        &mut self,
-        now: Instant,
-        client_id: &str,
-        clean_start: bool,
-        out: &mut Vec<Action>,
-    ) -> Option<ConnId> {
-        let key = *self.by_client_id.get(client_id)?;
-        let conn = self.sessions.get(&key).and_then(|s| s.conn);
-        if self.take_over(now, key, clean_start, out).is_some() {
-            self.end_session(key);
-        }
-        conn
-    }
-
-    /// Clustered: the session of `conn` holds interest in `filter` for as long as it exists,
-    /// whatever it subscribes to. The network layer gives a tenant agent its own topics
-    /// (`t/{tenant}/agents/{id}/+`) at CONNECT, before its connected event goes out, so that a
-    /// server that sends a wake-up on seeing that event is sure to reach this node.
-    pub fn hold_interest(&mut self, conn: ConnId, filter: &str) {
-        let (Some(cluster), Some(&key)) = (&mut self.cluster, self.conns.get(&conn)) else {
-            return;
-        };
-        // Set once per session (its client id is its identity); the session's own
-        // subscriptions inside it were counted against it.
-        if cluster.held.contains_key(&key) {
-            return;
-        }
-        note_interest(cluster, filter, true);
-        cluster.held.insert(key, filter.into());
-    }
-
-    /// The connection holding `client_id` here, if any.
-    pub fn connection_of(&self, client_id: &str) -> Option<ConnId> {
-        let key = self.by_client_id.get(client_id)?;
-        self.sessions.get(key)?.conn
-    }
-
-    /// The payload of the retained message on `topic`, if any.
-    pub fn retained_payload(&self, topic: &str, now: Instant) -> Option<Bytes> {
-        self.retained
-            .matching(topic, now)
-            .into_iter()
-            .find(|m| m.topic == topic)
-            .map(|m| m.payload.clone())
-    }
-
-    /// Every unexpired retained message as a PUBLISH (internal topic, remaining expiry), for
-    /// a node that joins the cluster.
-    pub fn retained_snapshot(&self, now: Instant) -> Vec<Publish> {
-        self.retained
-            .matching("#", now)
-            .into_iter()
-            .filter_map(|m| {
-                let packet_id = (m.qos != QoS::AtMostOnce).then_some(1);
-                m.to_publish(now, m.qos, true, packet_id, &[])
-            })
-            .collect()
-    }
-
-    /// A retained message from another node's snapshot: stored unless this node already has
-    /// one on that topic (what arrived live is newer than a snapshot). Not delivered.
-    pub fn store_retained_if_absent(&mut self, now: Instant, publish: Publish) -> bool {
-        if !self.config.retain_available
-            || publish.payload.is_empty()
-            || publish.topic.is_empty()
-            || publish.topic.contains(['+', '#', '\0'])
-            || self.retained.contains(&publish.topic)
-        {
-            return false;
-        }
-        let message = Message::new(
-            now,
-            publish.topic,
-            publish.payload,
-            publish.qos.min(self.config.max_qos),
-            true,
-            publish.properties,
-        );
-        self.retained.store(&Arc::new(message));
-        true
-    }
-
-    /// Retained messages matching `filter`: (topic, payload).
-    pub fn retained_matching(&self, filter: &str, now: Instant) -> Vec<(String, Bytes)> {
-        self.retained
-            .matching(filter, now)
-            .into_iter()
-            .map(|m| (m.topic.clone(), m.payload.clone()))
-            .collect()
-    }
-
-    /// Publishes a message on the broker's own behalf to this node's subscribers and
-    /// retained store only (each node does the same on its own, e.g. when another node went
-    /// silent and its identities are released).
-    pub fn publish_from_broker_local(
-        &mut self,
-        now: Instant,
-        topic: String,
-        payload: Bytes,
-        qos: QoS,
-        retain: bool,
-        out: &mut Vec<Action>,
-    ) -> bool {
-        let qos = qos.min(self.config.max_qos);
-        let message = Message::new(now, topic, payload, qos, retain, Properties::default());
-        self.route(now, None, Arc::new(message), out)
-    }
-
-    /// A PUBACK/PUBREC held for the cluster may now go out ([`ClusterOut::Publish`]).
-    pub fn cluster_ack(&self, conn: ConnId, packet: Packet, out: &mut Vec<Action>) {
-        if self.conns.contains_key(&conn) {
-            out.push(Action::Send { conn, packet });
-        }
-    }
-
-    /// Hands a message to the cluster, if clustered; `ack` waits for it there. Returns the
-    /// ack when it cannot wait (not clustered, or the message already expired).
-    fn hand_to_cluster(
-        &mut self,
-        now: Instant,
-        message: &Message,
-        ack: Option<(ConnId, Packet)>,
-    ) -> Option<(ConnId, Packet)> {
-        let Some(cluster) = &mut self.cluster else {
-            return ack;
-        };
-        // Packet id 1 only so that the PUBLISH is well formed; the link rewrites it.
-        let packet_id = (message.qos != QoS::AtMostOnce).then_some(1);
-        match message.to_publish(now, message.qos, message.retain, packet_id, &[]) {
-            Some(publish) => {
-                cluster.out.push(ClusterOut::Publish { publish, ack });
-                None
-            }
-            None => ack,
-        }
-    }
-
-    /// A CONNECT arrived on a new connection (already authenticated by the network layer).
-    /// Emits the CONNACK (with assigned client id, server keep alive, limits for v5), resumes
-    /// or discards the session, takes over an existing connection of the same client id
-    /// (DISCONNECT 0x8E to a v5 client, then Close) and redelivers in-flight messages.
-    pub fn handle_connect(
-        &mut self,
-        now: Instant,
-        conn: ConnId,
-        connect: Connect,
-        info: ConnectionInfo,
-        out: &mut Vec<Action>,
-    ) {
-        if self.conns.contains_key(&conn) {
-            // A second CONNECT on one connection is a protocol error [MQTT-3.1.0-2].
-            self.kick(now, conn, ReasonCode::PROTOCOL_ERROR, out);
-            return;
-        }
-        if let Some(code) = self.refusal(&connect) {
-            out.push(Action::Send {
-                conn,
-                packet: Packet::ConnAck(ConnAck {
-                    session_present: false,
-                    code,
-                    properties: Properties::default(),
-                }),
-            });
-            out.push(Action::Close { conn });
-            return;
-        }
-        let mut connect = connect;
-        let v5 = connect.protocol == ProtocolVersion::V5;
-        let assigned = connect.client_id.is_empty();
-        let client_id = if assigned {
-            self.assign_client_id()
-        } else {
-            std::mem::take(&mut connect.client_id)
-        };
-        let requested_expiry = if v5 {
-            connect.properties.session_expiry_interval.unwrap_or(0)
-        } else if connect.clean_start {
-            0
-        } else {
-            // A v3.1.1 persistent session lasts as long as the broker allows.
-            u32::MAX
-        };
-        let expiry = requested_expiry.min(self.config.max_session_expiry);
-
-        let mut session_present = false;
-        let existing = self.by_client_id.get(&client_id).copied();
-        let key = match existing.and_then(|key| self.take_over(now, key, connect.clean_start, out))
-        {
-            Some(key) => {
-                session_present = true;
-                key
-            }
-            None => {
-                let key = self.next_session;
-                self.next_session += 1;
-                self.sessions.insert(
-                    key,
-                    Box::new(Session::new(client_id.clone(), connect.protocol)),
-                );
-                self.by_client_id.insert(client_id.clone(), key);
-                key
-            }
-        };
-
-        let config = &self.config;
-        let Some(session) = self.sessions.get_mut(&key) else {
-            return;
-        };
-        session.protocol = connect.protocol;
-        let info_server = info.server;
-        session.server = info_server;
-        session.conn = Some(conn);
-        session.expiry = expiry;
-        session.connect_expiry_zero = requested_expiry == 0;
-        session.link = Link {
-            receive_maximum: if v5 {
-                connect.properties.receive_maximum.unwrap_or(u16::MAX)
-            } else {
-                u16::MAX
-            },
-            max_packet_size: if v5 {
-                connect.properties.maximum_packet_size
-            } else {
-                None
-            },
-            aliases: HashMap::new(),
-            info: Some(info),
-        };
-        session.will = connect.will.take().map(|mut will| {
-            // Only v3.1.1 gets here with these (v5 was refused): downgrade silently.
-            will.qos = will.qos.min(config.max_qos);
-            will.retain &= config.retain_available;
-            Box::new(will)
-        });
-        self.conns.insert(conn, key);
-        if let Some(cluster) = &mut self.cluster {
-            cluster.out.push(ClusterOut::Claim {
-                client_id: session.client_id.clone(),
-                clean_start: connect.clean_start,
-            });
-        }
-
-        let mut properties = Properties::default();
-        if v5 {
-            if assigned {
-                properties.assigned_client_identifier = Some(client_id);
-            }
-            if expiry != requested_expiry {
-                properties.session_expiry_interval = Some(expiry);
-            }
-            properties.receive_maximum = Some(config.receive_maximum_for(info_server).max(1));
-            if config.max_qos < QoS::ExactlyOnce {
-                properties.maximum_qos = Some(config.max_qos as u8);
-            }
-            if !config.retain_available {
-                properties.retain_available = Some(0);
-            }
-            properties.maximum_packet_size = Some(config.max_packet_size);
-            if config.topic_alias_maximum > 0 {
-                properties.topic_alias_maximum = Some(config.topic_alias_maximum);
-            }
-            if let Some(max) = config.max_keep_alive
-                && (connect.keep_alive == 0 || connect.keep_alive > max)
-            {
-                properties.server_keep_alive = Some(max);
-            }
-            properties.wildcard_subscription_available = Some(1);
-            properties.subscription_identifier_available = Some(1);
-            properties.shared_subscription_available = Some(1);
-        }
-        out.push(Action::Send {
-            conn,
-            packet: Packet::ConnAck(ConnAck {
-                session_present,
-                code: ReasonCode::SUCCESS,
-                properties,
-            }),
-        });
-        if session_present {
-            session.resume(now, config, &mut self.stats, out);
-        }
-    }
-
-    /// Why a CONNECT is refused before any session state is touched, if it is.
-    fn refusal(&self, connect: &Connect) -> Option<ReasonCode> {
-        let config = &self.config;
-        match connect.protocol {
-            ProtocolVersion::V5 => {
-                if connect.properties.authentication_method.is_some() {
-                    // No enhanced authentication is offered.
-                    return Some(ReasonCode::BAD_AUTHENTICATION_METHOD);
-                }
-                if let Some(will) = &connect.will {
-                    if will.qos > config.max_qos {
-                        return Some(ReasonCode::QOS_NOT_SUPPORTED);
-                    }
-                    if will.retain && !config.retain_available {
-                        return Some(ReasonCode::RETAIN_NOT_SUPPORTED);
-                    }
-                }
-                None
-            }
-            ProtocolVersion::V311 => {
-                if connect.client_id.is_empty() && !connect.clean_start {
-                    // [MQTT-3.1.3-8]: return code 2, identifier rejected.
-                    return Some(ReasonCode::CLIENT_IDENTIFIER_NOT_VALID);
-                }
-                if let Some(max) = config.max_keep_alive
-                    && (connect.keep_alive == 0 || connect.keep_alive > max)
-                {
-                    return Some(ReasonCode::CLIENT_IDENTIFIER_NOT_VALID);
-                }
-                None
-            }
-        }
-    }
-
-    /// A new connection claims the session `key`: closes its old connection, if any, and
-    /// either ends the session (returns `None`; the old will is published) or keeps it for the
-    /// new connection (returns `Some(key)`; the old will is discarded).
-    fn take_over(
-        &mut self,
-        now: Instant,
-        key: SessionKey,
-        clean_start: bool,
-        out: &mut Vec<Action>,
-    ) -> Option<SessionKey> {
-        let session = self.sessions.get_mut(&key)?;
-        if let Some(old) = session.conn.take() {
-            self.conns.remove(&old);
-            if session.protocol == ProtocolVersion::V5 {
-                out.push(disconnect(old, ReasonCode::SESSION_TAKEN_OVER));
-            }
-            out.push(Action::Close { conn: old });
-            self.stats.sessions_taken_over += 1;
-        }
-        let will = session.will.take();
-        session.will_at = None;
-        session.expires_at = None;
-        let ends = clean_start || session.expiry == 0;
-        self.reschedule(key);
-        if ends {
-            self.end_session(key);
-            if let Some(will) = will {
-                self.publish_will(now, key, *will, out);
-            }
-            None
-        } else {
-            Some(key)
-        }
-    }
-
-    fn assign_client_id(&mut self) -> String {
-        loop {
-            let id = match &self.cluster {
-                Some(c) => format!("beckon-auto-{}-{:08x}", c.node, self.next_assigned_id),
-                None => format!("beckon-auto-{:08x}", self.next_assigned_id),
-            };
-            self.next_assigned_id += 1;
-            if !self.by_client_id.contains_key(&id) {
-                return id;
-            }
-        }
+    /// Replaces the clock that time-stamps presence events (unix milliseconds; the system
+    /// clock by default).
+    pub fn set_wall_clock(&mut self, clock: fn() -> i64) {
+        self.wall_clock = clock;
     }
 
     /// Any packet after CONNECT on an established connection.
@@ -1130,7 +701,8 @@ impl BrokerCore {
         {
             if session.connect_expiry_zero && expiry != 0 {
                 // [MQTT-3.14.2-2]
-                self.kick(now, conn, ReasonCode::PROTOCOL_ERROR, out);
+                let why = PresenceReason::ClientDisconnect;
+                self.kick_as(now, conn, ReasonCode::PROTOCOL_ERROR, why, out);
                 return;
             }
             session.expiry = expiry.min(self.config.max_session_expiry);
@@ -1143,14 +715,28 @@ impl BrokerCore {
         self.conns.remove(&conn);
         out.push(Action::Close { conn });
         self.detach(now, key, out);
+        self.presence_ended(now, conn, PresenceReason::ClientDisconnect, out);
     }
 
     /// Closes a connection for a protocol error found by the core: DISCONNECT with `code`
     /// to a v5 client, then Close; the will is published.
     fn kick(&mut self, now: Instant, conn: ConnId, code: ReasonCode, out: &mut Vec<Action>) {
+        self.kick_as(now, conn, code, PresenceReason::ProtocolError, out);
+    }
+
+    /// [`BrokerCore::kick`], with the reason its identity's disconnected event gives.
+    fn kick_as(
+        &mut self,
+        now: Instant,
+        conn: ConnId,
+        code: ReasonCode,
+        why: PresenceReason,
+        out: &mut Vec<Action>,
+    ) {
         self.stats.protocol_errors += 1;
         let Some(key) = self.conns.remove(&conn) else {
             out.push(Action::Close { conn });
+            self.presence_ended(now, conn, why, out);
             return;
         };
         if self
@@ -1162,6 +748,7 @@ impl BrokerCore {
         }
         out.push(Action::Close { conn });
         self.detach(now, key, out);
+        self.presence_ended(now, conn, why, out);
     }
 
     /// The session's connection is gone (already removed from `conns`): publishes or delays
@@ -1241,7 +828,8 @@ impl BrokerCore {
     }
 
     /// The connection is gone. Publishes the will (after its delay) unless the client sent a
-    /// normal DISCONNECT, and keeps or ends the session by its expiry.
+    /// normal DISCONNECT, keeps or ends the session by its expiry, then publishes its
+    /// identity's disconnected event (the reason follows `reason`).
     pub fn handle_close(
         &mut self,
         now: Instant,
@@ -1251,10 +839,10 @@ impl BrokerCore {
     ) {
         // Every reason publishes the will: a normal DISCONNECT already removed it, and a
         // connection the core closed itself is no longer known here.
-        let _ = reason;
         if let Some(key) = self.conns.remove(&conn) {
             self.detach(now, key, out);
         }
+        self.presence_ended(now, conn, reason.into(), out);
     }
 
     /// Advances time: delayed wills, session expiry, message expiry. Returns when it next
@@ -1304,9 +892,11 @@ impl BrokerCore {
         }
     }
 
-    /// Graceful shutdown: DISCONNECT 0x8B (Server shutting down) to every v5 client, then
-    /// Close for every connection.
-    pub fn shutdown(&mut self, out: &mut Vec<Action>) {
+    /// Graceful shutdown: every tenant identity is published disconnected
+    /// (`server_shutdown`) while its subscribers are still connected, then DISCONNECT 0x8B
+    /// (Server shutting down) to every v5 client and Close for every connection.
+    pub fn shutdown(&mut self, now: Instant, out: &mut Vec<Action>) {
+        self.presence_shutdown(now, out);
         let mut conns: Vec<(ConnId, SessionKey)> = self.conns.drain().collect();
         conns.sort_unstable();
         for (conn, key) in conns {
@@ -1380,46 +970,6 @@ impl BrokerCore {
     }
 }
 
-/// A session's own subscription that began or ended: not counted when the interest the
-/// session holds from its CONNECT already covers it (an agent's own wake topic), so that an
-/// agent costs its node one NATS subscription, not two.
-fn note_session_interest(cluster: &mut ClusterState, key: SessionKey, raw: &str, added: bool) {
-    let covered = cluster.held.get(&key).is_some_and(|held| {
-        !raw.contains(['+', '#']) && !raw.starts_with("$share/") && filter_matches(held, raw)
-    });
-    if !covered {
-        note_interest(cluster, raw, added);
-    }
-}
-
-/// Counts a session's subscription to `raw` (maybe shared) that began or ended, and tells
-/// the cluster when a filter gets its first or loses its last subscriber on this node.
-fn note_interest(cluster: &mut ClusterState, raw: &str, added: bool) {
-    let Some(filter) = parse_filter(raw) else {
-        return;
-    };
-    let key = filter.filter;
-    if added {
-        let count = cluster.interest.entry(key.to_owned()).or_insert(0);
-        *count += 1;
-        if *count == 1 {
-            cluster.out.push(ClusterOut::Interest {
-                filter: key.to_owned(),
-                added: true,
-            });
-        }
-    } else if let Some(count) = cluster.interest.get_mut(key) {
-        *count -= 1;
-        if *count == 0 {
-            cluster.interest.remove(key);
-            cluster.out.push(ClusterOut::Interest {
-                filter: key.to_owned(),
-                added: false,
-            });
-        }
-    }
-}
-
 /// A DISCONNECT with `code`, for a v5 connection.
 fn disconnect(conn: ConnId, code: ReasonCode) -> Action {
     Action::Send {
@@ -1429,14 +979,4 @@ fn disconnect(conn: ConnId, code: ReasonCode) -> Action {
             properties: Properties::default(),
         }),
     }
-}
-
-/// Effective keep alive of a connection, as announced in the CONNACK that the core sent:
-/// the Server Keep Alive property if present, else the client's value. `None` when 0 (off).
-pub fn effective_keep_alive(connect: &Connect, connack: &ConnAck) -> Option<Duration> {
-    let secs = connack
-        .properties
-        .server_keep_alive
-        .unwrap_or(connect.keep_alive);
-    (secs != 0).then(|| Duration::from_secs(u64::from(secs)))
 }

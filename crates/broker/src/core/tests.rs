@@ -43,8 +43,11 @@ impl Harness {
             remote_addr: SocketAddr::from((Ipv4Addr::LOCALHOST, 40000)),
             path: "8883",
             server: false,
+            identity: None,
+            via_proxy: None,
         };
-        self.core
+        let _accepted = self
+            .core
             .handle_connect(self.now, conn, connect, info, &mut out);
         (conn, out)
     }
@@ -59,8 +62,11 @@ impl Harness {
             remote_addr: SocketAddr::from((Ipv4Addr::LOCALHOST, 40001)),
             path: "8883",
             server: true,
+            identity: None,
+            via_proxy: None,
         };
-        self.core
+        let _accepted = self
+            .core
             .handle_connect(self.now, conn, connect, info, &mut out);
         let Some(Packet::ConnAck(ack)) = packets(&out, conn).first().cloned() else {
             panic!("no CONNACK first: {out:?}");
@@ -1422,7 +1428,7 @@ fn shutdown_disconnects_everyone() {
     let (b, _, _) = h.connect_ok(v3("b", true));
     let (c, _, _) = h.connect_ok(v5_persistent("c", 100));
     let mut out = Vec::new();
-    h.core.shutdown(&mut out);
+    h.core.shutdown(h.now, &mut out);
     assert_eq!(
         disconnect_code(&out, a),
         Some(ReasonCode::SERVER_SHUTTING_DOWN)
@@ -1794,4 +1800,378 @@ fn assigned_client_ids_name_the_node() {
         .clone()
         .expect("assigned");
     assert!(id.starts_with("beckon-auto-n1-"), "{id}");
+}
+
+// Presence: the broker's retained events for tenant identities, decided by the core.
+
+/// A watcher of every agent's and server's presence (a console).
+fn presence_watcher(h: &mut Harness) -> ConnId {
+    let (w, _, _) = h.connect_ok(v5("watcher"));
+    h.subscribe(w, "t/+/agents/+/presence", QoS::AtLeastOnce);
+    h.subscribe(w, "t/+/servers/+/presence", QoS::AtLeastOnce);
+    w
+}
+
+fn agent(id: &str) -> Box<beckon_identity::Identity> {
+    Box::new(beckon_identity::Identity::parse("acme", "agent", id).expect("identity"))
+}
+
+/// Connects tenant identity `identity` from `port` on `path`; returns the connection and
+/// what was accepted.
+fn connect_identity(
+    h: &mut Harness,
+    identity: Box<beckon_identity::Identity>,
+    port: u16,
+    path: &'static str,
+    out: &mut Vec<Action>,
+) -> (ConnId, super::Accepted) {
+    let conn = h.next_conn;
+    h.next_conn += 1;
+    let connect = v5(&identity.session_key());
+    let info = ConnectionInfo {
+        remote_addr: SocketAddr::from((Ipv4Addr::LOCALHOST, port)),
+        path,
+        server: false,
+        identity: Some(identity),
+        via_proxy: Some(true),
+    };
+    let accepted = h.core.handle_connect(h.now, conn, connect, info, out);
+    (conn, accepted.expect("accepted"))
+}
+
+/// The presence events `conn` received: (topic, event).
+fn presence_events(
+    actions: &[Action],
+    conn: ConnId,
+) -> Vec<(String, beckon_identity::PresenceEvent)> {
+    publishes(actions, conn)
+        .into_iter()
+        .filter(|p| p.topic.ends_with("/presence"))
+        .map(|p| {
+            let event = beckon_identity::PresenceEvent::from_json(&p.payload).expect("json");
+            (p.topic, event)
+        })
+        .collect()
+}
+
+fn states(events: &[(String, beckon_identity::PresenceEvent)]) -> Vec<(&str, Option<&str>)> {
+    use beckon_identity::PresenceState;
+    events
+        .iter()
+        .map(|(_, e)| {
+            let state = match e.state {
+                PresenceState::Connected => "connected",
+                PresenceState::Disconnected => "disconnected",
+            };
+            (state, e.reason.as_deref())
+        })
+        .collect()
+}
+
+#[test]
+fn connect_tells_what_was_accepted() {
+    let mut h = Harness::with_config(CoreConfig {
+        max_keep_alive: Some(30),
+        max_session_expiry: 100,
+        ..CoreConfig::default()
+    });
+    let mut out = Vec::new();
+    let mut connect = v5_persistent("", 600);
+    connect.keep_alive = 0;
+    let accepted = h
+        .core
+        .handle_connect(h.now, 1, connect, info_of(false), &mut out)
+        .expect("accepted");
+    assert_eq!(accepted.keep_alive, Some(Duration::from_secs(30)));
+    assert!(accepted.assigned_client_id);
+    assert!(!accepted.session_present);
+    assert_eq!(accepted.session_expiry, 100);
+    let Some(Packet::ConnAck(ack)) = packets(&out, 1).first().cloned() else {
+        panic!("no CONNACK: {out:?}");
+    };
+    assert_eq!(
+        accepted.receive_maximum,
+        ack.properties.receive_maximum.expect("announced")
+    );
+    assert_eq!(effective_keep_alive(&v5("x"), &ack), accepted.keep_alive);
+
+    // Back with the id it was given: the session is present; v3.1.1 keeps its keep alive.
+    let id = ack
+        .properties
+        .assigned_client_identifier
+        .clone()
+        .expect("assigned");
+    h.close(1);
+    let accepted = h
+        .core
+        .handle_connect(h.now, 2, v5_persistent(&id, 600), info_of(false), &mut out)
+        .expect("accepted");
+    assert!(accepted.session_present && !accepted.assigned_client_id);
+    let mut old = v3("old", true);
+    old.keep_alive = 20;
+    let accepted = h
+        .core
+        .handle_connect(h.now, 3, old, info_of(false), &mut out)
+        .expect("accepted");
+    assert_eq!(accepted.keep_alive, Some(Duration::from_secs(20)));
+
+    // A refusal says why, and a second CONNECT on one connection is a protocol error.
+    let mut auth = v5("x");
+    auth.properties.authentication_method = Some("SCRAM".into());
+    assert_eq!(
+        h.core
+            .handle_connect(h.now, 4, auth, info_of(false), &mut out),
+        Err(ReasonCode::BAD_AUTHENTICATION_METHOD)
+    );
+    assert_eq!(
+        h.core
+            .handle_connect(h.now, 3, v3("old", true), info_of(false), &mut out),
+        Err(ReasonCode::PROTOCOL_ERROR)
+    );
+}
+
+fn info_of(server: bool) -> ConnectionInfo {
+    ConnectionInfo {
+        remote_addr: SocketAddr::from((Ipv4Addr::LOCALHOST, 40000)),
+        path: "8883",
+        server,
+        identity: None,
+        via_proxy: None,
+    }
+}
+
+#[test]
+fn presence_of_a_clean_disconnect() {
+    let mut h = Harness::new();
+    h.core.set_wall_clock(|| 1_700_000_000_123);
+    let w = presence_watcher(&mut h);
+    let mut out = Vec::new();
+    let (a, _) = connect_identity(&mut h, agent("a1"), 50001, "443-websocket", &mut out);
+    let events = presence_events(&out, w);
+    assert_eq!(states(&events), [("connected", None)]);
+    let (topic, event) = &events[0];
+    assert_eq!(topic, "t/acme/agents/a1/presence");
+    assert_eq!(event.remote_addr, "127.0.0.1:50001");
+    assert_eq!(event.path, beckon_identity::ConnectionPath::SharedWebSocket);
+    assert_eq!(event.via_proxy, Some(true));
+    assert_eq!(event.node, None);
+    assert_eq!(event.at, 1_700_000_000_123);
+
+    let out = h.send(a, Packet::Disconnect(Disconnect::default()));
+    assert!(closed(&out, a));
+    let events = presence_events(&out, w);
+    assert_eq!(
+        states(&events),
+        [("disconnected", Some("client_disconnect"))]
+    );
+    assert_eq!(events[0].1.remote_addr, "127.0.0.1:50001");
+    // A console that connects later reads the current state from the retained event.
+    let retained = h
+        .core
+        .retained_payload("t/acme/agents/a1/presence", h.now)
+        .expect("retained");
+    let event = beckon_identity::PresenceEvent::from_json(&retained).expect("json");
+    assert_eq!(event.reason.as_deref(), Some("client_disconnect"));
+}
+
+#[test]
+fn presence_of_a_keepalive_timeout_a_lost_connection_and_a_protocol_error() {
+    let mut h = Harness::new();
+    let w = presence_watcher(&mut h);
+    let mut out = Vec::new();
+    let (a, _) = connect_identity(&mut h, agent("a1"), 50001, "8883", &mut out);
+    let (b, _) = connect_identity(&mut h, agent("b1"), 50002, "8883", &mut out);
+    let (c, _) = connect_identity(&mut h, agent("c1"), 50003, "8883", &mut out);
+    let mut out = Vec::new();
+    h.core
+        .handle_close(h.now, a, CloseReason::KeepAliveTimeout, &mut out);
+    h.core
+        .handle_close(h.now, b, CloseReason::Transport, &mut out);
+    // PINGRESP is only sent by a server.
+    h.core.handle_packet(h.now, c, Packet::PingResp, &mut out);
+    assert!(closed(&out, c));
+    assert_eq!(
+        states(&presence_events(&out, w)),
+        [
+            ("disconnected", Some("keepalive_timeout")),
+            ("disconnected", Some("connection_lost")),
+            ("disconnected", Some("protocol_error")),
+        ]
+    );
+    // Each once: a close of a connection already gone publishes nothing more.
+    let mut again = Vec::new();
+    h.core
+        .handle_close(h.now, a, CloseReason::Transport, &mut again);
+    assert!(presence_events(&again, w).is_empty());
+}
+
+#[test]
+fn presence_disconnected_follows_the_will() {
+    let mut h = Harness::new();
+    let w = presence_watcher(&mut h);
+    h.subscribe(w, "t/acme/agents/a1/status", QoS::AtLeastOnce);
+    let conn = h.next_conn;
+    h.next_conn += 1;
+    let connect = with_will(v5("acme/agent/a1"), "t/acme/agents/a1/status", None);
+    let info = ConnectionInfo {
+        identity: Some(agent("a1")),
+        ..info_of(false)
+    };
+    let mut out = Vec::new();
+    h.core
+        .handle_connect(h.now, conn, connect, info, &mut out)
+        .expect("accepted");
+    let mut out = Vec::new();
+    h.core
+        .handle_close(h.now, conn, CloseReason::Transport, &mut out);
+    let topics: Vec<String> = publishes(&out, w).into_iter().map(|p| p.topic).collect();
+    assert_eq!(
+        topics,
+        ["t/acme/agents/a1/status", "t/acme/agents/a1/presence"],
+        "the will first, then the identity is gone"
+    );
+}
+
+#[test]
+fn presence_of_a_takeover() {
+    let mut h = Harness::new();
+    let w = presence_watcher(&mut h);
+    let mut out = Vec::new();
+    let (old, _) = connect_identity(&mut h, agent("a1"), 50001, "8883", &mut out);
+    let mut out = Vec::new();
+    let (new, _) = connect_identity(&mut h, agent("a1"), 50002, "443-mqtt", &mut out);
+    assert_eq!(
+        disconnect_code(&out, old),
+        Some(ReasonCode::SESSION_TAKEN_OVER)
+    );
+    assert!(closed(&out, old) && !closed(&out, new));
+    let events = presence_events(&out, w);
+    assert_eq!(
+        states(&events),
+        [("disconnected", Some("taken_over")), ("connected", None)]
+    );
+    assert_eq!(events[0].1.remote_addr, "127.0.0.1:50001");
+    assert_eq!(events[1].1.remote_addr, "127.0.0.1:50002");
+    assert_eq!(
+        events[1].1.path,
+        beckon_identity::ConnectionPath::SharedMqtt
+    );
+    // The old connection's own close later changes nothing; the new one still counts.
+    let out = h.close(old);
+    assert!(presence_events(&out, w).is_empty());
+    let out = h.close(new);
+    assert_eq!(
+        states(&presence_events(&out, w)),
+        [("disconnected", Some("connection_lost"))]
+    );
+}
+
+#[test]
+fn presence_at_server_shutdown_reaches_the_watchers_before_their_goodbye() {
+    let mut h = Harness::new();
+    let w = presence_watcher(&mut h);
+    let mut out = Vec::new();
+    let (a, _) = connect_identity(&mut h, agent("a1"), 50001, "8883", &mut out);
+    let (b, _) = connect_identity(&mut h, agent("b1"), 50002, "8883", &mut out);
+    let mut out = Vec::new();
+    h.core.shutdown(h.now, &mut out);
+    assert_eq!(
+        states(&presence_events(&out, w)),
+        [
+            ("disconnected", Some("server_shutdown")),
+            ("disconnected", Some("server_shutdown")),
+        ]
+    );
+    let last_event = out
+        .iter()
+        .rposition(|x| matches!(x, Action::Send { conn, packet: Packet::Publish(_) } if *conn == w))
+        .expect("events");
+    let goodbye = out
+        .iter()
+        .position(
+            |x| matches!(x, Action::Send { conn, packet: Packet::Disconnect(_) } if *conn == w),
+        )
+        .expect("DISCONNECT 0x8B");
+    assert!(last_event < goodbye, "{out:?}");
+    assert!(closed(&out, a) && closed(&out, b) && closed(&out, w));
+}
+
+#[test]
+fn presence_of_removed_tenants_and_revoked_credentials() {
+    let mut h = Harness::new();
+    let w = presence_watcher(&mut h);
+    let mut out = Vec::new();
+    let (a, _) = connect_identity(&mut h, agent("a1"), 50001, "8883", &mut out);
+    let other = Box::new(beckon_identity::Identity::parse("beta", "agent", "b1").expect("id"));
+    let (b, _) = connect_identity(&mut h, other, 50002, "8883", &mut out);
+    let mut out = Vec::new();
+    h.core.revoke(h.now, &[a], &mut out);
+    assert!(closed(&out, a) && !closed(&out, b));
+    assert_eq!(
+        states(&presence_events(&out, w)),
+        [("disconnected", Some("revoked"))]
+    );
+    let mut out = Vec::new();
+    h.core.close_tenants(h.now, &["beta".to_owned()], &mut out);
+    assert!(closed(&out, b));
+    let events = presence_events(&out, w);
+    assert_eq!(states(&events), [("disconnected", Some("tenant_removed"))]);
+    assert_eq!(events[0].0, "t/beta/agents/b1/presence");
+    assert_eq!(h.core.connection_count(), 1, "only the watcher is left");
+}
+
+#[test]
+fn clustered_presence_names_the_node_and_releases_a_lost_one() {
+    let mut h = clustered();
+    let w = presence_watcher(&mut h);
+    // Another node said a2 was connected there; then a2 arrives here.
+    let mut out = Vec::new();
+    let mut elsewhere = publish(
+        "t/acme/agents/a2/presence",
+        "{\"state\":\"connected\",\"at\":1,\"remote_addr\":\"10.0.0.9:1\",\"path\":\"8883\",\"via_proxy\":null,\"node\":\"n2\"}",
+        QoS::AtLeastOnce,
+        Some(1),
+    );
+    elsewhere.retain = true;
+    h.core.handle_remote_publish(h.now, elsewhere, &mut out);
+    let mut out = Vec::new();
+    let (a, _) = connect_identity(&mut h, agent("a2"), 50001, "8883", &mut out);
+    let events = presence_events(&out, w);
+    assert_eq!(
+        states(&events),
+        [("disconnected", Some("taken_over")), ("connected", None)]
+    );
+    assert_eq!(events[0].1.node.as_deref(), Some("n2"));
+    assert_eq!(events[1].1.node.as_deref(), Some("n1"));
+    // The agent's own topics are held from its CONNECT on.
+    let held = h.core.take_cluster_out();
+    assert!(
+        held.iter().any(|o| matches!(o, ClusterOut::Interest { filter, added: true } if filter == "t/acme/agents/a2/+")),
+        "{held:?}"
+    );
+    // After a cut-off, this node says again who is connected here.
+    let mut out = Vec::new();
+    h.core.republish_presence(h.now, &mut out);
+    assert_eq!(states(&presence_events(&out, w)), [("connected", None)]);
+    // A node that went silent: what it held is released here, what this node holds stays.
+    let mut out = Vec::new();
+    let mut on_n3 = publish(
+        "t/acme/servers/s3/presence",
+        "{\"state\":\"connected\",\"at\":1,\"remote_addr\":\"10.0.0.9:1\",\"path\":\"8883\",\"via_proxy\":null,\"node\":\"n3\"}",
+        QoS::AtLeastOnce,
+        Some(1),
+    );
+    on_n3.retain = true;
+    h.core.handle_remote_publish(h.now, on_n3, &mut out);
+    let mut out = Vec::new();
+    assert_eq!(h.core.handle_node_lost(h.now, "n3", &mut out), 1);
+    let events = presence_events(&out, w);
+    assert_eq!(states(&events), [("disconnected", Some("node_lost"))]);
+    assert_eq!(events[0].0, "t/acme/servers/s3/presence");
+    // A claim from another node ends the connection here without an event from this node.
+    let mut out = Vec::new();
+    h.core
+        .handle_remote_claim(h.now, "acme/agent/a2", false, &mut out);
+    assert!(closed(&out, a));
+    assert!(presence_events(&out, w).is_empty());
 }

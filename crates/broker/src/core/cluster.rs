@@ -1,0 +1,295 @@
+//! The core as a cluster node: what it hands to the cluster link (messages, interest,
+//! claims), what it takes from other nodes, and the retained store as other nodes and
+//! presence read it.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Instant;
+
+use beckon_mqtt::{Packet, Properties, Publish, QoS};
+use bytes::Bytes;
+
+use super::message::Message;
+use super::topic_tree::{SessionKey, filter_matches, parse_filter};
+use super::{Action, BrokerCore, ConnId};
+
+/// What a clustered core hands to the cluster link (see [`BrokerCore::enable_cluster`]).
+#[allow(clippy::large_enum_variant)] // as Action: no allocation per message
+#[derive(Debug, Clone, PartialEq)]
+pub enum ClusterOut {
+    /// A message published on this node, for the other nodes' subscribers. Its Message
+    /// Expiry Interval is what is left of it now.
+    Publish {
+        /// The message as a PUBLISH with the internal topic (no packet id).
+        publish: Publish,
+        /// A PUBACK/PUBREC the core did not send: it goes to `conn` once the message left for
+        /// the cluster ([`BrokerCore::cluster_ack`] gives it back).
+        ack: Option<(ConnId, Packet)>,
+    },
+    /// The first session subscribed to `filter` (`added`), or the last one left it.
+    Interest {
+        /// The topic filter, without a `$share/{group}/` prefix.
+        filter: String,
+        /// Added or removed.
+        added: bool,
+    },
+    /// A connection for `client_id` was accepted on this node: other nodes drop theirs.
+    Claim {
+        /// The client id.
+        client_id: String,
+        /// Whether the new connection started clean.
+        clean_start: bool,
+    },
+}
+
+/// The cluster side of a core: what waits to go out, and the filters subscribed here.
+#[derive(Debug, Default)]
+pub(super) struct ClusterState {
+    pub(super) out: Vec<ClusterOut>,
+    /// Sessions subscribed per filter (without share prefix), to tell first and last apart.
+    pub(super) interest: HashMap<String, usize>,
+    /// Interest a session holds from its CONNECT on (see [`BrokerCore::hold_interest`]).
+    pub(super) held: HashMap<SessionKey, Box<str>>,
+    /// This node's name: assigned client ids carry it, so that two nodes never assign the
+    /// same one (which would take the other's client over).
+    pub(super) node: String,
+}
+
+impl BrokerCore {
+    /// Makes this core a cluster node: from now on it hands out what other nodes must know
+    /// ([`BrokerCore::take_cluster_out`]): messages published here (QoS 1/2 acknowledgements
+    /// held until the cluster took the message), the filters its sessions subscribe to, and
+    /// the client ids it accepts. `node` is this node's name, unique in the cluster. Call it
+    /// before the first connection.
+    pub fn enable_cluster(&mut self, node: &str) {
+        self.cluster = Some(ClusterState {
+            node: node.to_owned(),
+            ..ClusterState::default()
+        });
+        self.presence.set_node(node);
+    }
+
+    /// What waits to go to the cluster, in order; empty when not clustered.
+    pub fn take_cluster_out(&mut self) -> Vec<ClusterOut> {
+        self.cluster
+            .as_mut()
+            .map(|c| std::mem::take(&mut c.out))
+            .unwrap_or_default()
+    }
+
+    /// A message published on another node: stored if retained and delivered to the
+    /// matching local subscriptions only (never handed back to the cluster). Returns whether
+    /// a local subscription received it.
+    pub fn handle_remote_publish(
+        &mut self,
+        now: Instant,
+        publish: Publish,
+        out: &mut Vec<Action>,
+    ) -> bool {
+        if publish.topic.is_empty() || publish.topic.contains(['+', '#', '\0']) {
+            return false;
+        }
+        let qos = publish.qos.min(self.config.max_qos);
+        let message = Message::new(
+            now,
+            publish.topic,
+            publish.payload,
+            qos,
+            publish.retain,
+            publish.properties,
+        );
+        self.route(now, None, Arc::new(message), out)
+    }
+
+    /// Another node accepted a connection for `client_id`: the connection held here, if any,
+    /// gets DISCONNECT 0x8E (Session taken over, v5) and is closed, and the session ends here
+    /// (its state does not move between nodes). The old will is published when the new
+    /// connection started clean or the old session had no expiry, as for a local takeover.
+    /// Returns the connection that was closed.
+    pub fn handle_remote_claim(
+        &mut self,
+        now: Instant,
+        client_id: &str,
+        clean_start: bool,
+        out: &mut Vec<Action>,
+    ) -> Option<ConnId> {
+        let key = *self.by_client_id.get(client_id)?;
+        let conn = self.sessions.get(&key).and_then(|s| s.conn);
+        if let Some(conn) = conn {
+            // The node that took the client over publishes the disconnected event.
+            self.presence.end(conn);
+        }
+        if self.take_over(now, key, clean_start, out).is_some() {
+            self.end_session(key);
+        }
+        conn
+    }
+
+    /// Clustered: the session of `conn` holds interest in `filter` for as long as it exists,
+    /// whatever it subscribes to. The network layer gives a tenant agent its own topics
+    /// (`t/{tenant}/agents/{id}/+`) at CONNECT, before its connected event goes out, so that a
+    /// server that sends a wake-up on seeing that event is sure to reach this node.
+    pub fn hold_interest(&mut self, conn: ConnId, filter: &str) {
+        let (Some(cluster), Some(&key)) = (&mut self.cluster, self.conns.get(&conn)) else {
+            return;
+        };
+        // Set once per session (its client id is its identity); the session's own
+        // subscriptions inside it were counted against it.
+        if cluster.held.contains_key(&key) {
+            return;
+        }
+        note_interest(cluster, filter, true);
+        cluster.held.insert(key, filter.into());
+    }
+
+    /// The connection holding `client_id` here, if any.
+    pub fn connection_of(&self, client_id: &str) -> Option<ConnId> {
+        let key = self.by_client_id.get(client_id)?;
+        self.sessions.get(key)?.conn
+    }
+
+    /// The payload of the retained message on `topic`, if any.
+    pub fn retained_payload(&self, topic: &str, now: Instant) -> Option<Bytes> {
+        self.retained
+            .matching(topic, now)
+            .into_iter()
+            .find(|m| m.topic == topic)
+            .map(|m| m.payload.clone())
+    }
+
+    /// Every unexpired retained message as a PUBLISH (internal topic, remaining expiry), for
+    /// a node that joins the cluster.
+    pub fn retained_snapshot(&self, now: Instant) -> Vec<Publish> {
+        self.retained
+            .matching("#", now)
+            .into_iter()
+            .filter_map(|m| {
+                let packet_id = (m.qos != QoS::AtMostOnce).then_some(1);
+                m.to_publish(now, m.qos, true, packet_id, &[])
+            })
+            .collect()
+    }
+
+    /// A retained message from another node's snapshot: stored unless this node already has
+    /// one on that topic (what arrived live is newer than a snapshot). Not delivered.
+    pub fn store_retained_if_absent(&mut self, now: Instant, publish: Publish) -> bool {
+        if !self.config.retain_available
+            || publish.payload.is_empty()
+            || publish.topic.is_empty()
+            || publish.topic.contains(['+', '#', '\0'])
+            || self.retained.contains(&publish.topic)
+        {
+            return false;
+        }
+        let message = Message::new(
+            now,
+            publish.topic,
+            publish.payload,
+            publish.qos.min(self.config.max_qos),
+            true,
+            publish.properties,
+        );
+        self.retained.store(&Arc::new(message));
+        true
+    }
+
+    /// Retained messages matching `filter`: (topic, payload).
+    pub fn retained_matching(&self, filter: &str, now: Instant) -> Vec<(String, Bytes)> {
+        self.retained
+            .matching(filter, now)
+            .into_iter()
+            .map(|m| (m.topic.clone(), m.payload.clone()))
+            .collect()
+    }
+
+    /// Publishes a message on the broker's own behalf to this node's subscribers and
+    /// retained store only (each node does the same on its own, e.g. when another node went
+    /// silent and its identities are released).
+    pub fn publish_from_broker_local(
+        &mut self,
+        now: Instant,
+        topic: String,
+        payload: Bytes,
+        qos: QoS,
+        retain: bool,
+        out: &mut Vec<Action>,
+    ) -> bool {
+        let qos = qos.min(self.config.max_qos);
+        let message = Message::new(now, topic, payload, qos, retain, Properties::default());
+        self.route(now, None, Arc::new(message), out)
+    }
+
+    /// A PUBACK/PUBREC held for the cluster may now go out ([`ClusterOut::Publish`]).
+    pub fn cluster_ack(&self, conn: ConnId, packet: Packet, out: &mut Vec<Action>) {
+        if self.conns.contains_key(&conn) {
+            out.push(Action::Send { conn, packet });
+        }
+    }
+
+    /// Hands a message to the cluster, if clustered; `ack` waits for it there. Returns the
+    /// ack when it cannot wait (not clustered, or the message already expired).
+    pub(super) fn hand_to_cluster(
+        &mut self,
+        now: Instant,
+        message: &Message,
+        ack: Option<(ConnId, Packet)>,
+    ) -> Option<(ConnId, Packet)> {
+        let Some(cluster) = &mut self.cluster else {
+            return ack;
+        };
+        // Packet id 1 only so that the PUBLISH is well formed; the link rewrites it.
+        let packet_id = (message.qos != QoS::AtMostOnce).then_some(1);
+        match message.to_publish(now, message.qos, message.retain, packet_id, &[]) {
+            Some(publish) => {
+                cluster.out.push(ClusterOut::Publish { publish, ack });
+                None
+            }
+            None => ack,
+        }
+    }
+}
+
+/// A session's own subscription that began or ended: not counted when the interest the
+/// session holds from its CONNECT already covers it (an agent's own wake topic), so that an
+/// agent costs its node one NATS subscription, not two.
+pub(super) fn note_session_interest(
+    cluster: &mut ClusterState,
+    key: SessionKey,
+    raw: &str,
+    added: bool,
+) {
+    let covered = cluster.held.get(&key).is_some_and(|held| {
+        !raw.contains(['+', '#']) && !raw.starts_with("$share/") && filter_matches(held, raw)
+    });
+    if !covered {
+        note_interest(cluster, raw, added);
+    }
+}
+
+/// Counts a session's subscription to `raw` (maybe shared) that began or ended, and tells
+/// the cluster when a filter gets its first or loses its last subscriber on this node.
+pub(super) fn note_interest(cluster: &mut ClusterState, raw: &str, added: bool) {
+    let Some(filter) = parse_filter(raw) else {
+        return;
+    };
+    let key = filter.filter;
+    if added {
+        let count = cluster.interest.entry(key.to_owned()).or_insert(0);
+        *count += 1;
+        if *count == 1 {
+            cluster.out.push(ClusterOut::Interest {
+                filter: key.to_owned(),
+                added: true,
+            });
+        }
+    } else if let Some(count) = cluster.interest.get_mut(key) {
+        *count -= 1;
+        if *count == 0 {
+            cluster.interest.remove(key);
+            cluster.out.push(ClusterOut::Interest {
+                filter: key.to_owned(),
+                added: false,
+            });
+        }
+    }
+}

@@ -1,0 +1,312 @@
+//! Presence: the broker's own retained events on `t/{tenant}/agents/{id}/presence` (and
+//! `servers/{id}/presence`) when a tenant identity connects or disconnects. Decided here, in
+//! the core, which sees every connect, close and takeover in order, so that the last retained
+//! event of an identity is always its current state; the network layer only carries out the
+//! publications like any other action.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use beckon_identity::{ConnectionPath, Identity, PresenceEvent, PresenceState, Role, acl};
+use beckon_mqtt::QoS;
+use bytes::Bytes;
+
+use super::{Action, BrokerCore, CloseReason, ConnId};
+
+/// Why a tenant identity went away, as written into its disconnected event (`reason`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PresenceReason {
+    /// The client sent DISCONNECT.
+    ClientDisconnect,
+    /// No packet within 1.5 times the keep alive.
+    KeepaliveTimeout,
+    /// Another connection of the same identity took the session over.
+    TakenOver,
+    /// The socket closed or failed, or the client stopped reading.
+    ConnectionLost,
+    /// The client broke the protocol.
+    ProtocolError,
+    /// The broker shut down.
+    ServerShutdown,
+    /// The identity's tenant file was removed.
+    TenantRemoved,
+    /// The identity's credentials were revoked.
+    Revoked,
+    /// The cluster node that held the connection went silent (crashed or cut off).
+    NodeLost,
+}
+
+impl PresenceReason {
+    /// The value in the event's `reason` field (see `docs/tenants.md`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::ClientDisconnect => "client_disconnect",
+            Self::KeepaliveTimeout => "keepalive_timeout",
+            Self::TakenOver => "taken_over",
+            Self::ConnectionLost => "connection_lost",
+            Self::ProtocolError => "protocol_error",
+            Self::ServerShutdown => "server_shutdown",
+            Self::TenantRemoved => "tenant_removed",
+            Self::Revoked => "revoked",
+            Self::NodeLost => "node_lost",
+        }
+    }
+}
+
+impl From<CloseReason> for PresenceReason {
+    fn from(reason: CloseReason) -> Self {
+        match reason {
+            CloseReason::KeepAliveTimeout => Self::KeepaliveTimeout,
+            CloseReason::ProtocolViolation => Self::ProtocolError,
+            CloseReason::Transport | CloseReason::Closed => Self::ConnectionLost,
+        }
+    }
+}
+
+/// A connected tenant identity.
+#[derive(Debug)]
+pub(super) struct Present {
+    identity: Box<Identity>,
+    remote: SocketAddr,
+    path: ConnectionPath,
+    via_proxy: Option<bool>,
+}
+
+/// The connected identities, by connection and by session key.
+#[derive(Debug, Default)]
+pub(super) struct Presence {
+    by_conn: HashMap<ConnId, Present>,
+    by_key: HashMap<String, ConnId>,
+    /// This node's name when clustered: written into every event.
+    node: Option<Arc<str>>,
+}
+
+fn path_of(path: &str) -> ConnectionPath {
+    match path {
+        "8883" => ConnectionPath::Mqtts,
+        "443-mqtt" => ConnectionPath::SharedMqtt,
+        "443-websocket" => ConnectionPath::SharedWebSocket,
+        _ => ConnectionPath::Plain,
+    }
+}
+
+impl Presence {
+    /// Events from now on name cluster node `node`.
+    pub(super) fn set_node(&mut self, node: &str) {
+        self.node = Some(Arc::from(node));
+    }
+
+    fn start(&mut self, conn: ConnId, present: Present) {
+        let key = present.identity.session_key();
+        if let Some(old) = self.by_key.insert(key, conn) {
+            // Normally ended already by the takeover.
+            self.by_conn.remove(&old);
+        }
+        self.by_conn.insert(conn, present);
+    }
+
+    /// The connection ended; returns its identity's record, if it had one.
+    pub(super) fn end(&mut self, conn: ConnId) -> Option<Present> {
+        let present = self.by_conn.remove(&conn)?;
+        let key = present.identity.session_key();
+        if self.by_key.get(&key) == Some(&conn) {
+            self.by_key.remove(&key);
+        }
+        Some(present)
+    }
+}
+
+/// The tenant identity a connection authenticated as, given with its CONNECT.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Arrival {
+    pub(super) remote: SocketAddr,
+    pub(super) path: &'static str,
+    pub(super) via_proxy: Option<bool>,
+}
+
+impl BrokerCore {
+    /// `identity` was accepted on `conn`: in a cluster its agent topics are held and a
+    /// connected event another node left retained is ended first; then its connected event.
+    pub(super) fn presence_connected(
+        &mut self,
+        now: Instant,
+        conn: ConnId,
+        identity: Box<Identity>,
+        arrival: Arrival,
+        out: &mut Vec<Action>,
+    ) {
+        if self.cluster.is_some() {
+            if identity.role == Role::Agent {
+                let own = format!("t/{}/agents/{}/+", identity.tenant.as_str(), identity.id());
+                self.hold_interest(conn, &own);
+            }
+            self.release_elsewhere(now, &identity, out);
+        }
+        let present = Present {
+            identity,
+            remote: arrival.remote,
+            path: path_of(arrival.path),
+            via_proxy: arrival.via_proxy,
+        };
+        self.publish_presence(now, &present, PresenceState::Connected, None, out);
+        self.presence.start(conn, present);
+    }
+
+    /// The connection `conn` is gone: the disconnected event of its identity, if it had one.
+    pub(super) fn presence_ended(
+        &mut self,
+        now: Instant,
+        conn: ConnId,
+        why: PresenceReason,
+        out: &mut Vec<Action>,
+    ) {
+        if let Some(present) = self.presence.end(conn) {
+            let state = PresenceState::Disconnected;
+            self.publish_presence(now, &present, state, Some(why), out);
+        }
+    }
+
+    /// Shutdown: every identity held here is published disconnected (`server_shutdown`).
+    pub(super) fn presence_shutdown(&mut self, now: Instant, out: &mut Vec<Action>) {
+        self.presence.by_key.clear();
+        let mut ended: Vec<(ConnId, Present)> = self.presence.by_conn.drain().collect();
+        ended.sort_unstable_by_key(|(conn, _)| *conn);
+        for (_, present) in ended {
+            let (state, why) = (PresenceState::Disconnected, PresenceReason::ServerShutdown);
+            self.publish_presence(now, &present, state, Some(why), out);
+        }
+    }
+
+    /// Tenant files were removed: the connections of their identities are closed
+    /// (`tenant_removed`).
+    pub fn close_tenants(&mut self, now: Instant, tenants: &[String], out: &mut Vec<Action>) {
+        let mut conns: Vec<ConnId> = (self.presence.by_conn.iter())
+            .filter(|(_, p)| tenants.iter().any(|t| t == p.identity.tenant.as_str()))
+            .map(|(c, _)| *c)
+            .collect();
+        conns.sort_unstable();
+        for conn in conns {
+            self.close_as(now, conn, PresenceReason::TenantRemoved, out);
+        }
+    }
+
+    /// These connections' credentials were revoked: they are closed (`revoked`).
+    pub fn revoke(&mut self, now: Instant, conns: &[ConnId], out: &mut Vec<Action>) {
+        for &conn in conns {
+            self.close_as(now, conn, PresenceReason::Revoked, out);
+        }
+    }
+
+    /// Closes `conn` on the broker's side (flush, then close; the will is published) and
+    /// publishes its identity's disconnected event with `why`.
+    fn close_as(&mut self, now: Instant, conn: ConnId, why: PresenceReason, out: &mut Vec<Action>) {
+        out.push(Action::Close { conn });
+        if let Some(key) = self.conns.remove(&conn) {
+            self.detach(now, key, out);
+        }
+        self.presence_ended(now, conn, why, out);
+    }
+
+    /// Publishes the connected event of every identity held here again (after this node was
+    /// cut off from the cluster, whose other nodes may have declared it gone).
+    pub fn republish_presence(&mut self, now: Instant, out: &mut Vec<Action>) {
+        let node = self.presence.node.as_deref();
+        let at = (self.wall_clock)();
+        let mut events: Vec<(ConnId, String, Bytes)> = (self.presence.by_conn.iter())
+            .map(|(conn, p)| {
+                let (topic, payload) = event_of(node, at, p, PresenceState::Connected, None);
+                (*conn, topic, payload)
+            })
+            .collect();
+        events.sort_unstable_by_key(|(conn, ..)| *conn);
+        for (_, topic, payload) in events {
+            self.publish_from_broker(now, topic, payload, QoS::AtLeastOnce, true, out);
+        }
+    }
+
+    fn publish_presence(
+        &mut self,
+        now: Instant,
+        present: &Present,
+        state: PresenceState,
+        why: Option<PresenceReason>,
+        out: &mut Vec<Action>,
+    ) {
+        let node = self.presence.node.as_deref();
+        let (topic, payload) = event_of(node, (self.wall_clock)(), present, state, why);
+        self.publish_from_broker(now, topic, payload, QoS::AtLeastOnce, true, out);
+    }
+
+    /// Cluster: before `identity` is announced connected here, the retained presence this
+    /// node has for it may still say connected on another node (a takeover across nodes, or a
+    /// move from a node that died): publish that node's disconnected event first, so that
+    /// every subscriber sees disconnected, then connected, and the retained state ends
+    /// connected.
+    fn release_elsewhere(&mut self, now: Instant, identity: &Identity, out: &mut Vec<Action>) {
+        let topic = acl::presence_topic(identity);
+        let Some(payload) = self.retained_payload(&topic, now) else {
+            return;
+        };
+        let Ok(mut event) = PresenceEvent::from_json(&payload) else {
+            return;
+        };
+        if event.state != PresenceState::Connected {
+            return;
+        }
+        event.state = PresenceState::Disconnected;
+        event.at = (self.wall_clock)();
+        event.reason = Some(PresenceReason::TakenOver.as_str().to_owned());
+        let payload = Bytes::from(event.to_json());
+        self.publish_from_broker(now, topic, payload, QoS::AtLeastOnce, true, out);
+    }
+
+    /// Cluster: node `lost` went silent. Every identity this node's retained presence shows
+    /// connected on it is published disconnected (`node_lost`) to this node's subscribers and
+    /// retained store; every surviving node does the same on its own, so nothing crosses
+    /// NATS. Returns how many identities were released.
+    pub fn handle_node_lost(&mut self, now: Instant, lost: &str, out: &mut Vec<Action>) -> usize {
+        let mut released = 0;
+        for filter in ["t/+/agents/+/presence", "t/+/servers/+/presence"] {
+            for (topic, payload) in self.retained_matching(filter, now) {
+                let Ok(mut event) = PresenceEvent::from_json(&payload) else {
+                    continue;
+                };
+                if event.state != PresenceState::Connected || event.node.as_deref() != Some(lost) {
+                    continue;
+                }
+                event.state = PresenceState::Disconnected;
+                event.at = (self.wall_clock)();
+                event.reason = Some(PresenceReason::NodeLost.as_str().to_owned());
+                let payload = Bytes::from(event.to_json());
+                self.publish_from_broker_local(now, topic, payload, QoS::AtLeastOnce, true, out);
+                released += 1;
+            }
+        }
+        released
+    }
+}
+
+/// The topic and payload of `present`'s event.
+fn event_of(
+    node: Option<&str>,
+    at: i64,
+    present: &Present,
+    state: PresenceState,
+    why: Option<PresenceReason>,
+) -> (String, Bytes) {
+    let event = PresenceEvent {
+        state,
+        at,
+        reason: why.map(|w| w.as_str().to_owned()),
+        remote_addr: present.remote.to_string(),
+        path: present.path,
+        via_proxy: present.via_proxy,
+        node: node.map(str::to_owned),
+    };
+    let why = why.map_or("", PresenceReason::as_str);
+    tracing::debug!(identity = %present.identity, ?state, reason = why, "presence");
+    let topic = acl::presence_topic(&present.identity);
+    (topic, Bytes::from(event.to_json()))
+}
