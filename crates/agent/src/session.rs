@@ -9,8 +9,8 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use beckon_mqtt::{
-    Ack, Connect, DecodeError, Disconnect, Packet, Properties, ProtocolVersion, Publish, QoS,
-    ReasonCode, RetainHandling, Subscribe, Subscription, SubscriptionOptions,
+    Ack, DecodeError, Disconnect, Packet, Properties, ProtocolVersion, Publish, QoS, ReasonCode,
+    RetainHandling, Subscribe, Subscription, SubscriptionOptions,
 };
 use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -24,9 +24,30 @@ const MAX_INFLIGHT: usize = 16;
 /// The packet id of the SUBSCRIBE; the outbox never uses it.
 const SUBSCRIBE_PACKET_ID: u16 = u16::MAX;
 
-/// CONNECT user property telling the broker the connection came through an HTTP proxy
-/// (the broker's presence events carry it; the name is the broker's `VIA_PROXY_PROPERTY`).
-pub const VIA_PROXY_PROPERTY: &str = "beckon-via-proxy";
+/// The client options of an agent's connection: MQTT 5, a persistent session (so QoS 1
+/// wake-ups queue at the broker while the agent is away), the agent's Receive Maximum and
+/// packet size, and whether the stream goes through a proxy. `beckon doctor` connects with
+/// the same options, so that what it checks is what the agent sends.
+pub fn connect_options(
+    client_id: impl Into<String>,
+    username: Option<String>,
+    password: Option<Bytes>,
+    keep_alive: Duration,
+    session_expiry: u32,
+    via_proxy: bool,
+) -> beckon_client::Options {
+    let mut options = beckon_client::Options::new(ProtocolVersion::V5, client_id);
+    options.username = username;
+    options.password = password;
+    options.keep_alive = keep_alive.max(Duration::from_secs(1));
+    options.clean_start = false;
+    options.session_expiry = session_expiry;
+    options.receive_maximum = MAX_INFLIGHT as u16;
+    options.max_inflight = MAX_INFLIGHT;
+    options.max_packet_size = MAX_INCOMING_PACKET;
+    options.set_via_proxy(via_proxy);
+    options
+}
 
 /// What the session needs to know.
 #[derive(Debug, Clone)]
@@ -402,26 +423,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin> MqttSession<S> {
             ping_sent: None,
             opts,
         };
-        let connect = Packet::Connect(Box::new(Connect {
-            protocol: ProtocolVersion::V5,
-            clean_start: false,
-            keep_alive: keepalive_secs,
-            client_id: session.opts.client_id.clone(),
-            will: None,
-            username: session.opts.username.clone(),
-            password: session.opts.password.clone(),
-            properties: Properties::from(beckon_mqtt::PropertySet {
-                session_expiry_interval: Some(session.opts.session_expiry),
-                maximum_packet_size: Some(MAX_INCOMING_PACKET),
-                receive_maximum: Some(MAX_INFLIGHT as u16),
-                request_problem_information: Some(1),
-                user_properties: vec![(
-                    VIA_PROXY_PROPERTY.to_owned(),
-                    session.opts.via_proxy.to_string(),
-                )],
-                ..Default::default()
-            }),
-        }));
+        let connect = Packet::Connect(Box::new(
+            connect_options(
+                session.opts.client_id.clone(),
+                session.opts.username.clone(),
+                session.opts.password.clone(),
+                session.keepalive,
+                session.opts.session_expiry,
+                session.opts.via_proxy,
+            )
+            .connect_packet(),
+        ));
         let options = SubscriptionOptions {
             qos: QoS::AtLeastOnce,
             no_local: false,

@@ -194,7 +194,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             }
             Step::Failed(e) => {
                 self.session.receive(&mut self.read_buf, now);
-                self.session.connection_lost(End::Io(e.to_string()));
+                self.session.connection_lost(End::Io(e.into()));
             }
             Step::Timeout => self.session.handle_timeout(now),
         }

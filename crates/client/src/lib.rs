@@ -16,4 +16,4 @@ mod session;
 
 pub use driver::Connection;
 pub use options::{Options, VIA_PROXY_PROPERTY};
-pub use session::{End, Error, Event, Session, Settled, message};
+pub use session::{End, Error, Event, IoError, Session, Settled, message};

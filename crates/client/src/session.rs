@@ -6,6 +6,7 @@
 //! session) or subscribes again (when it did not).
 
 use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use beckon_mqtt::{
@@ -112,13 +113,38 @@ pub enum End {
     Closed,
     /// Reading or writing failed.
     #[error("reading or writing failed: {0}")]
-    Io(String),
+    Io(IoError),
     /// The server broke the protocol; a v5 session told it why in a DISCONNECT.
     #[error("the server broke the MQTT protocol: {0}")]
     Protocol(String),
     /// We disconnected.
     #[error("the client disconnected")]
     Shutdown,
+}
+
+/// The I/O error that ended a connection, shared by the clones of an [`End`] (a TLS alert
+/// inside it still tells what went wrong).
+#[derive(Debug, Clone)]
+pub struct IoError(pub Arc<std::io::Error>);
+
+impl From<std::io::Error> for IoError {
+    fn from(error: std::io::Error) -> Self {
+        Self(Arc::new(error))
+    }
+}
+
+impl PartialEq for IoError {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.kind() == other.0.kind() && self.0.to_string() == other.0.to_string()
+    }
+}
+
+impl Eq for IoError {}
+
+impl std::fmt::Display for IoError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
 }
 
 fn reason_suffix(reason: &Option<String>, reference: &Option<String>) -> String {

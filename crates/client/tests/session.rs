@@ -281,7 +281,9 @@ fn reconnect_without_session_subscribes_again_and_resends_as_new() {
         .unwrap()
         .unwrap();
     sent(&mut session);
-    session.connection_lost(End::Io("reset".into()));
+    session.connection_lost(End::Io(
+        std::io::Error::from(std::io::ErrorKind::ConnectionReset).into(),
+    ));
 
     session.connect(t0);
     session.handle(connack(false, PropertySet::default()), t0);
