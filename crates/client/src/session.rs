@@ -2,8 +2,8 @@
 //!
 //! One `Session` lives across connections: packet ids, publishes waiting for their
 //! acknowledgement and the subscriptions stay, so that after a reconnect the session resends
-//! what the server did not acknowledge (DUP, same packet id, when the server kept the
-//! session) or subscribes again (when it did not).
+//! what the server did not acknowledge (DUP, same packet id) and subscribes again when the
+//! server did not keep the session.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
@@ -20,8 +20,8 @@ use crate::Options;
 /// What CONNACK settled.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Settled {
-    /// The server still had the session: unacknowledged publishes were sent again with DUP
-    /// and the subscriptions stand.
+    /// The server still had the session: its subscriptions stand. (Unacknowledged publishes
+    /// are sent again with DUP either way; without the session the subscriptions are too.)
     pub session_present: bool,
     /// The keep alive in force (the server's Server Keep Alive wins).
     pub keep_alive: Duration,
@@ -663,8 +663,10 @@ impl Session {
     }
 
     /// Sends again, in their first order, our publishes the last connection left
-    /// unacknowledged: with DUP (or as PUBREL) when the server kept the session, as new
-    /// messages when it did not (so that QoS 1 and 2 still deliver at least once).
+    /// unacknowledged, with DUP and their packet ids: a QoS 2 release as PUBREL when the
+    /// server kept the session, as the PUBLISH again when it did not. DUP stays set on a
+    /// fresh session too: the server may have passed the message on before it lost the
+    /// session, so a subscriber may see it twice.
     fn resend(&mut self, session_present: bool, now: Instant) {
         let mut ids: Vec<(u64, u16)> = self
             .inflight
@@ -684,7 +686,7 @@ impl Session {
             let packet = match entry.stage {
                 Stage::Released => Packet::PubRel(Ack::new(id)),
                 Stage::Published => Packet::Publish(Publish {
-                    dup: session_present,
+                    dup: true,
                     ..entry.publish.clone()
                 }),
             };
