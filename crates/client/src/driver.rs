@@ -16,11 +16,18 @@ use crate::{End, Event, Session};
 /// How long the last bytes (a DISCONNECT) may take to leave when a connection ends.
 const FAREWELL_TIMEOUT: Duration = Duration::from_secs(2);
 
+/// The first read buffer: small, because thousands of idle connections (the bench's
+/// simulated agents) each keep one; it doubles while reads fill it, up to the largest.
+const FIRST_READ: usize = 256;
+const LARGEST_READ: usize = 64 * 1024;
+
 /// A session driven over a stream (TCP, TLS, WebSocket: what `beckon-net`'s ladder returns).
 pub struct Connection<S> {
     stream: S,
     session: Session,
     read_buf: BytesMut,
+    /// How much room a read gets; grows while the peer sends more than fits.
+    read_chunk: usize,
     write_buf: BytesMut,
     needs_flush: bool,
     timer: Pin<Box<Sleep>>,
@@ -42,7 +49,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         Self {
             stream,
             session,
-            read_buf: BytesMut::with_capacity(4096),
+            read_buf: BytesMut::new(),
+            read_chunk: FIRST_READ,
             write_buf: BytesMut::new(),
             needs_flush: false,
             timer: Box::pin(sleep_until(Instant::now())),
@@ -138,6 +146,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         let Self {
             stream,
             read_buf,
+            read_chunk,
             write_buf,
             needs_flush,
             timer,
@@ -165,12 +174,18 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                     Poll::Pending => {}
                 }
             }
-            if read_buf.capacity() - read_buf.len() < 1024 {
-                read_buf.reserve(4096);
+            if read_buf.capacity() - read_buf.len() < *read_chunk / 4 {
+                read_buf.reserve(*read_chunk);
             }
+            let room = read_buf.capacity() - read_buf.len();
             match tokio_util::io::poll_read_buf(Pin::new(&mut *stream), cx, read_buf) {
                 Poll::Ready(Ok(0)) => return Poll::Ready(Step::Eof),
-                Poll::Ready(Ok(_)) => return Poll::Ready(Step::Progress),
+                Poll::Ready(Ok(n)) => {
+                    if n == room {
+                        *read_chunk = (*read_chunk * 2).min(LARGEST_READ);
+                    }
+                    return Poll::Ready(Step::Progress);
+                }
                 Poll::Ready(Err(e)) => return Poll::Ready(Step::Failed(e)),
                 Poll::Pending => {}
             }

@@ -242,7 +242,7 @@ impl Session {
             options,
             state: State::Idle,
             settled: None,
-            transmit: BytesMut::with_capacity(512),
+            transmit: BytesMut::with_capacity(256),
             events: VecDeque::new(),
             end: None,
             last_sent: now,
