@@ -13,7 +13,7 @@ use crate::actions::{self, ActionOutcome};
 use crate::config::{AgentConfig, ConfigError, parse_http_url};
 use crate::connector::Connector;
 use crate::jitter::{near_cap, random_up_to};
-use crate::session::{Incoming, MqttSession, Outbox, SessionEnd, SessionOptions};
+use crate::session::{Incoming, MqttSession, Outbox, SessionEnd, SessionOptions, new_client};
 use crate::state::{LastResult, LastWakeUp, StateError, StateStore};
 use crate::timefmt::{unix_now, unix_now_ms};
 use crate::wakeup::{WakeUp, WakeUpCheck, WakeUpRejected, finished_ack, received_ack, started_ack};
@@ -35,6 +35,9 @@ pub enum AgentError {
     #[error("{0}")]
     Unsupported(String),
 }
+
+/// Relay requests waiting for the relay worker.
+const RELAY_QUEUE: usize = 64;
 
 /// Wake-ups accepted but not yet acted on; everything here merges into the next run.
 #[derive(Default)]
@@ -80,7 +83,9 @@ pub async fn run_agent<C: Connector>(
     let checkin_client = CheckinClient::new(&config)?.map(Arc::new);
     let outbox = Arc::new(Outbox::new(1024));
     let pending = Arc::new(PendingWakeUps::default());
-    let (relay_tx, relay_rx) = tokio::sync::mpsc::unbounded_channel();
+    // Relay requests are few (a person clicks Wake-on-LAN); when the worker is this far
+    // behind, a further request is dropped with a warning instead of queueing without bound.
+    let (relay_tx, relay_rx) = tokio::sync::mpsc::channel(RELAY_QUEUE);
     let relay = config.wakeup.relay.then(|| {
         tokio::spawn(relay_worker(
             relay_rx,
@@ -122,11 +127,14 @@ pub async fn run_agent<C: Connector>(
 
     let start_delay = backoff.startup_delay();
     tracing::info!(agent_id = %config.agent_id, delay_ms = start_delay.as_millis() as u64, "agent starting");
+    // The client session outlives each connection: unacknowledged acks are resent on the next.
+    let mut client = None;
     if !sleep_or_shutdown(start_delay, &mut shutdown).await {
         loop {
             let wait = connect_once(
                 &config,
                 &mut connector,
+                &mut client,
                 &check,
                 &state,
                 &outbox,
@@ -174,11 +182,12 @@ pub async fn run_agent<C: Connector>(
 async fn connect_once<C: Connector>(
     config: &AgentConfig,
     connector: &mut C,
+    client: &mut Option<beckon_client::Session>,
     check: &Arc<dyn WakeUpCheck>,
     state: &StateStore,
     outbox: &Outbox,
     pending: &Arc<PendingWakeUps>,
-    relay: &tokio::sync::mpsc::UnboundedSender<RelayRequest>,
+    relay: &tokio::sync::mpsc::Sender<RelayRequest>,
     password: Option<Bytes>,
     backoff: &mut Backoff,
     shutdown: &mut watch::Receiver<bool>,
@@ -228,8 +237,12 @@ async fn connect_once<C: Connector>(
         }),
         via_proxy: connection.via_proxy,
     };
-    let end = match MqttSession::establish(connection.stream, options).await {
-        Err(end) => end,
+    let session = client.take().unwrap_or_else(|| new_client(&options));
+    let end = match MqttSession::establish(connection.stream, session, options).await {
+        Err((session, end)) => {
+            *client = Some(session);
+            end
+        }
         Ok((session, established)) => {
             tracing::info!(
                 path = %path,
@@ -246,7 +259,8 @@ async fn connect_once<C: Connector>(
             connector.prefer(&path);
             backoff.connected(std::time::Instant::now());
             let mut on_wake = wake_handler(check, state, outbox, pending, relay);
-            let end = session.run(outbox, &mut on_wake, shutdown).await;
+            let (session, end) = session.run(outbox, &mut on_wake, shutdown).await;
+            *client = Some(session);
             // Resets the backoff only if the connection lived `reset_after`.
             backoff.disconnected(std::time::Instant::now());
             state.update_logged(|s| {
@@ -338,7 +352,7 @@ fn wake_handler<'a>(
     state: &'a StateStore,
     outbox: &'a Outbox,
     pending: &'a Arc<PendingWakeUps>,
-    relay: &'a tokio::sync::mpsc::UnboundedSender<RelayRequest>,
+    relay: &'a tokio::sync::mpsc::Sender<RelayRequest>,
 ) -> impl FnMut(Incoming) + Send + 'a {
     move |incoming: Incoming| {
         let payload = match incoming {
@@ -350,7 +364,9 @@ fn wake_handler<'a>(
                 match result {
                     Ok(request) => {
                         tracing::info!(id = %request.id, target = %request.target, broadcast = %request.broadcast, "Wake-on-LAN relay request received");
-                        let _ = relay.send(request);
+                        if let Err(e) = relay.try_send(request) {
+                            tracing::warn!(error = %e, "relay worker busy; relay request dropped");
+                        }
                     }
                     Err(WakeUpRejected::Replayed(id)) => {
                         tracing::info!(%id, "relay request already received; replay dropped");
@@ -399,7 +415,7 @@ fn wake_handler<'a>(
 /// Sends the magic packets of verified relay requests, one request at a time, and queues
 /// each result for `agents/{id}/relay-result`.
 async fn relay_worker(
-    mut requests: tokio::sync::mpsc::UnboundedReceiver<RelayRequest>,
+    mut requests: tokio::sync::mpsc::Receiver<RelayRequest>,
     outbox: Arc<Outbox>,
     state: Arc<StateStore>,
 ) {

@@ -1,32 +1,53 @@
-//! The agent's MQTT 5 client session over any byte stream: CONNECT (persistent session, so
-//! QoS 1 wake-ups queue at the broker while the agent is away), SUBSCRIBE to its wake topic,
-//! PUBACK for wake-ups, QoS 1 acks from the [`Outbox`] in order, and keepalive pings whose
-//! missing answer means the connection is dead.
+//! The agent's MQTT 5 session, on the shared client (`beckon-client`): the agent's CONNECT
+//! options (persistent session, so QoS 1 wake-ups queue at the broker while the agent is
+//! away), SUBSCRIBE to its wake topic, wake-ups handed over and acknowledged, QoS 1 acks from
+//! the [`Outbox`] in order, and keepalive pings whose missing answer means the connection is
+//! dead. Packet ids, the window and resending live in the client session, which outlives
+//! each connection.
 
 use std::collections::VecDeque;
 use std::fmt;
 use std::sync::Mutex;
 use std::time::Duration;
 
+use beckon_client::{Connection, End, Event, Session};
 use beckon_mqtt::{
-    Ack, Connect, DecodeError, Disconnect, Packet, Properties, ProtocolVersion, Publish, QoS,
-    ReasonCode, RetainHandling, Subscribe, Subscription, SubscriptionOptions,
+    Properties, PropertySet, ProtocolVersion, Publish, QoS, ReasonCode, RetainHandling,
+    Subscription, SubscriptionOptions,
 };
-use bytes::{Bytes, BytesMut};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use bytes::Bytes;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::{Notify, watch};
-use tokio::time::{Instant, sleep_until, timeout};
 
 /// Largest packet the agent accepts (wake-ups are a few hundred bytes).
 pub const MAX_INCOMING_PACKET: u32 = 64 * 1024;
 /// Most acks in flight at once, whatever the broker's receive maximum.
 const MAX_INFLIGHT: usize = 16;
-/// The packet id of the SUBSCRIBE; the outbox never uses it.
-const SUBSCRIBE_PACKET_ID: u16 = u16::MAX;
 
-/// CONNECT user property telling the broker the connection came through an HTTP proxy
-/// (the broker's presence events carry it; the name is the broker's `VIA_PROXY_PROPERTY`).
-pub const VIA_PROXY_PROPERTY: &str = "beckon-via-proxy";
+/// The client options of an agent's connection: MQTT 5, a persistent session (so QoS 1
+/// wake-ups queue at the broker while the agent is away), the agent's Receive Maximum and
+/// packet size, and whether the stream goes through a proxy. `beckon doctor` connects with
+/// the same options, so that what it checks is what the agent sends.
+pub fn connect_options(
+    client_id: impl Into<String>,
+    username: Option<String>,
+    password: Option<Bytes>,
+    keep_alive: Duration,
+    session_expiry: u32,
+    via_proxy: bool,
+) -> beckon_client::Options {
+    let mut options = beckon_client::Options::new(ProtocolVersion::V5, client_id);
+    options.username = username;
+    options.password = password;
+    options.keep_alive = keep_alive.max(Duration::from_secs(1));
+    options.clean_start = false;
+    options.session_expiry = session_expiry;
+    options.receive_maximum = MAX_INFLIGHT as u16;
+    options.max_inflight = MAX_INFLIGHT;
+    options.max_packet_size = MAX_INCOMING_PACKET;
+    options.set_via_proxy(via_proxy);
+    options
+}
 
 /// What the session needs to know.
 #[derive(Debug, Clone)]
@@ -217,42 +238,21 @@ enum OutTopic {
     RelayResult,
 }
 
-/// QoS 1 acks waiting to be published, in order. Survives reconnects: entries stay until
-/// the broker's PUBACK, and are resent (DUP, same packet id) on the next session.
+/// QoS 1 acks waiting for the session, in order. Bounded: when the agent is offline long
+/// enough to fill it, the oldest ack is dropped (the console times the wake-up out instead).
+/// Entries move into the client session as its window has room; there they stay until the
+/// broker's PUBACK, across reconnects.
 pub struct Outbox {
-    inner: Mutex<OutboxInner>,
+    entries: Mutex<VecDeque<(OutTopic, Bytes)>>,
     notify: Notify,
     capacity: usize,
 }
 
-struct OutboxInner {
-    entries: VecDeque<OutEntry>,
-    next_id: u16,
-}
-
-struct OutEntry {
-    topic: OutTopic,
-    payload: Bytes,
-    packet_id: Option<u16>,
-    sent_this_session: bool,
-}
-
-/// One PUBLISH to send.
-struct Outgoing {
-    topic: OutTopic,
-    packet_id: u16,
-    payload: Bytes,
-    dup: bool,
-}
-
 impl Outbox {
-    /// An outbox holding at most `capacity` unacknowledged acks (the oldest are dropped).
+    /// An outbox holding at most `capacity` acks (the oldest are dropped).
     pub fn new(capacity: usize) -> Self {
         Self {
-            inner: Mutex::new(OutboxInner {
-                entries: VecDeque::new(),
-                next_id: 1,
-            }),
+            entries: Mutex::new(VecDeque::new()),
             notify: Notify::new(),
             capacity: capacity.max(1),
         }
@@ -270,158 +270,111 @@ impl Outbox {
 
     fn push_to(&self, topic: OutTopic, payload: Vec<u8>) {
         {
-            let mut inner = self.lock();
-            if inner.entries.len() >= self.capacity {
-                inner.entries.pop_front();
+            let mut entries = self.lock();
+            if entries.len() >= self.capacity {
+                entries.pop_front();
                 tracing::warn!(
                     capacity = self.capacity,
                     "ack queue full while offline; oldest ack dropped"
                 );
             }
-            inner.entries.push_back(OutEntry {
-                topic,
-                payload: Bytes::from(payload),
-                packet_id: None,
-                sent_this_session: false,
-            });
+            entries.push_back((topic, Bytes::from(payload)));
         }
         self.notify.notify_one();
     }
 
-    /// How many acks are not yet acknowledged by the broker.
+    /// How many acks wait for the session.
     pub fn len(&self) -> usize {
-        self.lock().entries.len()
+        self.lock().len()
     }
 
-    /// True when every ack reached the broker.
+    /// True when no ack waits for the session.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
 
-    fn new_session(&self) {
-        for e in &mut self.lock().entries {
-            e.sent_this_session = false;
-        }
+    fn pop(&self) -> Option<(OutTopic, Bytes)> {
+        self.lock().pop_front()
     }
 
-    /// The next acks to send, in order, within `limit` in flight.
-    fn take_sendable(&self, limit: usize) -> Vec<Outgoing> {
-        let mut inner = self.lock();
-        let mut in_flight = inner.entries.iter().filter(|e| e.sent_this_session).count();
-        let mut out = Vec::new();
-        for i in 0..inner.entries.len() {
-            if in_flight >= limit {
-                break;
-            }
-            if inner.entries[i].sent_this_session {
-                continue;
-            }
-            let dup = inner.entries[i].packet_id.is_some();
-            let packet_id = match inner.entries[i].packet_id {
-                Some(id) => id,
-                None => {
-                    let id = inner.allocate_id();
-                    inner.entries[i].packet_id = Some(id);
-                    id
-                }
-            };
-            inner.entries[i].sent_this_session = true;
-            in_flight += 1;
-            out.push(Outgoing {
-                topic: inner.entries[i].topic,
-                packet_id,
-                payload: inner.entries[i].payload.clone(),
-                dup,
-            });
-        }
-        out
-    }
-
-    fn acked(&self, packet_id: u16) -> bool {
-        let mut inner = self.lock();
-        match inner
-            .entries
-            .iter()
-            .position(|e| e.packet_id == Some(packet_id))
-        {
-            Some(i) => {
-                inner.entries.remove(i);
-                true
-            }
-            None => false,
-        }
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, OutboxInner> {
-        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    fn lock(&self) -> std::sync::MutexGuard<'_, VecDeque<(OutTopic, Bytes)>> {
+        self.entries.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
 
-impl OutboxInner {
-    fn allocate_id(&mut self) -> u16 {
-        loop {
-            let id = self.next_id;
-            self.next_id = if self.next_id >= SUBSCRIBE_PACKET_ID - 1 {
-                1
-            } else {
-                self.next_id + 1
-            };
-            if !self.entries.iter().any(|e| e.packet_id == Some(id)) {
-                return id;
-            }
+/// A new client session for the agent (made once, kept across connections).
+pub fn new_client(opts: &SessionOptions) -> Session {
+    Session::new(client_options(opts), std::time::Instant::now())
+}
+
+fn client_options(opts: &SessionOptions) -> beckon_client::Options {
+    let mut options = connect_options(
+        opts.client_id.clone(),
+        opts.username.clone(),
+        opts.password.clone(),
+        opts.keepalive,
+        opts.session_expiry,
+        opts.via_proxy,
+    );
+    options.ping_timeout = opts.ping_timeout;
+    options.connect_timeout = opts.connect_timeout;
+    options
+}
+
+impl From<End> for SessionEnd {
+    fn from(end: End) -> Self {
+        match end {
+            End::Refused {
+                code,
+                reason,
+                server_reference,
+            } => Self::Refused {
+                code,
+                reason,
+                server_reference,
+            },
+            End::Disconnected {
+                code,
+                reason,
+                server_reference,
+            } => Self::Disconnected {
+                code,
+                reason,
+                server_reference,
+            },
+            End::OldProtocol { .. } => Self::Refused {
+                code: ReasonCode::UNSUPPORTED_PROTOCOL_VERSION,
+                reason: None,
+                server_reference: None,
+            },
+            End::ConnectTimeout => Self::ConnectTimeout,
+            End::PingTimeout => Self::PingTimeout,
+            End::Closed => Self::Closed,
+            End::Io(e) => Self::Io(e.to_string()),
+            End::Protocol(e) => Self::Protocol(e),
+            End::Shutdown => Self::Shutdown,
         }
     }
 }
 
 /// A connected MQTT session.
 pub struct MqttSession<S> {
-    stream: S,
-    read_buf: BytesMut,
-    write_buf: BytesMut,
+    connection: Connection<S>,
     opts: SessionOptions,
-    keepalive: Duration,
-    inflight_limit: usize,
-    last_sent: Instant,
-    ping_sent: Option<Instant>,
+    subscribe_id: u16,
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> MqttSession<S> {
-    /// Sends CONNECT and the wake-topic SUBSCRIBE, then waits for CONNACK.
+    /// Sends CONNECT and the wake-topic SUBSCRIBE, then waits for CONNACK. `client` is the
+    /// agent's client session (its options are brought up to date with `opts`); it comes
+    /// back with the end when the connection fails.
     pub async fn establish(
         stream: S,
+        mut client: Session,
         opts: SessionOptions,
-    ) -> Result<(Self, Established), SessionEnd> {
-        let keepalive_secs = u16::try_from(opts.keepalive.as_secs().max(1)).unwrap_or(u16::MAX);
-        let mut session = Self {
-            stream,
-            read_buf: BytesMut::with_capacity(1024),
-            write_buf: BytesMut::with_capacity(256),
-            keepalive: Duration::from_secs(u64::from(keepalive_secs)),
-            inflight_limit: MAX_INFLIGHT,
-            last_sent: Instant::now(),
-            ping_sent: None,
-            opts,
-        };
-        let connect = Packet::Connect(Box::new(Connect {
-            protocol: ProtocolVersion::V5,
-            clean_start: false,
-            keep_alive: keepalive_secs,
-            client_id: session.opts.client_id.clone(),
-            will: None,
-            username: session.opts.username.clone(),
-            password: session.opts.password.clone(),
-            properties: Properties::from(beckon_mqtt::PropertySet {
-                session_expiry_interval: Some(session.opts.session_expiry),
-                maximum_packet_size: Some(MAX_INCOMING_PACKET),
-                receive_maximum: Some(MAX_INFLIGHT as u16),
-                request_problem_information: Some(1),
-                user_properties: vec![(
-                    VIA_PROXY_PROPERTY.to_owned(),
-                    session.opts.via_proxy.to_string(),
-                )],
-                ..Default::default()
-            }),
-        }));
+    ) -> Result<(Self, Established), (Session, SessionEnd)> {
+        *client.options_mut() = client_options(&opts);
+        let mut connection = Connection::start(stream, client);
         let options = SubscriptionOptions {
             qos: QoS::AtLeastOnce,
             no_local: false,
@@ -429,93 +382,72 @@ impl<S: AsyncRead + AsyncWrite + Unpin> MqttSession<S> {
             retain_handling: RetainHandling::DoNotSend,
         };
         let mut subscriptions = vec![Subscription {
-            filter: session.opts.wake_topic.clone(),
+            filter: opts.wake_topic.clone(),
             options,
         }];
-        if let Some((relay, _)) = &session.opts.relay_topics {
+        if let Some((relay, _)) = &opts.relay_topics {
             subscriptions.push(Subscription {
                 filter: relay.clone(),
                 options,
             });
         }
-        let subscribe = Packet::Subscribe(Subscribe {
-            packet_id: SUBSCRIBE_PACKET_ID,
-            subscriptions,
-            properties: Properties::default(),
-        });
-        session.send(&connect).await?;
         // SUBSCRIBE goes right behind CONNECT, without waiting for CONNACK (MQTT allows
         // it; a refused CONNECT makes the broker ignore it). The broker announces the agent
         // online when it accepts CONNECT, and the console then resends pending wake-ups: on a
-        // fresh session the subscription must already be in place when they arrive. A write
-        // error here is reported after the CONNACK, which may say why the broker closed.
-        let subscribed = session.send(&subscribe).await;
-        let deadline = Instant::now() + session.opts.connect_timeout;
-        let connack = loop {
-            if let Some(packet) = session.decode_one().await? {
-                break packet;
-            }
-            match tokio::time::timeout_at(deadline, session.stream.read_buf(&mut session.read_buf))
-                .await
-            {
-                Err(_) => return Err(SessionEnd::ConnectTimeout),
-                Ok(Ok(0)) => return Err(SessionEnd::Closed),
-                Ok(Ok(_)) => {}
-                Ok(Err(e)) => return Err(SessionEnd::Io(e.to_string())),
+        // fresh session the subscription must already be in place when they arrive.
+        let now = tokio::time::Instant::now().into_std();
+        let subscribe_id = match connection.session_mut().subscribe(subscriptions, now) {
+            Ok(id) => id,
+            Err(e) => {
+                let (_, client) = connection.into_parts();
+                return Err((
+                    client,
+                    SessionEnd::Protocol(format!("cannot encode the wake-up SUBSCRIBE: {e}")),
+                ));
             }
         };
-        let Packet::ConnAck(connack) = connack else {
-            return Err(SessionEnd::Protocol(format!(
-                "expected CONNACK, got packet type {}",
-                connack.packet_type()
-            )));
+        let settled = loop {
+            match connection.next_event().await {
+                Ok(Event::Connected(settled)) => break settled,
+                Ok(_) => {}
+                Err(end) => {
+                    let (_, client) = connection.into_parts();
+                    return Err((client, end.into()));
+                }
+            }
         };
-        if connack.code.is_error() {
-            let properties = connack.properties.into_set();
-            return Err(SessionEnd::Refused {
-                code: connack.code,
-                reason: properties.reason_string,
-                server_reference: properties.server_reference,
-            });
-        }
-        subscribed?;
-        if let Some(server_keepalive) = connack.properties.server_keep_alive
-            && server_keepalive > 0
-        {
-            session.keepalive = Duration::from_secs(u64::from(server_keepalive));
-        }
-        if let Some(receive_max) = connack.properties.receive_maximum {
-            session.inflight_limit = usize::from(receive_max).clamp(1, MAX_INFLIGHT);
-        }
         let established = Established {
-            session_present: connack.session_present,
-            keepalive: session.keepalive,
-            inflight_limit: session.inflight_limit,
+            session_present: settled.session_present,
+            keepalive: settled.keep_alive,
+            inflight_limit: settled.window,
+        };
+        let session = Self {
+            connection,
+            opts,
+            subscribe_id,
         };
         Ok((session, established))
     }
 
     /// Runs until the connection ends: hands wake-ups and relay requests to `on_wake`
-    /// (PUBACK follows its return), publishes the outbox, pings. Returns why it ended.
+    /// (PUBACK follows its return), publishes the outbox, pings. Returns the client session
+    /// for the next connection and why this one ended.
     pub async fn run(
         mut self,
         outbox: &Outbox,
         on_wake: &mut (dyn FnMut(Incoming) + Send),
         shutdown: &mut watch::Receiver<bool>,
-    ) -> SessionEnd {
-        outbox.new_session();
-        let end = self.run_inner(outbox, on_wake, shutdown).await;
-        let end = match end {
-            Ok(()) => SessionEnd::Shutdown,
+    ) -> (Session, SessionEnd) {
+        let end = match self.run_inner(outbox, on_wake, shutdown).await {
+            Ok(()) => {
+                // Keep the session (expiry unchanged) so that wake-ups queue while we are away.
+                self.connection.disconnect().await;
+                SessionEnd::Shutdown
+            }
             Err(end) => end,
         };
-        if end == SessionEnd::Shutdown {
-            // Keep the session (expiry unchanged) so that wake-ups queue while we are away.
-            let bye = Packet::Disconnect(Disconnect::default());
-            let _ = self.send(&bye).await;
-            let _ = timeout(Duration::from_secs(2), self.stream.shutdown()).await;
-        }
-        end
+        let (_, client) = self.connection.into_parts();
+        (client, end)
     }
 
     async fn run_inner(
@@ -528,65 +460,62 @@ impl<S: AsyncRead + AsyncWrite + Unpin> MqttSession<S> {
             if *shutdown.borrow() {
                 return Ok(());
             }
-            // Packets first: PUBACKs free in-flight slots for the acks sent next.
-            while let Some(packet) = self.decode_one().await? {
-                self.handle(packet, outbox, on_wake).await?;
-            }
-            for out in outbox.take_sendable(self.inflight_limit) {
-                let publish = Packet::Publish(Publish {
-                    dup: out.dup,
-                    qos: QoS::AtLeastOnce,
-                    retain: false,
-                    topic: match (out.topic, &self.opts.relay_topics) {
-                        (OutTopic::RelayResult, Some((_, result))) => result.clone(),
-                        _ => self.opts.ack_topic.clone(),
-                    },
-                    packet_id: Some(out.packet_id),
-                    payload: out.payload,
-                    properties: Properties::from(beckon_mqtt::PropertySet {
-                        payload_format_indicator: Some(1),
-                        content_type: Some("application/json".into()),
-                        ..Default::default()
-                    }),
-                });
-                self.send(&publish).await?;
-            }
-            let timer = match self.ping_sent {
-                Some(sent) => sent + self.opts.ping_timeout,
-                None => self.last_sent + self.keepalive,
-            };
+            self.take_from(outbox)?;
             tokio::select! {
                 changed = shutdown.changed() => {
                     if changed.is_err() || *shutdown.borrow() {
                         return Ok(());
                     }
                 }
-                read = self.stream.read_buf(&mut self.read_buf) => match read {
-                    Ok(0) => return Err(SessionEnd::Closed),
-                    Ok(_) => {}
-                    Err(e) => return Err(SessionEnd::Io(e.to_string())),
+                event = self.connection.next_event() => match event {
+                    Ok(event) => self.handle(event, on_wake)?,
+                    Err(end) => return Err(end.into()),
                 },
                 () = outbox.notify.notified() => {}
-                () = sleep_until(timer) => {
-                    if self.ping_sent.is_some() {
-                        return Err(SessionEnd::PingTimeout);
-                    }
-                    self.send(&Packet::PingReq).await?;
-                    self.ping_sent = Some(Instant::now());
-                }
             }
         }
     }
 
-    async fn handle(
+    /// Moves acks from the outbox into the client session while its window has room; the
+    /// rest wait in the (bounded) outbox.
+    fn take_from(&mut self, outbox: &Outbox) -> Result<(), SessionEnd> {
+        let session = self.connection.session_mut();
+        let window = session.settled().map_or(1, |s| s.window);
+        while session.in_flight() + session.queued() < window {
+            let Some((topic, payload)) = outbox.pop() else {
+                return Ok(());
+            };
+            let publish = Publish {
+                dup: false,
+                qos: QoS::AtLeastOnce,
+                retain: false,
+                topic: match (topic, &self.opts.relay_topics) {
+                    (OutTopic::RelayResult, Some((_, result))) => result.clone(),
+                    _ => self.opts.ack_topic.clone(),
+                },
+                packet_id: None,
+                payload,
+                properties: Properties::from(PropertySet {
+                    payload_format_indicator: Some(1),
+                    content_type: Some("application/json".into()),
+                    ..PropertySet::default()
+                }),
+            };
+            let now = tokio::time::Instant::now().into_std();
+            session
+                .publish(publish, now)
+                .map_err(|e| SessionEnd::Protocol(format!("cannot send an ack: {e}")))?;
+        }
+        Ok(())
+    }
+
+    fn handle(
         &mut self,
-        packet: Packet,
-        outbox: &Outbox,
+        event: Event,
         on_wake: &mut (dyn FnMut(Incoming) + Send),
     ) -> Result<(), SessionEnd> {
-        match packet {
-            Packet::PingResp => self.ping_sent = None,
-            Packet::Publish(publish) => {
+        match event {
+            Event::Message(publish) => {
                 if publish.topic == self.opts.wake_topic {
                     on_wake(Incoming::WakeUp(publish.payload));
                 } else if self
@@ -599,97 +528,24 @@ impl<S: AsyncRead + AsyncWrite + Unpin> MqttSession<S> {
                 } else {
                     tracing::warn!(topic = %publish.topic, "message on an unexpected topic ignored");
                 }
-                match (publish.qos, publish.packet_id) {
-                    (QoS::AtLeastOnce, Some(id)) => {
-                        self.send(&Packet::PubAck(Ack::new(id))).await?
-                    }
-                    (QoS::ExactlyOnce, Some(id)) => {
-                        self.send(&Packet::PubRec(Ack::new(id))).await?
-                    }
-                    _ => {}
-                }
             }
-            Packet::PubRel(rel) => self.send(&Packet::PubComp(Ack::new(rel.packet_id))).await?,
-            Packet::PubAck(ack) => {
-                if ack.code.is_error() {
-                    tracing::warn!(code = %describe_code(ack.code), "broker refused an ack publish");
-                }
-                if !outbox.acked(ack.packet_id) {
-                    tracing::debug!(packet_id = ack.packet_id, "PUBACK for an unknown packet id");
-                }
+            Event::Published { code, .. } if code.is_error() => {
+                tracing::warn!(code = %describe_code(code), "broker refused an ack publish");
             }
-            Packet::SubAck(suback) if suback.packet_id == SUBSCRIBE_PACKET_ID => {
+            Event::Subscribed {
+                packet_id, codes, ..
+            } if packet_id == self.subscribe_id => {
                 // The wake topic comes first: without it the agent is useless.
-                if let Some(code) = suback.codes.first().filter(|c| c.is_error()) {
+                if let Some(code) = codes.first().filter(|c| c.is_error()) {
                     return Err(SessionEnd::SubscribeRefused(*code));
                 }
                 // Without relay the agent still does its main job.
-                if let Some(code) = suback.codes.get(1).filter(|c| c.is_error()) {
+                if let Some(code) = codes.get(1).filter(|c| c.is_error()) {
                     tracing::warn!(code = %describe_code(*code), "the broker refused the Wake-on-LAN relay subscription; this agent will not relay");
                 }
             }
-            Packet::SubAck(_) | Packet::UnsubAck(_) | Packet::PubRec(_) | Packet::PubComp(_) => {}
-            Packet::Disconnect(d) => {
-                let properties = d.properties.into_set();
-                return Err(SessionEnd::Disconnected {
-                    code: d.code,
-                    reason: properties.reason_string,
-                    server_reference: properties.server_reference,
-                });
-            }
-            other => {
-                let message = format!(
-                    "unexpected packet type {} from the broker",
-                    other.packet_type()
-                );
-                self.protocol_disconnect(ReasonCode::PROTOCOL_ERROR).await;
-                return Err(SessionEnd::Protocol(message));
-            }
+            _ => {}
         }
         Ok(())
     }
-
-    /// The next whole packet in the buffer. A packet that cannot be decoded ends the session
-    /// with a DISCONNECT naming the reason (malformed, too large, ...), as MQTT 5 asks.
-    async fn decode_one(&mut self) -> Result<Option<Packet>, SessionEnd> {
-        match beckon_mqtt::decode(&mut self.read_buf, ProtocolVersion::V5, MAX_INCOMING_PACKET) {
-            Ok(packet) => Ok(packet),
-            Err(e) => {
-                self.protocol_disconnect(e.reason_code()).await;
-                Err(decode_failure(&e))
-            }
-        }
-    }
-
-    async fn protocol_disconnect(&mut self, code: ReasonCode) {
-        let packet = Packet::Disconnect(Disconnect {
-            code,
-            properties: Properties::default(),
-        });
-        let _ = self.send(&packet).await;
-    }
-
-    async fn send(&mut self, packet: &Packet) -> Result<(), SessionEnd> {
-        self.write_buf.clear();
-        beckon_mqtt::encode(packet, ProtocolVersion::V5, &mut self.write_buf)
-            .map_err(|e| SessionEnd::Protocol(format!("cannot encode a packet: {e}")))?;
-        let write = async {
-            self.stream.write_all(&self.write_buf).await?;
-            self.stream.flush().await
-        };
-        match timeout(self.opts.connect_timeout, write).await {
-            Ok(Ok(())) => {
-                self.last_sent = Instant::now();
-                Ok(())
-            }
-            Ok(Err(e)) => Err(SessionEnd::Io(e.to_string())),
-            Err(_) => Err(SessionEnd::Io(
-                "writing to the broker stalled; the connection is dead".into(),
-            )),
-        }
-    }
-}
-
-fn decode_failure(e: &DecodeError) -> SessionEnd {
-    SessionEnd::Protocol(format!("undecodable packet from the broker: {e}"))
 }

@@ -5,7 +5,8 @@ use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use beckon_mqtt::{Ack, Packet, QoS, ReasonCode};
+use beckon_client::Event;
+use beckon_mqtt::{Publish, ReasonCode};
 use beckon_net::{Backoff, BackoffConfig};
 use tokio::sync::{Semaphore, mpsc, watch};
 
@@ -74,8 +75,6 @@ pub struct AgentContext {
     pub backoff: BackoffConfig,
     /// Where events go.
     pub events: mpsc::UnboundedSender<AgentEvent>,
-    /// Keep alive interval; zero for none.
-    pub keep_alive: Duration,
     /// Bound on SUBSCRIBE to SUBACK.
     pub subscribe_timeout: Duration,
 }
@@ -210,7 +209,8 @@ async fn shutdown(control: &mut watch::Receiver<Control>) {
     let _ = control.wait_for(|c| c.shutdown).await;
 }
 
-/// Serves an open connection until it ends.
+/// Serves an open connection until it ends. The session acknowledges wake-ups and keeps
+/// the connection alive with pings.
 async fn serve(
     ctx: &AgentContext,
     spec: &AgentSpec,
@@ -218,38 +218,13 @@ async fn serve(
     control: &mut watch::Receiver<Control>,
     seen_cut: &mut u64,
 ) -> End {
-    let mut ping = (!ctx.keep_alive.is_zero()).then(|| {
-        tokio::time::interval_at(tokio::time::Instant::now() + ctx.keep_alive, ctx.keep_alive)
-    });
     loop {
-        // Handle every whole packet already buffered before waiting again.
-        loop {
-            match conn.try_next() {
-                Ok(Some(packet)) => {
-                    if handle(ctx, spec, conn, packet).await.is_err() {
-                        return End::Lost;
-                    }
-                }
-                Ok(None) => break,
-                Err(_) => return End::Lost,
-            }
-        }
         tokio::select! {
-            read = conn.fill() => {
-                if read.is_err() {
-                    return End::Lost;
-                }
-            }
-            () = async {
-                match ping.as_mut() {
-                    Some(ping) => { ping.tick().await; }
-                    None => std::future::pending::<()>().await,
-                }
-            } => {
-                if conn.send(&Packet::PingReq).await.is_err() {
-                    return End::Lost;
-                }
-            }
+            event = conn.next_event() => match event {
+                Ok(Event::Message(publish)) => wakeup(ctx, spec, &publish),
+                Ok(_) => {}
+                Err(_) => return End::Lost,
+            },
             changed = control.changed() => {
                 let now = *control.borrow_and_update();
                 if changed.is_err() || now.shutdown {
@@ -264,32 +239,16 @@ async fn serve(
     }
 }
 
-async fn handle(
-    ctx: &AgentContext,
-    spec: &AgentSpec,
-    conn: &mut MqttConn,
-    packet: Packet,
-) -> Result<(), ClientError> {
-    match packet {
-        Packet::Publish(publish) => {
-            let arrived_unix_ns = unix_ns();
-            if publish.qos == QoS::AtLeastOnce
-                && let Some(id) = publish.packet_id
-            {
-                conn.send(&Packet::PubAck(Ack::new(id))).await?;
-            }
-            let sent_unix_ns = std::str::from_utf8(&publish.payload)
-                .ok()
-                .and_then(|text| text.strip_prefix(crate::publisher::WAKE_PREFIX))
-                .and_then(|ns| ns.trim().parse::<u64>().ok());
-            let _ = ctx.events.send(AgentEvent::Wakeup {
-                agent: spec.local,
-                sent_unix_ns,
-                arrived_unix_ns,
-            });
-            Ok(())
-        }
-        Packet::Disconnect(d) => Err(ClientError::Disconnected(d.code)),
-        _ => Ok(()),
-    }
+/// Reports a wake-up with its send time (from the payload) and arrival time.
+fn wakeup(ctx: &AgentContext, spec: &AgentSpec, publish: &Publish) {
+    let arrived_unix_ns = unix_ns();
+    let sent_unix_ns = std::str::from_utf8(&publish.payload)
+        .ok()
+        .and_then(|text| text.strip_prefix(crate::publisher::WAKE_PREFIX))
+        .and_then(|ns| ns.trim().parse::<u64>().ok());
+    let _ = ctx.events.send(AgentEvent::Wakeup {
+        agent: spec.local,
+        sent_unix_ns,
+        arrived_unix_ns,
+    });
 }

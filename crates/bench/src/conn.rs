@@ -1,9 +1,7 @@
 //! One MQTT client connection as the bench opens it: TCP bound to a chosen source address,
-//! optional TLS, and packets through the house codec (`beckon_mqtt`).
-//!
-//! The agent of the product has its own client (`beckon_net`); the bench keeps its own small
-//! one because it needs things an agent does not: a chosen source address per socket, and
-//! timings taken at the exact points the report speaks of.
+//! optional TLS, and the shared client session (`beckon_client`) over it, as the agent and
+//! the doctor use it: the bench adds only the source address per socket and timings taken
+//! at the exact points the report speaks of.
 
 use std::io;
 use std::net::{IpAddr, SocketAddr};
@@ -11,15 +9,13 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use beckon_mqtt::{
-    ConnAck, Connect, DecodeError, EncodeError, Packet, Properties, ProtocolVersion, QoS,
-    ReasonCode, Subscribe, Subscription, SubscriptionOptions,
-};
-use bytes::{Bytes, BytesMut};
+use beckon_client::{Connection, End, Event, Options, Session};
+use beckon_mqtt::{ProtocolVersion, QoS, ReasonCode, Subscription, SubscriptionOptions};
+use bytes::Bytes;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use serde::{Deserialize, Serialize};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpSocket;
 use tokio_rustls::TlsConnector;
 
@@ -149,12 +145,12 @@ pub enum ClientError {
     /// The broker refused the subscription.
     #[error("broker refused SUBSCRIBE with reason code 0x{:02x}", .0.0)]
     SubscribeRefused(ReasonCode),
-    /// The broker sent bytes the codec rejects.
-    #[error("undecodable packet from broker: {0}")]
-    Decode(#[from] DecodeError),
-    /// A packet could not be encoded (a bench bug or an oversized name).
-    #[error("cannot encode packet: {0}")]
-    Encode(#[from] EncodeError),
+    /// The broker sent bytes the codec rejects, or broke the protocol.
+    #[error("the broker broke the MQTT protocol: {0}")]
+    Protocol(String),
+    /// The session could not send a packet (a bench bug or an oversized name).
+    #[error("cannot send: {0}")]
+    Send(#[from] beckon_client::Error),
     /// The broker closed the connection.
     #[error("connection closed by broker")]
     Closed,
@@ -244,35 +240,42 @@ impl Connector {
                     .map_err(ClientError::Tls)?,
             ),
         };
-        let version = self.target.version.protocol();
-        let mut conn = MqttConn {
-            io,
-            buf: BytesMut::with_capacity(128),
-            out: BytesMut::new(),
-            version,
-            receive_maximum: None,
-        };
-        let connect = Connect {
-            username: self.target.username.clone(),
-            password: self
-                .target
-                .password
-                .as_ref()
-                .map(|p| Bytes::copy_from_slice(p.as_bytes())),
-            ..Connect::new(version, client_id.to_owned(), self.target.keep_alive)
-        };
-        conn.send(&Packet::Connect(Box::new(connect))).await?;
-        match conn.recv().await? {
-            Packet::ConnAck(ConnAck {
-                code, properties, ..
-            }) => {
-                if code.is_error() || (version == ProtocolVersion::V311 && code.0 != 0) {
-                    return Err(ClientError::Refused(code));
-                }
-                conn.receive_maximum = properties.receive_maximum;
-                Ok(conn)
+        let mut options = Options::new(self.target.version.protocol(), client_id);
+        options.keep_alive = Duration::from_secs(u64::from(self.target.keep_alive));
+        options.username = self.target.username.clone();
+        options.password = self
+            .target
+            .password
+            .as_ref()
+            .map(|p| Bytes::copy_from_slice(p.as_bytes()));
+        options.max_packet_size = MAX_PACKET_SIZE;
+        options.connect_timeout = self.target.connect_timeout();
+        // The publishers' window is their own (`--window`) within the broker's Receive
+        // Maximum; the session adds no lower cap.
+        options.max_inflight = usize::from(u16::MAX);
+        let now = tokio::time::Instant::now().into_std();
+        let mut connection = Connection::start(io, Session::new(options, now));
+        loop {
+            match connection.next_event().await {
+                Ok(Event::Connected(_)) => return Ok(MqttConn { connection }),
+                Ok(_) => {}
+                Err(end) => return Err(end.into()),
             }
-            _ => Err(ClientError::Unexpected("expected CONNACK")),
+        }
+    }
+}
+
+impl From<End> for ClientError {
+    fn from(end: End) -> Self {
+        match end {
+            End::Refused { code, .. } => Self::Refused(code),
+            End::OldProtocol { .. } => Self::Refused(ReasonCode::UNSUPPORTED_PROTOCOL_VERSION),
+            End::Disconnected { code, .. } => Self::Disconnected(code),
+            End::ConnectTimeout => Self::Timeout("CONNECT to CONNACK"),
+            End::PingTimeout => Self::Timeout("PINGREQ to PINGRESP"),
+            End::Closed | End::Shutdown => Self::Closed,
+            End::Io(e) => Self::Io(io::Error::new(e.0.kind(), e.to_string())),
+            End::Protocol(message) => Self::Protocol(message),
         }
     }
 }
@@ -335,90 +338,68 @@ fn tls_connector(
     Ok((TlsConnector::from(Arc::new(config)), server_name))
 }
 
-/// An open MQTT connection after a successful CONNACK.
+/// An open MQTT connection after a successful CONNACK: the shared client session over the
+/// bench's socket.
 pub struct MqttConn {
-    io: Box<dyn Io>,
-    buf: BytesMut,
-    out: BytesMut,
-    version: ProtocolVersion,
-    receive_maximum: Option<u16>,
+    connection: Connection<Box<dyn Io>>,
 }
 
 impl MqttConn {
-    /// The broker's Receive Maximum from CONNACK (v5 only).
-    pub fn receive_maximum(&self) -> Option<u16> {
-        self.receive_maximum
+    /// How many QoS 1 publishes may be in flight: the broker's Receive Maximum (v5), else
+    /// 65,535.
+    pub fn window(&self) -> usize {
+        self.connection
+            .session()
+            .settled()
+            .map_or(1, |settled| settled.window)
     }
 
     /// The connection's protocol version.
     pub fn version(&self) -> ProtocolVersion {
-        self.version
+        self.connection.session().options().protocol
     }
 
-    /// Encodes and writes one packet.
-    pub async fn send(&mut self, packet: &Packet) -> Result<(), ClientError> {
-        self.out.clear();
-        beckon_mqtt::encode(packet, self.version, &mut self.out)?;
-        self.io.write_all(&self.out).await?;
-        self.io.flush().await?;
-        Ok(())
+    /// The client session, to publish or read the window; what it queues leaves on the next
+    /// [`next_event`](Self::next_event) or [`flush`](Self::flush), in one write.
+    pub fn session_mut(&mut self) -> &mut Session {
+        self.connection.session_mut()
     }
 
-    /// The next whole packet already buffered, without reading.
-    pub fn try_next(&mut self) -> Result<Option<Packet>, ClientError> {
-        Ok(beckon_mqtt::decode(
-            &mut self.buf,
-            self.version,
-            MAX_PACKET_SIZE,
-        )?)
+    /// The next event (no bound: wrap in a timeout). Incoming QoS 1 messages are
+    /// acknowledged by the session. Cancel safe.
+    pub async fn next_event(&mut self) -> Result<Event, ClientError> {
+        Ok(self.connection.next_event().await?)
     }
 
-    /// Reads more bytes into the buffer. Cancel safe: when dropped before completion nothing
-    /// was read.
-    pub async fn fill(&mut self) -> Result<(), ClientError> {
-        if self.io.read_buf(&mut self.buf).await? == 0 {
-            return Err(ClientError::Closed);
-        }
-        Ok(())
-    }
-
-    /// Waits for the next packet (no bound: wrap in a timeout).
-    pub async fn recv(&mut self) -> Result<Packet, ClientError> {
-        loop {
-            if let Some(packet) = self.try_next()? {
-                return Ok(packet);
-            }
-            self.fill().await?;
-        }
+    /// Writes everything queued.
+    pub async fn flush(&mut self) -> Result<(), ClientError> {
+        Ok(self.connection.flush().await?)
     }
 
     /// Subscribes to one filter at QoS 1 and waits for a granting SUBACK.
     pub async fn subscribe(&mut self, filter: &str, timeout: Duration) -> Result<(), ClientError> {
-        let subscribe = Subscribe {
-            packet_id: 1,
-            subscriptions: vec![Subscription {
-                filter: filter.to_owned(),
-                options: SubscriptionOptions {
-                    qos: QoS::AtLeastOnce,
-                    ..SubscriptionOptions::default()
-                },
-            }],
-            properties: Properties::default(),
+        let subscription = Subscription {
+            filter: filter.to_owned(),
+            options: SubscriptionOptions {
+                qos: QoS::AtLeastOnce,
+                ..SubscriptionOptions::default()
+            },
         };
-        self.send(&Packet::Subscribe(subscribe)).await?;
+        let now = tokio::time::Instant::now().into_std();
+        let id = self.session_mut().subscribe(vec![subscription], now)?;
         let wait = async {
             loop {
-                match self.recv().await? {
-                    Packet::SubAck(ack) if ack.packet_id == 1 => {
-                        return match ack.codes.first() {
-                            Some(code) if !code.is_error() => Ok(()),
-                            Some(code) => Err(ClientError::SubscribeRefused(*code)),
-                            None => Err(ClientError::Unexpected("SUBACK without a code")),
-                        };
-                    }
-                    Packet::Disconnect(d) => return Err(ClientError::Disconnected(d.code)),
-                    // A retained message or a ping response may come first; keep waiting.
-                    _ => {}
+                // A retained message or a ping response may come first; keep waiting.
+                if let Event::Subscribed {
+                    packet_id, codes, ..
+                } = self.next_event().await?
+                    && packet_id == id
+                {
+                    return match codes.first() {
+                        Some(code) if !code.is_error() => Ok(()),
+                        Some(code) => Err(ClientError::SubscribeRefused(*code)),
+                        None => Err(ClientError::Unexpected("SUBACK without a code")),
+                    };
                 }
             }
         };
@@ -429,53 +410,7 @@ impl MqttConn {
 
     /// Sends DISCONNECT and closes, ignoring errors: the broker may already be gone.
     pub async fn close(mut self) {
-        let _ = tokio::time::timeout(Duration::from_secs(1), async {
-            let _ = self
-                .send(&Packet::Disconnect(beckon_mqtt::Disconnect::default()))
-                .await;
-            let _ = self.io.shutdown().await;
-        })
-        .await;
-    }
-
-    /// Splits into the raw stream halves and any bytes already buffered, for a writer and a
-    /// reader that run at once (the publisher).
-    pub fn into_split(self) -> SplitConn {
-        let (read, write) = tokio::io::split(self.io);
-        SplitConn {
-            read,
-            write,
-            buf: self.buf,
-            version: self.version,
-        }
-    }
-}
-
-/// A connection split for a concurrent reader and writer.
-pub struct SplitConn {
-    /// The read half.
-    pub read: tokio::io::ReadHalf<Box<dyn Io>>,
-    /// The write half.
-    pub write: tokio::io::WriteHalf<Box<dyn Io>>,
-    /// Bytes read but not decoded yet.
-    pub buf: BytesMut,
-    /// Protocol version.
-    pub version: ProtocolVersion,
-}
-
-/// Decodes the next packet from a split reader's buffer, reading as needed.
-pub async fn recv_split(
-    read: &mut tokio::io::ReadHalf<Box<dyn Io>>,
-    buf: &mut BytesMut,
-    version: ProtocolVersion,
-) -> Result<Packet, ClientError> {
-    loop {
-        if let Some(packet) = beckon_mqtt::decode(buf, version, MAX_PACKET_SIZE)? {
-            return Ok(packet);
-        }
-        if read.read_buf(buf).await? == 0 {
-            return Err(ClientError::Closed);
-        }
+        self.connection.disconnect().await;
     }
 }
 

@@ -9,15 +9,14 @@
 //! next to the last arrival so that a reader can tell which one bounded the fan-out.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use beckon_mqtt::{Packet, Properties, Publish, QoS};
-use bytes::{Bytes, BytesMut};
-use tokio::io::AsyncWriteExt;
-use tokio::sync::{Barrier, Notify, Semaphore};
+use beckon_client::Event;
+use beckon_mqtt::{Properties, Publish, QoS};
+use bytes::Bytes;
+use tokio::sync::Barrier;
 
-use crate::conn::{ClientError, Connector, recv_split, wake_topic};
+use crate::conn::{ClientError, Connector, wake_topic};
 use crate::protocol::unix_ns;
 
 /// A wake-up payload is this prefix followed by the send time in Unix nanoseconds.
@@ -35,9 +34,6 @@ pub fn wakeup(topic: String, packet_id: u16, sent_unix_ns: u64) -> Publish {
         properties: Properties::default(),
     }
 }
-
-/// Flush the write buffer once it holds this much.
-const WRITE_BATCH: usize = 32 * 1024;
 
 /// What the publishers did, together.
 #[derive(Debug, Clone)]
@@ -169,128 +165,72 @@ struct Share {
 }
 
 async fn publish_share(
-    conn: crate::conn::MqttConn,
+    mut conn: crate::conn::MqttConn,
     topics: Vec<String>,
     window: usize,
     ack_wait: Duration,
     start: Arc<Barrier>,
 ) -> Share {
-    // Honour the broker's Receive Maximum (v5); never more than 65,535 in flight.
-    let window = window
-        .min(conn.receive_maximum().map_or(usize::MAX, usize::from))
-        .clamp(1, 65_535);
-    let crate::conn::SplitConn {
-        mut read,
-        mut write,
-        mut buf,
-        version,
-    } = conn.into_split();
-
-    let permits = Arc::new(Semaphore::new(window));
-    let acked = Arc::new(AtomicUsize::new(0));
-    let all_acked = Arc::new(Notify::new());
+    // The broker's Receive Maximum (v5) bounds the window; never more than 65,535 in flight.
+    let window = window.min(conn.window()).clamp(1, 65_535);
     let total = topics.len();
-    let reader = {
-        let permits = permits.clone();
-        let acked = acked.clone();
-        let all_acked = all_acked.clone();
-        tokio::spawn(async move {
-            loop {
-                match recv_split(&mut read, &mut buf, version).await {
-                    Ok(Packet::PubAck(_)) => {
-                        permits.add_permits(1);
-                        if acked.fetch_add(1, Ordering::Relaxed) + 1 >= total {
-                            all_acked.notify_one();
-                        }
-                    }
-                    Ok(Packet::Disconnect(d)) => {
-                        all_acked.notify_one();
-                        return Some(ClientError::Disconnected(d.code));
-                    }
-                    Ok(_) => {}
-                    Err(e) => {
-                        all_acked.notify_one();
-                        // Unblock the writer, which would otherwise wait for permits forever.
-                        permits.close();
-                        return Some(e);
-                    }
-                }
-            }
-        })
-    };
-
-    let mut out = BytesMut::with_capacity(WRITE_BATCH * 2);
+    let mut topics = topics.into_iter();
     start.wait().await;
     let started_unix_ns = unix_ns();
-    let mut sent = 0;
+    let mut written_unix_ns = None;
+    let (mut sent, mut acked) = (0, 0);
     let mut error = None;
-    for (n, topic) in topics.into_iter().enumerate() {
-        let permit = match permits.try_acquire() {
-            Ok(p) => p,
-            Err(_) => {
-                // Out of window: write what is buffered, then wait for an acknowledgement.
-                if let Err(e) = flush(&mut write, &mut out).await {
-                    error = Some(e.to_string());
-                    break;
-                }
-                match permits.acquire().await {
-                    Ok(p) => p,
-                    Err(_) => break,
-                }
+    let mut ack_deadline = None;
+    while acked < total {
+        // Top the session up to the window; what it queues leaves in one write.
+        let session = conn.session_mut();
+        while session.in_flight() + session.queued() < window {
+            let Some(topic) = topics.next() else {
+                break;
+            };
+            // The session sets the packet id.
+            let now = tokio::time::Instant::now().into_std();
+            if let Err(e) = session.publish(wakeup(topic, 1, unix_ns()), now) {
+                error = Some(e.to_string());
+                break;
             }
+            sent += 1;
+        }
+        if error.is_some() {
+            break;
+        }
+        if sent == total && written_unix_ns.is_none() {
+            if let Err(e) = conn.flush().await {
+                error = Some(e.to_string());
+                break;
+            }
+            written_unix_ns = Some(unix_ns());
+            ack_deadline = Some(tokio::time::Instant::now() + ack_wait);
+        }
+        let event = match ack_deadline {
+            Some(deadline) => match tokio::time::timeout_at(deadline, conn.next_event()).await {
+                Ok(event) => event,
+                Err(_) => break,
+            },
+            None => conn.next_event().await,
         };
-        permit.forget();
-        // Identifiers cycle through 1..=65535; with at most `window` (<= 65,535) in
-        // flight, an identifier comes back only after its acknowledgement.
-        let packet_id = u16::try_from(n % 65_535 + 1).unwrap_or(1);
-        let publish = wakeup(topic, packet_id, unix_ns());
-        if let Err(e) = beckon_mqtt::encode(&Packet::Publish(publish), version, &mut out) {
-            error = Some(e.to_string());
-            break;
-        }
-        sent += 1;
-        if out.len() >= WRITE_BATCH
-            && let Err(e) = flush(&mut write, &mut out).await
-        {
-            error = Some(e.to_string());
-            break;
+        match event {
+            Ok(Event::Published { .. }) => acked += 1,
+            Ok(_) => {}
+            Err(e) => {
+                error = Some(e.to_string());
+                break;
+            }
         }
     }
-    if error.is_none()
-        && let Err(e) = flush(&mut write, &mut out).await
-    {
-        error = Some(e.to_string());
-    }
-    let written_unix_ns = unix_ns();
-    if acked.load(Ordering::Relaxed) < sent {
-        let _ = tokio::time::timeout(ack_wait, all_acked.notified()).await;
-    }
-    reader.abort();
-    if let Ok(Some(e)) = reader.await
-        && error.is_none()
-        && acked.load(Ordering::Relaxed) < sent
-    {
-        error = Some(e.to_string());
-    }
-    let _ = write.shutdown().await;
+    let written_unix_ns = written_unix_ns.unwrap_or_else(unix_ns);
+    conn.close().await;
     Share {
         sent,
-        acked: acked.load(Ordering::Relaxed),
+        acked,
         window,
         started_unix_ns,
         written_unix_ns,
         error,
     }
-}
-
-async fn flush(
-    write: &mut tokio::io::WriteHalf<Box<dyn crate::conn::Io>>,
-    out: &mut BytesMut,
-) -> Result<(), ClientError> {
-    if !out.is_empty() {
-        write.write_all(out).await?;
-        write.flush().await?;
-        out.clear();
-    }
-    Ok(())
 }

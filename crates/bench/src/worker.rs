@@ -86,8 +86,14 @@ pub(crate) fn reply(reply: &impl serde::Serialize) -> anyhow::Result<()> {
         .context("worker: the parent stopped reading (stdout closed)")
 }
 
-async fn worker_main() -> anyhow::Result<()> {
-    let mut lines = stdin_lines();
+/// Reads the configuration line and builds what every agent of this worker shares.
+async fn start(
+    lines: &mut mpsc::UnboundedReceiver<String>,
+) -> anyhow::Result<(
+    WorkerConfig,
+    Arc<AgentContext>,
+    mpsc::UnboundedReceiver<AgentEvent>,
+)> {
     let first = lines
         .recv()
         .await
@@ -114,15 +120,20 @@ async fn worker_main() -> anyhow::Result<()> {
         })?;
         return Err(e.into());
     }
-    let (events_tx, mut events) = mpsc::unbounded_channel();
+    let (events_tx, events) = mpsc::unbounded_channel();
     let ctx = Arc::new(AgentContext {
         connector,
         connect_gate: Semaphore::new(config.connect_concurrency.max(1)),
         backoff,
         events: events_tx,
-        keep_alive: Duration::from_secs(u64::from(config.target.keep_alive)),
         subscribe_timeout: config.target.connect_timeout(),
     });
+    Ok((config, ctx, events))
+}
+
+async fn worker_main() -> anyhow::Result<()> {
+    let mut lines = stdin_lines();
+    let (config, ctx, mut events) = start(&mut lines).await?;
     let (control_tx, control_rx) = watch::channel(Control::default());
     let mut agents = tokio::task::JoinSet::new();
     let mut state = State {

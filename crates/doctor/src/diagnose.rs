@@ -478,7 +478,7 @@ impl PathChecker<'_> {
             config.tls.min_version,
         );
         let started = Instant::now();
-        let connack = match probe.connect(identity).await {
+        let connack = match probe.connect(identity, tls_context.proxied).await {
             Ok(ack) => ack,
             Err(e) => {
                 let fix = fix::mqtt_error(&e, host, port, tls_context);

@@ -16,21 +16,19 @@
 //! expiry), so the wake-ups queued for the agent stay queued: the doctor never acknowledges a
 //! message that is not its own echo, and the broker delivers them again to the agent.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use beckon_client::{Connection, End, Event, Options, Session};
 use beckon_mqtt::{
-    Connect, Disconnect, Packet, Properties, ProtocolVersion, Publish, QoS, ReasonCode, Subscribe,
-    Subscription, SubscriptionOptions, Unsubscribe,
+    ConnAck, Properties, PropertySet, Publish, QoS, ReasonCode, Subscription, SubscriptionOptions,
 };
 use beckon_net::{TlsError, TlsVersion};
-use bytes::{Bytes, BytesMut};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-
-/// The largest packet the doctor accepts from the broker.
-const MAX_PACKET: u32 = 1024 * 1024;
+use bytes::Bytes;
+use tokio::io::{AsyncRead, AsyncWrite};
 
 /// Keepalive announced in CONNECT (the agent's value on fragile paths).
-const KEEP_ALIVE_SECS: u16 = 30;
+const KEEP_ALIVE: Duration = Duration::from_secs(30);
 
 /// Who the doctor connects as.
 #[derive(Debug, Clone)]
@@ -41,6 +39,30 @@ pub(crate) struct MqttIdentity {
     pub username: Option<String>,
     pub password: Option<String>,
     pub session_expiry: Duration,
+}
+
+impl MqttIdentity {
+    /// The agent's client options for this identity on a path through a proxy or not. A
+    /// throw-away id starts clean and leaves no session behind.
+    fn options(&self, via_proxy: bool, timeout: Duration) -> Options {
+        let mut options = beckon_agent::session::connect_options(
+            self.client_id.clone(),
+            self.username.clone(),
+            self.password.clone().map(Bytes::from),
+            KEEP_ALIVE,
+            u32::try_from(self.session_expiry.as_secs()).unwrap_or(u32::MAX),
+            via_proxy,
+        );
+        if !self.named {
+            options.clean_start = true;
+            options.session_expiry = 0;
+        }
+        options.connect_timeout = timeout;
+        options.ping_timeout = timeout;
+        // The doctor acknowledges its own echo only: an agent's queued wake-ups stay queued.
+        options.auto_ack = false;
+        options
+    }
 }
 
 /// An MQTT exchange failed.
@@ -59,11 +81,11 @@ pub(crate) enum MqttError {
     #[error("reading {what} failed: {source}")]
     Io {
         what: &'static str,
-        source: std::io::Error,
+        source: Arc<std::io::Error>,
     },
-    /// The broker sent bytes that are not MQTT 5.
+    /// The broker sent bytes that are not MQTT 5, or broke the protocol.
     #[error("the broker's answer is not valid MQTT 5 ({0})")]
-    Decode(beckon_mqtt::DecodeError),
+    Decode(String),
     /// The broker answered with an MQTT 3.1.1 CONNACK.
     #[error("the broker answered in MQTT 3.1.1 with return code {0}")]
     V311(u8),
@@ -74,57 +96,60 @@ pub(crate) enum MqttError {
     #[error("cannot encode {what}: {source}")]
     Encode {
         what: &'static str,
-        source: beckon_mqtt::EncodeError,
+        source: beckon_client::Error,
     },
 }
 
-/// An MQTT 5 connection to the broker over any stream.
+/// The stream before CONNECT, the client connection after.
+enum Link<S> {
+    Idle(S),
+    Connected(Box<Connection<S>>),
+    Gone,
+}
+
+/// An MQTT 5 connection to the broker over any stream, on the shared client session.
 pub(crate) struct MqttProbe<S> {
-    stream: S,
-    buf: BytesMut,
+    link: Link<S>,
     timeout: Duration,
     server: String,
     min_tls: TlsVersion,
-    next_packet_id: u16,
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> MqttProbe<S> {
     pub fn new(stream: S, timeout: Duration, server: &str, min_tls: TlsVersion) -> Self {
         Self {
-            stream,
-            buf: BytesMut::with_capacity(4096),
+            link: Link::Idle(stream),
             timeout,
             server: server.to_owned(),
             min_tls,
-            next_packet_id: 1,
         }
     }
 
-    fn packet_id(&mut self) -> u16 {
-        let id = self.next_packet_id;
-        self.next_packet_id = self.next_packet_id.checked_add(1).unwrap_or(1);
-        id
+    fn connection(&mut self) -> Result<&mut Connection<S>, MqttError> {
+        match &mut self.link {
+            Link::Connected(connection) => Ok(connection),
+            _ => Err(MqttError::Closed { what: "CONNECT" }),
+        }
     }
 
-    async fn send(&mut self, packet: Packet, what: &'static str) -> Result<(), MqttError> {
-        let mut out = BytesMut::new();
-        beckon_mqtt::encode(&packet, ProtocolVersion::V5, &mut out)
-            .map_err(|source| MqttError::Encode { what, source })?;
-        let write = async {
-            self.stream.write_all(&out).await?;
-            self.stream.flush().await
-        };
-        match tokio::time::timeout(self.timeout, write).await {
-            Err(_) => Err(MqttError::TimedOut {
+    /// Why the connection ended, as the doctor reports it.
+    fn ended(&self, what: &'static str, end: End) -> MqttError {
+        match end {
+            End::ConnectTimeout | End::PingTimeout => MqttError::TimedOut {
                 what,
                 after: self.timeout,
-            }),
-            Ok(Err(e)) => Err(self.io_error(what, e)),
-            Ok(Ok(())) => Ok(()),
+            },
+            End::Closed | End::Shutdown => MqttError::Closed { what },
+            End::Io(error) => self.io_error(what, error.0),
+            End::Protocol(message) => MqttError::Decode(message),
+            End::OldProtocol { return_code } => MqttError::V311(return_code),
+            End::Disconnected { code, reason, .. } | End::Refused { code, reason, .. } => {
+                MqttError::Disconnected(code, reason)
+            }
         }
     }
 
-    fn io_error(&self, what: &'static str, error: std::io::Error) -> MqttError {
+    fn io_error(&self, what: &'static str, error: Arc<std::io::Error>) -> MqttError {
         if let Some(tls) = TlsError::from_stream_error(&self.server, &error, self.min_tls) {
             return MqttError::Tls(tls);
         }
@@ -139,112 +164,105 @@ impl<S: AsyncRead + AsyncWrite + Unpin> MqttProbe<S> {
         }
     }
 
-    /// The next packet, waiting until `deadline`.
-    async fn recv(&mut self, what: &'static str, deadline: Instant) -> Result<Packet, MqttError> {
-        loop {
-            if let Some(packet) =
-                beckon_mqtt::decode(&mut self.buf, ProtocolVersion::V5, MAX_PACKET)
-                    .map_err(MqttError::Decode)?
-            {
-                if let Packet::Disconnect(d) = &packet {
-                    return Err(MqttError::Disconnected(
-                        d.code,
-                        d.properties.reason_string.clone(),
-                    ));
-                }
-                return Ok(packet);
-            }
-            self.read_more(what, deadline).await?;
-        }
-    }
-
-    /// Reads what the broker sent next into the buffer, waiting until `deadline`.
-    async fn read_more(&mut self, what: &'static str, deadline: Instant) -> Result<(), MqttError> {
-        let left = deadline.saturating_duration_since(Instant::now());
-        let mut chunk = [0u8; 4096];
-        match tokio::time::timeout(left, self.stream.read(&mut chunk)).await {
-            Err(_) => Err(MqttError::TimedOut {
-                what,
-                after: self.timeout,
-            }),
-            Ok(Err(e)) => Err(self.io_error(what, e)),
-            Ok(Ok(0)) => Err(MqttError::Closed { what }),
-            Ok(Ok(n)) => {
-                self.buf.extend_from_slice(&chunk[..n]);
-                Ok(())
-            }
-        }
-    }
-
-    /// Waits for a packet that `want` accepts; PUBLISHes that are not the doctor's are left
-    /// unacknowledged (they belong to the agent's session), anything else is ignored.
+    /// Waits for an event that `want` accepts, until the step's timeout; messages that are
+    /// not the doctor's are left unacknowledged (they belong to the agent's session).
     async fn wait_for<T>(
         &mut self,
         what: &'static str,
-        mut want: impl FnMut(&Packet) -> Option<T>,
+        mut want: impl FnMut(&mut Connection<S>, Event) -> Option<T>,
     ) -> Result<T, MqttError> {
-        let deadline = Instant::now() + self.timeout;
+        let deadline = tokio::time::Instant::now() + self.timeout;
         loop {
-            let packet = self.recv(what, deadline).await?;
-            if let Some(found) = want(&packet) {
+            let connection = self.connection()?;
+            let event = match tokio::time::timeout_at(deadline, connection.next_event()).await {
+                Err(_) => {
+                    return Err(MqttError::TimedOut {
+                        what,
+                        after: self.timeout,
+                    });
+                }
+                Ok(Err(end)) => return Err(self.ended(what, end)),
+                Ok(Ok(event)) => event,
+            };
+            let described = format!("{event:?}");
+            if let Some(found) = want(connection, event) {
                 return Ok(found);
             }
-            tracing::debug!(
-                packet = packet.packet_type(),
-                "packet ignored by the doctor"
-            );
+            tracing::debug!(event = %described, "event ignored by the doctor");
         }
     }
 
-    /// Sends CONNECT and returns the CONNACK.
+    /// Sends the agent's CONNECT (`via_proxy`: the path goes through an HTTP proxy) and
+    /// returns the CONNACK: accepted, or refused with its reason code.
     pub async fn connect(
         &mut self,
         identity: &MqttIdentity,
-    ) -> Result<beckon_mqtt::ConnAck, MqttError> {
-        let properties = Properties::from(beckon_mqtt::PropertySet {
-            session_expiry_interval: identity
-                .named
-                .then(|| u32::try_from(identity.session_expiry.as_secs()).unwrap_or(u32::MAX)),
-            request_problem_information: Some(1),
-            maximum_packet_size: Some(MAX_PACKET),
-            ..Default::default()
-        });
-        let connect = Connect {
-            clean_start: !identity.named,
-            username: identity.username.clone(),
-            password: identity.password.clone().map(Bytes::from),
-            properties,
-            ..Connect::new(
-                ProtocolVersion::V5,
-                identity.client_id.clone(),
-                KEEP_ALIVE_SECS,
-            )
+        via_proxy: bool,
+    ) -> Result<ConnAck, MqttError> {
+        let Link::Idle(stream) = std::mem::replace(&mut self.link, Link::Gone) else {
+            return Err(MqttError::Closed { what: "CONNACK" });
         };
-        self.send(Packet::Connect(Box::new(connect)), "CONNACK")
-            .await?;
-        // A broker that speaks only MQTT 3.1.1 answers a v5 CONNECT with a four-byte v3.1.1
-        // CONNACK (remaining length 2; a v5 CONNACK has at least 3): return code 1,
-        // unacceptable protocol version. Every CONNACK is at least four bytes long.
-        let deadline = Instant::now() + self.timeout;
-        while self.buf.len() < 4 {
-            self.read_more("CONNACK", deadline).await?;
+        let session = Session::new(
+            identity.options(via_proxy, self.timeout),
+            tokio::time::Instant::now().into_std(),
+        );
+        self.link = Link::Connected(Box::new(Connection::start(stream, session)));
+        let deadline = tokio::time::Instant::now() + self.timeout;
+        loop {
+            let connection = self.connection()?;
+            match tokio::time::timeout_at(deadline, connection.next_event()).await {
+                Err(_) => {
+                    return Err(MqttError::TimedOut {
+                        what: "CONNACK",
+                        after: self.timeout,
+                    });
+                }
+                Ok(Ok(Event::Connected(settled))) => {
+                    return Ok(ConnAck {
+                        session_present: settled.session_present,
+                        code: ReasonCode::SUCCESS,
+                        properties: Properties::from(PropertySet {
+                            reason_string: settled.reason,
+                            ..PropertySet::default()
+                        }),
+                    });
+                }
+                Ok(Ok(_)) => {}
+                Ok(Err(End::Refused {
+                    code,
+                    reason,
+                    server_reference,
+                })) => {
+                    return Ok(ConnAck {
+                        session_present: false,
+                        code,
+                        properties: Properties::from(PropertySet {
+                            reason_string: reason,
+                            server_reference,
+                            ..PropertySet::default()
+                        }),
+                    });
+                }
+                Ok(Err(end)) => return Err(self.ended("CONNACK", end)),
+            }
         }
-        if self.buf[0] == 0x20 && self.buf[1] == 0x02 {
-            return Err(MqttError::V311(self.buf[3]));
-        }
-        self.wait_for("CONNACK", |p| match p {
-            Packet::ConnAck(ack) => Some(ack.clone()),
-            _ => None,
-        })
-        .await
     }
 
     /// PINGREQ -> PINGRESP; returns the round-trip time.
     pub async fn ping(&mut self) -> Result<Duration, MqttError> {
         let started = Instant::now();
-        self.send(Packet::PingReq, "PINGRESP").await?;
-        self.wait_for("PINGRESP", |p| matches!(p, Packet::PingResp).then_some(()))
-            .await?;
+        let now = tokio::time::Instant::now().into_std();
+        self.connection()?
+            .session_mut()
+            .ping(now)
+            .map_err(|source| MqttError::Encode {
+                what: "PINGREQ",
+                source,
+            })?;
+        self.wait_for("PINGRESP", |_, event| {
+            matches!(event, Event::Pong).then_some(())
+        })
+        .await?;
         Ok(started.elapsed())
     }
 
@@ -253,26 +271,33 @@ impl<S: AsyncRead + AsyncWrite + Unpin> MqttProbe<S> {
         &mut self,
         topic: &str,
     ) -> Result<(ReasonCode, Option<String>), MqttError> {
-        let packet_id = self.packet_id();
-        let subscribe = Subscribe {
-            packet_id,
-            subscriptions: vec![Subscription {
-                filter: topic.to_owned(),
-                options: SubscriptionOptions {
-                    qos: QoS::AtLeastOnce,
-                    ..SubscriptionOptions::default()
-                },
-            }],
-            properties: Properties::default(),
+        let subscription = Subscription {
+            filter: topic.to_owned(),
+            options: SubscriptionOptions {
+                qos: QoS::AtLeastOnce,
+                ..SubscriptionOptions::default()
+            },
         };
-        self.send(Packet::Subscribe(subscribe), "SUBACK").await?;
-        self.wait_for("SUBACK", |p| match p {
-            Packet::SubAck(ack) if ack.packet_id == packet_id => Some((
-                ack.codes
+        let now = tokio::time::Instant::now().into_std();
+        let packet_id = self
+            .connection()?
+            .session_mut()
+            .subscribe(vec![subscription], now)
+            .map_err(|source| MqttError::Encode {
+                what: "SUBSCRIBE",
+                source,
+            })?;
+        self.wait_for("SUBACK", |_, event| match event {
+            Event::Subscribed {
+                packet_id: id,
+                codes,
+                reason,
+            } if id == packet_id => Some((
+                codes
                     .first()
                     .copied()
                     .unwrap_or(ReasonCode::UNSPECIFIED_ERROR),
-                ack.properties.reason_string.clone(),
+                reason,
             )),
             _ => None,
         })
@@ -281,16 +306,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin> MqttProbe<S> {
 
     /// UNSUBSCRIBE, waiting for UNSUBACK.
     pub async fn unsubscribe(&mut self, topic: &str) -> Result<(), MqttError> {
-        let packet_id = self.packet_id();
-        let unsubscribe = Unsubscribe {
-            packet_id,
-            filters: vec![topic.to_owned()],
-            properties: Properties::default(),
-        };
-        self.send(Packet::Unsubscribe(unsubscribe), "UNSUBACK")
-            .await?;
-        self.wait_for("UNSUBACK", |p| {
-            matches!(p, Packet::UnsubAck(a) if a.packet_id == packet_id).then_some(())
+        let now = tokio::time::Instant::now().into_std();
+        let packet_id = self
+            .connection()?
+            .session_mut()
+            .unsubscribe(vec![topic.to_owned()], now)
+            .map_err(|source| MqttError::Encode {
+                what: "UNSUBSCRIBE",
+                source,
+            })?;
+        self.wait_for("UNSUBACK", |_, event| {
+            matches!(event, Event::Unsubscribed { packet_id: id } if id == packet_id).then_some(())
         })
         .await
     }
@@ -303,59 +329,60 @@ impl<S: AsyncRead + AsyncWrite + Unpin> MqttProbe<S> {
         topic: &str,
         payload: &Bytes,
     ) -> Result<(ReasonCode, Option<String>, Option<Duration>), MqttError> {
-        let packet_id = self.packet_id();
         let started = Instant::now();
         let publish = Publish {
-            dup: false,
-            qos: QoS::AtLeastOnce,
-            retain: false,
-            topic: topic.to_owned(),
-            packet_id: Some(packet_id),
-            payload: payload.clone(),
-            properties: Properties::from(beckon_mqtt::PropertySet {
+            properties: Properties::from(PropertySet {
                 message_expiry_interval: Some(60),
-                ..Default::default()
+                ..PropertySet::default()
             }),
+            ..beckon_client::message(topic, QoS::AtLeastOnce, payload.clone())
         };
-        self.send(Packet::Publish(publish), "PUBACK").await?;
+        let now = tokio::time::Instant::now().into_std();
+        let packet_id = self
+            .connection()?
+            .session_mut()
+            .publish(publish, now)
+            .map_err(|source| MqttError::Encode {
+                what: "PUBLISH",
+                source,
+            })?;
         let mut puback: Option<(ReasonCode, Option<String>)> = None;
-        let mut back: Option<(Duration, Option<u16>)> = None;
-        let deadline = Instant::now() + self.timeout;
-        while puback.is_none() || back.is_none() {
+        let mut back: Option<Duration> = None;
+        self.wait_for("the echoed message", |connection, event| {
+            match event {
+                Event::Published {
+                    packet_id: id,
+                    code,
+                    reason,
+                } if Some(id) == packet_id => puback = Some((code, reason)),
+                Event::Message(p) if p.topic == topic && p.payload == *payload => {
+                    back = Some(started.elapsed());
+                    // Acknowledge the doctor's own message only.
+                    if let Some(id) = p.packet_id {
+                        let now = tokio::time::Instant::now().into_std();
+                        let _ = connection.session_mut().acknowledge(id, now);
+                    }
+                }
+                _ => return None,
+            }
             // A refused message, or one the broker says nobody receives, will not come back.
-            if let Some((code, _)) = &puback
-                && (code.is_error() || *code == ReasonCode::NO_MATCHING_SUBSCRIBERS)
-            {
-                break;
-            }
-            let packet = self.recv("the echoed message", deadline).await?;
-            match packet {
-                Packet::PubAck(ack) if ack.packet_id == packet_id => {
-                    puback = Some((ack.code, ack.properties.reason_string.clone()));
-                }
-                Packet::Publish(p) if p.topic == topic && p.payload == *payload => {
-                    back = Some((started.elapsed(), p.packet_id));
-                }
-                other => {
-                    tracing::debug!(packet = other.packet_type(), "packet ignored by the doctor");
-                }
-            }
-        }
-        // Acknowledge the doctor's own message only.
-        if let Some((_, Some(id))) = back {
-            self.send(Packet::PubAck(beckon_mqtt::Ack::new(id)), "PUBACK")
-                .await?;
-        }
+            let refused = puback.as_ref().is_some_and(|(code, _)| {
+                code.is_error() || *code == ReasonCode::NO_MATCHING_SUBSCRIBERS
+            });
+            (puback.is_some() && (back.is_some() || refused)).then_some(())
+        })
+        .await?;
+        // The acknowledgement of the echo leaves before the step ends.
+        let _ = self.connection()?.flush().await;
         let (code, reason) = puback.unwrap_or((ReasonCode::SUCCESS, None));
-        Ok((code, reason, back.map(|(t, _)| t)))
+        Ok((code, reason, back))
     }
 
     /// Sends DISCONNECT (normal) and closes the stream; errors are of no interest here.
     pub async fn disconnect(mut self) {
-        let _ = self
-            .send(Packet::Disconnect(Disconnect::default()), "DISCONNECT")
-            .await;
-        let _ = tokio::time::timeout(self.timeout, self.stream.shutdown()).await;
+        if let Link::Connected(connection) = &mut self.link {
+            connection.disconnect().await;
+        }
     }
 }
 
@@ -411,8 +438,9 @@ pub(crate) fn describe_code(code: ReasonCode) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use beckon_mqtt::{Ack, ConnAck};
-    use tokio::io::{DuplexStream, duplex};
+    use beckon_mqtt::{Ack, Connect, Packet, ProtocolVersion};
+    use bytes::BytesMut;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream, duplex};
 
     const T: Duration = Duration::from_secs(5);
 
@@ -437,9 +465,16 @@ mod tests {
     }
 
     impl Broker {
+        fn new(stream: DuplexStream) -> Self {
+            Self {
+                stream,
+                buf: BytesMut::new(),
+            }
+        }
+
         async fn recv(&mut self) -> Packet {
             loop {
-                if let Some(p) = beckon_mqtt::decode(&mut self.buf, ProtocolVersion::V5, MAX_PACKET)
+                if let Some(p) = beckon_mqtt::decode(&mut self.buf, ProtocolVersion::V5, u32::MAX)
                     .expect("the doctor sends valid MQTT 5")
                 {
                     return p;
@@ -459,18 +494,60 @@ mod tests {
             beckon_mqtt::encode(&packet, ProtocolVersion::V5, &mut out).expect("encode");
             self.stream.write_all(&out).await.expect("write");
         }
+
+        /// Takes the CONNECT and accepts it.
+        async fn accept(&mut self) -> Box<Connect> {
+            let Packet::Connect(connect) = self.recv().await else {
+                panic!("CONNECT first");
+            };
+            self.send(Packet::ConnAck(ConnAck::default())).await;
+            connect
+        }
+    }
+
+    #[tokio::test]
+    async fn the_doctor_connects_as_the_agent_does() {
+        for via_proxy in [false, true] {
+            let (client, server) = duplex(64 * 1024);
+            let mut broker = Broker::new(server);
+            let doctor = tokio::spawn(async move {
+                let mut probe = probe(client);
+                let ack = probe.connect(&agent(), via_proxy).await;
+                probe.disconnect().await;
+                ack
+            });
+            let connect = broker.accept().await;
+            doctor.await.expect("doctor task").expect("CONNACK");
+            // What the agent sends for the same identity on the same path.
+            let identity = agent();
+            let agent_connect = beckon_agent::session::connect_options(
+                identity.client_id,
+                identity.username,
+                identity.password.map(Bytes::from),
+                KEEP_ALIVE,
+                3600,
+                via_proxy,
+            )
+            .connect_packet();
+            assert_eq!(*connect, agent_connect);
+            assert!(connect.properties.receive_maximum.is_some());
+            assert_eq!(
+                connect.properties.user_properties,
+                vec![(
+                    beckon_client::VIA_PROXY_PROPERTY.to_owned(),
+                    via_proxy.to_string()
+                )]
+            );
+        }
     }
 
     #[tokio::test]
     async fn an_agent_session_is_resumed_and_its_wake_ups_left_alone() {
         let (client, server) = duplex(64 * 1024);
-        let mut broker = Broker {
-            stream: server,
-            buf: BytesMut::new(),
-        };
+        let mut broker = Broker::new(server);
         let doctor = tokio::spawn(async move {
             let mut probe = probe(client);
-            let ack = probe.connect(&agent()).await.expect("CONNACK");
+            let ack = probe.connect(&agent(), false).await.expect("CONNACK");
             let rtt = probe.ping().await.expect("PINGRESP");
             probe.disconnect().await;
             (ack, rtt)
@@ -515,9 +592,43 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_throw_away_client_starts_clean_and_a_refusal_is_a_connack() {
+        let (client, server) = duplex(64 * 1024);
+        let mut broker = Broker::new(server);
+        let identity = MqttIdentity {
+            client_id: "beckon-doctor-1".into(),
+            named: false,
+            session_expiry: Duration::ZERO,
+            ..agent()
+        };
+        let doctor = tokio::spawn(async move { probe(client).connect(&identity, false).await });
+        let Packet::Connect(connect) = broker.recv().await else {
+            panic!("CONNECT first");
+        };
+        assert!(connect.clean_start);
+        assert_eq!(connect.properties.session_expiry_interval, None);
+        broker
+            .send(Packet::ConnAck(ConnAck {
+                session_present: false,
+                code: ReasonCode::NOT_AUTHORIZED,
+                properties: Properties::from(PropertySet {
+                    reason_string: Some("no such user".into()),
+                    ..PropertySet::default()
+                }),
+            }))
+            .await;
+        let ack = doctor.await.expect("task").expect("a refusal is an answer");
+        assert_eq!(ack.code, ReasonCode::NOT_AUTHORIZED);
+        assert_eq!(
+            ack.properties.reason_string.as_deref(),
+            Some("no such user")
+        );
+    }
+
+    #[tokio::test]
     async fn a_broker_that_speaks_only_mqtt_3_is_named() {
         let (client, mut server) = duplex(4096);
-        let doctor = tokio::spawn(async move { probe(client).connect(&agent()).await });
+        let doctor = tokio::spawn(async move { probe(client).connect(&agent(), false).await });
         let mut buf = [0u8; 512];
         let _ = server.read(&mut buf).await.expect("CONNECT");
         // v3.1.1 CONNACK, return code 1: unacceptable protocol version.
@@ -530,10 +641,18 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_silent_broker_times_out_and_an_echo_is_acknowledged() {
+    async fn a_silent_broker_times_out() {
         let (client, server) = duplex(4096);
-        let mut doctor = MqttProbe::new(client, Duration::from_millis(200), "b", TlsVersion::Tls12);
-        let err = doctor.ping().await.expect_err("no PINGRESP");
+        let mut broker = Broker::new(server);
+        let doctor = tokio::spawn(async move {
+            let mut doctor =
+                MqttProbe::new(client, Duration::from_millis(200), "b", TlsVersion::Tls12);
+            doctor.connect(&agent(), false).await.expect("CONNACK");
+            doctor.ping().await
+        });
+        broker.accept().await;
+        assert_eq!(broker.recv().await, Packet::PingReq);
+        let err = doctor.await.expect("task").expect_err("no PINGRESP");
         assert!(
             matches!(
                 err,
@@ -544,19 +663,21 @@ mod tests {
             ),
             "{err}"
         );
+    }
 
+    #[tokio::test]
+    async fn an_echo_is_acknowledged() {
         // The echo: PUBACK and the message back; the doctor acknowledges its own message.
-        let mut broker = Broker {
-            stream: server,
-            buf: BytesMut::new(),
-        };
-        assert_eq!(broker.recv().await, Packet::PingReq);
-        let mut doctor = MqttProbe::new(doctor.stream, T, "b", TlsVersion::Tls12);
+        let (client, server) = duplex(4096);
+        let mut broker = Broker::new(server);
         let payload = Bytes::from_static(b"echo 1");
         let echo = tokio::spawn(async move {
+            let mut doctor = probe(client);
+            doctor.connect(&agent(), false).await.expect("CONNACK");
             let result = doctor.echo("beckon-doctor/x", &payload).await;
             (result, doctor)
         });
+        broker.accept().await;
         let Packet::Publish(p) = broker.recv().await else {
             panic!("PUBLISH");
         };

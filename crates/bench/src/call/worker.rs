@@ -9,17 +9,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
+use beckon_client::{Connection, End, Event as ClientEvent, Options, Session};
 use beckon_identity::wakeup::{Ack, AckStatus, ReplayGuard, WakeUpVerifier};
 use beckon_identity::{KeyId, PublicKey, TenantId};
-use beckon_mqtt::{
-    Connect, Packet, Properties, ProtocolVersion, Publish, QoS, Subscribe, Subscription,
-    SubscriptionOptions,
-};
-use bytes::{Bytes, BytesMut};
+use beckon_mqtt::{ProtocolVersion, QoS, Subscription, SubscriptionOptions};
+use bytes::Bytes;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use serde::{Deserialize, Serialize};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpSocket;
 use tokio::sync::{Semaphore, mpsc, watch};
 
@@ -468,52 +465,8 @@ async fn enroll_one(
 
 type TlsStream = tokio_rustls::client::TlsStream<tokio::net::TcpStream>;
 
-/// One agent's connection.
-struct Link {
-    io: TlsStream,
-    rbuf: BytesMut,
-    wbuf: BytesMut,
-    next_id: u16,
-}
-
-impl Link {
-    fn queue(&mut self, packet: &Packet) -> Result<(), String> {
-        beckon_mqtt::encode(packet, ProtocolVersion::V5, &mut self.wbuf)
-            .map_err(|e| format!("encoding: {e}"))
-    }
-
-    async fn flush(&mut self) -> Result<(), String> {
-        let out = self.wbuf.split();
-        self.io
-            .write_all(&out)
-            .await
-            .and(self.io.flush().await)
-            .map_err(|e| format!("writing to the broker: {e}"))
-    }
-
-    async fn recv(&mut self) -> Result<Packet, String> {
-        loop {
-            match beckon_mqtt::decode(&mut self.rbuf, ProtocolVersion::V5, MAX_PACKET) {
-                Ok(Some(p)) => return Ok(p),
-                Ok(None) => {}
-                Err(e) => return Err(format!("undecodable packet from the broker: {e}")),
-            }
-            let n = self
-                .io
-                .read_buf(&mut self.rbuf)
-                .await
-                .map_err(|e| format!("reading from the broker: {e}"))?;
-            if n == 0 {
-                return Err("the broker closed the connection".into());
-            }
-        }
-    }
-
-    fn packet_id(&mut self) -> u16 {
-        self.next_id = self.next_id.wrapping_add(1).max(1);
-        self.next_id
-    }
-}
+/// One agent's connection: the shared client session over the agent's TLS stream.
+type Link = Connection<TlsStream>;
 
 async fn open(
     creds: &Credentials,
@@ -538,54 +491,41 @@ async fn open(
         .connect(name, tcp)
         .await
         .map_err(|e| format!("TLS handshake: {e}"))?;
-    let mut link = Link {
-        io,
-        rbuf: BytesMut::with_capacity(1024),
-        wbuf: BytesMut::with_capacity(512),
-        next_id: 0,
+    let mut options = Options::new(ProtocolVersion::V5, creds.id.clone());
+    options.keep_alive = Duration::from_secs(300);
+    options.max_packet_size = MAX_PACKET;
+    let now = tokio::time::Instant::now().into_std();
+    let mut link = Connection::start(io, Session::new(options, now));
+    let subscription = Subscription {
+        filter: beckon_identity::acl::wake_topic(&creds.id),
+        options: SubscriptionOptions {
+            qos: QoS::AtLeastOnce,
+            ..SubscriptionOptions::default()
+        },
     };
-    link.queue(&Packet::Connect(Box::new(Connect::new(
-        ProtocolVersion::V5,
-        creds.id.clone(),
-        300,
-    ))))?;
-    link.flush().await?;
-    match link.recv().await? {
-        Packet::ConnAck(ack) if !ack.code.is_error() => {}
-        Packet::ConnAck(ack) => {
-            return Err(format!(
-                "the broker refused CONNECT (reason 0x{:02X})",
-                ack.code.0
-            ));
-        }
-        _ => return Err("the broker did not answer CONNECT with CONNACK".into()),
-    }
-    let id = link.packet_id();
-    link.queue(&Packet::Subscribe(Subscribe {
-        packet_id: id,
-        subscriptions: vec![Subscription {
-            filter: beckon_identity::acl::wake_topic(&creds.id),
-            options: SubscriptionOptions {
-                qos: QoS::AtLeastOnce,
-                ..SubscriptionOptions::default()
-            },
-        }],
-        properties: Properties::default(),
-    }))?;
-    link.flush().await?;
+    let id = link
+        .session_mut()
+        .subscribe(vec![subscription], now)
+        .map_err(|e| format!("SUBSCRIBE: {e}"))?;
     loop {
-        match link.recv().await? {
-            Packet::SubAck(ack) if ack.packet_id == id => {
-                return match ack.codes.first() {
+        match link.next_event().await {
+            Ok(ClientEvent::Subscribed {
+                packet_id, codes, ..
+            }) if packet_id == id => {
+                return match codes.first() {
                     Some(c) if !c.is_error() => Ok(link),
                     Some(c) => Err(format!("the broker refused SUBSCRIBE (0x{:02X})", c.0)),
                     None => Err("SUBACK without a code".into()),
                 };
             }
-            Packet::Disconnect(d) => {
-                return Err(format!("the broker disconnected (0x{:02X})", d.code.0));
+            Ok(_) => {}
+            Err(End::Refused { code, .. }) => {
+                return Err(format!(
+                    "the broker refused CONNECT (reason 0x{:02X})",
+                    code.0
+                ));
             }
-            _ => {}
+            Err(end) => return Err(end.to_string()),
         }
     }
 }
@@ -626,59 +566,53 @@ async fn run_agent(
     let mut replay = ReplayGuard::default();
     let mut seen_first = false;
     loop {
-        let packet = tokio::select! {
-            p = link.recv() => p,
+        let event = tokio::select! {
+            e = link.next_event() => e,
             () = async { let _ = stop.wait_for(|s| *s).await.map(drop); } => {
-                let _ = link.queue(&Packet::Disconnect(beckon_mqtt::Disconnect::default()));
-                let _ = tokio::time::timeout(Duration::from_secs(1), link.flush()).await;
+                link.disconnect().await;
                 return;
             }
         };
-        let Ok(packet) = packet else { return };
-        if let Packet::Publish(p) = packet {
-            let arrived_unix_ns = unix_ns();
-            if let (QoS::AtLeastOnce, Some(id)) = (p.qos, p.packet_id) {
-                let _ = link.queue(&Packet::PubAck(beckon_mqtt::Ack::new(id)));
-            }
-            let now_s = i64::try_from(arrived_unix_ns / 1_000_000_000).unwrap_or(i64::MAX);
-            let verdict = match creds.verifier.verify(&p.payload, now_s, &mut replay) {
-                Ok(wakeup) => {
-                    let at_ms = i64::try_from(arrived_unix_ns / 1_000_000).unwrap_or(i64::MAX);
-                    let mut acks = vec![Ack::received(&wakeup.id, at_ms)];
-                    if config.acks == AckStages::Finished {
-                        acks.push(Ack::started(&wakeup.id, at_ms));
-                        acks.push(Ack::finished(&wakeup.id, AckStatus::Ok, Some(0), 0, at_ms));
-                    }
-                    for ack in acks {
-                        let pid = link.packet_id();
-                        let _ = link.queue(&Packet::Publish(Publish {
-                            dup: false,
-                            qos: QoS::AtLeastOnce,
-                            retain: false,
-                            topic: format!("agents/{}/ack", creds.id),
-                            packet_id: Some(pid),
-                            payload: Bytes::from(ack.to_json()),
-                            properties: Properties::default(),
-                        }));
-                    }
-                    Ok(())
+        // The session acknowledges the wake-up and ends on the broker's DISCONNECT.
+        let p = match event {
+            Ok(ClientEvent::Message(p)) => p,
+            Ok(_) => continue,
+            Err(_) => return,
+        };
+        let arrived_unix_ns = unix_ns();
+        let now_s = i64::try_from(arrived_unix_ns / 1_000_000_000).unwrap_or(i64::MAX);
+        let verdict = match creds.verifier.verify(&p.payload, now_s, &mut replay) {
+            Ok(wakeup) => {
+                let at_ms = i64::try_from(arrived_unix_ns / 1_000_000).unwrap_or(i64::MAX);
+                let mut acks = vec![Ack::received(&wakeup.id, at_ms)];
+                if config.acks == AckStages::Finished {
+                    acks.push(Ack::started(&wakeup.id, at_ms));
+                    acks.push(Ack::finished(&wakeup.id, AckStatus::Ok, Some(0), 0, at_ms));
                 }
-                Err(e) => Err(format!("agent {}: wake-up refused: {e}", creds.id)),
-            };
-            let first = !seen_first;
-            seen_first = true;
-            let _ = events.send((
-                local,
-                Event::Wakeup {
-                    arrived_unix_ns,
-                    verdict,
-                    first,
-                },
-            ));
-            if link.flush().await.is_err() {
-                return;
+                let now = tokio::time::Instant::now().into_std();
+                for ack in acks {
+                    let ack = beckon_client::message(
+                        format!("agents/{}/ack", creds.id),
+                        QoS::AtLeastOnce,
+                        Bytes::from(ack.to_json()),
+                    );
+                    let _ = link.session_mut().publish(ack, now);
+                }
+                Ok(())
             }
-        } else if let Packet::Disconnect(_) = packet {
+            Err(e) => Err(format!("agent {}: wake-up refused: {e}", creds.id)),
+        };
+        let first = !seen_first;
+        seen_first = true;
+        let _ = events.send((
+            local,
+            Event::Wakeup {
+                arrived_unix_ns,
+                verdict,
+                first,
+            },
+        ));
+        if link.flush().await.is_err() {
             return;
         }
     }
