@@ -46,6 +46,14 @@ pub enum StoreError {
         /// What this build knows.
         supported: i64,
     },
+    /// A record could not be turned into JSON for storing; nothing was written.
+    #[error("cannot encode {context} as JSON: {source}; nothing was written, report this as a bug")]
+    Encode {
+        /// What was being encoded.
+        context: &'static str,
+        /// The error.
+        source: serde_json::Error,
+    },
     /// SQLite failed.
     #[error("database error while {context}: {source}")]
     Sqlite {
@@ -380,6 +388,11 @@ pub trait Store: Send + Sync {
     fn user_count(&self) -> StoreResult<u64>;
     /// A user's password hash.
     fn password_hash(&self, name: &str) -> StoreResult<String>;
+    /// Replaces a user's password hash by a new hash of the same password (a stored format
+    /// upgrade), only while the stored hash is still `current`; the sessions stay. Returns
+    /// whether it was replaced.
+    fn upgrade_password_hash(&self, name: &str, current: &str, upgraded: &str)
+    -> StoreResult<bool>;
     /// Records a login session.
     fn create_session(
         &self,

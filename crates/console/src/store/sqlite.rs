@@ -172,8 +172,13 @@ fn json_list(text: &str) -> Vec<String> {
     serde_json::from_str(text).unwrap_or_default()
 }
 
-fn to_json<T: serde::Serialize>(value: &T) -> String {
-    serde_json::to_string(value).unwrap_or_else(|_| "[]".into())
+/// A list as stored: JSON text. A value that cannot be encoded fails the write instead of
+/// storing an empty list in its place.
+fn to_json<T: serde::Serialize>(value: &T) -> StoreResult<String> {
+    serde_json::to_string(value).map_err(|source| StoreError::Encode {
+        context: "a list",
+        source,
+    })
 }
 
 impl SqliteStore {
@@ -521,7 +526,7 @@ impl Store for SqliteStore {
         let now = now_ms();
         tx.execute(
             "INSERT INTO enrollment_tokens (id, hash, label, created_at, created_by, expires_at, max_uses, groups) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
-            params![t.id, &t.hash[..], t.label, now, t.created_by, t.expires_at, t.max_uses, to_json(&t.groups)],
+            params![t.id, &t.hash[..], t.label, now, t.created_by, t.expires_at, t.max_uses, to_json(&t.groups)?],
         )
         .map_err(sql("recording an enrollment token"))?;
         tx.commit().map_err(sql("recording an enrollment token"))?;
@@ -632,8 +637,8 @@ impl Store for SqliteStore {
                 agent.name,
                 agent.inventory.hostname,
                 agent.inventory.os,
-                to_json(&agent.inventory.addresses),
-                to_json(&agent.inventory.macs),
+                to_json(&agent.inventory.addresses)?,
+                to_json(&agent.inventory.macs)?,
                 now,
                 token.id,
                 &agent.secret_hash[..]
@@ -881,7 +886,7 @@ impl Store for SqliteStore {
         let n = match inventory {
             Some(inv) => conn.execute(
                 "UPDATE agents SET last_checkin = ?1, hostname = ?2, os = ?3, addresses = ?4, macs = ?5 WHERE id = ?6 AND revoked = 0",
-                params![now, inv.hostname, inv.os, to_json(&inv.addresses), to_json(&inv.macs), id],
+                params![now, inv.hostname, inv.os, to_json(&inv.addresses)?, to_json(&inv.macs)?, id],
             ),
             None => conn.execute(
                 "UPDATE agents SET last_checkin = ?1 WHERE id = ?2 AND revoked = 0",
@@ -1346,8 +1351,14 @@ impl Store for SqliteStore {
         new.validate()
             .map_err(|e| StoreError::Invalid(e.to_string()))?;
         let old = self.settings()?;
-        let old_v = serde_json::to_value(&old).unwrap_or_default();
-        let new_v = serde_json::to_value(new).unwrap_or_default();
+        // Both sides are compared to audit each change: a failed encoding must not pass
+        // for "nothing changed".
+        let encode = |source| StoreError::Encode {
+            context: "the settings",
+            source,
+        };
+        let old_v = serde_json::to_value(&old).map_err(encode)?;
+        let new_v = serde_json::to_value(new).map_err(encode)?;
         let mut conn = self.conn();
         let tx = conn.transaction().map_err(sql("starting a transaction"))?;
         for key in ["wol", "wakeup", "broker", "proxy"] {
@@ -1474,6 +1485,21 @@ impl Store for SqliteStore {
                 what: "user",
                 id: name.to_owned(),
             })
+    }
+
+    fn upgrade_password_hash(
+        &self,
+        name: &str,
+        current: &str,
+        upgraded: &str,
+    ) -> StoreResult<bool> {
+        self.conn()
+            .execute(
+                "UPDATE users SET password_hash = ?1 WHERE name = ?2 AND password_hash = ?3",
+                params![upgraded, name, current],
+            )
+            .map(|n| n > 0)
+            .map_err(sql("upgrading a password hash"))
     }
 
     fn create_session(
