@@ -61,8 +61,21 @@ pub enum BrokerLink {
     },
 }
 
+/// Why a `--broker` value is not a broker URL.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BrokerUrlError {
+    /// The address after the scheme is not `host:port`.
+    #[error(transparent)]
+    Address(#[from] settings::HostPortError),
+    /// Neither `mqtts://` nor `mqtt://` nor `none`.
+    #[error(
+        "{0:?} is not a broker URL: use mqtts://host[:port] (TLS, certificate from the console's CA) or mqtt://host:port (plain, development only)"
+    )]
+    Scheme(String),
+}
+
 impl std::str::FromStr for BrokerLink {
-    type Err = String;
+    type Err = BrokerUrlError;
 
     fn from_str(text: &str) -> Result<Self, Self::Err> {
         if text.is_empty() || text == "none" {
@@ -86,9 +99,7 @@ impl std::str::FromStr for BrokerLink {
                 ca_file: None,
             });
         }
-        Err(format!(
-            "{text:?} is not a broker URL: use mqtts://host[:port] (TLS, certificate from the console's CA) or mqtt://host:port (plain, development only)"
-        ))
+        Err(BrokerUrlError::Scheme(text.to_owned()))
     }
 }
 

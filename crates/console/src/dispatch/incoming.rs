@@ -6,6 +6,7 @@ use beckon_identity::wakeup::{Ack, AckStage, AckStatus};
 use beckon_identity::{ConnectionPath, PresenceState};
 use beckon_mqtt::{Packet, Publish, QoS};
 
+use super::LinkError;
 use super::link::Conn;
 use crate::model::*;
 use crate::store::{DeliveryAdvance, DeliveryUpdate, PresenceUpdate};
@@ -46,7 +47,7 @@ fn handle_puback(conn: &mut Conn, ack: beckon_mqtt::Ack) {
 /// Handles one packet from the broker without waiting for anything: state changes and the
 /// PUBACKs that wait for them are queued for the writer, agents that came online for
 /// [`send_pending`].
-pub(super) fn handle_packet(conn: &mut Conn, packet: Packet) -> Result<(), String> {
+pub(super) fn handle_packet(conn: &mut Conn, packet: Packet) -> Result<(), LinkError> {
     match packet {
         Packet::PubAck(ack) => handle_puback(conn, ack),
         Packet::Publish(p) => {
@@ -58,15 +59,10 @@ pub(super) fn handle_packet(conn: &mut Conn, packet: Packet) -> Result<(), Strin
             }
         }
         Packet::Disconnect(d) => {
-            return Err(format!(
-                "the broker disconnected the console (reason 0x{:02X}{})",
-                d.code.0,
-                d.properties
-                    .reason_string
-                    .as_ref()
-                    .map(|r| format!(": {r}"))
-                    .unwrap_or_default()
-            ));
+            return Err(LinkError::Disconnected {
+                code: d.code.0,
+                reason: d.properties.reason_string.clone(),
+            });
         }
         // QoS 2 is never subscribed to; PINGRESP and SUBACK need nothing.
         _ => {}

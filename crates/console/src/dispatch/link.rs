@@ -13,6 +13,7 @@ use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{mpsc, oneshot};
 
+use super::LinkError;
 use super::incoming::handle_packet;
 use super::writer::{Changes, WriteJob};
 use crate::{AppState, BrokerLink};
@@ -27,17 +28,22 @@ pub const CLIENT_ID: &str = "console";
 pub(super) async fn connect(
     st: &AppState,
     link: &BrokerLink,
-) -> Result<beckon_net::BoxedStream, String> {
+) -> Result<beckon_net::BoxedStream, LinkError> {
     match link {
-        BrokerLink::None => Err("no broker configured".into()),
+        BrokerLink::None => Err(LinkError::NotConfigured),
         BrokerLink::Anonymous { address } => {
             let tcp = tokio::time::timeout(
                 Duration::from_secs(10),
                 tokio::net::TcpStream::connect(address.as_str()),
             )
             .await
-            .map_err(|_| format!("TCP connect to {address} timed out"))?
-            .map_err(|e| format!("TCP connect to {address} failed: {e}"))?;
+            .map_err(|_| LinkError::ConnectTimeout {
+                address: address.clone(),
+            })?
+            .map_err(|source| LinkError::Connect {
+                address: address.clone(),
+                source,
+            })?;
             let _ = tcp.set_nodelay(true);
             Ok(Box::new(tcp))
         }
@@ -48,15 +54,12 @@ pub(super) async fn connect(
         } => {
             // The console's server identity: a client certificate from its own CA, made
             // fresh for each connection (cheap, and never stale).
-            let issued = st
-                .ca
-                .issue_client(
-                    CLIENT_ID,
-                    Some(st.tenant.as_str()),
-                    Some("server"),
-                    Duration::from_secs(7 * 24 * 3600),
-                )
-                .map_err(|e| format!("cannot issue the console's client certificate: {e}"))?;
+            let issued = st.ca.issue_client(
+                CLIENT_ID,
+                Some(st.tenant.as_str()),
+                Some("server"),
+                Duration::from_secs(7 * 24 * 3600),
+            )?;
             let trust = match ca_file {
                 Some(p) => beckon_net::TrustAnchors::CaFile(p.clone()),
                 None => beckon_net::TrustAnchors::CaPem(st.ca.cert_pem().as_bytes().to_vec()),
@@ -68,12 +71,11 @@ pub(super) async fn connect(
                     key: issued.key_pem.into_bytes(),
                 }),
                 ..Default::default()
-            })
-            .map_err(|e| e.to_string())?;
+            })?;
             let mut config = beckon_net::LadderConfig::new(host.clone());
             config.primary_port = *port;
             let mut ladder = beckon_net::ConnectionLadder::new(config, std::sync::Arc::new(tls));
-            let connected = ladder.connect().await.map_err(|e| e.to_string())?;
+            let connected = ladder.connect().await?;
             Ok(connected.stream)
         }
     }
@@ -83,7 +85,7 @@ pub(super) struct Conn {
     /// Bytes for the socket writer ([`write_packets`]).
     pub(super) out: mpsc::UnboundedSender<Bytes>,
     /// Packets from the socket reader ([`read_packets`]), or why reading stopped.
-    pub(super) incoming: mpsc::UnboundedReceiver<Result<Packet, String>>,
+    pub(super) incoming: mpsc::UnboundedReceiver<Result<Packet, LinkError>>,
     /// Packets received and not handled yet.
     pub(super) ready: std::collections::VecDeque<Packet>,
     /// Packets encoded but not handed to the socket writer yet.
@@ -117,18 +119,18 @@ pub(super) struct Conn {
 /// enough to keep them flowing meanwhile.
 pub(super) async fn read_packets(
     mut read: tokio::io::ReadHalf<beckon_net::BoxedStream>,
-    packets: mpsc::UnboundedSender<Result<Packet, String>>,
+    packets: mpsc::UnboundedSender<Result<Packet, LinkError>>,
 ) {
     let mut buf = BytesMut::with_capacity(64 * 1024);
     loop {
         match read.read_buf(&mut buf).await {
             Ok(0) => {
-                let _ = packets.send(Err("the broker closed the connection".into()));
+                let _ = packets.send(Err(LinkError::Closed));
                 return;
             }
             Ok(_) => {}
             Err(e) => {
-                let _ = packets.send(Err(format!("reading from the broker failed: {e}")));
+                let _ = packets.send(Err(LinkError::Read(e)));
                 return;
             }
         }
@@ -141,7 +143,7 @@ pub(super) async fn read_packets(
                 }
                 Ok(None) => break,
                 Err(e) => {
-                    let _ = packets.send(Err(format!("the broker sent a malformed packet: {e}")));
+                    let _ = packets.send(Err(LinkError::Malformed(e)));
                     return;
                 }
             }
@@ -153,7 +155,7 @@ pub(super) async fn read_packets(
 pub(super) async fn write_packets(
     mut write: tokio::io::WriteHalf<beckon_net::BoxedStream>,
     mut out: mpsc::UnboundedReceiver<Bytes>,
-    errors: mpsc::UnboundedSender<Result<Packet, String>>,
+    errors: mpsc::UnboundedSender<Result<Packet, LinkError>>,
 ) {
     let mut buf = BytesMut::with_capacity(64 * 1024);
     while let Some(first) = out.recv().await {
@@ -170,7 +172,7 @@ pub(super) async fn write_packets(
         }
         .await;
         if let Err(e) = written {
-            let _ = errors.send(Err(format!("writing to the broker failed: {e}")));
+            let _ = errors.send(Err(LinkError::Write(e)));
             return;
         }
         buf.clear();
@@ -182,7 +184,7 @@ impl Conn {
     /// writer's channels.
     pub(super) fn new(
         out: mpsc::UnboundedSender<Bytes>,
-        incoming: mpsc::UnboundedReceiver<Result<Packet, String>>,
+        incoming: mpsc::UnboundedReceiver<Result<Packet, LinkError>>,
         writer: mpsc::UnboundedSender<WriteJob>,
     ) -> Self {
         Self {
@@ -203,24 +205,21 @@ impl Conn {
     }
 
     /// Encodes a packet for the next [`write_out`](Self::write_out).
-    pub(super) fn queue(&mut self, packet: &Packet) -> Result<(), String> {
-        beckon_mqtt::encode(packet, ProtocolVersion::V5, &mut self.wbuf)
-            .map_err(|e| format!("cannot encode a packet: {e}"))
+    pub(super) fn queue(&mut self, packet: &Packet) -> Result<(), LinkError> {
+        beckon_mqtt::encode(packet, ProtocolVersion::V5, &mut self.wbuf).map_err(LinkError::from)
     }
 
     /// Hands every queued packet to the socket writer (which writes many at once: one TLS
     /// record, one system call).
-    pub(super) async fn write_out(&mut self) -> Result<(), String> {
+    pub(super) async fn write_out(&mut self) -> Result<(), LinkError> {
         if self.wbuf.is_empty() {
             return Ok(());
         }
         let out = self.wbuf.split().freeze();
-        self.out
-            .send(out)
-            .map_err(|_| "writing to the broker failed: the connection is closed".to_owned())
+        self.out.send(out).map_err(|_| LinkError::WriterGone)
     }
 
-    pub(super) async fn send(&mut self, packet: &Packet) -> Result<(), String> {
+    pub(super) async fn send(&mut self, packet: &Packet) -> Result<(), LinkError> {
         self.queue(packet)?;
         self.write_out().await
     }
@@ -237,19 +236,19 @@ impl Conn {
     }
 
     /// Waits for the next packet from the broker. Cancel safe.
-    pub(super) async fn read_more(&mut self) -> Result<(), String> {
+    pub(super) async fn read_more(&mut self) -> Result<(), LinkError> {
         match self.incoming.recv().await {
             Some(Ok(p)) => {
                 self.ready.push_back(p);
                 Ok(())
             }
             Some(Err(e)) => Err(e),
-            None => Err("the broker connection's reader stopped".into()),
+            None => Err(LinkError::ReaderGone),
         }
     }
 
     /// The next packet already received, if any.
-    pub(super) fn next_packet(&mut self) -> Result<Option<Packet>, String> {
+    pub(super) fn next_packet(&mut self) -> Result<Option<Packet>, LinkError> {
         if let Some(p) = self.ready.pop_front() {
             return Ok(Some(p));
         }
@@ -260,7 +259,7 @@ impl Conn {
         }
     }
 
-    pub(super) async fn read_packet(&mut self) -> Result<Packet, String> {
+    pub(super) async fn read_packet(&mut self) -> Result<Packet, LinkError> {
         loop {
             if let Some(p) = self.next_packet()? {
                 return Ok(p);
@@ -270,7 +269,7 @@ impl Conn {
     }
 
     /// Handles every packet received so far.
-    pub(super) fn drain_packets(&mut self) -> Result<(), String> {
+    pub(super) fn drain_packets(&mut self) -> Result<(), LinkError> {
         while let Some(p) = self.next_packet()? {
             handle_packet(self, p)?;
         }
@@ -296,7 +295,7 @@ impl Conn {
     }
 
     /// Handles whatever the broker already sent, without waiting.
-    pub(super) async fn take_in_ready(&mut self) -> Result<(), String> {
+    pub(super) async fn take_in_ready(&mut self) -> Result<(), LinkError> {
         self.drain_packets()
     }
 }
@@ -305,7 +304,7 @@ impl Conn {
     /// Opens the MQTT session: CONNECT (keeping the session at the broker for an hour),
     /// CONNACK (taking the broker's Receive Maximum) and the SUBSCRIBE to agents' acks,
     /// presence and relay answers. Returns the subscription options, for later SUBSCRIBEs.
-    pub(super) async fn open_session(&mut self) -> Result<SubscriptionOptions, String> {
+    pub(super) async fn open_session(&mut self) -> Result<SubscriptionOptions, LinkError> {
         let conn = self;
         let connect = Connect {
             protocol: ProtocolVersion::V5,
@@ -325,7 +324,7 @@ impl Conn {
         conn.send(&Packet::Connect(Box::new(connect))).await?;
         let connack = tokio::time::timeout(Duration::from_secs(10), conn.read_packet())
             .await
-            .map_err(|_| "the broker did not answer CONNECT within 10 s".to_owned())??;
+            .map_err(|_| LinkError::NoConnAck)??;
         match connack {
             Packet::ConnAck(ack) if !ack.code.is_error() => {
                 if let Some(max) = ack.properties.receive_maximum {
@@ -333,21 +332,13 @@ impl Conn {
                 }
             }
             Packet::ConnAck(ack) => {
-                return Err(format!(
-                    "the broker refused the console's connection (reason 0x{:02X}{})",
-                    ack.code.0,
-                    ack.properties
-                        .reason_string
-                        .as_ref()
-                        .map(|r| format!(": {r}"))
-                        .unwrap_or_default()
-                ));
+                return Err(LinkError::Refused {
+                    code: ack.code.0,
+                    reason: ack.properties.reason_string.clone(),
+                });
             }
             other => {
-                return Err(format!(
-                    "the broker answered CONNECT with packet type {}",
-                    other.packet_type()
-                ));
+                return Err(LinkError::NotConnAck(other.packet_type()));
             }
         }
         let options = SubscriptionOptions {

@@ -11,6 +11,7 @@
 //! - [`relay`]: Wake-on-LAN, sent by the console or relayed by an agent on the target's subnet;
 //! - [`status`]: the push service status shown in the console.
 
+mod error;
 mod incoming;
 mod link;
 mod relay;
@@ -26,6 +27,7 @@ use tokio::sync::{mpsc, watch};
 use crate::model::*;
 use crate::{AppState, BrokerLink};
 
+pub use error::LinkError;
 use incoming::handle_packet;
 pub use link::CLIENT_ID;
 use link::{Conn, KEEP_ALIVE};
@@ -104,7 +106,7 @@ pub async fn run(
         }
         let error = match result {
             Ok(()) => "the connection closed".to_owned(),
-            Err(e) => e,
+            Err(e) => e.to_string(),
         };
         set_status(&st, false, Some(error.clone()));
         tracing::warn!(%error, "push service connection lost");
@@ -139,7 +141,7 @@ async fn idle(
     st: &AppState,
     commands: &mut mpsc::UnboundedReceiver<Command>,
     shutdown: &mut watch::Receiver<bool>,
-) -> Result<(), String> {
+) -> Result<(), LinkError> {
     set_status(st, false, Some("no broker connection is configured".into()));
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     loop {
@@ -160,7 +162,7 @@ async fn session(
     link: &BrokerLink,
     commands: &mut mpsc::UnboundedReceiver<Command>,
     shutdown: &mut watch::Receiver<bool>,
-) -> Result<(), String> {
+) -> Result<(), LinkError> {
     let stream = connect(st, link).await?;
     let (read, write) = tokio::io::split(stream);
     let (out_tx, out_rx) = mpsc::unbounded_channel();
@@ -189,18 +191,14 @@ async fn connected(
     conn: &mut Conn,
     commands: &mut mpsc::UnboundedReceiver<Command>,
     shutdown: &mut watch::Receiver<bool>,
-) -> Result<(), String> {
+) -> Result<(), LinkError> {
     let options = conn.open_session().await?;
     take_in_held(st, conn, options).await?;
     set_status(st, true, None);
     tracing::info!("connected to the push service");
 
     // Everything still queued goes out now.
-    let queued = st
-        .store
-        .run(|s| s.agents_with_queued(now_ms()))
-        .await
-        .map_err(|e| e.to_string())?;
+    let queued = st.store.run(|s| s.agents_with_queued(now_ms())).await?;
     send_pending(st, conn, queued, false).await?;
 
     let mut ping = tokio::time::interval(Duration::from_secs(u64::from(KEEP_ALIVE) / 2));
@@ -251,7 +249,7 @@ async fn connected(
             },
             _ = ping.tick() => {
                 if last_heard.elapsed() > Duration::from_secs(u64::from(KEEP_ALIVE) * 3 / 2) {
-                    return Err("the broker stopped answering (no PINGRESP)".into());
+                    return Err(LinkError::NoPingResp);
                 }
                 conn.send(&Packet::PingReq).await?;
             }
@@ -291,7 +289,7 @@ async fn take_in_held(
     st: &AppState,
     conn: &mut Conn,
     options: SubscriptionOptions,
-) -> Result<(), String> {
+) -> Result<(), LinkError> {
     let own_presence = format!("servers/{CLIENT_ID}/presence");
     let tls = matches!(st.config.broker, BrokerLink::Tls { .. });
     if tls {

@@ -4,9 +4,9 @@
 use beckon_mqtt::{Packet, Properties, Publish, QoS};
 use bytes::Bytes;
 
-use super::Command;
 use super::link::Conn;
 use super::resend::wait_for_window;
+use super::{Command, LinkError};
 use crate::AppState;
 use crate::model::*;
 use crate::store::StoreResult;
@@ -30,7 +30,7 @@ pub(super) async fn publish_relay(
     request_id: String,
     payload: Vec<u8>,
     expiry_secs: u32,
-) -> Result<(), String> {
+) -> Result<(), LinkError> {
     wait_for_window(conn).await?;
     let pid = conn.packet_id();
     let publish = Publish {

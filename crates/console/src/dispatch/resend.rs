@@ -4,10 +4,11 @@
 
 use std::time::Duration;
 
-use beckon_identity::wakeup::{MAX_TEXT_LEN, WakeUp, WakeUpSigner};
+use beckon_identity::wakeup::{MAX_TEXT_LEN, WakeUp, WakeUpError, WakeUpSigner};
 use beckon_mqtt::{Packet, Properties, Publish, QoS};
 use bytes::Bytes;
 
+use super::LinkError;
 use super::incoming::advance;
 use super::link::{Conn, KEEP_ALIVE};
 use crate::AppState;
@@ -83,7 +84,7 @@ pub(super) async fn send_pending(
     conn: &mut Conn,
     mut agents: Vec<String>,
     include_sent: bool,
-) -> Result<(), String> {
+) -> Result<(), LinkError> {
     if agents.is_empty() {
         return Ok(());
     }
@@ -152,7 +153,7 @@ fn sign_wakeup(
     agent: &str,
     out: &OutgoingWakeUp,
     now: Millis,
-) -> Result<Vec<u8>, String> {
+) -> Result<Vec<u8>, WakeUpError> {
     let wakeup = WakeUp {
         v: beckon_identity::wakeup::WAKEUP_VERSION,
         id: out.carrier.wakeup_id.clone(),
@@ -164,10 +165,10 @@ fn sign_wakeup(
         spread: out.spread,
         action: out.action.clone(),
     };
-    signer.sign(&wakeup).map_err(|e| e.to_string())
+    signer.sign(&wakeup)
 }
 
-type Signed = Vec<(String, OutgoingWakeUp, Result<Vec<u8>, String>)>;
+type Signed = Vec<(String, OutgoingWakeUp, Result<Vec<u8>, WakeUpError>)>;
 
 /// Signs and publishes wake-ups (QoS 1, message expiry = time left), each signed on its own
 /// as `wake-up.md` describes. Signing runs on the blocking pool a few batches ahead of the
@@ -177,7 +178,7 @@ pub(super) async fn publish_all(
     st: &AppState,
     conn: &mut Conn,
     messages: Vec<(String, OutgoingWakeUp)>,
-) -> Result<(), String> {
+) -> Result<(), LinkError> {
     let mut batches = Vec::new();
     let mut rest = messages.into_iter().peekable();
     while rest.peek().is_some() {
@@ -210,9 +211,7 @@ pub(super) async fn publish_all(
         let Some(next) = signing.pop_front() else {
             break;
         };
-        let signed = next
-            .await
-            .map_err(|e| format!("signing wake-ups stopped: {e}"))?;
+        let signed = next.await?;
         for (agent, out, payload) in signed {
             match payload {
                 Ok(payload) => publish_signed(conn, &agent, &out, payload).await?,
@@ -249,7 +248,7 @@ async fn publish_signed(
     agent: &str,
     out: &OutgoingWakeUp,
     payload: Vec<u8>,
-) -> Result<(), String> {
+) -> Result<(), LinkError> {
     wait_for_window(conn).await?;
     let now = now_ms();
     let expiry_secs = ((out.expires_at - now) / 1000).max(1);
@@ -279,7 +278,7 @@ async fn publish_signed(
 
 /// Waits (reading PUBACKs and acks, and handing their changes to the writer, which
 /// acknowledges the acks) until one more QoS 1 publish fits in the broker's Receive Maximum.
-pub(super) async fn wait_for_window(conn: &mut Conn) -> Result<(), String> {
+pub(super) async fn wait_for_window(conn: &mut Conn) -> Result<(), LinkError> {
     while conn.inflight.len() + conn.relay_inflight.len() >= conn.receive_max {
         conn.write_out().await?;
         tokio::time::timeout(
@@ -287,7 +286,7 @@ pub(super) async fn wait_for_window(conn: &mut Conn) -> Result<(), String> {
             conn.read_more(),
         )
         .await
-        .map_err(|_| "the broker stopped acknowledging wake-ups (no PUBACK)".to_owned())??;
+        .map_err(|_| LinkError::NoPubAck)??;
         conn.drain_packets()?;
         conn.hand_over();
     }
