@@ -115,9 +115,12 @@ pub(super) async fn create_call(
         json!({"id": call.id, "target": call.target}),
     )
     .await;
+    // Waits while the dispatcher's queue is full: the call is recorded, and a request that
+    // waits here is the backpressure on the callers.
     let _ = st
         .dispatch
-        .send(dispatch::Command::Publish(call.clone(), deliveries.clone()));
+        .send(dispatch::Command::Publish(call.clone(), deliveries.clone()))
+        .await;
     if req.wake_on_lan {
         let st2 = st.clone();
         let call_id = call.id.clone();

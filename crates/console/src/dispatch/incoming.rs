@@ -202,10 +202,110 @@ mod tests {
 
     /// A connection's dispatcher state without sockets or tasks behind it.
     fn conn() -> Conn {
-        let (out, _) = mpsc::unbounded_channel();
-        let (_, incoming) = mpsc::unbounded_channel();
-        let (writer, _) = mpsc::unbounded_channel();
+        let (out, _) = mpsc::channel(1);
+        let (_, incoming) = mpsc::channel(1);
+        let (writer, _) = mpsc::channel(1);
         Conn::new(out, incoming, writer)
+    }
+
+    /// An agent's `received` ack of `wakeup_id`, as the broker delivers it (QoS 1).
+    fn ack(agent: &str, wakeup_id: &str, packet_id: u16) -> Packet {
+        let ack = Ack {
+            wakeup_id: wakeup_id.into(),
+            stage: AckStage::Received,
+            status: None,
+            exit_code: None,
+            duration_ms: None,
+            at: 1_000,
+            detail: None,
+        };
+        Packet::Publish(Publish {
+            dup: false,
+            qos: QoS::AtLeastOnce,
+            retain: false,
+            topic: format!("agents/{agent}/ack"),
+            packet_id: Some(packet_id),
+            payload: Bytes::from(ack.to_json()),
+            properties: Properties::default(),
+        })
+    }
+
+    #[tokio::test]
+    async fn a_flood_of_acks_waits_in_bounded_queues_while_the_state_writer_is_slow() {
+        use std::collections::HashSet;
+        use std::sync::Arc;
+        use std::sync::atomic::{AtomicUsize, Ordering};
+
+        use crate::dispatch::link::{INCOMING_PACKETS, OUTGOING_CHUNKS};
+        use crate::dispatch::writer::{MAX_WRITE_BATCH, WRITE_JOBS, WriteJob};
+
+        // What the console holds at most: the reader's channel, the writer's queue (batches
+        // of at most MAX_WRITE_BATCH), and the one batch the dispatcher waits to hand over.
+        let bound = INCOMING_PACKETS + (WRITE_JOBS + 1) * MAX_WRITE_BATCH;
+        let total = 3 * bound;
+        let (out, _socket) = mpsc::channel(OUTGOING_CHUNKS);
+        let (from_broker, incoming) = mpsc::channel(INCOMING_PACKETS);
+        let (writer, mut jobs) = mpsc::channel(WRITE_JOBS);
+        let mut conn = Conn::new(out, incoming, writer);
+        // Shows how full the reader's channel is.
+        let probe = from_broker.clone();
+
+        // The socket reader: takes in acks as fast as the console lets it.
+        let taken = Arc::new(AtomicUsize::new(0));
+        let counter = taken.clone();
+        let reader = tokio::spawn(async move {
+            for i in 0..total {
+                let id = u16::try_from(i % 65_535 + 1).unwrap();
+                let packet = ack(&format!("a{}", i % 100), &format!("w{i}"), id);
+                from_broker.send(Ok(packet)).await.unwrap();
+                counter.fetch_add(1, Ordering::SeqCst);
+            }
+        });
+        // The dispatcher's reading loop (as in `connected`), until the reader is done.
+        let dispatcher = tokio::spawn(async move {
+            while conn.read_more().await.is_ok() {
+                conn.drain_packets().await.unwrap();
+                conn.hand_over().await;
+            }
+            conn.hand_over().await;
+        });
+
+        // The state writer is stalled: the flood stops at the bound and stays there.
+        let mut last = usize::MAX;
+        for _ in 0..200 {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            let now = taken.load(Ordering::SeqCst);
+            if now == last {
+                break;
+            }
+            last = now;
+        }
+        let held = taken.load(Ordering::SeqCst);
+        assert!(held <= bound, "{held} acks taken in, more than {bound}");
+        assert_eq!(probe.capacity(), 0, "the reader's channel is full");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        assert_eq!(taken.load(Ordering::SeqCst), held, "no more taken in");
+        assert_eq!(probe.capacity(), 0);
+        assert!(!reader.is_finished());
+        drop(probe);
+
+        // The writer catches up: every ack arrives once, with its PUBACK.
+        let mut wakeups = HashSet::new();
+        let mut pubacks = 0;
+        while let Some(job) = jobs.recv().await {
+            if let WriteJob::Changes(c) = job {
+                assert!(c.advances.len() <= MAX_WRITE_BATCH);
+                pubacks += c.pubacks.len();
+                for a in c.advances {
+                    assert_eq!(a.state, CallState::Delivered);
+                    assert!(wakeups.insert(a.wakeup_id), "delivered twice");
+                }
+            }
+        }
+        reader.await.unwrap();
+        dispatcher.await.unwrap();
+        assert_eq!(wakeups.len(), total);
+        assert_eq!(pubacks, total);
     }
 
     fn presence(agent: &str, state: PresenceState, retain: bool, packet_id: u16) -> Packet {

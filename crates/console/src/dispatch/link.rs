@@ -81,11 +81,20 @@ pub(super) async fn connect(
     }
 }
 
+/// Packets read from the broker and not handled yet. When the dispatcher falls behind (the
+/// state writer is slow, say), the socket reader waits here and stops reading: TCP pushes
+/// back onto the broker, which keeps what it still has to send (acks, presence) in the
+/// console's session queue, bounded on its side too.
+pub(super) const INCOMING_PACKETS: usize = 1024;
+/// Byte chunks (each many packets) waiting for the socket writer. When full, whoever writes
+/// (the dispatcher, the state writer's PUBACKs) waits for the socket.
+pub(super) const OUTGOING_CHUNKS: usize = 64;
+
 pub(super) struct Conn {
     /// Bytes for the socket writer ([`write_packets`]).
-    pub(super) out: mpsc::UnboundedSender<Bytes>,
+    pub(super) out: mpsc::Sender<Bytes>,
     /// Packets from the socket reader ([`read_packets`]), or why reading stopped.
-    pub(super) incoming: mpsc::UnboundedReceiver<Result<Packet, LinkError>>,
+    pub(super) incoming: mpsc::Receiver<Result<Packet, LinkError>>,
     /// Packets received and not handled yet.
     pub(super) ready: std::collections::VecDeque<Packet>,
     /// Packets encoded but not handed to the socket writer yet.
@@ -109,7 +118,7 @@ pub(super) struct Conn {
     /// wake-up goes out twice. Pruned once the channel is empty.
     pub(super) resent: HashMap<String, tokio::time::Instant>,
     /// The state writer.
-    pub(super) writer: mpsc::UnboundedSender<WriteJob>,
+    pub(super) writer: mpsc::Sender<WriteJob>,
 }
 
 /// Reads the broker's packets as they come, whatever the dispatcher is doing, so that the
@@ -119,31 +128,32 @@ pub(super) struct Conn {
 /// enough to keep them flowing meanwhile.
 pub(super) async fn read_packets(
     mut read: tokio::io::ReadHalf<beckon_net::BoxedStream>,
-    packets: mpsc::UnboundedSender<Result<Packet, LinkError>>,
+    packets: mpsc::Sender<Result<Packet, LinkError>>,
 ) {
     let mut buf = BytesMut::with_capacity(64 * 1024);
     loop {
         match read.read_buf(&mut buf).await {
             Ok(0) => {
-                let _ = packets.send(Err(LinkError::Closed));
+                let _ = packets.send(Err(LinkError::Closed)).await;
                 return;
             }
             Ok(_) => {}
             Err(e) => {
-                let _ = packets.send(Err(LinkError::Read(e)));
+                let _ = packets.send(Err(LinkError::Read(e))).await;
                 return;
             }
         }
         loop {
             match beckon_mqtt::decode(&mut buf, ProtocolVersion::V5, MAX_PACKET) {
                 Ok(Some(p)) => {
-                    if packets.send(Ok(p)).is_err() {
+                    // Waits while the dispatcher is behind (see INCOMING_PACKETS).
+                    if packets.send(Ok(p)).await.is_err() {
                         return;
                     }
                 }
                 Ok(None) => break,
                 Err(e) => {
-                    let _ = packets.send(Err(LinkError::Malformed(e)));
+                    let _ = packets.send(Err(LinkError::Malformed(e))).await;
                     return;
                 }
             }
@@ -154,8 +164,8 @@ pub(super) async fn read_packets(
 /// Writes what the dispatcher and the reader queue, many packets per write.
 pub(super) async fn write_packets(
     mut write: tokio::io::WriteHalf<beckon_net::BoxedStream>,
-    mut out: mpsc::UnboundedReceiver<Bytes>,
-    errors: mpsc::UnboundedSender<Result<Packet, LinkError>>,
+    mut out: mpsc::Receiver<Bytes>,
+    errors: mpsc::Sender<Result<Packet, LinkError>>,
 ) {
     let mut buf = BytesMut::with_capacity(64 * 1024);
     while let Some(first) = out.recv().await {
@@ -172,7 +182,7 @@ pub(super) async fn write_packets(
         }
         .await;
         if let Err(e) = written {
-            let _ = errors.send(Err(LinkError::Write(e)));
+            let _ = errors.send(Err(LinkError::Write(e))).await;
             return;
         }
         buf.clear();
@@ -183,9 +193,9 @@ impl Conn {
     /// A fresh connection's state over the socket writer's, socket reader's and state
     /// writer's channels.
     pub(super) fn new(
-        out: mpsc::UnboundedSender<Bytes>,
-        incoming: mpsc::UnboundedReceiver<Result<Packet, LinkError>>,
-        writer: mpsc::UnboundedSender<WriteJob>,
+        out: mpsc::Sender<Bytes>,
+        incoming: mpsc::Receiver<Result<Packet, LinkError>>,
+        writer: mpsc::Sender<WriteJob>,
     ) -> Self {
         Self {
             out,
@@ -216,7 +226,7 @@ impl Conn {
             return Ok(());
         }
         let out = self.wbuf.split().freeze();
-        self.out.send(out).map_err(|_| LinkError::WriterGone)
+        self.out.send(out).await.map_err(|_| LinkError::WriterGone)
     }
 
     pub(super) async fn send(&mut self, packet: &Packet) -> Result<(), LinkError> {
@@ -268,35 +278,48 @@ impl Conn {
         }
     }
 
-    /// Handles every packet received so far.
-    pub(super) fn drain_packets(&mut self) -> Result<(), LinkError> {
+    /// Handles every packet received so far, handing the changes over to the writer in
+    /// batches of at most [`MAX_WRITE_BATCH`](super::writer::MAX_WRITE_BATCH) (so that a flood of acks, which keeps this loop
+    /// going, is held by the bounded channels and not by a growing batch).
+    pub(super) async fn drain_packets(&mut self) -> Result<(), LinkError> {
         while let Some(p) = self.next_packet()? {
-            handle_packet(self, p)?;
+            self.take(p).await?;
         }
         Ok(())
     }
 
-    /// Hands the collected changes to the writer (without waiting for it).
-    pub(super) fn hand_over(&mut self) {
+    /// Handles one packet, handing the changes over once a batch is full.
+    pub(super) async fn take(&mut self, packet: Packet) -> Result<(), LinkError> {
+        handle_packet(self, packet)?;
+        if self.changes.is_full() {
+            self.hand_over().await;
+        }
+        Ok(())
+    }
+
+    /// Hands the collected changes to the writer, waiting while its queue is full (see
+    /// [`WRITE_JOBS`](super::writer::WRITE_JOBS)).
+    pub(super) async fn hand_over(&mut self) {
         if !self.changes.is_empty() {
             let _ = self
                 .writer
-                .send(WriteJob::Changes(std::mem::take(&mut self.changes)));
+                .send(WriteJob::Changes(std::mem::take(&mut self.changes)))
+                .await;
         }
     }
 
     /// Waits until every change collected so far is written.
     pub(super) async fn sync(&mut self) {
-        self.hand_over();
+        self.hand_over().await;
         let (tx, rx) = oneshot::channel();
-        if self.writer.send(WriteJob::Sync(tx)).is_ok() {
+        if self.writer.send(WriteJob::Sync(tx)).await.is_ok() {
             let _ = rx.await;
         }
     }
 
     /// Handles whatever the broker already sent, without waiting.
     pub(super) async fn take_in_ready(&mut self) -> Result<(), LinkError> {
-        self.drain_packets()
+        self.drain_packets().await
     }
 }
 

@@ -28,16 +28,15 @@ use crate::model::*;
 use crate::{AppState, BrokerLink};
 
 pub use error::LinkError;
-use incoming::handle_packet;
 pub use link::CLIENT_ID;
-use link::{Conn, KEEP_ALIVE};
+use link::{Conn, INCOMING_PACKETS, KEEP_ALIVE, OUTGOING_CHUNKS};
 use link::{connect, read_packets, write_packets};
 pub use relay::{RELAY_LIFETIME_SECS, wake_on_lan};
 use relay::{publish_relay, relay_not_sent};
 pub use resend::{OutgoingWakeUp, merge_pending};
 use resend::{publish_all, send_pending};
 use status::{DIAGNOSIS_EVERY, diagnose, set_status};
-use writer::{expire, write_states};
+use writer::{WRITE_JOBS, expire, write_states};
 
 #[derive(Debug)]
 pub enum Command {
@@ -58,6 +57,11 @@ pub enum Command {
     BrokerReady,
 }
 
+/// Commands waiting for the dispatcher (calls and relay requests from the API). When full,
+/// the API's handlers wait to hand theirs over: the backpressure lands on the HTTP callers,
+/// whose calls are already recorded.
+pub const COMMANDS: usize = 1024;
+
 /// Resolves once `shutdown` turns true (or its sender is gone).
 pub(crate) async fn stopped(shutdown: &mut watch::Receiver<bool>) {
     let _ = shutdown.wait_for(|s| *s).await.map(drop);
@@ -67,7 +71,7 @@ pub(crate) async fn stopped(shutdown: &mut watch::Receiver<bool>) {
 /// expiry sweep.
 pub async fn run(
     st: AppState,
-    mut commands: mpsc::UnboundedReceiver<Command>,
+    mut commands: mpsc::Receiver<Command>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let mut backoff = beckon_net::Backoff::new(beckon_net::BackoffConfig {
@@ -139,7 +143,7 @@ pub async fn run(
 /// Without a broker: keep expiring calls, drop send requests (they stay queued).
 async fn idle(
     st: &AppState,
-    commands: &mut mpsc::UnboundedReceiver<Command>,
+    commands: &mut mpsc::Receiver<Command>,
     shutdown: &mut watch::Receiver<bool>,
 ) -> Result<(), LinkError> {
     set_status(st, false, Some("no broker connection is configured".into()));
@@ -160,16 +164,16 @@ async fn idle(
 async fn session(
     st: &AppState,
     link: &BrokerLink,
-    commands: &mut mpsc::UnboundedReceiver<Command>,
+    commands: &mut mpsc::Receiver<Command>,
     shutdown: &mut watch::Receiver<bool>,
 ) -> Result<(), LinkError> {
     let stream = connect(st, link).await?;
     let (read, write) = tokio::io::split(stream);
-    let (out_tx, out_rx) = mpsc::unbounded_channel();
-    let (in_tx, in_rx) = mpsc::unbounded_channel();
+    let (out_tx, out_rx) = mpsc::channel(OUTGOING_CHUNKS);
+    let (in_tx, in_rx) = mpsc::channel(INCOMING_PACKETS);
     let reading = tokio::spawn(read_packets(read, in_tx.clone()));
     let writing = tokio::spawn(write_packets(write, out_rx, in_tx));
-    let (writer, jobs) = mpsc::unbounded_channel();
+    let (writer, jobs) = mpsc::channel(WRITE_JOBS);
     let storing = tokio::spawn(write_states(st.clone(), jobs, out_tx.clone()));
     let mut conn = Conn::new(out_tx, in_rx, writer);
     let result = connected(st, &mut conn, commands, shutdown).await;
@@ -189,7 +193,7 @@ async fn session(
 async fn connected(
     st: &AppState,
     conn: &mut Conn,
-    commands: &mut mpsc::UnboundedReceiver<Command>,
+    commands: &mut mpsc::Receiver<Command>,
     shutdown: &mut watch::Receiver<bool>,
 ) -> Result<(), LinkError> {
     let options = conn.open_session().await?;
@@ -215,9 +219,9 @@ async fn connected(
             read = conn.read_more() => {
                 read?;
                 last_heard = tokio::time::Instant::now();
-                conn.drain_packets()?;
+                conn.drain_packets().await?;
                 conn.write_out().await?;
-                conn.hand_over();
+                conn.hand_over().await;
             }
             c = commands.recv() => match c {
                 Some(Command::Publish(call, deliveries)) => {
@@ -265,7 +269,7 @@ async fn connected(
             }
             _ = stopped(shutdown) => {
                 // What was read is written and acknowledged before the DISCONNECT.
-                conn.drain_packets()?;
+                conn.drain_packets().await?;
                 conn.sync().await;
                 let _ = conn.send(&Packet::Disconnect(beckon_mqtt::Disconnect {
                     code: beckon_mqtt::ReasonCode::SUCCESS,
@@ -311,7 +315,7 @@ async fn take_in_held(
         let Some(packet) = conn.next_packet()? else {
             // All read is handled: have it written and acknowledged (one PUBACK batch), so
             // that the broker's in-flight window keeps moving.
-            conn.hand_over();
+            conn.hand_over().await;
             match tokio::time::timeout(Duration::from_secs(10), conn.read_more()).await {
                 Ok(read) => {
                     read?;
@@ -337,7 +341,7 @@ async fn take_in_held(
                 }
                 break;
             }
-            other => handle_packet(conn, other)?,
+            other => conn.take(other).await?,
         }
     }
     // The presence read is written before it is compared.

@@ -50,7 +50,7 @@ pub(super) async fn publish_relay(
     conn.queue(&Packet::Publish(publish))?;
     conn.relay_inflight.insert(pid, request_id);
     conn.write_out().await?;
-    conn.hand_over();
+    conn.hand_over().await;
     Ok(())
 }
 
@@ -179,7 +179,7 @@ async fn request_relays(
                 payload,
                 expiry_secs: RELAY_LIFETIME_SECS,
             };
-            if st.dispatch.send(command).is_err() {
+            if st.dispatch.send(command).await.is_err() {
                 tracing::warn!("the dispatcher is gone: relay request not sent");
             }
         }

@@ -234,10 +234,10 @@ pub(super) async fn publish_all(
         conn.write_out().await?;
         conn.take_in_ready().await?;
         conn.write_out().await?;
-        conn.hand_over();
+        conn.hand_over().await;
     }
     conn.write_out().await?;
-    conn.hand_over();
+    conn.hand_over().await;
     Ok(())
 }
 
@@ -287,8 +287,8 @@ pub(super) async fn wait_for_window(conn: &mut Conn) -> Result<(), LinkError> {
         )
         .await
         .map_err(|_| LinkError::NoPubAck)??;
-        conn.drain_packets()?;
-        conn.hand_over();
+        conn.drain_packets().await?;
+        conn.hand_over().await;
     }
     Ok(())
 }

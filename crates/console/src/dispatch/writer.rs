@@ -56,6 +56,12 @@ impl Changes {
             && self.pubacks.is_empty()
     }
 
+    /// Whether the batch should go to the writer now: [`MAX_WRITE_BATCH`] rows, or as many
+    /// PUBACKs waiting.
+    pub(super) fn is_full(&self) -> bool {
+        self.len() >= MAX_WRITE_BATCH || self.pubacks.len() >= MAX_WRITE_BATCH
+    }
+
     /// Rows to write.
     pub(super) fn len(&self) -> usize {
         self.advances.len()
@@ -80,9 +86,14 @@ pub(super) enum WriteJob {
     Sync(oneshot::Sender<()>),
 }
 
+/// Batches waiting for the state writer. When the store is slow and this is full, the
+/// dispatcher waits before handing over more, stops handling packets, and the socket reader
+/// then waits too (see [`INCOMING_PACKETS`](super::link::INCOMING_PACKETS)).
+pub(super) const WRITE_JOBS: usize = 4;
+
 /// Most state changes written in one transaction (below the live-event channel's 4096, so
 /// that one transaction's events never overrun a listener that keeps up).
-const MAX_WRITE_BATCH: usize = 2048;
+pub(super) const MAX_WRITE_BATCH: usize = 2048;
 
 /// Writes state changes and presence beside the broker connection, so that reading acks and
 /// publishing never wait for the database: whatever arrived while one transaction ran goes
@@ -91,8 +102,8 @@ const MAX_WRITE_BATCH: usize = 2048;
 /// in one write to `out`, so that its in-flight window towards the console keeps moving).
 pub(super) async fn write_states(
     st: AppState,
-    mut jobs: mpsc::UnboundedReceiver<WriteJob>,
-    out: mpsc::UnboundedSender<Bytes>,
+    mut jobs: mpsc::Receiver<WriteJob>,
+    out: mpsc::Sender<Bytes>,
 ) {
     while let Some(first) = jobs.recv().await {
         let mut batch = Changes::default();
@@ -173,7 +184,7 @@ pub(super) async fn write_states(
                 );
             }
             // A closed connection shows up on the dispatcher's side.
-            let _ = out.send(acks.freeze());
+            let _ = out.send(acks.freeze()).await;
         }
         for s in syncs {
             let _ = s.send(());
