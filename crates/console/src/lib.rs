@@ -61,8 +61,21 @@ pub enum BrokerLink {
     },
 }
 
+/// Why a `--broker` value is not a broker URL.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BrokerUrlError {
+    /// The address after the scheme is not `host:port`.
+    #[error(transparent)]
+    Address(#[from] settings::HostPortError),
+    /// Neither `mqtts://` nor `mqtt://` nor `none`.
+    #[error(
+        "{0:?} is not a broker URL: use mqtts://host[:port] (TLS, certificate from the console's CA) or mqtt://host:port (plain, development only)"
+    )]
+    Scheme(String),
+}
+
 impl std::str::FromStr for BrokerLink {
-    type Err = String;
+    type Err = BrokerUrlError;
 
     fn from_str(text: &str) -> Result<Self, Self::Err> {
         if text.is_empty() || text == "none" {
@@ -86,9 +99,7 @@ impl std::str::FromStr for BrokerLink {
                 ca_file: None,
             });
         }
-        Err(format!(
-            "{text:?} is not a broker URL: use mqtts://host[:port] (TLS, certificate from the console's CA) or mqtt://host:port (plain, development only)"
-        ))
+        Err(BrokerUrlError::Scheme(text.to_owned()))
     }
 }
 
@@ -216,7 +227,7 @@ pub struct AppState {
     /// Live call updates.
     pub events: broadcast::Sender<CallEvent>,
     /// Wakes the dispatcher when calls are created.
-    pub dispatch: mpsc::UnboundedSender<dispatch::Command>,
+    pub dispatch: mpsc::Sender<dispatch::Command>,
     /// The push-service status.
     pub push: Arc<Mutex<PushStatus>>,
     /// Configuration.
@@ -262,7 +273,16 @@ impl ConsoleHandle {
     /// Tells the console that its broker listens now (with
     /// [`ConsoleConfig::broker_starts_later`]): the broker connection starts.
     pub fn broker_ready(&self) {
-        let _ = self.state.dispatch.send(dispatch::Command::BrokerReady);
+        match self.state.dispatch.try_send(dispatch::Command::BrokerReady) {
+            // The queue is full of calls (they wait for this very connection): the signal
+            // waits its turn behind them.
+            Err(mpsc::error::TrySendError::Full(command)) => {
+                let dispatch = self.state.dispatch.clone();
+                tokio::spawn(async move { dispatch.send(command).await });
+            }
+            // Sent, or the dispatcher is gone (the console is stopping).
+            Ok(()) | Err(mpsc::error::TrySendError::Closed(_)) => {}
+        }
     }
 
     /// Stops serving and waits (at most 5 s) for the tasks to end.
@@ -323,7 +343,7 @@ impl Console {
         };
 
         let (events, _) = broadcast::channel(4096);
-        let (dispatch_tx, dispatch_rx) = mpsc::unbounded_channel();
+        let (dispatch_tx, dispatch_rx) = mpsc::channel(dispatch::COMMANDS);
         let (shutdown, shutdown_rx) = watch::channel(false);
         let state = AppState {
             store,

@@ -139,7 +139,8 @@ impl Settings {
             return Err(invalid("broker.endpoints", "at most 16 endpoints"));
         }
         for (i, e) in self.broker.endpoints.iter().enumerate() {
-            parse_host_port(e).map_err(|r| invalid(&format!("broker.endpoints[{i}]"), r))?;
+            parse_host_port(e)
+                .map_err(|r| invalid(&format!("broker.endpoints[{i}]"), r.to_string()))?;
         }
         if !self.proxy.url.is_empty() {
             let rest = self.proxy.url.strip_prefix("http://").ok_or_else(|| {
@@ -148,7 +149,8 @@ impl Settings {
                     "must start with http:// (agents speak HTTP CONNECT to the proxy)",
                 )
             })?;
-            parse_host_port(rest.trim_end_matches('/')).map_err(|r| invalid("proxy.url", r))?;
+            parse_host_port(rest.trim_end_matches('/'))
+                .map_err(|r| invalid("proxy.url", r.to_string()))?;
         }
         Ok(())
     }
@@ -179,16 +181,35 @@ impl WolSettings {
     }
 }
 
+/// Why a `host:port` is not one.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum HostPortError {
+    /// No `:port` at the end.
+    #[error("{0:?} is not host:port")]
+    NoPort(String),
+    /// The port is not a number from 1 to 65535.
+    #[error("{0:?}: port must be 1 to 65535")]
+    Port(String),
+    /// The host is neither a DNS name nor an IP address.
+    #[error("{text:?}: {host:?} is not a host name or IP address")]
+    Host {
+        /// The whole text.
+        text: String,
+        /// The host part.
+        host: String,
+    },
+}
+
 /// Checks `host:port` (host a DNS name, an IPv4 address or a bracketed IPv6 address).
-pub fn parse_host_port(text: &str) -> Result<(String, u16), String> {
+pub fn parse_host_port(text: &str) -> Result<(String, u16), HostPortError> {
     let (host, port) = text
         .rsplit_once(':')
-        .ok_or_else(|| format!("{text:?} is not host:port"))?;
+        .ok_or_else(|| HostPortError::NoPort(text.to_owned()))?;
     let port: u16 = port
         .parse()
         .ok()
         .filter(|p| *p != 0)
-        .ok_or_else(|| format!("{text:?}: port must be 1 to 65535"))?;
+        .ok_or_else(|| HostPortError::Port(text.to_owned()))?;
     let host = host.trim_start_matches('[').trim_end_matches(']');
     let ok_name = !host.is_empty()
         && host.len() <= 253
@@ -196,9 +217,10 @@ pub fn parse_host_port(text: &str) -> Result<(String, u16), String> {
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b':'));
     if !ok_name || (host.contains(':') && host.parse::<IpAddr>().is_err()) {
-        return Err(format!(
-            "{text:?}: {host:?} is not a host name or IP address"
-        ));
+        return Err(HostPortError::Host {
+            text: text.to_owned(),
+            host: host.to_owned(),
+        });
     }
     Ok((host.to_owned(), port))
 }

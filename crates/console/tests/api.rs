@@ -944,3 +944,64 @@ async fn shutdown_ends_open_event_streams_and_the_ui_is_served_on_the_api_port()
         .expect("shutdown within 10 s")
         .unwrap();
 }
+
+#[tokio::test]
+async fn a_password_hash_of_the_first_format_is_rewritten_as_phc_at_the_next_login() {
+    use argon2::{Argon2, PasswordHash, PasswordVerifier};
+    use base64::Engine;
+    use base64::engine::general_purpose::STANDARD_NO_PAD;
+
+    let api = start().await;
+    // A user stored by an older console: `argon2id$<salt>$<hash>`, default parameters.
+    let salt = [42u8; 16];
+    let mut out = [0u8; 32];
+    Argon2::default()
+        .hash_password_into(b"an old long password", &salt, &mut out)
+        .unwrap();
+    let old = format!(
+        "argon2id${}${}",
+        STANDARD_NO_PAD.encode(salt),
+        STANDARD_NO_PAD.encode(out)
+    );
+    let stored = old.clone();
+    api.handle
+        .state
+        .store
+        .run(move |s| s.create_user("veteran", &stored, 0))
+        .await
+        .unwrap();
+    let login = |pw: &str| {
+        Request::builder()
+            .method("POST")
+            .uri("/api/v1/login")
+            .header("content-type", "application/json")
+            .body(Body::from(
+                json!({"user": "veteran", "password": pw}).to_string(),
+            ))
+            .unwrap()
+    };
+    let (s, _, _) = api.raw(login("not the password")).await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED);
+    let read = || api.handle.state.store.run(|s| s.password_hash("veteran"));
+    assert_eq!(
+        read().await.unwrap(),
+        old,
+        "a wrong password changes nothing"
+    );
+
+    let (s, _, body) = api.raw(login("an old long password")).await;
+    assert_eq!(s, StatusCode::OK, "{body}");
+    let upgraded = read().await.unwrap();
+    assert!(
+        upgraded.starts_with("$argon2id$v=19$m=19456,t=2,p=1$"),
+        "{upgraded}"
+    );
+    let parsed = PasswordHash::new(&upgraded).unwrap();
+    Argon2::default()
+        .verify_password(b"an old long password", &parsed)
+        .unwrap();
+    // And the user still logs in with it.
+    let (s, _, body) = api.raw(login("an old long password")).await;
+    assert_eq!(s, StatusCode::OK, "{body}");
+    assert_eq!(read().await.unwrap(), upgraded, "a PHC hash stays as it is");
+}

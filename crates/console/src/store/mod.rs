@@ -1,5 +1,7 @@
-//! The console's store: a [`Store`] trait with the operations the console needs, and its
-//! SQLite implementation ([`SqliteStore`]).
+//! The console's store: one trait per kind of data ([`AgentStore`], [`CallStore`],
+//! [`AuthStore`], [`WolStore`], [`SettingsStore`]), together the [`Store`] a backend provides,
+//! and the SQLite implementation ([`SqliteStore`]). The traits speak in the console's model
+//! types only, so that another backend (PostgreSQL) can implement them as they are.
 //!
 //! Every operation that changes more than one row runs in one transaction, so that a crash
 //! (or `kill -9`) leaves either all of it or none of it. The store is synchronous: async code
@@ -45,6 +47,14 @@ pub enum StoreError {
         found: i64,
         /// What this build knows.
         supported: i64,
+    },
+    /// A record could not be turned into JSON for storing; nothing was written.
+    #[error("cannot encode {context} as JSON: {source}; nothing was written, report this as a bug")]
+    Encode {
+        /// What was being encoded.
+        context: &'static str,
+        /// The error.
+        source: serde_json::Error,
     },
     /// SQLite failed.
     #[error("database error while {context}: {source}")]
@@ -222,14 +232,21 @@ pub struct Principal {
 }
 
 /// The console's persistent state.
-pub trait Store: Send + Sync {
-    // Enrollment tokens.
-    /// Records a new enrollment token; its groups must exist.
-    fn create_enrollment_token(&self, token: NewEnrollmentToken) -> StoreResult<EnrollmentToken>;
-    /// Lists tokens, newest first.
-    fn list_enrollment_tokens(&self) -> StoreResult<Vec<EnrollmentToken>>;
-    /// Revokes a token.
-    fn revoke_enrollment_token(&self, id: &str) -> StoreResult<()>;
+///
+/// Made of one trait per kind of data, so that a backend implements them one by one and a
+/// caller names what it uses; every backend implements all of them.
+pub trait Store:
+    AgentStore + CallStore + AuthStore + WolStore + SettingsStore + Send + Sync
+{
+}
+
+impl<T> Store for T where
+    T: AgentStore + CallStore + AuthStore + WolStore + SettingsStore + Send + Sync
+{
+}
+
+/// Agents and groups: enrollment of agents, the registry, certificates, check-ins and presence.
+pub trait AgentStore {
     /// Checks the token with `token_hash` and, in the same transaction, uses it once and
     /// records the agent (joining the token's groups). Refused tokens change nothing.
     fn enroll_agent(
@@ -239,13 +256,15 @@ pub trait Store: Send + Sync {
         now: Millis,
     ) -> StoreResult<Agent>;
 
-    // Agents.
     /// One agent (revoked ones included).
     fn agent(&self, id: &str) -> StoreResult<Agent>;
+
     /// Agents matching the filter, by name.
     fn list_agents(&self, filter: &AgentFilter) -> StoreResult<Vec<Agent>>;
+
     /// How many non-revoked agents have this presence.
     fn count_agents(&self, presence: Presence) -> StoreResult<u64>;
+
     /// Renames and/or sets the groups of an agent (groups must exist).
     fn update_agent(
         &self,
@@ -253,15 +272,20 @@ pub trait Store: Send + Sync {
         name: Option<String>,
         groups: Option<Vec<String>>,
     ) -> StoreResult<Agent>;
+
     /// Revokes an agent: it may no longer check in and pending deliveries fail.
     fn revoke_agent(&self, id: &str, now: Millis) -> StoreResult<()>;
+
     /// The revoked agents' credentials for the broker's tenant file: certificates revoked and
     /// not yet expired at `now`, and agents revoked without a recorded certificate.
     fn revocations(&self, now: Millis) -> StoreResult<Vec<RevokedAgent>>;
+
     /// Records a certificate issued to an enrolled, not revoked agent (renewal).
     fn record_certificate(&self, id: &str, certificate: &CertificateRecord) -> StoreResult<()>;
+
     /// The agent whose check-in secret hashes to `hash`, if not revoked.
     fn agent_by_secret(&self, id: &str, hash: &[u8; 32]) -> StoreResult<Agent>;
+
     /// Records a check-in, with the inventory if the agent sent one.
     fn record_checkin(
         &self,
@@ -269,6 +293,7 @@ pub trait Store: Send + Sync {
         inventory: Option<Inventory>,
         now: Millis,
     ) -> StoreResult<Agent>;
+
     /// Records a presence change.
     fn set_presence(
         &self,
@@ -278,6 +303,7 @@ pub trait Store: Send + Sync {
         path: Option<String>,
         remote_addr: Option<String>,
     ) -> StoreResult<()>;
+
     /// Marks every agent recorded `online` that is not in `still_online` as `offline` at
     /// `at` (unless a newer event is recorded): the broker's retained presence, read after
     /// the console (re)connects, is the whole truth. Returns the agents changed.
@@ -291,15 +317,18 @@ pub trait Store: Send + Sync {
         Ok(())
     }
 
-    // Groups.
     /// Creates a group.
     fn create_group(&self, name: &str, description: &str, now: Millis) -> StoreResult<Group>;
+
     /// Lists groups.
     fn list_groups(&self) -> StoreResult<Vec<Group>>;
+
     /// Deletes a group (agents leave it).
     fn delete_group(&self, name: &str) -> StoreResult<()>;
+}
 
-    // Wake-up calls.
+/// Wake-up calls and their per-agent deliveries.
+pub trait CallStore {
     /// Records a call and one queued delivery per addressed, non-revoked agent, with fresh
     /// wake-up ids from `new_wakeup_id`. Fails when the target resolves to no agent.
     fn create_call(
@@ -308,10 +337,13 @@ pub trait Store: Send + Sync {
         now: Millis,
         new_wakeup_id: &mut dyn FnMut() -> String,
     ) -> StoreResult<(WakeCall, Vec<CallDelivery>)>;
+
     /// One call with its deliveries.
     fn call(&self, id: &str) -> StoreResult<(WakeCall, Vec<CallDelivery>)>;
+
     /// Calls, newest first.
     fn list_calls(&self, limit: u32) -> StoreResult<Vec<WakeCall>>;
+
     /// Moves `agent_id`'s delivery with this wake-up id (and those it carried) to `state` if that is
     /// progress; returns the deliveries that changed.
     fn advance_delivery(
@@ -322,9 +354,11 @@ pub trait Store: Send + Sync {
         update: DeliveryUpdate,
         at: Millis,
     ) -> StoreResult<Vec<CallDelivery>>;
+
     /// Several [`advance_delivery`](Store::advance_delivery) in one transaction (one commit
     /// for a burst of PUBACKs or acks); returns every delivery that changed.
     fn advance_deliveries(&self, batch: Vec<DeliveryAdvance>) -> StoreResult<Vec<CallDelivery>>;
+
     /// Deliveries of an agent not yet delivered (queued or sent) and not expired at `now`,
     /// with their calls, oldest first.
     fn pending_for_agent(
@@ -332,6 +366,7 @@ pub trait Store: Send + Sync {
         agent_id: &str,
         now: Millis,
     ) -> StoreResult<Vec<(WakeCall, CallDelivery)>>;
+
     /// Every agent with a queued delivery not expired at `now`.
     /// [`pending_for_agent`](Self::pending_for_agent) for several agents at once (one trip
     /// to the store for a batch of agents coming online).
@@ -349,37 +384,45 @@ pub trait Store: Send + Sync {
         }
         Ok(out)
     }
+
     fn agents_with_queued(&self, now: Millis) -> StoreResult<Vec<String>>;
+
     /// Records that the deliveries `carried` went out inside the message of `carrier`.
     fn set_carried_by(&self, carried: &[String], carrier: &str) -> StoreResult<()>;
+
     /// Marks queued or sent deliveries whose call expired by `now` as expired.
     fn expire_due(&self, now: Millis) -> StoreResult<Vec<CallDelivery>>;
+}
 
-    // Settings and audit.
-    /// Current settings (defaults for groups never set).
-    fn settings(&self) -> StoreResult<Settings>;
-    /// Replaces settings, writing one audit entry per changed group, in one transaction.
-    fn put_settings(&self, settings: &Settings, who: &str, now: Millis) -> StoreResult<Settings>;
-    /// Appends an audit entry.
-    fn audit(
-        &self,
-        who: &str,
-        what: &str,
-        detail: serde_json::Value,
-        now: Millis,
-    ) -> StoreResult<()>;
-    /// Audit entries, newest first.
-    fn audit_log(&self, limit: u32) -> StoreResult<Vec<AuditEntry>>;
+/// Who may do what: users and their sessions, API tokens and enrollment tokens.
+pub trait AuthStore {
+    /// Records a new enrollment token; its groups must exist.
+    fn create_enrollment_token(&self, token: NewEnrollmentToken) -> StoreResult<EnrollmentToken>;
 
-    // Users, sessions, API tokens.
+    /// Lists tokens, newest first.
+    fn list_enrollment_tokens(&self) -> StoreResult<Vec<EnrollmentToken>>;
+
+    /// Revokes a token.
+    fn revoke_enrollment_token(&self, id: &str) -> StoreResult<()>;
+
     /// Creates a user with a password hash (PHC string).
     fn create_user(&self, name: &str, password_hash: &str, now: Millis) -> StoreResult<()>;
+
     /// Replaces a user's password hash and ends all of the user's sessions.
     fn set_password(&self, name: &str, password_hash: &str) -> StoreResult<()>;
+
     /// How many users exist.
     fn user_count(&self) -> StoreResult<u64>;
+
     /// A user's password hash.
     fn password_hash(&self, name: &str) -> StoreResult<String>;
+
+    /// Replaces a user's password hash by a new hash of the same password (a stored format
+    /// upgrade), only while the stored hash is still `current`; the sessions stay. Returns
+    /// whether it was replaced.
+    fn upgrade_password_hash(&self, name: &str, current: &str, upgraded: &str)
+    -> StoreResult<bool>;
+
     /// Records a login session.
     fn create_session(
         &self,
@@ -388,10 +431,13 @@ pub trait Store: Send + Sync {
         now: Millis,
         expires_at: Millis,
     ) -> StoreResult<()>;
+
     /// The user of a live session.
     fn session(&self, hash: &[u8; 32], now: Millis) -> StoreResult<Principal>;
+
     /// Ends a session.
     fn delete_session(&self, hash: &[u8; 32]) -> StoreResult<()>;
+
     /// Records an API token.
     fn create_api_token(
         &self,
@@ -400,16 +446,22 @@ pub trait Store: Send + Sync {
         name: &str,
         now: Millis,
     ) -> StoreResult<ApiToken>;
+
     /// The principal of a live API token.
     fn api_token(&self, hash: &[u8; 32]) -> StoreResult<Principal>;
+
     /// Lists API tokens.
     fn list_api_tokens(&self) -> StoreResult<Vec<ApiToken>>;
+
     /// Revokes an API token.
     fn revoke_api_token(&self, id: &str) -> StoreResult<()>;
+}
 
-    // Wake-on-LAN.
+/// Wake-on-LAN sends, by the console and relayed by agents.
+pub trait WolStore {
     /// Records a Wake-on-LAN send.
     fn record_wol_send(&self, send: &WolSend) -> StoreResult<()>;
+
     /// Records an agent's answer to relay request `relay_id`: each (MAC, destination,
     /// packets, error) on the send recorded for that MAC. Only the agent the request went
     /// to can answer it. Returns the sends updated.
@@ -419,10 +471,33 @@ pub trait Store: Send + Sync {
         relay_id: &str,
         sends: &[(String, String, u32, Option<String>)],
     ) -> StoreResult<Vec<WolSend>>;
+
     /// Marks the sends of relay request `relay_id` as failed with `error`.
     fn fail_relay(&self, relay_id: &str, error: &str) -> StoreResult<()>;
+
     /// Wake-on-LAN sends for an agent, newest first.
     fn wol_sends(&self, agent_id: &str, limit: u32) -> StoreResult<Vec<WolSend>>;
+}
+
+/// Settings and the audit log.
+pub trait SettingsStore {
+    /// Current settings (defaults for groups never set).
+    fn settings(&self) -> StoreResult<Settings>;
+
+    /// Replaces settings, writing one audit entry per changed group, in one transaction.
+    fn put_settings(&self, settings: &Settings, who: &str, now: Millis) -> StoreResult<Settings>;
+
+    /// Appends an audit entry.
+    fn audit(
+        &self,
+        who: &str,
+        what: &str,
+        detail: serde_json::Value,
+        now: Millis,
+    ) -> StoreResult<()>;
+
+    /// Audit entries, newest first.
+    fn audit_log(&self, limit: u32) -> StoreResult<Vec<AuditEntry>>;
 }
 
 /// A shared store for async code: each call runs on the blocking pool, so SQLite's

@@ -1,0 +1,227 @@
+//! Wake-up calls and their live events (server-sent events).
+
+use std::convert::Infallible;
+
+use axum::Json;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use futures_util::Stream;
+use serde::Deserialize;
+use serde_json::json;
+
+use super::*;
+use crate::model::*;
+use crate::store::NewCall;
+use crate::{AppState, dispatch};
+
+// --- Wake-up calls ---
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct NewCallRequest {
+    target: CallTarget,
+    #[serde(default)]
+    reason: String,
+    action: Option<String>,
+    expires_in_secs: Option<u32>,
+    spread_secs: Option<u32>,
+    /// Also send Wake-on-LAN to the addressed agents that are not online.
+    #[serde(default)]
+    wake_on_lan: bool,
+}
+
+pub(super) async fn create_call(
+    State(st): State<AppState>,
+    Admin(who): Admin,
+    Body(req): Body<NewCallRequest>,
+) -> ApiResult<(StatusCode, Json<serde_json::Value>)> {
+    check_text(
+        "reason",
+        &req.reason,
+        0,
+        beckon_identity::wakeup::MAX_TEXT_LEN,
+    )?;
+    if let Some(a) = &req.action {
+        check_text("action", a, 1, beckon_identity::wakeup::MAX_TEXT_LEN)?;
+    }
+    match &req.target {
+        CallTarget::Agents(ids) if ids.is_empty() => {
+            return Err(ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "target.agents is empty: name at least one agent id",
+            ));
+        }
+        CallTarget::Agents(ids) if ids.len() > 100_000 => {
+            return Err(ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "target.agents: at most 100000 ids; use a group or all",
+            ));
+        }
+        CallTarget::Group(g) => check_group_name(g)?,
+        _ => {}
+    }
+    let settings = st.store.run(|s| s.settings()).await?;
+    let expiry = req
+        .expires_in_secs
+        .unwrap_or(settings.wakeup.default_expiry_secs);
+    if !(10..=crate::settings::MAX_EXPIRY_SECS).contains(&expiry) {
+        return Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            format!(
+                "expires_in_secs must be 10 to {}",
+                crate::settings::MAX_EXPIRY_SECS
+            ),
+        ));
+    }
+    if req
+        .spread_secs
+        .is_some_and(|s| s > beckon_identity::wakeup::MAX_SPREAD_SECS)
+    {
+        return Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "spread_secs must be at most 86400",
+        ));
+    }
+    let now = now_ms();
+    let call = NewCall {
+        id: uuid::Uuid::now_v7().hyphenated().to_string(),
+        created_by: who.name.clone(),
+        reason: req.reason,
+        action: req.action,
+        target: req.target,
+        expires_at: now + i64::from(expiry) * 1000,
+        spread: req.spread_secs,
+        default_spread: (
+            settings.wakeup.spread_from_agents,
+            settings.wakeup.spread_secs,
+        ),
+    };
+    let (call, deliveries) = st
+        .store
+        .run(move |s| {
+            let mut next_id = move || {
+                beckon_identity::wakeup::new_wakeup_id(now_ms())
+                    .unwrap_or_else(|_| uuid::Uuid::now_v7().hyphenated().to_string())
+            };
+            s.create_call(call, now, &mut next_id)
+        })
+        .await?;
+    audit(
+        &st,
+        &who,
+        "call.create",
+        json!({"id": call.id, "target": call.target}),
+    )
+    .await;
+    // Waits while the dispatcher's queue is full: the call is recorded, and a request that
+    // waits here is the backpressure on the callers.
+    let _ = st
+        .dispatch
+        .send(dispatch::Command::Publish(call.clone(), deliveries.clone()))
+        .await;
+    if req.wake_on_lan {
+        let st2 = st.clone();
+        let call_id = call.id.clone();
+        let ids: Vec<String> = deliveries.iter().map(|d| d.agent_id.clone()).collect();
+        tokio::spawn(async move {
+            for id in ids {
+                let Ok(agent) = st2.store.run(move |s| s.agent(&id)).await else {
+                    continue;
+                };
+                if agent.presence != Presence::Online {
+                    let _ = dispatch::wake_on_lan(&st2, &agent, Some(call_id.clone())).await;
+                }
+            }
+        });
+    }
+    let mut body = to_body(&call)?;
+    body["agents"] = json!(deliveries.len());
+    Ok((StatusCode::CREATED, Json(body)))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct CallsQuery {
+    limit: Option<u32>,
+}
+
+pub(super) async fn list_calls(
+    State(st): State<AppState>,
+    _a: Admin,
+    Query(q): Query<CallsQuery>,
+) -> ApiResult<Json<Vec<WakeCall>>> {
+    let limit = q.limit.unwrap_or(50);
+    if !(1..=1000).contains(&limit) {
+        return Err(ApiError::bad_request("limit must be 1 to 1000"));
+    }
+    Ok(Json(st.store.run(move |s| s.list_calls(limit)).await?))
+}
+
+pub(super) async fn get_call(
+    State(st): State<AppState>,
+    _a: Admin,
+    Path(id): Path<String>,
+) -> ApiResult<Json<serde_json::Value>> {
+    let (call, deliveries) = st.store.run(move |s| s.call(&id)).await?;
+    let mut body = to_body(&call)?;
+    body["deliveries"] = to_body(&deliveries)?;
+    Ok(Json(body))
+}
+
+pub(super) fn event_stream(
+    st: &AppState,
+    call_id: Option<String>,
+) -> Sse<impl Stream<Item = Result<Event, Infallible>> + use<>> {
+    let rx = st.events.subscribe();
+    let stop = st.shutdown.clone();
+    let stream = futures_util::stream::unfold(
+        (rx, call_id, stop),
+        |(mut rx, call_id, mut stop)| async move {
+            loop {
+                // The stream ends when the console stops, so that shutdown does not wait for
+                // browsers to go away.
+                let received = tokio::select! {
+                    r = rx.recv() => r,
+                    _ = dispatch::stopped(&mut stop) => return None,
+                };
+                match received {
+                    Ok(ev) => {
+                        if call_id.as_ref().is_some_and(|c| *c != ev.call_id) {
+                            continue;
+                        }
+                        let data = serde_json::to_string(&ev).unwrap_or_default();
+                        return Some((
+                            Ok(Event::default().event("delivery").data(data)),
+                            (rx, call_id, stop),
+                        ));
+                    }
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                        let data = json!({"missed": n}).to_string();
+                        return Some((
+                            Ok(Event::default().event("lagged").data(data)),
+                            (rx, call_id, stop),
+                        ));
+                    }
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => return None,
+                }
+            }
+        },
+    );
+    Sse::new(stream).keep_alive(KeepAlive::default())
+}
+
+pub(super) async fn call_events(
+    State(st): State<AppState>,
+    _a: Admin,
+    Path(id): Path<String>,
+) -> ApiResult<Response> {
+    let i = id.clone();
+    st.store.run(move |s| s.call(&i)).await?;
+    Ok(event_stream(&st, Some(id)).into_response())
+}
+
+pub(super) async fn all_events(State(st): State<AppState>, _a: Admin) -> Response {
+    event_stream(&st, None).into_response()
+}

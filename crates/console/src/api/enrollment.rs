@@ -1,0 +1,410 @@
+//! Enrollment: enrollment tokens, enrolling an agent, check-in, certificate renewal and
+//! the tenant file for the broker.
+
+use axum::Json;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+
+use super::*;
+use crate::AppState;
+use crate::model::*;
+use crate::secrets::{new_id, new_token, token_hash};
+use crate::store::{CertificateRecord, NewAgent, NewEnrollmentToken};
+
+// --- Enrollment ---
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct NewEnrollmentTokenRequest {
+    #[serde(default)]
+    label: String,
+    /// Lifetime in seconds; absent: never expires.
+    expires_in_secs: Option<u64>,
+    /// Use limit; absent: one-time (1). 0 means unlimited.
+    max_uses: Option<u32>,
+    #[serde(default)]
+    groups: Vec<String>,
+}
+
+pub(super) async fn create_enrollment_token(
+    State(st): State<AppState>,
+    Admin(who): Admin,
+    Body(req): Body<NewEnrollmentTokenRequest>,
+) -> ApiResult<(StatusCode, Json<serde_json::Value>)> {
+    check_text("label", &req.label, 0, 200)?;
+    for g in &req.groups {
+        check_group_name(g)?;
+    }
+    let now = now_ms();
+    let expires_at = match req.expires_in_secs {
+        None => None,
+        Some(0) => {
+            return Err(ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "expires_in_secs must be at least 1 (omit it for a token that does not expire)",
+            ));
+        }
+        Some(s) if s > 10 * 365 * 24 * 3600 => {
+            return Err(ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "expires_in_secs must be at most ten years",
+            ));
+        }
+        Some(s) => Some(now + s as i64 * 1000),
+    };
+    let max_uses = match req.max_uses {
+        None => Some(1),
+        Some(0) => None,
+        Some(n) => Some(n),
+    };
+    let secret = new_token("bke_");
+    let new = NewEnrollmentToken {
+        id: new_id(),
+        hash: token_hash(&secret),
+        label: req.label,
+        created_by: who.name.clone(),
+        expires_at,
+        max_uses,
+        groups: req.groups,
+    };
+    let token = st
+        .store
+        .run(move |s| s.create_enrollment_token(new))
+        .await?;
+    audit(
+        &st,
+        &who,
+        "enrollment_token.create",
+        json!({"id": token.id}),
+    )
+    .await;
+    let mut body = to_body(&token)?;
+    body["token"] = json!(secret);
+    Ok((StatusCode::CREATED, Json(body)))
+}
+
+pub(super) async fn list_enrollment_tokens(
+    State(st): State<AppState>,
+    _a: Admin,
+) -> ApiResult<Json<Vec<EnrollmentToken>>> {
+    Ok(Json(st.store.run(|s| s.list_enrollment_tokens()).await?))
+}
+
+pub(super) async fn revoke_enrollment_token(
+    State(st): State<AppState>,
+    Admin(who): Admin,
+    Path(id): Path<String>,
+) -> ApiResult<StatusCode> {
+    let i = id.clone();
+    st.store.run(move |s| s.revoke_enrollment_token(&i)).await?;
+    audit(&st, &who, "enrollment_token.revoke", json!({"id": id})).await;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct EnrollRequest {
+    token: String,
+    /// The id the agent asks for; absent: the console makes one.
+    agent_id: Option<String>,
+    /// A PEM certificate signing request for the agent's own key pair.
+    csr: String,
+    name: Option<String>,
+    #[serde(default)]
+    inventory: Inventory,
+}
+
+pub(super) fn check_inventory(inv: &Inventory) -> ApiResult<()> {
+    check_text("inventory.hostname", &inv.hostname, 0, 253)?;
+    check_text("inventory.os", &inv.os, 0, 200)?;
+    if inv.addresses.len() > 64 || inv.macs.len() > 32 {
+        return Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "inventory: at most 64 addresses and 32 MAC addresses",
+        ));
+    }
+    for a in &inv.addresses {
+        let max = if a.address.is_ipv4() { 32 } else { 128 };
+        if a.prefix_len > max {
+            return Err(ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                format!(
+                    "inventory.addresses: prefix length {} is too long for {}",
+                    a.prefix_len, a.address
+                ),
+            ));
+        }
+    }
+    for m in &inv.macs {
+        m.parse::<crate::wol::MacAddress>().map_err(|e| {
+            ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                format!("inventory.macs: {e}"),
+            )
+        })?;
+    }
+    Ok(())
+}
+
+/// What an agent gets back from enrollment.
+#[derive(Serialize)]
+pub(super) struct EnrollResponse {
+    agent_id: String,
+    tenant: String,
+    certificate: String,
+    ca: String,
+    broker_endpoints: Vec<String>,
+    proxy: crate::settings::ProxySettings,
+    wakeup_key: serde_json::Value,
+    checkin_token: String,
+    checkin_url: String,
+}
+
+pub(super) async fn enroll(
+    State(st): State<AppState>,
+    headers: HeaderMap,
+    Body(req): Body<EnrollRequest>,
+) -> ApiResult<(StatusCode, Json<EnrollResponse>)> {
+    if !req.token.starts_with("bke_") {
+        return Err(ApiError::unauthorized(
+            "the enrollment token is not valid (they start with bke_): ask an administrator for one",
+        ));
+    }
+    let agent_id = match req.agent_id {
+        Some(id) => {
+            beckon_identity::validate_id(&id).map_err(|e| {
+                ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, format!("agent_id: {e}"))
+            })?;
+            id
+        }
+        None => uuid::Uuid::now_v7().hyphenated().to_string(),
+    };
+    check_inventory(&req.inventory)?;
+    let name = req
+        .name
+        .clone()
+        .filter(|n| !n.trim().is_empty())
+        .unwrap_or_else(|| {
+            if req.inventory.hostname.is_empty() {
+                agent_id.clone()
+            } else {
+                req.inventory.hostname.clone()
+            }
+        });
+    check_text("name", &name, 1, 200)?;
+    // Sign first: a bad CSR must not use up the token.
+    let (certificate, record) = sign_agent_csr(&st, &req.csr, &agent_id)?;
+    let checkin_token = new_token("bka_");
+    let new = NewAgent {
+        id: agent_id.clone(),
+        name,
+        inventory: req.inventory,
+        secret_hash: token_hash(&checkin_token),
+        certificate: Some(record),
+    };
+    let token_h = token_hash(&req.token);
+    let agent = st
+        .store
+        .run(move |s| s.enroll_agent(&token_h, new, now_ms()))
+        .await?;
+    let settings = st.store.run(|s| s.settings()).await?;
+    let broker_endpoints = if settings.broker.endpoints.is_empty() {
+        st.config.default_broker_endpoints.clone()
+    } else {
+        settings.broker.endpoints.clone()
+    };
+    let host = headers
+        .get(axum::http::header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .unwrap_or("localhost");
+    let scheme = if st.config.plain_http {
+        "http"
+    } else {
+        "https"
+    };
+    tracing::info!(agent = %agent.id, "agent enrolled");
+    Ok((
+        StatusCode::CREATED,
+        Json(EnrollResponse {
+            agent_id: agent.id,
+            tenant: st.tenant.to_string(),
+            certificate: certificate.cert_pem,
+            ca: st.ca.cert_pem().to_owned(),
+            broker_endpoints,
+            proxy: settings.proxy,
+            wakeup_key: json!({
+                "kid": st.signer.key().kid().as_str(),
+                "public_key": st.signer.key().public_key().to_base64(),
+            }),
+            checkin_token,
+            checkin_url: format!("{scheme}://{host}"),
+        }),
+    ))
+}
+
+/// The agent certificate for `csr` (a PEM signing request, checked for size and form first)
+/// issued by the tenant CA to `agent_id`, and its serial and validity to record.
+pub(super) fn sign_agent_csr(
+    st: &AppState,
+    csr: &str,
+    agent_id: &str,
+) -> ApiResult<(beckon_pki::IssuedCertificate, CertificateRecord)> {
+    if csr.len() > 16 * 1024 || !csr.contains("CERTIFICATE REQUEST") {
+        return Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "csr must be a PEM certificate signing request (-----BEGIN CERTIFICATE REQUEST-----)",
+        ));
+    }
+    let certificate = st
+        .ca
+        .issue_client_for_csr(
+            csr,
+            agent_id,
+            Some(st.tenant.as_str()),
+            Some("agent"),
+            st.config.agent_certificate_validity,
+        )
+        .map_err(|e| {
+            ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                format!("csr could not be signed: {e}"),
+            )
+        })?;
+    let record = certificate_record(&certificate)?;
+    Ok((certificate, record))
+}
+
+/// Serial and validity of a certificate the console just issued.
+pub(super) fn certificate_record(
+    issued: &beckon_pki::IssuedCertificate,
+) -> ApiResult<CertificateRecord> {
+    let internal = |what: &str| {
+        tracing::error!(what, "a certificate the console issued cannot be read back");
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "the console could not read the certificate it issued; see the console's log",
+        )
+    };
+    let der = issued.cert_der().map_err(|_| internal("pem"))?;
+    let serial = beckon_identity::certificate_serial(&der).ok_or_else(|| internal("serial"))?;
+    let not_after = beckon_pki::not_after(&der)
+        .ok()
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        .ok_or_else(|| internal("not_after"))?;
+    Ok(CertificateRecord {
+        serial,
+        issued_at: now_ms(),
+        not_after,
+    })
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RenewRequest {
+    /// A PEM certificate signing request for a fresh key pair.
+    csr: String,
+}
+
+/// A renewed agent certificate.
+#[derive(Serialize)]
+pub(super) struct RenewResponse {
+    agent_id: String,
+    certificate: String,
+    ca: String,
+    /// End of the new certificate's validity, unix ms.
+    not_after: Millis,
+}
+
+/// Renews an agent's certificate: authenticated by its check-in token, refused for revoked
+/// and unknown agents; the new certificate is recorded (so that removing the agent revokes
+/// it too). The old one stays valid until it expires.
+pub(super) async fn renew_certificate(
+    State(st): State<AppState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    Body(req): Body<RenewRequest>,
+) -> ApiResult<Json<RenewResponse>> {
+    let Some(token) = bearer(&headers) else {
+        return Err(ApiError::unauthorized(
+            "certificate renewal needs Authorization: Bearer <the checkin_token from enrollment>",
+        ));
+    };
+    let hash = token_hash(token);
+    let i = id.clone();
+    st.store.run(move |s| s.agent_by_secret(&i, &hash)).await?;
+    let (certificate, record) = sign_agent_csr(&st, &req.csr, &id)?;
+    let not_after = record.not_after;
+    let i = id.clone();
+    st.store
+        .run(move |s| s.record_certificate(&i, &record))
+        .await?;
+    tracing::info!(agent = %id, "agent certificate renewed");
+    Ok(Json(RenewResponse {
+        agent_id: id,
+        certificate: certificate.cert_pem,
+        ca: st.ca.cert_pem().to_owned(),
+        not_after,
+    }))
+}
+
+/// The broker's tenant file for this tenant, with the revocations in force (TOML).
+pub(super) async fn get_tenant_file(State(st): State<AppState>, _a: Admin) -> ApiResult<Response> {
+    let text = crate::tenant_file::current(&st).await?;
+    Ok((
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "application/toml; charset=utf-8",
+        )],
+        text,
+    )
+        .into_response())
+}
+
+/// The check-in body: the agent runtime's fields, plus an optional fresh inventory.
+#[derive(Deserialize)]
+pub(super) struct CheckinRequest {
+    #[serde(default)]
+    agent_id: Option<String>,
+    #[serde(default)]
+    wakeup_id: Option<String>,
+    #[serde(default)]
+    inventory: Option<Inventory>,
+}
+
+pub(super) async fn checkin(
+    State(st): State<AppState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    Body(req): Body<CheckinRequest>,
+) -> ApiResult<Json<serde_json::Value>> {
+    let Some(token) = bearer(&headers) else {
+        return Err(ApiError::unauthorized(
+            "check-in needs Authorization: Bearer <the checkin_token from enrollment>",
+        ));
+    };
+    if req.agent_id.as_deref().is_some_and(|a| a != id) {
+        return Err(ApiError::bad_request(
+            "agent_id in the body differs from the one in the URL",
+        ));
+    }
+    if let Some(inv) = &req.inventory {
+        check_inventory(inv)?;
+    }
+    let hash = token_hash(token);
+    let i = id.clone();
+    st.store.run(move |s| s.agent_by_secret(&i, &hash)).await?;
+    let inv = req.inventory;
+    let agent = st
+        .store
+        .run(move |s| s.record_checkin(&id, inv, now_ms()))
+        .await?;
+    Ok(Json(json!({
+        "agent_id": agent.id,
+        "last_checkin": agent.last_checkin,
+        "wakeup_id": req.wakeup_id,
+    })))
+}

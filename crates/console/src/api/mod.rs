@@ -1,0 +1,353 @@
+//! The HTTP API, `/api/v1`: JSON in and out, errors as `{"error": "..."}` with a 4xx status
+//! that says whose fault it is. Routes are listed once in [`routes`]; the OpenAPI document
+//! (`/api/v1/openapi.json`) is checked against that list by the tests.
+//!
+//! One file per capability: [`auth`] (users and sessions), [`tokens`] (API tokens),
+//! [`enrollment`] (enrollment tokens, enrollment, check-in, renewal, the tenant file),
+//! [`agents`] (agents and groups), [`wol`] (Wake-on-LAN), [`calls`] (wake-up calls and their
+//! live events) and [`settings`] (settings, audit log, status). This file holds the router,
+//! the error type and the extractors they share.
+
+mod agents;
+mod auth;
+mod calls;
+mod enrollment;
+mod settings;
+mod tokens;
+mod wol;
+
+use axum::extract::rejection::{JsonRejection, QueryRejection};
+use axum::extract::{DefaultBodyLimit, FromRequest, FromRequestParts, Request};
+use axum::http::header::{AUTHORIZATION, COOKIE};
+use axum::http::request::Parts;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{MethodRouter, delete, get, post};
+use axum::{Json, Router};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use serde_json::json;
+
+use crate::AppState;
+use crate::model::*;
+use crate::secrets::token_hash;
+use crate::store::{Principal, StoreError};
+
+use agents::*;
+use auth::*;
+use calls::*;
+use enrollment::*;
+use settings::*;
+use tokens::*;
+use wol::*;
+
+pub(crate) use auth::ensure_first_user;
+pub(crate) use tokens::create_api_token;
+
+/// Session lifetime: 12 hours.
+const SESSION_TTL_MS: i64 = 12 * 3600 * 1000;
+/// Name of the session cookie.
+const SESSION_COOKIE: &str = "beckon_session";
+
+/// An API error: a status and a message a person can act on.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    message: String,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            message: message.into(),
+        }
+    }
+
+    fn bad_request(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, message)
+    }
+
+    fn unauthorized(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::UNAUTHORIZED, message)
+    }
+
+    /// A failure inside the console: logged in full, answered with a 500.
+    fn internal(message: impl Into<String>) -> Self {
+        let message = message.into();
+        tracing::error!(error = %message, "request failed inside the console");
+        Self::new(StatusCode::INTERNAL_SERVER_ERROR, message)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.status, Json(json!({ "error": self.message }))).into_response()
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> Self {
+        let status = match &e {
+            StoreError::NotFound { .. } => StatusCode::NOT_FOUND,
+            StoreError::Conflict(_) => StatusCode::CONFLICT,
+            StoreError::Refused(_) => StatusCode::UNAUTHORIZED,
+            StoreError::Invalid(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            _ => {
+                tracing::error!(error = %e, "store failure");
+                return Self::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "the console could not read or write its database; see the console's log",
+                );
+            }
+        };
+        Self::new(status, e.to_string())
+    }
+}
+
+type ApiResult<T> = Result<T, ApiError>;
+
+/// A record as a JSON body to extend. Fails the request (500) rather than answering with
+/// an empty body, e.g. an enrollment token's secret alone without the token it belongs to.
+fn to_body<T: Serialize>(value: &T) -> ApiResult<serde_json::Value> {
+    serde_json::to_value(value)
+        .map_err(|e| ApiError::internal(format!("cannot encode the answer as JSON: {e}")))
+}
+
+/// A JSON body whose rejections (malformed JSON, wrong fields, too large, wrong content
+/// type) come back as JSON errors.
+pub struct Body<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for Body<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        match Json::<T>::from_request(req, state).await {
+            Ok(Json(v)) => Ok(Body(v)),
+            Err(rejection) => Err(json_rejection(rejection)),
+        }
+    }
+}
+
+fn json_rejection(r: JsonRejection) -> ApiError {
+    let status = r.status();
+    let message = match &r {
+        JsonRejection::MissingJsonContentType(_) => {
+            "send the body as JSON with the header Content-Type: application/json".to_owned()
+        }
+        JsonRejection::JsonSyntaxError(e) => {
+            format!("the body is not valid JSON: {}", e.body_text())
+        }
+        JsonRejection::JsonDataError(e) => {
+            format!("the JSON does not fit this request: {}", e.body_text())
+        }
+        _ if status == StatusCode::PAYLOAD_TOO_LARGE => {
+            "the body is too large for the console's request limit".to_owned()
+        }
+        other => other.body_text(),
+    };
+    ApiError::new(status, message)
+}
+
+/// Query parameters whose rejections come back as JSON errors.
+pub struct Query<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned> FromRequestParts<S> for Query<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        axum::extract::Query::<T>::from_request_parts(parts, state)
+            .await
+            .map(|q| Query(q.0))
+            .map_err(|e: QueryRejection| {
+                ApiError::bad_request(format!("the query string is not valid: {}", e.body_text()))
+            })
+    }
+}
+
+/// An authenticated administrator (API token or session cookie).
+pub struct Admin(pub Principal);
+
+fn bearer(headers: &HeaderMap) -> Option<&str> {
+    headers
+        .get(AUTHORIZATION)?
+        .to_str()
+        .ok()?
+        .strip_prefix("Bearer ")
+        .map(str::trim)
+}
+
+fn session_cookie(headers: &HeaderMap) -> Option<String> {
+    headers.get_all(COOKIE).iter().find_map(|v| {
+        v.to_str().ok()?.split(';').find_map(|c| {
+            let (k, v) = c.trim().split_once('=')?;
+            (k == SESSION_COOKIE).then(|| v.to_owned())
+        })
+    })
+}
+
+impl FromRequestParts<AppState> for Admin {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> ApiResult<Self> {
+        if let Some(token) = bearer(&parts.headers) {
+            if !token.starts_with("bkt_") {
+                return Err(ApiError::unauthorized(
+                    "this bearer token is not an API token (they start with bkt_): create one under API tokens",
+                ));
+            }
+            let hash = token_hash(token);
+            let p = state.store.run(move |s| s.api_token(&hash)).await?;
+            return Ok(Admin(p));
+        }
+        if let Some(cookie) = session_cookie(&parts.headers) {
+            let hash = token_hash(&cookie);
+            let p = state.store.run(move |s| s.session(&hash, now_ms())).await?;
+            return Ok(Admin(p));
+        }
+        Err(ApiError::unauthorized(
+            "authentication required: send Authorization: Bearer <API token>, or log in (POST /api/v1/login)",
+        ))
+    }
+}
+
+/// Every route: path, methods, handler. The router and the OpenAPI test both read it.
+pub fn routes() -> Vec<(
+    &'static str,
+    &'static [&'static str],
+    MethodRouter<AppState>,
+)> {
+    vec![
+        ("/api/v1/openapi.json", &["get"], get(openapi)),
+        ("/api/v1/login", &["post"], post(login)),
+        ("/api/v1/logout", &["post"], post(logout)),
+        ("/api/v1/users", &["post"], post(create_user)),
+        ("/api/v1/account/password", &["post"], post(change_password)),
+        ("/api/v1/enroll", &["post"], post(enroll)),
+        ("/api/v1/agents/{id}/checkin", &["post"], post(checkin)),
+        (
+            "/api/v1/agents/{id}/certificate",
+            &["post"],
+            post(renew_certificate),
+        ),
+        ("/api/v1/tenant-file", &["get"], get(get_tenant_file)),
+        (
+            "/api/v1/enrollment-tokens",
+            &["get", "post"],
+            get(list_enrollment_tokens).post(create_enrollment_token),
+        ),
+        (
+            "/api/v1/enrollment-tokens/{id}",
+            &["delete"],
+            delete(revoke_enrollment_token),
+        ),
+        ("/api/v1/agents", &["get"], get(list_agents)),
+        (
+            "/api/v1/agents/{id}",
+            &["get", "patch", "delete"],
+            get(get_agent).patch(update_agent).delete(revoke_agent),
+        ),
+        (
+            "/api/v1/agents/{id}/wol",
+            &["get", "post"],
+            get(wol_history).post(wol_now),
+        ),
+        (
+            "/api/v1/groups",
+            &["get", "post"],
+            get(list_groups).post(create_group),
+        ),
+        ("/api/v1/groups/{name}", &["delete"], delete(delete_group)),
+        (
+            "/api/v1/calls",
+            &["get", "post"],
+            get(list_calls).post(create_call),
+        ),
+        ("/api/v1/calls/{id}", &["get"], get(get_call)),
+        ("/api/v1/calls/{id}/events", &["get"], get(call_events)),
+        ("/api/v1/events", &["get"], get(all_events)),
+        (
+            "/api/v1/settings",
+            &["get", "put"],
+            get(get_settings).put(put_settings),
+        ),
+        ("/api/v1/audit", &["get"], get(audit_log)),
+        ("/api/v1/status", &["get"], get(status)),
+        (
+            "/api/v1/api-tokens",
+            &["get", "post"],
+            get(list_api_tokens).post(create_api_token_route),
+        ),
+        (
+            "/api/v1/api-tokens/{id}",
+            &["delete"],
+            delete(revoke_api_token),
+        ),
+    ]
+}
+
+/// The API router with its body limit and JSON fallbacks.
+pub fn router(state: AppState) -> Router {
+    let limit = state.config.max_body_bytes;
+    let mut r = Router::new();
+    for (path, _, handler) in routes() {
+        r = r.route(path, handler);
+    }
+    r.fallback(|| async {
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            "no such API route: see /api/v1/openapi.json for the routes",
+        )
+    })
+    .method_not_allowed_fallback(|| async {
+        ApiError::new(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "this route does not take that HTTP method: see /api/v1/openapi.json",
+        )
+    })
+    .layer(DefaultBodyLimit::max(limit))
+    .with_state(state)
+}
+
+async fn openapi() -> Json<serde_json::Value> {
+    Json(crate::openapi::document())
+}
+
+async fn audit(st: &AppState, who: &Principal, what: &'static str, detail: serde_json::Value) {
+    let who = who.name.clone();
+    if let Err(e) = st
+        .store
+        .run(move |s| s.audit(&who, what, detail, now_ms()))
+        .await
+    {
+        tracing::warn!(error = %e, what, "could not write the audit log");
+    }
+}
+
+fn check_text(field: &str, value: &str, min: usize, max: usize) -> ApiResult<()> {
+    let len = value.chars().count();
+    if len < min || len > max || value.chars().any(char::is_control) {
+        return Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            format!("{field} must be {min} to {max} characters without control characters"),
+        ));
+    }
+    Ok(())
+}
+
+fn check_group_name(name: &str) -> ApiResult<()> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
+    if !ok {
+        return Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            format!(
+                "group name {name:?} is not valid: use 1 to 64 ASCII letters, digits, '-', '_' or '.'"
+            ),
+        ));
+    }
+    Ok(())
+}

@@ -1,0 +1,276 @@
+//! Users, sessions, API tokens and enrollment tokens in SQLite.
+
+use rusqlite::{OptionalExtension, Row, params};
+
+use super::agents::check_groups_exist;
+use super::*;
+use crate::model::*;
+use crate::store::*;
+
+pub(super) fn token_from_row(row: &Row<'_>) -> rusqlite::Result<EnrollmentToken> {
+    let groups: String = row.get(7)?;
+    Ok(EnrollmentToken {
+        id: row.get(0)?,
+        label: row.get(1)?,
+        created_at: row.get(2)?,
+        created_by: row.get(3)?,
+        expires_at: row.get(4)?,
+        max_uses: row.get(5)?,
+        uses: row.get(6)?,
+        groups: json_list(&groups),
+        revoked: row.get(8)?,
+    })
+}
+
+pub(super) const TOKEN_COLUMNS: &str =
+    "id, label, created_at, created_by, expires_at, max_uses, uses, groups, revoked";
+
+impl AuthStore for SqliteStore {
+    fn create_enrollment_token(&self, t: NewEnrollmentToken) -> StoreResult<EnrollmentToken> {
+        let mut conn = self.conn();
+        let tx = conn.transaction().map_err(sql("starting a transaction"))?;
+        check_groups_exist(&tx, &t.groups)?;
+        let now = now_ms();
+        tx.execute(
+            "INSERT INTO enrollment_tokens (id, hash, label, created_at, created_by, expires_at, max_uses, groups) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+            params![t.id, &t.hash[..], t.label, now, t.created_by, t.expires_at, t.max_uses, to_json(&t.groups)?],
+        )
+        .map_err(sql("recording an enrollment token"))?;
+        tx.commit().map_err(sql("recording an enrollment token"))?;
+        Ok(EnrollmentToken {
+            id: t.id,
+            label: t.label,
+            created_at: now,
+            created_by: t.created_by,
+            expires_at: t.expires_at,
+            max_uses: t.max_uses,
+            uses: 0,
+            groups: t.groups,
+            revoked: false,
+        })
+    }
+
+    fn list_enrollment_tokens(&self) -> StoreResult<Vec<EnrollmentToken>> {
+        let conn = self.conn();
+        let mut stmt = conn
+            .prepare(&format!(
+                "SELECT {TOKEN_COLUMNS} FROM enrollment_tokens ORDER BY created_at DESC, id"
+            ))
+            .map_err(sql("listing enrollment tokens"))?;
+        stmt.query_map([], token_from_row)
+            .and_then(|rows| rows.collect())
+            .map_err(sql("listing enrollment tokens"))
+    }
+
+    fn revoke_enrollment_token(&self, id: &str) -> StoreResult<()> {
+        let n = self
+            .conn()
+            .execute(
+                "UPDATE enrollment_tokens SET revoked = 1 WHERE id = ?1",
+                [id],
+            )
+            .map_err(sql("revoking an enrollment token"))?;
+        if n == 0 {
+            return Err(StoreError::NotFound {
+                what: "enrollment token",
+                id: id.to_owned(),
+            });
+        }
+        Ok(())
+    }
+
+    fn create_user(&self, name: &str, password_hash: &str, now: Millis) -> StoreResult<()> {
+        let conn = self.conn();
+        let exists: bool = conn
+            .query_row(
+                "SELECT EXISTS(SELECT 1 FROM users WHERE name = ?1)",
+                [name],
+                |r| r.get(0),
+            )
+            .map_err(sql("checking a user"))?;
+        if exists {
+            return Err(StoreError::Conflict(format!(
+                "user {name:?} already exists"
+            )));
+        }
+        conn.execute(
+            "INSERT INTO users (name, password_hash, created_at) VALUES (?1, ?2, ?3)",
+            params![name, password_hash, now],
+        )
+        .map_err(sql("creating a user"))?;
+        Ok(())
+    }
+
+    fn set_password(&self, name: &str, password_hash: &str) -> StoreResult<()> {
+        let mut conn = self.conn();
+        let tx = conn.transaction().map_err(sql("starting a transaction"))?;
+        let n = tx
+            .execute(
+                "UPDATE users SET password_hash = ?1 WHERE name = ?2",
+                params![password_hash, name],
+            )
+            .map_err(sql("changing a password"))?;
+        if n == 0 {
+            return Err(StoreError::NotFound {
+                what: "user",
+                id: name.to_owned(),
+            });
+        }
+        tx.execute("DELETE FROM sessions WHERE user_name = ?1", [name])
+            .map_err(sql("ending a user's sessions"))?;
+        tx.commit().map_err(sql("changing a password"))
+    }
+
+    fn user_count(&self) -> StoreResult<u64> {
+        self.conn()
+            .query_row("SELECT COUNT(*) FROM users", [], |r| r.get::<_, i64>(0))
+            .map(|n| n.max(0) as u64)
+            .map_err(sql("counting users"))
+    }
+
+    fn password_hash(&self, name: &str) -> StoreResult<String> {
+        self.conn()
+            .query_row(
+                "SELECT password_hash FROM users WHERE name = ?1",
+                [name],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(sql("reading a user"))?
+            .ok_or_else(|| StoreError::NotFound {
+                what: "user",
+                id: name.to_owned(),
+            })
+    }
+
+    fn upgrade_password_hash(
+        &self,
+        name: &str,
+        current: &str,
+        upgraded: &str,
+    ) -> StoreResult<bool> {
+        self.conn()
+            .execute(
+                "UPDATE users SET password_hash = ?1 WHERE name = ?2 AND password_hash = ?3",
+                params![upgraded, name, current],
+            )
+            .map(|n| n > 0)
+            .map_err(sql("upgrading a password hash"))
+    }
+
+    fn create_session(
+        &self,
+        hash: &[u8; 32],
+        user: &str,
+        now: Millis,
+        expires_at: Millis,
+    ) -> StoreResult<()> {
+        let conn = self.conn();
+        // Old sessions are cleared as new ones are made, so the table stays small.
+        conn.execute("DELETE FROM sessions WHERE expires_at <= ?1", [now])
+            .map_err(sql("clearing old sessions"))?;
+        conn.execute(
+            "INSERT INTO sessions (hash, user_name, created_at, expires_at) VALUES (?1, ?2, ?3, ?4)",
+            params![&hash[..], user, now, expires_at],
+        )
+        .map_err(sql("recording a session"))?;
+        Ok(())
+    }
+
+    fn session(&self, hash: &[u8; 32], now: Millis) -> StoreResult<Principal> {
+        let user: Option<String> = self
+            .conn()
+            .query_row(
+                "SELECT user_name FROM sessions WHERE hash = ?1 AND expires_at > ?2",
+                params![&hash[..], now],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(sql("reading a session"))?;
+        user.map(|u| Principal {
+            name: format!("user:{u}"),
+        })
+        .ok_or_else(|| StoreError::Refused("the session has ended: log in again".into()))
+    }
+
+    fn delete_session(&self, hash: &[u8; 32]) -> StoreResult<()> {
+        self.conn()
+            .execute("DELETE FROM sessions WHERE hash = ?1", [&hash[..]])
+            .map_err(sql("ending a session"))?;
+        Ok(())
+    }
+
+    fn create_api_token(
+        &self,
+        id: &str,
+        hash: &[u8; 32],
+        name: &str,
+        now: Millis,
+    ) -> StoreResult<ApiToken> {
+        self.conn()
+            .execute(
+                "INSERT INTO api_tokens (id, hash, name, created_at) VALUES (?1, ?2, ?3, ?4)",
+                params![id, &hash[..], name, now],
+            )
+            .map_err(sql("recording an API token"))?;
+        Ok(ApiToken {
+            id: id.to_owned(),
+            name: name.to_owned(),
+            created_at: now,
+            revoked: false,
+        })
+    }
+
+    fn api_token(&self, hash: &[u8; 32]) -> StoreResult<Principal> {
+        let name: Option<String> = self
+            .conn()
+            .query_row(
+                "SELECT name FROM api_tokens WHERE hash = ?1 AND revoked = 0",
+                [&hash[..]],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(sql("reading an API token"))?;
+        name.map(|n| Principal {
+            name: format!("token:{n}"),
+        })
+        .ok_or_else(|| {
+            StoreError::Refused(
+                "the API token is not valid (unknown or revoked): create a new one".into(),
+            )
+        })
+    }
+
+    fn list_api_tokens(&self) -> StoreResult<Vec<ApiToken>> {
+        let conn = self.conn();
+        let mut stmt = conn
+            .prepare(
+                "SELECT id, name, created_at, revoked FROM api_tokens ORDER BY created_at DESC",
+            )
+            .map_err(sql("listing API tokens"))?;
+        stmt.query_map([], |r| {
+            Ok(ApiToken {
+                id: r.get(0)?,
+                name: r.get(1)?,
+                created_at: r.get(2)?,
+                revoked: r.get(3)?,
+            })
+        })
+        .and_then(|rows| rows.collect())
+        .map_err(sql("listing API tokens"))
+    }
+
+    fn revoke_api_token(&self, id: &str) -> StoreResult<()> {
+        let n = self
+            .conn()
+            .execute("UPDATE api_tokens SET revoked = 1 WHERE id = ?1", [id])
+            .map_err(sql("revoking an API token"))?;
+        if n == 0 {
+            return Err(StoreError::NotFound {
+                what: "API token",
+                id: id.to_owned(),
+            });
+        }
+        Ok(())
+    }
+}

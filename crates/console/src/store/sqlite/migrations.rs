@@ -1,0 +1,168 @@
+//! The schema: numbered SQL scripts, applied in order at open.
+
+use rusqlite::Connection;
+
+use super::sql;
+use crate::store::*;
+
+/// The schema version this build writes.
+pub const SCHEMA_VERSION: i64 = 3;
+
+/// Schema scripts: `MIGRATIONS[n]` moves version `n` to `n + 1`.
+pub(super) const MIGRATIONS: &[&str] = &[
+    r#"
+CREATE TABLE enrollment_tokens (
+    id TEXT PRIMARY KEY,
+    hash BLOB NOT NULL UNIQUE,
+    label TEXT NOT NULL,
+    created_at INTEGER NOT NULL,
+    created_by TEXT NOT NULL,
+    expires_at INTEGER,
+    max_uses INTEGER,
+    uses INTEGER NOT NULL DEFAULT 0,
+    groups TEXT NOT NULL DEFAULT '[]',
+    revoked INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE agents (
+    id TEXT PRIMARY KEY,
+    name TEXT NOT NULL,
+    hostname TEXT NOT NULL,
+    os TEXT NOT NULL,
+    addresses TEXT NOT NULL,
+    macs TEXT NOT NULL,
+    enrolled_at INTEGER NOT NULL,
+    enrolled_with TEXT,
+    secret_hash BLOB NOT NULL,
+    last_checkin INTEGER,
+    presence TEXT NOT NULL DEFAULT 'unknown',
+    presence_at INTEGER,
+    path TEXT,
+    remote_addr TEXT,
+    revoked INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE groups (
+    name TEXT PRIMARY KEY,
+    description TEXT NOT NULL,
+    created_at INTEGER NOT NULL
+);
+CREATE TABLE agent_groups (
+    agent_id TEXT NOT NULL REFERENCES agents(id) ON DELETE CASCADE,
+    group_name TEXT NOT NULL REFERENCES groups(name) ON DELETE CASCADE,
+    PRIMARY KEY (agent_id, group_name)
+);
+CREATE INDEX agent_groups_group ON agent_groups(group_name);
+CREATE TABLE calls (
+    id TEXT PRIMARY KEY,
+    created_at INTEGER NOT NULL,
+    created_by TEXT NOT NULL,
+    reason TEXT NOT NULL,
+    action TEXT,
+    target TEXT NOT NULL,
+    expires_at INTEGER NOT NULL,
+    spread INTEGER NOT NULL
+);
+CREATE TABLE deliveries (
+    wakeup_id TEXT PRIMARY KEY,
+    call_id TEXT NOT NULL REFERENCES calls(id) ON DELETE CASCADE,
+    agent_id TEXT NOT NULL,
+    state TEXT NOT NULL,
+    queued_at INTEGER NOT NULL,
+    sent_at INTEGER,
+    delivered_at INTEGER,
+    started_at INTEGER,
+    finished_at INTEGER,
+    status TEXT,
+    exit_code INTEGER,
+    duration_ms INTEGER,
+    detail TEXT,
+    carried_by TEXT
+);
+CREATE INDEX deliveries_call ON deliveries(call_id);
+CREATE INDEX deliveries_agent_state ON deliveries(agent_id, state);
+CREATE INDEX deliveries_carried_by ON deliveries(carried_by);
+CREATE TABLE settings (
+    key TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
+CREATE TABLE audit_log (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    at INTEGER NOT NULL,
+    who TEXT NOT NULL,
+    what TEXT NOT NULL,
+    detail TEXT NOT NULL
+);
+CREATE TABLE users (
+    name TEXT PRIMARY KEY,
+    password_hash TEXT NOT NULL,
+    created_at INTEGER NOT NULL
+);
+CREATE TABLE sessions (
+    hash BLOB PRIMARY KEY,
+    user_name TEXT NOT NULL REFERENCES users(name) ON DELETE CASCADE,
+    created_at INTEGER NOT NULL,
+    expires_at INTEGER NOT NULL
+);
+CREATE TABLE api_tokens (
+    id TEXT PRIMARY KEY,
+    hash BLOB NOT NULL UNIQUE,
+    name TEXT NOT NULL,
+    created_at INTEGER NOT NULL,
+    revoked INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE wol_sends (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    agent_id TEXT NOT NULL,
+    call_id TEXT,
+    mac TEXT NOT NULL,
+    destination TEXT NOT NULL,
+    at INTEGER NOT NULL,
+    packets INTEGER NOT NULL,
+    error TEXT
+);
+CREATE INDEX wol_sends_agent ON wol_sends(agent_id, at);
+"#,
+    r#"
+-- Version 2: the certificates issued to agents, so that removing an agent revokes them by
+-- serial (the broker's tenant file lists them) while the id may enroll again afresh.
+CREATE TABLE agent_certificates (
+    serial TEXT PRIMARY KEY,
+    agent_id TEXT NOT NULL,
+    issued_at INTEGER NOT NULL,
+    not_after INTEGER NOT NULL,
+    revoked_at INTEGER
+);
+CREATE INDEX agent_certificates_by_agent ON agent_certificates (agent_id);
+ALTER TABLE agents ADD COLUMN revoked_at INTEGER;
+"#,
+    r#"
+-- Version 3: Wake-on-LAN sends relayed by an agent.
+ALTER TABLE wol_sends ADD COLUMN via_agent TEXT;
+ALTER TABLE wol_sends ADD COLUMN relay_id TEXT;
+ALTER TABLE wol_sends ADD COLUMN relay_state TEXT;
+CREATE INDEX wol_sends_relay ON wol_sends(relay_id);
+"#,
+];
+
+pub(super) fn migrate(conn: &mut Connection, shown_path: &str) -> StoreResult<()> {
+    let found: i64 = conn
+        .query_row("PRAGMA user_version", [], |r| r.get(0))
+        .map_err(sql("reading the schema version"))?;
+    if found > SCHEMA_VERSION {
+        return Err(StoreError::NewerSchema {
+            path: shown_path.to_owned(),
+            found,
+            supported: SCHEMA_VERSION,
+        });
+    }
+    for (version, script) in MIGRATIONS.iter().enumerate().skip(found.max(0) as usize) {
+        let tx = conn
+            .transaction()
+            .map_err(sql("starting a schema migration"))?;
+        tx.execute_batch(script)
+            .map_err(sql("applying a schema migration"))?;
+        tx.pragma_update(None, "user_version", version as i64 + 1)
+            .map_err(sql("recording the schema version"))?;
+        tx.commit().map_err(sql("committing a schema migration"))?;
+    }
+    Ok(())
+}

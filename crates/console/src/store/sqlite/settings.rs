@@ -1,0 +1,135 @@
+//! Settings and the audit log in SQLite.
+
+use rusqlite::params;
+
+use super::*;
+use crate::model::*;
+use crate::settings::Settings;
+use crate::store::*;
+
+impl SettingsStore for SqliteStore {
+    fn settings(&self) -> StoreResult<Settings> {
+        let conn = self.conn();
+        let mut stmt = conn
+            .prepare("SELECT key, value FROM settings")
+            .map_err(sql("reading settings"))?;
+        let rows: Vec<(String, String)> = stmt
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+            .and_then(|rows| rows.collect())
+            .map_err(sql("reading settings"))?;
+        let mut map = serde_json::Map::new();
+        for (k, v) in rows {
+            // A group that no longer parses falls back to its defaults rather than failing
+            // the console (only validated values are ever written).
+            if let Ok(v) = serde_json::from_str(&v) {
+                map.insert(k, v);
+            }
+        }
+        Ok(
+            serde_json::from_value(serde_json::Value::Object(map.clone())).unwrap_or_else(|_| {
+                let mut s = Settings::default();
+                if let Some(v) = map
+                    .get("wol")
+                    .and_then(|v| serde_json::from_value(v.clone()).ok())
+                {
+                    s.wol = v;
+                }
+                if let Some(v) = map
+                    .get("wakeup")
+                    .and_then(|v| serde_json::from_value(v.clone()).ok())
+                {
+                    s.wakeup = v;
+                }
+                if let Some(v) = map
+                    .get("broker")
+                    .and_then(|v| serde_json::from_value(v.clone()).ok())
+                {
+                    s.broker = v;
+                }
+                if let Some(v) = map
+                    .get("proxy")
+                    .and_then(|v| serde_json::from_value(v.clone()).ok())
+                {
+                    s.proxy = v;
+                }
+                s
+            }),
+        )
+    }
+
+    fn put_settings(&self, new: &Settings, who: &str, now: Millis) -> StoreResult<Settings> {
+        new.validate()
+            .map_err(|e| StoreError::Invalid(e.to_string()))?;
+        let old = self.settings()?;
+        // Both sides are compared to audit each change: a failed encoding must not pass
+        // for "nothing changed".
+        let encode = |source| StoreError::Encode {
+            context: "the settings",
+            source,
+        };
+        let old_v = serde_json::to_value(&old).map_err(encode)?;
+        let new_v = serde_json::to_value(new).map_err(encode)?;
+        let mut conn = self.conn();
+        let tx = conn.transaction().map_err(sql("starting a transaction"))?;
+        for key in ["wol", "wakeup", "broker", "proxy"] {
+            let (Some(o), Some(n)) = (old_v.get(key), new_v.get(key)) else {
+                continue;
+            };
+            if o == n {
+                continue;
+            }
+            tx.execute(
+                "INSERT INTO settings (key, value) VALUES (?1, ?2) ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+                params![key, n.to_string()],
+            )
+            .map_err(sql("writing settings"))?;
+            tx.execute(
+                "INSERT INTO audit_log (at, who, what, detail) VALUES (?1, ?2, ?3, ?4)",
+                params![
+                    now,
+                    who,
+                    format!("settings.{key}"),
+                    serde_json::json!({"old": o, "new": n}).to_string()
+                ],
+            )
+            .map_err(sql("writing the audit log"))?;
+        }
+        tx.commit().map_err(sql("writing settings"))?;
+        Ok(new.clone())
+    }
+
+    fn audit(
+        &self,
+        who: &str,
+        what: &str,
+        detail: serde_json::Value,
+        now: Millis,
+    ) -> StoreResult<()> {
+        self.conn()
+            .execute(
+                "INSERT INTO audit_log (at, who, what, detail) VALUES (?1, ?2, ?3, ?4)",
+                params![now, who, what, detail.to_string()],
+            )
+            .map_err(sql("writing the audit log"))?;
+        Ok(())
+    }
+
+    fn audit_log(&self, limit: u32) -> StoreResult<Vec<AuditEntry>> {
+        let conn = self.conn();
+        let mut stmt = conn
+            .prepare("SELECT id, at, who, what, detail FROM audit_log ORDER BY id DESC LIMIT ?1")
+            .map_err(sql("reading the audit log"))?;
+        stmt.query_map([limit.max(1)], |r| {
+            let detail: String = r.get(4)?;
+            Ok(AuditEntry {
+                id: r.get(0)?,
+                at: r.get(1)?,
+                who: r.get(2)?,
+                what: r.get(3)?,
+                detail: serde_json::from_str(&detail).unwrap_or(serde_json::Value::Null),
+            })
+        })
+        .and_then(|rows| rows.collect())
+        .map_err(sql("reading the audit log"))
+    }
+}
