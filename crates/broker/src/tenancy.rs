@@ -600,7 +600,7 @@ mod tests {
     fn base_and_tenancy(
         dir: &Path,
     ) -> (Arc<ServerConfig>, Tenancy, beckon_pki::CertificateAuthority) {
-        let day = std::time::Duration::from_secs(86_400);
+        let day = Duration::from_secs(86_400);
         let ca = beckon_pki::CertificateAuthority::generate("broker CA", day).expect("CA");
         let cert = dir.join("server.pem");
         let key = dir.join("server.key");
@@ -671,20 +671,22 @@ mod tests {
             let (tcp, _) = listener.accept().await.expect("accept");
             crate::tls_stream::accept(config, tcp).await
         });
-        let mut roots = rustls::RootCertStore::empty();
+        let mut roots = RootCertStore::empty();
         roots
             .add(CertificateDer::from_pem_slice(ca.cert_pem().as_bytes()).expect("CA der"))
             .expect("root");
-        let client = rustls::ClientConfig::builder_with_provider(Arc::new(
-            rustls::crypto::aws_lc_rs::default_provider(),
-        ))
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .expect("versions")
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+        let client = beckon_pki::client_config(
+            beckon_pki::ServerVerification::Roots(roots),
+            None,
+            &beckon_pki::ClientTlsOptions {
+                min_version: beckon_pki::TlsVersion::Tls13,
+                ..Default::default()
+            },
+        )
+        .expect("client config");
         let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
         let name = rustls::pki_types::ServerName::try_from("localhost").expect("name");
-        let wait = std::time::Duration::from_secs(10);
+        let wait = Duration::from_secs(10);
         let _client = tokio::time::timeout(
             wait,
             tokio_rustls::TlsConnector::from(Arc::new(client)).connect(name, tcp),
