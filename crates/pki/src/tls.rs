@@ -131,7 +131,10 @@ pub fn server_config(
         options,
     )
     .map_err(|e| PkiError::Tls {
-        path: files.client_ca.clone().unwrap_or_else(|| files.cert.clone()),
+        path: files
+            .client_ca
+            .clone()
+            .unwrap_or_else(|| files.cert.clone()),
         reason: e.to_string(),
     })?;
     // Stateless tickets let reconnecting agents resume without the server keeping a
