@@ -301,26 +301,15 @@ fn tls_connector(
             settings.ca_file.display()
         )));
     }
-    let mut provider = rustls::crypto::aws_lc_rs::default_provider();
-    if settings.key_exchange == KeyExchange::X25519 {
-        provider.kx_groups = vec![rustls::crypto::aws_lc_rs::kx_group::X25519];
-    }
-    let provider = Arc::new(provider);
-    let builder = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(|e| config_error(e.to_string()))?
-        .with_root_certificates(roots);
-    let mut config = match (&settings.client_cert, &settings.client_key) {
-        (None, None) => builder.with_no_client_auth(),
+    let identity = match (&settings.client_cert, &settings.client_key) {
+        (None, None) => None,
         (Some(cert), Some(key)) => {
             let chain = CertificateDer::pem_file_iter(cert)
                 .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
                 .map_err(|e| config_error(format!("client certificate {}: {e}", cert.display())))?;
             let key_der = PrivateKeyDer::from_pem_file(key)
                 .map_err(|e| config_error(format!("client key {}: {e}", key.display())))?;
-            builder
-                .with_client_auth_cert(chain, key_der)
-                .map_err(|e| config_error(format!("client certificate {}: {e}", cert.display())))?
+            Some((chain, key_der))
         }
         _ => {
             return Err(config_error(
@@ -328,10 +317,23 @@ fn tls_connector(
             ));
         }
     };
-    // Every connect is a full handshake, as for an agent that just restarted: the figures
-    // then speak of the expensive case, and a shared session cache between simulated agents
-    // (which real agents do not have) cannot flatter one broker.
-    config.resumption = rustls::client::Resumption::disabled();
+    let options = beckon_pki::ClientTlsOptions {
+        key_exchange: match settings.key_exchange {
+            KeyExchange::X25519 => beckon_pki::KeyExchange::X25519,
+            KeyExchange::ProviderDefault => beckon_pki::KeyExchange::Default,
+        },
+        // Every connect is a full handshake, as for an agent that just restarted: the figures
+        // then speak of the expensive case, and a shared session cache between simulated
+        // agents (which real agents do not have) cannot flatter one broker.
+        full_handshakes: true,
+        ..Default::default()
+    };
+    let config = beckon_pki::client_config(
+        beckon_pki::ServerVerification::Roots(roots),
+        identity,
+        &options,
+    )
+    .map_err(|e| config_error(format!("TLS client configuration: {e}")))?;
     let name = settings.server_name.as_deref().unwrap_or(host);
     let server_name = ServerName::try_from(name.to_owned())
         .map_err(|e| config_error(format!("server name {name:?}: {e}")))?;

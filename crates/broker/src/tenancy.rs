@@ -20,7 +20,6 @@ use beckon_identity::{
 use crate::core::ConnId;
 use beckon_mqtt::{Ack, Connect, Packet, Properties, ReasonCode, SubAck, UnsubAck};
 use rustls::pki_types::CertificateDer;
-use rustls::server::WebPkiClientVerifier;
 use rustls::{RootCertStore, ServerConfig};
 
 /// The tenant directory and what hangs on it.
@@ -176,8 +175,9 @@ impl Tenancy {
         closed
     }
 
-    /// The TLS configuration for a new connection: `base` (certificate, ALPN, tickets) with a
-    /// client-certificate verifier whose roots are the tenants' CAs (clients without a
+    /// The TLS configuration for a new connection: `base` (certificate and the whole TLS
+    /// policy, see [`beckon_pki::server_config_verifying`]) with a client-certificate verifier
+    /// whose roots are the tenants' CAs (clients without a
     /// certificate are still accepted, they may show a token). Rebuilt when the certificate
     /// or the tenants change; `base` itself when no tenant has a CA.
     pub(crate) fn server_config(&self, base: Arc<ServerConfig>) -> Arc<ServerConfig> {
@@ -217,25 +217,13 @@ impl Tenancy {
         if roots.is_empty() {
             return Ok(None);
         }
-        let provider = base.crypto_provider().clone();
-        let verifier =
-            WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
-                .allow_unauthenticated()
-                .build()
-                .map_err(|e| e.to_string())?;
-        let versions: &[&'static rustls::SupportedProtocolVersion] = if self.tls13_only {
-            &[&rustls::version::TLS13]
+        let min_version = if self.tls13_only {
+            beckon_pki::TlsVersion::Tls13
         } else {
-            &[&rustls::version::TLS13, &rustls::version::TLS12]
+            beckon_pki::TlsVersion::Tls12
         };
-        let mut config = ServerConfig::builder_with_provider(provider)
-            .with_protocol_versions(versions)
-            .map_err(|e| e.to_string())?
-            .with_client_cert_verifier(verifier)
-            .with_cert_resolver(base.cert_resolver.clone());
-        config.alpn_protocols.clone_from(&base.alpn_protocols);
-        config.ticketer = base.ticketer.clone();
-        config.session_storage = base.session_storage.clone();
+        let config = beckon_pki::server_config_verifying(base, roots, min_version)
+            .map_err(|e| e.to_string())?;
         Ok(Some(config))
     }
 
@@ -588,6 +576,7 @@ mod tests {
     use super::*;
     use beckon_identity::{Role, TenantId};
     use beckon_mqtt::{QoS, Subscribe, Subscription, SubscriptionOptions};
+    use rustls::pki_types::pem::PemObject;
 
     fn agent(id: &str) -> TopicMap {
         TopicMap::new(Scope::Tenant {
@@ -604,6 +593,113 @@ mod tests {
             filter: filter.into(),
             options: SubscriptionOptions::default(),
         }
+    }
+
+    /// A base TLS configuration as the broker builds it, and a tenant folder with one tenant
+    /// whose CA verifies client certificates.
+    fn base_and_tenancy(
+        dir: &Path,
+    ) -> (Arc<ServerConfig>, Tenancy, beckon_pki::CertificateAuthority) {
+        let day = Duration::from_secs(86_400);
+        let ca = beckon_pki::CertificateAuthority::generate("broker CA", day).expect("CA");
+        let cert = dir.join("server.pem");
+        let key = dir.join("server.key");
+        ca.issue_server(&["localhost".to_owned()], day)
+            .expect("server certificate")
+            .save(&cert, &key)
+            .expect("save");
+        let files = beckon_pki::TlsFiles {
+            cert,
+            key,
+            client_ca: None,
+        };
+        let options = beckon_pki::ServerTlsOptions {
+            alpn: vec![b"mqtt".to_vec()],
+            ..Default::default()
+        };
+        let base = Arc::new(beckon_pki::server_config(&files, &options).expect("base config"));
+        let tenants = dir.join("tenants");
+        std::fs::create_dir_all(&tenants).expect("tenants folder");
+        let tenant_ca =
+            beckon_pki::CertificateAuthority::generate("acme agents CA", day).expect("tenant CA");
+        std::fs::write(tenants.join("acme-ca.pem"), tenant_ca.cert_pem()).expect("write CA");
+        std::fs::write(
+            tenants.join("acme.toml"),
+            "name = \"acme\"\n[[ca]]\nfile = \"acme-ca.pem\"\n",
+        )
+        .expect("write tenant");
+        (base, Tenancy::load(&tenants, false), ca)
+    }
+
+    #[test]
+    fn the_tenant_tls_configuration_keeps_the_base_policy() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (base, tenancy, _) = base_and_tenancy(dir.path());
+        let tenant = tenancy.server_config(base.clone());
+        assert!(
+            !Arc::ptr_eq(&tenant, &base),
+            "the tenants' CAs need a configuration of their own"
+        );
+        let suites = |c: &ServerConfig| -> Vec<rustls::CipherSuite> {
+            c.crypto_provider()
+                .cipher_suites
+                .iter()
+                .map(|s| s.suite())
+                .collect()
+        };
+        assert_eq!(suites(&tenant), suites(&base));
+        assert_eq!(tenant.ignore_client_order, base.ignore_client_order);
+        assert!(
+            tenant.enable_secret_extraction,
+            "idle tenant connections take the lean record path"
+        );
+        assert_eq!(tenant.send_tls13_tickets, base.send_tls13_tickets);
+        assert_eq!(tenant.alpn_protocols, base.alpn_protocols);
+        assert!(Arc::ptr_eq(&tenant.ticketer, &base.ticketer));
+    }
+
+    #[tokio::test]
+    async fn a_tenant_connection_ends_on_the_brokers_own_record_layer() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (base, tenancy, ca) = base_and_tenancy(dir.path());
+        let config = tenancy.server_config(base);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let server = tokio::spawn(async move {
+            let (tcp, _) = listener.accept().await.expect("accept");
+            crate::tls_stream::accept(config, tcp).await
+        });
+        let mut roots = RootCertStore::empty();
+        roots
+            .add(CertificateDer::from_pem_slice(ca.cert_pem().as_bytes()).expect("CA der"))
+            .expect("root");
+        let client = beckon_pki::client_config(
+            beckon_pki::ServerVerification::Roots(roots),
+            None,
+            &beckon_pki::ClientTlsOptions {
+                min_version: beckon_pki::TlsVersion::Tls13,
+                ..Default::default()
+            },
+        )
+        .expect("client config");
+        let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        let name = rustls::pki_types::ServerName::try_from("localhost").expect("name");
+        let wait = Duration::from_secs(10);
+        let _client = tokio::time::timeout(
+            wait,
+            tokio_rustls::TlsConnector::from(Arc::new(client)).connect(name, tcp),
+        )
+        .await
+        .expect("handshake in time")
+        .expect("handshake");
+        let accepted = tokio::time::timeout(wait, server)
+            .await
+            .expect("server in time")
+            .expect("task")
+            .expect("accepted");
+        assert!(accepted.stream.on_own_records());
     }
 
     #[test]

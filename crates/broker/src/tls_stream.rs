@@ -309,6 +309,13 @@ fn tls_error(e: rustls::Error) -> io::Error {
 }
 
 impl TlsStream {
+    /// Whether the broker's own TLS 1.3 record layer protects this connection (the lean idle
+    /// path) rather than rustls.
+    #[cfg(test)]
+    pub(crate) fn on_own_records(&self) -> bool {
+        matches!(self.engine, Engine::Tls13(_))
+    }
+
     fn is_handshaking(&self) -> bool {
         match &self.engine {
             Engine::Rustls(conn) => conn.is_handshaking(),

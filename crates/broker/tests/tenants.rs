@@ -1304,3 +1304,26 @@ async fn a_revoked_token_is_cut_off_and_refused_while_newer_ones_and_others_conn
     fresh.disconnect().await;
     broker.stop().await;
 }
+
+/// The TLS suite a default rustls client (which lists AES-256-GCM first) gets from `addr`.
+async fn negotiated_suite(broker: &TestBroker, addr: SocketAddr) -> rustls::CipherSuite {
+    let tls = tls_to(broker, addr, None, &[b"mqtt"]).await;
+    tls.get_ref()
+        .1
+        .negotiated_cipher_suite()
+        .expect("a suite after the handshake")
+        .suite()
+}
+
+#[tokio::test]
+async fn a_broker_with_tenants_picks_the_cipher_suite_as_one_without() {
+    let (mut plain, _) = TestBroker::start_with(&[], |c| c.tenants_dir = None).await;
+    let (mut tenanted, _) = TestBroker::start(&["acme"]).await;
+    let without = negotiated_suite(&plain, plain.addr()).await;
+    let with = negotiated_suite(&tenanted, tenanted.addr()).await;
+    // The broker's order (AES-128-GCM first, see beckon_pki) decides, with tenants or not.
+    assert_eq!(without, rustls::CipherSuite::TLS13_AES_128_GCM_SHA256);
+    assert_eq!(with, without, "the tenant listener keeps the suite order");
+    plain.stop().await;
+    tenanted.stop().await;
+}

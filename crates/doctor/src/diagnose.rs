@@ -247,12 +247,28 @@ impl PathChecker<'_> {
 
     /// Runs the steps until one fails; true when all passed.
     async fn run_steps(&mut self, path: &Path, port: u16, steps: &mut Steps) -> bool {
-        let config = self.config;
-        let timeout = config.step_timeout;
         let proxy: Option<&ProxyUrl> = match &path.route {
             Route::Direct => None,
             Route::Proxy(p) => Some(p),
         };
+        let Some(stream) = self.open_stream(path, port, proxy, steps).await else {
+            return false;
+        };
+        self.secure_and_speak(path, port, proxy.is_some(), stream, steps)
+            .await
+    }
+
+    /// DNS, TCP and (through a proxy) the CONNECT tunnel: the byte stream to the broker, or
+    /// `None` when a step failed (it is recorded in `steps`).
+    async fn open_stream(
+        &mut self,
+        path: &Path,
+        port: u16,
+        proxy: Option<&ProxyUrl>,
+        steps: &mut Steps,
+    ) -> Option<PrefixedStream<TcpStream>> {
+        let config = self.config;
+        let timeout = config.step_timeout;
         let (host, tcp_port, whose) = match proxy {
             None => (config.broker_host.as_str(), port, "broker"),
             Some(p) => (p.host(), p.port(), "proxy"),
@@ -261,7 +277,7 @@ impl PathChecker<'_> {
         // DNS
         let key = RepeatKey::Resolve(host.to_owned());
         if self.repeat(&key, steps) {
-            return false;
+            return None;
         }
         let started = Instant::now();
         let addrs = match resolve(host, tcp_port, timeout).await {
@@ -296,14 +312,14 @@ impl PathChecker<'_> {
                     fix::resolve(&e, whose),
                 );
                 self.remember(key, path, steps);
-                return false;
+                return None;
             }
         };
 
         // TCP
         let key = RepeatKey::Tcp(host.to_owned(), tcp_port);
         if self.repeat(&key, steps) {
-            return false;
+            return None;
         }
         let options = TcpOptions {
             connect_timeout: timeout,
@@ -327,7 +343,7 @@ impl PathChecker<'_> {
                 };
                 steps.fail(StepName::Tcp, started, e.to_string(), fix);
                 self.remember(key, path, steps);
-                return false;
+                return None;
             }
         };
         let target = match proxy {
@@ -343,7 +359,7 @@ impl PathChecker<'_> {
                 let wide = RepeatKey::ProxyWide(p.to_string());
                 let tunnel_key = RepeatKey::Tunnel(p.to_string(), port);
                 if self.repeat(&wide, steps) || self.repeat(&tunnel_key, steps) {
-                    return false;
+                    return None;
                 }
                 let started = Instant::now();
                 match http_connect(tcp, &p.to_string(), &config.broker_host, port, timeout).await {
@@ -364,12 +380,26 @@ impl PathChecker<'_> {
                             fix::proxy(&e, p, port),
                         );
                         self.remember(if proxy_wide { wide } else { tunnel_key }, path, steps);
-                        return false;
+                        return None;
                     }
                 }
             }
         };
+        Some(stream)
+    }
 
+    /// TLS, the WebSocket upgrade (on that transport) and MQTT over `stream`; true when all
+    /// passed.
+    async fn secure_and_speak(
+        &mut self,
+        path: &Path,
+        port: u16,
+        proxied: bool,
+        stream: PrefixedStream<TcpStream>,
+        steps: &mut Steps,
+    ) -> bool {
+        let config = self.config;
+        let timeout = config.step_timeout;
         // TLS
         let server = config.server_name();
         let trust = config.trust_label();
@@ -387,7 +417,7 @@ impl PathChecker<'_> {
             chain: &chain,
             host: &config.broker_host,
             port,
-            proxied: proxy.is_some(),
+            proxied,
         };
         let (tls_stream, info) = match handshake {
             Ok(done) => done,

@@ -7,9 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use beckon_net::time::format_utc;
-use beckon_net::{
-    ClientIdentity, TlsClient, TlsConfigError, TlsSettings, TlsVersion, TrustAnchors,
-};
+use beckon_net::{ClientIdentity, TlsClient, TlsConfigError, TlsSettings, TrustAnchors};
 use rustls::client::WebPkiServerVerifier;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::pki_types::pem::PemObject;
@@ -85,11 +83,9 @@ impl ProbeTls {
     /// checks them first, so a bad file is reported in the agent's words).
     pub fn new(settings: &TlsSettings) -> Result<Self, TlsConfigError> {
         TlsClient::new(settings)?;
-        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
         let (roots, ca_subjects) = load_roots(&settings.trust)?;
-        let inner = WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider.clone())
-            .build()
-            .map_err(|e| TlsConfigError::InvalidPem {
+        let inner =
+            beckon_pki::webpki_server_verifier(roots).map_err(|e| TlsConfigError::InvalidPem {
                 what: String::from("trusted CA certificates"),
                 detail: e.to_string(),
             })?;
@@ -98,24 +94,17 @@ impl ProbeTls {
             inner,
             seen: Arc::clone(&seen),
         });
-        let versions: &[&'static rustls::SupportedProtocolVersion] = match settings.min_version {
-            TlsVersion::Tls13 => &[&rustls::version::TLS13],
-            TlsVersion::Tls12 => &[&rustls::version::TLS13, &rustls::version::TLS12],
+        let identity = settings.identity.as_ref().map(load_identity).transpose()?;
+        let options = beckon_pki::ClientTlsOptions {
+            min_version: settings.min_version,
+            ..Default::default()
         };
-        let builder = rustls::ClientConfig::builder_with_provider(provider)
-            .with_protocol_versions(versions)
-            .map_err(TlsConfigError::Rejected)?
-            .dangerous()
-            .with_custom_certificate_verifier(verifier);
-        let config = match &settings.identity {
-            None => builder.with_no_client_auth(),
-            Some(identity) => {
-                let (chain, key) = load_identity(identity)?;
-                builder
-                    .with_client_auth_cert(chain, key)
-                    .map_err(TlsConfigError::Rejected)?
-            }
-        };
+        let config = beckon_pki::client_config(
+            beckon_pki::ServerVerification::Custom(verifier),
+            identity,
+            &options,
+        )
+        .map_err(TlsConfigError::Rejected)?;
         Ok(Self {
             client: TlsClient::from_config(config, settings.min_version),
             seen,

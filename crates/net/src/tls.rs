@@ -2,7 +2,6 @@
 //! name checked against a configured CA or the operating system's store, an optional client
 //! certificate, and errors in plain words for the doctor.
 
-use std::fmt;
 use std::io;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -18,23 +17,8 @@ use crate::time::{format_utc, system_time_from_unix};
 /// A TLS client stream over `S`.
 pub type TlsStream<S> = tokio_rustls::client::TlsStream<S>;
 
-/// A TLS protocol version.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub enum TlsVersion {
-    /// TLS 1.2.
-    Tls12,
-    /// TLS 1.3.
-    Tls13,
-}
-
-impl fmt::Display for TlsVersion {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Self::Tls12 => "TLS 1.2",
-            Self::Tls13 => "TLS 1.3",
-        })
-    }
-}
+/// A TLS protocol version: the policy's own (see `beckon_pki::tls`).
+pub use beckon_pki::TlsVersion;
 
 /// Which certificate authorities the client trusts for the broker's certificate.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -327,24 +311,17 @@ impl TlsClient {
     /// Loads the trust anchors and the client identity and builds the client.
     pub fn new(settings: &TlsSettings) -> Result<Self, TlsConfigError> {
         let roots = load_roots(&settings.trust)?;
-        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-        let versions: &[&'static rustls::SupportedProtocolVersion] = match settings.min_version {
-            TlsVersion::Tls13 => &[&rustls::version::TLS13],
-            TlsVersion::Tls12 => &[&rustls::version::TLS13, &rustls::version::TLS12],
+        let identity = settings.identity.as_ref().map(load_identity).transpose()?;
+        let options = beckon_pki::ClientTlsOptions {
+            min_version: settings.min_version,
+            ..Default::default()
         };
-        let builder = ClientConfig::builder_with_provider(provider)
-            .with_protocol_versions(versions)
-            .map_err(TlsConfigError::Rejected)?
-            .with_root_certificates(roots);
-        let config = match &settings.identity {
-            None => builder.with_no_client_auth(),
-            Some(identity) => {
-                let (chain, key) = load_identity(identity)?;
-                builder
-                    .with_client_auth_cert(chain, key)
-                    .map_err(TlsConfigError::Rejected)?
-            }
-        };
+        let config = beckon_pki::client_config(
+            beckon_pki::ServerVerification::Roots(roots),
+            identity,
+            &options,
+        )
+        .map_err(TlsConfigError::Rejected)?;
         Ok(Self {
             base: Arc::new(config),
             min_version: settings.min_version,

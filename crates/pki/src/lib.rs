@@ -19,7 +19,11 @@ pub use ca::{
 pub use error::PkiError;
 pub use files::{load_certificates, load_private_key, write_atomic};
 pub use identity::{CertificateIdentity, certificate_identity};
-pub use tls::{ReloadingServerConfig, ServerTlsOptions, TlsFiles, TlsVersion, server_config};
+pub use tls::{
+    ClientIdentity, ClientTlsOptions, KeyExchange, ReloadingServerConfig, ServerTlsOptions,
+    ServerVerification, TlsFiles, TlsVersion, client_config, server_config,
+    server_config_verifying, webpki_server_verifier,
+};
 
 /// Re-exported so that callers name the same rustls types as this crate.
 pub use rustls;

@@ -1,28 +1,62 @@
-//! rustls server configurations: built from PEM files, and held in an [`ArcSwap`] so that a
-//! new certificate takes effect for new connections without touching live ones.
+//! Beckon's TLS policy: the one place that builds rustls configurations, server and client
+//! (cipher suites and their order, key-exchange groups, protocol versions, session tickets
+//! and storage, secret extraction, ALPN, trust anchors, client identities and the CAs client
+//! certificates are verified against). The broker, the console, the agent's connection
+//! ladder, the doctor and the bench all build theirs here, so that they cannot drift.
+//!
+//! Server configurations built from PEM files can be held in a [`ReloadingServerConfig`] so
+//! that a new certificate takes effect for new connections without touching live ones.
 
+use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
 use arc_swap::ArcSwap;
-use rustls::server::WebPkiClientVerifier;
-use rustls::{RootCertStore, ServerConfig};
+use rustls::client::WebPkiServerVerifier;
+use rustls::client::danger::ServerCertVerifier;
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::server::{ResolvesServerCert, WebPkiClientVerifier};
+use rustls::sign::{CertifiedKey, SingleCertAndKey};
+use rustls::{ClientConfig, RootCertStore, ServerConfig, SupportedProtocolVersion};
 
 use crate::PkiError;
 use crate::files::{load_certificates, load_private_key};
 
-/// The lowest TLS version a server accepts.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+/// A TLS protocol version; as a minimum, it and every newer one are accepted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
 pub enum TlsVersion {
-    /// TLS 1.2 and 1.3 (the newest both sides support is negotiated).
+    /// TLS 1.2 (and 1.3: the newest both sides support is negotiated).
     #[default]
     Tls12,
-    /// TLS 1.3 only.
+    /// TLS 1.3.
     Tls13,
 }
 
-/// Choices for a server configuration besides its files.
+impl fmt::Display for TlsVersion {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Tls12 => "TLS 1.2",
+            Self::Tls13 => "TLS 1.3",
+        })
+    }
+}
+
+impl TlsVersion {
+    /// The versions allowed with this one as the minimum, newest first.
+    fn and_newer(self) -> &'static [&'static SupportedProtocolVersion] {
+        const FROM_TLS12: &[&SupportedProtocolVersion] =
+            &[&rustls::version::TLS13, &rustls::version::TLS12];
+        const FROM_TLS13: &[&SupportedProtocolVersion] = &[&rustls::version::TLS13];
+        match self {
+            Self::Tls12 => FROM_TLS12,
+            Self::Tls13 => FROM_TLS13,
+        }
+    }
+}
+
+/// Choices for a server configuration besides its certificate.
 #[derive(Debug, Clone, Default)]
 pub struct ServerTlsOptions {
     /// ALPN protocols offered, in preference order (e.g. `[b"mqtt"]`). A client that sends no
@@ -51,7 +85,7 @@ pub struct TlsFiles {
 /// portable SHA-512 code here: about a tenth of the broker's CPU per TLS handshake. SHA-256
 /// has hardware instructions on current CPUs, and AES-128-GCM, TLS 1.3's mandatory suite,
 /// also encrypts every record faster.
-fn server_provider() -> Arc<rustls::crypto::CryptoProvider> {
+fn server_provider() -> Arc<CryptoProvider> {
     use rustls::crypto::aws_lc_rs::cipher_suite::TLS13_AES_128_GCM_SHA256;
     let mut provider = rustls::crypto::aws_lc_rs::default_provider();
     let first = TLS13_AES_128_GCM_SHA256.suite();
@@ -70,18 +104,15 @@ pub fn server_config(
     let chain = load_certificates(&files.cert)?;
     let key = load_private_key(&files.key)?;
     let provider = server_provider();
-    let versions: &[&'static rustls::SupportedProtocolVersion] = match options.min_version {
-        TlsVersion::Tls12 => &[&rustls::version::TLS13, &rustls::version::TLS12],
-        TlsVersion::Tls13 => &[&rustls::version::TLS13],
-    };
-    let builder = ServerConfig::builder_with_provider(provider.clone())
-        .with_protocol_versions(versions)
-        .map_err(|e| PkiError::Tls {
-            path: files.cert.clone(),
-            reason: e.to_string(),
-        })?;
-    let builder = match &files.client_ca {
-        None => builder.with_no_client_auth(),
+    let certified = CertifiedKey::from_der(chain, key, &provider).map_err(|e| PkiError::Tls {
+        path: files.cert.clone(),
+        reason: format!(
+            "{e} (does {} hold the key of this certificate?)",
+            files.key.display()
+        ),
+    })?;
+    let client_roots = match &files.client_ca {
+        None => None,
         Some(ca_path) => {
             let mut roots = RootCertStore::empty();
             for cert in load_certificates(ca_path)? {
@@ -90,31 +121,75 @@ pub fn server_config(
                     reason: format!("not a usable CA certificate: {e}"),
                 })?;
             }
-            let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
-                .allow_unauthenticated()
-                .build()
-                .map_err(|e| PkiError::Tls {
-                    path: ca_path.clone(),
-                    reason: e.to_string(),
-                })?;
-            builder.with_client_cert_verifier(verifier)
+            Some(roots)
         }
     };
-    let mut config = builder
-        .with_single_cert(chain, key)
-        .map_err(|e| PkiError::Tls {
-            path: files.cert.clone(),
-            reason: format!(
-                "{e} (does {} hold the key of this certificate?)",
-                files.key.display()
-            ),
-        })?;
-    config.alpn_protocols = options.alpn.clone();
+    let mut config = build_server(
+        provider,
+        Arc::new(SingleCertAndKey::from(certified)),
+        client_roots,
+        options,
+    )
+    .map_err(|e| PkiError::Tls {
+        path: files
+            .client_ca
+            .clone()
+            .unwrap_or_else(|| files.cert.clone()),
+        reason: e.to_string(),
+    })?;
     // Stateless tickets let reconnecting agents resume without the server keeping a
     // per-client cache entry. If the ticketer cannot be made, full handshakes still work.
     if let Ok(ticketer) = rustls::crypto::aws_lc_rs::Ticketer::new() {
         config.ticketer = ticketer;
     }
+    Ok(config)
+}
+
+/// The configuration `base` (built by [`server_config`]) with client certificates verified
+/// against `client_roots` instead: the same certificate, suites, versions, ALPN and ticket
+/// policy, and the same ticketer and session storage, so that a session resumes under
+/// either. The broker's tenants bring their CAs this way.
+pub fn server_config_verifying(
+    base: &ServerConfig,
+    client_roots: RootCertStore,
+    min_version: TlsVersion,
+) -> Result<ServerConfig, rustls::Error> {
+    let options = ServerTlsOptions {
+        alpn: base.alpn_protocols.clone(),
+        min_version,
+    };
+    let mut config = build_server(
+        base.crypto_provider().clone(),
+        base.cert_resolver.clone(),
+        Some(client_roots),
+        &options,
+    )?;
+    config.ticketer = base.ticketer.clone();
+    config.session_storage = base.session_storage.clone();
+    Ok(config)
+}
+
+/// The server policy itself, around a certificate and optional client-certificate roots.
+fn build_server(
+    provider: Arc<CryptoProvider>,
+    certificate: Arc<dyn ResolvesServerCert>,
+    client_roots: Option<RootCertStore>,
+    options: &ServerTlsOptions,
+) -> Result<ServerConfig, rustls::Error> {
+    let builder = ServerConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(options.min_version.and_newer())?;
+    let builder = match client_roots {
+        None => builder.with_no_client_auth(),
+        Some(roots) => {
+            let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
+                .allow_unauthenticated()
+                .build()
+                .map_err(|e| rustls::Error::General(e.to_string()))?;
+            builder.with_client_cert_verifier(verifier)
+        }
+    };
+    let mut config = builder.with_cert_resolver(certificate);
+    config.alpn_protocols.clone_from(&options.alpn);
     // Lets the broker take TLS 1.3 record protection over after the handshake (its own
     // record layer keeps far less per idle connection than rustls). This only permits the
     // owner of a connection to ask for its traffic keys; rustls never hands them out itself.
@@ -125,6 +200,91 @@ pub fn server_config(
     config.send_tls13_tickets = 1;
     // The server's suite order (AES-128-GCM first, see `server_provider`) decides.
     config.ignore_client_order = true;
+    Ok(config)
+}
+
+/// Which key-exchange groups a client offers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum KeyExchange {
+    /// The provider's default list (the post-quantum hybrid X25519MLKEM768 first).
+    #[default]
+    Default,
+    /// X25519 alone: the same classic handshake on every connect (the bench measures it).
+    X25519,
+}
+
+/// How a client checks the server's certificate.
+#[derive(Debug)]
+pub enum ServerVerification {
+    /// webpki verification against these trust anchors.
+    Roots(RootCertStore),
+    /// A verifier of the caller's, built on [`webpki_server_verifier`] (the doctor's keeps
+    /// the chain it was shown).
+    Custom(Arc<dyn ServerCertVerifier>),
+}
+
+/// A client's certificate chain (leaf first) and its private key.
+pub type ClientIdentity = (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>);
+
+/// Choices for a client configuration besides its trust anchors and identity.
+#[derive(Debug, Clone, Default)]
+pub struct ClientTlsOptions {
+    /// The lowest TLS version accepted.
+    pub min_version: TlsVersion,
+    /// ALPN protocols offered, in preference order.
+    pub alpn: Vec<Vec<u8>>,
+    /// The key-exchange groups offered.
+    pub key_exchange: KeyExchange,
+    /// No session resumption: every connect is a full handshake (the bench measures that
+    /// case, and a cache shared by simulated agents would flatter one broker).
+    pub full_handshakes: bool,
+}
+
+fn client_provider(key_exchange: KeyExchange) -> Arc<CryptoProvider> {
+    let mut provider = rustls::crypto::aws_lc_rs::default_provider();
+    if key_exchange == KeyExchange::X25519 {
+        provider.kx_groups = vec![rustls::crypto::aws_lc_rs::kx_group::X25519];
+    }
+    Arc::new(provider)
+}
+
+/// rustls' webpki server verifier over `roots`, with the policy's provider.
+pub fn webpki_server_verifier(
+    roots: RootCertStore,
+) -> Result<Arc<WebPkiServerVerifier>, rustls::Error> {
+    WebPkiServerVerifier::builder_with_provider(
+        Arc::new(roots),
+        client_provider(KeyExchange::Default),
+    )
+    .build()
+    .map_err(|e| rustls::Error::General(e.to_string()))
+}
+
+/// Builds a client configuration: the aws-lc-rs provider's suites, the versions from
+/// `options.min_version` on, the server checked by `server`, and `identity` shown when the
+/// server asks for a certificate. Fails when rustls refuses the identity (a key that does
+/// not match its certificate).
+pub fn client_config(
+    server: ServerVerification,
+    identity: Option<ClientIdentity>,
+    options: &ClientTlsOptions,
+) -> Result<ClientConfig, rustls::Error> {
+    let builder = ClientConfig::builder_with_provider(client_provider(options.key_exchange))
+        .with_protocol_versions(options.min_version.and_newer())?;
+    let builder = match server {
+        ServerVerification::Roots(roots) => builder.with_root_certificates(roots),
+        ServerVerification::Custom(verifier) => builder
+            .dangerous()
+            .with_custom_certificate_verifier(verifier),
+    };
+    let mut config = match identity {
+        None => builder.with_no_client_auth(),
+        Some((chain, key)) => builder.with_client_auth_cert(chain, key)?,
+    };
+    config.alpn_protocols.clone_from(&options.alpn);
+    if options.full_handshakes {
+        config.resumption = rustls::client::Resumption::disabled();
+    }
     Ok(config)
 }
 

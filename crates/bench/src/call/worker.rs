@@ -440,16 +440,18 @@ async fn enroll_one(
         let ca = ca.map_err(|e| format!("agent {id}: CA: {e}"))?;
         roots.add(ca).map_err(|e| format!("agent {id}: CA: {e}"))?;
     }
-    let mut provider = rustls::crypto::aws_lc_rs::default_provider();
     // The same handshake for every connect; the agent's post-quantum hybrid would only add
     // work to the setup, which is not what this bench measures.
-    provider.kx_groups = vec![rustls::crypto::aws_lc_rs::kx_group::X25519];
-    let tls = rustls::ClientConfig::builder_with_provider(Arc::new(provider))
-        .with_safe_default_protocol_versions()
-        .map_err(|e| format!("agent {id}: TLS: {e}"))?
-        .with_root_certificates(roots)
-        .with_client_auth_cert(chain, key_der)
-        .map_err(|e| format!("agent {id}: TLS client certificate: {e}"))?;
+    let options = beckon_pki::ClientTlsOptions {
+        key_exchange: beckon_pki::KeyExchange::X25519,
+        ..Default::default()
+    };
+    let tls = beckon_pki::client_config(
+        beckon_pki::ServerVerification::Roots(roots),
+        Some((chain, key_der)),
+        &options,
+    )
+    .map_err(|e| format!("agent {id}: TLS client certificate: {e}"))?;
     let tenant =
         TenantId::new(answer.tenant.as_str()).map_err(|e| format!("agent {id}: tenant: {e}"))?;
     let kid = KeyId::new(answer.wakeup_key.kid.as_str())
