@@ -404,6 +404,9 @@ impl HttpClient {
         let stream = self.open_stream(url).await?;
         let (sender, conn) = hyper::client::conn::http1::Builder::new()
             .max_buf_size(MAX_HEAD)
+            // Header names as people write them (`X-Beckon-Wakeup-Id`), for servers and
+            // scripts that match them by case.
+            .title_case_headers(true)
             .handshake(TokioIo::new(stream))
             .await
             .map_err(|e| io_error(url, &e))?;
