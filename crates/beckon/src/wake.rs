@@ -13,7 +13,7 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use beckon_agent::http::{self, Scheme, Url};
+use beckon_agent::http::{self, Url};
 use serde::Deserialize;
 
 /// Flags of `beckon wake`.

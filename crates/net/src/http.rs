@@ -230,9 +230,16 @@ impl Request {
         self
     }
 
-    /// Sets a JSON body (with its `Content-Type`).
+    /// Sets a JSON body (with its `Content-Type`, unless one was set).
     pub fn json(mut self, body: impl Into<Bytes>) -> Self {
         self.body = Some(body.into());
+        if self
+            .headers
+            .iter()
+            .any(|(name, _)| name.eq_ignore_ascii_case("content-type"))
+        {
+            return self;
+        }
         self.header("Content-Type", "application/json")
     }
 
