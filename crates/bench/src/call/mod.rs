@@ -550,7 +550,7 @@ async fn api(
         bail!(
             "{method} {path} answered {} (expected {expect}): {}",
             r.status,
-            r.error_text()
+            r.error_message()
         );
     }
     r.json()
@@ -753,7 +753,7 @@ async fn measure(
         bail!(
             "logging in to the console failed ({}): {}",
             login.status,
-            login.error_text()
+            login.error_message()
         );
     }
     let cookie = login
@@ -1016,7 +1016,7 @@ async fn the_call(
         bail!(
             "POST /api/v1/calls answered {}: {}",
             created.status,
-            created.error_text()
+            created.error_message()
         );
     }
     let body = created.json().context("the call's answer is not JSON")?;
