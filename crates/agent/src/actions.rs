@@ -1,15 +1,15 @@
 //! The actions a wake-up triggers: a program (argv, never a shell; the wake-up in environment
 //! variables and as JSON on stdin; killed at its timeout) and an HTTP request to a local URL
-//! (a small HTTP/1.1 client over TCP: one request, `Connection: close`).
+//! (beckon-net's HTTP client, directly over TCP: one request, its answer's status).
 
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
+use beckon_net::http::{HttpClient, HttpSettings, Request, Url};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 use tokio::process::Command;
 
-use crate::config::{CommandAction, HttpUrl};
+use crate::config::CommandAction;
 use crate::wakeup::WakeUp;
 
 /// How an action ended.
@@ -214,94 +214,40 @@ async fn read_tail(mut pipe: impl tokio::io::AsyncRead + Unpin) -> String {
     String::from_utf8_lossy(&tail).into_owned()
 }
 
-/// The status line of an HTTP response.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct HttpReply {
-    /// Status code.
-    pub status: u16,
-}
-
-/// Sends one HTTP/1.1 request with a JSON body and reads the status line; the whole exchange
-/// is bounded by `limit`.
+/// Sends one request with a JSON body and waits for the answer's head (its body is not
+/// read); the whole exchange is bounded by `limit`. Returns the status code.
 pub async fn http_request(
-    url: &HttpUrl,
+    url: &Url,
     method: &str,
     headers: &[(&str, String)],
     body: &[u8],
     limit: Duration,
-) -> Result<HttpReply, String> {
-    match tokio::time::timeout(limit, http_exchange(url, method, headers, body)).await {
-        Ok(result) => result,
-        Err(_) => Err(format!("{method} {url} got no answer within {limit:?}")),
-    }
-}
-
-async fn http_exchange(
-    url: &HttpUrl,
-    method: &str,
-    headers: &[(&str, String)],
-    body: &[u8],
-) -> Result<HttpReply, String> {
-    let mut stream = TcpStream::connect((url.host.as_str(), url.port))
-        .await
-        .map_err(|e| format!("cannot connect to {url}: {e}"))?;
-    let host = if url.host.contains(':') {
-        format!("[{}]:{}", url.host, url.port)
-    } else {
-        format!("{}:{}", url.host, url.port)
-    };
-    let mut request = format!(
-        "{method} {} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: beckon-agent/{}\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n",
-        url.path,
-        env!("CARGO_PKG_VERSION"),
-        body.len()
-    );
+) -> Result<u16, String> {
+    let mut request = Request::new(method)
+        .map_err(|e| e.to_string())?
+        .json(body.to_vec());
     for (name, value) in headers {
-        // Header values come from wake-ups: keep CR/LF out.
-        let clean: String = value.chars().filter(|c| !c.is_control()).collect();
-        request.push_str(&format!("{name}: {clean}\r\n"));
+        request = request.header(name, value);
     }
-    request.push_str("\r\n");
-    stream
-        .write_all(request.as_bytes())
-        .await
-        .map_err(|e| format!("sending to {url}: {e}"))?;
-    stream
-        .write_all(body)
-        .await
-        .map_err(|e| format!("sending to {url}: {e}"))?;
-    let mut buf = Vec::with_capacity(1024);
-    let mut chunk = [0u8; 1024];
-    loop {
-        let n = stream
-            .read(&mut chunk)
-            .await
-            .map_err(|e| format!("reading the answer of {url}: {e}"))?;
-        if n == 0 {
-            return Err(format!(
-                "{url} closed the connection without an HTTP answer"
-            ));
-        }
-        buf.extend_from_slice(&chunk[..n]);
-        let mut header_slots = [httparse::EMPTY_HEADER; 32];
-        let mut response = httparse::Response::new(&mut header_slots);
-        match response.parse(&buf) {
-            Ok(httparse::Status::Complete(_)) => {
-                let status = response.code.unwrap_or(0);
-                return Ok(HttpReply { status });
-            }
-            Ok(httparse::Status::Partial) if buf.len() < 16 * 1024 => {}
-            Ok(httparse::Status::Partial) => {
-                return Err(format!("{url} sent more than 16 KiB of response headers"));
-            }
-            Err(e) => return Err(format!("{url} did not answer HTTP: {e}")),
-        }
+    let client = HttpClient::new(HttpSettings {
+        connect_timeout: limit,
+        user_agent: concat!("beckon-agent/", env!("CARGO_PKG_VERSION")).to_owned(),
+        ..HttpSettings::default()
+    });
+    let exchange = async {
+        let conn = client.connect(url).await?;
+        conn.open(&url.path, request, limit).await
+    };
+    match tokio::time::timeout(limit, exchange).await {
+        Ok(Ok(answer)) => Ok(answer.status),
+        Ok(Err(e)) => Err(format!("{method} {url}: {e}")),
+        Err(_) => Err(format!("{method} {url} got no answer within {limit:?}")),
     }
 }
 
 /// Runs the HTTP action: `Ok` on a 2xx answer.
 pub async fn run_http(
-    url: &HttpUrl,
+    url: &Url,
     method: &str,
     limit: Duration,
     headers: &[(&str, String)],
@@ -309,13 +255,11 @@ pub async fn run_http(
 ) -> ActionOutcome {
     let started = Instant::now();
     match http_request(url, method, headers, body, limit).await {
-        Ok(reply) if (200..300).contains(&reply.status) => {
-            ActionOutcome::new("ok", None, None, started)
-        }
-        Ok(reply) => ActionOutcome::new(
+        Ok(status) if (200..300).contains(&status) => ActionOutcome::new("ok", None, None, started),
+        Ok(status) => ActionOutcome::new(
             "failed",
             None,
-            Some(format!("{method} {url} answered HTTP {}", reply.status)),
+            Some(format!("{method} {url} answered HTTP {status}")),
             started,
         ),
         Err(e) => ActionOutcome::new("error", None, Some(e), started),

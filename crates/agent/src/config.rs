@@ -2,7 +2,6 @@
 //! `docs/agent.md`; a bad file names the file, the key and the reason.
 
 use std::collections::BTreeMap;
-use std::fmt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -465,59 +464,11 @@ impl AgentConfig {
     }
 }
 
-/// A parsed `http://host[:port]/path` URL.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct HttpUrl {
-    /// Host name or address (IPv6 without brackets).
-    pub host: String,
-    /// Port (80 when absent).
-    pub port: u16,
-    /// Path and query, at least `/`.
-    pub path: String,
-}
-
-impl fmt::Display for HttpUrl {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if self.host.contains(':') {
-            write!(f, "http://[{}]:{}{}", self.host, self.port, self.path)
-        } else {
-            write!(f, "http://{}:{}{}", self.host, self.port, self.path)
-        }
-    }
-}
-
 /// Parses a plain `http://` URL; `None` for anything else (https, user info, bad port).
-pub fn parse_http_url(url: &str) -> Option<HttpUrl> {
-    let rest = url.strip_prefix("http://")?;
-    let (authority, path) = match rest.find('/') {
-        Some(i) => (&rest[..i], &rest[i..]),
-        None => (rest, "/"),
-    };
-    if authority.is_empty() || authority.contains('@') || path.contains(char::is_whitespace) {
-        return None;
-    }
-    let (host, port) = if let Some(v6) = authority.strip_prefix('[') {
-        let end = v6.find(']')?;
-        let host = &v6[..end];
-        let port = match &v6[end + 1..] {
-            "" => 80,
-            p => p.strip_prefix(':')?.parse().ok()?,
-        };
-        (host, port)
-    } else {
-        match authority.rsplit_once(':') {
-            Some((h, p)) => (h, p.parse().ok()?),
-            None => (authority, 80),
-        }
-    };
-    if host.is_empty() || port == 0 {
-        return None;
-    }
-    Some(HttpUrl {
-        host: host.to_owned(),
-        port,
-        path: path.to_owned(),
-    })
+pub fn parse_http_url(url: &str) -> Option<crate::http::Url> {
+    crate::http::Url::parse(url)
+        .ok()
+        .filter(|u| u.scheme == crate::http::Scheme::Http)
 }
 
 /// Parses a duration written as whole seconds (`30`) or text with a unit:

@@ -242,16 +242,7 @@ pub async fn enroll(opts: &EnrollOptions) -> Result<Enrolled, EnrollError> {
     if state_dir.join("agent.pem").exists() && !opts.force {
         return Err(EnrollError::AlreadyEnrolled(state_dir));
     }
-    let tls = match console.scheme {
-        Scheme::Http => None,
-        Scheme::Https => Some(TlsClient::new(&TlsSettings {
-            trust: match &opts.console_ca {
-                Some(file) => TrustAnchors::CaFile(file.clone()),
-                None => TrustAnchors::System,
-            },
-            ..TlsSettings::default()
-        })?),
-    };
+    let client = http::console_client(&console, opts.console_ca.as_deref())?;
 
     let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
         .map_err(|e| EnrollError::Key(e.to_string()))?;
@@ -281,7 +272,7 @@ pub async fn enroll(opts: &EnrollOptions) -> Result<Enrolled, EnrollError> {
     })
     .map_err(|e| EnrollError::Key(e.to_string()))?;
     let url = console.with_path("/api/v1/enroll");
-    let response = http::request(&url, "POST", &[], &body, tls.as_ref(), opts.timeout)
+    let response = http::request(&client, &url, "POST", &[], &body, opts.timeout)
         .await
         .map_err(|source| {
             let hint = match &source {

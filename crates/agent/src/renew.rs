@@ -129,19 +129,8 @@ pub async fn renew(config: &AgentConfig) -> Result<Validity, RenewError> {
         base.path.trim_end_matches('/'),
         config.agent_id
     ));
-    let tls = match url.scheme {
-        http::Scheme::Http => None,
-        http::Scheme::Https => Some(
-            TlsClient::new(&TlsSettings {
-                trust: match &config.checkin.ca_file {
-                    Some(f) => TrustAnchors::CaFile(f.clone()),
-                    None => TrustAnchors::System,
-                },
-                ..TlsSettings::default()
-            })
-            .map_err(|e| RenewError::NotConfigured(format!("checkin.ca_file: {e}")))?,
-        ),
-    };
+    let client = http::console_client(&url, config.checkin.ca_file.as_deref())
+        .map_err(|e| RenewError::NotConfigured(format!("checkin.ca_file: {e}")))?;
 
     let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
         .map_err(|e| RenewError::Key(e.to_string()))?;
@@ -158,11 +147,11 @@ pub async fn renew(config: &AgentConfig) -> Result<Validity, RenewError> {
     let body = serde_json::to_vec(&serde_json::json!({ "csr": csr }))
         .map_err(|e| RenewError::Key(e.to_string()))?;
     let response = http::request(
+        &client,
         &url,
         "POST",
         &[("Authorization", format!("Bearer {token}"))],
         &body,
-        tls.as_ref(),
         config.checkin.timeout,
     )
     .await

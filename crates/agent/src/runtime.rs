@@ -571,7 +571,7 @@ async fn run_actions(
 pub struct CheckinClient {
     url: crate::http::Url,
     token: Option<String>,
-    tls: Option<beckon_net::TlsClient>,
+    http: crate::http::HttpClient,
 }
 
 impl CheckinClient {
@@ -587,23 +587,12 @@ impl CheckinClient {
             base.path.trim_end_matches('/'),
             config.agent_id
         ));
-        let tls = match url.scheme {
-            crate::http::Scheme::Http => None,
-            crate::http::Scheme::Https => Some(
-                beckon_net::TlsClient::new(&beckon_net::TlsSettings {
-                    trust: match &config.checkin.ca_file {
-                        Some(f) => beckon_net::TrustAnchors::CaFile(f.clone()),
-                        None => beckon_net::TrustAnchors::System,
-                    },
-                    ..beckon_net::TlsSettings::default()
-                })
-                .map_err(|e| AgentError::Unsupported(format!("checkin.ca_file: {e}")))?,
-            ),
-        };
+        let http = crate::http::console_client(&url, config.checkin.ca_file.as_deref())
+            .map_err(|e| AgentError::Unsupported(format!("checkin.ca_file: {e}")))?;
         Ok(Some(Self {
             url,
             token: config.checkin_token()?,
-            tls,
+            http,
         }))
     }
 
@@ -623,11 +612,11 @@ impl CheckinClient {
         }
         let body = serde_json::to_vec(&body).unwrap_or_default();
         let result = crate::http::request(
+            &self.http,
             &self.url,
             "POST",
             &headers,
             &body,
-            self.tls.as_ref(),
             config.checkin.timeout,
         )
         .await;

@@ -13,7 +13,7 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use beckon_agent::http::{self, Scheme, Url};
+use beckon_agent::http::{self, Url};
 use serde::Deserialize;
 
 /// Flags of `beckon wake`.
@@ -139,31 +139,24 @@ pub fn main(args: WakeArgs) -> ExitCode {
 struct Client {
     base: Url,
     token: String,
-    tls: Option<beckon_net::TlsClient>,
+    http: http::HttpClient,
 }
 
 impl Client {
     async fn call(&self, method: &str, path: &str, body: &[u8]) -> anyhow::Result<Vec<u8>> {
         let url = self.base.with_path(path);
         let headers = [("Authorization", format!("Bearer {}", self.token))];
-        let r = http::request(
-            &url,
-            method,
-            &headers,
-            body,
-            self.tls.as_ref(),
-            REQUEST_TIMEOUT,
-        )
-        .await
-        .map_err(|e| {
-            let hint = match &e {
-                http::HttpError::Tls(_) => {
-                    "; for a console with its own CA, pass that CA's PEM file with --ca"
-                }
-                _ => "; check the URL (scheme, host and port) and that the console is running",
-            };
-            anyhow::anyhow!("cannot reach the console at {url}: {e}{hint}")
-        })?;
+        let r = http::request(&self.http, &url, method, &headers, body, REQUEST_TIMEOUT)
+            .await
+            .map_err(|e| {
+                let hint = match &e {
+                    http::HttpError::Tls(_) => {
+                        "; for a console with its own CA, pass that CA's PEM file with --ca"
+                    }
+                    _ => "; check the URL (scheme, host and port) and that the console is running",
+                };
+                anyhow::anyhow!("cannot reach the console at {url}: {e}{hint}")
+            })?;
         match r.status {
             200..=299 => Ok(r.body),
             401 => bail!(
@@ -187,23 +180,11 @@ async fn run(args: WakeArgs) -> anyhow::Result<ExitCode> {
             "--token must be an API token (they start with bkt_): create one under API tokens in the console"
         );
     }
-    let tls = match base.scheme {
-        Scheme::Http => None,
-        Scheme::Https => Some(
-            beckon_net::TlsClient::new(&beckon_net::TlsSettings {
-                trust: match &args.ca {
-                    Some(f) => beckon_net::TrustAnchors::CaFile(f.clone()),
-                    None => beckon_net::TrustAnchors::System,
-                },
-                ..beckon_net::TlsSettings::default()
-            })
-            .context("--ca")?,
-        ),
-    };
+    let http = http::console_client(&base, args.ca.as_deref()).context("--ca")?;
     let client = Client {
         base: base.with_path("/"),
         token,
-        tls,
+        http,
     };
     let target = if args.all {
         serde_json::json!("all")

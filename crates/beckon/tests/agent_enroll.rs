@@ -24,15 +24,16 @@ async fn console(data: &Path, https: bool) -> ConsoleHandle {
 }
 
 /// A fresh one-time enrollment token, made through the API as an administrator would.
-async fn enrollment_token(console: &ConsoleHandle, tls: Option<&beckon_net::TlsClient>) -> String {
+async fn enrollment_token(console: &ConsoleHandle, ca_file: Option<&Path>) -> String {
     let api = console.create_api_token("test").await.expect("api token");
     let url = Url::parse(&console.url()).expect("url");
+    let client = http::console_client(&url, ca_file).expect("client");
     let r = http::request(
+        &client,
         &url.with_path("/api/v1/enrollment-tokens"),
         "POST",
         &[("Authorization", format!("Bearer {api}"))],
         br#"{"label":"test"}"#,
-        tls,
         LIMIT,
     )
     .await
@@ -207,12 +208,7 @@ async fn an_https_console_with_its_own_ca_needs_ca() {
     assert_eq!(console.scheme, "https");
     let url = console.url();
     let ca_file = data.join("tenant-ca.pem");
-    let tls = beckon_net::TlsClient::new(&beckon_net::TlsSettings {
-        trust: beckon_net::TrustAnchors::CaFile(ca_file.clone()),
-        ..beckon_net::TlsSettings::default()
-    })
-    .expect("tls");
-    let token = enrollment_token(&console, Some(&tls)).await;
+    let token = enrollment_token(&console, Some(&ca_file)).await;
     let state = dir.path().join("state");
     let config_file = state.join("agent.toml");
 

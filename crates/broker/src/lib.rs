@@ -5,6 +5,7 @@
 //! through `libc` ([`fdlimit`]).
 #![deny(unsafe_code)]
 
+mod admin;
 pub mod config;
 mod connection;
 pub mod core;

@@ -273,7 +273,7 @@ impl Server {
             )));
         }
         if let Some(l) = listeners.admin {
-            tasks.push(tokio::spawn(admin_loop(
+            tasks.push(tokio::spawn(crate::admin::admin_loop(
                 l,
                 metrics.clone(),
                 shutdown_rx.clone(),
@@ -650,52 +650,6 @@ fn register_hangup() -> Option<tokio::signal::unix::Signal> {
             tracing::warn!(error = %e, "cannot listen for SIGHUP; certificate files are still watched");
             None
         }
-    }
-}
-
-/// The admin listener: `/metrics` and `/healthz` over plain HTTP.
-async fn admin_loop(
-    listener: TcpListener,
-    metrics: Arc<crate::metrics::Metrics>,
-    mut shutdown: watch::Receiver<bool>,
-) {
-    loop {
-        let accepted = tokio::select! {
-            r = listener.accept() => r,
-            _ = shutdown.changed() => break,
-        };
-        let Ok((mut tcp, _)) = accepted else {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-            continue;
-        };
-        let metrics = metrics.clone();
-        tokio::spawn(async move {
-            let deadline = Instant::now() + Duration::from_secs(10);
-            let mut buf = bytes::BytesMut::new();
-            let Some((method, path, _)) =
-                crate::shared_port::read_head(&mut tcp, &mut buf, deadline).await
-            else {
-                return;
-            };
-            let route = path.split('?').next().unwrap_or("/");
-            let (status, kind, body) = match (method.as_str(), route) {
-                ("GET", "/metrics") => (
-                    200,
-                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                    metrics.render(),
-                ),
-                ("GET", "/healthz") => {
-                    (200, "application/json", "{\"status\":\"ok\"}\n".to_owned())
-                }
-                ("GET", _) => (
-                    404,
-                    "text/plain",
-                    "not found: try /metrics or /healthz\n".to_owned(),
-                ),
-                _ => (405, "text/plain", "only GET is served here\n".to_owned()),
-            };
-            crate::shared_port::respond(&mut tcp, status, kind, &body).await;
-        });
     }
 }
 

@@ -6,6 +6,7 @@
 //!
 //! - [`tcp`]: name resolution (reported on its own, so "the name does not resolve" is a
 //!   separate finding) and TCP connect with timeouts and an optional local source address;
+//! - [`http`]: the HTTP/1.1 client (hyper) over these connectors, for talking to the console;
 //! - [`proxy`]: HTTP `CONNECT` through a proxy, without authentication;
 //! - [`tls`]: the TLS client (rustls with aws-lc-rs), ALPN, certificate checks with plain-words
 //!   errors, and what was negotiated;
@@ -58,6 +59,7 @@
 #![forbid(unsafe_code)]
 
 pub mod backoff;
+pub mod http;
 pub mod ladder;
 pub mod path;
 pub mod proxy;

@@ -151,6 +151,7 @@ async fn enroll_all(
     names: &[String],
 ) -> anyhow::Result<Vec<AgentConfig>> {
     let base = Url::parse(&console.url()).map_err(anyhow::Error::msg)?;
+    let client = http::console_client(&base, None).context("the demo console's client")?;
     let api_token = console
         .create_api_token(API_TOKEN_NAME)
         .await
@@ -162,11 +163,11 @@ async fn enroll_all(
         "max_uses": names.len(),
     });
     let response = http::request(
+        &client,
         &base.with_path("/api/v1/enrollment-tokens"),
         "POST",
         &auth,
         body.to_string().as_bytes(),
-        None,
         Duration::from_secs(10),
     )
     .await
@@ -213,25 +214,25 @@ async fn enroll_all(
 
     // Clean up: the token is used up anyway; the API token has done its job.
     let _ = http::request(
+        &client,
         &base.with_path(&format!("/api/v1/enrollment-tokens/{token_id}")),
         "DELETE",
         &auth,
         b"",
-        None,
         Duration::from_secs(10),
     )
     .await;
-    revoke_api_token(&base, &auth).await;
+    revoke_api_token(&client, &base, &auth).await;
     Ok(configs)
 }
 
-async fn revoke_api_token(base: &Url, auth: &[(&str, String)]) {
+async fn revoke_api_token(client: &http::HttpClient, base: &Url, auth: &[(&str, String)]) {
     let Ok(list) = http::request(
+        client,
         &base.with_path("/api/v1/api-tokens"),
         "GET",
         auth,
         b"",
-        None,
         Duration::from_secs(10),
     )
     .await
@@ -243,11 +244,11 @@ async fn revoke_api_token(base: &Url, auth: &[(&str, String)]) {
         if t["name"] == API_TOKEN_NAME && t["revoked"] == false {
             let id = t["id"].as_str().unwrap_or_default();
             let _ = http::request(
+                client,
                 &base.with_path(&format!("/api/v1/api-tokens/{id}")),
                 "DELETE",
                 auth,
                 b"",
-                None,
                 Duration::from_secs(10),
             )
             .await;

@@ -336,12 +336,13 @@ impl ConsoleApi {
         if !body.is_empty() {
             headers.push(("Content-Type", "application/json".into()));
         }
+        let client = beckon_agent::http::console_client(&self.base, None).expect("client");
         let r = beckon_agent::http::request(
+            &client,
             &self.base.with_path(path),
             method,
             &headers,
             body.as_bytes(),
-            None,
             API_WAIT,
         )
         .await

@@ -1,102 +1,22 @@
-//! A small HTTP/1.1 client for the console's API on loopback: one kept-alive connection per
-//! client (thousands of enrollments would otherwise leave thousands of sockets in TIME_WAIT),
-//! bodies by `Content-Length` or chunked, and a Server-Sent Events reader.
+//! The console's API on loopback for the call bench, over beckon-net's HTTP client: one
+//! kept-alive connection per client (thousands of enrollments would otherwise leave
+//! thousands of sockets in TIME_WAIT), and a Server-Sent Events reader.
 
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use bytes::{Buf, BytesMut};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+use beckon_net::http::{self as net_http, HttpConnection, HttpSettings, Request, Scheme, Url};
+
+pub use beckon_net::http::{HttpError, Response};
 
 /// Largest answer read (the deliveries of a 19,000-agent call are a few MB).
 const MAX_BODY: usize = 64 * 1024 * 1024;
 
-/// Why a request got no usable answer.
-#[derive(Debug, thiserror::Error)]
-pub enum HttpError {
-    /// The connection could not be made or broke.
-    #[error("console at {addr}: {error}")]
-    Io {
-        /// The console's address.
-        addr: SocketAddr,
-        /// The error.
-        error: std::io::Error,
-    },
-    /// The console closed the connection before a whole answer.
-    #[error("console at {0} closed the connection before a whole answer")]
-    Closed(SocketAddr),
-    /// The answer is not HTTP this client understands.
-    #[error("console at {addr} answered something unreadable: {detail}")]
-    Malformed {
-        /// The console's address.
-        addr: SocketAddr,
-        /// What was wrong.
-        detail: String,
-    },
-    /// No whole answer in time.
-    #[error("console at {addr} gave no answer to {what} within {after:?}")]
-    TimedOut {
-        /// The console's address.
-        addr: SocketAddr,
-        /// The request.
-        what: String,
-        /// The bound.
-        after: Duration,
-    },
-}
-
-/// An answer.
-#[derive(Debug, Clone)]
-pub struct Response {
-    /// Status code.
-    pub status: u16,
-    /// Header names (lowercase) and values.
-    pub headers: Vec<(String, String)>,
-    /// The body.
-    pub body: Vec<u8>,
-}
-
-impl Response {
-    /// A header's value.
-    pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(n, _)| n == name)
-            .map(|(_, v)| v.as_str())
-    }
-
-    /// The body as JSON.
-    pub fn json(&self) -> Result<serde_json::Value, serde_json::Error> {
-        serde_json::from_slice(&self.body)
-    }
-
-    /// The `error` field of a JSON error body, or the start of the body.
-    pub fn error_text(&self) -> String {
-        if let Ok(v) = self.json()
-            && let Some(e) = v.get("error").and_then(|e| e.as_str())
-        {
-            return e.to_owned();
-        }
-        String::from_utf8_lossy(&self.body)
-            .chars()
-            .take(300)
-            .collect()
-    }
-}
-
-/// How a body is framed.
-enum Framing {
-    Length(usize),
-    Chunked,
-    UntilClose,
-}
-
 /// One kept-alive HTTP connection to the console.
 pub struct HttpClient {
-    addr: SocketAddr,
-    stream: Option<TcpStream>,
-    buf: BytesMut,
+    origin: Url,
+    client: net_http::HttpClient,
+    conn: Option<HttpConnection>,
     /// Extra headers on every request (authorization).
     pub headers: Vec<(String, String)>,
 }
@@ -105,9 +25,18 @@ impl HttpClient {
     /// A client for the console at `addr` (connects on first use).
     pub fn new(addr: SocketAddr) -> Self {
         Self {
-            addr,
-            stream: None,
-            buf: BytesMut::with_capacity(16 * 1024),
+            origin: Url {
+                scheme: Scheme::Http,
+                host: addr.ip().to_string(),
+                port: addr.port(),
+                path: "/".to_owned(),
+            },
+            client: net_http::HttpClient::new(HttpSettings {
+                max_body: MAX_BODY,
+                user_agent: "beckon-bench".to_owned(),
+                ..HttpSettings::default()
+            }),
+            conn: None,
             headers: Vec::new(),
         }
     }
@@ -119,23 +48,16 @@ impl HttpClient {
             .push(("Authorization".into(), format!("Bearer {token}")));
     }
 
-    fn io(&self, error: std::io::Error) -> HttpError {
-        HttpError::Io {
-            addr: self.addr,
-            error,
+    fn build(&self, method: &str, body: Option<&serde_json::Value>) -> Result<Request, HttpError> {
+        let mut request =
+            Request::new(method)?.header("Accept", "application/json, text/event-stream");
+        for (name, value) in &self.headers {
+            request = request.header(name, value);
         }
-    }
-
-    async fn stream(&mut self) -> Result<&mut TcpStream, HttpError> {
-        if self.stream.is_none() {
-            let s = TcpStream::connect(self.addr)
-                .await
-                .map_err(|e| self.io(e))?;
-            let _ = s.set_nodelay(true);
-            self.stream = Some(s);
-            self.buf.clear();
+        if let Some(body) = body {
+            request = request.json(body.to_string());
         }
-        self.stream.as_mut().ok_or(HttpError::Closed(self.addr))
+        Ok(request)
     }
 
     /// One request with an optional JSON body, bounded by `limit`. A connection the console
@@ -147,15 +69,15 @@ impl HttpClient {
         body: Option<&serde_json::Value>,
         limit: Duration,
     ) -> Result<Response, HttpError> {
-        let body = body.map(|b| b.to_string().into_bytes());
-        let what = format!("{method} {path}");
-        let addr = self.addr;
+        let request = self.build(method, body)?;
+        let origin = self.origin.clone();
         let attempt = async {
-            let reused = self.stream.is_some();
-            match self.exchange(method, path, body.as_deref()).await {
-                Err(HttpError::Closed(_) | HttpError::Io { .. }) if reused => {
-                    self.stream = None;
-                    self.exchange(method, path, body.as_deref()).await
+            let reused = self.conn.as_ref().is_some_and(|c| !c.is_closed());
+            let first = self.send(path, request.clone(), limit).await;
+            match first {
+                Err(HttpError::Closed { .. } | HttpError::Io { .. }) if reused => {
+                    self.conn = None;
+                    self.send(path, request, limit).await
                 }
                 other => other,
             }
@@ -163,203 +85,31 @@ impl HttpClient {
         match tokio::time::timeout(limit, attempt).await {
             Ok(r) => r,
             Err(_) => {
-                self.stream = None;
+                self.conn = None;
                 Err(HttpError::TimedOut {
-                    addr,
-                    what,
+                    url: origin.with_path(path).to_string(),
                     after: limit,
                 })
             }
         }
     }
 
-    fn head(&self, method: &str, path: &str, body_len: Option<usize>) -> String {
-        let mut head = format!(
-            "{method} {path} HTTP/1.1\r\nHost: {}\r\nUser-Agent: beckon-bench\r\nAccept: application/json, text/event-stream\r\n",
-            self.addr
-        );
-        if let Some(len) = body_len {
-            head.push_str(&format!(
-                "Content-Type: application/json\r\nContent-Length: {len}\r\n"
-            ));
-        }
-        for (name, value) in &self.headers {
-            head.push_str(&format!("{name}: {value}\r\n"));
-        }
-        head.push_str("\r\n");
-        head
-    }
-
-    async fn exchange(
+    async fn send(
         &mut self,
-        method: &str,
         path: &str,
-        body: Option<&[u8]>,
+        request: Request,
+        limit: Duration,
     ) -> Result<Response, HttpError> {
-        let (status, headers, framing) = self.send_and_read_head(method, path, body).await?;
-        let body = match framing {
-            Framing::Length(n) => {
-                while self.buf.len() < n {
-                    self.fill().await?;
-                }
-                self.buf.split_to(n).to_vec()
-            }
-            Framing::Chunked => {
-                let mut out = Vec::new();
-                while let Some(chunk) = self.next_chunk().await? {
-                    out.extend_from_slice(&chunk);
-                    if out.len() > MAX_BODY {
-                        return Err(self.malformed("the body is larger than 64 MiB"));
-                    }
-                }
-                out
-            }
-            Framing::UntilClose => {
-                loop {
-                    match self.fill().await {
-                        Ok(()) => {}
-                        Err(HttpError::Closed(_)) => break,
-                        Err(e) => return Err(e),
-                    }
-                }
-                self.stream = None;
-                self.buf.split().to_vec()
-            }
+        let conn = match self.conn.take() {
+            Some(conn) if !conn.is_closed() => conn,
+            _ => self.client.connect(&self.origin).await?,
         };
-        let close = headers
-            .iter()
-            .any(|(n, v)| n == "connection" && v.eq_ignore_ascii_case("close"));
-        if close {
-            self.stream = None;
+        let conn = self.conn.insert(conn);
+        let result = conn.send(path, request, limit).await;
+        if result.is_err() || conn.is_closed() {
+            self.conn = None;
         }
-        Ok(Response {
-            status,
-            headers,
-            body,
-        })
-    }
-
-    fn malformed(&self, detail: impl Into<String>) -> HttpError {
-        HttpError::Malformed {
-            addr: self.addr,
-            detail: detail.into(),
-        }
-    }
-
-    async fn fill(&mut self) -> Result<(), HttpError> {
-        let addr = self.addr;
-        if self.buf.len() > MAX_BODY {
-            return Err(self.malformed("the answer is larger than 64 MiB"));
-        }
-        self.stream().await?;
-        let Some(stream) = self.stream.as_mut() else {
-            return Err(HttpError::Closed(addr));
-        };
-        match stream.read_buf(&mut self.buf).await {
-            Ok(0) => {
-                self.stream = None;
-                Err(HttpError::Closed(addr))
-            }
-            Ok(_) => Ok(()),
-            Err(e) => {
-                self.stream = None;
-                Err(HttpError::Io { addr, error: e })
-            }
-        }
-    }
-
-    async fn send_and_read_head(
-        &mut self,
-        method: &str,
-        path: &str,
-        body: Option<&[u8]>,
-    ) -> Result<(u16, Vec<(String, String)>, Framing), HttpError> {
-        let mut request = self.head(method, path, body.map(<[u8]>::len)).into_bytes();
-        request.extend_from_slice(body.unwrap_or_default());
-        self.buf.clear();
-        let addr = self.addr;
-        let stream = self.stream().await?;
-        stream
-            .write_all(&request)
-            .await
-            .map_err(|error| HttpError::Io { addr, error })?;
-        loop {
-            let parsed = {
-                let mut slots = [httparse::EMPTY_HEADER; 32];
-                let mut resp = httparse::Response::new(&mut slots);
-                match resp.parse(&self.buf) {
-                    Ok(httparse::Status::Complete(n)) => {
-                        let headers: Vec<(String, String)> = resp
-                            .headers
-                            .iter()
-                            .map(|h| {
-                                (
-                                    h.name.to_ascii_lowercase(),
-                                    String::from_utf8_lossy(h.value).into_owned(),
-                                )
-                            })
-                            .collect();
-                        Some((n, resp.code.unwrap_or(0), headers))
-                    }
-                    Ok(httparse::Status::Partial) => None,
-                    Err(e) => return Err(self.malformed(e.to_string())),
-                }
-            };
-            if let Some((n, status, headers)) = parsed {
-                self.buf.advance(n);
-                let get = |name: &str| {
-                    headers
-                        .iter()
-                        .find(|(k, _)| k == name)
-                        .map(|(_, v)| v.clone())
-                };
-                let framing = if get("transfer-encoding")
-                    .is_some_and(|v| v.to_ascii_lowercase().contains("chunked"))
-                {
-                    Framing::Chunked
-                } else if let Some(len) = get("content-length") {
-                    let n = len
-                        .trim()
-                        .parse::<usize>()
-                        .map_err(|_| self.malformed(format!("Content-Length {len:?}")))?;
-                    if n > MAX_BODY {
-                        return Err(self.malformed("the body is larger than 64 MiB"));
-                    }
-                    Framing::Length(n)
-                } else if method == "HEAD" || status == 204 || status == 304 {
-                    Framing::Length(0)
-                } else {
-                    Framing::UntilClose
-                };
-                return Ok((status, headers, framing));
-            }
-            self.fill().await?;
-        }
-    }
-
-    /// The next chunk of a chunked body; `None` after the last one.
-    async fn next_chunk(&mut self) -> Result<Option<Vec<u8>>, HttpError> {
-        loop {
-            if let Some(end) = self.buf.windows(2).position(|w| w == b"\r\n") {
-                let line = String::from_utf8_lossy(&self.buf[..end]).into_owned();
-                let size_text = line.split(';').next().unwrap_or("").trim();
-                let size = usize::from_str_radix(size_text, 16)
-                    .map_err(|_| self.malformed(format!("chunk size {line:?}")))?;
-                if size > MAX_BODY {
-                    return Err(self.malformed("a chunk larger than 64 MiB"));
-                }
-                // size line, data, CRLF (for the last chunk: the trailer's empty line).
-                let need = end + 2 + size + 2;
-                while self.buf.len() < need {
-                    self.fill().await?;
-                }
-                self.buf.advance(end + 2);
-                let data = self.buf.split_to(size).to_vec();
-                self.buf.advance(2);
-                return Ok((size > 0).then_some(data));
-            }
-            self.fill().await?;
-        }
+        result
     }
 
     /// Opens a Server-Sent Events stream (`GET path`); the connection is then the stream's.
@@ -368,21 +118,20 @@ impl HttpClient {
         path: &str,
         limit: Duration,
     ) -> Result<EventStream, HttpError> {
-        let addr = self.addr;
-        let head = tokio::time::timeout(limit, self.send_and_read_head("GET", path, None))
-            .await
-            .map_err(|_| HttpError::TimedOut {
-                addr,
-                what: format!("GET {path}"),
-                after: limit,
-            })??;
-        let (status, _, framing) = head;
-        if status != 200 {
-            return Err(self.malformed(format!("GET {path} answered {status}")));
+        let request = self.build("GET", None)?;
+        let conn = match self.conn.take() {
+            Some(conn) if !conn.is_closed() => conn,
+            _ => self.client.connect(&self.origin).await?,
+        };
+        let body = conn.open(path, request, limit).await?;
+        if body.status != 200 {
+            return Err(HttpError::NotHttp {
+                url: self.origin.with_path(path).to_string(),
+                detail: format!("GET {path} answered {}", body.status),
+            });
         }
         Ok(EventStream {
-            chunked: matches!(framing, Framing::Chunked),
-            client: self,
+            body,
             text: Vec::new(),
         })
     }
@@ -399,8 +148,7 @@ pub struct ServerEvent {
 
 /// A Server-Sent Events stream.
 pub struct EventStream {
-    client: HttpClient,
-    chunked: bool,
+    body: net_http::BodyStream,
     text: Vec<u8>,
 }
 
@@ -431,21 +179,10 @@ impl EventStream {
                 }
                 return Ok(Some(event));
             }
-            if self.chunked {
-                match self.client.next_chunk().await {
-                    Ok(Some(chunk)) => self.text.extend_from_slice(&chunk),
-                    Ok(None) | Err(HttpError::Closed(_)) => return Ok(None),
-                    Err(e) => return Err(e),
-                }
-            } else {
-                match self.client.fill().await {
-                    Ok(()) => {
-                        let all = self.client.buf.split();
-                        self.text.extend_from_slice(&all);
-                    }
-                    Err(HttpError::Closed(_)) => return Ok(None),
-                    Err(e) => return Err(e),
-                }
+            match self.body.next_chunk().await {
+                Ok(Some(chunk)) => self.text.extend_from_slice(&chunk),
+                Ok(None) | Err(HttpError::Closed { .. }) => return Ok(None),
+                Err(e) => return Err(e),
             }
         }
     }

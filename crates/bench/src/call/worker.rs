@@ -419,7 +419,7 @@ async fn enroll_one(
         return Err(format!(
             "agent {id}: enrollment refused ({}): {}",
             response.status,
-            response.error_text()
+            response.error_message()
         ));
     }
     let answer: EnrollAnswer = serde_json::from_slice(&response.body)
