@@ -213,13 +213,12 @@ async fn connected(
                 conn.acknowledge_written();
                 conn.flush().await?;
             }
-            ids = conn.acked.recv() => {
-                // The state writer wrote these messages' changes: the PUBACKs go out.
-                if let Some(ids) = ids {
-                    conn.acknowledge(ids);
-                    conn.acknowledge_written();
-                    conn.flush().await?;
-                }
+            // The state writer wrote these messages' changes: the PUBACKs go out. (Should the
+            // writer be gone, the branch stays off instead of firing with nothing.)
+            Some(ids) = conn.acked.recv() => {
+                conn.acknowledge(ids);
+                conn.acknowledge_written();
+                conn.flush().await?;
             }
             c = commands.recv() => match c {
                 Some(Command::Publish(call, deliveries)) => {
