@@ -33,24 +33,14 @@ pub enum LinkError {
     /// The broker closed the connection.
     #[error("the broker closed the connection")]
     Closed,
-    /// Reading the socket failed.
-    #[error("reading from the broker failed: {0}")]
-    Read(std::io::Error),
-    /// Writing the socket failed.
-    #[error("writing to the broker failed: {0}")]
-    Write(std::io::Error),
-    /// The socket writer is gone (the connection closed while the dispatcher wrote).
-    #[error("writing to the broker failed: the connection is closed")]
-    WriterGone,
-    /// The socket reader is gone.
-    #[error("the broker connection's reader stopped")]
-    ReaderGone,
-    /// The broker sent bytes that are not an MQTT 5 packet.
-    #[error("the broker sent a malformed packet: {0}")]
-    Malformed(#[from] beckon_mqtt::DecodeError),
-    /// A packet could not be encoded (a wake-up larger than MQTT allows).
-    #[error("cannot encode a packet: {0}")]
-    Encode(#[from] beckon_mqtt::EncodeError),
+    /// The connection to the broker ended (reading or writing failed, or the broker broke
+    /// the protocol).
+    #[error("the broker connection ended: {0}")]
+    Ended(beckon_client::End),
+    /// The client session could not queue a packet (a wake-up larger than the broker
+    /// accepts, say).
+    #[error("cannot send to the broker: {0}")]
+    Session(#[from] beckon_client::Error),
     /// No CONNACK within 10 s.
     #[error("the broker did not answer CONNECT within 10 s")]
     NoConnAck,
@@ -62,9 +52,6 @@ pub enum LinkError {
         /// The broker's reason string.
         reason: Option<String>,
     },
-    /// The broker answered CONNECT with something else than CONNACK.
-    #[error("the broker answered CONNECT with packet type {0}")]
-    NotConnAck(u8),
     /// The broker sent DISCONNECT.
     #[error("the broker disconnected the console (reason 0x{code:02X}{})", reason_suffix(.reason))]
     Disconnected {
@@ -73,7 +60,7 @@ pub enum LinkError {
         /// The broker's reason string.
         reason: Option<String>,
     },
-    /// Neither PINGRESP nor anything else for one and a half keep-alive periods.
+    /// No PINGRESP within the session's ping timeout.
     #[error("the broker stopped answering (no PINGRESP)")]
     NoPingResp,
     /// The broker's Receive Maximum stayed used up for one and a half keep-alive periods.
@@ -85,6 +72,26 @@ pub enum LinkError {
     /// The store could not list what is queued.
     #[error(transparent)]
     Store(#[from] crate::store::StoreError),
+}
+
+impl From<beckon_client::End> for LinkError {
+    fn from(end: beckon_client::End) -> Self {
+        use beckon_client::End;
+        match end {
+            End::Refused { code, reason, .. } => Self::Refused {
+                code: code.0,
+                reason,
+            },
+            End::Disconnected { code, reason, .. } => Self::Disconnected {
+                code: code.0,
+                reason,
+            },
+            End::ConnectTimeout => Self::NoConnAck,
+            End::PingTimeout => Self::NoPingResp,
+            End::Closed => Self::Closed,
+            other => Self::Ended(other),
+        }
+    }
 }
 
 fn reason_suffix(reason: &Option<String>) -> String {

@@ -1,37 +1,37 @@
-//! What the broker's packets change: PUBACKs of wake-ups and relay requests, agents' acks,
+//! What the broker's events change: PUBACKs of wake-ups and relay requests, agents' acks,
 //! presence and relay answers, collected in [`Conn`]'s changes for the state writer.
 
+use beckon_client::Event;
 use beckon_identity::acl::PresenceEvent;
 use beckon_identity::wakeup::{Ack, AckStage, AckStatus};
 use beckon_identity::{ConnectionPath, PresenceState};
-use beckon_mqtt::{Packet, Publish, QoS};
+use beckon_mqtt::{Publish, QoS, ReasonCode};
 
-use super::LinkError;
 use super::link::Conn;
 use crate::model::*;
 use crate::store::{DeliveryAdvance, DeliveryUpdate, PresenceUpdate};
 
 /// PUBACK: the broker took the wake-up (`sent`), or refused it (`failed`).
-fn handle_puback(conn: &mut Conn, ack: beckon_mqtt::Ack) {
-    if let Some(request_id) = conn.relay_inflight.remove(&ack.packet_id) {
-        if ack.code.is_error() {
+fn handle_puback(conn: &mut Conn, packet_id: u16, code: ReasonCode) {
+    if let Some(request_id) = conn.relay_inflight.remove(&packet_id) {
+        if code.is_error() {
             conn.changes.relay_failures.push((
                 request_id,
                 format!(
                     "the broker refused the relay request (reason 0x{:02X}); check the console's permissions on the broker",
-                    ack.code.0
+                    code.0
                 ),
             ));
         }
         return;
     }
-    let Some((agent, wakeup_id)) = conn.inflight.remove(&ack.packet_id) else {
+    let Some((agent, wakeup_id)) = conn.inflight.remove(&packet_id) else {
         return;
     };
-    let (state, detail) = if ack.code.is_error() {
+    let (state, detail) = if code.is_error() {
         let detail = format!(
             "the broker refused the wake-up (reason 0x{:02X}); check the console's permissions on the broker",
-            ack.code.0
+            code.0
         );
         (CallState::Failed, Some(detail))
     } else {
@@ -44,13 +44,16 @@ fn handle_puback(conn: &mut Conn, ack: beckon_mqtt::Ack) {
     advance(conn, &agent, &wakeup_id, state, update);
 }
 
-/// Handles one packet from the broker without waiting for anything: state changes and the
+/// Handles one event from the broker without waiting for anything: state changes and the
 /// PUBACKs that wait for them are queued for the writer, agents that came online for
-/// [`send_pending`].
-pub(super) fn handle_packet(conn: &mut Conn, packet: Packet) -> Result<(), LinkError> {
-    match packet {
-        Packet::PubAck(ack) => handle_puback(conn, ack),
-        Packet::Publish(p) => {
+/// [`send_pending`](super::resend::send_pending). The end of the connection (a DISCONNECT
+/// among them) comes from the session as its [`End`](beckon_client::End).
+pub(super) fn handle_event(conn: &mut Conn, event: Event) {
+    match event {
+        Event::Published {
+            packet_id, code, ..
+        } => handle_puback(conn, packet_id, code),
+        Event::Message(p) => {
             handle_publish(conn, &p);
             if let (QoS::AtLeastOnce, Some(id)) = (p.qos, p.packet_id) {
                 // Acknowledged once what it changed is written (by `write_states`): if the
@@ -58,16 +61,9 @@ pub(super) fn handle_packet(conn: &mut Conn, packet: Packet) -> Result<(), LinkE
                 conn.changes.pubacks.push(id);
             }
         }
-        Packet::Disconnect(d) => {
-            return Err(LinkError::Disconnected {
-                code: d.code.0,
-                reason: d.properties.reason_string.clone(),
-            });
-        }
-        // QoS 2 is never subscribed to; PINGRESP and SUBACK need nothing.
+        // QoS 2 is never subscribed to; CONNACK, PINGRESP and SUBACK need nothing here.
         _ => {}
     }
-    Ok(())
 }
 
 fn handle_publish(conn: &mut Conn, p: &Publish) {
@@ -194,22 +190,40 @@ pub(super) fn advance(
 
 #[cfg(test)]
 mod tests {
-    use beckon_mqtt::Properties;
-    use bytes::Bytes;
+    use beckon_client::Connection;
+    use beckon_mqtt::{ConnAck, Packet, Properties, ProtocolVersion};
+    use bytes::{Bytes, BytesMut};
+    use tokio::io::{AsyncWriteExt, DuplexStream};
     use tokio::sync::mpsc;
 
     use super::*;
+    use crate::dispatch::link::new_session;
+    use crate::dispatch::writer::WriteJob;
 
-    /// A connection's dispatcher state without sockets or tasks behind it.
+    /// A connection's dispatcher state over our end of an in-memory stream (the broker's
+    /// end is the other), with the state writer's queue and acknowledgement channel.
+    fn conn_over(
+        stream: DuplexStream,
+        writer: mpsc::Sender<WriteJob>,
+        acked: mpsc::Receiver<Vec<u16>>,
+    ) -> Conn {
+        Conn::new(
+            Connection::start(Box::new(stream), new_session()),
+            acked,
+            writer,
+        )
+    }
+
+    /// A connection's dispatcher state with nothing behind it.
     fn conn() -> Conn {
-        let (out, _) = mpsc::channel(1);
-        let (_, incoming) = mpsc::channel(1);
+        let (ours, _broker) = tokio::io::duplex(1024);
         let (writer, _) = mpsc::channel(1);
-        Conn::new(out, incoming, writer)
+        let (_, acked) = mpsc::channel(1);
+        conn_over(ours, writer, acked)
     }
 
     /// An agent's `received` ack of `wakeup_id`, as the broker delivers it (QoS 1).
-    fn ack(agent: &str, wakeup_id: &str, packet_id: u16) -> Packet {
+    fn ack(agent: &str, wakeup_id: &str, packet_id: u16) -> Publish {
         let ack = Ack {
             wakeup_id: wakeup_id.into(),
             stage: AckStage::Received,
@@ -219,7 +233,7 @@ mod tests {
             at: 1_000,
             detail: None,
         };
-        Packet::Publish(Publish {
+        Publish {
             dup: false,
             qos: QoS::AtLeastOnce,
             retain: false,
@@ -227,7 +241,13 @@ mod tests {
             packet_id: Some(packet_id),
             payload: Bytes::from(ack.to_json()),
             properties: Properties::default(),
-        })
+        }
+    }
+
+    fn encoded(packet: &Packet) -> BytesMut {
+        let mut bytes = BytesMut::new();
+        beckon_mqtt::encode(packet, ProtocolVersion::V5, &mut bytes).unwrap();
+        bytes
     }
 
     #[tokio::test]
@@ -236,35 +256,51 @@ mod tests {
         use std::sync::Arc;
         use std::sync::atomic::{AtomicUsize, Ordering};
 
-        use crate::dispatch::link::{INCOMING_PACKETS, OUTGOING_CHUNKS};
-        use crate::dispatch::writer::{MAX_WRITE_BATCH, WRITE_JOBS, WriteJob};
+        use crate::dispatch::writer::{MAX_WRITE_BATCH, WRITE_JOBS};
 
-        // What the console holds at most: the reader's channel, the writer's queue (batches
-        // of at most MAX_WRITE_BATCH), and the one batch the dispatcher waits to hand over.
-        let bound = INCOMING_PACKETS + (WRITE_JOBS + 1) * MAX_WRITE_BATCH;
+        // What the console holds at most: the bytes in the stream's buffer and in the
+        // session's read buffer (at most two of its largest reads), the writer's queue
+        // (batches of at most MAX_WRITE_BATCH), and the one batch the dispatcher waits to
+        // hand over.
+        const STREAM_BUFFER: usize = 64 * 1024;
+        const LARGEST_READ: usize = 64 * 1024;
+        let packet_len = encoded(&Packet::Publish(ack("a99", "w99999", 65_535))).len();
+        let in_transit = (STREAM_BUFFER + 2 * LARGEST_READ) / packet_len + 1;
+        let queued = (WRITE_JOBS + 1) * MAX_WRITE_BATCH;
+        let bound = in_transit + queued;
         let total = 3 * bound;
-        let (out, _socket) = mpsc::channel(OUTGOING_CHUNKS);
-        let (from_broker, incoming) = mpsc::channel(INCOMING_PACKETS);
+        let (ours, broker) = tokio::io::duplex(STREAM_BUFFER);
         let (writer, mut jobs) = mpsc::channel(WRITE_JOBS);
-        let mut conn = Conn::new(out, incoming, writer);
-        // Shows how full the reader's channel is.
-        let probe = from_broker.clone();
+        let (written, acked) = mpsc::channel(1);
+        let mut conn = conn_over(ours, writer, acked);
 
-        // The socket reader: takes in acks as fast as the console lets it.
+        // The broker: takes in what the console writes, accepts its CONNECT and sends acks
+        // as fast as the console reads them.
+        let (mut from_console, mut to_console) = tokio::io::split(broker);
+        tokio::spawn(async move {
+            let _ = tokio::io::copy(&mut from_console, &mut tokio::io::sink()).await;
+        });
         let taken = Arc::new(AtomicUsize::new(0));
         let counter = taken.clone();
-        let reader = tokio::spawn(async move {
+        let sender = tokio::spawn(async move {
+            let connack = encoded(&Packet::ConnAck(ConnAck::default()));
+            to_console.write_all(&connack).await.unwrap();
             for i in 0..total {
                 let id = u16::try_from(i % 65_535 + 1).unwrap();
                 let packet = ack(&format!("a{}", i % 100), &format!("w{i}"), id);
-                from_broker.send(Ok(packet)).await.unwrap();
+                to_console
+                    .write_all(&encoded(&Packet::Publish(packet)))
+                    .await
+                    .unwrap();
                 counter.fetch_add(1, Ordering::SeqCst);
             }
+            to_console.shutdown().await.unwrap();
         });
-        // The dispatcher's reading loop (as in `connected`), until the reader is done.
+        // The dispatcher's reading loop (as in `connected`), until the broker is done.
         let dispatcher = tokio::spawn(async move {
-            while conn.read_more().await.is_ok() {
-                conn.drain_packets().await.unwrap();
+            while let Ok(event) = conn.next_event().await {
+                conn.take(event).await;
+                conn.drain_events().await;
                 conn.hand_over().await;
             }
             conn.hand_over().await;
@@ -282,12 +318,16 @@ mod tests {
         }
         let held = taken.load(Ordering::SeqCst);
         assert!(held <= bound, "{held} acks taken in, more than {bound}");
-        assert_eq!(probe.capacity(), 0, "the reader's channel is full");
+        assert_eq!(jobs.len(), WRITE_JOBS, "the writer's queue is full");
+        assert!(
+            held >= STREAM_BUFFER / packet_len,
+            "{held} acks taken in: the stream is not full"
+        );
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
         assert_eq!(taken.load(Ordering::SeqCst), held, "no more taken in");
-        assert_eq!(probe.capacity(), 0);
-        assert!(!reader.is_finished());
-        drop(probe);
+        assert_eq!(jobs.len(), WRITE_JOBS);
+        assert!(!sender.is_finished());
+        drop(written);
 
         // The writer catches up: every ack arrives once, with its PUBACK.
         let mut wakeups = HashSet::new();
@@ -302,13 +342,13 @@ mod tests {
                 }
             }
         }
-        reader.await.unwrap();
+        sender.await.unwrap();
         dispatcher.await.unwrap();
         assert_eq!(wakeups.len(), total);
         assert_eq!(pubacks, total);
     }
 
-    fn presence(agent: &str, state: PresenceState, retain: bool, packet_id: u16) -> Packet {
+    fn presence(agent: &str, state: PresenceState, retain: bool, packet_id: u16) -> Event {
         let event = PresenceEvent {
             state,
             at: 1_000,
@@ -318,7 +358,7 @@ mod tests {
             via_proxy: Some(false),
             node: None,
         };
-        Packet::Publish(Publish {
+        Event::Message(Publish {
             dup: false,
             qos: QoS::AtLeastOnce,
             retain,
@@ -329,24 +369,22 @@ mod tests {
         })
     }
 
-    #[test]
-    fn agents_coming_online_while_presence_is_taken_in_count_as_online() {
+    #[tokio::test]
+    async fn agents_coming_online_while_presence_is_taken_in_count_as_online() {
         let mut conn = conn();
         conn.snapshot = Some(Vec::new());
         // Retained state: online before the console connected.
-        handle_packet(&mut conn, presence("a1", PresenceState::Connected, true, 1)).unwrap();
+        handle_event(&mut conn, presence("a1", PresenceState::Connected, true, 1));
         // Live, during the take-in: connected just now.
-        handle_packet(
+        handle_event(
             &mut conn,
             presence("a2", PresenceState::Connected, false, 2),
-        )
-        .unwrap();
+        );
         // Live, during the take-in: gone.
-        handle_packet(
+        handle_event(
             &mut conn,
             presence("a3", PresenceState::Disconnected, false, 3),
-        )
-        .unwrap();
+        );
         assert_eq!(
             conn.snapshot.as_deref(),
             Some(&["a1".to_owned(), "a2".to_owned()][..])
@@ -370,14 +408,13 @@ mod tests {
         assert_eq!(conn.changes.pubacks, [1, 2, 3]);
     }
 
-    #[test]
-    fn outside_the_take_in_a_live_arrival_is_only_a_comeback() {
+    #[tokio::test]
+    async fn outside_the_take_in_a_live_arrival_is_only_a_comeback() {
         let mut conn = conn();
-        handle_packet(
+        handle_event(
             &mut conn,
             presence("a2", PresenceState::Connected, false, 7),
-        )
-        .unwrap();
+        );
         assert!(conn.snapshot.is_none());
         assert_eq!(conn.came_online, ["a2".to_owned()]);
     }

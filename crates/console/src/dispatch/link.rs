@@ -1,27 +1,25 @@
 //! The broker link: the console's MQTT connection (the socket through beckon-net's ladder,
-//! CONNECT and SUBSCRIBE, packet ids, and the tasks that read and write the socket). The rest
-//! of the dispatcher talks to it through [`Conn`]'s methods only.
+//! and the shared client session over it, which builds CONNECT, keeps the packet ids, pings
+//! and writes). The rest of the dispatcher talks to it through [`Conn`]'s methods only.
 
 use std::collections::HashMap;
 use std::time::Duration;
 
+use beckon_client::{Connection, Event, Options, Session};
 use beckon_mqtt::{
-    Connect, Packet, Properties, ProtocolVersion, QoS, RetainHandling, Subscribe, Subscription,
-    SubscriptionOptions,
+    ProtocolVersion, Publish, QoS, RetainHandling, Subscription, SubscriptionOptions,
 };
-use bytes::{Bytes, BytesMut};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{mpsc, oneshot};
 
 use super::LinkError;
-use super::incoming::handle_packet;
-use super::writer::{Changes, WriteJob};
+use super::incoming::handle_event;
+use super::writer::{Changes, MAX_WRITE_BATCH, WRITE_JOBS, WriteJob};
 use crate::{AppState, BrokerLink};
 
 /// Largest packet the console accepts from the broker.
 pub(super) const MAX_PACKET: u32 = 256 * 1024;
-/// Keep alive of the console's connection, seconds.
-pub(super) const KEEP_ALIVE: u16 = 30;
+/// Keep alive of the console's connection.
+pub(super) const KEEP_ALIVE: Duration = Duration::from_secs(30);
 /// The console's MQTT client id (its server identity id).
 pub const CLIENT_ID: &str = "console";
 
@@ -81,31 +79,62 @@ pub(super) async fn connect(
     }
 }
 
-/// Packets read from the broker and not handled yet. When the dispatcher falls behind (the
-/// state writer is slow, say), the socket reader waits here and stops reading: TCP pushes
-/// back onto the broker, which keeps what it still has to send (acks, presence) in the
-/// console's session queue, bounded on its side too.
-pub(super) const INCOMING_PACKETS: usize = 1024;
-/// Byte chunks (each many packets) waiting for the socket writer. When full, whoever writes
-/// (the dispatcher, the state writer's PUBACKs) waits for the socket.
-pub(super) const OUTGOING_CHUNKS: usize = 64;
+/// The console's Receive Maximum: how many acks, presence events and relay answers the
+/// broker may push before the console acknowledges them. The console acknowledges a message
+/// once what it changed is written, so this bounds what waits for the state writer: the
+/// writer's queue and the batch the dispatcher is about to hand over. A flood of acks waits
+/// at the broker (in the console's session queue there, bounded on its side too), and TCP
+/// pushes back while the dispatcher does not read.
+pub(super) const INCOMING_WINDOW: u16 = {
+    let window = (WRITE_JOBS + 1) * MAX_WRITE_BATCH;
+    assert!(window <= u16::MAX as usize);
+    window as u16
+};
+/// Batches of packet ids the state writer has written and the dispatcher has not
+/// acknowledged yet (one per written batch).
+pub(super) const ACKED_BATCHES: usize = 16;
+
+/// What the console asks for in CONNECT: its session kept at the broker for an hour (the
+/// subscriptions, and the acks that arrive while it is away), incoming messages acknowledged
+/// by the dispatcher once written, and our publishes as many as the broker's Receive Maximum
+/// lets in flight.
+pub(super) fn options() -> Options {
+    let mut options = Options::new(ProtocolVersion::V5, CLIENT_ID);
+    options.clean_start = false;
+    options.session_expiry = 3600;
+    options.keep_alive = KEEP_ALIVE;
+    options.max_packet_size = MAX_PACKET;
+    options.max_inflight = 65_535;
+    options.auto_ack = false;
+    options.receive_maximum = INCOMING_WINDOW;
+    options
+}
+
+/// The subscription options of every console subscription: QoS 1, retained messages sent at
+/// subscribe (the agents' presence).
+pub(super) const SUBSCRIPTION: SubscriptionOptions = SubscriptionOptions {
+    qos: QoS::AtLeastOnce,
+    no_local: false,
+    retain_as_published: false,
+    retain_handling: RetainHandling::SendAtSubscribe,
+};
+
+/// The tokio clock as a `std` instant (what the session takes).
+pub(super) fn now() -> std::time::Instant {
+    tokio::time::Instant::now().into_std()
+}
 
 pub(super) struct Conn {
-    /// Bytes for the socket writer ([`write_packets`]).
-    pub(super) out: mpsc::Sender<Bytes>,
-    /// Packets from the socket reader ([`read_packets`]), or why reading stopped.
-    pub(super) incoming: mpsc::Receiver<Result<Packet, LinkError>>,
-    /// Packets received and not handled yet.
-    pub(super) ready: std::collections::VecDeque<Packet>,
-    /// Packets encoded but not handed to the socket writer yet.
-    pub(super) wbuf: BytesMut,
-    pub(super) next_id: u16,
+    /// The MQTT session over the broker stream.
+    pub(super) link: Connection<beckon_net::BoxedStream>,
+    /// Packet ids of messages whose changes the state writer has written: acknowledged now.
+    pub(super) acked: mpsc::Receiver<Vec<u16>>,
+    /// How many of our QoS 1 publishes may be in flight (the broker's Receive Maximum).
+    pub(super) window: usize,
     /// PUBLISH packet id -> (agent, carrier wake-up id) waiting for PUBACK.
     pub(super) inflight: HashMap<u16, (String, String)>,
     /// PUBLISH packet id -> relay request id waiting for PUBACK.
     pub(super) relay_inflight: HashMap<u16, String>,
-    /// The broker's Receive Maximum: at most this many QoS 1 publishes unacknowledged.
-    pub(super) receive_max: usize,
     /// Changes (and the PUBACKs that wait for them) not yet handed to the writer.
     pub(super) changes: Changes,
     /// Agents that came online: what they have not received goes out again.
@@ -121,91 +150,20 @@ pub(super) struct Conn {
     pub(super) writer: mpsc::Sender<WriteJob>,
 }
 
-/// Reads the broker's packets as they come, whatever the dispatcher is doing, so that the
-/// broker never sees a console that does not read (it would close it, or drop acks queued
-/// for it). QoS 1 messages (acks, presence) are acknowledged by [`write_states`] once what
-/// they change is written; the broker's in-flight window for a server identity is large
-/// enough to keep them flowing meanwhile.
-pub(super) async fn read_packets(
-    mut read: tokio::io::ReadHalf<beckon_net::BoxedStream>,
-    packets: mpsc::Sender<Result<Packet, LinkError>>,
-) {
-    let mut buf = BytesMut::with_capacity(64 * 1024);
-    loop {
-        match read.read_buf(&mut buf).await {
-            Ok(0) => {
-                let _ = packets.send(Err(LinkError::Closed)).await;
-                return;
-            }
-            Ok(_) => {}
-            Err(e) => {
-                let _ = packets.send(Err(LinkError::Read(e))).await;
-                return;
-            }
-        }
-        loop {
-            match beckon_mqtt::decode(&mut buf, ProtocolVersion::V5, MAX_PACKET) {
-                Ok(Some(p)) => {
-                    // Waits while the dispatcher is behind (see INCOMING_PACKETS).
-                    if packets.send(Ok(p)).await.is_err() {
-                        return;
-                    }
-                }
-                Ok(None) => break,
-                Err(e) => {
-                    let _ = packets.send(Err(LinkError::Malformed(e))).await;
-                    return;
-                }
-            }
-        }
-    }
-}
-
-/// Writes what the dispatcher and the reader queue, many packets per write.
-pub(super) async fn write_packets(
-    mut write: tokio::io::WriteHalf<beckon_net::BoxedStream>,
-    mut out: mpsc::Receiver<Bytes>,
-    errors: mpsc::Sender<Result<Packet, LinkError>>,
-) {
-    let mut buf = BytesMut::with_capacity(64 * 1024);
-    while let Some(first) = out.recv().await {
-        buf.extend_from_slice(&first);
-        while buf.len() < 256 * 1024 {
-            match out.try_recv() {
-                Ok(more) => buf.extend_from_slice(&more),
-                Err(_) => break,
-            }
-        }
-        let written = async {
-            write.write_all(&buf).await?;
-            write.flush().await
-        }
-        .await;
-        if let Err(e) = written {
-            let _ = errors.send(Err(LinkError::Write(e))).await;
-            return;
-        }
-        buf.clear();
-    }
-}
-
 impl Conn {
-    /// A fresh connection's state over the socket writer's, socket reader's and state
-    /// writer's channels.
+    /// A connection's dispatcher state over the started connection, the state writer's
+    /// queue and its channel of written packet ids.
     pub(super) fn new(
-        out: mpsc::Sender<Bytes>,
-        incoming: mpsc::Receiver<Result<Packet, LinkError>>,
+        link: Connection<beckon_net::BoxedStream>,
+        acked: mpsc::Receiver<Vec<u16>>,
         writer: mpsc::Sender<WriteJob>,
     ) -> Self {
         Self {
-            out,
-            incoming,
-            ready: std::collections::VecDeque::new(),
-            wbuf: BytesMut::with_capacity(64 * 1024),
-            next_id: 0,
+            link,
+            acked,
+            window: usize::from(u16::MAX),
             inflight: HashMap::new(),
             relay_inflight: HashMap::new(),
-            receive_max: usize::from(u16::MAX),
             changes: Changes::default(),
             came_online: Vec::new(),
             snapshot: None,
@@ -214,174 +172,147 @@ impl Conn {
         }
     }
 
-    /// Encodes a packet for the next [`write_out`](Self::write_out).
-    pub(super) fn queue(&mut self, packet: &Packet) -> Result<(), LinkError> {
-        beckon_mqtt::encode(packet, ProtocolVersion::V5, &mut self.wbuf).map_err(LinkError::from)
+    /// Queues a QoS 1 publish in the session (beyond the window it waits there, in order)
+    /// and returns its packet id.
+    pub(super) fn publish(&mut self, publish: Publish) -> Result<u16, LinkError> {
+        self.link
+            .session_mut()
+            .publish(publish, now())?
+            .ok_or(LinkError::Session(beckon_client::Error::NoPacketId))
     }
 
-    /// Hands every queued packet to the socket writer (which writes many at once: one TLS
-    /// record, one system call).
-    pub(super) async fn write_out(&mut self) -> Result<(), LinkError> {
-        if self.wbuf.is_empty() {
-            return Ok(());
-        }
-        let out = self.wbuf.split().freeze();
-        self.out.send(out).await.map_err(|_| LinkError::WriterGone)
+    /// Writes everything the session queued, in one write.
+    pub(super) async fn flush(&mut self) -> Result<(), LinkError> {
+        Ok(self.link.flush().await?)
     }
 
-    pub(super) async fn send(&mut self, packet: &Packet) -> Result<(), LinkError> {
-        self.queue(packet)?;
-        self.write_out().await
+    /// The next event from the broker. Cancel safe.
+    pub(super) async fn next_event(&mut self) -> Result<Event, LinkError> {
+        Ok(self.link.next_event().await?)
     }
 
-    pub(super) fn packet_id(&mut self) -> u16 {
-        loop {
-            self.next_id = self.next_id.wrapping_add(1).max(1);
-            if !self.inflight.contains_key(&self.next_id)
-                && !self.relay_inflight.contains_key(&self.next_id)
-            {
-                return self.next_id;
-            }
-        }
+    /// Acknowledges messages whose changes are written (see [`acknowledge`]).
+    pub(super) fn acknowledge(&mut self, ids: Vec<u16>) {
+        acknowledge(&mut self.link, ids);
     }
 
-    /// Waits for the next packet from the broker. Cancel safe.
-    pub(super) async fn read_more(&mut self) -> Result<(), LinkError> {
-        match self.incoming.recv().await {
-            Some(Ok(p)) => {
-                self.ready.push_back(p);
-                Ok(())
-            }
-            Some(Err(e)) => Err(e),
-            None => Err(LinkError::ReaderGone),
+    /// Acknowledges what the state writer has written so far, without waiting.
+    pub(super) fn acknowledge_written(&mut self) {
+        while let Ok(ids) = self.acked.try_recv() {
+            self.acknowledge(ids);
         }
     }
 
-    /// The next packet already received, if any.
-    pub(super) fn next_packet(&mut self) -> Result<Option<Packet>, LinkError> {
-        if let Some(p) = self.ready.pop_front() {
-            return Ok(Some(p));
-        }
-        match self.incoming.try_recv() {
-            Ok(Ok(p)) => Ok(Some(p)),
-            Ok(Err(e)) => Err(e),
-            Err(_) => Ok(None),
+    /// Handles every event received so far, handing the changes over to the writer in
+    /// batches of at most [`MAX_WRITE_BATCH`] (so that a flood of acks, which keeps this loop
+    /// going, is held by the bounded queues and not by a growing batch).
+    pub(super) async fn drain_events(&mut self) {
+        while let Some(event) = self.link.session_mut().poll_event() {
+            self.take(event).await;
         }
     }
 
-    pub(super) async fn read_packet(&mut self) -> Result<Packet, LinkError> {
-        loop {
-            if let Some(p) = self.next_packet()? {
-                return Ok(p);
-            }
-            self.read_more().await?;
-        }
-    }
-
-    /// Handles every packet received so far, handing the changes over to the writer in
-    /// batches of at most [`MAX_WRITE_BATCH`](super::writer::MAX_WRITE_BATCH) (so that a flood of acks, which keeps this loop
-    /// going, is held by the bounded channels and not by a growing batch).
-    pub(super) async fn drain_packets(&mut self) -> Result<(), LinkError> {
-        while let Some(p) = self.next_packet()? {
-            self.take(p).await?;
-        }
-        Ok(())
-    }
-
-    /// Handles one packet, handing the changes over once a batch is full.
-    pub(super) async fn take(&mut self, packet: Packet) -> Result<(), LinkError> {
-        handle_packet(self, packet)?;
+    /// Handles one event, handing the changes over once a batch is full.
+    pub(super) async fn take(&mut self, event: Event) {
+        handle_event(self, event);
         if self.changes.is_full() {
             self.hand_over().await;
         }
-        Ok(())
     }
 
     /// Hands the collected changes to the writer, waiting while its queue is full (see
-    /// [`WRITE_JOBS`](super::writer::WRITE_JOBS)).
+    /// [`WRITE_JOBS`]).
     pub(super) async fn hand_over(&mut self) {
         if !self.changes.is_empty() {
-            let _ = self
-                .writer
-                .send(WriteJob::Changes(std::mem::take(&mut self.changes)))
-                .await;
+            let changes = std::mem::take(&mut self.changes);
+            self.send_job(WriteJob::Changes(changes)).await;
         }
     }
 
-    /// Waits until every change collected so far is written.
+    /// Sends a job to the state writer. While its queue is full, what it wrote meanwhile is
+    /// acknowledged, so that it never waits for the dispatcher while the dispatcher waits
+    /// for it.
+    async fn send_job(&mut self, job: WriteJob) {
+        let Self {
+            link,
+            acked,
+            writer,
+            ..
+        } = self;
+        loop {
+            tokio::select! {
+                permit = writer.reserve() => {
+                    if let Ok(permit) = permit {
+                        permit.send(job);
+                    }
+                    return;
+                }
+                ids = acked.recv() => match ids {
+                    Some(ids) => acknowledge(link, ids),
+                    None => {
+                        let _ = writer.send(job).await;
+                        return;
+                    }
+                },
+            }
+        }
+    }
+
+    /// Waits until every change collected so far is written, and acknowledges the messages
+    /// they came from.
     pub(super) async fn sync(&mut self) {
         self.hand_over().await;
-        let (tx, rx) = oneshot::channel();
-        if self.writer.send(WriteJob::Sync(tx)).await.is_ok() {
-            let _ = rx.await;
+        let (tx, mut rx) = oneshot::channel();
+        self.send_job(WriteJob::Sync(tx)).await;
+        loop {
+            tokio::select! {
+                _ = &mut rx => break,
+                ids = self.acked.recv() => match ids {
+                    Some(ids) => self.acknowledge(ids),
+                    None => {
+                        let _ = (&mut rx).await;
+                        break;
+                    }
+                },
+            }
         }
+        self.acknowledge_written();
     }
 
-    /// Handles whatever the broker already sent, without waiting.
-    pub(super) async fn take_in_ready(&mut self) -> Result<(), LinkError> {
-        self.drain_packets().await
+    /// Opens the MQTT session: subscribes to agents' acks, presence and relay answers (sent
+    /// right behind CONNECT) and waits for the CONNACK, taking the broker's Receive Maximum.
+    pub(super) async fn open_session(&mut self) -> Result<(), LinkError> {
+        let subscriptions = ["agents/+/ack", "agents/+/presence", "agents/+/relay-result"]
+            .into_iter()
+            .map(|f| Subscription {
+                filter: f.into(),
+                options: SUBSCRIPTION,
+            })
+            .collect();
+        self.link.session_mut().subscribe(subscriptions, now())?;
+        loop {
+            match self.next_event().await? {
+                Event::Connected(settled) => {
+                    self.window = settled.window.max(1);
+                    return Ok(());
+                }
+                other => self.take(other).await,
+            }
+        }
     }
 }
 
-impl Conn {
-    /// Opens the MQTT session: CONNECT (keeping the session at the broker for an hour),
-    /// CONNACK (taking the broker's Receive Maximum) and the SUBSCRIBE to agents' acks,
-    /// presence and relay answers. Returns the subscription options, for later SUBSCRIBEs.
-    pub(super) async fn open_session(&mut self) -> Result<SubscriptionOptions, LinkError> {
-        let conn = self;
-        let connect = Connect {
-            protocol: ProtocolVersion::V5,
-            clean_start: false,
-            keep_alive: KEEP_ALIVE,
-            client_id: CLIENT_ID.into(),
-            will: None,
-            username: None,
-            password: None,
-            properties: Properties::from(beckon_mqtt::PropertySet {
-                // Keep the subscriptions, and the acks that arrive, for an hour while away.
-                session_expiry_interval: Some(3600),
-                maximum_packet_size: Some(MAX_PACKET),
-                ..Default::default()
-            }),
-        };
-        conn.send(&Packet::Connect(Box::new(connect))).await?;
-        let connack = tokio::time::timeout(Duration::from_secs(10), conn.read_packet())
-            .await
-            .map_err(|_| LinkError::NoConnAck)??;
-        match connack {
-            Packet::ConnAck(ack) if !ack.code.is_error() => {
-                if let Some(max) = ack.properties.receive_maximum {
-                    conn.receive_max = usize::from(max.max(1));
-                }
-            }
-            Packet::ConnAck(ack) => {
-                return Err(LinkError::Refused {
-                    code: ack.code.0,
-                    reason: ack.properties.reason_string.clone(),
-                });
-            }
-            other => {
-                return Err(LinkError::NotConnAck(other.packet_type()));
-            }
-        }
-        let options = SubscriptionOptions {
-            qos: QoS::AtLeastOnce,
-            no_local: false,
-            retain_as_published: false,
-            retain_handling: RetainHandling::SendAtSubscribe,
-        };
-        let sub = Subscribe {
-            packet_id: conn.packet_id(),
-            subscriptions: ["agents/+/ack", "agents/+/presence", "agents/+/relay-result"]
-                .into_iter()
-                .map(|f| Subscription {
-                    filter: f.into(),
-                    options,
-                })
-                .collect(),
-            properties: Properties::default(),
-        };
-        conn.send(&Packet::Subscribe(sub)).await?;
-        Ok(options)
+/// Acknowledges messages whose changes are written (the PUBACKs go out with the next
+/// write). Once the connection is over there is nothing to acknowledge: the broker delivers
+/// them again.
+fn acknowledge(link: &mut Connection<beckon_net::BoxedStream>, ids: Vec<u16>) {
+    let now = now();
+    for id in ids {
+        let _ = link.session_mut().acknowledge(id, now);
     }
+}
+
+/// A session for the console's connections.
+pub(super) fn new_session() -> Session {
+    Session::new(options(), now())
 }

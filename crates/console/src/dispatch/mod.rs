@@ -3,9 +3,9 @@
 //! `agents/+/presence`, resends what is still pending when an agent comes online (several
 //! pending wake-ups for one agent go out as one message), and expires what is overdue.
 //!
-//! - [`link`]: the MQTT connection to the broker (socket, CONNECT, packet ids, the reader and
-//!   writer tasks);
-//! - [`incoming`]: what the broker's packets change (PUBACKs, acks, presence, relay answers);
+//! - [`link`]: the MQTT connection to the broker (the socket, and `beckon-client`'s session
+//!   over it);
+//! - [`incoming`]: what the broker's events change (PUBACKs, acks, presence, relay answers);
 //! - [`writer`]: the state writer, which records those changes and then acknowledges them;
 //! - [`resend`]: signing and publishing wake-ups, and resending what agents have not received;
 //! - [`relay`]: Wake-on-LAN, sent by the console or relayed by an agent on the target's subnet;
@@ -21,7 +21,8 @@ mod writer;
 
 use std::time::Duration;
 
-use beckon_mqtt::{Packet, Properties, QoS, Subscribe, Subscription, SubscriptionOptions};
+use beckon_client::{Connection, Event};
+use beckon_mqtt::{QoS, Subscription};
 use tokio::sync::{mpsc, watch};
 
 use crate::model::*;
@@ -29,8 +30,8 @@ use crate::{AppState, BrokerLink};
 
 pub use error::LinkError;
 pub use link::CLIENT_ID;
-use link::{Conn, INCOMING_PACKETS, KEEP_ALIVE, OUTGOING_CHUNKS};
-use link::{connect, read_packets, write_packets};
+use link::{ACKED_BATCHES, Conn, SUBSCRIPTION};
+use link::{connect, new_session, now};
 pub use relay::{RELAY_LIFETIME_SECS, wake_on_lan};
 use relay::{publish_relay, relay_not_sent};
 pub use resend::{OutgoingWakeUp, merge_pending};
@@ -168,24 +169,16 @@ async fn session(
     shutdown: &mut watch::Receiver<bool>,
 ) -> Result<(), LinkError> {
     let stream = connect(st, link).await?;
-    let (read, write) = tokio::io::split(stream);
-    let (out_tx, out_rx) = mpsc::channel(OUTGOING_CHUNKS);
-    let (in_tx, in_rx) = mpsc::channel(INCOMING_PACKETS);
-    let reading = tokio::spawn(read_packets(read, in_tx.clone()));
-    let writing = tokio::spawn(write_packets(write, out_rx, in_tx));
     let (writer, jobs) = mpsc::channel(WRITE_JOBS);
-    let storing = tokio::spawn(write_states(st.clone(), jobs, out_tx.clone()));
-    let mut conn = Conn::new(out_tx, in_rx, writer);
+    let (acked_tx, acked) = mpsc::channel(ACKED_BATCHES);
+    let storing = tokio::spawn(write_states(st.clone(), jobs, acked_tx));
+    let mut conn = Conn::new(Connection::start(stream, new_session()), acked, writer);
     let result = connected(st, &mut conn, commands, shutdown).await;
     // What was acknowledged before the connection ended is still written.
     conn.sync().await;
     drop(conn);
-    reading.abort();
     // The state writer ends with the dispatcher's sender (everything was written above).
     let _ = storing.await;
-    // The last packets (a DISCONNECT) go out before the socket closes; the socket writer
-    // ends once the reader's and the state writer's senders are gone too.
-    let _ = tokio::time::timeout(Duration::from_secs(2), writing).await;
     result
 }
 
@@ -196,8 +189,8 @@ async fn connected(
     commands: &mut mpsc::Receiver<Command>,
     shutdown: &mut watch::Receiver<bool>,
 ) -> Result<(), LinkError> {
-    let options = conn.open_session().await?;
-    take_in_held(st, conn, options).await?;
+    conn.open_session().await?;
+    take_in_held(st, conn).await?;
     set_status(st, true, None);
     tracing::info!("connected to the push service");
 
@@ -205,10 +198,7 @@ async fn connected(
     let queued = st.store.run(|s| s.agents_with_queued(now_ms())).await?;
     send_pending(st, conn, queued, false).await?;
 
-    let mut ping = tokio::time::interval(Duration::from_secs(u64::from(KEEP_ALIVE) / 2));
-    ping.tick().await;
     let mut sweep = tokio::time::interval(Duration::from_secs(1));
-    let mut last_heard = tokio::time::Instant::now();
     loop {
         if !conn.came_online.is_empty() {
             // The agents are back: what they have not received yet goes out again, as one.
@@ -216,12 +206,19 @@ async fn connected(
             send_pending(st, conn, agents, true).await?;
         }
         tokio::select! {
-            read = conn.read_more() => {
-                read?;
-                last_heard = tokio::time::Instant::now();
-                conn.drain_packets().await?;
-                conn.write_out().await?;
+            event = conn.link.next_event() => {
+                conn.take(event?).await;
+                conn.drain_events().await;
                 conn.hand_over().await;
+                conn.acknowledge_written();
+                conn.flush().await?;
+            }
+            // The state writer wrote these messages' changes: the PUBACKs go out. (Should the
+            // writer be gone, the branch stays off instead of firing with nothing.)
+            Some(ids) = conn.acked.recv() => {
+                conn.acknowledge(ids);
+                conn.acknowledge_written();
+                conn.flush().await?;
             }
             c = commands.recv() => match c {
                 Some(Command::Publish(call, deliveries)) => {
@@ -243,7 +240,6 @@ async fn connected(
                         })
                         .collect();
                     publish_all(st, conn, messages).await?;
-                    last_heard = tokio::time::Instant::now();
                 }
                 Some(Command::Relay { agent, request_id, payload, expiry_secs }) => {
                     publish_relay(conn, &agent, request_id, payload, expiry_secs).await?;
@@ -251,14 +247,9 @@ async fn connected(
                 Some(Command::BrokerReady) => {}
                 None => return Ok(()),
             },
-            _ = ping.tick() => {
-                if last_heard.elapsed() > Duration::from_secs(u64::from(KEEP_ALIVE) * 3 / 2) {
-                    return Err(LinkError::NoPingResp);
-                }
-                conn.send(&Packet::PingReq).await?;
-            }
             _ = sweep.tick() => {
                 conn.sync().await;
+                conn.flush().await?;
                 expire(st).await;
                 if commands.is_empty() {
                     // Every command made before now has been handled (the API sends it
@@ -269,12 +260,10 @@ async fn connected(
             }
             _ = stopped(shutdown) => {
                 // What was read is written and acknowledged before the DISCONNECT.
-                conn.drain_packets().await?;
+                conn.drain_events().await;
                 conn.sync().await;
-                let _ = conn.send(&Packet::Disconnect(beckon_mqtt::Disconnect {
-                    code: beckon_mqtt::ReasonCode::SUCCESS,
-                    properties: Properties::default(),
-                })).await;
+                let _ = conn.flush().await;
+                conn.link.disconnect().await;
                 return Ok(());
             }
         }
@@ -289,38 +278,32 @@ async fn connected(
 /// queues behind everything above (QoS 1 deliveries to a session are in order); with a
 /// development broker, which has no presence, PINGREQ (answered at once, so only what fits
 /// in the broker's in-flight window is sure to come before it).
-async fn take_in_held(
-    st: &AppState,
-    conn: &mut Conn,
-    options: SubscriptionOptions,
-) -> Result<(), LinkError> {
+async fn take_in_held(st: &AppState, conn: &mut Conn) -> Result<(), LinkError> {
     let own_presence = format!("servers/{CLIENT_ID}/presence");
     let tls = matches!(st.config.broker, BrokerLink::Tls { .. });
     if tls {
-        let barrier = Subscribe {
-            packet_id: conn.packet_id(),
-            subscriptions: vec![Subscription {
-                filter: own_presence.clone(),
-                options,
-            }],
-            properties: Properties::default(),
-        };
-        conn.send(&Packet::Subscribe(barrier)).await?;
+        let barrier = vec![Subscription {
+            filter: own_presence.clone(),
+            options: SUBSCRIPTION,
+        }];
+        conn.link.session_mut().subscribe(barrier, now())?;
     } else {
-        conn.send(&Packet::PingReq).await?;
+        conn.link.session_mut().ping(now())?;
     }
+    conn.flush().await?;
     conn.snapshot = Some(Vec::new());
     let mut barrier_reached = true;
     loop {
-        let Some(packet) = conn.next_packet()? else {
+        let ready = conn.link.session_mut().poll_event();
+        let event = if let Some(event) = ready {
+            event
+        } else {
             // All read is handled: have it written and acknowledged (one PUBACK batch), so
             // that the broker's in-flight window keeps moving.
             conn.hand_over().await;
-            match tokio::time::timeout(Duration::from_secs(10), conn.read_more()).await {
-                Ok(read) => {
-                    read?;
-                    continue;
-                }
+            conn.acknowledge_written();
+            match tokio::time::timeout(Duration::from_secs(10), conn.next_event()).await {
+                Ok(event) => event?,
                 Err(_) => {
                     // A TLS broker without tenants publishes no presence: go on without.
                     tracing::warn!(
@@ -331,17 +314,17 @@ async fn take_in_held(
                 }
             }
         };
-        match packet {
-            Packet::PingResp if !tls => break,
+        match event {
+            Event::Pong if !tls => break,
             // Retained: sent for this SUBSCRIBE (the live event of this very connection comes
             // first when the session kept the subscription from an earlier run).
-            Packet::Publish(p) if tls && p.retain && p.topic == own_presence => {
+            Event::Message(p) if tls && p.retain && p.topic == own_presence => {
                 if let (QoS::AtLeastOnce, Some(id)) = (p.qos, p.packet_id) {
                     conn.changes.pubacks.push(id);
                 }
                 break;
             }
-            other => conn.take(other).await?,
+            other => conn.take(other).await,
         }
     }
     // The presence read is written before it is compared.

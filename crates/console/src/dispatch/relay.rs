@@ -1,7 +1,7 @@
 //! Wake-on-LAN: magic packets sent by the console itself, and signed relay requests for an
 //! online agent on the target's subnet.
 
-use beckon_mqtt::{Packet, Properties, Publish, QoS};
+use beckon_mqtt::{Properties, Publish, QoS};
 use bytes::Bytes;
 
 use super::link::Conn;
@@ -32,13 +32,12 @@ pub(super) async fn publish_relay(
     expiry_secs: u32,
 ) -> Result<(), LinkError> {
     wait_for_window(conn).await?;
-    let pid = conn.packet_id();
     let publish = Publish {
         dup: false,
         qos: QoS::AtLeastOnce,
         retain: false,
         topic: beckon_identity::relay::relay_topic(agent),
-        packet_id: Some(pid),
+        packet_id: None,
         payload: Bytes::from(payload),
         properties: Properties::from(beckon_mqtt::PropertySet {
             message_expiry_interval: Some(expiry_secs.max(1)),
@@ -47,9 +46,9 @@ pub(super) async fn publish_relay(
             ..Default::default()
         }),
     };
-    conn.queue(&Packet::Publish(publish))?;
+    let pid = conn.publish(publish)?;
     conn.relay_inflight.insert(pid, request_id);
-    conn.write_out().await?;
+    conn.flush().await?;
     conn.hand_over().await;
     Ok(())
 }

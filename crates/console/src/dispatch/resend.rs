@@ -2,10 +2,8 @@
 //! not received yet (at connect, when they come back), merged into one message per agent and
 //! action.
 
-use std::time::Duration;
-
 use beckon_identity::wakeup::{MAX_TEXT_LEN, WakeUp, WakeUpError, WakeUpSigner};
-use beckon_mqtt::{Packet, Properties, Publish, QoS};
+use beckon_mqtt::{Properties, Publish, QoS};
 use bytes::Bytes;
 
 use super::LinkError;
@@ -143,8 +141,6 @@ pub(super) async fn send_pending(
 const SIGN_BATCH: usize = 256;
 /// Batches signed ahead of the one being written.
 const SIGN_AHEAD: usize = 3;
-/// Queued output written once it reaches this size.
-const WRITE_CHUNK: usize = 64 * 1024;
 
 /// The signed payload of one wake-up.
 fn sign_wakeup(
@@ -231,12 +227,13 @@ pub(super) async fn publish_all(
             }
         }
         // Between batches: out with what is queued, in with what the broker sent.
-        conn.write_out().await?;
-        conn.take_in_ready().await?;
-        conn.write_out().await?;
+        conn.flush().await?;
+        conn.drain_events().await;
+        conn.acknowledge_written();
+        conn.flush().await?;
         conn.hand_over().await;
     }
-    conn.write_out().await?;
+    conn.flush().await?;
     conn.hand_over().await;
     Ok(())
 }
@@ -252,13 +249,12 @@ async fn publish_signed(
     wait_for_window(conn).await?;
     let now = now_ms();
     let expiry_secs = ((out.expires_at - now) / 1000).max(1);
-    let pid = conn.packet_id();
     let publish = Publish {
         dup: false,
         qos: QoS::AtLeastOnce,
         retain: false,
         topic: beckon_identity::acl::wake_topic(agent),
-        packet_id: Some(pid),
+        packet_id: None,
         payload: Bytes::from(payload),
         properties: Properties::from(beckon_mqtt::PropertySet {
             message_expiry_interval: Some(u32::try_from(expiry_secs).unwrap_or(u32::MAX)),
@@ -267,27 +263,28 @@ async fn publish_signed(
             ..Default::default()
         }),
     };
-    conn.queue(&Packet::Publish(publish))?;
+    let pid = conn.publish(publish)?;
     conn.inflight
         .insert(pid, (agent.to_owned(), out.carrier.wakeup_id.clone()));
-    if conn.wbuf.len() >= WRITE_CHUNK {
-        conn.write_out().await?;
-    }
     Ok(())
 }
 
 /// Waits (reading PUBACKs and acks, and handing their changes to the writer, which
 /// acknowledges the acks) until one more QoS 1 publish fits in the broker's Receive Maximum.
+/// The session would queue it in order anyway; waiting here keeps reading while the
+/// console publishes a large call, and ends a connection on which no PUBACK comes.
 pub(super) async fn wait_for_window(conn: &mut Conn) -> Result<(), LinkError> {
-    while conn.inflight.len() + conn.relay_inflight.len() >= conn.receive_max {
-        conn.write_out().await?;
-        tokio::time::timeout(
-            Duration::from_secs(u64::from(KEEP_ALIVE) * 3 / 2),
-            conn.read_more(),
-        )
-        .await
-        .map_err(|_| LinkError::NoPubAck)??;
-        conn.drain_packets().await?;
+    let full = |conn: &Conn| {
+        let session = conn.link.session();
+        session.in_flight() + session.queued() >= conn.window
+    };
+    while full(conn) {
+        conn.acknowledge_written();
+        let event = tokio::time::timeout(KEEP_ALIVE * 3 / 2, conn.next_event())
+            .await
+            .map_err(|_| LinkError::NoPubAck)??;
+        conn.take(event).await;
+        conn.drain_events().await;
         conn.hand_over().await;
     }
     Ok(())

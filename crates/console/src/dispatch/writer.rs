@@ -2,8 +2,6 @@
 //! collects, in batches beside the broker connection, then acknowledges the broker's messages
 //! they came from and tells live listeners.
 
-use beckon_mqtt::{Packet, ProtocolVersion};
-use bytes::{Bytes, BytesMut};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::AppState;
@@ -87,8 +85,8 @@ pub(super) enum WriteJob {
 }
 
 /// Batches waiting for the state writer. When the store is slow and this is full, the
-/// dispatcher waits before handing over more, stops handling packets, and the socket reader
-/// then waits too (see [`INCOMING_PACKETS`](super::link::INCOMING_PACKETS)).
+/// dispatcher waits before handing over more and stops reading the broker's stream (see
+/// [`INCOMING_WINDOW`](super::link::INCOMING_WINDOW)).
 pub(super) const WRITE_JOBS: usize = 4;
 
 /// Most state changes written in one transaction (below the live-event channel's 4096, so
@@ -98,12 +96,13 @@ pub(super) const MAX_WRITE_BATCH: usize = 2048;
 /// Writes state changes and presence beside the broker connection, so that reading acks and
 /// publishing never wait for the database: whatever arrived while one transaction ran goes
 /// into the next (group commit). Live listeners hear of a change once it is written, and the
-/// broker gets the PUBACKs of the messages a batch came from once it is written (all of them
-/// in one write to `out`, so that its in-flight window towards the console keeps moving).
+/// broker gets the PUBACKs of the messages a batch came from once it is written (their ids
+/// go back to the dispatcher in one message on `acked`, which acknowledges them in the
+/// session, so that its in-flight window towards the console keeps moving).
 pub(super) async fn write_states(
     st: AppState,
     mut jobs: mpsc::Receiver<WriteJob>,
-    out: mpsc::Sender<Bytes>,
+    acked: mpsc::Sender<Vec<u16>>,
 ) {
     while let Some(first) = jobs.recv().await {
         let mut batch = Changes::default();
@@ -174,17 +173,8 @@ pub(super) async fn write_states(
             }
         }
         if written && !pubacks.is_empty() {
-            let mut acks = BytesMut::with_capacity(pubacks.len() * 4);
-            for id in pubacks {
-                // Encoding a PUBACK cannot fail.
-                let _ = beckon_mqtt::encode(
-                    &Packet::PubAck(beckon_mqtt::Ack::new(id)),
-                    ProtocolVersion::V5,
-                    &mut acks,
-                );
-            }
             // A closed connection shows up on the dispatcher's side.
-            let _ = out.send(acks.freeze()).await;
+            let _ = acked.send(pubacks).await;
         }
         for s in syncs {
             let _ = s.send(());
