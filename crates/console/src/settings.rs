@@ -84,18 +84,23 @@ pub struct BrokerSettings {
 }
 
 /// HTTP proxy policy for agents.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ProxySettings {
     /// `http://host:port` of the proxy agents try first; empty: none.
     pub url: String,
-    /// When the proxy fails, agents connect directly (the seed's behaviour). Default true.
-    #[serde(default = "yes")]
+    /// When the proxy fails, agents connect directly (the seed's behaviour). Default true,
+    /// also for a missing field or group (`default` above takes [`ProxySettings::default`]).
     pub direct_fallback: bool,
 }
 
-fn yes() -> bool {
-    true
+impl Default for ProxySettings {
+    fn default() -> Self {
+        Self {
+            url: String::new(),
+            direct_fallback: true,
+        }
+    }
 }
 
 /// A setting that does not pass validation: `field` says which, `reason` what to do.
@@ -232,6 +237,7 @@ mod tests {
     #[test]
     fn defaults_are_valid_and_bad_values_name_their_field() {
         Settings::default().validate().unwrap();
+        assert!(Settings::default().proxy.direct_fallback);
         let mut s = Settings::default();
         s.wol.port = 0;
         assert_eq!(s.validate().unwrap_err().field, "wol.port");

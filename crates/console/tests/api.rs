@@ -347,6 +347,53 @@ async fn settings_are_validated_and_audited() {
     assert_eq!(after, new, "refused settings changed nothing");
 }
 
+/// The proxy policy lets agents go direct unless an administrator forbids it: a fresh
+/// console says so (the Settings page fills its checkbox from it, and saves what it shows),
+/// and so does a saved proxy or a settings body that leaves the field or the group out.
+#[tokio::test]
+async fn the_proxy_policy_allows_going_direct_unless_forbidden() {
+    let api = start().await;
+    let (s, fresh) = api.call("GET", "/api/v1/settings", None).await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(
+        fresh["proxy"],
+        json!({"url": "", "direct_fallback": true}),
+        "a fresh console"
+    );
+    let answer = api.enroll("pc-1", inventory()).await;
+    assert_eq!(answer["proxy"]["direct_fallback"], true, "{answer}");
+
+    let mut body = fresh.clone();
+    body["proxy"] = json!({"url": "http://proxy.example:3128"});
+    let (s, saved) = api.call("PUT", "/api/v1/settings", Some(body)).await;
+    assert_eq!(s, StatusCode::OK, "{saved}");
+    let want = json!({"url": "http://proxy.example:3128", "direct_fallback": true});
+    assert_eq!(saved["proxy"], want, "a proxy saved without the field");
+    assert_eq!(
+        api.call("GET", "/api/v1/settings", None).await.1["proxy"],
+        want
+    );
+
+    let mut body = fresh.clone();
+    body["proxy"]["direct_fallback"] = json!(false);
+    let (s, saved) = api.call("PUT", "/api/v1/settings", Some(body)).await;
+    assert_eq!(s, StatusCode::OK, "{saved}");
+    assert_eq!(
+        saved["proxy"]["direct_fallback"], false,
+        "forbidden on purpose"
+    );
+
+    let mut body = fresh.clone();
+    body.as_object_mut().unwrap().remove("proxy");
+    let (s, saved) = api.call("PUT", "/api/v1/settings", Some(body)).await;
+    assert_eq!(s, StatusCode::OK, "{saved}");
+    assert_eq!(
+        saved["proxy"],
+        json!({"url": "", "direct_fallback": true}),
+        "settings without the proxy group"
+    );
+}
+
 #[tokio::test]
 async fn bad_input_gets_a_clear_4xx_and_changes_nothing() {
     let api = start().await;

@@ -63,6 +63,37 @@ fn a_new_database_is_private_migrated_and_a_newer_one_is_refused() {
     assert!(text.contains("restore a backup"), "{text}");
 }
 
+/// A stored proxy policy without `direct_fallback` (or no stored policy at all, with other
+/// groups saved) reads as "agents may go direct", as documented.
+#[test]
+fn a_stored_proxy_policy_without_the_field_allows_going_direct() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("console.db");
+    drop(SqliteStore::open(&path).unwrap());
+    let conn = rusqlite::Connection::open(&path).unwrap();
+    conn.execute(
+        "INSERT INTO settings (key, value) VALUES ('wol', ?1)",
+        [r#"{"addresses":[],"subnet_broadcast":true,"port":7,"repeats":3,"secureon":"","relay":true}"#],
+    )
+    .unwrap();
+    drop(conn);
+    let store = SqliteStore::open(&path).unwrap();
+    let s = store.settings().unwrap();
+    assert_eq!(s.wol.port, 7);
+    assert!(s.proxy.direct_fallback, "no stored proxy group: {s:?}");
+    drop(store);
+    let conn = rusqlite::Connection::open(&path).unwrap();
+    conn.execute(
+        "INSERT INTO settings (key, value) VALUES ('proxy', ?1)",
+        [r#"{"url":"http://proxy.example:3128"}"#],
+    )
+    .unwrap();
+    drop(conn);
+    let s = SqliteStore::open(&path).unwrap().settings().unwrap();
+    assert_eq!(s.proxy.url, "http://proxy.example:3128");
+    assert!(s.proxy.direct_fallback, "a stored proxy without the field");
+}
+
 #[test]
 fn enrollment_tokens_are_used_up_expire_and_revoke_and_refusals_change_nothing() {
     let s = SqliteStore::open_in_memory().unwrap();
