@@ -23,7 +23,9 @@ pub struct WakeArgs {
     /// The console's URL, e.g. https://console.example:8080.
     #[arg(long, env = "BECKON_CONSOLE_URL", value_name = "URL")]
     console: String,
-    /// An API token (bkt_...; create one under API tokens in the console).
+    /// An API token (bkt_...). An administrator creates one with
+    /// `POST /api/v1/api-tokens {"name": "..."}` on the console, logged in (the session
+    /// cookie of `POST /api/v1/login`) or with another API token; see docs/api.md.
     #[arg(
         long,
         env = "BECKON_API_TOKEN",
@@ -177,7 +179,7 @@ async fn run(args: WakeArgs) -> anyhow::Result<ExitCode> {
     let token = args.token.trim().to_owned();
     if !token.starts_with("bkt_") {
         bail!(
-            "--token must be an API token (they start with bkt_): create one under API tokens in the console"
+            "--token must be an API token (they start with bkt_): an administrator creates one with POST /api/v1/api-tokens on the console (see docs/api.md)"
         );
     }
     let http = http::console_client(&base, args.ca.as_deref()).context("--ca")?;

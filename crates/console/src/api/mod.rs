@@ -193,7 +193,7 @@ impl FromRequestParts<AppState> for Admin {
         if let Some(token) = bearer(&parts.headers) {
             if !token.starts_with("bkt_") {
                 return Err(ApiError::unauthorized(
-                    "this bearer token is not an API token (they start with bkt_): create one under API tokens",
+                    "this bearer token is not an API token (they start with bkt_): create one with POST /api/v1/api-tokens",
                 ));
             }
             let hash = token_hash(token);
