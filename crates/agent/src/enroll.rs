@@ -192,8 +192,8 @@ struct EnrollAnswer {
     checkin_url: Option<String>,
 }
 
-/// The proxy policy the console hands out.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+/// The proxy policy the console hands out (going direct allowed unless it says otherwise).
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ProxyPolicy {
     /// `http://host:port`; empty: none.
     #[serde(default)]
@@ -205,6 +205,15 @@ pub struct ProxyPolicy {
 
 fn yes() -> bool {
     true
+}
+
+impl Default for ProxyPolicy {
+    fn default() -> Self {
+        Self {
+            url: String::new(),
+            direct_fallback: true,
+        }
+    }
 }
 
 /// The console's wake-up signing key.
@@ -593,6 +602,23 @@ mod tests {
             ("::1".into(), 8883, 443)
         );
         assert_eq!(broker_target(&[], &console), ("10.0.0.5".into(), 8883, 443));
+    }
+
+    #[test]
+    fn an_answer_without_a_proxy_policy_allows_going_direct() {
+        let answer = |proxy: &str| -> EnrollAnswer {
+            serde_json::from_str(&format!(
+                r#"{{"agent_id": "pc-1", "tenant": "acme", "certificate": "", "ca": "",
+                    "wakeup_key": {{"kid": "console-1", "public_key": "x"}},
+                    "checkin_token": "bka_x"{proxy}}}"#
+            ))
+            .expect("answer")
+        };
+        assert!(answer("").proxy.direct_fallback, "no proxy policy");
+        let a = answer(r#", "proxy": {"url": "http://proxy.example:3128"}"#);
+        assert!(a.proxy.direct_fallback, "a policy without the field");
+        let a = answer(r#", "proxy": {"url": "", "direct_fallback": false}"#);
+        assert!(!a.proxy.direct_fallback, "forbidden on purpose");
     }
 
     #[test]
