@@ -5,7 +5,6 @@
 #![allow(dead_code)]
 
 use std::path::Path;
-use std::sync::Arc;
 use std::time::Duration;
 
 use beckon_mqtt::{Packet, ProtocolVersion, decode, encode};
@@ -98,8 +97,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
     }
 }
 
-/// A rustls client trusting the CA in `ca_pem`, offering the `alpn` protocols, with the
-/// client certificate `identity` when given.
+/// A client configuration of the TLS policy trusting the CA in `ca_pem`, offering the `alpn`
+/// protocols, with the client certificate `identity` when given.
 pub fn client_tls_config(
     ca_pem: &Path,
     alpn: &[&[u8]],
@@ -110,22 +109,20 @@ pub fn client_tls_config(
     for c in beckon_pki::load_certificates(ca_pem).expect("ca") {
         roots.add(c).expect("root");
     }
-    let builder = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::aws_lc_rs::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .expect("versions")
-    .with_root_certificates(roots);
-    let mut config = match identity {
-        None => builder.with_no_client_auth(),
-        Some(id) => builder
-            .with_client_auth_cert(
-                vec![id.cert_der().expect("der")],
-                rustls::pki_types::PrivateKeyDer::from_pem_slice(id.key_pem.as_bytes())
-                    .expect("key"),
-            )
-            .expect("client cert"),
+    let identity = identity.map(|id| {
+        (
+            vec![id.cert_der().expect("der")],
+            rustls::pki_types::PrivateKeyDer::from_pem_slice(id.key_pem.as_bytes()).expect("key"),
+        )
+    });
+    let options = beckon_pki::ClientTlsOptions {
+        alpn: alpn.iter().map(|p| p.to_vec()).collect(),
+        ..beckon_pki::ClientTlsOptions::default()
     };
-    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
-    config
+    beckon_pki::client_config(
+        beckon_pki::ServerVerification::Roots(roots),
+        identity,
+        &options,
+    )
+    .expect("client config")
 }
