@@ -13,17 +13,14 @@ use beckon_broker::{Bound, BrokerConfig, Listen, Server, ServerHandle};
 use beckon_identity::{
     KeyId, PresenceEvent, PresenceState, Role, SigningKey, TenantId, TokenSigner,
 };
-use beckon_mqtt::{
-    Connect, Packet, Properties, ProtocolVersion, Publish, QoS, ReasonCode, Subscribe,
-    Subscription, SubscriptionOptions,
-};
+use beckon_mqtt::{Connect, Packet, Properties, ProtocolVersion, Publish, QoS, ReasonCode};
 use beckon_pki::{CertificateAuthority, IssuedCertificate};
 use bytes::Bytes;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_rustls::rustls;
 
-use common::{WAIT, client_tls_config};
+use common::{WAIT, client_tls_config, publish_packet, subscribe_packet};
 
 fn now() -> i64 {
     SystemTime::now()
@@ -239,21 +236,8 @@ impl Client {
     }
 
     async fn subscribe(&mut self, packet_id: u16, filters: &[&str]) -> Vec<ReasonCode> {
-        self.send(&Packet::Subscribe(Subscribe {
-            packet_id,
-            subscriptions: filters
-                .iter()
-                .map(|f| Subscription {
-                    filter: (*f).to_owned(),
-                    options: SubscriptionOptions {
-                        qos: QoS::AtLeastOnce,
-                        ..SubscriptionOptions::default()
-                    },
-                })
-                .collect(),
-            properties: Properties::default(),
-        }))
-        .await;
+        self.send(&subscribe_packet(packet_id, filters, QoS::AtLeastOnce))
+            .await;
         loop {
             match self.recv().await {
                 Some(Packet::SubAck(ack)) if ack.packet_id == packet_id => return ack.codes,
@@ -266,16 +250,9 @@ impl Client {
     /// Publishes at QoS 1 and returns the PUBACK code (publishes received meanwhile are
     /// acknowledged and dropped).
     async fn publish(&mut self, packet_id: u16, topic: &str, payload: &'static [u8]) -> ReasonCode {
-        self.send(&Packet::Publish(Publish {
-            dup: false,
-            qos: QoS::AtLeastOnce,
-            retain: false,
-            topic: topic.into(),
-            packet_id: Some(packet_id),
-            payload: Bytes::from_static(payload),
-            properties: Properties::default(),
-        }))
-        .await;
+        let payload = Bytes::from_static(payload);
+        self.send(&publish_packet(topic, QoS::AtLeastOnce, packet_id, payload))
+            .await;
         loop {
             match self.recv().await {
                 // "No matching subscribers" is a success too.

@@ -1,5 +1,5 @@
-//! What the broker's test programs share: a client speaking raw MQTT over any stream, and a
-//! TLS client configuration for the broker. Every wait is bounded by [`WAIT`].
+//! What the broker's test programs share: a client speaking raw MQTT over any stream, the
+//! packets they send most, and a TLS client configuration for the broker. Every wait is bounded by [`WAIT`].
 
 // Each test program uses its own part.
 #![allow(dead_code)]
@@ -7,8 +7,11 @@
 use std::path::Path;
 use std::time::Duration;
 
-use beckon_mqtt::{Packet, ProtocolVersion, decode, encode};
-use bytes::BytesMut;
+use beckon_mqtt::{
+    Packet, Properties, ProtocolVersion, Publish, QoS, Subscribe, Subscription,
+    SubscriptionOptions, decode, encode,
+};
+use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio_rustls::rustls;
 
@@ -125,4 +128,36 @@ pub fn client_tls_config(
         &options,
     )
     .expect("client config")
+}
+
+/// A SUBSCRIBE of `filters`, each at `qos`.
+pub fn subscribe_packet(packet_id: u16, filters: &[&str], qos: QoS) -> Packet {
+    Packet::Subscribe(Subscribe {
+        packet_id,
+        subscriptions: filters
+            .iter()
+            .map(|filter| Subscription {
+                filter: (*filter).to_owned(),
+                options: SubscriptionOptions {
+                    qos,
+                    ..SubscriptionOptions::default()
+                },
+            })
+            .collect(),
+        properties: Properties::default(),
+    })
+}
+
+/// A PUBLISH of `payload` to `topic` at `qos`, not retained; `packet_id` is used at QoS 1
+/// and 2.
+pub fn publish_packet(topic: &str, qos: QoS, packet_id: u16, payload: Bytes) -> Packet {
+    Packet::Publish(Publish {
+        dup: false,
+        qos,
+        retain: false,
+        topic: topic.into(),
+        packet_id: (qos != QoS::AtMostOnce).then_some(packet_id),
+        payload,
+        properties: Properties::default(),
+    })
 }
