@@ -344,6 +344,24 @@ async fn console(broker: &TestBroker, tenant: &TestTenant) -> Client {
     .await
 }
 
+/// Agent `pc-1` of `tenant`, connected with its certificate and subscribed to its wake-ups,
+/// after the tenant's console (returned second) woke it with `payload`.
+async fn woken_agent(
+    broker: &TestBroker,
+    tenant: &TestTenant,
+    payload: &'static [u8],
+) -> (Client, Client) {
+    let cert = tenant.certificate("agent", "pc-1");
+    let mut agent = connected(broker, Cred::Cert(&cert), "pc-1").await;
+    agent.subscribe_granted(1, &["agents/pc-1/wake"]).await;
+    let mut server = console(broker, tenant).await;
+    server
+        .publish_accepted(1, "agents/pc-1/wake", payload)
+        .await;
+    assert_eq!(&agent.next_publish().await.payload[..], payload);
+    (agent, server)
+}
+
 /// The tenant's console, subscribed to every agent's presence.
 async fn presence_watcher(broker: &TestBroker, tenant: &TestTenant) -> Client {
     let mut server = console(broker, tenant).await;
@@ -531,14 +549,7 @@ async fn tenants_are_isolated_and_agents_reach_only_their_own_topics() {
     let _ = acme_server.publishes_until_ping().await; // retained presence of acme
 
     // Globex traffic: an agent and a server with the same ids as acme's.
-    let gx_cert = globex.certificate("agent", "pc-1");
-    let mut gx_agent = connected(&broker, Cred::Cert(&gx_cert), "pc-1").await;
-    gx_agent.subscribe_granted(1, &["agents/pc-1/wake"]).await;
-    let mut gx_server = console(&broker, globex).await;
-    gx_server
-        .publish_accepted(1, "agents/pc-1/wake", b"globex-secret")
-        .await;
-    assert_eq!(&gx_agent.next_publish().await.payload[..], b"globex-secret");
+    let (mut gx_agent, _gx_server) = woken_agent(&broker, globex, b"globex-secret").await;
     gx_agent
         .publish_accepted(2, "agents/pc-1/ack", b"globex-ack")
         .await;
@@ -927,14 +938,7 @@ async fn metrics_count_connections_refusals_wake_ups_and_descriptors() {
     .await;
     let admin = broker.bound.admin.expect("admin listener");
     let acme = &tenants[0];
-    let cert = acme.certificate("agent", "pc-1");
-    let mut agent = connected(&broker, Cred::Cert(&cert), "pc-1").await;
-    agent.subscribe_granted(1, &["agents/pc-1/wake"]).await;
-    let mut server = console(&broker, acme).await;
-    server
-        .publish_accepted(1, "agents/pc-1/wake", b"wake")
-        .await;
-    agent.next_publish().await;
+    let (mut agent, _server) = woken_agent(&broker, acme, b"wake").await;
     assert_eq!(
         connack_code(&broker, Cred::None, "x", ProtocolVersion::V5).await,
         ReasonCode::NOT_AUTHORIZED
@@ -1078,14 +1082,7 @@ async fn anonymous_clients_beside_tenants_see_plain_topics_and_never_a_tenants()
     );
 
     // Tenant traffic never reaches the anonymous namespace.
-    let cert = acme.certificate("agent", "pc-1");
-    let mut agent = connected(&broker, Cred::Cert(&cert), "pc-1").await;
-    agent.subscribe_granted(1, &["agents/pc-1/wake"]).await;
-    let mut server = console(&broker, acme).await;
-    server
-        .publish_accepted(1, "agents/pc-1/wake", b"secret")
-        .await;
-    assert_eq!(&agent.next_publish().await.payload[..], b"secret");
+    let (mut agent, _server) = woken_agent(&broker, acme, b"secret").await;
     let seen = anon.publishes_until_ping().await;
     assert!(
         seen.is_empty(),
