@@ -410,33 +410,44 @@ struct Listeners {
     admin: Option<TcpListener>,
 }
 
+/// Binds the MQTT listener of `kind` at `addr` when one is configured, adds it to
+/// `listeners` and returns its address.
+fn bind_mqtt(
+    listeners: &mut Vec<(TcpListener, ListenerKind)>,
+    kind: ListenerKind,
+    addr: Option<SocketAddr>,
+) -> Result<Option<SocketAddr>, ServerError> {
+    let Some(addr) = addr else {
+        return Ok(None);
+    };
+    let (name, what) = match kind {
+        ListenerKind::Tls => ("listeners.mqtts", "listening for MQTT over TLS"),
+        ListenerKind::Plain => ("listeners.mqtt", "listening for plain MQTT (unencrypted)"),
+        ListenerKind::Fallback => (
+            "listeners.fallback",
+            "listening on the shared HTTPS port: MQTT (ALPN mqtt), MQTT over WebSocket (/mqtt), health (/healthz)",
+        ),
+    };
+    let (l, local) = bind_listener(name, addr)?;
+    tracing::info!(addr = %local, "{what}");
+    listeners.push((l, kind));
+    Ok(Some(local))
+}
+
 /// Binds the MQTT listeners and the admin listener; notes their addresses in `bound`.
 fn bind_listeners(config: &BrokerConfig, bound: &mut Bound) -> Result<Listeners, ServerError> {
     let mut listeners = Vec::new();
-    if let Some(addr) = config.listeners.mqtts.0 {
-        let (l, local) = bind_listener("listeners.mqtts", addr)?;
-        tracing::info!(addr = %local, "listening for MQTT over TLS");
-        bound.mqtts = Some(local);
-        listeners.push((l, ListenerKind::Tls));
-    }
-    if let Some(addr) = config.listeners.mqtt.0 {
-        let (l, local) = bind_listener("listeners.mqtt", addr)?;
-        tracing::info!(addr = %local, "listening for plain MQTT (unencrypted)");
+    let addrs = &config.listeners;
+    bound.mqtts = bind_mqtt(&mut listeners, ListenerKind::Tls, addrs.mqtts.0)?;
+    bound.mqtt = bind_mqtt(&mut listeners, ListenerKind::Plain, addrs.mqtt.0)?;
+    bound.fallback = bind_mqtt(&mut listeners, ListenerKind::Fallback, addrs.fallback.0)?;
+    if let Some(local) = bound.mqtt {
         if !local.ip().is_loopback() {
             tracing::warn!(addr = %local, "plain MQTT is reachable beyond loopback: traffic is not encrypted");
         }
         if !config.allow_anonymous {
             tracing::warn!(addr = %local, "on the plain listener clients cannot show a certificate; with anonymous access off they are refused");
         }
-        bound.mqtt = Some(local);
-        listeners.push((l, ListenerKind::Plain));
-    }
-
-    if let Some(addr) = config.listeners.fallback.0 {
-        let (l, local) = bind_listener("listeners.fallback", addr)?;
-        tracing::info!(addr = %local, "listening on the shared HTTPS port: MQTT (ALPN mqtt), MQTT over WebSocket (/mqtt), health (/healthz)");
-        bound.fallback = Some(local);
-        listeners.push((l, ListenerKind::Fallback));
     }
 
     let admin = match config.listeners.admin.0 {

@@ -457,59 +457,73 @@ impl TopicMap {
                 }
             }
             Packet::Subscribe(mut s) => {
-                let mut denied = Vec::new();
-                let mut kept = Vec::with_capacity(s.subscriptions.len());
-                for (i, mut sub) in std::mem::take(&mut s.subscriptions).into_iter().enumerate() {
-                    match self.to_internal(Access::Subscribe, &sub.filter) {
-                        Ok(mapped) => {
-                            if let Some(f) = mapped {
-                                sub.filter = f;
-                            }
-                            kept.push(sub);
-                        }
-                        Err(d) => {
-                            tracing::info!(reason = %d, "subscription refused");
-                            denied.push((i, ReasonCode(d.reason_code())));
-                        }
+                let all = std::mem::take(&mut s.subscriptions);
+                match self.map_filters(AckKind::Sub, s.packet_id, all, |sub| &mut sub.filter) {
+                    Ok(kept) => {
+                        s.subscriptions = kept;
+                        Inbound::Forward(Packet::Subscribe(s))
                     }
-                }
-                if kept.is_empty() {
-                    return Inbound::Reply(Packet::SubAck(SubAck {
+                    Err(codes) => Inbound::Reply(Packet::SubAck(SubAck {
                         packet_id: s.packet_id,
-                        codes: denied.into_iter().map(|(_, c)| c).collect(),
+                        codes,
                         properties: Properties::default(),
-                    }));
+                    })),
                 }
-                if !denied.is_empty() {
-                    self.splices.push((AckKind::Sub, s.packet_id, denied));
-                }
-                s.subscriptions = kept;
-                Inbound::Forward(Packet::Subscribe(s))
             }
             Packet::Unsubscribe(mut u) => {
-                let mut denied = Vec::new();
-                let mut kept = Vec::with_capacity(u.filters.len());
-                for (i, filter) in std::mem::take(&mut u.filters).into_iter().enumerate() {
-                    match self.to_internal(Access::Subscribe, &filter) {
-                        Ok(mapped) => kept.push(mapped.unwrap_or(filter)),
-                        Err(d) => denied.push((i, ReasonCode(d.reason_code()))),
+                let all = std::mem::take(&mut u.filters);
+                match self.map_filters(AckKind::Unsub, u.packet_id, all, |filter| filter) {
+                    Ok(kept) => {
+                        u.filters = kept;
+                        Inbound::Forward(Packet::Unsubscribe(u))
                     }
-                }
-                if kept.is_empty() {
-                    return Inbound::Reply(Packet::UnsubAck(UnsubAck {
+                    Err(codes) => Inbound::Reply(Packet::UnsubAck(UnsubAck {
                         packet_id: u.packet_id,
-                        codes: denied.into_iter().map(|(_, c)| c).collect(),
+                        codes,
                         properties: Properties::default(),
-                    }));
+                    })),
                 }
-                if !denied.is_empty() {
-                    self.splices.push((AckKind::Unsub, u.packet_id, denied));
-                }
-                u.filters = kept;
-                Inbound::Forward(Packet::Unsubscribe(u))
             }
             other => Inbound::Forward(other),
         }
+    }
+
+    /// Maps the filters of a SUBSCRIBE or UNSUBSCRIBE (`filter_of` finds an item's filter)
+    /// into the internal namespace and returns the allowed items, mapped. The refused ones are
+    /// left out and noted, with their positions, to be spliced into the core's SUBACK or
+    /// UNSUBACK (`kind`); when every one was refused, their reason codes come back instead,
+    /// for the acknowledgement the client gets at once.
+    fn map_filters<T>(
+        &mut self,
+        kind: AckKind,
+        packet_id: u16,
+        items: Vec<T>,
+        filter_of: fn(&mut T) -> &mut String,
+    ) -> Result<Vec<T>, Vec<ReasonCode>> {
+        let mut denied = Vec::new();
+        let mut kept = Vec::with_capacity(items.len());
+        for (i, mut item) in items.into_iter().enumerate() {
+            let filter = filter_of(&mut item);
+            match self.to_internal(Access::Subscribe, filter) {
+                Ok(mapped) => {
+                    if let Some(f) = mapped {
+                        *filter = f;
+                    }
+                    kept.push(item);
+                }
+                Err(d) => {
+                    tracing::info!(reason = %d, ?kind, "topic filter refused");
+                    denied.push((i, ReasonCode(d.reason_code())));
+                }
+            }
+        }
+        if kept.is_empty() {
+            return Err(denied.into_iter().map(|(_, code)| code).collect());
+        }
+        if !denied.is_empty() {
+            self.splices.push((kind, packet_id, denied));
+        }
+        Ok(kept)
     }
 
     /// Maps a packet for the client back into its view. Returns `false` when it must not be

@@ -547,47 +547,55 @@ impl AsyncWrite for TlsStream {
 
 #[cfg(test)]
 mod tests {
+    use std::net::SocketAddr;
     use std::time::Duration;
 
+    use beckon_pki::{
+        ClientTlsOptions, ServerTlsOptions, ServerVerification, TlsFiles, TlsVersion,
+    };
     use rustls::pki_types::pem::PemObject;
-    use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+    use rustls::pki_types::{CertificateDer, ServerName};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::TcpListener;
+    use tokio::task::JoinHandle;
     use tokio::time::timeout;
 
     use super::*;
 
-    const WAIT: Duration = Duration::from_secs(10);
+    pub(super) const WAIT: Duration = Duration::from_secs(10);
+
+    /// The TLS 1.3 client side of a test connection, through tokio-rustls.
+    pub(super) type Client = tokio_rustls::client::TlsStream<TcpStream>;
+
+    /// What [`echo_server`] reports: the ALPN protocol, whether the idle connection held no
+    /// buffer, and whether TLS 1.3 records went through the broker's own record layer.
+    pub(super) type EchoReport = (Option<Vec<u8>>, bool, bool);
 
     pub(super) struct Pki {
         pub(super) server: Arc<ServerConfig>,
         roots: rustls::RootCertStore,
     }
 
-    fn provider() -> Arc<rustls::crypto::CryptoProvider> {
-        Arc::new(rustls::crypto::aws_lc_rs::default_provider())
-    }
-
-    pub(super) fn pki(versions: &[&'static rustls::SupportedProtocolVersion]) -> Pki {
+    /// A CA and the broker's server configuration for `localhost`, as the broker builds it
+    /// (the TLS policy's, from PEM files), accepting TLS 1.3 and 1.2 with ALPN `mqtt`.
+    pub(super) fn pki() -> Pki {
         let ca = beckon_pki::CertificateAuthority::generate("test CA", Duration::from_secs(3600))
             .expect("CA");
         let leaf = ca
             .issue_server(&["localhost".to_owned()], Duration::from_secs(3600))
             .expect("leaf");
-        let mut config = ServerConfig::builder_with_provider(provider())
-            .with_protocol_versions(versions)
-            .expect("versions")
-            .with_no_client_auth()
-            .with_single_cert(
-                vec![leaf.cert_der().expect("der")],
-                PrivateKeyDer::from_pem_slice(leaf.key_pem.as_bytes()).expect("key"),
-            )
-            .expect("server config");
-        config.alpn_protocols = vec![b"mqtt".to_vec()];
-        if let Ok(ticketer) = rustls::crypto::aws_lc_rs::Ticketer::new() {
-            config.ticketer = ticketer;
-        }
-        config.enable_secret_extraction = true;
+        let dir = tempfile::tempdir().expect("temp dir");
+        let files = TlsFiles {
+            cert: dir.path().join("server.pem"),
+            key: dir.path().join("server.key"),
+            client_ca: None,
+        };
+        leaf.save(&files.cert, &files.key).expect("save leaf");
+        let options = ServerTlsOptions {
+            alpn: vec![b"mqtt".to_vec()],
+            min_version: TlsVersion::Tls12,
+        };
+        let config = beckon_pki::server_config(&files, &options).expect("server config");
         let mut roots = rustls::RootCertStore::empty();
         roots
             .add(CertificateDer::from_pem_slice(ca.cert_pem().as_bytes()).expect("ca der"))
@@ -598,21 +606,72 @@ mod tests {
         }
     }
 
+    /// A client trusting the test CA that speaks exactly `version`, offering ALPN `mqtt`.
     pub(super) fn connector(
         pki: &Pki,
         version: &'static rustls::SupportedProtocolVersion,
     ) -> tokio_rustls::TlsConnector {
-        let mut config = rustls::ClientConfig::builder_with_provider(provider())
-            .with_protocol_versions(&[version])
+        let alpn = vec![b"mqtt".to_vec()];
+        let config = if version == &rustls::version::TLS12 {
+            // Deliberately an odd peer: a client that speaks TLS 1.2 only, as old devices do.
+            // The TLS policy never builds one (its clients always offer TLS 1.3 as well), so
+            // this one config is built here.
+            let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
+                rustls::crypto::aws_lc_rs::default_provider(),
+            ))
+            .with_protocol_versions(&[&rustls::version::TLS12])
             .expect("versions")
             .with_root_certificates(pki.roots.clone())
             .with_no_client_auth();
-        config.alpn_protocols = vec![b"mqtt".to_vec()];
+            config.alpn_protocols = alpn;
+            config
+        } else {
+            let options = ClientTlsOptions {
+                min_version: TlsVersion::Tls13,
+                alpn,
+                ..ClientTlsOptions::default()
+            };
+            beckon_pki::client_config(ServerVerification::Roots(pki.roots.clone()), None, &options)
+                .expect("client config")
+        };
         tokio_rustls::TlsConnector::from(Arc::new(config))
     }
 
     pub(super) fn localhost() -> ServerName<'static> {
         ServerName::try_from("localhost").expect("name")
+    }
+
+    /// An [`echo_server`] for one connection on a fresh port.
+    pub(super) async fn spawn_echo_server(
+        pki: &Pki,
+    ) -> (SocketAddr, JoinHandle<io::Result<EchoReport>>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        (
+            addr,
+            tokio::spawn(echo_server(listener, pki.server.clone())),
+        )
+    }
+
+    /// A client connection to `addr` speaking `version`, its handshake done.
+    pub(super) async fn connect(
+        pki: &Pki,
+        version: &'static rustls::SupportedProtocolVersion,
+        addr: SocketAddr,
+    ) -> Client {
+        let tcp = TcpStream::connect(addr).await.expect("connect");
+        timeout(WAIT, connector(pki, version).connect(localhost(), tcp))
+            .await
+            .expect("handshake in time")
+            .expect("handshake")
+    }
+
+    /// What a test server task ended with, within [`WAIT`].
+    pub(super) async fn server_result<T>(server: JoinHandle<io::Result<T>>) -> io::Result<T> {
+        timeout(WAIT, server)
+            .await
+            .expect("server ends")
+            .expect("task")
     }
 
     /// A server that echoes everything back until the client closes, then closes with
@@ -621,7 +680,7 @@ mod tests {
     pub(super) async fn echo_server(
         listener: TcpListener,
         config: Arc<ServerConfig>,
-    ) -> io::Result<(Option<Vec<u8>>, bool, bool)> {
+    ) -> io::Result<EchoReport> {
         let (tcp, _) = listener.accept().await?;
         let Accepted {
             stream: mut tls,
@@ -650,15 +709,9 @@ mod tests {
     }
 
     async fn echo_roundtrip(version: &'static rustls::SupportedProtocolVersion) {
-        let pki = pki(&[&rustls::version::TLS13, &rustls::version::TLS12]);
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let addr = listener.local_addr().expect("addr");
-        let server = tokio::spawn(echo_server(listener, pki.server.clone()));
-        let tcp = TcpStream::connect(addr).await.expect("connect");
-        let mut client = timeout(WAIT, connector(&pki, version).connect(localhost(), tcp))
-            .await
-            .expect("handshake in time")
-            .expect("handshake");
+        let pki = pki();
+        let (addr, server) = spawn_echo_server(&pki).await;
+        let mut client = connect(&pki, version, addr).await;
         assert_eq!(client.get_ref().1.protocol_version(), Some(version.version));
         // Sizes around the record size, so records end in the middle of reads.
         let data: Vec<u8> = (0..100_000u32).map(|i| (i * 7 + i / 251) as u8).collect();
@@ -680,11 +733,7 @@ mod tests {
             .expect("close in time")
             .expect("clean TLS close");
         assert!(rest.is_empty());
-        let (alpn, idle, own_records) = timeout(WAIT, server)
-            .await
-            .expect("server ends")
-            .expect("task")
-            .expect("server");
+        let (alpn, idle, own_records) = server_result(server).await.expect("server");
         assert_eq!(alpn.as_deref(), Some(&b"mqtt"[..]));
         assert!(
             idle,
@@ -706,10 +755,8 @@ mod tests {
 
     #[tokio::test]
     async fn handshake_and_data_dribbled_one_byte_at_a_time_and_a_key_update() {
-        let pki = pki(&[&rustls::version::TLS13]);
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let addr = listener.local_addr().expect("addr");
-        let server = tokio::spawn(echo_server(listener, pki.server.clone()));
+        let pki = pki();
+        let (addr, server) = spawn_echo_server(&pki).await;
         // A relay that passes the client's bytes on one at a time.
         let relay = TcpListener::bind("127.0.0.1:0").await.expect("bind relay");
         let relay_addr = relay.local_addr().expect("addr");
@@ -729,14 +776,7 @@ mod tests {
             let _ = down.await;
             io::Result::Ok(())
         });
-        let tcp = TcpStream::connect(relay_addr).await.expect("connect");
-        let mut client = timeout(
-            WAIT,
-            connector(&pki, &rustls::version::TLS13).connect(localhost(), tcp),
-        )
-        .await
-        .expect("handshake in time")
-        .expect("handshake");
+        let mut client = connect(&pki, &rustls::version::TLS13, relay_addr).await;
         for round in 0..3u8 {
             let msg = [round; 300];
             client.write_all(&msg).await.expect("write");
@@ -755,11 +795,7 @@ mod tests {
                 .expect("key update");
         }
         client.shutdown().await.expect("close");
-        let (_, idle, own_records) = timeout(WAIT, server)
-            .await
-            .expect("server ends")
-            .expect("task")
-            .expect("server");
+        let (_, idle, own_records) = server_result(server).await.expect("server");
         assert!(idle);
         assert!(
             own_records,
@@ -767,24 +803,26 @@ mod tests {
         );
     }
 
-    #[tokio::test]
-    async fn garbage_instead_of_a_client_hello_fails_the_handshake() {
-        let pki = pki(&[&rustls::version::TLS13]);
+    /// A server task that accepts one TLS handshake, and a plain TCP connection to it.
+    async fn handshake_server_and_raw_client() -> (JoinHandle<io::Result<()>>, TcpStream) {
+        let pki = pki();
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("addr");
         let server = tokio::spawn(async move {
             let (tcp, _) = listener.accept().await?;
             accept(pki.server.clone(), tcp).await.map(|_| ())
         });
-        let mut tcp = TcpStream::connect(addr).await.expect("connect");
+        let tcp = TcpStream::connect(addr).await.expect("connect");
+        (server, tcp)
+    }
+
+    #[tokio::test]
+    async fn garbage_instead_of_a_client_hello_fails_the_handshake() {
+        let (server, mut tcp) = handshake_server_and_raw_client().await;
         tcp.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
             .await
             .expect("write");
-        let result = timeout(WAIT, server)
-            .await
-            .expect("server ends")
-            .expect("task");
-        let e = result.expect_err("not TLS");
+        let e = server_result(server).await.expect_err("not TLS");
         assert_eq!(e.kind(), io::ErrorKind::InvalidData, "{e}");
         // The client is told why (a TLS alert) and the socket is closed.
         let mut answer = Vec::new();
@@ -797,25 +835,14 @@ mod tests {
 
     #[tokio::test]
     async fn a_client_leaving_mid_handshake_is_an_error_not_a_hang() {
-        let pki = pki(&[&rustls::version::TLS13]);
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let addr = listener.local_addr().expect("addr");
-        let server = tokio::spawn(async move {
-            let (tcp, _) = listener.accept().await?;
-            accept(pki.server.clone(), tcp).await.map(|_| ())
-        });
-        let mut tcp = TcpStream::connect(addr).await.expect("connect");
+        let (server, mut tcp) = handshake_server_and_raw_client().await;
         // The start of a handshake record, then nothing more.
         tcp.write_all(&[0x16, 0x03, 0x01, 0x02, 0x00, 0x01])
             .await
             .expect("write");
         drop(tcp);
-        let result = timeout(WAIT, server)
-            .await
-            .expect("server ends")
-            .expect("task");
         assert_eq!(
-            result.expect_err("incomplete").kind(),
+            server_result(server).await.expect_err("incomplete").kind(),
             io::ErrorKind::UnexpectedEof
         );
     }
@@ -823,30 +850,18 @@ mod tests {
 
 #[cfg(test)]
 mod hostile_records {
-    use std::time::Duration;
-
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    use tokio::net::TcpListener;
     use tokio::time::timeout;
 
-    use super::tests::{connector, echo_server, localhost, pki};
+    use super::tests::{WAIT, connect, pki, server_result, spawn_echo_server};
     use super::*;
 
     /// After a TLS 1.3 handshake, the client's socket carries `raw` instead of a proper
     /// record; the server must fail with an error (no panic, no hang) and close.
     async fn server_fails_on(raw: &[u8]) -> io::Error {
-        let pki = pki(&[&rustls::version::TLS13]);
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let addr = listener.local_addr().expect("addr");
-        let server = tokio::spawn(echo_server(listener, pki.server.clone()));
-        let tcp = TcpStream::connect(addr).await.expect("connect");
-        let mut client = timeout(
-            WAIT,
-            connector(&pki, &rustls::version::TLS13).connect(localhost(), tcp),
-        )
-        .await
-        .expect("handshake in time")
-        .expect("handshake");
+        let pki = pki();
+        let (addr, server) = spawn_echo_server(&pki).await;
+        let mut client = connect(&pki, &rustls::version::TLS13, addr).await;
         // One proper round first, so the server is on its own record layer.
         client.write_all(b"ping").await.expect("write");
         client.flush().await.expect("flush");
@@ -856,14 +871,10 @@ mod hostile_records {
             .expect("echo in time")
             .expect("echo");
         client.get_mut().0.write_all(raw).await.expect("raw write");
-        let result = timeout(WAIT, server)
+        server_result(server)
             .await
-            .expect("server ends")
-            .expect("task");
-        result.expect_err("the server must refuse the record")
+            .expect_err("the server must refuse the record")
     }
-
-    const WAIT: Duration = Duration::from_secs(10);
 
     #[tokio::test]
     async fn a_forged_record_fails_decryption() {

@@ -11,13 +11,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use beckon_broker::{BrokerConfig, Listen, Server};
-use beckon_mqtt::{
-    Connect, Packet, ProtocolVersion, Publish, QoS, Subscribe, Subscription, SubscriptionOptions,
-    encode,
-};
+use beckon_mqtt::{Connect, Packet, ProtocolVersion, QoS, encode};
 use bytes::{Bytes, BytesMut};
 
-use common::WAIT;
+use common::{WAIT, publish_packet, subscribe_packet};
 
 /// `openssl s_client` in its interactive mode, where a line `k` sends a KeyUpdate and `K`
 /// one that requests an update back. `-msg` prints every TLS message sent (`>>>`) and
@@ -125,14 +122,11 @@ async fn key_updates_both_ways_with_openssl_s_client_mid_session() {
             60,
         ))));
         client.wait_for("CONNACK", CONNACK_ACCEPTED, 1);
-        client.send_packet(&Packet::Subscribe(Subscribe {
-            packet_id: 1,
-            subscriptions: vec![Subscription {
-                filter: "interop/key-update".into(),
-                options: SubscriptionOptions::default(),
-            }],
-            properties: Default::default(),
-        }));
+        client.send_packet(&subscribe_packet(
+            1,
+            &["interop/key-update"],
+            QoS::AtMostOnce,
+        ));
         client.wait_for("SUBACK", &[0x90, 0x03, 0x00, 0x01, 0x00], 1);
 
         // The client moves to a new sending key; the broker must read on with it.
@@ -146,15 +140,13 @@ async fn key_updates_both_ways_with_openssl_s_client_mid_session() {
         client.send(b"K\n");
         client.wait_for("the requesting KeyUpdate", &key_update(">>>"), 2);
         client.wait_for("the broker's KeyUpdate", &key_update("<<<"), 1);
-        client.send_packet(&Packet::Publish(Publish {
-            dup: false,
-            qos: QoS::AtMostOnce,
-            retain: false,
-            topic: "interop/key-update".into(),
-            packet_id: None,
-            payload: Bytes::from_static(b"after both key updates"),
-            properties: Default::default(),
-        }));
+        let payload = Bytes::from_static(b"after both key updates");
+        client.send_packet(&publish_packet(
+            "interop/key-update",
+            QoS::AtMostOnce,
+            0,
+            payload,
+        ));
         client.wait_for(
             "the message back through the broker",
             b"after both key updates",

@@ -4,21 +4,20 @@
 mod common;
 
 use std::net::SocketAddr;
+use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use beckon_broker::{Bound, BrokerConfig, Listen, Server, ServerHandle};
-use beckon_mqtt::{
-    Connect, Packet, Properties, ProtocolVersion, Publish, QoS, ReasonCode, Subscribe,
-    Subscription, SubscriptionOptions, encode,
-};
-use bytes::BytesMut;
+use beckon_mqtt::{Connect, Packet, Properties, ProtocolVersion, QoS, ReasonCode, encode};
+use beckon_pki::IssuedCertificate;
+use bytes::{Bytes, BytesMut};
 use rand::{Rng, SeedableRng};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_rustls::rustls;
 
-use common::{Client, WAIT, client_tls_config};
+use common::{Client, WAIT, client_tls_config, publish_packet, subscribe_packet};
 
 struct TestServer {
     bound: Bound,
@@ -76,6 +75,11 @@ fn connect_packet(version: ProtocolVersion, client_id: &str, keep_alive: u16) ->
     )))
 }
 
+/// A CONNECT (keep alive 60 s) as bytes, to be sent raw or altered first.
+fn connect_bytes(version: ProtocolVersion, client_id: &str) -> Vec<u8> {
+    bytes_of(&connect_packet(version, client_id, 60), version)
+}
+
 fn bytes_of(packet: &Packet, version: ProtocolVersion) -> Vec<u8> {
     let mut b = BytesMut::new();
     encode(packet, version, &mut b).expect("encode");
@@ -90,6 +94,20 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
             Some(Packet::ConnAck(ack)) => ack,
             other => panic!("expected CONNACK, got {other:?}"),
         }
+    }
+
+    /// The next packet, which must be a DISCONNECT with `code`.
+    async fn expect_disconnect(&mut self, code: ReasonCode) {
+        match self.recv().await {
+            Some(Packet::Disconnect(d)) => assert_eq!(d.code, code),
+            other => panic!("expected DISCONNECT {code:?}, got {other:?}"),
+        }
+    }
+
+    /// Subscribes to `filter` at `qos` and waits for the SUBACK.
+    async fn subscribed(&mut self, filter: &str, qos: QoS) {
+        self.send(&subscribe_packet(1, &[filter], qos)).await;
+        assert!(matches!(self.recv().await, Some(Packet::SubAck(_))));
     }
 
     async fn ping(&mut self) {
@@ -113,18 +131,35 @@ async fn connected(addr: SocketAddr, version: ProtocolVersion, id: &str) -> Clie
     c
 }
 
+/// A client over TLS to the server's TLS listener, trusting the CA in `ca`, offering the
+/// `alpn` protocols and showing `identity` when given.
 async fn tls_client(
-    addr: SocketAddr,
-    config: rustls::ClientConfig,
+    server: &TestServer,
+    ca: &Path,
+    alpn: &[&[u8]],
+    identity: Option<&IssuedCertificate>,
     version: ProtocolVersion,
 ) -> std::io::Result<Client<tokio_rustls::client::TlsStream<TcpStream>>> {
-    let tcp = TcpStream::connect(addr).await?;
+    let tcp = TcpStream::connect(server.tls()).await?;
+    let config = client_tls_config(ca, alpn, identity);
     let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
     let name = rustls::pki_types::ServerName::try_from("localhost").expect("name");
     let tls = tokio::time::timeout(WAIT, connector.connect(name, tcp))
         .await
         .expect("handshake in time")?;
     Ok(Client::new(tls, version))
+}
+
+fn ms(millis: u64) -> Duration {
+    Duration::from_millis(millis)
+}
+
+/// Fails the test unless `elapsed` lies in `range`; `what` is what happened after it.
+fn assert_took(elapsed: Duration, range: std::ops::Range<Duration>, what: &str) {
+    assert!(
+        range.contains(&elapsed),
+        "{what} after {elapsed:?}, expected within {range:?}"
+    );
 }
 
 fn generated_ca(server: &TestServer) -> std::path::PathBuf {
@@ -142,10 +177,7 @@ async fn silent_socket_is_closed_at_the_connect_timeout() {
         bytes.is_empty(),
         "nothing is sent to a silent socket: {bytes:?}"
     );
-    assert!(
-        elapsed >= Duration::from_millis(1500) && elapsed < Duration::from_secs(6),
-        "closed after {elapsed:?}, timeout is 2 s"
-    );
+    assert_took(elapsed, ms(1500)..ms(6000), "closed (timeout 2 s)");
     server.stop().await;
 }
 
@@ -153,10 +185,7 @@ async fn silent_socket_is_closed_at_the_connect_timeout() {
 async fn connect_dribbled_one_byte_per_second_is_closed_at_the_timeout() {
     let mut server = TestServer::start(|c| c.limits.connect_timeout_secs = 3).await;
     let mut c = plain_client(server.plain(), ProtocolVersion::V5).await;
-    let bytes = bytes_of(
-        &connect_packet(ProtocolVersion::V5, "slow", 60),
-        ProtocolVersion::V5,
-    );
+    let bytes = connect_bytes(ProtocolVersion::V5, "slow");
     assert!(
         bytes.len() > 6,
         "CONNECT longer than the timeout in seconds"
@@ -183,10 +212,7 @@ async fn connect_dribbled_one_byte_per_second_is_closed_at_the_timeout() {
         }
     }
     let closed_at = closed_at.expect("the server closed the dribbling client");
-    assert!(
-        closed_at >= Duration::from_millis(2500) && closed_at < Duration::from_secs(6),
-        "closed after {closed_at:?}, timeout is 3 s"
-    );
+    assert_took(closed_at, ms(2500)..ms(6000), "closed (timeout 3 s)");
     server.stop().await;
 }
 
@@ -198,10 +224,7 @@ async fn malformed_v5_packet_gets_disconnect_0x81_while_others_are_served() {
     // PUBLISH with QoS 3 is malformed.
     bad.send_raw(&[0x36, 0x05, 0x00, 0x01, b't', 0x00, 0x01])
         .await;
-    match bad.recv().await {
-        Some(Packet::Disconnect(d)) => assert_eq!(d.code, ReasonCode::MALFORMED_PACKET),
-        other => panic!("expected DISCONNECT 0x81, got {other:?}"),
-    }
+    bad.expect_disconnect(ReasonCode::MALFORMED_PACKET).await;
     assert_eq!(bad.recv().await, None, "then closed");
     healthy.ping().await;
     server.stop().await;
@@ -214,10 +237,7 @@ async fn oversized_remaining_length_gets_disconnect_0x95_before_the_body() {
     let mut big = connected(server.plain(), ProtocolVersion::V5, "big").await;
     // PUBLISH announcing 2 MiB; only the fixed header is sent.
     big.send_raw(&[0x30, 0x80, 0x80, 0x80, 0x01]).await;
-    match big.recv().await {
-        Some(Packet::Disconnect(d)) => assert_eq!(d.code, ReasonCode::PACKET_TOO_LARGE),
-        other => panic!("expected DISCONNECT 0x95, got {other:?}"),
-    }
+    big.expect_disconnect(ReasonCode::PACKET_TOO_LARGE).await;
     assert_eq!(big.recv().await, None);
     healthy.ping().await;
     server.stop().await;
@@ -227,10 +247,7 @@ async fn oversized_remaining_length_gets_disconnect_0x95_before_the_body() {
 async fn malformed_connect_v5_gets_connack_with_the_reason_and_v311_is_just_closed() {
     let mut server = TestServer::start(|_| {}).await;
     // v5 CONNECT with the reserved connect flag set (malformed).
-    let mut good = bytes_of(
-        &connect_packet(ProtocolVersion::V5, "x", 60),
-        ProtocolVersion::V5,
-    );
+    let mut good = connect_bytes(ProtocolVersion::V5, "x");
     good[9] |= 0x01;
     let mut c = plain_client(server.plain(), ProtocolVersion::V5).await;
     c.send_raw(&good).await;
@@ -240,10 +257,7 @@ async fn malformed_connect_v5_gets_connack_with_the_reason_and_v311_is_just_clos
     }
     assert_eq!(c.recv().await, None);
 
-    let mut bad311 = bytes_of(
-        &connect_packet(ProtocolVersion::V311, "x", 60),
-        ProtocolVersion::V311,
-    );
+    let mut bad311 = connect_bytes(ProtocolVersion::V311, "x");
     bad311[9] |= 0x01;
     let mut c = plain_client(server.plain(), ProtocolVersion::V311).await;
     c.send_raw(&bad311).await;
@@ -253,10 +267,7 @@ async fn malformed_connect_v5_gets_connack_with_the_reason_and_v311_is_just_clos
     );
 
     // Protocol level 3 (MQIsdp era) is answered with return code 1.
-    let mut level3 = bytes_of(
-        &connect_packet(ProtocolVersion::V311, "x", 60),
-        ProtocolVersion::V311,
-    );
+    let mut level3 = connect_bytes(ProtocolVersion::V311, "x");
     level3[8] = 3;
     let mut c = plain_client(server.plain(), ProtocolVersion::V311).await;
     c.send_raw(&level3).await;
@@ -268,10 +279,7 @@ async fn malformed_connect_v5_gets_connack_with_the_reason_and_v311_is_just_clos
 async fn thousands_of_random_byte_strings_never_take_the_server_down() {
     let mut server = TestServer::start(|c| c.limits.connect_timeout_secs = 1).await;
     let mut healthy = connected(server.plain(), ProtocolVersion::V5, "healthy").await;
-    let connect = bytes_of(
-        &connect_packet(ProtocolVersion::V5, "", 60),
-        ProtocolVersion::V5,
-    );
+    let connect = connect_bytes(ProtocolVersion::V5, "");
     let addr = server.plain();
     let mut rng = rand::rngs::StdRng::seed_from_u64(0x5eed_bec0);
     let mut cases = Vec::new();
@@ -354,15 +362,9 @@ async fn keep_alive_is_enforced_at_one_and_a_half_times() {
     let ack = c.connect("sleepy", 1).await;
     assert_eq!(ack.code, ReasonCode::SUCCESS);
     let start = Instant::now();
-    match c.recv().await {
-        Some(Packet::Disconnect(d)) => assert_eq!(d.code, ReasonCode::KEEP_ALIVE_TIMEOUT),
-        other => panic!("expected DISCONNECT 0x8D, got {other:?}"),
-    }
+    c.expect_disconnect(ReasonCode::KEEP_ALIVE_TIMEOUT).await;
     let elapsed = start.elapsed();
-    assert!(
-        elapsed >= Duration::from_millis(1300) && elapsed < Duration::from_secs(4),
-        "closed after {elapsed:?} for keep alive 1 s"
-    );
+    assert_took(elapsed, ms(1300)..ms(4000), "closed (keep alive 1 s)");
     // A client that pings in time stays.
     let mut p = plain_client(server.plain(), ProtocolVersion::V311).await;
     p.connect("pinger", 1).await;
@@ -377,30 +379,16 @@ async fn keep_alive_is_enforced_at_one_and_a_half_times() {
 async fn messages_flow_between_clients() {
     let mut server = TestServer::start(|_| {}).await;
     let mut sub = connected(server.plain(), ProtocolVersion::V5, "sub").await;
-    sub.send(&Packet::Subscribe(Subscribe {
-        packet_id: 1,
-        subscriptions: vec![Subscription {
-            filter: "agents/+/wake".into(),
-            options: SubscriptionOptions {
-                qos: QoS::AtLeastOnce,
-                ..Default::default()
-            },
-        }],
-        properties: Properties::default(),
-    }))
-    .await;
-    assert!(matches!(sub.recv().await, Some(Packet::SubAck(_))));
+    sub.subscribed("agents/+/wake", QoS::AtLeastOnce).await;
     let mut publisher = connected(server.plain(), ProtocolVersion::V311, "pub").await;
+    let payload = Bytes::from_static(b"{\"v\":1}");
     publisher
-        .send(&Packet::Publish(Publish {
-            dup: false,
-            qos: QoS::AtLeastOnce,
-            retain: false,
-            topic: "agents/a1/wake".into(),
-            packet_id: Some(7),
-            payload: bytes::Bytes::from_static(b"{\"v\":1}"),
-            properties: Properties::default(),
-        }))
+        .send(&publish_packet(
+            "agents/a1/wake",
+            QoS::AtLeastOnce,
+            7,
+            payload,
+        ))
         .await;
     assert!(matches!(publisher.recv().await, Some(Packet::PubAck(a)) if a.packet_id == 7));
     match sub.recv().await {
@@ -417,23 +405,15 @@ async fn messages_flow_between_clients() {
 async fn tls_works_with_and_without_alpn_mqtt() {
     let mut server = TestServer::start(|_| {}).await;
     let ca = generated_ca(&server);
-    let mut with = tls_client(
-        server.tls(),
-        client_tls_config(&ca, &[b"mqtt"], None),
-        ProtocolVersion::V5,
-    )
-    .await
-    .expect("TLS with ALPN mqtt");
+    let mut with = tls_client(&server, &ca, &[b"mqtt"], None, ProtocolVersion::V5)
+        .await
+        .expect("TLS with ALPN mqtt");
     assert_eq!(with.stream.get_ref().1.alpn_protocol(), Some(&b"mqtt"[..]));
     assert_eq!(with.connect("alpn", 60).await.code, ReasonCode::SUCCESS);
     with.ping().await;
-    let mut without = tls_client(
-        server.tls(),
-        client_tls_config(&ca, &[], None),
-        ProtocolVersion::V311,
-    )
-    .await
-    .expect("TLS without ALPN");
+    let mut without = tls_client(&server, &ca, &[], None, ProtocolVersion::V311)
+        .await
+        .expect("TLS without ALPN");
     assert_eq!(without.stream.get_ref().1.alpn_protocol(), None);
     assert_eq!(
         without.connect("no-alpn", 60).await.code,
@@ -460,8 +440,10 @@ async fn without_anonymous_access_a_ca_issued_certificate_is_the_identity() {
 
     // With the certificate and an empty client id: accepted as agent-1.
     let mut ok = tls_client(
-        server.tls(),
-        client_tls_config(&ca_path, &[b"mqtt"], Some(&agent)),
+        &server,
+        &ca_path,
+        &[b"mqtt"],
+        Some(&agent),
         ProtocolVersion::V5,
     )
     .await
@@ -471,34 +453,22 @@ async fn without_anonymous_access_a_ca_issued_certificate_is_the_identity() {
     ok.ping().await;
 
     // With the certificate but another client id: refused.
-    let mut other = tls_client(
-        server.tls(),
-        client_tls_config(&ca_path, &[], Some(&agent)),
-        ProtocolVersion::V5,
-    )
-    .await
-    .expect("mTLS");
+    let mut other = tls_client(&server, &ca_path, &[], Some(&agent), ProtocolVersion::V5)
+        .await
+        .expect("mTLS");
     assert_eq!(
         other.connect("agent-2", 60).await.code,
         ReasonCode::NOT_AUTHORIZED
     );
 
     // Without a certificate: v5 0x87, v3.1.1 return code 5; plain TCP likewise.
-    let mut none = tls_client(
-        server.tls(),
-        client_tls_config(&ca_path, &[], None),
-        ProtocolVersion::V5,
-    )
-    .await
-    .expect("TLS");
+    let mut none = tls_client(&server, &ca_path, &[], None, ProtocolVersion::V5)
+        .await
+        .expect("TLS");
     assert_eq!(none.connect("x", 60).await.code, ReasonCode::NOT_AUTHORIZED);
-    let mut none3 = tls_client(
-        server.tls(),
-        client_tls_config(&ca_path, &[], None),
-        ProtocolVersion::V311,
-    )
-    .await
-    .expect("TLS");
+    let mut none3 = tls_client(&server, &ca_path, &[], None, ProtocolVersion::V311)
+        .await
+        .expect("TLS");
     none3
         .send(&connect_packet(ProtocolVersion::V311, "x", 60))
         .await;
@@ -517,12 +487,7 @@ async fn without_anonymous_access_a_ca_issued_certificate_is_the_identity() {
         .issue_client("agent-1", None, None, Duration::from_secs(3600))
         .expect("cert");
     let refused = async {
-        let mut c = tls_client(
-            server.tls(),
-            client_tls_config(&ca_path, &[], Some(&foreign)),
-            ProtocolVersion::V5,
-        )
-        .await?;
+        let mut c = tls_client(&server, &ca_path, &[], Some(&foreign), ProtocolVersion::V5).await?;
         // TLS 1.3: the client learns of the refusal on its first read.
         c.send(&connect_packet(ProtocolVersion::V5, "agent-1", 60))
             .await;
@@ -546,13 +511,9 @@ async fn without_anonymous_access_a_ca_issued_certificate_is_the_identity() {
 async fn new_certificate_is_used_for_new_connections_and_live_ones_stay() {
     let mut server = TestServer::start(|c| c.tls.reload_interval_secs = 1).await;
     let old_ca = generated_ca(&server);
-    let mut live = tls_client(
-        server.tls(),
-        client_tls_config(&old_ca, &[b"mqtt"], None),
-        ProtocolVersion::V5,
-    )
-    .await
-    .expect("TLS");
+    let mut live = tls_client(&server, &old_ca, &[b"mqtt"], None, ProtocolVersion::V5)
+        .await
+        .expect("TLS");
     assert_eq!(live.connect("live", 60).await.code, ReasonCode::SUCCESS);
 
     // Replace the server certificate with one from a new CA; the file watcher picks it up.
@@ -568,12 +529,8 @@ async fn new_certificate_is_used_for_new_connections_and_live_ones_stay() {
         .expect("save");
     let deadline = Instant::now() + WAIT;
     loop {
-        let attempt = tls_client(
-            server.tls(),
-            client_tls_config(&new_ca_path, &[b"mqtt"], None),
-            ProtocolVersion::V5,
-        )
-        .await;
+        let attempt =
+            tls_client(&server, &new_ca_path, &[b"mqtt"], None, ProtocolVersion::V5).await;
         if attempt.is_ok() {
             break;
         }
@@ -581,13 +538,9 @@ async fn new_certificate_is_used_for_new_connections_and_live_ones_stay() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     assert!(
-        tls_client(
-            server.tls(),
-            client_tls_config(&old_ca, &[b"mqtt"], None),
-            ProtocolVersion::V5
-        )
-        .await
-        .is_err(),
+        tls_client(&server, &old_ca, &[b"mqtt"], None, ProtocolVersion::V5)
+            .await
+            .is_err(),
         "the old certificate is no longer served"
     );
     live.ping().await;
@@ -595,13 +548,9 @@ async fn new_certificate_is_used_for_new_connections_and_live_ones_stay() {
     // A broken file keeps the current certificate.
     std::fs::write(data.join("server.pem"), "not a certificate").expect("write");
     assert!(server.handle().reload_certificates().is_err());
-    let mut after = tls_client(
-        server.tls(),
-        client_tls_config(&new_ca_path, &[b"mqtt"], None),
-        ProtocolVersion::V5,
-    )
-    .await
-    .expect("still served");
+    let mut after = tls_client(&server, &new_ca_path, &[b"mqtt"], None, ProtocolVersion::V5)
+        .await
+        .expect("still served");
     assert_eq!(after.connect("after", 60).await.code, ReasonCode::SUCCESS);
     live.ping().await;
     server.stop().await;
@@ -613,25 +562,16 @@ async fn graceful_shutdown_sends_0x8b_to_v5_clients() {
     let mut v5 = connected(server.plain(), ProtocolVersion::V5, "five").await;
     let mut v3 = connected(server.plain(), ProtocolVersion::V311, "three").await;
     let ca = generated_ca(&server);
-    let mut tls5 = tls_client(
-        server.tls(),
-        client_tls_config(&ca, &[b"mqtt"], None),
-        ProtocolVersion::V5,
-    )
-    .await
-    .expect("TLS");
+    let mut tls5 = tls_client(&server, &ca, &[b"mqtt"], None, ProtocolVersion::V5)
+        .await
+        .expect("TLS");
     assert_eq!(tls5.connect("tls-five", 60).await.code, ReasonCode::SUCCESS);
     let silent = plain_client(server.plain(), ProtocolVersion::V5).await;
     server.stop().await;
-    match v5.recv().await {
-        Some(Packet::Disconnect(d)) => assert_eq!(d.code, ReasonCode::SERVER_SHUTTING_DOWN),
-        other => panic!("expected DISCONNECT 0x8B, got {other:?}"),
-    }
+    v5.expect_disconnect(ReasonCode::SERVER_SHUTTING_DOWN).await;
     assert_eq!(v5.recv().await, None);
-    match tls5.recv().await {
-        Some(Packet::Disconnect(d)) => assert_eq!(d.code, ReasonCode::SERVER_SHUTTING_DOWN),
-        other => panic!("expected DISCONNECT 0x8B over TLS, got {other:?}"),
-    }
+    tls5.expect_disconnect(ReasonCode::SERVER_SHUTTING_DOWN)
+        .await;
     assert!(
         v3.read_to_close().await.is_empty(),
         "v3.1.1 clients are just closed"
@@ -642,37 +582,13 @@ async fn graceful_shutdown_sends_0x8b_to_v5_clients() {
     assert!(TcpStream::connect(server.plain()).await.is_err());
 }
 
-fn subscribe(filter: &str, qos: QoS) -> Packet {
-    Packet::Subscribe(Subscribe {
-        packet_id: 1,
-        subscriptions: vec![Subscription {
-            filter: filter.into(),
-            options: SubscriptionOptions {
-                qos,
-                ..Default::default()
-            },
-        }],
-        properties: Properties::default(),
-    })
-}
-
-fn publish(topic: &str, qos: QoS, id: u16, size: usize) -> Packet {
-    Packet::Publish(Publish {
-        dup: false,
-        qos,
-        retain: false,
-        topic: topic.into(),
-        packet_id: (qos != QoS::AtMostOnce).then_some(id),
-        payload: bytes::Bytes::from(vec![b'x'; size]),
-        properties: Properties::default(),
-    })
-}
-
-/// Publishes `count` messages without waiting for acknowledgements.
+/// Publishes `count` messages of 1 KiB without waiting for acknowledgements.
 async fn flood(publisher: &mut Client<TcpStream>, topic: &str, qos: QoS, count: u16) {
+    let payload = Bytes::from(vec![b'x'; 1024]);
     let mut all = Vec::new();
     for i in 1..=count {
-        all.extend(bytes_of(&publish(topic, qos, i, 1024), ProtocolVersion::V5));
+        let packet = publish_packet(topic, qos, i, payload.clone());
+        all.extend(bytes_of(&packet, ProtocolVersion::V5));
     }
     publisher.send_raw(&all).await;
 }
@@ -690,8 +606,7 @@ async fn slow_consumer_loses_qos0_but_stays_and_is_closed_when_qos1_backs_up_but
     .await;
     // A QoS 0 subscriber that does not read while 20 MB are published.
     let mut lazy = connected(server.plain(), ProtocolVersion::V5, "lazy").await;
-    lazy.send(&subscribe("bulk", QoS::AtMostOnce)).await;
-    assert!(matches!(lazy.recv().await, Some(Packet::SubAck(_))));
+    lazy.subscribed("bulk", QoS::AtMostOnce).await;
     let mut publisher = connected(server.plain(), ProtocolVersion::V5, "pub").await;
     flood(&mut publisher, "bulk", QoS::AtMostOnce, 20_000).await;
     publisher.ping().await;
@@ -726,8 +641,7 @@ async fn slow_consumer_loses_qos0_but_stays_and_is_closed_when_qos1_backs_up_but
     // back up beyond the outbound queue (20 MB sent to it, more than the socket buffers
     // hold), the broker closes it rather than wait for it.
     let mut deaf = connected(server.plain(), ProtocolVersion::V5, "deaf").await;
-    deaf.send(&subscribe("deaf", QoS::AtLeastOnce)).await;
-    assert!(matches!(deaf.recv().await, Some(Packet::SubAck(_))));
+    deaf.subscribed("deaf", QoS::AtLeastOnce).await;
     let mut sender = connected(server.plain(), ProtocolVersion::V5, "sender").await;
     flood(&mut sender, "deaf", QoS::AtLeastOnce, 20_000).await;
     let closed = tokio::time::timeout(WAIT, async {
@@ -759,10 +673,7 @@ async fn slow_consumer_loses_qos0_but_stays_and_is_closed_when_qos1_backs_up_but
 async fn will_is_published_when_a_client_vanishes_and_after_its_delay() {
     let mut server = TestServer::start(|_| {}).await;
     let mut watcher = connected(server.plain(), ProtocolVersion::V5, "watcher").await;
-    watcher
-        .send(&subscribe("presence/+", QoS::AtLeastOnce))
-        .await;
-    assert!(matches!(watcher.recv().await, Some(Packet::SubAck(_))));
+    watcher.subscribed("presence/+", QoS::AtLeastOnce).await;
     for (id, delay) in [("gone-now", None), ("gone-later", Some(1u32))] {
         let mut c = plain_client(server.plain(), ProtocolVersion::V5).await;
         let will_props = Properties::from(beckon_mqtt::PropertySet {
@@ -776,7 +687,7 @@ async fn will_is_published_when_a_client_vanishes_and_after_its_delay() {
         c.send(&Packet::Connect(Box::new(Connect {
             will: Some(beckon_mqtt::Will {
                 topic: format!("presence/{id}"),
-                payload: bytes::Bytes::from_static(b"offline"),
+                payload: Bytes::from_static(b"offline"),
                 qos: QoS::AtLeastOnce,
                 retain: false,
                 properties: will_props,
@@ -801,17 +712,8 @@ async fn will_is_published_when_a_client_vanishes_and_after_its_delay() {
             }
             other => panic!("expected the will of {id}, got {other:?}"),
         }
-        let waited = start.elapsed();
-        if delay.is_some() {
-            assert!(
-                waited >= Duration::from_millis(900),
-                "{id}: will after {waited:?}"
-            );
-        }
-        assert!(
-            waited < Duration::from_secs(4),
-            "{id}: will after {waited:?}"
-        );
+        let earliest = if delay.is_some() { ms(900) } else { ms(0) };
+        assert_took(start.elapsed(), earliest..ms(4000), &format!("{id}: will"));
     }
     server.stop().await;
 }

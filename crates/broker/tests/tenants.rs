@@ -13,17 +13,14 @@ use beckon_broker::{Bound, BrokerConfig, Listen, Server, ServerHandle};
 use beckon_identity::{
     KeyId, PresenceEvent, PresenceState, Role, SigningKey, TenantId, TokenSigner,
 };
-use beckon_mqtt::{
-    Connect, Packet, Properties, ProtocolVersion, Publish, QoS, ReasonCode, Subscribe,
-    Subscription, SubscriptionOptions,
-};
+use beckon_mqtt::{Connect, Packet, Properties, ProtocolVersion, Publish, QoS, ReasonCode};
 use beckon_pki::{CertificateAuthority, IssuedCertificate};
 use bytes::Bytes;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_rustls::rustls;
 
-use common::{WAIT, client_tls_config};
+use common::{WAIT, client_tls_config, publish_packet, subscribe_packet};
 
 fn now() -> i64 {
     SystemTime::now()
@@ -127,6 +124,13 @@ impl TestBroker {
         self.bound.generated_ca.clone().expect("generated CA")
     }
 
+    /// Rewrites tenant `id`'s file with `edit` (the broker picks the change up within a poll).
+    fn edit_tenant(&self, id: &str, edit: impl FnOnce(String) -> String) {
+        let path = self.tenants.join(format!("{id}.toml"));
+        let text = std::fs::read_to_string(&path).expect("read tenant file");
+        std::fs::write(&path, edit(text)).expect("rewrite tenant file");
+    }
+
     async fn stop(&mut self) {
         if let Some(h) = self.handle.take() {
             tokio::time::timeout(WAIT, h.shutdown())
@@ -143,10 +147,6 @@ impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Io for T {}
 
 /// A client of the broker over TLS, plain TCP or WebSocket.
 type Client = common::Client<Box<dyn Io>>;
-
-fn tls_config(ca_pem: &Path, identity: Option<&IssuedCertificate>) -> rustls::ClientConfig {
-    client_tls_config(ca_pem, &[b"mqtt"], identity)
-}
 
 /// TLS to `addr` with the given ALPN list.
 async fn tls_to(
@@ -193,17 +193,7 @@ impl Client {
             Cred::Cert(c) => Some(*c),
             _ => None,
         };
-        let tcp = tokio::time::timeout(WAIT, TcpStream::connect(broker.addr()))
-            .await
-            .expect("connect in time")
-            .expect("connect");
-        let connector =
-            tokio_rustls::TlsConnector::from(Arc::new(tls_config(&broker.server_ca(), cert)));
-        let name = rustls::pki_types::ServerName::try_from("localhost").expect("name");
-        let stream = tokio::time::timeout(WAIT, connector.connect(name, tcp))
-            .await
-            .expect("handshake in time")
-            .expect("handshake");
+        let stream = tls_to(broker, broker.addr(), cert, &[b"mqtt"]).await;
         Self::over(Box::new(stream), version)
     }
 
@@ -233,22 +223,21 @@ impl Client {
         }
     }
 
+    /// Connects and fails the test unless the broker accepts.
+    async fn connect_accepted(&mut self, client_id: &str, cred: &Cred<'_>, keep_alive: u16) {
+        let ack = self.connect_with(client_id, cred, keep_alive).await;
+        assert_eq!(ack.code, ReasonCode::SUCCESS, "{client_id}: {ack:?}");
+    }
+
+    /// Subscribes at QoS 1 and fails the test unless every filter is granted.
+    async fn subscribe_granted(&mut self, packet_id: u16, filters: &[&str]) {
+        let codes = self.subscribe(packet_id, filters).await;
+        assert_eq!(codes, vec![ReasonCode(1); filters.len()], "{filters:?}");
+    }
+
     async fn subscribe(&mut self, packet_id: u16, filters: &[&str]) -> Vec<ReasonCode> {
-        self.send(&Packet::Subscribe(Subscribe {
-            packet_id,
-            subscriptions: filters
-                .iter()
-                .map(|f| Subscription {
-                    filter: (*f).to_owned(),
-                    options: SubscriptionOptions {
-                        qos: QoS::AtLeastOnce,
-                        ..SubscriptionOptions::default()
-                    },
-                })
-                .collect(),
-            properties: Properties::default(),
-        }))
-        .await;
+        self.send(&subscribe_packet(packet_id, filters, QoS::AtLeastOnce))
+            .await;
         loop {
             match self.recv().await {
                 Some(Packet::SubAck(ack)) if ack.packet_id == packet_id => return ack.codes,
@@ -261,16 +250,9 @@ impl Client {
     /// Publishes at QoS 1 and returns the PUBACK code (publishes received meanwhile are
     /// acknowledged and dropped).
     async fn publish(&mut self, packet_id: u16, topic: &str, payload: &'static [u8]) -> ReasonCode {
-        self.send(&Packet::Publish(Publish {
-            dup: false,
-            qos: QoS::AtLeastOnce,
-            retain: false,
-            topic: topic.into(),
-            packet_id: Some(packet_id),
-            payload: Bytes::from_static(payload),
-            properties: Properties::default(),
-        }))
-        .await;
+        let payload = Bytes::from_static(payload);
+        self.send(&publish_packet(topic, QoS::AtLeastOnce, packet_id, payload))
+            .await;
         loop {
             match self.recv().await {
                 // "No matching subscribers" is a success too.
@@ -285,6 +267,12 @@ impl Client {
                 other => panic!("expected PUBACK, got {other:?}"),
             }
         }
+    }
+
+    /// Publishes at QoS 1 and fails the test unless the broker accepts it.
+    async fn publish_accepted(&mut self, packet_id: u16, topic: &str, payload: &'static [u8]) {
+        let code = self.publish(packet_id, topic, payload).await;
+        assert_eq!(code, ReasonCode::SUCCESS, "publish to {topic}");
     }
 
     async fn ack(&mut self, p: &Publish) {
@@ -356,13 +344,28 @@ async fn console(broker: &TestBroker, tenant: &TestTenant) -> Client {
     .await
 }
 
+/// Agent `pc-1` of `tenant`, connected with its certificate and subscribed to its wake-ups,
+/// after the tenant's console (returned second) woke it with `payload`.
+async fn woken_agent(
+    broker: &TestBroker,
+    tenant: &TestTenant,
+    payload: &'static [u8],
+) -> (Client, Client) {
+    let cert = tenant.certificate("agent", "pc-1");
+    let mut agent = connected(broker, Cred::Cert(&cert), "pc-1").await;
+    agent.subscribe_granted(1, &["agents/pc-1/wake"]).await;
+    let mut server = console(broker, tenant).await;
+    server
+        .publish_accepted(1, "agents/pc-1/wake", payload)
+        .await;
+    assert_eq!(&agent.next_publish().await.payload[..], payload);
+    (agent, server)
+}
+
 /// The tenant's console, subscribed to every agent's presence.
 async fn presence_watcher(broker: &TestBroker, tenant: &TestTenant) -> Client {
     let mut server = console(broker, tenant).await;
-    assert_eq!(
-        server.subscribe(1, &["agents/+/presence"]).await,
-        vec![ReasonCode(1)]
-    );
+    server.subscribe_granted(1, &["agents/+/presence"]).await;
     server
 }
 
@@ -424,16 +427,12 @@ async fn a_wake_up_flows_from_a_token_server_to_a_certificate_agent() {
         Some("pc-1"),
         "an empty client id becomes the identity's id"
     );
-    assert_eq!(
-        agent.subscribe(1, &["agents/pc-1/wake"]).await,
-        vec![ReasonCode(1)]
-    );
+    agent.subscribe_granted(1, &["agents/pc-1/wake"]).await;
 
     let mut server = console(&broker, acme).await;
-    assert_eq!(
-        server.publish(1, "agents/pc-1/wake", b"wake up").await,
-        ReasonCode::SUCCESS
-    );
+    server
+        .publish_accepted(1, "agents/pc-1/wake", b"wake up")
+        .await;
 
     let p = agent.next_publish().await;
     assert_eq!(
@@ -443,14 +442,10 @@ async fn a_wake_up_flows_from_a_token_server_to_a_certificate_agent() {
     assert_eq!(&p.payload[..], b"wake up");
 
     // The agent's ack reaches the server.
-    assert_eq!(
-        server.subscribe(2, &["agents/+/ack"]).await,
-        vec![ReasonCode(1)]
-    );
-    assert_eq!(
-        agent.publish(2, "agents/pc-1/ack", b"received").await,
-        ReasonCode::SUCCESS
-    );
+    server.subscribe_granted(2, &["agents/+/ack"]).await;
+    agent
+        .publish_accepted(2, "agents/pc-1/ack", b"received")
+        .await;
     let p = server.next_publish().await;
     assert_eq!(
         (p.topic.as_str(), &p.payload[..]),
@@ -550,28 +545,14 @@ async fn tenants_are_isolated_and_agents_reach_only_their_own_topics() {
     let (acme, globex) = (&tenants[0], &tenants[1]);
 
     let mut acme_server = console(&broker, acme).await;
-    assert_eq!(acme_server.subscribe(1, &["#"]).await, vec![ReasonCode(1)]);
+    acme_server.subscribe_granted(1, &["#"]).await;
     let _ = acme_server.publishes_until_ping().await; // retained presence of acme
 
     // Globex traffic: an agent and a server with the same ids as acme's.
-    let gx_cert = globex.certificate("agent", "pc-1");
-    let mut gx_agent = connected(&broker, Cred::Cert(&gx_cert), "pc-1").await;
-    assert_eq!(
-        gx_agent.subscribe(1, &["agents/pc-1/wake"]).await,
-        vec![ReasonCode(1)]
-    );
-    let mut gx_server = console(&broker, globex).await;
-    assert_eq!(
-        gx_server
-            .publish(1, "agents/pc-1/wake", b"globex-secret")
-            .await,
-        ReasonCode::SUCCESS
-    );
-    assert_eq!(&gx_agent.next_publish().await.payload[..], b"globex-secret");
-    assert_eq!(
-        gx_agent.publish(2, "agents/pc-1/ack", b"globex-ack").await,
-        ReasonCode::SUCCESS
-    );
+    let (mut gx_agent, _gx_server) = woken_agent(&broker, globex, b"globex-secret").await;
+    gx_agent
+        .publish_accepted(2, "agents/pc-1/ack", b"globex-ack")
+        .await;
 
     let seen = acme_server.publishes_until_ping().await;
     for p in &seen {
@@ -612,10 +593,7 @@ async fn tenants_are_isolated_and_agents_reach_only_their_own_topics() {
         x.publish(3, "agents/y/wake", b"wake y").await,
         ReasonCode::NOT_AUTHORIZED
     );
-    assert_eq!(
-        x.publish(4, "agents/x/ack", b"real ack").await,
-        ReasonCode::SUCCESS
-    );
+    x.publish_accepted(4, "agents/x/ack", b"real ack").await;
     let seen = acme_server.publishes_until_ping().await;
     assert!(
         seen.iter().any(|p| &p.payload[..] == b"real ack"),
@@ -631,10 +609,7 @@ async fn tenants_are_isolated_and_agents_reach_only_their_own_topics() {
     // v3.1.1: a refused subscription is 0x80.
     let y_cert = acme.certificate("agent", "y");
     let mut y = Client::open(&broker, &Cred::Cert(&y_cert), ProtocolVersion::V311).await;
-    assert_eq!(
-        y.connect_with("y", &Cred::None, 60).await.code,
-        ReasonCode::SUCCESS
-    );
+    y.connect_accepted("y", &Cred::None, 60).await;
     let codes = y.subscribe(1, &["agents/x/wake"]).await;
     assert!(codes[0].0 >= 0x80, "{codes:?}");
     broker.stop().await;
@@ -664,50 +639,25 @@ async fn presence_follows_connect_disconnect_keepalive_and_takeover() {
 
     // Connect, then a clean disconnect.
     let agent = connected(&broker, Cred::Cert(&cert), "pc-1").await;
-    let e = next_presence(&mut server, topic).await;
-    assert_eq!(e.state, PresenceState::Connected);
+    let e = connected_event(&mut server, topic).await;
     assert_eq!(serde_json_path(&e), "8883");
     assert!(e.remote_addr.starts_with("127.0.0.1:"), "{e:?}");
     agent.disconnect().await;
-    let e = next_presence(&mut server, topic).await;
-    assert_eq!(
-        (e.state, e.reason.as_deref()),
-        (PresenceState::Disconnected, Some("client_disconnect"))
-    );
+    disconnected_event(&mut server, topic, "client_disconnect").await;
 
     // A keep alive of 1 s and silence: closed after 1.5 s.
     let mut silent = Client::open(&broker, &Cred::Cert(&cert), ProtocolVersion::V5).await;
-    assert_eq!(
-        silent.connect_with("pc-1", &Cred::None, 1).await.code,
-        ReasonCode::SUCCESS
-    );
-    assert_eq!(
-        next_presence(&mut server, topic).await.state,
-        PresenceState::Connected
-    );
-    let e = next_presence(&mut server, topic).await;
-    assert_eq!(
-        (e.state, e.reason.as_deref()),
-        (PresenceState::Disconnected, Some("keepalive_timeout"))
-    );
+    silent.connect_accepted("pc-1", &Cred::None, 1).await;
+    connected_event(&mut server, topic).await;
+    disconnected_event(&mut server, topic, "keepalive_timeout").await;
     drop(silent);
 
     // Takeover: the old connection's event first, the new one last (and retained).
     let _first = connected(&broker, Cred::Cert(&cert), "pc-1").await;
-    assert_eq!(
-        next_presence(&mut server, topic).await.state,
-        PresenceState::Connected
-    );
+    connected_event(&mut server, topic).await;
     let _second = connected(&broker, Cred::Cert(&cert), "pc-1").await;
-    let e = next_presence(&mut server, topic).await;
-    assert_eq!(
-        (e.state, e.reason.as_deref()),
-        (PresenceState::Disconnected, Some("taken_over"))
-    );
-    assert_eq!(
-        next_presence(&mut server, topic).await.state,
-        PresenceState::Connected
-    );
+    disconnected_event(&mut server, topic, "taken_over").await;
+    connected_event(&mut server, topic).await;
 
     // A server subscribing later sees the current state: connected.
     let mut late = connected(
@@ -716,18 +666,31 @@ async fn presence_follows_connect_disconnect_keepalive_and_takeover() {
         "late",
     )
     .await;
-    assert_eq!(late.subscribe(1, &[topic]).await, vec![ReasonCode(1)]);
-    let e = next_presence(&mut late, topic).await;
-    assert_eq!(e.state, PresenceState::Connected);
+    late.subscribe_granted(1, &[topic]).await;
+    connected_event(&mut late, topic).await;
 
     // Transport closed without DISCONNECT.
     drop(_second);
-    let e = next_presence(&mut server, topic).await;
+    disconnected_event(&mut server, topic, "connection_lost").await;
+    broker.stop().await;
+}
+
+/// Waits for `topic`'s next presence event and fails the test unless it says connected.
+async fn connected_event(server: &mut Client, topic: &str) -> PresenceEvent {
+    let e = next_presence(server, topic).await;
+    assert_eq!(e.state, PresenceState::Connected, "{topic}: {e:?}");
+    e
+}
+
+/// Waits for `topic`'s next presence event and fails the test unless it says disconnected
+/// for `reason`.
+async fn disconnected_event(server: &mut Client, topic: &str, reason: &str) {
+    let e = next_presence(server, topic).await;
     assert_eq!(
         (e.state, e.reason.as_deref()),
-        (PresenceState::Disconnected, Some("connection_lost"))
+        (PresenceState::Disconnected, Some(reason)),
+        "{topic}"
     );
-    broker.stop().await;
 }
 
 fn serde_json_path(e: &PresenceEvent) -> String {
@@ -774,9 +737,7 @@ async fn a_tenant_added_while_running_is_used_without_restart() {
 async fn quota_full_tenant_refuses_with_0x97() {
     let (mut broker, tenants) = TestBroker::start(&["acme"]).await;
     let acme = &tenants[0];
-    let path = broker.tenants.join("acme.toml");
-    let text = std::fs::read_to_string(&path).expect("read");
-    std::fs::write(&path, format!("max_connections = 1\n{text}")).expect("write");
+    broker.edit_tenant("acme", |text| format!("max_connections = 1\n{text}"));
     // Wait until the quota is in force: a second connection gets 0x97.
     let _first = connected(&broker, Cred::Token(acme.token(Role::Agent, "a1")), "a1").await;
     wait_for_connack(
@@ -839,10 +800,9 @@ async fn mosquitto_sub_with_a_tenant_client_certificate_receives_a_wake_up() {
             break status;
         }
         assert!(id < 50, "mosquitto_sub got nothing");
-        assert_eq!(
-            server.publish(id, "agents/pc-9/wake", b"wake pc-9").await,
-            ReasonCode::SUCCESS
-        );
+        server
+            .publish_accepted(id, "agents/pc-9/wake", b"wake pc-9")
+            .await;
         id += 1;
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
@@ -884,14 +844,8 @@ async fn the_shared_port_carries_mqtt_by_alpn_and_sniffing_websocket_and_https()
     let cert = acme.certificate("agent", "alpn");
     let tls = tls_to(&broker, broker.fallback(), Some(&cert), &[b"mqtt"]).await;
     let mut alpn = Client::over(Box::new(tls), ProtocolVersion::V5);
-    assert_eq!(
-        alpn.connect_with("alpn", &Cred::None, 60).await.code,
-        ReasonCode::SUCCESS
-    );
-    assert_eq!(
-        alpn.subscribe(1, &["agents/alpn/wake"]).await,
-        vec![ReasonCode(1)]
-    );
+    alpn.connect_accepted("alpn", &Cred::None, 60).await;
+    alpn.subscribe_granted(1, &["agents/alpn/wake"]).await;
     let e = next_presence(&mut server, "agents/alpn/presence").await;
     assert_eq!(
         (e.state, serde_json_path(&e)),
@@ -902,14 +856,8 @@ async fn the_shared_port_carries_mqtt_by_alpn_and_sniffing_websocket_and_https()
     let tls = tls_to(&broker, broker.fallback(), None, &[]).await;
     let mut sniffed = Client::over(Box::new(tls), ProtocolVersion::V311);
     let token = Cred::Token(acme.token(Role::Agent, "sniffed"));
-    assert_eq!(
-        sniffed.connect_with("sniffed", &token, 60).await.code,
-        ReasonCode::SUCCESS
-    );
-    assert_eq!(
-        sniffed.subscribe(1, &["agents/sniffed/wake"]).await,
-        vec![ReasonCode(1)]
-    );
+    sniffed.connect_accepted("sniffed", &token, 60).await;
+    sniffed.subscribe_granted(1, &["agents/sniffed/wake"]).await;
 
     // 3. WebSocket at /mqtt (subprotocol mqtt) after ALPN http/1.1.
     let tls = tls_to(&broker, broker.fallback(), None, &[b"http/1.1"]).await;
@@ -924,14 +872,8 @@ async fn the_shared_port_carries_mqtt_by_alpn_and_sniffing_websocket_and_https()
     .expect("WebSocket upgrade");
     let mut websocket = Client::over(Box::new(ws), ProtocolVersion::V5);
     let token = Cred::Token(acme.token(Role::Agent, "ws"));
-    assert_eq!(
-        websocket.connect_with("ws", &token, 30).await.code,
-        ReasonCode::SUCCESS
-    );
-    assert_eq!(
-        websocket.subscribe(1, &["agents/ws/wake"]).await,
-        vec![ReasonCode(1)]
-    );
+    websocket.connect_accepted("ws", &token, 30).await;
+    websocket.subscribe_granted(1, &["agents/ws/wake"]).await;
     let e = next_presence(&mut server, "agents/ws/presence").await;
     assert_eq!(serde_json_path(&e), "443-websocket");
 
@@ -946,10 +888,7 @@ async fn the_shared_port_carries_mqtt_by_alpn_and_sniffing_websocket_and_https()
     {
         let topic = format!("agents/{id}/wake");
         let packet_id = 10 + i as u16;
-        assert_eq!(
-            server.publish(packet_id, &topic, b"wake").await,
-            ReasonCode::SUCCESS
-        );
+        server.publish_accepted(packet_id, &topic, b"wake").await;
         let p = client.next_publish().await;
         assert_eq!(
             (p.topic.as_str(), &p.payload[..]),
@@ -999,18 +938,7 @@ async fn metrics_count_connections_refusals_wake_ups_and_descriptors() {
     .await;
     let admin = broker.bound.admin.expect("admin listener");
     let acme = &tenants[0];
-    let cert = acme.certificate("agent", "pc-1");
-    let mut agent = connected(&broker, Cred::Cert(&cert), "pc-1").await;
-    assert_eq!(
-        agent.subscribe(1, &["agents/pc-1/wake"]).await,
-        vec![ReasonCode(1)]
-    );
-    let mut server = console(&broker, acme).await;
-    assert_eq!(
-        server.publish(1, "agents/pc-1/wake", b"wake").await,
-        ReasonCode::SUCCESS
-    );
-    agent.next_publish().await;
+    let (mut agent, _server) = woken_agent(&broker, acme, b"wake").await;
     assert_eq!(
         connack_code(&broker, Cred::None, "x", ProtocolVersion::V5).await,
         ReasonCode::NOT_AUTHORIZED
@@ -1085,10 +1013,7 @@ async fn a_proxy_protocol_header_gives_the_client_address_in_presence() {
             .await
             .expect("TLS");
         let mut agent = Client::over(Box::new(tls), ProtocolVersion::V5);
-        assert_eq!(
-            agent.connect_with(id, &Cred::None, 60).await.code,
-            ReasonCode::SUCCESS
-        );
+        agent.connect_accepted(id, &Cred::None, 60).await;
         let e = next_presence(&mut server, &format!("agents/{id}/presence")).await;
         assert_eq!(e.remote_addr, expected);
         assert_eq!(serde_json_path(&e), "443-mqtt");
@@ -1110,12 +1035,7 @@ async fn shutdown_tells_connected_servers_that_every_identity_goes() {
     let mut server = presence_watcher(&broker, acme).await;
     let cert = acme.certificate("agent", "pc-1");
     let _agent = connected(&broker, Cred::Cert(&cert), "pc-1").await;
-    assert_eq!(
-        next_presence(&mut server, "agents/pc-1/presence")
-            .await
-            .state,
-        PresenceState::Connected
-    );
+    connected_event(&mut server, "agents/pc-1/presence").await;
     let stop = tokio::spawn(async move {
         broker.stop().await;
     });
@@ -1152,12 +1072,9 @@ async fn anonymous_clients_beside_tenants_see_plain_topics_and_never_a_tenants()
         TestBroker::start_with(&["acme"], |c| c.allow_anonymous = true).await;
     let acme = &tenants[0];
     let mut anon = connected(&broker, Cred::None, "dev-1").await;
-    assert_eq!(anon.subscribe(1, &["#"]).await, vec![ReasonCode(1)]);
+    anon.subscribe_granted(1, &["#"]).await;
     let mut anon2 = connected(&broker, Cred::None, "dev-2").await;
-    assert_eq!(
-        anon2.publish(1, "demo/topic", b"hello").await,
-        ReasonCode::SUCCESS
-    );
+    anon2.publish_accepted(1, "demo/topic", b"hello").await;
     let p = anon.next_publish().await;
     assert_eq!(
         (p.topic.as_str(), &p.payload[..]),
@@ -1165,28 +1082,14 @@ async fn anonymous_clients_beside_tenants_see_plain_topics_and_never_a_tenants()
     );
 
     // Tenant traffic never reaches the anonymous namespace.
-    let cert = acme.certificate("agent", "pc-1");
-    let mut agent = connected(&broker, Cred::Cert(&cert), "pc-1").await;
-    assert_eq!(
-        agent.subscribe(1, &["agents/pc-1/wake"]).await,
-        vec![ReasonCode(1)]
-    );
-    let mut server = console(&broker, acme).await;
-    assert_eq!(
-        server.publish(1, "agents/pc-1/wake", b"secret").await,
-        ReasonCode::SUCCESS
-    );
-    assert_eq!(&agent.next_publish().await.payload[..], b"secret");
+    let (mut agent, _server) = woken_agent(&broker, acme, b"secret").await;
     let seen = anon.publishes_until_ping().await;
     assert!(
         seen.is_empty(),
         "anonymous client saw tenant traffic: {seen:?}"
     );
     // And an anonymous publish to a tenant-looking topic stays anonymous.
-    assert_eq!(
-        anon2.publish(2, "agents/pc-1/wake", b"fake").await,
-        ReasonCode::SUCCESS
-    );
+    anon2.publish_accepted(2, "agents/pc-1/wake", b"fake").await;
     let seen = agent.publishes_until_ping().await;
     assert!(
         seen.is_empty(),
@@ -1265,25 +1168,16 @@ async fn a_revoked_token_is_cut_off_and_refused_while_newer_ones_and_others_conn
     let mut pc1 = connected(&broker, Cred::Token(old("pc-1")), "pc-1").await;
     let mut pc2 = connected(&broker, Cred::Token(old("pc-2")), "pc-2").await;
     let topic = "agents/pc-1/presence";
-    assert_eq!(
-        next_presence(&mut server, topic).await.state,
-        PresenceState::Connected
-    );
+    connected_event(&mut server, topic).await;
 
     // The console removes pc-1: tokens issued until 50 s ago are revoked.
-    let file = broker.tenants.join("acme.toml");
-    let mut text = std::fs::read_to_string(&file).expect("tenant file");
-    text.push_str(&format!(
+    let revoked = format!(
         "\n[[revoked]]\nid = \"pc-1\"\ntokens_issued_until = {}\n",
         now() - 50
-    ));
-    std::fs::write(&file, text).expect("rewrite tenant file");
-    closed_by_the_broker(&mut pc1, "the revoked agent").await;
-    let e = next_presence(&mut server, topic).await;
-    assert_eq!(
-        (e.state, e.reason.as_deref()),
-        (PresenceState::Disconnected, Some("revoked"))
     );
+    broker.edit_tenant("acme", |text| text + &revoked);
+    closed_by_the_broker(&mut pc1, "the revoked agent").await;
+    disconnected_event(&mut server, topic, "revoked").await;
     for (version, code) in [
         (ProtocolVersion::V5, ReasonCode::NOT_AUTHORIZED),
         (ProtocolVersion::V311, ReasonCode(5)),

@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Instant;
 
-use beckon_mqtt::{Packet, Properties, Publish, QoS};
+use beckon_mqtt::{Packet, Publish, QoS};
 use bytes::Bytes;
 
 use super::message::Message;
@@ -200,23 +200,6 @@ impl BrokerCore {
             .into_iter()
             .map(|m| (m.topic.clone(), m.payload.clone()))
             .collect()
-    }
-
-    /// Publishes a message on the broker's own behalf to this node's subscribers and
-    /// retained store only (each node does the same on its own, e.g. when another node went
-    /// silent and its identities are released).
-    pub fn publish_from_broker_local(
-        &mut self,
-        now: Instant,
-        topic: String,
-        payload: Bytes,
-        qos: QoS,
-        retain: bool,
-        out: &mut Vec<Action>,
-    ) -> bool {
-        let qos = qos.min(self.config.max_qos);
-        let message = Message::new(now, topic, payload, qos, retain, Properties::default());
-        self.route(now, None, Arc::new(message), out)
     }
 
     /// A PUBACK/PUBREC held for the cluster may now go out ([`ClusterOut::Publish`]).

@@ -160,7 +160,9 @@ impl BrokerCore {
             }),
         });
         if terms.session_present {
-            session.resume(now, config, &mut self.stats, out);
+            // What was in flight goes again first, then the queue.
+            session.resend_inflight(now, &mut self.stats, out);
+            session.pump(now, config, &mut self.stats, out);
         }
         Some(Accepted {
             session_present: terms.session_present,

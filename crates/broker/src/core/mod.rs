@@ -288,29 +288,21 @@ impl BrokerCore {
         match packet {
             Packet::Publish(publish) => self.on_publish(now, conn, key, publish, out),
             Packet::PubAck(ack) => {
-                if let Some(session) = self.sessions.get_mut(&key)
-                    && session.on_puback(ack.packet_id)
-                {
-                    session.pump(now, &self.config, &mut self.stats, out);
-                }
+                self.on_delivery_ack(now, key, out, |session, _| session.on_puback(ack.packet_id));
             }
-            Packet::PubRec(ack) => {
-                if let Some(session) = self.sessions.get_mut(&key) {
-                    if let Some(release) = session.on_pubrec(ack.packet_id, ack.code) {
-                        out.push(Action::Send {
-                            conn,
-                            packet: Packet::PubRel(release),
-                        });
-                    }
-                    session.pump(now, &self.config, &mut self.stats, out);
+            Packet::PubRec(ack) => self.on_delivery_ack(now, key, out, |session, out| {
+                if let Some(release) = session.on_pubrec(ack.packet_id, ack.code) {
+                    out.push(Action::Send {
+                        conn,
+                        packet: Packet::PubRel(release),
+                    });
                 }
-            }
+                true
+            }),
             Packet::PubComp(ack) => {
-                if let Some(session) = self.sessions.get_mut(&key)
-                    && session.on_pubcomp(ack.packet_id)
-                {
-                    session.pump(now, &self.config, &mut self.stats, out);
-                }
+                self.on_delivery_ack(now, key, out, |session, _| {
+                    session.on_pubcomp(ack.packet_id)
+                });
             }
             Packet::PubRel(ack) => {
                 if let Some(session) = self.sessions.get_mut(&key) {
@@ -512,6 +504,23 @@ impl BrokerCore {
         matched
     }
 
+    /// An acknowledgement of a delivery to `key`'s session: `apply` hands it to the session
+    /// (and sends any answer), returning whether the in-flight window may have room now; if
+    /// so, queued messages follow.
+    fn on_delivery_ack(
+        &mut self,
+        now: Instant,
+        key: SessionKey,
+        out: &mut Vec<Action>,
+        apply: impl FnOnce(&mut Session, &mut Vec<Action>) -> bool,
+    ) {
+        if let Some(session) = self.sessions.get_mut(&key)
+            && apply(session, out)
+        {
+            session.pump(now, &self.config, &mut self.stats, out);
+        }
+    }
+
     /// Publishes a message on the broker's own behalf (presence events): stored if retained
     /// and routed to every matching subscription, with no publishing session. Returns whether
     /// at least one subscription received it.
@@ -524,17 +533,31 @@ impl BrokerCore {
         retain: bool,
         out: &mut Vec<Action>,
     ) -> bool {
+        let message = self.broker_message(now, topic, payload, qos, retain);
+        self.hand_to_cluster(now, &message, None);
+        self.route(now, None, message, out)
+    }
+
+    /// A message the broker publishes on its own behalf (no properties, `qos` capped at the
+    /// configured maximum), for [`publish_from_broker`](Self::publish_from_broker) or for
+    /// routing on this node only.
+    fn broker_message(
+        &self,
+        now: Instant,
+        topic: String,
+        payload: Bytes,
+        qos: QoS,
+        retain: bool,
+    ) -> Arc<Message> {
         let qos = qos.min(self.config.max_qos);
-        let message = Arc::new(Message::new(
+        Arc::new(Message::new(
             now,
             topic,
             payload,
             qos,
             retain,
             Properties::default(),
-        ));
-        self.hand_to_cluster(now, &message, None);
-        self.route(now, None, message, out)
+        ))
     }
 
     fn publish_will(

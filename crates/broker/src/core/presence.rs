@@ -246,19 +246,11 @@ impl BrokerCore {
     /// connected.
     fn release_elsewhere(&mut self, now: Instant, identity: &Identity, out: &mut Vec<Action>) {
         let topic = acl::presence_topic(identity);
-        let Some(payload) = self.retained_payload(&topic, now) else {
+        let retained = self.retained_payload(&topic, now);
+        let Some(event) = retained.as_deref().and_then(connected_event) else {
             return;
         };
-        let Ok(mut event) = PresenceEvent::from_json(&payload) else {
-            return;
-        };
-        if event.state != PresenceState::Connected {
-            return;
-        }
-        event.state = PresenceState::Disconnected;
-        event.at = (self.wall_clock)();
-        event.reason = Some(PresenceReason::TakenOver.as_str().to_owned());
-        let payload = Bytes::from(event.to_json());
+        let payload = self.ended(event, PresenceReason::TakenOver);
         self.publish_from_broker(now, topic, payload, QoS::AtLeastOnce, true, out);
     }
 
@@ -270,22 +262,36 @@ impl BrokerCore {
         let mut released = 0;
         for filter in ["t/+/agents/+/presence", "t/+/servers/+/presence"] {
             for (topic, payload) in self.retained_matching(filter, now) {
-                let Ok(mut event) = PresenceEvent::from_json(&payload) else {
+                let Some(event) =
+                    connected_event(&payload).filter(|e| e.node.as_deref() == Some(lost))
+                else {
                     continue;
                 };
-                if event.state != PresenceState::Connected || event.node.as_deref() != Some(lost) {
-                    continue;
-                }
-                event.state = PresenceState::Disconnected;
-                event.at = (self.wall_clock)();
-                event.reason = Some(PresenceReason::NodeLost.as_str().to_owned());
-                let payload = Bytes::from(event.to_json());
-                self.publish_from_broker_local(now, topic, payload, QoS::AtLeastOnce, true, out);
+                let payload = self.ended(event, PresenceReason::NodeLost);
+                // To this node's subscribers and retained store only: not handed to the
+                // cluster.
+                let message = self.broker_message(now, topic, payload, QoS::AtLeastOnce, true);
+                self.route(now, None, message, out);
                 released += 1;
             }
         }
         released
     }
+
+    /// The disconnected event for `why`, now, that ends the connected `event`.
+    fn ended(&self, mut event: PresenceEvent, why: PresenceReason) -> Bytes {
+        event.state = PresenceState::Disconnected;
+        event.at = (self.wall_clock)();
+        event.reason = Some(why.as_str().to_owned());
+        Bytes::from(event.to_json())
+    }
+}
+
+/// The event in a retained presence `payload` when it says connected.
+fn connected_event(payload: &[u8]) -> Option<PresenceEvent> {
+    PresenceEvent::from_json(payload)
+        .ok()
+        .filter(|event| event.state == PresenceState::Connected)
 }
 
 /// The topic and payload of `present`'s event.

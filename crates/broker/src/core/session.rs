@@ -8,7 +8,7 @@ use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::Instant;
 
-use beckon_mqtt::{Ack, Packet, ProtocolVersion, QoS, ReasonCode, Will};
+use beckon_mqtt::{Ack, Packet, ProtocolVersion, Publish, QoS, ReasonCode, Will};
 
 use super::message::{Message, publish_len};
 use super::{Action, ConnId, ConnectionInfo, CoreConfig, CoreStats};
@@ -169,25 +169,9 @@ impl Session {
         out: &mut Vec<Action>,
     ) {
         let packet_id = (delivery.qos != QoS::AtMostOnce).then(|| self.alloc_packet_id());
-        let Some(publish) = delivery.msg.to_publish(
-            now,
-            delivery.qos,
-            delivery.retain,
-            packet_id,
-            &delivery.sub_ids,
-        ) else {
-            stats.dropped_expired += 1;
+        let Some(publish) = self.publish_of(now, &delivery, packet_id, stats) else {
             return;
         };
-        if self
-            .link
-            .max_packet_size
-            .is_some_and(|max| publish_len(&publish, self.protocol) > max as usize)
-        {
-            // [MQTT-3.1.2-25]: discard, and behave as if the message had been sent.
-            stats.dropped_too_large += 1;
-            return;
-        }
         if let Some(packet_id) = packet_id {
             self.inflight.push_back(Outgoing {
                 packet_id,
@@ -222,50 +206,62 @@ impl Session {
         }
     }
 
-    /// On resuming a session: resends every unacknowledged PUBLISH with DUP set and every
-    /// PUBREL, with their original packet ids ([MQTT-4.4.0-1]), then the queue. Unreleased
-    /// messages that expired meanwhile, or are too large for the new connection, are dropped.
-    pub fn resume(
-        &mut self,
+    /// The PUBLISH of `delivery` under `packet_id`, or `None` (and counted) when the message
+    /// expired or is too large for the client's Maximum Packet Size ([MQTT-3.1.2-25]:
+    /// discarded, as if it had been sent).
+    fn publish_of(
+        &self,
         now: Instant,
-        config: &CoreConfig,
+        delivery: &Pending,
+        packet_id: Option<u16>,
         stats: &mut CoreStats,
-        out: &mut Vec<Action>,
-    ) {
+    ) -> Option<Publish> {
+        let Some(publish) = delivery.msg.to_publish(
+            now,
+            delivery.qos,
+            delivery.retain,
+            packet_id,
+            &delivery.sub_ids,
+        ) else {
+            stats.dropped_expired += 1;
+            return None;
+        };
+        if self
+            .link
+            .max_packet_size
+            .is_some_and(|max| publish_len(&publish, self.protocol) > max as usize)
+        {
+            stats.dropped_too_large += 1;
+            return None;
+        }
+        Some(publish)
+    }
+
+    /// On resuming a session, before [`pump`](Self::pump) sends the queue: resends every
+    /// unacknowledged PUBLISH with DUP set and every PUBREL, with their original packet ids
+    /// ([MQTT-4.4.0-1]). Unreleased messages that expired meanwhile, or are too large for the
+    /// new connection, are dropped.
+    pub fn resend_inflight(&mut self, now: Instant, stats: &mut CoreStats, out: &mut Vec<Action>) {
         let Some(conn) = self.conn else {
             return;
         };
-        let protocol = self.protocol;
-        let max = self.link.max_packet_size;
-        self.inflight.retain(|o| {
-            if o.released {
-                out.push(Action::Send {
-                    conn,
-                    packet: Packet::PubRel(Ack::new(o.packet_id)),
-                });
-                return true;
-            }
-            let d = &o.delivery;
-            let Some(mut publish) =
-                d.msg
-                    .to_publish(now, d.qos, d.retain, Some(o.packet_id), &d.sub_ids)
-            else {
-                stats.dropped_expired += 1;
-                return false;
+        let mut inflight = std::mem::take(&mut self.inflight);
+        inflight.retain(|o| {
+            let packet = if o.released {
+                Packet::PubRel(Ack::new(o.packet_id))
+            } else {
+                let Some(mut publish) = self.publish_of(now, &o.delivery, Some(o.packet_id), stats)
+                else {
+                    return false;
+                };
+                publish.dup = true;
+                stats.publishes_sent += 1;
+                Packet::Publish(publish)
             };
-            if max.is_some_and(|max| publish_len(&publish, protocol) > max as usize) {
-                stats.dropped_too_large += 1;
-                return false;
-            }
-            publish.dup = true;
-            stats.publishes_sent += 1;
-            out.push(Action::Send {
-                conn,
-                packet: Packet::Publish(publish),
-            });
+            out.push(Action::Send { conn, packet });
             true
         });
-        self.pump(now, config, stats, out);
+        self.inflight = inflight;
     }
 
     /// PUBACK from the client: ends a QoS 1 delivery. False when no such delivery exists.

@@ -477,6 +477,15 @@ mod tests {
         parse_filter(filter).expect("valid filter in test")
     }
 
+    /// A tree in which session `n` subscribes to the `n`th of `filters` (counting from 1).
+    fn tree_of(filters: &[&str]) -> TopicTree {
+        let mut tree = TopicTree::default();
+        for (session, filter) in (1..).zip(filters) {
+            tree.insert(plain(filter), entry(session));
+        }
+        tree
+    }
+
     /// The specification's matching rules, written as plainly as possible.
     fn naive_matches(filter: &str, topic: &str) -> bool {
         let f: Vec<&str> = filter.split('/').collect();
@@ -528,13 +537,14 @@ mod tests {
 
     #[test]
     fn wildcards_match_as_specified() {
-        let mut tree = TopicTree::default();
-        tree.insert(plain("sport/#"), entry(1));
-        tree.insert(plain("sport/+/player1"), entry(2));
-        tree.insert(plain("#"), entry(3));
-        tree.insert(plain("+/tennis/+"), entry(4));
-        tree.insert(plain("sport/tennis/player1"), entry(5));
-        tree.insert(plain("+"), entry(6));
+        let mut tree = tree_of(&[
+            "sport/#",
+            "sport/+/player1",
+            "#",
+            "+/tennis/+",
+            "sport/tennis/player1",
+            "+",
+        ]);
         assert_eq!(
             sessions_matching(&mut tree, "sport/tennis/player1"),
             vec![1, 2, 3, 4, 5]
@@ -546,11 +556,7 @@ mod tests {
 
     #[test]
     fn dollar_topics_are_not_matched_by_leading_wildcards() {
-        let mut tree = TopicTree::default();
-        tree.insert(plain("#"), entry(1));
-        tree.insert(plain("+/monitor/Clients"), entry(2));
-        tree.insert(plain("$SYS/#"), entry(3));
-        tree.insert(plain("$SYS/monitor/+"), entry(4));
+        let mut tree = tree_of(&["#", "+/monitor/Clients", "$SYS/#", "$SYS/monitor/+"]);
         assert_eq!(
             sessions_matching(&mut tree, "$SYS/monitor/Clients"),
             vec![3, 4]

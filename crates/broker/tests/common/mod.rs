@@ -1,15 +1,17 @@
-//! What the broker's test programs share: a client speaking raw MQTT over any stream, and a
-//! TLS client configuration for the broker. Every wait is bounded by [`WAIT`].
+//! What the broker's test programs share: a client speaking raw MQTT over any stream, the
+//! packets they send most, and a TLS client configuration for the broker. Every wait is bounded by [`WAIT`].
 
 // Each test program uses its own part.
 #![allow(dead_code)]
 
 use std::path::Path;
-use std::sync::Arc;
 use std::time::Duration;
 
-use beckon_mqtt::{Packet, ProtocolVersion, decode, encode};
-use bytes::BytesMut;
+use beckon_mqtt::{
+    Packet, Properties, ProtocolVersion, Publish, QoS, Subscribe, Subscription,
+    SubscriptionOptions, decode, encode,
+};
+use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio_rustls::rustls;
 
@@ -98,8 +100,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
     }
 }
 
-/// A rustls client trusting the CA in `ca_pem`, offering the `alpn` protocols, with the
-/// client certificate `identity` when given.
+/// A client configuration of the TLS policy trusting the CA in `ca_pem`, offering the `alpn`
+/// protocols, with the client certificate `identity` when given.
 pub fn client_tls_config(
     ca_pem: &Path,
     alpn: &[&[u8]],
@@ -110,22 +112,52 @@ pub fn client_tls_config(
     for c in beckon_pki::load_certificates(ca_pem).expect("ca") {
         roots.add(c).expect("root");
     }
-    let builder = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::aws_lc_rs::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .expect("versions")
-    .with_root_certificates(roots);
-    let mut config = match identity {
-        None => builder.with_no_client_auth(),
-        Some(id) => builder
-            .with_client_auth_cert(
-                vec![id.cert_der().expect("der")],
-                rustls::pki_types::PrivateKeyDer::from_pem_slice(id.key_pem.as_bytes())
-                    .expect("key"),
-            )
-            .expect("client cert"),
+    let identity = identity.map(|id| {
+        (
+            vec![id.cert_der().expect("der")],
+            rustls::pki_types::PrivateKeyDer::from_pem_slice(id.key_pem.as_bytes()).expect("key"),
+        )
+    });
+    let options = beckon_pki::ClientTlsOptions {
+        alpn: alpn.iter().map(|p| p.to_vec()).collect(),
+        ..beckon_pki::ClientTlsOptions::default()
     };
-    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
-    config
+    beckon_pki::client_config(
+        beckon_pki::ServerVerification::Roots(roots),
+        identity,
+        &options,
+    )
+    .expect("client config")
+}
+
+/// A SUBSCRIBE of `filters`, each at `qos`.
+pub fn subscribe_packet(packet_id: u16, filters: &[&str], qos: QoS) -> Packet {
+    Packet::Subscribe(Subscribe {
+        packet_id,
+        subscriptions: filters
+            .iter()
+            .map(|filter| Subscription {
+                filter: (*filter).to_owned(),
+                options: SubscriptionOptions {
+                    qos,
+                    ..SubscriptionOptions::default()
+                },
+            })
+            .collect(),
+        properties: Properties::default(),
+    })
+}
+
+/// A PUBLISH of `payload` to `topic` at `qos`, not retained; `packet_id` is used at QoS 1
+/// and 2.
+pub fn publish_packet(topic: &str, qos: QoS, packet_id: u16, payload: Bytes) -> Packet {
+    Packet::Publish(Publish {
+        dup: false,
+        qos,
+        retain: false,
+        topic: topic.into(),
+        packet_id: (qos != QoS::AtMostOnce).then_some(packet_id),
+        payload,
+        properties: Properties::default(),
+    })
 }
