@@ -160,8 +160,7 @@ pub(super) struct NewUserRequest {
 }
 
 pub(super) async fn create_user(
-    State(st): State<AppState>,
-    Admin(who): Admin,
+    a: Admin,
     Body(req): Body<NewUserRequest>,
 ) -> ApiResult<(StatusCode, Json<serde_json::Value>)> {
     check_group_name(&req.name).map_err(|_| {
@@ -173,10 +172,10 @@ pub(super) async fn create_user(
     check_password(&req.password)?;
     let hashed = hash(req.password).await?;
     let name = req.name.clone();
-    st.store
-        .run(move |s| s.create_user(&name, &hashed, now_ms()))
-        .await?;
-    audit(&st, &who, "user.create", json!({"name": req.name})).await;
+    a.audited("user.create", json!({"name": req.name}), move |s| {
+        s.create_user(&name, &hashed, now_ms())
+    })
+    .await?;
     Ok((StatusCode::CREATED, Json(json!({"name": req.name}))))
 }
 
@@ -188,18 +187,17 @@ pub(super) struct PasswordChange {
 }
 
 pub(super) async fn change_password(
-    State(st): State<AppState>,
-    Admin(who): Admin,
+    a: Admin,
     Body(req): Body<PasswordChange>,
 ) -> ApiResult<StatusCode> {
-    let Some(user) = who.name.strip_prefix("user:").map(str::to_owned) else {
+    let Some(user) = a.who.name.strip_prefix("user:").map(str::to_owned) else {
         return Err(ApiError::new(
             StatusCode::FORBIDDEN,
             "API tokens have no password: log in as the user to change it",
         ));
     };
     let u = user.clone();
-    let stored = st.store.run(move |s| s.password_hash(&u)).await?;
+    let stored = a.run(move |s| s.password_hash(&u)).await?;
     let current = req.current;
     let ok = tokio::task::spawn_blocking(move || verify_password(&current, &stored).is_right())
         .await
@@ -209,8 +207,9 @@ pub(super) async fn change_password(
     }
     check_password(&req.new)?;
     let hashed = hash(req.new).await?;
-    let u = user.clone();
-    st.store.run(move |s| s.set_password(&u, &hashed)).await?;
-    audit(&st, &who, "user.password", json!({"name": user})).await;
+    a.audited("user.password", json!({"name": user}), move |s| {
+        s.set_password(&user, &hashed)
+    })
+    .await?;
     Ok(StatusCode::NO_CONTENT)
 }

@@ -31,7 +31,7 @@ use serde_json::json;
 use crate::AppState;
 use crate::model::*;
 use crate::secrets::token_hash;
-use crate::store::{Principal, StoreError};
+use crate::store::{Principal, Store, StoreError, StoreResult};
 
 use agents::*;
 use auth::*;
@@ -165,9 +165,6 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequestParts<S> for Query<T> {
     }
 }
 
-/// An authenticated administrator (API token or session cookie).
-pub struct Admin(pub Principal);
-
 fn bearer(headers: &HeaderMap) -> Option<&str> {
     headers
         .get(AUTHORIZATION)?
@@ -186,28 +183,81 @@ fn session_cookie(headers: &HeaderMap) -> Option<String> {
     })
 }
 
+/// An authenticated administrator's request (API token or session cookie): the console's
+/// state and who asks. Every route that needs an administrator takes it as its first
+/// argument, reads and writes the store through [`Admin::run`], and records what it changed
+/// with [`Admin::audited`] (or [`Admin::audit`] when the entry needs the result).
+pub struct Admin {
+    st: AppState,
+    who: Principal,
+}
+
 impl FromRequestParts<AppState> for Admin {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> ApiResult<Self> {
-        if let Some(token) = bearer(&parts.headers) {
+        let who = if let Some(token) = bearer(&parts.headers) {
             if !token.starts_with("bkt_") {
                 return Err(ApiError::unauthorized(
                     "this bearer token is not an API token (they start with bkt_): create one under API tokens",
                 ));
             }
             let hash = token_hash(token);
-            let p = state.store.run(move |s| s.api_token(&hash)).await?;
-            return Ok(Admin(p));
-        }
-        if let Some(cookie) = session_cookie(&parts.headers) {
+            state.store.run(move |s| s.api_token(&hash)).await?
+        } else if let Some(cookie) = session_cookie(&parts.headers) {
             let hash = token_hash(&cookie);
-            let p = state.store.run(move |s| s.session(&hash, now_ms())).await?;
-            return Ok(Admin(p));
+            state.store.run(move |s| s.session(&hash, now_ms())).await?
+        } else {
+            return Err(ApiError::unauthorized(
+                "authentication required: send Authorization: Bearer <API token>, or log in (POST /api/v1/login)",
+            ));
+        };
+        Ok(Admin {
+            st: state.clone(),
+            who,
+        })
+    }
+}
+
+impl Admin {
+    /// Runs `f` with the store on the blocking pool; a store error becomes its API error.
+    async fn run<T, F>(&self, f: F) -> ApiResult<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&dyn Store) -> StoreResult<T> + Send + 'static,
+    {
+        Ok(self.st.store.run(f).await?)
+    }
+
+    /// Records `what` this administrator did in the audit log. A failure to write it is
+    /// logged, not answered: the change itself is done.
+    async fn audit(&self, what: &'static str, detail: serde_json::Value) {
+        let who = self.who.name.clone();
+        if let Err(e) = self
+            .st
+            .store
+            .run(move |s| s.audit(&who, what, detail, now_ms()))
+            .await
+        {
+            tracing::warn!(error = %e, what, "could not write the audit log");
         }
-        Err(ApiError::unauthorized(
-            "authentication required: send Authorization: Bearer <API token>, or log in (POST /api/v1/login)",
-        ))
+    }
+
+    /// Runs the change `f` with the store and, when it succeeded, records it in the audit
+    /// log as `what` with `detail`.
+    async fn audited<T, F>(
+        &self,
+        what: &'static str,
+        detail: serde_json::Value,
+        f: F,
+    ) -> ApiResult<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&dyn Store) -> StoreResult<T> + Send + 'static,
+    {
+        let done = self.run(f).await?;
+        self.audit(what, detail).await;
+        Ok(done)
     }
 }
 
@@ -311,17 +361,6 @@ pub fn router(state: AppState) -> Router {
 
 async fn openapi() -> Json<serde_json::Value> {
     Json(crate::openapi::document())
-}
-
-async fn audit(st: &AppState, who: &Principal, what: &'static str, detail: serde_json::Value) {
-    let who = who.name.clone();
-    if let Err(e) = st
-        .store
-        .run(move |s| s.audit(&who, what, detail, now_ms()))
-        .await
-    {
-        tracing::warn!(error = %e, what, "could not write the audit log");
-    }
 }
 
 fn check_text(field: &str, value: &str, min: usize, max: usize) -> ApiResult<()> {
