@@ -206,7 +206,6 @@ pub struct DeliveryAdvance {
     pub at: Millis,
 }
 
-/// What a session or bearer token resolves to.
 /// One agent's pending wake-ups: its id, then each call and delivery.
 pub type AgentPending = (String, Vec<(WakeCall, CallDelivery)>);
 
@@ -225,6 +224,7 @@ pub struct PresenceUpdate {
     pub remote_addr: Option<String>,
 }
 
+/// What a session or bearer token resolves to.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Principal {
     /// Shown as `created_by` and in the audit log: `user:alice` or `token:ci`.
@@ -295,27 +295,18 @@ pub trait AgentStore {
     ) -> StoreResult<Agent>;
 
     /// Records a presence change.
-    fn set_presence(
-        &self,
-        id: &str,
-        presence: Presence,
-        at: Millis,
-        path: Option<String>,
-        remote_addr: Option<String>,
-    ) -> StoreResult<()>;
+    fn set_presence(&self, update: PresenceUpdate) -> StoreResult<()> {
+        self.set_presences(vec![update])
+    }
 
     /// Marks every agent recorded `online` that is not in `still_online` as `offline` at
     /// `at` (unless a newer event is recorded): the broker's retained presence, read after
     /// the console (re)connects, is the whole truth. Returns the agents changed.
     fn reconcile_presence(&self, still_online: &[String], at: Millis) -> StoreResult<Vec<String>>;
 
-    /// Records several presence changes, in one transaction where the store can.
-    fn set_presences(&self, updates: Vec<PresenceUpdate>) -> StoreResult<()> {
-        for u in updates {
-            self.set_presence(&u.agent_id, u.presence, u.at, u.path, u.remote_addr)?;
-        }
-        Ok(())
-    }
+    /// Records several presence changes in one transaction. An event older than the
+    /// agent's recorded presence changes nothing.
+    fn set_presences(&self, updates: Vec<PresenceUpdate>) -> StoreResult<()>;
 
     /// Creates a group.
     fn create_group(&self, name: &str, description: &str, now: Millis) -> StoreResult<Group>;
@@ -344,18 +335,13 @@ pub trait CallStore {
     /// Calls, newest first.
     fn list_calls(&self, limit: u32) -> StoreResult<Vec<WakeCall>>;
 
-    /// Moves `agent_id`'s delivery with this wake-up id (and those it carried) to `state` if that is
-    /// progress; returns the deliveries that changed.
-    fn advance_delivery(
-        &self,
-        agent_id: &str,
-        wakeup_id: &str,
-        state: CallState,
-        update: DeliveryUpdate,
-        at: Millis,
-    ) -> StoreResult<Vec<CallDelivery>>;
+    /// Moves the agent's delivery with the advance's wake-up id (and those it carried) to the
+    /// advance's state if that is progress; returns the deliveries that changed.
+    fn advance_delivery(&self, advance: DeliveryAdvance) -> StoreResult<Vec<CallDelivery>> {
+        self.advance_deliveries(vec![advance])
+    }
 
-    /// Several [`advance_delivery`](Store::advance_delivery) in one transaction (one commit
+    /// Several [`advance_delivery`](Self::advance_delivery) in one transaction (one commit
     /// for a burst of PUBACKs or acks); returns every delivery that changed.
     fn advance_deliveries(&self, batch: Vec<DeliveryAdvance>) -> StoreResult<Vec<CallDelivery>>;
 

@@ -65,10 +65,7 @@ pub(super) fn load_agent(conn: &Connection, id: &str) -> StoreResult<Agent> {
         )
         .optional()
         .map_err(sql("reading an agent"))?
-        .ok_or_else(|| StoreError::NotFound {
-            what: "agent",
-            id: id.to_owned(),
-        })?;
+        .ok_or_else(|| not_found("agent", id))?;
     fill_groups(conn, &mut agent).map_err(sql("reading an agent's groups"))?;
     Ok(agent)
 }
@@ -232,11 +229,13 @@ impl AgentStore for SqliteStore {
             where_.join(" AND "),
             f.offset
         );
-        let mut stmt = conn.prepare(&query).map_err(sql("listing agents"))?;
-        let mut agents: Vec<Agent> = stmt
-            .query_map(rusqlite::params_from_iter(args.iter()), agent_from_row)
-            .and_then(|rows| rows.collect())
-            .map_err(sql("listing agents"))?;
+        let mut agents: Vec<Agent> = query_all(
+            &conn,
+            &query,
+            rusqlite::params_from_iter(args.iter()),
+            agent_from_row,
+            "listing agents",
+        )?;
         for a in &mut agents {
             fill_groups(&conn, a).map_err(sql("reading an agent's groups"))?;
         }
@@ -264,10 +263,7 @@ impl AgentStore for SqliteStore {
         let tx = conn.transaction().map_err(sql("starting a transaction"))?;
         let current = load_agent(&tx, id)?;
         if current.revoked {
-            return Err(StoreError::NotFound {
-                what: "agent",
-                id: id.to_owned(),
-            });
+            return Err(not_found("agent", id));
         }
         if let Some(name) = name {
             tx.execute(
@@ -301,10 +297,7 @@ impl AgentStore for SqliteStore {
             .map_err(sql("revoking an agent's certificates"))?;
         }
         if n == 0 {
-            return Err(StoreError::NotFound {
-                what: "agent",
-                id: id.to_owned(),
-            });
+            return Err(not_found("agent", id));
         }
         tx.execute(
             "UPDATE deliveries SET state = 'failed', finished_at = ?1, detail = 'the agent was revoked' WHERE agent_id = ?2 AND state IN ('queued', 'sent', 'delivered', 'started')",
@@ -381,10 +374,7 @@ impl AgentStore for SqliteStore {
             .optional()
             .map_err(sql("checking an agent"))?;
         if revoked != Some(false) {
-            return Err(StoreError::NotFound {
-                what: "agent",
-                id: id.to_owned(),
-            });
+            return Err(not_found("agent", id));
         }
         insert_certificate(&tx, id, certificate)?;
         tx.commit().map_err(sql("recording a certificate"))?;
@@ -433,43 +423,21 @@ impl AgentStore for SqliteStore {
         }
         .map_err(sql("recording a check-in"))?;
         if n == 0 {
-            return Err(StoreError::NotFound {
-                what: "agent",
-                id: id.to_owned(),
-            });
+            return Err(not_found("agent", id));
         }
         load_agent(&conn, id)
-    }
-
-    fn set_presence(
-        &self,
-        id: &str,
-        presence: Presence,
-        at: Millis,
-        path: Option<String>,
-        remote_addr: Option<String>,
-    ) -> StoreResult<()> {
-        // Retained presence may arrive late or twice: an older event never overwrites a newer.
-        self.conn()
-            .execute(
-                "UPDATE agents SET presence = ?1, presence_at = ?2, path = COALESCE(?3, path), remote_addr = COALESCE(?4, remote_addr) WHERE id = ?5 AND (presence_at IS NULL OR presence_at <= ?2)",
-                params![presence.as_str(), at, path, remote_addr, id],
-            )
-            .map_err(sql("recording presence"))?;
-        Ok(())
     }
 
     fn reconcile_presence(&self, still_online: &[String], at: Millis) -> StoreResult<Vec<String>> {
         let mut conn = self.conn();
         let tx = conn.transaction().map_err(sql("starting a transaction"))?;
-        let online: Vec<String> = {
-            let mut stmt = tx
-                .prepare("SELECT id FROM agents WHERE presence = 'online'")
-                .map_err(sql("reading presence"))?;
-            stmt.query_map([], |r| r.get(0))
-                .and_then(|rows| rows.collect::<Result<Vec<String>, _>>())
-                .map_err(sql("reading presence"))?
-        };
+        let online: Vec<String> = query_all(
+            &tx,
+            "SELECT id FROM agents WHERE presence = 'online'",
+            [],
+            |r| r.get(0),
+            "reading presence",
+        )?;
         let keep: std::collections::HashSet<&str> =
             still_online.iter().map(String::as_str).collect();
         let mut changed = Vec::new();
@@ -492,6 +460,8 @@ impl AgentStore for SqliteStore {
         let mut conn = self.conn();
         let tx = conn.transaction().map_err(sql("starting a transaction"))?;
         {
+            // Retained presence may arrive late or twice: an older event never overwrites a
+            // newer one.
             let mut stmt = tx
                 .prepare_cached(
                     "UPDATE agents SET presence = ?1, presence_at = ?2, path = COALESCE(?3, path), remote_addr = COALESCE(?4, remote_addr) WHERE id = ?5 AND (presence_at IS NULL OR presence_at <= ?2)",
@@ -540,21 +510,20 @@ impl AgentStore for SqliteStore {
 
     fn list_groups(&self) -> StoreResult<Vec<Group>> {
         let conn = self.conn();
-        let mut stmt = conn
-            .prepare(
-                "SELECT g.name, g.description, g.created_at, (SELECT COUNT(*) FROM agent_groups ag JOIN agents a ON a.id = ag.agent_id WHERE ag.group_name = g.name AND a.revoked = 0) FROM groups g ORDER BY g.name",
-            )
-            .map_err(sql("listing groups"))?;
-        stmt.query_map([], |r| {
-            Ok(Group {
-                name: r.get(0)?,
-                description: r.get(1)?,
-                created_at: r.get(2)?,
-                members: r.get(3)?,
-            })
-        })
-        .and_then(|rows| rows.collect())
-        .map_err(sql("listing groups"))
+        query_all(
+            &conn,
+            "SELECT g.name, g.description, g.created_at, (SELECT COUNT(*) FROM agent_groups ag JOIN agents a ON a.id = ag.agent_id WHERE ag.group_name = g.name AND a.revoked = 0) FROM groups g ORDER BY g.name",
+            [],
+            |r| {
+                Ok(Group {
+                    name: r.get(0)?,
+                    description: r.get(1)?,
+                    created_at: r.get(2)?,
+                    members: r.get(3)?,
+                })
+            },
+            "listing groups",
+        )
     }
 
     fn delete_group(&self, name: &str) -> StoreResult<()> {
@@ -563,10 +532,7 @@ impl AgentStore for SqliteStore {
             .execute("DELETE FROM groups WHERE name = ?1", [name])
             .map_err(sql("deleting a group"))?;
         if n == 0 {
-            return Err(StoreError::NotFound {
-                what: "group",
-                id: name.to_owned(),
-            });
+            return Err(not_found("group", name));
         }
         Ok(())
     }

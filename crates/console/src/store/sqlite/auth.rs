@@ -52,14 +52,13 @@ impl AuthStore for SqliteStore {
 
     fn list_enrollment_tokens(&self) -> StoreResult<Vec<EnrollmentToken>> {
         let conn = self.conn();
-        let mut stmt = conn
-            .prepare(&format!(
-                "SELECT {TOKEN_COLUMNS} FROM enrollment_tokens ORDER BY created_at DESC, id"
-            ))
-            .map_err(sql("listing enrollment tokens"))?;
-        stmt.query_map([], token_from_row)
-            .and_then(|rows| rows.collect())
-            .map_err(sql("listing enrollment tokens"))
+        query_all(
+            &conn,
+            &format!("SELECT {TOKEN_COLUMNS} FROM enrollment_tokens ORDER BY created_at DESC, id"),
+            [],
+            token_from_row,
+            "listing enrollment tokens",
+        )
     }
 
     fn revoke_enrollment_token(&self, id: &str) -> StoreResult<()> {
@@ -71,10 +70,7 @@ impl AuthStore for SqliteStore {
             )
             .map_err(sql("revoking an enrollment token"))?;
         if n == 0 {
-            return Err(StoreError::NotFound {
-                what: "enrollment token",
-                id: id.to_owned(),
-            });
+            return Err(not_found("enrollment token", id));
         }
         Ok(())
     }
@@ -111,10 +107,7 @@ impl AuthStore for SqliteStore {
             )
             .map_err(sql("changing a password"))?;
         if n == 0 {
-            return Err(StoreError::NotFound {
-                what: "user",
-                id: name.to_owned(),
-            });
+            return Err(not_found("user", name));
         }
         tx.execute("DELETE FROM sessions WHERE user_name = ?1", [name])
             .map_err(sql("ending a user's sessions"))?;
@@ -137,10 +130,7 @@ impl AuthStore for SqliteStore {
             )
             .optional()
             .map_err(sql("reading a user"))?
-            .ok_or_else(|| StoreError::NotFound {
-                what: "user",
-                id: name.to_owned(),
-            })
+            .ok_or_else(|| not_found("user", name))
     }
 
     fn upgrade_password_hash(
@@ -243,21 +233,20 @@ impl AuthStore for SqliteStore {
 
     fn list_api_tokens(&self) -> StoreResult<Vec<ApiToken>> {
         let conn = self.conn();
-        let mut stmt = conn
-            .prepare(
-                "SELECT id, name, created_at, revoked FROM api_tokens ORDER BY created_at DESC",
-            )
-            .map_err(sql("listing API tokens"))?;
-        stmt.query_map([], |r| {
-            Ok(ApiToken {
-                id: r.get(0)?,
-                name: r.get(1)?,
-                created_at: r.get(2)?,
-                revoked: r.get(3)?,
-            })
-        })
-        .and_then(|rows| rows.collect())
-        .map_err(sql("listing API tokens"))
+        query_all(
+            &conn,
+            "SELECT id, name, created_at, revoked FROM api_tokens ORDER BY created_at DESC",
+            [],
+            |r| {
+                Ok(ApiToken {
+                    id: r.get(0)?,
+                    name: r.get(1)?,
+                    created_at: r.get(2)?,
+                    revoked: r.get(3)?,
+                })
+            },
+            "listing API tokens",
+        )
     }
 
     fn revoke_api_token(&self, id: &str) -> StoreResult<()> {
@@ -266,10 +255,7 @@ impl AuthStore for SqliteStore {
             .execute("UPDATE api_tokens SET revoked = 1 WHERE id = ?1", [id])
             .map_err(sql("revoking an API token"))?;
         if n == 0 {
-            return Err(StoreError::NotFound {
-                what: "API token",
-                id: id.to_owned(),
-            });
+            return Err(not_found("API token", id));
         }
         Ok(())
     }

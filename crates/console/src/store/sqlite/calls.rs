@@ -71,10 +71,7 @@ pub(super) fn load_call(conn: &Connection, id: &str) -> StoreResult<WakeCall> {
         )
         .optional()
         .map_err(sql("reading a call"))?
-        .ok_or_else(|| StoreError::NotFound {
-            what: "wake-up call",
-            id: id.to_owned(),
-        })?;
+        .ok_or_else(|| not_found("wake-up call", id))?;
     fill_counts(conn, &mut call).map_err(sql("counting a call's states"))?;
     Ok(call)
 }
@@ -91,12 +88,16 @@ pub(super) fn state_column(state: CallState) -> Option<&'static str> {
 
 pub(super) fn advance_in(
     tx: &Transaction<'_>,
-    agent_id: &str,
-    wakeup_id: &str,
-    state: CallState,
-    update: &DeliveryUpdate,
-    at: Millis,
+    advance: &DeliveryAdvance,
 ) -> StoreResult<Vec<CallDelivery>> {
+    let DeliveryAdvance {
+        agent_id,
+        wakeup_id,
+        state,
+        update,
+        at,
+    } = advance;
+    let (state, at) = (*state, *at);
     let candidates: Vec<CallDelivery> = {
         let mut stmt = tx
             .prepare_cached(&format!(
@@ -177,23 +178,21 @@ impl CallStore for SqliteStore {
             }
             CallTarget::Group(g) => {
                 check_groups_exist(&tx, std::slice::from_ref(g))?;
-                let mut stmt = tx
-                    .prepare(
-                        "SELECT a.id FROM agents a JOIN agent_groups ag ON ag.agent_id = a.id WHERE ag.group_name = ?1 AND a.revoked = 0 ORDER BY a.id",
-                    )
-                    .map_err(sql("resolving a group"))?;
-                stmt.query_map([g], |r| r.get(0))
-                    .and_then(|rows| rows.collect::<rusqlite::Result<Vec<String>>>())
-                    .map_err(sql("resolving a group"))?
+                query_all(
+                    &tx,
+                    "SELECT a.id FROM agents a JOIN agent_groups ag ON ag.agent_id = a.id WHERE ag.group_name = ?1 AND a.revoked = 0 ORDER BY a.id",
+                    [g],
+                    |r| r.get(0),
+                    "resolving a group",
+                )?
             }
-            CallTarget::All => {
-                let mut stmt = tx
-                    .prepare("SELECT id FROM agents WHERE revoked = 0 ORDER BY id")
-                    .map_err(sql("listing agents"))?;
-                stmt.query_map([], |r| r.get(0))
-                    .and_then(|rows| rows.collect::<rusqlite::Result<Vec<String>>>())
-                    .map_err(sql("listing agents"))?
-            }
+            CallTarget::All => query_all(
+                &tx,
+                "SELECT id FROM agents WHERE revoked = 0 ORDER BY id",
+                [],
+                |r| r.get(0),
+                "listing agents",
+            )?,
         };
         if agent_ids.is_empty() {
             return Err(StoreError::Invalid(format!(
@@ -256,48 +255,31 @@ impl CallStore for SqliteStore {
     fn call(&self, id: &str) -> StoreResult<(WakeCall, Vec<CallDelivery>)> {
         let conn = self.conn();
         let call = load_call(&conn, id)?;
-        let mut stmt = conn
-            .prepare(&format!(
+        let deliveries = query_all(
+            &conn,
+            &format!(
                 "SELECT {DELIVERY_COLUMNS} FROM deliveries WHERE call_id = ?1 ORDER BY agent_id"
-            ))
-            .map_err(sql("reading deliveries"))?;
-        let deliveries = stmt
-            .query_map([id], delivery_from_row)
-            .and_then(|rows| rows.collect())
-            .map_err(sql("reading deliveries"))?;
+            ),
+            [id],
+            delivery_from_row,
+            "reading deliveries",
+        )?;
         Ok((call, deliveries))
     }
 
     fn list_calls(&self, limit: u32) -> StoreResult<Vec<WakeCall>> {
         let conn = self.conn();
-        let mut stmt = conn
-            .prepare(&format!(
-                "SELECT {CALL_COLUMNS} FROM calls ORDER BY created_at DESC, id DESC LIMIT ?1"
-            ))
-            .map_err(sql("listing calls"))?;
-        let mut calls: Vec<WakeCall> = stmt
-            .query_map([limit.max(1)], call_from_row)
-            .and_then(|rows| rows.collect())
-            .map_err(sql("listing calls"))?;
+        let mut calls: Vec<WakeCall> = query_all(
+            &conn,
+            &format!("SELECT {CALL_COLUMNS} FROM calls ORDER BY created_at DESC, id DESC LIMIT ?1"),
+            [limit.max(1)],
+            call_from_row,
+            "listing calls",
+        )?;
         for c in &mut calls {
             fill_counts(&conn, c).map_err(sql("counting a call's states"))?;
         }
         Ok(calls)
-    }
-
-    fn advance_delivery(
-        &self,
-        agent_id: &str,
-        wakeup_id: &str,
-        state: CallState,
-        update: DeliveryUpdate,
-        at: Millis,
-    ) -> StoreResult<Vec<CallDelivery>> {
-        let mut conn = self.conn();
-        let tx = conn.transaction().map_err(sql("starting a transaction"))?;
-        let changed = advance_in(&tx, agent_id, wakeup_id, state, &update, at)?;
-        tx.commit().map_err(sql("updating a delivery"))?;
-        Ok(changed)
     }
 
     fn advance_deliveries(&self, batch: Vec<DeliveryAdvance>) -> StoreResult<Vec<CallDelivery>> {
@@ -305,14 +287,7 @@ impl CallStore for SqliteStore {
         let tx = conn.transaction().map_err(sql("starting a transaction"))?;
         let mut changed = Vec::new();
         for a in &batch {
-            changed.extend(advance_in(
-                &tx,
-                &a.agent_id,
-                &a.wakeup_id,
-                a.state,
-                &a.update,
-                a.at,
-            )?);
+            changed.extend(advance_in(&tx, a)?);
         }
         tx.commit().map_err(sql("updating deliveries"))?;
         Ok(changed)
@@ -324,11 +299,7 @@ impl CallStore for SqliteStore {
         now: Millis,
     ) -> StoreResult<Vec<(WakeCall, CallDelivery)>> {
         let conn = self.conn();
-        let cols: String = DELIVERY_COLUMNS
-            .split(", ")
-            .map(|c| format!("d.{c}"))
-            .collect::<Vec<_>>()
-            .join(", ");
+        let cols = qualified("d", DELIVERY_COLUMNS);
         let mut stmt = conn
             .prepare_cached(&format!(
                 "SELECT {cols}, c.id, c.created_at, c.created_by, c.reason, c.action, c.target, c.expires_at, c.spread FROM deliveries d JOIN calls c ON c.id = d.call_id WHERE d.agent_id = ?1 AND d.state IN ('queued', 'sent') AND c.expires_at > ?2 ORDER BY d.queued_at, d.wakeup_id"
@@ -355,14 +326,13 @@ impl CallStore for SqliteStore {
 
     fn agents_with_queued(&self, now: Millis) -> StoreResult<Vec<String>> {
         let conn = self.conn();
-        let mut stmt = conn
-            .prepare(
-                "SELECT DISTINCT d.agent_id FROM deliveries d JOIN calls c ON c.id = d.call_id WHERE d.state = 'queued' AND c.expires_at > ?1",
-            )
-            .map_err(sql("reading queued wake-ups"))?;
-        stmt.query_map([now], |r| r.get(0))
-            .and_then(|rows| rows.collect())
-            .map_err(sql("reading queued wake-ups"))
+        query_all(
+            &conn,
+            "SELECT DISTINCT d.agent_id FROM deliveries d JOIN calls c ON c.id = d.call_id WHERE d.state = 'queued' AND c.expires_at > ?1",
+            [now],
+            |r| r.get(0),
+            "reading queued wake-ups",
+        )
     }
 
     fn set_carried_by(&self, carried: &[String], carrier: &str) -> StoreResult<()> {
@@ -382,19 +352,16 @@ impl CallStore for SqliteStore {
         let mut conn = self.conn();
         let tx = conn.transaction().map_err(sql("starting a transaction"))?;
         let due: Vec<CallDelivery> = {
-            let cols: String = DELIVERY_COLUMNS
-                .split(", ")
-                .map(|c| format!("d.{c}"))
-                .collect::<Vec<_>>()
-                .join(", ");
-            let mut stmt = tx
-                .prepare(&format!(
+            let cols = qualified("d", DELIVERY_COLUMNS);
+            query_all(
+                &tx,
+                &format!(
                     "SELECT {cols} FROM deliveries d JOIN calls c ON c.id = d.call_id WHERE d.state IN ('queued', 'sent') AND c.expires_at <= ?1"
-                ))
-                .map_err(sql("finding expired wake-ups"))?;
-            stmt.query_map([now], delivery_from_row)
-                .and_then(|rows| rows.collect::<rusqlite::Result<_>>())
-                .map_err(sql("finding expired wake-ups"))?
+                ),
+                [now],
+                delivery_from_row,
+                "finding expired wake-ups",
+            )?
         };
         let mut out = Vec::with_capacity(due.len());
         for mut d in due {

@@ -42,6 +42,38 @@ fn sql(context: &'static str) -> impl FnOnce(rusqlite::Error) -> StoreError {
     move |source| StoreError::Sqlite { context, source }
 }
 
+/// The error for a record that does not exist: no row read, or none changed.
+fn not_found(what: &'static str, id: &str) -> StoreError {
+    StoreError::NotFound {
+        what,
+        id: id.to_owned(),
+    }
+}
+
+/// Every row `query` selects with `params`, each read by `from_row`; `context` says what
+/// the store was doing in an error.
+fn query_all<T, P: rusqlite::Params>(
+    conn: &Connection,
+    query: &str,
+    params: P,
+    from_row: impl FnMut(&rusqlite::Row<'_>) -> rusqlite::Result<T>,
+    context: &'static str,
+) -> StoreResult<Vec<T>> {
+    let mut stmt = conn.prepare(query).map_err(sql(context))?;
+    stmt.query_map(params, from_row)
+        .and_then(|rows| rows.collect())
+        .map_err(sql(context))
+}
+
+/// `columns` (as `"a, b"`) qualified by the table alias `alias` (as `"t.a, t.b"`), for joins.
+fn qualified(alias: &str, columns: &str) -> String {
+    columns
+        .split(", ")
+        .map(|c| format!("{alias}.{c}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 fn json_list(text: &str) -> Vec<String> {
     serde_json::from_str(text).unwrap_or_default()
 }
