@@ -29,10 +29,7 @@ pub(super) async fn list_agents(
     a: Admin,
     Query(q): Query<AgentQuery>,
 ) -> ApiResult<Json<Vec<Agent>>> {
-    let limit = q.limit.unwrap_or(100);
-    if !(1..=1000).contains(&limit) {
-        return Err(ApiError::bad_request("limit must be 1 to 1000"));
-    }
+    let limit = check_limit(q.limit, 100)?;
     let filter = AgentFilter {
         search: q.search.filter(|s| !s.is_empty()),
         group: q.group,

@@ -134,20 +134,11 @@ pub(super) async fn create_call(
     Ok((StatusCode::CREATED, Json(body)))
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-pub(super) struct CallsQuery {
-    limit: Option<u32>,
-}
-
 pub(super) async fn list_calls(
     a: Admin,
-    Query(q): Query<CallsQuery>,
+    Query(q): Query<LimitQuery>,
 ) -> ApiResult<Json<Vec<WakeCall>>> {
-    let limit = q.limit.unwrap_or(50);
-    if !(1..=1000).contains(&limit) {
-        return Err(ApiError::bad_request("limit must be 1 to 1000"));
-    }
+    let limit = check_limit(q.limit, 50)?;
     Ok(Json(a.run(move |s| s.list_calls(limit)).await?))
 }
 

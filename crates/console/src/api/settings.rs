@@ -4,7 +4,6 @@ use std::collections::BTreeSet;
 
 use axum::Json;
 use axum::http::StatusCode;
-use serde::Deserialize;
 use serde_json::json;
 
 use super::*;
@@ -28,15 +27,9 @@ pub(super) async fn put_settings(
     ))
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-pub(super) struct AuditQuery {
-    limit: Option<u32>,
-}
-
 pub(super) async fn audit_log(
     a: Admin,
-    Query(q): Query<AuditQuery>,
+    Query(q): Query<LimitQuery>,
 ) -> ApiResult<Json<Vec<AuditEntry>>> {
     let limit = q.limit.unwrap_or(100).clamp(1, 1000);
     Ok(Json(a.run(move |s| s.audit_log(limit)).await?))
