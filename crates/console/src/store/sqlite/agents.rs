@@ -1,6 +1,6 @@
 //! Agents and groups in SQLite.
 
-use rusqlite::{Connection, OptionalExtension, Row, Transaction, params};
+use rusqlite::{Connection, Row, Transaction, params};
 
 use super::auth::{TOKEN_COLUMNS, token_from_row};
 use super::*;
@@ -57,29 +57,30 @@ pub(super) fn fill_groups(conn: &Connection, agent: &mut Agent) -> rusqlite::Res
 }
 
 pub(super) fn load_agent(conn: &Connection, id: &str) -> StoreResult<Agent> {
-    let mut agent = conn
-        .query_row(
-            &format!("SELECT {AGENT_COLUMNS} FROM agents WHERE id = ?1"),
-            [id],
-            agent_from_row,
-        )
-        .optional()
-        .map_err(sql("reading an agent"))?
-        .ok_or_else(|| not_found("agent", id))?;
+    let mut agent = query_opt(
+        &conn,
+        &format!("SELECT {AGENT_COLUMNS} FROM agents WHERE id = ?1"),
+        [id],
+        agent_from_row,
+        "reading an agent",
+    )?
+    .ok_or_else(|| not_found("agent", id))?;
     fill_groups(conn, &mut agent).map_err(sql("reading an agent's groups"))?;
     Ok(agent)
 }
 
+fn group_exists(conn: &Connection, name: &str) -> StoreResult<bool> {
+    conn.query_row(
+        "SELECT EXISTS(SELECT 1 FROM groups WHERE name = ?1)",
+        [name],
+        |r| r.get(0),
+    )
+    .map_err(sql("checking a group"))
+}
+
 pub(super) fn check_groups_exist(conn: &Connection, groups: &[String]) -> StoreResult<()> {
     for g in groups {
-        let exists: bool = conn
-            .query_row(
-                "SELECT EXISTS(SELECT 1 FROM groups WHERE name = ?1)",
-                [g],
-                |r| r.get(0),
-            )
-            .map_err(sql("checking a group"))?;
-        if !exists {
+        if !group_exists(conn, g)? {
             return Err(StoreError::Invalid(format!(
                 "group {g:?} does not exist: create it first (POST /api/v1/groups)"
             )));
@@ -115,19 +116,19 @@ impl AgentStore for SqliteStore {
     ) -> StoreResult<Agent> {
         let mut conn = self.conn();
         let tx = conn.transaction().map_err(sql("starting a transaction"))?;
-        let token = tx
-            .query_row(
-                &format!("SELECT {TOKEN_COLUMNS} FROM enrollment_tokens WHERE hash = ?1"),
-                [&token_hash[..]],
-                token_from_row,
+        let token = query_opt(
+            &tx,
+            &format!("SELECT {TOKEN_COLUMNS} FROM enrollment_tokens WHERE hash = ?1"),
+            [&token_hash[..]],
+            token_from_row,
+            "reading an enrollment token",
+        )?
+        .ok_or_else(|| {
+            StoreError::Refused(
+                "the enrollment token is not known: check it, or ask an administrator for a new one"
+                    .into(),
             )
-            .optional()
-            .map_err(sql("reading an enrollment token"))?
-            .ok_or_else(|| {
-                StoreError::Refused(
-                    "the enrollment token is not known: check it, or ask an administrator for a new one".into(),
-                )
-            })?;
+        })?;
         if token.revoked {
             return Err(StoreError::Refused(
                 "the enrollment token was revoked: ask an administrator for a new one".into(),
@@ -143,14 +144,13 @@ impl AgentStore for SqliteStore {
                 "the enrollment token has been used up: ask an administrator for a new one".into(),
             ));
         }
-        let existing: Option<bool> = tx
-            .query_row(
-                "SELECT revoked FROM agents WHERE id = ?1",
-                [&agent.id],
-                |r| r.get(0),
-            )
-            .optional()
-            .map_err(sql("checking an agent id"))?;
+        let existing: Option<bool> = query_opt(
+            &tx,
+            "SELECT revoked FROM agents WHERE id = ?1",
+            [&agent.id],
+            |r| r.get(0),
+            "checking an agent id",
+        )?;
         match existing {
             Some(false) => {
                 return Err(StoreError::Conflict(format!(
@@ -289,16 +289,12 @@ impl AgentStore for SqliteStore {
                 params![id, now],
             )
             .map_err(sql("revoking an agent"))?;
-        if n > 0 {
-            tx.execute(
-                "UPDATE agent_certificates SET revoked_at = ?2 WHERE agent_id = ?1 AND revoked_at IS NULL",
-                params![id, now],
-            )
-            .map_err(sql("revoking an agent's certificates"))?;
-        }
-        if n == 0 {
-            return Err(not_found("agent", id));
-        }
+        touched(n, "agent", id)?;
+        tx.execute(
+            "UPDATE agent_certificates SET revoked_at = ?2 WHERE agent_id = ?1 AND revoked_at IS NULL",
+            params![id, now],
+        )
+        .map_err(sql("revoking an agent's certificates"))?;
         tx.execute(
             "UPDATE deliveries SET state = 'failed', finished_at = ?1, detail = 'the agent was revoked' WHERE agent_id = ?2 AND state IN ('queued', 'sent', 'delivered', 'started')",
             params![now, id],
@@ -367,12 +363,13 @@ impl AgentStore for SqliteStore {
     fn record_certificate(&self, id: &str, certificate: &CertificateRecord) -> StoreResult<()> {
         let mut conn = self.conn();
         let tx = conn.transaction().map_err(sql("starting a transaction"))?;
-        let revoked: Option<bool> = tx
-            .query_row("SELECT revoked FROM agents WHERE id = ?1", [id], |r| {
-                r.get(0)
-            })
-            .optional()
-            .map_err(sql("checking an agent"))?;
+        let revoked: Option<bool> = query_opt(
+            &tx,
+            "SELECT revoked FROM agents WHERE id = ?1",
+            [id],
+            |r| r.get(0),
+            "checking an agent",
+        )?;
         if revoked != Some(false) {
             return Err(not_found("agent", id));
         }
@@ -383,14 +380,13 @@ impl AgentStore for SqliteStore {
 
     fn agent_by_secret(&self, id: &str, hash: &[u8; 32]) -> StoreResult<Agent> {
         let conn = self.conn();
-        let stored: Option<(Vec<u8>, bool)> = conn
-            .query_row(
-                "SELECT secret_hash, revoked FROM agents WHERE id = ?1",
-                [id],
-                |r| Ok((r.get(0)?, r.get(1)?)),
-            )
-            .optional()
-            .map_err(sql("checking an agent's secret"))?;
+        let stored: Option<(Vec<u8>, bool)> = query_opt(
+            &conn,
+            "SELECT secret_hash, revoked FROM agents WHERE id = ?1",
+            [id],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+            "checking an agent's secret",
+        )?;
         let refused = || {
             StoreError::Refused(format!(
                 "agent {id:?} is not enrolled or its check-in token is wrong: enroll the agent again"
@@ -422,9 +418,7 @@ impl AgentStore for SqliteStore {
             ),
         }
         .map_err(sql("recording a check-in"))?;
-        if n == 0 {
-            return Err(not_found("agent", id));
-        }
+        touched(n, "agent", id)?;
         load_agent(&conn, id)
     }
 
@@ -483,14 +477,7 @@ impl AgentStore for SqliteStore {
 
     fn create_group(&self, name: &str, description: &str, now: Millis) -> StoreResult<Group> {
         let conn = self.conn();
-        let exists: bool = conn
-            .query_row(
-                "SELECT EXISTS(SELECT 1 FROM groups WHERE name = ?1)",
-                [name],
-                |r| r.get(0),
-            )
-            .map_err(sql("checking a group"))?;
-        if exists {
+        if group_exists(&conn, name)? {
             return Err(StoreError::Conflict(format!(
                 "group {name:?} already exists"
             )));
@@ -531,9 +518,6 @@ impl AgentStore for SqliteStore {
             .conn()
             .execute("DELETE FROM groups WHERE name = ?1", [name])
             .map_err(sql("deleting a group"))?;
-        if n == 0 {
-            return Err(not_found("group", name));
-        }
-        Ok(())
+        touched(n, "group", name)
     }
 }

@@ -1,6 +1,6 @@
 //! Users, sessions, API tokens and enrollment tokens in SQLite.
 
-use rusqlite::{OptionalExtension, Row, params};
+use rusqlite::{Row, params};
 
 use super::agents::check_groups_exist;
 use super::*;
@@ -69,10 +69,7 @@ impl AuthStore for SqliteStore {
                 [id],
             )
             .map_err(sql("revoking an enrollment token"))?;
-        if n == 0 {
-            return Err(not_found("enrollment token", id));
-        }
-        Ok(())
+        touched(n, "enrollment token", id)
     }
 
     fn create_user(&self, name: &str, password_hash: &str, now: Millis) -> StoreResult<()> {
@@ -106,9 +103,7 @@ impl AuthStore for SqliteStore {
                 params![password_hash, name],
             )
             .map_err(sql("changing a password"))?;
-        if n == 0 {
-            return Err(not_found("user", name));
-        }
+        touched(n, "user", name)?;
         tx.execute("DELETE FROM sessions WHERE user_name = ?1", [name])
             .map_err(sql("ending a user's sessions"))?;
         tx.commit().map_err(sql("changing a password"))
@@ -122,15 +117,14 @@ impl AuthStore for SqliteStore {
     }
 
     fn password_hash(&self, name: &str) -> StoreResult<String> {
-        self.conn()
-            .query_row(
-                "SELECT password_hash FROM users WHERE name = ?1",
-                [name],
-                |r| r.get(0),
-            )
-            .optional()
-            .map_err(sql("reading a user"))?
-            .ok_or_else(|| not_found("user", name))
+        query_opt(
+            &self.conn(),
+            "SELECT password_hash FROM users WHERE name = ?1",
+            [name],
+            |r| r.get(0),
+            "reading a user",
+        )?
+        .ok_or_else(|| not_found("user", name))
     }
 
     fn upgrade_password_hash(
@@ -168,15 +162,13 @@ impl AuthStore for SqliteStore {
     }
 
     fn session(&self, hash: &[u8; 32], now: Millis) -> StoreResult<Principal> {
-        let user: Option<String> = self
-            .conn()
-            .query_row(
-                "SELECT user_name FROM sessions WHERE hash = ?1 AND expires_at > ?2",
-                params![&hash[..], now],
-                |r| r.get(0),
-            )
-            .optional()
-            .map_err(sql("reading a session"))?;
+        let user: Option<String> = query_opt(
+            &self.conn(),
+            "SELECT user_name FROM sessions WHERE hash = ?1 AND expires_at > ?2",
+            params![&hash[..], now],
+            |r| r.get(0),
+            "reading a session",
+        )?;
         user.map(|u| Principal {
             name: format!("user:{u}"),
         })
@@ -212,15 +204,13 @@ impl AuthStore for SqliteStore {
     }
 
     fn api_token(&self, hash: &[u8; 32]) -> StoreResult<Principal> {
-        let name: Option<String> = self
-            .conn()
-            .query_row(
-                "SELECT name FROM api_tokens WHERE hash = ?1 AND revoked = 0",
-                [&hash[..]],
-                |r| r.get(0),
-            )
-            .optional()
-            .map_err(sql("reading an API token"))?;
+        let name: Option<String> = query_opt(
+            &self.conn(),
+            "SELECT name FROM api_tokens WHERE hash = ?1 AND revoked = 0",
+            [&hash[..]],
+            |r| r.get(0),
+            "reading an API token",
+        )?;
         name.map(|n| Principal {
             name: format!("token:{n}"),
         })
@@ -254,9 +244,6 @@ impl AuthStore for SqliteStore {
             .conn()
             .execute("UPDATE api_tokens SET revoked = 1 WHERE id = ?1", [id])
             .map_err(sql("revoking an API token"))?;
-        if n == 0 {
-            return Err(not_found("API token", id));
-        }
-        Ok(())
+        touched(n, "API token", id)
     }
 }

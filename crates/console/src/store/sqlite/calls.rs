@@ -1,6 +1,6 @@
 //! Wake-up calls and deliveries in SQLite.
 
-use rusqlite::{Connection, OptionalExtension, Row, Transaction, params};
+use rusqlite::{Connection, Row, Transaction, params};
 
 use super::agents::check_groups_exist;
 use super::*;
@@ -11,15 +11,21 @@ pub(super) const CALL_COLUMNS: &str =
     "id, created_at, created_by, reason, action, target, expires_at, spread";
 
 pub(super) fn call_from_row(row: &Row<'_>) -> rusqlite::Result<WakeCall> {
+    call_at(row, 0)
+}
+
+/// A call read from [`CALL_COLUMNS`] starting at column `first` (after a join's other
+/// columns), without its counts.
+fn call_at(row: &Row<'_>, first: usize) -> rusqlite::Result<WakeCall> {
     Ok(WakeCall {
-        id: row.get(0)?,
-        created_at: row.get(1)?,
-        created_by: row.get(2)?,
-        reason: row.get(3)?,
-        action: row.get(4)?,
-        target: row.get(5)?,
-        expires_at: row.get(6)?,
-        spread: row.get(7)?,
+        id: row.get(first)?,
+        created_at: row.get(first + 1)?,
+        created_by: row.get(first + 2)?,
+        reason: row.get(first + 3)?,
+        action: row.get(first + 4)?,
+        target: row.get(first + 5)?,
+        expires_at: row.get(first + 6)?,
+        spread: row.get(first + 7)?,
         counts: Default::default(),
     })
 }
@@ -63,15 +69,14 @@ pub(super) fn delivery_from_row(row: &Row<'_>) -> rusqlite::Result<CallDelivery>
 }
 
 pub(super) fn load_call(conn: &Connection, id: &str) -> StoreResult<WakeCall> {
-    let mut call = conn
-        .query_row(
-            &format!("SELECT {CALL_COLUMNS} FROM calls WHERE id = ?1"),
-            [id],
-            call_from_row,
-        )
-        .optional()
-        .map_err(sql("reading a call"))?
-        .ok_or_else(|| not_found("wake-up call", id))?;
+    let mut call = query_opt(
+        &conn,
+        &format!("SELECT {CALL_COLUMNS} FROM calls WHERE id = ?1"),
+        [id],
+        call_from_row,
+        "reading a call",
+    )?
+    .ok_or_else(|| not_found("wake-up call", id))?;
     fill_counts(conn, &mut call).map_err(sql("counting a call's states"))?;
     Ok(call)
 }
@@ -159,12 +164,13 @@ impl CallStore for SqliteStore {
             CallTarget::Agents(ids) => {
                 let mut out = Vec::with_capacity(ids.len());
                 for id in ids {
-                    let live: Option<bool> = tx
-                        .query_row("SELECT revoked FROM agents WHERE id = ?1", [id], |r| {
-                            r.get(0)
-                        })
-                        .optional()
-                        .map_err(sql("checking an agent"))?;
+                    let live: Option<bool> = query_opt(
+                        &tx,
+                        "SELECT revoked FROM agents WHERE id = ?1",
+                        [id],
+                        |r| r.get(0),
+                        "checking an agent",
+                    )?;
                     if live != Some(false) {
                         return Err(StoreError::Invalid(format!(
                             "agent {id:?} is not enrolled: check the id (GET /api/v1/agents)"
@@ -300,25 +306,15 @@ impl CallStore for SqliteStore {
     ) -> StoreResult<Vec<(WakeCall, CallDelivery)>> {
         let conn = self.conn();
         let cols = qualified("d", DELIVERY_COLUMNS);
+        let call_cols = qualified("c", CALL_COLUMNS);
         let mut stmt = conn
             .prepare_cached(&format!(
-                "SELECT {cols}, c.id, c.created_at, c.created_by, c.reason, c.action, c.target, c.expires_at, c.spread FROM deliveries d JOIN calls c ON c.id = d.call_id WHERE d.agent_id = ?1 AND d.state IN ('queued', 'sent') AND c.expires_at > ?2 ORDER BY d.queued_at, d.wakeup_id"
+                "SELECT {cols}, {call_cols} FROM deliveries d JOIN calls c ON c.id = d.call_id WHERE d.agent_id = ?1 AND d.state IN ('queued', 'sent') AND c.expires_at > ?2 ORDER BY d.queued_at, d.wakeup_id"
             ))
             .map_err(sql("reading pending wake-ups"))?;
+        let first_call_column = DELIVERY_COLUMNS.split(", ").count();
         stmt.query_map(params![agent_id, now], |r| {
-            let d = delivery_from_row(r)?;
-            let c = WakeCall {
-                id: r.get(14)?,
-                created_at: r.get(15)?,
-                created_by: r.get(16)?,
-                reason: r.get(17)?,
-                action: r.get(18)?,
-                target: r.get(19)?,
-                expires_at: r.get(20)?,
-                spread: r.get(21)?,
-                counts: Default::default(),
-            };
-            Ok((c, d))
+            Ok((call_at(r, first_call_column)?, delivery_from_row(r)?))
         })
         .and_then(|rows| rows.collect())
         .map_err(sql("reading pending wake-ups"))

@@ -26,7 +26,7 @@ mod wol;
 use std::path::Path;
 use std::sync::{Mutex, MutexGuard};
 
-use rusqlite::Connection;
+use rusqlite::{Connection, OptionalExtension};
 
 use super::*;
 pub use migrations::SCHEMA_VERSION;
@@ -48,6 +48,28 @@ fn not_found(what: &'static str, id: &str) -> StoreError {
         what,
         id: id.to_owned(),
     }
+}
+
+/// Ok when a change touched a row (`rows` > 0); otherwise `what` `id` does not exist.
+fn touched(rows: usize, what: &'static str, id: &str) -> StoreResult<()> {
+    if rows == 0 {
+        return Err(not_found(what, id));
+    }
+    Ok(())
+}
+
+/// The first row `query` selects with `params`, read by `from_row`, if there is one;
+/// `context` says what the store was doing in an error.
+fn query_opt<T, P: rusqlite::Params>(
+    conn: &Connection,
+    query: &str,
+    params: P,
+    from_row: impl FnOnce(&rusqlite::Row<'_>) -> rusqlite::Result<T>,
+    context: &'static str,
+) -> StoreResult<Option<T>> {
+    conn.query_row(query, params, from_row)
+        .optional()
+        .map_err(sql(context))
 }
 
 /// Every row `query` selects with `params`, each read by `from_row`; `context` says what
