@@ -11,7 +11,7 @@ use serde_json::json;
 use super::*;
 use crate::model::*;
 use crate::secrets::{PasswordCheck, hash_password, new_token, token_hash, verify_password};
-use crate::store::{StoreError, StoreHandle};
+use crate::store::{NewSession, StoreError, StoreHandle};
 use crate::{AppState, ConsoleError};
 
 // --- Users and sessions ---
@@ -79,12 +79,14 @@ pub(super) async fn login(
         PasswordCheck::Right => {}
     }
     let token = new_token("bks_");
-    let hash = token_hash(&token);
-    let user = req.user.clone();
     let now = now_ms();
-    st.store
-        .run(move |s| s.create_session(&hash, &user, now, now + SESSION_TTL_MS))
-        .await?;
+    let session = NewSession {
+        hash: token_hash(&token),
+        user: req.user.clone(),
+        created_at: now,
+        expires_at: now + SESSION_TTL_MS,
+    };
+    st.store.run(move |s| s.create_session(session)).await?;
     let cookie = format!(
         "{SESSION_COOKIE}={token}; HttpOnly; SameSite=Strict; Path=/; Max-Age={}{}",
         SESSION_TTL_MS / 1000,

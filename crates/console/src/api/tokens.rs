@@ -9,7 +9,7 @@ use serde_json::json;
 use super::*;
 use crate::model::*;
 use crate::secrets::{new_id, new_token, token_hash};
-use crate::store::{StoreError, StoreHandle};
+use crate::store::{NewApiToken, StoreError, StoreHandle};
 
 /// Creates an API token and returns its secret.
 pub(crate) async fn create_api_token(
@@ -17,11 +17,13 @@ pub(crate) async fn create_api_token(
     name: &str,
 ) -> Result<String, StoreError> {
     let token = new_token("bkt_");
-    let hash = token_hash(&token);
-    let name = name.to_owned();
-    store
-        .run(move |s| s.create_api_token(&new_id(), &hash, &name, now_ms()))
-        .await?;
+    let new = NewApiToken {
+        id: new_id(),
+        hash: token_hash(&token),
+        name: name.to_owned(),
+        created_at: now_ms(),
+    };
+    store.run(move |s| s.create_api_token(new)).await?;
     Ok(token)
 }
 

@@ -101,6 +101,32 @@ pub struct NewEnrollmentToken {
     pub groups: Vec<String>,
 }
 
+/// A new login session.
+#[derive(Debug, Clone)]
+pub struct NewSession {
+    /// SHA-256 of the session cookie's secret.
+    pub hash: [u8; 32],
+    /// The user logged in.
+    pub user: String,
+    /// When the user logged in.
+    pub created_at: Millis,
+    /// When the session ends.
+    pub expires_at: Millis,
+}
+
+/// A new API token.
+#[derive(Debug, Clone)]
+pub struct NewApiToken {
+    /// Public id.
+    pub id: String,
+    /// SHA-256 of the secret.
+    pub hash: [u8; 32],
+    /// Name, shown as `token:<name>` in the audit log.
+    pub name: String,
+    /// When it was made.
+    pub created_at: Millis,
+}
+
 /// A new agent, as enrollment records it.
 #[derive(Debug, Clone)]
 pub struct NewAgent {
@@ -409,14 +435,8 @@ pub trait AuthStore {
     fn upgrade_password_hash(&self, name: &str, current: &str, upgraded: &str)
     -> StoreResult<bool>;
 
-    /// Records a login session.
-    fn create_session(
-        &self,
-        hash: &[u8; 32],
-        user: &str,
-        now: Millis,
-        expires_at: Millis,
-    ) -> StoreResult<()>;
+    /// Records a login session (and clears the sessions ended by its creation time).
+    fn create_session(&self, session: NewSession) -> StoreResult<()>;
 
     /// The user of a live session.
     fn session(&self, hash: &[u8; 32], now: Millis) -> StoreResult<Principal>;
@@ -425,13 +445,7 @@ pub trait AuthStore {
     fn delete_session(&self, hash: &[u8; 32]) -> StoreResult<()>;
 
     /// Records an API token.
-    fn create_api_token(
-        &self,
-        id: &str,
-        hash: &[u8; 32],
-        name: &str,
-        now: Millis,
-    ) -> StoreResult<ApiToken>;
+    fn create_api_token(&self, token: NewApiToken) -> StoreResult<ApiToken>;
 
     /// The principal of a live API token.
     fn api_token(&self, hash: &[u8; 32]) -> StoreResult<Principal>;

@@ -142,20 +142,22 @@ impl AuthStore for SqliteStore {
             .map_err(sql("upgrading a password hash"))
     }
 
-    fn create_session(
-        &self,
-        hash: &[u8; 32],
-        user: &str,
-        now: Millis,
-        expires_at: Millis,
-    ) -> StoreResult<()> {
+    fn create_session(&self, session: NewSession) -> StoreResult<()> {
         let conn = self.conn();
         // Old sessions are cleared as new ones are made, so the table stays small.
-        conn.execute("DELETE FROM sessions WHERE expires_at <= ?1", [now])
-            .map_err(sql("clearing old sessions"))?;
+        conn.execute(
+            "DELETE FROM sessions WHERE expires_at <= ?1",
+            [session.created_at],
+        )
+        .map_err(sql("clearing old sessions"))?;
         conn.execute(
             "INSERT INTO sessions (hash, user_name, created_at, expires_at) VALUES (?1, ?2, ?3, ?4)",
-            params![&hash[..], user, now, expires_at],
+            params![
+                &session.hash[..],
+                session.user,
+                session.created_at,
+                session.expires_at
+            ],
         )
         .map_err(sql("recording a session"))?;
         Ok(())
@@ -182,23 +184,17 @@ impl AuthStore for SqliteStore {
         Ok(())
     }
 
-    fn create_api_token(
-        &self,
-        id: &str,
-        hash: &[u8; 32],
-        name: &str,
-        now: Millis,
-    ) -> StoreResult<ApiToken> {
+    fn create_api_token(&self, t: NewApiToken) -> StoreResult<ApiToken> {
         self.conn()
             .execute(
                 "INSERT INTO api_tokens (id, hash, name, created_at) VALUES (?1, ?2, ?3, ?4)",
-                params![id, &hash[..], name, now],
+                params![t.id, &t.hash[..], t.name, t.created_at],
             )
             .map_err(sql("recording an API token"))?;
         Ok(ApiToken {
-            id: id.to_owned(),
-            name: name.to_owned(),
-            created_at: now,
+            id: t.id,
+            name: t.name,
+            created_at: t.created_at,
             revoked: false,
         })
     }
