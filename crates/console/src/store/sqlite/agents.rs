@@ -56,9 +56,20 @@ pub(super) fn fill_groups(conn: &Connection, agent: &mut Agent) -> rusqlite::Res
     Ok(())
 }
 
+/// Whether the agent `id` is revoked; `None` when there is no such agent.
+pub(super) fn agent_revoked(conn: &Connection, id: &str) -> StoreResult<Option<bool>> {
+    query_opt(
+        conn,
+        "SELECT revoked FROM agents WHERE id = ?1",
+        [id],
+        |r| r.get(0),
+        "checking an agent",
+    )
+}
+
 pub(super) fn load_agent(conn: &Connection, id: &str) -> StoreResult<Agent> {
     let mut agent = query_opt(
-        &conn,
+        conn,
         &format!("SELECT {AGENT_COLUMNS} FROM agents WHERE id = ?1"),
         [id],
         agent_from_row,
@@ -144,13 +155,7 @@ impl AgentStore for SqliteStore {
                 "the enrollment token has been used up: ask an administrator for a new one".into(),
             ));
         }
-        let existing: Option<bool> = query_opt(
-            &tx,
-            "SELECT revoked FROM agents WHERE id = ?1",
-            [&agent.id],
-            |r| r.get(0),
-            "checking an agent id",
-        )?;
+        let existing = agent_revoked(&tx, &agent.id)?;
         match existing {
             Some(false) => {
                 return Err(StoreError::Conflict(format!(
@@ -363,13 +368,7 @@ impl AgentStore for SqliteStore {
     fn record_certificate(&self, id: &str, certificate: &CertificateRecord) -> StoreResult<()> {
         let mut conn = self.conn();
         let tx = conn.transaction().map_err(sql("starting a transaction"))?;
-        let revoked: Option<bool> = query_opt(
-            &tx,
-            "SELECT revoked FROM agents WHERE id = ?1",
-            [id],
-            |r| r.get(0),
-            "checking an agent",
-        )?;
+        let revoked = agent_revoked(&tx, id)?;
         if revoked != Some(false) {
             return Err(not_found("agent", id));
         }

@@ -2,7 +2,7 @@
 
 use rusqlite::{Connection, Row, Transaction, params};
 
-use super::agents::check_groups_exist;
+use super::agents::{agent_revoked, check_groups_exist};
 use super::*;
 use crate::model::*;
 use crate::store::*;
@@ -70,7 +70,7 @@ pub(super) fn delivery_from_row(row: &Row<'_>) -> rusqlite::Result<CallDelivery>
 
 pub(super) fn load_call(conn: &Connection, id: &str) -> StoreResult<WakeCall> {
     let mut call = query_opt(
-        &conn,
+        conn,
         &format!("SELECT {CALL_COLUMNS} FROM calls WHERE id = ?1"),
         [id],
         call_from_row,
@@ -164,13 +164,7 @@ impl CallStore for SqliteStore {
             CallTarget::Agents(ids) => {
                 let mut out = Vec::with_capacity(ids.len());
                 for id in ids {
-                    let live: Option<bool> = query_opt(
-                        &tx,
-                        "SELECT revoked FROM agents WHERE id = ?1",
-                        [id],
-                        |r| r.get(0),
-                        "checking an agent",
-                    )?;
+                    let live = agent_revoked(&tx, id)?;
                     if live != Some(false) {
                         return Err(StoreError::Invalid(format!(
                             "agent {id:?} is not enrolled: check the id (GET /api/v1/agents)"
