@@ -31,7 +31,7 @@ use serde_json::json;
 use crate::AppState;
 use crate::model::*;
 use crate::secrets::token_hash;
-use crate::store::{Principal, Store, StoreError, StoreResult};
+use crate::store::{NewAuditEntry, Principal, Store, StoreError, StoreResult};
 
 use agents::*;
 use auth::*;
@@ -232,13 +232,13 @@ impl Admin {
     /// Records `what` this administrator did in the audit log. A failure to write it is
     /// logged, not answered: the change itself is done.
     async fn audit(&self, what: &'static str, detail: serde_json::Value) {
-        let who = self.who.name.clone();
-        if let Err(e) = self
-            .st
-            .store
-            .run(move |s| s.audit(&who, what, detail, now_ms()))
-            .await
-        {
+        let entry = NewAuditEntry {
+            who: self.who.name.clone(),
+            what: what.to_owned(),
+            detail,
+            at: now_ms(),
+        };
+        if let Err(e) = self.st.store.run(move |s| s.audit(entry)).await {
             tracing::warn!(error = %e, what, "could not write the audit log");
         }
     }

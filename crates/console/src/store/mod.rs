@@ -127,6 +127,19 @@ pub struct NewApiToken {
     pub created_at: Millis,
 }
 
+/// An audit log entry to append.
+#[derive(Debug, Clone)]
+pub struct NewAuditEntry {
+    /// The principal's name (`user:alice`, `token:ci`).
+    pub who: String,
+    /// What was done, e.g. `agent.revoke`.
+    pub what: String,
+    /// The details as JSON.
+    pub detail: serde_json::Value,
+    /// When.
+    pub at: Millis,
+}
+
 /// A new agent, as enrollment records it.
 #[derive(Debug, Clone)]
 pub struct NewAgent {
@@ -488,13 +501,7 @@ pub trait SettingsStore {
     fn put_settings(&self, settings: &Settings, who: &str, now: Millis) -> StoreResult<Settings>;
 
     /// Appends an audit entry.
-    fn audit(
-        &self,
-        who: &str,
-        what: &str,
-        detail: serde_json::Value,
-        now: Millis,
-    ) -> StoreResult<()>;
+    fn audit(&self, entry: NewAuditEntry) -> StoreResult<()>;
 
     /// Audit entries, newest first.
     fn audit_log(&self, limit: u32) -> StoreResult<Vec<AuditEntry>>;

@@ -63,35 +63,20 @@ impl SettingsStore for SqliteStore {
                 params![key, n.to_string()],
             )
             .map_err(sql("writing settings"))?;
-            tx.execute(
-                "INSERT INTO audit_log (at, who, what, detail) VALUES (?1, ?2, ?3, ?4)",
-                params![
-                    now,
-                    who,
-                    format!("settings.{key}"),
-                    serde_json::json!({"old": o, "new": n}).to_string()
-                ],
-            )
-            .map_err(sql("writing the audit log"))?;
+            let entry = NewAuditEntry {
+                who: who.to_owned(),
+                what: format!("settings.{key}"),
+                detail: serde_json::json!({"old": o, "new": n}),
+                at: now,
+            };
+            write_audit(&tx, &entry)?;
         }
         tx.commit().map_err(sql("writing settings"))?;
         Ok(new.clone())
     }
 
-    fn audit(
-        &self,
-        who: &str,
-        what: &str,
-        detail: serde_json::Value,
-        now: Millis,
-    ) -> StoreResult<()> {
-        self.conn()
-            .execute(
-                "INSERT INTO audit_log (at, who, what, detail) VALUES (?1, ?2, ?3, ?4)",
-                params![now, who, what, detail.to_string()],
-            )
-            .map_err(sql("writing the audit log"))?;
-        Ok(())
+    fn audit(&self, entry: NewAuditEntry) -> StoreResult<()> {
+        write_audit(&self.conn(), &entry)
     }
 
     fn audit_log(&self, limit: u32) -> StoreResult<Vec<AuditEntry>> {
@@ -113,6 +98,16 @@ impl SettingsStore for SqliteStore {
             "reading the audit log",
         )
     }
+}
+
+/// Appends `entry` to the audit log.
+fn write_audit(conn: &Connection, entry: &NewAuditEntry) -> StoreResult<()> {
+    conn.execute(
+        "INSERT INTO audit_log (at, who, what, detail) VALUES (?1, ?2, ?3, ?4)",
+        params![entry.at, entry.who, entry.what, entry.detail.to_string()],
+    )
+    .map_err(sql("writing the audit log"))?;
+    Ok(())
 }
 
 /// Sets `group` to the stored settings group `key` when that parses, and leaves it (its
