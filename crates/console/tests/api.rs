@@ -662,13 +662,7 @@ async fn calls_record_one_delivery_per_agent_and_show_their_states() {
     assert_eq!(s, StatusCode::CREATED);
     assert_eq!(c["agents"], 3);
     assert_eq!(c["spread"], 30);
-    let (_, got) = api
-        .call(
-            "GET",
-            &format!("/api/v1/calls/{}", c["id"].as_str().unwrap()),
-            None,
-        )
-        .await;
+    let got = api.get_call(c["id"].as_str().unwrap()).await;
     let deliveries = got["deliveries"].as_array().unwrap();
     assert_eq!(deliveries.len(), 3);
     // Without a broker they stay queued.

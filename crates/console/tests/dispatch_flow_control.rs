@@ -84,13 +84,7 @@ async fn a_large_call_never_has_more_publishes_in_flight_than_the_broker_allows(
     );
     let deadline = std::time::Instant::now() + WAIT;
     loop {
-        let (_, c) = api
-            .call(
-                "GET",
-                &format!("/api/v1/calls/{}", call["id"].as_str().unwrap()),
-                None,
-            )
-            .await;
+        let c = api.get_call(call["id"].as_str().unwrap()).await;
         if c["counts"]["sent"] == 6 {
             break;
         }

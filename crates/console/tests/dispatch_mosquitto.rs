@@ -85,9 +85,7 @@ fn verifier(enrolled: &Value, id: &str) -> WakeUpVerifier {
 async fn wait_state(api: &Api, call_id: &str, agent: &str, state: &str) -> Value {
     let deadline = std::time::Instant::now() + WAIT;
     loop {
-        let (_, call) = api
-            .call("GET", &format!("/api/v1/calls/{call_id}"), None)
-            .await;
+        let call = api.get_call(call_id).await;
         let d = call["deliveries"]
             .as_array()
             .unwrap()

@@ -127,6 +127,13 @@ impl Api {
         self.call("POST", "/api/v1/calls", Some(body)).await
     }
 
+    /// GET /api/v1/calls/`id`: the call with its deliveries (the test fails unless 200).
+    pub async fn get_call(&self, id: &str) -> Value {
+        let (s, call) = self.call("GET", &format!("/api/v1/calls/{id}"), None).await;
+        assert_eq!(s, StatusCode::OK, "{call}");
+        call
+    }
+
     /// Polls GET `path` until `f` holds for its body, and returns it; fails the test with
     /// `what` after 30 s.
     pub async fn wait_for(&self, what: &str, path: &str, f: impl Fn(&Value) -> bool) -> Value {
