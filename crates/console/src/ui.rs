@@ -23,32 +23,27 @@ struct Asset {
 
 /// Every file of the UI.
 const ASSETS: &[Asset] = &[
-    Asset {
-        path: "/",
-        media_type: "text/html; charset=utf-8",
-        body: include_str!("../ui/index.html"),
-    },
-    Asset {
-        path: "/ui/app.css",
-        media_type: "text/css; charset=utf-8",
-        body: include_str!("../ui/app.css"),
-    },
-    Asset {
-        path: "/ui/app.js",
-        media_type: "text/javascript; charset=utf-8",
-        body: include_str!("../ui/app.js"),
-    },
-    Asset {
-        path: "/ui/api.js",
-        media_type: "text/javascript; charset=utf-8",
-        body: include_str!("../ui/api.js"),
-    },
-    Asset {
-        path: "/ui/favicon.svg",
-        media_type: "image/svg+xml",
-        body: include_str!("../ui/favicon.svg"),
-    },
+    Asset::new("/", HTML, include_str!("../ui/index.html")),
+    Asset::new("/ui/app.css", CSS, include_str!("../ui/app.css")),
+    Asset::new("/ui/app.js", JS, include_str!("../ui/app.js")),
+    Asset::new("/ui/api.js", JS, include_str!("../ui/api.js")),
+    Asset::new("/ui/favicon.svg", SVG, include_str!("../ui/favicon.svg")),
 ];
+
+const HTML: &str = "text/html; charset=utf-8";
+const CSS: &str = "text/css; charset=utf-8";
+const JS: &str = "text/javascript; charset=utf-8";
+const SVG: &str = "image/svg+xml";
+
+impl Asset {
+    const fn new(path: &'static str, media_type: &'static str, body: &'static str) -> Self {
+        Self {
+            path,
+            media_type,
+            body,
+        }
+    }
+}
 
 fn respond(asset: &'static Asset) -> Response {
     (

@@ -8,7 +8,7 @@ use std::collections::BTreeSet;
 use axum::body::Body;
 use axum::http::{Method, Request, StatusCode};
 use beckon_console::{Console, ConsoleConfig};
-use common::{Api, csr};
+use common::{Api, csr, login, request, session_cookie, with_cookie};
 use serde_json::{Value, json};
 use tower::ServiceExt;
 
@@ -180,17 +180,8 @@ async fn an_agent_enrolls_with_a_csr_gets_its_certificate_and_checks_in() {
 async fn users_log_in_with_a_session_cookie_and_log_out() {
     let api = start().await;
     let password = api.handle.initial_admin_password.clone().unwrap();
-    let login = |pw: String| {
-        Request::builder()
-            .method("POST")
-            .uri("/api/v1/login")
-            .header("content-type", "application/json")
-            .body(Body::from(
-                json!({"user": "admin", "password": pw}).to_string(),
-            ))
-            .unwrap()
-    };
-    let (s, _, body) = api.raw(login("wrong".into())).await;
+    let login = |pw: &str| login("admin", pw);
+    let (s, _, body) = api.raw(login("wrong")).await;
     assert_eq!(s, StatusCode::UNAUTHORIZED);
     assert!(
         body["error"]
@@ -198,72 +189,44 @@ async fn users_log_in_with_a_session_cookie_and_log_out() {
             .unwrap()
             .contains("wrong user name or password")
     );
-    let password2 = password.clone();
-    let (s, headers, _) = api.raw(login(password)).await;
+    let (s, headers, _) = api.raw(login(&password)).await;
     assert_eq!(s, StatusCode::OK);
-    let cookie = headers
-        .iter()
-        .find(|(k, _)| k == "set-cookie")
-        .map(|(_, v)| v.split(';').next().unwrap().to_owned())
-        .unwrap();
+    let cookie = session_cookie(&headers);
     assert!(headers.iter().any(|(k, v)| k == "set-cookie"
         && v.contains("HttpOnly")
         && v.contains("SameSite=Strict")));
-    let with_cookie = |m: &str, p: &str| {
-        Request::builder()
-            .method(m)
-            .uri(p)
-            .header("cookie", cookie.clone())
-            .body(Body::empty())
-            .unwrap()
-    };
-    let (s, _, _) = api.raw(with_cookie("GET", "/api/v1/agents")).await;
+    let (s, _, _) = api
+        .raw(with_cookie("GET", "/api/v1/agents", &cookie, None))
+        .await;
     assert_eq!(s, StatusCode::OK);
     // Changing the password needs the current one, and ends the sessions.
     let change = |current: &str, new: &str| {
-        Request::builder()
-            .method("POST")
-            .uri("/api/v1/account/password")
-            .header("cookie", cookie.clone())
-            .header("content-type", "application/json")
-            .body(Body::from(
-                json!({"current": current, "new": new}).to_string(),
-            ))
-            .unwrap()
+        let body = json!({"current": current, "new": new});
+        with_cookie("POST", "/api/v1/account/password", &cookie, Some(body))
     };
     let (s, _, body) = api.raw(change("nope", "a long new password")).await;
     assert_eq!(s, StatusCode::UNAUTHORIZED, "{body}");
-    let (s, _, body) = api.raw(change(&password2, "short")).await;
+    let (s, _, body) = api.raw(change(&password, "short")).await;
     assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
-    let (s, _, _) = api.raw(change(&password2, "a long new password")).await;
+    let (s, _, _) = api.raw(change(&password, "a long new password")).await;
     assert_eq!(s, StatusCode::NO_CONTENT);
-    let (s, _, _) = api.raw(with_cookie("GET", "/api/v1/agents")).await;
+    let (s, _, _) = api
+        .raw(with_cookie("GET", "/api/v1/agents", &cookie, None))
+        .await;
     assert_eq!(
         s,
         StatusCode::UNAUTHORIZED,
         "sessions ended with the password change"
     );
-    let (s, _, _) = api.raw(login(password2.clone())).await;
+    let (s, _, _) = api.raw(login(&password)).await;
     assert_eq!(
         s,
         StatusCode::UNAUTHORIZED,
         "the old password no longer works"
     );
-    let (s, headers, _) = api.raw(login("a long new password".into())).await;
+    let (s, headers, _) = api.raw(login("a long new password")).await;
     assert_eq!(s, StatusCode::OK);
-    let cookie = headers
-        .iter()
-        .find(|(k, _)| k == "set-cookie")
-        .map(|(_, v)| v.split(';').next().unwrap().to_owned())
-        .unwrap();
-    let with_cookie = |m: &str, p: &str| {
-        Request::builder()
-            .method(m)
-            .uri(p)
-            .header("cookie", cookie.clone())
-            .body(Body::empty())
-            .unwrap()
-    };
+    let cookie = session_cookie(&headers);
     // A second user, made by an administrator.
     let (s, body) = api
         .call(
@@ -289,9 +252,13 @@ async fn users_log_in_with_a_session_cookie_and_log_out() {
         )
         .await;
     assert_eq!(s, StatusCode::FORBIDDEN, "API tokens have no password");
-    let (s, _, _) = api.raw(with_cookie("POST", "/api/v1/logout")).await;
+    let (s, _, _) = api
+        .raw(with_cookie("POST", "/api/v1/logout", &cookie, None))
+        .await;
     assert_eq!(s, StatusCode::NO_CONTENT);
-    let (s, _, body) = api.raw(with_cookie("GET", "/api/v1/agents")).await;
+    let (s, _, body) = api
+        .raw(with_cookie("GET", "/api/v1/agents", &cookie, None))
+        .await;
     assert_eq!(s, StatusCode::UNAUTHORIZED);
     assert!(body["error"].as_str().unwrap().contains("log in again"));
 }
@@ -692,18 +659,7 @@ async fn bad_input_gets_a_clear_4xx_and_changes_nothing() {
         ),
     ];
     for (method, path, body, auth, want, text) in cases {
-        let mut b = Request::builder().method(method).uri(path);
-        if let Some(a) = auth {
-            b = b.header("authorization", a);
-        }
-        let req = match body {
-            Some(body) => b
-                .header("content-type", "application/json")
-                .body(Body::from(body))
-                .unwrap(),
-            None => b.body(Body::empty()).unwrap(),
-        };
-        let (status, _, body) = api.raw(req).await;
+        let (status, _, body) = api.raw(request(method, path, auth, body)).await;
         assert_eq!(status, want, "{method} {path}: {body}");
         let msg = body["error"]
             .as_str()
@@ -741,33 +697,19 @@ async fn calls_record_one_delivery_per_agent_and_show_their_states() {
     api.call("PATCH", "/api/v1/agents/a2", Some(json!({"groups": ["g"]})))
         .await;
     let (s, c) = api
-        .call(
-            "POST",
-            "/api/v1/calls",
-            Some(json!({"target": {"group": "g"}, "reason": "policy-changed"})),
-        )
+        .create_call(json!({"target": {"group": "g"}, "reason": "policy-changed"}))
         .await;
     assert_eq!(s, StatusCode::CREATED, "{c}");
     assert_eq!(c["agents"], 1);
     assert_eq!(c["target"], "group g");
     assert_eq!(c["spread"], 0, "a small call acts at once");
     let (s, c) = api
-        .call(
-            "POST",
-            "/api/v1/calls",
-            Some(json!({"target": "all", "reason": "inventory", "spread_secs": 30})),
-        )
+        .create_call(json!({"target": "all", "reason": "inventory", "spread_secs": 30}))
         .await;
     assert_eq!(s, StatusCode::CREATED);
     assert_eq!(c["agents"], 3);
     assert_eq!(c["spread"], 30);
-    let (_, got) = api
-        .call(
-            "GET",
-            &format!("/api/v1/calls/{}", c["id"].as_str().unwrap()),
-            None,
-        )
-        .await;
+    let got = api.get_call(c["id"].as_str().unwrap()).await;
     let deliveries = got["deliveries"].as_array().unwrap();
     assert_eq!(deliveries.len(), 3);
     // Without a broker they stay queued.
@@ -1017,16 +959,7 @@ async fn a_password_hash_of_the_first_format_is_rewritten_as_phc_at_the_next_log
         .run(move |s| s.create_user("veteran", &stored, 0))
         .await
         .unwrap();
-    let login = |pw: &str| {
-        Request::builder()
-            .method("POST")
-            .uri("/api/v1/login")
-            .header("content-type", "application/json")
-            .body(Body::from(
-                json!({"user": "veteran", "password": pw}).to_string(),
-            ))
-            .unwrap()
-    };
+    let login = |pw: &str| login("veteran", pw);
     let (s, _, _) = api.raw(login("not the password")).await;
     assert_eq!(s, StatusCode::UNAUTHORIZED);
     let read = || api.handle.state.store.run(|s| s.password_hash("veteran"));

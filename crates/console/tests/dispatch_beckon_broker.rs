@@ -51,11 +51,7 @@ async fn a_wake_up_reaches_an_enrolled_agent_through_beckons_broker_over_tls() {
     assert_eq!(a["path"], "8883");
 
     let (s, call) = api
-        .call(
-            "POST",
-            "/api/v1/calls",
-            Some(json!({"target": {"agents": ["pc-7"]}, "reason": "tls"})),
-        )
+        .create_call(json!({"target": {"agents": ["pc-7"]}, "reason": "tls"}))
         .await;
     assert_eq!(s, StatusCode::CREATED);
     let call_id = call["id"].as_str().unwrap().to_owned();

@@ -6,7 +6,6 @@ mod common;
 
 use std::time::Duration;
 
-use beckon_console::BrokerLink;
 use beckon_mqtt::{ConnAck, Packet, Properties, ReasonCode, SubAck};
 use common::{Peer, WAIT};
 use serde_json::json;
@@ -15,12 +14,7 @@ use serde_json::json;
 async fn a_large_call_never_has_more_publishes_in_flight_than_the_broker_allows() {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
-    let api = common::start_with(|c| {
-        c.broker = BrokerLink::Anonymous {
-            address: format!("127.0.0.1:{port}"),
-        }
-    })
-    .await;
+    let api = common::start_with_plain_broker(port).await;
     let (tcp, _) = tokio::time::timeout(WAIT, listener.accept())
         .await
         .unwrap()
@@ -55,11 +49,7 @@ async fn a_large_call_never_has_more_publishes_in_flight_than_the_broker_allows(
         api.enroll(&format!("pc-{i}"), json!({})).await;
     }
     let (_, call) = api
-        .call(
-            "POST",
-            "/api/v1/calls",
-            Some(json!({"target": "all", "reason": "many"})),
-        )
+        .create_call(json!({"target": "all", "reason": "many"}))
         .await;
     assert_eq!(call["agents"], 6);
 
@@ -94,13 +84,7 @@ async fn a_large_call_never_has_more_publishes_in_flight_than_the_broker_allows(
     );
     let deadline = std::time::Instant::now() + WAIT;
     loop {
-        let (_, c) = api
-            .call(
-                "GET",
-                &format!("/api/v1/calls/{}", call["id"].as_str().unwrap()),
-                None,
-            )
-            .await;
+        let c = api.get_call(call["id"].as_str().unwrap()).await;
         if c["counts"]["sent"] == 6 {
             break;
         }

@@ -23,6 +23,11 @@ async fn agent_peer(port: u16, id: &str) -> Peer {
     p
 }
 
+/// `ack` from `agent_id`, on its ack topic with packet id `pid`.
+async fn send_ack(p: &mut Peer, agent_id: &str, ack: &Ack, pid: u16) {
+    publish(p, format!("agents/{agent_id}/ack"), ack.to_json(), pid).await;
+}
+
 async fn publish(p: &mut Peer, topic: String, payload: Vec<u8>, pid: u16) {
     p.send(Packet::Publish(Publish {
         dup: false,
@@ -80,9 +85,7 @@ fn verifier(enrolled: &Value, id: &str) -> WakeUpVerifier {
 async fn wait_state(api: &Api, call_id: &str, agent: &str, state: &str) -> Value {
     let deadline = std::time::Instant::now() + WAIT;
     loop {
-        let (_, call) = api
-            .call("GET", &format!("/api/v1/calls/{call_id}"), None)
-            .await;
+        let call = api.get_call(call_id).await;
         let d = call["deliveries"]
             .as_array()
             .unwrap()
@@ -119,19 +122,14 @@ async fn wait_connected(api: &Api) {
 #[tokio::test]
 async fn a_wake_up_goes_out_signed_and_follows_the_agents_acks() {
     let broker = Mosquitto::start();
-    let api = common::start_with(|c| {
-        c.broker = BrokerLink::Anonymous {
-            address: format!("127.0.0.1:{}", broker.port),
-        }
-    })
-    .await;
+    let api = common::start_with_plain_broker(broker.port).await;
     let enrolled = api.enroll("pc-1", json!({"hostname": "pc-1"})).await;
     wait_connected(&api).await;
     let mut agent = agent_peer(broker.port, "pc-1").await;
     let mut events = api.handle.state.events.subscribe();
 
     let (s, call) = api
-        .call("POST", "/api/v1/calls", Some(json!({"target": {"agents": ["pc-1"]}, "reason": "policy-changed", "expires_in_secs": 300})))
+        .create_call(json!({"target": {"agents": ["pc-1"]}, "reason": "policy-changed", "expires_in_secs": 300}))
         .await;
     assert_eq!(s, StatusCode::CREATED, "{call}");
     let call_id = call["id"].as_str().unwrap().to_owned();
@@ -153,25 +151,13 @@ async fn a_wake_up_goes_out_signed_and_follows_the_agents_acks() {
     assert_eq!(d["wakeup_id"], w.id.as_str());
 
     let at = beckon_console::model::now_ms();
-    publish(
-        &mut agent,
-        "agents/pc-1/ack".into(),
-        Ack::received(&w.id, at).to_json(),
-        10,
-    )
-    .await;
+    send_ack(&mut agent, "pc-1", &Ack::received(&w.id, at), 10).await;
     wait_state(&api, &call_id, "pc-1", "delivered").await;
-    publish(
+    send_ack(&mut agent, "pc-1", &Ack::started(&w.id, at), 11).await;
+    send_ack(
         &mut agent,
-        "agents/pc-1/ack".into(),
-        Ack::started(&w.id, at).to_json(),
-        11,
-    )
-    .await;
-    publish(
-        &mut agent,
-        "agents/pc-1/ack".into(),
-        Ack::finished(&w.id, AckStatus::Failed, Some(3), 1200, at).to_json(),
+        "pc-1",
+        &Ack::finished(&w.id, AckStatus::Failed, Some(3), 1200, at),
         12,
     )
     .await;
@@ -199,23 +185,14 @@ async fn a_wake_up_goes_out_signed_and_follows_the_agents_acks() {
 #[tokio::test]
 async fn pending_calls_go_out_as_one_when_the_agent_comes_online() {
     let broker = Mosquitto::start();
-    let api = common::start_with(|c| {
-        c.broker = BrokerLink::Anonymous {
-            address: format!("127.0.0.1:{}", broker.port),
-        }
-    })
-    .await;
+    let api = common::start_with_plain_broker(broker.port).await;
     let enrolled = api.enroll("pc-2", json!({"hostname": "pc-2"})).await;
     wait_connected(&api).await;
     // Two calls while the agent is away: the broker takes them (sent) but nobody gets them.
     let mut ids = Vec::new();
     for reason in ["first", "second"] {
         let (_, call) = api
-            .call(
-                "POST",
-                "/api/v1/calls",
-                Some(json!({"target": {"agents": ["pc-2"]}, "reason": reason})),
-            )
+            .create_call(json!({"target": {"agents": ["pc-2"]}, "reason": reason}))
             .await;
         let id = call["id"].as_str().unwrap().to_owned();
         wait_state(&api, &id, "pc-2", "sent").await;
@@ -234,13 +211,7 @@ async fn pending_calls_go_out_as_one_when_the_agent_comes_online() {
         !matches!(agent.recv_within(Duration::from_millis(700)).await, Some(Packet::Publish(p)) if p.topic.ends_with("/wake")),
         "a second wake-up message was sent"
     );
-    publish(
-        &mut agent,
-        "agents/pc-2/ack".into(),
-        Ack::received(&w.id, 1).to_json(),
-        21,
-    )
-    .await;
+    send_ack(&mut agent, "pc-2", &Ack::received(&w.id, 1), 21).await;
     for id in &ids {
         wait_state(&api, id, "pc-2", "delivered").await;
     }
@@ -256,12 +227,7 @@ async fn pending_calls_go_out_as_one_when_the_agent_comes_online() {
 async fn the_status_says_when_the_push_service_is_not_reachable() {
     // A port where nothing listens.
     let port = free_port();
-    let api = common::start_with(|c| {
-        c.broker = BrokerLink::Anonymous {
-            address: format!("127.0.0.1:{port}"),
-        }
-    })
-    .await;
+    let api = common::start_with_plain_broker(port).await;
     let status = api
         .wait_for("the TCP connect failure", "/api/v1/status", |s| {
             s["push_service"]["message"]

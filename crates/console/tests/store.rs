@@ -156,10 +156,13 @@ fn agents_filter_by_search_group_and_presence() {
         .update_agent("pc-1", None, Some(vec!["nope".into()]))
         .unwrap_err();
     assert!(err.to_string().contains("does not exist"), "{err}");
-    s.set_presence("pc-2", Presence::Online, 100, Some("8883".into()), None)
-        .unwrap();
+    s.set_presence(PresenceUpdate {
+        path: Some("8883".into()),
+        ..presence("pc-2", Presence::Online, 100)
+    })
+    .unwrap();
     // An older presence event does not overwrite a newer one.
-    s.set_presence("pc-2", Presence::Offline, 50, None, None)
+    s.set_presence(presence("pc-2", Presence::Offline, 50))
         .unwrap();
     let ids = |f: AgentFilter| -> Vec<String> {
         s.list_agents(&f)
@@ -194,6 +197,28 @@ fn agents_filter_by_search_group_and_presence() {
     assert!(s.agent_by_secret("pc-1", &[9; 32]).is_err(), "revoked");
     assert!(s.agent_by_secret("pc-2", &[8; 32]).is_err(), "wrong secret");
     assert!(s.agent_by_secret("pc-2", &[9; 32]).is_ok());
+}
+
+/// `agent` seen with `presence` at `at`, without a path or remote address.
+fn presence(agent: &str, presence: Presence, at: Millis) -> PresenceUpdate {
+    PresenceUpdate {
+        agent_id: agent.into(),
+        presence,
+        at,
+        path: None,
+        remote_addr: None,
+    }
+}
+
+/// `agent`'s delivery of wake-up `wakeup_id` moving to `state` at `at`, with no ack details.
+fn advance(agent: &str, wakeup_id: &str, state: CallState, at: Millis) -> DeliveryAdvance {
+    DeliveryAdvance {
+        agent_id: agent.into(),
+        wakeup_id: wakeup_id.into(),
+        state,
+        update: DeliveryUpdate::default(),
+        at,
+    }
 }
 
 fn ids() -> impl FnMut() -> String {
@@ -234,33 +259,30 @@ fn delivery_states_only_move_forward_and_expire() {
         .clone();
 
     assert_eq!(
-        s.advance_delivery("a", &wa, CallState::Sent, Default::default(), 110)
+        s.advance_delivery(advance("a", &wa, CallState::Sent, 110))
             .unwrap()
             .len(),
         1
     );
     // An ack from another agent for this wake-up id changes nothing.
     assert!(
-        s.advance_delivery("b", &wa, CallState::Delivered, Default::default(), 120)
+        s.advance_delivery(advance("b", &wa, CallState::Delivered, 120))
             .unwrap()
             .is_empty()
     );
-    s.advance_delivery(
-        "a",
-        &wa,
-        CallState::Finished,
-        DeliveryUpdate {
+    s.advance_delivery(DeliveryAdvance {
+        update: DeliveryUpdate {
             status: Some("ok".into()),
             exit_code: Some(0),
             duration_ms: Some(1500),
             detail: None,
         },
-        130,
-    )
+        ..advance("a", &wa, CallState::Finished, 130)
+    })
     .unwrap();
     // A late `received` does not move it back.
     assert!(
-        s.advance_delivery("a", &wa, CallState::Delivered, Default::default(), 140)
+        s.advance_delivery(advance("a", &wa, CallState::Delivered, 140))
             .unwrap()
             .is_empty()
     );
@@ -323,7 +345,7 @@ fn carried_deliveries_follow_their_carrier() {
     assert_eq!(out[0].reason, "c1, c2, c3");
     s.set_carried_by(&out[0].carried, "w3").unwrap();
     let changed = s
-        .advance_delivery("a", "w3", CallState::Delivered, Default::default(), 300)
+        .advance_delivery(advance("a", "w3", CallState::Delivered, 300))
         .unwrap();
     assert_eq!(changed.len(), 3, "one ack moves all three calls");
 }

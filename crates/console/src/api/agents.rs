@@ -1,13 +1,12 @@
 //! Agents and groups: the registry, its filters, editing and revoking agents.
 
 use axum::Json;
-use axum::extract::{Path, State};
+use axum::extract::Path;
 use axum::http::StatusCode;
 use serde::Deserialize;
 use serde_json::json;
 
 use super::*;
-use crate::AppState;
 use crate::model::*;
 use crate::store::AgentFilter;
 
@@ -27,14 +26,10 @@ pub(super) struct AgentQuery {
 }
 
 pub(super) async fn list_agents(
-    State(st): State<AppState>,
-    _a: Admin,
+    a: Admin,
     Query(q): Query<AgentQuery>,
 ) -> ApiResult<Json<Vec<Agent>>> {
-    let limit = q.limit.unwrap_or(100);
-    if !(1..=1000).contains(&limit) {
-        return Err(ApiError::bad_request("limit must be 1 to 1000"));
-    }
+    let limit = check_limit(q.limit, 100)?;
     let filter = AgentFilter {
         search: q.search.filter(|s| !s.is_empty()),
         group: q.group,
@@ -43,15 +38,11 @@ pub(super) async fn list_agents(
         limit,
         offset: q.offset,
     };
-    Ok(Json(st.store.run(move |s| s.list_agents(&filter)).await?))
+    Ok(Json(a.run(move |s| s.list_agents(&filter)).await?))
 }
 
-pub(super) async fn get_agent(
-    State(st): State<AppState>,
-    _a: Admin,
-    Path(id): Path<String>,
-) -> ApiResult<Json<Agent>> {
-    Ok(Json(st.store.run(move |s| s.agent(&id)).await?))
+pub(super) async fn get_agent(a: Admin, Path(id): Path<String>) -> ApiResult<Json<Agent>> {
+    Ok(Json(a.run(move |s| s.agent(&id)).await?))
 }
 
 #[derive(Deserialize)]
@@ -62,8 +53,7 @@ pub(super) struct AgentUpdate {
 }
 
 pub(super) async fn update_agent(
-    State(st): State<AppState>,
-    Admin(who): Admin,
+    a: Admin,
     Path(id): Path<String>,
     Body(req): Body<AgentUpdate>,
 ) -> ApiResult<Json<Agent>> {
@@ -76,24 +66,22 @@ pub(super) async fn update_agent(
         }
     }
     let detail = json!({"id": id, "name": req.name, "groups": req.groups});
-    let agent = st
-        .store
-        .run(move |s| s.update_agent(&id, req.name, req.groups))
+    let agent = a
+        .audited("agent.update", detail, move |s| {
+            s.update_agent(&id, req.name, req.groups)
+        })
         .await?;
-    audit(&st, &who, "agent.update", detail).await;
     Ok(Json(agent))
 }
 
-pub(super) async fn revoke_agent(
-    State(st): State<AppState>,
-    Admin(who): Admin,
-    Path(id): Path<String>,
-) -> ApiResult<StatusCode> {
+pub(super) async fn revoke_agent(a: Admin, Path(id): Path<String>) -> ApiResult<StatusCode> {
     let i = id.clone();
-    st.store.run(move |s| s.revoke_agent(&i, now_ms())).await?;
-    audit(&st, &who, "agent.revoke", json!({"id": id})).await;
+    a.audited("agent.revoke", json!({"id": id}), move |s| {
+        s.revoke_agent(&i, now_ms())
+    })
+    .await?;
     // The broker learns it from its tenant file; the console restarts rewrite it too.
-    match crate::tenant_file::publish(&st).await {
+    match crate::tenant_file::publish(&a.st).await {
         Ok(written) => {
             tracing::info!(agent = %id, tenant_file_written = written, "agent removed: revoked");
         }
@@ -113,35 +101,27 @@ pub(super) struct NewGroup {
 }
 
 pub(super) async fn create_group(
-    State(st): State<AppState>,
-    Admin(who): Admin,
+    a: Admin,
     Body(req): Body<NewGroup>,
 ) -> ApiResult<(StatusCode, Json<Group>)> {
     check_group_name(&req.name)?;
     check_text("description", &req.description, 0, 500)?;
-    let name = req.name.clone();
-    let g = st
-        .store
-        .run(move |s| s.create_group(&req.name, &req.description, now_ms()))
+    let detail = json!({"name": req.name});
+    let g = a
+        .audited("group.create", detail, move |s| {
+            s.create_group(&req.name, &req.description, now_ms())
+        })
         .await?;
-    audit(&st, &who, "group.create", json!({"name": name})).await;
     Ok((StatusCode::CREATED, Json(g)))
 }
 
-pub(super) async fn list_groups(
-    State(st): State<AppState>,
-    _a: Admin,
-) -> ApiResult<Json<Vec<Group>>> {
-    Ok(Json(st.store.run(|s| s.list_groups()).await?))
+pub(super) async fn list_groups(a: Admin) -> ApiResult<Json<Vec<Group>>> {
+    Ok(Json(a.run(|s| s.list_groups()).await?))
 }
 
-pub(super) async fn delete_group(
-    State(st): State<AppState>,
-    Admin(who): Admin,
-    Path(name): Path<String>,
-) -> ApiResult<StatusCode> {
-    let n = name.clone();
-    st.store.run(move |s| s.delete_group(&n)).await?;
-    audit(&st, &who, "group.delete", json!({"name": name})).await;
+pub(super) async fn delete_group(a: Admin, Path(name): Path<String>) -> ApiResult<StatusCode> {
+    let detail = json!({"name": name});
+    a.audited("group.delete", detail, move |s| s.delete_group(&name))
+        .await?;
     Ok(StatusCode::NO_CONTENT)
 }

@@ -11,7 +11,7 @@ use serde_json::json;
 use super::*;
 use crate::model::*;
 use crate::secrets::{PasswordCheck, hash_password, new_token, token_hash, verify_password};
-use crate::store::{StoreError, StoreHandle};
+use crate::store::{NewSession, StoreError, StoreHandle};
 use crate::{AppState, ConsoleError};
 
 // --- Users and sessions ---
@@ -79,12 +79,14 @@ pub(super) async fn login(
         PasswordCheck::Right => {}
     }
     let token = new_token("bks_");
-    let hash = token_hash(&token);
-    let user = req.user.clone();
     let now = now_ms();
-    st.store
-        .run(move |s| s.create_session(&hash, &user, now, now + SESSION_TTL_MS))
-        .await?;
+    let session = NewSession {
+        hash: token_hash(&token),
+        user: req.user.clone(),
+        created_at: now,
+        expires_at: now + SESSION_TTL_MS,
+    };
+    st.store.run(move |s| s.create_session(session)).await?;
     let cookie = format!(
         "{SESSION_COOKIE}={token}; HttpOnly; SameSite=Strict; Path=/; Max-Age={}{}",
         SESSION_TTL_MS / 1000,
@@ -160,8 +162,7 @@ pub(super) struct NewUserRequest {
 }
 
 pub(super) async fn create_user(
-    State(st): State<AppState>,
-    Admin(who): Admin,
+    a: Admin,
     Body(req): Body<NewUserRequest>,
 ) -> ApiResult<(StatusCode, Json<serde_json::Value>)> {
     check_group_name(&req.name).map_err(|_| {
@@ -173,10 +174,10 @@ pub(super) async fn create_user(
     check_password(&req.password)?;
     let hashed = hash(req.password).await?;
     let name = req.name.clone();
-    st.store
-        .run(move |s| s.create_user(&name, &hashed, now_ms()))
-        .await?;
-    audit(&st, &who, "user.create", json!({"name": req.name})).await;
+    a.audited("user.create", json!({"name": req.name}), move |s| {
+        s.create_user(&name, &hashed, now_ms())
+    })
+    .await?;
     Ok((StatusCode::CREATED, Json(json!({"name": req.name}))))
 }
 
@@ -188,18 +189,17 @@ pub(super) struct PasswordChange {
 }
 
 pub(super) async fn change_password(
-    State(st): State<AppState>,
-    Admin(who): Admin,
+    a: Admin,
     Body(req): Body<PasswordChange>,
 ) -> ApiResult<StatusCode> {
-    let Some(user) = who.name.strip_prefix("user:").map(str::to_owned) else {
+    let Some(user) = a.who.name.strip_prefix("user:").map(str::to_owned) else {
         return Err(ApiError::new(
             StatusCode::FORBIDDEN,
             "API tokens have no password: log in as the user to change it",
         ));
     };
     let u = user.clone();
-    let stored = st.store.run(move |s| s.password_hash(&u)).await?;
+    let stored = a.run(move |s| s.password_hash(&u)).await?;
     let current = req.current;
     let ok = tokio::task::spawn_blocking(move || verify_password(&current, &stored).is_right())
         .await
@@ -209,8 +209,9 @@ pub(super) async fn change_password(
     }
     check_password(&req.new)?;
     let hashed = hash(req.new).await?;
-    let u = user.clone();
-    st.store.run(move |s| s.set_password(&u, &hashed)).await?;
-    audit(&st, &who, "user.password", json!({"name": user})).await;
+    a.audited("user.password", json!({"name": user}), move |s| {
+        s.set_password(&user, &hashed)
+    })
+    .await?;
     Ok(StatusCode::NO_CONTENT)
 }

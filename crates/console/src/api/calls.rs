@@ -3,7 +3,7 @@
 use std::convert::Infallible;
 
 use axum::Json;
-use axum::extract::{Path, State};
+use axum::extract::Path;
 use axum::http::StatusCode;
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
@@ -33,8 +33,7 @@ pub(super) struct NewCallRequest {
 }
 
 pub(super) async fn create_call(
-    State(st): State<AppState>,
-    Admin(who): Admin,
+    a: Admin,
     Body(req): Body<NewCallRequest>,
 ) -> ApiResult<(StatusCode, Json<serde_json::Value>)> {
     check_text(
@@ -62,7 +61,7 @@ pub(super) async fn create_call(
         CallTarget::Group(g) => check_group_name(g)?,
         _ => {}
     }
-    let settings = st.store.run(|s| s.settings()).await?;
+    let settings = a.run(|s| s.settings()).await?;
     let expiry = req
         .expires_in_secs
         .unwrap_or(settings.wakeup.default_expiry_secs);
@@ -87,7 +86,7 @@ pub(super) async fn create_call(
     let now = now_ms();
     let call = NewCall {
         id: uuid::Uuid::now_v7().hyphenated().to_string(),
-        created_by: who.name.clone(),
+        created_by: a.who.name.clone(),
         reason: req.reason,
         action: req.action,
         target: req.target,
@@ -98,8 +97,7 @@ pub(super) async fn create_call(
             settings.wakeup.spread_secs,
         ),
     };
-    let (call, deliveries) = st
-        .store
+    let (call, deliveries) = a
         .run(move |s| {
             let mut next_id = move || {
                 beckon_identity::wakeup::new_wakeup_id(now_ms())
@@ -108,21 +106,16 @@ pub(super) async fn create_call(
             s.create_call(call, now, &mut next_id)
         })
         .await?;
-    audit(
-        &st,
-        &who,
-        "call.create",
-        json!({"id": call.id, "target": call.target}),
-    )
-    .await;
+    a.audit("call.create", json!({"id": call.id, "target": call.target}))
+        .await;
     // Waits while the dispatcher's queue is full: the call is recorded, and a request that
     // waits here is the backpressure on the callers.
-    let _ = st
-        .dispatch
-        .send(dispatch::Command::Publish(call.clone(), deliveries.clone()))
-        .await;
+    let _ =
+        a.st.dispatch
+            .send(dispatch::Command::Publish(call.clone(), deliveries.clone()))
+            .await;
     if req.wake_on_lan {
-        let st2 = st.clone();
+        let st2 = a.st.clone();
         let call_id = call.id.clone();
         let ids: Vec<String> = deliveries.iter().map(|d| d.agent_id.clone()).collect();
         tokio::spawn(async move {
@@ -141,30 +134,19 @@ pub(super) async fn create_call(
     Ok((StatusCode::CREATED, Json(body)))
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-pub(super) struct CallsQuery {
-    limit: Option<u32>,
-}
-
 pub(super) async fn list_calls(
-    State(st): State<AppState>,
-    _a: Admin,
-    Query(q): Query<CallsQuery>,
+    a: Admin,
+    Query(q): Query<LimitQuery>,
 ) -> ApiResult<Json<Vec<WakeCall>>> {
-    let limit = q.limit.unwrap_or(50);
-    if !(1..=1000).contains(&limit) {
-        return Err(ApiError::bad_request("limit must be 1 to 1000"));
-    }
-    Ok(Json(st.store.run(move |s| s.list_calls(limit)).await?))
+    let limit = check_limit(q.limit, 50)?;
+    Ok(Json(a.run(move |s| s.list_calls(limit)).await?))
 }
 
 pub(super) async fn get_call(
-    State(st): State<AppState>,
-    _a: Admin,
+    a: Admin,
     Path(id): Path<String>,
 ) -> ApiResult<Json<serde_json::Value>> {
-    let (call, deliveries) = st.store.run(move |s| s.call(&id)).await?;
+    let (call, deliveries) = a.run(move |s| s.call(&id)).await?;
     let mut body = to_body(&call)?;
     body["deliveries"] = to_body(&deliveries)?;
     Ok(Json(body))
@@ -212,16 +194,12 @@ pub(super) fn event_stream(
     Sse::new(stream).keep_alive(KeepAlive::default())
 }
 
-pub(super) async fn call_events(
-    State(st): State<AppState>,
-    _a: Admin,
-    Path(id): Path<String>,
-) -> ApiResult<Response> {
+pub(super) async fn call_events(a: Admin, Path(id): Path<String>) -> ApiResult<Response> {
     let i = id.clone();
-    st.store.run(move |s| s.call(&i)).await?;
-    Ok(event_stream(&st, Some(id)).into_response())
+    a.run(move |s| s.call(&i)).await?;
+    Ok(event_stream(&a.st, Some(id)).into_response())
 }
 
-pub(super) async fn all_events(State(st): State<AppState>, _a: Admin) -> Response {
-    event_stream(&st, None).into_response()
+pub(super) async fn all_events(a: Admin) -> Response {
+    event_stream(&a.st, None).into_response()
 }

@@ -30,8 +30,7 @@ pub(super) struct NewEnrollmentTokenRequest {
 }
 
 pub(super) async fn create_enrollment_token(
-    State(st): State<AppState>,
-    Admin(who): Admin,
+    a: Admin,
     Body(req): Body<NewEnrollmentTokenRequest>,
 ) -> ApiResult<(StatusCode, Json<serde_json::Value>)> {
     check_text("label", &req.label, 0, 200)?;
@@ -65,42 +64,32 @@ pub(super) async fn create_enrollment_token(
         id: new_id(),
         hash: token_hash(&secret),
         label: req.label,
-        created_by: who.name.clone(),
+        created_by: a.who.name.clone(),
         expires_at,
         max_uses,
         groups: req.groups,
     };
-    let token = st
-        .store
-        .run(move |s| s.create_enrollment_token(new))
-        .await?;
-    audit(
-        &st,
-        &who,
-        "enrollment_token.create",
-        json!({"id": token.id}),
-    )
-    .await;
+    let token = a.run(move |s| s.create_enrollment_token(new)).await?;
+    a.audit("enrollment_token.create", json!({"id": token.id}))
+        .await;
     let mut body = to_body(&token)?;
     body["token"] = json!(secret);
     Ok((StatusCode::CREATED, Json(body)))
 }
 
-pub(super) async fn list_enrollment_tokens(
-    State(st): State<AppState>,
-    _a: Admin,
-) -> ApiResult<Json<Vec<EnrollmentToken>>> {
-    Ok(Json(st.store.run(|s| s.list_enrollment_tokens()).await?))
+pub(super) async fn list_enrollment_tokens(a: Admin) -> ApiResult<Json<Vec<EnrollmentToken>>> {
+    Ok(Json(a.run(|s| s.list_enrollment_tokens()).await?))
 }
 
 pub(super) async fn revoke_enrollment_token(
-    State(st): State<AppState>,
-    Admin(who): Admin,
+    a: Admin,
     Path(id): Path<String>,
 ) -> ApiResult<StatusCode> {
-    let i = id.clone();
-    st.store.run(move |s| s.revoke_enrollment_token(&i)).await?;
-    audit(&st, &who, "enrollment_token.revoke", json!({"id": id})).await;
+    let detail = json!({"id": id});
+    a.audited("enrollment_token.revoke", detail, move |s| {
+        s.revoke_enrollment_token(&id)
+    })
+    .await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -352,8 +341,8 @@ pub(super) async fn renew_certificate(
 }
 
 /// The broker's tenant file for this tenant, with the revocations in force (TOML).
-pub(super) async fn get_tenant_file(State(st): State<AppState>, _a: Admin) -> ApiResult<Response> {
-    let text = crate::tenant_file::current(&st).await?;
+pub(super) async fn get_tenant_file(a: Admin) -> ApiResult<Response> {
+    let text = crate::tenant_file::current(&a.st).await?;
     Ok((
         [(
             axum::http::header::CONTENT_TYPE,

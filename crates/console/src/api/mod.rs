@@ -31,7 +31,7 @@ use serde_json::json;
 use crate::AppState;
 use crate::model::*;
 use crate::secrets::token_hash;
-use crate::store::{Principal, StoreError};
+use crate::store::{NewAuditEntry, Principal, Store, StoreError, StoreResult};
 
 use agents::*;
 use auth::*;
@@ -165,9 +165,6 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequestParts<S> for Query<T> {
     }
 }
 
-/// An authenticated administrator (API token or session cookie).
-pub struct Admin(pub Principal);
-
 fn bearer(headers: &HeaderMap) -> Option<&str> {
     headers
         .get(AUTHORIZATION)?
@@ -186,29 +183,94 @@ fn session_cookie(headers: &HeaderMap) -> Option<String> {
     })
 }
 
+/// An authenticated administrator's request (API token or session cookie): the console's
+/// state and who asks. Every route that needs an administrator takes it as its first
+/// argument, reads and writes the store through [`Admin::run`], and records what it changed
+/// with [`Admin::audited`] (or [`Admin::audit`] when the entry needs the result).
+pub struct Admin {
+    st: AppState,
+    who: Principal,
+}
+
 impl FromRequestParts<AppState> for Admin {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> ApiResult<Self> {
-        if let Some(token) = bearer(&parts.headers) {
+        let who = if let Some(token) = bearer(&parts.headers) {
             if !token.starts_with("bkt_") {
                 return Err(ApiError::unauthorized(
                     "this bearer token is not an API token (they start with bkt_): create one with POST /api/v1/api-tokens",
                 ));
             }
             let hash = token_hash(token);
-            let p = state.store.run(move |s| s.api_token(&hash)).await?;
-            return Ok(Admin(p));
-        }
-        if let Some(cookie) = session_cookie(&parts.headers) {
+            state.store.run(move |s| s.api_token(&hash)).await?
+        } else if let Some(cookie) = session_cookie(&parts.headers) {
             let hash = token_hash(&cookie);
-            let p = state.store.run(move |s| s.session(&hash, now_ms())).await?;
-            return Ok(Admin(p));
-        }
-        Err(ApiError::unauthorized(
-            "authentication required: send Authorization: Bearer <API token>, or log in (POST /api/v1/login)",
-        ))
+            state.store.run(move |s| s.session(&hash, now_ms())).await?
+        } else {
+            return Err(ApiError::unauthorized(
+                "authentication required: send Authorization: Bearer <API token>, or log in (POST /api/v1/login)",
+            ));
+        };
+        Ok(Admin {
+            st: state.clone(),
+            who,
+        })
     }
+}
+
+impl Admin {
+    /// Runs `f` with the store on the blocking pool; a store error becomes its API error.
+    async fn run<T, F>(&self, f: F) -> ApiResult<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&dyn Store) -> StoreResult<T> + Send + 'static,
+    {
+        Ok(self.st.store.run(f).await?)
+    }
+
+    /// Records `what` this administrator did in the audit log. A failure to write it is
+    /// logged, not answered: the change itself is done.
+    async fn audit(&self, what: &'static str, detail: serde_json::Value) {
+        let entry = NewAuditEntry {
+            who: self.who.name.clone(),
+            what: what.to_owned(),
+            detail,
+            at: now_ms(),
+        };
+        if let Err(e) = self.st.store.run(move |s| s.audit(entry)).await {
+            tracing::warn!(error = %e, what, "could not write the audit log");
+        }
+    }
+
+    /// Runs the change `f` with the store and, when it succeeded, records it in the audit
+    /// log as `what` with `detail`.
+    async fn audited<T, F>(
+        &self,
+        what: &'static str,
+        detail: serde_json::Value,
+        f: F,
+    ) -> ApiResult<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&dyn Store) -> StoreResult<T> + Send + 'static,
+    {
+        let done = self.run(f).await?;
+        self.audit(what, detail).await;
+        Ok(done)
+    }
+}
+
+/// One entry of [`routes`]: the path, then each `method(handler)`; every method is named
+/// once, for the router and for the list the OpenAPI test compares.
+macro_rules! route {
+    ($path:literal, $method:ident($handler:expr) $(, $more:ident($more_handler:expr))* $(,)?) => {
+        (
+            $path,
+            &[stringify!($method) $(, stringify!($more))*],
+            $method($handler) $(.$more($more_handler))*,
+        )
+    };
 }
 
 /// Every route: path, methods, handler. The router and the OpenAPI test both read it.
@@ -218,71 +280,47 @@ pub fn routes() -> Vec<(
     MethodRouter<AppState>,
 )> {
     vec![
-        ("/api/v1/openapi.json", &["get"], get(openapi)),
-        ("/api/v1/login", &["post"], post(login)),
-        ("/api/v1/logout", &["post"], post(logout)),
-        ("/api/v1/users", &["post"], post(create_user)),
-        ("/api/v1/account/password", &["post"], post(change_password)),
-        ("/api/v1/enroll", &["post"], post(enroll)),
-        ("/api/v1/agents/{id}/checkin", &["post"], post(checkin)),
-        (
-            "/api/v1/agents/{id}/certificate",
-            &["post"],
-            post(renew_certificate),
-        ),
-        ("/api/v1/tenant-file", &["get"], get(get_tenant_file)),
-        (
+        route!("/api/v1/openapi.json", get(openapi)),
+        route!("/api/v1/login", post(login)),
+        route!("/api/v1/logout", post(logout)),
+        route!("/api/v1/users", post(create_user)),
+        route!("/api/v1/account/password", post(change_password)),
+        route!("/api/v1/enroll", post(enroll)),
+        route!("/api/v1/agents/{id}/checkin", post(checkin)),
+        route!("/api/v1/agents/{id}/certificate", post(renew_certificate)),
+        route!("/api/v1/tenant-file", get(get_tenant_file)),
+        route!(
             "/api/v1/enrollment-tokens",
-            &["get", "post"],
-            get(list_enrollment_tokens).post(create_enrollment_token),
+            get(list_enrollment_tokens),
+            post(create_enrollment_token)
         ),
-        (
+        route!(
             "/api/v1/enrollment-tokens/{id}",
-            &["delete"],
-            delete(revoke_enrollment_token),
+            delete(revoke_enrollment_token)
         ),
-        ("/api/v1/agents", &["get"], get(list_agents)),
-        (
+        route!("/api/v1/agents", get(list_agents)),
+        route!(
             "/api/v1/agents/{id}",
-            &["get", "patch", "delete"],
-            get(get_agent).patch(update_agent).delete(revoke_agent),
+            get(get_agent),
+            patch(update_agent),
+            delete(revoke_agent)
         ),
-        (
-            "/api/v1/agents/{id}/wol",
-            &["get", "post"],
-            get(wol_history).post(wol_now),
-        ),
-        (
-            "/api/v1/groups",
-            &["get", "post"],
-            get(list_groups).post(create_group),
-        ),
-        ("/api/v1/groups/{name}", &["delete"], delete(delete_group)),
-        (
-            "/api/v1/calls",
-            &["get", "post"],
-            get(list_calls).post(create_call),
-        ),
-        ("/api/v1/calls/{id}", &["get"], get(get_call)),
-        ("/api/v1/calls/{id}/events", &["get"], get(call_events)),
-        ("/api/v1/events", &["get"], get(all_events)),
-        (
-            "/api/v1/settings",
-            &["get", "put"],
-            get(get_settings).put(put_settings),
-        ),
-        ("/api/v1/audit", &["get"], get(audit_log)),
-        ("/api/v1/status", &["get"], get(status)),
-        (
+        route!("/api/v1/agents/{id}/wol", get(wol_history), post(wol_now)),
+        route!("/api/v1/groups", get(list_groups), post(create_group)),
+        route!("/api/v1/groups/{name}", delete(delete_group)),
+        route!("/api/v1/calls", get(list_calls), post(create_call)),
+        route!("/api/v1/calls/{id}", get(get_call)),
+        route!("/api/v1/calls/{id}/events", get(call_events)),
+        route!("/api/v1/events", get(all_events)),
+        route!("/api/v1/settings", get(get_settings), put(put_settings)),
+        route!("/api/v1/audit", get(audit_log)),
+        route!("/api/v1/status", get(status)),
+        route!(
             "/api/v1/api-tokens",
-            &["get", "post"],
-            get(list_api_tokens).post(create_api_token_route),
+            get(list_api_tokens),
+            post(create_api_token_route)
         ),
-        (
-            "/api/v1/api-tokens/{id}",
-            &["delete"],
-            delete(revoke_api_token),
-        ),
+        route!("/api/v1/api-tokens/{id}", delete(revoke_api_token)),
     ]
 }
 
@@ -313,15 +351,20 @@ async fn openapi() -> Json<serde_json::Value> {
     Json(crate::openapi::document())
 }
 
-async fn audit(st: &AppState, who: &Principal, what: &'static str, detail: serde_json::Value) {
-    let who = who.name.clone();
-    if let Err(e) = st
-        .store
-        .run(move |s| s.audit(&who, what, detail, now_ms()))
-        .await
-    {
-        tracing::warn!(error = %e, what, "could not write the audit log");
+/// The query of a list whose only parameter is how many to list.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LimitQuery {
+    limit: Option<u32>,
+}
+
+/// A list's `limit` parameter, `default` when absent; 1 to 1000.
+fn check_limit(limit: Option<u32>, default: u32) -> ApiResult<u32> {
+    let limit = limit.unwrap_or(default);
+    if !(1..=1000).contains(&limit) {
+        return Err(ApiError::bad_request("limit must be 1 to 1000"));
     }
+    Ok(limit)
 }
 
 fn check_text(field: &str, value: &str, min: usize, max: usize) -> ApiResult<()> {

@@ -1,29 +1,25 @@
 //! Wake-on-LAN: send magic packets to an agent now, and its history.
 
 use axum::Json;
-use axum::extract::{Path, State};
+use axum::extract::Path;
 use axum::http::StatusCode;
 use serde_json::json;
 
 use super::*;
+use crate::dispatch;
 use crate::model::*;
-use crate::{AppState, dispatch};
 
 // --- Wake-on-LAN ---
 
-pub(super) async fn wol_now(
-    State(st): State<AppState>,
-    Admin(who): Admin,
-    Path(id): Path<String>,
-) -> ApiResult<Json<Vec<WolSend>>> {
-    let agent = st.store.run(move |s| s.agent(&id)).await?;
+pub(super) async fn wol_now(a: Admin, Path(id): Path<String>) -> ApiResult<Json<Vec<WolSend>>> {
+    let agent = a.run(move |s| s.agent(&id)).await?;
     if agent.revoked {
         return Err(ApiError::new(
             StatusCode::NOT_FOUND,
             format!("agent {:?} was revoked", agent.id),
         ));
     }
-    let sends = dispatch::wake_on_lan(&st, &agent, None).await?;
+    let sends = dispatch::wake_on_lan(&a.st, &agent, None).await?;
     if sends.is_empty() {
         return Err(ApiError::new(
             StatusCode::UNPROCESSABLE_ENTITY,
@@ -33,16 +29,12 @@ pub(super) async fn wol_now(
             ),
         ));
     }
-    audit(&st, &who, "agent.wol", json!({"id": agent.id})).await;
+    a.audit("agent.wol", json!({"id": agent.id})).await;
     Ok(Json(sends))
 }
 
-pub(super) async fn wol_history(
-    State(st): State<AppState>,
-    _a: Admin,
-    Path(id): Path<String>,
-) -> ApiResult<Json<Vec<WolSend>>> {
+pub(super) async fn wol_history(a: Admin, Path(id): Path<String>) -> ApiResult<Json<Vec<WolSend>>> {
     let i = id.clone();
-    st.store.run(move |s| s.agent(&i)).await?;
-    Ok(Json(st.store.run(move |s| s.wol_sends(&id, 100)).await?))
+    a.run(move |s| s.agent(&i)).await?;
+    Ok(Json(a.run(move |s| s.wol_sends(&id, 100)).await?))
 }

@@ -9,13 +9,13 @@ pub enum LinkError {
     NotConfigured,
     /// The TCP connection to a development broker (`mqtt://`) did not open within 10 s.
     #[error("TCP connect to {address} timed out: check that the broker runs and listens there")]
-    ConnectTimeout {
+    DialTimeout {
         /// `host:port`.
         address: String,
     },
     /// The TCP connection to a development broker (`mqtt://`) failed.
     #[error("TCP connect to {address} failed: {source}")]
-    Connect {
+    Dial {
         /// `host:port`.
         address: String,
         /// The error.

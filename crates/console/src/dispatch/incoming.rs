@@ -76,12 +76,8 @@ fn handle_publish(conn: &mut Conn, p: &Publish) {
     let agent = agent.to_owned();
     match kind {
         "ack" => {
-            let ack = match Ack::from_json(&p.payload) {
-                Ok(a) => a,
-                Err(e) => {
-                    tracing::warn!(%agent, error = %e, "ignoring a malformed ack");
-                    return;
-                }
+            let Some(ack) = well_formed(&agent, "ack", Ack::from_json(&p.payload)) else {
+                return;
             };
             let state = match ack.stage {
                 AckStage::Received => CallState::Delivered,
@@ -104,12 +100,9 @@ fn handle_publish(conn: &mut Conn, p: &Publish) {
             advance(conn, &agent, &ack.wakeup_id, state, update);
         }
         "relay-result" => {
-            let result = match beckon_identity::relay::RelayResult::from_json(&p.payload) {
-                Ok(r) => r,
-                Err(e) => {
-                    tracing::warn!(%agent, error = %e, "ignoring a malformed relay result");
-                    return;
-                }
+            let parsed = beckon_identity::relay::RelayResult::from_json(&p.payload);
+            let Some(result) = well_formed(&agent, "relay result", parsed) else {
+                return;
             };
             let sends = result
                 .sends
@@ -124,12 +117,9 @@ fn handle_publish(conn: &mut Conn, p: &Publish) {
             if p.payload.is_empty() {
                 return;
             }
-            let ev = match PresenceEvent::from_json(&p.payload) {
-                Ok(e) => e,
-                Err(e) => {
-                    tracing::warn!(%agent, error = %e, "ignoring a malformed presence event");
-                    return;
-                }
+            let parsed = PresenceEvent::from_json(&p.payload);
+            let Some(ev) = well_formed(&agent, "presence event", parsed) else {
+                return;
             };
             let presence = match ev.state {
                 PresenceState::Connected => Presence::Online,
@@ -186,6 +176,18 @@ pub(super) fn advance(
         update,
         at: now_ms(),
     });
+}
+
+/// The message an agent sent, when it parsed; a malformed one is logged (as a malformed
+/// `what`) and ignored.
+fn well_formed<T, E: std::fmt::Display>(
+    agent: &str,
+    what: &str,
+    parsed: Result<T, E>,
+) -> Option<T> {
+    parsed
+        .map_err(|e| tracing::warn!(%agent, error = %e, "ignoring a malformed {what}"))
+        .ok()
 }
 
 #[cfg(test)]

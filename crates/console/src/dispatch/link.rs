@@ -35,10 +35,10 @@ pub(super) async fn connect(
                 tokio::net::TcpStream::connect(address.as_str()),
             )
             .await
-            .map_err(|_| LinkError::ConnectTimeout {
+            .map_err(|_| LinkError::DialTimeout {
                 address: address.clone(),
             })?
-            .map_err(|source| LinkError::Connect {
+            .map_err(|source| LinkError::Dial {
                 address: address.clone(),
                 source,
             })?;

@@ -101,6 +101,45 @@ pub struct NewEnrollmentToken {
     pub groups: Vec<String>,
 }
 
+/// A new login session.
+#[derive(Debug, Clone)]
+pub struct NewSession {
+    /// SHA-256 of the session cookie's secret.
+    pub hash: [u8; 32],
+    /// The user logged in.
+    pub user: String,
+    /// When the user logged in.
+    pub created_at: Millis,
+    /// When the session ends.
+    pub expires_at: Millis,
+}
+
+/// A new API token.
+#[derive(Debug, Clone)]
+pub struct NewApiToken {
+    /// Public id.
+    pub id: String,
+    /// SHA-256 of the secret.
+    pub hash: [u8; 32],
+    /// Name, shown as `token:<name>` in the audit log.
+    pub name: String,
+    /// When it was made.
+    pub created_at: Millis,
+}
+
+/// An audit log entry to append.
+#[derive(Debug, Clone)]
+pub struct NewAuditEntry {
+    /// The principal's name (`user:alice`, `token:ci`).
+    pub who: String,
+    /// What was done, e.g. `agent.revoke`.
+    pub what: String,
+    /// The details as JSON.
+    pub detail: serde_json::Value,
+    /// When.
+    pub at: Millis,
+}
+
 /// A new agent, as enrollment records it.
 #[derive(Debug, Clone)]
 pub struct NewAgent {
@@ -206,7 +245,6 @@ pub struct DeliveryAdvance {
     pub at: Millis,
 }
 
-/// What a session or bearer token resolves to.
 /// One agent's pending wake-ups: its id, then each call and delivery.
 pub type AgentPending = (String, Vec<(WakeCall, CallDelivery)>);
 
@@ -225,6 +263,7 @@ pub struct PresenceUpdate {
     pub remote_addr: Option<String>,
 }
 
+/// What a session or bearer token resolves to.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Principal {
     /// Shown as `created_by` and in the audit log: `user:alice` or `token:ci`.
@@ -295,27 +334,18 @@ pub trait AgentStore {
     ) -> StoreResult<Agent>;
 
     /// Records a presence change.
-    fn set_presence(
-        &self,
-        id: &str,
-        presence: Presence,
-        at: Millis,
-        path: Option<String>,
-        remote_addr: Option<String>,
-    ) -> StoreResult<()>;
+    fn set_presence(&self, update: PresenceUpdate) -> StoreResult<()> {
+        self.set_presences(vec![update])
+    }
 
     /// Marks every agent recorded `online` that is not in `still_online` as `offline` at
     /// `at` (unless a newer event is recorded): the broker's retained presence, read after
     /// the console (re)connects, is the whole truth. Returns the agents changed.
     fn reconcile_presence(&self, still_online: &[String], at: Millis) -> StoreResult<Vec<String>>;
 
-    /// Records several presence changes, in one transaction where the store can.
-    fn set_presences(&self, updates: Vec<PresenceUpdate>) -> StoreResult<()> {
-        for u in updates {
-            self.set_presence(&u.agent_id, u.presence, u.at, u.path, u.remote_addr)?;
-        }
-        Ok(())
-    }
+    /// Records several presence changes in one transaction. An event older than the
+    /// agent's recorded presence changes nothing.
+    fn set_presences(&self, updates: Vec<PresenceUpdate>) -> StoreResult<()>;
 
     /// Creates a group.
     fn create_group(&self, name: &str, description: &str, now: Millis) -> StoreResult<Group>;
@@ -344,18 +374,13 @@ pub trait CallStore {
     /// Calls, newest first.
     fn list_calls(&self, limit: u32) -> StoreResult<Vec<WakeCall>>;
 
-    /// Moves `agent_id`'s delivery with this wake-up id (and those it carried) to `state` if that is
-    /// progress; returns the deliveries that changed.
-    fn advance_delivery(
-        &self,
-        agent_id: &str,
-        wakeup_id: &str,
-        state: CallState,
-        update: DeliveryUpdate,
-        at: Millis,
-    ) -> StoreResult<Vec<CallDelivery>>;
+    /// Moves the agent's delivery with the advance's wake-up id (and those it carried) to the
+    /// advance's state if that is progress; returns the deliveries that changed.
+    fn advance_delivery(&self, advance: DeliveryAdvance) -> StoreResult<Vec<CallDelivery>> {
+        self.advance_deliveries(vec![advance])
+    }
 
-    /// Several [`advance_delivery`](Store::advance_delivery) in one transaction (one commit
+    /// Several [`advance_delivery`](Self::advance_delivery) in one transaction (one commit
     /// for a burst of PUBACKs or acks); returns every delivery that changed.
     fn advance_deliveries(&self, batch: Vec<DeliveryAdvance>) -> StoreResult<Vec<CallDelivery>>;
 
@@ -423,14 +448,8 @@ pub trait AuthStore {
     fn upgrade_password_hash(&self, name: &str, current: &str, upgraded: &str)
     -> StoreResult<bool>;
 
-    /// Records a login session.
-    fn create_session(
-        &self,
-        hash: &[u8; 32],
-        user: &str,
-        now: Millis,
-        expires_at: Millis,
-    ) -> StoreResult<()>;
+    /// Records a login session (and clears the sessions ended by its creation time).
+    fn create_session(&self, session: NewSession) -> StoreResult<()>;
 
     /// The user of a live session.
     fn session(&self, hash: &[u8; 32], now: Millis) -> StoreResult<Principal>;
@@ -439,13 +458,7 @@ pub trait AuthStore {
     fn delete_session(&self, hash: &[u8; 32]) -> StoreResult<()>;
 
     /// Records an API token.
-    fn create_api_token(
-        &self,
-        id: &str,
-        hash: &[u8; 32],
-        name: &str,
-        now: Millis,
-    ) -> StoreResult<ApiToken>;
+    fn create_api_token(&self, token: NewApiToken) -> StoreResult<ApiToken>;
 
     /// The principal of a live API token.
     fn api_token(&self, hash: &[u8; 32]) -> StoreResult<Principal>;
@@ -488,13 +501,7 @@ pub trait SettingsStore {
     fn put_settings(&self, settings: &Settings, who: &str, now: Millis) -> StoreResult<Settings>;
 
     /// Appends an audit entry.
-    fn audit(
-        &self,
-        who: &str,
-        what: &str,
-        detail: serde_json::Value,
-        now: Millis,
-    ) -> StoreResult<()>;
+    fn audit(&self, entry: NewAuditEntry) -> StoreResult<()>;
 
     /// Audit entries, newest first.
     fn audit_log(&self, limit: u32) -> StoreResult<Vec<AuditEntry>>;

@@ -49,6 +49,17 @@ pub async fn start_with(f: impl FnOnce(&mut ConsoleConfig)) -> Api {
     }
 }
 
+/// A console whose push service is a development broker (`mqtt://`, no TLS) listening at
+/// 127.0.0.1:`port`.
+pub async fn start_with_plain_broker(port: u16) -> Api {
+    start_with(|c| {
+        c.broker = beckon_console::BrokerLink::Anonymous {
+            address: format!("127.0.0.1:{port}"),
+        }
+    })
+    .await
+}
+
 impl Api {
     /// One request through the router: status, headers and the body's bytes.
     async fn respond(&self, req: Request<Body>) -> (StatusCode, Vec<(String, String)>, Vec<u8>) {
@@ -111,6 +122,18 @@ impl Api {
         (s, v)
     }
 
+    /// POST /api/v1/calls with `body`: a new wake-up call.
+    pub async fn create_call(&self, body: Value) -> (StatusCode, Value) {
+        self.call("POST", "/api/v1/calls", Some(body)).await
+    }
+
+    /// GET /api/v1/calls/`id`: the call with its deliveries (the test fails unless 200).
+    pub async fn get_call(&self, id: &str) -> Value {
+        let (s, call) = self.call("GET", &format!("/api/v1/calls/{id}"), None).await;
+        assert_eq!(s, StatusCode::OK, "{call}");
+        call
+    }
+
     /// Polls GET `path` until `f` holds for its body, and returns it; fails the test with
     /// `what` after 30 s.
     pub async fn wait_for(&self, what: &str, path: &str, f: impl Fn(&Value) -> bool) -> Value {
@@ -163,7 +186,14 @@ impl Api {
 
 /// A request with `auth` as its Authorization header (none: without) and the JSON text
 /// `body`.
-fn request(method: &str, path: &str, auth: Option<&str>, body: Option<String>) -> Request<Body> {
+/// A request with `auth` as its Authorization header (none: without) and the JSON text
+/// `body` (none: empty).
+pub fn request(
+    method: &str,
+    path: &str,
+    auth: Option<&str>,
+    body: Option<String>,
+) -> Request<Body> {
     let mut b = Request::builder().method(method).uri(path);
     if let Some(a) = auth {
         b = b.header("authorization", a);
@@ -175,6 +205,29 @@ fn request(method: &str, path: &str, auth: Option<&str>, body: Option<String>) -
             .unwrap(),
         None => b.body(Body::empty()).unwrap(),
     }
+}
+
+/// POST /api/v1/login as `user` with `password`.
+pub fn login(user: &str, password: &str) -> Request<Body> {
+    let body = serde_json::json!({"user": user, "password": password});
+    request("POST", "/api/v1/login", None, Some(body.to_string()))
+}
+
+/// The session cookie (`name=value`) a login answered with, from its headers.
+pub fn session_cookie(headers: &[(String, String)]) -> String {
+    headers
+        .iter()
+        .find(|(k, _)| k == "set-cookie")
+        .map(|(_, v)| v.split(';').next().unwrap().to_owned())
+        .expect("a set-cookie header")
+}
+
+/// A request sending the session `cookie`, with the JSON `body` (none: empty).
+pub fn with_cookie(method: &str, path: &str, cookie: &str, body: Option<Value>) -> Request<Body> {
+    let mut req = request(method, path, None, body.map(|v| v.to_string()));
+    req.headers_mut()
+        .insert("cookie", cookie.parse().expect("a cookie header value"));
+    req
 }
 
 pub fn csr() -> String {

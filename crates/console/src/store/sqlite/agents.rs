@@ -1,6 +1,6 @@
 //! Agents and groups in SQLite.
 
-use rusqlite::{Connection, OptionalExtension, Row, Transaction, params};
+use rusqlite::{Connection, Row, Transaction, params};
 
 use super::auth::{TOKEN_COLUMNS, token_from_row};
 use super::*;
@@ -56,33 +56,42 @@ pub(super) fn fill_groups(conn: &Connection, agent: &mut Agent) -> rusqlite::Res
     Ok(())
 }
 
+/// Whether the agent `id` is revoked; `None` when there is no such agent.
+pub(super) fn agent_revoked(conn: &Connection, id: &str) -> StoreResult<Option<bool>> {
+    query_opt(
+        conn,
+        "SELECT revoked FROM agents WHERE id = ?1",
+        [id],
+        |r| r.get(0),
+        "checking an agent",
+    )
+}
+
 pub(super) fn load_agent(conn: &Connection, id: &str) -> StoreResult<Agent> {
-    let mut agent = conn
-        .query_row(
-            &format!("SELECT {AGENT_COLUMNS} FROM agents WHERE id = ?1"),
-            [id],
-            agent_from_row,
-        )
-        .optional()
-        .map_err(sql("reading an agent"))?
-        .ok_or_else(|| StoreError::NotFound {
-            what: "agent",
-            id: id.to_owned(),
-        })?;
+    let mut agent = query_opt(
+        conn,
+        &format!("SELECT {AGENT_COLUMNS} FROM agents WHERE id = ?1"),
+        [id],
+        agent_from_row,
+        "reading an agent",
+    )?
+    .ok_or_else(|| not_found("agent", id))?;
     fill_groups(conn, &mut agent).map_err(sql("reading an agent's groups"))?;
     Ok(agent)
 }
 
+fn group_exists(conn: &Connection, name: &str) -> StoreResult<bool> {
+    conn.query_row(
+        "SELECT EXISTS(SELECT 1 FROM groups WHERE name = ?1)",
+        [name],
+        |r| r.get(0),
+    )
+    .map_err(sql("checking a group"))
+}
+
 pub(super) fn check_groups_exist(conn: &Connection, groups: &[String]) -> StoreResult<()> {
     for g in groups {
-        let exists: bool = conn
-            .query_row(
-                "SELECT EXISTS(SELECT 1 FROM groups WHERE name = ?1)",
-                [g],
-                |r| r.get(0),
-            )
-            .map_err(sql("checking a group"))?;
-        if !exists {
+        if !group_exists(conn, g)? {
             return Err(StoreError::Invalid(format!(
                 "group {g:?} does not exist: create it first (POST /api/v1/groups)"
             )));
@@ -118,19 +127,19 @@ impl AgentStore for SqliteStore {
     ) -> StoreResult<Agent> {
         let mut conn = self.conn();
         let tx = conn.transaction().map_err(sql("starting a transaction"))?;
-        let token = tx
-            .query_row(
-                &format!("SELECT {TOKEN_COLUMNS} FROM enrollment_tokens WHERE hash = ?1"),
-                [&token_hash[..]],
-                token_from_row,
+        let token = query_opt(
+            &tx,
+            &format!("SELECT {TOKEN_COLUMNS} FROM enrollment_tokens WHERE hash = ?1"),
+            [&token_hash[..]],
+            token_from_row,
+            "reading an enrollment token",
+        )?
+        .ok_or_else(|| {
+            StoreError::Refused(
+                "the enrollment token is not known: check it, or ask an administrator for a new one"
+                    .into(),
             )
-            .optional()
-            .map_err(sql("reading an enrollment token"))?
-            .ok_or_else(|| {
-                StoreError::Refused(
-                    "the enrollment token is not known: check it, or ask an administrator for a new one".into(),
-                )
-            })?;
+        })?;
         if token.revoked {
             return Err(StoreError::Refused(
                 "the enrollment token was revoked: ask an administrator for a new one".into(),
@@ -146,14 +155,7 @@ impl AgentStore for SqliteStore {
                 "the enrollment token has been used up: ask an administrator for a new one".into(),
             ));
         }
-        let existing: Option<bool> = tx
-            .query_row(
-                "SELECT revoked FROM agents WHERE id = ?1",
-                [&agent.id],
-                |r| r.get(0),
-            )
-            .optional()
-            .map_err(sql("checking an agent id"))?;
+        let existing = agent_revoked(&tx, &agent.id)?;
         match existing {
             Some(false) => {
                 return Err(StoreError::Conflict(format!(
@@ -232,11 +234,13 @@ impl AgentStore for SqliteStore {
             where_.join(" AND "),
             f.offset
         );
-        let mut stmt = conn.prepare(&query).map_err(sql("listing agents"))?;
-        let mut agents: Vec<Agent> = stmt
-            .query_map(rusqlite::params_from_iter(args.iter()), agent_from_row)
-            .and_then(|rows| rows.collect())
-            .map_err(sql("listing agents"))?;
+        let mut agents: Vec<Agent> = query_all(
+            &conn,
+            &query,
+            rusqlite::params_from_iter(args.iter()),
+            agent_from_row,
+            "listing agents",
+        )?;
         for a in &mut agents {
             fill_groups(&conn, a).map_err(sql("reading an agent's groups"))?;
         }
@@ -264,10 +268,7 @@ impl AgentStore for SqliteStore {
         let tx = conn.transaction().map_err(sql("starting a transaction"))?;
         let current = load_agent(&tx, id)?;
         if current.revoked {
-            return Err(StoreError::NotFound {
-                what: "agent",
-                id: id.to_owned(),
-            });
+            return Err(not_found("agent", id));
         }
         if let Some(name) = name {
             tx.execute(
@@ -293,19 +294,12 @@ impl AgentStore for SqliteStore {
                 params![id, now],
             )
             .map_err(sql("revoking an agent"))?;
-        if n > 0 {
-            tx.execute(
-                "UPDATE agent_certificates SET revoked_at = ?2 WHERE agent_id = ?1 AND revoked_at IS NULL",
-                params![id, now],
-            )
-            .map_err(sql("revoking an agent's certificates"))?;
-        }
-        if n == 0 {
-            return Err(StoreError::NotFound {
-                what: "agent",
-                id: id.to_owned(),
-            });
-        }
+        touched(n, "agent", id)?;
+        tx.execute(
+            "UPDATE agent_certificates SET revoked_at = ?2 WHERE agent_id = ?1 AND revoked_at IS NULL",
+            params![id, now],
+        )
+        .map_err(sql("revoking an agent's certificates"))?;
         tx.execute(
             "UPDATE deliveries SET state = 'failed', finished_at = ?1, detail = 'the agent was revoked' WHERE agent_id = ?2 AND state IN ('queued', 'sent', 'delivered', 'started')",
             params![now, id],
@@ -374,17 +368,9 @@ impl AgentStore for SqliteStore {
     fn record_certificate(&self, id: &str, certificate: &CertificateRecord) -> StoreResult<()> {
         let mut conn = self.conn();
         let tx = conn.transaction().map_err(sql("starting a transaction"))?;
-        let revoked: Option<bool> = tx
-            .query_row("SELECT revoked FROM agents WHERE id = ?1", [id], |r| {
-                r.get(0)
-            })
-            .optional()
-            .map_err(sql("checking an agent"))?;
+        let revoked = agent_revoked(&tx, id)?;
         if revoked != Some(false) {
-            return Err(StoreError::NotFound {
-                what: "agent",
-                id: id.to_owned(),
-            });
+            return Err(not_found("agent", id));
         }
         insert_certificate(&tx, id, certificate)?;
         tx.commit().map_err(sql("recording a certificate"))?;
@@ -393,14 +379,13 @@ impl AgentStore for SqliteStore {
 
     fn agent_by_secret(&self, id: &str, hash: &[u8; 32]) -> StoreResult<Agent> {
         let conn = self.conn();
-        let stored: Option<(Vec<u8>, bool)> = conn
-            .query_row(
-                "SELECT secret_hash, revoked FROM agents WHERE id = ?1",
-                [id],
-                |r| Ok((r.get(0)?, r.get(1)?)),
-            )
-            .optional()
-            .map_err(sql("checking an agent's secret"))?;
+        let stored: Option<(Vec<u8>, bool)> = query_opt(
+            &conn,
+            "SELECT secret_hash, revoked FROM agents WHERE id = ?1",
+            [id],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+            "checking an agent's secret",
+        )?;
         let refused = || {
             StoreError::Refused(format!(
                 "agent {id:?} is not enrolled or its check-in token is wrong: enroll the agent again"
@@ -432,44 +417,20 @@ impl AgentStore for SqliteStore {
             ),
         }
         .map_err(sql("recording a check-in"))?;
-        if n == 0 {
-            return Err(StoreError::NotFound {
-                what: "agent",
-                id: id.to_owned(),
-            });
-        }
+        touched(n, "agent", id)?;
         load_agent(&conn, id)
-    }
-
-    fn set_presence(
-        &self,
-        id: &str,
-        presence: Presence,
-        at: Millis,
-        path: Option<String>,
-        remote_addr: Option<String>,
-    ) -> StoreResult<()> {
-        // Retained presence may arrive late or twice: an older event never overwrites a newer.
-        self.conn()
-            .execute(
-                "UPDATE agents SET presence = ?1, presence_at = ?2, path = COALESCE(?3, path), remote_addr = COALESCE(?4, remote_addr) WHERE id = ?5 AND (presence_at IS NULL OR presence_at <= ?2)",
-                params![presence.as_str(), at, path, remote_addr, id],
-            )
-            .map_err(sql("recording presence"))?;
-        Ok(())
     }
 
     fn reconcile_presence(&self, still_online: &[String], at: Millis) -> StoreResult<Vec<String>> {
         let mut conn = self.conn();
         let tx = conn.transaction().map_err(sql("starting a transaction"))?;
-        let online: Vec<String> = {
-            let mut stmt = tx
-                .prepare("SELECT id FROM agents WHERE presence = 'online'")
-                .map_err(sql("reading presence"))?;
-            stmt.query_map([], |r| r.get(0))
-                .and_then(|rows| rows.collect::<Result<Vec<String>, _>>())
-                .map_err(sql("reading presence"))?
-        };
+        let online: Vec<String> = query_all(
+            &tx,
+            "SELECT id FROM agents WHERE presence = 'online'",
+            [],
+            |r| r.get(0),
+            "reading presence",
+        )?;
         let keep: std::collections::HashSet<&str> =
             still_online.iter().map(String::as_str).collect();
         let mut changed = Vec::new();
@@ -492,6 +453,8 @@ impl AgentStore for SqliteStore {
         let mut conn = self.conn();
         let tx = conn.transaction().map_err(sql("starting a transaction"))?;
         {
+            // Retained presence may arrive late or twice: an older event never overwrites a
+            // newer one.
             let mut stmt = tx
                 .prepare_cached(
                     "UPDATE agents SET presence = ?1, presence_at = ?2, path = COALESCE(?3, path), remote_addr = COALESCE(?4, remote_addr) WHERE id = ?5 AND (presence_at IS NULL OR presence_at <= ?2)",
@@ -513,14 +476,7 @@ impl AgentStore for SqliteStore {
 
     fn create_group(&self, name: &str, description: &str, now: Millis) -> StoreResult<Group> {
         let conn = self.conn();
-        let exists: bool = conn
-            .query_row(
-                "SELECT EXISTS(SELECT 1 FROM groups WHERE name = ?1)",
-                [name],
-                |r| r.get(0),
-            )
-            .map_err(sql("checking a group"))?;
-        if exists {
+        if group_exists(&conn, name)? {
             return Err(StoreError::Conflict(format!(
                 "group {name:?} already exists"
             )));
@@ -540,21 +496,20 @@ impl AgentStore for SqliteStore {
 
     fn list_groups(&self) -> StoreResult<Vec<Group>> {
         let conn = self.conn();
-        let mut stmt = conn
-            .prepare(
-                "SELECT g.name, g.description, g.created_at, (SELECT COUNT(*) FROM agent_groups ag JOIN agents a ON a.id = ag.agent_id WHERE ag.group_name = g.name AND a.revoked = 0) FROM groups g ORDER BY g.name",
-            )
-            .map_err(sql("listing groups"))?;
-        stmt.query_map([], |r| {
-            Ok(Group {
-                name: r.get(0)?,
-                description: r.get(1)?,
-                created_at: r.get(2)?,
-                members: r.get(3)?,
-            })
-        })
-        .and_then(|rows| rows.collect())
-        .map_err(sql("listing groups"))
+        query_all(
+            &conn,
+            "SELECT g.name, g.description, g.created_at, (SELECT COUNT(*) FROM agent_groups ag JOIN agents a ON a.id = ag.agent_id WHERE ag.group_name = g.name AND a.revoked = 0) FROM groups g ORDER BY g.name",
+            [],
+            |r| {
+                Ok(Group {
+                    name: r.get(0)?,
+                    description: r.get(1)?,
+                    created_at: r.get(2)?,
+                    members: r.get(3)?,
+                })
+            },
+            "listing groups",
+        )
     }
 
     fn delete_group(&self, name: &str) -> StoreResult<()> {
@@ -562,12 +517,6 @@ impl AgentStore for SqliteStore {
             .conn()
             .execute("DELETE FROM groups WHERE name = ?1", [name])
             .map_err(sql("deleting a group"))?;
-        if n == 0 {
-            return Err(StoreError::NotFound {
-                what: "group",
-                id: name.to_owned(),
-            });
-        }
-        Ok(())
+        touched(n, "group", name)
     }
 }

@@ -1,6 +1,6 @@
 //! Users, sessions, API tokens and enrollment tokens in SQLite.
 
-use rusqlite::{OptionalExtension, Row, params};
+use rusqlite::{Row, params};
 
 use super::agents::check_groups_exist;
 use super::*;
@@ -52,14 +52,13 @@ impl AuthStore for SqliteStore {
 
     fn list_enrollment_tokens(&self) -> StoreResult<Vec<EnrollmentToken>> {
         let conn = self.conn();
-        let mut stmt = conn
-            .prepare(&format!(
-                "SELECT {TOKEN_COLUMNS} FROM enrollment_tokens ORDER BY created_at DESC, id"
-            ))
-            .map_err(sql("listing enrollment tokens"))?;
-        stmt.query_map([], token_from_row)
-            .and_then(|rows| rows.collect())
-            .map_err(sql("listing enrollment tokens"))
+        query_all(
+            &conn,
+            &format!("SELECT {TOKEN_COLUMNS} FROM enrollment_tokens ORDER BY created_at DESC, id"),
+            [],
+            token_from_row,
+            "listing enrollment tokens",
+        )
     }
 
     fn revoke_enrollment_token(&self, id: &str) -> StoreResult<()> {
@@ -70,13 +69,7 @@ impl AuthStore for SqliteStore {
                 [id],
             )
             .map_err(sql("revoking an enrollment token"))?;
-        if n == 0 {
-            return Err(StoreError::NotFound {
-                what: "enrollment token",
-                id: id.to_owned(),
-            });
-        }
-        Ok(())
+        touched(n, "enrollment token", id)
     }
 
     fn create_user(&self, name: &str, password_hash: &str, now: Millis) -> StoreResult<()> {
@@ -110,12 +103,7 @@ impl AuthStore for SqliteStore {
                 params![password_hash, name],
             )
             .map_err(sql("changing a password"))?;
-        if n == 0 {
-            return Err(StoreError::NotFound {
-                what: "user",
-                id: name.to_owned(),
-            });
-        }
+        touched(n, "user", name)?;
         tx.execute("DELETE FROM sessions WHERE user_name = ?1", [name])
             .map_err(sql("ending a user's sessions"))?;
         tx.commit().map_err(sql("changing a password"))
@@ -129,18 +117,14 @@ impl AuthStore for SqliteStore {
     }
 
     fn password_hash(&self, name: &str) -> StoreResult<String> {
-        self.conn()
-            .query_row(
-                "SELECT password_hash FROM users WHERE name = ?1",
-                [name],
-                |r| r.get(0),
-            )
-            .optional()
-            .map_err(sql("reading a user"))?
-            .ok_or_else(|| StoreError::NotFound {
-                what: "user",
-                id: name.to_owned(),
-            })
+        query_opt(
+            &self.conn(),
+            "SELECT password_hash FROM users WHERE name = ?1",
+            [name],
+            |r| r.get(0),
+            "reading a user",
+        )?
+        .ok_or_else(|| not_found("user", name))
     }
 
     fn upgrade_password_hash(
@@ -158,35 +142,35 @@ impl AuthStore for SqliteStore {
             .map_err(sql("upgrading a password hash"))
     }
 
-    fn create_session(
-        &self,
-        hash: &[u8; 32],
-        user: &str,
-        now: Millis,
-        expires_at: Millis,
-    ) -> StoreResult<()> {
+    fn create_session(&self, session: NewSession) -> StoreResult<()> {
         let conn = self.conn();
         // Old sessions are cleared as new ones are made, so the table stays small.
-        conn.execute("DELETE FROM sessions WHERE expires_at <= ?1", [now])
-            .map_err(sql("clearing old sessions"))?;
+        conn.execute(
+            "DELETE FROM sessions WHERE expires_at <= ?1",
+            [session.created_at],
+        )
+        .map_err(sql("clearing old sessions"))?;
         conn.execute(
             "INSERT INTO sessions (hash, user_name, created_at, expires_at) VALUES (?1, ?2, ?3, ?4)",
-            params![&hash[..], user, now, expires_at],
+            params![
+                &session.hash[..],
+                session.user,
+                session.created_at,
+                session.expires_at
+            ],
         )
         .map_err(sql("recording a session"))?;
         Ok(())
     }
 
     fn session(&self, hash: &[u8; 32], now: Millis) -> StoreResult<Principal> {
-        let user: Option<String> = self
-            .conn()
-            .query_row(
-                "SELECT user_name FROM sessions WHERE hash = ?1 AND expires_at > ?2",
-                params![&hash[..], now],
-                |r| r.get(0),
-            )
-            .optional()
-            .map_err(sql("reading a session"))?;
+        let user: Option<String> = query_opt(
+            &self.conn(),
+            "SELECT user_name FROM sessions WHERE hash = ?1 AND expires_at > ?2",
+            params![&hash[..], now],
+            |r| r.get(0),
+            "reading a session",
+        )?;
         user.map(|u| Principal {
             name: format!("user:{u}"),
         })
@@ -200,37 +184,29 @@ impl AuthStore for SqliteStore {
         Ok(())
     }
 
-    fn create_api_token(
-        &self,
-        id: &str,
-        hash: &[u8; 32],
-        name: &str,
-        now: Millis,
-    ) -> StoreResult<ApiToken> {
+    fn create_api_token(&self, t: NewApiToken) -> StoreResult<ApiToken> {
         self.conn()
             .execute(
                 "INSERT INTO api_tokens (id, hash, name, created_at) VALUES (?1, ?2, ?3, ?4)",
-                params![id, &hash[..], name, now],
+                params![t.id, &t.hash[..], t.name, t.created_at],
             )
             .map_err(sql("recording an API token"))?;
         Ok(ApiToken {
-            id: id.to_owned(),
-            name: name.to_owned(),
-            created_at: now,
+            id: t.id,
+            name: t.name,
+            created_at: t.created_at,
             revoked: false,
         })
     }
 
     fn api_token(&self, hash: &[u8; 32]) -> StoreResult<Principal> {
-        let name: Option<String> = self
-            .conn()
-            .query_row(
-                "SELECT name FROM api_tokens WHERE hash = ?1 AND revoked = 0",
-                [&hash[..]],
-                |r| r.get(0),
-            )
-            .optional()
-            .map_err(sql("reading an API token"))?;
+        let name: Option<String> = query_opt(
+            &self.conn(),
+            "SELECT name FROM api_tokens WHERE hash = ?1 AND revoked = 0",
+            [&hash[..]],
+            |r| r.get(0),
+            "reading an API token",
+        )?;
         name.map(|n| Principal {
             name: format!("token:{n}"),
         })
@@ -243,21 +219,20 @@ impl AuthStore for SqliteStore {
 
     fn list_api_tokens(&self) -> StoreResult<Vec<ApiToken>> {
         let conn = self.conn();
-        let mut stmt = conn
-            .prepare(
-                "SELECT id, name, created_at, revoked FROM api_tokens ORDER BY created_at DESC",
-            )
-            .map_err(sql("listing API tokens"))?;
-        stmt.query_map([], |r| {
-            Ok(ApiToken {
-                id: r.get(0)?,
-                name: r.get(1)?,
-                created_at: r.get(2)?,
-                revoked: r.get(3)?,
-            })
-        })
-        .and_then(|rows| rows.collect())
-        .map_err(sql("listing API tokens"))
+        query_all(
+            &conn,
+            "SELECT id, name, created_at, revoked FROM api_tokens ORDER BY created_at DESC",
+            [],
+            |r| {
+                Ok(ApiToken {
+                    id: r.get(0)?,
+                    name: r.get(1)?,
+                    created_at: r.get(2)?,
+                    revoked: r.get(3)?,
+                })
+            },
+            "listing API tokens",
+        )
     }
 
     fn revoke_api_token(&self, id: &str) -> StoreResult<()> {
@@ -265,12 +240,6 @@ impl AuthStore for SqliteStore {
             .conn()
             .execute("UPDATE api_tokens SET revoked = 1 WHERE id = ?1", [id])
             .map_err(sql("revoking an API token"))?;
-        if n == 0 {
-            return Err(StoreError::NotFound {
-                what: "API token",
-                id: id.to_owned(),
-            });
-        }
-        Ok(())
+        touched(n, "API token", id)
     }
 }

@@ -1,8 +1,8 @@
 //! Wake-up calls and deliveries in SQLite.
 
-use rusqlite::{Connection, OptionalExtension, Row, Transaction, params};
+use rusqlite::{Connection, Row, Transaction, params};
 
-use super::agents::check_groups_exist;
+use super::agents::{agent_revoked, check_groups_exist};
 use super::*;
 use crate::model::*;
 use crate::store::*;
@@ -11,15 +11,21 @@ pub(super) const CALL_COLUMNS: &str =
     "id, created_at, created_by, reason, action, target, expires_at, spread";
 
 pub(super) fn call_from_row(row: &Row<'_>) -> rusqlite::Result<WakeCall> {
+    call_at(row, 0)
+}
+
+/// A call read from [`CALL_COLUMNS`] starting at column `first` (after a join's other
+/// columns), without its counts.
+fn call_at(row: &Row<'_>, first: usize) -> rusqlite::Result<WakeCall> {
     Ok(WakeCall {
-        id: row.get(0)?,
-        created_at: row.get(1)?,
-        created_by: row.get(2)?,
-        reason: row.get(3)?,
-        action: row.get(4)?,
-        target: row.get(5)?,
-        expires_at: row.get(6)?,
-        spread: row.get(7)?,
+        id: row.get(first)?,
+        created_at: row.get(first + 1)?,
+        created_by: row.get(first + 2)?,
+        reason: row.get(first + 3)?,
+        action: row.get(first + 4)?,
+        target: row.get(first + 5)?,
+        expires_at: row.get(first + 6)?,
+        spread: row.get(first + 7)?,
         counts: Default::default(),
     })
 }
@@ -63,18 +69,14 @@ pub(super) fn delivery_from_row(row: &Row<'_>) -> rusqlite::Result<CallDelivery>
 }
 
 pub(super) fn load_call(conn: &Connection, id: &str) -> StoreResult<WakeCall> {
-    let mut call = conn
-        .query_row(
-            &format!("SELECT {CALL_COLUMNS} FROM calls WHERE id = ?1"),
-            [id],
-            call_from_row,
-        )
-        .optional()
-        .map_err(sql("reading a call"))?
-        .ok_or_else(|| StoreError::NotFound {
-            what: "wake-up call",
-            id: id.to_owned(),
-        })?;
+    let mut call = query_opt(
+        conn,
+        &format!("SELECT {CALL_COLUMNS} FROM calls WHERE id = ?1"),
+        [id],
+        call_from_row,
+        "reading a call",
+    )?
+    .ok_or_else(|| not_found("wake-up call", id))?;
     fill_counts(conn, &mut call).map_err(sql("counting a call's states"))?;
     Ok(call)
 }
@@ -91,12 +93,16 @@ pub(super) fn state_column(state: CallState) -> Option<&'static str> {
 
 pub(super) fn advance_in(
     tx: &Transaction<'_>,
-    agent_id: &str,
-    wakeup_id: &str,
-    state: CallState,
-    update: &DeliveryUpdate,
-    at: Millis,
+    advance: &DeliveryAdvance,
 ) -> StoreResult<Vec<CallDelivery>> {
+    let DeliveryAdvance {
+        agent_id,
+        wakeup_id,
+        state,
+        update,
+        at,
+    } = advance;
+    let (state, at) = (*state, *at);
     let candidates: Vec<CallDelivery> = {
         let mut stmt = tx
             .prepare_cached(&format!(
@@ -158,12 +164,7 @@ impl CallStore for SqliteStore {
             CallTarget::Agents(ids) => {
                 let mut out = Vec::with_capacity(ids.len());
                 for id in ids {
-                    let live: Option<bool> = tx
-                        .query_row("SELECT revoked FROM agents WHERE id = ?1", [id], |r| {
-                            r.get(0)
-                        })
-                        .optional()
-                        .map_err(sql("checking an agent"))?;
+                    let live = agent_revoked(&tx, id)?;
                     if live != Some(false) {
                         return Err(StoreError::Invalid(format!(
                             "agent {id:?} is not enrolled: check the id (GET /api/v1/agents)"
@@ -177,23 +178,21 @@ impl CallStore for SqliteStore {
             }
             CallTarget::Group(g) => {
                 check_groups_exist(&tx, std::slice::from_ref(g))?;
-                let mut stmt = tx
-                    .prepare(
-                        "SELECT a.id FROM agents a JOIN agent_groups ag ON ag.agent_id = a.id WHERE ag.group_name = ?1 AND a.revoked = 0 ORDER BY a.id",
-                    )
-                    .map_err(sql("resolving a group"))?;
-                stmt.query_map([g], |r| r.get(0))
-                    .and_then(|rows| rows.collect::<rusqlite::Result<Vec<String>>>())
-                    .map_err(sql("resolving a group"))?
+                query_all(
+                    &tx,
+                    "SELECT a.id FROM agents a JOIN agent_groups ag ON ag.agent_id = a.id WHERE ag.group_name = ?1 AND a.revoked = 0 ORDER BY a.id",
+                    [g],
+                    |r| r.get(0),
+                    "resolving a group",
+                )?
             }
-            CallTarget::All => {
-                let mut stmt = tx
-                    .prepare("SELECT id FROM agents WHERE revoked = 0 ORDER BY id")
-                    .map_err(sql("listing agents"))?;
-                stmt.query_map([], |r| r.get(0))
-                    .and_then(|rows| rows.collect::<rusqlite::Result<Vec<String>>>())
-                    .map_err(sql("listing agents"))?
-            }
+            CallTarget::All => query_all(
+                &tx,
+                "SELECT id FROM agents WHERE revoked = 0 ORDER BY id",
+                [],
+                |r| r.get(0),
+                "listing agents",
+            )?,
         };
         if agent_ids.is_empty() {
             return Err(StoreError::Invalid(format!(
@@ -256,48 +255,31 @@ impl CallStore for SqliteStore {
     fn call(&self, id: &str) -> StoreResult<(WakeCall, Vec<CallDelivery>)> {
         let conn = self.conn();
         let call = load_call(&conn, id)?;
-        let mut stmt = conn
-            .prepare(&format!(
+        let deliveries = query_all(
+            &conn,
+            &format!(
                 "SELECT {DELIVERY_COLUMNS} FROM deliveries WHERE call_id = ?1 ORDER BY agent_id"
-            ))
-            .map_err(sql("reading deliveries"))?;
-        let deliveries = stmt
-            .query_map([id], delivery_from_row)
-            .and_then(|rows| rows.collect())
-            .map_err(sql("reading deliveries"))?;
+            ),
+            [id],
+            delivery_from_row,
+            "reading deliveries",
+        )?;
         Ok((call, deliveries))
     }
 
     fn list_calls(&self, limit: u32) -> StoreResult<Vec<WakeCall>> {
         let conn = self.conn();
-        let mut stmt = conn
-            .prepare(&format!(
-                "SELECT {CALL_COLUMNS} FROM calls ORDER BY created_at DESC, id DESC LIMIT ?1"
-            ))
-            .map_err(sql("listing calls"))?;
-        let mut calls: Vec<WakeCall> = stmt
-            .query_map([limit.max(1)], call_from_row)
-            .and_then(|rows| rows.collect())
-            .map_err(sql("listing calls"))?;
+        let mut calls: Vec<WakeCall> = query_all(
+            &conn,
+            &format!("SELECT {CALL_COLUMNS} FROM calls ORDER BY created_at DESC, id DESC LIMIT ?1"),
+            [limit.max(1)],
+            call_from_row,
+            "listing calls",
+        )?;
         for c in &mut calls {
             fill_counts(&conn, c).map_err(sql("counting a call's states"))?;
         }
         Ok(calls)
-    }
-
-    fn advance_delivery(
-        &self,
-        agent_id: &str,
-        wakeup_id: &str,
-        state: CallState,
-        update: DeliveryUpdate,
-        at: Millis,
-    ) -> StoreResult<Vec<CallDelivery>> {
-        let mut conn = self.conn();
-        let tx = conn.transaction().map_err(sql("starting a transaction"))?;
-        let changed = advance_in(&tx, agent_id, wakeup_id, state, &update, at)?;
-        tx.commit().map_err(sql("updating a delivery"))?;
-        Ok(changed)
     }
 
     fn advance_deliveries(&self, batch: Vec<DeliveryAdvance>) -> StoreResult<Vec<CallDelivery>> {
@@ -305,14 +287,7 @@ impl CallStore for SqliteStore {
         let tx = conn.transaction().map_err(sql("starting a transaction"))?;
         let mut changed = Vec::new();
         for a in &batch {
-            changed.extend(advance_in(
-                &tx,
-                &a.agent_id,
-                &a.wakeup_id,
-                a.state,
-                &a.update,
-                a.at,
-            )?);
+            changed.extend(advance_in(&tx, a)?);
         }
         tx.commit().map_err(sql("updating deliveries"))?;
         Ok(changed)
@@ -324,30 +299,16 @@ impl CallStore for SqliteStore {
         now: Millis,
     ) -> StoreResult<Vec<(WakeCall, CallDelivery)>> {
         let conn = self.conn();
-        let cols: String = DELIVERY_COLUMNS
-            .split(", ")
-            .map(|c| format!("d.{c}"))
-            .collect::<Vec<_>>()
-            .join(", ");
+        let cols = qualified("d", DELIVERY_COLUMNS);
+        let call_cols = qualified("c", CALL_COLUMNS);
         let mut stmt = conn
             .prepare_cached(&format!(
-                "SELECT {cols}, c.id, c.created_at, c.created_by, c.reason, c.action, c.target, c.expires_at, c.spread FROM deliveries d JOIN calls c ON c.id = d.call_id WHERE d.agent_id = ?1 AND d.state IN ('queued', 'sent') AND c.expires_at > ?2 ORDER BY d.queued_at, d.wakeup_id"
+                "SELECT {cols}, {call_cols} FROM deliveries d JOIN calls c ON c.id = d.call_id WHERE d.agent_id = ?1 AND d.state IN ('queued', 'sent') AND c.expires_at > ?2 ORDER BY d.queued_at, d.wakeup_id"
             ))
             .map_err(sql("reading pending wake-ups"))?;
+        let first_call_column = DELIVERY_COLUMNS.split(", ").count();
         stmt.query_map(params![agent_id, now], |r| {
-            let d = delivery_from_row(r)?;
-            let c = WakeCall {
-                id: r.get(14)?,
-                created_at: r.get(15)?,
-                created_by: r.get(16)?,
-                reason: r.get(17)?,
-                action: r.get(18)?,
-                target: r.get(19)?,
-                expires_at: r.get(20)?,
-                spread: r.get(21)?,
-                counts: Default::default(),
-            };
-            Ok((c, d))
+            Ok((call_at(r, first_call_column)?, delivery_from_row(r)?))
         })
         .and_then(|rows| rows.collect())
         .map_err(sql("reading pending wake-ups"))
@@ -355,14 +316,13 @@ impl CallStore for SqliteStore {
 
     fn agents_with_queued(&self, now: Millis) -> StoreResult<Vec<String>> {
         let conn = self.conn();
-        let mut stmt = conn
-            .prepare(
-                "SELECT DISTINCT d.agent_id FROM deliveries d JOIN calls c ON c.id = d.call_id WHERE d.state = 'queued' AND c.expires_at > ?1",
-            )
-            .map_err(sql("reading queued wake-ups"))?;
-        stmt.query_map([now], |r| r.get(0))
-            .and_then(|rows| rows.collect())
-            .map_err(sql("reading queued wake-ups"))
+        query_all(
+            &conn,
+            "SELECT DISTINCT d.agent_id FROM deliveries d JOIN calls c ON c.id = d.call_id WHERE d.state = 'queued' AND c.expires_at > ?1",
+            [now],
+            |r| r.get(0),
+            "reading queued wake-ups",
+        )
     }
 
     fn set_carried_by(&self, carried: &[String], carrier: &str) -> StoreResult<()> {
@@ -382,19 +342,16 @@ impl CallStore for SqliteStore {
         let mut conn = self.conn();
         let tx = conn.transaction().map_err(sql("starting a transaction"))?;
         let due: Vec<CallDelivery> = {
-            let cols: String = DELIVERY_COLUMNS
-                .split(", ")
-                .map(|c| format!("d.{c}"))
-                .collect::<Vec<_>>()
-                .join(", ");
-            let mut stmt = tx
-                .prepare(&format!(
+            let cols = qualified("d", DELIVERY_COLUMNS);
+            query_all(
+                &tx,
+                &format!(
                     "SELECT {cols} FROM deliveries d JOIN calls c ON c.id = d.call_id WHERE d.state IN ('queued', 'sent') AND c.expires_at <= ?1"
-                ))
-                .map_err(sql("finding expired wake-ups"))?;
-            stmt.query_map([now], delivery_from_row)
-                .and_then(|rows| rows.collect::<rusqlite::Result<_>>())
-                .map_err(sql("finding expired wake-ups"))?
+                ),
+                [now],
+                delivery_from_row,
+                "finding expired wake-ups",
+            )?
         };
         let mut out = Vec::with_capacity(due.len());
         for mut d in due {

@@ -26,7 +26,7 @@ mod wol;
 use std::path::Path;
 use std::sync::{Mutex, MutexGuard};
 
-use rusqlite::Connection;
+use rusqlite::{Connection, OptionalExtension};
 
 use super::*;
 pub use migrations::SCHEMA_VERSION;
@@ -40,6 +40,60 @@ pub struct SqliteStore {
 
 fn sql(context: &'static str) -> impl FnOnce(rusqlite::Error) -> StoreError {
     move |source| StoreError::Sqlite { context, source }
+}
+
+/// The error for a record that does not exist: no row read, or none changed.
+fn not_found(what: &'static str, id: &str) -> StoreError {
+    StoreError::NotFound {
+        what,
+        id: id.to_owned(),
+    }
+}
+
+/// Ok when a change touched a row (`rows` > 0); otherwise `what` `id` does not exist.
+fn touched(rows: usize, what: &'static str, id: &str) -> StoreResult<()> {
+    if rows == 0 {
+        return Err(not_found(what, id));
+    }
+    Ok(())
+}
+
+/// The first row `query` selects with `params`, read by `from_row`, if there is one;
+/// `context` says what the store was doing in an error.
+fn query_opt<T, P: rusqlite::Params>(
+    conn: &Connection,
+    query: &str,
+    params: P,
+    from_row: impl FnOnce(&rusqlite::Row<'_>) -> rusqlite::Result<T>,
+    context: &'static str,
+) -> StoreResult<Option<T>> {
+    conn.query_row(query, params, from_row)
+        .optional()
+        .map_err(sql(context))
+}
+
+/// Every row `query` selects with `params`, each read by `from_row`; `context` says what
+/// the store was doing in an error.
+fn query_all<T, P: rusqlite::Params>(
+    conn: &Connection,
+    query: &str,
+    params: P,
+    from_row: impl FnMut(&rusqlite::Row<'_>) -> rusqlite::Result<T>,
+    context: &'static str,
+) -> StoreResult<Vec<T>> {
+    let mut stmt = conn.prepare(query).map_err(sql(context))?;
+    stmt.query_map(params, from_row)
+        .and_then(|rows| rows.collect())
+        .map_err(sql(context))
+}
+
+/// `columns` (as `"a, b"`) qualified by the table alias `alias` (as `"t.a, t.b"`), for joins.
+fn qualified(alias: &str, columns: &str) -> String {
+    columns
+        .split(", ")
+        .map(|c| format!("{alias}.{c}"))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 fn json_list(text: &str) -> Vec<String> {

@@ -10,13 +10,13 @@ use crate::store::*;
 impl SettingsStore for SqliteStore {
     fn settings(&self) -> StoreResult<Settings> {
         let conn = self.conn();
-        let mut stmt = conn
-            .prepare("SELECT key, value FROM settings")
-            .map_err(sql("reading settings"))?;
-        let rows: Vec<(String, String)> = stmt
-            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
-            .and_then(|rows| rows.collect())
-            .map_err(sql("reading settings"))?;
+        let rows: Vec<(String, String)> = query_all(
+            &conn,
+            "SELECT key, value FROM settings",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+            "reading settings",
+        )?;
         let mut map = serde_json::Map::new();
         for (k, v) in rows {
             // A group that no longer parses falls back to its defaults rather than failing
@@ -28,30 +28,10 @@ impl SettingsStore for SqliteStore {
         Ok(
             serde_json::from_value(serde_json::Value::Object(map.clone())).unwrap_or_else(|_| {
                 let mut s = Settings::default();
-                if let Some(v) = map
-                    .get("wol")
-                    .and_then(|v| serde_json::from_value(v.clone()).ok())
-                {
-                    s.wol = v;
-                }
-                if let Some(v) = map
-                    .get("wakeup")
-                    .and_then(|v| serde_json::from_value(v.clone()).ok())
-                {
-                    s.wakeup = v;
-                }
-                if let Some(v) = map
-                    .get("broker")
-                    .and_then(|v| serde_json::from_value(v.clone()).ok())
-                {
-                    s.broker = v;
-                }
-                if let Some(v) = map
-                    .get("proxy")
-                    .and_then(|v| serde_json::from_value(v.clone()).ok())
-                {
-                    s.proxy = v;
-                }
+                read_group(&map, "wol", &mut s.wol);
+                read_group(&map, "wakeup", &mut s.wakeup);
+                read_group(&map, "broker", &mut s.broker);
+                read_group(&map, "proxy", &mut s.proxy);
                 s
             }),
         )
@@ -83,53 +63,64 @@ impl SettingsStore for SqliteStore {
                 params![key, n.to_string()],
             )
             .map_err(sql("writing settings"))?;
-            tx.execute(
-                "INSERT INTO audit_log (at, who, what, detail) VALUES (?1, ?2, ?3, ?4)",
-                params![
-                    now,
-                    who,
-                    format!("settings.{key}"),
-                    serde_json::json!({"old": o, "new": n}).to_string()
-                ],
-            )
-            .map_err(sql("writing the audit log"))?;
+            let entry = NewAuditEntry {
+                who: who.to_owned(),
+                what: format!("settings.{key}"),
+                detail: serde_json::json!({"old": o, "new": n}),
+                at: now,
+            };
+            write_audit(&tx, &entry)?;
         }
         tx.commit().map_err(sql("writing settings"))?;
         Ok(new.clone())
     }
 
-    fn audit(
-        &self,
-        who: &str,
-        what: &str,
-        detail: serde_json::Value,
-        now: Millis,
-    ) -> StoreResult<()> {
-        self.conn()
-            .execute(
-                "INSERT INTO audit_log (at, who, what, detail) VALUES (?1, ?2, ?3, ?4)",
-                params![now, who, what, detail.to_string()],
-            )
-            .map_err(sql("writing the audit log"))?;
-        Ok(())
+    fn audit(&self, entry: NewAuditEntry) -> StoreResult<()> {
+        write_audit(&self.conn(), &entry)
     }
 
     fn audit_log(&self, limit: u32) -> StoreResult<Vec<AuditEntry>> {
         let conn = self.conn();
-        let mut stmt = conn
-            .prepare("SELECT id, at, who, what, detail FROM audit_log ORDER BY id DESC LIMIT ?1")
-            .map_err(sql("reading the audit log"))?;
-        stmt.query_map([limit.max(1)], |r| {
-            let detail: String = r.get(4)?;
-            Ok(AuditEntry {
-                id: r.get(0)?,
-                at: r.get(1)?,
-                who: r.get(2)?,
-                what: r.get(3)?,
-                detail: serde_json::from_str(&detail).unwrap_or(serde_json::Value::Null),
-            })
-        })
-        .and_then(|rows| rows.collect())
-        .map_err(sql("reading the audit log"))
+        query_all(
+            &conn,
+            "SELECT id, at, who, what, detail FROM audit_log ORDER BY id DESC LIMIT ?1",
+            [limit.max(1)],
+            |r| {
+                let detail: String = r.get(4)?;
+                Ok(AuditEntry {
+                    id: r.get(0)?,
+                    at: r.get(1)?,
+                    who: r.get(2)?,
+                    what: r.get(3)?,
+                    detail: serde_json::from_str(&detail).unwrap_or(serde_json::Value::Null),
+                })
+            },
+            "reading the audit log",
+        )
+    }
+}
+
+/// Appends `entry` to the audit log.
+fn write_audit(conn: &Connection, entry: &NewAuditEntry) -> StoreResult<()> {
+    conn.execute(
+        "INSERT INTO audit_log (at, who, what, detail) VALUES (?1, ?2, ?3, ?4)",
+        params![entry.at, entry.who, entry.what, entry.detail.to_string()],
+    )
+    .map_err(sql("writing the audit log"))?;
+    Ok(())
+}
+
+/// Sets `group` to the stored settings group `key` when that parses, and leaves it (its
+/// defaults) otherwise.
+fn read_group<T: serde::de::DeserializeOwned>(
+    map: &serde_json::Map<String, serde_json::Value>,
+    key: &str,
+    group: &mut T,
+) {
+    if let Some(v) = map
+        .get(key)
+        .and_then(|v| serde_json::from_value(v.clone()).ok())
+    {
+        *group = v;
     }
 }

@@ -34,13 +34,15 @@ impl WolStore for SqliteStore {
             .map_err(sql("recording a Wake-on-LAN relay result"))?;
         }
         {
-            let mut stmt = tx
-                .prepare(&format!("{WOL_SELECT} WHERE relay_id = ?1 AND via_agent = ?2 AND relay_state = 'answered' ORDER BY id"))
-                .map_err(sql("reading Wake-on-LAN sends"))?;
-            let rows = stmt
-                .query_map(params![relay_id, via_agent], wol_row)
-                .and_then(|rows| rows.collect::<Result<Vec<_>, _>>())
-                .map_err(sql("reading Wake-on-LAN sends"))?;
+            let rows = query_all(
+                &tx,
+                &format!(
+                    "{WOL_SELECT} WHERE relay_id = ?1 AND via_agent = ?2 AND relay_state = 'answered' ORDER BY id"
+                ),
+                params![relay_id, via_agent],
+                wol_row,
+                "reading Wake-on-LAN sends",
+            )?;
             changed.extend(rows);
         }
         tx.commit()
@@ -60,14 +62,13 @@ impl WolStore for SqliteStore {
 
     fn wol_sends(&self, agent_id: &str, limit: u32) -> StoreResult<Vec<WolSend>> {
         let conn = self.conn();
-        let mut stmt = conn
-            .prepare(&format!(
-                "{WOL_SELECT} WHERE agent_id = ?1 ORDER BY id DESC LIMIT ?2"
-            ))
-            .map_err(sql("reading Wake-on-LAN sends"))?;
-        stmt.query_map(params![agent_id, limit.max(1)], wol_row)
-            .and_then(|rows| rows.collect())
-            .map_err(sql("reading Wake-on-LAN sends"))
+        query_all(
+            &conn,
+            &format!("{WOL_SELECT} WHERE agent_id = ?1 ORDER BY id DESC LIMIT ?2"),
+            params![agent_id, limit.max(1)],
+            wol_row,
+            "reading Wake-on-LAN sends",
+        )
     }
 }
 
