@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use beckon_agent::state::AgentState;
-use beckon_agent::{Connector, LadderConnector, run_agent};
+use beckon_agent::{Connector, LadderConnector};
 use beckon_broker::{Bound, BrokerConfig, Listen, Server, ServerHandle};
 use beckon_identity::{KeyId, Role, SigningKey, TenantId, TokenSigner};
 use beckon_mqtt::{Connect, Packet, ProtocolVersion};
@@ -23,7 +23,6 @@ use beckon_pki::CertificateAuthority;
 use bytes::Bytes;
 use common::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::sync::watch;
 
 /// A broker with tenant `acme` on 8883-like and fallback listeners, and what the agent needs.
 struct TenantBroker {
@@ -166,21 +165,38 @@ impl TenantBroker {
     }
 }
 
-/// A running agent; stopped (and awaited) by [`RunningAgent::stop`].
-struct RunningAgent {
+/// An agent of `acme` on a [`TenantBroker`], with its state folder.
+struct LadderAgent {
     state: tempfile::TempDir,
-    stop: watch::Sender<bool>,
-    task: tokio::task::JoinHandle<Result<(), beckon_agent::AgentError>>,
+    running: RunningAgent,
 }
 
-impl RunningAgent {
-    fn start(broker: &TenantBroker, primary: u16, proxy: Option<String>) -> Self {
+impl LadderAgent {
+    /// Starts the agent with `primary` as its 8883 port and `proxy`, waits until it is
+    /// connected via `path`, has the server wake it there (its command runs, the server sees
+    /// `finished` with status ok), and checks that `beckon agent status` names the path.
+    async fn woken_via(
+        broker: &TenantBroker,
+        primary: u16,
+        proxy: Option<String>,
+        path: &str,
+        reason: &str,
+    ) -> Self {
         let state = tempfile::tempdir().expect("tempdir");
         let config = broker.agent_config(state.path(), primary, proxy);
         let connector = LadderConnector::new(&config).expect("ladder");
-        let (stop, stop_rx) = watch::channel(false);
-        let task = tokio::spawn(run_agent(config, connector, test_check(), stop_rx));
-        Self { state, stop, task }
+        let agent = Self {
+            state,
+            running: RunningAgent::start(config, connector),
+        };
+        agent.connected_via(path).await;
+        agent.wake_and_check_it_ran(broker, reason).await;
+        let text = beckon_agent::status::status_text(agent.dir()).expect("status");
+        assert!(
+            text.contains(&format!("connected via {path} since")),
+            "{text}"
+        );
+        agent
     }
 
     fn dir(&self) -> &Path {
@@ -207,21 +223,21 @@ impl RunningAgent {
         }
     }
 
-    async fn stop(self) {
-        stop_agent(&self.stop, self.task).await;
+    /// The server wakes `a1`; the agent's command runs (its reason lands in `runs`), and the
+    /// server sees `finished` with status ok.
+    async fn wake_and_check_it_ran(&self, broker: &TenantBroker, reason: &str) {
+        let mut server = broker.server_client().await;
+        let acks = wake_until_acked(&mut server, reason, 1).await;
+        let finished = acks.last().expect("acks");
+        assert_eq!(finished["stage"], "finished");
+        assert_eq!(finished["status"], "ok", "{finished}");
+        let runs = std::fs::read_to_string(self.dir().join("runs")).expect("the command ran");
+        assert!(runs.lines().any(|l| l == reason), "{runs}");
     }
-}
 
-/// The server wakes `a1`; the agent's command runs (its reason lands in `runs`), and the
-/// server sees `finished` with status ok.
-async fn wake_and_check_it_ran(broker: &TenantBroker, agent: &RunningAgent, reason: &str) {
-    let mut server = broker.server_client().await;
-    let acks = wake_until_acked(&mut server, reason, 1).await;
-    let finished = acks.last().expect("acks");
-    assert_eq!(finished["stage"], "finished");
-    assert_eq!(finished["status"], "ok", "{finished}");
-    let runs = std::fs::read_to_string(agent.dir().join("runs")).expect("the command ran");
-    assert!(runs.lines().any(|l| l == reason), "{runs}");
+    async fn stop(self) {
+        self.running.stop().await;
+    }
 }
 
 /// The retained presence event the broker holds for `a1`, as a server sees it.
@@ -241,25 +257,19 @@ async fn presence_of_a1(broker: &TenantBroker) -> serde_json::Value {
     }
 }
 
-/// What `beckon agent status --state-dir DIR` prints.
-/// Asserts that `beckon agent status` says the agent is connected via `path`.
-fn assert_status_connected_via(agent: &RunningAgent, path: &str) {
-    let text = beckon_agent::status::status_text(agent.dir()).expect("status");
-    assert!(
-        text.contains(&format!("connected via {path} since")),
-        "{text}"
-    );
-}
-
 #[tokio::test]
 async fn with_8883_refused_the_agent_lands_on_443_mqtt_and_is_woken_there() {
     let mut broker = TenantBroker::start().await;
     // Nothing listens on the primary port: the ladder's next rung is ALPN mqtt on the
     // broker's shared fallback port.
-    let agent = RunningAgent::start(&broker, free_port(), None);
-    agent.connected_via("443-mqtt").await;
-    wake_and_check_it_ran(&broker, &agent, "via the fallback port").await;
-    assert_status_connected_via(&agent, "443-mqtt");
+    let agent = LadderAgent::woken_via(
+        &broker,
+        free_port(),
+        None,
+        "443-mqtt",
+        "via the fallback port",
+    )
+    .await;
     agent.stop().await;
     broker.stop().await;
 }
@@ -267,32 +277,42 @@ async fn with_8883_refused_the_agent_lands_on_443_mqtt_and_is_woken_there() {
 #[tokio::test]
 async fn with_8883_open_the_agent_uses_it_and_status_says_so() {
     let mut broker = TenantBroker::start().await;
-    let agent = RunningAgent::start(&broker, broker.mqtts().port(), None);
-    agent.connected_via("8883").await;
-    wake_and_check_it_ran(&broker, &agent, "direct").await;
+    let agent =
+        LadderAgent::woken_via(&broker, broker.mqtts().port(), None, "8883", "direct").await;
     let presence = presence_of_a1(&broker).await;
     assert_eq!(presence["state"], "connected", "{presence}");
     assert_eq!(presence["via_proxy"], false, "{presence}");
-    assert_status_connected_via(&agent, "8883");
     agent.stop().await;
     broker.stop().await;
+}
+
+/// [`LadderAgent::woken_via`] through tinyproxy allowing CONNECT to the port `allowed` only,
+/// where the agent must land on `rung`; the proxy runs as long as the test keeps it.
+async fn woken_through_tinyproxy(
+    broker: &TenantBroker,
+    allowed: u16,
+    rung: &str,
+    reason: &str,
+) -> (LadderAgent, Tinyproxy) {
+    let proxy = Tinyproxy::start(&[allowed]);
+    let url = format!("http://127.0.0.1:{}", proxy.port);
+    let path = format!("{rung} via {url}");
+    let reason = format!("through the proxy {reason}");
+    let primary = broker.mqtts().port();
+    let agent = LadderAgent::woken_via(broker, primary, Some(url), &path, &reason).await;
+    (agent, proxy)
 }
 
 #[tokio::test]
 async fn tinyproxy_allowing_the_mqtts_port_carries_8883() {
     let mut broker = TenantBroker::start().await;
-    let proxy = Tinyproxy::start(&[broker.mqtts().port()]);
-    let url = format!("http://127.0.0.1:{}", proxy.port);
-    let agent = RunningAgent::start(&broker, broker.mqtts().port(), Some(url.clone()));
-    let path = format!("8883 via {url}");
-    agent.connected_via(&path).await;
-    wake_and_check_it_ran(&broker, &agent, "through the proxy to 8883").await;
+    let (agent, _proxy) =
+        woken_through_tinyproxy(&broker, broker.mqtts().port(), "8883", "to 8883").await;
     let presence = presence_of_a1(&broker).await;
     assert_eq!(
         presence["via_proxy"], true,
         "the broker's presence says proxied: {presence}"
     );
-    assert_status_connected_via(&agent, &path);
     agent.stop().await;
     broker.stop().await;
 }
@@ -301,13 +321,8 @@ async fn tinyproxy_allowing_the_mqtts_port_carries_8883() {
 async fn tinyproxy_allowing_only_the_fallback_port_carries_443_mqtt() {
     let mut broker = TenantBroker::start().await;
     // Squid's default: CONNECT to 443 (here: the fallback port) only.
-    let proxy = Tinyproxy::start(&[broker.fallback().port()]);
-    let url = format!("http://127.0.0.1:{}", proxy.port);
-    let agent = RunningAgent::start(&broker, broker.mqtts().port(), Some(url.clone()));
-    let path = format!("443-mqtt via {url}");
-    agent.connected_via(&path).await;
-    wake_and_check_it_ran(&broker, &agent, "through the proxy to 443").await;
-    assert_status_connected_via(&agent, &path);
+    let (agent, _proxy) =
+        woken_through_tinyproxy(&broker, broker.fallback().port(), "443-mqtt", "to 443").await;
     agent.stop().await;
     broker.stop().await;
 }
@@ -316,10 +331,9 @@ async fn tinyproxy_allowing_only_the_fallback_port_carries_443_mqtt() {
 async fn a_proxy_that_is_down_means_direct_8883() {
     let mut broker = TenantBroker::start().await;
     let url = format!("http://127.0.0.1:{}", free_port());
-    let agent = RunningAgent::start(&broker, broker.mqtts().port(), Some(url));
-    agent.connected_via("8883").await;
-    wake_and_check_it_ran(&broker, &agent, "proxy down, direct").await;
-    assert_status_connected_via(&agent, "8883");
+    let reason = "proxy down, direct";
+    let agent =
+        LadderAgent::woken_via(&broker, broker.mqtts().port(), Some(url), "8883", reason).await;
     agent.stop().await;
     broker.stop().await;
 }
@@ -351,14 +365,10 @@ async fn proxy_asking_for_credentials() -> (SocketAddr, tokio::task::JoinHandle<
 async fn a_proxy_asking_for_credentials_means_direct_8883() {
     let mut broker = TenantBroker::start().await;
     let (proxy, proxy_task) = proxy_asking_for_credentials().await;
-    let agent = RunningAgent::start(
-        &broker,
-        broker.mqtts().port(),
-        Some(format!("http://{proxy}")),
-    );
-    agent.connected_via("8883").await;
-    wake_and_check_it_ran(&broker, &agent, "proxy wants credentials, direct").await;
-    assert_status_connected_via(&agent, "8883");
+    let url = format!("http://{proxy}");
+    let reason = "proxy wants credentials, direct";
+    let agent =
+        LadderAgent::woken_via(&broker, broker.mqtts().port(), Some(url), "8883", reason).await;
     agent.stop().await;
     proxy_task.abort();
     broker.stop().await;

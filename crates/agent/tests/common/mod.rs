@@ -16,6 +16,7 @@ use beckon_mqtt::{
 };
 use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, DuplexStream};
+use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 
 // Not every test program uses every one.
@@ -368,6 +369,51 @@ pub async fn stop_agent(
         .expect("the agent did not stop in time")
         .expect("the agent task panicked")
         .expect("the agent ended with an error");
+}
+
+/// The agent running `run_agent` on a task of its own, with the test's wake-up key.
+pub struct RunningAgent {
+    stop: tokio::sync::watch::Sender<bool>,
+    task: tokio::task::JoinHandle<Result<(), beckon_agent::AgentError>>,
+}
+
+impl RunningAgent {
+    pub fn start(config: AgentConfig, connector: impl Connector + 'static) -> Self {
+        let (stop, stop_rx) = tokio::sync::watch::channel(false);
+        let task = tokio::spawn(beckon_agent::run_agent(
+            config,
+            connector,
+            test_check(),
+            stop_rx,
+        ));
+        Self { stop, task }
+    }
+
+    /// Stops the agent; fails the test unless it ends cleanly within `WAIT`.
+    pub async fn stop(self) {
+        stop_agent(&self.stop, self.task).await;
+    }
+}
+
+/// Whether the agent with state folder `dir` says it is connected (by `path`, if given).
+pub fn connected(dir: &Path, path: Option<&str>) -> bool {
+    beckon_agent::state::AgentState::read(dir)
+        .ok()
+        .flatten()
+        .is_some_and(|s| s.connected && path.is_none_or(|p| s.path.as_deref() == Some(p)))
+}
+
+/// The test's console: a server client over plain TCP to the broker at `addr`, connected as
+/// `name` and subscribed to `a1`'s acks.
+pub async fn ack_reader(addr: impl tokio::net::ToSocketAddrs, name: &str) -> Peer<TcpStream> {
+    let stream = tokio::time::timeout(WAIT, TcpStream::connect(addr))
+        .await
+        .expect("connect in time")
+        .expect("connect to the broker");
+    let mut peer = Peer::new(stream);
+    peer.client_connect(name).await;
+    peer.client_subscribe("agents/a1/ack").await;
+    peer
 }
 
 /// Polls `cond` every 20 ms until it holds; panics after `WAIT`.
