@@ -16,20 +16,18 @@ use std::time::Duration;
 
 use beckon_agent::state::AgentState;
 use beckon_agent::{Connector, LadderConnector};
-use beckon_broker::{Bound, BrokerConfig, Listen, Server, ServerHandle};
-use beckon_identity::{KeyId, Role, SigningKey, TenantId, TokenSigner};
+use beckon_broker::{BrokerConfig, Listen};
+use beckon_identity::Role;
 use beckon_mqtt::{Connect, Packet, ProtocolVersion};
-use beckon_pki::CertificateAuthority;
+use beckon_testkit::{RunningBroker, TestTenant};
 use bytes::Bytes;
 use common::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// A broker with tenant `acme` on 8883-like and fallback listeners, and what the agent needs.
 struct TenantBroker {
-    bound: Bound,
-    handle: Option<ServerHandle>,
-    signer: TokenSigner,
-    _dir: tempfile::TempDir,
+    broker: RunningBroker,
+    acme: TestTenant,
     agent_cert: PathBuf,
     agent_key: PathBuf,
 }
@@ -39,24 +37,10 @@ impl TenantBroker {
         let dir = tempfile::tempdir().expect("tempdir");
         let tenants = dir.path().join("tenants");
         std::fs::create_dir_all(&tenants).expect("tenants folder");
-        let ca = CertificateAuthority::generate("acme agents CA", Duration::from_secs(86_400))
-            .expect("tenant CA");
-        std::fs::write(tenants.join("acme-ca.pem"), ca.cert_pem()).expect("write CA");
-        let key = SigningKey::generate(KeyId::new("k1").expect("kid")).expect("key");
-        std::fs::write(
-            tenants.join("acme.toml"),
-            format!(
-                "name = \"acme\"\n[[ca]]\nfile = \"acme-ca.pem\"\n[[token_key]]\nkid = \"k1\"\npublic_key = \"{}\"\n",
-                key.public_key().to_base64()
-            ),
-        )
-        .expect("write tenant");
-        let signer = TokenSigner::new(TenantId::new("acme").expect("tenant"), key);
+        let acme = TestTenant::create(&tenants, "acme");
 
         // The agent's certificate: O=acme OU=agent CN=a1.
-        let issued = ca
-            .issue_client("a1", Some("acme"), Some("agent"), Duration::from_secs(3600))
-            .expect("agent certificate");
+        let issued = acme.certificate("agent", "a1");
         let agent_cert = dir.path().join("agent.pem");
         let agent_key = dir.path().join("agent.key");
         std::fs::write(&agent_cert, &issued.cert_pem).expect("write cert");
@@ -71,30 +55,20 @@ impl TenantBroker {
         config.listeners.fallback = Listen(Some("127.0.0.1:0".parse().expect("addr")));
         config.listeners.mqtt = Listen(None);
         config.limits.connect_timeout_secs = 5;
-        let (bound, handle) = tokio::time::timeout(WAIT, Server::bind(config))
-            .await
-            .expect("broker starts in time")
-            .expect("broker starts");
         Self {
-            bound,
-            handle: Some(handle),
-            signer,
-            _dir: dir,
+            broker: RunningBroker::start(config, dir).await,
+            acme,
             agent_cert,
             agent_key,
         }
     }
 
     fn mqtts(&self) -> SocketAddr {
-        self.bound.mqtts.expect("TLS listener")
+        self.broker.mqtts()
     }
 
     fn fallback(&self) -> SocketAddr {
-        self.bound.fallback.expect("shared port")
-    }
-
-    fn server_ca(&self) -> PathBuf {
-        self.bound.generated_ca.clone().expect("generated CA")
+        self.broker.fallback()
     }
 
     /// The agent's `[broker]` pointing at this broker's ports, with its certificate.
@@ -111,7 +85,7 @@ impl TenantBroker {
         config.broker.port = primary;
         config.broker.fallback_port = self.fallback().port();
         config.broker.server_name = Some("localhost".into());
-        config.broker.ca_file = Some(self.server_ca());
+        config.broker.ca_file = Some(self.broker.generated_ca());
         config.broker.client_cert = Some(self.agent_cert.clone());
         config.broker.client_key = Some(self.agent_key.clone());
         config.broker.proxy = proxy;
@@ -125,22 +99,14 @@ impl TenantBroker {
         config.broker.port = self.mqtts().port();
         config.broker.fallback_port = free_port();
         config.broker.server_name = Some("localhost".into());
-        config.broker.ca_file = Some(self.server_ca());
+        config.broker.ca_file = Some(self.broker.generated_ca());
         let mut connector = LadderConnector::new(&config).expect("ladder");
         let connection = tokio::time::timeout(WAIT, connector.connect())
             .await
             .expect("server connects in time")
             .expect("server connects");
         let mut peer = Peer::new(connection.stream);
-        let token = self
-            .signer
-            .issue(
-                Role::Server,
-                "console",
-                beckon_agent::timefmt::unix_now(),
-                3600,
-            )
-            .expect("token");
+        let token = self.acme.token(Role::Server, "console");
         peer.send(Packet::Connect(Box::new(Connect {
             username: Some("beckon".into()),
             password: Some(Bytes::from(token.into_bytes())),
@@ -151,17 +117,12 @@ impl TenantBroker {
             Packet::ConnAck(c) if !c.code.is_error() => {}
             other => panic!("server identity not accepted: {other:?}"),
         }
-        peer.client_subscribe("agents/a1/ack").await;
+        peer.subscribe_qos1(1, "agents/a1/ack").await;
         peer
     }
 
     async fn stop(&mut self) {
-        if let Some(h) = self.handle.take() {
-            tokio::time::timeout(WAIT, h.shutdown())
-                .await
-                .expect("shutdown in time")
-                .expect("clean shutdown");
-        }
+        self.broker.stop().await;
     }
 }
 
@@ -243,7 +204,7 @@ impl LadderAgent {
 /// The retained presence event the broker holds for `a1`, as a server sees it.
 async fn presence_of_a1(broker: &TenantBroker) -> serde_json::Value {
     let mut server = broker.server_client().await;
-    server.client_subscribe("agents/a1/presence").await;
+    server.subscribe_qos1(2, "agents/a1/presence").await;
     let deadline = tokio::time::Instant::now() + WAIT;
     loop {
         let left = deadline.saturating_duration_since(tokio::time::Instant::now());

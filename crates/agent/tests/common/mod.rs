@@ -12,7 +12,6 @@ use beckon_identity::wakeup::{WakeUp, WakeUpSigner};
 use beckon_identity::{KeyId, SigningKey, TenantId};
 use beckon_mqtt::{
     Ack, ConnAck, Connect, Packet, Properties, ProtocolVersion, Publish, QoS, ReasonCode, SubAck,
-    Subscribe, Subscription, SubscriptionOptions,
 };
 use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, DuplexStream};
@@ -21,7 +20,7 @@ use tokio::sync::mpsc;
 
 // Not every test program uses every one.
 #[allow(unused_imports)]
-pub use beckon_testkit::{Mosquitto, Tinyproxy, free_port};
+pub use beckon_testkit::{Mosquitto, TestClient, Tinyproxy, free_port};
 
 /// Every wait in these tests is bounded by this.
 pub const WAIT: Duration = Duration::from_secs(10);
@@ -154,42 +153,18 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Peer<S> {
         }
     }
 
-    /// Client side of a real broker: CONNECT (clean), wait CONNACK.
-    pub async fn client_connect(&mut self, client_id: &str) {
-        self.send(Packet::Connect(Box::new(Connect::new(
-            ProtocolVersion::V5,
-            client_id,
-            60,
-        ))))
-        .await;
-        match self.recv().await {
-            Packet::ConnAck(c) if !c.code.is_error() => {}
-            other => panic!("server client not accepted: {other:?}"),
-        }
-    }
-
-    /// Client side: SUBSCRIBE QoS 1, wait SUBACK.
-    pub async fn client_subscribe(&mut self, filter: &str) {
-        self.send(Packet::Subscribe(Subscribe {
-            packet_id: 1,
-            subscriptions: vec![Subscription {
-                filter: filter.into(),
-                options: SubscriptionOptions {
-                    qos: QoS::AtLeastOnce,
-                    ..SubscriptionOptions::default()
-                },
-            }],
-            properties: Properties::default(),
-        }))
-        .await;
-        match self.recv().await {
-            Packet::SubAck(s) if s.codes.iter().all(|c| !c.is_error()) => {}
-            other => panic!("subscription refused: {other:?}"),
-        }
-    }
-
     pub fn into_inner(self) -> S {
         self.stream
+    }
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> TestClient for Peer<S> {
+    async fn send_packet(&mut self, packet: Packet) {
+        self.send(packet).await;
+    }
+
+    async fn recv_packet(&mut self) -> Packet {
+        self.recv().await
     }
 }
 
@@ -411,8 +386,8 @@ pub async fn ack_reader(addr: impl tokio::net::ToSocketAddrs, name: &str) -> Pee
         .expect("connect in time")
         .expect("connect to the broker");
     let mut peer = Peer::new(stream);
-    peer.client_connect(name).await;
-    peer.client_subscribe("agents/a1/ack").await;
+    peer.connect_as(name).await;
+    peer.subscribe_qos1(1, "agents/a1/ack").await;
     peer
 }
 
