@@ -5,7 +5,7 @@
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use beckon_net::http::{HttpClient, HttpSettings, Request, Url};
+use beckon_net::http::{HttpClient, HttpSettings, Url};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::process::Command;
 
@@ -223,15 +223,10 @@ pub async fn http_request(
     body: &[u8],
     limit: Duration,
 ) -> Result<u16, String> {
-    let mut request = Request::new(method)
-        .map_err(|e| e.to_string())?
-        .json(body.to_vec());
-    for (name, value) in headers {
-        request = request.header(name, value);
-    }
+    let request = crate::http::json_request(method, headers, body).map_err(|e| e.to_string())?;
     let client = HttpClient::new(HttpSettings {
         connect_timeout: limit,
-        user_agent: concat!("beckon-agent/", env!("CARGO_PKG_VERSION")).to_owned(),
+        user_agent: crate::http::USER_AGENT.to_owned(),
         ..HttpSettings::default()
     });
     let exchange = async {

@@ -381,30 +381,26 @@ fn write_files(
     console: &Url,
 ) -> Result<(), EnrollError> {
     create_dir(state_dir, 0o700, "the state folder")?;
-    write(
-        &state_dir.join("agent.key"),
-        key_pem.as_bytes(),
-        0o600,
-        "the private key",
-    )?;
-    write(
-        &state_dir.join("agent.pem"),
-        answer.certificate.as_bytes(),
-        0o644,
-        "the agent certificate",
-    )?;
-    write(
-        &state_dir.join("ca.pem"),
-        answer.ca.as_bytes(),
-        0o644,
-        "the CA certificate",
-    )?;
-    write(
-        &state_dir.join("checkin.token"),
-        format!("{}\n", answer.checkin_token.trim()).as_bytes(),
-        0o600,
-        "the check-in token",
-    )?;
+    let token = format!("{}\n", answer.checkin_token.trim());
+    let files: [(&str, &[u8], u32, &'static str); 4] = [
+        ("agent.key", key_pem.as_bytes(), 0o600, "the private key"),
+        (
+            "agent.pem",
+            answer.certificate.as_bytes(),
+            0o644,
+            "the agent certificate",
+        ),
+        ("ca.pem", answer.ca.as_bytes(), 0o644, "the CA certificate"),
+        (
+            "checkin.token",
+            token.as_bytes(),
+            0o600,
+            "the check-in token",
+        ),
+    ];
+    for (name, contents, mode, what) in files {
+        write(&state_dir.join(name), contents, mode, what)?;
+    }
     if let Some(ca) = &opts.console_ca {
         let pem = std::fs::read(ca).map_err(|source| EnrollError::Io {
             what: "(reading) the console CA",

@@ -13,6 +13,9 @@ use beckon_net::{TlsClient, TlsConfigError, TlsSettings, TrustAnchors};
 /// Largest answer accepted from the console.
 const MAX_RESPONSE: usize = 1024 * 1024;
 
+/// The agent's `User-Agent`, to the console and to the local HTTP action.
+pub const USER_AGENT: &str = concat!("beckon-agent/", env!("CARGO_PKG_VERSION"));
+
 /// The client for the console at `url`: for `https://`, TLS trusting `ca_file` (the system
 /// store when `None`).
 pub fn console_client(url: &Url, ca_file: Option<&Path>) -> Result<HttpClient, TlsConfigError> {
@@ -29,7 +32,7 @@ pub fn console_client(url: &Url, ca_file: Option<&Path>) -> Result<HttpClient, T
     Ok(HttpClient::new(HttpSettings {
         tls,
         max_body: MAX_RESPONSE,
-        user_agent: concat!("beckon-agent/", env!("CARGO_PKG_VERSION")).to_owned(),
+        user_agent: USER_AGENT.to_owned(),
         ..HttpSettings::default()
     }))
 }
@@ -44,12 +47,22 @@ pub async fn request(
     body: &[u8],
     limit: Duration,
 ) -> Result<Response, HttpError> {
-    let mut request = Request::new(method)?.header("Accept", "application/json");
+    let request = json_request(method, headers, body)?.header("Accept", "application/json");
+    client.request(url, request, limit).await
+}
+
+/// A `method` request with `headers` and the JSON `body` (none for a `GET` without one).
+pub fn json_request(
+    method: &str,
+    headers: &[(&str, String)],
+    body: &[u8],
+) -> Result<Request, HttpError> {
+    let mut request = Request::new(method)?;
     for (name, value) in headers {
         request = request.header(name, value);
     }
     if !body.is_empty() || method != "GET" {
         request = request.json(body.to_vec());
     }
-    client.request(url, request, limit).await
+    Ok(request)
 }

@@ -312,8 +312,8 @@ mod tests {
         );
     }
 
-    #[test]
-    fn status_json_reports_running_and_connection() {
+    #[tokio::test]
+    async fn status_json_reports_running_and_connection() {
         let dir = tempfile::tempdir().expect("tempdir");
         let store = state::StateStore::open(dir.path(), "a1").expect("open");
         store
@@ -321,6 +321,7 @@ mod tests {
                 s.connected = true;
                 s.path = Some("8883".into());
             })
+            .await
             .expect("update");
         let json: serde_json::Value =
             serde_json::from_str(&status::status_json(dir.path()).expect("json")).expect("valid");

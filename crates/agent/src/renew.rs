@@ -288,7 +288,9 @@ pub async fn renewal_loop(
                     let retry = Duration::from_secs((left / 10).clamp(30, 3600));
                     tracing::warn!(error = %e, retry_in = ?retry, "certificate renewal failed");
                     if let Some(state) = &state {
-                        state.record_error(format!("certificate renewal: {e}"));
+                        state
+                            .record_error(format!("certificate renewal: {e}"))
+                            .await;
                     }
                     retry
                 }

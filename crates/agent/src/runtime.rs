@@ -13,7 +13,9 @@ use crate::actions::{self, ActionOutcome};
 use crate::config::{AgentConfig, ConfigError, parse_http_url};
 use crate::connector::Connector;
 use crate::jitter::{near_cap, random_up_to};
-use crate::session::{Incoming, MqttSession, Outbox, SessionEnd, SessionOptions, new_client};
+use crate::session::{
+    Incoming, MqttSession, OnIncoming, Outbox, SessionEnd, SessionOptions, new_client,
+};
 use crate::state::{LastResult, LastWakeUp, StateError, StateStore};
 use crate::timefmt::{unix_now, unix_now_ms};
 use crate::wakeup::{WakeUp, WakeUpCheck, WakeUpRejected, finished_ack, received_ack, started_ack};
@@ -60,6 +62,31 @@ impl PendingWakeUps {
     }
 }
 
+/// What every connection of the agent works with: set up once by [`run_agent`], the same
+/// for each connection and for each wake-up or relay request that arrives on it.
+struct Agent {
+    config: Arc<AgentConfig>,
+    check: Arc<dyn WakeUpCheck>,
+    state: Arc<StateStore>,
+    /// Acks and relay results waiting for the session.
+    outbox: Arc<Outbox>,
+    /// Accepted wake-ups waiting for the action worker.
+    pending: Arc<PendingWakeUps>,
+    /// Verified relay requests for the relay worker.
+    relay: tokio::sync::mpsc::Sender<RelayRequest>,
+    /// The agent's token, sent as the MQTT password.
+    password: Option<Bytes>,
+}
+
+/// What one connection attempt leaves to the next: how to connect (the ladder remembers the
+/// working path and redirects), the client session (unacknowledged acks are resent on the
+/// next connection) and the backoff.
+struct Link<C> {
+    connector: C,
+    client: Option<beckon_client::Session>,
+    backoff: Backoff,
+}
+
 /// Runs the agent until `shutdown` turns true (or its sender is dropped).
 pub async fn run_agent<C: Connector>(
     config: AgentConfig,
@@ -71,11 +98,14 @@ pub async fn run_agent<C: Connector>(
     let mut backoff = Backoff::new(config.reconnect.backoff())
         .map_err(|e| AgentError::Unsupported(format!("reconnect settings: {e}")))?;
     let state = Arc::new(StateStore::open(&config.state_dir, &config.agent_id)?);
-    state.update(|s| {
-        if s.replay_guard.is_empty() {
-            s.replay_guard = ReplayGuard::new(config.wakeup.replay_memory);
-        }
-    })?;
+    // The first write: it also proves the state folder is writable.
+    state
+        .update(|s| {
+            if s.replay_guard.is_empty() {
+                s.replay_guard = ReplayGuard::new(config.wakeup.replay_memory);
+            }
+        })
+        .await?;
     if let Some(path) = state.snapshot().last_working_path {
         connector.prefer(&path);
     }
@@ -127,24 +157,23 @@ pub async fn run_agent<C: Connector>(
 
     let start_delay = backoff.startup_delay();
     tracing::info!(agent_id = %config.agent_id, delay_ms = start_delay.as_millis() as u64, "agent starting");
-    // The client session outlives each connection: unacknowledged acks are resent on the next.
-    let mut client = None;
+    let agent = Agent {
+        config: Arc::clone(&config),
+        check,
+        state: Arc::clone(&state),
+        outbox,
+        pending,
+        relay: relay_tx,
+        password,
+    };
+    let mut link = Link {
+        connector,
+        client: None,
+        backoff,
+    };
     if !sleep_or_shutdown(start_delay, &mut shutdown).await {
         loop {
-            let wait = connect_once(
-                &config,
-                &mut connector,
-                &mut client,
-                &check,
-                &state,
-                &outbox,
-                &pending,
-                &relay_tx,
-                password.clone(),
-                &mut backoff,
-                &mut shutdown,
-            )
-            .await;
+            let wait = agent.connect_once(&mut link, &mut shutdown).await;
             if stopping(&shutdown) {
                 break;
             }
@@ -157,11 +186,13 @@ pub async fn run_agent<C: Connector>(
             }
         }
     }
-    state.update_logged(|s| {
-        s.connected = false;
-        s.since = Some(unix_now());
-        s.pid = None;
-    });
+    state
+        .update_logged(|s| {
+            s.connected = false;
+            s.since = Some(unix_now());
+            s.pid = None;
+        })
+        .await;
     worker.abort();
     if let Some(relay) = relay {
         relay.abort();
@@ -176,114 +207,113 @@ pub async fn run_agent<C: Connector>(
     Ok(())
 }
 
-/// One connection attempt and, if it succeeds, the whole session. Returns the wait before
-/// the next attempt.
-#[allow(clippy::too_many_arguments)]
-async fn connect_once<C: Connector>(
-    config: &AgentConfig,
-    connector: &mut C,
-    client: &mut Option<beckon_client::Session>,
-    check: &Arc<dyn WakeUpCheck>,
-    state: &StateStore,
-    outbox: &Outbox,
-    pending: &Arc<PendingWakeUps>,
-    relay: &tokio::sync::mpsc::Sender<RelayRequest>,
-    password: Option<Bytes>,
-    backoff: &mut Backoff,
-    shutdown: &mut watch::Receiver<bool>,
-) -> Duration {
-    // The connector times its own steps; this bounds a whole ladder walk.
-    let ladder_limit = config.broker.connect_timeout.saturating_mul(8);
-    let connection = tokio::select! {
-        c = tokio::time::timeout(ladder_limit, connector.connect()) => c,
-        _ = shutdown.changed() => return Duration::ZERO,
-    };
-    let connection = match connection {
-        Ok(Ok(c)) => c,
-        Ok(Err(e)) => {
-            tracing::warn!(error = %e, "cannot reach the push service");
-            state.record_error(e.0);
-            return backoff.next_delay();
+impl Agent {
+    /// One connection attempt and, if it succeeds, the whole session. Returns the wait
+    /// before the next attempt.
+    async fn connect_once<C: Connector>(
+        &self,
+        link: &mut Link<C>,
+        shutdown: &mut watch::Receiver<bool>,
+    ) -> Duration {
+        let config = &*self.config;
+        // The connector times its own steps; this bounds a whole ladder walk.
+        let ladder_limit = config.broker.connect_timeout.saturating_mul(8);
+        let connection = tokio::select! {
+            c = tokio::time::timeout(ladder_limit, link.connector.connect()) => c,
+            _ = shutdown.changed() => return Duration::ZERO,
+        };
+        let connection = match connection {
+            Ok(Ok(c)) => c,
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "cannot reach the push service");
+                self.state.record_error(e.0).await;
+                return link.backoff.next_delay();
+            }
+            Err(_) => {
+                let message = format!(
+                    "no path to the push service opened within {ladder_limit:?}; run `beckon doctor` to see which step fails"
+                );
+                tracing::warn!("{message}");
+                self.state.record_error(message).await;
+                return link.backoff.next_delay();
+            }
+        };
+        let path = connection.path.clone();
+        let password = self.password.clone();
+        let options = SessionOptions {
+            client_id: config.agent_id.clone(),
+            username: password.as_ref().map(|_| config.agent_id.clone()),
+            password,
+            keepalive: if connection.fallback {
+                config.broker.keepalive_fallback
+            } else {
+                config.broker.keepalive_direct
+            },
+            ping_timeout: config.broker.ping_timeout,
+            connect_timeout: config.broker.connect_timeout,
+            session_expiry: u32::try_from(config.broker.session_expiry.as_secs())
+                .unwrap_or(u32::MAX),
+            wake_topic: config.wake_topic(),
+            ack_topic: config.ack_topic(),
+            relay_topics: config.wakeup.relay.then(|| {
+                (
+                    beckon_identity::relay::relay_topic(&config.agent_id),
+                    beckon_identity::relay::relay_result_topic(&config.agent_id),
+                )
+            }),
+            via_proxy: connection.via_proxy,
+        };
+        let session = link.client.take().unwrap_or_else(|| new_client(&options));
+        let end = match MqttSession::establish(connection.stream, session, options).await {
+            Err((session, end)) => {
+                link.client = Some(session);
+                end
+            }
+            Ok((session, established)) => {
+                tracing::info!(
+                    path = %path,
+                    keepalive_s = established.keepalive.as_secs(),
+                    session_present = established.session_present,
+                    "connected to the push service"
+                );
+                self.state
+                    .update_logged(|s| {
+                        s.connected = true;
+                        s.path = Some(path.clone());
+                        s.last_working_path = Some(path.clone());
+                        s.since = Some(unix_now());
+                    })
+                    .await;
+                link.connector.prefer(&path);
+                link.backoff.connected(std::time::Instant::now());
+                let (session, end) = session.run(&self.outbox, self, shutdown).await;
+                link.client = Some(session);
+                // Resets the backoff only if the connection lived `reset_after`.
+                link.backoff.disconnected(std::time::Instant::now());
+                self.state
+                    .update_logged(|s| {
+                        s.connected = false;
+                        s.since = Some(unix_now());
+                        if end != SessionEnd::Shutdown {
+                            // Kept apart from last_error, which the reconnect attempts overwrite.
+                            s.last_disconnect = Some(crate::state::LastError {
+                                message: format!("{end} (path {path})"),
+                                at: unix_now(),
+                            });
+                        }
+                    })
+                    .await;
+                end
+            }
+        };
+        if end == SessionEnd::Shutdown {
+            return Duration::ZERO;
         }
-        Err(_) => {
-            let message = format!(
-                "no path to the push service opened within {ladder_limit:?}; run `beckon doctor` to see which step fails"
-            );
-            tracing::warn!("{message}");
-            state.record_error(message);
-            return backoff.next_delay();
-        }
-    };
-    let path = connection.path.clone();
-    let options = SessionOptions {
-        client_id: config.agent_id.clone(),
-        username: password.as_ref().map(|_| config.agent_id.clone()),
-        password,
-        keepalive: if connection.fallback {
-            config.broker.keepalive_fallback
-        } else {
-            config.broker.keepalive_direct
-        },
-        ping_timeout: config.broker.ping_timeout,
-        connect_timeout: config.broker.connect_timeout,
-        session_expiry: u32::try_from(config.broker.session_expiry.as_secs()).unwrap_or(u32::MAX),
-        wake_topic: config.wake_topic(),
-        ack_topic: config.ack_topic(),
-        relay_topics: config.wakeup.relay.then(|| {
-            (
-                beckon_identity::relay::relay_topic(&config.agent_id),
-                beckon_identity::relay::relay_result_topic(&config.agent_id),
-            )
-        }),
-        via_proxy: connection.via_proxy,
-    };
-    let session = client.take().unwrap_or_else(|| new_client(&options));
-    let end = match MqttSession::establish(connection.stream, session, options).await {
-        Err((session, end)) => {
-            *client = Some(session);
-            end
-        }
-        Ok((session, established)) => {
-            tracing::info!(
-                path = %path,
-                keepalive_s = established.keepalive.as_secs(),
-                session_present = established.session_present,
-                "connected to the push service"
-            );
-            state.update_logged(|s| {
-                s.connected = true;
-                s.path = Some(path.clone());
-                s.last_working_path = Some(path.clone());
-                s.since = Some(unix_now());
-            });
-            connector.prefer(&path);
-            backoff.connected(std::time::Instant::now());
-            let mut on_wake = wake_handler(check, state, outbox, pending, relay);
-            let (session, end) = session.run(outbox, &mut on_wake, shutdown).await;
-            *client = Some(session);
-            // Resets the backoff only if the connection lived `reset_after`.
-            backoff.disconnected(std::time::Instant::now());
-            state.update_logged(|s| {
-                s.connected = false;
-                s.since = Some(unix_now());
-                if end != SessionEnd::Shutdown {
-                    // Kept apart from last_error, which the reconnect attempts overwrite.
-                    s.last_disconnect = Some(crate::state::LastError {
-                        message: format!("{end} (path {path})"),
-                        at: unix_now(),
-                    });
-                }
-            });
-            end
-        }
-    };
-    if end == SessionEnd::Shutdown {
-        return Duration::ZERO;
+        let message = format!("{end} (path {path})");
+        tracing::warn!("{message}");
+        self.state.record_error(message).await;
+        wait_after(&end, config, &mut link.connector, &mut link.backoff)
     }
-    let message = format!("{end} (path {path})");
-    tracing::warn!("{message}");
-    state.record_error(message);
-    wait_after(&end, config, connector, backoff)
 }
 
 /// How long to wait after a session ended this way.
@@ -346,25 +376,22 @@ fn wait_after<C: Connector>(
     }
 }
 
-/// What the session calls for each wake-up or relay payload, before it sends PUBACK.
-fn wake_handler<'a>(
-    check: &'a Arc<dyn WakeUpCheck>,
-    state: &'a StateStore,
-    outbox: &'a Outbox,
-    pending: &'a Arc<PendingWakeUps>,
-    relay: &'a tokio::sync::mpsc::Sender<RelayRequest>,
-) -> impl FnMut(Incoming) + Send + 'a {
-    move |incoming: Incoming| {
+/// Each wake-up or relay payload, before the session sends its PUBACK: checked, recorded
+/// in the state (on disk before the `received` ack goes out), handed on.
+impl OnIncoming for Agent {
+    async fn on_incoming(&self, incoming: Incoming) {
+        let (check, state) = (&self.check, &self.state);
         let payload = match incoming {
             Incoming::WakeUp(payload) => payload,
             Incoming::Relay(payload) => {
                 let now = unix_now();
-                let result =
-                    state.update_logged(|s| check.check_relay(&payload, now, &mut s.replay_guard));
+                let result = state
+                    .update_logged(|s| check.check_relay(&payload, now, &mut s.replay_guard))
+                    .await;
                 match result {
                     Ok(request) => {
                         tracing::info!(id = %request.id, target = %request.target, broadcast = %request.broadcast, "Wake-on-LAN relay request received");
-                        if let Err(e) = relay.try_send(request) {
+                        if let Err(e) = self.relay.try_send(request) {
                             tracing::warn!(error = %e, "relay worker busy; relay request dropped");
                         }
                     }
@@ -375,29 +402,33 @@ fn wake_handler<'a>(
                         // Not answered: the id of a request that failed its checks cannot
                         // be trusted.
                         tracing::warn!(error = %e, "Wake-on-LAN relay request refused");
-                        state.record_error(format!("relay request refused: {e}"));
+                        state
+                            .record_error(format!("relay request refused: {e}"))
+                            .await;
                     }
                 }
                 return;
             }
         };
         let now = unix_now();
-        let result = state.update_logged(|s| {
-            let result = check.check(&payload, now, &mut s.replay_guard);
-            if let Ok(w) = &result {
-                s.last_wakeup = Some(LastWakeUp {
-                    id: w.id.clone(),
-                    reason: w.reason.clone(),
-                    received_at: now,
-                });
-            }
-            result
-        });
+        let result = state
+            .update_logged(|s| {
+                let result = check.check(&payload, now, &mut s.replay_guard);
+                if let Ok(w) = &result {
+                    s.last_wakeup = Some(LastWakeUp {
+                        id: w.id.clone(),
+                        reason: w.reason.clone(),
+                        received_at: now,
+                    });
+                }
+                result
+            })
+            .await;
         match result {
             Ok(wakeup) => {
                 tracing::info!(id = %wakeup.id, reason = %wakeup.reason, "wake-up received");
-                outbox.push(received_ack(&wakeup.id, unix_now_ms()));
-                pending.push(wakeup);
+                self.outbox.push(received_ack(&wakeup.id, unix_now_ms()));
+                self.pending.push(wakeup);
             }
             Err(WakeUpRejected::Replayed(id)) => {
                 // A QoS 1 redelivery after a lost PUBACK looks the same: not an error.
@@ -406,7 +437,7 @@ fn wake_handler<'a>(
             Err(e) => {
                 // Not acked: the id of a payload that failed its checks cannot be trusted.
                 tracing::warn!(error = %e, "wake-up refused");
-                state.record_error(e.to_string());
+                state.record_error(e.to_string()).await;
             }
         }
     }
@@ -430,7 +461,7 @@ async fn relay_worker(
                 }
                 Some(e) => {
                     tracing::warn!(mac = %send.mac, destination = %send.destination, error = %e, "Wake-on-LAN relay failed");
-                    state.record_error(format!("Wake-on-LAN relay: {e}"));
+                    state.record_error(format!("Wake-on-LAN relay: {e}")).await;
                 }
             }
         }
@@ -479,9 +510,6 @@ async fn action_worker(
             _ = shutdown.changed() => return,
         };
         let now = unix_now();
-        for w in &batch {
-            outbox.push(finished_ack(&w.id, &outcome, unix_now_ms()));
-        }
         tracing::info!(
             status = outcome.status,
             exit_code = ?outcome.exit_code,
@@ -489,24 +517,30 @@ async fn action_worker(
             wakeups = batch.len(),
             "wake-up action finished"
         );
-        state.update_logged(|s| {
-            s.last_result = Some(LastResult {
-                wakeup_ids: batch.iter().map(|w| w.id.clone()).collect(),
-                status: outcome.status.to_owned(),
-                exit_code: outcome.exit_code,
-                duration_ms: outcome.duration.as_millis() as u64,
-                finished_at: now,
-                detail: outcome.detail.clone(),
-            });
-            if let Some(detail) = &outcome.detail
-                && !outcome.ok()
-            {
-                s.last_error = Some(crate::state::LastError {
-                    message: format!("wake-up action: {detail}"),
-                    at: now,
+        // On disk before the `finished` acks: whoever gets one can read the result.
+        state
+            .update_logged(|s| {
+                s.last_result = Some(LastResult {
+                    wakeup_ids: batch.iter().map(|w| w.id.clone()).collect(),
+                    status: outcome.status.to_owned(),
+                    exit_code: outcome.exit_code,
+                    duration_ms: outcome.duration.as_millis() as u64,
+                    finished_at: now,
+                    detail: outcome.detail.clone(),
                 });
-            }
-        });
+                if let Some(detail) = &outcome.detail
+                    && !outcome.ok()
+                {
+                    s.last_error = Some(crate::state::LastError {
+                        message: format!("wake-up action: {detail}"),
+                        at: now,
+                    });
+                }
+            })
+            .await;
+        for w in &batch {
+            outbox.push(finished_ack(&w.id, &outcome, unix_now_ms()));
+        }
     }
 }
 

@@ -231,6 +231,12 @@ pub enum Incoming {
     Relay(Bytes),
 }
 
+/// What the session hands each message on the wake-up or relay topic to.
+pub trait OnIncoming: Sync {
+    /// Handles one message; the session sends its PUBACK once the returned future is done.
+    fn on_incoming(&self, incoming: Incoming) -> impl Future<Output = ()> + Send;
+}
+
 /// Where an outbox entry goes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum OutTopic {
@@ -430,12 +436,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> MqttSession<S> {
     }
 
     /// Runs until the connection ends: hands wake-ups and relay requests to `on_wake`
-    /// (PUBACK follows its return), publishes the outbox, pings. Returns the client session
-    /// for the next connection and why this one ended.
+    /// (PUBACK follows once it is done), publishes the outbox, pings. Returns the client
+    /// session for the next connection and why this one ended.
     pub async fn run(
         mut self,
         outbox: &Outbox,
-        on_wake: &mut (dyn FnMut(Incoming) + Send),
+        on_wake: &impl OnIncoming,
         shutdown: &mut watch::Receiver<bool>,
     ) -> (Session, SessionEnd) {
         let end = match self.run_inner(outbox, on_wake, shutdown).await {
@@ -453,7 +459,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> MqttSession<S> {
     async fn run_inner(
         &mut self,
         outbox: &Outbox,
-        on_wake: &mut (dyn FnMut(Incoming) + Send),
+        on_wake: &impl OnIncoming,
         shutdown: &mut watch::Receiver<bool>,
     ) -> Result<(), SessionEnd> {
         loop {
@@ -468,7 +474,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> MqttSession<S> {
                     }
                 }
                 event = self.connection.next_event() => match event {
-                    Ok(event) => self.handle(event, on_wake)?,
+                    Ok(event) => self.handle(event, on_wake).await?,
                     Err(end) => return Err(end.into()),
                 },
                 () = outbox.notify.notified() => {}
@@ -509,22 +515,18 @@ impl<S: AsyncRead + AsyncWrite + Unpin> MqttSession<S> {
         Ok(())
     }
 
-    fn handle(
-        &mut self,
-        event: Event,
-        on_wake: &mut (dyn FnMut(Incoming) + Send),
-    ) -> Result<(), SessionEnd> {
+    async fn handle(&mut self, event: Event, on_wake: &impl OnIncoming) -> Result<(), SessionEnd> {
         match event {
             Event::Message(publish) => {
                 if publish.topic == self.opts.wake_topic {
-                    on_wake(Incoming::WakeUp(publish.payload));
+                    on_wake.on_incoming(Incoming::WakeUp(publish.payload)).await;
                 } else if self
                     .opts
                     .relay_topics
                     .as_ref()
                     .is_some_and(|(relay, _)| publish.topic == *relay)
                 {
-                    on_wake(Incoming::Relay(publish.payload));
+                    on_wake.on_incoming(Incoming::Relay(publish.payload)).await;
                 } else {
                     tracing::warn!(topic = %publish.topic, "message on an unexpected topic ignored");
                 }

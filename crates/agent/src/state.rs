@@ -5,7 +5,7 @@
 use std::io::Write;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
 
@@ -143,15 +143,47 @@ impl AgentState {
     }
 }
 
-/// The running agent's copy of its state, written to disk on every change.
+/// The running agent's copy of its state. Every change is made in memory at once and then
+/// written to disk on tokio's blocking pool, so an fsync never stalls the (single-threaded)
+/// runtime; the caller awaits the write, so whatever it sends after the change (an ack, an
+/// event) goes out only once the change is on disk.
 pub struct StateStore {
+    memory: Mutex<Versioned>,
+    disk: Arc<Disk>,
+}
+
+/// The state in memory and how many changes it has seen.
+struct Versioned {
+    state: AgentState,
+    version: u64,
+}
+
+/// The state folder's writer. Its lock is held for a whole write, so writes never
+/// interleave, and it remembers which version is on disk, so an older state that reaches
+/// the blocking pool late never replaces a newer one.
+struct Disk {
     dir: PathBuf,
-    state: Mutex<AgentState>,
+    written: Mutex<u64>,
+}
+
+impl Disk {
+    /// Writes `state`, the `version`th change, unless that version or a later one is on disk
+    /// already (a later version includes every earlier change).
+    fn write(&self, state: &AgentState, version: u64) -> Result<(), StateError> {
+        let mut written = self.written.lock().unwrap_or_else(|p| p.into_inner());
+        if *written >= version {
+            return Ok(());
+        }
+        state.write(&self.dir)?;
+        *written = version;
+        Ok(())
+    }
 }
 
 impl StateStore {
     /// Opens (creating the folder 0700 if needed) and loads the previous state, keeping the
-    /// last working path and the replay guard; connection fields start over.
+    /// last working path and the replay guard; connection fields start over. Nothing is
+    /// written until the first update.
     pub fn open(dir: &Path, agent_id: &str) -> Result<Self, StateError> {
         if !dir.exists() {
             std::fs::DirBuilder::new()
@@ -175,59 +207,87 @@ impl StateStore {
         state.agent_id = Some(agent_id.to_owned());
         state.connected = false;
         state.since = Some(unix_now());
-        let store = Self {
-            dir: dir.to_owned(),
-            state: Mutex::new(state),
-        };
-        store.update(|_| ())?;
-        Ok(store)
+        Ok(Self {
+            memory: Mutex::new(Versioned { state, version: 0 }),
+            disk: Arc::new(Disk {
+                dir: dir.to_owned(),
+                written: Mutex::new(0),
+            }),
+        })
     }
 
     /// The state folder.
     pub fn dir(&self) -> &Path {
-        &self.dir
+        &self.disk.dir
     }
 
     /// A copy of the current state.
     pub fn snapshot(&self) -> AgentState {
-        self.lock().clone()
+        self.lock().state.clone()
     }
 
-    /// Changes the state and writes it to disk; returns what `change` returned.
-    pub fn update<T>(&self, change: impl FnOnce(&mut AgentState) -> T) -> Result<T, StateError> {
-        let mut state = self.lock();
-        let out = change(&mut state);
-        state.updated_at = unix_now();
-        state.write(&self.dir)?;
-        Ok(out)
+    /// Changes the state and writes it to disk; returns what `change` returned once the
+    /// change is on disk. When the write fails the change stays in memory (and reaches the
+    /// disk with the next write that succeeds).
+    pub async fn update<T>(
+        &self,
+        change: impl FnOnce(&mut AgentState) -> T,
+    ) -> Result<T, StateError> {
+        let (out, written) = self.change_and_write(change).await;
+        written.map(|()| out)
     }
 
     /// Like [`StateStore::update`], but a failed write is only logged: the agent keeps
     /// working when its disk is full, and says so.
-    pub fn update_logged<T>(&self, change: impl FnOnce(&mut AgentState) -> T) -> T {
-        let mut state = self.lock();
-        let out = change(&mut state);
-        state.updated_at = unix_now();
-        if let Err(e) = state.write(&self.dir) {
-            tracing::error!(error = %e, "cannot save agent state");
+    pub async fn update_logged<T>(&self, change: impl FnOnce(&mut AgentState) -> T) -> T {
+        let (out, written) = self.change_and_write(change).await;
+        if let Err(e) = written {
+            tracing::error!(
+                error = %e,
+                "cannot save the agent state; the agent keeps running with it in memory, and `beckon agent status` shows older data until a later save succeeds"
+            );
         }
         out
     }
 
     /// Records an error in plain words.
-    pub fn record_error(&self, message: impl Into<String>) {
+    pub async fn record_error(&self, message: impl Into<String>) {
         let message = message.into();
         self.update_logged(|s| {
             s.last_error = Some(LastError {
                 message,
                 at: unix_now(),
             });
-        });
+        })
+        .await;
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, AgentState> {
+    async fn change_and_write<T>(
+        &self,
+        change: impl FnOnce(&mut AgentState) -> T,
+    ) -> (T, Result<(), StateError>) {
+        let (out, state, version) = {
+            let mut memory = self.lock();
+            let out = change(&mut memory.state);
+            memory.state.updated_at = unix_now();
+            memory.version += 1;
+            (out, memory.state.clone(), memory.version)
+        };
+        let disk = Arc::clone(&self.disk);
+        let written = match tokio::task::spawn_blocking(move || disk.write(&state, version)).await {
+            Ok(written) => written,
+            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+            Err(e) => Err(StateError::Io {
+                path: self.disk.dir.join(STATE_FILE),
+                source: std::io::Error::other(format!("the write did not run: {e}")),
+            }),
+        };
+        (out, written)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Versioned> {
         // A panic while holding the lock leaves plain data behind; keep using it.
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
+        self.memory.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
 
@@ -235,11 +295,12 @@ impl StateStore {
 mod tests {
     use super::*;
     use std::os::unix::fs::PermissionsExt;
+    use std::sync::atomic::{AtomicBool, Ordering};
 
     const ID: &str = "0190d6e0-0000-7000-8000-000000000001";
 
-    #[test]
-    fn written_atomically_with_mode_0600_and_read_back() {
+    #[tokio::test]
+    async fn written_atomically_with_mode_0600_and_read_back() {
         let dir = tempfile::tempdir().expect("tempdir");
         let store = StateStore::open(dir.path(), "a1").expect("open");
         store
@@ -250,6 +311,7 @@ mod tests {
                     .admit(ID, unix_now() + 60, unix_now())
                     .expect("new id");
             })
+            .await
             .expect("update");
         let path = dir.path().join(STATE_FILE);
         let mode = std::fs::metadata(&path).expect("meta").permissions().mode() & 0o777;
@@ -279,6 +341,82 @@ mod tests {
                 .is_err(),
             "the replay guard survives a restart"
         );
+    }
+
+    /// The agent's runtime has one thread: while a write waits for the disk, that thread
+    /// must stay free for the connection. Here the write blocks (its temporary file is a
+    /// FIFO nobody reads) until another task on the runtime has run.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_write_waiting_for_the_disk_leaves_the_runtime_free_and_keeps_the_change() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = StateStore::open(dir.path(), "a1").expect("open");
+        let tmp = dir
+            .path()
+            .join(format!(".{STATE_FILE}.{}.tmp", std::process::id()));
+        let made = std::process::Command::new("mkfifo")
+            .arg(&tmp)
+            .status()
+            .expect("mkfifo");
+        assert!(made.success(), "mkfifo {}", tmp.display());
+        let runtime_ran = Arc::new(AtomicBool::new(false));
+        let reader = std::thread::spawn({
+            let runtime_ran = Arc::clone(&runtime_ran);
+            let tmp = tmp.clone();
+            move || {
+                let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+                while !runtime_ran.load(Ordering::SeqCst) && std::time::Instant::now() < deadline {
+                    std::thread::sleep(std::time::Duration::from_millis(5));
+                }
+                let ran = runtime_ran.load(Ordering::SeqCst);
+                (ran, std::fs::read(&tmp).expect("read the FIFO"))
+            }
+        });
+        let other = tokio::spawn({
+            let runtime_ran = Arc::clone(&runtime_ran);
+            async move { runtime_ran.store(true, Ordering::SeqCst) }
+        });
+        let written = store.update(|s| s.connected = true).await;
+        let (ran_while_writing, bytes) = reader.join().expect("reader");
+        other.await.expect("other task");
+        assert!(
+            ran_while_writing,
+            "another task ran while the write waited for the disk"
+        );
+        let sent: AgentState = serde_json::from_slice(&bytes).expect("the state went out");
+        assert!(sent.connected);
+
+        // A FIFO cannot be synced: the write fails, and the change stays in memory...
+        let err = written.expect_err("fsync on a FIFO fails");
+        assert!(err.to_string().contains(STATE_FILE), "{err}");
+        assert!(store.snapshot().connected);
+        // ...and reaches the disk with the next write.
+        std::fs::remove_file(&tmp).expect("remove the FIFO");
+        store
+            .update(|s| s.path = Some("8883".into()))
+            .await
+            .expect("update");
+        let read = AgentState::read(dir.path()).expect("read").expect("exists");
+        assert!(read.connected);
+        assert_eq!(read.path.as_deref(), Some("8883"));
+    }
+
+    /// Updates from two tasks reach the blocking pool in any order; the later state wins.
+    #[test]
+    fn an_older_state_never_replaces_a_newer_one() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = StateStore::open(dir.path(), "a1").expect("open");
+        let older = AgentState {
+            path: Some("older".into()),
+            ..AgentState::default()
+        };
+        let newer = AgentState {
+            path: Some("newer".into()),
+            ..AgentState::default()
+        };
+        store.disk.write(&newer, 2).expect("write the newer state");
+        store.disk.write(&older, 1).expect("skip the older state");
+        let read = AgentState::read(dir.path()).expect("read").expect("exists");
+        assert_eq!(read.path.as_deref(), Some("newer"));
     }
 
     #[test]

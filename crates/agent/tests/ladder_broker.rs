@@ -15,22 +15,19 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use beckon_agent::state::AgentState;
-use beckon_agent::{Connector, LadderConnector, run_agent};
-use beckon_broker::{Bound, BrokerConfig, Listen, Server, ServerHandle};
-use beckon_identity::{KeyId, Role, SigningKey, TenantId, TokenSigner};
+use beckon_agent::{Connector, LadderConnector};
+use beckon_broker::{BrokerConfig, Listen};
+use beckon_identity::Role;
 use beckon_mqtt::{Connect, Packet, ProtocolVersion};
-use beckon_pki::CertificateAuthority;
+use beckon_testkit::{RunningBroker, TestTenant};
 use bytes::Bytes;
 use common::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::sync::watch;
 
 /// A broker with tenant `acme` on 8883-like and fallback listeners, and what the agent needs.
 struct TenantBroker {
-    bound: Bound,
-    handle: Option<ServerHandle>,
-    signer: TokenSigner,
-    _dir: tempfile::TempDir,
+    broker: RunningBroker,
+    acme: TestTenant,
     agent_cert: PathBuf,
     agent_key: PathBuf,
 }
@@ -40,24 +37,10 @@ impl TenantBroker {
         let dir = tempfile::tempdir().expect("tempdir");
         let tenants = dir.path().join("tenants");
         std::fs::create_dir_all(&tenants).expect("tenants folder");
-        let ca = CertificateAuthority::generate("acme agents CA", Duration::from_secs(86_400))
-            .expect("tenant CA");
-        std::fs::write(tenants.join("acme-ca.pem"), ca.cert_pem()).expect("write CA");
-        let key = SigningKey::generate(KeyId::new("k1").expect("kid")).expect("key");
-        std::fs::write(
-            tenants.join("acme.toml"),
-            format!(
-                "name = \"acme\"\n[[ca]]\nfile = \"acme-ca.pem\"\n[[token_key]]\nkid = \"k1\"\npublic_key = \"{}\"\n",
-                key.public_key().to_base64()
-            ),
-        )
-        .expect("write tenant");
-        let signer = TokenSigner::new(TenantId::new("acme").expect("tenant"), key);
+        let acme = TestTenant::create(&tenants, "acme");
 
         // The agent's certificate: O=acme OU=agent CN=a1.
-        let issued = ca
-            .issue_client("a1", Some("acme"), Some("agent"), Duration::from_secs(3600))
-            .expect("agent certificate");
+        let issued = acme.certificate("agent", "a1");
         let agent_cert = dir.path().join("agent.pem");
         let agent_key = dir.path().join("agent.key");
         std::fs::write(&agent_cert, &issued.cert_pem).expect("write cert");
@@ -72,30 +55,20 @@ impl TenantBroker {
         config.listeners.fallback = Listen(Some("127.0.0.1:0".parse().expect("addr")));
         config.listeners.mqtt = Listen(None);
         config.limits.connect_timeout_secs = 5;
-        let (bound, handle) = tokio::time::timeout(WAIT, Server::bind(config))
-            .await
-            .expect("broker starts in time")
-            .expect("broker starts");
         Self {
-            bound,
-            handle: Some(handle),
-            signer,
-            _dir: dir,
+            broker: RunningBroker::start(config, dir).await,
+            acme,
             agent_cert,
             agent_key,
         }
     }
 
     fn mqtts(&self) -> SocketAddr {
-        self.bound.mqtts.expect("TLS listener")
+        self.broker.mqtts()
     }
 
     fn fallback(&self) -> SocketAddr {
-        self.bound.fallback.expect("shared port")
-    }
-
-    fn server_ca(&self) -> PathBuf {
-        self.bound.generated_ca.clone().expect("generated CA")
+        self.broker.fallback()
     }
 
     /// The agent's `[broker]` pointing at this broker's ports, with its certificate.
@@ -112,7 +85,7 @@ impl TenantBroker {
         config.broker.port = primary;
         config.broker.fallback_port = self.fallback().port();
         config.broker.server_name = Some("localhost".into());
-        config.broker.ca_file = Some(self.server_ca());
+        config.broker.ca_file = Some(self.broker.generated_ca());
         config.broker.client_cert = Some(self.agent_cert.clone());
         config.broker.client_key = Some(self.agent_key.clone());
         config.broker.proxy = proxy;
@@ -126,22 +99,14 @@ impl TenantBroker {
         config.broker.port = self.mqtts().port();
         config.broker.fallback_port = free_port();
         config.broker.server_name = Some("localhost".into());
-        config.broker.ca_file = Some(self.server_ca());
+        config.broker.ca_file = Some(self.broker.generated_ca());
         let mut connector = LadderConnector::new(&config).expect("ladder");
         let connection = tokio::time::timeout(WAIT, connector.connect())
             .await
             .expect("server connects in time")
             .expect("server connects");
         let mut peer = Peer::new(connection.stream);
-        let token = self
-            .signer
-            .issue(
-                Role::Server,
-                "console",
-                beckon_agent::timefmt::unix_now(),
-                3600,
-            )
-            .expect("token");
+        let token = self.acme.token(Role::Server, "console");
         peer.send(Packet::Connect(Box::new(Connect {
             username: Some("beckon".into()),
             password: Some(Bytes::from(token.into_bytes())),
@@ -152,35 +117,47 @@ impl TenantBroker {
             Packet::ConnAck(c) if !c.code.is_error() => {}
             other => panic!("server identity not accepted: {other:?}"),
         }
-        peer.client_subscribe("agents/a1/ack").await;
+        peer.subscribe_qos1(1, "agents/a1/ack").await;
         peer
     }
 
     async fn stop(&mut self) {
-        if let Some(h) = self.handle.take() {
-            tokio::time::timeout(WAIT, h.shutdown())
-                .await
-                .expect("shutdown in time")
-                .expect("clean shutdown");
-        }
+        self.broker.stop().await;
     }
 }
 
-/// A running agent; stopped (and awaited) by [`RunningAgent::stop`].
-struct RunningAgent {
+/// An agent of `acme` on a [`TenantBroker`], with its state folder.
+struct LadderAgent {
     state: tempfile::TempDir,
-    stop: watch::Sender<bool>,
-    task: tokio::task::JoinHandle<Result<(), beckon_agent::AgentError>>,
+    running: RunningAgent,
 }
 
-impl RunningAgent {
-    fn start(broker: &TenantBroker, primary: u16, proxy: Option<String>) -> Self {
+impl LadderAgent {
+    /// Starts the agent with `primary` as its 8883 port and `proxy`, waits until it is
+    /// connected via `path`, has the server wake it there (its command runs, the server sees
+    /// `finished` with status ok), and checks that `beckon agent status` names the path.
+    async fn woken_via(
+        broker: &TenantBroker,
+        primary: u16,
+        proxy: Option<String>,
+        path: &str,
+        reason: &str,
+    ) -> Self {
         let state = tempfile::tempdir().expect("tempdir");
         let config = broker.agent_config(state.path(), primary, proxy);
         let connector = LadderConnector::new(&config).expect("ladder");
-        let (stop, stop_rx) = watch::channel(false);
-        let task = tokio::spawn(run_agent(config, connector, test_check(), stop_rx));
-        Self { state, stop, task }
+        let agent = Self {
+            state,
+            running: RunningAgent::start(config, connector),
+        };
+        agent.connected_via(path).await;
+        agent.wake_and_check_it_ran(broker, reason).await;
+        let text = beckon_agent::status::status_text(agent.dir()).expect("status");
+        assert!(
+            text.contains(&format!("connected via {path} since")),
+            "{text}"
+        );
+        agent
     }
 
     fn dir(&self) -> &Path {
@@ -207,27 +184,27 @@ impl RunningAgent {
         }
     }
 
-    async fn stop(self) {
-        stop_agent(&self.stop, self.task).await;
+    /// The server wakes `a1`; the agent's command runs (its reason lands in `runs`), and the
+    /// server sees `finished` with status ok.
+    async fn wake_and_check_it_ran(&self, broker: &TenantBroker, reason: &str) {
+        let mut server = broker.server_client().await;
+        let acks = wake_until_acked(&mut server, reason, 1).await;
+        let finished = acks.last().expect("acks");
+        assert_eq!(finished["stage"], "finished");
+        assert_eq!(finished["status"], "ok", "{finished}");
+        let runs = std::fs::read_to_string(self.dir().join("runs")).expect("the command ran");
+        assert!(runs.lines().any(|l| l == reason), "{runs}");
     }
-}
 
-/// The server wakes `a1`; the agent's command runs (its reason lands in `runs`), and the
-/// server sees `finished` with status ok.
-async fn wake_and_check_it_ran(broker: &TenantBroker, agent: &RunningAgent, reason: &str) {
-    let mut server = broker.server_client().await;
-    let acks = wake_until_acked(&mut server, reason, 1).await;
-    let finished = acks.last().expect("acks");
-    assert_eq!(finished["stage"], "finished");
-    assert_eq!(finished["status"], "ok", "{finished}");
-    let runs = std::fs::read_to_string(agent.dir().join("runs")).expect("the command ran");
-    assert!(runs.lines().any(|l| l == reason), "{runs}");
+    async fn stop(self) {
+        self.running.stop().await;
+    }
 }
 
 /// The retained presence event the broker holds for `a1`, as a server sees it.
 async fn presence_of_a1(broker: &TenantBroker) -> serde_json::Value {
     let mut server = broker.server_client().await;
-    server.client_subscribe("agents/a1/presence").await;
+    server.subscribe_qos1(2, "agents/a1/presence").await;
     let deadline = tokio::time::Instant::now() + WAIT;
     loop {
         let left = deadline.saturating_duration_since(tokio::time::Instant::now());
@@ -241,25 +218,19 @@ async fn presence_of_a1(broker: &TenantBroker) -> serde_json::Value {
     }
 }
 
-/// What `beckon agent status --state-dir DIR` prints.
-/// Asserts that `beckon agent status` says the agent is connected via `path`.
-fn assert_status_connected_via(agent: &RunningAgent, path: &str) {
-    let text = beckon_agent::status::status_text(agent.dir()).expect("status");
-    assert!(
-        text.contains(&format!("connected via {path} since")),
-        "{text}"
-    );
-}
-
 #[tokio::test]
 async fn with_8883_refused_the_agent_lands_on_443_mqtt_and_is_woken_there() {
     let mut broker = TenantBroker::start().await;
     // Nothing listens on the primary port: the ladder's next rung is ALPN mqtt on the
     // broker's shared fallback port.
-    let agent = RunningAgent::start(&broker, free_port(), None);
-    agent.connected_via("443-mqtt").await;
-    wake_and_check_it_ran(&broker, &agent, "via the fallback port").await;
-    assert_status_connected_via(&agent, "443-mqtt");
+    let agent = LadderAgent::woken_via(
+        &broker,
+        free_port(),
+        None,
+        "443-mqtt",
+        "via the fallback port",
+    )
+    .await;
     agent.stop().await;
     broker.stop().await;
 }
@@ -267,32 +238,42 @@ async fn with_8883_refused_the_agent_lands_on_443_mqtt_and_is_woken_there() {
 #[tokio::test]
 async fn with_8883_open_the_agent_uses_it_and_status_says_so() {
     let mut broker = TenantBroker::start().await;
-    let agent = RunningAgent::start(&broker, broker.mqtts().port(), None);
-    agent.connected_via("8883").await;
-    wake_and_check_it_ran(&broker, &agent, "direct").await;
+    let agent =
+        LadderAgent::woken_via(&broker, broker.mqtts().port(), None, "8883", "direct").await;
     let presence = presence_of_a1(&broker).await;
     assert_eq!(presence["state"], "connected", "{presence}");
     assert_eq!(presence["via_proxy"], false, "{presence}");
-    assert_status_connected_via(&agent, "8883");
     agent.stop().await;
     broker.stop().await;
+}
+
+/// [`LadderAgent::woken_via`] through tinyproxy allowing CONNECT to the port `allowed` only,
+/// where the agent must land on `rung`; the proxy runs as long as the test keeps it.
+async fn woken_through_tinyproxy(
+    broker: &TenantBroker,
+    allowed: u16,
+    rung: &str,
+    reason: &str,
+) -> (LadderAgent, Tinyproxy) {
+    let proxy = Tinyproxy::start(&[allowed]);
+    let url = format!("http://127.0.0.1:{}", proxy.port);
+    let path = format!("{rung} via {url}");
+    let reason = format!("through the proxy {reason}");
+    let primary = broker.mqtts().port();
+    let agent = LadderAgent::woken_via(broker, primary, Some(url), &path, &reason).await;
+    (agent, proxy)
 }
 
 #[tokio::test]
 async fn tinyproxy_allowing_the_mqtts_port_carries_8883() {
     let mut broker = TenantBroker::start().await;
-    let proxy = Tinyproxy::start(&[broker.mqtts().port()]);
-    let url = format!("http://127.0.0.1:{}", proxy.port);
-    let agent = RunningAgent::start(&broker, broker.mqtts().port(), Some(url.clone()));
-    let path = format!("8883 via {url}");
-    agent.connected_via(&path).await;
-    wake_and_check_it_ran(&broker, &agent, "through the proxy to 8883").await;
+    let (agent, _proxy) =
+        woken_through_tinyproxy(&broker, broker.mqtts().port(), "8883", "to 8883").await;
     let presence = presence_of_a1(&broker).await;
     assert_eq!(
         presence["via_proxy"], true,
         "the broker's presence says proxied: {presence}"
     );
-    assert_status_connected_via(&agent, &path);
     agent.stop().await;
     broker.stop().await;
 }
@@ -301,13 +282,8 @@ async fn tinyproxy_allowing_the_mqtts_port_carries_8883() {
 async fn tinyproxy_allowing_only_the_fallback_port_carries_443_mqtt() {
     let mut broker = TenantBroker::start().await;
     // Squid's default: CONNECT to 443 (here: the fallback port) only.
-    let proxy = Tinyproxy::start(&[broker.fallback().port()]);
-    let url = format!("http://127.0.0.1:{}", proxy.port);
-    let agent = RunningAgent::start(&broker, broker.mqtts().port(), Some(url.clone()));
-    let path = format!("443-mqtt via {url}");
-    agent.connected_via(&path).await;
-    wake_and_check_it_ran(&broker, &agent, "through the proxy to 443").await;
-    assert_status_connected_via(&agent, &path);
+    let (agent, _proxy) =
+        woken_through_tinyproxy(&broker, broker.fallback().port(), "443-mqtt", "to 443").await;
     agent.stop().await;
     broker.stop().await;
 }
@@ -316,10 +292,9 @@ async fn tinyproxy_allowing_only_the_fallback_port_carries_443_mqtt() {
 async fn a_proxy_that_is_down_means_direct_8883() {
     let mut broker = TenantBroker::start().await;
     let url = format!("http://127.0.0.1:{}", free_port());
-    let agent = RunningAgent::start(&broker, broker.mqtts().port(), Some(url));
-    agent.connected_via("8883").await;
-    wake_and_check_it_ran(&broker, &agent, "proxy down, direct").await;
-    assert_status_connected_via(&agent, "8883");
+    let reason = "proxy down, direct";
+    let agent =
+        LadderAgent::woken_via(&broker, broker.mqtts().port(), Some(url), "8883", reason).await;
     agent.stop().await;
     broker.stop().await;
 }
@@ -351,14 +326,10 @@ async fn proxy_asking_for_credentials() -> (SocketAddr, tokio::task::JoinHandle<
 async fn a_proxy_asking_for_credentials_means_direct_8883() {
     let mut broker = TenantBroker::start().await;
     let (proxy, proxy_task) = proxy_asking_for_credentials().await;
-    let agent = RunningAgent::start(
-        &broker,
-        broker.mqtts().port(),
-        Some(format!("http://{proxy}")),
-    );
-    agent.connected_via("8883").await;
-    wake_and_check_it_ran(&broker, &agent, "proxy wants credentials, direct").await;
-    assert_status_connected_via(&agent, "8883");
+    let url = format!("http://{proxy}");
+    let reason = "proxy wants credentials, direct";
+    let agent =
+        LadderAgent::woken_via(&broker, broker.mqtts().port(), Some(url), "8883", reason).await;
     agent.stop().await;
     proxy_task.abort();
     broker.stop().await;

@@ -7,13 +7,11 @@ mod common;
 use std::path::Path;
 use std::time::Duration;
 
+use beckon_agent::PlainTcpConnector;
 use beckon_agent::state::AgentState;
-use beckon_agent::{PlainTcpConnector, run_agent};
 use beckon_mqtt::Packet;
 use beckon_testkit::TestCa;
 use common::*;
-use tokio::net::TcpStream;
-use tokio::sync::watch;
 
 fn agent_config(dir: &Path, port: u16) -> beckon_agent::AgentConfig {
     let script = r#"echo "$BECKON_WAKEUP_REASON" >> runs; cat > "stdin-$BECKON_WAKEUP_REASON""#;
@@ -22,38 +20,9 @@ fn agent_config(dir: &Path, port: u16) -> beckon_agent::AgentConfig {
     config
 }
 
-fn start_agent(
-    config: beckon_agent::AgentConfig,
-    port: u16,
-) -> (
-    watch::Sender<bool>,
-    tokio::task::JoinHandle<Result<(), beckon_agent::AgentError>>,
-) {
+fn start_agent(config: beckon_agent::AgentConfig, port: u16) -> RunningAgent {
     let connector = PlainTcpConnector::new("127.0.0.1", port, Duration::from_secs(2));
-    let check = test_check();
-    let (stop, stop_rx) = watch::channel(false);
-    (
-        stop,
-        tokio::spawn(run_agent(config, connector, check, stop_rx)),
-    )
-}
-
-fn connected(dir: &Path) -> bool {
-    AgentState::read(dir)
-        .ok()
-        .flatten()
-        .is_some_and(|s| s.connected)
-}
-
-async fn server_client(port: u16, name: &str) -> Peer<TcpStream> {
-    let stream = tokio::time::timeout(WAIT, TcpStream::connect(("127.0.0.1", port)))
-        .await
-        .expect("connect in time")
-        .expect("connect to mosquitto");
-    let mut peer = Peer::new(stream);
-    peer.client_connect(name).await;
-    peer.client_subscribe("agents/a1/ack").await;
-    peer
+    RunningAgent::start(config, connector)
 }
 
 fn stages(acks: &[serde_json::Value]) -> Vec<&str> {
@@ -65,17 +34,17 @@ async fn agent_survives_a_broker_restart_through_mosquitto() {
     let port = free_port();
     let mut broker = Mosquitto::start_on(port, "");
     let dir = tempfile::tempdir().expect("tempdir");
-    let (stop, task) = start_agent(agent_config(dir.path(), port), port);
+    let agent = start_agent(agent_config(dir.path(), port), port);
 
-    eventually("agent connected", || connected(dir.path())).await;
-    let mut server = server_client(port, "console").await;
+    eventually("agent connected", || connected(dir.path(), None)).await;
+    let mut server = ack_reader(("127.0.0.1", port), "console").await;
     let acks = wake_until_acked(&mut server, "before", 1).await;
     assert_eq!(stages(&acks), ["received", "started", "finished"]);
 
     // The broker goes away: the agent notices and says so.
     broker.stop();
     eventually("agent noticed the broker is gone", || {
-        !connected(dir.path())
+        !connected(dir.path(), None)
     })
     .await;
     let text = beckon_agent::status::status_text(dir.path()).expect("status");
@@ -88,14 +57,14 @@ async fn agent_survives_a_broker_restart_through_mosquitto() {
 
     // It comes back: the agent reconnects by itself and wake-ups work again.
     let _broker = Mosquitto::start_on(port, "");
-    eventually("agent reconnected", || connected(dir.path())).await;
-    let mut server = server_client(port, "console-2").await;
+    eventually("agent reconnected", || connected(dir.path(), None)).await;
+    let mut server = ack_reader(("127.0.0.1", port), "console-2").await;
     let acks = wake_until_acked(&mut server, "after", 2).await;
     assert_eq!(stages(&acks), ["received", "started", "finished"]);
     let runs = std::fs::read_to_string(dir.path().join("runs")).expect("runs");
     assert_eq!(runs.lines().collect::<Vec<_>>(), ["before", "after"]);
 
-    stop_agent(&stop, task).await;
+    agent.stop().await;
 }
 
 #[tokio::test]
@@ -105,11 +74,11 @@ async fn wakeups_sent_while_the_agent_is_offline_wait_in_its_session() {
     let dir = tempfile::tempdir().expect("tempdir");
 
     // First run: the persistent session and its subscription are created.
-    let (stop, task) = start_agent(agent_config(dir.path(), port), port);
-    eventually("agent connected", || connected(dir.path())).await;
-    let mut server = server_client(port, "console").await;
+    let agent = start_agent(agent_config(dir.path(), port), port);
+    eventually("agent connected", || connected(dir.path(), None)).await;
+    let mut server = ack_reader(("127.0.0.1", port), "console").await;
     wake_until_acked(&mut server, "online", 1).await;
-    stop_agent(&stop, task).await;
+    agent.stop().await;
 
     // While it is away, a wake-up is published (QoS 1): the broker queues it.
     let queued = wakeup("queued", 0);
@@ -117,7 +86,7 @@ async fn wakeups_sent_while_the_agent_is_offline_wait_in_its_session() {
     server.send(publish("agents/a1/wake", 2, &payload)).await;
 
     // Second run: the queued wake-up arrives and runs.
-    let (stop, task) = start_agent(agent_config(dir.path(), port), port);
+    let agent = start_agent(agent_config(dir.path(), port), port);
     let mut finished = false;
     while !finished {
         match server.recv().await {
@@ -137,7 +106,7 @@ async fn wakeups_sent_while_the_agent_is_offline_wait_in_its_session() {
     let stdin = std::fs::read(dir.path().join("stdin-queued")).expect("queued wake-up ran");
     let stdin: beckon_identity::wakeup::WakeUp = serde_json::from_slice(&stdin).expect("json");
     assert_eq!(stdin, queued);
-    stop_agent(&stop, task).await;
+    agent.stop().await;
 }
 
 /// A CA, a server certificate for 127.0.0.1/localhost and a client certificate, as PEM files.
@@ -175,17 +144,15 @@ async fn agent_connects_over_tls_with_a_client_certificate_through_the_ladder() 
     config.broker.client_cert = Some(pki.path().join("client.pem"));
     config.broker.client_key = Some(pki.path().join("client.key"));
     let connector = beckon_agent::LadderConnector::new(&config).expect("ladder");
-    let check = test_check();
-    let (stop, stop_rx) = watch::channel(false);
-    let task = tokio::spawn(run_agent(config, connector, check, stop_rx));
+    let agent = RunningAgent::start(config, connector);
 
-    eventually("agent connected over TLS", || connected(dir.path())).await;
+    eventually("agent connected over TLS", || connected(dir.path(), None)).await;
     let state = AgentState::read(dir.path()).expect("read").expect("state");
     assert_eq!(state.path.as_deref(), Some("8883"), "the primary TLS path");
     assert_eq!(state.last_working_path.as_deref(), Some("8883"));
-    let mut server = server_client(plain_port, "console").await;
+    let mut server = ack_reader(("127.0.0.1", plain_port), "console").await;
     let acks = wake_until_acked(&mut server, "over-tls", 1).await;
     assert_eq!(stages(&acks), ["received", "started", "finished"]);
 
-    stop_agent(&stop, task).await;
+    agent.stop().await;
 }

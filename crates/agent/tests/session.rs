@@ -5,24 +5,10 @@ mod common;
 
 use std::time::Duration;
 
-use beckon_agent::run_agent;
 use beckon_agent::state::AgentState;
 use beckon_mqtt::{ConnAck, Disconnect, Packet, Properties, ReasonCode};
 use common::*;
 use tokio::io::DuplexStream;
-use tokio::sync::watch;
-use tokio::task::JoinHandle;
-
-struct RunningAgent {
-    stop: watch::Sender<bool>,
-    task: JoinHandle<Result<(), beckon_agent::AgentError>>,
-}
-
-impl RunningAgent {
-    async fn stop(self) {
-        stop_agent(&self.stop, self.task).await;
-    }
-}
 
 /// Answers the agent's CONNECT on `broker` with a CONNACK refusing it with `code`; returns
 /// the agent's next connection and how long the agent waited before opening it.
@@ -44,11 +30,20 @@ async fn refuse_and_await_retry(
     (next, refused_at.elapsed())
 }
 
-fn start(config: beckon_agent::AgentConfig, connector: ChannelConnector) -> RunningAgent {
-    let check = test_check();
-    let (stop, stop_rx) = watch::channel(false);
-    let task = tokio::spawn(run_agent(config, connector, check, stop_rx));
-    RunningAgent { stop, task }
+/// Starts the agent and accepts its first connection, playing the broker; the receiver hands
+/// out the agent's later connections.
+async fn start_connected(
+    config: beckon_agent::AgentConfig,
+) -> (
+    RunningAgent,
+    Peer<DuplexStream>,
+    tokio::sync::mpsc::UnboundedReceiver<DuplexStream>,
+) {
+    let (connector, mut conns, _log) = channel_connector();
+    let agent = RunningAgent::start(config, connector);
+    let mut broker = next_connection(&mut conns).await;
+    broker.accept_agent().await;
+    (agent, broker, conns)
 }
 
 fn state(dir: &std::path::Path) -> AgentState {
@@ -87,7 +82,7 @@ async fn wakeup_runs_the_command_once_with_environment_and_stdin() {
     let script = r#"env | grep '^BECKON_' | sort > "env-$BECKON_WAKEUP_ID"; cat > "stdin-$BECKON_WAKEUP_ID"; echo run >> runs"#;
     let config = test_config(dir.path(), &command_action(dir.path(), script, "10s"));
     let (connector, mut conns, log) = channel_connector();
-    let agent = start(config, connector);
+    let agent = RunningAgent::start(config, connector);
 
     let mut broker = next_connection(&mut conns).await;
     let connect = broker.accept_agent().await;
@@ -175,10 +170,7 @@ async fn wakeups_during_a_run_merge_into_one_follow_up_run() {
     // Records how many wake-ups each run answers, and is slow enough to overlap.
     let script = r#"echo "$BECKON_WAKEUP_COUNT $BECKON_WAKEUP_IDS" >> runs; sleep 1"#;
     let config = test_config(dir.path(), &command_action(dir.path(), script, "10s"));
-    let (connector, mut conns, _log) = channel_connector();
-    let agent = start(config, connector);
-    let mut broker = next_connection(&mut conns).await;
-    broker.accept_agent().await;
+    let (agent, mut broker, _conns) = start_connected(config).await;
 
     let (first, payload) = signed_wakeup("r", 0);
     broker.send_wakeup(1, "a1", &payload).await;
@@ -228,10 +220,7 @@ async fn failing_and_hanging_commands_are_reported() {
     let dir = tempfile::tempdir().expect("tempdir");
     let script = r#"if [ "$BECKON_WAKEUP_REASON" = fail ]; then exit 3; fi; sleep 30"#;
     let config = test_config(dir.path(), &command_action(dir.path(), script, "500ms"));
-    let (connector, mut conns, _log) = channel_connector();
-    let agent = start(config, connector);
-    let mut broker = next_connection(&mut conns).await;
-    broker.accept_agent().await;
+    let (agent, mut broker, _conns) = start_connected(config).await;
 
     let (fail, payload) = signed_wakeup("fail", 0);
     broker.send_wakeup(1, "a1", &payload).await;
@@ -262,10 +251,7 @@ async fn refused_wakeups_get_no_ack_and_do_not_run() {
         dir.path(),
         &command_action(dir.path(), "echo run >> runs", "5s"),
     );
-    let (connector, mut conns, _log) = channel_connector();
-    let agent = start(config, connector);
-    let mut broker = next_connection(&mut conns).await;
-    broker.accept_agent().await;
+    let (agent, mut broker, _conns) = start_connected(config).await;
 
     // Expired an hour ago.
     let mut expired = wakeup("old", 0);
@@ -326,7 +312,7 @@ async fn missing_pingresp_means_dead_connection_and_the_agent_reconnects() {
     let mut config = test_config(dir.path(), "");
     config.broker.keepalive_direct = Duration::from_secs(1);
     let (connector, mut conns, log) = channel_connector();
-    let agent = start(config, connector);
+    let agent = RunningAgent::start(config, connector);
 
     let mut broker = next_connection(&mut conns).await;
     let connect = broker.accept_agent().await;
@@ -356,7 +342,7 @@ async fn missing_pingresp_means_dead_connection_and_the_agent_reconnects() {
 async fn server_busy_redirect_and_refused_credentials_are_handled() {
     let dir = tempfile::tempdir().expect("tempdir");
     let (connector, mut conns, log) = channel_connector();
-    let agent = start(test_config(dir.path(), ""), connector);
+    let agent = RunningAgent::start(test_config(dir.path(), ""), connector);
 
     // 1. Use another server: the connector is told where.
     let mut b = next_connection(&mut conns).await;
@@ -415,10 +401,7 @@ async fn server_busy_redirect_and_refused_credentials_are_handled() {
 async fn unacknowledged_acks_are_resent_after_a_reconnect() {
     let dir = tempfile::tempdir().expect("tempdir");
     let config = test_config(dir.path(), &command_action(dir.path(), "true", "5s"));
-    let (connector, mut conns, _log) = channel_connector();
-    let agent = start(config, connector);
-    let mut broker = next_connection(&mut conns).await;
-    broker.accept_agent().await;
+    let (agent, mut broker, mut conns) = start_connected(config).await;
     let (_, payload) = signed_wakeup("r", 0);
     broker.send_wakeup(1, "a1", &payload).await;
     // Read the three acks without PUBACKing them, then cut the connection.
@@ -503,10 +486,7 @@ async fn wakeup_checks_in_and_calls_the_local_http_endpoint() {
         "[actions.http]\nurl = \"http://127.0.0.1:{port}/hook\"\ntimeout = \"5s\"\n\n[checkin]\nconsole_url = \"http://127.0.0.1:{port}\"\n"
     );
     let config = test_config(dir.path(), &extra);
-    let (connector, mut conns, _log) = channel_connector();
-    let agent = start(config, connector);
-    let mut broker = next_connection(&mut conns).await;
-    broker.accept_agent().await;
+    let (agent, mut broker, _conns) = start_connected(config).await;
 
     let w = wakeup("inventory", 0);
     broker.send_wakeup(1, "a1", &sign(&w)).await;
@@ -549,10 +529,7 @@ async fn http_error_answers_fail_the_run() {
     let dir = tempfile::tempdir().expect("tempdir");
     let (port, _requests) = http_server(503).await;
     let extra = format!("[actions.http]\nurl = \"http://127.0.0.1:{port}/hook\"\n");
-    let (connector, mut conns, _log) = channel_connector();
-    let agent = start(test_config(dir.path(), &extra), connector);
-    let mut broker = next_connection(&mut conns).await;
-    broker.accept_agent().await;
+    let (agent, mut broker, _conns) = start_connected(test_config(dir.path(), &extra)).await;
     let (id, payload) = signed_wakeup("r", 0);
     broker.send_wakeup(1, "a1", &payload).await;
     let acks = acks_until_finished(&mut broker, &[&id]).await;
@@ -575,7 +552,7 @@ async fn keepalive_follows_the_path_and_the_brokers_server_keep_alive() {
     let dir = tempfile::tempdir().expect("tempdir");
     let (mut connector, mut conns, _log) = channel_connector();
     connector.fallback = true;
-    let agent = start(test_config(dir.path(), ""), connector);
+    let agent = RunningAgent::start(test_config(dir.path(), ""), connector);
     let mut broker = next_connection(&mut conns).await;
     let connect = broker.accept_agent().await;
     assert_eq!(connect.keep_alive, 30);
@@ -584,7 +561,7 @@ async fn keepalive_follows_the_path_and_the_brokers_server_keep_alive() {
     // The broker's Server Keep Alive wins: 1 s here, so a ping comes well before 60 s.
     let dir = tempfile::tempdir().expect("tempdir");
     let (connector, mut conns, _log) = channel_connector();
-    let agent = start(test_config(dir.path(), ""), connector);
+    let agent = RunningAgent::start(test_config(dir.path(), ""), connector);
     let mut broker = next_connection(&mut conns).await;
     let Packet::Connect(connect) = broker.recv().await else {
         panic!("CONNECT expected");
@@ -613,10 +590,7 @@ async fn keepalive_follows_the_path_and_the_brokers_server_keep_alive() {
 async fn acks_beyond_the_in_flight_limit_follow_as_soon_as_slots_free_up() {
     let dir = tempfile::tempdir().expect("tempdir");
     let config = test_config(dir.path(), &command_action(dir.path(), "true", "5s"));
-    let (connector, mut conns, _log) = channel_connector();
-    let agent = start(config, connector);
-    let mut broker = next_connection(&mut conns).await;
-    broker.accept_agent().await;
+    let (agent, mut broker, _conns) = start_connected(config).await;
     // Six wake-ups make 18 acks; the broker acknowledges none of them for now.
     for i in 0..6u16 {
         let (_, payload) = signed_wakeup("r", 0);
@@ -655,10 +629,7 @@ async fn acks_beyond_the_in_flight_limit_follow_as_soon_as_slots_free_up() {
 async fn an_undecodable_packet_gets_a_disconnect_with_its_reason_and_a_reconnect() {
     use tokio::io::AsyncWriteExt;
     let dir = tempfile::tempdir().expect("tempdir");
-    let (connector, mut conns, _log) = channel_connector();
-    let agent = start(test_config(dir.path(), ""), connector);
-    let mut broker = next_connection(&mut conns).await;
-    broker.accept_agent().await;
+    let (agent, broker, mut conns) = start_connected(test_config(dir.path(), "")).await;
     // A PUBLISH announcing 100 KiB: beyond the 64 KiB the agent accepts.
     let mut stream = broker.into_inner();
     stream

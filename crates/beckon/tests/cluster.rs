@@ -20,14 +20,14 @@ use beckon_identity::{
     KeyId, PresenceEvent, PresenceState, Role, SigningKey, TenantId, TokenSigner,
 };
 use beckon_mqtt::{
-    Ack, Connect, Packet, Properties, ProtocolVersion, Publish, QoS, ReasonCode, Subscribe,
-    Subscription, SubscriptionOptions, decode, encode,
+    Ack, Connect, Packet, Properties, ProtocolVersion, Publish, QoS, ReasonCode, decode, encode,
 };
 use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, watch};
 
+use beckon_testkit::TestClient;
 use common::{Process, beckon_command, find_program, free_port};
 
 /// Every wait in these tests is bounded by this.
@@ -193,6 +193,23 @@ struct Client {
     held: std::collections::VecDeque<Packet>,
 }
 
+impl TestClient for Client {
+    async fn send_packet(&mut self, packet: Packet) {
+        self.send(&packet).await.expect("send to the broker");
+    }
+
+    async fn recv_packet(&mut self) -> Packet {
+        match self.read(WAIT).await {
+            Ok(packet) => packet,
+            Err(e) => panic!("no packet from the broker: {e:?}"),
+        }
+    }
+
+    fn hold(&mut self, packet: Packet) {
+        self.held.push_back(packet);
+    }
+}
+
 impl Client {
     async fn connect(addr: SocketAddr, token: &str) -> Result<Self, String> {
         let stream = tokio::time::timeout(Duration::from_secs(3), TcpStream::connect(addr))
@@ -260,29 +277,7 @@ impl Client {
 
     async fn subscribe(&mut self, filter: &str) {
         let packet_id = self.packet_id();
-        self.send(&Packet::Subscribe(Subscribe {
-            packet_id,
-            subscriptions: vec![Subscription {
-                filter: filter.into(),
-                options: SubscriptionOptions {
-                    qos: QoS::AtLeastOnce,
-                    ..SubscriptionOptions::default()
-                },
-            }],
-            properties: Properties::default(),
-        }))
-        .await
-        .expect("send SUBSCRIBE");
-        loop {
-            match self.read(WAIT).await {
-                Ok(Packet::SubAck(s)) if s.packet_id == packet_id => {
-                    assert!(s.codes.iter().all(|c| !c.is_error()), "{filter}: {s:?}");
-                    return;
-                }
-                Ok(other) => self.held.push_back(other),
-                Err(e) => panic!("no SUBACK for {filter}: {e:?}"),
-            }
-        }
+        self.subscribe_qos1(packet_id, filter).await;
     }
 
     /// QoS 1 PUBLISH; returns once the broker acknowledged it.

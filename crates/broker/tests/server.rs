@@ -8,9 +8,10 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use beckon_broker::{Bound, BrokerConfig, Listen, Server, ServerHandle};
+use beckon_broker::{BrokerConfig, Listen, ServerHandle};
 use beckon_mqtt::{Connect, Packet, Properties, ProtocolVersion, QoS, ReasonCode, encode};
 use beckon_pki::IssuedCertificate;
+use beckon_testkit::RunningBroker;
 use bytes::{Bytes, BytesMut};
 use rand::{Rng, SeedableRng};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -20,9 +21,7 @@ use tokio_rustls::rustls;
 use common::{Client, WAIT, client_tls_config, publish_packet, subscribe_packet};
 
 struct TestServer {
-    bound: Bound,
-    handle: Option<ServerHandle>,
-    dir: tempfile::TempDir,
+    running: RunningBroker,
 }
 
 impl TestServer {
@@ -37,33 +36,25 @@ impl TestServer {
         config.allow_anonymous = true;
         config.limits.connect_timeout_secs = 2;
         tweak(&mut config);
-        let (bound, handle) = Server::bind(config).await.expect("server starts");
         Self {
-            bound,
-            handle: Some(handle),
-            dir,
+            running: RunningBroker::start(config, dir).await,
         }
     }
 
     fn plain(&self) -> SocketAddr {
-        self.bound.mqtt.expect("plain listener")
+        self.running.plain()
     }
 
     fn tls(&self) -> SocketAddr {
-        self.bound.mqtts.expect("TLS listener")
+        self.running.mqtts()
     }
 
     fn handle(&self) -> &ServerHandle {
-        self.handle.as_ref().expect("running")
+        self.running.handle()
     }
 
     async fn stop(&mut self) {
-        if let Some(h) = self.handle.take() {
-            tokio::time::timeout(WAIT, h.shutdown())
-                .await
-                .expect("shutdown in time")
-                .expect("clean shutdown");
-        }
+        self.running.stop().await;
     }
 }
 
@@ -163,7 +154,7 @@ fn assert_took(elapsed: Duration, range: std::ops::Range<Duration>, what: &str) 
 }
 
 fn generated_ca(server: &TestServer) -> std::path::PathBuf {
-    server.bound.generated_ca.clone().expect("generated CA")
+    server.running.generated_ca()
 }
 
 #[tokio::test]
@@ -519,9 +510,9 @@ async fn new_certificate_is_used_for_new_connections_and_live_ones_stay() {
     // Replace the server certificate with one from a new CA; the file watcher picks it up.
     let new_ca = beckon_pki::CertificateAuthority::generate("rotated", Duration::from_secs(3600))
         .expect("CA");
-    let new_ca_path = server.dir.path().join("new-ca.pem");
+    let new_ca_path = server.running.dir().join("new-ca.pem");
     std::fs::write(&new_ca_path, new_ca.cert_pem()).expect("write CA");
-    let data = server.dir.path().join("data");
+    let data = server.running.dir().join("data");
     new_ca
         .issue_server(&["localhost".to_owned()], Duration::from_secs(3600))
         .expect("issue")

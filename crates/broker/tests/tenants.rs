@@ -9,12 +9,13 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use beckon_broker::{Bound, BrokerConfig, Listen, Server, ServerHandle};
+use beckon_broker::{BrokerConfig, Listen};
 use beckon_identity::{
     KeyId, PresenceEvent, PresenceState, Role, SigningKey, TenantId, TokenSigner,
 };
 use beckon_mqtt::{Connect, Packet, Properties, ProtocolVersion, Publish, QoS, ReasonCode};
-use beckon_pki::{CertificateAuthority, IssuedCertificate};
+use beckon_pki::IssuedCertificate;
+use beckon_testkit::{RunningBroker, TestTenant};
 use bytes::Bytes;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -29,47 +30,8 @@ fn now() -> i64 {
         .as_secs() as i64
 }
 
-/// A tenant made for a test: its CA (for client certificates) and its token key.
-struct TestTenant {
-    id: &'static str,
-    ca: CertificateAuthority,
-    signer: TokenSigner,
-}
-
-impl TestTenant {
-    fn create(folder: &Path, id: &'static str) -> Self {
-        let ca =
-            CertificateAuthority::generate(&format!("{id} agents CA"), Duration::from_secs(86_400))
-                .expect("tenant CA");
-        std::fs::write(folder.join(format!("{id}-ca.pem")), ca.cert_pem()).expect("write CA");
-        let key = SigningKey::generate(KeyId::new("k1").expect("kid")).expect("key");
-        let toml = format!(
-            "name = \"{id}\"\n[[ca]]\nfile = \"{id}-ca.pem\"\n[[token_key]]\nkid = \"k1\"\npublic_key = \"{}\"\n",
-            key.public_key().to_base64()
-        );
-        std::fs::write(folder.join(format!("{id}.toml")), toml).expect("write tenant");
-        Self {
-            id,
-            ca,
-            signer: TokenSigner::new(TenantId::new(id).expect("tenant id"), key),
-        }
-    }
-
-    fn token(&self, role: Role, id: &str) -> String {
-        self.signer.issue(role, id, now(), 3600).expect("token")
-    }
-
-    fn certificate(&self, role: &str, id: &str) -> IssuedCertificate {
-        self.ca
-            .issue_client(id, Some(self.id), Some(role), Duration::from_secs(3600))
-            .expect("client certificate")
-    }
-}
-
 struct TestBroker {
-    bound: Bound,
-    handle: Option<ServerHandle>,
-    _dir: tempfile::TempDir,
+    running: RunningBroker,
     tenants: PathBuf,
 }
 
@@ -100,12 +62,9 @@ impl TestBroker {
         config.listeners.mqtt = Listen(None);
         config.limits.connect_timeout_secs = 5;
         tweak(&mut config);
-        let (bound, handle) = Server::bind(config).await.expect("server starts");
         (
             Self {
-                bound,
-                handle: Some(handle),
-                _dir: dir,
+                running: RunningBroker::start(config, dir).await,
                 tenants,
             },
             made,
@@ -113,15 +72,15 @@ impl TestBroker {
     }
 
     fn addr(&self) -> SocketAddr {
-        self.bound.mqtts.expect("TLS listener")
+        self.running.mqtts()
     }
 
     fn fallback(&self) -> SocketAddr {
-        self.bound.fallback.expect("shared port")
+        self.running.fallback()
     }
 
     fn server_ca(&self) -> PathBuf {
-        self.bound.generated_ca.clone().expect("generated CA")
+        self.running.generated_ca()
     }
 
     /// Rewrites tenant `id`'s file with `edit` (the broker picks the change up within a poll).
@@ -132,12 +91,7 @@ impl TestBroker {
     }
 
     async fn stop(&mut self) {
-        if let Some(h) = self.handle.take() {
-            tokio::time::timeout(WAIT, h.shutdown())
-                .await
-                .expect("shutdown in time")
-                .expect("clean shutdown");
-        }
+        self.running.stop().await;
     }
 }
 
@@ -936,7 +890,7 @@ async fn metrics_count_connections_refusals_wake_ups_and_descriptors() {
         c.listeners.admin = Listen(Some("127.0.0.1:0".parse().expect("addr")));
     })
     .await;
-    let admin = broker.bound.admin.expect("admin listener");
+    let admin = broker.running.bound.admin.expect("admin listener");
     let acme = &tenants[0];
     let (mut agent, _server) = woken_agent(&broker, acme, b"wake").await;
     assert_eq!(

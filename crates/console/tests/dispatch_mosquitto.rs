@@ -13,7 +13,7 @@ use beckon_identity::wakeup::{Ack, AckStatus, ReplayGuard, WakeUpVerifier};
 use beckon_identity::{KeyId, PublicKey, TenantId};
 use beckon_mqtt::{Packet, Properties, Publish, QoS};
 use bytes::Bytes;
-use common::{Api, Mosquitto, Peer, WAIT, free_port};
+use common::{Api, Mosquitto, Peer, TestClient, WAIT, free_port};
 use serde_json::{Value, json};
 
 async fn agent_peer(port: u16, id: &str) -> Peer {

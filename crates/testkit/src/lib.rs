@@ -2,16 +2,26 @@
 //! a test CA made with rcgen, Debian's tinyproxy and Mosquitto started on free loopback ports
 //! (killed on drop), and small scripted TCP servers (an echo server among them). Every wait is
 //! bounded by [`WAIT`]. A missing program fails the test with the package to install: a
-//! missing peer is no pass.
+//! missing peer is no pass. With feature `broker`: Beckon's own broker and test tenants; with
+//! feature `mqtt`: the handshakes of an MQTT test client.
 //!
 //! Only for tests: it panics on every failure, as a test should.
 
 #![forbid(unsafe_code)]
 #![allow(clippy::missing_panics_doc)]
 
+#[cfg(feature = "broker")]
+mod broker;
 mod ca;
+#[cfg(feature = "mqtt")]
+mod mqtt;
 mod process;
 mod servers;
+
+#[cfg(feature = "broker")]
+pub use broker::{RunningBroker, TestTenant};
+#[cfg(feature = "mqtt")]
+pub use mqtt::TestClient;
 
 pub use ca::{ServerIdentity, TestCa};
 pub use process::{Mosquitto, Tinyproxy, find_program, wait_listening};

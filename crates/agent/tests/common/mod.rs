@@ -12,15 +12,15 @@ use beckon_identity::wakeup::{WakeUp, WakeUpSigner};
 use beckon_identity::{KeyId, SigningKey, TenantId};
 use beckon_mqtt::{
     Ack, ConnAck, Connect, Packet, Properties, ProtocolVersion, Publish, QoS, ReasonCode, SubAck,
-    Subscribe, Subscription, SubscriptionOptions,
 };
 use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, DuplexStream};
+use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 
 // Not every test program uses every one.
 #[allow(unused_imports)]
-pub use beckon_testkit::{Mosquitto, Tinyproxy, free_port};
+pub use beckon_testkit::{Mosquitto, TestClient, Tinyproxy, free_port};
 
 /// Every wait in these tests is bounded by this.
 pub const WAIT: Duration = Duration::from_secs(10);
@@ -153,42 +153,18 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Peer<S> {
         }
     }
 
-    /// Client side of a real broker: CONNECT (clean), wait CONNACK.
-    pub async fn client_connect(&mut self, client_id: &str) {
-        self.send(Packet::Connect(Box::new(Connect::new(
-            ProtocolVersion::V5,
-            client_id,
-            60,
-        ))))
-        .await;
-        match self.recv().await {
-            Packet::ConnAck(c) if !c.code.is_error() => {}
-            other => panic!("server client not accepted: {other:?}"),
-        }
-    }
-
-    /// Client side: SUBSCRIBE QoS 1, wait SUBACK.
-    pub async fn client_subscribe(&mut self, filter: &str) {
-        self.send(Packet::Subscribe(Subscribe {
-            packet_id: 1,
-            subscriptions: vec![Subscription {
-                filter: filter.into(),
-                options: SubscriptionOptions {
-                    qos: QoS::AtLeastOnce,
-                    ..SubscriptionOptions::default()
-                },
-            }],
-            properties: Properties::default(),
-        }))
-        .await;
-        match self.recv().await {
-            Packet::SubAck(s) if s.codes.iter().all(|c| !c.is_error()) => {}
-            other => panic!("subscription refused: {other:?}"),
-        }
-    }
-
     pub fn into_inner(self) -> S {
         self.stream
+    }
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> TestClient for Peer<S> {
+    async fn send_packet(&mut self, packet: Packet) {
+        self.send(packet).await;
+    }
+
+    async fn recv_packet(&mut self) -> Packet {
+        self.recv().await
     }
 }
 
@@ -368,6 +344,51 @@ pub async fn stop_agent(
         .expect("the agent did not stop in time")
         .expect("the agent task panicked")
         .expect("the agent ended with an error");
+}
+
+/// The agent running `run_agent` on a task of its own, with the test's wake-up key.
+pub struct RunningAgent {
+    stop: tokio::sync::watch::Sender<bool>,
+    task: tokio::task::JoinHandle<Result<(), beckon_agent::AgentError>>,
+}
+
+impl RunningAgent {
+    pub fn start(config: AgentConfig, connector: impl Connector + 'static) -> Self {
+        let (stop, stop_rx) = tokio::sync::watch::channel(false);
+        let task = tokio::spawn(beckon_agent::run_agent(
+            config,
+            connector,
+            test_check(),
+            stop_rx,
+        ));
+        Self { stop, task }
+    }
+
+    /// Stops the agent; fails the test unless it ends cleanly within `WAIT`.
+    pub async fn stop(self) {
+        stop_agent(&self.stop, self.task).await;
+    }
+}
+
+/// Whether the agent with state folder `dir` says it is connected (by `path`, if given).
+pub fn connected(dir: &Path, path: Option<&str>) -> bool {
+    beckon_agent::state::AgentState::read(dir)
+        .ok()
+        .flatten()
+        .is_some_and(|s| s.connected && path.is_none_or(|p| s.path.as_deref() == Some(p)))
+}
+
+/// The test's console: a server client over plain TCP to the broker at `addr`, connected as
+/// `name` and subscribed to `a1`'s acks.
+pub async fn ack_reader(addr: impl tokio::net::ToSocketAddrs, name: &str) -> Peer<TcpStream> {
+    let stream = tokio::time::timeout(WAIT, TcpStream::connect(addr))
+        .await
+        .expect("connect in time")
+        .expect("connect to the broker");
+    let mut peer = Peer::new(stream);
+    peer.connect_as(name).await;
+    peer.subscribe_qos1(1, "agents/a1/ack").await;
+    peer
 }
 
 /// Polls `cond` every 20 ms until it holds; panics after `WAIT`.

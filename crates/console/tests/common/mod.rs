@@ -9,10 +9,7 @@ use axum::body::Body;
 use axum::http::{Request, StatusCode};
 use beckon_broker::{Bound, BrokerConfig, Listen, Server, ServerHandle};
 use beckon_console::{Console, ConsoleConfig, ConsoleHandle};
-use beckon_mqtt::{
-    Connect, Packet, Properties, ProtocolVersion, QoS, RetainHandling, Subscribe, Subscription,
-    SubscriptionOptions,
-};
+use beckon_mqtt::{Packet, ProtocolVersion};
 use bytes::BytesMut;
 use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -21,7 +18,7 @@ use tower::ServiceExt;
 
 // Not every test program uses every one.
 #[allow(unused_imports)]
-pub use beckon_testkit::{Mosquitto, free_port};
+pub use beckon_testkit::{Mosquitto, TestClient, free_port};
 
 /// Every wait is bounded by this.
 pub const WAIT: Duration = Duration::from_secs(10);
@@ -297,38 +294,19 @@ impl<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin> Peer<S> {
             .expect("a packet within the wait")
     }
 
-    /// CONNECT as `client_id` (MQTT 5, clean start); fails the test unless the CONNACK
-    /// accepts it.
-    pub async fn connect_as(&mut self, client_id: &str) {
-        self.send(Packet::Connect(Box::new(Connect::new(
-            ProtocolVersion::V5,
-            client_id,
-            60,
-        ))))
-        .await;
-        match self.recv().await {
-            Packet::ConnAck(a) => assert!(!a.code.is_error(), "{client_id} refused: {a:?}"),
-            other => panic!("{client_id}: {other:?} instead of a CONNACK"),
-        }
-    }
-
     /// Subscribes to agent `id`'s wake-ups (QoS 1) and waits for the SUBACK.
     pub async fn subscribe_wake(&mut self, id: &str) {
-        self.send(Packet::Subscribe(Subscribe {
-            packet_id: 1,
-            subscriptions: vec![Subscription {
-                filter: format!("agents/{id}/wake"),
-                options: SubscriptionOptions {
-                    qos: QoS::AtLeastOnce,
-                    no_local: false,
-                    retain_as_published: false,
-                    retain_handling: RetainHandling::SendAtSubscribe,
-                },
-            }],
-            properties: Properties::default(),
-        }))
-        .await;
-        assert!(matches!(self.recv().await, Packet::SubAck(_)));
+        self.subscribe_qos1(1, &format!("agents/{id}/wake")).await;
+    }
+}
+
+impl<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin> TestClient for Peer<S> {
+    async fn send_packet(&mut self, packet: Packet) {
+        self.send(packet).await;
+    }
+
+    async fn recv_packet(&mut self) -> Packet {
+        self.recv().await
     }
 }
 
