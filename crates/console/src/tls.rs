@@ -6,9 +6,9 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
-use beckon_pki::CertificateAuthority;
+use beckon_pki::{CertificateAuthority, ServerCertificate};
 use rustls::ServerConfig;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch};
@@ -20,8 +20,22 @@ use crate::{ConsoleConfig, ConsoleError};
 /// How long a client may take for its TLS handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Validity of the HTTPS certificate the console generates (two years).
+pub(crate) const HTTPS_CERT_VALIDITY: Duration = Duration::from_secs(2 * 365 * 24 * 3600);
+
+/// The generated HTTPS certificate (`console-https.pem`, `console-https.key`).
+fn generated(config: &ConsoleConfig) -> ServerCertificate {
+    ServerCertificate {
+        cert: config.data_dir.join("console-https.pem"),
+        key: config.data_dir.join("console-https.key"),
+        names: config.server_names.clone(),
+        validity: config.https_certificate_validity,
+    }
+}
+
 /// The HTTPS configuration: the given files, or a certificate issued by the console's CA
-/// for the configured names (`console-https.pem`, `console-https.key`), made on first start.
+/// for the configured names, issued again at start when the names changed or it ends within
+/// 30 days.
 pub(crate) fn server_config(
     config: &ConsoleConfig,
     ca: &CertificateAuthority,
@@ -29,16 +43,15 @@ pub(crate) fn server_config(
     let (cert, key) = match &config.tls_files {
         Some((c, k)) => (c.clone(), k.clone()),
         None => {
-            let cert = config.data_dir.join("console-https.pem");
-            let key = config.data_dir.join("console-https.key");
-            if !cert.exists() || !key.exists() {
-                ca.issue_server(
-                    &config.server_names,
-                    Duration::from_secs(2 * 365 * 24 * 3600),
-                )?
-                .save(&cert, &key)?;
+            let generated = generated(config);
+            if let Some(reason) = generated.ensure(ca)? {
+                tracing::info!(
+                    file = %generated.cert.display(),
+                    names = ?generated.names,
+                    "issued the console's HTTPS certificate: {reason}"
+                );
             }
-            (cert, key)
+            (generated.cert, generated.key)
         }
     };
     let files = beckon_pki::TlsFiles {
@@ -51,6 +64,50 @@ pub(crate) fn server_config(
         ..Default::default()
     };
     Ok(Arc::new(beckon_pki::server_config(&files, &options)?))
+}
+
+/// Warnings about certificates that end within 30 days and that the console does not renew
+/// itself: the broker certificate it knows of, and an HTTPS certificate given with
+/// `--tls-cert`. Shown in the status and logged at start.
+pub(crate) fn certificate_warnings(config: &ConsoleConfig) -> Vec<String> {
+    let issued = config.data_dir.join(crate::ISSUED_BROKER_CERT);
+    let broker = match &config.broker_certificate {
+        Some(file) => Some(file.clone()),
+        None => issued.exists().then_some(issued),
+    };
+    let mut warnings = Vec::new();
+    let checks = [
+        (
+            broker,
+            "the broker certificate",
+            "issue a new one with `beckon console issue-broker-cert` and install it on the broker",
+        ),
+        (
+            config.tls_files.as_ref().map(|(cert, _)| cert.clone()),
+            "the console's HTTPS certificate",
+            "replace the --tls-cert file and restart the console",
+        ),
+    ];
+    for (file, what, fix) in checks {
+        let Some(file) = file else { continue };
+        let end = beckon_pki::load_certificates(&file).and_then(|certs| {
+            let leaf = &certs[0];
+            Ok((beckon_pki::ends_soon(leaf)?, beckon_pki::not_after(leaf)?))
+        });
+        match end {
+            Ok((false, _)) => {}
+            Ok((true, end)) => warnings.push(match end.duration_since(SystemTime::now()) {
+                Ok(left) => format!(
+                    "{what} {} ends in {} days: {fix}",
+                    file.display(),
+                    left.as_secs() / 86_400
+                ),
+                Err(_) => format!("{what} {} has expired: {fix}", file.display()),
+            }),
+            Err(e) => warnings.push(format!("{what}: {e}")),
+        }
+    }
+    warnings
 }
 
 struct TlsListener {
@@ -140,5 +197,62 @@ pub(crate) async fn serve(
     };
     if let Err(e) = result {
         tracing::error!(error = %e, "console HTTP server stopped");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn leaf(path: &std::path::Path) -> rustls::pki_types::CertificateDer<'static> {
+        beckon_pki::load_certificates(path)
+            .expect("certificate")
+            .remove(0)
+    }
+
+    /// The generated certificate is kept across starts, issued again for new names, and
+    /// issued again at every start once it is within 30 days of its end; the status warns
+    /// about a broker certificate that ends soon.
+    #[test]
+    fn the_https_certificate_follows_the_names_and_renews_near_its_end() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ca = CertificateAuthority::generate("test", Duration::from_secs(900 * 24 * 3600))
+            .expect("ca");
+        let mut config = ConsoleConfig::new(dir.path());
+        config.plain_http = false;
+        let file = dir.path().join("console-https.pem");
+        let read = || std::fs::read(&file).expect("read");
+
+        server_config(&config, &ca).expect("first start");
+        let first = read();
+        server_config(&config, &ca).expect("second start");
+        assert_eq!(read(), first, "kept while names and validity are fine");
+
+        config.server_names = vec!["console.example.com".into(), "192.0.2.7".into()];
+        server_config(&config, &ca).expect("renamed");
+        let renamed = read();
+        assert_ne!(renamed, first, "a new --server-name issues it again");
+        let identity = beckon_pki::certificate_identity(&leaf(&file)).expect("identity");
+        assert_eq!(identity.common_name.as_deref(), Some("console.example.com"));
+
+        // Ten days of validity: within 30 days of its end from the start.
+        config.https_certificate_validity = Duration::from_secs(10 * 24 * 3600);
+        config.server_names.push("console".into());
+        server_config(&config, &ca).expect("short");
+        let short = read();
+        assert!(beckon_pki::ends_soon(&leaf(&file)).expect("end"));
+        server_config(&config, &ca).expect("near its end");
+        assert_ne!(read(), short, "issued again near its end");
+
+        // The status warns about a broker certificate near its end, not about a fresh one.
+        assert!(certificate_warnings(&config).is_empty());
+        config.broker_certificate = Some(file.clone());
+        let warnings = certificate_warnings(&config);
+        assert_eq!(warnings.len(), 1, "{warnings:?}");
+        assert!(warnings[0].contains("ends in 9 days"), "{warnings:?}");
+        assert!(warnings[0].contains("issue-broker-cert"), "{warnings:?}");
+        config.broker_certificate = None;
+        std::fs::write(dir.path().join(crate::ISSUED_BROKER_CERT), &renamed).expect("write");
+        assert!(certificate_warnings(&config).is_empty(), "two years left");
     }
 }

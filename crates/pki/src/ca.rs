@@ -419,7 +419,8 @@ impl ServerCertificate {
         Ok(reason)
     }
 
-    fn issue(&self, ca: &CertificateAuthority) -> Result<(), PkiError> {
+    /// Issues the certificate from `ca` whatever is there.
+    pub fn issue(&self, ca: &CertificateAuthority) -> Result<(), PkiError> {
         ca.issue_server(&self.names, self.validity)?
             .save(&self.cert, &self.key)
     }

@@ -401,12 +401,19 @@ fn server_certificate_is_reissued_on_name_change_and_near_expiry() {
     // A certificate issued for ten days is within 30 days of its end: issued again at every
     // start, and said to end soon.
     server.validity = Duration::from_secs(10 * 24 * 3600);
-    assert_eq!(server.ensure(&ca).expect("kept"), None, "validity alone changes nothing");
+    assert_eq!(
+        server.ensure(&ca).expect("kept"),
+        None,
+        "validity alone changes nothing"
+    );
     std::fs::remove_file(&server.key).expect("remove key");
     assert_eq!(server.ensure(&ca).expect("no key"), Some(Reissue::Missing));
     let short = read(&server.cert);
     assert!(beckon_pki::ends_soon(&load_certificates(&server.cert).expect("load")[0]).unwrap());
-    assert_eq!(server.ensure(&ca).expect("near end"), Some(Reissue::Expiring));
+    assert_eq!(
+        server.ensure(&ca).expect("near end"),
+        Some(Reissue::Expiring)
+    );
     assert_ne!(read(&server.cert), short);
     assert!(!beckon_pki::ends_soon(&renamed[0]).unwrap());
 }

@@ -64,5 +64,6 @@ pub(super) async fn status(State(st): State<AppState>, _a: Admin) -> Json<serde_
         "agents_online": online,
         "tenant": st.tenant.as_str(),
         "call_states": states,
+        "certificate_warnings": crate::tls::certificate_warnings(&st.config),
     }))
 }
