@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use beckon_agent::http::{HttpClient, Url, console_client, request};
 use serde_json::{Value, json};
 
-use common::{Process, beckon_command, free_port};
+use common::{Process, beckon_command, free_port, output_within};
 
 const LIMIT: Duration = Duration::from_secs(60);
 
@@ -32,26 +32,14 @@ fn service(name: &str, args: &[&str]) -> Process {
 /// `beckon ARGS` that ends (issue-broker-cert, enroll, wake): its output, after checking that
 /// it succeeded. Killed if it outlives the limit.
 fn command(args: &[&str]) -> Output {
-    let mut child = beckon_command(args)
+    let mut command = beckon_command(args);
+    command
         .env("RUST_LOG", "warn")
         .env_remove("BECKON_API_TOKEN")
         .env_remove("BECKON_CONSOLE_URL")
         .env_remove("BECKON_CONSOLE_DATA")
-        .env_remove("BECKON_ENROLL_TOKEN")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn beckon");
-    let deadline = Instant::now() + LIMIT;
-    while child.try_wait().expect("wait").is_none() {
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            panic!("beckon {args:?} did not end within {LIMIT:?}");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let out = child.wait_with_output().expect("output");
+        .env_remove("BECKON_ENROLL_TOKEN");
+    let out = output_within(command, LIMIT);
     assert!(
         out.status.success(),
         "beckon {args:?}: {}\n{}{}",

@@ -89,7 +89,10 @@ pub(crate) fn certificate_warnings(config: &ConsoleConfig) -> Vec<String> {
         ),
     ];
     for (file, what, fix) in checks {
-        let Some(file) = file else { continue };
+        // Not made yet (`beckon up` issues its broker's after the console started).
+        let Some(file) = file.filter(|f| f.exists()) else {
+            continue;
+        };
         let end = beckon_pki::load_certificates(&file).and_then(|certs| {
             let leaf = &certs[0];
             Ok((beckon_pki::ends_soon(leaf)?, beckon_pki::not_after(leaf)?))
