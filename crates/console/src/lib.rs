@@ -387,10 +387,25 @@ impl Console {
         }
         let router = api::router(state.clone()).merge(ui::router());
         let scheme = if tls.is_some() { "https" } else { "http" };
-        let tasks = vec![
-            tokio::spawn(tls::serve(listener, tls, router, shutdown_rx.clone())),
-            tokio::spawn(dispatch::run(state.clone(), dispatch_rx, shutdown_rx)),
-        ];
+        let mut tasks = Vec::new();
+        if let Some(tls) = &tls {
+            tasks.push(tokio::spawn(tls::renew(
+                state.clone(),
+                tls.clone(),
+                shutdown_rx.clone(),
+            )));
+        }
+        tasks.push(tokio::spawn(tls::serve(
+            listener,
+            tls,
+            router,
+            shutdown_rx.clone(),
+        )));
+        tasks.push(tokio::spawn(dispatch::run(
+            state.clone(),
+            dispatch_rx,
+            shutdown_rx,
+        )));
         tracing::info!(%local_addr, scheme, "console listening");
         Ok(ConsoleHandle {
             local_addr,

@@ -8,8 +8,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use beckon_pki::{CertificateAuthority, ServerCertificate};
-use rustls::ServerConfig;
+use beckon_pki::{CertificateAuthority, ReloadingServerConfig, ServerCertificate};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch};
 use tokio_rustls::TlsAcceptor;
@@ -33,24 +32,22 @@ fn generated(config: &ConsoleConfig) -> ServerCertificate {
     }
 }
 
+/// How often a running console checks its HTTPS certificate: renews the generated one
+/// within 30 days of its end, and loads a `--tls-cert` file that was replaced.
+const RENEW_CHECK: Duration = Duration::from_secs(3600);
+
 /// The HTTPS configuration: the given files, or a certificate issued by the console's CA
 /// for the configured names, issued again at start when the names changed or it ends within
 /// 30 days.
 pub(crate) fn server_config(
     config: &ConsoleConfig,
     ca: &CertificateAuthority,
-) -> Result<Arc<ServerConfig>, ConsoleError> {
+) -> Result<Arc<ReloadingServerConfig>, ConsoleError> {
     let (cert, key) = match &config.tls_files {
         Some((c, k)) => (c.clone(), k.clone()),
         None => {
             let generated = generated(config);
-            if let Some(reason) = generated.ensure(ca)? {
-                tracing::info!(
-                    file = %generated.cert.display(),
-                    names = ?generated.names,
-                    "issued the console's HTTPS certificate: {reason}"
-                );
-            }
+            renew_generated(&generated, ca)?;
             (generated.cert, generated.key)
         }
     };
@@ -63,7 +60,56 @@ pub(crate) fn server_config(
         alpn: vec![b"http/1.1".to_vec()],
         ..Default::default()
     };
-    Ok(Arc::new(beckon_pki::server_config(&files, &options)?))
+    Ok(Arc::new(ReloadingServerConfig::new(files, options)?))
+}
+
+/// Issues the generated certificate when needed, with a log line; whether it did.
+fn renew_generated(
+    generated: &ServerCertificate,
+    ca: &CertificateAuthority,
+) -> Result<bool, ConsoleError> {
+    let reason = generated.ensure(ca)?;
+    if let Some(reason) = reason {
+        tracing::info!(
+            file = %generated.cert.display(),
+            names = ?generated.names,
+            "issued the console's HTTPS certificate: {reason}"
+        );
+    }
+    Ok(reason.is_some())
+}
+
+/// One check of a running console's certificate: the generated one is issued again when it
+/// nears its end, and the configuration reloads changed files (also a replaced `--tls-cert`).
+fn renew_once(config: &ConsoleConfig, ca: &CertificateAuthority, tls: &ReloadingServerConfig) {
+    if config.tls_files.is_none() {
+        match renew_generated(&generated(config), ca) {
+            Ok(true) => {
+                let _ = tls.reload();
+            }
+            Ok(false) => {}
+            Err(e) => tracing::warn!(error = %e, "cannot renew the console's HTTPS certificate"),
+        }
+    }
+    // Errors are logged by the reload itself; the previous certificate stays in force.
+    let _ = tls.reload_if_changed();
+}
+
+/// Checks the HTTPS certificate every hour until `shutdown`, so that a console that runs for
+/// years renews it without a restart.
+pub(crate) async fn renew(
+    state: crate::AppState,
+    tls: Arc<ReloadingServerConfig>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(RENEW_CHECK) => {}
+            _ = crate::dispatch::stopped(&mut shutdown) => return,
+        }
+        let (config, ca, tls) = (state.config.clone(), state.ca.clone(), tls.clone());
+        let _ = tokio::task::spawn_blocking(move || renew_once(&config, &ca, &tls)).await;
+    }
 }
 
 /// Warnings about certificates that end within 30 days and that the console does not renew
@@ -138,7 +184,7 @@ impl axum::serve::Listener for TlsListener {
 /// Serves `router` until `shutdown` turns true.
 pub(crate) async fn serve(
     listener: TcpListener,
-    tls: Option<Arc<ServerConfig>>,
+    tls: Option<Arc<ReloadingServerConfig>>,
     router: axum::Router,
     mut shutdown: watch::Receiver<bool>,
 ) {
@@ -162,7 +208,6 @@ pub(crate) async fn serve(
                 }
             };
             let (tx, rx) = mpsc::channel(64);
-            let acceptor = TlsAcceptor::from(config);
             tokio::spawn(async move {
                 loop {
                     let accepted = tokio::select! {
@@ -178,7 +223,9 @@ pub(crate) async fn serve(
                             continue;
                         }
                     };
-                    let acceptor = acceptor.clone();
+                    // The configuration in force now: a renewed certificate applies to
+                    // new connections.
+                    let acceptor = TlsAcceptor::from(config.current());
                     let tx = tx.clone();
                     tokio::spawn(async move {
                         match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
@@ -246,6 +293,12 @@ mod tests {
         assert!(beckon_pki::ends_soon(&leaf(&file)).expect("end"));
         server_config(&config, &ca).expect("near its end");
         assert_ne!(read(), short, "issued again near its end");
+
+        // A running console renews it too.
+        let tls = server_config(&config, &ca).expect("start");
+        let before = read();
+        renew_once(&config, &ca, &tls);
+        assert_ne!(read(), before, "renewed while running");
 
         // The status warns about a broker certificate near its end, not about a fresh one.
         assert!(certificate_warnings(&config).is_empty());
