@@ -122,7 +122,7 @@ pub struct ConsoleConfig {
     /// again at start.
     pub server_names: Vec<String>,
     /// Validity of a newly generated HTTPS certificate (two years). The console issues it
-    /// again at start when it ends within 30 days.
+    /// again when it ends within 30 days (at start and every hour).
     pub https_certificate_validity: Duration,
     /// The broker certificate the console knows of, whose end its status warns about 30 days
     /// ahead: `beckon up`'s broker certificate, else the copy that `beckon console
