@@ -12,7 +12,7 @@ use std::time::Duration;
 use anyhow::Context;
 use beckon_broker::{BrokerConfig, Listen, Server};
 use beckon_console::{BrokerLink, Console, ConsoleConfig};
-use beckon_pki::CertificateAuthority;
+use beckon_pki::{CertificateAuthority, ServerCertificate};
 
 mod demo;
 
@@ -43,8 +43,7 @@ fn parse_listen(s: &str) -> Result<Listen, String> {
     Listen::parse(s)
 }
 
-/// Server certificate lifetime; renewed by deleting `broker/server.pem` (a later issue
-/// renews automatically).
+/// Server certificate lifetime; issued again at start when 30 days or less are left.
 const SERVER_CERT_VALIDITY: Duration = Duration::from_secs(825 * 24 * 3600);
 
 /// Runs console and broker until SIGTERM or SIGINT.
@@ -86,11 +85,15 @@ pub fn main(args: UpArgs) -> anyhow::Result<()> {
         // The broker needs the console's CA and tenant file, so it starts second; the
         // console connects to it once it listens (no failed first attempt to warn about).
         console_config.broker_starts_later = true;
+        // Its status warns when the broker's certificate nears its end (this process renews
+        // it at its next start).
+        console_config.broker_certificate = Some(broker_dir.join("server.pem"));
         let console = Console::start(console_config)
             .await
             .with_context(|| format!("starting the console in {}", console_dir.display()))?;
 
-        let (cert, key, ca_file) = ensure_broker_certificate(&console_dir, &broker_dir)?;
+        let (cert, key, ca_file) =
+            ensure_broker_certificate(&console_dir, &broker_dir, SERVER_CERT_VALIDITY)?;
         let mut broker_config = BrokerConfig::default();
         broker_config.data_dir.clone_from(&broker_dir);
         broker_config.tenants_dir = Some(tenants_dir);
@@ -170,24 +173,67 @@ pub fn main(args: UpArgs) -> anyhow::Result<()> {
 }
 
 /// The broker's server certificate, issued by the console's CA on first run and reused
-/// after. Returns (certificate, key, CA file).
+/// after, issued again when it ends within 30 days (a log line says so). Returns
+/// (certificate, key, CA file).
 fn ensure_broker_certificate(
     console_dir: &Path,
     broker_dir: &Path,
+    validity: Duration,
 ) -> anyhow::Result<(PathBuf, PathBuf, PathBuf)> {
     let ca_cert = console_dir.join("tenant-ca.pem");
     let ca_key = console_dir.join("tenant-ca.key");
-    let cert = broker_dir.join("server.pem");
-    let key = broker_dir.join("server.key");
-    if !(cert.exists() && key.exists()) {
-        std::fs::create_dir_all(broker_dir)
-            .with_context(|| format!("creating {}", broker_dir.display()))?;
-        let ca = CertificateAuthority::load(&ca_cert, &ca_key)
-            .with_context(|| format!("loading the console's CA {}", ca_cert.display()))?;
-        let names = ["localhost", "127.0.0.1", "::1"].map(String::from);
-        ca.issue_server(&names, SERVER_CERT_VALIDITY)?
-            .save(&cert, &key)
-            .with_context(|| format!("writing {}", cert.display()))?;
+    std::fs::create_dir_all(broker_dir)
+        .with_context(|| format!("creating {}", broker_dir.display()))?;
+    let server = ServerCertificate {
+        cert: broker_dir.join("server.pem"),
+        key: broker_dir.join("server.key"),
+        names: ["localhost", "127.0.0.1", "::1"].map(String::from).to_vec(),
+        validity,
+    };
+    let ca = CertificateAuthority::load(&ca_cert, &ca_key)
+        .with_context(|| format!("loading the console's CA {}", ca_cert.display()))?;
+    if let Some(reason) = server
+        .ensure(&ca)
+        .with_context(|| format!("writing {}", server.cert.display()))?
+    {
+        tracing::info!(file = %server.cert.display(), "issued the broker's certificate: {reason}");
     }
-    Ok((cert, key, ca_cert))
+    Ok((server.cert, server.key, ca_cert))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// First run issues; a later run keeps a certificate with time left, and issues again one
+    /// that ends within 30 days.
+    #[test]
+    fn the_broker_certificate_renews_near_its_end() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let console = dir.path().join("console");
+        let broker = dir.path().join("broker");
+        std::fs::create_dir_all(&console).unwrap();
+        CertificateAuthority::generate("test", Duration::from_secs(3600 * 24 * 900))
+            .unwrap()
+            .save(
+                &console.join("tenant-ca.pem"),
+                &console.join("tenant-ca.key"),
+            )
+            .unwrap();
+        let (cert, _, _) =
+            ensure_broker_certificate(&console, &broker, SERVER_CERT_VALIDITY).unwrap();
+        let first = std::fs::read(&cert).unwrap();
+        ensure_broker_certificate(&console, &broker, SERVER_CERT_VALIDITY).unwrap();
+        assert_eq!(std::fs::read(&cert).unwrap(), first, "kept");
+        // Ten days is within the renewal window: the next start issues it again.
+        std::fs::remove_file(&cert).unwrap();
+        let ten_days = Duration::from_secs(10 * 24 * 3600);
+        ensure_broker_certificate(&console, &broker, ten_days).unwrap();
+        let short = std::fs::read(&cert).unwrap();
+        ensure_broker_certificate(&console, &broker, SERVER_CERT_VALIDITY).unwrap();
+        let renewed = std::fs::read(&cert).unwrap();
+        assert_ne!(renewed, short, "renewed near its end");
+        let leaf = &beckon_pki::load_certificates(&cert).unwrap()[0];
+        assert!(!beckon_pki::ends_soon(leaf).unwrap());
+    }
 }

@@ -6,10 +6,10 @@
 
 mod common;
 
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
-use common::{Up, beckon_bin, free_port};
+use common::{Up, beckon_bin, free_port, output_within};
 
 const WAIT: Duration = Duration::from_secs(40);
 
@@ -39,26 +39,14 @@ fn wait_online(up: &Up, cookie: &str, n: usize) {
 
 /// Runs `beckon wake ARGS`, killed if it outlives the limit.
 fn wake(args: &[&str]) -> Output {
-    let mut child = Command::new(beckon_bin())
+    let mut command = Command::new(beckon_bin());
+    command
         .arg("wake")
         .args(args)
         .env("RUST_LOG", "warn")
         .env_remove("BECKON_API_TOKEN")
-        .env_remove("BECKON_CONSOLE_URL")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn beckon wake");
-    let deadline = Instant::now() + WAIT;
-    while child.try_wait().expect("wait").is_none() {
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            panic!("beckon wake {args:?} did not end within {WAIT:?}");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    child.wait_with_output().expect("output")
+        .env_remove("BECKON_CONSOLE_URL");
+    output_within(command, WAIT)
 }
 
 fn text(o: &Output) -> (String, String) {

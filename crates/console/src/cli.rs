@@ -2,8 +2,106 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::time::Duration;
 
-use crate::{BrokerLink, Console, ConsoleConfig};
+use beckon_pki::{CertificateAuthority, ServerCertificate};
+
+use crate::{BrokerLink, Console, ConsoleConfig, ConsoleError};
+
+/// `beckon console`: run the console, or one of its subcommands (which take none of the
+/// console's own flags).
+#[derive(Debug, Clone, clap::Args)]
+#[command(args_conflicts_with_subcommands = true)]
+pub struct ConsoleCommandLine {
+    /// A subcommand instead of running the console.
+    #[command(subcommand)]
+    pub command: Option<ConsoleCommand>,
+    /// The console's flags.
+    #[command(flatten)]
+    pub run: ConsoleArgs,
+}
+
+/// Subcommands of `beckon console`.
+#[derive(Debug, Clone, clap::Subcommand)]
+pub enum ConsoleCommand {
+    /// Issue the broker's server certificate from the console's tenant CA (the CA enrolled
+    /// agents trust): writes broker.pem and broker.key for `beckon broker --cert --key`.
+    IssueBrokerCert(IssueBrokerCertArgs),
+}
+
+/// Arguments of `beckon console issue-broker-cert`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct IssueBrokerCertArgs {
+    /// The console's data folder (it holds the tenant CA; start the console once first).
+    #[arg(long, env = "BECKON_CONSOLE_DATA", default_value = "beckon-console")]
+    pub data_dir: PathBuf,
+    /// A DNS name or IP address agents use to reach the broker (repeat for more; the first
+    /// is the certificate's common name).
+    #[arg(long = "name", value_name = "HOST", required = true)]
+    pub names: Vec<String>,
+    /// Folder to write broker.pem and broker.key (0600) into; created when missing.
+    #[arg(long, value_name = "DIR")]
+    pub out: PathBuf,
+    /// Validity in days.
+    #[arg(long, value_name = "DAYS", default_value_t = 825,
+          value_parser = clap::value_parser!(u64).range(1..=3650))]
+    pub days: u64,
+}
+
+/// The copy of the last broker certificate `issue-broker-cert` wrote, kept in the console's
+/// data folder so that the console's status warns 30 days before it ends.
+pub const ISSUED_BROKER_CERT: &str = "issued-broker.pem";
+
+/// Issues the broker's certificate from the tenant CA in `args.data_dir` into
+/// `args.out` (`broker.pem`, `broker.key`), and keeps a copy of the certificate in the data
+/// folder ([`ISSUED_BROKER_CERT`]). Returns the certificate's and the key's paths.
+pub fn issue_broker_certificate(
+    args: &IssueBrokerCertArgs,
+) -> Result<(PathBuf, PathBuf), ConsoleError> {
+    let (ca_cert, ca_key) = crate::tenant_ca_files(&args.data_dir);
+    if !ca_cert.exists() {
+        return Err(ConsoleError::Config(format!(
+            "no tenant CA in {} ({} is missing): give the console's --data-dir, or start the console once first",
+            args.data_dir.display(),
+            ca_cert.display()
+        )));
+    }
+    let ca = CertificateAuthority::load(&ca_cert, &ca_key)?;
+    crate::create_private_dir(&args.out)?;
+    let server = ServerCertificate {
+        cert: args.out.join("broker.pem"),
+        key: args.out.join("broker.key"),
+        names: args.names.clone(),
+        validity: Duration::from_secs(args.days * 24 * 3600),
+    };
+    server.issue(&ca)?;
+    let pem = std::fs::read(&server.cert).map_err(|source| ConsoleError::Io {
+        context: "cannot read",
+        path: server.cert.clone(),
+        source,
+    })?;
+    beckon_pki::write_atomic(&args.data_dir.join(ISSUED_BROKER_CERT), &pem, 0o644)?;
+    Ok((server.cert, server.key))
+}
+
+/// Runs `beckon console` or its subcommand.
+pub fn main(cli: ConsoleCommandLine) -> anyhow::Result<()> {
+    match cli.command {
+        None => run(cli.run),
+        Some(ConsoleCommand::IssueBrokerCert(args)) => {
+            let (cert, key) = issue_broker_certificate(&args)?;
+            println!("Broker certificate for {}:", args.names.join(", "));
+            println!("  {}", cert.display());
+            println!("  {} (private key, mode 0600)", key.display());
+            println!(
+                "Copy both to the broker host; run `beckon broker --cert {} --key {} --tenants-dir ...`.",
+                cert.file_name().unwrap_or_default().to_string_lossy(),
+                key.file_name().unwrap_or_default().to_string_lossy()
+            );
+            Ok(())
+        }
+    }
+}
 
 /// Arguments of `beckon console`.
 #[derive(Debug, Clone, clap::Args)]
@@ -23,7 +121,8 @@ pub struct ConsoleArgs {
     /// Serve plain HTTP (loopback addresses only).
     #[arg(long)]
     pub plain_http: bool,
-    /// Names (DNS or IP) for the generated HTTPS certificate.
+    /// Names (DNS or IP) for the generated HTTPS certificate (issued again at start when they
+    /// change, and when it ends within 30 days).
     #[arg(long = "server-name", default_values = ["localhost", "127.0.0.1"])]
     pub server_names: Vec<String>,
     /// The tenant this console manages.
@@ -70,8 +169,7 @@ impl ConsoleArgs {
         };
         c.default_broker_endpoints = self.agent_broker_endpoints.clone();
         c.broker_tenant_file.clone_from(&self.broker_tenant_file);
-        c.agent_certificate_validity =
-            std::time::Duration::from_secs(self.agent_cert_validity_secs);
+        c.agent_certificate_validity = Duration::from_secs(self.agent_cert_validity_secs);
         c
     }
 }
@@ -110,6 +208,102 @@ mod tests {
     struct Cli {
         #[command(flatten)]
         console: ConsoleArgs,
+    }
+
+    #[derive(Parser)]
+    struct Beckon {
+        #[command(subcommand)]
+        command: Top,
+    }
+
+    #[derive(clap::Subcommand)]
+    enum Top {
+        Console(ConsoleCommandLine),
+    }
+
+    fn console(args: &[&str]) -> Result<ConsoleCommandLine, clap::Error> {
+        let Top::Console(c) =
+            Beckon::try_parse_from(["beckon", "console"].iter().chain(args))?.command;
+        Ok(c)
+    }
+
+    /// `beckon console` runs with its flags; `issue-broker-cert` takes its own, and writes a
+    /// certificate from the tenant CA for the given names (refused without a tenant CA).
+    #[test]
+    fn issue_broker_cert_writes_a_certificate_from_the_tenant_ca() {
+        let run = console(&["--listen", "127.0.0.1:9999"]).unwrap();
+        assert!(run.command.is_none());
+        assert_eq!(run.run.listen.port(), 9999);
+        assert!(
+            console(&["issue-broker-cert", "--out", "o"]).is_err(),
+            "--name is required"
+        );
+        assert!(
+            console(&[
+                "--listen",
+                "127.0.0.1:1",
+                "issue-broker-cert",
+                "--name",
+                "a",
+                "--out",
+                "o"
+            ])
+            .is_err(),
+            "console flags do not mix with the subcommand"
+        );
+
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("console");
+        let out = dir.path().join("out");
+        let (data_s, out_s) = (data.display().to_string(), out.display().to_string());
+        let cli = console(&[
+            "issue-broker-cert",
+            "--data-dir",
+            &data_s,
+            "--name",
+            "push.example.com",
+            "--name",
+            "192.0.2.1",
+            "--out",
+            &out_s,
+        ])
+        .unwrap();
+        let Some(ConsoleCommand::IssueBrokerCert(args)) = cli.command else {
+            panic!("not the subcommand")
+        };
+        assert_eq!(args.days, 825);
+        let err = issue_broker_certificate(&args).unwrap_err().to_string();
+        assert!(
+            err.contains("tenant-ca.pem") && err.contains("start the console"),
+            "{err}"
+        );
+
+        std::fs::create_dir_all(&data).unwrap();
+        let ca = crate::load_or_create_ca(&data).unwrap();
+        let (cert, key) = issue_broker_certificate(&args).unwrap();
+        assert_eq!(cert, out.join("broker.pem"));
+        let leaf = beckon_pki::load_certificates(&cert).unwrap().remove(0);
+        let id = beckon_pki::certificate_identity(&leaf).unwrap();
+        assert_eq!(id.common_name.as_deref(), Some("push.example.com"));
+        beckon_pki::load_private_key(&key).unwrap();
+        // Signed by the tenant CA: a client trusting only that CA accepts it for its names.
+        let roots = beckon_pki::load_certificates(&data.join("tenant-ca.pem")).unwrap();
+        let mut store = rustls::RootCertStore::empty();
+        store.add(roots[0].clone()).unwrap();
+        use rustls::client::danger::ServerCertVerifier;
+        let verifier = rustls::client::WebPkiServerVerifier::builder(store.into())
+            .build()
+            .unwrap();
+        let name = rustls::pki_types::ServerName::try_from("push.example.com").unwrap();
+        verifier
+            .verify_server_cert(&leaf, &[], &name, &[], rustls::pki_types::UnixTime::now())
+            .expect("the tenant CA verifies the broker certificate");
+        drop(ca);
+        // The console keeps a copy, to warn before it ends.
+        assert_eq!(
+            std::fs::read(data.join(ISSUED_BROKER_CERT)).unwrap(),
+            std::fs::read(&cert).unwrap()
+        );
     }
 
     #[test]

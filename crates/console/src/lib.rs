@@ -34,7 +34,10 @@ use beckon_identity::{KeyId, SigningKey, TenantId};
 use beckon_pki::CertificateAuthority;
 use tokio::sync::{broadcast, mpsc, watch};
 
-pub use cli::{ConsoleArgs, run};
+pub use cli::{
+    ConsoleArgs, ConsoleCommand, ConsoleCommandLine, ISSUED_BROKER_CERT, IssueBrokerCertArgs,
+    issue_broker_certificate, main, run,
+};
 
 use crate::model::CallEvent;
 use crate::store::{SqliteStore, StoreHandle};
@@ -115,8 +118,16 @@ pub struct ConsoleConfig {
     pub tls_files: Option<(PathBuf, PathBuf)>,
     /// Serve plain HTTP. Refused unless `listen` is a loopback address.
     pub plain_http: bool,
-    /// Names for the generated HTTPS certificate.
+    /// Names for the generated HTTPS certificate: a certificate with other names is issued
+    /// again at start.
     pub server_names: Vec<String>,
+    /// Validity of a newly generated HTTPS certificate (two years). The console issues it
+    /// again when it ends within 30 days (at start and every hour).
+    pub https_certificate_validity: Duration,
+    /// The broker certificate the console knows of, whose end its status warns about 30 days
+    /// ahead: `beckon up`'s broker certificate, else the copy that `beckon console
+    /// issue-broker-cert` keeps in the data folder ([`ISSUED_BROKER_CERT`]) when there is one.
+    pub broker_certificate: Option<PathBuf>,
     /// The tenant this console manages.
     pub tenant: String,
     /// The console's broker connection.
@@ -152,6 +163,8 @@ impl ConsoleConfig {
             tls_files: None,
             plain_http: true,
             server_names: vec!["localhost".into(), "127.0.0.1".into()],
+            https_certificate_validity: tls::HTTPS_CERT_VALIDITY,
+            broker_certificate: None,
             tenant: "default".into(),
             broker: BrokerLink::None,
             default_broker_endpoints: vec!["localhost:8883".into(), "localhost:8443".into()],
@@ -341,6 +354,9 @@ impl Console {
         } else {
             Some(tls::server_config(&config, &ca)?)
         };
+        for warning in tls::certificate_warnings(&config) {
+            tracing::warn!("{warning}");
+        }
 
         let (events, _) = broadcast::channel(4096);
         let (dispatch_tx, dispatch_rx) = mpsc::channel(dispatch::COMMANDS);
@@ -371,10 +387,25 @@ impl Console {
         }
         let router = api::router(state.clone()).merge(ui::router());
         let scheme = if tls.is_some() { "https" } else { "http" };
-        let tasks = vec![
-            tokio::spawn(tls::serve(listener, tls, router, shutdown_rx.clone())),
-            tokio::spawn(dispatch::run(state.clone(), dispatch_rx, shutdown_rx)),
-        ];
+        let mut tasks = Vec::new();
+        if let Some(tls) = &tls {
+            tasks.push(tokio::spawn(tls::renew(
+                state.clone(),
+                tls.clone(),
+                shutdown_rx.clone(),
+            )));
+        }
+        tasks.push(tokio::spawn(tls::serve(
+            listener,
+            tls,
+            router,
+            shutdown_rx.clone(),
+        )));
+        tasks.push(tokio::spawn(dispatch::run(
+            state.clone(),
+            dispatch_rx,
+            shutdown_rx,
+        )));
         tracing::info!(%local_addr, scheme, "console listening");
         Ok(ConsoleHandle {
             local_addr,
@@ -387,7 +418,7 @@ impl Console {
     }
 }
 
-fn create_private_dir(dir: &Path) -> Result<(), ConsoleError> {
+pub(crate) fn create_private_dir(dir: &Path) -> Result<(), ConsoleError> {
     if dir.is_dir() {
         return Ok(());
     }
@@ -405,10 +436,14 @@ fn create_private_dir(dir: &Path) -> Result<(), ConsoleError> {
     })
 }
 
-/// The tenant CA: `tenant-ca.pem` and `tenant-ca.key` (0600) in the data folder.
+/// The tenant CA's files in the data folder: `tenant-ca.pem` and `tenant-ca.key` (0600).
+pub(crate) fn tenant_ca_files(dir: &Path) -> (PathBuf, PathBuf) {
+    (dir.join("tenant-ca.pem"), dir.join("tenant-ca.key"))
+}
+
+/// The tenant CA, created on first start.
 fn load_or_create_ca(dir: &Path) -> Result<CertificateAuthority, ConsoleError> {
-    let cert = dir.join("tenant-ca.pem");
-    let key = dir.join("tenant-ca.key");
+    let (cert, key) = tenant_ca_files(dir);
     if cert.exists() || key.exists() {
         return Ok(CertificateAuthority::load(&cert, &key)?);
     }

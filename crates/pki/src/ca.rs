@@ -1,5 +1,6 @@
 //! The local certificate authority and the certificates it issues.
 
+use std::collections::BTreeSet;
 use std::fs;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
@@ -19,8 +20,9 @@ use crate::{PkiError, files::write_atomic};
 const CA_VALIDITY: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
 /// Validity of a server certificate that [`ensure_broker_certs`] creates (2 years).
 const SERVER_VALIDITY: Duration = Duration::from_secs(2 * 365 * 24 * 3600);
-/// A generated server certificate closer than this to its end is issued again at start.
-const RENEW_BEFORE: Duration = Duration::from_secs(30 * 24 * 3600);
+/// A generated server certificate closer than this to its end is issued again at start, and
+/// a status warns about a certificate renewed by hand.
+pub const RENEW_BEFORE: Duration = Duration::from_secs(30 * 24 * 3600);
 /// Backdating of `not_before`, so that peers with a clock slightly behind accept new
 /// certificates.
 const BACKDATE: Duration = Duration::from_secs(3600);
@@ -348,18 +350,139 @@ pub fn ensure_broker_certs(data_dir: &Path, names: &[String]) -> Result<BrokerCe
         out.created_ca = true;
         ca
     };
-    let server_usable = !out.created_ca
-        && out.server_key.exists()
-        && crate::files::load_certificates(&out.server_cert)
-            .ok()
-            .and_then(|certs| certs.first().and_then(|c| not_after(c).ok()))
-            .is_some_and(|end| end > SystemTime::now() + RENEW_BEFORE);
-    if !server_usable {
-        ca.issue_server(names, SERVER_VALIDITY)?
-            .save(&out.server_cert, &out.server_key)?;
-        out.issued_server = true;
-    }
+    let server = ServerCertificate {
+        cert: out.server_cert.clone(),
+        key: out.server_key.clone(),
+        names: names.to_vec(),
+        validity: SERVER_VALIDITY,
+    };
+    // A new CA did not sign the certificate that may be there.
+    let reissued = if out.created_ca {
+        server.issue(&ca)?;
+        Some(Reissue::Missing)
+    } else {
+        server.ensure(&ca)?
+    };
+    out.issued_server = reissued.is_some();
     Ok(out)
+}
+
+/// Why [`ServerCertificate::ensure`] issued the certificate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reissue {
+    /// The certificate or its key was not there (first start), or could not be read.
+    Missing,
+    /// Its names (subject alternative names) are not the configured ones.
+    Names,
+    /// It ends within [`RENEW_BEFORE`] (30 days), or has ended.
+    Expiring,
+}
+
+impl std::fmt::Display for Reissue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Missing => "there was none",
+            Self::Names => "its names differ from the configured ones",
+            Self::Expiring => "it ends within 30 days",
+        })
+    }
+}
+
+/// A server certificate file that a CA of this installation issues and keeps current: the
+/// broker's and the console's generated certificates.
+#[derive(Debug, Clone)]
+pub struct ServerCertificate {
+    /// The certificate (PEM).
+    pub cert: PathBuf,
+    /// Its private key (PEM, 0600).
+    pub key: PathBuf,
+    /// DNS names and IP addresses it must carry (in this order; the first is the CN).
+    pub names: Vec<String>,
+    /// Validity of a newly issued certificate.
+    pub validity: Duration,
+}
+
+impl ServerCertificate {
+    /// Issues the certificate from `ca` when it is missing or unreadable, when its names are
+    /// not [`names`](Self::names) (compared as a set), or when it ends within 30 days; keeps
+    /// it otherwise. Returns why it was issued, `None` when kept.
+    pub fn ensure(&self, ca: &CertificateAuthority) -> Result<Option<Reissue>, PkiError> {
+        let reason = match self.current() {
+            None => Some(Reissue::Missing),
+            Some((_, end)) if end <= SystemTime::now() + RENEW_BEFORE => Some(Reissue::Expiring),
+            Some((names, _)) if names != name_set(&self.names) => Some(Reissue::Names),
+            Some(_) => None,
+        };
+        if reason.is_some() {
+            self.issue(ca)?;
+        }
+        Ok(reason)
+    }
+
+    /// Issues the certificate from `ca` whatever is there.
+    pub fn issue(&self, ca: &CertificateAuthority) -> Result<(), PkiError> {
+        ca.issue_server(&self.names, self.validity)?
+            .save(&self.cert, &self.key)
+    }
+
+    /// The names and the end of the certificate on disk, `None` when it or its key is missing
+    /// or unreadable.
+    fn current(&self) -> Option<(BTreeSet<String>, SystemTime)> {
+        if !self.key.exists() {
+            return None;
+        }
+        let certs = crate::files::load_certificates(&self.cert).ok()?;
+        let leaf = certs.first()?;
+        Some((subject_alt_names(leaf).ok()?, not_after(leaf).ok()?))
+    }
+}
+
+/// Whether a certificate ends within 30 days (or has ended): when [`ServerCertificate::ensure`]
+/// issues it again, and when a status should warn about one that is renewed by hand.
+pub fn ends_soon(cert: &CertificateDer<'_>) -> Result<bool, PkiError> {
+    Ok(not_after(cert)? <= SystemTime::now() + RENEW_BEFORE)
+}
+
+/// The names as a certificate carries them: IP addresses in their canonical text, DNS names
+/// in lower case.
+fn name_set(names: &[String]) -> BTreeSet<String> {
+    names
+        .iter()
+        .map(|n| match n.parse::<IpAddr>() {
+            Ok(ip) => ip.to_string(),
+            Err(_) => n.to_ascii_lowercase(),
+        })
+        .collect()
+}
+
+/// The DNS names and IP addresses of a certificate's subject alternative names.
+fn subject_alt_names(cert: &CertificateDer<'_>) -> Result<BTreeSet<String>, PkiError> {
+    use x509_parser::extensions::GeneralName;
+    let (_, x509) =
+        X509Certificate::from_der(cert.as_ref()).map_err(|e| PkiError::Parse(e.to_string()))?;
+    let san = x509
+        .subject_alternative_name()
+        .map_err(|e| PkiError::Parse(e.to_string()))?;
+    let mut names = BTreeSet::new();
+    for name in san.iter().flat_map(|s| s.value.general_names.iter()) {
+        match name {
+            GeneralName::DNSName(dns) => {
+                names.insert(dns.to_ascii_lowercase());
+            }
+            GeneralName::IPAddress(bytes) => {
+                let ip = match bytes.len() {
+                    4 => <[u8; 4]>::try_from(*bytes).map(IpAddr::from).ok(),
+                    16 => <[u8; 16]>::try_from(*bytes).map(IpAddr::from).ok(),
+                    _ => None,
+                };
+                if let Some(ip) = ip {
+                    names.insert(ip.to_string());
+                }
+            }
+            _ => {}
+        }
+    }
+    Ok(names)
 }
 
 fn create_private_dir(dir: &Path) -> Result<(), PkiError> {

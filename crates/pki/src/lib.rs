@@ -14,7 +14,8 @@ mod identity;
 pub mod tls;
 
 pub use ca::{
-    BrokerCerts, CertificateAuthority, IssuedCertificate, ensure_broker_certs, not_after,
+    BrokerCerts, CertificateAuthority, IssuedCertificate, RENEW_BEFORE, Reissue, ServerCertificate,
+    ends_soon, ensure_broker_certs, not_after,
 };
 pub use error::PkiError;
 pub use files::{load_certificates, load_private_key, write_atomic};

@@ -369,3 +369,51 @@ fn reload_swaps_on_good_files_and_keeps_the_old_on_bad_ones() {
     handshake(client_config(&new_ca, None), second, "localhost").expect("new cert in use");
     assert!(handshake(client_config(&s.ca, None), holder.current(), "localhost").is_err());
 }
+
+/// A server certificate is kept while it carries the configured names and has more than 30
+/// days left; a change of names or a short remaining validity issues it again.
+#[test]
+fn server_certificate_is_reissued_on_name_change_and_near_expiry() {
+    use beckon_pki::{Reissue, ServerCertificate};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ca = CertificateAuthority::generate("test CA", Duration::from_secs(3600 * 24 * 400))
+        .expect("ca");
+    let mut server = ServerCertificate {
+        cert: dir.path().join("server.pem"),
+        key: dir.path().join("server.key"),
+        names: vec!["localhost".into(), "127.0.0.1".into()],
+        validity: Duration::from_secs(365 * 24 * 3600),
+    };
+    let read = |p: &std::path::Path| std::fs::read(p).expect("read");
+    assert_eq!(server.ensure(&ca).expect("first"), Some(Reissue::Missing));
+    let first = read(&server.cert);
+    // The same names in another order and spelling: kept.
+    server.names = vec!["127.0.0.1".into(), "LOCALHOST".into()];
+    assert_eq!(server.ensure(&ca).expect("again"), None);
+    assert_eq!(read(&server.cert), first);
+    // A new name: issued again, with it.
+    server.names = vec!["console.example.com".into(), "127.0.0.1".into()];
+    assert_eq!(server.ensure(&ca).expect("renamed"), Some(Reissue::Names));
+    let renamed = load_certificates(&server.cert).expect("load");
+    let identity = certificate_identity(&renamed[0]).expect("identity");
+    assert_eq!(identity.common_name.as_deref(), Some("console.example.com"));
+    assert_ne!(read(&server.cert), first);
+    // A certificate issued for ten days is within 30 days of its end: issued again at every
+    // start, and said to end soon.
+    server.validity = Duration::from_secs(10 * 24 * 3600);
+    assert_eq!(
+        server.ensure(&ca).expect("kept"),
+        None,
+        "validity alone changes nothing"
+    );
+    std::fs::remove_file(&server.key).expect("remove key");
+    assert_eq!(server.ensure(&ca).expect("no key"), Some(Reissue::Missing));
+    let short = read(&server.cert);
+    assert!(beckon_pki::ends_soon(&load_certificates(&server.cert).expect("load")[0]).unwrap());
+    assert_eq!(
+        server.ensure(&ca).expect("near end"),
+        Some(Reissue::Expiring)
+    );
+    assert_ne!(read(&server.cert), short);
+    assert!(!beckon_pki::ends_soon(&renamed[0]).unwrap());
+}

@@ -58,6 +58,26 @@ where
     command
 }
 
+/// Runs `command` to its end with its output captured (stdin closed); kills it and fails the
+/// test if it outlives `limit`.
+pub fn output_within(mut command: Command, limit: Duration) -> std::process::Output {
+    let mut child = command
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start {command:?}: {e}"));
+    let deadline = Instant::now() + limit;
+    while child.try_wait().expect("wait").is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("{command:?} did not end within {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    child.wait_with_output().expect("output")
+}
+
 /// A child process (a `beckon` command, mostly) whose output lines are collected as they
 /// come; killed (SIGKILL) and reaped on drop.
 pub struct Process {
