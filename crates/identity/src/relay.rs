@@ -16,8 +16,8 @@ use crate::acl::{RELAY, RELAY_RESULT};
 use crate::identity::validate_id;
 use crate::keys::b64url;
 use crate::wakeup::{
-    ReplayGuard, WakeUpError, WakeUpRejected, WakeUpSigner, WakeUpVerifier, check_header,
-    check_lifetime, invalid, signed_message, to_signed_json,
+    Addressing, ReplayGuard, Signed, WakeUpError, WakeUpRejected, WakeUpSigner, WakeUpVerifier,
+    check_header, check_lifetime, invalid, signed_message, to_signed_json,
 };
 
 /// The version written in `v`.
@@ -104,6 +104,25 @@ impl RelayRequest {
     }
 }
 
+impl Signed for RelayRequest {
+    const SIGNING_CONTEXT: &'static [u8] = RELAY_SIGNING_CONTEXT;
+    const NAME: &'static str = "relay request";
+
+    fn check_fields(&self) -> Result<(), WakeUpError> {
+        RelayRequest::check_fields(self)
+    }
+
+    fn addressing(&self) -> Addressing<'_> {
+        Addressing {
+            tenant: &self.tenant,
+            agent: &self.agent,
+            id: &self.id,
+            issued_at: self.issued_at,
+            expires_at: self.expires_at,
+        }
+    }
+}
+
 /// The signed wire form of a relay request.
 #[derive(Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -145,25 +164,7 @@ impl WakeUpVerifier {
         let envelope: RelayEnvelope = serde_json::from_slice(payload).map_err(|e| {
             WakeUpRejected::Malformed(format!("not the signed relay envelope: {e}"))
         })?;
-        self.check_signature(
-            &envelope.kid,
-            &envelope.sig,
-            &signed_message(RELAY_SIGNING_CONTEXT, &envelope.relay),
-        )?;
-        let request: RelayRequest = serde_json::from_str(&envelope.relay).map_err(|e| {
-            WakeUpRejected::Malformed(format!("signed relay request is not valid: {e}"))
-        })?;
-        request.check_fields().map_err(WakeUpRejected::Invalid)?;
-        self.check_target_and_time(
-            &request.tenant,
-            &request.agent,
-            &request.id,
-            request.issued_at,
-            request.expires_at,
-            now,
-            replay,
-        )?;
-        Ok(request)
+        self.open(&envelope.relay, &envelope.kid, &envelope.sig, now, replay)
     }
 }
 
