@@ -16,8 +16,8 @@ use crate::acl::{RELAY, RELAY_RESULT};
 use crate::identity::validate_id;
 use crate::keys::b64url;
 use crate::wakeup::{
-    Addressing, ReplayGuard, Signed, WakeUpError, WakeUpRejected, WakeUpSigner, WakeUpVerifier,
-    check_header, check_lifetime, invalid, signed_message, to_signed_json,
+    ReplayGuard, WakeUpError, WakeUpRejected, WakeUpSigner, WakeUpVerifier, check_header,
+    check_lifetime, impl_signed, invalid, signed_message, to_signed_json,
 };
 
 /// The version written in `v`.
@@ -104,24 +104,7 @@ impl RelayRequest {
     }
 }
 
-impl Signed for RelayRequest {
-    const SIGNING_CONTEXT: &'static [u8] = RELAY_SIGNING_CONTEXT;
-    const NAME: &'static str = "relay request";
-
-    fn check_fields(&self) -> Result<(), WakeUpError> {
-        RelayRequest::check_fields(self)
-    }
-
-    fn addressing(&self) -> Addressing<'_> {
-        Addressing {
-            tenant: &self.tenant,
-            agent: &self.agent,
-            id: &self.id,
-            issued_at: self.issued_at,
-            expires_at: self.expires_at,
-        }
-    }
-}
+impl_signed!(RelayRequest, RELAY_SIGNING_CONTEXT, "relay request");
 
 /// The signed wire form of a relay request.
 #[derive(Serialize, Deserialize)]

@@ -396,24 +396,33 @@ pub(crate) trait Signed: serde::de::DeserializeOwned {
     fn addressing(&self) -> Addressing<'_>;
 }
 
-impl Signed for WakeUp {
-    const SIGNING_CONTEXT: &'static [u8] = SIGNING_CONTEXT;
-    const NAME: &'static str = "wake-up";
+/// Implements [`Signed`] for a message type that has the addressing fields (`tenant`,
+/// `agent`, `id`, `issued_at`, `expires_at`) and an inherent `check_fields`.
+macro_rules! impl_signed {
+    ($message:ty, $context:expr, $name:literal) => {
+        impl $crate::wakeup::Signed for $message {
+            const SIGNING_CONTEXT: &'static [u8] = $context;
+            const NAME: &'static str = $name;
 
-    fn check_fields(&self) -> Result<(), WakeUpError> {
-        WakeUp::check_fields(self)
-    }
+            fn check_fields(&self) -> Result<(), $crate::wakeup::WakeUpError> {
+                <$message>::check_fields(self)
+            }
 
-    fn addressing(&self) -> Addressing<'_> {
-        Addressing {
-            tenant: &self.tenant,
-            agent: &self.agent,
-            id: &self.id,
-            issued_at: self.issued_at,
-            expires_at: self.expires_at,
+            fn addressing(&self) -> $crate::wakeup::Addressing<'_> {
+                $crate::wakeup::Addressing {
+                    tenant: &self.tenant,
+                    agent: &self.agent,
+                    id: &self.id,
+                    issued_at: self.issued_at,
+                    expires_at: self.expires_at,
+                }
+            }
         }
-    }
+    };
 }
+pub(crate) use impl_signed;
+
+impl_signed!(WakeUp, SIGNING_CONTEXT, "wake-up");
 
 /// Checks wake-ups for one agent (agent side): signature, format, target, time, replay. Never
 /// reads the clock: the caller passes `now` (unix seconds).
