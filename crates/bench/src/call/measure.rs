@@ -2,6 +2,7 @@
 //! the workers' enrollment and connects, then the call, and the broker's drop count.
 
 use super::setup::{CallWorker, Workers, sum_phase};
+use super::the_call::ConsoleApi;
 use super::*;
 
 pub(super) async fn measure(
@@ -21,7 +22,7 @@ pub(super) async fn measure(
         },
         ..Default::default()
     };
-    let (mut client, token, enrollment_token) = console_tokens(console_addr, password).await?;
+    let (mut console_api, enrollment_token) = console_tokens(console_addr, password).await?;
     let mut workers = start_workers(args, console_addr, broker_addr, &enrollment_token).await?;
     let outcome = async {
         for w in &mut workers.0 {
@@ -60,10 +61,8 @@ pub(super) async fn measure(
         the_call(
             args,
             &mut report,
-            &mut client,
+            &mut console_api,
             &mut workers,
-            console_addr,
-            &token,
             console,
             broker,
         )
@@ -94,12 +93,12 @@ pub(super) async fn broker_dropped(admin: SocketAddr) -> Option<u64> {
 }
 
 /// An API token (through a session of the first user), once the console is connected to the
-/// broker, and an enrollment token for the simulated agents; returns the client that carries
-/// the API token, the API token and the enrollment token.
+/// broker, and an enrollment token for the simulated agents; returns the console's API with
+/// the API token, and the enrollment token.
 async fn console_tokens(
     console_addr: SocketAddr,
     password: &str,
-) -> anyhow::Result<(HttpClient, String, String)> {
+) -> anyhow::Result<(ConsoleApi, String)> {
     let mut client = HttpClient::new(console_addr);
     let login = client
         .request(
@@ -165,7 +164,12 @@ async fn console_tokens(
         .context("no enrollment token in the answer")?
         .to_owned();
 
-    Ok((client, token, enrollment_token))
+    let console_api = ConsoleApi {
+        addr: console_addr,
+        token,
+        client,
+    };
+    Ok((console_api, enrollment_token))
 }
 
 /// Starts the call workers: this program (the bench under test), whatever runs console and
