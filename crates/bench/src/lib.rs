@@ -44,6 +44,7 @@ pub mod protocol;
 pub mod publisher;
 pub mod report;
 pub mod worker;
+mod worker_process;
 
 use anyhow::{Context, bail};
 

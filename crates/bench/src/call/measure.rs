@@ -1,9 +1,11 @@
 //! The measurement around the call: an API token and an enrollment token from the console,
 //! the workers' enrollment and connects, then the call, and the broker's drop count.
 
-use super::setup::{CallWorker, Workers, sum_phase};
+use super::setup::{Workers, sum_phase};
 use super::the_call::ConsoleApi;
 use super::*;
+use crate::fleet::WorkerLauncher;
+use crate::worker_process::{WorkerGroup, WorkerProcess};
 
 pub(super) async fn measure(
     args: &CallArgs,
@@ -71,7 +73,7 @@ pub(super) async fn measure(
         Ok(())
     }
     .await;
-    workers.shutdown().await;
+    workers.shutdown(&CallCommand::Shutdown).await;
     outcome.map(|()| report)
 }
 
@@ -180,15 +182,18 @@ async fn start_workers(
     broker_addr: SocketAddr,
     enrollment_token: &str,
 ) -> anyhow::Result<Workers> {
-    let worker_program =
-        std::env::current_exe().context("cannot find this program's path to start workers")?;
+    let launcher = WorkerLauncher {
+        program: std::env::current_exe()
+            .context("cannot find this program's path to start workers")?,
+        args: vec!["bench".to_owned(), "call-worker".to_owned()],
+    };
     let per_worker = args.agents_per_worker.clamp(1, 19_000);
     let count = args.agents.div_ceil(per_worker);
     let per_address = args.agents_per_source_address.max(1);
     let sources: Vec<Ipv4Addr> = (0..args.agents.div_ceil(per_address).clamp(1, 250))
         .map(|i| Ipv4Addr::new(127, 0, 0, u8::try_from(i + 2).unwrap_or(252)))
         .collect();
-    let mut workers = Workers(Vec::with_capacity(count));
+    let mut workers = WorkerGroup(Vec::with_capacity(count));
     for w in 0..count {
         let first_agent = w * per_worker;
         let config = CallWorkerConfig {
@@ -209,7 +214,7 @@ async fn start_workers(
         };
         workers
             .0
-            .push(CallWorker::spawn(&worker_program, &config).await?);
+            .push(WorkerProcess::spawn("call worker", &launcher, w, &config).await?);
     }
     Ok(workers)
 }

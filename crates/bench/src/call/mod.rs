@@ -37,8 +37,8 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use beckon_pki::CertificateAuthority;
 use serde::{Deserialize, Serialize};
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
-use tokio::process::{Child, ChildStdin};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::Child;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
