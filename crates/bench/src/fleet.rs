@@ -81,6 +81,10 @@ impl WorkerLauncher {
 type Fleet = WorkerGroup<Reply>;
 
 impl WorkerReply for Reply {
+    fn failed(message: String) -> Self {
+        Reply::Failed { message }
+    }
+
     fn failure(&self) -> Option<&str> {
         match self {
             Reply::Failed { message } => Some(message),

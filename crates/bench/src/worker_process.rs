@@ -18,7 +18,9 @@ use tokio::time::Instant;
 use crate::fleet::WorkerLauncher;
 
 /// A reply of a worker process.
-pub(crate) trait WorkerReply: DeserializeOwned + Debug + Send + 'static {
+pub(crate) trait WorkerReply: Serialize + DeserializeOwned + Debug + Send + 'static {
+    /// The reply saying that the worker could not do what was asked, and why.
+    fn failed(message: String) -> Self;
     /// The worker's message when this reply says it could not do what was asked.
     fn failure(&self) -> Option<&str>;
 }

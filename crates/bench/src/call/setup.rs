@@ -100,6 +100,10 @@ pub(super) async fn start_service(
 pub(super) type Workers = WorkerGroup<CallReply>;
 
 impl WorkerReply for CallReply {
+    fn failed(message: String) -> Self {
+        CallReply::Failed { message }
+    }
+
     fn failure(&self) -> Option<&str> {
         match self {
             CallReply::Failed { message } => Some(message),
