@@ -40,6 +40,12 @@ pub fn config_trusting(ca: &TestCa, dir: &Path, primary: u16, fallback: u16) -> 
     config("127.0.0.1", primary, fallback).with_ca_file(ca.write_pem(dir, "ca.pem"))
 }
 
+/// Asserts that `text` (a verdict's detail, a summary, a report) contains `part`.
+#[track_caller]
+pub fn assert_contains(text: &str, part: &str) {
+    assert!(text.contains(part), "{part:?} is not in:\n{text}");
+}
+
 /// Asserts that the report's summary starts with `prefix`.
 pub fn assert_summary_starts(report: &Report, prefix: &str) {
     assert!(report.summary.starts_with(prefix), "{}", report.summary);
