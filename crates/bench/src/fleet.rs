@@ -133,11 +133,12 @@ pub async fn run_fleet_spread(
         bail!("no broker to reach");
     };
     let phases: BTreeSet<Phase> = load.phases.iter().copied().collect();
-    let agents = load.agents;
+    let agents = load.size.agents;
     if agents == 0 {
         bail!("--agents must be at least 1");
     }
     let per_worker = load
+        .size
         .agents_per_worker
         .clamp(1, 19_000)
         .min(agents.div_ceil(targets.len()));
@@ -150,7 +151,7 @@ pub async fn run_fleet_spread(
     let sources = source_addresses(
         connector.addr().ip(),
         agents,
-        load.agents_per_source_address,
+        load.size.agents_per_source_address,
     );
     let reader = ProcReader::new();
 
@@ -169,7 +170,7 @@ pub async fn run_fleet_spread(
             client_id_prefix: load.client_id_prefix.clone(),
             target: targets[worker % targets.len()].clone(),
             source_addresses: sources.clone(),
-            agents_per_source_address: load.agents_per_source_address.max(1),
+            agents_per_source_address: load.size.agents_per_source_address.max(1),
             connect_concurrency: concurrency,
             backoff_base_ms: load.backoff_base_ms,
             backoff_cap_ms: load.backoff_cap_secs.saturating_mul(1000),
@@ -199,7 +200,7 @@ async fn drive(
     connector: &std::sync::Arc<Connector>,
     reader: &ProcReader,
 ) -> anyhow::Result<FleetReport> {
-    let agents = load.agents;
+    let agents = load.size.agents;
     fleet
         .gather(Duration::from_secs(30), "start-up")
         .await
@@ -352,7 +353,7 @@ async fn fan_out(
     broker: &dyn BrokerControl,
     reader: &ProcReader,
 ) -> anyhow::Result<FanoutReport> {
-    let ids: Vec<String> = (0..load.agents)
+    let ids: Vec<String> = (0..load.size.agents)
         .map(|i| agent_id(&load.client_id_prefix, i))
         .collect();
     fleet.broadcast(&Command::ArmWakeups).await?;
