@@ -17,7 +17,7 @@ use crate::publisher::{PublishOutcome, publish_wakeups};
 use crate::report::{
     ConnectReport, FanoutReport, FleetReport, IdleReport, Percentiles, StormReport,
 };
-use crate::worker_process::{WorkerGroup, WorkerProcess, WorkerReply};
+use crate::worker_process::{WorkerGroup, WorkerProcess, impl_worker_reply};
 
 /// The broker under test, as far as the bench can see and steer it.
 pub trait BrokerControl {
@@ -80,18 +80,7 @@ impl WorkerLauncher {
 /// The fleet's worker processes.
 type Fleet = WorkerGroup<Reply>;
 
-impl WorkerReply for Reply {
-    fn failed(message: String) -> Self {
-        Reply::Failed { message }
-    }
-
-    fn failure(&self) -> Option<&str> {
-        match self {
-            Reply::Failed { message } => Some(message),
-            _ => None,
-        }
-    }
-}
+impl_worker_reply!(Reply);
 
 /// The source addresses for `agents` sockets to a broker at `broker`: 127.0.0.2, .3, ... when
 /// the broker is on loopback, none otherwise (the kernel then picks).

@@ -25,6 +25,25 @@ pub(crate) trait WorkerReply: Serialize + DeserializeOwned + Debug + Send + 'sta
     fn failure(&self) -> Option<&str>;
 }
 
+/// Implements [`WorkerReply`] for a reply enum whose failure is `Failed { message }`.
+macro_rules! impl_worker_reply {
+    ($reply:ty) => {
+        impl $crate::worker_process::WorkerReply for $reply {
+            fn failed(message: String) -> Self {
+                Self::Failed { message }
+            }
+
+            fn failure(&self) -> Option<&str> {
+                match self {
+                    Self::Failed { message } => Some(message),
+                    _ => None,
+                }
+            }
+        }
+    };
+}
+pub(crate) use impl_worker_reply;
+
 /// One running worker process.
 pub(crate) struct WorkerProcess<R> {
     /// Its number, as in its configuration.

@@ -43,13 +43,24 @@ async fn server_with(ca: &TestCa, behaviour: WsBehaviour) -> TlsServer {
     .await
 }
 
-/// Upgrades to a server that behaves as `behaviour` says, then reads once (in time).
-async fn first_read_from(behaviour: WsBehaviour) -> std::io::Result<usize> {
+/// A server that behaves as `behaviour` says, and a WebSocket upgraded to it.
+async fn upgraded_to(
+    behaviour: WsBehaviour,
+) -> (
+    TlsServer,
+    WsByteStream<beckon_net::tls::TlsStream<TcpStream>>,
+) {
     let ca = TestCa::new("CA");
     let server = server_with(&ca, behaviour).await;
-    let mut ws = upgrade(&server, &ca, &WsSettings::default())
+    let ws = upgrade(&server, &ca, &WsSettings::default())
         .await
         .expect("upgrade");
+    (server, ws)
+}
+
+/// Upgrades to a server that behaves as `behaviour` says, then reads once (in time).
+async fn first_read_from(behaviour: WsBehaviour) -> std::io::Result<usize> {
+    let (_server, mut ws) = upgraded_to(behaviour).await;
     let mut buf = [0u8; 8];
     tokio::time::timeout(WAIT, ws.read(&mut buf))
         .await
@@ -58,11 +69,7 @@ async fn first_read_from(behaviour: WsBehaviour) -> std::io::Result<usize> {
 
 #[tokio::test]
 async fn carries_bytes_both_ways() {
-    let ca = TestCa::new("CA");
-    let mut server = server_with(&ca, WsBehaviour::Echo).await;
-    let mut ws = upgrade(&server, &ca, &WsSettings::default())
-        .await
-        .expect("upgrade");
+    let (mut server, mut ws) = upgraded_to(WsBehaviour::Echo).await;
 
     // A CONNECT-like packet, sent without a flush (as on TCP, a write goes out at once),
     // then a payload larger than one read buffer: the reader must hand it out in pieces,

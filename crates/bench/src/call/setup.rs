@@ -2,7 +2,7 @@
 //! simulated agents.
 
 use super::*;
-use crate::worker_process::{WorkerGroup, WorkerReply};
+use crate::worker_process::{WorkerGroup, impl_worker_reply};
 
 /// A process the bench started; killed when dropped.
 pub(super) struct Service {
@@ -99,18 +99,7 @@ pub(super) async fn start_service(
 /// The call's worker processes.
 pub(super) type Workers = WorkerGroup<CallReply>;
 
-impl WorkerReply for CallReply {
-    fn failed(message: String) -> Self {
-        CallReply::Failed { message }
-    }
-
-    fn failure(&self) -> Option<&str> {
-        match self {
-            CallReply::Failed { message } => Some(message),
-            _ => None,
-        }
-    }
-}
+impl_worker_reply!(CallReply);
 
 pub(super) fn sum_phase(replies: Vec<CallReply>, enrolled: bool) -> anyhow::Result<PhaseOutcome> {
     let mut total = PhaseOutcome::default();
