@@ -161,8 +161,7 @@ async fn a_proxy_that_forbids_the_port() {
     let dir = tempfile::tempdir().expect("tempdir");
     let mut config = config_trusting(&ca, dir.path(), primary, refused_port());
     config.proxy = Some(proxy_url(&proxy));
-    config.username = Some("u".into());
-    config.password = Some("p".into());
+    set_credentials(&mut config, "u", "p");
     let report = diagnose(&config).await;
     assert_eq!(
         report.path_in_use.as_deref(),
@@ -311,15 +310,10 @@ async fn a_broker_that_wants_a_client_certificate() {
 #[tokio::test]
 async fn credentials_refused_by_mosquitto() {
     let ca = TestCa::new("Beckon test CA");
-    let broker = Mosquitto::start_tls(
-        &ca.server_cert(&["localhost", "127.0.0.1"]),
-        "agent-7",
-        "right-token",
-    );
+    let broker = start_mosquitto(&ca, "agent-7", "right-token");
     let dir = tempfile::tempdir().expect("tempdir");
     let mut config = config_trusting(&ca, dir.path(), broker.port, refused_port());
-    config.username = Some("agent-7".into());
-    config.password = Some("wrong-token".into());
+    set_credentials(&mut config, "agent-7", "wrong-token");
     let report = diagnose(&config).await;
     assert_eq!(
         step(path(&report, "8883"), StepName::Tls).verdict,
@@ -344,17 +338,12 @@ async fn credentials_refused_by_mosquitto() {
 #[tokio::test]
 async fn a_working_path_through_mosquitto() {
     let ca = TestCa::new("Beckon test CA");
-    let broker = Mosquitto::start_tls(
-        &ca.server_cert(&["localhost", "127.0.0.1"]),
-        "agent-7",
-        "right-token",
-    );
+    let broker = start_mosquitto(&ca, "agent-7", "right-token");
     let dir = tempfile::tempdir().expect("tempdir");
     // Mosquitto on both ports: its TLS listener is no shared 443-style port (no ALPN mqtt,
     // no WebSocket), which the fallback paths must say.
     let mut config = config_trusting(&ca, dir.path(), broker.port, broker.port);
-    config.username = Some("agent-7".into());
-    config.password = Some("right-token".into());
+    set_credentials(&mut config, "agent-7", "right-token");
     let report = diagnose(&config).await;
     let human = report.to_human();
     assert_fails(
@@ -422,11 +411,7 @@ struct Cli {
 #[tokio::test]
 async fn an_agent_identity_from_its_config_file() {
     let ca = TestCa::new("Beckon test CA");
-    let broker = Mosquitto::start_tls(
-        &ca.server_cert(&["localhost", "127.0.0.1"]),
-        "laptop-42",
-        "t0ken",
-    );
+    let broker = start_mosquitto(&ca, "laptop-42", "t0ken");
     let dir = tempfile::tempdir().expect("tempdir");
     let ca_file = ca.write_pem(dir.path(), "ca.pem");
     let token_file = dir.path().join("token");
@@ -512,17 +497,12 @@ fn bad_arguments_are_errors_not_panics() {
 #[tokio::test]
 async fn a_working_path_through_tinyproxy() {
     let ca = TestCa::new("Beckon test CA");
-    let broker = Mosquitto::start_tls(
-        &ca.server_cert(&["localhost", "127.0.0.1"]),
-        "agent-7",
-        "right-token",
-    );
+    let broker = start_mosquitto(&ca, "agent-7", "right-token");
     let proxy = Tinyproxy::start(&[broker.port]);
     let dir = tempfile::tempdir().expect("tempdir");
     let mut config = config_trusting(&ca, dir.path(), broker.port, refused_port());
     config.proxy = Some(proxy_url(&proxy));
-    config.username = Some("agent-7".into());
-    config.password = Some("right-token".into());
+    set_credentials(&mut config, "agent-7", "right-token");
     let report = diagnose(&config).await;
     let human = report.to_human();
     let first = path(&report, "8883 via proxy");

@@ -40,6 +40,18 @@ pub fn config_trusting(ca: &TestCa, dir: &Path, primary: u16, fallback: u16) -> 
     config("127.0.0.1", primary, fallback).with_ca_file(ca.write_pem(dir, "ca.pem"))
 }
 
+/// Mosquitto over TLS, with a certificate from `ca` for localhost and 127.0.0.1, accepting
+/// `user` with `password`.
+pub fn start_mosquitto(ca: &TestCa, user: &str, password: &str) -> Mosquitto {
+    Mosquitto::start_tls(&ca.server_cert(&["localhost", "127.0.0.1"]), user, password)
+}
+
+/// Connect as `user` with `password`.
+pub fn set_credentials(config: &mut DoctorConfig, user: &str, password: &str) {
+    config.username = Some(user.into());
+    config.password = Some(password.into());
+}
+
 /// Asserts that `text` (a verdict's detail, a summary, a report) contains `part`.
 #[track_caller]
 pub fn assert_contains(text: &str, part: &str) {
