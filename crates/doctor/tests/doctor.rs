@@ -34,10 +34,7 @@ async fn a_name_that_does_not_resolve() {
 async fn a_refused_port() {
     let (primary, fallback) = (refused_port(), refused_port());
     let report = diagnose(&config("127.0.0.1", primary, fallback)).await;
-    assert_eq!(
-        step(path(&report, "8883"), StepName::Dns).verdict,
-        Verdict::Pass
-    );
+    assert_passes(&report, "8883", StepName::Dns);
     let tcp = assert_fails(
         &report,
         "8883",
@@ -90,10 +87,7 @@ async fn a_filtered_port() {
 async fn a_port_that_accepts_but_never_speaks_tls() {
     let (silent, _task) = start_silent_server().await;
     let report = diagnose(&config("127.0.0.1", silent.port(), refused_port())).await;
-    assert_eq!(
-        step(path(&report, "8883"), StepName::Tcp).verdict,
-        Verdict::Pass
-    );
+    assert_passes(&report, "8883", StepName::Tcp);
     let tls = assert_fails(
         &report,
         "8883",
@@ -195,10 +189,7 @@ async fn a_proxy_that_forbids_the_port() {
         forbidden.detail,
         proxy.output()
     );
-    assert_eq!(
-        step(path(&report, "8883 via proxy"), StepName::Tcp).verdict,
-        Verdict::Pass
-    );
+    assert_passes(&report, "8883 via proxy", StepName::Tcp);
     let dns = step(path(&report, "8883 via proxy"), StepName::Dns);
     assert_contains(
         &dns.detail,
@@ -280,10 +271,7 @@ async fn a_broker_that_wants_a_client_certificate() {
     // No certificate: with TLS 1.3 the broker's refusal arrives after the handshake, on the
     // first read, so it is the MQTT CONNECT step that reports it.
     let report = diagnose(&config).await;
-    assert_eq!(
-        step(path(&report, "8883"), StepName::Tls).verdict,
-        Verdict::Pass
-    );
+    assert_passes(&report, "8883", StepName::Tls);
     assert_fails(
         &report,
         "8883",

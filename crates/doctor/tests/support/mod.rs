@@ -80,6 +80,18 @@ pub fn step(path: &PathReport, name: StepName) -> &StepReport {
         .unwrap_or_else(|| panic!("no step {name} in {path:?}"))
 }
 
+/// Asserts that `name` passed on `label`.
+#[track_caller]
+pub fn assert_passes(report: &Report, label: &str, name: StepName) {
+    let verdict = step(path(report, label), name).verdict;
+    assert_eq!(
+        verdict,
+        Verdict::Pass,
+        "{label} {name}:\n{}",
+        report.to_human()
+    );
+}
+
 /// Asserts that `name` failed on `label`, that its fix holds every one of `fix_words`, that
 /// the steps after it were skipped, and returns the step.
 pub fn assert_fails<'a>(
