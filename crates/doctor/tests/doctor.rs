@@ -4,7 +4,7 @@
 
 mod support;
 
-use beckon_doctor::{DoctorArgs, StepName, Verdict, diagnose};
+use beckon_doctor::{DoctorArgs, Report, StepName, Verdict, diagnose};
 use clap::Parser;
 use support::*;
 
@@ -503,14 +503,19 @@ async fn a_working_path_through_tinyproxy() {
     assert_contains(&report.summary, "2 of 6 paths work");
 }
 
+/// Diagnoses a fake broker on the fallback port only (8883 is refused), with or without ALPN
+/// `mqtt` there; its port and the report.
+async fn diagnose_fallback_only(alpn_mqtt: bool) -> (u16, Report) {
+    let ca = TestCa::new("Beckon test CA");
+    let broker = start_fake_broker(ca.server_cert(&["127.0.0.1"]), alpn_mqtt).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = config_trusting(&ca, dir.path(), refused_port(), broker.addr.port());
+    (broker.addr.port(), diagnose(&config).await)
+}
+
 #[tokio::test]
 async fn the_fallback_port_with_alpn_mqtt() {
-    let ca = TestCa::new("Beckon test CA");
-    let broker = start_fake_broker(ca.server_cert(&["127.0.0.1"]), true).await;
-    let dir = tempfile::tempdir().expect("tempdir");
-    // 8883 filtered-by-refusal; the shared port works.
-    let config = config_trusting(&ca, dir.path(), refused_port(), broker.addr.port());
-    let report = diagnose(&config).await;
+    let (_port, report) = diagnose_fallback_only(true).await;
     let human = report.to_human();
     assert_eq!(report.path_in_use.as_deref(), Some("443-mqtt"), "{human}");
     let tls = step(path(&report, "443-mqtt"), StepName::Tls);
@@ -530,18 +535,13 @@ async fn the_fallback_port_with_alpn_mqtt() {
 
 #[tokio::test]
 async fn a_fallback_port_that_serves_only_websocket() {
-    let ca = TestCa::new("Beckon test CA");
-    let broker = start_fake_broker(ca.server_cert(&["127.0.0.1"]), false).await;
-    let dir = tempfile::tempdir().expect("tempdir");
-    let config = config_trusting(&ca, dir.path(), refused_port(), broker.addr.port());
-    let report = diagnose(&config).await;
+    let (port, report) = diagnose_fallback_only(false).await;
     assert_fails(
         &report,
         "443-mqtt",
         StepName::Tls,
         &[&format!(
-            "Port {} on 127.0.0.1 does not accept the application protocol mqtt",
-            broker.addr.port()
+            "Port {port} on 127.0.0.1 does not accept the application protocol mqtt"
         )],
     );
     assert_eq!(
