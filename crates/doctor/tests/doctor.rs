@@ -197,14 +197,20 @@ async fn a_proxy_that_forbids_the_port() {
     );
 }
 
+/// Diagnoses a TLS server on the primary port that presents `identity`, trusting `ca` (the
+/// fallback port is refused).
+async fn diagnose_tls_server(ca: &TestCa, identity: ServerIdentity) -> Report {
+    let server = start_tls_server(identity).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = config_trusting(ca, dir.path(), server.addr.port(), refused_port());
+    diagnose(&config).await
+}
+
 #[tokio::test]
 async fn a_certificate_from_another_ca() {
     let ours = TestCa::new("our CA");
     let theirs = TestCa::new("someone else's CA");
-    let server = start_tls_server(theirs.server_cert(&["127.0.0.1"])).await;
-    let dir = tempfile::tempdir().expect("tempdir");
-    let config = config_trusting(&ours, dir.path(), server.addr.port(), refused_port());
-    let report = diagnose(&config).await;
+    let report = diagnose_tls_server(&ours, theirs.server_cert(&["127.0.0.1"])).await;
     let tls = assert_fails(
         &report,
         "8883",
@@ -226,11 +232,11 @@ async fn a_certificate_from_another_ca() {
 #[tokio::test]
 async fn an_expired_certificate() {
     let ca = TestCa::new("Beckon test CA");
-    let server =
-        start_tls_server(ca.server_cert_valid(&["127.0.0.1"], (2019, 1, 1), (2021, 3, 4))).await;
-    let dir = tempfile::tempdir().expect("tempdir");
-    let config = config_trusting(&ca, dir.path(), server.addr.port(), refused_port());
-    let report = diagnose(&config).await;
+    let report = diagnose_tls_server(
+        &ca,
+        ca.server_cert_valid(&["127.0.0.1"], (2019, 1, 1), (2021, 3, 4)),
+    )
+    .await;
     assert_fails(
         &report,
         "8883",
@@ -245,10 +251,8 @@ async fn an_expired_certificate() {
 #[tokio::test]
 async fn a_certificate_for_another_name() {
     let ca = TestCa::new("Beckon test CA");
-    let server = start_tls_server(ca.server_cert(&["broker.example", "push.example"])).await;
-    let dir = tempfile::tempdir().expect("tempdir");
-    let config = config_trusting(&ca, dir.path(), server.addr.port(), refused_port());
-    let report = diagnose(&config).await;
+    let report =
+        diagnose_tls_server(&ca, ca.server_cert(&["broker.example", "push.example"])).await;
     assert_fails(
         &report,
         "8883",
