@@ -176,7 +176,9 @@ def _beckon_bin() -> Path:
     return path
 
 
-def _start_beckon(tmp: Path, certs: Certificates, port: int, tls_port: int, log: Path) -> subprocess.Popen:
+def start_beckon_broker(tmp: Path, certs: Certificates, listen: list[str], log: Path) -> subprocess.Popen:
+    """`beckon broker` with the suite's server certificate, a fresh data folder in `tmp` and
+    the listeners (and other options) in `listen`, its output in `log`."""
     binary = _beckon_bin()
     if not (binary.is_file() and os.access(binary, os.X_OK)):
         pytest.fail(
@@ -186,16 +188,18 @@ def _start_beckon(tmp: Path, certs: Certificates, port: int, tls_port: int, log:
     data = tmp / "beckon-data"
     data.mkdir()
     cmd = [
-        str(binary), "broker",
-        "--mqtt", f"127.0.0.1:{port}",
-        "--mqtts", f"127.0.0.1:{tls_port}",
+        str(binary), "broker", *listen,
         "--cert", str(certs.cert),
         "--key", str(certs.key),
-        "--allow-anonymous",
         "--data", str(data),
     ]
     with log.open("wb") as out:
         return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, preexec_fn=die_with_parent)
+
+
+def _start_beckon(tmp: Path, certs: Certificates, port: int, tls_port: int, log: Path) -> subprocess.Popen:
+    listen = ["--mqtt", f"127.0.0.1:{port}", "--mqtts", f"127.0.0.1:{tls_port}", "--allow-anonymous"]
+    return start_beckon_broker(tmp, certs, listen, log)
 
 
 @pytest.fixture(params=["mosquitto", "beckon"])

@@ -30,8 +30,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import Certificates, LoggedProcess, _beckon_bin, _free_ports, _run, serve_for_test
-from mqtt_clients import WAIT, MosquittoSub, PahoClient, die_with_parent, props
+from conftest import Certificates, LoggedProcess, _free_ports, _run, serve_for_test, start_beckon_broker
+from mqtt_clients import WAIT, MosquittoSub, PahoClient, props
 from paho.mqtt.packettypes import PacketTypes
 
 TOKEN_KID = "interop-console"
@@ -176,27 +176,14 @@ class PushBroker(LoggedProcess):
 @pytest.fixture
 def push_broker(tmp_path, certs, tenant_pki):
     """A fresh Beckon push service per test (mqtts + shared port + tenants), killed on teardown."""
-    binary = _beckon_bin()
-    if not (binary.is_file() and os.access(binary, os.X_OK)):
-        pytest.fail(
-            f"beckon binary not found at {binary}: build it with `cargo build -p beckon` "
-            "(scripts/test does), or point BECKON_BIN at it"
-        )
     tls_port, fallback_port = _free_ports(2)
-    data = tmp_path / "beckon-data"
-    data.mkdir()
     log = tmp_path / "beckon-push.log"
-    cmd = [
-        str(binary), "broker",
+    listen = [
         "--mqtts", f"127.0.0.1:{tls_port}",
         "--fallback", f"127.0.0.1:{fallback_port}",
         "--tenants-dir", str(tenant_pki.tenants_dir),
-        "--cert", str(certs.cert),
-        "--key", str(certs.key),
-        "--data", str(data),
     ]
-    with log.open("wb") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, preexec_fn=die_with_parent)
+    proc = start_beckon_broker(tmp_path, certs, listen, log)
     yield from serve_for_test(
         proc, [tls_port, fallback_port], log, "beckon",
         lambda: PushBroker("beckon", "127.0.0.1", tls_port, fallback_port, certs, tenant_pki, proc, log),
