@@ -35,8 +35,21 @@ class Certificates:
     key: Path
 
 
+class LoggedProcess:
+    """A process under test whose output goes to `log`: its tail goes into failure reports."""
+
+    log: Path
+
+    def log_tail(self, lines: int = 40) -> str:
+        try:
+            text = self.log.read_text(errors="replace").splitlines()
+        except OSError as err:
+            return f"(no log: {err})"
+        return "\n".join(text[-lines:])
+
+
 @dataclass
-class Broker:
+class Broker(LoggedProcess):
     """A running broker under test and how to reach it."""
 
     name: str
@@ -46,13 +59,6 @@ class Broker:
     certs: Certificates
     process: subprocess.Popen
     log: Path
-
-    def log_tail(self, lines: int = 40) -> str:
-        try:
-            text = self.log.read_text(errors="replace").splitlines()
-        except OSError as err:
-            return f"(no log: {err})"
-        return "\n".join(text[-lines:])
 
 
 def _run(cmd: list[str], cwd: Path) -> None:
@@ -100,6 +106,16 @@ def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def _free_ports(count: int) -> list[int]:
+    """`count` distinct free ports."""
+    ports: list[int] = []
+    while len(ports) < count:
+        port = _free_port()
+        if port not in ports:
+            ports.append(port)
+    return ports
 
 
 def _wait_listening(proc: subprocess.Popen, ports: list[int], log: Path, name: str) -> None:
@@ -160,7 +176,9 @@ def _beckon_bin() -> Path:
     return path
 
 
-def _start_beckon(tmp: Path, certs: Certificates, port: int, tls_port: int, log: Path) -> subprocess.Popen:
+def start_beckon_broker(tmp: Path, certs: Certificates, listen: list[str], log: Path) -> subprocess.Popen:
+    """`beckon broker` with the suite's server certificate, a fresh data folder in `tmp` and
+    the listeners (and other options) in `listen`, its output in `log`."""
     binary = _beckon_bin()
     if not (binary.is_file() and os.access(binary, os.X_OK)):
         pytest.fail(
@@ -170,31 +188,40 @@ def _start_beckon(tmp: Path, certs: Certificates, port: int, tls_port: int, log:
     data = tmp / "beckon-data"
     data.mkdir()
     cmd = [
-        str(binary), "broker",
-        "--mqtt", f"127.0.0.1:{port}",
-        "--mqtts", f"127.0.0.1:{tls_port}",
+        str(binary), "broker", *listen,
         "--cert", str(certs.cert),
         "--key", str(certs.key),
-        "--allow-anonymous",
         "--data", str(data),
     ]
     with log.open("wb") as out:
         return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, preexec_fn=die_with_parent)
 
 
+def _start_beckon(tmp: Path, certs: Certificates, port: int, tls_port: int, log: Path) -> subprocess.Popen:
+    listen = ["--mqtt", f"127.0.0.1:{port}", "--mqtts", f"127.0.0.1:{tls_port}", "--allow-anonymous"]
+    return start_beckon_broker(tmp, certs, listen, log)
+
+
 @pytest.fixture(params=["mosquitto", "beckon"])
 def broker(request, tmp_path, certs):
     """A fresh broker per test (no state leaks between scenarios), killed on teardown."""
     name = request.param
-    port, tls_port = _free_port(), _free_port()
-    while tls_port == port:
-        tls_port = _free_port()
+    port, tls_port = _free_ports(2)
     log = tmp_path / f"{name}.log"
     start = _start_mosquitto if name == "mosquitto" else _start_beckon
     proc = start(tmp_path, certs, port, tls_port, log)
+    yield from serve_for_test(
+        proc, [port, tls_port], log, name,
+        lambda: Broker(name=name, host="127.0.0.1", port=port, tls_port=tls_port, certs=certs, process=proc, log=log),
+    )
+
+
+def serve_for_test(proc: subprocess.Popen, ports: list[int], log: Path, name: str, make):
+    """The body of a broker fixture: waits until `proc` listens on `ports`, yields `make()` to
+    the test, fails the test if the process died during it, and kills the process at the end."""
     try:
-        _wait_listening(proc, [port, tls_port], log, name)
-        b = Broker(name=name, host="127.0.0.1", port=port, tls_port=tls_port, certs=certs, process=proc, log=log)
+        _wait_listening(proc, ports, log, name)
+        b = make()
         yield b
         if proc.poll() is not None:
             pytest.fail(f"{name} died during the test (status {proc.returncode}); log:\n{b.log_tail()}")
@@ -226,6 +253,21 @@ def clients(broker):
     yield make
     for c in made:
         c.close()
+
+
+@pytest.fixture
+def subscriber(clients):
+    """Factory for a connected client subscribed to `filters`, at QoS 1 unless `qos` says otherwise
+    (`subscribe_options`, e.g. no_local=True, go to every SUBSCRIBE)."""
+
+    def make(version: str, *filters: str, qos: int = 1, **subscribe_options) -> PahoClient:
+        c = clients(version)
+        c.connect()
+        for f in filters:
+            c.subscribe(f, qos=qos, **subscribe_options)
+        return c
+
+    return make
 
 
 @pytest.hookimpl(tryfirst=True)

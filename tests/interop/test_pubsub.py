@@ -40,12 +40,9 @@ def test_qos_downgraded_to_subscription(clients, topic, version):
 
 
 @pytest.mark.parametrize("version", VERSIONS)
-def test_wildcards_and_order(clients, topic, version):
+def test_wildcards_and_order(clients, subscriber, topic, version):
     """`+` and `#` match as specified, and messages from one publisher keep their order."""
-    sub = clients(version)
-    sub.connect()
-    sub.subscribe(f"{topic}/+/temp", qos=1)
-    sub.subscribe(f"{topic}/alarm/#", qos=1)
+    sub = subscriber(version, f"{topic}/+/temp", f"{topic}/alarm/#")
     pub = clients(version)
     pub.connect()
     for t in [f"{topic}/room1/temp", f"{topic}/room1/humidity", f"{topic}/alarm", f"{topic}/alarm/x/y", f"{topic}/a/b/temp"]:
@@ -59,15 +56,13 @@ def test_wildcards_and_order(clients, topic, version):
 
 
 @pytest.mark.parametrize("version", VERSIONS)
-def test_retained_set_delivered_and_cleared(clients, topic, version):
+def test_retained_set_delivered_and_cleared(clients, subscriber, topic, version):
     """A retained message reaches later subscribers with the retain flag; an empty retained payload clears it."""
     pub = clients(version)
     pub.connect()
     pub.publish(f"{topic}/state", b"on", qos=1, retain=True)
 
-    late = clients(version)
-    late.connect()
-    late.subscribe(f"{topic}/#", qos=1)
+    late = subscriber(version, f"{topic}/#")
     msg = late.expect_one()
     assert (msg.topic, msg.payload, msg.retain, msg.qos) == (f"{topic}/state", b"on", True, 1)
 
@@ -77,34 +72,24 @@ def test_retained_set_delivered_and_cleared(clients, topic, version):
     assert (live.payload, live.retain) == (b"off", False)
 
     # The newest retained message replaced the old one.
-    again = clients(version)
-    again.connect()
-    again.subscribe(f"{topic}/state", qos=0)
+    again = subscriber(version, f"{topic}/state", qos=0)
     replaced = again.expect_one()
     assert (replaced.payload, replaced.retain, replaced.qos) == (b"off", True, 0)
     again.expect_none()
 
     pub.publish(f"{topic}/state", b"", qos=1, retain=True)
     late.drain()  # the clearing publish itself may be seen by existing subscribers
-    after = clients(version)
-    after.connect()
-    after.subscribe(f"{topic}/#", qos=1)
+    after = subscriber(version, f"{topic}/#")
     after.expect_none()
 
 
 @pytest.mark.parametrize("version", VERSIONS)
-def test_dollar_topics_not_matched_by_wildcards(clients, topic, version):
+def test_dollar_topics_not_matched_by_wildcards(clients, subscriber, topic, version):
     """`#` and `+/...` do not match topics starting with `$`; an explicit `$` filter does."""
     dollar = f"$test{topic.split('/')[1]}"
-    everything = clients(version)
-    everything.connect()
-    everything.subscribe("#", qos=1)
-    plus = clients(version)
-    plus.connect()
-    plus.subscribe("+/x", qos=1)
-    explicit = clients(version)
-    explicit.connect()
-    explicit.subscribe(f"{dollar}/#", qos=1)
+    everything = subscriber(version, "#")
+    plus = subscriber(version, "+/x")
+    explicit = subscriber(version, f"{dollar}/#")
 
     pub = clients(version)
     pub.connect()
@@ -118,11 +103,8 @@ def test_dollar_topics_not_matched_by_wildcards(clients, topic, version):
 
 
 @pytest.mark.parametrize("version", VERSIONS)
-def test_unsubscribe_stops_delivery(clients, topic, version):
-    sub = clients(version)
-    sub.connect()
-    sub.subscribe(f"{topic}/u", qos=1)
-    sub.subscribe(f"{topic}/keep", qos=1)
+def test_unsubscribe_stops_delivery(clients, subscriber, topic, version):
+    sub = subscriber(version, f"{topic}/u", f"{topic}/keep")
     pub = clients(version)
     pub.connect()
     pub.publish(f"{topic}/u", b"before", qos=1)
@@ -135,11 +117,9 @@ def test_unsubscribe_stops_delivery(clients, topic, version):
 
 
 @pytest.mark.parametrize("version", VERSIONS)
-def test_empty_and_large_payloads(clients, topic, version):
+def test_empty_and_large_payloads(clients, subscriber, topic, version):
     """A zero-length (non-retained) payload and a 64 KiB one both arrive intact."""
-    sub = clients(version)
-    sub.connect()
-    sub.subscribe(f"{topic}/#", qos=1)
+    sub = subscriber(version, f"{topic}/#")
     pub = clients(version)
     pub.connect()
     big = bytes(i % 251 for i in range(64 * 1024))

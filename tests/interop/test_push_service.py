@@ -30,8 +30,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import Certificates, _beckon_bin, _free_port, _run, _wait_listening
-from mqtt_clients import WAIT, MosquittoSub, PahoClient, die_with_parent, props
+from conftest import Certificates, LoggedProcess, _free_ports, _run, serve_for_test, start_beckon_broker
+from mqtt_clients import WAIT, MosquittoSub, PahoClient, props
 from paho.mqtt.packettypes import PacketTypes
 
 TOKEN_KID = "interop-console"
@@ -160,7 +160,7 @@ def tenant_pki(tmp_path_factory, certs) -> TenantPki:
 
 
 @dataclass
-class PushBroker:
+class PushBroker(LoggedProcess):
     """A running `beckon broker` with a tenant folder; `tls_port` is mqtts (8883's role), `fallback_port` the shared port."""
 
     name: str
@@ -172,53 +172,22 @@ class PushBroker:
     process: subprocess.Popen
     log: Path
 
-    def log_tail(self, lines: int = 40) -> str:
-        try:
-            text = self.log.read_text(errors="replace").splitlines()
-        except OSError as err:
-            return f"(no log: {err})"
-        return "\n".join(text[-lines:])
-
 
 @pytest.fixture
 def push_broker(tmp_path, certs, tenant_pki):
     """A fresh Beckon push service per test (mqtts + shared port + tenants), killed on teardown."""
-    binary = _beckon_bin()
-    if not (binary.is_file() and os.access(binary, os.X_OK)):
-        pytest.fail(
-            f"beckon binary not found at {binary}: build it with `cargo build -p beckon` "
-            "(scripts/test does), or point BECKON_BIN at it"
-        )
-    tls_port, fallback_port = _free_port(), _free_port()
-    while fallback_port == tls_port:
-        fallback_port = _free_port()
-    data = tmp_path / "beckon-data"
-    data.mkdir()
+    tls_port, fallback_port = _free_ports(2)
     log = tmp_path / "beckon-push.log"
-    cmd = [
-        str(binary), "broker",
+    listen = [
         "--mqtts", f"127.0.0.1:{tls_port}",
         "--fallback", f"127.0.0.1:{fallback_port}",
         "--tenants-dir", str(tenant_pki.tenants_dir),
-        "--cert", str(certs.cert),
-        "--key", str(certs.key),
-        "--data", str(data),
     ]
-    with log.open("wb") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, preexec_fn=die_with_parent)
-    try:
-        _wait_listening(proc, [tls_port, fallback_port], log, "beckon")
-        b = PushBroker("beckon", "127.0.0.1", tls_port, fallback_port, certs, tenant_pki, proc, log)
-        yield b
-        if proc.poll() is not None:
-            pytest.fail(f"beckon died during the test (status {proc.returncode}); log:\n{b.log_tail()}")
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        try:
-            proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            pass
+    proc = start_beckon_broker(tmp_path, certs, listen, log)
+    yield from serve_for_test(
+        proc, [tls_port, fallback_port], log, "beckon",
+        lambda: PushBroker("beckon", "127.0.0.1", tls_port, fallback_port, certs, tenant_pki, proc, log),
+    )
 
 
 class RecordingSSLSocket(ssl.SSLSocket):
@@ -322,6 +291,15 @@ def ack_back(agent: TenantClient, server: TenantClient, wakeup: bytes) -> None:
     assert (msg.topic, msg.payload) == ("agents/a1/ack", ack)
 
 
+def wake_and_ack(server: TenantClient, agent: TenantClient, path: str, reason: str) -> None:
+    """The console (`server`) sees agent a1 connected over `path`, wakes it, and gets its ack."""
+    event = presence_of(server, "a1")
+    assert (event["state"], event["path"]) == ("connected", path)
+    assert server.subscribe("agents/a1/ack", qos=1) == [1]
+    wakeup = deliver_wakeup(server, agent, reason)
+    ack_back(agent, server, wakeup)
+
+
 def https_get(broker: PushBroker, path: str, alpn: list[str] | None) -> tuple[int, bytes, str | None, str]:
     """GET over TLS on the shared port, verifying the server certificate; (status, body, ALPN, content type)."""
     ctx = ssl.create_default_context(cafile=str(broker.certs.ca))
@@ -352,12 +330,7 @@ def test_paho_v5_agent_on_shared_port_with_alpn_mqtt_gets_wakeup(push_broker, te
     # The console's way in: a token as the password over mqtts, no client certificate.
     server = tenant_clients("console", push_broker.tls_port, token=pki.token("server", "console"), user="acme/server/console")
     server.connect()
-    event = presence_of(server, "a1")
-    assert (event["state"], event["path"]) == ("connected", "443-mqtt")
-    assert server.subscribe("agents/a1/ack", qos=1) == [1]
-
-    wakeup = deliver_wakeup(server, agent, "alpn-mqtt")
-    ack_back(agent, server, wakeup)
+    wake_and_ack(server, agent, "443-mqtt", "alpn-mqtt")
 
 
 def test_paho_agent_over_websocket_on_shared_port_gets_wakeup(push_broker, tenant_clients):
@@ -372,12 +345,7 @@ def test_paho_agent_over_websocket_on_shared_port_gets_wakeup(push_broker, tenan
 
     server = tenant_clients("console", push_broker.tls_port, identity=pki.identities["acme/server/console"])
     server.connect()
-    event = presence_of(server, "a1")
-    assert (event["state"], event["path"]) == ("connected", "443-websocket")
-    assert server.subscribe("agents/a1/ack", qos=1) == [1]
-
-    wakeup = deliver_wakeup(server, agent, "websocket")
-    ack_back(agent, server, wakeup)
+    wake_and_ack(server, agent, "443-websocket", "websocket")
 
 
 @pytest.mark.parametrize("alpn", [["http/1.1"], None], ids=["alpn-http1.1", "no-alpn"])

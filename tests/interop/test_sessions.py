@@ -18,10 +18,8 @@ VERSIONS = ["v311", "v5"]
 
 @pytest.mark.parametrize("version", VERSIONS)
 @pytest.mark.parametrize("tls", [False, True], ids=["plain", "tls"])
-def test_will_published_on_abrupt_disconnect(clients, topic, version, tls):
-    watcher = clients(version)
-    watcher.connect()
-    watcher.subscribe(f"{topic}/will", qos=1)
+def test_will_published_on_abrupt_disconnect(clients, subscriber, topic, version, tls):
+    watcher = subscriber(version, f"{topic}/will")
     dying = clients(version, tls=tls)
     dying.set_will(f"{topic}/will", b"gone", qos=1)
     dying.connect()
@@ -32,10 +30,8 @@ def test_will_published_on_abrupt_disconnect(clients, topic, version, tls):
 
 
 @pytest.mark.parametrize("version", VERSIONS)
-def test_will_not_published_on_clean_disconnect(clients, topic, version):
-    watcher = clients(version)
-    watcher.connect()
-    watcher.subscribe(f"{topic}/will", qos=1)
+def test_will_not_published_on_clean_disconnect(clients, subscriber, topic, version):
+    watcher = subscriber(version, f"{topic}/will")
     leaving = clients(version)
     leaving.set_will(f"{topic}/will", b"gone", qos=1)
     leaving.connect()
@@ -44,26 +40,22 @@ def test_will_not_published_on_clean_disconnect(clients, topic, version):
 
 
 @pytest.mark.parametrize("version", VERSIONS)
-def test_retained_will(clients, topic, version):
+def test_retained_will(clients, subscriber, topic, version):
     """A will with retain set becomes the retained message of its topic."""
     dying = clients(version)
     dying.set_will(f"{topic}/status", b"offline", qos=1, retain=True)
     dying.connect()
     dying.kill_socket()
     time.sleep(0.3)
-    late = clients(version)
-    late.connect()
-    late.subscribe(f"{topic}/status", qos=1)
+    late = subscriber(version, f"{topic}/status")
     msg = late.expect_one()
     assert (msg.payload, msg.retain) == (b"offline", True)
 
 
 @pytest.mark.parametrize("version", VERSIONS)
-def test_keepalive_timeout_publishes_will(clients, topic, version):
+def test_keepalive_timeout_publishes_will(clients, subscriber, topic, version):
     """A client that goes silent past 1.5 x keepalive is dropped by the broker, and its will published."""
-    watcher = clients(version)
-    watcher.connect()
-    watcher.subscribe(f"{topic}/will", qos=1)
+    watcher = subscriber(version, f"{topic}/will")
     silent = clients(version)
     silent.set_will(f"{topic}/will", b"timed out", qos=1)
     silent.connect(keepalive=1)
@@ -72,11 +64,9 @@ def test_keepalive_timeout_publishes_will(clients, topic, version):
     assert msg.payload == b"timed out"
 
 
-def test_v5_will_delay(clients, topic):
+def test_v5_will_delay(clients, subscriber, topic):
     """v5 Will Delay Interval: the will is held back for the delay, then published."""
-    watcher = clients("v5")
-    watcher.connect()
-    watcher.subscribe(f"{topic}/will", qos=1)
+    watcher = subscriber("v5", f"{topic}/will")
     dying = clients("v5")
     dying.set_will(f"{topic}/will", b"late", qos=1, properties=props(PacketTypes.WILLMESSAGE, WillDelayInterval=2))
     dying.connect(properties=props(PacketTypes.CONNECT, SessionExpiryInterval=60))
@@ -88,11 +78,9 @@ def test_v5_will_delay(clients, topic):
     assert time.monotonic() - start >= 1.5
 
 
-def test_v5_will_delay_cancelled_by_reconnect(clients, topic):
+def test_v5_will_delay_cancelled_by_reconnect(clients, subscriber, topic):
     """Reconnecting to the session before the will delay ends means no will."""
-    watcher = clients("v5")
-    watcher.connect()
-    watcher.subscribe(f"{topic}/will", qos=1)
+    watcher = subscriber("v5", f"{topic}/will")
     dying = clients("v5")
     dying.set_will(f"{topic}/will", b"late", qos=1, properties=props(PacketTypes.WILLMESSAGE, WillDelayInterval=2))
     dying.connect(properties=props(PacketTypes.CONNECT, SessionExpiryInterval=60))
@@ -103,11 +91,9 @@ def test_v5_will_delay_cancelled_by_reconnect(clients, topic):
     watcher.expect_none(3.0)
 
 
-def test_v5_disconnect_with_will_message(clients, topic):
+def test_v5_disconnect_with_will_message(clients, subscriber, topic):
     """v5 DISCONNECT with reason 0x04 asks the broker to publish the will."""
-    watcher = clients("v5")
-    watcher.connect()
-    watcher.subscribe(f"{topic}/will", qos=1)
+    watcher = subscriber("v5", f"{topic}/will")
     leaving = clients("v5")
     leaving.set_will(f"{topic}/will", b"asked", qos=1)
     leaving.connect()
@@ -312,12 +298,10 @@ def test_v5_message_expiry_for_offline_session(clients, topic):
     back.expect_none()
 
 
-def test_v5_retained_message_expires(clients, topic):
+def test_v5_retained_message_expires(clients, subscriber, topic):
     pub = clients("v5")
     pub.connect()
     pub.publish(f"{topic}/r", b"brief", qos=1, retain=True, properties=props(PacketTypes.PUBLISH, MessageExpiryInterval=1))
     time.sleep(2.2)
-    sub = clients("v5")
-    sub.connect()
-    sub.subscribe(f"{topic}/r", qos=1)
+    sub = subscriber("v5", f"{topic}/r")
     sub.expect_none()

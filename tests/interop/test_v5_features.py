@@ -8,11 +8,9 @@ from mqtt_clients import props
 
 
 @pytest.mark.parametrize("sub_version", ["v311", "v5"])
-def test_topic_alias_from_publisher(clients, topic, sub_version):
+def test_topic_alias_from_publisher(clients, subscriber, topic, sub_version):
     """A v5 publisher sets an alias, then publishes by alias only; subscribers see the full topic."""
-    sub = clients(sub_version)
-    sub.connect()
-    sub.subscribe(f"{topic}/#", qos=1)
+    sub = subscriber(sub_version, f"{topic}/#")
     pub = clients("v5")
     ack = pub.connect()
     assert getattr(ack.properties, "TopicAliasMaximum", 0) >= 1, "CONNACK must offer topic aliases"
@@ -58,14 +56,10 @@ def test_subscription_identifier_on_retained(clients, topic):
     assert (msg.payload, msg.retain, msg.prop("SubscriptionIdentifier")) == (b"kept", True, [42])
 
 
-def test_no_local(clients, topic):
+def test_no_local(clients, subscriber, topic):
     """With No Local, a client does not get its own messages, but gets everyone else's."""
-    me = clients("v5")
-    me.connect()
-    me.subscribe(f"{topic}/chat", qos=1, no_local=True)
-    other = clients("v5")
-    other.connect()
-    other.subscribe(f"{topic}/chat", qos=1)
+    me = subscriber("v5", f"{topic}/chat", no_local=True)
+    other = subscriber("v5", f"{topic}/chat")
     me.publish(f"{topic}/chat", b"from-me", qos=1)
     assert other.expect_one().payload == b"from-me"
     me.expect_none()
@@ -74,14 +68,10 @@ def test_no_local(clients, topic):
     assert other.expect_one().payload == b"from-other"  # no_local was not set for `other`
 
 
-def test_retain_as_published(clients, topic):
+def test_retain_as_published(clients, subscriber, topic):
     """Retain As Published keeps the retain flag on live delivery; without it the flag is cleared."""
-    rap = clients("v5")
-    rap.connect()
-    rap.subscribe(f"{topic}/s", qos=1, retain_as_published=True)
-    plain = clients("v5")
-    plain.connect()
-    plain.subscribe(f"{topic}/s", qos=1)
+    rap = subscriber("v5", f"{topic}/s", retain_as_published=True)
+    plain = subscriber("v5", f"{topic}/s")
     pub = clients("v5")
     pub.connect()
     pub.publish(f"{topic}/s", b"r", qos=1, retain=True)
@@ -115,11 +105,9 @@ def test_retain_handling(clients, topic, handling):
     assert sub.expect_one().payload == b"live"
 
 
-def test_publish_properties_passed_through(clients, topic):
+def test_publish_properties_passed_through(clients, subscriber, topic):
     """User properties (order and duplicates kept) and the other application properties reach v5 subscribers."""
-    sub = clients("v5")
-    sub.connect()
-    sub.subscribe(f"{topic}/p", qos=1)
+    sub = subscriber("v5", f"{topic}/p")
     pub = clients("v5")
     pub.connect()
     user = [("tenant", "acme"), ("trace", "1"), ("trace", "2"), ("ünïcode", "✓")]
@@ -140,11 +128,9 @@ def test_publish_properties_passed_through(clients, topic):
     assert msg.prop("PayloadFormatIndicator") == 1
 
 
-def test_v311_subscriber_gets_v5_message(clients, topic):
+def test_v311_subscriber_gets_v5_message(clients, subscriber, topic):
     """A v3.1.1 subscriber receives a v5 publisher's message without the properties."""
-    sub = clients("v311")
-    sub.connect()
-    sub.subscribe(f"{topic}/p", qos=1)
+    sub = subscriber("v311", f"{topic}/p")
     pub = clients("v5")
     pub.connect()
     pub.publish(f"{topic}/p", b"mixed", qos=1, properties=props(PacketTypes.PUBLISH, UserProperty=[("a", "b")]))

@@ -77,9 +77,10 @@ pub struct SessionArgs {
     pub tls_key_exchange: KeyExchange,
 }
 
-/// The size and shape of the load, shared by fleet and compare.
+/// How many simulated agents, and how they spread over worker processes and source
+/// addresses: shared by fleet, compare and call.
 #[derive(Debug, Clone, clap::Args)]
-pub struct LoadArgs {
+pub struct FleetSize {
     /// Simulated agents.
     #[arg(long, default_value_t = 1000)]
     pub agents: usize,
@@ -90,6 +91,14 @@ pub struct LoadArgs {
     /// address has about 28,000 ephemeral ports).
     #[arg(long, default_value_t = 5000)]
     pub agents_per_source_address: usize,
+}
+
+/// The size and shape of the load, shared by fleet and compare.
+#[derive(Debug, Clone, clap::Args)]
+pub struct LoadArgs {
+    /// How many agents, in how many workers.
+    #[command(flatten)]
+    pub size: FleetSize,
     /// Connects in flight at once in the connect phase, over all workers.
     #[arg(long, default_value_t = 64)]
     pub connect_concurrency: usize,

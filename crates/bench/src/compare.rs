@@ -500,11 +500,11 @@ pub async fn run_compare(
     let (floor, floor_error) = if args.load.phases.contains(&Phase::Fanout) {
         let (message_bytes, reply_bytes) = wire_sizes(args)?;
         let floor_args = FloorArgs {
-            agents: args.load.agents,
+            agents: args.load.size.agents,
             message_bytes,
             reply_bytes,
-            agents_per_worker: args.load.agents_per_worker,
-            agents_per_source_address: args.load.agents_per_source_address,
+            agents_per_worker: args.load.size.agents_per_worker,
+            agents_per_source_address: args.load.size.agents_per_source_address,
             settle_secs: 1.0,
             threads: 1,
             json: false,
@@ -519,7 +519,7 @@ pub async fn run_compare(
         (None, None)
     };
     Ok(CompareReport {
-        agents: args.load.agents,
+        agents: args.load.size.agents,
         tls: !args.plain,
         mqtt_version: args.session.mqtt_version,
         rounds,

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use beckon_client::{Connection, End, Event, Options, Session};
-use beckon_mqtt::{ProtocolVersion, QoS, ReasonCode, Subscription, SubscriptionOptions};
+use beckon_mqtt::{ProtocolVersion, QoS, ReasonCode, Subscription};
 use bytes::Bytes;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
@@ -380,13 +380,7 @@ impl MqttConn {
 
     /// Subscribes to one filter at QoS 1 and waits for a granting SUBACK.
     pub async fn subscribe(&mut self, filter: &str, timeout: Duration) -> Result<(), ClientError> {
-        let subscription = Subscription {
-            filter: filter.to_owned(),
-            options: SubscriptionOptions {
-                qos: QoS::AtLeastOnce,
-                ..SubscriptionOptions::default()
-            },
-        };
+        let subscription = Subscription::new(filter, QoS::AtLeastOnce);
         let now = tokio::time::Instant::now().into_std();
         let id = self.session_mut().subscribe(vec![subscription], now)?;
         let wait = async {

@@ -3,14 +3,9 @@
 use std::collections::BTreeSet;
 use std::net::{IpAddr, Ipv4Addr};
 use std::path::PathBuf;
-use std::process::Stdio;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
-use tokio::process::{Child, ChildStdin};
-use tokio::sync::mpsc;
-use tokio::time::Instant;
 
 use crate::cli::{LoadArgs, Phase};
 use crate::conn::{Connector, Target};
@@ -22,6 +17,7 @@ use crate::publisher::{PublishOutcome, publish_wakeups};
 use crate::report::{
     ConnectReport, FanoutReport, FleetReport, IdleReport, Percentiles, StormReport,
 };
+use crate::worker_process::{WorkerGroup, WorkerProcess, impl_worker_reply};
 
 /// The broker under test, as far as the bench can see and steer it.
 pub trait BrokerControl {
@@ -81,131 +77,10 @@ impl WorkerLauncher {
     }
 }
 
-struct WorkerProc {
-    index: usize,
-    child: Child,
-    stdin: ChildStdin,
-    replies: mpsc::UnboundedReceiver<Result<Reply, String>>,
-}
+/// The fleet's worker processes.
+type Fleet = WorkerGroup<Reply>;
 
-impl WorkerProc {
-    async fn spawn(launcher: &WorkerLauncher, config: &WorkerConfig) -> anyhow::Result<Self> {
-        let mut child = tokio::process::Command::new(&launcher.program)
-            .args(&launcher.args)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .kill_on_drop(true)
-            .spawn()
-            .with_context(|| {
-                format!(
-                    "cannot start worker process {} {}",
-                    launcher.program.display(),
-                    launcher.args.join(" ")
-                )
-            })?;
-        let mut stdin = child.stdin.take().context("worker stdin missing")?;
-        let stdout = child.stdout.take().context("worker stdout missing")?;
-        let (tx, replies) = mpsc::unbounded_channel();
-        let index = config.worker;
-        // Read replies all the time, so that a worker never blocks on a full pipe while the
-        // parent waits on another one.
-        tokio::spawn(async move {
-            let mut lines = BufReader::new(stdout).lines();
-            loop {
-                match lines.next_line().await {
-                    Ok(Some(line)) => {
-                        let reply = serde_json::from_str::<Reply>(&line).map_err(|e| {
-                            format!("worker {index} wrote an unreadable line ({e}): {line:.200}")
-                        });
-                        if tx.send(reply).is_err() {
-                            return;
-                        }
-                    }
-                    Ok(None) => {
-                        let _ = tx.send(Err(format!("worker {index} exited")));
-                        return;
-                    }
-                    Err(e) => {
-                        let _ = tx.send(Err(format!("reading worker {index}: {e}")));
-                        return;
-                    }
-                }
-            }
-        });
-        let mut line = serde_json::to_string(config).context("encoding a worker configuration")?;
-        line.push('\n');
-        stdin
-            .write_all(line.as_bytes())
-            .await
-            .with_context(|| format!("cannot send its configuration to worker {index}"))?;
-        Ok(Self {
-            index,
-            child,
-            stdin,
-            replies,
-        })
-    }
-
-    async fn send(&mut self, command: &Command) -> anyhow::Result<()> {
-        let mut line = serde_json::to_string(command).context("encoding a worker command")?;
-        line.push('\n');
-        self.stdin
-            .write_all(line.as_bytes())
-            .await
-            .with_context(|| format!("worker {} does not take commands (exited?)", self.index))
-    }
-
-    async fn reply(&mut self, deadline: Instant, waiting_for: &str) -> anyhow::Result<Reply> {
-        match tokio::time::timeout_at(deadline, self.replies.recv()).await {
-            Err(_) => bail!(
-                "worker {} did not answer ({waiting_for}) in time",
-                self.index
-            ),
-            Ok(None) => bail!("worker {} is gone", self.index),
-            Ok(Some(Err(message))) => bail!("{message} ({waiting_for})"),
-            Ok(Some(Ok(Reply::Failed { message }))) => {
-                bail!("worker {} failed ({waiting_for}): {message}", self.index)
-            }
-            Ok(Some(Ok(reply))) => Ok(reply),
-        }
-    }
-}
-
-struct Fleet {
-    workers: Vec<WorkerProc>,
-}
-
-impl Fleet {
-    async fn broadcast(&mut self, command: &Command) -> anyhow::Result<()> {
-        for worker in &mut self.workers {
-            worker.send(command).await?;
-        }
-        Ok(())
-    }
-
-    async fn gather(&mut self, within: Duration, waiting_for: &str) -> anyhow::Result<Vec<Reply>> {
-        let deadline = Instant::now() + within;
-        let mut replies = Vec::with_capacity(self.workers.len());
-        for worker in &mut self.workers {
-            replies.push(worker.reply(deadline, waiting_for).await?);
-        }
-        Ok(replies)
-    }
-
-    async fn shutdown(mut self) {
-        let _ = self.broadcast(&Command::Shutdown).await;
-        let deadline = Instant::now() + Duration::from_secs(15);
-        for worker in &mut self.workers {
-            if tokio::time::timeout_at(deadline, worker.child.wait())
-                .await
-                .is_err()
-            {
-                let _ = worker.child.kill().await;
-            }
-        }
-    }
-}
+impl_worker_reply!(Reply);
 
 /// The source addresses for `agents` sockets to a broker at `broker`: 127.0.0.2, .3, ... when
 /// the broker is on loopback, none otherwise (the kernel then picks).
@@ -247,11 +122,12 @@ pub async fn run_fleet_spread(
         bail!("no broker to reach");
     };
     let phases: BTreeSet<Phase> = load.phases.iter().copied().collect();
-    let agents = load.agents;
+    let agents = load.size.agents;
     if agents == 0 {
         bail!("--agents must be at least 1");
     }
     let per_worker = load
+        .size
         .agents_per_worker
         .clamp(1, 19_000)
         .min(agents.div_ceil(targets.len()));
@@ -264,13 +140,11 @@ pub async fn run_fleet_spread(
     let sources = source_addresses(
         connector.addr().ip(),
         agents,
-        load.agents_per_source_address,
+        load.size.agents_per_source_address,
     );
     let reader = ProcReader::new();
 
-    let mut fleet = Fleet {
-        workers: Vec::with_capacity(worker_count),
-    };
+    let mut fleet = WorkerGroup(Vec::with_capacity(worker_count));
     let concurrency = load
         .connect_concurrency
         .max(1)
@@ -285,20 +159,20 @@ pub async fn run_fleet_spread(
             client_id_prefix: load.client_id_prefix.clone(),
             target: targets[worker % targets.len()].clone(),
             source_addresses: sources.clone(),
-            agents_per_source_address: load.agents_per_source_address.max(1),
+            agents_per_source_address: load.size.agents_per_source_address.max(1),
             connect_concurrency: concurrency,
             backoff_base_ms: load.backoff_base_ms,
             backoff_cap_ms: load.backoff_cap_secs.saturating_mul(1000),
         };
         fleet
-            .workers
-            .push(WorkerProc::spawn(launcher, &config).await?);
+            .0
+            .push(WorkerProcess::spawn("worker", launcher, worker, &config).await?);
     }
     let result = drive(
         &mut fleet, &phases, target, load, broker, &connector, &reader,
     )
     .await;
-    fleet.shutdown().await;
+    fleet.shutdown(&Command::Shutdown).await;
     let mut report = result?;
     report.nodes = targets.len();
     report.workers = worker_count;
@@ -315,7 +189,7 @@ async fn drive(
     connector: &std::sync::Arc<Connector>,
     reader: &ProcReader,
 ) -> anyhow::Result<FleetReport> {
-    let agents = load.agents;
+    let agents = load.size.agents;
     fleet
         .gather(Duration::from_secs(30), "start-up")
         .await
@@ -468,7 +342,7 @@ async fn fan_out(
     broker: &dyn BrokerControl,
     reader: &ProcReader,
 ) -> anyhow::Result<FanoutReport> {
-    let ids: Vec<String> = (0..load.agents)
+    let ids: Vec<String> = (0..load.size.agents)
         .map(|i| agent_id(&load.client_id_prefix, i))
         .collect();
     fleet.broadcast(&Command::ArmWakeups).await?;

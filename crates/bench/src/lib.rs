@@ -44,6 +44,7 @@ pub mod protocol;
 pub mod publisher;
 pub mod report;
 pub mod worker;
+mod worker_process;
 
 use anyhow::{Context, bail};
 
@@ -72,6 +73,35 @@ pub enum BenchCommand {
     /// One worker process of a call bench (started by call).
     #[command(hide = true)]
     CallWorker,
+}
+
+/// The command line of a program that is only the bench: `<program> bench ...`.
+#[derive(clap::Parser)]
+#[command(
+    name = "bench",
+    about = "The fleet load generator of beckon, standalone"
+)]
+struct StandaloneCli {
+    #[command(subcommand)]
+    top: StandaloneTop,
+}
+
+#[derive(clap::Subcommand)]
+enum StandaloneTop {
+    /// Load generator.
+    #[command(subcommand)]
+    Bench(BenchCommand),
+}
+
+/// Reads `bench ...` from this program's command line and runs it: for programs that are
+/// only the bench (the standalone example, test programs), which the fleet starts again as
+/// its workers (`<program> bench worker`).
+pub fn run_standalone() -> anyhow::Result<()> {
+    use clap::Parser as _;
+    let StandaloneCli {
+        top: StandaloneTop::Bench(command),
+    } = StandaloneCli::parse();
+    run(command)
 }
 
 /// Runs a bench command; builds its own async runtime.

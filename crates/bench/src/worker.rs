@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
+use serde::de::DeserializeOwned;
 use tokio::sync::{Semaphore, mpsc, watch};
 use tokio::time::Instant;
 
@@ -18,6 +19,7 @@ use crate::conn::Connector;
 use crate::protocol::{
     Command, ConnectOutcome, Reply, StormOutcome, WakeupOutcome, WorkerConfig, unix_ns,
 };
+use crate::worker_process::WorkerReply;
 
 /// Bound on the whole connect phase of one worker; an agent's own connect is bounded by the
 /// connect timeout, so this only guards against a bench bug.
@@ -84,6 +86,22 @@ pub(crate) fn reply(reply: &impl serde::Serialize) -> anyhow::Result<()> {
         .write_all(line.as_bytes())
         .and_then(|()| stdout.flush())
         .context("worker: the parent stopped reading (stdout closed)")
+}
+
+/// Reads a command line from the parent; an unreadable one is answered with a failure reply
+/// (`R`) naming `name` `index`, and gives `None`.
+pub(crate) fn read_command<C: DeserializeOwned, R: WorkerReply>(
+    line: &str,
+    name: &str,
+    index: usize,
+) -> anyhow::Result<Option<C>> {
+    match serde_json::from_str(line) {
+        Ok(command) => Ok(Some(command)),
+        Err(e) => {
+            reply(&R::failed(format!("{name} {index}: bad command: {e}")))?;
+            Ok(None)
+        }
+    }
 }
 
 /// Reads the configuration line and builds what every agent of this worker shares.
@@ -179,12 +197,8 @@ async fn worker_main() -> anyhow::Result<()> {
             line = lines.recv() => {
                 // The parent is gone: stop.
                 let Some(line) = line else { break };
-                let command: Command = match serde_json::from_str(&line) {
-                    Ok(c) => c,
-                    Err(e) => {
-                        reply(&Reply::Failed { message: format!("worker {}: bad command: {e}", config.worker) })?;
-                        continue;
-                    }
+                let Some(command) = read_command::<Command, Reply>(&line, "worker", config.worker)? else {
+                    continue;
                 };
                 match command {
                     Command::Connect => {

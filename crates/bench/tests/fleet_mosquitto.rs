@@ -7,7 +7,7 @@ mod common;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use beckon_bench::cli::{LoadArgs, Phase};
+use beckon_bench::cli::{FleetSize, LoadArgs, Phase};
 use beckon_bench::compare::{ManagedBroker, free_port};
 use beckon_bench::conn::{MqttVersion, Target};
 use beckon_bench::fleet::{WorkerLauncher, run_fleet};
@@ -114,9 +114,11 @@ fn fleet_mqtt5_survives_a_broker_restart() {
         connect_timeout_ms: 10_000,
     };
     let load = LoadArgs {
-        agents: 200,
-        agents_per_worker: 100,
-        agents_per_source_address: 5000,
+        size: FleetSize {
+            agents: 200,
+            agents_per_worker: 100,
+            agents_per_source_address: 5000,
+        },
         connect_concurrency: 32,
         phases: vec![
             Phase::Connect,

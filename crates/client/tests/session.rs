@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 use beckon_client::{End, Error, Event, Options, Session, VIA_PROXY_PROPERTY, message};
 use beckon_mqtt::{
     Ack, ConnAck, Disconnect, Packet, Properties, PropertySet, ProtocolVersion, Publish, QoS,
-    ReasonCode, SubAck, Subscription, SubscriptionOptions,
+    ReasonCode, SubAck, Subscription,
 };
 use bytes::{Bytes, BytesMut};
 
@@ -54,13 +54,24 @@ fn connected(options: Options, properties: PropertySet, t0: Instant) -> Session 
 }
 
 fn wake_subscription() -> Subscription {
-    Subscription {
-        filter: "agents/laptop-42/wake".into(),
-        options: SubscriptionOptions {
-            qos: QoS::AtLeastOnce,
-            ..SubscriptionOptions::default()
-        },
-    }
+    Subscription::new("agents/laptop-42/wake", QoS::AtLeastOnce)
+}
+
+/// A connected session subscribed to [`wake_subscription`].
+fn subscribed_to_wake(t0: Instant) -> Session {
+    let mut session = connected(options(), PropertySet::default(), t0);
+    session
+        .subscribe(vec![wake_subscription()], t0)
+        .expect("subscribe");
+    session
+}
+
+/// Publishes `payload` to `t` at `qos` (1 or 2); its packet id.
+fn publish_on_t(session: &mut Session, qos: QoS, payload: &'static str, now: Instant) -> u16 {
+    session
+        .publish(message("t", qos, payload), now)
+        .expect("queued")
+        .expect("QoS 1 or 2 gets a packet id")
 }
 
 fn publish_ids(packets: &[Packet]) -> Vec<(u16, bool)> {
@@ -230,22 +241,10 @@ fn options_with_cap(cap: usize) -> Session {
 #[test]
 fn reconnect_with_session_present_resends_with_dup_and_keeps_subscriptions() {
     let t0 = Instant::now();
-    let mut session = connected(options(), PropertySet::default(), t0);
-    session
-        .subscribe(vec![wake_subscription()], t0)
-        .expect("subscribe");
-    let a = session
-        .publish(message("t", QoS::AtLeastOnce, "a"), t0)
-        .unwrap()
-        .unwrap();
-    let b = session
-        .publish(message("t", QoS::AtLeastOnce, "b"), t0)
-        .unwrap()
-        .unwrap();
-    let c = session
-        .publish(message("t", QoS::ExactlyOnce, "c"), t0)
-        .unwrap()
-        .unwrap();
+    let mut session = subscribed_to_wake(t0);
+    let a = publish_on_t(&mut session, QoS::AtLeastOnce, "a", t0);
+    let b = publish_on_t(&mut session, QoS::AtLeastOnce, "b", t0);
+    let c = publish_on_t(&mut session, QoS::ExactlyOnce, "c", t0);
     sent(&mut session);
     session.handle(Packet::PubAck(Ack::new(a)), t0);
     session.handle(Packet::PubRec(Ack::new(c)), t0);
@@ -272,14 +271,8 @@ fn reconnect_with_session_present_resends_with_dup_and_keeps_subscriptions() {
 #[test]
 fn reconnect_without_session_subscribes_again_and_resends() {
     let t0 = Instant::now();
-    let mut session = connected(options(), PropertySet::default(), t0);
-    session
-        .subscribe(vec![wake_subscription()], t0)
-        .expect("subscribe");
-    let a = session
-        .publish(message("t", QoS::AtLeastOnce, "a"), t0)
-        .unwrap()
-        .unwrap();
+    let mut session = subscribed_to_wake(t0);
+    let a = publish_on_t(&mut session, QoS::AtLeastOnce, "a", t0);
     sent(&mut session);
     session.connection_lost(End::Io(
         std::io::Error::from(std::io::ErrorKind::ConnectionReset).into(),
@@ -367,10 +360,7 @@ fn qos_2_both_ways() {
     sent(&mut session);
 
     // Outgoing: PUBLISH, PUBREC -> PUBREL, PUBCOMP -> published.
-    let id = session
-        .publish(message("t", QoS::ExactlyOnce, "x"), t0)
-        .unwrap()
-        .unwrap();
+    let id = publish_on_t(&mut session, QoS::ExactlyOnce, "x", t0);
     assert_eq!(publish_ids(&sent(&mut session)), vec![(id, false)]);
     session.handle(Packet::PubRec(Ack::new(id)), t0);
     assert_eq!(sent(&mut session), vec![Packet::PubRel(Ack::new(id))]);

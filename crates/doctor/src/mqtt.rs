@@ -20,9 +20,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use beckon_client::{Connection, End, Event, Options, Session};
-use beckon_mqtt::{
-    ConnAck, Properties, PropertySet, Publish, QoS, ReasonCode, Subscription, SubscriptionOptions,
-};
+use beckon_mqtt::{ConnAck, Properties, PropertySet, Publish, QoS, ReasonCode, Subscription};
 use beckon_net::{TlsError, TlsVersion};
 use bytes::Bytes;
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -271,13 +269,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> MqttProbe<S> {
         &mut self,
         topic: &str,
     ) -> Result<(ReasonCode, Option<String>), MqttError> {
-        let subscription = Subscription {
-            filter: topic.to_owned(),
-            options: SubscriptionOptions {
-                qos: QoS::AtLeastOnce,
-                ..SubscriptionOptions::default()
-            },
-        };
+        let subscription = Subscription::new(topic, QoS::AtLeastOnce);
         let now = tokio::time::Instant::now().into_std();
         let packet_id = self
             .connection()?

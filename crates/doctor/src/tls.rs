@@ -4,14 +4,14 @@
 //! certificate carries.
 
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::SystemTime;
 
-use beckon_net::time::format_utc;
-use beckon_net::{ClientIdentity, TlsClient, TlsConfigError, TlsSettings, TrustAnchors};
+use beckon_net::time::{format_utc, system_time_from_unix};
+use beckon_net::{TlsClient, TlsConfigError, TlsSettings, TrustAnchors};
 use rustls::client::WebPkiServerVerifier;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::{DigitallySignedStruct, RootCertStore, SignatureScheme};
 
 use crate::report::CertificateFacts;
@@ -94,19 +94,12 @@ impl ProbeTls {
             inner,
             seen: Arc::clone(&seen),
         });
-        let identity = settings.identity.as_ref().map(load_identity).transpose()?;
-        let options = beckon_pki::ClientTlsOptions {
-            min_version: settings.min_version,
-            ..Default::default()
-        };
-        let config = beckon_pki::client_config(
+        let client = TlsClient::with_verification(
+            settings,
             beckon_pki::ServerVerification::Custom(verifier),
-            identity,
-            &options,
-        )
-        .map_err(TlsConfigError::Rejected)?;
+        )?;
         Ok(Self {
-            client: TlsClient::from_config(config, settings.min_version),
+            client,
             seen,
             ca_subjects,
         })
@@ -144,8 +137,10 @@ pub(crate) fn describe(der: &CertificateDer<'_>) -> Option<CertificateFacts> {
     Some(CertificateFacts {
         subject: cert.subject().to_string(),
         issuer: cert.issuer().to_string(),
-        not_before: format_utc(from_unix(cert.validity().not_before.timestamp())),
-        not_after: format_utc(from_unix(cert.validity().not_after.timestamp())),
+        not_before: format_utc(system_time_from_unix(
+            cert.validity().not_before.timestamp(),
+        )),
+        not_after: format_utc(system_time_from_unix(cert.validity().not_after.timestamp())),
         names,
     })
 }
@@ -165,16 +160,6 @@ fn ip_from_bytes(bytes: &[u8]) -> Option<std::net::IpAddr> {
         4 => <[u8; 4]>::try_from(bytes).ok().map(std::net::IpAddr::from),
         16 => <[u8; 16]>::try_from(bytes).ok().map(std::net::IpAddr::from),
         _ => None,
-    }
-}
-
-fn from_unix(secs: i64) -> SystemTime {
-    if secs >= 0 {
-        UNIX_EPOCH + Duration::from_secs(secs.unsigned_abs())
-    } else {
-        UNIX_EPOCH
-            .checked_sub(Duration::from_secs(secs.unsigned_abs()))
-            .unwrap_or(UNIX_EPOCH)
     }
 }
 
@@ -229,21 +214,4 @@ fn load_roots(trust: &TrustAnchors) -> Result<(RootCertStore, Vec<String>), TlsC
         return Err(invalid("trusted CA certificates", "none could be loaded"));
     }
     Ok((roots, subjects))
-}
-
-type Identity = (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>);
-
-fn load_identity(identity: &ClientIdentity) -> Result<Identity, TlsConfigError> {
-    let (cert_pem, key_pem) = match identity {
-        ClientIdentity::Files { cert, key } => {
-            (read("client certificate", cert)?, read("client key", key)?)
-        }
-        ClientIdentity::Pem { cert, key } => (cert.clone(), key.clone()),
-    };
-    let chain = CertificateDer::pem_slice_iter(&cert_pem)
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| invalid("client certificate", format!("not valid PEM: {e}")))?;
-    let key = PrivateKeyDer::from_pem_slice(&key_pem)
-        .map_err(|e| invalid("client key", format!("holds no usable private key: {e}")))?;
-    Ok((chain, key))
 }

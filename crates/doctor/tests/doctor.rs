@@ -4,7 +4,7 @@
 
 mod support;
 
-use beckon_doctor::{DoctorArgs, StepName, Verdict, diagnose};
+use beckon_doctor::{DoctorArgs, Report, StepName, Verdict, diagnose};
 use clap::Parser;
 use support::*;
 
@@ -18,11 +18,7 @@ async fn a_name_that_does_not_resolve() {
         StepName::Dns,
         &["broker name no-such-broker.invalid", "DNS"],
     );
-    assert!(
-        dns.detail.contains("no-such-broker.invalid"),
-        "{}",
-        dns.detail
-    );
+    assert_contains(&dns.detail, "no-such-broker.invalid");
     // The other paths would ask the same question: not asked again, still a failure.
     let again = step(path(&report, "443-mqtt"), StepName::Dns);
     assert_eq!(again.verdict, Verdict::Fail);
@@ -38,10 +34,7 @@ async fn a_name_that_does_not_resolve() {
 async fn a_refused_port() {
     let (primary, fallback) = (refused_port(), refused_port());
     let report = diagnose(&config("127.0.0.1", primary, fallback)).await;
-    assert_eq!(
-        step(path(&report, "8883"), StepName::Dns).verdict,
-        Verdict::Pass
-    );
+    assert_passes(&report, "8883", StepName::Dns);
     let tcp = assert_fails(
         &report,
         "8883",
@@ -51,7 +44,7 @@ async fn a_refused_port() {
             &format!("rely on the fallback port {fallback}"),
         ],
     );
-    assert!(tcp.detail.contains("refused"), "{}", tcp.detail);
+    assert_contains(&tcp.detail, "refused");
     assert_fails(
         &report,
         "443-mqtt",
@@ -87,17 +80,14 @@ async fn a_filtered_port() {
             "drops packets",
         ],
     );
-    assert!(tcp.detail.contains("no answer"), "{}", tcp.detail);
+    assert_contains(&tcp.detail, "no answer");
 }
 
 #[tokio::test]
 async fn a_port_that_accepts_but_never_speaks_tls() {
     let (silent, _task) = start_silent_server().await;
     let report = diagnose(&config("127.0.0.1", silent.port(), refused_port())).await;
-    assert_eq!(
-        step(path(&report, "8883"), StepName::Tcp).verdict,
-        Verdict::Pass
-    );
+    assert_passes(&report, "8883", StepName::Tcp);
     let tls = assert_fails(
         &report,
         "8883",
@@ -107,11 +97,7 @@ async fn a_port_that_accepts_but_never_speaks_tls() {
             silent.port()
         )],
     );
-    assert!(
-        tls.detail.contains("did not finish within 2 s"),
-        "{}",
-        tls.detail
-    );
+    assert_contains(&tls.detail, "did not finish within 2 s");
 }
 
 #[tokio::test]
@@ -123,18 +109,13 @@ async fn a_proxy_that_wants_authentication() {
     let mut config = config("127.0.0.1", refused_port(), refused_port());
     config.proxy = Some(beckon_net::ProxyUrl::new("127.0.0.1", proxy.port()));
     let report = diagnose(&config).await;
+    // Every path of the agent's ladder, in its order: through the proxy first.
     let labels: Vec<&str> = report.paths.iter().map(|p| p.path.as_str()).collect();
-    assert_eq!(
-        labels,
-        [
-            "8883 via proxy",
-            "443-mqtt via proxy",
-            "443-websocket via proxy",
-            "8883",
-            "443-mqtt",
-            "443-websocket"
-        ]
-    );
+    let mut ladder = beckon_net::LadderConfig::new("127.0.0.1");
+    ladder.proxy = config.proxy.clone();
+    let ladder_labels: Vec<String> = ladder.rungs().iter().map(beckon_net::Path::label).collect();
+    assert_eq!(labels, ladder_labels);
+    assert_eq!(labels.len(), 6, "{labels:?}");
     assert_fails(
         &report,
         "8883 via proxy",
@@ -174,8 +155,7 @@ async fn a_proxy_that_forbids_the_port() {
     let dir = tempfile::tempdir().expect("tempdir");
     let mut config = config_trusting(&ca, dir.path(), primary, refused_port());
     config.proxy = Some(proxy_url(&proxy));
-    config.username = Some("u".into());
-    config.password = Some("p".into());
+    set_credentials(&mut config, "u", "p");
     let report = diagnose(&config).await;
     assert_eq!(
         report.path_in_use.as_deref(),
@@ -183,13 +163,12 @@ async fn a_proxy_that_forbids_the_port() {
         "{}",
         report.to_human()
     );
-    assert!(
-        report.summary.contains(&format!(
+    assert_contains(
+        &report.summary,
+        &format!(
             "The proxy {} works for no path, so agents go direct: Allow CONNECT to port {primary}",
             proxy_url(&proxy)
-        )),
-        "{}",
-        report.summary
+        ),
     );
     let forbidden = assert_fails(
         &report,
@@ -210,27 +189,28 @@ async fn a_proxy_that_forbids_the_port() {
         forbidden.detail,
         proxy.output()
     );
-    assert_eq!(
-        step(path(&report, "8883 via proxy"), StepName::Tcp).verdict,
-        Verdict::Pass
-    );
+    assert_passes(&report, "8883 via proxy", StepName::Tcp);
     let dns = step(path(&report, "8883 via proxy"), StepName::Dns);
-    assert!(
-        dns.detail
-            .contains("the proxy resolves the broker's name 127.0.0.1 itself"),
-        "{}",
-        dns.detail
+    assert_contains(
+        &dns.detail,
+        "the proxy resolves the broker's name 127.0.0.1 itself",
     );
+}
+
+/// Diagnoses a TLS server on the primary port that presents `identity`, trusting `ca` (the
+/// fallback port is refused).
+async fn diagnose_tls_server(ca: &TestCa, identity: ServerIdentity) -> Report {
+    let server = start_tls_server(identity).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = config_trusting(ca, dir.path(), server.addr.port(), refused_port());
+    diagnose(&config).await
 }
 
 #[tokio::test]
 async fn a_certificate_from_another_ca() {
     let ours = TestCa::new("our CA");
     let theirs = TestCa::new("someone else's CA");
-    let server = start_tls_server(theirs.server_cert(&["127.0.0.1"])).await;
-    let dir = tempfile::tempdir().expect("tempdir");
-    let config = config_trusting(&ours, dir.path(), server.addr.port(), refused_port());
-    let report = diagnose(&config).await;
+    let report = diagnose_tls_server(&ours, theirs.server_cert(&["127.0.0.1"])).await;
     let tls = assert_fails(
         &report,
         "8883",
@@ -252,11 +232,11 @@ async fn a_certificate_from_another_ca() {
 #[tokio::test]
 async fn an_expired_certificate() {
     let ca = TestCa::new("Beckon test CA");
-    let server =
-        start_tls_server(ca.server_cert_valid(&["127.0.0.1"], (2019, 1, 1), (2021, 3, 4))).await;
-    let dir = tempfile::tempdir().expect("tempdir");
-    let config = config_trusting(&ca, dir.path(), server.addr.port(), refused_port());
-    let report = diagnose(&config).await;
+    let report = diagnose_tls_server(
+        &ca,
+        ca.server_cert_valid(&["127.0.0.1"], (2019, 1, 1), (2021, 3, 4)),
+    )
+    .await;
     assert_fails(
         &report,
         "8883",
@@ -271,10 +251,8 @@ async fn an_expired_certificate() {
 #[tokio::test]
 async fn a_certificate_for_another_name() {
     let ca = TestCa::new("Beckon test CA");
-    let server = start_tls_server(ca.server_cert(&["broker.example", "push.example"])).await;
-    let dir = tempfile::tempdir().expect("tempdir");
-    let config = config_trusting(&ca, dir.path(), server.addr.port(), refused_port());
-    let report = diagnose(&config).await;
+    let report =
+        diagnose_tls_server(&ca, ca.server_cert(&["broker.example", "push.example"])).await;
     assert_fails(
         &report,
         "8883",
@@ -297,10 +275,7 @@ async fn a_broker_that_wants_a_client_certificate() {
     // No certificate: with TLS 1.3 the broker's refusal arrives after the handshake, on the
     // first read, so it is the MQTT CONNECT step that reports it.
     let report = diagnose(&config).await;
-    assert_eq!(
-        step(path(&report, "8883"), StepName::Tls).verdict,
-        Verdict::Pass
-    );
+    assert_passes(&report, "8883", StepName::Tls);
     assert_fails(
         &report,
         "8883",
@@ -327,15 +302,10 @@ async fn a_broker_that_wants_a_client_certificate() {
 #[tokio::test]
 async fn credentials_refused_by_mosquitto() {
     let ca = TestCa::new("Beckon test CA");
-    let broker = Mosquitto::start_tls(
-        &ca.server_cert(&["localhost", "127.0.0.1"]),
-        "agent-7",
-        "right-token",
-    );
+    let broker = start_mosquitto(&ca, "agent-7", "right-token");
     let dir = tempfile::tempdir().expect("tempdir");
     let mut config = config_trusting(&ca, dir.path(), broker.port, refused_port());
-    config.username = Some("agent-7".into());
-    config.password = Some("wrong-token".into());
+    set_credentials(&mut config, "agent-7", "wrong-token");
     let report = diagnose(&config).await;
     assert_eq!(
         step(path(&report, "8883"), StepName::Tls).verdict,
@@ -360,17 +330,12 @@ async fn credentials_refused_by_mosquitto() {
 #[tokio::test]
 async fn a_working_path_through_mosquitto() {
     let ca = TestCa::new("Beckon test CA");
-    let broker = Mosquitto::start_tls(
-        &ca.server_cert(&["localhost", "127.0.0.1"]),
-        "agent-7",
-        "right-token",
-    );
+    let broker = start_mosquitto(&ca, "agent-7", "right-token");
     let dir = tempfile::tempdir().expect("tempdir");
     // Mosquitto on both ports: its TLS listener is no shared 443-style port (no ALPN mqtt,
     // no WebSocket), which the fallback paths must say.
     let mut config = config_trusting(&ca, dir.path(), broker.port, broker.port);
-    config.username = Some("agent-7".into());
-    config.password = Some("right-token".into());
+    set_credentials(&mut config, "agent-7", "right-token");
     let report = diagnose(&config).await;
     let human = report.to_human();
     assert_fails(
@@ -420,13 +385,13 @@ async fn a_working_path_through_mosquitto() {
     assert!(tls.chain[0].subject.contains("test broker"), "{tls:?}");
     assert_eq!(step(p, StepName::MqttConnect).reason_code, Some(0));
     let round_trip = &step(p, StepName::RoundTrip).detail;
-    assert!(round_trip.contains("PINGRESP"), "{round_trip}");
-    assert!(round_trip.contains("received it back"), "{round_trip}");
+    assert_contains(round_trip, "PINGRESP");
+    assert_contains(round_trip, "received it back");
     assert!(report.ok);
     assert_eq!(report.path_in_use.as_deref(), Some("8883"));
     assert_summary_starts(&report, "Agents will use 8883 (MQTT over TLS to 127.0.0.1:");
-    assert!(human.contains("✓ 8883: MQTT over TLS"), "{human}");
-    assert!(human.contains("✗ 443-mqtt"), "{human}");
+    assert_contains(&human, "✓ 8883: MQTT over TLS");
+    assert_contains(&human, "✗ 443-mqtt");
 }
 
 #[derive(Parser)]
@@ -438,11 +403,7 @@ struct Cli {
 #[tokio::test]
 async fn an_agent_identity_from_its_config_file() {
     let ca = TestCa::new("Beckon test CA");
-    let broker = Mosquitto::start_tls(
-        &ca.server_cert(&["localhost", "127.0.0.1"]),
-        "laptop-42",
-        "t0ken",
-    );
+    let broker = start_mosquitto(&ca, "laptop-42", "t0ken");
     let dir = tempfile::tempdir().expect("tempdir");
     let ca_file = ca.write_pem(dir.path(), "ca.pem");
     let token_file = dir.path().join("token");
@@ -477,13 +438,10 @@ async fn an_agent_identity_from_its_config_file() {
     assert!(report.ok, "{human}\nmosquitto:\n{}", broker.output());
     assert_eq!(report.client_id, "laptop-42");
     let round_trip = &step(path(&report, "8883"), StepName::RoundTrip).detail;
-    assert!(
-        round_trip.contains("subscribed to agents/laptop-42/wake"),
-        "{round_trip}"
-    );
-    assert!(
-        round_trip.contains("published to agents/laptop-42/doctor and received it back"),
-        "{round_trip}"
+    assert_contains(round_trip, "subscribed to agents/laptop-42/wake");
+    assert_contains(
+        round_trip,
+        "published to agents/laptop-42/doctor and received it back",
     );
 }
 
@@ -531,17 +489,12 @@ fn bad_arguments_are_errors_not_panics() {
 #[tokio::test]
 async fn a_working_path_through_tinyproxy() {
     let ca = TestCa::new("Beckon test CA");
-    let broker = Mosquitto::start_tls(
-        &ca.server_cert(&["localhost", "127.0.0.1"]),
-        "agent-7",
-        "right-token",
-    );
+    let broker = start_mosquitto(&ca, "agent-7", "right-token");
     let proxy = Tinyproxy::start(&[broker.port]);
     let dir = tempfile::tempdir().expect("tempdir");
     let mut config = config_trusting(&ca, dir.path(), broker.port, refused_port());
     config.proxy = Some(proxy_url(&proxy));
-    config.username = Some("agent-7".into());
-    config.password = Some("right-token".into());
+    set_credentials(&mut config, "agent-7", "right-token");
     let report = diagnose(&config).await;
     let human = report.to_human();
     let first = path(&report, "8883 via proxy");
@@ -551,21 +504,22 @@ async fn a_working_path_through_tinyproxy() {
     assert_summary_starts(&report, "Agents will use 8883 via proxy");
     // The direct 8883 path works too; the 443 ones do not (nothing listens there).
     assert!(path(&report, "8883").ok, "{human}");
-    assert!(
-        report.summary.contains("2 of 6 paths work"),
-        "{}",
-        report.summary
-    );
+    assert_contains(&report.summary, "2 of 6 paths work");
+}
+
+/// Diagnoses a fake broker on the fallback port only (8883 is refused), with or without ALPN
+/// `mqtt` there; its port and the report.
+async fn diagnose_fallback_only(alpn_mqtt: bool) -> (u16, Report) {
+    let ca = TestCa::new("Beckon test CA");
+    let broker = start_fake_broker(ca.server_cert(&["127.0.0.1"]), alpn_mqtt).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = config_trusting(&ca, dir.path(), refused_port(), broker.addr.port());
+    (broker.addr.port(), diagnose(&config).await)
 }
 
 #[tokio::test]
 async fn the_fallback_port_with_alpn_mqtt() {
-    let ca = TestCa::new("Beckon test CA");
-    let broker = start_fake_broker(ca.server_cert(&["127.0.0.1"]), true).await;
-    let dir = tempfile::tempdir().expect("tempdir");
-    // 8883 filtered-by-refusal; the shared port works.
-    let config = config_trusting(&ca, dir.path(), refused_port(), broker.addr.port());
-    let report = diagnose(&config).await;
+    let (_port, report) = diagnose_fallback_only(true).await;
     let human = report.to_human();
     assert_eq!(report.path_in_use.as_deref(), Some("443-mqtt"), "{human}");
     let tls = step(path(&report, "443-mqtt"), StepName::Tls);
@@ -585,18 +539,13 @@ async fn the_fallback_port_with_alpn_mqtt() {
 
 #[tokio::test]
 async fn a_fallback_port_that_serves_only_websocket() {
-    let ca = TestCa::new("Beckon test CA");
-    let broker = start_fake_broker(ca.server_cert(&["127.0.0.1"]), false).await;
-    let dir = tempfile::tempdir().expect("tempdir");
-    let config = config_trusting(&ca, dir.path(), refused_port(), broker.addr.port());
-    let report = diagnose(&config).await;
+    let (port, report) = diagnose_fallback_only(false).await;
     assert_fails(
         &report,
         "443-mqtt",
         StepName::Tls,
         &[&format!(
-            "Port {} on 127.0.0.1 does not accept the application protocol mqtt",
-            broker.addr.port()
+            "Port {port} on 127.0.0.1 does not accept the application protocol mqtt"
         )],
     );
     assert_eq!(
@@ -621,10 +570,7 @@ async fn an_unreadable_ca_file_stops_before_any_check() {
     assert!(!report.ok);
     assert!(report.paths.is_empty());
     let fix = report.setup_fix.as_deref().expect("a fix");
-    assert!(
-        fix.contains("Check that the CA file /nonexistent/ca.pem exists"),
-        "{fix}"
-    );
+    assert_contains(fix, "Check that the CA file /nonexistent/ca.pem exists");
     assert!(report.to_human().contains(&format!("fix: {fix}")));
     assert_summary_starts(&report, "The checks could not start");
 }

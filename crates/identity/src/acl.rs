@@ -187,6 +187,29 @@ fn split_shared(filter: &str) -> Result<Option<(&str, &str)>, &'static str> {
     Ok(Some((group, inner)))
 }
 
+/// Checks the syntax of `topic_or_filter` as `access` needs it (a topic name to publish, a
+/// filter to subscribe) and splits off the group of a shared subscription:
+/// `(share group, topic name or filter)`.
+fn check_syntax(
+    access: Access,
+    topic_or_filter: &str,
+) -> Result<(Option<&str>, &str), &'static str> {
+    match access {
+        Access::Publish => {
+            check_topic_name(topic_or_filter)?;
+            Ok((None, topic_or_filter))
+        }
+        Access::Subscribe => {
+            let (group, filter) = match split_shared(topic_or_filter)? {
+                Some((group, inner)) => (Some(group), inner),
+                None => (None, topic_or_filter),
+            };
+            check_filter(filter)?;
+            Ok((group, filter))
+        }
+    }
+}
+
 /// Decides whether `identity` may publish to a topic or subscribe with a filter, and maps the
 /// client's tenant-relative topic into the tenant namespace (`agents/x/wake` ->
 /// `t/{tenant}/agents/x/wake`; `$share/g/agents/+/ack` -> `$share/g/t/{tenant}/agents/+/ack`).
@@ -211,22 +234,7 @@ pub fn to_internal(
         topic: shorten(topic_or_filter),
         rule,
     };
-    let (share_group, topic) = match access {
-        Access::Publish => {
-            check_topic_name(topic_or_filter).map_err(malformed)?;
-            (None, topic_or_filter)
-        }
-        Access::Subscribe => match split_shared(topic_or_filter).map_err(malformed)? {
-            Some((group, inner)) => {
-                check_filter(inner).map_err(malformed)?;
-                (Some(group), inner)
-            }
-            None => {
-                check_filter(topic_or_filter).map_err(malformed)?;
-                (None, topic_or_filter)
-            }
-        },
-    };
+    let (share_group, topic) = check_syntax(access, topic_or_filter).map_err(malformed)?;
 
     match (identity.role, access) {
         (_, Access::Publish) if is_presence_topic(topic) => {
@@ -286,19 +294,7 @@ pub fn anonymous_to_internal(access: Access, topic_or_filter: &str) -> Result<St
         topic: shorten(topic_or_filter),
         reason,
     };
-    let (group, topic) = match access {
-        Access::Publish => {
-            check_topic_name(topic_or_filter).map_err(malformed)?;
-            (None, topic_or_filter)
-        }
-        Access::Subscribe => match split_shared(topic_or_filter).map_err(malformed)? {
-            Some((group, inner)) => (Some(group), inner),
-            None => (None, topic_or_filter),
-        },
-    };
-    if access == Access::Subscribe {
-        check_filter(topic).map_err(malformed)?;
-    }
+    let (group, topic) = check_syntax(access, topic_or_filter).map_err(malformed)?;
     let internal = match group {
         Some(group) => format!("$share/{group}/{ANONYMOUS_ROOT}/{topic}"),
         None => format!("{ANONYMOUS_ROOT}/{topic}"),

@@ -49,6 +49,22 @@ pub enum IdentityError {
     UnknownRole(String),
 }
 
+/// `value` (a `what`) is 1 to `max` bytes long.
+fn check_length(what: &'static str, value: &str, max: usize) -> Result<(), IdentityError> {
+    if value.is_empty() {
+        return Err(IdentityError::Empty { what });
+    }
+    if value.len() > max {
+        return Err(IdentityError::TooLong {
+            what,
+            value: shorten(value, max),
+            len: value.len(),
+            max,
+        });
+    }
+    Ok(())
+}
+
 fn shorten(value: &str, max: usize) -> String {
     let mut end = max.min(value.len());
     while !value.is_char_boundary(end) {
@@ -69,17 +85,7 @@ impl TenantId {
     pub fn new(value: impl Into<String>) -> Result<Self, IdentityError> {
         let value = value.into();
         const WHAT: &str = "tenant id";
-        if value.is_empty() {
-            return Err(IdentityError::Empty { what: WHAT });
-        }
-        if value.len() > MAX_TENANT_LEN {
-            return Err(IdentityError::TooLong {
-                what: WHAT,
-                value: shorten(&value, MAX_TENANT_LEN),
-                len: value.len(),
-                max: MAX_TENANT_LEN,
-            });
-        }
+        check_length(WHAT, &value, MAX_TENANT_LEN)?;
         for (i, ch) in value.chars().enumerate() {
             let allowed = ch.is_ascii_lowercase()
                 || ch.is_ascii_digit()
@@ -150,17 +156,7 @@ impl AsRef<str> for TenantId {
 /// control characters or the MQTT topic characters `/`, `+`, `#` and `$`.
 pub fn validate_id(value: &str) -> Result<(), IdentityError> {
     const WHAT: &str = "id";
-    if value.is_empty() {
-        return Err(IdentityError::Empty { what: WHAT });
-    }
-    if value.len() > MAX_ID_LEN {
-        return Err(IdentityError::TooLong {
-            what: WHAT,
-            value: shorten(value, MAX_ID_LEN),
-            len: value.len(),
-            max: MAX_ID_LEN,
-        });
-    }
+    check_length(WHAT, value, MAX_ID_LEN)?;
     for ch in value.chars() {
         let rule = match ch {
             '/' => "'/' separates topic levels",

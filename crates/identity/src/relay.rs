@@ -17,7 +17,7 @@ use crate::identity::validate_id;
 use crate::keys::b64url;
 use crate::wakeup::{
     ReplayGuard, WakeUpError, WakeUpRejected, WakeUpSigner, WakeUpVerifier, check_header,
-    check_lifetime, invalid, signed_message, to_signed_json,
+    check_lifetime, impl_signed, invalid, signed_message, to_signed_json,
 };
 
 /// The version written in `v`.
@@ -104,6 +104,8 @@ impl RelayRequest {
     }
 }
 
+impl_signed!(RelayRequest, RELAY_SIGNING_CONTEXT, "relay request");
+
 /// The signed wire form of a relay request.
 #[derive(Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -145,25 +147,7 @@ impl WakeUpVerifier {
         let envelope: RelayEnvelope = serde_json::from_slice(payload).map_err(|e| {
             WakeUpRejected::Malformed(format!("not the signed relay envelope: {e}"))
         })?;
-        self.check_signature(
-            &envelope.kid,
-            &envelope.sig,
-            &signed_message(RELAY_SIGNING_CONTEXT, &envelope.relay),
-        )?;
-        let request: RelayRequest = serde_json::from_str(&envelope.relay).map_err(|e| {
-            WakeUpRejected::Malformed(format!("signed relay request is not valid: {e}"))
-        })?;
-        request.check_fields().map_err(WakeUpRejected::Invalid)?;
-        self.check_target_and_time(
-            &request.tenant,
-            &request.agent,
-            &request.id,
-            request.issued_at,
-            request.expires_at,
-            now,
-            replay,
-        )?;
-        Ok(request)
+        self.open(&envelope.relay, &envelope.kid, &envelope.sig, now, replay)
     }
 }
 

@@ -415,6 +415,19 @@ pub struct Subscription {
     pub options: SubscriptionOptions,
 }
 
+impl Subscription {
+    /// A subscription to `filter` at most at `qos`, the other options at their defaults.
+    pub fn new(filter: impl Into<String>, qos: QoS) -> Self {
+        Self {
+            filter: filter.into(),
+            options: SubscriptionOptions {
+                qos,
+                ..SubscriptionOptions::default()
+            },
+        }
+    }
+}
+
 /// SUBSCRIBE.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Subscribe {

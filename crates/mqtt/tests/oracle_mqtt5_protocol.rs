@@ -21,11 +21,12 @@ mod common;
 use beckon_mqtt::{
     Ack, Auth, ConnAck, Connect, Disconnect, Packet, Properties, ProtocolVersion, Publish, QoS,
     ReasonCode, RetainHandling, SubAck, Subscribe, Subscription, SubscriptionOptions, UnsubAck,
-    Unsubscribe, Will, decode, encode,
+    Unsubscribe, Will,
 };
 use bytes::{Buf, Bytes, BytesMut};
 use common::strategies::{versioned_packet, with_defined_codes};
 use common::vectors::{self, Expect};
+use common::{our_decode, our_encode};
 use mqtt5_protocol as m5;
 use mqtt5_protocol::packet::MqttPacket;
 use proptest::prelude::*;
@@ -244,16 +245,6 @@ fn oracle_cannot_decode(packet: &Packet) -> bool {
         Packet::Connect(c) => c.password.is_some() && c.username.is_none(),
         _ => false,
     }
-}
-
-fn our_encode(packet: &Packet, version: ProtocolVersion) -> Vec<u8> {
-    let mut buf = BytesMut::new();
-    encode(packet, version, &mut buf).expect("valid packet encodes");
-    buf.to_vec()
-}
-
-fn our_decode(bytes: &[u8], version: ProtocolVersion) -> Result<Option<Packet>, String> {
-    decode(&mut BytesMut::from(bytes), version, u32::MAX).map_err(|e| e.to_string())
 }
 
 fn connect_version(packet: &Packet, version: ProtocolVersion) -> ProtocolVersion {

@@ -19,11 +19,12 @@ use std::num::NonZeroU16;
 use beckon_mqtt::{
     Ack, Auth, ConnAck, Connect, Disconnect, Packet, Properties, ProtocolVersion, Publish, QoS,
     ReasonCode, RetainHandling, SubAck, Subscribe, Subscription, SubscriptionOptions, UnsubAck,
-    Unsubscribe, Will, decode, encode,
+    Unsubscribe, Will,
 };
 use bytes::BytesMut;
 use common::strategies::{packet, with_defined_codes};
 use common::vectors::{self, Expect};
+use common::{our_decode, our_encode};
 use proptest::prelude::*;
 use rmqtt_codec::{v3, v5};
 use tokio_util::codec::{Decoder, Encoder};
@@ -46,9 +47,14 @@ fn users<S: AsRef<str>>(list: &[(S, S)]) -> Vec<(String, String)> {
 
 // ---------------------------------------------------------------- v3.1.1
 
-fn v3_decode(bytes: &[u8]) -> Result<v3::Packet, String> {
+/// Decodes exactly one packet, filling all of `bytes`, with the oracle's `codec`.
+fn decode_one<C, P, X>(mut codec: C, bytes: &[u8]) -> Result<P, String>
+where
+    C: Decoder<Item = (P, X)>,
+    C::Error: std::fmt::Debug,
+{
     let mut buf = BytesMut::from(bytes);
-    match v3::Codec::new(0).decode(&mut buf) {
+    match codec.decode(&mut buf) {
         Ok(Some((p, _))) if buf.is_empty() => Ok(p),
         Ok(Some(_)) => Err("bytes left over".into()),
         Ok(None) => Err("incomplete".into()),
@@ -56,12 +62,24 @@ fn v3_decode(bytes: &[u8]) -> Result<v3::Packet, String> {
     }
 }
 
-fn v3_encode(p: v3::Packet) -> Result<Vec<u8>, String> {
+/// Encodes one packet with the oracle's `codec`.
+fn encode_one<C: Encoder<P>, P>(mut codec: C, packet: P) -> Result<Vec<u8>, String>
+where
+    C::Error: std::fmt::Debug,
+{
     let mut buf = BytesMut::new();
-    v3::Codec::new(0)
-        .encode(p, &mut buf)
+    codec
+        .encode(packet, &mut buf)
         .map_err(|e| format!("{e:?}"))?;
     Ok(buf.to_vec())
+}
+
+fn v3_decode(bytes: &[u8]) -> Result<v3::Packet, String> {
+    decode_one(v3::Codec::new(0), bytes)
+}
+
+fn v3_encode(p: v3::Packet) -> Result<Vec<u8>, String> {
+    encode_one(v3::Codec::new(0), p)
 }
 
 fn v3_convert(p: &v3::Packet) -> Packet {
@@ -148,21 +166,11 @@ fn v3_convert(p: &v3::Packet) -> Packet {
 // ---------------------------------------------------------------- v5
 
 fn v5_decode(bytes: &[u8]) -> Result<v5::Packet, String> {
-    let mut buf = BytesMut::from(bytes);
-    match v5::Codec::new(0, 0).decode(&mut buf) {
-        Ok(Some((p, _))) if buf.is_empty() => Ok(p),
-        Ok(Some(_)) => Err("bytes left over".into()),
-        Ok(None) => Err("incomplete".into()),
-        Err(e) => Err(format!("{e:?}")),
-    }
+    decode_one(v5::Codec::new(0, 0), bytes)
 }
 
 fn v5_encode(p: v5::Packet) -> Result<Vec<u8>, String> {
-    let mut buf = BytesMut::new();
-    v5::Codec::new(0, 0)
-        .encode(p, &mut buf)
-        .map_err(|e| format!("{e:?}"))?;
-    Ok(buf.to_vec())
+    encode_one(v5::Codec::new(0, 0), p)
 }
 
 /// The oracle's v5 packet in our model, filling the fields [`project`] keeps.
@@ -282,11 +290,7 @@ fn v5_convert(p: &v5::Packet) -> Packet {
         P::SubscribeAck(a) => Packet::SubAck(SubAck {
             packet_id: id(a.packet_id),
             codes: a.status.iter().map(|c| ReasonCode(*c as u8)).collect(),
-            properties: Properties::from(beckon_mqtt::PropertySet {
-                reason_string: a.reason_string.as_ref().map(text),
-                user_properties: users(&a.properties),
-                ..Default::default()
-            }),
+            properties: reason_properties(a.reason_string.as_ref(), &a.properties),
         }),
         P::Unsubscribe(u) => Packet::Unsubscribe(Unsubscribe {
             packet_id: id(u.packet_id),
@@ -299,11 +303,7 @@ fn v5_convert(p: &v5::Packet) -> Packet {
         P::UnsubscribeAck(a) => Packet::UnsubAck(UnsubAck {
             packet_id: id(a.packet_id),
             codes: a.status.iter().map(|c| ReasonCode(*c as u8)).collect(),
-            properties: Properties::from(beckon_mqtt::PropertySet {
-                reason_string: a.reason_string.as_ref().map(text),
-                user_properties: users(&a.properties),
-                ..Default::default()
-            }),
+            properties: reason_properties(a.reason_string.as_ref(), &a.properties),
         }),
         P::PingRequest => Packet::PingReq,
         P::PingResponse => Packet::PingResp,
@@ -331,27 +331,47 @@ fn v5_convert(p: &v5::Packet) -> Packet {
 }
 
 fn ack(a: &v5::PublishAck) -> Ack {
-    Ack {
-        packet_id: id(a.packet_id),
-        code: ReasonCode(a.reason_code as u8),
-        properties: Properties::from(beckon_mqtt::PropertySet {
-            reason_string: a.reason_string.as_ref().map(text),
-            user_properties: users(&a.properties),
-            ..Default::default()
-        }),
-    }
+    ack_of(
+        a.packet_id,
+        a.reason_code as u8,
+        a.reason_string.as_ref(),
+        &a.properties,
+    )
 }
 
 fn ack2(a: &v5::PublishAck2) -> Ack {
+    ack_of(
+        a.packet_id,
+        a.reason_code as u8,
+        a.reason_string.as_ref(),
+        &a.properties,
+    )
+}
+
+/// PUBACK, PUBREC, PUBREL or PUBCOMP from the oracle's fields (two types, the same fields).
+fn ack_of<S: AsRef<str>>(
+    packet_id: NonZeroU16,
+    code: u8,
+    reason_string: Option<&S>,
+    user_properties: &[(S, S)],
+) -> Ack {
     Ack {
-        packet_id: id(a.packet_id),
-        code: ReasonCode(a.reason_code as u8),
-        properties: Properties::from(beckon_mqtt::PropertySet {
-            reason_string: a.reason_string.as_ref().map(text),
-            user_properties: users(&a.properties),
-            ..Default::default()
-        }),
+        packet_id: id(packet_id),
+        code: ReasonCode(code),
+        properties: reason_properties(reason_string, user_properties),
     }
+}
+
+/// The properties of an acknowledgement: a reason string and user properties.
+fn reason_properties<S: AsRef<str>>(
+    reason_string: Option<&S>,
+    user_properties: &[(S, S)],
+) -> Properties {
+    Properties::from(beckon_mqtt::PropertySet {
+        reason_string: reason_string.map(text),
+        user_properties: users(user_properties),
+        ..Default::default()
+    })
 }
 
 /// Our packet reduced to what the oracle's v5 model keeps without loss.
@@ -404,16 +424,6 @@ fn project(packet: &Packet) -> Packet {
 }
 
 // ---------------------------------------------------------------- shared
-
-fn our_encode(packet: &Packet, version: ProtocolVersion) -> Vec<u8> {
-    let mut buf = BytesMut::new();
-    encode(packet, version, &mut buf).expect("valid packet encodes");
-    buf.to_vec()
-}
-
-fn our_decode(bytes: &[u8], version: ProtocolVersion) -> Result<Option<Packet>, String> {
-    decode(&mut BytesMut::from(bytes), version, u32::MAX).map_err(|e| e.to_string())
-}
 
 /// Where the oracle refuses valid input: `true` skips the comparison.
 fn oracle_cannot_decode(packet: &Packet) -> bool {

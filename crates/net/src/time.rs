@@ -25,7 +25,7 @@ pub fn format_unix_utc(secs: i64) -> String {
 }
 
 /// Converts an x509 / rustls Unix timestamp in seconds to a `SystemTime`.
-pub(crate) fn system_time_from_unix(secs: i64) -> SystemTime {
+pub fn system_time_from_unix(secs: i64) -> SystemTime {
     if secs >= 0 {
         UNIX_EPOCH + Duration::from_secs(secs.unsigned_abs())
     } else {

@@ -311,22 +311,23 @@ impl TlsClient {
     /// Loads the trust anchors and the client identity and builds the client.
     pub fn new(settings: &TlsSettings) -> Result<Self, TlsConfigError> {
         let roots = load_roots(&settings.trust)?;
+        Self::with_verification(settings, beckon_pki::ServerVerification::Roots(roots))
+    }
+
+    /// Loads the client identity of `settings` and builds the client, checking the server's
+    /// certificate as `verification` says (the trust anchors of `settings` are not read).
+    pub fn with_verification(
+        settings: &TlsSettings,
+        verification: beckon_pki::ServerVerification,
+    ) -> Result<Self, TlsConfigError> {
         let identity = settings.identity.as_ref().map(load_identity).transpose()?;
         let options = beckon_pki::ClientTlsOptions {
             min_version: settings.min_version,
             ..Default::default()
         };
-        let config = beckon_pki::client_config(
-            beckon_pki::ServerVerification::Roots(roots),
-            identity,
-            &options,
-        )
-        .map_err(TlsConfigError::Rejected)?;
-        Ok(Self {
-            base: Arc::new(config),
-            min_version: settings.min_version,
-            by_alpn: Mutex::new(Vec::new()),
-        })
+        let config = beckon_pki::client_config(verification, identity, &options)
+            .map_err(TlsConfigError::Rejected)?;
+        Ok(Self::from_config(config, settings.min_version))
     }
 
     /// Wraps a rustls configuration built elsewhere (for example by the PKI crate). Its ALPN

@@ -61,6 +61,25 @@ fn labels(failures: &[beckon_net::RungFailure]) -> Vec<String> {
     failures.iter().map(|f| f.path.label()).collect()
 }
 
+/// The first failure's message contains `expected`.
+#[track_caller]
+fn assert_first_says(failures: &[beckon_net::RungFailure], expected: &str) {
+    let first = failures[0].error.to_string();
+    assert!(first.contains(expected), "{first}");
+}
+
+/// Every rung after the first was skipped: the first one's failure applied to them all, so
+/// they were not tried.
+#[track_caller]
+fn assert_rest_skipped(failures: &[beckon_net::RungFailure]) {
+    assert!(
+        failures[1..]
+            .iter()
+            .all(|f| matches!(f.error, RungError::Skipped { .. })),
+        "{failures:?}"
+    );
+}
+
 #[tokio::test]
 async fn primary_port_first_when_it_works() {
     let ca = TestCa::new("CA");
@@ -215,11 +234,7 @@ async fn an_unresolvable_broker_is_one_finding() {
         RungError::Failed(e) => assert_eq!(e.stage(), Stage::Resolve, "{e}"),
         other => panic!("first rung was tried: {other}"),
     }
-    assert!(
-        err.failures[1..]
-            .iter()
-            .all(|f| matches!(f.error, RungError::Skipped { .. }))
-    );
+    assert_rest_skipped(&err.failures);
     assert!(err.to_string().contains("no-such-broker.invalid"), "{err}");
 }
 
@@ -312,17 +327,12 @@ async fn an_unreachable_proxy_means_direct() {
             "443-websocket via proxy"
         ]
     );
-    let first = connected.failed_before[0].error.to_string();
-    assert!(
-        first.contains("cannot reach the proxy http://127.0.0.1:"),
-        "{first}"
+    assert_first_says(
+        &connected.failed_before,
+        "cannot reach the proxy http://127.0.0.1:",
     );
     // The proxy's failure applies to every proxied rung: tried once.
-    assert!(
-        connected.failed_before[1..]
-            .iter()
-            .all(|f| matches!(f.error, RungError::Skipped { .. }))
-    );
+    assert_rest_skipped(&connected.failed_before);
     round_trip(&mut connected).await;
 }
 
@@ -339,16 +349,11 @@ async fn a_proxy_asking_for_credentials_means_direct() {
     let mut ladder = ConnectionLadder::new(cfg, tls_client(&ca));
     let connected = ladder.connect().await.expect("direct works");
     assert_eq!(connected.path.label(), "8883");
-    let first = connected.failed_before[0].error.to_string();
-    assert!(
-        first.contains("requires authentication, which Beckon does not support"),
-        "{first}"
+    assert_first_says(
+        &connected.failed_before,
+        "requires authentication, which Beckon does not support",
     );
-    assert!(
-        connected.failed_before[1..]
-            .iter()
-            .all(|f| matches!(f.error, RungError::Skipped { .. }))
-    );
+    assert_rest_skipped(&connected.failed_before);
 }
 
 #[tokio::test]

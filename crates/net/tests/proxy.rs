@@ -3,27 +3,29 @@
 
 mod support;
 
-use beckon_net::{ProxyError, http_connect};
+use beckon_net::{PrefixedStream, ProxyError, http_connect};
 use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
+
+/// Asks `proxy` for a tunnel to `port` on 127.0.0.1.
+async fn connect_through(
+    proxy: &Tinyproxy,
+    port: u16,
+) -> Result<PrefixedStream<TcpStream>, ProxyError> {
+    let tcp = TcpStream::connect(("127.0.0.1", proxy.port))
+        .await
+        .expect("connect to tinyproxy");
+    http_connect(tcp, &proxy_url(proxy).to_string(), "127.0.0.1", port, WAIT).await
+}
 
 #[tokio::test]
 async fn tinyproxy_tunnels_to_an_allowed_port() {
     let (echo, _task) = start_echo_server().await;
     let proxy = Tinyproxy::start(&[echo.port()]);
-    let tcp = TcpStream::connect(("127.0.0.1", proxy.port))
+    let mut tunnel = connect_through(&proxy, echo.port())
         .await
-        .expect("connect to tinyproxy");
-    let mut tunnel = http_connect(
-        tcp,
-        &proxy_url(&proxy).to_string(),
-        "127.0.0.1",
-        echo.port(),
-        WAIT,
-    )
-    .await
-    .unwrap_or_else(|e| panic!("tunnel: {e}\ntinyproxy said:\n{}", proxy.output()));
+        .unwrap_or_else(|e| panic!("tunnel: {e}\ntinyproxy said:\n{}", proxy.output()));
     tunnel.write_all(b"through the proxy").await.expect("write");
     let mut back = [0u8; 17];
     tokio::time::timeout(WAIT, tunnel.read_exact(&mut back))
@@ -38,18 +40,9 @@ async fn tinyproxy_forbidding_the_port_is_explained() {
     let (echo, _task) = start_echo_server().await;
     let allowed = refused_port();
     let proxy = Tinyproxy::start(&[allowed]);
-    let tcp = TcpStream::connect(("127.0.0.1", proxy.port))
+    let err = connect_through(&proxy, echo.port())
         .await
-        .expect("connect to tinyproxy");
-    let err = http_connect(
-        tcp,
-        &proxy_url(&proxy).to_string(),
-        "127.0.0.1",
-        echo.port(),
-        WAIT,
-    )
-    .await
-    .expect_err("port not allowed");
+        .expect_err("port not allowed");
     assert!(matches!(err, ProxyError::Forbidden { .. }), "{err}");
     let text = err.to_string();
     assert!(text.contains("403"), "{text}");

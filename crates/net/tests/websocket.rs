@@ -43,13 +43,33 @@ async fn server_with(ca: &TestCa, behaviour: WsBehaviour) -> TlsServer {
     .await
 }
 
-#[tokio::test]
-async fn carries_bytes_both_ways() {
+/// A server that behaves as `behaviour` says, and a WebSocket upgraded to it.
+async fn upgraded_to(
+    behaviour: WsBehaviour,
+) -> (
+    TlsServer,
+    WsByteStream<beckon_net::tls::TlsStream<TcpStream>>,
+) {
     let ca = TestCa::new("CA");
-    let mut server = server_with(&ca, WsBehaviour::Echo).await;
-    let mut ws = upgrade(&server, &ca, &WsSettings::default())
+    let server = server_with(&ca, behaviour).await;
+    let ws = upgrade(&server, &ca, &WsSettings::default())
         .await
         .expect("upgrade");
+    (server, ws)
+}
+
+/// Upgrades to a server that behaves as `behaviour` says, then reads once (in time).
+async fn first_read_from(behaviour: WsBehaviour) -> std::io::Result<usize> {
+    let (_server, mut ws) = upgraded_to(behaviour).await;
+    let mut buf = [0u8; 8];
+    tokio::time::timeout(WAIT, ws.read(&mut buf))
+        .await
+        .expect("in time")
+}
+
+#[tokio::test]
+async fn carries_bytes_both_ways() {
+    let (mut server, mut ws) = upgraded_to(WsBehaviour::Echo).await;
 
     // A CONNECT-like packet, sent without a flush (as on TCP, a write goes out at once),
     // then a payload larger than one read buffer: the reader must hand it out in pieces,
@@ -80,30 +100,16 @@ async fn carries_bytes_both_ways() {
 
 #[tokio::test]
 async fn server_close_is_end_of_stream() {
-    let ca = TestCa::new("CA");
-    let server = server_with(&ca, WsBehaviour::Close).await;
-    let mut ws = upgrade(&server, &ca, &WsSettings::default())
+    let n = first_read_from(WsBehaviour::Close)
         .await
-        .expect("upgrade");
-    let mut buf = [0u8; 8];
-    let n = tokio::time::timeout(WAIT, ws.read(&mut buf))
-        .await
-        .expect("in time")
         .expect("clean close");
     assert_eq!(n, 0);
 }
 
 #[tokio::test]
 async fn text_messages_are_an_error() {
-    let ca = TestCa::new("CA");
-    let server = server_with(&ca, WsBehaviour::SendText).await;
-    let mut ws = upgrade(&server, &ca, &WsSettings::default())
+    let err = first_read_from(WsBehaviour::SendText)
         .await
-        .expect("upgrade");
-    let mut buf = [0u8; 8];
-    let err = tokio::time::timeout(WAIT, ws.read(&mut buf))
-        .await
-        .expect("in time")
         .expect_err("text is not MQTT");
     assert!(err.to_string().contains("binary messages only"), "{err}");
 }

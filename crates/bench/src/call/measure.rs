@@ -1,8 +1,11 @@
 //! The measurement around the call: an API token and an enrollment token from the console,
 //! the workers' enrollment and connects, then the call, and the broker's drop count.
 
-use super::setup::{CallWorker, Workers, sum_phase};
+use super::setup::{Workers, sum_phase};
+use super::the_call::ConsoleApi;
 use super::*;
+use crate::fleet::{WorkerLauncher, source_addresses};
+use crate::worker_process::{WorkerGroup, WorkerProcess};
 
 pub(super) async fn measure(
     args: &CallArgs,
@@ -14,14 +17,14 @@ pub(super) async fn measure(
     broker: &Service,
 ) -> anyhow::Result<CallReport> {
     let mut report = CallReport {
-        agents: args.agents,
+        agents: args.size.agents,
         acks: match args.acks {
             AckStages::Received => "received".into(),
             AckStages::Finished => "received, started, finished".into(),
         },
         ..Default::default()
     };
-    let (mut client, token, enrollment_token) = console_tokens(console_addr, password).await?;
+    let (mut console_api, enrollment_token) = console_tokens(console_addr, password).await?;
     let mut workers = start_workers(args, console_addr, broker_addr, &enrollment_token).await?;
     let outcome = async {
         for w in &mut workers.0 {
@@ -60,10 +63,8 @@ pub(super) async fn measure(
         the_call(
             args,
             &mut report,
-            &mut client,
+            &mut console_api,
             &mut workers,
-            console_addr,
-            &token,
             console,
             broker,
         )
@@ -72,7 +73,7 @@ pub(super) async fn measure(
         Ok(())
     }
     .await;
-    workers.shutdown().await;
+    workers.shutdown(&CallCommand::Shutdown).await;
     outcome.map(|()| report)
 }
 
@@ -94,12 +95,12 @@ pub(super) async fn broker_dropped(admin: SocketAddr) -> Option<u64> {
 }
 
 /// An API token (through a session of the first user), once the console is connected to the
-/// broker, and an enrollment token for the simulated agents; returns the client that carries
-/// the API token, the API token and the enrollment token.
+/// broker, and an enrollment token for the simulated agents; returns the console's API with
+/// the API token, and the enrollment token.
 async fn console_tokens(
     console_addr: SocketAddr,
     password: &str,
-) -> anyhow::Result<(HttpClient, String, String)> {
+) -> anyhow::Result<(ConsoleApi, String)> {
     let mut client = HttpClient::new(console_addr);
     let login = client
         .request(
@@ -122,18 +123,12 @@ async fn console_tokens(
         .context("the console set no session cookie")?
         .to_owned();
     client.headers.push(("Cookie".into(), cookie));
-    let token = api(
+    let token = create_token(
         &mut client,
-        "POST",
         "/api/v1/api-tokens",
-        Some(serde_json::json!({"name": "beckon bench call"})),
-        201,
+        serde_json::json!({"name": "beckon bench call"}),
     )
     .await?;
-    let token = token["token"]
-        .as_str()
-        .context("no API token in the answer")?
-        .to_owned();
     client.headers.clear();
     client.set_bearer(&token);
 
@@ -152,20 +147,32 @@ async fn console_tokens(
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    let enrollment = api(
+    let enrollment_token = create_token(
         &mut client,
-        "POST",
         "/api/v1/enrollment-tokens",
-        Some(serde_json::json!({"label": "beckon bench call", "max_uses": 0, "expires_in_secs": 86400})),
-        201,
+        serde_json::json!({"label": "beckon bench call", "max_uses": 0, "expires_in_secs": 86400}),
     )
     .await?;
-    let enrollment_token = enrollment["token"]
-        .as_str()
-        .context("no enrollment token in the answer")?
-        .to_owned();
 
-    Ok((client, token, enrollment_token))
+    let console_api = ConsoleApi {
+        addr: console_addr,
+        token,
+        client,
+    };
+    Ok((console_api, enrollment_token))
+}
+
+/// Creates a token (`POST` of `body` to `path`, `201 Created`) and returns its secret.
+async fn create_token(
+    client: &mut HttpClient,
+    path: &str,
+    body: serde_json::Value,
+) -> anyhow::Result<String> {
+    let created = api(client, "POST", path, Some(body), 201).await?;
+    let token = created["token"]
+        .as_str()
+        .with_context(|| format!("no token in the answer of POST {path}"))?;
+    Ok(token.to_owned())
 }
 
 /// Starts the call workers: this program (the bench under test), whatever runs console and
@@ -176,21 +183,22 @@ async fn start_workers(
     broker_addr: SocketAddr,
     enrollment_token: &str,
 ) -> anyhow::Result<Workers> {
-    let worker_program =
-        std::env::current_exe().context("cannot find this program's path to start workers")?;
-    let per_worker = args.agents_per_worker.clamp(1, 19_000);
-    let count = args.agents.div_ceil(per_worker);
-    let per_address = args.agents_per_source_address.max(1);
-    let sources: Vec<Ipv4Addr> = (0..args.agents.div_ceil(per_address).clamp(1, 250))
-        .map(|i| Ipv4Addr::new(127, 0, 0, u8::try_from(i + 2).unwrap_or(252)))
-        .collect();
-    let mut workers = Workers(Vec::with_capacity(count));
+    let launcher = WorkerLauncher {
+        program: std::env::current_exe()
+            .context("cannot find this program's path to start workers")?,
+        args: vec!["bench".to_owned(), "call-worker".to_owned()],
+    };
+    let per_worker = args.size.agents_per_worker.clamp(1, 19_000);
+    let count = args.size.agents.div_ceil(per_worker);
+    let per_address = args.size.agents_per_source_address.max(1);
+    let sources = source_addresses(broker_addr.ip(), args.size.agents, per_address);
+    let mut workers = WorkerGroup(Vec::with_capacity(count));
     for w in 0..count {
         let first_agent = w * per_worker;
         let config = CallWorkerConfig {
             worker: w,
             first_agent,
-            agents: per_worker.min(args.agents - first_agent),
+            agents: per_worker.min(args.size.agents - first_agent),
             id_prefix: args.id_prefix.clone(),
             console: console_addr,
             enrollment_token: enrollment_token.to_owned(),
@@ -205,7 +213,7 @@ async fn start_workers(
         };
         workers
             .0
-            .push(CallWorker::spawn(&worker_program, &config).await?);
+            .push(WorkerProcess::spawn("call worker", &launcher, w, &config).await?);
     }
     Ok(workers)
 }

@@ -37,11 +37,12 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use beckon_pki::CertificateAuthority;
 use serde::{Deserialize, Serialize};
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
-use tokio::process::{Child, ChildStdin};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::Child;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
+use crate::cli::FleetSize;
 use crate::procstat::{ProcReader, ProcSample};
 use crate::protocol::unix_ns;
 use crate::report::{Percentiles, format_value};
@@ -58,15 +59,9 @@ const API_LIMIT: Duration = Duration::from_secs(60);
 /// `beckon bench call`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct CallArgs {
-    /// Simulated agents, each enrolled with its own identity.
-    #[arg(long, default_value_t = 1000)]
-    pub agents: usize,
-    /// Agents per worker process (a process may open only so many files).
-    #[arg(long, default_value_t = 5000)]
-    pub agents_per_worker: usize,
-    /// Agents per source address (127.0.0.2, .3, ...).
-    #[arg(long, default_value_t = 5000)]
-    pub agents_per_source_address: usize,
+    /// How many simulated agents (each enrolled with its own identity), in how many workers.
+    #[command(flatten)]
+    pub size: FleetSize,
     /// Enrollments in flight at once, over all workers.
     #[arg(long, default_value_t = 8)]
     pub enroll_concurrency: usize,
@@ -339,7 +334,7 @@ async fn api(
 
 /// Runs the whole bench: services, enrollment, connects, the call, the readings.
 pub async fn run_call(args: &CallArgs) -> anyhow::Result<CallReport> {
-    if args.agents == 0 {
+    if args.size.agents == 0 {
         bail!("--agents must be at least 1");
     }
     let program = match &args.beckon_bin {

@@ -2,6 +2,7 @@
 //! simulated agents.
 
 use super::*;
+use crate::worker_process::{WorkerGroup, impl_worker_reply};
 
 /// A process the bench started; killed when dropped.
 pub(super) struct Service {
@@ -95,120 +96,10 @@ pub(super) async fn start_service(
     Ok((Service { child, pid }, seen))
 }
 
-pub(super) struct CallWorker {
-    pub(super) index: usize,
-    pub(super) pid: Option<u32>,
-    pub(super) child: Child,
-    pub(super) stdin: ChildStdin,
-    pub(super) replies: mpsc::UnboundedReceiver<Result<CallReply, String>>,
-}
+/// The call's worker processes.
+pub(super) type Workers = WorkerGroup<CallReply>;
 
-impl CallWorker {
-    pub(super) async fn spawn(program: &Path, config: &CallWorkerConfig) -> anyhow::Result<Self> {
-        let mut child = tokio::process::Command::new(program)
-            .args(["bench", "call-worker"])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .kill_on_drop(true)
-            .spawn()
-            .with_context(|| format!("starting call worker {}", program.display()))?;
-        let mut stdin = child.stdin.take().context("worker stdin missing")?;
-        let stdout = child.stdout.take().context("worker stdout missing")?;
-        let (tx, replies) = mpsc::unbounded_channel();
-        let index = config.worker;
-        tokio::spawn(async move {
-            let mut lines = BufReader::new(stdout).lines();
-            loop {
-                let item = match lines.next_line().await {
-                    Ok(Some(line)) => serde_json::from_str::<CallReply>(&line).map_err(|e| {
-                        format!("call worker {index} wrote an unreadable line ({e}): {line:.200}")
-                    }),
-                    Ok(None) => Err(format!("call worker {index} exited")),
-                    Err(e) => Err(format!("reading call worker {index}: {e}")),
-                };
-                let end = item.is_err();
-                if tx.send(item).is_err() || end {
-                    return;
-                }
-            }
-        });
-        let mut line = serde_json::to_string(config).context("encoding a worker configuration")?;
-        line.push('\n');
-        stdin
-            .write_all(line.as_bytes())
-            .await
-            .with_context(|| format!("sending call worker {index} its configuration"))?;
-        Ok(Self {
-            index,
-            pid: child.id(),
-            child,
-            stdin,
-            replies,
-        })
-    }
-
-    pub(super) async fn send(&mut self, command: &CallCommand) -> anyhow::Result<()> {
-        let mut line = serde_json::to_string(command).context("encoding a worker command")?;
-        line.push('\n');
-        self.stdin
-            .write_all(line.as_bytes())
-            .await
-            .with_context(|| format!("call worker {} takes no commands (exited?)", self.index))
-    }
-
-    pub(super) async fn reply(
-        &mut self,
-        deadline: Instant,
-        what: &str,
-    ) -> anyhow::Result<CallReply> {
-        match tokio::time::timeout_at(deadline, self.replies.recv()).await {
-            Err(_) => bail!("call worker {} did not answer ({what}) in time", self.index),
-            Ok(None) => bail!("call worker {} is gone ({what})", self.index),
-            Ok(Some(Err(m))) => bail!("{m} ({what})"),
-            Ok(Some(Ok(CallReply::Failed { message }))) => {
-                bail!("call worker {} failed ({what}): {message}", self.index)
-            }
-            Ok(Some(Ok(r))) => Ok(r),
-        }
-    }
-}
-
-pub(super) struct Workers(pub(super) Vec<CallWorker>);
-
-impl Workers {
-    pub(super) async fn ask(
-        &mut self,
-        command: &CallCommand,
-        within: Duration,
-        what: &str,
-    ) -> anyhow::Result<Vec<CallReply>> {
-        for w in &mut self.0 {
-            w.send(command).await?;
-        }
-        let deadline = Instant::now() + within;
-        let mut out = Vec::new();
-        for w in &mut self.0 {
-            out.push(w.reply(deadline, what).await?);
-        }
-        Ok(out)
-    }
-
-    pub(super) async fn shutdown(mut self) {
-        for w in &mut self.0 {
-            let _ = w.send(&CallCommand::Shutdown).await;
-        }
-        let deadline = Instant::now() + Duration::from_secs(15);
-        for w in &mut self.0 {
-            if tokio::time::timeout_at(deadline, w.child.wait())
-                .await
-                .is_err()
-            {
-                let _ = w.child.kill().await;
-            }
-        }
-    }
-}
+impl_worker_reply!(CallReply);
 
 pub(super) fn sum_phase(replies: Vec<CallReply>, enrolled: bool) -> anyhow::Result<PhaseOutcome> {
     let mut total = PhaseOutcome::default();

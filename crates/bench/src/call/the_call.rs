@@ -19,22 +19,34 @@ pub(super) struct DeliveryEvent {
     pub(super) state: String,
 }
 
-#[allow(clippy::too_many_arguments)]
+/// The console's API as the bench uses it around the call: its address, an API token, and a
+/// client that carries the token (the live events take a connection of their own).
+pub(super) struct ConsoleApi {
+    pub(super) addr: SocketAddr,
+    pub(super) token: String,
+    pub(super) client: HttpClient,
+}
+
+/// Makes the call and takes its readings, the CPU and memory of the `console` and `broker`
+/// processes among them.
 pub(super) async fn the_call(
     args: &CallArgs,
     report: &mut CallReport,
-    client: &mut HttpClient,
+    console_api: &mut ConsoleApi,
     workers: &mut Workers,
-    console_addr: SocketAddr,
-    token: &str,
     console: &Service,
     broker: &Service,
 ) -> anyhow::Result<()> {
+    let ConsoleApi {
+        addr: console_addr,
+        token,
+        client,
+    } = console_api;
     wait_online(client, report).await?;
     tokio::time::sleep(Duration::from_secs_f64(args.settle_secs.max(0.0))).await;
 
     // Live state changes, subscribed before the call.
-    let (reader, mut live_rx) = subscribe_live(console_addr, token).await?;
+    let (reader, mut live_rx) = subscribe_live(*console_addr, token).await?;
 
     // The workers' replies only say that they are armed.
     workers

@@ -22,7 +22,7 @@ use tokio::sync::{Semaphore, mpsc, watch};
 
 use super::http::HttpClient;
 use crate::protocol::unix_ns;
-use crate::worker::{reply, stdin_lines};
+use crate::worker::{read_command, reply, stdin_lines};
 
 /// Largest packet an agent accepts (a wake-up is at most 8 KiB).
 const MAX_PACKET: u32 = 64 * 1024;
@@ -212,12 +212,8 @@ async fn worker_main() -> anyhow::Result<()> {
         tokio::select! {
             line = lines.recv() => {
                 let Some(line) = line else { break };
-                let command: CallCommand = match serde_json::from_str(&line) {
-                    Ok(c) => c,
-                    Err(e) => {
-                        reply(&CallReply::Failed { message: format!("call worker {}: bad command: {e}", config.worker) })?;
-                        continue;
-                    }
+                let Some(command) = read_command::<CallCommand, CallReply>(&line, "call worker", config.worker)? else {
+                    continue;
                 };
                 match command {
                     CallCommand::Enroll => {

@@ -8,28 +8,11 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode, Stdio};
 use std::time::{Duration, Instant};
 
-use clap::Parser;
-
-#[derive(Parser)]
-struct Cli {
-    #[command(subcommand)]
-    top: Top,
-}
-
-#[derive(clap::Subcommand)]
-enum Top {
-    #[command(subcommand)]
-    Bench(beckon_bench::BenchCommand),
-}
-
 /// Runs the tests, or, when started as `bench ...` by a fleet, the bench itself.
 pub fn main_with(tests: &[(&str, fn())]) -> ExitCode {
     let args: Vec<String> = std::env::args().collect();
     if args.get(1).map(String::as_str) == Some("bench") {
-        let Cli {
-            top: Top::Bench(command),
-        } = Cli::parse();
-        return match beckon_bench::run(command) {
+        return match beckon_bench::run_standalone() {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("error: {e:#}");

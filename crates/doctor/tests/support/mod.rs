@@ -40,6 +40,24 @@ pub fn config_trusting(ca: &TestCa, dir: &Path, primary: u16, fallback: u16) -> 
     config("127.0.0.1", primary, fallback).with_ca_file(ca.write_pem(dir, "ca.pem"))
 }
 
+/// Mosquitto over TLS, with a certificate from `ca` for localhost and 127.0.0.1, accepting
+/// `user` with `password`.
+pub fn start_mosquitto(ca: &TestCa, user: &str, password: &str) -> Mosquitto {
+    Mosquitto::start_tls(&ca.server_cert(&["localhost", "127.0.0.1"]), user, password)
+}
+
+/// Connect as `user` with `password`.
+pub fn set_credentials(config: &mut DoctorConfig, user: &str, password: &str) {
+    config.username = Some(user.into());
+    config.password = Some(password.into());
+}
+
+/// Asserts that `text` (a verdict's detail, a summary, a report) contains `part`.
+#[track_caller]
+pub fn assert_contains(text: &str, part: &str) {
+    assert!(text.contains(part), "{part:?} is not in:\n{text}");
+}
+
 /// Asserts that the report's summary starts with `prefix`.
 pub fn assert_summary_starts(report: &Report, prefix: &str) {
     assert!(report.summary.starts_with(prefix), "{}", report.summary);
@@ -60,6 +78,18 @@ pub fn step(path: &PathReport, name: StepName) -> &StepReport {
         .iter()
         .find(|s| s.step == name)
         .unwrap_or_else(|| panic!("no step {name} in {path:?}"))
+}
+
+/// Asserts that `name` passed on `label`.
+#[track_caller]
+pub fn assert_passes(report: &Report, label: &str, name: StepName) {
+    let verdict = step(path(report, label), name).verdict;
+    assert_eq!(
+        verdict,
+        Verdict::Pass,
+        "{label} {name}:\n{}",
+        report.to_human()
+    );
 }
 
 /// Asserts that `name` failed on `label`, that its fix holds every one of `fix_words`, that

@@ -4,7 +4,7 @@
 pub mod strategies;
 pub mod vectors;
 
-use beckon_mqtt::{DecodeError, Packet, ProtocolVersion, decode};
+use beckon_mqtt::{DecodeError, Packet, ProtocolVersion, decode, encode};
 use bytes::BytesMut;
 
 /// Parses "10 0c 00 04" style hex (spaces and newlines ignored).
@@ -34,4 +34,16 @@ pub fn decode_one(bytes: &[u8], version: ProtocolVersion) -> Result<Packet, Deco
         }
         None => panic!("decode wants more bytes for a complete vector: {bytes:02x?}"),
     }
+}
+
+/// Our encoding of a valid packet (for comparing with an oracle's).
+pub fn our_encode(packet: &Packet, version: ProtocolVersion) -> Vec<u8> {
+    let mut buf = BytesMut::new();
+    encode(packet, version, &mut buf).expect("valid packet encodes");
+    buf.to_vec()
+}
+
+/// Our decoding of `bytes`, the error as text (for comparing with an oracle's).
+pub fn our_decode(bytes: &[u8], version: ProtocolVersion) -> Result<Option<Packet>, String> {
+    decode(&mut BytesMut::from(bytes), version, u32::MAX).map_err(|e| e.to_string())
 }
