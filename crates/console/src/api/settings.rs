@@ -47,6 +47,6 @@ pub(super) async fn status(a: Admin) -> Json<serde_json::Value> {
         "agents_online": online,
         "tenant": a.st.tenant.as_str(),
         "call_states": states,
-        "certificate_warnings": crate::tls::certificate_warnings(&st.config),
+        "certificate_warnings": crate::tls::certificate_warnings(&a.st.config),
     }))
 }
