@@ -114,8 +114,9 @@ pub struct LoadArgs {
     #[arg(long, default_value_t = 5.0)]
     pub settle_secs: f64,
     /// Fan-out: publisher connections; each sends the wake-ups of every n-th agent, all
-    /// starting at the same moment.
-    #[arg(long, default_value_t = 4, value_parser = clap::builder::TypedValueParser::map(clap::value_parser!(u16).range(1..=256), usize::from))]
+    /// starting at the same moment. One by default: the product's wake-ups all come through
+    /// one connection, the console's.
+    #[arg(long, default_value_t = 1, value_parser = clap::builder::TypedValueParser::map(clap::value_parser!(u16).range(1..=256), usize::from))]
     pub publishers: usize,
     /// Fan-out: unacknowledged wake-ups each publisher connection keeps in flight (at most
     /// 65,535, and capped by the broker's Receive Maximum in MQTT 5).
