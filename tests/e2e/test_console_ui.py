@@ -4,7 +4,8 @@ The tests run in file order and share one `beckon up` and one browser, like an a
 going through the console: a wrong password is refused, log in, three demo agents online, a
 wake-up call to one reaches `finished` live, an extra agent process enrolled from the
 Enrollment page goes online and, once killed, offline; settings refuse a bad value next to its
-field; Wake-on-LAN to 127.0.0.1 is sent, recorded and shown (and the magic packet arrives). Last, a
+field; Wake-on-LAN to 127.0.0.1 is sent, recorded and shown (and the magic packet arrives); an
+API token made on its page works against the API until it is revoked there. Last, a
 console whose broker is unreachable shows "Push service servers are not reachable" and the fix.
 """
 
@@ -272,6 +273,81 @@ def test_wake_on_lan_to_loopback_is_sent_and_recorded(browser, beckon):
         assert packet[6:12] == bytes.fromhex("02bec0000000")
     finally:
         receiver.close()
+
+
+def api_status(beckon, path, token):
+    """(HTTP status, parsed JSON body) of GET /api/v1<path> with `Authorization: Bearer token`."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    request = urllib.request.Request(beckon.url + "/api/v1" + path, headers={"Authorization": f"Bearer {token}"})
+    try:
+        with urllib.request.urlopen(request, timeout=10) as r:
+            return r.status, json.loads(r.read() or b"null")
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read() or b"null")
+
+
+def api_token_row(browser, name):
+    """The API tokens table's row named `name`, or None."""
+    for row in browser.find_elements(By.CSS_SELECTOR, "#api-tokens-table tr[data-testid=api-token-row]"):
+        if row.find_elements(By.TAG_NAME, "td")[0].text == name:
+            return row
+    return None
+
+
+def test_api_token_created_on_its_page_works_until_revoked_there(browser, beckon):
+    go(browser, beckon, "api-tokens")
+    shown = wait(browser, lambda b: next((v for v in ("view-api-tokens", "view-login")
+                                          if b.find_element(By.ID, v).is_displayed()), None),
+                 "neither the API tokens page nor the login page was shown")
+    if shown == "view-login":  # run alone: log in first
+        browser.find_element(By.ID, "login-password").send_keys(beckon.password, Keys.ENTER)
+        visible(browser, "view-api-tokens")
+    assert browser.find_element(By.ID, "nav-api-tokens").get_attribute("aria-current") == "page"
+
+    # A token needs a name.
+    browser.find_element(By.ID, "api-token-create").click()
+    assert "Enter a name" in visible(browser, "api-token-error").text
+    assert not browser.find_element(By.ID, "api-token-result").is_displayed()
+
+    browser.find_element(By.ID, "api-token-name").send_keys("e2e integration")
+    browser.find_element(By.ID, "api-token-create").click()
+    secret = visible(browser, "api-token-secret").text
+    assert re.fullmatch(r"bkt_\S+", secret), secret
+    assert "shown only once" in browser.find_element(By.ID, "api-token-result").text
+    assert not browser.find_element(By.ID, "api-token-error").is_displayed()
+    browser.find_element(By.ID, "api-token-copy").click()
+    wait(browser, lambda b: b.find_element(By.ID, "api-token-copy-status").text != "", "copy gave no feedback")
+    row = wait(browser, lambda b: api_token_row(b, "e2e integration"), "the new API token is not listed")
+    assert row.get_attribute("data-revoked") == "false" and "valid" in row.text, row.text
+
+    # The shown secret is what the API accepts.
+    status, agents = api_status(beckon, "/agents", secret)
+    assert status == 200, agents
+    assert {"demo-01", "demo-02", "demo-03"} <= {a["id"] for a in agents}, agents
+
+    # Leaving the page and coming back: the secret is not shown again.
+    go(browser, beckon, "dashboard")
+    visible(browser, "view-dashboard")
+    go(browser, beckon, "api-tokens")
+    wait(browser, lambda b: api_token_row(b, "e2e integration"), "the API token is not listed after coming back")
+    assert not browser.find_element(By.ID, "api-token-result").is_displayed()
+    assert secret not in browser.find_element(By.ID, "view-api-tokens").text
+
+    # Revoked on the page (after a confirmation): the API refuses it from then on.
+    api_token_row(browser, "e2e integration").find_element(By.TAG_NAME, "button").click()
+    wait(browser, EC.alert_is_present(), "revoking asked for no confirmation")
+    browser.switch_to.alert.accept()
+    wait(browser, lambda b: (r := api_token_row(b, "e2e integration")) is not None
+         and r.get_attribute("data-revoked") == "true", "the API token never showed as revoked")
+    row = api_token_row(browser, "e2e integration")
+    assert "revoked" in row.text, row.text
+    assert not row.find_element(By.TAG_NAME, "button").is_enabled()
+    status, refusal = api_status(beckon, "/agents", secret)
+    assert status == 401, refusal
+    assert "API tokens page in the console" in refusal["error"], refusal
 
 
 def test_push_service_down_shows_the_notice_and_its_fix(browser, tmp_path):

@@ -576,21 +576,69 @@ $("enroll-form").addEventListener("submit", async (ev) => {
   }
 });
 
-$("enroll-copy").addEventListener("click", async () => {
-  const text = $("enroll-command").textContent;
+/** Copies the text of `source` to the clipboard and says so in `status`; without clipboard
+ * access (e.g. plain HTTP on another host) selects it for Ctrl+C instead. */
+async function copyFrom(source, status) {
   try {
-    await navigator.clipboard.writeText(text);
-    $("enroll-copy-status").textContent = "Copied.";
+    await navigator.clipboard.writeText(source.textContent);
+    status.textContent = "Copied.";
   } catch (e) {
-    // No clipboard access (e.g. plain HTTP on another host): select it for Ctrl+C.
     const range = document.createRange();
-    range.selectNodeContents($("enroll-command"));
+    range.selectNodeContents(source);
     const sel = getSelection();
     sel.removeAllRanges();
     sel.addRange(range);
-    $("enroll-copy-status").textContent = "Selected: press Ctrl+C to copy.";
+    status.textContent = "Selected: press Ctrl+C to copy.";
+  }
+}
+
+$("enroll-copy").addEventListener("click", () => copyFrom($("enroll-command"), $("enroll-copy-status")));
+
+// --- API tokens ---
+
+async function loadApiTokens() {
+  const tokens = await guarded($("api-tokens-error"), () => api("GET", "/api-tokens"));
+  if (!tokens || state.view !== "api-tokens") return;
+  $("api-tokens-table").tBodies[0].replaceChildren(...tokens.map((t) => {
+    const revoke = el("button", { type: "button", class: "small danger", "aria-label": "Revoke API token " + t.name }, "Revoke");
+    revoke.disabled = t.revoked;
+    revoke.addEventListener("click", async () => {
+      if (!confirm(`Revoke the API token "${t.name}"? Whatever uses it is refused from then on.`)) return;
+      await guarded($("api-tokens-error"), () => api("DELETE", `/api-tokens/${encodeURIComponent(t.id)}`));
+      loadApiTokens();
+    });
+    return el("tr", { "data-testid": "api-token-row", "data-token-id": t.id, "data-revoked": String(t.revoked) },
+      el("td", {}, t.name), el("td", {}, when(t.created_at)),
+      el("td", {}, badge(t.revoked ? "offline" : "online", t.revoked ? "revoked" : "valid")), el("td", {}, revoke));
+  }));
+  $("api-tokens-empty").hidden = tokens.length > 0;
+}
+
+$("api-token-form").addEventListener("submit", async (ev) => {
+  ev.preventDefault();
+  const name = $("api-token-name").value.trim();
+  if (!name) {
+    showError($("api-token-error"), "Enter a name: it says who made the calls this token makes.");
+    $("api-token-name").focus();
+    return;
+  }
+  $("api-token-create").disabled = true;
+  try {
+    const t = await guarded($("api-token-error"), () => api("POST", "/api-tokens", { name }));
+    if (!t) return;
+    $("api-token-result-name").textContent = t.name;
+    $("api-token-secret").textContent = t.token;
+    $("api-token-copy-status").textContent = "";
+    $("api-token-result").hidden = false;
+    $("api-token-name").value = "";
+    $("api-token-copy").focus();
+    loadApiTokens();
+  } finally {
+    $("api-token-create").disabled = false;
   }
 });
+
+$("api-token-copy").addEventListener("click", () => copyFrom($("api-token-secret"), $("api-token-copy-status")));
 
 // --- Settings ---
 
@@ -743,6 +791,13 @@ async function route() {
     case "enroll":
       show("enroll");
       loadTokens();
+      break;
+    case "api-tokens":
+      show("api-tokens");
+      // The secret of a token made earlier is not shown again.
+      $("api-token-result").hidden = true;
+      $("api-token-secret").textContent = "";
+      loadApiTokens();
       break;
     case "settings":
       show("settings");
