@@ -23,9 +23,9 @@ pub struct WakeArgs {
     /// The console's URL, e.g. https://console.example:8080.
     #[arg(long, env = "BECKON_CONSOLE_URL", value_name = "URL")]
     console: String,
-    /// An API token (bkt_...). An administrator creates one with
-    /// `POST /api/v1/api-tokens {"name": "..."}` on the console, logged in (the session
-    /// cookie of `POST /api/v1/login`) or with another API token; see docs/api.md.
+    /// An API token (bkt_...). An administrator creates one on the API tokens page in the
+    /// console (or POST /api/v1/api-tokens {"name": "..."}, logged in or with another API
+    /// token); see docs/api.md.
     #[arg(
         long,
         env = "BECKON_API_TOKEN",
@@ -179,7 +179,7 @@ async fn run(args: WakeArgs) -> anyhow::Result<ExitCode> {
     let token = args.token.trim().to_owned();
     if !token.starts_with("bkt_") {
         bail!(
-            "--token must be an API token (they start with bkt_): an administrator creates one with POST /api/v1/api-tokens on the console (see docs/api.md)"
+            "--token must be an API token (they start with bkt_): an administrator creates one on the API tokens page in the console (or POST /api/v1/api-tokens; see docs/api.md)"
         );
     }
     let http = http::console_client(&base, args.ca.as_deref()).context("--ca")?;

@@ -157,6 +157,29 @@ fn wake_calls_follows_and_explains_refusals() {
         assert!(err.contains(needle), "{args:?}: {err}");
         assert!(out.is_empty(), "{args:?}: {out}");
     }
+    // Where a token comes from: the refusals and the help name the console's page for them.
+    for args in [
+        vec!["--console", url.as_str(), "--token", "bkt_wrong", "demo-01"],
+        vec![
+            "--console",
+            url.as_str(),
+            "--token",
+            "bke_enrollment",
+            "demo-01",
+        ],
+        vec!["--help"],
+    ] {
+        let (out, err) = text(&wake(&args));
+        // --help wraps its lines: compare with the whitespace collapsed.
+        let words = format!("{out} {err}")
+            .split_whitespace()
+            .collect::<Vec<_>>()
+            .join(" ");
+        assert!(
+            words.contains("API tokens page in the console"),
+            "{args:?}: stdout {out} stderr {err}"
+        );
+    }
     let (_, after, _) = up.request("GET", "/api/v1/calls", &cookie, "");
     assert_eq!(
         before.as_array().map(Vec::len),

@@ -199,7 +199,7 @@ impl FromRequestParts<AppState> for Admin {
         let who = if let Some(token) = bearer(&parts.headers) {
             if !token.starts_with("bkt_") {
                 return Err(ApiError::unauthorized(
-                    "this bearer token is not an API token (they start with bkt_): create one with POST /api/v1/api-tokens",
+                    "this bearer token is not an API token (they start with bkt_): create one on the API tokens page in the console (or POST /api/v1/api-tokens)",
                 ));
             }
             let hash = token_hash(token);

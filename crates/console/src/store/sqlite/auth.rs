@@ -212,7 +212,7 @@ impl AuthStore for SqliteStore {
         })
         .ok_or_else(|| {
             StoreError::Refused(
-                "the API token is not valid (unknown or revoked): create a new one".into(),
+                "the API token is not valid (unknown or revoked): create a new one on the API tokens page in the console (or POST /api/v1/api-tokens)".into(),
             )
         })
     }
