@@ -3,7 +3,6 @@
 //! agent owns it; `beckon agent status` only reads it.
 
 use std::io::Write;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
@@ -129,11 +128,10 @@ impl AgentState {
             path: path.clone(),
             source,
         })?;
-        let mut file = std::fs::OpenOptions::new()
+        let mut file = crate::platform::private_file_options()
             .write(true)
             .create(true)
             .truncate(true)
-            .mode(0o600)
             .open(&tmp)
             .map_err(io(&tmp))?;
         file.write_all(&bytes).map_err(io(&tmp))?;
@@ -154,14 +152,10 @@ impl StateStore {
     /// last working path and the replay guard; connection fields start over.
     pub fn open(dir: &Path, agent_id: &str) -> Result<Self, StateError> {
         if !dir.exists() {
-            std::fs::DirBuilder::new()
-                .recursive(true)
-                .mode(0o700)
-                .create(dir)
-                .map_err(|source| StateError::Io {
-                    path: dir.to_owned(),
-                    source,
-                })?;
+            crate::platform::create_dir(dir, 0o700).map_err(|source| StateError::Io {
+                path: dir.to_owned(),
+                source,
+            })?;
         }
         let mut state = match AgentState::read(dir) {
             Ok(state) => state.unwrap_or_default(),
@@ -234,7 +228,6 @@ impl StateStore {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::os::unix::fs::PermissionsExt;
 
     const ID: &str = "0190d6e0-0000-7000-8000-000000000001";
 
@@ -252,8 +245,12 @@ mod tests {
             })
             .expect("update");
         let path = dir.path().join(STATE_FILE);
-        let mode = std::fs::metadata(&path).expect("meta").permissions().mode() & 0o777;
-        assert_eq!(mode, 0o600);
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(&path).expect("meta").permissions().mode() & 0o777;
+            assert_eq!(mode, 0o600);
+        }
         let read = AgentState::read(dir.path()).expect("read").expect("exists");
         assert!(read.connected);
         assert!(
