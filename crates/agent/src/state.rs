@@ -245,6 +245,7 @@ mod tests {
             })
             .expect("update");
         let path = dir.path().join(STATE_FILE);
+        assert!(path.is_file());
         #[cfg(unix)]
         {
             use std::os::unix::fs::PermissionsExt;

