@@ -87,6 +87,25 @@ pub enum AgentCommand {
         #[arg(long)]
         force: bool,
     },
+    /// Register the agent as a Windows service (automatic start, LocalSystem, restarted after
+    /// a failure) that runs it with this configuration.
+    #[cfg(windows)]
+    InstallService {
+        /// The agent's configuration file.
+        #[arg(long, default_value_os_t = platform::default_config_file())]
+        config: PathBuf,
+    },
+    /// Stop and remove the Windows service.
+    #[cfg(windows)]
+    UninstallService,
+    /// What the Windows service control manager starts (not for a prompt).
+    #[cfg(windows)]
+    #[command(hide = true)]
+    Service {
+        /// The agent's configuration file.
+        #[arg(long, default_value_os_t = platform::default_config_file())]
+        config: PathBuf,
+    },
     /// Print the agent's state: connected or not, path, last wake-up, last error.
     Status {
         /// The agent's state folder (default: state_dir from --config, else /var/lib/beckon-agent).
@@ -180,6 +199,12 @@ pub fn run(cmd: AgentCommand) -> anyhow::Result<()> {
             );
             Ok(())
         }
+        #[cfg(windows)]
+        AgentCommand::InstallService { config } => platform::service::install(&config),
+        #[cfg(windows)]
+        AgentCommand::UninstallService => platform::service::uninstall(),
+        #[cfg(windows)]
+        AgentCommand::Service { config } => platform::service::run(config),
         AgentCommand::Status {
             state_dir,
             config,

@@ -15,6 +15,10 @@ mod unix;
 #[cfg(unix)]
 use unix as os;
 
+/// The agent as a Windows service (`windows-service`, whose entry point macro is `unsafe`).
+#[cfg(windows)]
+#[allow(unsafe_code)]
+pub mod service;
 #[cfg(windows)]
 #[allow(unsafe_code)]
 mod windows;

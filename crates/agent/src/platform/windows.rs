@@ -169,14 +169,19 @@ pub fn process_alive(pid: u32) -> bool {
     }
 }
 
-/// Returns on Ctrl-C, Ctrl-Break, the console closing, or the system shutting down.
+/// Returns on Ctrl-C, Ctrl-Break, the console closing, the system shutting down, or the
+/// service control manager's Stop.
 pub async fn wait_for_stop_signal() {
     use tokio::signal::windows::{ctrl_break, ctrl_c, ctrl_close, ctrl_shutdown};
+    let service_stop = super::service::stop_requested();
     let (Ok(mut c), Ok(mut brk), Ok(mut close), Ok(mut shutdown)) =
         (ctrl_c(), ctrl_break(), ctrl_close(), ctrl_shutdown())
     else {
-        tracing::warn!("cannot watch all console events; only Ctrl-C stops the agent");
-        let _ = tokio::signal::ctrl_c().await;
+        // A service has no console: its stop comes from the manager.
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            () = service_stop.notified() => {}
+        }
         return;
     };
     tokio::select! {
@@ -184,6 +189,7 @@ pub async fn wait_for_stop_signal() {
         _ = brk.recv() => {}
         _ = close.recv() => {}
         _ = shutdown.recv() => {}
+        () = service_stop.notified() => {}
     }
 }
 
