@@ -1,5 +1,6 @@
-//! The actions a wake-up triggers: a program (argv, never a shell; the wake-up in environment
-//! variables and as JSON on stdin; killed at its timeout) and an HTTP request to a local URL
+//! The actions a wake-up triggers: a program (argv, never a shell unless the configuration
+//! asks for `cmd` or PowerShell; the wake-up in environment variables and as JSON on stdin;
+//! killed at its timeout) and an HTTP request to a local URL
 //! (beckon-net's HTTP client, directly over TCP: one request, its answer's status).
 
 use std::process::Stdio;
@@ -7,7 +8,6 @@ use std::time::{Duration, Instant};
 
 use beckon_net::http::{HttpClient, HttpSettings, Url};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::process::Command;
 
 use crate::config::CommandAction;
 use crate::wakeup::WakeUp;
@@ -102,12 +102,11 @@ pub async fn run_command(
     default_dir: &std::path::Path,
 ) -> ActionOutcome {
     let started = Instant::now();
-    let Some((program, args)) = action.argv.split_first() else {
+    let Some((program, mut command)) = crate::platform::action_command(action.shell, &action.argv)
+    else {
         return ActionOutcome::new("error", None, Some("no program configured".into()), started);
     };
-    let mut command = Command::new(program);
     command
-        .args(args)
         .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
         .current_dir(action.working_dir.as_deref().unwrap_or(default_dir))
         .stdin(Stdio::piped())

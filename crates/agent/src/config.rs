@@ -7,10 +7,11 @@ use std::time::Duration;
 
 use serde::{Deserialize, Deserializer};
 
-/// Default folder for the agent's state (`state.json`).
-pub const DEFAULT_STATE_DIR: &str = "/var/lib/beckon-agent";
-/// Default configuration file of the packaged agent.
-pub const DEFAULT_CONFIG_FILE: &str = "/etc/beckon-agent/agent.toml";
+/// Default folder for the agent's state (`state.json`) on this system (Windows: the one used
+/// when `%ProgramData%` is not set; [`crate::platform::default_state_dir`] reads it).
+pub const DEFAULT_STATE_DIR: &str = crate::platform::STATE_DIR;
+/// Default configuration file of the packaged agent on this system.
+pub const DEFAULT_CONFIG_FILE: &str = crate::platform::CONFIG_FILE;
 
 /// Why a configuration could not be loaded.
 #[derive(Debug, thiserror::Error)]
@@ -189,6 +190,9 @@ pub struct CommandAction {
     /// Working directory (default: the state folder).
     #[serde(default)]
     pub working_dir: Option<PathBuf>,
+    /// Run `argv` through `cmd` or `powershell` (Windows) instead of directly.
+    #[serde(default)]
+    pub shell: Option<crate::platform::Shell>,
 }
 
 /// Call a local HTTP endpoint (plain `http://`, meant for loopback services).
@@ -230,7 +234,7 @@ pub struct CheckinConfig {
 }
 
 fn default_state_dir() -> PathBuf {
-    PathBuf::from(DEFAULT_STATE_DIR)
+    crate::platform::default_state_dir()
 }
 fn default_port_mqtts() -> u16 {
     8883
@@ -533,7 +537,7 @@ console-2026 = "6kpsY-KcUgq-9VB7Ey7F-ZVHdq6-vnuSQh7qaRRG0iw"
         assert_eq!(c.reconnect.backoff_cap, Duration::from_secs(300));
         assert_eq!(c.reconnect.reset_after, Duration::from_secs(60));
         assert_eq!(c.checkin.interval, Duration::from_secs(600));
-        assert_eq!(c.state_dir, PathBuf::from(DEFAULT_STATE_DIR));
+        assert_eq!(c.state_dir, crate::platform::default_state_dir());
         assert_eq!(c.wakeup.replay_memory, 4096);
         assert_eq!(c.wake_topic(), "agents/laptop-42/wake");
         assert_eq!(c.ack_topic(), "agents/laptop-42/ack");

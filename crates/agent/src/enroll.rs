@@ -553,13 +553,7 @@ fn create_dir(dir: &Path, mode: u32, what: &'static str) -> Result<(), EnrollErr
     if dir.is_dir() {
         return Ok(());
     }
-    let mut b = std::fs::DirBuilder::new();
-    b.recursive(true);
-    {
-        use std::os::unix::fs::DirBuilderExt;
-        b.mode(mode);
-    }
-    b.create(dir).map_err(|source| EnrollError::Io {
+    crate::platform::create_dir(dir, mode).map_err(|source| EnrollError::Io {
         what,
         path: dir.to_owned(),
         source,

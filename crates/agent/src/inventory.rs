@@ -2,9 +2,10 @@
 //! system, IP addresses with prefix lengths (so that the console can compute the subnet
 //! broadcast for Wake-on-LAN) and the MAC addresses of its network cards.
 //!
-//! Read from files only (no `getifaddrs`, no unsafe code): `/proc/net/fib_trie` and
-//! `/proc/net/route` for IPv4, `/proc/net/if_inet6` for IPv6, `/sys/class/net/*` for MACs.
-//! Anything that cannot be read is left out; the console accepts an inventory with gaps.
+//! On Linux read from files only (no `getifaddrs`, no unsafe code): `/proc/net/fib_trie` and
+//! `/proc/net/route` for IPv4, `/proc/net/if_inet6` for IPv6, `/sys/class/net/*` for MACs. On
+//! Windows from the adapter list ([`crate::platform`]). Anything that cannot be read is left
+//! out; the console accepts an inventory with gaps.
 
 use std::collections::BTreeSet;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
@@ -13,8 +14,8 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 
 /// The console takes at most this many addresses and MACs.
-const MAX_ADDRESSES: usize = 64;
-const MAX_MACS: usize = 32;
+pub(crate) const MAX_ADDRESSES: usize = 64;
+pub(crate) const MAX_MACS: usize = 32;
 
 /// One IP address with its prefix length.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
@@ -39,9 +40,9 @@ pub struct Inventory {
 }
 
 impl Inventory {
-    /// Reads this machine's inventory.
+    /// Reads this machine's inventory (the way differs by system: [`crate::platform`]).
     pub fn gather() -> Self {
-        Self::gather_from(Path::new("/"))
+        crate::platform::gather_inventory()
     }
 
     /// Reads the inventory below `root` (`/` normally; a prepared folder in tests).
@@ -226,7 +227,7 @@ fn ipv6_addresses(text: &str) -> Vec<(Ipv6Addr, u8, String)> {
 }
 
 /// `aa:bb:cc:dd:ee:ff` in lower case for a unicast, non-zero MAC; `None` otherwise.
-fn normalise_mac(text: &str) -> Option<String> {
+pub(crate) fn normalise_mac(text: &str) -> Option<String> {
     let bytes: Vec<u8> = text
         .trim()
         .split(':')

@@ -11,7 +11,8 @@
 //! - [`state`], [`status`]: the state folder and `beckon agent status`.
 //! - [`enroll`], [`inventory`], [`http`]: `beckon agent enroll` (key pair, signing request,
 //!   inventory, the console's answer stored in the state folder, a ready configuration).
-#![forbid(unsafe_code)]
+// No unsafe code but in `platform::windows` (Win32 calls), which allows it for itself.
+#![deny(unsafe_code)]
 #![warn(missing_docs)]
 
 pub mod actions;
@@ -21,6 +22,7 @@ pub mod enroll;
 pub mod http;
 pub mod inventory;
 pub mod jitter;
+pub mod platform;
 pub mod relay;
 pub mod renew;
 pub mod runtime;
@@ -49,7 +51,7 @@ pub enum AgentCommand {
     /// Run the agent: keep the push connection and act on wake-up calls.
     Run {
         /// The agent's configuration file.
-        #[arg(long, default_value = config::DEFAULT_CONFIG_FILE, env = "BECKON_AGENT_CONFIG")]
+        #[arg(long, default_value_os_t = platform::default_config_file(), env = "BECKON_AGENT_CONFIG")]
         config: PathBuf,
     },
     /// Enroll this machine with a console: make a key pair, have the console sign it, store
@@ -67,10 +69,10 @@ pub enum AgentCommand {
         )]
         token: String,
         /// The agent's state folder: key, certificates, tokens, state.
-        #[arg(long, value_name = "DIR", default_value = config::DEFAULT_STATE_DIR)]
+        #[arg(long, value_name = "DIR", default_value_os_t = platform::default_state_dir())]
         state_dir: PathBuf,
         /// Where to write the agent configuration.
-        #[arg(long, value_name = "FILE", default_value = config::DEFAULT_CONFIG_FILE)]
+        #[arg(long, value_name = "FILE", default_value_os_t = platform::default_config_file())]
         config_out: PathBuf,
         /// Name shown in the console (default: the host name).
         #[arg(long)]
@@ -84,6 +86,25 @@ pub enum AgentCommand {
         /// Enroll again even though the state folder holds an enrollment.
         #[arg(long)]
         force: bool,
+    },
+    /// Register the agent as a Windows service (automatic start, LocalSystem, restarted after
+    /// a failure) that runs it with this configuration.
+    #[cfg(windows)]
+    InstallService {
+        /// The agent's configuration file.
+        #[arg(long, default_value_os_t = platform::default_config_file())]
+        config: PathBuf,
+    },
+    /// Stop and remove the Windows service.
+    #[cfg(windows)]
+    UninstallService,
+    /// What the Windows service control manager starts (not for a prompt).
+    #[cfg(windows)]
+    #[command(hide = true)]
+    Service {
+        /// The agent's configuration file.
+        #[arg(long, default_value_os_t = platform::default_config_file())]
+        config: PathBuf,
     },
     /// Print the agent's state: connected or not, path, last wake-up, last error.
     Status {
@@ -178,6 +199,12 @@ pub fn run(cmd: AgentCommand) -> anyhow::Result<()> {
             );
             Ok(())
         }
+        #[cfg(windows)]
+        AgentCommand::InstallService { config } => platform::service::install(&config),
+        #[cfg(windows)]
+        AgentCommand::UninstallService => platform::service::uninstall(),
+        #[cfg(windows)]
+        AgentCommand::Service { config } => platform::service::run(config),
         AgentCommand::Status {
             state_dir,
             config,
@@ -186,7 +213,7 @@ pub fn run(cmd: AgentCommand) -> anyhow::Result<()> {
             let dir = match (state_dir, config) {
                 (Some(dir), _) => dir,
                 (None, Some(file)) => AgentConfig::load(&file)?.state_dir,
-                (None, None) => PathBuf::from(config::DEFAULT_STATE_DIR),
+                (None, None) => platform::default_state_dir(),
             };
             let text = if json {
                 status::status_json(&dir)
@@ -217,7 +244,7 @@ async fn run_configured(config: AgentConfig) -> anyhow::Result<()> {
     )?);
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     tokio::spawn(async move {
-        wait_for_stop_signal().await;
+        platform::wait_for_stop_signal().await;
         tracing::info!("stop signal received");
         let _ = stop_tx.send(true);
         // Keep the sender alive: dropping it also means "stop", but say it once, clearly.
@@ -248,22 +275,6 @@ async fn run_configured(config: AgentConfig) -> anyhow::Result<()> {
         }
     }
     Ok(())
-}
-
-async fn wait_for_stop_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    match signal(SignalKind::terminate()) {
-        Ok(mut term) => {
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = tokio::signal::ctrl_c() => {}
-            }
-        }
-        Err(e) => {
-            tracing::warn!(error = %e, "cannot watch SIGTERM; only Ctrl-C stops the agent");
-            let _ = tokio::signal::ctrl_c().await;
-        }
-    }
 }
 
 #[cfg(test)]

@@ -636,7 +636,7 @@ impl CheckinClient {
         let body = serde_json::json!({
             "agent_id": config.agent_id,
             "tenant": config.tenant,
-            "hostname": hostname(),
+            "hostname": crate::platform::hostname(),
             "wakeup_id": wakeup_id,
             "at": crate::timefmt::format_rfc3339(unix_now()),
         });
@@ -699,13 +699,6 @@ async fn checkin_scheduler(
             tracing::warn!(detail = ?outcome.detail, "check-in with the console failed");
         }
     }
-}
-
-fn hostname() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .or_else(|_| std::fs::read_to_string("/etc/hostname"))
-        .map(|h| h.trim().to_owned())
-        .unwrap_or_default()
 }
 
 /// True when the agent must stop (asked to, or nobody can ask any more).

@@ -3,7 +3,6 @@
 //! agent owns it; `beckon agent status` only reads it.
 
 use std::io::Write;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
@@ -129,11 +128,10 @@ impl AgentState {
             path: path.clone(),
             source,
         })?;
-        let mut file = std::fs::OpenOptions::new()
+        let mut file = crate::platform::private_file_options()
             .write(true)
             .create(true)
             .truncate(true)
-            .mode(0o600)
             .open(&tmp)
             .map_err(io(&tmp))?;
         file.write_all(&bytes).map_err(io(&tmp))?;
@@ -186,14 +184,10 @@ impl StateStore {
     /// written until the first update.
     pub fn open(dir: &Path, agent_id: &str) -> Result<Self, StateError> {
         if !dir.exists() {
-            std::fs::DirBuilder::new()
-                .recursive(true)
-                .mode(0o700)
-                .create(dir)
-                .map_err(|source| StateError::Io {
-                    path: dir.to_owned(),
-                    source,
-                })?;
+            crate::platform::create_dir(dir, 0o700).map_err(|source| StateError::Io {
+                path: dir.to_owned(),
+                source,
+            })?;
         }
         let mut state = match AgentState::read(dir) {
             Ok(state) => state.unwrap_or_default(),
@@ -294,7 +288,7 @@ impl StateStore {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::os::unix::fs::PermissionsExt;
+    #[cfg(unix)]
     use std::sync::atomic::{AtomicBool, Ordering};
 
     const ID: &str = "0190d6e0-0000-7000-8000-000000000001";
@@ -314,8 +308,13 @@ mod tests {
             .await
             .expect("update");
         let path = dir.path().join(STATE_FILE);
-        let mode = std::fs::metadata(&path).expect("meta").permissions().mode() & 0o777;
-        assert_eq!(mode, 0o600);
+        assert!(path.is_file());
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(&path).expect("meta").permissions().mode() & 0o777;
+            assert_eq!(mode, 0o600);
+        }
         let read = AgentState::read(dir.path()).expect("read").expect("exists");
         assert!(read.connected);
         assert!(
@@ -345,7 +344,8 @@ mod tests {
 
     /// The agent's runtime has one thread: while a write waits for the disk, that thread
     /// must stay free for the connection. Here the write blocks (its temporary file is a
-    /// FIFO nobody reads) until another task on the runtime has run.
+    /// FIFO nobody reads) until another task on the runtime has run. (FIFOs are Unix's.)
+    #[cfg(unix)]
     #[tokio::test(flavor = "current_thread")]
     async fn a_write_waiting_for_the_disk_leaves_the_runtime_free_and_keeps_the_change() {
         let dir = tempfile::tempdir().expect("tempdir");

@@ -4,13 +4,9 @@
 use std::fmt::Write as _;
 use std::path::Path;
 
+use crate::platform::process_alive;
 use crate::state::{AgentState, STATE_FILE, StateError};
 use crate::timefmt::{format_rfc3339, unix_now};
-
-/// Whether the process that wrote the state still runs (Linux `/proc`).
-fn process_alive(pid: u32) -> bool {
-    Path::new(&format!("/proc/{pid}")).exists()
-}
 
 /// `3m 20s ago` style age.
 fn age(at: i64, now: i64) -> String {

@@ -86,13 +86,21 @@ fn build_config(args: &BrokerArgs) -> anyhow::Result<BrokerConfig> {
 }
 
 /// SIGTERM and SIGINT, registered before the broker reports ready so that a signal sent
-/// right after start is a graceful shutdown too (not the default kill).
+/// right after start is a graceful shutdown too (not the default kill). On Windows: Ctrl-C
+/// and the console closing.
 pub(crate) struct ShutdownSignals {
+    #[cfg(unix)]
     term: tokio::signal::unix::Signal,
+    #[cfg(unix)]
     int: tokio::signal::unix::Signal,
+    #[cfg(windows)]
+    int: tokio::signal::windows::CtrlC,
+    #[cfg(windows)]
+    close: tokio::signal::windows::CtrlClose,
 }
 
 impl ShutdownSignals {
+    #[cfg(unix)]
     pub(crate) fn register() -> anyhow::Result<Self> {
         use tokio::signal::unix::{SignalKind, signal};
         Ok(Self {
@@ -101,10 +109,28 @@ impl ShutdownSignals {
         })
     }
 
+    #[cfg(unix)]
     pub(crate) async fn recv(&mut self) -> &'static str {
         tokio::select! {
             _ = self.term.recv() => "SIGTERM",
             _ = self.int.recv() => "SIGINT",
+        }
+    }
+
+    #[cfg(windows)]
+    pub(crate) fn register() -> anyhow::Result<Self> {
+        use tokio::signal::windows::{ctrl_c, ctrl_close};
+        Ok(Self {
+            int: ctrl_c().context("listening for Ctrl-C")?,
+            close: ctrl_close().context("listening for the console closing")?,
+        })
+    }
+
+    #[cfg(windows)]
+    pub(crate) async fn recv(&mut self) -> &'static str {
+        tokio::select! {
+            _ = self.int.recv() => "Ctrl-C",
+            _ = self.close.recv() => "console closed",
         }
     }
 }

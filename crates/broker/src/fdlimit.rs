@@ -1,7 +1,7 @@
 //! The process's file descriptor limit, which bounds how many connections one broker holds.
 //!
 //! This is the only module with `unsafe`: `getrlimit`/`setrlimit` through `libc`, plain
-//! system calls on a stack value.
+//! system calls on a stack value. Windows has no such limit: there both calls say so.
 #![allow(unsafe_code)]
 
 /// Descriptors kept for listeners, certificate and data files, logs and the runtime.
@@ -24,6 +24,7 @@ impl FdLimit {
 }
 
 /// Reads `RLIMIT_NOFILE`.
+#[cfg(unix)]
 pub fn read() -> std::io::Result<FdLimit> {
     let mut lim = libc::rlimit {
         rlim_cur: 0,
@@ -42,6 +43,7 @@ pub fn read() -> std::io::Result<FdLimit> {
 
 /// Raises the soft limit to the hard limit (what an unprivileged process may do) and returns
 /// the limit in force afterwards.
+#[cfg(unix)]
 pub fn raise_to_hard() -> std::io::Result<FdLimit> {
     let current = read()?;
     if current.soft >= current.hard {
@@ -59,7 +61,22 @@ pub fn raise_to_hard() -> std::io::Result<FdLimit> {
     read()
 }
 
-#[cfg(test)]
+/// Windows bounds sockets by memory, not by a descriptor limit.
+#[cfg(not(unix))]
+pub fn read() -> std::io::Result<FdLimit> {
+    Err(std::io::Error::new(
+        std::io::ErrorKind::Unsupported,
+        "no file descriptor limit on this system",
+    ))
+}
+
+/// Windows bounds sockets by memory, not by a descriptor limit.
+#[cfg(not(unix))]
+pub fn raise_to_hard() -> std::io::Result<FdLimit> {
+    read()
+}
+
+#[cfg(all(test, unix))]
 mod tests {
     #[test]
     fn limit_is_readable_and_sane() {

@@ -2,7 +2,7 @@
 //! that puts it on the network ([`Server`], [`run`]).
 //!
 //! `unsafe` is denied everywhere except the one module that reads the file descriptor limit
-//! through `libc` ([`fdlimit`]).
+//! through `libc` ([`fdlimit`]). What differs by operating system is there and in `os`.
 #![deny(unsafe_code)]
 
 mod admin;
@@ -12,6 +12,7 @@ pub mod core;
 mod core_task;
 pub mod fdlimit;
 mod metrics;
+mod os;
 mod outbox;
 mod proxy_protocol;
 mod ratelimit;

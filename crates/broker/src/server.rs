@@ -21,6 +21,7 @@ use crate::connection::{ActiveGuard, Busy, ConnectionContext, ListenerKind, Peer
 use crate::core::BrokerCore;
 use crate::core_task::{ClusterSide, CoreTask, EVENT_QUEUE, Event};
 use crate::fdlimit;
+use crate::os::Hangup;
 use crate::tenancy::Tenancy;
 
 /// Listen backlog: room for a reconnect storm.
@@ -292,7 +293,7 @@ impl Server {
             tasks.push(tokio::spawn(reload_loop(
                 tls.clone(),
                 Duration::from_secs(config.tls.reload_interval_secs),
-                register_hangup(),
+                Hangup::register(),
                 shutdown_rx,
             )));
         }
@@ -558,13 +559,6 @@ pub async fn run(
     }
 }
 
-fn is_fd_exhaustion(e: &io::Error) -> bool {
-    matches!(
-        e.raw_os_error(),
-        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
-    )
-}
-
 async fn accept_loop(
     listener: TcpListener,
     kind: ListenerKind,
@@ -620,7 +614,7 @@ async fn accept_loop(
                     .instrument(span),
                 );
             }
-            Err(e) if is_fd_exhaustion(&e) => {
+            Err(e) if crate::os::is_fd_exhaustion(&e) => {
                 // Out of descriptors (or kernel memory): pause accepting instead of spinning;
                 // pending clients wait in the backlog.
                 backoff = (backoff * 2).clamp(Duration::from_millis(50), Duration::from_secs(1));
@@ -648,18 +642,6 @@ async fn accept_loop(
                 tracing::debug!(error = %e, "accept failed");
                 tokio::time::sleep(Duration::from_millis(5)).await;
             }
-        }
-    }
-}
-
-/// SIGHUP, registered while binding (before the caller reports ready), so that an early
-/// SIGHUP reloads instead of terminating the process.
-fn register_hangup() -> Option<tokio::signal::unix::Signal> {
-    match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
-        Ok(s) => Some(s),
-        Err(e) => {
-            tracing::warn!(error = %e, "cannot listen for SIGHUP; certificate files are still watched");
-            None
         }
     }
 }
@@ -700,7 +682,7 @@ async fn tenant_reload_loop(
 async fn reload_loop(
     tls: Arc<ReloadingServerConfig>,
     interval: Duration,
-    mut hangup: Option<tokio::signal::unix::Signal>,
+    mut hangup: Option<Hangup>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let mut ticker = (!interval.is_zero()).then(|| {

@@ -53,6 +53,9 @@ pub fn write_atomic(path: &Path, contents: &[u8], mode: u32) -> Result<(), PkiEr
         file_name.to_string_lossy(),
         std::process::id()
     ));
+    // Elsewhere (Windows) a file takes its folder's access list: there is no mode to set.
+    #[cfg(not(unix))]
+    let _ = mode;
     let result = (|| {
         let mut options = OpenOptions::new();
         options.write(true).create(true).truncate(true);
