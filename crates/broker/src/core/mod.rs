@@ -351,6 +351,11 @@ impl BrokerCore {
             return;
         };
         let v5 = session.protocol == ProtocolVersion::V5;
+        if !publish.properties.subscription_identifiers.is_empty() {
+            // Only the server sends Subscription Identifiers [MQTT-3.3.4-6].
+            self.kick(now, conn, ReasonCode::PROTOCOL_ERROR, out);
+            return;
+        }
         if let Some(alias) = publish.properties.topic_alias {
             if alias == 0 || alias > self.config.topic_alias_maximum {
                 self.kick(now, conn, ReasonCode::TOPIC_ALIAS_INVALID, out);

@@ -1334,6 +1334,20 @@ fn unsubscribe_reports_per_filter() {
 // ---------------------------------------------------------------------------------------
 // Topic aliases, packet size, shutdown
 
+/// A Subscription Identifier is the server's to send: in a client's PUBLISH it is a protocol
+/// error [MQTT-3.3.4-6], and nothing is routed.
+#[test]
+fn a_client_publish_with_a_subscription_identifier_is_a_protocol_error() {
+    let mut h = Harness::new();
+    let s = h.subscriber(v5("s"), "t", QoS::AtMostOnce);
+    let (p, _, _) = h.connect_ok(v5("p"));
+    let mut bad = publish("t", "x", QoS::AtLeastOnce, Some(1));
+    bad.properties.subscription_identifiers = vec![7];
+    let out = h.send(p, Packet::Publish(bad));
+    assert!(publishes(&out, s).is_empty(), "nothing routed: {out:?}");
+    assert_disconnected(&out, p, ReasonCode::PROTOCOL_ERROR);
+}
+
 #[test]
 fn inbound_topic_aliases() {
     let mut h = Harness::with_config(CoreConfig {
