@@ -708,3 +708,46 @@ async fn will_is_published_when_a_client_vanishes_and_after_its_delay() {
     }
     server.stop().await;
 }
+
+/// A client that breaks Receive Maximum gets DISCONNECT 0x93 and reads it, even while it is
+/// still writing: the broker keeps reading (and dropping) after its DISCONNECT for a moment
+/// instead of closing at once, which would reset the connection under the client's writes.
+#[tokio::test]
+async fn a_client_still_writing_reads_the_disconnect_for_receive_maximum_exceeded() {
+    let mut server = TestServer::start(|c| c.limits.receive_maximum = 2).await;
+    let mut eager = connected(server.plain(), ProtocolVersion::V5, "eager").await;
+    let mut three = Vec::new();
+    for id in 1..=3 {
+        three.extend(bytes_of(
+            &publish_packet("t", QoS::ExactlyOnce, id, Bytes::from_static(b"x")),
+            ProtocolVersion::V5,
+        ));
+    }
+    eager.send_raw(&three).await;
+    // PUBRELs keep coming for a while, as from a client that has not read yet.
+    let pubrel = bytes_of(
+        &Packet::PubRel(beckon_mqtt::Ack {
+            packet_id: 1,
+            code: ReasonCode::SUCCESS,
+            properties: Properties::default(),
+        }),
+        ProtocolVersion::V5,
+    );
+    for n in 0..15 {
+        tokio::time::sleep(ms(20)).await;
+        if let Err(e) = eager.stream.write_all(&pubrel).await {
+            panic!("write {n} after the violation failed ({e}): the broker closed without reading");
+        }
+    }
+    loop {
+        match eager.recv().await {
+            Some(Packet::PubRec(_) | Packet::PubComp(_)) => {}
+            Some(Packet::Disconnect(d)) => {
+                assert_eq!(d.code, ReasonCode::RECEIVE_MAXIMUM_EXCEEDED);
+                break;
+            }
+            other => panic!("expected DISCONNECT 0x93, got {other:?}"),
+        }
+    }
+    server.stop().await;
+}

@@ -7,10 +7,10 @@ use beckon_mqtt::{
     Connect, Disconnect, Packet, Properties, ProtocolVersion, ReasonCode, encode, frame_len,
 };
 use bytes::BytesMut;
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::time::{Instant, sleep_until, timeout};
 
-use super::{CLOSE_TIMEOUT, ConnectionContext, next_packet, read_some, send_final};
+use super::{CLOSE_TIMEOUT, ConnectionContext, LINGER, next_packet, read_some, send_final};
 use crate::core::{CloseReason, ConnId, effective_keep_alive};
 use crate::core_task::Event;
 use crate::outbox::{Outbox, OutboxState};
@@ -165,7 +165,7 @@ enum Flushed {
 
 impl Link<'_> {
     /// Writes everything queued; handles the close and abort states.
-    async fn flush<S: AsyncWrite + Unpin>(
+    async fn flush<S: AsyncRead + AsyncWrite + Unpin>(
         &self,
         stream: &mut S,
         map: &mut TopicMap,
@@ -189,6 +189,7 @@ impl Link<'_> {
             if packets.is_empty() {
                 if state == OutboxState::Closing {
                     let _ = timeout(CLOSE_TIMEOUT, stream.shutdown()).await;
+                    Box::pin(linger(stream)).await;
                     return Flushed::ClosedByBroker;
                 }
                 return Flushed::Open;
@@ -244,8 +245,25 @@ impl Link<'_> {
             if state == OutboxState::Closing {
                 // Anything queued after the close is not sent.
                 let _ = timeout(CLOSE_TIMEOUT, stream.shutdown()).await;
+                Box::pin(linger(stream)).await;
                 return Flushed::ClosedByBroker;
             }
         }
     }
+}
+
+/// After the broker's last packet (a DISCONNECT with its reason): reads and drops what the
+/// client still sends until it closes, or for [`LINGER`] at most. Closing a socket with unread
+/// input resets the connection, and a client still writing (PUBRELs behind the publish that
+/// broke Receive Maximum, say) would see a broken pipe instead of reading the reason.
+async fn linger<S: AsyncRead + Unpin>(stream: &mut S) {
+    let mut sink = [0u8; 4096];
+    let _ = timeout(LINGER, async {
+        while let Ok(n) = stream.read(&mut sink).await {
+            if n == 0 {
+                break;
+            }
+        }
+    })
+    .await;
 }

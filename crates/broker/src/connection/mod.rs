@@ -42,6 +42,9 @@ pub const VIA_PROXY_PROPERTY: &str = "beckon-via-proxy";
 const READ_CHUNK: usize = 8 * 1024;
 /// How long a closing connection may take to flush and say goodbye.
 pub(super) const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a connection the broker ended keeps reading (and dropping) what the client still
+/// sends, so that the client reads the DISCONNECT before the close.
+pub(super) const LINGER: Duration = Duration::from_secs(2);
 
 /// Which listener a connection came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
