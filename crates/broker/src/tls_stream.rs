@@ -611,29 +611,20 @@ mod tests {
         pki: &Pki,
         version: &'static rustls::SupportedProtocolVersion,
     ) -> tokio_rustls::TlsConnector {
-        let alpn = vec![b"mqtt".to_vec()];
-        let config = if version == &rustls::version::TLS12 {
-            // Deliberately an odd peer: a client that speaks TLS 1.2 only, as old devices do.
-            // The TLS policy never builds one (its clients always offer TLS 1.3 as well), so
-            // this one config is built here.
-            let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
-                rustls::crypto::aws_lc_rs::default_provider(),
-            ))
-            .with_protocol_versions(&[&rustls::version::TLS12])
-            .expect("versions")
-            .with_root_certificates(pki.roots.clone())
-            .with_no_client_auth();
-            config.alpn_protocols = alpn;
-            config
-        } else {
-            let options = ClientTlsOptions {
-                min_version: TlsVersion::Tls13,
-                alpn,
-                ..ClientTlsOptions::default()
-            };
-            beckon_pki::client_config(ServerVerification::Roots(pki.roots.clone()), None, &options)
-                .expect("client config")
+        let tls12 = version == &rustls::version::TLS12;
+        let options = ClientTlsOptions {
+            min_version: if tls12 {
+                TlsVersion::Tls12
+            } else {
+                TlsVersion::Tls13
+            },
+            max_version: tls12.then_some(TlsVersion::Tls12),
+            alpn: vec![b"mqtt".to_vec()],
+            ..ClientTlsOptions::default()
         };
+        let config =
+            beckon_pki::client_config(ServerVerification::Roots(pki.roots.clone()), None, &options)
+                .expect("client config");
         tokio_rustls::TlsConnector::from(Arc::new(config))
     }
 

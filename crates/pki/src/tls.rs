@@ -231,6 +231,9 @@ pub type ClientIdentity = (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)
 pub struct ClientTlsOptions {
     /// The lowest TLS version accepted.
     pub min_version: TlsVersion,
+    /// The newest TLS version offered: `None` is TLS 1.3; `Some(Tls12)` makes a TLS 1.2-only
+    /// client, as old devices are (tests use it to play one).
+    pub max_version: Option<TlsVersion>,
     /// ALPN protocols offered, in preference order.
     pub alpn: Vec<Vec<u8>>,
     /// The key-exchange groups offered.
@@ -269,8 +272,13 @@ pub fn client_config(
     identity: Option<ClientIdentity>,
     options: &ClientTlsOptions,
 ) -> Result<ClientConfig, rustls::Error> {
+    const TLS12_ONLY: &[&SupportedProtocolVersion] = &[&rustls::version::TLS12];
+    let versions = match options.max_version {
+        Some(TlsVersion::Tls12) => TLS12_ONLY,
+        _ => options.min_version.and_newer(),
+    };
     let builder = ClientConfig::builder_with_provider(client_provider(options.key_exchange))
-        .with_protocol_versions(options.min_version.and_newer())?;
+        .with_protocol_versions(versions)?;
     let builder = match server {
         ServerVerification::Roots(roots) => builder.with_root_certificates(roots),
         ServerVerification::Custom(verifier) => builder
