@@ -272,6 +272,15 @@ pub struct LimitsConfig {
     pub connect_rate_per_address: u32,
     /// Burst of `connect_rate_per_address` (0 = one second's worth). Default 0.
     pub connect_burst_per_address: u32,
+    /// Topic filters one client's session may hold; further filters are refused in the
+    /// SUBACK (0x97 Quota exceeded, v3.1.1: 0x80). Default 1000.
+    pub max_subscriptions: usize,
+    /// Retained messages one tenant may store (without tenants: the whole broker); a retained
+    /// publish beyond it is refused. Default 10000.
+    pub max_retained_messages: usize,
+    /// Bytes (topic and payload) of the retained messages one tenant may store (without
+    /// tenants: the whole broker). Default 67108864 (64 MiB).
+    pub max_retained_bytes: usize,
 }
 
 impl Default for LimitsConfig {
@@ -297,6 +306,9 @@ impl Default for LimitsConfig {
             connect_burst: 0,
             connect_rate_per_address: 0,
             connect_burst_per_address: 0,
+            max_subscriptions: core.max_subscriptions,
+            max_retained_messages: core.max_retained_messages,
+            max_retained_bytes: core.max_retained_bytes,
         }
     }
 }
@@ -534,6 +546,10 @@ impl BrokerConfig {
             max_keep_alive: (l.max_keep_alive_secs != 0).then_some(l.max_keep_alive_secs),
             retain_available: l.retain_available,
             max_qos: QoS::from_u8(l.max_qos).unwrap_or(QoS::ExactlyOnce),
+            max_subscriptions: l.max_subscriptions,
+            max_retained_messages: l.max_retained_messages,
+            max_retained_bytes: l.max_retained_bytes,
+            tenant_namespaces: self.tenants_dir.is_some(),
         }
     }
 

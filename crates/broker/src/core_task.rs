@@ -286,7 +286,12 @@ impl CoreTask {
     /// Carries out the core's actions and hands the cluster what it must know, until both
     /// are done.
     fn settle_all(&mut self) {
-        apply(&mut self.core, &mut self.conns, &mut self.out);
+        apply(
+            &mut self.core,
+            &mut self.conns,
+            &mut self.out,
+            &self.metrics,
+        );
         let Some(cluster) = &mut self.cluster else {
             return;
         };
@@ -298,7 +303,12 @@ impl CoreTask {
             for conn in failed {
                 drop_connection(&mut self.core, &mut self.conns, conn, &mut self.out);
             }
-            apply(&mut self.core, &mut self.conns, &mut self.out);
+            apply(
+                &mut self.core,
+                &mut self.conns,
+                &mut self.out,
+                &self.metrics,
+            );
         }
     }
 
@@ -307,7 +317,12 @@ impl CoreTask {
     /// bounded in time.
     async fn shut_down(mut self) {
         self.core.shutdown(std::time::Instant::now(), &mut self.out);
-        apply(&mut self.core, &mut self.conns, &mut self.out);
+        apply(
+            &mut self.core,
+            &mut self.conns,
+            &mut self.out,
+            &self.metrics,
+        );
         // The last presence events go to the other nodes before the link closes.
         if let Some(mut c) = self.cluster.take() {
             c.forward(&mut self.core);
@@ -338,7 +353,12 @@ impl CoreTask {
 
 /// Carries out the core's actions. Slow consumers found on the way are closed and reported
 /// back to the core, which may produce more actions; the loop runs until none are left.
-fn apply(core: &mut BrokerCore, conns: &mut HashMap<ConnId, Arc<Outbox>>, out: &mut Vec<Action>) {
+fn apply(
+    core: &mut BrokerCore,
+    conns: &mut HashMap<ConnId, Arc<Outbox>>,
+    out: &mut Vec<Action>,
+    metrics: &Metrics,
+) {
     while !out.is_empty() {
         let mut slow = Vec::new();
         for action in out.drain(..) {
@@ -361,9 +381,10 @@ fn apply(core: &mut BrokerCore, conns: &mut HashMap<ConnId, Arc<Outbox>>, out: &
         }
         let now = std::time::Instant::now();
         for conn in slow {
+            metrics.limit_reached("max_outbound_packets");
             tracing::warn!(
                 conn,
-                "outbound queue full: closing a client that does not read"
+                "outbound queue full (limits.max_outbound_packets): closing a client that does not read"
             );
             core.handle_close(now, conn, CloseReason::Transport, out);
         }

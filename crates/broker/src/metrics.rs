@@ -11,7 +11,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
-use crate::core::BrokerCore;
+use crate::core::{BrokerCore, Quota};
 
 /// Labels of the connection gauge.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -32,12 +32,19 @@ struct AccessLabels {
     access: String,
 }
 
+/// The limit, named by its key in `[limits]`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct LimitLabels {
+    limit: String,
+}
+
 /// Every metric of the broker.
 pub(crate) struct Metrics {
     registry: Registry,
     connections: Family<ConnLabels, Gauge>,
     connacks: Family<ReasonLabels, Counter>,
     denied: Family<AccessLabels, Counter>,
+    limits_reached: Family<LimitLabels, Counter>,
     tls_handshake_failures: Counter,
     wakeups_delivered: Counter,
     messages_in: Counter,
@@ -54,6 +61,7 @@ pub(crate) struct Metrics {
     last_in: AtomicU64,
     last_out: AtomicU64,
     last_dropped: AtomicU64,
+    last_quotas: [AtomicU64; 3],
 }
 
 impl fmt::Debug for Metrics {
@@ -85,6 +93,7 @@ impl Metrics {
             connections: Family::default(),
             connacks: Family::default(),
             denied: Family::default(),
+            limits_reached: Family::default(),
             tls_handshake_failures: Counter::default(),
             wakeups_delivered: Counter::default(),
             messages_in: Counter::default(),
@@ -100,6 +109,7 @@ impl Metrics {
             last_in: AtomicU64::new(0),
             last_out: AtomicU64::new(0),
             last_dropped: AtomicU64::new(0),
+            last_quotas: Default::default(),
         };
         registry.register(
             "connections",
@@ -115,6 +125,11 @@ impl Metrics {
             "denied",
             "Publishes and subscriptions refused by the access rules",
             m.denied.clone(),
+        );
+        registry.register(
+            "limits_reached",
+            "Refusals and disconnects by a limit, labelled with its key in [limits]",
+            m.limits_reached.clone(),
         );
         registry.register(
             "tls_handshake_failures",
@@ -210,6 +225,19 @@ impl Metrics {
             .inc();
     }
 
+    /// Something was refused or a connection closed by the limit `key` of `[limits]`.
+    pub(crate) fn limit_reached(&self, key: &'static str) {
+        self.limit_counter(key).inc();
+    }
+
+    fn limit_counter(&self, key: &'static str) -> Counter {
+        self.limits_reached
+            .get_or_create(&LimitLabels {
+                limit: key.to_owned(),
+            })
+            .clone()
+    }
+
     pub(crate) fn tls_failure(&self) {
         self.tls_handshake_failures.inc();
     }
@@ -235,6 +263,15 @@ impl Metrics {
                 + stats.dropped_expired
                 + stats.dropped_qos0_offline,
         );
+        for ((quota, last), now) in Quota::ALL
+            .iter()
+            .zip(&self.last_quotas)
+            .zip(stats.quotas_reached)
+        {
+            if now > last.load(Ordering::Relaxed) {
+                add(&self.limit_counter(quota.key()), last, now);
+            }
+        }
         let set = |g: &Gauge, v: usize| {
             g.set(i64::try_from(v).unwrap_or(i64::MAX));
         };

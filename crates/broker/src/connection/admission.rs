@@ -9,7 +9,10 @@ use rustls::pki_types::CertificateDer;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::time::{Instant, timeout_at};
 
-use super::{Busy, ConnectionContext, ListenerKind, Peer, next_packet, read_some, send_final};
+use super::{
+    Busy, ConnectionContext, ListenerKind, Peer, log_decode_error, next_packet, read_some,
+    send_final,
+};
 use crate::tenancy::{Scope, TenantSlot, TopicMap};
 
 /// The protocol version a (possibly malformed) CONNECT names, read from its raw bytes, so
@@ -159,7 +162,7 @@ async fn receive_connect<S: AsyncRead + AsyncWrite + Unpin>(
             );
         }
         Ok(ConnectPhase::Invalid(e, sniffed)) => {
-            tracing::info!(error = %e, "invalid CONNECT; closed");
+            log_decode_error(context, &e, "the CONNECT");
             match (&e, sniffed) {
                 (DecodeError::UnsupportedProtocolVersion { .. }, _) => {
                     // Answered in v3.1.1 form (return code 1), which every version reads.

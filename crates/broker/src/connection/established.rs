@@ -10,7 +10,9 @@ use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::time::{Instant, sleep_until, timeout};
 
-use super::{CLOSE_TIMEOUT, ConnectionContext, LINGER, next_packet, read_some, send_final};
+use super::{
+    CLOSE_TIMEOUT, ConnectionContext, LINGER, log_decode_error, next_packet, read_some, send_final,
+};
 use crate::core::{CloseReason, ConnId, effective_keep_alive};
 use crate::core_task::Event;
 use crate::outbox::{Outbox, OutboxState};
@@ -104,7 +106,7 @@ impl Link<'_> {
                     }
                     Ok(None) => break,
                     Err(e) => {
-                        tracing::info!(error = %e, "malformed packet; closing");
+                        log_decode_error(self.context, &e, "a packet");
                         if version == ProtocolVersion::V5 {
                             Box::pin(send_final(stream, disconnect(e.reason_code()), version))
                                 .await;

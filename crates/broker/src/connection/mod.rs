@@ -198,6 +198,22 @@ pub(super) fn next_packet(
     }
 }
 
+/// Logs why a packet could not be decoded; a packet over `limits.max_packet_size` is also
+/// counted, as a limit reached.
+pub(super) fn log_decode_error(context: &ConnectionContext, e: &DecodeError, what: &str) {
+    if let DecodeError::PacketTooLarge { size, max } = e {
+        context.metrics.limit_reached("max_packet_size");
+        tracing::warn!(
+            size,
+            max,
+            key = "limits.max_packet_size",
+            "{what} announces more than the maximum packet size; refused from its header, closing"
+        );
+    } else {
+        tracing::info!(error = %e, "{what} is malformed; closing");
+    }
+}
+
 /// Writes one packet and flushes, bounded in time (used on the way out).
 pub(super) async fn send_final<S: AsyncWrite + Unpin>(
     stream: &mut S,

@@ -189,8 +189,13 @@ impl BrokerCore {
             true,
             publish.properties,
         );
-        self.retained.store(&Arc::new(message));
-        true
+        match self.retained.store(&Arc::new(message)) {
+            Ok(()) => true,
+            Err(over) => {
+                self.quota_reached(now, over.into(), "-");
+                false
+            }
+        }
     }
 
     /// Retained messages matching `filter`: (topic, payload).

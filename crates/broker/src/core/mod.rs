@@ -12,6 +12,7 @@ mod connect;
 mod idmap;
 mod message;
 mod presence;
+mod quota;
 mod retained;
 mod session;
 mod subscribe;
@@ -24,6 +25,7 @@ pub use cluster::ClusterOut;
 pub use connect::{Accepted, effective_keep_alive};
 pub(crate) use idmap::IdMap;
 pub use presence::PresenceReason;
+pub use quota::{Quota, QuotaCounts};
 
 use cluster::{ClusterState, note_interest, note_session_interest};
 
@@ -79,6 +81,17 @@ pub struct CoreConfig {
     pub retain_available: bool,
     /// Highest QoS the broker grants (default ExactlyOnce).
     pub max_qos: QoS,
+    /// Topic filters one session may hold; a SUBSCRIBE beyond it is refused filter by filter
+    /// (default 1000).
+    pub max_subscriptions: usize,
+    /// Retained messages one tenant (or the plain namespace) may store (default 10000).
+    pub max_retained_messages: usize,
+    /// Bytes (topics and payloads) of the retained messages one tenant (or the plain
+    /// namespace) may store (default 64 MiB).
+    pub max_retained_bytes: usize,
+    /// Topics are tenant namespaces (`t/{tenant}/...`), each with its own retained quota;
+    /// otherwise one quota covers every topic (default false).
+    pub tenant_namespaces: bool,
 }
 
 impl CoreConfig {
@@ -125,6 +138,10 @@ impl Default for CoreConfig {
             max_keep_alive: None,
             retain_available: true,
             max_qos: QoS::ExactlyOnce,
+            max_subscriptions: 1000,
+            max_retained_messages: 10_000,
+            max_retained_bytes: 64 << 20,
+            tenant_namespaces: false,
         }
     }
 }
@@ -203,6 +220,8 @@ pub struct CoreStats {
     pub sessions_expired: u64,
     /// Connections closed by the core for a protocol error.
     pub protocol_errors: u64,
+    /// Refusals by quota, indexed like [`Quota::ALL`].
+    pub quotas_reached: QuotaCounts,
 }
 
 /// The broker's whole protocol state.
@@ -244,18 +263,25 @@ pub struct BrokerCore {
     presence: presence::Presence,
     /// Unix milliseconds now, for the `at` of presence events.
     wall_clock: fn() -> i64,
+    /// When each quota was last logged.
+    quota_log: quota::QuotaLog,
 }
 
 impl BrokerCore {
     /// A broker with no sessions, subscriptions or retained messages.
     pub fn new(config: CoreConfig) -> Self {
+        let retained = RetainedStore::new(retained::RetainedQuota {
+            messages: config.max_retained_messages,
+            bytes: config.max_retained_bytes,
+            per_tenant: config.tenant_namespaces,
+        });
         Self {
             config,
             sessions: IdMap::default(),
             by_client_id: HashMap::new(),
             conns: IdMap::default(),
             tree: TopicTree::default(),
-            retained: RetainedStore::default(),
+            retained,
             timers: BTreeSet::new(),
             next_session: 1,
             next_assigned_id: 1,
@@ -264,6 +290,7 @@ impl BrokerCore {
             cluster: None,
             presence: presence::Presence::default(),
             wall_clock: crate::tenancy::unix_now_ms,
+            quota_log: quota::QuotaLog::default(),
         }
     }
 
@@ -408,11 +435,6 @@ impl BrokerCore {
             self.kick(now, conn, ReasonCode::RECEIVE_MAXIMUM_EXCEEDED, out);
             return;
         }
-        if publish.qos == QoS::ExactlyOnce {
-            session.incoming_qos2.insert(packet_id);
-        }
-        self.stats.publishes_received += 1;
-        let qos = publish.qos;
         let message = Message::new(
             now,
             publish.topic,
@@ -421,6 +443,34 @@ impl BrokerCore {
             publish.retain,
             publish.properties,
         );
+        if message.retain
+            && let Err(over) = self.retained.admits(&message)
+        {
+            let client_id = session.client_id.clone();
+            self.quota_reached(now, over.into(), &client_id);
+            if v5 && message.qos != QoS::AtMostOnce {
+                let refused = Ack {
+                    code: ReasonCode::QUOTA_EXCEEDED,
+                    ..Ack::new(packet_id)
+                };
+                out.push(Action::Send {
+                    conn,
+                    packet: match message.qos {
+                        QoS::ExactlyOnce => Packet::PubRec(refused),
+                        _ => Packet::PubAck(refused),
+                    },
+                });
+            } else {
+                // Neither a QoS 0 publish nor MQTT 3.1.1 can be told: the connection ends.
+                self.kick(now, conn, ReasonCode::QUOTA_EXCEEDED, out);
+            }
+            return;
+        }
+        if message.qos == QoS::ExactlyOnce {
+            session.incoming_qos2.insert(packet_id);
+        }
+        self.stats.publishes_received += 1;
+        let qos = message.qos;
         let message = Arc::new(message);
         let matched = self.route(now, Some(key), Arc::clone(&message), out);
         // A cluster node cannot know whether another node's clients match.
@@ -453,8 +503,14 @@ impl BrokerCore {
         message: Arc<Message>,
         out: &mut Vec<Action>,
     ) -> bool {
-        if message.retain && self.config.retain_available {
-            self.retained.store(&message);
+        if message.retain
+            && self.config.retain_available
+            && let Err(over) = self.retained.store(&message)
+        {
+            // A will, a presence event or another node's message: not kept, still routed.
+            let publisher = publisher.and_then(|k| self.sessions.get(&k));
+            let client_id = publisher.map_or_else(|| "-".to_owned(), |s| s.client_id.clone());
+            self.quota_reached(now, over.into(), &client_id);
         }
         let mut hits = std::mem::take(&mut self.hits);
         hits.clear();

@@ -1,4 +1,5 @@
-//! Retained messages: the last retained message of every topic, with expiry.
+//! Retained messages: the last retained message of every topic, with expiry, and a quota of
+//! messages and bytes per tenant so that one tenant's flood cannot fill the broker's memory.
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
@@ -7,39 +8,140 @@ use std::time::Instant;
 use super::message::Message;
 use super::topic_tree::filter_matches;
 
+/// How much one tenant may retain.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct RetainedQuota {
+    /// Messages per tenant.
+    pub messages: usize,
+    /// Bytes (topic and payload) per tenant.
+    pub bytes: usize,
+    /// Topics are tenant namespaces (`t/{tenant}/...`, `anon/...`); otherwise all topics
+    /// share one quota.
+    pub per_tenant: bool,
+}
+
+/// Which quota a retained message would break.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum OverQuota {
+    Messages,
+    Bytes,
+}
+
+/// What one tenant retains.
+#[derive(Debug, Default, Clone, Copy)]
+struct Usage {
+    messages: usize,
+    bytes: usize,
+}
+
 /// Retained messages by topic. Exact filters are a hash lookup; wildcard filters scan the
 /// store (retained messages are few next to subscriptions in a push service).
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub(crate) struct RetainedStore {
     messages: HashMap<String, Arc<Message>>,
     /// Expiry deadlines of the stored messages that have one.
     expiries: BTreeSet<(Instant, String)>,
+    quota: RetainedQuota,
+    /// Usage by tenant namespace (see [`RetainedStore::namespace`]).
+    usage: HashMap<Box<str>, Usage>,
+}
+
+/// What a retained message counts against the bytes quota.
+fn size(message: &Message) -> usize {
+    message.topic.len() + message.payload.len()
 }
 
 impl RetainedStore {
+    pub fn new(quota: RetainedQuota) -> Self {
+        Self {
+            messages: HashMap::new(),
+            expiries: BTreeSet::new(),
+            quota,
+            usage: HashMap::new(),
+        }
+    }
+
+    /// The namespace whose quota `topic` counts against: `t/{tenant}/` or `anon/` with
+    /// tenants, the empty namespace otherwise.
+    fn namespace<'a>(&self, topic: &'a str) -> &'a str {
+        if !self.quota.per_tenant {
+            return "";
+        }
+        if let Some(rest) = topic.strip_prefix("t/") {
+            return rest.find('/').map_or(topic, |i| &topic[..i + 3]);
+        }
+        topic.find('/').map_or(topic, |i| &topic[..=i])
+    }
+
+    /// Whether storing `message` stays within its tenant's quota (replacing a topic's message
+    /// counts the difference; deleting always fits).
+    pub fn admits(&self, message: &Message) -> Result<(), OverQuota> {
+        if message.payload.is_empty() {
+            return Ok(());
+        }
+        let used = self
+            .usage
+            .get(self.namespace(&message.topic))
+            .copied()
+            .unwrap_or_default();
+        let previous = self.messages.get(&message.topic);
+        let messages = used.messages + usize::from(previous.is_none());
+        let bytes = used.bytes - previous.map_or(0, |p| size(p)) + size(message);
+        if messages > self.quota.messages {
+            Err(OverQuota::Messages)
+        } else if bytes > self.quota.bytes {
+            Err(OverQuota::Bytes)
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Counts `message` in (`added`) or out of its tenant's usage.
+    fn account(&mut self, message: &Message, added: bool) {
+        let namespace = self.namespace(&message.topic);
+        if added {
+            let usage = self.usage.entry(namespace.into()).or_default();
+            usage.messages += 1;
+            usage.bytes += size(message);
+        } else if let Some(usage) = self.usage.get_mut(namespace) {
+            usage.messages -= 1;
+            usage.bytes -= size(message);
+            if usage.messages == 0 {
+                self.usage.remove(namespace);
+            }
+        }
+    }
+
     /// Number of retained messages stored.
     pub fn len(&self) -> usize {
         self.messages.len()
     }
 
     /// Stores `message` for its topic, replacing the previous one; an empty payload deletes
-    /// the topic's retained message instead ([MQTT-3.3.1-6]).
-    pub fn store(&mut self, message: &Arc<Message>) {
+    /// the topic's retained message instead ([MQTT-3.3.1-6]). A message over its tenant's
+    /// quota is not stored (the previous one stays) and the quota it broke is returned.
+    pub fn store(&mut self, message: &Arc<Message>) -> Result<(), OverQuota> {
+        self.admits(message)?;
         let previous = if message.payload.is_empty() {
             self.messages.remove(&message.topic)
         } else {
             if let Some(at) = message.expires_at {
                 self.expiries.insert((at, message.topic.clone()));
             }
+            self.account(message, true);
             self.messages
                 .insert(message.topic.clone(), Arc::clone(message))
         };
+        if let Some(p) = &previous {
+            self.account(p, false);
+        }
         if let Some(at) = previous.and_then(|p| p.expires_at) {
             // The same deadline may have been inserted just now for the new message.
             if message.payload.is_empty() || message.expires_at != Some(at) {
                 self.expiries.remove(&(at, message.topic.clone()));
             }
         }
+        Ok(())
     }
 
     /// Whether a retained message is stored on `topic`.
@@ -79,8 +181,10 @@ impl RetainedStore {
             let Some((_, topic)) = self.expiries.pop_first() else {
                 break;
             };
-            if self.messages.get(&topic).is_some_and(|m| m.is_expired(now)) {
-                self.messages.remove(&topic);
+            if self.messages.get(&topic).is_some_and(|m| m.is_expired(now))
+                && let Some(gone) = self.messages.remove(&topic)
+            {
+                self.account(&gone, false);
                 purged += 1;
             }
         }

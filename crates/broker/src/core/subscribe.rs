@@ -41,6 +41,7 @@ impl BrokerCore {
             .copied();
         let mut codes = Vec::with_capacity(subscribe.subscriptions.len());
         let mut retained = Vec::new();
+        let mut over_quota = false;
         for sub in &subscribe.subscriptions {
             let Some(filter) = parse_filter(&sub.filter) else {
                 codes.push(if v5 {
@@ -61,6 +62,18 @@ impl BrokerCore {
                     id: sub_id,
                 },
             );
+            if !existed && session.subscriptions.len() >= self.config.max_subscriptions {
+                // Found new by the tree's own lookup (a scan of the session's list would cost
+                // a flood of filters its square): taken out again.
+                self.tree.remove(filter, key);
+                codes.push(if v5 {
+                    ReasonCode::QUOTA_EXCEEDED
+                } else {
+                    ReasonCode::UNSPECIFIED_ERROR
+                });
+                over_quota = true;
+                continue;
+            }
             if !existed {
                 session.subscriptions.push(sub.filter.as_str().into());
                 if let Some(cluster) = &mut self.cluster {
@@ -96,6 +109,10 @@ impl BrokerCore {
         });
         for delivery in retained {
             session.deliver(now, delivery, &self.config, &mut self.stats, out);
+        }
+        if over_quota {
+            let client_id = session.client_id.clone();
+            self.quota_reached(now, super::Quota::Subscriptions, &client_id);
         }
     }
 

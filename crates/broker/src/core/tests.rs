@@ -10,6 +10,8 @@ use beckon_mqtt::{
 };
 use bytes::Bytes;
 
+mod quota;
+
 use super::{
     Action, BrokerCore, CloseReason, ConnId, ConnectionInfo, CoreConfig, effective_keep_alive,
 };
