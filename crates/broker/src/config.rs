@@ -518,6 +518,15 @@ impl BrokerConfig {
         if QoS::from_u8(l.max_qos).is_none() {
             return invalid("limits.max_qos", "must be 0, 1 or 2");
         }
+        if l.max_subscriptions == 0 {
+            return invalid("limits.max_subscriptions", "must be at least 1");
+        }
+        if l.max_retained_messages == 0 || l.max_retained_bytes == 0 {
+            return invalid(
+                "limits.max_retained_messages",
+                "limits.max_retained_messages and limits.max_retained_bytes must be at least 1; to turn retained messages off, set limits.retain_available = false",
+            );
+        }
         Ok(())
     }
 
@@ -591,6 +600,9 @@ mod tests {
             [limits]
             max_connections = 5
             max_qos = 1
+            max_subscriptions = 50
+            max_retained_messages = 20
+            max_retained_bytes = 4096
             "#,
         )
         .expect("parse");
@@ -601,6 +613,16 @@ mod tests {
         );
         assert_eq!(c.limits.max_connections, 5);
         assert_eq!(c.core_config().max_qos, QoS::AtLeastOnce);
+        let core = c.core_config();
+        assert_eq!(
+            (
+                core.max_subscriptions,
+                core.max_retained_messages,
+                core.max_retained_bytes,
+                core.tenant_namespaces
+            ),
+            (50, 20, 4096, false)
+        );
         assert_eq!(c.min_tls_version(), Some(beckon_pki::TlsVersion::Tls13));
         c.validate().expect("valid");
     }
@@ -656,6 +678,10 @@ mod tests {
         let mut c = BrokerConfig::default();
         c.listeners.mqtts = Listen(None);
         assert!(c.validate().is_err());
+        let mut c = BrokerConfig::default();
+        c.limits.max_retained_bytes = 0;
+        let err = c.validate().expect_err("no room to retain").to_string();
+        assert!(err.contains("retain_available"), "{err}");
     }
 
     #[test]

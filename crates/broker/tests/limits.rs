@@ -1,6 +1,8 @@
-//! Connect-rate limits through the real server on 127.0.0.1:0 (plain listener, anonymous
-//! clients): a burst over the rate gets 0x9F, clients already connected are still served.
-//! Every wait is bounded.
+//! Limits through the real server on 127.0.0.1:0 (plain listener, anonymous clients): a
+//! burst over the connect rate gets 0x9F; a client subscribing to 100,000 filters, one
+//! announcing a 256 MB packet, a flood of retained messages and a client that never reads
+//! each hit their limit, which the metrics count, and cost that one client only: another
+//! client on the same broker is served all along. Every wait is bounded.
 
 mod common;
 
@@ -8,10 +10,16 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use beckon_broker::{BrokerConfig, Listen, Server};
-use beckon_mqtt::{Connect, Packet, ProtocolVersion, ReasonCode};
+use beckon_mqtt::{
+    Connect, Packet, Properties, ProtocolVersion, Publish, QoS, ReasonCode, Subscribe,
+    Subscription, SubscriptionOptions, encode,
+};
+use beckon_testkit::RunningBroker;
+use bytes::{Bytes, BytesMut};
+use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
 
-use common::{Client, WAIT};
+use common::{Client, WAIT, http_get, publish_packet, subscribe_packet};
 
 impl Client<TcpStream> {
     async fn open(addr: SocketAddr, version: ProtocolVersion) -> Self {
@@ -93,4 +101,261 @@ async fn a_connect_burst_over_the_rate_gets_0x9f_and_connected_clients_are_still
         .await
         .expect("shutdown in time")
         .expect("clean");
+}
+
+/// A broker with the plain listener and the admin listener (for the metrics), anonymous
+/// access and the limits `tweak` sets.
+async fn broker(tweak: impl FnOnce(&mut BrokerConfig)) -> RunningBroker {
+    let dir = tempfile::tempdir().expect("tmp");
+    let mut config = BrokerConfig {
+        data_dir: dir.path().join("data"),
+        allow_anonymous: true,
+        ..BrokerConfig::default()
+    };
+    config.listeners.mqtts = Listen(None);
+    config.listeners.mqtt = Listen(Some("127.0.0.1:0".parse().expect("addr")));
+    config.listeners.admin = Listen(Some("127.0.0.1:0".parse().expect("addr")));
+    tweak(&mut config);
+    RunningBroker::start(config, dir).await
+}
+
+/// A connected v5 client.
+async fn connected(broker: &RunningBroker, id: &str) -> Client<TcpStream> {
+    let mut c = Client::open(broker.plain(), ProtocolVersion::V5).await;
+    assert_eq!(c.connect(id).await, ReasonCode::SUCCESS);
+    c
+}
+
+/// Waits until the metrics count `limit` reached at least once (core counters are copied
+/// about once a second).
+async fn limit_counted(broker: &RunningBroker, limit: &str) {
+    let admin = broker.bound.admin.expect("admin listener");
+    let line = format!("beckon_broker_limits_reached_total{{limit=\"{limit}\"}} ");
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let text = http_get(admin, "/metrics").await;
+        if text
+            .lines()
+            .any(|l| l.starts_with(&line) && !l.ends_with(" 0"))
+        {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{limit} never counted:\n{text}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// A bystander on the same broker: subscribed to its own topic, it publishes to it and
+/// receives the message back.
+async fn bystander_is_served(c: &mut Client<TcpStream>, topic: &str) {
+    c.send(&subscribe_packet(7, &[topic], QoS::AtLeastOnce))
+        .await;
+    assert!(matches!(c.recv().await, Some(Packet::SubAck(_))));
+    c.send(&publish_packet(
+        topic,
+        QoS::AtMostOnce,
+        0,
+        Bytes::from_static(b"still here"),
+    ))
+    .await;
+    match c.recv().await {
+        Some(Packet::Publish(p)) => assert_eq!(&p.payload[..], b"still here"),
+        other => panic!("the bystander expected its message, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn a_client_subscribing_to_100000_filters_is_refused_beyond_the_quota_with_0x97() {
+    // The default quota: 1000 filters per client.
+    let mut broker = broker(|_| {}).await;
+    let mut bystander = connected(&broker, "bystander").await;
+    let mut greedy = connected(&broker, "greedy").await;
+    let (mut granted, mut refused) = (0, 0);
+    for packet in 0..100u16 {
+        let subscriptions = (0..1000)
+            .map(|i| Subscription {
+                filter: format!("greedy/{packet}/{i}"),
+                options: SubscriptionOptions::default(),
+            })
+            .collect();
+        let subscribe = Subscribe {
+            packet_id: packet + 1,
+            subscriptions,
+            properties: Properties::default(),
+        };
+        greedy.send(&Packet::Subscribe(subscribe)).await;
+        let Some(Packet::SubAck(ack)) = greedy.recv().await else {
+            panic!("no SUBACK for SUBSCRIBE {packet}");
+        };
+        for code in ack.codes {
+            match code {
+                ReasonCode::SUCCESS => granted += 1,
+                ReasonCode::QUOTA_EXCEEDED => refused += 1,
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+    }
+    assert_eq!((granted, refused), (1000, 99_000));
+    // The greedy client keeps its connection and its first 1000 filters.
+    greedy
+        .send(&publish_packet(
+            "greedy/0/5",
+            QoS::AtMostOnce,
+            0,
+            Bytes::from_static(b"x"),
+        ))
+        .await;
+    assert!(matches!(greedy.recv().await, Some(Packet::Publish(_))));
+    bystander_is_served(&mut bystander, "bystander/subs").await;
+    limit_counted(&broker, "max_subscriptions").await;
+    broker.stop().await;
+}
+
+/// A fixed header announcing the largest packet MQTT allows (256 MB - 1), then a little.
+fn announce_256_mb(packet_type: u8) -> Vec<u8> {
+    let mut bytes = vec![packet_type, 0xFF, 0xFF, 0xFF, 0x7F];
+    bytes.extend_from_slice(&[0u8; 1024]);
+    bytes
+}
+
+#[tokio::test]
+async fn a_packet_announcing_256_mb_is_refused_from_its_header_with_0x95() {
+    let mut broker = broker(|_| {}).await;
+    let mut bystander = connected(&broker, "bystander").await;
+
+    // After CONNECT: DISCONNECT 0x95 Packet too large, then the close.
+    let mut big = connected(&broker, "big").await;
+    big.send_raw(&announce_256_mb(0x30)).await;
+    match big.recv().await {
+        Some(Packet::Disconnect(d)) => assert_eq!(d.code, ReasonCode::PACKET_TOO_LARGE),
+        other => panic!("expected DISCONNECT 0x95, got {other:?}"),
+    }
+    assert!(big.read_to_close().await.is_empty());
+
+    // As the first packet, a CONNECT of 256 MB naming MQTT 5: CONNACK 0x95.
+    let mut first = Client::open(broker.plain(), ProtocolVersion::V5).await;
+    let mut connect = announce_256_mb(0x10);
+    connect[5..12].copy_from_slice(&[0, 4, b'M', b'Q', b'T', b'T', 5]);
+    first.send_raw(&connect).await;
+    match first.recv().await {
+        Some(Packet::ConnAck(a)) => assert_eq!(a.code, ReasonCode::PACKET_TOO_LARGE),
+        other => panic!("expected CONNACK 0x95, got {other:?}"),
+    }
+
+    bystander_is_served(&mut bystander, "bystander/big").await;
+    limit_counted(&broker, "max_packet_size").await;
+    broker.stop().await;
+}
+
+fn retained_bytes(topic: &str, packet_id: u16) -> Vec<u8> {
+    let publish = Publish {
+        dup: false,
+        qos: QoS::AtLeastOnce,
+        retain: true,
+        topic: topic.into(),
+        packet_id: Some(packet_id),
+        payload: Bytes::from(vec![b'r'; 100]),
+        properties: Properties::default(),
+    };
+    let mut buf = BytesMut::new();
+    encode(&Packet::Publish(publish), ProtocolVersion::V5, &mut buf).expect("encode");
+    buf.to_vec()
+}
+
+#[tokio::test]
+async fn a_flood_of_retained_messages_stops_at_the_quota_with_0x97() {
+    let mut broker = broker(|c| c.limits.max_retained_messages = 500).await;
+    let mut bystander = connected(&broker, "bystander").await;
+    let mut flooder = connected(&broker, "flooder").await;
+    // 2000 retained topics, in windows of the Receive Maximum (64).
+    let (mut stored, mut refused) = (0, 0);
+    for window in 0..2000u16 / 50 {
+        let mut burst = Vec::new();
+        for i in 1..=50 {
+            let id = window * 50 + i;
+            burst.extend(retained_bytes(&format!("flood/{id}"), id));
+        }
+        flooder.send_raw(&burst).await;
+        for _ in 0..50 {
+            match flooder.recv().await {
+                Some(Packet::PubAck(a)) if a.code == ReasonCode::QUOTA_EXCEEDED => refused += 1,
+                Some(Packet::PubAck(a)) if !a.code.is_error() => stored += 1,
+                other => panic!("expected PUBACK, got {other:?}"),
+            }
+        }
+    }
+    assert_eq!((stored, refused), (500, 1500));
+    // The broker kept 500: a subscriber to everything gets exactly those.
+    let mut reader = connected(&broker, "reader").await;
+    reader
+        .send(&subscribe_packet(1, &["flood/#"], QoS::AtMostOnce))
+        .await;
+    assert!(matches!(reader.recv().await, Some(Packet::SubAck(_))));
+    let mut received = 0;
+    while let Some(Some(Packet::Publish(p))) = reader.recv_within(Duration::from_millis(500)).await
+    {
+        assert!(p.retain);
+        received += 1;
+    }
+    assert_eq!(received, 500);
+    // The flooder is still connected and may still publish without retaining.
+    flooder.send(&Packet::PingReq).await;
+    assert_eq!(flooder.recv().await, Some(Packet::PingResp));
+    bystander_is_served(&mut bystander, "bystander/retained").await;
+    limit_counted(&broker, "max_retained_messages").await;
+    broker.stop().await;
+}
+
+#[tokio::test]
+async fn a_client_that_never_reads_is_closed_at_the_outbound_cap() {
+    let mut broker = broker(|c| {
+        c.limits.max_outbound_packets = 100;
+        c.limits.receive_maximum = 10_000;
+        // A window wide enough for QoS 1 messages to back up in the outbound queue (the
+        // default, 32, would hold them in the session instead).
+        c.limits.max_inflight = 20_000;
+    })
+    .await;
+    let mut bystander = connected(&broker, "bystander").await;
+    let mut deaf = connected(&broker, "deaf").await;
+    deaf.send(&subscribe_packet(1, &["deaf"], QoS::AtLeastOnce))
+        .await;
+    assert!(matches!(deaf.recv().await, Some(Packet::SubAck(_))));
+    // 20 MB for a client that reads nothing: more than the socket buffers hold.
+    let mut sender = connected(&broker, "sender").await;
+    let payload = Bytes::from(vec![b'x'; 1024]);
+    let mut flood = BytesMut::new();
+    for i in 1..=20_000u16 {
+        let packet = publish_packet("deaf", QoS::AtLeastOnce, i, payload.clone());
+        encode(&packet, ProtocolVersion::V5, &mut flood).expect("encode");
+    }
+    sender.send_raw(&flood).await;
+    let closed = tokio::time::timeout(WAIT, async {
+        let mut chunk = vec![0u8; 64 * 1024];
+        loop {
+            match deaf.stream.read(&mut chunk).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await;
+    assert!(closed.is_ok(), "the client that does not read is closed");
+    // The sender got every acknowledgement.
+    sender.send(&Packet::PingReq).await;
+    let mut acks = 0;
+    loop {
+        match sender.recv().await {
+            Some(Packet::PubAck(_)) => acks += 1,
+            Some(Packet::PingResp) => break,
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!(acks, 20_000);
+    bystander_is_served(&mut bystander, "bystander/slow").await;
+    limit_counted(&broker, "max_outbound_packets").await;
+    broker.stop().await;
 }

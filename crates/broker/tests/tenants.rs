@@ -21,7 +21,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_rustls::rustls;
 
-use common::{WAIT, client_tls_config, publish_packet, subscribe_packet};
+use common::{WAIT, client_tls_config, http_get, publish_packet, subscribe_packet};
 
 fn now() -> i64 {
     SystemTime::now()
@@ -867,21 +867,6 @@ async fn the_shared_port_carries_mqtt_by_alpn_and_sniffing_websocket_and_https()
     // The MQTT clients are still served after the HTTP requests.
     websocket.publishes_until_ping().await;
     broker.stop().await;
-}
-
-async fn http_get(addr: SocketAddr, path: &str) -> String {
-    let mut tcp = tokio::time::timeout(WAIT, TcpStream::connect(addr))
-        .await
-        .expect("connect in time")
-        .expect("connect");
-    let request = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n");
-    tcp.write_all(request.as_bytes()).await.expect("write");
-    let mut response = Vec::new();
-    tokio::time::timeout(WAIT, tcp.read_to_end(&mut response))
-        .await
-        .expect("response in time")
-        .expect("read");
-    String::from_utf8_lossy(&response).into_owned()
 }
 
 #[tokio::test]

@@ -161,3 +161,19 @@ pub fn publish_packet(topic: &str, qos: QoS, packet_id: u16, payload: Bytes) -> 
         properties: Properties::default(),
     })
 }
+
+/// The whole answer to `GET path` (HTTP/1.1, the server closes) from the server at `addr`.
+pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
+    let mut tcp = tokio::time::timeout(WAIT, tokio::net::TcpStream::connect(addr))
+        .await
+        .expect("connect in time")
+        .expect("connect");
+    let request = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n");
+    tcp.write_all(request.as_bytes()).await.expect("write");
+    let mut response = Vec::new();
+    tokio::time::timeout(WAIT, tcp.read_to_end(&mut response))
+        .await
+        .expect("response in time")
+        .expect("read");
+    String::from_utf8_lossy(&response).into_owned()
+}
