@@ -19,7 +19,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::time::{Instant, timeout_at};
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
-use tokio_tungstenite::tungstenite::protocol::Role;
+use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 
 /// Largest HTTP request head read (hyper's read buffer); a larger head is refused.
 const MAX_HEAD: usize = 16 * 1024;
@@ -63,12 +63,15 @@ pub(crate) fn text(
 }
 
 /// Serves the HTTP request whose first bytes are in `buf` (already read from `stream`):
-/// answers it, or upgrades `GET /mqtt` to WebSocket, all within `deadline`.
+/// answers it, or upgrades `GET /mqtt` to WebSocket, all within `deadline`. A WebSocket
+/// frame or message announcing more than `max_message` bytes ends the connection from its
+/// header, before anything is buffered for it.
 pub(crate) async fn serve_http<S>(
     stream: S,
     buf: BytesMut,
     deadline: Instant,
     ready: bool,
+    max_message: usize,
 ) -> HttpOutcome
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -97,8 +100,12 @@ where
     };
     match timeout_at(deadline, on_upgrade).await {
         Ok(Ok(upgraded)) => {
-            let ws =
-                WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, None).await;
+            // tungstenite reserves a frame's announced length at once (16 MiB by default).
+            let config = WebSocketConfig::default()
+                .max_frame_size(Some(max_message))
+                .max_message_size(Some(max_message));
+            let io = TokioIo::new(upgraded);
+            let ws = WebSocketStream::from_raw_socket(io, Role::Server, Some(config)).await;
             HttpOutcome::WebSocket(Box::new(WsByteStream::new(ws)))
         }
         Ok(Err(e)) => {
@@ -205,6 +212,7 @@ mod tests {
             BytesMut::new(),
             Instant::now() + deadline,
             true,
+            1 << 20,
         ));
         client.write_all(&request).await.expect("write");
         let outcome = tokio::time::timeout(Duration::from_secs(5), serving)
@@ -256,6 +264,7 @@ mod tests {
             BytesMut::new(),
             Instant::now() + Duration::from_secs(2),
             true,
+            1 << 20,
         ));
         client
             .write_all(&upgrade("Sec-WebSocket-Protocol: mqtt\r\n"))

@@ -16,10 +16,10 @@ use beckon_mqtt::{
 };
 use beckon_testkit::RunningBroker;
 use bytes::{Bytes, BytesMut};
-use tokio::io::AsyncReadExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use common::{Client, WAIT, http_get, publish_packet, subscribe_packet};
+use common::{Client, WAIT, client_tls_config, http_get, publish_packet, subscribe_packet};
 
 impl Client<TcpStream> {
     async fn open(addr: SocketAddr, version: ProtocolVersion) -> Self {
@@ -246,6 +246,100 @@ async fn a_packet_announcing_256_mb_is_refused_from_its_header_with_0x95() {
     }
 
     bystander_is_served(&mut bystander, "bystander/big").await;
+    limit_counted(&broker, "max_packet_size").await;
+    broker.stop().await;
+}
+
+/// A client's binary WebSocket frame header announcing `len` bytes, masked with a zero key
+/// (so the payload goes as it is).
+fn ws_frame_header(len: usize) -> Vec<u8> {
+    let mut header = vec![0x82];
+    match len {
+        0..126 => header.push(0x80 | len as u8),
+        126..65536 => {
+            header.push(0x80 | 126);
+            header.extend_from_slice(&(len as u16).to_be_bytes());
+        }
+        _ => {
+            header.push(0x80 | 127);
+            header.extend_from_slice(&(len as u64).to_be_bytes());
+        }
+    }
+    header.extend_from_slice(&[0; 4]);
+    header
+}
+
+#[tokio::test]
+async fn a_websocket_frame_announcing_more_than_twice_the_packet_size_ends_the_connection() {
+    let mut broker = broker(|c| {
+        c.listeners.fallback = Listen(Some("127.0.0.1:0".parse().expect("addr")));
+    })
+    .await;
+    let mut bystander = connected(&broker, "bystander").await;
+    let tcp = TcpStream::connect(broker.fallback())
+        .await
+        .expect("connect");
+    let config = client_tls_config(&broker.generated_ca(), &[b"http/1.1"], None);
+    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config));
+    let name = rustls::pki_types::ServerName::try_from("localhost").expect("name");
+    let mut ws = tokio::time::timeout(WAIT, connector.connect(name, tcp))
+        .await
+        .expect("TLS in time")
+        .expect("TLS");
+    ws.write_all(
+        b"GET /mqtt HTTP/1.1\r\nHost: localhost\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+          Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
+          Sec-WebSocket-Protocol: mqtt\r\n\r\n",
+    )
+    .await
+    .expect("upgrade request");
+    let mut connect = BytesMut::new();
+    let packet = Packet::Connect(Box::new(Connect::new(ProtocolVersion::V5, "ws", 60)));
+    encode(&packet, ProtocolVersion::V5, &mut connect).expect("encode");
+    let mut frame = ws_frame_header(connect.len());
+    frame.extend_from_slice(&connect);
+    ws.write_all(&frame).await.expect("CONNECT");
+    // The 101 answer, then the CONNACK in a frame.
+    let mut seen = Vec::new();
+    tokio::time::timeout(WAIT, async {
+        let mut chunk = [0u8; 4096];
+        loop {
+            let n = ws.read(&mut chunk).await.expect("read");
+            assert!(n > 0, "closed before the CONNACK: {seen:?}");
+            seen.extend_from_slice(&chunk[..n]);
+            let head_end = seen.windows(4).position(|w| w == b"\r\n\r\n");
+            if head_end.is_some_and(|end| seen.len() > end + 4) {
+                break;
+            }
+        }
+    })
+    .await
+    .expect("upgrade and CONNACK in time");
+    assert!(
+        seen.starts_with(b"HTTP/1.1 101"),
+        "{}",
+        String::from_utf8_lossy(&seen)
+    );
+
+    // 8 MiB announced with the maximum packet size at 1 MiB: closed from the frame header,
+    // without waiting for the body.
+    let mut big = ws_frame_header(8 << 20);
+    big.extend_from_slice(&[0x30; 1024]);
+    ws.write_all(&big).await.expect("frame header");
+    let closed = tokio::time::timeout(WAIT, async {
+        let mut chunk = [0u8; 4096];
+        while let Ok(n) = ws.read(&mut chunk).await {
+            if n == 0 {
+                break;
+            }
+        }
+    })
+    .await;
+    assert!(
+        closed.is_ok(),
+        "the connection is closed from the frame header"
+    );
+    bystander_is_served(&mut bystander, "bystander/ws").await;
     limit_counted(&broker, "max_packet_size").await;
     broker.stop().await;
 }

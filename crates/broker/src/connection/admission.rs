@@ -10,8 +10,8 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::time::{Instant, timeout_at};
 
 use super::{
-    Busy, ConnectionContext, ListenerKind, Peer, log_decode_error, next_packet, read_some,
-    send_final,
+    Busy, ConnectionContext, ListenerKind, Peer, log_decode_error, log_read_error, next_packet,
+    read_some, send_final,
 };
 use crate::tenancy::{Scope, TenantSlot, TopicMap};
 
@@ -178,7 +178,7 @@ async fn receive_connect<S: AsyncRead + AsyncWrite + Unpin>(
             }
         }
         Ok(ConnectPhase::Eof) => tracing::debug!("closed by the client before CONNECT"),
-        Ok(ConnectPhase::Io(e)) => tracing::debug!(error = %e, "read failed before CONNECT"),
+        Ok(ConnectPhase::Io(e)) => log_read_error(context, &e),
     }
     None
 }

@@ -11,7 +11,8 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::time::{Instant, sleep_until, timeout};
 
 use super::{
-    CLOSE_TIMEOUT, ConnectionContext, LINGER, log_decode_error, next_packet, read_some, send_final,
+    CLOSE_TIMEOUT, ConnectionContext, LINGER, log_decode_error, log_read_error, next_packet,
+    read_some, send_final,
 };
 use crate::core::{CloseReason, ConnId, effective_keep_alive};
 use crate::core_task::Event;
@@ -140,7 +141,7 @@ impl Link<'_> {
                     Ok(0) => return Some(CloseReason::Transport),
                     Ok(_) => {}
                     Err(e) => {
-                        tracing::debug!(error = %e, "read failed");
+                        log_read_error(self.context, &e);
                         return Some(CloseReason::Transport);
                     }
                 },

@@ -214,6 +214,26 @@ pub(super) fn log_decode_error(context: &ConnectionContext, e: &DecodeError, wha
     }
 }
 
+/// Logs why reading from the client failed; a WebSocket frame over the limit of
+/// [`websocket_message_limit`] is counted as a packet over `limits.max_packet_size`.
+pub(super) fn log_read_error(context: &ConnectionContext, e: &io::Error) {
+    use tokio_tungstenite::tungstenite;
+    let too_large = e
+        .get_ref()
+        .and_then(|inner| inner.downcast_ref::<tungstenite::Error>())
+        .is_some_and(|inner| matches!(inner, tungstenite::Error::Capacity(_)));
+    if too_large {
+        context.metrics.limit_reached("max_packet_size");
+        tracing::warn!(
+            error = %e,
+            key = "limits.max_packet_size",
+            "a WebSocket frame announces more than twice the maximum packet size; refused from its header, closing"
+        );
+    } else {
+        tracing::debug!(error = %e, "read failed");
+    }
+}
+
 /// Writes one packet and flushes, bounded in time (used on the way out).
 pub(super) async fn send_final<S: AsyncWrite + Unpin>(
     stream: &mut S,
@@ -478,6 +498,7 @@ async fn serve_shared_port(
         buf,
         peer.deadline,
         ready,
+        websocket_message_limit(context.max_packet_size),
     ))
     .await
     {
@@ -488,6 +509,13 @@ async fn serve_shared_port(
         }
         crate::shared_port::HttpOutcome::Done => {}
     }
+}
+
+/// The largest WebSocket frame or message accepted: twice the maximum packet size, so that
+/// a client may put a few packets in one message, and no more is buffered before the MQTT
+/// layer sees a packet's header.
+fn websocket_message_limit(max_packet_size: u32) -> usize {
+    usize::try_from(max_packet_size).map_or(usize::MAX, |m| m.saturating_mul(2))
 }
 
 /// Sends an event through a boxed future, so that the event's storage is not part of the
