@@ -189,13 +189,8 @@ impl BrokerCore {
             true,
             publish.properties,
         );
-        match self.retained.store(&Arc::new(message)) {
-            Ok(()) => true,
-            Err(over) => {
-                self.quota_reached(now, over.into(), "-");
-                false
-            }
-        }
+        // Counted on the node its publisher is connected to.
+        self.retained.store(&Arc::new(message), false).is_ok()
     }
 
     /// Retained messages matching `filter`: (topic, payload).

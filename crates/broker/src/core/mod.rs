@@ -505,9 +505,9 @@ impl BrokerCore {
     ) -> bool {
         if message.retain
             && self.config.retain_available
-            && let Err(over) = self.retained.store(&message)
+            && let Err(over) = self.retained.store(&message, publisher.is_some())
         {
-            // A will, a presence event or another node's message: not kept, still routed.
+            // A will over the quota: not kept, still routed.
             let publisher = publisher.and_then(|k| self.sessions.get(&k));
             let client_id = publisher.map_or_else(|| "-".to_owned(), |s| s.client_id.clone());
             self.quota_reached(now, over.into(), &client_id);

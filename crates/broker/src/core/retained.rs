@@ -1,5 +1,9 @@
 //! Retained messages: the last retained message of every topic, with expiry, and a quota of
 //! messages and bytes per tenant so that one tenant's flood cannot fill the broker's memory.
+//! The quota counts what this node's clients publish (and their wills); the broker's own
+//! presence events (one per identity, bounded by the identities a tenant issues) and
+//! messages from other cluster nodes (counted on the node their publisher is connected to)
+//! are stored beside it.
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
@@ -34,11 +38,18 @@ struct Usage {
     bytes: usize,
 }
 
+/// A stored message, and whether it counts against its tenant's quota.
+#[derive(Debug)]
+struct Stored {
+    message: Arc<Message>,
+    counted: bool,
+}
+
 /// Retained messages by topic. Exact filters are a hash lookup; wildcard filters scan the
 /// store (retained messages are few next to subscriptions in a push service).
 #[derive(Debug)]
 pub(crate) struct RetainedStore {
-    messages: HashMap<String, Arc<Message>>,
+    messages: HashMap<String, Stored>,
     /// Expiry deadlines of the stored messages that have one.
     expiries: BTreeSet<(Instant, String)>,
     quota: RetainedQuota,
@@ -84,9 +95,9 @@ impl RetainedStore {
             .get(self.namespace(&message.topic))
             .copied()
             .unwrap_or_default();
-        let previous = self.messages.get(&message.topic);
+        let previous = self.messages.get(&message.topic).filter(|p| p.counted);
         let messages = used.messages + usize::from(previous.is_none());
-        let bytes = used.bytes - previous.map_or(0, |p| size(p)) + size(message);
+        let bytes = used.bytes - previous.map_or(0, |p| size(&p.message)) + size(message);
         if messages > self.quota.messages {
             Err(OverQuota::Messages)
         } else if bytes > self.quota.bytes {
@@ -118,24 +129,35 @@ impl RetainedStore {
     }
 
     /// Stores `message` for its topic, replacing the previous one; an empty payload deletes
-    /// the topic's retained message instead ([MQTT-3.3.1-6]). A message over its tenant's
-    /// quota is not stored (the previous one stays) and the quota it broke is returned.
-    pub fn store(&mut self, message: &Arc<Message>) -> Result<(), OverQuota> {
-        self.admits(message)?;
+    /// the topic's retained message instead ([MQTT-3.3.1-6]). A `counted` message (from a
+    /// client of this node) over its tenant's quota is not stored (the previous one stays)
+    /// and the quota it broke is returned.
+    pub fn store(&mut self, message: &Arc<Message>, counted: bool) -> Result<(), OverQuota> {
+        if counted {
+            self.admits(message)?;
+        }
         let previous = if message.payload.is_empty() {
             self.messages.remove(&message.topic)
         } else {
             if let Some(at) = message.expires_at {
                 self.expiries.insert((at, message.topic.clone()));
             }
-            self.account(message, true);
-            self.messages
-                .insert(message.topic.clone(), Arc::clone(message))
+            if counted {
+                self.account(message, true);
+            }
+            let stored = Stored {
+                message: Arc::clone(message),
+                counted,
+            };
+            self.messages.insert(message.topic.clone(), stored)
         };
-        if let Some(p) = &previous {
-            self.account(p, false);
+        let Some(previous) = previous else {
+            return Ok(());
+        };
+        if previous.counted {
+            self.account(&previous.message, false);
         }
-        if let Some(at) = previous.and_then(|p| p.expires_at) {
+        if let Some(at) = previous.message.expires_at {
             // The same deadline may have been inserted just now for the new message.
             if message.payload.is_empty() || message.expires_at != Some(at) {
                 self.expiries.remove(&(at, message.topic.clone()));
@@ -155,16 +177,16 @@ impl RetainedStore {
             return self
                 .messages
                 .get(filter)
-                .filter(|m| !m.is_expired(now))
-                .cloned()
+                .filter(|s| !s.message.is_expired(now))
+                .map(|s| Arc::clone(&s.message))
                 .into_iter()
                 .collect();
         }
         let mut found: Vec<Arc<Message>> = self
             .messages
             .iter()
-            .filter(|(topic, m)| filter_matches(filter, topic) && !m.is_expired(now))
-            .map(|(_, m)| Arc::clone(m))
+            .filter(|(topic, s)| filter_matches(filter, topic) && !s.message.is_expired(now))
+            .map(|(_, s)| Arc::clone(&s.message))
             .collect();
         // A stable order for clients and tests.
         found.sort_by(|a, b| a.topic.cmp(&b.topic));
@@ -181,10 +203,15 @@ impl RetainedStore {
             let Some((_, topic)) = self.expiries.pop_first() else {
                 break;
             };
-            if self.messages.get(&topic).is_some_and(|m| m.is_expired(now))
+            if self
+                .messages
+                .get(&topic)
+                .is_some_and(|s| s.message.is_expired(now))
                 && let Some(gone) = self.messages.remove(&topic)
             {
-                self.account(&gone, false);
+                if gone.counted {
+                    self.account(&gone.message, false);
+                }
                 purged += 1;
             }
         }

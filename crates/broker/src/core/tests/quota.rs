@@ -153,3 +153,33 @@ fn retained_bytes_count_topic_and_payload_and_are_freed_on_expiry() {
     let out = h.send(p, retained("t/x/c", "12345678", QoS::AtLeastOnce, Some(5)));
     assert!(matches!(packets(&out, p).first(), Some(Packet::PubAck(a)) if !a.code.is_error()));
 }
+
+#[test]
+fn the_brokers_own_retained_presence_is_beside_the_quota() {
+    let mut h = Harness::with_config(CoreConfig {
+        max_retained_messages: 1,
+        tenant_namespaces: true,
+        ..CoreConfig::default()
+    });
+    // One retained presence event per identity, however many agents a tenant has.
+    for agent in ["a", "b", "c"] {
+        let mut out = Vec::new();
+        let topic = format!("t/acme/agents/{agent}/presence");
+        let payload = Bytes::from_static(b"{}");
+        h.core
+            .publish_from_broker(h.now, topic, payload, QoS::AtLeastOnce, true, &mut out);
+    }
+    assert_eq!(h.core.retained_count(), 3);
+    // They take nothing from what the tenant's clients may retain.
+    let (p, _, _) = h.connect_ok(v5("pub"));
+    let out = h.send(
+        p,
+        retained("t/acme/status", "up", QoS::AtLeastOnce, Some(1)),
+    );
+    assert!(
+        matches!(packets(&out, p).first(), Some(Packet::PubAck(a)) if !a.code.is_error()),
+        "{out:?}"
+    );
+    assert_eq!(h.core.retained_count(), 4);
+    assert_eq!(reached(&h, Quota::RetainedMessages), 0);
+}
