@@ -17,11 +17,11 @@ use beckon_mqtt::{Connect, Packet, Properties, ProtocolVersion, Publish, QoS, Re
 use beckon_pki::IssuedCertificate;
 use beckon_testkit::{RunningBroker, TestTenant};
 use bytes::Bytes;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio_rustls::rustls;
 
-use common::{WAIT, client_tls_config, http_get, publish_packet, subscribe_packet};
+use common::{WAIT, client_tls_config, http_get, http_get_over, publish_packet, subscribe_packet};
 
 fn now() -> i64 {
     SystemTime::now()
@@ -774,15 +774,8 @@ async fn mosquitto_sub_with_a_tenant_client_certificate_receives_a_wake_up() {
 }
 
 async fn https_get(broker: &TestBroker, path: &str) -> String {
-    let mut tls = tls_to(broker, broker.fallback(), None, &[b"http/1.1"]).await;
-    let request = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
-    tls.write_all(request.as_bytes()).await.expect("write");
-    let mut response = Vec::new();
-    tokio::time::timeout(WAIT, tls.read_to_end(&mut response))
-        .await
-        .expect("response in time")
-        .ok();
-    String::from_utf8_lossy(&response).into_owned()
+    let tls = tls_to(broker, broker.fallback(), None, &[b"http/1.1"]).await;
+    http_get_over(tls, path).await
 }
 
 #[tokio::test]
