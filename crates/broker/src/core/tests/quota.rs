@@ -183,3 +183,37 @@ fn the_brokers_own_retained_presence_is_beside_the_quota() {
     assert_eq!(h.core.retained_count(), 4);
     assert_eq!(reached(&h, Quota::RetainedMessages), 0);
 }
+
+#[test]
+fn an_unsubscribe_of_many_filters_removes_those_held_once() {
+    let mut h = Harness::new();
+    let (c, _, _) = h.connect_ok(v5("many"));
+    h.send(c, subscribe_many(1, &["a", "$share/g/b", "c/#"]));
+    let mut filters: Vec<String> = (0..10_000).map(|i| format!("x/{i}")).collect();
+    filters.extend(["a", "$share/g/b", "a", "c/+"].map(String::from));
+    let out = h.send(
+        c,
+        Packet::Unsubscribe(Unsubscribe {
+            packet_id: 2,
+            filters,
+            properties: Properties::default(),
+        }),
+    );
+    let Some(Packet::UnsubAck(ack)) = packets(&out, c).first().cloned() else {
+        panic!("no UNSUBACK: {out:?}");
+    };
+    let gone = ReasonCode::NO_SUBSCRIPTION_EXISTED;
+    assert!(ack.codes[..10_000].iter().all(|c| *c == gone));
+    assert_eq!(
+        ack.codes[10_000..],
+        [ReasonCode::SUCCESS, ReasonCode::SUCCESS, gone, gone]
+    );
+    assert_eq!(h.core.subscription_count(), 1, "c/# stays");
+    // The filters removed are free again under the quota, and deliver nothing meanwhile.
+    let (p, _, _) = h.connect_ok(v5("pub"));
+    assert!(publishes(&h.send(p, pub_packet("a", "x", QoS::AtMostOnce, None)), c).is_empty());
+    assert_eq!(
+        payloads(&h.send(p, pub_packet("c/d", "y", QoS::AtMostOnce, None)), c),
+        ["y"]
+    );
+}
