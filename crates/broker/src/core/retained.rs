@@ -5,7 +5,8 @@
 //! messages from other cluster nodes (counted on the node their publisher is connected to)
 //! are stored beside it.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::ops::Bound;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -45,11 +46,12 @@ struct Stored {
     counted: bool,
 }
 
-/// Retained messages by topic. Exact filters are a hash lookup; wildcard filters scan the
-/// store (retained messages are few next to subscriptions in a push service).
+/// Retained messages by topic, in topic order. A wildcard filter scans only the topics that
+/// start with its literal part (`t/acme/agents/+/presence` scans `t/acme/agents...`), so a
+/// tenant's subscriptions never walk the other tenants' messages.
 #[derive(Debug)]
 pub(crate) struct RetainedStore {
-    messages: HashMap<String, Stored>,
+    messages: BTreeMap<String, Stored>,
     /// Expiry deadlines of the stored messages that have one.
     expiries: BTreeSet<(Instant, String)>,
     quota: RetainedQuota,
@@ -65,7 +67,7 @@ fn size(message: &Message) -> usize {
 impl RetainedStore {
     pub fn new(quota: RetainedQuota) -> Self {
         Self {
-            messages: HashMap::new(),
+            messages: BTreeMap::new(),
             expiries: BTreeSet::new(),
             quota,
             usage: HashMap::new(),
@@ -182,15 +184,15 @@ impl RetainedStore {
                 .into_iter()
                 .collect();
         }
-        let mut found: Vec<Arc<Message>> = self
-            .messages
-            .iter()
+        // Up to the level before the first wildcard: `a/#` also matches `a` itself.
+        let wildcard = filter.find(['+', '#']).unwrap_or(filter.len());
+        let prefix = filter[..wildcard].rfind('/').map_or("", |i| &filter[..i]);
+        self.messages
+            .range::<str, _>((Bound::Included(prefix), Bound::Unbounded))
+            .take_while(|(topic, _)| topic.starts_with(prefix))
             .filter(|(topic, s)| filter_matches(filter, topic) && !s.message.is_expired(now))
             .map(|(_, s)| Arc::clone(&s.message))
-            .collect();
-        // A stable order for clients and tests.
-        found.sort_by(|a, b| a.topic.cmp(&b.topic));
-        found
+            .collect()
     }
 
     /// Deletes the retained messages that expired by `now`; returns how many.

@@ -217,3 +217,30 @@ fn an_unsubscribe_of_many_filters_removes_those_held_once() {
         ["y"]
     );
 }
+
+#[test]
+fn a_wildcard_finds_retained_messages_by_its_literal_prefix_and_the_parent_level() {
+    let mut h = Harness::new();
+    let (p, _, _) = h.connect_ok(v5("pub"));
+    for (i, topic) in ["a", "a/b", "ab", "t/acme/x", "t/acmex/y", "a/b/c"]
+        .into_iter()
+        .enumerate()
+    {
+        h.send(p, retained(topic, "r", QoS::AtMostOnce, None));
+        assert_eq!(h.core.retained_count(), i + 1);
+    }
+    let (s, _, _) = h.connect_ok(v5("sub"));
+    let topics = |out: Vec<Action>| -> Vec<String> {
+        publishes(&out, s).into_iter().map(|p| p.topic).collect()
+    };
+    assert_eq!(
+        topics(h.subscribe(s, "a/#", QoS::AtMostOnce)),
+        ["a", "a/b", "a/b/c"]
+    );
+    assert_eq!(
+        topics(h.subscribe(s, "t/acme/#", QoS::AtMostOnce)),
+        ["t/acme/x"]
+    );
+    assert_eq!(topics(h.subscribe(s, "a/+/c", QoS::AtMostOnce)), ["a/b/c"]);
+    assert_eq!(topics(h.subscribe(s, "+", QoS::AtMostOnce)), ["a", "ab"]);
+}
