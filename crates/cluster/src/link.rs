@@ -11,6 +11,7 @@ use futures_util::StreamExt;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
+use crate::security::{NatsSecurity, Rejected, refusal};
 use crate::subject::{filter_subjects, message_prefix, topic_subject};
 use crate::wire::{Claim, ClusterMessage, Heartbeat};
 
@@ -22,6 +23,9 @@ const DEDUP_WINDOW: usize = 8192;
 pub const COMMAND_QUEUE: usize = 65_536;
 /// Messages from NATS queued for the link task.
 const RECEIVE_QUEUE: usize = 65_536;
+/// How long a starting node waits for NATS to accept or refuse it: a refusal (credentials,
+/// TLS) stops the start with its reason; silence (NATS not reachable yet) does not.
+const FIRST_CONNECT_WAIT: Duration = Duration::from_secs(5);
 
 /// How a node joins the cluster.
 #[derive(Debug, Clone)]
@@ -38,6 +42,8 @@ pub struct ClusterOptions {
     pub node_timeout: Duration,
     /// How long a flush to NATS may take before the PUBACKs waiting on it are given up.
     pub flush_timeout: Duration,
+    /// TLS and credentials towards NATS.
+    pub security: NatsSecurity,
 }
 
 /// Why the link could not start.
@@ -51,6 +57,14 @@ pub enum ClusterError {
         /// The configured servers.
         servers: Vec<String>,
         /// The client's message.
+        reason: String,
+    },
+    /// NATS refused the node (credentials, TLS) when it started.
+    #[error("cluster: cannot join through NATS {servers:?}: {reason}")]
+    Refused {
+        /// The configured servers.
+        servers: Vec<String>,
+        /// What NATS or the TLS handshake said, and what to check.
         reason: String,
     },
     /// A subscription every node needs could not be made.
@@ -172,6 +186,10 @@ pub async fn join(
     let events_tx = incoming_tx.clone();
     let node = options.node.clone();
     let seen_first = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    // The first connection's outcome: accepted, or refused for a reason of this node's own.
+    let (first_tx, mut first_rx) = tokio::sync::watch::channel(None::<Result<(), String>>);
+    let rejected = Rejected::default();
+    let rejected_seen = rejected.clone();
     let client = async_nats::ConnectOptions::new()
         .name(format!("beckon-broker {node}"))
         .no_echo()
@@ -186,9 +204,12 @@ pub async fn join(
         .event_callback(move |event| {
             let events_tx = events_tx.clone();
             let seen_first = seen_first.clone();
+            let first_tx = first_tx.clone();
+            let rejected = rejected_seen.clone();
             async move {
                 match event {
                     async_nats::Event::Connected => {
+                        first_tx.send_if_modified(|first| first.replace(Ok(())).is_none());
                         if seen_first.swap(true, std::sync::atomic::Ordering::Relaxed) {
                             tracing::info!("cluster: connected to NATS again");
                             let _ = events_tx.send(Incoming::Reconnected).await;
@@ -199,16 +220,41 @@ pub async fn join(
                     async_nats::Event::Disconnected => {
                         tracing::warn!("cluster: lost the NATS connection; reconnecting (messages to other nodes wait)");
                     }
+                    async_nats::Event::ClientError(async_nats::ClientError::Other(e)) => {
+                        match refusal(&e, &rejected) {
+                            Some(reason) => {
+                                tracing::error!("cluster: {reason}");
+                                first_tx.send_if_modified(|first| {
+                                    first.get_or_insert(Err(reason));
+                                    true
+                                });
+                            }
+                            None => tracing::warn!(error = %e, "cluster: cannot connect to NATS; retrying"),
+                        }
+                    }
                     other => tracing::info!(event = %other, "cluster: NATS event"),
                 }
             }
-        })
+        });
+    let client = options
+        .security
+        .apply(client, &options.servers, &rejected)?
         .connect(options.servers.clone())
         .await
         .map_err(|e| ClusterError::Connect {
             servers: options.servers.clone(),
             reason: e.to_string(),
         })?;
+    // A refused node stops here with the reason; one that finds no NATS yet starts anyway.
+    if let Ok(Ok(first)) =
+        tokio::time::timeout(FIRST_CONNECT_WAIT, first_rx.wait_for(Option::is_some)).await
+        && let Some(Err(reason)) = &*first
+    {
+        return Err(ClusterError::Refused {
+            servers: options.servers.clone(),
+            reason: reason.clone(),
+        });
+    }
 
     let (raw_tx, raw_rx) = mpsc::channel(RECEIVE_QUEUE);
     let root = &options.subject_root;
