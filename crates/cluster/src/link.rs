@@ -111,6 +111,8 @@ pub enum Outgoing {
         client_id: String,
         /// Whether it asked for a clean start.
         clean_start: bool,
+        /// When it was accepted (Unix ms).
+        at_ms: i64,
     },
 }
 
@@ -509,11 +511,13 @@ impl Link {
             Outgoing::Claim {
                 client_id,
                 clean_start,
+                at_ms,
             } => {
                 let claim = Claim {
                     node: self.options.node.clone(),
                     client_id,
                     clean_start,
+                    at_ms: Some(at_ms),
                 };
                 let bytes = serde_json::to_vec(&claim).unwrap_or_default();
                 if let Err(e) = self

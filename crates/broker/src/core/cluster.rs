@@ -39,7 +39,35 @@ pub enum ClusterOut {
         client_id: String,
         /// Whether the new connection started clean.
         clean_start: bool,
+        /// When it was accepted (Unix ms): of two connections accepted at the same moment
+        /// on two nodes, the later one stays (then the greater node name).
+        at_ms: i64,
     },
+}
+
+/// A connection accepted on another node for a client id ([`BrokerCore::handle_remote_claim`]).
+#[derive(Debug, Clone, Copy)]
+pub struct RemoteClaim<'a> {
+    /// The node.
+    pub node: &'a str,
+    /// The client id.
+    pub client_id: &'a str,
+    /// Whether it started clean.
+    pub clean_start: bool,
+    /// When it was accepted there (Unix ms); `None` from a node that does not say (it wins).
+    pub at_ms: Option<i64>,
+}
+
+/// What a remote claim did here.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClaimOutcome {
+    /// No connection or session for that client id here.
+    None,
+    /// The connection here was closed (0x8E) and its session ended.
+    TakenOver(ConnId),
+    /// The connection here is the newer one and stays: the other node was told so (this
+    /// node's claim again) and closes its own.
+    Kept(ConnId),
 }
 
 /// The cluster side of a core: what waits to go out, and the filters subscribed here.
@@ -50,6 +78,9 @@ pub(super) struct ClusterState {
     pub(super) interest: HashMap<String, usize>,
     /// Interest a session holds from its CONNECT on (see [`BrokerCore::hold_interest`]).
     pub(super) held: HashMap<SessionKey, Box<str>>,
+    /// When each session's connection was accepted (Unix ms) and whether it started clean:
+    /// what this node claimed, to settle two claims of one client id at the same moment.
+    pub(super) claims: HashMap<SessionKey, (i64, bool)>,
     /// This node's name: assigned client ids carry it, so that two nodes never assign the
     /// same one (which would take the other's client over).
     pub(super) node: String,
@@ -89,6 +120,9 @@ impl BrokerCore {
         if publish.topic.is_empty() || publish.topic.contains(['+', '#', '\0']) {
             return false;
         }
+        // Presence events are retained; only they can contradict a connection held here.
+        let presence = (publish.retain && publish.topic.ends_with("/presence"))
+            .then(|| (publish.topic.clone(), publish.payload.clone()));
         let qos = publish.qos.min(self.config.max_qos);
         let message = Message::new(
             now,
@@ -98,31 +132,53 @@ impl BrokerCore {
             publish.retain,
             publish.properties,
         );
-        self.route(now, None, Arc::new(message), out)
+        let delivered = self.route(now, None, Arc::new(message), out);
+        if let Some((topic, payload)) = presence {
+            self.answer_presence_conflict(now, topic, &payload, out);
+        }
+        delivered
     }
 
-    /// Another node accepted a connection for `client_id`: the connection held here, if any,
+    /// Another node accepted a connection for a client id: the connection held here, if any,
     /// gets DISCONNECT 0x8E (Session taken over, v5) and is closed, and the session ends here
     /// (its state does not move between nodes). The old will is published when the new
     /// connection started clean or the old session had no expiry, as for a local takeover.
-    /// Returns the connection that was closed.
+    ///
+    /// Unless the connection here is the newer one (two connections at the same moment: the
+    /// claims crossed in NATS): it stays, and this node claims the client id again so that
+    /// the other node closes its own. Every node decides alike, by accept time, then node
+    /// name, so exactly one connection remains.
     pub fn handle_remote_claim(
         &mut self,
         now: Instant,
-        client_id: &str,
-        clean_start: bool,
+        claim: RemoteClaim<'_>,
         out: &mut Vec<Action>,
-    ) -> Option<ConnId> {
-        let key = *self.by_client_id.get(client_id)?;
+    ) -> ClaimOutcome {
+        let Some(&key) = self.by_client_id.get(claim.client_id) else {
+            return ClaimOutcome::None;
+        };
         let conn = self.sessions.get(&key).and_then(|s| s.conn);
+        if let (Some(conn), Some(remote_at), Some(cluster)) = (conn, claim.at_ms, &mut self.cluster)
+            && let Some(&(at_ms, clean_start)) = cluster.claims.get(&key)
+            && (at_ms, cluster.node.as_str()) > (remote_at, claim.node)
+        {
+            // The other node's connected event, on its way, is answered when it arrives
+            // ([`BrokerCore::answer_presence_conflict`]).
+            cluster.out.push(ClusterOut::Claim {
+                client_id: claim.client_id.to_owned(),
+                clean_start,
+                at_ms,
+            });
+            return ClaimOutcome::Kept(conn);
+        }
         if let Some(conn) = conn {
             // The node that took the client over publishes the disconnected event.
             self.presence.end(conn);
         }
-        if self.take_over(now, key, clean_start, out).is_some() {
+        if self.take_over(now, key, claim.clean_start, out).is_some() {
             self.end_session(key);
         }
-        conn
+        conn.map_or(ClaimOutcome::None, ClaimOutcome::TakenOver)
     }
 
     /// Clustered: the session of `conn` holds interest in `filter` for as long as it exists,

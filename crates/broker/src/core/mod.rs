@@ -20,7 +20,7 @@ mod topic_tree;
 #[cfg(test)]
 mod tests;
 
-pub use cluster::ClusterOut;
+pub use cluster::{ClaimOutcome, ClusterOut, RemoteClaim};
 pub use connect::{Accepted, effective_keep_alive};
 pub(crate) use idmap::IdMap;
 pub use presence::PresenceReason;
@@ -721,10 +721,11 @@ impl BrokerCore {
                 note_session_interest(cluster, key, raw, false);
             }
         }
-        if let Some(cluster) = &mut self.cluster
-            && let Some(held) = cluster.held.remove(&key)
-        {
-            note_interest(cluster, &held, false);
+        if let Some(cluster) = &mut self.cluster {
+            cluster.claims.remove(&key);
+            if let Some(held) = cluster.held.remove(&key) {
+                note_interest(cluster, &held, false);
+            }
         }
     }
 

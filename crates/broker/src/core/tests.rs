@@ -1574,7 +1574,17 @@ fn broker_message_is_retained_and_reaches_subscribers_and_later_ones() {
 
 // ---- cluster node ----
 
-use super::ClusterOut;
+use super::{ClaimOutcome, ClusterOut, RemoteClaim};
+
+/// A claim from node n9 that does not say when (as from an older node: it wins).
+fn claim(client_id: &str, clean_start: bool) -> RemoteClaim<'_> {
+    RemoteClaim {
+        node: "n9",
+        client_id,
+        clean_start,
+        at_ms: None,
+    }
+}
 
 fn clustered() -> Harness {
     let mut h = Harness::new();
@@ -1697,10 +1707,10 @@ fn a_claim_from_another_node_takes_the_session_over() {
     h.core.take_cluster_out();
     let mut out = Vec::new();
     assert_eq!(h.core.connection_of("acme/agent/a1"), Some(old));
-    let closed_conn = h
+    let outcome = h
         .core
-        .handle_remote_claim(h.now, "acme/agent/a1", false, &mut out);
-    assert_eq!(closed_conn, Some(old));
+        .handle_remote_claim(h.now, claim("acme/agent/a1", false), &mut out);
+    assert_eq!(outcome, ClaimOutcome::TakenOver(old));
     assert_disconnected(&out, old, ReasonCode::SESSION_TAKEN_OVER);
     assert_eq!(
         h.core.session_count(),
@@ -1718,9 +1728,44 @@ fn a_claim_from_another_node_takes_the_session_over() {
     // A claim for an id this node does not hold changes nothing.
     assert_eq!(
         h.core
-            .handle_remote_claim(h.now, "acme/agent/zz", true, &mut out),
-        None
+            .handle_remote_claim(h.now, claim("acme/agent/zz", true), &mut out),
+        ClaimOutcome::None
     );
+}
+
+#[test]
+fn of_two_claims_at_the_same_moment_the_later_connection_stays_on_every_node() {
+    let mut h = clustered();
+    h.core.set_wall_clock(|| 1_000);
+    let here = h.subscriber(v5("a"), "x", QoS::AtLeastOnce);
+    h.core.take_cluster_out();
+    let at = |at_ms, node| RemoteClaim {
+        node,
+        client_id: "a",
+        clean_start: true,
+        at_ms: Some(at_ms),
+    };
+    // n9's connection was accepted earlier (or at the same ms, n0 < n1): this one stays and
+    // claims the id again, so that n9 closes its own.
+    for (at_ms, node) in [(999, "n9"), (1_000, "n0")] {
+        let mut out = Vec::new();
+        let outcome = h.core.handle_remote_claim(h.now, at(at_ms, node), &mut out);
+        assert_eq!(outcome, ClaimOutcome::Kept(here));
+        assert!(!closed(&out, here));
+        assert_eq!(
+            h.core.take_cluster_out(),
+            [ClusterOut::Claim {
+                client_id: "a".into(),
+                clean_start: true,
+                at_ms: 1_000
+            }]
+        );
+    }
+    // A later one (or the same ms on a greater node name) takes the session over.
+    let mut out = Vec::new();
+    let outcome = h.core.handle_remote_claim(h.now, at(1_000, "n2"), &mut out);
+    assert_eq!(outcome, ClaimOutcome::TakenOver(here));
+    assert_disconnected(&out, here, ReasonCode::SESSION_TAKEN_OVER);
 }
 
 #[test]
@@ -2148,7 +2193,7 @@ fn clustered_presence_names_the_node_and_releases_a_lost_one() {
     // A claim from another node ends the connection here without an event from this node.
     let mut out = Vec::new();
     h.core
-        .handle_remote_claim(h.now, "acme/agent/a2", false, &mut out);
+        .handle_remote_claim(h.now, claim("acme/agent/a2", false), &mut out);
     assert!(closed(&out, a));
     assert!(presence_events(&out, w).is_empty());
 }
