@@ -1,4 +1,5 @@
 //! MQTT semantics that span the cluster, on a nats-server and two `beckon broker` nodes:
+//! a shared subscription with members on both nodes gets each message once in the cluster;
 //! one client id connecting on both nodes at the same moment ends with exactly one session
 //! (the later connection, then the greater node name), the other connection getting
 //! DISCONNECT 0x8E, and presence ending on the connection that stayed.
@@ -6,6 +7,7 @@
 mod cluster_support;
 mod common;
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
@@ -112,4 +114,86 @@ async fn one_client_id_on_two_nodes_at_the_same_moment_ends_with_one_session() {
             .unwrap_or_else(|e| panic!("round {round}: no wake-up on n{stays}: {e:?}"));
         assert_eq!(msg.payload, id.as_bytes());
     }
+}
+
+/// Reads what `member` received until nothing more comes for `quiet`: payload -> count.
+async fn drain(member: &mut Client, quiet: Duration, into: &mut HashMap<String, usize>) {
+    while let Ok(msg) = member.message(quiet).await {
+        *into
+            .entry(String::from_utf8_lossy(&msg.payload).into_owned())
+            .or_default() += 1;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shared_subscription_gets_each_message_once_in_the_cluster() {
+    let (_nats, url) = start_nats();
+    let tenant = Tenant::create();
+    let nodes = [
+        Node::start("n0", &url, tenant.dir.path()),
+        Node::start("n1", &url, tenant.dir.path()),
+    ];
+    // One member of the group on each node; one publishing agent on each node.
+    let mut members = Vec::new();
+    let mut agents = Vec::new();
+    for (i, node) in nodes.iter().enumerate() {
+        let mut member = Client::connect(
+            node.addr,
+            &tenant.token(Role::Server, &format!("worker-{i}")),
+        )
+        .await
+        .expect("member connects");
+        member.subscribe("$share/workers/agents/+/ack").await;
+        members.push(member);
+        let agent = Client::connect(node.addr, &tenant.token(Role::Agent, &format!("pc-{i}")))
+            .await
+            .expect("agent connects");
+        agents.push(agent);
+    }
+
+    // Until both nodes' queue subscriptions are in NATS, probes may go to one member only.
+    let deadline = Instant::now() + WAIT;
+    let mut probe = 0;
+    let mut got: [HashMap<String, usize>; 2] = Default::default();
+    loop {
+        probe += 1;
+        agents[0]
+            .publish("agents/pc-0/ack", &format!("probe-{probe}"), None)
+            .await;
+        for (member, got) in members.iter_mut().zip(&mut got) {
+            drain(member, Duration::from_millis(100), got).await;
+        }
+        if !got[0].is_empty() && !got[1].is_empty() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the group never reached both nodes within {WAIT:?}"
+        );
+    }
+    for member in &mut members {
+        drain(member, Duration::from_millis(700), &mut HashMap::new()).await;
+    }
+
+    // 40 messages, half published on each node: each reaches exactly one member.
+    for k in 0..40 {
+        let i = k % 2;
+        agents[i]
+            .publish(&format!("agents/pc-{i}/ack"), &format!("job-{k}"), None)
+            .await;
+    }
+    let mut got: [HashMap<String, usize>; 2] = Default::default();
+    for (member, got) in members.iter_mut().zip(&mut got) {
+        drain(member, Duration::from_millis(700), got).await;
+    }
+    for k in 0..40 {
+        let job = format!("job-{k}");
+        let times = got[0].get(&job).unwrap_or(&0) + got[1].get(&job).unwrap_or(&0);
+        assert_eq!(times, 1, "{job} delivered {times} times: {got:?}");
+    }
+    // NATS spreads the group over both nodes, whichever node published.
+    assert!(
+        !got[0].is_empty() && !got[1].is_empty(),
+        "one member got everything: {got:?}"
+    );
 }

@@ -91,6 +91,9 @@ impl ClusterSide {
                     Outgoing::Publish { publish, token }
                 }
                 ClusterOut::Interest { filter, added } => Outgoing::Interest { filter, added },
+                ClusterOut::SharedInterest { share, added } => {
+                    Outgoing::SharedInterest { share, added }
+                }
                 ClusterOut::Claim {
                     client_id,
                     clean_start,
@@ -226,6 +229,9 @@ impl CoreTask {
         match incoming {
             Incoming::Message(publish) => {
                 core.handle_remote_publish(now, publish, out);
+            }
+            Incoming::Shared { share, publish } => {
+                core.handle_shared_publish(now, &share, publish, out);
             }
             Incoming::Claim(claim) => {
                 let remote = RemoteClaim {

@@ -3,6 +3,7 @@
 //! broker what arrives (messages, claims, nodes that went silent, PUBACKs that may now go).
 
 use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_nats::connection::State;
@@ -12,7 +13,7 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
 use crate::security::{NatsSecurity, Rejected, refusal};
-use crate::subject::{filter_subjects, message_prefix, topic_subject};
+use crate::subject::{filter_subjects, message_prefix, share_queue, topic_subject};
 use crate::wire::{Claim, ClusterMessage, Heartbeat};
 
 /// How many duplicate-detection entries a node keeps (messages matched by several of its
@@ -97,6 +98,14 @@ pub enum Outgoing {
         /// Added or removed.
         added: bool,
     },
+    /// The first local session joined the shared subscription `share`
+    /// (`$share/{group}/{filter}`), or the last one left it.
+    SharedInterest {
+        /// The shared subscription as subscribed.
+        share: String,
+        /// Added or removed.
+        added: bool,
+    },
     /// The retained messages this node holds, for a node that joined (answer to
     /// [`Incoming::SnapshotRequest`]).
     Snapshot {
@@ -122,6 +131,14 @@ pub enum Outgoing {
 pub enum Incoming {
     /// A message published on another node that matches a local subscription or is retained.
     Message(Publish),
+    /// A message (from any node, this one included) that NATS gave this node for the shared
+    /// subscription `share`: one node per group gets each message.
+    Shared {
+        /// The shared subscription (`$share/{group}/{filter}`).
+        share: Arc<str>,
+        /// The message.
+        publish: Publish,
+    },
     /// Another node accepted a connection for a client id.
     Claim(Claim),
     /// A node joined and asks for the retained messages: answer with
@@ -170,9 +187,11 @@ impl ClusterLink {
 }
 
 /// What a NATS subscription carries.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 enum Kind {
     Message,
+    /// Messages for a shared subscription (a queue subscription).
+    Shared(Arc<str>),
     Claim,
     Heartbeat,
     SnapshotRequest,
@@ -187,22 +206,13 @@ pub async fn join(
     let (incoming_tx, incoming_rx) = mpsc::channel(RECEIVE_QUEUE);
     let events_tx = incoming_tx.clone();
     let node = options.node.clone();
-    let seen_first = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let seen_first = Arc::new(std::sync::atomic::AtomicBool::new(false));
     // The first connection's outcome: accepted, or refused for a reason of this node's own.
     let (first_tx, mut first_rx) = tokio::sync::watch::channel(None::<Result<(), String>>);
     let rejected = Rejected::default();
     let rejected_seen = rejected.clone();
-    let client = async_nats::ConnectOptions::new()
-        .name(format!("beckon-broker {node}"))
+    let client = connect_options(&node, "")
         .no_echo()
-        .retry_on_initial_connect()
-        .max_reconnects(None)
-        // NATS is close by: come back within a second of it, not the client's default 4 s.
-        .reconnect_delay_callback(|attempts| {
-            Duration::from_millis((100 * attempts as u64).min(1000))
-        })
-        .connection_timeout(Duration::from_secs(5))
-        .ping_interval(Duration::from_secs(10))
         .event_callback(move |event| {
             let events_tx = events_tx.clone();
             let seen_first = seen_first.clone();
@@ -258,6 +268,23 @@ pub async fn join(
         });
     }
 
+    // Shared subscriptions get a connection of their own: NATS gives no connection its own
+    // messages back (no_echo above), and a group's queue must be able to pick this node for
+    // a message published here.
+    let shared_client = options
+        .security
+        .apply(
+            connect_options(&node, " shared subscriptions"),
+            &options.servers,
+            &Rejected::default(),
+        )?
+        .connect(options.servers.clone())
+        .await
+        .map_err(|e| ClusterError::Connect {
+            servers: options.servers.clone(),
+            reason: e.to_string(),
+        })?;
+
     let (raw_tx, raw_rx) = mpsc::channel(RECEIVE_QUEUE);
     let root = &options.subject_root;
     let mut fixed = Vec::new();
@@ -269,7 +296,7 @@ pub async fn join(
         (format!("{root}.sync"), Kind::SnapshotRequest),
         (inbox.clone(), Kind::Snapshot),
     ] {
-        fixed.push(subscribe(&client, subject, kind, raw_tx.clone()).await?);
+        fixed.push(subscribe(&client, subject, None, kind, raw_tx.clone()).await?);
     }
     // Retained messages (presence among them) published before this node joined: every
     // node answers, the first to answer is used.
@@ -288,6 +315,8 @@ pub async fn join(
         boot: rand::random(),
         options,
         client,
+        shared_client,
+        shared: HashMap::new(),
         raw_tx,
         interest: HashMap::new(),
         peers: HashMap::new(),
@@ -315,23 +344,39 @@ pub async fn join(
 async fn subscribe(
     client: &async_nats::Client,
     subject: String,
+    queue: Option<String>,
     kind: Kind,
     raw: mpsc::Sender<(Kind, async_nats::Message)>,
 ) -> Result<AbortOnDrop, ClusterError> {
-    let mut sub = client
-        .subscribe(subject.clone())
-        .await
-        .map_err(|e| ClusterError::Subscribe {
-            subject,
-            reason: e.to_string(),
-        })?;
+    let sub = match queue {
+        Some(queue) => client.queue_subscribe(subject.clone(), queue).await,
+        None => client.subscribe(subject.clone()).await,
+    };
+    let mut sub = sub.map_err(|e| ClusterError::Subscribe {
+        subject,
+        reason: e.to_string(),
+    })?;
     Ok(AbortOnDrop(tokio::spawn(async move {
         while let Some(msg) = sub.next().await {
-            if raw.send((kind, msg)).await.is_err() {
+            if raw.send((kind.clone(), msg)).await.is_err() {
                 break;
             }
         }
     })))
+}
+
+/// The client options both of a node's NATS connections use.
+fn connect_options(node: &str, purpose: &str) -> async_nats::ConnectOptions {
+    async_nats::ConnectOptions::new()
+        .name(format!("beckon-broker {node}{purpose}"))
+        .retry_on_initial_connect()
+        .max_reconnects(None)
+        // NATS is close by: come back within a second of it, not the client's default 4 s.
+        .reconnect_delay_callback(|attempts| {
+            Duration::from_millis((100 * attempts as u64).min(1000))
+        })
+        .connection_timeout(Duration::from_secs(5))
+        .ping_interval(Duration::from_secs(10))
 }
 
 /// A forwarding task that ends (and unsubscribes) when dropped.
@@ -352,6 +397,10 @@ struct Peer {
 struct Link {
     options: ClusterOptions,
     client: async_nats::Client,
+    /// The connection of the shared subscriptions' queue groups.
+    shared_client: async_nats::Client,
+    /// Shared subscription (`$share/{group}/{filter}`) -> its queue subscriptions.
+    shared: HashMap<String, Vec<AbortOnDrop>>,
     prefix: String,
     retained_subject: String,
     claim_subject: String,
@@ -468,6 +517,7 @@ impl Link {
                         match subscribe(
                             &self.client,
                             subject.clone(),
+                            None,
                             Kind::Message,
                             self.raw_tx.clone(),
                         )
@@ -487,6 +537,42 @@ impl Link {
                         }
                     }
                 }
+            }
+            Outgoing::SharedInterest { share, added } => {
+                if !added {
+                    self.shared.remove(&share);
+                    return ok;
+                }
+                let Some((_, filter)) = share
+                    .strip_prefix("$share/")
+                    .and_then(|rest| rest.split_once('/'))
+                else {
+                    return ok;
+                };
+                // Retained messages travel on one subject whatever their topic: the node NATS
+                // picks for the group checks the filter.
+                let mut subjects = filter_subjects(&self.prefix, filter);
+                subjects.push(self.retained_subject.clone());
+                let kind = Kind::Shared(Arc::from(share.as_str()));
+                let queue = share_queue(&self.options.subject_root, &share);
+                let mut subs = Vec::new();
+                for subject in subjects {
+                    let raw = self.raw_tx.clone();
+                    let sub = subscribe(
+                        &self.shared_client,
+                        subject,
+                        Some(queue.clone()),
+                        kind.clone(),
+                        raw,
+                    );
+                    match sub.await {
+                        Ok(sub) => subs.push(sub),
+                        Err(e) => {
+                            tracing::warn!(error = %e, share = %share, "cluster: messages for this shared subscription will not all arrive")
+                        }
+                    }
+                }
+                self.shared.insert(share, subs);
             }
             Outgoing::Snapshot { reply, retained } => {
                 let count = retained.len();
@@ -561,6 +647,20 @@ impl Link {
                     .await
                     .map_err(|_| ())
             }
+            Kind::Shared(share) => match ClusterMessage::decode(&msg.payload) {
+                Ok(m) => self
+                    .incoming
+                    .send(Incoming::Shared {
+                        share,
+                        publish: m.publish,
+                    })
+                    .await
+                    .map_err(|_| ()),
+                Err(e) => {
+                    tracing::warn!(subject = %msg.subject, error = %e, "cluster: dropped a malformed message");
+                    Ok(())
+                }
+            },
             Kind::SnapshotRequest => match msg.reply {
                 Some(reply) => self
                     .incoming

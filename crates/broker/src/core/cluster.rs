@@ -10,6 +10,7 @@ use beckon_mqtt::{Packet, Publish, QoS};
 use bytes::Bytes;
 
 use super::message::Message;
+use super::session::Pending;
 use super::topic_tree::{SessionKey, filter_matches, parse_filter};
 use super::{Action, BrokerCore, ConnId};
 
@@ -30,6 +31,14 @@ pub enum ClusterOut {
     Interest {
         /// The topic filter, without a `$share/{group}/` prefix.
         filter: String,
+        /// Added or removed.
+        added: bool,
+    },
+    /// The first session joined the shared subscription `share` (`$share/{group}/{filter}`)
+    /// here (`added`), or the last one left it.
+    SharedInterest {
+        /// The shared subscription as subscribed.
+        share: String,
         /// Added or removed.
         added: bool,
     },
@@ -74,8 +83,10 @@ pub enum ClaimOutcome {
 #[derive(Debug, Default)]
 pub(super) struct ClusterState {
     pub(super) out: Vec<ClusterOut>,
-    /// Sessions subscribed per filter (without share prefix), to tell first and last apart.
+    /// Sessions subscribed per filter, to tell first and last apart.
     pub(super) interest: HashMap<String, usize>,
+    /// Sessions in each shared subscription (`$share/{group}/{filter}`), likewise.
+    pub(super) shared: HashMap<String, usize>,
     /// Interest a session holds from its CONNECT on (see [`BrokerCore::hold_interest`]).
     pub(super) held: HashMap<SessionKey, Box<str>>,
     /// When each session's connection was accepted (Unix ms) and whether it started clean:
@@ -137,6 +148,50 @@ impl BrokerCore {
             self.answer_presence_conflict(now, topic, &payload, out);
         }
         delivered
+    }
+
+    /// A message NATS gave this node for the shared subscription `share`
+    /// (`$share/{group}/{filter}`, one node per group in the cluster): delivered to one local
+    /// member of the group, whichever node published it. Returns whether one received it.
+    pub fn handle_shared_publish(
+        &mut self,
+        now: Instant,
+        share: &str,
+        publish: Publish,
+        out: &mut Vec<Action>,
+    ) -> bool {
+        let Some(filter) = parse_filter(share) else {
+            return false;
+        };
+        // Retained messages travel on one subject for all topics.
+        if !filter_matches(filter.filter, &publish.topic) {
+            return false;
+        }
+        let sessions = &self.sessions;
+        let online = |key| sessions.get(&key).is_some_and(|s| s.conn.is_some());
+        let Some(entry) = self.tree.pick_shared(filter, &online) else {
+            return false;
+        };
+        let qos = publish.qos.min(self.config.max_qos);
+        let message = Message::new(
+            now,
+            publish.topic,
+            publish.payload,
+            qos,
+            publish.retain,
+            publish.properties,
+        );
+        let Some(session) = self.sessions.get_mut(&entry.session) else {
+            return false;
+        };
+        let delivery = Pending {
+            qos: entry.qos.min(message.qos),
+            retain: message.retain && entry.retain_as_published,
+            sub_ids: entry.id.into_iter().collect(),
+            msg: Arc::new(message),
+        };
+        session.deliver(now, delivery, &self.config, &mut self.stats, out);
+        true
     }
 
     /// Another node accepted a connection for a client id: the connection held here, if any,
@@ -306,29 +361,41 @@ pub(super) fn note_session_interest(
 }
 
 /// Counts a session's subscription to `raw` (maybe shared) that began or ended, and tells
-/// the cluster when a filter gets its first or loses its last subscriber on this node.
+/// the cluster when a filter (or a shared subscription) gets its first or loses its last
+/// subscriber on this node.
 pub(super) fn note_interest(cluster: &mut ClusterState, raw: &str, added: bool) {
     let Some(filter) = parse_filter(raw) else {
         return;
     };
-    let key = filter.filter;
-    if added {
-        let count = cluster.interest.entry(key.to_owned()).or_insert(0);
+    let (counts, key) = match filter.share_group {
+        None => (&mut cluster.interest, filter.filter),
+        Some(_) => (&mut cluster.shared, raw),
+    };
+    let changed = if added {
+        let count = counts.entry(key.to_owned()).or_insert(0);
         *count += 1;
-        if *count == 1 {
-            cluster.out.push(ClusterOut::Interest {
-                filter: key.to_owned(),
-                added: true,
-            });
-        }
-    } else if let Some(count) = cluster.interest.get_mut(key) {
+        *count == 1
+    } else {
+        let Some(count) = counts.get_mut(key) else {
+            return;
+        };
         *count -= 1;
-        if *count == 0 {
-            cluster.interest.remove(key);
-            cluster.out.push(ClusterOut::Interest {
-                filter: key.to_owned(),
-                added: false,
-            });
+        let last = *count == 0;
+        if last {
+            counts.remove(key);
         }
+        last
+    };
+    if changed {
+        cluster.out.push(match filter.share_group {
+            None => ClusterOut::Interest {
+                filter: key.to_owned(),
+                added,
+            },
+            Some(_) => ClusterOut::SharedInterest {
+                share: key.to_owned(),
+                added,
+            },
+        });
     }
 }

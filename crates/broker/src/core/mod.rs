@@ -445,12 +445,27 @@ impl BrokerCore {
     }
 
     /// Stores (if retained) and routes a message to every matching local subscription.
-    /// Returns whether at least one subscription received it.
+    /// Returns whether at least one subscription received it. In a cluster, shared
+    /// subscriptions are left out: NATS gives every message that crosses the cluster to one
+    /// node per group ([`BrokerCore::handle_shared_publish`]).
     fn route(
         &mut self,
         now: Instant,
         publisher: Option<SessionKey>,
         message: Arc<Message>,
+        out: &mut Vec<Action>,
+    ) -> bool {
+        let shared = self.cluster.is_none();
+        self.route_with(now, publisher, message, shared, out)
+    }
+
+    /// [`route`](Self::route), with shared subscriptions served here or not.
+    fn route_with(
+        &mut self,
+        now: Instant,
+        publisher: Option<SessionKey>,
+        message: Arc<Message>,
+        shared: bool,
         out: &mut Vec<Action>,
     ) -> bool {
         if message.retain && self.config.retain_available {
@@ -464,6 +479,9 @@ impl BrokerCore {
             &|key| sessions.get(&key).is_some_and(|s| s.conn.is_some()),
             &mut hits,
         );
+        if !shared {
+            hits.retain(|h| !h.shared);
+        }
         if hits.len() > 1 {
             // Normal subscriptions of one session next to each other, to merge them.
             hits.sort_unstable_by_key(|h| (h.shared, h.entry.session));

@@ -315,7 +315,8 @@ impl BrokerCore {
                 // To this node's subscribers and retained store only: not handed to the
                 // cluster.
                 let message = self.broker_message(now, topic, payload, QoS::AtLeastOnce, true);
-                self.route(now, None, message, out);
+                // Shared subscriptions too: nothing of this crosses NATS.
+                self.route_with(now, None, message, true, out);
                 released += 1;
             }
         }

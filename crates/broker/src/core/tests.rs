@@ -1620,6 +1620,8 @@ fn a_node_tells_the_cluster_its_interest_once_per_filter() {
         .iter()
         .filter_map(|o| match o {
             ClusterOut::Interest { filter, added } => Some((filter.clone(), *added)),
+            // A shared subscription is a queue group of its own in NATS.
+            ClusterOut::SharedInterest { share, added } => Some((share.clone(), *added)),
             _ => None,
         })
         .collect();
@@ -1627,7 +1629,7 @@ fn a_node_tells_the_cluster_its_interest_once_per_filter() {
         interest,
         [
             ("t/acme/agents/+/wake".to_owned(), true),
-            ("t/acme/#".to_owned(), true)
+            ("$share/g/t/acme/#".to_owned(), true)
         ]
     );
     let claims = out
@@ -1641,10 +1643,52 @@ fn a_node_tells_the_cluster_its_interest_once_per_filter() {
     h.close(b);
     let out = h.core.take_cluster_out();
     assert_eq!(out.len(), 2, "{out:?}");
+    assert!(out.iter().all(|o| matches!(
+        o,
+        ClusterOut::Interest { added: false, .. } | ClusterOut::SharedInterest { added: false, .. }
+    )));
+}
+
+#[test]
+fn a_shared_subscription_gets_what_nats_gives_this_node_for_its_group_only() {
+    let mut h = clustered();
+    let (p, _, _) = h.connect_ok(v5("publisher"));
+    let m1 = h.subscriber(v5("m1"), "$share/g/jobs/+", QoS::AtLeastOnce);
+    let m2 = h.subscriber(v5("m2"), "$share/g/jobs/+", QoS::AtLeastOnce);
+    // Published here: the group is served by whichever node NATS picks, not here at once.
+    let out = h.send(p, pub_packet("jobs/1", "j", QoS::AtMostOnce, None));
+    assert!(packets(&out, m1).is_empty() && packets(&out, m2).is_empty());
+    // What NATS gives this node for the group goes to one member, round robin.
+    let mut got = Vec::new();
+    for _ in 0..2 {
+        let mut out = Vec::new();
+        let msg = publish("jobs/1", "j", QoS::AtLeastOnce, None);
+        assert!(
+            h.core
+                .handle_shared_publish(h.now, "$share/g/jobs/+", msg, &mut out)
+        );
+        let to: Vec<_> = [m1, m2]
+            .into_iter()
+            .filter(|&m| !packets(&out, m).is_empty())
+            .collect();
+        assert_eq!(to.len(), 1, "one member per message");
+        got.extend(to);
+    }
+    got.sort_unstable();
+    assert_eq!(got, [m1, m2]);
+    // A retained message on another topic (they share one subject) or another group: nothing.
+    let mut out = Vec::new();
+    let other = publish("other/1", "x", QoS::AtLeastOnce, None);
     assert!(
-        out.iter()
-            .all(|o| matches!(o, ClusterOut::Interest { added: false, .. }))
+        !h.core
+            .handle_shared_publish(h.now, "$share/g/jobs/+", other, &mut out)
     );
+    let msg = publish("jobs/1", "j", QoS::AtLeastOnce, None);
+    assert!(
+        !h.core
+            .handle_shared_publish(h.now, "$share/h/jobs/+", msg, &mut out)
+    );
+    assert!(out.is_empty());
 }
 
 #[test]
