@@ -248,15 +248,7 @@ pub async fn join(
                 }
             }
         });
-    let client = options
-        .security
-        .apply(client, &options.servers, &rejected)?
-        .connect(options.servers.clone())
-        .await
-        .map_err(|e| ClusterError::Connect {
-            servers: options.servers.clone(),
-            reason: e.to_string(),
-        })?;
+    let client = connect(client, &options, &rejected).await?;
     // A refused node stops here with the reason; one that finds no NATS yet starts anyway.
     if let Ok(Ok(first)) =
         tokio::time::timeout(FIRST_CONNECT_WAIT, first_rx.wait_for(Option::is_some)).await
@@ -271,19 +263,8 @@ pub async fn join(
     // Shared subscriptions get a connection of their own: NATS gives no connection its own
     // messages back (no_echo above), and a group's queue must be able to pick this node for
     // a message published here.
-    let shared_client = options
-        .security
-        .apply(
-            connect_options(&node, " shared subscriptions"),
-            &options.servers,
-            &Rejected::default(),
-        )?
-        .connect(options.servers.clone())
-        .await
-        .map_err(|e| ClusterError::Connect {
-            servers: options.servers.clone(),
-            reason: e.to_string(),
-        })?;
+    let shared_options = connect_options(&node, " shared subscriptions");
+    let shared_client = connect(shared_options, &options, &Rejected::default()).await?;
 
     let (raw_tx, raw_rx) = mpsc::channel(RECEIVE_QUEUE);
     let root = &options.subject_root;
@@ -377,6 +358,24 @@ fn connect_options(node: &str, purpose: &str) -> async_nats::ConnectOptions {
         })
         .connection_timeout(Duration::from_secs(5))
         .ping_interval(Duration::from_secs(10))
+}
+
+/// Connects (in the background) with the node's TLS and credentials.
+async fn connect(
+    client: async_nats::ConnectOptions,
+    options: &ClusterOptions,
+    rejected: &Rejected,
+) -> Result<async_nats::Client, ClusterError> {
+    let servers = &options.servers;
+    options
+        .security
+        .apply(client, servers, rejected)?
+        .connect(servers.clone())
+        .await
+        .map_err(|e| ClusterError::Connect {
+            servers: servers.clone(),
+            reason: e.to_string(),
+        })
 }
 
 /// A forwarding task that ends (and unsubscribes) when dropped.

@@ -134,15 +134,7 @@ impl BrokerCore {
         // Presence events are retained; only they can contradict a connection held here.
         let presence = (publish.retain && publish.topic.ends_with("/presence"))
             .then(|| (publish.topic.clone(), publish.payload.clone()));
-        let qos = publish.qos.min(self.config.max_qos);
-        let message = Message::new(
-            now,
-            publish.topic,
-            publish.payload,
-            qos,
-            publish.retain,
-            publish.properties,
-        );
+        let message = self.remote_message(now, publish);
         let delivered = self.route(now, None, Arc::new(message), out);
         if let Some((topic, payload)) = presence {
             self.answer_presence_conflict(now, topic, &payload, out);
@@ -172,15 +164,7 @@ impl BrokerCore {
         let Some(entry) = self.tree.pick_shared(filter, &online) else {
             return false;
         };
-        let qos = publish.qos.min(self.config.max_qos);
-        let message = Message::new(
-            now,
-            publish.topic,
-            publish.payload,
-            qos,
-            publish.retain,
-            publish.properties,
-        );
+        let message = self.remote_message(now, publish);
         let Some(session) = self.sessions.get_mut(&entry.session) else {
             return false;
         };
@@ -192,6 +176,18 @@ impl BrokerCore {
         };
         session.deliver(now, delivery, &self.config, &mut self.stats, out);
         true
+    }
+
+    /// A message from the cluster as this node keeps it (QoS capped at its maximum).
+    fn remote_message(&self, now: Instant, publish: Publish) -> Message {
+        Message::new(
+            now,
+            publish.topic,
+            publish.payload,
+            publish.qos.min(self.config.max_qos),
+            publish.retain,
+            publish.properties,
+        )
     }
 
     /// Another node accepted a connection for a client id: the connection held here, if any,
