@@ -1,8 +1,8 @@
 //! A cluster whose NATS requires TLS and credentials: a nats-server started by the test with a
-//! certificate from a CA made in the test and a user with a password. With the right CA and
-//! password a wake-up crosses nodes; a wrong password or a CA that did not sign the server's
-//! certificate stops the node at start with the reason; clear text to a NATS off this machine
-//! is refused before any connection.
+//! certificate from a CA made in the test and a user with a password (or a token). With the
+//! right CA and password (or token) a wake-up crosses nodes; a wrong password or token, or a
+//! CA that did not sign the server's certificate, stops the node at start with the reason;
+//! clear text to a NATS off this machine is refused before any connection.
 
 mod cluster_support;
 mod common;
@@ -19,8 +19,10 @@ use cluster_support::{Client, Node, Tenant, WAIT, nats_server_binary, wait_for_p
 use common::{Process, free_port};
 
 const PASSWORD: &str = "correct horse battery staple";
+const TOKEN: &str = "s3cr3t-t0ken-for-the-cluster";
 
-/// A nats-server that accepts only TLS clients showing the user `beckon` and its password.
+/// A nats-server that accepts only TLS clients showing the user `beckon` and its password
+/// (or, with `token`, the token).
 struct SecureNats {
     url: String,
     /// The CA that signed its certificate.
@@ -31,6 +33,11 @@ struct SecureNats {
 
 impl SecureNats {
     fn start() -> Self {
+        Self::start_with(&format!("user: beckon\n  password: \"{PASSWORD}\""))
+    }
+
+    /// `authorization` holds the lines of the server's authorization block.
+    fn start_with(authorization: &str) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
         let day = Duration::from_secs(24 * 3600);
         let ca = CertificateAuthority::generate("nats test CA", day).expect("CA");
@@ -46,7 +53,7 @@ impl SecureNats {
         std::fs::write(
             &conf,
             format!(
-                "listen: \"127.0.0.1:{port}\"\ntls {{\n  cert_file: {cert:?}\n  key_file: {key:?}\n  timeout: 5\n}}\nauthorization {{\n  user: beckon\n  password: \"{PASSWORD}\"\n}}\n"
+                "listen: \"127.0.0.1:{port}\"\ntls {{\n  cert_file: {cert:?}\n  key_file: {key:?}\n  timeout: 5\n}}\nauthorization {{\n  {authorization}\n}}\n"
             ),
         )
         .expect("nats.conf");
@@ -75,7 +82,27 @@ async fn with_the_nats_ca_and_password_a_wake_up_crosses_nodes() {
     let lines = SecureNats::node_lines(&nats.ca, PASSWORD);
     let n0 = Node::start_with("n0", &nats.url, tenant.dir.path(), &lines);
     let n1 = Node::start_with("n1", &nats.url, tenant.dir.path(), &lines);
+    a_wake_up_crosses(&n0, &n1, &tenant).await;
+}
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_a_token_a_wake_up_crosses_nodes_and_a_wrong_token_is_refused() {
+    let nats = SecureNats::start_with(&format!("token: \"{TOKEN}\""));
+    let tenant = Tenant::create();
+    let lines = |token: &str| format!("ca = {:?}\ntoken = \"{token}\"\n", nats.ca);
+    let n0 = Node::start_with("n0", &nats.url, tenant.dir.path(), &lines(TOKEN));
+    let n1 = Node::start_with("n1", &nats.url, tenant.dir.path(), &lines(TOKEN));
+    a_wake_up_crosses(&n0, &n1, &tenant).await;
+    let text = Node::refused("n2", &nats.url, tenant.dir.path(), &lines("wrong"));
+    assert!(
+        text.contains("authorization violation") && text.contains("cluster.token"),
+        "{text}"
+    );
+}
+
+/// An agent connects to `n1`; once its presence reached a server on `n0` through NATS, a
+/// wake-up the server publishes on `n0` reaches it.
+async fn a_wake_up_crosses(n0: &Node, n1: &Node, tenant: &Tenant) {
     let mut server = Client::connect(n0.addr, &tenant.token(Role::Server, "console"))
         .await
         .expect("server connects to n0");
