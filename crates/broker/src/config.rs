@@ -125,6 +125,70 @@ pub struct ClusterConfig {
     /// How long writing to NATS may take before the PUBACKs waiting on it are given up (the
     /// publishers are disconnected and resend), in milliseconds. Default 5000.
     pub flush_timeout_ms: u64,
+    /// The CA certificates (PEM) that signed the NATS servers' certificates: when set, every
+    /// connection to NATS uses TLS verified against them.
+    pub ca: Option<PathBuf>,
+    /// The NATS user (with `password`).
+    pub user: Option<String>,
+    /// The NATS user's password.
+    pub password: Option<String>,
+    /// A NATS token (instead of a user and password).
+    pub token: Option<String>,
+    /// Allows NATS servers off loopback without TLS (messages and credentials in clear text
+    /// on the network). Default false: such a configuration is refused.
+    pub insecure: bool,
+}
+
+impl ClusterConfig {
+    /// TLS and credentials towards NATS, checked for contradictions and for clear text off
+    /// this machine.
+    pub fn security(&self) -> Result<beckon_cluster::NatsSecurity, ConfigError> {
+        let invalid = |key, reason: String| Err(ConfigError::Invalid { key, reason });
+        let auth = match (&self.user, &self.password, &self.token) {
+            (None, None, None) => beckon_cluster::NatsAuth::None,
+            (Some(user), Some(password), None) => beckon_cluster::NatsAuth::UserPassword {
+                user: user.clone(),
+                password: password.clone(),
+            },
+            (None, None, Some(token)) => beckon_cluster::NatsAuth::Token(token.clone()),
+            (_, _, Some(_)) => {
+                return invalid(
+                    "cluster.token",
+                    "give either a token or a user and password, not both".into(),
+                );
+            }
+            _ => {
+                return invalid(
+                    "cluster.user",
+                    "cluster.user and cluster.password go together".into(),
+                );
+            }
+        };
+        let security = beckon_cluster::NatsSecurity {
+            ca: self.ca.clone(),
+            auth,
+        };
+        let plain = beckon_cluster::security::plain_remote_servers(&self.nats, &security);
+        if !plain.is_empty() && !self.insecure {
+            return invalid(
+                "cluster.ca",
+                format!(
+                    "NATS server {plain:?} is not on this machine and TLS is off: wake-ups and credentials would cross the network in clear text. Set cluster.ca to the CA file of the NATS servers' certificates (see docs/cluster.md), or insecure = true to accept clear text"
+                ),
+            );
+        }
+        if self.ca.is_none()
+            && let Some(tls) = self.nats.iter().find(|u| u.starts_with("tls://"))
+        {
+            return invalid(
+                "cluster.ca",
+                format!(
+                    "{tls} asks for TLS: set cluster.ca to the CA file of the NATS servers' certificates"
+                ),
+            );
+        }
+        Ok(security)
+    }
 }
 
 /// The host name's first label, as a node name (`node-1` when there is none).
@@ -154,6 +218,11 @@ impl Default for ClusterConfig {
             heartbeat_ms: 1000,
             node_timeout_ms: 5000,
             flush_timeout_ms: 5000,
+            ca: None,
+            user: None,
+            password: None,
+            token: None,
+            insecure: false,
         }
     }
 }
@@ -461,6 +530,7 @@ impl BrokerConfig {
                     "must be at least twice cluster.heartbeat_ms (which must not be 0), or nodes are declared gone between two heartbeats",
                 );
             }
+            cluster.security()?;
         }
         if self.listeners.mqtts.0.is_none()
             && self.listeners.mqtt.0.is_none()
@@ -732,5 +802,42 @@ mod tests {
             Some("127.0.0.1:8443".parse().expect("addr"))
         );
         assert_eq!(env.listeners.admin.0, None);
+    }
+
+    #[test]
+    fn a_cluster_does_not_reach_nats_off_this_machine_in_clear_text() {
+        let with = |toml: &str| {
+            let mut c = BrokerConfig::from_toml(toml).expect("toml");
+            c.tenants_dir = Some("tenants".into());
+            c.validate().map(|()| c).map_err(|e| e.to_string())
+        };
+        let err = with("[cluster]\nnats = [\"nats://127.0.0.1:4222\", \"nats://10.0.0.5:4222\"]")
+            .expect_err("clear text to 10.0.0.5");
+        assert!(
+            err.contains("cluster.ca") && err.contains("10.0.0.5"),
+            "{err}"
+        );
+        assert!(with("[cluster]\nnats = [\"nats://10.0.0.5:4222\"]\ninsecure = true").is_ok());
+        assert!(with("[cluster]\nnats = [\"nats://localhost:4222\"]").is_ok());
+        let err = with("[cluster]\nnats = [\"tls://127.0.0.1:4222\"]").expect_err("tls without ca");
+        assert!(err.contains("cluster.ca"), "{err}");
+
+        let c = with("[cluster]\nnats = [\"nats://10.0.0.5:4222\"]\nca = \"nats-ca.pem\"\nuser = \"n1\"\npassword = \"pw\"")
+            .expect("TLS and a user");
+        let security = c.cluster.expect("cluster").security().expect("security");
+        assert_eq!(security.ca, Some(PathBuf::from("nats-ca.pem")));
+        assert_eq!(
+            security.auth,
+            beckon_cluster::NatsAuth::UserPassword {
+                user: "n1".into(),
+                password: "pw".into()
+            }
+        );
+        let err = with("[cluster]\nnats = [\"nats://127.0.0.1:4222\"]\nuser = \"n1\"")
+            .expect_err("user without password");
+        assert!(err.contains("cluster.user"), "{err}");
+        let err = with("[cluster]\nnats = [\"nats://127.0.0.1:4222\"]\nuser = \"n1\"\npassword = \"pw\"\ntoken = \"t\"")
+            .expect_err("both");
+        assert!(err.contains("cluster.token"), "{err}");
     }
 }

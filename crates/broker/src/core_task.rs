@@ -11,7 +11,9 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
-use crate::core::{Action, BrokerCore, CloseReason, ClusterOut, ConnId, ConnectionInfo};
+use crate::core::{
+    Action, BrokerCore, ClaimOutcome, CloseReason, ClusterOut, ConnId, ConnectionInfo, RemoteClaim,
+};
 use crate::metrics::Metrics;
 use crate::outbox::{Outbox, Pushed};
 
@@ -89,12 +91,17 @@ impl ClusterSide {
                     Outgoing::Publish { publish, token }
                 }
                 ClusterOut::Interest { filter, added } => Outgoing::Interest { filter, added },
+                ClusterOut::SharedInterest { share, added } => {
+                    Outgoing::SharedInterest { share, added }
+                }
                 ClusterOut::Claim {
                     client_id,
                     clean_start,
+                    at_ms,
                 } => Outgoing::Claim {
                     client_id,
                     clean_start,
+                    at_ms,
                 },
             };
             if let Err(command) = self.link.send(command) {
@@ -223,11 +230,25 @@ impl CoreTask {
             Incoming::Message(publish) => {
                 core.handle_remote_publish(now, publish, out);
             }
+            Incoming::Shared { share, publish } => {
+                core.handle_shared_publish(now, &share, publish, out);
+            }
             Incoming::Claim(claim) => {
-                let client_id = &claim.client_id;
-                if let Some(conn) = core.handle_remote_claim(now, client_id, claim.clean_start, out)
-                {
-                    tracing::info!(conn, client_id = %client_id, node = %claim.node, "session taken over on another node");
+                let remote = RemoteClaim {
+                    node: &claim.node,
+                    client_id: &claim.client_id,
+                    clean_start: claim.clean_start,
+                    at_ms: claim.at_ms,
+                };
+                let (client_id, node) = (&claim.client_id, &claim.node);
+                match core.handle_remote_claim(now, remote, out) {
+                    ClaimOutcome::TakenOver(conn) => {
+                        tracing::info!(conn, client_id = %client_id, node = %node, "session taken over on another node");
+                    }
+                    ClaimOutcome::Kept(conn) => {
+                        tracing::info!(conn, client_id = %client_id, node = %node, "connected on another node at the same moment: the connection here is the newer and stays");
+                    }
+                    ClaimOutcome::None => {}
                 }
             }
             Incoming::NodeLost(node) => {

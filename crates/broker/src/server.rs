@@ -532,6 +532,7 @@ async fn join_cluster(
                 heartbeat: Duration::from_millis(c.heartbeat_ms),
                 node_timeout: Duration::from_millis(c.node_timeout_ms),
                 flush_timeout: Duration::from_millis(c.flush_timeout_ms),
+                security: c.security()?,
             };
             let (link, incoming, task) = beckon_cluster::join(options).await?;
             tracing::info!(node = %c.node, nats = ?c.nats, cluster = %c.name, "cluster node: messages, client ids and presence shared through NATS");

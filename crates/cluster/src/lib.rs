@@ -5,14 +5,17 @@
 //!   only to the nodes whose clients subscribed to a matching filter.
 //! - [`wire`]: the message, claim and heartbeat formats.
 //! - [`link`]: the task between one node's broker core and NATS.
+//! - [`security`]: TLS and credentials towards NATS.
 //!
 //! The broker core stays free of I/O: it hands the link what must go to other nodes and
 //! takes in what comes from them (`beckon-broker`'s `core` module).
 #![forbid(unsafe_code)]
 
 pub mod link;
+pub mod security;
 pub mod subject;
 pub mod wire;
 
 pub use link::{ClusterError, ClusterLink, ClusterOptions, Incoming, Outgoing, join};
+pub use security::{NatsAuth, NatsSecurity};
 pub use wire::{Claim, ClusterMessage, Heartbeat};

@@ -3,6 +3,7 @@
 //! broker what arrives (messages, claims, nodes that went silent, PUBACKs that may now go).
 
 use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_nats::connection::State;
@@ -11,7 +12,8 @@ use futures_util::StreamExt;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
-use crate::subject::{filter_subjects, message_prefix, topic_subject};
+use crate::security::{NatsSecurity, Rejected, refusal};
+use crate::subject::{filter_subjects, message_prefix, share_queue, topic_subject};
 use crate::wire::{Claim, ClusterMessage, Heartbeat};
 
 /// How many duplicate-detection entries a node keeps (messages matched by several of its
@@ -22,6 +24,9 @@ const DEDUP_WINDOW: usize = 8192;
 pub const COMMAND_QUEUE: usize = 65_536;
 /// Messages from NATS queued for the link task.
 const RECEIVE_QUEUE: usize = 65_536;
+/// How long a starting node waits for NATS to accept or refuse it: a refusal (credentials,
+/// TLS) stops the start with its reason; silence (NATS not reachable yet) does not.
+const FIRST_CONNECT_WAIT: Duration = Duration::from_secs(5);
 
 /// How a node joins the cluster.
 #[derive(Debug, Clone)]
@@ -38,6 +43,8 @@ pub struct ClusterOptions {
     pub node_timeout: Duration,
     /// How long a flush to NATS may take before the PUBACKs waiting on it are given up.
     pub flush_timeout: Duration,
+    /// TLS and credentials towards NATS.
+    pub security: NatsSecurity,
 }
 
 /// Why the link could not start.
@@ -51,6 +58,14 @@ pub enum ClusterError {
         /// The configured servers.
         servers: Vec<String>,
         /// The client's message.
+        reason: String,
+    },
+    /// NATS refused the node (credentials, TLS) when it started.
+    #[error("cluster: cannot join through NATS {servers:?}: {reason}")]
+    Refused {
+        /// The configured servers.
+        servers: Vec<String>,
+        /// What NATS or the TLS handshake said, and what to check.
         reason: String,
     },
     /// A subscription every node needs could not be made.
@@ -83,6 +98,14 @@ pub enum Outgoing {
         /// Added or removed.
         added: bool,
     },
+    /// The first local session joined the shared subscription `share`
+    /// (`$share/{group}/{filter}`), or the last one left it.
+    SharedInterest {
+        /// The shared subscription as subscribed.
+        share: String,
+        /// Added or removed.
+        added: bool,
+    },
     /// The retained messages this node holds, for a node that joined (answer to
     /// [`Incoming::SnapshotRequest`]).
     Snapshot {
@@ -97,6 +120,8 @@ pub enum Outgoing {
         client_id: String,
         /// Whether it asked for a clean start.
         clean_start: bool,
+        /// When it was accepted (Unix ms).
+        at_ms: i64,
     },
 }
 
@@ -106,6 +131,14 @@ pub enum Outgoing {
 pub enum Incoming {
     /// A message published on another node that matches a local subscription or is retained.
     Message(Publish),
+    /// A message (from any node, this one included) that NATS gave this node for the shared
+    /// subscription `share`: one node per group gets each message.
+    Shared {
+        /// The shared subscription (`$share/{group}/{filter}`).
+        share: Arc<str>,
+        /// The message.
+        publish: Publish,
+    },
     /// Another node accepted a connection for a client id.
     Claim(Claim),
     /// A node joined and asks for the retained messages: answer with
@@ -154,9 +187,11 @@ impl ClusterLink {
 }
 
 /// What a NATS subscription carries.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 enum Kind {
     Message,
+    /// Messages for a shared subscription (a queue subscription).
+    Shared(Arc<str>),
     Claim,
     Heartbeat,
     SnapshotRequest,
@@ -171,24 +206,22 @@ pub async fn join(
     let (incoming_tx, incoming_rx) = mpsc::channel(RECEIVE_QUEUE);
     let events_tx = incoming_tx.clone();
     let node = options.node.clone();
-    let seen_first = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let client = async_nats::ConnectOptions::new()
-        .name(format!("beckon-broker {node}"))
+    let seen_first = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    // The first connection's outcome: accepted, or refused for a reason of this node's own.
+    let (first_tx, mut first_rx) = tokio::sync::watch::channel(None::<Result<(), String>>);
+    let rejected = Rejected::default();
+    let rejected_seen = rejected.clone();
+    let client = connect_options(&node, "")
         .no_echo()
-        .retry_on_initial_connect()
-        .max_reconnects(None)
-        // NATS is close by: come back within a second of it, not the client's default 4 s.
-        .reconnect_delay_callback(|attempts| {
-            Duration::from_millis((100 * attempts as u64).min(1000))
-        })
-        .connection_timeout(Duration::from_secs(5))
-        .ping_interval(Duration::from_secs(10))
         .event_callback(move |event| {
             let events_tx = events_tx.clone();
             let seen_first = seen_first.clone();
+            let first_tx = first_tx.clone();
+            let rejected = rejected_seen.clone();
             async move {
                 match event {
                     async_nats::Event::Connected => {
+                        first_tx.send_if_modified(|first| first.replace(Ok(())).is_none());
                         if seen_first.swap(true, std::sync::atomic::Ordering::Relaxed) {
                             tracing::info!("cluster: connected to NATS again");
                             let _ = events_tx.send(Incoming::Reconnected).await;
@@ -199,16 +232,39 @@ pub async fn join(
                     async_nats::Event::Disconnected => {
                         tracing::warn!("cluster: lost the NATS connection; reconnecting (messages to other nodes wait)");
                     }
+                    async_nats::Event::ClientError(async_nats::ClientError::Other(e)) => {
+                        match refusal(&e, &rejected) {
+                            Some(reason) => {
+                                tracing::error!("cluster: {reason}");
+                                first_tx.send_if_modified(|first| {
+                                    first.get_or_insert(Err(reason));
+                                    true
+                                });
+                            }
+                            None => tracing::warn!(error = %e, "cluster: cannot connect to NATS; retrying"),
+                        }
+                    }
                     other => tracing::info!(event = %other, "cluster: NATS event"),
                 }
             }
-        })
-        .connect(options.servers.clone())
-        .await
-        .map_err(|e| ClusterError::Connect {
+        });
+    let client = connect(client, &options, &rejected).await?;
+    // A refused node stops here with the reason; one that finds no NATS yet starts anyway.
+    if let Ok(Ok(first)) =
+        tokio::time::timeout(FIRST_CONNECT_WAIT, first_rx.wait_for(Option::is_some)).await
+        && let Some(Err(reason)) = &*first
+    {
+        return Err(ClusterError::Refused {
             servers: options.servers.clone(),
-            reason: e.to_string(),
-        })?;
+            reason: reason.clone(),
+        });
+    }
+
+    // Shared subscriptions get a connection of their own: NATS gives no connection its own
+    // messages back (no_echo above), and a group's queue must be able to pick this node for
+    // a message published here.
+    let shared_options = connect_options(&node, " shared subscriptions");
+    let shared_client = connect(shared_options, &options, &Rejected::default()).await?;
 
     let (raw_tx, raw_rx) = mpsc::channel(RECEIVE_QUEUE);
     let root = &options.subject_root;
@@ -221,7 +277,7 @@ pub async fn join(
         (format!("{root}.sync"), Kind::SnapshotRequest),
         (inbox.clone(), Kind::Snapshot),
     ] {
-        fixed.push(subscribe(&client, subject, kind, raw_tx.clone()).await?);
+        fixed.push(subscribe(&client, subject, None, kind, raw_tx.clone()).await?);
     }
     // Retained messages (presence among them) published before this node joined: every
     // node answers, the first to answer is used.
@@ -240,6 +296,8 @@ pub async fn join(
         boot: rand::random(),
         options,
         client,
+        shared_client,
+        shared: HashMap::new(),
         raw_tx,
         interest: HashMap::new(),
         peers: HashMap::new(),
@@ -267,23 +325,57 @@ pub async fn join(
 async fn subscribe(
     client: &async_nats::Client,
     subject: String,
+    queue: Option<String>,
     kind: Kind,
     raw: mpsc::Sender<(Kind, async_nats::Message)>,
 ) -> Result<AbortOnDrop, ClusterError> {
-    let mut sub = client
-        .subscribe(subject.clone())
-        .await
-        .map_err(|e| ClusterError::Subscribe {
-            subject,
-            reason: e.to_string(),
-        })?;
+    let sub = match queue {
+        Some(queue) => client.queue_subscribe(subject.clone(), queue).await,
+        None => client.subscribe(subject.clone()).await,
+    };
+    let mut sub = sub.map_err(|e| ClusterError::Subscribe {
+        subject,
+        reason: e.to_string(),
+    })?;
     Ok(AbortOnDrop(tokio::spawn(async move {
         while let Some(msg) = sub.next().await {
-            if raw.send((kind, msg)).await.is_err() {
+            if raw.send((kind.clone(), msg)).await.is_err() {
                 break;
             }
         }
     })))
+}
+
+/// The client options both of a node's NATS connections use.
+fn connect_options(node: &str, purpose: &str) -> async_nats::ConnectOptions {
+    async_nats::ConnectOptions::new()
+        .name(format!("beckon-broker {node}{purpose}"))
+        .retry_on_initial_connect()
+        .max_reconnects(None)
+        // NATS is close by: come back within a second of it, not the client's default 4 s.
+        .reconnect_delay_callback(|attempts| {
+            Duration::from_millis((100 * attempts as u64).min(1000))
+        })
+        .connection_timeout(Duration::from_secs(5))
+        .ping_interval(Duration::from_secs(10))
+}
+
+/// Connects (in the background) with the node's TLS and credentials.
+async fn connect(
+    client: async_nats::ConnectOptions,
+    options: &ClusterOptions,
+    rejected: &Rejected,
+) -> Result<async_nats::Client, ClusterError> {
+    let servers = &options.servers;
+    options
+        .security
+        .apply(client, servers, rejected)?
+        .connect(servers.clone())
+        .await
+        .map_err(|e| ClusterError::Connect {
+            servers: servers.clone(),
+            reason: e.to_string(),
+        })
 }
 
 /// A forwarding task that ends (and unsubscribes) when dropped.
@@ -304,6 +396,10 @@ struct Peer {
 struct Link {
     options: ClusterOptions,
     client: async_nats::Client,
+    /// The connection of the shared subscriptions' queue groups.
+    shared_client: async_nats::Client,
+    /// Shared subscription (`$share/{group}/{filter}`) -> its queue subscriptions.
+    shared: HashMap<String, Vec<AbortOnDrop>>,
     prefix: String,
     retained_subject: String,
     claim_subject: String,
@@ -420,6 +516,7 @@ impl Link {
                         match subscribe(
                             &self.client,
                             subject.clone(),
+                            None,
                             Kind::Message,
                             self.raw_tx.clone(),
                         )
@@ -439,6 +536,42 @@ impl Link {
                         }
                     }
                 }
+            }
+            Outgoing::SharedInterest { share, added } => {
+                if !added {
+                    self.shared.remove(&share);
+                    return ok;
+                }
+                let Some((_, filter)) = share
+                    .strip_prefix("$share/")
+                    .and_then(|rest| rest.split_once('/'))
+                else {
+                    return ok;
+                };
+                // Retained messages travel on one subject whatever their topic: the node NATS
+                // picks for the group checks the filter.
+                let mut subjects = filter_subjects(&self.prefix, filter);
+                subjects.push(self.retained_subject.clone());
+                let kind = Kind::Shared(Arc::from(share.as_str()));
+                let queue = share_queue(&self.options.subject_root, &share);
+                let mut subs = Vec::new();
+                for subject in subjects {
+                    let raw = self.raw_tx.clone();
+                    let sub = subscribe(
+                        &self.shared_client,
+                        subject,
+                        Some(queue.clone()),
+                        kind.clone(),
+                        raw,
+                    );
+                    match sub.await {
+                        Ok(sub) => subs.push(sub),
+                        Err(e) => {
+                            tracing::warn!(error = %e, share = %share, "cluster: messages for this shared subscription will not all arrive")
+                        }
+                    }
+                }
+                self.shared.insert(share, subs);
             }
             Outgoing::Snapshot { reply, retained } => {
                 let count = retained.len();
@@ -463,11 +596,13 @@ impl Link {
             Outgoing::Claim {
                 client_id,
                 clean_start,
+                at_ms,
             } => {
                 let claim = Claim {
                     node: self.options.node.clone(),
                     client_id,
                     clean_start,
+                    at_ms: Some(at_ms),
                 };
                 let bytes = serde_json::to_vec(&claim).unwrap_or_default();
                 if let Err(e) = self
@@ -511,6 +646,20 @@ impl Link {
                     .await
                     .map_err(|_| ())
             }
+            Kind::Shared(share) => match ClusterMessage::decode(&msg.payload) {
+                Ok(m) => self
+                    .incoming
+                    .send(Incoming::Shared {
+                        share,
+                        publish: m.publish,
+                    })
+                    .await
+                    .map_err(|_| ()),
+                Err(e) => {
+                    tracing::warn!(subject = %msg.subject, error = %e, "cluster: dropped a malformed message");
+                    Ok(())
+                }
+            },
             Kind::SnapshotRequest => match msg.reply {
                 Some(reply) => self
                     .incoming

@@ -33,6 +33,12 @@ fn push_level(out: &mut String, level: &str) {
     }
 }
 
+/// The NATS queue group of the shared subscription `share` (`$share/{group}/{filter}`): the
+/// same on every node, so that NATS gives each message to one node per group.
+pub fn share_queue(cluster: &str, share: &str) -> String {
+    topic_subject(&format!("{cluster}.q"), share)
+}
+
 /// The NATS subject that carries messages published to `topic` (an MQTT topic name).
 pub fn topic_subject(prefix: &str, topic: &str) -> String {
     let mut out = String::with_capacity(prefix.len() + topic.len() + 8);

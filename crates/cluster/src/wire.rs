@@ -100,6 +100,11 @@ pub struct Claim {
     pub client_id: String,
     /// Whether the new connection asked for a clean start (then the old will is published).
     pub clean_start: bool,
+    /// When the node accepted it (Unix ms): two connections accepted at the same moment on
+    /// two nodes (claims crossing in NATS) are settled alike everywhere, the later one
+    /// staying, then the one on the greater node name. Absent from older nodes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub at_ms: Option<i64>,
 }
 
 /// A node says it is alive, every heartbeat interval.

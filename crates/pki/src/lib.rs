@@ -22,7 +22,7 @@ pub use files::{load_certificates, load_private_key, write_atomic};
 pub use identity::{CertificateIdentity, certificate_identity};
 pub use tls::{
     ClientIdentity, ClientTlsOptions, KeyExchange, ReloadingServerConfig, ServerTlsOptions,
-    ServerVerification, TlsFiles, TlsVersion, client_config, server_config,
+    ServerVerification, TlsFiles, TlsVersion, client_config, load_roots, server_config,
     server_config_verifying, webpki_server_verifier,
 };
 

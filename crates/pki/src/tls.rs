@@ -296,6 +296,19 @@ pub fn client_config(
     Ok(config)
 }
 
+/// The CA certificates of the PEM file `ca` as trust anchors (a service's own CA, such as
+/// the NATS servers' of a cluster).
+pub fn load_roots(ca: &Path) -> Result<RootCertStore, PkiError> {
+    let mut roots = RootCertStore::empty();
+    for cert in load_certificates(ca)? {
+        roots.add(cert).map_err(|e| PkiError::Tls {
+            path: ca.to_owned(),
+            reason: format!("not a usable CA certificate: {e}"),
+        })?;
+    }
+    Ok(roots)
+}
+
 /// Modification time and length of a file, to notice a change cheaply.
 type Stamp = Option<(SystemTime, u64)>;
 

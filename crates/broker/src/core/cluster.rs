@@ -10,6 +10,7 @@ use beckon_mqtt::{Packet, Publish, QoS};
 use bytes::Bytes;
 
 use super::message::Message;
+use super::session::Pending;
 use super::topic_tree::{SessionKey, filter_matches, parse_filter};
 use super::{Action, BrokerCore, ConnId};
 
@@ -33,23 +34,64 @@ pub enum ClusterOut {
         /// Added or removed.
         added: bool,
     },
+    /// The first session joined the shared subscription `share` (`$share/{group}/{filter}`)
+    /// here (`added`), or the last one left it.
+    SharedInterest {
+        /// The shared subscription as subscribed.
+        share: String,
+        /// Added or removed.
+        added: bool,
+    },
     /// A connection for `client_id` was accepted on this node: other nodes drop theirs.
     Claim {
         /// The client id.
         client_id: String,
         /// Whether the new connection started clean.
         clean_start: bool,
+        /// When it was accepted (Unix ms): of two connections accepted at the same moment
+        /// on two nodes, the later one stays (then the greater node name).
+        at_ms: i64,
     },
+}
+
+/// A connection accepted on another node for a client id ([`BrokerCore::handle_remote_claim`]).
+#[derive(Debug, Clone, Copy)]
+pub struct RemoteClaim<'a> {
+    /// The node.
+    pub node: &'a str,
+    /// The client id.
+    pub client_id: &'a str,
+    /// Whether it started clean.
+    pub clean_start: bool,
+    /// When it was accepted there (Unix ms); `None` from a node that does not say (it wins).
+    pub at_ms: Option<i64>,
+}
+
+/// What a remote claim did here.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClaimOutcome {
+    /// No connection or session for that client id here.
+    None,
+    /// The connection here was closed (0x8E) and its session ended.
+    TakenOver(ConnId),
+    /// The connection here is the newer one and stays: the other node was told so (this
+    /// node's claim again) and closes its own.
+    Kept(ConnId),
 }
 
 /// The cluster side of a core: what waits to go out, and the filters subscribed here.
 #[derive(Debug, Default)]
 pub(super) struct ClusterState {
     pub(super) out: Vec<ClusterOut>,
-    /// Sessions subscribed per filter (without share prefix), to tell first and last apart.
+    /// Sessions subscribed per filter, to tell first and last apart.
     pub(super) interest: HashMap<String, usize>,
+    /// Sessions in each shared subscription (`$share/{group}/{filter}`), likewise.
+    pub(super) shared: HashMap<String, usize>,
     /// Interest a session holds from its CONNECT on (see [`BrokerCore::hold_interest`]).
     pub(super) held: HashMap<SessionKey, Box<str>>,
+    /// When each session's connection was accepted (Unix ms) and whether it started clean:
+    /// what this node claimed, to settle two claims of one client id at the same moment.
+    pub(super) claims: HashMap<SessionKey, (i64, bool)>,
     /// This node's name: assigned client ids carry it, so that two nodes never assign the
     /// same one (which would take the other's client over).
     pub(super) node: String,
@@ -89,40 +131,105 @@ impl BrokerCore {
         if publish.topic.is_empty() || publish.topic.contains(['+', '#', '\0']) {
             return false;
         }
-        let qos = publish.qos.min(self.config.max_qos);
-        let message = Message::new(
+        // Presence events are retained; only they can contradict a connection held here.
+        let presence = (publish.retain && publish.topic.ends_with("/presence"))
+            .then(|| (publish.topic.clone(), publish.payload.clone()));
+        let message = self.remote_message(now, publish);
+        let delivered = self.route(now, None, Arc::new(message), out);
+        if let Some((topic, payload)) = presence {
+            self.answer_presence_conflict(now, topic, &payload, out);
+        }
+        delivered
+    }
+
+    /// A message NATS gave this node for the shared subscription `share`
+    /// (`$share/{group}/{filter}`, one node per group in the cluster): delivered to one local
+    /// member of the group, whichever node published it. Returns whether one received it.
+    pub fn handle_shared_publish(
+        &mut self,
+        now: Instant,
+        share: &str,
+        publish: Publish,
+        out: &mut Vec<Action>,
+    ) -> bool {
+        let Some(filter) = parse_filter(share) else {
+            return false;
+        };
+        // Retained messages travel on one subject for all topics.
+        if !filter_matches(filter.filter, &publish.topic) {
+            return false;
+        }
+        let sessions = &self.sessions;
+        let online = |key| sessions.get(&key).is_some_and(|s| s.conn.is_some());
+        let Some(entry) = self.tree.pick_shared(filter, &online) else {
+            return false;
+        };
+        let message = self.remote_message(now, publish);
+        let Some(session) = self.sessions.get_mut(&entry.session) else {
+            return false;
+        };
+        let delivery = Pending {
+            qos: entry.qos.min(message.qos),
+            retain: message.retain && entry.retain_as_published,
+            sub_ids: entry.id.into_iter().collect(),
+            msg: Arc::new(message),
+        };
+        session.deliver(now, delivery, &self.config, &mut self.stats, out);
+        true
+    }
+
+    /// A message from the cluster as this node keeps it (QoS capped at its maximum).
+    fn remote_message(&self, now: Instant, publish: Publish) -> Message {
+        Message::new(
             now,
             publish.topic,
             publish.payload,
-            qos,
+            publish.qos.min(self.config.max_qos),
             publish.retain,
             publish.properties,
-        );
-        self.route(now, None, Arc::new(message), out)
+        )
     }
 
-    /// Another node accepted a connection for `client_id`: the connection held here, if any,
+    /// Another node accepted a connection for a client id: the connection held here, if any,
     /// gets DISCONNECT 0x8E (Session taken over, v5) and is closed, and the session ends here
     /// (its state does not move between nodes). The old will is published when the new
     /// connection started clean or the old session had no expiry, as for a local takeover.
-    /// Returns the connection that was closed.
+    ///
+    /// Unless the connection here is the newer one (two connections at the same moment: the
+    /// claims crossed in NATS): it stays, and this node claims the client id again so that
+    /// the other node closes its own. Every node decides alike, by accept time, then node
+    /// name, so exactly one connection remains.
     pub fn handle_remote_claim(
         &mut self,
         now: Instant,
-        client_id: &str,
-        clean_start: bool,
+        claim: RemoteClaim<'_>,
         out: &mut Vec<Action>,
-    ) -> Option<ConnId> {
-        let key = *self.by_client_id.get(client_id)?;
+    ) -> ClaimOutcome {
+        let Some(&key) = self.by_client_id.get(claim.client_id) else {
+            return ClaimOutcome::None;
+        };
         let conn = self.sessions.get(&key).and_then(|s| s.conn);
+        if let (Some(conn), Some(remote_at), Some(cluster)) = (conn, claim.at_ms, &mut self.cluster)
+            && let Some(&(at_ms, clean_start)) = cluster.claims.get(&key)
+            && (at_ms, cluster.node.as_str()) > (remote_at, claim.node)
+        {
+            // The other node's connected event, on its way, is answered when it arrives
+            // ([`BrokerCore::answer_presence_conflict`]).
+            cluster.out.push(ClusterOut::Claim {
+                client_id: claim.client_id.to_owned(),
+                clean_start,
+                at_ms,
+            });
+            return ClaimOutcome::Kept(conn);
+        }
         if let Some(conn) = conn {
             // The node that took the client over publishes the disconnected event.
             self.presence.end(conn);
         }
-        if self.take_over(now, key, clean_start, out).is_some() {
+        if self.take_over(now, key, claim.clean_start, out).is_some() {
             self.end_session(key);
         }
-        conn
+        conn.map_or(ClaimOutcome::None, ClaimOutcome::TakenOver)
     }
 
     /// Clustered: the session of `conn` holds interest in `filter` for as long as it exists,
@@ -250,29 +357,41 @@ pub(super) fn note_session_interest(
 }
 
 /// Counts a session's subscription to `raw` (maybe shared) that began or ended, and tells
-/// the cluster when a filter gets its first or loses its last subscriber on this node.
+/// the cluster when a filter (or a shared subscription) gets its first or loses its last
+/// subscriber on this node.
 pub(super) fn note_interest(cluster: &mut ClusterState, raw: &str, added: bool) {
     let Some(filter) = parse_filter(raw) else {
         return;
     };
-    let key = filter.filter;
-    if added {
-        let count = cluster.interest.entry(key.to_owned()).or_insert(0);
+    let (counts, key) = match filter.share_group {
+        None => (&mut cluster.interest, filter.filter),
+        Some(_) => (&mut cluster.shared, raw),
+    };
+    let changed = if added {
+        let count = counts.entry(key.to_owned()).or_insert(0);
         *count += 1;
-        if *count == 1 {
-            cluster.out.push(ClusterOut::Interest {
-                filter: key.to_owned(),
-                added: true,
-            });
-        }
-    } else if let Some(count) = cluster.interest.get_mut(key) {
+        *count == 1
+    } else {
+        let Some(count) = counts.get_mut(key) else {
+            return;
+        };
         *count -= 1;
-        if *count == 0 {
-            cluster.interest.remove(key);
-            cluster.out.push(ClusterOut::Interest {
-                filter: key.to_owned(),
-                added: false,
-            });
+        let last = *count == 0;
+        if last {
+            counts.remove(key);
         }
+        last
+    };
+    if changed {
+        cluster.out.push(match filter.share_group {
+            None => ClusterOut::Interest {
+                filter: key.to_owned(),
+                added,
+            },
+            Some(_) => ClusterOut::SharedInterest {
+                share: key.to_owned(),
+                added,
+            },
+        });
     }
 }

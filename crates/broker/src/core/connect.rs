@@ -141,9 +141,12 @@ impl BrokerCore {
         });
         self.conns.insert(conn, key);
         if let Some(cluster) = &mut self.cluster {
+            let at_ms = (self.wall_clock)();
+            cluster.claims.insert(key, (at_ms, connect.clean_start));
             cluster.out.push(ClusterOut::Claim {
                 client_id: session.client_id.clone(),
                 clean_start: connect.clean_start,
+                at_ms,
             });
         }
         let mut properties = Properties::default();

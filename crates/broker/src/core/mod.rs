@@ -21,7 +21,7 @@ mod topic_tree;
 #[cfg(test)]
 mod tests;
 
-pub use cluster::ClusterOut;
+pub use cluster::{ClaimOutcome, ClusterOut, RemoteClaim};
 pub use connect::{Accepted, effective_keep_alive};
 pub(crate) use idmap::IdMap;
 pub use presence::PresenceReason;
@@ -495,12 +495,27 @@ impl BrokerCore {
     }
 
     /// Stores (if retained) and routes a message to every matching local subscription.
-    /// Returns whether at least one subscription received it.
+    /// Returns whether at least one subscription received it. In a cluster, shared
+    /// subscriptions are left out: NATS gives every message that crosses the cluster to one
+    /// node per group ([`BrokerCore::handle_shared_publish`]).
     fn route(
         &mut self,
         now: Instant,
         publisher: Option<SessionKey>,
         message: Arc<Message>,
+        out: &mut Vec<Action>,
+    ) -> bool {
+        let shared = self.cluster.is_none();
+        self.route_with(now, publisher, message, shared, out)
+    }
+
+    /// [`route`](Self::route), with shared subscriptions served here or not.
+    fn route_with(
+        &mut self,
+        now: Instant,
+        publisher: Option<SessionKey>,
+        message: Arc<Message>,
+        shared: bool,
         out: &mut Vec<Action>,
     ) -> bool {
         if message.retain
@@ -520,6 +535,9 @@ impl BrokerCore {
             &|key| sessions.get(&key).is_some_and(|s| s.conn.is_some()),
             &mut hits,
         );
+        if !shared {
+            hits.retain(|h| !h.shared);
+        }
         if hits.len() > 1 {
             // Normal subscriptions of one session next to each other, to merge them.
             hits.sort_unstable_by_key(|h| (h.shared, h.entry.session));
@@ -777,10 +795,11 @@ impl BrokerCore {
                 note_session_interest(cluster, key, raw, false);
             }
         }
-        if let Some(cluster) = &mut self.cluster
-            && let Some(held) = cluster.held.remove(&key)
-        {
-            note_interest(cluster, &held, false);
+        if let Some(cluster) = &mut self.cluster {
+            cluster.claims.remove(&key);
+            if let Some(held) = cluster.held.remove(&key) {
+                note_interest(cluster, &held, false);
+            }
         }
     }
 

@@ -13,7 +13,7 @@ use beckon_identity::{ConnectionPath, Identity, PresenceEvent, PresenceState, Ro
 use beckon_mqtt::QoS;
 use bytes::Bytes;
 
-use super::{Action, BrokerCore, CloseReason, ConnId};
+use super::{Action, BrokerCore, CloseReason, ClusterOut, ConnId};
 
 /// Why a tenant identity went away, as written into its disconnected event (`reason`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -254,6 +254,50 @@ impl BrokerCore {
         self.publish_from_broker(now, topic, payload, QoS::AtLeastOnce, true, out);
     }
 
+    /// Cluster: another node says an identity connected there (`payload`, on `topic`) while
+    /// this node holds a connection of it: the two were accepted at about the same moment and
+    /// their claims crossed in NATS. This node claims the client id again, so that the nodes
+    /// settle on one connection, and answers like a takeover: that node's disconnected event
+    /// (`taken_over`), then this node's connected event again. If this node's connection is
+    /// the one that goes, the other node answers in turn, and in every case the retained
+    /// presence ends with the connection that stayed.
+    pub(super) fn answer_presence_conflict(
+        &mut self,
+        now: Instant,
+        topic: String,
+        payload: &[u8],
+        out: &mut Vec<Action>,
+    ) {
+        let Some(event) = connected_event(payload) else {
+            return;
+        };
+        if event.node.is_none() || event.node.as_deref() == self.presence.node.as_deref() {
+            return;
+        }
+        let Some(client_id) = client_id_of_presence(&topic) else {
+            return;
+        };
+        let Some(&conn) = self.presence.by_key.get(&client_id) else {
+            return;
+        };
+        if let (Some(&key), Some(cluster)) = (self.by_client_id.get(&client_id), &mut self.cluster)
+            && let Some(&(at_ms, clean_start)) = cluster.claims.get(&key)
+        {
+            cluster.out.push(ClusterOut::Claim {
+                client_id,
+                clean_start,
+                at_ms,
+            });
+        }
+        let Some(present) = self.presence.by_conn.remove(&conn) else {
+            return;
+        };
+        let payload = self.ended(event, PresenceReason::TakenOver);
+        self.publish_from_broker(now, topic, payload, QoS::AtLeastOnce, true, out);
+        self.publish_presence(now, &present, PresenceState::Connected, None, out);
+        self.presence.by_conn.insert(conn, present);
+    }
+
     /// Cluster: node `lost` went silent. Every identity this node's retained presence shows
     /// connected on it is published disconnected (`node_lost`) to this node's subscribers and
     /// retained store; every surviving node does the same on its own, so nothing crosses
@@ -271,7 +315,8 @@ impl BrokerCore {
                 // To this node's subscribers and retained store only: not handed to the
                 // cluster.
                 let message = self.broker_message(now, topic, payload, QoS::AtLeastOnce, true);
-                self.route(now, None, message, out);
+                // Shared subscriptions too: nothing of this crosses NATS.
+                self.route_with(now, None, message, true, out);
                 released += 1;
             }
         }
@@ -285,6 +330,20 @@ impl BrokerCore {
         event.reason = Some(why.as_str().to_owned());
         Bytes::from(event.to_json())
     }
+}
+
+/// The client id (`{tenant}/{role}/{id}`) whose presence `topic` is
+/// (`t/{tenant}/agents/{id}/presence` or `.../servers/...`).
+fn client_id_of_presence(topic: &str) -> Option<String> {
+    let rest = topic.strip_prefix("t/")?.strip_suffix("/presence")?;
+    let (tenant, rest) = rest.split_once('/')?;
+    let (kind, id) = rest.split_once('/')?;
+    let role = match kind {
+        "agents" => Role::Agent,
+        "servers" => Role::Server,
+        _ => return None,
+    };
+    Some(format!("{tenant}/{}/{id}", role.as_str()))
 }
 
 /// The event in a retained presence `payload` when it says connected.

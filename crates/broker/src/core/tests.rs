@@ -1576,7 +1576,17 @@ fn broker_message_is_retained_and_reaches_subscribers_and_later_ones() {
 
 // ---- cluster node ----
 
-use super::ClusterOut;
+use super::{ClaimOutcome, ClusterOut, RemoteClaim};
+
+/// A claim from node n9 that does not say when (as from an older node: it wins).
+fn claim(client_id: &str, clean_start: bool) -> RemoteClaim<'_> {
+    RemoteClaim {
+        node: "n9",
+        client_id,
+        clean_start,
+        at_ms: None,
+    }
+}
 
 fn clustered() -> Harness {
     let mut h = Harness::new();
@@ -1612,6 +1622,8 @@ fn a_node_tells_the_cluster_its_interest_once_per_filter() {
         .iter()
         .filter_map(|o| match o {
             ClusterOut::Interest { filter, added } => Some((filter.clone(), *added)),
+            // A shared subscription is a queue group of its own in NATS.
+            ClusterOut::SharedInterest { share, added } => Some((share.clone(), *added)),
             _ => None,
         })
         .collect();
@@ -1619,7 +1631,7 @@ fn a_node_tells_the_cluster_its_interest_once_per_filter() {
         interest,
         [
             ("t/acme/agents/+/wake".to_owned(), true),
-            ("t/acme/#".to_owned(), true)
+            ("$share/g/t/acme/#".to_owned(), true)
         ]
     );
     let claims = out
@@ -1633,10 +1645,52 @@ fn a_node_tells_the_cluster_its_interest_once_per_filter() {
     h.close(b);
     let out = h.core.take_cluster_out();
     assert_eq!(out.len(), 2, "{out:?}");
+    assert!(out.iter().all(|o| matches!(
+        o,
+        ClusterOut::Interest { added: false, .. } | ClusterOut::SharedInterest { added: false, .. }
+    )));
+}
+
+#[test]
+fn a_shared_subscription_gets_what_nats_gives_this_node_for_its_group_only() {
+    let mut h = clustered();
+    let (p, _, _) = h.connect_ok(v5("publisher"));
+    let m1 = h.subscriber(v5("m1"), "$share/g/jobs/+", QoS::AtLeastOnce);
+    let m2 = h.subscriber(v5("m2"), "$share/g/jobs/+", QoS::AtLeastOnce);
+    // Published here: the group is served by whichever node NATS picks, not here at once.
+    let out = h.send(p, pub_packet("jobs/1", "j", QoS::AtMostOnce, None));
+    assert!(packets(&out, m1).is_empty() && packets(&out, m2).is_empty());
+    // What NATS gives this node for the group goes to one member, round robin.
+    let mut got = Vec::new();
+    for _ in 0..2 {
+        let mut out = Vec::new();
+        let msg = publish("jobs/1", "j", QoS::AtLeastOnce, None);
+        assert!(
+            h.core
+                .handle_shared_publish(h.now, "$share/g/jobs/+", msg, &mut out)
+        );
+        let to: Vec<_> = [m1, m2]
+            .into_iter()
+            .filter(|&m| !packets(&out, m).is_empty())
+            .collect();
+        assert_eq!(to.len(), 1, "one member per message");
+        got.extend(to);
+    }
+    got.sort_unstable();
+    assert_eq!(got, [m1, m2]);
+    // A retained message on another topic (they share one subject) or another group: nothing.
+    let mut out = Vec::new();
+    let other = publish("other/1", "x", QoS::AtLeastOnce, None);
     assert!(
-        out.iter()
-            .all(|o| matches!(o, ClusterOut::Interest { added: false, .. }))
+        !h.core
+            .handle_shared_publish(h.now, "$share/g/jobs/+", other, &mut out)
     );
+    let msg = publish("jobs/1", "j", QoS::AtLeastOnce, None);
+    assert!(
+        !h.core
+            .handle_shared_publish(h.now, "$share/h/jobs/+", msg, &mut out)
+    );
+    assert!(out.is_empty());
 }
 
 #[test]
@@ -1699,10 +1753,10 @@ fn a_claim_from_another_node_takes_the_session_over() {
     h.core.take_cluster_out();
     let mut out = Vec::new();
     assert_eq!(h.core.connection_of("acme/agent/a1"), Some(old));
-    let closed_conn = h
+    let outcome = h
         .core
-        .handle_remote_claim(h.now, "acme/agent/a1", false, &mut out);
-    assert_eq!(closed_conn, Some(old));
+        .handle_remote_claim(h.now, claim("acme/agent/a1", false), &mut out);
+    assert_eq!(outcome, ClaimOutcome::TakenOver(old));
     assert_disconnected(&out, old, ReasonCode::SESSION_TAKEN_OVER);
     assert_eq!(
         h.core.session_count(),
@@ -1720,9 +1774,44 @@ fn a_claim_from_another_node_takes_the_session_over() {
     // A claim for an id this node does not hold changes nothing.
     assert_eq!(
         h.core
-            .handle_remote_claim(h.now, "acme/agent/zz", true, &mut out),
-        None
+            .handle_remote_claim(h.now, claim("acme/agent/zz", true), &mut out),
+        ClaimOutcome::None
     );
+}
+
+#[test]
+fn of_two_claims_at_the_same_moment_the_later_connection_stays_on_every_node() {
+    let mut h = clustered();
+    h.core.set_wall_clock(|| 1_000);
+    let here = h.subscriber(v5("a"), "x", QoS::AtLeastOnce);
+    h.core.take_cluster_out();
+    let at = |at_ms, node| RemoteClaim {
+        node,
+        client_id: "a",
+        clean_start: true,
+        at_ms: Some(at_ms),
+    };
+    // n9's connection was accepted earlier (or at the same ms, n0 < n1): this one stays and
+    // claims the id again, so that n9 closes its own.
+    for (at_ms, node) in [(999, "n9"), (1_000, "n0")] {
+        let mut out = Vec::new();
+        let outcome = h.core.handle_remote_claim(h.now, at(at_ms, node), &mut out);
+        assert_eq!(outcome, ClaimOutcome::Kept(here));
+        assert!(!closed(&out, here));
+        assert_eq!(
+            h.core.take_cluster_out(),
+            [ClusterOut::Claim {
+                client_id: "a".into(),
+                clean_start: true,
+                at_ms: 1_000
+            }]
+        );
+    }
+    // A later one (or the same ms on a greater node name) takes the session over.
+    let mut out = Vec::new();
+    let outcome = h.core.handle_remote_claim(h.now, at(1_000, "n2"), &mut out);
+    assert_eq!(outcome, ClaimOutcome::TakenOver(here));
+    assert_disconnected(&out, here, ReasonCode::SESSION_TAKEN_OVER);
 }
 
 #[test]
@@ -2150,7 +2239,7 @@ fn clustered_presence_names_the_node_and_releases_a_lost_one() {
     // A claim from another node ends the connection here without an event from this node.
     let mut out = Vec::new();
     h.core
-        .handle_remote_claim(h.now, "acme/agent/a2", false, &mut out);
+        .handle_remote_claim(h.now, claim("acme/agent/a2", false), &mut out);
     assert!(closed(&out, a));
     assert!(presence_events(&out, w).is_empty());
 }

@@ -121,6 +121,23 @@ struct SharedGroup {
     next: usize,
 }
 
+impl SharedGroup {
+    /// The next member, round robin, preferring those for which `online` is true.
+    fn pick(&mut self, online: &dyn Fn(SessionKey) -> bool) -> Option<SubEntry> {
+        let n = self.members.len();
+        if n == 0 {
+            return None;
+        }
+        let start = self.next % n;
+        let pick = (0..n)
+            .map(|i| (start + i) % n)
+            .find(|&i| online(self.members[i].session))
+            .unwrap_or(start);
+        self.next = (pick + 1) % n;
+        Some(self.members[pick])
+    }
+}
+
 /// Up to this many exact next levels are kept in a list; more go in a hash map.
 const FEW_CHILDREN: usize = 8;
 
@@ -315,6 +332,40 @@ impl TopicTree {
         removed
     }
 
+    /// One member of the shared subscription `filter` (`$share/{group}/{filter}`), round
+    /// robin, preferring those for which `online` is true: in a cluster, the member that gets
+    /// a message NATS gave this node for the group.
+    pub fn pick_shared(
+        &mut self,
+        filter: ParsedFilter<'_>,
+        online: &dyn Fn(SessionKey) -> bool,
+    ) -> Option<SubEntry> {
+        let name = filter.share_group?;
+        let mut node = &mut self.root;
+        let mut ends_multi = false;
+        for level in filter.filter.split('/') {
+            match level {
+                "#" => {
+                    ends_multi = true;
+                    break;
+                }
+                "+" => node = node.plus.as_deref_mut()?,
+                exact => node = node.children.get_mut(exact)?,
+            }
+        }
+        let leaf = if ends_multi {
+            &mut node.multi
+        } else {
+            &mut node.exact
+        };
+        let group = leaf
+            .as_deref_mut()?
+            .shared
+            .iter_mut()
+            .find(|g| &*g.name == name)?;
+        group.pick(online)
+    }
+
     /// Appends to `hits` every subscription matching `topic`: all normal subscriptions, and
     /// one member per matching shared group (round robin, preferring members for which
     /// `online` is true).
@@ -433,20 +484,12 @@ fn collect(leaf: &mut Leaf, online: &dyn Fn(SessionKey) -> bool, hits: &mut Vec<
         shared: false,
     }));
     for group in &mut leaf.shared {
-        let n = group.members.len();
-        if n == 0 {
-            continue;
+        if let Some(entry) = group.pick(online) {
+            hits.push(Hit {
+                entry,
+                shared: true,
+            });
         }
-        let start = group.next % n;
-        let pick = (0..n)
-            .map(|i| (start + i) % n)
-            .find(|&i| online(group.members[i].session))
-            .unwrap_or(start);
-        group.next = (pick + 1) % n;
-        hits.push(Hit {
-            entry: group.members[pick],
-            shared: true,
-        });
     }
 }
 
