@@ -193,9 +193,9 @@ struct EnrollAnswer {
 }
 
 /// The proxy policy the console hands out (going direct allowed unless it says otherwise).
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Clone, Serialize, Deserialize)]
 pub struct ProxyPolicy {
-    /// `http://host:port`; empty: none.
+    /// `http://host:port`, or `http://user:password@host:port`; empty: none.
     #[serde(default)]
     pub url: String,
     /// Go direct when the proxy fails.
@@ -205,6 +205,22 @@ pub struct ProxyPolicy {
 
 fn yes() -> bool {
     true
+}
+
+/// The address may carry a password: shown parsed, with the user name at most.
+impl std::fmt::Debug for ProxyPolicy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let url = match self.url.trim() {
+            "" => String::new(),
+            url => url
+                .parse::<beckon_net::ProxyUrl>()
+                .map_or_else(|_| "<unusable address>".into(), |p| p.to_string()),
+        };
+        f.debug_struct("ProxyPolicy")
+            .field("url", &url)
+            .field("direct_fallback", &self.direct_fallback)
+            .finish()
+    }
 }
 
 impl Default for ProxyPolicy {
@@ -328,10 +344,21 @@ pub async fn enroll(opts: &EnrollOptions) -> Result<Enrolled, EnrollError> {
     if let Some(parent) = config_out.parent() {
         create_dir(parent, 0o755, "the configuration folder")?;
     }
+    // A proxy password in the file makes it a secret.
+    let mode = if config
+        .broker
+        .proxy
+        .as_ref()
+        .is_some_and(|p| p.user().is_some())
+    {
+        0o600
+    } else {
+        0o644
+    };
     write(
         &config_out,
         text.as_bytes(),
-        0o644,
+        mode,
         "the agent configuration",
     )?;
     Ok(Enrolled {
@@ -639,8 +666,8 @@ mod tests {
         assert_eq!(config.state_dir, state);
         assert_eq!(config.broker.client_key, Some(state.join("agent.key")));
         assert_eq!(
-            config.broker.proxy.as_deref(),
-            Some("http://proxy.example:3128")
+            config.broker.proxy,
+            Some(beckon_net::ProxyUrl::new("proxy.example", 3128))
         );
         assert_eq!(
             (

@@ -88,7 +88,7 @@ impl TenantBroker {
         config.broker.ca_file = Some(self.broker.generated_ca());
         config.broker.client_cert = Some(self.agent_cert.clone());
         config.broker.client_key = Some(self.agent_key.clone());
-        config.broker.proxy = proxy;
+        config.broker.proxy = proxy.map(|p| p.parse().expect("proxy address"));
         config
     }
 

@@ -91,8 +91,7 @@ impl DoctorConfig {
         config.server_name = b.server_name.clone();
         config.primary_port = b.port;
         config.fallback_port = Some(b.fallback_port);
-        // The agent validated the proxy URL when it loaded the file.
-        config.proxy = b.proxy.as_deref().and_then(|p| p.parse::<ProxyUrl>().ok());
+        config.proxy = b.proxy.clone();
         if let Some(ca) = &b.ca_file {
             config.tls.trust = TrustAnchors::CaFile(ca.clone());
             config.ca_label = Some(format!("the CA file {} (broker.ca_file)", ca.display()));

@@ -362,7 +362,7 @@ impl PathChecker<'_> {
                     return None;
                 }
                 let started = Instant::now();
-                match http_connect(tcp, &p.to_string(), &config.broker_host, port, timeout).await {
+                match http_connect(tcp, p, &config.broker_host, port, timeout).await {
                     Ok(tunnel) => {
                         steps.pass(
                             StepName::ProxyConnect,

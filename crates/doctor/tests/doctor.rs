@@ -122,10 +122,10 @@ async fn a_proxy_that_wants_authentication() {
         StepName::ProxyConnect,
         &[
             &format!(
-                "The proxy http://127.0.0.1:{} requires authentication, which Beckon does not support",
+                "The proxy http://127.0.0.1:{} requires authentication: put its user name and password in the proxy address",
                 proxy.port()
             ),
-            "so that they go direct",
+            "`proxy` under [broker] in the agent's configuration",
         ],
     );
     // A proxy-wide refusal is not asked again on the other proxied paths.
@@ -142,6 +142,52 @@ async fn a_proxy_that_wants_authentication() {
     assert_eq!(
         step(path(&report, "8883"), StepName::Tcp).verdict,
         Verdict::Fail
+    );
+}
+
+/// Debian's squid demanding Basic authentication in front of a working broker: the right
+/// credentials open the tunnel, wrong ones get a finding that names the user, never the
+/// password, and agents go direct meanwhile.
+#[tokio::test]
+async fn a_squid_proxy_with_basic_authentication() {
+    let ca = TestCa::new("Beckon test CA");
+    let broker = Mosquitto::start_tls(&ca.server_cert(&["127.0.0.1"]), "u", "p");
+    let squid = Squid::start("agent", "right-one", &[broker.port]);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut config = config_trusting(&ca, dir.path(), broker.port, refused_port());
+    set_credentials(&mut config, "u", "p");
+    let proxy = beckon_net::ProxyUrl::new("127.0.0.1", squid.port);
+
+    config.proxy = Some(proxy.clone().with_credentials("agent", "right-one"));
+    let report = diagnose(&config).await;
+    assert_eq!(
+        report.path_in_use.as_deref(),
+        Some("8883 via proxy"),
+        "{}\nsquid:\n{}",
+        report.to_human(),
+        squid.output()
+    );
+    assert_passes(&report, "8883 via proxy", StepName::ProxyConnect);
+
+    config.proxy = Some(proxy.with_credentials("agent", "wrong-one"));
+    let report = diagnose(&config).await;
+    assert_eq!(report.path_in_use.as_deref(), Some("8883"));
+    let refused = assert_fails(
+        &report,
+        "8883 via proxy",
+        StepName::ProxyConnect,
+        &["The proxy refused the credentials: check the proxy user name (agent) and password"],
+    );
+    assert_contains(
+        &refused.detail,
+        "refused the credentials of user \"agent\" (407)",
+    );
+    let human = report.to_human();
+    assert!(!human.contains("wrong-one"), "{human}");
+    let json = serde_json::to_string(&report).expect("json");
+    assert!(
+        !json.contains("wrong-one") && json.contains("agent@127.0.0.1"),
+        "{json}"
     );
 }
 
