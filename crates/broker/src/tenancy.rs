@@ -779,6 +779,51 @@ mod tests {
     }
 
     #[test]
+    fn a_doctor_probe_may_neither_subscribe_nor_publish_nor_leave_a_will() {
+        let mut map = agent("pc-1");
+        map.scope = match map.scope {
+            Scope::Tenant { identity, .. } => Scope::Tenant {
+                identity,
+                assigned: false,
+                probe: true,
+            },
+            other => other,
+        };
+        assert!(map.is_probe());
+        let subscribe = Packet::Subscribe(Subscribe {
+            packet_id: 1,
+            subscriptions: vec![sub("agents/pc-1/wake")],
+            properties: Properties::default(),
+        });
+        let Inbound::Reply(Packet::SubAck(ack)) = map.inbound(subscribe) else {
+            panic!("the subscription must be refused")
+        };
+        assert_eq!(ack.codes, vec![ReasonCode::NOT_AUTHORIZED]);
+        let publish = Packet::Publish(beckon_mqtt::Publish {
+            dup: false,
+            qos: QoS::AtLeastOnce,
+            retain: false,
+            topic: "agents/pc-1/ack".into(),
+            packet_id: Some(2),
+            payload: bytes::Bytes::new(),
+            properties: Properties::default(),
+        });
+        assert!(matches!(
+            map.inbound(publish),
+            Inbound::Reply(Packet::PubAck(a)) if a.code == ReasonCode::NOT_AUTHORIZED
+        ));
+        let mut connect = Connect::new(beckon_mqtt::ProtocolVersion::V5, "pc-1/doctor", 30);
+        connect.will = Some(beckon_mqtt::Will {
+            topic: "agents/pc-1/ack".into(),
+            payload: bytes::Bytes::new(),
+            qos: QoS::AtMostOnce,
+            retain: false,
+            properties: Properties::default(),
+        });
+        assert!(map.map_will(&mut connect).is_err());
+    }
+
+    #[test]
     fn a_refused_qos1_publish_is_answered_0x87_and_qos0_is_dropped() {
         let mut map = agent("pc-1");
         let publish = |qos, packet_id| {
