@@ -207,17 +207,22 @@ fn yes() -> bool {
     true
 }
 
-/// The address may carry a password: shown parsed, with the user name at most.
+impl ProxyPolicy {
+    /// The same policy with the password taken out of the address (for the enrollment
+    /// record, which is not a secret).
+    fn without_password(&self) -> Self {
+        Self {
+            url: beckon_net::ProxyUrl::redact(self.url.trim()),
+            direct_fallback: self.direct_fallback,
+        }
+    }
+}
+
+/// The address may carry a password: shown without it.
 impl std::fmt::Debug for ProxyPolicy {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let url = match self.url.trim() {
-            "" => String::new(),
-            url => url
-                .parse::<beckon_net::ProxyUrl>()
-                .map_or_else(|_| "<unusable address>".into(), |p| p.to_string()),
-        };
         f.debug_struct("ProxyPolicy")
-            .field("url", &url)
+            .field("url", &self.without_password().url)
             .field("direct_fallback", &self.direct_fallback)
             .finish()
     }
@@ -248,7 +253,7 @@ struct EnrollmentRecord<'a> {
     tenant: &'a str,
     console_url: String,
     broker_endpoints: &'a [String],
-    proxy: &'a ProxyPolicy,
+    proxy: ProxyPolicy,
     wakeup_key: &'a WakeUpKey,
     enrolled_at: String,
 }
@@ -446,7 +451,7 @@ fn write_files(
         tenant: &answer.tenant,
         console_url: console_base(console),
         broker_endpoints: &answer.broker_endpoints,
-        proxy: &answer.proxy,
+        proxy: answer.proxy.without_password(),
         wakeup_key: &answer.wakeup_key,
         enrolled_at: crate::timefmt::format_rfc3339(crate::timefmt::unix_now()),
     };
@@ -636,6 +641,26 @@ mod tests {
         assert!(a.proxy.direct_fallback, "a policy without the field");
         let a = answer(r#", "proxy": {"url": "", "direct_fallback": false}"#);
         assert!(!a.proxy.direct_fallback, "forbidden on purpose");
+    }
+
+    #[test]
+    fn the_enrollment_record_shows_the_proxy_user_but_not_the_password() {
+        let answer: EnrollAnswer = serde_json::from_str(
+            r#"{"agent_id": "pc-1", "tenant": "acme", "certificate": "", "ca": "",
+                "proxy": {"url": "http://agents:s3cret@proxy.example:3128"},
+                "wakeup_key": {"kid": "k", "public_key": "p"}, "checkin_token": "bka_x"}"#,
+        )
+        .expect("answer");
+        assert!(!format!("{answer:?}").contains("s3cret"));
+        let dir = tempfile::tempdir().expect("tempdir");
+        let console = Url::parse("https://console.example.com").expect("url");
+        let opts = EnrollOptions::new(console.to_string(), "bke_x", "/s", "/c");
+        write_files(&opts, dir.path(), &answer, "KEY", &console).expect("files");
+        let record = std::fs::read_to_string(dir.path().join("enrollment.json")).expect("record");
+        assert!(
+            record.contains("http://agents@proxy.example:3128") && !record.contains("s3cret"),
+            "{record}"
+        );
     }
 
     #[test]

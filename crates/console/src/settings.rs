@@ -98,12 +98,8 @@ pub struct ProxySettings {
 impl ProxySettings {
     /// The same policy with the password taken out of the address (for the audit log).
     pub fn without_password(&self) -> Self {
-        let url = match self.url.parse::<beckon_net::ProxyUrl>() {
-            Ok(p) if p.user().is_some() => p.to_string(),
-            _ => self.url.clone(),
-        };
         Self {
-            url,
+            url: beckon_net::ProxyUrl::redact(&self.url),
             direct_fallback: self.direct_fallback,
         }
     }

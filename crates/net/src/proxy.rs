@@ -125,6 +125,17 @@ impl ProxyUrl {
         self
     }
 
+    /// `address` as it may be shown or recorded: parsed and written without its password; an
+    /// address that does not parse is withheld when it could carry credentials (an `@`).
+    pub fn redact(address: &str) -> String {
+        match address.parse::<ProxyUrl>() {
+            Ok(p) if p.user().is_some() => p.to_string(),
+            Ok(_) => address.to_owned(),
+            Err(_) if address.contains('@') => "<unusable proxy address with credentials>".into(),
+            Err(_) => address.to_owned(),
+        }
+    }
+
     /// The user name the agent authenticates as, if the address carries credentials.
     pub fn user(&self) -> Option<&str> {
         self.credentials.as_ref().map(|c| c.user.as_str())
@@ -678,6 +689,12 @@ mod tests {
         // The stored form (without the password) names the same proxy and user.
         assert_eq!(p.to_string().parse::<ProxyUrl>(), Ok(p.clone()));
         assert_ne!(p, ProxyUrl::new("proxy.example", 3128));
+        assert_eq!(
+            ProxyUrl::redact("http://alice:pw@proxy:3128"),
+            "http://alice@proxy:3128"
+        );
+        assert_eq!(ProxyUrl::redact("http://proxy:3128"), "http://proxy:3128");
+        assert!(!ProxyUrl::redact("http://alice:pw%z@proxy:3128").contains("pw"));
     }
 
     /// Runs `http_connect` against a scripted proxy that answers `answer` and returns what the
