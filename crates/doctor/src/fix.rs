@@ -336,6 +336,11 @@ pub(crate) fn connack(
                 ctx.client_id
             )
         }
+        // A broker from before doctor probes refuses `<id>/doctor`.
+        0x85 if ctx.client_id.ends_with("/doctor") => format!(
+            "The broker refused the probe client id {} with reason {described}: it predates doctor probes, so upgrade it, or run the doctor with --client-id set to the agent's id (that takes the running agent's connection over for the moment of the check).",
+            ctx.client_id
+        ),
         0x85 => format!(
             "The broker refused the credentials with reason {described}: connect with the identity's own client id (an agent's id) instead of {}.",
             ctx.client_id
@@ -466,6 +471,19 @@ mod tests {
             // Each fix is one full sentence.
             assert!(fix.ends_with('.'), "{fix}");
         }
+    }
+
+    #[test]
+    fn a_broker_refusing_the_probe_id_is_named_as_too_old() {
+        let probe = ConnectContext {
+            client_id: "laptop-42/doctor",
+            ..ctx()
+        };
+        let fix = connack(ReasonCode(0x85), None, &probe);
+        assert!(
+            fix.contains("predates doctor probes") && fix.contains("--client-id"),
+            "{fix}"
+        );
     }
 
     #[test]
