@@ -106,9 +106,15 @@ pub struct BrokerConfig {
     /// The token itself, inline.
     #[serde(default)]
     pub token: Option<String>,
-    /// HTTP proxy (`http://host:port`, no authentication) for the connection ladder.
-    #[serde(default)]
-    pub proxy: Option<String>,
+    /// HTTP proxy for the connection ladder, from the `proxy` key: `http://host:port`, or with
+    /// Basic authentication `http://user:password@host:port` (keep the file 0600 then). Debug
+    /// output and logs show the user name at most.
+    #[serde(skip)]
+    pub proxy: Option<beckon_net::ProxyUrl>,
+    /// The `proxy` key as written, moved into `proxy` by [`AgentConfig::parse`] (it may hold a
+    /// password, so it is not kept; a TOML error would quote the whole line).
+    #[serde(rename = "proxy", default)]
+    proxy_text: Option<String>,
     /// Development only: plain MQTT over TCP on this port, no TLS. Never on a real network.
     #[serde(default)]
     pub plain_port: Option<u16>,
@@ -329,10 +335,20 @@ impl AgentConfig {
 
     /// Parses and validates config text; `path` is only used in error messages.
     pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
-        let config: Self = toml::from_str(text).map_err(|e| ConfigError::Parse {
+        let mut config: Self = toml::from_str(text).map_err(|e| ConfigError::Parse {
             path: path.to_owned(),
             message: e.to_string(),
         })?;
+        if let Some(text) = config.broker.proxy_text.take() {
+            let proxy =
+                text.parse()
+                    .map_err(|e: beckon_net::ProxyUrlError| ConfigError::Invalid {
+                        path: path.to_owned(),
+                        key: "broker.proxy",
+                        reason: e.to_string(),
+                    })?;
+            config.broker.proxy = Some(proxy);
+        }
         config.validate(path)?;
         Ok(config)
     }
@@ -363,11 +379,6 @@ impl AgentConfig {
                 "broker.token",
                 "set either token or token_file, not both".into(),
             ));
-        }
-        if let Some(proxy) = &self.broker.proxy
-            && let Err(e) = proxy.parse::<beckon_net::ProxyUrl>()
-        {
-            return Err(invalid("broker.proxy", e.to_string()));
         }
         for (key, d) in [
             ("broker.keepalive_direct", self.broker.keepalive_direct),
@@ -577,6 +588,30 @@ console-2026 = "6kpsY-KcUgq-9VB7Ey7F-ZVHdq6-vnuSQh7qaRRG0iw"
         );
         let err = AgentConfig::parse(&bad_duration, Path::new("x.toml")).expect_err("bad duration");
         assert!(err.to_string().contains("soon"), "{err}");
+    }
+
+    #[test]
+    fn proxy_credentials_are_read_and_never_shown() {
+        let with = |proxy: &str| {
+            MINIMAL.replace(
+                "host = \"push.example.com\"",
+                &format!("host = \"push.example.com\"\nproxy = \"{proxy}\""),
+            )
+        };
+        let c = AgentConfig::parse(&with("http://alice:s3cret@proxy:3128"), Path::new("x"))
+            .expect("valid");
+        let proxy = c.broker.proxy.as_ref().expect("proxy");
+        assert_eq!((proxy.host(), proxy.user()), ("proxy", Some("alice")));
+        let debug = format!("{c:?}");
+        assert!(
+            debug.contains("alice") && !debug.contains("s3cret"),
+            "{debug}"
+        );
+        let err = AgentConfig::parse(&with("http://alice:s3cret%zz@proxy:3128"), Path::new("x"))
+            .expect_err("bad escape");
+        let text = err.to_string();
+        assert!(text.contains("key `broker.proxy`"), "{text}");
+        assert!(!text.contains("s3cret"), "{text}");
     }
 
     #[test]

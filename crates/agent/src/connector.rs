@@ -8,8 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use beckon_net::{
-    ClientIdentity, ConnectionLadder, LadderConfig, Path, ProxyUrl, TlsClient, TlsSettings,
-    TrustAnchors,
+    ClientIdentity, ConnectionLadder, LadderConfig, Path, TlsClient, TlsSettings, TrustAnchors,
 };
 
 use tokio::net::TcpStream;
@@ -118,15 +117,12 @@ fn file_stamp(path: &std::path::Path) -> Option<(std::time::SystemTime, u64)> {
     Some((meta.modified().ok()?, meta.len()))
 }
 
-/// Why the ladder could not be set up (bad CA, certificate, key or proxy).
+/// Why the ladder could not be set up (bad CA, certificate or key).
 #[derive(Debug, thiserror::Error)]
 pub enum LadderSetupError {
     /// The TLS client could not load its CA or identity.
     #[error("TLS setup for the push service: {0}")]
     Tls(#[from] beckon_net::TlsConfigError),
-    /// The proxy address is not usable.
-    #[error("broker.proxy: {0}")]
-    Proxy(#[from] beckon_net::ProxyUrlError),
 }
 
 impl LadderConnector {
@@ -154,10 +150,7 @@ impl LadderConnector {
         ladder_config.server_name = broker.server_name.clone();
         ladder_config.primary_port = broker.port;
         ladder_config.fallback_port = broker.fallback_port;
-        ladder_config.proxy = match &broker.proxy {
-            Some(proxy) => Some(proxy.parse::<ProxyUrl>()?),
-            None => None,
-        };
+        ladder_config.proxy = broker.proxy.clone();
         let hosts = std::iter::once(broker.host.clone())
             .chain(broker.more_hosts.iter().cloned())
             .collect();

@@ -193,9 +193,9 @@ struct EnrollAnswer {
 }
 
 /// The proxy policy the console hands out (going direct allowed unless it says otherwise).
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Clone, Serialize, Deserialize)]
 pub struct ProxyPolicy {
-    /// `http://host:port`; empty: none.
+    /// `http://host:port`, or `http://user:password@host:port`; empty: none.
     #[serde(default)]
     pub url: String,
     /// Go direct when the proxy fails.
@@ -205,6 +205,27 @@ pub struct ProxyPolicy {
 
 fn yes() -> bool {
     true
+}
+
+impl ProxyPolicy {
+    /// The same policy with the password taken out of the address (for the enrollment
+    /// record, which is not a secret).
+    fn without_password(&self) -> Self {
+        Self {
+            url: beckon_net::ProxyUrl::redact(self.url.trim()),
+            direct_fallback: self.direct_fallback,
+        }
+    }
+}
+
+/// The address may carry a password: shown without it.
+impl std::fmt::Debug for ProxyPolicy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ProxyPolicy")
+            .field("url", &self.without_password().url)
+            .field("direct_fallback", &self.direct_fallback)
+            .finish()
+    }
 }
 
 impl Default for ProxyPolicy {
@@ -232,7 +253,7 @@ struct EnrollmentRecord<'a> {
     tenant: &'a str,
     console_url: String,
     broker_endpoints: &'a [String],
-    proxy: &'a ProxyPolicy,
+    proxy: ProxyPolicy,
     wakeup_key: &'a WakeUpKey,
     enrolled_at: String,
 }
@@ -328,10 +349,21 @@ pub async fn enroll(opts: &EnrollOptions) -> Result<Enrolled, EnrollError> {
     if let Some(parent) = config_out.parent() {
         create_dir(parent, 0o755, "the configuration folder")?;
     }
+    // A proxy password in the file makes it a secret.
+    let mode = if config
+        .broker
+        .proxy
+        .as_ref()
+        .is_some_and(|p| p.user().is_some())
+    {
+        0o600
+    } else {
+        0o644
+    };
     write(
         &config_out,
         text.as_bytes(),
-        0o644,
+        mode,
         "the agent configuration",
     )?;
     Ok(Enrolled {
@@ -419,7 +451,7 @@ fn write_files(
         tenant: &answer.tenant,
         console_url: console_base(console),
         broker_endpoints: &answer.broker_endpoints,
-        proxy: &answer.proxy,
+        proxy: answer.proxy.without_password(),
         wakeup_key: &answer.wakeup_key,
         enrolled_at: crate::timefmt::format_rfc3339(crate::timefmt::unix_now()),
     };
@@ -612,6 +644,26 @@ mod tests {
     }
 
     #[test]
+    fn the_enrollment_record_shows_the_proxy_user_but_not_the_password() {
+        let answer: EnrollAnswer = serde_json::from_str(
+            r#"{"agent_id": "pc-1", "tenant": "acme", "certificate": "", "ca": "",
+                "proxy": {"url": "http://agents:s3cret@proxy.example:3128"},
+                "wakeup_key": {"kid": "k", "public_key": "p"}, "checkin_token": "bka_x"}"#,
+        )
+        .expect("answer");
+        assert!(!format!("{answer:?}").contains("s3cret"));
+        let dir = tempfile::tempdir().expect("tempdir");
+        let console = Url::parse("https://console.example.com").expect("url");
+        let opts = EnrollOptions::new(console.to_string(), "bke_x", "/s", "/c");
+        write_files(&opts, dir.path(), &answer, "KEY", &console).expect("files");
+        let record = std::fs::read_to_string(dir.path().join("enrollment.json")).expect("record");
+        assert!(
+            record.contains("http://agents@proxy.example:3128") && !record.contains("s3cret"),
+            "{record}"
+        );
+    }
+
+    #[test]
     fn the_written_config_quotes_paths_and_carries_the_proxy() {
         let answer = EnrollAnswer {
             agent_id: "pc-1".into(),
@@ -639,8 +691,8 @@ mod tests {
         assert_eq!(config.state_dir, state);
         assert_eq!(config.broker.client_key, Some(state.join("agent.key")));
         assert_eq!(
-            config.broker.proxy.as_deref(),
-            Some("http://proxy.example:3128")
+            config.broker.proxy,
+            Some(beckon_net::ProxyUrl::new("proxy.example", 3128))
         );
         assert_eq!(
             (

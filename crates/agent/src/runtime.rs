@@ -155,8 +155,16 @@ pub async fn run_agent<C: Connector>(
             ))
         });
 
-    let start_delay = backoff.startup_delay();
-    tracing::info!(agent_id = %config.agent_id, delay_ms = start_delay.as_millis() as u64, "agent starting");
+    // The random start delay spreads the reconnects of many agents restarted at once (a
+    // reboot, an update). An agent that never connected, just enrolled with its operator
+    // waiting to see it online, connects at once.
+    let never_connected = state.snapshot().last_working_path.is_none();
+    let start_delay = if never_connected {
+        Duration::ZERO
+    } else {
+        backoff.startup_delay()
+    };
+    tracing::info!(agent_id = %config.agent_id, delay_ms = start_delay.as_millis() as u64, never_connected, "agent starting");
     let agent = Agent {
         config: Arc::clone(&config),
         check,

@@ -56,7 +56,7 @@ fn start_agent(
     config.broker.fallback_port = free_port();
     config.broker.server_name = Some("localhost".into());
     config.broker.ca_file = ca;
-    config.broker.proxy = proxy;
+    config.broker.proxy = proxy.map(|p| p.parse().expect("proxy address"));
     let connector = LadderConnector::new(&config).expect("ladder");
     RunningAgent::start(config, connector)
 }

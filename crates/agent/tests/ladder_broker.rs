@@ -19,7 +19,7 @@ use beckon_agent::{Connector, LadderConnector};
 use beckon_broker::{BrokerConfig, Listen};
 use beckon_identity::Role;
 use beckon_mqtt::{Connect, Packet, ProtocolVersion};
-use beckon_testkit::{RunningBroker, TestTenant};
+use beckon_testkit::{RunningBroker, Squid, TestTenant};
 use bytes::Bytes;
 use common::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -88,7 +88,7 @@ impl TenantBroker {
         config.broker.ca_file = Some(self.broker.generated_ca());
         config.broker.client_cert = Some(self.agent_cert.clone());
         config.broker.client_key = Some(self.agent_key.clone());
-        config.broker.proxy = proxy;
+        config.broker.proxy = proxy.map(|p| p.parse().expect("proxy address"));
         config
     }
 
@@ -332,5 +332,80 @@ async fn a_proxy_asking_for_credentials_means_direct_8883() {
         LadderAgent::woken_via(&broker, broker.mqtts().port(), Some(url), "8883", reason).await;
     agent.stop().await;
     proxy_task.abort();
+    broker.stop().await;
+}
+
+/// Debian's squid demanding Basic authentication, allowing CONNECT to 8883: the agent with the
+/// right credentials in its proxy address goes through it (its path names the user, never the
+/// password).
+#[tokio::test]
+async fn squid_with_the_agents_credentials_carries_8883() {
+    let mut broker = TenantBroker::start().await;
+    let squid = Squid::start("agents", "s3cret:pw", &[broker.mqtts().port()]);
+    let url = format!("http://agents:s3cret%3Apw@127.0.0.1:{}", squid.port);
+    let path = format!("8883 via http://agents@127.0.0.1:{}", squid.port);
+    let agent = LadderAgent::woken_via(
+        &broker,
+        broker.mqtts().port(),
+        Some(url),
+        &path,
+        "through squid",
+    )
+    .await;
+    let status = beckon_agent::status::status_text(agent.dir()).expect("status");
+    assert!(!status.contains("s3cret"), "{status}");
+    agent.stop().await;
+    broker.stop().await;
+}
+
+/// `beckon doctor --agent-config` beside the running agent probes as `a1/doctor`: the agent
+/// keeps its connection (no takeover, no reconnect) and a wake-up sent while the doctor runs
+/// reaches the agent, whose command runs exactly once.
+#[tokio::test]
+async fn the_doctor_beside_a_running_agent_leaves_it_alone() {
+    let mut broker = TenantBroker::start().await;
+    let primary = broker.mqtts().port();
+    let agent = LadderAgent::woken_via(&broker, primary, None, "8883", "before the doctor").await;
+    let before = AgentState::read(agent.dir())
+        .expect("state")
+        .expect("state");
+
+    let agent_config = broker.agent_config(agent.dir(), primary, None);
+    let mut config =
+        beckon_doctor::DoctorConfig::from_agent_config(&agent_config).expect("doctor config");
+    config.step_timeout = Duration::from_secs(3);
+    let doctor = tokio::spawn(async move { beckon_doctor::diagnose(&config).await });
+    let mut server = broker.server_client().await;
+    let acks = wake_until_acked(&mut server, "while the doctor runs", 7).await;
+    assert_eq!(acks.last().expect("acks")["status"], "ok");
+    let report = tokio::time::timeout(Duration::from_secs(60), doctor)
+        .await
+        .expect("the doctor finishes in time")
+        .expect("the doctor ran");
+    assert!(report.ok, "{}", report.to_human());
+    assert_eq!(report.client_id, "a1/doctor");
+    assert_eq!(report.path_in_use.as_deref(), Some("8883"));
+
+    // A late redelivery would show up as a second run.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let runs = std::fs::read_to_string(agent.dir().join("runs")).expect("runs");
+    let meanwhile = runs
+        .lines()
+        .filter(|l| *l == "while the doctor runs")
+        .count();
+    assert_eq!(meanwhile, 1, "{runs}");
+    let after = AgentState::read(agent.dir())
+        .expect("state")
+        .expect("state");
+    assert!(after.connected, "{after:?}");
+    assert_eq!(after.since, before.since, "the agent did not reconnect");
+    assert!(
+        after.last_disconnect.is_none(),
+        "the agent was not disconnected: {:?}",
+        after.last_disconnect
+    );
+    let presence = presence_of_a1(&broker).await;
+    assert_eq!(presence["state"], "connected", "{presence}");
+    agent.stop().await;
     broker.stop().await;
 }

@@ -14,7 +14,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use arc_swap::ArcSwap;
 use beckon_identity::{
     Access, AclDenied, Authenticator, Credential, Credentials, Identity, TenantDirectory, acl,
-    check_quota,
+    check_quota, probe_client_id,
 };
 
 use crate::core::ConnId;
@@ -228,12 +228,13 @@ impl Tenancy {
     }
 
     /// Authenticates a CONNECT and takes a slot in its tenant's quota. On success the
-    /// CONNECT's client id becomes the session key `tenant/role/id`.
+    /// CONNECT's client id becomes the session key `tenant/role/id` (`tenant/role/id/doctor`
+    /// for a probe, which also gets a clean start and no session to keep).
     pub(crate) fn admit(
         self: &Arc<Self>,
         connect: &mut Connect,
         leaf: Option<&[u8]>,
-    ) -> Result<(Identity, bool, TenantSlot), Refused> {
+    ) -> Result<(Scope, TenantSlot), Refused> {
         let directory = self.directory();
         let credentials = Credentials {
             client_certificate: leaf,
@@ -284,15 +285,23 @@ impl Tenancy {
             Err(_) => 0,
         };
         connect.client_id = auth.identity.session_key();
-        Ok((
-            auth.identity,
-            auth.client_id_assigned,
-            TenantSlot {
-                tenancy: self.clone(),
-                tenant: tenant_key,
-                slot,
-            },
-        ))
+        if auth.probe {
+            // Beside the identity's own session, never in it, and nothing kept afterwards.
+            connect.client_id = probe_client_id(&connect.client_id);
+            connect.clean_start = true;
+            connect.properties.session_expiry_interval = None;
+        }
+        let scope = Scope::Tenant {
+            identity: Box::new(auth.identity),
+            assigned: auth.client_id_assigned,
+            probe: auth.probe,
+        };
+        let slot = TenantSlot {
+            tenancy: self.clone(),
+            tenant: tenant_key,
+            slot,
+        };
+        Ok((scope, slot))
     }
 
     /// How often to poll the folder.
@@ -359,6 +368,8 @@ pub(crate) enum Scope {
         identity: Box<Identity>,
         /// Whether the client sent an empty client id (v5 clients are told the id).
         assigned: bool,
+        /// A doctor probe (client id `<id>/doctor`): connect and ping only.
+        probe: bool,
     },
 }
 
@@ -407,9 +418,24 @@ impl TopicMap {
         }
     }
 
+    /// True for a doctor probe, which the core must not announce (no presence event).
+    pub(crate) fn is_probe(&self) -> bool {
+        matches!(self.scope, Scope::Tenant { probe: true, .. })
+    }
+
     fn to_internal(&self, access: Access, topic: &str) -> Result<Option<String>, AclDenied> {
         match &self.scope {
             Scope::Plain => Ok(None),
+            Scope::Tenant {
+                identity,
+                probe: true,
+                ..
+            } => Err(AclDenied::NotPermitted {
+                identity: (**identity).clone(),
+                access,
+                topic: topic.chars().take(200).collect(),
+                rule: "a doctor probe (client id <id>/doctor) may only connect and ping",
+            }),
             Scope::Anonymous => acl::anonymous_to_internal(access, topic).map(Some),
             Scope::Tenant { identity, .. } => acl::to_internal(identity, access, topic).map(Some),
         }
@@ -555,7 +581,12 @@ impl TopicMap {
                 self.splice(AckKind::Unsub, ack.packet_id, &mut ack.codes);
                 true
             }
-            (Scope::Tenant { identity, assigned }, Packet::ConnAck(ack)) => {
+            (
+                Scope::Tenant {
+                    identity, assigned, ..
+                },
+                Packet::ConnAck(ack),
+            ) => {
                 if *assigned && !ack.code.is_error() {
                     ack.properties.assigned_client_identifier = Some(identity.id().to_owned());
                 }
@@ -599,6 +630,7 @@ mod tests {
                     .expect("identity"),
             ),
             assigned: false,
+            probe: false,
         })
     }
 
@@ -744,6 +776,51 @@ mod tests {
                 ReasonCode::NOT_AUTHORIZED
             ]
         );
+    }
+
+    #[test]
+    fn a_doctor_probe_may_neither_subscribe_nor_publish_nor_leave_a_will() {
+        let mut map = agent("pc-1");
+        map.scope = match map.scope {
+            Scope::Tenant { identity, .. } => Scope::Tenant {
+                identity,
+                assigned: false,
+                probe: true,
+            },
+            other => other,
+        };
+        assert!(map.is_probe());
+        let subscribe = Packet::Subscribe(Subscribe {
+            packet_id: 1,
+            subscriptions: vec![sub("agents/pc-1/wake")],
+            properties: Properties::default(),
+        });
+        let Inbound::Reply(Packet::SubAck(ack)) = map.inbound(subscribe) else {
+            panic!("the subscription must be refused")
+        };
+        assert_eq!(ack.codes, vec![ReasonCode::NOT_AUTHORIZED]);
+        let publish = Packet::Publish(beckon_mqtt::Publish {
+            dup: false,
+            qos: QoS::AtLeastOnce,
+            retain: false,
+            topic: "agents/pc-1/ack".into(),
+            packet_id: Some(2),
+            payload: bytes::Bytes::new(),
+            properties: Properties::default(),
+        });
+        assert!(matches!(
+            map.inbound(publish),
+            Inbound::Reply(Packet::PubAck(a)) if a.code == ReasonCode::NOT_AUTHORIZED
+        ));
+        let mut connect = Connect::new(beckon_mqtt::ProtocolVersion::V5, "pc-1/doctor", 30);
+        connect.will = Some(beckon_mqtt::Will {
+            topic: "agents/pc-1/ack".into(),
+            payload: bytes::Bytes::new(),
+            qos: QoS::AtMostOnce,
+            retain: false,
+            properties: Properties::default(),
+        });
+        assert!(map.map_will(&mut connect).is_err());
     }
 
     #[test]

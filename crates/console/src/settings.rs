@@ -84,14 +84,36 @@ pub struct BrokerSettings {
 }
 
 /// HTTP proxy policy for agents.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ProxySettings {
-    /// `http://host:port` of the proxy agents try first; empty: none.
+    /// `http://host:port` of the proxy agents try first, or `http://user:password@host:port`
+    /// for a proxy that demands Basic authentication; empty: none.
     pub url: String,
     /// When the proxy fails, agents connect directly (the seed's behaviour). Default true,
     /// also for a missing field or group (`default` above takes [`ProxySettings::default`]).
     pub direct_fallback: bool,
+}
+
+impl ProxySettings {
+    /// The same policy with the password taken out of the address (for the audit log).
+    pub fn without_password(&self) -> Self {
+        Self {
+            url: beckon_net::ProxyUrl::redact(&self.url),
+            direct_fallback: self.direct_fallback,
+        }
+    }
+}
+
+/// The address may carry a password: shown without it.
+impl std::fmt::Debug for ProxySettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let shown = self.without_password();
+        f.debug_struct("ProxySettings")
+            .field("url", &shown.url)
+            .field("direct_fallback", &self.direct_fallback)
+            .finish()
+    }
 }
 
 impl Default for ProxySettings {
@@ -148,14 +170,16 @@ impl Settings {
                 .map_err(|r| invalid(&format!("broker.endpoints[{i}]"), r.to_string()))?;
         }
         if !self.proxy.url.is_empty() {
-            let rest = self.proxy.url.strip_prefix("http://").ok_or_else(|| {
-                invalid(
+            if !self.proxy.url.starts_with("http://") {
+                return Err(invalid(
                     "proxy.url",
                     "must start with http:// (agents speak HTTP CONNECT to the proxy)",
-                )
-            })?;
-            parse_host_port(rest.trim_end_matches('/'))
-                .map_err(|r| invalid("proxy.url", r.to_string()))?;
+                ));
+            }
+            self.proxy
+                .url
+                .parse::<beckon_net::ProxyUrl>()
+                .map_err(|e| invalid("proxy.url", e.to_string()))?;
         }
         Ok(())
     }
@@ -250,6 +274,19 @@ mod tests {
         let mut s = Settings::default();
         s.proxy.url = "socks5://p:1080".into();
         assert_eq!(s.validate().unwrap_err().field, "proxy.url");
+        s.proxy.url = "http://proxy.example:3128".into();
+        assert!(s.validate().is_ok());
+        s.proxy.url = "http://agents:p%40ss@proxy.example:3128".into();
+        assert!(s.validate().is_ok());
+        assert_eq!(
+            s.proxy.without_password().url,
+            "http://agents@proxy.example:3128"
+        );
+        assert!(!format!("{s:?}").contains("p%40ss"));
+        s.proxy.url = "http://agents:p%4@proxy.example:3128".into();
+        let err = s.validate().unwrap_err();
+        assert_eq!(err.field, "proxy.url");
+        assert!(!err.reason.contains("p%4"), "{err}");
         s.proxy.url = "http://proxy.example:3128".into();
         s.broker.endpoints = vec!["[::1]:8883".into(), "10.0.0.1:443".into()];
         s.validate().unwrap();

@@ -361,6 +361,32 @@ async fn the_proxy_policy_allows_going_direct_unless_forbidden() {
     );
 }
 
+/// A proxy with credentials reaches enrolling agents whole, while the audit log names its user
+/// only.
+#[tokio::test]
+async fn proxy_credentials_reach_agents_but_not_the_audit_log() {
+    let api = start().await;
+    let (_, mut body) = api.call("GET", "/api/v1/settings", None).await;
+    let url = "http://agents:s3cret%40x@proxy.example:3128";
+    body["proxy"] = json!({"url": url, "direct_fallback": true});
+    let (s, saved) = api.call("PUT", "/api/v1/settings", Some(body)).await;
+    assert_eq!(s, StatusCode::OK, "{saved}");
+    let answer = api.enroll("pc-1", inventory()).await;
+    assert_eq!(answer["proxy"]["url"], url, "{answer}");
+    let (_, audit) = api.call("GET", "/api/v1/audit", None).await;
+    let entry = audit
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["what"] == "settings.proxy")
+        .expect("the change is audited");
+    assert_eq!(
+        entry["detail"]["new"]["url"], "http://agents@proxy.example:3128",
+        "{entry}"
+    );
+    assert!(!audit.to_string().contains("s3cret"), "{audit}");
+}
+
 #[tokio::test]
 async fn bad_input_gets_a_clear_4xx_and_changes_nothing() {
     let api = start().await;

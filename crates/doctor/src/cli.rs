@@ -25,7 +25,7 @@ pub struct DoctorArgs {
     /// WebSocket), comma separated; a single port checks only the primary path.
     #[arg(long, value_name = "LIST", value_delimiter = ',', num_args = 1..=2)]
     pub ports: Option<Vec<u16>>,
-    /// The HTTP proxy agents use first (`http://host:port`, no authentication).
+    /// The HTTP proxy agents use first (`http://host:port`, or `http://user:password@host:port`).
     #[arg(long, value_name = "URL")]
     pub proxy: Option<String>,
     /// PEM file with the CA that signs the broker's certificate (default: the system's store).
@@ -108,9 +108,8 @@ impl DoctorArgs {
         }
         if let Some(proxy) = &self.proxy {
             config.proxy = Some(
-                proxy
-                    .parse::<ProxyUrl>()
-                    .with_context(|| format!("--proxy {proxy}"))?,
+                // The error quotes the address without its password.
+                proxy.parse::<ProxyUrl>().context("--proxy")?,
             );
         }
         if let Some(ca) = &self.ca {

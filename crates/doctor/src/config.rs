@@ -38,9 +38,14 @@ pub struct DoctorConfig {
     pub password: Option<String>,
     /// The MQTT client id. When set, the doctor connects as that client and resumes its
     /// session rather than cleaning it (a running client with this id is taken over for the
-    /// moment of the check). When `None`, a throw-away id `beckon-doctor-<random>` is used
-    /// with a clean session.
+    /// moment of the check), unless `probe` is set. When `None`, a throw-away id
+    /// `beckon-doctor-<random>` is used with a clean session.
     pub client_id: Option<String>,
+    /// Probe as the identity's doctor client (`<id>/doctor`, set by
+    /// [`from_agent_config`](Self::from_agent_config)): a clean session of its own, CONNECT
+    /// and PINGREQ only, so that a running agent is neither taken over nor robbed of its
+    /// queued wake-ups.
+    pub probe: bool,
     /// A topic the identity must be allowed to subscribe to: an agent's `agents/{id}/wake`
     /// (set by [`from_agent_config`](Self::from_agent_config) and by `--client-id`). `None`
     /// for other identities (the console's own, say).
@@ -70,6 +75,7 @@ impl DoctorConfig {
             username: None,
             password: None,
             client_id: None,
+            probe: false,
             wake_topic: None,
             session_expiry: DEFAULT_RESUMED_SESSION_EXPIRY,
             echo_topic: None,
@@ -91,8 +97,7 @@ impl DoctorConfig {
         config.server_name = b.server_name.clone();
         config.primary_port = b.port;
         config.fallback_port = Some(b.fallback_port);
-        // The agent validated the proxy URL when it loaded the file.
-        config.proxy = b.proxy.as_deref().and_then(|p| p.parse::<ProxyUrl>().ok());
+        config.proxy = b.proxy.clone();
         if let Some(ca) = &b.ca_file {
             config.tls.trust = TrustAnchors::CaFile(ca.clone());
             config.ca_label = Some(format!("the CA file {} (broker.ca_file)", ca.display()));
@@ -106,8 +111,8 @@ impl DoctorConfig {
         config.password = agent.token()?;
         // The agent sends its id as the user name with a token.
         config.username = config.password.as_ref().map(|_| agent.agent_id.clone());
-        config.client_id = Some(agent.agent_id.clone());
-        config.wake_topic = Some(agent.wake_topic());
+        config.client_id = Some(beckon_identity::probe_client_id(&agent.agent_id));
+        config.probe = true;
         config.session_expiry = b.session_expiry;
         Ok(config)
     }
@@ -146,6 +151,7 @@ impl std::fmt::Debug for DoctorConfig {
             .field("username", &self.username)
             .field("password", &self.password.as_ref().map(|_| "<redacted>"))
             .field("client_id", &self.client_id)
+            .field("probe", &self.probe)
             .field("wake_topic", &self.wake_topic)
             .field("echo_topic", &self.echo_topic)
             .field("step_timeout", &self.step_timeout)
@@ -178,13 +184,14 @@ mod tests {
         assert_eq!(config.primary_port, 9883);
         assert_eq!(config.fallback_port, Some(443));
         assert_eq!(config.session_expiry, Duration::from_secs(7200));
-        assert_eq!(config.client_id.as_deref(), Some("laptop-42"));
+        assert_eq!(config.client_id.as_deref(), Some("laptop-42/doctor"));
+        assert!(config.probe);
         assert_eq!(config.username.as_deref(), Some("laptop-42"));
         assert_eq!(config.password.as_deref(), Some("abc.def"));
         assert_eq!(config.proxy, Some(ProxyUrl::new("proxy.example", 3128)));
         assert_eq!(config.tls.trust, TrustAnchors::CaFile("ca.pem".into()));
         assert!(config.trust_label().contains("broker.ca_file"));
-        assert_eq!(config.wake_topic.as_deref(), Some("agents/laptop-42/wake"));
+        assert_eq!(config.wake_topic, None, "a probe does not subscribe");
         let debug = format!("{config:?}");
         assert!(
             !debug.contains("abc.def") && debug.contains("<redacted>"),

@@ -65,9 +65,18 @@ pub async fn diagnose(config: &DoctorConfig) -> Report {
 
 fn identity(config: &DoctorConfig) -> MqttIdentity {
     match &config.client_id {
+        Some(id) if config.probe => MqttIdentity {
+            client_id: id.clone(),
+            named: false,
+            probe: true,
+            username: config.username.clone(),
+            password: config.password.clone(),
+            session_expiry: Duration::ZERO,
+        },
         Some(id) => MqttIdentity {
             client_id: id.clone(),
             named: true,
+            probe: false,
             username: config.username.clone(),
             password: config.password.clone(),
             session_expiry: config.session_expiry,
@@ -75,6 +84,7 @@ fn identity(config: &DoctorConfig) -> MqttIdentity {
         None => MqttIdentity {
             client_id: format!("beckon-doctor-{:08x}", rand::rng().random::<u32>()),
             named: false,
+            probe: false,
             username: config.username.clone(),
             password: config.password.clone(),
             session_expiry: Duration::ZERO,
@@ -362,7 +372,7 @@ impl PathChecker<'_> {
                     return None;
                 }
                 let started = Instant::now();
-                match http_connect(tcp, &p.to_string(), &config.broker_host, port, timeout).await {
+                match http_connect(tcp, p, &config.broker_host, port, timeout).await {
                     Ok(tunnel) => {
                         steps.pass(
                             StepName::ProxyConnect,
@@ -608,6 +618,14 @@ impl PathChecker<'_> {
                 let fix = fix::mqtt_error(&e, host, port, tls_context);
                 return Err((failed(&done, format!("PINGREQ: {e}")), fix));
             }
+        }
+
+        if identity.probe {
+            done.push(format!(
+                "connected as {} beside the agent's own session, which it leaves alone (connect and ping only)",
+                identity.client_id
+            ));
+            return Ok(done.join("; "));
         }
 
         if let Some(topic) = &self.config.wake_topic {

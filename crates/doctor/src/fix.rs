@@ -108,7 +108,13 @@ pub(crate) fn tcp_to_proxy(error: &TcpError, proxy: &ProxyUrl) -> String {
 pub(crate) fn proxy(error: &ProxyError, proxy: &ProxyUrl, port: u16) -> String {
     match error {
         ProxyError::AuthenticationRequired { .. } => format!(
-            "The proxy {proxy} requires authentication, which Beckon does not support: allow the agents' addresses through it without authentication (in squid, an `http_access allow` rule for them before the authentication rule), or remove the proxy from the agents' policy so that they go direct."
+            "The proxy {proxy} requires authentication: put its user name and password in the proxy address, http://user:password@host:port (`proxy` under [broker] in the agent's configuration, or the proxy policy on the console's Settings page for agents enrolled after the change)."
+        ),
+        ProxyError::CredentialsRefused { user, .. } => format!(
+            "The proxy refused the credentials: check the proxy user name ({user}) and password in the proxy address http://user:password@host:port (`proxy` under [broker] in the agent's configuration, or the proxy policy on the console's Settings page), percent-encoding @ : and % in them."
+        ),
+        ProxyError::UnsupportedAuthentication { schemes, .. } => format!(
+            "Enable Basic authentication on the proxy {proxy} for the agents (it offers only {schemes}, which Beckon does not speak), or allow the agents through it without authentication (in squid, an `http_access allow` rule for them before the authentication rule)."
         ),
         ProxyError::Forbidden { .. } => format!(
             "Allow CONNECT to port {port} on the proxy {proxy} (squid: `acl SSL_ports port {port}`, which `http_access deny CONNECT !SSL_ports` then lets through; Apache httpd: `AllowCONNECT 443 {port}`; tinyproxy: `ConnectPort {port}`)."
@@ -330,6 +336,11 @@ pub(crate) fn connack(
                 ctx.client_id
             )
         }
+        // A broker from before doctor probes refuses `<id>/doctor`.
+        0x85 if ctx.client_id.ends_with("/doctor") => format!(
+            "The broker refused the probe client id {} with reason {described}: it predates doctor probes, so upgrade it, or run the doctor with --client-id set to the agent's id (that takes the running agent's connection over for the moment of the check).",
+            ctx.client_id
+        ),
         0x85 => format!(
             "The broker refused the credentials with reason {described}: connect with the identity's own client id (an agent's id) instead of {}.",
             ctx.client_id
@@ -463,6 +474,19 @@ mod tests {
     }
 
     #[test]
+    fn a_broker_refusing_the_probe_id_is_named_as_too_old() {
+        let probe = ConnectContext {
+            client_id: "laptop-42/doctor",
+            ..ctx()
+        };
+        let fix = connack(ReasonCode(0x85), None, &probe);
+        assert!(
+            fix.contains("predates doctor probes") && fix.contains("--client-id"),
+            "{fix}"
+        );
+    }
+
+    #[test]
     fn proxy_refusals_name_the_rule_to_change() {
         let proxy = ProxyUrl::new("proxy.example", 3128);
         let bad_gateway = ProxyError::Refused {
@@ -475,6 +499,17 @@ mod tests {
         assert!(
             fix.contains(
                 "Let the proxy http://proxy.example:3128 itself reach the broker on port 8883"
+            ),
+            "{fix}"
+        );
+        let refused = ProxyError::CredentialsRefused {
+            proxy: proxy.to_string(),
+            user: "alice".into(),
+        };
+        let fix = self::proxy(&refused, &proxy, 8883);
+        assert!(
+            fix.starts_with(
+                "The proxy refused the credentials: check the proxy user name (alice) and password"
             ),
             "{fix}"
         );

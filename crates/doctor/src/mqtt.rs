@@ -12,7 +12,12 @@
 //!    named agent client gets no echo unless asked: an agent may only publish its acks, which
 //!    the console reads, so an echo there would be noise at best.
 //!
-//! A named client's session is resumed, not cleaned (clean start off, the agent's session
+//! With an agent's configuration the doctor connects as the agent's probe client `<id>/doctor`
+//! (same certificate or token): the broker keeps it apart from the agent's own session, so a
+//! running agent is not taken over and its queued wake-ups stay its own. The probe does
+//! CONNECT and PINGREQ only (step 1); the broker refuses it any SUBSCRIBE or PUBLISH.
+//!
+//! A client named by `--client-id` has its session resumed, not cleaned (clean start off, the agent's session
 //! expiry), so the wake-ups queued for the agent stay queued: the doctor never acknowledges a
 //! message that is not its own echo, and the broker delivers them again to the agent.
 
@@ -32,8 +37,11 @@ const KEEP_ALIVE: Duration = Duration::from_secs(30);
 #[derive(Debug, Clone)]
 pub(crate) struct MqttIdentity {
     pub client_id: String,
-    /// True for an id given by the operator or an agent's config: resume its session.
+    /// True for an id given by the operator: resume its session.
     pub named: bool,
+    /// True for an agent's doctor client (`<id>/doctor`): a clean session, CONNECT and
+    /// PINGREQ only (the broker allows nothing else to it).
+    pub probe: bool,
     pub username: Option<String>,
     pub password: Option<String>,
     pub session_expiry: Duration,
@@ -444,6 +452,7 @@ mod tests {
         MqttIdentity {
             client_id: "laptop-42".into(),
             named: true,
+            probe: false,
             username: Some("laptop-42".into()),
             password: Some("token".into()),
             session_expiry: Duration::from_secs(3600),
@@ -590,6 +599,7 @@ mod tests {
         let identity = MqttIdentity {
             client_id: "beckon-doctor-1".into(),
             named: false,
+            probe: false,
             session_expiry: Duration::ZERO,
             ..agent()
         };

@@ -122,10 +122,10 @@ async fn a_proxy_that_wants_authentication() {
         StepName::ProxyConnect,
         &[
             &format!(
-                "The proxy http://127.0.0.1:{} requires authentication, which Beckon does not support",
+                "The proxy http://127.0.0.1:{} requires authentication: put its user name and password in the proxy address",
                 proxy.port()
             ),
-            "so that they go direct",
+            "`proxy` under [broker] in the agent's configuration",
         ],
     );
     // A proxy-wide refusal is not asked again on the other proxied paths.
@@ -142,6 +142,52 @@ async fn a_proxy_that_wants_authentication() {
     assert_eq!(
         step(path(&report, "8883"), StepName::Tcp).verdict,
         Verdict::Fail
+    );
+}
+
+/// Debian's squid demanding Basic authentication in front of a working broker: the right
+/// credentials open the tunnel, wrong ones get a finding that names the user, never the
+/// password, and agents go direct meanwhile.
+#[tokio::test]
+async fn a_squid_proxy_with_basic_authentication() {
+    let ca = TestCa::new("Beckon test CA");
+    let broker = Mosquitto::start_tls(&ca.server_cert(&["127.0.0.1"]), "u", "p");
+    let squid = Squid::start("agent", "right-one", &[broker.port]);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut config = config_trusting(&ca, dir.path(), broker.port, refused_port());
+    set_credentials(&mut config, "u", "p");
+    let proxy = beckon_net::ProxyUrl::new("127.0.0.1", squid.port);
+
+    config.proxy = Some(proxy.clone().with_credentials("agent", "right-one"));
+    let report = diagnose(&config).await;
+    assert_eq!(
+        report.path_in_use.as_deref(),
+        Some("8883 via proxy"),
+        "{}\nsquid:\n{}",
+        report.to_human(),
+        squid.output()
+    );
+    assert_passes(&report, "8883 via proxy", StepName::ProxyConnect);
+
+    config.proxy = Some(proxy.with_credentials("agent", "wrong-one"));
+    let report = diagnose(&config).await;
+    assert_eq!(report.path_in_use.as_deref(), Some("8883"));
+    let refused = assert_fails(
+        &report,
+        "8883 via proxy",
+        StepName::ProxyConnect,
+        &["The proxy refused the credentials: check the proxy user name (agent) and password"],
+    );
+    assert_contains(
+        &refused.detail,
+        "refused the credentials of user \"agent\" (407)",
+    );
+    let human = report.to_human();
+    assert!(!human.contains("wrong-one"), "{human}");
+    let json = serde_json::to_string(&report).expect("json");
+    assert!(
+        !json.contains("wrong-one") && json.contains("agent@127.0.0.1"),
+        "{json}"
     );
 }
 
@@ -424,25 +470,21 @@ async fn an_agent_identity_from_its_config_file() {
         "doctor",
         "--agent-config",
         agent_config.to_str().expect("utf-8 path"),
-        "--echo-topic",
-        "agents/laptop-42/doctor",
         "--timeout",
         "2",
     ])
     .expect("arguments");
     let config = cli.doctor.to_config().expect("config");
-    assert_eq!(config.client_id.as_deref(), Some("laptop-42"));
+    assert_eq!(config.client_id.as_deref(), Some("laptop-42/doctor"));
     assert_eq!(config.username.as_deref(), Some("laptop-42"));
     let report = diagnose(&config).await;
     let human = report.to_human();
     assert!(report.ok, "{human}\nmosquitto:\n{}", broker.output());
-    assert_eq!(report.client_id, "laptop-42");
+    assert_eq!(report.client_id, "laptop-42/doctor");
     let round_trip = &step(path(&report, "8883"), StepName::RoundTrip).detail;
-    assert_contains(round_trip, "subscribed to agents/laptop-42/wake");
-    assert_contains(
-        round_trip,
-        "published to agents/laptop-42/doctor and received it back",
-    );
+    assert_contains(round_trip, "PINGRESP");
+    assert_contains(round_trip, "connect and ping only");
+    assert!(!round_trip.contains("subscribed"), "{round_trip}");
 }
 
 #[test]
@@ -454,13 +496,15 @@ fn bad_arguments_are_errors_not_panics() {
     };
     let err = parse(&[]).expect("parses").expect_err("no broker");
     assert!(err.to_string().contains("--broker HOST"), "{err}");
-    let err = parse(&["--broker", "b", "--proxy", "http://u:p@proxy:3128"])
+    let err = parse(&["--broker", "b", "--proxy", "http://u:p%zz@proxy:3128"])
         .expect("parses")
-        .expect_err("credentials in the proxy URL");
+        .expect_err("a broken escape in the proxy password");
+    let text = format!("{err:#}");
     assert!(
-        format!("{err:#}").contains("proxy authentication is not supported"),
-        "{err:#}"
+        text.contains("--proxy") && text.contains("percent-encoding"),
+        "{text}"
     );
+    assert!(!text.contains("p%zz"), "{text}");
     let err = parse(&["--broker", "b", "--timeout", "0"])
         .expect("parses")
         .expect_err("zero timeout");

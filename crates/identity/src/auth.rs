@@ -267,6 +267,9 @@ pub struct Authenticated {
     pub client_id: String,
     /// Whether the client sent an empty client id (so the id was assigned).
     pub client_id_assigned: bool,
+    /// Whether the client id was the identity's probe id ([`probe_client_id`]): a diagnosis
+    /// that may only connect and ping, beside the identity's own session.
+    pub probe: bool,
     /// How the identity was proved.
     pub method: AuthMethod,
     /// When the token expires (unix seconds), if a token was used. Tokens are checked at
@@ -334,17 +337,27 @@ impl Authenticator {
         }
         let token_expires_at = token.as_ref().map(|t| t.expires_at);
         let token_issued_at = token.map(|t| t.issued_at);
-        let client_id_assigned = check_client_id(&identity, credentials.client_id)?;
+        let probe = credentials.client_id == probe_client_id(identity.id());
+        let client_id_assigned = !probe && check_client_id(&identity, credentials.client_id)?;
         Ok(Authenticated {
             client_id: identity.id().to_owned(),
             identity,
             client_id_assigned,
+            probe,
             method,
             token_expires_at,
             token_issued_at,
             certificate_serial: serial,
         })
     }
+}
+
+/// The client id with which `beckon doctor` probes as identity `id` (`<id>/doctor`; `/` is not
+/// allowed in ids, so it names no identity of its own). The broker lets such a connection
+/// connect and ping only: no publish, no subscription, no will, a fresh session of its own
+/// (the identity's session is neither taken over nor resumed) and no presence event.
+pub fn probe_client_id(id: &str) -> String {
+    format!("{id}/doctor")
 }
 
 /// Checks the CONNECT client id against the identity: it must be the identity's id or empty

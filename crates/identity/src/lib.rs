@@ -25,7 +25,7 @@ pub use acl::{Access, AclDenied, ConnectionPath, PresenceEvent, PresenceState};
 pub use auth::{
     AuthMethod, Authenticated, Authenticator, BAD_USER_NAME_OR_PASSWORD,
     CLIENT_IDENTIFIER_NOT_VALID, Credentials, NOT_AUTHORIZED, QUOTA_EXCEEDED, Refusal,
-    check_client_id, check_quota, identity_from_certificate,
+    check_client_id, check_quota, identity_from_certificate, probe_client_id,
 };
 pub use identity::{
     Identity, IdentityError, MAX_ID_LEN, MAX_TENANT_LEN, Role, TenantId, validate_id,

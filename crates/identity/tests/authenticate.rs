@@ -107,6 +107,27 @@ fn the_client_id_must_be_the_identity() {
 }
 
 #[test]
+fn the_identity_may_probe_under_its_doctor_client_id_only() {
+    let s = setup();
+    let token = s.signer.issue(Role::Agent, "pc-1", NOW, 60).unwrap();
+    let probe = auth(&s, None, Some(token.as_bytes()), "pc-1/doctor").unwrap();
+    assert!(probe.probe && !probe.client_id_assigned);
+    assert_eq!(probe.identity.id(), "pc-1");
+    assert!(
+        !auth(&s, None, Some(token.as_bytes()), "pc-1")
+            .unwrap()
+            .probe
+    );
+    for other in ["pc-2/doctor", "pc-1/doctor/x", "pc-1/Doctor"] {
+        let err = auth(&s, None, Some(token.as_bytes()), other).unwrap_err();
+        assert!(
+            matches!(err, Refusal::WrongClientId { .. }),
+            "{other}: {err}"
+        );
+    }
+}
+
+#[test]
 fn the_tenant_quota_is_enforced() {
     let s = setup();
     let acme = s.directory.get("acme").unwrap();

@@ -446,9 +446,7 @@ impl HttpClient {
             Some(proxy) => {
                 let addrs = crate::resolve(proxy.host(), proxy.port(), limit).await?;
                 let (tcp, _) = crate::connect_addrs(proxy.host(), &addrs, &options).await?;
-                let tunnel =
-                    crate::http_connect(tcp, &proxy.to_string(), &url.host, url.port, limit)
-                        .await?;
+                let tunnel = crate::http_connect(tcp, proxy, &url.host, url.port, limit).await?;
                 Box::new(tunnel)
             }
         };

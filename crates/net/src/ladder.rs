@@ -287,7 +287,7 @@ pub async fn connect_path(
             let before = Instant::now();
             let tunnel = http_connect(
                 tcp,
-                &proxy.to_string(),
+                proxy,
                 &config.broker_host,
                 port,
                 timeouts.proxy_connect,

@@ -7,7 +7,7 @@
 //! - [`tcp`]: name resolution (reported on its own, so "the name does not resolve" is a
 //!   separate finding) and TCP connect with timeouts and an optional local source address;
 //! - [`http`]: the HTTP/1.1 client (hyper) over these connectors, for talking to the console;
-//! - [`proxy`]: HTTP `CONNECT` through a proxy, without authentication;
+//! - [`proxy`]: HTTP `CONNECT` through a proxy, with Basic authentication;
 //! - [`tls`]: the TLS client (rustls with aws-lc-rs), ALPN, certificate checks with plain-words
 //!   errors, and what was negotiated;
 //! - [`ws`]: MQTT over WebSocket as a plain byte stream;

@@ -1,5 +1,7 @@
-//! HTTP `CONNECT` through a proxy, without authentication (Beckon, like the seed, does not
-//! support proxy authentication; a proxy that asks for it is reported clearly).
+//! HTTP `CONNECT` through a proxy, with Basic authentication when the proxy address carries
+//! credentials (`http://user:password@host:port`). Negotiate and NTLM are not spoken: a proxy
+//! that offers only those is reported clearly. The password never leaves this module except in
+//! the `Proxy-Authorization` header: `Display` and `Debug` show the user name at most.
 
 use std::fmt;
 use std::io;
@@ -15,11 +17,50 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 /// and a few headers.
 pub const MAX_RESPONSE_HEADER: usize = 8 * 1024;
 
-/// An HTTP proxy's address, as written by an operator: `http://host:port` or `host:port`.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+/// An HTTP proxy's address, as written by an operator: `http://host:port` or `host:port`,
+/// optionally with credentials for Basic authentication: `http://user:password@host:port`
+/// (percent-encode `@`, `:` and `%` in them, e.g. `p%40ss` for `p@ss`).
+///
+/// Two addresses are equal when they name the same proxy and user: the password is not part of
+/// the identity (a stored path, written without it, still matches the configured proxy).
+#[derive(Clone)]
 pub struct ProxyUrl {
     host: String,
     port: u16,
+    credentials: Option<Credentials>,
+}
+
+/// A user name and password for the proxy's Basic authentication.
+#[derive(Clone)]
+struct Credentials {
+    user: String,
+    password: String,
+}
+
+impl PartialEq for ProxyUrl {
+    fn eq(&self, other: &Self) -> bool {
+        self.host == other.host && self.port == other.port && self.user() == other.user()
+    }
+}
+
+impl Eq for ProxyUrl {}
+
+impl std::hash::Hash for ProxyUrl {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        (&self.host, self.port, self.user()).hash(state);
+    }
+}
+
+/// Shows the user name, never the password.
+impl fmt::Debug for ProxyUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ProxyUrl")
+            .field("host", &self.host)
+            .field("port", &self.port)
+            .field("user", &self.user())
+            .field("password", &self.credentials.as_ref().map(|_| "<redacted>"))
+            .finish()
+    }
 }
 
 /// A proxy address that cannot be used.
@@ -33,12 +74,12 @@ pub enum ProxyUrlError {
         /// The address as given.
         url: String,
     },
-    /// The address carries a user name or password.
+    /// The credentials part is not `user:password` (or holds a bad percent-encoding).
     #[error(
-        "proxy address {url:?}: proxy authentication is not supported; remove the credentials and allow this host on the proxy without authentication"
+        "proxy address {url}: write the credentials as http://user:password@host:port, percent-encoding @ : and % in them (e.g. %40 for @)"
     )]
-    CredentialsNotSupported {
-        /// The address as given.
+    MalformedCredentials {
+        /// The address as given, without the credentials.
         url: String,
     },
     /// No port was given.
@@ -62,12 +103,51 @@ pub enum ProxyUrlError {
 }
 
 impl ProxyUrl {
-    /// A proxy at `host:port`.
+    /// A proxy at `host:port`, without authentication.
     pub fn new(host: impl Into<String>, port: u16) -> Self {
         Self {
             host: host.into(),
             port,
+            credentials: None,
         }
+    }
+
+    /// The same proxy, authenticating as `user` with `password` (Basic).
+    pub fn with_credentials(
+        mut self,
+        user: impl Into<String>,
+        password: impl Into<String>,
+    ) -> Self {
+        self.credentials = Some(Credentials {
+            user: user.into(),
+            password: password.into(),
+        });
+        self
+    }
+
+    /// `address` as it may be shown or recorded: parsed and written without its password; an
+    /// address that does not parse is withheld when it could carry credentials (an `@`).
+    pub fn redact(address: &str) -> String {
+        match address.parse::<ProxyUrl>() {
+            Ok(p) if p.user().is_some() => p.to_string(),
+            Ok(_) => address.to_owned(),
+            Err(_) if address.contains('@') => "<unusable proxy address with credentials>".into(),
+            Err(_) => address.to_owned(),
+        }
+    }
+
+    /// The user name the agent authenticates as, if the address carries credentials.
+    pub fn user(&self) -> Option<&str> {
+        self.credentials.as_ref().map(|c| c.user.as_str())
+    }
+
+    /// The `Proxy-Authorization` header value (Basic), if the address carries credentials.
+    fn authorization(&self) -> Option<String> {
+        use base64::Engine as _;
+        let c = self.credentials.as_ref()?;
+        let token =
+            base64::engine::general_purpose::STANDARD.encode(format!("{}:{}", c.user, c.password));
+        Some(format!("Basic {token}"))
     }
 
     /// The proxy's host name or IP address (IPv6 without brackets).
@@ -85,18 +165,34 @@ impl FromStr for ProxyUrl {
     type Err = ProxyUrlError;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let url = s.trim();
-        let owned = || url.to_owned();
-        let rest = match url.split_once("://") {
-            Some((scheme, rest)) if scheme.eq_ignore_ascii_case("http") => rest,
-            Some(_) => return Err(ProxyUrlError::UnsupportedScheme { url: owned() }),
-            None => url,
+        let given = s.trim();
+        let (scheme, rest) = match given.split_once("://") {
+            Some((scheme, rest)) => (Some(scheme), rest),
+            None => (None, given),
+        };
+        // Error messages quote the address without the credentials.
+        let (userinfo, rest) = match rest.rsplit_once('@') {
+            Some((userinfo, rest)) => (Some(userinfo), rest),
+            None => (None, rest),
+        };
+        let shown = match scheme {
+            Some(scheme) => format!("{scheme}://{rest}"),
+            None => rest.to_owned(),
+        };
+        let url = shown.as_str();
+        let owned = || format!("{url:?}");
+        if scheme.is_some_and(|s| !s.eq_ignore_ascii_case("http")) {
+            return Err(ProxyUrlError::UnsupportedScheme { url: owned() });
+        }
+        let credentials = match userinfo {
+            None => None,
+            Some(userinfo) => Some(
+                parse_credentials(userinfo)
+                    .ok_or_else(|| ProxyUrlError::MalformedCredentials { url: owned() })?,
+            ),
         };
         // Accept a trailing slash, nothing else after the authority.
         let authority = rest.strip_suffix('/').unwrap_or(rest);
-        if authority.contains('@') {
-            return Err(ProxyUrlError::CredentialsNotSupported { url: owned() });
-        }
         if authority.contains('/') || authority.contains('?') || authority.contains('#') {
             return Err(ProxyUrlError::InvalidHost { url: owned() });
         }
@@ -130,13 +226,43 @@ impl FromStr for ProxyUrl {
         Ok(Self {
             host: host.to_owned(),
             port,
+            credentials,
         })
     }
 }
 
+/// `user:password`, each percent-decoded; the user name must not be empty. A user alone (the
+/// form `Display` writes) has an empty password.
+fn parse_credentials(userinfo: &str) -> Option<Credentials> {
+    let (user, password) = userinfo.split_once(':').unwrap_or((userinfo, ""));
+    let user = percent_decode(user)?;
+    let password = percent_decode(password)?;
+    (!user.is_empty()).then_some(Credentials { user, password })
+}
+
+/// Decodes `%XX` escapes; `None` for a broken escape or a result that is not UTF-8.
+fn percent_decode(s: &str) -> Option<String> {
+    let mut out = Vec::with_capacity(s.len());
+    let mut bytes = s.bytes();
+    while let Some(b) = bytes.next() {
+        if b == b'%' {
+            let hex = [bytes.next()?, bytes.next()?];
+            let hex = std::str::from_utf8(&hex).ok()?;
+            out.push(u8::from_str_radix(hex, 16).ok()?);
+        } else {
+            out.push(b);
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
+/// `http://host:port`, or `http://user@host:port` with credentials: never the password.
 impl fmt::Display for ProxyUrl {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "http://{}", authority(&self.host, self.port))
+        match self.user() {
+            Some(user) => write!(f, "http://{user}@{}", authority(&self.host, self.port)),
+            None => write!(f, "http://{}", authority(&self.host, self.port)),
+        }
     }
 }
 
@@ -153,13 +279,33 @@ pub(crate) fn authority(host: &str, port: u16) -> String {
 /// The proxy did not open a tunnel.
 #[derive(Debug, thiserror::Error)]
 pub enum ProxyError {
-    /// 407: the proxy wants credentials.
+    /// 407 to a request without credentials: the proxy wants them.
     #[error(
-        "the proxy {proxy} requires authentication, which Beckon does not support: allow this machine through the proxy without authentication, or let agents connect directly"
+        "the proxy {proxy} requires authentication (407): give its user name and password in the proxy address, http://user:password@host:port"
     )]
     AuthenticationRequired {
         /// The proxy.
         proxy: String,
+    },
+    /// 407 to a request with Basic credentials: the proxy refused them.
+    #[error(
+        "the proxy {proxy} refused the credentials of user {user:?} (407): check the proxy user name and password"
+    )]
+    CredentialsRefused {
+        /// The proxy.
+        proxy: String,
+        /// The user name sent.
+        user: String,
+    },
+    /// 407 offering only schemes other than Basic (Negotiate, NTLM, Digest).
+    #[error(
+        "the proxy {proxy} accepts only {schemes} authentication, which Beckon does not speak (it sends Basic): enable Basic authentication on the proxy for agents, or allow them through without authentication"
+    )]
+    UnsupportedAuthentication {
+        /// The proxy.
+        proxy: String,
+        /// The schemes the proxy offered, comma-separated.
+        schemes: String,
     },
     /// 403: the proxy's rules forbid this tunnel, most often because of the target port.
     #[error(
@@ -247,6 +393,8 @@ impl ProxyError {
         matches!(
             self,
             Self::AuthenticationRequired { .. }
+                | Self::CredentialsRefused { .. }
+                | Self::UnsupportedAuthentication { .. }
                 | Self::HeaderTooLarge { .. }
                 | Self::Malformed { .. }
         )
@@ -264,14 +412,15 @@ fn status_hint(status: u16) -> &'static str {
     }
 }
 
-/// Opens a tunnel to `target_host:target_port` through an HTTP proxy already connected on
-/// `stream`: sends `CONNECT`, reads the answer (at most [`MAX_RESPONSE_HEADER`] bytes, within
-/// `timeout`) and requires a 2xx status. `proxy` names the proxy in error messages.
+/// Opens a tunnel to `target_host:target_port` through the HTTP proxy `proxy`, already
+/// connected on `stream`: sends `CONNECT` (with Basic credentials when `proxy` carries them),
+/// reads the answer (at most [`MAX_RESPONSE_HEADER`] bytes, within `timeout`) and requires a
+/// 2xx status.
 ///
 /// Bytes the proxy sent after its answer header are kept and returned first by the tunnel.
 pub async fn http_connect<S>(
     mut stream: S,
-    proxy: &str,
+    proxy: &ProxyUrl,
     target_host: &str,
     target_port: u16,
     timeout: Duration,
@@ -281,16 +430,20 @@ where
 {
     let target = authority(target_host, target_port);
     let exchange = async {
-        let request = format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n");
+        let mut request = format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n");
+        if let Some(authorization) = proxy.authorization() {
+            request.push_str(&format!("Proxy-Authorization: {authorization}\r\n"));
+        }
+        request.push_str("\r\n");
         stream
             .write_all(request.as_bytes())
             .await
             .map_err(|source| ProxyError::Io {
-                proxy: proxy.to_owned(),
+                proxy: proxy.to_string(),
                 source,
             })?;
         stream.flush().await.map_err(|source| ProxyError::Io {
-            proxy: proxy.to_owned(),
+            proxy: proxy.to_string(),
             source,
         })?;
         read_answer(&mut stream, proxy, &target, target_port).await
@@ -298,7 +451,7 @@ where
     let leftover = match tokio::time::timeout(timeout, exchange).await {
         Err(_) => {
             return Err(ProxyError::TimedOut {
-                proxy: proxy.to_owned(),
+                proxy: proxy.to_string(),
                 target,
                 after: timeout,
             });
@@ -311,7 +464,7 @@ where
 /// Reads the proxy's answer; returns the bytes that followed its header.
 async fn read_answer<S>(
     stream: &mut S,
-    proxy: &str,
+    proxy: &ProxyUrl,
     target: &str,
     target_port: u16,
 ) -> Result<Bytes, ProxyError>
@@ -326,12 +479,12 @@ where
             .read(&mut chunk[..room])
             .await
             .map_err(|source| ProxyError::Io {
-                proxy: proxy.to_owned(),
+                proxy: proxy.to_string(),
                 source,
             })?;
         if n == 0 {
             return Err(ProxyError::Closed {
-                proxy: proxy.to_owned(),
+                proxy: proxy.to_string(),
                 target: target.to_owned(),
             });
         }
@@ -344,17 +497,15 @@ where
                 let reason = response.reason.unwrap_or("").to_owned();
                 return match status {
                     200..=299 => Ok(Bytes::copy_from_slice(&buf[header_len..])),
-                    407 => Err(ProxyError::AuthenticationRequired {
-                        proxy: proxy.to_owned(),
-                    }),
+                    407 => Err(refused_authentication(proxy, response.headers)),
                     403 => Err(ProxyError::Forbidden {
-                        proxy: proxy.to_owned(),
+                        proxy: proxy.to_string(),
                         target: target.to_owned(),
                         port: target_port,
                         reason,
                     }),
                     _ => Err(ProxyError::Refused {
-                        proxy: proxy.to_owned(),
+                        proxy: proxy.to_string(),
                         target: target.to_owned(),
                         status,
                         reason,
@@ -364,17 +515,43 @@ where
             Ok(httparse::Status::Partial) if buf.len() < MAX_RESPONSE_HEADER => {}
             Ok(httparse::Status::Partial) => {
                 return Err(ProxyError::HeaderTooLarge {
-                    proxy: proxy.to_owned(),
+                    proxy: proxy.to_string(),
                     limit: MAX_RESPONSE_HEADER,
                 });
             }
             Err(e) => {
                 return Err(ProxyError::Malformed {
-                    proxy: proxy.to_owned(),
+                    proxy: proxy.to_string(),
                     detail: e.to_string(),
                 });
             }
         }
+    }
+}
+
+/// The error for a 407: which schemes the proxy offers (`Proxy-Authenticate`) decides between
+/// "give credentials", "wrong credentials" and "a scheme Beckon does not speak".
+fn refused_authentication(proxy: &ProxyUrl, headers: &[httparse::Header<'_>]) -> ProxyError {
+    let schemes: Vec<String> = headers
+        .iter()
+        .filter(|h| h.name.eq_ignore_ascii_case("proxy-authenticate"))
+        .filter_map(|h| std::str::from_utf8(h.value).ok())
+        .filter_map(|v| v.split_whitespace().next())
+        .map(|scheme| scheme.trim_end_matches(',').to_owned())
+        .collect();
+    let basic_offered =
+        schemes.is_empty() || schemes.iter().any(|s| s.eq_ignore_ascii_case("basic"));
+    let name = proxy.to_string();
+    match proxy.user() {
+        _ if !basic_offered => ProxyError::UnsupportedAuthentication {
+            proxy: name,
+            schemes: schemes.join(", "),
+        },
+        Some(user) => ProxyError::CredentialsRefused {
+            proxy: name,
+            user: user.to_owned(),
+        },
+        None => ProxyError::AuthenticationRequired { proxy: name },
     }
 }
 
@@ -470,10 +647,9 @@ mod tests {
     fn rejects_unusable_proxy_addresses() {
         let cases = [
             ("https://proxy:3128", "only http://"),
-            (
-                "http://user:pw@proxy:3128",
-                "authentication is not supported",
-            ),
+            ("http://:pw@proxy:3128", "http://user:password@host:port"),
+            ("http://u:p%4@proxy:3128", "http://user:password@host:port"),
+            ("https://user:secret@proxy:3128", "only http://"),
             ("http://proxy", "name the port"),
             ("proxy:", "name the port"),
             ("proxy:0", "from 1 to 65535"),
@@ -485,12 +661,56 @@ mod tests {
         for (input, expected) in cases {
             let err = input.parse::<ProxyUrl>().expect_err(input);
             assert!(err.to_string().contains(expected), "{input}: {err}");
+            assert!(!err.to_string().contains("secret"), "{input}: {err}");
         }
+    }
+
+    #[test]
+    fn credentials_are_decoded_and_never_shown() {
+        let p: ProxyUrl = "http://alice:s%40cr%3Aet@proxy.example:3128"
+            .parse()
+            .expect("valid");
+        assert_eq!(p.user(), Some("alice"));
+        assert_eq!(p.to_string(), "http://alice@proxy.example:3128");
+        let debug = format!("{p:?}");
+        assert!(
+            !debug.contains("s@cr:et") && !debug.contains("s%40"),
+            "{debug}"
+        );
+        assert!(
+            debug.contains("alice") && debug.contains("redacted"),
+            "{debug}"
+        );
+        // base64("alice:s@cr:et")
+        assert_eq!(
+            p.authorization().as_deref(),
+            Some("Basic YWxpY2U6c0BjcjpldA==")
+        );
+        // The stored form (without the password) names the same proxy and user.
+        assert_eq!(p.to_string().parse::<ProxyUrl>(), Ok(p.clone()));
+        assert_ne!(p, ProxyUrl::new("proxy.example", 3128));
+        assert_eq!(
+            ProxyUrl::redact("http://alice:pw@proxy:3128"),
+            "http://alice@proxy:3128"
+        );
+        assert_eq!(ProxyUrl::redact("http://proxy:3128"), "http://proxy:3128");
+        assert!(!ProxyUrl::redact("http://alice:pw%z@proxy:3128").contains("pw"));
     }
 
     /// Runs `http_connect` against a scripted proxy that answers `answer` and returns what the
     /// proxy received.
     async fn scripted(
+        answer: &'static [u8],
+    ) -> (
+        Result<PrefixedStream<tokio::io::DuplexStream>, ProxyError>,
+        Vec<u8>,
+    ) {
+        scripted_as(ProxyUrl::new("proxy", 3128), answer).await
+    }
+
+    /// Like [`scripted`], connecting to `proxy` (with its credentials, if any).
+    async fn scripted_as(
+        url: ProxyUrl,
         answer: &'static [u8],
     ) -> (
         Result<PrefixedStream<tokio::io::DuplexStream>, ProxyError>,
@@ -512,14 +732,8 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(200)).await;
             (request, server)
         });
-        let result = http_connect(
-            client,
-            "proxy:3128",
-            "broker.example",
-            8883,
-            Duration::from_secs(5),
-        )
-        .await;
+        let result =
+            http_connect(client, &url, "broker.example", 8883, Duration::from_secs(5)).await;
         let (request, _server) = proxy.await.expect("proxy task");
         (result, request)
     }
@@ -563,6 +777,37 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn sends_basic_credentials_and_names_their_refusal() {
+        let proxy = ProxyUrl::new("proxy", 3128).with_credentials("alice", "secret");
+        let (result, request) = scripted_as(
+            proxy.clone(),
+            b"HTTP/1.1 407 Proxy Authentication Required\r\nProxy-Authenticate: Basic realm=\"corp\"\r\n\r\n",
+        )
+        .await;
+        let request = String::from_utf8(request).expect("ascii");
+        assert!(
+            request.contains("\r\nProxy-Authorization: Basic YWxpY2U6c2VjcmV0\r\n"),
+            "{request}"
+        );
+        let text = result.expect_err("407").to_string();
+        assert!(
+            text.contains("refused the credentials of user \"alice\""),
+            "{text}"
+        );
+        assert!(!text.contains("secret"), "{text}");
+        let (result, _) = scripted_as(
+            proxy,
+            b"HTTP/1.1 407 Proxy Authentication Required\r\nProxy-Authenticate: Negotiate\r\nProxy-Authenticate: NTLM\r\n\r\n",
+        )
+        .await;
+        let text = result.expect_err("407").to_string();
+        assert!(
+            text.contains("accepts only Negotiate, NTLM authentication"),
+            "{text}"
+        );
+    }
+
+    #[tokio::test]
     async fn rejects_non_http_answers() {
         let (result, _) = scripted(b"SSH-2.0-OpenSSH_9.2\r\n\r\n").await;
         assert!(
@@ -589,9 +834,15 @@ mod tests {
     #[tokio::test]
     async fn a_silent_proxy_times_out() {
         let (client, _server) = duplex(1024);
-        let err = http_connect(client, "proxy:3128", "b", 443, Duration::from_millis(200))
-            .await
-            .expect_err("silent");
+        let err = http_connect(
+            client,
+            &ProxyUrl::new("proxy", 3128),
+            "b",
+            443,
+            Duration::from_millis(200),
+        )
+        .await
+        .expect_err("silent");
         assert!(matches!(err, ProxyError::TimedOut { .. }), "{err}");
     }
 
@@ -599,9 +850,15 @@ mod tests {
     async fn a_closing_proxy_is_reported() {
         let (client, server) = duplex(1024);
         drop(server);
-        let err = http_connect(client, "proxy:3128", "b", 443, Duration::from_secs(2))
-            .await
-            .expect_err("closed");
+        let err = http_connect(
+            client,
+            &ProxyUrl::new("proxy", 3128),
+            "b",
+            443,
+            Duration::from_secs(2),
+        )
+        .await
+        .expect_err("closed");
         assert!(
             matches!(err, ProxyError::Closed { .. } | ProxyError::Io { .. }),
             "{err}"

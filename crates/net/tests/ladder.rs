@@ -351,7 +351,7 @@ async fn a_proxy_asking_for_credentials_means_direct() {
     assert_eq!(connected.path.label(), "8883");
     assert_first_says(
         &connected.failed_before,
-        "requires authentication, which Beckon does not support",
+        "accepts only Negotiate authentication, which Beckon does not speak",
     );
     assert_rest_skipped(&connected.failed_before);
 }

@@ -24,7 +24,7 @@ pub use broker::{RunningBroker, TestTenant};
 pub use mqtt::TestClient;
 
 pub use ca::{ServerIdentity, TestCa};
-pub use process::{Mosquitto, Tinyproxy, find_program, wait_listening};
+pub use process::{Mosquitto, Squid, Tinyproxy, find_program, wait_listening};
 pub use servers::{start_echo_server, start_scripted_server, start_silent_server};
 
 use std::time::Duration;

@@ -1,5 +1,5 @@
 //! Real peers from Debian's packages, started on free loopback ports with a generated
-//! configuration and killed on drop: tinyproxy and Mosquitto.
+//! configuration and killed on drop: tinyproxy, squid and Mosquitto.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -122,6 +122,104 @@ impl Tinyproxy {
     }
 }
 
+/// Debian's squid on a free loopback port, demanding Basic authentication (`basic_ncsa_auth`
+/// with a password file of one user) and allowing CONNECT only to the given ports. A throwaway
+/// instance: its configuration, pid file and log live in its own temporary folder.
+pub struct Squid {
+    peer: Peer,
+    /// The proxy's port on 127.0.0.1.
+    pub port: u16,
+}
+
+impl Squid {
+    /// Starts squid with the one user `user`/`password`, allowing CONNECT only to
+    /// `connect_ports`, and waits until it listens.
+    pub fn start(user: &str, password: &str, connect_ports: &[u16]) -> Self {
+        let binary = find_program("squid", &["/usr/sbin/squid"], "squid");
+        let helper = find_program(
+            "basic_ncsa_auth",
+            &["/usr/lib/squid/basic_ncsa_auth"],
+            "squid",
+        );
+        let dir = tempfile::tempdir().expect("temporary directory");
+        // Started as root, squid works as the `proxy` user: let it into its folder.
+        set_mode(dir.path(), 0o777);
+        let d = dir.path();
+        readable_file(d, "passwords", &format!("{user}:{}\n", apr1_hash(password)));
+        let port = free_port();
+        let ports: Vec<String> = connect_ports.iter().map(u16::to_string).collect();
+        let config = format!(
+            "http_port 127.0.0.1:{port}\n\
+             pid_filename {dir}/squid.pid\n\
+             cache_log {dir}/output.log\n\
+             access_log stdio:{dir}/access.log\n\
+             coredump_dir {dir}\n\
+             netdb_filename none\n\
+             cache deny all\n\
+             shutdown_lifetime 0 seconds\n\
+             auth_param basic program {helper} {dir}/passwords\n\
+             auth_param basic realm beckon-test\n\
+             acl allowed_ports port {ports}\n\
+             acl CONNECT method CONNECT\n\
+             acl users proxy_auth REQUIRED\n\
+             http_access deny CONNECT !allowed_ports\n\
+             http_access allow users\n\
+             http_access deny all\n",
+            dir = d.display(),
+            helper = helper.display(),
+            ports = ports.join(" "),
+        );
+        let conf = readable_file(d, "squid.conf", &config);
+        readable_file(d, "output.log", "");
+        set_mode(&d.join("output.log"), 0o666);
+        let peer = Peer::spawn(
+            &binary,
+            &["-N".as_ref(), "-f".as_ref(), conf.as_os_str()],
+            dir,
+        );
+        let proxy = Self { peer, port };
+        wait_listening(port, "squid", || proxy.output());
+        proxy
+    }
+
+    /// What squid logged so far (its cache log, then its access log).
+    pub fn output(&self) -> String {
+        let access =
+            std::fs::read_to_string(self.peer.dir.path().join("access.log")).unwrap_or_default();
+        format!("{}\n--- access log ---\n{access}", self.peer.output())
+    }
+}
+
+/// An Apache MD5 (`$apr1$`) password hash, which squid's `basic_ncsa_auth` reads, made by
+/// `openssl passwd`.
+fn apr1_hash(password: &str) -> String {
+    let openssl = find_program("openssl", &["/usr/bin/openssl"], "openssl");
+    let out = Command::new(openssl)
+        .args(["passwd", "-apr1", "-stdin"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .and_then(|mut child| {
+            use std::io::Write as _;
+            child
+                .stdin
+                .take()
+                .expect("stdin")
+                .write_all(format!("{password}\n").as_bytes())?;
+            child.wait_with_output()
+        })
+        .expect("run openssl passwd");
+    assert!(
+        out.status.success(),
+        "openssl passwd failed: {}",
+        out.status
+    );
+    String::from_utf8(out.stdout)
+        .expect("hash")
+        .trim()
+        .to_owned()
+}
+
 /// Debian's Mosquitto on a loopback port.
 pub struct Mosquitto {
     peer: Peer,
@@ -236,7 +334,7 @@ impl Mosquitto {
 
 fn readable_file(dir: &Path, name: &str, text: &str) -> PathBuf {
     let path = dir.join(name);
-    std::fs::write(&path, text).expect("write a Mosquitto file");
+    std::fs::write(&path, text).expect("write a configuration file");
     set_mode(&path, 0o644);
     path
 }

@@ -233,10 +233,11 @@ fn authenticate(
         return Ok((TopicMap::new(Scope::Anonymous), None));
     }
     match tenancy.admit(connect, leaf) {
-        Ok((identity, assigned, slot)) => {
-            tracing::info!(identity = %identity, "authenticated");
-            let identity = Box::new(identity);
-            let map = TopicMap::new(Scope::Tenant { identity, assigned });
+        Ok((scope, slot)) => {
+            let map = TopicMap::new(scope);
+            if let Some(identity) = map.identity() {
+                tracing::info!(identity = %identity, probe = map.is_probe(), "authenticated");
+            }
             Ok((map, Some(slot)))
         }
         Err(refused) => {

@@ -466,7 +466,11 @@ fn connection_info(peer: &Peer, connect: &Connect, map: &TopicMap) -> Connection
         remote_addr: peer.remote,
         path: peer.path,
         server,
-        identity: map.identity().map(|i| Box::new(i.clone())),
+        // A doctor probe is not the identity coming online: no presence for it.
+        identity: map
+            .identity()
+            .filter(|_| !map.is_probe())
+            .map(|i| Box::new(i.clone())),
         via_proxy,
     }
 }

@@ -15,7 +15,7 @@ use tokio::net::{TcpListener, TcpStream};
 
 #[allow(unused_imports)] // each test file uses a different part
 pub use beckon_testkit::{
-    Mosquitto, ServerIdentity, TestCa, Tinyproxy, WAIT, free_port as refused_port,
+    Mosquitto, ServerIdentity, Squid, TestCa, Tinyproxy, WAIT, free_port as refused_port,
     start_scripted_server, start_silent_server,
 };
 

@@ -19,7 +19,7 @@ use futures_util::{SinkExt, StreamExt};
 
 #[allow(unused_imports)] // each test file uses a different part
 pub use beckon_testkit::{
-    ServerIdentity, TestCa, Tinyproxy, WAIT, free_port as refused_port, start_echo_server,
+    ServerIdentity, Squid, TestCa, Tinyproxy, WAIT, free_port as refused_port, start_echo_server,
     start_scripted_server, start_silent_server,
 };
 

@@ -49,6 +49,13 @@ impl SettingsStore for SqliteStore {
         };
         let old_v = serde_json::to_value(&old).map_err(encode)?;
         let new_v = serde_json::to_value(new).map_err(encode)?;
+        // The audit log shows the proxy's user name, never its password.
+        let shown = |s: &Settings| {
+            let mut s = s.clone();
+            s.proxy = s.proxy.without_password();
+            serde_json::to_value(s)
+        };
+        let (old_shown, new_shown) = (shown(&old).map_err(encode)?, shown(new).map_err(encode)?);
         let mut conn = self.conn();
         let tx = conn.transaction().map_err(sql("starting a transaction"))?;
         for key in ["wol", "wakeup", "broker", "proxy"] {
@@ -66,7 +73,7 @@ impl SettingsStore for SqliteStore {
             let entry = NewAuditEntry {
                 who: who.to_owned(),
                 what: format!("settings.{key}"),
-                detail: serde_json::json!({"old": o, "new": n}),
+                detail: serde_json::json!({"old": old_shown[key], "new": new_shown[key]}),
                 at: now,
             };
             write_audit(&tx, &entry)?;
