@@ -210,7 +210,7 @@ impl<S: Send + Sync> FromRequestParts<S> for Source {
         let peer = parts
             .extensions
             .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
-            .map_or(std::net::IpAddr::from([0, 0, 0, 0]), |c| c.0.ip());
+            .map_or(std::net::Ipv4Addr::UNSPECIFIED.into(), |c| c.0.ip());
         Ok(Source(peer))
     }
 }
