@@ -24,7 +24,7 @@ use hyper::server::conn::http1;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
-use tokio::sync::{Semaphore, watch};
+use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_rustls::TlsAcceptor;
 use tower::ServiceExt;
@@ -69,27 +69,11 @@ pub(crate) async fn serve(
     limits: HttpLimits,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let slots = Arc::new(Semaphore::new(limits.max_connections));
-    let mut warned: Option<Instant> = None;
+    let mut slots = beckon_net::ConnectionSlots::new(limits.max_connections, "console");
     loop {
-        let permit = match slots.clone().try_acquire_owned() {
-            Ok(p) => p,
-            Err(_) => {
-                if warned.is_none_or(|t| t.elapsed() >= Duration::from_secs(60)) {
-                    tracing::warn!(
-                        max_connections = limits.max_connections,
-                        "console connection limit reached: new connections wait until others close (logged at most once a minute)"
-                    );
-                    warned = Some(Instant::now());
-                }
-                tokio::select! {
-                    p = slots.clone().acquire_owned() => match p {
-                        Ok(p) => p,
-                        Err(_) => return,
-                    },
-                    _ = crate::dispatch::stopped(&mut shutdown) => break,
-                }
-            }
+        let permit = tokio::select! {
+            p = slots.acquire() => p,
+            _ = crate::dispatch::stopped(&mut shutdown) => break,
         };
         let accepted = tokio::select! {
             a = listener.accept() => a,
@@ -122,8 +106,7 @@ pub(crate) async fn serve(
     }
     drop(listener);
     // Every connection holds a slot: all slots back means all connections ended.
-    let all = u32::try_from(limits.max_connections).unwrap_or(u32::MAX);
-    let _ = tokio::time::timeout(DRAIN + Duration::from_secs(1), slots.acquire_many(all)).await;
+    slots.drained(DRAIN + Duration::from_secs(1)).await;
 }
 
 /// When a connection last finished a request, and how many it is answering now.
