@@ -136,7 +136,7 @@ pub struct ConsoleArgs {
           value_parser = clap::value_parser!(u64).range(1..=300))]
     pub http_header_timeout_secs: u64,
     /// Seconds a kept-alive connection may stay without a request before it is closed.
-    #[arg(long, value_name = "SECS", default_value_t = 60,
+    #[arg(long, value_name = "SECS", default_value_t = 5,
           value_parser = clap::value_parser!(u64).range(1..=3600))]
     pub http_idle_timeout_secs: u64,
     /// HTTP connections served at once; beyond, new ones wait (each takes a file

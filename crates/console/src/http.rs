@@ -44,7 +44,8 @@ pub struct HttpLimits {
     /// Time for a request's line and headers, from the connection's start or the end of the
     /// previous answer (10 s).
     pub header_timeout: Duration,
-    /// A kept-alive connection with no request for this long is closed (60 s).
+    /// A kept-alive connection with no request for this long is closed (5 s; the header
+    /// timeout bounds it too, as it runs from the end of the previous answer).
     pub idle_timeout: Duration,
     /// Connections served at once (4096); each holds a file descriptor.
     pub max_connections: usize,
@@ -54,7 +55,7 @@ impl Default for HttpLimits {
     fn default() -> Self {
         Self {
             header_timeout: Duration::from_secs(10),
-            idle_timeout: Duration::from_secs(60),
+            idle_timeout: Duration::from_secs(5),
             max_connections: 4096,
         }
     }

@@ -396,3 +396,28 @@ async fn enrollment_hands_out_the_public_url_when_configured_and_the_host_otherw
         );
     }
 }
+
+#[tokio::test]
+async fn an_event_stream_outlives_the_header_and_idle_timeouts() {
+    let api = start_with(|c| {
+        c.http.header_timeout = Duration::from_secs(1);
+        c.http.idle_timeout = Duration::from_secs(1);
+    })
+    .await;
+    let mut s = TcpStream::connect(api.handle.local_addr).await.unwrap();
+    let req = format!(
+        "GET /api/v1/events HTTP/1.1\r\nHost: console\r\nAuthorization: Bearer {}\r\n\r\n",
+        api.token
+    );
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut buf = vec![0u8; 4096];
+    let n = tokio::time::timeout(WAIT, s.read(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(buf[..n].starts_with(b"HTTP/1.1 200"));
+    assert!(
+        !closed_within(s, Duration::from_secs(3)).await,
+        "a live event stream was cut"
+    );
+}
