@@ -37,7 +37,7 @@ async fn serve(
     max: usize,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let mut slots = beckon_net::ConnectionSlots::new(max, "admin listener");
+    let slots = beckon_net::ConnectionSlots::new(max, "admin listener");
     loop {
         let permit = tokio::select! {
             p = slots.acquire() => p,

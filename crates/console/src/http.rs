@@ -70,7 +70,7 @@ pub(crate) async fn serve(
     limits: HttpLimits,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let mut slots = beckon_net::ConnectionSlots::new(limits.max_connections, "console");
+    let slots = beckon_net::ConnectionSlots::new(limits.max_connections, "console");
     loop {
         let permit = tokio::select! {
             p = slots.acquire() => p,

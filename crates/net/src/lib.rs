@@ -78,7 +78,7 @@ pub use ladder::{
 };
 pub use path::{Path, PathParseError, Route, Transport};
 pub use proxy::{PrefixedStream, ProxyError, ProxyUrl, ProxyUrlError, http_connect};
-pub use slots::ConnectionSlots;
+pub use slots::{ConnectionSlots, LogEvery};
 pub use stream::{BoxedStream, ByteStream};
 pub use tcp::{ResolveError, TcpError, TcpOptions, connect_addrs, resolve};
 pub use tls::{
