@@ -174,6 +174,25 @@ async fn bodies_are_limited_per_route() {
     assert_eq!(s, StatusCode::UNAUTHORIZED);
     let (s, _, _) = api.raw(enroll(100 * 1024)).await;
     assert_eq!(s, StatusCode::PAYLOAD_TOO_LARGE);
+    // Over a real connection too: a body larger than the head's buffer is read in full.
+    let body = json!({"token": "bke_x", "csr": "c".repeat(48 * 1024)}).to_string();
+    let mut s = TcpStream::connect(api.handle.local_addr).await.unwrap();
+    let head = format!(
+        "POST /api/v1/enroll HTTP/1.1\r\nHost: console\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    s.write_all(head.as_bytes()).await.unwrap();
+    s.write_all(body.as_bytes()).await.unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(WAIT, s.read_to_end(&mut answer))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        answer.starts_with(b"HTTP/1.1 401"),
+        "{}",
+        String::from_utf8_lossy(&answer)
+    );
 }
 
 /// The audit log's entries of kind `what`.
