@@ -69,6 +69,10 @@ pub fn main(args: UpArgs) -> anyhow::Result<()> {
         let mut console_config = ConsoleConfig::new(&console_dir);
         console_config.listen = args.console;
         console_config.plain_http = true;
+        // The address it prints: what enrollment and the Enrollment page hand to agents
+        // (on this machine: `beckon up` listens on loopback only).
+        console_config.public_url =
+            (args.console.port() != 0).then(|| format!("http://{}", args.console));
         console_config.broker = BrokerLink::Tls {
             host: "localhost".into(),
             port: args.mqtts.port(),

@@ -144,6 +144,8 @@ async fn the_deployment_walkthrough_ends_with_a_woken_agent() {
             &format!("127.0.0.1:{console_port}"),
             "--server-name",
             "127.0.0.1",
+            "--public-url",
+            &console_url,
             "--broker",
             &format!("mqtts://{broker_endpoint}"),
             "--agent-broker-endpoint",

@@ -500,6 +500,7 @@ fn connection_context(
         server_receive_maximum: config.limits.server_receive_maximum,
         server_max_inflight: config.limits.server_max_inflight,
         max_connections,
+        busy_log: beckon_net::LogEvery::minute(),
         connect_limiter: crate::ratelimit::ConnectLimiter::new(
             crate::ratelimit::Rate::new(config.limits.connect_rate, config.limits.connect_burst),
             crate::ratelimit::Rate::new(

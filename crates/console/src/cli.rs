@@ -125,6 +125,25 @@ pub struct ConsoleArgs {
     /// change, and when it ends within 30 days).
     #[arg(long = "server-name", default_values = ["localhost", "127.0.0.1"])]
     pub server_names: Vec<String>,
+    /// The console's URL as agents reach it, e.g. https://console.example.com:8080: the
+    /// check-in URL enrollment hands out and the command the Enrollment page shows.
+    /// Default: the scheme and Host header of each enrollment request.
+    #[arg(long, env = "BECKON_CONSOLE_PUBLIC_URL", value_name = "URL", value_parser = parse_public_url)]
+    pub public_url: Option<String>,
+    /// Seconds a client has to send a request's line and headers (also the longest wait
+    /// for the next request on a kept-alive connection).
+    #[arg(long, value_name = "SECS", default_value_t = 10,
+          value_parser = clap::value_parser!(u64).range(1..=300))]
+    pub http_header_timeout_secs: u64,
+    /// Seconds a kept-alive connection may stay without a request before it is closed.
+    #[arg(long, value_name = "SECS", default_value_t = 5,
+          value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub http_idle_timeout_secs: u64,
+    /// HTTP connections served at once; beyond, new ones wait (each takes a file
+    /// descriptor: keep it below the process's limit).
+    #[arg(long, value_name = "N", default_value_t = 4096,
+          value_parser = clap::value_parser!(u32).range(16..=1_000_000))]
+    pub http_max_connections: u32,
     /// The tenant this console manages.
     #[arg(long, env = "BECKON_TENANT", default_value = "default")]
     pub tenant: String,
@@ -158,6 +177,12 @@ impl ConsoleArgs {
         c.tls_files = self.tls_cert.clone().zip(self.tls_key.clone());
         c.plain_http = self.plain_http;
         c.server_names = self.server_names.clone();
+        c.public_url.clone_from(&self.public_url);
+        c.http = crate::HttpLimits {
+            header_timeout: Duration::from_secs(self.http_header_timeout_secs),
+            idle_timeout: Duration::from_secs(self.http_idle_timeout_secs),
+            max_connections: self.http_max_connections as usize,
+        };
         c.tenant = self.tenant.clone();
         c.broker = match (&self.broker, &self.broker_ca) {
             (BrokerLink::Tls { host, port, .. }, Some(ca)) => BrokerLink::Tls {
@@ -172,6 +197,23 @@ impl ConsoleArgs {
         c.agent_certificate_validity = Duration::from_secs(self.agent_cert_validity_secs);
         c
     }
+}
+
+/// A `--public-url`: `http(s)://host[:port]` with no path, query or credentials; returned
+/// without a trailing slash.
+fn parse_public_url(text: &str) -> Result<String, String> {
+    let url = text.trim_end_matches('/');
+    let rest = url
+        .strip_prefix("https://")
+        .or_else(|| url.strip_prefix("http://"))
+        .ok_or("the public URL starts with https:// (or http://), e.g. https://console.example.com:8080")?;
+    if rest.is_empty() || rest.contains(['/', '?', '#', '@']) || rest.contains(char::is_whitespace)
+    {
+        return Err(format!(
+            "{text:?} is not a console URL: give scheme, host and port only, e.g. https://console.example.com:8080"
+        ));
+    }
+    Ok(url.to_owned())
 }
 
 /// Runs the console until Ctrl-C or SIGTERM.
@@ -348,6 +390,37 @@ mod tests {
                 ca_file: Some("ca.pem".into()),
             }
         );
+        assert_eq!(c.public_url, None);
+        assert_eq!(c.http, crate::HttpLimits::default());
+        let cli = Cli::try_parse_from([
+            "console",
+            "--public-url",
+            "https://console.example.com:8080/",
+            "--http-header-timeout-secs",
+            "3",
+        ])
+        .unwrap();
+        let c = cli.console.to_config();
+        assert_eq!(
+            c.public_url.as_deref(),
+            Some("https://console.example.com:8080")
+        );
+        assert_eq!(c.http.header_timeout, Duration::from_secs(3));
+        for bad in [
+            "console.example.com",
+            "https://",
+            "https://h/path",
+            "ftp://h",
+        ] {
+            let err = Cli::try_parse_from(["console", "--public-url", bad])
+                .err()
+                .unwrap()
+                .to_string();
+            assert!(
+                err.contains("https://console.example.com:8080"),
+                "{bad}: {err}"
+            );
+        }
         let cli = Cli::try_parse_from(["console", "--broker", "mqtt://127.0.0.1:1883"]).unwrap();
         assert_eq!(
             cli.console.broker,

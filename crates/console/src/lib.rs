@@ -14,6 +14,8 @@
 pub mod api;
 mod cli;
 pub mod dispatch;
+pub mod guard;
+mod http;
 pub mod model;
 pub mod openapi;
 mod secrets;
@@ -38,6 +40,8 @@ pub use cli::{
     ConsoleArgs, ConsoleCommand, ConsoleCommandLine, ISSUED_BROKER_CERT, IssueBrokerCertArgs,
     issue_broker_certificate, main, run,
 };
+
+pub use http::HttpLimits;
 
 use crate::model::CallEvent;
 use crate::store::{SqliteStore, StoreHandle};
@@ -134,8 +138,19 @@ pub struct ConsoleConfig {
     pub broker: BrokerLink,
     /// Broker endpoints handed to agents while the settings name none.
     pub default_broker_endpoints: Vec<String>,
-    /// Largest request body accepted, in bytes.
+    /// Largest request body accepted, in bytes, on routes without a smaller limit of their
+    /// own (login and user routes take 4 KiB; see docs/api.md).
     pub max_body_bytes: usize,
+    /// The HTTP server's timeouts and connection limit.
+    pub http: HttpLimits,
+    /// The console's URL as agents reach it (`--public-url`), e.g.
+    /// `https://console.example.com:8080`: the check-in URL in enrollment answers and the
+    /// enrollment command the web console shows. `None`: taken from each request's `Host`.
+    pub public_url: Option<String>,
+    /// A login session ends this long after the login (12 hours).
+    pub session_lifetime: Duration,
+    /// A login session not used for this long ends (30 minutes).
+    pub session_idle_timeout: Duration,
     /// Name of the first user, created with a random password when there is none.
     pub admin_user: String,
     /// The broker's tenant file for this tenant (`<broker tenants folder>/<tenant>.toml`):
@@ -169,6 +184,10 @@ impl ConsoleConfig {
             broker: BrokerLink::None,
             default_broker_endpoints: vec!["localhost:8883".into(), "localhost:8443".into()],
             max_body_bytes: 64 * 1024,
+            http: HttpLimits::default(),
+            public_url: None,
+            session_lifetime: Duration::from_secs(12 * 3600),
+            session_idle_timeout: Duration::from_secs(30 * 60),
             admin_user: "admin".into(),
             broker_tenant_file: None,
             agent_certificate_validity: Duration::from_secs(365 * 24 * 3600),
@@ -248,6 +267,8 @@ pub struct AppState {
     /// Becomes true when the console stops: ends the live event streams, which would
     /// otherwise hold the HTTP server's graceful shutdown open.
     pub shutdown: watch::Receiver<bool>,
+    /// Login and enrollment throttles, session idle expiry (in memory).
+    pub guards: Arc<guard::Guards>,
 }
 
 /// A running console.
@@ -377,6 +398,10 @@ impl Console {
                 since: model::now_ms(),
                 diagnosis: None,
             })),
+            guards: Arc::new(guard::Guards::new(
+                config.session_idle_timeout,
+                config.session_lifetime,
+            )),
             config: Arc::new(config),
             shutdown: shutdown_rx.clone(),
         };
@@ -395,10 +420,11 @@ impl Console {
                 shutdown_rx.clone(),
             )));
         }
-        tasks.push(tokio::spawn(tls::serve(
+        tasks.push(tokio::spawn(http::serve(
             listener,
             tls,
             router,
+            state.config.http,
             shutdown_rx.clone(),
         )));
         tasks.push(tokio::spawn(dispatch::run(

@@ -1,23 +1,13 @@
-//! Serving the API over HTTPS (or plain HTTP on loopback).
-//!
-//! TLS handshakes run in their own tasks, each with a timeout, and finished streams are
-//! handed to axum through a channel-backed [`Listener`](axum::serve::Listener): a slow or
-//! silent client never holds up the accept loop.
+//! The console's HTTPS certificate: generated from the tenant CA or given as files, renewed
+//! while running. Serving is in [`crate::http`].
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use beckon_pki::{CertificateAuthority, ReloadingServerConfig, ServerCertificate};
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, watch};
-use tokio_rustls::TlsAcceptor;
-use tokio_rustls::server::TlsStream;
+use tokio::sync::watch;
 
 use crate::{ConsoleConfig, ConsoleError};
-
-/// How long a client may take for its TLS handshake.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Validity of the HTTPS certificate the console generates (two years).
 pub(crate) const HTTPS_CERT_VALIDITY: Duration = Duration::from_secs(2 * 365 * 24 * 3600);
@@ -157,97 +147,6 @@ pub(crate) fn certificate_warnings(config: &ConsoleConfig) -> Vec<String> {
         }
     }
     warnings
-}
-
-struct TlsListener {
-    rx: mpsc::Receiver<(TlsStream<TcpStream>, SocketAddr)>,
-    addr: SocketAddr,
-}
-
-impl axum::serve::Listener for TlsListener {
-    type Io = TlsStream<TcpStream>;
-    type Addr = SocketAddr;
-
-    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
-        match self.rx.recv().await {
-            Some(conn) => conn,
-            // The accept task ended (shutdown): wait for axum's graceful shutdown.
-            None => std::future::pending().await,
-        }
-    }
-
-    fn local_addr(&self) -> std::io::Result<Self::Addr> {
-        Ok(self.addr)
-    }
-}
-
-/// Serves `router` until `shutdown` turns true.
-pub(crate) async fn serve(
-    listener: TcpListener,
-    tls: Option<Arc<ReloadingServerConfig>>,
-    router: axum::Router,
-    mut shutdown: watch::Receiver<bool>,
-) {
-    let mut stop = shutdown.clone();
-    let stopped = async move {
-        let _ = crate::dispatch::stopped(&mut stop).await;
-    };
-    let app = router.into_make_service();
-    let result = match tls {
-        None => {
-            axum::serve(listener, app)
-                .with_graceful_shutdown(stopped)
-                .await
-        }
-        Some(config) => {
-            let addr = match listener.local_addr() {
-                Ok(a) => a,
-                Err(e) => {
-                    tracing::error!(error = %e, "console listener has no address");
-                    return;
-                }
-            };
-            let (tx, rx) = mpsc::channel(64);
-            tokio::spawn(async move {
-                loop {
-                    let accepted = tokio::select! {
-                        a = listener.accept() => a,
-                        _ = crate::dispatch::stopped(&mut shutdown) => return,
-                    };
-                    let (tcp, peer) = match accepted {
-                        Ok(a) => a,
-                        Err(e) => {
-                            // Out of file descriptors and the like: slow down, never spin.
-                            tracing::warn!(error = %e, "console accept failed");
-                            tokio::time::sleep(Duration::from_millis(100)).await;
-                            continue;
-                        }
-                    };
-                    // The configuration in force now: a renewed certificate applies to
-                    // new connections.
-                    let acceptor = TlsAcceptor::from(config.current());
-                    let tx = tx.clone();
-                    tokio::spawn(async move {
-                        match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
-                            Ok(Ok(stream)) => {
-                                let _ = tx.send((stream, peer)).await;
-                            }
-                            Ok(Err(e)) => {
-                                tracing::debug!(%peer, error = %e, "TLS handshake failed")
-                            }
-                            Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
-                        }
-                    });
-                }
-            });
-            axum::serve(TlsListener { rx, addr }, app)
-                .with_graceful_shutdown(stopped)
-                .await
-        }
-    };
-    if let Err(e) = result {
-        tracing::error!(error = %e, "console HTTP server stopped");
-    }
 }
 
 #[cfg(test)]

@@ -653,8 +653,9 @@ async fn bad_input_gets_a_clear_4xx_and_changes_nothing() {
             "/api/v1/enroll",
             Some(r#"{"token":"bke_unknown","agent_id":"a2","csr":"x"}"#.into()),
             None,
-            StatusCode::UNPROCESSABLE_ENTITY,
-            "csr",
+            // The token is checked before anything else.
+            StatusCode::UNAUTHORIZED,
+            "not known",
         ),
         (
             "POST",

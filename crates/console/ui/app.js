@@ -545,6 +545,27 @@ function shellWord(s) {
   return /^[A-Za-z0-9_.:\/=@%+-]+$/.test(s) ? s : "'" + s.replace(/'/g, "'\\''") + "'";
 }
 
+/** The console's URL for agents and the CA of its generated HTTPS certificate (see
+ * `enrollment` in GET /status); this page's address when the status cannot be read. */
+async function enrollmentHints() {
+  try {
+    return (await api("GET", "/status")).enrollment || {};
+  } catch (_) {
+    return {};
+  }
+}
+
+/** The `agent enroll` command for `token`: the console's public URL (else this page's
+ * address) and, when the console's certificate comes from its own CA, that CA written to a
+ * file for `--ca`. */
+function enrollCommand(token, hints) {
+  const url = shellWord(hints.console_url || location.origin);
+  const enroll = `beckon agent enroll --console ${url} --token ${shellWord(token)}`;
+  if (!hints.console_ca) return enroll;
+  return `cat > beckon-console-ca.pem <<'EOF'\n${hints.console_ca.trim()}\nEOF\n` +
+    `${enroll} --ca beckon-console-ca.pem`;
+}
+
 $("enroll-form").addEventListener("submit", async (ev) => {
   ev.preventDefault();
   const body = { label: $("enroll-label").value.trim() };
@@ -565,8 +586,7 @@ $("enroll-form").addEventListener("submit", async (ev) => {
   try {
     const t = await guarded($("enroll-error"), () => api("POST", "/enrollment-tokens", body));
     if (!t) return;
-    $("enroll-command").textContent =
-      `beckon agent enroll --console ${shellWord(location.origin)} --token ${shellWord(t.token)}`;
+    $("enroll-command").textContent = enrollCommand(t.token, await enrollmentHints());
     $("enroll-copy-status").textContent = "";
     $("enroll-result").hidden = false;
     $("enroll-copy").focus();

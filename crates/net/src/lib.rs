@@ -63,6 +63,7 @@ pub mod http;
 pub mod ladder;
 pub mod path;
 pub mod proxy;
+pub mod slots;
 pub mod stream;
 pub mod tcp;
 pub mod time;
@@ -77,6 +78,7 @@ pub use ladder::{
 };
 pub use path::{Path, PathParseError, Route, Transport};
 pub use proxy::{PrefixedStream, ProxyError, ProxyUrl, ProxyUrlError, http_connect};
+pub use slots::{ConnectionSlots, LogEvery};
 pub use stream::{BoxedStream, ByteStream};
 pub use tcp::{ResolveError, TcpError, TcpOptions, connect_addrs, resolve};
 pub use tls::{

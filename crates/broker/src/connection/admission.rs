@@ -190,10 +190,12 @@ type Refusal = (ReasonCode, String);
 fn busy_refusal(context: &ConnectionContext, busy: Busy) -> Refusal {
     match busy {
         Busy::Connections => {
-            tracing::warn!(
-                max_connections = context.max_connections,
-                "connection limit reached; refused with Server busy"
-            );
+            if context.busy_log.due() {
+                tracing::warn!(
+                    max_connections = context.max_connections,
+                    "connection limit reached; refusing new connections with Server busy (logged at most once a minute)"
+                );
+            }
             let why = "connection limit reached, retry later";
             (ReasonCode::SERVER_BUSY, why.to_owned())
         }

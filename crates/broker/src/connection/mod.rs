@@ -96,6 +96,8 @@ pub(crate) struct ConnectionContext {
     /// `limits.server_max_inflight` (sizes a console's outbox).
     pub(crate) server_max_inflight: u16,
     pub(crate) max_connections: usize,
+    /// When the connection limit was last logged (at most once a minute).
+    pub(crate) busy_log: beckon_net::LogEvery,
     /// Listeners whose connections start with a PROXY protocol header.
     pub(crate) proxy_protocol: Vec<ListenerKind>,
     /// Prometheus metrics.
@@ -553,6 +555,7 @@ mod tests {
             server_receive_maximum: 10,
             server_max_inflight: 10,
             max_connections: 10,
+            busy_log: beckon_net::LogEvery::minute(),
             proxy_protocol: Vec::new(),
             metrics: Arc::new(crate::metrics::Metrics::new()),
             connect_limiter: crate::ratelimit::ConnectLimiter::new(None, None),

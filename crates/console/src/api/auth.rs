@@ -51,48 +51,93 @@ pub(super) struct LoginRequest {
 
 pub(super) async fn login(
     State(st): State<AppState>,
+    Source(from): Source,
     Body(req): Body<LoginRequest>,
 ) -> ApiResult<Response> {
-    let user = req.user.clone();
-    let stored = st.store.run(move |s| s.password_hash(&user)).await;
-    let password = req.password;
-    let (check, stored, password) = match stored {
-        Ok(hash) => {
-            tokio::task::spawn_blocking(move || (verify_password(&password, &hash), hash, password))
-                .await
-                .map_err(|e| ApiError::internal(format!("checking the password stopped: {e}")))?
-        }
-        Err(StoreError::NotFound { .. }) => {
-            // Same work as for a known user, so that timing does not tell which names exist.
-            let _ =
-                tokio::task::spawn_blocking(move || verify_password(&password, &UNKNOWN_USER_HASH))
-                    .await;
-            return Err(ApiError::unauthorized("wrong user name or password"));
-        }
-        Err(e) => return Err(e.into()),
-    };
-    match check {
-        PasswordCheck::Wrong => {
-            return Err(ApiError::unauthorized("wrong user name or password"));
-        }
-        PasswordCheck::RightOutdated => upgrade_hash(&st, &req.user, stored, password).await,
-        PasswordCheck::Right => {}
+    let guards = st.guards.clone();
+    let now = std::time::Instant::now();
+    let throttled = [
+        guards.login_user.check(&req.user, now),
+        guards.login_address.check(&from, now),
+    ];
+    if let Some(wait) = throttled.into_iter().filter_map(Result::err).max() {
+        // No password work while throttled.
+        return Err(ApiError::too_many(
+            format!(
+                "too many failed logins for this user or from this address: try again in {} s",
+                wait.as_secs().max(1)
+            ),
+            wait,
+        ));
     }
+    if !password_is_right(&st, &req).await? {
+        let user_limited = guards.login_user.fail(&req.user, now);
+        let address_limited = guards.login_address.fail(&from, now);
+        if user_limited || address_limited {
+            tracing::warn!(user = %req.user, address = %from, "failed logins throttled");
+            write_audit(
+                &st,
+                format!("address:{from}"),
+                "login.throttled",
+                json!({
+                    "user": req.user,
+                    "address": from.to_string(),
+                    "by_user": user_limited,
+                    "by_address": address_limited,
+                    "failures": crate::guard::FAILURES,
+                    "window_secs": crate::guard::WINDOW.as_secs(),
+                }),
+            )
+            .await;
+        }
+        return Err(ApiError::unauthorized("wrong user name or password"));
+    }
+    guards.login_user.clear(&req.user);
     let token = new_token("bks_");
     let now = now_ms();
+    let lifetime = st.config.session_lifetime;
     let session = NewSession {
         hash: token_hash(&token),
         user: req.user.clone(),
         created_at: now,
-        expires_at: now + SESSION_TTL_MS,
+        expires_at: now.saturating_add(i64::try_from(lifetime.as_millis()).unwrap_or(i64::MAX)),
     };
     st.store.run(move |s| s.create_session(session)).await?;
     let cookie = format!(
         "{SESSION_COOKIE}={token}; HttpOnly; SameSite=Strict; Path=/; Max-Age={}{}",
-        SESSION_TTL_MS / 1000,
+        lifetime.as_secs(),
         if st.config.plain_http { "" } else { "; Secure" }
     );
     Ok(([(SET_COOKIE, cookie)], Json(json!({ "user": req.user }))).into_response())
+}
+
+/// Whether `req` names a user and that user's password (rewriting a hash of the first
+/// format). An unknown user costs the same work as a known one, so that timing does not
+/// tell which names exist.
+async fn password_is_right(st: &AppState, req: &LoginRequest) -> ApiResult<bool> {
+    let user = req.user.clone();
+    let stored = st.store.run(move |s| s.password_hash(&user)).await;
+    let password = req.password.clone();
+    let hash = match stored {
+        Ok(hash) => hash,
+        Err(StoreError::NotFound { .. }) => {
+            let _ =
+                tokio::task::spawn_blocking(move || verify_password(&password, &UNKNOWN_USER_HASH))
+                    .await;
+            return Ok(false);
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let (check, stored, password) =
+        tokio::task::spawn_blocking(move || (verify_password(&password, &hash), hash, password))
+            .await
+            .map_err(|e| ApiError::internal(format!("checking the password stopped: {e}")))?;
+    match check {
+        PasswordCheck::Wrong => return Ok(false),
+        PasswordCheck::RightOutdated => upgrade_hash(st, &req.user, stored, password).await,
+        PasswordCheck::Right => {}
+    }
+    Ok(true)
 }
 
 /// A hash no password matches, checked for unknown user names (so that they take as long
@@ -128,6 +173,7 @@ async fn upgrade_hash(st: &AppState, user: &str, stored: String, password: Strin
 pub(super) async fn logout(State(st): State<AppState>, headers: HeaderMap) -> ApiResult<Response> {
     if let Some(c) = session_cookie(&headers) {
         let hash = token_hash(&c);
+        st.guards.sessions.end(&hash);
         st.store.run(move |s| s.delete_session(&hash)).await?;
     }
     let cookie = format!("{SESSION_COOKIE}=; HttpOnly; SameSite=Strict; Path=/; Max-Age=0");

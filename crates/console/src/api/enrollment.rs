@@ -154,13 +154,43 @@ pub(super) struct EnrollResponse {
 
 pub(super) async fn enroll(
     State(st): State<AppState>,
+    Source(from): Source,
     headers: HeaderMap,
     Body(req): Body<EnrollRequest>,
 ) -> ApiResult<(StatusCode, Json<EnrollResponse>)> {
-    if !req.token.starts_with("bke_") {
-        return Err(ApiError::unauthorized(
-            "the enrollment token is not valid (they start with bke_): ask an administrator for one",
+    let guard = &st.guards.enroll_address;
+    if let Err(wait) = guard.check(&from, std::time::Instant::now()) {
+        return Err(ApiError::too_many(
+            format!(
+                "too many failed enrollments from this address: try again in {} s",
+                wait.as_secs().max(1)
+            ),
+            wait,
         ));
+    }
+    // The token first: nobody without a valid one makes the CA do any work.
+    let token_h = token_hash(&req.token);
+    let checked = if req.token.starts_with("bke_") {
+        st.store
+            .run(move |s| s.check_enrollment_token(&token_h, now_ms()))
+            .await
+            .map_err(ApiError::from)
+    } else {
+        Err(ApiError::unauthorized(
+            "the enrollment token is not valid (they start with bke_): ask an administrator for one",
+        ))
+    };
+    if let Err(e) = checked {
+        if e.status == StatusCode::UNAUTHORIZED && guard.fail(&from, std::time::Instant::now()) {
+            tracing::warn!(address = %from, "failed enrollments throttled");
+            let detail = json!({
+                "address": from.to_string(),
+                "failures": crate::guard::FAILURES,
+                "window_secs": crate::guard::WINDOW.as_secs(),
+            });
+            write_audit(&st, format!("address:{from}"), "enroll.throttled", detail).await;
+        }
+        return Err(e);
     }
     let agent_id = match req.agent_id {
         Some(id) => {
@@ -184,7 +214,7 @@ pub(super) async fn enroll(
             }
         });
     check_text("name", &name, 1, 200)?;
-    // Sign first: a bad CSR must not use up the token.
+    // Sign before recording: a bad CSR must not use up the token.
     let (certificate, record) = sign_agent_csr(&st, &req.csr, &agent_id)?;
     let checkin_token = new_token("bka_");
     let new = NewAgent {
@@ -194,7 +224,7 @@ pub(super) async fn enroll(
         secret_hash: token_hash(&checkin_token),
         certificate: Some(record),
     };
-    let token_h = token_hash(&req.token);
+    // Checked again in the same transaction that uses it up.
     let agent = st
         .store
         .run(move |s| s.enroll_agent(&token_h, new, now_ms()))
@@ -204,15 +234,6 @@ pub(super) async fn enroll(
         st.config.default_broker_endpoints.clone()
     } else {
         settings.broker.endpoints.clone()
-    };
-    let host = headers
-        .get(axum::http::header::HOST)
-        .and_then(|h| h.to_str().ok())
-        .unwrap_or("localhost");
-    let scheme = if st.config.plain_http {
-        "http"
-    } else {
-        "https"
     };
     tracing::info!(agent = %agent.id, "agent enrolled");
     Ok((
@@ -229,9 +250,28 @@ pub(super) async fn enroll(
                 "public_key": st.signer.key().public_key().to_base64(),
             }),
             checkin_token,
-            checkin_url: format!("{scheme}://{host}"),
+            checkin_url: console_url(&st, &headers),
         }),
     ))
+}
+
+/// The console's URL as agents reach it: `--public-url`, else this request's scheme and
+/// `Host` header (what the client used; behind a proxy or NAT that may not be what agents
+/// elsewhere can reach).
+pub(super) fn console_url(st: &AppState, headers: &HeaderMap) -> String {
+    if let Some(url) = &st.config.public_url {
+        return url.clone();
+    }
+    let host = headers
+        .get(axum::http::header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .unwrap_or("localhost");
+    let scheme = if st.config.plain_http {
+        "http"
+    } else {
+        "https"
+    };
+    format!("{scheme}://{host}")
 }
 
 /// The agent certificate for `csr` (a PEM signing request, checked for size and form first)

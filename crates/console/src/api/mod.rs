@@ -18,9 +18,9 @@ mod wol;
 
 use axum::extract::rejection::{JsonRejection, QueryRejection};
 use axum::extract::{DefaultBodyLimit, FromRequest, FromRequestParts, Request};
-use axum::http::header::{AUTHORIZATION, COOKIE};
+use axum::http::header::{AUTHORIZATION, COOKIE, RETRY_AFTER};
 use axum::http::request::Parts;
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{MethodRouter, delete, get, post};
 use axum::{Json, Router};
@@ -44,8 +44,6 @@ use wol::*;
 pub(crate) use auth::ensure_first_user;
 pub(crate) use tokens::create_api_token;
 
-/// Session lifetime: 12 hours.
-const SESSION_TTL_MS: i64 = 12 * 3600 * 1000;
 /// Name of the session cookie.
 const SESSION_COOKIE: &str = "beckon_session";
 
@@ -54,6 +52,8 @@ const SESSION_COOKIE: &str = "beckon_session";
 pub struct ApiError {
     status: StatusCode,
     message: String,
+    /// For 429: when to try again.
+    retry_after: Option<std::time::Duration>,
 }
 
 impl ApiError {
@@ -61,6 +61,15 @@ impl ApiError {
         Self {
             status,
             message: message.into(),
+            retry_after: None,
+        }
+    }
+
+    /// 429 with a `Retry-After` of `wait` (whole seconds, at least 1).
+    fn too_many(message: impl Into<String>, wait: std::time::Duration) -> Self {
+        Self {
+            retry_after: Some(wait),
+            ..Self::new(StatusCode::TOO_MANY_REQUESTS, message)
         }
     }
 
@@ -82,7 +91,14 @@ impl ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        (self.status, Json(json!({ "error": self.message }))).into_response()
+        let mut response = (self.status, Json(json!({ "error": self.message }))).into_response();
+        if let Some(wait) = self.retry_after {
+            let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+            response
+                .headers_mut()
+                .insert(RETRY_AFTER, HeaderValue::from(secs.max(1)));
+        }
+        response
     }
 }
 
@@ -183,6 +199,24 @@ fn session_cookie(headers: &HeaderMap) -> Option<String> {
     })
 }
 
+/// The address a request came from (the TCP peer; a reverse proxy's own address behind
+/// one). Unspecified when the router is driven without a connection (tests).
+pub struct Source(pub std::net::IpAddr);
+
+impl<S: Send + Sync> FromRequestParts<S> for Source {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
+        let peer = parts
+            .extensions
+            .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+            .map_or(std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED), |c| {
+                c.0.ip()
+            });
+        Ok(Source(peer))
+    }
+}
+
 /// An authenticated administrator's request (API token or session cookie): the console's
 /// state and who asks. Every route that needs an administrator takes it as its first
 /// argument, reads and writes the store through [`Admin::run`], and records what it changed
@@ -206,7 +240,18 @@ impl FromRequestParts<AppState> for Admin {
             state.store.run(move |s| s.api_token(&hash)).await?
         } else if let Some(cookie) = session_cookie(&parts.headers) {
             let hash = token_hash(&cookie);
-            state.store.run(move |s| s.session(&hash, now_ms())).await?
+            let who = state.store.run(move |s| s.session(&hash, now_ms())).await?;
+            if !state
+                .guards
+                .sessions
+                .touch(&hash, std::time::Instant::now())
+            {
+                let _ = state.store.run(move |s| s.delete_session(&hash)).await;
+                return Err(ApiError::unauthorized(
+                    "the session ended after a time without use: log in again",
+                ));
+            }
+            who
         } else {
             return Err(ApiError::unauthorized(
                 "authentication required: send Authorization: Bearer <API token>, or log in (POST /api/v1/login)",
@@ -232,15 +277,7 @@ impl Admin {
     /// Records `what` this administrator did in the audit log. A failure to write it is
     /// logged, not answered: the change itself is done.
     async fn audit(&self, what: &'static str, detail: serde_json::Value) {
-        let entry = NewAuditEntry {
-            who: self.who.name.clone(),
-            what: what.to_owned(),
-            detail,
-            at: now_ms(),
-        };
-        if let Err(e) = self.st.store.run(move |s| s.audit(entry)).await {
-            tracing::warn!(error = %e, what, "could not write the audit log");
-        }
+        write_audit(&self.st, self.who.name.clone(), what, detail).await;
     }
 
     /// Runs the change `f` with the store and, when it succeeded, records it in the audit
@@ -258,6 +295,20 @@ impl Admin {
         let done = self.run(f).await?;
         self.audit(what, detail).await;
         Ok(done)
+    }
+}
+
+/// Records in the audit log that `who` did `what`. A failure to write it is logged, not
+/// answered: what was done is done.
+async fn write_audit(st: &AppState, who: String, what: &'static str, detail: serde_json::Value) {
+    let entry = NewAuditEntry {
+        who,
+        what: what.to_owned(),
+        detail,
+        at: now_ms(),
+    };
+    if let Err(e) = st.store.run(move |s| s.audit(entry)).await {
+        tracing::warn!(error = %e, what, "could not write the audit log");
     }
 }
 
@@ -324,12 +375,29 @@ pub fn routes() -> Vec<(
     ]
 }
 
-/// The API router with its body limit and JSON fallbacks.
+/// Body limit of the routes that take a user name and password: 4 KiB.
+pub const SMALL_BODY_BYTES: usize = 4 * 1024;
+
+/// The largest body `path` accepts: small for login and users, `default` (the console's
+/// `max_body_bytes`) for the rest.
+fn body_limit(path: &str, default: usize) -> usize {
+    match path {
+        "/api/v1/login" | "/api/v1/logout" | "/api/v1/users" | "/api/v1/account/password" => {
+            SMALL_BODY_BYTES.min(default)
+        }
+        _ => default,
+    }
+}
+
+/// The API router with its body limits and JSON fallbacks.
 pub fn router(state: AppState) -> Router {
     let limit = state.config.max_body_bytes;
     let mut r = Router::new();
     for (path, _, handler) in routes() {
-        r = r.route(path, handler);
+        r = r.route(
+            path,
+            handler.layer(DefaultBodyLimit::max(body_limit(path, limit))),
+        );
     }
     r.fallback(|| async {
         ApiError::new(

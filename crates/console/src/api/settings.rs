@@ -48,5 +48,19 @@ pub(super) async fn status(a: Admin) -> Json<serde_json::Value> {
         "tenant": a.st.tenant.as_str(),
         "call_states": states,
         "certificate_warnings": crate::tls::certificate_warnings(&a.st.config),
+        "enrollment": enrollment_hints(&a.st),
     }))
+}
+
+/// What the Enrollment page needs for a working `beckon agent enroll` command: the
+/// `--public-url` (`null`: the page uses its own address), and the CA that signed the
+/// console's HTTPS certificate when the console generated it (agents pass it with `--ca`;
+/// `null` for plain HTTP or a `--tls-cert` from a CA the system trusts).
+fn enrollment_hints(st: &AppState) -> serde_json::Value {
+    let own_ca = !st.config.plain_http && st.config.tls_files.is_none();
+    let ca = own_ca.then(|| st.ca.cert_pem().to_owned());
+    json!({
+        "console_url": st.config.public_url,
+        "console_ca": ca,
+    })
 }

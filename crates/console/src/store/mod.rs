@@ -430,6 +430,11 @@ pub trait AuthStore {
     /// Revokes a token.
     fn revoke_enrollment_token(&self, id: &str) -> StoreResult<()>;
 
+    /// Refuses (like [`enroll_agent`](AgentStore::enroll_agent)) an enrollment token that is
+    /// unknown, revoked, expired at `now` or used up; uses nothing up. Checked before the CA
+    /// signs anything.
+    fn check_enrollment_token(&self, token_hash: &[u8; 32], now: Millis) -> StoreResult<()>;
+
     /// Creates a user with a password hash (PHC string).
     fn create_user(&self, name: &str, password_hash: &str, now: Millis) -> StoreResult<()>;
 

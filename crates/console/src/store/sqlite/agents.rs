@@ -20,6 +20,44 @@ pub(super) fn insert_certificate(
     Ok(())
 }
 
+/// The enrollment token whose secret hashes to `hash`, refused when unknown, revoked,
+/// expired at `now` or used up.
+pub(super) fn usable_token(
+    conn: &Connection,
+    hash: &[u8; 32],
+    now: Millis,
+) -> StoreResult<EnrollmentToken> {
+    let token = query_opt(
+        conn,
+        &format!("SELECT {TOKEN_COLUMNS} FROM enrollment_tokens WHERE hash = ?1"),
+        [&hash[..]],
+        token_from_row,
+        "reading an enrollment token",
+    )?
+    .ok_or_else(|| {
+        StoreError::Refused(
+            "the enrollment token is not known: check it, or ask an administrator for a new one"
+                .into(),
+        )
+    })?;
+    if token.revoked {
+        return Err(StoreError::Refused(
+            "the enrollment token was revoked: ask an administrator for a new one".into(),
+        ));
+    }
+    if token.expires_at.is_some_and(|e| e <= now) {
+        return Err(StoreError::Refused(
+            "the enrollment token has expired: ask an administrator for a new one".into(),
+        ));
+    }
+    if token.max_uses.is_some_and(|m| token.uses >= m) {
+        return Err(StoreError::Refused(
+            "the enrollment token has been used up: ask an administrator for a new one".into(),
+        ));
+    }
+    Ok(token)
+}
+
 pub(super) const AGENT_COLUMNS: &str = "id, name, hostname, os, addresses, macs, enrolled_at, last_checkin, presence, presence_at, path, remote_addr, revoked";
 
 pub(super) fn agent_from_row(row: &Row<'_>) -> rusqlite::Result<Agent> {
@@ -127,34 +165,7 @@ impl AgentStore for SqliteStore {
     ) -> StoreResult<Agent> {
         let mut conn = self.conn();
         let tx = conn.transaction().map_err(sql("starting a transaction"))?;
-        let token = query_opt(
-            &tx,
-            &format!("SELECT {TOKEN_COLUMNS} FROM enrollment_tokens WHERE hash = ?1"),
-            [&token_hash[..]],
-            token_from_row,
-            "reading an enrollment token",
-        )?
-        .ok_or_else(|| {
-            StoreError::Refused(
-                "the enrollment token is not known: check it, or ask an administrator for a new one"
-                    .into(),
-            )
-        })?;
-        if token.revoked {
-            return Err(StoreError::Refused(
-                "the enrollment token was revoked: ask an administrator for a new one".into(),
-            ));
-        }
-        if token.expires_at.is_some_and(|e| e <= now) {
-            return Err(StoreError::Refused(
-                "the enrollment token has expired: ask an administrator for a new one".into(),
-            ));
-        }
-        if token.max_uses.is_some_and(|m| token.uses >= m) {
-            return Err(StoreError::Refused(
-                "the enrollment token has been used up: ask an administrator for a new one".into(),
-            ));
-        }
+        let token = usable_token(&tx, token_hash, now)?;
         let existing = agent_revoked(&tx, &agent.id)?;
         match existing {
             Some(false) => {

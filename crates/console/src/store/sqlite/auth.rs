@@ -26,6 +26,10 @@ pub(super) const TOKEN_COLUMNS: &str =
     "id, label, created_at, created_by, expires_at, max_uses, uses, groups, revoked";
 
 impl AuthStore for SqliteStore {
+    fn check_enrollment_token(&self, token_hash: &[u8; 32], now: Millis) -> StoreResult<()> {
+        agents::usable_token(&self.conn(), token_hash, now).map(drop)
+    }
+
     fn create_enrollment_token(&self, t: NewEnrollmentToken) -> StoreResult<EnrollmentToken> {
         let mut conn = self.conn();
         let tx = conn.transaction().map_err(sql("starting a transaction"))?;
