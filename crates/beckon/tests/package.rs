@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
-use common::{Process, Up, beckon_bin, command_of, free_port, output_within};
+use common::{Process, Up, beckon_bin, command_of, free_port, succeeded};
 
 const LIMIT: Duration = Duration::from_secs(120);
 const INSTALLED: &str = "/usr/bin/beckon";
@@ -42,15 +42,7 @@ fn repo() -> PathBuf {
 fn run(program: &str, args: &[&str]) -> Output {
     let mut command = Command::new(program);
     command.args(args).env("DEBIAN_FRONTEND", "noninteractive");
-    let out = output_within(command, LIMIT);
-    assert!(
-        out.status.success(),
-        "{program} {args:?}: {}\n{}{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
+    succeeded(command, LIMIT)
 }
 
 fn stdout(out: &Output) -> String {
@@ -112,12 +104,7 @@ fn the_debian_package_installs_verifies_runs_and_purges() {
         // gzip instead of xz: the same package, and a third of a minute less for the debug
         // binary on a busy machine.
         .env("DPKG_DEB_COMPRESSOR_TYPE", "gzip");
-    let built = output_within(package, LIMIT);
-    assert!(
-        built.status.success(),
-        "scripts/package: {}",
-        String::from_utf8_lossy(&built.stderr)
-    );
+    let built = succeeded(package, LIMIT);
     let version = env!("CARGO_PKG_VERSION");
     let arch = stdout(&run("dpkg", &["--print-architecture"]));
     let deb = out_dir.path().join(format!("beckon_{version}_{arch}.deb"));

@@ -232,6 +232,21 @@ fn collect<const N: usize>(stream: impl Read + Send + 'static, into: [Lines; N])
     });
 }
 
+/// Runs `command` to its end within `limit` ([`output_within`]); its output, after checking
+/// that it succeeded.
+pub fn succeeded(command: Command, limit: Duration) -> std::process::Output {
+    let what = format!("{command:?}");
+    let out = output_within(command, limit);
+    assert!(
+        out.status.success(),
+        "{what}: {}\n{}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
 /// `beckon up` as a child process, killed on drop.
 pub struct Up {
     process: Process,
