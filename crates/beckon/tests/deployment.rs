@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use beckon_agent::http::{HttpClient, Url, console_client, request};
 use serde_json::{Value, json};
 
-use common::{Process, beckon_command, free_port, output_within};
+use common::{Process, beckon_command, free_port, succeeded};
 
 const LIMIT: Duration = Duration::from_secs(60);
 
@@ -39,15 +39,7 @@ fn command(args: &[&str]) -> Output {
         .env_remove("BECKON_CONSOLE_URL")
         .env_remove("BECKON_CONSOLE_DATA")
         .env_remove("BECKON_ENROLL_TOKEN");
-    let out = output_within(command, LIMIT);
-    assert!(
-        out.status.success(),
-        "beckon {args:?}: {}\n{}{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
+    succeeded(command, LIMIT)
 }
 
 /// The console's API over HTTPS, trusting only the console's CA file (what `curl --cacert`

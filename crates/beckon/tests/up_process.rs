@@ -5,27 +5,9 @@
 
 mod common;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::Up;
-
-const WAIT: Duration = Duration::from_secs(30);
-
-/// Polls the console's status until its broker connection is up.
-fn wait_push_connected(up: &Up, cookie: &str) {
-    let deadline = Instant::now() + WAIT;
-    loop {
-        let (_, status, _) = up.request("GET", "/api/v1/status", cookie, "");
-        if status["push_service"]["connected"] == true {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the console never reached its broker: {status}"
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
-}
 
 #[test]
 fn first_start_creates_everything_and_the_second_reuses_it() {
@@ -37,7 +19,7 @@ fn first_start_creates_everything_and_the_second_reuses_it() {
         .password()
         .unwrap_or_else(|| panic!("no admin password printed: {:?}", first.stdout));
     let cookie = first.login(&password);
-    wait_push_connected(&first, &cookie);
+    first.wait_push_connected(&cookie);
     // A moment for anything that would still be logged about the start.
     std::thread::sleep(Duration::from_secs(1));
     assert_eq!(
@@ -62,7 +44,7 @@ fn first_start_creates_everything_and_the_second_reuses_it() {
         "the broker certificate is reused"
     );
     let cookie = second.login(&password);
-    wait_push_connected(&second, &cookie);
+    second.wait_push_connected(&cookie);
     std::thread::sleep(Duration::from_secs(1));
     assert_eq!(
         second.warnings(),

@@ -3,7 +3,8 @@
 //! the MQTT port, takes a signed wake-up, runs a `cmd.exe` action with the wake-up in its
 //! environment and reports `finished`; `agent status` reads its state. Then, with the MQTT
 //! port refused, it falls back to the fallback port, and with a proxy configured it goes
-//! through tinyproxy. Last, registered as a Windows service and removed.
+//! through tinyproxy. Last, registered as a Windows service, started by Wine's service manager
+//! (online again), and removed (offline).
 //!
 //! Needs the Windows build (`scripts/windows/build`, which `scripts/test` runs) and Wine with
 //! the prefix `scripts/windows/prepare-wine` makes. Without them the test fails and says so;
@@ -292,8 +293,7 @@ fn windows_agent_under_wine_enrolls_connects_and_runs_a_cmd_action() {
     );
 
     // Registered as a Windows service (automatic start, this program with `agent service`
-    // and the configuration), then removed. Starting it is left out: under Wine 8 the agent
-    // started by the service manager does not get as far as connecting.
+    // and the configuration), started by the service manager, connected, then removed.
     let _ = windows_command(&bin, &["agent", "uninstall-service"]).output();
     let _removed = ServiceRemoval(bin.clone());
     let out = run_windows(&bin, &["agent", "install-service", "--config", &config_arg]);
@@ -321,10 +321,31 @@ fn windows_agent_under_wine_enrolls_connects_and_runs_a_cmd_action() {
         value("ImagePath").ends_with(&format!("beckon.exe agent service --config {config_arg}")),
         "{registered}"
     );
+    // Wine ends its service manager, and the services it runs, when the last ordinary Wine
+    // program ends: `sc start` alone would stop the agent again within a second or two, still
+    // in its start delay. So `sc start` runs in a session kept open by a waiting `ping`
+    // (ended with the service, below).
+    let _session = Process::spawn(
+        "sc start BeckonAgent",
+        windows_command(
+            Path::new("cmd"),
+            &["/c", "sc start BeckonAgent & ping -n 120 127.0.0.1 >nul"],
+        ),
+    );
+    wait_agent(&up, &cookie, &id, "online as a service", |a| {
+        a["presence"] == "online"
+    });
     let out = run_windows(&bin, &["agent", "uninstall-service"]);
     assert!(
         String::from_utf8_lossy(&out.stdout).contains("removed the service"),
         "{out:?}"
+    );
+    wait_agent(
+        &up,
+        &cookie,
+        &id,
+        "offline once the service is removed",
+        |a| a["presence"] != "online",
     );
     assert!(
         !windows_command(&bin, &["agent", "uninstall-service"])
@@ -349,10 +370,13 @@ fn wine_tool(tool: &str, args: &[&str]) -> String {
 }
 
 /// Removes the service when the test ends, passed or not: the Wine prefix outlives the test.
+/// Also ends the `ping` that kept the service's Wine session open, and so the session (its
+/// processes would otherwise hold the test's output open for up to two minutes).
 struct ServiceRemoval(PathBuf);
 
 impl Drop for ServiceRemoval {
     fn drop(&mut self) {
         let _ = windows_command(&self.0, &["agent", "uninstall-service"]).output();
+        let _ = windows_command(Path::new("taskkill"), &["/f", "/im", "ping.exe"]).output();
     }
 }

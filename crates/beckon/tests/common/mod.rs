@@ -50,7 +50,16 @@ where
     I: IntoIterator<Item = S>,
     S: AsRef<std::ffi::OsStr>,
 {
-    let mut command = Command::new(beckon_bin());
+    command_of(&beckon_bin(), args)
+}
+
+/// [`beckon_command`] for the `beckon` binary at `bin` (an installed one, say).
+pub fn command_of<I, S>(bin: &str, args: I) -> Command
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<std::ffi::OsStr>,
+{
+    let mut command = Command::new(bin);
     command
         .args(args)
         .env_remove("BECKON_MQTTS")
@@ -223,6 +232,21 @@ fn collect<const N: usize>(stream: impl Read + Send + 'static, into: [Lines; N])
     });
 }
 
+/// Runs `command` to its end within `limit` ([`output_within`]); its output, after checking
+/// that it succeeded.
+pub fn succeeded(command: Command, limit: Duration) -> std::process::Output {
+    let what = format!("{command:?}");
+    let out = output_within(command, limit);
+    assert!(
+        out.status.success(),
+        "{what}: {}\n{}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
 /// `beckon up` as a child process, killed on drop.
 pub struct Up {
     process: Process,
@@ -239,6 +263,11 @@ impl Up {
     /// ports, the 443 fallback on one too (or off when `fallback` is false), and
     /// `demo_agents` demo agents (none: the flag is not given); waits until it reports ready.
     pub fn start(data: &Path, demo_agents: u16, fallback: bool) -> Self {
+        Self::start_bin(&beckon_bin(), data, demo_agents, fallback)
+    }
+
+    /// [`Up::start`] with the `beckon` binary at `bin`.
+    pub fn start_bin(bin: &str, data: &Path, demo_agents: u16, fallback: bool) -> Self {
         let console = format!("127.0.0.1:{}", free_port());
         let mqtts = format!("127.0.0.1:{}", free_port());
         let fallback = if fallback {
@@ -247,7 +276,7 @@ impl Up {
             "off".to_owned()
         };
         let started_ms = unix_ms();
-        let mut command = beckon_command(["up", "--data"]);
+        let mut command = command_of(bin, ["up", "--data"]);
         command.arg(data).args([
             "--console",
             &console,
@@ -267,6 +296,22 @@ impl Up {
             process,
             console,
             started_ms,
+        }
+    }
+
+    /// Polls the console's status (logged in with `cookie`) until its broker connection is up.
+    pub fn wait_push_connected(&self, cookie: &str) {
+        let deadline = Instant::now() + READY_WAIT;
+        loop {
+            let (_, status, _) = self.request("GET", "/api/v1/status", cookie, "");
+            if status["push_service"]["connected"] == true {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the console never reached its broker: {status}"
+            );
+            std::thread::sleep(Duration::from_millis(200));
         }
     }
 
