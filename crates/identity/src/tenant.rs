@@ -535,9 +535,21 @@ fn load_tenant_file(
     id: TenantId,
     fingerprint: &mut Fingerprint,
 ) -> Result<Tenant, TenantFileError> {
+    let text = read_limited(file)
+        .map_err(|e| TenantFileError::new(file, None, format!("cannot read: {e}")))?;
+    parse_tenant_file(&text, file, folder, id, fingerprint)
+}
+
+/// The tenant of the text of `file`; `ca` files are read relative to `folder`.
+pub(crate) fn parse_tenant_file(
+    text: &str,
+    file: &Path,
+    folder: &Path,
+    id: TenantId,
+    fingerprint: &mut Fingerprint,
+) -> Result<Tenant, TenantFileError> {
     let err = |key: Option<String>, reason: String| TenantFileError::new(file, key, reason);
-    let text = read_limited(file).map_err(|e| err(None, format!("cannot read: {e}")))?;
-    let parsed: TenantFile = toml::from_str(&text).map_err(|e| {
+    let parsed: TenantFile = toml::from_str(text).map_err(|e| {
         let line = e
             .span()
             .map(|s| text[..s.start.min(text.len())].matches('\n').count() + 1);
