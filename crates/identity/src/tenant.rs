@@ -483,7 +483,12 @@ fn list_tenant_files(folder: &Path) -> std::io::Result<Vec<PathBuf>> {
 }
 
 fn read_limited(path: &Path) -> Result<String, String> {
-    let len = fs::metadata(path).map_err(|e| e.to_string())?.len();
+    let meta = fs::metadata(path).map_err(|e| e.to_string())?;
+    // A device or a pipe has no size to check and may never end (`/dev/zero`) or block.
+    if !meta.is_file() {
+        return Err("not a regular file".to_owned());
+    }
+    let len = meta.len();
     if len > MAX_TENANT_FILE_LEN {
         return Err(format!(
             "{len} bytes is larger than the {MAX_TENANT_FILE_LEN}-byte limit"

@@ -7,6 +7,7 @@
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
+use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 
 use crate::http::{HttpClient, HttpError, HttpSettings, Request, Url};
 use crate::ws::{WsError, WsSettings, websocket_handshake};
@@ -30,12 +31,14 @@ pub async fn http_answers(data: &[u8]) {
     let Some((&mode, answer)) = data.split_first() else {
         return;
     };
+    if mode % 4 == 3 {
+        return websocket(answer).await;
+    }
     let (client, _server) = answered(answer).await;
     match mode % 4 {
         0 => proxy_answer(client, answer).await,
         1 => response(client, false).await,
-        2 => response(client, true).await,
-        _ => websocket(client).await,
+        _ => response(client, true).await,
     }
 }
 
@@ -97,8 +100,38 @@ fn not_timed_out(e: &HttpError) {
     assert!(!matches!(e, HttpError::TimedOut { .. }), "{e}");
 }
 
-/// The upgrade answer, then MQTT bytes out of the frames that follow it.
-async fn websocket(client: DuplexStream) {
+/// The upgrade answer, then MQTT bytes out of the frames that follow it. `{accept}` in the
+/// answer becomes the `Sec-WebSocket-Accept` value of the client's random key, so that the
+/// frames after a valid answer are reached.
+async fn websocket(answer: &[u8]) {
+    let (client, mut server) = tokio::io::duplex(2 * answer.len() + 64 * 1024);
+    let answer = answer.to_vec();
+    let serving = tokio::spawn(async move {
+        let mut request = Vec::new();
+        let mut buf = [0u8; 1024];
+        while !request.windows(4).any(|w| w == b"\r\n\r\n") {
+            match server.read(&mut buf).await {
+                Ok(0) | Err(_) => return server,
+                Ok(n) => request.extend_from_slice(&buf[..n]),
+            }
+        }
+        let text = String::from_utf8_lossy(&request).to_ascii_lowercase();
+        let key = text
+            .split("\r\n")
+            .find_map(|line| line.strip_prefix("sec-websocket-key: "))
+            .unwrap_or_default();
+        // The key is base64, whose letters' case matters: take it from the request as sent.
+        let at = text.find(key).unwrap_or(0);
+        let key = String::from_utf8_lossy(&request[at..at + key.len()]).into_owned();
+        let accept = derive_accept_key(key.as_bytes());
+        let answer = match answer.windows(8).position(|w| w == b"{accept}") {
+            Some(i) => [&answer[..i], accept.as_bytes(), &answer[i + 8..]].concat(),
+            None => answer,
+        };
+        let _ = server.write_all(&answer).await;
+        let _ = server.shutdown().await;
+        server
+    });
     let settings = WsSettings {
         max_message_size: 64 * 1024,
         ..WsSettings::default()
@@ -118,4 +151,5 @@ async fn websocket(client: DuplexStream) {
         Err(e @ WsError::TimedOut { .. }) => panic!("{e}"),
         Err(e) => assert!(!e.to_string().is_empty()),
     }
+    let _server = serving.await;
 }
