@@ -91,11 +91,15 @@ fn unaccepted(what: &str, findings: &[Value]) -> Vec<String> {
         .map(|f| (field(f, "id"), field(f, "finding")))
         .collect();
     assert!(
-        by_id.get("TLS1_3").is_some_and(|f| f.starts_with("offered")),
+        by_id
+            .get("TLS1_3")
+            .is_some_and(|f| f.starts_with("offered")),
         "{what}: testssl did not see TLS 1.3 offered: {by_id:?}"
     );
     assert!(
-        by_id.get("TLS1").is_some_and(|f| f.starts_with("not offered")),
+        by_id
+            .get("TLS1")
+            .is_some_and(|f| f.starts_with("not offered")),
         "{what}: TLS 1.0 is offered or was not tested: {by_id:?}"
     );
     for f in findings {
