@@ -51,7 +51,9 @@ for target in "${targets[@]}"; do
         echo "fuzz target $target failed; its input is in fuzz/artifacts/$target" >&2
         exit 1
     fi
-    # libFuzzer's last status line: executions, coverage (cov: edges, ft: features), corpus.
-    done_line=$(grep -E '^#[0-9]+ +DONE' "$log" | tail -n 1 || true)
-    printf '%-13s %ss: %s\n' "$target" "$each" "${done_line:-$(tail -n 1 "$log")}"
+    # libFuzzer's last status line (cov: edges, ft: features, corp: corpus) and its count
+    # of executions.
+    status=$(grep -E '^#[0-9]+' "$log" | tail -n 1 | grep -oE 'cov: [0-9]+ ft: [0-9]+ corp: [^ ]+' || true)
+    runs=$(grep -oE 'number_of_executed_units: [0-9]+' "$log" | grep -oE '[0-9]+$' || true)
+    printf '%-13s %3ss: %s runs, %s\n' "$target" "$each" "${runs:-?}" "${status:-no status line}"
 done
