@@ -20,7 +20,10 @@ fn check(data: &[u8], version: ProtocolVersion, max: u32) {
                 return;
             }
             Err(e) => {
-                assert!(matches!(e.reason_code().0, 0x81 | 0x82 | 0x84 | 0x90 | 0x95));
+                assert!(matches!(
+                    e.reason_code().0,
+                    0x81 | 0x82 | 0x84 | 0x90 | 0x95
+                ));
                 return;
             }
             Ok(Some(packet)) => {
@@ -41,14 +44,26 @@ fn roundtrip(packet: &Packet, connection: ProtocolVersion) {
     if let Err(e) = encode(packet, version, &mut out) {
         panic!("decoded packet does not re-encode: {e}: {packet:?}");
     }
-    assert_eq!(encoded_len(packet, version), Ok(out.len()), "encoded_len is wrong");
+    assert_eq!(
+        encoded_len(packet, version),
+        Ok(out.len()),
+        "encoded_len is wrong"
+    );
     let bytes = out.clone();
     match decode(&mut out, version, u32::MAX) {
         Ok(Some(again)) => {
-            assert_eq!(&again, packet, "re-encoding {:02x?} decodes differently", &bytes[..]);
+            assert_eq!(
+                &again,
+                packet,
+                "re-encoding {:02x?} decodes differently",
+                &bytes[..]
+            );
             assert!(out.is_empty(), "re-encoding left bytes behind");
         }
-        other => panic!("re-encoding {:02x?} of {packet:?} decodes to {other:?}", &bytes[..]),
+        other => panic!(
+            "re-encoding {:02x?} of {packet:?} decodes to {other:?}",
+            &bytes[..]
+        ),
     }
 }
 

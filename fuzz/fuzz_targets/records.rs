@@ -7,5 +7,5 @@
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    beckon_broker::fuzz_tls13_records(data);
+    beckon_broker::fuzzing::tls13_records(data);
 });

@@ -11,6 +11,9 @@ mod connection;
 pub mod core;
 mod core_task;
 pub mod fdlimit;
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub mod fuzzing;
 mod metrics;
 mod os;
 mod outbox;
@@ -25,11 +28,3 @@ mod tls_stream;
 pub use config::{BrokerConfig, ConfigError, Listen};
 pub use connection::VIA_PROXY_PROPERTY;
 pub use server::{Bound, Server, ServerError, ServerHandle, default_certificate_names, run};
-
-/// Feeds `data` to the broker's TLS 1.3 record reader (see `fuzz/fuzz_targets/records.rs`);
-/// not part of the API.
-#[cfg(feature = "fuzzing")]
-#[doc(hidden)]
-pub fn fuzz_tls13_records(data: &[u8]) {
-    tls13_records::fuzz(data);
-}

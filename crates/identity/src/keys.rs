@@ -140,8 +140,8 @@ impl SigningKey {
         Self::from_pkcs8(kid, &Self::generate_pkcs8()?)
     }
 
-    /// A key from a fixed 32-byte seed: for the documented test vectors only.
-    #[cfg(test)]
+    /// A key from a fixed 32-byte seed: for the documented test vectors and fuzzing only.
+    #[cfg(any(test, feature = "fuzzing"))]
     pub(crate) fn from_seed(kid: KeyId, seed: &[u8; 32]) -> Self {
         let pair = Ed25519KeyPair::from_seed_unchecked(seed).expect("a 32-byte seed is valid");
         Self { kid, pair }

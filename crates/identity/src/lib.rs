@@ -14,6 +14,9 @@
 
 pub mod acl;
 mod auth;
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub mod fuzzing;
 mod identity;
 mod keys;
 pub mod relay;

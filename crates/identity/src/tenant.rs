@@ -483,7 +483,12 @@ fn list_tenant_files(folder: &Path) -> std::io::Result<Vec<PathBuf>> {
 }
 
 fn read_limited(path: &Path) -> Result<String, String> {
-    let len = fs::metadata(path).map_err(|e| e.to_string())?.len();
+    let meta = fs::metadata(path).map_err(|e| e.to_string())?;
+    // A device or a pipe has no size to check and may never end (`/dev/zero`) or block.
+    if !meta.is_file() {
+        return Err("not a regular file".to_owned());
+    }
+    let len = meta.len();
     if len > MAX_TENANT_FILE_LEN {
         return Err(format!(
             "{len} bytes is larger than the {MAX_TENANT_FILE_LEN}-byte limit"
@@ -535,9 +540,21 @@ fn load_tenant_file(
     id: TenantId,
     fingerprint: &mut Fingerprint,
 ) -> Result<Tenant, TenantFileError> {
+    let text = read_limited(file)
+        .map_err(|e| TenantFileError::new(file, None, format!("cannot read: {e}")))?;
+    parse_tenant_file(&text, file, folder, id, fingerprint)
+}
+
+/// The tenant of the text of `file`; `ca` files are read relative to `folder`.
+pub(crate) fn parse_tenant_file(
+    text: &str,
+    file: &Path,
+    folder: &Path,
+    id: TenantId,
+    fingerprint: &mut Fingerprint,
+) -> Result<Tenant, TenantFileError> {
     let err = |key: Option<String>, reason: String| TenantFileError::new(file, key, reason);
-    let text = read_limited(file).map_err(|e| err(None, format!("cannot read: {e}")))?;
-    let parsed: TenantFile = toml::from_str(&text).map_err(|e| {
+    let parsed: TenantFile = toml::from_str(text).map_err(|e| {
         let line = e
             .span()
             .map(|s| text[..s.start.min(text.len())].matches('\n').count() + 1);

@@ -256,3 +256,28 @@ fn a_missing_folder_is_reported_and_keeps_what_was_loaded() {
     assert!(fresh.directory.is_empty());
     assert_eq!(fresh.errors.len(), 1);
 }
+
+/// A `file` that is a device or a pipe has no size to check: reading it could take forever
+/// (`/dev/zero`) or block (a FIFO). It is refused without being read, and the others load.
+#[test]
+fn a_ca_file_that_is_not_a_regular_file_is_refused_unread() {
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), "dev.toml", "[[ca]]\nfile = \"/dev/zero\"\n");
+    write(dir.path(), "ok.toml", "name = \"fine\"\n");
+    let folder = dir.path().to_owned();
+    let (done, outcome) = std::sync::mpsc::channel();
+    std::thread::spawn(move || done.send(TenantDirectory::load(&folder)));
+    let outcome = outcome
+        .recv_timeout(std::time::Duration::from_secs(10))
+        .expect("loading does not read /dev/zero forever");
+    let ids: Vec<&str> = outcome.directory.iter().map(|t| t.id.as_str()).collect();
+    assert_eq!(ids, ["ok"]);
+    let [error] = &outcome.errors[..] else {
+        panic!("{:?}", outcome.errors);
+    };
+    let text = error.to_string();
+    assert!(
+        text.contains("ca[0].file") && text.contains("not a regular file"),
+        "{text}"
+    );
+}

@@ -409,6 +409,15 @@ impl HttpClient {
     /// `https://`) for one or more requests.
     pub async fn connect(&self, url: &Url) -> Result<HttpConnection, HttpError> {
         let stream = self.open_stream(url).await?;
+        self.handshake(stream, url).await
+    }
+
+    /// Starts HTTP/1.1 on an open `stream` to `url`'s server.
+    pub(crate) async fn handshake(
+        &self,
+        stream: BoxedStream,
+        url: &Url,
+    ) -> Result<HttpConnection, HttpError> {
         let (sender, conn) = hyper::client::conn::http1::Builder::new()
             .max_buf_size(MAX_HEAD)
             // Header names as people write them (`X-Beckon-Wakeup-Id`), for servers and

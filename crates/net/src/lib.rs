@@ -59,6 +59,9 @@
 #![forbid(unsafe_code)]
 
 pub mod backoff;
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod http;
 pub mod ladder;
 pub mod path;

@@ -12,6 +12,9 @@ mod agents;
 mod auth;
 mod calls;
 mod enrollment;
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub mod fuzzing;
 mod settings;
 mod tokens;
 mod wol;
