@@ -9,7 +9,7 @@ use crate::store::*;
 pub const SCHEMA_VERSION: i64 = 3;
 
 /// Schema scripts: `MIGRATIONS[n]` moves version `n` to `n + 1`.
-pub(super) const MIGRATIONS: &[&str] = &[
+pub(crate) const MIGRATIONS: &[&str] = &[
     r#"
 CREATE TABLE enrollment_tokens (
     id TEXT PRIMARY KEY,
