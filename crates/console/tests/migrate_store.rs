@@ -301,5 +301,5 @@ fn a_postgres_database_is_migrated_and_a_newer_one_is_refused() {
     drop(client);
     let err = url.open().err().expect("refused").to_string();
     assert!(err.contains("newer than this Beckon supports"), "{err}");
-    assert!(!err.contains(raw.as_str()) || !raw.contains('@'), "{err}");
+    assert!(err.contains("restore a backup"), "{err}");
 }

@@ -207,6 +207,19 @@ impl Postgres {
     }
 }
 
+impl Drop for Postgres {
+    fn drop(&mut self) {
+        // Closing a connection runs the client's own runtime, which may not start inside
+        // another (the last handle may be dropped on an async task): close them elsewhere.
+        let idle = std::mem::take(&mut self.lock().idle);
+        if !idle.is_empty() {
+            let _ = std::thread::Builder::new()
+                .name("beckon-db-close".into())
+                .spawn(move || drop(idle));
+        }
+    }
+}
+
 impl Database for Postgres {
     fn with_conn(
         &self,
