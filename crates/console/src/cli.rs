@@ -388,6 +388,7 @@ mod tests {
         ])
         .unwrap();
         let c = cli.console.to_config();
+        assert_eq!(c.database(), DatabaseUrl::Sqlite("d/console.db".into()));
         assert_eq!(c.listen.port(), 9090);
         assert_eq!(c.tenant, "acme");
         assert!(!c.plain_http);
@@ -400,6 +401,21 @@ mod tests {
                 ca_file: Some("ca.pem".into()),
             }
         );
+        let cli = Cli::try_parse_from([
+            "console",
+            "--database",
+            "postgres://beckon:pw@db.example:5432/beckon",
+        ])
+        .unwrap();
+        assert_eq!(
+            cli.console.to_config().database(),
+            DatabaseUrl::Postgres("postgres://beckon:pw@db.example:5432/beckon".into())
+        );
+        let err = Cli::try_parse_from(["console", "--database", "db.sqlite"])
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(err.contains("sqlite:PATH"), "{err}");
         let cli = Cli::try_parse_from(["console", "--broker", "mqtt://127.0.0.1:1883"]).unwrap();
         assert_eq!(
             cli.console.broker,
