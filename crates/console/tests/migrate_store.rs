@@ -15,23 +15,14 @@ const NOW: Millis = 1_700_000_000_000;
 
 fn new_agent(id: &str, serial: &str) -> NewAgent {
     NewAgent {
-        id: id.into(),
         name: format!("{id} name"),
-        inventory: Inventory {
-            hostname: format!("{id}.example"),
-            os: "Debian 13".into(),
-            addresses: vec![AgentAddress {
-                address: "192.168.1.23".parse().unwrap(),
-                prefix_len: 24,
-            }],
-            macs: vec!["00:11:22:33:44:55".into()],
-        },
         secret_hash: [7; 32],
         certificate: Some(CertificateRecord {
             serial: serial.into(),
             issued_at: NOW,
             not_after: NOW + 86_400_000,
         }),
+        ..common::new_agent(id)
     }
 }
 

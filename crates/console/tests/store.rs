@@ -25,21 +25,7 @@ fn token(hash: u8, max_uses: Option<u32>, expires_at: Option<i64>) -> NewEnrollm
 }
 
 fn agent(id: &str) -> NewAgent {
-    NewAgent {
-        id: id.into(),
-        name: id.into(),
-        inventory: Inventory {
-            hostname: format!("{id}.example"),
-            os: "Debian 13".into(),
-            addresses: vec![AgentAddress {
-                address: "192.168.1.23".parse().unwrap(),
-                prefix_len: 24,
-            }],
-            macs: vec!["00:11:22:33:44:55".into()],
-        },
-        secret_hash: [9; 32],
-        certificate: None,
-    }
+    common::new_agent(id)
 }
 
 #[test]

@@ -100,6 +100,29 @@ pub enum StoreError {
 /// Result of store operations.
 pub type StoreResult<T> = Result<T, StoreError>;
 
+/// The schema scripts (`scripts[n]` moves version `n` to `n + 1`) still to apply to the
+/// database `shown` at version `found`, each with the version it brings; a database newer
+/// than the scripts is refused.
+fn pending_migrations<'a>(
+    scripts: &'a [&'a str],
+    found: i64,
+    shown: &str,
+) -> StoreResult<impl Iterator<Item = (i64, &'a str)>> {
+    let supported = scripts.len() as i64;
+    if found > supported {
+        return Err(StoreError::NewerSchema {
+            path: shown.to_owned(),
+            found,
+            supported,
+        });
+    }
+    Ok(scripts
+        .iter()
+        .enumerate()
+        .skip(found.max(0) as usize)
+        .map(|(n, script)| (n as i64 + 1, *script)))
+}
+
 /// A new enrollment token.
 #[derive(Debug, Clone)]
 pub struct NewEnrollmentToken {

@@ -8,7 +8,8 @@ use std::time::Duration;
 use axum::body::Body;
 use axum::http::{Request, StatusCode};
 use beckon_broker::{Bound, BrokerConfig, Listen, Server, ServerHandle};
-use beckon_console::store::{DatabaseUrl, SqlStore};
+use beckon_console::model::{AgentAddress, Inventory};
+use beckon_console::store::{DatabaseUrl, NewAgent, SqlStore};
 use beckon_console::{Console, ConsoleConfig, ConsoleHandle};
 use beckon_mqtt::{Packet, ProtocolVersion};
 use bytes::BytesMut;
@@ -60,6 +61,26 @@ pub fn create_postgres_database(admin: &str) -> String {
     let admin = std::env::var(POSTGRES_VAR).unwrap();
     let base = admin.rsplit_once('/').map_or(admin.as_str(), |(b, _)| b);
     format!("{base}/{name}")
+}
+
+/// A new agent as enrollment records it: `<id>.example`, Debian 13, one address and MAC,
+/// check-in secret hash `[9; 32]`, no certificate.
+pub fn new_agent(id: &str) -> NewAgent {
+    NewAgent {
+        id: id.into(),
+        name: id.into(),
+        inventory: Inventory {
+            hostname: format!("{id}.example"),
+            os: "Debian 13".into(),
+            addresses: vec![AgentAddress {
+                address: "192.168.1.23".parse().unwrap(),
+                prefix_len: 24,
+            }],
+            macs: vec!["00:11:22:33:44:55".into()],
+        },
+        secret_hash: [9; 32],
+        certificate: None,
+    }
 }
 
 /// A fresh store: on PostgreSQL when [`POSTGRES_VAR`] is set, else SQLite in memory.

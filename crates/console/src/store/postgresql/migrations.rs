@@ -12,7 +12,7 @@ use super::pg;
 use crate::store::*;
 
 /// The schema version this build writes.
-pub const SCHEMA_VERSION: i64 = 1;
+pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
 
 /// Schema scripts: `MIGRATIONS[n]` moves version `n` to `n + 1`.
 const MIGRATIONS: &[&str] = &[r#"
@@ -166,21 +166,11 @@ pub(super) fn migrate(client: &mut Client, shown: &str) -> StoreResult<()> {
             0
         }
     };
-    if found > SCHEMA_VERSION {
-        return Err(StoreError::NewerSchema {
-            path: shown.to_owned(),
-            found,
-            supported: SCHEMA_VERSION,
-        });
-    }
-    for (version, script) in MIGRATIONS.iter().enumerate().skip(found.max(0) as usize) {
+    for (version, script) in pending_migrations(MIGRATIONS, found, shown)? {
         tx.batch_execute(script)
             .map_err(pg("applying a schema migration"))?;
-        tx.execute(
-            "UPDATE schema_version SET version = $1",
-            &[&(version as i64 + 1)],
-        )
-        .map_err(pg("recording the schema version"))?;
+        tx.execute("UPDATE schema_version SET version = $1", &[&version])
+            .map_err(pg("recording the schema version"))?;
     }
     tx.commit().map_err(pg("committing a schema migration"))
 }
