@@ -47,10 +47,10 @@ pub fn test_database() -> Option<DatabaseUrl> {
 /// Creates a database with a random name on the server `admin` points at; returns its URL.
 pub fn create_postgres_database(admin: &str) -> String {
     let name = format!("test_{}", uuid::Uuid::now_v7().simple());
-    let (admin, created) = (admin.to_owned(), name.clone());
+    let (server, created) = (admin.to_owned(), name.clone());
     // The synchronous client runs its own runtime: keep it off the test's.
     std::thread::spawn(move || {
-        let mut client = postgres::Client::connect(&admin, postgres::NoTls)
+        let mut client = postgres::Client::connect(&server, postgres::NoTls)
             .unwrap_or_else(|e| panic!("{POSTGRES_VAR}: cannot connect: {e}"));
         client
             .batch_execute(&format!("CREATE DATABASE {created}"))
@@ -58,8 +58,7 @@ pub fn create_postgres_database(admin: &str) -> String {
     })
     .join()
     .unwrap();
-    let admin = std::env::var(POSTGRES_VAR).unwrap();
-    let base = admin.rsplit_once('/').map_or(admin.as_str(), |(b, _)| b);
+    let base = admin.rsplit_once('/').map_or(admin, |(b, _)| b);
     format!("{base}/{name}")
 }
 
