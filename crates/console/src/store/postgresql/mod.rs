@@ -19,7 +19,7 @@ use std::time::Duration;
 
 use bytes::BytesMut;
 use postgres::types::{IsNull, ToSql, Type, to_sql_checked};
-use postgres::{Client, GenericClient, NoTls};
+use postgres::{Client, GenericClient, NoTls, Statement};
 
 use super::sql::{Conn, Database, DbError, Row, SqlStore, Value};
 use super::*;
@@ -86,7 +86,31 @@ fn value_at(row: &::postgres::Row, i: usize) -> Result<Value, DbError> {
 
 /// Statements on one connection or transaction. The store's `?N` placeholders become
 /// PostgreSQL's `$N`.
-struct PgConn<'a, C>(&'a mut C);
+struct PgConn<'a, C> {
+    client: &'a mut C,
+    statements: &'a mut Statements,
+}
+
+/// The statements prepared on one connection, by the store's SQL text: a cached statement
+/// runs in one round trip instead of two (prepare, then execute).
+type Statements = std::collections::HashMap<String, Statement>;
+
+/// Statements kept per connection; past that (listing queries vary by filter), the rest are
+/// prepared each time.
+const MAX_STATEMENTS: usize = 200;
+
+impl<C: GenericClient> PgConn<'_, C> {
+    fn statement(&mut self, sql: &str) -> Result<Statement, DbError> {
+        if let Some(s) = self.statements.get(sql) {
+            return Ok(s.clone());
+        }
+        let prepared = self.client.prepare(&placeholders(sql))?;
+        if self.statements.len() < MAX_STATEMENTS {
+            self.statements.insert(sql.to_owned(), prepared.clone());
+        }
+        Ok(prepared)
+    }
+}
 
 fn placeholders(sql: &str) -> String {
     sql.replace('?', "$")
@@ -98,11 +122,13 @@ fn param_refs(params: &[Value]) -> Vec<&(dyn ToSql + Sync)> {
 
 impl<C: GenericClient> Conn for PgConn<'_, C> {
     fn execute(&mut self, sql: &str, params: &[Value]) -> Result<u64, DbError> {
-        Ok(self.0.execute(&placeholders(sql), &param_refs(params))?)
+        let statement = self.statement(sql)?;
+        Ok(self.client.execute(&statement, &param_refs(params))?)
     }
 
     fn query(&mut self, sql: &str, params: &[Value]) -> Result<Vec<Row>, DbError> {
-        let rows = self.0.query(&placeholders(sql), &param_refs(params))?;
+        let statement = self.statement(sql)?;
+        let rows = self.client.query(&statement, &param_refs(params))?;
         rows.iter()
             .map(|r| {
                 (0..r.len())
@@ -118,7 +144,7 @@ impl<C: GenericClient> Conn for PgConn<'_, C> {
     }
 
     fn continue_identity(&mut self, table: &str, column: &str) -> Result<(), DbError> {
-        self.0.execute(
+        self.client.execute(
             &format!(
                 "SELECT setval(pg_get_serial_sequence('{table}', '{column}'), COALESCE(MAX({column}), 0) + 1, false) FROM {table}"
             ),
@@ -128,9 +154,24 @@ impl<C: GenericClient> Conn for PgConn<'_, C> {
     }
 }
 
+/// A connection with the statements prepared on it.
+struct Pooled {
+    client: Client,
+    statements: Statements,
+}
+
+impl Pooled {
+    fn new(client: Client) -> Self {
+        Self {
+            client,
+            statements: Statements::new(),
+        }
+    }
+}
+
 /// The connections: idle ones kept for reuse, and how many are open in all.
 struct Pool {
-    idle: Vec<Client>,
+    idle: Vec<Pooled>,
     open: usize,
 }
 
@@ -159,11 +200,11 @@ impl Postgres {
 
     /// A connection: an idle one, a new one while fewer than [`MAX_CONNECTIONS`] are open,
     /// or the next one given back.
-    fn take(&self) -> StoreResult<Client> {
+    fn take(&self) -> StoreResult<Pooled> {
         let mut pool = self.lock();
         loop {
             if let Some(c) = pool.idle.pop() {
-                if !c.is_closed() {
+                if !c.client.is_closed() {
                     return Ok(c);
                 }
                 pool.open -= 1;
@@ -172,7 +213,7 @@ impl Postgres {
             if pool.open < MAX_CONNECTIONS {
                 pool.open += 1;
                 drop(pool);
-                return self.connect().inspect_err(|_| {
+                return self.connect().map(Pooled::new).inspect_err(|_| {
                     self.lock().open -= 1;
                     self.freed.notify_one();
                 });
@@ -195,9 +236,9 @@ impl Postgres {
     }
 
     /// Gives a connection back; a broken one is dropped, to be opened afresh when needed.
-    fn give_back(&self, client: Client) {
+    fn give_back(&self, client: Pooled) {
         let mut pool = self.lock();
-        if client.is_closed() {
+        if client.client.is_closed() {
             pool.open -= 1;
         } else {
             pool.idle.push(client);
@@ -226,23 +267,27 @@ impl Database for Postgres {
         transaction: bool,
         f: &mut dyn FnMut(&mut dyn Conn) -> StoreResult<()>,
     ) -> StoreResult<()> {
-        let mut client = self.take()?;
+        let mut pooled = self.take()?;
+        let Pooled { client, statements } = &mut pooled;
         let result = if transaction {
             match client.transaction() {
-                Ok(mut tx) => f(&mut PgConn(&mut tx))
-                    .and_then(|()| tx.commit().map_err(pg("committing a transaction"))),
+                Ok(mut tx) => f(&mut PgConn {
+                    client: &mut tx,
+                    statements,
+                })
+                .and_then(|()| tx.commit().map_err(pg("committing a transaction"))),
                 Err(e) => Err(pg("starting a transaction")(e)),
             }
         } else {
-            f(&mut PgConn(&mut client))
+            f(&mut PgConn { client, statements })
         };
-        self.give_back(client);
+        self.give_back(pooled);
         result
     }
 
     fn schema_version(&self) -> StoreResult<i64> {
         let mut client = self.take()?;
-        let v = migrations::version(&mut client);
+        let v = migrations::version(&mut client.client);
         self.give_back(client);
         v
     }
@@ -264,7 +309,7 @@ impl SqlStore {
         };
         let mut client = db.connect()?;
         migrations::migrate(&mut client, &db.shown)?;
-        db.give_back(client);
+        db.give_back(Pooled::new(client));
         Ok(SqlStore::new(Box::new(db)))
     }
 }

@@ -194,20 +194,6 @@ fn postgres_message(e: &postgres::Error) -> String {
     }
 }
 
-impl DbError {
-    /// Whether the statement broke a unique constraint (a duplicate key).
-    pub fn is_unique_violation(&self) -> bool {
-        match self {
-            DbError::Sqlite(rusqlite::Error::SqliteFailure(e, _)) => {
-                e.extended_code == rusqlite::ffi::SQLITE_CONSTRAINT_PRIMARYKEY
-                    || e.extended_code == rusqlite::ffi::SQLITE_CONSTRAINT_UNIQUE
-            }
-            DbError::Postgres(e) => e.code() == Some(&postgres::error::SqlState::UNIQUE_VIOLATION),
-            _ => false,
-        }
-    }
-}
-
 /// One connection (or transaction on it) of a backend.
 pub trait Conn {
     /// Runs a statement; returns the rows it changed.
