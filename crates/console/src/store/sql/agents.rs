@@ -538,14 +538,11 @@ impl AgentStore for SqlStore {
     }
 
     fn delete_group(&self, name: &str) -> StoreResult<()> {
-        self.read(|conn| {
-            let n = exec(
-                conn,
-                "DELETE FROM groups WHERE name = ?1",
-                params![name],
-                "deleting a group",
-            )?;
-            touched(n, "group", name)
-        })
+        self.change_one(
+            "DELETE FROM groups WHERE name = ?1",
+            "group",
+            name,
+            "deleting a group",
+        )
     }
 }

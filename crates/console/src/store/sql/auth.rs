@@ -92,15 +92,12 @@ impl AuthStore for SqlStore {
     }
 
     fn revoke_enrollment_token(&self, id: &str) -> StoreResult<()> {
-        self.read(|conn| {
-            let n = exec(
-                conn,
-                "UPDATE enrollment_tokens SET revoked = 1 WHERE id = ?1",
-                params![id],
-                "revoking an enrollment token",
-            )?;
-            touched(n, "enrollment token", id)
-        })
+        self.change_one(
+            "UPDATE enrollment_tokens SET revoked = 1 WHERE id = ?1",
+            "enrollment token",
+            id,
+            "revoking an enrollment token",
+        )
     }
 
     fn create_user(&self, name: &str, password_hash: &str, now: Millis) -> StoreResult<()> {
@@ -290,14 +287,11 @@ impl AuthStore for SqlStore {
     }
 
     fn revoke_api_token(&self, id: &str) -> StoreResult<()> {
-        self.read(|conn| {
-            let n = exec(
-                conn,
-                "UPDATE api_tokens SET revoked = 1 WHERE id = ?1",
-                params![id],
-                "revoking an API token",
-            )?;
-            touched(n, "API token", id)
-        })
+        self.change_one(
+            "UPDATE api_tokens SET revoked = 1 WHERE id = ?1",
+            "API token",
+            id,
+            "revoking an API token",
+        )
     }
 }

@@ -266,6 +266,18 @@ impl SqlStore {
         self.with(false, f)
     }
 
+    /// Runs `query`, whose one parameter `?1` is the id of the record `what` it changes;
+    /// fails with "does not exist" when it changed none.
+    pub(crate) fn change_one(
+        &self,
+        query: &str,
+        what: &'static str,
+        id: &str,
+        context: &'static str,
+    ) -> StoreResult<()> {
+        self.read(|conn| touched(exec(conn, query, params![id], context)?, what, id))
+    }
+
     /// Runs `f` in one transaction: all of its changes or none.
     pub(crate) fn write<T>(
         &self,
