@@ -74,7 +74,7 @@ pub enum StoreError {
     },
     /// The database server cannot be reached (or gave no free connection in time).
     #[error(
-        "cannot reach the database {database}: {reason}; check that the server runs and accepts this console's connections (the console retries on the next request)"
+        "cannot reach the database {database}: {reason}; check that the server runs and accepts this console's connections (a running console retries on every request)"
     )]
     Unavailable {
         /// The database URL, without its password.

@@ -152,7 +152,10 @@ pub(super) fn migrate(client: &mut Client, shown: &str) -> StoreResult<()> {
         .map_err(pg("starting a schema migration"))?;
     tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
         .map_err(pg("waiting for another console's schema migration"))?;
-    tx.batch_execute("CREATE TABLE IF NOT EXISTS schema_version (version BIGINT NOT NULL)")
+    // Quiet: the server's notice that the table exists would be logged at every start.
+    tx.batch_execute(
+        "SET LOCAL client_min_messages = warning; CREATE TABLE IF NOT EXISTS schema_version (version BIGINT NOT NULL)",
+    )
         .map_err(pg("creating the schema version table"))?;
     let found: Option<i64> = tx
         .query_opt("SELECT version FROM schema_version", &[])

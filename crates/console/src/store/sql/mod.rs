@@ -187,11 +187,19 @@ pub enum DbError {
     Column(String),
 }
 
+/// The server's message when it sent one, else the client's error with its causes
+/// ("error connecting to server: Connection refused").
 fn postgres_message(e: &postgres::Error) -> String {
-    match e.as_db_error() {
-        Some(db) => db.to_string(),
-        None => e.to_string(),
+    if let Some(db) = e.as_db_error() {
+        return db.to_string();
     }
+    let mut text = e.to_string();
+    let mut cause = std::error::Error::source(e);
+    while let Some(c) = cause {
+        text.push_str(&format!(": {c}"));
+        cause = c.source();
+    }
+    text
 }
 
 /// One connection (or transaction on it) of a backend.
