@@ -110,7 +110,19 @@ impl Row {
     /// Column `i` as `T`.
     pub fn get<T: FromValue>(&self, i: usize) -> Result<T, DbError> {
         let v = self.0.get(i).unwrap_or(&Value::Null);
-        T::from_value(v).ok_or_else(|| DbError::Column(format!("column {i} holds {v:?}")))
+        // The kind only: a value may be a secret's hash.
+        T::from_value(v).ok_or_else(|| {
+            let kind = match v {
+                Value::Null => "NULL",
+                Value::Int(_) => "an integer",
+                Value::Text(_) => "text",
+                Value::Blob(_) => "bytes",
+            };
+            DbError::Column(format!(
+                "column {i} holds {kind}, not a {}",
+                std::any::type_name::<T>()
+            ))
+        })
     }
 }
 
