@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use beckon_pki::{CertificateAuthority, ServerCertificate};
 
+use crate::store::{CopyReport, DatabaseUrl, copy_store};
 use crate::{BrokerLink, Console, ConsoleConfig, ConsoleError};
 
 /// `beckon console`: run the console, or one of its subcommands (which take none of the
@@ -27,6 +28,43 @@ pub enum ConsoleCommand {
     /// Issue the broker's server certificate from the console's tenant CA (the CA enrolled
     /// agents trust): writes broker.pem and broker.key for `beckon broker --cert --key`.
     IssueBrokerCert(IssueBrokerCertArgs),
+    /// Copy the whole store (agents, certificates, calls, users, sessions, tokens, settings,
+    /// audit log, Wake-on-LAN sends) into another, empty database, e.g. from SQLite to
+    /// PostgreSQL. Stop the console first; then start it with `--database` set to the target.
+    MigrateStore(MigrateStoreArgs),
+}
+
+/// Arguments of `beckon console migrate-store`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct MigrateStoreArgs {
+    /// The database to copy from: sqlite:PATH (the console's default is
+    /// sqlite:<data folder>/console.db) or postgres://user:password@host:port/database.
+    #[arg(long, value_name = "URL")]
+    pub from: DatabaseUrl,
+    /// The database to copy into (it must hold no rows; its schema is created).
+    #[arg(long, value_name = "URL")]
+    pub to: DatabaseUrl,
+}
+
+/// Copies the store named by `args.from` into `args.to`; returns the rows copied per table.
+pub fn migrate_store(args: &MigrateStoreArgs) -> Result<CopyReport, ConsoleError> {
+    if args.from == args.to {
+        return Err(ConsoleError::Config(format!(
+            "--from and --to both name {}: give the new database as --to",
+            args.to
+        )));
+    }
+    if let DatabaseUrl::Sqlite(path) = &args.from
+        && !path.exists()
+    {
+        return Err(ConsoleError::Config(format!(
+            "there is no database file {}: give the console's database (sqlite:<data folder>/console.db)",
+            path.display()
+        )));
+    }
+    let from = args.from.open()?;
+    let to = args.to.open()?;
+    Ok(copy_store(&from, &to)?)
 }
 
 /// Arguments of `beckon console issue-broker-cert`.
@@ -88,6 +126,15 @@ pub fn issue_broker_certificate(
 pub fn main(cli: ConsoleCommandLine) -> anyhow::Result<()> {
     match cli.command {
         None => run(cli.run),
+        Some(ConsoleCommand::MigrateStore(args)) => {
+            let report = migrate_store(&args)?;
+            println!("Copied {} into {}:", args.from, args.to);
+            for (table, rows) in report {
+                println!("  {table}: {rows} rows");
+            }
+            println!("Start the console with --database {} to use it.", args.to);
+            Ok(())
+        }
         Some(ConsoleCommand::IssueBrokerCert(args)) => {
             let (cert, key) = issue_broker_certificate(&args)?;
             println!("Broker certificate for {}:", args.names.join(", "));
@@ -109,6 +156,10 @@ pub struct ConsoleArgs {
     /// Data folder: database, tenant CA, wake-up signing key, HTTPS certificate.
     #[arg(long, env = "BECKON_CONSOLE_DATA", default_value = "beckon-console")]
     pub data_dir: PathBuf,
+    /// The store: sqlite:PATH (default: console.db in the data folder) or
+    /// postgres://user:password@host:port/database (see docs/console.md).
+    #[arg(long, env = "BECKON_CONSOLE_DATABASE", value_name = "URL")]
+    pub database: Option<DatabaseUrl>,
     /// Listen address of the API and web UI.
     #[arg(long, env = "BECKON_CONSOLE_LISTEN", default_value = "127.0.0.1:8080")]
     pub listen: SocketAddr,
@@ -173,6 +224,7 @@ impl ConsoleArgs {
     /// The configuration these arguments describe.
     pub fn to_config(&self) -> ConsoleConfig {
         let mut c = ConsoleConfig::new(self.data_dir.clone());
+        c.database.clone_from(&self.database);
         c.listen = self.listen;
         c.tls_files = self.tls_cert.clone().zip(self.tls_key.clone());
         c.plain_http = self.plain_http;
@@ -378,6 +430,7 @@ mod tests {
         ])
         .unwrap();
         let c = cli.console.to_config();
+        assert_eq!(c.database(), DatabaseUrl::Sqlite("d/console.db".into()));
         assert_eq!(c.listen.port(), 9090);
         assert_eq!(c.tenant, "acme");
         assert!(!c.plain_http);
@@ -421,6 +474,21 @@ mod tests {
                 "{bad}: {err}"
             );
         }
+        let cli = Cli::try_parse_from([
+            "console",
+            "--database",
+            "postgres://beckon:pw@db.example:5432/beckon",
+        ])
+        .unwrap();
+        assert_eq!(
+            cli.console.to_config().database(),
+            DatabaseUrl::Postgres("postgres://beckon:pw@db.example:5432/beckon".into())
+        );
+        let err = Cli::try_parse_from(["console", "--database", "db.sqlite"])
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(err.contains("sqlite:PATH"), "{err}");
         let cli = Cli::try_parse_from(["console", "--broker", "mqtt://127.0.0.1:1883"]).unwrap();
         assert_eq!(
             cli.console.broker,

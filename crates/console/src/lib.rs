@@ -38,13 +38,13 @@ use tokio::sync::{broadcast, mpsc, watch};
 
 pub use cli::{
     ConsoleArgs, ConsoleCommand, ConsoleCommandLine, ISSUED_BROKER_CERT, IssueBrokerCertArgs,
-    issue_broker_certificate, main, run,
+    MigrateStoreArgs, issue_broker_certificate, main, migrate_store, run,
 };
 
 pub use http::HttpLimits;
 
 use crate::model::CallEvent;
-use crate::store::{SqliteStore, StoreHandle};
+use crate::store::{DatabaseUrl, StoreHandle};
 
 /// How the console reaches the broker for its own connection.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -113,8 +113,11 @@ impl std::str::FromStr for BrokerLink {
 /// The console's configuration.
 #[derive(Debug, Clone)]
 pub struct ConsoleConfig {
-    /// Folder for the database, the tenant CA, the signing key and the HTTPS certificate.
+    /// Folder for the tenant CA, the signing key, the HTTPS certificate and (unless
+    /// `database` names another) the SQLite database `console.db`.
     pub data_dir: PathBuf,
+    /// The store: `None` is the SQLite file `console.db` in `data_dir`.
+    pub database: Option<DatabaseUrl>,
     /// HTTP(S) listen address.
     pub listen: SocketAddr,
     /// The HTTPS certificate and key (PEM); default: issued by the console's CA for
@@ -174,6 +177,7 @@ impl ConsoleConfig {
     pub fn new(data_dir: impl Into<PathBuf>) -> Self {
         Self {
             data_dir: data_dir.into(),
+            database: None,
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
             tls_files: None,
             plain_http: true,
@@ -194,6 +198,15 @@ impl ConsoleConfig {
             broker_starts_later: false,
             wol_relay_loopback: false,
         }
+    }
+}
+
+impl ConsoleConfig {
+    /// The store this configuration names: `database`, else `console.db` in the data folder.
+    pub fn database(&self) -> DatabaseUrl {
+        self.database
+            .clone()
+            .unwrap_or_else(|| DatabaseUrl::Sqlite(self.data_dir.join("console.db")))
     }
 }
 
@@ -353,11 +366,11 @@ impl Console {
         create_private_dir(&config.data_dir)?;
         let ca = load_or_create_ca(&config.data_dir)?;
         let signer = WakeUpSigner::new(load_or_create_signing_key(&config.data_dir)?);
-        let db_path = config.data_dir.join("console.db");
-        let sqlite = tokio::task::spawn_blocking(move || SqliteStore::open(&db_path))
+        let database = config.database();
+        let opened = tokio::task::spawn_blocking(move || database.open())
             .await
             .map_err(|e| ConsoleError::Config(format!("opening the database: {e}")))??;
-        let store = StoreHandle::new(Arc::new(sqlite));
+        let store = StoreHandle::new(Arc::new(opened));
         let initial_admin_password = api::ensure_first_user(&store, &config.admin_user).await?;
 
         let listener = tokio::net::TcpListener::bind(config.listen)

@@ -50,6 +50,7 @@ async fn after_a_restart_the_registry_shows_the_brokers_presence_not_the_old_one
 
     // The console stops; then the broker restarts, and only pc-0 comes back.
     let data = api.handle.state.config.data_dir.clone();
+    let database = api.handle.state.config.database.clone();
     let common::Api {
         handle, dir: keep, ..
     } = api;
@@ -60,6 +61,7 @@ async fn after_a_restart_the_registry_shows_the_brokers_presence_not_the_old_one
     let _back = tls_agent(port, &ca, "pc-0", &enrolled[0], &keys[0]).await;
 
     let mut config = ConsoleConfig::new(&data);
+    config.database = database;
     config.listen = "127.0.0.1:0".parse().unwrap();
     config.broker = link;
     let handle = Console::start(config).await.unwrap();

@@ -1,4 +1,8 @@
-//! The SQLite store: migrations, file modes, enrollment tokens, call states, and crash safety.
+//! The store: migrations, file modes, enrollment tokens, call states, and crash safety.
+//! Tests of behaviour run on PostgreSQL when `BECKON_TEST_POSTGRES` is set (see
+//! common::store), on SQLite otherwise; those of the SQLite file on SQLite.
+
+mod common;
 
 use std::io::{BufRead, BufReader};
 use std::os::unix::fs::PermissionsExt;
@@ -21,35 +25,21 @@ fn token(hash: u8, max_uses: Option<u32>, expires_at: Option<i64>) -> NewEnrollm
 }
 
 fn agent(id: &str) -> NewAgent {
-    NewAgent {
-        id: id.into(),
-        name: id.into(),
-        inventory: Inventory {
-            hostname: format!("{id}.example"),
-            os: "Debian 13".into(),
-            addresses: vec![AgentAddress {
-                address: "192.168.1.23".parse().unwrap(),
-                prefix_len: 24,
-            }],
-            macs: vec!["00:11:22:33:44:55".into()],
-        },
-        secret_hash: [9; 32],
-        certificate: None,
-    }
+    common::new_agent(id)
 }
 
 #[test]
 fn a_new_database_is_private_migrated_and_a_newer_one_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("console.db");
-    let store = SqliteStore::open(&path).unwrap();
+    let store = SqlStore::open_sqlite(&path).unwrap();
     assert_eq!(store.schema_version().unwrap(), SCHEMA_VERSION);
     store.create_group("lab", "", 1).unwrap();
     drop(store);
     let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode, 0o600, "database file mode");
     // Reopening keeps the data and does not migrate again.
-    let store = SqliteStore::open(&path).unwrap();
+    let store = SqlStore::open_sqlite(&path).unwrap();
     assert_eq!(store.list_groups().unwrap().len(), 1);
     drop(store);
     // A database from a newer Beckon is refused with a message that says what to do.
@@ -57,7 +47,7 @@ fn a_new_database_is_private_migrated_and_a_newer_one_is_refused() {
     conn.pragma_update(None, "user_version", SCHEMA_VERSION + 1)
         .unwrap();
     drop(conn);
-    let err = SqliteStore::open(&path).err().expect("refused");
+    let err = SqlStore::open_sqlite(&path).err().expect("refused");
     let text = err.to_string();
     assert!(text.contains("newer than this Beckon supports"), "{text}");
     assert!(text.contains("restore a backup"), "{text}");
@@ -69,7 +59,7 @@ fn a_new_database_is_private_migrated_and_a_newer_one_is_refused() {
 fn a_stored_proxy_policy_without_the_field_allows_going_direct() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("console.db");
-    drop(SqliteStore::open(&path).unwrap());
+    drop(SqlStore::open_sqlite(&path).unwrap());
     let conn = rusqlite::Connection::open(&path).unwrap();
     conn.execute(
         "INSERT INTO settings (key, value) VALUES ('wol', ?1)",
@@ -77,7 +67,7 @@ fn a_stored_proxy_policy_without_the_field_allows_going_direct() {
     )
     .unwrap();
     drop(conn);
-    let store = SqliteStore::open(&path).unwrap();
+    let store = SqlStore::open_sqlite(&path).unwrap();
     let s = store.settings().unwrap();
     assert_eq!(s.wol.port, 7);
     assert!(s.proxy.direct_fallback, "no stored proxy group: {s:?}");
@@ -89,14 +79,14 @@ fn a_stored_proxy_policy_without_the_field_allows_going_direct() {
     )
     .unwrap();
     drop(conn);
-    let s = SqliteStore::open(&path).unwrap().settings().unwrap();
+    let s = SqlStore::open_sqlite(&path).unwrap().settings().unwrap();
     assert_eq!(s.proxy.url, "http://proxy.example:3128");
     assert!(s.proxy.direct_fallback, "a stored proxy without the field");
 }
 
 #[test]
 fn enrollment_tokens_are_used_up_expire_and_revoke_and_refusals_change_nothing() {
-    let s = SqliteStore::open_in_memory().unwrap();
+    let s = common::store();
     s.create_enrollment_token(token(1, Some(1), None)).unwrap();
     s.create_enrollment_token(token(2, None, None)).unwrap();
     s.create_enrollment_token(token(3, Some(5), Some(1_000)))
@@ -140,7 +130,7 @@ fn enrollment_tokens_are_used_up_expire_and_revoke_and_refusals_change_nothing()
 
 #[test]
 fn agents_filter_by_search_group_and_presence() {
-    let s = SqliteStore::open_in_memory().unwrap();
+    let s = common::store();
     s.create_enrollment_token(token(1, None, None)).unwrap();
     for id in ["pc-1", "pc-2", "srv-1"] {
         s.enroll_agent(&[1; 32], agent(id), 10).unwrap();
@@ -231,7 +221,7 @@ fn ids() -> impl FnMut() -> String {
 
 #[test]
 fn delivery_states_only_move_forward_and_expire() {
-    let s = SqliteStore::open_in_memory().unwrap();
+    let s = common::store();
     s.create_enrollment_token(token(1, None, None)).unwrap();
     for id in ["a", "b"] {
         s.enroll_agent(&[1; 32], agent(id), 10).unwrap();
@@ -315,7 +305,7 @@ fn delivery_states_only_move_forward_and_expire() {
 
 #[test]
 fn carried_deliveries_follow_their_carrier() {
-    let s = SqliteStore::open_in_memory().unwrap();
+    let s = common::store();
     s.create_enrollment_token(token(1, None, None)).unwrap();
     s.enroll_agent(&[1; 32], agent("a"), 10).unwrap();
     let mut next = ids();
@@ -359,7 +349,7 @@ fn crash_child_writer() {
     let Ok(path) = std::env::var(CHILD_ENV) else {
         return;
     };
-    let s = SqliteStore::open(std::path::Path::new(&path)).unwrap();
+    let s = SqlStore::open_sqlite(std::path::Path::new(&path)).unwrap();
     for i in 0.. {
         s.create_group(&format!("g{i}"), "written before the kill", i)
             .unwrap();
@@ -411,7 +401,7 @@ fn a_process_killed_mid_write_loses_nothing_it_committed() {
     }
     let _ = child.0.wait();
     assert_eq!(committed.len(), 300, "the child wrote before it was killed");
-    let s = SqliteStore::open(&path).unwrap();
+    let s = SqlStore::open_sqlite(&path).unwrap();
     let names: std::collections::HashSet<String> = s
         .list_groups()
         .unwrap()
@@ -430,7 +420,7 @@ fn a_process_killed_mid_write_loses_nothing_it_committed() {
 
 #[test]
 fn a_relay_result_counts_only_from_the_agent_asked_and_a_failure_marks_what_was_requested() {
-    let s = SqliteStore::open_in_memory().unwrap();
+    let s = common::store();
     let requested = |mac: &str, relay_id: &str| WolSend {
         agent_id: "sleeper".into(),
         call_id: None,

@@ -112,6 +112,13 @@ impl From<StoreError> for ApiError {
             StoreError::Conflict(_) => StatusCode::CONFLICT,
             StoreError::Refused(_) => StatusCode::UNAUTHORIZED,
             StoreError::Invalid(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            StoreError::Unavailable { .. } => {
+                tracing::error!(error = %e, "database unreachable");
+                return Self::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "the console cannot reach its database; it retries on every request: see the console's log",
+                );
+            }
             _ => {
                 tracing::error!(error = %e, "store failure");
                 return Self::new(

@@ -1,17 +1,25 @@
 //! The console's store: one trait per kind of data ([`AgentStore`], [`CallStore`],
 //! [`AuthStore`], [`WolStore`], [`SettingsStore`]), together the [`Store`] a backend provides,
-//! and the SQLite implementation ([`SqliteStore`]). The traits speak in the console's model
-//! types only, so that another backend (PostgreSQL) can implement them as they are.
+//! and their one implementation in SQL ([`SqlStore`]) over either backend: SQLite (a file,
+//! the default) or PostgreSQL, chosen by a [`DatabaseUrl`].
 //!
 //! Every operation that changes more than one row runs in one transaction, so that a crash
 //! (or `kill -9`) leaves either all of it or none of it. The store is synchronous: async code
 //! calls it through [`StoreHandle`], which runs each call on tokio's blocking pool.
 
+mod copy;
+mod postgresql;
+mod sql;
 mod sqlite;
+mod url;
 
 use std::sync::Arc;
 
-pub use sqlite::{SCHEMA_VERSION, SqliteStore};
+pub use copy::{CopyReport, copy_store};
+pub use postgresql::POSTGRES_SCHEMA_VERSION;
+pub use sql::{DbError, SqlStore};
+pub use sqlite::SCHEMA_VERSION;
+pub use url::DatabaseUrl;
 
 use crate::model::*;
 use crate::settings::Settings;
@@ -36,14 +44,14 @@ pub enum StoreError {
     /// The request is not valid.
     #[error("{0}")]
     Invalid(String),
-    /// The database file was written by a newer Beckon.
+    /// The database was written by a newer Beckon.
     #[error(
         "the database {path} has schema version {found}, newer than this Beckon supports ({supported}): run the newer Beckon, or restore a backup made for this version"
     )]
     NewerSchema {
-        /// The database file.
+        /// The database (file, or PostgreSQL URL without its password).
         path: String,
-        /// Its `user_version`.
+        /// Its schema version.
         found: i64,
         /// What this build knows.
         supported: i64,
@@ -56,13 +64,23 @@ pub enum StoreError {
         /// The error.
         source: serde_json::Error,
     },
-    /// SQLite failed.
+    /// The database failed.
     #[error("database error while {context}: {source}")]
-    Sqlite {
+    Database {
         /// What the store was doing.
         context: &'static str,
         /// The error.
-        source: rusqlite::Error,
+        source: DbError,
+    },
+    /// The database server cannot be reached (or gave no free connection in time).
+    #[error(
+        "cannot reach the database {database}: {reason}; check that the server runs and accepts this console's connections (a running console retries on every request)"
+    )]
+    Unavailable {
+        /// The database URL, without its password.
+        database: String,
+        /// Why.
+        reason: String,
     },
     /// A file operation failed.
     #[error("{context} {path}: {source}")]
@@ -81,6 +99,29 @@ pub enum StoreError {
 
 /// Result of store operations.
 pub type StoreResult<T> = Result<T, StoreError>;
+
+/// The schema scripts (`scripts[n]` moves version `n` to `n + 1`) still to apply to the
+/// database `shown` at version `found`, each with the version it brings; a database newer
+/// than the scripts is refused.
+fn pending_migrations<'a>(
+    scripts: &'a [&'a str],
+    found: i64,
+    shown: &str,
+) -> StoreResult<impl Iterator<Item = (i64, &'a str)>> {
+    let supported = scripts.len() as i64;
+    if found > supported {
+        return Err(StoreError::NewerSchema {
+            path: shown.to_owned(),
+            found,
+            supported,
+        });
+    }
+    Ok(scripts
+        .iter()
+        .enumerate()
+        .skip(found.max(0) as usize)
+        .map(|(n, script)| (n as i64 + 1, *script)))
+}
 
 /// A new enrollment token.
 #[derive(Debug, Clone)]

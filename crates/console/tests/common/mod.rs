@@ -8,6 +8,8 @@ use std::time::Duration;
 use axum::body::Body;
 use axum::http::{Request, StatusCode};
 use beckon_broker::{Bound, BrokerConfig, Listen, Server, ServerHandle};
+use beckon_console::model::{AgentAddress, Inventory};
+use beckon_console::store::{DatabaseUrl, NewAgent, SqlStore};
 use beckon_console::{Console, ConsoleConfig, ConsoleHandle};
 use beckon_mqtt::{Packet, ProtocolVersion};
 use bytes::BytesMut;
@@ -30,9 +32,70 @@ pub struct Api {
     pub dir: tempfile::TempDir,
 }
 
+/// The variable naming a PostgreSQL server (a URL with a user that may create databases):
+/// when set, every console and store of the tests uses a fresh database on it instead of
+/// SQLite.
+pub const POSTGRES_VAR: &str = "BECKON_TEST_POSTGRES";
+
+/// A fresh, empty database for one test: on the PostgreSQL server of [`POSTGRES_VAR`] when
+/// it is set (`CREATE DATABASE test_<random>`), else `None` (the console's SQLite file).
+pub fn test_database() -> Option<DatabaseUrl> {
+    let admin = std::env::var(POSTGRES_VAR).ok().filter(|v| !v.is_empty())?;
+    Some(DatabaseUrl::Postgres(create_postgres_database(&admin)))
+}
+
+/// Creates a database with a random name on the server `admin` points at; returns its URL.
+pub fn create_postgres_database(admin: &str) -> String {
+    let name = format!("test_{}", uuid::Uuid::now_v7().simple());
+    let (server, created) = (admin.to_owned(), name.clone());
+    // The synchronous client runs its own runtime: keep it off the test's.
+    std::thread::spawn(move || {
+        let mut client = postgres::Client::connect(&server, postgres::NoTls)
+            .unwrap_or_else(|e| panic!("{POSTGRES_VAR}: cannot connect: {e}"));
+        client
+            .batch_execute(&format!("CREATE DATABASE {created}"))
+            .unwrap();
+    })
+    .join()
+    .unwrap();
+    let base = admin.rsplit_once('/').map_or(admin, |(b, _)| b);
+    format!("{base}/{name}")
+}
+
+/// A new agent as enrollment records it: `<id>.example`, Debian 13, one address and MAC,
+/// check-in secret hash `[9; 32]`, no certificate.
+pub fn new_agent(id: &str) -> NewAgent {
+    NewAgent {
+        id: id.into(),
+        name: id.into(),
+        inventory: Inventory {
+            hostname: format!("{id}.example"),
+            os: "Debian 13".into(),
+            addresses: vec![AgentAddress {
+                address: "192.168.1.23".parse().unwrap(),
+                prefix_len: 24,
+            }],
+            macs: vec!["00:11:22:33:44:55".into()],
+        },
+        secret_hash: [9; 32],
+        certificate: None,
+    }
+}
+
+/// A fresh store: on PostgreSQL when [`POSTGRES_VAR`] is set, else SQLite in memory.
+pub fn store() -> SqlStore {
+    match test_database() {
+        Some(url) => std::thread::spawn(move || url.open().unwrap())
+            .join()
+            .unwrap(),
+        None => SqlStore::open_in_memory().unwrap(),
+    }
+}
+
 pub async fn start_with(f: impl FnOnce(&mut ConsoleConfig)) -> Api {
     let dir = tempfile::tempdir().unwrap();
     let mut config = ConsoleConfig::new(dir.path().join("data"));
+    config.database = test_database();
     config.listen = "127.0.0.1:0".parse().unwrap();
     f(&mut config);
     let handle = Console::start(config).await.unwrap();

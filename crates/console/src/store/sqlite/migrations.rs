@@ -6,10 +6,10 @@ use super::sql;
 use crate::store::*;
 
 /// The schema version this build writes.
-pub const SCHEMA_VERSION: i64 = 3;
+pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
 
 /// Schema scripts: `MIGRATIONS[n]` moves version `n` to `n + 1`.
-pub(super) const MIGRATIONS: &[&str] = &[
+pub(crate) const MIGRATIONS: &[&str] = &[
     r#"
 CREATE TABLE enrollment_tokens (
     id TEXT PRIMARY KEY,
@@ -147,20 +147,13 @@ pub(super) fn migrate(conn: &mut Connection, shown_path: &str) -> StoreResult<()
     let found: i64 = conn
         .query_row("PRAGMA user_version", [], |r| r.get(0))
         .map_err(sql("reading the schema version"))?;
-    if found > SCHEMA_VERSION {
-        return Err(StoreError::NewerSchema {
-            path: shown_path.to_owned(),
-            found,
-            supported: SCHEMA_VERSION,
-        });
-    }
-    for (version, script) in MIGRATIONS.iter().enumerate().skip(found.max(0) as usize) {
+    for (version, script) in pending_migrations(MIGRATIONS, found, shown_path)? {
         let tx = conn
             .transaction()
             .map_err(sql("starting a schema migration"))?;
         tx.execute_batch(script)
             .map_err(sql("applying a schema migration"))?;
-        tx.pragma_update(None, "user_version", version as i64 + 1)
+        tx.pragma_update(None, "user_version", version)
             .map_err(sql("recording the schema version"))?;
         tx.commit().map_err(sql("committing a schema migration"))?;
     }

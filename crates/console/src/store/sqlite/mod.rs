@@ -13,117 +13,112 @@
 //! - The file is created with mode 0600 before SQLite opens it; SQLite gives its `-wal` and
 //!   `-shm` files the same mode.
 //!
-//! One file per kind of data, as the store's traits: [`agents`], [`calls`], [`auth`],
-//! [`wol`] and [`settings`]; [`migrations`] holds the schema.
+//! The statements themselves are the backend-independent [`SqlStore`]'s; this module opens
+//! the file, migrates it ([`migrations`]) and runs statements on its one connection.
 
-mod agents;
-mod auth;
-mod calls;
 mod migrations;
-mod settings;
-mod wol;
 
 use std::path::Path;
 use std::sync::{Mutex, MutexGuard};
 
-use rusqlite::{Connection, OptionalExtension};
+use rusqlite::Connection;
+use rusqlite::types::{ToSqlOutput, ValueRef};
 
+use super::sql::{Conn, Database, DbError, Row, SqlStore, Value};
 use super::*;
 pub use migrations::SCHEMA_VERSION;
 use migrations::migrate;
 
-/// The SQLite store (one connection behind a mutex: SQLite serializes writers anyway, and the
-/// console's reads are short).
-pub struct SqliteStore {
+/// The SQLite database (one connection behind a mutex: SQLite serializes writers anyway, and
+/// the console's reads are short).
+struct Sqlite {
     conn: Mutex<Connection>,
 }
 
 fn sql(context: &'static str) -> impl FnOnce(rusqlite::Error) -> StoreError {
-    move |source| StoreError::Sqlite { context, source }
-}
-
-/// The error for a record that does not exist: no row read, or none changed.
-fn not_found(what: &'static str, id: &str) -> StoreError {
-    StoreError::NotFound {
-        what,
-        id: id.to_owned(),
+    move |source| StoreError::Database {
+        context,
+        source: source.into(),
     }
 }
 
-/// Ok when a change touched a row (`rows` > 0); otherwise `what` `id` does not exist.
-fn touched(rows: usize, what: &'static str, id: &str) -> StoreResult<()> {
-    if rows == 0 {
-        return Err(not_found(what, id));
+impl rusqlite::ToSql for Value {
+    fn to_sql(&self) -> rusqlite::Result<ToSqlOutput<'_>> {
+        Ok(ToSqlOutput::Borrowed(match self {
+            Value::Null => ValueRef::Null,
+            Value::Int(i) => ValueRef::Integer(*i),
+            Value::Text(s) => ValueRef::Text(s.as_bytes()),
+            Value::Blob(b) => ValueRef::Blob(b),
+        }))
     }
-    Ok(())
 }
 
-/// The first row `query` selects with `params`, read by `from_row`, if there is one;
-/// `context` says what the store was doing in an error.
-fn query_opt<T, P: rusqlite::Params>(
-    conn: &Connection,
-    query: &str,
-    params: P,
-    from_row: impl FnOnce(&rusqlite::Row<'_>) -> rusqlite::Result<T>,
-    context: &'static str,
-) -> StoreResult<Option<T>> {
-    conn.query_row(query, params, from_row)
-        .optional()
-        .map_err(sql(context))
-}
-
-/// Every row `query` selects with `params`, each read by `from_row`; `context` says what
-/// the store was doing in an error.
-fn query_all<T, P: rusqlite::Params>(
-    conn: &Connection,
-    query: &str,
-    params: P,
-    from_row: impl FnMut(&rusqlite::Row<'_>) -> rusqlite::Result<T>,
-    context: &'static str,
-) -> StoreResult<Vec<T>> {
-    let mut stmt = conn.prepare(query).map_err(sql(context))?;
-    stmt.query_map(params, from_row)
-        .and_then(|rows| rows.collect())
-        .map_err(sql(context))
-}
-
-/// `columns` (as `"a, b"`) qualified by the table alias `alias` (as `"t.a, t.b"`), for joins.
-fn qualified(alias: &str, columns: &str) -> String {
-    columns
-        .split(", ")
-        .map(|c| format!("{alias}.{c}"))
-        .collect::<Vec<_>>()
-        .join(", ")
-}
-
-fn json_list(text: &str) -> Vec<String> {
-    serde_json::from_str(text).unwrap_or_default()
-}
-
-/// A list as stored: JSON text. A value that cannot be encoded fails the write instead of
-/// storing an empty list in its place.
-fn to_json<T: serde::Serialize>(value: &T) -> StoreResult<String> {
-    serde_json::to_string(value).map_err(|source| StoreError::Encode {
-        context: "a list",
-        source,
+fn value_at(row: &rusqlite::Row<'_>, i: usize) -> Result<Value, DbError> {
+    Ok(match row.get_ref(i)? {
+        ValueRef::Null => Value::Null,
+        ValueRef::Integer(i) => Value::Int(i),
+        ValueRef::Text(t) => Value::Text(String::from_utf8_lossy(t).into_owned()),
+        ValueRef::Blob(b) => Value::Blob(b.to_vec()),
+        ValueRef::Real(r) => return Err(DbError::Column(format!("a real number {r}"))),
     })
 }
 
-impl SqliteStore {
-    /// Opens (creating with mode 0600 if missing) and migrates the database at `path`.
-    pub fn open(path: &Path) -> StoreResult<Self> {
-        create_private_file(path)?;
-        let conn = Connection::open(path).map_err(sql("opening the database"))?;
-        Self::setup(conn, &path.display().to_string())
+/// Statements on one SQLite connection (or transaction: it derefs to its connection).
+struct SqliteConn<'a>(&'a Connection);
+
+impl Conn for SqliteConn<'_> {
+    fn execute(&mut self, sql: &str, params: &[Value]) -> Result<u64, DbError> {
+        let mut stmt = self.0.prepare_cached(sql)?;
+        let n = stmt.execute(rusqlite::params_from_iter(params))?;
+        Ok(n as u64)
     }
 
-    /// An in-memory database (tests).
-    pub fn open_in_memory() -> StoreResult<Self> {
-        let conn = Connection::open_in_memory().map_err(sql("opening the database"))?;
-        Self::setup(conn, ":memory:")
+    fn query(&mut self, sql: &str, params: &[Value]) -> Result<Vec<Row>, DbError> {
+        let mut stmt = self.0.prepare_cached(sql)?;
+        let columns = stmt.column_count();
+        let mut rows = stmt.query(rusqlite::params_from_iter(params))?;
+        let mut out = Vec::new();
+        while let Some(row) = rows.next()? {
+            out.push(Row((0..columns)
+                .map(|i| value_at(row, i))
+                .collect::<Result<_, _>>()?));
+        }
+        Ok(out)
     }
 
-    fn setup(mut conn: Connection, shown_path: &str) -> StoreResult<Self> {
+    fn like(&self) -> &'static str {
+        "LIKE"
+    }
+
+    fn continue_identity(&mut self, _table: &str, _column: &str) -> Result<(), DbError> {
+        Ok(())
+    }
+}
+
+impl Database for Sqlite {
+    fn with_conn(
+        &self,
+        transaction: bool,
+        f: &mut dyn FnMut(&mut dyn Conn) -> StoreResult<()>,
+    ) -> StoreResult<()> {
+        let mut conn = self.conn();
+        if !transaction {
+            return f(&mut SqliteConn(&conn));
+        }
+        let tx = conn.transaction().map_err(sql("starting a transaction"))?;
+        f(&mut SqliteConn(&tx))?;
+        tx.commit().map_err(sql("committing a transaction"))
+    }
+
+    fn schema_version(&self) -> StoreResult<i64> {
+        self.conn()
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .map_err(sql("reading the schema version"))
+    }
+}
+
+impl Sqlite {
+    fn setup(mut conn: Connection, shown_path: &str) -> StoreResult<SqlStore> {
         conn.busy_timeout(std::time::Duration::from_secs(5))
             .map_err(sql("setting the busy timeout"))?;
         // `journal_mode` returns a row, so it is read rather than executed.
@@ -133,9 +128,9 @@ impl SqliteStore {
         conn.execute_batch("PRAGMA synchronous = NORMAL; PRAGMA foreign_keys = ON;")
             .map_err(sql("setting pragmas"))?;
         migrate(&mut conn, shown_path)?;
-        Ok(Self {
+        Ok(SqlStore::new(Box::new(Self {
             conn: Mutex::new(conn),
-        })
+        })))
     }
 
     fn conn(&self) -> MutexGuard<'_, Connection> {
@@ -143,12 +138,20 @@ impl SqliteStore {
         // on drop), so the poisoned connection is still usable.
         self.conn.lock().unwrap_or_else(|p| p.into_inner())
     }
+}
 
-    /// The schema version of the open database.
-    pub fn schema_version(&self) -> StoreResult<i64> {
-        self.conn()
-            .query_row("PRAGMA user_version", [], |r| r.get(0))
-            .map_err(sql("reading the schema version"))
+impl SqlStore {
+    /// Opens (creating with mode 0600 if missing) and migrates the SQLite database at `path`.
+    pub fn open_sqlite(path: &Path) -> StoreResult<Self> {
+        create_private_file(path)?;
+        let conn = Connection::open(path).map_err(sql("opening the database"))?;
+        Sqlite::setup(conn, &path.display().to_string())
+    }
+
+    /// An in-memory SQLite database (tests).
+    pub fn open_in_memory() -> StoreResult<Self> {
+        let conn = Connection::open_in_memory().map_err(sql("opening the database"))?;
+        Sqlite::setup(conn, ":memory:")
     }
 }
 

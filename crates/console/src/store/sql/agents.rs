@@ -1,0 +1,559 @@
+//! Agents and groups.
+
+use super::auth::{TOKEN_COLUMNS, token_from_row};
+use super::*;
+use crate::model::*;
+use crate::store::*;
+
+/// The tables of agents and groups, for `migrate-store`.
+pub(in crate::store) const AGENT_TABLES: &[&Table] = &[
+    &Table {
+        name: "agents",
+        key: "id",
+        columns: "id, name, hostname, os, addresses, macs, enrolled_at, enrolled_with, secret_hash, last_checkin, presence, presence_at, path, remote_addr, revoked, revoked_at",
+        identity: None,
+    },
+    &Table {
+        name: "groups",
+        key: "name",
+        columns: "name, description, created_at",
+        identity: None,
+    },
+    &Table {
+        name: "agent_groups",
+        key: "agent_id, group_name",
+        columns: "agent_id, group_name",
+        identity: None,
+    },
+    &Table {
+        name: "agent_certificates",
+        key: "serial",
+        columns: "serial, agent_id, issued_at, not_after, revoked_at",
+        identity: None,
+    },
+];
+
+pub(super) fn insert_certificate(
+    conn: &mut dyn Conn,
+    agent: &str,
+    c: &CertificateRecord,
+) -> StoreResult<()> {
+    exec(
+        conn,
+        "INSERT INTO agent_certificates (serial, agent_id, issued_at, not_after) VALUES (?1, ?2, ?3, ?4)",
+        params![&c.serial, agent, c.issued_at, c.not_after],
+        "recording an agent certificate",
+    )?;
+    Ok(())
+}
+
+pub(super) const AGENT_COLUMNS: &str = "id, name, hostname, os, addresses, macs, enrolled_at, last_checkin, presence, presence_at, path, remote_addr, revoked";
+
+pub(super) fn agent_from_row(row: &Row) -> Result<Agent, DbError> {
+    let addresses: String = row.get(4)?;
+    let macs: String = row.get(5)?;
+    let presence: String = row.get(8)?;
+    Ok(Agent {
+        id: row.get(0)?,
+        name: row.get(1)?,
+        inventory: Inventory {
+            hostname: row.get(2)?,
+            os: row.get(3)?,
+            addresses: serde_json::from_str(&addresses).unwrap_or_default(),
+            macs: json_list(&macs),
+        },
+        groups: Vec::new(),
+        enrolled_at: row.get(6)?,
+        last_checkin: row.get(7)?,
+        presence: Presence::parse(&presence).unwrap_or(Presence::Unknown),
+        presence_at: row.get(9)?,
+        path: row.get(10)?,
+        remote_addr: row.get(11)?,
+        revoked: row.get(12)?,
+    })
+}
+
+pub(super) fn fill_groups(conn: &mut dyn Conn, agent: &mut Agent) -> StoreResult<()> {
+    agent.groups = query_all(
+        conn,
+        "SELECT group_name FROM agent_groups WHERE agent_id = ?1 ORDER BY group_name",
+        params![&agent.id],
+        |r| r.get(0),
+        "reading an agent's groups",
+    )?;
+    Ok(())
+}
+
+/// Whether the agent `id` is revoked; `None` when there is no such agent.
+pub(super) fn agent_revoked(conn: &mut dyn Conn, id: &str) -> StoreResult<Option<bool>> {
+    query_opt(
+        conn,
+        "SELECT revoked FROM agents WHERE id = ?1",
+        params![id],
+        |r| r.get(0),
+        "checking an agent",
+    )
+}
+
+pub(super) fn load_agent(conn: &mut dyn Conn, id: &str) -> StoreResult<Agent> {
+    let mut agent = query_opt(
+        conn,
+        &format!("SELECT {AGENT_COLUMNS} FROM agents WHERE id = ?1"),
+        params![id],
+        agent_from_row,
+        "reading an agent",
+    )?
+    .ok_or_else(|| not_found("agent", id))?;
+    fill_groups(conn, &mut agent)?;
+    Ok(agent)
+}
+
+fn group_exists(conn: &mut dyn Conn, name: &str) -> StoreResult<bool> {
+    query_one(
+        conn,
+        "SELECT EXISTS(SELECT 1 FROM groups WHERE name = ?1)",
+        params![name],
+        "checking a group",
+    )
+}
+
+pub(super) fn check_groups_exist(conn: &mut dyn Conn, groups: &[String]) -> StoreResult<()> {
+    for g in groups {
+        if !group_exists(conn, g)? {
+            return Err(StoreError::Invalid(format!(
+                "group {g:?} does not exist: create it first (POST /api/v1/groups)"
+            )));
+        }
+    }
+    Ok(())
+}
+
+pub(super) fn set_groups(
+    conn: &mut dyn Conn,
+    agent_id: &str,
+    groups: &[String],
+) -> StoreResult<()> {
+    check_groups_exist(conn, groups)?;
+    exec(
+        conn,
+        "DELETE FROM agent_groups WHERE agent_id = ?1",
+        params![agent_id],
+        "updating an agent's groups",
+    )?;
+    for g in groups {
+        exec(
+            conn,
+            "INSERT INTO agent_groups (agent_id, group_name) VALUES (?1, ?2) ON CONFLICT DO NOTHING",
+            params![agent_id, g],
+            "updating an agent's groups",
+        )?;
+    }
+    Ok(())
+}
+
+/// Why an enrollment token is refused at `now`, if it is.
+fn token_refusal(token: &EnrollmentToken, now: Millis) -> Option<&'static str> {
+    if token.revoked {
+        Some("the enrollment token was revoked: ask an administrator for a new one")
+    } else if token.expires_at.is_some_and(|e| e <= now) {
+        Some("the enrollment token has expired: ask an administrator for a new one")
+    } else if token.max_uses.is_some_and(|m| token.uses >= m) {
+        Some("the enrollment token has been used up: ask an administrator for a new one")
+    } else {
+        None
+    }
+}
+
+/// The enrollment token whose secret hashes to `hash`, refused when unknown, revoked,
+/// expired at `now` or used up.
+pub(super) fn usable_token(
+    conn: &mut dyn Conn,
+    hash: &[u8; 32],
+    now: Millis,
+) -> StoreResult<EnrollmentToken> {
+    let token = query_opt(
+        conn,
+        &format!("SELECT {TOKEN_COLUMNS} FROM enrollment_tokens WHERE hash = ?1"),
+        params![hash],
+        token_from_row,
+        "reading an enrollment token",
+    )?
+    .ok_or_else(|| {
+        StoreError::Refused(
+            "the enrollment token is not known: check it, or ask an administrator for a new one"
+                .into(),
+        )
+    })?;
+    if let Some(why) = token_refusal(&token, now) {
+        return Err(StoreError::Refused(why.into()));
+    }
+    Ok(token)
+}
+
+impl AgentStore for SqlStore {
+    fn enroll_agent(
+        &self,
+        token_hash: &[u8; 32],
+        agent: NewAgent,
+        now: Millis,
+    ) -> StoreResult<Agent> {
+        self.write(|tx| {
+            let token = usable_token(tx, token_hash, now)?;
+            match agent_revoked(tx, &agent.id)? {
+                Some(false) => {
+                    return Err(StoreError::Conflict(format!(
+                        "an agent with id {:?} is already enrolled: delete it first (DELETE /api/v1/agents/{}) or enroll with another id",
+                        agent.id, agent.id
+                    )));
+                }
+                Some(true) => {
+                    // A revoked agent re-enrolling: start afresh under the same id.
+                    exec(
+                        tx,
+                        "DELETE FROM agents WHERE id = ?1",
+                        params![&agent.id],
+                        "replacing a revoked agent",
+                    )?;
+                }
+                None => {}
+            }
+            exec(
+                tx,
+                "INSERT INTO agents (id, name, hostname, os, addresses, macs, enrolled_at, enrolled_with, secret_hash) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+                params![
+                    &agent.id,
+                    &agent.name,
+                    &agent.inventory.hostname,
+                    &agent.inventory.os,
+                    to_json(&agent.inventory.addresses)?,
+                    to_json(&agent.inventory.macs)?,
+                    now,
+                    &token.id,
+                    &agent.secret_hash
+                ],
+                "recording an agent",
+            )?;
+            // The use limit is checked again by the UPDATE itself, so that two enrollments
+            // at once cannot both take the last use.
+            let used = exec(
+                tx,
+                "UPDATE enrollment_tokens SET uses = uses + 1 WHERE id = ?1 AND (max_uses IS NULL OR uses < max_uses)",
+                params![&token.id],
+                "using an enrollment token",
+            )?;
+            if used == 0 {
+                return Err(StoreError::Refused(
+                    "the enrollment token has been used up: ask an administrator for a new one"
+                        .into(),
+                ));
+            }
+            if let Some(c) = &agent.certificate {
+                insert_certificate(tx, &agent.id, c)?;
+            }
+            set_groups(tx, &agent.id, &token.groups)?;
+            load_agent(tx, &agent.id)
+        })
+    }
+
+    fn agent(&self, id: &str) -> StoreResult<Agent> {
+        self.read(|conn| load_agent(conn, id))
+    }
+
+    fn list_agents(&self, f: &AgentFilter) -> StoreResult<Vec<Agent>> {
+        self.read(|conn| {
+            let mut where_ = vec!["1 = 1".to_owned()];
+            let mut args: Vec<Value> = Vec::new();
+            if !f.include_revoked {
+                where_.push("revoked = 0".into());
+            }
+            if let Some(s) = &f.search {
+                args.push(format!("%{}%", s.replace(['%', '_'], "")).into());
+                let (n, like) = (args.len(), conn.like());
+                where_.push(format!(
+                    "(id {like} ?{n} OR name {like} ?{n} OR hostname {like} ?{n} OR addresses {like} ?{n} OR macs {like} ?{n})"
+                ));
+            }
+            if let Some(g) = &f.group {
+                args.push(g.into());
+                where_.push(format!(
+                    "id IN (SELECT agent_id FROM agent_groups WHERE group_name = ?{})",
+                    args.len()
+                ));
+            }
+            if let Some(p) = f.presence {
+                args.push(p.as_str().into());
+                where_.push(format!("presence = ?{}", args.len()));
+            }
+            let limit = if f.limit == 0 { 1000 } else { f.limit };
+            let query = format!(
+                "SELECT {AGENT_COLUMNS} FROM agents WHERE {} ORDER BY name, id LIMIT {limit} OFFSET {}",
+                where_.join(" AND "),
+                f.offset
+            );
+            let mut agents = query_all(conn, &query, &args, agent_from_row, "listing agents")?;
+            for a in &mut agents {
+                fill_groups(conn, a)?;
+            }
+            Ok(agents)
+        })
+    }
+
+    fn count_agents(&self, presence: Presence) -> StoreResult<u64> {
+        self.read(|conn| {
+            query_one(
+                conn,
+                "SELECT COUNT(*) FROM agents WHERE revoked = 0 AND presence = ?1",
+                params![presence.as_str()],
+                "counting agents",
+            )
+        })
+    }
+
+    fn update_agent(
+        &self,
+        id: &str,
+        name: Option<String>,
+        groups: Option<Vec<String>>,
+    ) -> StoreResult<Agent> {
+        self.write(|tx| {
+            let current = load_agent(tx, id)?;
+            if current.revoked {
+                return Err(not_found("agent", id));
+            }
+            if let Some(name) = name {
+                exec(
+                    tx,
+                    "UPDATE agents SET name = ?1 WHERE id = ?2",
+                    params![name, id],
+                    "renaming an agent",
+                )?;
+            }
+            if let Some(groups) = groups {
+                set_groups(tx, id, &groups)?;
+            }
+            load_agent(tx, id)
+        })
+    }
+
+    fn revoke_agent(&self, id: &str, now: Millis) -> StoreResult<()> {
+        self.write(|tx| {
+            let n = exec(
+                tx,
+                "UPDATE agents SET revoked = 1, revoked_at = ?2 WHERE id = ?1 AND revoked = 0",
+                params![id, now],
+                "revoking an agent",
+            )?;
+            touched(n, "agent", id)?;
+            exec(
+                tx,
+                "UPDATE agent_certificates SET revoked_at = ?2 WHERE agent_id = ?1 AND revoked_at IS NULL",
+                params![id, now],
+                "revoking an agent's certificates",
+            )?;
+            exec(
+                tx,
+                "UPDATE deliveries SET state = 'failed', finished_at = ?1, detail = 'the agent was revoked' WHERE agent_id = ?2 AND state IN ('queued', 'sent', 'delivered', 'started')",
+                params![now, id],
+                "failing a revoked agent's wake-ups",
+            )?;
+            Ok(())
+        })
+    }
+
+    fn revocations(&self, now: Millis) -> StoreResult<Vec<RevokedAgent>> {
+        self.read(|conn| {
+            let mut out: std::collections::BTreeMap<String, RevokedAgent> = Default::default();
+            // Certificates past their end need no listing: the broker refuses them anyway.
+            let certs: Vec<(String, String, Millis)> = query_all(
+                conn,
+                "SELECT agent_id, serial, revoked_at FROM agent_certificates WHERE revoked_at IS NOT NULL AND not_after > ?1 ORDER BY agent_id, serial",
+                params![now],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+                "reading revoked certificates",
+            )?;
+            for (agent, serial, at) in certs {
+                let entry = out.entry(agent.clone()).or_insert_with(|| RevokedAgent {
+                    id: agent,
+                    serials: Some(Vec::new()),
+                    revoked_at: Some(at),
+                });
+                if let Some(s) = entry.serials.as_mut() {
+                    s.push(serial);
+                }
+                entry.revoked_at = entry.revoked_at.max(Some(at));
+            }
+            // Agents revoked without a recorded certificate (enrolled before certificates
+            // were recorded): every credential of the id is refused until it enrolls again.
+            let bare: Vec<String> = query_all(
+                conn,
+                "SELECT a.id FROM agents a WHERE a.revoked = 1 AND NOT EXISTS (SELECT 1 FROM agent_certificates c WHERE c.agent_id = a.id) ORDER BY a.id",
+                params![],
+                |r| r.get(0),
+                "reading revoked agents",
+            )?;
+            for agent in bare {
+                out.insert(
+                    agent.clone(),
+                    RevokedAgent {
+                        id: agent,
+                        serials: None,
+                        revoked_at: None,
+                    },
+                );
+            }
+            Ok(out.into_values().collect())
+        })
+    }
+
+    fn record_certificate(&self, id: &str, certificate: &CertificateRecord) -> StoreResult<()> {
+        self.write(|tx| {
+            if agent_revoked(tx, id)? != Some(false) {
+                return Err(not_found("agent", id));
+            }
+            insert_certificate(tx, id, certificate)
+        })
+    }
+
+    fn agent_by_secret(&self, id: &str, hash: &[u8; 32]) -> StoreResult<Agent> {
+        self.read(|conn| {
+            let stored: Option<(Vec<u8>, bool)> = query_opt(
+                conn,
+                "SELECT secret_hash, revoked FROM agents WHERE id = ?1",
+                params![id],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+                "checking an agent's secret",
+            )?;
+            let refused = || {
+                StoreError::Refused(format!(
+                    "agent {id:?} is not enrolled or its check-in token is wrong: enroll the agent again"
+                ))
+            };
+            let (stored, revoked) = stored.ok_or_else(refused)?;
+            if revoked
+                || aws_lc_rs::constant_time::verify_slices_are_equal(&stored, &hash[..]).is_err()
+            {
+                return Err(refused());
+            }
+            load_agent(conn, id)
+        })
+    }
+
+    fn record_checkin(
+        &self,
+        id: &str,
+        inventory: Option<Inventory>,
+        now: Millis,
+    ) -> StoreResult<Agent> {
+        self.read(|conn| {
+            let n = match inventory {
+                Some(inv) => exec(
+                    conn,
+                    "UPDATE agents SET last_checkin = ?1, hostname = ?2, os = ?3, addresses = ?4, macs = ?5 WHERE id = ?6 AND revoked = 0",
+                    params![now, inv.hostname, inv.os, to_json(&inv.addresses)?, to_json(&inv.macs)?, id],
+                    "recording a check-in",
+                )?,
+                None => exec(
+                    conn,
+                    "UPDATE agents SET last_checkin = ?1 WHERE id = ?2 AND revoked = 0",
+                    params![now, id],
+                    "recording a check-in",
+                )?,
+            };
+            touched(n, "agent", id)?;
+            load_agent(conn, id)
+        })
+    }
+
+    fn reconcile_presence(&self, still_online: &[String], at: Millis) -> StoreResult<Vec<String>> {
+        self.write(|tx| {
+            let online: Vec<String> = query_all(
+                tx,
+                "SELECT id FROM agents WHERE presence = 'online'",
+                params![],
+                |r| r.get(0),
+                "reading presence",
+            )?;
+            let keep: std::collections::HashSet<&str> =
+                still_online.iter().map(String::as_str).collect();
+            let mut changed = Vec::new();
+            for id in online.into_iter().filter(|id| !keep.contains(id.as_str())) {
+                let n = exec(
+                    tx,
+                    "UPDATE agents SET presence = 'offline', presence_at = ?1 WHERE id = ?2 AND presence = 'online' AND (presence_at IS NULL OR presence_at <= ?1)",
+                    params![at, &id],
+                    "recording presence",
+                )?;
+                if n > 0 {
+                    changed.push(id);
+                }
+            }
+            Ok(changed)
+        })
+    }
+
+    fn set_presences(&self, updates: Vec<PresenceUpdate>) -> StoreResult<()> {
+        self.write(|tx| {
+            // Retained presence may arrive late or twice: an older event never overwrites a
+            // newer one.
+            for u in updates {
+                exec(
+                    tx,
+                    "UPDATE agents SET presence = ?1, presence_at = ?2, path = COALESCE(?3, path), remote_addr = COALESCE(?4, remote_addr) WHERE id = ?5 AND (presence_at IS NULL OR presence_at <= ?2)",
+                    params![u.presence.as_str(), u.at, u.path, u.remote_addr, u.agent_id],
+                    "recording presence",
+                )?;
+            }
+            Ok(())
+        })
+    }
+
+    fn create_group(&self, name: &str, description: &str, now: Millis) -> StoreResult<Group> {
+        self.write(|tx| {
+            if group_exists(tx, name)? {
+                return Err(StoreError::Conflict(format!(
+                    "group {name:?} already exists"
+                )));
+            }
+            exec(
+                tx,
+                "INSERT INTO groups (name, description, created_at) VALUES (?1, ?2, ?3)",
+                params![name, description, now],
+                "creating a group",
+            )?;
+            Ok(Group {
+                name: name.to_owned(),
+                description: description.to_owned(),
+                created_at: now,
+                members: 0,
+            })
+        })
+    }
+
+    fn list_groups(&self) -> StoreResult<Vec<Group>> {
+        self.read(|conn| {
+            query_all(
+                conn,
+                "SELECT g.name, g.description, g.created_at, (SELECT COUNT(*) FROM agent_groups ag JOIN agents a ON a.id = ag.agent_id WHERE ag.group_name = g.name AND a.revoked = 0) FROM groups g ORDER BY g.name",
+                params![],
+                |r| {
+                    Ok(Group {
+                        name: r.get(0)?,
+                        description: r.get(1)?,
+                        created_at: r.get(2)?,
+                        members: r.get(3)?,
+                    })
+                },
+                "listing groups",
+            )
+        })
+    }
+
+    fn delete_group(&self, name: &str) -> StoreResult<()> {
+        self.change_one(
+            "DELETE FROM groups WHERE name = ?1",
+            "group",
+            name,
+            "deleting a group",
+        )
+    }
+}

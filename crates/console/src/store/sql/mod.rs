@@ -1,0 +1,428 @@
+//! The store written once in SQL, for every backend: SQLite and PostgreSQL run the same
+//! statements through a [`Conn`], with values as [`Value`]s and rows as [`Row`]s.
+//!
+//! Statements are written with `?N` placeholders (PostgreSQL's connection turns them into
+//! `$N`) in the SQL both databases understand: `ON CONFLICT`, integer flags (`revoked = 0`),
+//! `EXISTS`; the one difference left is case-insensitive matching ([`Conn::like`]).
+//!
+//! One file per kind of data, as the store's traits: [`agents`], [`calls`], [`auth`],
+//! [`wol`] and [`settings`].
+
+mod agents;
+mod auth;
+mod calls;
+mod settings;
+mod wol;
+
+use crate::store::*;
+
+pub(super) use agents::AGENT_TABLES;
+pub(super) use auth::AUTH_TABLES;
+pub(super) use calls::CALL_TABLES;
+pub(super) use settings::SETTINGS_TABLES;
+pub(super) use wol::WOL_TABLES;
+
+/// A value passed to or read from the database.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Value {
+    /// SQL `NULL`.
+    Null,
+    /// An integer (flags are 0 or 1).
+    Int(i64),
+    /// Text.
+    Text(String),
+    /// Bytes.
+    Blob(Vec<u8>),
+}
+
+macro_rules! value_from_int {
+    ($($t:ty),*) => {$(
+        impl From<$t> for Value {
+            fn from(v: $t) -> Self {
+                Value::Int(i64::from(v))
+            }
+        }
+    )*};
+}
+value_from_int!(i64, i32, u32, bool);
+
+impl From<u64> for Value {
+    fn from(v: u64) -> Self {
+        Value::Int(i64::try_from(v).unwrap_or(i64::MAX))
+    }
+}
+
+impl From<&str> for Value {
+    fn from(v: &str) -> Self {
+        Value::Text(v.to_owned())
+    }
+}
+
+impl From<String> for Value {
+    fn from(v: String) -> Self {
+        Value::Text(v)
+    }
+}
+
+impl From<&String> for Value {
+    fn from(v: &String) -> Self {
+        Value::Text(v.clone())
+    }
+}
+
+impl From<&[u8]> for Value {
+    fn from(v: &[u8]) -> Self {
+        Value::Blob(v.to_vec())
+    }
+}
+
+impl From<&[u8; 32]> for Value {
+    fn from(v: &[u8; 32]) -> Self {
+        Value::Blob(v.to_vec())
+    }
+}
+
+impl<T: Into<Value>> From<Option<T>> for Value {
+    fn from(v: Option<T>) -> Self {
+        v.map_or(Value::Null, Into::into)
+    }
+}
+
+impl<T: Clone + Into<Value>> From<&Option<T>> for Value {
+    fn from(v: &Option<T>) -> Self {
+        v.clone().map_or(Value::Null, Into::into)
+    }
+}
+
+/// The parameters of a statement: `params![a, b]`.
+macro_rules! params {
+    ($($v:expr),* $(,)?) => {
+        &[$($crate::store::sql::Value::from($v)),*][..]
+    };
+}
+pub(crate) use params;
+
+/// A row read from the database.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Row(pub Vec<Value>);
+
+impl Row {
+    /// Column `i` as `T`.
+    pub fn get<T: FromValue>(&self, i: usize) -> Result<T, DbError> {
+        let v = self.0.get(i).unwrap_or(&Value::Null);
+        // The kind only: a value may be a secret's hash.
+        T::from_value(v).ok_or_else(|| {
+            let kind = match v {
+                Value::Null => "NULL",
+                Value::Int(_) => "an integer",
+                Value::Text(_) => "text",
+                Value::Blob(_) => "bytes",
+            };
+            DbError::Column(format!(
+                "column {i} holds {kind}, not a {}",
+                std::any::type_name::<T>()
+            ))
+        })
+    }
+}
+
+/// A type read from a [`Value`].
+pub trait FromValue: Sized {
+    /// `None` when the value does not fit.
+    fn from_value(v: &Value) -> Option<Self>;
+}
+
+impl FromValue for i64 {
+    fn from_value(v: &Value) -> Option<Self> {
+        match v {
+            Value::Int(i) => Some(*i),
+            _ => None,
+        }
+    }
+}
+
+macro_rules! from_int_value {
+    ($($t:ty),*) => {$(
+        impl FromValue for $t {
+            fn from_value(v: &Value) -> Option<Self> {
+                i64::from_value(v).and_then(|i| <$t>::try_from(i).ok())
+            }
+        }
+    )*};
+}
+from_int_value!(i32, u32, u64);
+
+impl FromValue for bool {
+    fn from_value(v: &Value) -> Option<Self> {
+        i64::from_value(v).map(|i| i != 0)
+    }
+}
+
+impl FromValue for String {
+    fn from_value(v: &Value) -> Option<Self> {
+        match v {
+            Value::Text(s) => Some(s.clone()),
+            _ => None,
+        }
+    }
+}
+
+impl FromValue for Vec<u8> {
+    fn from_value(v: &Value) -> Option<Self> {
+        match v {
+            Value::Blob(b) => Some(b.clone()),
+            _ => None,
+        }
+    }
+}
+
+impl<T: FromValue> FromValue for Option<T> {
+    fn from_value(v: &Value) -> Option<Self> {
+        match v {
+            Value::Null => Some(None),
+            v => T::from_value(v).map(Some),
+        }
+    }
+}
+
+/// A database error, of either backend.
+#[derive(Debug, thiserror::Error)]
+pub enum DbError {
+    /// SQLite failed.
+    #[error("{0}")]
+    Sqlite(#[from] rusqlite::Error),
+    /// PostgreSQL failed (the server's message when it sent one).
+    #[error("{}", postgres_message(.0))]
+    Postgres(#[from] postgres::Error),
+    /// A column did not hold what the store expected.
+    #[error("unexpected value: {0}")]
+    Column(String),
+}
+
+/// The server's message when it sent one, else the client's error with its causes
+/// ("error connecting to server: Connection refused").
+fn postgres_message(e: &postgres::Error) -> String {
+    if let Some(db) = e.as_db_error() {
+        return db.to_string();
+    }
+    let mut text = e.to_string();
+    let mut cause = std::error::Error::source(e);
+    while let Some(c) = cause {
+        text.push_str(&format!(": {c}"));
+        cause = c.source();
+    }
+    text
+}
+
+/// One connection (or transaction on it) of a backend.
+pub trait Conn {
+    /// Runs a statement; returns the rows it changed.
+    fn execute(&mut self, sql: &str, params: &[Value]) -> Result<u64, DbError>;
+
+    /// Runs a query; returns its rows.
+    fn query(&mut self, sql: &str, params: &[Value]) -> Result<Vec<Row>, DbError>;
+
+    /// The case-insensitive `LIKE` of the backend (SQLite's `LIKE` is; PostgreSQL's
+    /// `ILIKE`).
+    fn like(&self) -> &'static str;
+
+    /// After rows were inserted with explicit values in the identity column `column` of
+    /// `table`: new rows continue after the highest (PostgreSQL's sequence; SQLite's
+    /// `AUTOINCREMENT` does so by itself).
+    fn continue_identity(&mut self, table: &str, column: &str) -> Result<(), DbError>;
+}
+
+/// A backend: where connections come from.
+pub trait Database: Send + Sync {
+    /// Runs `f` on a connection, inside one transaction (committed when `f` succeeds, rolled
+    /// back otherwise) when `transaction`.
+    fn with_conn(
+        &self,
+        transaction: bool,
+        f: &mut dyn FnMut(&mut dyn Conn) -> StoreResult<()>,
+    ) -> StoreResult<()>;
+
+    /// The schema version of the database.
+    fn schema_version(&self) -> StoreResult<i64>;
+}
+
+/// The store over a [`Database`]: every trait of the store, written once.
+pub struct SqlStore {
+    db: Box<dyn Database>,
+}
+
+impl SqlStore {
+    /// The store over `db` (already migrated).
+    pub(crate) fn new(db: Box<dyn Database>) -> Self {
+        Self { db }
+    }
+
+    /// The schema version of the open database (each backend numbers its own migrations).
+    pub fn schema_version(&self) -> StoreResult<i64> {
+        self.db.schema_version()
+    }
+
+    fn with<T>(
+        &self,
+        transaction: bool,
+        f: impl FnOnce(&mut dyn Conn) -> StoreResult<T>,
+    ) -> StoreResult<T> {
+        let mut f = Some(f);
+        let mut out = None;
+        self.db.with_conn(transaction, &mut |conn| {
+            if let Some(f) = f.take() {
+                out = Some(f(conn)?);
+            }
+            Ok(())
+        })?;
+        out.ok_or_else(|| StoreError::Task("the database call did not run".into()))
+    }
+
+    /// Runs `f` on a connection outside of a transaction (reads, single statements).
+    pub(crate) fn read<T>(
+        &self,
+        f: impl FnOnce(&mut dyn Conn) -> StoreResult<T>,
+    ) -> StoreResult<T> {
+        self.with(false, f)
+    }
+
+    /// Runs `query`, whose one parameter `?1` is the id of the record `what` it changes;
+    /// fails with "does not exist" when it changed none.
+    pub(crate) fn change_one(
+        &self,
+        query: &str,
+        what: &'static str,
+        id: &str,
+        context: &'static str,
+    ) -> StoreResult<()> {
+        self.read(|conn| touched(exec(conn, query, params![id], context)?, what, id))
+    }
+
+    /// Runs `f` in one transaction: all of its changes or none.
+    pub(crate) fn write<T>(
+        &self,
+        f: impl FnOnce(&mut dyn Conn) -> StoreResult<T>,
+    ) -> StoreResult<T> {
+        self.with(true, f)
+    }
+}
+
+/// Maps a database error to a [`StoreError`] saying what the store was doing.
+pub(crate) fn sql(context: &'static str) -> impl FnOnce(DbError) -> StoreError {
+    move |source| StoreError::Database { context, source }
+}
+
+/// The error for a record that does not exist: no row read, or none changed.
+pub(crate) fn not_found(what: &'static str, id: &str) -> StoreError {
+    StoreError::NotFound {
+        what,
+        id: id.to_owned(),
+    }
+}
+
+/// Ok when a change touched a row (`rows` > 0); otherwise `what` `id` does not exist.
+pub(crate) fn touched(rows: u64, what: &'static str, id: &str) -> StoreResult<()> {
+    if rows == 0 {
+        return Err(not_found(what, id));
+    }
+    Ok(())
+}
+
+/// Runs a statement; `context` says what the store was doing in an error.
+pub(crate) fn exec(
+    conn: &mut dyn Conn,
+    query: &str,
+    params: &[Value],
+    context: &'static str,
+) -> StoreResult<u64> {
+    conn.execute(query, params).map_err(sql(context))
+}
+
+/// The first row `query` selects with `params`, read by `from_row`, if there is one;
+/// `context` says what the store was doing in an error.
+pub(crate) fn query_opt<T>(
+    conn: &mut dyn Conn,
+    query: &str,
+    params: &[Value],
+    from_row: impl FnOnce(&Row) -> Result<T, DbError>,
+    context: &'static str,
+) -> StoreResult<Option<T>> {
+    let rows = conn.query(query, params).map_err(sql(context))?;
+    rows.first().map(from_row).transpose().map_err(sql(context))
+}
+
+/// Every row `query` selects with `params`, each read by `from_row`; `context` says what
+/// the store was doing in an error.
+pub(crate) fn query_all<T>(
+    conn: &mut dyn Conn,
+    query: &str,
+    params: &[Value],
+    from_row: impl FnMut(&Row) -> Result<T, DbError>,
+    context: &'static str,
+) -> StoreResult<Vec<T>> {
+    let rows = conn.query(query, params).map_err(sql(context))?;
+    rows.iter()
+        .map(from_row)
+        .collect::<Result<_, _>>()
+        .map_err(sql(context))
+}
+
+/// The first column of the first row of `query` (a count, `EXISTS`, one field).
+pub(crate) fn query_one<T: FromValue>(
+    conn: &mut dyn Conn,
+    query: &str,
+    params: &[Value],
+    context: &'static str,
+) -> StoreResult<T> {
+    query_opt(conn, query, params, |r| r.get(0), context)?.ok_or_else(|| StoreError::Database {
+        context,
+        source: DbError::Column("no row".into()),
+    })
+}
+
+/// `columns` (as `"a, b"`) qualified by the table alias `alias` (as `"t.a, t.b"`), for joins.
+pub(crate) fn qualified(alias: &str, columns: &str) -> String {
+    columns
+        .split(", ")
+        .map(|c| format!("{alias}.{c}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+pub(crate) fn json_list(text: &str) -> Vec<String> {
+    serde_json::from_str(text).unwrap_or_default()
+}
+
+/// A list as stored: JSON text. A value that cannot be encoded fails the write instead of
+/// storing an empty list in its place.
+pub(crate) fn to_json<T: serde::Serialize>(value: &T) -> StoreResult<String> {
+    serde_json::to_string(value).map_err(|source| StoreError::Encode {
+        context: "a list",
+        source,
+    })
+}
+
+/// A table as `migrate-store` copies it: its name and columns, in the order rows are copied
+/// (parents before the rows referring to them).
+pub(crate) struct Table {
+    /// Table name.
+    pub name: &'static str,
+    /// Its columns, as `"a, b, c"`.
+    pub columns: &'static str,
+    /// The columns that order its rows (its primary key), for copying page by page.
+    pub key: &'static str,
+    /// An identity column whose sequence continues after the copied rows (PostgreSQL).
+    pub identity: Option<&'static str>,
+}
+
+/// Every table of the store, in an order that inserts parents first.
+pub(crate) fn tables() -> Vec<&'static Table> {
+    AUTH_TABLES
+        .iter()
+        .chain(AGENT_TABLES)
+        .chain(CALL_TABLES)
+        .chain(SETTINGS_TABLES)
+        .chain(WOL_TABLES)
+        .copied()
+        .collect()
+}
