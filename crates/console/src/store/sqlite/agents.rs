@@ -22,6 +22,10 @@ pub(super) fn insert_certificate(
 
 pub(super) const AGENT_COLUMNS: &str = "id, name, hostname, os, addresses, macs, enrolled_at, last_checkin, presence, presence_at, path, remote_addr, revoked";
 
+/// When an agent was last seen, for the stale filter: an online agent is seen now; else its
+/// latest enrollment, check-in or presence change.
+const STALE: &str = "(CASE WHEN presence = 'online' THEN 9223372036854775807 ELSE MAX(enrolled_at, COALESCE(last_checkin, 0), COALESCE(presence_at, 0)) END)";
+
 pub(super) fn agent_from_row(row: &Row<'_>) -> rusqlite::Result<Agent> {
     let addresses: String = row.get(4)?;
     let macs: String = row.get(5)?;
@@ -228,6 +232,9 @@ impl AgentStore for SqliteStore {
             args.push(p.as_str().to_owned());
             where_.push(format!("presence = ?{}", args.len()));
         }
+        if let Some(before) = f.stale_before {
+            where_.push(format!("{STALE} < {before}"));
+        }
         let limit = if f.limit == 0 { 1000 } else { f.limit };
         let query = format!(
             "SELECT {AGENT_COLUMNS} FROM agents WHERE {} ORDER BY name, id LIMIT {limit} OFFSET {}",
@@ -256,6 +263,17 @@ impl AgentStore for SqliteStore {
             )
             .map(|n| n.max(0) as u64)
             .map_err(sql("counting agents"))
+    }
+
+    fn count_stale_agents(&self, before: Millis) -> StoreResult<u64> {
+        self.conn()
+            .query_row(
+                &format!("SELECT COUNT(*) FROM agents WHERE revoked = 0 AND {STALE} < ?1"),
+                [before],
+                |r| r.get::<_, i64>(0),
+            )
+            .map(|n| n.max(0) as u64)
+            .map_err(sql("counting stale agents"))
     }
 
     fn update_agent(

@@ -72,7 +72,13 @@ impl AuthStore for SqliteStore {
         touched(n, "enrollment token", id)
     }
 
-    fn create_user(&self, name: &str, password_hash: &str, now: Millis) -> StoreResult<()> {
+    fn create_user(
+        &self,
+        name: &str,
+        password_hash: &str,
+        role: Role,
+        now: Millis,
+    ) -> StoreResult<()> {
         let conn = self.conn();
         let exists: bool = conn
             .query_row(
@@ -87,11 +93,59 @@ impl AuthStore for SqliteStore {
             )));
         }
         conn.execute(
-            "INSERT INTO users (name, password_hash, created_at) VALUES (?1, ?2, ?3)",
-            params![name, password_hash, now],
+            "INSERT INTO users (name, password_hash, role, created_at) VALUES (?1, ?2, ?3, ?4)",
+            params![name, password_hash, role.as_str(), now],
         )
         .map_err(sql("creating a user"))?;
         Ok(())
+    }
+
+    fn list_users(&self) -> StoreResult<Vec<User>> {
+        query_all(
+            &self.conn(),
+            "SELECT name, role, created_at FROM users ORDER BY name",
+            [],
+            |r| {
+                Ok(User {
+                    name: r.get(0)?,
+                    role: role_column(r, 1)?,
+                    created_at: r.get(2)?,
+                })
+            },
+            "listing users",
+        )
+    }
+
+    fn set_user_role(&self, name: &str, role: Role) -> StoreResult<Role> {
+        let mut conn = self.conn();
+        let tx = conn.transaction().map_err(sql("starting a transaction"))?;
+        let before = query_opt(
+            &tx,
+            "SELECT role FROM users WHERE name = ?1",
+            [name],
+            |r| role_column(r, 0),
+            "reading a user",
+        )?
+        .ok_or_else(|| not_found("user", name))?;
+        if before == Role::Admin && role != Role::Admin {
+            let admins: i64 = tx
+                .query_row("SELECT COUNT(*) FROM users WHERE role = 'admin'", [], |r| {
+                    r.get(0)
+                })
+                .map_err(sql("counting admins"))?;
+            if admins <= 1 {
+                return Err(StoreError::Conflict(format!(
+                    "{name:?} is the only admin: make another user admin first, so that someone can still manage the console"
+                )));
+            }
+        }
+        tx.execute(
+            "UPDATE users SET role = ?1 WHERE name = ?2",
+            params![role.as_str(), name],
+        )
+        .map_err(sql("changing a user's role"))?;
+        tx.commit().map_err(sql("changing a user's role"))?;
+        Ok(before)
     }
 
     fn set_password(&self, name: &str, password_hash: &str) -> StoreResult<()> {
@@ -164,16 +218,18 @@ impl AuthStore for SqliteStore {
     }
 
     fn session(&self, hash: &[u8; 32], now: Millis) -> StoreResult<Principal> {
-        let user: Option<String> = query_opt(
+        query_opt(
             &self.conn(),
-            "SELECT user_name FROM sessions WHERE hash = ?1 AND expires_at > ?2",
+            "SELECT s.user_name, u.role FROM sessions s JOIN users u ON u.name = s.user_name WHERE s.hash = ?1 AND s.expires_at > ?2",
             params![&hash[..], now],
-            |r| r.get(0),
+            |r| {
+                Ok(Principal {
+                    name: format!("user:{}", r.get::<_, String>(0)?),
+                    role: role_column(r, 1)?,
+                })
+            },
             "reading a session",
-        )?;
-        user.map(|u| Principal {
-            name: format!("user:{u}"),
-        })
+        )?
         .ok_or_else(|| StoreError::Refused("the session has ended: log in again".into()))
     }
 
@@ -187,8 +243,8 @@ impl AuthStore for SqliteStore {
     fn create_api_token(&self, t: NewApiToken) -> StoreResult<ApiToken> {
         self.conn()
             .execute(
-                "INSERT INTO api_tokens (id, hash, name, created_at) VALUES (?1, ?2, ?3, ?4)",
-                params![t.id, &t.hash[..], t.name, t.created_at],
+                "INSERT INTO api_tokens (id, hash, name, created_at, role, created_by) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                params![t.id, &t.hash[..], t.name, t.created_at, t.role.as_str(), t.created_by],
             )
             .map_err(sql("recording an API token"))?;
         Ok(ApiToken {
@@ -196,20 +252,34 @@ impl AuthStore for SqliteStore {
             name: t.name,
             created_at: t.created_at,
             revoked: false,
+            role: t.role,
+            created_by: t.created_by,
         })
     }
 
     fn api_token(&self, hash: &[u8; 32]) -> StoreResult<Principal> {
-        let name: Option<String> = query_opt(
+        // A token made by a user is held to that user's role now (a demoted or removed
+        // creator takes their tokens' rights down too).
+        query_opt(
             &self.conn(),
-            "SELECT name FROM api_tokens WHERE hash = ?1 AND revoked = 0",
+            "SELECT t.name, t.role, t.created_by LIKE 'user:%', u.role FROM api_tokens t LEFT JOIN users u ON 'user:' || u.name = t.created_by WHERE t.hash = ?1 AND t.revoked = 0",
             [&hash[..]],
-            |r| r.get(0),
+            |r| {
+                let own = role_column(r, 1)?;
+                let by_user: bool = r.get(2)?;
+                let creator: Option<String> = r.get(3)?;
+                let role = match (by_user, creator.as_deref().and_then(Role::parse)) {
+                    (false, _) => own,
+                    (true, Some(c)) => own.min(c),
+                    (true, None) => Role::Viewer,
+                };
+                Ok(Principal {
+                    name: format!("token:{}", r.get::<_, String>(0)?),
+                    role,
+                })
+            },
             "reading an API token",
-        )?;
-        name.map(|n| Principal {
-            name: format!("token:{n}"),
-        })
+        )?
         .ok_or_else(|| {
             StoreError::Refused(
                 "the API token is not valid (unknown or revoked): create a new one on the API tokens page in the console (or POST /api/v1/api-tokens)".into(),
@@ -221,7 +291,7 @@ impl AuthStore for SqliteStore {
         let conn = self.conn();
         query_all(
             &conn,
-            "SELECT id, name, created_at, revoked FROM api_tokens ORDER BY created_at DESC",
+            "SELECT id, name, created_at, revoked, role, created_by FROM api_tokens ORDER BY created_at DESC",
             [],
             |r| {
                 Ok(ApiToken {
@@ -229,6 +299,8 @@ impl AuthStore for SqliteStore {
                     name: r.get(1)?,
                     created_at: r.get(2)?,
                     revoked: r.get(3)?,
+                    role: role_column(r, 4)?,
+                    created_by: r.get(5)?,
                 })
             },
             "listing API tokens",
@@ -242,4 +314,9 @@ impl AuthStore for SqliteStore {
             .map_err(sql("revoking an API token"))?;
         touched(n, "API token", id)
     }
+}
+
+/// A role column; a value this build does not know reads as the least role.
+fn role_column(r: &Row<'_>, i: usize) -> rusqlite::Result<Role> {
+    Ok(Role::parse(&r.get::<_, String>(i)?).unwrap_or(Role::Viewer))
 }

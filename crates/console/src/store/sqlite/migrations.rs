@@ -6,7 +6,7 @@ use super::sql;
 use crate::store::*;
 
 /// The schema version this build writes.
-pub const SCHEMA_VERSION: i64 = 3;
+pub const SCHEMA_VERSION: i64 = 4;
 
 /// Schema scripts: `MIGRATIONS[n]` moves version `n` to `n + 1`.
 pub(super) const MIGRATIONS: &[&str] = &[
@@ -140,6 +140,14 @@ ALTER TABLE wol_sends ADD COLUMN via_agent TEXT;
 ALTER TABLE wol_sends ADD COLUMN relay_id TEXT;
 ALTER TABLE wol_sends ADD COLUMN relay_state TEXT;
 CREATE INDEX wol_sends_relay ON wol_sends(relay_id);
+"#,
+    r#"
+-- Version 4: roles (viewer, operator, admin) of users and API tokens. Everyone was an
+-- administrator before, so existing users and tokens stay admins. A token records who made
+-- it: a token made by a user is held to that user's current role.
+ALTER TABLE users ADD COLUMN role TEXT NOT NULL DEFAULT 'admin';
+ALTER TABLE api_tokens ADD COLUMN role TEXT NOT NULL DEFAULT 'admin';
+ALTER TABLE api_tokens ADD COLUMN created_by TEXT;
 "#,
 ];
 

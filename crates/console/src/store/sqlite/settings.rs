@@ -32,6 +32,7 @@ impl SettingsStore for SqliteStore {
                 read_group(&map, "wakeup", &mut s.wakeup);
                 read_group(&map, "broker", &mut s.broker);
                 read_group(&map, "proxy", &mut s.proxy);
+                read_group(&map, "agents", &mut s.agents);
                 s
             }),
         )
@@ -51,7 +52,7 @@ impl SettingsStore for SqliteStore {
         let new_v = serde_json::to_value(new).map_err(encode)?;
         let mut conn = self.conn();
         let tx = conn.transaction().map_err(sql("starting a transaction"))?;
-        for key in ["wol", "wakeup", "broker", "proxy"] {
+        for key in ["wol", "wakeup", "broker", "proxy", "agents"] {
             let (Some(o), Some(n)) = (old_v.get(key), new_v.get(key)) else {
                 continue;
             };
