@@ -262,7 +262,7 @@ impl AuthStore for SqliteStore {
         // creator takes their tokens' rights down too).
         query_opt(
             &self.conn(),
-            "SELECT t.name, t.role, t.created_by LIKE 'user:%', u.role FROM api_tokens t LEFT JOIN users u ON 'user:' || u.name = t.created_by WHERE t.hash = ?1 AND t.revoked = 0",
+            "SELECT t.name, t.role, COALESCE(t.created_by LIKE 'user:%', 0), u.role FROM api_tokens t LEFT JOIN users u ON 'user:' || u.name = t.created_by WHERE t.hash = ?1 AND t.revoked = 0",
             [&hash[..]],
             |r| {
                 let own = role_column(r, 1)?;
