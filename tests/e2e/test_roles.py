@@ -26,8 +26,10 @@ DAY_MS = 24 * 3600 * 1000
 
 
 def log_in(browser, beckon, user, password):
-    browser.delete_all_cookies()
+    # Cookies are per host, not per port: end whichever session the browser holds here.
     browser.get(beckon.url + "/#/dashboard")
+    browser.delete_all_cookies()
+    browser.refresh()
     name = visible(browser, "login-user")
     name.clear()
     name.send_keys(user)
