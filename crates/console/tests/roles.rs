@@ -101,6 +101,18 @@ async fn each_route_refuses_a_caller_without_its_role_with_a_403_naming_it() {
     assert_eq!(refused[2], 0);
 }
 
+/// `method path` with the session `cookie` and an optional JSON body: status and body.
+async fn as_session(
+    api: &Api,
+    method: &str,
+    path: &str,
+    cookie: &str,
+    body: Option<Value>,
+) -> (StatusCode, Value) {
+    let (status, _, body) = api.raw(with_cookie(method, path, cookie, body)).await;
+    (status, body)
+}
+
 async fn log_in(api: &Api, user: &str, password: &str) -> String {
     let (s, headers, body) = api.raw(login(user, password)).await;
     assert_eq!(s, StatusCode::OK, "{body}");
@@ -141,21 +153,12 @@ async fn admins_create_users_with_roles_and_change_them_audited() {
 
     let vera = log_in(&api, "vera", "vera's long password").await;
     let otto = log_in(&api, "otto", "otto's long password").await;
-    let (_, _, me) = api
-        .raw(with_cookie("GET", "/api/v1/account", &vera, None))
-        .await;
+    let (_, me) = as_session(&api, "GET", "/api/v1/account", &vera, None).await;
     assert_eq!(me, json!({"name": "user:vera", "role": "viewer"}));
 
     // A viewer reads but does not wake; an operator wakes but does not change settings.
     let call = json!({"target": {"agents": ["nobody"]}});
-    let (s, _, v) = api
-        .raw(with_cookie(
-            "POST",
-            "/api/v1/calls",
-            &vera,
-            Some(call.clone()),
-        ))
-        .await;
+    let (s, v) = as_session(&api, "POST", "/api/v1/calls", &vera, Some(call.clone())).await;
     assert_eq!(s, StatusCode::FORBIDDEN, "{v}");
     assert!(
         v["error"]
@@ -163,27 +166,18 @@ async fn admins_create_users_with_roles_and_change_them_audited() {
             .unwrap()
             .contains("this needs the operator role")
     );
-    let (s, _, _) = api
-        .raw(with_cookie("GET", "/api/v1/calls", &vera, None))
-        .await;
+    let (s, _) = as_session(&api, "GET", "/api/v1/calls", &vera, None).await;
     assert_eq!(s, StatusCode::OK);
-    let (s, _, v) = api
-        .raw(with_cookie(
-            "POST",
-            "/api/v1/calls",
-            &otto,
-            Some(call.clone()),
-        ))
-        .await;
+    let (s, v) = as_session(&api, "POST", "/api/v1/calls", &otto, Some(call.clone())).await;
     assert_ne!(s, StatusCode::FORBIDDEN, "{v}");
-    let (s, _, v) = api
-        .raw(with_cookie(
-            "PATCH",
-            "/api/v1/users/vera",
-            &otto,
-            Some(json!({"role": "admin"})),
-        ))
-        .await;
+    let (s, v) = as_session(
+        &api,
+        "PATCH",
+        "/api/v1/users/vera",
+        &otto,
+        Some(json!({"role": "admin"})),
+    )
+    .await;
     assert_eq!(
         s,
         StatusCode::FORBIDDEN,
@@ -205,9 +199,7 @@ async fn admins_create_users_with_roles_and_change_them_audited() {
         )
         .await;
     assert_eq!(s, StatusCode::OK, "{v}");
-    let (s, _, v) = api
-        .raw(with_cookie("POST", "/api/v1/calls", &vera, Some(call)))
-        .await;
+    let (s, v) = as_session(&api, "POST", "/api/v1/calls", &vera, Some(call)).await;
     assert_ne!(s, StatusCode::FORBIDDEN, "{v}");
     let (_, users) = api.call("GET", "/api/v1/users", None).await;
     let roles: Vec<(&str, &str)> = users
@@ -281,28 +273,28 @@ async fn an_api_token_is_held_to_its_creators_role() {
         .await;
     assert_eq!(s, StatusCode::CREATED);
     let ada = log_in(&api, "ada", "ada's long password").await;
-    let (s, _, made) = api
-        .raw(with_cookie(
-            "POST",
-            "/api/v1/api-tokens",
-            &ada,
-            Some(json!({"name": "ci"})),
-        ))
-        .await;
+    let (s, made) = as_session(
+        &api,
+        "POST",
+        "/api/v1/api-tokens",
+        &ada,
+        Some(json!({"name": "ci"})),
+    )
+    .await;
     assert_eq!(s, StatusCode::CREATED, "{made}");
     assert_eq!(
         made["role"], "admin",
         "a token takes its creator's role by default"
     );
     let ci = format!("Bearer {}", made["token"].as_str().unwrap());
-    let (s, _, made) = api
-        .raw(with_cookie(
-            "POST",
-            "/api/v1/api-tokens",
-            &ada,
-            Some(json!({"name": "monitor", "role": "viewer"})),
-        ))
-        .await;
+    let (s, made) = as_session(
+        &api,
+        "POST",
+        "/api/v1/api-tokens",
+        &ada,
+        Some(json!({"name": "monitor", "role": "viewer"})),
+    )
+    .await;
     assert_eq!(s, StatusCode::CREATED, "{made}");
     let monitor = format!("Bearer {}", made["token"].as_str().unwrap());
     let (s, v) = api
@@ -336,14 +328,14 @@ async fn an_api_token_is_held_to_its_creators_role() {
         .await;
     assert_eq!(s, StatusCode::FORBIDDEN, "{v}");
     // And as a viewer she makes no token above her role.
-    let (s, _, v) = api
-        .raw(with_cookie(
-            "POST",
-            "/api/v1/api-tokens",
-            &ada,
-            Some(json!({"name": "more", "role": "admin"})),
-        ))
-        .await;
+    let (s, v) = as_session(
+        &api,
+        "POST",
+        "/api/v1/api-tokens",
+        &ada,
+        Some(json!({"name": "more", "role": "admin"})),
+    )
+    .await;
     assert_eq!(s, StatusCode::FORBIDDEN, "{v}");
 }
 
