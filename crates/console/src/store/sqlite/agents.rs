@@ -22,9 +22,13 @@ pub(super) fn insert_certificate(
 
 pub(super) const AGENT_COLUMNS: &str = "id, name, hostname, os, addresses, macs, enrolled_at, last_checkin, presence, presence_at, path, remote_addr, revoked";
 
-/// When an agent was last seen, for the stale filter: an online agent is seen now; else its
-/// latest enrollment, check-in or presence change.
-const STALE: &str = "(CASE WHEN presence = 'online' THEN 9223372036854775807 ELSE MAX(enrolled_at, COALESCE(last_checkin, 0), COALESCE(presence_at, 0)) END)";
+/// The condition of a stale agent, last seen before `before` (an SQL value): not online,
+/// and its enrollment, last check-in and last presence change all before then.
+fn stale(before: &str) -> String {
+    format!(
+        "presence <> 'online' AND enrolled_at < {before} AND COALESCE(last_checkin, 0) < {before} AND COALESCE(presence_at, 0) < {before}"
+    )
+}
 
 pub(super) fn agent_from_row(row: &Row<'_>) -> rusqlite::Result<Agent> {
     let addresses: String = row.get(4)?;
@@ -233,7 +237,7 @@ impl AgentStore for SqliteStore {
             where_.push(format!("presence = ?{}", args.len()));
         }
         if let Some(before) = f.stale_before {
-            where_.push(format!("{STALE} < {before}"));
+            where_.push(stale(&before.to_string()));
         }
         let limit = if f.limit == 0 { 1000 } else { f.limit };
         let query = format!(
@@ -268,7 +272,10 @@ impl AgentStore for SqliteStore {
     fn count_stale_agents(&self, before: Millis) -> StoreResult<u64> {
         self.conn()
             .query_row(
-                &format!("SELECT COUNT(*) FROM agents WHERE revoked = 0 AND {STALE} < ?1"),
+                &format!(
+                    "SELECT COUNT(*) FROM agents WHERE revoked = 0 AND {}",
+                    stale("?1")
+                ),
                 [before],
                 |r| r.get::<_, i64>(0),
             )
