@@ -6,7 +6,8 @@
 //! Exit codes: 0 the call was made (and with `--wait`: every agent finished with status
 //! `ok`); 1 with `--wait`: some agent failed, expired, finished with another status, or had
 //! not reached a final state in time; 2 the call could not be made (console unreachable,
-//! refused token, unknown agent or group, bad flag): the console's message is printed.
+//! refused token, a token without the operator role (403), unknown agent or group, bad
+//! flag): the console's message is printed.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -23,9 +24,10 @@ pub struct WakeArgs {
     /// The console's URL, e.g. https://console.example:8080.
     #[arg(long, env = "BECKON_CONSOLE_URL", value_name = "URL")]
     console: String,
-    /// An API token (bkt_...). An administrator creates one on the API tokens page in the
-    /// console (or POST /api/v1/api-tokens {"name": "..."}, logged in or with another API
-    /// token); see docs/api.md.
+    /// An API token (bkt_...) with the operator role or more (making a call needs it;
+    /// --wait reads, which any role may). An admin creates one on the API tokens page in the
+    /// console (or POST /api/v1/api-tokens {"name": "...", "role": "operator"}); see
+    /// docs/api.md, "Roles".
     #[arg(
         long,
         env = "BECKON_API_TOKEN",

@@ -1,8 +1,9 @@
 //! `beckon wake` as a process against `beckon up --demo-agents 2` (a real console with a
 //! real broker and two agents): a call to one agent and to all, followed to `finished` with
 //! `--wait` (exit 0, the call id and a table); an agent that cannot finish in time (exit 1);
-//! and refusals that name the fault (exit 2): a wrong token, an unknown agent, an
-//! unreachable console, a token of the wrong kind. Every wait is bounded.
+//! and refusals that name the fault (exit 2): a wrong token, a viewer's token (403, the
+//! operator role needed), an unknown agent, an unreachable console, a token of the wrong
+//! kind. Every wait is bounded.
 
 mod common;
 
@@ -131,8 +132,20 @@ fn wake_calls_follows_and_explains_refusals() {
 
     // Refusals: exit 2 and the reason; nothing is called.
     let (_, before, _) = up.request("GET", "/api/v1/calls", &cookie, "");
-    let cases: [(Vec<&str>, &str); 5] = [
+    let (status, viewer, _) = up.request(
+        "POST",
+        "/api/v1/api-tokens",
+        &cookie,
+        r#"{"name":"watch","role":"viewer"}"#,
+    );
+    assert_eq!(status, 201, "{viewer}");
+    let viewer = viewer["token"].as_str().expect("token").to_owned();
+    let cases: [(Vec<&str>, &str); 6] = [
         (vec!["--token", "bkt_wrong", "demo-01"], "401"),
+        (
+            vec!["--token", &viewer, "demo-01"],
+            "(HTTP 403): this needs the operator role",
+        ),
         (vec!["--token", &token, "no-such-agent"], "no-such-agent"),
         (vec!["--token", &token, "--group", "nobody"], "nobody"),
         (

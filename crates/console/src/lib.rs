@@ -304,9 +304,19 @@ impl ConsoleHandle {
         format!("{}://{}", self.scheme, self.local_addr)
     }
 
-    /// Creates an API token named `name` and returns its secret (shown once).
+    /// Creates an admin API token named `name` and returns its secret (shown once).
     pub async fn create_api_token(&self, name: &str) -> Result<String, store::StoreError> {
-        api::create_api_token(&self.state.store, name).await
+        self.create_api_token_with_role(name, model::Role::Admin)
+            .await
+    }
+
+    /// Creates an API token named `name` with `role` and returns its secret (shown once).
+    pub async fn create_api_token_with_role(
+        &self,
+        name: &str,
+        role: model::Role,
+    ) -> Result<String, store::StoreError> {
+        api::create_api_token(&self.state.store, name, role, None).await
     }
 
     /// The broker's tenant file for this console's tenant (`tenants/<tenant>.toml`, see the

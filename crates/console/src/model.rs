@@ -78,6 +78,48 @@ impl Presence {
     }
 }
 
+/// What a user or API token may do; each role may do what the one before it may.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// Reads everything: agents, groups, calls, settings, the audit log.
+    Viewer,
+    /// Also makes wake-up calls and sends Wake-on-LAN.
+    Operator,
+    /// Also changes settings, users, API tokens, enrollment tokens, agents and groups.
+    Admin,
+}
+
+impl Role {
+    /// Every role, least first.
+    pub const ALL: [Role; 3] = [Role::Viewer, Role::Operator, Role::Admin];
+
+    /// The stored text.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Viewer => "viewer",
+            Role::Operator => "operator",
+            Role::Admin => "admin",
+        }
+    }
+
+    /// Parses the stored text.
+    pub fn parse(text: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|r| r.as_str() == text)
+    }
+}
+
+/// A console user as listed (never the password hash).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct User {
+    /// Login name.
+    pub name: String,
+    /// What the user may do.
+    pub role: Role,
+    /// When the user was made.
+    pub created_at: Millis,
+}
+
 /// What an agent reports about its machine (at enrollment and at each check-in).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -329,6 +371,10 @@ pub struct ApiToken {
     pub created_at: Millis,
     /// Revoked.
     pub revoked: bool,
+    /// What it may do (at most its creator's role).
+    pub role: Role,
+    /// Who made it (`user:alice`, `token:ci`); `None` for tokens made before roles.
+    pub created_by: Option<String>,
 }
 
 /// One Wake-on-LAN packet burst sent.

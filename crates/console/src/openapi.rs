@@ -3,189 +3,255 @@
 
 use serde_json::{Value, json};
 
-/// (path, method, summary, needs admin auth, has JSON body)
-const OPERATIONS: &[(&str, &str, &str, bool, bool)] = &[
-    ("/api/v1/openapi.json", "get", "This document", false, false),
+use crate::model::Role;
+
+/// (path, method, summary, the role it needs (`None`: no login), has JSON body)
+const OPERATIONS: &[(&str, &str, &str, Option<Role>, bool)] = &[
+    ("/api/v1/openapi.json", "get", "This document", None, false),
     (
         "/api/v1/login",
         "post",
         "Log in with user and password; sets the session cookie",
-        false,
+        None,
         true,
     ),
-    ("/api/v1/logout", "post", "End the session", false, false),
+    ("/api/v1/logout", "post", "End the session", None, false),
+    (
+        "/api/v1/users",
+        "get",
+        "List users with their roles",
+        Some(Role::Viewer),
+        false,
+    ),
     (
         "/api/v1/users",
         "post",
-        "Create a user (name, password of at least 10 characters)",
+        "Create a user (name, password of at least 10 characters, role: viewer (default), operator or admin)",
+        Some(Role::Admin),
         true,
+    ),
+    (
+        "/api/v1/users/{name}",
+        "patch",
+        "Change a user's role (the last admin stays admin; audited)",
+        Some(Role::Admin),
         true,
+    ),
+    (
+        "/api/v1/account",
+        "get",
+        "Who is calling (user:NAME or token:NAME) and its role",
+        Some(Role::Viewer),
+        false,
     ),
     (
         "/api/v1/account/password",
         "post",
         "Change the logged-in user's password (ends the user's sessions)",
-        true,
+        Some(Role::Viewer),
         true,
     ),
     (
         "/api/v1/enroll",
         "post",
         "Enroll an agent with an enrollment token and a CSR; returns its certificate, the CA, broker endpoints, proxy policy, wake-up key and check-in token",
-        false,
+        None,
         true,
     ),
     (
         "/api/v1/agents/{id}/checkin",
         "post",
         "Agent check-in (Authorization: Bearer <checkin_token>)",
-        false,
+        None,
         true,
     ),
     (
         "/api/v1/agents/{id}/certificate",
         "post",
         "Renew an agent's certificate with a CSR for a fresh key pair (Authorization: Bearer <checkin_token>); refused for removed agents",
-        false,
+        None,
         true,
     ),
     (
         "/api/v1/tenant-file",
         "get",
         "The broker's tenant file for this tenant (TOML): CA, token key and the revoked credentials of removed agents",
-        true,
+        Some(Role::Viewer),
         false,
     ),
     (
         "/api/v1/enrollment-tokens",
         "get",
         "List enrollment tokens",
-        true,
+        Some(Role::Viewer),
         false,
     ),
     (
         "/api/v1/enrollment-tokens",
         "post",
         "Create an enrollment token (the secret is returned once)",
-        true,
+        Some(Role::Admin),
         true,
     ),
     (
         "/api/v1/enrollment-tokens/{id}",
         "delete",
         "Revoke an enrollment token",
-        true,
+        Some(Role::Admin),
         false,
     ),
     (
         "/api/v1/agents",
         "get",
-        "List agents (search, group, presence, include_revoked, limit, offset)",
-        true,
+        "List agents (search, group, presence, stale, include_revoked, limit, offset); stale=true: only those not seen for the setting agents.stale_after_days",
+        Some(Role::Viewer),
         false,
     ),
-    ("/api/v1/agents/{id}", "get", "One agent", true, false),
+    (
+        "/api/v1/agents/remove",
+        "post",
+        "Remove (revoke) many agents at once, e.g. the stale ones: {\"ids\": [...]}, 1 to 1000",
+        Some(Role::Admin),
+        true,
+    ),
+    (
+        "/api/v1/agents/{id}",
+        "get",
+        "One agent",
+        Some(Role::Viewer),
+        false,
+    ),
     (
         "/api/v1/agents/{id}",
         "patch",
         "Rename an agent or set its groups",
-        true,
+        Some(Role::Admin),
         true,
     ),
     (
         "/api/v1/agents/{id}",
         "delete",
         "Revoke (delete) an agent",
-        true,
+        Some(Role::Admin),
         false,
     ),
     (
         "/api/v1/agents/{id}/wol",
         "get",
         "Wake-on-LAN sends for an agent",
-        true,
+        Some(Role::Viewer),
         false,
     ),
     (
         "/api/v1/agents/{id}/wol",
         "post",
         "Send Wake-on-LAN to an agent now",
-        true,
+        Some(Role::Operator),
         false,
     ),
-    ("/api/v1/groups", "get", "List groups", true, false),
-    ("/api/v1/groups", "post", "Create a group", true, true),
+    (
+        "/api/v1/groups",
+        "get",
+        "List groups",
+        Some(Role::Viewer),
+        false,
+    ),
+    (
+        "/api/v1/groups",
+        "post",
+        "Create a group",
+        Some(Role::Admin),
+        true,
+    ),
     (
         "/api/v1/groups/{name}",
         "delete",
         "Delete a group",
-        true,
+        Some(Role::Admin),
         false,
     ),
     (
         "/api/v1/calls",
         "get",
         "List wake-up calls, newest first",
-        true,
+        Some(Role::Viewer),
         false,
     ),
     (
         "/api/v1/calls",
         "post",
         "Create a wake-up call to agents, a group or all",
-        true,
+        Some(Role::Operator),
         true,
     ),
     (
         "/api/v1/calls/{id}",
         "get",
         "A call with its per-agent states",
-        true,
+        Some(Role::Viewer),
         false,
     ),
     (
         "/api/v1/calls/{id}/events",
         "get",
         "Server-Sent Events: live state changes of a call",
-        true,
+        Some(Role::Viewer),
         false,
     ),
     (
         "/api/v1/events",
         "get",
         "Server-Sent Events: live state changes of every call",
-        true,
+        Some(Role::Viewer),
         false,
     ),
-    ("/api/v1/settings", "get", "Current settings", true, false),
+    (
+        "/api/v1/settings",
+        "get",
+        "Current settings",
+        Some(Role::Viewer),
+        false,
+    ),
     (
         "/api/v1/settings",
         "put",
         "Replace settings (validated; audited)",
-        true,
+        Some(Role::Admin),
         true,
     ),
     (
         "/api/v1/audit",
         "get",
         "Audit log, newest first",
-        true,
+        Some(Role::Viewer),
         false,
     ),
-    ("/api/v1/status", "get", "Push-service status", true, false),
-    ("/api/v1/api-tokens", "get", "List API tokens", true, false),
+    (
+        "/api/v1/status",
+        "get",
+        "Push-service status",
+        Some(Role::Viewer),
+        false,
+    ),
+    (
+        "/api/v1/api-tokens",
+        "get",
+        "List API tokens",
+        Some(Role::Viewer),
+        false,
+    ),
     (
         "/api/v1/api-tokens",
         "post",
         "Create an API token (the secret is returned once)",
-        true,
+        Some(Role::Admin),
         true,
     ),
     (
         "/api/v1/api-tokens/{id}",
         "delete",
         "Revoke an API token",
-        true,
+        Some(Role::Admin),
         false,
     ),
 ];
@@ -193,7 +259,7 @@ const OPERATIONS: &[(&str, &str, &str, bool, bool)] = &[
 /// The document.
 pub fn document() -> Value {
     let mut paths = serde_json::Map::new();
-    for (path, method, summary, admin, body) in OPERATIONS {
+    for (path, method, summary, role, body) in OPERATIONS {
         let params: Vec<Value> = path
             .split('/')
             .filter_map(|l| l.strip_prefix('{')?.strip_suffix('}'))
@@ -207,8 +273,10 @@ pub fn document() -> Value {
                 "4XX": {"description": "The request cannot be served", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}},
             },
         });
-        if *admin {
+        if let Some(role) = role {
             op["security"] = json!([{"bearer": []}, {"session": []}]);
+            op["x-beckon-role"] = json!(role);
+            op["description"] = json!(format!("Needs the {} role.", role.as_str()));
         }
         if *body {
             op["requestBody"] = json!({"required": true, "content": {"application/json": {"schema": {"type": "object"}}}});
@@ -226,7 +294,11 @@ pub fn document() -> Value {
                 "session": {"type": "apiKey", "in": "cookie", "name": "beckon_session"},
             },
             "schemas": {
-                "Error": {"type": "object", "required": ["error"], "properties": {"error": {"type": "string"}}},
+                "Error": {"type": "object", "required": ["error"], "properties": {
+                    "error": {"type": "string"},
+                    "needs_role": {"type": "string", "description": "With 403: the role the route needs"},
+                    "role": {"type": "string", "description": "With 403: the caller's role"},
+                }},
             },
         },
     })

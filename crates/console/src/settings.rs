@@ -16,6 +16,33 @@ pub struct Settings {
     pub broker: BrokerSettings,
     /// The HTTP proxy agents use.
     pub proxy: ProxySettings,
+    /// The agent registry.
+    pub agents: AgentSettings,
+}
+
+/// The agent registry: when an agent counts as stale.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AgentSettings {
+    /// An agent not online and not seen (enrollment, check-in, presence change) for this many
+    /// days is stale: listed on the dashboard and the Agents page for removal. Default 30,
+    /// 1 to 3650.
+    pub stale_after_days: u32,
+}
+
+impl Default for AgentSettings {
+    fn default() -> Self {
+        Self {
+            stale_after_days: 30,
+        }
+    }
+}
+
+impl AgentSettings {
+    /// Agents last seen before this time (unix ms) are stale at `now`.
+    pub fn stale_before(&self, now: i64) -> i64 {
+        now - i64::from(self.stale_after_days) * 24 * 3600 * 1000
+    }
 }
 
 /// Wake-on-LAN: where the magic packets go.
@@ -162,6 +189,9 @@ impl Settings {
                 "must be at most 86400 seconds (24 hours)",
             ));
         }
+        if !(1..=3650).contains(&self.agents.stale_after_days) {
+            return Err(invalid("agents.stale_after_days", "must be 1 to 3650 days"));
+        }
         if self.broker.endpoints.len() > 16 {
             return Err(invalid("broker.endpoints", "at most 16 endpoints"));
         }
@@ -271,6 +301,13 @@ mod tests {
         let mut s = Settings::default();
         s.broker.endpoints = vec!["push.example.com:8883".into(), "nope".into()];
         assert_eq!(s.validate().unwrap_err().field, "broker.endpoints[1]");
+        let mut s = Settings::default();
+        s.proxy.url = "socks5://p:1080".into();
+        assert_eq!(s.validate().unwrap_err().field, "proxy.url");
+        let mut s = Settings::default();
+        assert_eq!(s.agents.stale_after_days, 30);
+        s.agents.stale_after_days = 0;
+        assert_eq!(s.validate().unwrap_err().field, "agents.stale_after_days");
         let mut s = Settings::default();
         s.proxy.url = "socks5://p:1080".into();
         assert_eq!(s.validate().unwrap_err().field, "proxy.url");

@@ -27,6 +27,7 @@ const ASSETS: &[Asset] = &[
     Asset::new("/ui/app.css", CSS, include_str!("../ui/app.css")),
     Asset::new("/ui/app.js", JS, include_str!("../ui/app.js")),
     Asset::new("/ui/api.js", JS, include_str!("../ui/api.js")),
+    Asset::new("/ui/users.js", JS, include_str!("../ui/users.js")),
     Asset::new("/ui/favicon.svg", SVG, include_str!("../ui/favicon.svg")),
 ];
 

@@ -983,7 +983,7 @@ async fn a_password_hash_of_the_first_format_is_rewritten_as_phc_at_the_next_log
     api.handle
         .state
         .store
-        .run(move |s| s.create_user("veteran", &stored, 0))
+        .run(move |s| s.create_user("veteran", &stored, beckon_console::model::Role::Admin, 0))
         .await
         .unwrap();
     let login = |pw: &str| login("veteran", pw);

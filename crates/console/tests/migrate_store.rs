@@ -98,8 +98,13 @@ fn fill(s: &SqlStore) -> String {
     s.set_carried_by(&[deliveries[2].wakeup_id.clone()], &deliveries[1].wakeup_id)
         .unwrap();
     s.revoke_agent("pc-3", NOW + 50).unwrap();
-    s.create_user("admin", "$argon2id$v=19$m=19456,t=2,p=1$c2FsdA$aGFzaA", NOW)
-        .unwrap();
+    s.create_user(
+        "admin",
+        "$argon2id$v=19$m=19456,t=2,p=1$c2FsdA$aGFzaA",
+        Role::Operator,
+        NOW,
+    )
+    .unwrap();
     s.create_session(NewSession {
         hash: [2; 32],
         user: "admin".into(),
@@ -113,6 +118,8 @@ fn fill(s: &SqlStore) -> String {
             hash: [hash; 32],
             name: format!("ci-{id}"),
             created_at: NOW + i64::from(hash),
+            role: Role::Viewer,
+            created_by: Some("user:admin".into()),
         })
         .unwrap();
     }

@@ -2,6 +2,7 @@
 // (#/agents, #/calls/<id>, ...). Everything the API returns is put into the page with
 // textContent, never as HTML.
 import { api, ApiError, query } from "./api.js";
+import { loadUsers, setUpUsers } from "./users.js";
 
 const $ = (id) => document.getElementById(id);
 
@@ -70,7 +71,34 @@ const state = {
   agents: [],
   selected: new Set(),
   user: null,
+  role: null,
 };
+
+// What each role may do is what the one before it may, and more (the API enforces it; the
+// pages show no control the role cannot use).
+const ROLE_RANK = { viewer: 0, operator: 1, admin: 2 };
+
+/** Whether the logged-in caller has at least `role`. */
+function can(role) {
+  return (ROLE_RANK[state.role] ?? -1) >= ROLE_RANK[role];
+}
+
+/** Shows or hides every control marked `data-needs="ROLE"`, and locks the settings for
+ * those who may not change them. */
+function applyRole() {
+  for (const node of document.querySelectorAll("[data-needs]")) node.hidden = !can(node.dataset.needs);
+  for (const fs of document.querySelectorAll("#settings-form fieldset")) fs.disabled = !can("admin");
+  document.body.dataset.role = state.role || "";
+}
+
+/** Reads who is logged in and with which role; false without a session. */
+async function loadAccount() {
+  const me = await api("GET", "/account");
+  state.user = me.name.replace(/^user:/, "");
+  state.role = me.role;
+  $("who").textContent = `Logged in as ${state.user} (${state.role})`;
+  applyRole();
+}
 
 function stopLive() {
   if (state.timer) clearInterval(state.timer);
@@ -112,9 +140,8 @@ $("login-form").addEventListener("submit", async (ev) => {
   }
   $("login-submit").disabled = true;
   try {
-    const r = await api("POST", "/login", { user, password });
-    state.user = r && r.user;
-    $("who").textContent = state.user ? "Logged in as " + state.user : "";
+    await api("POST", "/login", { user, password });
+    await loadAccount();
     showError($("login-error"), null);
     $("login-password").value = "";
     if (!location.hash || location.hash === "#/login") location.hash = "#/dashboard";
@@ -132,6 +159,7 @@ $("login-form").addEventListener("submit", async (ev) => {
 $("logout").addEventListener("click", async () => {
   await guarded(null, () => api("POST", "/logout"));
   state.user = null;
+  state.role = null;
   location.hash = "#/login";
 });
 
@@ -157,6 +185,10 @@ async function loadDashboard() {
   $("dash-online").textContent = status ? status.agents_online : count(online, "?");
   $("dash-offline").textContent = count(offline, "?");
   $("dash-unknown").textContent = count(unknown, "?");
+  if (status) {
+    $("dash-stale").textContent = status.agents_stale ?? "?";
+    $("dash-stale-label").textContent = `stale agents (not seen for ${status.stale_after_days} days)`;
+  }
   if (status) renderPush(status.push_service);
   if (calls) {
     const body = $("dash-calls").tBodies[0];
@@ -320,6 +352,7 @@ function filters() {
     group: $("agent-group").value,
     presence: $("agent-presence").value,
     path: $("agent-path").value,
+    stale: $("agent-stale").checked,
   };
 }
 
@@ -338,7 +371,7 @@ async function loadGroups() {
 async function loadAgents() {
   const f = filters();
   const agents = await guarded($("agents-error"), () =>
-    api("GET", "/agents" + query({ search: f.search, group: f.group, presence: f.presence, limit: 1000 })));
+    api("GET", "/agents" + query({ search: f.search, group: f.group, presence: f.presence, stale: f.stale || undefined, limit: 1000 })));
   if (!agents || state.view !== "agents") return;
   // Path is not an API filter: the list is filtered here.
   const paths = new Set(agents.map((a) => a.path).filter(Boolean));
@@ -408,10 +441,10 @@ $("agent-search").addEventListener("input", () => {
   clearTimeout(searchDelay);
   searchDelay = setTimeout(loadAgents, 250);
 });
-for (const id of ["agent-group", "agent-presence", "agent-path"]) {
+for (const id of ["agent-group", "agent-presence", "agent-path", "agent-stale"]) {
   $(id).addEventListener("change", () => {
     const f = filters();
-    const params = query({ presence: f.presence, group: f.group, path: f.path });
+    const params = query({ presence: f.presence, group: f.group, path: f.path, stale: f.stale ? 1 : undefined });
     history.replaceState(null, "", "#/agents" + params);
     loadAgents();
   });
@@ -493,12 +526,15 @@ $("action-group").addEventListener("click", async () => {
 $("action-revoke").addEventListener("click", async () => {
   const ids = [...state.selected];
   if (!confirm(`Delete ${ids.length} agent(s)? Their certificates are revoked: the push service refuses them from then on, they can no longer check in and get no wake-ups; they must enroll again.`)) return;
-  for (const id of ids) {
-    const ok = await guarded($("agents-error"), () => api("DELETE", `/agents/${encodeURIComponent(id)}`));
-    if (ok === undefined && !$("agents-error").hidden) break;
-    state.selected.delete(id);
+  // One request per thousand agents (the API's limit), e.g. every stale agent at once.
+  let removed = 0;
+  for (let i = 0; i < ids.length; i += 1000) {
+    const r = await guarded($("agents-error"), () => api("POST", "/agents/remove", { ids: ids.slice(i, i + 1000) }));
+    if (!r) break;
+    removed += r.removed.length;
+    for (const id of [...r.removed, ...r.not_found]) state.selected.delete(id);
   }
-  $("agents-message").textContent = `Deleted ${ids.length - state.selected.size} agent(s).`;
+  $("agents-message").textContent = `Deleted ${removed} agent(s).`;
   loadAgents();
 });
 
@@ -513,6 +549,10 @@ function openAgents(params) {
     $("agent-path").append(el("option", { value: path }, path));
   }
   $("agent-path").value = path;
+  $("agent-stale").checked = Boolean(params.get("stale"));
+  guarded(null, () => api("GET", "/settings")).then((s) => {
+    if (s) $("agent-stale-label").textContent = `Only agents not seen for ${s.agents.stale_after_days} days (stale)`;
+  });
   loadGroups().then(() => { $("agent-group").value = params.get("group") || ""; loadAgents(); });
   state.timer = setInterval(loadAgents, 3000);
 }
@@ -526,7 +566,7 @@ async function loadTokens() {
     const expired = t.expires_at !== null && t.expires_at < Date.now();
     const usedUp = t.max_uses !== null && t.uses >= t.max_uses;
     const st = t.revoked ? "revoked" : expired ? "expired" : usedUp ? "used up" : "valid";
-    const revoke = el("button", { type: "button", class: "small danger", "aria-label": "Revoke token " + (t.label || t.id) }, "Revoke");
+    const revoke = el("button", { type: "button", class: "small danger", "aria-label": "Revoke token " + (t.label || t.id), hidden: !can("admin") }, "Revoke");
     revoke.disabled = st !== "valid";
     revoke.addEventListener("click", async () => {
       await guarded($("tokens-error"), () => api("DELETE", `/enrollment-tokens/${encodeURIComponent(t.id)}`));
@@ -620,7 +660,7 @@ async function loadApiTokens() {
   const tokens = await guarded($("api-tokens-error"), () => api("GET", "/api-tokens"));
   if (!tokens || state.view !== "api-tokens") return;
   $("api-tokens-table").tBodies[0].replaceChildren(...tokens.map((t) => {
-    const revoke = el("button", { type: "button", class: "small danger", "aria-label": "Revoke API token " + t.name }, "Revoke");
+    const revoke = el("button", { type: "button", class: "small danger", "aria-label": "Revoke API token " + t.name, hidden: !can("admin") }, "Revoke");
     revoke.disabled = t.revoked;
     revoke.addEventListener("click", async () => {
       if (!confirm(`Revoke the API token "${t.name}"? Whatever uses it is refused from then on.`)) return;
@@ -628,7 +668,7 @@ async function loadApiTokens() {
       loadApiTokens();
     });
     return el("tr", { "data-testid": "api-token-row", "data-token-id": t.id, "data-revoked": String(t.revoked) },
-      el("td", {}, t.name), el("td", {}, when(t.created_at)),
+      el("td", {}, t.name), el("td", {}, t.role), el("td", {}, when(t.created_at)),
       el("td", {}, badge(t.revoked ? "offline" : "online", t.revoked ? "revoked" : "valid")), el("td", {}, revoke));
   }));
   $("api-tokens-empty").hidden = tokens.length > 0;
@@ -644,7 +684,8 @@ $("api-token-form").addEventListener("submit", async (ev) => {
   }
   $("api-token-create").disabled = true;
   try {
-    const t = await guarded($("api-token-error"), () => api("POST", "/api-tokens", { name }));
+    const role = $("api-token-role").value;
+    const t = await guarded($("api-token-error"), () => api("POST", "/api-tokens", { name, role }));
     if (!t) return;
     $("api-token-result-name").textContent = t.name;
     $("api-token-secret").textContent = t.token;
@@ -677,6 +718,7 @@ function fillSettings(s) {
   $("set-broker-endpoints").value = s.broker.endpoints.join("\n");
   $("set-proxy-url").value = s.proxy.url;
   $("set-proxy-direct").checked = s.proxy.direct_fallback;
+  $("set-agents-stale").value = s.agents.stale_after_days;
 }
 
 function clearFieldErrors() {
@@ -741,6 +783,7 @@ $("settings-form").addEventListener("submit", async (ev) => {
       },
       broker: { endpoints: lines($("set-broker-endpoints").value) },
       proxy: { url: $("set-proxy-url").value.trim(), direct_fallback: $("set-proxy-direct").checked },
+      agents: { stale_after_days: integer("set-agents-stale", "agents.stale_after_days") },
     };
   } catch (e) {
     fieldError(e.field, e.message);
@@ -766,7 +809,7 @@ $("settings-form").addEventListener("submit", async (ev) => {
       fieldError(field, which + reason);
     } else {
       const named = ["wol.addresses", "wol.secureon", "wol.port", "wol.repeats", "wakeup.default_expiry_secs",
-        "wakeup.spread_secs", "wakeup.spread_from_agents", "broker.endpoints", "proxy.url"]
+        "wakeup.spread_secs", "wakeup.spread_from_agents", "broker.endpoints", "proxy.url", "agents.stale_after_days"]
         .find((f) => e.message.includes(f));
       if (named) fieldError(named, e.message);
       else if (/IP address|invalid IP/i.test(e.message)) fieldError("wol.addresses", e.message);
@@ -790,11 +833,10 @@ async function route() {
     showLogin();
     return;
   }
-  // Is the session still valid? The status call answers 401 when not.
-  if (!state.user) {
+  // Is the session still valid, and with which role? The account call answers 401 when not.
+  if (!state.role) {
     try {
-      await api("GET", "/status");
-      state.user = "(session)";
+      await loadAccount();
     } catch (e) {
       if (e instanceof ApiError && e.status === 401) { showLogin(); return; }
       showError($("global-error"), e);
@@ -819,6 +861,10 @@ async function route() {
       $("api-token-secret").textContent = "";
       loadApiTokens();
       break;
+    case "users":
+      show("users");
+      loadUsers();
+      break;
     case "settings":
       show("settings");
       loadSettings();
@@ -832,5 +878,6 @@ async function route() {
   if (h1 && document.activeElement === document.body) h1.setAttribute("tabindex", "-1");
 }
 
+setUpUsers({ guarded, when, el });
 window.addEventListener("hashchange", route);
 route();

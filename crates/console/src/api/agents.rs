@@ -8,7 +8,7 @@ use serde_json::json;
 
 use super::*;
 use crate::model::*;
-use crate::store::AgentFilter;
+use crate::store::{AgentFilter, StoreError};
 
 // --- Agents and groups ---
 
@@ -18,6 +18,9 @@ pub(super) struct AgentQuery {
     search: Option<String>,
     group: Option<String>,
     presence: Option<Presence>,
+    /// Only agents not seen for the setting `agents.stale_after_days`.
+    #[serde(default)]
+    stale: bool,
     #[serde(default)]
     include_revoked: bool,
     limit: Option<u32>,
@@ -26,14 +29,20 @@ pub(super) struct AgentQuery {
 }
 
 pub(super) async fn list_agents(
-    a: Admin,
+    a: Viewer,
     Query(q): Query<AgentQuery>,
 ) -> ApiResult<Json<Vec<Agent>>> {
     let limit = check_limit(q.limit, 100)?;
+    let stale_before = if q.stale {
+        Some(stale_before(&a).await?)
+    } else {
+        None
+    };
     let filter = AgentFilter {
         search: q.search.filter(|s| !s.is_empty()),
         group: q.group,
         presence: q.presence,
+        stale_before,
         include_revoked: q.include_revoked,
         limit,
         offset: q.offset,
@@ -41,7 +50,7 @@ pub(super) async fn list_agents(
     Ok(Json(a.run(move |s| s.list_agents(&filter)).await?))
 }
 
-pub(super) async fn get_agent(a: Admin, Path(id): Path<String>) -> ApiResult<Json<Agent>> {
+pub(super) async fn get_agent(a: Viewer, Path(id): Path<String>) -> ApiResult<Json<Agent>> {
     Ok(Json(a.run(move |s| s.agent(&id)).await?))
 }
 
@@ -74,22 +83,78 @@ pub(super) async fn update_agent(
     Ok(Json(agent))
 }
 
+/// Agents last seen before this time are stale now (the setting `agents.stale_after_days`).
+pub(super) async fn stale_before(a: &Caller) -> ApiResult<Millis> {
+    let settings = a.run(|s| s.settings()).await?;
+    Ok(settings.agents.stale_before(now_ms()))
+}
+
 pub(super) async fn revoke_agent(a: Admin, Path(id): Path<String>) -> ApiResult<StatusCode> {
     let i = id.clone();
     a.audited("agent.revoke", json!({"id": id}), move |s| {
         s.revoke_agent(&i, now_ms())
     })
     .await?;
-    // The broker learns it from its tenant file; the console restarts rewrite it too.
+    publish_revocations(&a, &[id]).await;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Tells the broker about removed agents through its tenant file (console restarts rewrite
+/// it too).
+async fn publish_revocations(a: &Caller, ids: &[String]) {
     match crate::tenant_file::publish(&a.st).await {
         Ok(written) => {
-            tracing::info!(agent = %id, tenant_file_written = written, "agent removed: revoked");
+            tracing::info!(agents = ?ids, tenant_file_written = written, "agents removed: revoked");
         }
         Err(e) => {
-            tracing::error!(agent = %id, error = %e, "agent revoked in the console, but the broker does not know yet: fix the tenant file path; it is written again at the next removal or start");
+            tracing::error!(agents = ?ids, error = %e, "agents revoked in the console, but the broker does not know yet: fix the tenant file path; it is written again at the next removal or start");
         }
     }
-    Ok(StatusCode::NO_CONTENT)
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RemoveAgents {
+    ids: Vec<String>,
+}
+
+/// Removes (revokes) many agents in one step, e.g. the stale ones: each as `DELETE
+/// /agents/{id}` does, with one tenant file update. Ids unknown or already removed are
+/// listed as `not_found`; the others are removed.
+pub(super) async fn remove_agents(
+    a: Admin,
+    Body(req): Body<RemoveAgents>,
+) -> ApiResult<Json<serde_json::Value>> {
+    if req.ids.is_empty() || req.ids.len() > 1000 {
+        return Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "ids: give 1 to 1000 agent ids",
+        ));
+    }
+    // A failure stops the removal; those removed before it are still audited and published.
+    let (removed, not_found, failed) = a
+        .run(move |s| {
+            let (mut removed, mut not_found) = (Vec::new(), Vec::new());
+            for id in req.ids {
+                match s.revoke_agent(&id, now_ms()) {
+                    Ok(()) => removed.push(id),
+                    Err(StoreError::NotFound { .. }) => not_found.push(id),
+                    Err(e) => return Ok((removed, not_found, Some(e))),
+                }
+            }
+            Ok((removed, not_found, None))
+        })
+        .await?;
+    for id in &removed {
+        a.audit("agent.revoke", json!({"id": id})).await;
+    }
+    if !removed.is_empty() {
+        publish_revocations(&a, &removed).await;
+    }
+    if let Some(e) = failed {
+        return Err(e.into());
+    }
+    Ok(Json(json!({"removed": removed, "not_found": not_found})))
 }
 
 #[derive(Deserialize)]
@@ -115,7 +180,7 @@ pub(super) async fn create_group(
     Ok((StatusCode::CREATED, Json(g)))
 }
 
-pub(super) async fn list_groups(a: Admin) -> ApiResult<Json<Vec<Group>>> {
+pub(super) async fn list_groups(a: Viewer) -> ApiResult<Json<Vec<Group>>> {
     Ok(Json(a.run(|s| s.list_groups()).await?))
 }
 

@@ -1,4 +1,4 @@
-//! Users and sessions: login, logout, new users, password changes.
+//! Users and sessions: the first user, login, logout, password changes.
 
 use axum::Json;
 use axum::extract::State;
@@ -37,7 +37,7 @@ pub(crate) async fn ensure_first_user(
     };
     let name = name.to_owned();
     store
-        .run(move |s| s.create_user(&name, &hash, now_ms()))
+        .run(move |s| s.create_user(&name, &hash, Role::Admin, now_ms()))
         .await?;
     Ok(Some(password))
 }
@@ -202,40 +202,13 @@ pub(super) async fn hash(password: String) -> ApiResult<String> {
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-pub(super) struct NewUserRequest {
-    name: String,
-    password: String,
-}
-
-pub(super) async fn create_user(
-    a: Admin,
-    Body(req): Body<NewUserRequest>,
-) -> ApiResult<(StatusCode, Json<serde_json::Value>)> {
-    check_group_name(&req.name).map_err(|_| {
-        ApiError::new(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            "user name must be 1 to 64 ASCII letters, digits, '-', '_' or '.'",
-        )
-    })?;
-    check_password(&req.password)?;
-    let hashed = hash(req.password).await?;
-    let name = req.name.clone();
-    a.audited("user.create", json!({"name": req.name}), move |s| {
-        s.create_user(&name, &hashed, now_ms())
-    })
-    .await?;
-    Ok((StatusCode::CREATED, Json(json!({"name": req.name}))))
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
 pub(super) struct PasswordChange {
     current: String,
     new: String,
 }
 
 pub(super) async fn change_password(
-    a: Admin,
+    a: Viewer,
     Body(req): Body<PasswordChange>,
 ) -> ApiResult<StatusCode> {
     let Some(user) = a.who.name.strip_prefix("user:").map(str::to_owned) else {

@@ -33,7 +33,7 @@ pub(super) struct NewCallRequest {
 }
 
 pub(super) async fn create_call(
-    a: Admin,
+    a: Operator,
     Body(req): Body<NewCallRequest>,
 ) -> ApiResult<(StatusCode, Json<serde_json::Value>)> {
     check_text(
@@ -135,7 +135,7 @@ pub(super) async fn create_call(
 }
 
 pub(super) async fn list_calls(
-    a: Admin,
+    a: Viewer,
     Query(q): Query<LimitQuery>,
 ) -> ApiResult<Json<Vec<WakeCall>>> {
     let limit = check_limit(q.limit, 50)?;
@@ -143,7 +143,7 @@ pub(super) async fn list_calls(
 }
 
 pub(super) async fn get_call(
-    a: Admin,
+    a: Viewer,
     Path(id): Path<String>,
 ) -> ApiResult<Json<serde_json::Value>> {
     let (call, deliveries) = a.run(move |s| s.call(&id)).await?;
@@ -194,12 +194,12 @@ pub(super) fn event_stream(
     Sse::new(stream).keep_alive(KeepAlive::default())
 }
 
-pub(super) async fn call_events(a: Admin, Path(id): Path<String>) -> ApiResult<Response> {
+pub(super) async fn call_events(a: Viewer, Path(id): Path<String>) -> ApiResult<Response> {
     let i = id.clone();
     a.run(move |s| s.call(&i)).await?;
     Ok(event_stream(&a.st, Some(id)).into_response())
 }
 
-pub(super) async fn all_events(a: Admin) -> Response {
+pub(super) async fn all_events(a: Viewer) -> Response {
     event_stream(&a.st, None).into_response()
 }

@@ -77,7 +77,7 @@ pub(super) async fn create_enrollment_token(
     Ok((StatusCode::CREATED, Json(body)))
 }
 
-pub(super) async fn list_enrollment_tokens(a: Admin) -> ApiResult<Json<Vec<EnrollmentToken>>> {
+pub(super) async fn list_enrollment_tokens(a: Viewer) -> ApiResult<Json<Vec<EnrollmentToken>>> {
     Ok(Json(a.run(|s| s.list_enrollment_tokens()).await?))
 }
 
@@ -381,7 +381,7 @@ pub(super) async fn renew_certificate(
 }
 
 /// The broker's tenant file for this tenant, with the revocations in force (TOML).
-pub(super) async fn get_tenant_file(a: Admin) -> ApiResult<Response> {
+pub(super) async fn get_tenant_file(a: Viewer) -> ApiResult<Response> {
     let text = crate::tenant_file::current(&a.st).await?;
     Ok((
         [(

@@ -17,6 +17,7 @@ mod enrollment;
 pub mod fuzzing;
 mod settings;
 mod tokens;
+mod users;
 mod wol;
 
 use axum::extract::rejection::{JsonRejection, QueryRejection};
@@ -25,11 +26,10 @@ use axum::http::header::{AUTHORIZATION, COOKIE, RETRY_AFTER};
 use axum::http::request::Parts;
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{MethodRouter, delete, get, post};
+use axum::routing::{MethodRouter, delete, get, patch, post};
 use axum::{Json, Router};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
-use serde_json::json;
 
 use crate::AppState;
 use crate::model::*;
@@ -42,6 +42,7 @@ use calls::*;
 use enrollment::*;
 use settings::*;
 use tokens::*;
+use users::*;
 use wol::*;
 
 pub(crate) use auth::ensure_first_user;
@@ -57,6 +58,8 @@ pub struct ApiError {
     message: String,
     /// For 429: when to try again.
     retry_after: Option<std::time::Duration>,
+    /// Fields added to the body beside `error` (a 403 names the role needed and held).
+    extra: serde_json::Map<String, serde_json::Value>,
 }
 
 impl ApiError {
@@ -65,6 +68,7 @@ impl ApiError {
             status,
             message: message.into(),
             retry_after: None,
+            extra: serde_json::Map::new(),
         }
     }
 
@@ -94,7 +98,9 @@ impl ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let mut response = (self.status, Json(json!({ "error": self.message }))).into_response();
+        let mut body = self.extra;
+        body.insert("error".into(), self.message.into());
+        let mut response = (self.status, Json(body)).into_response();
         if let Some(wait) = self.retry_after {
             let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
             response
@@ -227,16 +233,17 @@ impl<S: Send + Sync> FromRequestParts<S> for Source {
     }
 }
 
-/// An authenticated administrator's request (API token or session cookie): the console's
-/// state and who asks. Every route that needs an administrator takes it as its first
-/// argument, reads and writes the store through [`Admin::run`], and records what it changed
-/// with [`Admin::audited`] (or [`Admin::audit`] when the entry needs the result).
-pub struct Admin {
+/// An authenticated request (API token or session cookie): the console's state and who
+/// asks, with their role. Routes take it as [`Viewer`], [`Operator`] or [`Admin`], which
+/// answer 403 naming the missing role; they read and write the store through
+/// [`Caller::run`], and record what they changed with [`Caller::audited`] (or
+/// [`Caller::audit`] when the entry needs the result).
+pub struct Caller {
     st: AppState,
     who: Principal,
 }
 
-impl FromRequestParts<AppState> for Admin {
+impl FromRequestParts<AppState> for Caller {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> ApiResult<Self> {
@@ -267,14 +274,80 @@ impl FromRequestParts<AppState> for Admin {
                 "authentication required: send Authorization: Bearer <API token>, or log in (POST /api/v1/login)",
             ));
         };
-        Ok(Admin {
+        Ok(Caller {
             st: state.clone(),
             who,
         })
     }
 }
 
-impl Admin {
+/// The extractor of a caller with at least one role: `$name(Caller)`, dereferencing to it.
+macro_rules! role_extractor {
+    ($(#[$doc:meta])* $name:ident, $role:expr) => {
+        $(#[$doc])*
+        pub struct $name(Caller);
+
+        impl FromRequestParts<AppState> for $name {
+            type Rejection = ApiError;
+
+            async fn from_request_parts(parts: &mut Parts, state: &AppState) -> ApiResult<Self> {
+                let caller = Caller::from_request_parts(parts, state).await?;
+                caller.require($role)?;
+                Ok($name(caller))
+            }
+        }
+
+        impl std::ops::Deref for $name {
+            type Target = Caller;
+
+            fn deref(&self) -> &Caller {
+                &self.0
+            }
+        }
+    };
+}
+
+role_extractor!(
+    /// A caller with any role: reads.
+    Viewer,
+    Role::Viewer
+);
+role_extractor!(
+    /// A caller with the operator role or more: wake-up calls and Wake-on-LAN.
+    Operator,
+    Role::Operator
+);
+role_extractor!(
+    /// A caller with the admin role: settings, users, tokens, agents and groups.
+    Admin,
+    Role::Admin
+);
+
+/// The 403 of a caller without `role`: names the role and the caller's own.
+fn forbidden(who: &Principal, role: Role) -> ApiError {
+    let mut e = ApiError::new(
+        StatusCode::FORBIDDEN,
+        format!(
+            "this needs the {} role; {} has the {} role: ask an admin",
+            role.as_str(),
+            who.name,
+            who.role.as_str()
+        ),
+    );
+    e.extra.insert("needs_role".into(), role.as_str().into());
+    e.extra.insert("role".into(), who.role.as_str().into());
+    e
+}
+
+impl Caller {
+    /// Refuses (403) a caller without at least `role`.
+    fn require(&self, role: Role) -> ApiResult<()> {
+        if self.who.role < role {
+            return Err(forbidden(&self.who, role));
+        }
+        Ok(())
+    }
+
     /// Runs `f` with the store on the blocking pool; a store error becomes its API error.
     async fn run<T, F>(&self, f: F) -> ApiResult<T>
     where
@@ -284,7 +357,7 @@ impl Admin {
         Ok(self.st.store.run(f).await?)
     }
 
-    /// Records `what` this administrator did in the audit log. A failure to write it is
+    /// Records `what` this caller did in the audit log. A failure to write it is
     /// logged, not answered: the change itself is done.
     async fn audit(&self, what: &'static str, detail: serde_json::Value) {
         write_audit(&self.st, self.who.name.clone(), what, detail).await;
@@ -344,7 +417,9 @@ pub fn routes() -> Vec<(
         route!("/api/v1/openapi.json", get(openapi)),
         route!("/api/v1/login", post(login)),
         route!("/api/v1/logout", post(logout)),
-        route!("/api/v1/users", post(create_user)),
+        route!("/api/v1/users", get(list_users), post(create_user)),
+        route!("/api/v1/users/{name}", patch(update_user)),
+        route!("/api/v1/account", get(account)),
         route!("/api/v1/account/password", post(change_password)),
         route!("/api/v1/enroll", post(enroll)),
         route!("/api/v1/agents/{id}/checkin", post(checkin)),
@@ -360,6 +435,7 @@ pub fn routes() -> Vec<(
             delete(revoke_enrollment_token)
         ),
         route!("/api/v1/agents", get(list_agents)),
+        route!("/api/v1/agents/remove", post(remove_agents)),
         route!(
             "/api/v1/agents/{id}",
             get(get_agent),

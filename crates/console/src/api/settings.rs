@@ -11,7 +11,7 @@ use crate::model::*;
 
 // --- Settings, audit, status ---
 
-pub(super) async fn get_settings(a: Admin) -> ApiResult<Json<crate::settings::Settings>> {
+pub(super) async fn get_settings(a: Viewer) -> ApiResult<Json<crate::settings::Settings>> {
     Ok(Json(a.run(|s| s.settings()).await?))
 }
 
@@ -28,23 +28,34 @@ pub(super) async fn put_settings(
 }
 
 pub(super) async fn audit_log(
-    a: Admin,
+    a: Viewer,
     Query(q): Query<LimitQuery>,
 ) -> ApiResult<Json<Vec<AuditEntry>>> {
     let limit = q.limit.unwrap_or(100).clamp(1, 1000);
     Ok(Json(a.run(move |s| s.audit_log(limit)).await?))
 }
 
-pub(super) async fn status(a: Admin) -> Json<serde_json::Value> {
+pub(super) async fn status(a: Viewer) -> Json<serde_json::Value> {
     let push = a.st.push.lock().map(|p| p.clone()).ok();
     let online = a
         .run(|s| s.count_agents(Presence::Online))
         .await
         .unwrap_or(0);
     let states: BTreeSet<&str> = CallState::ALL.iter().map(|s| s.as_str()).collect();
+    // Agents not seen for the setting agents.stale_after_days, for the dashboard.
+    let stale_after = a.run(|s| s.settings()).await.ok().map(|s| s.agents);
+    let stale = match &stale_after {
+        Some(agents) => {
+            let before = agents.stale_before(now_ms());
+            a.run(move |s| s.count_stale_agents(before)).await.ok()
+        }
+        None => None,
+    };
     Json(json!({
         "push_service": push,
         "agents_online": online,
+        "agents_stale": stale,
+        "stale_after_days": stale_after.map(|s| s.stale_after_days),
         "tenant": a.st.tenant.as_str(),
         "call_states": states,
         "certificate_warnings": crate::tls::certificate_warnings(&a.st.config),

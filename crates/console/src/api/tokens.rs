@@ -11,10 +11,13 @@ use crate::model::*;
 use crate::secrets::{new_id, new_token, token_hash};
 use crate::store::{NewApiToken, StoreError, StoreHandle};
 
-/// Creates an API token and returns its secret.
+/// Creates an API token with `role`, made by `created_by` (a principal's name; `None`: the
+/// console itself), and returns its secret.
 pub(crate) async fn create_api_token(
     store: &StoreHandle,
     name: &str,
+    role: Role,
+    created_by: Option<String>,
 ) -> Result<String, StoreError> {
     let token = new_token("bkt_");
     let new = NewApiToken {
@@ -22,6 +25,8 @@ pub(crate) async fn create_api_token(
         hash: token_hash(&token),
         name: name.to_owned(),
         created_at: now_ms(),
+        role,
+        created_by,
     };
     store.run(move |s| s.create_api_token(new)).await?;
     Ok(token)
@@ -31,6 +36,8 @@ pub(crate) async fn create_api_token(
 #[serde(deny_unknown_fields)]
 pub(super) struct NewApiTokenRequest {
     name: String,
+    /// Absent: the creator's own role.
+    role: Option<Role>,
 }
 
 pub(super) async fn create_api_token_route(
@@ -38,15 +45,31 @@ pub(super) async fn create_api_token_route(
     Body(req): Body<NewApiTokenRequest>,
 ) -> ApiResult<(StatusCode, Json<serde_json::Value>)> {
     check_text("name", &req.name, 1, 100)?;
-    let token = create_api_token(&a.st.store, &req.name).await?;
-    a.audit("api_token.create", json!({"name": req.name})).await;
+    let role = req.role.unwrap_or(a.who.role);
+    if role > a.who.role {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            format!(
+                "a token's role is at most its creator's: {} has the {} role, not {}",
+                a.who.name,
+                a.who.role.as_str(),
+                role.as_str()
+            ),
+        ));
+    }
+    let by = Some(a.who.name.clone());
+    let token = create_api_token(&a.st.store, &req.name, role, by).await?;
+    let detail = json!({"name": req.name, "role": role});
+    a.audit("api_token.create", detail).await;
     Ok((
         StatusCode::CREATED,
-        Json(json!({"name": req.name, "token": token, "note": "shown once: store it now"})),
+        Json(
+            json!({"name": req.name, "role": role, "token": token, "note": "shown once: store it now"}),
+        ),
     ))
 }
 
-pub(super) async fn list_api_tokens(a: Admin) -> ApiResult<Json<Vec<ApiToken>>> {
+pub(super) async fn list_api_tokens(a: Viewer) -> ApiResult<Json<Vec<ApiToken>>> {
     Ok(Json(a.run(|s| s.list_api_tokens()).await?))
 }
 

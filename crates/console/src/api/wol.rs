@@ -11,7 +11,7 @@ use crate::model::*;
 
 // --- Wake-on-LAN ---
 
-pub(super) async fn wol_now(a: Admin, Path(id): Path<String>) -> ApiResult<Json<Vec<WolSend>>> {
+pub(super) async fn wol_now(a: Operator, Path(id): Path<String>) -> ApiResult<Json<Vec<WolSend>>> {
     let agent = a.run(move |s| s.agent(&id)).await?;
     if agent.revoked {
         return Err(ApiError::new(
@@ -33,7 +33,10 @@ pub(super) async fn wol_now(a: Admin, Path(id): Path<String>) -> ApiResult<Json<
     Ok(Json(sends))
 }
 
-pub(super) async fn wol_history(a: Admin, Path(id): Path<String>) -> ApiResult<Json<Vec<WolSend>>> {
+pub(super) async fn wol_history(
+    a: Viewer,
+    Path(id): Path<String>,
+) -> ApiResult<Json<Vec<WolSend>>> {
     let i = id.clone();
     a.run(move |s| s.agent(&i)).await?;
     Ok(Json(a.run(move |s| s.wol_sends(&id, 100)).await?))

@@ -166,6 +166,10 @@ pub struct NewApiToken {
     pub name: String,
     /// When it was made.
     pub created_at: Millis,
+    /// What it may do.
+    pub role: Role,
+    /// Who made it (`user:alice`); a token made by a user is held to that user's role.
+    pub created_by: Option<String>,
 }
 
 /// An audit log entry to append.
@@ -228,6 +232,9 @@ pub struct AgentFilter {
     pub group: Option<String>,
     /// With this presence.
     pub presence: Option<Presence>,
+    /// Only stale agents: not online and last seen (enrolled, checked in, presence change)
+    /// before this time.
+    pub stale_before: Option<Millis>,
     /// Include revoked agents.
     pub include_revoked: bool,
     /// At most this many.
@@ -309,6 +316,8 @@ pub struct PresenceUpdate {
 pub struct Principal {
     /// Shown as `created_by` and in the audit log: `user:alice` or `token:ci`.
     pub name: String,
+    /// What it may do.
+    pub role: Role,
 }
 
 /// The console's persistent state.
@@ -344,6 +353,9 @@ pub trait AgentStore {
 
     /// How many non-revoked agents have this presence.
     fn count_agents(&self, presence: Presence) -> StoreResult<u64>;
+
+    /// How many non-revoked agents are stale (see [`AgentFilter::stale_before`]).
+    fn count_stale_agents(&self, before: Millis) -> StoreResult<u64>;
 
     /// Renames and/or sets the groups of an agent (groups must exist).
     fn update_agent(
@@ -476,8 +488,21 @@ pub trait AuthStore {
     /// signs anything.
     fn check_enrollment_token(&self, token_hash: &[u8; 32], now: Millis) -> StoreResult<()>;
 
-    /// Creates a user with a password hash (PHC string).
-    fn create_user(&self, name: &str, password_hash: &str, now: Millis) -> StoreResult<()>;
+    /// Creates a user with a password hash (PHC string) and a role.
+    fn create_user(
+        &self,
+        name: &str,
+        password_hash: &str,
+        role: Role,
+        now: Millis,
+    ) -> StoreResult<()>;
+
+    /// Lists users by name.
+    fn list_users(&self) -> StoreResult<Vec<User>>;
+
+    /// Changes a user's role; refuses (conflict) to leave the console without an admin.
+    /// Returns the role before.
+    fn set_user_role(&self, name: &str, role: Role) -> StoreResult<Role>;
 
     /// Replaces a user's password hash and ends all of the user's sessions.
     fn set_password(&self, name: &str, password_hash: &str) -> StoreResult<()>;
@@ -506,7 +531,7 @@ pub trait AuthStore {
     /// Records an API token.
     fn create_api_token(&self, token: NewApiToken) -> StoreResult<ApiToken>;
 
-    /// The principal of a live API token.
+    /// The principal of a live API token, its role held to its creating user's current one.
     fn api_token(&self, hash: &[u8; 32]) -> StoreResult<Principal>;
 
     /// Lists API tokens.

@@ -15,7 +15,8 @@ use crate::store::*;
 pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
 
 /// Schema scripts: `MIGRATIONS[n]` moves version `n` to `n + 1`.
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE enrollment_tokens (
     id TEXT COLLATE "C" PRIMARY KEY,
     hash BYTEA NOT NULL UNIQUE,
@@ -138,7 +139,16 @@ CREATE TABLE wol_sends (
 );
 CREATE INDEX wol_sends_agent ON wol_sends(agent_id, at);
 CREATE INDEX wol_sends_relay ON wol_sends(relay_id);
-"#];
+"#,
+    r#"
+-- Version 2: roles (viewer, operator, admin) of users and API tokens. Everyone was an
+-- administrator before, so existing users and tokens stay admins. A token records who made
+-- it: a token made by a user is held to that user's current role.
+ALTER TABLE users ADD COLUMN role TEXT COLLATE "C" NOT NULL DEFAULT 'admin';
+ALTER TABLE api_tokens ADD COLUMN role TEXT COLLATE "C" NOT NULL DEFAULT 'admin';
+ALTER TABLE api_tokens ADD COLUMN created_by TEXT COLLATE "C";
+"#,
+];
 
 /// Any number fixed for this schema: the advisory lock that lets one console migrate while
 /// others starting at the same time wait.

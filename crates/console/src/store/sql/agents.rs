@@ -49,6 +49,14 @@ pub(super) fn insert_certificate(
 
 pub(super) const AGENT_COLUMNS: &str = "id, name, hostname, os, addresses, macs, enrolled_at, last_checkin, presence, presence_at, path, remote_addr, revoked";
 
+/// The condition of a stale agent, last seen before `before` (an SQL value): not online,
+/// and its enrollment, last check-in and last presence change all before then.
+fn stale(before: &str) -> String {
+    format!(
+        "presence <> 'online' AND enrolled_at < {before} AND COALESCE(last_checkin, 0) < {before} AND COALESCE(presence_at, 0) < {before}"
+    )
+}
+
 pub(super) fn agent_from_row(row: &Row) -> Result<Agent, DbError> {
     let addresses: String = row.get(4)?;
     let macs: String = row.get(5)?;
@@ -284,6 +292,10 @@ impl AgentStore for SqlStore {
                 args.push(p.as_str().into());
                 where_.push(format!("presence = ?{}", args.len()));
             }
+            if let Some(before) = f.stale_before {
+                args.push(before.into());
+                where_.push(stale(&format!("?{}", args.len())));
+            }
             let limit = if f.limit == 0 { 1000 } else { f.limit };
             let query = format!(
                 "SELECT {AGENT_COLUMNS} FROM agents WHERE {} ORDER BY name, id LIMIT {limit} OFFSET {}",
@@ -305,6 +317,20 @@ impl AgentStore for SqlStore {
                 "SELECT COUNT(*) FROM agents WHERE revoked = 0 AND presence = ?1",
                 params![presence.as_str()],
                 "counting agents",
+            )
+        })
+    }
+
+    fn count_stale_agents(&self, before: Millis) -> StoreResult<u64> {
+        self.read(|conn| {
+            query_one(
+                conn,
+                &format!(
+                    "SELECT COUNT(*) FROM agents WHERE revoked = 0 AND {}",
+                    stale("?1")
+                ),
+                params![before],
+                "counting stale agents",
             )
         })
     }

@@ -16,7 +16,7 @@ pub(in crate::store) const AUTH_TABLES: &[&Table] = &[
     &Table {
         name: "users",
         key: "name",
-        columns: "name, password_hash, created_at",
+        columns: "name, password_hash, created_at, role",
         identity: None,
     },
     &Table {
@@ -28,7 +28,7 @@ pub(in crate::store) const AUTH_TABLES: &[&Table] = &[
     &Table {
         name: "api_tokens",
         key: "id",
-        columns: "id, hash, name, created_at, revoked",
+        columns: "id, hash, name, created_at, revoked, role, created_by",
         identity: None,
     },
 ];
@@ -104,7 +104,13 @@ impl AuthStore for SqlStore {
         )
     }
 
-    fn create_user(&self, name: &str, password_hash: &str, now: Millis) -> StoreResult<()> {
+    fn create_user(
+        &self,
+        name: &str,
+        password_hash: &str,
+        role: Role,
+        now: Millis,
+    ) -> StoreResult<()> {
         self.write(|tx| {
             let exists: bool = query_one(
                 tx,
@@ -119,11 +125,62 @@ impl AuthStore for SqlStore {
             }
             exec(
                 tx,
-                "INSERT INTO users (name, password_hash, created_at) VALUES (?1, ?2, ?3)",
-                params![name, password_hash, now],
+                "INSERT INTO users (name, password_hash, role, created_at) VALUES (?1, ?2, ?3, ?4)",
+                params![name, password_hash, role.as_str(), now],
                 "creating a user",
             )?;
             Ok(())
+        })
+    }
+
+    fn list_users(&self) -> StoreResult<Vec<User>> {
+        self.read(|conn| {
+            query_all(
+                conn,
+                "SELECT name, role, created_at FROM users ORDER BY name",
+                params![],
+                |r| {
+                    Ok(User {
+                        name: r.get(0)?,
+                        role: role_column(r, 1)?,
+                        created_at: r.get(2)?,
+                    })
+                },
+                "listing users",
+            )
+        })
+    }
+
+    fn set_user_role(&self, name: &str, role: Role) -> StoreResult<Role> {
+        self.write(|tx| {
+            let before = query_opt(
+                tx,
+                "SELECT role FROM users WHERE name = ?1",
+                params![name],
+                |r| role_column(r, 0),
+                "reading a user",
+            )?
+            .ok_or_else(|| not_found("user", name))?;
+            if before == Role::Admin && role != Role::Admin {
+                let admins: i64 = query_one(
+                    tx,
+                    "SELECT COUNT(*) FROM users WHERE role = 'admin'",
+                    params![],
+                    "counting admins",
+                )?;
+                if admins <= 1 {
+                    return Err(StoreError::Conflict(format!(
+                        "{name:?} is the only admin: make another user admin first, so that someone can still manage the console"
+                    )));
+                }
+            }
+            exec(
+                tx,
+                "UPDATE users SET role = ?1 WHERE name = ?2",
+                params![role.as_str(), name],
+                "changing a user's role",
+            )?;
+            Ok(before)
         })
     }
 
@@ -207,18 +264,20 @@ impl AuthStore for SqlStore {
     }
 
     fn session(&self, hash: &[u8; 32], now: Millis) -> StoreResult<Principal> {
-        let user: Option<String> = self.read(|conn| {
+        self.read(|conn| {
             query_opt(
                 conn,
-                "SELECT user_name FROM sessions WHERE hash = ?1 AND expires_at > ?2",
+                "SELECT s.user_name, u.role FROM sessions s JOIN users u ON u.name = s.user_name WHERE s.hash = ?1 AND s.expires_at > ?2",
                 params![hash, now],
-                |r| r.get(0),
+                |r| {
+                    Ok(Principal {
+                        name: format!("user:{}", r.get::<String>(0)?),
+                        role: role_column(r, 1)?,
+                    })
+                },
                 "reading a session",
             )
-        })?;
-        user.map(|u| Principal {
-            name: format!("user:{u}"),
-        })
+        })?
         .ok_or_else(|| StoreError::Refused("the session has ended: log in again".into()))
     }
 
@@ -238,8 +297,8 @@ impl AuthStore for SqlStore {
         self.read(|conn| {
             exec(
                 conn,
-                "INSERT INTO api_tokens (id, hash, name, created_at) VALUES (?1, ?2, ?3, ?4)",
-                params![&t.id, &t.hash, &t.name, t.created_at],
+                "INSERT INTO api_tokens (id, hash, name, created_at, role, created_by) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                params![&t.id, &t.hash, &t.name, t.created_at, t.role.as_str(), &t.created_by],
                 "recording an API token",
             )
         })?;
@@ -248,22 +307,38 @@ impl AuthStore for SqlStore {
             name: t.name,
             created_at: t.created_at,
             revoked: false,
+            role: t.role,
+            created_by: t.created_by,
         })
     }
 
     fn api_token(&self, hash: &[u8; 32]) -> StoreResult<Principal> {
-        let name: Option<String> = self.read(|conn| {
+        // A token made by a user is held to that user's role now (a demoted or removed
+        // creator takes their tokens' rights down too).
+        self.read(|conn| {
             query_opt(
                 conn,
-                "SELECT name FROM api_tokens WHERE hash = ?1 AND revoked = 0",
+                "SELECT t.name, t.role, t.created_by, u.role FROM api_tokens t LEFT JOIN users u ON 'user:' || u.name = t.created_by WHERE t.hash = ?1 AND t.revoked = 0",
                 params![hash],
-                |r| r.get(0),
+                |r| {
+                    let own = role_column(r, 1)?;
+                    let by_user = r
+                        .get::<Option<String>>(2)?
+                        .is_some_and(|c| c.starts_with("user:"));
+                    let creator: Option<String> = r.get(3)?;
+                    let role = match (by_user, creator.as_deref().and_then(Role::parse)) {
+                        (false, _) => own,
+                        (true, Some(c)) => own.min(c),
+                        (true, None) => Role::Viewer,
+                    };
+                    Ok(Principal {
+                        name: format!("token:{}", r.get::<String>(0)?),
+                        role,
+                    })
+                },
                 "reading an API token",
             )
-        })?;
-        name.map(|n| Principal {
-            name: format!("token:{n}"),
-        })
+        })?
         .ok_or_else(|| {
             StoreError::Refused(
                 "the API token is not valid (unknown or revoked): create a new one on the API tokens page in the console (or POST /api/v1/api-tokens)".into(),
@@ -275,7 +350,7 @@ impl AuthStore for SqlStore {
         self.read(|conn| {
             query_all(
                 conn,
-                "SELECT id, name, created_at, revoked FROM api_tokens ORDER BY created_at DESC, id",
+                "SELECT id, name, created_at, revoked, role, created_by FROM api_tokens ORDER BY created_at DESC, id",
                 params![],
                 |r| {
                     Ok(ApiToken {
@@ -283,6 +358,8 @@ impl AuthStore for SqlStore {
                         name: r.get(1)?,
                         created_at: r.get(2)?,
                         revoked: r.get(3)?,
+                        role: role_column(r, 4)?,
+                        created_by: r.get(5)?,
                     })
                 },
                 "listing API tokens",
@@ -298,4 +375,9 @@ impl AuthStore for SqlStore {
             "revoking an API token",
         )
     }
+}
+
+/// A role column; a value this build does not know reads as the least role.
+fn role_column(r: &Row, i: usize) -> Result<Role, DbError> {
+    Ok(Role::parse(&r.get::<String>(i)?).unwrap_or(Role::Viewer))
 }

@@ -47,6 +47,7 @@ impl SettingsStore for SqlStore {
                 read_group(&map, "wakeup", &mut s.wakeup);
                 read_group(&map, "broker", &mut s.broker);
                 read_group(&map, "proxy", &mut s.proxy);
+                read_group(&map, "agents", &mut s.agents);
                 s
             }),
         )
@@ -72,7 +73,7 @@ impl SettingsStore for SqlStore {
         };
         let (old_shown, new_shown) = (shown(&old).map_err(encode)?, shown(new).map_err(encode)?);
         self.write(|tx| {
-            for key in ["wol", "wakeup", "broker", "proxy"] {
+            for key in ["wol", "wakeup", "broker", "proxy", "agents"] {
                 let (Some(o), Some(n)) = (old_v.get(key), new_v.get(key)) else {
                     continue;
                 };

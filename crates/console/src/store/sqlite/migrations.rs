@@ -141,6 +141,14 @@ ALTER TABLE wol_sends ADD COLUMN relay_id TEXT;
 ALTER TABLE wol_sends ADD COLUMN relay_state TEXT;
 CREATE INDEX wol_sends_relay ON wol_sends(relay_id);
 "#,
+    r#"
+-- Version 4: roles (viewer, operator, admin) of users and API tokens. Everyone was an
+-- administrator before, so existing users and tokens stay admins. A token records who made
+-- it: a token made by a user is held to that user's current role.
+ALTER TABLE users ADD COLUMN role TEXT NOT NULL DEFAULT 'admin';
+ALTER TABLE api_tokens ADD COLUMN role TEXT NOT NULL DEFAULT 'admin';
+ALTER TABLE api_tokens ADD COLUMN created_by TEXT;
+"#,
 ];
 
 pub(super) fn migrate(conn: &mut Connection, shown_path: &str) -> StoreResult<()> {
