@@ -339,25 +339,49 @@ async fn an_api_token_is_held_to_its_creators_role() {
     assert_eq!(s, StatusCode::FORBIDDEN, "{v}");
 }
 
-#[tokio::test]
-async fn users_of_a_database_from_before_roles_become_admins() {
+/// Not async: PostgreSQL's synchronous client may not run on a runtime's thread.
+#[test]
+fn users_of_a_database_from_before_roles_become_admins() {
     use beckon_console::store::*;
 
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("console.db");
-    let store = SqlStore::open_sqlite(&path).unwrap();
+    let url = common::test_database().unwrap_or(DatabaseUrl::Sqlite(path.clone()));
+    let open = |url: &DatabaseUrl| {
+        let url = url.clone();
+        // The PostgreSQL client runs its own runtime: keep it off the test's.
+        std::thread::spawn(move || url.open().unwrap())
+            .join()
+            .unwrap()
+    };
+    let store = open(&url);
     store.create_user("old", "hash", Role::Viewer, 1).unwrap();
     drop(store);
     // Back to the schema before roles, as an older console left it.
-    let conn = rusqlite::Connection::open(&path).unwrap();
-    conn.execute_batch(
-        "ALTER TABLE users DROP COLUMN role; ALTER TABLE api_tokens DROP COLUMN role; \
-         ALTER TABLE api_tokens DROP COLUMN created_by; PRAGMA user_version = 3;",
-    )
-    .unwrap();
-    drop(conn);
-    let store = SqlStore::open_sqlite(&path).unwrap();
-    assert_eq!(store.schema_version().unwrap(), SCHEMA_VERSION);
+    let undo = "ALTER TABLE users DROP COLUMN role; ALTER TABLE api_tokens DROP COLUMN role; \
+                ALTER TABLE api_tokens DROP COLUMN created_by;";
+    let expected = match &url {
+        DatabaseUrl::Sqlite(path) => {
+            let conn = rusqlite::Connection::open(path).unwrap();
+            conn.execute_batch(&format!("{undo} PRAGMA user_version = 3;"))
+                .unwrap();
+            SCHEMA_VERSION
+        }
+        DatabaseUrl::Postgres(u) => {
+            let u = u.clone();
+            std::thread::spawn(move || {
+                let mut client = postgres::Client::connect(&u, postgres::NoTls).unwrap();
+                client
+                    .batch_execute(&format!("{undo} UPDATE schema_version SET version = 1;"))
+                    .unwrap();
+            })
+            .join()
+            .unwrap();
+            POSTGRES_SCHEMA_VERSION
+        }
+    };
+    let store = open(&url);
+    assert_eq!(store.schema_version().unwrap(), expected);
     let users = store.list_users().unwrap();
     assert_eq!(users.len(), 1);
     assert_eq!(

@@ -14,15 +14,10 @@ const DAY_MS: i64 = 24 * 3600 * 1000;
 /// Sets when `id` was last seen (enrolled, checked in and changed presence) `days` ago, and
 /// its presence.
 fn seen(api: &Api, id: &str, days: i64, presence: &str) {
-    let conn = rusqlite::Connection::open(api.dir.path().join("data").join("console.db")).unwrap();
-    conn.busy_timeout(common::WAIT).unwrap();
     let at = beckon_console::model::now_ms() - days * DAY_MS;
-    let n = conn
-        .execute(
-            "UPDATE agents SET enrolled_at = ?1, last_checkin = ?1, presence_at = ?1, presence = ?2 WHERE id = ?3",
-            rusqlite::params![at, presence, id],
-        )
-        .unwrap();
+    let n = api.execute_sql(&format!(
+        "UPDATE agents SET enrolled_at = {at}, last_checkin = {at}, presence_at = {at}, presence = '{presence}' WHERE id = '{id}'"
+    ));
     assert_eq!(n, 1);
 }
 

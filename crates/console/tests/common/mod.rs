@@ -121,6 +121,25 @@ pub async fn start_with_plain_broker(port: u16) -> Api {
 }
 
 impl Api {
+    /// Runs one SQL statement on the console's database behind its back (to age records as
+    /// if time had passed); returns the rows it changed.
+    pub fn execute_sql(&self, statement: &str) -> u64 {
+        match &self.handle.state.config.database {
+            Some(DatabaseUrl::Postgres(url)) => {
+                let (url, statement) = (url.clone(), statement.to_owned());
+                // The synchronous client runs its own runtime: keep it off the test's.
+                std::thread::spawn(move || {
+                    let mut client = postgres::Client::connect(&url, postgres::NoTls).unwrap();
+                    client.execute(statement.as_str(), &[]).unwrap()
+                })
+                .join()
+                .unwrap()
+            }
+            Some(DatabaseUrl::Sqlite(path)) => sqlite_execute(path, statement),
+            None => sqlite_execute(&self.dir.path().join("data").join("console.db"), statement),
+        }
+    }
+
     /// One request through the router: status, headers and the body's bytes.
     async fn respond(&self, req: Request<Body>) -> (StatusCode, Vec<(String, String)>, Vec<u8>) {
         let resp = self.router.clone().oneshot(req).await.unwrap();
@@ -421,4 +440,10 @@ pub async fn tenant_broker(dir: &Path, port: u16) -> (Bound, ServerHandle, PathB
     let (bound, handle) = Server::bind(config).await.expect("broker starts");
     let ca = bound.generated_ca.clone().unwrap();
     (bound, handle, ca)
+}
+
+fn sqlite_execute(path: &std::path::Path, statement: &str) -> u64 {
+    let conn = rusqlite::Connection::open(path).unwrap();
+    conn.busy_timeout(WAIT).unwrap();
+    conn.execute(statement, []).unwrap() as u64
 }
