@@ -346,7 +346,7 @@ fn users_of_a_database_from_before_roles_become_admins() {
 
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("console.db");
-    let url = common::test_database().unwrap_or(DatabaseUrl::Sqlite(path.clone()));
+    let url = common::test_database().unwrap_or_else(|| DatabaseUrl::Sqlite(path.clone()));
     let open = |url: &DatabaseUrl| {
         let url = url.clone();
         // The PostgreSQL client runs its own runtime: keep it off the test's.

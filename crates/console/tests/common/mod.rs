@@ -442,7 +442,7 @@ pub async fn tenant_broker(dir: &Path, port: u16) -> (Bound, ServerHandle, PathB
     (bound, handle, ca)
 }
 
-fn sqlite_execute(path: &std::path::Path, statement: &str) -> u64 {
+fn sqlite_execute(path: &Path, statement: &str) -> u64 {
     let conn = rusqlite::Connection::open(path).unwrap();
     conn.busy_timeout(WAIT).unwrap();
     conn.execute(statement, []).unwrap() as u64
