@@ -35,7 +35,10 @@ else
 fi
 each=$((seconds / ${#targets[@]}))
 ((each > 0)) || each=1
-cargo fuzz build --sanitizer none
+# The workspace's one target folder: the fuzz build lands under its target triple there,
+# beside (not over) the tests' build.
+target_dir="${CARGO_TARGET_DIR:-$(cd .. && pwd)/target}"
+cargo fuzz build --sanitizer none --target-dir "$target_dir"
 mkdir -p logs
 for target in "${targets[@]}"; do
     [[ -n ${max_len[$target]:-} ]] || { echo "no fuzz target $target" >&2; exit 2; }
@@ -44,7 +47,7 @@ for target in "${targets[@]}"; do
     [[ -d seeds/$target ]] && dirs+=("seeds/$target")
     log="logs/$target.log"
     # -timeout: one input taking longer than that is a hang, reported like a crash.
-    if ! cargo fuzz run "$target" --sanitizer none "${dirs[@]}" -- \
+    if ! cargo fuzz run "$target" --sanitizer none --target-dir "$target_dir" "${dirs[@]}" -- \
         -max_total_time="$each" -max_len="${max_len[$target]}" -timeout=30 \
         -print_final_stats=1 >"$log" 2>&1; then
         tail -n 60 "$log"
