@@ -388,9 +388,13 @@ fn apply(
                     let Some(outbox) = conns.get(&conn) else {
                         continue;
                     };
-                    if outbox.push(packet) == Pushed::Overflow {
-                        conns.remove(&conn);
-                        slow.push(conn);
+                    match outbox.push(packet) {
+                        Pushed::Overflow => {
+                            conns.remove(&conn);
+                            slow.push(conn);
+                        }
+                        Pushed::Dropped => metrics.slow_consumer_dropped(),
+                        Pushed::Queued | Pushed::Closed => {}
                     }
                 }
                 Action::Close { conn } => {

@@ -50,6 +50,7 @@ pub(crate) struct Metrics {
     messages_in: Counter,
     messages_out: Counter,
     messages_dropped: Counter,
+    slow_consumer_dropped: Counter,
     sessions: Gauge,
     subscriptions: Gauge,
     retained: Gauge,
@@ -99,6 +100,7 @@ impl Metrics {
             messages_in: Counter::default(),
             messages_out: Counter::default(),
             messages_dropped: Counter::default(),
+            slow_consumer_dropped: Counter::default(),
             sessions: Gauge::default(),
             subscriptions: Gauge::default(),
             retained: Gauge::default(),
@@ -155,6 +157,11 @@ impl Metrics {
             "messages_dropped",
             "Deliveries dropped (queue full, too large, expired, offline QoS 0)",
             m.messages_dropped.clone(),
+        );
+        registry.register(
+            "slow_consumer_dropped",
+            "QoS 0 messages dropped because the client reads too slowly (its outbound queue is full)",
+            m.slow_consumer_dropped.clone(),
         );
         registry.register(
             "sessions",
@@ -240,6 +247,11 @@ impl Metrics {
 
     pub(crate) fn tls_failure(&self) {
         self.tls_handshake_failures.inc();
+    }
+
+    /// A QoS 0 message was dropped: its client's outbound queue is full.
+    pub(crate) fn slow_consumer_dropped(&self) {
+        self.slow_consumer_dropped.inc();
     }
 
     pub(crate) fn wakeup_delivered(&self) {

@@ -435,3 +435,53 @@ async fn a_client_that_never_reads_is_closed_at_the_outbound_cap() {
     limit_counted(&broker, "max_outbound_packets").await;
     broker.stop().await;
 }
+
+#[tokio::test]
+async fn qos0_messages_to_a_client_that_never_reads_are_dropped_and_counted() {
+    let mut broker = broker(|c| c.limits.max_outbound_packets = 100).await;
+    let mut bystander = connected(&broker, "bystander").await;
+    let mut deaf = connected(&broker, "deaf").await;
+    deaf.send(&subscribe_packet(1, &["deaf"], QoS::AtMostOnce))
+        .await;
+    assert!(matches!(deaf.recv().await, Some(Packet::SubAck(_))));
+    // 20 MB at QoS 0 for a client that reads nothing: more than the socket buffers hold.
+    let mut sender = connected(&broker, "sender").await;
+    let payload = Bytes::from(vec![b'x'; 1024]);
+    let mut flood = BytesMut::new();
+    for _ in 0..20_000 {
+        let packet = publish_packet("deaf", QoS::AtMostOnce, 0, payload.clone());
+        encode(&packet, ProtocolVersion::V5, &mut flood).expect("encode");
+    }
+    sender.send_raw(&flood).await;
+    sender.send(&Packet::PingReq).await;
+    assert_eq!(sender.recv().await, Some(Packet::PingResp));
+
+    let admin = broker.bound.admin.expect("admin listener");
+    let counted = |text: &str, prefix: &str| -> u64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix(prefix))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no {prefix} in\n{text}"))
+    };
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let text = loop {
+        let text = http_get(admin, "/metrics").await;
+        if counted(&text, "beckon_broker_slow_consumer_dropped_total ") > 0 {
+            break text;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no drop counted:\n{text}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    // Dropping QoS 0 is the whole penalty: the client is not closed as a slow consumer.
+    assert!(
+        !text.lines().any(|l| l
+            .starts_with("beckon_broker_limits_reached_total{limit=\"max_outbound_packets\"}")
+            && !l.ends_with(" 0")),
+        "{text}"
+    );
+    bystander_is_served(&mut bystander, "bystander/qos0").await;
+    broker.stop().await;
+}
