@@ -7,6 +7,7 @@
 //! - [`dispatch`]: the console's own MQTT connection that publishes signed wake-ups and
 //!   follows acks and presence;
 //! - [`wol`]: the Wake-on-LAN magic packet and its sender;
+//! - [`metrics`]: the Prometheus metrics at `/metrics`;
 //! - [`ui`]: the web console (embedded HTML, CSS, JavaScript) at `/`;
 //! - [`Console::start`]: everything together, for `beckon console` and `beckon up`.
 #![forbid(unsafe_code)]
@@ -16,6 +17,7 @@ mod cli;
 pub mod dispatch;
 pub mod guard;
 mod http;
+pub mod metrics;
 pub mod model;
 pub mod openapi;
 mod secrets;
@@ -282,6 +284,8 @@ pub struct AppState {
     pub shutdown: watch::Receiver<bool>,
     /// Login and enrollment throttles, session idle expiry (in memory).
     pub guards: Arc<guard::Guards>,
+    /// The Prometheus metrics (`/metrics`).
+    pub metrics: Arc<metrics::ConsoleMetrics>,
 }
 
 /// A running console.
@@ -380,7 +384,8 @@ impl Console {
         let opened = tokio::task::spawn_blocking(move || database.open())
             .await
             .map_err(|e| ConsoleError::Config(format!("opening the database: {e}")))??;
-        let store = StoreHandle::new(Arc::new(opened));
+        let metrics = Arc::new(metrics::ConsoleMetrics::new());
+        let store = StoreHandle::new(Arc::new(opened), metrics.clone());
         let initial_admin_password = api::ensure_first_user(&store, &config.admin_user).await?;
 
         let listener = tokio::net::TcpListener::bind(config.listen)
@@ -427,6 +432,7 @@ impl Console {
             )),
             config: Arc::new(config),
             shutdown: shutdown_rx.clone(),
+            metrics,
         };
         if let Err(e) = tenant_file::publish(&state).await {
             return Err(ConsoleError::Config(format!(

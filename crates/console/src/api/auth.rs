@@ -9,6 +9,7 @@ use serde::Deserialize;
 use serde_json::json;
 
 use super::*;
+use crate::metrics::Outcome;
 use crate::model::*;
 use crate::secrets::{PasswordCheck, hash_password, new_token, token_hash, verify_password};
 use crate::store::{NewSession, StoreError, StoreHandle};
@@ -51,6 +52,21 @@ pub(super) struct LoginRequest {
 
 pub(super) async fn login(
     State(st): State<AppState>,
+    source: Source,
+    body: Body<LoginRequest>,
+) -> ApiResult<Response> {
+    let metrics = st.metrics.clone();
+    let answer = check_login(st, source, body).await;
+    metrics.login(Outcome::of_status(match &answer {
+        Ok(r) => r.status(),
+        Err(e) => e.status,
+    }));
+    answer
+}
+
+/// A login, answered with a session cookie.
+async fn check_login(
+    st: AppState,
     Source(from): Source,
     Body(req): Body<LoginRequest>,
 ) -> ApiResult<Response> {

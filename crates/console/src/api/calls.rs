@@ -106,6 +106,7 @@ pub(super) async fn create_call(
             s.create_call(call, now, &mut next_id)
         })
         .await?;
+    a.st.metrics.call_made(deliveries.len());
     a.audit("call.create", json!({"id": call.id, "target": call.target}))
         .await;
     // Waits while the dispatcher's queue is full: the call is recorded, and a request that

@@ -10,6 +10,7 @@ use serde_json::json;
 
 use super::*;
 use crate::AppState;
+use crate::metrics::Outcome;
 use crate::model::*;
 use crate::secrets::{new_id, new_token, token_hash};
 use crate::store::{CertificateRecord, NewAgent, NewEnrollmentToken};
@@ -154,6 +155,22 @@ pub(super) struct EnrollResponse {
 
 pub(super) async fn enroll(
     State(st): State<AppState>,
+    source: Source,
+    headers: HeaderMap,
+    body: Body<EnrollRequest>,
+) -> ApiResult<(StatusCode, Json<EnrollResponse>)> {
+    let metrics = st.metrics.clone();
+    let answer = check_enrollment(st, source, headers, body).await;
+    metrics.enrollment(Outcome::of_status(match &answer {
+        Ok((status, _)) => *status,
+        Err(e) => e.status,
+    }));
+    answer
+}
+
+/// An enrollment: the token, then the agent's certificate and record.
+async fn check_enrollment(
+    st: AppState,
     Source(from): Source,
     headers: HeaderMap,
     Body(req): Body<EnrollRequest>,

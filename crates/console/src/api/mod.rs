@@ -5,7 +5,8 @@
 //! One file per capability: [`auth`] (users and sessions), [`tokens`] (API tokens),
 //! [`enrollment`] (enrollment tokens, enrollment, check-in, renewal, the tenant file),
 //! [`agents`] (agents and groups), [`wol`] (Wake-on-LAN), [`calls`] (wake-up calls and their
-//! live events) and [`settings`] (settings, audit log, status). This file holds the router,
+//! live events), [`settings`] (settings, audit log, status) and [`metrics`] (Prometheus,
+//! `/metrics`, beside the API). This file holds the router,
 //! the error type and the extractors they share.
 
 mod agents;
@@ -15,6 +16,7 @@ mod enrollment;
 #[cfg(feature = "fuzzing")]
 #[doc(hidden)]
 pub mod fuzzing;
+mod metrics;
 mod settings;
 mod tokens;
 mod users;
@@ -478,11 +480,17 @@ fn body_limit(path: &str, default: usize) -> usize {
 /// The API router with its body limits and JSON fallbacks.
 pub fn router(state: AppState) -> Router {
     let limit = state.config.max_body_bytes;
-    let mut r = Router::new();
-    for (path, _, handler) in routes() {
+    let mut r = Router::new().route("/metrics", get(metrics::metrics));
+    for (path, methods, handler) in routes() {
+        // Counted under the route's template, with counters made now (no lock per request).
+        let counted = state.metrics.route(path, methods);
         r = r.route(
             path,
-            handler.layer(DefaultBodyLimit::max(body_limit(path, limit))),
+            handler
+                .layer(DefaultBodyLimit::max(body_limit(path, limit)))
+                .layer(axum::middleware::from_fn(move |req, next| {
+                    counted.clone().count(req, next)
+                })),
         );
     }
     r.fallback(|| async {

@@ -134,6 +134,7 @@ pub(super) async fn send_pending(
     {
         tracing::warn!(error = %e, "recording merged wake-ups failed");
     }
+    st.metrics.resent(messages.len());
     publish_all(st, conn, messages).await
 }
 

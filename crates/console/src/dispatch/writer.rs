@@ -17,6 +17,7 @@ pub(super) async fn expire(st: &AppState) {
 
 pub(super) fn publish_events(st: &AppState, changed: &[CallDelivery]) {
     for d in changed {
+        st.metrics.delivery_changed(d.state);
         let _ = st.events.send(CallEvent {
             call_id: d.call_id.clone(),
             agent_id: d.agent_id.clone(),

@@ -470,6 +470,9 @@ pub trait CallStore {
 
     /// Marks queued or sent deliveries whose call expired by `now` as expired.
     fn expire_due(&self, now: Millis) -> StoreResult<Vec<CallDelivery>>;
+
+    /// How many deliveries are in each state, in [`CallState::ALL`]'s order (the metrics).
+    fn count_deliveries(&self) -> StoreResult<[u64; 7]>;
 }
 
 /// Who may do what: users and their sessions, API tokens and enrollment tokens.
@@ -581,17 +584,20 @@ pub trait SettingsStore {
 /// A shared store for async code: each call runs on the blocking pool, so SQLite's
 /// `fsync` never stalls the runtime's worker threads.
 #[derive(Clone)]
-pub struct StoreHandle(Arc<dyn Store>);
+pub struct StoreHandle {
+    store: Arc<dyn Store>,
+    metrics: Arc<crate::metrics::ConsoleMetrics>,
+}
 
 impl StoreHandle {
-    /// Wraps a store.
-    pub fn new(store: Arc<dyn Store>) -> Self {
-        Self(store)
+    /// Wraps a store; every [`run`](Self::run) is timed into `metrics`.
+    pub fn new(store: Arc<dyn Store>, metrics: Arc<crate::metrics::ConsoleMetrics>) -> Self {
+        Self { store, metrics }
     }
 
     /// The store itself, for synchronous callers.
     pub fn inner(&self) -> &Arc<dyn Store> {
-        &self.0
+        &self.store
     }
 
     /// Runs `f` with the store on the blocking pool.
@@ -600,9 +606,14 @@ impl StoreHandle {
         T: Send + 'static,
         F: FnOnce(&dyn Store) -> StoreResult<T> + Send + 'static,
     {
-        let store = self.0.clone();
-        tokio::task::spawn_blocking(move || f(store.as_ref()))
-            .await
-            .map_err(|e| StoreError::Task(e.to_string()))?
+        let (store, metrics) = (self.store.clone(), self.metrics.clone());
+        tokio::task::spawn_blocking(move || {
+            let started = std::time::Instant::now();
+            let result = f(store.as_ref());
+            metrics.database_call(started.elapsed(), result.as_ref().err());
+            result
+        })
+        .await
+        .map_err(|e| StoreError::Task(e.to_string()))?
     }
 }

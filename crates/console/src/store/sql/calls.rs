@@ -303,6 +303,25 @@ impl CallStore for SqlStore {
         })
     }
 
+    fn count_deliveries(&self) -> StoreResult<[u64; 7]> {
+        let rows = self.read(|conn| {
+            query_all(
+                conn,
+                "SELECT state, COUNT(*) FROM deliveries GROUP BY state",
+                params![],
+                |r| Ok((r.get::<String>(0)?, r.get::<u64>(1)?)),
+                "counting deliveries",
+            )
+        })?;
+        let mut counts = [0; 7];
+        for (state, n) in rows {
+            if let Some(i) = CallState::ALL.iter().position(|s| s.as_str() == state) {
+                counts[i] = n;
+            }
+        }
+        Ok(counts)
+    }
+
     fn set_carried_by(&self, carried: &[String], carrier: &str) -> StoreResult<()> {
         self.write(|tx| {
             for id in carried {
