@@ -113,6 +113,20 @@ impl Metrics {
             last_dropped: AtomicU64::new(0),
             last_quotas: Default::default(),
         };
+        // Shown at zero from the start: dashboards and rate() have a series before the first
+        // refusal.
+        for access in ["publish", "subscribe"] {
+            let _ = m.denied.get_or_create(&AccessLabels {
+                access: access.to_owned(),
+            });
+        }
+        for key in Quota::ALL
+            .iter()
+            .map(|q| q.key())
+            .chain(["max_packet_size", "max_outbound_packets"])
+        {
+            let _ = m.limit_counter(key);
+        }
         registry.register(
             "connections",
             "Established MQTT connections by path and tenant",
