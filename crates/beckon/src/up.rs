@@ -32,6 +32,11 @@ pub struct UpArgs {
     /// Console (web UI and API) listener, plain HTTP on loopback.
     #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:8080")]
     console: SocketAddr,
+    /// The broker's admin listener (Prometheus /metrics and /healthz, plain HTTP: keep it on
+    /// loopback), e.g. 127.0.0.1:9883; off unless given. The console's metrics are at
+    /// <console>/metrics with an API token.
+    #[arg(long, value_name = "ADDR")]
+    admin: Option<SocketAddr>,
     /// Also run N demo agents in this process (enrolled once through the console's API,
     /// kept in <data>/demo-agents and reused), so that wake-ups can be tried at once.
     #[arg(long, value_name = "N", default_value_t = 0,
@@ -103,6 +108,7 @@ pub fn main(args: UpArgs) -> anyhow::Result<()> {
         broker_config.tenants_dir = Some(tenants_dir);
         broker_config.listeners.mqtts = Listen(Some(args.mqtts));
         broker_config.listeners.fallback = args.fallback;
+        broker_config.listeners.admin = Listen(args.admin);
         broker_config.tls.cert = Some(cert);
         broker_config.tls.key = Some(key);
         broker_config.tls.client_ca = Some(ca_file.clone());
@@ -142,6 +148,12 @@ pub fn main(args: UpArgs) -> anyhow::Result<()> {
         }
         if let Some(addr) = bound.fallback {
             println!("  fallback: {addr} (MQTT over TLS with ALPN mqtt, WebSocket /mqtt)");
+        }
+        if let Some(addr) = bound.admin {
+            println!(
+                "  metrics:  http://{addr}/metrics (broker), {}/metrics with an API token (console)",
+                console.url()
+            );
         }
         println!("  CA:       {} (what agents trust)", ca_file.display());
         match &demo {

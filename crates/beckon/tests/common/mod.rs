@@ -268,6 +268,17 @@ impl Up {
 
     /// [`Up::start`] with the `beckon` binary at `bin`.
     pub fn start_bin(bin: &str, data: &Path, demo_agents: u16, fallback: bool) -> Self {
+        Self::start_with(bin, data, demo_agents, fallback, &[])
+    }
+
+    /// [`Up::start_bin`] with more flags of `beckon up`.
+    pub fn start_with(
+        bin: &str,
+        data: &Path,
+        demo_agents: u16,
+        fallback: bool,
+        flags: &[&str],
+    ) -> Self {
         let console = format!("127.0.0.1:{}", free_port());
         let mqtts = format!("127.0.0.1:{}", free_port());
         let fallback = if fallback {
@@ -285,6 +296,7 @@ impl Up {
             "--fallback",
             &fallback,
         ]);
+        command.args(flags);
         if demo_agents > 0 {
             command.args(["--demo-agents", &demo_agents.to_string()]);
         }
