@@ -17,6 +17,7 @@ pub mod dispatch;
 pub mod guard;
 mod http;
 pub mod model;
+pub mod oidc;
 pub mod openapi;
 mod secrets;
 pub mod settings;
@@ -38,7 +39,7 @@ use tokio::sync::{broadcast, mpsc, watch};
 
 pub use cli::{
     ConsoleArgs, ConsoleCommand, ConsoleCommandLine, ISSUED_BROKER_CERT, IssueBrokerCertArgs,
-    MigrateStoreArgs, issue_broker_certificate, main, migrate_store, run,
+    MigrateStoreArgs, OidcArgs, issue_broker_certificate, main, migrate_store, run,
 };
 
 pub use http::HttpLimits;
@@ -169,6 +170,8 @@ pub struct ConsoleConfig {
     /// Wake-on-LAN relay agent. Every machine has 127.0.0.1, so in production they never
     /// say that two agents share a network.
     pub wol_relay_loopback: bool,
+    /// Single sign-on with an OpenID provider beside local users; `None`: local users only.
+    pub oidc: Option<oidc::OidcConfig>,
 }
 
 impl ConsoleConfig {
@@ -197,6 +200,7 @@ impl ConsoleConfig {
             agent_certificate_validity: Duration::from_secs(365 * 24 * 3600),
             broker_starts_later: false,
             wol_relay_loopback: false,
+            oidc: None,
         }
     }
 }
@@ -282,6 +286,8 @@ pub struct AppState {
     pub shutdown: watch::Receiver<bool>,
     /// Login and enrollment throttles, session idle expiry (in memory).
     pub guards: Arc<guard::Guards>,
+    /// Single sign-on, when configured.
+    pub oidc: Option<Arc<oidc::Oidc>>,
 }
 
 /// A running console.
@@ -373,6 +379,11 @@ impl Console {
         }
         let tenant = TenantId::new(config.tenant.as_str())
             .map_err(|e| ConsoleError::Config(format!("tenant: {e}")))?;
+        let oidc = config
+            .oidc
+            .clone()
+            .map(|c| oidc::Oidc::new(c, config.public_url.as_deref()).map(Arc::new))
+            .transpose()?;
         create_private_dir(&config.data_dir)?;
         let ca = load_or_create_ca(&config.data_dir)?;
         let signer = WakeUpSigner::new(load_or_create_signing_key(&config.data_dir)?);
@@ -427,6 +438,7 @@ impl Console {
             )),
             config: Arc::new(config),
             shutdown: shutdown_rx.clone(),
+            oidc,
         };
         if let Err(e) = tenant_file::publish(&state).await {
             return Err(ConsoleError::Config(format!(
