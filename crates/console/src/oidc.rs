@@ -8,6 +8,7 @@
 //! (`groups` by default) is mapped to a Beckon role; no mapped value, no login.
 
 use std::collections::HashMap;
+use std::net::IpAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -32,6 +33,10 @@ pub const SIGN_IN_TIMEOUT: Duration = Duration::from_secs(10 * 60);
 
 /// Sign-ins started and not finished, at most (older ones are dropped first).
 const MAX_PENDING: usize = 10_000;
+
+/// Sign-ins started and not finished from one address, at most: one address starting
+/// sign-ins in a loop drops only its own, never the others' under way.
+const MAX_PENDING_PER_ADDRESS: usize = 64;
 
 /// How long the provider's discovery document and keys are used before they are read again.
 const PROVIDER_TTL: Duration = Duration::from_secs(3600);
@@ -154,6 +159,7 @@ struct Pending {
     nonce: String,
     verifier: String,
     started: Instant,
+    from: IpAddr,
 }
 
 /// Single sign-on at run time: the configuration, the provider's metadata (read on first
@@ -209,7 +215,7 @@ impl Oidc {
         if issuer.scheme == beckon_net::http::Scheme::Http
             && !issuer
                 .host
-                .parse::<std::net::IpAddr>()
+                .parse::<IpAddr>()
                 .is_ok_and(|a| a.is_loopback())
             && issuer.host != "localhost"
         {
@@ -332,34 +338,49 @@ impl Oidc {
         Ok(p)
     }
 
-    /// Starts a sign-in: returns the provider's authorization URL to send the browser to,
-    /// and the state to bind to the browser (a cookie).
-    pub async fn begin(&self) -> Result<(String, String), OidcError> {
+    /// Keeps a sign-in under way under its `state`, dropping the oldest of its address (or of
+    /// all) when at the limit.
+    fn remember(&self, state: String, sign_in: Pending) {
+        let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+        pending.retain(|_, p| p.started.elapsed() < SIGN_IN_TIMEOUT);
+        let oldest = |only: Option<IpAddr>| {
+            pending
+                .iter()
+                .filter(|(_, p)| only.is_none_or(|a| p.from == a))
+                .min_by_key(|(_, p)| p.started)
+                .map(|(k, _)| k.clone())
+        };
+        let mine = pending.values().filter(|p| p.from == sign_in.from).count();
+        let drop = if mine >= MAX_PENDING_PER_ADDRESS {
+            oldest(Some(sign_in.from))
+        } else if pending.len() >= MAX_PENDING {
+            oldest(None)
+        } else {
+            None
+        };
+        if let Some(k) = drop {
+            pending.remove(&k);
+        }
+        pending.insert(state, sign_in);
+    }
+
+    /// Starts a sign-in for a browser at `from`: returns the provider's authorization URL to
+    /// send it to, and the state to bind to it (a cookie).
+    pub async fn begin(&self, from: IpAddr) -> Result<(String, String), OidcError> {
         let provider = self.provider(false).await?;
         let state = random_text(24);
         let nonce = random_text(24);
         let verifier = random_text(32);
         let challenge = pkce_challenge(&verifier);
-        {
-            let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
-            pending.retain(|_, p| p.started.elapsed() < SIGN_IN_TIMEOUT);
-            if pending.len() >= MAX_PENDING
-                && let Some(oldest) = pending
-                    .iter()
-                    .min_by_key(|(_, p)| p.started)
-                    .map(|(k, _)| k.clone())
-            {
-                pending.remove(&oldest);
-            }
-            pending.insert(
-                state.clone(),
-                Pending {
-                    nonce: nonce.clone(),
-                    verifier,
-                    started: Instant::now(),
-                },
-            );
-        }
+        self.remember(
+            state.clone(),
+            Pending {
+                nonce: nonce.clone(),
+                verifier,
+                started: Instant::now(),
+                from,
+            },
+        );
         let mut scopes = vec!["openid".to_owned()];
         scopes.extend(
             self.config
@@ -695,6 +716,25 @@ mod tests {
             scopes: vec!["openid".into()],
             ca_file: None,
         }
+    }
+
+    #[test]
+    fn one_address_starting_sign_ins_in_a_loop_drops_only_its_own() {
+        let o = Oidc::new(config(), Some("https://c.example")).unwrap();
+        let sign_in = |from: [u8; 4]| Pending {
+            nonce: String::new(),
+            verifier: String::new(),
+            started: Instant::now(),
+            from: IpAddr::from(from),
+        };
+        o.remember("victim".into(), sign_in([192, 0, 2, 1]));
+        for i in 0..3 * MAX_PENDING_PER_ADDRESS {
+            o.remember(format!("flood-{i}"), sign_in([198, 51, 100, 7]));
+        }
+        let pending = o.pending.lock().unwrap();
+        assert!(pending.contains_key("victim"));
+        assert_eq!(pending.len(), MAX_PENDING_PER_ADDRESS + 1);
+        assert!(pending.contains_key(&format!("flood-{}", 3 * MAX_PENDING_PER_ADDRESS - 1)));
     }
 
     #[test]

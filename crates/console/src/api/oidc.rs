@@ -56,7 +56,7 @@ fn to_login_page(message: &str) -> Response {
 }
 
 /// Sends the browser to the provider's sign-in page.
-pub(super) async fn oidc_login(State(st): State<AppState>) -> Response {
+pub(super) async fn oidc_login(State(st): State<AppState>, Source(from): Source) -> Response {
     let Some(oidc) = &st.oidc else {
         return ApiError::new(
             StatusCode::NOT_FOUND,
@@ -64,7 +64,7 @@ pub(super) async fn oidc_login(State(st): State<AppState>) -> Response {
         )
         .into_response();
     };
-    match oidc.begin().await {
+    match oidc.begin(from).await {
         Ok((url, state)) => {
             let cookie = format!(
                 "{STATE_COOKIE}={state}; HttpOnly; SameSite=Lax; Path=/api/v1/oidc; Max-Age={}{}",
