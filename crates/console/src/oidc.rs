@@ -213,10 +213,7 @@ impl Oidc {
         })?;
         let issuer = Url::parse(&config.issuer).map_err(|e| bad(format!("--oidc-issuer: {e}")))?;
         if issuer.scheme == beckon_net::http::Scheme::Http
-            && !issuer
-                .host
-                .parse::<IpAddr>()
-                .is_ok_and(|a| a.is_loopback())
+            && !issuer.host.parse::<IpAddr>().is_ok_and(|a| a.is_loopback())
             && issuer.host != "localhost"
         {
             return Err(bad(format!(
@@ -533,7 +530,7 @@ impl Oidc {
             &key,
             &validation,
         )
-        .map_err(|e| OidcError::Token(e.to_string()))?;
+        .map_err(|e| OidcError::Token(token_check(&e)))?;
         let claims = data.claims;
         if claims.get("nonce").and_then(|n| n.as_str()) != Some(nonce) {
             return Err(OidcError::Token(
@@ -585,6 +582,24 @@ impl Oidc {
                 values,
             }),
         }
+    }
+}
+
+/// Which check an ID token failed, in words.
+fn token_check(e: &jsonwebtoken::errors::Error) -> String {
+    use jsonwebtoken::errors::ErrorKind;
+    match e.kind() {
+        ErrorKind::InvalidSignature => "its signature does not match the provider's keys".into(),
+        ErrorKind::ExpiredSignature => {
+            "it has expired (check that the console's and the provider's clocks agree)".into()
+        }
+        ErrorKind::ImmatureSignature => "it is not valid yet (nbf): check the clocks".into(),
+        ErrorKind::InvalidAudience => {
+            "it is meant for another client (aud), not this --oidc-client-id".into()
+        }
+        ErrorKind::InvalidIssuer => "another issuer (iss) made it".into(),
+        ErrorKind::MissingRequiredClaim(c) => format!("it has no {c:?} claim"),
+        _ => e.to_string(),
     }
 }
 
