@@ -104,6 +104,11 @@ async fn refused_sign_ins_end_on_the_login_page_with_the_reason() {
         "Example ID refused the sign-in: access_denied (End-User aborted)"
     );
     assert!(!session);
+    // A query the console cannot read still ends on the login page.
+    let (_, error, session) =
+        follow(&api, "/api/v1/oidc/callback?code=a&state=s&state=t", None).await;
+    assert!(error.contains("query string is not valid"), "{error}");
+    assert!(!session);
     // An answer naming another issuer (RFC 9207).
     let (_, error, _) = follow(
         &api,

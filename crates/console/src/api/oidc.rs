@@ -106,8 +106,12 @@ pub(super) async fn oidc_callback(
     State(st): State<AppState>,
     Source(from): Source,
     headers: HeaderMap,
-    Query(cb): Query<Callback>,
+    cb: Result<Query<Callback>, ApiError>,
 ) -> Response {
+    let cb = match cb {
+        Ok(Query(cb)) => cb,
+        Err(e) => return to_login_page(&e.message),
+    };
     let Some(oidc) = st.oidc.clone() else {
         return to_login_page("single sign-on is not configured on this console");
     };
