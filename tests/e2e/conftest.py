@@ -74,20 +74,19 @@ def _reader(stream, lines: list[str]) -> None:
         lines.append(line.rstrip("\n"))
 
 
-@pytest.fixture(scope="session")
-def beckon(tmp_path_factory):
-    binary = beckon_bin()
-    data = tmp_path_factory.mktemp("beckon-up") / "data"
-    console_port, mqtts_port = free_port(), free_port()
+def start_beckon(data: Path, console_port: int, *extra: str, env: dict[str, str] | None = None) -> Beckon:
+    """Starts `beckon up` in `data` with its console on `console_port`; returns once it is
+    ready and has printed its console URL and admin password."""
     cmd = [
-        str(binary), "up", "--data", str(data),
+        str(beckon_bin()), "up", "--data", str(data),
         "--console", f"127.0.0.1:{console_port}",
-        "--mqtts", f"127.0.0.1:{mqtts_port}",
+        "--mqtts", f"127.0.0.1:{free_port()}",
         "--fallback", "off",
-        "--demo-agents", "3",
+        *extra,
     ]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            preexec_fn=die_with_parent, env={**os.environ, "RUST_LOG": "info"})
+                            preexec_fn=die_with_parent,
+                            env={**os.environ, "RUST_LOG": "info", **(env or {})})
     lines: list[str] = []
     threading.Thread(target=_reader, args=(proc.stdout, lines), daemon=True).start()
     deadline = time.monotonic() + STARTUP_TIMEOUT
@@ -108,14 +107,25 @@ def beckon(tmp_path_factory):
         proc.wait(timeout=10)
         pytest.fail("beckon up did not print its console URL and admin password within "
                     f"{STARTUP_TIMEOUT:.0f} s:\n" + "\n".join(lines[-40:]))
-    b = Beckon(url=url, password=password, data=data, process=proc, lines=lines)
-    yield b
+    return Beckon(url=url, password=password, data=data, process=proc, lines=lines)
+
+
+def stop(proc: subprocess.Popen) -> None:
+    """SIGINT, then SIGKILL after 10 s."""
     proc.send_signal(signal.SIGINT)
     try:
         proc.wait(timeout=10)
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait(timeout=10)
+
+
+@pytest.fixture(scope="session")
+def beckon(tmp_path_factory):
+    data = tmp_path_factory.mktemp("beckon-up") / "data"
+    b = start_beckon(data, free_port(), "--demo-agents", "3")
+    yield b
+    stop(b.process)
 
 
 @pytest.fixture(scope="session")

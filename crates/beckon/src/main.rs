@@ -40,7 +40,7 @@ enum Command {
         command: beckon_agent::AgentCommand,
     },
     /// The management console: registry, wake-up calls, Wake-on-LAN, HTTP API.
-    Console(beckon_console::ConsoleCommandLine),
+    Console(Box<beckon_console::ConsoleCommandLine>),
     /// Check every network path an agent would use to reach the broker, and name the fix.
     Doctor(beckon_doctor::DoctorArgs),
     /// Make a wake-up call through the console's API, optionally waiting for each agent.
@@ -72,7 +72,7 @@ fn main() -> ExitCode {
         Command::Broker(args) => broker::main(args),
         Command::Up(args) => up::main(args),
         Command::Agent { command } => beckon_agent::run(command),
-        Command::Console(args) => beckon_console::main(args),
+        Command::Console(args) => beckon_console::main(*args),
         Command::Doctor(args) => return report(beckon_doctor::run(args)),
         Command::Wake(args) => return wake::main(args),
         Command::Bench { command } => beckon_bench::run(command),

@@ -42,6 +42,9 @@ pub struct UpArgs {
     #[arg(long, value_name = "N", default_value_t = 0,
           value_parser = clap::value_parser!(u16).range(0..=i64::from(demo::MAX_DEMO_AGENTS)))]
     demo_agents: u16,
+    /// Single sign-on for the console (the same flags as `beckon console`).
+    #[command(flatten)]
+    oidc: beckon_console::OidcArgs,
 }
 
 fn parse_listen(s: &str) -> Result<Listen, String> {
@@ -78,6 +81,7 @@ pub fn main(args: UpArgs) -> anyhow::Result<()> {
         // (on this machine: `beckon up` listens on loopback only).
         console_config.public_url =
             (args.console.port() != 0).then(|| format!("http://{}", args.console));
+        console_config.oidc = args.oidc.to_config()?;
         console_config.broker = BrokerLink::Tls {
             host: "localhost".into(),
             port: args.mqtts.port(),

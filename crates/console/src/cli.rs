@@ -218,11 +218,119 @@ pub struct ConsoleArgs {
     #[arg(long, value_name = "SECS", default_value_t = 365 * 24 * 3600,
           value_parser = clap::value_parser!(u64).range(60..=10 * 365 * 24 * 3600))]
     pub agent_cert_validity_secs: u64,
+    /// Single sign-on.
+    #[command(flatten)]
+    pub oidc: OidcArgs,
+}
+
+/// Single sign-on with OpenID Connect, beside local users (docs/console.md). Needs
+/// `--public-url`: register `<public-url>/api/v1/oidc/callback` as the redirect URI.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct OidcArgs {
+    /// The OpenID provider's issuer URL (its discovery document is
+    /// <issuer>/.well-known/openid-configuration); turns single sign-on on.
+    #[arg(
+        long = "oidc-issuer",
+        env = "BECKON_OIDC_ISSUER",
+        value_name = "URL",
+        requires = "client_id"
+    )]
+    pub issuer: Option<String>,
+    /// The console's client id at the provider.
+    #[arg(
+        long = "oidc-client-id",
+        env = "BECKON_OIDC_CLIENT_ID",
+        value_name = "ID"
+    )]
+    pub client_id: Option<String>,
+    /// File holding the client secret (first line; keep it 0600).
+    #[arg(
+        long = "oidc-client-secret-file",
+        env = "BECKON_OIDC_CLIENT_SECRET_FILE",
+        value_name = "FILE",
+        conflicts_with = "client_secret"
+    )]
+    pub client_secret_file: Option<PathBuf>,
+    /// The client secret itself, from the environment only (a flag would show in `ps`).
+    #[arg(long = "oidc-client-secret", env = "BECKON_OIDC_CLIENT_SECRET", hide = true,
+          hide_env_values = true, value_parser = parse_secret)]
+    pub client_secret: Option<crate::oidc::ClientSecret>,
+    /// Name on the login page's button, "Sign in with NAME" (default: the issuer's host).
+    #[arg(
+        long = "oidc-provider-name",
+        env = "BECKON_OIDC_PROVIDER_NAME",
+        value_name = "NAME"
+    )]
+    pub provider_name: Option<String>,
+    /// The ID token claim that holds the user's groups or roles (a list or a
+    /// space-separated string).
+    #[arg(
+        long = "oidc-roles-claim",
+        env = "BECKON_OIDC_ROLES_CLAIM",
+        value_name = "CLAIM",
+        default_value = "groups"
+    )]
+    pub roles_claim: String,
+    /// Maps a value of the roles claim to viewer, operator or admin (repeat; comma-separated
+    /// in the environment). A user gets the highest mapped role; without one, no login.
+    #[arg(long = "oidc-role", env = "BECKON_OIDC_ROLES", value_name = "VALUE=ROLE",
+          value_delimiter = ',', value_parser = crate::oidc::parse_role_mapping)]
+    pub roles: Vec<(String, crate::model::Role)>,
+    /// Scopes asked for (repeat; comma-separated in the environment); `openid` is always
+    /// asked. Some providers put groups in the token only for a scope such as `groups`.
+    #[arg(long = "oidc-scope", env = "BECKON_OIDC_SCOPES", value_name = "SCOPE",
+          value_delimiter = ',', default_values = ["openid", "profile", "email"])]
+    pub scopes: Vec<String>,
+    /// CA file that signed the provider's HTTPS certificate (default: the system store).
+    #[arg(
+        long = "oidc-ca-file",
+        env = "BECKON_OIDC_CA_FILE",
+        value_name = "FILE"
+    )]
+    pub ca_file: Option<PathBuf>,
+}
+
+fn parse_secret(text: &str) -> Result<crate::oidc::ClientSecret, String> {
+    Ok(crate::oidc::ClientSecret(text.trim().to_owned()))
+}
+
+impl OidcArgs {
+    /// The single sign-on settings, `None` without `--oidc-issuer`; reads the secret file.
+    pub fn to_config(&self) -> Result<Option<crate::oidc::OidcConfig>, ConsoleError> {
+        let Some(issuer) = &self.issuer else {
+            return Ok(None);
+        };
+        let client_secret = match (&self.client_secret_file, &self.client_secret) {
+            (Some(path), _) => {
+                let text = std::fs::read_to_string(path).map_err(|source| ConsoleError::Io {
+                    context: "cannot read the OpenID client secret file",
+                    path: path.clone(),
+                    source,
+                })?;
+                crate::oidc::ClientSecret(text.lines().next().unwrap_or("").trim().to_owned())
+            }
+            (None, Some(secret)) => secret.clone(),
+            (None, None) => crate::oidc::ClientSecret(String::new()),
+        };
+        let provider_name = self.provider_name.clone().unwrap_or_else(|| {
+            beckon_net::http::Url::parse(issuer).map_or_else(|_| issuer.clone(), |u| u.host)
+        });
+        Ok(Some(crate::oidc::OidcConfig {
+            issuer: issuer.clone(),
+            client_id: self.client_id.clone().unwrap_or_default(),
+            client_secret,
+            provider_name,
+            roles_claim: self.roles_claim.clone(),
+            role_map: self.roles.clone(),
+            scopes: self.scopes.clone(),
+            ca_file: self.ca_file.clone(),
+        }))
+    }
 }
 
 impl ConsoleArgs {
-    /// The configuration these arguments describe.
-    pub fn to_config(&self) -> ConsoleConfig {
+    /// The configuration these arguments describe (reads the OpenID client secret file).
+    pub fn to_config(&self) -> Result<ConsoleConfig, ConsoleError> {
         let mut c = ConsoleConfig::new(self.data_dir.clone());
         c.database.clone_from(&self.database);
         c.listen = self.listen;
@@ -247,7 +355,8 @@ impl ConsoleArgs {
         c.default_broker_endpoints = self.agent_broker_endpoints.clone();
         c.broker_tenant_file.clone_from(&self.broker_tenant_file);
         c.agent_certificate_validity = Duration::from_secs(self.agent_cert_validity_secs);
-        c
+        c.oidc = self.oidc.to_config()?;
+        Ok(c)
     }
 }
 
@@ -274,7 +383,7 @@ pub fn run(args: ConsoleArgs) -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     runtime.block_on(async move {
-        let handle = Console::start(args.to_config()).await?;
+        let handle = Console::start(args.to_config()?).await?;
         println!("Beckon console at {}", handle.url());
         if let Some(pw) = &handle.initial_admin_password {
             println!(
@@ -429,7 +538,7 @@ mod tests {
             "push.example:8884",
         ])
         .unwrap();
-        let c = cli.console.to_config();
+        let c = cli.console.to_config().unwrap();
         assert_eq!(c.database(), DatabaseUrl::Sqlite("d/console.db".into()));
         assert_eq!(c.listen.port(), 9090);
         assert_eq!(c.tenant, "acme");
@@ -453,7 +562,7 @@ mod tests {
             "3",
         ])
         .unwrap();
-        let c = cli.console.to_config();
+        let c = cli.console.to_config().unwrap();
         assert_eq!(
             c.public_url.as_deref(),
             Some("https://console.example.com:8080")
@@ -481,7 +590,7 @@ mod tests {
         ])
         .unwrap();
         assert_eq!(
-            cli.console.to_config().database(),
+            cli.console.to_config().unwrap().database(),
             DatabaseUrl::Postgres("postgres://beckon:pw@db.example:5432/beckon".into())
         );
         let err = Cli::try_parse_from(["console", "--database", "db.sqlite"])

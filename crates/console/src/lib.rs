@@ -19,6 +19,7 @@ pub mod guard;
 mod http;
 pub mod metrics;
 pub mod model;
+pub mod oidc;
 pub mod openapi;
 mod secrets;
 pub mod settings;
@@ -40,7 +41,7 @@ use tokio::sync::{broadcast, mpsc, watch};
 
 pub use cli::{
     ConsoleArgs, ConsoleCommand, ConsoleCommandLine, ISSUED_BROKER_CERT, IssueBrokerCertArgs,
-    MigrateStoreArgs, issue_broker_certificate, main, migrate_store, run,
+    MigrateStoreArgs, OidcArgs, issue_broker_certificate, main, migrate_store, run,
 };
 
 pub use http::HttpLimits;
@@ -171,6 +172,8 @@ pub struct ConsoleConfig {
     /// Wake-on-LAN relay agent. Every machine has 127.0.0.1, so in production they never
     /// say that two agents share a network.
     pub wol_relay_loopback: bool,
+    /// Single sign-on with an OpenID provider beside local users; `None`: local users only.
+    pub oidc: Option<oidc::OidcConfig>,
 }
 
 impl ConsoleConfig {
@@ -199,6 +202,7 @@ impl ConsoleConfig {
             agent_certificate_validity: Duration::from_secs(365 * 24 * 3600),
             broker_starts_later: false,
             wol_relay_loopback: false,
+            oidc: None,
         }
     }
 }
@@ -286,6 +290,8 @@ pub struct AppState {
     pub guards: Arc<guard::Guards>,
     /// The Prometheus metrics (`/metrics`).
     pub metrics: Arc<metrics::ConsoleMetrics>,
+    /// Single sign-on, when configured.
+    pub oidc: Option<Arc<oidc::Oidc>>,
 }
 
 /// A running console.
@@ -377,6 +383,11 @@ impl Console {
         }
         let tenant = TenantId::new(config.tenant.as_str())
             .map_err(|e| ConsoleError::Config(format!("tenant: {e}")))?;
+        let oidc = config
+            .oidc
+            .clone()
+            .map(|c| oidc::Oidc::new(c, config.public_url.as_deref()).map(Arc::new))
+            .transpose()?;
         create_private_dir(&config.data_dir)?;
         let ca = load_or_create_ca(&config.data_dir)?;
         let signer = WakeUpSigner::new(load_or_create_signing_key(&config.data_dir)?);
@@ -433,6 +444,7 @@ impl Console {
             config: Arc::new(config),
             shutdown: shutdown_rx.clone(),
             metrics,
+            oidc,
         };
         if let Err(e) = tenant_file::publish(&state).await {
             return Err(ConsoleError::Config(format!(

@@ -118,6 +118,10 @@ pub struct User {
     pub role: Role,
     /// When the user was made.
     pub created_at: Millis,
+    /// Signs in through the OpenID provider (no password here; the role comes from the
+    /// provider's claim at each sign-in).
+    #[serde(default)]
+    pub sso: bool,
 }
 
 /// What an agent reports about its machine (at enrollment and at each check-in).

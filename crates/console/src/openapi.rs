@@ -17,6 +17,27 @@ const OPERATIONS: &[(&str, &str, &str, Option<Role>, bool)] = &[
     ),
     ("/api/v1/logout", "post", "End the session", None, false),
     (
+        "/api/v1/oidc",
+        "get",
+        "Whether single sign-on is configured, and the provider's name for the login page",
+        None,
+        false,
+    ),
+    (
+        "/api/v1/oidc/login",
+        "get",
+        "Start single sign-on: redirects the browser to the OpenID provider",
+        None,
+        false,
+    ),
+    (
+        "/api/v1/oidc/callback",
+        "get",
+        "Where the OpenID provider sends the browser back (code, state); sets the session cookie and redirects to the console, or to its login page with sso_error",
+        None,
+        false,
+    ),
+    (
         "/api/v1/users",
         "get",
         "List users with their roles",

@@ -72,7 +72,11 @@ const state = {
   selected: new Set(),
   user: null,
   role: null,
+  // Why a single sign-on failed: the console sends the browser back with ?sso_error=...
+  loginMessage: new URLSearchParams(location.search).get("sso_error"),
 };
+// The message is shown once; reloading the page should not show it again.
+if (state.loginMessage) history.replaceState(null, "", location.pathname + location.hash);
 
 // What each role may do is what the one before it may, and more (the API enforces it; the
 // pages show no control the role cannot use).
@@ -830,7 +834,8 @@ async function route() {
   const params = new URLSearchParams(q || "");
   const parts = path.split("/").filter(Boolean);
   if (parts[0] === "login") {
-    showLogin();
+    showLogin(state.loginMessage);
+    state.loginMessage = null;
     return;
   }
   // Is the session still valid, and with which role? The account call answers 401 when not.
@@ -878,6 +883,18 @@ async function route() {
   if (h1 && document.activeElement === document.body) h1.setAttribute("tabindex", "-1");
 }
 
+/** Offers "Sign in with <provider>" when single sign-on is configured. */
+async function loadSignOn() {
+  try {
+    const info = await api("GET", "/oidc");
+    $("sso-name").textContent = info.provider || "";
+    $("sso").hidden = !info.enabled;
+  } catch (e) {
+    // The password form still works; the button stays hidden.
+  }
+}
+
 setUpUsers({ guarded, when, el });
 window.addEventListener("hashchange", route);
+loadSignOn();
 route();

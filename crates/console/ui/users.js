@@ -12,7 +12,10 @@ function isAdmin() {
 
 /** A role cell: a select that changes the role at once for admins, plain text otherwise. */
 function roleCell(u) {
-  if (!isAdmin()) return ui.el("td", { "data-testid": "user-role" }, u.role);
+  // A single sign-on user's role comes from the provider at each sign-in.
+  if (!isAdmin() || u.sso) {
+    return ui.el("td", { "data-testid": "user-role" }, u.sso ? `${u.role} (single sign-on)` : u.role);
+  }
   const sel = ui.el("select", { class: "short", "aria-label": "Role of " + u.name, "data-testid": "user-role-select", "data-user": u.name },
     ROLES.map((r) => ui.el("option", { value: r, selected: r === u.role }, r)));
   sel.addEventListener("change", async () => {

@@ -243,6 +243,13 @@ impl Request {
         self.header("Content-Type", "application/json")
     }
 
+    /// Sets a body as it is; give its `Content-Type` with [`Request::header`] (e.g. a
+    /// form, `application/x-www-form-urlencoded`).
+    pub fn body(mut self, body: impl Into<Bytes>) -> Self {
+        self.body = Some(body.into());
+        self
+    }
+
     /// The method.
     pub fn method(&self) -> &str {
         self.method.as_str()

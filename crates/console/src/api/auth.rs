@@ -109,22 +109,35 @@ async fn check_login(
         return Err(ApiError::unauthorized("wrong user name or password"));
     }
     guards.login_user.clear(&req.user);
+    let cookie = start_session(&st, &req.user).await?;
+    write_audit(
+        &st,
+        format!("user:{}", req.user),
+        "login",
+        json!({"via": "password", "address": from.to_string()}),
+    )
+    .await;
+    Ok(([(SET_COOKIE, cookie)], Json(json!({ "user": req.user }))).into_response())
+}
+
+/// Records a new session of `user`; returns the `Set-Cookie` value that hands it to the
+/// browser.
+pub(super) async fn start_session(st: &AppState, user: &str) -> ApiResult<String> {
     let token = new_token("bks_");
     let now = now_ms();
     let lifetime = st.config.session_lifetime;
     let session = NewSession {
         hash: token_hash(&token),
-        user: req.user.clone(),
+        user: user.to_owned(),
         created_at: now,
         expires_at: now.saturating_add(i64::try_from(lifetime.as_millis()).unwrap_or(i64::MAX)),
     };
     st.store.run(move |s| s.create_session(session)).await?;
-    let cookie = format!(
+    Ok(format!(
         "{SESSION_COOKIE}={token}; HttpOnly; SameSite=Strict; Path=/; Max-Age={}{}",
         lifetime.as_secs(),
         if st.config.plain_http { "" } else { "; Secure" }
-    );
-    Ok(([(SET_COOKIE, cookie)], Json(json!({ "user": req.user }))).into_response())
+    ))
 }
 
 /// Whether `req` names a user and that user's password (rewriting a hash of the first
@@ -235,6 +248,12 @@ pub(super) async fn change_password(
     };
     let u = user.clone();
     let stored = a.run(move |s| s.password_hash(&u)).await?;
+    if stored == crate::oidc::SSO_PASSWORD_HASH {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "you sign in through single sign-on and have no password here: change it at the provider",
+        ));
+    }
     let current = req.current;
     let ok = tokio::task::spawn_blocking(move || verify_password(&current, &stored).is_right())
         .await

@@ -2,7 +2,8 @@
 //! that says whose fault it is. Routes are listed once in [`routes`]; the OpenAPI document
 //! (`/api/v1/openapi.json`) is checked against that list by the tests.
 //!
-//! One file per capability: [`auth`] (users and sessions), [`tokens`] (API tokens),
+//! One file per capability: [`auth`] (users and sessions), [`oidc`] (single sign-on),
+//! [`tokens`] (API tokens),
 //! [`enrollment`] (enrollment tokens, enrollment, check-in, renewal, the tenant file),
 //! [`agents`] (agents and groups), [`wol`] (Wake-on-LAN), [`calls`] (wake-up calls and their
 //! live events), [`settings`] (settings, audit log, status) and [`metrics`] (Prometheus,
@@ -17,6 +18,7 @@ mod enrollment;
 #[doc(hidden)]
 pub mod fuzzing;
 mod metrics;
+mod oidc;
 mod settings;
 mod tokens;
 mod users;
@@ -42,6 +44,7 @@ use agents::*;
 use auth::*;
 use calls::*;
 use enrollment::*;
+use oidc::*;
 use settings::*;
 use tokens::*;
 use users::*;
@@ -419,6 +422,9 @@ pub fn routes() -> Vec<(
         route!("/api/v1/openapi.json", get(openapi)),
         route!("/api/v1/login", post(login)),
         route!("/api/v1/logout", post(logout)),
+        route!("/api/v1/oidc", get(oidc_info)),
+        route!("/api/v1/oidc/login", get(oidc_login)),
+        route!("/api/v1/oidc/callback", get(oidc_callback)),
         route!("/api/v1/users", get(list_users), post(create_user)),
         route!("/api/v1/users/{name}", patch(update_user)),
         route!("/api/v1/account", get(account)),

@@ -41,6 +41,7 @@ pub(super) async fn create_user(
         name: req.name,
         role: req.role,
         created_at: now_ms(),
+        sso: false,
     };
     let u = user.clone();
     let detail = json!({"name": user.name, "role": user.role});

@@ -507,6 +507,11 @@ pub trait AuthStore {
     /// Returns the role before.
     fn set_user_role(&self, name: &str, role: Role) -> StoreResult<Role>;
 
+    /// Records a user who signed in through single sign-on with the role their claim maps
+    /// to: made on first sign-in, the role replaced on each. Refuses (conflict) a name a
+    /// local user has. Returns the role before, `None` for a new user.
+    fn sign_in_sso_user(&self, name: &str, role: Role, now: Millis) -> StoreResult<Option<Role>>;
+
     /// Replaces a user's password hash and ends all of the user's sessions.
     fn set_password(&self, name: &str, password_hash: &str) -> StoreResult<()>;
 

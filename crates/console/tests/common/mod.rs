@@ -141,7 +141,10 @@ impl Api {
     }
 
     /// One request through the router: status, headers and the body's bytes.
-    async fn respond(&self, req: Request<Body>) -> (StatusCode, Vec<(String, String)>, Vec<u8>) {
+    pub async fn respond(
+        &self,
+        req: Request<Body>,
+    ) -> (StatusCode, Vec<(String, String)>, Vec<u8>) {
         let resp = self.router.clone().oneshot(req).await.unwrap();
         let status = resp.status();
         let headers = resp

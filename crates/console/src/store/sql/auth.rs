@@ -3,6 +3,7 @@
 use super::agents::{check_groups_exist, usable_token};
 use super::*;
 use crate::model::*;
+use crate::oidc::SSO_PASSWORD_HASH;
 use crate::store::*;
 
 /// The tables of who may do what, for `migrate-store`.
@@ -137,13 +138,14 @@ impl AuthStore for SqlStore {
         self.read(|conn| {
             query_all(
                 conn,
-                "SELECT name, role, created_at FROM users ORDER BY name",
+                "SELECT name, role, created_at, password_hash FROM users ORDER BY name",
                 params![],
                 |r| {
                     Ok(User {
                         name: r.get(0)?,
                         role: role_column(r, 1)?,
                         created_at: r.get(2)?,
+                        sso: r.get::<String>(3)? == SSO_PASSWORD_HASH,
                     })
                 },
                 "listing users",
@@ -153,14 +155,19 @@ impl AuthStore for SqlStore {
 
     fn set_user_role(&self, name: &str, role: Role) -> StoreResult<Role> {
         self.write(|tx| {
-            let before = query_opt(
+            let (before, hash) = query_opt(
                 tx,
-                "SELECT role FROM users WHERE name = ?1",
+                "SELECT role, password_hash FROM users WHERE name = ?1",
                 params![name],
-                |r| role_column(r, 0),
+                |r| Ok((role_column(r, 0)?, r.get::<String>(1)?)),
                 "reading a user",
             )?
             .ok_or_else(|| not_found("user", name))?;
+            if hash == SSO_PASSWORD_HASH {
+                return Err(StoreError::Conflict(format!(
+                    "{name:?} signs in through single sign-on: the role comes from the provider's claim at each sign-in; change it at the provider"
+                )));
+            }
             if before == Role::Admin && role != Role::Admin {
                 let admins: i64 = query_one(
                     tx,
@@ -181,6 +188,41 @@ impl AuthStore for SqlStore {
                 "changing a user's role",
             )?;
             Ok(before)
+        })
+    }
+
+    fn sign_in_sso_user(&self, name: &str, role: Role, now: Millis) -> StoreResult<Option<Role>> {
+        self.write(|tx| {
+            let found = query_opt(
+                tx,
+                "SELECT role, password_hash FROM users WHERE name = ?1",
+                params![name],
+                |r| Ok((role_column(r, 0)?, r.get::<String>(1)?)),
+                "reading a user",
+            )?;
+            match found {
+                Some((_, hash)) if hash != SSO_PASSWORD_HASH => Err(StoreError::Conflict(format!(
+                    "a local user named {name:?} exists: single sign-on does not take over local users (sign in as that local user, or use another name at the provider)"
+                ))),
+                Some((before, _)) => {
+                    exec(
+                        tx,
+                        "UPDATE users SET role = ?1 WHERE name = ?2",
+                        params![role.as_str(), name],
+                        "changing a user's role",
+                    )?;
+                    Ok(Some(before))
+                }
+                None => {
+                    exec(
+                        tx,
+                        "INSERT INTO users (name, password_hash, role, created_at) VALUES (?1, ?2, ?3, ?4)",
+                        params![name, SSO_PASSWORD_HASH, role.as_str(), now],
+                        "creating a user",
+                    )?;
+                    Ok(None)
+                }
+            }
         })
     }
 
