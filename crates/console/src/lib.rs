@@ -13,6 +13,7 @@
 
 pub mod api;
 mod cli;
+pub mod clones;
 pub mod dispatch;
 pub mod guard;
 mod http;
