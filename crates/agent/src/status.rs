@@ -242,7 +242,7 @@ mod tests {
             pid: Some(1),
             agent_id: Some("laptop-42".into()),
             since: Some(1000),
-            identity_conflict: Some(crate::state::IdentityConflict {
+            identity_conflict: Some(IdentityConflict {
                 takeovers: 3,
                 window_secs: 600,
                 paused_at: 1000,
