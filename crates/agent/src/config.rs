@@ -154,6 +154,15 @@ pub struct ReconnectConfig {
     /// Least wait after "server busy" (0x89) or "connection rate exceeded" (0x9F).
     #[serde(deserialize_with = "duration")]
     pub busy_wait_min: Duration,
+    /// Session takeovers (another connection with this agent's id) within `takeover_window`
+    /// that mean another machine uses this identity; 0: never stop reconnecting.
+    pub takeover_limit: u32,
+    /// The window takeovers are counted in.
+    #[serde(deserialize_with = "duration")]
+    pub takeover_window: Duration,
+    /// How long the agent stays away once another machine uses its identity.
+    #[serde(deserialize_with = "duration")]
+    pub takeover_pause: Duration,
 }
 
 /// Wake-up verification settings.
@@ -281,6 +290,9 @@ impl Default for ReconnectConfig {
             reset_after: Duration::from_secs(60),
             start_delay_max: Duration::from_secs(30),
             busy_wait_min: Duration::from_secs(30),
+            takeover_limit: 3,
+            takeover_window: Duration::from_secs(600),
+            takeover_pause: Duration::from_secs(3600),
         }
     }
 }
@@ -319,6 +331,15 @@ impl ReconnectConfig {
             busy_floor: self.busy_wait_min,
             reset_after: self.reset_after,
             startup_spread: self.start_delay_max,
+        }
+    }
+
+    /// When the agent stops fighting over its identity.
+    pub fn takeover_limits(&self) -> crate::takeover::TakeoverLimits {
+        crate::takeover::TakeoverLimits {
+            limit: self.takeover_limit,
+            window: self.takeover_window,
+            pause: self.takeover_pause,
         }
     }
 }
@@ -396,6 +417,14 @@ impl AgentConfig {
         }
         if let Err(e) = self.reconnect.backoff().validate() {
             return Err(invalid("reconnect", e.to_string()));
+        }
+        if self.reconnect.takeover_limit > 0
+            && (self.reconnect.takeover_window.is_zero() || self.reconnect.takeover_pause.is_zero())
+        {
+            return Err(invalid(
+                "reconnect.takeover_window",
+                "takeover_window and takeover_pause must be above zero (takeover_limit = 0 turns the check off)".into(),
+            ));
         }
         if let Some(cmd) = &self.actions.command {
             if cmd.argv.first().is_none_or(|p| p.is_empty()) {
@@ -547,11 +576,31 @@ console-2026 = "6kpsY-KcUgq-9VB7Ey7F-ZVHdq6-vnuSQh7qaRRG0iw"
         assert_eq!(c.reconnect.backoff_base, Duration::from_secs(1));
         assert_eq!(c.reconnect.backoff_cap, Duration::from_secs(300));
         assert_eq!(c.reconnect.reset_after, Duration::from_secs(60));
+        assert_eq!(
+            c.reconnect.takeover_limits(),
+            crate::takeover::TakeoverLimits {
+                limit: 3,
+                window: Duration::from_secs(600),
+                pause: Duration::from_secs(3600),
+            }
+        );
         assert_eq!(c.checkin.interval, Duration::from_secs(600));
         assert_eq!(c.state_dir, crate::platform::default_state_dir());
         assert_eq!(c.wakeup.replay_memory, 4096);
         assert_eq!(c.wake_topic(), "agents/laptop-42/wake");
         assert_eq!(c.ack_topic(), "agents/laptop-42/ack");
+    }
+
+    #[test]
+    fn a_zero_takeover_pause_is_refused_unless_the_check_is_off() {
+        let zero = MINIMAL.replace("[broker]", "[reconnect]\ntakeover_pause = \"0s\"\n[broker]");
+        let err = AgentConfig::parse(&zero, Path::new("x.toml")).expect_err("zero pause");
+        assert!(
+            err.to_string().contains("reconnect.takeover_window"),
+            "{err}"
+        );
+        let off = zero.replace("[reconnect]", "[reconnect]\ntakeover_limit = 0");
+        AgentConfig::parse(&off, Path::new("x.toml")).expect("the check is off");
     }
 
     #[test]

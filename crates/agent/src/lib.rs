@@ -9,6 +9,7 @@
 //! - [`relay`]: Wake-on-LAN sent on this machine's network when the console asks.
 //! - [`actions`]: the command and HTTP actions.
 //! - [`state`], [`status`]: the state folder and `beckon agent status`.
+//! - [`takeover`]: stops fighting another machine that uses the same identity.
 //! - [`enroll`], [`inventory`], [`http`]: `beckon agent enroll` (key pair, signing request,
 //!   inventory, the console's answer stored in the state folder, a ready configuration).
 // No unsafe code but in `platform::windows` (Win32 calls), which allows it for itself.
@@ -29,6 +30,7 @@ pub mod runtime;
 pub mod session;
 pub mod state;
 pub mod status;
+pub mod takeover;
 pub mod timefmt;
 pub mod wakeup;
 

@@ -16,7 +16,8 @@ use crate::jitter::{near_cap, random_up_to};
 use crate::session::{
     Incoming, MqttSession, OnIncoming, Outbox, SessionEnd, SessionOptions, new_client,
 };
-use crate::state::{LastResult, LastWakeUp, StateError, StateStore};
+use crate::state::{IdentityConflict, LastResult, LastWakeUp, StateError, StateStore};
+use crate::takeover::{AfterTakeover, TakeoverGuard};
 use crate::timefmt::{unix_now, unix_now_ms};
 use crate::wakeup::{WakeUp, WakeUpCheck, WakeUpRejected, finished_ack, received_ack, started_ack};
 use beckon_identity::relay::RelayRequest;
@@ -76,6 +77,8 @@ struct Agent {
     relay: tokio::sync::mpsc::Sender<RelayRequest>,
     /// The agent's token, sent as the MQTT password.
     password: Option<Bytes>,
+    /// Check-ins with the console, when it is configured.
+    checkin: Option<Arc<CheckinClient>>,
 }
 
 /// What one connection attempt leaves to the next: how to connect (the ladder remembers the
@@ -85,6 +88,8 @@ struct Link<C> {
     connector: C,
     client: Option<beckon_client::Session>,
     backoff: Backoff,
+    /// Counts session takeovers: another machine with this identity.
+    takeovers: TakeoverGuard,
 }
 
 /// Runs the agent until `shutdown` turns true (or its sender is dropped).
@@ -173,11 +178,13 @@ pub async fn run_agent<C: Connector>(
         pending,
         relay: relay_tx,
         password,
+        checkin: checkin_client,
     };
     let mut link = Link {
         connector,
         client: None,
         backoff,
+        takeovers: TakeoverGuard::new(config.reconnect.takeover_limits()),
     };
     if !sleep_or_shutdown(start_delay, &mut shutdown).await {
         loop {
@@ -293,14 +300,24 @@ impl Agent {
                     })
                     .await;
                 link.connector.prefer(&path);
-                link.backoff.connected(std::time::Instant::now());
+                let connected_at = std::time::Instant::now();
+                link.backoff.connected(connected_at);
                 let (session, end) = session.run(&self.outbox, self, shutdown).await;
                 link.client = Some(session);
                 // Resets the backoff only if the connection lived `reset_after`.
                 link.backoff.disconnected(std::time::Instant::now());
+                let conflict_over = link.takeovers.session_lived(connected_at.elapsed());
+                if conflict_over {
+                    tracing::info!(
+                        "the connection lived a whole takeover window: no other machine uses this agent's identity any more"
+                    );
+                }
                 self.state
                     .update_logged(|s| {
                         s.connected = false;
+                        if conflict_over {
+                            s.identity_conflict = None;
+                        }
                         s.since = Some(unix_now());
                         if end != SessionEnd::Shutdown {
                             // Kept apart from last_error, which the reconnect attempts overwrite.
@@ -320,7 +337,61 @@ impl Agent {
         let message = format!("{end} (path {path})");
         tracing::warn!("{message}");
         self.state.record_error(message).await;
+        if matches!(
+            end,
+            SessionEnd::Disconnected {
+                code: ReasonCode::SESSION_TAKEN_OVER,
+                ..
+            }
+        ) {
+            self.report_takeover();
+            if let AfterTakeover::Pause { takeovers, pause } =
+                link.takeovers.taken_over(std::time::Instant::now())
+            {
+                return self.pause_for_clone(takeovers, pause).await;
+            }
+        }
         wait_after(&end, config, &mut link.connector, &mut link.backoff)
+    }
+
+    /// Checks in at once, so that the console sees which machine each takeover came from
+    /// (two machines with one identity check in with two inventories, by turns).
+    fn report_takeover(&self) {
+        if let Some(client) = &self.checkin {
+            let (client, config) = (Arc::clone(client), Arc::clone(&self.config));
+            tokio::spawn(async move {
+                let outcome = client.checkin(&config, None, true).await;
+                if let Some(detail) = outcome.detail {
+                    tracing::warn!(%detail, "check-in after a takeover failed");
+                }
+            });
+        }
+    }
+
+    /// Another machine uses this identity: says so once, in the log and the state, and
+    /// returns the long pause.
+    async fn pause_for_clone(&self, takeovers: u32, pause: Duration) -> Duration {
+        let window = self.config.reconnect.takeover_window;
+        tracing::error!(
+            takeovers,
+            window_s = window.as_secs(),
+            pause_s = pause.as_secs(),
+            "another machine uses this agent's identity (agent id {}): the push session was taken over {takeovers} times within {window:?}; not reconnecting for {pause:?} so that the other machine keeps its connection. Fix: on one of the machines run `beckon agent enroll --force` to give it an identity of its own, then restart its agent",
+            self.config.agent_id
+        );
+        let now = unix_now();
+        let pause_secs = i64::try_from(pause.as_secs()).unwrap_or(i64::MAX);
+        self.state
+            .update_logged(|s| {
+                s.identity_conflict = Some(IdentityConflict {
+                    takeovers,
+                    window_secs: window.as_secs(),
+                    paused_at: now,
+                    paused_until: now.saturating_add(pause_secs),
+                });
+            })
+            .await;
+        pause
     }
 }
 
@@ -568,7 +639,11 @@ async fn run_actions(
     if config.checkin.on_wakeup
         && let Some(client) = checkin
     {
-        outcomes.push(client.checkin(config, latest.map(|w| w.id.as_str())).await);
+        outcomes.push(
+            client
+                .checkin(config, latest.map(|w| w.id.as_str()), false)
+                .await,
+        );
     }
     if let Some(command) = &config.actions.command {
         let env = actions::wakeup_env(batch, &config.agent_id, &config.tenant);
@@ -638,13 +713,23 @@ impl CheckinClient {
         }))
     }
 
-    /// One check-in; `wakeup_id` names the wake-up that caused it.
-    pub async fn checkin(&self, config: &AgentConfig, wakeup_id: Option<&str>) -> ActionOutcome {
+    /// One check-in with this machine's inventory; `wakeup_id` names the wake-up that
+    /// caused it, `taken_over` says that the push session was just taken over by another
+    /// connection with this agent's id.
+    pub async fn checkin(
+        &self,
+        config: &AgentConfig,
+        wakeup_id: Option<&str>,
+        taken_over: bool,
+    ) -> ActionOutcome {
         let started = std::time::Instant::now();
+        let inventory = crate::inventory::Inventory::gather();
         let body = serde_json::json!({
             "agent_id": config.agent_id,
             "tenant": config.tenant,
-            "hostname": crate::platform::hostname(),
+            "hostname": inventory.hostname,
+            "inventory": inventory,
+            "taken_over": taken_over,
             "wakeup_id": wakeup_id,
             "at": crate::timefmt::format_rfc3339(unix_now()),
         });
@@ -700,7 +785,7 @@ async fn checkin_scheduler(
         if sleep_or_shutdown(wait, &mut shutdown).await {
             return;
         }
-        let outcome = client.checkin(&config, None).await;
+        let outcome = client.checkin(&config, None, false).await;
         if outcome.ok() {
             tracing::debug!("checked in with the console");
         } else {

@@ -73,6 +73,19 @@ pub struct LastError {
     pub at: i64,
 }
 
+/// Another machine uses this agent's identity: the agent stopped fighting it for the session.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IdentityConflict {
+    /// Takeovers counted within the window when the agent paused.
+    pub takeovers: u32,
+    /// The window, seconds.
+    pub window_secs: u64,
+    /// When the agent paused, Unix seconds.
+    pub paused_at: i64,
+    /// When it connects again, Unix seconds.
+    pub paused_until: i64,
+}
+
 /// Everything in `state.json`.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default)]
@@ -97,6 +110,8 @@ pub struct AgentState {
     pub last_error: Option<LastError>,
     /// Why the last established connection ended.
     pub last_disconnect: Option<LastError>,
+    /// Set while the agent believes another machine uses its identity.
+    pub identity_conflict: Option<IdentityConflict>,
     /// Ids of accepted wake-ups, kept until they expire (a restart opens no replay window).
     pub replay_guard: beckon_identity::wakeup::ReplayGuard,
     /// When the file was written, Unix seconds.
@@ -201,6 +216,8 @@ impl StateStore {
         state.agent_id = Some(agent_id.to_owned());
         state.connected = false;
         state.since = Some(unix_now());
+        // A new process counts takeovers afresh (the pause lives in the process).
+        state.identity_conflict = None;
         Ok(Self {
             memory: Mutex::new(Versioned { state, version: 0 }),
             disk: Arc::new(Disk {

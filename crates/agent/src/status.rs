@@ -5,7 +5,7 @@ use std::fmt::Write as _;
 use std::path::Path;
 
 use crate::platform::process_alive;
-use crate::state::{AgentState, STATE_FILE, StateError};
+use crate::state::{AgentState, IdentityConflict, STATE_FILE, StateError};
 use crate::timefmt::{format_rfc3339, unix_now};
 
 /// `3m 20s ago` style age.
@@ -72,6 +72,24 @@ pub fn status_json(state_dir: &Path) -> Result<String, StateError> {
     Ok(serde_json::to_string_pretty(&value).unwrap_or_default())
 }
 
+/// What the agent does about another machine with its identity, and the fix.
+pub fn identity_conflict_text(c: &IdentityConflict, now: i64) -> String {
+    let window = match c.window_secs {
+        s if s >= 3600 && s % 3600 == 0 => format!("{}h", s / 3600),
+        s if s >= 60 && s % 60 == 0 => format!("{}m", s / 60),
+        s => format!("{s}s"),
+    };
+    let wait = if c.paused_until > now {
+        format!("not reconnecting until {}", format_rfc3339(c.paused_until))
+    } else {
+        "reconnecting after a pause; one more takeover pauses again".to_owned()
+    };
+    format!(
+        "IN USE ON ANOTHER MACHINE: the push session was taken over {} times within {window} by another connection with this agent's id (a copied state folder or disk image); {wait}. Fix: on one of the machines run `beckon agent enroll --force` to give it an identity of its own, then restart its agent",
+        c.takeovers
+    )
+}
+
 /// Renders a state; `running` says whether its writer is still alive.
 pub fn render(state: &AgentState, now: i64, running: bool) -> String {
     let mut out = String::new();
@@ -97,6 +115,9 @@ pub fn render(state: &AgentState, now: i64, running: bool) -> String {
         "NOT connected (agent not running)".to_owned()
     };
     let _ = writeln!(out, "Push service: {connection}");
+    if let Some(c) = state.identity_conflict.as_ref().filter(|_| running) {
+        let _ = writeln!(out, "Identity:     {}", identity_conflict_text(c, now));
+    }
     let _ = writeln!(
         out,
         "Last path:    {}",
@@ -212,6 +233,36 @@ mod tests {
         }
         let dead = render(&state, 1200, false);
         assert!(dead.contains("NOT connected (agent not running)"), "{dead}");
+        assert!(!text.contains("Identity:"), "{text}");
+    }
+
+    #[test]
+    fn a_paused_clone_says_why_and_what_to_do() {
+        let state = AgentState {
+            pid: Some(1),
+            agent_id: Some("laptop-42".into()),
+            since: Some(1000),
+            identity_conflict: Some(IdentityConflict {
+                takeovers: 3,
+                window_secs: 600,
+                paused_at: 1000,
+                paused_until: 4600,
+            }),
+            ..AgentState::default()
+        };
+        let text = render(&state, 1200, true);
+        for needle in [
+            "Identity:     IN USE ON ANOTHER MACHINE",
+            "taken over 3 times within 10m",
+            "not reconnecting until 1970-01-01T01:16:40Z",
+            "beckon agent enroll --force",
+        ] {
+            assert!(text.contains(needle), "missing {needle:?} in\n{text}");
+        }
+        let later = render(&state, 5000, true);
+        assert!(later.contains("reconnecting after a pause"), "{later}");
+        // A stopped agent's conflict is history: the next start counts afresh.
+        assert!(!render(&state, 1200, false).contains("Identity:"));
     }
 
     #[test]

@@ -14,6 +14,7 @@
 
 pub mod api;
 mod cli;
+pub mod clones;
 pub mod dispatch;
 pub mod guard;
 mod http;

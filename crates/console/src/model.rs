@@ -168,6 +168,20 @@ pub struct Agent {
     pub remote_addr: Option<String>,
     /// Revoked (deleted): it may no longer check in and gets no wake-ups.
     pub revoked: bool,
+    /// Set when two machines use this identity ([`crate::clones`]).
+    #[serde(default)]
+    pub cloned: Option<ClonedIdentity>,
+}
+
+/// An identity in use on two machines: both machines as they last checked in, and the fix.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClonedIdentity {
+    /// When the console noticed.
+    pub detected_at: Millis,
+    /// The machine that checked in last, then the one before it.
+    pub machines: Vec<Inventory>,
+    /// What to do, in plain words.
+    pub fix: String,
 }
 
 /// A group of agents.

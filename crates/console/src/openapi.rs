@@ -124,7 +124,7 @@ const OPERATIONS: &[(&str, &str, &str, Option<Role>, bool)] = &[
     (
         "/api/v1/agents",
         "get",
-        "List agents (search, group, presence, stale, include_revoked, limit, offset); stale=true: only those not seen for the setting agents.stale_after_days",
+        "List agents (search, group, presence, stale, cloned, include_revoked, limit, offset); stale=true: only those not seen for the setting agents.stale_after_days; cloned=true: only identities in use on two machines",
         Some(Role::Viewer),
         false,
     ),
@@ -153,6 +153,13 @@ const OPERATIONS: &[(&str, &str, &str, Option<Role>, bool)] = &[
         "/api/v1/agents/{id}",
         "delete",
         "Revoke (delete) an agent",
+        Some(Role::Admin),
+        false,
+    ),
+    (
+        "/api/v1/agents/{id}/clone",
+        "delete",
+        "Clear an agent's cloned flag once one of its machines enrolled again (audited)",
         Some(Role::Admin),
         false,
     ),

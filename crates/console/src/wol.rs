@@ -162,6 +162,7 @@ mod tests {
             path: None,
             remote_addr: None,
             revoked: false,
+            cloned: None,
         }
     }
 

@@ -60,7 +60,7 @@ fn fill(s: &SqlStore) -> String {
         remote_addr: Some("192.0.2.7:50000".into()),
     })
     .unwrap();
-    s.record_checkin("pc-2", None, NOW + 20).unwrap();
+    s.record_checkin("pc-2", None, false, NOW + 20).unwrap();
     let mut n = 0;
     let mut ids = move || {
         n += 1;

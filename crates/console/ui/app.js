@@ -357,6 +357,7 @@ function filters() {
     presence: $("agent-presence").value,
     path: $("agent-path").value,
     stale: $("agent-stale").checked,
+    cloned: $("agent-cloned").checked,
   };
 }
 
@@ -375,7 +376,7 @@ async function loadGroups() {
 async function loadAgents() {
   const f = filters();
   const agents = await guarded($("agents-error"), () =>
-    api("GET", "/agents" + query({ search: f.search, group: f.group, presence: f.presence, stale: f.stale || undefined, limit: 1000 })));
+    api("GET", "/agents" + query({ search: f.search, group: f.group, presence: f.presence, stale: f.stale || undefined, cloned: f.cloned || undefined, limit: 1000 })));
   if (!agents || state.view !== "agents") return;
   // Path is not an API filter: the list is filtered here.
   const paths = new Set(agents.map((a) => a.path).filter(Boolean));
@@ -409,7 +410,10 @@ function renderAgents() {
       class: state.selected.has(a.id) ? "selected" : null,
     },
     el("td", {}, box),
-    el("td", {}, el("strong", {}, a.name), el("span", { class: "sub mono" }, a.id)),
+    el("td", {}, el("strong", {}, a.name),
+      a.cloned ? el("span", { class: "badge", "data-state": "cloned", "data-testid": "agent-cloned",
+        title: "This identity is in use on two machines: see Cloned identities below" }, "cloned") : null,
+      el("span", { class: "sub mono" }, a.id)),
     el("td", { class: "presence" }, badge(a.presence, a.presence === "unknown" ? "never connected" : a.presence),
       el("span", { class: "sub" }, a.presence_at ? when(a.presence_at) : "")),
     el("td", {}, a.path || "–"),
@@ -423,7 +427,34 @@ function renderAgents() {
     if (again) again.focus();
   }
   $("agents-empty").hidden = state.agents.length > 0;
+  renderClones();
   updateSelection();
+}
+
+/** The flagged agents of the list, each with both machines, the fix and (for admins) the
+ * button that clears the flag once one machine enrolled again. */
+function renderClones() {
+  const cloned = state.agents.filter((a) => a.cloned);
+  $("clones-panel").hidden = cloned.length === 0;
+  const machine = (m) => el("li", {},
+    el("strong", {}, m.hostname || "(no host name)"), " ", m.os || "",
+    el("span", { class: "sub mono" }, [
+      (m.addresses || []).map((x) => `${x.address}/${x.prefix_len}`).join(", "),
+      (m.macs || []).join(", ")].filter(Boolean).join(" · ") || "no addresses reported"));
+  $("clones-list").replaceChildren(...cloned.map((a) => {
+    const clear = el("button", { type: "button", class: "secondary", "data-needs": "admin", "data-testid": "clone-clear" }, "Clear flag");
+    clear.hidden = !can("admin");
+    clear.addEventListener("click", async () => {
+      const ok = await guarded($("agents-error"), () => api("DELETE", `/agents/${encodeURIComponent(a.id)}/clone`));
+      if (ok) { $("agents-message").textContent = `Cloned flag of ${a.name} cleared.`; loadAgents(); }
+    });
+    return el("div", { class: "clone", "data-testid": "clone-entry", "data-agent-id": a.id },
+      el("h3", {}, `${a.name} `, el("span", { class: "sub mono" }, a.id),
+        el("span", { class: "sub" }, "noticed " + when(a.cloned.detected_at))),
+      el("ul", { "data-testid": "clone-machines" }, ...a.cloned.machines.map(machine)),
+      el("p", { "data-testid": "clone-fix" }, a.cloned.fix),
+      clear);
+  }));
 }
 
 function updateSelection() {
@@ -445,10 +476,10 @@ $("agent-search").addEventListener("input", () => {
   clearTimeout(searchDelay);
   searchDelay = setTimeout(loadAgents, 250);
 });
-for (const id of ["agent-group", "agent-presence", "agent-path", "agent-stale"]) {
+for (const id of ["agent-group", "agent-presence", "agent-path", "agent-stale", "agent-cloned"]) {
   $(id).addEventListener("change", () => {
     const f = filters();
-    const params = query({ presence: f.presence, group: f.group, path: f.path, stale: f.stale ? 1 : undefined });
+    const params = query({ presence: f.presence, group: f.group, path: f.path, stale: f.stale ? 1 : undefined, cloned: f.cloned ? 1 : undefined });
     history.replaceState(null, "", "#/agents" + params);
     loadAgents();
   });
@@ -554,6 +585,7 @@ function openAgents(params) {
   }
   $("agent-path").value = path;
   $("agent-stale").checked = Boolean(params.get("stale"));
+  $("agent-cloned").checked = Boolean(params.get("cloned"));
   guarded(null, () => api("GET", "/settings")).then((s) => {
     if (s) $("agent-stale-label").textContent = `Only agents not seen for ${s.agents.stale_after_days} days (stale)`;
   });

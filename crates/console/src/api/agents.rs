@@ -21,6 +21,9 @@ pub(super) struct AgentQuery {
     /// Only agents not seen for the setting `agents.stale_after_days`.
     #[serde(default)]
     stale: bool,
+    /// Only agents whose identity is in use on two machines.
+    #[serde(default)]
+    cloned: bool,
     #[serde(default)]
     include_revoked: bool,
     limit: Option<u32>,
@@ -43,6 +46,7 @@ pub(super) async fn list_agents(
         group: q.group,
         presence: q.presence,
         stale_before,
+        cloned: q.cloned,
         include_revoked: q.include_revoked,
         limit,
         offset: q.offset,
@@ -52,6 +56,18 @@ pub(super) async fn list_agents(
 
 pub(super) async fn get_agent(a: Viewer, Path(id): Path<String>) -> ApiResult<Json<Agent>> {
     Ok(Json(a.run(move |s| s.agent(&id)).await?))
+}
+
+/// Clears the cloned flag (after one of the machines enrolled again); if both machines still
+/// use the identity, their next takeovers flag it again.
+pub(super) async fn clear_clone_flag(a: Admin, Path(id): Path<String>) -> ApiResult<Json<Agent>> {
+    let detail = json!({"id": id});
+    let agent = a
+        .audited("agent.clone_cleared", detail, move |s| {
+            s.clear_clone_flag(&id)
+        })
+        .await?;
+    Ok(Json(agent))
 }
 
 #[derive(Deserialize)]

@@ -419,6 +419,10 @@ pub(super) struct CheckinRequest {
     wakeup_id: Option<String>,
     #[serde(default)]
     inventory: Option<Inventory>,
+    /// The agent checks in because its push session was just taken over by another
+    /// connection with its id.
+    #[serde(default)]
+    taken_over: bool,
 }
 
 pub(super) async fn checkin(
@@ -443,11 +447,22 @@ pub(super) async fn checkin(
     let hash = token_hash(token);
     let i = id.clone();
     st.store.run(move |s| s.agent_by_secret(&i, &hash)).await?;
-    let inv = req.inventory;
-    let agent = st
+    let (inv, taken_over) = (req.inventory, req.taken_over);
+    let checkin = st
         .store
-        .run(move |s| s.record_checkin(&id, inv, now_ms()))
+        .run(move |s| s.record_checkin(&id, inv, taken_over, now_ms()))
         .await?;
+    let agent = checkin.agent;
+    if checkin.newly_cloned {
+        let machines: Vec<&str> = agent
+            .cloned
+            .iter()
+            .flat_map(|c| c.machines.iter().map(|m| m.hostname.as_str()))
+            .collect();
+        tracing::warn!(agent = %agent.id, ?machines, "one agent identity is in use on two machines: {}", crate::clones::CLONE_FIX);
+        let detail = json!({"id": agent.id, "machines": machines});
+        write_audit(&st, format!("agent:{}", agent.id), "agent.cloned", detail).await;
+    }
     Ok(Json(json!({
         "agent_id": agent.id,
         "last_checkin": agent.last_checkin,

@@ -450,6 +450,7 @@ pub fn routes() -> Vec<(
             patch(update_agent),
             delete(revoke_agent)
         ),
+        route!("/api/v1/agents/{id}/clone", delete(clear_clone_flag)),
         route!("/api/v1/agents/{id}/wol", get(wol_history), post(wol_now)),
         route!("/api/v1/groups", get(list_groups), post(create_group)),
         route!("/api/v1/groups/{name}", delete(delete_group)),

@@ -223,6 +223,15 @@ pub struct RevokedAgent {
     pub revoked_at: Option<Millis>,
 }
 
+/// What a check-in recorded.
+#[derive(Debug, Clone)]
+pub struct Checkin {
+    /// The agent as it is now.
+    pub agent: Agent,
+    /// This check-in made the console flag the agent as cloned.
+    pub newly_cloned: bool,
+}
+
 /// Filters for listing agents.
 #[derive(Debug, Clone, Default)]
 pub struct AgentFilter {
@@ -235,6 +244,8 @@ pub struct AgentFilter {
     /// Only stale agents: not online and last seen (enrolled, checked in, presence change)
     /// before this time.
     pub stale_before: Option<Millis>,
+    /// Only agents flagged as cloned (one identity on two machines).
+    pub cloned: bool,
     /// Include revoked agents.
     pub include_revoked: bool,
     /// At most this many.
@@ -378,13 +389,20 @@ pub trait AgentStore {
     /// The agent whose check-in secret hashes to `hash`, if not revoked.
     fn agent_by_secret(&self, id: &str, hash: &[u8; 32]) -> StoreResult<Agent>;
 
-    /// Records a check-in, with the inventory if the agent sent one.
+    /// Records a check-in, with the inventory if the agent sent one; `taken_over` says that
+    /// the agent checks in because its push session was just taken over. Flags the agent
+    /// as cloned when two machines check in by turns ([`crate::clones::judge_checkin`]).
     fn record_checkin(
         &self,
         id: &str,
         inventory: Option<Inventory>,
+        taken_over: bool,
         now: Millis,
-    ) -> StoreResult<Agent>;
+    ) -> StoreResult<Checkin>;
+
+    /// Clears an agent's cloned flag and the machine history behind it, after one of the
+    /// machines enrolled again.
+    fn clear_clone_flag(&self, id: &str) -> StoreResult<Agent>;
 
     /// Records a presence change.
     fn set_presence(&self, update: PresenceUpdate) -> StoreResult<()> {

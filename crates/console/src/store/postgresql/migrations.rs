@@ -148,6 +148,14 @@ ALTER TABLE users ADD COLUMN role TEXT COLLATE "C" NOT NULL DEFAULT 'admin';
 ALTER TABLE api_tokens ADD COLUMN role TEXT COLLATE "C" NOT NULL DEFAULT 'admin';
 ALTER TABLE api_tokens ADD COLUMN created_by TEXT COLLATE "C";
 "#,
+    r#"
+-- Version 3: cloned identities. The machine an agent reported before its last change of
+-- machine (JSON inventory) and when it changed, so that two machines checking in by turns
+-- are told apart; when the console flagged the agent as cloned.
+ALTER TABLE agents ADD COLUMN previous_inventory TEXT COLLATE "C";
+ALTER TABLE agents ADD COLUMN inventory_changed_at BIGINT;
+ALTER TABLE agents ADD COLUMN clone_detected_at BIGINT;
+"#,
 ];
 
 /// Any number fixed for this schema: the advisory lock that lets one console migrate while

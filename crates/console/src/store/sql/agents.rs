@@ -10,7 +10,7 @@ pub(in crate::store) const AGENT_TABLES: &[&Table] = &[
     &Table {
         name: "agents",
         key: "id",
-        columns: "id, name, hostname, os, addresses, macs, enrolled_at, enrolled_with, secret_hash, last_checkin, presence, presence_at, path, remote_addr, revoked, revoked_at",
+        columns: "id, name, hostname, os, addresses, macs, enrolled_at, enrolled_with, secret_hash, last_checkin, presence, presence_at, path, remote_addr, revoked, revoked_at, previous_inventory, inventory_changed_at, clone_detected_at",
         identity: None,
     },
     &Table {
@@ -47,7 +47,7 @@ pub(super) fn insert_certificate(
     Ok(())
 }
 
-pub(super) const AGENT_COLUMNS: &str = "id, name, hostname, os, addresses, macs, enrolled_at, last_checkin, presence, presence_at, path, remote_addr, revoked";
+pub(super) const AGENT_COLUMNS: &str = "id, name, hostname, os, addresses, macs, enrolled_at, last_checkin, presence, presence_at, path, remote_addr, revoked, previous_inventory, clone_detected_at";
 
 /// The condition of a stale agent, last seen before `before` (an SQL value): not online,
 /// and its enrollment, last check-in and last presence change all before then.
@@ -61,15 +61,25 @@ pub(super) fn agent_from_row(row: &Row) -> Result<Agent, DbError> {
     let addresses: String = row.get(4)?;
     let macs: String = row.get(5)?;
     let presence: String = row.get(8)?;
+    let inventory = Inventory {
+        hostname: row.get(2)?,
+        os: row.get(3)?,
+        addresses: serde_json::from_str(&addresses).unwrap_or_default(),
+        macs: json_list(&macs),
+    };
+    let previous: Option<String> = row.get(13)?;
+    let clone_detected_at: Option<Millis> = row.get(14)?;
+    let cloned = clone_detected_at.map(|detected_at| ClonedIdentity {
+        detected_at,
+        machines: std::iter::once(inventory.clone())
+            .chain(previous.and_then(|p| serde_json::from_str(&p).ok()))
+            .collect(),
+        fix: crate::clones::CLONE_FIX.to_owned(),
+    });
     Ok(Agent {
         id: row.get(0)?,
         name: row.get(1)?,
-        inventory: Inventory {
-            hostname: row.get(2)?,
-            os: row.get(3)?,
-            addresses: serde_json::from_str(&addresses).unwrap_or_default(),
-            macs: json_list(&macs),
-        },
+        inventory,
         groups: Vec::new(),
         enrolled_at: row.get(6)?,
         last_checkin: row.get(7)?,
@@ -78,6 +88,7 @@ pub(super) fn agent_from_row(row: &Row) -> Result<Agent, DbError> {
         path: row.get(10)?,
         remote_addr: row.get(11)?,
         revoked: row.get(12)?,
+        cloned,
     })
 }
 
@@ -296,6 +307,9 @@ impl AgentStore for SqlStore {
                 args.push(before.into());
                 where_.push(stale(&format!("?{}", args.len())));
             }
+            if f.cloned {
+                where_.push("clone_detected_at IS NOT NULL".into());
+            }
             let limit = if f.limit == 0 { 1000 } else { f.limit };
             let query = format!(
                 "SELECT {AGENT_COLUMNS} FROM agents WHERE {} ORDER BY name, id LIMIT {limit} OFFSET {}",
@@ -468,25 +482,88 @@ impl AgentStore for SqlStore {
         &self,
         id: &str,
         inventory: Option<Inventory>,
+        taken_over: bool,
         now: Millis,
-    ) -> StoreResult<Agent> {
-        self.read(|conn| {
-            let n = match inventory {
-                Some(inv) => exec(
-                    conn,
-                    "UPDATE agents SET last_checkin = ?1, hostname = ?2, os = ?3, addresses = ?4, macs = ?5 WHERE id = ?6 AND revoked = 0",
-                    params![now, inv.hostname, inv.os, to_json(&inv.addresses)?, to_json(&inv.macs)?, id],
-                    "recording a check-in",
-                )?,
-                None => exec(
+    ) -> StoreResult<Checkin> {
+        let Some(inv) = inventory else {
+            return self.read(|conn| {
+                let n = exec(
                     conn,
                     "UPDATE agents SET last_checkin = ?1 WHERE id = ?2 AND revoked = 0",
                     params![now, id],
                     "recording a check-in",
-                )?,
-            };
+                )?;
+                touched(n, "agent", id)?;
+                Ok(Checkin {
+                    agent: load_agent(conn, id)?,
+                    newly_cloned: false,
+                })
+            });
+        };
+        self.write(|tx| {
+            let before = load_agent(tx, id)?;
+            if before.revoked {
+                return Err(not_found("agent", id));
+            }
+            let history = query_opt(
+                tx,
+                "SELECT previous_inventory, inventory_changed_at FROM agents WHERE id = ?1",
+                params![id],
+                |r| {
+                    let previous: Option<String> = r.get(0)?;
+                    Ok(crate::clones::MachineHistory {
+                        previous: previous.and_then(|p| serde_json::from_str(&p).ok()),
+                        changed_at: r.get(1)?,
+                    })
+                },
+                "reading an agent's machine history",
+            )?
+            .unwrap_or_default();
+            let verdict =
+                crate::clones::judge_checkin(&before.inventory, &history, &inv, taken_over, now);
+            let newly_cloned =
+                verdict == crate::clones::CheckinVerdict::Cloned && before.cloned.is_none();
+            exec(
+                tx,
+                "UPDATE agents SET last_checkin = ?1, hostname = ?2, os = ?3, addresses = ?4, macs = ?5 WHERE id = ?6",
+                params![now, &inv.hostname, &inv.os, to_json(&inv.addresses)?, to_json(&inv.macs)?, id],
+                "recording a check-in",
+            )?;
+            if verdict != crate::clones::CheckinVerdict::SameMachine {
+                // The machine recorded so far becomes the previous one: after a clone the
+                // two stay side by side, whichever checked in last.
+                exec(
+                    tx,
+                    "UPDATE agents SET previous_inventory = ?1, inventory_changed_at = ?2 WHERE id = ?3",
+                    params![to_json(&before.inventory)?, now, id],
+                    "recording an agent's machine change",
+                )?;
+            }
+            if newly_cloned {
+                exec(
+                    tx,
+                    "UPDATE agents SET clone_detected_at = ?1 WHERE id = ?2",
+                    params![now, id],
+                    "flagging a cloned agent",
+                )?;
+            }
+            Ok(Checkin {
+                agent: load_agent(tx, id)?,
+                newly_cloned,
+            })
+        })
+    }
+
+    fn clear_clone_flag(&self, id: &str) -> StoreResult<Agent> {
+        self.write(|tx| {
+            let n = exec(
+                tx,
+                "UPDATE agents SET clone_detected_at = NULL, previous_inventory = NULL, inventory_changed_at = NULL WHERE id = ?1",
+                params![id],
+                "clearing an agent's cloned flag",
+            )?;
             touched(n, "agent", id)?;
-            load_agent(conn, id)
+            load_agent(tx, id)
         })
     }
 

@@ -149,6 +149,14 @@ ALTER TABLE users ADD COLUMN role TEXT NOT NULL DEFAULT 'admin';
 ALTER TABLE api_tokens ADD COLUMN role TEXT NOT NULL DEFAULT 'admin';
 ALTER TABLE api_tokens ADD COLUMN created_by TEXT;
 "#,
+    r#"
+-- Version 5: cloned identities. The machine an agent reported before its last change of
+-- machine (JSON inventory) and when it changed, so that two machines checking in by turns
+-- are told apart; when the console flagged the agent as cloned.
+ALTER TABLE agents ADD COLUMN previous_inventory TEXT;
+ALTER TABLE agents ADD COLUMN inventory_changed_at INTEGER;
+ALTER TABLE agents ADD COLUMN clone_detected_at INTEGER;
+"#,
 ];
 
 pub(super) fn migrate(conn: &mut Connection, shown_path: &str) -> StoreResult<()> {
