@@ -315,15 +315,23 @@ impl Database for Postgres {
                 client
                     .batch_execute(&format!("LISTEN {CHANGES_CHANNEL}"))
                     .map_err(pg("listening for other consoles' changes"))?;
-                if failures > 0 {
-                    tracing::info!("following other consoles' changes again");
-                }
+                tracing::info!("following other consoles' delivery changes");
                 failures = 0;
-                let mut notices = client.notifications();
-                let mut iter = notices.timeout_iter(Duration::from_millis(500));
                 while !stop.load(Ordering::Relaxed) {
-                    match iter.next() {
+                    // A fresh wait each time: the iterator's timer is not restarted after
+                    // it ran out.
+                    let next = client
+                        .notifications()
+                        .timeout_iter(Duration::from_millis(500))
+                        .next();
+                    match next {
                         Ok(Some(n)) => notice(n.payload()),
+                        Ok(None) if client.is_closed() => {
+                            return Err(StoreError::Unavailable {
+                                database: self.shown.clone(),
+                                reason: "the connection closed".into(),
+                            });
+                        }
                         Ok(None) => {}
                         Err(e) => return Err(pg("following other consoles' changes")(e)),
                     }

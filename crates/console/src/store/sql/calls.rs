@@ -116,7 +116,7 @@ pub(super) fn advance_in(
     let candidates: Vec<CallDelivery> = query_all(
         tx,
         &format!(
-            "SELECT {DELIVERY_COLUMNS} FROM deliveries WHERE (wakeup_id = ?1 OR carried_by = ?1) AND agent_id = ?2"
+            "SELECT {DELIVERY_COLUMNS} FROM deliveries WHERE (wakeup_id = ?1 OR carried_by = ?1) AND agent_id = ?2 ORDER BY wakeup_id"
         ),
         params![wakeup_id, agent_id],
         delivery_from_row,
@@ -344,8 +344,14 @@ impl CallStore for SqlStore {
         })
     }
 
-    fn advance_deliveries(&self, batch: Vec<DeliveryAdvance>) -> StoreResult<Vec<CallDelivery>> {
-        self.write(|tx| {
+    fn advance_deliveries(
+        &self,
+        mut batch: Vec<DeliveryAdvance>,
+    ) -> StoreResult<Vec<CallDelivery>> {
+        // Every console writes the acks it hears: rows in one order (each delivery's
+        // advances in theirs) so that two consoles' transactions wait for each other.
+        batch.sort_by(|a, b| a.wakeup_id.cmp(&b.wakeup_id));
+        self.write_again_on_deadlock(|tx| {
             let mut changed = Vec::new();
             for a in &batch {
                 changed.extend(advance_in(tx, a)?);
@@ -475,11 +481,11 @@ impl CallStore for SqlStore {
 
     fn expire_due(&self, now: Millis) -> StoreResult<Vec<CallDelivery>> {
         let cols = qualified("d", DELIVERY_COLUMNS);
-        self.write(|tx| {
+        self.write_again_on_deadlock(|tx| {
             let due: Vec<CallDelivery> = query_all(
                 tx,
                 &format!(
-                    "SELECT {cols} FROM deliveries d JOIN calls c ON c.id = d.call_id WHERE d.state IN ('queued', 'sent') AND c.expires_at <= ?1"
+                    "SELECT {cols} FROM deliveries d JOIN calls c ON c.id = d.call_id WHERE d.state IN ('queued', 'sent') AND c.expires_at <= ?1 ORDER BY d.wakeup_id"
                 ),
                 params![now],
                 delivery_from_row,

@@ -337,6 +337,28 @@ impl SqlStore {
         self.read(|conn| touched(exec(conn, query, params![id], context)?, what, id))
     }
 
+    /// [`write`](Self::write), run again (up to 3 times) when PostgreSQL ended it to break
+    /// a deadlock: consoles sharing the database write the same rows.
+    pub(crate) fn write_again_on_deadlock<T>(
+        &self,
+        mut f: impl FnMut(&mut dyn Conn) -> StoreResult<T>,
+    ) -> StoreResult<T> {
+        let mut attempts = 0;
+        loop {
+            match self.write(&mut f) {
+                Err(StoreError::Database {
+                    source: DbError::Postgres(e),
+                    ..
+                }) if attempts < 3
+                    && e.code() == Some(&postgres::error::SqlState::T_R_DEADLOCK_DETECTED) =>
+                {
+                    attempts += 1;
+                }
+                result => return result,
+            }
+        }
+    }
+
     /// Runs `f` in one transaction: all of its changes or none.
     pub(crate) fn write<T>(
         &self,
