@@ -160,6 +160,11 @@ pub struct ConsoleArgs {
     /// postgres://user:password@host:port/database (see docs/console.md).
     #[arg(long, env = "BECKON_CONSOLE_DATABASE", value_name = "URL")]
     pub database: Option<DatabaseUrl>,
+    /// This console's id: its client id at the broker and the name under which it sends
+    /// calls. Consoles sharing one database (--database postgres://...) each need their own;
+    /// keep it across restarts (see docs/console.md, "Several consoles").
+    #[arg(long, env = "BECKON_CONSOLE_ID", value_name = "ID", default_value = crate::store::DEFAULT_CONSOLE_ID)]
+    pub console_id: String,
     /// Listen address of the API and web UI.
     #[arg(long, env = "BECKON_CONSOLE_LISTEN", default_value = "127.0.0.1:8080")]
     pub listen: SocketAddr,
@@ -333,6 +338,7 @@ impl ConsoleArgs {
     pub fn to_config(&self) -> Result<ConsoleConfig, ConsoleError> {
         let mut c = ConsoleConfig::new(self.data_dir.clone());
         c.database.clone_from(&self.database);
+        c.console_id.clone_from(&self.console_id);
         c.listen = self.listen;
         c.tls_files = self.tls_cert.clone().zip(self.tls_key.clone());
         c.plain_http = self.plain_http;

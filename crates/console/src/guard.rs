@@ -1,6 +1,7 @@
 //! Authentication under abuse: failure throttles for login and enrollment, and the idle
-//! expiry of login sessions. All of it is kept in memory: a restart forgets failures and
-//! restarts the idle clock of live sessions (their absolute lifetime is in the store).
+//! expiry of login sessions. The throttles are kept in memory, per console: a restart
+//! forgets failures, and consoles sharing a database each count their own. A session's last
+//! use is kept in memory and, now and then, in the store, which every console reads.
 
 use std::collections::{HashMap, VecDeque};
 use std::hash::Hash;
@@ -90,11 +91,33 @@ fn recent(times: &VecDeque<Instant>, now: Instant) -> usize {
         .count()
 }
 
-/// When each live login session was last used, for the idle expiry.
+/// When each login session was last used on this console, for the idle expiry. The store
+/// keeps each session's last use too (written at most every [`SessionActivity::record_every`]),
+/// so that a session used on one console stays alive on the others and one idle too long
+/// ends on all.
 pub struct SessionActivity {
     idle: Duration,
     lifetime: Duration,
-    last_use: Mutex<HashMap<[u8; 32], Instant>>,
+    last_use: Mutex<HashMap<[u8; 32], Seen>>,
+}
+
+/// A session's last use on this console, and its last use written to the store.
+#[derive(Clone, Copy)]
+struct Seen {
+    used: Instant,
+    recorded: Instant,
+}
+
+/// What a use of a session needs from the store (see [`SessionActivity::check`]).
+#[derive(Debug, PartialEq, Eq)]
+pub enum SessionUse {
+    /// Used here within the idle time, and recorded in the store lately: nothing.
+    Live,
+    /// Used here within the idle time: record this use in the store.
+    Record,
+    /// Not used here within the idle time (or never): the store says whether it was used
+    /// within it on any console, and records this use if so.
+    Ask,
 }
 
 impl SessionActivity {
@@ -107,26 +130,50 @@ impl SessionActivity {
         }
     }
 
-    /// Records a use of the session `hash` (a live one in the store); false when it has
-    /// been idle too long, and is forgotten.
-    pub fn touch(&self, hash: &[u8; 32], now: Instant) -> bool {
+    /// How often a session in use has its use recorded in the store: every minute, or a
+    /// quarter of a shorter idle time. Another console sees a session's last use this late
+    /// at most, so a session used on one console and then on another can end that much
+    /// before its idle time.
+    pub fn record_every(&self) -> Duration {
+        (self.idle / 4).min(Duration::from_secs(60))
+    }
+
+    /// A use of the session `hash` (a live one in the store) at `now`: what the store must
+    /// do about it. Remembered as used unless the store is to be asked.
+    pub fn check(&self, hash: &[u8; 32], now: Instant) -> SessionUse {
         let mut map = self.last_use.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(last) = map.get(hash)
-            && now.duration_since(*last) >= self.idle
-        {
-            map.remove(hash);
-            return false;
+        let Some(seen) = map.get_mut(hash) else {
+            return SessionUse::Ask;
+        };
+        if now.duration_since(seen.used) >= self.idle {
+            return SessionUse::Ask;
         }
+        seen.used = now;
+        if now.duration_since(seen.recorded) >= self.record_every() {
+            SessionUse::Record
+        } else {
+            SessionUse::Live
+        }
+    }
+
+    /// The store recorded a use of the session at `now`.
+    pub fn recorded(&self, hash: &[u8; 32], now: Instant) {
+        let mut map = self.last_use.lock().unwrap_or_else(|e| e.into_inner());
         if !map.contains_key(hash) && map.len() >= 1024 {
             // Sessions older than their lifetime have ended in the store too.
             let lifetime = self.lifetime;
-            map.retain(|_, t| now.duration_since(*t) < lifetime);
+            map.retain(|_, s| now.duration_since(s.used) < lifetime);
         }
-        map.insert(*hash, now);
-        true
+        map.insert(
+            *hash,
+            Seen {
+                used: now,
+                recorded: now,
+            },
+        );
     }
 
-    /// Forgets a session (logout).
+    /// Forgets a session (logout, or idle too long).
     pub fn end(&self, hash: &[u8; 32]) {
         self.last_use
             .lock()
@@ -201,12 +248,31 @@ mod tests {
     }
 
     #[test]
-    fn a_session_unused_for_the_idle_time_ends() {
-        let s = SessionActivity::new(Duration::from_secs(60), Duration::from_secs(3600));
+    fn a_session_in_use_is_recorded_now_and_then_and_one_idle_here_is_asked_about() {
+        let s = SessionActivity::new(Duration::from_secs(600), Duration::from_secs(3600));
+        assert_eq!(s.record_every(), Duration::from_secs(60));
         let (a, now) = ([1u8; 32], Instant::now());
-        assert!(s.touch(&a, now));
-        assert!(s.touch(&a, now + Duration::from_secs(59)));
-        assert!(s.touch(&a, now + Duration::from_secs(118)));
-        assert!(!s.touch(&a, now + Duration::from_secs(178)));
+        let at = |secs| now + Duration::from_secs(secs);
+        // Never seen here (made on another console, or before a restart): the store knows.
+        assert_eq!(s.check(&a, now), SessionUse::Ask);
+        s.recorded(&a, now);
+        assert_eq!(s.check(&a, at(59)), SessionUse::Live);
+        assert_eq!(s.check(&a, at(60)), SessionUse::Record);
+        s.recorded(&a, at(60));
+        // Used every 9 minutes it stays live here, recorded each time.
+        assert_eq!(s.check(&a, at(600)), SessionUse::Record);
+        assert_eq!(s.check(&a, at(1140)), SessionUse::Record);
+        // Idle here for the idle time: maybe used on another console meanwhile; ask.
+        assert_eq!(s.check(&a, at(1740)), SessionUse::Ask);
+        assert_eq!(
+            s.check(&a, at(1741)),
+            SessionUse::Ask,
+            "until the store answers"
+        );
+        s.end(&a);
+        assert_eq!(s.check(&a, at(1742)), SessionUse::Ask);
+
+        let short = SessionActivity::new(Duration::from_millis(1500), Duration::from_secs(4));
+        assert_eq!(short.record_every(), Duration::from_millis(375));
     }
 }

@@ -122,6 +122,10 @@ pub struct ConsoleConfig {
     pub data_dir: PathBuf,
     /// The store: `None` is the SQLite file `console.db` in `data_dir`.
     pub database: Option<DatabaseUrl>,
+    /// This console's id (default [`store::DEFAULT_CONSOLE_ID`]): its MQTT client id and
+    /// server identity at the broker, and the dispatcher named on the calls it makes.
+    /// Consoles sharing one database each need their own.
+    pub console_id: String,
     /// HTTP(S) listen address.
     pub listen: SocketAddr,
     /// The HTTPS certificate and key (PEM); default: issued by the console's CA for
@@ -184,6 +188,7 @@ impl ConsoleConfig {
         Self {
             data_dir: data_dir.into(),
             database: None,
+            console_id: store::DEFAULT_CONSOLE_ID.into(),
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
             tls_files: None,
             plain_http: true,
@@ -384,6 +389,8 @@ impl Console {
         }
         let tenant = TenantId::new(config.tenant.as_str())
             .map_err(|e| ConsoleError::Config(format!("tenant: {e}")))?;
+        beckon_identity::validate_id(&config.console_id)
+            .map_err(|e| ConsoleError::Config(format!("console id: {e}")))?;
         let oidc = config
             .oidc
             .clone()
@@ -395,7 +402,8 @@ impl Console {
         let database = config.database();
         let opened = tokio::task::spawn_blocking(move || database.open())
             .await
-            .map_err(|e| ConsoleError::Config(format!("opening the database: {e}")))??;
+            .map_err(|e| ConsoleError::Config(format!("opening the database: {e}")))??
+            .for_console(&config.console_id);
         let metrics = Arc::new(metrics::ConsoleMetrics::new());
         let store = StoreHandle::new(Arc::new(opened), metrics.clone());
         let initial_admin_password = api::ensure_first_user(&store, &config.admin_user).await?;
@@ -472,6 +480,10 @@ impl Console {
         tasks.push(tokio::spawn(dispatch::run(
             state.clone(),
             dispatch_rx,
+            shutdown_rx.clone(),
+        )));
+        tasks.push(tokio::spawn(follow_other_consoles(
+            state.clone(),
             shutdown_rx,
         )));
         tracing::info!(%local_addr, scheme, "console listening");
@@ -484,6 +496,41 @@ impl Console {
             tasks,
         })
     }
+}
+
+/// Hands the delivery changes other consoles on the database write to this console's live
+/// event streams (PostgreSQL's notices, on a thread of its own; nothing on SQLite), so that
+/// a call's states show on whichever console a browser follows it.
+async fn follow_other_consoles(st: AppState, mut shutdown: watch::Receiver<bool>) {
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (store, events, stopping) = (st.store.inner().clone(), st.events.clone(), stop.clone());
+    let follower = std::thread::Builder::new()
+        .name("beckon-changes".into())
+        .spawn(move || {
+            let result = store.follow_changes(
+                &mut |changes| {
+                    let at = model::now_ms();
+                    for c in changes {
+                        let _ = events.send(CallEvent {
+                            call_id: c.call_id,
+                            agent_id: c.agent_id,
+                            state: c.state,
+                            at,
+                        });
+                    }
+                },
+                &stopping,
+            );
+            if let Err(e) = result {
+                tracing::warn!(error = %e, "following other consoles' changes stopped");
+            }
+        });
+    if let Err(e) = follower {
+        tracing::warn!(error = %e, "could not start following other consoles' changes");
+        return;
+    }
+    dispatch::stopped(&mut shutdown).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
 }
 
 pub(crate) fn create_private_dir(dir: &Path) -> Result<(), ConsoleError> {

@@ -357,8 +357,14 @@ fn users_of_a_database_from_before_roles_become_admins() {
     let store = open(&url);
     store.create_user("old", "hash", Role::Viewer, 1).unwrap();
     drop(store);
-    // Back to the schema before roles, as an older console left it.
-    let undo = "ALTER TABLE users DROP COLUMN role; ALTER TABLE api_tokens DROP COLUMN role; \
+    // Back to the schema before roles, as an older console left it (without what came
+    // after roles: several consoles' leases and sessions' last use).
+    let undo = "DROP INDEX calls_expires_at; ALTER TABLE calls DROP COLUMN dispatcher; \
+                ALTER TABLE agents DROP COLUMN previous_inventory; \
+                ALTER TABLE agents DROP COLUMN inventory_changed_at; \
+                ALTER TABLE agents DROP COLUMN clone_detected_at; \
+                DROP TABLE console_leases; ALTER TABLE sessions DROP COLUMN last_used_at; \
+                ALTER TABLE users DROP COLUMN role; ALTER TABLE api_tokens DROP COLUMN role; \
                 ALTER TABLE api_tokens DROP COLUMN created_by;";
     let expected = match &url {
         DatabaseUrl::Sqlite(path) => {

@@ -17,6 +17,8 @@ use std::time::{Duration, Instant};
 pub use beckon_testkit::{find_program, free_port};
 use serde_json::Value;
 
+pub mod fleet;
+
 /// How long one API request may take.
 const API_WAIT: Duration = Duration::from_secs(20);
 

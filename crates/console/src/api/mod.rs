@@ -36,6 +36,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use crate::AppState;
+use crate::guard::SessionUse;
 use crate::model::*;
 use crate::secrets::token_hash;
 use crate::store::{NewAuditEntry, Principal, Store, StoreError, StoreResult};
@@ -263,11 +264,33 @@ impl FromRequestParts<AppState> for Caller {
         } else if let Some(cookie) = session_cookie(&parts.headers) {
             let hash = token_hash(&cookie);
             let who = state.store.run(move |s| s.session(&hash, now_ms())).await?;
-            if !state
-                .guards
-                .sessions
-                .touch(&hash, std::time::Instant::now())
-            {
+            let sessions = &state.guards.sessions;
+            let alive = match sessions.check(&hash, std::time::Instant::now()) {
+                SessionUse::Live => true,
+                SessionUse::Record => {
+                    // Used here within the idle time; a failed write only delays the record.
+                    let _ = state
+                        .store
+                        .run(move |s| s.record_session_use(&hash, now_ms()))
+                        .await;
+                    sessions.recorded(&hash, std::time::Instant::now());
+                    true
+                }
+                SessionUse::Ask => {
+                    let idle = state.config.session_idle_timeout;
+                    let idle = i64::try_from(idle.as_millis()).unwrap_or(i64::MAX);
+                    let alive = state
+                        .store
+                        .run(move |s| s.resume_session(&hash, now_ms(), idle))
+                        .await?;
+                    if alive {
+                        sessions.recorded(&hash, std::time::Instant::now());
+                    }
+                    alive
+                }
+            };
+            if !alive {
+                sessions.end(&hash);
                 let _ = state.store.run(move |s| s.delete_session(&hash)).await;
                 return Err(ApiError::unauthorized(
                     "the session ended after a time without use: log in again",

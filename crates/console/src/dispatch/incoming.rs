@@ -210,7 +210,10 @@ mod tests {
         acked: mpsc::Receiver<Vec<u16>>,
     ) -> Conn {
         Conn::new(
-            Connection::start(Box::new(stream), new_session()),
+            Connection::start(
+                Box::new(stream),
+                new_session(crate::store::DEFAULT_CONSOLE_ID),
+            ),
             acked,
             writer,
         )

@@ -20,9 +20,6 @@ use crate::{AppState, BrokerLink};
 pub(super) const MAX_PACKET: u32 = 256 * 1024;
 /// Keep alive of the console's connection.
 pub(super) const KEEP_ALIVE: Duration = Duration::from_secs(30);
-/// The console's MQTT client id (its server identity id).
-pub const CLIENT_ID: &str = "console";
-
 pub(super) async fn connect(
     st: &AppState,
     link: &BrokerLink,
@@ -53,7 +50,7 @@ pub(super) async fn connect(
             // The console's server identity: a client certificate from its own CA, made
             // fresh for each connection (cheap, and never stale).
             let issued = st.ca.issue_client(
-                CLIENT_ID,
+                &st.config.console_id,
                 Some(st.tenant.as_str()),
                 Some("server"),
                 Duration::from_secs(7 * 24 * 3600),
@@ -94,12 +91,13 @@ pub(super) const INCOMING_WINDOW: u16 = {
 /// acknowledged yet (one per written batch).
 pub(super) const ACKED_BATCHES: usize = 16;
 
-/// What the console asks for in CONNECT: its session kept at the broker for an hour (the
+/// What the console asks for in CONNECT (its client id is its console id, so that consoles
+/// on one database each have their own session): its session kept at the broker for an hour (the
 /// subscriptions, and the acks that arrive while it is away), incoming messages acknowledged
 /// by the dispatcher once written, and our publishes as many as the broker's Receive Maximum
 /// lets in flight.
-pub(super) fn options() -> Options {
-    let mut options = Options::new(ProtocolVersion::V5, CLIENT_ID);
+pub(super) fn options(client_id: &str) -> Options {
+    let mut options = Options::new(ProtocolVersion::V5, client_id);
     options.clean_start = false;
     options.session_expiry = 3600;
     options.keep_alive = KEEP_ALIVE;
@@ -313,6 +311,6 @@ fn acknowledge(link: &mut Connection<beckon_net::BoxedStream>, ids: Vec<u16>) {
 }
 
 /// A session for the console's connections.
-pub(super) fn new_session() -> Session {
-    Session::new(options(), now())
+pub(super) fn new_session(client_id: &str) -> Session {
+    Session::new(options(client_id), now())
 }

@@ -9,10 +9,13 @@
 //! - [`writer`]: the state writer, which records those changes and then acknowledges them;
 //! - [`resend`]: signing and publishing wake-ups, and resending what agents have not received;
 //! - [`relay`]: Wake-on-LAN, sent by the console or relayed by an agent on the target's subnet;
-//! - [`status`]: the push service status shown in the console.
+//! - [`status`]: the push service status shown in the console;
+//! - [`lease`]: the dispatch lease, by which consoles on one database take over the calls
+//!   of one that stopped.
 
 mod error;
 mod incoming;
+mod lease;
 mod link;
 mod relay;
 mod resend;
@@ -29,7 +32,7 @@ use crate::model::*;
 use crate::{AppState, BrokerLink};
 
 pub use error::LinkError;
-pub use link::CLIENT_ID;
+use lease::Lease;
 use link::{ACKED_BATCHES, Conn, SUBSCRIPTION};
 use link::{connect, new_session, now};
 pub use relay::{RELAY_LIFETIME_SECS, wake_on_lan};
@@ -172,7 +175,8 @@ async fn session(
     let (writer, jobs) = mpsc::channel(WRITE_JOBS);
     let (acked_tx, acked) = mpsc::channel(ACKED_BATCHES);
     let storing = tokio::spawn(write_states(st.clone(), jobs, acked_tx));
-    let mut conn = Conn::new(Connection::start(stream, new_session()), acked, writer);
+    let session = new_session(&st.config.console_id);
+    let mut conn = Conn::new(Connection::start(stream, session), acked, writer);
     let result = connected(st, &mut conn, commands, shutdown).await;
     // What was acknowledged before the connection ended is still written.
     conn.sync().await;
@@ -194,8 +198,14 @@ async fn connected(
     set_status(st, true, None);
     tracing::info!("connected to the push service");
 
-    // Everything still queued goes out now.
-    let queued = st.store.run(|s| s.agents_with_queued(now_ms())).await?;
+    // Everything still queued goes out now: this console's calls, and those it takes over
+    // from consoles that stopped.
+    let mut lease = Lease::default();
+    let taken = lease.keep(st).await;
+    let mut queued = st.store.run(|s| s.agents_with_queued(now_ms())).await?;
+    queued.extend(taken.offline);
+    queued.retain(|a| !taken.online.contains(a));
+    send_pending(st, conn, taken.online, true).await?;
     send_pending(st, conn, queued, false).await?;
 
     let mut sweep = tokio::time::interval(Duration::from_secs(1));
@@ -251,6 +261,11 @@ async fn connected(
                 conn.sync().await;
                 conn.flush().await?;
                 expire(st).await;
+                let taken = lease.keep(st).await;
+                // Agents online may have had their wake-ups from the stopped console (or
+                // not): theirs go out again, the agent drops what it already has.
+                send_pending(st, conn, taken.online, true).await?;
+                send_pending(st, conn, taken.offline, false).await?;
                 if commands.is_empty() {
                     // Every command made before now has been handled (the API sends it
                     // right after recording the call).
@@ -279,7 +294,7 @@ async fn connected(
 /// development broker, which has no presence, PINGREQ (answered at once, so only what fits
 /// in the broker's in-flight window is sure to come before it).
 async fn take_in_held(st: &AppState, conn: &mut Conn) -> Result<(), LinkError> {
-    let own_presence = format!("servers/{CLIENT_ID}/presence");
+    let own_presence = format!("servers/{}/presence", st.config.console_id);
     let tls = matches!(st.config.broker, BrokerLink::Tls { .. });
     if tls {
         let barrier = vec![Subscription {

@@ -3,7 +3,6 @@
 
 use std::time::Duration;
 
-use super::link::CLIENT_ID;
 use crate::model::now_ms;
 use crate::{AppState, BrokerLink};
 
@@ -47,7 +46,7 @@ pub(super) async fn diagnose(st: &AppState) -> Option<(String, serde_json::Value
     let issued = st
         .ca
         .issue_client(
-            CLIENT_ID,
+            &st.config.console_id,
             Some(st.tenant.as_str()),
             Some("server"),
             Duration::from_secs(24 * 3600),
@@ -68,7 +67,7 @@ pub(super) async fn diagnose(st: &AppState) -> Option<(String, serde_json::Value
         key: issued.key_pem.into_bytes(),
     });
     // The console is not connected, so checking under its own client id takes nothing over.
-    config.client_id = Some(CLIENT_ID.into());
+    config.client_id = Some(st.config.console_id.clone());
     config.step_timeout = Duration::from_secs(5);
     let report = beckon_doctor::diagnose(&config).await;
     let value = serde_json::to_value(&report).ok()?;

@@ -21,6 +21,11 @@ pub use sql::{DbError, SqlStore};
 pub use sqlite::SCHEMA_VERSION;
 pub use url::DatabaseUrl;
 
+/// The console id of a console that is given none (`--console-id`): its MQTT client id at
+/// the broker and the name under which it dispatches calls. Several consoles on one
+/// database each need their own.
+pub const DEFAULT_CONSOLE_ID: &str = "console";
+
 use crate::model::*;
 use crate::settings::Settings;
 
@@ -491,6 +496,49 @@ pub trait CallStore {
 
     /// How many deliveries are in each state, in [`CallState::ALL`]'s order (the metrics).
     fn count_deliveries(&self) -> StoreResult<[u64; 7]>;
+
+    /// Holds or renews this console's dispatch lease until `now + lease`: true while it is
+    /// this process's, false while another process with the same console id holds it
+    /// unexpired. A console whose lease runs out loses its unfinished calls to
+    /// [`take_over_calls`](Self::take_over_calls) of another.
+    fn hold_lease(&self, now: Millis, lease: Millis) -> StoreResult<bool>;
+
+    /// Makes this console the dispatcher of the unexpired calls of consoles whose lease ran
+    /// out by `now` (and of calls no console dispatches, from before several consoles); of
+    /// consoles taking over at once, each call goes to one. Says which, and the agents that
+    /// still wait for their wake-ups (queued or sent), by presence.
+    fn take_over_calls(&self, now: Millis) -> StoreResult<Takeover>;
+
+    /// Hands `on_change` the delivery changes other consoles on this database write, as
+    /// they commit, until `stop` (blocking; returns at once on SQLite, which one console uses
+    /// alone).
+    fn follow_changes(
+        &self,
+        on_change: &mut dyn FnMut(Vec<DeliveryChange>),
+        stop: &std::sync::atomic::AtomicBool,
+    ) -> StoreResult<()>;
+}
+
+/// What [`CallStore::take_over_calls`] took over.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Takeover {
+    /// The calls, each with the console it was taken from (`None`: no console had it).
+    pub calls: Vec<(String, Option<String>)>,
+    /// Online agents with wake-ups of these calls still queued or sent.
+    pub online: Vec<String>,
+    /// The other agents with wake-ups of these calls still queued or sent.
+    pub offline: Vec<String>,
+}
+
+/// A delivery's new state, as another console wrote it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeliveryChange {
+    /// The call.
+    pub call_id: String,
+    /// The agent.
+    pub agent_id: String,
+    /// The new state.
+    pub state: CallState,
 }
 
 /// Who may do what: users and their sessions, API tokens and enrollment tokens.
@@ -550,6 +598,13 @@ pub trait AuthStore {
 
     /// The user of a live session.
     fn session(&self, hash: &[u8; 32], now: Millis) -> StoreResult<Principal>;
+
+    /// Records a use of the session `hash` at `now` (whatever its last use was).
+    fn record_session_use(&self, hash: &[u8; 32], now: Millis) -> StoreResult<()>;
+
+    /// A use of the session `hash` at `now`: recorded, and true, if its recorded last use
+    /// (on any console) is within `idle` of `now`; false if it has been idle longer.
+    fn resume_session(&self, hash: &[u8; 32], now: Millis, idle: Millis) -> StoreResult<bool>;
 
     /// Ends a session.
     fn delete_session(&self, hash: &[u8; 32]) -> StoreResult<()>;

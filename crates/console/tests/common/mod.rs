@@ -120,22 +120,30 @@ pub async fn start_with_plain_broker(port: u16) -> Api {
     .await
 }
 
+/// Runs one SQL statement on `database` behind the store's back; returns the rows it
+/// changed.
+pub fn execute_sql(database: &DatabaseUrl, statement: &str) -> u64 {
+    match database {
+        DatabaseUrl::Postgres(url) => {
+            let (url, statement) = (url.clone(), statement.to_owned());
+            // The synchronous client runs its own runtime: keep it off the test's.
+            std::thread::spawn(move || {
+                let mut client = postgres::Client::connect(&url, postgres::NoTls).unwrap();
+                client.execute(statement.as_str(), &[]).unwrap()
+            })
+            .join()
+            .unwrap()
+        }
+        DatabaseUrl::Sqlite(path) => sqlite_execute(path, statement),
+    }
+}
+
 impl Api {
     /// Runs one SQL statement on the console's database behind its back (to age records as
     /// if time had passed); returns the rows it changed.
     pub fn execute_sql(&self, statement: &str) -> u64 {
         match &self.handle.state.config.database {
-            Some(DatabaseUrl::Postgres(url)) => {
-                let (url, statement) = (url.clone(), statement.to_owned());
-                // The synchronous client runs its own runtime: keep it off the test's.
-                std::thread::spawn(move || {
-                    let mut client = postgres::Client::connect(&url, postgres::NoTls).unwrap();
-                    client.execute(statement.as_str(), &[]).unwrap()
-                })
-                .join()
-                .unwrap()
-            }
-            Some(DatabaseUrl::Sqlite(path)) => sqlite_execute(path, statement),
+            Some(database) => execute_sql(database, statement),
             None => sqlite_execute(&self.dir.path().join("data").join("console.db"), statement),
         }
     }

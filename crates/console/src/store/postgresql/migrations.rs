@@ -156,6 +156,22 @@ ALTER TABLE agents ADD COLUMN previous_inventory TEXT COLLATE "C";
 ALTER TABLE agents ADD COLUMN inventory_changed_at BIGINT;
 ALTER TABLE agents ADD COLUMN clone_detected_at BIGINT;
 "#,
+    r#"
+-- Version 4 (SQLite's 6): several consoles on one database. Each call has one dispatcher,
+-- the console that sends its wake-ups (NULL: any console may take it on); a running
+-- console holds a lease that it renews, and another takes over the calls of a console whose
+-- lease ran out. Sessions record their last use, so that the idle expiry holds on every
+-- console.
+ALTER TABLE calls ADD COLUMN dispatcher TEXT COLLATE "C";
+CREATE INDEX calls_expires_at ON calls(expires_at);
+CREATE TABLE console_leases (
+    console_id TEXT COLLATE "C" PRIMARY KEY,
+    instance TEXT COLLATE "C" NOT NULL,
+    expires_at BIGINT NOT NULL
+);
+ALTER TABLE sessions ADD COLUMN last_used_at BIGINT;
+UPDATE sessions SET last_used_at = created_at;
+"#,
 ];
 
 /// Any number fixed for this schema: the advisory lock that lets one console migrate while

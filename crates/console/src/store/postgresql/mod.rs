@@ -21,7 +21,7 @@ use bytes::BytesMut;
 use postgres::types::{IsNull, ToSql, Type, to_sql_checked};
 use postgres::{Client, GenericClient, NoTls, Statement};
 
-use super::sql::{Conn, Database, DbError, Row, SqlStore, Value};
+use super::sql::{CHANGES_CHANNEL, Conn, Database, DbError, Row, SqlStore, Value};
 use super::*;
 pub use migrations::SCHEMA_VERSION as POSTGRES_SCHEMA_VERSION;
 
@@ -141,6 +141,13 @@ impl<C: GenericClient> Conn for PgConn<'_, C> {
 
     fn like(&self) -> &'static str {
         "ILIKE"
+    }
+
+    fn notify(&mut self, payload: &str) -> Result<(), DbError> {
+        let statement = self.statement("SELECT pg_notify(?1, ?2)")?;
+        self.client
+            .execute(&statement, &[&CHANGES_CHANNEL, &payload])?;
+        Ok(())
     }
 
     fn continue_identity(&mut self, table: &str, column: &str) -> Result<(), DbError> {
@@ -290,6 +297,56 @@ impl Database for Postgres {
         let v = migrations::version(&mut client.client);
         self.give_back(client);
         v
+    }
+
+    /// One connection of its own (outside the pool) that `LISTEN`s; a lost connection is
+    /// opened again after a second. Notices sent while it was lost are not replayed: live
+    /// views miss those changes (the stored states are right; a reload shows them).
+    fn follow_notices(
+        &self,
+        notice: &mut dyn FnMut(&str),
+        stop: &std::sync::atomic::AtomicBool,
+    ) -> StoreResult<()> {
+        use postgres::fallible_iterator::FallibleIterator;
+        use std::sync::atomic::Ordering;
+        let mut failures = 0u32;
+        while !stop.load(Ordering::Relaxed) {
+            let listened = self.connect().and_then(|mut client| {
+                client
+                    .batch_execute(&format!("LISTEN {CHANGES_CHANNEL}"))
+                    .map_err(pg("listening for other consoles' changes"))?;
+                tracing::info!("following other consoles' delivery changes");
+                failures = 0;
+                while !stop.load(Ordering::Relaxed) {
+                    // A fresh wait each time: the iterator's timer is not restarted after
+                    // it ran out.
+                    let next = client
+                        .notifications()
+                        .timeout_iter(Duration::from_millis(500))
+                        .next();
+                    match next {
+                        Ok(Some(n)) => notice(n.payload()),
+                        Ok(None) if client.is_closed() => {
+                            return Err(StoreError::Unavailable {
+                                database: self.shown.clone(),
+                                reason: "the connection closed".into(),
+                            });
+                        }
+                        Ok(None) => {}
+                        Err(e) => return Err(pg("following other consoles' changes")(e)),
+                    }
+                }
+                Ok(())
+            });
+            if let Err(e) = listened {
+                if failures == 0 {
+                    tracing::warn!(error = %e, "following other consoles' changes failed; live views miss their changes until it works again (retrying every second)");
+                }
+                failures += 1;
+                std::thread::sleep(Duration::from_secs(1));
+            }
+        }
+        Ok(())
     }
 }
 

@@ -594,15 +594,18 @@ impl AgentStore for SqlStore {
         })
     }
 
-    fn set_presences(&self, updates: Vec<PresenceUpdate>) -> StoreResult<()> {
-        self.write(|tx| {
+    fn set_presences(&self, mut updates: Vec<PresenceUpdate>) -> StoreResult<()> {
+        // Every console writes the presence it hears: rows in one order (each agent's events
+        // in theirs) so that two consoles' transactions wait for each other, not deadlock.
+        updates.sort_by(|a, b| a.agent_id.cmp(&b.agent_id));
+        self.write_again_on_deadlock(|tx| {
             // Retained presence may arrive late or twice: an older event never overwrites a
             // newer one.
-            for u in updates {
+            for u in &updates {
                 exec(
                     tx,
                     "UPDATE agents SET presence = ?1, presence_at = ?2, path = COALESCE(?3, path), remote_addr = COALESCE(?4, remote_addr) WHERE id = ?5 AND (presence_at IS NULL OR presence_at <= ?2)",
-                    params![u.presence.as_str(), u.at, u.path, u.remote_addr, u.agent_id],
+                    params![u.presence.as_str(), u.at, &u.path, &u.remote_addr, &u.agent_id],
                     "recording presence",
                 )?;
             }

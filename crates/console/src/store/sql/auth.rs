@@ -23,7 +23,7 @@ pub(in crate::store) const AUTH_TABLES: &[&Table] = &[
     &Table {
         name: "sessions",
         key: "hash",
-        columns: "hash, user_name, created_at, expires_at",
+        columns: "hash, user_name, created_at, expires_at, last_used_at",
         identity: None,
     },
     &Table {
@@ -297,7 +297,7 @@ impl AuthStore for SqlStore {
             )?;
             exec(
                 tx,
-                "INSERT INTO sessions (hash, user_name, created_at, expires_at) VALUES (?1, ?2, ?3, ?4)",
+                "INSERT INTO sessions (hash, user_name, created_at, expires_at, last_used_at) VALUES (?1, ?2, ?3, ?4, ?3)",
                 params![&session.hash, &session.user, session.created_at, session.expires_at],
                 "recording a session",
             )?;
@@ -321,6 +321,30 @@ impl AuthStore for SqlStore {
             )
         })?
         .ok_or_else(|| StoreError::Refused("the session has ended: log in again".into()))
+    }
+
+    fn record_session_use(&self, hash: &[u8; 32], now: Millis) -> StoreResult<()> {
+        self.read(|conn| {
+            exec(
+                conn,
+                "UPDATE sessions SET last_used_at = ?2 WHERE hash = ?1",
+                params![hash, now],
+                "recording a session's use",
+            )?;
+            Ok(())
+        })
+    }
+
+    fn resume_session(&self, hash: &[u8; 32], now: Millis, idle: Millis) -> StoreResult<bool> {
+        self.read(|conn| {
+            let resumed = exec(
+                conn,
+                "UPDATE sessions SET last_used_at = ?2 WHERE hash = ?1 AND COALESCE(last_used_at, created_at) > ?3",
+                params![hash, now, now.saturating_sub(idle)],
+                "resuming a session",
+            )?;
+            Ok(resumed == 1)
+        })
     }
 
     fn delete_session(&self, hash: &[u8; 32]) -> StoreResult<()> {

@@ -22,7 +22,7 @@ pub(in crate::store) const CALL_TABLES: &[&Table] = &[
 ];
 
 pub(super) const CALL_COLUMNS: &str =
-    "id, created_at, created_by, reason, action, target, expires_at, spread";
+    "id, created_at, created_by, reason, action, target, expires_at, spread, dispatcher";
 
 /// A call read from [`CALL_COLUMNS`] starting at column `first` (after a join's other
 /// columns), without its counts.
@@ -116,7 +116,7 @@ pub(super) fn advance_in(
     let candidates: Vec<CallDelivery> = query_all(
         tx,
         &format!(
-            "SELECT {DELIVERY_COLUMNS} FROM deliveries WHERE (wakeup_id = ?1 OR carried_by = ?1) AND agent_id = ?2"
+            "SELECT {DELIVERY_COLUMNS} FROM deliveries WHERE (wakeup_id = ?1 OR carried_by = ?1) AND agent_id = ?2 ORDER BY wakeup_id"
         ),
         params![wakeup_id, agent_id],
         delivery_from_row,
@@ -124,41 +124,124 @@ pub(super) fn advance_in(
     )?;
     let mut changed = Vec::new();
     for mut d in candidates {
-        if !d.state.may_become(state) {
-            continue;
-        }
-        let set_time = state_column(state)
-            .map(|c| format!(", {c} = ?2"))
-            .unwrap_or_default();
-        exec(
-            tx,
-            &format!(
-                "UPDATE deliveries SET state = ?1{set_time}, status = COALESCE(?3, status), exit_code = COALESCE(?4, exit_code), duration_ms = COALESCE(?5, duration_ms), detail = COALESCE(?6, detail) WHERE wakeup_id = ?7"
-            ),
-            params![
-                state.as_str(),
-                at,
-                &update.status,
-                update.exit_code,
-                update.duration_ms,
-                &update.detail,
-                &d.wakeup_id
-            ],
-            "updating a delivery",
-        )?;
-        d.state = state;
-        match state {
-            CallState::Sent => d.sent_at = Some(at),
-            CallState::Delivered => d.delivered_at = Some(at),
-            CallState::Started => d.started_at = Some(at),
-            CallState::Finished | CallState::Expired | CallState::Failed => {
-                d.finished_at = Some(at)
+        // Every console writes the acks it hears, so another may move this delivery between
+        // the read and the write: the write applies to the state read only, and on a miss
+        // the delivery is read again (states only move forward, so this ends).
+        let mut attempts = 0;
+        loop {
+            if !d.state.may_become(state) {
+                break;
             }
-            CallState::Queued => {}
+            let set_time = state_column(state)
+                .map(|c| format!(", {c} = ?2"))
+                .unwrap_or_default();
+            let written = exec(
+                tx,
+                &format!(
+                    "UPDATE deliveries SET state = ?1{set_time}, status = COALESCE(?3, status), exit_code = COALESCE(?4, exit_code), duration_ms = COALESCE(?5, duration_ms), detail = COALESCE(?6, detail) WHERE wakeup_id = ?7 AND state = ?8"
+                ),
+                params![
+                    state.as_str(),
+                    at,
+                    &update.status,
+                    update.exit_code,
+                    update.duration_ms,
+                    &update.detail,
+                    &d.wakeup_id,
+                    d.state.as_str()
+                ],
+                "updating a delivery",
+            )?;
+            if written == 1 {
+                d.state = state;
+                match state {
+                    CallState::Sent => d.sent_at = Some(at),
+                    CallState::Delivered => d.delivered_at = Some(at),
+                    CallState::Started => d.started_at = Some(at),
+                    CallState::Finished | CallState::Expired | CallState::Failed => {
+                        d.finished_at = Some(at)
+                    }
+                    CallState::Queued => {}
+                }
+                changed.push(d);
+                break;
+            }
+            attempts += 1;
+            let again = query_opt(
+                tx,
+                &format!("SELECT {DELIVERY_COLUMNS} FROM deliveries WHERE wakeup_id = ?1"),
+                params![&d.wakeup_id],
+                delivery_from_row,
+                "reading a delivery",
+            )?;
+            match again {
+                Some(now) if attempts < 8 => d = now,
+                _ => break,
+            }
         }
-        changed.push(d);
     }
     Ok(changed)
+}
+
+/// The largest notice payload sent at once (PostgreSQL takes up to 8000 bytes).
+const MAX_NOTICE: usize = 7000;
+
+/// Tells the other consoles about `changed` (see [`Conn::notify`]): `{"from": instance,
+/// "changes": [[call, agent, state], ...]}`, in as many notices as it takes.
+fn notify_changes(tx: &mut dyn Conn, instance: &str, changed: &[CallDelivery]) -> StoreResult<()> {
+    let mut batch: Vec<[&str; 3]> = Vec::new();
+    let mut size = 0;
+    let send = |tx: &mut dyn Conn, batch: &mut Vec<[&str; 3]>| {
+        if batch.is_empty() {
+            return Ok(());
+        }
+        let payload = serde_json::json!({"from": instance, "changes": batch}).to_string();
+        batch.clear();
+        exec_notify(tx, &payload)
+    };
+    for d in changed {
+        let entry = [d.call_id.as_str(), d.agent_id.as_str(), d.state.as_str()];
+        let len = entry.iter().map(|e| e.len() + 6).sum::<usize>();
+        if size + len > MAX_NOTICE - instance.len() - 32 {
+            send(tx, &mut batch)?;
+            size = 0;
+        }
+        size += len;
+        batch.push(entry);
+    }
+    send(tx, &mut batch)
+}
+
+fn exec_notify(tx: &mut dyn Conn, payload: &str) -> StoreResult<()> {
+    tx.notify(payload)
+        .map_err(sql("telling other consoles about delivery changes"))
+}
+
+/// The delivery changes of another console's notice (empty for this process's own, and for
+/// anything that is not a notice).
+pub(in crate::store) fn read_notice(payload: &str, own_instance: &str) -> Vec<DeliveryChange> {
+    #[derive(serde::Deserialize)]
+    struct Notice {
+        from: String,
+        changes: Vec<(String, String, String)>,
+    }
+    let Ok(notice) = serde_json::from_str::<Notice>(payload) else {
+        return Vec::new();
+    };
+    if notice.from == own_instance {
+        return Vec::new();
+    }
+    notice
+        .changes
+        .into_iter()
+        .filter_map(|(call_id, agent_id, state)| {
+            Some(DeliveryChange {
+                call_id,
+                agent_id,
+                state: CallState::parse(&state)?,
+            })
+        })
+        .collect()
 }
 
 impl CallStore for SqlStore {
@@ -182,7 +265,7 @@ impl CallStore for SqlStore {
             exec(
                 tx,
                 &format!(
-                    "INSERT INTO calls ({CALL_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)"
+                    "INSERT INTO calls ({CALL_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)"
                 ),
                 params![
                     &call.id,
@@ -192,7 +275,8 @@ impl CallStore for SqlStore {
                     &call.action,
                     call.target.describe(),
                     call.expires_at,
-                    spread
+                    spread,
+                    &self.console
                 ],
                 "recording a call",
             )?;
@@ -260,12 +344,19 @@ impl CallStore for SqlStore {
         })
     }
 
-    fn advance_deliveries(&self, batch: Vec<DeliveryAdvance>) -> StoreResult<Vec<CallDelivery>> {
-        self.write(|tx| {
+    fn advance_deliveries(
+        &self,
+        mut batch: Vec<DeliveryAdvance>,
+    ) -> StoreResult<Vec<CallDelivery>> {
+        // Every console writes the acks it hears: rows in one order (each delivery's
+        // advances in theirs) so that two consoles' transactions wait for each other.
+        batch.sort_by(|a, b| a.wakeup_id.cmp(&b.wakeup_id));
+        self.write_again_on_deadlock(|tx| {
             let mut changed = Vec::new();
             for a in &batch {
                 changed.extend(advance_in(tx, a)?);
             }
+            notify_changes(tx, &self.instance, &changed)?;
             Ok(changed)
         })
     }
@@ -282,9 +373,9 @@ impl CallStore for SqlStore {
             query_all(
                 conn,
                 &format!(
-                    "SELECT {cols}, {call_cols} FROM deliveries d JOIN calls c ON c.id = d.call_id WHERE d.agent_id = ?1 AND d.state IN ('queued', 'sent') AND c.expires_at > ?2 ORDER BY d.queued_at, d.wakeup_id"
+                    "SELECT {cols}, {call_cols} FROM deliveries d JOIN calls c ON c.id = d.call_id WHERE d.agent_id = ?1 AND d.state IN ('queued', 'sent') AND c.expires_at > ?2 AND c.dispatcher = ?3 ORDER BY d.queued_at, d.wakeup_id"
                 ),
-                params![agent_id, now],
+                params![agent_id, now, &self.console],
                 |r| Ok((call_at(r, first_call_column)?, delivery_from_row(r)?)),
                 "reading pending wake-ups",
             )
@@ -295,8 +386,8 @@ impl CallStore for SqlStore {
         self.read(|conn| {
             query_all(
                 conn,
-                "SELECT DISTINCT d.agent_id FROM deliveries d JOIN calls c ON c.id = d.call_id WHERE d.state = 'queued' AND c.expires_at > ?1",
-                params![now],
+                "SELECT DISTINCT d.agent_id FROM deliveries d JOIN calls c ON c.id = d.call_id WHERE d.state = 'queued' AND c.expires_at > ?1 AND c.dispatcher = ?2",
+                params![now, &self.console],
                 |r| r.get(0),
                 "reading queued wake-ups",
             )
@@ -336,13 +427,84 @@ impl CallStore for SqlStore {
         })
     }
 
+    fn hold_lease(&self, now: Millis, lease: Millis) -> StoreResult<bool> {
+        self.read(|conn| {
+            let held = exec(
+                conn,
+                "INSERT INTO console_leases (console_id, instance, expires_at) VALUES (?1, ?2, ?3) ON CONFLICT (console_id) DO UPDATE SET instance = excluded.instance, expires_at = excluded.expires_at WHERE console_leases.instance = excluded.instance OR console_leases.expires_at <= ?4",
+                params![&self.console, &self.instance, now + lease, now],
+                "renewing the console's dispatch lease",
+            )?;
+            Ok(held == 1)
+        })
+    }
+
+    fn take_over_calls(&self, now: Millis) -> StoreResult<Takeover> {
+        self.write(|tx| {
+            // Unexpired calls of no console, or of one whose lease ran out (or that never
+            // held one): a few rows, as calls expire.
+            let orphans: Vec<(String, Option<String>)> = query_all(
+                tx,
+                "SELECT c.id, c.dispatcher FROM calls c LEFT JOIN console_leases l ON l.console_id = c.dispatcher WHERE c.expires_at > ?1 AND (c.dispatcher IS NULL OR (c.dispatcher <> ?2 AND (l.expires_at IS NULL OR l.expires_at <= ?1)))",
+                params![now, &self.console],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+                "finding calls whose console stopped",
+            )?;
+            let mut takeover = Takeover::default();
+            for (call, from) in orphans {
+                // Only if still where it was read: of two consoles taking over, one wins.
+                let taken = exec(
+                    tx,
+                    "UPDATE calls SET dispatcher = ?1 WHERE id = ?2 AND COALESCE(dispatcher, '') = ?3",
+                    params![&self.console, &call, from.clone().unwrap_or_default()],
+                    "taking over a call",
+                )?;
+                if taken == 0 {
+                    continue;
+                }
+                let agents: Vec<(String, String)> = query_all(
+                    tx,
+                    "SELECT DISTINCT d.agent_id, a.presence FROM deliveries d JOIN agents a ON a.id = d.agent_id WHERE d.call_id = ?1 AND d.state IN ('queued', 'sent')",
+                    params![&call],
+                    |r| Ok((r.get(0)?, r.get(1)?)),
+                    "reading a taken call's pending deliveries",
+                )?;
+                for (agent, presence) in agents {
+                    if presence == Presence::Online.as_str() {
+                        takeover.online.push(agent);
+                    } else {
+                        takeover.offline.push(agent);
+                    }
+                }
+                takeover.calls.push((call, from));
+            }
+            Ok(takeover)
+        })
+    }
+
+    fn follow_changes(
+        &self,
+        on_change: &mut dyn FnMut(Vec<DeliveryChange>),
+        stop: &std::sync::atomic::AtomicBool,
+    ) -> StoreResult<()> {
+        self.db.follow_notices(
+            &mut |payload| {
+                let changes = read_notice(payload, &self.instance);
+                if !changes.is_empty() {
+                    on_change(changes);
+                }
+            },
+            stop,
+        )
+    }
+
     fn expire_due(&self, now: Millis) -> StoreResult<Vec<CallDelivery>> {
         let cols = qualified("d", DELIVERY_COLUMNS);
-        self.write(|tx| {
+        self.write_again_on_deadlock(|tx| {
             let due: Vec<CallDelivery> = query_all(
                 tx,
                 &format!(
-                    "SELECT {cols} FROM deliveries d JOIN calls c ON c.id = d.call_id WHERE d.state IN ('queued', 'sent') AND c.expires_at <= ?1"
+                    "SELECT {cols} FROM deliveries d JOIN calls c ON c.id = d.call_id WHERE d.state IN ('queued', 'sent') AND c.expires_at <= ?1 ORDER BY d.wakeup_id"
                 ),
                 params![now],
                 delivery_from_row,
@@ -350,16 +512,20 @@ impl CallStore for SqlStore {
             )?;
             let mut out = Vec::with_capacity(due.len());
             for mut d in due {
-                exec(
+                // Every console sweeps: the one that expires a delivery first tells.
+                let expired = exec(
                     tx,
-                    "UPDATE deliveries SET state = 'expired', finished_at = ?1 WHERE wakeup_id = ?2",
+                    "UPDATE deliveries SET state = 'expired', finished_at = ?1 WHERE wakeup_id = ?2 AND state IN ('queued', 'sent')",
                     params![now, &d.wakeup_id],
                     "expiring wake-ups",
                 )?;
-                d.state = CallState::Expired;
-                d.finished_at = Some(now);
-                out.push(d);
+                if expired == 1 {
+                    d.state = CallState::Expired;
+                    d.finished_at = Some(now);
+                    out.push(d);
+                }
             }
+            notify_changes(tx, &self.instance, &out)?;
             Ok(out)
         })
     }

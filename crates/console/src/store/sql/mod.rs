@@ -230,7 +230,15 @@ pub trait Conn {
     /// `table`: new rows continue after the highest (PostgreSQL's sequence; SQLite's
     /// `AUTOINCREMENT` does so by itself).
     fn continue_identity(&mut self, table: &str, column: &str) -> Result<(), DbError>;
+
+    /// Tells the other consoles on this database about delivery changes: `payload` goes out
+    /// when the transaction commits (PostgreSQL's `NOTIFY` on [`CHANGES_CHANNEL`]); nothing on
+    /// SQLite, which one console uses alone.
+    fn notify(&mut self, payload: &str) -> Result<(), DbError>;
 }
+
+/// The PostgreSQL notification channel of delivery changes (see [`Conn::notify`]).
+pub const CHANGES_CHANNEL: &str = "beckon_delivery_changes";
 
 /// A backend: where connections come from.
 pub trait Database: Send + Sync {
@@ -244,17 +252,48 @@ pub trait Database: Send + Sync {
 
     /// The schema version of the database.
     fn schema_version(&self) -> StoreResult<i64>;
+
+    /// Follows the change notices of other consoles (see [`Conn::notify`]) until `stop`,
+    /// handing each payload to `notice`; returns at once on a database no other console
+    /// shares (SQLite).
+    fn follow_notices(
+        &self,
+        notice: &mut dyn FnMut(&str),
+        stop: &std::sync::atomic::AtomicBool,
+    ) -> StoreResult<()>;
 }
 
 /// The store over a [`Database`]: every trait of the store, written once.
 pub struct SqlStore {
     db: Box<dyn Database>,
+    /// The console this store works for: the dispatcher of the calls it creates, whose
+    /// lease it holds (see [`CallStore::hold_lease`]).
+    console: String,
+    /// This process (random): tells its own change notices from other consoles', and a
+    /// second process started with the same console id from this one.
+    instance: String,
 }
 
 impl SqlStore {
     /// The store over `db` (already migrated).
     pub(crate) fn new(db: Box<dyn Database>) -> Self {
-        Self { db }
+        Self {
+            db,
+            console: DEFAULT_CONSOLE_ID.to_owned(),
+            instance: uuid::Uuid::now_v7().simple().to_string(),
+        }
+    }
+
+    /// The store as used by the console `id` (default [`DEFAULT_CONSOLE_ID`]): several
+    /// consoles on one database each have their own id.
+    pub fn for_console(mut self, id: &str) -> Self {
+        id.clone_into(&mut self.console);
+        self
+    }
+
+    /// The console this store works for.
+    pub fn console_id(&self) -> &str {
+        &self.console
     }
 
     /// The schema version of the open database (each backend numbers its own migrations).
@@ -296,6 +335,28 @@ impl SqlStore {
         context: &'static str,
     ) -> StoreResult<()> {
         self.read(|conn| touched(exec(conn, query, params![id], context)?, what, id))
+    }
+
+    /// [`write`](Self::write), run again (up to 3 times) when PostgreSQL ended it to break
+    /// a deadlock: consoles sharing the database write the same rows.
+    pub(crate) fn write_again_on_deadlock<T>(
+        &self,
+        mut f: impl FnMut(&mut dyn Conn) -> StoreResult<T>,
+    ) -> StoreResult<T> {
+        let mut attempts = 0;
+        loop {
+            match self.write(&mut f) {
+                Err(StoreError::Database {
+                    source: DbError::Postgres(e),
+                    ..
+                }) if attempts < 3
+                    && e.code() == Some(&postgres::error::SqlState::T_R_DEADLOCK_DETECTED) =>
+                {
+                    attempts += 1;
+                }
+                result => return result,
+            }
+        }
     }
 
     /// Runs `f` in one transaction: all of its changes or none.

@@ -157,6 +157,21 @@ ALTER TABLE agents ADD COLUMN previous_inventory TEXT;
 ALTER TABLE agents ADD COLUMN inventory_changed_at INTEGER;
 ALTER TABLE agents ADD COLUMN clone_detected_at INTEGER;
 "#,
+    r#"
+-- Version 6: several consoles on one database. Each call has one dispatcher, the console
+-- that sends its wake-ups (NULL: any console may take it on); a running console holds a
+-- lease that it renews, and another takes over the calls of a console whose lease ran out.
+-- Sessions record their last use, so that the idle expiry holds on every console.
+ALTER TABLE calls ADD COLUMN dispatcher TEXT;
+CREATE INDEX calls_expires_at ON calls(expires_at);
+CREATE TABLE console_leases (
+    console_id TEXT PRIMARY KEY,
+    instance TEXT NOT NULL,
+    expires_at INTEGER NOT NULL
+);
+ALTER TABLE sessions ADD COLUMN last_used_at INTEGER;
+UPDATE sessions SET last_used_at = created_at;
+"#,
 ];
 
 pub(super) fn migrate(conn: &mut Connection, shown_path: &str) -> StoreResult<()> {

@@ -93,6 +93,10 @@ impl Conn for SqliteConn<'_> {
     fn continue_identity(&mut self, _table: &str, _column: &str) -> Result<(), DbError> {
         Ok(())
     }
+
+    fn notify(&mut self, _payload: &str) -> Result<(), DbError> {
+        Ok(())
+    }
 }
 
 impl Database for Sqlite {
@@ -114,6 +118,14 @@ impl Database for Sqlite {
         self.conn()
             .query_row("PRAGMA user_version", [], |r| r.get(0))
             .map_err(sql("reading the schema version"))
+    }
+
+    fn follow_notices(
+        &self,
+        _notice: &mut dyn FnMut(&str),
+        _stop: &std::sync::atomic::AtomicBool,
+    ) -> StoreResult<()> {
+        Ok(())
     }
 }
 

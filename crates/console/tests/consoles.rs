@@ -1,0 +1,274 @@
+//! Several consoles on one database: the dispatch lease and the takeover of a stopped
+//! console's calls, delivery changes told to the other consoles, and login sessions that
+//! work (and end) on every console. On PostgreSQL when `BECKON_TEST_POSTGRES` is set (see
+//! common::store), else on one SQLite file opened twice; the changes told to other consoles
+//! are PostgreSQL's only. `crates/beckon/tests/consoles.rs` runs two console processes.
+
+mod common;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use axum::http::StatusCode;
+use beckon_console::model::*;
+use beckon_console::store::*;
+
+/// One database opened `n` times (as `n` consoles would), and where it is.
+fn shared_database(n: usize) -> (Vec<SqlStore>, DatabaseUrl, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let url = common::test_database()
+        .unwrap_or_else(|| DatabaseUrl::Sqlite(dir.path().join("console.db")));
+    let opening = url.clone();
+    // The PostgreSQL client runs its own runtime: keep it off any test runtime.
+    let stores = std::thread::spawn(move || (0..n).map(|_| opening.open().unwrap()).collect())
+        .join()
+        .unwrap();
+    (stores, url, dir)
+}
+
+fn enroll(s: &SqlStore, ids: &[&str]) {
+    s.create_enrollment_token(NewEnrollmentToken {
+        id: "t".into(),
+        hash: [1; 32],
+        label: "test".into(),
+        created_by: "user:admin".into(),
+        expires_at: None,
+        max_uses: None,
+        groups: vec![],
+    })
+    .unwrap();
+    for id in ids {
+        s.enroll_agent(&[1; 32], common::new_agent(id), 10).unwrap();
+    }
+}
+
+fn call(id: &str, expires_at: Millis) -> NewCall {
+    NewCall {
+        id: id.into(),
+        created_by: "user:admin".into(),
+        reason: "test".into(),
+        action: None,
+        target: CallTarget::All,
+        expires_at,
+        spread: None,
+        default_spread: (50, 60),
+    }
+}
+
+fn wakeup_ids(prefix: &'static str) -> impl FnMut() -> String {
+    let mut n = 0;
+    move || {
+        n += 1;
+        format!("{prefix}{n}")
+    }
+}
+
+const LEASE: Millis = 6_000;
+
+#[test]
+fn a_console_whose_lease_runs_out_loses_its_unfinished_calls_to_one_other_console() {
+    let (stores, _, _dir) = shared_database(4);
+    let mut stores = stores.into_iter();
+    let a = stores.next().unwrap().for_console("a");
+    let b = stores.next().unwrap().for_console("b");
+    let c = stores.next().unwrap().for_console("c");
+    enroll(&a, &["online", "offline", "done"]);
+    a.set_presence(PresenceUpdate {
+        agent_id: "online".into(),
+        presence: Presence::Online,
+        at: 500,
+        path: None,
+        remote_addr: None,
+    })
+    .unwrap();
+    for s in [&a, &b, &c] {
+        assert!(s.hold_lease(1_000, LEASE).unwrap());
+    }
+    let (_, deliveries) = a
+        .create_call(call("c1", 100_000), 1_000, &mut wakeup_ids("w"))
+        .unwrap();
+    let done = deliveries.iter().find(|d| d.agent_id == "done").unwrap();
+    a.advance_delivery(DeliveryAdvance {
+        agent_id: "done".into(),
+        wakeup_id: done.wakeup_id.clone(),
+        state: CallState::Finished,
+        update: DeliveryUpdate::default(),
+        at: 1_100,
+    })
+    .unwrap();
+    // An expired call is left alone.
+    a.create_call(call("old", 2_000), 1_000, &mut wakeup_ids("x"))
+        .unwrap();
+
+    // The call is a's to send: b sees nothing pending for it.
+    assert_eq!(a.pending_for_agent("online", 1_000).unwrap().len(), 2);
+    assert!(b.pending_for_agent("online", 1_000).unwrap().is_empty());
+    assert_eq!(a.agents_with_queued(1_000).unwrap().len(), 3);
+    assert!(b.agents_with_queued(1_000).unwrap().is_empty());
+
+    // While a renews, nobody takes its calls.
+    assert!(a.hold_lease(5_000, LEASE).unwrap());
+    assert_eq!(b.take_over_calls(10_999).unwrap(), Takeover::default());
+    // a stops renewing: at its lease's end, the first console to look takes the call, with
+    // the agents still waiting (not the one that finished), and the next finds nothing.
+    assert!(b.hold_lease(11_000, LEASE).unwrap());
+    assert!(c.hold_lease(11_000, LEASE).unwrap());
+    let taken = b.take_over_calls(11_000).unwrap();
+    assert_eq!(
+        taken,
+        Takeover {
+            calls: vec![("c1".into(), Some("a".into()))],
+            online: vec!["online".into()],
+            offline: vec!["offline".into()],
+        }
+    );
+    assert_eq!(c.take_over_calls(11_000).unwrap(), Takeover::default());
+    assert_eq!(b.pending_for_agent("online", 11_000).unwrap().len(), 1);
+    assert!(a.pending_for_agent("online", 11_000).unwrap().is_empty());
+    assert!(c.pending_for_agent("online", 11_000).unwrap().is_empty());
+
+    // A second process with b's id cannot hold b's lease while b renews it; once b's has
+    // run out (b was killed and this is b started again), it can.
+    let b_again = stores.next().unwrap().for_console("b");
+    assert!(b.hold_lease(15_000, LEASE).unwrap());
+    assert!(!b_again.hold_lease(20_999, LEASE).unwrap());
+    assert!(b_again.hold_lease(21_000, LEASE).unwrap());
+    assert!(!b.hold_lease(21_500, LEASE).unwrap());
+    // b started again keeps its calls: nobody takes over what its id still holds.
+    assert_eq!(c.take_over_calls(22_000).unwrap(), Takeover::default());
+    assert_eq!(
+        b_again.pending_for_agent("online", 22_000).unwrap().len(),
+        1
+    );
+}
+
+#[test]
+fn calls_from_before_several_consoles_are_taken_by_the_first_console() {
+    let (stores, url, _dir) = shared_database(1);
+    let a = stores.into_iter().next().unwrap().for_console("a");
+    enroll(&a, &["pc"]);
+    a.create_call(call("c1", 100_000), 1_000, &mut wakeup_ids("w"))
+        .unwrap();
+    // As a database migrated from before dispatchers has it.
+    assert_eq!(
+        common::execute_sql(&url, "UPDATE calls SET dispatcher = NULL"),
+        1
+    );
+    assert!(a.pending_for_agent("pc", 1_000).unwrap().is_empty());
+    assert!(a.hold_lease(1_000, LEASE).unwrap());
+    let taken = a.take_over_calls(1_000).unwrap();
+    assert_eq!(taken.calls, vec![("c1".to_owned(), None)]);
+    assert_eq!(a.pending_for_agent("pc", 1_000).unwrap().len(), 1);
+}
+
+#[test]
+fn delivery_changes_reach_the_other_consoles_on_postgresql() {
+    let (stores, url, _dir) = shared_database(2);
+    let postgres = matches!(url, DatabaseUrl::Postgres(_));
+    let mut stores = stores.into_iter();
+    let a = Arc::new(stores.next().unwrap().for_console("a"));
+    let b = stores.next().unwrap().for_console("b");
+    let stop = Arc::new(AtomicBool::new(false));
+    if !postgres {
+        // One console per SQLite file: there is nobody to tell.
+        a.follow_changes(&mut |_| panic!("no changes on SQLite"), &stop)
+            .unwrap();
+        println!(
+            "skipped: changes told to other consoles are PostgreSQL's; set BECKON_TEST_POSTGRES to run this test"
+        );
+        return;
+    }
+    enroll(&b, &["pc"]);
+    let (tx, rx) = std::sync::mpsc::channel();
+    let follower = {
+        let (a, stop) = (a.clone(), stop.clone());
+        std::thread::spawn(move || {
+            a.follow_changes(&mut |c| tx.send(c).unwrap(), &stop)
+                .unwrap()
+        })
+    };
+    // Listening takes a connection first.
+    std::thread::sleep(Duration::from_millis(500));
+    let (_, d) = b
+        .create_call(call("c1", 100_000), 1_000, &mut wakeup_ids("w"))
+        .unwrap();
+    let advance = |s: &SqlStore, state, at| {
+        s.advance_delivery(DeliveryAdvance {
+            agent_id: "pc".into(),
+            wakeup_id: d[0].wakeup_id.clone(),
+            state,
+            update: DeliveryUpdate::default(),
+            at,
+        })
+        .unwrap()
+    };
+    assert_eq!(advance(&b, CallState::Sent, 1_100).len(), 1);
+    let heard = rx
+        .recv_timeout(Duration::from_secs(10))
+        .expect("b's change");
+    assert_eq!(
+        heard,
+        vec![DeliveryChange {
+            call_id: "c1".into(),
+            agent_id: "pc".into(),
+            state: CallState::Sent,
+        }]
+    );
+    // a's own change is not told back to a (its own listeners heard of it already); the
+    // same ack written by b after a changes nothing, so nothing is told twice.
+    assert_eq!(advance(&a, CallState::Delivered, 1_200).len(), 1);
+    assert!(advance(&b, CallState::Delivered, 1_200).is_empty());
+    // Heard after a quiet while too.
+    std::thread::sleep(Duration::from_millis(1_200));
+    assert_eq!(advance(&b, CallState::Finished, 1_300).len(), 1);
+    let heard = rx
+        .recv_timeout(Duration::from_secs(10))
+        .expect("b's change");
+    assert_eq!(heard[0].state, CallState::Finished, "{heard:?}");
+    assert!(rx.recv_timeout(Duration::from_millis(300)).is_err());
+    stop.store(true, Ordering::Relaxed);
+    follower.join().unwrap();
+}
+
+#[tokio::test]
+async fn a_session_works_on_every_console_and_ends_on_all_after_its_idle_time() {
+    let dir = tempfile::tempdir().unwrap();
+    let database = common::test_database()
+        .unwrap_or_else(|| DatabaseUrl::Sqlite(dir.path().join("console.db")));
+    let idle = |c: &mut beckon_console::ConsoleConfig| {
+        c.session_idle_timeout = Duration::from_millis(1500);
+    };
+    let shared = database.clone();
+    let a = common::start_with(|c| {
+        idle(c);
+        c.database = Some(shared);
+        c.console_id = "a".into();
+    })
+    .await;
+    let b = common::start_with(|c| {
+        idle(c);
+        c.database = Some(database);
+        c.console_id = "b".into();
+    })
+    .await;
+    let password = a.handle.initial_admin_password.clone().unwrap();
+    let status = |cookie: &str| common::with_cookie("GET", "/api/v1/status", cookie, None);
+
+    let (s, headers, _) = a.raw(common::login("admin", &password)).await;
+    assert_eq!(s, StatusCode::OK);
+    let cookie = common::session_cookie(&headers);
+    assert_eq!(b.raw(status(&cookie)).await.0, StatusCode::OK, "made on a");
+    // Used on a for longer than the idle time: still alive on b.
+    for _ in 0..5 {
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        assert_eq!(a.raw(status(&cookie)).await.0, StatusCode::OK);
+    }
+    assert_eq!(b.raw(status(&cookie)).await.0, StatusCode::OK, "used on a");
+    // Unused for the idle time: ended on both.
+    tokio::time::sleep(Duration::from_millis(1700)).await;
+    let (s, _, body) = b.raw(status(&cookie)).await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED, "{body}");
+    assert!(body["error"].as_str().unwrap().contains("without use"));
+    assert_eq!(a.raw(status(&cookie)).await.0, StatusCode::UNAUTHORIZED);
+}
