@@ -67,7 +67,8 @@ pub async fn shared_port(data: &[u8]) {
     });
     let served = tokio::time::timeout(
         Duration::from_secs(10),
-        serve_http(server, prefix, deadline, ready),
+        // A small WebSocket message cap, so that frames over it are within the inputs' reach.
+        serve_http(server, prefix, deadline, ready, 8192),
     )
     .await
     .expect("the shared port gives up at its deadline");

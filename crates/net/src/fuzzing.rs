@@ -11,7 +11,7 @@ use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 
 use crate::http::{HttpClient, HttpError, HttpSettings, Request, Url};
 use crate::ws::{WsError, WsSettings, websocket_handshake};
-use crate::{ProxyError, http_connect};
+use crate::{ProxyError, ProxyUrl, http_connect};
 
 /// Longer than anything here may take: the server's side is closed, so every read ends.
 const LIMIT: Duration = Duration::from_secs(5);
@@ -43,7 +43,9 @@ pub async fn http_answers(data: &[u8]) {
 }
 
 async fn proxy_answer(client: DuplexStream, answer: &[u8]) {
-    match http_connect(client, "proxy:3128", "broker.example", 8883, LIMIT).await {
+    // With credentials, so a 407 answer takes the path that names refused credentials.
+    let proxy = ProxyUrl::new("proxy", 3128).with_credentials("agent", "secret");
+    match http_connect(client, &proxy, "broker.example", 8883, LIMIT).await {
         // What followed the answer's head is passed on, unchanged: the part already read
         // first, then the rest of the stream.
         Ok(mut tunnel) => {

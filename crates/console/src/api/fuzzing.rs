@@ -9,12 +9,13 @@ use axum::response::IntoResponse;
 use serde::de::DeserializeOwned;
 
 use super::agents::{AgentQuery, AgentUpdate, NewGroup};
-use super::auth::{LoginRequest, NewUserRequest, PasswordChange};
+use super::auth::{LoginRequest, PasswordChange};
 use super::calls::NewCallRequest;
 use super::enrollment::{
     CheckinRequest, EnrollRequest, NewEnrollmentTokenRequest, RenewRequest, check_inventory,
 };
 use super::tokens::NewApiTokenRequest;
+use super::users::NewUserRequest;
 use super::{ApiError, Body, LimitQuery, Query};
 use crate::model::Inventory;
 use crate::settings::Settings;
