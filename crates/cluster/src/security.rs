@@ -4,12 +4,7 @@
 use std::fmt;
 use std::net::IpAddr;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
-
-use beckon_pki::rustls;
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
-use rustls::{DigitallySignedStruct, SignatureScheme};
+use std::sync::Arc;
 
 use crate::link::ClusterError;
 
@@ -69,12 +64,8 @@ impl NatsSecurity {
                     reason: format!("cluster.ca: {reason}"),
                 };
                 let roots = beckon_pki::load_roots(ca).map_err(|e| bad(e.to_string()))?;
-                let inner =
-                    beckon_pki::webpki_server_verifier(roots).map_err(|e| bad(e.to_string()))?;
-                let verifier = Arc::new(Noting {
-                    inner,
-                    rejected: rejected.clone(),
-                });
+                let verifier = beckon_pki::observing_server_verifier(roots, rejected.clone())
+                    .map_err(|e| bad(e.to_string()))?;
                 let tls = beckon_pki::client_config(
                     beckon_pki::ServerVerification::Custom(verifier),
                     None,
@@ -96,61 +87,7 @@ impl NatsSecurity {
 
 /// Why the last NATS server certificate was rejected: the NATS client reports a failed
 /// handshake as an I/O error, like a refused connection, so the verifier keeps the reason.
-pub(crate) type Rejected = Arc<Mutex<Option<String>>>;
-
-/// rustls' webpki verification, noting why a certificate was rejected.
-#[derive(Debug)]
-struct Noting {
-    inner: Arc<rustls::client::WebPkiServerVerifier>,
-    rejected: Rejected,
-}
-
-impl ServerCertVerifier for Noting {
-    fn verify_server_cert(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        intermediates: &[CertificateDer<'_>],
-        server_name: &ServerName<'_>,
-        ocsp_response: &[u8],
-        now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        let verified = self.inner.verify_server_cert(
-            end_entity,
-            intermediates,
-            server_name,
-            ocsp_response,
-            now,
-        );
-        if let Err(e) = &verified
-            && let Ok(mut rejected) = self.rejected.lock()
-        {
-            *rejected = Some(format!("{e} (for {})", server_name.to_str()));
-        }
-        verified
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.inner.verify_tls12_signature(message, cert, dss)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.inner.verify_tls13_signature(message, cert, dss)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.inner.supported_verify_schemes()
-    }
-}
+pub(crate) type Rejected = Arc<beckon_pki::Observations>;
 
 /// The host of a NATS URL (`nats://host:4222`, `tls://user:pw@[::1]:4222`, `host:4222`, `host`).
 pub fn url_host(url: &str) -> &str {
@@ -192,7 +129,7 @@ pub(crate) fn refusal(client_error: &str, rejected: &Rejected) -> Option<String>
             "NATS refused this node's credentials (authorization violation): check cluster.user and cluster.password (or cluster.token) against the nats-server authorization block".into(),
         );
     }
-    let certificate = rejected.lock().ok()?.take()?;
+    let certificate = rejected.take_rejection()?;
     Some(format!(
         "the TLS handshake with NATS failed, its certificate was rejected: {certificate}; check that cluster.ca holds the CA that signed the nats-server certificate and that the certificate names the host of the URL"
     ))

@@ -3,77 +3,24 @@
 //! check can say which certificate expired, who issued an untrusted one, and which names a
 //! certificate carries.
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::SystemTime;
 
 use beckon_net::time::{format_utc, system_time_from_unix};
 use beckon_net::{TlsClient, TlsConfigError, TlsSettings, TrustAnchors};
-use rustls::client::WebPkiServerVerifier;
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use beckon_pki::{Observations, observing_server_verifier};
+use rustls::RootCertStore;
+use rustls::pki_types::CertificateDer;
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
-use rustls::{DigitallySignedStruct, RootCertStore, SignatureScheme};
 
 use crate::report::CertificateFacts;
-
-/// The chain of the last handshake, leaf first.
-type Seen = Arc<Mutex<Vec<CertificateDer<'static>>>>;
-
-/// Verifies like rustls' webpki verifier and keeps the chain it was shown.
-#[derive(Debug)]
-struct RecordingVerifier {
-    inner: Arc<WebPkiServerVerifier>,
-    seen: Seen,
-}
-
-impl ServerCertVerifier for RecordingVerifier {
-    fn verify_server_cert(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        intermediates: &[CertificateDer<'_>],
-        server_name: &ServerName<'_>,
-        ocsp_response: &[u8],
-        now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        {
-            let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
-            seen.clear();
-            seen.push(end_entity.clone().into_owned());
-            seen.extend(intermediates.iter().map(|c| c.clone().into_owned()));
-        }
-        self.inner
-            .verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.inner.verify_tls12_signature(message, cert, dss)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.inner.verify_tls13_signature(message, cert, dss)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.inner.supported_verify_schemes()
-    }
-}
 
 /// The TLS client the doctor connects with.
 #[derive(Debug)]
 pub(crate) struct ProbeTls {
     /// The client, built on the recording verifier.
     pub client: TlsClient,
-    seen: Seen,
+    seen: Arc<Observations>,
     /// Subjects of the configured CA certificates (for "the CA file does not sign ...").
     pub ca_subjects: Vec<String>,
 }
@@ -84,16 +31,13 @@ impl ProbeTls {
     pub fn new(settings: &TlsSettings) -> Result<Self, TlsConfigError> {
         TlsClient::new(settings)?;
         let (roots, ca_subjects) = load_roots(&settings.trust)?;
-        let inner =
-            beckon_pki::webpki_server_verifier(roots).map_err(|e| TlsConfigError::InvalidPem {
+        let seen = Arc::new(Observations::default());
+        let verifier = observing_server_verifier(roots, Arc::clone(&seen)).map_err(|e| {
+            TlsConfigError::InvalidPem {
                 what: String::from("trusted CA certificates"),
                 detail: e.to_string(),
-            })?;
-        let seen: Seen = Arc::default();
-        let verifier = Arc::new(RecordingVerifier {
-            inner,
-            seen: Arc::clone(&seen),
-        });
+            }
+        })?;
         let client = TlsClient::with_verification(
             settings,
             beckon_pki::ServerVerification::Custom(verifier),
@@ -107,13 +51,16 @@ impl ProbeTls {
 
     /// Forgets the chain of the previous handshake.
     pub fn clear(&self) {
-        self.seen.lock().unwrap_or_else(|e| e.into_inner()).clear();
+        self.seen.clear();
     }
 
     /// The chain the broker presented in the last handshake, described.
     pub fn last_chain(&self) -> Vec<CertificateFacts> {
-        let seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
-        seen.iter().filter_map(|der| describe(der)).collect()
+        self.seen
+            .chain()
+            .iter()
+            .filter_map(|der| describe(der))
+            .collect()
     }
 }
 

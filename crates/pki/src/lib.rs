@@ -21,9 +21,9 @@ pub use error::PkiError;
 pub use files::{load_certificates, load_private_key, write_atomic};
 pub use identity::{CertificateIdentity, certificate_identity};
 pub use tls::{
-    ClientIdentity, ClientTlsOptions, KeyExchange, ReloadingServerConfig, ServerTlsOptions,
-    ServerVerification, TlsFiles, TlsVersion, client_config, load_roots, server_config,
-    server_config_verifying, webpki_server_verifier,
+    ClientIdentity, ClientTlsOptions, KeyExchange, Observations, ReloadingServerConfig,
+    ServerTlsOptions, ServerVerification, TlsFiles, TlsVersion, client_config, load_roots,
+    observing_server_verifier, server_config, server_config_verifying, webpki_server_verifier,
 };
 
 /// Re-exported so that callers name the same rustls types as this crate.

@@ -263,6 +263,113 @@ pub fn webpki_server_verifier(
     .map_err(|e| rustls::Error::General(e.to_string()))
 }
 
+/// What an [`observing_server_verifier`] saw: the chain of the last handshake (leaf first)
+/// and why the last rejected certificate was rejected, for errors that name the certificate
+/// (clients such as NATS' report a failed handshake only as an I/O error).
+#[derive(Debug, Default)]
+pub struct Observations {
+    chain: Mutex<Vec<CertificateDer<'static>>>,
+    rejection: Mutex<Option<String>>,
+}
+
+impl Observations {
+    /// The chain presented in the last handshake, leaf first.
+    pub fn chain(&self) -> Vec<CertificateDer<'static>> {
+        self.chain.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Forgets the chain of the last handshake.
+    pub fn clear(&self) {
+        self.chain.lock().unwrap_or_else(|e| e.into_inner()).clear();
+    }
+
+    /// Why the last rejected certificate was rejected, once.
+    pub fn take_rejection(&self) -> Option<String> {
+        self.rejection
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+    }
+}
+
+/// rustls' webpki verification over `roots` (as [`webpki_server_verifier`]), noting what it
+/// sees in `observations`.
+pub fn observing_server_verifier(
+    roots: RootCertStore,
+    observations: Arc<Observations>,
+) -> Result<Arc<dyn ServerCertVerifier>, rustls::Error> {
+    Ok(Arc::new(Observing {
+        inner: webpki_server_verifier(roots)?,
+        observations,
+    }))
+}
+
+#[derive(Debug)]
+struct Observing {
+    inner: Arc<WebPkiServerVerifier>,
+    observations: Arc<Observations>,
+}
+
+impl ServerCertVerifier for Observing {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &rustls::pki_types::ServerName<'_>,
+        ocsp_response: &[u8],
+        now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        {
+            let mut chain = self
+                .observations
+                .chain
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            chain.clear();
+            chain.push(end_entity.clone().into_owned());
+            chain.extend(intermediates.iter().map(|c| c.clone().into_owned()));
+        }
+        let verified = self.inner.verify_server_cert(
+            end_entity,
+            intermediates,
+            server_name,
+            ocsp_response,
+            now,
+        );
+        if let Err(e) = &verified {
+            *self
+                .observations
+                .rejection
+                .lock()
+                .unwrap_or_else(|e| e.into_inner()) =
+                Some(format!("{e} (for {})", server_name.to_str()));
+        }
+        verified
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
+}
+
 /// Builds a client configuration: the aws-lc-rs provider's suites, the versions from
 /// `options.min_version` on, the server checked by `server`, and `identity` shown when the
 /// server asks for a certificate. Fails when rustls refuses the identity (a key that does
