@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
-use common::fleet::{Identity, Received, http, sim_agent};
+use common::fleet::{Identity, Received, enrollment_request, http, sim_agent};
 use common::{Process, beckon_command, free_port};
 
 const LIMIT: Duration = Duration::from_secs(60);
@@ -197,27 +197,11 @@ async fn install(n: usize) -> (Installation, Process, Process, Vec<Identity>) {
     for i in 0..n {
         let id = format!("pc-{i:03}");
         // Each agent makes its own key pair, as `beckon agent enroll` does.
-        let key = rcgen::KeyPair::generate().unwrap();
-        let csr = rcgen::CertificateParams::new(Vec::<String>::new())
-            .unwrap()
-            .serialize_request(&key)
-            .unwrap()
-            .pem()
-            .unwrap();
-        let (status, e) = inst
-            .api(
-                "POST",
-                "/api/v1/enroll",
-                Some(json!({"token": token, "agent_id": id, "csr": csr, "inventory": {"hostname": id}})),
-            )
-            .await;
+        let (key, request) = enrollment_request(&id, &token);
+        let (status, e) = inst.api("POST", "/api/v1/enroll", Some(request)).await;
         assert_eq!(status, 201, "{e}");
         wakeup_key = e["wakeup_key"].clone();
-        agents.push(Identity {
-            id,
-            cert: e["certificate"].as_str().unwrap().to_owned(),
-            key: key.serialize_pem(),
-        });
+        agents.push(Identity::enrolled(id, key, &e));
     }
     let tenants = inst.dir.path().join("tenants");
     std::fs::create_dir_all(&tenants).unwrap();

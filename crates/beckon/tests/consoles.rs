@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use common::fleet::{Identity, Received, http, sim_agent};
+use common::fleet::{Identity, Received, enrollment_request, http, sim_agent};
 use common::{Process, beckon_command, free_port};
 
 const LIMIT: Duration = Duration::from_secs(60);
@@ -218,27 +218,10 @@ async fn a_second_console_serves_the_session_shows_the_states_and_takes_over_a_k
     let mut wakeup_key = Value::Null;
     for i in 0..3 {
         let id = format!("pc-{i:03}");
-        let key = rcgen::KeyPair::generate().unwrap();
-        let csr = rcgen::CertificateParams::new(Vec::<String>::new())
-            .unwrap()
-            .serialize_request(&key)
-            .unwrap()
-            .pem()
-            .unwrap();
-        let e = a
-            .api(
-                &auth,
-                "POST",
-                "/api/v1/enroll",
-                Some(json!({"token": token, "agent_id": id, "csr": csr, "inventory": {"hostname": id}})),
-            )
-            .await;
+        let (key, request) = enrollment_request(&id, &token);
+        let e = a.api(&auth, "POST", "/api/v1/enroll", Some(request)).await;
         wakeup_key = e["wakeup_key"].clone();
-        agents.push(Identity {
-            id,
-            cert: e["certificate"].as_str().unwrap().to_owned(),
-            key: key.serialize_pem(),
-        });
+        agents.push(Identity::enrolled(id, key, &e));
     }
     let ca = beckon_pki::CertificateAuthority::load(
         &a.data.join("tenant-ca.pem"),

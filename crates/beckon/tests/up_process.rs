@@ -7,7 +7,6 @@
 mod common;
 
 use std::collections::BTreeSet;
-use std::io::{Read, Write};
 use std::time::Duration;
 
 use common::{Up, beckon_bin, free_port};
@@ -160,26 +159,6 @@ fn exported_names(text: &str) -> BTreeSet<String> {
 /// `GET path` from `addr` over plain HTTP (with the session `cookie` unless empty): the
 /// status and the body as text.
 fn get(addr: &str, path: &str, cookie: &str) -> (u16, String) {
-    let mut s = std::net::TcpStream::connect(addr).expect("connect");
-    s.set_read_timeout(Some(Duration::from_secs(10)))
-        .expect("timeout");
-    let cookie = if cookie.is_empty() {
-        String::new()
-    } else {
-        format!("Cookie: {cookie}\r\n")
-    };
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: x\r\n{cookie}Connection: close\r\n\r\n"
-    )
-    .expect("send");
-    let mut response = String::new();
-    let _ = s.read_to_string(&mut response);
-    let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
-    let status = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
-    (status, body.to_owned())
+    let (status, _, body) = common::http_request(addr, "GET", path, cookie, "");
+    (status, body)
 }

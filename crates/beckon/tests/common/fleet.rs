@@ -79,6 +79,31 @@ pub struct Identity {
     pub key: String,
 }
 
+impl Identity {
+    /// The identity the console's answer to an enrollment request gives.
+    pub fn enrolled(id: String, key: String, answer: &Value) -> Self {
+        Self {
+            id,
+            cert: answer["certificate"].as_str().unwrap().to_owned(),
+            key,
+        }
+    }
+}
+
+/// A new key pair, as `beckon agent enroll` makes one, and the enrollment request for agent
+/// `id` with `token`: (the private key in PEM, the request body).
+pub fn enrollment_request(id: &str, token: &str) -> (String, Value) {
+    let key = rcgen::KeyPair::generate().unwrap();
+    let csr = rcgen::CertificateParams::new(Vec::<String>::new())
+        .unwrap()
+        .serialize_request(&key)
+        .unwrap()
+        .pem()
+        .unwrap();
+    let body = json!({"token": token, "agent_id": id, "csr": csr, "inventory": {"hostname": id}});
+    (key.serialize_pem(), body)
+}
+
 /// Wake-ups received, per agent: wake-up id -> how many times.
 pub type Received = Arc<Mutex<HashMap<String, HashMap<String, u32>>>>;
 

@@ -355,29 +355,9 @@ impl Up {
         cookie: &str,
         body: &str,
     ) -> (u16, Value, String) {
-        let mut s = TcpStream::connect(&self.console).expect("connect to the console");
-        s.set_read_timeout(Some(Duration::from_secs(10)))
-            .expect("timeout");
-        let cookie = if cookie.is_empty() {
-            String::new()
-        } else {
-            format!("Cookie: {cookie}\r\n")
-        };
-        let request = format!(
-            "{method} {path} HTTP/1.1\r\nHost: x\r\n{cookie}Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-            body.len()
-        );
-        s.write_all(request.as_bytes()).expect("send request");
-        let mut response = String::new();
-        let _ = s.read_to_string(&mut response);
-        let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
-        let status = head
-            .split_whitespace()
-            .nth(1)
-            .and_then(|s| s.parse().ok())
-            .unwrap_or(0);
-        let json = serde_json::from_str(body).unwrap_or(Value::Null);
-        (status, json, head.to_owned())
+        let (status, head, body) = http_request(&self.console, method, path, cookie, body);
+        let json = serde_json::from_str(&body).unwrap_or(Value::Null);
+        (status, json, head)
     }
 
     /// Logs in as admin with `password`; returns the session cookie.
@@ -443,4 +423,38 @@ impl ConsoleApi {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
+}
+
+/// One HTTP/1.1 request to `addr` over plain TCP (with the session `cookie` unless empty,
+/// and a JSON `body` unless empty); returns (status, raw head, body text). A connection that
+/// fails mid-answer gives status 0.
+pub fn http_request(
+    addr: &str,
+    method: &str,
+    path: &str,
+    cookie: &str,
+    body: &str,
+) -> (u16, String, String) {
+    let mut s = TcpStream::connect(addr).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    let cookie = if cookie.is_empty() {
+        String::new()
+    } else {
+        format!("Cookie: {cookie}\r\n")
+    };
+    let request = format!(
+        "{method} {path} HTTP/1.1\r\nHost: x\r\n{cookie}Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    s.write_all(request.as_bytes()).expect("send request");
+    let mut response = String::new();
+    let _ = s.read_to_string(&mut response);
+    let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    (status, head.to_owned(), body.to_owned())
 }
