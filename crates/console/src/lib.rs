@@ -21,7 +21,6 @@ mod http;
 pub mod metrics;
 pub mod model;
 pub mod oidc;
-pub mod openapi;
 mod secrets;
 pub mod settings;
 pub mod store;
@@ -255,7 +254,7 @@ pub enum ConsoleError {
 }
 
 /// The console's push-service connection as last seen.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, schemars::JsonSchema)]
 pub struct PushStatus {
     /// Connected to the broker.
     pub connected: bool,

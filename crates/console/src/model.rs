@@ -1,5 +1,6 @@
 //! The console's records: what the store keeps and the API shows.
 
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 /// Unix time in milliseconds, the unit of every timestamp the console stores.
@@ -13,7 +14,7 @@ pub fn now_ms() -> Millis {
 }
 
 /// An enrollment token as listed (the secret itself is only shown once, at creation).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct EnrollmentToken {
     /// Public id, used to revoke it.
     pub id: String,
@@ -37,7 +38,7 @@ pub struct EnrollmentToken {
 
 /// One IP address of an agent with its prefix length (so that the subnet broadcast can be
 /// computed for Wake-on-LAN).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct AgentAddress {
     /// The address, e.g. `192.168.1.23` or `fe80::1`.
     pub address: std::net::IpAddr,
@@ -46,7 +47,7 @@ pub struct AgentAddress {
 }
 
 /// Whether an agent holds a push connection.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Presence {
     /// No presence event seen yet.
@@ -79,7 +80,9 @@ impl Presence {
 }
 
 /// What a user or API token may do; each role may do what the one before it may.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, JsonSchema,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum Role {
     /// Reads everything: agents, groups, calls, settings, the audit log.
@@ -110,7 +113,7 @@ impl Role {
 }
 
 /// A console user as listed (never the password hash).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct User {
     /// Login name.
     pub name: String,
@@ -125,7 +128,7 @@ pub struct User {
 }
 
 /// What an agent reports about its machine (at enrollment and at each check-in).
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Inventory {
     /// Host name.
@@ -143,7 +146,7 @@ pub struct Inventory {
 }
 
 /// An enrolled agent.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct Agent {
     /// The identity id (certificate CN, MQTT client id).
     pub id: String,
@@ -174,7 +177,7 @@ pub struct Agent {
 }
 
 /// An identity in use on two machines: both machines as they last checked in, and the fix.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct ClonedIdentity {
     /// When the console noticed.
     pub detected_at: Millis,
@@ -185,7 +188,7 @@ pub struct ClonedIdentity {
 }
 
 /// A group of agents.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct Group {
     /// Unique name.
     pub name: String,
@@ -198,7 +201,9 @@ pub struct Group {
 }
 
 /// Where a wake-up call stands for one agent.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, JsonSchema,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum CallState {
     /// Recorded, not yet accepted by the broker.
@@ -270,7 +275,7 @@ impl CallState {
 }
 
 /// What a wake-up call was addressed to.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "snake_case", deny_unknown_fields)]
 pub enum CallTarget {
     /// These agent ids.
@@ -294,7 +299,7 @@ impl CallTarget {
 }
 
 /// A wake-up call.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct WakeCall {
     /// Call id (UUID v7).
     pub id: String,
@@ -317,7 +322,7 @@ pub struct WakeCall {
 }
 
 /// A call's state for one agent.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct CallDelivery {
     /// The call.
     pub call_id: String,
@@ -351,7 +356,7 @@ pub struct CallDelivery {
 }
 
 /// A state change for one agent of a call, as pushed to live listeners.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct CallEvent {
     /// The call.
     pub call_id: String,
@@ -364,7 +369,7 @@ pub struct CallEvent {
 }
 
 /// One audit record.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct AuditEntry {
     /// Sequence number.
     pub id: i64,
@@ -379,7 +384,7 @@ pub struct AuditEntry {
 }
 
 /// An API token as listed.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct ApiToken {
     /// Public id.
     pub id: String,
@@ -396,7 +401,7 @@ pub struct ApiToken {
 }
 
 /// One Wake-on-LAN packet burst sent.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct WolSend {
     /// The agent.
     pub agent_id: String,

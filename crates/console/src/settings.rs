@@ -2,10 +2,11 @@
 
 use std::net::IpAddr;
 
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 /// Every setting, grouped as on the Settings page. Each group is stored under its own key.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default, JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct Settings {
     /// Wake-on-LAN.
@@ -21,7 +22,7 @@ pub struct Settings {
 }
 
 /// The agent registry: when an agent counts as stale.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct AgentSettings {
     /// An agent not online and not seen (enrollment, check-in, presence change) for this many
@@ -46,7 +47,7 @@ impl AgentSettings {
 }
 
 /// Wake-on-LAN: where the magic packets go.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct WolSettings {
     /// Extra destinations besides each agent's subnet broadcast: broadcast or multicast
@@ -79,7 +80,7 @@ impl Default for WolSettings {
 }
 
 /// Wake-up call defaults.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct WakeUpSettings {
     /// Expiry of a wake-up, seconds. Default 600 (10 minutes), 10 s to 7 days.
@@ -102,7 +103,7 @@ impl Default for WakeUpSettings {
 }
 
 /// Broker endpoints given to agents at enrollment.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default, JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct BrokerSettings {
     /// `host:port` of each broker endpoint, preferred first (e.g. `push.example.com:8883`,
@@ -111,7 +112,7 @@ pub struct BrokerSettings {
 }
 
 /// HTTP proxy policy for agents.
-#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct ProxySettings {
     /// `http://host:port` of the proxy agents try first, or `http://user:password@host:port`

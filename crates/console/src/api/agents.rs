@@ -3,7 +3,8 @@
 use axum::Json;
 use axum::extract::Path;
 use axum::http::StatusCode;
-use serde::Deserialize;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use super::*;
@@ -12,7 +13,7 @@ use crate::store::{AgentFilter, StoreError};
 
 // --- Agents and groups ---
 
-#[derive(Deserialize)]
+#[derive(Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub(super) struct AgentQuery {
     search: Option<String>,
@@ -70,7 +71,7 @@ pub(super) async fn clear_clone_flag(a: Admin, Path(id): Path<String>) -> ApiRes
     Ok(Json(agent))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub(super) struct AgentUpdate {
     name: Option<String>,
@@ -128,10 +129,20 @@ async fn publish_revocations(a: &Caller, ids: &[String]) {
     }
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub(super) struct RemoveAgents {
+    /// 1 to 1000 agent ids.
     ids: Vec<String>,
+}
+
+/// What a removal of many agents did.
+#[derive(Serialize, JsonSchema)]
+pub(super) struct RemovedAgents {
+    /// The agents removed now.
+    removed: Vec<String>,
+    /// The ids unknown or already removed.
+    not_found: Vec<String>,
 }
 
 /// Removes (revokes) many agents in one step, e.g. the stale ones: each as `DELETE
@@ -140,7 +151,7 @@ pub(super) struct RemoveAgents {
 pub(super) async fn remove_agents(
     a: Admin,
     Body(req): Body<RemoveAgents>,
-) -> ApiResult<Json<serde_json::Value>> {
+) -> ApiResult<Json<RemovedAgents>> {
     if req.ids.is_empty() || req.ids.len() > 1000 {
         return Err(ApiError::new(
             StatusCode::UNPROCESSABLE_ENTITY,
@@ -170,10 +181,10 @@ pub(super) async fn remove_agents(
     if let Some(e) = failed {
         return Err(e.into());
     }
-    Ok(Json(json!({"removed": removed, "not_found": not_found})))
+    Ok(Json(RemovedAgents { removed, not_found }))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub(super) struct NewGroup {
     name: String,

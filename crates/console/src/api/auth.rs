@@ -5,7 +5,8 @@ use axum::extract::State;
 use axum::http::header::SET_COOKIE;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use serde::Deserialize;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use super::*;
@@ -43,7 +44,7 @@ pub(crate) async fn ensure_first_user(
     Ok(Some(password))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub(super) struct LoginRequest {
     user: String,
@@ -62,6 +63,12 @@ pub(super) async fn login(
         Err(e) => e.status,
     }));
     answer
+}
+
+/// Who logged in (the session is in the cookie).
+#[derive(Serialize, JsonSchema)]
+pub(super) struct LoggedIn {
+    user: String,
 }
 
 /// A login, answered with a session cookie.
@@ -117,7 +124,7 @@ async fn check_login(
         json!({"via": "password", "address": from.to_string()}),
     )
     .await;
-    Ok(([(SET_COOKIE, cookie)], Json(json!({ "user": req.user }))).into_response())
+    Ok(([(SET_COOKIE, cookie)], Json(LoggedIn { user: req.user })).into_response())
 }
 
 /// Records a new session of `user`; returns the `Set-Cookie` value that hands it to the
@@ -229,7 +236,7 @@ pub(super) async fn hash(password: String) -> ApiResult<String> {
         .map_err(|e| ApiError::internal(e.to_string()))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub(super) struct PasswordChange {
     current: String,

@@ -8,7 +8,8 @@ use axum::http::StatusCode;
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use futures_util::Stream;
-use serde::Deserialize;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use super::*;
@@ -18,7 +19,7 @@ use crate::{AppState, dispatch};
 
 // --- Wake-up calls ---
 
-#[derive(Deserialize)]
+#[derive(Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub(super) struct NewCallRequest {
     target: CallTarget,
@@ -32,10 +33,19 @@ pub(super) struct NewCallRequest {
     wake_on_lan: bool,
 }
 
+/// A call just made.
+#[derive(Serialize, JsonSchema)]
+pub(super) struct CreatedCall {
+    #[serde(flatten)]
+    call: WakeCall,
+    /// How many agents it addresses.
+    agents: usize,
+}
+
 pub(super) async fn create_call(
     a: Operator,
     Body(req): Body<NewCallRequest>,
-) -> ApiResult<(StatusCode, Json<serde_json::Value>)> {
+) -> ApiResult<(StatusCode, Json<CreatedCall>)> {
     check_text(
         "reason",
         &req.reason,
@@ -130,9 +140,8 @@ pub(super) async fn create_call(
             }
         });
     }
-    let mut body = to_body(&call)?;
-    body["agents"] = json!(deliveries.len());
-    Ok((StatusCode::CREATED, Json(body)))
+    let agents = deliveries.len();
+    Ok((StatusCode::CREATED, Json(CreatedCall { call, agents })))
 }
 
 pub(super) async fn list_calls(
@@ -143,14 +152,21 @@ pub(super) async fn list_calls(
     Ok(Json(a.run(move |s| s.list_calls(limit)).await?))
 }
 
+/// A call with where it stands for each agent.
+#[derive(Serialize, JsonSchema)]
+pub(super) struct CallWithDeliveries {
+    #[serde(flatten)]
+    call: WakeCall,
+    /// One per agent addressed.
+    deliveries: Vec<CallDelivery>,
+}
+
 pub(super) async fn get_call(
     a: Viewer,
     Path(id): Path<String>,
-) -> ApiResult<Json<serde_json::Value>> {
+) -> ApiResult<Json<CallWithDeliveries>> {
     let (call, deliveries) = a.run(move |s| s.call(&id)).await?;
-    let mut body = to_body(&call)?;
-    body["deliveries"] = to_body(&deliveries)?;
-    Ok(Json(body))
+    Ok(Json(CallWithDeliveries { call, deliveries }))
 }
 
 pub(super) fn event_stream(

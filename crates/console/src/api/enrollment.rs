@@ -5,6 +5,7 @@ use axum::Json;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
@@ -17,7 +18,7 @@ use crate::store::{CertificateRecord, NewAgent, NewEnrollmentToken};
 
 // --- Enrollment ---
 
-#[derive(Deserialize)]
+#[derive(Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub(super) struct NewEnrollmentTokenRequest {
     #[serde(default)]
@@ -30,10 +31,19 @@ pub(super) struct NewEnrollmentTokenRequest {
     groups: Vec<String>,
 }
 
+/// An enrollment token just made, with its secret (shown this once).
+#[derive(Serialize, JsonSchema)]
+pub(super) struct CreatedEnrollmentToken {
+    #[serde(flatten)]
+    record: EnrollmentToken,
+    /// The secret agents enroll with (`bke_...`).
+    token: String,
+}
+
 pub(super) async fn create_enrollment_token(
     a: Admin,
     Body(req): Body<NewEnrollmentTokenRequest>,
-) -> ApiResult<(StatusCode, Json<serde_json::Value>)> {
+) -> ApiResult<(StatusCode, Json<CreatedEnrollmentToken>)> {
     check_text("label", &req.label, 0, 200)?;
     for g in &req.groups {
         check_group_name(g)?;
@@ -73,9 +83,13 @@ pub(super) async fn create_enrollment_token(
     let token = a.run(move |s| s.create_enrollment_token(new)).await?;
     a.audit("enrollment_token.create", json!({"id": token.id}))
         .await;
-    let mut body = to_body(&token)?;
-    body["token"] = json!(secret);
-    Ok((StatusCode::CREATED, Json(body)))
+    Ok((
+        StatusCode::CREATED,
+        Json(CreatedEnrollmentToken {
+            record: token,
+            token: secret,
+        }),
+    ))
 }
 
 pub(super) async fn list_enrollment_tokens(a: Viewer) -> ApiResult<Json<Vec<EnrollmentToken>>> {
@@ -94,7 +108,7 @@ pub(super) async fn revoke_enrollment_token(
     Ok(StatusCode::NO_CONTENT)
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub(super) struct EnrollRequest {
     token: String,
@@ -140,7 +154,7 @@ pub(super) fn check_inventory(inv: &Inventory) -> ApiResult<()> {
 }
 
 /// What an agent gets back from enrollment.
-#[derive(Serialize)]
+#[derive(Serialize, JsonSchema)]
 pub(super) struct EnrollResponse {
     agent_id: String,
     tenant: String,
@@ -148,9 +162,18 @@ pub(super) struct EnrollResponse {
     ca: String,
     broker_endpoints: Vec<String>,
     proxy: crate::settings::ProxySettings,
-    wakeup_key: serde_json::Value,
+    wakeup_key: WakeupKey,
     checkin_token: String,
     checkin_url: String,
+}
+
+/// The key that signs wake-ups, for agents to check them.
+#[derive(Serialize, JsonSchema)]
+pub(super) struct WakeupKey {
+    /// Key id, carried in each wake-up.
+    kid: String,
+    /// The public key, base64.
+    public_key: String,
 }
 
 pub(super) async fn enroll(
@@ -262,10 +285,10 @@ async fn check_enrollment(
             ca: st.ca.cert_pem().to_owned(),
             broker_endpoints,
             proxy: settings.proxy,
-            wakeup_key: json!({
-                "kid": st.signer.key().kid().as_str(),
-                "public_key": st.signer.key().public_key().to_base64(),
-            }),
+            wakeup_key: WakeupKey {
+                kid: st.signer.key().kid().as_str().to_owned(),
+                public_key: st.signer.key().public_key().to_base64(),
+            },
             checkin_token,
             checkin_url: console_url(&st, &headers),
         }),
@@ -348,7 +371,7 @@ pub(super) fn certificate_record(
     })
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub(super) struct RenewRequest {
     /// A PEM certificate signing request for a fresh key pair.
@@ -356,7 +379,7 @@ pub(super) struct RenewRequest {
 }
 
 /// A renewed agent certificate.
-#[derive(Serialize)]
+#[derive(Serialize, JsonSchema)]
 pub(super) struct RenewResponse {
     agent_id: String,
     certificate: String,
@@ -411,7 +434,7 @@ pub(super) async fn get_tenant_file(a: Viewer) -> ApiResult<Response> {
 }
 
 /// The check-in body: the agent runtime's fields, plus an optional fresh inventory.
-#[derive(Deserialize)]
+#[derive(Deserialize, JsonSchema)]
 pub(super) struct CheckinRequest {
     #[serde(default)]
     agent_id: Option<String>,
@@ -425,12 +448,22 @@ pub(super) struct CheckinRequest {
     taken_over: bool,
 }
 
+/// A check-in recorded.
+#[derive(Serialize, JsonSchema)]
+pub(super) struct CheckedIn {
+    agent_id: String,
+    /// This check-in, unix ms.
+    last_checkin: Option<Millis>,
+    /// The wake-up the agent answered, as it sent it.
+    wakeup_id: Option<String>,
+}
+
 pub(super) async fn checkin(
     State(st): State<AppState>,
     Path(id): Path<String>,
     headers: HeaderMap,
     Body(req): Body<CheckinRequest>,
-) -> ApiResult<Json<serde_json::Value>> {
+) -> ApiResult<Json<CheckedIn>> {
     let Some(token) = bearer(&headers) else {
         return Err(ApiError::unauthorized(
             "check-in needs Authorization: Bearer <the checkin_token from enrollment>",
@@ -463,9 +496,9 @@ pub(super) async fn checkin(
         let detail = json!({"id": agent.id, "machines": machines});
         write_audit(&st, format!("agent:{}", agent.id), "agent.cloned", detail).await;
     }
-    Ok(Json(json!({
-        "agent_id": agent.id,
-        "last_checkin": agent.last_checkin,
-        "wakeup_id": req.wakeup_id,
-    })))
+    Ok(Json(CheckedIn {
+        agent_id: agent.id,
+        last_checkin: agent.last_checkin,
+        wakeup_id: req.wakeup_id,
+    }))
 }

@@ -19,6 +19,7 @@ mod enrollment;
 pub mod fuzzing;
 mod metrics;
 mod oidc;
+pub mod openapi;
 mod settings;
 mod tokens;
 mod users;
@@ -64,8 +65,22 @@ pub struct ApiError {
     message: String,
     /// For 429: when to try again.
     retry_after: Option<std::time::Duration>,
-    /// Fields added to the body beside `error` (a 403 names the role needed and held).
-    extra: serde_json::Map<String, serde_json::Value>,
+    /// For 403: the role needed and the caller's.
+    roles: Option<(Role, Role)>,
+}
+
+/// The body of every error answer.
+#[derive(Serialize, schemars::JsonSchema)]
+#[schemars(rename = "Error")]
+struct ErrorBody {
+    /// What went wrong and what to do, in words.
+    error: String,
+    /// With 403: the role the route needs.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    needs_role: Option<Role>,
+    /// With 403: the caller's role.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    role: Option<Role>,
 }
 
 impl ApiError {
@@ -74,7 +89,7 @@ impl ApiError {
             status,
             message: message.into(),
             retry_after: None,
-            extra: serde_json::Map::new(),
+            roles: None,
         }
     }
 
@@ -104,8 +119,11 @@ impl ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let mut body = self.extra;
-        body.insert("error".into(), self.message.into());
+        let body = ErrorBody {
+            error: self.message,
+            needs_role: self.roles.map(|(needed, _)| needed),
+            role: self.roles.map(|(_, held)| held),
+        };
         let mut response = (self.status, Json(body)).into_response();
         if let Some(wait) = self.retry_after {
             let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
@@ -144,13 +162,6 @@ impl From<StoreError> for ApiError {
 }
 
 type ApiResult<T> = Result<T, ApiError>;
-
-/// A record as a JSON body to extend. Fails the request (500) rather than answering with
-/// an empty body, e.g. an enrollment token's secret alone without the token it belongs to.
-fn to_body<T: Serialize>(value: &T) -> ApiResult<serde_json::Value> {
-    serde_json::to_value(value)
-        .map_err(|e| ApiError::internal(format!("cannot encode the answer as JSON: {e}")))
-}
 
 /// A JSON body whose rejections (malformed JSON, wrong fields, too large, wrong content
 /// type) come back as JSON errors.
@@ -362,8 +373,7 @@ fn forbidden(who: &Principal, role: Role) -> ApiError {
             who.role.as_str()
         ),
     );
-    e.extra.insert("needs_role".into(), role.as_str().into());
-    e.extra.insert("role".into(), who.role.as_str().into());
+    e.roles = Some((role, who.role));
     e
 }
 
@@ -540,11 +550,11 @@ pub fn router(state: AppState) -> Router {
 }
 
 async fn openapi() -> Json<serde_json::Value> {
-    Json(crate::openapi::document())
+    Json(openapi::document())
 }
 
 /// The query of a list whose only parameter is how many to list.
-#[derive(serde::Deserialize)]
+#[derive(serde::Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 struct LimitQuery {
     limit: Option<u32>,

@@ -6,7 +6,8 @@ use axum::extract::State;
 use axum::http::header::{LOCATION, SET_COOKIE};
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
-use serde::Deserialize;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use super::auth::start_session;
@@ -20,15 +21,23 @@ use crate::store::StoreError;
 const STATE_COOKIE: &str = "beckon_oidc_state";
 
 /// Whether the login page offers single sign-on, and under which name.
-pub(super) async fn oidc_info(State(st): State<AppState>) -> Json<serde_json::Value> {
-    match &st.oidc {
-        Some(o) => Json(json!({
-            "enabled": true,
-            "provider": o.config().provider_name,
-            "login_url": "/api/v1/oidc/login",
-        })),
-        None => Json(json!({"enabled": false})),
-    }
+#[derive(Serialize, JsonSchema)]
+pub(super) struct OidcInfo {
+    enabled: bool,
+    /// With `enabled`: the provider's name ("Sign in with ...").
+    #[serde(skip_serializing_if = "Option::is_none")]
+    provider: Option<String>,
+    /// With `enabled`: where the sign-in starts.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    login_url: Option<&'static str>,
+}
+
+pub(super) async fn oidc_info(State(st): State<AppState>) -> Json<OidcInfo> {
+    Json(OidcInfo {
+        enabled: st.oidc.is_some(),
+        provider: st.oidc.as_ref().map(|o| o.config().provider_name.clone()),
+        login_url: st.oidc.as_ref().map(|_| "/api/v1/oidc/login"),
+    })
 }
 
 fn redirect(to: &str, cookie: Option<String>) -> Response {
@@ -81,7 +90,7 @@ pub(super) async fn oidc_login(State(st): State<AppState>, Source(from): Source)
 }
 
 /// What the provider sends back: a code and the state, or an error.
-#[derive(Deserialize)]
+#[derive(Deserialize, JsonSchema)]
 pub(super) struct Callback {
     code: Option<String>,
     state: Option<String>,

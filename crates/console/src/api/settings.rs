@@ -4,7 +4,8 @@ use std::collections::BTreeSet;
 
 use axum::Json;
 use axum::http::StatusCode;
-use serde_json::json;
+use schemars::JsonSchema;
+use serde::Serialize;
 
 use super::*;
 use crate::model::*;
@@ -35,7 +36,25 @@ pub(super) async fn audit_log(
     Ok(Json(a.run(move |s| s.audit_log(limit)).await?))
 }
 
-pub(super) async fn status(a: Viewer) -> Json<serde_json::Value> {
+/// The console's status, for the dashboard.
+#[derive(Serialize, JsonSchema)]
+pub(super) struct Status {
+    /// The push-service connection; `null` if it cannot be read.
+    push_service: Option<crate::PushStatus>,
+    agents_online: u64,
+    /// Agents not seen for `stale_after_days`; `null` if the database could not say.
+    agents_stale: Option<u64>,
+    /// The setting `agents.stale_after_days`.
+    stale_after_days: Option<u32>,
+    tenant: String,
+    /// Every state a call's delivery can be in.
+    call_states: BTreeSet<&'static str>,
+    /// Certificates that expire soon, in words.
+    certificate_warnings: Vec<String>,
+    enrollment: EnrollmentHints,
+}
+
+pub(super) async fn status(a: Viewer) -> Json<Status> {
     let push = a.st.push.lock().map(|p| p.clone()).ok();
     let online = a
         .run(|s| s.count_agents(Presence::Online))
@@ -51,27 +70,32 @@ pub(super) async fn status(a: Viewer) -> Json<serde_json::Value> {
         }
         None => None,
     };
-    Json(json!({
-        "push_service": push,
-        "agents_online": online,
-        "agents_stale": stale,
-        "stale_after_days": stale_after.map(|s| s.stale_after_days),
-        "tenant": a.st.tenant.as_str(),
-        "call_states": states,
-        "certificate_warnings": crate::tls::certificate_warnings(&a.st.config),
-        "enrollment": enrollment_hints(&a.st),
-    }))
+    Json(Status {
+        push_service: push,
+        agents_online: online,
+        agents_stale: stale,
+        stale_after_days: stale_after.map(|s| s.stale_after_days),
+        tenant: a.st.tenant.as_str().to_owned(),
+        call_states: states,
+        certificate_warnings: crate::tls::certificate_warnings(&a.st.config),
+        enrollment: enrollment_hints(&a.st),
+    })
 }
 
 /// What the Enrollment page needs for a working `beckon agent enroll` command: the
 /// `--public-url` (`null`: the page uses its own address), and the CA that signed the
 /// console's HTTPS certificate when the console generated it (agents pass it with `--ca`;
 /// `null` for plain HTTP or a `--tls-cert` from a CA the system trusts).
-fn enrollment_hints(st: &AppState) -> serde_json::Value {
+#[derive(Serialize, JsonSchema)]
+pub(super) struct EnrollmentHints {
+    console_url: Option<String>,
+    console_ca: Option<String>,
+}
+
+fn enrollment_hints(st: &AppState) -> EnrollmentHints {
     let own_ca = !st.config.plain_http && st.config.tls_files.is_none();
-    let ca = own_ca.then(|| st.ca.cert_pem().to_owned());
-    json!({
-        "console_url": st.config.public_url,
-        "console_ca": ca,
-    })
+    EnrollmentHints {
+        console_url: st.config.public_url.clone(),
+        console_ca: own_ca.then(|| st.ca.cert_pem().to_owned()),
+    }
 }

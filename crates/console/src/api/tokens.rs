@@ -3,7 +3,8 @@
 use axum::Json;
 use axum::extract::Path;
 use axum::http::StatusCode;
-use serde::Deserialize;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use super::*;
@@ -32,7 +33,7 @@ pub(crate) async fn create_api_token(
     Ok(token)
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub(super) struct NewApiTokenRequest {
     name: String,
@@ -40,10 +41,20 @@ pub(super) struct NewApiTokenRequest {
     role: Option<Role>,
 }
 
+/// An API token just made, with its secret (shown this once).
+#[derive(Serialize, JsonSchema)]
+pub(super) struct CreatedApiToken {
+    name: String,
+    role: Role,
+    /// The secret to send as `Authorization: Bearer <token>`.
+    token: String,
+    note: &'static str,
+}
+
 pub(super) async fn create_api_token_route(
     a: Admin,
     Body(req): Body<NewApiTokenRequest>,
-) -> ApiResult<(StatusCode, Json<serde_json::Value>)> {
+) -> ApiResult<(StatusCode, Json<CreatedApiToken>)> {
     check_text("name", &req.name, 1, 100)?;
     let role = req.role.unwrap_or(a.who.role);
     if role > a.who.role {
@@ -63,9 +74,12 @@ pub(super) async fn create_api_token_route(
     a.audit("api_token.create", detail).await;
     Ok((
         StatusCode::CREATED,
-        Json(
-            json!({"name": req.name, "role": role, "token": token, "note": "shown once: store it now"}),
-        ),
+        Json(CreatedApiToken {
+            name: req.name,
+            role,
+            token,
+            note: "shown once: store it now",
+        }),
     ))
 }
 

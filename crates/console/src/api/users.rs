@@ -4,14 +4,15 @@
 use axum::Json;
 use axum::extract::Path;
 use axum::http::StatusCode;
-use serde::Deserialize;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use super::auth::{check_password, hash};
 use super::*;
 use crate::model::*;
 
-#[derive(Deserialize)]
+#[derive(Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub(super) struct NewUserRequest {
     name: String,
@@ -56,9 +57,16 @@ pub(super) async fn list_users(a: Viewer) -> ApiResult<Json<Vec<User>>> {
     Ok(Json(a.run(|s| s.list_users()).await?))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub(super) struct UserUpdate {
+    role: Role,
+}
+
+/// A user's role after a change.
+#[derive(Serialize, JsonSchema)]
+pub(super) struct UserRole {
+    name: String,
     role: Role,
 }
 
@@ -66,17 +74,20 @@ pub(super) async fn update_user(
     a: Admin,
     Path(name): Path<String>,
     Body(req): Body<UserUpdate>,
-) -> ApiResult<Json<serde_json::Value>> {
+) -> ApiResult<Json<UserRole>> {
     let n = name.clone();
     let before = a.run(move |s| s.set_user_role(&n, req.role)).await?;
     if before != req.role {
         let detail = json!({"name": name, "old": before, "new": req.role});
         a.audit("user.role", detail).await;
     }
-    Ok(Json(json!({"name": name, "role": req.role})))
+    Ok(Json(UserRole {
+        name,
+        role: req.role,
+    }))
 }
 
 /// Who the caller is and what it may do.
-pub(super) async fn account(a: Viewer) -> Json<serde_json::Value> {
-    Json(json!({"name": a.who.name, "role": a.who.role}))
+pub(super) async fn account(a: Viewer) -> Json<Principal> {
+    Json(a.who.clone())
 }

@@ -328,7 +328,7 @@ pub struct PresenceUpdate {
 }
 
 /// What a session or bearer token resolves to.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, schemars::JsonSchema)]
 pub struct Principal {
     /// Shown as `created_by` and in the audit log: `user:alice` or `token:ci`.
     pub name: String,
