@@ -265,7 +265,12 @@ impl Checker {
                 wrong.is_empty(),
                 "{what}: the test's body does not fit the document: {wrong:?}"
             );
-            for (how, broken) in broken_bodies(schemas, schema, input, &v) {
+            let broken = broken_bodies(schemas, schema, input, &v);
+            assert!(
+                !broken.is_empty(),
+                "{what}: no way to break its body's schema"
+            );
+            for (how, broken) in broken {
                 let refused = self
                     .send(method, &uri, auth, Some(broken.to_string()))
                     .await;
