@@ -16,8 +16,11 @@ use crate::store::{AgentFilter, StoreError};
 #[derive(Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub(super) struct AgentQuery {
+    /// Text in the id, name, host name, an address or a MAC address.
     search: Option<String>,
+    /// Only members of this group.
     group: Option<String>,
+    /// Only agents with this presence.
     presence: Option<Presence>,
     /// Only agents not seen for the setting `agents.stale_after_days`.
     #[serde(default)]
@@ -25,9 +28,12 @@ pub(super) struct AgentQuery {
     /// Only agents whose identity is in use on two machines.
     #[serde(default)]
     cloned: bool,
+    /// Also revoked (removed) agents.
     #[serde(default)]
     include_revoked: bool,
+    /// How many to list: 1 to 1000, default 100.
     limit: Option<u32>,
+    /// How many to skip first.
     #[serde(default)]
     offset: u32,
 }

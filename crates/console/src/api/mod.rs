@@ -557,6 +557,7 @@ async fn openapi() -> Json<serde_json::Value> {
 #[derive(serde::Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 struct LimitQuery {
+    /// How many to list: 1 to 1000.
     limit: Option<u32>,
 }
 

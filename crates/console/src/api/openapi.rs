@@ -481,6 +481,7 @@ fn query_parameters(object: Value) -> Vec<Value> {
         .iter()
         .map(|(name, schema)| {
             let mut schema = schema.clone();
+            without_null(&mut schema);
             let description = schema
                 .as_object_mut()
                 .and_then(|s| s.remove("description"));
@@ -491,6 +492,28 @@ fn query_parameters(object: Value) -> Vec<Value> {
             p
         })
         .collect()
+}
+
+/// An optional parameter's schema without `null`: a query leaves it out instead.
+fn without_null(schema: &mut Value) {
+    let Some(o) = schema.as_object_mut() else {
+        return;
+    };
+    if let Some(Value::Array(types)) = o.get_mut("type") {
+        types.retain(|t| t != "null");
+        if let [only] = types.as_slice() {
+            let only = only.clone();
+            o.insert("type".into(), only);
+        }
+    }
+    if let Some(Value::Array(options)) = o.get_mut("anyOf") {
+        options.retain(|s| s != &json!({"type": "null"}));
+        if let [only] = options.as_slice() {
+            let only = only.as_object().cloned().unwrap_or_default();
+            o.remove("anyOf");
+            o.extend(only);
+        }
+    }
 }
 
 /// The types read in another shape than they are written (fields with defaults), and those
