@@ -109,6 +109,11 @@ fn routes() -> BTreeSet<(String, String)> {
 fn the_document_is_a_well_formed_openapi_3_1_document() {
     let doc = beckon_console::api::openapi::document();
     assert_eq!(doc["openapi"], "3.1.0");
+    // The OpenAPI Initiative's schema of 3.1 documents (Apache-2.0; its $id names the
+    // version), which checks the structure but not the schemas inside.
+    let oas: Value = serde_json::from_str(include_str!("data/openapi-3.1-schema.json")).unwrap();
+    let wrong = misfits(&jsonschema::draft202012::new(&oas).unwrap(), &doc);
+    assert!(wrong.is_empty(), "not an OpenAPI 3.1 document: {wrong:?}");
     assert!(doc["info"]["title"].is_string() && doc["info"]["version"].is_string());
     let schemas = &doc["components"]["schemas"];
     let schemes = doc["components"]["securitySchemes"].as_object().unwrap();
