@@ -342,6 +342,12 @@ impl Checker {
             headers,
             body: serde_json::from_slice(&bytes).unwrap_or(Value::Null),
         };
+        for (name, header) in documented["headers"].as_object().into_iter().flatten() {
+            if header["required"] == true {
+                let name = name.to_lowercase();
+                assert!(answer.header(&name).is_some(), "{what}: no {name} header");
+            }
+        }
         let content = documented["content"].as_object();
         match content.and_then(|c| c.iter().next()) {
             None => {
@@ -349,9 +355,6 @@ impl Checker {
                     bytes.is_empty(),
                     "{what}: documented without a body: {text}"
                 );
-                if code == 303 {
-                    assert!(answer.header("location").is_some(), "{what}: no Location");
-                }
             }
             Some((media, content)) => {
                 let got = answer.header("content-type").unwrap_or_default();

@@ -72,6 +72,8 @@ struct Operation {
     role: Option<Role>,
     input: Input,
     answer: Answer,
+    /// The success answer sets (or clears) the session cookie.
+    sets_session: bool,
 }
 
 impl Operation {
@@ -106,6 +108,13 @@ impl Operation {
     fn answers(self, answer: Answer) -> Self {
         Self { answer, ..self }
     }
+
+    fn sets_session(self) -> Self {
+        Self {
+            sets_session: true,
+            ..self
+        }
+    }
 }
 
 /// An operation without input that answers 204 until told otherwise.
@@ -122,6 +131,7 @@ fn op(
         role,
         input: Input::Nothing,
         answer: Answer::NoContent,
+        sets_session: false,
     }
 }
 
@@ -144,8 +154,9 @@ fn operations() -> Vec<Operation> {
             "Log in with user and password; sets the session cookie",
         )
         .body::<LoginRequest>()
-        .ok::<LoggedIn>(),
-        op("post", "/api/v1/logout", PUBLIC, "End the session"),
+        .ok::<LoggedIn>()
+        .sets_session(),
+        op("post", "/api/v1/logout", PUBLIC, "End the session").sets_session(),
         op(
             "get",
             "/api/v1/oidc",
@@ -402,7 +413,7 @@ pub fn document() -> Value {
             Input::Query(f) => params.extend(query_parameters(f(&mut reads).to_value())),
         }
         op["parameters"] = params.into();
-        let (status, success) = match o.answer {
+        let (status, mut success) = match o.answer {
             Answer::Json(status, f) => (
                 status.as_u16(),
                 json!({"description": status.canonical_reason(), "content": {"application/json": {"schema": f(&mut writes).to_value()}}}),
@@ -424,6 +435,9 @@ pub fn document() -> Value {
                 }),
             ),
         };
+        if o.sets_session {
+            success["headers"] = json!({"Set-Cookie": {"required": true, "description": "The session cookie, beckon_session (HttpOnly, SameSite=Strict)", "schema": {"type": "string"}}});
+        }
         let failure = json!({"description": "The request cannot be served; `error` says why", "content": {"application/json": {"schema": error}}});
         op["responses"] = json!({status.to_string(): success, "4XX": failure, "5XX": failure});
         if let Some(role) = o.role {
