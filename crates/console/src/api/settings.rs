@@ -60,7 +60,19 @@ pub(super) async fn status(a: Viewer) -> Json<serde_json::Value> {
         "call_states": states,
         "certificate_warnings": crate::tls::certificate_warnings(&a.st.config),
         "enrollment": enrollment_hints(&a.st),
+        "database": database(&a.st),
     }))
+}
+
+/// Which store the console uses, for the dashboard (the URL without its password). When it
+/// cannot be reached, every API call (this one included) answers 503 saying so.
+fn database(st: &AppState) -> serde_json::Value {
+    let url = st.config.database();
+    let kind = match &url {
+        crate::store::DatabaseUrl::Sqlite(_) => "sqlite",
+        crate::store::DatabaseUrl::Postgres(_) => "postgresql",
+    };
+    json!({"kind": kind, "url": url.to_string()})
 }
 
 /// What the Enrollment page needs for a working `beckon agent enroll` command: the
