@@ -254,7 +254,10 @@ fn database_urls_parse_and_never_show_the_password() {
     for (bad, says) in [
         ("mysql://x/y", "sqlite:PATH"),
         ("sqlite:", "no path"),
-        ("postgres://u:pw@h/db?sslmode=prefer", "fall back to cleartext"),
+        (
+            "postgres://u:pw@h/db?sslmode=prefer",
+            "fall back to cleartext",
+        ),
         ("postgres://u:pw@h/db?sslmode=bogus", "sslmode=bogus"),
         ("postgres://u:pw@h/db?sslrootcert=/ca.pem", "no sslmode"),
         (

@@ -83,7 +83,7 @@ pub(super) enum PostgresTls {
     /// In the clear: no `sslmode`, or `sslmode=disable`.
     Off,
     /// TLS, the server's certificate verified (CA and host name).
-    Verified(std::sync::Arc<rustls::ClientConfig>),
+    Verified(Arc<rustls::ClientConfig>),
 }
 
 /// The client configuration of a PostgreSQL URL, its TLS, and the URL to show.
@@ -92,9 +92,7 @@ pub(super) enum PostgresTls {
 /// client library parses: Beckon verifies the server whenever it uses TLS (`require`,
 /// `verify-ca` and `verify-full` alike), and refuses `prefer` and `allow`, which may fall
 /// back to cleartext or accept any certificate.
-pub(super) fn postgres_config(
-    url: &str,
-) -> StoreResult<(postgres::Config, PostgresTls, String)> {
+pub(super) fn postgres_config(url: &str) -> StoreResult<(postgres::Config, PostgresTls, String)> {
     let shown = redact(url);
     let invalid = |why: String| StoreError::Invalid(format!("the database URL {shown} {why}"));
     let (base, query) = url.split_once('?').unwrap_or((url, ""));

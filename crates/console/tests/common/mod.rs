@@ -48,7 +48,9 @@ impl Drop for ClusterStop {
 }
 
 fn cluster_script() -> std::process::Command {
-    std::process::Command::new(Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/test-postgres"))
+    std::process::Command::new(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/test-postgres"),
+    )
 }
 
 pub struct Api {

@@ -203,9 +203,9 @@ impl Postgres {
             }
         }
         .map_err(|e| StoreError::Unavailable {
-                database: self.shown.clone(),
-                reason: DbError::from(e).to_string(),
-            })
+            database: self.shown.clone(),
+            reason: DbError::from(e).to_string(),
+        })
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Pool> {
