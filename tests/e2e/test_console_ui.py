@@ -85,6 +85,7 @@ def test_login_shows_three_demo_agents_online(browser, beckon):
     wait(browser, lambda b: b.find_element(By.ID, "push-status").get_attribute("data-state") == "connected",
          "the push service never showed as connected")
     assert not browser.find_element(By.ID, "push-notice").is_displayed()
+    assert browser.find_element(By.ID, "database-line").text.startswith("Database: SQLite, sqlite:")
 
     browser.find_element(By.ID, "nav-agents").click()
     visible(browser, "view-agents")

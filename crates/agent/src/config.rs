@@ -91,9 +91,13 @@ pub struct BrokerConfig {
     /// The TLS fallback port shared with HTTPS (ALPN `mqtt`, then WebSocket `/mqtt`).
     #[serde(default = "default_port_fallback")]
     pub fallback_port: u16,
-    /// PEM file with the CA that signs the broker's certificate.
+    /// PEM file with the CA that signs the broker's certificate (default: the system store).
     #[serde(default)]
     pub ca_file: Option<PathBuf>,
+    /// Trust the system store as well as `ca_file`: for a broker with a certificate from a
+    /// public CA (enrollment writes it when the console says so).
+    #[serde(default)]
+    pub system_roots: bool,
     /// PEM client certificate (mTLS identity).
     #[serde(default)]
     pub client_cert: Option<PathBuf>,
@@ -318,6 +322,19 @@ impl Default for CheckinConfig {
             jitter: Duration::from_secs(60),
             on_wakeup: true,
             timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+impl BrokerConfig {
+    /// The CAs trusted for the broker's certificate: `ca_file` (with the system store when
+    /// `system_roots` says so), else the system store.
+    pub fn trust_anchors(&self) -> beckon_net::TrustAnchors {
+        use beckon_net::TrustAnchors;
+        match &self.ca_file {
+            Some(file) if self.system_roots => TrustAnchors::CaFileAndSystem(file.clone()),
+            Some(file) => TrustAnchors::CaFile(file.clone()),
+            None => TrustAnchors::System,
         }
     }
 }

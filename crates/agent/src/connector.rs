@@ -7,9 +7,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use beckon_net::{
-    ClientIdentity, ConnectionLadder, LadderConfig, Path, TlsClient, TlsSettings, TrustAnchors,
-};
+use beckon_net::{ClientIdentity, ConnectionLadder, LadderConfig, Path, TlsClient, TlsSettings};
 
 use tokio::net::TcpStream;
 
@@ -131,10 +129,7 @@ impl LadderConnector {
         let broker = &config.broker;
         crate::renew::complete_interrupted(broker);
         let settings = TlsSettings {
-            trust: match &broker.ca_file {
-                Some(file) => TrustAnchors::CaFile(file.clone()),
-                None => TrustAnchors::System,
-            },
+            trust: broker.trust_anchors(),
             identity: match (&broker.client_cert, &broker.client_key) {
                 (Some(cert), Some(key)) => Some(ClientIdentity::Files {
                     cert: cert.clone(),

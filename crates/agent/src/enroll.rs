@@ -184,6 +184,9 @@ struct EnrollAnswer {
     ca: String,
     #[serde(default)]
     broker_endpoints: Vec<String>,
+    /// The broker's certificate may come from a public CA: trust the system store too.
+    #[serde(default)]
+    broker_system_roots: bool,
     #[serde(default)]
     proxy: ProxyPolicy,
     wakeup_key: WakeUpKey,
@@ -526,6 +529,9 @@ fn config_text(
         "ca_file = {}\n",
         toml_path(&state_dir.join("ca.pem"))
     ));
+    if answer.broker_system_roots {
+        t.push_str("system_roots = true\n");
+    }
     t.push_str(&format!(
         "client_cert = {}\n",
         toml_path(&state_dir.join("agent.pem"))
@@ -671,6 +677,7 @@ mod tests {
             certificate: String::new(),
             ca: String::new(),
             broker_endpoints: vec!["push.example.com:8883".into()],
+            broker_system_roots: false,
             proxy: ProxyPolicy {
                 url: "http://proxy.example:3128".into(),
                 direct_fallback: true,
@@ -708,6 +715,21 @@ mod tests {
         );
         assert_eq!(config.checkin.ca_file, Some(state.join("console-ca.pem")));
         assert_eq!(config.checkin.token_file, Some(state.join("checkin.token")));
+        assert_eq!(
+            config.broker.trust_anchors(),
+            TrustAnchors::CaFile(state.join("ca.pem")),
+            "the console's CA only, unless the console says the broker's certificate is public"
+        );
+        let public = EnrollAnswer {
+            broker_system_roots: true,
+            ..answer
+        };
+        let text = config_text(&opts, state, &public, &console).expect("text");
+        let config = AgentConfig::parse(&text, Path::new("x.toml")).expect("valid");
+        assert_eq!(
+            config.broker.trust_anchors(),
+            TrustAnchors::CaFileAndSystem(state.join("ca.pem"))
+        );
     }
 
     #[tokio::test]

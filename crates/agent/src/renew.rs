@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use beckon_net::{ClientIdentity, TlsClient, TlsSettings, TrustAnchors};
+use beckon_net::{ClientIdentity, TlsClient, TlsSettings};
 use serde::Deserialize;
 use tokio::sync::watch;
 
@@ -176,10 +176,7 @@ pub async fn renew(config: &AgentConfig) -> Result<Validity, RenewError> {
     // rustls checks that the certificate carries our new public key; the broker's CA file
     // must still trust it.
     TlsClient::new(&TlsSettings {
-        trust: match &config.broker.ca_file {
-            Some(f) => TrustAnchors::CaFile(f.clone()),
-            None => TrustAnchors::System,
-        },
+        trust: config.broker.trust_anchors(),
         identity: Some(ClientIdentity::Pem {
             cert: answer.certificate.as_bytes().to_vec(),
             key: key_pem.as_bytes().to_vec(),

@@ -230,3 +230,26 @@ async fn an_https_console_with_its_own_ca_needs_ca() {
     );
     console.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_console_with_a_public_broker_certificate_makes_agents_trust_the_system_store_too() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut config = ConsoleConfig::new(dir.path().join("console"));
+    config.listen = "127.0.0.1:0".parse().expect("addr");
+    config.plain_http = true;
+    config.agent_broker_system_roots = true;
+    let console = Console::start(config).await.expect("console starts");
+    let token = enrollment_token(&console, None).await;
+    let state = dir.path().join("state");
+    let config_file = state.join("agent.toml");
+
+    let out = enroll(args(&console.url(), &token, &state, &config_file)).await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    let config = AgentConfig::load(&config_file).expect("valid config");
+    assert_eq!(
+        config.broker.trust_anchors(),
+        beckon_net::TrustAnchors::CaFileAndSystem(state.join("ca.pem")),
+        "the tenant CA and the system store"
+    );
+    console.shutdown().await;
+}

@@ -213,6 +213,10 @@ pub struct ConsoleArgs {
     /// Broker endpoints given to agents until the settings name some (host:port).
     #[arg(long = "agent-broker-endpoint", default_values = ["localhost:8883", "localhost:8443"])]
     pub agent_broker_endpoints: Vec<String>,
+    /// Enrolling agents trust the system's CA store for the broker as well as this console's
+    /// CA: for brokers with a certificate from a public CA.
+    #[arg(long)]
+    pub agent_broker_system_roots: bool,
     /// The broker's tenant file for this tenant (`<broker tenants folder>/<tenant>.toml`),
     /// rewritten when an agent is removed so that the broker refuses it. Without it, copy
     /// `GET /api/v1/tenant-file` to the broker (see docs/console.md).
@@ -359,6 +363,7 @@ impl ConsoleArgs {
             (b, _) => b.clone(),
         };
         c.default_broker_endpoints = self.agent_broker_endpoints.clone();
+        c.agent_broker_system_roots = self.agent_broker_system_roots;
         c.broker_tenant_file.clone_from(&self.broker_tenant_file);
         c.agent_certificate_validity = Duration::from_secs(self.agent_cert_validity_secs);
         c.oidc = self.oidc.to_config()?;

@@ -148,6 +148,8 @@ pub struct ConsoleConfig {
     pub broker: BrokerLink,
     /// Broker endpoints handed to agents while the settings name none.
     pub default_broker_endpoints: Vec<String>,
+    /// Enrolled agents trust the system's CA store for the broker too (a public certificate).
+    pub agent_broker_system_roots: bool,
     /// Largest request body accepted, in bytes, on routes without a smaller limit of their
     /// own (login and user routes take 4 KiB; see docs/api.md).
     pub max_body_bytes: usize,
@@ -197,6 +199,7 @@ impl ConsoleConfig {
             tenant: "default".into(),
             broker: BrokerLink::None,
             default_broker_endpoints: vec!["localhost:8883".into(), "localhost:8443".into()],
+            agent_broker_system_roots: false,
             max_body_bytes: 64 * 1024,
             http: HttpLimits::default(),
             public_url: None,

@@ -751,6 +751,25 @@ async fn calls_record_one_delivery_per_agent_and_show_their_states() {
             .unwrap()
             .starts_with("Push service servers are not reachable")
     );
+    // The dashboard names the store (never a password).
+    let db = &status["database"];
+    let url = db["url"].as_str().unwrap();
+    match std::env::var(common::POSTGRES_VAR)
+        .ok()
+        .filter(|v| !v.is_empty())
+    {
+        Some(_) => {
+            assert_eq!(db["kind"], "postgresql");
+            assert!(url.starts_with("postgres"), "{url}");
+        }
+        None => {
+            assert_eq!(db["kind"], "sqlite");
+            assert!(
+                url.starts_with("sqlite:") && url.ends_with("console.db"),
+                "{url}"
+            );
+        }
+    }
 }
 
 #[tokio::test]

@@ -254,7 +254,16 @@ fn database_urls_parse_and_never_show_the_password() {
     for (bad, says) in [
         ("mysql://x/y", "sqlite:PATH"),
         ("sqlite:", "no path"),
-        ("postgres://u:pw@h/db?sslmode=require", "TLS"),
+        (
+            "postgres://u:pw@h/db?sslmode=prefer",
+            "fall back to cleartext",
+        ),
+        ("postgres://u:pw@h/db?sslmode=bogus", "sslmode=bogus"),
+        ("postgres://u:pw@h/db?sslrootcert=/ca.pem", "no sslmode"),
+        (
+            "postgres://u:pw@h/db?sslmode=verify-full&sslrootcert=/no/such/ca.pem",
+            "cannot read the CA file /no/such/ca.pem",
+        ),
         ("postgres://u:pw@h:notaport/db", "not valid"),
         ("postgres://u:pw@h:5432", "names no database"),
     ] {

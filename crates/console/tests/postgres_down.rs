@@ -6,35 +6,10 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use beckon_console::store::*;
-
-fn script() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/test-postgres")
-}
-
-/// Runs scripts/test-postgres with `args`; returns what it printed.
-fn cluster(args: &[&str]) -> String {
-    let out = Command::new(script()).args(args).output().unwrap();
-    assert!(
-        out.status.success(),
-        "scripts/test-postgres {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap().trim().to_owned()
-}
-
-/// Stops the cluster in the folder when the test ends, however it ends.
-struct Stop(String);
-
-impl Drop for Stop {
-    fn drop(&mut self) {
-        let _ = Command::new(script()).args(["stop", &self.0]).status();
-    }
-}
+use common::{ClusterStop, cluster};
 
 #[test]
 fn the_store_fails_while_postgresql_is_down_and_recovers_by_itself() {
@@ -48,7 +23,7 @@ fn the_store_fails_while_postgresql_is_down_and_recovers_by_itself() {
     let dir = tempfile::tempdir().unwrap();
     let folder = dir.path().join("cluster").display().to_string();
     let admin = cluster(&["start", &folder]);
-    let _stop = Stop(folder.clone());
+    let _stop = ClusterStop(folder.clone());
     let port = admin
         .rsplit_once(':')
         .and_then(|(_, rest)| rest.split('/').next())

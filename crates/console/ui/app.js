@@ -193,12 +193,22 @@ async function loadDashboard() {
     $("dash-stale").textContent = status.agents_stale ?? "?";
     $("dash-stale-label").textContent = `stale agents (not seen for ${status.stale_after_days} days)`;
   }
-  if (status) renderPush(status.push_service);
+  if (status) {
+    renderPush(status.push_service);
+    renderDatabase(status.database);
+  }
   if (calls) {
     const body = $("dash-calls").tBodies[0];
     body.replaceChildren(...calls.map(callRow(false)));
     $("dash-calls-empty").hidden = calls.length > 0;
   }
+}
+
+/** The store this console uses; when it is down, the API answers 503 and says so. */
+function renderDatabase(db) {
+  const line = $("database-line");
+  line.hidden = !db;
+  if (db) line.textContent = `Database: ${db.kind === "postgresql" ? "PostgreSQL" : "SQLite"}, ${db.url}`;
 }
 
 function renderPush(push) {

@@ -98,9 +98,17 @@ impl DoctorConfig {
         config.primary_port = b.port;
         config.fallback_port = Some(b.fallback_port);
         config.proxy = b.proxy.clone();
+        config.tls.trust = b.trust_anchors();
         if let Some(ca) = &b.ca_file {
-            config.tls.trust = TrustAnchors::CaFile(ca.clone());
-            config.ca_label = Some(format!("the CA file {} (broker.ca_file)", ca.display()));
+            let system = if b.system_roots {
+                " and this machine's CA store (broker.system_roots)"
+            } else {
+                ""
+            };
+            config.ca_label = Some(format!(
+                "the CA file {} (broker.ca_file){system}",
+                ca.display()
+            ));
         }
         if let (Some(cert), Some(key)) = (&b.client_cert, &b.client_key) {
             config.tls.identity = Some(ClientIdentity::Files {
@@ -133,6 +141,9 @@ impl DoctorConfig {
         match &self.tls.trust {
             TrustAnchors::System => String::from("this machine's CA store"),
             TrustAnchors::CaFile(file) => format!("the CA file {}", display(file)),
+            TrustAnchors::CaFileAndSystem(file) => {
+                format!("the CA file {} and this machine's CA store", display(file))
+            }
             TrustAnchors::CaPem(_) => String::from("the configured CA"),
         }
     }

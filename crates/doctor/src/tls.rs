@@ -156,6 +156,17 @@ fn load_roots(trust: &TrustAnchors) -> Result<(RootCertStore, Vec<String>), TlsC
             )?;
         }
         TrustAnchors::CaPem(pem) => pem_roots(pem, "CA (in memory)", &mut roots, &mut subjects)?,
+        TrustAnchors::CaFileAndSystem(path) => {
+            let pem = read("CA", path)?;
+            pem_roots(
+                &pem,
+                &format!("CA file {}", path.display()),
+                &mut roots,
+                &mut subjects,
+            )?;
+            let found = rustls_native_certs::load_native_certs();
+            roots.add_parsable_certificates(found.certs);
+        }
     }
     if roots.is_empty() {
         return Err(invalid("trusted CA certificates", "none could be loaded"));

@@ -3,7 +3,7 @@
 //! certificate, and errors in plain words for the doctor.
 
 use std::io;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
@@ -28,6 +28,10 @@ pub enum TrustAnchors {
     System,
     /// The certificates in a PEM file (an enrolled agent's copy of its console's CA).
     CaFile(PathBuf),
+    /// The certificates in a PEM file and the operating system's store: for an agent whose
+    /// broker presents a certificate from a public CA while its console's CA stays trusted
+    /// (a broker moved to a public certificate, or several brokers on either).
+    CaFileAndSystem(PathBuf),
     /// PEM text held in memory.
     CaPem(Vec<u8>),
 }
@@ -595,34 +599,46 @@ fn plain_name(presented: &str) -> String {
 fn load_roots(trust: &TrustAnchors) -> Result<RootCertStore, TlsConfigError> {
     let mut roots = RootCertStore::empty();
     match trust {
-        TrustAnchors::System => {
-            let found = rustls_native_certs::load_native_certs();
-            let (added, _ignored) = roots.add_parsable_certificates(found.certs);
-            if added == 0 {
-                let detail = if found.errors.is_empty() {
-                    String::from("none found")
-                } else {
-                    found
-                        .errors
-                        .iter()
-                        .map(ToString::to_string)
-                        .collect::<Vec<_>>()
-                        .join("; ")
-                };
-                return Err(TlsConfigError::NoSystemRoots { detail });
+        TrustAnchors::System => add_system_roots(&mut roots)?,
+        TrustAnchors::CaFile(path) => add_ca_file(&mut roots, path)?,
+        TrustAnchors::CaPem(pem) => add_pem_roots(&mut roots, pem, "CA (in memory)")?,
+        TrustAnchors::CaFileAndSystem(path) => {
+            add_ca_file(&mut roots, path)?;
+            // The CA file alone still lets the agent reach a broker on its console's CA.
+            if let Err(e) = add_system_roots(&mut roots) {
+                tracing::warn!(error = %e, "only the CA file is trusted");
             }
         }
-        TrustAnchors::CaFile(path) => {
-            let pem = std::fs::read(path).map_err(|source| TlsConfigError::FileUnreadable {
-                what: "CA",
-                path: path.clone(),
-                source,
-            })?;
-            add_pem_roots(&mut roots, &pem, &format!("CA file {}", path.display()))?;
-        }
-        TrustAnchors::CaPem(pem) => add_pem_roots(&mut roots, pem, "CA (in memory)")?,
     }
     Ok(roots)
+}
+
+fn add_system_roots(roots: &mut RootCertStore) -> Result<(), TlsConfigError> {
+    let found = rustls_native_certs::load_native_certs();
+    let (added, _ignored) = roots.add_parsable_certificates(found.certs);
+    if added == 0 {
+        let detail = if found.errors.is_empty() {
+            String::from("none found")
+        } else {
+            found
+                .errors
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join("; ")
+        };
+        return Err(TlsConfigError::NoSystemRoots { detail });
+    }
+    Ok(())
+}
+
+fn add_ca_file(roots: &mut RootCertStore, path: &Path) -> Result<(), TlsConfigError> {
+    let pem = std::fs::read(path).map_err(|source| TlsConfigError::FileUnreadable {
+        what: "CA",
+        path: path.to_owned(),
+        source,
+    })?;
+    add_pem_roots(roots, &pem, &format!("CA file {}", path.display()))
 }
 
 fn add_pem_roots(roots: &mut RootCertStore, pem: &[u8], what: &str) -> Result<(), TlsConfigError> {

@@ -226,7 +226,11 @@ impl BrokerCore {
             // The node that took the client over publishes the disconnected event.
             self.presence.end(conn);
         }
-        if self.take_over(now, key, claim.clean_start, out).is_some() {
+        let by = format!("a connection on node {}", claim.node);
+        if self
+            .take_over(now, key, claim.clean_start, &by, out)
+            .is_some()
+        {
             self.end_session(key);
         }
         conn.map_or(ClaimOutcome::None, ClaimOutcome::TakenOver)

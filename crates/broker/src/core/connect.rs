@@ -3,13 +3,18 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use beckon_mqtt::{ConnAck, Connect, Packet, Properties, ProtocolVersion, QoS, ReasonCode};
+use beckon_mqtt::{
+    ConnAck, Connect, Disconnect, Packet, Properties, ProtocolVersion, QoS, ReasonCode,
+};
 
 use super::cluster::ClusterOut;
 use super::presence::{Arrival, PresenceReason};
 use super::session::{Link, Session};
 use super::topic_tree::SessionKey;
-use super::{Action, BrokerCore, ConnId, ConnectionInfo, CoreConfig, disconnect};
+use super::{Action, BrokerCore, ConnId, ConnectionInfo, CoreConfig};
+
+/// The reason string of the DISCONNECT 0x8E a v5 client gets when it is taken over.
+pub(crate) const TAKEN_OVER: &str = "another connection with this client id took the session over; a client id, and in a tenant an identity, has one connection at a time";
 
 impl BrokerCore {
     /// A CONNECT arrived on a new connection (already authenticated by the network layer).
@@ -67,18 +72,20 @@ impl BrokerCore {
         };
         let existing = self.by_client_id.get(&client_id).copied();
         let taken_over = existing.and_then(|key| self.sessions.get(&key)?.conn);
-        let (key, session_present) =
-            match existing.and_then(|key| self.take_over(now, key, connect.clean_start, out)) {
-                Some(key) => (key, true),
-                None => {
-                    let key = self.next_session;
-                    self.next_session += 1;
-                    let session = Session::new(client_id.clone(), connect.protocol);
-                    self.sessions.insert(key, Box::new(session));
-                    self.by_client_id.insert(client_id.clone(), key);
-                    (key, false)
-                }
-            };
+        let (key, session_present) = match existing.and_then(|key| {
+            let by = format!("a new connection from {}", arrival.remote);
+            self.take_over(now, key, connect.clean_start, &by, out)
+        }) {
+            Some(key) => (key, true),
+            None => {
+                let key = self.next_session;
+                self.next_session += 1;
+                let session = Session::new(client_id.clone(), connect.protocol);
+                self.sessions.insert(key, Box::new(session));
+                self.by_client_id.insert(client_id.clone(), key);
+                (key, false)
+            }
+        };
         let terms = Terms {
             info,
             requested_expiry,
@@ -210,21 +217,42 @@ impl BrokerCore {
         }
     }
 
-    /// A new connection claims the session `key`: closes its old connection, if any, and
-    /// either ends the session (returns `None`; the old will is published) or keeps it for the
-    /// new connection (returns `Some(key)`; the old will is discarded).
+    /// A new connection (`by` says which, for the log) claims the session `key`: closes its
+    /// old connection, if any, and either ends the session (returns `None`; the old will is
+    /// published) or keeps it for the new connection (returns `Some(key)`; the old will is
+    /// discarded).
+    ///
+    /// Two clients that share a client id (in a tenant: one identity, whatever client id
+    /// they send) take each other over at every reconnect, and each waits for its
+    /// acknowledgements in between; the old one is told why and the broker logs it, since
+    /// from either client alone it looks like a broker that stalls.
     pub(super) fn take_over(
         &mut self,
         now: Instant,
         key: SessionKey,
         clean_start: bool,
+        by: &str,
         out: &mut Vec<Action>,
     ) -> Option<SessionKey> {
         let session = self.sessions.get_mut(&key)?;
         if let Some(old) = session.conn.take() {
             self.conns.remove(&old);
+            tracing::info!(
+                client_id = %session.client_id,
+                conn = old,
+                by,
+                "session taken over: a client id (in a tenant, an identity) has one connection at a time"
+            );
             if session.protocol == ProtocolVersion::V5 {
-                out.push(disconnect(old, ReasonCode::SESSION_TAKEN_OVER));
+                let mut properties = Properties::default();
+                properties.reason_string = Some(TAKEN_OVER.to_owned());
+                out.push(Action::Send {
+                    conn: old,
+                    packet: Packet::Disconnect(Disconnect {
+                        code: ReasonCode::SESSION_TAKEN_OVER,
+                        properties,
+                    }),
+                });
             }
             out.push(Action::Close { conn: old });
             self.stats.sessions_taken_over += 1;

@@ -661,6 +661,14 @@ fn takeover_disconnects_the_old_connection_and_keeps_the_session() {
     );
     let (new, out) = h.connect(v5_persistent("agent", 300));
     assert_disconnected(&out, old, ReasonCode::SESSION_TAKEN_OVER);
+    // Two clients sharing a client id (or a tenant identity) take each other over at every
+    // reconnect, and each waits for its acknowledgements meanwhile; the reason string says
+    // so, where the bare code looked like a broker that stalls.
+    let told = packets(&out, old).into_iter().find_map(|p| match p {
+        Packet::Disconnect(d) => d.properties.reason_string.clone(),
+        _ => None,
+    });
+    assert_eq!(told.as_deref(), Some(super::connect::TAKEN_OVER));
     let order: Vec<bool> = out
         .iter()
         .map(|a| matches!(a, Action::Close { .. }))

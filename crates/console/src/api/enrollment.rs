@@ -161,6 +161,8 @@ pub(super) struct EnrollResponse {
     certificate: String,
     ca: String,
     broker_endpoints: Vec<String>,
+    /// The agent trusts the system's CA store for the broker as well as `ca`.
+    broker_system_roots: bool,
     proxy: crate::settings::ProxySettings,
     wakeup_key: WakeupKey,
     checkin_token: String,
@@ -284,6 +286,7 @@ async fn check_enrollment(
             certificate: certificate.cert_pem,
             ca: st.ca.cert_pem().to_owned(),
             broker_endpoints,
+            broker_system_roots: st.config.agent_broker_system_roots,
             proxy: settings.proxy,
             wakeup_key: WakeupKey {
                 kid: st.signer.key().kid().as_str().to_owned(),

@@ -52,6 +52,7 @@ pub(super) struct Status {
     /// Certificates that expire soon, in words.
     certificate_warnings: Vec<String>,
     enrollment: EnrollmentHints,
+    database: Database,
 }
 
 pub(super) async fn status(a: Viewer) -> Json<Status> {
@@ -79,7 +80,29 @@ pub(super) async fn status(a: Viewer) -> Json<Status> {
         call_states: states,
         certificate_warnings: crate::tls::certificate_warnings(&a.st.config),
         enrollment: enrollment_hints(&a.st),
+        database: database(&a.st),
     })
+}
+
+/// Which store the console uses, for the dashboard (the URL without its password). When it
+/// cannot be reached, every API call (this one included) answers 503 saying so.
+#[derive(Serialize, JsonSchema)]
+pub(super) struct Database {
+    /// `sqlite` or `postgresql`.
+    kind: &'static str,
+    url: String,
+}
+
+fn database(st: &AppState) -> Database {
+    let url = st.config.database();
+    let kind = match &url {
+        crate::store::DatabaseUrl::Sqlite(_) => "sqlite",
+        crate::store::DatabaseUrl::Postgres(_) => "postgresql",
+    };
+    Database {
+        kind,
+        url: url.to_string(),
+    }
 }
 
 /// What the Enrollment page needs for a working `beckon agent enroll` command: the

@@ -77,20 +77,74 @@ pub fn redact(url: &str) -> String {
     }
 }
 
-/// The client configuration of a PostgreSQL URL, and the URL to show; refuses what this
-/// build cannot honour (TLS).
-pub(super) fn postgres_config(url: &str) -> StoreResult<(postgres::Config, String)> {
+/// How the console talks to PostgreSQL.
+#[derive(Clone)]
+pub(super) enum PostgresTls {
+    /// In the clear: no `sslmode`, or `sslmode=disable`.
+    Off,
+    /// TLS, the server's certificate verified (CA and host name).
+    Verified(Arc<rustls::ClientConfig>),
+}
+
+/// The client configuration of a PostgreSQL URL, its TLS, and the URL to show.
+///
+/// `sslmode` and `sslrootcert` are read here, as libpq names them, and taken out of what the
+/// client library parses: Beckon verifies the server whenever it uses TLS (`require`,
+/// `verify-ca` and `verify-full` alike), and refuses `prefer` and `allow`, which may fall
+/// back to cleartext or accept any certificate.
+pub(super) fn postgres_config(url: &str) -> StoreResult<(postgres::Config, PostgresTls, String)> {
     let shown = redact(url);
-    let mut config = postgres::Config::from_str(url).map_err(|e| {
-        StoreError::Invalid(format!(
-            "the database URL {shown} is not valid ({e}): {FORMS}"
-        ))
-    })?;
-    if config.get_ssl_mode() == SslMode::Require {
-        return Err(StoreError::Invalid(format!(
-            "the database URL {shown} asks for TLS (sslmode=require), which this version does not support yet: connect over a private network or the same host with sslmode=disable"
-        )));
+    let invalid = |why: String| StoreError::Invalid(format!("the database URL {shown} {why}"));
+    let (base, query) = url.split_once('?').unwrap_or((url, ""));
+    let (mut sslmode, mut rootcert, mut kept) = (None, None, Vec::new());
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        match pair.split_once('=') {
+            Some(("sslmode", mode)) => sslmode = Some(mode),
+            Some(("sslrootcert", file)) => rootcert = Some(PathBuf::from(file)),
+            _ => kept.push(pair),
+        }
     }
+    let rest = if kept.is_empty() {
+        base.to_owned()
+    } else {
+        format!("{base}?{}", kept.join("&"))
+    };
+    let mut config = postgres::Config::from_str(&rest)
+        .map_err(|e| invalid(format!("is not valid ({e}): {FORMS}")))?;
+    let tls = match sslmode {
+        None | Some("disable") => {
+            if rootcert.is_some() {
+                return Err(invalid(String::from(
+                    "gives sslrootcert but no sslmode: add sslmode=verify-full to use TLS",
+                )));
+            }
+            config.ssl_mode(SslMode::Disable);
+            PostgresTls::Off
+        }
+        Some("require" | "verify-ca" | "verify-full") => {
+            let trust = match rootcert {
+                Some(file) => beckon_net::TrustAnchors::CaFile(file),
+                None => beckon_net::TrustAnchors::System,
+            };
+            let client = beckon_net::TlsClient::new(&beckon_net::TlsSettings {
+                trust,
+                ..beckon_net::TlsSettings::default()
+            })
+            .map_err(|e| invalid(format!("cannot be used with TLS: {e}")))?;
+            config.ssl_mode(SslMode::Require);
+            PostgresTls::Verified(client.config_for(&[]))
+        }
+        Some(mode @ ("prefer" | "allow")) => {
+            return Err(invalid(format!(
+                "has sslmode={mode}, which may fall back to cleartext: use sslmode=verify-full (with sslrootcert=CA.pem for a private CA) or sslmode=disable"
+            )));
+        }
+        Some(other) => {
+            return Err(invalid(format!(
+                "has sslmode={other}: use verify-full (with sslrootcert=CA.pem for a private CA) or disable"
+            )));
+        }
+    };
     if config.get_dbname().is_none() {
         return Err(StoreError::Invalid(format!(
             "the database URL {shown} names no database: add /DATABASE after the host"
@@ -102,5 +156,5 @@ pub(super) fn postgres_config(url: &str) -> StoreResult<(postgres::Config, Strin
     if config.get_application_name().is_none() {
         config.application_name("beckon-console");
     }
-    Ok((config, shown))
+    Ok((config, tls, shown))
 }

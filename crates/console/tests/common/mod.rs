@@ -25,6 +25,34 @@ pub use beckon_testkit::{Mosquitto, TestClient, free_port};
 /// Every wait is bounded by this.
 pub const WAIT: Duration = Duration::from_secs(10);
 
+/// Runs scripts/test-postgres with `args` (a cluster of a test's own: `start FOLDER [PORT]`,
+/// `stop FOLDER`); returns what it printed. The cluster serves TLS from the CA in
+/// `FOLDER/ca.pem`.
+pub fn cluster(args: &[&str]) -> String {
+    let out = cluster_script().args(args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "scripts/test-postgres {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap().trim().to_owned()
+}
+
+/// Stops the cluster in the folder when the test ends, however it ends.
+pub struct ClusterStop(pub String);
+
+impl Drop for ClusterStop {
+    fn drop(&mut self) {
+        let _ = cluster_script().args(["stop", &self.0]).status();
+    }
+}
+
+fn cluster_script() -> std::process::Command {
+    std::process::Command::new(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/test-postgres"),
+    )
+}
+
 pub struct Api {
     pub handle: ConsoleHandle,
     pub router: axum::Router,

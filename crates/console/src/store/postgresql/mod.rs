@@ -8,11 +8,13 @@
 //!   back.
 //! - **Migrations** ([`migrations`]) run at open, in one transaction, under an advisory
 //!   lock so that consoles starting together do not race.
-//! - **TLS** to the server is not supported yet: `sslmode=require` is refused at start
-//!   (`disable` and the default `prefer` connect without TLS); run PostgreSQL on the same
-//!   host or a private network.
+//! - **TLS** with `sslmode=verify-full` (or `require`, `verify-ca`: verified just as fully)
+//!   and `sslrootcert=CA.pem` for a private CA ([`tls`]); without `sslmode`, or with
+//!   `disable`, in the clear. `prefer` and `allow` are refused: they may fall back to
+//!   cleartext.
 
 mod migrations;
+mod tls;
 
 use std::sync::{Condvar, Mutex};
 use std::time::Duration;
@@ -185,6 +187,7 @@ struct Pool {
 /// The PostgreSQL database.
 struct Postgres {
     config: postgres::Config,
+    tls: url::PostgresTls,
     /// The URL without its password, for messages.
     shown: String,
     pool: Mutex<Pool>,
@@ -193,12 +196,16 @@ struct Postgres {
 
 impl Postgres {
     fn connect(&self) -> StoreResult<Client> {
-        self.config
-            .connect(NoTls)
-            .map_err(|e| StoreError::Unavailable {
-                database: self.shown.clone(),
-                reason: DbError::from(e).to_string(),
-            })
+        match &self.tls {
+            url::PostgresTls::Off => self.config.connect(NoTls),
+            url::PostgresTls::Verified(config) => {
+                self.config.connect(tls::Verified(config.clone()))
+            }
+        }
+        .map_err(|e| StoreError::Unavailable {
+            database: self.shown.clone(),
+            reason: DbError::from(e).to_string(),
+        })
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Pool> {
@@ -354,9 +361,10 @@ impl SqlStore {
     /// Connects to the PostgreSQL database at `url` (`postgres://user:password@host:port/db`)
     /// and migrates it.
     pub fn open_postgres(url: &str) -> StoreResult<Self> {
-        let (config, shown) = url::postgres_config(url)?;
+        let (config, tls, shown) = url::postgres_config(url)?;
         let db = Postgres {
             config,
+            tls,
             shown,
             pool: Mutex::new(Pool {
                 idle: Vec::new(),
