@@ -2,8 +2,9 @@
 //!
 //! The bench starts `beckon up` (console and broker in one process, on loopback ports, in a
 //! fresh folder), enrolls one agent with `beckon agent enroll` through an enrollment token
-//! made with the console's API, and starts `beckon agent run` as a process of its own. Once
-//! the console shows the agent online, one wake-up call makes it do what a deployed agent has
+//! made with the console's API, and starts `beckon agent run` as a process of its own, from a
+//! copy of the program (on an endpoint no console or broker maps the same file, and pages of
+//! a file other processes map stay resident whatever the agent does). Once the console shows the agent online, one wake-up call makes it do what a deployed agent has
 //! done by then: verify a signed wake-up, check in with the console over HTTP, publish its
 //! acks. After `--idle-secs` more the bench reads the agent's `/proc/PID/status`: VmRSS, and
 //! how much of it is anonymous (heap, stacks) and how much the program's own file pages.
@@ -30,8 +31,8 @@ use crate::procstat::{MemorySample, ProcReader, find_in_tree, memory};
 /// `beckon bench agent-memory`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct AgentMemoryArgs {
-    /// Beckon executable that runs `up` and, without --agent-command, the agent (default:
-    /// this program).
+    /// Beckon executable that runs `up` and, from a copy, the agent unless --agent-command
+    /// says otherwise (default: this program).
     #[arg(long, value_name = "PATH")]
     pub beckon_bin: Option<PathBuf>,
     /// Run the agent with this command instead: a program and its first arguments, to which
@@ -143,16 +144,21 @@ pub async fn run_agent_memory(args: &AgentMemoryArgs) -> anyhow::Result<AgentMem
         Some(p) => p.clone(),
         None => std::env::current_exe().context("cannot find this program's path")?,
     };
-    let agent_command = if args.agent_command.is_empty() {
-        vec![program.display().to_string()]
-    } else {
-        args.agent_command.clone()
-    };
     let temp = tempfile::Builder::new()
         .prefix("beckon-bench-agent-memory-")
         .tempdir()
         .context("creating a temporary folder")?;
     let data = temp.path();
+    let agent_command = if args.agent_command.is_empty() {
+        // A copy, as on an endpoint, where no console or broker maps the same file: pages of a
+        // file other processes map too stay resident whatever the agent does.
+        let copy = data.join("beckon-agent");
+        std::fs::copy(&program, &copy)
+            .with_context(|| format!("copying {} for the agent", program.display()))?;
+        vec![copy.display().to_string()]
+    } else {
+        args.agent_command.clone()
+    };
     let console_addr = SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()?));
     let mqtts = SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()?));
     let up_args: Vec<String> = [
