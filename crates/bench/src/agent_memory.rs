@@ -10,8 +10,8 @@
 //! how much of it is anonymous (heap, stacks) and how much the program's own file pages.
 //!
 //! `--agent-command` runs the agent with another program, such as the Windows build under
-//! Wine (`wine-run beckon.exe`), and `--agent-process beckon.exe` names the process to read
-//! among what that command starts.
+//! Wine (`wine-run beckon.exe`), and `--agent-process NAME` names the process to read among
+//! what that command starts when it is not the started process itself.
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
@@ -41,8 +41,9 @@ pub struct AgentMemoryArgs {
     /// the line.
     #[arg(long, value_name = "PROGRAM [ARG]...", num_args = 1.., allow_hyphen_values = true)]
     pub agent_command: Vec<String>,
-    /// The process to read, by name, among the agent command and the processes it starts
-    /// (e.g. `beckon.exe` under Wine). Default: the started process itself.
+    /// The process to read, by its program's file name, among the agent command and the
+    /// processes it starts, for a runner that starts the agent as a child of its own.
+    /// Default: the started process itself (`wine-run` and `wine` become the program).
     #[arg(long, value_name = "NAME")]
     pub agent_process: Option<String>,
     /// Give the agent Windows paths (`Z:\...`, Wine's name of the Linux root).

@@ -182,10 +182,12 @@ pub(crate) fn parse_user_system_ticks(stat: &str) -> Option<(u64, u64)> {
     Some((utime, stime))
 }
 
-/// The process named `name` (its `/proc/PID/comm`, which the kernel cuts to 15 bytes) that is
-/// `root` or descends from it: the program a runner such as `wine` started.
+/// The process that is `root` or descends from it and runs the program `name`: the file name
+/// of its first command-line word, or its `/proc/PID/comm` (cut to 15 bytes by the kernel).
+/// Finds the program a runner such as `wine` started (Wine names the process after the
+/// program's main thread, so the command line is the surer sign).
 pub fn find_in_tree(root: u32, name: &str) -> Option<u32> {
-    let name = &name.as_bytes()[..name.len().min(15)];
+    let short = &name.as_bytes()[..name.len().min(15)];
     let mut parent_of = std::collections::HashMap::new();
     let mut named = Vec::new();
     for entry in std::fs::read_dir("/proc").ok()?.filter_map(Result::ok) {
@@ -203,7 +205,12 @@ pub fn find_in_tree(root: u32, name: &str) -> Option<u32> {
             continue;
         };
         parent_of.insert(pid, ppid);
-        if comm.as_bytes() == name {
+        let program = std::fs::read(entry.path().join("cmdline")).ok();
+        let program = program
+            .as_deref()
+            .and_then(|c| c.split(|&b| b == 0).next())
+            .and_then(|first| first.rsplit(|&b| b == b'/' || b == b'\\').next());
+        if comm.as_bytes() == short || program == Some(name.as_bytes()) {
             named.push(pid);
         }
     }
