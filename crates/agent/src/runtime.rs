@@ -42,6 +42,10 @@ pub enum AgentError {
 /// Relay requests waiting for the relay worker.
 const RELAY_QUEUE: usize = 64;
 
+/// How long the agent must have been quiet (no new connection, wake-up or check-in) before
+/// it gives back the memory that work left behind.
+const QUIET_BEFORE_RELEASE: Duration = Duration::from_secs(10);
+
 /// Wake-ups accepted but not yet acted on; everything here merges into the next run.
 #[derive(Default)]
 pub struct PendingWakeUps {
@@ -79,6 +83,8 @@ struct Agent {
     password: Option<Bytes>,
     /// Check-ins with the console, when it is configured.
     checkin: Option<Arc<CheckinClient>>,
+    /// Told after each piece of work: see [`release_when_quiet`].
+    worked: Arc<Notify>,
 }
 
 /// What one connection attempt leaves to the next: how to connect (the ladder remembers the
@@ -118,6 +124,8 @@ pub async fn run_agent<C: Connector>(
     let checkin_client = CheckinClient::new(&config)?.map(Arc::new);
     let outbox = Arc::new(Outbox::new(1024));
     let pending = Arc::new(PendingWakeUps::default());
+    let worked = Arc::new(Notify::new());
+    let release = tokio::spawn(release_when_quiet(Arc::clone(&worked)));
     // Relay requests are few (a person clicks Wake-on-LAN); when the worker is this far
     // behind, a further request is dropped with a warning instead of queueing without bound.
     let (relay_tx, relay_rx) = tokio::sync::mpsc::channel(RELAY_QUEUE);
@@ -141,12 +149,14 @@ pub async fn run_agent<C: Connector>(
         Arc::clone(&outbox),
         Arc::clone(&state),
         checkin_client.clone(),
+        Arc::clone(&worked),
         shutdown.clone(),
     ));
     let checkin = checkin_client.clone().map(|client| {
         tokio::spawn(checkin_scheduler(
             Arc::clone(&config),
             client,
+            Arc::clone(&worked),
             shutdown.clone(),
         ))
     });
@@ -179,6 +189,7 @@ pub async fn run_agent<C: Connector>(
         relay: relay_tx,
         password,
         checkin: checkin_client,
+        worked,
     };
     let mut link = Link {
         connector,
@@ -209,6 +220,7 @@ pub async fn run_agent<C: Connector>(
         })
         .await;
     worker.abort();
+    release.abort();
     if let Some(relay) = relay {
         relay.abort();
     }
@@ -300,6 +312,7 @@ impl Agent {
                     })
                     .await;
                 link.connector.prefer(&path);
+                self.worked.notify_one();
                 let connected_at = std::time::Instant::now();
                 link.backoff.connected(connected_at);
                 let (session, end) = session.run(&self.outbox, self, shutdown).await;
@@ -556,6 +569,7 @@ async fn action_worker(
     outbox: Arc<Outbox>,
     state: Arc<StateStore>,
     checkin: Option<Arc<CheckinClient>>,
+    worked: Arc<Notify>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     loop {
@@ -620,6 +634,7 @@ async fn action_worker(
         for w in &batch {
             outbox.push(finished_ack(&w.id, &outcome, unix_now_ms()));
         }
+        worked.notify_one();
     }
 }
 
@@ -773,6 +788,7 @@ impl CheckinClient {
 async fn checkin_scheduler(
     config: Arc<AgentConfig>,
     client: Arc<CheckinClient>,
+    worked: Arc<Notify>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     loop {
@@ -791,6 +807,22 @@ async fn checkin_scheduler(
         } else {
             tracing::warn!(detail = ?outcome.detail, "check-in with the console failed");
         }
+        worked.notify_one();
+    }
+}
+
+/// Gives back the memory a burst of work left behind (start-up and connecting above all:
+/// [`crate::platform::release_idle_memory`]) once the agent has been quiet for
+/// [`QUIET_BEFORE_RELEASE`], so that an idle agent holds only what idling needs.
+async fn release_when_quiet(worked: Arc<Notify>) {
+    loop {
+        worked.notified().await;
+        // More work starts the quiet wait again.
+        while tokio::time::timeout(QUIET_BEFORE_RELEASE, worked.notified())
+            .await
+            .is_ok()
+        {}
+        crate::platform::release_idle_memory();
     }
 }
 

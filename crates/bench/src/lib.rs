@@ -32,6 +32,7 @@
 #![forbid(unsafe_code)]
 
 pub mod agent;
+pub mod agent_memory;
 pub mod call;
 pub mod certs;
 pub mod cli;
@@ -61,6 +62,9 @@ pub enum BenchCommand {
     /// One wake-up call to a fleet through the console: time from the API request until
     /// every agent is `delivered` (starts its own console and broker).
     Call(call::CallArgs),
+    /// The resident memory of one real agent, enrolled, connected and idle (starts its own
+    /// console and broker with `beckon up`).
+    AgentMemory(agent_memory::AgentMemoryArgs),
     /// What the kernel alone charges a broker per wake-up on this machine: one thread
     /// writes a message to each of N idle loopback TCP connections and reads a reply.
     Floor(floor::FloorArgs),
@@ -118,6 +122,9 @@ pub fn run(command: BenchCommand) -> anyhow::Result<()> {
             Ok(())
         }
         BenchCommand::Call(args) => runtime()?.block_on(call::call_command(&args)),
+        BenchCommand::AgentMemory(args) => {
+            runtime()?.block_on(agent_memory::agent_memory_command(&args))
+        }
         BenchCommand::Fleet(args) => {
             let launcher = WorkerLauncher::current_exe()?;
             runtime()?.block_on(fleet_command(&args, &launcher))

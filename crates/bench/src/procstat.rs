@@ -108,11 +108,62 @@ fn threads_run_time(pid: u32) -> Duration {
 
 /// `VmRSS:    12345 kB` → 12345.
 fn parse_vm_rss(status: &str) -> Option<u64> {
+    status_field(status, "VmRSS")
+}
+
+/// The number of a `/proc/PID/status` line: `RssAnon:    123 kB` → 123 for `RssAnon`.
+fn status_field(status: &str, name: &str) -> Option<u64> {
     status
         .lines()
-        .find_map(|line| line.strip_prefix("VmRSS:"))
+        .find_map(|line| line.strip_prefix(name)?.strip_prefix(':'))
         .and_then(|rest| rest.split_whitespace().next())
         .and_then(|n| n.parse().ok())
+}
+
+/// Where a process's resident memory is, from `/proc/PID/status`, in KiB: heap and stacks
+/// (anonymous) apart from the pages of the program and libraries mapped from files.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct MemorySample {
+    /// `VmRSS`: all resident pages.
+    pub rss_kib: u64,
+    /// `RssAnon`: heap, stacks, other anonymous pages.
+    pub anon_kib: u64,
+    /// `RssFile`: pages of the executable and libraries (shared with other processes that
+    /// map the same files).
+    pub file_kib: u64,
+    /// `RssShmem`: shared memory.
+    pub shmem_kib: u64,
+    /// `VmHWM`: the highest `VmRSS` so far.
+    pub peak_kib: u64,
+    /// `Threads`.
+    pub threads: u64,
+}
+
+/// Reads the memory of `pid` from `/proc/PID/status`.
+pub fn memory(pid: u32) -> Result<MemorySample, ProcError> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).map_err(|error| {
+        ProcError::Read {
+            pid,
+            file: "status",
+            error,
+        }
+    })?;
+    parse_memory(&status).ok_or(ProcError::Format {
+        pid,
+        file: "status",
+    })
+}
+
+fn parse_memory(status: &str) -> Option<MemorySample> {
+    let field = |name| status_field(status, name);
+    Some(MemorySample {
+        rss_kib: field("VmRSS")?,
+        anon_kib: field("RssAnon")?,
+        file_kib: field("RssFile")?,
+        shmem_kib: field("RssShmem")?,
+        peak_kib: field("VmHWM")?,
+        threads: field("Threads")?,
+    })
 }
 
 /// utime + stime of `/proc/PID/stat`.
@@ -131,6 +182,64 @@ pub(crate) fn parse_user_system_ticks(stat: &str) -> Option<(u64, u64)> {
     Some((utime, stime))
 }
 
+/// The process that is `root` or descends from it and runs the program `name`: the file name
+/// of its first command-line word, or its `/proc/PID/comm` (cut to 15 bytes by the kernel).
+/// Finds the program a runner such as `wine` started (Wine names the process after the
+/// program's main thread, so the command line is the surer sign).
+pub fn find_in_tree(root: u32, name: &str) -> Option<u32> {
+    let short = &name.as_bytes()[..name.len().min(15)];
+    let mut parent_of = std::collections::HashMap::new();
+    let mut named = Vec::new();
+    for entry in std::fs::read_dir("/proc").ok()?.filter_map(Result::ok) {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|p| p.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+            continue;
+        };
+        let Some((comm, ppid)) = parse_name_and_parent(&stat) else {
+            continue;
+        };
+        parent_of.insert(pid, ppid);
+        let program = std::fs::read(entry.path().join("cmdline")).ok();
+        let program = program
+            .as_deref()
+            .and_then(|c| c.split(|&b| b == 0).next())
+            .and_then(|first| first.rsplit(|&b| b == b'/' || b == b'\\').next());
+        if comm.as_bytes() == short || program == Some(name.as_bytes()) {
+            named.push(pid);
+        }
+    }
+    named.into_iter().find(|&pid| {
+        let mut at = pid;
+        // A chain of parents ends at pid 1 (or 0); the bound guards against a cycle read
+        // while processes come and go.
+        for _ in 0..64 {
+            if at == root {
+                return true;
+            }
+            match parent_of.get(&at) {
+                Some(&parent) if parent > 1 => at = parent,
+                _ => return false,
+            }
+        }
+        false
+    })
+}
+
+/// The command name (field 2) and parent pid (field 4) of a `/proc/PID/stat` line.
+fn parse_name_and_parent(stat: &str) -> Option<(&str, u32)> {
+    let open = stat.find('(')?;
+    let close = stat.rfind(')')?;
+    let name = stat.get(open + 1..close)?;
+    let ppid = stat[close + 1..].split_whitespace().nth(1)?.parse().ok()?;
+    Some((name, ppid))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -143,11 +252,49 @@ mod tests {
     }
 
     #[test]
+    fn reads_where_the_memory_is() {
+        let status = "Name:\tbeckon\nVmHWM:\t   13000 kB\nVmRSS:\t   12500 kB\n\
+                      RssAnon:\t    4000 kB\nRssFile:\t    8500 kB\nRssShmem:\t       0 kB\n\
+                      Threads:\t1\n";
+        assert_eq!(
+            parse_memory(status),
+            Some(MemorySample {
+                rss_kib: 12500,
+                anon_kib: 4000,
+                file_kib: 8500,
+                shmem_kib: 0,
+                peak_kib: 13000,
+                threads: 1,
+            })
+        );
+        assert_eq!(parse_memory("VmRSS:\t1 kB\n"), None, "a field missing");
+    }
+
+    #[test]
     fn reads_cpu_ticks_even_with_a_strange_name() {
         let stat =
             "1234 (a (b) c) S 1 1234 1234 0 -1 4194560 100 0 0 0 250 75 0 0 20 0 1 0 99 1000 200";
         assert_eq!(parse_cpu_ticks(stat), Some(325));
         assert_eq!(parse_cpu_ticks("1234 (x) S 1"), None);
+    }
+
+    #[test]
+    fn finds_a_named_child_in_the_tree_of_its_parent() {
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .expect("start sleep");
+        let me = std::process::id();
+        let found = find_in_tree(me, "sleep");
+        let not_mine = find_in_tree(1, "no-such-program");
+        let _ = child.kill();
+        let _ = child.wait();
+        assert_eq!(found, Some(child.id()));
+        assert_eq!(not_mine, None);
+        assert_eq!(
+            parse_name_and_parent("42 (a (b) c) S 7 42 42"),
+            Some(("a (b) c", 7))
+        );
     }
 
     #[test]

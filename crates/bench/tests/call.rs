@@ -1,7 +1,9 @@
 //! `beckon bench call` at a small scale with the `beckon` binary named by `BECKON_BIN` as
 //! console and broker: every agent enrolled through the API, connected with its own
 //! certificate, every wake-up verified by its agent and the call `finished` for all, the JSON
-//! parses, exit 0. Correctness only: the figures are printed, never asserted.
+//! parses, exit 0. And `beckon bench agent-memory` with the same binary as `beckon up` and
+//! agent: the agent enrolled, online, its wake-up finished, its memory read. Correctness
+//! only: the figures are printed, never asserted.
 
 mod common;
 
@@ -17,6 +19,10 @@ fn main() -> ExitCode {
         (
             "a_missing_console_program_is_named",
             a_missing_console_program_is_named,
+        ),
+        (
+            "agent_memory_reads_a_real_idle_agent",
+            agent_memory_reads_a_real_idle_agent,
         ),
     ])
 }
@@ -89,4 +95,38 @@ fn a_missing_console_program_is_named() {
         Duration::from_secs(60),
     );
     assert!(!status.success(), "exit 0 without a console: {stdout}");
+}
+
+fn agent_memory_reads_a_real_idle_agent() {
+    let beckon = common::beckon_bin().display().to_string();
+    let stdout = common::run_bench(
+        &[
+            "agent-memory",
+            "--beckon-bin",
+            &beckon,
+            "--idle-secs",
+            "1",
+            "--json",
+        ],
+        Duration::from_secs(240),
+    );
+    let json = common::report_json(&stdout);
+    eprintln!("{json:#}");
+    assert_eq!(json["wake_state"], "finished", "{json:#}");
+    assert_eq!(json["online_at_end"], true, "{json:#}");
+    assert!(
+        json["agent_command"]
+            .as_str()
+            .is_some_and(|c| c.ends_with("beckon-agent")),
+        "the agent runs from a copy of the binary: {json:#}"
+    );
+    let kib = |field: &str| common::number(&json, &format!("/memory/{field}"));
+    assert!(kib("rss_kib") > 0.0, "{json:#}");
+    assert_eq!(
+        kib("rss_kib"),
+        kib("anon_kib") + kib("file_kib") + kib("shmem_kib"),
+        "the parts add up to VmRSS"
+    );
+    assert!(kib("threads") >= 1.0, "{json:#}");
+    assert!(common::number(&json, "/wake_after_idle_ms") >= 0.0);
 }

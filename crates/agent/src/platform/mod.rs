@@ -27,7 +27,7 @@ use windows as os;
 
 pub use os::{
     CONFIG_FILE, STATE_DIR, create_dir, gather_inventory, hostname, private_file_options,
-    process_alive, wait_for_stop_signal,
+    process_alive, release_idle_memory, wait_for_stop_signal,
 };
 
 /// The agent's default state folder: `/var/lib/beckon-agent` on Unix,

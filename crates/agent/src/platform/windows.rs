@@ -169,6 +169,17 @@ pub fn process_alive(pid: u32) -> bool {
     }
 }
 
+/// Gives back what start-up left behind once the agent is idle: the working set is trimmed
+/// (`SetProcessWorkingSetSize` with -1, -1), and the pages the agent uses again fault back in.
+pub fn release_idle_memory() {
+    use windows_sys::Win32::System::Threading::{GetCurrentProcess, SetProcessWorkingSetSize};
+    // SAFETY: the pseudo handle of this process needs no closing; trimming the working set
+    // changes no memory content.
+    unsafe {
+        SetProcessWorkingSetSize(GetCurrentProcess(), usize::MAX, usize::MAX);
+    }
+}
+
 /// Returns on Ctrl-C, Ctrl-Break, the console closing, the system shutting down, or the
 /// service control manager's Stop.
 pub async fn wait_for_stop_signal() {

@@ -97,7 +97,7 @@ pub(super) async fn broker_dropped(admin: SocketAddr) -> Option<u64> {
 /// An API token (through a session of the first user), once the console is connected to the
 /// broker, and an enrollment token for the simulated agents; returns the console's API with
 /// the API token, and the enrollment token.
-async fn console_tokens(
+pub(crate) async fn console_tokens(
     console_addr: SocketAddr,
     password: &str,
 ) -> anyhow::Result<(ConsoleApi, String)> {

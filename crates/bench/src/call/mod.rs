@@ -23,10 +23,10 @@
 //!   `finished`); a refused wake-up is counted and fails the run;
 //! - the console's and the broker's CPU time over the call and the console's RSS.
 
-mod http;
-mod measure;
-mod setup;
-mod the_call;
+pub(crate) mod http;
+pub(crate) mod measure;
+pub(crate) mod setup;
+pub(crate) mod the_call;
 pub mod worker;
 
 use std::net::{Ipv4Addr, SocketAddr, TcpListener};
@@ -310,7 +310,7 @@ fn parse_limit(text: &str) -> Result<(String, u64), String> {
     Ok((key.to_owned(), value))
 }
 
-async fn api(
+pub(crate) async fn api(
     client: &mut HttpClient,
     method: &str,
     path: &str,

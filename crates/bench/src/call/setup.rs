@@ -5,14 +5,14 @@ use super::*;
 use crate::worker_process::{WorkerGroup, impl_worker_reply};
 
 /// A process the bench started; killed when dropped.
-pub(super) struct Service {
-    pub(super) child: Child,
-    pub(super) pid: u32,
+pub(crate) struct Service {
+    pub(crate) child: Child,
+    pub(crate) pid: u32,
 }
 
 impl Service {
     /// Asks it to stop (SIGTERM) and waits a little, then kills it.
-    pub(super) async fn stop(mut self) {
+    pub(crate) async fn stop(mut self) {
         let _ = std::process::Command::new("kill")
             .args(["-TERM", &self.pid.to_string()])
             .status();
@@ -25,14 +25,14 @@ impl Service {
     }
 }
 
-pub(super) fn free_port() -> anyhow::Result<u16> {
+pub(crate) fn free_port() -> anyhow::Result<u16> {
     let l = TcpListener::bind("127.0.0.1:0").context("finding a free port on 127.0.0.1")?;
     Ok(l.local_addr()?.port())
 }
 
 /// Starts `program args`, logs to `log`, and waits (at most 60 s) for a stdout line
 /// containing `ready`; returns the service and the stdout lines read until then.
-pub(super) async fn start_service(
+pub(crate) async fn start_service(
     name: &'static str,
     program: &Path,
     args: &[String],

@@ -21,10 +21,10 @@ pub(super) struct DeliveryEvent {
 
 /// The console's API as the bench uses it around the call: its address, an API token, and a
 /// client that carries the token (the live events take a connection of their own).
-pub(super) struct ConsoleApi {
-    pub(super) addr: SocketAddr,
-    pub(super) token: String,
-    pub(super) client: HttpClient,
+pub(crate) struct ConsoleApi {
+    pub(crate) addr: SocketAddr,
+    pub(crate) token: String,
+    pub(crate) client: HttpClient,
 }
 
 /// Makes the call and takes its readings, the CPU and memory of the `console` and `broker`
