@@ -111,10 +111,11 @@ pub struct BrokerConfig {
     #[serde(default)]
     pub token: Option<String>,
     /// HTTP proxy for the connection ladder, from the `proxy` key: `http://host:port`, or with
-    /// Basic authentication `http://user:password@host:port` (keep the file 0600 then). Debug
-    /// output and logs show the user name at most.
+    /// Basic authentication `http://user:password@host:port` (keep the file 0600 then), or
+    /// `system` for the operating system's setting (WinHTTP on Windows, `https_proxy` on
+    /// Unix; see [`crate::proxy`]). Debug output and logs show the user name at most.
     #[serde(skip)]
-    pub proxy: Option<beckon_net::ProxyUrl>,
+    pub proxy: Option<crate::proxy::ProxySetting>,
     /// The `proxy` key as written, moved into `proxy` by [`AgentConfig::parse`] (it may hold a
     /// password, so it is not kept; a TOML error would quote the whole line).
     #[serde(rename = "proxy", default)]
@@ -666,7 +667,9 @@ console-2026 = "6kpsY-KcUgq-9VB7Ey7F-ZVHdq6-vnuSQh7qaRRG0iw"
         };
         let c = AgentConfig::parse(&with("http://alice:s3cret@proxy:3128"), Path::new("x"))
             .expect("valid");
-        let proxy = c.broker.proxy.as_ref().expect("proxy");
+        let Some(crate::proxy::ProxySetting::Url(proxy)) = &c.broker.proxy else {
+            panic!("a proxy address: {:?}", c.broker.proxy)
+        };
         assert_eq!((proxy.host(), proxy.user()), ("proxy", Some("alice")));
         let debug = format!("{c:?}");
         assert!(
@@ -678,6 +681,8 @@ console-2026 = "6kpsY-KcUgq-9VB7Ey7F-ZVHdq6-vnuSQh7qaRRG0iw"
         let text = err.to_string();
         assert!(text.contains("key `broker.proxy`"), "{text}");
         assert!(!text.contains("s3cret"), "{text}");
+        let c = AgentConfig::parse(&with("system"), Path::new("x")).expect("valid");
+        assert_eq!(c.broker.proxy, Some(crate::proxy::ProxySetting::System));
     }
 
     #[test]

@@ -1,7 +1,8 @@
 //! How the agent gets a byte stream to the broker. The reconnect loop only knows this trait,
 //! so tests drive it with in-memory streams; the production agent uses [`LadderConnector`],
 //! the connection ladder of `beckon-net` (8883, 443 ALPN `mqtt`, 443 WebSocket; through the
-//! proxy first when one is configured; starting from the path that last worked).
+//! proxy first when one is configured or the system has one; starting from the path that last
+//! worked).
 
 use std::future::Future;
 use std::sync::Arc;
@@ -41,6 +42,12 @@ pub trait Connector: Send + 'static {
     /// The broker sent "use another server"/"server moved" with this Server Reference
     /// (`host` or `host:port`, possibly several separated by spaces).
     fn redirect(&mut self, server_reference: &str);
+
+    /// The proxy the last attempt used and where it came from (`beckon agent status` shows
+    /// it); `None` for connectors that never use one.
+    fn proxy_found(&self) -> Option<String> {
+        None
+    }
 }
 
 /// Plain TCP to `host:port`: development brokers on loopback, and tests. No TLS.
@@ -108,6 +115,10 @@ pub struct LadderConnector {
     hosts: Vec<String>,
     /// Index in `hosts` of the node the ladder aims at.
     current: usize,
+    /// `broker.proxy`: an address, or the system's setting, read again at each attempt.
+    proxy_setting: Option<crate::proxy::ProxySetting>,
+    /// The proxy the ladder holds and where it came from.
+    proxy: crate::proxy::FoundProxy,
 }
 
 fn file_stamp(path: &std::path::Path) -> Option<(std::time::SystemTime, u64)> {
@@ -145,7 +156,8 @@ impl LadderConnector {
         ladder_config.server_name = broker.server_name.clone();
         ladder_config.primary_port = broker.port;
         ladder_config.fallback_port = broker.fallback_port;
-        ladder_config.proxy = broker.proxy.clone();
+        let proxy = crate::proxy::find(broker.proxy.as_ref(), &broker.host);
+        ladder_config.proxy = proxy.proxy.clone();
         let hosts = std::iter::once(broker.host.clone())
             .chain(broker.more_hosts.iter().cloned())
             .collect();
@@ -156,6 +168,8 @@ impl LadderConnector {
             cert_stamp,
             hosts,
             current: 0,
+            proxy_setting: broker.proxy.clone(),
+            proxy,
         })
     }
 
@@ -199,6 +213,26 @@ impl LadderConnector {
             .collect()
     }
 
+    /// Reads the system's proxy setting again (`broker.proxy = "system"`; it may have changed
+    /// since the last attempt) and aims the ladder at the proxy it names, or none.
+    fn refresh_proxy(&mut self) {
+        let Some(setting @ crate::proxy::ProxySetting::System) = &self.proxy_setting else {
+            return;
+        };
+        let found = crate::proxy::find(Some(setting), self.current_host());
+        if found == self.proxy {
+            return;
+        }
+        tracing::info!(proxy = %found, "system proxy setting");
+        if found.proxy != self.ladder.config().proxy {
+            let mut config = self.ladder.config().clone();
+            config.proxy.clone_from(&found.proxy);
+            let last = self.ladder.last_working().cloned();
+            self.rebuild(config, last);
+        }
+        self.proxy = found;
+    }
+
     fn rebuild(&mut self, config: LadderConfig, last: Option<Path>) {
         self.ladder = ConnectionLadder::new(config, Arc::clone(&self.tls)).with_last_working(last);
     }
@@ -207,6 +241,7 @@ impl LadderConnector {
 impl Connector for LadderConnector {
     async fn connect(&mut self) -> Result<Connection, ConnectError> {
         self.refresh_identity();
+        self.refresh_proxy();
         match self.ladder.connect().await {
             Ok(connected) => {
                 for failure in &connected.failed_before {
@@ -268,6 +303,10 @@ impl Connector for LadderConnector {
         config.primary_port = port;
         let last = self.ladder.last_working().cloned();
         self.rebuild(config, last);
+    }
+
+    fn proxy_found(&self) -> Option<String> {
+        Some(self.proxy.to_string())
     }
 }
 

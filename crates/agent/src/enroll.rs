@@ -198,7 +198,8 @@ struct EnrollAnswer {
 /// The proxy policy the console hands out (going direct allowed unless it says otherwise).
 #[derive(Clone, Serialize, Deserialize)]
 pub struct ProxyPolicy {
-    /// `http://host:port`, or `http://user:password@host:port`; empty: none.
+    /// `http://host:port`, or `http://user:password@host:port`, or `system` (the machine's
+    /// own proxy setting); empty: none.
     #[serde(default)]
     pub url: String,
     /// Go direct when the proxy fails.
@@ -353,11 +354,7 @@ pub async fn enroll(opts: &EnrollOptions) -> Result<Enrolled, EnrollError> {
         create_dir(parent, 0o755, "the configuration folder")?;
     }
     // A proxy password in the file makes it a secret.
-    let mode = if config
-        .broker
-        .proxy
-        .as_ref()
-        .is_some_and(|p| p.user().is_some())
+    let mode = if matches!(&config.broker.proxy, Some(crate::proxy::ProxySetting::Url(p)) if p.user().is_some())
     {
         0o600
     } else {
@@ -699,7 +696,10 @@ mod tests {
         assert_eq!(config.broker.client_key, Some(state.join("agent.key")));
         assert_eq!(
             config.broker.proxy,
-            Some(beckon_net::ProxyUrl::new("proxy.example", 3128))
+            Some(crate::proxy::ProxySetting::Url(beckon_net::ProxyUrl::new(
+                "proxy.example",
+                3128
+            )))
         );
         assert_eq!(
             (
@@ -729,6 +729,16 @@ mod tests {
         assert_eq!(
             config.broker.trust_anchors(),
             TrustAnchors::CaFileAndSystem(state.join("ca.pem"))
+        );
+
+        // The console's "system" policy: the agent reads the machine's own proxy setting.
+        let mut answer = public;
+        answer.proxy.url = "system".into();
+        let text = config_text(&opts, state, &answer, &console).expect("text");
+        let config = AgentConfig::parse(&text, Path::new("x.toml")).expect("valid");
+        assert_eq!(
+            config.broker.proxy,
+            Some(crate::proxy::ProxySetting::System)
         );
     }
 

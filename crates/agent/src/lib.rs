@@ -6,6 +6,7 @@
 //!   here).
 //! - [`session`]: the MQTT 5 client session over any stream.
 //! - [`runtime`]: reconnect loop, wake-up handling, action worker, check-in scheduler.
+//! - [`proxy`]: the proxy the ladder tries first (`broker.proxy`, or the system's setting).
 //! - [`relay`]: Wake-on-LAN sent on this machine's network when the console asks.
 //! - [`actions`]: the command and HTTP actions.
 //! - [`state`], [`status`]: the state folder and `beckon agent status`.
@@ -24,6 +25,7 @@ pub mod http;
 pub mod inventory;
 pub mod jitter;
 pub mod platform;
+pub mod proxy;
 pub mod relay;
 pub mod renew;
 pub mod runtime;

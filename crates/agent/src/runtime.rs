@@ -249,6 +249,10 @@ impl Agent {
             c = tokio::time::timeout(ladder_limit, link.connector.connect()) => c,
             _ = shutdown.changed() => return Duration::ZERO,
         };
+        let proxy = link.connector.proxy_found();
+        if proxy != self.state.snapshot().proxy {
+            self.state.update_logged(|s| s.proxy = proxy).await;
+        }
         let connection = match connection {
             Ok(Ok(c)) => c,
             Ok(Err(e)) => {

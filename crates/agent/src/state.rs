@@ -100,6 +100,9 @@ pub struct AgentState {
     pub path: Option<String>,
     /// The last path that reached CONNACK success; the ladder starts there.
     pub last_working_path: Option<String>,
+    /// The proxy the last connection attempt used and where it came from
+    /// (`http://proxy:3128 (system proxy: WinHTTP default proxy)`, `none (...)`).
+    pub proxy: Option<String>,
     /// Since when connected (or disconnected), Unix seconds.
     pub since: Option<i64>,
     /// The last accepted wake-up.

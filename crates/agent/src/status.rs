@@ -115,6 +115,9 @@ pub fn render(state: &AgentState, now: i64, running: bool) -> String {
         "NOT connected (agent not running)".to_owned()
     };
     let _ = writeln!(out, "Push service: {connection}");
+    if let Some(proxy) = &state.proxy {
+        let _ = writeln!(out, "Proxy:        {proxy}");
+    }
     if let Some(c) = state.identity_conflict.as_ref().filter(|_| running) {
         let _ = writeln!(out, "Identity:     {}", identity_conflict_text(c, now));
     }
@@ -196,6 +199,7 @@ mod tests {
             path: Some("direct:8883".into()),
             last_working_path: Some("direct:8883".into()),
             since: Some(1000),
+            proxy: Some("none (system proxy: WinHTTP is set to direct access)".into()),
             last_wakeup: Some(LastWakeUp {
                 id: "w-1".into(),
                 reason: "policy changed".into(),
@@ -228,6 +232,7 @@ mod tests {
             "failed, exit code 3, 42 ms",
             "server busy",
             "Last drop:    broker closed the session: server shutting down (0x8B) at",
+            "Proxy:        none (system proxy: WinHTTP is set to direct access)",
         ] {
             assert!(text.contains(needle), "missing {needle:?} in\n{text}");
         }

@@ -80,7 +80,7 @@ pub use ladder::{
     Stage, Timeouts, Timings, connect_path,
 };
 pub use path::{Path, PathParseError, Route, Transport};
-pub use proxy::{PrefixedStream, ProxyError, ProxyUrl, ProxyUrlError, http_connect};
+pub use proxy::{PrefixedStream, ProxyError, ProxyUrl, ProxyUrlError, SYSTEM_PROXY, http_connect};
 pub use slots::{ConnectionSlots, LogEvery};
 pub use stream::{BoxedStream, ByteStream};
 pub use tcp::{ResolveError, TcpError, TcpOptions, connect_addrs, resolve};

@@ -17,6 +17,10 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 /// and a few headers.
 pub const MAX_RESPONSE_HEADER: usize = 8 * 1024;
 
+/// The proxy setting that means "the operating system's proxy" (an agent's `broker.proxy`,
+/// the console's proxy policy): agents read it at each connection ladder start.
+pub const SYSTEM_PROXY: &str = "system";
+
 /// An HTTP proxy's address, as written by an operator: `http://host:port` or `host:port`,
 /// optionally with credentials for Basic authentication: `http://user:password@host:port`
 /// (percent-encode `@`, `:` and `%` in them, e.g. `p%40ss` for `p@ss`).

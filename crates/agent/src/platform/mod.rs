@@ -1,6 +1,7 @@
 //! What differs between operating systems, in one place: where the agent keeps its files and
 //! who may read them, how it learns that it must stop, whether a process still runs, the
-//! machine's name and inventory, and how a command action reaches `cmd.exe` or PowerShell.
+//! machine's name and inventory, the system's proxy setting, and how a command action reaches
+//! `cmd.exe` or PowerShell.
 //!
 //! `unix.rs` serves Linux (and keeps to calls that exist on macOS too, with a fallback where
 //! Linux files are read); `windows.rs` serves Windows. Both offer the same functions; the rest
@@ -27,7 +28,7 @@ use windows as os;
 
 pub use os::{
     CONFIG_FILE, STATE_DIR, create_dir, gather_inventory, hostname, private_file_options,
-    process_alive, release_idle_memory, wait_for_stop_signal,
+    process_alive, release_idle_memory, system_proxy, wait_for_stop_signal,
 };
 
 /// The agent's default state folder: `/var/lib/beckon-agent` on Unix,

@@ -21,6 +21,12 @@ pub(super) fn default_config_file() -> PathBuf {
     PathBuf::from(CONFIG_FILE)
 }
 
+/// The system proxy for connections to `broker_host`: the environment's `https_proxy` /
+/// `all_proxy` and `no_proxy`, as curl reads them.
+pub fn system_proxy(broker_host: &str) -> crate::proxy::FoundProxy {
+    crate::proxy::from_env(|name| std::env::var(name).ok(), broker_host)
+}
+
 /// Creates `dir` and its parents with Unix permissions `mode` (0o700 for the state folder).
 pub fn create_dir(dir: &Path, mode: u32) -> io::Result<()> {
     DirBuilder::new().recursive(true).mode(mode).create(dir)

@@ -1,9 +1,10 @@
 //! Windows: the state folder under `%ProgramData%` with an access list for SYSTEM and the
 //! Administrators only (`SetFileSecurityW`), Ctrl-C, Ctrl-Break, console close and shutdown as
 //! stop signals, `OpenProcess` to see whether a process runs, and the inventory from the IP
-//! helper API (`GetAdaptersAddresses`, through `network-interface`).
+//! helper API (`GetAdaptersAddresses`, through `network-interface`), and the system proxy from
+//! the machine's WinHTTP default proxy (`WinHttpGetDefaultProxyConfiguration`).
 //!
-//! The one module of the crate with `unsafe`: four Win32 calls, each commented.
+//! The one module of the crate with `unsafe`: a few Win32 calls, each commented.
 
 use std::ffi::OsStr;
 use std::fs::OpenOptions;
@@ -204,6 +205,99 @@ pub async fn wait_for_stop_signal() {
     }
 }
 
+/// The system proxy for connections to `broker_host`: the machine's WinHTTP default proxy
+/// (what `netsh winhttp set proxy` writes) and its bypass list. That is the setting a
+/// LocalSystem service sees; the per-user Internet Options (WinINet) are not read.
+pub fn system_proxy(broker_host: &str) -> crate::proxy::FoundProxy {
+    match winhttp_default_proxy() {
+        Ok((named, list, bypass)) => crate::proxy::from_winhttp(named, &list, &bypass, broker_host),
+        Err(e) => crate::proxy::FoundProxy {
+            proxy: None,
+            source: format!("system proxy: the WinHTTP default proxy cannot be read ({e})"),
+        },
+    }
+}
+
+/// The WinHTTP default proxy: whether it is a named proxy, its proxy list and bypass list.
+fn winhttp_default_proxy() -> io::Result<(bool, String, String)> {
+    use windows_sys::Win32::Networking::WinHttp::{
+        WINHTTP_ACCESS_TYPE_NAMED_PROXY, WINHTTP_PROXY_INFO, WinHttpGetDefaultProxyConfiguration,
+    };
+    let mut info = WINHTTP_PROXY_INFO {
+        dwAccessType: 0,
+        lpszProxy: std::ptr::null_mut(),
+        lpszProxyBypass: std::ptr::null_mut(),
+    };
+    // SAFETY: `info` is a valid WINHTTP_PROXY_INFO; the strings the call allocates are read
+    // and freed once by `take_global_string`.
+    unsafe {
+        if WinHttpGetDefaultProxyConfiguration(&mut info) == 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let list = take_global_string(info.lpszProxy);
+        let bypass = take_global_string(info.lpszProxyBypass);
+        Ok((
+            info.dwAccessType == WINHTTP_ACCESS_TYPE_NAMED_PROXY,
+            list,
+            bypass,
+        ))
+    }
+}
+
+/// Reads a NUL-terminated UTF-16 string WinHTTP allocated with `GlobalAlloc`, and frees it.
+///
+/// # Safety
+/// `text` is null or such a string, not used afterwards.
+unsafe fn take_global_string(text: *mut u16) -> String {
+    use windows_sys::Win32::Foundation::GlobalFree;
+    if text.is_null() {
+        return String::new();
+    }
+    // SAFETY: the caller hands a NUL-terminated string, read up to its NUL, then freed once.
+    unsafe {
+        let len = (0..).take_while(|&i| *text.add(i) != 0).count();
+        let value = String::from_utf16_lossy(std::slice::from_raw_parts(text, len));
+        GlobalFree(text.cast());
+        value
+    }
+}
+
+/// Sets the machine's WinHTTP default proxy (`None`: direct access), as `netsh winhttp set
+/// proxy` does; needs administrator rights. For tests.
+#[cfg(test)]
+fn set_winhttp_default_proxy(proxy: Option<(&str, &str)>) -> io::Result<()> {
+    use windows_sys::Win32::Networking::WinHttp::{
+        WINHTTP_ACCESS_TYPE_DEFAULT_PROXY, WINHTTP_ACCESS_TYPE_NAMED_PROXY, WINHTTP_PROXY_INFO,
+        WinHttpSetDefaultProxyConfiguration,
+    };
+    let (mut list, mut bypass) = match proxy {
+        Some((list, bypass)) => (wide(OsStr::new(list)), wide(OsStr::new(bypass))),
+        None => (Vec::new(), Vec::new()),
+    };
+    let mut info = WINHTTP_PROXY_INFO {
+        dwAccessType: if proxy.is_some() {
+            WINHTTP_ACCESS_TYPE_NAMED_PROXY
+        } else {
+            WINHTTP_ACCESS_TYPE_DEFAULT_PROXY
+        },
+        lpszProxy: if proxy.is_some() {
+            list.as_mut_ptr()
+        } else {
+            std::ptr::null_mut()
+        },
+        lpszProxyBypass: if proxy.is_some() {
+            bypass.as_mut_ptr()
+        } else {
+            std::ptr::null_mut()
+        },
+    };
+    // SAFETY: the strings are NUL-terminated UTF-16 that outlive the call, which copies them.
+    if unsafe { WinHttpSetDefaultProxyConfiguration(&mut info) } == 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// The computer's name.
 pub fn hostname() -> String {
     gethostname::gethostname().to_string_lossy().into_owned()
@@ -356,6 +450,49 @@ mod tests {
         assert!(status.success(), "{status}");
         let written = std::fs::read_to_string(&out).expect("the redirection wrote the file");
         assert_eq!(written.trim(), "hello");
+    }
+
+    /// Puts the WinHTTP default proxy back to direct access when the test ends, passed or
+    /// not: the Wine prefix outlives the test.
+    struct DirectAgain;
+
+    impl Drop for DirectAgain {
+        fn drop(&mut self) {
+            let _ = set_winhttp_default_proxy(None);
+        }
+    }
+
+    /// The machine's WinHTTP proxy, set as `netsh winhttp set proxy` sets it, is what the
+    /// agent's system proxy finds, bypass list included; direct access means no proxy.
+    #[test]
+    fn the_system_proxy_is_the_winhttp_default_proxy() {
+        let _direct_again = DirectAgain;
+        set_winhttp_default_proxy(Some((
+            "http=web.corp.example:80;https=127.0.0.1:3128",
+            "<local>;*.internal.example",
+        )))
+        .expect("set the WinHTTP default proxy");
+        let found = system_proxy("push.example.com");
+        assert_eq!(
+            found.proxy,
+            Some(beckon_net::ProxyUrl::new("127.0.0.1", 3128)),
+            "{found}"
+        );
+        assert!(found.source.contains("WinHTTP"), "{found}");
+        // The same, through the setting the agent's configuration names.
+        let setting = crate::proxy::ProxySetting::System;
+        assert_eq!(
+            crate::proxy::find(Some(&setting), "push.example.com").proxy,
+            found.proxy
+        );
+        let bypassed = system_proxy("b1.internal.example");
+        assert_eq!(bypassed.proxy, None, "{bypassed}");
+        assert!(bypassed.source.contains("bypass"), "{bypassed}");
+        assert_eq!(system_proxy("pushhost").proxy, None, "<local>");
+
+        set_winhttp_default_proxy(None).expect("direct access");
+        let direct = system_proxy("push.example.com");
+        assert_eq!(direct.proxy, None, "{direct}");
     }
 
     #[test]
