@@ -6,7 +6,8 @@ use std::time::Duration;
 
 use anyhow::{Context as _, bail};
 use beckon_agent::config::AgentConfig;
-use beckon_net::{ClientIdentity, ProxyUrl};
+use beckon_agent::proxy::{FoundProxy, ProxySetting};
+use beckon_net::ClientIdentity;
 
 use crate::config::DoctorConfig;
 
@@ -25,7 +26,8 @@ pub struct DoctorArgs {
     /// WebSocket), comma separated; a single port checks only the primary path.
     #[arg(long, value_name = "LIST", value_delimiter = ',', num_args = 1..=2)]
     pub ports: Option<Vec<u16>>,
-    /// The HTTP proxy agents use first (`http://host:port`, or `http://user:password@host:port`).
+    /// The HTTP proxy agents use first (`http://host:port`, or `http://user:password@host:port`),
+    /// or `system` for this machine's proxy setting as the agent reads it.
     #[arg(long, value_name = "URL")]
     pub proxy: Option<String>,
     /// PEM file with the CA that signs the broker's certificate (default: the system's store).
@@ -107,10 +109,19 @@ impl DoctorArgs {
             }
         }
         if let Some(proxy) = &self.proxy {
-            config.proxy = Some(
-                // The error quotes the address without its password.
-                proxy.parse::<ProxyUrl>().context("--proxy")?,
-            );
+            // The error quotes the address without its password.
+            let setting = proxy.parse::<ProxySetting>().context("--proxy")?;
+            let found = match setting {
+                ProxySetting::Url(url) => FoundProxy {
+                    proxy: Some(url),
+                    source: "--proxy".into(),
+                },
+                ProxySetting::System => {
+                    beckon_agent::proxy::find(Some(&setting), &config.broker_host)
+                }
+            };
+            config.proxy = found.proxy;
+            config.proxy_source = Some(found.source);
         }
         if let Some(ca) = &self.ca {
             config = config.with_ca_file(ca.clone());

@@ -28,6 +28,9 @@ pub struct DoctorConfig {
     pub fallback_port: Option<u16>,
     /// The HTTP proxy agents try first, if any.
     pub proxy: Option<ProxyUrl>,
+    /// Where `proxy` came from, or why there is none (the agent's `broker.proxy`, the
+    /// system's proxy setting), when known.
+    pub proxy_source: Option<String>,
     /// Trust anchors and client certificate, as the agent has them.
     pub tls: TlsSettings,
     /// Where the CA came from, for fix sentences (`--ca FILE`, the agent's `ca_file`).
@@ -70,6 +73,7 @@ impl DoctorConfig {
             primary_port: 8883,
             fallback_port: Some(443),
             proxy: None,
+            proxy_source: None,
             tls: TlsSettings::default(),
             ca_label: None,
             username: None,
@@ -97,7 +101,10 @@ impl DoctorConfig {
         config.server_name = b.server_name.clone();
         config.primary_port = b.port;
         config.fallback_port = Some(b.fallback_port);
-        config.proxy = b.proxy.clone();
+        // `broker.proxy = "system"` is read now, as the agent reads it at each attempt.
+        let found = beckon_agent::proxy::find(b.proxy.as_ref(), &b.host);
+        config.proxy = found.proxy;
+        config.proxy_source = Some(found.source);
         config.tls.trust = b.trust_anchors();
         if let Some(ca) = &b.ca_file {
             let system = if b.system_roots {
@@ -158,6 +165,7 @@ impl std::fmt::Debug for DoctorConfig {
             .field("primary_port", &self.primary_port)
             .field("fallback_port", &self.fallback_port)
             .field("proxy", &self.proxy)
+            .field("proxy_source", &self.proxy_source)
             .field("tls", &self.tls)
             .field("username", &self.username)
             .field("password", &self.password.as_ref().map(|_| "<redacted>"))

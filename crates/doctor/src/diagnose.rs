@@ -29,6 +29,7 @@ pub async fn diagnose(config: &DoctorConfig) -> Report {
         broker: config.broker_host.clone(),
         server_name: config.server_name().to_owned(),
         proxy: config.proxy.as_ref().map(ToString::to_string),
+        proxy_source: config.proxy_source.clone(),
         client_id: identity.client_id.clone(),
         setup_error: None,
         setup_fix: None,

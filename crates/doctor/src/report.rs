@@ -167,6 +167,10 @@ pub struct Report {
     /// The proxy, if one is configured.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub proxy: Option<String>,
+    /// Where the proxy came from, or why there is none (`system proxy: WinHTTP default
+    /// proxy`, ...), when known.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub proxy_source: Option<String>,
     /// The MQTT client id used.
     pub client_id: String,
     /// A problem that stopped every check before it started (unreadable CA file, ...), with
@@ -201,6 +205,9 @@ impl Report {
                 let _ = write!(out, ", proxy {proxy}");
             }
             None => out.push_str(", no proxy"),
+        }
+        if let Some(source) = &self.proxy_source {
+            let _ = write!(out, " ({source})");
         }
         let _ = writeln!(out, ", client id {}", self.client_id);
         if let Some(error) = &self.setup_error {
