@@ -116,7 +116,8 @@ pub struct BrokerSettings {
 #[serde(deny_unknown_fields, default)]
 pub struct ProxySettings {
     /// `http://host:port` of the proxy agents try first, or `http://user:password@host:port`
-    /// for a proxy that demands Basic authentication; empty: none.
+    /// for a proxy that demands Basic authentication, or `system` for each agent's machine
+    /// setting (WinHTTP on Windows, `https_proxy` on Unix); empty: none.
     pub url: String,
     /// When the proxy fails, agents connect directly (the seed's behaviour). Default true,
     /// also for a missing field or group (`default` above takes [`ProxySettings::default`]).
@@ -200,7 +201,8 @@ impl Settings {
             parse_host_port(e)
                 .map_err(|r| invalid(&format!("broker.endpoints[{i}]"), r.to_string()))?;
         }
-        if !self.proxy.url.is_empty() {
+        // `system`: agents use their machine's own proxy setting.
+        if !self.proxy.url.is_empty() && self.proxy.url != beckon_net::SYSTEM_PROXY {
             if !self.proxy.url.starts_with("http://") {
                 return Err(invalid(
                     "proxy.url",
@@ -314,6 +316,8 @@ mod tests {
         assert_eq!(s.validate().unwrap_err().field, "proxy.url");
         s.proxy.url = "http://proxy.example:3128".into();
         assert!(s.validate().is_ok());
+        s.proxy.url = "system".into();
+        assert!(s.validate().is_ok(), "each agent's own machine setting");
         s.proxy.url = "http://agents:p%40ss@proxy.example:3128".into();
         assert!(s.validate().is_ok());
         assert_eq!(
