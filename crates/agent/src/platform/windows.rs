@@ -262,12 +262,12 @@ unsafe fn take_global_string(text: *mut u16) -> String {
     }
 }
 
-/// Sets the machine's WinHTTP default proxy (`None`: direct access), as `netsh winhttp set
-/// proxy` does; needs administrator rights. For tests.
+/// Sets the machine's WinHTTP default proxy as `netsh winhttp set proxy` does (`None`: direct
+/// access, as `netsh winhttp reset proxy`); needs administrator rights. For tests.
 #[cfg(test)]
 fn set_winhttp_default_proxy(proxy: Option<(&str, &str)>) -> io::Result<()> {
     use windows_sys::Win32::Networking::WinHttp::{
-        WINHTTP_ACCESS_TYPE_DEFAULT_PROXY, WINHTTP_ACCESS_TYPE_NAMED_PROXY, WINHTTP_PROXY_INFO,
+        WINHTTP_ACCESS_TYPE_NAMED_PROXY, WINHTTP_ACCESS_TYPE_NO_PROXY, WINHTTP_PROXY_INFO,
         WinHttpSetDefaultProxyConfiguration,
     };
     let (mut list, mut bypass) = match proxy {
@@ -278,7 +278,7 @@ fn set_winhttp_default_proxy(proxy: Option<(&str, &str)>) -> io::Result<()> {
         dwAccessType: if proxy.is_some() {
             WINHTTP_ACCESS_TYPE_NAMED_PROXY
         } else {
-            WINHTTP_ACCESS_TYPE_DEFAULT_PROXY
+            WINHTTP_ACCESS_TYPE_NO_PROXY
         },
         lpszProxy: if proxy.is_some() {
             list.as_mut_ptr()
