@@ -110,6 +110,78 @@ mod tests {
         assert!(!allowed_destination("8.8.8.8".parse().unwrap(), &own));
     }
 
+    fn request_to(broadcast: &str, port: u16) -> RelayRequest {
+        RelayRequest {
+            v: 1,
+            id: "01999999-9999-7999-8999-999999999999".into(),
+            tenant: "acme".into(),
+            agent: "pc-on".into(),
+            target: "pc-off".into(),
+            issued_at: 1,
+            expires_at: 61,
+            macs: vec!["02:00:00:be:ef:01".into()],
+            secureon: Some("01:02:03:04".into()),
+            broadcast: broadcast.parse().unwrap(),
+            port,
+            repeats: 2,
+        }
+    }
+
+    /// The packet as the specification writes it, built here by hand.
+    fn expected_packet() -> Vec<u8> {
+        let mut want = vec![0xFF; 6];
+        for _ in 0..16 {
+            want.extend_from_slice(&[0x02, 0, 0, 0xbe, 0xef, 0x01]);
+        }
+        want.extend_from_slice(&[1, 2, 3, 4]);
+        want
+    }
+
+    async fn receive(socket: &tokio::net::UdpSocket, count: usize) -> Vec<Vec<u8>> {
+        let mut got = Vec::new();
+        let mut buf = [0u8; 512];
+        for i in 0..count {
+            let (n, _) = tokio::time::timeout(
+                std::time::Duration::from_secs(10),
+                socket.recv_from(&mut buf),
+            )
+            .await
+            .unwrap_or_else(|_| panic!("magic packet {} did not arrive", i + 1))
+            .expect("receive");
+            got.push(buf[..n].to_vec());
+        }
+        got
+    }
+
+    /// A relay request's packets arrive byte for byte on a UDP socket of this machine (the
+    /// Windows build runs this under Wine: the sockets are Winsock's there).
+    #[tokio::test]
+    async fn the_relay_puts_the_magic_packet_on_the_wire() {
+        let socket = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let port = socket.local_addr().unwrap().port();
+        let result = perform(&request_to("127.0.0.1", port), &[], 5).await;
+        assert_eq!(result.sends.len(), 1);
+        let send = &result.sends[0];
+        assert_eq!((send.packets, send.error.as_deref()), (2, None), "{send:?}");
+        assert_eq!(send.destination, format!("127.0.0.1:{port}"));
+        assert_eq!(receive(&socket, 2).await, vec![expected_packet(); 2]);
+    }
+
+    /// Sent to the broadcast address of one of the agent's own subnets (here loopback's
+    /// 127.0.0.0/8: nothing leaves the machine), the packet reaches a socket listening on
+    /// every address, as the sleeping machine's card would see it.
+    #[tokio::test]
+    async fn the_relay_broadcasts_on_its_own_subnet() {
+        let socket = tokio::net::UdpSocket::bind("0.0.0.0:0").await.unwrap();
+        let port = socket.local_addr().unwrap().port();
+        let own = own_broadcasts(&[a("127.0.0.1", 8)]);
+        assert_eq!(own, vec!["127.255.255.255".parse::<IpAddr>().unwrap()]);
+        let result = perform(&request_to("127.255.255.255", port), &own, 5).await;
+        let send = &result.sends[0];
+        assert_eq!((send.packets, send.error.as_deref()), (2, None), "{send:?}");
+        assert_eq!(receive(&socket, 2).await, vec![expected_packet(); 2]);
+    }
+
     #[tokio::test]
     async fn a_refused_destination_sends_nothing_and_says_why() {
         let request = RelayRequest {
