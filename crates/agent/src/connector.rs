@@ -157,6 +157,9 @@ impl LadderConnector {
         ladder_config.primary_port = broker.port;
         ladder_config.fallback_port = broker.fallback_port;
         let proxy = crate::proxy::find(broker.proxy.as_ref(), &broker.host);
+        if broker.proxy.is_some() {
+            tracing::info!(proxy = %proxy, "proxy for the push service");
+        }
         ladder_config.proxy = proxy.proxy.clone();
         let hosts = std::iter::once(broker.host.clone())
             .chain(broker.more_hosts.iter().cloned())
