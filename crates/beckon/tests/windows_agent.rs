@@ -3,8 +3,10 @@
 //! the MQTT port, takes a signed wake-up, runs a `cmd.exe` action with the wake-up in its
 //! environment and reports `finished`; `agent status` reads its state. Then, with the MQTT
 //! port refused, it falls back to the fallback port, and with a proxy configured it goes
-//! through tinyproxy. Last, registered as a Windows service, started by Wine's service manager
-//! (online again), and removed (offline).
+//! through tinyproxy; with `proxy = "system"` it reads the machine's WinHTTP default proxy (set
+//! where `netsh winhttp set proxy` stores it), goes direct when its bypass list names the
+//! broker and through that tinyproxy otherwise. Last, registered as a Windows service, started
+//! by Wine's service manager (online again), and removed (offline).
 //!
 //! Needs the Windows build (`scripts/windows/build`, which `scripts/test` runs) and Wine with
 //! the prefix `scripts/windows/prepare-wine` makes. Without them the test fails and says so;
@@ -57,6 +59,9 @@ fn windows_command(bin: &Path, args: &[&str]) -> Command {
         .arg(bin)
         .args(args)
         .env("RUST_LOG", "info")
+        // Wine's WinHTTP takes the Unix `http_proxy` as the machine's default proxy when the
+        // registry holds none: the system proxy steps set the registry only.
+        .env_remove("http_proxy")
         .stdin(Stdio::null());
     command
 }
@@ -287,9 +292,49 @@ fn windows_agent_under_wine_enrolls_connects_and_runs_a_cmd_action() {
     std::fs::remove_file(state.join("state.json")).expect("forget the last path");
     connects_on(&up, &cookie, &bin, &config_arg, &id, "443-mqtt via proxy");
     assert!(
-        proxy.output().contains("CONNECT") || proxy.output().contains(&fallback_port),
+        tunnels(&proxy) > 0,
         "tinyproxy carried the connection: {}",
         proxy.output()
+    );
+
+    // `proxy = "system"`: the machine's WinHTTP default proxy, a second tinyproxy. With the
+    // broker in its bypass list the agent goes direct (8883 is still refused: 443).
+    let winhttp_proxy = Tinyproxy::start(&[fallback_port.parse().expect("port")]);
+    let winhttp_address = format!("127.0.0.1:{}", winhttp_proxy.port);
+    set_broker_key(&config, "proxy", "\"system\"");
+    let bypassed = WinHttpProxy::set(
+        &winhttp_address,
+        &format!(
+            "*.corp.example;{}",
+            broker_key(&config, "host").trim_matches('"')
+        ),
+    );
+    std::fs::remove_file(state.join("state.json")).expect("forget the last path");
+    connects_on(&up, &cookie, &bin, &config_arg, &id, "443-mqtt");
+    assert!(
+        tunnels(&winhttp_proxy) == 0,
+        "the bypass list kept the agent off the proxy: {}",
+        winhttp_proxy.output()
+    );
+    drop(bypassed);
+    let _winhttp = WinHttpProxy::set(&format!("https={winhttp_address}"), "*.corp.example");
+    std::fs::remove_file(state.join("state.json")).expect("forget the last path");
+    connects_on(&up, &cookie, &bin, &config_arg, &id, "443-mqtt via proxy");
+    assert!(
+        tunnels(&winhttp_proxy) > 0,
+        "the WinHTTP proxy carried the connection: {}",
+        winhttp_proxy.output()
+    );
+    let status = run_windows(
+        &bin,
+        &["agent", "status", "--state-dir", &wine_path(&state)],
+    );
+    let status = String::from_utf8_lossy(&status.stdout);
+    assert!(
+        status.contains(&format!(
+            "Proxy:        http://{winhttp_address} (system proxy: WinHTTP default proxy)"
+        )),
+        "status names the proxy and where it came from: {status}"
     );
 
     // Registered as a Windows service (automatic start, this program with `agent service`
@@ -367,6 +412,61 @@ fn wine_tool(tool: &str, args: &[&str]) -> String {
         .expect("run a Windows tool under Wine");
     assert!(out.status.success(), "{tool} {args:?}: {out:?}");
     String::from_utf8_lossy(&out.stdout).replace('\r', "")
+}
+
+/// How many tunnels tinyproxy was asked for (its log line `Request (file descriptor N): CONNECT
+/// host:port HTTP/1.1`; its start-up lines name CONNECT too).
+fn tunnels(proxy: &Tinyproxy) -> usize {
+    proxy.output().matches("): CONNECT ").count()
+}
+
+/// Where WinHTTP keeps the machine's default proxy.
+const WINHTTP_KEY: &str =
+    r"HKLM\Software\Microsoft\Windows\CurrentVersion\Internet Settings\Connections";
+
+/// The machine's WinHTTP default proxy in the Wine prefix, stored as `netsh winhttp set proxy
+/// PROXY BYPASS` stores it (Wine's netsh has no `winhttp`); direct access again when dropped,
+/// passed or not: the Wine prefix outlives the test.
+struct WinHttpProxy;
+
+impl WinHttpProxy {
+    fn set(proxy: &str, bypass: &str) -> Self {
+        // The value `WinHttpSettings`: a header (0x18, 0, flags 2 = named proxy), then the
+        // proxy list and the bypass list, each as a little-endian length and its bytes.
+        let mut value = Vec::new();
+        for word in [0x18u32, 0, 2] {
+            value.extend(word.to_le_bytes());
+        }
+        for text in [proxy, bypass] {
+            value.extend(u32::try_from(text.len()).expect("short").to_le_bytes());
+            value.extend(text.as_bytes());
+        }
+        let hex: String = value.iter().map(|b| format!("{b:02x}")).collect();
+        wine_tool(
+            "reg",
+            &[
+                "add",
+                WINHTTP_KEY,
+                "/v",
+                "WinHttpSettings",
+                "/t",
+                "REG_BINARY",
+                "/d",
+                &hex,
+                "/f",
+            ],
+        );
+        Self
+    }
+}
+
+impl Drop for WinHttpProxy {
+    fn drop(&mut self) {
+        let _ = Command::new(repo_root().join("scripts/windows/wine-run"))
+            .args(["reg", "delete", WINHTTP_KEY, "/v", "WinHttpSettings", "/f"])
+            .stdin(Stdio::null())
+            .output();
+    }
 }
 
 /// Removes the service when the test ends, passed or not: the Wine prefix outlives the test.
