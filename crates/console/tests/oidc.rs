@@ -7,7 +7,6 @@ mod common;
 
 use axum::http::StatusCode;
 use beckon_console::model::{Role, now_ms};
-use beckon_console::oidc::{ClientSecret, OidcConfig};
 use beckon_console::store::StoreError;
 use common::{Api, login, request};
 use serde_json::json;
@@ -20,16 +19,7 @@ async fn start_with_provider_down() -> Api {
     };
     common::start_with(|c| {
         c.public_url = Some("http://127.0.0.1:8080".into());
-        c.oidc = Some(OidcConfig {
-            issuer: format!("http://127.0.0.1:{port}"),
-            client_id: "beckon".into(),
-            client_secret: ClientSecret("secret".into()),
-            provider_name: "Example ID".into(),
-            roles_claim: "groups".into(),
-            role_map: vec![("ops".into(), Role::Operator)],
-            scopes: vec!["openid".into()],
-            ca_file: None,
-        });
+        c.oidc = Some(common::oidc_config(format!("http://127.0.0.1:{port}")));
     })
     .await
 }
@@ -307,16 +297,7 @@ async fn only_an_id_token_signed_by_the_provider_for_this_sign_in_opens_a_sessio
     let issuer = provider.issuer.clone();
     let api = common::start_with(|c| {
         c.public_url = Some("http://127.0.0.1:8080".into());
-        c.oidc = Some(OidcConfig {
-            issuer,
-            client_id: "beckon".into(),
-            client_secret: ClientSecret("secret".into()),
-            provider_name: "Example ID".into(),
-            roles_claim: "groups".into(),
-            role_map: vec![("ops".into(), Role::Operator)],
-            scopes: vec!["openid".into()],
-            ca_file: None,
-        });
+        c.oidc = Some(common::oidc_config(issuer));
     })
     .await;
     let now = now_ms() / 1000;

@@ -11,7 +11,6 @@ use std::time::Duration;
 
 use axum::http::StatusCode;
 use beckon_console::model::Role;
-use beckon_console::oidc::{ClientSecret, OidcConfig};
 use common::{Api, csr, request};
 use serde_json::{Map, Value, json};
 use tower::ServiceExt;
@@ -537,16 +536,9 @@ async fn every_route() {
         .port();
     let api = common::start_with(|c| {
         c.public_url = Some("https://console.example".into());
-        c.oidc = Some(OidcConfig {
-            issuer: format!("http://127.0.0.1:{closed_port}"),
-            client_id: "beckon".into(),
-            client_secret: ClientSecret("secret".into()),
-            provider_name: "Example ID".into(),
-            roles_claim: "groups".into(),
-            role_map: vec![("ops".into(), Role::Operator)],
-            scopes: vec!["openid".into()],
-            ca_file: None,
-        });
+        c.oidc = Some(common::oidc_config(format!(
+            "http://127.0.0.1:{closed_port}"
+        )));
     })
     .await;
     let (s, doc) = api.call_as("GET", "/api/v1/openapi.json", None, None).await;

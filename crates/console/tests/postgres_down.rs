@@ -9,21 +9,14 @@ mod common;
 use std::time::{Duration, Instant};
 
 use beckon_console::store::*;
-use common::{ClusterStop, cluster};
+use common::cluster;
 
 #[test]
 fn the_store_fails_while_postgresql_is_down_and_recovers_by_itself() {
-    if std::env::var(common::POSTGRES_VAR).is_err() {
-        eprintln!(
-            "{} is not set: PostgreSQL not tested here",
-            common::POSTGRES_VAR
-        );
+    let Some(own) = common::own_cluster() else {
         return;
-    }
-    let dir = tempfile::tempdir().unwrap();
-    let folder = dir.path().join("cluster").display().to_string();
-    let admin = cluster(&["start", &folder]);
-    let _stop = ClusterStop(folder.clone());
+    };
+    let (folder, admin) = (own.folder.clone(), own.admin.clone());
     let port = admin
         .rsplit_once(':')
         .and_then(|(_, rest)| rest.split('/').next())

@@ -8,7 +8,6 @@ mod common;
 use std::path::Path;
 
 use beckon_console::store::*;
-use common::{ClusterStop, cluster};
 
 /// Whether each connection of the console to `database` uses TLS, as the server sees it.
 fn console_connections_tls(admin: &str, database: &str) -> Vec<bool> {
@@ -32,18 +31,11 @@ fn open(url: &str) -> Result<SqlStore, String> {
 
 #[test]
 fn the_store_talks_tls_to_postgresql_and_checks_the_server() {
-    if std::env::var(common::POSTGRES_VAR).is_err() {
-        eprintln!(
-            "{} is not set: PostgreSQL not tested here",
-            common::POSTGRES_VAR
-        );
+    let Some(own) = common::own_cluster() else {
         return;
-    }
-    let dir = tempfile::tempdir().unwrap();
-    let folder = dir.path().join("cluster").display().to_string();
-    let admin = cluster(&["start", &folder]);
-    let _stop = ClusterStop(folder.clone());
-    let ca = Path::new(&folder).join("ca.pem");
+    };
+    let admin = own.admin.clone();
+    let ca = Path::new(&own.folder).join("ca.pem");
     let plain = common::create_postgres_database(&admin);
     let database = plain.rsplit('/').next().unwrap().to_owned();
 

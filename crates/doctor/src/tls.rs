@@ -141,32 +141,27 @@ fn load_roots(trust: &TrustAnchors) -> Result<(RootCertStore, Vec<String>), TlsC
             }
             Ok::<(), TlsConfigError>(())
         };
-    match trust {
-        TrustAnchors::System => {
-            let found = rustls_native_certs::load_native_certs();
-            roots.add_parsable_certificates(found.certs);
+    let (file, system) = match trust {
+        TrustAnchors::System => (None, true),
+        TrustAnchors::CaFile(path) => (Some(path), false),
+        TrustAnchors::CaFileAndSystem(path) => (Some(path), true),
+        TrustAnchors::CaPem(pem) => {
+            pem_roots(pem, "CA (in memory)", &mut roots, &mut subjects)?;
+            (None, false)
         }
-        TrustAnchors::CaFile(path) => {
-            let pem = read("CA", path)?;
-            pem_roots(
-                &pem,
-                &format!("CA file {}", path.display()),
-                &mut roots,
-                &mut subjects,
-            )?;
-        }
-        TrustAnchors::CaPem(pem) => pem_roots(pem, "CA (in memory)", &mut roots, &mut subjects)?,
-        TrustAnchors::CaFileAndSystem(path) => {
-            let pem = read("CA", path)?;
-            pem_roots(
-                &pem,
-                &format!("CA file {}", path.display()),
-                &mut roots,
-                &mut subjects,
-            )?;
-            let found = rustls_native_certs::load_native_certs();
-            roots.add_parsable_certificates(found.certs);
-        }
+    };
+    if let Some(path) = file {
+        let pem = read("CA", path)?;
+        pem_roots(
+            &pem,
+            &format!("CA file {}", path.display()),
+            &mut roots,
+            &mut subjects,
+        )?;
+    }
+    if system {
+        let found = rustls_native_certs::load_native_certs();
+        roots.add_parsable_certificates(found.certs);
     }
     if roots.is_empty() {
         return Err(invalid("trusted CA certificates", "none could be loaded"));

@@ -25,6 +25,21 @@ pub use beckon_testkit::{Mosquitto, TestClient, free_port};
 /// Every wait is bounded by this.
 pub const WAIT: Duration = Duration::from_secs(10);
 
+/// Single sign-on with the provider at `issuer`: client `beckon` (secret `secret`), the
+/// `groups` claim's `ops` mapped to operator.
+pub fn oidc_config(issuer: String) -> beckon_console::oidc::OidcConfig {
+    beckon_console::oidc::OidcConfig {
+        issuer,
+        client_id: "beckon".into(),
+        client_secret: beckon_console::oidc::ClientSecret("secret".into()),
+        provider_name: "Example ID".into(),
+        roles_claim: "groups".into(),
+        role_map: vec![("ops".into(), beckon_console::model::Role::Operator)],
+        scopes: vec!["openid".into()],
+        ca_file: None,
+    }
+}
+
 /// Runs scripts/test-postgres with `args` (a cluster of a test's own: `start FOLDER [PORT]`,
 /// `stop FOLDER`); returns what it printed. The cluster serves TLS from the CA in
 /// `FOLDER/ca.pem`.
@@ -40,6 +55,35 @@ pub fn cluster(args: &[&str]) -> String {
 
 /// Stops the cluster in the folder when the test ends, however it ends.
 pub struct ClusterStop(pub String);
+
+/// A PostgreSQL cluster of a test's own (for tests that stop it or need its files), stopped
+/// and removed when dropped.
+pub struct OwnCluster {
+    /// Its folder (`ca.pem` is the CA of its TLS certificate).
+    pub folder: String,
+    /// Its URL, for a user that may create databases.
+    pub admin: String,
+    _stop: ClusterStop,
+    _dir: tempfile::TempDir,
+}
+
+/// Starts an [`OwnCluster`]; `None`, with a note, when [`POSTGRES_VAR`] is not set (the
+/// PostgreSQL binaries may be missing then).
+pub fn own_cluster() -> Option<OwnCluster> {
+    if std::env::var(POSTGRES_VAR).is_err() {
+        eprintln!("{POSTGRES_VAR} is not set: PostgreSQL not tested here");
+        return None;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let folder = dir.path().join("cluster").display().to_string();
+    let admin = cluster(&["start", &folder]);
+    Some(OwnCluster {
+        _stop: ClusterStop(folder.clone()),
+        folder,
+        admin,
+        _dir: dir,
+    })
+}
 
 impl Drop for ClusterStop {
     fn drop(&mut self) {
