@@ -86,7 +86,7 @@ pub use stream::{BoxedStream, ByteStream};
 pub use tcp::{ResolveError, TcpError, TcpOptions, connect_addrs, resolve};
 pub use tls::{
     ClientIdentity, PeerCertificate, TlsClient, TlsConfigError, TlsError, TlsSessionInfo,
-    TlsSettings, TlsVersion, TrustAnchors,
+    TlsSettings, TlsStream, TlsVersion, TrustAnchors,
 };
 pub use ws::{WsByteStream, WsError, WsSettings, websocket_handshake};
 

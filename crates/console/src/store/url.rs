@@ -83,7 +83,7 @@ pub(super) enum PostgresTls {
     /// In the clear: no `sslmode`, or `sslmode=disable`.
     Off,
     /// TLS, the server's certificate verified (CA and host name).
-    Verified(Arc<rustls::ClientConfig>),
+    Verified(Arc<beckon_net::TlsClient>),
 }
 
 /// The client configuration of a PostgreSQL URL, its TLS, and the URL to show.
@@ -132,7 +132,7 @@ pub(super) fn postgres_config(url: &str) -> StoreResult<(postgres::Config, Postg
             })
             .map_err(|e| invalid(format!("cannot be used with TLS: {e}")))?;
             config.ssl_mode(SslMode::Require);
-            PostgresTls::Verified(client.config_for(&[]))
+            PostgresTls::Verified(Arc::new(client))
         }
         Some(mode @ ("prefer" | "allow")) => {
             return Err(invalid(format!(

@@ -198,9 +198,14 @@ impl Postgres {
     fn connect(&self) -> StoreResult<Client> {
         match &self.tls {
             url::PostgresTls::Off => self.config.connect(NoTls),
-            url::PostgresTls::Verified(config) => {
-                self.config.connect(tls::Verified(config.clone()))
-            }
+            url::PostgresTls::Verified(client) => self.config.connect(tls::Verified {
+                client: client.clone(),
+                timeout: self
+                    .config
+                    .get_connect_timeout()
+                    .copied()
+                    .unwrap_or(Duration::from_secs(10)),
+            }),
         }
         .map_err(|e| StoreError::Unavailable {
             database: self.shown.clone(),

@@ -8,14 +8,20 @@ use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
+use beckon_net::TlsClient;
 use postgres::tls::{ChannelBinding, MakeTlsConnect, TlsConnect, TlsStream};
-use rustls::pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-/// Makes a verified TLS connection for each new database connection.
+/// Makes a verified TLS connection for each new database connection, through Beckon's one
+/// TLS client (its CA loading, server-name check and worded errors).
 #[derive(Clone)]
-pub(super) struct Verified(pub(super) Arc<rustls::ClientConfig>);
+pub(super) struct Verified {
+    pub(super) client: Arc<TlsClient>,
+    /// How long a handshake may take.
+    pub(super) timeout: Duration,
+}
 
 impl<S> MakeTlsConnect<S> for Verified
 where
@@ -26,23 +32,17 @@ where
     type Error = io::Error;
 
     fn make_tls_connect(&mut self, host: &str) -> io::Result<Connect> {
-        let name = ServerName::try_from(host.to_owned()).map_err(|e| {
-            io::Error::new(
-                io::ErrorKind::InvalidInput,
-                format!("the host {host:?} cannot be checked in a certificate: {e}"),
-            )
-        })?;
         Ok(Connect {
-            config: self.0.clone(),
-            name,
+            tls: self.clone(),
+            host: host.to_owned(),
         })
     }
 }
 
 /// One connection's handshake.
 pub(super) struct Connect {
-    config: Arc<rustls::ClientConfig>,
-    name: ServerName<'static>,
+    tls: Verified,
+    host: String,
 }
 
 impl<S> TlsConnect<S> for Connect
@@ -54,13 +54,19 @@ where
     type Future = Pin<Box<dyn Future<Output = io::Result<Stream<S>>> + Send>>;
 
     fn connect(self, stream: S) -> Self::Future {
-        let connector = tokio_rustls::TlsConnector::from(self.config);
-        Box::pin(async move { connector.connect(self.name, stream).await.map(Stream) })
+        Box::pin(async move {
+            let Connect { tls, host } = self;
+            tls.client
+                .connect(stream, &host, &[], tls.timeout)
+                .await
+                .map(|(stream, _)| Stream(stream))
+                .map_err(io::Error::other)
+        })
     }
 }
 
 /// A TLS connection to the server.
-pub(super) struct Stream<S>(tokio_rustls::client::TlsStream<S>);
+pub(super) struct Stream<S>(beckon_net::TlsStream<S>);
 
 impl<S: AsyncRead + AsyncWrite + Unpin> TlsStream for Stream<S> {
     fn channel_binding(&self) -> ChannelBinding {
