@@ -185,18 +185,10 @@ mod tests {
     #[tokio::test]
     async fn a_refused_destination_sends_nothing_and_says_why() {
         let request = RelayRequest {
-            v: 1,
-            id: "01999999-9999-7999-8999-999999999999".into(),
-            tenant: "acme".into(),
-            agent: "pc-on".into(),
-            target: "pc-off".into(),
-            issued_at: 1,
-            expires_at: 61,
             macs: vec!["00:11:22:33:44:55".into(), "nonsense".into()],
             secureon: None,
-            broadcast: "192.0.2.255".parse().unwrap(),
-            port: 9,
             repeats: 1,
+            ..request_to("192.0.2.255", 9)
         };
         let result = perform(&request, &[], 5).await;
         assert_eq!(result.sends.len(), 2);
