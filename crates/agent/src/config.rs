@@ -120,6 +120,12 @@ pub struct BrokerConfig {
     /// password, so it is not kept; a TOML error would quote the whole line).
     #[serde(rename = "proxy", default)]
     proxy_text: Option<String>,
+    /// Whether the agent goes direct after every path through the proxy failed (default
+    /// true). `false` where only the proxy leads out or policy forbids direct connections
+    /// (the console's proxy policy `direct_fallback`); without a proxy, or when `proxy =
+    /// "system"` finds none, the agent goes direct whatever this says.
+    #[serde(default = "direct_fallback_default")]
+    pub direct_fallback: bool,
     /// Development only: plain MQTT over TCP on this port, no TLS. Never on a real network.
     #[serde(default)]
     pub plain_port: Option<u16>,
@@ -256,6 +262,10 @@ pub struct CheckinConfig {
 fn default_state_dir() -> PathBuf {
     crate::platform::default_state_dir()
 }
+fn direct_fallback_default() -> bool {
+    true
+}
+
 fn default_port_mqtts() -> u16 {
     8883
 }

@@ -161,6 +161,7 @@ impl LadderConnector {
             tracing::info!(proxy = %proxy, "proxy for the push service");
         }
         ladder_config.proxy = proxy.proxy.clone();
+        ladder_config.direct_fallback = broker.direct_fallback;
         let hosts = std::iter::once(broker.host.clone())
             .chain(broker.more_hosts.iter().cloned())
             .collect();

@@ -541,9 +541,7 @@ fn config_text(
     if !proxy.is_empty() {
         t.push_str(&format!("proxy = {}\n", toml_str(proxy)));
         if !answer.proxy.direct_fallback {
-            tracing::warn!(
-                "the console's proxy policy forbids going direct, but the agent always tries direct after the proxy"
-            );
+            t.push_str("direct_fallback = false\n");
         }
     }
     t.push_str("\n[wakeup.console_keys]\n");
@@ -740,6 +738,16 @@ mod tests {
             config.broker.proxy,
             Some(crate::proxy::ProxySetting::System)
         );
+        assert!(
+            config.broker.direct_fallback,
+            "the policy allows going direct"
+        );
+
+        // A policy that forbids going direct reaches the agent's ladder.
+        answer.proxy.direct_fallback = false;
+        let text = config_text(&opts, state, &answer, &console).expect("text");
+        let config = AgentConfig::parse(&text, Path::new("x.toml")).expect("valid");
+        assert!(!config.broker.direct_fallback, "{text}");
     }
 
     #[tokio::test]

@@ -299,6 +299,57 @@ async fn a_proxy_that_is_down_means_direct_8883() {
     broker.stop().await;
 }
 
+/// The console's policy forbids going direct (`direct_fallback = false`): with a proxy that
+/// refuses every broker port the agent stays away, though 8883 is open to it directly, and
+/// says why; through a proxy that lets it out it connects.
+#[tokio::test]
+async fn with_direct_forbidden_the_agent_goes_only_through_the_proxy() {
+    let mut broker = TenantBroker::start().await;
+    let closed = Tinyproxy::start(&[free_port()]);
+    let state = tempfile::tempdir().expect("tempdir");
+    let url = format!("http://127.0.0.1:{}", closed.port);
+    let mut config = broker.agent_config(state.path(), broker.mqtts().port(), Some(url));
+    config.broker.direct_fallback = false;
+    let connector = LadderConnector::new(&config).expect("ladder");
+    let running = RunningAgent::start(config.clone(), connector);
+    // One pass over the ladder (three refusals by the proxy), then a second one.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let error = loop {
+        let state = AgentState::read(state.path()).ok().flatten();
+        if let Some(s) = &state {
+            assert!(!s.connected, "went direct against the policy: {s:?}");
+        }
+        if let Some(e) = state.and_then(|s| s.last_error) {
+            break e.message;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "no error recorded");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(error.contains("proxy"), "{error}");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let s = AgentState::read(state.path())
+        .ok()
+        .flatten()
+        .expect("state");
+    assert!(!s.connected, "went direct against the policy: {s:?}");
+    running.stop().await;
+
+    let open = Tinyproxy::start(&[broker.mqtts().port()]);
+    let url = format!("http://127.0.0.1:{}", open.port);
+    config.broker.proxy = Some(url.parse().expect("proxy address"));
+    let connector = LadderConnector::new(&config).expect("ladder");
+    let agent = LadderAgent {
+        state,
+        running: RunningAgent::start(config, connector),
+    };
+    agent.connected_via(&format!("8883 via {url}")).await;
+    agent
+        .wake_and_check_it_ran(&broker, "only through the proxy")
+        .await;
+    agent.stop().await;
+    broker.stop().await;
+}
+
 /// A proxy that answers every request with 407 (authentication), which Beckon does not do.
 async fn proxy_asking_for_credentials() -> (SocketAddr, tokio::task::JoinHandle<()>) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")

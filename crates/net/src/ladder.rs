@@ -2,8 +2,9 @@
 //! with bounded waits, starting from the path that last worked.
 //!
 //! With a proxy: through the proxy to the primary port, then to the fallback port (ALPN
-//! `mqtt`, then WebSocket), then the same three directly. Without: direct primary port, then
-//! the fallback port with ALPN `mqtt`, then WebSocket.
+//! `mqtt`, then WebSocket), then the same three directly (unless the policy forbids going
+//! direct). Without: direct primary port, then the fallback port with ALPN `mqtt`, then
+//! WebSocket.
 
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
@@ -61,6 +62,10 @@ pub struct LadderConfig {
     pub fallback_port: u16,
     /// The HTTP proxy to try first, if any. Default none.
     pub proxy: Option<ProxyUrl>,
+    /// Whether the direct paths follow the proxy's (default true). False where the network
+    /// only lets the proxy out, or policy says all traffic goes through it; without a proxy
+    /// the direct paths are the ladder whatever this says.
+    pub direct_fallback: bool,
     /// WebSocket path and limits.
     pub websocket: WsSettings,
     /// Local source address for TCP connections. Default: chosen by the system.
@@ -78,6 +83,7 @@ impl LadderConfig {
             primary_port: 8883,
             fallback_port: 443,
             proxy: None,
+            direct_fallback: true,
             websocket: WsSettings::default(),
             local_addr: None,
             timeouts: Timeouts::default(),
@@ -107,6 +113,9 @@ impl LadderConfig {
                     .into_iter()
                     .map(|t| Path::via(t, proxy.clone())),
             );
+            if !self.direct_fallback {
+                return rungs;
+            }
         }
         rungs.extend(Transport::ALL.into_iter().map(Path::direct));
         rungs
@@ -540,6 +549,24 @@ mod tests {
                 "443-mqtt",
                 "443-websocket"
             ]
+        );
+        config.direct_fallback = false;
+        let labels: Vec<String> = config.rungs().iter().map(Path::label).collect();
+        assert_eq!(
+            labels,
+            [
+                "8883 via proxy",
+                "443-mqtt via proxy",
+                "443-websocket via proxy"
+            ],
+            "the policy forbids going direct"
+        );
+        config.proxy = None;
+        let labels: Vec<String> = config.rungs().iter().map(Path::label).collect();
+        assert_eq!(
+            labels,
+            ["8883", "443-mqtt", "443-websocket"],
+            "no proxy: direct"
         );
     }
 }
