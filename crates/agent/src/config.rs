@@ -262,6 +262,7 @@ pub struct CheckinConfig {
 fn default_state_dir() -> PathBuf {
     crate::platform::default_state_dir()
 }
+
 fn direct_fallback_default() -> bool {
     true
 }
