@@ -1,94 +1,71 @@
 //! Authentication under abuse: failure throttles for login and enrollment, and the idle
-//! expiry of login sessions. The throttles are kept in memory, per console: a restart
-//! forgets failures, and consoles sharing a database each count their own. A session's last
-//! use is kept in memory and, now and then, in the store, which every console reads.
+//! expiry of login sessions.
+//!
+//! The throttles count failures in the store (see
+//! [`AuthStore::record_auth_failure`](crate::store::AuthStore::record_auth_failure)), so
+//! every console on one database counts the failures of all (an attacker gains nothing from
+//! a load balancer spreading guesses over several consoles) and a restarted console still
+//! refuses. Only the last [`WINDOW`] of failures is kept: a key's older failures are deleted
+//! as its new ones come, and all of them by [`sweep`], which the dispatcher runs every
+//! second (and at each attempt to reach the push service while it cannot); so the rows stay
+//! bounded by what failures arrive within the window, whatever names or addresses an
+//! attacker makes up.
+//!
+//! A session's last use is kept in memory and, now and then, in the store, which every
+//! console reads.
 
-use std::collections::{HashMap, VecDeque};
-use std::hash::Hash;
-use std::net::IpAddr;
+use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use crate::model::Millis;
+use crate::store::{FailureKind, Store, StoreResult};
+
 /// Failures that throttle a user name or a source address.
-pub const FAILURES: usize = 10;
+pub const FAILURES: u32 = 10;
 /// Within this window (5 minutes).
 pub const WINDOW: Duration = Duration::from_secs(300);
-/// Keys one throttle remembers; beyond, the stalest are forgotten (memory stays bounded
-/// whatever names or addresses an attacker makes up).
-const MAX_KEYS: usize = 10_000;
+/// [`WINDOW`] in the store's milliseconds.
+const WINDOW_MS: Millis = WINDOW.as_secs() as Millis * 1000;
+/// Failures [`sweep`] deletes per statement...
+const SWEEP_BATCH: u32 = 1000;
+/// ...and statements per sweep at most (a sweep runs every second).
+const SWEEP_BATCHES: u32 = 20;
 
-/// Counts failures per key; a key with [`FAILURES`] within [`WINDOW`] is refused until the
-/// oldest of them leaves the window.
-pub struct Throttle<K> {
-    failures: Mutex<HashMap<K, VecDeque<Instant>>>,
+/// `Err(retry after)` while `key` is throttled at `now`: it has [`FAILURES`] within the
+/// [`WINDOW`] before `now` (on any console), until the oldest of them leaves the window.
+pub fn check(
+    store: &dyn Store,
+    kind: FailureKind,
+    key: &str,
+    now: Millis,
+) -> StoreResult<Result<(), Duration>> {
+    let times = store.recent_auth_failures(kind, key, now - WINDOW_MS, FAILURES)?;
+    Ok(match times.get(FAILURES as usize - 1) {
+        Some(&oldest) => Err(Duration::from_millis(
+            u64::try_from(oldest + WINDOW_MS - now).unwrap_or(0),
+        )),
+        None => Ok(()),
+    })
 }
 
-impl<K: Eq + Hash + Clone> Default for Throttle<K> {
-    fn default() -> Self {
-        Self {
-            failures: Mutex::new(HashMap::new()),
-        }
-    }
+/// Records a failure of `key` at `now`; true when `key` is throttled after it.
+pub fn fail(store: &dyn Store, kind: FailureKind, key: &str, now: Millis) -> StoreResult<bool> {
+    Ok(store.record_auth_failure(kind, key, now, now - WINDOW_MS)? >= u64::from(FAILURES))
 }
 
-impl<K: Eq + Hash + Clone> Throttle<K> {
-    /// `Err(retry after)` while `key` is throttled.
-    pub fn check(&self, key: &K, now: Instant) -> Result<(), Duration> {
-        let map = self.failures.lock().unwrap_or_else(|e| e.into_inner());
-        match map.get(key) {
-            Some(times) if recent(times, now) >= FAILURES => {
-                let oldest = times[times.len() - FAILURES];
-                Err((oldest + WINDOW).saturating_duration_since(now))
-            }
-            _ => Ok(()),
+/// Deletes the failures that left the window by `now` (a bounded number per call: a
+/// later sweep goes on); returns how many it deleted.
+pub fn sweep(store: &dyn Store, now: Millis) -> StoreResult<u64> {
+    let mut deleted = 0;
+    for _ in 0..SWEEP_BATCHES {
+        let n = store.prune_auth_failures(now - WINDOW_MS, SWEEP_BATCH)?;
+        deleted += n;
+        if n < u64::from(SWEEP_BATCH) {
+            break;
         }
     }
-
-    /// Records a failure of `key`; true when it made the key throttled.
-    pub fn fail(&self, key: &K, now: Instant) -> bool {
-        let mut map = self.failures.lock().unwrap_or_else(|e| e.into_inner());
-        if !map.contains_key(key) && map.len() >= MAX_KEYS {
-            map.retain(|_, t| recent(t, now) > 0);
-            if map.len() >= MAX_KEYS {
-                let stalest = map
-                    .iter()
-                    .min_by_key(|(_, t)| t.back().copied())
-                    .map(|(k, _)| k.clone());
-                if let Some(k) = stalest {
-                    map.remove(&k);
-                }
-            }
-        }
-        let times = map.entry(key.clone()).or_default();
-        while times
-            .front()
-            .is_some_and(|t| now.duration_since(*t) >= WINDOW)
-        {
-            times.pop_front();
-        }
-        times.push_back(now);
-        // Only the last FAILURES matter.
-        if times.len() > FAILURES {
-            times.pop_front();
-        }
-        times.len() == FAILURES
-    }
-
-    /// Forgets the failures of `key` (after a success).
-    pub fn clear(&self, key: &K) {
-        self.failures
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(key);
-    }
-}
-
-/// Failures of `times` within the window before `now`.
-fn recent(times: &VecDeque<Instant>, now: Instant) -> usize {
-    times
-        .iter()
-        .filter(|t| now.duration_since(**t) < WINDOW)
-        .count()
+    Ok(deleted)
 }
 
 /// When each login session was last used on this console, for the idle expiry. The store
@@ -182,70 +159,9 @@ impl SessionActivity {
     }
 }
 
-/// The throttles and session activity the API shares.
-pub struct Guards {
-    /// Failed logins per user name.
-    pub login_user: Throttle<String>,
-    /// Failed logins per source address.
-    pub login_address: Throttle<IpAddr>,
-    /// Failed enrollments (unknown, used-up, expired or revoked tokens) per source address.
-    pub enroll_address: Throttle<IpAddr>,
-    /// Session idle expiry.
-    pub sessions: SessionActivity,
-}
-
-impl Guards {
-    /// Guards for sessions that end after `idle` without use and `lifetime` after login.
-    pub fn new(idle: Duration, lifetime: Duration) -> Self {
-        Self {
-            login_user: Throttle::default(),
-            login_address: Throttle::default(),
-            enroll_address: Throttle::default(),
-            sessions: SessionActivity::new(idle, lifetime),
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn ten_failures_in_the_window_throttle_until_the_oldest_leaves_it() {
-        let t = Throttle::<String>::default();
-        let key = "admin".to_owned();
-        let start = Instant::now();
-        for i in 0..FAILURES {
-            assert!(t.check(&key, start).is_ok());
-            let now = start + Duration::from_secs(i as u64);
-            assert_eq!(t.fail(&key, now), i == FAILURES - 1);
-        }
-        let later = start + Duration::from_secs(20);
-        let wait = t.check(&key, later).unwrap_err();
-        assert_eq!(wait, WINDOW - Duration::from_secs(20));
-        // The first failure left the window: nine remain.
-        assert!(t.check(&key, start + WINDOW).is_ok());
-        t.clear(&key);
-        assert!(t.check(&key, later).is_ok());
-        // Failures spread wider than the window never throttle.
-        for i in 0..30 {
-            assert!(!t.fail(&key, start + WINDOW / 5 * i));
-        }
-    }
-
-    #[test]
-    fn memory_stays_bounded_and_stale_keys_go_first() {
-        let t = Throttle::<u32>::default();
-        let start = Instant::now();
-        for _ in 0..FAILURES {
-            t.fail(&0, start);
-        }
-        for k in 1..=(MAX_KEYS as u32 + 10) {
-            t.fail(&k, start + Duration::from_secs(1));
-        }
-        assert!(t.failures.lock().unwrap().len() <= MAX_KEYS);
-        assert!(t.check(&0, start).is_ok(), "the stalest key was forgotten");
-    }
 
     #[test]
     fn a_session_in_use_is_recorded_now_and_then_and_one_idle_here_is_asked_about() {

@@ -294,8 +294,8 @@ pub struct AppState {
     /// Becomes true when the console stops: ends the live event streams, which would
     /// otherwise hold the HTTP server's graceful shutdown open.
     pub shutdown: watch::Receiver<bool>,
-    /// Login and enrollment throttles, session idle expiry (in memory).
-    pub guards: Arc<guard::Guards>,
+    /// Session idle expiry (the login and enrollment throttles are in the store).
+    pub sessions: Arc<guard::SessionActivity>,
     /// The Prometheus metrics (`/metrics`).
     pub metrics: Arc<metrics::ConsoleMetrics>,
     /// Single sign-on, when configured.
@@ -448,7 +448,7 @@ impl Console {
                 since: model::now_ms(),
                 diagnosis: None,
             })),
-            guards: Arc::new(guard::Guards::new(
+            sessions: Arc::new(guard::SessionActivity::new(
                 config.session_idle_timeout,
                 config.session_lifetime,
             )),

@@ -6,20 +6,11 @@ mod common;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use axum::body::Body;
-use axum::extract::ConnectInfo;
-use axum::http::{Request, StatusCode};
+use axum::http::StatusCode;
 use common::*;
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-
-/// `req` as if it came from `ip`.
-fn from(ip: [u8; 4], mut req: Request<Body>) -> Request<Body> {
-    req.extensions_mut()
-        .insert(ConnectInfo(SocketAddr::from((ip, 40000))));
-    req
-}
 
 /// One `GET path` with the API token over a real socket, `Connection: close`: the status,
 /// or `None` when no answer came within `limit`.
@@ -205,14 +196,6 @@ async fn audited(api: &Api, what: &str) -> Vec<Value> {
         .filter(|e| e["what"] == what)
         .cloned()
         .collect()
-}
-
-fn retry_after(headers: &[(String, String)]) -> u64 {
-    headers
-        .iter()
-        .find(|(k, _)| k == "retry-after")
-        .and_then(|(_, v)| v.parse().ok())
-        .expect("a Retry-After header")
 }
 
 #[tokio::test]

@@ -1,8 +1,9 @@
 //! Several consoles on one database: the dispatch lease and the takeover of a stopped
-//! console's calls, delivery changes told to the other consoles, and login sessions that
-//! work (and end) on every console. On PostgreSQL when `BECKON_TEST_POSTGRES` is set (see
-//! common::store), else on one SQLite file opened twice; the changes told to other consoles
-//! are PostgreSQL's only. `crates/beckon/tests/consoles.rs` runs two console processes.
+//! console's calls, delivery changes told to the other consoles, login sessions that work
+//! (and end) on every console, and login throttles that count every console's failures. On
+//! PostgreSQL when `BECKON_TEST_POSTGRES` is set (see common::store), else on one SQLite
+//! file opened twice; the changes told to other consoles are PostgreSQL's only.
+//! `crates/beckon/tests/consoles.rs` runs two console processes.
 
 mod common;
 
@@ -271,4 +272,64 @@ async fn a_session_works_on_every_console_and_ends_on_all_after_its_idle_time() 
     assert_eq!(s, StatusCode::UNAUTHORIZED, "{body}");
     assert!(body["error"].as_str().unwrap().contains("without use"));
     assert_eq!(a.raw(status(&cookie)).await.0, StatusCode::UNAUTHORIZED);
+}
+
+/// The login throttle counts the failures of every console on the database, and a console
+/// started again still refuses: five wrong passwords for admin on a and five on b (each from
+/// another address, so that only the user name's throttle holds) make the right password
+/// wait on both, and on a started anew.
+#[tokio::test]
+async fn failed_logins_count_on_every_console_and_after_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let database = common::test_database()
+        .unwrap_or_else(|| DatabaseUrl::Sqlite(dir.path().join("console.db")));
+    let start = |id: &'static str| {
+        let database = database.clone();
+        common::start_with(move |c| {
+            c.database = Some(database);
+            c.console_id = id.into();
+        })
+    };
+    let a = start("a").await;
+    let b = start("b").await;
+    let password = a.handle.initial_admin_password.clone().unwrap();
+    let login =
+        |i: u8, password: &str| common::from([10, 0, 0, i], common::login("admin", password));
+
+    for i in 0..5 {
+        assert_eq!(a.raw(login(i, "wrong")).await.0, StatusCode::UNAUTHORIZED);
+        assert_eq!(
+            b.raw(login(10 + i, "wrong")).await.0,
+            StatusCode::UNAUTHORIZED
+        );
+    }
+    for console in [&a, &b] {
+        let (s, headers, body) = console.raw(login(100, &password)).await;
+        assert_eq!(s, StatusCode::TOO_MANY_REQUESTS, "{body}");
+        let wait = common::retry_after(&headers);
+        assert!((250..=300).contains(&wait), "{wait}");
+    }
+    // The tenth failure, on b, was audited once (the audit log is shared too).
+    let (_, log) = a.call("GET", "/api/v1/audit?limit=100", None).await;
+    let throttled: Vec<_> = log
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["what"] == "login.throttled")
+        .collect();
+    assert_eq!(throttled.len(), 1, "{log}");
+    assert_eq!(throttled[0]["detail"]["by_user"], true);
+
+    // a stops and starts again: the failures are still counted.
+    a.handle.shutdown().await;
+    let a = start("a").await;
+    let (s, headers, body) = a.raw(login(101, &password)).await;
+    assert_eq!(s, StatusCode::TOO_MANY_REQUESTS, "{body}");
+    assert!(common::retry_after(&headers) > 0);
+    // Behind the consoles' back, as if the window had passed (ten failures for the user
+    // name, one for each of the ten addresses): the right password works.
+    let aged = a.execute_sql("UPDATE auth_failures SET at = at - 300000");
+    assert_eq!(aged, 20);
+    assert_eq!(a.raw(login(101, &password)).await.0, StatusCode::OK);
+    assert_eq!(b.raw(login(102, &password)).await.0, StatusCode::OK);
 }

@@ -147,6 +147,9 @@ fn fill(s: &SqlStore) -> String {
         relay_state: Some("answered".into()),
     })
     .unwrap();
+    // Not copied: a failed login only matters for the throttles' five minutes.
+    s.record_auth_failure(FailureKind::LoginUser, "admin", NOW + 90, NOW)
+        .unwrap();
     call.id
 }
 
@@ -192,6 +195,27 @@ fn a_store_moves_whole_into_an_empty_database_and_not_into_a_used_one() {
     };
     let report = migrate_store(&args).unwrap();
     let count = |table: &str| report.iter().find(|(t, _)| *t == table).unwrap().1;
+    // Every table of the schema is copied, or left behind knowingly: what only matters
+    // while consoles run (their dispatch leases, the throttles' recent failures).
+    let DatabaseUrl::Sqlite(path) = &from else {
+        unreachable!()
+    };
+    let conn = rusqlite::Connection::open(path).unwrap();
+    let mut schema: Vec<String> = conn
+        .prepare("SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%'")
+        .unwrap()
+        .query_map([], |r| r.get(0))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    schema.sort();
+    let mut handled: Vec<String> = report
+        .iter()
+        .map(|(t, _)| (*t).to_owned())
+        .chain(["auth_failures", "console_leases"].map(String::from))
+        .collect();
+    handled.sort();
+    assert_eq!(schema, handled);
     assert_eq!(count("agents"), 3);
     assert_eq!(count("deliveries"), 3);
     assert_eq!(count("agent_certificates"), 4);
@@ -199,6 +223,12 @@ fn a_store_moves_whole_into_an_empty_database_and_not_into_a_used_one() {
 
     let target = to.open().unwrap();
     assert_eq!(snapshot(&target, &call), before);
+    assert!(
+        target
+            .recent_auth_failures(FailureKind::LoginUser, "admin", 0, 10)
+            .unwrap()
+            .is_empty()
+    );
     // New rows continue the copied numbering.
     target
         .audit(NewAuditEntry {

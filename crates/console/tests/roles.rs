@@ -358,8 +358,9 @@ fn users_of_a_database_from_before_roles_become_admins() {
     store.create_user("old", "hash", Role::Viewer, 1).unwrap();
     drop(store);
     // Back to the schema before roles, as an older console left it (without what came
-    // after roles: several consoles' leases and sessions' last use).
-    let undo = "DROP INDEX calls_expires_at; ALTER TABLE calls DROP COLUMN dispatcher; \
+    // after roles: several consoles' leases, sessions' last use, failed authentications).
+    let undo = "DROP TABLE auth_failures; \
+                DROP INDEX calls_expires_at; ALTER TABLE calls DROP COLUMN dispatcher; \
                 ALTER TABLE agents DROP COLUMN previous_inventory; \
                 ALTER TABLE agents DROP COLUMN inventory_changed_at; \
                 ALTER TABLE agents DROP COLUMN clone_detected_at; \

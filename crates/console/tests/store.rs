@@ -480,3 +480,127 @@ fn a_relay_result_counts_only_from_the_agent_asked_and_a_failure_marks_what_was_
     );
     assert_eq!(state("00:11:22:33:44:55", "r2").0, "failed");
 }
+
+/// The login and enrollment throttles' failures, kept in the store so that every console on
+/// the database counts them: ten within the window throttle a key until the oldest of them
+/// leaves it (the Retry-After), other keys and kinds are not held up, a success clears the
+/// key, and failures spread wider than the window never throttle.
+#[test]
+fn ten_failures_in_the_window_throttle_a_key_until_the_oldest_leaves_it() {
+    use beckon_console::guard::{self, FAILURES, WINDOW};
+    let store = common::store();
+    let s: &dyn Store = &store;
+    let (user, address) = (FailureKind::LoginUser, FailureKind::LoginAddress);
+    let window = WINDOW.as_millis() as Millis;
+    let start: Millis = 1_000_000_000;
+    let at = |secs: i64| start + secs * 1000;
+    for i in 0..i64::from(FAILURES) {
+        assert_eq!(guard::check(s, user, "admin", at(i)).unwrap(), Ok(()));
+        assert_eq!(
+            guard::fail(s, user, "admin", at(i)).unwrap(),
+            i == i64::from(FAILURES) - 1,
+            "throttled by the tenth failure only ({i})"
+        );
+    }
+    assert_eq!(
+        guard::check(s, user, "admin", at(20)).unwrap(),
+        Err(WINDOW - Duration::from_secs(20))
+    );
+    // Another user, or the same text as another kind's key, is not held up.
+    assert_eq!(guard::check(s, user, "bob", at(20)).unwrap(), Ok(()));
+    assert_eq!(guard::check(s, address, "admin", at(20)).unwrap(), Ok(()));
+    // The first failure left the window: nine remain.
+    assert_eq!(
+        guard::check(s, user, "admin", start + window).unwrap(),
+        Ok(())
+    );
+    assert_eq!(
+        s.recent_auth_failures(user, "admin", start, 100)
+            .unwrap()
+            .len(),
+        9
+    );
+    // A success clears the user name; its other kinds stay.
+    guard::fail(s, address, "admin", at(30)).unwrap();
+    s.clear_auth_failures(user, "admin").unwrap();
+    assert_eq!(guard::check(s, user, "admin", at(20)).unwrap(), Ok(()));
+    assert!(
+        s.recent_auth_failures(user, "admin", 0, 100)
+            .unwrap()
+            .is_empty()
+    );
+    assert_eq!(
+        s.recent_auth_failures(address, "admin", 0, 100)
+            .unwrap()
+            .len(),
+        1
+    );
+
+    // More than ten (consoles failing at once): throttled until the tenth newest leaves.
+    for i in 0..12 {
+        s.record_auth_failure(address, "192.0.2.1", at(i), at(i) - window)
+            .unwrap();
+    }
+    assert_eq!(
+        guard::check(s, address, "192.0.2.1", at(20)).unwrap(),
+        Err(WINDOW - Duration::from_secs(18))
+    );
+
+    // Spread wider than the window: never throttled, and each failure deletes the key's
+    // failures that left the window.
+    for i in 0..30 {
+        assert!(!guard::fail(s, user, "spread", start + window / 5 * i).unwrap());
+    }
+    assert_eq!(
+        s.recent_auth_failures(user, "spread", 0, 100)
+            .unwrap()
+            .len(),
+        5
+    );
+}
+
+/// Failures that left the window are deleted by the sweep, a bounded number per statement,
+/// whatever their keys; recent ones stay.
+#[test]
+fn old_failures_are_swept_in_bounded_batches() {
+    use beckon_console::guard::{self, WINDOW};
+    let store = common::store();
+    let s: &dyn Store = &store;
+    let kind = FailureKind::EnrollAddress;
+    let window = WINDOW.as_millis() as Millis;
+    let now: Millis = 1_000_000_000;
+    for i in 0..5 {
+        let old = now - window - 1_000 + i;
+        s.record_auth_failure(kind, &format!("203.0.113.{i}"), old, old - window)
+            .unwrap();
+    }
+    s.record_auth_failure(kind, "203.0.113.9", now - 1_000, now - 1_000 - window)
+        .unwrap();
+    assert_eq!(s.prune_auth_failures(now - window, 2).unwrap(), 2);
+    // The oldest go first.
+    assert!(
+        s.recent_auth_failures(kind, "203.0.113.0", 0, 10)
+            .unwrap()
+            .is_empty()
+    );
+    assert_eq!(
+        s.recent_auth_failures(kind, "203.0.113.4", 0, 10)
+            .unwrap()
+            .len(),
+        1
+    );
+    assert_eq!(guard::sweep(s, now).unwrap(), 3);
+    assert_eq!(guard::sweep(s, now).unwrap(), 0);
+    for i in 0..5 {
+        let key = format!("203.0.113.{i}");
+        assert!(
+            s.recent_auth_failures(kind, &key, 0, 10)
+                .unwrap()
+                .is_empty()
+        );
+    }
+    assert_eq!(
+        s.recent_auth_failures(kind, "203.0.113.9", 0, 10).unwrap(),
+        vec![now - 1_000]
+    );
+}

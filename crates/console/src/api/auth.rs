@@ -13,8 +13,8 @@ use super::*;
 use crate::metrics::Outcome;
 use crate::model::*;
 use crate::secrets::{PasswordCheck, hash_password, new_token, token_hash, verify_password};
-use crate::store::{NewSession, StoreError, StoreHandle};
-use crate::{AppState, ConsoleError};
+use crate::store::{FailureKind, NewSession, StoreError, StoreHandle};
+use crate::{AppState, ConsoleError, guard};
 
 // --- Users and sessions ---
 
@@ -77,12 +77,20 @@ async fn check_login(
     Source(from): Source,
     Body(req): Body<LoginRequest>,
 ) -> ApiResult<Response> {
-    let guards = st.guards.clone();
-    let now = std::time::Instant::now();
-    let throttled = [
-        guards.login_user.check(&req.user, now),
-        guards.login_address.check(&from, now),
-    ];
+    // The failures of every console on the database count (crate::guard).
+    let (user, address) = (req.user.clone(), from.to_string());
+    let throttled = {
+        let (user, address) = (user.clone(), address.clone());
+        let now = now_ms();
+        st.store
+            .run(move |s| {
+                Ok([
+                    guard::check(s, FailureKind::LoginUser, &user, now)?,
+                    guard::check(s, FailureKind::LoginAddress, &address, now)?,
+                ])
+            })
+            .await?
+    };
     if let Some(wait) = throttled.into_iter().filter_map(Result::err).max() {
         // No password work while throttled.
         return Err(ApiError::too_many(
@@ -94,8 +102,16 @@ async fn check_login(
         ));
     }
     if !password_is_right(&st, &req).await? {
-        let user_limited = guards.login_user.fail(&req.user, now);
-        let address_limited = guards.login_address.fail(&from, now);
+        let (user_limited, address_limited) = st
+            .store
+            .run(move |s| {
+                let now = now_ms();
+                Ok((
+                    guard::fail(s, FailureKind::LoginUser, &user, now)?,
+                    guard::fail(s, FailureKind::LoginAddress, &address, now)?,
+                ))
+            })
+            .await?;
         if user_limited || address_limited {
             tracing::warn!(user = %req.user, address = %from, "failed logins throttled");
             write_audit(
@@ -107,15 +123,17 @@ async fn check_login(
                     "address": from.to_string(),
                     "by_user": user_limited,
                     "by_address": address_limited,
-                    "failures": crate::guard::FAILURES,
-                    "window_secs": crate::guard::WINDOW.as_secs(),
+                    "failures": guard::FAILURES,
+                    "window_secs": guard::WINDOW.as_secs(),
                 }),
             )
             .await;
         }
         return Err(ApiError::unauthorized("wrong user name or password"));
     }
-    guards.login_user.clear(&req.user);
+    st.store
+        .run(move |s| s.clear_auth_failures(FailureKind::LoginUser, &user))
+        .await?;
     let cookie = start_session(&st, &req.user).await?;
     write_audit(
         &st,
@@ -209,7 +227,7 @@ async fn upgrade_hash(st: &AppState, user: &str, stored: String, password: Strin
 pub(super) async fn logout(State(st): State<AppState>, headers: HeaderMap) -> ApiResult<Response> {
     if let Some(c) = session_cookie(&headers) {
         let hash = token_hash(&c);
-        st.guards.sessions.end(&hash);
+        st.sessions.end(&hash);
         st.store.run(move |s| s.delete_session(&hash)).await?;
     }
     let cookie = format!("{SESSION_COOKIE}=; HttpOnly; SameSite=Strict; Path=/; Max-Age=0");

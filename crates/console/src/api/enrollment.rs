@@ -10,11 +10,11 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use super::*;
-use crate::AppState;
 use crate::metrics::Outcome;
 use crate::model::*;
 use crate::secrets::{new_id, new_token, token_hash};
-use crate::store::{CertificateRecord, NewAgent, NewEnrollmentToken};
+use crate::store::{CertificateRecord, FailureKind, NewAgent, NewEnrollmentToken};
+use crate::{AppState, guard};
 
 // --- Enrollment ---
 
@@ -200,8 +200,15 @@ async fn check_enrollment(
     headers: HeaderMap,
     Body(req): Body<EnrollRequest>,
 ) -> ApiResult<(StatusCode, Json<EnrollResponse>)> {
-    let guard = &st.guards.enroll_address;
-    if let Err(wait) = guard.check(&from, std::time::Instant::now()) {
+    // The failures of every console on the database count (crate::guard).
+    let address = from.to_string();
+    let throttled = {
+        let address = address.clone();
+        st.store
+            .run(move |s| guard::check(s, FailureKind::EnrollAddress, &address, now_ms()))
+            .await?
+    };
+    if let Err(wait) = throttled {
         return Err(ApiError::too_many(
             format!(
                 "too many failed enrollments from this address: try again in {} s",
@@ -223,12 +230,17 @@ async fn check_enrollment(
         ))
     };
     if let Err(e) = checked {
-        if e.status == StatusCode::UNAUTHORIZED && guard.fail(&from, std::time::Instant::now()) {
+        if e.status == StatusCode::UNAUTHORIZED
+            && st
+                .store
+                .run(move |s| guard::fail(s, FailureKind::EnrollAddress, &address, now_ms()))
+                .await?
+        {
             tracing::warn!(address = %from, "failed enrollments throttled");
             let detail = json!({
                 "address": from.to_string(),
-                "failures": crate::guard::FAILURES,
-                "window_secs": crate::guard::WINDOW.as_secs(),
+                "failures": guard::FAILURES,
+                "window_secs": guard::WINDOW.as_secs(),
             });
             write_audit(&st, format!("address:{from}"), "enroll.throttled", detail).await;
         }

@@ -275,7 +275,7 @@ impl FromRequestParts<AppState> for Caller {
         } else if let Some(cookie) = session_cookie(&parts.headers) {
             let hash = token_hash(&cookie);
             let who = state.store.run(move |s| s.session(&hash, now_ms())).await?;
-            let sessions = &state.guards.sessions;
+            let sessions = &state.sessions;
             let alive = match sessions.check(&hash, std::time::Instant::now()) {
                 SessionUse::Live => true,
                 SessionUse::Record => {

@@ -40,7 +40,7 @@ use relay::{publish_relay, relay_not_sent};
 pub use resend::{OutgoingWakeUp, merge_pending};
 use resend::{publish_all, send_pending};
 use status::{DIAGNOSIS_EVERY, diagnose, set_status};
-use writer::{WRITE_JOBS, expire, write_states};
+use writer::{WRITE_JOBS, expire, forget_old_failures, write_states};
 
 #[derive(Debug)]
 pub enum Command {
@@ -118,6 +118,8 @@ pub async fn run(
         };
         set_status(&st, false, Some(error.clone()));
         tracing::warn!(%error, "push service connection lost");
+        // Not only while connected: the login throttles' old rows go away without a broker.
+        forget_old_failures(&st).await;
         if let BrokerLink::Tls { .. } = &st.config.broker
             && last_diagnosis.is_none_or(|t: tokio::time::Instant| t.elapsed() > DIAGNOSIS_EVERY)
         {
@@ -154,7 +156,10 @@ async fn idle(
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     loop {
         tokio::select! {
-            _ = tick.tick() => expire(st).await,
+            _ = tick.tick() => {
+                expire(st).await;
+                forget_old_failures(st).await;
+            }
             c = commands.recv() => match c {
                 None => return Ok(()),
                 Some(Command::Relay { request_id, .. }) => relay_not_sent(st, request_id).await,
@@ -261,6 +266,7 @@ async fn connected(
                 conn.sync().await;
                 conn.flush().await?;
                 expire(st).await;
+                forget_old_failures(st).await;
                 let taken = lease.keep(st).await;
                 // Agents online may have had their wake-ups from the stopped console (or
                 // not): theirs go out again, the agent drops what it already has.

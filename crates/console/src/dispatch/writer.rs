@@ -15,6 +15,14 @@ pub(super) async fn expire(st: &AppState) {
     }
 }
 
+/// Deletes the failed logins and enrollments that left the throttles' window
+/// ([`crate::guard::sweep`]), those of every console on the database.
+pub(super) async fn forget_old_failures(st: &AppState) {
+    if let Err(e) = st.store.run(|s| crate::guard::sweep(s, now_ms())).await {
+        tracing::warn!(error = %e, "deleting old failed logins and enrollments failed");
+    }
+}
+
 pub(super) fn publish_events(st: &AppState, changed: &[CallDelivery]) {
     for d in changed {
         st.metrics.delivery_changed(d.state);

@@ -1,6 +1,8 @@
 //! `beckon console migrate-store`: copies a whole store (agents, certificates, calls with
 //! their deliveries, users, sessions, API and enrollment tokens, settings, the audit log and
-//! Wake-on-LAN sends) from one database into another, e.g. from SQLite to PostgreSQL.
+//! Wake-on-LAN sends) from one database into another, e.g. from SQLite to PostgreSQL. Left
+//! behind, as they only matter while consoles run: the consoles' dispatch leases and the
+//! failed logins and enrollments the throttles count (the last five minutes').
 //!
 //! Both stores are opened (and so migrated to this build's schema) first; the target must
 //! be empty. Rows are read from the source in one transaction and written to the target in

@@ -327,6 +327,30 @@ pub struct PresenceUpdate {
     pub remote_addr: Option<String>,
 }
 
+/// What a failed authentication is counted against, for the throttles of
+/// [`crate::guard`]: each kind counts per key of its own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailureKind {
+    /// A failed login, per user name.
+    LoginUser,
+    /// A failed login, per source address.
+    LoginAddress,
+    /// A failed enrollment (a token unknown, used up, expired or revoked), per source
+    /// address.
+    EnrollAddress,
+}
+
+impl FailureKind {
+    /// As stored.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::LoginUser => "login_user",
+            Self::LoginAddress => "login_address",
+            Self::EnrollAddress => "enroll_address",
+        }
+    }
+}
+
 /// What a session or bearer token resolves to.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, schemars::JsonSchema)]
 pub struct Principal {
@@ -620,6 +644,35 @@ pub trait AuthStore {
 
     /// Revokes an API token.
     fn revoke_api_token(&self, id: &str) -> StoreResult<()>;
+
+    /// Records a failed authentication of `key` at `at` and returns how many failures of
+    /// it are after `since` (this one included), in one transaction that also deletes its
+    /// failures at or before `since`. Every console on the database counts the same rows.
+    fn record_auth_failure(
+        &self,
+        kind: FailureKind,
+        key: &str,
+        at: Millis,
+        since: Millis,
+    ) -> StoreResult<u64>;
+
+    /// The times of the newest `limit` failures of `key` after `since`, newest first: fewer
+    /// than `limit` while `key` has fewer; else the last one is the failure whose leaving
+    /// the window brings `key` below `limit`.
+    fn recent_auth_failures(
+        &self,
+        kind: FailureKind,
+        key: &str,
+        since: Millis,
+        limit: u32,
+    ) -> StoreResult<Vec<Millis>>;
+
+    /// Forgets the failures of `key` (after a success).
+    fn clear_auth_failures(&self, kind: FailureKind, key: &str) -> StoreResult<()>;
+
+    /// Deletes up to `limit` failures (of any key) at or before `before`, found by their
+    /// time's index; returns how many it deleted.
+    fn prune_auth_failures(&self, before: Millis, limit: u32) -> StoreResult<u64>;
 }
 
 /// Wake-on-LAN sends, by the console and relayed by agents.

@@ -2,10 +2,12 @@
 //! from beckon-testkit.
 #![allow(dead_code)]
 
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use axum::body::Body;
+use axum::extract::ConnectInfo;
 use axum::http::{Request, StatusCode};
 use beckon_broker::{Bound, BrokerConfig, Listen, Server, ServerHandle};
 use beckon_console::model::{AgentAddress, Inventory};
@@ -367,6 +369,22 @@ pub fn request(
             .unwrap(),
         None => b.body(Body::empty()).unwrap(),
     }
+}
+
+/// `req` as if it came from `ip` (without, the console sees the unspecified address).
+pub fn from(ip: [u8; 4], mut req: Request<Body>) -> Request<Body> {
+    req.extensions_mut()
+        .insert(ConnectInfo(SocketAddr::from((ip, 40000))));
+    req
+}
+
+/// The Retry-After header's seconds, from an answer's headers.
+pub fn retry_after(headers: &[(String, String)]) -> u64 {
+    headers
+        .iter()
+        .find(|(k, _)| k == "retry-after")
+        .and_then(|(_, v)| v.parse().ok())
+        .expect("a Retry-After header")
 }
 
 /// POST /api/v1/login as `user` with `password`.

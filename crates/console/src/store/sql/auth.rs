@@ -1,4 +1,6 @@
-//! Users, sessions, API tokens and enrollment tokens.
+//! Users, sessions, API tokens and enrollment tokens, and the failed authentications the
+//! throttles count (`auth_failures`, which `migrate-store` leaves behind: they only matter
+//! for five minutes).
 
 use super::agents::{check_groups_exist, usable_token};
 use super::*;
@@ -440,6 +442,77 @@ impl AuthStore for SqlStore {
             id,
             "revoking an API token",
         )
+    }
+
+    fn record_auth_failure(
+        &self,
+        kind: FailureKind,
+        key: &str,
+        at: Millis,
+        since: Millis,
+    ) -> StoreResult<u64> {
+        // Consoles recording failures of one key at once delete the same old rows.
+        self.write_again_on_deadlock(|tx| {
+            exec(
+                tx,
+                "DELETE FROM auth_failures WHERE kind = ?1 AND key = ?2 AND at <= ?3",
+                params![kind.as_str(), key, since],
+                "forgetting old failed authentications",
+            )?;
+            exec(
+                tx,
+                "INSERT INTO auth_failures (kind, key, at) VALUES (?1, ?2, ?3)",
+                params![kind.as_str(), key, at],
+                "recording a failed authentication",
+            )?;
+            query_one(
+                tx,
+                "SELECT COUNT(*) FROM auth_failures WHERE kind = ?1 AND key = ?2 AND at > ?3",
+                params![kind.as_str(), key, since],
+                "counting failed authentications",
+            )
+        })
+    }
+
+    fn recent_auth_failures(
+        &self,
+        kind: FailureKind,
+        key: &str,
+        since: Millis,
+        limit: u32,
+    ) -> StoreResult<Vec<Millis>> {
+        self.read(|conn| {
+            query_all(
+                conn,
+                "SELECT at FROM auth_failures WHERE kind = ?1 AND key = ?2 AND at > ?3 ORDER BY at DESC LIMIT ?4",
+                params![kind.as_str(), key, since, limit],
+                |r| r.get(0),
+                "reading failed authentications",
+            )
+        })
+    }
+
+    fn clear_auth_failures(&self, kind: FailureKind, key: &str) -> StoreResult<()> {
+        self.read(|conn| {
+            exec(
+                conn,
+                "DELETE FROM auth_failures WHERE kind = ?1 AND key = ?2",
+                params![kind.as_str(), key],
+                "forgetting failed authentications",
+            )?;
+            Ok(())
+        })
+    }
+
+    fn prune_auth_failures(&self, before: Millis, limit: u32) -> StoreResult<u64> {
+        self.read(|conn| {
+            exec(
+                conn,
+                "DELETE FROM auth_failures WHERE id IN (SELECT id FROM auth_failures WHERE at <= ?1 ORDER BY at LIMIT ?2)",
+                params![before, limit],
+                "deleting old failed authentications",
+            )
+        })
     }
 }
 

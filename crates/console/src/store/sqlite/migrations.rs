@@ -172,6 +172,20 @@ CREATE TABLE console_leases (
 ALTER TABLE sessions ADD COLUMN last_used_at INTEGER;
 UPDATE sessions SET last_used_at = created_at;
 "#,
+    r#"
+-- Version 7: the failed logins and enrollments that the throttles count (kind: login_user,
+-- login_address or enroll_address; key: the user name or address), so that every console
+-- on the database counts them all and a restart forgets none. Only the last five minutes
+-- matter: older rows are deleted as failures of their key come, and by a periodic sweep.
+CREATE TABLE auth_failures (
+    id INTEGER PRIMARY KEY,
+    kind TEXT NOT NULL,
+    key TEXT NOT NULL,
+    at INTEGER NOT NULL
+);
+CREATE INDEX auth_failures_key ON auth_failures (kind, key, at);
+CREATE INDEX auth_failures_at ON auth_failures (at);
+"#,
 ];
 
 pub(super) fn migrate(conn: &mut Connection, shown_path: &str) -> StoreResult<()> {
