@@ -1,7 +1,9 @@
 //! `beckon wake`: the command-line client of the console's API. Makes a wake-up call
 //! (`POST /api/v1/calls`), prints its id, and with `--wait` follows each agent's state
-//! (`GET /api/v1/calls/{id}`, polled twice a second) until every agent is in a final state
-//! (`finished`, `expired`, `failed`) or the time limit passes, then prints a table.
+//! (the call's counts from `GET /api/v1/calls/{id}`, polled twice a second) until every agent
+//! is in a final state (`finished`, `expired`, `failed`) or the time limit passes, then reads
+//! every agent's state a page at a time (`GET /api/v1/calls/{id}/deliveries`) and prints a
+//! table.
 //!
 //! Exit codes: 0 the call was made (and with `--wait`: every agent finished with status
 //! `ok`); 1 with `--wait`: some agent failed, expired, finished with another status, or had
@@ -107,9 +109,20 @@ struct CallView {
     id: String,
     #[serde(default)]
     expires_at: Option<i64>,
+    /// How many agents are in each state.
     #[serde(default)]
-    deliveries: Vec<Delivery>,
+    counts: std::collections::BTreeMap<String, u64>,
 }
+
+/// A page of `GET /api/v1/calls/{id}/deliveries`.
+#[derive(Debug, Deserialize)]
+struct DeliveryPage {
+    deliveries: Vec<Delivery>,
+    next_after: Option<String>,
+}
+
+/// The most deliveries the console gives in one page.
+const PAGE: u32 = 5000;
 
 fn is_final(state: &str) -> bool {
     matches!(state, "finished" | "expired" | "failed")
@@ -230,43 +243,68 @@ async fn run(args: WakeArgs) -> anyhow::Result<ExitCode> {
     };
     let deadline = Instant::now() + limit;
     let path = format!("/api/v1/calls/{}", created.id);
-    let view = loop {
+    loop {
         let view: CallView = serde_json::from_slice(&client.call("GET", &path, &[]).await?)
             .context("the console's answer is not a call")?;
-        let done = view.deliveries.iter().all(|d| is_final(&d.state));
+        let done = view.counts.iter().all(|(s, n)| is_final(s) || *n == 0);
         if done || Instant::now() >= deadline {
-            break view;
+            break;
         }
         tokio::time::sleep(POLL_EVERY).await;
-    };
-    print!("{}", table(&view.deliveries));
-    let pending = view
-        .deliveries
-        .iter()
-        .filter(|d| !is_final(&d.state))
-        .count();
-    let bad = view
-        .deliveries
+    }
+    let deliveries = all_deliveries(&client, &created.id).await?;
+    print!("{}", table(&deliveries));
+    let pending = deliveries.iter().filter(|d| !is_final(&d.state)).count();
+    let bad = deliveries
         .iter()
         .filter(|d| is_final(&d.state) && !succeeded(d))
         .count();
     if pending > 0 {
         eprintln!(
             "{pending} of {} agents not in a final state after {limit:?}",
-            view.deliveries.len()
+            deliveries.len()
         );
     }
     if bad > 0 {
-        eprintln!(
-            "{bad} of {} agents failed or expired",
-            view.deliveries.len()
-        );
+        eprintln!("{bad} of {} agents failed or expired", deliveries.len());
     }
     Ok(if pending + bad == 0 {
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE
     })
+}
+
+/// Every agent's state of the call `id`, read a page at a time.
+async fn all_deliveries(client: &Client, id: &str) -> anyhow::Result<Vec<Delivery>> {
+    let mut out = Vec::new();
+    let mut after: Option<String> = None;
+    loop {
+        let mut path = format!("/api/v1/calls/{id}/deliveries?limit={PAGE}");
+        if let Some(a) = &after {
+            path.push_str(&format!("&after={}", percent_encode(a)));
+        }
+        let page: DeliveryPage = serde_json::from_slice(&client.call("GET", &path, &[]).await?)
+            .context("the console's answer is not a page of deliveries")?;
+        out.extend(page.deliveries);
+        match page.next_after {
+            Some(next) => after = Some(next),
+            None => return Ok(out),
+        }
+    }
+}
+
+/// `text` as a query string value: bytes other than letters, digits and `-._~` as `%XX`.
+fn percent_encode(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for b in text.bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
 }
 
 fn now_ms() -> i64 {
@@ -314,6 +352,13 @@ fn table(deliveries: &[Delivery]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn query_values_are_percent_encoded() {
+        assert_eq!(percent_encode("pc-1.lab_~"), "pc-1.lab_~");
+        assert_eq!(percent_encode("a&b=c %"), "a%26b%3Dc%20%25");
+        assert_eq!(percent_encode("é"), "%C3%A9");
+    }
 
     #[test]
     fn durations_parse_with_units_and_refuse_nonsense() {

@@ -1031,3 +1031,96 @@ async fn a_password_hash_of_the_first_format_is_rewritten_as_phc_at_the_next_log
     assert_eq!(s, StatusCode::OK, "{body}");
     assert_eq!(read().await.unwrap(), upgraded, "a PHC hash stays as it is");
 }
+
+#[tokio::test]
+async fn a_calls_deliveries_are_read_in_pages_by_state_and_bad_queries_are_refused() {
+    let api = start().await;
+    let secret = api.enrollment_token(json!({"max_uses": 0})).await;
+    for id in ["a1", "a2", "a3", "a4", "a5"] {
+        let (s, _) = api
+            .enroll_unauthenticated(json!({"token": secret, "agent_id": id, "csr": csr()}))
+            .await;
+        assert_eq!(s, StatusCode::CREATED);
+    }
+    let (s, c) = api
+        .create_call(json!({"target": "all", "reason": "pages"}))
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{c}");
+    let id = c["id"].as_str().unwrap();
+    // The call's page: its counts, the first page of deliveries, no next page for five.
+    let got = api.get_call(id).await;
+    assert_eq!(got["counts"], json!({"queued": 5}));
+    assert_eq!(got["deliveries"].as_array().unwrap().len(), 5);
+    assert_eq!(got["next_after"], Value::Null);
+
+    let mut seen = Vec::new();
+    let mut path = format!("/api/v1/calls/{id}/deliveries?limit=2");
+    loop {
+        let (s, page) = api.call("GET", &path, None).await;
+        assert_eq!(s, StatusCode::OK, "{page}");
+        let list = page["deliveries"].as_array().unwrap();
+        assert!(list.len() <= 2);
+        seen.extend(
+            list.iter()
+                .map(|d| d["agent_id"].as_str().unwrap().to_owned()),
+        );
+        match page["next_after"].as_str() {
+            Some(next) => path = format!("/api/v1/calls/{id}/deliveries?limit=2&after={next}"),
+            None => break,
+        }
+    }
+    assert_eq!(seen, ["a1", "a2", "a3", "a4", "a5"]);
+    let (_, queued) = api
+        .call(
+            "GET",
+            &format!("/api/v1/calls/{id}/deliveries?state=queued&after=a3"),
+            None,
+        )
+        .await;
+    let ids: Vec<&str> = queued["deliveries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["agent_id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, ["a4", "a5"]);
+    let (_, none) = api
+        .call(
+            "GET",
+            &format!("/api/v1/calls/{id}/deliveries?state=finished"),
+            None,
+        )
+        .await;
+    assert_eq!(none, json!({"deliveries": [], "next_after": null}));
+    // A limit above the most reads as the most.
+    let (s, _) = api
+        .call(
+            "GET",
+            &format!("/api/v1/calls/{id}/deliveries?limit=1000000"),
+            None,
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK);
+
+    for (query, says) in [
+        ("state=done", "state"),
+        ("after=a%2Fb", "after must be an agent id"),
+        ("after=", "after must be an agent id"),
+        ("limit=0", "limit must be 1 to 5000"),
+        ("limit=-1", "limit"),
+        ("page=2", "page"),
+    ] {
+        let (s, err) = api
+            .call(
+                "GET",
+                &format!("/api/v1/calls/{id}/deliveries?{query}"),
+                None,
+            )
+            .await;
+        assert_eq!(s, StatusCode::BAD_REQUEST, "{query}: {err}");
+        let text = err["error"].as_str().unwrap();
+        assert!(text.contains(says), "{query}: {text}");
+    }
+    let (s, _) = api.call("GET", "/api/v1/calls/nope/deliveries", None).await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+}

@@ -142,6 +142,37 @@ fn a_console_whose_lease_runs_out_loses_its_unfinished_calls_to_one_other_consol
         b_again.pending_for_agent("online", 22_000).unwrap().len(),
         1
     );
+
+    // The taken call's counts follow what its new console writes: an ack, then expiry.
+    let (_, pending) = b_again
+        .pending_for_agent("online", 22_000)
+        .unwrap()
+        .remove(0);
+    b_again
+        .advance_delivery(DeliveryAdvance {
+            agent_id: "online".into(),
+            wakeup_id: pending.wakeup_id,
+            state: CallState::Delivered,
+            update: DeliveryUpdate::default(),
+            at: 22_100,
+        })
+        .unwrap();
+    // offline's of c1, and the three of the old call, which nobody swept before.
+    assert_eq!(b_again.expire_due(100_000).unwrap().len(), 4);
+    assert_eq!(
+        c.call("old").unwrap().counts,
+        [(CallState::Expired, 3)].into()
+    );
+    let counts = a.call("c1").unwrap().counts;
+    assert_eq!(
+        counts,
+        [
+            (CallState::Delivered, 1),
+            (CallState::Finished, 1),
+            (CallState::Expired, 1)
+        ]
+        .into()
+    );
 }
 
 #[test]

@@ -166,6 +166,7 @@ fn snapshot(s: &SqlStore, call: &str) -> Value {
         "revocations": format!("{:?}", s.revocations(NOW).unwrap()),
         "enrollment_tokens": s.list_enrollment_tokens().unwrap(),
         "call": s.call(call).unwrap(),
+        "deliveries": s.call_deliveries(call, &DeliveryQuery { limit: 100, ..Default::default() }).unwrap(),
         "calls": s.list_calls(100).unwrap(),
         "password": s.password_hash("admin").unwrap(),
         "session": s.session(&[2; 32], NOW).unwrap().name,

@@ -707,6 +707,17 @@ async fn every_route() {
     .await;
     c.check("get", "/api/v1/calls/{id}", &[call_id], Token, None)
         .await;
+    let page = json!({"state": "queued", "after": "a", "limit": 10});
+    let page = c
+        .check(
+            "get",
+            "/api/v1/calls/{id}/deliveries",
+            &[call_id],
+            Token,
+            Some(page),
+        )
+        .await;
+    assert!(page.body["deliveries"].as_array().unwrap().len() <= 1);
     c.check("get", "/api/v1/calls/{id}/events", &[call_id], Token, None)
         .await;
     c.check("get", "/api/v1/events", &[], Token, None).await;

@@ -358,8 +358,17 @@ fn users_of_a_database_from_before_roles_become_admins() {
     store.create_user("old", "hash", Role::Viewer, 1).unwrap();
     drop(store);
     // Back to the schema before roles, as an older console left it (without what came
-    // after roles: several consoles' leases, sessions' last use, failed authentications).
+    // after roles: several consoles' leases, sessions' last use, failed authentications,
+    // calls' kept counts).
     let undo = "DROP TABLE auth_failures; \
+                DROP INDEX calls_open; DROP INDEX deliveries_call_agent; \
+                DROP INDEX deliveries_call_state_agent; \
+                CREATE INDEX deliveries_call ON deliveries(call_id); \
+                ALTER TABLE calls DROP COLUMN n_queued; ALTER TABLE calls DROP COLUMN n_sent; \
+                ALTER TABLE calls DROP COLUMN n_delivered; \
+                ALTER TABLE calls DROP COLUMN n_started; \
+                ALTER TABLE calls DROP COLUMN n_finished; \
+                ALTER TABLE calls DROP COLUMN n_expired; ALTER TABLE calls DROP COLUMN n_failed; \
                 DROP INDEX calls_expires_at; ALTER TABLE calls DROP COLUMN dispatcher; \
                 ALTER TABLE agents DROP COLUMN previous_inventory; \
                 ALTER TABLE agents DROP COLUMN inventory_changed_at; \

@@ -211,6 +211,14 @@ fn advance(agent: &str, wakeup_id: &str, state: CallState, at: Millis) -> Delive
     }
 }
 
+/// A query for every delivery of a small call.
+fn every() -> DeliveryQuery {
+    DeliveryQuery {
+        limit: MAX_DELIVERY_PAGE,
+        ..Default::default()
+    }
+}
+
 fn ids() -> impl FnMut() -> String {
     let mut n = 0;
     move || {
@@ -281,7 +289,8 @@ fn delivery_states_only_move_forward_and_expire() {
     let expired = s.expire_due(10_000).unwrap();
     assert_eq!(expired.len(), 1);
     assert_eq!(expired[0].agent_id, "b");
-    let (c, d) = s.call("c1").unwrap();
+    let c = s.call("c1").unwrap();
+    let d = s.call_deliveries("c1", &every()).unwrap().deliveries;
     assert_eq!(c.counts.get(&CallState::Finished), Some(&1));
     assert_eq!(c.counts.get(&CallState::Expired), Some(&1));
     let a = d.iter().find(|d| d.agent_id == "a").unwrap();
@@ -602,5 +611,370 @@ fn old_failures_are_swept_in_bounded_batches() {
     assert_eq!(
         s.recent_auth_failures(kind, "203.0.113.9", 0, 10).unwrap(),
         vec![now - 1_000]
+    );
+}
+
+/// A call's counts as the store keeps them, checked against its deliveries' states.
+fn kept_counts(s: &SqlStore, call: &str) -> std::collections::BTreeMap<CallState, u32> {
+    let kept = s.call(call).unwrap().counts;
+    let mut counted = std::collections::BTreeMap::new();
+    for d in s.call_deliveries(call, &every()).unwrap().deliveries {
+        *counted.entry(d.state).or_insert(0) += 1;
+    }
+    assert_eq!(kept, counted, "the counts of {call} against its deliveries");
+    kept
+}
+
+fn new_call(id: &str, target: CallTarget, expires_at: Millis) -> NewCall {
+    NewCall {
+        id: id.into(),
+        created_by: "user:admin".into(),
+        reason: "test".into(),
+        action: None,
+        target,
+        expires_at,
+        spread: Some(0),
+        default_spread: (50, 60),
+    }
+}
+
+/// The id of `agent`'s wake-up in `call`.
+fn wakeup_of(s: &SqlStore, call: &str, agent: &str) -> String {
+    s.call_deliveries(call, &every())
+        .unwrap()
+        .deliveries
+        .into_iter()
+        .find(|d| d.agent_id == agent)
+        .unwrap()
+        .wakeup_id
+}
+
+#[test]
+fn call_counts_follow_every_state_change() {
+    use CallState::*;
+    let s = common::store();
+    s.create_enrollment_token(token(1, None, None)).unwrap();
+    for id in ["a", "b", "c", "d", "e"] {
+        s.enroll_agent(&[1; 32], agent(id), 10).unwrap();
+    }
+    let mut next = ids();
+    let (made, _) = s
+        .create_call(new_call("c1", CallTarget::All, 10_000), 100, &mut next)
+        .unwrap();
+    assert_eq!(made.counts, [(Queued, 5)].into());
+    s.create_call(
+        new_call("c2", CallTarget::Agents(vec!["c".into()]), 50_000),
+        100,
+        &mut next,
+    )
+    .unwrap();
+    assert_eq!(kept_counts(&s, "c1"), [(Queued, 5)].into());
+
+    // Acks one by one, a jump over states, a late ack that changes nothing.
+    let wa = wakeup_of(&s, "c1", "a");
+    for (state, at) in [
+        (Sent, 110),
+        (Started, 120),
+        (Finished, 130),
+        (Delivered, 140),
+    ] {
+        s.advance_delivery(advance("a", &wa, state, at)).unwrap();
+        kept_counts(&s, "c1");
+    }
+    let wb = wakeup_of(&s, "c1", "b");
+    s.advance_delivery(advance("b", &wb, Delivered, 150))
+        .unwrap();
+    // One ack for a carrier moves what it carried, in another call.
+    let carried = wakeup_of(&s, "c1", "c");
+    let carrier = wakeup_of(&s, "c2", "c");
+    s.set_carried_by(std::slice::from_ref(&carried), &carrier)
+        .unwrap();
+    let moved = s
+        .advance_delivery(advance("c", &carrier, Sent, 160))
+        .unwrap();
+    assert_eq!(moved.len(), 2);
+    assert_eq!(
+        kept_counts(&s, "c1"),
+        [(Queued, 2), (Sent, 1), (Delivered, 1), (Finished, 1)].into()
+    );
+    assert_eq!(kept_counts(&s, "c2"), [(Sent, 1)].into());
+    // Several in one batch.
+    s.advance_deliveries(vec![
+        advance("b", &wb, Started, 170),
+        advance("b", &wb, Finished, 171),
+        advance("c", &carrier, Delivered, 172),
+    ])
+    .unwrap();
+    assert_eq!(kept_counts(&s, "c2"), [(Delivered, 1)].into());
+
+    // A removed agent's unfinished wake-ups fail.
+    s.revoke_agent("d", 200).unwrap();
+    assert_eq!(
+        kept_counts(&s, "c1"),
+        [(Queued, 1), (Delivered, 1), (Finished, 2), (Failed, 1)].into()
+    );
+
+    // Expiry: e's (queued) expires; c's (delivered) stays.
+    assert_eq!(s.expire_due(10_000).unwrap().len(), 1);
+    assert_eq!(
+        kept_counts(&s, "c1"),
+        [(Delivered, 1), (Finished, 2), (Expired, 1), (Failed, 1)].into()
+    );
+    // The totals are the calls' counts added up.
+    let totals = s.count_deliveries().unwrap();
+    let mut expected = [0u64; 7];
+    for call in ["c1", "c2"] {
+        for (state, n) in kept_counts(&s, call) {
+            expected[CallState::ALL.iter().position(|x| *x == state).unwrap()] += u64::from(n);
+        }
+    }
+    assert_eq!(totals, expected);
+    assert_eq!(totals.iter().sum::<u64>(), 6);
+}
+
+#[test]
+fn the_expiry_sweep_skips_settled_calls_and_sweeps_once() {
+    use CallState::*;
+    let s = common::store();
+    s.create_enrollment_token(token(1, None, None)).unwrap();
+    for id in ["a", "b"] {
+        s.enroll_agent(&[1; 32], agent(id), 10).unwrap();
+    }
+    let mut next = ids();
+    // Every wake-up of c1 finished before it expires: nothing of it is ever swept.
+    s.create_call(new_call("c1", CallTarget::All, 1_000), 100, &mut next)
+        .unwrap();
+    for a in ["a", "b"] {
+        let w = wakeup_of(&s, "c1", a);
+        s.advance_delivery(advance(a, &w, Finished, 200)).unwrap();
+    }
+    // c2: one wake-up sent, one delivered.
+    s.create_call(new_call("c2", CallTarget::All, 2_000), 100, &mut next)
+        .unwrap();
+    let w = wakeup_of(&s, "c2", "a");
+    s.advance_delivery(advance("a", &w, Sent, 300)).unwrap();
+    let w = wakeup_of(&s, "c2", "b");
+    s.advance_delivery(advance("b", &w, Delivered, 300))
+        .unwrap();
+
+    assert!(s.expire_due(1_999).unwrap().is_empty(), "c1 is settled");
+    let swept = s.expire_due(2_000).unwrap();
+    assert_eq!(
+        swept
+            .iter()
+            .map(|d| (d.call_id.as_str(), d.agent_id.as_str(), d.state))
+            .collect::<Vec<_>>(),
+        [("c2", "a", Expired)]
+    );
+    assert!(s.expire_due(3_000).unwrap().is_empty(), "swept once");
+    assert_eq!(kept_counts(&s, "c1"), [(Finished, 2)].into());
+    assert_eq!(kept_counts(&s, "c2"), [(Delivered, 1), (Expired, 1)].into());
+}
+
+#[test]
+fn a_calls_deliveries_come_in_pages_that_join_up_and_filter_by_state() {
+    let s = common::store();
+    s.create_enrollment_token(token(1, None, None)).unwrap();
+    let agents: Vec<String> = (0..12).map(|i| format!("p{i:02}")).collect();
+    for id in &agents {
+        s.enroll_agent(&[1; 32], agent(id), 10).unwrap();
+    }
+    s.create_call(new_call("c1", CallTarget::All, 100_000), 100, &mut ids())
+        .unwrap();
+    let page = |state: Option<CallState>, after: Option<&str>, limit: u32| {
+        s.call_deliveries(
+            "c1",
+            &DeliveryQuery {
+                state,
+                after: after.map(String::from),
+                limit,
+            },
+        )
+        .unwrap()
+    };
+    // Every page in turn, by the next_after of the one before.
+    let read_all = |state: Option<CallState>, limit: u32| {
+        let mut seen = Vec::new();
+        let mut sizes = Vec::new();
+        let mut after: Option<String> = None;
+        loop {
+            let p = page(state, after.as_deref(), limit);
+            sizes.push(p.deliveries.len());
+            seen.extend(p.deliveries.into_iter().map(|d| d.agent_id));
+            match p.next_after {
+                Some(n) => {
+                    assert_eq!(Some(&n), seen.last(), "next_after is the page's last agent");
+                    after = Some(n);
+                }
+                None => return (seen, sizes),
+            }
+        }
+    };
+    assert_eq!(read_all(None, 5), (agents.clone(), vec![5, 5, 2]));
+    assert_eq!(read_all(None, 12), (agents.clone(), vec![12]));
+
+    for a in ["p01", "p05", "p09"] {
+        let w = wakeup_of(&s, "c1", a);
+        s.advance_delivery(advance(a, &w, CallState::Sent, 200))
+            .unwrap();
+    }
+    let (sent, _) = read_all(Some(CallState::Sent), 2);
+    assert_eq!(sent, ["p01", "p05", "p09"]);
+    let (queued, sizes) = read_all(Some(CallState::Queued), 4);
+    assert_eq!(queued.len(), 9);
+    assert_eq!(sizes, [4, 4, 1]);
+    assert!(!queued.iter().any(|a| sent.contains(a)));
+    assert_eq!(read_all(Some(CallState::Failed), 4), (vec![], vec![0]));
+
+    // Limits are clamped: 0 reads as 1, anything above the most as the most.
+    let one = page(None, None, 0);
+    assert_eq!(one.deliveries.len(), 1);
+    assert_eq!(one.next_after.as_deref(), Some("p00"));
+    assert_eq!(page(None, None, u32::MAX).deliveries.len(), 12);
+    // After the last agent: an empty last page.
+    let past = page(None, Some("p11"), 5);
+    assert!(past.deliveries.is_empty() && past.next_after.is_none());
+    let err = s.call_deliveries("nope", &every()).unwrap_err();
+    assert!(matches!(err, StoreError::NotFound { .. }), "{err}");
+}
+
+/// The queries the console runs every second or per event, planned by the database over
+/// 100,000 finished deliveries (statistics taken): none reads the whole deliveries table,
+/// and the expiry sweep reads the partial index of open calls. Run with `--nocapture` to see
+/// the plans (docs/console.md, "At scale").
+#[test]
+fn periodic_queries_read_no_whole_deliveries_table() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = common::test_database()
+        .unwrap_or_else(|| DatabaseUrl::Sqlite(dir.path().join("console.db")));
+    let opening = url.clone();
+    // The PostgreSQL client runs its own runtime: a thread of its own.
+    let open = move || {
+        let u = opening.clone();
+        std::thread::spawn(move || u.open().unwrap())
+            .join()
+            .unwrap()
+    };
+    drop(open());
+    let numbers = |n: u32| {
+        format!("WITH RECURSIVE n(i) AS (SELECT 0 UNION ALL SELECT i + 1 FROM n WHERE i < {n})")
+    };
+    // 5,000 finished calls of 20 deliveries each, to 2,000 agents; one open call.
+    common::execute_sql(
+        &url,
+        &format!(
+            "INSERT INTO calls (id, created_at, created_by, reason, action, target, expires_at, spread, dispatcher, n_finished) {} SELECT 'call-' || i, i, 'test', 'filled', NULL, 'all', 1000 + i, 0, 'console', 20 FROM n",
+            numbers(4_999)
+        ),
+    );
+    common::execute_sql(
+        &url,
+        &format!(
+            "INSERT INTO deliveries (wakeup_id, call_id, agent_id, state, queued_at, finished_at) {} SELECT 'w-' || i, 'call-' || (i / 20), 'agent-' || (i % 2000), 'finished', i, i + 1 FROM n",
+            numbers(99_999)
+        ),
+    );
+    common::execute_sql(
+        &url,
+        "INSERT INTO calls (id, created_at, created_by, reason, action, target, expires_at, spread, dispatcher, n_queued) VALUES ('call-open', 1, 'test', 'open', NULL, 'all', 1000000000000, 0, 'console', 1)",
+    );
+    common::execute_sql(
+        &url,
+        "INSERT INTO deliveries (wakeup_id, call_id, agent_id, state, queued_at) VALUES ('w-open', 'call-open', 'agent-1', 'queued', 1)",
+    );
+    common::execute_sql(&url, "ANALYZE");
+    let s = open();
+    let plans = s.periodic_query_plans(1_000_000).unwrap();
+    assert_eq!(plans.len(), 8);
+    for (what, plan) in &plans {
+        println!("{what}:\n{plan}\n");
+        for line in plan.lines().map(str::trim) {
+            let whole_sqlite = line.starts_with("SCAN d ")
+                || line == "SCAN d"
+                || line.starts_with("SCAN deliveries");
+            let whole_postgres = line.contains("Seq Scan on deliveries");
+            assert!(
+                !whole_sqlite && !whole_postgres,
+                "{what} reads the whole deliveries table:\n{plan}"
+            );
+        }
+    }
+    let (_, sweep) = &plans[0];
+    assert!(
+        sweep.contains("calls_open"),
+        "the expiry sweep reads the open calls' index:\n{sweep}"
+    );
+    assert!(!sweep.contains("SCAN calls") && !sweep.contains("Seq Scan on calls"));
+}
+
+/// The migration that brought the kept counts fills them for the calls already stored:
+/// a database taken back to the schema before it (counts and their indexes gone) opens with
+/// each call's counts as its deliveries say.
+#[test]
+fn the_migration_to_kept_counts_counts_existing_calls() {
+    use CallState::*;
+    let dir = tempfile::tempdir().unwrap();
+    let url = common::test_database()
+        .unwrap_or_else(|| DatabaseUrl::Sqlite(dir.path().join("console.db")));
+    let opening = url.clone();
+    let open = move || {
+        let u = opening.clone();
+        std::thread::spawn(move || u.open().unwrap())
+            .join()
+            .unwrap()
+    };
+    let s = open();
+    s.create_enrollment_token(token(1, None, None)).unwrap();
+    for id in ["a", "b", "c"] {
+        s.enroll_agent(&[1; 32], agent(id), 10).unwrap();
+    }
+    s.create_call(new_call("c1", CallTarget::All, 100_000), 100, &mut ids())
+        .unwrap();
+    let w = wakeup_of(&s, "c1", "a");
+    s.advance_delivery(advance("a", &w, Finished, 200)).unwrap();
+    let w = wakeup_of(&s, "c1", "b");
+    s.advance_delivery(advance("b", &w, Sent, 200)).unwrap();
+    drop(s);
+
+    let previous = match &url {
+        DatabaseUrl::Sqlite(_) => format!("PRAGMA user_version = {}", SCHEMA_VERSION - 1),
+        DatabaseUrl::Postgres(_) => format!(
+            "UPDATE schema_version SET version = {}",
+            POSTGRES_SCHEMA_VERSION - 1
+        ),
+    };
+    for statement in [
+        "DROP INDEX calls_open",
+        "DROP INDEX deliveries_call_agent",
+        "DROP INDEX deliveries_call_state_agent",
+        "CREATE INDEX deliveries_call ON deliveries(call_id)",
+    ]
+    .into_iter()
+    .map(String::from)
+    .chain(
+        [
+            "n_queued",
+            "n_sent",
+            "n_delivered",
+            "n_started",
+            "n_finished",
+            "n_expired",
+            "n_failed",
+        ]
+        .map(|c| format!("ALTER TABLE calls DROP COLUMN {c}")),
+    )
+    .chain([previous])
+    {
+        common::execute_sql(&url, &statement);
+    }
+
+    let s = open();
+    assert_eq!(
+        kept_counts(&s, "c1"),
+        [(Queued, 1), (Sent, 1), (Finished, 1)].into()
+    );
+    assert!(
+        s.expire_due(100_000).unwrap().len() == 2,
+        "the open call is swept"
     );
 }

@@ -68,6 +68,8 @@ const state = {
   view: null,
   timer: null,
   events: null,
+  // The call whose page is open.
+  callId: null,
   agents: [],
   selected: new Set(),
   user: null,
@@ -313,11 +315,25 @@ function setDeliveryState(agentId, newState) {
 let callReads = 0;
 let callShown = 0;
 
+// The page of deliveries shown: those in one state (or any), of agents after an id (the
+// first page: none). A call's page of the API holds its first 500; the rest come a page at
+// a time from /calls/<id>/deliveries.
+const CALL_PAGE = 500;
+const callPage = { state: "", after: null, pages: 0 };
+
 async function loadCall(id) {
   const read = ++callReads;
-  const call = await guarded($("call-error"), () => api("GET", "/calls/" + encodeURIComponent(id)));
-  if (!call || state.view !== "call" || read < callShown) return null;
+  const path = "/calls/" + encodeURIComponent(id);
+  const { state: only, after } = callPage;
+  const [call, page] = await Promise.all([
+    guarded($("call-error"), () => api("GET", path)),
+    only || after
+      ? guarded($("call-error"), () => api("GET", path + "/deliveries" + query({ state: only, after, limit: CALL_PAGE })))
+      : Promise.resolve(null),
+  ]);
+  if (!call || (!page && (only || after)) || state.view !== "call" || read < callShown) return null;
   callShown = read;
+  const shown = page || { deliveries: call.deliveries, next_after: call.next_after };
   const facts = [
     ["Target", call.target], ["Reason", call.reason || "–"], ["Action", call.action || "check in"],
     ["Created", `${when(call.created_at)} by ${call.created_by}`], ["Expires", when(call.expires_at)],
@@ -325,14 +341,30 @@ async function loadCall(id) {
   ];
   $("call-summary").replaceChildren(...facts.flatMap(([k, v]) => [el("dt", {}, k), el("dd", {}, v)]),
     el("dt", {}, "States"), el("dd", { id: "call-counts" }, stateCounts(call.counts)));
-  $("call-deliveries").tBodies[0].replaceChildren(...call.deliveries.map(deliveryRow));
+  $("call-deliveries").tBodies[0].replaceChildren(...shown.deliveries.map(deliveryRow));
+  const total = only ? (call.counts[only] || 0) : Object.values(call.counts).reduce((a, b) => a + b, 0);
+  const first = callPage.pages * CALL_PAGE;
+  $("call-page").textContent = shown.deliveries.length
+    ? `Agents ${first + 1}–${first + shown.deliveries.length} of ${total}${only ? " " + only : ""}.`
+    : (only ? `No agent is ${only}.` : "");
+  $("call-first").hidden = !after;
+  $("call-next").hidden = !shown.next_after;
+  $("call-next").dataset.after = shown.next_after || "";
   return call;
 }
 
 function openCall(id) {
   show("call");
+  state.callId = id;
+  callPage.state = "";
+  callPage.after = null;
+  callPage.pages = 0;
+  $("call-state").value = "";
   $("call-summary").replaceChildren();
   $("call-deliveries").tBodies[0].replaceChildren();
+  $("call-page").textContent = "";
+  $("call-first").hidden = true;
+  $("call-next").hidden = true;
   // The call is read at once, and again each time the event stream is open (the server
   // listens by then): a change between the first read and the stream's start, or while it
   // reconnected, is not missed.
@@ -357,6 +389,26 @@ function openCall(id) {
   es.addEventListener("lagged", () => loadCall(id));
   loadCall(id);
 }
+
+$("call-filters").addEventListener("submit", (ev) => ev.preventDefault());
+$("call-state").addEventListener("change", () => {
+  callPage.state = $("call-state").value;
+  callPage.after = null;
+  callPage.pages = 0;
+  if (state.callId) loadCall(state.callId);
+});
+$("call-next").addEventListener("click", (ev) => {
+  ev.preventDefault();
+  callPage.after = $("call-next").dataset.after || null;
+  callPage.pages += 1;
+  if (state.callId) loadCall(state.callId);
+});
+$("call-first").addEventListener("click", (ev) => {
+  ev.preventDefault();
+  callPage.after = null;
+  callPage.pages = 0;
+  if (state.callId) loadCall(state.callId);
+});
 
 // --- Agents ---
 

@@ -308,20 +308,20 @@ async fn read_stored(
 ) -> anyhow::Result<()> {
     // The stored states, once the acks have had a moment to be written.
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let stored = api(
-        client,
-        "GET",
-        &format!("/api/v1/calls/{call_id}"),
-        None,
-        200,
-    )
-    .await?;
     let t0_ms = (t0 / 1_000_000) as i64;
     let mut delivered_us = Vec::new();
     let mut max_sent: Option<i64> = None;
     let mut max_delivered: Option<i64> = None;
-    if let Some(list) = stored["deliveries"].as_array() {
-        for d in list {
+    // A page at a time (the bench's agent ids need no escaping in a query string).
+    let mut after: Option<String> = None;
+    loop {
+        let mut path = format!("/api/v1/calls/{call_id}/deliveries?limit=5000");
+        if let Some(a) = &after {
+            path.push_str(&format!("&after={a}"));
+        }
+        let page = api(client, "GET", &path, None, 200).await?;
+        let list = page["deliveries"].as_array().cloned().unwrap_or_default();
+        for d in &list {
             let state = d["state"].as_str().unwrap_or("?").to_owned();
             *report.states.entry(state).or_default() += 1;
             if let Some(s) = d["sent_at"].as_i64() {
@@ -331,6 +331,10 @@ async fn read_stored(
                 max_delivered = Some(max_delivered.map_or(s, |m| m.max(s)));
                 delivered_us.push(u64::try_from((s - t0_ms).max(0)).unwrap_or(0) * 1000);
             }
+        }
+        match page["next_after"].as_str() {
+            Some(next) => after = Some(next.to_owned()),
+            None => break,
         }
     }
     report.delivered = ["delivered", "started", "finished"]

@@ -14,7 +14,9 @@ use serde_json::json;
 
 use super::*;
 use crate::model::*;
-use crate::store::NewCall;
+use crate::store::{
+    DEFAULT_DELIVERY_PAGE, DeliveryPage, DeliveryQuery, MAX_DELIVERY_PAGE, NewCall,
+};
 use crate::{AppState, dispatch};
 
 // --- Wake-up calls ---
@@ -152,21 +154,74 @@ pub(super) async fn list_calls(
     Ok(Json(a.run(move |s| s.list_calls(limit)).await?))
 }
 
-/// A call with where it stands for each agent.
+/// A call with its counts and the first page of where it stands for each agent.
 #[derive(Serialize, JsonSchema)]
 pub(super) struct CallWithDeliveries {
     #[serde(flatten)]
     call: WakeCall,
-    /// One per agent addressed.
+    /// The first agents addressed, in agent id order (at most 500): the counts say how many
+    /// there are in all, `GET /api/v1/calls/{id}/deliveries` gives the rest.
     deliveries: Vec<CallDelivery>,
+    /// The agent id to pass as `after` to `GET /api/v1/calls/{id}/deliveries` for the next
+    /// page; `null` when `deliveries` holds every agent.
+    next_after: Option<String>,
 }
 
 pub(super) async fn get_call(
     a: Viewer,
     Path(id): Path<String>,
 ) -> ApiResult<Json<CallWithDeliveries>> {
-    let (call, deliveries) = a.run(move |s| s.call(&id)).await?;
-    Ok(Json(CallWithDeliveries { call, deliveries }))
+    let (call, page) = a
+        .run(move |s| {
+            let first = DeliveryQuery {
+                limit: DEFAULT_DELIVERY_PAGE,
+                ..Default::default()
+            };
+            Ok((s.call(&id)?, s.call_deliveries(&id, &first)?))
+        })
+        .await?;
+    Ok(Json(CallWithDeliveries {
+        call,
+        deliveries: page.deliveries,
+        next_after: page.next_after,
+    }))
+}
+
+/// Which of a call's deliveries to list.
+#[derive(Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub(super) struct DeliveriesQuery {
+    /// Only deliveries in this state.
+    state: Option<CallState>,
+    /// Only agents whose id sorts after this one: the `next_after` of the page before.
+    after: Option<String>,
+    /// How many at most: 500 when absent; above 5000 reads as 5000.
+    limit: Option<u32>,
+}
+
+pub(super) async fn call_deliveries(
+    a: Viewer,
+    Path(id): Path<String>,
+    Query(q): Query<DeliveriesQuery>,
+) -> ApiResult<Json<DeliveryPage>> {
+    if let Some(after) = &q.after {
+        beckon_identity::validate_id(after)
+            .map_err(|e| ApiError::bad_request(format!("after must be an agent id: {e}")))?;
+    }
+    if q.limit == Some(0) {
+        return Err(ApiError::bad_request(format!(
+            "limit must be 1 to {MAX_DELIVERY_PAGE}"
+        )));
+    }
+    let query = DeliveryQuery {
+        state: q.state,
+        after: q.after,
+        limit: q
+            .limit
+            .unwrap_or(DEFAULT_DELIVERY_PAGE)
+            .min(MAX_DELIVERY_PAGE),
+    };
+    Ok(Json(a.run(move |s| s.call_deliveries(&id, &query)).await?))
 }
 
 pub(super) fn event_stream(

@@ -489,6 +489,7 @@ pub fn routes() -> Vec<(
         route!("/api/v1/groups/{name}", delete(delete_group)),
         route!("/api/v1/calls", get(list_calls), post(create_call)),
         route!("/api/v1/calls/{id}", get(get_call)),
+        route!("/api/v1/calls/{id}/deliveries", get(call_deliveries)),
         route!("/api/v1/calls/{id}/events", get(call_events)),
         route!("/api/v1/events", get(all_events)),
         route!("/api/v1/settings", get(get_settings), put(put_settings)),

@@ -336,9 +336,17 @@ fn operations() -> Vec<Operation> {
             "get",
             "/api/v1/calls/{id}",
             VIEWER,
-            "A call with its per-agent states",
+            "A call with its counts and the first page of its per-agent states",
         )
         .ok::<CallWithDeliveries>(),
+        op(
+            "get",
+            "/api/v1/calls/{id}/deliveries",
+            VIEWER,
+            "A page of a call's per-agent states, in agent id order, of one state if asked",
+        )
+        .query::<DeliveriesQuery>()
+        .ok::<crate::store::DeliveryPage>(),
         op(
             "get",
             "/api/v1/calls/{id}/events",

@@ -309,6 +309,33 @@ pub struct DeliveryAdvance {
     pub at: Millis,
 }
 
+/// Which of a call's deliveries to read (see [`CallStore::call_deliveries`]): a page of them
+/// in agent id order, those of one state only when `state` is set.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DeliveryQuery {
+    /// Only deliveries in this state.
+    pub state: Option<CallState>,
+    /// Only agents whose id sorts after this one (the `next_after` of the page before).
+    pub after: Option<String>,
+    /// At most this many, clamped to 1 to [`MAX_DELIVERY_PAGE`].
+    pub limit: u32,
+}
+
+/// The most deliveries one page holds.
+pub const MAX_DELIVERY_PAGE: u32 = 5_000;
+
+/// The deliveries of a page when the request names no limit.
+pub const DEFAULT_DELIVERY_PAGE: u32 = 500;
+
+/// A page of a call's deliveries.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, schemars::JsonSchema)]
+pub struct DeliveryPage {
+    /// In agent id order.
+    pub deliveries: Vec<CallDelivery>,
+    /// The agent id to pass as `after` for the next page; `null` on the last page.
+    pub next_after: Option<String>,
+}
+
 /// One agent's pending wake-ups: its id, then each call and delivery.
 pub type AgentPending = (String, Vec<(WakeCall, CallDelivery)>);
 
@@ -468,8 +495,11 @@ pub trait CallStore {
         new_wakeup_id: &mut dyn FnMut() -> String,
     ) -> StoreResult<(WakeCall, Vec<CallDelivery>)>;
 
-    /// One call with its deliveries.
-    fn call(&self, id: &str) -> StoreResult<(WakeCall, Vec<CallDelivery>)>;
+    /// One call, with its counts.
+    fn call(&self, id: &str) -> StoreResult<WakeCall>;
+
+    /// A page of a call's deliveries (an index range however many the call has).
+    fn call_deliveries(&self, id: &str, query: &DeliveryQuery) -> StoreResult<DeliveryPage>;
 
     /// Calls, newest first.
     fn list_calls(&self, limit: u32) -> StoreResult<Vec<WakeCall>>;
@@ -518,7 +548,8 @@ pub trait CallStore {
     /// Marks queued or sent deliveries whose call expired by `now` as expired.
     fn expire_due(&self, now: Millis) -> StoreResult<Vec<CallDelivery>>;
 
-    /// How many deliveries are in each state, in [`CallState::ALL`]'s order (the metrics).
+    /// How many deliveries are in each state, in [`CallState::ALL`]'s order (the metrics),
+    /// from the counts each call keeps.
     fn count_deliveries(&self) -> StoreResult<[u64; 7]>;
 
     /// Holds or renews this console's dispatch lease until `now + lease`: true while it is

@@ -187,6 +187,32 @@ CREATE TABLE auth_failures (
 CREATE INDEX auth_failures_key ON auth_failures (kind, key, at);
 CREATE INDEX auth_failures_at ON auth_failures (at);
 "#,
+    r#"
+-- Version 6 (SQLite's 8): a console at scale. Each call keeps how many of its deliveries
+-- are in each state, changed in the transaction that changes a delivery's state, so that
+-- lists and dashboards read them instead of counting deliveries. The expiry sweep looks only at calls
+-- with wake-ups still queued or sent (calls_open, a partial index), and a call's deliveries
+-- are read a page at a time, by agent and by state and agent (index ranges).
+ALTER TABLE calls ADD COLUMN n_queued BIGINT NOT NULL DEFAULT 0;
+ALTER TABLE calls ADD COLUMN n_sent BIGINT NOT NULL DEFAULT 0;
+ALTER TABLE calls ADD COLUMN n_delivered BIGINT NOT NULL DEFAULT 0;
+ALTER TABLE calls ADD COLUMN n_started BIGINT NOT NULL DEFAULT 0;
+ALTER TABLE calls ADD COLUMN n_finished BIGINT NOT NULL DEFAULT 0;
+ALTER TABLE calls ADD COLUMN n_expired BIGINT NOT NULL DEFAULT 0;
+ALTER TABLE calls ADD COLUMN n_failed BIGINT NOT NULL DEFAULT 0;
+CREATE INDEX deliveries_call_agent ON deliveries(call_id, agent_id);
+CREATE INDEX deliveries_call_state_agent ON deliveries(call_id, state, agent_id);
+DROP INDEX deliveries_call;
+UPDATE calls SET
+    n_queued = (SELECT COUNT(*) FROM deliveries d WHERE d.call_id = calls.id AND d.state = 'queued'),
+    n_sent = (SELECT COUNT(*) FROM deliveries d WHERE d.call_id = calls.id AND d.state = 'sent'),
+    n_delivered = (SELECT COUNT(*) FROM deliveries d WHERE d.call_id = calls.id AND d.state = 'delivered'),
+    n_started = (SELECT COUNT(*) FROM deliveries d WHERE d.call_id = calls.id AND d.state = 'started'),
+    n_finished = (SELECT COUNT(*) FROM deliveries d WHERE d.call_id = calls.id AND d.state = 'finished'),
+    n_expired = (SELECT COUNT(*) FROM deliveries d WHERE d.call_id = calls.id AND d.state = 'expired'),
+    n_failed = (SELECT COUNT(*) FROM deliveries d WHERE d.call_id = calls.id AND d.state = 'failed');
+CREATE INDEX calls_open ON calls(expires_at) WHERE n_queued + n_sent > 0;
+"#,
 ];
 
 /// Any number fixed for this schema: the advisory lock that lets one console migrate while

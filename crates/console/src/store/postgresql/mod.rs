@@ -145,6 +145,10 @@ impl<C: GenericClient> Conn for PgConn<'_, C> {
         "ILIKE"
     }
 
+    fn explain(&self) -> &'static str {
+        "EXPLAIN"
+    }
+
     fn notify(&mut self, payload: &str) -> Result<(), DbError> {
         let statement = self.statement("SELECT pg_notify(?1, ?2)")?;
         self.client

@@ -390,13 +390,30 @@ impl AgentStore for SqlStore {
                 params![id, now],
                 "revoking an agent's certificates",
             )?;
-            exec(
+            // Each unfinished delivery on its own, so that its call's counts follow.
+            let unfinished: Vec<(String, String, String)> = query_all(
                 tx,
-                "UPDATE deliveries SET state = 'failed', finished_at = ?1, detail = 'the agent was revoked' WHERE agent_id = ?2 AND state IN ('queued', 'sent', 'delivered', 'started')",
-                params![now, id],
-                "failing a revoked agent's wake-ups",
+                "SELECT wakeup_id, call_id, state FROM deliveries WHERE agent_id = ?1 AND state IN ('queued', 'sent', 'delivered', 'started') ORDER BY wakeup_id",
+                params![id],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+                "reading a revoked agent's wake-ups",
             )?;
-            Ok(())
+            let mut counts = calls::CountChanges::default();
+            for (wakeup_id, call_id, state) in unfinished {
+                let Some(from) = CallState::parse(&state) else {
+                    continue;
+                };
+                let failed = exec(
+                    tx,
+                    "UPDATE deliveries SET state = 'failed', finished_at = ?1, detail = 'the agent was revoked' WHERE wakeup_id = ?2 AND state = ?3",
+                    params![now, &wakeup_id, &state],
+                    "failing a revoked agent's wake-ups",
+                )?;
+                if failed == 1 {
+                    counts.moved(&call_id, from, CallState::Failed);
+                }
+            }
+            counts.write(tx)
         })
     }
 

@@ -21,12 +21,34 @@ pub(in crate::store) const CALL_TABLES: &[&Table] = &[
     },
 ];
 
-pub(super) const CALL_COLUMNS: &str =
-    "id, created_at, created_by, reason, action, target, expires_at, spread, dispatcher";
+/// A call's columns: what it is, then how many of its deliveries are in each state
+/// ([`COUNT_COLUMNS`]).
+pub(super) const CALL_COLUMNS: &str = "id, created_at, created_by, reason, action, target, expires_at, spread, dispatcher, n_queued, n_sent, n_delivered, n_started, n_finished, n_expired, n_failed";
+
+/// The columns of a call's counts, in [`CallState::ALL`]'s order.
+const COUNT_COLUMNS: [&str; 7] = [
+    "n_queued",
+    "n_sent",
+    "n_delivered",
+    "n_started",
+    "n_finished",
+    "n_expired",
+    "n_failed",
+];
+
+/// The column of [`CALL_COLUMNS`] where the counts start.
+const FIRST_COUNT: usize = 9;
 
 /// A call read from [`CALL_COLUMNS`] starting at column `first` (after a join's other
-/// columns), without its counts.
+/// columns), with its counts (the states no delivery is in left out).
 fn call_at(row: &Row, first: usize) -> Result<WakeCall, DbError> {
+    let mut counts = std::collections::BTreeMap::new();
+    for (i, state) in CallState::ALL.into_iter().enumerate() {
+        let n: u32 = row.get(first + FIRST_COUNT + i)?;
+        if n > 0 {
+            counts.insert(state, n);
+        }
+    }
     Ok(WakeCall {
         id: row.get(first)?,
         created_at: row.get(first + 1)?,
@@ -36,24 +58,43 @@ fn call_at(row: &Row, first: usize) -> Result<WakeCall, DbError> {
         target: row.get(first + 5)?,
         expires_at: row.get(first + 6)?,
         spread: row.get(first + 7)?,
-        counts: Default::default(),
+        counts,
     })
 }
 
-pub(super) fn fill_counts(conn: &mut dyn Conn, call: &mut WakeCall) -> StoreResult<()> {
-    let rows: Vec<(String, u32)> = query_all(
-        conn,
-        "SELECT state, COUNT(*) FROM deliveries WHERE call_id = ?1 GROUP BY state",
-        params![&call.id],
-        |r| Ok((r.get(0)?, r.get(1)?)),
-        "counting a call's states",
-    )?;
-    for (state, n) in rows {
-        if let Some(state) = CallState::parse(&state) {
-            call.counts.insert(state, n);
-        }
+/// Changes to calls' counts, gathered while a transaction moves deliveries and written at
+/// its end ([`write`](Self::write)): one update per call, in call id order and after the
+/// deliveries' rows, so that consoles writing at once lock rows in one order.
+#[derive(Default)]
+pub(super) struct CountChanges(std::collections::BTreeMap<String, [i64; 7]>);
+
+impl CountChanges {
+    /// One delivery of `call` moved from `from` to `to`.
+    pub(super) fn moved(&mut self, call: &str, from: CallState, to: CallState) {
+        let change = self.0.entry(call.to_owned()).or_default();
+        change[from as usize] -= 1;
+        change[to as usize] += 1;
     }
-    Ok(())
+
+    /// Writes the changes to the calls' counts.
+    pub(super) fn write(self, tx: &mut dyn Conn) -> StoreResult<()> {
+        let set = COUNT_COLUMNS
+            .iter()
+            .enumerate()
+            .map(|(i, c)| format!("{c} = {c} + ?{}", i + 2))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let statement = format!("UPDATE calls SET {set} WHERE id = ?1");
+        for (call, change) in self.0 {
+            if change == [0; 7] {
+                continue;
+            }
+            let mut values = vec![Value::from(call)];
+            values.extend(change.map(Value::from));
+            exec(tx, &statement, &values, "counting a call's states")?;
+        }
+        Ok(())
+    }
 }
 
 pub(super) const DELIVERY_COLUMNS: &str = "call_id, agent_id, wakeup_id, state, queued_at, sent_at, delivered_at, started_at, finished_at, status, exit_code, duration_ms, detail, carried_by";
@@ -79,16 +120,14 @@ pub(super) fn delivery_from_row(row: &Row) -> Result<CallDelivery, DbError> {
 }
 
 pub(super) fn load_call(conn: &mut dyn Conn, id: &str) -> StoreResult<WakeCall> {
-    let mut call = query_opt(
+    query_opt(
         conn,
         &format!("SELECT {CALL_COLUMNS} FROM calls WHERE id = ?1"),
         params![id],
         |r| call_at(r, 0),
         "reading a call",
     )?
-    .ok_or_else(|| not_found("wake-up call", id))?;
-    fill_counts(conn, &mut call)?;
-    Ok(call)
+    .ok_or_else(|| not_found("wake-up call", id))
 }
 
 pub(super) fn state_column(state: CallState) -> Option<&'static str> {
@@ -104,6 +143,7 @@ pub(super) fn state_column(state: CallState) -> Option<&'static str> {
 pub(super) fn advance_in(
     tx: &mut dyn Conn,
     advance: &DeliveryAdvance,
+    counts: &mut CountChanges,
 ) -> StoreResult<Vec<CallDelivery>> {
     let DeliveryAdvance {
         agent_id,
@@ -115,9 +155,7 @@ pub(super) fn advance_in(
     let (state, at) = (*state, *at);
     let candidates: Vec<CallDelivery> = query_all(
         tx,
-        &format!(
-            "SELECT {DELIVERY_COLUMNS} FROM deliveries WHERE (wakeup_id = ?1 OR carried_by = ?1) AND agent_id = ?2 ORDER BY wakeup_id"
-        ),
+        &advance_candidates_query(),
         params![wakeup_id, agent_id],
         delivery_from_row,
         "reading a delivery",
@@ -153,6 +191,7 @@ pub(super) fn advance_in(
                 "updating a delivery",
             )?;
             if written == 1 {
+                counts.moved(&d.call_id, d.state, state);
                 d.state = state;
                 match state {
                     CallState::Sent => d.sent_at = Some(at),
@@ -181,6 +220,24 @@ pub(super) fn advance_in(
         }
     }
     Ok(changed)
+}
+
+/// The deliveries an ack for the wake-up `?1` of the agent `?2` moves: its own, and those it
+/// carried.
+fn advance_candidates_query() -> String {
+    format!(
+        "SELECT {DELIVERY_COLUMNS} FROM deliveries WHERE (wakeup_id = ?1 OR carried_by = ?1) AND agent_id = ?2 ORDER BY wakeup_id"
+    )
+}
+
+/// The deliveries of the agent `?1` queued or sent, of calls of this console (`?3`)
+/// unexpired at `?2`, with their calls (an index range of the agent's deliveries).
+fn pending_query() -> String {
+    format!(
+        "SELECT {}, {} FROM deliveries d JOIN calls c ON c.id = d.call_id WHERE d.agent_id = ?1 AND d.state IN ('queued', 'sent') AND c.expires_at > ?2 AND c.dispatcher = ?3 ORDER BY d.queued_at, d.wakeup_id",
+        qualified("d", DELIVERY_COLUMNS),
+        qualified("c", CALL_COLUMNS)
+    )
 }
 
 /// The largest notice payload sent at once (PostgreSQL takes up to 8000 bytes).
@@ -264,9 +321,7 @@ impl CallStore for SqlStore {
             let spread = call.spread.unwrap_or(if many { default_secs } else { 0 });
             exec(
                 tx,
-                &format!(
-                    "INSERT INTO calls ({CALL_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)"
-                ),
+                "INSERT INTO calls (id, created_at, created_by, reason, action, target, expires_at, spread, dispatcher, n_queued) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
                 params![
                     &call.id,
                     now,
@@ -276,7 +331,8 @@ impl CallStore for SqlStore {
                     call.target.describe(),
                     call.expires_at,
                     spread,
-                    &self.console
+                    &self.console,
+                    agent_ids.len() as u64
                 ],
                 "recording a call",
             )?;
@@ -310,25 +366,50 @@ impl CallStore for SqlStore {
         })
     }
 
-    fn call(&self, id: &str) -> StoreResult<(WakeCall, Vec<CallDelivery>)> {
+    fn call(&self, id: &str) -> StoreResult<WakeCall> {
+        self.read(|conn| load_call(conn, id))
+    }
+
+    fn call_deliveries(&self, id: &str, query: &DeliveryQuery) -> StoreResult<DeliveryPage> {
+        let limit = query.limit.clamp(1, MAX_DELIVERY_PAGE);
+        let mut statement = format!("SELECT {DELIVERY_COLUMNS} FROM deliveries WHERE call_id = ?1");
+        let mut values = vec![Value::from(id)];
+        if let Some(state) = query.state {
+            values.push(state.as_str().into());
+            statement.push_str(&format!(" AND state = ?{}", values.len()));
+        }
+        if let Some(after) = &query.after {
+            values.push(after.into());
+            statement.push_str(&format!(" AND agent_id > ?{}", values.len()));
+        }
+        // One more than asked: whether there is a next page.
+        values.push((limit + 1).into());
+        statement.push_str(&format!(" ORDER BY agent_id LIMIT ?{}", values.len()));
         self.read(|conn| {
-            let call = load_call(conn, id)?;
-            let deliveries = query_all(
+            load_call(conn, id)?;
+            let mut deliveries = query_all(
                 conn,
-                &format!(
-                    "SELECT {DELIVERY_COLUMNS} FROM deliveries WHERE call_id = ?1 ORDER BY agent_id"
-                ),
-                params![id],
+                &statement,
+                &values,
                 delivery_from_row,
                 "reading deliveries",
             )?;
-            Ok((call, deliveries))
+            let next_after = if deliveries.len() > limit as usize {
+                deliveries.truncate(limit as usize);
+                deliveries.last().map(|d| d.agent_id.clone())
+            } else {
+                None
+            };
+            Ok(DeliveryPage {
+                deliveries,
+                next_after,
+            })
         })
     }
 
     fn list_calls(&self, limit: u32) -> StoreResult<Vec<WakeCall>> {
         self.read(|conn| {
-            let mut calls = query_all(
+            query_all(
                 conn,
                 &format!(
                     "SELECT {CALL_COLUMNS} FROM calls ORDER BY created_at DESC, id DESC LIMIT ?1"
@@ -336,11 +417,7 @@ impl CallStore for SqlStore {
                 params![limit.max(1)],
                 |r| call_at(r, 0),
                 "listing calls",
-            )?;
-            for c in &mut calls {
-                fill_counts(conn, c)?;
-            }
-            Ok(calls)
+            )
         })
     }
 
@@ -353,9 +430,11 @@ impl CallStore for SqlStore {
         batch.sort_by(|a, b| a.wakeup_id.cmp(&b.wakeup_id));
         self.write_again_on_deadlock(|tx| {
             let mut changed = Vec::new();
+            let mut counts = CountChanges::default();
             for a in &batch {
-                changed.extend(advance_in(tx, a)?);
+                changed.extend(advance_in(tx, a, &mut counts)?);
             }
+            counts.write(tx)?;
             notify_changes(tx, &self.instance, &changed)?;
             Ok(changed)
         })
@@ -366,15 +445,11 @@ impl CallStore for SqlStore {
         agent_id: &str,
         now: Millis,
     ) -> StoreResult<Vec<(WakeCall, CallDelivery)>> {
-        let cols = qualified("d", DELIVERY_COLUMNS);
-        let call_cols = qualified("c", CALL_COLUMNS);
         let first_call_column = DELIVERY_COLUMNS.split(", ").count();
         self.read(|conn| {
             query_all(
                 conn,
-                &format!(
-                    "SELECT {cols}, {call_cols} FROM deliveries d JOIN calls c ON c.id = d.call_id WHERE d.agent_id = ?1 AND d.state IN ('queued', 'sent') AND c.expires_at > ?2 AND c.dispatcher = ?3 ORDER BY d.queued_at, d.wakeup_id"
-                ),
+                &pending_query(),
                 params![agent_id, now, &self.console],
                 |r| Ok((call_at(r, first_call_column)?, delivery_from_row(r)?)),
                 "reading pending wake-ups",
@@ -386,7 +461,7 @@ impl CallStore for SqlStore {
         self.read(|conn| {
             query_all(
                 conn,
-                "SELECT DISTINCT d.agent_id FROM deliveries d JOIN calls c ON c.id = d.call_id WHERE d.state = 'queued' AND c.expires_at > ?1 AND c.dispatcher = ?2",
+                AGENTS_WITH_QUEUED,
                 params![now, &self.console],
                 |r| r.get(0),
                 "reading queued wake-ups",
@@ -395,19 +470,19 @@ impl CallStore for SqlStore {
     }
 
     fn count_deliveries(&self) -> StoreResult<[u64; 7]> {
-        let rows = self.read(|conn| {
-            query_all(
+        let row = self.read(|conn| {
+            query_opt(
                 conn,
-                "SELECT state, COUNT(*) FROM deliveries GROUP BY state",
+                &count_deliveries_query(),
                 params![],
-                |r| Ok((r.get::<String>(0)?, r.get::<u64>(1)?)),
+                |r| Ok(r.clone()),
                 "counting deliveries",
             )
         })?;
         let mut counts = [0; 7];
-        for (state, n) in rows {
-            if let Some(i) = CallState::ALL.iter().position(|s| s.as_str() == state) {
-                counts[i] = n;
+        if let Some(row) = row {
+            for (i, n) in counts.iter_mut().enumerate() {
+                *n = row.get(i).map_err(sql("counting deliveries"))?;
             }
         }
         Ok(counts)
@@ -445,7 +520,7 @@ impl CallStore for SqlStore {
             // held one): a few rows, as calls expire.
             let orphans: Vec<(String, Option<String>)> = query_all(
                 tx,
-                "SELECT c.id, c.dispatcher FROM calls c LEFT JOIN console_leases l ON l.console_id = c.dispatcher WHERE c.expires_at > ?1 AND (c.dispatcher IS NULL OR (c.dispatcher <> ?2 AND (l.expires_at IS NULL OR l.expires_at <= ?1)))",
+                ORPHAN_CALLS,
                 params![now, &self.console],
                 |r| Ok((r.get(0)?, r.get(1)?)),
                 "finding calls whose console stopped",
@@ -464,7 +539,7 @@ impl CallStore for SqlStore {
                 }
                 let agents: Vec<(String, String)> = query_all(
                     tx,
-                    "SELECT DISTINCT d.agent_id, a.presence FROM deliveries d JOIN agents a ON a.id = d.agent_id WHERE d.call_id = ?1 AND d.state IN ('queued', 'sent')",
+                    TAKEN_AGENTS,
                     params![&call],
                     |r| Ok((r.get(0)?, r.get(1)?)),
                     "reading a taken call's pending deliveries",
@@ -499,33 +574,150 @@ impl CallStore for SqlStore {
     }
 
     fn expire_due(&self, now: Millis) -> StoreResult<Vec<CallDelivery>> {
-        let cols = qualified("d", DELIVERY_COLUMNS);
         self.write_again_on_deadlock(|tx| {
-            let due: Vec<CallDelivery> = query_all(
+            // Only calls with wake-ups still queued or sent (the partial index calls_open):
+            // nothing to read once every due call is swept, however many deliveries are kept.
+            let calls: Vec<String> = query_all(
                 tx,
-                &format!(
-                    "SELECT {cols} FROM deliveries d JOIN calls c ON c.id = d.call_id WHERE d.state IN ('queued', 'sent') AND c.expires_at <= ?1 ORDER BY d.wakeup_id"
-                ),
+                DUE_CALLS,
                 params![now],
-                delivery_from_row,
-                "finding expired wake-ups",
+                |r| r.get(0),
+                "finding expired calls",
             )?;
+            let mut due = Vec::new();
+            for call in &calls {
+                due.extend(query_all(
+                    tx,
+                    &due_deliveries_query(),
+                    params![call],
+                    delivery_from_row,
+                    "finding expired wake-ups",
+                )?);
+            }
+            // Rows in one order, as every console's writes of deliveries.
+            due.sort_by(|a, b| a.wakeup_id.cmp(&b.wakeup_id));
             let mut out = Vec::with_capacity(due.len());
+            let mut counts = CountChanges::default();
             for mut d in due {
                 // Every console sweeps: the one that expires a delivery first tells.
                 let expired = exec(
                     tx,
-                    "UPDATE deliveries SET state = 'expired', finished_at = ?1 WHERE wakeup_id = ?2 AND state IN ('queued', 'sent')",
-                    params![now, &d.wakeup_id],
+                    "UPDATE deliveries SET state = 'expired', finished_at = ?1 WHERE wakeup_id = ?2 AND state = ?3",
+                    params![now, &d.wakeup_id, d.state.as_str()],
                     "expiring wake-ups",
                 )?;
                 if expired == 1 {
+                    counts.moved(&d.call_id, d.state, CallState::Expired);
                     d.state = CallState::Expired;
                     d.finished_at = Some(now);
                     out.push(d);
                 }
             }
+            counts.write(tx)?;
             notify_changes(tx, &self.instance, &out)?;
+            Ok(out)
+        })
+    }
+}
+
+/// The calls the expiry sweep looks at every second: expired by `?1` with wake-ups still
+/// queued or sent. The condition `n_queued + n_sent > 0` is that of the partial index
+/// calls_open, which holds these calls only.
+pub(super) const DUE_CALLS: &str =
+    "SELECT id FROM calls WHERE n_queued + n_sent > 0 AND expires_at <= ?1 ORDER BY id";
+
+/// The deliveries of the expired call `?1` still queued or sent (an index range).
+pub(super) fn due_deliveries_query() -> String {
+    format!(
+        "SELECT {DELIVERY_COLUMNS} FROM deliveries WHERE call_id = ?1 AND state IN ('queued', 'sent')"
+    )
+}
+
+/// The agents with wake-ups of this console (`?2`) queued and unexpired at `?1` (read when
+/// the console connects to the broker): from the open calls, then each one's queued range.
+pub(super) const AGENTS_WITH_QUEUED: &str = "SELECT DISTINCT d.agent_id FROM calls c JOIN deliveries d ON d.call_id = c.id AND d.state = 'queued' WHERE c.n_queued + c.n_sent > 0 AND c.n_queued > 0 AND c.expires_at > ?1 AND c.dispatcher = ?2";
+
+/// The unexpired calls (at `?1`) of no console or of one whose lease ran out, other than
+/// this console's (`?2`): looked for every second; a range of calls_expires_at.
+pub(super) const ORPHAN_CALLS: &str = "SELECT c.id, c.dispatcher FROM calls c LEFT JOIN console_leases l ON l.console_id = c.dispatcher WHERE c.expires_at > ?1 AND (c.dispatcher IS NULL OR (c.dispatcher <> ?2 AND (l.expires_at IS NULL OR l.expires_at <= ?1)))";
+
+/// The agents still waiting for a wake-up of the call `?1` just taken over, with their
+/// presence (an index range of the call's queued and sent deliveries).
+pub(super) const TAKEN_AGENTS: &str = "SELECT DISTINCT d.agent_id, a.presence FROM deliveries d JOIN agents a ON a.id = d.agent_id WHERE d.call_id = ?1 AND d.state IN ('queued', 'sent')";
+
+/// The totals of every state (metrics), from the calls' counts.
+pub(super) fn count_deliveries_query() -> String {
+    let sums = COUNT_COLUMNS
+        .iter()
+        .map(|c| format!("CAST(COALESCE(SUM({c}), 0) AS BIGINT)"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    format!("SELECT {sums} FROM calls")
+}
+
+impl SqlStore {
+    /// The plans the database makes now for the queries the console runs periodically or
+    /// per event (expiry sweep, takeover, metrics, an agent coming online, an ack), each
+    /// with what it is for: `EXPLAIN QUERY PLAN` on SQLite, `EXPLAIN` on PostgreSQL. At
+    /// `now`, with example ids; for the documentation and the tests that no such query reads
+    /// the whole deliveries table.
+    pub fn periodic_query_plans(&self, now: Millis) -> StoreResult<Vec<(&'static str, String)>> {
+        let queries: Vec<(&'static str, String, Vec<Value>)> = vec![
+            (
+                "expiry sweep, every second: the due calls",
+                DUE_CALLS.into(),
+                vec![now.into()],
+            ),
+            (
+                "expiry sweep: a due call's queued and sent deliveries",
+                due_deliveries_query(),
+                vec!["call-1".into()],
+            ),
+            (
+                "takeover, every second: calls of stopped consoles",
+                ORPHAN_CALLS.into(),
+                vec![now.into(), self.console.clone().into()],
+            ),
+            (
+                "takeover: a taken call's waiting agents",
+                TAKEN_AGENTS.into(),
+                vec!["call-1".into()],
+            ),
+            (
+                "connecting to the broker: agents with queued wake-ups",
+                AGENTS_WITH_QUEUED.into(),
+                vec![now.into(), self.console.clone().into()],
+            ),
+            (
+                "an agent coming online: its pending wake-ups",
+                pending_query(),
+                vec!["agent-1".into(), now.into(), self.console.clone().into()],
+            ),
+            (
+                "an ack or PUBACK: the deliveries it moves",
+                advance_candidates_query(),
+                vec!["w-1".into(), "agent-1".into()],
+            ),
+            (
+                "metrics: deliveries in each state",
+                count_deliveries_query(),
+                vec![],
+            ),
+        ];
+        self.read(|conn| {
+            let explain = conn.explain();
+            let mut out = Vec::new();
+            for (what, query, values) in queries {
+                let rows = query_all(
+                    conn,
+                    &format!("{explain} {query}"),
+                    &values,
+                    // The plan's text: SQLite's detail column (the last), PostgreSQL's one.
+                    |r| r.get::<String>(r.0.len().saturating_sub(1)),
+                    "explaining a query",
+                )?;
+                out.push((what, rows.join("\n")));
+            }
             Ok(out)
         })
     }

@@ -222,6 +222,10 @@ pub trait Conn {
     /// Runs a query; returns its rows.
     fn query(&mut self, sql: &str, params: &[Value]) -> Result<Vec<Row>, DbError>;
 
+    /// The statement prefix that shows a query's plan: `EXPLAIN QUERY PLAN` (SQLite),
+    /// `EXPLAIN` (PostgreSQL).
+    fn explain(&self) -> &'static str;
+
     /// The case-insensitive `LIKE` of the backend (SQLite's `LIKE` is; PostgreSQL's
     /// `ILIKE`).
     fn like(&self) -> &'static str;

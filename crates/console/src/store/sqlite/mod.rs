@@ -90,6 +90,10 @@ impl Conn for SqliteConn<'_> {
         "LIKE"
     }
 
+    fn explain(&self) -> &'static str {
+        "EXPLAIN QUERY PLAN"
+    }
+
     fn continue_identity(&mut self, _table: &str, _column: &str) -> Result<(), DbError> {
         Ok(())
     }
