@@ -199,28 +199,35 @@ pub(super) struct DeliveriesQuery {
     limit: Option<u32>,
 }
 
+impl DeliveriesQuery {
+    /// The store's query, or why the parameters are refused.
+    pub(super) fn checked(self) -> Result<DeliveryQuery, ApiError> {
+        if let Some(after) = &self.after {
+            beckon_identity::validate_id(after)
+                .map_err(|e| ApiError::bad_request(format!("after must be an agent id: {e}")))?;
+        }
+        if self.limit == Some(0) {
+            return Err(ApiError::bad_request(format!(
+                "limit must be 1 to {MAX_DELIVERY_PAGE}"
+            )));
+        }
+        Ok(DeliveryQuery {
+            state: self.state,
+            after: self.after,
+            limit: self
+                .limit
+                .unwrap_or(DEFAULT_DELIVERY_PAGE)
+                .min(MAX_DELIVERY_PAGE),
+        })
+    }
+}
+
 pub(super) async fn call_deliveries(
     a: Viewer,
     Path(id): Path<String>,
     Query(q): Query<DeliveriesQuery>,
 ) -> ApiResult<Json<DeliveryPage>> {
-    if let Some(after) = &q.after {
-        beckon_identity::validate_id(after)
-            .map_err(|e| ApiError::bad_request(format!("after must be an agent id: {e}")))?;
-    }
-    if q.limit == Some(0) {
-        return Err(ApiError::bad_request(format!(
-            "limit must be 1 to {MAX_DELIVERY_PAGE}"
-        )));
-    }
-    let query = DeliveryQuery {
-        state: q.state,
-        after: q.after,
-        limit: q
-            .limit
-            .unwrap_or(DEFAULT_DELIVERY_PAGE)
-            .min(MAX_DELIVERY_PAGE),
-    };
+    let query = q.checked()?;
     Ok(Json(a.run(move |s| s.call_deliveries(&id, &query)).await?))
 }
 

@@ -10,7 +10,7 @@ use serde::de::DeserializeOwned;
 
 use super::agents::{AgentQuery, AgentUpdate, NewGroup};
 use super::auth::{LoginRequest, PasswordChange};
-use super::calls::NewCallRequest;
+use super::calls::{DeliveriesQuery, NewCallRequest};
 use super::enrollment::{
     CheckinRequest, EnrollRequest, NewEnrollmentTokenRequest, RenewRequest, check_inventory,
 };
@@ -25,7 +25,7 @@ pub async fn api_bodies(data: &[u8]) {
     let Some((&mode, body)) = data.split_first() else {
         return;
     };
-    match mode % 16 {
+    match mode % 17 {
         0 => read::<LoginRequest>(body).await.map(drop),
         1 => read::<NewUserRequest>(body).await.map(drop),
         2 => read::<PasswordChange>(body).await.map(drop),
@@ -49,6 +49,13 @@ pub async fn api_bodies(data: &[u8]) {
             .and_then(|inventory| check_inventory(&inventory)),
         13 => query::<AgentQuery>(body).await,
         14 => query::<LimitQuery>(body).await,
+        15 => match parsed_query::<DeliveriesQuery>(body).await {
+            Some(Ok(q)) => q.checked().map(|q| {
+                assert!((1..=crate::store::MAX_DELIVERY_PAGE).contains(&q.limit));
+            }),
+            Some(Err(e)) => Err(e),
+            None => Ok(()),
+        },
         // Without the JSON content type: refused before the body is read.
         _ => {
             let request = Request::post("/api/v1/login")
@@ -85,13 +92,20 @@ async fn read<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
 }
 
 async fn query<T: DeserializeOwned>(text: &[u8]) -> Result<(), ApiError> {
-    let uri = format!("/api/v1/agents?{}", String::from_utf8_lossy(text));
-    // Bytes a client could not send in a request line are refused before the API sees them.
-    let Ok(request) = Request::get(uri).body(HttpBody::empty()) else {
-        return Ok(());
-    };
-    let (mut parts, _) = request.into_parts();
-    Query::<T>::from_request_parts(&mut parts, &())
+    parsed_query::<T>(text)
         .await
-        .map(drop)
+        .map_or(Ok(()), |r| r.map(drop))
+}
+
+/// The query string `text` through the API's extractor; `None` for bytes a client could not
+/// send in a request line (refused before the API sees them).
+async fn parsed_query<T: DeserializeOwned>(text: &[u8]) -> Option<Result<T, ApiError>> {
+    let uri = format!("/api/v1/agents?{}", String::from_utf8_lossy(text));
+    let request = Request::get(uri).body(HttpBody::empty()).ok()?;
+    let (mut parts, _) = request.into_parts();
+    Some(
+        Query::<T>::from_request_parts(&mut parts, &())
+            .await
+            .map(|Query(v)| v),
+    )
 }
