@@ -345,15 +345,8 @@ fn users_of_a_database_from_before_roles_become_admins() {
     use beckon_console::store::*;
 
     let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("console.db");
-    let url = common::test_database().unwrap_or_else(|| DatabaseUrl::Sqlite(path.clone()));
-    let open = |url: &DatabaseUrl| {
-        let url = url.clone();
-        // The PostgreSQL client runs its own runtime: keep it off the test's.
-        std::thread::spawn(move || url.open().unwrap())
-            .join()
-            .unwrap()
-    };
+    let url = common::reopenable_database(dir.path());
+    let open = common::open_store;
     let store = open(&url);
     store.create_user("old", "hash", Role::Viewer, 1).unwrap();
     drop(store);

@@ -845,16 +845,8 @@ fn a_calls_deliveries_come_in_pages_that_join_up_and_filter_by_state() {
 #[test]
 fn periodic_queries_read_no_whole_deliveries_table() {
     let dir = tempfile::tempdir().unwrap();
-    let url = common::test_database()
-        .unwrap_or_else(|| DatabaseUrl::Sqlite(dir.path().join("console.db")));
-    let opening = url.clone();
-    // The PostgreSQL client runs its own runtime: a thread of its own.
-    let open = move || {
-        let u = opening.clone();
-        std::thread::spawn(move || u.open().unwrap())
-            .join()
-            .unwrap()
-    };
+    let url = common::reopenable_database(dir.path());
+    let open = || common::open_store(&url);
     drop(open());
     let numbers = |n: u32| {
         format!("WITH RECURSIVE n(i) AS (SELECT 0 UNION ALL SELECT i + 1 FROM n WHERE i < {n})")
@@ -914,15 +906,8 @@ fn periodic_queries_read_no_whole_deliveries_table() {
 fn the_migration_to_kept_counts_counts_existing_calls() {
     use CallState::*;
     let dir = tempfile::tempdir().unwrap();
-    let url = common::test_database()
-        .unwrap_or_else(|| DatabaseUrl::Sqlite(dir.path().join("console.db")));
-    let opening = url.clone();
-    let open = move || {
-        let u = opening.clone();
-        std::thread::spawn(move || u.open().unwrap())
-            .join()
-            .unwrap()
-    };
+    let url = common::reopenable_database(dir.path());
+    let open = || common::open_store(&url);
     let s = open();
     s.create_enrollment_token(token(1, None, None)).unwrap();
     for id in ["a", "b", "c"] {

@@ -159,11 +159,24 @@ pub fn new_agent(id: &str) -> NewAgent {
 /// A fresh store: on PostgreSQL when [`POSTGRES_VAR`] is set, else SQLite in memory.
 pub fn store() -> SqlStore {
     match test_database() {
-        Some(url) => std::thread::spawn(move || url.open().unwrap())
-            .join()
-            .unwrap(),
+        Some(url) => open_store(&url),
         None => SqlStore::open_in_memory().unwrap(),
     }
+}
+
+/// A fresh database that can be opened again (after changes behind the store's back): on
+/// PostgreSQL when [`POSTGRES_VAR`] is set, else a SQLite file in `dir`.
+pub fn reopenable_database(dir: &std::path::Path) -> DatabaseUrl {
+    test_database().unwrap_or_else(|| DatabaseUrl::Sqlite(dir.join("console.db")))
+}
+
+/// Opens `url` (migrating it) on a thread of its own: the PostgreSQL client runs its own
+/// runtime, which may not start on a test runtime's thread.
+pub fn open_store(url: &DatabaseUrl) -> SqlStore {
+    let url = url.clone();
+    std::thread::spawn(move || url.open().unwrap())
+        .join()
+        .unwrap()
 }
 
 pub async fn start_with(f: impl FnOnce(&mut ConsoleConfig)) -> Api {
