@@ -166,7 +166,7 @@ pub fn store() -> SqlStore {
 
 /// A fresh database that can be opened again (after changes behind the store's back): on
 /// PostgreSQL when [`POSTGRES_VAR`] is set, else a SQLite file in `dir`.
-pub fn reopenable_database(dir: &std::path::Path) -> DatabaseUrl {
+pub fn reopenable_database(dir: &Path) -> DatabaseUrl {
     test_database().unwrap_or_else(|| DatabaseUrl::Sqlite(dir.join("console.db")))
 }
 
