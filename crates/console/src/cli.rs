@@ -222,6 +222,11 @@ pub struct ConsoleArgs {
     /// `GET /api/v1/tenant-file` to the broker (see docs/console.md).
     #[arg(long, env = "BECKON_CONSOLE_TENANT_FILE", value_name = "FILE")]
     pub broker_tenant_file: Option<PathBuf>,
+    /// Leave removed agents' credentials out of --broker-tenant-file: the broker follows the
+    /// console's revocation feed instead (`[[revocation_feed]]`, see docs/tenants.md), which
+    /// has no size limit.
+    #[arg(long, env = "BECKON_CONSOLE_TENANT_FILE_WITHOUT_REVOCATIONS")]
+    pub tenant_file_without_revocations: bool,
     /// Validity of the agent certificates the console issues, in seconds (agents renew
     /// when a third is left). Short values are for tests.
     #[arg(long, value_name = "SECS", default_value_t = 365 * 24 * 3600,
@@ -365,6 +370,7 @@ impl ConsoleArgs {
         c.default_broker_endpoints = self.agent_broker_endpoints.clone();
         c.agent_broker_system_roots = self.agent_broker_system_roots;
         c.broker_tenant_file.clone_from(&self.broker_tenant_file);
+        c.tenant_file_revocations = !self.tenant_file_without_revocations;
         c.agent_certificate_validity = Duration::from_secs(self.agent_cert_validity_secs);
         c.oidc = self.oidc.to_config()?;
         Ok(c)

@@ -169,6 +169,10 @@ pub struct ConsoleConfig {
     /// written at start and whenever an agent is removed, so that the broker refuses removed
     /// agents. `None`: the operator copies it (`GET /api/v1/tenant-file`).
     pub broker_tenant_file: Option<PathBuf>,
+    /// Whether that tenant file lists the removed agents' credentials (`[[revoked]]`). Off
+    /// when the broker follows the revocation feed instead (`GET /api/v1/revocations`), which
+    /// has no size limit: the file then holds the CA and the token key only.
+    pub tenant_file_revocations: bool,
     /// Validity of agent certificates (enrollment and renewal).
     pub agent_certificate_validity: Duration,
     /// The broker starts after the console (`beckon up`, where the broker needs the
@@ -207,6 +211,7 @@ impl ConsoleConfig {
             session_idle_timeout: Duration::from_secs(30 * 60),
             admin_user: "admin".into(),
             broker_tenant_file: None,
+            tenant_file_revocations: true,
             agent_certificate_validity: Duration::from_secs(365 * 24 * 3600),
             broker_starts_later: false,
             wol_relay_loopback: false,

@@ -41,6 +41,11 @@ pub fn render(state: &AppState, revoked: &[RevokedAgent]) -> String {
     text
 }
 
+/// The tenant file without revocations, for brokers that follow the revocation feed.
+pub fn without_revocations(state: &AppState) -> String {
+    render(state, &[])
+}
+
 /// The tenant file as it should be now, with the revocations from the store.
 pub async fn current(state: &AppState) -> Result<String, StoreError> {
     let now = crate::model::now_ms();
@@ -73,7 +78,11 @@ pub async fn publish(state: &AppState) -> Result<bool, TenantFileWriteError> {
     // One writer at a time: two removals at once must not interleave their files.
     static WRITING: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
     let _writing = WRITING.lock().await;
-    let text = current(state).await?;
+    let text = if state.config.tenant_file_revocations {
+        current(state).await?
+    } else {
+        without_revocations(state)
+    };
     tokio::task::spawn_blocking(move || write_if_changed(&path, &text))
         .await
         .map_err(|e| TenantFileWriteError::Write {

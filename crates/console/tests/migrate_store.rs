@@ -213,17 +213,27 @@ fn a_store_moves_whole_into_an_empty_database_and_not_into_a_used_one() {
     let mut handled: Vec<String> = report
         .iter()
         .map(|(t, _)| (*t).to_owned())
-        .chain(["auth_failures", "console_leases"].map(String::from))
+        .chain(["auth_failures", "console_leases", "revocation_seq"].map(String::from))
         .collect();
     handled.sort();
     assert_eq!(schema, handled);
     assert_eq!(count("agents"), 3);
     assert_eq!(count("deliveries"), 3);
     assert_eq!(count("agent_certificates"), 4);
+    assert_eq!(count("revocation_feed"), 1, "pc-3's removal");
     assert_eq!(count("audit_log"), 2);
 
     let target = to.open().unwrap();
     assert_eq!(snapshot(&target, &call), before);
+    // Brokers keep their feed cursors: the copied entry keeps its cursor, the next removal
+    // comes after it.
+    let feed = target.revocation_feed(0, 10, NOW).unwrap();
+    assert_eq!(feed.changes.len(), 1);
+    assert_eq!(feed.changes[0].id, "pc-3");
+    target.revoke_agent("pc-2", NOW + 60).unwrap();
+    let next = target.revocation_feed(feed.next, 10, NOW).unwrap();
+    assert_eq!(next.changes.len(), 1);
+    assert!(next.changes[0].cursor > feed.next);
     assert!(
         target
             .recent_auth_failures(FailureKind::LoginUser, "admin", 0, 10)
@@ -251,7 +261,8 @@ fn a_store_moves_whole_into_an_empty_database_and_not_into_a_used_one() {
     assert_eq!(target.audit_log(10).unwrap().len(), 3);
     assert_eq!(
         target.list_agents(&AgentFilter::default()).unwrap().len(),
-        2
+        1,
+        "pc-1 (pc-2 was removed after the copy)"
     );
 
     // From a file that does not exist: a clear error, no file created.

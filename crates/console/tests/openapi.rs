@@ -761,6 +761,22 @@ async fn every_route() {
     );
     c.check("delete", "/api/v1/agents/{id}", &["pc-1"], Token, None)
         .await;
+    let feed = c
+        .check(
+            "get",
+            "/api/v1/revocations",
+            &[],
+            Token,
+            Some(json!({"after": 0, "limit": 10})),
+        )
+        .await;
+    let ids: Vec<&str> = feed.body["revocations"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, ["pc-2", "pc-1"], "{}", feed.body);
     c.check("delete", "/api/v1/groups/{name}", &["spare"], Token, None)
         .await;
 

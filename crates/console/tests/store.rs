@@ -913,6 +913,10 @@ fn the_migration_to_kept_counts_counts_existing_calls() {
     for id in ["a", "b", "c"] {
         s.enroll_agent(&[1; 32], agent(id), 10).unwrap();
     }
+    // Removed before the revocation feed existed: its migration lists it.
+    s.enroll_agent(&[1; 32], agent_with_certificate("d", "0d", 1_000_000), 10)
+        .unwrap();
+    s.revoke_agent("d", 50).unwrap();
     s.create_call(new_call("c1", CallTarget::All, 100_000), 100, &mut ids())
         .unwrap();
     let w = wakeup_of(&s, "c1", "a");
@@ -921,14 +925,15 @@ fn the_migration_to_kept_counts_counts_existing_calls() {
     s.advance_delivery(advance("b", &w, Sent, 200)).unwrap();
     drop(s);
 
+    // Back to the schema before the kept counts (SQLite version 8, PostgreSQL 6), with the
+    // later migrations undone too.
     let previous = match &url {
-        DatabaseUrl::Sqlite(_) => format!("PRAGMA user_version = {}", SCHEMA_VERSION - 1),
-        DatabaseUrl::Postgres(_) => format!(
-            "UPDATE schema_version SET version = {}",
-            POSTGRES_SCHEMA_VERSION - 1
-        ),
+        DatabaseUrl::Sqlite(_) => "PRAGMA user_version = 7".to_owned(),
+        DatabaseUrl::Postgres(_) => "UPDATE schema_version SET version = 5".to_owned(),
     };
     for statement in [
+        "DROP TABLE revocation_feed",
+        "DROP TABLE revocation_seq",
         "DROP INDEX calls_open",
         "DROP INDEX deliveries_call_agent",
         "DROP INDEX deliveries_call_state_agent",
@@ -962,4 +967,147 @@ fn the_migration_to_kept_counts_counts_existing_calls() {
         s.expire_due(100_000).unwrap().len() == 2,
         "the open call is swept"
     );
+    let feed = s.revocation_feed(0, 10, 100).unwrap();
+    assert_eq!(feed_ids(&feed), ["d"]);
+    s.revoke_agent("c", 300).unwrap();
+    let next = s.revocation_feed(feed.next, 10, 100).unwrap();
+    assert_eq!(
+        feed_ids(&next),
+        ["c"],
+        "the counter continues after the migrated entries"
+    );
+}
+
+/// `agent(id)` with a certificate of serial `serial` valid until `not_after`.
+fn agent_with_certificate(id: &str, serial: &str, not_after: Millis) -> NewAgent {
+    NewAgent {
+        certificate: Some(CertificateRecord {
+            serial: serial.into(),
+            issued_at: 0,
+            not_after,
+        }),
+        ..agent(id)
+    }
+}
+
+/// The ids of a feed page, in order.
+fn feed_ids(page: &RevocationPage) -> Vec<&str> {
+    page.changes.iter().map(|c| c.id.as_str()).collect()
+}
+
+#[test]
+fn the_revocation_feed_lists_removals_in_order_and_moves_changed_ids_to_the_end() {
+    let s = common::store();
+    s.create_enrollment_token(token(1, None, None)).unwrap();
+    let day = 86_400_000;
+    s.enroll_agent(&[1; 32], agent_with_certificate("a1", "0a", 10 * day), 10)
+        .unwrap();
+    s.enroll_agent(&[1; 32], agent_with_certificate("a2", "0b", 10 * day), 10)
+        .unwrap();
+    // Enrolled before certificates were recorded.
+    s.enroll_agent(&[1; 32], agent("old"), 10).unwrap();
+    let empty = s.revocation_feed(0, 10, 100).unwrap();
+    assert_eq!((empty.changes.len(), empty.next, empty.more), (0, 0, false));
+
+    s.revoke_agent("a2", 2_000).unwrap();
+    s.revoke_agent("a1", 3_500).unwrap();
+    s.revoke_agent("old", 4_000).unwrap();
+    let page = s.revocation_feed(0, 10, 100).unwrap();
+    assert_eq!(feed_ids(&page), ["a2", "a1", "old"]);
+    assert!(!page.more);
+    assert_eq!(page.next, page.changes[2].cursor);
+    assert_eq!(
+        page.changes[0].revoked,
+        Some(RevokedCredentials {
+            certificates: Some(vec![("0b".into(), 10 * day)]),
+            revoked_at: Some(2_000),
+        })
+    );
+    assert_eq!(
+        page.changes[2].revoked,
+        Some(RevokedCredentials {
+            certificates: None,
+            revoked_at: None,
+        }),
+        "an agent without a recorded certificate is revoked whole"
+    );
+
+    // One at a time: the pages join up, `more` says whether to ask again.
+    let first = s.revocation_feed(0, 1, 100).unwrap();
+    assert_eq!((feed_ids(&first), first.more), (vec!["a2"], true));
+    let second = s.revocation_feed(first.next, 2, 100).unwrap();
+    assert_eq!((feed_ids(&second), second.more), (vec!["a1", "old"], false));
+    let after = s.revocation_feed(second.next, 10, 100).unwrap();
+    assert_eq!((after.changes.len(), after.next), (0, second.next));
+
+    // Enrolled again: both ids move to the end. a2's old certificate stays revoked; "old"
+    // is not revoked any more.
+    s.enroll_agent(
+        &[1; 32],
+        agent_with_certificate("a2", "0c", 10 * day),
+        5_000,
+    )
+    .unwrap();
+    s.enroll_agent(
+        &[1; 32],
+        agent_with_certificate("old", "0d", 10 * day),
+        5_000,
+    )
+    .unwrap();
+    let moved = s.revocation_feed(second.next, 10, 100).unwrap();
+    assert_eq!(feed_ids(&moved), ["a2", "old"]);
+    assert_eq!(
+        moved.changes[0].revoked.as_ref().unwrap().certificates,
+        Some(vec![("0b".into(), 10 * day)])
+    );
+    assert_eq!(moved.changes[1].revoked, None);
+    assert_eq!(
+        feed_ids(&s.revocation_feed(0, 10, 100).unwrap()),
+        ["a1", "a2", "old"],
+        "a reader from the start sees each id once, at its last change"
+    );
+
+    // Certificates past their end are not listed: nothing of a1 is refused any more.
+    let later = s.revocation_feed(0, 10, 11 * day).unwrap();
+    assert!(
+        later.changes.iter().all(|c| c.revoked.is_none()),
+        "{later:?}"
+    );
+}
+
+#[test]
+fn the_revocation_feed_comes_in_pages_without_gaps_or_repeats() {
+    let s = common::store();
+    s.create_enrollment_token(token(1, None, None)).unwrap();
+    let n = 250;
+    for i in 0..n {
+        let id = format!("pc-{i:03}");
+        s.enroll_agent(
+            &[1; 32],
+            agent_with_certificate(&id, &format!("{i:04x}"), 1_000_000),
+            10,
+        )
+        .unwrap();
+    }
+    // Removed in an order unlike the ids'.
+    let mut order: Vec<usize> = (0..n).map(|i| (i * 7) % n).collect();
+    order.dedup();
+    for (k, i) in order.iter().enumerate() {
+        s.revoke_agent(&format!("pc-{i:03}"), 100 + k as i64)
+            .unwrap();
+    }
+    let (mut seen, mut cursor, mut pages) = (Vec::new(), 0, 0);
+    loop {
+        let page = s.revocation_feed(cursor, 100, 50).unwrap();
+        assert!(page.changes.iter().all(|c| c.cursor > cursor));
+        seen.extend(page.changes.iter().map(|c| c.id.clone()));
+        cursor = page.next;
+        pages += 1;
+        if !page.more {
+            break;
+        }
+    }
+    let want: Vec<String> = order.iter().map(|i| format!("pc-{i:03}")).collect();
+    assert_eq!(seen, want, "every removal once, in the order of removal");
+    assert_eq!(pages, 3);
 }

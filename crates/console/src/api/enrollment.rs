@@ -1,5 +1,5 @@
-//! Enrollment: enrollment tokens, enrolling an agent, check-in, certificate renewal and
-//! the tenant file for the broker.
+//! Enrollment: enrollment tokens, enrolling an agent, check-in, certificate renewal, and
+//! what the broker reads: the tenant file and the revocation feed.
 
 use axum::Json;
 use axum::extract::{Path, State};
@@ -435,9 +435,25 @@ pub(super) async fn renew_certificate(
     }))
 }
 
+/// The query of the tenant file.
+#[derive(Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub(super) struct TenantFileQuery {
+    /// `false`: without the `[[revoked]]` entries, for a broker that follows the revocation
+    /// feed. Default `true`.
+    revoked: Option<bool>,
+}
+
 /// The broker's tenant file for this tenant, with the revocations in force (TOML).
-pub(super) async fn get_tenant_file(a: Viewer) -> ApiResult<Response> {
-    let text = crate::tenant_file::current(&a.st).await?;
+pub(super) async fn get_tenant_file(
+    a: Viewer,
+    Query(q): Query<TenantFileQuery>,
+) -> ApiResult<Response> {
+    let text = if q.revoked.unwrap_or(true) {
+        crate::tenant_file::current(&a.st).await?
+    } else {
+        crate::tenant_file::without_revocations(&a.st)
+    };
     Ok((
         [(
             axum::http::header::CONTENT_TYPE,
@@ -446,6 +462,113 @@ pub(super) async fn get_tenant_file(a: Viewer) -> ApiResult<Response> {
         text,
     )
         .into_response())
+}
+
+/// Most entries one page of the revocation feed holds.
+pub const MAX_REVOCATIONS_PAGE: u32 = 10_000;
+
+/// The query of the revocation feed.
+#[derive(Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RevocationsQuery {
+    /// The `next` of the previous page; absent or 0: from the beginning.
+    after: Option<u64>,
+    /// How many entries: 1 to 10000; absent: 10000.
+    limit: Option<u32>,
+}
+
+/// A page of the revocation feed.
+#[derive(Serialize, JsonSchema)]
+pub(super) struct RevocationsPage {
+    /// The entries after `after`, in cursor order. An entry replaces whatever an earlier
+    /// one said of the same role and id.
+    revocations: Vec<RevocationEntry>,
+    /// The `after` of the next request: the last entry's cursor, or `after` itself.
+    next: u64,
+    /// Whether more entries follow now (ask again at once with `next`).
+    more: bool,
+}
+
+/// The revoked credentials of one identity, as they are now.
+#[derive(Serialize, JsonSchema)]
+pub(super) struct RevocationEntry {
+    /// Feed position of this identity's last change.
+    cursor: u64,
+    /// Always `agent`: the console revokes agents.
+    role: &'static str,
+    /// The identity's id.
+    id: String,
+    /// `false`: nothing of the identity is refused any more; forget what earlier entries said.
+    revoked: bool,
+    /// The revoked certificates that are still valid; `null`: every certificate of the id
+    /// (an agent removed before the console recorded certificates).
+    certificates: Option<Vec<RevokedCertificate>>,
+    /// Tokens whose `iat` is at or before this time (unix seconds) are refused; `null` with
+    /// `revoked`: every token of the id.
+    tokens_issued_until: Option<i64>,
+}
+
+/// A revoked certificate.
+#[derive(Serialize, JsonSchema)]
+pub(super) struct RevokedCertificate {
+    /// Serial number, lowercase hex without separators.
+    serial: String,
+    /// End of its validity, unix seconds: after it the broker refuses it anyway.
+    not_after: i64,
+}
+
+/// The revocation feed: the revoked credentials of removed agents after a cursor, for
+/// brokers that poll it (docs/tenants.md, "Revocation feed").
+pub(super) async fn revocations(
+    a: Viewer,
+    Query(q): Query<RevocationsQuery>,
+) -> ApiResult<Json<RevocationsPage>> {
+    let limit = q.limit.unwrap_or(MAX_REVOCATIONS_PAGE);
+    if !(1..=MAX_REVOCATIONS_PAGE).contains(&limit) {
+        return Err(ApiError::bad_request(format!(
+            "limit must be 1 to {MAX_REVOCATIONS_PAGE}"
+        )));
+    }
+    let after = q.after.unwrap_or(0);
+    let now = now_ms();
+    let page =
+        a.st.store
+            .run(move |s| s.revocation_feed(after, limit, now))
+            .await?;
+    let revocations = page
+        .changes
+        .into_iter()
+        .map(|c| {
+            let (revoked, certificates, tokens_issued_until) = match c.revoked {
+                None => (false, Some(Vec::new()), None),
+                Some(r) => (
+                    true,
+                    r.certificates.map(|list| {
+                        list.into_iter()
+                            .map(|(serial, not_after)| RevokedCertificate {
+                                serial,
+                                not_after: not_after.div_euclid(1000),
+                            })
+                            .collect()
+                    }),
+                    r.revoked_at.map(|at| at.div_euclid(1000)),
+                ),
+            };
+            RevocationEntry {
+                cursor: c.cursor,
+                role: "agent",
+                id: c.id,
+                revoked,
+                certificates,
+                tokens_issued_until,
+            }
+        })
+        .collect();
+    Ok(Json(RevocationsPage {
+        revocations,
+        next: page.next,
+        more: page.more,
+    }))
 }
 
 /// The check-in body: the agent runtime's fields, plus an optional fresh inventory.

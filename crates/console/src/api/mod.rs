@@ -466,6 +466,7 @@ pub fn routes() -> Vec<(
         route!("/api/v1/agents/{id}/checkin", post(checkin)),
         route!("/api/v1/agents/{id}/certificate", post(renew_certificate)),
         route!("/api/v1/tenant-file", get(get_tenant_file)),
+        route!("/api/v1/revocations", get(revocations)),
         route!(
             "/api/v1/enrollment-tokens",
             get(list_enrollment_tokens),

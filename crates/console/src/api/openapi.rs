@@ -242,12 +242,21 @@ fn operations() -> Vec<Operation> {
             "get",
             "/api/v1/tenant-file",
             VIEWER,
-            "The broker's tenant file for this tenant (TOML): CA, token key and the revoked credentials of removed agents",
+            "The broker's tenant file for this tenant (TOML): CA, token key and the revoked credentials of removed agents (revoked=false: without them, for brokers that follow the revocation feed)",
         )
+        .query::<TenantFileQuery>()
         .answers(Answer::Text(
             "application/toml",
             "the tenant file, as the broker reads it",
         )),
+        op(
+            "get",
+            "/api/v1/revocations",
+            VIEWER,
+            "The revocation feed brokers poll: the revoked credentials of removed agents after a cursor, in cursor order (each entry replaces earlier ones of its id)",
+        )
+        .query::<RevocationsQuery>()
+        .ok::<RevocationsPage>(),
         op(
             "get",
             "/api/v1/enrollment-tokens",

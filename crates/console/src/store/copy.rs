@@ -1,8 +1,10 @@
 //! `beckon console migrate-store`: copies a whole store (agents, certificates, calls with
 //! their deliveries, users, sessions, API and enrollment tokens, settings, the audit log and
-//! Wake-on-LAN sends) from one database into another, e.g. from SQLite to PostgreSQL. Left
-//! behind, as they only matter while consoles run: the consoles' dispatch leases and the
-//! failed logins and enrollments the throttles count (the last five minutes').
+//! Wake-on-LAN sends, the revocation feed) from one database into another, e.g. from SQLite
+//! to PostgreSQL. Left behind, as they only matter while consoles run: the consoles'
+//! dispatch leases and the failed logins and enrollments the throttles count (the last five
+//! minutes'). The revocation feed's counter is not copied but continued after the copied
+//! entries.
 //!
 //! Both stores are opened (and so migrated to this build's schema) first; the target must
 //! be empty. Rows are read from the source in one transaction and written to the target in
@@ -35,12 +37,15 @@ pub fn copy_store(from: &SqlStore, to: &SqlStore) -> StoreResult<CopyReport> {
                 )));
             }
         }
-        from.write(|source| {
+        let report = from.write(|source| {
             tables()
                 .into_iter()
                 .map(|table| Ok((table.name, copy_table(source, target, table)?)))
                 .collect()
-        })
+        })?;
+        // Brokers following the revocation feed keep their cursors across the move.
+        sql::continue_revocation_feed(target)?;
+        Ok(report)
     })
 }
 

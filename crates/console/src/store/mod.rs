@@ -228,6 +228,41 @@ pub struct RevokedAgent {
     pub revoked_at: Option<Millis>,
 }
 
+/// One entry of the revocation feed: the revoked credentials of one agent id as they are
+/// now, replacing whatever an earlier entry said of that id.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RevocationChange {
+    /// Feed position of the id's last change; entries are read in this order.
+    pub cursor: u64,
+    /// The agent id.
+    pub id: String,
+    /// Its revoked credentials; `None`: nothing of the id is refused any more (an agent
+    /// removed before certificates were recorded that enrolled again, or whose revoked
+    /// certificates have all expired).
+    pub revoked: Option<RevokedCredentials>,
+}
+
+/// What a revocation refuses of one id.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RevokedCredentials {
+    /// The revoked certificates still valid, by serial (canonical hex) with their end of
+    /// validity; `None`: every certificate of the id.
+    pub certificates: Option<Vec<(String, Millis)>>,
+    /// Tokens issued until then are refused; `None`: every token.
+    pub revoked_at: Option<Millis>,
+}
+
+/// A page of the revocation feed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RevocationPage {
+    /// The entries after the asked cursor, in cursor order.
+    pub changes: Vec<RevocationChange>,
+    /// The cursor to ask from next: the last entry's, or the asked one when there is none.
+    pub next: u64,
+    /// Whether more entries follow.
+    pub more: bool,
+}
+
 /// What a check-in recorded.
 #[derive(Debug, Clone)]
 pub struct Checkin {
@@ -438,6 +473,12 @@ pub trait AgentStore {
     /// The revoked agents' credentials for the broker's tenant file: certificates revoked and
     /// not yet expired at `now`, and agents revoked without a recorded certificate.
     fn revocations(&self, now: Millis) -> StoreResult<Vec<RevokedAgent>>;
+
+    /// The revocation feed after `after`: at most `limit` entries in cursor order, their
+    /// certificates as valid at `now`. Every change of an id's revoked credentials (a
+    /// removal, a removed id enrolling again) moves the id to a new cursor, higher than any
+    /// committed before, so that a reader following `next` misses none.
+    fn revocation_feed(&self, after: u64, limit: u32, now: Millis) -> StoreResult<RevocationPage>;
 
     /// Records a certificate issued to an enrolled, not revoked agent (renewal).
     fn record_certificate(&self, id: &str, certificate: &CertificateRecord) -> StoreResult<()>;

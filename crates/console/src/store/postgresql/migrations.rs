@@ -213,6 +213,25 @@ UPDATE calls SET
     n_failed = (SELECT COUNT(*) FROM deliveries d WHERE d.call_id = calls.id AND d.state = 'failed');
 CREATE INDEX calls_open ON calls(expires_at) WHERE n_queued + n_sent > 0;
 "#,
+    r#"
+-- Version 7 (SQLite's 9): the revocation feed brokers poll (GET /api/v1/revocations). One row per
+-- agent id whose revoked credentials changed, with the feed position of its last change;
+-- the credentials themselves are read from agents and agent_certificates. seq comes from
+-- the single row of revocation_seq, updated in the transaction that revokes: its row lock
+-- orders the transactions of every console, so commit order is seq order and a reader
+-- never skips an entry committed later with a smaller seq.
+CREATE TABLE revocation_feed (
+    agent_id TEXT COLLATE "C" PRIMARY KEY,
+    seq BIGINT NOT NULL UNIQUE
+);
+CREATE TABLE revocation_seq (last_seq BIGINT NOT NULL);
+INSERT INTO revocation_feed (agent_id, seq)
+    SELECT id, ROW_NUMBER() OVER (ORDER BY id) FROM (
+        SELECT id FROM agents WHERE revoked = 1
+        UNION SELECT agent_id FROM agent_certificates WHERE revoked_at IS NOT NULL
+    ) r;
+INSERT INTO revocation_seq (last_seq) SELECT COUNT(*) FROM revocation_feed;
+"#,
 ];
 
 /// Any number fixed for this schema: the advisory lock that lets one console migrate while

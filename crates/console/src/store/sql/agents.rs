@@ -31,7 +31,45 @@ pub(in crate::store) const AGENT_TABLES: &[&Table] = &[
         columns: "serial, agent_id, issued_at, not_after, revoked_at",
         identity: None,
     },
+    &Table {
+        name: "revocation_feed",
+        key: "agent_id",
+        columns: "agent_id, seq",
+        identity: None,
+    },
 ];
+
+/// Continues the revocation feed's counter after the entries `migrate-store` copied
+/// (`revocation_seq` is not copied: its one row exists in every migrated database).
+pub(in crate::store) fn continue_revocation_feed(conn: &mut dyn Conn) -> StoreResult<()> {
+    exec(
+        conn,
+        "UPDATE revocation_seq SET last_seq = (SELECT COALESCE(MAX(seq), 0) FROM revocation_feed)",
+        params![],
+        "continuing the revocation feed's numbering",
+    )?;
+    Ok(())
+}
+
+/// Moves `agent` to the end of the revocation feed, after a change of its revoked
+/// credentials. The counter row's update locks it until the transaction ends, so that
+/// consoles sharing a database commit their feed entries in cursor order.
+fn feed_revocation_change(conn: &mut dyn Conn, agent: &str) -> StoreResult<()> {
+    exec(
+        conn,
+        "UPDATE revocation_seq SET last_seq = last_seq + 1",
+        params![],
+        "advancing the revocation feed",
+    )?;
+    // `WHERE true`: SQLite needs it to read ON CONFLICT after INSERT ... SELECT.
+    exec(
+        conn,
+        "INSERT INTO revocation_feed (agent_id, seq) SELECT ?1, last_seq FROM revocation_seq WHERE true ON CONFLICT (agent_id) DO UPDATE SET seq = excluded.seq",
+        params![agent],
+        "recording a revocation feed entry",
+    )?;
+    Ok(())
+}
 
 pub(super) fn insert_certificate(
     conn: &mut dyn Conn,
@@ -233,6 +271,9 @@ impl AgentStore for SqlStore {
                         params![&agent.id],
                         "replacing a revoked agent",
                     )?;
+                    // An agent removed before certificates were recorded was revoked whole;
+                    // enrolled again, it is not any more: brokers must learn that.
+                    feed_revocation_change(tx, &agent.id)?;
                 }
                 None => {}
             }
@@ -390,6 +431,7 @@ impl AgentStore for SqlStore {
                 params![id, now],
                 "revoking an agent's certificates",
             )?;
+            feed_revocation_change(tx, id)?;
             // Each unfinished delivery on its own, so that its call's counts follow.
             let unfinished: Vec<(String, String, String)> = query_all(
                 tx,
@@ -459,6 +501,81 @@ impl AgentStore for SqlStore {
                 );
             }
             Ok(out.into_values().collect())
+        })
+    }
+
+    fn revocation_feed(&self, after: u64, limit: u32, now: Millis) -> StoreResult<RevocationPage> {
+        self.read(|conn| {
+            type FeedRow = (
+                u64,
+                String,
+                Option<bool>,
+                bool,
+                Option<String>,
+                Option<Millis>,
+                Option<Millis>,
+            );
+            // One more entry than asked: whether more follow. Certificates past their end
+            // need no listing, as in the tenant file.
+            let rows: Vec<FeedRow> = query_all(
+                conn,
+                "SELECT f.seq, f.agent_id, a.revoked, EXISTS (SELECT 1 FROM agent_certificates x WHERE x.agent_id = f.agent_id), c.serial, c.not_after, c.revoked_at \
+                 FROM (SELECT seq, agent_id FROM revocation_feed WHERE seq > ?1 ORDER BY seq LIMIT ?2) f \
+                 LEFT JOIN agents a ON a.id = f.agent_id \
+                 LEFT JOIN agent_certificates c ON c.agent_id = f.agent_id AND c.revoked_at IS NOT NULL AND c.not_after > ?3 \
+                 ORDER BY f.seq, c.serial",
+                params![after, u64::from(limit) + 1, now],
+                |r| {
+                    Ok((
+                        r.get(0)?,
+                        r.get(1)?,
+                        r.get(2)?,
+                        r.get(3)?,
+                        r.get(4)?,
+                        r.get(5)?,
+                        r.get(6)?,
+                    ))
+                },
+                "reading the revocation feed",
+            )?;
+            let mut changes: Vec<RevocationChange> = Vec::new();
+            for (cursor, id, revoked, has_certificates, serial, not_after, revoked_at) in rows {
+                if changes.last().is_none_or(|c| c.cursor != cursor) {
+                    // Removed before certificates were recorded: every credential of the id.
+                    let whole = revoked == Some(true) && !has_certificates;
+                    changes.push(RevocationChange {
+                        cursor,
+                        id,
+                        revoked: whole.then_some(RevokedCredentials {
+                            certificates: None,
+                            revoked_at: None,
+                        }),
+                    });
+                }
+                let (Some(serial), Some(not_after), Some(at)) = (serial, not_after, revoked_at)
+                else {
+                    continue;
+                };
+                let Some(change) = changes.last_mut() else {
+                    continue;
+                };
+                let entry = change.revoked.get_or_insert(RevokedCredentials {
+                    certificates: Some(Vec::new()),
+                    revoked_at: Some(at),
+                });
+                if let Some(list) = entry.certificates.as_mut() {
+                    list.push((serial, not_after));
+                }
+                entry.revoked_at = entry.revoked_at.max(Some(at));
+            }
+            let more = changes.len() > limit as usize;
+            changes.truncate(limit as usize);
+            let next = changes.last().map_or(after, |c| c.cursor);
+            Ok(RevocationPage {
+                changes,
+                next,
+                more,
+            })
         })
     }
 
