@@ -102,6 +102,48 @@ pub struct BrokerConfig {
     /// Cluster membership through NATS (`[cluster]`, see docs/cluster.md). Default: off, a
     /// single node.
     pub cluster: Option<ClusterConfig>,
+    /// The consoles' revocation feeds the broker follows (`[[revocation_feed]]`, one per
+    /// tenant, see docs/tenants.md). Default: none; revocations come from the tenant files.
+    pub revocation_feed: Vec<RevocationFeedConfig>,
+}
+
+/// `[[revocation_feed]]`: the broker polls a tenant's console for the credentials of
+/// removed agents (`GET /api/v1/revocations`), beside the tenant file's `[[revoked]]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RevocationFeedConfig {
+    /// The tenant whose revocations the console lists (a tenant file of `tenants_dir`).
+    pub tenant: String,
+    /// The console's URL, e.g. `https://console.example.com:8443`.
+    pub console: String,
+    /// A file holding an API token of the console (role viewer is enough), read at each poll.
+    pub token_file: PathBuf,
+    /// The CA certificates (PEM) that signed the console's HTTPS certificate. Default: the
+    /// system's trust store.
+    pub ca: Option<PathBuf>,
+    /// Seconds between polls when the feed has nothing more. Default 5: a removed agent is
+    /// cut off within about that long (plus the request).
+    #[serde(default = "default_feed_interval")]
+    pub poll_interval_secs: u64,
+}
+
+fn default_feed_interval() -> u64 {
+    5
+}
+
+impl RevocationFeedConfig {
+    /// The feed's URL: the console's, with `/api/v1/revocations` after its path.
+    pub fn feed_url(&self) -> Result<beckon_net::http::Url, String> {
+        let console = beckon_net::http::Url::parse(&self.console)?;
+        let base = console.path.trim_end_matches('/');
+        if base.contains('?') {
+            return Err(format!(
+                "{:?}: give the console's address without a query",
+                self.console
+            ));
+        }
+        Ok(console.with_path(&format!("{base}/api/v1/revocations")))
+    }
 }
 
 /// `[cluster]`: this broker is one node of several sharing messages, client ids and presence
@@ -393,6 +435,7 @@ impl Default for BrokerConfig {
             tls: TlsConfig::default(),
             limits: LimitsConfig::default(),
             cluster: None,
+            revocation_feed: Vec::new(),
         }
     }
 }
@@ -532,6 +575,7 @@ impl BrokerConfig {
             }
             cluster.security()?;
         }
+        self.validate_revocation_feeds()?;
         if self.listeners.mqtts.0.is_none()
             && self.listeners.mqtt.0.is_none()
             && self.listeners.fallback.0.is_none()
@@ -600,6 +644,56 @@ impl BrokerConfig {
         Ok(())
     }
 
+    fn validate_revocation_feeds(&self) -> Result<(), ConfigError> {
+        let invalid = |key, reason: String| Err(ConfigError::Invalid { key, reason });
+        if !self.revocation_feed.is_empty() && self.tenants_dir.is_none() {
+            return invalid(
+                "revocation_feed",
+                "a revocation feed belongs to a tenant: set tenants_dir too".into(),
+            );
+        }
+        let mut tenants = std::collections::BTreeSet::new();
+        for (i, feed) in self.revocation_feed.iter().enumerate() {
+            if let Err(e) = beckon_identity::TenantId::new(feed.tenant.clone()) {
+                return invalid(
+                    "revocation_feed.tenant",
+                    format!("revocation_feed[{i}]: {e}"),
+                );
+            }
+            if !tenants.insert(feed.tenant.as_str()) {
+                return invalid(
+                    "revocation_feed.tenant",
+                    format!(
+                        "revocation_feed[{i}]: tenant {:?} has a feed already; one console feed per tenant",
+                        feed.tenant
+                    ),
+                );
+            }
+            let url = feed.feed_url().map_err(|e| ConfigError::Invalid {
+                key: "revocation_feed.console",
+                reason: format!("revocation_feed[{i}]: {e}"),
+            })?;
+            if url.scheme == beckon_net::http::Scheme::Http
+                && !beckon_cluster::security::is_loopback(&feed.console)
+            {
+                return invalid(
+                    "revocation_feed.console",
+                    format!(
+                        "revocation_feed[{i}]: {} is not on this machine and not https://: the API token would cross the network in clear text",
+                        feed.console
+                    ),
+                );
+            }
+            if !(1..=3600).contains(&feed.poll_interval_secs) {
+                return invalid(
+                    "revocation_feed.poll_interval_secs",
+                    format!("revocation_feed[{i}]: must be 1 to 3600 seconds"),
+                );
+            }
+        }
+        Ok(())
+    }
+
     /// The lowest TLS version from `tls.min_version`.
     pub fn min_tls_version(&self) -> Option<beckon_pki::TlsVersion> {
         match self.tls.min_version.trim() {
@@ -654,6 +748,54 @@ mod tests {
         assert_eq!(c.data_dir, PathBuf::from("./beckon-data"));
         assert!(!c.allow_anonymous);
         c.validate().expect("defaults are valid");
+    }
+
+    #[test]
+    fn a_revocation_feed_is_read_and_checked() {
+        let feed = |extra: &str, console: &str| {
+            BrokerConfig::from_toml(&format!(
+                "tenants_dir = \"tenants\"\n[[revocation_feed]]\ntenant = \"acme\"\nconsole = \"{console}\"\ntoken_file = \"token\"\n{extra}"
+            ))
+            .expect("parses")
+        };
+        let c = feed("", "https://console.example.com:8080/");
+        c.validate().expect("valid");
+        let f = &c.revocation_feed[0];
+        assert_eq!(f.poll_interval_secs, 5);
+        assert_eq!(
+            f.feed_url().expect("url").to_string(),
+            "https://console.example.com:8080/api/v1/revocations"
+        );
+        feed("", "http://127.0.0.1:8080")
+            .validate()
+            .expect("loopback may be plain");
+        for (c, want) in [
+            (feed("", "http://console.example.com"), "clear text"),
+            (feed("", "ftp://console"), "http"),
+            (feed("poll_interval_secs = 0", "https://c"), "1 to 3600"),
+            (
+                feed(
+                    "[[revocation_feed]]\ntenant = \"acme\"\nconsole = \"https://c\"\ntoken_file = \"t\"",
+                    "https://c",
+                ),
+                "one console feed per tenant",
+            ),
+            (
+                BrokerConfig {
+                    tenants_dir: None,
+                    ..feed("", "https://c")
+                },
+                "tenants_dir",
+            ),
+        ] {
+            let e = c.validate().expect_err(want).to_string();
+            assert!(e.contains(want), "{e}");
+        }
+        assert!(
+            BrokerConfig::from_toml("[[revocation_feed]]\ntenant = \"a\"\nconsole = \"https://c\"\ntoken_file = \"t\"\ntoken = \"x\"")
+                .is_err(),
+            "unknown keys are errors"
+        );
     }
 
     #[test]

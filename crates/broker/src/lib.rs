@@ -19,6 +19,7 @@ mod os;
 mod outbox;
 mod proxy_protocol;
 mod ratelimit;
+mod revocation_feed;
 mod server;
 mod shared_port;
 mod tenancy;

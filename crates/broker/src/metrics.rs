@@ -32,6 +32,11 @@ struct AccessLabels {
     access: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TenantLabels {
+    tenant: String,
+}
+
 /// The limit, named by its key in `[limits]`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct LimitLabels {
@@ -58,6 +63,9 @@ pub(crate) struct Metrics {
     inflight: Gauge,
     open_fds: Gauge,
     fd_limit: Gauge,
+    feed_revocations: Family<TenantLabels, Gauge>,
+    feed_failures: Family<TenantLabels, Counter>,
+    feed_last_read: Family<TenantLabels, Gauge>,
     /// Last core counters seen, to turn them into increments.
     last_in: AtomicU64,
     last_out: AtomicU64,
@@ -108,6 +116,9 @@ impl Metrics {
             inflight: Gauge::default(),
             open_fds: Gauge::default(),
             fd_limit: Gauge::default(),
+            feed_revocations: Family::default(),
+            feed_failures: Family::default(),
+            feed_last_read: Family::default(),
             last_in: AtomicU64::new(0),
             last_out: AtomicU64::new(0),
             last_dropped: AtomicU64::new(0),
@@ -204,7 +215,45 @@ impl Metrics {
             "Soft limit of open file descriptors",
             m.fd_limit.clone(),
         );
+        registry.register(
+            "revocation_feed_revocations",
+            "Identities the console's revocation feed refuses something of, by tenant",
+            m.feed_revocations.clone(),
+        );
+        registry.register(
+            "revocation_feed_failures",
+            "Polls of the console's revocation feed that failed (the known revocations stay), by tenant",
+            m.feed_failures.clone(),
+        );
+        registry.register(
+            "revocation_feed_last_read_seconds",
+            "Unix time of the last page read from the console's revocation feed, by tenant",
+            m.feed_last_read.clone(),
+        );
         Self { registry, ..m }
+    }
+
+    /// A page of `tenant`'s revocation feed was read; the feed now refuses something of
+    /// `known` identities.
+    pub(crate) fn revocation_feed_read(&self, tenant: &str, known: usize) {
+        let labels = TenantLabels {
+            tenant: tenant.to_owned(),
+        };
+        self.feed_revocations
+            .get_or_create(&labels)
+            .set(i64::try_from(known).unwrap_or(i64::MAX));
+        self.feed_last_read
+            .get_or_create(&labels)
+            .set(crate::tenancy::unix_now());
+    }
+
+    /// A poll of `tenant`'s revocation feed failed.
+    pub(crate) fn revocation_feed_failed(&self, tenant: &str) {
+        self.feed_failures
+            .get_or_create(&TenantLabels {
+                tenant: tenant.to_owned(),
+            })
+            .inc();
     }
 
     /// A connection was established on `path` for `tenant`; the returned guard counts it

@@ -214,6 +214,8 @@ impl Server {
     /// serving. Use port 0 for ephemeral ports; [`Bound`] tells the real addresses.
     pub async fn bind(config: BrokerConfig) -> Result<(Bound, ServerHandle), ServerError> {
         config.validate()?;
+        // Before anything starts: a CA file that cannot be read stops the start.
+        let feeds = feed_sources(&config)?;
 
         let (fd_limit, max_connections) = connection_limit(&config);
         if config.allow_anonymous {
@@ -287,6 +289,19 @@ impl Server {
                 Tenancy::poll_interval(config.tenants_reload_interval_secs),
                 shutdown_rx.clone(),
             )));
+            for source in feeds {
+                let span = tracing::info_span!("revocation_feed", tenant = %source.tenant);
+                tasks.push(tokio::spawn(
+                    crate::revocation_feed::feed_loop(
+                        source,
+                        tenancy.clone(),
+                        events_tx.clone(),
+                        metrics.clone(),
+                        shutdown_rx.clone(),
+                    )
+                    .instrument(span),
+                ));
+            }
         }
         drop(events_tx);
         if let Some(tls) = &tls {
@@ -308,6 +323,49 @@ impl Server {
             },
         ))
     }
+}
+
+/// The `[[revocation_feed]]` sources, each with an HTTP client trusting its console's CA.
+fn feed_sources(
+    config: &BrokerConfig,
+) -> Result<Vec<crate::revocation_feed::FeedSource>, ConfigError> {
+    use beckon_net::http::{HttpClient, HttpSettings};
+    config
+        .revocation_feed
+        .iter()
+        .map(|feed| {
+            let invalid = |key, reason: String| ConfigError::Invalid { key, reason };
+            let url = feed
+                .feed_url()
+                .map_err(|e| invalid("revocation_feed.console", e))?;
+            let trust = match &feed.ca {
+                Some(ca) => beckon_net::TrustAnchors::CaFile(ca.clone()),
+                None => beckon_net::TrustAnchors::System,
+            };
+            let tls = (url.scheme == beckon_net::http::Scheme::Https)
+                .then(|| {
+                    beckon_net::TlsClient::new(&beckon_net::TlsSettings {
+                        trust,
+                        ..Default::default()
+                    })
+                    .map(Arc::new)
+                    .map_err(|e| invalid("revocation_feed.ca", e.to_string()))
+                })
+                .transpose()?;
+            let client = HttpClient::new(HttpSettings {
+                tls,
+                max_body: crate::revocation_feed::MAX_PAGE_BYTES,
+                ..Default::default()
+            });
+            Ok(crate::revocation_feed::FeedSource {
+                tenant: feed.tenant.clone(),
+                url,
+                token_file: feed.token_file.clone(),
+                client,
+                interval: Duration::from_secs(feed.poll_interval_secs),
+            })
+        })
+        .collect()
 }
 
 /// The file descriptor limit (raised to the hard one) and the connection limit in force:

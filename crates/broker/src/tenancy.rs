@@ -8,7 +8,7 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use arc_swap::ArcSwap;
@@ -18,6 +18,7 @@ use beckon_identity::{
 };
 
 use crate::core::ConnId;
+use crate::revocation_feed::{FeedChange, FeedRevocations};
 use beckon_mqtt::{Ack, Connect, Packet, Properties, ReasonCode, SubAck, UnsubAck};
 use rustls::pki_types::CertificateDer;
 use rustls::{RootCertStore, ServerConfig};
@@ -36,6 +37,9 @@ pub(crate) struct Tenancy {
     /// The credentials of every admitted tenant connection, by slot: a reload that revokes
     /// one of them closes its connection.
     live: Mutex<LiveCredentials>,
+    /// What the consoles' revocation feeds refuse, by tenant (`[[revocation_feed]]`), beside
+    /// the tenant files' `[[revoked]]` entries.
+    feeds: RwLock<HashMap<String, FeedRevocations>>,
 }
 
 /// What each admitted connection authenticated with.
@@ -52,6 +56,17 @@ struct LiveCredential {
     token_issued_at: Option<i64>,
     /// Set once the connection task knows its id ([`TenantSlot::attach`]).
     conn: Option<ConnId>,
+}
+
+impl LiveCredential {
+    /// The credentials the connection presented.
+    fn presented(&self) -> impl Iterator<Item = Credential<'_>> {
+        self.certificate_serial
+            .as_deref()
+            .map(Credential::Certificate)
+            .into_iter()
+            .chain(self.token_issued_at.map(Credential::Token))
+    }
 }
 
 /// What a reload of the tenant folder changed for live connections.
@@ -102,6 +117,7 @@ impl Tenancy {
             tls13_only,
             tls_cache: Mutex::new(None),
             live: Mutex::new(LiveCredentials::default()),
+            feeds: RwLock::new(HashMap::new()),
         }
     }
 
@@ -138,6 +154,71 @@ impl Tenancy {
         Reloaded { removed, revoked }
     }
 
+    /// Applies a page of `tenant`'s revocation feed; returns the live connections whose
+    /// credentials it newly revokes (each logged) and how many identities the feed now
+    /// refuses something of.
+    pub(crate) fn apply_feed(
+        &self,
+        tenant: &str,
+        changes: Vec<FeedChange>,
+        now: i64,
+    ) -> (Vec<ConnId>, usize) {
+        let Ok(mut feeds) = self.feeds.write() else {
+            return (Vec::new(), 0);
+        };
+        let feed = feeds.entry(tenant.to_owned()).or_default();
+        let revoked: std::collections::HashSet<(beckon_identity::Role, String)> =
+            feed.apply(changes).into_iter().collect();
+        let known = feed.len();
+        if revoked.is_empty() {
+            return (Vec::new(), known);
+        }
+        let Ok(live) = self.live.lock() else {
+            return (Vec::new(), known);
+        };
+        let mut closed = Vec::new();
+        for credential in live.by_slot.values() {
+            let identity = &credential.identity;
+            let Some(conn) = credential.conn else {
+                continue;
+            };
+            if identity.tenant.as_str() != tenant
+                || !revoked.contains(&(identity.role, identity.id().to_owned()))
+            {
+                continue;
+            }
+            if let Some(c) = credential
+                .presented()
+                .find(|c| feed.revokes(identity.role, identity.id(), *c, now))
+            {
+                tracing::warn!(
+                    tenant = %identity.tenant,
+                    role = %identity.role,
+                    id = identity.id(),
+                    credential = %c,
+                    "credential revoked by the console's revocation feed: closing the connection"
+                );
+                closed.push(conn);
+            }
+        }
+        (closed, known)
+    }
+
+    /// The credential of `auth` that a revocation feed refuses, if any.
+    fn refused_by_feed(&self, auth: &beckon_identity::Authenticated) -> Option<String> {
+        let feeds = self.feeds.read().ok()?;
+        let feed = feeds.get(auth.identity.tenant.as_str())?;
+        let identity = &auth.identity;
+        let now = unix_now();
+        auth.certificate_serial
+            .as_deref()
+            .map(Credential::Certificate)
+            .into_iter()
+            .chain(auth.token_issued_at.map(Credential::Token))
+            .find(|c| feed.revokes(identity.role, identity.id(), *c, now))
+            .map(|c| c.to_string())
+    }
+
     /// The live connections whose credentials `directory` revokes (each logged).
     fn revoked_connections(&self, directory: &TenantDirectory) -> Vec<ConnId> {
         let Ok(live) = self.live.lock() else {
@@ -152,13 +233,7 @@ impl Tenancy {
             let Some(tenant) = directory.get(identity.tenant.as_str()) else {
                 continue;
             };
-            let presented = credential
-                .certificate_serial
-                .as_deref()
-                .map(Credential::Certificate)
-                .into_iter()
-                .chain(credential.token_issued_at.map(Credential::Token));
-            for c in presented {
+            for c in credential.presented() {
                 if tenant.revocation(identity.role, identity.id(), c).is_some() {
                     tracing::warn!(
                         tenant = %identity.tenant,
@@ -248,6 +323,18 @@ impl Tenancy {
                 code: ReasonCode(r.reason_code()),
                 why: r.to_string(),
             })?;
+        if let Some(credential) = self.refused_by_feed(&auth) {
+            let identity = &auth.identity;
+            return Err(Refused {
+                code: ReasonCode::NOT_AUTHORIZED,
+                why: format!(
+                    "{identity} (tenant {}, {} {}) is revoked: its {credential} is listed in the console's revocation feed; enroll the agent again to give it a new identity",
+                    identity.tenant,
+                    identity.role,
+                    identity.id()
+                ),
+            });
+        }
         let tenant_key = auth.identity.tenant.as_str().to_owned();
         let Some(tenant) = directory.get(&tenant_key) else {
             return Err(Refused {
