@@ -213,3 +213,243 @@ async fn an_unwritable_tenant_file_stops_the_start_with_its_path() {
         "{text}"
     );
 }
+
+/// A broker beside the console that learns revocations only from the console's feed: its
+/// tenant file is fetched once (`GET /api/v1/tenant-file`, as for a broker on another host)
+/// and never again. Returns the broker's MQTT port, its handle, the CA of its certificate,
+/// its admin address and the API token file it reads.
+async fn feed_broker(
+    api: &common::Api,
+    dir: &std::path::Path,
+    poll_interval_secs: u64,
+) -> (
+    u16,
+    beckon_broker::ServerHandle,
+    std::path::PathBuf,
+    std::net::SocketAddr,
+    std::path::PathBuf,
+) {
+    let admin = format!("Bearer {}", api.token);
+    let (s, text) = api
+        .text(
+            "GET",
+            "/api/v1/tenant-file?revoked=false",
+            Some(&admin),
+            None,
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK);
+    assert!(!text.contains("[[revoked]]"), "{text}");
+    std::fs::create_dir_all(dir.join("tenants")).unwrap();
+    std::fs::write(dir.join("tenants").join("default.toml"), text).unwrap();
+    // The least role that reads the feed.
+    let (s, created) = api
+        .call(
+            "POST",
+            "/api/v1/api-tokens",
+            Some(json!({"name": "broker", "role": "viewer"})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{created}");
+    let token_file = dir.join("console-token");
+    std::fs::write(&token_file, created["token"].as_str().unwrap()).unwrap();
+    let admin_port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let console = api.handle.url();
+    let feed_token = token_file.clone();
+    let (bound, handle, ca) = common::tenant_broker_with(dir, 0, move |c| {
+        c.listeners.admin = beckon_broker::Listen(Some(admin_port));
+        c.revocation_feed = vec![beckon_broker::config::RevocationFeedConfig {
+            tenant: "default".into(),
+            console,
+            token_file: feed_token,
+            ca: None,
+            poll_interval_secs,
+        }];
+    })
+    .await;
+    (
+        bound.mqtts.unwrap().port(),
+        handle,
+        ca,
+        bound.admin.unwrap(),
+        token_file,
+    )
+}
+
+/// The CONNACK code the broker answers to `enrolled`'s certificate.
+async fn connack_code(
+    port: u16,
+    ca: &std::path::Path,
+    id: &str,
+    enrolled: &Value,
+    key: &rcgen::KeyPair,
+) -> u8 {
+    let mut peer = common::tls_peer(port, ca, enrolled, key).await;
+    let connect = beckon_mqtt::Connect::new(beckon_mqtt::ProtocolVersion::V5, id, 60);
+    peer.send(beckon_mqtt::Packet::Connect(Box::new(connect)))
+        .await;
+    match peer.recv().await {
+        beckon_mqtt::Packet::ConnAck(a) => a.code.0,
+        other => panic!("{other:?} instead of a CONNACK"),
+    }
+}
+
+/// The value of the broker's metric line starting with `name` (labels included).
+async fn broker_metric(admin: std::net::SocketAddr, name: &str) -> Option<f64> {
+    use beckon_net::http::{HttpClient, HttpSettings, Request, Url};
+    let url = Url::parse(&format!("http://{admin}/metrics")).unwrap();
+    let answer = HttpClient::new(HttpSettings::default())
+        .request(&url, Request::get(), std::time::Duration::from_secs(5))
+        .await
+        .ok()?;
+    let text = String::from_utf8(answer.body).ok()?;
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_following_the_feed_cuts_a_removed_agent_off_within_ten_seconds() {
+    use std::time::{Duration, Instant};
+    let dir = tempfile::tempdir().unwrap();
+    // The console's own tenant file (written elsewhere) leaves revocations to the feed.
+    let own_file = dir.path().join("console-side").join("default.toml");
+    let path = own_file.clone();
+    let api = common::start_with(move |c| {
+        c.broker_tenant_file = Some(path);
+        c.tenant_file_revocations = false;
+    })
+    .await;
+    let (port, broker, ca, _, _) = feed_broker(&api, dir.path(), 5).await;
+    let (k1, k2) = (
+        rcgen::KeyPair::generate().unwrap(),
+        rcgen::KeyPair::generate().unwrap(),
+    );
+    let pc1 = api.enroll_with_key("pc-1", json!({}), &k1).await;
+    let pc2 = api.enroll_with_key("pc-2", json!({}), &k2).await;
+    let mut c1 = common::tls_agent(port, &ca, "pc-1", &pc1, &k1).await;
+    let mut c2 = common::tls_agent(port, &ca, "pc-2", &pc2, &k2).await;
+
+    let (s, _) = api.call("DELETE", "/api/v1/agents/pc-1", None).await;
+    assert_eq!(s, StatusCode::NO_CONTENT);
+    let removed = Instant::now();
+    // The broker closes pc-1's connection (a DISCONNECT may come first).
+    let limit = Duration::from_secs(10);
+    loop {
+        let left = limit.saturating_sub(removed.elapsed());
+        match c1.recv_within(left).await {
+            Some(beckon_mqtt::Packet::Disconnect(_)) | Some(beckon_mqtt::Packet::PingResp) => {}
+            Some(other) => panic!("pc-1 got {other:?}"),
+            None => break,
+        }
+    }
+    let cut_off = removed.elapsed();
+    assert!(cut_off < limit, "pc-1 still connected after {cut_off:?}");
+    eprintln!("removed agent cut off {cut_off:?} after its removal");
+    let written = std::fs::read_to_string(&own_file).unwrap();
+    assert!(
+        written.contains("[[ca]]") && !written.contains("[[revoked]]"),
+        "{written}"
+    );
+    // Its reconnect is refused; pc-2 was not touched and still connects.
+    assert_eq!(
+        connack_code(port, &ca, "pc-1", &pc1, &k1).await,
+        beckon_mqtt::ReasonCode::NOT_AUTHORIZED.0
+    );
+    c2.send(beckon_mqtt::Packet::PingReq).await;
+    assert!(matches!(c2.recv().await, beckon_mqtt::Packet::PingResp));
+    // Enrolled again, pc-1 is a new identity and connects.
+    let k1b = rcgen::KeyPair::generate().unwrap();
+    let again = api.enroll_with_key("pc-1", json!({}), &k1b).await;
+    assert_eq!(connack_code(port, &ca, "pc-1", &again, &k1b).await, 0);
+    broker.shutdown().await.unwrap();
+    api.handle.shutdown().await;
+}
+
+/// Removed agents seeded straight into the console's database: `gone-1` to `gone-<n>`, each
+/// with one revoked certificate, in the revocation feed in that order.
+fn seed_removed_agents(api: &common::Api, n: u32) {
+    let postgres = matches!(
+        api.handle.state.config.database,
+        Some(beckon_console::store::DatabaseUrl::Postgres(_))
+    );
+    let blob = if postgres { "'\\x00'::bytea" } else { "X'00'" };
+    let numbers =
+        format!("WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < {n})");
+    let far = 4_102_444_800_000i64; // 2100
+    for statement in [
+        format!(
+            "{numbers} INSERT INTO agents (id, name, hostname, os, addresses, macs, enrolled_at, secret_hash, revoked, revoked_at) SELECT 'gone-' || i, 'gone-' || i, '', '', '[]', '[]', 0, {blob}, 1, 1000 FROM n"
+        ),
+        format!(
+            "{numbers} INSERT INTO agent_certificates (serial, agent_id, issued_at, not_after, revoked_at) SELECT 'aa' || i, 'gone-' || i, 0, {far}, 1000 FROM n"
+        ),
+        format!(
+            "{numbers} INSERT INTO revocation_feed (agent_id, seq) SELECT 'gone-' || i, i FROM n"
+        ),
+        format!("UPDATE revocation_seq SET last_seq = {n}"),
+    ] {
+        api.execute_sql(&statement);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_takes_in_a_hundred_thousand_revocations_and_keeps_them_when_the_feed_fails() {
+    use std::time::{Duration, Instant};
+    let n = 100_000;
+    let api = common::start_with(|_| {}).await;
+    let seeding = Instant::now();
+    seed_removed_agents(&api, n);
+    eprintln!("seeded {n} removed agents in {:?}", seeding.elapsed());
+    // One real agent, removed last: the broker knows it only once it has read every page.
+    let key = rcgen::KeyPair::generate().unwrap();
+    let last = api.enroll_with_key("last", json!({}), &key).await;
+    let (s, _) = api.call("DELETE", "/api/v1/agents/last", None).await;
+    assert_eq!(s, StatusCode::NO_CONTENT);
+
+    let dir = tempfile::tempdir().unwrap();
+    let started = Instant::now();
+    let (port, broker, ca, admin, token_file) = feed_broker(&api, dir.path(), 1).await;
+    let known = "beckon_broker_revocation_feed_revocations{tenant=\"default\"}";
+    loop {
+        if broker_metric(admin, known).await == Some(f64::from(n + 1)) {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "the broker knows {:?} revocations",
+            broker_metric(admin, known).await
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    eprintln!(
+        "the broker read {} revocations in {:?}",
+        n + 1,
+        started.elapsed()
+    );
+    assert_eq!(
+        connack_code(port, &ca, "last", &last, &key).await,
+        beckon_mqtt::ReasonCode::NOT_AUTHORIZED.0
+    );
+
+    // A wrong token: the console refuses the broker, which keeps everything it knows.
+    std::fs::write(&token_file, "bkt_wrong").unwrap();
+    let failures = "beckon_broker_revocation_feed_failures_total{tenant=\"default\"}";
+    let waiting = Instant::now();
+    while broker_metric(admin, failures).await.unwrap_or(0.0) < 2.0 {
+        assert!(
+            waiting.elapsed() < Duration::from_secs(20),
+            "no failed poll"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(broker_metric(admin, known).await, Some(f64::from(n + 1)));
+    assert_eq!(
+        connack_code(port, &ca, "last", &last, &key).await,
+        beckon_mqtt::ReasonCode::NOT_AUTHORIZED.0
+    );
+    broker.shutdown().await.unwrap();
+    api.handle.shutdown().await;
+}

@@ -515,6 +515,19 @@ pub async fn tls_agent(
     enrolled: &Value,
     key: &rcgen::KeyPair,
 ) -> Peer<beckon_net::BoxedStream> {
+    let mut peer = tls_peer(port, ca, enrolled, key).await;
+    peer.connect_as(id).await;
+    peer
+}
+
+/// A TLS connection to the broker at 127.0.0.1:`port` (trusting `ca`) with the certificate
+/// of `enrolled` and its `key`, before any MQTT packet.
+pub async fn tls_peer(
+    port: u16,
+    ca: &Path,
+    enrolled: &Value,
+    key: &rcgen::KeyPair,
+) -> Peer<beckon_net::BoxedStream> {
     let tls = beckon_net::TlsClient::new(&beckon_net::TlsSettings {
         trust: beckon_net::TrustAnchors::CaFile(ca.to_owned()),
         identity: Some(beckon_net::ClientIdentity::Pem {
@@ -533,14 +546,21 @@ pub async fn tls_agent(
         .connect(tcp, "127.0.0.1", &["mqtt"], WAIT)
         .await
         .unwrap();
-    let mut peer = Peer::new(Box::new(stream) as beckon_net::BoxedStream);
-    peer.connect_as(id).await;
-    peer
+    Peer::new(Box::new(stream) as beckon_net::BoxedStream)
 }
 
 /// Beckon's broker reading tenant files from `dir/tenants` (every second), MQTT over TLS on
 /// 127.0.0.1:`port` (0: any) only, with the CA it generates; returns the CA file too.
 pub async fn tenant_broker(dir: &Path, port: u16) -> (Bound, ServerHandle, PathBuf) {
+    tenant_broker_with(dir, port, |_| {}).await
+}
+
+/// [`tenant_broker`] with `f` changing its configuration before it starts.
+pub async fn tenant_broker_with(
+    dir: &Path,
+    port: u16,
+    f: impl FnOnce(&mut BrokerConfig),
+) -> (Bound, ServerHandle, PathBuf) {
     let tenants = dir.join("tenants");
     std::fs::create_dir_all(&tenants).unwrap();
     let mut config = BrokerConfig {
@@ -551,6 +571,7 @@ pub async fn tenant_broker(dir: &Path, port: u16) -> (Bound, ServerHandle, PathB
     };
     config.listeners.mqtts = Listen(Some(([127, 0, 0, 1], port).into()));
     config.listeners.mqtt = Listen(None);
+    f(&mut config);
     let (bound, handle) = Server::bind(config).await.expect("broker starts");
     let ca = bound.generated_ca.clone().unwrap();
     (bound, handle, ca)
