@@ -205,8 +205,10 @@ impl Tenancy {
     }
 
     /// The credential of `auth` that a revocation feed refuses, if any.
-    fn refused_by_feed(&self, auth: &beckon_identity::Authenticated) -> Option<String> {
-        let feeds = self.feeds.read().ok()?;
+    fn refused_by_feed(
+        feeds: &HashMap<String, FeedRevocations>,
+        auth: &beckon_identity::Authenticated,
+    ) -> Option<String> {
         let feed = feeds.get(auth.identity.tenant.as_str())?;
         let identity = &auth.identity;
         let now = unix_now();
@@ -323,7 +325,13 @@ impl Tenancy {
                 code: ReasonCode(r.reason_code()),
                 why: r.to_string(),
             })?;
-        if let Some(credential) = self.refused_by_feed(&auth) {
+        // Held until the connection is listed as live: a feed page applied meanwhile then
+        // finds it and closes it.
+        let feeds = self.feeds.read().ok();
+        if let Some(credential) = feeds
+            .as_deref()
+            .and_then(|f| Self::refused_by_feed(f, &auth))
+        {
             let identity = &auth.identity;
             return Err(Refused {
                 code: ReasonCode::NOT_AUTHORIZED,
@@ -371,6 +379,7 @@ impl Tenancy {
             }
             Err(_) => 0,
         };
+        drop(feeds);
         connect.client_id = auth.identity.session_key();
         if auth.probe {
             // Beside the identity's own session, never in it, and nothing kept afterwards.
