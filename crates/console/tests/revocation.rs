@@ -393,6 +393,11 @@ fn seed_removed_agents(api: &common::Api, n: u32) {
     ] {
         api.execute_sql(&statement);
     }
+    if postgres {
+        // Statistics of the loaded tables, as autovacuum gathers them soon after a bulk
+        // load: without them the planner takes the tables for empty.
+        api.execute_sql("ANALYZE");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
