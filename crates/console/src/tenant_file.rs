@@ -3,7 +3,9 @@
 //! credentials of removed agents. With `--broker-tenant-file` the console writes it
 //! atomically (temporary file, then rename) at start and whenever an agent is removed; the
 //! broker's folder polling picks the change up, refuses the revoked credentials and closes
-//! their connections.
+//! their connections. Brokers that follow the revocation feed (`GET /api/v1/revocations`,
+//! no size limit) need the file without revocations: `--tenant-file-without-revocations`,
+//! `GET /api/v1/tenant-file?revoked=false`.
 
 use std::fmt::Write as _;
 use std::path::Path;
