@@ -1111,3 +1111,51 @@ fn the_revocation_feed_comes_in_pages_without_gaps_or_repeats() {
     assert_eq!(seen, want, "every removal once, in the order of removal");
     assert_eq!(pages, 3);
 }
+
+#[test]
+fn a_reader_of_the_feed_misses_no_removal_made_by_two_consoles_at_once() {
+    use std::sync::Arc;
+    let dir = tempfile::tempdir().unwrap();
+    let url = common::reopenable_database(dir.path());
+    let first = common::open_store(&url);
+    first.create_enrollment_token(token(1, None, None)).unwrap();
+    let n = 60;
+    for i in 0..n {
+        let id = format!("pc-{i}");
+        first
+            .enroll_agent(
+                &[1; 32],
+                agent_with_certificate(&id, &format!("{i:04x}"), 1_000_000),
+                10,
+            )
+            .unwrap();
+    }
+    // Two consoles on one database remove agents at the same time while a broker reads.
+    let stores = [Arc::new(first), Arc::new(common::open_store(&url))];
+    let removers: Vec<_> = (0..2)
+        .map(|k| {
+            let s = stores[k].clone();
+            std::thread::spawn(move || {
+                for i in (k..n).step_by(2) {
+                    s.revoke_agent(&format!("pc-{i}"), 100).unwrap();
+                }
+            })
+        })
+        .collect();
+    let (mut seen, mut cursor) = (std::collections::BTreeSet::new(), 0);
+    loop {
+        let done = removers.iter().all(|r| r.is_finished());
+        let page = stores[0].revocation_feed(cursor, 7, 50).unwrap();
+        for c in &page.changes {
+            assert!(seen.insert(c.id.clone()), "{} read twice", c.id);
+        }
+        cursor = page.next;
+        if done && !page.more {
+            break;
+        }
+    }
+    for r in removers {
+        r.join().unwrap();
+    }
+    assert_eq!(seen.len(), n, "every removal read once, none skipped");
+}
