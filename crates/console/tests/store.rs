@@ -839,8 +839,9 @@ fn a_calls_deliveries_come_in_pages_that_join_up_and_filter_by_state() {
 }
 
 /// The queries the console runs every second or per event, planned by the database over
-/// 100,000 finished deliveries (statistics taken): none reads the whole deliveries table,
-/// and the expiry sweep reads the partial index of open calls. Run with `--nocapture` to see
+/// 100,000 finished deliveries and 20,000 agents (statistics taken): none reads the whole
+/// deliveries or agents table, the expiry sweep reads the partial index of open calls, and
+/// the dashboard's counts and the read of the agents recorded online read agents' indexes. Run with `--nocapture` to see
 /// the plans (docs/console.md, "At scale").
 #[test]
 fn periodic_queries_read_no_whole_deliveries_table() {
@@ -874,22 +875,47 @@ fn periodic_queries_read_no_whole_deliveries_table() {
         &url,
         "INSERT INTO deliveries (wakeup_id, call_id, agent_id, state, queued_at) VALUES ('w-open', 'call-open', 'agent-1', 'queued', 1)",
     );
+    // 20,000 agents: 1 in 100 online, 1 in 50 last seen long ago, the others offline.
+    common::execute_sql(
+        &url,
+        &format!(
+            "INSERT INTO agents (id, name, hostname, os, addresses, macs, enrolled_at, secret_hash, presence, presence_at) {} SELECT 'agent-' || i, 'agent-' || i, 'host-' || i, 'Debian 13', '[]', '[]', 10, '00', CASE WHEN i % 100 = 0 THEN 'online' ELSE 'offline' END, CASE WHEN i % 50 = 1 THEN 20 ELSE 2000000 END FROM n",
+            numbers(19_999)
+        ),
+    );
     common::execute_sql(&url, "ANALYZE");
     let s = open();
     let plans = s.periodic_query_plans(1_000_000).unwrap();
-    assert_eq!(plans.len(), 8);
+    assert_eq!(plans.len(), 11);
     for (what, plan) in &plans {
         println!("{what}:\n{plan}\n");
         for line in plan.lines().map(str::trim) {
             let whole_sqlite = line.starts_with("SCAN d ")
                 || line == "SCAN d"
-                || line.starts_with("SCAN deliveries");
-            let whole_postgres = line.contains("Seq Scan on deliveries");
+                || line.starts_with("SCAN deliveries")
+                || line.starts_with("SCAN agents")
+                || line.starts_with("SCAN a ");
+            let whole_postgres =
+                line.contains("Seq Scan on deliveries") || line.contains("Seq Scan on agents");
             assert!(
                 !whole_sqlite && !whole_postgres,
-                "{what} reads the whole deliveries table:\n{plan}"
+                "{what} reads the whole deliveries or agents table:\n{plan}"
             );
         }
+    }
+    for (what, index) in [
+        (
+            "dashboard (every 3 s) and metrics: agents online",
+            "agents_presence",
+        ),
+        ("dashboard (every 3 s): stale agents", "agents_last_seen"),
+        (
+            "connecting to the broker: agents recorded online",
+            "agents_presence",
+        ),
+    ] {
+        let plan = &plans.iter().find(|(w, _)| *w == what).unwrap().1;
+        assert!(plan.contains(index), "{what} reads {index}:\n{plan}");
     }
     let (_, sweep) = &plans[0];
     assert!(
