@@ -490,7 +490,26 @@ async fn measure(
             .sum();
     }
 
-    // Idle: after a moment to settle, the console's own CPU time over the span.
+    // Idle: once no call has wake-ups queued or sent (a kept registry's last call expires
+    // when the console starts), the console's own CPU time over the span.
+    let deadline = Instant::now() + Duration::from_secs(300);
+    loop {
+        let calls = api(&mut client, "GET", "/api/v1/calls?limit=10", None, 200).await?;
+        let open = calls.as_array().is_some_and(|calls| {
+            calls.iter().any(|c| {
+                ["queued", "sent"]
+                    .iter()
+                    .any(|s| c["counts"][*s].as_u64().unwrap_or(0) > 0)
+            })
+        });
+        if !open {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!("a call still had wake-ups queued or sent 300 s after the console started");
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
     tokio::time::sleep(Duration::from_secs(2)).await;
     let procs = ProcReader::new();
     let before = procs.sample(console.pid).ok();

@@ -989,3 +989,74 @@ fn the_migration_to_kept_counts_counts_existing_calls() {
         "the open call is swept"
     );
 }
+
+/// The registry `beckon bench console` writes, and the agents page over it: a large group
+/// (listed by walking the agents in name order) and a small one (its members, sorted) both
+/// give their members in name order, a page at a time; the dashboard's counts and a seeded
+/// call's kept counts are as written.
+#[test]
+fn a_seeded_registry_lists_large_and_small_groups_by_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = common::open_store(&common::reopenable_database(dir.path()));
+    let now = 1_000_000_000_000;
+    let plan = SeedPlan {
+        agents: 30_000,
+        wake_group: 15_000,
+        calls: 2,
+        deliveries_per_call: 100,
+        now,
+    };
+    let report = s.seed_registry(&plan, &mut |_, _| {}).unwrap();
+    assert_eq!(
+        report,
+        SeedReport {
+            agents: 30_000,
+            memberships: 45_000,
+            calls: 2,
+            deliveries: 200
+        }
+    );
+    let err = s.seed_registry(&plan, &mut |_, _| {}).unwrap_err();
+    assert!(matches!(err, StoreError::Conflict(_)), "{err}");
+
+    // seed-wake: every other agent (15,000: the large form); seed-site-3: every tenth.
+    for (group, members) in [
+        ("seed-wake", (0..30_000).step_by(2).collect::<Vec<u32>>()),
+        ("seed-site-3", (3..30_000).step_by(10).collect()),
+    ] {
+        let mut names: Vec<String> = members.iter().map(|i| format!("ws-{i}")).collect();
+        names.sort();
+        for offset in [0, 200, names.len() as u32 - 50] {
+            let page = s
+                .list_agents(&AgentFilter {
+                    group: Some(group.into()),
+                    limit: 100,
+                    offset,
+                    ..Default::default()
+                })
+                .unwrap();
+            let got: Vec<&str> = page.iter().map(|a| a.name.as_str()).collect();
+            let want: Vec<&str> = names
+                .iter()
+                .skip(offset as usize)
+                .take(100)
+                .map(String::as_str)
+                .collect();
+            assert_eq!(got, want, "{group} from {offset}");
+            assert!(page.iter().all(|a| a.groups.iter().any(|g| g == group)));
+        }
+    }
+    assert_eq!(s.count_agents(Presence::Online).unwrap(), 18_000);
+    let stale_before = now - 30 * 24 * 3600 * 1000;
+    assert_eq!(s.count_stale_agents(stale_before).unwrap(), 1_500);
+    let call = s.call("seed-call-1").unwrap();
+    let counts: Vec<(CallState, u32)> = call.counts.into_iter().collect();
+    assert_eq!(
+        counts,
+        [
+            (CallState::Finished, 85),
+            (CallState::Expired, 10),
+            (CallState::Failed, 5)
+        ]
+    );
+}
