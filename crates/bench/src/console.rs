@@ -478,7 +478,18 @@ async fn measure(
     report.agents_stale = status["agents_stale"].as_u64();
     if args.keep_registry {
         let calls = api(&mut client, "GET", "/api/v1/calls?limit=1000", None, 200).await?;
-        let calls = calls.as_array().cloned().unwrap_or_default();
+        // The seeded calls only: an earlier run's own call is not one of them.
+        let calls: Vec<serde_json::Value> = calls
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|c| {
+                c["id"]
+                    .as_str()
+                    .is_some_and(|id| id.starts_with("seed-call-"))
+            })
+            .collect();
         report.calls = calls.len() as u64;
         report.deliveries = calls
             .iter()
