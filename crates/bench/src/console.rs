@@ -35,6 +35,9 @@ use crate::call::setup::{Service, free_port, load_average, start_service};
 use crate::procstat::ProcReader;
 use crate::report::{Percentiles, format_value};
 
+/// The request path of a measured page, for the k-th request.
+type PagePath = Box<dyn Fn(usize) -> String>;
+
 /// Bound on each request the bench makes outside of the timed ones.
 const API_LIMIT: Duration = Duration::from_secs(120);
 
@@ -190,11 +193,7 @@ impl ConsoleReport {
             "beckon bench console: {} agents, {} calls of {} deliveries, {}\n\n",
             self.agents,
             self.calls,
-            if self.calls > 0 {
-                self.deliveries / self.calls
-            } else {
-                0
-            },
+            self.deliveries.checked_div(self.calls).unwrap_or(0),
             self.backend
         );
         let facts: Vec<(&str, String)> = vec![
@@ -212,8 +211,10 @@ impl ConsoleReport {
                 "dashboard: online / stale",
                 format!(
                     "{} / {}",
-                    self.agents_online.map_or("-".into(), |n| n.to_string()),
-                    self.agents_stale.map_or("-".into(), |n| n.to_string())
+                    self.agents_online
+                        .map_or_else(|| "-".into(), |n| n.to_string()),
+                    self.agents_stale
+                        .map_or_else(|| "-".into(), |n| n.to_string())
                 ),
             ),
             ("call: API response (ms)", f(self.call_response_ms)),
@@ -541,7 +542,7 @@ async fn measure(
     let pick = |k: usize, m: u64| (k as u64).wrapping_mul(7919).wrapping_add(13) % m;
     let presences = ["online", "offline", "unknown"];
     let states = ["finished", "expired", "failed"];
-    let mut pages: Vec<(&str, Box<dyn Fn(usize) -> String>)> = vec![
+    let mut pages: Vec<(&str, PagePath)> = vec![
         (
             "agents page: list",
             Box::new(|k| format!("/api/v1/agents?limit=100&offset={}", (k % 5) * 100)),
