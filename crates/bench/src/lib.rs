@@ -38,6 +38,7 @@ pub mod certs;
 pub mod cli;
 pub mod compare;
 pub mod conn;
+pub mod console;
 pub mod fleet;
 pub mod floor;
 pub mod procstat;
@@ -62,6 +63,10 @@ pub enum BenchCommand {
     /// One wake-up call to a fleet through the console: time from the API request until
     /// every agent is `delivered` (starts its own console and broker).
     Call(call::CallArgs),
+    /// The console over a large made-up registry (agents, groups, past calls), through its
+    /// API: the agents page, dashboard, calls pages, a call to a large group, memory and idle
+    /// CPU, each beside its target (starts its own console and broker).
+    Console(console::ConsoleBenchArgs),
     /// The resident memory of one real agent, enrolled, connected and idle (starts its own
     /// console and broker with `beckon up`).
     AgentMemory(agent_memory::AgentMemoryArgs),
@@ -122,6 +127,7 @@ pub fn run(command: BenchCommand) -> anyhow::Result<()> {
             Ok(())
         }
         BenchCommand::Call(args) => runtime()?.block_on(call::call_command(&args)),
+        BenchCommand::Console(args) => runtime()?.block_on(console::console_command(&args)),
         BenchCommand::AgentMemory(args) => {
             runtime()?.block_on(agent_memory::agent_memory_command(&args))
         }

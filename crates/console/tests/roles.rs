@@ -352,8 +352,9 @@ fn users_of_a_database_from_before_roles_become_admins() {
     drop(store);
     // Back to the schema before roles, as an older console left it (without what came
     // after roles: several consoles' leases, sessions' last use, failed authentications,
-    // calls' kept counts, the revocation feed).
-    let undo = "DROP TABLE revocation_feed; DROP TABLE revocation_seq; \
+    // calls' kept counts, the revocation feed, the agents' indexes).
+    let undo = "DROP INDEX agents_presence; DROP INDEX agents_last_seen; DROP INDEX agents_name; \
+                DROP TABLE revocation_feed; DROP TABLE revocation_seq; \
                 DROP TABLE auth_failures; \
                 DROP INDEX calls_open; DROP INDEX deliveries_call_agent; \
                 DROP INDEX deliveries_call_state_agent; \

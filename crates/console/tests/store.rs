@@ -839,8 +839,9 @@ fn a_calls_deliveries_come_in_pages_that_join_up_and_filter_by_state() {
 }
 
 /// The queries the console runs every second or per event, planned by the database over
-/// 100,000 finished deliveries (statistics taken): none reads the whole deliveries table,
-/// and the expiry sweep reads the partial index of open calls. Run with `--nocapture` to see
+/// 100,000 finished deliveries and 20,000 agents (statistics taken): none reads the whole
+/// deliveries or agents table, the expiry sweep reads the partial index of open calls, and
+/// the dashboard's counts and the read of the agents recorded online read agents' indexes. Run with `--nocapture` to see
 /// the plans (docs/console.md, "At scale").
 #[test]
 fn periodic_queries_read_no_whole_deliveries_table() {
@@ -874,22 +875,52 @@ fn periodic_queries_read_no_whole_deliveries_table() {
         &url,
         "INSERT INTO deliveries (wakeup_id, call_id, agent_id, state, queued_at) VALUES ('w-open', 'call-open', 'agent-1', 'queued', 1)",
     );
-    common::execute_sql(&url, "ANALYZE");
+    // 20,000 agents: 1 in 100 online, 1 in 50 last seen long ago, the others offline.
+    common::execute_sql(
+        &url,
+        &format!(
+            "INSERT INTO agents (id, name, hostname, os, addresses, macs, enrolled_at, secret_hash, presence, presence_at) {} SELECT 'agent-' || i, 'agent-' || i, 'host-' || i, 'Debian 13', '[]', '[]', 10, '00', CASE WHEN i % 100 = 0 THEN 'online' ELSE 'offline' END, CASE WHEN i % 50 = 1 THEN 20 ELSE 2000000 END FROM n",
+            numbers(19_999)
+        ),
+    );
+    // Statistics, and on PostgreSQL the visibility map a database in use has (autovacuum).
+    let analyze = match &url {
+        DatabaseUrl::Postgres(_) => "VACUUM ANALYZE",
+        DatabaseUrl::Sqlite(_) => "ANALYZE",
+    };
+    common::execute_sql(&url, analyze);
     let s = open();
     let plans = s.periodic_query_plans(1_000_000).unwrap();
-    assert_eq!(plans.len(), 8);
+    assert_eq!(plans.len(), 11);
     for (what, plan) in &plans {
         println!("{what}:\n{plan}\n");
         for line in plan.lines().map(str::trim) {
             let whole_sqlite = line.starts_with("SCAN d ")
                 || line == "SCAN d"
-                || line.starts_with("SCAN deliveries");
-            let whole_postgres = line.contains("Seq Scan on deliveries");
+                || line.starts_with("SCAN deliveries")
+                || line.starts_with("SCAN agents")
+                || line.starts_with("SCAN a ");
+            let whole_postgres =
+                line.contains("Seq Scan on deliveries") || line.contains("Seq Scan on agents");
             assert!(
                 !whole_sqlite && !whole_postgres,
-                "{what} reads the whole deliveries table:\n{plan}"
+                "{what} reads the whole deliveries or agents table:\n{plan}"
             );
         }
+    }
+    for (what, index) in [
+        (
+            "dashboard (every 3 s) and metrics: agents online",
+            "agents_presence",
+        ),
+        ("dashboard (every 3 s): stale agents", "agents_last_seen"),
+        (
+            "connecting to the broker: agents recorded online",
+            "agents_presence",
+        ),
+    ] {
+        let plan = &plans.iter().find(|(w, _)| *w == what).unwrap().1;
+        assert!(plan.contains(index), "{what} reads {index}:\n{plan}");
     }
     let (_, sweep) = &plans[0];
     assert!(
@@ -925,13 +956,19 @@ fn the_migration_to_kept_counts_counts_existing_calls() {
     s.advance_delivery(advance("b", &w, Sent, 200)).unwrap();
     drop(s);
 
-    // Back to the schema before the kept counts (SQLite version 8, PostgreSQL 6), with the
-    // later migrations undone too.
+    // Back to the version before the kept counts (SQLite 7, PostgreSQL 5), without what the
+    // versions after them added (the revocation feed, the agents' indexes).
     let previous = match &url {
-        DatabaseUrl::Sqlite(_) => "PRAGMA user_version = 7".to_owned(),
-        DatabaseUrl::Postgres(_) => "UPDATE schema_version SET version = 5".to_owned(),
+        DatabaseUrl::Sqlite(_) => format!("PRAGMA user_version = {}", SCHEMA_VERSION - 3),
+        DatabaseUrl::Postgres(_) => format!(
+            "UPDATE schema_version SET version = {}",
+            POSTGRES_SCHEMA_VERSION - 3
+        ),
     };
     for statement in [
+        "DROP INDEX agents_presence",
+        "DROP INDEX agents_last_seen",
+        "DROP INDEX agents_name",
         "DROP TABLE revocation_feed",
         "DROP TABLE revocation_seq",
         "DROP INDEX calls_open",
@@ -1158,4 +1195,75 @@ fn a_reader_of_the_feed_misses_no_removal_made_by_two_consoles_at_once() {
         r.join().unwrap();
     }
     assert_eq!(seen.len(), n, "every removal read once, none skipped");
+}
+
+/// The registry `beckon bench console` writes, and the agents page over it: a large group
+/// (listed by walking the agents in name order) and a small one (its members, sorted) both
+/// give their members in name order, a page at a time; the dashboard's counts and a seeded
+/// call's kept counts are as written.
+#[test]
+fn a_seeded_registry_lists_large_and_small_groups_by_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = common::open_store(&common::reopenable_database(dir.path()));
+    let now = 1_000_000_000_000;
+    let plan = SeedPlan {
+        agents: 30_000,
+        wake_group: 15_000,
+        calls: 2,
+        deliveries_per_call: 100,
+        now,
+    };
+    let report = s.seed_registry(&plan, &mut |_, _| {}).unwrap();
+    assert_eq!(
+        report,
+        SeedReport {
+            agents: 30_000,
+            memberships: 45_000,
+            calls: 2,
+            deliveries: 200
+        }
+    );
+    let err = s.seed_registry(&plan, &mut |_, _| {}).unwrap_err();
+    assert!(matches!(err, StoreError::Conflict(_)), "{err}");
+
+    // seed-wake: every other agent (15,000: the large form); seed-site-3: every tenth.
+    for (group, members) in [
+        ("seed-wake", (0..30_000).step_by(2).collect::<Vec<u32>>()),
+        ("seed-site-3", (3..30_000).step_by(10).collect()),
+    ] {
+        let mut names: Vec<String> = members.iter().map(|i| format!("ws-{i}")).collect();
+        names.sort();
+        for offset in [0, 200, names.len() as u32 - 50] {
+            let page = s
+                .list_agents(&AgentFilter {
+                    group: Some(group.into()),
+                    limit: 100,
+                    offset,
+                    ..Default::default()
+                })
+                .unwrap();
+            let got: Vec<&str> = page.iter().map(|a| a.name.as_str()).collect();
+            let want: Vec<&str> = names
+                .iter()
+                .skip(offset as usize)
+                .take(100)
+                .map(String::as_str)
+                .collect();
+            assert_eq!(got, want, "{group} from {offset}");
+            assert!(page.iter().all(|a| a.groups.iter().any(|g| g == group)));
+        }
+    }
+    assert_eq!(s.count_agents(Presence::Online).unwrap(), 18_000);
+    let stale_before = now - 30 * 24 * 3600 * 1000;
+    assert_eq!(s.count_stale_agents(stale_before).unwrap(), 1_500);
+    let call = s.call("seed-call-1").unwrap();
+    let counts: Vec<(CallState, u32)> = call.counts.into_iter().collect();
+    assert_eq!(
+        counts,
+        [
+            (CallState::Finished, 85),
+            (CallState::Expired, 10),
+            (CallState::Failed, 5)
+        ]
+    );
 }

@@ -118,7 +118,7 @@ pub(super) fn sum_phase(replies: Vec<CallReply>, enrolled: bool) -> anyhow::Resu
     Ok(total)
 }
 
-pub(super) fn load_average() -> Option<[f64; 3]> {
+pub(crate) fn load_average() -> Option<[f64; 3]> {
     let text = std::fs::read_to_string("/proc/loadavg").ok()?;
     let mut it = text.split_whitespace().map(|v| v.parse::<f64>().ok());
     Some([it.next()??, it.next()??, it.next()??])

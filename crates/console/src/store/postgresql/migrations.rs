@@ -232,6 +232,21 @@ INSERT INTO revocation_feed (agent_id, seq)
     ) r;
 INSERT INTO revocation_seq (last_seq) SELECT COUNT(*) FROM revocation_feed;
 "#,
+    r#"
+-- Version 8 (SQLite's 10): the registry at scale. The dashboard counts the agents online and
+-- the stale ones, and the console reads the agents recorded online when it connects to the
+-- broker: index ranges instead of reading every agent. agents_presence by presence (then
+-- name: the agents page filtered by presence reads its page in order);
+-- agents_last_seen by when an agent was last seen (the latest of enrolment,
+-- check-in and presence change, as the stale condition writes it); agents_name for the
+-- agents page, listed by name a page at a time.
+CREATE INDEX agents_presence ON agents(presence, revoked, name, id);
+-- The columns of the condition are included so that counting reads the index alone; not a
+-- partial index as on SQLite, since PostgreSQL keeps statistics of whole expression indexes
+-- only, and plans a small table's count by them.
+CREATE INDEX agents_last_seen ON agents(revoked, GREATEST(enrolled_at, COALESCE(last_checkin, 0), COALESCE(presence_at, 0))) INCLUDE (enrolled_at, last_checkin, presence_at, presence);
+CREATE INDEX agents_name ON agents(name, id);
+"#,
 ];
 
 /// Any number fixed for this schema: the advisory lock that lets one console migrate while

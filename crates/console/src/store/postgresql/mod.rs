@@ -145,6 +145,10 @@ impl<C: GenericClient> Conn for PgConn<'_, C> {
         "ILIKE"
     }
 
+    fn greatest(&self) -> &'static str {
+        "GREATEST"
+    }
+
     fn explain(&self) -> &'static str {
         "EXPLAIN"
     }

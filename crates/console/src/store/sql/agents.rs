@@ -88,12 +88,38 @@ pub(super) fn insert_certificate(
 pub(super) const AGENT_COLUMNS: &str = "id, name, hostname, os, addresses, macs, enrolled_at, last_checkin, presence, presence_at, path, remote_addr, revoked, previous_inventory, clone_detected_at";
 
 /// The condition of a stale agent, last seen before `before` (an SQL value): not online,
-/// and its enrollment, last check-in and last presence change all before then.
-fn stale(before: &str) -> String {
+/// and its enrollment, last check-in and last presence change all before then. Written as
+/// the index agents_last_seen is, so that counting and listing stale agents read a range.
+fn stale(conn: &dyn Conn, before: &str) -> String {
     format!(
-        "presence <> 'online' AND enrolled_at < {before} AND COALESCE(last_checkin, 0) < {before} AND COALESCE(presence_at, 0) < {before}"
+        "presence <> 'online' AND {}(enrolled_at, COALESCE(last_checkin, 0), COALESCE(presence_at, 0)) < {before}",
+        conn.greatest()
     )
 }
+
+/// Counts the live agents with the presence `?1` (the dashboard, metrics): a range of
+/// agents_presence.
+pub(super) const COUNT_BY_PRESENCE: &str =
+    "SELECT COUNT(*) FROM agents WHERE revoked = 0 AND presence = ?1";
+
+/// Counts the live agents last seen before `?1` (the dashboard).
+pub(super) fn count_stale_query(conn: &dyn Conn) -> String {
+    format!(
+        "SELECT COUNT(*) FROM agents WHERE revoked = 0 AND {}",
+        stale(conn, "?1")
+    )
+}
+
+/// From how many members a group is listed by walking the agents in name order.
+const LARGE_GROUP: i64 = 10_000;
+
+/// The members of the group `?1`, counted up to `?2` ([`LARGE_GROUP`]) only.
+const LARGE_GROUP_MEMBERS: &str =
+    "SELECT COUNT(*) FROM (SELECT 1 FROM agent_groups WHERE group_name = ?1 LIMIT ?2) m";
+
+/// The agents recorded online, read when the console connects to the broker to compare
+/// with the broker's presence: a range of agents_presence.
+pub(super) const RECORDED_ONLINE: &str = "SELECT id FROM agents WHERE presence = 'online'";
 
 pub(super) fn agent_from_row(row: &Row) -> Result<Agent, DbError> {
     let addresses: String = row.get(4)?;
@@ -334,11 +360,27 @@ impl AgentStore for SqlStore {
                 ));
             }
             if let Some(g) = &f.group {
+                // A small group: its members, then sorted by name. A large one: the agents
+                // in name order, each checked, until the page is full (SQLite follows the
+                // form written; either costs in proportion to a bounded number of rows).
+                let members: i64 = query_one(
+                    conn,
+                    LARGE_GROUP_MEMBERS,
+                    params![g, LARGE_GROUP],
+                    "sizing a group",
+                )?;
                 args.push(g.into());
-                where_.push(format!(
-                    "id IN (SELECT agent_id FROM agent_groups WHERE group_name = ?{})",
-                    args.len()
-                ));
+                where_.push(if members >= LARGE_GROUP {
+                    format!(
+                        "EXISTS (SELECT 1 FROM agent_groups g WHERE g.agent_id = agents.id AND g.group_name = ?{})",
+                        args.len()
+                    )
+                } else {
+                    format!(
+                        "id IN (SELECT agent_id FROM agent_groups WHERE group_name = ?{})",
+                        args.len()
+                    )
+                });
             }
             if let Some(p) = f.presence {
                 args.push(p.as_str().into());
@@ -346,7 +388,7 @@ impl AgentStore for SqlStore {
             }
             if let Some(before) = f.stale_before {
                 args.push(before.into());
-                where_.push(stale(&format!("?{}", args.len())));
+                where_.push(stale(conn, &format!("?{}", args.len())));
             }
             if f.cloned {
                 where_.push("clone_detected_at IS NOT NULL".into());
@@ -369,7 +411,7 @@ impl AgentStore for SqlStore {
         self.read(|conn| {
             query_one(
                 conn,
-                "SELECT COUNT(*) FROM agents WHERE revoked = 0 AND presence = ?1",
+                COUNT_BY_PRESENCE,
                 params![presence.as_str()],
                 "counting agents",
             )
@@ -378,15 +420,8 @@ impl AgentStore for SqlStore {
 
     fn count_stale_agents(&self, before: Millis) -> StoreResult<u64> {
         self.read(|conn| {
-            query_one(
-                conn,
-                &format!(
-                    "SELECT COUNT(*) FROM agents WHERE revoked = 0 AND {}",
-                    stale("?1")
-                ),
-                params![before],
-                "counting stale agents",
-            )
+            let query = count_stale_query(conn);
+            query_one(conn, &query, params![before], "counting stale agents")
         })
     }
 
@@ -705,7 +740,7 @@ impl AgentStore for SqlStore {
         self.write(|tx| {
             let online: Vec<String> = query_all(
                 tx,
-                "SELECT id FROM agents WHERE presence = 'online'",
+                RECORDED_ONLINE,
                 params![],
                 |r| r.get(0),
                 "reading presence",

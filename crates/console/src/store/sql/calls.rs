@@ -1,6 +1,6 @@
 //! Wake-up calls and deliveries.
 
-use super::agents::{agent_revoked, check_groups_exist};
+use super::agents::{self, agent_revoked, check_groups_exist};
 use super::*;
 use crate::model::*;
 use crate::store::*;
@@ -301,6 +301,9 @@ pub(in crate::store) fn read_notice(payload: &str, own_instance: &str) -> Vec<De
         .collect()
 }
 
+/// The most deliveries written per statement when a call is made (a power of two).
+const INSERT_ROWS: usize = 1024;
+
 impl CallStore for SqlStore {
     fn create_call(
         &self,
@@ -336,19 +339,12 @@ impl CallStore for SqlStore {
                 ],
                 "recording a call",
             )?;
-            let mut deliveries = Vec::with_capacity(agent_ids.len());
-            for agent_id in agent_ids {
-                let wakeup_id = new_wakeup_id();
-                exec(
-                    tx,
-                    "INSERT INTO deliveries (wakeup_id, call_id, agent_id, state, queued_at) VALUES (?1, ?2, ?3, 'queued', ?4)",
-                    params![&wakeup_id, &call.id, &agent_id, now],
-                    "recording deliveries",
-                )?;
-                deliveries.push(CallDelivery {
+            let deliveries: Vec<CallDelivery> = agent_ids
+                .into_iter()
+                .map(|agent_id| CallDelivery {
                     call_id: call.id.clone(),
                     agent_id,
-                    wakeup_id,
+                    wakeup_id: new_wakeup_id(),
                     state: CallState::Queued,
                     queued_at: now,
                     sent_at: None,
@@ -360,7 +356,33 @@ impl CallStore for SqlStore {
                     duration_ms: None,
                     detail: None,
                     carried_by: None,
-                });
+                })
+                .collect();
+            // Many rows per statement: a call to 100,000 agents is a hundred round trips to
+            // PostgreSQL, not 100,000, before its first wake-up can go out. Chunks of powers
+            // of two, so that a few statements, each prepared once, serve every call size.
+            let mut rest = &deliveries[..];
+            while !rest.is_empty() {
+                let size = INSERT_ROWS.min(1 << rest.len().ilog2());
+                let (chunk, after) = rest.split_at(size);
+                rest = after;
+                let rows = (0..chunk.len())
+                    .map(|r| format!("(?{}, ?1, ?{}, 'queued', ?2)", 3 + 2 * r, 4 + 2 * r))
+                    .collect::<Vec<_>>()
+                    .join(", ");
+                let mut values = vec![Value::from(&call.id), Value::from(now)];
+                for d in chunk {
+                    values.push(Value::from(&d.wakeup_id));
+                    values.push(Value::from(&d.agent_id));
+                }
+                exec(
+                    tx,
+                    &format!(
+                        "INSERT INTO deliveries (wakeup_id, call_id, agent_id, state, queued_at) VALUES {rows}"
+                    ),
+                    &values,
+                    "recording deliveries",
+                )?;
             }
             Ok((load_call(tx, &call.id)?, deliveries))
         })
@@ -657,54 +679,70 @@ pub(super) fn count_deliveries_query() -> String {
 
 impl SqlStore {
     /// The plans the database makes now for the queries the console runs periodically or
-    /// per event (expiry sweep, takeover, metrics, an agent coming online, an ack), each
+    /// per event (expiry sweep, takeover, metrics, the dashboard's counts, connecting to the
+    /// broker, an agent coming online, an ack), each
     /// with what it is for: `EXPLAIN QUERY PLAN` on SQLite, `EXPLAIN` on PostgreSQL. At
     /// `now`, with example ids; for the documentation and the tests that no such query reads
     /// the whole deliveries table.
     pub fn periodic_query_plans(&self, now: Millis) -> StoreResult<Vec<(&'static str, String)>> {
-        let queries: Vec<(&'static str, String, Vec<Value>)> = vec![
-            (
-                "expiry sweep, every second: the due calls",
-                DUE_CALLS.into(),
-                vec![now.into()],
-            ),
-            (
-                "expiry sweep: a due call's queued and sent deliveries",
-                due_deliveries_query(),
-                vec!["call-1".into()],
-            ),
-            (
-                "takeover, every second: calls of stopped consoles",
-                ORPHAN_CALLS.into(),
-                vec![now.into(), self.console.clone().into()],
-            ),
-            (
-                "takeover: a taken call's waiting agents",
-                TAKEN_AGENTS.into(),
-                vec!["call-1".into()],
-            ),
-            (
-                "connecting to the broker: agents with queued wake-ups",
-                AGENTS_WITH_QUEUED.into(),
-                vec![now.into(), self.console.clone().into()],
-            ),
-            (
-                "an agent coming online: its pending wake-ups",
-                pending_query(),
-                vec!["agent-1".into(), now.into(), self.console.clone().into()],
-            ),
-            (
-                "an ack or PUBACK: the deliveries it moves",
-                advance_candidates_query(),
-                vec!["w-1".into(), "agent-1".into()],
-            ),
-            (
-                "metrics: deliveries in each state",
-                count_deliveries_query(),
-                vec![],
-            ),
-        ];
         self.read(|conn| {
+            let queries: Vec<(&'static str, String, Vec<Value>)> = vec![
+                (
+                    "expiry sweep, every second: the due calls",
+                    DUE_CALLS.into(),
+                    vec![now.into()],
+                ),
+                (
+                    "expiry sweep: a due call's queued and sent deliveries",
+                    due_deliveries_query(),
+                    vec!["call-1".into()],
+                ),
+                (
+                    "takeover, every second: calls of stopped consoles",
+                    ORPHAN_CALLS.into(),
+                    vec![now.into(), self.console.clone().into()],
+                ),
+                (
+                    "takeover: a taken call's waiting agents",
+                    TAKEN_AGENTS.into(),
+                    vec!["call-1".into()],
+                ),
+                (
+                    "connecting to the broker: agents with queued wake-ups",
+                    AGENTS_WITH_QUEUED.into(),
+                    vec![now.into(), self.console.clone().into()],
+                ),
+                (
+                    "an agent coming online: its pending wake-ups",
+                    pending_query(),
+                    vec!["agent-1".into(), now.into(), self.console.clone().into()],
+                ),
+                (
+                    "an ack or PUBACK: the deliveries it moves",
+                    advance_candidates_query(),
+                    vec!["w-1".into(), "agent-1".into()],
+                ),
+                (
+                    "metrics: deliveries in each state",
+                    count_deliveries_query(),
+                    vec![],
+                ),
+                (
+                    "dashboard (every 3 s) and metrics: agents online",
+                    agents::COUNT_BY_PRESENCE.into(),
+                    vec![Presence::Online.as_str().into()],
+                ),
+                (
+                    "dashboard (every 3 s): stale agents",
+                    agents::count_stale_query(conn),
+                    vec![now.into()],
+                ),
+                (
+                    "connecting to the broker: agents recorded online",
+                    agents::RECORDED_ONLINE.into(),
+                    vec![],
+                ),
+            ];
             let explain = conn.explain();
             let mut out = Vec::new();
             for (what, query, values) in queries {

@@ -3,7 +3,8 @@
 //!
 //! Statements are written with `?N` placeholders (PostgreSQL's connection turns them into
 //! `$N`) in the SQL both databases understand: `ON CONFLICT`, integer flags (`revoked = 0`),
-//! `EXISTS`; the one difference left is case-insensitive matching ([`Conn::like`]).
+//! `EXISTS`; the differences left are case-insensitive matching ([`Conn::like`]) and the largest of
+//! several values ([`Conn::greatest`]).
 //!
 //! One file per kind of data, as the store's traits: [`agents`], [`calls`], [`auth`],
 //! [`wol`] and [`settings`].
@@ -229,6 +230,10 @@ pub trait Conn {
     /// The case-insensitive `LIKE` of the backend (SQLite's `LIKE` is; PostgreSQL's
     /// `ILIKE`).
     fn like(&self) -> &'static str;
+
+    /// The function that takes the largest of its arguments: SQLite's `max`, PostgreSQL's
+    /// `GREATEST` (an index on such an expression is used by queries written alike).
+    fn greatest(&self) -> &'static str;
 
     /// After rows were inserted with explicit values in the identity column `column` of
     /// `table`: new rows continue after the highest (PostgreSQL's sequence; SQLite's

@@ -231,6 +231,18 @@ INSERT INTO revocation_feed (agent_id, seq)
     ) r;
 INSERT INTO revocation_seq (last_seq) SELECT COUNT(*) FROM revocation_feed;
 "#,
+    r#"
+-- Version 10: the registry at scale. The dashboard counts the agents online and the stale
+-- ones, and the console reads the agents recorded online when it connects to the broker:
+-- index ranges instead of reading every agent. agents_presence by presence (then
+-- name: the agents page filtered by presence reads its page in order);
+-- agents_last_seen by when an agent not online was last seen (the latest of enrolment,
+-- check-in and presence change, as the stale condition writes it); agents_name for the
+-- agents page, listed by name a page at a time.
+CREATE INDEX agents_presence ON agents(presence, revoked, name, id);
+CREATE INDEX agents_last_seen ON agents(revoked, max(enrolled_at, COALESCE(last_checkin, 0), COALESCE(presence_at, 0))) WHERE presence <> 'online';
+CREATE INDEX agents_name ON agents(name, id);
+"#,
 ];
 
 pub(super) fn migrate(conn: &mut Connection, shown_path: &str) -> StoreResult<()> {

@@ -90,6 +90,10 @@ impl Conn for SqliteConn<'_> {
         "LIKE"
     }
 
+    fn greatest(&self) -> &'static str {
+        "max"
+    }
+
     fn explain(&self) -> &'static str {
         "EXPLAIN QUERY PLAN"
     }
