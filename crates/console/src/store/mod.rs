@@ -89,6 +89,9 @@ pub enum StoreError {
         /// Why.
         reason: String,
     },
+    /// The database server lacks something the schema needs (a PostgreSQL extension).
+    #[error("{0}")]
+    Setup(String),
     /// A file operation failed.
     #[error("{context} {path}: {source}")]
     Io {
