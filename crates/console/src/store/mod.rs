@@ -280,7 +280,7 @@ pub struct Checkin {
 /// Filters for listing agents.
 #[derive(Debug, Clone, Default)]
 pub struct AgentFilter {
-    /// Substring of id, name, host name or an address.
+    /// Case-insensitive substring of the id, name, host name, addresses or MACs (literal).
     pub search: Option<String>,
     /// Member of this group.
     pub group: Option<String>,
