@@ -311,7 +311,12 @@ fn search_pages_in_name_order_with_the_other_filters() {
         .iter()
         .filter(|id| {
             let i: u32 = id[3..].parse().unwrap();
-            let name = format!("{}{i}", if i % 2 == 0 { "bulka-" } else { "bulk-" });
+            let prefix = if i.is_multiple_of(2) {
+                "bulka-"
+            } else {
+                "bulk-"
+            };
+            let name = format!("{prefix}{i}");
             name.contains("-110")
         })
         .cloned()
