@@ -841,7 +841,8 @@ fn a_calls_deliveries_come_in_pages_that_join_up_and_filter_by_state() {
 /// The queries the console runs every second or per event, planned by the database over
 /// 100,000 finished deliveries and 20,000 agents (statistics taken): none reads the whole
 /// deliveries or agents table, the expiry sweep reads the partial index of open calls, and
-/// the dashboard's counts and the read of the agents recorded online read agents' indexes. Run with `--nocapture` to see
+/// the dashboard's counts and the read of the agents recorded online read agents' indexes, and
+/// the agents page's search reads the search index. Run with `--nocapture` to see
 /// the plans (docs/console.md, "At scale").
 #[test]
 fn periodic_queries_read_no_whole_deliveries_table() {
