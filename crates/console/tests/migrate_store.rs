@@ -197,7 +197,9 @@ fn a_store_moves_whole_into_an_empty_database_and_not_into_a_used_one() {
     let report = migrate_store(&args).unwrap();
     let count = |table: &str| report.iter().find(|(t, _)| *t == table).unwrap().1;
     // Every table of the schema is copied, or left behind knowingly: what only matters
-    // while consoles run (their dispatch leases, the throttles' recent failures).
+    // while consoles run (their dispatch leases, the throttles' recent failures), and the
+    // search index (FTS5's table and its shadow tables), which the target's triggers fill
+    // from the agents copied.
     let DatabaseUrl::Sqlite(path) = &from else {
         unreachable!()
     };
@@ -213,7 +215,19 @@ fn a_store_moves_whole_into_an_empty_database_and_not_into_a_used_one() {
     let mut handled: Vec<String> = report
         .iter()
         .map(|(t, _)| (*t).to_owned())
-        .chain(["auth_failures", "console_leases", "revocation_seq"].map(String::from))
+        .chain(
+            [
+                "auth_failures",
+                "console_leases",
+                "revocation_seq",
+                "agents_search",
+                "agents_search_config",
+                "agents_search_data",
+                "agents_search_docsize",
+                "agents_search_idx",
+            ]
+            .map(String::from),
+        )
         .collect();
     handled.sort();
     assert_eq!(schema, handled);
@@ -225,6 +239,17 @@ fn a_store_moves_whole_into_an_empty_database_and_not_into_a_used_one() {
 
     let target = to.open().unwrap();
     assert_eq!(snapshot(&target, &call), before);
+    // The copied agents are found by the search index, as in the source.
+    let found: Vec<String> = target
+        .list_agents(&AgentFilter {
+            search: Some("PC-2".into()),
+            ..Default::default()
+        })
+        .unwrap()
+        .into_iter()
+        .map(|a| a.id)
+        .collect();
+    assert_eq!(found, ["pc-2"]);
     // Brokers keep their feed cursors: the copied entry keeps its cursor, the next removal
     // comes after it.
     let feed = target.revocation_feed(0, 10, NOW).unwrap();

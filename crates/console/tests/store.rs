@@ -841,7 +841,8 @@ fn a_calls_deliveries_come_in_pages_that_join_up_and_filter_by_state() {
 /// The queries the console runs every second or per event, planned by the database over
 /// 100,000 finished deliveries and 20,000 agents (statistics taken): none reads the whole
 /// deliveries or agents table, the expiry sweep reads the partial index of open calls, and
-/// the dashboard's counts and the read of the agents recorded online read agents' indexes. Run with `--nocapture` to see
+/// the dashboard's counts and the read of the agents recorded online read agents' indexes, and
+/// the agents page's search reads the search index. Run with `--nocapture` to see
 /// the plans (docs/console.md, "At scale").
 #[test]
 fn periodic_queries_read_no_whole_deliveries_table() {
@@ -891,14 +892,15 @@ fn periodic_queries_read_no_whole_deliveries_table() {
     common::execute_sql(&url, analyze);
     let s = open();
     let plans = s.periodic_query_plans(1_000_000).unwrap();
-    assert_eq!(plans.len(), 11);
+    assert_eq!(plans.len(), 13);
     for (what, plan) in &plans {
         println!("{what}:\n{plan}\n");
         for line in plan.lines().map(str::trim) {
             let whole_sqlite = line.starts_with("SCAN d ")
                 || line == "SCAN d"
                 || line.starts_with("SCAN deliveries")
-                || line.starts_with("SCAN agents")
+                || line == "SCAN agents"
+                || line.starts_with("SCAN agents ")
                 || line.starts_with("SCAN a ");
             let whole_postgres =
                 line.contains("Seq Scan on deliveries") || line.contains("Seq Scan on agents");
@@ -921,6 +923,26 @@ fn periodic_queries_read_no_whole_deliveries_table() {
     ] {
         let plan = &plans.iter().find(|(w, _)| *w == what).unwrap().1;
         assert!(plan.contains(index), "{what} reads {index}:\n{plan}");
+    }
+    // The search reads the search index (SQLite: the FTS5 table, then agents by rowid), not
+    // the agents in name order.
+    for what in [
+        "agents page: search",
+        "agents page: search among a presence",
+    ] {
+        let plan = &plans.iter().find(|(w, _)| *w == what).unwrap().1;
+        let from_index = match &url {
+            DatabaseUrl::Sqlite(_) => {
+                plan.contains("SCAN agents_search VIRTUAL TABLE")
+                    && plan.contains("SEARCH agents USING INTEGER PRIMARY KEY (rowid=?)")
+            }
+            DatabaseUrl::Postgres(_) => plan.contains("Bitmap Index Scan on agents_search"),
+        };
+        assert!(from_index, "{what} reads agents_search:\n{plan}");
+        assert!(
+            !plan.contains("agents_name"),
+            "{what} walks no agents in name order:\n{plan}"
+        );
     }
     let (_, sweep) = &plans[0];
     assert!(
@@ -959,38 +981,49 @@ fn the_migration_to_kept_counts_counts_existing_calls() {
     // Back to the version before the kept counts (SQLite 7, PostgreSQL 5), without what the
     // versions after them added (the revocation feed, the agents' indexes).
     let previous = match &url {
-        DatabaseUrl::Sqlite(_) => format!("PRAGMA user_version = {}", SCHEMA_VERSION - 3),
+        DatabaseUrl::Sqlite(_) => format!("PRAGMA user_version = {}", SCHEMA_VERSION - 4),
         DatabaseUrl::Postgres(_) => format!(
             "UPDATE schema_version SET version = {}",
-            POSTGRES_SCHEMA_VERSION - 3
+            POSTGRES_SCHEMA_VERSION - 4
         ),
     };
-    for statement in [
-        "DROP INDEX agents_presence",
-        "DROP INDEX agents_last_seen",
-        "DROP INDEX agents_name",
-        "DROP TABLE revocation_feed",
-        "DROP TABLE revocation_seq",
-        "DROP INDEX calls_open",
-        "DROP INDEX deliveries_call_agent",
-        "DROP INDEX deliveries_call_state_agent",
-        "CREATE INDEX deliveries_call ON deliveries(call_id)",
-    ]
-    .into_iter()
-    .map(String::from)
-    .chain(
-        [
-            "n_queued",
-            "n_sent",
-            "n_delivered",
-            "n_started",
-            "n_finished",
-            "n_expired",
-            "n_failed",
-        ]
-        .map(|c| format!("ALTER TABLE calls DROP COLUMN {c}")),
-    )
-    .chain([previous])
+    let search_index: &[&str] = match &url {
+        DatabaseUrl::Sqlite(_) => &[
+            "DROP TRIGGER agents_search_insert",
+            "DROP TRIGGER agents_search_update",
+            "DROP TRIGGER agents_search_delete",
+            "DROP TABLE agents_search",
+        ],
+        DatabaseUrl::Postgres(_) => &["DROP INDEX agents_search"],
+    };
+    for statement in search_index
+        .iter()
+        .copied()
+        .chain([
+            "DROP INDEX agents_presence",
+            "DROP INDEX agents_last_seen",
+            "DROP INDEX agents_name",
+            "DROP TABLE revocation_feed",
+            "DROP TABLE revocation_seq",
+            "DROP INDEX calls_open",
+            "DROP INDEX deliveries_call_agent",
+            "DROP INDEX deliveries_call_state_agent",
+            "CREATE INDEX deliveries_call ON deliveries(call_id)",
+        ])
+        .map(String::from)
+        .chain(
+            [
+                "n_queued",
+                "n_sent",
+                "n_delivered",
+                "n_started",
+                "n_finished",
+                "n_expired",
+                "n_failed",
+            ]
+            .map(|c| format!("ALTER TABLE calls DROP COLUMN {c}")),
+        )
+        .chain([previous])
     {
         common::execute_sql(&url, &statement);
     }

@@ -89,6 +89,9 @@ pub enum StoreError {
         /// Why.
         reason: String,
     },
+    /// The database server lacks something the schema needs (a PostgreSQL extension).
+    #[error("{0}")]
+    Setup(String),
     /// A file operation failed.
     #[error("{context} {path}: {source}")]
     Io {
@@ -277,7 +280,7 @@ pub struct Checkin {
 /// Filters for listing agents.
 #[derive(Debug, Clone, Default)]
 pub struct AgentFilter {
-    /// Substring of id, name, host name or an address.
+    /// Case-insensitive substring of the id, name, host name, addresses or MACs (literal).
     pub search: Option<String>,
     /// Member of this group.
     pub group: Option<String>,

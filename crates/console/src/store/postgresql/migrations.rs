@@ -247,7 +247,21 @@ CREATE INDEX agents_presence ON agents(presence, revoked, name, id);
 CREATE INDEX agents_last_seen ON agents(revoked, GREATEST(enrolled_at, COALESCE(last_checkin, 0), COALESCE(presence_at, 0))) INCLUDE (enrolled_at, last_checkin, presence_at, presence);
 CREATE INDEX agents_name ON agents(name, id);
 "#,
+    r#"
+-- Version 9 (SQLite's 11): the agents page's search (a substring of the id, name, host name,
+-- addresses or MACs) from an index: agents_search, a GIN trigram index (pg_trgm) of the five
+-- columns joined by a line feed, which the search's ILIKE on the same expression reads
+-- (then checked against each column). pg_trgm is a trusted extension: the database's owner
+-- may create it.
+CREATE EXTENSION IF NOT EXISTS pg_trgm;
+CREATE INDEX agents_search ON agents USING gin (
+    (id || E'\n' || name || E'\n' || hostname || E'\n' || addresses || E'\n' || macs) gin_trgm_ops
+);
+"#,
 ];
+
+/// The first version that needs the extension pg_trgm (agents_search).
+const TRIGRAM_VERSION: i64 = 9;
 
 /// Any number fixed for this schema: the advisory lock that lets one console migrate while
 /// others starting at the same time wait.
@@ -279,12 +293,33 @@ pub(super) fn migrate(client: &mut Client, shown: &str) -> StoreResult<()> {
         }
     };
     for (version, script) in pending_migrations(MIGRATIONS, found, shown)? {
+        if version == TRIGRAM_VERSION {
+            need_trigram_extension(&mut tx, shown)?;
+        }
         tx.batch_execute(script)
             .map_err(pg("applying a schema migration"))?;
         tx.execute("UPDATE schema_version SET version = $1", &[&version])
             .map_err(pg("recording the schema version"))?;
     }
     tx.commit().map_err(pg("committing a schema migration"))
+}
+
+/// Refuses, with what to install, a server without the extension pg_trgm (a contrib module
+/// that some packagings ship apart from the server).
+fn need_trigram_extension(tx: &mut postgres::Transaction<'_>, shown: &str) -> StoreResult<()> {
+    let available = tx
+        .query_opt(
+            "SELECT 1 FROM pg_available_extensions WHERE name = 'pg_trgm'",
+            &[],
+        )
+        .map_err(pg("looking for the extension pg_trgm"))?
+        .is_some();
+    if available {
+        return Ok(());
+    }
+    Err(StoreError::Setup(format!(
+        "the PostgreSQL server of {shown} lacks the extension pg_trgm, which the agents' search index needs: install the server's contrib modules (Debian and Ubuntu ship them in the postgresql package; elsewhere the package postgresql-contrib or postgresqlNN-contrib), then start the console again"
+    )))
 }
 
 /// The schema version recorded in the database.

@@ -23,7 +23,7 @@ use bytes::BytesMut;
 use postgres::types::{IsNull, ToSql, Type, to_sql_checked};
 use postgres::{Client, GenericClient, NoTls, Statement};
 
-use super::sql::{CHANGES_CHANNEL, Conn, Database, DbError, Row, SqlStore, Value};
+use super::sql::{CHANGES_CHANNEL, Conn, Database, DbError, Row, SqlStore, TextIndex, Value};
 use super::*;
 pub use migrations::SCHEMA_VERSION as POSTGRES_SCHEMA_VERSION;
 
@@ -143,6 +143,14 @@ impl<C: GenericClient> Conn for PgConn<'_, C> {
 
     fn like(&self) -> &'static str {
         "ILIKE"
+    }
+
+    fn like_escape(&self) -> &'static str {
+        ""
+    }
+
+    fn text_index(&self) -> TextIndex {
+        TextIndex::PgTrigram
     }
 
     fn greatest(&self) -> &'static str {

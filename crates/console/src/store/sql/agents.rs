@@ -117,6 +117,131 @@ const LARGE_GROUP: i64 = 10_000;
 const LARGE_GROUP_MEMBERS: &str =
     "SELECT COUNT(*) FROM (SELECT 1 FROM agent_groups WHERE group_name = ?1 LIMIT ?2) m";
 
+/// From how many characters a search reads the search index (a trigram is three: shorter
+/// text has none, and is looked for in every agent).
+pub const MIN_INDEXED_SEARCH: usize = 3;
+
+/// From how many agents found by the SQLite search index a search walks the agents in name
+/// order instead, each checked, until the page is full (as a large group is listed): many
+/// matches fill a page soon, and reading them all from the index to sort them would not.
+const LARGE_SEARCH: i64 = 10_000;
+
+/// The agents that the search index finds for the phrase `?1`, counted up to `?2`
+/// ([`LARGE_SEARCH`]) only.
+const LARGE_SEARCH_MATCHES: &str =
+    "SELECT COUNT(*) FROM (SELECT 1 FROM agents_search WHERE agents_search MATCH ?1 LIMIT ?2) m";
+
+/// `text` as a `LIKE` pattern that matches it literally (escape character `\`).
+fn like_literal(text: &str) -> String {
+    let mut out = String::with_capacity(text.len() + 2);
+    for c in text.chars() {
+        if matches!(c, '\\' | '%' | '_') {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// Adds to a listing the agents' search: `text` a case-insensitive substring (ASCII letters on
+/// SQLite, the server's case rules on PostgreSQL) of the id, name, host name, addresses or
+/// MACs. Text of [`MIN_INDEXED_SEARCH`] characters or more is first looked up in the search
+/// index (trigrams: it finds a superset, which the `LIKE` then narrows to the same agents as
+/// without it); shorter text is looked for in every agent.
+fn search(
+    conn: &mut dyn Conn,
+    text: &str,
+    where_: &mut Vec<String>,
+    args: &mut Vec<Value>,
+) -> StoreResult<()> {
+    args.push(format!("%{}%", like_literal(text)).into());
+    let (n, like, escape) = (args.len(), conn.like(), conn.like_escape());
+    where_.push(format!(
+        "(id {like} ?{n}{escape} OR name {like} ?{n}{escape} OR hostname {like} ?{n}{escape} OR addresses {like} ?{n}{escape} OR macs {like} ?{n}{escape})"
+    ));
+    if text.chars().count() < MIN_INDEXED_SEARCH {
+        return Ok(());
+    }
+    match conn.text_index() {
+        TextIndex::Fts5Trigram => {
+            // One FTS5 phrase: the trigrams of the text in a row, in any one column.
+            let phrase = format!("\"{}\"", text.replace('"', "\"\""));
+            let found: i64 = query_one(
+                conn,
+                LARGE_SEARCH_MATCHES,
+                params![&phrase, LARGE_SEARCH],
+                "sizing a search",
+            )?;
+            if found < LARGE_SEARCH {
+                args.push(phrase.into());
+                where_.push(format!(
+                    "agents.rowid IN (SELECT rowid FROM agents_search WHERE agents_search MATCH ?{})",
+                    args.len()
+                ));
+            }
+        }
+        // Implied by the condition on the columns: only there for the index.
+        TextIndex::PgTrigram => where_.push(format!("{SEARCH_TEXT} {like} ?{n}")),
+    }
+    Ok(())
+}
+
+/// The query that lists the agents `f` selects, and its values.
+pub(super) fn list_query(
+    conn: &mut dyn Conn,
+    f: &AgentFilter,
+) -> StoreResult<(String, Vec<Value>)> {
+    let mut where_ = vec!["1 = 1".to_owned()];
+    let mut args: Vec<Value> = Vec::new();
+    if !f.include_revoked {
+        where_.push("revoked = 0".into());
+    }
+    if let Some(s) = &f.search {
+        search(conn, s, &mut where_, &mut args)?;
+    }
+    if let Some(g) = &f.group {
+        // A small group: its members, then sorted by name. A large one: the agents
+        // in name order, each checked, until the page is full (SQLite follows the
+        // form written; either costs in proportion to a bounded number of rows).
+        let members: i64 = query_one(
+            conn,
+            LARGE_GROUP_MEMBERS,
+            params![g, LARGE_GROUP],
+            "sizing a group",
+        )?;
+        args.push(g.into());
+        where_.push(if members >= LARGE_GROUP {
+            format!(
+                "EXISTS (SELECT 1 FROM agent_groups g WHERE g.agent_id = agents.id AND g.group_name = ?{})",
+                args.len()
+            )
+        } else {
+            format!(
+                "id IN (SELECT agent_id FROM agent_groups WHERE group_name = ?{})",
+                args.len()
+            )
+        });
+    }
+    if let Some(p) = f.presence {
+        args.push(p.as_str().into());
+        where_.push(format!("presence = ?{}", args.len()));
+    }
+    if let Some(before) = f.stale_before {
+        args.push(before.into());
+        where_.push(stale(conn, &format!("?{}", args.len())));
+    }
+    if f.cloned {
+        where_.push("clone_detected_at IS NOT NULL".into());
+    }
+    let limit = if f.limit == 0 { 1000 } else { f.limit };
+    let query = format!(
+        "SELECT {AGENT_COLUMNS} FROM agents WHERE {} ORDER BY name, id LIMIT {limit} OFFSET {}",
+        where_.join(" AND "),
+        f.offset
+    );
+    Ok((query, args))
+}
+
 /// The agents recorded online, read when the console connects to the broker to compare
 /// with the broker's presence: a range of agents_presence.
 pub(super) const RECORDED_ONLINE: &str = "SELECT id FROM agents WHERE presence = 'online'";
@@ -347,58 +472,7 @@ impl AgentStore for SqlStore {
 
     fn list_agents(&self, f: &AgentFilter) -> StoreResult<Vec<Agent>> {
         self.read(|conn| {
-            let mut where_ = vec!["1 = 1".to_owned()];
-            let mut args: Vec<Value> = Vec::new();
-            if !f.include_revoked {
-                where_.push("revoked = 0".into());
-            }
-            if let Some(s) = &f.search {
-                args.push(format!("%{}%", s.replace(['%', '_'], "")).into());
-                let (n, like) = (args.len(), conn.like());
-                where_.push(format!(
-                    "(id {like} ?{n} OR name {like} ?{n} OR hostname {like} ?{n} OR addresses {like} ?{n} OR macs {like} ?{n})"
-                ));
-            }
-            if let Some(g) = &f.group {
-                // A small group: its members, then sorted by name. A large one: the agents
-                // in name order, each checked, until the page is full (SQLite follows the
-                // form written; either costs in proportion to a bounded number of rows).
-                let members: i64 = query_one(
-                    conn,
-                    LARGE_GROUP_MEMBERS,
-                    params![g, LARGE_GROUP],
-                    "sizing a group",
-                )?;
-                args.push(g.into());
-                where_.push(if members >= LARGE_GROUP {
-                    format!(
-                        "EXISTS (SELECT 1 FROM agent_groups g WHERE g.agent_id = agents.id AND g.group_name = ?{})",
-                        args.len()
-                    )
-                } else {
-                    format!(
-                        "id IN (SELECT agent_id FROM agent_groups WHERE group_name = ?{})",
-                        args.len()
-                    )
-                });
-            }
-            if let Some(p) = f.presence {
-                args.push(p.as_str().into());
-                where_.push(format!("presence = ?{}", args.len()));
-            }
-            if let Some(before) = f.stale_before {
-                args.push(before.into());
-                where_.push(stale(conn, &format!("?{}", args.len())));
-            }
-            if f.cloned {
-                where_.push("clone_detected_at IS NOT NULL".into());
-            }
-            let limit = if f.limit == 0 { 1000 } else { f.limit };
-            let query = format!(
-                "SELECT {AGENT_COLUMNS} FROM agents WHERE {} ORDER BY name, id LIMIT {limit} OFFSET {}",
-                where_.join(" AND "),
-                f.offset
-            );
+            let (query, args) = list_query(conn, f)?;
             let mut agents = query_all(conn, &query, &args, agent_from_row, "listing agents")?;
             for a in &mut agents {
                 fill_groups(conn, a)?;

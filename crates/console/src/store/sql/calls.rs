@@ -743,6 +743,25 @@ impl SqlStore {
                     vec![],
                 ),
             ];
+            let mut queries = queries;
+            // The agents page's search (not periodic: each a person's look-up), alone and
+            // among one presence.
+            for (what, presence) in [
+                ("agents page: search", None),
+                (
+                    "agents page: search among a presence",
+                    Some(Presence::Offline),
+                ),
+            ] {
+                let filter = AgentFilter {
+                    search: Some("AGENT-1234".into()),
+                    presence,
+                    limit: 100,
+                    ..AgentFilter::default()
+                };
+                let (query, values) = agents::list_query(conn, &filter)?;
+                queries.push((what, query, values));
+            }
             let explain = conn.explain();
             let mut out = Vec::new();
             for (what, query, values) in queries {

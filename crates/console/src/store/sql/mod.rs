@@ -231,6 +231,14 @@ pub trait Conn {
     /// `ILIKE`).
     fn like(&self) -> &'static str;
 
+    /// The clause that makes `\` the escape character of a `LIKE` pattern (SQLite has none
+    /// by default; PostgreSQL's default is `\`, written nowhere so that pg_trgm reads the
+    /// pattern).
+    fn like_escape(&self) -> &'static str;
+
+    /// The index that serves the agents' search.
+    fn text_index(&self) -> TextIndex;
+
     /// The function that takes the largest of its arguments: SQLite's `max`, PostgreSQL's
     /// `GREATEST` (an index on such an expression is used by queries written alike).
     fn greatest(&self) -> &'static str;
@@ -245,6 +253,20 @@ pub trait Conn {
     /// SQLite, which one console uses alone.
     fn notify(&mut self, payload: &str) -> Result<(), DbError>;
 }
+
+/// The index of the agents' search: a substring of the id, name, host name, addresses or MACs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TextIndex {
+    /// SQLite's FTS5 table `agents_search` (trigram tokenizer), by the agents' rowid.
+    Fts5Trigram,
+    /// PostgreSQL's GIN trigram index `agents_search` on [`SEARCH_TEXT`].
+    PgTrigram,
+}
+
+/// The expression PostgreSQL's `agents_search` indexes (written as in its migration): the five
+/// searched columns, joined by a line feed.
+pub const SEARCH_TEXT: &str =
+    "(id || E'\\n' || name || E'\\n' || hostname || E'\\n' || addresses || E'\\n' || macs)";
 
 /// The PostgreSQL notification channel of delivery changes (see [`Conn::notify`]).
 pub const CHANGES_CHANNEL: &str = "beckon_delivery_changes";

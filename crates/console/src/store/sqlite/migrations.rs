@@ -243,6 +243,36 @@ CREATE INDEX agents_presence ON agents(presence, revoked, name, id);
 CREATE INDEX agents_last_seen ON agents(revoked, max(enrolled_at, COALESCE(last_checkin, 0), COALESCE(presence_at, 0))) WHERE presence <> 'online';
 CREATE INDEX agents_name ON agents(name, id);
 "#,
+    r#"
+-- Version 11: the agents page's search (a substring of the id, name, host name, addresses or
+-- MACs) from an index: agents_search, an FTS5 index of those columns with the trigram
+-- tokenizer (case-insensitive), whose text stays in agents (external content, by rowid).
+-- Triggers keep it in step with every insert, change of those columns and delete; it is
+-- filled here for the agents already stored.
+CREATE VIRTUAL TABLE agents_search USING fts5(
+    id, name, hostname, addresses, macs,
+    content = 'agents', tokenize = 'trigram'
+);
+INSERT INTO agents_search (agents_search) VALUES ('rebuild');
+CREATE TRIGGER agents_search_insert AFTER INSERT ON agents BEGIN
+    INSERT INTO agents_search (rowid, id, name, hostname, addresses, macs)
+        VALUES (new.rowid, new.id, new.name, new.hostname, new.addresses, new.macs);
+END;
+CREATE TRIGGER agents_search_delete AFTER DELETE ON agents BEGIN
+    INSERT INTO agents_search (agents_search, rowid, id, name, hostname, addresses, macs)
+        VALUES ('delete', old.rowid, old.id, old.name, old.hostname, old.addresses, old.macs);
+END;
+-- Only when one of them changed: a check-in that reports the same machine writes them again.
+CREATE TRIGGER agents_search_update AFTER UPDATE OF id, name, hostname, addresses, macs ON agents
+WHEN old.id IS NOT new.id OR old.name IS NOT new.name OR old.hostname IS NOT new.hostname
+    OR old.addresses IS NOT new.addresses OR old.macs IS NOT new.macs
+BEGIN
+    INSERT INTO agents_search (agents_search, rowid, id, name, hostname, addresses, macs)
+        VALUES ('delete', old.rowid, old.id, old.name, old.hostname, old.addresses, old.macs);
+    INSERT INTO agents_search (rowid, id, name, hostname, addresses, macs)
+        VALUES (new.rowid, new.id, new.name, new.hostname, new.addresses, new.macs);
+END;
+"#,
 ];
 
 pub(super) fn migrate(conn: &mut Connection, shown_path: &str) -> StoreResult<()> {

@@ -24,7 +24,7 @@ use std::sync::{Mutex, MutexGuard};
 use rusqlite::Connection;
 use rusqlite::types::{ToSqlOutput, ValueRef};
 
-use super::sql::{Conn, Database, DbError, Row, SqlStore, Value};
+use super::sql::{Conn, Database, DbError, Row, SqlStore, TextIndex, Value};
 use super::*;
 pub use migrations::SCHEMA_VERSION;
 use migrations::migrate;
@@ -88,6 +88,14 @@ impl Conn for SqliteConn<'_> {
 
     fn like(&self) -> &'static str {
         "LIKE"
+    }
+
+    fn like_escape(&self) -> &'static str {
+        " ESCAPE '\\'"
+    }
+
+    fn text_index(&self) -> TextIndex {
+        TextIndex::Fts5Trigram
     }
 
     fn greatest(&self) -> &'static str {
