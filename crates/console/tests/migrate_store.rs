@@ -197,7 +197,8 @@ fn a_store_moves_whole_into_an_empty_database_and_not_into_a_used_one() {
     let report = migrate_store(&args).unwrap();
     let count = |table: &str| report.iter().find(|(t, _)| *t == table).unwrap().1;
     // Every table of the schema is copied, or left behind knowingly: what only matters
-    // while consoles run (their dispatch leases, the throttles' recent failures).
+    // while consoles run (their dispatch leases, the throttles' recent failures), and the
+    // agents' counts, which the target's triggers make from the copied agents.
     let DatabaseUrl::Sqlite(path) = &from else {
         unreachable!()
     };
@@ -213,7 +214,16 @@ fn a_store_moves_whole_into_an_empty_database_and_not_into_a_used_one() {
     let mut handled: Vec<String> = report
         .iter()
         .map(|(t, _)| (*t).to_owned())
-        .chain(["auth_failures", "console_leases", "revocation_seq"].map(String::from))
+        .chain(
+            [
+                "agent_count_changes",
+                "agent_counts",
+                "auth_failures",
+                "console_leases",
+                "revocation_seq",
+            ]
+            .map(String::from),
+        )
         .collect();
     handled.sort();
     assert_eq!(schema, handled);
@@ -225,6 +235,19 @@ fn a_store_moves_whole_into_an_empty_database_and_not_into_a_used_one() {
 
     let target = to.open().unwrap();
     assert_eq!(snapshot(&target, &call), before);
+    assert_eq!(
+        [Presence::Online, Presence::Offline, Presence::Unknown]
+            .map(|p| target.count_agents(p).unwrap()),
+        [Presence::Online, Presence::Offline, Presence::Unknown].map(|p| target
+            .list_agents(&AgentFilter {
+                presence: Some(p),
+                limit: 1000,
+                ..Default::default()
+            })
+            .unwrap()
+            .len() as u64),
+        "the target counts the copied agents"
+    );
     // Brokers keep their feed cursors: the copied entry keeps its cursor, the next removal
     // comes after it.
     let feed = target.revocation_feed(0, 10, NOW).unwrap();
