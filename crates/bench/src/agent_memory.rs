@@ -141,10 +141,7 @@ pub async fn agent_memory_command(args: &AgentMemoryArgs) -> anyhow::Result<()> 
 
 /// Starts `beckon up`, enrolls and runs the agent, reads it, and stops everything.
 pub async fn run_agent_memory(args: &AgentMemoryArgs) -> anyhow::Result<AgentMemoryReport> {
-    let program = match &args.beckon_bin {
-        Some(p) => p.clone(),
-        None => std::env::current_exe().context("cannot find this program's path")?,
-    };
+    let program = crate::beckon_program(args.beckon_bin.as_ref())?;
     let temp = tempfile::Builder::new()
         .prefix("beckon-bench-agent-memory-")
         .tempdir()

@@ -32,7 +32,9 @@ use tokio::time::Instant;
 use crate::call::api;
 use crate::call::http::HttpClient;
 use crate::call::setup::{Service, free_port, load_average, start_service};
+use crate::call::the_call::subscribe_live;
 use crate::procstat::ProcReader;
+use crate::protocol::unix_ns;
 use crate::report::{Percentiles, format_value};
 
 /// The request path of a measured page, for the k-th request.
@@ -288,10 +290,7 @@ pub async fn run_console_bench(args: &ConsoleBenchArgs) -> anyhow::Result<Consol
     if args.group_size == 0 {
         bail!("--group-size must be at least 1: the bench calls that group");
     }
-    let program = match &args.beckon_bin {
-        Some(p) => p.clone(),
-        None => std::env::current_exe().context("cannot find this program's path")?,
-    };
+    let program = crate::beckon_program(args.beckon_bin.as_ref())?;
     let temp;
     let data = match &args.data_dir {
         Some(d) => {
@@ -622,30 +621,9 @@ async fn the_call(
     token: &str,
     client: &mut HttpClient,
 ) -> anyhow::Result<()> {
-    let mut events_client = HttpClient::new(console_addr);
-    events_client.set_bearer(token);
-    let mut events = events_client
-        .open_events("/api/v1/events", API_LIMIT)
-        .await
-        .context("subscribing to the console's live events")?;
-    let (sent_tx, mut sent_rx) = tokio::sync::mpsc::unbounded_channel::<(Instant, String)>();
-    let reader = tokio::spawn(async move {
-        while let Ok(Some(ev)) = events.next().await {
-            if ev.event != "delivery" {
-                continue;
-            }
-            let Ok(d) = serde_json::from_str::<serde_json::Value>(&ev.data) else {
-                continue;
-            };
-            if d["state"] == "sent" {
-                let call = d["call_id"].as_str().unwrap_or_default().to_owned();
-                if sent_tx.send((Instant::now(), call)).is_err() {
-                    return;
-                }
-            }
-        }
-    });
+    let (reader, mut live) = subscribe_live(console_addr, token).await?;
     let started = Instant::now();
+    let started_ns = unix_ns();
     let created = client
         .request(
             "POST",
@@ -672,8 +650,11 @@ async fn the_call(
     let call_id = body["id"].as_str().unwrap_or_default().to_owned();
     report.call_agents = body["agents"].as_u64().unwrap_or(0);
     let wait = tokio::time::timeout(Duration::from_secs(60), async {
-        while let Some((at, call)) = sent_rx.recv().await {
-            if call == call_id {
+        while let Some((at, item)) = live.recv().await {
+            if let Ok(d) = item
+                && d.call_id == call_id
+                && d.state == "sent"
+            {
                 return Some(at);
             }
         }
@@ -684,6 +665,6 @@ async fn the_call(
     report.first_sent_ms = wait
         .ok()
         .flatten()
-        .map(|at| at.duration_since(started).as_secs_f64() * 1000.0);
+        .map(|at| at.saturating_sub(started_ns) as f64 / 1e6);
     Ok(())
 }

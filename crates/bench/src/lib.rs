@@ -53,6 +53,17 @@ use anyhow::{Context, bail};
 pub use cli::{CompareArgs, FleetArgs, LoadArgs, Phase, WorkerArgs};
 pub use fleet::{WorkerLauncher, agent_id};
 
+/// The `beckon` program a bench starts (console, broker, agent): the one given with
+/// `--beckon-bin`, else this program.
+pub(crate) fn beckon_program(
+    given: Option<&std::path::PathBuf>,
+) -> anyhow::Result<std::path::PathBuf> {
+    match given {
+        Some(p) => Ok(p.clone()),
+        None => std::env::current_exe().context("cannot find this program's path"),
+    }
+}
+
 /// `beckon bench ...`.
 #[derive(Debug, Clone, clap::Subcommand)]
 pub enum BenchCommand {

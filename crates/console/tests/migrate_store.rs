@@ -198,8 +198,8 @@ fn a_store_moves_whole_into_an_empty_database_and_not_into_a_used_one() {
     let count = |table: &str| report.iter().find(|(t, _)| *t == table).unwrap().1;
     // Every table of the schema is copied, or left behind knowingly: what only matters
     // while consoles run (their dispatch leases, the throttles' recent failures), and the
-    // search index (FTS5's table and its shadow tables), which the target's triggers fill
-    // from the agents copied.
+    // search index (FTS5's table and its shadow tables) and the agents' counts, which the
+    // target's triggers make from the agents copied.
     let DatabaseUrl::Sqlite(path) = &from else {
         unreachable!()
     };
@@ -217,6 +217,8 @@ fn a_store_moves_whole_into_an_empty_database_and_not_into_a_used_one() {
         .map(|(t, _)| (*t).to_owned())
         .chain(
             [
+                "agent_count_changes",
+                "agent_counts",
                 "auth_failures",
                 "console_leases",
                 "revocation_seq",
@@ -250,6 +252,19 @@ fn a_store_moves_whole_into_an_empty_database_and_not_into_a_used_one() {
         .map(|a| a.id)
         .collect();
     assert_eq!(found, ["pc-2"]);
+    assert_eq!(
+        [Presence::Online, Presence::Offline, Presence::Unknown]
+            .map(|p| target.count_agents(p).unwrap()),
+        [Presence::Online, Presence::Offline, Presence::Unknown].map(|p| target
+            .list_agents(&AgentFilter {
+                presence: Some(p),
+                limit: 1000,
+                ..Default::default()
+            })
+            .unwrap()
+            .len() as u64),
+        "the target counts the copied agents"
+    );
     // Brokers keep their feed cursors: the copied entry keeps its cursor, the next removal
     // comes after it.
     let feed = target.revocation_feed(0, 10, NOW).unwrap();

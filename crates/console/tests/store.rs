@@ -200,6 +200,119 @@ fn presence(agent: &str, presence: Presence, at: Millis) -> PresenceUpdate {
     }
 }
 
+/// The dashboard's counts by presence, [online, offline, unknown] (revoked agents not
+/// counted), as the store keeps them.
+fn presence_counts(s: &SqlStore) -> [u64; 3] {
+    [Presence::Online, Presence::Offline, Presence::Unknown].map(|p| s.count_agents(p).unwrap())
+}
+
+/// The same, counted from the agents themselves.
+fn presence_counted(s: &SqlStore) -> [u64; 3] {
+    [Presence::Online, Presence::Offline, Presence::Unknown].map(|p| {
+        s.list_agents(&AgentFilter {
+            presence: Some(p),
+            limit: 100_000,
+            ..Default::default()
+        })
+        .unwrap()
+        .len() as u64
+    })
+}
+
+#[test]
+fn agent_counts_follow_presence_removal_and_enrolment() {
+    let s = common::store();
+    s.create_enrollment_token(token(1, None, None)).unwrap();
+    for id in ["a", "b", "c", "d", "e", "f"] {
+        s.enroll_agent(&[1; 32], agent(id), 10).unwrap();
+    }
+    assert_eq!(presence_counts(&s), [0, 0, 6]);
+    s.set_presences(
+        ["a", "b", "c"]
+            .map(|id| presence(id, Presence::Online, 20))
+            .into_iter()
+            .chain([presence("d", Presence::Offline, 20)])
+            .collect(),
+    )
+    .unwrap();
+    assert_eq!(presence_counts(&s), [3, 1, 2]);
+    // Older than what is recorded, and the same event twice (two consoles): no change.
+    s.set_presences(vec![
+        presence("a", Presence::Offline, 15),
+        presence("b", Presence::Online, 20),
+    ])
+    .unwrap();
+    assert_eq!(presence_counts(&s), [3, 1, 2]);
+    assert!(s.fold_agent_counts().unwrap() > 0);
+    assert_eq!(s.fold_agent_counts().unwrap(), 0, "folded once");
+    assert_eq!(presence_counts(&s), [3, 1, 2], "the same after folding");
+    s.revoke_agent("b", 30).unwrap();
+    assert_eq!(
+        presence_counts(&s),
+        [2, 1, 2],
+        "a removed agent is not counted"
+    );
+    s.reconcile_presence(&["a".to_owned()], 40).unwrap();
+    assert_eq!(presence_counts(&s), [1, 2, 2]);
+    // The removed agent enrolled again: a new agent, presence unknown.
+    s.enroll_agent(&[1; 32], agent("b"), 50).unwrap();
+    assert_eq!(presence_counts(&s), [1, 2, 3]);
+    s.fold_agent_counts().unwrap();
+    assert_eq!(presence_counts(&s), [1, 2, 3]);
+    assert_eq!(presence_counts(&s), presence_counted(&s));
+}
+
+/// Two consoles writing presence at once while both fold: every count stays exact, and
+/// neither waits for the other's count (on PostgreSQL, a count row locked by each
+/// presence transaction would also deadlock with the agents' rows locked in order).
+#[test]
+fn agent_counts_stay_exact_with_two_consoles_writing_presence_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = common::reopenable_database(dir.path());
+    let stores = [common::open_store(&url), common::open_store(&url)];
+    stores[0]
+        .create_enrollment_token(token(1, None, None))
+        .unwrap();
+    let agents: Vec<String> = (0..200).map(|i| format!("agent-{i:03}")).collect();
+    for id in &agents {
+        stores[0].enroll_agent(&[1; 32], agent(id), 10).unwrap();
+    }
+    std::thread::scope(|scope| {
+        for (k, s) in stores.iter().enumerate() {
+            let agents = &agents;
+            scope.spawn(move || {
+                for round in 0..30i64 {
+                    // Each console hears every agent's events, with their own times; one
+                    // in three agents goes offline each round.
+                    let updates = agents
+                        .iter()
+                        .enumerate()
+                        .map(|(i, id)| {
+                            let online = (i as i64 + round) % 3 != 0;
+                            let p = if online {
+                                Presence::Online
+                            } else {
+                                Presence::Offline
+                            };
+                            presence(id, p, 100 + round * 10 + k as i64)
+                        })
+                        .collect();
+                    s.set_presences(updates).unwrap();
+                    if round % 4 == k as i64 {
+                        s.fold_agent_counts().unwrap();
+                    }
+                }
+            });
+        }
+    });
+    assert_eq!(presence_counts(&stores[0]), presence_counted(&stores[0]));
+    assert_eq!(presence_counts(&stores[1]), presence_counted(&stores[1]));
+    let [online, offline, unknown] = presence_counted(&stores[0]);
+    assert_eq!((online + offline, unknown), (200, 0));
+    stores[1].fold_agent_counts().unwrap();
+    assert_eq!(presence_counts(&stores[0]), [online, offline, 0]);
+}
+
 /// `agent`'s delivery of wake-up `wakeup_id` moving to `state` at `at`, with no ack details.
 fn advance(agent: &str, wakeup_id: &str, state: CallState, at: Millis) -> DeliveryAdvance {
     DeliveryAdvance {
@@ -913,7 +1026,7 @@ fn periodic_queries_read_no_whole_deliveries_table() {
     for (what, index) in [
         (
             "dashboard (every 3 s) and metrics: agents online",
-            "agents_presence",
+            "agent_counts",
         ),
         ("dashboard (every 3 s): stale agents", "agents_last_seen"),
         (
@@ -979,27 +1092,36 @@ fn the_migration_to_kept_counts_counts_existing_calls() {
     drop(s);
 
     // Back to the version before the kept counts (SQLite 7, PostgreSQL 5), without what the
-    // versions after them added (the revocation feed, the agents' indexes).
+    // versions after them added (the revocation feed, the agents' indexes, the search
+    // index, the agents' counts).
     let previous = match &url {
-        DatabaseUrl::Sqlite(_) => format!("PRAGMA user_version = {}", SCHEMA_VERSION - 4),
+        DatabaseUrl::Sqlite(_) => format!("PRAGMA user_version = {}", SCHEMA_VERSION - 5),
         DatabaseUrl::Postgres(_) => format!(
             "UPDATE schema_version SET version = {}",
-            POSTGRES_SCHEMA_VERSION - 4
+            POSTGRES_SCHEMA_VERSION - 5
         ),
     };
-    let search_index: &[&str] = match &url {
+    let later: &[&str] = match &url {
         DatabaseUrl::Sqlite(_) => &[
+            "DROP TRIGGER agents_counted_insert",
+            "DROP TRIGGER agents_counted_delete",
+            "DROP TRIGGER agents_counted_update",
             "DROP TRIGGER agents_search_insert",
             "DROP TRIGGER agents_search_update",
             "DROP TRIGGER agents_search_delete",
             "DROP TABLE agents_search",
         ],
-        DatabaseUrl::Postgres(_) => &["DROP INDEX agents_search"],
+        DatabaseUrl::Postgres(_) => &[
+            "DROP FUNCTION agents_counted CASCADE",
+            "DROP INDEX agents_search",
+        ],
     };
-    for statement in search_index
+    for statement in later
         .iter()
         .copied()
         .chain([
+            "DROP TABLE agent_counts",
+            "DROP TABLE agent_count_changes",
             "DROP INDEX agents_presence",
             "DROP INDEX agents_last_seen",
             "DROP INDEX agents_name",
@@ -1037,9 +1159,15 @@ fn the_migration_to_kept_counts_counts_existing_calls() {
         s.expire_due(100_000).unwrap().len() == 2,
         "the open call is swept"
     );
+    assert_eq!(
+        presence_counts(&s),
+        [0, 0, 3],
+        "the agents' counts migration counts the live agents stored"
+    );
     let feed = s.revocation_feed(0, 10, 100).unwrap();
     assert_eq!(feed_ids(&feed), ["d"]);
     s.revoke_agent("c", 300).unwrap();
+    assert_eq!(presence_counts(&s), [0, 0, 2]);
     let next = s.revocation_feed(feed.next, 10, 100).unwrap();
     assert_eq!(
         feed_ids(&next),

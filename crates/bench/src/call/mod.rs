@@ -337,10 +337,7 @@ pub async fn run_call(args: &CallArgs) -> anyhow::Result<CallReport> {
     if args.size.agents == 0 {
         bail!("--agents must be at least 1");
     }
-    let program = match &args.beckon_bin {
-        Some(p) => p.clone(),
-        None => std::env::current_exe().context("cannot find this program's path")?,
-    };
+    let program = crate::beckon_program(args.beckon_bin.as_ref())?;
     let temp;
     let data = match &args.data_dir {
         Some(d) => {

@@ -13,10 +13,10 @@ pub(super) struct LiveStates {
 }
 
 #[derive(Deserialize)]
-pub(super) struct DeliveryEvent {
-    pub(super) call_id: String,
-    pub(super) agent_id: String,
-    pub(super) state: String,
+pub(crate) struct DeliveryEvent {
+    pub(crate) call_id: String,
+    pub(crate) agent_id: String,
+    pub(crate) state: String,
 }
 
 /// The console's API as the bench uses it around the call: its address, an API token, and a
@@ -186,11 +186,13 @@ async fn wait_online(client: &mut HttpClient, report: &mut CallReport) -> anyhow
     Ok(())
 }
 
-type LiveItem = (u64, Result<DeliveryEvent, u64>);
+/// A live event as read: when (unix ns), and a delivery's change or how many the console
+/// dropped for this listener (`lagged`).
+pub(crate) type LiveItem = (u64, Result<DeliveryEvent, u64>);
 
 /// Subscribes to the console's live events; the deliveries (and missed counts) arrive on
 /// the receiver, stamped when read.
-async fn subscribe_live(
+pub(crate) async fn subscribe_live(
     console_addr: SocketAddr,
     token: &str,
 ) -> anyhow::Result<(

@@ -40,7 +40,7 @@ use relay::{publish_relay, relay_not_sent};
 pub use resend::{OutgoingWakeUp, merge_pending};
 use resend::{publish_all, send_pending};
 use status::{DIAGNOSIS_EVERY, diagnose, set_status};
-use writer::{WRITE_JOBS, expire, forget_old_failures, write_states};
+use writer::{WRITE_JOBS, expire, tidy, write_states};
 
 #[derive(Debug)]
 pub enum Command {
@@ -118,8 +118,9 @@ pub async fn run(
         };
         set_status(&st, false, Some(error.clone()));
         tracing::warn!(%error, "push service connection lost");
-        // Not only while connected: the login throttles' old rows go away without a broker.
-        forget_old_failures(&st).await;
+        // Not only while connected: the login throttles' old rows go away, and the agents'
+        // counts are kept, without a broker.
+        tidy(&st).await;
         if let BrokerLink::Tls { .. } = &st.config.broker
             && last_diagnosis.is_none_or(|t: tokio::time::Instant| t.elapsed() > DIAGNOSIS_EVERY)
         {
@@ -158,7 +159,7 @@ async fn idle(
         tokio::select! {
             _ = tick.tick() => {
                 expire(st).await;
-                forget_old_failures(st).await;
+                tidy(st).await;
             }
             c = commands.recv() => match c {
                 None => return Ok(()),
@@ -266,7 +267,7 @@ async fn connected(
                 conn.sync().await;
                 conn.flush().await?;
                 expire(st).await;
-                forget_old_failures(st).await;
+                tidy(st).await;
                 let taken = lease.keep(st).await;
                 // Agents online may have had their wake-ups from the stopped console (or
                 // not): theirs go out again, the agent drops what it already has.

@@ -15,11 +15,15 @@ pub(super) async fn expire(st: &AppState) {
     }
 }
 
-/// Deletes the failed logins and enrollments that left the throttles' window
-/// ([`crate::guard::sweep`]), those of every console on the database.
-pub(super) async fn forget_old_failures(st: &AppState) {
+/// Every second, with or without a broker: deletes the failed logins and enrollments that
+/// left the throttles' window ([`crate::guard::sweep`]), those of every console on the
+/// database, and folds the changes of the agents' counts into the counts.
+pub(super) async fn tidy(st: &AppState) {
     if let Err(e) = st.store.run(|s| crate::guard::sweep(s, now_ms())).await {
         tracing::warn!(error = %e, "deleting old failed logins and enrollments failed");
+    }
+    if let Err(e) = st.store.run(|s| s.fold_agent_counts()).await {
+        tracing::warn!(error = %e, "folding the changes of the agents' counts failed");
     }
 }
 

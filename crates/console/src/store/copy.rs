@@ -45,6 +45,9 @@ pub fn copy_store(from: &SqlStore, to: &SqlStore) -> StoreResult<CopyReport> {
         })?;
         // Brokers following the revocation feed keep their cursors across the move.
         sql::continue_revocation_feed(target)?;
+        // The agents' counts, from the copied agents (not copied: the target's triggers
+        // counted them).
+        sql::fold_agent_counts(target)?;
         Ok(report)
     })
 }

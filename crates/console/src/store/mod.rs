@@ -461,6 +461,11 @@ pub trait AgentStore {
     /// How many non-revoked agents have this presence.
     fn count_agents(&self, presence: Presence) -> StoreResult<u64>;
 
+    /// Folds the changes of the agents' counts by presence into the kept counts (every
+    /// second, and after writing many agents at once); returns how many changes it folded.
+    /// Counting reads the counts and the changes, so this only keeps the changes few.
+    fn fold_agent_counts(&self) -> StoreResult<u64>;
+
     /// How many non-revoked agents are stale (see [`AgentFilter::stale_before`]).
     fn count_stale_agents(&self, before: Millis) -> StoreResult<u64>;
 

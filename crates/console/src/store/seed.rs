@@ -4,7 +4,7 @@
 //! them, on either backend), a chunk per transaction, so that a million agents and ten
 //! million deliveries take minutes, not hours.
 
-use super::sql::{Value, exec, params, query_one};
+use super::sql::{Value, exec, fold_agent_counts, params, query_one};
 use super::*;
 
 /// Agents written per transaction.
@@ -132,6 +132,7 @@ impl SqlStore {
                 )?;
                 report.memberships +=
                     exec(tx, &groups_sql, params![first, last], "seeding groups")?;
+                fold_agent_counts(tx)?;
                 Ok(())
             })?;
             progress("agents", report.agents);

@@ -1,5 +1,7 @@
 //! Agents and groups.
 
+use std::collections::BTreeMap;
+
 use super::auth::{TOKEN_COLUMNS, token_from_row};
 use super::*;
 use crate::model::*;
@@ -97,10 +99,37 @@ fn stale(conn: &dyn Conn, before: &str) -> String {
     )
 }
 
-/// Counts the live agents with the presence `?1` (the dashboard, metrics): a range of
-/// agents_presence.
-pub(super) const COUNT_BY_PRESENCE: &str =
-    "SELECT COUNT(*) FROM agents WHERE revoked = 0 AND presence = ?1";
+/// Counts the live agents with the presence `?1` (the dashboard, metrics): the kept count
+/// and the changes not folded into it yet (a second's worth), not the agents.
+pub(super) const COUNT_BY_PRESENCE: &str = "SELECT CAST(COALESCE((SELECT n FROM agent_counts WHERE presence = ?1 AND revoked = 0), 0) + COALESCE((SELECT SUM(delta) FROM agent_count_changes WHERE presence = ?1 AND revoked = 0), 0) AS BIGINT)";
+
+/// Moves the changes of the agents' counts into the counts ([`AgentStore::fold_agent_counts`]).
+/// The changes are deleted and returned in one statement: with several consoles folding at
+/// once on PostgreSQL, each change is returned to exactly one of them.
+pub(in crate::store) fn fold_agent_counts(tx: &mut dyn Conn) -> StoreResult<u64> {
+    let changes: Vec<(String, i64, i64)> = query_all(
+        tx,
+        "DELETE FROM agent_count_changes RETURNING presence, revoked, delta",
+        &[],
+        |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+        "reading the changes of the agents' counts",
+    )?;
+    let folded = changes.len() as u64;
+    let mut sums: BTreeMap<(String, i64), i64> = BTreeMap::new();
+    for (presence, revoked, delta) in changes {
+        *sums.entry((presence, revoked)).or_default() += delta;
+    }
+    // In key order: two consoles folding at once lock the count rows in the same order.
+    for ((presence, revoked), delta) in sums.into_iter().filter(|(_, d)| *d != 0) {
+        exec(
+            tx,
+            "INSERT INTO agent_counts (presence, revoked, n) VALUES (?1, ?2, ?3) ON CONFLICT (presence, revoked) DO UPDATE SET n = agent_counts.n + excluded.n",
+            params![&presence, revoked, delta],
+            "keeping the agents' counts",
+        )?;
+    }
+    Ok(folded)
+}
 
 /// Counts the live agents last seen before `?1` (the dashboard).
 pub(super) fn count_stale_query(conn: &dyn Conn) -> String {
@@ -492,6 +521,22 @@ impl AgentStore for SqlStore {
         })
     }
 
+    fn fold_agent_counts(&self) -> StoreResult<u64> {
+        let pending: i64 = self.read(|conn| {
+            query_one(
+                conn,
+                "SELECT COUNT(*) FROM (SELECT 1 FROM agent_count_changes LIMIT 1) c",
+                &[],
+                "looking for changes of the agents' counts",
+            )
+        })?;
+        if pending == 0 {
+            // Idle: no write transaction every second.
+            return Ok(0);
+        }
+        self.write(|tx| fold_agent_counts(tx))
+    }
+
     fn count_stale_agents(&self, before: Millis) -> StoreResult<u64> {
         self.read(|conn| {
             let query = count_stale_query(conn);
@@ -570,7 +615,7 @@ impl AgentStore for SqlStore {
 
     fn revocations(&self, now: Millis) -> StoreResult<Vec<RevokedAgent>> {
         self.read(|conn| {
-            let mut out: std::collections::BTreeMap<String, RevokedAgent> = Default::default();
+            let mut out: BTreeMap<String, RevokedAgent> = Default::default();
             // Certificates past their end need no listing: the broker refuses them anyway.
             let certs: Vec<(String, String, Millis)> = query_all(
                 conn,

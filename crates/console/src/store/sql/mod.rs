@@ -17,7 +17,7 @@ mod wol;
 
 use crate::store::*;
 
-pub(super) use agents::{AGENT_TABLES, continue_revocation_feed};
+pub(super) use agents::{AGENT_TABLES, continue_revocation_feed, fold_agent_counts};
 pub(super) use auth::AUTH_TABLES;
 pub(super) use calls::CALL_TABLES;
 pub(super) use settings::SETTINGS_TABLES;
