@@ -891,7 +891,7 @@ fn periodic_queries_read_no_whole_deliveries_table() {
     common::execute_sql(&url, analyze);
     let s = open();
     let plans = s.periodic_query_plans(1_000_000).unwrap();
-    assert_eq!(plans.len(), 11);
+    assert_eq!(plans.len(), 12);
     for (what, plan) in &plans {
         println!("{what}:\n{plan}\n");
         for line in plan.lines().map(str::trim) {
@@ -928,6 +928,19 @@ fn periodic_queries_read_no_whole_deliveries_table() {
         "the expiry sweep reads the open calls' index:\n{sweep}"
     );
     assert!(!sweep.contains("SCAN calls") && !sweep.contains("Seq Scan on calls"));
+    // The recorder reads the calls being recorded only, not every call.
+    let recorder = &plans
+        .iter()
+        .find(|(w, _)| w.starts_with("recorder"))
+        .unwrap()
+        .1;
+    assert!(
+        !recorder
+            .lines()
+            .any(|l| l.trim() == "SCAN c" || l.trim().starts_with("SCAN c "))
+            && !recorder.contains("Seq Scan on calls"),
+        "{recorder}"
+    );
 }
 
 /// The migration that brought the kept counts fills them for the calls already stored:

@@ -397,7 +397,7 @@ fn live_agents(
 /// The calls with chunks left to record that this console records (`?2`): its own, and
 /// expired ones of no console or of one whose lease ran out at `?1` (nobody takes those
 /// over: they are only recorded). The table holds the calls being recorded only.
-const CALLS_TO_RECORD: &str = "SELECT DISTINCT c.created_at, c.id FROM call_unrecorded u JOIN calls c ON c.id = u.call_id LEFT JOIN console_leases l ON l.console_id = c.dispatcher WHERE c.dispatcher = ?2 OR (c.expires_at <= ?1 AND (c.dispatcher IS NULL OR l.expires_at IS NULL OR l.expires_at <= ?1)) ORDER BY c.created_at, c.id";
+const CALLS_TO_RECORD: &str = "SELECT c.created_at, c.id FROM calls c LEFT JOIN console_leases l ON l.console_id = c.dispatcher WHERE c.id IN (SELECT call_id FROM call_unrecorded) AND (c.dispatcher = ?2 OR (c.expires_at <= ?1 AND (c.dispatcher IS NULL OR l.expires_at IS NULL OR l.expires_at <= ?1))) ORDER BY c.created_at, c.id";
 
 impl CallStore for SqlStore {
     fn create_call_with_target(
@@ -860,7 +860,7 @@ pub(super) fn count_deliveries_query() -> String {
 
 impl SqlStore {
     /// The plans the database makes now for the queries the console runs periodically or
-    /// per event (expiry sweep, takeover, metrics, the dashboard's counts, connecting to the
+    /// per event (expiry sweep, takeover, recorder, metrics, the dashboard's counts, connecting to the
     /// broker, an agent coming online, an ack), each
     /// with what it is for: `EXPLAIN QUERY PLAN` on SQLite, `EXPLAIN` on PostgreSQL. At
     /// `now`, with example ids; for the documentation and the tests that no such query reads
@@ -902,6 +902,11 @@ impl SqlStore {
                     "an ack or PUBACK: the deliveries it moves",
                     advance_candidates_query(),
                     vec!["w-1".into(), "agent-1".into()],
+                ),
+                (
+                    "recorder, every second: calls with chunks left to record",
+                    CALLS_TO_RECORD.into(),
+                    vec![now.into(), self.console.clone().into()],
                 ),
                 (
                     "metrics: deliveries in each state",
