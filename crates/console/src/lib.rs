@@ -184,6 +184,9 @@ pub struct ConsoleConfig {
     pub wol_relay_loopback: bool,
     /// Single sign-on with an OpenID provider beside local users; `None`: local users only.
     pub oidc: Option<oidc::OidcConfig>,
+    /// The most deliveries of a call recorded in one transaction ([`store::CALL_CHUNK`]);
+    /// tests lower it to record large calls with few agents.
+    pub call_chunk: usize,
 }
 
 impl ConsoleConfig {
@@ -216,6 +219,7 @@ impl ConsoleConfig {
             broker_starts_later: false,
             wol_relay_loopback: false,
             oidc: None,
+            call_chunk: store::CALL_CHUNK,
         }
     }
 }
@@ -292,6 +296,8 @@ pub struct AppState {
     pub events: broadcast::Sender<CallEvent>,
     /// Wakes the dispatcher when calls are created.
     pub dispatch: mpsc::Sender<dispatch::Command>,
+    /// Wakes the recorder of large calls' later chunks ([`dispatch::record`]).
+    pub recording: Arc<tokio::sync::Notify>,
     /// The push-service status.
     pub push: Arc<Mutex<PushStatus>>,
     /// Configuration.
@@ -410,7 +416,8 @@ impl Console {
         let opened = tokio::task::spawn_blocking(move || database.open())
             .await
             .map_err(|e| ConsoleError::Config(format!("opening the database: {e}")))??
-            .for_console(&config.console_id);
+            .for_console(&config.console_id)
+            .with_call_chunk(config.call_chunk);
         let metrics = Arc::new(metrics::ConsoleMetrics::new());
         let store = StoreHandle::new(Arc::new(opened), metrics.clone());
         let initial_admin_password = api::ensure_first_user(&store, &config.admin_user).await?;
@@ -444,6 +451,7 @@ impl Console {
             tenant,
             events,
             dispatch: dispatch_tx,
+            recording: Arc::new(tokio::sync::Notify::new()),
             push: Arc::new(Mutex::new(PushStatus {
                 connected: false,
                 message:
@@ -487,6 +495,10 @@ impl Console {
         tasks.push(tokio::spawn(dispatch::run(
             state.clone(),
             dispatch_rx,
+            shutdown_rx.clone(),
+        )));
+        tasks.push(tokio::spawn(dispatch::record(
+            state.clone(),
             shutdown_rx.clone(),
         )));
         tasks.push(tokio::spawn(follow_other_consoles(

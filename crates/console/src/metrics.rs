@@ -314,6 +314,12 @@ impl ConsoleMetrics {
         self.delivery_changes[0].inc_by(u64::try_from(deliveries).unwrap_or(u64::MAX));
     }
 
+    /// `n` deliveries of a call already counted were recorded queued (a large call's
+    /// later chunk).
+    pub fn deliveries_queued(&self, n: usize) {
+        self.delivery_changes[0].inc_by(u64::try_from(n).unwrap_or(u64::MAX));
+    }
+
     /// A delivery entered `state`.
     pub fn delivery_changed(&self, state: CallState) {
         if let Some(i) = CallState::ALL.iter().position(|s| *s == state) {

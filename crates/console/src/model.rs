@@ -319,6 +319,10 @@ pub struct WakeCall {
     pub spread: u32,
     /// How many agents are in each state.
     pub counts: std::collections::BTreeMap<CallState, u32>,
+    /// How many agents the call addressed when it was made. A large call is recorded in
+    /// chunks after the request: until then its counts add up to less, and grow.
+    #[serde(default)]
+    pub targeted: u32,
 }
 
 /// A call's state for one agent.

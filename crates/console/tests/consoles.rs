@@ -176,6 +176,68 @@ fn a_console_whose_lease_runs_out_loses_its_unfinished_calls_to_one_other_consol
 }
 
 #[test]
+fn a_large_call_cut_off_mid_recording_is_finished_by_the_console_taking_it_over() {
+    let (stores, _, _dir) = shared_database(2);
+    let mut stores = stores.into_iter();
+    let a = stores.next().unwrap().for_console("a").with_call_chunk(2);
+    let b = stores.next().unwrap().for_console("b").with_call_chunk(2);
+    let agents: Vec<String> = (0..9).map(|i| format!("pc-{i}")).collect();
+    enroll(&a, &agents.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(a.hold_lease(1_000, LEASE).unwrap());
+    assert!(b.hold_lease(1_000, LEASE).unwrap());
+    let mut next = wakeup_ids("w");
+    a.create_call(call("big", 100_000), 1_000, &mut next)
+        .unwrap();
+    a.create_call(call("old", 3_000), 1_000, &mut next).unwrap();
+    a.record_chunk("big", 1_100, &mut next).unwrap().unwrap();
+    // a's calls are a's to record while it holds its lease.
+    assert_eq!(a.calls_to_record(1_200).unwrap(), ["big", "old"]);
+    assert!(b.calls_to_record(1_200).unwrap().is_empty());
+
+    // a is killed mid-recording. b takes the call over and records the rest; a (were it
+    // still running its last look) records nothing of a call no longer its own.
+    assert!(b.hold_lease(11_000, LEASE).unwrap());
+    let taken = b.take_over_calls(11_000).unwrap();
+    assert_eq!(taken.calls, [("big".into(), Some("a".into()))]);
+    assert_eq!(b.calls_to_record(11_000).unwrap(), ["big", "old"]);
+    let refused = a.record_chunk("big", 11_000, &mut next).unwrap().unwrap();
+    assert!(!refused.dispatched_here && refused.queued.is_empty());
+    let mut queued = 0;
+    while let Some(chunk) = b.record_chunk("big", 11_100, &mut next).unwrap() {
+        assert!(chunk.dispatched_here);
+        queued += chunk.queued.len();
+    }
+    assert_eq!(queued, 5);
+    // The expired call nobody takes over is recorded by whoever looks (its wake-ups only
+    // expire): two consoles at once, each chunk once.
+    let mut turn = 0;
+    loop {
+        let s = if turn % 2 == 0 { &b } else { &a };
+        turn += 1;
+        if s.record_chunk("old", 11_200, &mut next).unwrap().is_none() {
+            break;
+        }
+    }
+    assert!(turn > 3, "both recorded chunks");
+    assert!(b.calls_to_record(11_300).unwrap().is_empty());
+    for id in ["big", "old"] {
+        let page = b
+            .call_deliveries(
+                id,
+                &DeliveryQuery {
+                    limit: 100,
+                    ..Default::default()
+                },
+            )
+            .unwrap();
+        let got: Vec<String> = page.deliveries.iter().map(|d| d.agent_id.clone()).collect();
+        assert_eq!(got, agents, "{id}: one delivery per agent addressed");
+        let call = b.call(id).unwrap();
+        assert_eq!(call.counts.values().sum::<u32>(), call.targeted);
+    }
+}
+
+#[test]
 fn calls_from_before_several_consoles_are_taken_by_the_first_console() {
     let (stores, url, _dir) = shared_database(1);
     let a = stores.into_iter().next().unwrap().for_console("a");

@@ -92,3 +92,111 @@ async fn a_large_call_never_has_more_publishes_in_flight_than_the_broker_allows(
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+#[tokio::test]
+async fn a_large_calls_first_wake_ups_go_out_before_the_rest_is_recorded() {
+    const AGENTS: usize = 400;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    // One delivery per transaction: the call is recorded in 400 chunks.
+    let api = common::start_with(|c| {
+        c.broker = beckon_console::BrokerLink::Anonymous {
+            address: format!("127.0.0.1:{port}"),
+        };
+        c.call_chunk = 1;
+    })
+    .await;
+    let (tcp, _) = tokio::time::timeout(WAIT, listener.accept())
+        .await
+        .unwrap()
+        .unwrap();
+    let mut broker = Peer::new(tcp);
+    assert!(matches!(broker.recv().await, Packet::Connect(_)));
+    broker
+        .send(Packet::ConnAck(ConnAck {
+            session_present: false,
+            code: ReasonCode::SUCCESS,
+            properties: Properties::default(),
+        }))
+        .await;
+    let Packet::Subscribe(sub) = broker.recv().await else {
+        panic!("expected SUBSCRIBE")
+    };
+    broker
+        .send(Packet::SubAck(SubAck {
+            packet_id: sub.packet_id,
+            codes: vec![ReasonCode(1); sub.subscriptions.len()],
+            properties: Properties::default(),
+        }))
+        .await;
+    assert!(matches!(broker.recv().await, Packet::PingReq));
+    broker.send(Packet::PingResp).await;
+
+    api.handle
+        .state
+        .store
+        .run(|s| {
+            s.create_enrollment_token(beckon_console::store::NewEnrollmentToken {
+                id: "t".into(),
+                hash: [1; 32],
+                label: "test".into(),
+                created_by: "user:admin".into(),
+                expires_at: None,
+                max_uses: None,
+                groups: vec![],
+            })?;
+            for i in 0..AGENTS {
+                s.enroll_agent(&[1; 32], common::new_agent(&format!("pc-{i:03}")), 10)?;
+            }
+            Ok(())
+        })
+        .await
+        .unwrap();
+    let (_, call) = api
+        .create_call(json!({"target": "all", "reason": "many"}))
+        .await;
+    // The answer comes after the first chunk: it says how many agents the call addresses,
+    // and counts what is recorded so far.
+    assert_eq!(call["agents"], AGENTS);
+    assert_eq!(call["targeted"], AGENTS);
+    assert_eq!(call["counts"], json!({"queued": 1}));
+    let id = call["id"].as_str().unwrap().to_owned();
+
+    let mut topics = std::collections::BTreeSet::new();
+    let mut recorded_at_first = None;
+    while topics.len() < AGENTS {
+        let Some(packet) = broker.recv_within(WAIT).await else {
+            panic!("{} wake-ups of {AGENTS} went out", topics.len());
+        };
+        let Packet::Publish(p) = packet else { continue };
+        if recorded_at_first.is_none() {
+            let id = id.clone();
+            let now = api
+                .handle
+                .state
+                .store
+                .run(move |s| s.call(&id))
+                .await
+                .unwrap();
+            recorded_at_first = Some(now.counts.values().sum::<u32>());
+        }
+        assert!(topics.insert(p.topic.clone()), "{} twice", p.topic);
+        broker
+            .send(Packet::PubAck(beckon_mqtt::Ack::new(p.packet_id.unwrap())))
+            .await;
+    }
+    let recorded = recorded_at_first.unwrap();
+    assert!(
+        (recorded as usize) < AGENTS,
+        "the first wake-up went out while {recorded} of {AGENTS} deliveries were recorded"
+    );
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let c = api.get_call(&id).await;
+        if c["counts"]["sent"] == AGENTS {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{c}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

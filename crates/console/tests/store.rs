@@ -1005,7 +1005,7 @@ fn periodic_queries_read_no_whole_deliveries_table() {
     common::execute_sql(&url, analyze);
     let s = open();
     let plans = s.periodic_query_plans(1_000_000).unwrap();
-    assert_eq!(plans.len(), 13);
+    assert_eq!(plans.len(), 14);
     for (what, plan) in &plans {
         println!("{what}:\n{plan}\n");
         for line in plan.lines().map(str::trim) {
@@ -1063,6 +1063,19 @@ fn periodic_queries_read_no_whole_deliveries_table() {
         "the expiry sweep reads the open calls' index:\n{sweep}"
     );
     assert!(!sweep.contains("SCAN calls") && !sweep.contains("Seq Scan on calls"));
+    // The recorder reads the calls being recorded only, not every call.
+    let recorder = &plans
+        .iter()
+        .find(|(w, _)| w.starts_with("recorder"))
+        .unwrap()
+        .1;
+    assert!(
+        !recorder
+            .lines()
+            .any(|l| l.trim() == "SCAN c" || l.trim().starts_with("SCAN c "))
+            && !recorder.contains("Seq Scan on calls"),
+        "{recorder}"
+    );
 }
 
 /// The migration that brought the kept counts fills them for the calls already stored:
@@ -1093,12 +1106,12 @@ fn the_migration_to_kept_counts_counts_existing_calls() {
 
     // Back to the version before the kept counts (SQLite 7, PostgreSQL 5), without what the
     // versions after them added (the revocation feed, the agents' indexes, the search
-    // index, the agents' counts).
+    // index, the agents' counts, the calls' targeted agents and the chunks left to record).
     let previous = match &url {
-        DatabaseUrl::Sqlite(_) => format!("PRAGMA user_version = {}", SCHEMA_VERSION - 5),
+        DatabaseUrl::Sqlite(_) => format!("PRAGMA user_version = {}", SCHEMA_VERSION - 6),
         DatabaseUrl::Postgres(_) => format!(
             "UPDATE schema_version SET version = {}",
-            POSTGRES_SCHEMA_VERSION - 5
+            POSTGRES_SCHEMA_VERSION - 6
         ),
     };
     let later: &[&str] = match &url {
@@ -1120,6 +1133,8 @@ fn the_migration_to_kept_counts_counts_existing_calls() {
         .iter()
         .copied()
         .chain([
+            "DROP TABLE call_unrecorded",
+            "ALTER TABLE calls DROP COLUMN targeted",
             "DROP TABLE agent_counts",
             "DROP TABLE agent_count_changes",
             "DROP INDEX agents_presence",
@@ -1154,6 +1169,11 @@ fn the_migration_to_kept_counts_counts_existing_calls() {
     assert_eq!(
         kept_counts(&s, "c1"),
         [(Queued, 1), (Sent, 1), (Finished, 1)].into()
+    );
+    assert_eq!(
+        s.call("c1").unwrap().targeted,
+        3,
+        "a call made before it counts its deliveries as its targeted agents"
     );
     assert!(
         s.expire_due(100_000).unwrap().len() == 2,
@@ -1427,4 +1447,130 @@ fn a_seeded_registry_lists_large_and_small_groups_by_name() {
             (CallState::Failed, 5)
         ]
     );
+}
+
+/// Every agent of `call` with its delivery's state, checked to have one delivery each.
+fn deliveries_by_agent(s: &SqlStore, call: &str) -> std::collections::BTreeMap<String, CallState> {
+    let mut out = std::collections::BTreeMap::new();
+    for d in s.call_deliveries(call, &every()).unwrap().deliveries {
+        assert!(
+            out.insert(d.agent_id.clone(), d.state).is_none(),
+            "{} has two deliveries in {call}",
+            d.agent_id
+        );
+    }
+    out
+}
+
+#[test]
+fn a_call_larger_than_a_chunk_is_recorded_a_chunk_at_a_time_with_each_agent_once() {
+    use CallState::*;
+    let s = common::store().with_call_chunk(4);
+    s.create_enrollment_token(token(1, None, None)).unwrap();
+    let agents: Vec<String> = (0..10).map(|i| format!("pc-{i:02}")).collect();
+    for id in &agents {
+        s.enroll_agent(&[1; 32], agent(id), 10).unwrap();
+    }
+    let mut next = ids();
+    let (made, first) = s
+        .create_call(new_call("big", CallTarget::All, 100_000), 100, &mut next)
+        .unwrap();
+    // The first chunk only, and the call says how many it addresses.
+    assert_eq!(first.len(), 4);
+    assert_eq!(made.targeted, 10);
+    assert_eq!(made.counts, [(Queued, 4)].into());
+    assert_eq!(kept_counts(&s, "big"), [(Queued, 4)].into());
+    assert_eq!(s.calls_to_record(200).unwrap(), ["big"]);
+
+    // Acks for the first chunk while the rest is recorded; an agent of a later chunk is
+    // removed before its chunk is recorded; another joins after the call was made.
+    s.advance_delivery(advance(&first[0].agent_id, &first[0].wakeup_id, Sent, 150))
+        .unwrap();
+    s.revoke_agent("pc-09", 160).unwrap();
+    s.enroll_agent(&[1; 32], agent("pc-10"), 170).unwrap();
+
+    let second = s.record_chunk("big", 200, &mut next).unwrap().unwrap();
+    assert_eq!(second.queued.len(), 4);
+    assert!(second.failed.is_empty());
+    assert!(second.dispatched_here);
+    assert_eq!(second.call.counts, [(Queued, 7), (Sent, 1)].into());
+    s.advance_delivery(advance(
+        &second.queued[0].agent_id,
+        &second.queued[0].wakeup_id,
+        Finished,
+        210,
+    ))
+    .unwrap();
+    let third = s.record_chunk("big", 300, &mut next).unwrap().unwrap();
+    assert_eq!(third.queued.len(), 1);
+    assert_eq!(third.failed.len(), 1, "the removed agent's delivery failed");
+    assert_eq!(third.failed[0].agent_id, "pc-09");
+    assert!(s.record_chunk("big", 300, &mut next).unwrap().is_none());
+    assert!(s.calls_to_record(400).unwrap().is_empty());
+
+    let stored = deliveries_by_agent(&s, "big");
+    assert_eq!(
+        stored.keys().cloned().collect::<Vec<_>>(),
+        agents,
+        "the agents of the moment the call was made, each once"
+    );
+    assert_eq!(stored["pc-09"], Failed);
+    let counts = kept_counts(&s, "big");
+    assert_eq!(
+        counts,
+        [(Queued, 7), (Sent, 1), (Finished, 1), (Failed, 1)].into()
+    );
+    assert_eq!(
+        counts.values().sum::<u32>(),
+        s.call("big").unwrap().targeted
+    );
+    // Its wake-ups expire with the call, those recorded late too.
+    assert_eq!(s.expire_due(100_000).unwrap().len(), 8);
+    assert_eq!(
+        kept_counts(&s, "big"),
+        [(Finished, 1), (Expired, 8), (Failed, 1)].into()
+    );
+
+    // A call within one chunk is one transaction, as before: nothing left to record.
+    let (small, ds) = s
+        .create_call(
+            new_call("small", CallTarget::Agents(vec!["pc-01".into()]), 100_000),
+            500,
+            &mut next,
+        )
+        .unwrap();
+    assert_eq!((small.targeted, ds.len()), (1, 1));
+    assert!(s.calls_to_record(600).unwrap().is_empty());
+}
+
+#[test]
+fn a_recording_cut_off_is_finished_after_a_restart_with_each_agent_once() {
+    use CallState::*;
+    let dir = tempfile::tempdir().unwrap();
+    let url = common::reopenable_database(dir.path());
+    let open = || common::open_store(&url).with_call_chunk(3);
+    let s = open();
+    s.create_enrollment_token(token(1, None, None)).unwrap();
+    for i in 0..8 {
+        s.enroll_agent(&[1; 32], agent(&format!("pc-{i}")), 10)
+            .unwrap();
+    }
+    let mut next = ids();
+    s.create_call(new_call("c1", CallTarget::All, 100_000), 100, &mut next)
+        .unwrap();
+    s.record_chunk("c1", 110, &mut next).unwrap().unwrap();
+    // Killed after the second chunk: what it committed stays, the rest is still to record.
+    drop(s);
+
+    let s = open();
+    assert_eq!(kept_counts(&s, "c1"), [(Queued, 6)].into());
+    assert_eq!(s.calls_to_record(200).unwrap(), ["c1"]);
+    let mut recorded = 0;
+    while let Some(chunk) = s.record_chunk("c1", 200, &mut next).unwrap() {
+        recorded += chunk.queued.len();
+    }
+    assert_eq!(recorded, 2);
+    assert_eq!(deliveries_by_agent(&s, "c1").len(), 8);
+    assert_eq!(kept_counts(&s, "c1"), [(Queued, 8)].into());
+    assert!(s.calls_to_record(200).unwrap().is_empty());
 }

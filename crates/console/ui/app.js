@@ -334,8 +334,12 @@ async function loadCall(id) {
   if (!call || (!page && (only || after)) || state.view !== "call" || read < callShown) return null;
   callShown = read;
   const shown = page || { deliveries: call.deliveries, next_after: call.next_after };
+  // A large call is recorded a chunk at a time after it is made: its counts grow to targeted.
+  const recorded = Object.values(call.counts).reduce((a, b) => a + b, 0);
   const facts = [
-    ["Target", call.target], ["Reason", call.reason || "–"], ["Action", call.action || "check in"],
+    ["Target", call.target],
+    ["Agents", recorded < call.targeted ? `${call.targeted} (${recorded} recorded so far)` : `${call.targeted}`],
+    ["Reason", call.reason || "–"], ["Action", call.action || "check in"],
     ["Created", `${when(call.created_at)} by ${call.created_by}`], ["Expires", when(call.expires_at)],
     ["Spread window", `${call.spread} s`],
   ];

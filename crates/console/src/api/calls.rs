@@ -40,7 +40,9 @@ pub(super) struct NewCallRequest {
 pub(super) struct CreatedCall {
     #[serde(flatten)]
     call: WakeCall,
-    /// How many agents it addresses.
+    /// How many agents it addresses (the call's `targeted`). A call to more agents than
+    /// one chunk (4,096) answers once its first chunk is recorded and its wake-ups are on
+    /// their way: its counts then add up to fewer and grow as the rest is recorded.
     agents: usize,
 }
 
@@ -109,14 +111,8 @@ pub(super) async fn create_call(
             settings.wakeup.spread_secs,
         ),
     };
-    let (call, deliveries) = a
-        .run(move |s| {
-            let mut next_id = move || {
-                beckon_identity::wakeup::new_wakeup_id(now_ms())
-                    .unwrap_or_else(|_| uuid::Uuid::now_v7().hyphenated().to_string())
-            };
-            s.create_call(call, now, &mut next_id)
-        })
+    let (call, deliveries, targeted) = a
+        .run(move |s| s.create_call_with_target(call, now, &mut dispatch::next_wakeup_id))
         .await?;
     a.st.metrics.call_made(deliveries.len());
     a.audit("call.create", json!({"id": call.id, "target": call.target}))
@@ -127,10 +123,14 @@ pub(super) async fn create_call(
         a.st.dispatch
             .send(dispatch::Command::Publish(call.clone(), deliveries.clone()))
             .await;
+    if targeted.len() > deliveries.len() {
+        // The rest of a large call is recorded a chunk at a time, each sent as it commits.
+        a.st.recording.notify_one();
+    }
     if req.wake_on_lan {
         let st2 = a.st.clone();
         let call_id = call.id.clone();
-        let ids: Vec<String> = deliveries.iter().map(|d| d.agent_id.clone()).collect();
+        let ids = targeted.clone();
         tokio::spawn(async move {
             for id in ids {
                 let Ok(agent) = st2.store.run(move |s| s.agent(&id)).await else {
@@ -142,7 +142,7 @@ pub(super) async fn create_call(
             }
         });
     }
-    let agents = deliveries.len();
+    let agents = targeted.len();
     Ok((StatusCode::CREATED, Json(CreatedCall { call, agents })))
 }
 

@@ -11,12 +11,14 @@
 //! - [`relay`]: Wake-on-LAN, sent by the console or relayed by an agent on the target's subnet;
 //! - [`status`]: the push service status shown in the console;
 //! - [`lease`]: the dispatch lease, by which consoles on one database take over the calls
-//!   of one that stopped.
+//!   of one that stopped;
+//! - [`record`]: the recorder of large calls' later chunks, each sent as it commits.
 
 mod error;
 mod incoming;
 mod lease;
 mod link;
+mod record;
 mod relay;
 mod resend;
 mod status;
@@ -35,6 +37,7 @@ pub use error::LinkError;
 use lease::Lease;
 use link::{ACKED_BATCHES, Conn, SUBSCRIPTION};
 use link::{connect, new_session, now};
+pub use record::{next_wakeup_id, record};
 pub use relay::{RELAY_LIFETIME_SECS, wake_on_lan};
 use relay::{publish_relay, relay_not_sent};
 pub use resend::{OutgoingWakeUp, merge_pending};

@@ -188,7 +188,7 @@ impl SqlStore {
                 // The kept counts, as the console keeps them (an index range per state).
                 exec(
                     tx,
-                    "UPDATE calls SET n_finished = (SELECT COUNT(*) FROM deliveries d WHERE d.call_id = calls.id AND d.state = 'finished'), n_expired = (SELECT COUNT(*) FROM deliveries d WHERE d.call_id = calls.id AND d.state = 'expired'), n_failed = (SELECT COUNT(*) FROM deliveries d WHERE d.call_id = calls.id AND d.state = 'failed') WHERE id = ?1",
+                    "UPDATE calls SET n_finished = (SELECT COUNT(*) FROM deliveries d WHERE d.call_id = calls.id AND d.state = 'finished'), n_expired = (SELECT COUNT(*) FROM deliveries d WHERE d.call_id = calls.id AND d.state = 'expired'), n_failed = (SELECT COUNT(*) FROM deliveries d WHERE d.call_id = calls.id AND d.state = 'failed'), targeted = (SELECT COUNT(*) FROM deliveries d WHERE d.call_id = calls.id) WHERE id = ?1",
                     params![&call_id],
                     "counting a seeded call",
                 )?;

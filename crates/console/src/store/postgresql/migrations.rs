@@ -300,6 +300,22 @@ CREATE TRIGGER agents_counted_update AFTER UPDATE OF presence, revoked ON agents
     WHEN (OLD.presence IS DISTINCT FROM NEW.presence OR OLD.revoked IS DISTINCT FROM NEW.revoked)
     EXECUTE FUNCTION agents_counted();
 "#,
+    r#"
+-- Version 11 (SQLite's 13): a large call is recorded in chunks, each chunk's wake-ups sent as
+-- soon as it commits. targeted: how many agents the call addressed when it was made (its
+-- counts add up to it once recorded). call_unrecorded: the agents of the chunks not
+-- recorded yet, one row per chunk (a JSON array of agent ids), written with the call and
+-- deleted in the transaction that records the chunk: a console restarted or taking over
+-- finishes the recording with each agent recorded once.
+ALTER TABLE calls ADD COLUMN targeted BIGINT NOT NULL DEFAULT 0;
+UPDATE calls SET targeted = n_queued + n_sent + n_delivered + n_started + n_finished + n_expired + n_failed;
+CREATE TABLE call_unrecorded (
+    call_id TEXT COLLATE "C" NOT NULL REFERENCES calls(id) ON DELETE CASCADE,
+    chunk BIGINT NOT NULL,
+    agent_ids TEXT NOT NULL,
+    PRIMARY KEY (call_id, chunk)
+);
+"#,
 ];
 
 /// The first version that needs the extension pg_trgm (agents_search).

@@ -19,11 +19,17 @@ pub(in crate::store) const CALL_TABLES: &[&Table] = &[
         columns: DELIVERY_COLUMNS,
         identity: None,
     },
+    &Table {
+        name: "call_unrecorded",
+        key: "call_id, chunk",
+        columns: "call_id, chunk, agent_ids",
+        identity: None,
+    },
 ];
 
 /// A call's columns: what it is, then how many of its deliveries are in each state
 /// ([`COUNT_COLUMNS`]).
-pub(super) const CALL_COLUMNS: &str = "id, created_at, created_by, reason, action, target, expires_at, spread, dispatcher, n_queued, n_sent, n_delivered, n_started, n_finished, n_expired, n_failed";
+pub(super) const CALL_COLUMNS: &str = "id, created_at, created_by, reason, action, target, expires_at, spread, dispatcher, n_queued, n_sent, n_delivered, n_started, n_finished, n_expired, n_failed, targeted";
 
 /// The columns of a call's counts, in [`CallState::ALL`]'s order.
 const COUNT_COLUMNS: [&str; 7] = [
@@ -59,6 +65,7 @@ fn call_at(row: &Row, first: usize) -> Result<WakeCall, DbError> {
         expires_at: row.get(first + 6)?,
         spread: row.get(first + 7)?,
         counts,
+        targeted: row.get(first + FIRST_COUNT + COUNT_COLUMNS.len())?,
     })
 }
 
@@ -304,13 +311,102 @@ pub(in crate::store) fn read_notice(payload: &str, own_instance: &str) -> Vec<De
 /// The most deliveries written per statement when a call is made (a power of two).
 const INSERT_ROWS: usize = 1024;
 
+/// The most agents whose liveness one statement reads when a chunk is recorded.
+const CHECK_ROWS: usize = 1024;
+
+/// Writes queued deliveries of `call` for `agent_ids`, with fresh wake-up ids.
+fn insert_queued(
+    tx: &mut dyn Conn,
+    call: &str,
+    agent_ids: &[String],
+    now: Millis,
+    new_wakeup_id: &mut dyn FnMut() -> String,
+) -> StoreResult<Vec<CallDelivery>> {
+    let deliveries: Vec<CallDelivery> = agent_ids
+        .iter()
+        .map(|agent_id| CallDelivery {
+            call_id: call.to_owned(),
+            agent_id: agent_id.clone(),
+            wakeup_id: new_wakeup_id(),
+            state: CallState::Queued,
+            queued_at: now,
+            sent_at: None,
+            delivered_at: None,
+            started_at: None,
+            finished_at: None,
+            status: None,
+            exit_code: None,
+            duration_ms: None,
+            detail: None,
+            carried_by: None,
+        })
+        .collect();
+    // Many rows per statement: a chunk of 4,096 agents is four round trips to PostgreSQL,
+    // not 4,096. Statements of powers of two rows, so that a few statements, each prepared
+    // once, serve every size.
+    let mut rest = &deliveries[..];
+    while !rest.is_empty() {
+        let size = INSERT_ROWS.min(1 << rest.len().ilog2());
+        let (part, after) = rest.split_at(size);
+        rest = after;
+        let rows = (0..part.len())
+            .map(|r| format!("(?{}, ?1, ?{}, 'queued', ?2)", 3 + 2 * r, 4 + 2 * r))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let mut values = vec![Value::from(call), Value::from(now)];
+        for d in part {
+            values.push(Value::from(&d.wakeup_id));
+            values.push(Value::from(&d.agent_id));
+        }
+        exec(
+            tx,
+            &format!(
+                "INSERT INTO deliveries (wakeup_id, call_id, agent_id, state, queued_at) VALUES {rows}"
+            ),
+            &values,
+            "recording deliveries",
+        )?;
+    }
+    Ok(deliveries)
+}
+
+/// Of `agent_ids`, those enrolled and not revoked now.
+fn live_agents(
+    tx: &mut dyn Conn,
+    agent_ids: &[String],
+) -> StoreResult<std::collections::HashSet<String>> {
+    let mut live = std::collections::HashSet::with_capacity(agent_ids.len());
+    for part in agent_ids.chunks(CHECK_ROWS) {
+        let list = (1..=part.len())
+            .map(|i| format!("?{i}"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let values: Vec<Value> = part.iter().map(Value::from).collect();
+        let found: Vec<String> = query_all(
+            tx,
+            &format!("SELECT id FROM agents WHERE revoked = 0 AND id IN ({list})"),
+            &values,
+            |r| r.get(0),
+            "checking a call's agents",
+        )?;
+        live.extend(found);
+    }
+    Ok(live)
+}
+
+/// The calls with chunks left to record that this console records (`?2`): its own, and
+/// expired ones of no console or of one whose lease ran out at `?1` (nobody takes those
+/// over: they are only recorded). The table holds the calls being recorded only.
+const CALLS_TO_RECORD: &str = "SELECT c.created_at, c.id FROM calls c LEFT JOIN console_leases l ON l.console_id = c.dispatcher WHERE c.id IN (SELECT call_id FROM call_unrecorded) AND (c.dispatcher = ?2 OR (c.expires_at <= ?1 AND (c.dispatcher IS NULL OR l.expires_at IS NULL OR l.expires_at <= ?1))) ORDER BY c.created_at, c.id";
+
 impl CallStore for SqlStore {
-    fn create_call(
+    fn create_call_with_target(
         &self,
         call: NewCall,
         now: Millis,
         new_wakeup_id: &mut dyn FnMut() -> String,
-    ) -> StoreResult<(WakeCall, Vec<CallDelivery>)> {
+    ) -> StoreResult<(WakeCall, Vec<CallDelivery>, Vec<String>)> {
+        let chunk = self.call_chunk;
         self.write(|tx| {
             let agent_ids = resolve_target(tx, &call.target)?;
             if agent_ids.is_empty() {
@@ -322,9 +418,10 @@ impl CallStore for SqlStore {
             let (threshold, default_secs) = call.default_spread;
             let many = u32::try_from(agent_ids.len()).unwrap_or(u32::MAX) >= threshold;
             let spread = call.spread.unwrap_or(if many { default_secs } else { 0 });
+            let (first, rest) = agent_ids.split_at(chunk.min(agent_ids.len()));
             exec(
                 tx,
-                "INSERT INTO calls (id, created_at, created_by, reason, action, target, expires_at, spread, dispatcher, n_queued) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+                "INSERT INTO calls (id, created_at, created_by, reason, action, target, expires_at, spread, dispatcher, n_queued, targeted) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
                 params![
                     &call.id,
                     now,
@@ -335,56 +432,140 @@ impl CallStore for SqlStore {
                     call.expires_at,
                     spread,
                     &self.console,
+                    first.len() as u64,
                     agent_ids.len() as u64
                 ],
                 "recording a call",
             )?;
-            let deliveries: Vec<CallDelivery> = agent_ids
-                .into_iter()
-                .map(|agent_id| CallDelivery {
-                    call_id: call.id.clone(),
+            let deliveries = insert_queued(tx, &call.id, first, now, new_wakeup_id)?;
+            // The rest, as resolved now, is recorded a chunk at a time after this commits
+            // (record_chunk): a row per chunk, a few writes however large the call.
+            for (i, part) in rest.chunks(chunk).enumerate() {
+                exec(
+                    tx,
+                    "INSERT INTO call_unrecorded (call_id, chunk, agent_ids) VALUES (?1, ?2, ?3)",
+                    params![&call.id, i as u64 + 1, to_json(&part)?],
+                    "keeping a call's agents to record",
+                )?;
+            }
+            Ok((load_call(tx, &call.id)?, deliveries, agent_ids))
+        })
+    }
+
+    fn calls_to_record(&self, now: Millis) -> StoreResult<Vec<String>> {
+        self.read(|conn| {
+            query_all(
+                conn,
+                CALLS_TO_RECORD,
+                params![now, &self.console],
+                |r| r.get(1),
+                "finding calls to record",
+            )
+        })
+    }
+
+    fn record_chunk(
+        &self,
+        call_id: &str,
+        now: Millis,
+        new_wakeup_id: &mut dyn FnMut() -> String,
+    ) -> StoreResult<Option<RecordedChunk>> {
+        self.write(|tx| {
+            let next: Option<(i64, String)> = query_opt(
+                tx,
+                "SELECT chunk, agent_ids FROM call_unrecorded WHERE call_id = ?1 ORDER BY chunk LIMIT 1",
+                params![call_id],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+                "reading a call's agents to record",
+            )?;
+            let Some((chunk, agent_ids)) = next else {
+                return Ok(None);
+            };
+            // Only the call's dispatcher records an unexpired call (it sends what it
+            // records); the row stays locked until this commits, so that a console taking
+            // the call over meanwhile waits, then finds these deliveries to send. An expired
+            // call is recorded by whoever looks: nothing of it is sent.
+            let ours = exec(
+                tx,
+                "UPDATE calls SET dispatcher = dispatcher WHERE id = ?1 AND (dispatcher = ?2 OR expires_at <= ?3)",
+                params![call_id, &self.console, now],
+                "checking a call's dispatcher",
+            )?;
+            // Taken in the transaction that records it: of two consoles recording at once,
+            // one records the chunk, the other finds it gone and goes on to the next.
+            let taken = if ours == 1 {
+                exec(
+                    tx,
+                    "DELETE FROM call_unrecorded WHERE call_id = ?1 AND chunk = ?2",
+                    params![call_id, chunk],
+                    "taking a chunk to record",
+                )?
+            } else {
+                0
+            };
+            let dispatcher: Option<String> = query_opt(
+                tx,
+                "SELECT dispatcher FROM calls WHERE id = ?1",
+                params![call_id],
+                |r| r.get::<Option<String>>(0),
+                "reading a call's dispatcher",
+            )?
+            .flatten();
+            let mut recorded = RecordedChunk {
+                call: load_call(tx, call_id)?,
+                queued: Vec::new(),
+                failed: Vec::new(),
+                dispatched_here: dispatcher.as_deref() == Some(self.console.as_str()),
+            };
+            if taken == 0 {
+                return Ok(Some(recorded));
+            }
+            let agent_ids: Vec<String> = serde_json::from_str(&agent_ids).map_err(|e| {
+                StoreError::Invalid(format!("call {call_id}: unreadable agents to record: {e}"))
+            })?;
+            // Agents revoked since the call was made get a failed delivery, as their queued
+            // one would have become: the call still has one delivery per agent addressed.
+            let live = live_agents(tx, &agent_ids)?;
+            let (alive, revoked): (Vec<String>, Vec<String>) =
+                agent_ids.into_iter().partition(|a| live.contains(a));
+            recorded.queued = insert_queued(tx, call_id, &alive, now, new_wakeup_id)?;
+            for agent_id in revoked {
+                let wakeup_id = new_wakeup_id();
+                exec(
+                    tx,
+                    "INSERT INTO deliveries (wakeup_id, call_id, agent_id, state, queued_at, finished_at, detail) VALUES (?1, ?2, ?3, 'failed', ?4, ?4, 'the agent was revoked')",
+                    params![&wakeup_id, call_id, &agent_id, now],
+                    "recording deliveries",
+                )?;
+                recorded.failed.push(CallDelivery {
+                    call_id: call_id.to_owned(),
                     agent_id,
-                    wakeup_id: new_wakeup_id(),
-                    state: CallState::Queued,
+                    wakeup_id,
+                    state: CallState::Failed,
                     queued_at: now,
                     sent_at: None,
                     delivered_at: None,
                     started_at: None,
-                    finished_at: None,
+                    finished_at: Some(now),
                     status: None,
                     exit_code: None,
                     duration_ms: None,
-                    detail: None,
+                    detail: Some("the agent was revoked".into()),
                     carried_by: None,
-                })
-                .collect();
-            // Many rows per statement: a call to 100,000 agents is a hundred round trips to
-            // PostgreSQL, not 100,000, before its first wake-up can go out. Chunks of powers
-            // of two, so that a few statements, each prepared once, serve every call size.
-            let mut rest = &deliveries[..];
-            while !rest.is_empty() {
-                let size = INSERT_ROWS.min(1 << rest.len().ilog2());
-                let (chunk, after) = rest.split_at(size);
-                rest = after;
-                let rows = (0..chunk.len())
-                    .map(|r| format!("(?{}, ?1, ?{}, 'queued', ?2)", 3 + 2 * r, 4 + 2 * r))
-                    .collect::<Vec<_>>()
-                    .join(", ");
-                let mut values = vec![Value::from(&call.id), Value::from(now)];
-                for d in chunk {
-                    values.push(Value::from(&d.wakeup_id));
-                    values.push(Value::from(&d.agent_id));
-                }
-                exec(
-                    tx,
-                    &format!(
-                        "INSERT INTO deliveries (wakeup_id, call_id, agent_id, state, queued_at) VALUES {rows}"
-                    ),
-                    &values,
-                    "recording deliveries",
-                )?;
+                });
             }
-            Ok((load_call(tx, &call.id)?, deliveries))
+            exec(
+                tx,
+                "UPDATE calls SET n_queued = n_queued + ?2, n_failed = n_failed + ?3 WHERE id = ?1",
+                params![
+                    call_id,
+                    recorded.queued.len() as u64,
+                    recorded.failed.len() as u64
+                ],
+                "counting a call's recorded deliveries",
+            )?;
+            recorded.call = load_call(tx, call_id)?;
+            Ok(Some(recorded))
         })
     }
 
@@ -679,7 +860,7 @@ pub(super) fn count_deliveries_query() -> String {
 
 impl SqlStore {
     /// The plans the database makes now for the queries the console runs periodically or
-    /// per event (expiry sweep, takeover, metrics, the dashboard's counts, connecting to the
+    /// per event (expiry sweep, takeover, recorder, metrics, the dashboard's counts, connecting to the
     /// broker, an agent coming online, an ack), each
     /// with what it is for: `EXPLAIN QUERY PLAN` on SQLite, `EXPLAIN` on PostgreSQL. At
     /// `now`, with example ids; for the documentation and the tests that no such query reads
@@ -721,6 +902,11 @@ impl SqlStore {
                     "an ack or PUBACK: the deliveries it moves",
                     advance_candidates_query(),
                     vec!["w-1".into(), "agent-1".into()],
+                ),
+                (
+                    "recorder, every second: calls with chunks left to record",
+                    CALLS_TO_RECORD.into(),
+                    vec![now.into(), self.console.clone().into()],
                 ),
                 (
                     "metrics: deliveries in each state",

@@ -303,6 +303,8 @@ pub struct SqlStore {
     /// This process (random): tells its own change notices from other consoles', and a
     /// second process started with the same console id from this one.
     instance: String,
+    /// The most deliveries of a call recorded in one transaction (see [`CALL_CHUNK`]).
+    call_chunk: usize,
 }
 
 impl SqlStore {
@@ -312,7 +314,16 @@ impl SqlStore {
             db,
             console: DEFAULT_CONSOLE_ID.to_owned(),
             instance: uuid::Uuid::now_v7().simple().to_string(),
+            call_chunk: CALL_CHUNK,
         }
+    }
+
+    /// The store recording calls `rows` deliveries per transaction (at least 1) instead of
+    /// [`CALL_CHUNK`]: for tests that record large calls without enrolling thousands of
+    /// agents.
+    pub fn with_call_chunk(mut self, rows: usize) -> Self {
+        self.call_chunk = rows.max(1);
+        self
     }
 
     /// The store as used by the console `id` (default [`DEFAULT_CONSOLE_ID`]): several

@@ -307,6 +307,22 @@ BEGIN
         VALUES (old.presence, old.revoked, -1), (new.presence, new.revoked, 1);
 END;
 "#,
+    r#"
+-- Version 13: a large call is recorded in chunks, each chunk's wake-ups sent as soon as it
+-- commits. targeted: how many agents the call addressed when it was made (its counts add
+-- up to it once recorded). call_unrecorded: the agents of the chunks not recorded yet, one
+-- row per chunk (a JSON array of agent ids), written with the call and deleted in the
+-- transaction that records the chunk: a console restarted or taking over finishes the
+-- recording with each agent recorded once.
+ALTER TABLE calls ADD COLUMN targeted INTEGER NOT NULL DEFAULT 0;
+UPDATE calls SET targeted = n_queued + n_sent + n_delivered + n_started + n_finished + n_expired + n_failed;
+CREATE TABLE call_unrecorded (
+    call_id TEXT NOT NULL REFERENCES calls(id) ON DELETE CASCADE,
+    chunk INTEGER NOT NULL,
+    agent_ids TEXT NOT NULL,
+    PRIMARY KEY (call_id, chunk)
+);
+"#,
 ];
 
 pub(super) fn migrate(conn: &mut Connection, shown_path: &str) -> StoreResult<()> {
