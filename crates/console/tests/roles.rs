@@ -352,18 +352,9 @@ fn users_of_a_database_from_before_roles_become_admins() {
     drop(store);
     // Back to the schema before roles, as an older console left it (without what came
     // after roles: several consoles' leases, sessions' last use, failed authentications,
-    // calls' kept counts, the revocation feed, the agents' indexes).
-    let undo = "DROP INDEX agents_presence; DROP INDEX agents_last_seen; DROP INDEX agents_name; \
-                DROP TABLE revocation_feed; DROP TABLE revocation_seq; \
-                DROP TABLE auth_failures; \
-                DROP INDEX calls_open; DROP INDEX deliveries_call_agent; \
-                DROP INDEX deliveries_call_state_agent; \
-                CREATE INDEX deliveries_call ON deliveries(call_id); \
-                ALTER TABLE calls DROP COLUMN n_queued; ALTER TABLE calls DROP COLUMN n_sent; \
-                ALTER TABLE calls DROP COLUMN n_delivered; \
-                ALTER TABLE calls DROP COLUMN n_started; \
-                ALTER TABLE calls DROP COLUMN n_finished; \
-                ALTER TABLE calls DROP COLUMN n_expired; ALTER TABLE calls DROP COLUMN n_failed; \
+    // and what the versions from the calls' kept counts on added).
+    common::step_back_before(&url, 8);
+    let undo = "DROP TABLE auth_failures; \
                 DROP INDEX calls_expires_at; ALTER TABLE calls DROP COLUMN dispatcher; \
                 ALTER TABLE agents DROP COLUMN previous_inventory; \
                 ALTER TABLE agents DROP COLUMN inventory_changed_at; \

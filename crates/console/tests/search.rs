@@ -353,29 +353,7 @@ fn the_migration_to_the_search_index_indexes_existing_agents() {
     )
     .unwrap();
     drop(s);
-    let statements: &[String] = &match &url {
-        DatabaseUrl::Sqlite(_) => [
-            "DROP TRIGGER agents_search_insert",
-            "DROP TRIGGER agents_search_update",
-            "DROP TRIGGER agents_search_delete",
-            "DROP TABLE agents_search",
-        ]
-        .into_iter()
-        .map(String::from)
-        .chain([format!("PRAGMA user_version = {}", SCHEMA_VERSION - 1)])
-        .collect::<Vec<_>>(),
-        DatabaseUrl::Postgres(_) => ["DROP INDEX agents_search"]
-            .into_iter()
-            .map(String::from)
-            .chain([format!(
-                "UPDATE schema_version SET version = {}",
-                POSTGRES_SCHEMA_VERSION - 1
-            )])
-            .collect::<Vec<_>>(),
-    };
-    for statement in statements {
-        common::execute_sql(&url, statement);
-    }
+    common::step_back_before(&url, 11);
     let s = common::open_store(&url);
     assert_eq!(found(&s, "OLD TIMER"), ["old-1"]);
     assert_eq!(found(&s, "10.3.3"), ["old-1"]);

@@ -1105,65 +1105,8 @@ fn the_migration_to_kept_counts_counts_existing_calls() {
     drop(s);
 
     // Back to the version before the kept counts (SQLite 7, PostgreSQL 5), without what the
-    // versions after them added (the revocation feed, the agents' indexes, the search
-    // index, the agents' counts, the calls' targeted agents and the chunks left to record).
-    let previous = match &url {
-        DatabaseUrl::Sqlite(_) => format!("PRAGMA user_version = {}", SCHEMA_VERSION - 6),
-        DatabaseUrl::Postgres(_) => format!(
-            "UPDATE schema_version SET version = {}",
-            POSTGRES_SCHEMA_VERSION - 6
-        ),
-    };
-    let later: &[&str] = match &url {
-        DatabaseUrl::Sqlite(_) => &[
-            "DROP TRIGGER agents_counted_insert",
-            "DROP TRIGGER agents_counted_delete",
-            "DROP TRIGGER agents_counted_update",
-            "DROP TRIGGER agents_search_insert",
-            "DROP TRIGGER agents_search_update",
-            "DROP TRIGGER agents_search_delete",
-            "DROP TABLE agents_search",
-        ],
-        DatabaseUrl::Postgres(_) => &[
-            "DROP FUNCTION agents_counted CASCADE",
-            "DROP INDEX agents_search",
-        ],
-    };
-    for statement in later
-        .iter()
-        .copied()
-        .chain([
-            "DROP TABLE call_unrecorded",
-            "ALTER TABLE calls DROP COLUMN targeted",
-            "DROP TABLE agent_counts",
-            "DROP TABLE agent_count_changes",
-            "DROP INDEX agents_presence",
-            "DROP INDEX agents_last_seen",
-            "DROP INDEX agents_name",
-            "DROP TABLE revocation_feed",
-            "DROP TABLE revocation_seq",
-            "DROP INDEX calls_open",
-            "DROP INDEX deliveries_call_agent",
-            "DROP INDEX deliveries_call_state_agent",
-            "CREATE INDEX deliveries_call ON deliveries(call_id)",
-        ])
-        .map(String::from)
-        .chain(
-            [
-                "n_queued",
-                "n_sent",
-                "n_delivered",
-                "n_started",
-                "n_finished",
-                "n_expired",
-                "n_failed",
-            ]
-            .map(|c| format!("ALTER TABLE calls DROP COLUMN {c}")),
-        )
-        .chain([previous])
-    {
-        common::execute_sql(&url, &statement);
-    }
+    // versions after them added.
+    common::step_back_before(&url, 8);
 
     let s = open();
     assert_eq!(

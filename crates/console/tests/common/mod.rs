@@ -209,6 +209,102 @@ pub async fn start_with_plain_broker(port: u16) -> Api {
 
 /// Runs one SQL statement on `database` behind the store's back; returns the rows it
 /// changed.
+/// Takes `database` back to the schema before SQLite's version `version` (PostgreSQL's
+/// `version - 2` from SQLite's 8 on), undoing what each later version added, behind the
+/// store's back: the next open migrates it again, as an older console's database would be.
+/// A new schema version must add its undo here.
+pub fn step_back_before(database: &DatabaseUrl, version: i64) {
+    use beckon_console::store::{POSTGRES_SCHEMA_VERSION, SCHEMA_VERSION};
+    assert!(
+        version >= 8,
+        "the schema before SQLite 8 cannot be stepped back to"
+    );
+    assert_eq!(
+        (SCHEMA_VERSION, POSTGRES_SCHEMA_VERSION),
+        (13, 11),
+        "a new schema version: add its undo to step_back_before"
+    );
+    let sqlite = matches!(database, DatabaseUrl::Sqlite(_));
+    for v in (version..=SCHEMA_VERSION).rev() {
+        let undo: Vec<String> = match v {
+            13 => vec![
+                "DROP TABLE call_unrecorded".into(),
+                "ALTER TABLE calls DROP COLUMN targeted".into(),
+            ],
+            12 if sqlite => [
+                "DROP TRIGGER agents_counted_insert",
+                "DROP TRIGGER agents_counted_delete",
+                "DROP TRIGGER agents_counted_update",
+                "DROP TABLE agent_counts",
+                "DROP TABLE agent_count_changes",
+            ]
+            .map(String::from)
+            .into(),
+            12 => [
+                "DROP FUNCTION agents_counted CASCADE",
+                "DROP TABLE agent_counts",
+                "DROP TABLE agent_count_changes",
+            ]
+            .map(String::from)
+            .into(),
+            11 if sqlite => [
+                "DROP TRIGGER agents_search_insert",
+                "DROP TRIGGER agents_search_update",
+                "DROP TRIGGER agents_search_delete",
+                "DROP TABLE agents_search",
+            ]
+            .map(String::from)
+            .into(),
+            11 => vec!["DROP INDEX agents_search".into()],
+            10 => [
+                "DROP INDEX agents_presence",
+                "DROP INDEX agents_last_seen",
+                "DROP INDEX agents_name",
+            ]
+            .map(String::from)
+            .into(),
+            9 => vec![
+                "DROP TABLE revocation_feed".into(),
+                "DROP TABLE revocation_seq".into(),
+            ],
+            8 => [
+                "DROP INDEX calls_open",
+                "DROP INDEX deliveries_call_agent",
+                "DROP INDEX deliveries_call_state_agent",
+                "CREATE INDEX deliveries_call ON deliveries(call_id)",
+            ]
+            .into_iter()
+            .map(String::from)
+            .chain(
+                [
+                    "n_queued",
+                    "n_sent",
+                    "n_delivered",
+                    "n_started",
+                    "n_finished",
+                    "n_expired",
+                    "n_failed",
+                ]
+                .map(|c| format!("ALTER TABLE calls DROP COLUMN {c}")),
+            )
+            .collect(),
+            _ => unreachable!(),
+        };
+        for statement in undo {
+            execute_sql(database, &statement);
+        }
+    }
+    let previous = version - 1;
+    execute_sql(
+        database,
+        &if sqlite {
+            format!("PRAGMA user_version = {previous}")
+        } else {
+            format!("UPDATE schema_version SET version = {}", previous - 2)
+        },
+    );
+}
+
 pub fn execute_sql(database: &DatabaseUrl, statement: &str) -> u64 {
     match database {
         DatabaseUrl::Postgres(url) => {
