@@ -19,7 +19,7 @@
 mod migrations;
 
 use std::path::Path;
-use std::sync::{Mutex, MutexGuard};
+use parking_lot::{Mutex, MutexGuard};
 
 use rusqlite::Connection;
 use rusqlite::types::{ToSqlOutput, ValueRef};
@@ -162,9 +162,12 @@ impl Sqlite {
     }
 
     fn conn(&self) -> MutexGuard<'_, Connection> {
-        // A panic while holding the lock leaves SQLite consistent (the transaction rolls back
-        // on drop), so the poisoned connection is still usable.
-        self.conn.lock().unwrap_or_else(|p| p.into_inner())
+        // parking_lot's lock, for its fairness: a lock held long is handed to the thread
+        // that waited for it rather than taken again by its holder. With std's, the
+        // recorder of a large call, taking the one connection chunk after chunk, kept the
+        // state writer (the first `sent`) and every API request out for seconds. A panic
+        // while holding it leaves SQLite consistent (the transaction rolls back on drop).
+        self.conn.lock()
     }
 }
 
