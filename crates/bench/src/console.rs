@@ -502,22 +502,29 @@ async fn measure(
     }
 
     // Idle: once no call has wake-ups queued or sent (a kept registry's last call expires
-    // when the console starts), the console's own CPU time over the span.
+    // when the console starts) or is still being recorded (an earlier run's call, its
+    // console stopped mid-recording), the console's own CPU time over the span.
     let deadline = Instant::now() + Duration::from_secs(300);
     loop {
         let calls = api(&mut client, "GET", "/api/v1/calls?limit=10", None, 200).await?;
         let open = calls.as_array().is_some_and(|calls| {
             calls.iter().any(|c| {
+                let recorded: u64 = c["counts"]
+                    .as_object()
+                    .map_or(0, |m| m.values().filter_map(|v| v.as_u64()).sum());
                 ["queued", "sent"]
                     .iter()
                     .any(|s| c["counts"][*s].as_u64().unwrap_or(0) > 0)
+                    || recorded < c["targeted"].as_u64().unwrap_or(0)
             })
         });
         if !open {
             break;
         }
         if Instant::now() > deadline {
-            bail!("a call still had wake-ups queued or sent 300 s after the console started");
+            bail!(
+                "a call still had wake-ups queued or sent, or was still being recorded, 300 s after the console started"
+            );
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     }

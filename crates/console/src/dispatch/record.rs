@@ -58,10 +58,16 @@ async fn record_call(st: &AppState, call: &str, shutdown: &watch::Receiver<bool>
             return false;
         }
         let id = call.to_owned();
+        let started = tokio::time::Instant::now();
         let recorded = st
             .store
             .run(move |s| s.record_chunk(&id, now_ms(), &mut next_wakeup_id))
             .await;
+        // At most half of the store's time: on SQLite (one connection) the state writer,
+        // which records the first chunk's `sent`, and the API would otherwise wait for the
+        // whole call to be recorded. The call takes twice as long to record; its first
+        // wake-ups are out before.
+        let took = started.elapsed();
         let chunk = match recorded {
             Ok(Some(chunk)) => chunk,
             Ok(None) => return true,
@@ -83,6 +89,11 @@ async fn record_call(st: &AppState, call: &str, shutdown: &watch::Receiver<bool>
                 .dispatch
                 .send(Command::Publish(chunk.call, chunk.queued))
                 .await;
+        }
+        let mut shutdown = shutdown.clone();
+        tokio::select! {
+            () = tokio::time::sleep(took) => {}
+            () = stopped(&mut shutdown) => return false,
         }
     }
 }
