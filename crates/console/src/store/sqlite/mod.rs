@@ -19,8 +19,8 @@
 mod migrations;
 
 use std::path::Path;
-use parking_lot::{Mutex, MutexGuard};
 
+use parking_lot::{Mutex, MutexGuard};
 use rusqlite::Connection;
 use rusqlite::types::{ToSqlOutput, ValueRef};
 
