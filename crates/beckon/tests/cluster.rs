@@ -20,7 +20,9 @@ use beckon_mqtt::{Packet, Properties, Publish, QoS, ReasonCode};
 use bytes::Bytes;
 use tokio::sync::{mpsc, watch};
 
-use cluster_support::{Client, Node, ReadEnd, Tenant, WAIT, start_nats, start_nats_on};
+use cluster_support::{
+    Client, Node, ReadEnd, Tenant, WAIT, nats_subscriptions, start_nats_monitored, start_nats_on,
+};
 use common::Process;
 
 /// A NATS server and three nodes.
@@ -28,12 +30,14 @@ struct Cluster {
     nodes: Vec<Node>,
     tenant: Tenant,
     nats_url: String,
+    /// nats-server's monitoring port.
+    monitor: u16,
     nats: Option<Process>,
 }
 
 impl Cluster {
     fn start() -> Self {
-        let (nats, url) = start_nats();
+        let (nats, url, monitor) = start_nats_monitored();
         let tenant = Tenant::create();
         let nodes = (0..3)
             .map(|i| Node::start(&format!("n{i}"), &url, tenant.dir.path()))
@@ -42,6 +46,7 @@ impl Cluster {
             nodes,
             tenant,
             nats_url: url,
+            monitor,
             nats: Some(nats),
         }
     }
@@ -225,6 +230,7 @@ async fn run_agent(
 async fn wake_ups_cross_nodes_and_a_connection_on_another_node_takes_the_session_over() {
     let cluster = Cluster::start();
     let mut server = Server::start(&cluster, 0).await;
+    let subscriptions = nats_subscriptions(cluster.monitor);
 
     // Six agents, two per node, each holding one connection.
     let mut agents = Vec::new();
@@ -265,6 +271,13 @@ async fn wake_ups_cross_nodes_and_a_connection_on_another_node_takes_the_session
     server
         .until("every ack arrived on n0", Server::all_acked)
         .await;
+    // Wake-ups went to each agent's node by the directory: the agents added no NATS
+    // subscription (the acks' wildcard filter was the server's, before them).
+    assert_eq!(
+        nats_subscriptions(cluster.monitor),
+        subscriptions,
+        "NATS holds no interest per agent"
+    );
 
     // pc-1 lives on n1; a second connection with its identity on n2 takes the session over.
     let mark = server.presence.len();
@@ -338,7 +351,20 @@ async fn wake_ups_cross_nodes_and_a_connection_on_another_node_takes_the_session
             "{retained:?}"
         );
     }
+    // It found every agent's node in that snapshot: a server on it wakes agents on the
+    // others.
     cluster.nodes.push(joined);
+    let mut late = Server::start(&cluster, 3).await;
+    for (k, (id, _, c)) in agents.iter_mut().enumerate().filter(|(k, _)| *k != 1) {
+        late.wake(id, &format!("w3-{k}")).await;
+        let msg = c.message(WAIT).await.unwrap_or_else(|e| {
+            panic!("{id} got no wake-up from the node that joined last: {e:?}")
+        });
+        assert_eq!(msg.payload, format!("w3-{k}").into_bytes());
+    }
+    late.wake("pc-1", "w3-1").await;
+    let msg = moved.message(WAIT).await.expect("pc-1 woken from n3");
+    assert_eq!(msg.payload, &b"w3-1"[..]);
 }
 
 /// The retained presence a server connecting to `addr` finds: at least `count` topics, within

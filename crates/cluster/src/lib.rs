@@ -2,7 +2,10 @@
 //! messages, client ids and presence through NATS (core NATS; JetStream is not needed).
 //!
 //! - [`subject`]: MQTT topics and filters as NATS subjects, so that NATS routes each message
-//!   only to the nodes whose clients subscribed to a matching filter.
+//!   only to the node holding its agent and the nodes whose clients subscribed to a matching
+//!   filter.
+//! - [`directory`]: which node holds each tenant agent, so that agent-bound messages go to
+//!   that node and not through one NATS subscription per agent.
 //! - [`wire`]: the message, claim and heartbeat formats.
 //! - [`link`]: the task between one node's broker core and NATS.
 //! - [`security`]: TLS and credentials towards NATS.
@@ -11,6 +14,7 @@
 //! takes in what comes from them (`beckon-broker`'s `core` module).
 #![forbid(unsafe_code)]
 
+pub mod directory;
 pub mod link;
 pub mod security;
 pub mod subject;

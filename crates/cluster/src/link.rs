@@ -12,8 +12,9 @@ use futures_util::StreamExt;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
+use crate::directory::Directory;
 use crate::security::{NatsSecurity, Rejected, refusal};
-use crate::subject::{filter_subjects, message_prefix, share_queue, topic_subject};
+use crate::subject::{node_subject, routed_filter_subjects, routed_subject, share_queue};
 use crate::wire::{Claim, ClusterMessage, Heartbeat};
 
 /// How many duplicate-detection entries a node keeps (messages matched by several of its
@@ -276,6 +277,8 @@ pub async fn join(
         (format!("{root}.hb"), Kind::Heartbeat),
         (format!("{root}.sync"), Kind::SnapshotRequest),
         (inbox.clone(), Kind::Snapshot),
+        // The agent topics of every agent this node holds, whatever their number.
+        (node_subject(root, &node), Kind::Message),
     ] {
         fixed.push(subscribe(&client, subject, None, kind, raw_tx.clone()).await?);
     }
@@ -289,7 +292,7 @@ pub async fn join(
     }
     let (commands_tx, commands_rx) = mpsc::channel(COMMAND_QUEUE);
     let link = Link {
-        prefix: message_prefix(root),
+        directory: Directory::default(),
         retained_subject: format!("{root}.r"),
         claim_subject: format!("{root}.claim"),
         heartbeat_subject: format!("{root}.hb"),
@@ -400,7 +403,8 @@ struct Link {
     shared_client: async_nats::Client,
     /// Shared subscription (`$share/{group}/{filter}`) -> its queue subscriptions.
     shared: HashMap<String, Vec<AbortOnDrop>>,
-    prefix: String,
+    /// Which node holds each tenant agent: where agent-bound messages go.
+    directory: Directory,
     retained_subject: String,
     claim_subject: String,
     heartbeat_subject: String,
@@ -479,9 +483,12 @@ impl Link {
             Outgoing::Publish { publish, token } => {
                 self.seq += 1;
                 let subject = if publish.retain {
+                    // This node's own presence events among them.
+                    self.directory.retained(&publish.topic, &publish.payload);
                     self.retained_subject.clone()
                 } else {
-                    topic_subject(&self.prefix, &publish.topic)
+                    let holder = self.directory.holder(&publish.topic);
+                    routed_subject(&self.options.subject_root, &publish.topic, holder)
                 };
                 let msg = ClusterMessage {
                     origin: self.options.node.clone(),
@@ -507,7 +514,7 @@ impl Link {
                 tokens.extend(token);
             }
             Outgoing::Interest { filter, added } => {
-                for subject in filter_subjects(&self.prefix, &filter) {
+                for subject in routed_filter_subjects(&self.options.subject_root, &filter) {
                     if added {
                         if let Some((count, _)) = self.interest.get_mut(&subject) {
                             *count += 1;
@@ -550,7 +557,7 @@ impl Link {
                 };
                 // Retained messages travel on one subject whatever their topic: the node NATS
                 // picks for the group checks the filter.
-                let mut subjects = filter_subjects(&self.prefix, filter);
+                let mut subjects = routed_filter_subjects(&self.options.subject_root, filter);
                 subjects.push(self.retained_subject.clone());
                 let kind = Kind::Shared(Arc::from(share.as_str()));
                 let queue = share_queue(&self.options.subject_root, &share);
@@ -598,6 +605,7 @@ impl Link {
                 clean_start,
                 at_ms,
             } => {
+                self.directory.claimed(&client_id, &self.options.node);
                 let claim = Claim {
                     node: self.options.node.clone(),
                     client_id,
@@ -640,6 +648,12 @@ impl Link {
                     && let Some(old) = self.seen_order.pop_front()
                 {
                     self.seen.remove(&old);
+                }
+                // Before the broker passes a presence event on: a wake-up sent on seeing it
+                // finds the agent's node.
+                if msg.publish.retain {
+                    self.directory
+                        .retained(&msg.publish.topic, &msg.publish.payload);
                 }
                 self.incoming
                     .send(Incoming::Message(msg.publish))
@@ -689,17 +703,21 @@ impl Link {
                     return Ok(());
                 }
                 self.snapshot_count += 1;
+                self.directory
+                    .retained(&msg.publish.topic, &msg.publish.payload);
                 self.incoming
                     .send(Incoming::Retained(msg.publish))
                     .await
                     .map_err(|_| ())
             }
             Kind::Claim => match serde_json::from_slice::<Claim>(&msg.payload) {
-                Ok(claim) if claim.node != self.options.node => self
-                    .incoming
-                    .send(Incoming::Claim(claim))
-                    .await
-                    .map_err(|_| ()),
+                Ok(claim) if claim.node != self.options.node => {
+                    self.directory.claimed(&claim.client_id, &claim.node);
+                    self.incoming
+                        .send(Incoming::Claim(claim))
+                        .await
+                        .map_err(|_| ())
+                }
                 Ok(_) => Ok(()),
                 Err(e) => {
                     tracing::warn!(error = %e, "cluster: dropped a malformed claim");
@@ -724,6 +742,7 @@ impl Link {
                         tracing::warn!(node = %beat.node, "cluster: node restarted; releasing what its previous run held");
                         peer.boot = beat.boot;
                         peer.last_seen = now;
+                        self.directory.node_lost(&beat.node);
                         self.incoming
                             .send(Incoming::NodeLost(beat.node))
                             .await
@@ -773,6 +792,7 @@ impl Link {
         for node in lost {
             self.peers.remove(&node);
             tracing::warn!(node = %node, timeout_ms = timeout.as_millis() as u64, "cluster: node silent; its connections count as gone");
+            self.directory.node_lost(&node);
             self.incoming
                 .send(Incoming::NodeLost(node))
                 .await

@@ -55,6 +55,38 @@ pub fn start_nats() -> (Process, String) {
     (start_nats_on(port), format!("nats://127.0.0.1:{port}"))
 }
 
+/// A nats-server on a free loopback port with its monitoring port (`/varz`) on another.
+pub fn start_nats_monitored() -> (Process, String, u16) {
+    let (port, monitor) = (free_port(), free_port());
+    let mut command = Command::new(nats_server_binary());
+    command
+        .args(["-a", "127.0.0.1", "-p", &port.to_string()])
+        .args(["-m", &monitor.to_string()])
+        .stderr(Stdio::null());
+    let nats = Process::spawn("nats-server", command);
+    wait_for_port(SocketAddr::from(([127, 0, 0, 1], port)), "nats-server");
+    wait_for_port(
+        SocketAddr::from(([127, 0, 0, 1], monitor)),
+        "nats-server monitoring",
+    );
+    (nats, format!("nats://127.0.0.1:{port}"), monitor)
+}
+
+/// The number of subscriptions nats-server holds (its `/varz` on `monitor`).
+pub fn nats_subscriptions(monitor: u16) -> u64 {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", monitor)).expect("nats monitoring");
+    stream.set_read_timeout(Some(WAIT)).expect("timeout");
+    stream
+        .write_all(b"GET /varz HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
+        .expect("request /varz");
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).expect("read /varz");
+    let body = answer.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+    let varz: serde_json::Value = serde_json::from_str(body).expect("/varz is JSON");
+    varz["subscriptions"].as_u64().expect("/varz subscriptions")
+}
+
 /// A nats-server on `port` of loopback, once it listens.
 pub fn start_nats_on(port: u16) -> Process {
     let mut command = Command::new(nats_server_binary());

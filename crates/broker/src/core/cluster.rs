@@ -87,7 +87,7 @@ pub(super) struct ClusterState {
     pub(super) interest: HashMap<String, usize>,
     /// Sessions in each shared subscription (`$share/{group}/{filter}`), likewise.
     pub(super) shared: HashMap<String, usize>,
-    /// Interest a session holds from its CONNECT on (see [`BrokerCore::hold_interest`]).
+    /// The own topics of each tenant agent's session (see [`BrokerCore::hold_interest`]).
     pub(super) held: HashMap<SessionKey, Box<str>>,
     /// When each session's connection was accepted (Unix ms) and whether it started clean:
     /// what this node claimed, to settle two claims of one client id at the same moment.
@@ -236,21 +236,15 @@ impl BrokerCore {
         conn.map_or(ClaimOutcome::None, ClaimOutcome::TakenOver)
     }
 
-    /// Clustered: the session of `conn` holds interest in `filter` for as long as it exists,
-    /// whatever it subscribes to. The network layer gives a tenant agent its own topics
-    /// (`t/{tenant}/agents/{id}/+`) at CONNECT, before its connected event goes out, so that a
-    /// server that sends a wake-up on seeing that event is sure to reach this node.
+    /// Clustered: the session of `conn` is a tenant agent whose own topics are `filter`
+    /// (`t/{tenant}/agents/{id}/+`). Other nodes send those topics to this node's subject,
+    /// found through their directory (`beckon_cluster::directory`), so the session's own
+    /// subscriptions inside them need no NATS interest of their own.
     pub fn hold_interest(&mut self, conn: ConnId, filter: &str) {
         let (Some(cluster), Some(&key)) = (&mut self.cluster, self.conns.get(&conn)) else {
             return;
         };
-        // Set once per session (its client id is its identity); the session's own
-        // subscriptions inside it were counted against it.
-        if cluster.held.contains_key(&key) {
-            return;
-        }
-        note_interest(cluster, filter, true);
-        cluster.held.insert(key, filter.into());
+        cluster.held.entry(key).or_insert_with(|| filter.into());
     }
 
     /// The connection holding `client_id` here, if any.
@@ -343,9 +337,9 @@ impl BrokerCore {
     }
 }
 
-/// A session's own subscription that began or ended: not counted when the interest the
-/// session holds from its CONNECT already covers it (an agent's own wake topic), so that an
-/// agent costs its node one NATS subscription, not two.
+/// A session's own subscription that began or ended: not counted when it lies inside the
+/// agent topics the session holds (an agent's own wake topic), which reach this node through
+/// its node subject, so that an agent costs NATS no subscription at all.
 pub(super) fn note_session_interest(
     cluster: &mut ClusterState,
     key: SessionKey,

@@ -27,7 +27,7 @@ pub(crate) use idmap::IdMap;
 pub use presence::PresenceReason;
 pub use quota::{Quota, QuotaCounts};
 
-use cluster::{ClusterState, note_interest, note_session_interest};
+use cluster::{ClusterState, note_session_interest};
 
 use std::collections::{BTreeSet, HashMap};
 use std::net::SocketAddr;
@@ -797,9 +797,7 @@ impl BrokerCore {
         }
         if let Some(cluster) = &mut self.cluster {
             cluster.claims.remove(&key);
-            if let Some(held) = cluster.held.remove(&key) {
-                note_interest(cluster, &held, false);
-            }
+            cluster.held.remove(&key);
         }
     }
 

@@ -1846,14 +1846,17 @@ fn retained_messages_from_other_nodes_are_kept_here() {
 }
 
 #[test]
-fn interest_held_from_connect_lasts_as_long_as_the_session() {
+fn an_agents_own_topics_cost_no_nats_interest() {
     let mut h = clustered();
     let (a, _, _) = h.connect_ok(v5("acme/agent/a1"));
     h.core.take_cluster_out();
     h.core.hold_interest(a, "t/acme/agents/a1/+");
-    // Its own subscriptions inside it add no second NATS interest; others do.
-    h.subscribe(a, "t/acme/agents/a1/+", QoS::AtLeastOnce);
+    // Its own topics reach this node through the node's subject: its exact subscriptions
+    // inside them add no NATS interest; a wildcard one, or one outside, does.
     h.subscribe(a, "t/acme/agents/a1/wake", QoS::AtLeastOnce);
+    h.subscribe(a, "t/acme/agents/a1/relay", QoS::AtLeastOnce);
+    assert_eq!(h.core.take_cluster_out(), []);
+    h.subscribe(a, "t/acme/agents/a1/+", QoS::AtLeastOnce);
     let out = h.core.take_cluster_out();
     assert!(
         matches!(out.as_slice(), [ClusterOut::Interest { filter, added: true }] if filter == "t/acme/agents/a1/+"),
@@ -1862,7 +1865,16 @@ fn interest_held_from_connect_lasts_as_long_as_the_session() {
     h.close(a);
     let out = h.core.take_cluster_out();
     assert!(
-        matches!(out.as_slice(), [ClusterOut::Interest { added: false, .. }]),
+        matches!(out.as_slice(), [ClusterOut::Interest { filter, added: false }] if filter == "t/acme/agents/a1/+"),
+        "{out:?}"
+    );
+    // A session of another client subscribing to those exact topics needs interest.
+    let (b, _, _) = h.connect_ok(v5("acme/server/s1"));
+    h.core.take_cluster_out();
+    h.subscribe(b, "t/acme/agents/a1/wake", QoS::AtLeastOnce);
+    let out = h.core.take_cluster_out();
+    assert!(
+        matches!(out.as_slice(), [ClusterOut::Interest { filter, added: true }] if filter == "t/acme/agents/a1/wake"),
         "{out:?}"
     );
 }
@@ -2219,11 +2231,20 @@ fn clustered_presence_names_the_node_and_releases_a_lost_one() {
     );
     assert_eq!(events[0].1.node.as_deref(), Some("n2"));
     assert_eq!(events[1].1.node.as_deref(), Some("n1"));
-    // The agent's own topics are held from its CONNECT on.
-    let held = h.core.take_cluster_out();
+    // The agent's own topics need no NATS interest: other nodes find this node in their
+    // directory (its claim and connected event).
+    let sent = h.core.take_cluster_out();
     assert!(
-        held.iter().any(|o| matches!(o, ClusterOut::Interest { filter, added: true } if filter == "t/acme/agents/a2/+")),
-        "{held:?}"
+        !sent
+            .iter()
+            .any(|o| matches!(o, ClusterOut::Interest { filter, .. } if filter.contains("a2"))),
+        "{sent:?}"
+    );
+    assert!(
+        sent.iter().any(
+            |o| matches!(o, ClusterOut::Claim { client_id, .. } if client_id == "acme/agent/a2")
+        ),
+        "{sent:?}"
     );
     // After a cut-off, this node says again who is connected here.
     let mut out = Vec::new();

@@ -1,0 +1,192 @@
+//! Which node holds each tenant agent, as this node knows it: agent-bound messages (wake-ups,
+//! relay requests) are sent on that node's subject instead of through one NATS subscription
+//! per agent (see [`crate::subject`]).
+//!
+//! Kept from what every node sees anyway: claims (a node accepted a connection for a client
+//! id) and retained presence events (which carry the node), live and in the snapshot a
+//! joining node asks for. A node's link updates the directory from a presence event before
+//! it hands the event to the broker, so a server that sends a wake-up on seeing an agent
+//! connected finds the agent's node here. A node that went silent is dropped with all its
+//! agents: their sessions died with it.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+
+use beckon_identity::acl::{PresenceEvent, PresenceState};
+
+use crate::subject::agent_of;
+
+/// Agent (`t/{tenant}/agents/{id}`) -> the node holding it.
+#[derive(Debug, Default)]
+pub struct Directory {
+    agents: HashMap<Box<str>, Arc<str>>,
+    /// One allocation per node name, shared by its agents.
+    nodes: HashSet<Arc<str>>,
+}
+
+impl Directory {
+    /// The node holding the agent whose topic `topic` is, if known.
+    pub fn holder(&self, topic: &str) -> Option<&str> {
+        self.agents.get(agent_of(topic)?).map(|n| &**n)
+    }
+
+    /// How many agents the directory knows.
+    pub fn len(&self) -> usize {
+        self.agents.len()
+    }
+
+    /// Whether it knows none.
+    pub fn is_empty(&self) -> bool {
+        self.agents.is_empty()
+    }
+
+    /// `node` accepted a connection for `client_id`; only tenant agents
+    /// (`{tenant}/agent/{id}`) are kept.
+    pub fn claimed(&mut self, client_id: &str, node: &str) {
+        let mut parts = client_id.splitn(3, '/');
+        let (Some(tenant), Some("agent"), Some(id)) = (parts.next(), parts.next(), parts.next())
+        else {
+            return;
+        };
+        if tenant.is_empty() || id.is_empty() || id.contains('/') {
+            return;
+        }
+        self.set(format!("t/{tenant}/agents/{id}"), node);
+    }
+
+    /// A retained message passed (published here, from another node, or in a snapshot):
+    /// when it is an agent's presence event, its node is noted. A connected event is the
+    /// latest word; a disconnected one only fills a gap (its session may still wait on that
+    /// node), because it can arrive after the connected event of the agent's next node.
+    pub fn retained(&mut self, topic: &str, payload: &[u8]) {
+        let Some(agent) = topic
+            .strip_suffix("/presence")
+            .filter(|agent| agent_of(topic) == Some(*agent))
+        else {
+            return;
+        };
+        let Ok(event) = serde_json::from_slice::<PresenceEvent>(payload) else {
+            return;
+        };
+        let Some(node) = event.node else {
+            return;
+        };
+        if event.state == PresenceState::Connected || !self.agents.contains_key(agent) {
+            self.set(agent.to_owned(), &node);
+        }
+    }
+
+    /// `node` went silent or restarted: its agents are held nowhere until they connect again.
+    pub fn node_lost(&mut self, node: &str) {
+        self.agents.retain(|_, n| &**n != node);
+        self.nodes.remove(node);
+    }
+
+    fn set(&mut self, agent: String, node: &str) {
+        if self
+            .agents
+            .get(agent.as_str())
+            .is_some_and(|n| &**n == node)
+        {
+            return;
+        }
+        let node = match self.nodes.get(node) {
+            Some(node) => node.clone(),
+            None => {
+                let node: Arc<str> = Arc::from(node);
+                self.nodes.insert(node.clone());
+                node
+            }
+        };
+        self.agents.insert(agent.into_boxed_str(), node);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use beckon_identity::acl::ConnectionPath;
+
+    fn presence(state: PresenceState, node: Option<&str>) -> Vec<u8> {
+        PresenceEvent {
+            state,
+            at: 1,
+            reason: None,
+            remote_addr: "127.0.0.1:1".into(),
+            path: ConnectionPath::Mqtts,
+            via_proxy: None,
+            node: node.map(str::to_owned),
+        }
+        .to_json()
+    }
+
+    const WAKE: &str = "t/acme/agents/pc-1/wake";
+
+    #[test]
+    fn claims_and_connected_events_name_the_node() {
+        let mut dir = Directory::default();
+        assert_eq!(dir.holder(WAKE), None);
+        dir.claimed("acme/agent/pc-1", "n1");
+        assert_eq!(dir.holder(WAKE), Some("n1"));
+        assert_eq!(dir.holder("t/acme/agents/pc-1/relay"), Some("n1"));
+        assert_eq!(dir.holder("t/acme/agents/pc-2/wake"), None);
+        let connected = presence(PresenceState::Connected, Some("n2"));
+        dir.retained("t/acme/agents/pc-1/presence", &connected);
+        assert_eq!(dir.holder(WAKE), Some("n2"));
+        // Servers, anonymous clients and malformed ids are not agents.
+        dir.claimed("acme/server/s1", "n1");
+        dir.claimed("pc-9", "n1");
+        dir.claimed("acme/agent/", "n1");
+        dir.retained("t/acme/servers/s1/presence", &connected);
+        assert_eq!(dir.len(), 1);
+    }
+
+    #[test]
+    fn a_late_disconnected_event_does_not_undo_a_move() {
+        let mut dir = Directory::default();
+        dir.retained(
+            "t/acme/agents/pc-1/presence",
+            &presence(PresenceState::Connected, Some("n2")),
+        );
+        // The old node's taken-over event arrives after the new node's connected event.
+        dir.retained(
+            "t/acme/agents/pc-1/presence",
+            &presence(PresenceState::Disconnected, Some("n1")),
+        );
+        assert_eq!(dir.holder(WAKE), Some("n2"));
+        // A disconnected event of an agent not known yet (a snapshot) names where its
+        // session waits.
+        dir.retained(
+            "t/acme/agents/pc-3/presence",
+            &presence(PresenceState::Disconnected, Some("n3")),
+        );
+        assert_eq!(dir.holder("t/acme/agents/pc-3/wake"), Some("n3"));
+        // Events without a node, or not presence at all, change nothing.
+        dir.retained(
+            "t/acme/agents/pc-4/presence",
+            &presence(PresenceState::Connected, None),
+        );
+        dir.retained("t/acme/agents/pc-4/presence", b"not json");
+        dir.retained(
+            "t/acme/agents/pc-4/status",
+            &presence(PresenceState::Connected, Some("n1")),
+        );
+        assert_eq!(dir.holder("t/acme/agents/pc-4/wake"), None);
+    }
+
+    #[test]
+    fn a_lost_node_takes_its_agents_along() {
+        let mut dir = Directory::default();
+        dir.claimed("acme/agent/pc-1", "n1");
+        dir.claimed("acme/agent/pc-2", "n2");
+        dir.claimed("globex/agent/pc-1", "n1");
+        dir.node_lost("n1");
+        assert_eq!(dir.holder(WAKE), None);
+        assert_eq!(dir.holder("t/globex/agents/pc-1/wake"), None);
+        assert_eq!(dir.holder("t/acme/agents/pc-2/wake"), Some("n2"));
+        assert_eq!(dir.len(), 1);
+        // The node name is shared again when it comes back.
+        dir.claimed("acme/agent/pc-1", "n1");
+        assert_eq!(dir.holder(WAKE), Some("n1"));
+    }
+}
