@@ -21,7 +21,8 @@ use bytes::Bytes;
 use tokio::sync::{mpsc, watch};
 
 use cluster_support::{
-    Client, Node, ReadEnd, Tenant, WAIT, nats_subscriptions, start_nats_monitored, start_nats_on,
+    Client, Node, ReadEnd, Tenant, WAIT, settled_nats_subscriptions, start_nats_monitored,
+    start_nats_on,
 };
 use common::Process;
 
@@ -230,7 +231,7 @@ async fn run_agent(
 async fn wake_ups_cross_nodes_and_a_connection_on_another_node_takes_the_session_over() {
     let cluster = Cluster::start();
     let mut server = Server::start(&cluster, 0).await;
-    let subscriptions = nats_subscriptions(cluster.monitor);
+    let subscriptions = settled_nats_subscriptions(cluster.monitor);
 
     // Six agents, two per node, each holding one connection.
     let mut agents = Vec::new();
@@ -274,7 +275,7 @@ async fn wake_ups_cross_nodes_and_a_connection_on_another_node_takes_the_session
     // Wake-ups went to each agent's node by the directory: the agents added no NATS
     // subscription (the acks' wildcard filter was the server's, before them).
     assert_eq!(
-        nats_subscriptions(cluster.monitor),
+        settled_nats_subscriptions(cluster.monitor),
         subscriptions,
         "NATS holds no interest per agent"
     );
@@ -518,6 +519,82 @@ async fn a_node_dies_its_agents_move_presence_follows_and_no_valid_wake_up_is_lo
         );
     }
     let _ = &cluster.nodes[0].name;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wake_ups_held_by_a_node_that_is_killed_reach_their_agents_on_the_next_node() {
+    let mut cluster = Cluster::start();
+    // The publisher sends each wake-up once and never again (no console's resend here).
+    let token = cluster.tenant.token(Role::Server, "console");
+    let mut publisher = Client::connect(cluster.nodes[0].addr, &token)
+        .await
+        .expect("server connects");
+    publisher.subscribe("agents/+/presence").await;
+
+    // Twenty agents on n1.
+    let ids: Vec<String> = (0..20).map(|k| format!("pc-{k}")).collect();
+    let mut agents = Vec::new();
+    for id in &ids {
+        let token = cluster.tenant.token(Role::Agent, id);
+        let mut c = Client::connect(cluster.nodes[1].addr, &token)
+            .await
+            .expect("agent connects to n1");
+        c.subscribe(&format!("agents/{id}/wake")).await;
+        agents.push(c);
+    }
+    let mut on_n1 = HashSet::new();
+    while on_n1.len() < ids.len() {
+        let msg = publisher
+            .message(WAIT)
+            .await
+            .unwrap_or_else(|e| panic!("only {} agents seen on n1: {e:?}", on_n1.len()));
+        let event = PresenceEvent::from_json(&msg.payload).expect("presence JSON");
+        if event.state == PresenceState::Connected && event.node.as_deref() == Some("n1") {
+            on_n1.insert(msg.topic.clone());
+        }
+    }
+
+    // The fan-out: every wake-up accepted on n0 (PUBACK) and handed to n1. Half of the
+    // agents read theirs without acknowledging it; the other half do not even read.
+    for id in &ids {
+        publisher
+            .publish(&format!("agents/{id}/wake"), &format!("w-{id}"), Some(600))
+            .await;
+    }
+    for (id, agent) in ids.iter().zip(&mut agents).step_by(2) {
+        match agent.read(WAIT).await {
+            Ok(Packet::Publish(p)) => assert_eq!(p.payload, format!("w-{id}").into_bytes()),
+            other => panic!("{id}: no wake-up on n1: {other:?}"),
+        }
+    }
+    // n1 is killed before any agent acknowledged anything.
+    cluster.nodes[1].kill();
+    drop(agents);
+
+    // Each agent comes back on n2, as a new session, and gets its wake-up there.
+    for id in &ids {
+        let token = cluster.tenant.token(Role::Agent, id);
+        let mut c = Client::connect(cluster.nodes[2].addr, &token)
+            .await
+            .expect("agent connects to n2");
+        c.subscribe(&format!("agents/{id}/wake")).await;
+        let msg = c
+            .message(WAIT)
+            .await
+            .unwrap_or_else(|e| panic!("{id}: its wake-up did not follow it to n2: {e:?}"));
+        assert_eq!(msg.payload, format!("w-{id}").into_bytes());
+        assert_eq!(msg.qos, QoS::AtLeastOnce);
+        let expiry = msg.properties.message_expiry_interval.expect("expiry kept");
+        assert!((560..=600).contains(&expiry), "expiry {expiry}");
+        // Acknowledged: it is not sent again.
+        assert!(
+            matches!(
+                c.message(Duration::from_millis(300)).await,
+                Err(ReadEnd::TimedOut)
+            ),
+            "{id}: a second copy"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

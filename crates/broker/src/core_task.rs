@@ -90,6 +90,7 @@ impl ClusterSide {
                     });
                     Outgoing::Publish { publish, token }
                 }
+                ClusterOut::Delivered(receipt) => Outgoing::Delivered(receipt),
                 ClusterOut::Interest { filter, added } => Outgoing::Interest { filter, added },
                 ClusterOut::SharedInterest { share, added } => {
                     Outgoing::SharedInterest { share, added }
@@ -227,8 +228,8 @@ impl CoreTask {
         let now = std::time::Instant::now();
         let (core, out) = (&mut self.core, &mut self.out);
         match incoming {
-            Incoming::Message(publish) => {
-                core.handle_remote_publish(now, publish, out);
+            Incoming::Message { publish, receipt } => {
+                core.handle_remote_publish(now, publish, receipt, out);
             }
             Incoming::Shared { share, publish } => {
                 core.handle_shared_publish(now, &share, publish, out);

@@ -26,8 +26,8 @@ pub struct Directory {
 
 impl Directory {
     /// The node holding the agent whose topic `topic` is, if known.
-    pub fn holder(&self, topic: &str) -> Option<&str> {
-        self.agents.get(agent_of(topic)?).map(|n| &**n)
+    pub fn holder(&self, topic: &str) -> Option<&Arc<str>> {
+        self.agents.get(agent_of(topic)?)
     }
 
     /// How many agents the directory knows.
@@ -41,39 +41,39 @@ impl Directory {
     }
 
     /// `node` accepted a connection for `client_id`; only tenant agents
-    /// (`{tenant}/agent/{id}`) are kept.
-    pub fn claimed(&mut self, client_id: &str, node: &str) {
+    /// (`{tenant}/agent/{id}`) are kept. Returns the agent when its node changed.
+    pub fn claimed(&mut self, client_id: &str, node: &str) -> Option<String> {
         let mut parts = client_id.splitn(3, '/');
         let (Some(tenant), Some("agent"), Some(id)) = (parts.next(), parts.next(), parts.next())
         else {
-            return;
+            return None;
         };
         if tenant.is_empty() || id.is_empty() || id.contains('/') {
-            return;
+            return None;
         }
-        self.set(format!("t/{tenant}/agents/{id}"), node);
+        self.set(format!("t/{tenant}/agents/{id}"), node)
     }
 
     /// A retained message passed (published here, from another node, or in a snapshot):
     /// when it is an agent's presence event, its node is noted. A connected event is the
     /// latest word; a disconnected one only fills a gap (its session may still wait on that
     /// node), because it can arrive after the connected event of the agent's next node.
-    pub fn retained(&mut self, topic: &str, payload: &[u8]) {
-        let Some(agent) = topic
+    /// Returns the agent when its node changed.
+    pub fn retained(&mut self, topic: &str, payload: &[u8]) -> Option<String> {
+        let agent = topic
             .strip_suffix("/presence")
-            .filter(|agent| agent_of(topic) == Some(*agent))
-        else {
-            return;
-        };
-        let Ok(event) = serde_json::from_slice::<PresenceEvent>(payload) else {
-            return;
-        };
-        let Some(node) = event.node else {
-            return;
-        };
+            .filter(|agent| agent_of(topic) == Some(*agent))?;
+        let event = serde_json::from_slice::<PresenceEvent>(payload).ok()?;
+        let node = event.node?;
         if event.state == PresenceState::Connected || !self.agents.contains_key(agent) {
-            self.set(agent.to_owned(), &node);
+            return self.set(agent.to_owned(), &node);
         }
+        None
+    }
+
+    /// The node holding `agent` (`t/{tenant}/agents/{id}`), if known.
+    pub fn node_of(&self, agent: &str) -> Option<&Arc<str>> {
+        self.agents.get(agent)
     }
 
     /// `node` went silent or restarted: its agents are held nowhere until they connect again.
@@ -82,13 +82,13 @@ impl Directory {
         self.nodes.remove(node);
     }
 
-    fn set(&mut self, agent: String, node: &str) {
+    fn set(&mut self, agent: String, node: &str) -> Option<String> {
         if self
             .agents
             .get(agent.as_str())
             .is_some_and(|n| &**n == node)
         {
-            return;
+            return None;
         }
         let node = match self.nodes.get(node) {
             Some(node) => node.clone(),
@@ -98,7 +98,8 @@ impl Directory {
                 node
             }
         };
-        self.agents.insert(agent.into_boxed_str(), node);
+        self.agents.insert(agent.clone().into_boxed_str(), node);
+        Some(agent)
     }
 }
 
@@ -125,14 +126,21 @@ mod tests {
     #[test]
     fn claims_and_connected_events_name_the_node() {
         let mut dir = Directory::default();
-        assert_eq!(dir.holder(WAKE), None);
-        dir.claimed("acme/agent/pc-1", "n1");
-        assert_eq!(dir.holder(WAKE), Some("n1"));
-        assert_eq!(dir.holder("t/acme/agents/pc-1/relay"), Some("n1"));
-        assert_eq!(dir.holder("t/acme/agents/pc-2/wake"), None);
+        assert_eq!(dir.holder(WAKE).map(|n| &**n), None);
+        assert_eq!(
+            dir.claimed("acme/agent/pc-1", "n1").as_deref(),
+            Some("t/acme/agents/pc-1")
+        );
+        assert_eq!(dir.claimed("acme/agent/pc-1", "n1"), None, "no move");
+        assert_eq!(dir.holder(WAKE).map(|n| &**n), Some("n1"));
+        assert_eq!(
+            dir.holder("t/acme/agents/pc-1/relay").map(|n| &**n),
+            Some("n1")
+        );
+        assert_eq!(dir.holder("t/acme/agents/pc-2/wake").map(|n| &**n), None);
         let connected = presence(PresenceState::Connected, Some("n2"));
         dir.retained("t/acme/agents/pc-1/presence", &connected);
-        assert_eq!(dir.holder(WAKE), Some("n2"));
+        assert_eq!(dir.holder(WAKE).map(|n| &**n), Some("n2"));
         // Servers, anonymous clients and malformed ids are not agents.
         dir.claimed("acme/server/s1", "n1");
         dir.claimed("pc-9", "n1");
@@ -153,14 +161,17 @@ mod tests {
             "t/acme/agents/pc-1/presence",
             &presence(PresenceState::Disconnected, Some("n1")),
         );
-        assert_eq!(dir.holder(WAKE), Some("n2"));
+        assert_eq!(dir.holder(WAKE).map(|n| &**n), Some("n2"));
         // A disconnected event of an agent not known yet (a snapshot) names where its
         // session waits.
         dir.retained(
             "t/acme/agents/pc-3/presence",
             &presence(PresenceState::Disconnected, Some("n3")),
         );
-        assert_eq!(dir.holder("t/acme/agents/pc-3/wake"), Some("n3"));
+        assert_eq!(
+            dir.holder("t/acme/agents/pc-3/wake").map(|n| &**n),
+            Some("n3")
+        );
         // Events without a node, or not presence at all, change nothing.
         dir.retained(
             "t/acme/agents/pc-4/presence",
@@ -171,7 +182,7 @@ mod tests {
             "t/acme/agents/pc-4/status",
             &presence(PresenceState::Connected, Some("n1")),
         );
-        assert_eq!(dir.holder("t/acme/agents/pc-4/wake"), None);
+        assert_eq!(dir.holder("t/acme/agents/pc-4/wake").map(|n| &**n), None);
     }
 
     #[test]
@@ -181,12 +192,15 @@ mod tests {
         dir.claimed("acme/agent/pc-2", "n2");
         dir.claimed("globex/agent/pc-1", "n1");
         dir.node_lost("n1");
-        assert_eq!(dir.holder(WAKE), None);
-        assert_eq!(dir.holder("t/globex/agents/pc-1/wake"), None);
-        assert_eq!(dir.holder("t/acme/agents/pc-2/wake"), Some("n2"));
+        assert_eq!(dir.holder(WAKE).map(|n| &**n), None);
+        assert_eq!(dir.holder("t/globex/agents/pc-1/wake").map(|n| &**n), None);
+        assert_eq!(
+            dir.holder("t/acme/agents/pc-2/wake").map(|n| &**n),
+            Some("n2")
+        );
         assert_eq!(dir.len(), 1);
         // The node name is shared again when it comes back.
         dir.claimed("acme/agent/pc-1", "n1");
-        assert_eq!(dir.holder(WAKE), Some("n1"));
+        assert_eq!(dir.holder(WAKE).map(|n| &**n), Some("n1"));
     }
 }

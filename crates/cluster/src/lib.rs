@@ -6,6 +6,8 @@
 //!   filter.
 //! - [`directory`]: which node holds each tenant agent, so that agent-bound messages go to
 //!   that node and not through one NATS subscription per agent.
+//! - [`resend`]: agents' messages kept until their node reports them acknowledged, sent
+//!   again to the agent's next node when its node dies first.
 //! - [`wire`]: the message, claim and heartbeat formats.
 //! - [`link`]: the task between one node's broker core and NATS.
 //! - [`security`]: TLS and credentials towards NATS.
@@ -16,10 +18,11 @@
 
 pub mod directory;
 pub mod link;
+pub mod resend;
 pub mod security;
 pub mod subject;
 pub mod wire;
 
 pub use link::{ClusterError, ClusterLink, ClusterOptions, Incoming, Outgoing, join};
 pub use security::{NatsAuth, NatsSecurity};
-pub use wire::{Claim, ClusterMessage, Heartbeat};
+pub use wire::{Claim, ClusterMessage, Heartbeat, Receipt};

@@ -7,15 +7,18 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_nats::connection::State;
-use beckon_mqtt::Publish;
+use beckon_mqtt::{Publish, QoS};
 use futures_util::StreamExt;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
 use crate::directory::Directory;
+use crate::resend::Unacknowledged;
 use crate::security::{NatsSecurity, Rejected, refusal};
-use crate::subject::{node_subject, routed_filter_subjects, routed_subject, share_queue};
-use crate::wire::{Claim, ClusterMessage, Heartbeat};
+use crate::subject::{
+    agent_of, node_subject, receipt_subject, routed_filter_subjects, routed_subject, share_queue,
+};
+use crate::wire::{Claim, ClusterMessage, Heartbeat, Receipt};
 
 /// How many duplicate-detection entries a node keeps (messages matched by several of its
 /// NATS subscriptions arrive back to back, so a short memory suffices).
@@ -115,6 +118,9 @@ pub enum Outgoing {
         /// The messages (retained, internal topics, remaining expiry).
         retained: Vec<Publish>,
     },
+    /// A local agent acknowledged a message that came with a receipt (see
+    /// [`Incoming::Message`]): its origin node is told.
+    Delivered(Receipt),
     /// A connection for `client_id` was accepted here.
     Claim {
         /// The client id.
@@ -131,7 +137,13 @@ pub enum Outgoing {
 #[derive(Debug)]
 pub enum Incoming {
     /// A message published on another node that matches a local subscription or is retained.
-    Message(Publish),
+    Message {
+        /// The message.
+        publish: Publish,
+        /// For an agent's QoS 1/2 message: to hand back in [`Outgoing::Delivered`] when the
+        /// agent acknowledged it, so that its origin stops keeping it.
+        receipt: Option<Receipt>,
+    },
     /// A message (from any node, this one included) that NATS gave this node for the shared
     /// subscription `share`: one node per group gets each message.
     Shared {
@@ -197,6 +209,8 @@ enum Kind {
     Heartbeat,
     SnapshotRequest,
     Snapshot,
+    /// Receipts for messages this node sent to other nodes' agents.
+    Receipts,
 }
 
 /// Connects to NATS (in the background: a node starts even when NATS is not reachable yet,
@@ -279,6 +293,7 @@ pub async fn join(
         (inbox.clone(), Kind::Snapshot),
         // The agent topics of every agent this node holds, whatever their number.
         (node_subject(root, &node), Kind::Message),
+        (receipt_subject(root, &node), Kind::Receipts),
     ] {
         fixed.push(subscribe(&client, subject, None, kind, raw_tx.clone()).await?);
     }
@@ -293,6 +308,8 @@ pub async fn join(
     let (commands_tx, commands_rx) = mpsc::channel(COMMAND_QUEUE);
     let link = Link {
         directory: Directory::default(),
+        unacknowledged: Unacknowledged::default(),
+        receipts: HashMap::new(),
         retained_subject: format!("{root}.r"),
         claim_subject: format!("{root}.claim"),
         heartbeat_subject: format!("{root}.hb"),
@@ -306,7 +323,9 @@ pub async fn join(
         peers: HashMap::new(),
         seen: HashSet::new(),
         seen_order: VecDeque::new(),
-        seq: 0,
+        // Receipts name messages by number: a restarted node does not reuse its previous
+        // run's numbers.
+        seq: u64::from(rand::random::<u32>()) << 32,
         snapshot_from: None,
         snapshot_count: 0,
         incoming: incoming_tx,
@@ -405,6 +424,10 @@ struct Link {
     shared: HashMap<String, Vec<AbortOnDrop>>,
     /// Which node holds each tenant agent: where agent-bound messages go.
     directory: Directory,
+    /// Agents' messages sent to other nodes, until their receipt.
+    unacknowledged: Unacknowledged,
+    /// Receipts to send, by origin node.
+    receipts: HashMap<Arc<str>, Vec<u64>>,
     retained_subject: String,
     claim_subject: String,
     heartbeat_subject: String,
@@ -444,6 +467,7 @@ impl Link {
                         let Ok(command) = commands.try_recv() else { break };
                         batch_ok &= self.command(command, &mut tokens).await;
                     }
+                    self.send_receipts().await;
                     if !tokens.is_empty() {
                         let ok = std::mem::replace(&mut batch_ok, true) && matches!(
                             tokio::time::timeout(self.options.flush_timeout, self.client.flush()).await,
@@ -465,6 +489,7 @@ impl Link {
                     }
                 }
                 _ = heartbeat.tick() => {
+                    self.unacknowledged.expire(Instant::now());
                     if self.beat().await.is_err() {
                         break;
                     }
@@ -482,14 +507,21 @@ impl Link {
         match command {
             Outgoing::Publish { publish, token } => {
                 self.seq += 1;
+                let mut moved = None;
+                let mut holder = None;
                 let subject = if publish.retain {
                     // This node's own presence events among them.
-                    self.directory.retained(&publish.topic, &publish.payload);
+                    moved = self.directory.retained(&publish.topic, &publish.payload);
                     self.retained_subject.clone()
                 } else {
-                    let holder = self.directory.holder(&publish.topic);
+                    holder = self.directory.holder(&publish.topic).cloned();
+                    let holder = holder.as_deref();
                     routed_subject(&self.options.subject_root, &publish.topic, holder)
                 };
+                // An agent's QoS 1/2 message to another node is kept until its receipt.
+                let keep =
+                    holder.filter(|h| **h != *self.options.node && publish.qos != QoS::AtMostOnce);
+                let expiry = publish.properties.message_expiry_interval;
                 let msg = ClusterMessage {
                     origin: self.options.node.clone(),
                     seq: self.seq,
@@ -497,6 +529,17 @@ impl Link {
                 };
                 match msg.encode() {
                     Ok(bytes) => {
+                        if let Some(holder) = keep {
+                            let (now, topic) = (Instant::now(), &msg.publish.topic);
+                            self.unacknowledged.keep(
+                                now,
+                                msg.seq,
+                                topic,
+                                expiry,
+                                holder,
+                                bytes.clone(),
+                            );
+                        }
                         let sent = tokio::time::timeout(
                             self.options.flush_timeout,
                             self.client.publish(subject, bytes),
@@ -512,6 +555,20 @@ impl Link {
                     }
                 }
                 tokens.extend(token);
+                if self.placed(moved).await.is_err() {
+                    ok = false;
+                }
+            }
+            Outgoing::Delivered(receipt) => {
+                if *receipt.origin == *self.options.node {
+                    // A message kept here and handed to a local agent after it moved here.
+                    self.unacknowledged.acknowledged(receipt.seq);
+                } else {
+                    self.receipts
+                        .entry(receipt.origin)
+                        .or_default()
+                        .push(receipt.seq);
+                }
             }
             Outgoing::Interest { filter, added } => {
                 for subject in routed_filter_subjects(&self.options.subject_root, &filter) {
@@ -605,7 +662,10 @@ impl Link {
                 clean_start,
                 at_ms,
             } => {
-                self.directory.claimed(&client_id, &self.options.node);
+                let moved = self.directory.claimed(&client_id, &self.options.node);
+                if self.placed(moved).await.is_err() {
+                    ok = false;
+                }
                 let claim = Claim {
                     node: self.options.node.clone(),
                     client_id,
@@ -639,6 +699,13 @@ impl Link {
                 if msg.origin == self.options.node {
                     return Ok(());
                 }
+                let receipt = (!msg.publish.retain
+                    && msg.publish.qos != QoS::AtMostOnce
+                    && agent_of(&msg.publish.topic).is_some())
+                .then(|| Receipt {
+                    origin: Arc::from(msg.origin.as_str()),
+                    seq: msg.seq,
+                });
                 let id = (msg.origin, msg.seq);
                 if !self.seen.insert(id.clone()) {
                     return Ok(());
@@ -652,11 +719,16 @@ impl Link {
                 // Before the broker passes a presence event on: a wake-up sent on seeing it
                 // finds the agent's node.
                 if msg.publish.retain {
-                    self.directory
+                    let moved = self
+                        .directory
                         .retained(&msg.publish.topic, &msg.publish.payload);
+                    self.placed(moved).await?;
                 }
                 self.incoming
-                    .send(Incoming::Message(msg.publish))
+                    .send(Incoming::Message {
+                        publish: msg.publish,
+                        receipt,
+                    })
                     .await
                     .map_err(|_| ())
             }
@@ -703,8 +775,10 @@ impl Link {
                     return Ok(());
                 }
                 self.snapshot_count += 1;
-                self.directory
+                let moved = self
+                    .directory
                     .retained(&msg.publish.topic, &msg.publish.payload);
+                self.placed(moved).await?;
                 self.incoming
                     .send(Incoming::Retained(msg.publish))
                     .await
@@ -712,7 +786,8 @@ impl Link {
             }
             Kind::Claim => match serde_json::from_slice::<Claim>(&msg.payload) {
                 Ok(claim) if claim.node != self.options.node => {
-                    self.directory.claimed(&claim.client_id, &claim.node);
+                    let moved = self.directory.claimed(&claim.client_id, &claim.node);
+                    self.placed(moved).await?;
                     self.incoming
                         .send(Incoming::Claim(claim))
                         .await
@@ -724,6 +799,13 @@ impl Link {
                     Ok(())
                 }
             },
+            Kind::Receipts => {
+                for seq in msg.payload.chunks_exact(8) {
+                    let seq = u64::from_be_bytes(seq.try_into().unwrap_or_default());
+                    self.unacknowledged.acknowledged(seq);
+                }
+                Ok(())
+            }
             Kind::Heartbeat => {
                 let Ok(beat) = serde_json::from_slice::<Heartbeat>(&msg.payload) else {
                     tracing::warn!("cluster: dropped a malformed heartbeat");
@@ -760,6 +842,62 @@ impl Link {
                     }
                 }
                 Ok(())
+            }
+        }
+    }
+
+    /// The directory has `agent` on another node now (`None`: nothing moved): the messages
+    /// kept for it that went to its previous node go to the new one, or to the broker here
+    /// when that is this node. Returns `Err` when the broker is gone.
+    async fn placed(&mut self, agent: Option<String>) -> Result<(), ()> {
+        let Some(agent) = agent else {
+            return Ok(());
+        };
+        let Some(node) = self.directory.node_of(&agent).cloned() else {
+            return Ok(());
+        };
+        let resend = self.unacknowledged.moved(Instant::now(), &agent, &node);
+        if resend.is_empty() {
+            return Ok(());
+        }
+        tracing::info!(agent = %agent, node = %node, messages = resend.len(), "cluster: the agent moved before acknowledging; its messages follow it");
+        for message in resend {
+            if *node == *self.options.node {
+                let Ok(msg) = ClusterMessage::decode(&message.bytes) else {
+                    continue;
+                };
+                let receipt = Some(Receipt {
+                    origin: node.clone(),
+                    seq: message.seq,
+                });
+                self.incoming
+                    .send(Incoming::Message {
+                        publish: msg.publish,
+                        receipt,
+                    })
+                    .await
+                    .map_err(|_| ())?;
+            } else {
+                let root = &self.options.subject_root;
+                let subject = routed_subject(root, &message.topic, Some(&node));
+                if let Err(e) = self.client.publish(subject, message.bytes).await {
+                    tracing::warn!(error = %e, "cluster: cannot send a message again to the agent's new node");
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Sends the receipts gathered since the last time, one NATS message per origin node.
+    async fn send_receipts(&mut self) {
+        for (origin, seqs) in self.receipts.drain() {
+            let mut payload = bytes::BytesMut::with_capacity(seqs.len() * 8);
+            for seq in seqs {
+                payload.extend_from_slice(&seq.to_be_bytes());
+            }
+            let subject = receipt_subject(&self.options.subject_root, &origin);
+            if let Err(e) = self.client.publish(subject, payload.freeze()).await {
+                tracing::warn!(error = %e, "cluster: cannot send receipts; the origin keeps those messages until they expire");
             }
         }
     }

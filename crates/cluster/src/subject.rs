@@ -42,6 +42,14 @@ pub fn node_subject(cluster: &str, node: &str) -> String {
     out
 }
 
+/// The subject on which node `node` receives receipts ([`crate::Receipt`]) for the messages
+/// it sent to other nodes' agents.
+pub fn receipt_subject(cluster: &str, node: &str) -> String {
+    let mut out = format!("{cluster}.done.");
+    push_level(&mut out, node);
+    out
+}
+
 /// The agent an agent topic belongs to, as `t/{tenant}/agents/{id}` (a prefix of the topic);
 /// `None` for any other topic.
 pub fn agent_of(topic: &str) -> Option<&str> {

@@ -107,6 +107,18 @@ pub struct Claim {
     pub at_ms: Option<i64>,
 }
 
+/// Which message of which node a receipt is for. The node that took an agent's QoS 1/2
+/// message from its publisher keeps it until the agent's node reports that the agent
+/// acknowledged it, and sends it again to the node the agent moves to when the agent's node
+/// dies (or the agent moves) first; the agent's own replay guard drops a copy it already had.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Receipt {
+    /// The origin node.
+    pub origin: std::sync::Arc<str>,
+    /// The origin's number for the message ([`ClusterMessage::seq`]).
+    pub seq: u64,
+}
+
 /// A node says it is alive, every heartbeat interval.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Heartbeat {

@@ -87,6 +87,25 @@ pub fn nats_subscriptions(monitor: u16) -> u64 {
     varz["subscriptions"].as_u64().expect("/varz subscriptions")
 }
 
+/// nats-server's subscriptions once they stopped changing for half a second (a node
+/// subscribes in the background after its client's SUBACK).
+pub fn settled_nats_subscriptions(monitor: u16) -> u64 {
+    let deadline = Instant::now() + WAIT;
+    let mut last = nats_subscriptions(monitor);
+    loop {
+        std::thread::sleep(Duration::from_millis(500));
+        let now = nats_subscriptions(monitor);
+        if now == last {
+            return now;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "NATS subscriptions still changing: {now}"
+        );
+        last = now;
+    }
+}
+
 /// A nats-server on `port` of loopback, once it listens.
 pub fn start_nats_on(port: u16) -> Process {
     let mut command = Command::new(nats_server_binary());

@@ -6,6 +6,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Instant;
 
+use beckon_cluster::Receipt;
 use beckon_mqtt::{Packet, Publish, QoS};
 use bytes::Bytes;
 
@@ -42,6 +43,9 @@ pub enum ClusterOut {
         /// Added or removed.
         added: bool,
     },
+    /// A client here acknowledged a message that came with a receipt: its origin node stops
+    /// keeping it.
+    Delivered(Receipt),
     /// A connection for `client_id` was accepted on this node: other nodes drop theirs.
     Claim {
         /// The client id.
@@ -95,7 +99,14 @@ pub(super) struct ClusterState {
     /// This node's name: assigned client ids carry it, so that two nodes never assign the
     /// same one (which would take the other's client over).
     pub(super) node: String,
+    /// Messages with a receipt that came for an agent's session before it subscribed to
+    /// their topic (it connects, and its wake-ups follow it here before its SUBSCRIBE):
+    /// delivered when it does (see [`BrokerCore::handle_remote_publish`]).
+    pub(super) parked: HashMap<SessionKey, Vec<Arc<Message>>>,
 }
+
+/// At most this many messages wait for an agent's SUBSCRIBE; older ones make room.
+const MAX_PARKED: usize = 32;
 
 impl BrokerCore {
     /// Makes this core a cluster node: from now on it hands out what other nodes must know
@@ -120,12 +131,14 @@ impl BrokerCore {
     }
 
     /// A message published on another node: stored if retained and delivered to the
-    /// matching local subscriptions only (never handed back to the cluster). Returns whether
-    /// a local subscription received it.
+    /// matching local subscriptions only (never handed back to the cluster). With a
+    /// `receipt`, each client's acknowledgement of it is reported back
+    /// ([`ClusterOut::Delivered`]). Returns whether a local subscription received it.
     pub fn handle_remote_publish(
         &mut self,
         now: Instant,
         publish: Publish,
+        receipt: Option<Receipt>,
         out: &mut Vec<Action>,
     ) -> bool {
         if publish.topic.is_empty() || publish.topic.contains(['+', '#', '\0']) {
@@ -134,12 +147,46 @@ impl BrokerCore {
         // Presence events are retained; only they can contradict a connection held here.
         let presence = (publish.retain && publish.topic.ends_with("/presence"))
             .then(|| (publish.topic.clone(), publish.payload.clone()));
-        let message = self.remote_message(now, publish);
-        let delivered = self.route(now, None, Arc::new(message), out);
+        let mut message = self.remote_message(now, publish);
+        message.receipt = receipt;
+        let message = Arc::new(message);
+        if message.receipt.is_some() {
+            self.park_for_agent(&message);
+        }
+        let delivered = self.route(now, None, message, out);
         if let Some((topic, payload)) = presence {
             self.answer_presence_conflict(now, topic, &payload, out);
         }
         delivered
+    }
+
+    /// A message with a receipt for the agent whose session is here but not subscribed to
+    /// its topic yet is kept for its SUBSCRIBE: an agent that moves here after its node died
+    /// gets the wake-ups that follow it even when they arrive between its CONNECT and
+    /// its SUBSCRIBE.
+    fn park_for_agent(&mut self, message: &Arc<Message>) {
+        let Some(cluster) = &mut self.cluster else {
+            return;
+        };
+        let Some(client_id) = agent_client_id(&message.topic) else {
+            return;
+        };
+        let Some(&key) = self.by_client_id.get(&client_id) else {
+            return;
+        };
+        let subscribed = self.sessions.get(&key).is_some_and(|s| {
+            s.subscriptions
+                .iter()
+                .any(|f| filter_matches(f, &message.topic))
+        });
+        if subscribed || !cluster.held.contains_key(&key) {
+            return;
+        }
+        let parked = cluster.parked.entry(key).or_default();
+        if parked.len() >= MAX_PARKED {
+            parked.remove(0);
+        }
+        parked.push(message.clone());
     }
 
     /// A message NATS gave this node for the shared subscription `share`
@@ -307,6 +354,25 @@ impl BrokerCore {
             .collect()
     }
 
+    /// The session `key` acknowledged `message` (PUBACK, or PUBCOMP): when the message asked
+    /// for a receipt and the session is the agent whose topic it is (not, say, a console's
+    /// wildcard subscription on the same node), the origin node hears of it.
+    pub(super) fn delivered(&mut self, key: SessionKey, message: Option<Arc<Message>>) {
+        let (Some(cluster), Some(message)) = (&mut self.cluster, message) else {
+            return;
+        };
+        let Some(receipt) = &message.receipt else {
+            return;
+        };
+        if cluster
+            .held
+            .get(&key)
+            .is_some_and(|own| filter_matches(own, &message.topic))
+        {
+            cluster.out.push(ClusterOut::Delivered(receipt.clone()));
+        }
+    }
+
     /// A PUBACK/PUBREC held for the cluster may now go out ([`ClusterOut::Publish`]).
     pub fn cluster_ack(&self, conn: ConnId, packet: Packet, out: &mut Vec<Action>) {
         if self.conns.contains_key(&conn) {
@@ -334,6 +400,36 @@ impl BrokerCore {
             }
             None => ack,
         }
+    }
+}
+
+/// The session `key` subscribed to `filter`: the messages parked for it that match, to
+/// deliver.
+pub(super) fn unpark(
+    cluster: &mut ClusterState,
+    key: SessionKey,
+    filter: &str,
+) -> Vec<Arc<Message>> {
+    let Some(parked) = cluster.parked.get_mut(&key) else {
+        return Vec::new();
+    };
+    let (matching, rest) = std::mem::take(parked)
+        .into_iter()
+        .partition(|m| filter_matches(filter, &m.topic));
+    *parked = rest;
+    if parked.is_empty() {
+        cluster.parked.remove(&key);
+    }
+    matching
+}
+
+/// The client id of the tenant agent whose topic `topic` is (`t/{tenant}/agents/{id}/...`
+/// belongs to `{tenant}/agent/{id}`).
+fn agent_client_id(topic: &str) -> Option<String> {
+    let mut levels = topic.splitn(5, '/');
+    match (levels.next(), levels.next(), levels.next(), levels.next()) {
+        (Some("t"), Some(tenant), Some("agents"), Some(id)) => Some(format!("{tenant}/agent/{id}")),
+        _ => None,
     }
 }
 

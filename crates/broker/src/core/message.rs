@@ -24,6 +24,9 @@ pub(crate) struct Message {
     pub properties: Properties,
     /// When the message expires (v5 Message Expiry Interval), if ever.
     pub expires_at: Option<Instant>,
+    /// A message from another node whose origin waits to hear that a client acknowledged it
+    /// (see [`beckon_cluster::Receipt`]).
+    pub receipt: Option<beckon_cluster::Receipt>,
 }
 
 impl Message {
@@ -56,6 +59,7 @@ impl Message {
             retain,
             properties,
             expires_at,
+            receipt: None,
         }
     }
 

@@ -315,7 +315,12 @@ impl BrokerCore {
         match packet {
             Packet::Publish(publish) => self.on_publish(now, conn, key, publish, out),
             Packet::PubAck(ack) => {
-                self.on_delivery_ack(now, key, out, |session, _| session.on_puback(ack.packet_id));
+                let mut acked = None;
+                self.on_delivery_ack(now, key, out, |session, _| {
+                    acked = session.on_puback(ack.packet_id);
+                    acked.is_some()
+                });
+                self.delivered(key, acked);
             }
             Packet::PubRec(ack) => self.on_delivery_ack(now, key, out, |session, out| {
                 if let Some(release) = session.on_pubrec(ack.packet_id, ack.code) {
@@ -327,9 +332,12 @@ impl BrokerCore {
                 true
             }),
             Packet::PubComp(ack) => {
+                let mut acked = None;
                 self.on_delivery_ack(now, key, out, |session, _| {
-                    session.on_pubcomp(ack.packet_id)
+                    acked = session.on_pubcomp(ack.packet_id);
+                    acked.is_some()
                 });
+                self.delivered(key, acked);
             }
             Packet::PubRel(ack) => {
                 if let Some(session) = self.sessions.get_mut(&key) {
@@ -798,6 +806,7 @@ impl BrokerCore {
         if let Some(cluster) = &mut self.cluster {
             cluster.claims.remove(&key);
             cluster.held.remove(&key);
+            cluster.parked.remove(&key);
         }
     }
 

@@ -264,8 +264,9 @@ impl Session {
         self.inflight = inflight;
     }
 
-    /// PUBACK from the client: ends a QoS 1 delivery. False when no such delivery exists.
-    pub fn on_puback(&mut self, packet_id: u16) -> bool {
+    /// PUBACK from the client: ends a QoS 1 delivery; returns its message, `None` when no
+    /// such delivery exists.
+    pub fn on_puback(&mut self, packet_id: u16) -> Option<Arc<Message>> {
         self.take_inflight(|o| o.packet_id == packet_id && o.delivery.qos == QoS::AtLeastOnce)
     }
 
@@ -293,18 +294,13 @@ impl Session {
         }
     }
 
-    /// PUBCOMP from the client: ends a QoS 2 delivery.
-    pub fn on_pubcomp(&mut self, packet_id: u16) -> bool {
+    /// PUBCOMP from the client: ends a QoS 2 delivery; returns its message.
+    pub fn on_pubcomp(&mut self, packet_id: u16) -> Option<Arc<Message>> {
         self.take_inflight(|o| o.packet_id == packet_id && o.released)
     }
 
-    fn take_inflight(&mut self, pred: impl Fn(&Outgoing) -> bool) -> bool {
-        match self.inflight.iter().position(pred) {
-            Some(index) => {
-                self.inflight.remove(index);
-                true
-            }
-            None => false,
-        }
+    fn take_inflight(&mut self, pred: impl Fn(&Outgoing) -> bool) -> Option<Arc<Message>> {
+        let index = self.inflight.iter().position(pred)?;
+        self.inflight.remove(index).map(|o| o.delivery.msg)
     }
 }

@@ -8,7 +8,7 @@ use beckon_mqtt::{
     Unsubscribe,
 };
 
-use super::cluster::note_session_interest;
+use super::cluster::{note_session_interest, unpark};
 use super::session::Pending;
 use super::topic_tree::{SessionKey, SubEntry, parse_filter};
 use super::{Action, BrokerCore, ConnId};
@@ -88,6 +88,18 @@ impl BrokerCore {
                     RetainHandling::SendAtSubscribeIfNew => !existed,
                     RetainHandling::DoNotSend => false,
                 };
+            if let Some(cluster) = &mut self.cluster
+                && filter.share_group.is_none()
+            {
+                for msg in unpark(cluster, key, filter.filter) {
+                    retained.push(Pending {
+                        qos: msg.qos.min(qos),
+                        retain: false,
+                        sub_ids: sub_id.into_iter().collect(),
+                        msg,
+                    });
+                }
+            }
             if send_retained {
                 for msg in self.retained.matching(filter.filter, now) {
                     retained.push(Pending {

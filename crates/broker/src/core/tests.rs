@@ -1739,7 +1739,7 @@ fn a_message_from_another_node_reaches_local_subscribers_and_is_not_sent_back() 
     let mut out = Vec::new();
     let mut remote = publish("t/acme/agents/a1/wake", "hello", QoS::AtLeastOnce, Some(1));
     remote.properties.message_expiry_interval = Some(30);
-    assert!(h.core.handle_remote_publish(h.now, remote, &mut out));
+    assert!(h.core.handle_remote_publish(h.now, remote, None, &mut out));
     let got = publishes(&out, s);
     assert_eq!(got.len(), 1);
     assert_eq!(got[0].qos, QoS::AtLeastOnce, "QoS 1 kept across nodes");
@@ -1748,6 +1748,83 @@ fn a_message_from_another_node_reaches_local_subscribers_and_is_not_sent_back() 
     // Expired by the time it would be resent: the normal expiry applies.
     h.core
         .handle_close(h.now, s, CloseReason::Transport, &mut Vec::new());
+}
+
+#[test]
+fn the_agent_acknowledging_a_message_from_another_node_sends_its_receipt() {
+    let mut h = clustered();
+    let a = h.subscriber(
+        v5("acme/agent/a1"),
+        "t/acme/agents/a1/wake",
+        QoS::AtLeastOnce,
+    );
+    h.core.hold_interest(a, "t/acme/agents/a1/+");
+    // A console on this node watching every agent's wake-ups gets it too.
+    let w = h.subscriber(
+        v5("acme/server/c"),
+        "t/acme/agents/+/wake",
+        QoS::AtLeastOnce,
+    );
+    h.core.take_cluster_out();
+    let receipt = beckon_cluster::Receipt {
+        origin: "n0".into(),
+        seq: 42,
+    };
+    let mut out = Vec::new();
+    let remote = publish("t/acme/agents/a1/wake", "w", QoS::AtLeastOnce, Some(1));
+    assert!(
+        h.core
+            .handle_remote_publish(h.now, remote, Some(receipt.clone()), &mut out)
+    );
+    let (to_agent, to_watcher) = (publishes(&out, a), publishes(&out, w));
+    // The watcher's acknowledgement is not the agent's: no receipt.
+    h.send(
+        w,
+        Packet::PubAck(Ack::new(to_watcher[0].packet_id.expect("id"))),
+    );
+    assert_eq!(h.core.take_cluster_out(), []);
+    h.send(
+        a,
+        Packet::PubAck(Ack::new(to_agent[0].packet_id.expect("id"))),
+    );
+    assert_eq!(h.core.take_cluster_out(), [ClusterOut::Delivered(receipt)]);
+    // A duplicate PUBACK ends nothing and sends nothing.
+    h.send(
+        a,
+        Packet::PubAck(Ack::new(to_agent[0].packet_id.expect("id"))),
+    );
+    assert_eq!(h.core.take_cluster_out(), []);
+}
+
+#[test]
+fn a_message_that_follows_an_agent_here_waits_for_its_subscribe() {
+    let mut h = clustered();
+    let (a, _, _) = h.connect_ok(v5("acme/agent/a1"));
+    h.core.hold_interest(a, "t/acme/agents/a1/+");
+    h.core.take_cluster_out();
+    let receipt = beckon_cluster::Receipt {
+        origin: "n0".into(),
+        seq: 7,
+    };
+    // It connected; its wake-up (sent again by its origin) comes before its SUBSCRIBE.
+    let mut out = Vec::new();
+    let early = publish("t/acme/agents/a1/wake", "w", QoS::AtLeastOnce, Some(1));
+    h.core
+        .handle_remote_publish(h.now, early, Some(receipt.clone()), &mut out);
+    assert!(publishes(&out, a).is_empty());
+    // Another agent's message, or one without a receipt, is not kept for it.
+    let other = publish("t/acme/agents/a1/wake", "plain", QoS::AtLeastOnce, Some(1));
+    h.core.handle_remote_publish(h.now, other, None, &mut out);
+    let out = h.subscribe(a, "t/acme/agents/a1/wake", QoS::AtLeastOnce);
+    let got = publishes(&out, a);
+    assert_eq!(got.len(), 1, "{got:?}");
+    assert_eq!(got[0].payload, &b"w"[..]);
+    assert!(!got[0].retain);
+    h.send(a, Packet::PubAck(Ack::new(got[0].packet_id.expect("id"))));
+    assert_eq!(h.core.take_cluster_out(), [ClusterOut::Delivered(receipt)]);
+    // Delivered once: subscribing again sends nothing more.
+    let out = h.subscribe(a, "t/acme/agents/a1/+", QoS::AtLeastOnce);
+    assert!(publishes(&out, a).is_empty());
 }
 
 #[test]
@@ -1833,7 +1910,7 @@ fn retained_messages_from_other_nodes_are_kept_here() {
         Some(1),
     );
     remote.retain = true;
-    h.core.handle_remote_publish(h.now, remote, &mut out);
+    h.core.handle_remote_publish(h.now, remote, None, &mut out);
     assert_eq!(
         h.core
             .retained_payload("t/acme/agents/a1/presence", h.now)
@@ -2221,7 +2298,8 @@ fn clustered_presence_names_the_node_and_releases_a_lost_one() {
         Some(1),
     );
     elsewhere.retain = true;
-    h.core.handle_remote_publish(h.now, elsewhere, &mut out);
+    h.core
+        .handle_remote_publish(h.now, elsewhere, None, &mut out);
     let mut out = Vec::new();
     let (a, _) = connect_identity(&mut h, agent("a2"), 50001, "8883", &mut out);
     let events = presence_events(&out, w);
@@ -2259,7 +2337,7 @@ fn clustered_presence_names_the_node_and_releases_a_lost_one() {
         Some(1),
     );
     on_n3.retain = true;
-    h.core.handle_remote_publish(h.now, on_n3, &mut out);
+    h.core.handle_remote_publish(h.now, on_n3, None, &mut out);
     let mut out = Vec::new();
     assert_eq!(h.core.handle_node_lost(h.now, "n3", &mut out), 1);
     let events = presence_events(&out, w);
