@@ -825,6 +825,7 @@ impl Link {
                         peer.boot = beat.boot;
                         peer.last_seen = now;
                         self.directory.node_lost(&beat.node);
+                        self.unacknowledged.node_lost(&beat.node);
                         self.incoming
                             .send(Incoming::NodeLost(beat.node))
                             .await
@@ -931,6 +932,7 @@ impl Link {
             self.peers.remove(&node);
             tracing::warn!(node = %node, timeout_ms = timeout.as_millis() as u64, "cluster: node silent; its connections count as gone");
             self.directory.node_lost(&node);
+            self.unacknowledged.node_lost(&node);
             self.incoming
                 .send(Incoming::NodeLost(node))
                 .await

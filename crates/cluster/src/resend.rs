@@ -136,6 +136,18 @@ impl Unacknowledged {
         resend
     }
 
+    /// Node `node` went silent or restarted: what it held is gone with it, so the messages
+    /// sent to it go again wherever their agent is seen next, that node (its next run)
+    /// included.
+    pub fn node_lost(&mut self, node: &str) {
+        let gone: Arc<str> = Arc::from("");
+        for kept in self.by_seq.values_mut() {
+            if &*kept.holder == node {
+                kept.holder = gone.clone();
+            }
+        }
+    }
+
     /// Drops what expired by `now`.
     pub fn expire(&mut self, now: Instant) {
         let expired: Vec<u64> = (self.by_seq.iter())
@@ -245,6 +257,17 @@ mod tests {
         kept.expire(t0 + KEEP_WITHOUT_EXPIRY);
         assert!(kept.is_empty());
         assert!(kept.by_agent.is_empty());
+    }
+
+    #[test]
+    fn after_its_node_restarted_an_agent_back_on_it_gets_its_messages_again() {
+        let t0 = Instant::now();
+        let mut kept = Unacknowledged::default();
+        kept.keep(t0, 1, WAKE, None, node("n2"), Bytes::new());
+        kept.keep(t0, 2, "t/acme/agents/pc-2/wake", None, node("n3"), Bytes::new());
+        kept.node_lost("n2");
+        assert_eq!(kept.moved(t0, AGENT, &node("n2")).len(), 1);
+        assert_eq!(kept.moved(t0, "t/acme/agents/pc-2", &node("n3")), []);
     }
 
     #[test]
