@@ -100,6 +100,34 @@ async fn with_a_token_a_wake_up_crosses_nodes_and_a_wrong_token_is_refused() {
     );
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_an_nkey_a_wake_up_crosses_nodes_and_an_unknown_nkey_is_refused() {
+    let user = nkeys::KeyPair::new_user();
+    let nats = SecureNats::start_with(&format!("users = [{{ nkey: \"{}\" }}]", user.public_key()));
+    let tenant = Tenant::create();
+    let seed_file = |pair: &nkeys::KeyPair, name: &str| {
+        let path = nats.dir.path().join(name);
+        // Framed as nsc writes it.
+        let seed = pair.seed().expect("seed");
+        std::fs::write(
+            &path,
+            format!("-----BEGIN USER NKEY SEED-----\n{seed}\n------END USER NKEY SEED------\n"),
+        )
+        .expect("seed file");
+        format!("ca = {:?}\nnkey_seed_file = {path:?}\n", nats.ca)
+    };
+    let lines = seed_file(&user, "node.nk");
+    let n0 = Node::start_with("n0", &nats.url, tenant.dir.path(), &lines);
+    let n1 = Node::start_with("n1", &nats.url, tenant.dir.path(), &lines);
+    a_wake_up_crosses(&n0, &n1, &tenant).await;
+    let stranger = seed_file(&nkeys::KeyPair::new_user(), "stranger.nk");
+    let text = Node::refused("n2", &nats.url, tenant.dir.path(), &stranger);
+    assert!(
+        text.contains("authorization violation") && text.contains("cluster.nkey_seed_file"),
+        "{text}"
+    );
+}
+
 /// An agent connects to `n1`; once its presence reached a server on `n0` through NATS, a
 /// wake-up the server publishes on `n0` reaches it.
 async fn a_wake_up_crosses(n0: &Node, n1: &Node, tenant: &Tenant) {

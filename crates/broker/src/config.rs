@@ -176,17 +176,56 @@ pub struct ClusterConfig {
     pub password: Option<String>,
     /// A NATS token (instead of a user and password).
     pub token: Option<String>,
+    /// A file holding the seed of an NKey user (`SU...`, as `nk -gen user` or `nsc` write it),
+    /// instead of a user and password or a token; its public key (`U...`) goes into the
+    /// nats-server `authorization { users }` block.
+    pub nkey_seed_file: Option<PathBuf>,
     /// Allows NATS servers off loopback without TLS (messages and credentials in clear text
     /// on the network). Default false: such a configuration is refused.
     pub insecure: bool,
 }
 
 impl ClusterConfig {
+    /// The NKey user seed from `nkey_seed_file`: its first line that is one (files written
+    /// by `nsc` frame it with comment lines).
+    fn nkey_seed(&self) -> Result<String, ConfigError> {
+        let path = self.nkey_seed_file.as_deref().unwrap_or(Path::new(""));
+        let invalid = |reason: String| ConfigError::Invalid {
+            key: "cluster.nkey_seed_file",
+            reason,
+        };
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| invalid(format!("cannot read {}: {e}", path.display())))?;
+        let seed = text
+            .lines()
+            .map(str::trim)
+            .find(|line| line.starts_with("SU"))
+            .ok_or_else(|| {
+                invalid(format!(
+                    "{} holds no NKey user seed (a line starting with SU); make one with `nk -gen user` or nsc",
+                    path.display()
+                ))
+            })?;
+        nkeys::KeyPair::from_seed(seed)
+            .map_err(|e| invalid(format!("{} holds no valid NKey seed: {e}", path.display())))?;
+        Ok(seed.to_owned())
+    }
+
     /// TLS and credentials towards NATS, checked for contradictions and for clear text off
     /// this machine.
     pub fn security(&self) -> Result<beckon_cluster::NatsSecurity, ConfigError> {
         let invalid = |key, reason: String| Err(ConfigError::Invalid { key, reason });
         let auth = match (&self.user, &self.password, &self.token) {
+            (None, None, None) if self.nkey_seed_file.is_some() => {
+                beckon_cluster::NatsAuth::NKey(self.nkey_seed()?)
+            }
+            _ if self.nkey_seed_file.is_some() => {
+                return invalid(
+                    "cluster.nkey_seed_file",
+                    "give one kind of NATS credentials: an NKey, a token, or a user and password"
+                        .into(),
+                );
+            }
             (None, None, None) => beckon_cluster::NatsAuth::None,
             (Some(user), Some(password), None) => beckon_cluster::NatsAuth::UserPassword {
                 user: user.clone(),
@@ -264,6 +303,7 @@ impl Default for ClusterConfig {
             user: None,
             password: None,
             token: None,
+            nkey_seed_file: None,
             insecure: false,
         }
     }
@@ -981,5 +1021,44 @@ mod tests {
         let err = with("[cluster]\nnats = [\"nats://127.0.0.1:4222\"]\nuser = \"n1\"\npassword = \"pw\"\ntoken = \"t\"")
             .expect_err("both");
         assert!(err.contains("cluster.token"), "{err}");
+    }
+
+    #[test]
+    fn an_nkey_seed_file_is_read_and_checked() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let with = |lines: &str| {
+            let toml = format!("[cluster]\nnats = [\"nats://127.0.0.1:4222\"]\n{lines}");
+            let mut c = BrokerConfig::from_toml(&toml).expect("toml");
+            c.tenants_dir = Some("tenants".into());
+            c.validate().map_err(|e| e.to_string()).and_then(|()| {
+                c.cluster
+                    .expect("cluster")
+                    .security()
+                    .map_err(|e| e.to_string())
+            })
+        };
+        let seed = nkeys::KeyPair::new_user().seed().expect("seed");
+        let good = dir.path().join("node.nk");
+        std::fs::write(&good, format!("# comment\n{seed}\n")).expect("write");
+        let security = with(&format!("nkey_seed_file = {good:?}")).expect("nkey");
+        assert_eq!(security.auth, beckon_cluster::NatsAuth::NKey(seed));
+        for (name, content, says) in [
+            ("missing.nk", None, "cannot read"),
+            ("empty.nk", Some("no seed here\n"), "no NKey user seed"),
+            ("bad.nk", Some("SUAAAA\n"), "no valid NKey seed"),
+        ] {
+            let path = dir.path().join(name);
+            if let Some(content) = content {
+                std::fs::write(&path, content).expect("write");
+            }
+            let err = with(&format!("nkey_seed_file = {path:?}")).expect_err(name);
+            assert!(
+                err.contains("cluster.nkey_seed_file") && err.contains(says),
+                "{err}"
+            );
+        }
+        let err =
+            with(&format!("nkey_seed_file = {good:?}\ntoken = \"t\"")).expect_err("two kinds");
+        assert!(err.contains("one kind of NATS credentials"), "{err}");
     }
 }

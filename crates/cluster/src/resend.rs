@@ -264,7 +264,14 @@ mod tests {
         let t0 = Instant::now();
         let mut kept = Unacknowledged::default();
         kept.keep(t0, 1, WAKE, None, node("n2"), Bytes::new());
-        kept.keep(t0, 2, "t/acme/agents/pc-2/wake", None, node("n3"), Bytes::new());
+        kept.keep(
+            t0,
+            2,
+            "t/acme/agents/pc-2/wake",
+            None,
+            node("n3"),
+            Bytes::new(),
+        );
         kept.node_lost("n2");
         assert_eq!(kept.moved(t0, AGENT, &node("n2")).len(), 1);
         assert_eq!(kept.moved(t0, "t/acme/agents/pc-2", &node("n3")), []);

@@ -1,5 +1,5 @@
 //! How a node secures its NATS connection: TLS verified against the NATS servers' CA, and
-//! the credentials NATS asks for (user and password, or a token).
+//! the credentials NATS asks for (user and password, a token, or an NKey).
 
 use std::fmt;
 use std::net::IpAddr;
@@ -23,6 +23,9 @@ pub enum NatsAuth {
     },
     /// A token (nats-server `authorization { token }`).
     Token(String),
+    /// An NKey user's seed (`SU...`; nats-server `authorization { users = [{ nkey: U... }] }`):
+    /// the node signs the server's challenge, no secret crosses the network.
+    NKey(String),
 }
 
 // Secrets stay out of logs.
@@ -32,6 +35,7 @@ impl fmt::Debug for NatsAuth {
             Self::None => f.write_str("None"),
             Self::UserPassword { user, .. } => write!(f, "UserPassword({user:?}, <secret>)"),
             Self::Token(_) => f.write_str("Token(<secret>)"),
+            Self::NKey(_) => f.write_str("NKey(<secret>)"),
         }
     }
 }
@@ -81,6 +85,7 @@ impl NatsSecurity {
                 options.user_and_password(user.clone(), password.clone())
             }
             NatsAuth::Token(token) => options.token(token.clone()),
+            NatsAuth::NKey(seed) => options.nkey(seed.clone()),
         })
     }
 }
@@ -126,7 +131,7 @@ pub fn plain_remote_servers<'a>(servers: &'a [String], security: &NatsSecurity) 
 pub(crate) fn refusal(client_error: &str, rejected: &Rejected) -> Option<String> {
     if client_error == "authorization violation" {
         return Some(
-            "NATS refused this node's credentials (authorization violation): check cluster.user and cluster.password (or cluster.token) against the nats-server authorization block".into(),
+            "NATS refused this node's credentials (authorization violation): check cluster.user and cluster.password (or cluster.token, or the public key of cluster.nkey_seed_file) against the nats-server authorization block".into(),
         );
     }
     let certificate = rejected.take_rejection()?;
@@ -183,5 +188,6 @@ mod tests {
         };
         assert!(!format!("{auth:?}").contains("hunter2"));
         assert!(!format!("{:?}", NatsAuth::Token("t0ken".into())).contains("t0ken"));
+        assert!(!format!("{:?}", NatsAuth::NKey("SUA".into())).contains("SUA"));
     }
 }
