@@ -211,7 +211,7 @@ impl Connector {
     }
 
     /// As [`connect`](Self::connect), with `password` (a tenant identity's token) instead of
-    /// the target's when given.
+    /// the target's when given; the user name is then the target's, else the client id.
     pub async fn connect_as(
         &self,
         source: Option<IpAddr>,
@@ -254,7 +254,13 @@ impl Connector {
         };
         let mut options = Options::new(self.target.version.protocol(), client_id);
         options.keep_alive = Duration::from_secs(u64::from(self.target.keep_alive));
-        options.username = self.target.username.clone();
+        // MQTT 3.1.1 carries no password without a user name; a tenant identity's user name
+        // is its id, as the agent sends it (the broker reads only the token).
+        options.username = self
+            .target
+            .username
+            .clone()
+            .or_else(|| password.map(|_| client_id.to_owned()));
         options.password = password
             .or(self.target.password.as_deref())
             .map(|p| Bytes::copy_from_slice(p.as_bytes()));

@@ -152,10 +152,13 @@ pub async fn await_admission(
                     }
                     Err(e) => e,
                 };
-            if tokio::time::Instant::now() >= deadline {
+            // Only a refusal may pass: the broker has not loaded the tenant file yet.
+            if !matches!(error, ClientError::Refused(_)) || tokio::time::Instant::now() >= deadline
+            {
                 bail!(
-                    "broker {}:{} did not admit the bench's tenant within {ADMISSION_WAIT:?} \
-                     ({error}): is it started with tenants_dir = the folder of --tenant-dir?",
+                    "broker {}:{} did not admit a server of the bench's tenant ({error}): is it \
+                     started with tenants_dir = the folder of --tenant-dir? (refusals are \
+                     retried for {ADMISSION_WAIT:?} while it loads the tenant file)",
                     target.host,
                     target.port
                 );
