@@ -87,6 +87,8 @@ pub struct AgentSpec {
     pub client_id: String,
     /// Source address to bind.
     pub source: Option<IpAddr>,
+    /// Password of its own (a tenant agent's token), instead of the target's.
+    pub password: Option<String>,
 }
 
 enum End {
@@ -160,7 +162,10 @@ async fn establish(
     spec: &AgentSpec,
     topic: &str,
 ) -> Result<(MqttConn, Instant), ClientError> {
-    let mut conn = ctx.connector.connect(spec.source, &spec.client_id).await?;
+    let mut conn = ctx
+        .connector
+        .connect_as(spec.source, &spec.client_id, spec.password.as_deref())
+        .await?;
     let connack = Instant::now();
     conn.subscribe(topic, ctx.subscribe_timeout).await?;
     Ok((conn, connack))

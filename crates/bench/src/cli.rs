@@ -152,6 +152,22 @@ pub struct FleetArgs {
     /// The broker's process id, to read its memory and CPU from /proc (same machine only).
     #[arg(long)]
     pub broker_pid: Option<u32>,
+    /// Agents of tenant `bench` instead of the target's credentials: each connects with its
+    /// id as client id and a token of its own, the publishers as servers of the tenant. The
+    /// bench writes DIR/bench.toml (the tenant file) and DIR/bench.key (its token key), or
+    /// reuses both when they exist; start the brokers with tenants_dir = DIR.
+    #[arg(long, value_name = "DIR")]
+    pub tenant_dir: Option<PathBuf>,
+    /// A broker node's process id, to read its VmRSS before the connect phase and after the
+    /// idle phase, and its growth per agent connected to it (same machine only). Repeat in
+    /// the order of the nodes: the first for --host:--port, then one per --endpoint.
+    #[arg(long = "node-pid", value_name = "PID")]
+    pub node_pids: Vec<u32>,
+    /// nats-server's monitoring URL (its -m port, e.g. http://127.0.0.1:8222), to read its
+    /// memory, subscriptions and connections (/varz) before the connect phase and after the
+    /// idle phase.
+    #[arg(long, value_name = "URL")]
+    pub nats_monitor: Option<String>,
     /// The broker's name in the report.
     #[arg(long, default_value = "broker")]
     pub label: String,

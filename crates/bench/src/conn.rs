@@ -207,9 +207,20 @@ impl Connector {
         source: Option<IpAddr>,
         client_id: &str,
     ) -> Result<MqttConn, ClientError> {
+        self.connect_as(source, client_id, None).await
+    }
+
+    /// As [`connect`](Self::connect), with `password` (a tenant identity's token) instead of
+    /// the target's when given; the user name is then the target's, else the client id.
+    pub async fn connect_as(
+        &self,
+        source: Option<IpAddr>,
+        client_id: &str,
+        password: Option<&str>,
+    ) -> Result<MqttConn, ClientError> {
         tokio::time::timeout(
             self.target.connect_timeout(),
-            self.connect_unbounded(source, client_id),
+            self.connect_unbounded(source, client_id, password),
         )
         .await
         .map_err(|_| ClientError::Timeout("connect (TCP, TLS, CONNECT to CONNACK)"))?
@@ -219,6 +230,7 @@ impl Connector {
         &self,
         source: Option<IpAddr>,
         client_id: &str,
+        password: Option<&str>,
     ) -> Result<MqttConn, ClientError> {
         let tcp_error = |error: io::Error| ClientError::Tcp {
             addr: self.addr,
@@ -242,11 +254,15 @@ impl Connector {
         };
         let mut options = Options::new(self.target.version.protocol(), client_id);
         options.keep_alive = Duration::from_secs(u64::from(self.target.keep_alive));
-        options.username = self.target.username.clone();
-        options.password = self
+        // MQTT 3.1.1 carries no password without a user name; a tenant identity's user name
+        // is its id, as the agent sends it (the broker reads only the token).
+        options.username = self
             .target
-            .password
-            .as_ref()
+            .username
+            .clone()
+            .or_else(|| password.map(|_| client_id.to_owned()));
+        options.password = password
+            .or(self.target.password.as_deref())
             .map(|p| Bytes::copy_from_slice(p.as_bytes()));
         options.max_packet_size = MAX_PACKET_SIZE;
         options.connect_timeout = self.target.connect_timeout();

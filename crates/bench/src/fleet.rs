@@ -6,17 +6,21 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
+use beckon_identity::{Role, TokenSigner};
 
 use crate::cli::{LoadArgs, Phase};
 use crate::conn::{Connector, Target};
+use crate::nats::{NatsMonitor, Varz};
 use crate::procstat::{ProcReader, ProcSample};
 use crate::protocol::{
     Command, ConnectOutcome, Reply, StormOutcome, WakeupOutcome, WorkerConfig, unix_ns,
 };
 use crate::publisher::{PublishOutcome, publish_wakeups};
 use crate::report::{
-    ConnectReport, FanoutReport, FleetReport, IdleReport, Percentiles, StormReport,
+    ConnectReport, FanoutReport, FleetReport, IdleReport, NatsReport, NodeMemory, Percentiles,
+    StormReport,
 };
+use crate::tenant::TenantAuth;
 use crate::worker_process::{WorkerGroup, WorkerProcess, impl_worker_reply};
 
 /// The broker under test, as far as the bench can see and steer it.
@@ -99,6 +103,38 @@ pub fn agent_id(prefix: &str, index: usize) -> String {
     format!("{prefix}{index:06}")
 }
 
+/// What a fleet run may add to agents that all present the target's credentials.
+#[derive(Debug, Clone, Default)]
+pub struct FleetOptions {
+    /// The agents are identities of the bench's tenant, each with a token of its own, and
+    /// the publishers its servers (`--tenant-dir`).
+    pub tenant: Option<TenantAuth>,
+    /// Processes of broker nodes whose memory to read, in the order of the targets: the first
+    /// is the first target's (`--node-pid`).
+    pub node_pids: Vec<u32>,
+    /// nats-server's monitoring URL, to read its `/varz` (`--nats-monitor`).
+    pub nats_monitor: Option<String>,
+}
+
+/// What the phases of one run share.
+struct Run<'a> {
+    phases: BTreeSet<Phase>,
+    target: &'a Target,
+    targets: &'a [Target],
+    load: &'a LoadArgs,
+    connector: std::sync::Arc<Connector>,
+    reader: ProcReader,
+    /// Signs the publishers' tokens in tenant mode.
+    signer: Option<TokenSigner>,
+    node_pids: &'a [u32],
+    nats: Option<NatsMonitor>,
+}
+
+/// The client id of the (first) publisher.
+fn publisher_id(load: &LoadArgs) -> String {
+    format!("{}publisher", load.client_id_prefix)
+}
+
 /// Runs the fleet phases against one broker.
 pub async fn run_fleet(
     target: &Target,
@@ -118,8 +154,44 @@ pub async fn run_fleet_spread(
     broker: &mut dyn BrokerControl,
     launcher: &WorkerLauncher,
 ) -> anyhow::Result<FleetReport> {
+    run_fleet_with(targets, load, &FleetOptions::default(), broker, launcher).await
+}
+
+/// As [`run_fleet_spread`], with tenant agents and readings of the nodes and of NATS as
+/// `options` ask.
+pub async fn run_fleet_with(
+    targets: &[Target],
+    load: &LoadArgs,
+    options: &FleetOptions,
+    broker: &mut dyn BrokerControl,
+    launcher: &WorkerLauncher,
+) -> anyhow::Result<FleetReport> {
     let Some(target) = targets.first() else {
         bail!("no broker to reach");
+    };
+    if options.node_pids.len() > targets.len() {
+        bail!(
+            "{} --node-pid for {} node(s): give at most one per node, the first for --host:--port, \
+             then one per --endpoint in their order",
+            options.node_pids.len(),
+            targets.len()
+        );
+    }
+    let nats = options
+        .nats_monitor
+        .as_deref()
+        .map(NatsMonitor::new)
+        .transpose()?;
+    let signer = match &options.tenant {
+        None => None,
+        Some(tenant) => {
+            let signer = tenant.signer()?;
+            // An id the identity rules refuse fails here, not in every worker.
+            crate::tenant::token(&signer, Role::Agent, &agent_id(&load.client_id_prefix, 0))
+                .context("--client-id-prefix")?;
+            crate::tenant::await_admission(targets, &signer, &publisher_id(load)).await?;
+            Some(signer)
+        }
     };
     let phases: BTreeSet<Phase> = load.phases.iter().copied().collect();
     let agents = load.size.agents;
@@ -163,15 +235,24 @@ pub async fn run_fleet_spread(
             connect_concurrency: concurrency,
             backoff_base_ms: load.backoff_base_ms,
             backoff_cap_ms: load.backoff_cap_secs.saturating_mul(1000),
+            tenant: options.tenant.clone(),
         };
         fleet
             .0
             .push(WorkerProcess::spawn("worker", launcher, worker, &config).await?);
     }
-    let result = drive(
-        &mut fleet, &phases, target, load, broker, &connector, &reader,
-    )
-    .await;
+    let run = Run {
+        phases,
+        target,
+        targets,
+        load,
+        connector,
+        reader,
+        signer,
+        node_pids: &options.node_pids,
+        nats,
+    };
+    let result = drive(&mut fleet, &run, broker).await;
     fleet.shutdown(&Command::Shutdown).await;
     let mut report = result?;
     report.nodes = targets.len();
@@ -182,13 +263,10 @@ pub async fn run_fleet_spread(
 
 async fn drive(
     fleet: &mut Fleet,
-    phases: &BTreeSet<Phase>,
-    target: &Target,
-    load: &LoadArgs,
+    run: &Run<'_>,
     broker: &mut dyn BrokerControl,
-    connector: &std::sync::Arc<Connector>,
-    reader: &ProcReader,
 ) -> anyhow::Result<FleetReport> {
+    let (phases, target, load, reader) = (&run.phases, run.target, run.load, &run.reader);
     let agents = load.size.agents;
     fleet
         .gather(Duration::from_secs(30), "start-up")
@@ -208,10 +286,32 @@ async fn drive(
         fanout: None,
         storm: None,
         fanout_after_storm: None,
+        tenant: run
+            .signer
+            .as_ref()
+            .map(|_| crate::tenant::TENANT.to_owned()),
+        node_memory: Vec::new(),
+        nats: None,
     };
 
     // Connect (always: every other phase needs the fleet connected).
     let before_connect = read_broker(reader, broker, "before the connect phase")?;
+    let nodes_before = run
+        .node_pids
+        .iter()
+        .map(|&pid| {
+            crate::procstat::rss_kib(pid)
+                .with_context(|| format!("--node-pid {pid} before the connect phase"))
+        })
+        .collect::<anyhow::Result<Vec<u64>>>()?;
+    let nats_before = match &run.nats {
+        Some(nats) => Some(
+            nats.read()
+                .await
+                .context("--nats-monitor before the connect phase")?,
+        ),
+        None => None,
+    };
     fleet.broadcast(&Command::Connect).await?;
     // Each agent's connect is bounded; the phase is bounded by the slowest wave of them.
     let waves = agents.div_ceil(load.connect_concurrency.max(1));
@@ -221,12 +321,18 @@ async fn drive(
         .saturating_mul(u32::try_from(waves).unwrap_or(u32::MAX))
         .min(Duration::from_secs(3600))
         + Duration::from_secs(30);
+    // Worker `w` connected its agents to target `w % targets`.
+    let mut connected_per_target = vec![0; run.targets.len()];
     let connected: Vec<ConnectOutcome> = fleet
         .gather(connect_bound, "connect phase")
         .await?
         .into_iter()
-        .filter_map(|r| match r {
-            Reply::Connected(c) => Some(c),
+        .enumerate()
+        .filter_map(|(worker, r)| match r {
+            Reply::Connected(c) => {
+                connected_per_target[worker % run.targets.len()] += c.connected;
+                Some(c)
+            }
             _ => None,
         })
         .collect();
@@ -245,16 +351,34 @@ async fn drive(
             load.settle_secs,
         ));
     }
+    report.node_memory = run
+        .node_pids
+        .iter()
+        .zip(&nodes_before)
+        .zip(run.targets.iter().zip(&connected_per_target))
+        .map(|((&pid, &before), (target, &agents))| {
+            node_memory(
+                pid,
+                format!("{}:{}", target.host, target.port),
+                agents,
+                before,
+                crate::procstat::rss_kib(pid).map_err(|e| e.to_string()),
+            )
+        })
+        .collect();
+    if let (Some(nats), Some(before)) = (&run.nats, nats_before) {
+        let after = nats.read().await.map_err(|e| format!("{e:#}"));
+        report.nats = Some(nats_report(nats.url(), connected_count, before, after));
+    }
 
     if phases.contains(&Phase::Fanout) {
-        report.fanout = Some(fan_out(fleet, connector, load, broker, reader).await?);
+        report.fanout = Some(fan_out(fleet, run, broker).await?);
     }
 
     if phases.contains(&Phase::Storm) {
         report.storm = Some(storm(fleet, broker, load).await?);
         if phases.contains(&Phase::FanoutAfterStorm) {
-            report.fanout_after_storm =
-                Some(fan_out(fleet, connector, load, broker, reader).await?);
+            report.fanout_after_storm = Some(fan_out(fleet, run, broker).await?);
         }
     }
     Ok(report)
@@ -335,13 +459,65 @@ fn idle_report(
     }
 }
 
+/// One node's memory figures from its two readings.
+fn node_memory(
+    pid: u32,
+    endpoint: String,
+    agents: usize,
+    before: u64,
+    after: Result<u64, String>,
+) -> NodeMemory {
+    let (after, error) = match after {
+        Ok(kib) => (Some(kib), None),
+        Err(e) => (None, Some(e)),
+    };
+    NodeMemory {
+        endpoint,
+        pid,
+        agents,
+        rss_before_kib: before,
+        rss_after_kib: after,
+        rss_per_agent_kib: after
+            .filter(|_| agents > 0)
+            .map(|a| (a as f64 - before as f64) / agents as f64),
+        error,
+    }
+}
+
+/// nats-server's figures from its two readings.
+fn nats_report(
+    url: String,
+    agents: usize,
+    before: Varz,
+    after: Result<Varz, String>,
+) -> NatsReport {
+    let (after, error) = match after {
+        Ok(v) => (Some(v), None),
+        Err(e) => (None, Some(e)),
+    };
+    let per_agent = |b: u64, a: u64| (a as f64 - b as f64) / agents as f64;
+    let measured = after.filter(|_| agents > 0);
+    NatsReport {
+        url,
+        agents,
+        mem_before_kib: before.mem_bytes / 1024,
+        mem_after_kib: after.map(|a| a.mem_bytes / 1024),
+        mem_per_agent_kib: measured.map(|a| per_agent(before.mem_bytes, a.mem_bytes) / 1024.0),
+        subscriptions_before: before.subscriptions,
+        subscriptions_after: after.map(|a| a.subscriptions),
+        subscriptions_per_agent: measured.map(|a| per_agent(before.subscriptions, a.subscriptions)),
+        connections_before: before.connections,
+        connections_after: after.map(|a| a.connections),
+        error,
+    }
+}
+
 async fn fan_out(
     fleet: &mut Fleet,
-    connector: &std::sync::Arc<Connector>,
-    load: &LoadArgs,
+    run: &Run<'_>,
     broker: &dyn BrokerControl,
-    reader: &ProcReader,
 ) -> anyhow::Result<FanoutReport> {
+    let (connector, load, reader) = (&run.connector, run.load, &run.reader);
     let ids: Vec<String> = (0..load.size.agents)
         .map(|i| agent_id(&load.client_id_prefix, i))
         .collect();
@@ -351,9 +527,16 @@ async fn fan_out(
         .await?;
     let wait = Duration::from_secs_f64(load.fanout_wait_secs.max(0.1));
     let before = read_broker(reader, broker, "before the fan-out")?;
+    // In tenant mode each publisher connection is a server of the tenant, with its token.
+    let password_for = |id: &str| {
+        run.signer
+            .as_ref()
+            .and_then(|signer| crate::tenant::token(signer, Role::Server, id).ok())
+    };
     let published = publish_wakeups(
         connector,
-        &format!("{}publisher", load.client_id_prefix),
+        &publisher_id(load),
+        password_for,
         &ids,
         load.publishers,
         load.publish_window,

@@ -41,10 +41,12 @@ pub mod conn;
 pub mod console;
 pub mod fleet;
 pub mod floor;
+pub mod nats;
 pub mod procstat;
 pub mod protocol;
 pub mod publisher;
 pub mod report;
+pub mod tenant;
 pub mod worker;
 mod worker_process;
 
@@ -68,7 +70,7 @@ pub(crate) fn beckon_program(
 #[derive(Debug, Clone, clap::Subcommand)]
 pub enum BenchCommand {
     /// Simulated agents against any MQTT broker: connect, idle, fan-out and storm phases.
-    Fleet(FleetArgs),
+    Fleet(Box<FleetArgs>),
     /// The same fleet against Mosquitto and Beckon, started here, side by side.
     Compare(CompareArgs),
     /// One wake-up call to a fleet through the console: time from the API request until
@@ -187,7 +189,27 @@ async fn fleet_command(args: &FleetArgs, launcher: &WorkerLauncher) -> anyhow::R
         pid: args.broker_pid,
         label: args.label.clone(),
     };
-    let report = fleet::run_fleet_spread(&targets, &args.load, &mut broker, launcher).await?;
+    let tenant = match &args.tenant_dir {
+        Some(dir) => {
+            let (auth, created) = tenant::prepare(dir)?;
+            if created {
+                eprintln!(
+                    "wrote {}: brokers with tenants_dir = {} load it within their reload interval",
+                    tenant::tenant_file(dir).display(),
+                    dir.display()
+                );
+            }
+            Some(auth)
+        }
+        None => None,
+    };
+    let options = fleet::FleetOptions {
+        tenant,
+        node_pids: args.node_pids.clone(),
+        nats_monitor: args.nats_monitor.clone(),
+    };
+    let report =
+        fleet::run_fleet_with(&targets, &args.load, &options, &mut broker, launcher).await?;
     print_report(&report, args.json, report.table())?;
     Ok(())
 }

@@ -92,6 +92,21 @@ impl ProcReader {
     }
 }
 
+/// The resident memory (`VmRSS`) of `pid`, in KiB.
+pub fn rss_kib(pid: u32) -> Result<u64, ProcError> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).map_err(|error| {
+        ProcError::Read {
+            pid,
+            file: "status",
+            error,
+        }
+    })?;
+    parse_vm_rss(&status).ok_or(ProcError::Format {
+        pid,
+        file: "status",
+    })
+}
+
 /// The summed run time of the living threads of `pid` (`/proc/PID/task/*/schedstat`, first
 /// field, nanoseconds); zero when unreadable.
 fn threads_run_time(pid: u32) -> Duration {
@@ -295,6 +310,15 @@ mod tests {
             parse_name_and_parent("42 (a (b) c) S 7 42 42"),
             Some(("a (b) c", 7))
         );
+    }
+
+    #[test]
+    fn reads_the_rss_of_a_process_or_names_the_missing_one() {
+        let own = rss_kib(std::process::id()).expect("own /proc entry");
+        assert!(own > 0);
+        // Above the kernel's largest pid (4,194,304): never a running process.
+        let error = rss_kib(4_999_999).expect_err("no such process").to_string();
+        assert!(error.contains("/proc/4999999/status"), "{error}");
     }
 
     #[test]

@@ -33,6 +33,10 @@ pub struct WorkerConfig {
     pub backoff_base_ms: u64,
     /// Reconnect backoff cap, in milliseconds.
     pub backoff_cap_ms: u64,
+    /// Agents of the bench's tenant: each signs in with a token of its own, made by the
+    /// worker with this key; `None`: the target's credentials for all.
+    #[serde(default)]
+    pub tenant: Option<crate::tenant::TenantAuth>,
 }
 
 /// A step the parent asks a worker to take.

@@ -71,12 +71,14 @@ impl PublishOutcome {
 }
 
 /// Connects `publishers` connections as `{client_id}-{n}` (or `client_id` alone for one),
+/// each with the password `password_for` gives for its client id (the target's when `None`),
 /// and once all are connected publishes one wake-up to each agent in `agent_ids`, agent `i`
 /// from connection `i % publishers`; waits at most `ack_wait` after the last write for the
 /// acknowledgements. `window` bounds each connection's unacknowledged wake-ups.
 pub async fn publish_wakeups(
     connector: &Arc<Connector>,
     client_id: &str,
+    password_for: impl Fn(&str) -> Option<String>,
     agent_ids: &[String],
     publishers: usize,
     window: usize,
@@ -92,7 +94,8 @@ pub async fn publish_wakeups(
             } else {
                 format!("{client_id}-{n}")
             };
-            tokio::spawn(async move { connector.connect(None, &id).await })
+            let password = password_for(&id);
+            tokio::spawn(async move { connector.connect_as(None, &id, password.as_deref()).await })
         })
         .collect();
     let mut conns = Vec::with_capacity(publishers);

@@ -74,6 +74,56 @@ pub struct IdleReport {
     pub cpu_per_connect_us: Option<f64>,
 }
 
+/// The memory of one broker node (`--node-pid`) from before the connect phase to after the
+/// idle phase (after the connect phase when the idle phase is not run).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NodeMemory {
+    /// The node's endpoint, `host:port`, as the agents reached it.
+    pub endpoint: String,
+    /// Its process id.
+    pub pid: u32,
+    /// Agents the bench connected to this node.
+    pub agents: usize,
+    /// VmRSS before the connect phase, KiB.
+    pub rss_before_kib: u64,
+    /// VmRSS after, KiB; `None` when it could not be read (see `error`).
+    pub rss_after_kib: Option<u64>,
+    /// Growth divided by the agents connected to this node, KiB.
+    pub rss_per_agent_kib: Option<f64>,
+    /// Why the second reading failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// nats-server's own figures (`--nats-monitor`, its `/varz`) from before the connect phase to
+/// after the idle phase (after the connect phase when the idle phase is not run).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NatsReport {
+    /// The `/varz` URL read.
+    pub url: String,
+    /// Agents connected over all nodes.
+    pub agents: usize,
+    /// `mem` before, KiB.
+    pub mem_before_kib: u64,
+    /// `mem` after, KiB.
+    pub mem_after_kib: Option<u64>,
+    /// Memory growth divided by connected agents, KiB.
+    pub mem_per_agent_kib: Option<f64>,
+    /// `subscriptions` before.
+    pub subscriptions_before: u64,
+    /// `subscriptions` after.
+    pub subscriptions_after: Option<u64>,
+    /// Subscription growth divided by connected agents.
+    pub subscriptions_per_agent: Option<f64>,
+    /// `connections` before (the broker nodes' own).
+    pub connections_before: u64,
+    /// `connections` after.
+    pub connections_after: Option<u64>,
+    /// Why the second reading failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
 /// The fan-out phase.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct FanoutReport {
@@ -172,6 +222,15 @@ pub struct FleetReport {
     pub storm: Option<StormReport>,
     /// The fan-out again after the storm.
     pub fanout_after_storm: Option<FanoutReport>,
+    /// The tenant the agents belonged to (`--tenant-dir`); `None`: the target's credentials.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tenant: Option<String>,
+    /// The memory of each node given with `--node-pid`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub node_memory: Vec<NodeMemory>,
+    /// nats-server's figures (`--nats-monitor`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nats: Option<NatsReport>,
 }
 
 fn one() -> usize {
@@ -238,6 +297,72 @@ impl FleetReport {
                 "us",
                 i.cpu_per_connect_us,
                 true,
+            ));
+        }
+        for (n, node) in self.node_memory.iter().enumerate() {
+            let name = |what: &str| format!("node {} ({}) {what}", n + 1, node.endpoint);
+            out.push(figure(&name("agents"), "", Some(node.agents as f64), false));
+            out.push(figure(
+                &name("RSS before"),
+                "KiB",
+                Some(node.rss_before_kib as f64),
+                true,
+            ));
+            out.push(figure(
+                &name("RSS after"),
+                "KiB",
+                node.rss_after_kib.map(|v| v as f64),
+                true,
+            ));
+            out.push(figure(
+                &name("RSS per agent"),
+                "KiB",
+                node.rss_per_agent_kib,
+                true,
+            ));
+        }
+        if let Some(nats) = &self.nats {
+            out.push(figure(
+                "NATS memory before",
+                "KiB",
+                Some(nats.mem_before_kib as f64),
+                true,
+            ));
+            out.push(figure(
+                "NATS memory after",
+                "KiB",
+                nats.mem_after_kib.map(|v| v as f64),
+                true,
+            ));
+            out.push(figure(
+                "NATS memory per agent",
+                "KiB",
+                nats.mem_per_agent_kib,
+                true,
+            ));
+            out.push(figure(
+                "NATS subscriptions before",
+                "",
+                Some(nats.subscriptions_before as f64),
+                true,
+            ));
+            out.push(figure(
+                "NATS subscriptions after",
+                "",
+                nats.subscriptions_after.map(|v| v as f64),
+                true,
+            ));
+            out.push(figure(
+                "NATS subscriptions per agent",
+                "",
+                nats.subscriptions_per_agent,
+                true,
+            ));
+            out.push(figure(
+                "NATS connections after",
+                "",
+                nats.connections_after.map(|v| v as f64),
+                false,
             ));
         }
         if let Some(f) = &self.fanout {
@@ -381,7 +506,11 @@ impl FleetReport {
             )
         } else {
             String::new()
-        }
+        } + &self
+            .tenant
+            .as_ref()
+            .map(|t| format!(", agents of tenant {t} (token per agent)"))
+            .unwrap_or_default()
     }
 
     /// Things the figures alone do not say: first errors, missing broker readings.
@@ -397,6 +526,27 @@ impl FleetReport {
         {
             notes
                 .push("no broker readings: give --broker-pid to measure memory and CPU".to_owned());
+        }
+        for node in &self.node_memory {
+            if let Some(e) = &node.error {
+                notes.push(format!(
+                    "node {} (pid {}) not read after: {e}",
+                    node.endpoint, node.pid
+                ));
+            }
+        }
+        if let Some(e) = self.nats.as_ref().and_then(|n| n.error.as_ref()) {
+            notes.push(format!("NATS not read after: {e}"));
+        }
+        if !self.node_memory.is_empty() || self.nats.is_some() {
+            notes.push(
+                if self.idle.is_some() {
+                    "node and NATS readings: before the connect phase and after the idle phase"
+                } else {
+                    "node and NATS readings: before and after the connect phase (no idle phase)"
+                }
+                .to_owned(),
+            );
         }
         if let Some(e) = self
             .fanout

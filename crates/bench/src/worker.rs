@@ -111,6 +111,7 @@ async fn start(
     WorkerConfig,
     Arc<AgentContext>,
     mpsc::UnboundedReceiver<AgentEvent>,
+    Vec<String>,
 )> {
     let first = lines
         .recv()
@@ -138,6 +139,15 @@ async fn start(
         })?;
         return Err(e.into());
     }
+    let passwords = match agent_passwords(&config) {
+        Ok(p) => p,
+        Err(e) => {
+            reply(&Reply::Failed {
+                message: format!("worker {}: {e:#}", config.worker),
+            })?;
+            return Err(e);
+        }
+    };
     let (events_tx, events) = mpsc::unbounded_channel();
     let ctx = Arc::new(AgentContext {
         connector,
@@ -146,12 +156,28 @@ async fn start(
         events: events_tx,
         subscribe_timeout: config.target.connect_timeout(),
     });
-    Ok((config, ctx, events))
+    Ok((config, ctx, events, passwords))
+}
+
+/// The tokens of this worker's agents in the bench's tenant, made here before the connect
+/// phase (signing is cheap, but not part of what the connect phase measures); empty without
+/// a tenant.
+fn agent_passwords(config: &WorkerConfig) -> anyhow::Result<Vec<String>> {
+    let Some(tenant) = &config.tenant else {
+        return Ok(Vec::new());
+    };
+    let signer = tenant.signer()?;
+    (0..config.agents)
+        .map(|local| {
+            let id = crate::agent_id(&config.client_id_prefix, config.first_agent + local);
+            crate::tenant::token(&signer, beckon_identity::Role::Agent, &id)
+        })
+        .collect()
 }
 
 async fn worker_main() -> anyhow::Result<()> {
     let mut lines = stdin_lines();
-    let (config, ctx, mut events) = start(&mut lines).await?;
+    let (config, ctx, mut events, mut passwords) = start(&mut lines).await?;
     let (control_tx, control_rx) = watch::channel(Control::default());
     let mut agents = tokio::task::JoinSet::new();
     let mut state = State {
@@ -210,7 +236,8 @@ async fn worker_main() -> anyhow::Result<()> {
                         state.connect.attempted = config.agents;
                         state.connect.started_unix_ns = unix_ns();
                         for local in 0..config.agents {
-                            let spec = agent_spec(&config, local);
+                            let password = passwords.get_mut(local).map(std::mem::take);
+                            let spec = agent_spec(&config, local, password);
                             agents.spawn(agent::run(ctx.clone(), spec, control_rx.clone()));
                         }
                         pending = Some(Pending::Connect);
@@ -274,7 +301,7 @@ async fn worker_main() -> anyhow::Result<()> {
     Ok(())
 }
 
-fn agent_spec(config: &WorkerConfig, local: usize) -> AgentSpec {
+fn agent_spec(config: &WorkerConfig, local: usize, password: Option<String>) -> AgentSpec {
     let global = config.first_agent + local;
     let source = if config.source_addresses.is_empty() {
         None
@@ -288,6 +315,7 @@ fn agent_spec(config: &WorkerConfig, local: usize) -> AgentSpec {
         local,
         client_id: crate::agent_id(&config.client_id_prefix, global),
         source,
+        password,
     }
 }
 
