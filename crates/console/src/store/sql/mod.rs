@@ -7,11 +7,12 @@
 //! several values ([`Conn::greatest`]).
 //!
 //! One file per kind of data, as the store's traits: [`agents`], [`calls`], [`auth`],
-//! [`wol`] and [`settings`].
+//! [`wol`] and [`settings`]; large calls' chunks recorded after the call in [`record`].
 
 mod agents;
 mod auth;
 mod calls;
+mod record;
 mod settings;
 mod wol;
 
