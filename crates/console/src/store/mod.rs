@@ -19,7 +19,7 @@ use std::sync::Arc;
 pub use copy::{CopyReport, copy_store};
 pub use postgresql::POSTGRES_SCHEMA_VERSION;
 pub use seed::{SEED_AGENT_PREFIX, SEED_SITES, SEED_WAKE_GROUP, SeedPlan, SeedReport};
-pub use sql::{DbError, SqlStore};
+pub use sql::{CALL_COUNT_COLUMNS, DbError, SqlStore};
 pub use sqlite::SCHEMA_VERSION;
 pub use url::DatabaseUrl;
 

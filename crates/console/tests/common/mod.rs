@@ -276,16 +276,8 @@ pub fn step_back_before(database: &DatabaseUrl, version: i64) {
             .into_iter()
             .map(String::from)
             .chain(
-                [
-                    "n_queued",
-                    "n_sent",
-                    "n_delivered",
-                    "n_started",
-                    "n_finished",
-                    "n_expired",
-                    "n_failed",
-                ]
-                .map(|c| format!("ALTER TABLE calls DROP COLUMN {c}")),
+                beckon_console::store::CALL_COUNT_COLUMNS
+                    .map(|c| format!("ALTER TABLE calls DROP COLUMN {c}")),
             )
             .collect(),
             _ => unreachable!(),

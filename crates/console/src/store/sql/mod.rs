@@ -21,6 +21,7 @@ use crate::store::*;
 pub(super) use agents::{AGENT_TABLES, continue_revocation_feed, fold_agent_counts};
 pub(super) use auth::AUTH_TABLES;
 pub(super) use calls::CALL_TABLES;
+pub use calls::COUNT_COLUMNS as CALL_COUNT_COLUMNS;
 pub(super) use settings::SETTINGS_TABLES;
 pub(super) use wol::WOL_TABLES;
 
