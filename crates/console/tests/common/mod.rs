@@ -11,7 +11,9 @@ use axum::extract::ConnectInfo;
 use axum::http::{Request, StatusCode};
 use beckon_broker::{Bound, BrokerConfig, Listen, Server, ServerHandle};
 use beckon_console::model::{AgentAddress, Inventory};
-use beckon_console::store::{DatabaseUrl, NewAgent, SqlStore};
+use beckon_console::store::{
+    DatabaseUrl, NewAgent, NewEnrollmentToken, SqlStore, Store, StoreResult,
+};
 use beckon_console::{Console, ConsoleConfig, ConsoleHandle};
 use beckon_mqtt::{Packet, ProtocolVersion};
 use bytes::BytesMut;
@@ -154,6 +156,24 @@ pub fn new_agent(id: &str) -> NewAgent {
         secret_hash: [9; 32],
         certificate: None,
     }
+}
+
+/// Enrolls the agents `ids` (each as [`new_agent`] makes it) straight into `store`, with an
+/// enrollment token `t` made for them.
+pub fn enroll_in_store(store: &dyn Store, ids: &[impl AsRef<str>]) -> StoreResult<()> {
+    store.create_enrollment_token(NewEnrollmentToken {
+        id: "t".into(),
+        hash: [1; 32],
+        label: "test".into(),
+        created_by: "user:admin".into(),
+        expires_at: None,
+        max_uses: None,
+        groups: vec![],
+    })?;
+    for id in ids {
+        store.enroll_agent(&[1; 32], new_agent(id.as_ref()), 10)?;
+    }
+    Ok(())
 }
 
 /// A fresh store: on PostgreSQL when [`POSTGRES_VAR`] is set, else SQLite in memory.
