@@ -243,6 +243,8 @@ fn calls_from_before_several_consoles_are_taken_by_the_first_console() {
 fn delivery_changes_reach_the_other_consoles_on_postgresql() {
     let ([a, b], url, _dir) = consoles(["a", "b"]);
     let postgres = matches!(url, DatabaseUrl::Postgres(_));
+    // The recorder of large calls paces itself on SQLite's one connection only.
+    assert_eq!(a.shares_one_connection(), !postgres);
     let a = Arc::new(a);
     let stop = Arc::new(AtomicBool::new(false));
     if !postgres {

@@ -600,6 +600,11 @@ pub trait CallStore {
         new_wakeup_id: &mut dyn FnMut() -> String,
     ) -> StoreResult<Option<RecordedChunk>>;
 
+    /// Whether every store call goes through one connection (SQLite): recording a large
+    /// call chunk after chunk there keeps everything else out meanwhile, unlike on a pool of
+    /// connections (PostgreSQL).
+    fn shares_one_connection(&self) -> bool;
+
     /// One call, with its counts.
     fn call(&self, id: &str) -> StoreResult<WakeCall>;
 

@@ -427,6 +427,10 @@ impl CallStore for SqlStore {
         record::record_chunk(self, call_id, now, new_wakeup_id)
     }
 
+    fn shares_one_connection(&self) -> bool {
+        self.db.shares_one_connection()
+    }
+
     fn call(&self, id: &str) -> StoreResult<WakeCall> {
         self.read(|conn| load_call(conn, id))
     }

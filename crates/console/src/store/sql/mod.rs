@@ -286,6 +286,10 @@ pub trait Database: Send + Sync {
     /// The schema version of the database.
     fn schema_version(&self) -> StoreResult<i64>;
 
+    /// Whether every store call goes through one connection (SQLite), rather than a pool
+    /// (PostgreSQL).
+    fn shares_one_connection(&self) -> bool;
+
     /// Follows the change notices of other consoles (see [`Conn::notify`]) until `stop`,
     /// handing each payload to `notice`; returns at once on a database no other console
     /// shares (SQLite).
