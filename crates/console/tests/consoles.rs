@@ -15,33 +15,23 @@ use axum::http::StatusCode;
 use beckon_console::model::*;
 use beckon_console::store::*;
 
-/// One database opened `n` times (as `n` consoles would), and where it is.
-fn shared_database(n: usize) -> (Vec<SqlStore>, DatabaseUrl, tempfile::TempDir) {
+/// One database opened once per console of `ids` (as those consoles would), each store
+/// working for its console, and where the database is.
+fn consoles<const N: usize>(ids: [&str; N]) -> ([SqlStore; N], DatabaseUrl, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
-    let url = common::test_database()
-        .unwrap_or_else(|| DatabaseUrl::Sqlite(dir.path().join("console.db")));
+    let url = common::reopenable_database(dir.path());
     let opening = url.clone();
     // The PostgreSQL client runs its own runtime: keep it off any test runtime.
-    let stores = std::thread::spawn(move || (0..n).map(|_| opening.open().unwrap()).collect())
+    let stores = std::thread::spawn(move || [(); N].map(|()| opening.open().unwrap()))
         .join()
         .unwrap();
+    let mut ids = ids.into_iter();
+    let stores = stores.map(|s| s.for_console(ids.next().unwrap()));
     (stores, url, dir)
 }
 
-fn enroll(s: &SqlStore, ids: &[&str]) {
-    s.create_enrollment_token(NewEnrollmentToken {
-        id: "t".into(),
-        hash: [1; 32],
-        label: "test".into(),
-        created_by: "user:admin".into(),
-        expires_at: None,
-        max_uses: None,
-        groups: vec![],
-    })
-    .unwrap();
-    for id in ids {
-        s.enroll_agent(&[1; 32], common::new_agent(id), 10).unwrap();
-    }
+fn enroll(s: &SqlStore, ids: &[impl AsRef<str>]) {
+    common::enroll_in_store(s, ids).unwrap();
 }
 
 fn call(id: &str, expires_at: Millis) -> NewCall {
@@ -69,11 +59,8 @@ const LEASE: Millis = 6_000;
 
 #[test]
 fn a_console_whose_lease_runs_out_loses_its_unfinished_calls_to_one_other_console() {
-    let (stores, _, _dir) = shared_database(4);
-    let mut stores = stores.into_iter();
-    let a = stores.next().unwrap().for_console("a");
-    let b = stores.next().unwrap().for_console("b");
-    let c = stores.next().unwrap().for_console("c");
+    // The fourth is b started again, later.
+    let ([a, b, c, b_again], _, _dir) = consoles(["a", "b", "c", "b"]);
     enroll(&a, &["online", "offline", "done"]);
     a.set_presence(PresenceUpdate {
         agent_id: "online".into(),
@@ -131,7 +118,6 @@ fn a_console_whose_lease_runs_out_loses_its_unfinished_calls_to_one_other_consol
 
     // A second process with b's id cannot hold b's lease while b renews it; once b's has
     // run out (b was killed and this is b started again), it can.
-    let b_again = stores.next().unwrap().for_console("b");
     assert!(b.hold_lease(15_000, LEASE).unwrap());
     assert!(!b_again.hold_lease(20_999, LEASE).unwrap());
     assert!(b_again.hold_lease(21_000, LEASE).unwrap());
@@ -177,12 +163,10 @@ fn a_console_whose_lease_runs_out_loses_its_unfinished_calls_to_one_other_consol
 
 #[test]
 fn a_large_call_cut_off_mid_recording_is_finished_by_the_console_taking_it_over() {
-    let (stores, _, _dir) = shared_database(2);
-    let mut stores = stores.into_iter();
-    let a = stores.next().unwrap().for_console("a").with_call_chunk(2);
-    let b = stores.next().unwrap().for_console("b").with_call_chunk(2);
+    let ([a, b], _, _dir) = consoles(["a", "b"]);
+    let (a, b) = (a.with_call_chunk(2), b.with_call_chunk(2));
     let agents: Vec<String> = (0..9).map(|i| format!("pc-{i}")).collect();
-    enroll(&a, &agents.iter().map(String::as_str).collect::<Vec<_>>());
+    enroll(&a, &agents);
     assert!(a.hold_lease(1_000, LEASE).unwrap());
     assert!(b.hold_lease(1_000, LEASE).unwrap());
     let mut next = wakeup_ids("w");
@@ -239,8 +223,7 @@ fn a_large_call_cut_off_mid_recording_is_finished_by_the_console_taking_it_over(
 
 #[test]
 fn calls_from_before_several_consoles_are_taken_by_the_first_console() {
-    let (stores, url, _dir) = shared_database(1);
-    let a = stores.into_iter().next().unwrap().for_console("a");
+    let ([a], url, _dir) = consoles(["a"]);
     enroll(&a, &["pc"]);
     a.create_call(call("c1", 100_000), 1_000, &mut wakeup_ids("w"))
         .unwrap();
@@ -258,11 +241,11 @@ fn calls_from_before_several_consoles_are_taken_by_the_first_console() {
 
 #[test]
 fn delivery_changes_reach_the_other_consoles_on_postgresql() {
-    let (stores, url, _dir) = shared_database(2);
+    let ([a, b], url, _dir) = consoles(["a", "b"]);
     let postgres = matches!(url, DatabaseUrl::Postgres(_));
-    let mut stores = stores.into_iter();
-    let a = Arc::new(stores.next().unwrap().for_console("a"));
-    let b = stores.next().unwrap().for_console("b");
+    // The recorder of large calls paces itself on SQLite's one connection only.
+    assert_eq!(a.shares_one_connection(), !postgres);
+    let a = Arc::new(a);
     let stop = Arc::new(AtomicBool::new(false));
     if !postgres {
         // One console per SQLite file: there is nobody to tell.
@@ -328,8 +311,7 @@ fn delivery_changes_reach_the_other_consoles_on_postgresql() {
 #[tokio::test]
 async fn a_session_works_on_every_console_and_ends_on_all_after_its_idle_time() {
     let dir = tempfile::tempdir().unwrap();
-    let database = common::test_database()
-        .unwrap_or_else(|| DatabaseUrl::Sqlite(dir.path().join("console.db")));
+    let database = common::reopenable_database(dir.path());
     let idle = |c: &mut beckon_console::ConsoleConfig| {
         c.session_idle_timeout = Duration::from_millis(1500);
     };
@@ -374,8 +356,7 @@ async fn a_session_works_on_every_console_and_ends_on_all_after_its_idle_time() 
 #[tokio::test]
 async fn failed_logins_count_on_every_console_and_after_a_restart() {
     let dir = tempfile::tempdir().unwrap();
-    let database = common::test_database()
-        .unwrap_or_else(|| DatabaseUrl::Sqlite(dir.path().join("console.db")));
+    let database = common::reopenable_database(dir.path());
     let start = |id: &'static str| {
         let database = database.clone();
         common::start_with(move |c| {

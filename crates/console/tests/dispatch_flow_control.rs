@@ -6,15 +6,27 @@ mod common;
 
 use std::time::Duration;
 
+use beckon_console::{BrokerLink, ConsoleConfig};
 use beckon_mqtt::{ConnAck, Packet, Properties, ReasonCode, SubAck};
 use common::{Peer, WAIT};
 use serde_json::json;
 
-#[tokio::test]
-async fn a_large_call_never_has_more_publishes_in_flight_than_the_broker_allows() {
+/// A console (configured further by `configure`) whose broker is a scripted peer on
+/// loopback, connected: its CONNACK has `connack` properties, its SUBACK grants every
+/// subscription, and the console's barrier after connecting is answered as a broker does.
+async fn console_with_scripted_broker(
+    connack: Properties,
+    configure: impl FnOnce(&mut ConsoleConfig),
+) -> (common::Api, Peer) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
-    let api = common::start_with_plain_broker(port).await;
+    let api = common::start_with(|c| {
+        c.broker = BrokerLink::Anonymous {
+            address: format!("127.0.0.1:{port}"),
+        };
+        configure(c);
+    })
+    .await;
     let (tcp, _) = tokio::time::timeout(WAIT, listener.accept())
         .await
         .unwrap()
@@ -25,10 +37,7 @@ async fn a_large_call_never_has_more_publishes_in_flight_than_the_broker_allows(
         .send(Packet::ConnAck(ConnAck {
             session_present: false,
             code: ReasonCode::SUCCESS,
-            properties: Properties::from(beckon_mqtt::PropertySet {
-                receive_maximum: Some(2),
-                ..Default::default()
-            }),
+            properties: connack,
         }))
         .await;
     let Packet::Subscribe(sub) = broker.recv().await else {
@@ -41,9 +50,21 @@ async fn a_large_call_never_has_more_publishes_in_flight_than_the_broker_allows(
             properties: Properties::default(),
         }))
         .await;
-    // The console's barrier after connecting: answered as a broker does.
     assert!(matches!(broker.recv().await, Packet::PingReq));
     broker.send(Packet::PingResp).await;
+    (api, broker)
+}
+
+#[tokio::test]
+async fn a_large_call_never_has_more_publishes_in_flight_than_the_broker_allows() {
+    let (api, mut broker) = console_with_scripted_broker(
+        Properties::from(beckon_mqtt::PropertySet {
+            receive_maximum: Some(2),
+            ..Default::default()
+        }),
+        |_| {},
+    )
+    .await;
 
     for i in 0..6 {
         api.enroll(&format!("pc-{i}"), json!({})).await;
@@ -96,60 +117,15 @@ async fn a_large_call_never_has_more_publishes_in_flight_than_the_broker_allows(
 #[tokio::test]
 async fn a_large_calls_first_wake_ups_go_out_before_the_rest_is_recorded() {
     const AGENTS: usize = 400;
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = listener.local_addr().unwrap().port();
     // One delivery per transaction: the call is recorded in 400 chunks.
-    let api = common::start_with(|c| {
-        c.broker = beckon_console::BrokerLink::Anonymous {
-            address: format!("127.0.0.1:{port}"),
-        };
-        c.call_chunk = 1;
-    })
-    .await;
-    let (tcp, _) = tokio::time::timeout(WAIT, listener.accept())
-        .await
-        .unwrap()
-        .unwrap();
-    let mut broker = Peer::new(tcp);
-    assert!(matches!(broker.recv().await, Packet::Connect(_)));
-    broker
-        .send(Packet::ConnAck(ConnAck {
-            session_present: false,
-            code: ReasonCode::SUCCESS,
-            properties: Properties::default(),
-        }))
-        .await;
-    let Packet::Subscribe(sub) = broker.recv().await else {
-        panic!("expected SUBSCRIBE")
-    };
-    broker
-        .send(Packet::SubAck(SubAck {
-            packet_id: sub.packet_id,
-            codes: vec![ReasonCode(1); sub.subscriptions.len()],
-            properties: Properties::default(),
-        }))
-        .await;
-    assert!(matches!(broker.recv().await, Packet::PingReq));
-    broker.send(Packet::PingResp).await;
+    let (api, mut broker) =
+        console_with_scripted_broker(Properties::default(), |c| c.call_chunk = 1).await;
 
+    let agents: Vec<String> = (0..AGENTS).map(|i| format!("pc-{i:03}")).collect();
     api.handle
         .state
         .store
-        .run(|s| {
-            s.create_enrollment_token(beckon_console::store::NewEnrollmentToken {
-                id: "t".into(),
-                hash: [1; 32],
-                label: "test".into(),
-                created_by: "user:admin".into(),
-                expires_at: None,
-                max_uses: None,
-                groups: vec![],
-            })?;
-            for i in 0..AGENTS {
-                s.enroll_agent(&[1; 32], common::new_agent(&format!("pc-{i:03}")), 10)?;
-            }
-            Ok(())
-        })
+        .run(move |s| common::enroll_in_store(s, &agents))
         .await
         .unwrap();
     let (_, call) = api

@@ -53,6 +53,7 @@ pub async fn record(st: AppState, mut shutdown: watch::Receiver<bool>) {
 
 /// Records what is left of `call`, a chunk at a time; false when the console stops.
 async fn record_call(st: &AppState, call: &str, shutdown: &watch::Receiver<bool>) -> bool {
+    let one_connection = st.store.inner().shares_one_connection();
     loop {
         if *shutdown.borrow() {
             return false;
@@ -63,10 +64,10 @@ async fn record_call(st: &AppState, call: &str, shutdown: &watch::Receiver<bool>
             .store
             .run(move |s| s.record_chunk(&id, now_ms(), &mut next_wakeup_id))
             .await;
-        // At most half of the store's time: on SQLite (one connection) the state writer,
+        // At most half of the store's time on SQLite (one connection): the state writer,
         // which records the first chunk's `sent`, and the API would otherwise wait for the
         // whole call to be recorded. The call takes twice as long to record; its first
-        // wake-ups are out before.
+        // wake-ups are out before. PostgreSQL's pool lets them in meanwhile: no wait there.
         let took = started.elapsed();
         let chunk = match recorded {
             Ok(Some(chunk)) => chunk,
@@ -90,10 +91,12 @@ async fn record_call(st: &AppState, call: &str, shutdown: &watch::Receiver<bool>
                 .send(Command::Publish(chunk.call, chunk.queued))
                 .await;
         }
-        let mut shutdown = shutdown.clone();
-        tokio::select! {
-            () = tokio::time::sleep(took) => {}
-            () = stopped(&mut shutdown) => return false,
+        if one_connection {
+            let mut shutdown = shutdown.clone();
+            tokio::select! {
+                () = tokio::time::sleep(took) => {}
+                () = stopped(&mut shutdown) => return false,
+            }
         }
     }
 }

@@ -19,7 +19,7 @@ use std::sync::Arc;
 pub use copy::{CopyReport, copy_store};
 pub use postgresql::POSTGRES_SCHEMA_VERSION;
 pub use seed::{SEED_AGENT_PREFIX, SEED_SITES, SEED_WAKE_GROUP, SeedPlan, SeedReport};
-pub use sql::{DbError, SqlStore};
+pub use sql::{CALL_COUNT_COLUMNS, DbError, SqlStore};
 pub use sqlite::SCHEMA_VERSION;
 pub use url::DatabaseUrl;
 
@@ -599,6 +599,11 @@ pub trait CallStore {
         now: Millis,
         new_wakeup_id: &mut dyn FnMut() -> String,
     ) -> StoreResult<Option<RecordedChunk>>;
+
+    /// Whether every store call goes through one connection (SQLite): recording a large
+    /// call chunk after chunk there keeps everything else out meanwhile, unlike on a pool of
+    /// connections (PostgreSQL).
+    fn shares_one_connection(&self) -> bool;
 
     /// One call, with its counts.
     fn call(&self, id: &str) -> StoreResult<WakeCall>;

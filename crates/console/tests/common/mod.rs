@@ -11,7 +11,9 @@ use axum::extract::ConnectInfo;
 use axum::http::{Request, StatusCode};
 use beckon_broker::{Bound, BrokerConfig, Listen, Server, ServerHandle};
 use beckon_console::model::{AgentAddress, Inventory};
-use beckon_console::store::{DatabaseUrl, NewAgent, SqlStore};
+use beckon_console::store::{
+    DatabaseUrl, NewAgent, NewEnrollmentToken, SqlStore, Store, StoreResult,
+};
 use beckon_console::{Console, ConsoleConfig, ConsoleHandle};
 use beckon_mqtt::{Packet, ProtocolVersion};
 use bytes::BytesMut;
@@ -156,6 +158,24 @@ pub fn new_agent(id: &str) -> NewAgent {
     }
 }
 
+/// Enrolls the agents `ids` (each as [`new_agent`] makes it) straight into `store`, with an
+/// enrollment token `t` made for them.
+pub fn enroll_in_store(store: &dyn Store, ids: &[impl AsRef<str>]) -> StoreResult<()> {
+    store.create_enrollment_token(NewEnrollmentToken {
+        id: "t".into(),
+        hash: [1; 32],
+        label: "test".into(),
+        created_by: "user:admin".into(),
+        expires_at: None,
+        max_uses: None,
+        groups: vec![],
+    })?;
+    for id in ids {
+        store.enroll_agent(&[1; 32], new_agent(id.as_ref()), 10)?;
+    }
+    Ok(())
+}
+
 /// A fresh store: on PostgreSQL when [`POSTGRES_VAR`] is set, else SQLite in memory.
 pub fn store() -> SqlStore {
     match test_database() {
@@ -276,16 +296,8 @@ pub fn step_back_before(database: &DatabaseUrl, version: i64) {
             .into_iter()
             .map(String::from)
             .chain(
-                [
-                    "n_queued",
-                    "n_sent",
-                    "n_delivered",
-                    "n_started",
-                    "n_finished",
-                    "n_expired",
-                    "n_failed",
-                ]
-                .map(|c| format!("ALTER TABLE calls DROP COLUMN {c}")),
+                beckon_console::store::CALL_COUNT_COLUMNS
+                    .map(|c| format!("ALTER TABLE calls DROP COLUMN {c}")),
             )
             .collect(),
             _ => unreachable!(),

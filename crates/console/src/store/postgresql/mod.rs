@@ -327,6 +327,10 @@ impl Database for Postgres {
         v
     }
 
+    fn shares_one_connection(&self) -> bool {
+        false
+    }
+
     /// One connection of its own (outside the pool) that `LISTEN`s; a lost connection is
     /// opened again after a second. Notices sent while it was lost are not replayed: live
     /// views miss those changes (the stored states are right; a reload shows them).

@@ -7,11 +7,12 @@
 //! several values ([`Conn::greatest`]).
 //!
 //! One file per kind of data, as the store's traits: [`agents`], [`calls`], [`auth`],
-//! [`wol`] and [`settings`].
+//! [`wol`] and [`settings`]; large calls' chunks recorded after the call in [`record`].
 
 mod agents;
 mod auth;
 mod calls;
+mod record;
 mod settings;
 mod wol;
 
@@ -20,6 +21,7 @@ use crate::store::*;
 pub(super) use agents::{AGENT_TABLES, continue_revocation_feed, fold_agent_counts};
 pub(super) use auth::AUTH_TABLES;
 pub(super) use calls::CALL_TABLES;
+pub use calls::COUNT_COLUMNS as CALL_COUNT_COLUMNS;
 pub(super) use settings::SETTINGS_TABLES;
 pub(super) use wol::WOL_TABLES;
 
@@ -283,6 +285,10 @@ pub trait Database: Send + Sync {
 
     /// The schema version of the database.
     fn schema_version(&self) -> StoreResult<i64>;
+
+    /// Whether every store call goes through one connection (SQLite), rather than a pool
+    /// (PostgreSQL).
+    fn shares_one_connection(&self) -> bool;
 
     /// Follows the change notices of other consoles (see [`Conn::notify`]) until `stop`,
     /// handing each payload to `notice`; returns at once on a database no other console

@@ -136,6 +136,10 @@ impl Database for Sqlite {
             .map_err(sql("reading the schema version"))
     }
 
+    fn shares_one_connection(&self) -> bool {
+        true
+    }
+
     fn follow_notices(
         &self,
         _notice: &mut dyn FnMut(&str),
