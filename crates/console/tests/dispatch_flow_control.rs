@@ -116,8 +116,9 @@ async fn a_large_call_never_has_more_publishes_in_flight_than_the_broker_allows(
 
 #[tokio::test]
 async fn a_large_calls_first_wake_ups_go_out_before_the_rest_is_recorded() {
-    const AGENTS: usize = 400;
-    // One delivery per transaction: the call is recorded in 400 chunks.
+    // One delivery per transaction: the call is recorded in 1,500 chunks, which take
+    // PostgreSQL (no pause between chunks there) well over the time the first wake-up needs.
+    const AGENTS: usize = 1500;
     let (api, mut broker) =
         console_with_scripted_broker(Properties::default(), |c| c.call_chunk = 1).await;
 
