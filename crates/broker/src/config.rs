@@ -189,7 +189,10 @@ impl ClusterConfig {
     /// The NKey user seed from `nkey_seed_file`: its first line that is one (files written
     /// by `nsc` frame it with comment lines).
     fn nkey_seed(&self) -> Result<String, ConfigError> {
-        let path = self.nkey_seed_file.as_deref().unwrap_or_else(|| Path::new(""));
+        let path = self
+            .nkey_seed_file
+            .as_deref()
+            .unwrap_or_else(|| Path::new(""));
         let invalid = |reason: String| ConfigError::Invalid {
             key: "cluster.nkey_seed_file",
             reason,

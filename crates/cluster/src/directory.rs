@@ -9,25 +9,37 @@
 //! connected finds the agent's node here. A node that went silent is dropped with all its
 //! agents: their sessions died with it.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
+use std::hash::{BuildHasher, RandomState};
 use std::sync::Arc;
 
 use beckon_identity::acl::{PresenceEvent, PresenceState};
 
 use crate::subject::agent_of;
 
-/// Agent (`t/{tenant}/agents/{id}`) -> the node holding it.
+/// Agent -> the node holding it. Every node keeps an entry for every agent of the cluster,
+/// so an entry is small: a 128-bit fingerprint of `t/{tenant}/agents/{id}` (two independent
+/// keyed hashes; two agents sharing one is about as likely as guessing a random UUID) and the
+/// node's number.
 #[derive(Debug, Default)]
 pub struct Directory {
-    agents: HashMap<Box<str>, Arc<str>>,
-    /// One allocation per node name, shared by its agents.
-    nodes: HashSet<Arc<str>>,
+    agents: HashMap<(u64, u64), u16>,
+    /// Node names by number, and numbers by name.
+    nodes: Vec<Arc<str>>,
+    numbers: HashMap<Arc<str>, u16>,
+    keys: (RandomState, RandomState),
 }
 
 impl Directory {
     /// The node holding the agent whose topic `topic` is, if known.
     pub fn holder(&self, topic: &str) -> Option<&Arc<str>> {
-        self.agents.get(agent_of(topic)?)
+        self.node_of(agent_of(topic)?)
+    }
+
+    /// The node holding `agent` (`t/{tenant}/agents/{id}`), if known.
+    pub fn node_of(&self, agent: &str) -> Option<&Arc<str>> {
+        let number = self.agents.get(&self.fingerprint(agent))?;
+        self.nodes.get(usize::from(*number))
     }
 
     /// How many agents the directory knows.
@@ -51,7 +63,8 @@ impl Directory {
         if tenant.is_empty() || id.is_empty() || id.contains('/') {
             return None;
         }
-        self.set(format!("t/{tenant}/agents/{id}"), node)
+        let agent = format!("t/{tenant}/agents/{id}");
+        self.set(&agent, node).then_some(agent)
     }
 
     /// A retained message passed (published here, from another node, or in a snapshot):
@@ -65,41 +78,43 @@ impl Directory {
             .filter(|agent| agent_of(topic) == Some(*agent))?;
         let event = serde_json::from_slice::<PresenceEvent>(payload).ok()?;
         let node = event.node?;
-        if event.state == PresenceState::Connected || !self.agents.contains_key(agent) {
-            return self.set(agent.to_owned(), &node);
+        if event.state == PresenceState::Connected || self.node_of(agent).is_none() {
+            return self.set(agent, &node).then(|| agent.to_owned());
         }
         None
     }
 
-    /// The node holding `agent` (`t/{tenant}/agents/{id}`), if known.
-    pub fn node_of(&self, agent: &str) -> Option<&Arc<str>> {
-        self.agents.get(agent)
-    }
-
     /// `node` went silent or restarted: its agents are held nowhere until they connect again.
     pub fn node_lost(&mut self, node: &str) {
-        self.agents.retain(|_, n| &**n != node);
-        self.nodes.remove(node);
+        if let Some(&number) = self.numbers.get(node) {
+            self.agents.retain(|_, n| *n != number);
+        }
     }
 
-    fn set(&mut self, agent: String, node: &str) -> Option<String> {
-        if self
-            .agents
-            .get(agent.as_str())
-            .is_some_and(|n| &**n == node)
-        {
-            return None;
-        }
-        let node = match self.nodes.get(node) {
-            Some(node) => node.clone(),
+    fn fingerprint(&self, agent: &str) -> (u64, u64) {
+        (self.keys.0.hash_one(agent), self.keys.1.hash_one(agent))
+    }
+
+    /// Notes `agent` on `node`; true when that changed where it is.
+    fn set(&mut self, agent: &str, node: &str) -> bool {
+        let number = match self.numbers.get(node) {
+            Some(&number) => number,
             None => {
+                let Ok(number) = u16::try_from(self.nodes.len()) else {
+                    tracing::warn!(
+                        node,
+                        "cluster: more than 65,535 node names seen; wake-ups for its agents reach wildcard subscribers only"
+                    );
+                    return false;
+                };
                 let node: Arc<str> = Arc::from(node);
-                self.nodes.insert(node.clone());
-                node
+                self.nodes.push(node.clone());
+                self.numbers.insert(node, number);
+                number
             }
         };
-        self.agents.insert(agent.clone().into_boxed_str(), node);
-        Some(agent)
+        let key = self.fingerprint(agent);
+        self.agents.insert(key, number) != Some(number)
     }
 }
 

@@ -148,7 +148,7 @@ impl BrokerCore {
         let presence = (publish.retain && publish.topic.ends_with("/presence"))
             .then(|| (publish.topic.clone(), publish.payload.clone()));
         let mut message = self.remote_message(now, publish);
-        message.receipt = receipt;
+        message.receipt = receipt.map(Box::new);
         let message = Arc::new(message);
         if message.receipt.is_some() {
             self.park_for_agent(&message);
@@ -227,10 +227,17 @@ impl BrokerCore {
 
     /// A message from the cluster as this node keeps it (QoS capped at its maximum).
     fn remote_message(&self, now: Instant, publish: Publish) -> Message {
+        // A retained message is kept (presence: one per identity of the cluster on every
+        // node): its own payload, not a slice of the whole packet it arrived in.
+        let payload = if publish.retain {
+            Bytes::copy_from_slice(&publish.payload)
+        } else {
+            publish.payload
+        };
         Message::new(
             now,
             publish.topic,
-            publish.payload,
+            payload,
             publish.qos.min(self.config.max_qos),
             publish.retain,
             publish.properties,
@@ -336,7 +343,7 @@ impl BrokerCore {
         let message = Message::new(
             now,
             publish.topic,
-            publish.payload,
+            Bytes::copy_from_slice(&publish.payload),
             publish.qos.min(self.config.max_qos),
             true,
             publish.properties,
@@ -369,7 +376,9 @@ impl BrokerCore {
             .get(&key)
             .is_some_and(|own| filter_matches(own, &message.topic))
         {
-            cluster.out.push(ClusterOut::Delivered(receipt.clone()));
+            cluster
+                .out
+                .push(ClusterOut::Delivered(Receipt::clone(receipt)));
         }
     }
 

@@ -26,7 +26,8 @@ pub(crate) struct Message {
     pub expires_at: Option<Instant>,
     /// A message from another node whose origin waits to hear that a client acknowledged it
     /// (see [`beckon_cluster::Receipt`]).
-    pub receipt: Option<beckon_cluster::Receipt>,
+    /// Boxed: every retained message of the cluster is a `Message`, few carry one.
+    pub receipt: Option<Box<beckon_cluster::Receipt>>,
 }
 
 impl Message {
