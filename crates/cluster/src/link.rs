@@ -31,6 +31,10 @@ const RECEIVE_QUEUE: usize = 65_536;
 /// How long a starting node waits for NATS to accept or refuse it: a refusal (credentials,
 /// TLS) stops the start with its reason; silence (NATS not reachable yet) does not.
 const FIRST_CONNECT_WAIT: Duration = Duration::from_secs(5);
+/// How often a node sends the receipts it gathered (or sooner, at [`RECEIPT_BATCH`]): one
+/// NATS message per origin for a fan-out's worth of PUBACKs, not one per PUBACK.
+const RECEIPT_INTERVAL: Duration = Duration::from_millis(100);
+const RECEIPT_BATCH: usize = 8192;
 
 /// How a node joins the cluster.
 #[derive(Debug, Clone)]
@@ -310,6 +314,7 @@ pub async fn join(
         directory: Directory::default(),
         unacknowledged: Unacknowledged::default(),
         receipts: HashMap::new(),
+        receipt_count: 0,
         retained_subject: format!("{root}.r"),
         claim_subject: format!("{root}.claim"),
         heartbeat_subject: format!("{root}.hb"),
@@ -428,6 +433,8 @@ struct Link {
     unacknowledged: Unacknowledged,
     /// Receipts to send, by origin node.
     receipts: HashMap<Arc<str>, Vec<u64>>,
+    /// How many receipts wait in `receipts`.
+    receipt_count: usize,
     retained_subject: String,
     claim_subject: String,
     heartbeat_subject: String,
@@ -454,6 +461,8 @@ impl Link {
     ) {
         let mut heartbeat = tokio::time::interval(self.options.heartbeat);
         heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut receipts = tokio::time::interval(RECEIPT_INTERVAL);
+        receipts.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut tokens = Vec::new();
         // Whether every message of the current batch reached the NATS client.
         let mut batch_ok = true;
@@ -467,7 +476,9 @@ impl Link {
                         let Ok(command) = commands.try_recv() else { break };
                         batch_ok &= self.command(command, &mut tokens).await;
                     }
-                    self.send_receipts().await;
+                    if self.receipt_count >= RECEIPT_BATCH {
+                        self.send_receipts().await;
+                    }
                     if !tokens.is_empty() {
                         let ok = std::mem::replace(&mut batch_ok, true) && matches!(
                             tokio::time::timeout(self.options.flush_timeout, self.client.flush()).await,
@@ -488,6 +499,7 @@ impl Link {
                         break;
                     }
                 }
+                _ = receipts.tick(), if self.receipt_count > 0 => self.send_receipts().await,
                 _ = heartbeat.tick() => {
                     self.unacknowledged.expire(Instant::now());
                     if self.beat().await.is_err() {
@@ -568,6 +580,7 @@ impl Link {
                         .entry(receipt.origin)
                         .or_default()
                         .push(receipt.seq);
+                    self.receipt_count += 1;
                 }
             }
             Outgoing::Interest { filter, added } => {
@@ -891,6 +904,7 @@ impl Link {
 
     /// Sends the receipts gathered since the last time, one NATS message per origin node.
     async fn send_receipts(&mut self) {
+        self.receipt_count = 0;
         for (origin, seqs) in self.receipts.drain() {
             let mut payload = bytes::BytesMut::with_capacity(seqs.len() * 8);
             for seq in seqs {
