@@ -521,6 +521,16 @@ async fn a_node_dies_its_agents_move_presence_follows_and_no_valid_wake_up_is_lo
     let _ = &cluster.nodes[0].name;
 }
 
+/// Agent `id` connected to node `node` and subscribed to its wake-ups.
+async fn agent_on(cluster: &Cluster, node: usize, id: &str) -> Client {
+    let token = cluster.tenant.token(Role::Agent, id);
+    let mut c = Client::connect(cluster.nodes[node].addr, &token)
+        .await
+        .unwrap_or_else(|e| panic!("{id} connects to n{node}: {e}"));
+    c.subscribe(&format!("agents/{id}/wake")).await;
+    c
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn wake_ups_held_by_a_node_that_is_killed_reach_their_agents_on_the_next_node() {
     let mut cluster = Cluster::start();
@@ -535,12 +545,7 @@ async fn wake_ups_held_by_a_node_that_is_killed_reach_their_agents_on_the_next_n
     let ids: Vec<String> = (0..20).map(|k| format!("pc-{k}")).collect();
     let mut agents = Vec::new();
     for id in &ids {
-        let token = cluster.tenant.token(Role::Agent, id);
-        let mut c = Client::connect(cluster.nodes[1].addr, &token)
-            .await
-            .expect("agent connects to n1");
-        c.subscribe(&format!("agents/{id}/wake")).await;
-        agents.push(c);
+        agents.push(agent_on(&cluster, 1, id).await);
     }
     let mut on_n1 = HashSet::new();
     while on_n1.len() < ids.len() {
@@ -573,11 +578,7 @@ async fn wake_ups_held_by_a_node_that_is_killed_reach_their_agents_on_the_next_n
 
     // Each agent comes back on n2, as a new session, and gets its wake-up there.
     for id in &ids {
-        let token = cluster.tenant.token(Role::Agent, id);
-        let mut c = Client::connect(cluster.nodes[2].addr, &token)
-            .await
-            .expect("agent connects to n2");
-        c.subscribe(&format!("agents/{id}/wake")).await;
+        let mut c = agent_on(&cluster, 2, id).await;
         let msg = c
             .message(WAIT)
             .await

@@ -94,17 +94,7 @@ impl ProcReader {
 
 /// The resident memory (`VmRSS`) of `pid`, in KiB.
 pub fn rss_kib(pid: u32) -> Result<u64, ProcError> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).map_err(|error| {
-        ProcError::Read {
-            pid,
-            file: "status",
-            error,
-        }
-    })?;
-    parse_vm_rss(&status).ok_or(ProcError::Format {
-        pid,
-        file: "status",
-    })
+    memory(pid).map(|m| m.rss_kib)
 }
 
 /// The summed run time of the living threads of `pid` (`/proc/PID/task/*/schedstat`, first
