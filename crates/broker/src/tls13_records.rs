@@ -143,7 +143,13 @@ impl DirectionKeys {
             },
             seq,
         )?;
-        outgoing.extend_from_slice(&sealed.encode());
+        let record = sealed.encode();
+        if outgoing.is_empty() {
+            // The usual case (one record per write): the sealed record becomes the buffer.
+            *outgoing = record;
+        } else {
+            outgoing.extend_from_slice(&record);
+        }
         Ok(())
     }
 }
