@@ -23,7 +23,9 @@ use bytes::BytesMut;
 use postgres::types::{IsNull, ToSql, Type, to_sql_checked};
 use postgres::{Client, GenericClient, NoTls, Statement};
 
-use super::sql::{CHANGES_CHANNEL, Conn, Database, DbError, Row, SqlStore, TextIndex, Value};
+use super::sql::{
+    CHANGES_CHANNEL, Conn, Database, DbError, Row, STATEMENT_CACHE, SqlStore, TextIndex, Value,
+};
 use super::*;
 pub use migrations::SCHEMA_VERSION as POSTGRES_SCHEMA_VERSION;
 
@@ -97,17 +99,13 @@ struct PgConn<'a, C> {
 /// runs in one round trip instead of two (prepare, then execute).
 type Statements = std::collections::HashMap<String, Statement>;
 
-/// Statements kept per connection; past that (listing queries vary by filter), the rest are
-/// prepared each time.
-const MAX_STATEMENTS: usize = 200;
-
 impl<C: GenericClient> PgConn<'_, C> {
     fn statement(&mut self, sql: &str) -> Result<Statement, DbError> {
         if let Some(s) = self.statements.get(sql) {
             return Ok(s.clone());
         }
         let prepared = self.client.prepare(&placeholders(sql))?;
-        if self.statements.len() < MAX_STATEMENTS {
+        if self.statements.len() < STATEMENT_CACHE {
             self.statements.insert(sql.to_owned(), prepared.clone());
         }
         Ok(prepared)

@@ -273,6 +273,12 @@ pub const SEARCH_TEXT: &str =
 /// The PostgreSQL notification channel of delivery changes (see [`Conn::notify`]).
 pub const CHANGES_CHANNEL: &str = "beckon_delivery_changes";
 
+/// Prepared statements kept per connection, by SQL text. The store runs a few dozen distinct
+/// statements (some with a varying column list); a cache smaller than that evicts each one
+/// before its next use and every statement is parsed again (rusqlite keeps 16 by default).
+/// Past this, listing queries that vary by filter are prepared each time.
+pub const STATEMENT_CACHE: usize = 200;
+
 /// A backend: where connections come from.
 pub trait Database: Send + Sync {
     /// Runs `f` on a connection, inside one transaction (committed when `f` succeeds, rolled
