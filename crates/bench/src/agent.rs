@@ -1,5 +1,6 @@
 //! One simulated agent: connect, subscribe to its own wake-up topic, acknowledge wake-ups, keep
-//! the connection alive, and after a lost connection come back with the agent's backoff.
+//! the connection alive, and after a lost connection come back with the agent's backoff, on
+//! the next node of a cluster when its own does not answer.
 
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -61,13 +62,16 @@ pub enum AgentEvent {
         agent: usize,
         /// When (Unix ns).
         at_unix_ns: u64,
+        /// On which endpoint (index into [`AgentContext::connectors`]).
+        endpoint: usize,
     },
 }
 
 /// What all agents of a worker share.
 pub struct AgentContext {
-    /// Opens connections.
-    pub connector: Connector,
+    /// Opens connections: to the worker's own endpoint first, then to the other nodes of a
+    /// cluster in the order the agent tries them after a failed reconnect attempt.
+    pub connectors: Vec<Connector>,
     /// Bounds the connects running at once in the connect phase (not in a storm: a storm is
     /// every agent on its own schedule, as in the field).
     pub connect_gate: Semaphore,
@@ -103,7 +107,7 @@ pub async fn run(ctx: Arc<AgentContext>, spec: AgentSpec, mut control: watch::Re
     let first = {
         let permit = ctx.connect_gate.acquire().await;
         let started = Instant::now();
-        let result = establish(&ctx, &spec, &topic).await;
+        let result = establish(&ctx, &spec, &topic, 0).await;
         drop(permit);
         result.map(|(conn, connack)| (conn, connack.duration_since(started)))
     };
@@ -131,6 +135,8 @@ pub async fn run(ctx: Arc<AgentContext>, spec: AgentSpec, mut control: watch::Re
     };
     backoff.connected(Instant::now());
     let mut seen_cut = control.borrow().cut_generation;
+    // The endpoint the agent is connected to, or tries next.
+    let mut endpoint = 0;
     loop {
         match serve(&ctx, &spec, &mut conn, &mut control, &mut seen_cut).await {
             End::Shutdown => {
@@ -143,7 +149,16 @@ pub async fn run(ctx: Arc<AgentContext>, spec: AgentSpec, mut control: watch::Re
         }
         backoff.disconnected(Instant::now());
         let _ = ctx.events.send(AgentEvent::Down { agent: spec.local });
-        conn = match reconnect(&ctx, &spec, &topic, &mut backoff, &mut control).await {
+        conn = match reconnect(
+            &ctx,
+            &spec,
+            &topic,
+            &mut backoff,
+            &mut control,
+            &mut endpoint,
+        )
+        .await
+        {
             Some(conn) => conn,
             None => return,
         };
@@ -152,18 +167,20 @@ pub async fn run(ctx: Arc<AgentContext>, spec: AgentSpec, mut control: watch::Re
         let _ = ctx.events.send(AgentEvent::Up {
             agent: spec.local,
             at_unix_ns: unix_ns(),
+            endpoint,
         });
     }
 }
 
-/// Connects and subscribes; returns the connection and the moment CONNACK arrived.
+/// Connects to endpoint `endpoint` and subscribes; returns the connection and the moment
+/// CONNACK arrived.
 async fn establish(
     ctx: &AgentContext,
     spec: &AgentSpec,
     topic: &str,
+    endpoint: usize,
 ) -> Result<(MqttConn, Instant), ClientError> {
-    let mut conn = ctx
-        .connector
+    let mut conn = ctx.connectors[endpoint]
         .connect_as(spec.source, &spec.client_id, spec.password.as_deref())
         .await?;
     let connack = Instant::now();
@@ -173,13 +190,16 @@ async fn establish(
 
 /// Reconnects with the agent's backoff until it works or the worker shuts down: a full-jitter
 /// wait before each attempt, and the longer "busy" wait after a broker refused with server
-/// busy or connection rate exceeded, as the agent does.
+/// busy or connection rate exceeded, as the agent does. The first attempt goes to the
+/// endpoint it lost (`endpoint`); after each failed attempt the next one goes to the next
+/// endpoint of the list, round robin, as the agent moves through `broker.more_hosts`.
 async fn reconnect(
     ctx: &AgentContext,
     spec: &AgentSpec,
     topic: &str,
     backoff: &mut Backoff,
     control: &mut watch::Receiver<Control>,
+    endpoint: &mut usize,
 ) -> Option<MqttConn> {
     let mut delay = backoff.next_delay();
     loop {
@@ -188,7 +208,7 @@ async fn reconnect(
             () = shutdown(control) => return None,
             result = async {
                 tokio::time::sleep(delay).await;
-                establish(ctx, spec, topic).await
+                establish(ctx, spec, topic, *endpoint).await
             } => result,
         };
         match attempt_result {
@@ -200,6 +220,7 @@ async fn reconnect(
                     ) => backoff.next_busy_delay(),
                     _ => backoff.next_delay(),
                 };
+                *endpoint = (*endpoint + 1) % ctx.connectors.len();
                 let _ = ctx.events.send(AgentEvent::AttemptFailed {
                     agent: spec.local,
                     error: error.to_string(),

@@ -168,6 +168,18 @@ pub struct FleetArgs {
     /// idle phase.
     #[arg(long, value_name = "URL")]
     pub nats_monitor: Option<String>,
+    /// Storm: SIGKILL this process (a cluster node the bench did not start) instead of a
+    /// restart or a cut; its agents reconnect to the next node of their list. Counts and
+    /// times only the agents that lost their connection, from the kill. Not the first node
+    /// (the publisher's).
+    #[arg(long, value_name = "PID", conflicts_with = "storm_restart")]
+    pub storm_kill: Option<u32>,
+    /// Storm: SIGKILL this process (nats-server), wait --outage-secs, and start it again with
+    /// the same command line and working directory (it keeps running after the bench; its
+    /// output goes next to --tenant-dir, else nowhere). With --nats-monitor, waits until
+    /// nats-server has its connections and subscriptions back before the next phase.
+    #[arg(long, value_name = "PID")]
+    pub storm_restart: Option<u32>,
     /// The broker's name in the report.
     #[arg(long, default_value = "broker")]
     pub label: String,

@@ -12,14 +12,12 @@ use crate::cli::{LoadArgs, Phase};
 use crate::conn::{Connector, Target};
 use crate::nats::{NatsMonitor, Varz};
 use crate::procstat::{ProcReader, ProcSample};
-use crate::protocol::{
-    Command, ConnectOutcome, Reply, StormOutcome, WakeupOutcome, WorkerConfig, unix_ns,
-};
+use crate::protocol::{Command, ConnectOutcome, Reply, WakeupOutcome, WorkerConfig};
 use crate::publisher::{PublishOutcome, publish_wakeups};
 use crate::report::{
     ConnectReport, FanoutReport, FleetReport, IdleReport, NatsReport, NodeMemory, Percentiles,
-    StormReport,
 };
+use crate::storm::{StormMethod, StormSetup, endpoint_order};
 use crate::tenant::TenantAuth;
 use crate::worker_process::{WorkerGroup, WorkerProcess, impl_worker_reply};
 
@@ -82,7 +80,7 @@ impl WorkerLauncher {
 }
 
 /// The fleet's worker processes.
-type Fleet = WorkerGroup<Reply>;
+pub(crate) type Fleet = WorkerGroup<Reply>;
 
 impl_worker_reply!(Reply);
 
@@ -114,6 +112,8 @@ pub struct FleetOptions {
     pub node_pids: Vec<u32>,
     /// nats-server's monitoring URL, to read its `/varz` (`--nats-monitor`).
     pub nats_monitor: Option<String>,
+    /// How the storm phase is made (`--storm-kill`, `--storm-restart`).
+    pub storm: StormMethod,
 }
 
 /// What the phases of one run share.
@@ -128,6 +128,7 @@ struct Run<'a> {
     signer: Option<TokenSigner>,
     node_pids: &'a [u32],
     nats: Option<NatsMonitor>,
+    storm: &'a StormMethod,
 }
 
 /// The client id of the (first) publisher.
@@ -182,6 +183,7 @@ pub async fn run_fleet_with(
         .as_deref()
         .map(NatsMonitor::new)
         .transpose()?;
+    check_storm(&options.storm, options, load, broker)?;
     let signer = match &options.tenant {
         None => None,
         Some(tenant) => {
@@ -229,7 +231,12 @@ pub async fn run_fleet_with(
             first_agent,
             agents: per_worker.min(agents - first_agent),
             client_id_prefix: load.client_id_prefix.clone(),
+            // The worker's own node first, then the others in the order its agents try them.
             target: targets[worker % targets.len()].clone(),
+            failover: endpoint_order(worker, targets.len())
+                .skip(1)
+                .map(|t| targets[t].clone())
+                .collect(),
             source_addresses: sources.clone(),
             agents_per_source_address: load.size.agents_per_source_address.max(1),
             connect_concurrency: concurrency,
@@ -251,6 +258,7 @@ pub async fn run_fleet_with(
         signer,
         node_pids: &options.node_pids,
         nats,
+        storm: &options.storm,
     };
     let result = drive(&mut fleet, &run, broker).await;
     fleet.shutdown(&Command::Shutdown).await;
@@ -376,12 +384,53 @@ async fn drive(
     }
 
     if phases.contains(&Phase::Storm) {
-        report.storm = Some(storm(fleet, broker, load).await?);
+        let setup = StormSetup {
+            method: run.storm,
+            load,
+            targets: run.targets,
+            node_pids: run.node_pids,
+            nats: run.nats.as_ref(),
+        };
+        report.storm = Some(crate::storm::storm(fleet, broker, &setup).await?);
         if phases.contains(&Phase::FanoutAfterStorm) {
             report.fanout_after_storm = Some(fan_out(fleet, run, broker).await?);
         }
     }
     Ok(report)
+}
+
+/// Refuses a storm method that cannot run as asked, before any agent connects.
+fn check_storm(
+    method: &StormMethod,
+    options: &FleetOptions,
+    load: &LoadArgs,
+    broker: &dyn BrokerControl,
+) -> anyhow::Result<()> {
+    let (option, pid) = match method {
+        StormMethod::Broker => return Ok(()),
+        StormMethod::KillNode { pid } => ("--storm-kill", *pid),
+        StormMethod::RestartNats { pid, .. } => ("--storm-restart", *pid),
+    };
+    if broker.can_restart() {
+        bail!("{option} replaces the broker restart of the storm: the bench started this broker");
+    }
+    if !load.phases.contains(&Phase::Storm) {
+        bail!("{option} makes the storm phase: add storm to --phases");
+    }
+    if broker.pid() == Some(pid) {
+        bail!("{option} {pid} is also --broker-pid: the broker read after the storm would be gone");
+    }
+    match method {
+        StormMethod::KillNode { .. } => {
+            if options.node_pids.first() == Some(&pid) {
+                bail!(
+                    "--storm-kill {pid} is the first node (--host:--port), where the publisher connects: kill another node"
+                );
+            }
+            crate::storm::check_running(pid, option)
+        }
+        _ => crate::storm::ProcessImage::read(pid, option).map(drop),
+    }
 }
 
 /// Reads the broker's memory and CPU, when its pid is known (asked each time: a restart
@@ -604,105 +653,6 @@ async fn fan_out(
     })
 }
 
-async fn storm(
-    fleet: &mut Fleet,
-    broker: &mut dyn BrokerControl,
-    load: &LoadArgs,
-) -> anyhow::Result<StormReport> {
-    let restart = broker.can_restart();
-    let reader = ProcReader::new();
-    let read_broker =
-        |broker: &dyn BrokerControl| broker.pid().and_then(|pid| reader.sample(pid).ok());
-    // CPU of the storm: from just before the cut, or from the restarted broker's first
-    // moment of listening (its start-up left out), to the end of the wait.
-    let mut before = if restart { None } else { read_broker(broker) };
-    let cut_unix_ns = unix_ns();
-    fleet
-        .broadcast(&Command::ArmStorm { cut: !restart })
-        .await?;
-    fleet
-        .gather(Duration::from_secs(30), "arming the storm")
-        .await?;
-    let outage = Duration::from_secs_f64(load.outage_secs.max(0.0));
-    let (down_unix_ns, up_unix_ns) = if restart {
-        let times = tokio::task::block_in_place(|| broker.restart(outage))
-            .context("restarting the broker for the storm")?;
-        before = read_broker(broker);
-        times
-    } else {
-        (cut_unix_ns, cut_unix_ns)
-    };
-    let wait = Duration::from_secs_f64(load.storm_wait_secs.max(1.0));
-    fleet
-        .broadcast(&Command::CollectStorm {
-            wait_ms: u64::try_from(wait.as_millis()).unwrap_or(u64::MAX),
-        })
-        .await?;
-    let outcomes: Vec<StormOutcome> = fleet
-        .gather(wait + Duration::from_secs(30), "storm")
-        .await?
-        .into_iter()
-        .filter_map(|r| match r {
-            Reply::Storm(s) => Some(s),
-            _ => None,
-        })
-        .collect();
-    let after = read_broker(broker);
-    let mut back_times: Vec<u64> = outcomes
-        .iter()
-        .flat_map(|o| o.back_unix_ns.iter().copied())
-        .collect();
-    back_times.sort_unstable();
-    let expected: usize = outcomes.iter().map(|o| o.expected).sum();
-    let back: usize = outcomes.iter().map(|o| o.back).sum();
-    // The 99th percentile of the whole fleet, not of those that came back.
-    let needed = (expected as f64 * 0.99).ceil() as usize;
-    let at_99 = (needed > 0)
-        .then(|| back_times.get(needed - 1).copied())
-        .flatten();
-    let peak = peak_rate(&back_times);
-    Ok(StormReport {
-        method: if restart { "restart" } else { "cut" }.to_owned(),
-        outage_s: if restart { load.outage_secs } else { 0.0 },
-        expected,
-        back,
-        not_back: expected.saturating_sub(back),
-        back_99_after_up_s: at_99.map(|t| t.saturating_sub(up_unix_ns) as f64 / 1e9),
-        back_99_after_down_s: at_99.map(|t| t.saturating_sub(down_unix_ns) as f64 / 1e9),
-        back_all_after_up_s: (back == expected && expected > 0)
-            .then(|| {
-                back_times
-                    .last()
-                    .map(|t| t.saturating_sub(up_unix_ns) as f64 / 1e9)
-            })
-            .flatten(),
-        peak_connects_per_s: peak,
-        cpu_per_reconnect_us: match (before, after) {
-            (Some(b), Some(a)) if back > 0 => {
-                Some(a.cpu.saturating_sub(b.cpu).as_secs_f64() * 1e6 / back as f64)
-            }
-            _ => None,
-        },
-        attempts: outcomes.iter().map(|o| o.attempts).sum(),
-        first_error: outcomes.iter().find_map(|o| o.first_error.clone()),
-        wait_s: wait.as_secs_f64(),
-    })
-}
-
-/// The most reconnections completed within any one second.
-fn peak_rate(sorted_times: &[u64]) -> usize {
-    let mut peak = 0;
-    let mut start = 0;
-    // A sliding window over the sorted times gives the true peak, not one bound to buckets.
-    for (end, &t) in sorted_times.iter().enumerate() {
-        while sorted_times[start] + 1_000_000_000 <= t {
-            start += 1;
-        }
-        peak = peak.max(end + 1 - start);
-    }
-    peak
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -720,14 +670,5 @@ mod tests {
             ]
         );
         assert!(source_addresses(IpAddr::V4(Ipv4Addr::new(192, 0, 2, 1)), 10, 5).is_empty());
-    }
-
-    #[test]
-    fn peak_rate_counts_the_busiest_second() {
-        let s = 1_000_000_000;
-        let times = [0, s * 6 / 10, s + s / 4, s + s / 3, s + s / 2, 5 * s];
-        // From 0.6 s to 1.5 s: four reconnections.
-        assert_eq!(peak_rate(&times), 4);
-        assert_eq!(peak_rate(&[]), 0);
     }
 }

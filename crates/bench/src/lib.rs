@@ -8,8 +8,10 @@
 //! - **fan-out**: one QoS 1 wake-up per agent from several publisher connections: time to
 //!   the last arrival, latency percentiles (the payload carries the send time), broker CPU
 //!   per wake-up, misses, and the publishers' own write time;
-//! - **storm**: the broker restarts (or every connection is cut) and each agent comes back
-//!   with the agent's full-jitter backoff: time to 99% back, peak connect rate, stragglers.
+//! - **storm**: the broker restarts (or every connection is cut; or, in a cluster, a node is
+//!   SIGKILLed or nats-server restarted) and each agent comes back with the agent's
+//!   full-jitter backoff, to the next node when its own is gone: time to 99% back, peak
+//!   connect rate, stragglers.
 //!
 //! The agents live in worker processes (this same program, run as `bench worker`), each
 //! binding its sockets to several source addresses in 127.0.0.0/8 when the broker is on
@@ -46,6 +48,7 @@ pub mod procstat;
 pub mod protocol;
 pub mod publisher;
 pub mod report;
+pub mod storm;
 pub mod tenant;
 pub mod worker;
 mod worker_process;
@@ -203,15 +206,38 @@ async fn fleet_command(args: &FleetArgs, launcher: &WorkerLauncher) -> anyhow::R
         }
         None => None,
     };
+    let storm = match (args.storm_kill, args.storm_restart) {
+        (Some(pid), _) => storm::StormMethod::KillNode { pid },
+        (None, Some(pid)) => storm::StormMethod::RestartNats {
+            pid,
+            log: restarted_nats_log(args.tenant_dir.as_deref()),
+        },
+        (None, None) => storm::StormMethod::Broker,
+    };
     let options = fleet::FleetOptions {
         tenant,
         node_pids: args.node_pids.clone(),
         nats_monitor: args.nats_monitor.clone(),
+        storm,
     };
     let report =
         fleet::run_fleet_with(&targets, &args.load, &options, &mut broker, launcher).await?;
     print_report(&report, args.json, report.table())?;
     Ok(())
+}
+
+/// Where a nats-server the bench starts again writes: next to the tenant folder, else nowhere.
+fn restarted_nats_log(tenant_dir: Option<&std::path::Path>) -> std::path::PathBuf {
+    match tenant_dir {
+        Some(dir) => {
+            let parent = dir
+                .parent()
+                .filter(|p| !p.as_os_str().is_empty())
+                .unwrap_or_else(|| std::path::Path::new("."));
+            parent.join("nats-server-restarted.log")
+        }
+        None => std::path::PathBuf::from("/dev/null"),
+    }
 }
 
 async fn compare_command(args: &CompareArgs, launcher: &WorkerLauncher) -> anyhow::Result<()> {

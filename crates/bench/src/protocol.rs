@@ -20,8 +20,12 @@ pub struct WorkerConfig {
     pub agents: usize,
     /// Client identifiers are this prefix followed by the agent's global index.
     pub client_id_prefix: String,
-    /// The broker.
+    /// The broker these agents connect to first.
     pub target: Target,
+    /// The other nodes of a cluster, in the order an agent tries them after `target` when a
+    /// reconnect attempt fails (round robin from its own); empty for one broker.
+    #[serde(default)]
+    pub failover: Vec<Target>,
     /// Source addresses to bind, agent `i` using `source_addresses[i / per_source_address]`;
     /// empty to let the kernel choose.
     pub source_addresses: Vec<Ipv4Addr>,
@@ -58,11 +62,19 @@ pub enum Command {
     ArmStorm {
         /// Cut the connections from the agents' side.
         cut: bool,
+        /// Count only the agents that lose their connection from now on (a node killed, NATS
+        /// restarted): the others are neither expected back nor missing.
+        #[serde(default)]
+        lost_only: bool,
     },
     /// Wait until every agent is back or `wait_ms` passed; answered by [`Reply::Storm`].
     CollectStorm {
         /// Bound on the wait, in milliseconds.
         wait_ms: u64,
+        /// Answer no sooner than this (milliseconds), so that connections still being lost
+        /// are counted (with `lost_only`, none lost yet is not "all back").
+        #[serde(default)]
+        settle_ms: u64,
     },
     /// Disconnect every agent and exit; answered by [`Reply::Bye`].
     Shutdown,
@@ -141,8 +153,11 @@ pub struct WakeupOutcome {
 /// One worker's reconnect storm.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct StormOutcome {
-    /// Agents that should come back.
+    /// Agents that should come back (with `lost_only`: those that lost their connection).
     pub expected: usize,
+    /// Agents back on each endpoint, in the order of the worker's `target` then `failover`.
+    #[serde(default)]
+    pub back_per_endpoint: Vec<usize>,
     /// Agents back (connected and subscribed again).
     pub back: usize,
     /// When each agent came back (Unix time, nanoseconds).

@@ -159,15 +159,49 @@ pub struct FanoutReport {
     pub wait_s: f64,
 }
 
+/// Agents back on one node after a storm.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EndpointBack {
+    /// The node, `host:port`.
+    pub endpoint: String,
+    /// Agents that came back on it.
+    pub back: usize,
+}
+
+/// nats-server after it was restarted (`--storm-restart` with `--nats-monitor`): its `/varz`
+/// before the kill, and until its clients (the nodes) were back.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NatsStorm {
+    /// The `/varz` URL read.
+    pub url: String,
+    /// Client connections before the kill.
+    pub connections_before: u64,
+    /// Subscriptions before the kill.
+    pub subscriptions_before: u64,
+    /// Client connections at the last reading.
+    pub connections_after: Option<u64>,
+    /// Subscriptions at the last reading.
+    pub subscriptions_after: Option<u64>,
+    /// From nats-server answering again to as many connections and subscriptions as before,
+    /// seconds; `None`: not within the storm's wait.
+    pub back_after_up_s: Option<f64>,
+    /// Why the last reading failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
 /// The reconnect storm.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct StormReport {
-    /// "restart" (the bench restarted the broker) or "cut" (the agents dropped their
-    /// connections at once).
+    /// "restart" (the bench restarted the broker), "cut" (the agents dropped their
+    /// connections at once), "kill node" (a cluster node SIGKILLed, `--storm-kill`) or
+    /// "restart nats" (nats-server SIGKILLed and started again, `--storm-restart`).
     pub method: String,
-    /// How long the broker was down, seconds (0 for a cut).
+    /// How long the broker (or nats-server) was down before it was started again, seconds
+    /// (0 for a cut or a node killed).
     pub outage_s: f64,
-    /// Agents that should come back.
+    /// Agents that should come back: every connected agent for a restart or a cut; for
+    /// "kill node" and "restart nats", the agents that lost their connection.
     pub expected: usize,
     /// Agents that came back within the wait.
     pub back: usize,
@@ -190,6 +224,25 @@ pub struct StormReport {
     pub first_error: Option<String>,
     /// The bound on the wait, seconds.
     pub wait_s: f64,
+    /// The process SIGKILLed ("kill node", "restart nats").
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub killed_pid: Option<u32>,
+    /// From the kill (or the broker stopping) until it listened again, seconds; `None` when
+    /// nothing was started again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub up_after_down_s: Option<f64>,
+    /// The restarted nats-server's pid: it keeps running after the bench.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restarted_pid: Option<u32>,
+    /// Where the restarted nats-server writes its output.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restarted_log: Option<String>,
+    /// Agents back on each node (a cluster).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub back_per_endpoint: Vec<EndpointBack>,
+    /// nats-server's clients after its restart (`--nats-monitor`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nats: Option<NatsStorm>,
 }
 
 /// One fleet run against one broker.
@@ -412,32 +465,7 @@ impl FleetReport {
             ));
         }
         if let Some(s) = &self.storm {
-            out.push(figure("storm: agents back", "", Some(s.back as f64), false));
-            out.push(figure("storm: not back", "", Some(s.not_back as f64), true));
-            out.push(figure(
-                "storm: 99% back after broker up",
-                "s",
-                s.back_99_after_up_s,
-                true,
-            ));
-            out.push(figure(
-                "storm: 99% back after down",
-                "s",
-                s.back_99_after_down_s,
-                true,
-            ));
-            out.push(figure(
-                "storm: peak connect rate",
-                "/s",
-                Some(s.peak_connects_per_s as f64),
-                false,
-            ));
-            out.push(figure(
-                "storm: broker CPU per reconnect",
-                "us",
-                s.cpu_per_reconnect_us,
-                true,
-            ));
+            storm_figures(s, &mut out);
         }
         if let Some(f) = &self.fanout_after_storm {
             out.push(figure(
@@ -561,11 +589,135 @@ impl FleetReport {
                     "storm by cut: the bench did not start the broker, so the agents dropped their connections instead of a restart".to_owned(),
                 );
             }
+            let killed = s.killed_pid.map(|p| p.to_string()).unwrap_or_default();
+            if s.method == "kill node" {
+                notes.push(format!(
+                    "storm by kill node: pid {killed} SIGKILLed; its agents reconnected to the next node of their list; times from the kill; the agents on the other nodes are not counted"
+                ));
+            }
+            if s.method == "restart nats" {
+                notes.push(format!(
+                    "storm by restart nats: nats-server pid {killed} SIGKILLed, started again after {} s as pid {} (output: {}; it keeps running)",
+                    format_value(Some(s.outage_s)),
+                    s.restarted_pid.map(|p| p.to_string()).unwrap_or_default(),
+                    s.restarted_log.as_deref().unwrap_or("-")
+                ));
+                match &s.nats {
+                    None => notes.push(
+                        "no --nats-monitor: the bench did not wait for the nodes to be back on NATS before the fan-out after the storm"
+                            .to_owned(),
+                    ),
+                    Some(n) if n.back_after_up_s.is_none() => notes.push(format!(
+                        "NATS not back within the wait: {} connection(s) and {} subscription(s) against {} and {} before{}",
+                        n.connections_after.map_or_else(|| "-".to_owned(), |v| v.to_string()),
+                        n.subscriptions_after.map_or_else(|| "-".to_owned(), |v| v.to_string()),
+                        n.connections_before,
+                        n.subscriptions_before,
+                        n.error.as_ref().map(|e| format!(" ({e})")).unwrap_or_default()
+                    )),
+                    Some(_) => {}
+                }
+            }
             if let Some(e) = &s.first_error {
                 notes.push(format!("first failed reconnect attempt: {e}"));
             }
         }
         notes
+    }
+}
+
+/// The storm's lines of the table, in the words of its method.
+fn storm_figures(s: &StormReport, out: &mut Vec<Figure>) {
+    let cluster = s.method == "kill node" || s.method == "restart nats";
+    if cluster {
+        out.push(figure(
+            "storm: agents that lost their connection",
+            "",
+            Some(s.expected as f64),
+            true,
+        ));
+    }
+    out.push(figure("storm: agents back", "", Some(s.back as f64), false));
+    out.push(figure("storm: not back", "", Some(s.not_back as f64), true));
+    if cluster {
+        if s.method == "restart nats" {
+            out.push(figure(
+                "storm: nats-server up after the kill",
+                "s",
+                s.up_after_down_s,
+                true,
+            ));
+            if let Some(n) = &s.nats {
+                out.push(figure(
+                    "storm: NATS connections before",
+                    "",
+                    Some(n.connections_before as f64),
+                    false,
+                ));
+                out.push(figure(
+                    "storm: NATS connections after",
+                    "",
+                    n.connections_after.map(|v| v as f64),
+                    false,
+                ));
+                out.push(figure(
+                    "storm: NATS back after nats-server up",
+                    "s",
+                    n.back_after_up_s,
+                    true,
+                ));
+            }
+        }
+        out.push(figure(
+            "storm: 99% back after the kill",
+            "s",
+            s.back_99_after_down_s,
+            true,
+        ));
+        out.push(figure(
+            "storm: all back after the kill",
+            "s",
+            s.back_all_after_up_s
+                .map(|after_up| after_up + s.up_after_down_s.unwrap_or(0.0)),
+            true,
+        ));
+    } else {
+        out.push(figure(
+            "storm: 99% back after broker up",
+            "s",
+            s.back_99_after_up_s,
+            true,
+        ));
+        out.push(figure(
+            "storm: 99% back after down",
+            "s",
+            s.back_99_after_down_s,
+            true,
+        ));
+    }
+    out.push(figure(
+        "storm: peak connect rate",
+        "/s",
+        Some(s.peak_connects_per_s as f64),
+        false,
+    ));
+    out.push(figure(
+        if cluster {
+            "storm: nodes' CPU per reconnect"
+        } else {
+            "storm: broker CPU per reconnect"
+        },
+        "us",
+        s.cpu_per_reconnect_us,
+        true,
+    ));
+    for (n, node) in s.back_per_endpoint.iter().enumerate() {
+        out.push(figure(
+            &format!("storm: back on node {} ({})", n + 1, node.endpoint),
+            "",
+            Some(node.back as f64),
+            false,
+        ));
     }
 }
 
@@ -593,6 +745,106 @@ mod tests {
         assert_eq!(p.max_ms, 100.0);
         assert_eq!(p.samples, 100);
         assert!(Percentiles::of_micros(&mut []).is_none());
+    }
+
+    fn storm(method: &str) -> StormReport {
+        StormReport {
+            method: method.to_owned(),
+            outage_s: 0.0,
+            expected: 20,
+            back: 19,
+            not_back: 1,
+            back_99_after_up_s: Some(1.5),
+            back_99_after_down_s: Some(1.5),
+            back_all_after_up_s: None,
+            peak_connects_per_s: 12,
+            cpu_per_reconnect_us: Some(210.0),
+            attempts: 40,
+            first_error: None,
+            wait_s: 30.0,
+            killed_pid: Some(4242),
+            up_after_down_s: None,
+            restarted_pid: None,
+            restarted_log: None,
+            back_per_endpoint: vec![
+                EndpointBack {
+                    endpoint: "127.0.0.1:1".to_owned(),
+                    back: 19,
+                },
+                EndpointBack {
+                    endpoint: "127.0.0.1:2".to_owned(),
+                    back: 0,
+                },
+            ],
+            nats: None,
+        }
+    }
+
+    fn fleet_report(storm: StormReport) -> FleetReport {
+        FleetReport {
+            broker: "cluster".to_owned(),
+            agents: 40,
+            tls: false,
+            tls_key_exchange: None,
+            mqtt_version: MqttVersion::V311,
+            workers: 2,
+            nodes: 2,
+            source_addresses: 1,
+            connect: None,
+            idle: None,
+            fanout: None,
+            storm: Some(storm),
+            fanout_after_storm: None,
+            tenant: None,
+            node_memory: Vec::new(),
+            nats: None,
+        }
+    }
+
+    #[test]
+    fn cluster_storms_speak_of_the_kill_and_of_each_node() {
+        let table = fleet_report(storm("kill node")).table();
+        for line in [
+            "storm: agents that lost their connection",
+            "storm: 99% back after the kill",
+            "storm: nodes' CPU per reconnect",
+            "storm: back on node 1 (127.0.0.1:1)",
+            "storm: back on node 2 (127.0.0.1:2)",
+            "pid 4242 SIGKILLed",
+        ] {
+            assert!(table.contains(line), "{line:?} not in:\n{table}");
+        }
+        assert!(!table.contains("after broker up"), "{table}");
+
+        let mut restart = storm("restart nats");
+        restart.outage_s = 2.0;
+        restart.up_after_down_s = Some(2.3);
+        restart.restarted_pid = Some(4343);
+        restart.nats = Some(NatsStorm {
+            url: "http://127.0.0.1:8222/varz".to_owned(),
+            connections_before: 4,
+            subscriptions_before: 60,
+            connections_after: Some(3),
+            subscriptions_after: Some(50),
+            back_after_up_s: None,
+            error: None,
+        });
+        let table = fleet_report(restart).table();
+        for line in [
+            "storm: nats-server up after the kill",
+            "storm: NATS connections before",
+            "started again after 2 s as pid 4343",
+            "NATS not back within the wait: 3 connection(s) and 50 subscription(s) against 4 and 60",
+        ] {
+            assert!(table.contains(line), "{line:?} not in:\n{table}");
+        }
+        // Reports without the new fields (older runs) still read.
+        let mut json = serde_json::to_value(fleet_report(storm("cut"))).expect("json");
+        for field in ["killed_pid", "back_per_endpoint"] {
+            json["storm"].as_object_mut().expect("storm").remove(field);
+        }
+        let back: FleetReport = serde_json::from_value(json).expect("reads");
+        assert!(back.storm.expect("storm").back_per_endpoint.is_empty());
     }
 
     #[test]

@@ -34,13 +34,21 @@ struct Slot {
     initial_ok: bool,
     wakeups: u32,
     back: bool,
+    /// Lost its connection since the storm was armed (counted with `lost_only`).
+    lost: bool,
 }
 
 /// What the worker waits for before it answers.
 enum Pending {
     Connect,
-    Wakeups { deadline: Instant },
-    Storm { deadline: Instant },
+    Wakeups {
+        deadline: Instant,
+    },
+    /// Not answered before `settle` unless the wait ends first.
+    Storm {
+        deadline: Instant,
+        settle: Instant,
+    },
 }
 
 struct State {
@@ -51,6 +59,8 @@ struct State {
     wake_expected: usize,
     storm: StormOutcome,
     storm_armed: bool,
+    /// Count only the agents that lose their connection after the arming.
+    storm_lost_only: bool,
 }
 
 /// Runs a worker on the current thread until the parent says shutdown or closes stdin.
@@ -119,15 +129,21 @@ async fn start(
         .context("worker: stdin closed before the configuration line")?;
     let config: WorkerConfig =
         serde_json::from_str(&first).context("worker: the configuration line is not valid")?;
-    let connector = match Connector::new(&config.target).await {
-        Ok(c) => c,
-        Err(e) => {
-            reply(&Reply::Failed {
-                message: format!("worker {}: {e}", config.worker),
-            })?;
-            return Err(e.into());
+    let mut connectors = Vec::with_capacity(1 + config.failover.len());
+    for target in std::iter::once(&config.target).chain(&config.failover) {
+        match Connector::new(target).await {
+            Ok(c) => connectors.push(c),
+            Err(e) => {
+                reply(&Reply::Failed {
+                    message: format!(
+                        "worker {} ({}:{}): {e}",
+                        config.worker, target.host, target.port
+                    ),
+                })?;
+                return Err(e.into());
+            }
         }
-    };
+    }
     let backoff = beckon_net::BackoffConfig {
         base: Duration::from_millis(config.backoff_base_ms),
         cap: Duration::from_millis(config.backoff_cap_ms),
@@ -150,7 +166,7 @@ async fn start(
     };
     let (events_tx, events) = mpsc::unbounded_channel();
     let ctx = Arc::new(AgentContext {
-        connector,
+        connectors,
         connect_gate: Semaphore::new(config.connect_concurrency.max(1)),
         backoff,
         events: events_tx,
@@ -188,6 +204,7 @@ async fn worker_main() -> anyhow::Result<()> {
         wake_expected: 0,
         storm: StormOutcome::default(),
         storm_armed: false,
+        storm_lost_only: false,
     };
     let mut pending: Option<Pending> = None;
     let mut started = false;
@@ -210,7 +227,12 @@ async fn worker_main() -> anyhow::Result<()> {
             pending = None;
         }
         let wanted = match &pending {
-            Some(Pending::Wakeups { deadline } | Pending::Storm { deadline }) => Some(*deadline),
+            Some(Pending::Wakeups { deadline }) => Some(*deadline),
+            Some(Pending::Storm { deadline, settle }) => Some(if Instant::now() < *settle {
+                *settle
+            } else {
+                *deadline
+            }),
             Some(Pending::Connect) => Some(deadline.min(Instant::now() + CONNECT_PHASE_LIMIT)),
             None => None,
         };
@@ -254,20 +276,33 @@ async fn worker_main() -> anyhow::Result<()> {
                     Command::CollectWakeups { wait_ms } => {
                         pending = Some(Pending::Wakeups { deadline: Instant::now() + Duration::from_millis(wait_ms) });
                     }
-                    Command::ArmStorm { cut } => {
-                        state.storm = StormOutcome::default();
+                    Command::ArmStorm { cut, lost_only } => {
+                        state.storm = StormOutcome {
+                            back_per_endpoint: vec![0; 1 + config.failover.len()],
+                            ..StormOutcome::default()
+                        };
                         for slot in &mut state.slots {
                             slot.back = false;
+                            slot.lost = false;
                         }
-                        state.storm.expected = state.slots.iter().filter(|s| s.initial_ok).count();
+                        // With `lost_only` the expected count grows as connections are lost.
+                        state.storm.expected = if lost_only {
+                            0
+                        } else {
+                            state.slots.iter().filter(|s| s.initial_ok).count()
+                        };
                         state.storm_armed = true;
+                        state.storm_lost_only = lost_only;
                         if cut {
                             control_tx.send_modify(|c| c.cut_generation += 1);
                         }
                         reply(&Reply::StormArmed { expected: state.storm.expected })?;
                     }
-                    Command::CollectStorm { wait_ms } => {
-                        pending = Some(Pending::Storm { deadline: Instant::now() + Duration::from_millis(wait_ms) });
+                    Command::CollectStorm { wait_ms, settle_ms } => {
+                        let now = Instant::now();
+                        let deadline = now + Duration::from_millis(wait_ms);
+                        let settle = (now + Duration::from_millis(settle_ms)).min(deadline);
+                        pending = Some(Pending::Storm { deadline, settle });
                     }
                     Command::Shutdown => break,
                 }
@@ -280,8 +315,13 @@ async fn worker_main() -> anyhow::Result<()> {
                 }
             }
             () = &mut timer, if pending.is_some() => {
+                // The timer may have woken for a storm's settle time, not its deadline.
+                let timed_out = match &pending {
+                    Some(Pending::Storm { deadline, .. }) => Instant::now() >= *deadline,
+                    _ => true,
+                };
                 if let Some(p) = &pending
-                    && let Some(answer) = complete(p, &mut state, true)
+                    && let Some(answer) = complete(p, &mut state, timed_out)
                 {
                     reply(&answer)?;
                     pending = None;
@@ -377,6 +417,10 @@ fn record(state: &mut State, event: AgentEvent) {
         AgentEvent::Down { agent } => {
             if let Some(slot) = state.slots.get_mut(agent) {
                 slot.connected = false;
+                if state.storm_armed && state.storm_lost_only && slot.initial_ok && !slot.lost {
+                    slot.lost = true;
+                    state.storm.expected += 1;
+                }
             }
         }
         AgentEvent::AttemptFailed { error, .. } => {
@@ -385,17 +429,25 @@ fn record(state: &mut State, event: AgentEvent) {
                 state.storm.first_error.get_or_insert(error);
             }
         }
-        AgentEvent::Up { agent, at_unix_ns } => {
+        AgentEvent::Up {
+            agent,
+            at_unix_ns,
+            endpoint,
+        } => {
             let Some(slot) = state.slots.get_mut(agent) else {
                 return;
             };
             slot.connected = true;
             if state.storm_armed {
                 state.storm.attempts += 1;
-                if slot.initial_ok && !slot.back {
+                let counted = slot.initial_ok && (slot.lost || !state.storm_lost_only);
+                if counted && !slot.back {
                     slot.back = true;
                     state.storm.back += 1;
                     state.storm.back_unix_ns.push(at_unix_ns);
+                    if let Some(n) = state.storm.back_per_endpoint.get_mut(endpoint) {
+                        *n += 1;
+                    }
                 }
             }
         }
@@ -409,8 +461,9 @@ fn complete(pending: &Pending, state: &mut State, timed_out: bool) -> Option<Rep
             .then(|| Reply::Connected(std::mem::take(&mut state.connect))),
         Pending::Wakeups { .. } => (state.wake.received >= state.wake_expected || timed_out)
             .then(|| Reply::Wakeups(std::mem::take(&mut state.wake))),
-        Pending::Storm { .. } => {
-            (state.storm.back >= state.storm.expected || timed_out).then(|| {
+        Pending::Storm { settle, .. } => {
+            let settled = Instant::now() >= *settle;
+            ((settled && state.storm.back >= state.storm.expected) || timed_out).then(|| {
                 state.storm_armed = false;
                 Reply::Storm(std::mem::take(&mut state.storm))
             })

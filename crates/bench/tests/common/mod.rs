@@ -103,6 +103,26 @@ pub fn run_bench(args: &[&str], limit: Duration) -> String {
 /// Runs this program as `bench <args>`, killed if it outlives `limit`; returns its exit
 /// status and stdout.
 pub fn run_bench_status(args: &[&str], limit: Duration) -> (std::process::ExitStatus, String) {
+    run_bench_to(args, limit, Stdio::inherit())
+}
+
+/// Runs this program as `bench <args>`, killed if it outlives `limit`; returns its exit
+/// status and what it wrote on stderr (its errors).
+pub fn run_bench_stderr(args: &[&str], limit: Duration) -> (std::process::ExitStatus, String) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("stderr");
+    let file = std::fs::File::create(&path).expect("stderr file");
+    let (status, _) = run_bench_to(args, limit, file.into());
+    let stderr = read(&path);
+    eprint!("{stderr}");
+    (status, stderr)
+}
+
+fn run_bench_to(
+    args: &[&str],
+    limit: Duration,
+    stderr: Stdio,
+) -> (std::process::ExitStatus, String) {
     let exe = std::env::current_exe().expect("own path");
     let out_dir = tempfile::tempdir().expect("temp dir");
     let out_path = out_dir.path().join("stdout");
@@ -112,7 +132,7 @@ pub fn run_bench_status(args: &[&str], limit: Duration) -> (std::process::ExitSt
         .args(args)
         .stdin(Stdio::null())
         .stdout(out_file)
-        .stderr(Stdio::inherit())
+        .stderr(stderr)
         .spawn()
         .expect("start the bench");
     let started = Instant::now();
