@@ -230,6 +230,7 @@ pub async fn join(
     let (first_tx, mut first_rx) = tokio::sync::watch::channel(None::<Result<(), String>>);
     let rejected = Rejected::default();
     let rejected_seen = rejected.clone();
+    let auth = Arc::new(options.security.auth.clone());
     let client = connect_options(&node, "")
         .no_echo()
         .event_callback(move |event| {
@@ -237,6 +238,7 @@ pub async fn join(
             let seen_first = seen_first.clone();
             let first_tx = first_tx.clone();
             let rejected = rejected_seen.clone();
+            let auth = auth.clone();
             async move {
                 match event {
                     async_nats::Event::Connected => {
@@ -252,7 +254,7 @@ pub async fn join(
                         tracing::warn!("cluster: lost the NATS connection; reconnecting (messages to other nodes wait)");
                     }
                     async_nats::Event::ClientError(async_nats::ClientError::Other(e)) => {
-                        match refusal(&e, &rejected) {
+                        match refusal(&e, &rejected, &auth) {
                             Some(reason) => {
                                 tracing::error!("cluster: {reason}");
                                 first_tx.send_if_modified(|first| {

@@ -1,5 +1,6 @@
 //! How a node secures its NATS connection: TLS verified against the NATS servers' CA, and
-//! the credentials NATS asks for (user and password, a token, or an NKey).
+//! the credentials NATS asks for (user and password, a token, an NKey, or a user JWT and its
+//! NKey seed from a `.creds` file).
 
 use std::fmt;
 use std::net::IpAddr;
@@ -26,6 +27,15 @@ pub enum NatsAuth {
     /// An NKey user's seed (`SU...`; nats-server `authorization { users = [{ nkey: U... }] }`):
     /// the node signs the server's challenge, no secret crosses the network.
     NKey(String),
+    /// A user of NATS' decentralized accounts (operator mode), as a `.creds` file holds it:
+    /// the user JWT its account signed, and the user's NKey seed (`SU...`) that signs the
+    /// server's challenge.
+    Credentials {
+        /// The user JWT.
+        jwt: String,
+        /// The user's NKey seed.
+        seed: String,
+    },
 }
 
 // Secrets stay out of logs.
@@ -36,6 +46,8 @@ impl fmt::Debug for NatsAuth {
             Self::UserPassword { user, .. } => write!(f, "UserPassword({user:?}, <secret>)"),
             Self::Token(_) => f.write_str("Token(<secret>)"),
             Self::NKey(_) => f.write_str("NKey(<secret>)"),
+            // A bearer JWT is a secret on its own.
+            Self::Credentials { .. } => f.write_str("Credentials(<secret>, <secret>)"),
         }
     }
 }
@@ -81,6 +93,18 @@ impl NatsSecurity {
         };
         Ok(match &self.auth {
             NatsAuth::None => options,
+            NatsAuth::Credentials { jwt, seed } => {
+                let pair = nkeys::KeyPair::from_seed(seed).map_err(|e| ClusterError::Connect {
+                    servers: servers.to_vec(),
+                    reason: format!("cluster.credentials_file: invalid NKey seed: {e}"),
+                })?;
+                let pair = Arc::new(pair);
+                // What async-nats' `credentials` does with a parsed `.creds` text.
+                options.jwt(jwt.clone(), move |nonce| {
+                    let pair = pair.clone();
+                    async move { pair.sign(&nonce).map_err(async_nats::AuthError::new) }
+                })
+            }
             NatsAuth::UserPassword { user, password } => {
                 options.user_and_password(user.clone(), password.clone())
             }
@@ -127,12 +151,28 @@ pub fn plain_remote_servers<'a>(servers: &'a [String], security: &NatsSecurity) 
 }
 
 /// Why a connection attempt failed for a reason of the node's own configuration, from what
-/// the NATS client reported (a kind, given as its display text) and a rejected certificate.
-pub(crate) fn refusal(client_error: &str, rejected: &Rejected) -> Option<String> {
+/// the NATS client reported (a kind, given as its display text) and a rejected certificate;
+/// `auth` names the keys to check.
+pub(crate) fn refusal(client_error: &str, rejected: &Rejected, auth: &NatsAuth) -> Option<String> {
     if client_error == "authorization violation" {
-        return Some(
-            "NATS refused this node's credentials (authorization violation): check cluster.user and cluster.password (or cluster.token, or the public key of cluster.nkey_seed_file) against the nats-server authorization block".into(),
-        );
+        let check = match auth {
+            NatsAuth::None => {
+                "this node shows NATS no credentials: set cluster.user and cluster.password (or cluster.token, cluster.nkey_seed_file or cluster.credentials_file) as the nats-server configuration asks"
+            }
+            NatsAuth::UserPassword { .. } => {
+                "check cluster.user and cluster.password against the nats-server authorization block"
+            }
+            NatsAuth::Token(_) => "check cluster.token against the nats-server authorization block",
+            NatsAuth::NKey(_) => {
+                "check that the public key of cluster.nkey_seed_file is listed in the nats-server authorization block"
+            }
+            NatsAuth::Credentials { .. } => {
+                "check that the account which signed the user JWT of cluster.credentials_file is known to the nats-server resolver (operator mode), that the JWT has not expired and that the user is not revoked"
+            }
+        };
+        return Some(format!(
+            "NATS refused this node's credentials (authorization violation): {check}"
+        ));
     }
     let certificate = rejected.take_rejection()?;
     Some(format!(
@@ -189,5 +229,33 @@ mod tests {
         assert!(!format!("{auth:?}").contains("hunter2"));
         assert!(!format!("{:?}", NatsAuth::Token("t0ken".into())).contains("t0ken"));
         assert!(!format!("{:?}", NatsAuth::NKey("SUA".into())).contains("SUA"));
+        let creds = NatsAuth::Credentials {
+            jwt: "eyJhead.eyJclaims.sig".into(),
+            seed: "SUA".into(),
+        };
+        let text = format!("{creds:?}");
+        assert!(!text.contains("eyJ") && !text.contains("SUA"), "{text}");
+    }
+
+    #[test]
+    fn a_refusal_names_the_keys_of_the_credentials_in_use() {
+        let refused = |auth: NatsAuth| {
+            refusal("authorization violation", &Rejected::default(), &auth).expect("refusal")
+        };
+        let creds = refused(NatsAuth::Credentials {
+            jwt: "a.b.c".into(),
+            seed: "SU".into(),
+        });
+        assert!(
+            creds.contains("cluster.credentials_file") && !creds.contains("cluster.password"),
+            "{creds}"
+        );
+        let nkey = refused(NatsAuth::NKey("SU".into()));
+        assert!(nkey.contains("cluster.nkey_seed_file"), "{nkey}");
+        assert!(refused(NatsAuth::None).contains("no credentials"));
+        assert_eq!(
+            refusal("connection refused", &Rejected::default(), &NatsAuth::None),
+            None
+        );
     }
 }
