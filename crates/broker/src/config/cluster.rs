@@ -40,6 +40,10 @@ pub struct ClusterConfig {
     /// instead of a user and password or a token; its public key (`U...`) goes into the
     /// nats-server `authorization { users }` block.
     pub nkey_seed_file: Option<PathBuf>,
+    /// A NATS user credentials file (`.creds`, as `nsc generate creds` writes it: the user JWT
+    /// its account signed and the user's NKey seed), for a nats-server in operator mode
+    /// (decentralized accounts); instead of the other credentials.
+    pub credentials_file: Option<PathBuf>,
     /// Allows NATS servers off loopback without TLS (messages and credentials in clear text
     /// on the network). Default false: such a configuration is refused.
     pub insecure: bool,
@@ -74,18 +78,94 @@ impl ClusterConfig {
         Ok(seed.to_owned())
     }
 
+    /// The user JWT and NKey seed of `credentials_file`, checked: both blocks present, the
+    /// seed a valid user seed, the JWT three base64url parts whose claims name the seed's
+    /// public key (a JWT and a seed from different files are refused here rather than by NATS).
+    fn credentials(&self) -> Result<beckon_cluster::NatsAuth, ConfigError> {
+        use base64::Engine;
+
+        let path = self
+            .credentials_file
+            .as_deref()
+            .unwrap_or_else(|| Path::new(""));
+        let invalid = |reason: String| ConfigError::Invalid {
+            key: "cluster.credentials_file",
+            reason: format!("{}: {reason}", path.display()),
+        };
+        let text =
+            std::fs::read_to_string(path).map_err(|e| invalid(format!("cannot be read: {e}")))?;
+        let jwt = creds_block(&text, "NATS USER JWT").ok_or_else(|| {
+            invalid("holds no user JWT (between -----BEGIN NATS USER JWT----- and ------END NATS USER JWT------ lines); make the file with `nsc generate creds`".into())
+        })?;
+        let seed = creds_block(&text, "USER NKEY SEED").ok_or_else(|| {
+            invalid("holds no user NKey seed (between -----BEGIN USER NKEY SEED----- and ------END USER NKEY SEED------ lines); make the file with `nsc generate creds`".into())
+        })?;
+        if !seed.starts_with("SU") {
+            return Err(invalid(
+                "holds no valid user NKey seed: a user's seed starts with SU".into(),
+            ));
+        }
+        let pair = nkeys::KeyPair::from_seed(&seed)
+            .map_err(|e| invalid(format!("holds no valid user NKey seed: {e}")))?;
+
+        let not_a_jwt = |why: &str| {
+            invalid(format!(
+                "its user JWT is not a JWT (three base64url parts separated by dots): {why}"
+            ))
+        };
+        let parts: Vec<&str> = jwt.split('.').collect();
+        let [header, claims, signature] = parts[..] else {
+            return Err(not_a_jwt(&format!("{} part(s)", parts.len())));
+        };
+        let decode = |part: &str| {
+            base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(part.trim_end_matches('='))
+        };
+        for (name, part) in [("header", header), ("signature", signature)] {
+            if part.is_empty() || decode(part).is_err() {
+                return Err(not_a_jwt(&format!("its {name} is not base64url")));
+            }
+        }
+        let claims: serde_json::Value = decode(claims)
+            .ok()
+            .and_then(|bytes| serde_json::from_slice(&bytes).ok())
+            .ok_or_else(|| not_a_jwt("its claims are not base64url JSON"))?;
+        let user = pair.public_key();
+        match claims.get("sub").and_then(serde_json::Value::as_str) {
+            Some(sub) if sub == user => {}
+            sub => {
+                return Err(invalid(format!(
+                    "its user JWT is for {} but its seed is {user}'s: the two do not belong together",
+                    sub.unwrap_or("no subject")
+                )));
+            }
+        }
+        Ok(beckon_cluster::NatsAuth::Credentials { jwt, seed })
+    }
+
     /// TLS and credentials towards NATS, checked for contradictions and for clear text off
     /// this machine.
     pub fn security(&self) -> Result<beckon_cluster::NatsSecurity, ConfigError> {
         let invalid = |key, reason: String| Err(ConfigError::Invalid { key, reason });
+        let others = self.nkey_seed_file.is_some()
+            || self.token.is_some()
+            || self.user.is_some()
+            || self.password.is_some();
         let auth = match (&self.user, &self.password, &self.token) {
+            _ if self.credentials_file.is_some() && others => {
+                return invalid(
+                    "cluster.credentials_file",
+                    "give one kind of NATS credentials: a credentials file, an NKey, a token, or a user and password"
+                        .into(),
+                );
+            }
+            _ if self.credentials_file.is_some() => self.credentials()?,
             (None, None, None) if self.nkey_seed_file.is_some() => {
                 beckon_cluster::NatsAuth::NKey(self.nkey_seed()?)
             }
             _ if self.nkey_seed_file.is_some() => {
                 return invalid(
                     "cluster.nkey_seed_file",
-                    "give one kind of NATS credentials: an NKey, a token, or a user and password"
+                    "give one kind of NATS credentials: a credentials file, an NKey, a token, or a user and password"
                         .into(),
                 );
             }
@@ -135,6 +215,24 @@ impl ClusterConfig {
     }
 }
 
+/// The lines between `-----BEGIN {label}-----` and `------END {label}------` of a `.creds`
+/// file, joined; `None` when the block is missing, unterminated or empty.
+fn creds_block(text: &str, label: &str) -> Option<String> {
+    let marker = |line: &str, what: &str| {
+        line.starts_with("---") && line.trim_matches('-').trim() == format!("{what} {label}")
+    };
+    let mut lines = text.lines().map(str::trim);
+    lines.find(|line| marker(line, "BEGIN"))?;
+    let mut content = String::new();
+    for line in lines {
+        if marker(line, "END") {
+            return (!content.is_empty()).then_some(content);
+        }
+        content.push_str(line);
+    }
+    None
+}
+
 /// The host name's first label, as a node name (`node-1` when there is none).
 fn host_node_name() -> String {
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
@@ -167,6 +265,7 @@ impl Default for ClusterConfig {
             password: None,
             token: None,
             nkey_seed_file: None,
+            credentials_file: None,
             insecure: false,
         }
     }
@@ -251,5 +350,126 @@ mod tests {
         let err =
             with(&format!("nkey_seed_file = {good:?}\ntoken = \"t\"")).expect_err("two kinds");
         assert!(err.contains("one kind of NATS credentials"), "{err}");
+    }
+
+    #[test]
+    fn a_credentials_file_is_read_and_checked() {
+        use base64::Engine;
+
+        let dir = tempfile::tempdir().expect("tempdir");
+        let with = |path: &Path, more: &str| {
+            let toml = format!(
+                "[cluster]\nnats = [\"nats://127.0.0.1:4222\"]\ncredentials_file = {path:?}\n{more}"
+            );
+            let mut c = BrokerConfig::from_toml(&toml).expect("toml");
+            c.tenants_dir = Some("tenants".into());
+            c.validate().map_err(|e| e.to_string()).and_then(|()| {
+                c.cluster
+                    .expect("cluster")
+                    .security()
+                    .map_err(|e| e.to_string())
+            })
+        };
+        // The shape of a user JWT; its signature is NATS' business, not checked here.
+        let b64 = |bytes: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes);
+        let jwt_for = |subject: &str| {
+            format!(
+                "{}.{}.{}",
+                b64(br#"{"typ":"JWT","alg":"ed25519-nkey"}"#),
+                b64(
+                    format!(r#"{{"sub":"{subject}","nats":{{"type":"user","version":2}}}}"#)
+                        .as_bytes()
+                ),
+                b64(&[7; 64])
+            )
+        };
+        let creds = |jwt: &str, seed: &str| {
+            format!(
+                "-----BEGIN NATS USER JWT-----\n{jwt}\n------END NATS USER JWT------\n\n************************* IMPORTANT *************************\nNKEY Seed printed below can be used to sign and prove identity.\n\n-----BEGIN USER NKEY SEED-----\n{seed}\n------END USER NKEY SEED------\n"
+            )
+        };
+        let user = nkeys::KeyPair::new_user();
+        let (seed, jwt) = (user.seed().expect("seed"), jwt_for(&user.public_key()));
+        let good = dir.path().join("node.creds");
+        std::fs::write(&good, creds(&jwt, &seed)).expect("write");
+        let security = with(&good, "").expect("credentials");
+        assert_eq!(
+            security.auth,
+            beckon_cluster::NatsAuth::Credentials {
+                jwt: jwt.clone(),
+                seed: seed.clone()
+            }
+        );
+
+        let account_seed = nkeys::KeyPair::new_account().seed().expect("seed");
+        let stranger = jwt_for(&nkeys::KeyPair::new_user().public_key());
+        let head = b64(br#"{"typ":"JWT","alg":"ed25519-nkey"}"#);
+        let only_jwt =
+            format!("-----BEGIN NATS USER JWT-----\n{jwt}\n------END NATS USER JWT------\n");
+        let only_seed =
+            format!("-----BEGIN USER NKEY SEED-----\n{seed}\n------END USER NKEY SEED------\n");
+        for (name, content, says) in [
+            ("missing.creds", None, "cannot be read"),
+            ("seed-only.creds", Some(only_seed), "holds no user JWT"),
+            ("jwt-only.creds", Some(only_jwt), "holds no user NKey seed"),
+            (
+                "bad-seed.creds",
+                Some(creds(&jwt, "SUAAAA")),
+                "no valid user NKey seed",
+            ),
+            (
+                "account-seed.creds",
+                Some(creds(&jwt, &account_seed)),
+                "no valid user NKey seed: a user's seed starts with SU",
+            ),
+            (
+                "two-parts.creds",
+                Some(creds(&format!("{head}.{}", b64(b"{}")), &seed)),
+                "not a JWT",
+            ),
+            (
+                "not-base64.creds",
+                Some(creds(&format!("{head}.{}.c2!n", b64(b"{}")), &seed)),
+                "not a JWT",
+            ),
+            (
+                "not-json.creds",
+                Some(creds(&format!("{head}.{}.c2ln", b64(b"not json")), &seed)),
+                "its claims are not base64url JSON",
+            ),
+            (
+                "stranger.creds",
+                Some(creds(&stranger, &seed)),
+                "do not belong together",
+            ),
+        ] {
+            let path = dir.path().join(name);
+            if let Some(content) = content {
+                std::fs::write(&path, content).expect("write");
+            }
+            let err = with(&path, "").expect_err(name);
+            assert!(
+                err.contains("cluster.credentials_file")
+                    && err.contains(name)
+                    && err.contains(says),
+                "{err}"
+            );
+            assert!(!err.contains(&seed), "the seed stays out of errors: {err}");
+        }
+
+        let nk = dir.path().join("node.nk");
+        std::fs::write(&nk, format!("{seed}\n")).expect("write");
+        for other in [
+            format!("nkey_seed_file = {nk:?}"),
+            "token = \"t\"".to_owned(),
+            "user = \"n1\"\npassword = \"pw\"".to_owned(),
+        ] {
+            let err = with(&good, &other).expect_err(&other);
+            assert!(
+                err.contains("cluster.credentials_file")
+                    && err.contains("one kind of NATS credentials"),
+                "{err}"
+            );
+        }
     }
 }
