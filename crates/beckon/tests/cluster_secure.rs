@@ -1,8 +1,9 @@
 //! A cluster whose NATS requires TLS and credentials: a nats-server started by the test with a
-//! certificate from a CA made in the test and a user with a password (or a token). With the
-//! right CA and password (or token) a wake-up crosses nodes; a wrong password or token, or a
-//! CA that did not sign the server's certificate, stops the node at start with the reason;
-//! clear text to a NATS off this machine is refused before any connection.
+//! certificate from a CA made in the test and a user with a password (or a token, an NKey, or
+//! in operator mode a user JWT from a `.creds` file). With the right CA and credentials a
+//! wake-up crosses nodes; a wrong password, token, NKey or JWT, or a CA that did not sign the
+//! server's certificate, stops the node at start with the reason; clear text to a NATS off this
+//! machine is refused before any connection.
 
 mod cluster_support;
 mod common;
@@ -38,6 +39,12 @@ impl SecureNats {
 
     /// `authorization` holds the lines of the server's authorization block.
     fn start_with(authorization: &str) -> Self {
+        Self::start_configured(|_| format!("authorization {{\n  {authorization}\n}}\n"))
+    }
+
+    /// `auth` gives the server configuration's lines about clients' credentials; it may write
+    /// files into the server's folder, which it is given.
+    fn start_configured(auth: impl FnOnce(&Path) -> String) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
         let day = Duration::from_secs(24 * 3600);
         let ca = CertificateAuthority::generate("nats test CA", day).expect("CA");
@@ -50,10 +57,11 @@ impl SecureNats {
             .expect("save");
         let port = free_port();
         let conf = dir.path().join("nats.conf");
+        let auth = auth(dir.path());
         std::fs::write(
             &conf,
             format!(
-                "listen: \"127.0.0.1:{port}\"\ntls {{\n  cert_file: {cert:?}\n  key_file: {key:?}\n  timeout: 5\n}}\nauthorization {{\n  {authorization}\n}}\n"
+                "listen: \"127.0.0.1:{port}\"\ntls {{\n  cert_file: {cert:?}\n  key_file: {key:?}\n  timeout: 5\n}}\n{auth}"
             ),
         )
         .expect("nats.conf");
@@ -124,6 +132,106 @@ async fn with_an_nkey_a_wake_up_crosses_nodes_and_an_unknown_nkey_is_refused() {
     let text = Node::refused("n2", &nats.url, tenant.dir.path(), &stranger);
     assert!(
         text.contains("authorization violation") && text.contains("cluster.nkey_seed_file"),
+        "{text}"
+    );
+}
+
+/// A JWT of NATS' decentralized accounts (what `nsc` writes): header and claims in base64url
+/// without padding, signed with `issuer`'s NKey over `header.claims`.
+fn nats_jwt(issuer: &nkeys::KeyPair, subject: &str, name: &str, nats: serde_json::Value) -> String {
+    use base64::Engine;
+    let b64 = |bytes: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes);
+    let claims = serde_json::json!({
+        "jti": format!("{name}-{subject}"),
+        "iat": cluster_support::unix_now(),
+        "iss": issuer.public_key(),
+        "sub": subject,
+        "name": name,
+        "nats": nats,
+    });
+    let signed = format!(
+        "{}.{}",
+        b64(br#"{"typ":"JWT","alg":"ed25519-nkey"}"#),
+        b64(claims.to_string().as_bytes())
+    );
+    let signature = issuer.sign(signed.as_bytes()).expect("sign");
+    format!("{signed}.{}", b64(&signature))
+}
+
+/// A user JWT for `user` signed by `account`, with its seed, framed as `nsc generate creds`
+/// writes it.
+fn creds(account: &nkeys::KeyPair, user: &nkeys::KeyPair) -> String {
+    let jwt = nats_jwt(
+        account,
+        &user.public_key(),
+        "beckon-node",
+        serde_json::json!({
+            "type": "user", "version": 2, "pub": {}, "sub": {},
+            "subs": -1, "data": -1, "payload": -1,
+        }),
+    );
+    let seed = user.seed().expect("seed");
+    format!(
+        "-----BEGIN NATS USER JWT-----\n{jwt}\n------END NATS USER JWT------\n\n************************* IMPORTANT *************************\nNKEY Seed printed below can be used to sign and prove identity.\nNKEYs are sensitive and should be treated as secrets.\n\n-----BEGIN USER NKEY SEED-----\n{seed}\n------END USER NKEY SEED------\n\n*************************************************************\n"
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_a_creds_file_in_operator_mode_a_wake_up_crosses_nodes_and_a_foreign_account_is_refused()
+ {
+    // Operator mode: the operator signs the account, the account signs the user; the server
+    // knows the operator and, through its memory resolver, the account.
+    let operator = nkeys::KeyPair::new_operator();
+    let account = nkeys::KeyPair::new_account();
+    let limits = serde_json::json!({
+        "subs": -1, "data": -1, "payload": -1, "imports": -1, "exports": -1,
+        "wildcards": true, "conn": -1, "leaf": -1,
+    });
+    let operator_jwt = nats_jwt(
+        &operator,
+        &operator.public_key(),
+        "beckon-test-operator",
+        serde_json::json!({ "type": "operator", "version": 2 }),
+    );
+    let account_jwt = nats_jwt(
+        &operator,
+        &account.public_key(),
+        "beckon",
+        serde_json::json!({ "type": "account", "version": 2, "limits": limits }),
+    );
+    let nats = SecureNats::start_configured(|dir| {
+        let path = dir.join("operator.jwt");
+        std::fs::write(&path, &operator_jwt).expect("operator JWT");
+        format!(
+            "operator: {path:?}\nresolver: MEMORY\nresolver_preload: {{\n  {}: \"{account_jwt}\"\n}}\n",
+            account.public_key()
+        )
+    });
+    let tenant = Tenant::create();
+    let creds_file = |account: &nkeys::KeyPair, name: &str| {
+        let path = nats.dir.path().join(name);
+        std::fs::write(&path, creds(account, &nkeys::KeyPair::new_user())).expect("creds");
+        format!("ca = {:?}\ncredentials_file = {path:?}\n", nats.ca)
+    };
+    // Each node a user of its own, as nsc would make them.
+    let n0 = Node::start_with(
+        "n0",
+        &nats.url,
+        tenant.dir.path(),
+        &creds_file(&account, "n0.creds"),
+    );
+    let n1 = Node::start_with(
+        "n1",
+        &nats.url,
+        tenant.dir.path(),
+        &creds_file(&account, "n1.creds"),
+    );
+    a_wake_up_crosses(&n0, &n1, &tenant).await;
+    // A well-formed user JWT, but signed by an account this NATS does not know.
+    let foreign = creds_file(&nkeys::KeyPair::new_account(), "foreign.creds");
+    let text = Node::refused("n2", &nats.url, tenant.dir.path(), &foreign);
+    assert!(
+        text.contains("authorization violation") && text.contains("cluster.credentials_file"),
         "{text}"
     );
 }
