@@ -3,7 +3,9 @@
 //! agents' return is timed.
 
 use std::ffi::OsString;
+#[cfg(unix)]
 use std::os::unix::ffi::OsStringExt as _;
+#[cfg(unix)]
 use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -132,14 +134,17 @@ impl ProcessImage {
             .append(true)
             .open(log)
             .with_context(|| format!("opening {} for the restarted process", log.display()))?;
-        std::process::Command::new(&self.program)
-            .arg0(&self.argv[0])
+        let mut command = std::process::Command::new(&self.program);
+        // The bench's storms read /proc, so they run on Linux; this compiles elsewhere too
+        // (the bench is part of every build of the binary).
+        #[cfg(unix)]
+        command.arg0(&self.argv[0]).process_group(0);
+        command
             .args(&self.argv[1..])
             .current_dir(&self.cwd)
             .stdin(Stdio::null())
             .stdout(out.try_clone().context("duplicating the log file")?)
             .stderr(out)
-            .process_group(0)
             .spawn()
             .with_context(|| {
                 format!(
@@ -159,8 +164,18 @@ pub fn parse_cmdline(raw: &[u8]) -> Vec<OsString> {
     raw.strip_suffix(&[0])
         .unwrap_or(raw)
         .split(|&b| b == 0)
-        .map(|word| OsString::from_vec(word.to_vec()))
+        .map(os_string)
         .collect()
+}
+
+#[cfg(unix)]
+fn os_string(word: &[u8]) -> OsString {
+    OsString::from_vec(word.to_vec())
+}
+
+#[cfg(not(unix))]
+fn os_string(word: &[u8]) -> OsString {
+    OsString::from(String::from_utf8_lossy(word).into_owned())
 }
 
 /// SIGKILLs `pid` with kill(1) and waits until it is gone (or a zombie: its sockets are
