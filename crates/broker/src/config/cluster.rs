@@ -276,6 +276,19 @@ mod tests {
     use super::*;
     use crate::config::BrokerConfig;
 
+    /// The NATS security of a valid cluster config with `lines` under `[cluster]`, or the
+    /// error of reading it.
+    fn security_with(lines: &str) -> Result<beckon_cluster::NatsSecurity, String> {
+        let toml = format!("[cluster]\nnats = [\"nats://127.0.0.1:4222\"]\n{lines}");
+        let mut c = BrokerConfig::from_toml(&toml).expect("toml");
+        c.tenants_dir = Some("tenants".into());
+        c.validate().map_err(|e| e.to_string())?;
+        c.cluster
+            .expect("cluster")
+            .security()
+            .map_err(|e| e.to_string())
+    }
+
     #[test]
     fn a_cluster_does_not_reach_nats_off_this_machine_in_clear_text() {
         let with = |toml: &str| {
@@ -316,17 +329,7 @@ mod tests {
     #[test]
     fn an_nkey_seed_file_is_read_and_checked() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let with = |lines: &str| {
-            let toml = format!("[cluster]\nnats = [\"nats://127.0.0.1:4222\"]\n{lines}");
-            let mut c = BrokerConfig::from_toml(&toml).expect("toml");
-            c.tenants_dir = Some("tenants".into());
-            c.validate().map_err(|e| e.to_string()).and_then(|()| {
-                c.cluster
-                    .expect("cluster")
-                    .security()
-                    .map_err(|e| e.to_string())
-            })
-        };
+        let with = security_with;
         let seed = nkeys::KeyPair::new_user().seed().expect("seed");
         let good = dir.path().join("node.nk");
         std::fs::write(&good, format!("# comment\n{seed}\n")).expect("write");
@@ -358,17 +361,7 @@ mod tests {
 
         let dir = tempfile::tempdir().expect("tempdir");
         let with = |path: &Path, more: &str| {
-            let toml = format!(
-                "[cluster]\nnats = [\"nats://127.0.0.1:4222\"]\ncredentials_file = {path:?}\n{more}"
-            );
-            let mut c = BrokerConfig::from_toml(&toml).expect("toml");
-            c.tenants_dir = Some("tenants".into());
-            c.validate().map_err(|e| e.to_string()).and_then(|()| {
-                c.cluster
-                    .expect("cluster")
-                    .security()
-                    .map_err(|e| e.to_string())
-            })
+            security_with(&format!("credentials_file = {path:?}\n{more}"))
         };
         // The shape of a user JWT; its signature is NATS' business, not checked here.
         let b64 = |bytes: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes);
