@@ -91,11 +91,8 @@ pub(super) struct ClusterState {
     pub(super) interest: HashMap<String, usize>,
     /// Sessions in each shared subscription (`$share/{group}/{filter}`), likewise.
     pub(super) shared: HashMap<String, usize>,
-    /// The own topics of each tenant agent's session (see [`BrokerCore::hold_interest`]).
-    pub(super) held: HashMap<SessionKey, Box<str>>,
-    /// When each session's connection was accepted (Unix ms) and whether it started clean:
-    /// what this node claimed, to settle two claims of one client id at the same moment.
-    pub(super) claims: HashMap<SessionKey, (i64, bool)>,
+    /// What this node claimed for each session it holds a connection of.
+    pub(super) claims: HashMap<SessionKey, Claim>,
     /// This node's name: assigned client ids carry it, so that two nodes never assign the
     /// same one (which would take the other's client over).
     pub(super) node: String,
@@ -103,6 +100,18 @@ pub(super) struct ClusterState {
     /// their topic (it connects, and its wake-ups follow it here before its SUBSCRIBE):
     /// delivered when it does (see [`BrokerCore::handle_remote_publish`]).
     pub(super) parked: HashMap<SessionKey, Vec<Arc<Message>>>,
+}
+
+/// A connection this node accepted for a session (and told the other nodes of).
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Claim {
+    /// When it was accepted (Unix ms), and whether it started clean: to settle two claims of
+    /// one client id at the same moment.
+    pub(super) at_ms: i64,
+    pub(super) clean_start: bool,
+    /// The session is a tenant agent's and holds its own topics here (see
+    /// [`BrokerCore::hold_own_topics`]).
+    pub(super) holds_own: bool,
 }
 
 /// At most this many messages wait for an agent's SUBSCRIBE; older ones make room.
@@ -179,7 +188,7 @@ impl BrokerCore {
                 .iter()
                 .any(|f| filter_matches(f, &message.topic))
         });
-        if subscribed || !cluster.held.contains_key(&key) {
+        if subscribed || !cluster.claims.get(&key).is_some_and(|c| c.holds_own) {
             return;
         }
         let parked = cluster.parked.entry(key).or_default();
@@ -264,7 +273,9 @@ impl BrokerCore {
         };
         let conn = self.sessions.get(&key).and_then(|s| s.conn);
         if let (Some(conn), Some(remote_at), Some(cluster)) = (conn, claim.at_ms, &mut self.cluster)
-            && let Some(&(at_ms, clean_start)) = cluster.claims.get(&key)
+            && let Some(&Claim {
+                at_ms, clean_start, ..
+            }) = cluster.claims.get(&key)
             && (at_ms, cluster.node.as_str()) > (remote_at, claim.node)
         {
             // The other node's connected event, on its way, is answered when it arrives
@@ -290,15 +301,18 @@ impl BrokerCore {
         conn.map_or(ClaimOutcome::None, ClaimOutcome::TakenOver)
     }
 
-    /// Clustered: the session of `conn` is a tenant agent whose own topics are `filter`
-    /// (`t/{tenant}/agents/{id}/+`). Other nodes send those topics to this node's subject,
-    /// found through their directory (`beckon_cluster::directory`), so the session's own
-    /// subscriptions inside them need no NATS interest of their own.
-    pub fn hold_interest(&mut self, conn: ConnId, filter: &str) {
-        let (Some(cluster), Some(&key)) = (&mut self.cluster, self.conns.get(&conn)) else {
+    /// Clustered: the session of `conn` is a tenant agent's, whose own topics
+    /// (`t/{tenant}/agents/{id}/+`, from its client id `{tenant}/agent/{id}`) other nodes
+    /// send to this node's subject, found through their directory
+    /// (`beckon_cluster::directory`): the session's own subscriptions inside them need no
+    /// NATS interest of their own.
+    pub(super) fn hold_own_topics(&mut self, conn: ConnId) {
+        let (Some(cluster), Some(key)) = (&mut self.cluster, self.conns.get(&conn)) else {
             return;
         };
-        cluster.held.entry(key).or_insert_with(|| filter.into());
+        if let Some(claim) = cluster.claims.get_mut(key) {
+            claim.holds_own = true;
+        }
     }
 
     /// The connection holding `client_id` here, if any.
@@ -371,10 +385,9 @@ impl BrokerCore {
         let Some(receipt) = &message.receipt else {
             return;
         };
-        if cluster
-            .held
-            .get(&key)
-            .is_some_and(|own| filter_matches(own, &message.topic))
+        let holds_own = cluster.claims.get(&key).is_some_and(|c| c.holds_own);
+        if holds_own
+            && (self.sessions.get(&key)).is_some_and(|s| is_own_topic(&s.client_id, &message.topic))
         {
             cluster
                 .out
@@ -442,18 +455,34 @@ fn agent_client_id(topic: &str) -> Option<String> {
     }
 }
 
+/// Whether `topic` is one of the own topics (`t/{tenant}/agents/{id}/+`) of the tenant
+/// agent whose client id is `client_id` (`{tenant}/agent/{id}`).
+fn is_own_topic(client_id: &str, topic: &str) -> bool {
+    let Some((tenant, id)) = client_id.split_once("/agent/") else {
+        return false;
+    };
+    (topic.strip_prefix("t/"))
+        .and_then(|t| t.strip_prefix(tenant))
+        .and_then(|t| t.strip_prefix("/agents/"))
+        .and_then(|t| t.strip_prefix(id))
+        .and_then(|t| t.strip_prefix('/'))
+        .is_some_and(|level| !level.contains('/'))
+}
+
 /// A session's own subscription that began or ended: not counted when it lies inside the
 /// agent topics the session holds (an agent's own wake topic), which reach this node through
 /// its node subject, so that an agent costs NATS no subscription at all.
 pub(super) fn note_session_interest(
     cluster: &mut ClusterState,
     key: SessionKey,
+    client_id: &str,
     raw: &str,
     added: bool,
 ) {
-    let covered = cluster.held.get(&key).is_some_and(|held| {
-        !raw.contains(['+', '#']) && !raw.starts_with("$share/") && filter_matches(held, raw)
-    });
+    let covered = cluster.claims.get(&key).is_some_and(|c| c.holds_own)
+        && !raw.contains(['+', '#'])
+        && !raw.starts_with("$share/")
+        && is_own_topic(client_id, raw);
     if !covered {
         note_interest(cluster, raw, added);
     }

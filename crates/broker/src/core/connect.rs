@@ -7,7 +7,7 @@ use beckon_mqtt::{
     ConnAck, Connect, Disconnect, Packet, Properties, ProtocolVersion, QoS, ReasonCode,
 };
 
-use super::cluster::ClusterOut;
+use super::cluster::{Claim, ClusterOut};
 use super::presence::{Arrival, PresenceReason};
 use super::session::{Link, Session};
 use super::topic_tree::SessionKey;
@@ -149,7 +149,12 @@ impl BrokerCore {
         self.conns.insert(conn, key);
         if let Some(cluster) = &mut self.cluster {
             let at_ms = (self.wall_clock)();
-            cluster.claims.insert(key, (at_ms, connect.clean_start));
+            let claim = Claim {
+                at_ms,
+                clean_start: connect.clean_start,
+                holds_own: false,
+            };
+            cluster.claims.insert(key, claim);
             cluster.out.push(ClusterOut::Claim {
                 client_id: session.client_id.clone(),
                 clean_start: connect.clean_start,

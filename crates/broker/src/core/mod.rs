@@ -800,12 +800,11 @@ impl BrokerCore {
                 self.tree.remove(filter, key);
             }
             if let Some(cluster) = &mut self.cluster {
-                note_session_interest(cluster, key, raw, false);
+                note_session_interest(cluster, key, &session.client_id, raw, false);
             }
         }
         if let Some(cluster) = &mut self.cluster {
             cluster.claims.remove(&key);
-            cluster.held.remove(&key);
             cluster.parked.remove(&key);
         }
     }

@@ -13,6 +13,7 @@ use beckon_identity::{ConnectionPath, Identity, PresenceEvent, PresenceState, Ro
 use beckon_mqtt::QoS;
 use bytes::Bytes;
 
+use super::cluster::Claim;
 use super::{Action, BrokerCore, CloseReason, ClusterOut, ConnId};
 
 /// Why a tenant identity went away, as written into its disconnected event (`reason`).
@@ -39,6 +40,23 @@ pub enum PresenceReason {
 }
 
 impl PresenceReason {
+    const ALL: [Self; 9] = [
+        Self::ClientDisconnect,
+        Self::KeepaliveTimeout,
+        Self::TakenOver,
+        Self::ConnectionLost,
+        Self::ProtocolError,
+        Self::ServerShutdown,
+        Self::TenantRemoved,
+        Self::Revoked,
+        Self::NodeLost,
+    ];
+
+    /// The reason whose `reason` field value is `value`.
+    pub fn parse(value: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|r| r.as_str() == value)
+    }
+
     /// The value in the event's `reason` field (see `docs/tenants.md`).
     pub fn as_str(self) -> &'static str {
         match self {
@@ -139,8 +157,7 @@ impl BrokerCore {
     ) {
         if self.cluster.is_some() {
             if identity.role == Role::Agent {
-                let own = format!("t/{}/agents/{}/+", identity.tenant.as_str(), identity.id());
-                self.hold_interest(conn, &own);
+                self.hold_own_topics(conn);
             }
             self.release_elsewhere(now, &identity, out);
         }
@@ -281,7 +298,9 @@ impl BrokerCore {
             return;
         };
         if let (Some(&key), Some(cluster)) = (self.by_client_id.get(&client_id), &mut self.cluster)
-            && let Some(&(at_ms, clean_start)) = cluster.claims.get(&key)
+            && let Some(&Claim {
+                at_ms, clean_start, ..
+            }) = cluster.claims.get(&key)
         {
             cluster.out.push(ClusterOut::Claim {
                 client_id,
@@ -374,4 +393,18 @@ fn event_of(
     tracing::debug!(identity = %present.identity, ?state, reason = why, "presence");
     let topic = acl::presence_topic(&present.identity);
     (topic, Bytes::from(event.to_json()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_reason_is_read_back_from_its_field_value() {
+        // (A reason missing from ALL would keep its events as messages: larger, not wrong.)
+        for reason in PresenceReason::ALL {
+            assert_eq!(PresenceReason::parse(reason.as_str()), Some(reason));
+        }
+        assert_eq!(PresenceReason::parse("meteor"), None);
+    }
 }

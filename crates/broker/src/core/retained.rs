@@ -4,13 +4,23 @@
 //! presence events (one per identity, bounded by the identities a tenant issues) and
 //! messages from other cluster nodes (counted on the node their publisher is connected to)
 //! are stored beside it.
+//!
+//! Presence events are kept as their fields, not as messages: every cluster node stores one
+//! for every identity of the whole cluster, and a message (topic twice, the shared message,
+//! its JSON) costs about 470 bytes where the fields take about a third of that.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::ops::Bound;
 use std::sync::Arc;
 use std::time::Instant;
 
+use beckon_identity::{ConnectionPath, PresenceEvent, PresenceState};
+use beckon_mqtt::{Properties, QoS};
+use bytes::Bytes;
+
 use super::message::Message;
+use super::presence::PresenceReason;
 use super::topic_tree::filter_matches;
 
 /// How much one tenant may retain.
@@ -39,24 +49,76 @@ struct Usage {
     bytes: usize,
 }
 
-/// A stored message, and whether it counts against its tenant's quota.
+/// What is stored for a topic.
 #[derive(Debug)]
-struct Stored {
-    message: Arc<Message>,
-    counted: bool,
+enum Stored {
+    /// A message as published, and whether it counts against its tenant's quota.
+    Message {
+        message: Arc<Message>,
+        counted: bool,
+    },
+    /// A presence event (never counted), as its fields.
+    Presence(PresenceRecord),
 }
+
+impl Stored {
+    /// The message, when it counts against its tenant's quota.
+    fn counted(&self) -> Option<&Message> {
+        match self {
+            Self::Message {
+                message,
+                counted: true,
+            } => Some(message),
+            _ => None,
+        }
+    }
+
+    fn expires_at(&self) -> Option<Instant> {
+        match self {
+            Self::Message { message, .. } => message.expires_at,
+            Self::Presence(_) => None,
+        }
+    }
+}
+
+/// A retained presence event that its JSON can be written again from, byte for byte.
+/// 40 bytes: the address as its bytes, the node as a number.
+#[derive(Debug, Clone, Copy)]
+struct PresenceRecord {
+    at: i64,
+    /// The address (an IPv4 one mapped into IPv6, see `v4`) and port.
+    ip: [u8; 16],
+    port: u16,
+    v4: bool,
+    /// The node's number in [`RetainedStore::nodes`], or [`NO_NODE`].
+    node: u16,
+    state: PresenceState,
+    reason: Option<PresenceReason>,
+    path: ConnectionPath,
+    via_proxy: Option<bool>,
+    qos: QoS,
+}
+
+/// Node names presence records may number; a record naming another one is kept as a message.
+const MAX_NODE_NAMES: usize = 4096;
+
+/// A presence record's node number when the event names none (a single broker).
+const NO_NODE: u16 = u16::MAX;
 
 /// Retained messages by topic, in topic order. A wildcard filter scans only the topics that
 /// start with its literal part (`t/acme/agents/+/presence` scans `t/acme/agents...`), so a
 /// tenant's subscriptions never walk the other tenants' messages.
 #[derive(Debug)]
 pub(crate) struct RetainedStore {
-    messages: BTreeMap<String, Stored>,
+    messages: BTreeMap<Box<str>, Stored>,
     /// Expiry deadlines of the stored messages that have one.
     expiries: BTreeSet<(Instant, String)>,
     quota: RetainedQuota,
     /// Usage by tenant namespace (see [`RetainedStore::namespace`]).
     usage: HashMap<Box<str>, Usage>,
+    /// The node names presence records refer to, by number.
+    nodes: Vec<Arc<str>>,
+    node_numbers: HashMap<Arc<str>, u16>,
 }
 
 /// What a retained message counts against the bytes quota.
@@ -71,6 +133,8 @@ impl RetainedStore {
             expiries: BTreeSet::new(),
             quota,
             usage: HashMap::new(),
+            nodes: Vec::new(),
+            node_numbers: HashMap::new(),
         }
     }
 
@@ -97,9 +161,12 @@ impl RetainedStore {
             .get(self.namespace(&message.topic))
             .copied()
             .unwrap_or_default();
-        let previous = self.messages.get(&message.topic).filter(|p| p.counted);
+        let previous = self
+            .messages
+            .get(message.topic.as_str())
+            .and_then(Stored::counted);
         let messages = used.messages + usize::from(previous.is_none());
-        let bytes = used.bytes - previous.map_or(0, |p| size(&p.message)) + size(message);
+        let bytes = used.bytes - previous.map_or(0, size) + size(message);
         if messages > self.quota.messages {
             Err(OverQuota::Messages)
         } else if bytes > self.quota.bytes {
@@ -139,7 +206,7 @@ impl RetainedStore {
             self.admits(message)?;
         }
         let previous = if message.payload.is_empty() {
-            self.messages.remove(&message.topic)
+            self.messages.remove(message.topic.as_str())
         } else {
             if let Some(at) = message.expires_at {
                 self.expiries.insert((at, message.topic.clone()));
@@ -147,19 +214,22 @@ impl RetainedStore {
             if counted {
                 self.account(message, true);
             }
-            let stored = Stored {
-                message: Arc::clone(message),
-                counted,
+            let stored = match self.presence_record(message).filter(|_| !counted) {
+                Some(record) => Stored::Presence(record),
+                None => Stored::Message {
+                    message: Arc::clone(message),
+                    counted,
+                },
             };
-            self.messages.insert(message.topic.clone(), stored)
+            self.messages.insert(message.topic.as_str().into(), stored)
         };
         let Some(previous) = previous else {
             return Ok(());
         };
-        if previous.counted {
-            self.account(&previous.message, false);
+        if let Some(counted) = previous.counted() {
+            self.account(counted, false);
         }
-        if let Some(at) = previous.message.expires_at {
+        if let Some(at) = previous.expires_at() {
             // The same deadline may have been inserted just now for the new message.
             if message.payload.is_empty() || message.expires_at != Some(at) {
                 self.expiries.remove(&(at, message.topic.clone()));
@@ -173,14 +243,106 @@ impl RetainedStore {
         self.messages.contains_key(topic)
     }
 
+    /// `message` as a presence record, when it is a presence event (the broker's own, or
+    /// another node's) whose JSON the record writes again byte for byte; anything else, or
+    /// anything unusual in it, is kept as the message it is.
+    fn presence_record(&mut self, message: &Message) -> Option<PresenceRecord> {
+        if !message.topic.ends_with("/presence")
+            || !message.retain
+            || message.expires_at.is_some()
+            || message.receipt.is_some()
+            || !message.properties.is_empty()
+        {
+            return None;
+        }
+        let event = PresenceEvent::from_json(&message.payload).ok()?;
+        let reason = match event.reason.as_deref() {
+            Some(reason) => Some(PresenceReason::parse(reason)?),
+            None => None,
+        };
+        let node = match event.node.as_deref() {
+            Some(node) => self.node_number(node)?,
+            None => NO_NODE,
+        };
+        let remote: SocketAddr = event.remote_addr.parse().ok()?;
+        let ip = match remote.ip() {
+            IpAddr::V4(ip) => ip.to_ipv6_mapped(),
+            IpAddr::V6(ip) => ip,
+        };
+        let record = PresenceRecord {
+            at: event.at,
+            ip: ip.octets(),
+            port: remote.port(),
+            v4: remote.is_ipv4(),
+            node,
+            state: event.state,
+            reason,
+            path: event.path,
+            via_proxy: event.via_proxy,
+            qos: message.qos,
+        };
+        (self.presence_json(&record) == message.payload).then_some(record)
+    }
+
+    /// The number of node name `node`, given one if new (while there is room).
+    fn node_number(&mut self, node: &str) -> Option<u16> {
+        if let Some(&number) = self.node_numbers.get(node) {
+            return Some(number);
+        }
+        if self.nodes.len() >= MAX_NODE_NAMES {
+            // (Also keeps every number below NO_NODE.)
+            return None;
+        }
+        let number = u16::try_from(self.nodes.len()).ok()?;
+        let node: Arc<str> = Arc::from(node);
+        self.nodes.push(Arc::clone(&node));
+        self.node_numbers.insert(node, number);
+        Some(number)
+    }
+
+    /// The JSON payload of `record`'s event.
+    fn presence_json(&self, record: &PresenceRecord) -> Vec<u8> {
+        let ip = Ipv6Addr::from(record.ip);
+        let ip = match ip.to_ipv4_mapped() {
+            Some(v4) if record.v4 => IpAddr::V4(v4),
+            _ => IpAddr::V6(ip),
+        };
+        PresenceEvent {
+            state: record.state,
+            at: record.at,
+            reason: record.reason.map(|r| r.as_str().to_owned()),
+            remote_addr: SocketAddr::new(ip, record.port).to_string(),
+            path: record.path,
+            via_proxy: record.via_proxy,
+            node: (self.nodes.get(usize::from(record.node))).map(|n| n.to_string()),
+        }
+        .to_json()
+    }
+
+    /// The message stored on `topic`.
+    fn message(&self, topic: &str, stored: &Stored) -> Arc<Message> {
+        match stored {
+            Stored::Message { message, .. } => Arc::clone(message),
+            Stored::Presence(record) => Arc::new(Message {
+                topic: topic.to_owned(),
+                payload: Bytes::from(self.presence_json(record)),
+                qos: record.qos,
+                retain: true,
+                properties: Properties::default(),
+                expires_at: None,
+                receipt: None,
+            }),
+        }
+    }
+
     /// The unexpired retained messages whose topic matches the (non-shared) `filter`.
     pub fn matching(&self, filter: &str, now: Instant) -> Vec<Arc<Message>> {
         if !filter.contains(['+', '#']) {
             return self
                 .messages
-                .get(filter)
-                .filter(|s| !s.message.is_expired(now))
-                .map(|s| Arc::clone(&s.message))
+                .get_key_value(filter)
+                .map(|(topic, stored)| self.message(topic, stored))
+                .filter(|m| !m.is_expired(now))
                 .into_iter()
                 .collect();
         }
@@ -190,8 +352,10 @@ impl RetainedStore {
         self.messages
             .range::<str, _>((Bound::Included(prefix), Bound::Unbounded))
             .take_while(|(topic, _)| topic.starts_with(prefix))
-            .filter(|(topic, s)| filter_matches(filter, topic) && !s.message.is_expired(now))
-            .map(|(_, s)| Arc::clone(&s.message))
+            .filter(|(topic, s)| {
+                filter_matches(filter, topic) && s.expires_at().is_none_or(|at| at > now)
+            })
+            .map(|(topic, stored)| self.message(topic, stored))
             .collect()
     }
 
@@ -207,12 +371,13 @@ impl RetainedStore {
             };
             if self
                 .messages
-                .get(&topic)
-                .is_some_and(|s| s.message.is_expired(now))
-                && let Some(gone) = self.messages.remove(&topic)
+                .get(topic.as_str())
+                .and_then(Stored::expires_at)
+                .is_some_and(|at| at <= now)
+                && let Some(gone) = self.messages.remove(topic.as_str())
             {
-                if gone.counted {
-                    self.account(&gone.message, false);
+                if let Some(counted) = gone.counted() {
+                    self.account(counted, false);
                 }
                 purged += 1;
             }
@@ -223,5 +388,169 @@ impl RetainedStore {
     /// When the next retained message expires.
     pub fn next_expiry(&self) -> Option<Instant> {
         self.expiries.first().map(|(at, _)| *at)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use beckon_mqtt::PropertySet;
+
+    fn store() -> RetainedStore {
+        RetainedStore::new(RetainedQuota {
+            messages: 100,
+            bytes: 1 << 20,
+            per_tenant: true,
+        })
+    }
+
+    fn message(topic: &str, payload: &[u8]) -> Arc<Message> {
+        message_with(topic, payload, |_| {})
+    }
+
+    fn message_with(
+        topic: &str,
+        payload: &[u8],
+        change: impl FnOnce(&mut Message),
+    ) -> Arc<Message> {
+        let payload = Bytes::copy_from_slice(payload);
+        let mut retained = Message::new(
+            Instant::now(),
+            topic.into(),
+            payload,
+            QoS::AtLeastOnce,
+            true,
+            Properties::default(),
+        );
+        change(&mut retained);
+        Arc::new(retained)
+    }
+
+    fn event(reason: Option<&str>, remote: &str, node: Option<&str>) -> Vec<u8> {
+        PresenceEvent {
+            state: PresenceState::Disconnected,
+            at: 1_765_000_000_123,
+            reason: reason.map(str::to_owned),
+            remote_addr: remote.into(),
+            path: ConnectionPath::SharedWebSocket,
+            via_proxy: Some(true),
+            node: node.map(str::to_owned),
+        }
+        .to_json()
+    }
+
+    fn kept_as_record(store: &RetainedStore, topic: &str) -> bool {
+        matches!(store.messages.get(topic), Some(Stored::Presence(_)))
+    }
+
+    #[test]
+    fn presence_events_come_back_byte_for_byte_from_their_records() {
+        let mut store = store();
+        let events = [
+            (
+                "t/acme/agents/pc-1/presence",
+                event(None, "127.0.0.1:5000", Some("n1")),
+            ),
+            (
+                "t/acme/agents/pc-2/presence",
+                event(Some("taken_over"), "[2001:db8::7]:443", Some("n2")),
+            ),
+            (
+                "t/acme/servers/s1/presence",
+                event(Some("node_lost"), "[::ffff:10.0.0.1]:9", None),
+            ),
+            (
+                "t/acme/agents/pc-3/presence",
+                event(Some("revoked"), "10.1.2.3:65535", Some("n1")),
+            ),
+        ];
+        for (topic, payload) in &events {
+            store.store(&message(topic, payload), false).unwrap();
+            assert!(kept_as_record(&store, topic), "{topic}");
+        }
+        let now = Instant::now();
+        let back = store.matching("t/acme/+/+/presence", now);
+        assert_eq!(back.len(), events.len());
+        for (topic, payload) in &events {
+            let m = back.iter().find(|m| m.topic == *topic).unwrap();
+            assert_eq!(&m.payload[..], &payload[..], "{topic}");
+            assert_eq!(
+                (m.qos, m.retain, m.expires_at),
+                (QoS::AtLeastOnce, true, None)
+            );
+            assert!(m.properties.is_empty());
+        }
+        // One topic alone, and an agent's own topics.
+        let one = store.matching("t/acme/agents/pc-2/presence", now);
+        assert_eq!(one[0].payload, Bytes::from(events[1].1.clone()));
+        assert_eq!(store.matching("t/acme/agents/pc-3/+", now).len(), 1);
+        // Replaced by the next event, deleted by an empty payload.
+        let next = event(None, "127.0.0.1:5001", Some("n3"));
+        store.store(&message(events[0].0, &next), false).unwrap();
+        assert_eq!(
+            store.matching(events[0].0, now)[0].payload,
+            Bytes::from(next)
+        );
+        store.store(&message(events[0].0, b""), false).unwrap();
+        assert!(store.matching(events[0].0, now).is_empty());
+        assert_eq!(store.len(), 3);
+    }
+
+    #[test]
+    fn anything_unusual_is_kept_as_the_message_it_is() {
+        let mut store = store();
+        let plain = event(None, "127.0.0.1:1", Some("n1"));
+        let mut reordered = serde_json::from_slice::<serde_json::Value>(&plain).unwrap();
+        reordered["extra"] = serde_json::Value::Bool(true);
+        let cases: Vec<(&str, Vec<u8>)> = vec![
+            // Not byte for byte what the broker writes: spaces, another field, another reason.
+            (
+                "t/a/agents/1/presence",
+                String::from_utf8(plain.clone())
+                    .unwrap()
+                    .replace(',', ", ")
+                    .into_bytes(),
+            ),
+            (
+                "t/a/agents/2/presence",
+                serde_json::to_vec(&reordered).unwrap(),
+            ),
+            (
+                "t/a/agents/3/presence",
+                event(Some("meteor"), "127.0.0.1:1", None),
+            ),
+            ("t/a/agents/4/presence", event(None, "[fe80::1%2]:80", None)),
+            ("t/a/agents/5/presence", b"not json".to_vec()),
+        ];
+        for (topic, payload) in &cases {
+            store.store(&message(topic, payload), false).unwrap();
+            assert!(!kept_as_record(&store, topic), "{topic}");
+        }
+        // A client's own message (counted), one with properties, one that expires.
+        store
+            .store(&message("t/a/agents/6/presence", &plain), true)
+            .unwrap();
+        let with_props = message_with("t/a/agents/7/presence", &plain, |m| {
+            m.properties = Properties::from(PropertySet {
+                content_type: Some("application/json".into()),
+                ..PropertySet::default()
+            });
+        });
+        store.store(&with_props, false).unwrap();
+        let expiring = message_with("t/a/agents/8/presence", &plain, |m| {
+            m.expires_at = Some(Instant::now() + std::time::Duration::from_secs(60));
+        });
+        store.store(&expiring, false).unwrap();
+        for n in 6..=8 {
+            assert!(!kept_as_record(&store, &format!("t/a/agents/{n}/presence")));
+        }
+        let now = Instant::now();
+        for (topic, payload) in &cases {
+            assert_eq!(&store.matching(topic, now)[0].payload[..], &payload[..]);
+        }
+        let props = &store.matching("t/a/agents/7/presence", now)[0].properties;
+        assert!(!props.is_empty());
+        // The counted one still counts against the tenant's quota.
+        assert_eq!(store.usage.get("t/a/").map(|u| u.messages), Some(1));
     }
 }

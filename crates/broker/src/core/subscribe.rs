@@ -77,7 +77,7 @@ impl BrokerCore {
             if !existed {
                 session.subscriptions.push(sub.filter.as_str().into());
                 if let Some(cluster) = &mut self.cluster {
-                    note_session_interest(cluster, key, &sub.filter, true);
+                    note_session_interest(cluster, key, &session.client_id, &sub.filter, true);
                 }
             }
             codes.push(ReasonCode(qos as u8));
@@ -149,7 +149,7 @@ impl BrokerCore {
                     session.subscriptions.swap_remove(index);
                 }
                 if let Some(cluster) = &mut self.cluster {
-                    note_session_interest(cluster, key, raw, false);
+                    note_session_interest(cluster, key, &session.client_id, raw, false);
                 }
             }
             if v5 {

@@ -1758,7 +1758,7 @@ fn the_agent_acknowledging_a_message_from_another_node_sends_its_receipt() {
         "t/acme/agents/a1/wake",
         QoS::AtLeastOnce,
     );
-    h.core.hold_interest(a, "t/acme/agents/a1/+");
+    h.core.hold_own_topics(a);
     // A console on this node watching every agent's wake-ups gets it too.
     let w = h.subscriber(
         v5("acme/server/c"),
@@ -1800,7 +1800,7 @@ fn the_agent_acknowledging_a_message_from_another_node_sends_its_receipt() {
 fn a_message_that_follows_an_agent_here_waits_for_its_subscribe() {
     let mut h = clustered();
     let (a, _, _) = h.connect_ok(v5("acme/agent/a1"));
-    h.core.hold_interest(a, "t/acme/agents/a1/+");
+    h.core.hold_own_topics(a);
     h.core.take_cluster_out();
     let receipt = beckon_cluster::Receipt {
         origin: "n0".into(),
@@ -1927,7 +1927,7 @@ fn an_agents_own_topics_cost_no_nats_interest() {
     let mut h = clustered();
     let (a, _, _) = h.connect_ok(v5("acme/agent/a1"));
     h.core.take_cluster_out();
-    h.core.hold_interest(a, "t/acme/agents/a1/+");
+    h.core.hold_own_topics(a);
     // Its own topics reach this node through the node's subject: its exact subscriptions
     // inside them add no NATS interest; a wildcard one, or one outside, does.
     h.subscribe(a, "t/acme/agents/a1/wake", QoS::AtLeastOnce);
