@@ -324,12 +324,13 @@ impl BrokerCore {
     pub fn handle_node_lost(&mut self, now: Instant, lost: &str, out: &mut Vec<Action>) -> usize {
         let mut released = 0;
         for filter in ["t/+/agents/+/presence", "t/+/servers/+/presence"] {
-            for (topic, payload) in self.retained_matching(filter, now) {
+            for message in self.retained.connected_on_node(filter, lost, now) {
                 let Some(event) =
-                    connected_event(&payload).filter(|e| e.node.as_deref() == Some(lost))
+                    connected_event(&message.payload).filter(|e| e.node.as_deref() == Some(lost))
                 else {
                     continue;
                 };
+                let topic = message.topic.clone();
                 let payload = self.ended(event, PresenceReason::NodeLost);
                 // To this node's subscribers and retained store only: not handed to the
                 // cluster.

@@ -79,6 +79,13 @@ impl Stored {
             Self::Presence(_) => None,
         }
     }
+
+    fn is_expired(&self, now: Instant) -> bool {
+        match self {
+            Self::Message { message, .. } => message.is_expired(now),
+            Self::Presence(_) => false,
+        }
+    }
 }
 
 /// A retained presence event that its JSON can be written again from, byte for byte.
@@ -337,26 +344,49 @@ impl RetainedStore {
 
     /// The unexpired retained messages whose topic matches the (non-shared) `filter`.
     pub fn matching(&self, filter: &str, now: Instant) -> Vec<Arc<Message>> {
-        if !filter.contains(['+', '#']) {
-            return self
-                .messages
-                .get_key_value(filter)
-                .map(|(topic, stored)| self.message(topic, stored))
-                .filter(|m| !m.is_expired(now))
-                .into_iter()
-                .collect();
-        }
-        // Up to the level before the first wildcard: `a/#` also matches `a` itself.
-        let wildcard = filter.find(['+', '#']).unwrap_or(filter.len());
-        let prefix = filter[..wildcard].rfind('/').map_or("", |i| &filter[..i]);
-        self.messages
-            .range::<str, _>((Bound::Included(prefix), Bound::Unbounded))
-            .take_while(|(topic, _)| topic.starts_with(prefix))
-            .filter(|(topic, s)| {
-                filter_matches(filter, topic) && s.expires_at().is_none_or(|at| at > now)
+        (self.entries(filter, now))
+            .map(|(topic, stored)| self.message(topic, stored))
+            .collect()
+    }
+
+    /// Those of [`RetainedStore::matching`] that may be connected presence events naming
+    /// `node`: presence records only when they do (nothing written out for the others), any
+    /// other message as it is, for the caller to read.
+    pub fn connected_on_node(&self, filter: &str, node: &str, now: Instant) -> Vec<Arc<Message>> {
+        let number = self.node_numbers.get(node).copied();
+        (self.entries(filter, now))
+            .filter(|(_, stored)| match stored {
+                Stored::Presence(record) => {
+                    record.state == PresenceState::Connected && Some(record.node) == number
+                }
+                Stored::Message { .. } => true,
             })
             .map(|(topic, stored)| self.message(topic, stored))
             .collect()
+    }
+
+    /// The unexpired entries whose topic matches the (non-shared) `filter`.
+    fn entries<'a>(
+        &'a self,
+        filter: &'a str,
+        now: Instant,
+    ) -> impl Iterator<Item = (&'a str, &'a Stored)> + 'a {
+        let (prefix, exact) = if filter.contains(['+', '#']) {
+            // Up to the level before the first wildcard: `a/#` also matches `a` itself.
+            let wildcard = filter.find(['+', '#']).unwrap_or(filter.len());
+            (
+                filter[..wildcard].rfind('/').map_or("", |i| &filter[..i]),
+                false,
+            )
+        } else {
+            (filter, true)
+        };
+        self.messages
+            .range::<str, _>((Bound::Included(prefix), Bound::Unbounded))
+            .take_while(move |(topic, _)| topic.starts_with(prefix))
+            .take_while(move |(topic, _)| !exact || &***topic == filter)
+            .filter(move |(topic, stored)| filter_matches(filter, topic) && !stored.is_expired(now))
+            .map(|(topic, stored)| (&**topic, stored))
     }
 
     /// Deletes the retained messages that expired by `now`; returns how many.
@@ -372,8 +402,7 @@ impl RetainedStore {
             if self
                 .messages
                 .get(topic.as_str())
-                .and_then(Stored::expires_at)
-                .is_some_and(|at| at <= now)
+                .is_some_and(|stored| stored.is_expired(now))
                 && let Some(gone) = self.messages.remove(topic.as_str())
             {
                 if let Some(counted) = gone.counted() {
@@ -552,5 +581,44 @@ mod tests {
         assert!(!props.is_empty());
         // The counted one still counts against the tenant's quota.
         assert_eq!(store.usage.get("t/a/").map(|u| u.messages), Some(1));
+    }
+
+    #[test]
+    fn a_lost_nodes_connected_events_are_found_without_writing_out_the_others() {
+        let mut store = store();
+        let connected = |node: &str| {
+            let mut event = PresenceEvent::from_json(&event(None, "127.0.0.1:1", None)).unwrap();
+            event.state = PresenceState::Connected;
+            event.node = Some(node.into());
+            event.to_json()
+        };
+        store
+            .store(&message("t/a/agents/1/presence", &connected("n1")), false)
+            .unwrap();
+        store
+            .store(&message("t/a/agents/2/presence", &connected("n2")), false)
+            .unwrap();
+        let gone = event(Some("client_disconnect"), "127.0.0.1:1", Some("n1"));
+        store
+            .store(&message("t/a/agents/3/presence", &gone), false)
+            .unwrap();
+        // Not a record: handed over for the caller to read.
+        store
+            .store(&message("t/a/agents/4/presence", b"{}"), false)
+            .unwrap();
+        let now = Instant::now();
+        let topics = |node| {
+            let found = store.connected_on_node("t/+/agents/+/presence", node, now);
+            found.iter().map(|m| m.topic.clone()).collect::<Vec<_>>()
+        };
+        assert_eq!(
+            topics("n1"),
+            ["t/a/agents/1/presence", "t/a/agents/4/presence"]
+        );
+        assert_eq!(
+            topics("n2"),
+            ["t/a/agents/2/presence", "t/a/agents/4/presence"]
+        );
+        assert_eq!(topics("n9"), ["t/a/agents/4/presence"]);
     }
 }
