@@ -366,15 +366,6 @@ impl BrokerCore {
         self.retained.store(&Arc::new(message), false).is_ok()
     }
 
-    /// Retained messages matching `filter`: (topic, payload).
-    pub fn retained_matching(&self, filter: &str, now: Instant) -> Vec<(String, Bytes)> {
-        self.retained
-            .matching(filter, now)
-            .into_iter()
-            .map(|m| (m.topic.clone(), m.payload.clone()))
-            .collect()
-    }
-
     /// The session `key` acknowledged `message` (PUBACK, or PUBCOMP): when the message asked
     /// for a receipt and the session is the agent whose topic it is (not, say, a console's
     /// wildcard subscription on the same node), the origin node hears of it.

@@ -402,7 +402,20 @@ mod tests {
 
     #[test]
     fn every_reason_is_read_back_from_its_field_value() {
-        // (A reason missing from ALL would keep its events as messages: larger, not wrong.)
+        // A reason missing from ALL would keep its events as messages (larger, not wrong);
+        // a new one fails to compile here until it has its place.
+        let listed = |reason| match reason {
+            PresenceReason::ClientDisconnect
+            | PresenceReason::KeepaliveTimeout
+            | PresenceReason::TakenOver
+            | PresenceReason::ConnectionLost
+            | PresenceReason::ProtocolError
+            | PresenceReason::ServerShutdown
+            | PresenceReason::TenantRemoved
+            | PresenceReason::Revoked
+            | PresenceReason::NodeLost => PresenceReason::ALL.contains(&reason),
+        };
+        assert!(listed(PresenceReason::ClientDisconnect));
         for reason in PresenceReason::ALL {
             assert_eq!(PresenceReason::parse(reason.as_str()), Some(reason));
         }

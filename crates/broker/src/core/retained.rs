@@ -221,7 +221,12 @@ impl RetainedStore {
             if counted {
                 self.account(message, true);
             }
-            let stored = match self.presence_record(message).filter(|_| !counted) {
+            let record = if counted {
+                None
+            } else {
+                self.presence_record(message)
+            };
+            let stored = match record {
                 Some(record) => Stored::Presence(record),
                 None => Stored::Message {
                     message: Arc::clone(message),
@@ -254,7 +259,7 @@ impl RetainedStore {
     /// another node's) whose JSON the record writes again byte for byte; anything else, or
     /// anything unusual in it, is kept as the message it is.
     fn presence_record(&mut self, message: &Message) -> Option<PresenceRecord> {
-        if !message.topic.ends_with("/presence")
+        if !is_presence_topic(&message.topic)
             || !message.retain
             || message.expires_at.is_some()
             || message.receipt.is_some()
@@ -267,28 +272,32 @@ impl RetainedStore {
             Some(reason) => Some(PresenceReason::parse(reason)?),
             None => None,
         };
-        let node = match event.node.as_deref() {
-            Some(node) => self.node_number(node)?,
-            None => NO_NODE,
-        };
         let remote: SocketAddr = event.remote_addr.parse().ok()?;
         let ip = match remote.ip() {
             IpAddr::V4(ip) => ip.to_ipv6_mapped(),
             IpAddr::V6(ip) => ip,
         };
-        let record = PresenceRecord {
+        let mut record = PresenceRecord {
             at: event.at,
             ip: ip.octets(),
             port: remote.port(),
             v4: remote.is_ipv4(),
-            node,
+            node: NO_NODE,
             state: event.state,
             reason,
             path: event.path,
             via_proxy: event.via_proxy,
             qos: message.qos,
         };
-        (self.presence_json(&record) == message.payload).then_some(record)
+        // Compared with the event's own node name; the name is numbered only when it
+        // matches, so that what is kept as a message takes no room among the names.
+        if event_json(&record, event.node.as_deref()) != message.payload {
+            return None;
+        }
+        if let Some(node) = event.node.as_deref() {
+            record.node = self.node_number(node)?;
+        }
+        Some(record)
     }
 
     /// The number of node name `node`, given one if new (while there is room).
@@ -296,8 +305,11 @@ impl RetainedStore {
         if let Some(&number) = self.node_numbers.get(node) {
             return Some(number);
         }
-        if self.nodes.len() >= MAX_NODE_NAMES {
-            // (Also keeps every number below NO_NODE.)
+        // A name a broker would not take (see the `[cluster]` config), or no room left (which
+        // also keeps every number below NO_NODE).
+        let valid = node.len() <= 200
+            && (node.bytes()).all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+        if !valid || self.nodes.len() >= MAX_NODE_NAMES {
             return None;
         }
         let number = u16::try_from(self.nodes.len()).ok()?;
@@ -309,24 +321,14 @@ impl RetainedStore {
 
     /// The JSON payload of `record`'s event.
     fn presence_json(&self, record: &PresenceRecord) -> Vec<u8> {
-        let ip = Ipv6Addr::from(record.ip);
-        let ip = match ip.to_ipv4_mapped() {
-            Some(v4) if record.v4 => IpAddr::V4(v4),
-            _ => IpAddr::V6(ip),
-        };
-        PresenceEvent {
-            state: record.state,
-            at: record.at,
-            reason: record.reason.map(|r| r.as_str().to_owned()),
-            remote_addr: SocketAddr::new(ip, record.port).to_string(),
-            path: record.path,
-            via_proxy: record.via_proxy,
-            node: (self.nodes.get(usize::from(record.node))).map(|n| n.to_string()),
-        }
-        .to_json()
+        let node = self.nodes.get(usize::from(record.node));
+        event_json(record, node.map(|n| &**n))
     }
 
-    /// The message stored on `topic`.
+    /// The message stored on `topic`. A presence record's is written out anew on each read
+    /// (a JSON encode, and a message of its own for every reader where a stored one was
+    /// shared): reads are a server subscribing to presence, a node joining, a connect
+    /// across nodes; the records are kept for every identity of the cluster.
     fn message(&self, topic: &str, stored: &Stored) -> Arc<Message> {
         match stored {
             Stored::Message { message, .. } => Arc::clone(message),
@@ -418,6 +420,36 @@ impl RetainedStore {
     pub fn next_expiry(&self) -> Option<Instant> {
         self.expiries.first().map(|(at, _)| *at)
     }
+}
+
+/// Whether `topic` is a presence topic: `t/{tenant}/agents/{id}/presence` or
+/// `t/{tenant}/servers/{id}/presence`.
+fn is_presence_topic(topic: &str) -> bool {
+    let mut levels = topic.split('/');
+    matches!(
+        (levels.next(), levels.next(), levels.next(), levels.next(), levels.next(), levels.next()),
+        (Some("t"), Some(tenant), Some("agents" | "servers"), Some(id), Some("presence"), None)
+            if !tenant.is_empty() && !id.is_empty()
+    )
+}
+
+/// The JSON payload of `record`'s event, naming `node`.
+fn event_json(record: &PresenceRecord, node: Option<&str>) -> Vec<u8> {
+    let ip = Ipv6Addr::from(record.ip);
+    let ip = match ip.to_ipv4_mapped() {
+        Some(v4) if record.v4 => IpAddr::V4(v4),
+        _ => IpAddr::V6(ip),
+    };
+    PresenceEvent {
+        state: record.state,
+        at: record.at,
+        reason: record.reason.map(|r| r.as_str().to_owned()),
+        remote_addr: SocketAddr::new(ip, record.port).to_string(),
+        path: record.path,
+        via_proxy: record.via_proxy,
+        node: node.map(str::to_owned),
+    }
+    .to_json()
 }
 
 #[cfg(test)]
@@ -550,6 +582,17 @@ mod tests {
             ),
             ("t/a/agents/4/presence", event(None, "[fe80::1%2]:80", None)),
             ("t/a/agents/5/presence", b"not json".to_vec()),
+            // Not a presence topic; a node name no broker takes.
+            ("t/a/devices/9/presence", plain.clone()),
+            ("anon/x/presence", plain.clone()),
+            (
+                "t/a/agents/10/presence",
+                event(None, "127.0.0.1:1", Some("n 1")),
+            ),
+            (
+                "t/a/agents/11/presence",
+                event(None, "127.0.0.1:1", Some(&"n".repeat(201))),
+            ),
         ];
         for (topic, payload) in &cases {
             store.store(&message(topic, payload), false).unwrap();
@@ -581,6 +624,8 @@ mod tests {
         assert!(!props.is_empty());
         // The counted one still counts against the tenant's quota.
         assert_eq!(store.usage.get("t/a/").map(|u| u.messages), Some(1));
+        // Nothing kept as a message took a place among the node names.
+        assert!(store.nodes.is_empty(), "{:?}", store.nodes);
     }
 
     #[test]

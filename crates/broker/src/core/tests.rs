@@ -1957,6 +1957,31 @@ fn an_agents_own_topics_cost_no_nats_interest() {
 }
 
 #[test]
+fn a_connected_tenant_agent_holds_its_own_topics_on_every_connection() {
+    let mut h = clustered();
+    for port in [50001, 50002] {
+        // Connected as the identity (the network layer's path), then a new connection of
+        // the same agent: each holds the agent's own topics without NATS interest.
+        let (a, _) = connect_identity(&mut h, agent("a1"), port, "8883", &mut Vec::new());
+        h.core.take_cluster_out();
+        h.subscribe(a, "t/acme/agents/a1/wake", QoS::AtLeastOnce);
+        h.subscribe(a, "t/acme/agents/a2/wake", QoS::AtLeastOnce);
+        let out = h.core.take_cluster_out();
+        assert!(
+            matches!(out.as_slice(), [ClusterOut::Interest { filter, added: true }] if filter == "t/acme/agents/a2/wake"),
+            "{out:?}"
+        );
+        h.close(a);
+        let out = h.core.take_cluster_out();
+        assert!(
+            !out.iter()
+                .any(|o| matches!(o, ClusterOut::Interest { filter, .. } if filter.contains("a1"))),
+            "{out:?}"
+        );
+    }
+}
+
+#[test]
 fn assigned_client_ids_name_the_node() {
     let mut h = clustered();
     let (_, ack, _) = h.connect_ok(v5(""));
