@@ -1922,6 +1922,15 @@ fn retained_messages_from_other_nodes_are_kept_here() {
     assert_eq!(payloads(&out, s), ["{\"state\":\"connected\"}"]);
 }
 
+/// The cluster output is one change of NATS interest: `filter` added or removed.
+#[track_caller]
+fn assert_one_interest(out: Vec<ClusterOut>, filter: &str, added: bool) {
+    assert!(
+        matches!(out.as_slice(), [ClusterOut::Interest { filter: f, added: a }] if f == filter && *a == added),
+        "{out:?}"
+    );
+}
+
 #[test]
 fn an_agents_own_topics_cost_no_nats_interest() {
     let mut h = clustered();
@@ -1934,26 +1943,14 @@ fn an_agents_own_topics_cost_no_nats_interest() {
     h.subscribe(a, "t/acme/agents/a1/relay", QoS::AtLeastOnce);
     assert_eq!(h.core.take_cluster_out(), []);
     h.subscribe(a, "t/acme/agents/a1/+", QoS::AtLeastOnce);
-    let out = h.core.take_cluster_out();
-    assert!(
-        matches!(out.as_slice(), [ClusterOut::Interest { filter, added: true }] if filter == "t/acme/agents/a1/+"),
-        "{out:?}"
-    );
+    assert_one_interest(h.core.take_cluster_out(), "t/acme/agents/a1/+", true);
     h.close(a);
-    let out = h.core.take_cluster_out();
-    assert!(
-        matches!(out.as_slice(), [ClusterOut::Interest { filter, added: false }] if filter == "t/acme/agents/a1/+"),
-        "{out:?}"
-    );
+    assert_one_interest(h.core.take_cluster_out(), "t/acme/agents/a1/+", false);
     // A session of another client subscribing to those exact topics needs interest.
     let (b, _, _) = h.connect_ok(v5("acme/server/s1"));
     h.core.take_cluster_out();
     h.subscribe(b, "t/acme/agents/a1/wake", QoS::AtLeastOnce);
-    let out = h.core.take_cluster_out();
-    assert!(
-        matches!(out.as_slice(), [ClusterOut::Interest { filter, added: true }] if filter == "t/acme/agents/a1/wake"),
-        "{out:?}"
-    );
+    assert_one_interest(h.core.take_cluster_out(), "t/acme/agents/a1/wake", true);
 }
 
 #[test]
@@ -1966,11 +1963,7 @@ fn a_connected_tenant_agent_holds_its_own_topics_on_every_connection() {
         h.core.take_cluster_out();
         h.subscribe(a, "t/acme/agents/a1/wake", QoS::AtLeastOnce);
         h.subscribe(a, "t/acme/agents/a2/wake", QoS::AtLeastOnce);
-        let out = h.core.take_cluster_out();
-        assert!(
-            matches!(out.as_slice(), [ClusterOut::Interest { filter, added: true }] if filter == "t/acme/agents/a2/wake"),
-            "{out:?}"
-        );
+        assert_one_interest(h.core.take_cluster_out(), "t/acme/agents/a2/wake", true);
         h.close(a);
         let out = h.core.take_cluster_out();
         assert!(
