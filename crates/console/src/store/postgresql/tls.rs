@@ -28,11 +28,11 @@ where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     type Stream = Stream<S>;
-    type TlsConnect = Connect;
+    type TlsConnect = Handshake;
     type Error = io::Error;
 
-    fn make_tls_connect(&mut self, host: &str) -> io::Result<Connect> {
-        Ok(Connect {
+    fn make_tls_connect(&mut self, host: &str) -> io::Result<Handshake> {
+        Ok(Handshake {
             tls: self.clone(),
             host: host.to_owned(),
         })
@@ -40,12 +40,12 @@ where
 }
 
 /// One connection's handshake.
-pub(super) struct Connect {
+pub(super) struct Handshake {
     tls: Verified,
     host: String,
 }
 
-impl<S> TlsConnect<S> for Connect
+impl<S> TlsConnect<S> for Handshake
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -55,7 +55,7 @@ where
 
     fn connect(self, stream: S) -> Self::Future {
         Box::pin(async move {
-            let Connect { tls, host } = self;
+            let Handshake { tls, host } = self;
             tls.client
                 .connect(stream, &host, &[], tls.timeout)
                 .await
