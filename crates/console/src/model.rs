@@ -404,6 +404,17 @@ pub struct ApiToken {
     pub created_by: Option<String>,
 }
 
+/// An online agent that may relay Wake-on-LAN to its subnets.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RelayCandidate {
+    /// Its identity id.
+    pub id: String,
+    /// Its addresses as it reported them last.
+    pub addresses: Vec<AgentAddress>,
+    /// When it came online.
+    pub presence_at: Option<Millis>,
+}
+
 /// One Wake-on-LAN packet burst sent.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct WolSend {

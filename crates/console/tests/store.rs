@@ -540,6 +540,44 @@ fn a_process_killed_mid_write_loses_nothing_it_committed() {
     assert_eq!(check, "ok");
 }
 
+/// The agents a Wake-on-LAN relay is chosen from: every online agent that is not removed,
+/// however many (the console once looked at the first 1,000 only), with the addresses of
+/// its last check-in.
+#[test]
+fn relay_candidates_are_every_online_agent_with_its_latest_addresses() {
+    let s = common::store();
+    let ids: Vec<String> = (0..1200).map(|i| format!("pc-{i:04}")).collect();
+    common::enroll_in_store(&s, &ids).unwrap();
+    let online = |id: &String| presence(id, Presence::Online, 20);
+    s.set_presences(ids[..1150].iter().map(online).collect())
+        .unwrap();
+    s.set_presences(vec![presence("pc-0000", Presence::Offline, 30)])
+        .unwrap();
+    s.revoke_agent("pc-0001", 30).unwrap();
+    let moved = Inventory {
+        addresses: vec![AgentAddress {
+            address: "10.9.8.7".parse().unwrap(),
+            prefix_len: 22,
+        }],
+        ..common::new_agent("pc-1149").inventory
+    };
+    s.record_checkin("pc-1149", Some(moved.clone()), false, 40)
+        .unwrap();
+
+    let mut candidates = s.relay_candidates().unwrap();
+    candidates.sort_by(|a, b| a.id.cmp(&b.id));
+    let want: Vec<&String> = ids[2..1150].iter().collect();
+    let got: Vec<&String> = candidates.iter().map(|c| &c.id).collect();
+    assert_eq!(got, want, "online and not removed, beyond the first 1,000");
+    let last = candidates.last().unwrap();
+    assert_eq!(last.addresses, moved.addresses);
+    assert_eq!(last.presence_at, Some(20));
+    assert_eq!(
+        candidates[0].addresses,
+        common::new_agent("pc-0002").inventory.addresses
+    );
+}
+
 #[test]
 fn a_relay_result_counts_only_from_the_agent_asked_and_a_failure_marks_what_was_requested() {
     let s = common::store();

@@ -132,12 +132,14 @@ pub(super) async fn create_call(
         let call_id = call.id.clone();
         let ids = targeted.clone();
         tokio::spawn(async move {
+            let mut relays = dispatch::Relays::default();
             for id in ids {
                 let Ok(agent) = st2.store.run(move |s| s.agent(&id)).await else {
                     continue;
                 };
                 if agent.presence != Presence::Online {
-                    let _ = dispatch::wake_on_lan(&st2, &agent, Some(call_id.clone())).await;
+                    let _ = dispatch::wake_on_lan(&st2, &agent, Some(call_id.clone()), &mut relays)
+                        .await;
                 }
             }
         });

@@ -38,7 +38,7 @@ use lease::Lease;
 use link::{ACKED_BATCHES, Conn, SUBSCRIPTION};
 use link::{connect, new_session, now};
 pub use record::{next_wakeup_id, record};
-pub use relay::{RELAY_LIFETIME_SECS, wake_on_lan};
+pub use relay::{RELAY_LIFETIME_SECS, Relays, wake_on_lan};
 use relay::{publish_relay, relay_not_sent};
 pub use resend::{OutgoingWakeUp, merge_pending};
 use resend::{publish_all, send_pending};

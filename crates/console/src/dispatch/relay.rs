@@ -4,12 +4,15 @@
 use beckon_mqtt::{Properties, Publish, QoS};
 use bytes::Bytes;
 
+use std::time::{Duration, Instant};
+
 use super::link::Conn;
 use super::resend::wait_for_window;
 use super::{Command, LinkError};
 use crate::AppState;
 use crate::model::*;
 use crate::store::StoreResult;
+use crate::wol::{RelayIndex, relay_subnets};
 
 /// A relay request that could not go out: its sends say why.
 pub(super) async fn relay_not_sent(st: &AppState, request_id: String) {
@@ -56,11 +59,38 @@ pub(super) async fn publish_relay(
 /// How long a relay request stays valid, seconds: a relay is for "wake it now".
 pub const RELAY_LIFETIME_SECS: u32 = 120;
 
-/// Sends Wake-on-LAN for each MAC of `agent` to each destination, recording every send.
+/// How long the online agents read for choosing relays are used: a call to thousands of
+/// sleeping machines reads them once, not once per machine, and a relay that went offline
+/// since is out of the choice within this time.
+const RELAY_CANDIDATES_FOR: Duration = Duration::from_secs(30);
+
+/// The relays Wake-on-LAN may go through, read from the store when first needed and again
+/// once [`RELAY_CANDIDATES_FOR`] has passed. One for each call, or each request.
+#[derive(Debug, Default)]
+pub struct Relays {
+    index: Option<(Instant, RelayIndex)>,
+}
+
+impl Relays {
+    async fn index(&mut self, st: &AppState) -> StoreResult<&mut RelayIndex> {
+        let kept = match self.index.take() {
+            Some((read, index)) if read.elapsed() <= RELAY_CANDIDATES_FOR => (read, index),
+            _ => {
+                let candidates = st.store.run(|s| s.relay_candidates()).await?;
+                (Instant::now(), RelayIndex::new(candidates))
+            }
+        };
+        Ok(&mut self.index.insert(kept).1)
+    }
+}
+
+/// Sends Wake-on-LAN for each MAC of `agent` to each destination, recording every send;
+/// relays are chosen from `relays`.
 pub async fn wake_on_lan(
     st: &AppState,
     agent: &Agent,
     call_id: Option<String>,
+    relays: &mut Relays,
 ) -> StoreResult<Vec<WolSend>> {
     let settings = st.store.run(|s| s.settings()).await?;
     let wol = settings.wol;
@@ -92,7 +122,7 @@ pub async fn wake_on_lan(
         }
     }
     if wol.relay {
-        sends.extend(request_relays(st, agent, call_id, &wol).await?);
+        sends.extend(request_relays(st, agent, call_id, &wol, relays).await?);
     }
     Ok(sends)
 }
@@ -104,6 +134,7 @@ async fn request_relays(
     agent: &Agent,
     call_id: Option<String>,
     wol: &crate::settings::WolSettings,
+    relays: &mut Relays,
 ) -> StoreResult<Vec<WolSend>> {
     let macs: Vec<String> = agent
         .inventory
@@ -113,16 +144,11 @@ async fn request_relays(
         .map(|m| m.to_string())
         .take(beckon_identity::relay::MAX_RELAY_MACS)
         .collect();
-    if macs.is_empty() {
+    let loopback = st.config.wol_relay_loopback;
+    if macs.is_empty() || relay_subnets(&agent.inventory.addresses, loopback).is_empty() {
         return Ok(Vec::new());
     }
-    let filter = crate::store::AgentFilter {
-        presence: Some(Presence::Online),
-        limit: 1000,
-        ..Default::default()
-    };
-    let online = st.store.run(move |s| s.list_agents(&filter)).await?;
-    let relays = crate::wol::choose_relays(agent, &online, st.config.wol_relay_loopback);
+    let relays = relays.index(st).await?.choose(agent, loopback);
     let mut sends = Vec::new();
     for (relay, broadcast) in relays {
         let now = now_ms();

@@ -836,6 +836,11 @@ pub trait WolStore {
 
     /// Wake-on-LAN sends for an agent, newest first.
     fn wol_sends(&self, agent_id: &str, limit: u32) -> StoreResult<Vec<WolSend>>;
+
+    /// Every online, not revoked agent with its addresses and when it came online: the agents
+    /// a relay can be chosen from ([`crate::wol::RelayIndex`]). One read for the whole fleet,
+    /// without groups, so that a call waking thousands of machines reads it once.
+    fn relay_candidates(&self) -> StoreResult<Vec<RelayCandidate>>;
 }
 
 /// Settings and the audit log.

@@ -52,6 +52,26 @@ impl WolStore for SqlStore {
         })
     }
 
+    fn relay_candidates(&self) -> StoreResult<Vec<RelayCandidate>> {
+        self.read(|conn| {
+            query_all(
+                conn,
+                // Literals, not parameters: the plan may use agents_presence's range.
+                "SELECT id, addresses, presence_at FROM agents WHERE presence = 'online' AND revoked = 0",
+                &[],
+                |row| {
+                    let addresses: String = row.get(1)?;
+                    Ok(RelayCandidate {
+                        id: row.get(0)?,
+                        addresses: serde_json::from_str(&addresses).unwrap_or_default(),
+                        presence_at: row.get(2)?,
+                    })
+                },
+                "reading the agents that may relay Wake-on-LAN",
+            )
+        })
+    }
+
     fn fail_relay(&self, relay_id: &str, error: &str) -> StoreResult<()> {
         self.read(|conn| {
             exec(
