@@ -1,10 +1,10 @@
 //! Wake-on-LAN: magic packets sent by the console itself, and signed relay requests for an
 //! online agent on the target's subnet.
 
+use std::time::{Duration, Instant};
+
 use beckon_mqtt::{Properties, Publish, QoS};
 use bytes::Bytes;
-
-use std::time::{Duration, Instant};
 
 use super::link::Conn;
 use super::resend::wait_for_window;
