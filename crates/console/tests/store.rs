@@ -542,9 +542,9 @@ fn a_process_killed_mid_write_loses_nothing_it_committed() {
 
 /// The agents a Wake-on-LAN relay is chosen from: every online agent that is not removed,
 /// however many (the console once looked at the first 1,000 only), with the addresses of
-/// its last check-in.
+/// its last check-in; and the machines a call's Wake-on-LAN is for.
 #[test]
-fn relay_candidates_are_every_online_agent_with_its_latest_addresses() {
+fn wake_on_lan_reads_every_online_agent_as_a_relay_and_the_calls_agents_not_online() {
     let s = common::store();
     let ids: Vec<String> = (0..1200).map(|i| format!("pc-{i:04}")).collect();
     common::enroll_in_store(&s, &ids).unwrap();
@@ -575,6 +575,28 @@ fn relay_candidates_are_every_online_agent_with_its_latest_addresses() {
     assert_eq!(
         candidates[0].addresses,
         common::new_agent("pc-0002").inventory.addresses
+    );
+
+    // What a call's Wake-on-LAN reads: of its agents (more than one statement's worth, and an
+    // id that is not enrolled), those not online and not removed.
+    let mut call_ids = ids.clone();
+    call_ids.push("nobody".into());
+    let mut asleep: Vec<String> = s
+        .agents_not_online(&call_ids)
+        .unwrap()
+        .into_iter()
+        .map(|a| {
+            assert_ne!(a.presence, Presence::Online, "{a:?}");
+            assert_eq!(a.inventory.macs, ["00:11:22:33:44:55"], "{a:?}");
+            a.id
+        })
+        .collect();
+    asleep.sort();
+    let mut want = vec!["pc-0000".to_owned()];
+    want.extend(ids[1150..].iter().cloned());
+    assert_eq!(
+        asleep, want,
+        "offline or never seen; not online, removed or unknown"
     );
 }
 

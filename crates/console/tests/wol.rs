@@ -109,3 +109,94 @@ async fn an_agent_without_mac_or_destination_gets_a_clear_refusal() {
         "{body}"
     );
 }
+
+/// A call with `wake_on_lan`: the console sends magic packets for the call's agents that are
+/// not online, records each send under the call, and asks an online agent of the sleeper's
+/// subnet to relay (here the console has no push connection, so the request is recorded and
+/// then marked failed). Online and removed agents get no packet.
+#[tokio::test]
+async fn a_call_wakes_its_sleeping_agents_by_lan_and_chooses_an_online_relay() {
+    let api = common::start_with(|_| {}).await;
+    let inventory = |host: &str, mac: &str| json!({"hostname": host, "addresses": [{"address": "192.168.7.23", "prefix_len": 24}], "macs": [mac]});
+    api.enroll("awake", inventory("awake", "02:00:00:00:00:01"))
+        .await;
+    api.enroll("asleep", inventory("asleep", "02:00:00:00:00:02"))
+        .await;
+    api.enroll("removed", inventory("removed", "02:00:00:00:00:03"))
+        .await;
+    let (s, body) = api.call("DELETE", "/api/v1/agents/removed", None).await;
+    assert!(s.is_success(), "{s} {body}");
+    // Seen online by the broker, as its presence event would record it.
+    api.execute_sql("UPDATE agents SET presence = 'online', presence_at = 5 WHERE id = 'awake'");
+
+    let socket = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let port = socket.local_addr().unwrap().port();
+    let (_, mut settings) = api.call("GET", "/api/v1/settings", None).await;
+    settings["wol"] = json!({
+        "addresses": ["127.0.0.1"],
+        "subnet_broadcast": false,
+        "port": port,
+        "repeats": 1,
+        "secureon": "",
+        "relay": true,
+    });
+    let (s, body) = api.call("PUT", "/api/v1/settings", Some(settings)).await;
+    assert_eq!(s, StatusCode::OK, "{body}");
+
+    let (s, call) = api
+        .create_call(json!({"target": "all", "reason": "patch day", "wake_on_lan": true}))
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{call}");
+    let call_id = call["id"].as_str().unwrap();
+    let history = api
+        .wait_for(
+            "the sleeper's sends recorded, the relay request failed",
+            "/api/v1/agents/asleep/wol",
+            |h| {
+                h.as_array()
+                    .is_some_and(|h| h.len() == 2 && h.iter().any(|s| s["relay_state"] == "failed"))
+            },
+        )
+        .await;
+    let direct = history
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|h| h["via_agent"].is_null())
+        .expect("a send by the console");
+    assert_eq!(
+        direct["destination"],
+        format!("127.0.0.1:{port}"),
+        "{direct}"
+    );
+    assert_eq!(direct["packets"], 1, "{direct}");
+    assert_eq!(direct["call_id"], call_id, "{direct}");
+    let relayed = history
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|h| !h["via_agent"].is_null())
+        .expect("a relay request");
+    assert_eq!(relayed["via_agent"], "awake", "{relayed}");
+    assert_eq!(
+        relayed["destination"],
+        format!("192.168.7.255:{port}"),
+        "{relayed}"
+    );
+    assert_eq!(relayed["call_id"], call_id, "{relayed}");
+
+    let got = capture(&socket, 1).await;
+    assert_eq!(
+        got,
+        [expected([2, 0, 0, 0, 0, 2], &[])],
+        "the sleeper's packet"
+    );
+    for id in ["awake", "removed"] {
+        let (_, sends) = api
+            .call("GET", &format!("/api/v1/agents/{id}/wol"), None)
+            .await;
+        assert_eq!(sends, json!([]), "{id} is not woken");
+    }
+    let mut buf = [0u8; 256];
+    assert!(socket.try_recv_from(&mut buf).is_err(), "one packet in all");
+}

@@ -19,6 +19,10 @@ use crate::store::{
 };
 use crate::{AppState, dispatch};
 
+/// Agents of a call read per store trip when its Wake-on-LAN goes out: the first machines are
+/// woken while the rest are read.
+const WOL_AGENTS_PER_READ: usize = 1024;
+
 // --- Wake-up calls ---
 
 #[derive(Deserialize, JsonSchema)]
@@ -133,11 +137,17 @@ pub(super) async fn create_call(
         let ids = targeted.clone();
         tokio::spawn(async move {
             let mut relays = dispatch::Relays::default();
-            for id in ids {
-                let Ok(agent) = st2.store.run(move |s| s.agent(&id)).await else {
-                    continue;
+            // A thousand agents per store trip, of which only those not online are read.
+            for part in ids.chunks(WOL_AGENTS_PER_READ) {
+                let part = part.to_vec();
+                let asleep = match st2.store.run(move |s| s.agents_not_online(&part)).await {
+                    Ok(asleep) => asleep,
+                    Err(e) => {
+                        tracing::warn!(error = %e, call = %call_id, "reading the agents to wake by Wake-on-LAN failed: some get none");
+                        continue;
+                    }
                 };
-                if agent.presence != Presence::Online {
+                for agent in asleep {
                     let _ = dispatch::wake_on_lan(&st2, &agent, Some(call_id.clone()), &mut relays)
                         .await;
                 }

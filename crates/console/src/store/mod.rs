@@ -480,6 +480,10 @@ pub trait AgentStore {
     /// Agents matching the filter, by name.
     fn list_agents(&self, filter: &AgentFilter) -> StoreResult<Vec<Agent>>;
 
+    /// Of `ids`, the agents enrolled, not removed and not online, without their groups: the
+    /// machines a call's Wake-on-LAN is for. Any number of ids, read a thousand per statement.
+    fn agents_not_online(&self, ids: &[String]) -> StoreResult<Vec<Agent>>;
+
     /// How many non-revoked agents have this presence.
     fn count_agents(&self, presence: Presence) -> StoreResult<u64>;
 

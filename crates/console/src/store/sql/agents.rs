@@ -510,6 +510,27 @@ impl AgentStore for SqlStore {
         })
     }
 
+    fn agents_not_online(&self, ids: &[String]) -> StoreResult<Vec<Agent>> {
+        self.read(|conn| {
+            let mut agents = Vec::new();
+            for part in ids.chunks(IDS_PER_STATEMENT) {
+                let query = format!(
+                    "SELECT {AGENT_COLUMNS} FROM agents WHERE revoked = 0 AND presence <> 'online' AND id IN ({})",
+                    numbered_params(part.len())
+                );
+                let values: Vec<Value> = part.iter().map(Value::from).collect();
+                agents.extend(query_all(
+                    conn,
+                    &query,
+                    &values,
+                    agent_from_row,
+                    "reading the agents to wake by Wake-on-LAN",
+                )?);
+            }
+            Ok(agents)
+        })
+    }
+
     fn count_agents(&self, presence: Presence) -> StoreResult<u64> {
         self.read(|conn| {
             query_one(

@@ -504,6 +504,17 @@ pub(crate) fn qualified(alias: &str, columns: &str) -> String {
         .join(", ")
 }
 
+/// The most ids one statement takes as parameters (`id IN (?1, ..., ?n)`).
+pub(crate) const IDS_PER_STATEMENT: usize = 1024;
+
+/// `?1, ?2, ..., ?n`: the parameters of an `IN` list of `n` values.
+pub(crate) fn numbered_params(n: usize) -> String {
+    (1..=n)
+        .map(|i| format!("?{i}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 pub(crate) fn json_list(text: &str) -> Vec<String> {
     serde_json::from_str(text).unwrap_or_default()
 }

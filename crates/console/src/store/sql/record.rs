@@ -151,20 +151,14 @@ pub(super) fn record_chunk(
     })
 }
 
-/// The most agents whose liveness one statement reads when a chunk is recorded.
-const CHECK_ROWS: usize = 1024;
-
 /// Of `agent_ids`, those enrolled and not revoked now.
 fn live_agents(
     tx: &mut dyn Conn,
     agent_ids: &[String],
 ) -> StoreResult<std::collections::HashSet<String>> {
     let mut live = std::collections::HashSet::with_capacity(agent_ids.len());
-    for part in agent_ids.chunks(CHECK_ROWS) {
-        let list = (1..=part.len())
-            .map(|i| format!("?{i}"))
-            .collect::<Vec<_>>()
-            .join(", ");
+    for part in agent_ids.chunks(IDS_PER_STATEMENT) {
+        let list = numbered_params(part.len());
         let values: Vec<Value> = part.iter().map(Value::from).collect();
         let found: Vec<String> = query_all(
             tx,
