@@ -304,8 +304,10 @@ mod tests {
             })
             .collect();
         candidates.push(online("z-relay", "172.16.9.4", 22, 1));
+        // The smallest id of 10.0.0.0/16, at its highest address.
+        candidates.push(online("a0", "10.0.255.9", 24, 100));
         let mut index = RelayIndex::new(candidates);
-        assert_eq!(index.len(), 5001);
+        assert_eq!(index.len(), 5002);
         let sleeper = agent("sleeper", "172.16.10.200", 22);
         assert_eq!(
             index.choose(&sleeper, false),
@@ -313,10 +315,7 @@ mod tests {
         );
         // Ties on the time: the smallest id, whichever address comes first.
         let target = agent("t", "10.0.3.1", 16);
-        assert_eq!(
-            index.choose(&target, false),
-            relay("a00000", "10.0.255.255")
-        );
+        assert_eq!(index.choose(&target, false), relay("a0", "10.0.255.255"));
     }
 
     #[test]
@@ -330,5 +329,11 @@ mod tests {
         assert_eq!(index.choose(&target, false), relay("one", "192.168.1.255"));
         let other = agent("x", "192.168.1.50", 24);
         assert_eq!(index.choose(&other, false), relay("two", "192.168.1.255"));
+        // The subnet's own network address is in it (its broadcast address is not).
+        let mut at_network = RelayIndex::new(vec![online("net", "192.168.1.0", 24, 1)]);
+        assert_eq!(
+            at_network.choose(&other, false),
+            relay("net", "192.168.1.255")
+        );
     }
 }

@@ -113,7 +113,8 @@ async fn an_agent_without_mac_or_destination_gets_a_clear_refusal() {
 /// A call with `wake_on_lan`: the console sends magic packets for the call's agents that are
 /// not online, records each send under the call, and asks an online agent of the sleeper's
 /// subnet to relay (here the console has no push connection, so the request is recorded and
-/// then marked failed). Online and removed agents get no packet.
+/// then marked failed). The online agent gets no packet, nor the removed one (not part of the
+/// call: the store test checks the read itself leaves removed agents out).
 #[tokio::test]
 async fn a_call_wakes_its_sleeping_agents_by_lan_and_chooses_an_online_relay() {
     let api = common::start_with(|_| {}).await;

@@ -20,7 +20,7 @@ use crate::store::{
 use crate::{AppState, dispatch};
 
 /// Agents of a call read per store trip when its Wake-on-LAN goes out: the first machines are
-/// woken while the rest are read.
+/// woken before the rest are read.
 const WOL_AGENTS_PER_READ: usize = 1024;
 
 // --- Wake-up calls ---

@@ -515,7 +515,7 @@ impl AgentStore for SqlStore {
             let mut agents = Vec::new();
             for part in ids.chunks(IDS_PER_STATEMENT) {
                 let query = format!(
-                    "SELECT {AGENT_COLUMNS} FROM agents WHERE revoked = 0 AND presence <> 'online' AND id IN ({})",
+                    "SELECT {AGENT_COLUMNS} FROM agents WHERE revoked = 0 AND presence <> 'online' AND id IN ({}) ORDER BY id",
                     numbered_params(part.len())
                 );
                 let values: Vec<Value> = part.iter().map(Value::from).collect();
