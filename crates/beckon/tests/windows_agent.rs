@@ -62,7 +62,10 @@ fn windows_command(bin: &Path, args: &[&str]) -> Command {
         // Wine's WinHTTP takes the Unix `http_proxy` as the machine's default proxy when the
         // registry holds none: the system proxy steps set the registry only.
         .env_remove("http_proxy")
-        .stdin(Stdio::null());
+        .stdin(Stdio::null())
+        // Wine's own processes (wineserver, services.exe, ...) inherit the first program's
+        // stderr and outlive the test by seconds: never the test's own.
+        .stderr(Stdio::piped());
     command
 }
 
