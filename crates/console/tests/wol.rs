@@ -6,7 +6,7 @@ mod common;
 use std::time::Duration;
 
 use axum::http::StatusCode;
-use serde_json::json;
+use serde_json::{Value, json};
 use tokio::net::UdpSocket;
 
 /// The packet as the specification writes it, built by hand here (not by the code under test).
@@ -200,4 +200,68 @@ async fn a_call_wakes_its_sleeping_agents_by_lan_and_chooses_an_online_relay() {
     }
     let mut buf = [0u8; 256];
     assert!(socket.try_recv_from(&mut buf).is_err(), "one packet in all");
+}
+
+/// A call to many sleeping machines wakes each of them once (they are woken several at a
+/// time, sharing one read of the relays): every machine's packets arrive, each recorded
+/// once with its relay request through the one online agent of the subnet.
+#[tokio::test]
+async fn a_call_to_many_sleeping_machines_wakes_each_once() {
+    let api = common::start_with(|_| {}).await;
+    let inventory = |host: &str, mac: &str| json!({"hostname": host, "addresses": [{"address": "192.168.7.23", "prefix_len": 24}], "macs": [mac]});
+    api.enroll("awake", inventory("awake", "02:00:00:00:01:00"))
+        .await;
+    api.execute_sql("UPDATE agents SET presence = 'online', presence_at = 5 WHERE id = 'awake'");
+    let sleepers = 30u8;
+    for i in 0..sleepers {
+        api.enroll(
+            &format!("asleep-{i:02}"),
+            inventory("asleep", &format!("02:00:00:00:00:{i:02x}")),
+        )
+        .await;
+    }
+    let socket = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let port = socket.local_addr().unwrap().port();
+    let (_, mut settings) = api.call("GET", "/api/v1/settings", None).await;
+    settings["wol"] = json!({
+        "addresses": ["127.0.0.1"],
+        "subnet_broadcast": false,
+        "port": port,
+        "repeats": 2,
+        "secureon": "",
+        "relay": true,
+    });
+    let (s, body) = api.call("PUT", "/api/v1/settings", Some(settings)).await;
+    assert_eq!(s, StatusCode::OK, "{body}");
+
+    let (s, call) = api
+        .create_call(json!({"target": "all", "reason": "patch day", "wake_on_lan": true}))
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{call}");
+    let got = capture(&socket, 2 * usize::from(sleepers)).await;
+    for i in 0..sleepers {
+        let want = expected([2, 0, 0, 0, 0, i], &[]);
+        assert_eq!(
+            got.iter().filter(|p| **p == want).count(),
+            2,
+            "asleep-{i:02}"
+        );
+        let history = api
+            .wait_for(
+                "a console send and a relay request",
+                &format!("/api/v1/agents/asleep-{i:02}/wol"),
+                |h| h.as_array().is_some_and(|h| h.len() == 2),
+            )
+            .await;
+        let via: Vec<&Value> = history
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|h| &h["via_agent"])
+            .collect();
+        assert!(via.contains(&&json!("awake")), "{history}");
+        assert!(via.contains(&&Value::Null), "{history}");
+    }
+    let mut buf = [0u8; 256];
+    assert!(socket.try_recv_from(&mut buf).is_err(), "no packet twice");
 }

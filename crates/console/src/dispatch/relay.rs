@@ -65,22 +65,33 @@ pub const RELAY_LIFETIME_SECS: u32 = 120;
 const RELAY_CANDIDATES_FOR: Duration = Duration::from_secs(30);
 
 /// The relays Wake-on-LAN may go through, read from the store when first needed and again
-/// once [`RELAY_CANDIDATES_FOR`] has passed. One for each call, or each request.
+/// once [`RELAY_CANDIDATES_FOR`] has passed. One for each call (shared by the machines it
+/// wakes at once), or each request.
 #[derive(Debug, Default)]
 pub struct Relays {
-    index: Option<(Instant, RelayIndex)>,
+    index: tokio::sync::Mutex<Option<(Instant, RelayIndex)>>,
 }
 
 impl Relays {
-    async fn index(&mut self, st: &AppState) -> StoreResult<&mut RelayIndex> {
-        let kept = match self.index.take() {
-            Some((read, index)) if read.elapsed() <= RELAY_CANDIDATES_FOR => (read, index),
+    /// For each relay subnet of `target`, the agent to relay through and the subnet's
+    /// broadcast address ([`RelayIndex::choose`]).
+    async fn choose(
+        &self,
+        st: &AppState,
+        target: &Agent,
+        loopback: bool,
+    ) -> StoreResult<Vec<(String, std::net::Ipv4Addr)>> {
+        // Held while the candidates are read: the machines woken beside this one wait for
+        // the same read instead of each reading the fleet.
+        let mut index = self.index.lock().await;
+        let kept = match index.take() {
+            Some((read, kept)) if read.elapsed() <= RELAY_CANDIDATES_FOR => (read, kept),
             _ => {
                 let candidates = st.store.run(|s| s.relay_candidates()).await?;
                 (Instant::now(), RelayIndex::new(candidates))
             }
         };
-        Ok(&mut self.index.insert(kept).1)
+        Ok(index.insert(kept).1.choose(target, loopback))
     }
 }
 
@@ -90,7 +101,7 @@ pub async fn wake_on_lan(
     st: &AppState,
     agent: &Agent,
     call_id: Option<String>,
-    relays: &mut Relays,
+    relays: &Relays,
 ) -> StoreResult<Vec<WolSend>> {
     let settings = st.store.run(|s| s.settings()).await?;
     let wol = settings.wol;
@@ -134,7 +145,7 @@ async fn request_relays(
     agent: &Agent,
     call_id: Option<String>,
     wol: &crate::settings::WolSettings,
-    relays: &mut Relays,
+    relays: &Relays,
 ) -> StoreResult<Vec<WolSend>> {
     let macs: Vec<String> = agent
         .inventory
@@ -148,7 +159,7 @@ async fn request_relays(
     if macs.is_empty() || relay_subnets(&agent.inventory.addresses, loopback).is_empty() {
         return Ok(Vec::new());
     }
-    let relays = relays.index(st).await?.choose(agent, loopback);
+    let relays = relays.choose(st, agent, loopback).await?;
     let mut sends = Vec::new();
     for (relay, broadcast) in relays {
         let now = now_ms();
