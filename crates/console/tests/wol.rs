@@ -110,6 +110,37 @@ async fn an_agent_without_mac_or_destination_gets_a_clear_refusal() {
     );
 }
 
+/// An agent on 192.168.7.0/24 with one MAC.
+fn on_subnet(host: &str, mac: &str) -> Value {
+    json!({"hostname": host, "addresses": [{"address": "192.168.7.23", "prefix_len": 24}], "macs": [mac]})
+}
+
+/// Enrolls `awake` on the subnet and marks it online, as the broker's presence event would.
+async fn enroll_online_relay(api: &common::Api) {
+    api.enroll("awake", on_subnet("awake", "02:00:00:00:01:00"))
+        .await;
+    api.execute_sql("UPDATE agents SET presence = 'online', presence_at = 5 WHERE id = 'awake'");
+}
+
+/// Wake-on-LAN settings sending `repeats` packets to a loopback socket of the test (no subnet
+/// broadcast), relaying on; returns the socket and its port.
+async fn wol_to_loopback(api: &common::Api, repeats: u8) -> (UdpSocket, u16) {
+    let socket = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let port = socket.local_addr().unwrap().port();
+    let (_, mut settings) = api.call("GET", "/api/v1/settings", None).await;
+    settings["wol"] = json!({
+        "addresses": ["127.0.0.1"],
+        "subnet_broadcast": false,
+        "port": port,
+        "repeats": repeats,
+        "secureon": "",
+        "relay": true,
+    });
+    let (s, body) = api.call("PUT", "/api/v1/settings", Some(settings)).await;
+    assert_eq!(s, StatusCode::OK, "{body}");
+    (socket, port)
+}
+
 /// A call with `wake_on_lan`: the console sends magic packets for the call's agents that are
 /// not online, records each send under the call, and asks an online agent of the sleeper's
 /// subnet to relay (here the console has no push connection, so the request is recorded and
@@ -118,31 +149,14 @@ async fn an_agent_without_mac_or_destination_gets_a_clear_refusal() {
 #[tokio::test]
 async fn a_call_wakes_its_sleeping_agents_by_lan_and_chooses_an_online_relay() {
     let api = common::start_with(|_| {}).await;
-    let inventory = |host: &str, mac: &str| json!({"hostname": host, "addresses": [{"address": "192.168.7.23", "prefix_len": 24}], "macs": [mac]});
-    api.enroll("awake", inventory("awake", "02:00:00:00:00:01"))
+    enroll_online_relay(&api).await;
+    api.enroll("asleep", on_subnet("asleep", "02:00:00:00:00:02"))
         .await;
-    api.enroll("asleep", inventory("asleep", "02:00:00:00:00:02"))
-        .await;
-    api.enroll("removed", inventory("removed", "02:00:00:00:00:03"))
+    api.enroll("removed", on_subnet("removed", "02:00:00:00:00:03"))
         .await;
     let (s, body) = api.call("DELETE", "/api/v1/agents/removed", None).await;
     assert!(s.is_success(), "{s} {body}");
-    // Seen online by the broker, as its presence event would record it.
-    api.execute_sql("UPDATE agents SET presence = 'online', presence_at = 5 WHERE id = 'awake'");
-
-    let socket = UdpSocket::bind("127.0.0.1:0").await.unwrap();
-    let port = socket.local_addr().unwrap().port();
-    let (_, mut settings) = api.call("GET", "/api/v1/settings", None).await;
-    settings["wol"] = json!({
-        "addresses": ["127.0.0.1"],
-        "subnet_broadcast": false,
-        "port": port,
-        "repeats": 1,
-        "secureon": "",
-        "relay": true,
-    });
-    let (s, body) = api.call("PUT", "/api/v1/settings", Some(settings)).await;
-    assert_eq!(s, StatusCode::OK, "{body}");
+    let (socket, port) = wol_to_loopback(&api, 1).await;
 
     let (s, call) = api
         .create_call(json!({"target": "all", "reason": "patch day", "wake_on_lan": true}))
@@ -208,31 +222,16 @@ async fn a_call_wakes_its_sleeping_agents_by_lan_and_chooses_an_online_relay() {
 #[tokio::test]
 async fn a_call_to_many_sleeping_machines_wakes_each_once() {
     let api = common::start_with(|_| {}).await;
-    let inventory = |host: &str, mac: &str| json!({"hostname": host, "addresses": [{"address": "192.168.7.23", "prefix_len": 24}], "macs": [mac]});
-    api.enroll("awake", inventory("awake", "02:00:00:00:01:00"))
-        .await;
-    api.execute_sql("UPDATE agents SET presence = 'online', presence_at = 5 WHERE id = 'awake'");
+    enroll_online_relay(&api).await;
     let sleepers = 30u8;
     for i in 0..sleepers {
         api.enroll(
             &format!("asleep-{i:02}"),
-            inventory("asleep", &format!("02:00:00:00:00:{i:02x}")),
+            on_subnet("asleep", &format!("02:00:00:00:00:{i:02x}")),
         )
         .await;
     }
-    let socket = UdpSocket::bind("127.0.0.1:0").await.unwrap();
-    let port = socket.local_addr().unwrap().port();
-    let (_, mut settings) = api.call("GET", "/api/v1/settings", None).await;
-    settings["wol"] = json!({
-        "addresses": ["127.0.0.1"],
-        "subnet_broadcast": false,
-        "port": port,
-        "repeats": 2,
-        "secureon": "",
-        "relay": true,
-    });
-    let (s, body) = api.call("PUT", "/api/v1/settings", Some(settings)).await;
-    assert_eq!(s, StatusCode::OK, "{body}");
+    let (socket, _) = wol_to_loopback(&api, 2).await;
 
     let (s, call) = api
         .create_call(json!({"target": "all", "reason": "patch day", "wake_on_lan": true}))
