@@ -48,6 +48,18 @@ def listed_agents(browser):
         "'#agents-table tbody tr[data-testid=agent-row]')].map(r => [r.dataset.agentId, r.dataset.presence]))")
 
 
+def select_agent(browser, agent_id):
+    """Ticks an agent's box in the agents table. The table is re-rendered as presence changes
+    arrive, so a box found a moment ago may be gone before the click lands; the selection itself
+    lives in the page's state and survives, so the box is looked up again until it shows ticked."""
+    def tick(b):
+        box = b.find_element(By.CSS_SELECTOR, f"input.agent-select[data-agent-id='{agent_id}']")
+        if not box.is_selected():
+            box.click()
+        return box.is_selected()
+    wait(browser, tick, f"the box of {agent_id} never showed ticked")
+
+
 def go(browser, beckon, fragment):
     browser.get(f"{beckon.url}/#/{fragment}")
 
@@ -105,8 +117,7 @@ def test_wake_up_call_to_one_agent_reaches_finished_live(browser, beckon):
     go(browser, beckon, "agents")
     wait(browser, lambda b: len(listed_agents(b)) == 3, "agents never listed")
     assert not browser.find_element(By.ID, "action-wake").is_enabled(), "wake-up enabled with nothing selected"
-    box = browser.find_element(By.CSS_SELECTOR, "input.agent-select[data-agent-id='demo-02']")
-    box.click()
+    select_agent(browser, "demo-02")
     wait(browser, lambda b: b.find_element(By.ID, "agents-selected-count").text == "1 selected",
          "selection count did not show 1")
     reason = browser.find_element(By.ID, "wake-reason")
@@ -133,7 +144,7 @@ def test_selected_agents_join_a_group_and_the_group_filter_lists_them(browser, b
     go(browser, beckon, "agents")
     wait(browser, lambda b: len(listed_agents(b)) == 3, "agents never listed")
     for agent_id in ("demo-01", "demo-03"):
-        browser.find_element(By.CSS_SELECTOR, f"input.agent-select[data-agent-id='{agent_id}']").click()
+        select_agent(browser, agent_id)
     wait(browser, lambda b: b.find_element(By.ID, "agents-selected-count").text == "2 selected",
          "selection count did not show 2")
     browser.find_element(By.ID, "group-name").send_keys("lab")
@@ -257,9 +268,7 @@ def test_wake_on_lan_to_loopback_is_sent_and_recorded(browser, beckon):
              "the saved address did not come back after a reload")
 
         go(browser, beckon, "agents")
-        box = wait(browser, EC.element_to_be_clickable((By.CSS_SELECTOR, "input.agent-select[data-agent-id='demo-01']")),
-                   "demo-01 not listed")
-        box.click()
+        select_agent(browser, "demo-01")
         browser.find_element(By.ID, "action-wol").click()
         wait(browser, lambda b: b.find_elements(By.CSS_SELECTOR, "#wol-table tr[data-testid=wol-row][data-agent-id='demo-01']"),
              "no Wake-on-LAN send shown for demo-01")

@@ -19,7 +19,7 @@ from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.support import expected_conditions as EC
 from selenium.webdriver.support.ui import Select
 
-from test_console_ui import go, listed_agents, visible, wait
+from test_console_ui import go, listed_agents, select_agent, visible, wait
 
 PASSWORDS = {"vera": "vera's long password", "otto": "otto's long password"}
 DAY_MS = 24 * 3600 * 1000
@@ -129,7 +129,7 @@ def test_an_operator_wakes_agents_but_changes_nothing_else(browser, beckon):
     wait(browser, lambda b: "demo-01" in listed_agents(b), "the operator sees no agents")
     assert shown(browser, "action-wake") and shown(browser, "action-wol")
     assert not shown(browser, "action-revoke") and not shown(browser, "action-group")
-    browser.find_element(By.CSS_SELECTOR, "input.agent-select[data-agent-id='demo-01']").click()
+    select_agent(browser, "demo-01")
     browser.find_element(By.ID, "action-wake").click()
     visible(browser, "view-call")
     wait(browser, lambda b: b.find_elements(By.CSS_SELECTOR, "#call-deliveries tr[data-agent-id='demo-01']"),
