@@ -221,6 +221,145 @@ fn a_large_call_cut_off_mid_recording_is_finished_by_the_console_taking_it_over(
     }
 }
 
+/// On PostgreSQL an agent's revocation and the recording of a call to it run on separate
+/// connections. The recording reads which agents are live; the revocation fails the agent's
+/// unfinished deliveries. If each read before the other committed, the revoked agent kept a
+/// queued delivery in the call (published to an agent the broker refuses, until it expired).
+/// Here the revocation of pc-3 is held after its read of the deliveries (another session
+/// holds the row of a call whose counts it must change) while `record` writes a call to it.
+/// Returns what `record` returned and whether it waited for the revocation.
+fn record_while_pc3_is_revoked<T: Send>(
+    s: &SqlStore,
+    server: &str,
+    record: impl FnOnce() -> T + Send,
+) -> (T, bool) {
+    let mut holder = postgres::Client::connect(server, postgres::NoTls).unwrap();
+    let mut watcher = postgres::Client::connect(server, postgres::NoTls).unwrap();
+    let mut waiting_on_locks = || -> i64 {
+        watcher
+            .query_one(
+                "SELECT COUNT(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'",
+                &[],
+            )
+            .unwrap()
+            .get(0)
+    };
+    let mut held = holder.transaction().unwrap();
+    held.execute("SELECT 1 FROM calls WHERE id = 'earlier' FOR UPDATE", &[])
+        .unwrap();
+    let (revoked, recorded, waited) = std::thread::scope(|scope| {
+        let revoke = scope.spawn(|| s.revoke_agent("pc-3", 2_000));
+        let revoke_held = until(|| waiting_on_locks() == 1);
+        let recording = scope.spawn(record);
+        // Ordered, the recording waits for the revocation; unordered, it finishes meanwhile.
+        let waited = revoke_held
+            && until(|| recording.is_finished() || waiting_on_locks() == 2)
+            && !recording.is_finished();
+        // Whatever happened, nothing stays blocked past here.
+        held.commit().unwrap();
+        (revoke.join().unwrap(), recording.join().unwrap(), waited)
+    });
+    revoked.unwrap();
+    (recorded, waited)
+}
+
+/// Four agents, and a call "earlier" to all of them recorded (pc-3's revocation then changes
+/// that call's counts); the database's server, or `None` on SQLite.
+fn four_agents_called_earlier(chunk: usize) -> (SqlStore, Option<String>, tempfile::TempDir) {
+    let ([s], url, dir) = consoles(["a"]);
+    let s = s.with_call_chunk(chunk);
+    enroll(&s, &["pc-0", "pc-1", "pc-2", "pc-3"]);
+    let mut next = wakeup_ids("e");
+    s.create_call(call("earlier", 100_000), 1_000, &mut next)
+        .unwrap();
+    while s
+        .record_chunk("earlier", 1_000, &mut next)
+        .unwrap()
+        .is_some()
+    {}
+    let server = match url {
+        DatabaseUrl::Postgres(server) => Some(server),
+        DatabaseUrl::Sqlite(_) => {
+            println!(
+                "skipped: SQLite writes one transaction at a time; set BECKON_TEST_POSTGRES to run this test"
+            );
+            None
+        }
+    };
+    (s, server, dir)
+}
+
+fn states_of(s: &SqlStore, call: &str) -> Vec<(String, CallState)> {
+    let query = DeliveryQuery {
+        limit: 100,
+        ..Default::default()
+    };
+    let page = s.call_deliveries(call, &query).unwrap();
+    page.deliveries
+        .into_iter()
+        .map(|d| (d.agent_id, d.state))
+        .collect()
+}
+
+#[test]
+fn an_agent_revoked_while_its_chunk_is_recorded_fails_in_that_call_on_postgresql() {
+    let (s, Some(server), _dir) = four_agents_called_earlier(2) else {
+        return;
+    };
+    // The first chunk (pc-0, pc-1) now, pc-2 and pc-3 left to record.
+    s.create_call(call("big", 100_000), 1_100, &mut wakeup_ids("w"))
+        .unwrap();
+    let mut next = wakeup_ids("r");
+    let (chunk, waited) =
+        record_while_pc3_is_revoked(&s, &server, || s.record_chunk("big", 2_100, &mut next));
+    let chunk = chunk.unwrap().unwrap();
+    let ids = |d: &[CallDelivery]| d.iter().map(|d| d.agent_id.clone()).collect::<Vec<_>>();
+    assert_eq!(ids(&chunk.queued), ["pc-2"]);
+    assert_eq!(
+        ids(&chunk.failed),
+        ["pc-3"],
+        "the revoked agent's delivery failed"
+    );
+    assert!(waited, "the recording did not wait for the revocation");
+    assert!(states_of(&s, "big").contains(&("pc-3".into(), CallState::Failed)));
+    assert!(s.pending_for_agent("pc-3", 3_000).unwrap().is_empty());
+    let big = s.call("big").unwrap();
+    assert_eq!(big.counts.values().sum::<u32>(), big.targeted);
+}
+
+#[test]
+fn a_call_made_while_an_agent_is_revoked_does_not_address_it_on_postgresql() {
+    let (s, Some(server), _dir) = four_agents_called_earlier(4_096) else {
+        return;
+    };
+    let mut next = wakeup_ids("w");
+    let (made, waited) = record_while_pc3_is_revoked(&s, &server, || {
+        s.create_call(call("new", 100_000), 2_100, &mut next)
+    });
+    let (made, queued) = made.unwrap();
+    assert_eq!(made.targeted, 3, "the revoked agent is not addressed");
+    assert!(queued.iter().all(|d| d.agent_id != "pc-3"));
+    assert!(waited, "the call did not wait for the revocation");
+    assert!(
+        states_of(&s, "new")
+            .iter()
+            .all(|(agent, _)| agent != "pc-3")
+    );
+    assert!(s.pending_for_agent("pc-3", 3_000).unwrap().is_empty());
+}
+
+/// Whether `condition` held within 20 s (looked at every 10 ms).
+fn until(mut condition: impl FnMut() -> bool) -> bool {
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while std::time::Instant::now() < deadline {
+        if condition() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    false
+}
+
 #[test]
 fn calls_from_before_several_consoles_are_taken_by_the_first_console() {
     let ([a], url, _dir) = consoles(["a"]);

@@ -24,13 +24,18 @@ use postgres::types::{IsNull, ToSql, Type, to_sql_checked};
 use postgres::{Client, GenericClient, NoTls, Statement};
 
 use super::sql::{
-    CHANGES_CHANNEL, Conn, Database, DbError, Row, STATEMENT_CACHE, SqlStore, TextIndex, Value,
+    CHANGES_CHANNEL, Conn, Database, DbError, RevocationOrder, Row, STATEMENT_CACHE, SqlStore,
+    TextIndex, Value,
 };
 use super::*;
 pub use migrations::SCHEMA_VERSION as POSTGRES_SCHEMA_VERSION;
 
 /// The most connections one console opens to the server.
 pub const MAX_CONNECTIONS: usize = 16;
+
+/// The advisory lock of [`Conn::order_with_revocations`] (any number fixed for this schema,
+/// other than the migrations' lock).
+const REVOCATION_LOCK: i64 = 0x7265_766f_6b65;
 
 /// How long a store call waits for a free connection before failing.
 const POOL_WAIT: Duration = Duration::from_secs(30);
@@ -163,6 +168,15 @@ impl<C: GenericClient> Conn for PgConn<'_, C> {
         let statement = self.statement("SELECT pg_notify(?1, ?2)")?;
         self.client
             .execute(&statement, &[&CHANGES_CHANNEL, &payload])?;
+        Ok(())
+    }
+
+    fn order_with_revocations(&mut self, kind: RevocationOrder) -> Result<(), DbError> {
+        let statement = self.statement(match kind {
+            RevocationOrder::Shared => "SELECT pg_advisory_xact_lock_shared(?1)",
+            RevocationOrder::Exclusive => "SELECT pg_advisory_xact_lock(?1)",
+        })?;
+        self.client.execute(&statement, &[&REVOCATION_LOCK])?;
         Ok(())
     }
 

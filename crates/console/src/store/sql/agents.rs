@@ -593,6 +593,8 @@ impl AgentStore for SqlStore {
 
     fn revoke_agent(&self, id: &str, now: Millis) -> StoreResult<()> {
         self.write(|tx| {
+            tx.order_with_revocations(RevocationOrder::Exclusive)
+                .map_err(sql("waiting for wake-ups being recorded"))?;
             let n = exec(
                 tx,
                 "UPDATE agents SET revoked = 1, revoked_at = ?2 WHERE id = ?1 AND revoked = 0",

@@ -379,6 +379,8 @@ impl CallStore for SqlStore {
     ) -> StoreResult<(WakeCall, Vec<CallDelivery>, Vec<String>)> {
         let chunk = self.call_chunk;
         self.write(|tx| {
+            tx.order_with_revocations(RevocationOrder::Shared)
+                .map_err(sql("waiting for an agent's revocation"))?;
             let agent_ids = resolve_target(tx, &call.target)?;
             if agent_ids.is_empty() {
                 return Err(StoreError::Invalid(format!(

@@ -254,6 +254,25 @@ pub trait Conn {
     /// when the transaction commits (PostgreSQL's `NOTIFY` on [`CHANGES_CHANNEL`]); nothing on
     /// SQLite, which one console uses alone.
     fn notify(&mut self, payload: &str) -> Result<(), DbError>;
+
+    /// Orders this transaction against agents' revocations until it ends: `Shared` for one
+    /// that writes queued deliveries for agents it read as not revoked, `Exclusive` for a
+    /// revocation, which fails the agent's unfinished deliveries. Without it, on PostgreSQL
+    /// (several connections, READ COMMITTED), a call could read an agent as live while its
+    /// revocation, not yet committed, reads the deliveries before the call's commit: the
+    /// revoked agent would keep a queued delivery. PostgreSQL's transaction-level advisory
+    /// lock; taken first in the transaction, before any row lock, so it adds no deadlock.
+    /// Nothing on SQLite, whose one connection writes one transaction at a time.
+    fn order_with_revocations(&mut self, kind: RevocationOrder) -> Result<(), DbError>;
+}
+
+/// How a transaction takes [`Conn::order_with_revocations`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RevocationOrder {
+    /// Writes deliveries for agents read as live: any number at once.
+    Shared,
+    /// Revokes an agent: alone.
+    Exclusive,
 }
 
 /// The index of the agents' search: a substring of the id, name, host name, addresses or MACs.

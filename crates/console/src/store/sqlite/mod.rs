@@ -25,7 +25,9 @@ use rusqlite::Connection;
 use rusqlite::config::DbConfig;
 use rusqlite::types::{ToSqlOutput, ValueRef};
 
-use super::sql::{Conn, Database, DbError, Row, STATEMENT_CACHE, SqlStore, TextIndex, Value};
+use super::sql::{
+    Conn, Database, DbError, RevocationOrder, Row, STATEMENT_CACHE, SqlStore, TextIndex, Value,
+};
 use super::*;
 pub use migrations::SCHEMA_VERSION;
 use migrations::migrate;
@@ -112,6 +114,10 @@ impl Conn for SqliteConn<'_> {
     }
 
     fn notify(&mut self, _payload: &str) -> Result<(), DbError> {
+        Ok(())
+    }
+
+    fn order_with_revocations(&mut self, _kind: RevocationOrder) -> Result<(), DbError> {
         Ok(())
     }
 }
