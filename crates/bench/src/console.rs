@@ -12,6 +12,9 @@
 //! - the agents page (list, search by name, filter by group, by presence), the dashboard's
 //!   counts (`GET /api/v1/status`, which it polls), the calls list, one call's page and its
 //!   deliveries filtered by state: `--requests` requests each, p50/p99;
+//! - Wake-on-LAN to one sleeping machine (`--requests` requests, one machine each, as the
+//!   Agents page sends them), p50/p99, after a first request timed on its own (it reads the
+//!   online agents to choose relays from);
 //! - a call to the wake-up group: from the API request until the console's live event for
 //!   the first `sent` (the broker took the first wake-up);
 //! - the console's resident memory, idle and after the call.
@@ -131,6 +134,10 @@ pub struct ConsoleReport {
     pub call_agents: u64,
     /// `POST /api/v1/calls` response time, milliseconds.
     pub call_response_ms: Option<f64>,
+    /// The first Wake-on-LAN request's response time, milliseconds: it reads the online
+    /// agents to choose relays from (the others reuse them for 30 s).
+    #[serde(default)]
+    pub wol_first_ms: Option<f64>,
     /// From the request until the live event of the first `sent`, milliseconds.
     pub first_sent_ms: Option<f64>,
     /// Console RSS idle, KiB.
@@ -220,6 +227,7 @@ impl ConsoleReport {
                 ),
             ),
             ("call: API response (ms)", f(self.call_response_ms)),
+            ("Wake-on-LAN: first request (ms)", f(self.wol_first_ms)),
             (
                 "console RSS idle / after the call (MiB)",
                 format!("{} / {}", mib(self.rss_idle_kib), mib(self.rss_after_kib)),
@@ -615,8 +623,65 @@ async fn measure(
         });
     }
 
+    wake_on_lan(report, &mut client, n, agents).await?;
     the_call(report, console_addr, token, &mut client).await?;
     report.rss_after_kib = procs.sample(console.pid).ok().map(|s| s.rss_kib);
+    Ok(())
+}
+
+/// Wake-on-LAN to one sleeping machine at a time, as the Agents page sends it for each
+/// selected agent: the console sends its packets and asks an online agent of the machine's
+/// subnet to relay them. The settings send one packet to 127.0.0.1 (the made-up addresses
+/// lead nowhere on this machine), so that what is timed is the console's own work: the
+/// settings, the relay's choice among the online agents, signing and recording.
+async fn wake_on_lan(
+    report: &mut ConsoleReport,
+    client: &mut HttpClient,
+    requests: usize,
+    agents: u64,
+) -> anyhow::Result<()> {
+    let mut settings = api(client, "GET", "/api/v1/settings", None, 200).await?;
+    settings["wol"]["addresses"] = serde_json::json!(["127.0.0.1"]);
+    settings["wol"]["subnet_broadcast"] = false.into();
+    settings["wol"]["repeats"] = 1.into();
+    api(client, "PUT", "/api/v1/settings", Some(settings), 200).await?;
+    // Seeded agent i is offline when i % 10 is 6, 7 or 8.
+    let tens = agents / 10;
+    if tens == 0 {
+        return Ok(());
+    }
+    let path = |k: usize| {
+        let i = (k as u64).wrapping_mul(7919).wrapping_add(13) % tens * 10 + 6 + k as u64 % 3;
+        format!("/api/v1/agents/{SEED_AGENT_PREFIX}{i}/wol")
+    };
+    let mut micros = Vec::with_capacity(requests);
+    for k in 0..=requests {
+        let t = Instant::now();
+        let sends = api(client, "POST", &path(k), None, 200).await?;
+        let took = t.elapsed();
+        if k == 0 {
+            report.wol_first_ms = Some(took.as_secs_f64() * 1000.0);
+        } else {
+            micros.push(took.as_micros() as u64);
+        }
+        // Every seeded agent shares one subnet: each machine has a relay.
+        let relayed = sends.as_array().is_some_and(|sends| {
+            sends.iter().any(|s| s["via_agent"].is_string())
+                && sends.iter().any(|s| s["packets"].as_u64() == Some(1))
+        });
+        if !relayed {
+            bail!(
+                "POST {}: no packet sent or no relay asked: {sends}",
+                path(k)
+            );
+        }
+    }
+    report.pages.push(PageTiming {
+        what: "Wake-on-LAN to one machine".to_owned(),
+        example: format!("POST {}", path(1)),
+        latency: Percentiles::of_micros(&mut micros),
+        target_p99_ms: PAGE_TARGET_MS,
+    });
     Ok(())
 }
 

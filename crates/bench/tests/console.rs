@@ -1,6 +1,6 @@
 //! `beckon bench console` at a tiny size on SQLite, with the `beckon` binary named by
 //! `BECKON_BIN` as console and broker: the registry is written, every page is timed, the
-//! call's first wake-up is seen sent, idle CPU and memory are read, and the table names
+//! Wake-on-LAN sends its packet and asks a relay, the call's first wake-up is seen sent, idle CPU and memory are read, and the table names
 //! each figure with its target. Correctness only: the figures are printed, never asserted.
 
 mod common;
@@ -66,6 +66,7 @@ fn a_small_registry_gets_every_figure() {
             "calls list",
             "one call's page",
             "a call's deliveries by state",
+            "Wake-on-LAN to one machine",
         ]
     );
     for p in pages {
@@ -74,6 +75,7 @@ fn a_small_registry_gets_every_figure() {
     for pointer in [
         "/first_sent_ms",
         "/call_response_ms",
+        "/wol_first_ms",
         "/idle_cpu_percent",
         "/rss_idle_kib",
         "/rss_after_kib",
@@ -89,6 +91,9 @@ fn a_small_registry_gets_every_figure() {
         .lines()
         .filter(|l| l.ends_with(" PASS") || l.ends_with(" MISS"))
         .count();
-    assert_eq!(verdicts, 10, "idle CPU, 8 pages, first wake-up:\n{table}");
+    assert_eq!(
+        verdicts, 11,
+        "idle CPU, 8 pages, Wake-on-LAN, first wake-up:\n{table}"
+    );
     assert!(!table.contains("  -\n"), "a figure is missing:\n{table}");
 }

@@ -298,6 +298,9 @@ pub struct AppState {
     pub dispatch: mpsc::Sender<dispatch::Command>,
     /// Wakes the recorder of large calls' later chunks ([`dispatch::record`]).
     pub recording: Arc<tokio::sync::Notify>,
+    /// The agents Wake-on-LAN may relay through, read at most every 30 s for every call and
+    /// request: one machine's Wake-on-LAN does not read the whole fleet each time.
+    pub relays: Arc<dispatch::Relays>,
     /// The push-service status.
     pub push: Arc<Mutex<PushStatus>>,
     /// Configuration.
@@ -452,6 +455,7 @@ impl Console {
             events,
             dispatch: dispatch_tx,
             recording: Arc::new(tokio::sync::Notify::new()),
+            relays: Arc::default(),
             push: Arc::new(Mutex::new(PushStatus {
                 connected: false,
                 message:

@@ -139,7 +139,6 @@ pub(super) async fn create_call(
         let call_id = call.id.clone();
         let ids = targeted.clone();
         tokio::spawn(async move {
-            let relays = dispatch::Relays::default();
             // A thousand agents per store trip, of which only those not online are read.
             for part in ids.chunks(WOL_AGENTS_PER_READ) {
                 let part = part.to_vec();
@@ -150,11 +149,10 @@ pub(super) async fn create_call(
                         continue;
                     }
                 };
-                let (st2, relays, call_id) = (&st2, &relays, &call_id);
+                let (st2, call_id) = (&st2, &call_id);
                 futures_util::stream::iter(asleep)
                     .for_each_concurrent(WOL_AT_ONCE, |agent| async move {
-                        let _ =
-                            dispatch::wake_on_lan(st2, &agent, Some(call_id.clone()), relays).await;
+                        let _ = dispatch::wake_on_lan(st2, &agent, Some(call_id.clone())).await;
                     })
                     .await;
             }

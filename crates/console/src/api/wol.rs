@@ -19,7 +19,7 @@ pub(super) async fn wol_now(a: Operator, Path(id): Path<String>) -> ApiResult<Js
             format!("agent {:?} was revoked", agent.id),
         ));
     }
-    let sends = dispatch::wake_on_lan(&a.st, &agent, None, &dispatch::Relays::default()).await?;
+    let sends = dispatch::wake_on_lan(&a.st, &agent, None).await?;
     if sends.is_empty() {
         return Err(ApiError::new(
             StatusCode::UNPROCESSABLE_ENTITY,

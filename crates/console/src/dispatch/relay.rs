@@ -64,44 +64,49 @@ pub const RELAY_LIFETIME_SECS: u32 = 120;
 /// since is out of the choice within this time.
 const RELAY_CANDIDATES_FOR: Duration = Duration::from_secs(30);
 
-/// The relays Wake-on-LAN may go through, read from the store when first needed and again
-/// once [`RELAY_CANDIDATES_FOR`] has passed. One for each call (shared by the machines it
-/// wakes at once), or each request.
+/// The relays Wake-on-LAN may go through: the online agents, read from the store when first
+/// needed, used for [`RELAY_CANDIDATES_FOR`] by every call and request of the console
+/// ([`AppState::relays`]), then let go (a fleet's addresses are not kept for one machine
+/// woken an hour ago).
 #[derive(Debug, Default)]
 pub struct Relays {
     index: tokio::sync::Mutex<Option<(Instant, RelayIndex)>>,
 }
 
-impl Relays {
-    /// For each relay subnet of `target`, the agent to relay through and the subnet's
-    /// broadcast address ([`RelayIndex::choose`]).
-    async fn choose(
-        &self,
-        st: &AppState,
-        target: &Agent,
-        loopback: bool,
-    ) -> StoreResult<Vec<(String, std::net::Ipv4Addr)>> {
-        // Held while the candidates are read: the machines woken beside this one wait for
-        // the same read instead of each reading the fleet.
-        let mut index = self.index.lock().await;
-        let kept = match index.take() {
-            Some((read, kept)) if read.elapsed() <= RELAY_CANDIDATES_FOR => (read, kept),
-            _ => {
-                let candidates = st.store.run(|s| s.relay_candidates()).await?;
-                (Instant::now(), RelayIndex::new(candidates))
-            }
-        };
-        Ok(index.insert(kept).1.choose(target, loopback))
-    }
+/// For each relay subnet of `target`, the agent to relay through and the subnet's broadcast
+/// address ([`RelayIndex::choose`]), from the console's [`Relays`].
+async fn choose_relays(
+    st: &AppState,
+    target: &Agent,
+    loopback: bool,
+) -> StoreResult<Vec<(String, std::net::Ipv4Addr)>> {
+    // Held while the candidates are read: the machines woken beside this one wait for the
+    // same read instead of each reading the fleet.
+    let mut index = st.relays.index.lock().await;
+    let kept = match index.take() {
+        Some((read, kept)) if read.elapsed() <= RELAY_CANDIDATES_FOR => (read, kept),
+        _ => {
+            let candidates = st.store.run(|s| s.relay_candidates()).await?;
+            let read = Instant::now();
+            let relays = st.relays.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(RELAY_CANDIDATES_FOR).await;
+                let mut index = relays.index.lock().await;
+                if index.as_ref().is_some_and(|(at, _)| *at == read) {
+                    *index = None;
+                }
+            });
+            (read, RelayIndex::new(candidates))
+        }
+    };
+    Ok(index.insert(kept).1.choose(target, loopback))
 }
 
-/// Sends Wake-on-LAN for each MAC of `agent` to each destination, recording every send;
-/// relays are chosen from `relays`.
+/// Sends Wake-on-LAN for each MAC of `agent` to each destination, recording every send.
 pub async fn wake_on_lan(
     st: &AppState,
     agent: &Agent,
     call_id: Option<String>,
-    relays: &Relays,
 ) -> StoreResult<Vec<WolSend>> {
     let settings = st.store.run(|s| s.settings()).await?;
     let wol = settings.wol;
@@ -133,7 +138,7 @@ pub async fn wake_on_lan(
         }
     }
     if wol.relay {
-        sends.extend(request_relays(st, agent, call_id, &wol, relays).await?);
+        sends.extend(request_relays(st, agent, call_id, &wol).await?);
     }
     Ok(sends)
 }
@@ -145,7 +150,6 @@ async fn request_relays(
     agent: &Agent,
     call_id: Option<String>,
     wol: &crate::settings::WolSettings,
-    relays: &Relays,
 ) -> StoreResult<Vec<WolSend>> {
     let macs: Vec<String> = agent
         .inventory
@@ -159,7 +163,7 @@ async fn request_relays(
     if macs.is_empty() || relay_subnets(&agent.inventory.addresses, loopback).is_empty() {
         return Ok(Vec::new());
     }
-    let relays = relays.choose(st, agent, loopback).await?;
+    let relays = choose_relays(st, agent, loopback).await?;
     let mut sends = Vec::new();
     for (relay, broadcast) in relays {
         let now = now_ms();
