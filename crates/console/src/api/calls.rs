@@ -139,6 +139,13 @@ pub(super) async fn create_call(
         let call_id = call.id.clone();
         let ids = targeted.clone();
         tokio::spawn(async move {
+            let wol = match st2.store.run(|s| s.settings()).await {
+                Ok(settings) => settings.wol,
+                Err(e) => {
+                    tracing::warn!(error = %e, call = %call_id, "reading the Wake-on-LAN settings failed: no machine of the call is woken by Wake-on-LAN");
+                    return;
+                }
+            };
             // A thousand agents per store trip, of which only those not online are read.
             for part in ids.chunks(WOL_AGENTS_PER_READ) {
                 let part = part.to_vec();
@@ -149,10 +156,11 @@ pub(super) async fn create_call(
                         continue;
                     }
                 };
-                let (st2, call_id) = (&st2, &call_id);
+                let (st2, call_id, wol) = (&st2, &call_id, &wol);
                 futures_util::stream::iter(asleep)
                     .for_each_concurrent(WOL_AT_ONCE, |agent| async move {
-                        let _ = dispatch::wake_on_lan(st2, &agent, Some(call_id.clone())).await;
+                        let _ =
+                            dispatch::wake_on_lan(st2, &agent, Some(call_id.clone()), wol).await;
                     })
                     .await;
             }

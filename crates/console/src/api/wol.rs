@@ -19,7 +19,8 @@ pub(super) async fn wol_now(a: Operator, Path(id): Path<String>) -> ApiResult<Js
             format!("agent {:?} was revoked", agent.id),
         ));
     }
-    let sends = dispatch::wake_on_lan(&a.st, &agent, None).await?;
+    let wol = a.run(|s| s.settings()).await?.wol;
+    let sends = dispatch::wake_on_lan(&a.st, &agent, None, &wol).await?;
     if sends.is_empty() {
         return Err(ApiError::new(
             StatusCode::UNPROCESSABLE_ENTITY,

@@ -102,16 +102,16 @@ async fn choose_relays(
     Ok(index.insert(kept).1.choose(target, loopback))
 }
 
-/// Sends Wake-on-LAN for each MAC of `agent` to each destination, recording every send.
+/// Sends Wake-on-LAN for each MAC of `agent` to each destination of `wol` (the settings,
+/// read once by the caller: a call's thousands of machines share them), recording every send.
 pub async fn wake_on_lan(
     st: &AppState,
     agent: &Agent,
     call_id: Option<String>,
+    wol: &crate::settings::WolSettings,
 ) -> StoreResult<Vec<WolSend>> {
-    let settings = st.store.run(|s| s.settings()).await?;
-    let wol = settings.wol;
     let secureon = crate::wol::parse_secureon(&wol.secureon).unwrap_or(None);
-    let destinations = crate::wol::destinations(&agent.inventory.addresses, &wol);
+    let destinations = crate::wol::destinations(&agent.inventory.addresses, wol);
     let mut sends = Vec::new();
     for mac_text in &agent.inventory.macs {
         let Ok(mac) = mac_text.parse::<crate::wol::MacAddress>() else {
@@ -138,7 +138,7 @@ pub async fn wake_on_lan(
         }
     }
     if wol.relay {
-        sends.extend(request_relays(st, agent, call_id, &wol).await?);
+        sends.extend(request_relays(st, agent, call_id, wol).await?);
     }
     Ok(sends)
 }
