@@ -54,6 +54,8 @@ def select_agent(browser, agent_id):
     lives in the page's state and survives, so the box is looked up again until it shows ticked."""
     def tick(b):
         box = b.find_element(By.CSS_SELECTOR, f"input.agent-select[data-agent-id='{agent_id}']")
+        if not (box.is_displayed() and box.is_enabled()):
+            return False
         if not box.is_selected():
             box.click()
         return box.is_selected()

@@ -553,7 +553,6 @@ async fn measure(
     let n = args.requests.max(1);
     let agents = args.agents.max(1);
     let calls = report.calls.max(1);
-    let pick = |k: usize, m: u64| (k as u64).wrapping_mul(7919).wrapping_add(13) % m;
     let presences = ["online", "offline", "unknown"];
     let states = ["finished", "expired", "failed"];
     let mut pages: Vec<(&str, PagePath)> = vec![
@@ -629,6 +628,11 @@ async fn measure(
     Ok(())
 }
 
+/// The `k`th of `m` things, spread over them as people's requests are.
+fn pick(k: usize, m: u64) -> u64 {
+    (k as u64).wrapping_mul(7919).wrapping_add(13) % m
+}
+
 /// Wake-on-LAN to one sleeping machine at a time, as the Agents page sends it for each
 /// selected agent: the console sends its packets and asks an online agent of the machine's
 /// subnet to relay them. The settings send one packet to 127.0.0.1 (the made-up addresses
@@ -640,20 +644,20 @@ async fn wake_on_lan(
     requests: usize,
     agents: u64,
 ) -> anyhow::Result<()> {
-    let mut settings = api(client, "GET", "/api/v1/settings", None, 200).await?;
-    settings["wol"]["addresses"] = serde_json::json!(["127.0.0.1"]);
-    settings["wol"]["subnet_broadcast"] = false.into();
-    settings["wol"]["repeats"] = 1.into();
-    api(client, "PUT", "/api/v1/settings", Some(settings), 200).await?;
     // Seeded agent i is offline when i % 10 is 6, 7 or 8.
     let tens = agents / 10;
     if tens == 0 {
         return Ok(());
     }
     let path = |k: usize| {
-        let i = (k as u64).wrapping_mul(7919).wrapping_add(13) % tens * 10 + 6 + k as u64 % 3;
+        let i = pick(k, tens) * 10 + 6 + k as u64 % 3;
         format!("/api/v1/agents/{SEED_AGENT_PREFIX}{i}/wol")
     };
+    let mut settings = api(client, "GET", "/api/v1/settings", None, 200).await?;
+    settings["wol"]["addresses"] = serde_json::json!(["127.0.0.1"]);
+    settings["wol"]["subnet_broadcast"] = false.into();
+    settings["wol"]["repeats"] = 1.into();
+    api(client, "PUT", "/api/v1/settings", Some(settings), 200).await?;
     let mut micros = Vec::with_capacity(requests);
     for k in 0..=requests {
         let t = Instant::now();

@@ -1,7 +1,8 @@
 //! `beckon bench console` at a tiny size on SQLite, with the `beckon` binary named by
-//! `BECKON_BIN` as console and broker: the registry is written, every page is timed, the
-//! Wake-on-LAN sends its packet and asks a relay, the call's first wake-up is seen sent, idle CPU and memory are read, and the table names
-//! each figure with its target. Correctness only: the figures are printed, never asserted.
+//! `BECKON_BIN` as console and broker: the registry is written, every page is timed,
+//! Wake-on-LAN sends its packet and asks a relay, the call's first wake-up is seen sent, idle
+//! CPU and memory are read, and the table names each figure with its target. Correctness
+//! only: the figures are printed, never asserted.
 
 mod common;
 

@@ -235,15 +235,7 @@ fn record_while_pc3_is_revoked<T: Send>(
 ) -> (T, bool) {
     let mut holder = postgres::Client::connect(server, postgres::NoTls).unwrap();
     let mut watcher = postgres::Client::connect(server, postgres::NoTls).unwrap();
-    let mut waiting_on_locks = || -> i64 {
-        watcher
-            .query_one(
-                "SELECT COUNT(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'",
-                &[],
-            )
-            .unwrap()
-            .get(0)
-    };
+    let mut waiting_on_locks = || waiting_on_locks(&mut watcher);
     let mut held = holder.transaction().unwrap();
     held.execute("SELECT 1 FROM calls WHERE id = 'earlier' FOR UPDATE", &[])
         .unwrap();
@@ -261,6 +253,61 @@ fn record_while_pc3_is_revoked<T: Send>(
     });
     revoked.unwrap();
     (recorded, waited)
+}
+
+/// The sessions of this test's database waiting for a lock.
+fn waiting_on_locks(watcher: &mut postgres::Client) -> i64 {
+    watcher
+        .query_one(
+            "SELECT COUNT(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'",
+            &[],
+        )
+        .unwrap()
+        .get(0)
+}
+
+/// On PostgreSQL a removal reads the agent's unfinished deliveries, then fails each in the
+/// state it read. The dispatcher (another connection) may move one meanwhile, queued to
+/// sent: that update then changed nothing, and the removed agent kept a `sent` delivery.
+/// Here the move is held uncommitted across the removal's read.
+#[test]
+fn a_delivery_moved_while_its_agent_is_removed_fails_on_postgresql() {
+    let (s, Some(server), _dir) = four_agents_called_earlier(4_096) else {
+        return;
+    };
+    let (_, pending) = s.pending_for_agent("pc-3", 1_500).unwrap().remove(0);
+    let mut holder = postgres::Client::connect(&server, postgres::NoTls).unwrap();
+    let mut watcher = postgres::Client::connect(&server, postgres::NoTls).unwrap();
+    let mut moving = holder.transaction().unwrap();
+    moving
+        .execute(
+            "UPDATE deliveries SET state = 'sent', sent_at = 1500 WHERE wakeup_id = $1",
+            &[&pending.wakeup_id],
+        )
+        .unwrap();
+    moving
+        .execute(
+            "UPDATE calls SET n_queued = n_queued - 1, n_sent = n_sent + 1 WHERE id = 'earlier'",
+            &[],
+        )
+        .unwrap();
+    let (revoked, held) = std::thread::scope(|scope| {
+        let revoke = scope.spawn(|| s.revoke_agent("pc-3", 2_000));
+        let held = until(|| waiting_on_locks(&mut watcher) == 1);
+        moving.commit().unwrap();
+        (revoke.join().unwrap(), held)
+    });
+    revoked.unwrap();
+    assert!(held, "the removal never waited for the moving delivery");
+    assert!(states_of(&s, "earlier").contains(&("pc-3".into(), CallState::Failed)));
+    let earlier = s.call("earlier").unwrap();
+    assert_eq!(
+        earlier.counts.get(&CallState::Sent),
+        None,
+        "{:?}",
+        earlier.counts
+    );
+    assert_eq!(earlier.counts.values().sum::<u32>(), earlier.targeted);
 }
 
 /// Four agents, and a call "earlier" to all of them recorded (pc-3's revocation then changes

@@ -123,8 +123,9 @@ pub(super) async fn revoke_agent(a: Admin, Path(id): Path<String>) -> ApiResult<
 }
 
 /// Tells the broker about removed agents through its tenant file (console restarts rewrite
-/// it too).
+/// it too), and drops the relays read before their removal.
 async fn publish_revocations(a: &Caller, ids: &[String]) {
+    a.st.relays.forget().await;
     match crate::tenant_file::publish(&a.st).await {
         Ok(written) => {
             tracing::info!(agents = ?ids, tenant_file_written = written, "agents removed: revoked");

@@ -73,6 +73,14 @@ pub struct Relays {
     index: tokio::sync::Mutex<Option<(Instant, RelayIndex)>>,
 }
 
+impl Relays {
+    /// Lets the online agents go, to be read again at the next need: after agents were
+    /// removed, none of them is asked to relay.
+    pub async fn forget(&self) {
+        *self.index.lock().await = None;
+    }
+}
+
 /// For each relay subnet of `target`, the agent to relay through and the subnet's broadcast
 /// address ([`RelayIndex::choose`]), from the console's [`Relays`].
 async fn choose_relays(

@@ -592,9 +592,21 @@ impl AgentStore for SqlStore {
     }
 
     fn revoke_agent(&self, id: &str, now: Millis) -> StoreResult<()> {
-        self.write(|tx| {
-            tx.order_with_revocations(RevocationOrder::Exclusive)
-                .map_err(sql("waiting for wake-ups being recorded"))?;
+        // An unknown or removed id is refused without waiting for the calls being recorded
+        // (a removal of a thousand ids would otherwise hold them up a thousand times).
+        let known: Option<i64> = self.read(|conn| {
+            query_opt(
+                conn,
+                "SELECT 1 FROM agents WHERE id = ?1 AND revoked = 0",
+                params![id],
+                |r| r.get(0),
+                "finding an agent to revoke",
+            )
+        })?;
+        if known.is_none() {
+            return Err(not_found("agent", id));
+        }
+        self.write_ordered(RevocationOrder::Exclusive, |tx| {
             let n = exec(
                 tx,
                 "UPDATE agents SET revoked = 1, revoked_at = ?2 WHERE id = ?1 AND revoked = 0",
@@ -609,27 +621,35 @@ impl AgentStore for SqlStore {
                 "revoking an agent's certificates",
             )?;
             feed_revocation_change(tx, id)?;
-            // Each unfinished delivery on its own, so that its call's counts follow.
-            let unfinished: Vec<(String, String, String)> = query_all(
-                tx,
-                "SELECT wakeup_id, call_id, state FROM deliveries WHERE agent_id = ?1 AND state IN ('queued', 'sent', 'delivered', 'started') ORDER BY wakeup_id",
-                params![id],
-                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
-                "reading a revoked agent's wake-ups",
-            )?;
+            // Each unfinished delivery on its own, so that its call's counts follow. On
+            // PostgreSQL another connection may move one (queued to sent, an ack) between
+            // the read and its update, which then changes nothing: read again, until none is
+            // left (a delivery moves at most four times before it is finished).
             let mut counts = calls::CountChanges::default();
-            for (wakeup_id, call_id, state) in unfinished {
-                let Some(from) = CallState::parse(&state) else {
-                    continue;
-                };
-                let failed = exec(
+            for _ in 0..5 {
+                let unfinished: Vec<(String, String, String)> = query_all(
                     tx,
-                    "UPDATE deliveries SET state = 'failed', finished_at = ?1, detail = 'the agent was revoked' WHERE wakeup_id = ?2 AND state = ?3",
-                    params![now, &wakeup_id, &state],
-                    "failing a revoked agent's wake-ups",
+                    "SELECT wakeup_id, call_id, state FROM deliveries WHERE agent_id = ?1 AND state IN ('queued', 'sent', 'delivered', 'started') ORDER BY wakeup_id",
+                    params![id],
+                    |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+                    "reading a revoked agent's wake-ups",
                 )?;
-                if failed == 1 {
-                    counts.moved(&call_id, from, CallState::Failed);
+                if unfinished.is_empty() {
+                    break;
+                }
+                for (wakeup_id, call_id, state) in unfinished {
+                    let Some(from) = CallState::parse(&state) else {
+                        continue;
+                    };
+                    let failed = exec(
+                        tx,
+                        "UPDATE deliveries SET state = 'failed', finished_at = ?1, detail = 'the agent was revoked' WHERE wakeup_id = ?2 AND state = ?3",
+                        params![now, &wakeup_id, &state],
+                        "failing a revoked agent's wake-ups",
+                    )?;
+                    if failed == 1 {
+                        counts.moved(&call_id, from, CallState::Failed);
+                    }
                 }
             }
             counts.write(tx)

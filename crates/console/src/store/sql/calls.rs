@@ -378,9 +378,7 @@ impl CallStore for SqlStore {
         new_wakeup_id: &mut dyn FnMut() -> String,
     ) -> StoreResult<(WakeCall, Vec<CallDelivery>, Vec<String>)> {
         let chunk = self.call_chunk;
-        self.write(|tx| {
-            tx.order_with_revocations(RevocationOrder::Shared)
-                .map_err(sql("waiting for an agent's revocation"))?;
+        self.write_ordered(RevocationOrder::Shared, |tx| {
             let agent_ids = resolve_target(tx, &call.target)?;
             if agent_ids.is_empty() {
                 return Err(StoreError::Invalid(format!(

@@ -267,7 +267,7 @@ pub trait Conn {
 }
 
 /// How a transaction takes [`Conn::order_with_revocations`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy)]
 pub enum RevocationOrder {
     /// Writes deliveries for agents read as live: any number at once.
     Shared,
@@ -430,6 +430,22 @@ impl SqlStore {
                 result => return result,
             }
         }
+    }
+
+    /// [`write`](Self::write), ordered against agents' revocations: takes
+    /// [`Conn::order_with_revocations`] as the transaction's first statement, then runs `f`.
+    pub(crate) fn write_ordered<T>(
+        &self,
+        order: RevocationOrder,
+        f: impl FnOnce(&mut dyn Conn) -> StoreResult<T>,
+    ) -> StoreResult<T> {
+        self.write(|tx| {
+            tx.order_with_revocations(order).map_err(sql(match order {
+                RevocationOrder::Shared => "waiting for an agent's revocation",
+                RevocationOrder::Exclusive => "waiting for wake-ups being recorded",
+            }))?;
+            f(tx)
+        })
     }
 
     /// Runs `f` in one transaction: all of its changes or none.

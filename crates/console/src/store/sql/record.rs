@@ -52,9 +52,7 @@ pub(super) fn record_chunk(
     now: Millis,
     new_wakeup_id: &mut dyn FnMut() -> String,
 ) -> StoreResult<Option<RecordedChunk>> {
-    store.write(|tx| {
-        tx.order_with_revocations(RevocationOrder::Shared)
-            .map_err(sql("waiting for an agent's revocation"))?;
+    store.write_ordered(RevocationOrder::Shared, |tx| {
         let next: Option<(i64, String)> = query_opt(
             tx,
             "SELECT chunk, agent_ids FROM call_unrecorded WHERE call_id = ?1 ORDER BY chunk LIMIT 1",
