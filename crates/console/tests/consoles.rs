@@ -221,6 +221,44 @@ fn a_large_call_cut_off_mid_recording_is_finished_by_the_console_taking_it_over(
     }
 }
 
+/// Removes pc-3 while another session holds what `hold` locks (uncommitted), and runs
+/// `meanwhile` once the removal waits for it; then commits the hold. Returns what
+/// `meanwhile` returned, whether the removal waited for the hold, and whether `meanwhile`
+/// waited for the removal. Nothing stays blocked: the hold is committed whatever happened
+/// (or rolled back by unwinding) before the threads are joined.
+fn remove_pc3_while_held<T: Send>(
+    s: &SqlStore,
+    server: &str,
+    hold: &[String],
+    meanwhile: impl FnOnce() -> T + Send,
+) -> (T, bool, bool) {
+    let mut holder = postgres::Client::connect(server, postgres::NoTls).unwrap();
+    let mut watcher = postgres::Client::connect(server, postgres::NoTls).unwrap();
+    let mut waiting_on_locks = || waiting_on_locks(&mut watcher);
+    let mut held = holder.transaction().unwrap();
+    for statement in hold {
+        held.execute(statement.as_str(), &[]).unwrap();
+    }
+    let (revoked, result, removal_waited, waited) = std::thread::scope(|scope| {
+        let revoke = scope.spawn(|| s.revoke_agent("pc-3", 2_000));
+        let removal_waited = until(|| waiting_on_locks() == 1);
+        let running = scope.spawn(meanwhile);
+        // Ordered, it waits for the removal; unordered, it finishes meanwhile.
+        let waited = removal_waited
+            && until(|| running.is_finished() || waiting_on_locks() == 2)
+            && !running.is_finished();
+        held.commit().unwrap();
+        (
+            revoke.join().unwrap(),
+            running.join().unwrap(),
+            removal_waited,
+            waited,
+        )
+    });
+    revoked.unwrap();
+    (result, removal_waited, waited)
+}
+
 /// On PostgreSQL an agent's revocation and the recording of a call to it run on separate
 /// connections. The recording reads which agents are live; the revocation fails the agent's
 /// unfinished deliveries. If each read before the other committed, the revoked agent kept a
@@ -233,25 +271,8 @@ fn record_while_pc3_is_revoked<T: Send>(
     server: &str,
     record: impl FnOnce() -> T + Send,
 ) -> (T, bool) {
-    let mut holder = postgres::Client::connect(server, postgres::NoTls).unwrap();
-    let mut watcher = postgres::Client::connect(server, postgres::NoTls).unwrap();
-    let mut waiting_on_locks = || waiting_on_locks(&mut watcher);
-    let mut held = holder.transaction().unwrap();
-    held.execute("SELECT 1 FROM calls WHERE id = 'earlier' FOR UPDATE", &[])
-        .unwrap();
-    let (revoked, recorded, waited) = std::thread::scope(|scope| {
-        let revoke = scope.spawn(|| s.revoke_agent("pc-3", 2_000));
-        let revoke_held = until(|| waiting_on_locks() == 1);
-        let recording = scope.spawn(record);
-        // Ordered, the recording waits for the revocation; unordered, it finishes meanwhile.
-        let waited = revoke_held
-            && until(|| recording.is_finished() || waiting_on_locks() == 2)
-            && !recording.is_finished();
-        // Whatever happened, nothing stays blocked past here.
-        held.commit().unwrap();
-        (revoke.join().unwrap(), recording.join().unwrap(), waited)
-    });
-    revoked.unwrap();
+    let hold = ["SELECT 1 FROM calls WHERE id = 'earlier' FOR UPDATE".to_owned()];
+    let (recorded, _, waited) = remove_pc3_while_held(s, server, &hold, record);
     (recorded, waited)
 }
 
@@ -276,28 +297,15 @@ fn a_delivery_moved_while_its_agent_is_removed_fails_on_postgresql() {
         return;
     };
     let (_, pending) = s.pending_for_agent("pc-3", 1_500).unwrap().remove(0);
-    let mut holder = postgres::Client::connect(&server, postgres::NoTls).unwrap();
-    let mut watcher = postgres::Client::connect(&server, postgres::NoTls).unwrap();
-    let mut moving = holder.transaction().unwrap();
-    moving
-        .execute(
-            "UPDATE deliveries SET state = 'sent', sent_at = 1500 WHERE wakeup_id = $1",
-            &[&pending.wakeup_id],
-        )
-        .unwrap();
-    moving
-        .execute(
-            "UPDATE calls SET n_queued = n_queued - 1, n_sent = n_sent + 1 WHERE id = 'earlier'",
-            &[],
-        )
-        .unwrap();
-    let (revoked, held) = std::thread::scope(|scope| {
-        let revoke = scope.spawn(|| s.revoke_agent("pc-3", 2_000));
-        let held = until(|| waiting_on_locks(&mut watcher) == 1);
-        moving.commit().unwrap();
-        (revoke.join().unwrap(), held)
-    });
-    revoked.unwrap();
+    let moving = [
+        format!(
+            "UPDATE deliveries SET state = 'sent', sent_at = 1500 WHERE wakeup_id = '{}'",
+            pending.wakeup_id
+        ),
+        "UPDATE calls SET n_queued = n_queued - 1, n_sent = n_sent + 1 WHERE id = 'earlier'"
+            .to_owned(),
+    ];
+    let ((), held, _) = remove_pc3_while_held(&s, &server, &moving, || ());
     assert!(held, "the removal never waited for the moving delivery");
     assert!(states_of(&s, "earlier").contains(&("pc-3".into(), CallState::Failed)));
     let earlier = s.call("earlier").unwrap();
