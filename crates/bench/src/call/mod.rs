@@ -83,6 +83,10 @@ pub struct CallArgs {
     /// `receive_maximum=1000`); repeat for several. Default: the broker's own limits.
     #[arg(long, value_name = "KEY=VALUE", value_parser = parse_limit)]
     pub broker_limit: Vec<(String, u64)>,
+    /// Calls to every agent made (each until all are `delivered`) before the measured one:
+    /// the console keeps every call's deliveries, so a console in use has history.
+    #[arg(long, default_value_t = 0)]
+    pub earlier_calls: usize,
     /// Wait before the call, once every agent is online in the console, seconds.
     #[arg(long, default_value_t = 2.0)]
     pub settle_secs: f64,
@@ -118,6 +122,11 @@ pub struct CallReport {
     pub console_online_wait_s: f64,
     /// Agents the console had online when the call was made.
     pub console_online: u64,
+    /// Calls made before the measured one, and how long they took together, seconds.
+    #[serde(default)]
+    pub earlier_calls: usize,
+    #[serde(default)]
+    pub earlier_calls_s: f64,
     /// The call's id.
     pub call_id: Option<String>,
     /// Agents the call addressed (from the API's answer).
@@ -203,6 +212,10 @@ impl CallReport {
             ("connected and subscribed", self.connected.to_string()),
             ("connect: all (s)", f(Some(self.connect_s))),
             ("online in the console", self.console_online.to_string()),
+            (
+                "earlier calls: how many / all (s)",
+                format!("{} / {}", self.earlier_calls, f(Some(self.earlier_calls_s))),
+            ),
             ("agents addressed by the call", self.call_agents.to_string()),
             ("API response (ms)", f(Some(self.api_response_ms))),
             ("all sent, live events (ms)", f(self.all_sent_ms)),

@@ -43,6 +43,7 @@ pub(super) async fn the_call(
         client,
     } = console_api;
     wait_online(client, report).await?;
+    earlier_calls(client, report, args.earlier_calls, args.wait_secs).await?;
     tokio::time::sleep(Duration::from_secs_f64(args.settle_secs.max(0.0))).await;
 
     // Live state changes, subscribed before the call.
@@ -160,6 +161,48 @@ pub(super) async fn the_call(
     collect_wakeups(args, report, workers, t0).await?;
 
     read_stored(client, report, &call_id, t0, target).await
+}
+
+/// Makes `n` calls to every agent, one after the other, each until the console counts all
+/// of its deliveries `delivered` or further (read from the calls list), within `wait_secs` each.
+async fn earlier_calls(
+    client: &mut HttpClient,
+    report: &mut CallReport,
+    n: usize,
+    wait_secs: f64,
+) -> anyhow::Result<()> {
+    let started = Instant::now();
+    for i in 0..n {
+        let mut scratch = CallReport::default();
+        let call_id = create_call(client, &mut scratch, Instant::now()).await?;
+        let deadline = Instant::now() + Duration::from_secs_f64(wait_secs.max(1.0));
+        loop {
+            let calls = api(client, "GET", "/api/v1/calls?limit=5", None, 200).await?;
+            let done = calls
+                .as_array()
+                .and_then(|a| a.iter().find(|c| c["id"] == call_id.as_str()))
+                .map_or(0, |c| {
+                    ["delivered", "started", "finished"]
+                        .iter()
+                        .map(|s| c["counts"][*s].as_u64().unwrap_or(0))
+                        .sum::<u64>()
+                });
+            if done >= scratch.call_agents {
+                break;
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "earlier call {} of {n}: {done} of {} agents delivered after {wait_secs} s",
+                    i + 1,
+                    scratch.call_agents
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+    report.earlier_calls = n;
+    report.earlier_calls_s = started.elapsed().as_secs_f64();
+    Ok(())
 }
 
 /// Waits until the console has taken in every agent's presence (it resends pending
