@@ -241,12 +241,20 @@ pub fn step_back_before(database: &DatabaseUrl, version: i64) {
     );
     assert_eq!(
         (SCHEMA_VERSION, POSTGRES_SCHEMA_VERSION),
-        (13, 11),
+        (14, 12),
         "a new schema version: add its undo to step_back_before"
     );
     let sqlite = matches!(database, DatabaseUrl::Sqlite(_));
     for v in (version..=SCHEMA_VERSION).rev() {
         let undo: Vec<String> = match v {
+            14 => [
+                "DROP INDEX calls_created",
+                "DROP INDEX wol_sends_agent_id",
+                "CREATE INDEX wol_sends_agent ON wol_sends(agent_id, at)",
+                "DROP INDEX agent_certificates_revoked",
+            ]
+            .map(String::from)
+            .into(),
             13 => vec![
                 "DROP TABLE call_unrecorded".into(),
                 "ALTER TABLE calls DROP COLUMN targeted".into(),

@@ -177,19 +177,21 @@ fn like_literal(text: &str) -> String {
 /// MACs. Text of [`MIN_INDEXED_SEARCH`] characters or more is first looked up in the search
 /// index (trigrams: it finds a superset, which the `LIKE` then narrows to the same agents as
 /// without it); shorter text is looked for in every agent.
+///
+/// Returns whether the search index's few matches now decide which agents are read.
 fn search(
     conn: &mut dyn Conn,
     text: &str,
     where_: &mut Vec<String>,
     args: &mut Vec<Value>,
-) -> StoreResult<()> {
+) -> StoreResult<bool> {
     args.push(format!("%{}%", like_literal(text)).into());
     let (n, like, escape) = (args.len(), conn.like(), conn.like_escape());
     where_.push(format!(
         "(id {like} ?{n}{escape} OR name {like} ?{n}{escape} OR hostname {like} ?{n}{escape} OR addresses {like} ?{n}{escape} OR macs {like} ?{n}{escape})"
     ));
     if text.chars().count() < MIN_INDEXED_SEARCH {
-        return Ok(());
+        return Ok(false);
     }
     match conn.text_index() {
         TextIndex::Fts5Trigram => {
@@ -207,12 +209,13 @@ fn search(
                     "agents.rowid IN (SELECT rowid FROM agents_search WHERE agents_search MATCH ?{})",
                     args.len()
                 ));
+                return Ok(true);
             }
         }
         // Implied by the condition on the columns: only there for the index.
         TextIndex::PgTrigram => where_.push(format!("{SEARCH_TEXT} {like} ?{n}")),
     }
-    Ok(())
+    Ok(false)
 }
 
 /// The query that lists the agents `f` selects, and its values.
@@ -222,11 +225,22 @@ pub(super) fn list_query(
 ) -> StoreResult<(String, Vec<Value>)> {
     let mut where_ = vec!["1 = 1".to_owned()];
     let mut args: Vec<Value> = Vec::new();
+    let narrowed = match &f.search {
+        Some(s) => search(conn, s, &mut where_, &mut args)?,
+        None => false,
+    };
+    // Once the search index names the few agents to read, SQLite (which has no statistics)
+    // must not walk a whole presence's range of agents_presence instead: a unary `+` keeps
+    // these columns' indexes out of the plan (only ever written on SQLite).
+    let column = |c: &str| {
+        if narrowed {
+            format!("+{c}")
+        } else {
+            c.to_owned()
+        }
+    };
     if !f.include_revoked {
-        where_.push("revoked = 0".into());
-    }
-    if let Some(s) = &f.search {
-        search(conn, s, &mut where_, &mut args)?;
+        where_.push(format!("{} = 0", column("revoked")));
     }
     if let Some(g) = &f.group {
         // A small group: its members, then sorted by name. A large one: the agents
@@ -253,7 +267,7 @@ pub(super) fn list_query(
     }
     if let Some(p) = f.presence {
         args.push(p.as_str().into());
-        where_.push(format!("presence = ?{}", args.len()));
+        where_.push(format!("{} = ?{}", column("presence"), args.len()));
     }
     if let Some(before) = f.stale_before {
         args.push(before.into());
@@ -662,7 +676,7 @@ impl AgentStore for SqlStore {
             // Certificates past their end need no listing: the broker refuses them anyway.
             let certs: Vec<(String, String, Millis)> = query_all(
                 conn,
-                "SELECT agent_id, serial, revoked_at FROM agent_certificates WHERE revoked_at IS NOT NULL AND not_after > ?1 ORDER BY agent_id, serial",
+                REVOKED_CERTIFICATES,
                 params![now],
                 |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
                 "reading revoked certificates",
@@ -994,3 +1008,7 @@ impl AgentStore for SqlStore {
         )
     }
 }
+
+/// The revoked certificates still valid at `?1`, in the order of agent_certificates_revoked
+/// (which holds revoked certificates only: the list does not grow with every one issued).
+pub(super) const REVOKED_CERTIFICATES: &str = "SELECT agent_id, serial, revoked_at FROM agent_certificates WHERE revoked_at IS NOT NULL AND not_after > ?1 ORDER BY agent_id, serial";

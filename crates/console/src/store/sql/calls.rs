@@ -3,6 +3,7 @@
 use super::agents::{self, agent_revoked, check_groups_exist};
 use super::record::{self, CALLS_TO_RECORD};
 use super::*;
+use super::{auth, wol};
 use crate::model::*;
 use crate::store::*;
 
@@ -233,10 +234,13 @@ pub(super) fn advance_in(
 }
 
 /// The deliveries an ack for the wake-up `?1` of the agent `?2` moves: its own, and those it
-/// carried.
-fn advance_candidates_query() -> String {
+/// carried. Two index lookups: written as one `OR`, SQLite (no statistics) walked all of the
+/// agent's deliveries from every call it ever had, so each ack cost more as calls piled up.
+pub(crate) fn advance_candidates_query() -> String {
     format!(
-        "SELECT {DELIVERY_COLUMNS} FROM deliveries WHERE (wakeup_id = ?1 OR carried_by = ?1) AND agent_id = ?2 ORDER BY wakeup_id"
+        "SELECT {DELIVERY_COLUMNS} FROM deliveries WHERE wakeup_id = ?1 AND agent_id = ?2 \
+         UNION ALL SELECT {DELIVERY_COLUMNS} FROM deliveries WHERE carried_by = ?1 AND agent_id = ?2 AND wakeup_id <> ?1 \
+         ORDER BY wakeup_id"
     )
 }
 
@@ -476,9 +480,7 @@ impl CallStore for SqlStore {
         self.read(|conn| {
             query_all(
                 conn,
-                &format!(
-                    "SELECT {CALL_COLUMNS} FROM calls ORDER BY created_at DESC, id DESC LIMIT ?1"
-                ),
+                &list_calls_query(),
                 params![limit.max(1)],
                 |r| call_at(r, 0),
                 "listing calls",
@@ -649,6 +651,11 @@ impl CallStore for SqlStore {
                 |r| r.get(0),
                 "finding expired calls",
             )?;
+            let calls = {
+                let mut calls = calls;
+                calls.sort_unstable();
+                calls
+            };
             let mut due = Vec::new();
             for call in &calls {
                 due.extend(query_all(
@@ -685,11 +692,17 @@ impl CallStore for SqlStore {
     }
 }
 
+/// The newest `?1` calls (the calls page): from the end of calls_created.
+fn list_calls_query() -> String {
+    format!("SELECT {CALL_COLUMNS} FROM calls ORDER BY created_at DESC, id DESC LIMIT ?1")
+}
+
 /// The calls the expiry sweep looks at every second: expired by `?1` with wake-ups still
 /// queued or sent. The condition `n_queued + n_sent > 0` is that of the partial index
-/// calls_open, which holds these calls only.
+/// calls_open, which holds these calls only. No `ORDER BY id`: for it, SQLite walked every
+/// call ever made in id order rather than the index (the sweep orders what it found).
 pub(super) const DUE_CALLS: &str =
-    "SELECT id FROM calls WHERE n_queued + n_sent > 0 AND expires_at <= ?1 ORDER BY id";
+    "SELECT id FROM calls WHERE n_queued + n_sent > 0 AND expires_at <= ?1";
 
 /// The deliveries of the expired call `?1` still queued or sent (an index range).
 pub(super) fn due_deliveries_query() -> String {
@@ -700,7 +713,9 @@ pub(super) fn due_deliveries_query() -> String {
 
 /// The agents with wake-ups of this console (`?2`) queued and unexpired at `?1` (read when
 /// the console connects to the broker): from the open calls, then each one's queued range.
-pub(super) const AGENTS_WITH_QUEUED: &str = "SELECT DISTINCT d.agent_id FROM calls c JOIN deliveries d ON d.call_id = c.id AND d.state = 'queued' WHERE c.n_queued + c.n_sent > 0 AND c.n_queued > 0 AND c.expires_at > ?1 AND c.dispatcher = ?2";
+/// Written as a join, SQLite (no statistics) walked every delivery ever kept in agent order
+/// for the `DISTINCT`.
+pub(super) const AGENTS_WITH_QUEUED: &str = "SELECT DISTINCT agent_id FROM deliveries WHERE state = 'queued' AND call_id IN (SELECT id FROM calls WHERE n_queued + n_sent > 0 AND n_queued > 0 AND expires_at > ?1 AND dispatcher = ?2)";
 
 /// The unexpired calls (at `?1`) of no console or of one whose lease ran out, other than
 /// this console's (`?2`): looked for every second; a range of calls_expires_at.
@@ -792,6 +807,30 @@ impl SqlStore {
                 ),
             ];
             let mut queries = queries;
+            // Reads a person or an API client makes, whose cost must not grow with the
+            // calls, sends and certificates the console keeps.
+            queries.extend([
+                (
+                    "calls page: the latest calls",
+                    list_calls_query(),
+                    vec![50i64.into()],
+                ),
+                (
+                    "an agent's Wake-on-LAN history",
+                    wol::wol_sends_query(),
+                    vec!["agent-1".into(), 100i64.into()],
+                ),
+                (
+                    "tenant file: revoked certificates",
+                    agents::REVOKED_CERTIFICATES.into(),
+                    vec![now.into()],
+                ),
+                (
+                    "each API request with a token: the token",
+                    auth::API_TOKEN.into(),
+                    vec![Value::Blob(vec![0; 32])],
+                ),
+            ]);
             // The agents page's search (not periodic: each a person's look-up), alone and
             // among one presence.
             for (what, presence) in [

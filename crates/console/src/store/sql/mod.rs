@@ -22,6 +22,8 @@ pub(super) use agents::{AGENT_TABLES, continue_revocation_feed, fold_agent_count
 pub(super) use auth::AUTH_TABLES;
 pub(super) use calls::CALL_TABLES;
 pub use calls::COUNT_COLUMNS as CALL_COUNT_COLUMNS;
+#[cfg(test)]
+pub(crate) use calls::advance_candidates_query;
 pub(super) use settings::SETTINGS_TABLES;
 pub(super) use wol::WOL_TABLES;
 

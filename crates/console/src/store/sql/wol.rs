@@ -88,13 +88,18 @@ impl WolStore for SqlStore {
         self.read(|conn| {
             query_all(
                 conn,
-                &format!("{WOL_SELECT} WHERE agent_id = ?1 ORDER BY id DESC LIMIT ?2"),
+                &wol_sends_query(),
                 params![agent_id, limit.max(1)],
                 wol_row,
                 "reading Wake-on-LAN sends",
             )
         })
     }
+}
+
+/// The latest `?2` sends to the agent `?1`: from the end of its range of wol_sends_agent_id.
+pub(super) fn wol_sends_query() -> String {
+    format!("{WOL_SELECT} WHERE agent_id = ?1 ORDER BY id DESC LIMIT ?2")
 }
 
 pub(super) const WOL_SELECT: &str = "SELECT agent_id, call_id, mac, destination, at, packets, error, via_agent, relay_id, relay_state FROM wol_sends";

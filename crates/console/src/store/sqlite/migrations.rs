@@ -323,6 +323,17 @@ CREATE TABLE call_unrecorded (
     PRIMARY KEY (call_id, chunk)
 );
 "#,
+    r#"
+-- Version 14: reads that stop at what they need however long the console has been in use
+-- (calls, deliveries and Wake-on-LAN sends are kept): the calls page takes the newest calls
+-- from calls_created instead of sorting every call; an agent's Wake-on-LAN history its
+-- newest sends from wol_sends_agent_id (it replaces wol_sends_agent, by time, which no
+-- read used in order); the tenant file its revoked certificates only.
+CREATE INDEX calls_created ON calls(created_at, id);
+CREATE INDEX wol_sends_agent_id ON wol_sends(agent_id, id);
+DROP INDEX wol_sends_agent;
+CREATE INDEX agent_certificates_revoked ON agent_certificates(agent_id, serial) WHERE revoked_at IS NOT NULL;
+"#,
 ];
 
 pub(super) fn migrate(conn: &mut Connection, shown_path: &str) -> StoreResult<()> {

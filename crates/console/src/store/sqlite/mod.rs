@@ -261,4 +261,62 @@ mod tests {
         let stmt = conn.prepare_cached(read).unwrap();
         assert_eq!(stmt.get_status(StatementStatus::RePrepare), 0);
     }
+
+    /// The SQLite steps the read of an ack's deliveries takes for an agent that had
+    /// `earlier` deliveries before the acknowledged one.
+    fn ack_read_steps(earlier: usize) -> i32 {
+        let mut conn = Connection::open_in_memory().unwrap();
+        Sqlite::configure(&mut conn).unwrap();
+        migrate(&mut conn, ":memory:").unwrap();
+        conn.execute(
+            "INSERT INTO calls (id, created_at, created_by, reason, target, expires_at, spread) VALUES ('c', 0, 'admin', '', 'all', 0, 0)",
+            [],
+        )
+        .unwrap();
+        let mut insert = conn
+            .prepare("INSERT INTO deliveries (wakeup_id, call_id, agent_id, state, queued_at, carried_by) VALUES (?1, 'c', ?2, ?3, 0, ?4)")
+            .unwrap();
+        for i in 0..earlier {
+            // Other agents' deliveries lie between this agent's in every index.
+            for agent in ["a", "b", "c"] {
+                let id = format!("w{i:05}-{agent}");
+                insert
+                    .execute(rusqlite::params![id, agent, "finished", None::<String>])
+                    .unwrap();
+            }
+        }
+        insert
+            .execute(rusqlite::params!["w99999-b", "b", "sent", None::<String>])
+            .unwrap();
+        // One earlier wake-up still queued, carried by the acknowledged one.
+        insert
+            .execute(rusqlite::params![
+                "w99998-b",
+                "b",
+                "queued",
+                Some("w99999-b")
+            ])
+            .unwrap();
+        let read = sql::advance_candidates_query();
+        let mut stmt = conn.prepare(&read).unwrap();
+        let found: Vec<String> = stmt
+            .query_map(rusqlite::params!["w99999-b", "b"], |r| r.get("wakeup_id"))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert_eq!(found, ["w99998-b", "w99999-b"]);
+        stmt.get_status(StatementStatus::VmStep)
+    }
+
+    /// Deliveries are kept: an agent has one from every call it was part of. Recording an
+    /// ack must look up its own (and the ones it carried), not walk the agent's history, or
+    /// every call costs more than the one before.
+    #[test]
+    fn an_ack_reads_its_own_deliveries_however_many_calls_the_agent_had() {
+        let (few, many) = (ack_read_steps(1), ack_read_steps(500));
+        assert_eq!(
+            few, many,
+            "the read grew with the agent's history: {few} steps after 1 call, {many} after 500"
+        );
+    }
 }
