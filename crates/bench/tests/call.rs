@@ -40,6 +40,9 @@ fn one_call_reaches_every_enrolled_agent() {
             "100",
             "--acks",
             "finished",
+            // A console with history: the measured call is its third.
+            "--earlier-calls",
+            "2",
             "--settle-secs",
             "0.2",
             "--wait-secs",
@@ -57,6 +60,7 @@ fn one_call_reaches_every_enrolled_agent() {
         ("/enrolled", 300.0),
         ("/connected", 300.0),
         ("/console_online", 300.0),
+        ("/earlier_calls", 2.0),
         ("/call_agents", 300.0),
         ("/delivered", 300.0),
         ("/states/finished", 300.0),

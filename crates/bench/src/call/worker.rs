@@ -163,7 +163,6 @@ enum Event {
     Wakeup {
         arrived_unix_ns: u64,
         verdict: Result<(), String>,
-        first: bool,
     },
 }
 
@@ -275,10 +274,10 @@ async fn worker_main() -> anyhow::Result<()> {
                         reply(&CallReply::Connected(connect_outcome.clone()))?;
                     }
                 }
-                Event::Wakeup { arrived_unix_ns, verdict, first } => {
+                Event::Wakeup { arrived_unix_ns, verdict } => {
                     let Some(count) = woken.get_mut(local) else { continue };
                     *count += 1;
-                    if *count > 1 || !first {
+                    if *count > 1 {
                         outcome.duplicates += 1;
                         continue;
                     }
@@ -562,7 +561,6 @@ async fn run_agent(
         }
     };
     let mut replay = ReplayGuard::default();
-    let mut seen_first = false;
     loop {
         let event = tokio::select! {
             e = link.next_event() => e,
@@ -600,14 +598,11 @@ async fn run_agent(
             }
             Err(e) => Err(format!("agent {}: wake-up refused: {e}", creds.id)),
         };
-        let first = !seen_first;
-        seen_first = true;
         let _ = events.send((
             local,
             Event::Wakeup {
                 arrived_unix_ns,
                 verdict,
-                first,
             },
         ));
         if link.flush().await.is_err() {
